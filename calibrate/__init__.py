@@ -1,0 +1,2 @@
+"""placeholder during development"""
+__version__ = "0.1.0"

@@ -1,0 +1,309 @@
+"""Held-out checks of a certificate: one audit, and a repeated-split validity study."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from calibrate.certificate import Certificate
+from calibrate.exits import Decay
+from calibrate.fit import _unit_interval_iv, certify
+from calibrate.losses import LossTable, proxy_losses
+
+__all__ = ["AuditReport", "ValidityReport", "audit", "validity"]
+
+
+def _certificate_confidence(cert: Certificate, cache) -> np.ndarray:
+    """Recompute the certificate's confidence measure on another cache, shape (n_tokens, n_layers)."""
+    from measures.confidence import confidence
+
+    classifier = None
+    if cert.measure == "classifier":
+        from measures.classifier import ExitClassifier
+
+        if cert.measure_state is None:
+            raise ValueError("the certificate uses measure='classifier' but carries no measure_state")
+        classifier = ExitClassifier.from_dict(cert.measure_state)
+    return confidence(cache, cert.measure, classifier=classifier)
+
+
+def _certificate_losses(cert: Certificate, cache, *, decode=None, progress=False) -> LossTable:
+    if cert.knob != "exit_threshold" or cert.measure is None or cert.consistency is None:
+        raise ValueError(
+            "audit needs an exit-threshold certificate made by calibrate.fit (with a measure and a "
+            f"consistency); got knob={cert.knob!r}, measure={cert.measure!r}, consistency={cert.consistency!r}"
+        )
+    if cert.n_layers is not None and cache.n_layers != cert.n_layers:
+        raise ValueError(f"the cache has {cache.n_layers} layers but the certificate was made for {cert.n_layers}")
+    decay = None if cert.decay is None else Decay(**cert.decay)
+    conf = _certificate_confidence(cert, cache)
+    return proxy_losses(
+        cache, conf, np.asarray(cert.lambdas), consistency=cert.consistency, decay=decay, decode=decode, progress=progress
+    )
+
+
+@dataclass(frozen=True)
+class AuditReport:
+    """Held-out risk and layer use of a certificate.
+
+    Attributes
+    ----------
+    certificate : Certificate
+        The audited certificate.
+    n : int
+        Number of held-out sequences.
+    risks : ndarray, shape (n_lambdas,)
+        Held-out risk at each grid value.
+    avg_layers : ndarray, shape (n_lambdas,)
+        Held-out token-averaged exit layer at each grid value.
+    risk : float
+        Held-out risk at ``lambda_hat`` (0 for the full model).
+    layers : float
+        Held-out average exit layer at ``lambda_hat`` (``n_layers`` for the full model).
+    """
+
+    certificate: Certificate
+    n: int
+    risks: np.ndarray
+    avg_layers: np.ndarray
+    risk: float
+    layers: float
+
+    @property
+    def within_tolerance(self) -> bool:
+        """Whether the held-out risk is at most ``delta`` (expected with probability >= 1 - epsilon)."""
+        return self.risk <= self.certificate.delta
+
+    @property
+    def layer_savings(self) -> float:
+        """Fraction of layers skipped on the held-out set at ``lambda_hat``."""
+        return 1.0 - self.layers / self.certificate.n_layers
+
+    def to_frame(self):
+        """Calibration and held-out risk and layers per grid value, as a :class:`pandas.DataFrame`."""
+        frame = self.certificate.to_frame()
+        frame["test_risk"] = self.risks
+        frame["test_avg_layers"] = self.avg_layers
+        return frame
+
+    def summary(self) -> str:
+        cert = self.certificate
+        verdict = "within" if self.within_tolerance else "ABOVE"
+        lam = "full model" if cert.lambda_hat is None else f"lambda_hat = {cert.lambda_hat:.6g}"
+        return (
+            f"Audit on {self.n} held-out sequences at {lam}:\n"
+            f"  held-out risk {self.risk:.4f} ({verdict} delta = {cert.delta:g})\n"
+            f"  average layers {self.layers:.2f} of {cert.n_layers} (saves {100 * self.layer_savings:.1f}%)"
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"AuditReport(n={self.n}, risk={self.risk:.4f}, delta={self.certificate.delta:g}, "
+            f"within_tolerance={self.within_tolerance}, layers={self.layers:.2f}/{self.certificate.n_layers})"
+        )
+
+    def plot(self, fig=None):
+        """Risk and average layers against the threshold, with delta and lambda_hat marked.
+
+        Returns
+        -------
+        matplotlib.figure.Figure
+        """
+        import matplotlib.pyplot as plt
+
+        cert = self.certificate
+        fig = fig or plt.figure(figsize=(9, 3.6))
+        ax_risk, ax_layers = fig.subplots(1, 2)
+        lam = np.asarray(cert.lambdas)
+        ax_risk.plot(lam, cert.risks, label=f"calibration (n={cert.n})")
+        ax_risk.plot(lam, self.risks, label=f"held-out (n={self.n})")
+        ax_risk.axhline(cert.delta, color="k", linestyle="--", linewidth=1, label=f"delta = {cert.delta:g}")
+        ax_risk.set(xlabel="threshold lambda", ylabel=f"risk ({cert.consistency})", title="Risk")
+        ax_layers.plot(lam, self.avg_layers, color="C2")
+        ax_layers.axhline(cert.n_layers, color="k", linestyle=":", linewidth=1, label="full model")
+        ax_layers.set(xlabel="threshold lambda", ylabel="average exit layer", title="Layers used")
+        for ax in (ax_risk, ax_layers):
+            if cert.lambda_hat is not None:
+                ax.axvline(cert.lambda_hat, color="C3", linewidth=1, label=f"lambda_hat = {cert.lambda_hat:.4g}")
+            ax.invert_xaxis()
+            ax.legend(fontsize=8)
+        fig.suptitle(f"{cert.measure} / {cert.consistency}, epsilon = {cert.epsilon:g} (faster to the right)")
+        fig.tight_layout()
+        return fig
+
+
+def audit(cert: Certificate, test_cache, *, decode=None, progress: bool = False) -> AuditReport:
+    """Check a certificate on held-out data.
+
+    Parameters
+    ----------
+    cert : Certificate
+        From :func:`calibrate.fit`.
+    test_cache : LayerCache
+        Held-out sequences, disjoint from the calibration (and classifier-training) sequences.
+    decode : callable, optional
+        Token ids -> text for textual losses, as used for fitting.
+    progress : bool, default=False
+        Show a progress bar.
+
+    Returns
+    -------
+    AuditReport
+
+    Notes
+    -----
+    One audit is one draw: the held-out risk exceeds ``delta`` in at most about a fraction ``epsilon``
+    of calibration draws (plus the held-out estimate's own noise). :func:`validity` repeats it.
+    """
+    table = _certificate_losses(cert, test_cache, decode=decode, progress=progress)
+    risks = table.risks
+    if cert.index is None:
+        risk, layers = 0.0, float(test_cache.n_layers)
+    else:
+        risk, layers = float(risks[cert.index]), float(table.avg_layers[cert.index])
+    return AuditReport(cert, table.n, risks, table.avg_layers, risk, layers)
+
+
+@dataclass(frozen=True)
+class ValidityReport:
+    """Repeated random calibration/test splits of one cache.
+
+    Attributes
+    ----------
+    delta, epsilon : float
+        Tolerance and failure probability.
+    test_risks : ndarray, shape (trials,)
+        Held-out risk at the certified threshold of each trial (0 when only the full model is certified).
+    lambda_hats : ndarray, shape (trials,)
+        Certified threshold per trial (``nan`` = full model).
+    naive_test_risks : ndarray, shape (trials,)
+        Held-out risk of the naive rule "fastest threshold whose calibration risk is <= delta".
+    """
+
+    delta: float
+    epsilon: float
+    test_risks: np.ndarray
+    lambda_hats: np.ndarray
+    naive_test_risks: np.ndarray
+
+    @property
+    def trials(self) -> int:
+        return self.test_risks.size
+
+    @property
+    def violation_rate(self) -> float:
+        """Share of trials whose held-out risk exceeds delta; should stay near or below epsilon."""
+        return float(np.mean(self.test_risks > self.delta))
+
+    @property
+    def naive_violation_rate(self) -> float:
+        """The same rate for the uncertified naive rule, for contrast."""
+        return float(np.mean(self.naive_test_risks > self.delta))
+
+    @property
+    def full_model_rate(self) -> float:
+        """Share of trials certifying nothing faster than the full model (a matter of power, not validity)."""
+        return float(np.mean(np.isnan(self.lambda_hats)))
+
+    def summary(self) -> str:
+        return (
+            f"Validity over {self.trials} random splits: violation rate {self.violation_rate:.3f} "
+            f"(epsilon = {self.epsilon:g}); naive rule {self.naive_violation_rate:.3f}; "
+            f"full model only in {100 * self.full_model_rate:.0f}% of trials"
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"ValidityReport(trials={self.trials}, violation_rate={self.violation_rate:.3f}, "
+            f"epsilon={self.epsilon:g}, naive_violation_rate={self.naive_violation_rate:.3f})"
+        )
+
+    def plot(self, fig=None):
+        """Histogram of held-out risk at the certified threshold and of the naive rule, with delta marked."""
+        import matplotlib.pyplot as plt
+
+        fig = fig or plt.figure(figsize=(6, 3.6))
+        ax = fig.subplots()
+        bins = np.linspace(0, max(self.naive_test_risks.max(), self.test_risks.max(), self.delta) * 1.1 + 1e-9, 30)
+        ax.hist(self.test_risks, bins=bins, alpha=0.7, label=f"certified ({100 * self.violation_rate:.1f}% > delta)")
+        ax.hist(self.naive_test_risks, bins=bins, alpha=0.5, label=f"naive ({100 * self.naive_violation_rate:.1f}% > delta)")
+        ax.axvline(self.delta, color="k", linestyle="--", label=f"delta = {self.delta:g}")
+        ax.set(xlabel="held-out risk at the chosen threshold", ylabel="trials",
+               title=f"{self.trials} random splits, epsilon = {self.epsilon:g}")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        return fig
+
+
+def validity(
+    cache,
+    trials: int = 50,
+    cal_fraction: float = 0.8,
+    seed: int = 0,
+    *,
+    delta: float = 0.1,
+    epsilon: float = 0.05,
+    progress: bool = True,
+    **fit_kwargs,
+) -> ValidityReport:
+    """Repeat random calibration/test splits and count how often the certified risk exceeds delta.
+
+    Parameters
+    ----------
+    cache : LayerCache
+        Data to split by sequence.
+    trials : int, default=50
+        Number of random splits.
+    cal_fraction : float, default=0.8
+        Share of sequences used for calibration in each split; the rest is the test set.
+    seed : int, default=0
+        Seed of the splits (trial ``i`` uses a generator derived from ``seed`` and ``i``).
+    delta, epsilon : float
+        Tolerance and failure probability (alpha and delta in LTT/MAPIE).
+    progress : bool, default=True
+        Show a progress bar over trials.
+    **fit_kwargs
+        Options of :func:`calibrate.fit` (measure, consistency, bound, method, lambdas, decay, ...).
+
+    Returns
+    -------
+    ValidityReport
+
+    Notes
+    -----
+    Proxy losses are per sequence, so the loss table is computed once and every trial only permutes its
+    rows. For ``measure="classifier"`` the classifier is trained once on a seeded split that is kept out
+    of every trial. The test risk is itself an estimate, so the violation rate is a noisy check.
+    """
+    from tqdm.auto import tqdm
+
+    from calibrate.fit import fit
+
+    if isinstance(trials, bool) or not isinstance(trials, (int, np.integer)) or trials < 1:
+        raise ValueError(f"trials must be a positive int, got {trials!r}")
+    cal_fraction = _unit_interval_iv(cal_fraction, "cal_fraction")
+    # One fit on the whole cache gives the measure (and the trained classifier) and the grid; the
+    # loss table of the calibration sequences is then reused by every trial.
+    reference = fit(cache, delta=delta, epsilon=epsilon, seed=seed, **fit_kwargs)
+    pool = cache
+    if reference.measure == "classifier":
+        train_fraction = fit_kwargs.get("train_fraction", 0.3)
+        _, pool = cache.split([train_fraction, 1.0 - train_fraction], seed=seed)
+    table = _certificate_losses(reference, pool, decode=fit_kwargs.get("decode"))
+    n_cal = int(round(cal_fraction * table.n))
+    if not 0 < n_cal < table.n:
+        raise ValueError(f"cal_fraction={cal_fraction} leaves an empty calibration or test set of {table.n} sequences")
+    bound = fit_kwargs.get("bound", "hoeffding_bentkus")
+    method = fit_kwargs.get("method", "fixed_sequence")
+    test_risks, lambda_hats, naive = np.zeros(trials), np.full(trials, np.nan), np.zeros(trials)
+    for i in tqdm(range(trials), desc="validity", unit="split", disable=not progress):
+        perm = np.random.default_rng([seed, i]).permutation(table.n)
+        cal, test = table.subset(perm[:n_cal]), table.subset(perm[n_cal:])
+        cert = certify(cal, delta=delta, epsilon=epsilon, bound=bound, method=method)
+        if cert.index is not None:
+            test_risks[i] = test.risks[cert.index]
+            lambda_hats[i] = cert.lambda_hat
+        ok = np.flatnonzero(cal.risks <= delta)
+        naive[i] = test.risks[ok[-1]] if ok.size else 0.0
+    return ValidityReport(float(delta), float(epsilon), test_risks, lambda_hats, naive)

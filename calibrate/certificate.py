@@ -1,0 +1,292 @@
+"""The frozen result of a calibration: which threshold is certified, under which guarantee."""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+__all__ = ["Certificate", "MODES", "KNOBS"]
+
+#: What the losses behind a certificate were computed from.
+MODES = {
+    "proxy": (
+        "losses from the teacher-forced simulation along the full-model output (cache only): it certifies "
+        "the simulated early outputs, not free-running generation"
+    ),
+    "decoded": "losses from actually decoding the calibration prompts at each tested threshold",
+    "user": "losses supplied by the caller for each threshold",
+}
+#: Speed knobs a certificate can certify; a runtime refuses a certificate for another knob.
+KNOBS = ("exit_threshold", "token_keep", "fff_depth")
+
+
+def _version() -> str:
+    from calibrate import __version__
+
+    return __version__
+
+
+@dataclass(frozen=True)
+class Certificate:
+    """A certified speed knob (by default an early-exit threshold) and the evidence behind it.
+
+    ``lambda_hat`` is the fastest certified threshold, or ``None`` when only the full model is certified
+    ("run the full model"). The guarantee, over draws of the calibration set, is
+
+        P( risk(lambda_hat) <= delta ) >= 1 - epsilon
+
+    for the FWER-controlling methods (``method="crc"`` gives ``E[risk(lambda_hat)] <= delta`` instead).
+    ``delta`` is the tolerance on the loss and ``epsilon`` the failure probability (CALM's letters;
+    Learn-Then-Test and MAPIE write alpha for the tolerance and delta for the failure probability).
+
+    Attributes
+    ----------
+    lambda_hat : float or None
+        Fastest certified value of the knob, ``None`` = full model only.
+    delta, epsilon : float
+        Tolerance in (0, 1) and failure probability in (0, 1).
+    n : int
+        Number of calibration examples.
+    lambdas : tuple of float, shape (n_lambdas,)
+        Tested grid, safest first.
+    risks, p_values : tuple of float, shape (n_lambdas,)
+        Empirical risk and p-value of each grid value (``nan`` p-values for CRC).
+    certified : tuple of bool, shape (n_lambdas,)
+        Hypotheses rejected by the FWER procedure (risk certified <= delta).
+    bound, method, mode : str
+        p-value bound, multiple-testing method and loss mode (one of :data:`MODES`).
+    knob : str
+        Which knob is certified, one of :data:`KNOBS`.
+    measure, consistency : str or None
+        Confidence measure and consistency loss (for exit thresholds).
+    decay : dict or None
+        ``{"max_len": N, "tau": tau}`` when the decaying threshold was used.
+    avg_layers : tuple of float or None
+        Token-averaged exit layer per grid value on the calibration set.
+    n_layers : int or None
+        Number of layers of the model.
+    reason : str
+        Why the result is what it is (e.g. why nothing was certified).
+    measure_state : mapping or None
+        Parameters of a learned measure (the exit classifier), needed to reproduce it at run time.
+    n_train : int
+        Sequences used to train a learned measure (disjoint from the ``n`` calibration sequences).
+    cache_checksum, model : str or None
+        Identity of the calibration data and of the model.
+    version : str
+        Library version that produced the certificate.
+    """
+
+    lambda_hat: float | None
+    delta: float
+    epsilon: float
+    n: int
+    lambdas: tuple[float, ...]
+    risks: tuple[float, ...]
+    p_values: tuple[float, ...]
+    certified: tuple[bool, ...]
+    bound: str | None
+    method: str
+    mode: str
+    knob: str = "exit_threshold"
+    measure: str | None = None
+    consistency: str | None = None
+    decay: Mapping[str, Any] | None = None
+    avg_layers: tuple[float, ...] | None = None
+    n_layers: int | None = None
+    reason: str = ""
+    measure_state: Mapping[str, Any] | None = field(default=None, repr=False)
+    n_train: int = 0
+    cache_checksum: str | None = None
+    model: str | None = None
+    version: str = field(default_factory=_version)
+
+    def __post_init__(self) -> None:
+        k = len(self.lambdas)
+        for name in ("risks", "p_values", "certified"):
+            if len(getattr(self, name)) != k:
+                raise ValueError(f"Certificate.{name} must have {k} entries (one per lambda), got {len(getattr(self, name))}")
+        if self.avg_layers is not None and len(self.avg_layers) != k:
+            raise ValueError(f"Certificate.avg_layers must have {k} entries, got {len(self.avg_layers)}")
+        if self.mode not in MODES:
+            raise ValueError(f"Certificate.mode must be one of {sorted(MODES)}, got {self.mode!r}")
+        if self.knob not in KNOBS:
+            raise ValueError(f"Certificate.knob must be one of {KNOBS}, got {self.knob!r}")
+        if self.lambda_hat is not None and self.index is None:
+            raise ValueError(f"Certificate.lambda_hat={self.lambda_hat} is not a grid value")
+
+    # ---- derived values -------------------------------------------------------------------------
+    @property
+    def index(self) -> int | None:
+        """Position of ``lambda_hat`` in the grid, ``None`` for the full model."""
+        if self.lambda_hat is None:
+            return None
+        hits = np.flatnonzero(np.asarray(self.lambdas) == self.lambda_hat)
+        return int(hits[0]) if hits.size else None
+
+    @property
+    def full_model_only(self) -> bool:
+        """True when nothing faster than the full model is certified."""
+        return self.lambda_hat is None
+
+    @property
+    def risk_hat(self) -> float | None:
+        """Empirical calibration risk at ``lambda_hat`` (``None`` for the full model, whose loss is 0)."""
+        return None if self.index is None else self.risks[self.index]
+
+    @property
+    def p_value(self) -> float | None:
+        """p-value of the null ``risk(lambda_hat) > delta``."""
+        return None if self.index is None else self.p_values[self.index]
+
+    @property
+    def expected_layers(self) -> float | None:
+        """Token-averaged exit layer at ``lambda_hat`` on the calibration set (``n_layers`` for the full model)."""
+        if self.index is None:
+            return None if self.n_layers is None else float(self.n_layers)
+        return None if self.avg_layers is None else self.avg_layers[self.index]
+
+    @property
+    def layer_savings(self) -> float | None:
+        """Fraction of layers skipped at ``lambda_hat``, in ``[0, 1)``: ``1 - expected_layers / n_layers``."""
+        if self.n_layers is None or self.expected_layers is None:
+            return None
+        return 1.0 - self.expected_layers / self.n_layers
+
+    @property
+    def guarantee(self) -> str:
+        """The guarantee in words, with its assumptions."""
+        if self.method == "crc":
+            core = f"E[risk(lambda_hat)] <= {self.delta:g} (conformal risk control: in expectation only, monotone losses)"
+        else:
+            core = (
+                f"P(risk(lambda_hat) <= {self.delta:g}) >= {1 - self.epsilon:g} over calibration draws "
+                f"({self.method}, {self.bound} p-values)"
+            )
+        return f"{core}; assumes test data exchangeable with the {self.n} calibration examples; {MODES[self.mode]}"
+
+    # ---- tables and text ------------------------------------------------------------------------
+    def to_frame(self):
+        """The tested path as a :class:`pandas.DataFrame`: lambda, risk, p_value, certified, avg_layers."""
+        import pandas as pd
+
+        frame = pd.DataFrame(
+            {
+                "lambda": self.lambdas,
+                "risk": self.risks,
+                "p_value": self.p_values,
+                "certified": self.certified,
+            }
+        )
+        if self.avg_layers is not None:
+            frame["avg_layers"] = self.avg_layers
+        frame["selected"] = False
+        if self.index is not None:
+            frame.loc[self.index, "selected"] = True
+        return frame
+
+    def summary(self) -> str:
+        """A few lines a person can read: what is certified, at what cost, under which guarantee."""
+        head = f"Certificate ({self.knob}, mode={self.mode}, n={self.n})"
+        if self.measure:
+            head += f": measure={self.measure}, consistency={self.consistency}"
+        lines = [head, f"  delta (tolerance) = {self.delta:g}, epsilon (failure probability) = {self.epsilon:g}"]
+        if self.lambda_hat is None:
+            lines.append("  certified: full model only (run every layer)")
+        else:
+            lines.append(
+                f"  certified lambda_hat = {self.lambda_hat:.6g} (risk {self.risk_hat:.4f}, p = {self.p_value:.3g}), "
+                f"{sum(self.certified)} of {len(self.lambdas)} thresholds certified"
+            )
+        if self.expected_layers is not None and self.n_layers:
+            lines.append(
+                f"  expected layers {self.expected_layers:.2f} of {self.n_layers} "
+                f"(saves {100 * self.layer_savings:.1f}% of layers)"
+            )
+        if self.reason:
+            lines.append(f"  note: {self.reason}")
+        lines.append(f"  guarantee: {self.guarantee}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        lam = "None (full model)" if self.lambda_hat is None else f"{self.lambda_hat:.6g}"
+        extra = "" if self.expected_layers is None else f", expected_layers={self.expected_layers:.2f}/{self.n_layers}"
+        return (
+            f"Certificate(lambda_hat={lam}, delta={self.delta:g}, epsilon={self.epsilon:g}, n={self.n}, "
+            f"measure={self.measure!r}, mode={self.mode!r}, bound={self.bound!r}, method={self.method!r}{extra})"
+        )
+
+    def _repr_html_(self) -> str:
+        body = html.escape(self.summary()).replace("\n", "<br>")
+        return f"<div><pre style='white-space:pre-wrap'>{body}</pre></div>"
+
+    # ---- JSON -----------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict; :meth:`from_dict` inverts it exactly."""
+        out = asdict(self)
+        for name in ("lambdas", "risks", "p_values", "certified", "avg_layers"):
+            if out[name] is not None:
+                out[name] = list(out[name])
+        out["decay"] = None if self.decay is None else dict(self.decay)
+        out["measure_state"] = None if self.measure_state is None else dict(self.measure_state)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Certificate":
+        """Build a certificate from :meth:`to_dict` output; unknown or missing fields raise ``ValueError``."""
+        names = {f.name for f in fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise ValueError(f"unknown certificate fields: {sorted(unknown)}")
+        kwargs = dict(data)
+        for name in ("lambdas", "risks", "p_values", "avg_layers"):
+            if kwargs.get(name) is not None:
+                kwargs[name] = tuple(float(v) for v in kwargs[name])
+        if "certified" in kwargs:
+            kwargs["certified"] = tuple(bool(v) for v in kwargs["certified"])
+        try:
+            return cls(**kwargs)
+        except TypeError as exc:
+            raise ValueError(f"incomplete certificate: {exc}") from None
+
+    def to_json(self, path: str | os.PathLike | None = None) -> str:
+        """Serialise to JSON (``NaN`` p-values are written as ``null``); write atomically when ``path`` is given."""
+        data = self.to_dict()
+        data["p_values"] = [None if np.isnan(p) else p for p in data["p_values"]]
+        text = json.dumps(data, indent=2, allow_nan=False)
+        if path is not None:
+            path = Path(path)
+            fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=f".{path.name}.", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                    fh.write(text)
+                os.replace(tmp, path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        return text
+
+    @classmethod
+    def from_json(cls, source: str | os.PathLike) -> "Certificate":
+        """Read a certificate from a JSON string or a path to a JSON file."""
+        text = str(source)
+        if not text.lstrip().startswith("{"):
+            path = Path(source)
+            if not path.is_file():
+                raise ValueError(f"certificate file not found: {path}")
+            text = path.read_text(encoding="utf-8")
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"certificate is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise ValueError("certificate JSON must be an object")
+        data["p_values"] = [float("nan") if p is None else p for p in data.get("p_values", [])]
+        return cls.from_dict(data)

@@ -1,0 +1,302 @@
+"""From losses (or a layer cache) to a certificate.
+
+:func:`certify` is the generic risk-control step: any loss table whose columns follow a knob from safest
+to fastest. :func:`fit` is the early-exit orchestration: confidence measure -> exit simulation ->
+proxy losses -> :func:`certify`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Sequence
+
+import numpy as np
+
+from calibrate import bounds as _bounds
+from calibrate import fwer as _fwer
+from calibrate.certificate import KNOBS, Certificate
+from calibrate.crc import conformal_risk_control
+from calibrate.exits import Decay, default_lambdas
+from calibrate.losses import LossTable, proxy_losses, user_losses
+
+__all__ = ["certify", "fit"]
+
+_METHODS = ("fixed_sequence", "bonferroni", "holm", "multistart", "crc")
+
+
+def _unit_interval_iv(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+        raise TypeError(f"{name} must be a float in (0, 1), got {type(value).__name__}")
+    value = float(value)
+    if not 0.0 < value < 1.0:
+        raise ValueError(f"{name} must lie in the open interval (0, 1), got {value!r}")
+    return value
+
+
+def _certify_iv(losses, lambdas, delta, epsilon, bound, method, knob):
+    delta = _unit_interval_iv(delta, "delta")
+    epsilon = _unit_interval_iv(epsilon, "epsilon")
+    if isinstance(losses, LossTable):
+        if lambdas is not None and not np.array_equal(np.asarray(lambdas, dtype=float), losses.lambdas):
+            raise ValueError("lambdas disagrees with the LossTable's own lambdas; pass one or the other")
+        table = losses
+    else:
+        if lambdas is None:
+            raise ValueError("lambdas is required when losses is an array (one threshold per column)")
+        table = user_losses(losses, lambdas)
+    if bound not in _bounds.P_VALUES:
+        raise ValueError(f"bound must be one of {sorted(_bounds.P_VALUES)}, got {bound!r}")
+    if isinstance(method, str):
+        if method not in _METHODS:
+            raise ValueError(f"method must be one of {_METHODS} or a calibrate.fwer.FWERProcedure, got {method!r}")
+        method_name = method
+    elif isinstance(method, _fwer.FWERProcedure):
+        method_name = getattr(method, "name", type(method).__name__)
+    else:
+        raise TypeError(
+            f"method must be one of {_METHODS} or a calibrate.fwer.FWERProcedure instance, got {type(method).__name__}"
+        )
+    if knob not in KNOBS:
+        raise ValueError(f"knob must be one of {KNOBS}, got {knob!r}")
+    return table, delta, epsilon, method_name
+
+
+def certify(
+    losses,
+    lambdas=None,
+    delta: float = 0.1,
+    epsilon: float = 0.05,
+    *,
+    bound: str = "hoeffding_bentkus",
+    method: str | _fwer.FWERProcedure = "fixed_sequence",
+    knob: str = "exit_threshold",
+) -> Certificate:
+    """Certify the fastest value of a knob whose risk is at most ``delta`` with probability ``1 - epsilon``.
+
+    Parameters
+    ----------
+    losses : LossTable or array_like, shape (n, n_lambdas)
+        Losses in ``[0, 1]`` of ``n`` i.i.d. calibration examples; column ``k`` belongs to ``lambdas[k]``.
+    lambdas : array_like, shape (n_lambdas,), optional
+        The knob's values, strictly decreasing from safest to fastest (taken from a ``LossTable``).
+    delta : float, default=0.1
+        Tolerance on the risk, in (0, 1). (LTT and MAPIE call this alpha.)
+    epsilon : float, default=0.05
+        Failure probability, in (0, 1). (LTT and MAPIE call this delta.)
+    bound : {"hoeffding_bentkus", "hoeffding", "hoeffding_kl", "bentkus", "binomial", "wsr"}
+        p-value for the null ``risk(lambda) > delta``. ``"binomial"`` needs 0/1 losses.
+    method : {"fixed_sequence", "bonferroni", "holm", "multistart", "crc"} or FWERProcedure
+        Family-wise error control over the grid; ``"crc"`` is conformal risk control, a guarantee in
+        expectation only.
+    knob : {"exit_threshold", "token_keep", "fff_depth"}, default="exit_threshold"
+        Which speed knob the losses describe.
+
+    Returns
+    -------
+    Certificate
+        ``lambda_hat`` is the fastest certified value, ``None`` when only the full model is certified;
+        ``reason`` says why.
+
+    Raises
+    ------
+    ValueError
+        If ``delta`` or ``epsilon`` is outside (0, 1), losses are outside [0, 1] or NaN, ``lambdas`` is
+        not strictly decreasing or its length differs from the number of columns.
+
+    Notes
+    -----
+    With ``method`` controlling the family-wise error rate at ``epsilon`` and valid p-values,
+
+        P( risk(lambda_hat) <= delta ) >= 1 - epsilon
+
+    over draws of the calibration set, assuming i.i.d. (exchangeable) examples, losses in [0, 1], and a
+    grid and order fixed before seeing the calibration data (Angelopoulos et al., 2021, Learn Then Test).
+    Fixed-sequence testing needs no monotonicity: it certifies thresholds in order until the first
+    p-value above ``epsilon``. Reusing the calibration examples for anything that shaped the grid, the
+    measure or the loss voids the guarantee. Too few examples is not an error: then nothing can be
+    rejected and the certificate says "full model only".
+
+    References
+    ----------
+    .. [1] A. N. Angelopoulos, S. Bates, E. J. Candès, M. I. Jordan, L. Lei, "Learn then Test:
+       Calibrating Predictive Algorithms to Achieve Risk Control", 2021.
+    .. [2] T. Schuster et al., "Confident Adaptive Language Modeling", NeurIPS 2022.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> true_risk = np.linspace(0.0, 0.3, 7)            # grows as the knob gets faster
+    >>> losses = (rng.random((2000, 7)) < true_risk).astype(float)
+    >>> cert = certify(losses, lambdas=np.linspace(0.9, 0.3, 7), delta=0.1, epsilon=0.05)
+    >>> cert.lambda_hat
+    0.8
+    """
+    table, delta, epsilon, method_name = _certify_iv(losses, lambdas, delta, epsilon, bound, method, knob)
+    lam = table.lambdas
+    risks = table.risks
+    if method_name == "crc":
+        p_values = np.full(lam.size, np.nan)
+        index = conformal_risk_control(table.losses, delta)
+        rejected = np.zeros(lam.size, dtype=bool)
+        if index is not None:
+            rejected[: index + 1] = True
+        bound_name = None
+    else:
+        p_values = _bounds.p_values(table.losses, delta, bound=bound)
+        rejected = np.asarray(_fwer.control_fwer(p_values, epsilon, method=method), dtype=bool)
+        hits = np.flatnonzero(rejected)
+        index = int(hits[-1]) if hits.size else None
+        bound_name = bound
+    reason = _reason(table, delta, epsilon, bound, method_name, p_values, index)
+    return Certificate(
+        lambda_hat=None if index is None else float(lam[index]),
+        delta=delta,
+        epsilon=epsilon,
+        n=table.n,
+        lambdas=tuple(float(v) for v in lam),
+        risks=tuple(float(v) for v in risks),
+        p_values=tuple(float(v) for v in p_values),
+        certified=tuple(bool(v) for v in rejected),
+        bound=bound_name,
+        method=method_name,
+        mode=table.mode,
+        knob=knob,
+        consistency=table.consistency,
+        avg_layers=None if table.avg_layers is None else tuple(float(v) for v in table.avg_layers),
+        n_layers=table.n_layers,
+        reason=reason,
+    )
+
+
+def _reason(table: LossTable, delta, epsilon, bound, method, p_values, index) -> str:
+    if index is not None:
+        return ""
+    if method == "crc":
+        floor = 1.0 / (table.n + 1)
+        if floor > delta:
+            return f"too few examples: with n={table.n}, CRC needs 1/(n+1) <= delta={delta:g}"
+        return f"the safest value has adjusted risk above delta={delta:g}"
+    best = float(_bounds.p_values(np.zeros((table.n, 1)), delta, bound=bound)[0])
+    if best > epsilon:
+        return (
+            f"too few examples: with n={table.n} even zero observed loss gives p={best:.3g} > "
+            f"epsilon={epsilon:g} under the {bound} bound"
+        )
+    return (
+        f"the safest value lambda={table.lambdas[0]:.6g} has empirical risk {table.risks[0]:.4f} and "
+        f"p={p_values[0]:.3g} > epsilon={epsilon:g}"
+    )
+
+
+def _decay_iv(decay, cache) -> Decay | None:
+    if decay is None or isinstance(decay, Decay):
+        return decay
+    if isinstance(decay, dict):
+        return Decay(**decay)
+    if isinstance(decay, (int, float)) and not isinstance(decay, bool):
+        max_len = int(cache.meta.get("generation", {}).get("max_new_tokens") or np.max(cache.lengths))
+        return Decay(max_len=max_len, tau=float(decay))
+    raise TypeError(f"decay must be None, a Decay, a dict or a float tau, got {type(decay).__name__}")
+
+
+def fit(
+    cache,
+    delta: float = 0.1,
+    epsilon: float = 0.05,
+    *,
+    measure: str = "softmax_gap",
+    consistency: str = "token",
+    bound: str = "hoeffding_bentkus",
+    method: str | _fwer.FWERProcedure = "fixed_sequence",
+    lambdas: Sequence[float] | None = None,
+    decay: Decay | float | None = None,
+    train_fraction: float = 0.3,
+    seed: int = 0,
+    decode: Callable[[Sequence[int]], str] | None = None,
+    progress: bool = False,
+) -> Certificate:
+    """Certify an early-exit threshold from a development layer cache (proxy mode).
+
+    Parameters
+    ----------
+    cache : LayerCache
+        Calibration data: one example per sequence.
+    delta : float, default=0.1
+        Tolerance on the consistency loss, in (0, 1) (alpha in LTT/MAPIE).
+    epsilon : float, default=0.05
+        Failure probability, in (0, 1) (delta in LTT/MAPIE).
+    measure : {"softmax_gap", "softmax_max", "entropy", "state_saturation", "classifier"}
+        Confidence measure. ``"classifier"`` trains a per-layer logistic exit classifier on a random
+        ``train_fraction`` of the sequences and calibrates on the others (disjoint, as the guarantee
+        requires).
+    consistency : str, default="token"
+        Loss, one of :data:`calibrate.losses.CONSISTENCIES`.
+    bound, method
+        As in :func:`certify`.
+    lambdas : array_like, optional
+        Threshold grid, strictly decreasing; default :func:`calibrate.exits.default_lambdas`.
+    decay : Decay, float or None
+        Decaying threshold: a :class:`Decay`, or a float ``tau`` with ``N`` from the cache's generation
+        settings (``max_new_tokens``) or its longest output.
+    train_fraction : float, default=0.3
+        Share of sequences used to train the classifier measure.
+    seed : int, default=0
+        Seed of the train/calibration split.
+    decode : callable, optional
+        Token ids -> text for textual losses (see :func:`calibrate.losses.proxy_losses`).
+    progress : bool, default=False
+        Show progress bars.
+
+    Returns
+    -------
+    Certificate
+        With ``mode="proxy"``: it certifies the teacher-forced simulated outputs.
+
+    See Also
+    --------
+    certify : the risk-control step on any loss table.
+    calibrate.audit : check a certificate on held-out data.
+
+    Notes
+    -----
+    Guarantee: ``P(risk(lambda_hat) <= delta) >= 1 - epsilon`` over draws of the calibration sequences,
+    for sequences exchangeable with those seen at deployment, where the risk is the expected proxy loss.
+
+    Examples
+    --------
+    >>> import calibrate
+    >>> cache = calibrate.synthetic_cache(300, seed=0)
+    >>> cert = calibrate.fit(cache, delta=0.1, epsilon=0.05)
+    >>> cert.lambda_hat is None or cert.risk_hat <= 0.1
+    True
+    """
+    from measures.confidence import MEASURES, confidence
+
+    allowed = tuple(MEASURES) + ("classifier",)
+    if measure not in allowed:
+        raise ValueError(f"measure must be one of {allowed}, got {measure!r}")
+    decay = _decay_iv(decay, cache)
+    lam = default_lambdas() if lambdas is None else lambdas
+    source, measure_state, n_train = cache, None, 0
+    if measure == "classifier":
+        from measures.classifier import ExitClassifier
+
+        train_fraction = _unit_interval_iv(train_fraction, "train_fraction")
+        train, cache = cache.split([train_fraction, 1.0 - train_fraction], seed=seed)
+        classifier = ExitClassifier(seed=seed).fit(train)
+        conf = classifier.predict_confidence(cache)
+        measure_state, n_train = classifier.to_dict(), train.n_sequences
+    else:
+        conf = confidence(cache, measure)
+    table = proxy_losses(cache, conf, lam, consistency=consistency, decay=decay, decode=decode, progress=progress)
+    cert = certify(table, delta=delta, epsilon=epsilon, bound=bound, method=method)
+    return dataclasses.replace(
+        cert,
+        measure=measure,
+        decay=None if decay is None else decay.to_dict(),
+        measure_state=measure_state,
+        n_train=n_train,
+        cache_checksum=source.checksum,
+        model=source.meta.get("model"),
+    )

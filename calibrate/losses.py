@@ -1,0 +1,276 @@
+"""Loss tables: one loss in ``[0, 1]`` per calibration example and tested threshold.
+
+A :class:`LossTable` is what the risk control consumes. Its columns follow the thresholds from safest to
+fastest. Builders:
+
+* :func:`proxy_losses` -- from a layer cache alone, by teacher-forced simulation along the full-model
+  output (``mode="proxy"``);
+* :func:`user_losses` -- from losses the caller computed with any generator (``mode="user"``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+from calibrate.exits import Decay, _lambdas_iv, disagreement_counts, early_tokens, exit_layers
+
+__all__ = ["LossTable", "CONSISTENCIES", "proxy_losses", "user_losses"]
+
+#: Consistency losses: token-level ones need only token ids, textual ones compare decoded text with the
+#: full-model output, ``risk_*`` ones compare both outputs with the reference:
+#: ``max(0, R(early, ref) - R(full, ref))`` with ``R = 1 - metric``.
+CONSISTENCIES = (
+    "token",
+    "sequence",
+    "rouge_l",
+    "bleu",
+    "token_f1",
+    "risk_rouge_l",
+    "risk_bleu",
+    "risk_token_f1",
+)
+_SEQUENCES_PER_BATCH = 256
+
+
+@dataclass(frozen=True)
+class LossTable:
+    """Per-example losses for each tested threshold.
+
+    Attributes
+    ----------
+    losses : ndarray of float64, shape (n_examples, n_lambdas)
+        Losses in ``[0, 1]`` (0 = as good as the full model).
+    lambdas : ndarray of float64, shape (n_lambdas,)
+        Thresholds, strictly decreasing (safest first).
+    mode : {"proxy", "decoded", "user"}
+        Where the losses come from (see :data:`calibrate.certificate.MODES`).
+    consistency : str or None
+        Name of the loss.
+    avg_layers : ndarray of float64, shape (n_lambdas,), or None
+        Token-averaged exit layer per threshold.
+    n_layers : int or None
+        Number of layers of the model.
+    """
+
+    losses: np.ndarray
+    lambdas: np.ndarray
+    mode: str = "user"
+    consistency: str | None = None
+    avg_layers: np.ndarray | None = None
+    n_layers: int | None = None
+
+    def __post_init__(self) -> None:
+        losses = _losses_iv(self.losses)
+        lambdas = _lambdas_iv(self.lambdas)
+        if losses.shape[1] != lambdas.size:
+            raise ValueError(
+                f"losses has {losses.shape[1]} columns but lambdas has {lambdas.size} values; "
+                "they must match (one column per threshold)"
+            )
+        for arr in (losses, lambdas):
+            arr.flags.writeable = False
+        object.__setattr__(self, "losses", losses)
+        object.__setattr__(self, "lambdas", lambdas)
+        if self.avg_layers is not None:
+            avg = np.array(self.avg_layers, dtype=np.float64)
+            if avg.shape != lambdas.shape:
+                raise ValueError(f"avg_layers must have shape {lambdas.shape}, got {avg.shape}")
+            avg.flags.writeable = False
+            object.__setattr__(self, "avg_layers", avg)
+
+    @property
+    def n(self) -> int:
+        """Number of examples."""
+        return self.losses.shape[0]
+
+    @property
+    def risks(self) -> np.ndarray:
+        """Empirical risk per threshold, shape ``(n_lambdas,)``."""
+        return self.losses.mean(axis=0)
+
+    def subset(self, rows) -> "LossTable":
+        """The table restricted to some examples (rows)."""
+        return LossTable(
+            self.losses[rows], self.lambdas, self.mode, self.consistency, self.avg_layers, self.n_layers
+        )
+
+
+def _losses_iv(losses) -> np.ndarray:
+    arr = np.array(losses, dtype=np.float64)
+    if arr.ndim != 2:
+        raise ValueError(f"losses must be a 2-D array (n_examples, n_lambdas), got shape {arr.shape}")
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ValueError(f"losses must be non-empty, got shape {arr.shape}")
+    if np.isnan(arr).any():
+        raise ValueError("losses contain NaN; every loss must be a number in [0, 1]")
+    if arr.min() < 0 or arr.max() > 1:
+        raise ValueError(
+            f"losses must lie in [0, 1] (the p-value bounds assume a bounded loss), got range "
+            f"[{arr.min():g}, {arr.max():g}]"
+        )
+    return arr
+
+
+def user_losses(losses, lambdas, *, consistency: str | None = None, avg_layers=None, n_layers=None) -> LossTable:
+    """Wrap losses computed by the caller (any generator) as a ``mode="user"`` table.
+
+    Parameters
+    ----------
+    losses : array_like, shape (n_examples, n_lambdas)
+        Losses in ``[0, 1]``, columns following ``lambdas``.
+    lambdas : array_like, shape (n_lambdas,)
+        Thresholds, strictly decreasing (safest first).
+    consistency : str, optional
+        Name of the loss, recorded in the certificate.
+    avg_layers : array_like, shape (n_lambdas,), optional
+        Average exit layer per threshold.
+    n_layers : int, optional
+        Number of layers of the model.
+    """
+    return LossTable(losses, lambdas, "user", consistency, avg_layers, n_layers)
+
+
+def _consistency_iv(consistency: str, cache) -> str:
+    if consistency not in CONSISTENCIES:
+        raise ValueError(f"consistency must be one of {CONSISTENCIES}, got {consistency!r}")
+    if consistency.startswith("risk_"):
+        refs = cache.sequences["reference"]
+        if refs.isna().any():
+            missing = int(refs.isna().sum())
+            raise ValueError(
+                f"consistency={consistency!r} compares with references, but {missing} sequences have no "
+                "'reference' in the cache"
+            )
+    return consistency
+
+
+def proxy_losses(
+    cache,
+    conf,
+    lambdas,
+    *,
+    consistency: str = "token",
+    decay: Decay | None = None,
+    decode: Callable[[Sequence[int]], str] | None = None,
+    progress: bool = False,
+) -> LossTable:
+    """Losses of the teacher-forced early-exit simulation along the full-model output.
+
+    At each position of the full-model output, the early token is the top-1 token of the exit layer
+    chosen by the threshold; the early output of a sequence is the sequence of its early tokens.
+
+    Parameters
+    ----------
+    cache : LayerCache
+        Calibration cache (one example per sequence).
+    conf : array_like, shape (n_tokens, n_layers)
+        Confidence of each layer for each cached token (see :func:`measures.confidence`).
+    lambdas : array_like, shape (n_lambdas,)
+        Thresholds, strictly decreasing (safest first).
+    consistency : str, default="token"
+        One of :data:`CONSISTENCIES`: ``"token"`` (fraction of early tokens that differ from the full
+        model's), ``"sequence"`` (1 if any differs), ``"rouge_l"``, ``"bleu"``, ``"token_f1"`` (1 - metric
+        between early and full text) and their ``risk_*`` versions against the reference.
+    decay : Decay, optional
+        Decaying threshold.
+    decode : callable, optional
+        Maps a list of token ids to text, for the textual losses. Defaults to ``cache.decode`` when the
+        cache has a vocabulary, else to the space-joined ids (ROUGE-L then becomes the LCS F-measure on
+        token ids). The full output is decoded with the same function, so equal ids cost 0.
+    progress : bool, default=False
+        Show a progress bar over sequences (textual losses).
+
+    Returns
+    -------
+    LossTable
+        ``mode="proxy"``, shape ``(n_sequences, n_lambdas)``.
+
+    Notes
+    -----
+    Proxy losses certify the simulated outputs, not free-running generation: after an early token that
+    differs, a real decoder would continue from a different prefix.
+    """
+    lam = _lambdas_iv(lambdas)
+    consistency = _consistency_iv(consistency, cache)
+    conf = np.asarray(conf)
+    n_tokens, n_layers = cache.n_tokens, cache.n_layers
+    if conf.shape != (n_tokens, n_layers):
+        raise ValueError(f"conf must have shape (n_tokens, n_layers) = {(n_tokens, n_layers)}, got {conf.shape}")
+    if not np.all(np.isfinite(conf)):
+        raise ValueError("conf contains NaN or inf")
+    positions = cache.positions if decay is not None else None
+    top1 = np.asarray(cache.arrays["topk_ids"][:, :, 0])
+    full = np.asarray(cache.arrays["full_tokens"])
+    if consistency in ("token", "sequence"):
+        agree = top1 == full[:, None]
+        counts, avg = disagreement_counts(
+            conf, lam, agree, cache.sequence_index, cache.n_sequences, positions=positions, decay=decay
+        )
+        lengths = np.asarray(cache.lengths)
+        if consistency == "token":
+            losses = counts / np.maximum(lengths, 1)[:, None]
+        else:
+            losses = (counts > 0).astype(np.float64)
+        return LossTable(losses, lam, "proxy", consistency, avg, n_layers)
+    losses, avg = _textual_losses(cache, conf, lam, top1, full, consistency, positions, decay, decode, progress)
+    return LossTable(losses, lam, "proxy", consistency, avg, n_layers)
+
+
+def _default_decode(cache) -> Callable[[Sequence[int]], str]:
+    if getattr(cache, "vocab", None) is not None:
+        return cache.decode
+    return lambda ids: " ".join(map(str, ids))
+
+
+def _textual_losses(cache, conf, lam, top1, full, consistency, positions, decay, decode, progress):
+    from tqdm.auto import tqdm
+
+    from measures.consistency import PairScorer
+
+    decode = decode or _default_decode(cache)
+    metric = consistency.removeprefix("risk_")
+    scorer = PairScorer(metric)
+    risk = consistency.startswith("risk_")
+    offsets = np.asarray(cache.offsets)
+    n_seq, k = cache.n_sequences, lam.size
+    references = cache.sequences["reference"].tolist() if risk else None
+    losses = np.zeros((n_seq, k), dtype=np.float64)
+    layer_sum = np.zeros(k, dtype=np.float64)
+    bar = tqdm(total=n_seq, desc=f"{consistency} losses", unit="seq", disable=not progress)
+    for s0 in range(0, n_seq, _SEQUENCES_PER_BATCH):
+        s1 = min(s0 + _SEQUENCES_PER_BATCH, n_seq)
+        a, b = offsets[s0], offsets[s1]
+        layers = exit_layers(conf[a:b], lam, positions=None if positions is None else positions[a:b], decay=decay)
+        layer_sum += layers.sum(axis=0)
+        early = early_tokens(top1[a:b], layers)
+        rows, pairs = [], ([], [])
+        for s in range(s0, s1):
+            lo, hi = offsets[s] - a, offsets[s + 1] - a
+            # Many thresholds give the same early output: score each distinct one once.
+            distinct, inverse = np.unique(early[lo:hi].T, axis=0, return_inverse=True)
+            full_ids = full[a + lo : a + hi]
+            full_text = decode(full_ids.tolist())
+            texts = [full_text if np.array_equal(d, full_ids) else decode(d.tolist()) for d in distinct]
+            target = references[s] if risk else full_text
+            rows.append((s, len(texts), inverse.ravel(), full_text))
+            pairs[0].extend(texts)
+            pairs[1].extend([target] * len(texts))
+        scores = scorer.score(pairs[0], pairs[1])
+        if risk:
+            full_scores = scorer.score([r[3] for r in rows], [references[r[0]] for r in rows])
+        pos = 0
+        for i, (s, n_distinct, inverse, full_text) in enumerate(rows):
+            got = scores[pos : pos + n_distinct]
+            if risk:
+                loss = np.maximum(0.0, full_scores[i] - got)
+            else:
+                same = np.array([t == full_text for t in pairs[0][pos : pos + n_distinct]])
+                loss = np.where(same, 0.0, 1.0 - got)
+            losses[s] = loss[inverse]
+            pos += n_distinct
+        bar.update(s1 - s0)
+    bar.close()
+    return np.clip(losses, 0.0, 1.0), layer_sum / max(cache.n_tokens, 1)

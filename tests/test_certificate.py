@@ -1,0 +1,114 @@
+"""Certificate: frozen, JSON round trip, derived values, tables and text."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from calibrate.certificate import Certificate
+
+
+def _cert(**overrides):
+    base = dict(
+        lambda_hat=0.8,
+        delta=0.1,
+        epsilon=0.05,
+        n=500,
+        lambdas=(0.9, 0.8, 0.7),
+        risks=(0.01, 0.03, 0.2),
+        p_values=(1e-9, 0.004, 0.9),
+        certified=(True, True, False),
+        bound="hoeffding_bentkus",
+        method="fixed_sequence",
+        mode="proxy",
+        measure="softmax_gap",
+        consistency="token",
+        decay={"max_len": 64, "tau": 4.0},
+        avg_layers=(10.5, 8.25, 3.0),
+        n_layers=12,
+        measure_state={"weights": [[0.5, -1.0]], "kind": "x"},
+    )
+    base.update(overrides)
+    return Certificate(**base)
+
+
+def test_json_round_trip_is_exact(tmp_path):
+    cert = _cert()
+    path = tmp_path / "cert.json"
+    cert.to_json(path)
+    back = Certificate.from_json(path)
+    assert back == cert
+    assert Certificate.from_json(cert.to_json()) == cert
+    assert json.loads(path.read_text())["lambda_hat"] == 0.8
+
+
+def test_nan_p_values_round_trip_as_null():
+    cert = _cert(p_values=(np.nan, np.nan, np.nan), method="crc", bound=None)
+    text = cert.to_json()
+    assert "NaN" not in text
+    back = Certificate.from_json(text)
+    assert np.all(np.isnan(back.p_values))
+    assert "expectation" in back.guarantee
+
+
+def test_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        _cert().lambda_hat = 0.1
+
+
+def test_derived_values():
+    cert = _cert()
+    assert cert.index == 1
+    assert cert.risk_hat == 0.03 and cert.p_value == 0.004
+    assert cert.expected_layers == 8.25
+    assert cert.layer_savings == pytest.approx(1 - 8.25 / 12)
+    assert not cert.full_model_only
+    full = _cert(lambda_hat=None, certified=(False, False, False), reason="too few examples")
+    assert full.full_model_only and full.index is None and full.risk_hat is None
+    assert full.expected_layers == 12 and full.layer_savings == 0.0
+
+
+def test_frame_summary_and_repr():
+    cert = _cert()
+    frame = cert.to_frame()
+    assert list(frame["lambda"]) == [0.9, 0.8, 0.7]
+    assert list(frame["selected"]) == [False, True, False]
+    assert list(frame["avg_layers"]) == [10.5, 8.25, 3.0]
+    text = cert.summary()
+    assert "lambda_hat = 0.8" in text and "delta (tolerance) = 0.1" in text and "epsilon (failure probability)" in text
+    assert "teacher-forced" in text
+    assert repr(cert).startswith("Certificate(lambda_hat=0.8,")
+    assert "<pre" in cert._repr_html_()
+    full = _cert(lambda_hat=None, certified=(False, False, False), reason="too few examples")
+    assert "full model only" in full.summary() and "too few examples" in full.summary()
+    assert "None (full model)" in repr(full)
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        ({"risks": (0.1,)}, "risks must have 3"),
+        ({"mode": "magic"}, "mode must be one of"),
+        ({"knob": "speed"}, "knob must be one of"),
+        ({"lambda_hat": 0.55}, "not a grid value"),
+        ({"avg_layers": (1.0,)}, "avg_layers"),
+    ],
+)
+def test_inconsistent_fields_raise(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        _cert(**overrides)
+
+
+def test_bad_json(tmp_path):
+    with pytest.raises(ValueError, match="not found"):
+        Certificate.from_json(tmp_path / "missing.json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        Certificate.from_json("{not json")
+    data = _cert().to_dict()
+    data["surprise"] = 1
+    with pytest.raises(ValueError, match="unknown certificate fields"):
+        Certificate.from_dict(data)
+    del data["surprise"], data["delta"]
+    with pytest.raises(ValueError, match="incomplete certificate"):
+        Certificate.from_dict(data)

@@ -1,0 +1,127 @@
+"""Exit simulation against a plain per-token, per-threshold loop."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from calibrate.exits import Decay, average_layers, default_lambdas, disagreement_counts, early_tokens, exit_layers
+
+
+def _reference_exit_layers(conf, lambdas, positions=None, decay=None):
+    n_tokens, n_layers = conf.shape
+    out = np.empty((n_tokens, len(lambdas)), dtype=int)
+    for t in range(n_tokens):
+        for k, lam in enumerate(lambdas):
+            thr = lam
+            if decay is not None:
+                thr = min(max(0.9 * lam + 0.1 * np.exp(-decay.tau * positions[t] / decay.max_len), 0.0), 1.0)
+            out[t, k] = n_layers
+            for i in range(n_layers - 1):
+                if conf[t, i] >= thr:
+                    out[t, k] = i + 1
+                    break
+    return out
+
+
+# Values on a coarse grid make ties between confidences and thresholds frequent.
+_values = st.sampled_from([-1.0, -0.5, 0.0, 0.1, 0.25, 0.5, 0.7, 0.9, 0.95, 0.999, 1.0])
+
+
+@st.composite
+def _problem(draw):
+    n_tokens = draw(st.integers(1, 30))
+    n_layers = draw(st.integers(1, 7))
+    conf = draw(arrays(np.float32, (n_tokens, n_layers), elements=_values))
+    lambdas = np.array(sorted(set(draw(st.lists(_values, min_size=1, max_size=8))), reverse=True))
+    positions = draw(arrays(np.int64, (n_tokens,), elements=st.integers(0, 40)))
+    decay = draw(st.none() | st.builds(Decay, max_len=st.integers(1, 40), tau=st.sampled_from([0.0, 1.0, 4.0])))
+    return conf, lambdas, positions, decay
+
+
+@settings(max_examples=300, deadline=None)
+@given(_problem())
+def test_exit_layers_match_plain_loop(problem):
+    conf, lambdas, positions, decay = problem
+    got = exit_layers(conf, lambdas, positions=positions, decay=decay)
+    np.testing.assert_array_equal(got, _reference_exit_layers(conf, lambdas, positions, decay))
+
+
+@settings(max_examples=200, deadline=None)
+@given(_problem(), st.data())
+def test_counts_and_average_layers_match_plain_loop(problem, data):
+    conf, lambdas, positions, decay = problem
+    n_tokens, n_layers = conf.shape
+    agree = data.draw(arrays(np.bool_, conf.shape))
+    n_sequences = data.draw(st.integers(1, 5))
+    seq = np.sort(data.draw(arrays(np.int64, (n_tokens,), elements=st.integers(0, n_sequences - 1))))
+    layers = _reference_exit_layers(conf, lambdas, positions, decay)
+    wrong = ~np.take_along_axis(agree, layers - 1, axis=1) & (layers < n_layers)
+    expected = np.zeros((n_sequences, len(lambdas)), dtype=int)
+    np.add.at(expected, seq, wrong)
+
+    counts, avg = disagreement_counts(conf, lambdas, agree, seq, n_sequences, positions=positions, decay=decay)
+    np.testing.assert_array_equal(counts, expected)
+    np.testing.assert_allclose(avg, layers.mean(axis=0))
+    np.testing.assert_allclose(average_layers(conf, lambdas, positions=positions, decay=decay), layers.mean(axis=0))
+
+
+def test_blocks_do_not_change_the_result(monkeypatch):
+    import calibrate.exits as exits
+
+    rng = np.random.default_rng(3)
+    conf = rng.random((1000, 9)).astype(np.float32)
+    lambdas = default_lambdas()
+    whole = exit_layers(conf, lambdas)
+    monkeypatch.setattr(exits, "_BLOCK", 37)
+    np.testing.assert_array_equal(exit_layers(conf, lambdas), whole)
+
+
+def test_lower_thresholds_never_exit_later():
+    rng = np.random.default_rng(0)
+    layers = exit_layers(rng.random((500, 12)), default_lambdas())
+    assert np.all(np.diff(layers.astype(int), axis=1) <= 0)
+    assert layers.min() >= 1 and layers.max() <= 12
+
+
+def test_early_tokens_are_the_exit_layers_top1():
+    top1 = np.array([[5, 6, 7], [8, 9, 10]])
+    layers = np.array([[1, 3], [2, 2]])
+    np.testing.assert_array_equal(early_tokens(top1, layers), [[5, 7], [9, 9]])
+
+
+def test_decay_thresholds_formula():
+    decay = Decay(max_len=10, tau=4.0)
+    got = decay.thresholds(np.array([0.5, -3.0]), np.array([0, 5]))
+    expected = np.array(
+        [[0.9 * 0.5 + 0.1, 0.0], [0.9 * 0.5 + 0.1 * np.exp(-2.0), 0.0]]
+    )
+    np.testing.assert_allclose(got, expected)
+
+
+def test_default_grid_is_decreasing_and_fine_near_one():
+    grid = default_lambdas()
+    assert grid[0] == 1.0 and grid[-1] == 0.0
+    assert np.all(np.diff(grid) < 0)
+    assert np.sum(grid > 0.99) >= 90
+
+
+@pytest.mark.parametrize(
+    "lambdas, match",
+    [([0.1, 0.5], "strictly decreasing"), ([], "non-empty"), ([np.inf, 0.5], "finite"), ([[0.5]], "1-D")],
+)
+def test_bad_lambdas(lambdas, match):
+    with pytest.raises(ValueError, match=match):
+        exit_layers(np.zeros((2, 3)), lambdas)
+
+
+def test_bad_conf_and_decay():
+    with pytest.raises(ValueError, match="conf must have shape"):
+        exit_layers(np.zeros(3), [0.5])
+    with pytest.raises(ValueError, match="positions"):
+        exit_layers(np.zeros((2, 3)), [0.5], decay=Decay(5))
+    with pytest.raises(TypeError, match="decay"):
+        exit_layers(np.zeros((2, 3)), [0.5], positions=[0, 1], decay={"max_len": 5})
+    with pytest.raises(ValueError, match="max_len"):
+        Decay(0)

@@ -1,2 +1,51 @@
-"""placeholder during development"""
-__version__ = "0.1.0"
+"""calm-calibrate: statistically certified early-exit thresholds.
+
+``calibrate.fit(cache, delta=0.1, epsilon=0.05)`` returns a :class:`Certificate` whose ``lambda_hat``
+satisfies ``P(risk(lambda_hat) <= delta) >= 1 - epsilon``. ``delta`` is the tolerance on the
+consistency loss and ``epsilon`` the failure probability (CALM's letters; Learn-Then-Test and MAPIE
+write alpha for the tolerance and delta for the failure probability).
+
+The package imports with numpy, scipy, pandas and scikit-learn alone; torch is needed only to extract
+caches from a model and to decode.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("calm-calibrate")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0.0.0+unknown"
+
+from calibrate import bounds, fwer
+from calibrate.audit import AuditReport, ValidityReport, audit, validity
+from calibrate.cache import LayerCache, open_cache
+from calibrate.certificate import Certificate
+from calibrate.crc import conformal_risk_control
+from calibrate.exits import Decay, average_layers, default_lambdas, exit_layers
+from calibrate.fit import certify, fit
+from calibrate.losses import LossTable, proxy_losses, user_losses
+from calibrate.synthetic import synthetic_cache
+
+__all__ = [
+    "__version__",
+    "AuditReport",
+    "Certificate",
+    "Decay",
+    "LayerCache",
+    "LossTable",
+    "ValidityReport",
+    "audit",
+    "average_layers",
+    "bounds",
+    "certify",
+    "conformal_risk_control",
+    "default_lambdas",
+    "exit_layers",
+    "fit",
+    "fwer",
+    "open_cache",
+    "proxy_losses",
+    "synthetic_cache",
+    "user_losses",
+    "validity",
+]

@@ -71,10 +71,10 @@ class Decay:
 def default_lambdas() -> np.ndarray:
     """The default grid: 201 thresholds in ``[0, 1]``, safest (1.0) first, fine near 1.
 
-    101 evenly spaced values plus 100 values ``1 - 10**u`` for ``u`` evenly spaced in ``[-4, -2]``, where
+    101 evenly spaced values plus 100 values ``1 - 10**u`` for ``u`` evenly spaced in ``[-4, -2)``, where
     saturation and softmax thresholds matter most.
     """
-    grid = np.concatenate([np.linspace(0.0, 1.0, 101), 1.0 - np.logspace(-4, -2, 100)])
+    grid = np.concatenate([np.linspace(0.0, 1.0, 101), 1.0 - np.logspace(-4, -2, 101)[:-1]])
     return np.unique(grid)[::-1].copy()
 
 
@@ -210,11 +210,16 @@ def _per_sequence_sums(conf, lam, positions, decay, sequence_index, n_sequences,
         w = np.zeros((b.shape[0], n_layers), dtype=np.int8)
         w[:, :-1] = ~agree[blk, :-1]
         step = np.diff(w, axis=1)
-        seq = sequence_index[blk].astype(np.int64) * (k + 1)
+        # Tokens are grouped by sequence, so a block touches a narrow range of rows of the result.
+        seq = sequence_index[blk].astype(np.int64)
+        first = seq.min() * (k + 1)
+        size = (seq.max() + 1) * (k + 1) - first
+        seq = seq * (k + 1) - first
         hit = step != 0
         idx = (seq[:, None] + b)[hit]
-        wrong += np.bincount(idx, weights=step[hit], minlength=wrong.size)
-        wrong += np.bincount(seq, weights=w[:, 0], minlength=wrong.size)
+        part = np.bincount(seq, weights=w[:, 0], minlength=size)
+        part += np.bincount(idx, weights=step[hit], minlength=size)
+        wrong[first : first + size] += part
     # Exit layer for ascending index j is 1 + #{(t, i): b_i <= j} / n_tokens on average.
     avg = 1.0 + np.cumsum(layer_hist[:k]) / max(n_tokens, 1)
     counts = None

@@ -143,7 +143,7 @@ def certify(
             rejected[: index + 1] = True
         bound_name = None
     else:
-        p_values = _bounds.p_values(table.losses, delta, bound=bound)
+        p_values = _bounds.p_values(table.losses, delta, bound=bound, epsilon=epsilon)
         rejected = np.asarray(_fwer.control_fwer(p_values, epsilon, method=method), dtype=bool)
         hits = np.flatnonzero(rejected)
         index = int(hits[-1]) if hits.size else None
@@ -177,7 +177,7 @@ def _reason(table: LossTable, delta, epsilon, bound, method, p_values, index) ->
         if floor > delta:
             return f"too few examples: with n={table.n}, CRC needs 1/(n+1) <= delta={delta:g}"
         return f"the safest value has adjusted risk above delta={delta:g}"
-    best = float(_bounds.p_values(np.zeros((table.n, 1)), delta, bound=bound)[0])
+    best = float(_bounds.p_values(np.zeros((table.n, 1)), delta, bound=bound, epsilon=epsilon)[0])
     if best > epsilon:
         return (
             f"too few examples: with n={table.n} even zero observed loss gives p={best:.3g} > "

@@ -228,12 +228,11 @@ def _default_decode(cache) -> Callable[[Sequence[int]], str]:
 def _textual_losses(cache, conf, lam, top1, full, consistency, positions, decay, decode, progress):
     from tqdm.auto import tqdm
 
-    from measures.consistency import PairScorer
+    from measures.consistency import PairScorer, risk_consistency, textual_loss
 
     decode = decode or _default_decode(cache)
-    metric = consistency.removeprefix("risk_")
-    scorer = PairScorer(metric)
     risk = consistency.startswith("risk_")
+    scorer = PairScorer(consistency.removeprefix("risk_"))  # keeps tokenised texts across batches
     offsets = np.asarray(cache.offsets)
     n_seq, k = cache.n_sequences, lam.size
     references = cache.sequences["reference"].tolist() if risk else None
@@ -246,31 +245,25 @@ def _textual_losses(cache, conf, lam, top1, full, consistency, positions, decay,
         layers = exit_layers(conf[a:b], lam, positions=None if positions is None else positions[a:b], decay=decay)
         layer_sum += layers.sum(axis=0)
         early = early_tokens(top1[a:b], layers)
-        rows, pairs = [], ([], [])
+        # Many thresholds give the same early output: decode and score each distinct one once.
+        early_texts, full_texts, refs, owners = [], [], [], []
         for s in range(s0, s1):
             lo, hi = offsets[s] - a, offsets[s + 1] - a
-            # Many thresholds give the same early output: score each distinct one once.
             distinct, inverse = np.unique(early[lo:hi].T, axis=0, return_inverse=True)
-            full_ids = full[a + lo : a + hi]
-            full_text = decode(full_ids.tolist())
-            texts = [full_text if np.array_equal(d, full_ids) else decode(d.tolist()) for d in distinct]
-            target = references[s] if risk else full_text
-            rows.append((s, len(texts), inverse.ravel(), full_text))
-            pairs[0].extend(texts)
-            pairs[1].extend([target] * len(texts))
-        scores = scorer.score(pairs[0], pairs[1])
-        if risk:
-            full_scores = scorer.score([r[3] for r in rows], [references[r[0]] for r in rows])
-        pos = 0
-        for i, (s, n_distinct, inverse, full_text) in enumerate(rows):
-            got = scores[pos : pos + n_distinct]
+            full_text = decode(full[a + lo : a + hi].tolist())
+            early_texts += [decode(d.tolist()) for d in distinct]
+            full_texts += [full_text] * len(distinct)
             if risk:
-                loss = np.maximum(0.0, full_scores[i] - got)
-            else:
-                same = np.array([t == full_text for t in pairs[0][pos : pos + n_distinct]])
-                loss = np.where(same, 0.0, 1.0 - got)
-            losses[s] = loss[inverse]
+                refs += [references[s]] * len(distinct)
+            owners.append((s, len(distinct), inverse.ravel()))
+        if risk:
+            batch = risk_consistency(early_texts, full_texts, refs, scorer)
+        else:
+            batch = textual_loss(early_texts, full_texts, scorer)
+        pos = 0
+        for s, n_distinct, inverse in owners:
+            losses[s] = batch[pos : pos + n_distinct][inverse]
             pos += n_distinct
         bar.update(s1 - s0)
     bar.close()
-    return np.clip(losses, 0.0, 1.0), layer_sum / max(cache.n_tokens, 1)
+    return losses, layer_sum / max(cache.n_tokens, 1)

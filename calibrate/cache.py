@@ -1,0 +1,1418 @@
+"""The layer cache: what every layer of a model predicted for every generated token.
+
+One cache holds one model run over a set of prompts: the greedy full-model outputs and, for every
+generated token and every layer, the layer's own top-k prediction (ids and log-probabilities), optional
+precomputed confidence measures and optional hidden states. Arrays are **token-major** and the
+sequences are stored CSR-style: the tokens of sequence ``s`` are rows ``offsets[s]:offsets[s + 1]``.
+
+On disk a cache is one directory::
+
+    <cache>/
+      meta.json              format_version, model, generation settings, shapes, per-field checksums
+      sequences.parquet      one row per sequence: id, prompt, output, output_ids, reference,
+                             n_tokens, offset
+      vocab.json             optional: JSON list of token strings (id -> text piece)
+      arrays/<name>/         one zarr v3 array per field, chunked along the token axis
+                             (full_tokens, topk_ids, topk_logprobs, hidden, softmax_gap, ...)
+
+Each zarr array can be opened on its own (``zarr.open_array("<cache>/arrays/topk_ids")``, or
+``dask.array.from_zarr`` for data that do not fit in memory). Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["FORMAT_VERSION", "LayerCache", "open_cache"]
+
+#: Version of the on-disk layout written by :meth:`LayerCache.save`.
+FORMAT_VERSION = 1
+
+_META_FILE = "meta.json"
+_TABLE_FILE = "sequences.parquet"
+_VOCAB_FILE = "vocab.json"
+_ARRAY_DIR = "arrays"
+
+#: Canonical dtypes of the fixed fields; every other array is a (T, L) float32 score.
+_DTYPES = {
+    "full_tokens": np.dtype("<i4"),
+    "topk_ids": np.dtype("<i4"),
+    "topk_logprobs": np.dtype("<f4"),
+    "hidden": np.dtype("<f2"),
+}
+_SCORE_DTYPE = np.dtype("<f4")
+_DIMS = {
+    "full_tokens": ("token",),
+    "topk_ids": ("token", "layer", "rank"),
+    "topk_logprobs": ("token", "layer", "rank"),
+    "hidden": ("token", "layer", "hidden"),
+}
+#: Value ranges of the known precomputed measures (``measures.confidence.MEASURES``). Other score names
+#: are accepted and only checked to be finite.
+_SCORE_RANGES = {
+    "softmax_gap": (0.0, 1.0),
+    "softmax_max": (0.0, 1.0),
+    "entropy": (0.0, 1.0),
+    "state_saturation": (-1.0, 1.0),
+}
+#: Slack on the score ranges for float32 rounding (e.g. ``1 - H / log V`` at ``-1e-7``).
+_SCORE_TOL = 1e-4
+_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+#: Names of the table and vocab entries of ``meta["fields"]``; no array may use them.
+_RESERVED = ("sequences", "vocab")
+_TABLE_COLUMNS = ("id", "prompt", "output", "output_ids", "reference", "n_tokens", "offset")
+#: Keys of ``meta`` that the cache derives from its contents; user values for them are not kept.
+_DERIVED_KEYS = (
+    "format_version",
+    "library",
+    "library_version",
+    "n_sequences",
+    "n_tokens",
+    "n_layers",
+    "top_k",
+    "vocab_size",
+    "hidden_size",
+    "fields",
+    "checksum",
+)
+#: Uncompressed bytes per zarr chunk (at most); chunks never exceed _MAX_CHUNK_TOKENS tokens.
+_CHUNK_BYTES = 64 << 20
+_MAX_CHUNK_TOKENS = 1 << 16
+#: Tokens per block in the value checks, to bound temporaries.
+_CHECK_BLOCK = 1 << 16
+
+
+# --------------------------------------------------------------------------------------------------
+# The cache object
+# --------------------------------------------------------------------------------------------------
+
+
+class LayerCache:
+    """Per-layer predictions of a model for every generated token, token-major, CSR over sequences.
+
+    Build one with :meth:`from_arrays` (numpy arrays from any framework) or :func:`open_cache` (a
+    directory written by :meth:`save`); the constructor is low level and does not copy its inputs.
+    A cache is immutable: its arrays are read-only and :attr:`sequences` returns a copy.
+
+    Parameters
+    ----------
+    sequences : pandas.DataFrame
+        One row per sequence with columns ``id`` (str, unique), ``prompt`` (str), ``output`` (str),
+        ``output_ids`` (int32 arrays: the full-model tokens of the sequence), ``reference``
+        (str or missing), ``n_tokens`` (int64, >= 1) and ``offset`` (int64).
+    arrays : mapping of str to numpy.ndarray
+        Token-major fields, ``T`` tokens, ``L`` layers, top ``k``, hidden size ``d``:
+
+        - ``"full_tokens"`` (T,) int32: the full-model token at each position (required),
+        - ``"topk_ids"`` (T, L, k) int32: each layer's top-k token ids, best first, distinct (required),
+        - ``"topk_logprobs"`` (T, L, k) float32: their log-probabilities, <= 0, sorted descending,
+        - ``"hidden"`` (T, L, d) float16: hidden states,
+        - any other name, (T, L) float32: a precomputed confidence measure, finite; the known measures
+          ``softmax_gap``, ``softmax_max``, ``entropy`` lie in [0, 1] and ``state_saturation`` in [-1, 1].
+    vocab_size : int
+        Size of the model's vocabulary; every token id lies in ``[0, vocab_size)``.
+    meta : dict, optional
+        JSON-serialisable metadata (model, revision, tokenizer, generation settings, ...).
+    vocab : sequence of str, optional
+        ``vocab[i]`` is the text of token ``i``; ``len(vocab) == vocab_size``.
+
+    Raises
+    ------
+    ValueError
+        When a field has the wrong shape, dtype or values; the message names the field.
+
+    See Also
+    --------
+    open_cache : Read a cache written by :meth:`save`.
+
+    Notes
+    -----
+    Layers are numbered 1..L in the docs and 0..L-1 in the arrays; ``topk_ids[:, L - 1, 0]`` is the
+    full model's own prediction, which equals ``full_tokens`` for greedy decoding.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from calibrate.cache import LayerCache
+    >>> cache = LayerCache.from_arrays(
+    ...     full_tokens=[5, 6, 7],
+    ...     topk_ids=np.array([[[5, 1]], [[6, 2]], [[7, 3]]]),
+    ...     lengths=[2, 1],
+    ...     vocab=["a", "b", "c", "d", "e", " f", " g", " h"],
+    ... )
+    >>> cache.n_sequences, cache.n_tokens, cache.n_layers, cache.top_k
+    (2, 3, 1, 2)
+    >>> cache.sequences["output"].tolist()
+    [' f g', ' h']
+    """
+
+    def __init__(
+        self,
+        sequences: pd.DataFrame,
+        arrays: Mapping[str, np.ndarray],
+        *,
+        vocab_size: int,
+        meta: Mapping[str, Any] | None = None,
+        vocab: Sequence[str] | None = None,
+    ) -> None:
+        _init_iv(sequences, arrays, vocab_size, meta, vocab)
+        offsets = np.zeros(len(sequences) + 1, dtype=np.int64)
+        np.cumsum(np.asarray(sequences["n_tokens"], dtype=np.int64), out=offsets[1:])
+        if "full_tokens" not in arrays:
+            raise ValueError("the cache needs the array 'full_tokens'")
+        _check_structure(arrays, offsets, vocab_size, vocab)
+        n = len(sequences)
+        table = _make_table(
+            _text_iv("sequences['id']", sequences["id"].tolist(), n, default=""),
+            _text_iv("sequences['prompt']", sequences["prompt"].tolist(), n, default=""),
+            _text_iv("sequences['output']", sequences["output"].tolist(), n, default=""),
+            _text_iv("sequences['reference']", sequences["reference"].tolist(), n, default=None, allow_missing=True),
+            arrays["full_tokens"],
+            offsets,
+        )
+        self._setup(table, dict(arrays), offsets, int(vocab_size), _meta_iv(meta or {}), vocab)
+        _check_table(sequences[list(_TABLE_COLUMNS)], offsets)
+        self.validate()
+
+    @classmethod
+    def _trusted(cls, sequences, arrays, offsets, vocab_size, meta, vocab) -> LayerCache:
+        """Build without checking values: the inputs come from a validated cache."""
+        self = cls.__new__(cls)
+        self._setup(sequences, arrays, offsets, vocab_size, meta, vocab)
+        return self
+
+    def _setup(self, sequences, arrays, offsets, vocab_size, meta, vocab) -> None:
+        self._arrays = {name: _readonly(a) for name, a in arrays.items()}
+        self._table = sequences
+        self._offsets = _readonly(np.ascontiguousarray(offsets, dtype=np.int64))
+        self._vocab_size = vocab_size
+        self._user_meta = {k: v for k, v in meta.items() if k not in _DERIVED_KEYS}
+        for key, default in (("model", None), ("revision", None), ("tokenizer", None), ("generation", {})):
+            self._user_meta.setdefault(key, default)
+        self._vocab = None if vocab is None else tuple(vocab)
+        self._vocab_array = None
+        self._checksums: dict[str, str] | None = None
+        self._sequence_index = None
+        self._positions = None
+
+    # ---- construction from arrays ---------------------------------------------------------------
+
+    @classmethod
+    def from_arrays(
+        cls,
+        *,
+        full_tokens,
+        topk_ids,
+        topk_logprobs=None,
+        lengths=None,
+        offsets=None,
+        scores: Mapping[str, Any] | None = None,
+        hidden=None,
+        prompts: Sequence[str] | None = None,
+        outputs: Sequence[str] | None = None,
+        references: Sequence[str | None] | None = None,
+        ids: Sequence[str] | None = None,
+        vocab: Sequence[str] | None = None,
+        vocab_size: int | None = None,
+        model: str | None = None,
+        meta: Mapping[str, Any] | None = None,
+    ) -> LayerCache:
+        """Build a cache from token-major numpy arrays (from any framework), copying and validating.
+
+        Parameters
+        ----------
+        full_tokens : array-like of int, shape (n_tokens,)
+            Full-model token at each generated position, sequences concatenated.
+        topk_ids : array-like of int, shape (n_tokens, n_layers, top_k)
+            Each layer's top-k token ids, best first, distinct along the last axis.
+        topk_logprobs : array-like of float, shape (n_tokens, n_layers, top_k), optional
+            Their log-probabilities: finite, <= 0, sorted descending.
+        lengths : array-like of int, shape (n_sequences,), optional
+            Generated tokens per sequence (each >= 1). Give exactly one of ``lengths`` and ``offsets``.
+        offsets : array-like of int, shape (n_sequences + 1,), optional
+            CSR offsets: ``offsets[0] == 0``, strictly increasing, ``offsets[-1] == n_tokens``.
+        scores : dict of str to array-like, optional
+            Precomputed measures, each (n_tokens, n_layers), e.g. ``{"softmax_gap": ...}``. Names are
+            lowercase identifiers other than the fixed fields.
+        hidden : array-like of float, shape (n_tokens, n_layers, hidden_size), optional
+            Hidden states; stored as float16 (values must stay finite after the cast).
+        prompts, outputs : sequence of str, shape (n_sequences,), optional
+            Prompt and full-model output texts. ``prompts`` default to ``""``; ``outputs`` default to
+            decoding ``full_tokens`` with ``vocab`` (``""`` without one).
+        references : sequence of str or None, shape (n_sequences,), optional
+            Reference texts; None (or NA) marks a missing one. Default: all missing.
+        ids : sequence of str, shape (n_sequences,), optional
+            Unique sequence ids. Default: ``"0"``, ``"1"``, ...
+        vocab : sequence of str, optional
+            Token strings: ``vocab[i]`` is the text that token ``i`` contributes when decoding.
+        vocab_size : int, optional
+            Vocabulary size of the model. Default: ``len(vocab)``, or 1 + the largest id when there is
+            no vocab (a lower bound: pass the model's size, the entropy approximation depends on it).
+        model : str, optional
+            Model name, stored as ``meta["model"]``.
+        meta : dict, optional
+            JSON-serialisable metadata (revision, tokenizer, generation settings, ...). Keys the cache
+            derives from its contents (``n_layers``, ``checksum``, ``fields``, ...) are recomputed.
+
+        Returns
+        -------
+        LayerCache
+            A cache that owns copies of the inputs in the canonical dtypes (int32 ids, float32
+            log-probabilities and scores, float16 hidden states).
+
+        Raises
+        ------
+        TypeError
+            When an input has the wrong kind (floats for ids, non-str texts, non-JSON meta).
+        ValueError
+            When shapes disagree, values are out of range, NaN or infinite, or there is no sequence;
+            the message names the parameter.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from calibrate.cache import LayerCache
+        >>> rng = np.random.default_rng(0)
+        >>> ids = rng.permutation(50)[:24].reshape(6, 2, 2)
+        >>> cache = LayerCache.from_arrays(
+        ...     full_tokens=ids[:, -1, 0], topk_ids=ids, offsets=[0, 4, 6], vocab_size=50
+        ... )
+        >>> cache.lengths.tolist(), cache.positions.tolist()
+        ([4, 2], [0, 1, 2, 3, 0, 1])
+        """
+        return _from_arrays(
+            copy=True,
+            full_tokens=full_tokens,
+            topk_ids=topk_ids,
+            topk_logprobs=topk_logprobs,
+            lengths=lengths,
+            offsets=offsets,
+            scores=scores,
+            hidden=hidden,
+            prompts=prompts,
+            outputs=outputs,
+            references=references,
+            ids=ids,
+            vocab=vocab,
+            vocab_size=vocab_size,
+            model=model,
+            meta=meta,
+        )
+
+    # ---- read-only views ------------------------------------------------------------------------
+
+    @property
+    def sequences(self) -> pd.DataFrame:
+        """One row per sequence (a copy; changing it does not change the cache)."""
+        return self._table.copy(deep=False)
+
+    @property
+    def arrays(self) -> Mapping[str, np.ndarray]:
+        """Token-major fields by name (a read-only mapping of read-only arrays)."""
+        return MappingProxyType(self._arrays)
+
+    @property
+    def vocab(self) -> list[str] | None:
+        """Token strings (``vocab[i]`` is the text of token ``i``), or None."""
+        return None if self._vocab is None else list(self._vocab)
+
+    @property
+    def meta(self) -> dict:
+        """Metadata: the user's keys plus shapes, ``format_version``, per-field checksums, ``checksum``.
+
+        The first access hashes every field (see :attr:`checksum`).
+        """
+        fields = {}
+        checksums = self._field_checksums()
+        for name, a in self._arrays.items():
+            fields[name] = {
+                "kind": "array",
+                "path": f"{_ARRAY_DIR}/{name}",
+                "dtype": a.dtype.name,
+                "shape": list(a.shape),
+                "checksum": checksums[name],
+            }
+        fields["sequences"] = {
+            "kind": "table",
+            "path": _TABLE_FILE,
+            "rows": self.n_sequences,
+            "checksum": checksums["sequences"],
+        }
+        if self._vocab is not None:
+            fields["vocab"] = {
+                "kind": "vocab",
+                "path": _VOCAB_FILE,
+                "size": len(self._vocab),
+                "checksum": checksums["vocab"],
+            }
+        meta = json.loads(json.dumps(self._user_meta))
+        meta.update(
+            format_version=FORMAT_VERSION,
+            library="calm-calibrate",
+            library_version=_library_version(),
+            n_sequences=self.n_sequences,
+            n_tokens=self.n_tokens,
+            n_layers=self.n_layers,
+            top_k=self.top_k,
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            fields=fields,
+            checksum=self.checksum,
+        )
+        return meta
+
+    @property
+    def n_sequences(self) -> int:
+        """Number of sequences."""
+        return int(self._offsets.size - 1)
+
+    @property
+    def n_tokens(self) -> int:
+        """Total number of generated tokens ``T``."""
+        return int(self._offsets[-1])
+
+    @property
+    def n_layers(self) -> int:
+        """Number of layers ``L``."""
+        return int(self._arrays["topk_ids"].shape[1])
+
+    @property
+    def top_k(self) -> int:
+        """Number of stored predictions per layer ``k``."""
+        return int(self._arrays["topk_ids"].shape[2])
+
+    @property
+    def vocab_size(self) -> int:
+        """Vocabulary size of the model."""
+        return self._vocab_size
+
+    @property
+    def hidden_size(self) -> int | None:
+        """Hidden size ``d``, or None when the cache stores no hidden states."""
+        hidden = self._arrays.get("hidden")
+        return None if hidden is None else int(hidden.shape[2])
+
+    @property
+    def offsets(self) -> np.ndarray:
+        """CSR offsets, int64 (n_sequences + 1,): sequence ``s`` owns tokens ``offsets[s]:offsets[s+1]``."""
+        return self._offsets
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Generated tokens per sequence, int64 (n_sequences,)."""
+        return _readonly(np.diff(self._offsets))
+
+    @property
+    def sequence_index(self) -> np.ndarray:
+        """Sequence of each token, int64 (n_tokens,)."""
+        if self._sequence_index is None:
+            index = np.repeat(np.arange(self.n_sequences, dtype=np.int64), np.diff(self._offsets))
+            self._sequence_index = _readonly(index)
+        return self._sequence_index
+
+    @property
+    def positions(self) -> np.ndarray:
+        """0-based position of each token inside its sequence, int64 (n_tokens,)."""
+        if self._positions is None:
+            starts = np.repeat(self._offsets[:-1], np.diff(self._offsets))
+            self._positions = _readonly(np.arange(self.n_tokens, dtype=np.int64) - starts)
+        return self._positions
+
+    @property
+    def checksum(self) -> str:
+        """Content checksum (hex blake2b) over every field, the table, the vocab and ``vocab_size``.
+
+        It identifies the data, not the file: the same content saved twice, or opened again, has the
+        same checksum; free-form metadata (model name, settings) is not part of it.
+        """
+        checksums = self._field_checksums()
+        payload = {"format_version": FORMAT_VERSION, "vocab_size": self._vocab_size, "fields": checksums}
+        return _digest(json.dumps(payload, sort_keys=True).encode())
+
+    def has(self, name: str) -> bool:
+        """Whether the cache stores the field ``name`` (e.g. ``"hidden"`` or ``"softmax_gap"``)."""
+        return name in self._arrays
+
+    def __repr__(self) -> str:
+        return (
+            f"LayerCache(n_sequences={self.n_sequences}, n_tokens={self.n_tokens}, n_layers={self.n_layers}, "
+            f"top_k={self.top_k}, vocab_size={self.vocab_size}, fields={sorted(self._arrays)}, "
+            f"model={self._user_meta.get('model')!r})"
+        )
+
+    # ---- checks ---------------------------------------------------------------------------------
+
+    def validate(self) -> None:
+        """Check shapes, dtypes, value ranges and the table against the arrays.
+
+        Raises
+        ------
+        ValueError
+            Naming the field at fault: missing required arrays, shapes that disagree, ids outside
+            ``[0, vocab_size)`` or repeated within a top-k, log-probabilities that are NaN, infinite,
+            positive or not sorted descending, scores outside their range, a table inconsistent with
+            the offsets, or no sequence at all.
+        """
+        _check_structure(self._arrays, self._offsets, self._vocab_size, self._vocab)
+        _check_values(self._arrays, self._vocab_size)
+        _check_table(self._table, self._offsets)
+
+    def _field_checksums(self) -> dict[str, str]:
+        if self._checksums is None:
+            jobs = {name: (_hash_array, a) for name, a in self._arrays.items()}
+            jobs["sequences"] = (_hash_table, self._table, self._offsets)
+            if self._vocab is not None:
+                jobs["vocab"] = (_hash_strings, self._vocab)
+            # hashlib releases the GIL on large buffers: hash the fields in parallel.
+            with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
+                futures = {name: pool.submit(fn, *args) for name, (fn, *args) in jobs.items()}
+                self._checksums = {name: f.result() for name, f in futures.items()}
+        return dict(self._checksums)
+
+    # ---- derived caches -------------------------------------------------------------------------
+
+    def subset(self, indices) -> LayerCache:
+        """The cache restricted to some sequences, in the order given.
+
+        Parameters
+        ----------
+        indices : array-like of int, or of bool with shape (n_sequences,)
+            Sequence indices in ``[0, n_sequences)`` without repeats, or a boolean mask.
+
+        Returns
+        -------
+        LayerCache
+            A new cache; contiguous increasing selections share memory with this one.
+
+        Raises
+        ------
+        ValueError
+            When an index is out of range or repeated, or the selection is empty.
+        """
+        idx = _subset_iv(indices, self.n_sequences)
+        lengths = np.diff(self._offsets)[idx]
+        offsets = np.zeros(idx.size + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        lo = int(self._offsets[idx[0]])
+        if np.array_equal(idx, np.arange(idx[0], idx[0] + idx.size)):
+            take = slice(lo, lo + int(offsets[-1]))
+        else:
+            take = np.repeat(self._offsets[idx] - offsets[:-1], lengths) + np.arange(offsets[-1])
+        arrays = {name: a[take] for name, a in self._arrays.items()}
+        old = self._table
+        table = _make_table(
+            ids=old["id"].to_numpy()[idx].tolist(),
+            prompts=old["prompt"].to_numpy()[idx].tolist(),
+            outputs=old["output"].to_numpy()[idx].tolist(),
+            references=[None if pd.isna(r) else r for r in old["reference"].to_numpy()[idx].tolist()],
+            full_tokens=arrays["full_tokens"],
+            offsets=offsets,
+        )
+        return LayerCache._trusted(table, arrays, offsets, self._vocab_size, self._user_meta, self._vocab)
+
+    def split(self, fractions: Sequence[float], *, seed: int) -> tuple[LayerCache, ...]:
+        """Split by sequence (never by token) into disjoint parts that cover the cache.
+
+        Parameters
+        ----------
+        fractions : sequence of float
+            Positive fractions summing to 1, one per part, e.g. ``[0.5, 0.5]``.
+        seed : int
+            Seed of the permutation (``numpy.random.default_rng(seed).permutation``); the same seed
+            gives the same split.
+
+        Returns
+        -------
+        tuple of LayerCache
+            One cache per fraction. Part ``j`` takes the sequences at permuted positions
+            ``round(n * sum(fractions[:j]))`` to ``round(n * sum(fractions[:j+1]))``, kept in their
+            original order.
+
+        Raises
+        ------
+        ValueError
+            When the fractions are not positive, do not sum to 1, or leave a part without sequences.
+
+        Notes
+        -----
+        Calibration data must be exchangeable with deployment data and disjoint from the data used
+        to choose or train the confidence measure; split before fitting anything.
+
+        Examples
+        --------
+        >>> from calibrate.synthetic import synthetic_cache
+        >>> cache = synthetic_cache(10, n_layers=4, store_hidden=False, seed=0)
+        >>> train, cal = cache.split([0.3, 0.7], seed=1)
+        >>> train.n_sequences, cal.n_sequences
+        (3, 7)
+        >>> sorted(set(train.sequences["id"]) | set(cal.sequences["id"])) == sorted(cache.sequences["id"])
+        True
+        """
+        fractions, seed = _split_iv(fractions, seed)
+        n = self.n_sequences
+        perm = np.random.default_rng(seed).permutation(n)
+        cuts = np.rint(np.cumsum(fractions) * n).astype(np.int64)
+        cuts[-1] = n
+        parts = np.split(perm, cuts[:-1])
+        for j, part in enumerate(parts):
+            if part.size == 0:
+                raise ValueError(
+                    f"split: part {j} of fractions={fractions.tolist()} gets no sequence out of "
+                    f"n_sequences={n}; use fewer or larger fractions"
+                )
+        return tuple(self.subset(np.sort(part)) for part in parts)
+
+    def decode(self, ids) -> str:
+        """Join the vocab pieces of ``ids``: ``"".join(vocab[i] for i in ids)``.
+
+        Raises
+        ------
+        ValueError
+            When the cache has no vocab or an id is outside ``[0, vocab_size)``.
+        """
+        if self._vocab is None:
+            raise ValueError(
+                "this cache has no vocab: pass vocab= to LayerCache.from_arrays, or decode with the "
+                "model's tokenizer"
+            )
+        ids = np.asarray(ids)
+        if ids.size == 0:
+            return ""
+        if ids.dtype.kind not in "iu":
+            raise TypeError(f"ids must be integers, got dtype {ids.dtype}")
+        ids = ids.ravel()
+        if ids.min() < 0 or ids.max() >= self._vocab_size:
+            raise ValueError(f"ids must lie in [0, vocab_size={self._vocab_size}), got {ids.min()}..{ids.max()}")
+        if self._vocab_array is None:
+            self._vocab_array = np.array(self._vocab, dtype=object)
+        return "".join(self._vocab_array[ids])
+
+    # ---- writing --------------------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write the cache to a directory, atomically.
+
+        Everything is written into a temporary directory beside ``path`` and renamed into place at
+        the end; on any failure the temporary directory is removed and an existing cache at ``path``
+        is left untouched.
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            Target directory (its parent directories are created).
+        overwrite : bool, default=False
+            Replace an existing cache at ``path``. Only a directory holding a ``meta.json`` (a cache)
+            or an empty directory is ever replaced.
+
+        Returns
+        -------
+        pathlib.Path
+            The target directory.
+
+        Raises
+        ------
+        FileExistsError
+            When ``path`` exists and ``overwrite`` is False.
+        ValueError
+            When ``overwrite`` is True but ``path`` is not a cache directory (refusing to delete it).
+
+        Notes
+        -----
+        Replacing an existing cache renames it aside, renames the new one into place and then deletes
+        the old one, so ``path`` is missing for the moment between the two renames. Files are not
+        fsync-ed: the write is atomic with respect to errors in this process, not to power loss.
+        """
+        target = _save_iv(path, overwrite)
+        meta = self.meta  # hashes every field (cached on the object)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+        try:
+            for name, a in self._arrays.items():
+                _write_array(tmp / _ARRAY_DIR / name, name, a)
+            _write_table(tmp / _TABLE_FILE, self._table, self._offsets, self._arrays["full_tokens"])
+            if self._vocab is not None:
+                (tmp / _VOCAB_FILE).write_text(json.dumps(list(self._vocab), ensure_ascii=True), encoding="ascii")
+            (tmp / _META_FILE).write_text(json.dumps(meta, indent=1, ensure_ascii=True) + "\n", encoding="ascii")
+            _commit(tmp, target, overwrite)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return target
+
+
+# --------------------------------------------------------------------------------------------------
+# Opening a cache
+# --------------------------------------------------------------------------------------------------
+
+
+def open_cache(path: str | os.PathLike, *, verify: bool = True) -> LayerCache:
+    """Read a cache written by :meth:`LayerCache.save` into memory and check it.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The cache directory.
+    verify : bool, default=True
+        Recompute the blake2b checksum of every field and compare it with ``meta.json``. Shapes,
+        dtypes, value ranges and the table are checked either way.
+
+    Returns
+    -------
+    LayerCache
+        The cache, with numpy arrays in memory.
+
+    Raises
+    ------
+    FileNotFoundError
+        When ``path`` does not exist.
+    ValueError
+        When the cache is incomplete or corrupted. The message names the file or field: a missing
+        ``meta.json``/``sequences.parquet``/array, an unsupported ``format_version``, a wrong dtype or
+        shape, missing or unreadable chunks, ``"checksum mismatch in array 'topk_ids'"``, NaN or
+        out-of-range values, or offsets inconsistent with the arrays.
+
+    Notes
+    -----
+    The whole cache is loaded into memory. Each array is also a standalone zarr v3 array, so very
+    large caches can be read lazily with ``zarr.open_array`` or ``dask.array.from_zarr`` on
+    ``<path>/arrays/<name>``.
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> from calibrate.cache import open_cache
+    >>> from calibrate.synthetic import synthetic_cache
+    >>> cache = synthetic_cache(20, n_layers=4, seed=0)
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     path = cache.save(pathlib.Path(d) / "cache")
+    ...     again = open_cache(path)
+    >>> again.checksum == cache.checksum
+    True
+    """
+    root = _open_cache_iv(path, verify)
+    meta = _read_meta(root)
+    fields = meta["fields"]
+    arrays = {}
+    for name, spec in fields.items():
+        if spec.get("kind") == "array":
+            arrays[name] = _read_array(root, name, spec)
+    for name in ("full_tokens", "topk_ids"):
+        if name not in arrays:
+            raise ValueError(f"{root / _META_FILE}: required array {name!r} is not listed in 'fields'")
+    vocab = _read_vocab(root, fields.get("vocab"))
+    table, offsets = _read_table(root, fields.get("sequences"), arrays["full_tokens"])
+    vocab_size = meta.get("vocab_size")
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
+        raise ValueError(f"{root / _META_FILE}: 'vocab_size' must be a positive int, got {vocab_size!r}")
+    _check_structure(arrays, offsets, vocab_size, vocab)
+    cache = LayerCache._trusted(table, arrays, offsets, vocab_size, meta, vocab)
+    for key, value in (
+        ("n_sequences", cache.n_sequences),
+        ("n_tokens", cache.n_tokens),
+        ("n_layers", cache.n_layers),
+        ("top_k", cache.top_k),
+        ("hidden_size", cache.hidden_size),
+    ):
+        if key in meta and meta[key] != value:
+            raise ValueError(f"{root / _META_FILE}: {key!r} is {meta[key]!r} but the arrays give {value!r}")
+    if verify:
+        computed = cache._field_checksums()
+        for name, spec in fields.items():
+            if computed.get(name) != spec.get("checksum"):
+                kind = {"array": "array", "table": "table"}.get(spec.get("kind"), spec.get("kind"))
+                raise ValueError(
+                    f"checksum mismatch in {kind} {name!r} ({root / spec['path']}): the cache was modified "
+                    "or corrupted after it was written"
+                )
+        if cache.checksum != meta.get("checksum"):
+            raise ValueError(f"checksum mismatch in {root / _META_FILE}: the field list or vocab_size was edited")
+    _check_values(arrays, vocab_size)
+    _check_table(table, offsets)
+    return cache
+
+
+# --------------------------------------------------------------------------------------------------
+# Input validation helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def _readonly(a: np.ndarray) -> np.ndarray:
+    """A read-only view (the caller's own array stays writeable)."""
+    view = a.view()
+    view.flags.writeable = False
+    return view
+
+
+def _init_iv(sequences, arrays, vocab_size, meta, vocab) -> None:
+    if not isinstance(sequences, pd.DataFrame):
+        raise TypeError(f"sequences must be a pandas DataFrame, got {type(sequences).__name__}")
+    missing = [c for c in _TABLE_COLUMNS if c not in sequences.columns]
+    if missing:
+        raise ValueError(f"sequences must have the columns {list(_TABLE_COLUMNS)}, missing {missing}")
+    if not isinstance(arrays, Mapping):
+        raise TypeError(f"arrays must be a mapping of names to arrays, got {type(arrays).__name__}")
+    for name, a in arrays.items():
+        if not isinstance(a, np.ndarray):
+            raise TypeError(f"arrays[{name!r}] must be a numpy array, got {type(a).__name__}")
+    _vocab_size_iv(vocab_size)
+    if meta is not None:
+        _meta_iv(meta)
+    if vocab is not None:
+        _vocab_iv(vocab)
+
+
+def _vocab_size_iv(vocab_size) -> int:
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer)) or vocab_size < 1:
+        raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
+    return int(vocab_size)
+
+
+def _meta_iv(meta) -> dict:
+    if not isinstance(meta, Mapping):
+        raise TypeError(f"meta must be a dict, got {type(meta).__name__}")
+    try:
+        return json.loads(json.dumps(dict(meta)))
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"meta must be JSON-serialisable (str keys; str, number, bool, None, list, dict values): {exc}") from exc
+
+
+def _vocab_iv(vocab) -> list[str]:
+    if isinstance(vocab, (str, bytes)) or not isinstance(vocab, Sequence):
+        raise TypeError(f"vocab must be a sequence of str, got {type(vocab).__name__}")
+    vocab = list(vocab)
+    for i, piece in enumerate(vocab):
+        if not isinstance(piece, str):
+            raise TypeError(f"vocab must hold str, got {type(piece).__name__} at index {i}")
+    return vocab
+
+
+def _text_iv(name: str, values, n: int, *, default: str | None, allow_missing: bool = False) -> list:
+    if values is None:
+        return [default] * n
+    if isinstance(values, (str, bytes)):
+        raise TypeError(f"{name} must be a sequence of str (one per sequence), got a single {type(values).__name__}")
+    values = list(values)
+    if len(values) != n:
+        raise ValueError(f"{name} must have one entry per sequence (n_sequences={n}), got {len(values)}")
+    out = []
+    for i, v in enumerate(values):
+        if allow_missing and (v is None or (not isinstance(v, str) and bool(pd.isna(v)))):
+            out.append(None)
+        elif isinstance(v, str):
+            out.append(v)
+        else:
+            kinds = "str or None" if allow_missing else "str"
+            raise TypeError(f"{name} must hold {kinds}, got {type(v).__name__} at index {i}")
+    try:
+        "".join(v for v in out if v is not None).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{name} must be valid unicode text (no lone surrogates): {exc}") from exc
+    return out
+
+
+def _int_array(name: str, x, ndim: int, shape_doc: str) -> np.ndarray:
+    a = np.asarray(x)
+    if a.ndim != ndim:
+        raise ValueError(f"{name} must have shape {shape_doc}, got shape {a.shape}")
+    if a.dtype.kind not in "iu":
+        if a.size == 0 and a.dtype.kind == "f":
+            return a.astype(np.int64)
+        raise TypeError(f"{name} must hold integers, got dtype {a.dtype}")
+    return a
+
+
+def _float_array(name: str, x, ndim: int, shape_doc: str, dtype: np.dtype, copy: bool) -> np.ndarray:
+    a = np.asarray(x)
+    if a.ndim != ndim:
+        raise ValueError(f"{name} must have shape {shape_doc}, got shape {a.shape}")
+    if a.dtype.kind not in "fiu":
+        raise TypeError(f"{name} must hold floats, got dtype {a.dtype}")
+    with np.errstate(over="ignore"):
+        out = a.astype(dtype, copy=copy, order="C")
+    return np.ascontiguousarray(out)
+
+
+def _ids_to_int32(name: str, a: np.ndarray, vocab_size: int, copy: bool) -> np.ndarray:
+    if a.size:
+        lo, hi = a.min(), a.max()
+        if lo < 0 or hi >= vocab_size:
+            bad = _first(np.flatnonzero(((a < 0) | (a >= vocab_size)).ravel()), a.shape)
+            value = a[bad]
+            raise ValueError(f"{name} must lie in [0, vocab_size={vocab_size}), got {value} at index {bad}")
+    return np.ascontiguousarray(a.astype(np.int32, copy=copy))
+
+
+def _first(flat_idx: np.ndarray, shape) -> tuple:
+    return tuple(int(i) for i in np.unravel_index(int(flat_idx[0]), shape))
+
+
+def _from_arrays(
+    *,
+    copy: bool,
+    full_tokens,
+    topk_ids,
+    topk_logprobs=None,
+    lengths=None,
+    offsets=None,
+    scores=None,
+    hidden=None,
+    prompts=None,
+    outputs=None,
+    references=None,
+    ids=None,
+    vocab=None,
+    vocab_size=None,
+    model=None,
+    meta=None,
+) -> LayerCache:
+    """Validate and normalise the inputs of ``from_arrays``; ``copy=False`` lets the cache own them."""
+    full = _int_array("full_tokens", full_tokens, 1, "(n_tokens,)")
+    top = _int_array("topk_ids", topk_ids, 3, "(n_tokens, n_layers, top_k)")
+    n_tokens = full.shape[0]
+    if top.shape[0] != n_tokens:
+        raise ValueError(f"topk_ids must have n_tokens={n_tokens} rows like full_tokens, got shape {top.shape}")
+    if top.shape[1] < 1 or top.shape[2] < 1:
+        raise ValueError(f"topk_ids needs at least one layer and one rank, got shape {top.shape}")
+    n_layers, k = top.shape[1], top.shape[2]
+
+    # Sequences: exactly one of lengths / offsets.
+    if (lengths is None) == (offsets is None):
+        raise ValueError("give exactly one of lengths= and offsets=")
+    if lengths is not None:
+        lens = _int_array("lengths", lengths, 1, "(n_sequences,)").astype(np.int64)
+        if lens.size and lens.min() < 1:
+            raise ValueError(f"lengths must be >= 1 (every sequence needs a generated token), got {lens.min()}")
+        offs = np.zeros(lens.size + 1, dtype=np.int64)
+        np.cumsum(lens, out=offs[1:])
+        if offs[-1] != n_tokens:
+            raise ValueError(f"lengths must sum to n_tokens={n_tokens} (rows of full_tokens), got {offs[-1]}")
+    else:
+        offs = _int_array("offsets", offsets, 1, "(n_sequences + 1,)").astype(np.int64)
+        if offs.size < 1 or offs[0] != 0 or offs[-1] != n_tokens:
+            raise ValueError(
+                f"offsets must start at 0 and end at n_tokens={n_tokens}, got "
+                f"{offs[:1].tolist()}...{offs[-1:].tolist()}"
+            )
+        if np.any(np.diff(offs) < 1):
+            raise ValueError("offsets must be strictly increasing (every sequence needs a generated token)")
+    n = offs.size - 1
+    if n == 0:
+        raise ValueError("the cache is empty: full_tokens/lengths describe 0 sequences; a cache needs at least one")
+
+    # Vocabulary.
+    if vocab is not None:
+        vocab = _vocab_iv(vocab)
+    if vocab_size is None:
+        if vocab is not None:
+            vocab_size = len(vocab)
+        else:
+            vocab_size = int(max(full.max(initial=0), top.max(initial=0))) + 1
+    vocab_size = _vocab_size_iv(vocab_size)
+    if vocab is not None and len(vocab) != vocab_size:
+        raise ValueError(f"vocab must have vocab_size={vocab_size} entries, got {len(vocab)}")
+
+    arrays = {
+        "full_tokens": _ids_to_int32("full_tokens", full, vocab_size, copy),
+        "topk_ids": _ids_to_int32("topk_ids", top, vocab_size, copy),
+    }
+    if topk_logprobs is not None:
+        lp = _float_array("topk_logprobs", topk_logprobs, 3, "(n_tokens, n_layers, top_k)", _DTYPES["topk_logprobs"], copy)
+        if lp.shape != top.shape:
+            raise ValueError(f"topk_logprobs must have the shape of topk_ids {top.shape}, got {lp.shape}")
+        arrays["topk_logprobs"] = lp
+    if hidden is not None:
+        hid = _float_array("hidden", hidden, 3, "(n_tokens, n_layers, hidden_size)", _DTYPES["hidden"], copy)
+        if hid.shape[:2] != (n_tokens, n_layers) or hid.shape[2] < 1:
+            raise ValueError(f"hidden must have shape ({n_tokens}, {n_layers}, hidden_size), got {hid.shape}")
+        arrays["hidden"] = hid
+    if scores is not None:
+        if not isinstance(scores, Mapping):
+            raise TypeError(f"scores must be a dict of name -> (n_tokens, n_layers) array, got {type(scores).__name__}")
+        for name, values in scores.items():
+            if not isinstance(name, str) or not _NAME_RE.match(name) or name in _DTYPES or name in _RESERVED:
+                raise ValueError(
+                    f"scores names must be lowercase identifiers (e.g. 'softmax_gap') other than "
+                    f"{sorted(_DTYPES) + list(_RESERVED)}, got {name!r}"
+                )
+            arr = _float_array(f"scores[{name!r}]", values, 2, "(n_tokens, n_layers)", _SCORE_DTYPE, copy)
+            if arr.shape != (n_tokens, n_layers):
+                raise ValueError(f"scores[{name!r}] must have shape ({n_tokens}, {n_layers}), got {arr.shape}")
+            arrays[name] = arr
+
+    # Table.
+    prompts = _text_iv("prompts", prompts, n, default="")
+    if outputs is None and vocab is not None:
+        pieces = np.array(vocab, dtype=object)[arrays["full_tokens"]]
+        outputs = ["".join(pieces[offs[s] : offs[s + 1]]) for s in range(n)]
+    outputs = _text_iv("outputs", outputs, n, default="")
+    references = _text_iv("references", references, n, default=None, allow_missing=True)
+    if ids is None:
+        ids = [str(i) for i in range(n)]
+    ids = _text_iv("ids", ids, n, default="")
+    table = _make_table(ids, prompts, outputs, references, arrays["full_tokens"], offs)
+
+    user_meta = _meta_iv(meta) if meta is not None else {}
+    for key, value in (("n_layers", n_layers), ("top_k", k), ("vocab_size", vocab_size), ("n_sequences", n)):
+        if key in user_meta and user_meta[key] != value:
+            raise ValueError(f"meta[{key!r}]={user_meta[key]!r} contradicts the arrays ({key}={value})")
+    if model is not None:
+        if not isinstance(model, str):
+            raise TypeError(f"model must be a str, got {type(model).__name__}")
+        user_meta["model"] = model
+    cache = LayerCache._trusted(table, arrays, offs, vocab_size, user_meta, vocab)
+    cache.validate()
+    return cache
+
+
+def _make_table(ids, prompts, outputs, references, full_tokens, offsets) -> pd.DataFrame:
+    """The canonical in-memory sequences table (same dtypes whichever way the cache was built)."""
+    lengths = np.diff(offsets)
+    full_tokens = _readonly(full_tokens)  # so the per-sequence views are read-only too
+    output_ids = np.split(full_tokens, offsets[1:-1]) if len(ids) > 1 else [full_tokens]
+    if len(set(ids)) != len(ids):
+        seen: set[str] = set()
+        dup = next(i for i in ids if i in seen or seen.add(i))
+        raise ValueError(f"ids must be unique, got {dup!r} twice")
+    return pd.DataFrame(
+        {
+            "id": pd.Series(ids, dtype="str"),
+            "prompt": pd.Series(prompts, dtype="str"),
+            "output": pd.Series(outputs, dtype="str"),
+            "output_ids": pd.Series(output_ids, dtype=object),
+            "reference": pd.Series(references, dtype="str"),
+            "n_tokens": pd.Series(lengths, dtype=np.int64),
+            "offset": pd.Series(offsets[:-1], dtype=np.int64),
+        }
+    )
+
+
+def _check_structure(arrays, offsets, vocab_size, vocab) -> None:
+    """Shapes, dtypes and offsets (cheap); values are checked by ``_check_values``."""
+    for name in ("full_tokens", "topk_ids"):
+        if name not in arrays:
+            raise ValueError(f"the cache needs the array {name!r}")
+    offsets = np.asarray(offsets)
+    if offsets.ndim != 1 or offsets.size < 2:
+        raise ValueError("the cache is empty: it has 0 sequences; a cache needs at least one")
+    n_tokens = arrays["full_tokens"].shape[0] if arrays["full_tokens"].ndim == 1 else -1
+    if offsets[0] != 0 or offsets[-1] != n_tokens or np.any(np.diff(offsets) < 1):
+        raise ValueError(
+            f"inconsistent offsets: they must start at 0, increase strictly and end at n_tokens={n_tokens} "
+            f"(rows of 'full_tokens'), got first={offsets[0]}, last={offsets[-1]}"
+        )
+    top = arrays["topk_ids"]
+    if top.ndim != 3 or top.shape[0] != n_tokens or 0 in top.shape:
+        raise ValueError(f"array 'topk_ids' must have shape ({n_tokens}, n_layers, top_k), got {top.shape}")
+    n_layers = top.shape[1]
+    for name, a in arrays.items():
+        if not _NAME_RE.match(name) or name in _RESERVED:
+            raise ValueError(f"array names must be lowercase identifiers other than {list(_RESERVED)}, got {name!r}")
+        expected = _DTYPES.get(name, _SCORE_DTYPE)
+        if a.dtype != expected:
+            raise ValueError(f"array {name!r} must have dtype {expected.name}, got {a.dtype.name}")
+        if name in ("topk_ids", "topk_logprobs"):
+            shape_ok = a.shape == top.shape
+            doc = str(top.shape)
+        elif name == "full_tokens":
+            shape_ok, doc = True, ""
+        elif name == "hidden":
+            shape_ok = a.ndim == 3 and a.shape[:2] == (n_tokens, n_layers) and a.shape[2] >= 1
+            doc = f"({n_tokens}, {n_layers}, hidden_size)"
+        else:
+            shape_ok = a.shape == (n_tokens, n_layers)
+            doc = str((n_tokens, n_layers))
+        if not shape_ok:
+            raise ValueError(f"array {name!r} must have shape {doc}, got {a.shape}")
+    if vocab is not None and len(vocab) != vocab_size:
+        raise ValueError(f"vocab must have vocab_size={vocab_size} entries, got {len(vocab)}")
+
+
+def _blocks(n: int):
+    for lo in range(0, n, _CHECK_BLOCK):
+        yield lo, min(n, lo + _CHECK_BLOCK)
+
+
+def _check_finite(name: str, a: np.ndarray) -> None:
+    if a.size and not (np.isfinite(a.min()) and np.isfinite(a.max())):
+        bad = _first(np.flatnonzero(~np.isfinite(a).ravel()), a.shape)
+        raise ValueError(f"array {name!r} must be finite, got {a[bad]} at index {bad}")
+
+
+def _check_values(arrays, vocab_size: int) -> None:
+    """Value ranges: ids in the vocabulary and distinct, log-probs finite/<= 0/sorted, scores in range."""
+    for name in ("full_tokens", "topk_ids"):
+        a = arrays[name]
+        if a.min() < 0 or a.max() >= vocab_size:
+            bad = _first(np.flatnonzero(((a < 0) | (a >= vocab_size)).ravel()), a.shape)
+            raise ValueError(f"array {name!r} must lie in [0, vocab_size={vocab_size}), got {a[bad]} at index {bad}")
+    top = arrays["topk_ids"]
+    if top.shape[2] > 1:
+        for lo, hi in _blocks(top.shape[0]):
+            block = top[lo:hi]
+            if top.shape[2] == 2:
+                dup = block[..., 0] == block[..., 1]
+            else:
+                s = np.sort(block, axis=-1)
+                dup = np.any(s[..., 1:] == s[..., :-1], axis=-1)
+            if dup.any():
+                t, i = _first(np.flatnonzero(dup), dup.shape)
+                raise ValueError(
+                    f"array 'topk_ids' must hold distinct ids per token and layer, got {block[t, i].tolist()} "
+                    f"at token {lo + t}, layer index {i}"
+                )
+    if "topk_logprobs" in arrays:
+        lp = arrays["topk_logprobs"]
+        _check_finite("topk_logprobs", lp)
+        if lp.max() > 0:
+            bad = _first(np.flatnonzero((lp > 0).ravel()), lp.shape)
+            raise ValueError(f"array 'topk_logprobs' must be <= 0 (log-probabilities, not logits), got {lp[bad]} at index {bad}")
+        if lp.shape[2] > 1:
+            for lo, hi in _blocks(lp.shape[0]):
+                rising = np.any(lp[lo:hi, :, 1:] > lp[lo:hi, :, :-1], axis=-1)
+                if rising.any():
+                    t, i = _first(np.flatnonzero(rising), rising.shape)
+                    raise ValueError(
+                        f"array 'topk_logprobs' must be sorted descending along top_k, got "
+                        f"{lp[lo + t, i].tolist()} at token {lo + t}, layer index {i}"
+                    )
+    for name, a in arrays.items():
+        if name in ("full_tokens", "topk_ids", "topk_logprobs"):
+            continue
+        _check_finite(name, a)
+        if name in _SCORE_RANGES:
+            lo, hi = _SCORE_RANGES[name]
+            if a.min() < lo - _SCORE_TOL or a.max() > hi + _SCORE_TOL:
+                bad = _first(np.flatnonzero(((a < lo - _SCORE_TOL) | (a > hi + _SCORE_TOL)).ravel()), a.shape)
+                raise ValueError(f"array {name!r} must lie in [{lo}, {hi}], got {a[bad]} at index {bad}")
+
+
+def _check_table(table: pd.DataFrame, offsets: np.ndarray) -> None:
+    n = offsets.size - 1
+    if list(table.columns) != list(_TABLE_COLUMNS):
+        raise ValueError(f"table 'sequences' must have the columns {list(_TABLE_COLUMNS)}, got {list(table.columns)}")
+    if len(table) != n:
+        raise ValueError(f"table 'sequences' must have one row per sequence ({n}), got {len(table)}")
+    if not np.array_equal(table["n_tokens"].to_numpy(), np.diff(offsets)):
+        raise ValueError("table 'sequences': column 'n_tokens' disagrees with the offsets")
+    if not np.array_equal(table["offset"].to_numpy(), offsets[:-1]):
+        raise ValueError("table 'sequences': column 'offset' disagrees with the offsets")
+    if not table["id"].is_unique:
+        raise ValueError("table 'sequences': column 'id' must be unique")
+    for col in ("id", "prompt", "output"):
+        if table[col].isna().any():
+            raise ValueError(f"table 'sequences': column {col!r} must not have missing values")
+
+
+def _subset_iv(indices, n: int) -> np.ndarray:
+    idx = np.asarray(indices)
+    if idx.dtype == bool:
+        if idx.shape != (n,):
+            raise ValueError(f"a boolean mask must have shape (n_sequences,) = ({n},), got {idx.shape}")
+        idx = np.flatnonzero(idx)
+    elif idx.size == 0 and idx.dtype.kind == "f":
+        idx = idx.astype(np.int64)
+    elif idx.dtype.kind not in "iu":
+        raise TypeError(f"indices must be integers or a boolean mask, got dtype {idx.dtype}")
+    idx = idx.astype(np.int64).ravel()
+    if idx.size == 0:
+        raise ValueError("indices select no sequence; a cache needs at least one")
+    if idx.min() < 0 or idx.max() >= n:
+        raise ValueError(f"indices must lie in [0, n_sequences={n}), got {idx.min()}..{idx.max()}")
+    if np.unique(idx).size != idx.size:
+        raise ValueError("indices must not repeat a sequence (sequence ids must stay unique)")
+    return idx
+
+
+def _split_iv(fractions, seed) -> tuple[np.ndarray, int]:
+    try:
+        fr = np.asarray(fractions, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"fractions must be a sequence of floats, got {fractions!r}") from exc
+    if fr.ndim != 1 or fr.size == 0:
+        raise ValueError(f"fractions must be a non-empty 1-d sequence, got {fractions!r}")
+    if not np.all(np.isfinite(fr)) or np.any(fr <= 0) or abs(fr.sum() - 1.0) > 1e-6:
+        raise ValueError(f"fractions must be positive and sum to 1, got {fr.tolist()} (sum {fr.sum()})")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    return fr, int(seed)
+
+
+def _save_iv(path, overwrite) -> Path:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    if not isinstance(overwrite, bool):
+        raise TypeError(f"overwrite must be a bool, got {overwrite!r}")
+    target = Path(path).absolute()
+    if os.path.lexists(target):
+        if not overwrite:
+            raise FileExistsError(f"{target} exists; pass overwrite=True to replace it")
+        is_cache = target.is_dir() and not target.is_symlink() and (
+            (target / _META_FILE).is_file() or not any(target.iterdir())
+        )
+        if not is_cache:
+            raise ValueError(
+                f"refusing to overwrite {target}: it is not a layer cache directory (no {_META_FILE}) "
+                "nor an empty directory"
+            )
+    return target
+
+
+def _open_cache_iv(path, verify) -> Path:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    if not isinstance(verify, bool):
+        raise TypeError(f"verify must be a bool, got {verify!r}")
+    root = Path(path)
+    if not root.exists():
+        raise FileNotFoundError(f"no layer cache at {root}")
+    if not root.is_dir():
+        raise ValueError(f"{root} is not a layer cache directory")
+    return root
+
+
+# --------------------------------------------------------------------------------------------------
+# Checksums
+# --------------------------------------------------------------------------------------------------
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=32).hexdigest()
+
+
+def _hash_array(a: np.ndarray) -> str:
+    h = hashlib.blake2b(digest_size=32)
+    h.update(f"{a.dtype.str}|{list(a.shape)}|".encode())
+    h.update(memoryview(np.ascontiguousarray(a)).cast("B"))
+    return h.hexdigest()
+
+
+def _hash_strings(values, h=None) -> str:
+    """Hash a sequence of str or None: a null mask, the utf-8 lengths, then the bytes."""
+    own = h is None
+    h = h or hashlib.blake2b(digest_size=32)
+    missing = np.array([v is None for v in values], dtype=np.uint8)
+    encoded = [b"" if v is None else v.encode("utf-8", "surrogatepass") for v in values]
+    h.update(missing.tobytes())
+    h.update(np.fromiter(map(len, encoded), dtype="<i8", count=len(encoded)).tobytes())
+    h.update(b"".join(encoded))
+    return h.hexdigest() if own else ""
+
+
+def _hash_table(table: pd.DataFrame, offsets: np.ndarray) -> str:
+    h = hashlib.blake2b(digest_size=32)
+    for col in ("id", "prompt", "output", "reference"):
+        h.update(col.encode() + b"|")
+        values = table[col].to_numpy(dtype=object)
+        _hash_strings([None if not isinstance(v, str) else v for v in values], h)
+    h.update(b"offsets|")
+    h.update(np.ascontiguousarray(offsets, dtype="<i8").tobytes())
+    return h.hexdigest()
+
+
+def _library_version() -> str:
+    import calibrate
+
+    return str(getattr(calibrate, "__version__", "unknown"))
+
+
+# --------------------------------------------------------------------------------------------------
+# Files
+# --------------------------------------------------------------------------------------------------
+
+
+def _chunk_tokens(a: np.ndarray) -> int:
+    per_token = max(1, a[:1].nbytes if a.shape[0] else a.itemsize)
+    return int(max(1, min(_MAX_CHUNK_TOKENS, _CHUNK_BYTES // per_token, a.shape[0])))
+
+
+def _write_array(where: Path, name: str, a: np.ndarray) -> None:
+    import zarr
+
+    chunks = (_chunk_tokens(a),) + a.shape[1:]
+    # Fill values no valid cache holds (-1 id, NaN float), so a chunk that went missing cannot read
+    # back as plausible data.
+    fill = -1 if a.dtype.kind == "i" else float("nan")
+    dims = _DIMS.get(name, ("token", "layer"))
+    z = zarr.create_array(
+        store=str(where), shape=a.shape, dtype=a.dtype, chunks=chunks, fill_value=fill, dimension_names=dims,
+        zarr_format=3,
+    )
+    z[...] = a
+
+
+def _write_table(file: Path, table: pd.DataFrame, offsets: np.ndarray, full_tokens: np.ndarray) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def strings(col):
+        return pa.array([v if isinstance(v, str) else None for v in table[col].to_numpy(dtype=object)], pa.large_string())
+
+    out = pa.table(
+        {
+            "id": strings("id"),
+            "prompt": strings("prompt"),
+            "output": strings("output"),
+            "output_ids": pa.LargeListArray.from_arrays(pa.array(offsets, pa.int64()), pa.array(full_tokens, pa.int32())),
+            "reference": strings("reference"),
+            "n_tokens": pa.array(np.diff(offsets), pa.int64()),
+            "offset": pa.array(offsets[:-1], pa.int64()),
+        }
+    )
+    pq.write_table(out, file, compression="zstd")
+
+
+def _commit(tmp: Path, target: Path, overwrite: bool) -> None:
+    if not os.path.lexists(target):
+        os.rename(tmp, target)
+        return
+    if not overwrite:  # appeared while we were writing
+        raise FileExistsError(f"{target} exists; pass overwrite=True to replace it")
+    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex}"
+    os.rename(target, old)
+    try:
+        os.rename(tmp, target)
+    except BaseException:
+        os.rename(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _read_meta(root: Path) -> dict:
+    file = root / _META_FILE
+    if not file.is_file():
+        raise ValueError(f"{root} is not a layer cache: {_META_FILE} is missing")
+    try:
+        meta = json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{file} is not valid JSON: {exc}") from exc
+    if not isinstance(meta, dict):
+        raise ValueError(f"{file} must hold a JSON object, got {type(meta).__name__}")
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{file}: unsupported format_version {version!r}; this library reads format_version {FORMAT_VERSION}")
+    fields = meta.get("fields")
+    if not isinstance(fields, dict) or not all(isinstance(v, dict) for v in fields.values()):
+        raise ValueError(f"{file}: 'fields' must map field names to descriptions")
+    if "sequences" not in fields:
+        raise ValueError(f"{file}: 'fields' must describe the table 'sequences'")
+    for name, spec in fields.items():
+        kind = spec.get("kind")
+        expected = {"array": f"{_ARRAY_DIR}/{name}", "table": _TABLE_FILE, "vocab": _VOCAB_FILE}.get(kind)
+        valid_name = {"array": bool(_NAME_RE.match(name)) and name not in _RESERVED, "table": name == "sequences", "vocab": name == "vocab"}
+        if expected is None or not valid_name[kind] or spec.get("path") != expected:
+            raise ValueError(f"{file}: field {name!r} has an invalid description {spec!r}")
+    return meta
+
+
+def _read_array(root: Path, name: str, spec: dict) -> np.ndarray:
+    import zarr
+
+    where = root / _ARRAY_DIR / name
+    if not (where / "zarr.json").is_file():
+        raise ValueError(f"array {name!r} is listed in {_META_FILE} but {where}/zarr.json is missing")
+    try:
+        z = zarr.open_array(store=str(where), mode="r")
+    except Exception as exc:  # noqa: BLE001 - any failure here means an unreadable array
+        raise ValueError(f"cannot open array {name!r} at {where}: {type(exc).__name__}: {exc}") from exc
+    expected = _DTYPES.get(name, _SCORE_DTYPE)
+    if np.dtype(z.dtype) != expected or spec.get("dtype") != expected.name:
+        raise ValueError(
+            f"array {name!r} at {where} must have dtype {expected.name}, got {np.dtype(z.dtype).name} "
+            f"(meta.json says {spec.get('dtype')!r})"
+        )
+    if list(z.shape) != spec.get("shape"):
+        raise ValueError(f"array {name!r} at {where} has shape {list(z.shape)} but {_META_FILE} says {spec.get('shape')}")
+    if z.nchunks_initialized != z.nchunks:
+        raise ValueError(f"array {name!r} at {where} is missing {z.nchunks - z.nchunks_initialized} chunk file(s)")
+    try:
+        a = np.ascontiguousarray(z[...])
+    except Exception as exc:  # noqa: BLE001 - decompression errors of corrupted chunks vary by codec
+        raise ValueError(f"cannot read array {name!r} at {where} (corrupted chunk?): {type(exc).__name__}: {exc}") from exc
+    return a.astype(expected, copy=False)
+
+
+def _read_vocab(root: Path, spec: dict | None) -> list[str] | None:
+    if spec is None:
+        return None
+    file = root / _VOCAB_FILE
+    if not file.is_file():
+        raise ValueError(f"the vocab is listed in {_META_FILE} but {file} is missing")
+    try:
+        vocab = json.loads(file.read_text(encoding="ascii"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{file} is not valid JSON: {exc}") from exc
+    if not isinstance(vocab, list) or not all(isinstance(v, str) for v in vocab):
+        raise ValueError(f"{file} must hold a JSON list of strings")
+    return vocab
+
+
+def _read_table(root: Path, spec: dict | None, full_tokens: np.ndarray) -> tuple[pd.DataFrame, np.ndarray]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    file = root / _TABLE_FILE
+    if spec is None or not file.is_file():
+        raise ValueError(f"{root} is not a complete layer cache: {file} is missing")
+    try:
+        t = pq.read_table(file)
+    except Exception as exc:  # noqa: BLE001 - arrow raises several types for corrupted files
+        raise ValueError(f"cannot read {file}: {type(exc).__name__}: {exc}") from exc
+    missing = [c for c in _TABLE_COLUMNS if c not in t.column_names]
+    if missing:
+        raise ValueError(f"{file} must have the columns {list(_TABLE_COLUMNS)}, missing {missing}")
+    types = {c: t.schema.field(c).type for c in _TABLE_COLUMNS}
+    for col in ("id", "prompt", "output", "reference"):
+        if not (pa.types.is_string(types[col]) or pa.types.is_large_string(types[col])):
+            raise ValueError(f"{file}: column {col!r} must hold strings, got {types[col]}")
+    for col in ("n_tokens", "offset"):
+        if not pa.types.is_integer(types[col]):
+            raise ValueError(f"{file}: column {col!r} must hold integers, got {types[col]}")
+    out_type = types["output_ids"]
+    if not (pa.types.is_list(out_type) or pa.types.is_large_list(out_type)) or not pa.types.is_integer(out_type.value_type):
+        raise ValueError(f"{file}: column 'output_ids' must hold lists of integers, got {out_type}")
+
+    lengths = t.column("n_tokens").to_numpy().astype(np.int64)
+    starts = t.column("offset").to_numpy().astype(np.int64)
+    if lengths.size == 0:
+        raise ValueError(f"{file}: the cache is empty (0 sequences)")
+    offsets = np.concatenate([starts, starts[-1:] + lengths[-1:]])
+    n_tokens = full_tokens.shape[0]
+    if starts[0] != 0 or np.any(lengths < 1) or not np.array_equal(np.diff(offsets), lengths) or offsets[-1] != n_tokens:
+        raise ValueError(
+            f"{file}: inconsistent offsets: columns 'offset' and 'n_tokens' must describe consecutive "
+            f"non-empty sequences covering the n_tokens={n_tokens} rows of 'full_tokens'"
+        )
+    lists = t.column("output_ids").combine_chunks()
+    list_offsets = np.asarray(lists.offsets).astype(np.int64)
+    values = np.asarray(lists.flatten())
+    if not (np.array_equal(list_offsets - list_offsets[0], offsets) and np.array_equal(values, full_tokens)):
+        raise ValueError(f"{file}: column 'output_ids' does not match the array 'full_tokens'")
+    for col in ("id", "prompt", "output"):
+        if t.column(col).null_count:
+            raise ValueError(f"{file}: column {col!r} must not have missing values")
+    ids = t.column("id").to_pylist()
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{file}: column 'id' must be unique")
+    table = _make_table(
+        ids,
+        t.column("prompt").to_pylist(),
+        t.column("output").to_pylist(),
+        t.column("reference").to_pylist(),
+        full_tokens,
+        offsets,
+    )
+    return table, offsets

@@ -1,0 +1,134 @@
+"""Conformal risk control (CRC): a threshold whose *expected* risk is at most ``delta``.
+
+This is a different guarantee from the rest of :mod:`calibrate`: Learn-then-Test with a p-value bound
+and FWER control gives ``P(risk(lambda_hat) <= delta) >= 1 - epsilon`` (a high-probability statement
+over calibration draws); CRC gives ``E[loss of a new example at lambda_hat] <= delta``, averaged over
+calibration draws, with no ``epsilon``. It is tighter but a single unlucky calibration set may give a
+threshold whose risk exceeds ``delta``.
+"""
+
+from __future__ import annotations
+
+import numbers
+import warnings
+
+import numpy as np
+
+__all__ = ["conformal_risk_control"]
+
+# slack when checking that losses are nondecreasing along the columns
+_MONOTONE_ATOL = 1e-12
+
+
+def _conformal_risk_control_iv(losses, delta, max_loss) -> tuple[np.ndarray, float, float]:
+    if isinstance(max_loss, bool) or not isinstance(max_loss, numbers.Real):
+        raise TypeError(f"max_loss must be a positive real number, got {type(max_loss).__name__}")
+    max_loss = float(max_loss)
+    if not (np.isfinite(max_loss) and max_loss > 0.0):
+        raise ValueError(f"max_loss must be a finite number > 0 (the bound B on every loss), got {max_loss!r}")
+    if isinstance(delta, bool) or not isinstance(delta, numbers.Real):
+        raise TypeError(f"delta must be a real number in (0, max_loss), got {type(delta).__name__}")
+    delta = float(delta)
+    if not 0.0 < delta < max_loss:
+        raise ValueError(f"delta must lie in the open interval (0, max_loss={max_loss:g}), got {delta!r}")
+    arr = np.asarray(losses)
+    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool) or np.iscomplexobj(arr):
+        raise TypeError(f"losses must be a real numeric array, got dtype {arr.dtype}")
+    arr = arr.astype(np.float64)
+    if arr.ndim != 2 or arr.size == 0:
+        raise ValueError(f"losses must be a non-empty 2-D array of shape (n, K), got shape {arr.shape}")
+    if np.isnan(arr).any():
+        raise ValueError(f"losses contain NaN; every loss must be a number in [0, max_loss={max_loss:g}]")
+    if arr.min() < 0.0 or arr.max() > max_loss:
+        raise ValueError(
+            f"losses must lie in [0, max_loss={max_loss:g}] (CRC needs losses bounded by max_loss), got range "
+            f"[{arr.min():g}, {arr.max():g}]"
+        )
+    n_bad = int((np.diff(arr, axis=1) < -_MONOTONE_ATOL).any(axis=1).sum())
+    if n_bad:
+        warnings.warn(
+            f"conformal risk control's guarantee E[risk] <= delta needs monotone losses: every example's "
+            f"loss must be nondecreasing from the safest column to the fastest, but {n_bad} of "
+            f"{arr.shape[0]} examples are not; the returned index carries no guarantee",
+            UserWarning,
+            stacklevel=3,
+        )
+    return arr, delta, max_loss
+
+
+def conformal_risk_control(losses, delta: float, *, max_loss: float = 1.0) -> int | None:
+    """Index of the fastest threshold chosen by conformal risk control.
+
+    Parameters
+    ----------
+    losses : array_like, shape (n, K)
+        Losses in ``[0, max_loss]`` of ``n`` exchangeable calibration examples; columns are the
+        thresholds from safest (index 0) to fastest, each example's loss nondecreasing along them.
+    delta : float
+        Tolerance on the expected loss, in ``(0, max_loss)`` (``alpha`` in the CRC paper, LTT and MAPIE).
+    max_loss : float, default=1.0
+        Bound ``B`` on every loss, and the loss of a threshold faster than all the tested ones.
+
+    Returns
+    -------
+    int or None
+        The largest ``k`` such that every column ``j <= k`` satisfies
+
+            n / (n + 1) * mean(losses[:, j]) + max_loss / (n + 1) <= delta,
+
+        or ``None`` when column 0 fails (only the full model is safe; always the case when
+        ``max_loss / (n + 1) > delta``).
+
+    Raises
+    ------
+    ValueError
+        If ``losses`` is not a non-empty 2-D array in ``[0, max_loss]`` (NaN included), ``delta`` is outside
+        ``(0, max_loss)`` or ``max_loss <= 0``.
+    TypeError
+        If ``delta`` or ``max_loss`` is not a real number, or ``losses`` not numeric.
+
+    Warns
+    -----
+    UserWarning
+        If some example's losses decrease along the columns: the guarantee needs monotone losses.
+
+    Notes
+    -----
+    With losses ``L_i(lambda)`` nonincreasing in ``lambda`` (here: nondecreasing from the safest column to
+    the fastest), bounded by ``B``, and ``n + 1`` exchangeable examples, the choice
+    ``lambda_hat = inf{lambda : n/(n+1) R_n(lambda) + B/(n+1) <= delta}`` satisfies
+
+        E[ L_{n+1}(lambda_hat) ] <= delta
+
+    (Angelopoulos et al., 2022, Thm 1), the expectation being over the calibration set *and* the new
+    example. It is a bound in expectation, not with probability ``1 - epsilon``: certificates from
+    different calibration sets exceed ``delta`` about half the time when the bound is tight. For monotone
+    losses the adjusted risk is monotone along the columns, so the infimum is the end of the prefix of
+    columns that satisfy the condition, which is what is returned. The grid is assumed to end (beyond its
+    fastest column) with a threshold of loss ``B``, and to start from the full model (loss 0, returned as
+    ``None``).
+
+    References
+    ----------
+    .. [1] A. N. Angelopoulos, S. Bates, A. Fisch, L. Lei, T. Schuster, "Conformal Risk Control",
+       ICLR 2024 (arXiv:2208.02814).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from calibrate.crc import conformal_risk_control
+    >>> losses = np.array([[0, 0, 0, 1], [0, 0, 1, 1], [0, 0, 0, 0], [0, 1, 1, 1]] * 10, dtype=float)
+    >>> losses.mean(axis=0)
+    array([0.  , 0.25, 0.5 , 0.75])
+    >>> conformal_risk_control(losses, 0.3)   # 40/41 * 0.25 + 1/41 = 0.268 <= 0.3
+    1
+    >>> conformal_risk_control(losses, 0.02) is None   # 1/41 = 0.024 > 0.02
+    True
+    """
+    arr, delta, max_loss = _conformal_risk_control_iv(losses, delta, max_loss)
+    n = arr.shape[0]
+    adjusted = n / (n + 1.0) * arr.mean(axis=0) + max_loss / (n + 1.0)
+    ok = adjusted <= delta
+    if not ok[0]:
+        return None
+    return int(np.argmin(ok)) - 1 if not ok.all() else ok.size - 1

@@ -1,0 +1,384 @@
+"""A synthetic layer cache with a known, documented generative story (no model needed).
+
+Used by the demo, the benchmarks and the tests: it behaves like a real early-exit cache (agreement with
+the last layer rises with depth, confidences predict agreement but imperfectly, predictions sometimes
+flip back) while being fast to generate and fully determined by its seed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import special
+
+from calibrate.cache import LayerCache, _from_arrays
+from measures.confidence import from_topk, state_saturation
+
+__all__ = ["synthetic_cache"]
+
+#: Tokens per generation block (bounds the temporaries). Each block draws from its own child seed;
+#: changing this constant changes the generated data.
+_BLOCK = 16384
+#: Common words first: token ids are in Zipf frequency order.
+_WORDS = (
+    " the", ".", ",", " of", " and", " to", " a", " in", " is", " that", " it", " for", " was", " on",
+    " with", " as", " be", " at", " by", " this", " had", " not", " are", " but", " from", " or", " have",
+    " an", " they", " which", " one", " you", " were", " her", " all", " she", " there", " would", " their",
+    " we", " him", " been", " has", " when", " who", " will", " more", " no", " if", " out", " so", " said",
+    " what", " up", " its", " about", " into", " than", " them", " can", " only", " other", " new", " some",
+    " could", " time", " these", " two", " may", " then", " do", " first", " any", " my", " now", " such",
+    " like", " our", " over", " man", " me", " even", " most", " made", " after", " also", " did", " many",
+)
+# Generative constants (see the docstring of synthetic_cache).
+_KAPPA = 8.0  # slope of the mean margin in depth
+_SIGMA = 1.5  # scale of the margin noise at layer 1 (shrinks as sqrt(1 - i/L))
+_RHO = 0.7  # layer-to-layer correlation of the margin noise
+_SEQ_SHIFT = 0.5  # sd of the per-sequence shift of the resolution depth (logit scale)
+_P_MAIN_DISTRACTOR = 0.75  # chance that a wrong top-1 is the token's main distractor
+_P_SUBSTITUTE, _P_DELETE = 0.08, 0.04  # reference edits per token
+
+
+def synthetic_cache(
+    n_sequences: int = 200,
+    *,
+    n_layers: int = 12,
+    max_tokens: int = 32,
+    min_tokens: int = 8,
+    vocab_size: int = 500,
+    top_k: int = 4,
+    hidden_size: int = 16,
+    store_hidden: bool = True,
+    references: bool = True,
+    difficulty: float = 1.0,
+    seed: int = 0,
+) -> LayerCache:
+    """Generate a layer cache from a simple model of how predictions settle with depth.
+
+    Parameters
+    ----------
+    n_sequences : int, default=200
+        Number of sequences (>= 1).
+    n_layers : int, default=12
+        Number of layers ``L`` (>= 1).
+    max_tokens, min_tokens : int, default=32, 8
+        Each sequence has a uniform number of generated tokens in ``[min_tokens, max_tokens]``
+        (``1 <= min_tokens <= max_tokens``).
+    vocab_size : int, default=500
+        Vocabulary size ``V`` (>= max(top_k, 3)).
+    top_k : int, default=4
+        Predictions stored per layer (>= 1).
+    hidden_size : int, default=16
+        Size ``d`` of the simulated hidden states (>= 1).
+    store_hidden : bool, default=True
+        Store the hidden states (float16, ``T * L * d * 2`` bytes). Without them ``state_saturation``
+        is still precomputed, from the same law (see Notes).
+    references : bool, default=True
+        Give each sequence a reference text (the full output with a few word edits).
+    difficulty : float, default=1.0
+        Scales how late tokens settle (> 0): larger means later exits are needed.
+    seed : int, default=0
+        Non-negative seed; the same arguments and seed give the same cache (same checksum).
+
+    Returns
+    -------
+    LayerCache
+        With ``full_tokens``, ``topk_ids``, ``topk_logprobs``, the precomputed ``softmax_gap``,
+        ``softmax_max``, ``entropy`` and ``state_saturation``, optionally ``hidden``; a vocab of
+        word-like strings (``" the"``, ``","``, ``" w317"``) so outputs decode to text; and
+        ``meta["generation"]["max_new_tokens"] == max_tokens``.
+
+    Raises
+    ------
+    ValueError
+        When an argument is out of range; the message names it.
+
+    Notes
+    -----
+    The generative story, for token ``t`` of sequence ``s`` and layer ``i = 1..L`` (``x_i = i / L``):
+
+    1. **Output.** The full model's token ``y_t`` is drawn from a Zipf law over the vocabulary; the
+       token also gets two or more distinct *distractors* from the same law (the wrong guesses that
+       shallow layers make).
+    2. **Difficulty.** Each token has a latent resolution depth
+       ``r_t = sigmoid(logit(B_t) + u_s)`` with ``B_t ~ Beta(2 * difficulty, 2)`` and a per-sequence
+       shift ``u_s ~ N(0, 0.5^2)`` (some sequences are harder throughout).
+    3. **Margin.** The margin of ``y_t`` over its best distractor at layer ``i`` is
+       ``m_ti = 8 (x_i - r_t) + 1.5 sqrt(1 - x_i) e_ti``, where ``e_t.`` is a stationary AR(1) process
+       over layers with correlation 0.7. Layer ``i`` agrees with the full model iff ``m_ti > 0``; at
+       ``i = L`` the margin is positive, so agreement rises with depth to 1 at the last layer, while the
+       noise makes a layer's top-1 flip back and forth (about one token in eight loses the right
+       answer again after having it).
+    4. **Top-k.** Ranks are the token and its distractors: ``y_t`` first when the layer agrees,
+       otherwise the main distractor (probability 0.75) or the second one first. Logits are
+       ``0, -D, -D - g, -D - 2g, ...`` with gap ``D_ti = exp(0.35 m_ti + 0.8 z_ti + 0.3)``,
+       ``z_ti ~ N(0, 1)`` independent of the margin (so confidence predicts agreement imperfectly) and
+       ``g = 0.5 + x_i``; the other ``V - k`` tokens share a flat tail ``tau_ti`` below rank ``k``,
+       ``tau = max(0.1, log(V - k) (0.1 + 1.1 x_i) + 0.5 + 0.25 m_ti)``: shallow layers are
+       high-entropy. Log-probabilities are these logits minus their exact log-normaliser.
+    5. **Hidden states.** The residual stream starts from a unit vector and adds an isotropic update
+       ``h_i = h_{i-1} + s_ti w_ti``, ``w_ti ~ N(0, I_d / d)``, with a step that is large while the
+       token is unresolved and small after: ``s_ti = 0.4 + 1.2 sigmoid(-0.5 m_ti)``. The state
+       saturation ``cos(h_i, h_{i-1})`` therefore rises with depth and with the margin (a weaker
+       signal than the softmax measures, as in CALM).
+    6. **Measures.** ``softmax_gap``, ``softmax_max`` and ``entropy`` are computed from the stored
+       top-k log-probabilities by :func:`measures.confidence.from_topk` (the flat tail makes its
+       entropy approximation exact here); ``state_saturation`` by
+       :func:`measures.confidence.state_saturation` on the stored float16 hidden states. Without
+       ``store_hidden`` the cosine is drawn from the same law through the scalars the vectors would
+       give (``<h_{i-1}, w> = |h_{i-1}| g / sqrt(d)``, ``|w|^2 = (g^2 + chi2_{d-1}) / d``), so the
+       hidden vectors are never built; the two settings agree up to float16 rounding.
+    7. **References.** The full output with each token substituted (probability 0.08, by a Zipf draw)
+       or deleted (probability 0.04).
+
+    Standard normals and chi-square draws come from 65,536-level quantile tables indexed by random
+    bits (fast, and exact up to that resolution). Generation runs in blocks of tokens on a few threads;
+    each block has its own child seed, so the result does not depend on the number of threads.
+
+    Examples
+    --------
+    >>> from calibrate.synthetic import synthetic_cache
+    >>> cache = synthetic_cache(50, n_layers=6, seed=0)
+    >>> cache.n_sequences, cache.n_layers, cache.top_k
+    (50, 6, 4)
+    >>> agree = cache.arrays["topk_ids"][:, :, 0] == cache.arrays["full_tokens"][:, None]
+    >>> bool(agree[:, -1].all()), bool(agree[:, 0].mean() < agree[:, 3].mean())
+    (True, True)
+    >>> first = cache.sequences.iloc[0]
+    >>> cache.decode(first["output_ids"]) == first["output"]
+    True
+    """
+    p = _synthetic_cache_iv(
+        n_sequences, n_layers, max_tokens, min_tokens, vocab_size, top_k, hidden_size, store_hidden,
+        references, difficulty, seed,
+    )
+    n, L, V, k, d = p["n_sequences"], p["n_layers"], p["vocab_size"], p["top_k"], p["hidden_size"]
+    root = np.random.SeedSequence(p["seed"])
+    seq_ss, ref_ss, block_root = root.spawn(3)
+    rng = np.random.default_rng(seq_ss)
+
+    # Sequences: lengths, per-sequence difficulty shift.
+    lengths = rng.integers(p["min_tokens"], p["max_tokens"] + 1, size=n).astype(np.int64)
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    n_tokens = int(offsets[-1])
+    seq_shift = rng.normal(0.0, _SEQ_SHIFT, size=n)
+
+    # Tokens: full-model output, distractors (distinct from the output and each other), resolution depth.
+    zipf_cdf = _zipf_cdf(V)
+    n_cand = max(k, 3)
+    cand = np.empty((n_tokens, n_cand), dtype=np.int32)
+    cand[:, 0] = _zipf(rng, zipf_cdf, n_tokens)
+    for j in range(1, n_cand):
+        cand[:, j] = _zipf(rng, zipf_cdf, n_tokens)
+        clash = np.any(cand[:, j : j + 1] == cand[:, :j], axis=1)
+        while clash.any():
+            rows = np.flatnonzero(clash)
+            cand[rows, j] = rng.integers(0, V, size=rows.size)
+            clash[rows] = np.any(cand[rows, j : j + 1] == cand[rows, :j], axis=1)
+    beta = np.clip(rng.beta(2.0 * p["difficulty"], 2.0, size=n_tokens), 1e-6, 1 - 1e-6)
+    resolve = special.expit(special.logit(beta) + np.repeat(seq_shift, lengths)).astype(np.float32)
+
+    # Token-major outputs, filled block by block.
+    out = {
+        "topk_ids": np.empty((n_tokens, L, k), dtype=np.int32),
+        "topk_logprobs": np.empty((n_tokens, L, k), dtype=np.float32),
+        "softmax_gap": np.empty((n_tokens, L), dtype=np.float32),
+        "softmax_max": np.empty((n_tokens, L), dtype=np.float32),
+        "entropy": np.empty((n_tokens, L), dtype=np.float32),
+        "state_saturation": np.empty((n_tokens, L), dtype=np.float32),
+    }
+    if p["store_hidden"]:
+        out["hidden"] = np.empty((n_tokens, L, d), dtype=np.float16)
+    normal = _normal_table()
+    block_seeds = block_root.spawn(-(-n_tokens // _BLOCK))
+    for j, lo in enumerate(range(0, n_tokens, _BLOCK)):
+        hi = min(n_tokens, lo + _BLOCK)
+        _fill_block(out, lo, hi, cand[lo:hi], resolve[lo:hi], block_seeds[j], normal, L, V, k, d)
+
+    vocab = _vocab(V)
+    full = np.ascontiguousarray(cand[:, 0])
+    refs = _references(full, offsets, vocab, zipf_cdf, ref_ss) if p["references"] else None
+    scores = {name: out.pop(name) for name in ("softmax_gap", "softmax_max", "entropy", "state_saturation")}
+    return _from_arrays(
+        copy=False,
+        full_tokens=full,
+        topk_ids=out["topk_ids"],
+        topk_logprobs=out["topk_logprobs"],
+        hidden=out.get("hidden"),
+        scores=scores,
+        offsets=offsets,
+        prompts=[f"Synthetic prompt {s}:" for s in range(n)],
+        references=refs,
+        ids=[f"synthetic-{s}" for s in range(n)],
+        vocab=vocab,
+        vocab_size=V,
+        model="synthetic",
+        meta={
+            "tokenizer": "synthetic-words",
+            "generation": {"max_new_tokens": p["max_tokens"], "min_new_tokens": p["min_tokens"], "do_sample": False},
+            "synthetic": {key: p[key] for key in sorted(p)},
+        },
+    )
+
+
+def _synthetic_cache_iv(
+    n_sequences, n_layers, max_tokens, min_tokens, vocab_size, top_k, hidden_size, store_hidden, references,
+    difficulty, seed,
+) -> dict:
+    def pos_int(name, value, low=1):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        return int(value)
+
+    p = {
+        "n_sequences": pos_int("n_sequences", n_sequences),
+        "n_layers": pos_int("n_layers", n_layers),
+        "max_tokens": pos_int("max_tokens", max_tokens),
+        "min_tokens": pos_int("min_tokens", min_tokens),
+        "top_k": pos_int("top_k", top_k),
+        "hidden_size": pos_int("hidden_size", hidden_size),
+        "seed": pos_int("seed", seed, low=0),
+    }
+    if p["min_tokens"] > p["max_tokens"]:
+        raise ValueError(f"min_tokens must be <= max_tokens={p['max_tokens']}, got {p['min_tokens']}")
+    p["vocab_size"] = pos_int("vocab_size", vocab_size, low=max(p["top_k"], 3))
+    for name, value in (("store_hidden", store_hidden), ("references", references)):
+        if not isinstance(value, (bool, np.bool_)):
+            raise TypeError(f"{name} must be a bool, got {value!r}")
+        p[name] = bool(value)
+    if isinstance(difficulty, bool) or not isinstance(difficulty, (int, float, np.integer, np.floating)):
+        raise TypeError(f"difficulty must be a positive float, got {difficulty!r}")
+    if not np.isfinite(difficulty) or difficulty <= 0:
+        raise ValueError(f"difficulty must be a finite float > 0, got {difficulty!r}")
+    p["difficulty"] = float(difficulty)
+    return p
+
+
+def _uint16(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """Uniform random uint16 of the given shape, from the raw 64-bit stream (fast)."""
+    n = int(np.prod(shape))
+    raw = rng.bit_generator.random_raw(-(-n // 4)).astype("<u8", copy=False)
+    return raw.view("<u2")[:n].reshape(shape)
+
+
+def _normal_table() -> np.ndarray:
+    """65,536 equiprobable quantiles of N(0, 1), indexed by random uint16."""
+    return special.ndtri((np.arange(1 << 16) + 0.5) / (1 << 16)).astype(np.float32)
+
+
+def _fill_block(out, lo, hi, cand, resolve, seed, normal, L, V, k, d) -> None:
+    """Generate tokens [lo, hi) into ``out``. Block arrays are layer-major, (L, B), for the loops."""
+    rng = np.random.default_rng(seed)
+    b = hi - lo
+    x = (np.arange(1, L + 1, dtype=np.float32) / L)[:, None]  # (L, 1) relative depth
+    bits = _uint16(rng, (3, L, b))
+    eps, zeta, g = normal[bits[0]], normal[bits[1]], normal[bits[2]]  # (L, B) standard normals
+    main = (bits[1] & 3) != 0  # (L, B) P = 3/4: the main distractor leads (low bits: independent of zeta)
+
+    # 3. Margin with stationary AR(1) noise over layers; the last layer always agrees.
+    innov = np.float32(np.sqrt(1.0 - _RHO**2))
+    for i in range(1, L):
+        eps[i] *= innov
+        eps[i] += _RHO * eps[i - 1]
+    margin = _KAPPA * (x - resolve) + (_SIGMA * np.sqrt(1.0 - x)) * eps  # (L, B)
+    agree = margin > 0
+    agree[-1] = True
+
+    # 4. Top-k ids. Rank orders: agree -> c0 c1 c2 c3 ..; main -> c1 c0 c2 c3 ..; else c2 c0 c1 c3 ..
+    c0, c1, c2 = cand[:, 0], cand[:, 1], cand[:, 2]  # (B,)
+    ids = out["topk_ids"][lo:hi]  # (B, L, k) view
+    ids[:, :, 0] = np.where(agree, c0, np.where(main, c1, c2)).T
+    if k > 1:
+        ids[:, :, 1] = np.where(agree, c1, c0).T
+    if k > 2:
+        ids[:, :, 2] = np.where(agree | main, c2, c1).T
+    if k > 3:
+        ids[:, :, 3:] = cand[:, None, 3:k]
+
+    # 4. Log-probabilities: logits 0, -D, -D - g, ... and a flat tail over the other V - k tokens.
+    gap = np.exp(0.35 * margin + 0.8 * zeta + 0.3)  # (L, B) logit gap D
+    step = 0.5 + x  # (L, 1) spacing of the lower ranks
+    below = np.exp(-gap)  # (L, B) e^{l_2}
+    rank_factor = np.exp(-np.arange(k - 1, dtype=np.float32) * step)  # (L, k - 1): e^{l_j + D}, j >= 2
+    mass = 1.0 + below * rank_factor.sum(axis=1, keepdims=True)  # (L, B)
+    if V > k:
+        tau = np.maximum(np.float32(np.log(V - k)) * (0.1 + 1.1 * x) + 0.5 + 0.25 * margin, 0.1)  # (L, B)
+        last = below * rank_factor[:, -1:] if k > 1 else 1.0  # e^{l_k}
+        mass += (V - k) * last * np.exp(-tau)
+    log_mass = np.log(mass)  # (L, B)
+    lp = out["topk_logprobs"][lo:hi]  # (B, L, k) view
+    lp[:, :, 0] = -log_mass.T
+    for j in range(1, k):
+        lp[:, :, j] = np.minimum(-gap - (j - 1) * step - log_mass, 0.0).T
+    np.minimum(lp[:, :, 0], 0.0, out=lp[:, :, 0])
+    for name, values in from_topk(lp, V).items():
+        out[name][lo:hi] = values
+
+    # 5. Hidden-state saturation through the scalars of the residual-stream recursion.
+    step_size = 0.4 + 1.2 / (1.0 + np.exp(0.5 * margin))  # (L, B)
+    if "hidden" in out:
+        hidden = _hidden_states(rng, step_size, g, d)  # (B, L, d) float16
+        out["hidden"][lo:hi] = hidden
+        out["state_saturation"][lo:hi] = state_saturation(hidden)
+        return
+    along = g * np.float32(1.0 / np.sqrt(d))  # <h_{i-1}, w_i> / |h_{i-1}|
+    w2 = (g * g + np.float32(d - 1)) * np.float32(1.0 / d)  # |w_i|^2
+    sat = np.zeros((L, b), dtype=np.float32)  # layer 1 has no predecessor: 0
+    norm = np.ones(b, dtype=np.float32)  # |h_{i-1}|
+    for i in range(L):
+        s = step_size[i]
+        dot = norm * (norm + s * along[i])  # <h_{i-1}, h_i>
+        new = np.sqrt(norm * norm + s * (2 * norm * along[i] + s * w2[i]))  # |h_i|
+        if i > 0:
+            sat[i] = dot / (norm * new)
+        norm = new
+    np.clip(sat, -1.0, 1.0, out=sat)
+    out["state_saturation"][lo:hi] = sat.T
+
+
+def _hidden_states(rng, step_size, g, d) -> np.ndarray:
+    """Residual stream (B, L, d) float16 whose updates have the projections ``g`` described above."""
+    vec_rng = np.random.default_rng(rng.integers(0, 2**63))
+    L, b = step_size.shape
+    h = vec_rng.standard_normal((b, d), dtype=np.float32)
+    h /= np.linalg.norm(h, axis=1, keepdims=True)
+    hidden = np.empty((b, L, d), dtype=np.float16)
+    ortho_len = np.float32(np.sqrt(d - 1))
+    for i in range(L):
+        unit = h / np.linalg.norm(h, axis=1, keepdims=True)
+        u = vec_rng.standard_normal((b, d), dtype=np.float32)
+        u -= np.sum(u * unit, axis=1, keepdims=True) * unit  # orthogonal to h
+        u_len = np.linalg.norm(u, axis=1, keepdims=True)
+        u = np.divide(u, u_len, out=np.zeros_like(u), where=u_len > 0)
+        update = (g[i][:, None] * unit + ortho_len * u) / np.float32(np.sqrt(d))  # (B, d)
+        h = h + step_size[i][:, None] * update
+        hidden[:, i] = h
+    return hidden
+
+
+def _zipf_cdf(V: int) -> np.ndarray:
+    weights = 1.0 / (np.arange(V) + 2.7) ** 1.05
+    cdf = np.cumsum(weights)
+    return cdf / cdf[-1]
+
+
+def _zipf(rng: np.random.Generator, cdf: np.ndarray, size: int) -> np.ndarray:
+    return np.minimum(np.searchsorted(cdf, rng.random(size)), cdf.size - 1).astype(np.int32)
+
+
+def _vocab(V: int) -> list[str]:
+    words = list(_WORDS[:V])
+    return words + [f" w{i}" for i in range(len(words), V)]
+
+
+def _references(full, offsets, vocab, zipf_cdf, seed_seq) -> list[str]:
+    """Full outputs with seeded word substitutions and deletions."""
+    rng = np.random.default_rng(seed_seq)
+    u = rng.random(full.size)
+    tokens = np.where(u < _P_SUBSTITUTE, _zipf(rng, zipf_cdf, full.size), full)
+    keep = u >= _P_SUBSTITUTE + _P_DELETE
+    keep |= u < _P_SUBSTITUTE  # substituted tokens stay
+    pieces = np.array(vocab, dtype=object)[tokens]
+    kept = np.zeros(offsets.size, dtype=np.int64)
+    np.cumsum(np.add.reduceat(keep.astype(np.int64), offsets[:-1]), out=kept[1:])
+    pieces = pieces[keep]
+    return ["".join(pieces[kept[s] : kept[s + 1]]) for s in range(offsets.size - 1)]

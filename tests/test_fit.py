@@ -1,0 +1,225 @@
+"""certify() on loss arrays and fit() on synthetic caches."""
+
+import numpy as np
+import pytest
+from scipy import stats
+
+import calibrate
+from calibrate import fwer
+from calibrate.exits import early_tokens, exit_layers
+
+
+def _manual_hb(mean, n, delta):
+    """Hoeffding-Bentkus p-value re-derived inline (DESIGN section 8)."""
+    x = min(mean, delta)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        h = (x * np.log(x / delta) if x > 0 else 0.0) + (1 - x) * np.log((1 - x) / (1 - delta))
+    hoeff = np.exp(-n * h)
+    bentkus = np.e * stats.binom.cdf(np.ceil(n * mean - 1e-9), n, delta)
+    return min(1.0, hoeff, bentkus)
+
+
+def test_certify_matches_hand_computed_fixed_sequence():
+    n = 400
+    means = np.array([0.0, 0.02, 0.05, 0.08, 0.04, 0.2])
+    losses = np.zeros((n, means.size))
+    for k, m in enumerate(means):
+        losses[: int(round(m * n)), k] = 1.0
+    lambdas = np.linspace(0.9, 0.4, means.size)
+    cert = calibrate.certify(losses, lambdas, delta=0.1, epsilon=0.05)
+    p = np.array([_manual_hb(m, n, 0.1) for m in means])
+    np.testing.assert_allclose(cert.p_values, p, rtol=1e-9, atol=1e-300)
+    first_fail = int(np.argmax(p > 0.05))
+    assert cert.index == first_fail - 1
+    assert cert.lambda_hat == lambdas[first_fail - 1]
+    assert cert.certified == tuple(np.arange(means.size) < first_fail)
+    assert cert.risk_hat == pytest.approx(means[first_fail - 1])
+    assert cert.mode == "user" and cert.n == n
+
+
+def test_certify_accepts_strategy_objects_and_names():
+    rng = np.random.default_rng(1)
+    losses = (rng.random((1000, 5)) < np.linspace(0, 0.2, 5)).astype(float)
+    lambdas = np.linspace(1, 0.2, 5)
+    a = calibrate.certify(losses, lambdas, method="holm")
+    b = calibrate.certify(losses, lambdas, method=fwer.Holm())
+    assert a.certified == b.certified
+    bonf = calibrate.certify(losses, lambdas, method="bonferroni")
+    assert sum(bonf.certified) <= sum(a.certified)
+
+
+def test_too_few_examples_is_full_model_not_error():
+    cert = calibrate.certify(np.zeros((5, 3)), [0.9, 0.5, 0.1], delta=0.1, epsilon=0.05)
+    assert cert.lambda_hat is None and cert.full_model_only
+    assert "too few examples" in cert.reason
+    assert "full model only" in cert.summary()
+
+
+def test_safest_failing_says_so():
+    cert = calibrate.certify(np.ones((2000, 2)), [0.9, 0.5], delta=0.1, epsilon=0.05)
+    assert cert.lambda_hat is None and "safest value" in cert.reason
+
+
+def test_crc_is_labelled_as_expectation():
+    rng = np.random.default_rng(2)
+    losses = np.sort(rng.random((500, 6)) < np.linspace(0, 0.3, 6), axis=1).astype(float)
+    cert = calibrate.certify(losses, np.linspace(1, 0.5, 6), delta=0.1, method="crc")
+    assert cert.method == "crc" and cert.bound is None
+    assert "expectation" in cert.guarantee
+    assert cert.lambda_hat is not None
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        ({"delta": 0.0}, ValueError, "delta must lie in the open interval"),
+        ({"delta": 1.5}, ValueError, "delta"),
+        ({"epsilon": 1.0}, ValueError, "epsilon"),
+        ({"delta": "0.1"}, TypeError, "delta"),
+        ({"bound": "chernoff"}, ValueError, "bound must be one of"),
+        ({"method": "bh"}, ValueError, "method must be one of"),
+        ({"method": object()}, TypeError, "FWERProcedure"),
+        ({"knob": "warp"}, ValueError, "knob"),
+    ],
+)
+def test_certify_bad_options(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        calibrate.certify(np.zeros((10, 2)), [0.9, 0.5], **kwargs)
+
+
+@pytest.mark.parametrize(
+    "losses, lambdas, match",
+    [
+        (np.full((10, 2), np.nan), [0.9, 0.5], "NaN"),
+        (np.full((10, 2), 1.5), [0.9, 0.5], r"\[0, 1\]"),
+        (np.full((10, 2), -0.1), [0.9, 0.5], r"\[0, 1\]"),
+        (np.zeros((10, 2)), [0.5, 0.9], "strictly decreasing"),
+        (np.zeros((10, 3)), [0.9, 0.5], "columns"),
+        (np.zeros((0, 2)), [0.9, 0.5], "non-empty"),
+        (np.zeros(10), [0.9], "2-D"),
+    ],
+)
+def test_certify_bad_losses(losses, lambdas, match):
+    with pytest.raises(ValueError, match=match):
+        calibrate.certify(losses, lambdas)
+
+
+@pytest.fixture(scope="module")
+def cache():
+    return calibrate.synthetic_cache(400, n_layers=8, max_tokens=24, seed=0)
+
+
+def _reference_token_losses(cache, conf, lambdas):
+    top1 = cache.arrays["topk_ids"][:, :, 0]
+    early = early_tokens(top1, exit_layers(conf, lambdas))
+    wrong = early != cache.arrays["full_tokens"][:, None]
+    return np.stack([wrong[a:b].mean(axis=0) for a, b in zip(cache.offsets[:-1], cache.offsets[1:])])
+
+
+def test_proxy_token_and_sequence_losses_match_reference(cache):
+    conf = cache.arrays["softmax_gap"]
+    lam = calibrate.default_lambdas()
+    token = calibrate.proxy_losses(cache, conf, lam, consistency="token")
+    expected = _reference_token_losses(cache, conf, lam)
+    np.testing.assert_allclose(token.losses, expected)
+    seq = calibrate.proxy_losses(cache, conf, lam, consistency="sequence")
+    np.testing.assert_array_equal(seq.losses, (expected > 0).astype(float))
+    layers = exit_layers(conf, lam)
+    np.testing.assert_allclose(token.avg_layers, layers.mean(axis=0))
+
+
+def test_proxy_rouge_losses_match_rouge_score(cache):
+    from rouge_score import rouge_scorer
+
+    small = cache.subset(np.arange(25))
+    conf = small.arrays["softmax_gap"]
+    lam = np.linspace(1.0, 0.0, 21)
+    got = calibrate.proxy_losses(small, conf, lam, consistency="rouge_l")
+    ref_risk = calibrate.proxy_losses(small, conf, lam, consistency="risk_rouge_l")
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    early = early_tokens(small.arrays["topk_ids"][:, :, 0], exit_layers(conf, lam))
+    full = small.arrays["full_tokens"]
+    for s in range(small.n_sequences):
+        lo, hi = small.offsets[s], small.offsets[s + 1]
+        full_text = small.decode(full[lo:hi].tolist())
+        reference = small.sequences["reference"].iloc[s]
+        r_full = 1 - scorer.score(reference, full_text)["rougeL"].fmeasure
+        for k in range(lam.size):
+            text = small.decode(early[lo:hi, k].tolist())
+            expected = 0.0 if text == full_text else 1 - scorer.score(full_text, text)["rougeL"].fmeasure
+            assert got.losses[s, k] == pytest.approx(expected, abs=1e-12)
+            r_early = 1 - scorer.score(reference, text)["rougeL"].fmeasure
+            assert ref_risk.losses[s, k] == pytest.approx(max(0.0, r_early - r_full), abs=1e-12)
+
+
+def test_fit_certifies_and_audit_holds(cache):
+    dev, test = cache.split([0.5, 0.5], seed=1)
+    cert = calibrate.fit(dev, delta=0.1, epsilon=0.05)
+    assert cert.mode == "proxy" and cert.measure == "softmax_gap" and cert.consistency == "token"
+    assert cert.lambda_hat is not None and cert.risk_hat < 0.1 and cert.p_value <= 0.05
+    assert cert.expected_layers < dev.n_layers
+    assert cert.cache_checksum == dev.checksum
+    back = calibrate.Certificate.from_json(cert.to_json())
+    assert back == cert
+    report = calibrate.audit(back, test)
+    assert report.n == test.n_sequences
+    assert 0 <= report.risk <= 1 and 1 <= report.layers <= dev.n_layers
+    assert report.risk == pytest.approx(report.risks[cert.index])
+    assert "held-out risk" in report.summary()
+
+
+@pytest.mark.parametrize("measure", ["softmax_gap", "softmax_max", "entropy", "state_saturation", "classifier"])
+def test_fit_every_measure(cache, measure):
+    cert = calibrate.fit(cache, measure=measure, seed=3)
+    assert cert.measure == measure
+    assert len(cert.lambdas) == 201
+    if measure == "classifier":
+        assert cert.n_train > 0 and cert.n + cert.n_train == cache.n_sequences
+        assert cert.measure_state is not None
+        report = calibrate.audit(calibrate.Certificate.from_json(cert.to_json()), cache.subset(np.arange(50)))
+        assert report.n == 50
+    else:
+        assert cert.n == cache.n_sequences and cert.n_train == 0
+
+
+def test_fit_with_decay_records_it(cache):
+    cert = calibrate.fit(cache, decay=4.0)
+    assert cert.decay == {"max_len": int(cache.lengths.max()), "tau": 4.0}
+    plain = calibrate.fit(cache)
+    assert cert.to_frame()["avg_layers"].tolist() != plain.to_frame()["avg_layers"].tolist()
+    assert calibrate.audit(cert, cache).risk == pytest.approx(cert.risk_hat if cert.index is not None else 0.0)
+
+
+def test_fit_bad_inputs(cache):
+    with pytest.raises(ValueError, match="measure must be one of"):
+        calibrate.fit(cache, measure="vibes")
+    with pytest.raises(ValueError, match="consistency must be one of"):
+        calibrate.fit(cache, consistency="meteor")
+    with pytest.raises(TypeError, match="decay"):
+        calibrate.fit(cache, decay="fast")
+    no_refs = cache.subset(np.arange(10))
+    no_refs = calibrate.LayerCache.from_arrays(
+        full_tokens=no_refs.arrays["full_tokens"],
+        topk_ids=no_refs.arrays["topk_ids"],
+        topk_logprobs=no_refs.arrays["topk_logprobs"],
+        lengths=no_refs.lengths,
+        vocab_size=no_refs.vocab_size,
+    )
+    with pytest.raises(ValueError, match="reference"):
+        calibrate.fit(no_refs, consistency="risk_rouge_l")
+
+
+@pytest.mark.slow
+def test_validity_study_is_valid_and_naive_rule_is_not():
+    cache = calibrate.synthetic_cache(3000, n_layers=8, max_tokens=16, seed=11)
+    # a fine grid lets the naive rule land right at delta, where sampling noise pushes it over half the time
+    study = calibrate.validity(
+        cache, trials=200, cal_fraction=0.5, seed=0, delta=0.1, epsilon=0.1, progress=False,
+        lambdas=np.linspace(1.0, 0.5, 1001),
+    )
+    assert study.trials == 200
+    # certified: violations are rare (binomial test against epsilon, one-sided)
+    assert stats.binomtest(int(np.sum(study.test_risks > 0.1)), 200, 0.1, alternative="greater").pvalue > 0.01
+    # the naive rule "empirical risk <= delta" violates far more often than epsilon
+    assert study.naive_violation_rate > 0.2
+    assert "violation rate" in study.summary()

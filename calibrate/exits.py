@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 
 __all__ = [
@@ -192,63 +193,136 @@ def early_tokens(top1: np.ndarray, layers: np.ndarray) -> np.ndarray:
     return np.take_along_axis(top1, layers.astype(np.intp) - 1, axis=1)
 
 
-def _per_sequence_sums(conf, lam, positions, decay, sequence_index, n_sequences, agree):
-    """Shared pass for :func:`average_layers` and :func:`disagreement_counts`."""
-    conf, positions = _conf_iv(conf, positions, decay)
-    n_tokens, n_layers = conf.shape
-    k = lam.size
+#: Most cells of the lookup table that maps a confidence to its approximate place in the grid.
+_MAX_CELLS = 1 << 20
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _sweep(conf, grids, shift, inv_slope, lut, lut_lo, lut_inv, offsets, top1, full, count_wrong, layer_hist, wrong):  # pragma: no cover
+    """One pass over every (token, layer): per-sequence histograms of ``b`` and of disagreement steps.
+
+    ``layer_hist[s, j]`` counts the (token, layer i < L) pairs of sequence ``s`` with ``b_i = j``;
+    ``wrong[s, j]`` is the difference array of the number of disagreeing early tokens over ascending
+    threshold index ``j``. ``b`` is found from a uniform lookup table over the base grid (at
+    ``(m - shift) / slope``) and then corrected by exact comparisons with the token's own thresholds.
+    Returns False if ``conf`` holds a non-finite value in layers ``1..L-1``.
+    """
+    n_layers = conf.shape[1]
+    k = grids.shape[1]
+    n_cells = lut.size
+    finite = np.ones(offsets.size - 1, dtype=np.bool_)
+    for s in numba.prange(offsets.size - 1):
+        lo = offsets[s]
+        for t in range(lo, offsets[s + 1]):
+            row = 0 if grids.shape[0] == 1 else t - lo
+            m = -np.inf
+            b = 0
+            run = 0  # first layer (0-based) of the current run of equal b
+            w = 0
+            if count_wrong and n_layers > 1:
+                w = 0 if top1[t, 0] == full[t] else 1
+                wrong[s, 0] += w
+            for i in range(n_layers - 1):
+                c = conf[t, i]
+                if not (c > -np.inf and c < np.inf):  # NaN or inf
+                    finite[s] = False
+                elif c > m:
+                    m = c
+                    if b < k and grids[row, b] <= m:
+                        # the running maximum passed a threshold: start from the lookup table and
+                        # correct by exact comparisons with this token's thresholds
+                        cell = ((m - shift[row]) * inv_slope - lut_lo) * lut_inv
+                        new_b = lut[min(int(cell), n_cells - 1)] if cell > 0 else 0
+                        new_b = max(new_b, b + 1)
+                        while new_b < k and grids[row, new_b] <= m:
+                            new_b += 1
+                        while new_b > b + 1 and grids[row, new_b - 1] > m:
+                            new_b -= 1
+                        layer_hist[s, b] += i - run
+                        run = i
+                        b = new_b
+                if count_wrong:
+                    # w_{i+1}: the next layer's disagreement, 0 at the last layer (the full model)
+                    nxt = 0
+                    if i + 1 < n_layers - 1 and top1[t, i + 1] != full[t]:
+                        nxt = 1
+                    if nxt != w:
+                        wrong[s, b] += nxt - w
+                        w = nxt
+            layer_hist[s, b] += n_layers - 1 - run
+    return finite.all()
+
+
+def _sweep_iv(conf, lambdas, offsets, decay):
+    lam = _lambdas_iv(lambdas)
+    conf = np.asarray(conf)
+    if conf.ndim != 2 or conf.shape[1] < 1:
+        raise ValueError(f"conf must have shape (n_tokens, n_layers), got {conf.shape}")
+    if conf.dtype.kind != "f":
+        conf = conf.astype(np.float32)
+    offsets = np.asarray([0, conf.shape[0]] if offsets is None else offsets, dtype=np.int64)
+    if offsets.ndim != 1 or offsets.size < 2 or offsets[0] != 0 or offsets[-1] != conf.shape[0] or np.any(np.diff(offsets) < 0):
+        raise ValueError(
+            f"offsets must be non-decreasing CSR offsets from 0 to n_tokens={conf.shape[0]}, shape (n_sequences + 1,)"
+        )
+    if decay is not None and not isinstance(decay, Decay):
+        raise TypeError(f"decay must be a calibrate.Decay or None, got {type(decay).__name__}")
+    return lam, conf, offsets
+
+
+def _run_sweep(conf, lam, offsets, decay, top1, full, count_wrong):
     asc = lam[::-1]
-    layer_hist = np.zeros(k + 1, dtype=np.int64)
-    wrong = None if agree is None else np.zeros(n_sequences * (k + 1), dtype=np.float64)
-    for blk in _blocks(n_tokens):
-        b = _crossings(conf[blk], asc, None if positions is None else positions[blk], decay)
-        layer_hist += np.bincount(b.ravel(), minlength=k + 1)
-        if wrong is None:
-            continue
-        # w_i = 1 - agree_i for layers 1..L-1 and w_L = 0; wrong(j) = w_{exit(j)} is a step function of j
-        # that starts at w_1 and changes by w_{i+1} - w_i where j reaches b_i.
-        w = np.zeros((b.shape[0], n_layers), dtype=np.int8)
-        w[:, :-1] = ~agree[blk, :-1]
-        step = np.diff(w, axis=1)
-        # Tokens are grouped by sequence, so a block touches a narrow range of rows of the result.
-        seq = sequence_index[blk].astype(np.int64)
-        first = seq.min() * (k + 1)
-        size = (seq.max() + 1) * (k + 1) - first
-        seq = seq * (k + 1) - first
-        hit = step != 0
-        idx = (seq[:, None] + b)[hit]
-        part = np.bincount(seq, weights=w[:, 0], minlength=size)
-        part += np.bincount(idx, weights=step[hit], minlength=size)
-        wrong[first : first + size] += part
-    # Exit layer for ascending index j is 1 + #{(t, i): b_i <= j} / n_tokens on average.
-    avg = 1.0 + np.cumsum(layer_hist[:k]) / max(n_tokens, 1)
-    counts = None
-    if wrong is not None:
-        counts = np.rint(np.cumsum(wrong.reshape(n_sequences, k + 1), axis=1)[:, :k]).astype(np.int64)
-        counts = counts[:, ::-1]
-    return avg[::-1], counts
+    k, n_seq = asc.size, offsets.size - 1
+    if decay is None:
+        grids, shift, slope = asc[None, :], np.zeros(1), 1.0
+    else:
+        positions = np.arange(max(int(np.diff(offsets).max()), 1))
+        grids = decay.thresholds(asc, positions)
+        shift, slope = 0.1 * np.exp(-decay.tau * positions / decay.max_len), 0.9
+    # Lookup table: cell c covers [lo + c / inv, lo + (c + 1) / inv) and stores #{asc <= its lower edge}.
+    span = asc[-1] - asc[0]
+    gap = np.min(np.diff(asc)) if k > 1 else 1.0
+    n_cells = int(min(_MAX_CELLS, np.ceil(span / gap) + 1)) if span > 0 else 1
+    inv = n_cells / span if span > 0 else 0.0
+    edges = asc[0] + np.arange(n_cells) / inv if span > 0 else asc[:1]
+    lut = np.searchsorted(asc, edges, side="right").astype(np.int32)
+    layer_hist = np.zeros((n_seq, k + 1), dtype=np.int64)
+    wrong = np.zeros((n_seq, k + 1) if count_wrong else (0, 0), dtype=np.int64)
+    ok = _sweep(
+        conf, np.ascontiguousarray(grids), shift, 1.0 / slope, lut, float(asc[0]), float(inv),
+        offsets, top1, full, count_wrong, layer_hist, wrong,
+    )
+    if not ok:
+        raise ValueError("conf contains NaN or inf")
+    # exit layer at ascending index j = 1 + #{i < L : b_i <= j}; averaged over tokens
+    avg = 1.0 + np.cumsum(layer_hist.sum(axis=0)[:k]) / max(conf.shape[0], 1)
+    return avg[::-1], wrong
 
 
-def average_layers(conf, lambdas, *, positions=None, decay: Decay | None = None) -> np.ndarray:
+def average_layers(conf, lambdas, *, offsets=None, decay: Decay | None = None) -> np.ndarray:
     """Token-averaged exit layer for each threshold, shape ``(n_lambdas,)``, values in ``[1, n_layers]``.
 
-    Same parameters as :func:`exit_layers`; computed without materialising the exit layers.
+    Parameters
+    ----------
+    conf : array_like, shape (n_tokens, n_layers)
+        Layer confidences.
+    lambdas : array_like, shape (n_lambdas,)
+        Thresholds, strictly decreasing (safest first).
+    offsets : array_like of int, shape (n_sequences + 1,), optional
+        CSR offsets of the sequences in the token axis (positions for ``decay`` count from each
+        sequence's start); default: one sequence.
+    decay : Decay, optional
+        Decaying threshold.
+
+    Computed in one compiled pass, without materialising the exit layers.
     """
-    lam = _lambdas_iv(lambdas)
-    avg, _ = _per_sequence_sums(conf, lam, positions, decay, None, 0, None)
+    lam, conf, offsets = _sweep_iv(conf, lambdas, offsets, decay)
+    empty = np.zeros((0, 0), dtype=np.int32)
+    avg, _ = _run_sweep(conf, lam, offsets, decay, empty, np.zeros(0, dtype=np.int32), False)
     return avg
 
 
-def disagreement_counts(
-    conf,
-    lambdas,
-    agree,
-    sequence_index,
-    n_sequences: int,
-    *,
-    positions=None,
-    decay: Decay | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
+def disagreement_counts(conf, lambdas, top1, full_tokens, offsets, *, decay: Decay | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per-sequence number of early tokens that differ from the full model's, for every threshold.
 
     Parameters
@@ -257,15 +331,14 @@ def disagreement_counts(
         Layer confidences.
     lambdas : array_like, shape (n_lambdas,)
         Thresholds, strictly decreasing (safest first).
-    agree : ndarray of bool, shape (n_tokens, n_layers)
-        Whether each layer's top-1 token equals the full model's (the last column is ignored: exiting
-        at the last layer is the full model).
-    sequence_index : ndarray of int, shape (n_tokens,)
-        Sequence of each token, in ``[0, n_sequences)``.
-    n_sequences : int
-        Number of sequences.
-    positions, decay
-        As in :func:`exit_layers`.
+    top1 : ndarray of int, shape (n_tokens, n_layers)
+        Each layer's top-1 token (the last column is ignored: exiting there is the full model).
+    full_tokens : ndarray of int, shape (n_tokens,)
+        The full model's token at each position.
+    offsets : array_like of int, shape (n_sequences + 1,)
+        CSR offsets of the sequences in the token axis.
+    decay : Decay, optional
+        Decaying threshold (positions count from each sequence's start).
 
     Returns
     -------
@@ -273,13 +346,21 @@ def disagreement_counts(
         Disagreeing tokens per sequence and threshold.
     avg_layers : ndarray of float64, shape (n_lambdas,)
         Token-averaged exit layer per threshold.
+
+    Notes
+    -----
+    One compiled pass (numba, parallel over sequences) over the (token, layer) pairs: with ``b_i`` the
+    number of ascending thresholds at most the running maximum of the confidences, a token's
+    disagreement at ascending index ``j`` starts at ``w_1`` and changes by ``w_{i+1} - w_i`` where ``j``
+    reaches ``b_i`` (``w_i`` = 1 if layer ``i`` disagrees, ``w_L = 0``), so per-sequence difference
+    arrays over the grid give every threshold at once.
     """
-    lam = _lambdas_iv(lambdas)
-    agree = np.asarray(agree, dtype=bool)
-    if agree.shape != np.shape(conf):
-        raise ValueError(f"agree must have the shape of conf {np.shape(conf)}, got {agree.shape}")
-    sequence_index = np.asarray(sequence_index)
-    if sequence_index.shape != (agree.shape[0],):
-        raise ValueError(f"sequence_index must have shape ({agree.shape[0]},), got {sequence_index.shape}")
-    avg, counts = _per_sequence_sums(conf, lam, positions, decay, sequence_index, int(n_sequences), agree)
+    lam, conf, offsets = _sweep_iv(conf, lambdas, offsets, decay)
+    top1, full_tokens = np.asarray(top1), np.asarray(full_tokens)
+    if top1.shape != conf.shape or full_tokens.shape != (conf.shape[0],):
+        raise ValueError(
+            f"top1 must have shape {conf.shape} and full_tokens ({conf.shape[0]},), got {top1.shape} and {full_tokens.shape}"
+        )
+    avg, wrong = _run_sweep(conf, lam, offsets, decay, top1, full_tokens, True)
+    counts = np.cumsum(wrong, axis=1)[:, : lam.size][:, ::-1]
     return counts, avg

@@ -199,22 +199,19 @@ def proxy_losses(
     n_tokens, n_layers = cache.n_tokens, cache.n_layers
     if conf.shape != (n_tokens, n_layers):
         raise ValueError(f"conf must have shape (n_tokens, n_layers) = {(n_tokens, n_layers)}, got {conf.shape}")
-    if not np.all(np.isfinite(conf)):
-        raise ValueError("conf contains NaN or inf")
-    positions = cache.positions if decay is not None else None
-    top1 = np.asarray(cache.arrays["topk_ids"][:, :, 0])
+    top1 = np.asarray(cache.arrays["topk_ids"])[:, :, 0]
     full = np.asarray(cache.arrays["full_tokens"])
     if consistency in ("token", "sequence"):
-        agree = top1 == full[:, None]
-        counts, avg = disagreement_counts(
-            conf, lam, agree, cache.sequence_index, cache.n_sequences, positions=positions, decay=decay
-        )
+        counts, avg = disagreement_counts(conf, lam, top1, full, cache.offsets, decay=decay)
         lengths = np.asarray(cache.lengths)
         if consistency == "token":
             losses = counts / np.maximum(lengths, 1)[:, None]
         else:
             losses = (counts > 0).astype(np.float64)
         return LossTable(losses, lam, "proxy", consistency, avg, n_layers)
+    if not np.all(np.isfinite(conf)):
+        raise ValueError("conf contains NaN or inf")
+    positions = cache.positions if decay is not None else None
     losses, avg = _textual_losses(cache, conf, lam, top1, full, consistency, positions, decay, decode, progress)
     return LossTable(losses, lam, "proxy", consistency, avg, n_layers)
 

@@ -17,7 +17,7 @@ __all__ = ["synthetic_cache"]
 
 #: Tokens per generation block (bounds the temporaries). Each block draws from its own child seed;
 #: changing this constant changes the generated data.
-_BLOCK = 16384
+_BLOCK = 4096
 #: Common words first: token ids are in Zipf frequency order.
 _WORDS = (
     " the", ".", ",", " of", " and", " to", " a", " in", " is", " that", " it", " for", " was", " on",
@@ -69,8 +69,8 @@ def synthetic_cache(
     hidden_size : int, default=16
         Size ``d`` of the simulated hidden states (>= 1).
     store_hidden : bool, default=True
-        Store the hidden states (float16, ``T * L * d * 2`` bytes). Without them ``state_saturation``
-        is still precomputed, from the same law (see Notes).
+        Store the hidden states (float16, ``2 T L d`` bytes). Without them ``state_saturation`` is
+        still precomputed, from the same draws (see Notes).
     references : bool, default=True
         Give each sequence a reference text (the full output with a few word edits).
     difficulty : float, default=1.0
@@ -107,31 +107,36 @@ def synthetic_cache(
        ``i = L`` the margin is positive, so agreement rises with depth to 1 at the last layer, while the
        noise makes a layer's top-1 flip back and forth (about one token in eight loses the right
        answer again after having it).
-    4. **Top-k.** Ranks are the token and its distractors: ``y_t`` first when the layer agrees,
-       otherwise the main distractor (probability 0.75) or the second one first. Logits are
-       ``0, -D, -D - g, -D - 2g, ...`` with gap ``D_ti = exp(0.35 m_ti + 0.8 z_ti + 0.3)``,
+    4. **Top-k.** Ranks are the token and its distractors ``c1, c2, ...``: ``y_t c1 c2 c3 ...`` when
+       the layer agrees, else ``c1 y_t c2 c3 ...`` (probability 3/4) or ``c2 y_t c1 c3 ...``. Logits
+       are ``0, -D, -D - g, -D - 2g, ...`` with gap ``D_ti = exp(0.35 m_ti + 0.8 z_ti + 0.3)``,
        ``z_ti ~ N(0, 1)`` independent of the margin (so confidence predicts agreement imperfectly) and
-       ``g = 0.5 + x_i``; the other ``V - k`` tokens share a flat tail ``tau_ti`` below rank ``k``,
-       ``tau = max(0.1, log(V - k) (0.1 + 1.1 x_i) + 0.5 + 0.25 m_ti)``: shallow layers are
-       high-entropy. Log-probabilities are these logits minus their exact log-normaliser.
-    5. **Hidden states.** The residual stream starts from a unit vector and adds an isotropic update
-       ``h_i = h_{i-1} + s_ti w_ti``, ``w_ti ~ N(0, I_d / d)``, with a step that is large while the
-       token is unresolved and small after: ``s_ti = 0.4 + 1.2 sigmoid(-0.5 m_ti)``. The state
-       saturation ``cos(h_i, h_{i-1})`` therefore rises with depth and with the margin (a weaker
-       signal than the softmax measures, as in CALM).
+       ``g = 0.5 + x_i``; each of the other ``V - k`` tokens gets the logit of rank ``k`` minus
+       ``tau_ti = max(0.1, log(V - k) (0.1 + 1.1 x_i) + 0.5 + 0.25 m_ti)`` (a flat tail: shallow
+       layers are high-entropy). Log-probabilities are these logits minus their exact log-normaliser.
+    5. **Hidden states.** The residual stream starts from a random unit vector ``h_0`` and adds one
+       update per layer, ``h_i = h_{i-1} + s_ti w_ti``, with
+       ``w_ti = (g_ti h_{i-1} / |h_{i-1}| + sqrt(d - 1) u_ti) / sqrt(d)``, ``g_ti ~ N(0, 1)`` and
+       ``u_ti`` a uniformly random unit vector orthogonal to ``h_{i-1}`` (an isotropic ``N(0, I_d / d)``
+       step with its orthogonal length fixed at its mean). The step is large while the token is
+       unresolved and small after: ``s_ti = 0.4 + 1.2 sigmoid(-0.5 m_ti)``. The state saturation
+       ``cos(h_i, h_{i-1})`` therefore rises with depth and with the margin, a weaker signal than the
+       softmax measures, as in CALM.
     6. **Measures.** ``softmax_gap``, ``softmax_max`` and ``entropy`` are computed from the stored
        top-k log-probabilities by :func:`measures.confidence.from_topk` (the flat tail makes its
        entropy approximation exact here); ``state_saturation`` by
        :func:`measures.confidence.state_saturation` on the stored float16 hidden states. Without
-       ``store_hidden`` the cosine is drawn from the same law through the scalars the vectors would
-       give (``<h_{i-1}, w> = |h_{i-1}| g / sqrt(d)``, ``|w|^2 = (g^2 + chi2_{d-1}) / d``), so the
-       hidden vectors are never built; the two settings agree up to float16 rounding.
+       ``store_hidden`` the vectors are never built: the cosine follows from the scalars alone,
+       ``cos = (|h_{i-1}| + s g / sqrt(d)) / |h_i|`` with
+       ``|h_i|^2 = |h_{i-1}|^2 + 2 s |h_{i-1}| g / sqrt(d) + s^2 (g^2 + d - 1) / d``, so both settings
+       give the same cache up to the float16 rounding of the hidden states.
     7. **References.** The full output with each token substituted (probability 0.08, by a Zipf draw)
        or deleted (probability 0.04).
 
-    Standard normals and chi-square draws come from 65,536-level quantile tables indexed by random
-    bits (fast, and exact up to that resolution). Generation runs in blocks of tokens on a few threads;
-    each block has its own child seed, so the result does not depend on the number of threads.
+    Standard normals come from a 4,096-level quantile table indexed by random bits (fast, and exact
+    up to that resolution). Generation runs in blocks of 4,096 tokens, each with its own child seed,
+    in float32; a cache of ``T`` tokens and ``L`` layers takes about ``T * L * (16 + 8 k)`` bytes,
+    plus ``2 T L d`` with ``store_hidden``.
 
     Examples
     --------
@@ -188,11 +193,11 @@ def synthetic_cache(
     }
     if p["store_hidden"]:
         out["hidden"] = np.empty((n_tokens, L, d), dtype=np.float16)
-    normal = _normal_table()
+    normal, ws = _normal_table(), _Workspace(L, min(_BLOCK, n_tokens))
     block_seeds = block_root.spawn(-(-n_tokens // _BLOCK))
     for j, lo in enumerate(range(0, n_tokens, _BLOCK)):
         hi = min(n_tokens, lo + _BLOCK)
-        _fill_block(out, lo, hi, cand[lo:hi], resolve[lo:hi], block_seeds[j], normal, L, V, k, d)
+        _fill_block(out, lo, hi, cand[lo:hi], resolve[lo:hi], block_seeds[j], normal, ws, L, V, k, d)
 
     vocab = _vocab(V)
     full = np.ascontiguousarray(cand[:, 0])
@@ -261,78 +266,133 @@ def _uint16(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def _normal_table() -> np.ndarray:
-    """65,536 equiprobable quantiles of N(0, 1), indexed by random uint16."""
-    return special.ndtri((np.arange(1 << 16) + 0.5) / (1 << 16)).astype(np.float32)
+    """4,096 equiprobable quantiles of N(0, 1) (small enough to stay in the L1 cache)."""
+    return special.ndtri((np.arange(1 << 12) + 0.5) / (1 << 12)).astype(np.float32)
 
 
-def _fill_block(out, lo, hi, cand, resolve, seed, normal, L, V, k, d) -> None:
+class _Workspace:
+    """Buffers reused across blocks, layer-major (L, _BLOCK): in-place ops avoid page faults."""
+
+    def __init__(self, L: int, block: int) -> None:
+        names = ("eps", "zeta", "g", "margin", "gap", "below", "mass", "tmp", "step", "sat")
+        self.f = {name: np.empty((L, block), dtype=np.float32) for name in names}
+        self.b = {name: np.empty((L, block), dtype=bool) for name in ("agree", "main")}
+        self.u16 = np.empty((L, block), dtype=np.uint16)
+        self.i32 = np.empty((L, block), dtype=np.int32)
+
+    def get(self, b: int):
+        """Views of the buffers for a block of ``b`` tokens."""
+        f = {name: a[:, :b] for name, a in self.f.items()}
+        return f, {name: a[:, :b] for name, a in self.b.items()}, self.u16[:, :b], self.i32[:, :b]
+
+
+def _fill_block(out, lo, hi, cand, resolve, seed, normal, ws, L, V, k, d) -> None:
     """Generate tokens [lo, hi) into ``out``. Block arrays are layer-major, (L, B), for the loops."""
     rng = np.random.default_rng(seed)
     b = hi - lo
+    f, flags, u16, i32 = ws.get(b)
+    eps, zeta, g, margin = f["eps"], f["zeta"], f["g"], f["margin"]
+    gap, below, mass, tmp = f["gap"], f["below"], f["mass"], f["tmp"]
+    agree, main = flags["agree"], flags["main"]
     x = (np.arange(1, L + 1, dtype=np.float32) / L)[:, None]  # (L, 1) relative depth
     bits = _uint16(rng, (3, L, b))
-    eps, zeta, g = normal[bits[0]], normal[bits[1]], normal[bits[2]]  # (L, B) standard normals
-    main = (bits[1] & 3) != 0  # (L, B) P = 3/4: the main distractor leads (low bits: independent of zeta)
+    np.bitwise_and(bits[1], 3, out=u16)
+    np.not_equal(u16, 0, out=main)  # P = 3/4: the main distractor leads (low bits, unused by zeta)
+    for buf, i in ((eps, 0), (zeta, 1), (g, 2)):
+        np.right_shift(bits[i], 4, out=u16)
+        np.take(normal, u16, out=buf)  # (L, B) standard normals from the top 12 bits
 
     # 3. Margin with stationary AR(1) noise over layers; the last layer always agrees.
     innov = np.float32(np.sqrt(1.0 - _RHO**2))
     for i in range(1, L):
         eps[i] *= innov
         eps[i] += _RHO * eps[i - 1]
-    margin = _KAPPA * (x - resolve) + (_SIGMA * np.sqrt(1.0 - x)) * eps  # (L, B)
-    agree = margin > 0
+    np.subtract(x, resolve, out=margin)
+    margin *= _KAPPA
+    eps *= _SIGMA * np.sqrt(1.0 - x)
+    margin += eps  # (L, B)
+    np.greater(margin, 0.0, out=agree)
     agree[-1] = True
 
     # 4. Top-k ids. Rank orders: agree -> c0 c1 c2 c3 ..; main -> c1 c0 c2 c3 ..; else c2 c0 c1 c3 ..
     c0, c1, c2 = cand[:, 0], cand[:, 1], cand[:, 2]  # (B,)
     ids = out["topk_ids"][lo:hi]  # (B, L, k) view
-    ids[:, :, 0] = np.where(agree, c0, np.where(main, c1, c2)).T
+    np.copyto(i32, c2)
+    np.copyto(i32, c1, where=main)
+    np.copyto(i32, c0, where=agree)
+    np.copyto(ids[:, :, 0], i32.T)
     if k > 1:
-        ids[:, :, 1] = np.where(agree, c1, c0).T
+        np.copyto(i32, c0)
+        np.copyto(i32, c1, where=agree)
+        np.copyto(ids[:, :, 1], i32.T)
     if k > 2:
-        ids[:, :, 2] = np.where(agree | main, c2, c1).T
+        np.copyto(i32, c1)
+        np.copyto(i32, c2, where=agree | main)
+        np.copyto(ids[:, :, 2], i32.T)
     if k > 3:
         ids[:, :, 3:] = cand[:, None, 3:k]
 
     # 4. Log-probabilities: logits 0, -D, -D - g, ... and a flat tail over the other V - k tokens.
-    gap = np.exp(0.35 * margin + 0.8 * zeta + 0.3)  # (L, B) logit gap D
+    np.multiply(margin, 0.35, out=gap)
+    zeta *= 0.8
+    gap += zeta
+    gap += 0.3
+    np.exp(gap, out=gap)  # (L, B) logit gap D between ranks 1 and 2
+    np.negative(gap, out=below)
+    np.exp(below, out=below)  # e^{l_2}
     step = 0.5 + x  # (L, 1) spacing of the lower ranks
-    below = np.exp(-gap)  # (L, B) e^{l_2}
-    rank_factor = np.exp(-np.arange(k - 1, dtype=np.float32) * step)  # (L, k - 1): e^{l_j + D}, j >= 2
-    mass = 1.0 + below * rank_factor.sum(axis=1, keepdims=True)  # (L, B)
+    rank_factor = np.exp(-np.arange(k - 1, dtype=np.float32) * step)  # (L, k - 1): e^{l_j - l_2}
+    np.multiply(below, rank_factor.sum(axis=1, keepdims=True), out=mass)
+    mass += 1.0
     if V > k:
-        tau = np.maximum(np.float32(np.log(V - k)) * (0.1 + 1.1 * x) + 0.5 + 0.25 * margin, 0.1)  # (L, B)
-        last = below * rank_factor[:, -1:] if k > 1 else 1.0  # e^{l_k}
-        mass += (V - k) * last * np.exp(-tau)
-    log_mass = np.log(mass)  # (L, B)
+        np.multiply(margin, 0.25, out=tmp)
+        tmp += np.float32(np.log(V - k)) * (0.1 + 1.1 * x) + 0.5
+        np.maximum(tmp, 0.1, out=tmp)  # tail depth tau below rank k
+        np.negative(tmp, out=tmp)
+        np.exp(tmp, out=tmp)
+        tmp *= below if k > 1 else 1.0
+        tmp *= (V - k) * (rank_factor[:, -1:] if k > 1 else 1.0)
+        mass += tmp
+    log_mass = np.log(mass, out=mass)  # (L, B) log-normaliser
     lp = out["topk_logprobs"][lo:hi]  # (B, L, k) view
-    lp[:, :, 0] = -log_mass.T
+    np.negative(log_mass.T, out=lp[:, :, 0])
     for j in range(1, k):
-        lp[:, :, j] = np.minimum(-gap - (j - 1) * step - log_mass, 0.0).T
-    np.minimum(lp[:, :, 0], 0.0, out=lp[:, :, 0])
+        np.add(gap, log_mass, out=tmp)
+        tmp += (j - 1) * step
+        np.negative(tmp.T, out=lp[:, :, j])
+    np.minimum(lp, 0.0, out=lp)
     for name, values in from_topk(lp, V).items():
         out[name][lo:hi] = values
 
     # 5. Hidden-state saturation through the scalars of the residual-stream recursion.
-    step_size = 0.4 + 1.2 / (1.0 + np.exp(0.5 * margin))  # (L, B)
+    step_size = f["step"]
+    np.multiply(margin, 0.5, out=step_size)
+    np.exp(step_size, out=step_size)
+    step_size += 1.0
+    np.reciprocal(step_size, out=step_size)
+    step_size *= 1.2
+    step_size += 0.4  # (L, B) 0.4 + 1.2 sigmoid(-0.5 m)
     if "hidden" in out:
         hidden = _hidden_states(rng, step_size, g, d)  # (B, L, d) float16
         out["hidden"][lo:hi] = hidden
         out["state_saturation"][lo:hi] = state_saturation(hidden)
         return
-    along = g * np.float32(1.0 / np.sqrt(d))  # <h_{i-1}, w_i> / |h_{i-1}|
-    w2 = (g * g + np.float32(d - 1)) * np.float32(1.0 / d)  # |w_i|^2
-    sat = np.zeros((L, b), dtype=np.float32)  # layer 1 has no predecessor: 0
+    along, w2, sat = below, tmp, f["sat"]  # reuse buffers
+    np.multiply(g, np.float32(1.0 / np.sqrt(d)), out=along)  # <h_{i-1}, w_i> / |h_{i-1}|
+    np.multiply(g, g, out=w2)
+    w2 += np.float32(d - 1)
+    w2 *= np.float32(1.0 / d)  # |w_i|^2
+    sat[0] = 0.0  # layer 1 has no predecessor
     norm = np.ones(b, dtype=np.float32)  # |h_{i-1}|
     for i in range(L):
         s = step_size[i]
         dot = norm * (norm + s * along[i])  # <h_{i-1}, h_i>
         new = np.sqrt(norm * norm + s * (2 * norm * along[i] + s * w2[i]))  # |h_i|
         if i > 0:
-            sat[i] = dot / (norm * new)
+            np.divide(dot, norm * new, out=sat[i])
         norm = new
     np.clip(sat, -1.0, 1.0, out=sat)
-    out["state_saturation"][lo:hi] = sat.T
+    np.copyto(out["state_saturation"][lo:hi], sat.T)
 
 
 def _hidden_states(rng, step_size, g, d) -> np.ndarray:

@@ -54,17 +54,22 @@ def test_counts_and_average_layers_match_plain_loop(problem, data):
     conf, lambdas, positions, decay = problem
     n_tokens, n_layers = conf.shape
     agree = data.draw(arrays(np.bool_, conf.shape))
+    full = np.zeros(n_tokens, dtype=np.int32)
+    top1 = np.where(agree, 0, 1 + np.arange(n_layers)).astype(np.int32)
+    # sequences as CSR offsets; positions (for decay) count from each sequence's start
     n_sequences = data.draw(st.integers(1, 5))
     seq = np.sort(data.draw(arrays(np.int64, (n_tokens,), elements=st.integers(0, n_sequences - 1))))
+    offsets = np.searchsorted(seq, np.arange(n_sequences + 1))
+    positions = np.arange(n_tokens) - offsets[seq]
     layers = _reference_exit_layers(conf, lambdas, positions, decay)
     wrong = ~np.take_along_axis(agree, layers - 1, axis=1) & (layers < n_layers)
     expected = np.zeros((n_sequences, len(lambdas)), dtype=int)
     np.add.at(expected, seq, wrong)
 
-    counts, avg = disagreement_counts(conf, lambdas, agree, seq, n_sequences, positions=positions, decay=decay)
+    counts, avg = disagreement_counts(conf, lambdas, top1, full, offsets, decay=decay)
     np.testing.assert_array_equal(counts, expected)
     np.testing.assert_allclose(avg, layers.mean(axis=0))
-    np.testing.assert_allclose(average_layers(conf, lambdas, positions=positions, decay=decay), layers.mean(axis=0))
+    np.testing.assert_allclose(average_layers(conf, lambdas, offsets=offsets, decay=decay), layers.mean(axis=0))
 
 
 def test_blocks_do_not_change_the_result(monkeypatch):
@@ -114,6 +119,14 @@ def test_default_grid_is_decreasing_and_fine_near_one():
 def test_bad_lambdas(lambdas, match):
     with pytest.raises(ValueError, match=match):
         exit_layers(np.zeros((2, 3)), lambdas)
+
+
+def test_non_finite_confidence_is_refused():
+    conf = np.array([[0.5, np.nan, 0.1]])
+    with pytest.raises(ValueError, match="NaN or inf"):
+        average_layers(conf, [0.9, 0.4])
+    with pytest.raises(ValueError, match="offsets"):
+        average_layers(np.zeros((3, 2)), [0.5], offsets=[0, 2])
 
 
 def test_bad_conf_and_decay():

@@ -1,0 +1,620 @@
+"""LayerCache: construction and validation, zarr/parquet round trip, atomic save, corruption, splits."""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import zarr
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import calibrate.cache as cache_module
+from calibrate.cache import FORMAT_VERSION, LayerCache, open_cache
+
+V = 40
+
+
+def _arrays(lengths=(5, 3, 7, 1), n_layers=3, k=3, seed=0):
+    """Valid raw inputs: distinct top-k ids, sorted log-probs, last layer's top-1 = full token."""
+    rng = np.random.default_rng(seed)
+    n_tokens = int(sum(lengths))
+    keys = rng.random((n_tokens, n_layers, V))
+    ids = np.argsort(keys, axis=-1)[..., :k]  # distinct per (token, layer)
+    logits = -np.sort(rng.exponential(size=(n_tokens, n_layers, k)), axis=-1).cumsum(axis=-1)
+    logprobs = logits - np.log(np.exp(logits).sum(-1, keepdims=True) + 1.0)
+    return dict(
+        full_tokens=ids[:, -1, 0].copy(),
+        topk_ids=ids,
+        topk_logprobs=logprobs,
+        lengths=list(lengths),
+        scores={
+            "softmax_gap": rng.random((n_tokens, n_layers)),
+            "state_saturation": rng.uniform(-1, 1, (n_tokens, n_layers)),
+        },
+        hidden=rng.normal(size=(n_tokens, n_layers, 4)),
+        prompts=[f"prompt {i} é" for i in range(len(lengths))],
+        references=["ref a", None, "ref c", ""],
+        vocab=[f" t{i}" for i in range(V)],
+        model="tiny-model",
+        meta={"revision": "abc123", "generation": {"max_new_tokens": 8}},
+    )
+
+
+@pytest.fixture
+def cache():
+    return LayerCache.from_arrays(**_arrays())
+
+
+# --------------------------------------------------------------------------------------------------
+# Construction
+# --------------------------------------------------------------------------------------------------
+
+
+def test_from_arrays_shapes_properties_and_canonical_dtypes(cache):
+    raw = _arrays()
+    assert (cache.n_sequences, cache.n_tokens, cache.n_layers, cache.top_k, cache.vocab_size) == (4, 16, 3, 3, V)
+    assert cache.hidden_size == 4
+    assert cache.offsets.tolist() == [0, 5, 8, 15, 16]
+    assert cache.lengths.tolist() == [5, 3, 7, 1]
+    assert cache.sequence_index.tolist() == [0] * 5 + [1] * 3 + [2] * 7 + [3]
+    assert cache.positions.tolist() == list(range(5)) + list(range(3)) + list(range(7)) + [0]
+    assert cache.arrays["full_tokens"].dtype == np.int32
+    assert cache.arrays["topk_ids"].dtype == np.int32
+    assert cache.arrays["topk_logprobs"].dtype == np.float32
+    assert cache.arrays["hidden"].dtype == np.float16
+    assert cache.arrays["softmax_gap"].dtype == np.float32
+    np.testing.assert_array_equal(cache.arrays["topk_ids"], raw["topk_ids"])
+    np.testing.assert_allclose(cache.arrays["topk_logprobs"], raw["topk_logprobs"], rtol=1e-6)
+    assert cache.has("hidden") and cache.has("softmax_gap") and not cache.has("entropy")
+    assert cache.meta["model"] == "tiny-model" and cache.meta["revision"] == "abc123"
+    assert cache.meta["format_version"] == FORMAT_VERSION
+    assert cache.meta["generation"] == {"max_new_tokens": 8}
+
+
+def test_sequences_table(cache):
+    seq = cache.sequences
+    assert list(seq.columns) == ["id", "prompt", "output", "output_ids", "reference", "n_tokens", "offset"]
+    assert seq["id"].tolist() == ["0", "1", "2", "3"]
+    assert seq["prompt"].tolist()[0] == "prompt 0 é"
+    assert seq["reference"].isna().tolist() == [False, True, False, False]
+    assert seq["reference"].iloc[3] == ""
+    full = cache.arrays["full_tokens"]
+    for s in range(4):
+        lo, hi = cache.offsets[s], cache.offsets[s + 1]
+        np.testing.assert_array_equal(seq["output_ids"].iloc[s], full[lo:hi])
+        # outputs default to decoding the full tokens with the vocab
+        assert seq["output"].iloc[s] == "".join(f" t{i}" for i in full[lo:hi])
+    assert seq["n_tokens"].tolist() == [5, 3, 7, 1] and seq["offset"].tolist() == [0, 5, 8, 15]
+
+
+def test_from_arrays_copies_and_cache_is_immutable():
+    raw = _arrays()
+    cache = LayerCache.from_arrays(**raw)
+    before = cache.arrays["topk_ids"].copy()
+    raw["topk_ids"][:] = 0
+    raw["full_tokens"][:] = 0
+    np.testing.assert_array_equal(cache.arrays["topk_ids"], before)
+    with pytest.raises(ValueError, match="read-only"):
+        cache.arrays["topk_ids"][0, 0, 0] = 1
+    with pytest.raises(ValueError, match="read-only"):
+        cache.sequences["output_ids"].iloc[0][0] = 1
+    with pytest.raises(TypeError):
+        cache.arrays["entropy"] = np.zeros((16, 3))
+    seq = cache.sequences
+    seq.loc[0, "prompt"] = "changed"
+    assert cache.sequences["prompt"].iloc[0] == "prompt 0 é"
+
+
+def test_offsets_equal_lengths_and_minimal_inputs():
+    raw = _arrays()
+    a = LayerCache.from_arrays(full_tokens=raw["full_tokens"], topk_ids=raw["topk_ids"], lengths=[5, 3, 7, 1])
+    b = LayerCache.from_arrays(full_tokens=raw["full_tokens"], topk_ids=raw["topk_ids"], offsets=[0, 5, 8, 15, 16])
+    assert a.checksum == b.checksum
+    assert a.vocab is None and a.vocab_size == int(raw["topk_ids"].max()) + 1  # inferred lower bound
+    assert a.sequences["output"].tolist() == [""] * 4
+    assert a.sequences["reference"].isna().all()
+    with pytest.raises(ValueError, match="no vocab"):
+        a.decode([1, 2])
+
+
+def _bad(**changes):
+    raw = _arrays()
+    raw.update(changes)
+    return raw
+
+
+def _with(name, fn):
+    raw = _arrays()
+    raw[name] = fn(np.array(raw[name], dtype=float if name == "topk_logprobs" else None))
+    return raw
+
+
+def _set(a, index, value):
+    a = a.copy()
+    a[index] = value
+    return a
+
+
+@pytest.mark.parametrize(
+    "raw, error, match",
+    [
+        (_with("topk_ids", lambda a: _set(a, (2, 1, 0), V)), ValueError, r"topk_ids must lie in \[0, vocab_size=40\)"),
+        (_with("topk_ids", lambda a: _set(a, (2, 1, 2), -1)), ValueError, "topk_ids"),
+        (_with("full_tokens", lambda a: _set(a, 3, V + 5)), ValueError, "full_tokens"),
+        (_with("topk_ids", lambda a: _set(a, (4, 0, 1), a[4, 0, 0])), ValueError, "distinct"),
+        (_with("topk_logprobs", lambda a: _set(a, (1, 1, 1), np.nan)), ValueError, "'topk_logprobs' must be finite"),
+        (_with("topk_logprobs", lambda a: _set(a, (1, 1, 2), -np.inf)), ValueError, "'topk_logprobs' must be finite"),
+        (_with("topk_logprobs", lambda a: _set(a, (0, 0, 0), 0.5)), ValueError, r"topk_logprobs' must be <= 0"),
+        (_with("topk_logprobs", lambda a: a[..., ::-1]), ValueError, "sorted descending"),
+        (_with("topk_logprobs", lambda a: a[:, :2]), ValueError, "topk_logprobs must have the shape"),
+        (_with("topk_logprobs", lambda a: _set(a, (0, 0, 2), -1e50)), ValueError, "finite"),  # float32 overflow
+        (_with("topk_ids", lambda a: a.astype(float)), TypeError, "topk_ids must hold integers"),
+        (_with("full_tokens", lambda a: a[:-1]), ValueError, "n_tokens"),
+        (_bad(lengths=[5, 3, 7, 2]), ValueError, "lengths must sum"),
+        (_bad(lengths=[5, 3, 8, 0]), ValueError, "lengths must be >= 1"),
+        (_bad(offsets=[0, 5, 8, 15, 16]), ValueError, "exactly one of lengths= and offsets="),
+        (_bad(lengths=None, offsets=[0, 5, 5, 15, 16]), ValueError, "strictly increasing"),
+        (_bad(scores={"softmax_gap": np.full((16, 3), 1.5)}), ValueError, r"'softmax_gap' must lie in \[0.0, 1.0\]"),
+        (_bad(scores={"entropy": np.full((16, 3), np.nan)}), ValueError, "'entropy' must be finite"),
+        (_bad(scores={"my_score": np.zeros((16, 2))}), ValueError, r"scores\['my_score'\] must have shape"),
+        (_bad(scores={"vocab": np.zeros((16, 3))}), ValueError, "scores names"),
+        (_bad(scores={"Bad Name": np.zeros((16, 3))}), ValueError, "scores names"),
+        (_bad(hidden=np.full((16, 3, 4), 1e6)), ValueError, "'hidden' must be finite"),  # float16 overflow
+        (_bad(hidden=np.zeros((16, 2, 4))), ValueError, "hidden must have shape"),
+        (_bad(vocab=["a"] * (V - 1), vocab_size=V), ValueError, "vocab must have vocab_size=40 entries"),
+        (_bad(vocab=["a"] * (V - 1) + [3]), TypeError, "vocab must hold str"),
+        (_bad(ids=["a", "b", "a", "c"]), ValueError, "ids must be unique"),
+        (_bad(references=["x"]), ValueError, "references must have one entry per sequence"),
+        (_bad(prompts=[1, 2, 3, 4]), TypeError, "prompts must hold str"),
+        (_bad(prompts="one"), TypeError, "prompts must be a sequence"),
+        (_bad(meta={"when": object()}), TypeError, "JSON-serialisable"),
+        (_bad(meta={"n_layers": 7}), ValueError, "contradicts"),
+    ],
+)
+def test_from_arrays_rejects_invalid_input_naming_the_field(raw, error, match):
+    with pytest.raises(error, match=match):
+        LayerCache.from_arrays(**raw)
+
+
+def test_empty_cache_is_rejected():
+    with pytest.raises(ValueError, match="empty"):
+        LayerCache.from_arrays(
+            full_tokens=np.zeros(0, dtype=np.int32),
+            topk_ids=np.zeros((0, 2, 1), dtype=np.int32),
+            lengths=[],
+            vocab_size=5,
+        )
+
+
+def test_vocab_size_given_larger_than_ids_and_unicode_vocab_round_trip(tmp_path):
+    raw = _arrays()
+    raw["vocab"] = [f"\u00e9{i}\U0001f600" for i in range(V)] + ["\ud800"] * 10  # lone surrogate is kept
+    cache = LayerCache.from_arrays(**raw, vocab_size=V + 10)
+    assert cache.vocab_size == V + 10
+    again = open_cache(cache.save(tmp_path / "c"))
+    assert again.vocab == cache.vocab and again.checksum == cache.checksum
+
+
+# --------------------------------------------------------------------------------------------------
+# Positions and offsets against a plain loop
+# --------------------------------------------------------------------------------------------------
+
+
+def _reference_index(lengths):
+    seq, pos = [], []
+    for s, n in enumerate(lengths):
+        for t in range(n):
+            seq.append(s)
+            pos.append(t)
+    return seq, pos
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(1, 6), min_size=1, max_size=12))
+def test_sequence_index_and_positions_match_a_loop(lengths):
+    n_tokens = sum(lengths)
+    ids = np.stack([np.arange(n_tokens) % 7, (np.arange(n_tokens) + 1) % 7], axis=1)[:, None, :]
+    cache = LayerCache.from_arrays(full_tokens=ids[:, 0, 0], topk_ids=ids, lengths=lengths, vocab_size=7)
+    seq, pos = _reference_index(lengths)
+    assert cache.sequence_index.tolist() == seq
+    assert cache.positions.tolist() == pos
+    assert cache.offsets.tolist() == [0, *np.cumsum(lengths).tolist()]
+
+
+# --------------------------------------------------------------------------------------------------
+# Save / open
+# --------------------------------------------------------------------------------------------------
+
+
+def _assert_same(a, b):
+    assert set(a.arrays) == set(b.arrays)
+    for name in a.arrays:
+        np.testing.assert_array_equal(a.arrays[name], b.arrays[name])
+        assert a.arrays[name].dtype == b.arrays[name].dtype
+    pd.testing.assert_frame_equal(a.sequences.drop(columns="output_ids"), b.sequences.drop(columns="output_ids"))
+    for x, y in zip(a.sequences["output_ids"], b.sequences["output_ids"]):
+        np.testing.assert_array_equal(x, y)
+    assert a.vocab == b.vocab and a.vocab_size == b.vocab_size
+    assert a.checksum == b.checksum
+
+
+def test_round_trip_and_on_disk_layout(cache, tmp_path):
+    path = cache.save(tmp_path / "cache")
+    assert path == (tmp_path / "cache").absolute()
+    names = sorted(p.name for p in path.iterdir())
+    assert names == ["arrays", "meta.json", "sequences.parquet", "vocab.json"]
+    assert sorted(p.name for p in (path / "arrays").iterdir()) == sorted(cache.arrays)
+    for name in cache.arrays:
+        spec = json.loads((path / "arrays" / name / "zarr.json").read_text())
+        assert spec["zarr_format"] == 3 and spec["node_type"] == "array"
+        z = zarr.open_array(str(path / "arrays" / name), mode="r")
+        assert z.chunks[1:] == z.shape[1:]  # chunked along the token axis only
+    meta = json.loads((path / "meta.json").read_text())
+    assert meta["format_version"] == 1 and meta["fields"]["topk_ids"]["dtype"] == "int32"
+    assert meta["checksum"] == cache.checksum
+    assert pq.read_table(path / "sequences.parquet").num_rows == 4
+    assert json.loads((path / "vocab.json").read_text()) == cache.vocab
+    again = open_cache(path)
+    _assert_same(cache, again)
+    assert again.meta["revision"] == "abc123" and again.meta["model"] == "tiny-model"
+    assert again.meta == cache.meta
+
+
+def test_large_cache_is_chunked_and_read_back(tmp_path):
+    n_tokens = 150_000
+    ids = np.stack([np.arange(n_tokens) % 50, (np.arange(n_tokens) + 1) % 50], axis=1)[:, None, :]
+    cache = LayerCache.from_arrays(
+        full_tokens=ids[:, 0, 0], topk_ids=ids, lengths=[100] * 1500, vocab_size=50
+    )
+    path = cache.save(tmp_path / "big")
+    z = zarr.open_array(str(path / "arrays" / "topk_ids"), mode="r")
+    assert z.chunks == (65536, 1, 2) and z.nchunks == 3
+    _assert_same(cache, open_cache(path))
+
+
+def test_no_pickle_in_the_module():
+    source = Path(cache_module.__file__).read_text()
+    assert "import pickle" not in source and "allow_pickle=True" not in source
+
+
+def test_save_refuses_existing_path_unless_overwrite(cache, tmp_path):
+    target = tmp_path / "c"
+    cache.save(target)
+    other = cache.subset([0, 1])
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        other.save(target)
+    assert open_cache(target).n_sequences == 4  # untouched
+    other.save(target, overwrite=True)
+    assert open_cache(target).n_sequences == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]  # no temp or backup dirs left
+
+
+def test_overwrite_refuses_a_directory_that_is_not_a_cache(cache, tmp_path):
+    precious = tmp_path / "home"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="not a layer cache"):
+        cache.save(precious, overwrite=True)
+    assert (precious / "notes.txt").read_text() == "keep me"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="not a layer cache"):
+        cache.save(tmp_path / "file", overwrite=True)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cache.save(empty, overwrite=True)
+    assert open_cache(empty).n_sequences == 4
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_failed_save_leaves_no_trace_and_keeps_existing_cache(cache, tmp_path, monkeypatch, existing):
+    target = tmp_path / "c"
+    if existing:
+        cache.save(target)
+        old = open_cache(target).checksum
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(cache_module, "_write_table", boom)
+    with pytest.raises(OSError, match="disk full"):
+        cache.subset([1, 2]).save(target, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["c"] if existing else [])
+    if existing:
+        assert open_cache(target).checksum == old
+
+
+def test_failed_rename_restores_the_old_cache(cache, tmp_path, monkeypatch):
+    target = tmp_path / "c"
+    cache.save(target)
+    real_rename = os.rename
+    calls = []
+
+    def flaky(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:  # the new cache into place
+            raise OSError("rename failed")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", flaky)
+    with pytest.raises(OSError, match="rename failed"):
+        cache.subset([0]).save(target, overwrite=True)
+    monkeypatch.setattr(os, "rename", real_rename)
+    assert open_cache(target).n_sequences == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Corruption detected by open_cache
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def saved(cache, tmp_path):
+    return cache.save(tmp_path / "cache")
+
+
+def _chunk_files(path, name):
+    return sorted(p for p in (path / "arrays" / name / "c").rglob("*") if p.is_file())
+
+
+def test_flipped_bytes_in_a_chunk_file(saved):
+    chunk = _chunk_files(saved, "topk_ids")[0]
+    data = bytearray(chunk.read_bytes())
+    for i in range(len(data) // 2, len(data) // 2 + 4):
+        data[i] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="topk_ids"):
+        open_cache(saved)
+
+
+def test_valid_but_modified_array_is_a_checksum_mismatch(saved):
+    z = zarr.open_array(str(saved / "arrays" / "topk_logprobs"), mode="r+")
+    values = z[...]
+    values[0, 0] -= 0.5  # still valid log-probabilities
+    z[...] = values
+    with pytest.raises(ValueError, match="checksum mismatch in array 'topk_logprobs'"):
+        open_cache(saved)
+    assert open_cache(saved, verify=False).arrays["topk_logprobs"][0, 0, 0] == values[0, 0, 0]
+
+
+def test_nan_and_out_of_range_values_on_disk(saved):
+    z = zarr.open_array(str(saved / "arrays" / "topk_logprobs"), mode="r+")
+    values = z[...]
+    values[3, 1, 2] = np.nan
+    z[...] = values
+    with pytest.raises(ValueError, match="checksum mismatch in array 'topk_logprobs'"):
+        open_cache(saved)
+    with pytest.raises(ValueError, match="'topk_logprobs' must be finite"):
+        open_cache(saved, verify=False)
+    z = zarr.open_array(str(saved / "arrays" / "topk_ids"), mode="r+")
+    ids = z[...]
+    ids[0, 0, 0] = V + 1
+    z[...] = ids
+    with pytest.raises(ValueError, match=r"'topk_ids' must lie in \[0, vocab_size=40\)"):
+        open_cache(saved, verify=False)
+
+
+def test_missing_chunk_file(saved):
+    _chunk_files(saved, "softmax_gap")[0].unlink()
+    with pytest.raises(ValueError, match="array 'softmax_gap' .* missing 1 chunk"):
+        open_cache(saved, verify=False)
+
+
+@pytest.mark.parametrize(
+    "relative, match",
+    [
+        ("sequences.parquet", "sequences.parquet is missing"),
+        ("meta.json", "meta.json is missing"),
+        ("vocab.json", "vocab.json is missing"),
+        ("arrays/topk_logprobs/zarr.json", "array 'topk_logprobs' is listed in meta.json"),
+        ("arrays/hidden", "array 'hidden' is listed in meta.json"),
+    ],
+)
+def test_missing_file(saved, relative, match):
+    target = saved / relative
+    shutil.rmtree(target) if target.is_dir() else target.unlink()
+    with pytest.raises(ValueError, match=match):
+        open_cache(saved)
+
+
+def test_wrong_dtype_on_disk(saved):
+    where = saved / "arrays" / "topk_ids"
+    values = zarr.open_array(str(where), mode="r")[...]
+    shutil.rmtree(where)
+    zarr.create_array(store=str(where), data=values.astype(np.int64))
+    with pytest.raises(ValueError, match="array 'topk_ids' .* must have dtype int32, got int64"):
+        open_cache(saved)
+
+
+def _rewrite_table(path, fn):
+    table = pq.read_table(path / "sequences.parquet")
+    pq.write_table(fn(table), path / "sequences.parquet")
+
+
+def test_changed_parquet_is_a_checksum_mismatch(saved):
+    def change(table):
+        prompts = table.column("prompt").to_pylist()
+        prompts[2] = "a different prompt"
+        return table.set_column(table.schema.get_field_index("prompt"), "prompt", [prompts])
+
+    _rewrite_table(saved, change)
+    with pytest.raises(ValueError, match="checksum mismatch in table 'sequences'"):
+        open_cache(saved)
+    assert open_cache(saved, verify=False).sequences["prompt"].iloc[2] == "a different prompt"
+
+
+@pytest.mark.parametrize(
+    "column, values, match",
+    [
+        ("offset", [0, 5, 9, 15], "inconsistent offsets"),
+        ("n_tokens", [5, 3, 7, 2], "inconsistent offsets"),
+        ("n_tokens", [5, 3, 8, 0], "inconsistent offsets"),
+    ],
+)
+def test_inconsistent_offsets_in_parquet(saved, column, values, match):
+    import pyarrow as pa
+
+    def change(table):
+        return table.set_column(table.schema.get_field_index(column), column, pa.array(values, pa.int64()))
+
+    _rewrite_table(saved, change)
+    with pytest.raises(ValueError, match=match):
+        open_cache(saved, verify=False)
+
+
+def test_output_ids_must_match_full_tokens(saved):
+    import pyarrow as pa
+
+    def change(table):
+        lists = table.column("output_ids").to_pylist()
+        lists[0][0] = (lists[0][0] + 1) % V
+        column = pa.array(lists, pa.large_list(pa.int32()))
+        return table.set_column(table.schema.get_field_index("output_ids"), "output_ids", column)
+
+    _rewrite_table(saved, change)
+    with pytest.raises(ValueError, match="'output_ids' does not match the array 'full_tokens'"):
+        open_cache(saved)
+
+
+def _edit_meta(path, fn):
+    meta = json.loads((path / "meta.json").read_text())
+    fn(meta)
+    (path / "meta.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda m: m.update(format_version=2), "unsupported format_version 2"),
+        (lambda m: m.update(n_layers=5), "'n_layers' is 5"),
+        (lambda m: m["fields"]["topk_ids"].update(path="../../etc"), "invalid description"),
+        (lambda m: m["fields"].pop("topk_logprobs"), r"checksum mismatch in .*meta.json"),
+        (lambda m: m.update(vocab_size=V + 1), "vocab must have vocab_size=41 entries"),
+        (lambda m: m["fields"]["full_tokens"].update(shape=[3]), "has shape"),
+    ],
+)
+def test_edited_meta(saved, edit, match):
+    _edit_meta(saved, edit)
+    with pytest.raises(ValueError, match=match):
+        open_cache(saved)
+
+
+def test_edited_vocab_and_bad_json(saved):
+    vocab = json.loads((saved / "vocab.json").read_text())
+    vocab[3] = " changed"
+    (saved / "vocab.json").write_text(json.dumps(vocab))
+    with pytest.raises(ValueError, match="checksum mismatch in vocab 'vocab'"):
+        open_cache(saved)
+    (saved / "meta.json").write_text("{not json")
+    with pytest.raises(ValueError, match="meta.json is not valid JSON"):
+        open_cache(saved)
+
+
+def test_open_missing_path(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        open_cache(tmp_path / "nothing")
+    with pytest.raises(ValueError, match="meta.json is missing"):
+        open_cache(tmp_path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Checksum, subset, split, decode
+# --------------------------------------------------------------------------------------------------
+
+
+def test_checksum_tracks_content_not_metadata():
+    base = LayerCache.from_arrays(**_arrays())
+    renamed = LayerCache.from_arrays(**{**_arrays(), "model": "other", "meta": {"note": "x"}})
+    assert renamed.checksum == base.checksum
+    for change in (
+        {"references": ["ref a", None, "ref c", "new"]},
+        {"references": ["ref a", "", "ref c", ""]},  # missing is not the empty string
+        {"prompts": ["p"] * 4},
+        {"ids": ["a", "b", "c", "d"]},
+        {"vocab_size": V + 1, "vocab": None},
+        {"hidden": None},
+    ):
+        other = LayerCache.from_arrays(**{**_arrays(), **change})
+        assert other.checksum != base.checksum, change
+    raw = _arrays()
+    raw["topk_logprobs"][0, 0, 2] -= 1e-3
+    assert LayerCache.from_arrays(**raw).checksum != base.checksum
+
+
+def test_subset_keeps_order_and_whole_sequences(cache):
+    sub = cache.subset([2, 0])
+    assert sub.sequences["id"].tolist() == ["2", "0"]
+    assert sub.lengths.tolist() == [7, 5]
+    for name, a in cache.arrays.items():
+        np.testing.assert_array_equal(sub.arrays[name], np.concatenate([a[8:15], a[0:5]]))
+    assert sub.sequences["reference"].tolist() == ["ref c", "ref a"]
+    contiguous = cache.subset([1, 2])
+    assert np.shares_memory(contiguous.arrays["topk_ids"], cache.arrays["topk_ids"])
+    masked = cache.subset(np.array([False, True, True, False]))
+    assert masked.checksum == contiguous.checksum
+    sub.validate()
+
+
+@pytest.mark.parametrize(
+    "indices, error, match",
+    [([4], ValueError, r"\[0, n_sequences=4\)"), ([-1], ValueError, "n_sequences"), ([1, 1], ValueError, "repeat"),
+     ([], ValueError, "no sequence"), ([0.5], TypeError, "integers"), ([True, False], ValueError, "mask")],
+)
+def test_subset_rejects_bad_indices(cache, indices, error, match):
+    with pytest.raises(error, match=match):
+        cache.subset(np.array(indices))
+
+
+def test_split_is_by_sequence_disjoint_covering_and_seeded():
+    raw = _arrays(lengths=tuple(range(1, 41)), n_layers=2, k=2)
+    raw.update(prompts=None, references=None)
+    cache = LayerCache.from_arrays(**raw)
+    parts = cache.split([0.5, 0.25, 0.25], seed=3)
+    assert [p.n_sequences for p in parts] == [20, 10, 10]
+    ids = [p.sequences["id"].tolist() for p in parts]
+    assert sum(map(len, ids)) == 40 and len(set().union(*map(set, ids))) == 40  # disjoint and covering
+    by_id = {cache.sequences["id"].iloc[s]: s for s in range(40)}
+    for part in parts:
+        assert [by_id[i] for i in part.sequences["id"]] == sorted(by_id[i] for i in part.sequences["id"])
+        for j, sid in enumerate(part.sequences["id"]):  # every sequence moves whole
+            s = by_id[sid]
+            lo, hi = cache.offsets[s], cache.offsets[s + 1]
+            plo, phi = part.offsets[j], part.offsets[j + 1]
+            np.testing.assert_array_equal(part.arrays["topk_ids"][plo:phi], cache.arrays["topk_ids"][lo:hi])
+    again = cache.split([0.5, 0.25, 0.25], seed=3)
+    assert [p.checksum for p in again] == [p.checksum for p in parts]
+    other = cache.split([0.5, 0.25, 0.25], seed=4)
+    assert other[0].sequences["id"].tolist() != ids[0]
+
+
+@pytest.mark.parametrize(
+    "fractions, seed, match",
+    [([0.5, 0.6], 0, "sum to 1"), ([1.2, -0.2], 0, "positive"), ([0.99, 0.01], 0, "gets no sequence"),
+     ([0.5, 0.5], -1, "seed"), ([0.5, 0.5], 1.5, "seed"), ([], 0, "non-empty")],
+)
+def test_split_rejects_bad_arguments(cache, fractions, seed, match):
+    with pytest.raises(ValueError, match=match):
+        cache.split(fractions, seed=seed)
+
+
+def test_decode(cache):
+    assert cache.decode([1, 0, 39]) == " t1 t0 t39"
+    assert cache.decode(np.array([], dtype=np.int64)) == ""
+    with pytest.raises(ValueError, match=r"\[0, vocab_size=40\)"):
+        cache.decode([40])
+
+
+def test_low_level_constructor_validates(cache):
+    rebuilt = LayerCache(cache.sequences, dict(cache.arrays), vocab_size=V, meta=cache.meta, vocab=cache.vocab)
+    assert rebuilt.checksum == cache.checksum
+    seq = cache.sequences
+    seq["id"] = ["x", "x", "y", "z"]
+    with pytest.raises(ValueError, match="unique"):
+        LayerCache(seq, dict(cache.arrays), vocab_size=V)
+    with pytest.raises(ValueError, match=r"must lie in \[0, vocab_size=10\)"):
+        LayerCache(cache.sequences, dict(cache.arrays), vocab_size=10)

@@ -177,7 +177,7 @@ def proxy_losses(
     decay : Decay, optional
         Decaying threshold.
     decode : callable, optional
-        Maps a list of token ids to text, for the textual losses. Defaults to ``cache.decode`` when the
+        Maps a 1-D integer array of token ids to text, for the textual losses. Defaults to ``cache.decode`` when the
         cache has a vocabulary, else to the space-joined ids (ROUGE-L then becomes the LCS F-measure on
         token ids). The full output is decoded with the same function, so equal ids cost 0.
     progress : bool, default=False
@@ -218,7 +218,8 @@ def proxy_losses(
 
 def _default_decode(cache) -> Callable[[Sequence[int]], str]:
     if getattr(cache, "vocab", None) is not None:
-        return cache.decode
+        pieces = np.asarray(cache.vocab, dtype=object)
+        return lambda ids: "".join(pieces[np.asarray(ids, dtype=np.intp)])  # == cache.decode, without checks
     return lambda ids: " ".join(map(str, ids))
 
 
@@ -242,25 +243,28 @@ def _textual_losses(cache, conf, lam, top1, full, consistency, positions, decay,
         layers = exit_layers(conf[a:b], lam, positions=None if positions is None else positions[a:b], decay=decay)
         layer_sum += layers.sum(axis=0)
         early = early_tokens(top1[a:b], layers)
-        # Many thresholds give the same early output: decode and score each distinct one once.
-        early_texts, full_texts, refs, owners = [], [], [], []
-        for s in range(s0, s1):
-            lo, hi = offsets[s] - a, offsets[s + 1] - a
-            distinct, inverse = np.unique(early[lo:hi].T, axis=0, return_inverse=True)
-            full_text = decode(full[a + lo : a + hi].tolist())
-            early_texts += [decode(d.tolist()) for d in distinct]
-            full_texts += [full_text] * len(distinct)
+        # Neighbouring thresholds mostly give the same early output: a new output starts only where
+        # some token of the sequence changes, so decode and score one output per run of thresholds
+        # (the scorer's caches absorb the rare repeats of an earlier run).
+        starts = offsets[s0:s1] - a
+        changed = np.logical_or.reduceat(early[:, 1:] != early[:, :-1], starts, axis=0)
+        run_ids = np.concatenate([np.zeros((s1 - s0, 1), dtype=np.int64), np.cumsum(changed, axis=1)], axis=1)
+        early_texts, full_texts, refs = [], [], []
+        for j, s in enumerate(range(s0, s1)):
+            lo, hi = starts[j], offsets[s + 1] - a
+            full_text = decode(full[a + lo : a + hi])
+            cols = np.flatnonzero(np.concatenate([[True], changed[j]]))
+            early_texts += [decode(early[lo:hi, c]) for c in cols]
+            full_texts += [full_text] * cols.size
             if risk:
-                refs += [references[s]] * len(distinct)
-            owners.append((s, len(distinct), inverse.ravel()))
+                refs += [references[s]] * cols.size
         if risk:
             batch = risk_consistency(early_texts, full_texts, refs, scorer)
         else:
             batch = textual_loss(early_texts, full_texts, scorer)
-        pos = 0
-        for s, n_distinct, inverse in owners:
-            losses[s] = batch[pos : pos + n_distinct][inverse]
-            pos += n_distinct
+        # runs are numbered consecutively across the batch's sequences
+        first_run = np.concatenate([[0], np.cumsum(run_ids[:, -1] + 1)[:-1]])
+        losses[s0:s1] = batch[first_run[:, None] + run_ids]
         bar.update(s1 - s0)
     bar.close()
     return losses, layer_sum / max(cache.n_tokens, 1)

@@ -51,6 +51,7 @@ METRICS: tuple[str, ...] = ("rouge_l", "bleu", "token_f1")
 # characters outside [a-z0-9] by a space, split, drop empty tokens. Lowercasing first and
 # then keeping the maximal [a-z0-9] runs yields exactly the same tokens.
 _ROUGE_TOKEN_RE = re.compile(r"[a-z0-9]+")
+_ROUGE_BYTE_TABLE = bytes(c if chr(c) in "abcdefghijklmnopqrstuvwxyz0123456789" else 32 for c in range(256))
 # SQuAD v2.0 evaluation script `normalize_answer`.
 _SQUAD_PUNCT_TABLE = str.maketrans("", "", string.punctuation)
 _SQUAD_ARTICLES_RE = re.compile(r"\b(a|an|the)\b", re.UNICODE)
@@ -120,23 +121,21 @@ def _encode_ids(seqs: list[np.ndarray]) -> list[str | tuple[int, ...]]:
 
 
 class _RougeL:
-    """ROUGE-L F on rouge-score's default tokens, LCS on interned token ids."""
+    """ROUGE-L F on rouge-score's default tokens (as bytes), LCS by rapidfuzz on token lists."""
 
     def __init__(self) -> None:
-        self._vocab: dict[str, int] = {}
         self._similarity = _lcs_similarity()
 
-    def prepare(self, text: str) -> str | tuple[int, ...]:
-        vocab = self._vocab
-        ids = [vocab.setdefault(tok, len(vocab)) for tok in _ROUGE_TOKEN_RE.findall(text.lower())]
-        if len(vocab) - 1 <= _MAX_CODEPOINT:  # every id so far fits in a code point
-            return "".join(map(chr, ids))
-        return tuple(ids)
+    def prepare(self, text: str) -> list[bytes]:
+        text = text.lower()
+        if text.isascii():  # one C-level pass: every byte outside [a-z0-9] becomes a space
+            return text.encode("ascii").translate(_ROUGE_BYTE_TABLE).split()
+        return [tok.encode("ascii") for tok in _ROUGE_TOKEN_RE.findall(text)]
 
-    def pair(self, prediction: str | tuple[int, ...], reference: str | tuple[int, ...]) -> float:
+    def pair(self, prediction: list[bytes], reference: list[bytes]) -> float:
         if not prediction or not reference:
             return 0.0
-        lcs = _lcs_length(prediction, reference, self._similarity)
+        lcs = int(self._similarity(prediction, reference))
         return _lcs_f1(lcs, len(prediction), len(reference))
 
 

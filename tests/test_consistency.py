@@ -245,15 +245,14 @@ def test_random_text_equals_reference(prediction, reference):
         )
 
 
-def test_rouge_l_without_code_point_packing(monkeypatch):
-    # Past 0x10FFFF distinct tokens a scorer stores tuples; mixed str/tuple pairs still work.
-    predictions, references = map(list, zip(*ALL_PAIRS))
-    monkeypatch.setattr(consistency, "_MAX_CODEPOINT", 40)
+def test_rouge_l_ascii_fast_path_agrees_with_unicode_path():
+    # ASCII texts are tokenised with bytes.translate, others with the regex: tokens must match
+    # across the two paths (the Kelvin sign and dotted capital I lowercase to ASCII letters).
+    predictions = ["The cat sat é", "\u212aing of the hill", "The cat, sat!", "İstanbul tonight", "naïve café"]
+    references = ["the cat sat", "king of the hill", "the cat sat é", "i̇stanbul tonight", "naive cafe"]
     scorer = PairScorer("rouge_l")
-    scores = scorer.score(predictions, references)
-    kinds = {type(p) for p in scorer._prepared}
-    assert kinds == {str, tuple}
-    np.testing.assert_array_equal(scores, _reference_rouge_l(predictions, references))
+    np.testing.assert_array_equal(scorer.score(predictions, references), _reference_rouge_l(predictions, references))
+    assert scorer.score(["KING"], ["\u212aing"])[0] == 1.0
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,0 +1,89 @@
+"""audit() and validity(): held-out numbers, figures and errors."""
+
+import dataclasses
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np
+import pytest
+
+import calibrate
+
+
+@pytest.fixture(scope="module")
+def split():
+    cache = calibrate.synthetic_cache(600, n_layers=8, max_tokens=20, seed=5)
+    return cache.split([0.5, 0.5], seed=0)
+
+
+@pytest.fixture(scope="module")
+def cert(split):
+    return calibrate.fit(split[0], delta=0.15, epsilon=0.05, consistency="rouge_l")
+
+
+def test_audit_matches_a_direct_computation(split, cert):
+    dev, test = split
+    report = calibrate.audit(cert, test)
+    direct = calibrate.proxy_losses(test, test.arrays["softmax_gap"], cert.lambdas, consistency="rouge_l")
+    np.testing.assert_allclose(report.risks, direct.risks)
+    np.testing.assert_allclose(report.avg_layers, direct.avg_layers)
+    assert report.risk == direct.risks[cert.index]
+    assert report.within_tolerance == (report.risk <= 0.15)
+    frame = report.to_frame()
+    assert {"risk", "test_risk", "test_avg_layers", "selected"} <= set(frame.columns)
+    assert "AuditReport(n=300" in repr(report)
+
+
+def test_audit_of_full_model_certificate_costs_nothing(split, cert):
+    full = dataclasses.replace(cert, lambda_hat=None, certified=(False,) * len(cert.lambdas))
+    report = calibrate.audit(full, split[1])
+    assert report.risk == 0.0 and report.layers == split[1].n_layers and report.layer_savings == 0.0
+
+
+def test_audit_figure_marks_delta_and_lambda_hat(split, cert):
+    fig = calibrate.audit(cert, split[1]).plot()
+    risk_ax, layers_ax = fig.axes
+    labels = [line.get_label() for line in risk_ax.get_lines()]
+    assert any(label.startswith("delta") for label in labels)
+    assert any(label.startswith("lambda_hat") for label in labels)
+    delta_line = next(line for line in risk_ax.get_lines() if line.get_label().startswith("delta"))
+    assert np.allclose(delta_line.get_ydata(), 0.15)
+    assert layers_ax.get_ylabel() == "average exit layer"
+
+
+def test_audit_refuses_other_certificates(split, cert):
+    with pytest.raises(ValueError, match="exit-threshold certificate"):
+        calibrate.audit(calibrate.certify(np.zeros((50, 2)), [0.9, 0.5]), split[1])
+    other = calibrate.synthetic_cache(20, n_layers=5, seed=1)
+    with pytest.raises(ValueError, match="layers"):
+        calibrate.audit(cert, other)
+    broken = dataclasses.replace(cert, measure="classifier", measure_state=None)
+    with pytest.raises(ValueError, match="measure_state"):
+        calibrate.audit(broken, split[1])
+
+
+def test_validity_report_and_figure(split):
+    study = calibrate.validity(split[0], trials=20, seed=3, measure="state_saturation", progress=False)
+    assert study.trials == 20 and study.test_risks.shape == (20,)
+    assert 0 <= study.violation_rate <= 1 and 0 <= study.full_model_rate <= 1
+    certified = ~np.isnan(study.lambda_hats)
+    assert np.all(study.test_risks[~certified] == 0)
+    again = calibrate.validity(split[0], trials=20, seed=3, measure="state_saturation", progress=False)
+    np.testing.assert_array_equal(study.test_risks, again.test_risks)  # seeded splits
+    fig = study.plot()
+    assert "epsilon" in fig.axes[0].get_title()
+
+
+def test_validity_with_classifier_keeps_training_sequences_out(split):
+    study = calibrate.validity(split[0], trials=5, seed=0, measure="classifier", progress=False)
+    assert study.trials == 5
+
+
+@pytest.mark.parametrize(
+    "kwargs, match", [({"trials": 0}, "trials"), ({"cal_fraction": 1.0}, "cal_fraction"), ({"cal_fraction": 0.001}, "empty")]
+)
+def test_validity_bad_input(split, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        calibrate.validity(split[0], progress=False, **kwargs)

@@ -1,0 +1,61 @@
+"""The command line end to end: synthetic -> fit -> audit, demo, and errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import calibrate
+from calibrate.cli import main
+
+
+def test_synthetic_fit_audit(tmp_path, capsys):
+    dev, test, cert = tmp_path / "dev", tmp_path / "test", tmp_path / "cert.json"
+    assert main(["synthetic", "-o", str(dev), "--sequences", "400", "--layers", "8", "--seed", "1"]) == 0
+    assert main(["synthetic", "-o", str(test), "--sequences", "400", "--layers", "8", "--seed", "2"]) == 0
+    rc = main(["fit", str(dev), "--delta", "0.1", "--epsilon", "0.05", "--measure", "entropy", "-o", str(cert)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "measure=entropy" in out and "guarantee" in out
+    saved = calibrate.Certificate.from_json(cert)
+    direct = calibrate.fit(calibrate.open_cache(dev), delta=0.1, epsilon=0.05, measure="entropy")
+    assert saved == direct
+    figure = tmp_path / "audit.png"
+    rc = main(["audit", str(cert), str(test), "--figure", str(figure)])
+    report = calibrate.audit(saved, calibrate.open_cache(test))
+    assert rc == (0 if report.within_tolerance else 1)
+    assert "held-out risk" in capsys.readouterr().out
+    assert figure.stat().st_size > 1000
+
+
+def test_errors_are_messages_not_tracebacks(tmp_path, capsys):
+    assert main(["fit", str(tmp_path / "missing")]) == 2
+    assert "error" in capsys.readouterr().err
+    dev = tmp_path / "dev"
+    main(["synthetic", "-o", str(dev), "--sequences", "50"])
+    capsys.readouterr()
+    assert main(["fit", str(dev), "--delta", "1.5"]) == 2
+    assert "delta must lie in the open interval (0, 1)" in capsys.readouterr().err
+    assert main(["synthetic", "-o", str(dev)]) == 2  # refuses to overwrite
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"lambda_hat": 1}))
+    assert main(["audit", str(bad), str(dev)]) == 2
+
+
+@pytest.mark.slow
+def test_demo_runs_as_a_module(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "calibrate", "demo", "--out", str(tmp_path), "--sequences", "400", "--trials", "10"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Validity over 10 random splits" in result.stdout
+    for measure in ("softmax_gap", "state_saturation", "classifier"):
+        assert measure in result.stdout
+        cert = calibrate.Certificate.from_json(tmp_path / f"cert_{measure}.json")
+        assert cert.mode == "proxy"
+        assert (tmp_path / f"audit_{measure}.png").exists()
+    assert (tmp_path / "validity.png").exists()

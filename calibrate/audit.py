@@ -104,7 +104,9 @@ class AuditReport:
         )
 
     def plot(self, fig=None):
-        """Risk and average layers against the threshold, with delta and lambda_hat marked.
+        """Risk and average layers against the threshold, and risk against layers used.
+
+        ``delta`` and ``lambda_hat`` are marked; calibration and held-out curves are drawn side by side.
 
         Returns
         -------
@@ -113,22 +115,28 @@ class AuditReport:
         import matplotlib.pyplot as plt
 
         cert = self.certificate
-        fig = fig or plt.figure(figsize=(9, 3.6))
-        ax_risk, ax_layers = fig.subplots(1, 2)
+        fig = fig or plt.figure(figsize=(13, 3.8))
+        ax_risk, ax_layers, ax_trade = fig.subplots(1, 3)
         lam = np.asarray(cert.lambdas)
         ax_risk.plot(lam, cert.risks, label=f"calibration (n={cert.n})")
         ax_risk.plot(lam, self.risks, label=f"held-out (n={self.n})")
-        ax_risk.axhline(cert.delta, color="k", linestyle="--", linewidth=1, label=f"delta = {cert.delta:g}")
         ax_risk.set(xlabel="threshold lambda", ylabel=f"risk ({cert.consistency})", title="Risk")
-        ax_layers.plot(lam, self.avg_layers, color="C2")
+        ax_layers.plot(lam, self.avg_layers, color="C2", label="held-out")
         ax_layers.axhline(cert.n_layers, color="k", linestyle=":", linewidth=1, label="full model")
         ax_layers.set(xlabel="threshold lambda", ylabel="average exit layer", title="Layers used")
+        ax_trade.plot(self.avg_layers, self.risks, color="C1", label="held-out")
+        ax_trade.set(xlabel="average exit layer", ylabel=f"risk ({cert.consistency})", title="Trade-off")
+        for ax in (ax_risk, ax_trade):
+            ax.axhline(cert.delta, color="k", linestyle="--", linewidth=1, label=f"delta = {cert.delta:g}")
         for ax in (ax_risk, ax_layers):
             if cert.lambda_hat is not None:
                 ax.axvline(cert.lambda_hat, color="C3", linewidth=1, label=f"lambda_hat = {cert.lambda_hat:.4g}")
             ax.invert_xaxis()
+        if cert.lambda_hat is not None:
+            ax_trade.plot([self.layers], [self.risk], "o", color="C3", label="at lambda_hat")
+        for ax in (ax_risk, ax_layers, ax_trade):
             ax.legend(fontsize=8)
-        fig.suptitle(f"{cert.measure} / {cert.consistency}, epsilon = {cert.epsilon:g} (faster to the right)")
+        fig.suptitle(f"{cert.measure} / {cert.consistency}, epsilon = {cert.epsilon:g} (lower lambda exits earlier)")
         fig.tight_layout()
         return fig
 

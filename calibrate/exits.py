@@ -208,11 +208,12 @@ def _sweep(conf, grids, shift, inv_slope, lut, lut_lo, lut_inv, offsets, top1, f
     Returns False if ``conf`` holds a non-finite value in layers ``1..L-1``.
     """
     n_layers = conf.shape[1]
-    k = grids.shape[1]
+    k = grids.shape[1] - 1  # the last column is a +inf sentinel
     n_cells = lut.size
     finite = np.ones(offsets.size - 1, dtype=np.bool_)
     for s in numba.prange(offsets.size - 1):
         lo = offsets[s]
+        bad = False
         for t in range(lo, offsets[s + 1]):
             row = 0 if grids.shape[0] == 1 else t - lo
             m = -np.inf
@@ -224,23 +225,21 @@ def _sweep(conf, grids, shift, inv_slope, lut, lut_lo, lut_inv, offsets, top1, f
                 wrong[s, 0] += w
             for i in range(n_layers - 1):
                 c = conf[t, i]
-                if not (c > -np.inf and c < np.inf):  # NaN or inf
-                    finite[s] = False
-                elif c > m:
-                    m = c
-                    if b < k and grids[row, b] <= m:
-                        # the running maximum passed a threshold: start from the lookup table and
-                        # correct by exact comparisons with this token's thresholds
-                        cell = ((m - shift[row]) * inv_slope - lut_lo) * lut_inv
-                        new_b = lut[min(int(cell), n_cells - 1)] if cell > 0 else 0
-                        new_b = max(new_b, b + 1)
-                        while new_b < k and grids[row, new_b] <= m:
-                            new_b += 1
-                        while new_b > b + 1 and grids[row, new_b - 1] > m:
-                            new_b -= 1
-                        layer_hist[s, b] += i - run
-                        run = i
-                        b = new_b
+                bad |= not (c - c == 0.0)  # NaN or inf
+                m = max(m, c)
+                if grids[row, b] <= m and b < k:
+                    # the running maximum passed a threshold: start from the lookup table and
+                    # correct by exact comparisons with this token's thresholds
+                    cell = ((m - shift[row]) * inv_slope - lut_lo) * lut_inv
+                    new_b = lut[min(int(cell), n_cells - 1)] if cell > 0 else 0
+                    new_b = max(new_b, b + 1)
+                    while new_b < k and grids[row, new_b] <= m:
+                        new_b += 1
+                    while new_b > b + 1 and grids[row, new_b - 1] > m:
+                        new_b -= 1
+                    layer_hist[s, b] += i - run
+                    run = i
+                    b = new_b
                 if count_wrong:
                     # w_{i+1}: the next layer's disagreement, 0 at the last layer (the full model)
                     nxt = 0
@@ -250,6 +249,7 @@ def _sweep(conf, grids, shift, inv_slope, lut, lut_lo, lut_inv, offsets, top1, f
                         wrong[s, b] += nxt - w
                         w = nxt
             layer_hist[s, b] += n_layers - 1 - run
+        finite[s] = not bad
     return finite.all()
 
 
@@ -288,8 +288,9 @@ def _run_sweep(conf, lam, offsets, decay, top1, full, count_wrong):
     lut = np.searchsorted(asc, edges, side="right").astype(np.int32)
     layer_hist = np.zeros((n_seq, k + 1), dtype=np.int64)
     wrong = np.zeros((n_seq, k + 1) if count_wrong else (0, 0), dtype=np.int64)
+    sentinel = np.full((grids.shape[0], 1), np.inf)
     ok = _sweep(
-        conf, np.ascontiguousarray(grids), shift, 1.0 / slope, lut, float(asc[0]), float(inv),
+        conf, np.concatenate([grids, sentinel], axis=1), shift, 1.0 / slope, lut, float(asc[0]), float(inv),
         offsets, top1, full, count_wrong, layer_hist, wrong,
     )
     if not ok:

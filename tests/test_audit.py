@@ -44,13 +44,14 @@ def test_audit_of_full_model_certificate_costs_nothing(split, cert):
 
 def test_audit_figure_marks_delta_and_lambda_hat(split, cert):
     fig = calibrate.audit(cert, split[1]).plot()
-    risk_ax, layers_ax = fig.axes
+    risk_ax, layers_ax, trade_ax = fig.axes
     labels = [line.get_label() for line in risk_ax.get_lines()]
     assert any(label.startswith("delta") for label in labels)
     assert any(label.startswith("lambda_hat") for label in labels)
     delta_line = next(line for line in risk_ax.get_lines() if line.get_label().startswith("delta"))
     assert np.allclose(delta_line.get_ydata(), 0.15)
     assert layers_ax.get_ylabel() == "average exit layer"
+    assert trade_ax.get_xlabel() == "average exit layer"
 
 
 def test_audit_refuses_other_certificates(split, cert):

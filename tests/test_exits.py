@@ -121,10 +121,13 @@ def test_bad_lambdas(lambdas, match):
         exit_layers(np.zeros((2, 3)), lambdas)
 
 
-def test_non_finite_confidence_is_refused():
-    conf = np.array([[0.5, np.nan, 0.1]])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_confidence_is_refused(bad):
+    conf = np.array([[0.5, bad, 0.1], [0.2, 0.3, 0.4]])
     with pytest.raises(ValueError, match="NaN or inf"):
         average_layers(conf, [0.9, 0.4])
+    with pytest.raises(ValueError, match="NaN or inf"):
+        disagreement_counts(conf, [0.9, 0.4], np.zeros((2, 3), np.int32), np.zeros(2, np.int32), [0, 1, 2])
     with pytest.raises(ValueError, match="offsets"):
         average_layers(np.zeros((3, 2)), [0.5], offsets=[0, 2])
 

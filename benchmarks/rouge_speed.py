@@ -25,7 +25,7 @@ def naive_rouge_losses(cache, conf, lambdas) -> np.ndarray:
     scorer = rouge_scorer.RougeScorer(["rougeL"])
     top1 = cache.arrays["topk_ids"][:, :, 0]
     full = cache.arrays["full_tokens"]
-    early = early_tokens(top1, exit_layers(conf, lambdas))
+    early = early_tokens(top1, exit_layers(conf, lambdas), full)
     out = np.empty((cache.n_sequences, lambdas.size))
     for s in range(cache.n_sequences):
         lo, hi = cache.offsets[s], cache.offsets[s + 1]

@@ -5,8 +5,9 @@ satisfies ``P(risk(lambda_hat) <= delta) >= 1 - epsilon``. ``delta`` is the tole
 consistency loss and ``epsilon`` the failure probability (CALM's letters; Learn-Then-Test and MAPIE
 write alpha for the tolerance and delta for the failure probability).
 
-The package imports with numpy, scipy, pandas and scikit-learn alone; torch is needed only to extract
-caches from a model and to decode.
+The core never imports torch (its dependencies: numpy, scipy, pandas, scikit-learn, numba for the exit
+sweep, zarr and pyarrow for caches, rapidfuzz, rouge-score and sacrebleu for text metrics); torch will be
+needed only to extract caches from a model and to decode.
 """
 
 from importlib.metadata import PackageNotFoundError, version

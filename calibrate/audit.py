@@ -187,6 +187,8 @@ class ValidityReport:
         Certified threshold per trial (``nan`` = full model).
     naive_test_risks : ndarray, shape (trials,)
         Held-out risk of the naive rule "fastest threshold whose calibration risk is <= delta".
+    n_cal, n_test : int
+        Calibration and test sequences per trial (a learned measure's training sequences are in neither).
     """
 
     delta: float
@@ -194,6 +196,8 @@ class ValidityReport:
     test_risks: np.ndarray
     lambda_hats: np.ndarray
     naive_test_risks: np.ndarray
+    n_cal: int
+    n_test: int
 
     @property
     def trials(self) -> int:
@@ -286,32 +290,31 @@ def validity(
     """
     from tqdm.auto import tqdm
 
-    from calibrate.fit import fit
+    from calibrate.fit import TRAIN_FRACTION, _calibration_split, fit
 
-    if isinstance(trials, bool) or not isinstance(trials, (int, np.integer)) or trials < 1:
-        raise ValueError(f"trials must be a positive int, got {trials!r}")
+    if isinstance(trials, bool) or not isinstance(trials, (int, np.integer)):
+        raise TypeError(f"trials must be an int, got {type(trials).__name__}")
+    if trials < 1:
+        raise ValueError(f"trials must be >= 1, got {trials}")
     cal_fraction = _unit_interval_iv(cal_fraction, "cal_fraction")
     # One fit on the whole cache gives the measure (and the trained classifier) and the grid; the
-    # loss table of the calibration sequences is then reused by every trial.
+    # loss table of the calibration sequences (never the classifier's training sequences) is then
+    # reused by every trial.
     reference = fit(cache, delta=delta, epsilon=epsilon, seed=seed, **fit_kwargs)
-    pool = cache
-    if reference.measure == "classifier":
-        train_fraction = fit_kwargs.get("train_fraction", 0.3)
-        _, pool = cache.split([train_fraction, 1.0 - train_fraction], seed=seed)
+    _, pool = _calibration_split(cache, reference.measure, fit_kwargs.get("train_fraction", TRAIN_FRACTION), seed)
     table = _certificate_losses(reference, pool, decode=fit_kwargs.get("decode"))
     n_cal = int(round(cal_fraction * table.n))
     if not 0 < n_cal < table.n:
         raise ValueError(f"cal_fraction={cal_fraction} leaves an empty calibration or test set of {table.n} sequences")
-    bound = fit_kwargs.get("bound", "hoeffding_bentkus")
-    method = fit_kwargs.get("method", "fixed_sequence")
+    options = {key: fit_kwargs[key] for key in ("bound", "method") if key in fit_kwargs}
     test_risks, lambda_hats, naive = np.zeros(trials), np.full(trials, np.nan), np.zeros(trials)
     for i in tqdm(range(trials), desc="validity", unit="split", disable=not progress):
         perm = np.random.default_rng([seed, i]).permutation(table.n)
         cal, test = table.subset(perm[:n_cal]), table.subset(perm[n_cal:])
-        cert = certify(cal, delta=delta, epsilon=epsilon, bound=bound, method=method)
+        cert = certify(cal, delta=delta, epsilon=epsilon, **options)
         if cert.index is not None:
             test_risks[i] = test.risks[cert.index]
             lambda_hats[i] = cert.lambda_hat
         ok = np.flatnonzero(cal.risks <= delta)
         naive[i] = test.risks[ok[-1]] if ok.size else 0.0
-    return ValidityReport(float(delta), float(epsilon), test_risks, lambda_hats, naive)
+    return ValidityReport(float(delta), float(epsilon), test_risks, lambda_hats, naive, n_cal, table.n - n_cal)

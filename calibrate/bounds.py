@@ -224,7 +224,7 @@ def hoeffding_kl(mean_loss, n: int, tolerance: float):
     Notes
     -----
     Hoeffding (1963, Thm 1) bounds ``P(R_n <= x) <= exp(-n h(x, mu))`` for ``x <= mu``; ``h(x, .)`` is
-    decreasing on ``[x, 1]`` so ``mu > a`` can be replaced by ``a``. ``h(0, a) = -log(1 - a)``, so an empirical
+    increasing on ``[x, 1]`` so ``mu > a`` can be replaced by ``a``. ``h(0, a) = -log(1 - a)``, so an empirical
     risk of 0 gives ``(1 - a)^n``. Dominates :func:`hoeffding` (Pinsker: ``h(x, a) >= 2 (a - x)^2``).
 
     References

@@ -8,18 +8,20 @@ from pathlib import Path
 
 __all__ = ["main"]
 
-_DEMO_MEASURES = ("softmax_gap", "softmax_max", "entropy", "state_saturation", "classifier")
 
 
 def _add_fit_options(p: argparse.ArgumentParser) -> None:
+    from calibrate.bounds import P_VALUES
+    from calibrate.fit import METHODS
     from calibrate.losses import CONSISTENCIES
+    from measures.confidence import MEASURES
 
     p.add_argument("--delta", type=float, default=0.1, help="tolerance on the loss, in (0, 1) (default 0.1)")
     p.add_argument("--epsilon", type=float, default=0.05, help="failure probability, in (0, 1) (default 0.05)")
-    p.add_argument("--measure", default="softmax_gap", choices=("softmax_gap", "softmax_max", "entropy", "state_saturation", "classifier"))
+    p.add_argument("--measure", default="softmax_gap", choices=(*MEASURES, "classifier"))
     p.add_argument("--consistency", default="token", choices=CONSISTENCIES)
-    p.add_argument("--bound", default="hoeffding_bentkus", choices=("hoeffding_bentkus", "hoeffding", "hoeffding_kl", "bentkus", "binomial", "wsr"))
-    p.add_argument("--method", default="fixed_sequence", choices=("fixed_sequence", "bonferroni", "holm", "crc"))
+    p.add_argument("--bound", default="hoeffding_bentkus", choices=tuple(P_VALUES))
+    p.add_argument("--method", default="fixed_sequence", choices=METHODS)
     p.add_argument("--decay", type=float, default=None, metavar="TAU", help="decaying threshold with rate TAU (CALM: 4)")
     p.add_argument("--seed", type=int, default=0, help="seed of the classifier's train split")
 
@@ -88,7 +90,9 @@ def _cmd_demo(args) -> int:
     )
     print(f"  delta = {args.delta:g} (tolerance on the token disagreement rate), epsilon = {args.epsilon:g} (failure probability)\n")
     rows = []
-    for measure in _DEMO_MEASURES:
+    from measures.confidence import MEASURES
+
+    for measure in (*MEASURES, "classifier"):
         cert = calibrate.fit(dev, delta=args.delta, epsilon=args.epsilon, measure=measure, seed=args.seed)
         report = calibrate.audit(cert, test)
         cert.to_json(out / f"cert_{measure}.json")

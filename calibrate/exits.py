@@ -56,7 +56,7 @@ class Decay:
     def __post_init__(self) -> None:
         if isinstance(self.max_len, bool) or not isinstance(self.max_len, (int, np.integer)) or self.max_len <= 0:
             raise ValueError(f"Decay.max_len must be a positive int, got {self.max_len!r}")
-        if not np.isfinite(self.tau) or self.tau < 0:
+        if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float, np.integer, np.floating)) or not np.isfinite(self.tau) or self.tau < 0:
             raise ValueError(f"Decay.tau must be a finite float >= 0, got {self.tau!r}")
 
     def thresholds(self, lambdas: np.ndarray, positions: np.ndarray) -> np.ndarray:
@@ -86,26 +86,39 @@ def _lambdas_iv(lambdas) -> np.ndarray:
     if not np.all(np.isfinite(lam)):
         raise ValueError("lambdas must be finite (the full model is an explicit hypothesis, not lambda=inf)")
     if lam.size > 1 and not np.all(np.diff(lam) < 0):
-        raise ValueError("lambdas must be strictly decreasing (safest first), got an unordered grid")
+        i = int(np.argmax(np.diff(lam) >= 0))
+        raise ValueError(
+            f"lambdas must be strictly decreasing (safest first), got lambdas[{i}]={lam[i]:g} <= lambdas[{i + 1}]={lam[i + 1]:g}"
+        )
     return lam
 
 
-def _conf_iv(conf, positions, decay) -> tuple[np.ndarray, np.ndarray | None]:
+def _conf_iv(conf, decay) -> np.ndarray:
     conf = np.asarray(conf)
     if conf.ndim != 2 or conf.shape[1] < 1:
         raise ValueError(f"conf must have shape (n_tokens, n_layers), got {conf.shape}")
     if conf.dtype.kind != "f":
         conf = conf.astype(np.float32)
-    if decay is None:
-        return conf, None
-    if not isinstance(decay, Decay):
+    if decay is not None and not isinstance(decay, Decay):
         raise TypeError(f"decay must be a calibrate.Decay or None, got {type(decay).__name__}")
+    return conf
+
+
+def _exit_layers_iv(conf, lambdas, positions, decay):
+    lam = _lambdas_iv(lambdas)
+    conf = _conf_iv(conf, decay)
+    if not np.all(np.isfinite(conf)):
+        raise ValueError("conf contains NaN or inf")
+    if decay is None:
+        return lam, conf, None
     if positions is None:
         raise ValueError("positions (0-based token positions, shape (n_tokens,)) are needed with decay")
     positions = np.asarray(positions)
     if positions.shape != (conf.shape[0],):
         raise ValueError(f"positions must have shape ({conf.shape[0]},), got {positions.shape}")
-    return conf, positions
+    if positions.size and positions.min() < 0:
+        raise ValueError(f"positions must be >= 0, got a minimum of {positions.min()}")
+    return lam, conf, positions
 
 
 def _blocks(n: int):
@@ -160,8 +173,7 @@ def exit_layers(conf, lambdas, *, positions=None, decay: Decay | None = None) ->
     array([[4, 2, 2],
            [4, 3, 1]], dtype=int16)
     """
-    lam = _lambdas_iv(lambdas)
-    conf, positions = _conf_iv(conf, positions, decay)
+    lam, conf, positions = _exit_layers_iv(conf, lambdas, positions, decay)
     n_tokens, n_layers = conf.shape
     k = lam.size
     asc = lam[::-1]
@@ -176,7 +188,7 @@ def exit_layers(conf, lambdas, *, positions=None, decay: Decay | None = None) ->
     return out
 
 
-def early_tokens(top1: np.ndarray, layers: np.ndarray) -> np.ndarray:
+def early_tokens(top1: np.ndarray, layers: np.ndarray, full_tokens: np.ndarray | None = None) -> np.ndarray:
     """Token emitted at the exit layer.
 
     Parameters
@@ -185,12 +197,18 @@ def early_tokens(top1: np.ndarray, layers: np.ndarray) -> np.ndarray:
         Each layer's top-1 token.
     layers : ndarray of int, shape (n_tokens, n_lambdas)
         1-based exit layers from :func:`exit_layers`.
+    full_tokens : ndarray of int, shape (n_tokens,), optional
+        The full model's tokens. When given, a token that runs to the last layer emits the full model's
+        token (the full model by definition), whatever the last layer's stored top-1 says.
 
     Returns
     -------
     ndarray, shape (n_tokens, n_lambdas), the dtype of ``top1``.
     """
-    return np.take_along_axis(top1, layers.astype(np.intp) - 1, axis=1)
+    early = np.take_along_axis(top1, layers.astype(np.intp) - 1, axis=1)
+    if full_tokens is not None:
+        early = np.where(layers == top1.shape[1], np.asarray(full_tokens)[:, None], early).astype(top1.dtype, copy=False)
+    return early
 
 
 #: Most cells of the lookup table that maps a confidence to its approximate place in the grid.
@@ -231,7 +249,12 @@ def _sweep(conf, grids, shift, inv_slope, lut, lut_lo, lut_inv, offsets, top1, f
                     # the running maximum passed a threshold: start from the lookup table and
                     # correct by exact comparisons with this token's thresholds
                     cell = ((m - shift[row]) * inv_slope - lut_lo) * lut_inv
-                    new_b = lut[min(int(cell), n_cells - 1)] if cell > 0 else 0
+                    if cell >= n_cells - 1:  # also +inf: clamp before converting to int
+                        new_b = lut[n_cells - 1]
+                    elif cell > 0:
+                        new_b = lut[int(cell)]
+                    else:  # also NaN
+                        new_b = 0
                     new_b = max(new_b, b + 1)
                     while new_b < k and grids[row, new_b] <= m:
                         new_b += 1
@@ -255,18 +278,14 @@ def _sweep(conf, grids, shift, inv_slope, lut, lut_lo, lut_inv, offsets, top1, f
 
 def _sweep_iv(conf, lambdas, offsets, decay):
     lam = _lambdas_iv(lambdas)
-    conf = np.asarray(conf)
-    if conf.ndim != 2 or conf.shape[1] < 1:
-        raise ValueError(f"conf must have shape (n_tokens, n_layers), got {conf.shape}")
-    if conf.dtype.kind != "f":
-        conf = conf.astype(np.float32)
-    offsets = np.asarray([0, conf.shape[0]] if offsets is None else offsets, dtype=np.int64)
-    if offsets.ndim != 1 or offsets.size < 2 or offsets[0] != 0 or offsets[-1] != conf.shape[0] or np.any(np.diff(offsets) < 0):
+    conf = _conf_iv(conf, decay)  # finiteness is checked inside the sweep
+    n_tokens = conf.shape[0]
+    offsets = np.asarray([0, n_tokens] if offsets is None else offsets, dtype=np.int64)
+    if offsets.ndim != 1 or offsets.size < 2 or offsets[0] != 0 or offsets[-1] != n_tokens or np.any(np.diff(offsets) < 0):
         raise ValueError(
-            f"offsets must be non-decreasing CSR offsets from 0 to n_tokens={conf.shape[0]}, shape (n_sequences + 1,)"
+            f"offsets must be non-decreasing CSR offsets from 0 to n_tokens={n_tokens} (shape (n_sequences + 1,)), "
+            f"got shape {offsets.shape} from {offsets[:1].tolist()} to {offsets[-1:].tolist()}"
         )
-    if decay is not None and not isinstance(decay, Decay):
-        raise TypeError(f"decay must be a calibrate.Decay or None, got {type(decay).__name__}")
     return lam, conf, offsets
 
 

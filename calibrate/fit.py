@@ -21,7 +21,9 @@ from calibrate.losses import LossTable, proxy_losses, user_losses
 
 __all__ = ["certify", "fit"]
 
-_METHODS = ("fixed_sequence", "bonferroni", "holm", "multistart", "crc")
+METHODS = ("fixed_sequence", "bonferroni", "holm", "multistart", "crc")
+#: Default share of sequences that trains a learned measure (never used for calibration).
+TRAIN_FRACTION = 0.3
 
 
 def _unit_interval_iv(value, name: str) -> float:
@@ -47,14 +49,14 @@ def _certify_iv(losses, lambdas, delta, epsilon, bound, method, knob):
     if bound not in _bounds.P_VALUES:
         raise ValueError(f"bound must be one of {sorted(_bounds.P_VALUES)}, got {bound!r}")
     if isinstance(method, str):
-        if method not in _METHODS:
-            raise ValueError(f"method must be one of {_METHODS} or a calibrate.fwer.FWERProcedure, got {method!r}")
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS} or a calibrate.fwer.FWERProcedure, got {method!r}")
         method_name = method
     elif isinstance(method, _fwer.FWERProcedure):
         method_name = getattr(method, "name", type(method).__name__)
     else:
         raise TypeError(
-            f"method must be one of {_METHODS} or a calibrate.fwer.FWERProcedure instance, got {type(method).__name__}"
+            f"method must be one of {METHODS} or a calibrate.fwer.FWERProcedure instance, got {type(method).__name__}"
         )
     if knob not in KNOBS:
         raise ValueError(f"knob must be one of {KNOBS}, got {knob!r}")
@@ -99,6 +101,8 @@ def certify(
 
     Raises
     ------
+    TypeError
+        If ``delta`` or ``epsilon`` is not a number, or ``method`` is neither a name nor a FWERProcedure.
     ValueError
         If ``delta`` or ``epsilon`` is outside (0, 1), losses are outside [0, 1] or NaN, ``lambdas`` is
         not strictly decreasing or its length differs from the number of columns.
@@ -184,8 +188,8 @@ def _reason(table: LossTable, delta, epsilon, bound, method, p_values, index) ->
             f"epsilon={epsilon:g} under the {bound} bound"
         )
     return (
-        f"the safest value lambda={table.lambdas[0]:.6g} has empirical risk {table.risks[0]:.4f} and "
-        f"p={p_values[0]:.3g} > epsilon={epsilon:g}"
+        f"no threshold rejected by {method} at epsilon={epsilon:g}; the safest value lambda={table.lambdas[0]:.6g} "
+        f"has empirical risk {table.risks[0]:.4f} and p={p_values[0]:.3g}"
     )
 
 
@@ -193,11 +197,28 @@ def _decay_iv(decay, cache) -> Decay | None:
     if decay is None or isinstance(decay, Decay):
         return decay
     if isinstance(decay, dict):
+        unknown = set(decay) - {"max_len", "tau"}
+        if unknown or "max_len" not in decay:
+            raise ValueError(f"decay as a dict needs the keys 'max_len' and optionally 'tau', got {sorted(decay)}")
         return Decay(**decay)
     if isinstance(decay, (int, float)) and not isinstance(decay, bool):
-        max_len = int(cache.meta.get("generation", {}).get("max_new_tokens") or np.max(cache.lengths))
-        return Decay(max_len=max_len, tau=float(decay))
+        # N must not depend on the calibration data, so it comes from the generation settings
+        max_len = cache.meta.get("generation", {}).get("max_new_tokens")
+        if not max_len:
+            raise ValueError(
+                "decay=<tau> takes N from the cache's generation settings (meta['generation']['max_new_tokens']), "
+                "which this cache lacks; pass decay=calibrate.Decay(max_len=N, tau=tau)"
+            )
+        return Decay(max_len=int(max_len), tau=float(decay))
     raise TypeError(f"decay must be None, a Decay, a dict or a float tau, got {type(decay).__name__}")
+
+
+def _calibration_split(cache, measure: str, train_fraction: float, seed: int):
+    """``(train, calibration)`` caches: a seeded split by sequence for the classifier, else ``(None, cache)``."""
+    if measure != "classifier":
+        return None, cache
+    train_fraction = _unit_interval_iv(train_fraction, "train_fraction")
+    return cache.split([train_fraction, 1.0 - train_fraction], seed=seed)
 
 
 def fit(
@@ -211,7 +232,7 @@ def fit(
     method: str | _fwer.FWERProcedure = "fixed_sequence",
     lambdas: Sequence[float] | None = None,
     decay: Decay | float | None = None,
-    train_fraction: float = 0.3,
+    train_fraction: float = TRAIN_FRACTION,
     seed: int = 0,
     decode: Callable[[Sequence[int]], str] | None = None,
     progress: bool = False,
@@ -236,9 +257,9 @@ def fit(
         As in :func:`certify`.
     lambdas : array_like, optional
         Threshold grid, strictly decreasing; default :func:`calibrate.exits.default_lambdas`.
-    decay : Decay, float or None
-        Decaying threshold: a :class:`Decay`, or a float ``tau`` with ``N`` from the cache's generation
-        settings (``max_new_tokens``) or its longest output.
+    decay : Decay, dict, float or None
+        Decaying threshold: a :class:`Decay`, a dict of its fields, or a float ``tau`` with ``N`` from the
+        cache's generation settings (``meta["generation"]["max_new_tokens"]``; never from the data).
     train_fraction : float, default=0.3
         Share of sequences used to train the classifier measure.
     seed : int, default=0
@@ -276,14 +297,15 @@ def fit(
     allowed = tuple(MEASURES) + ("classifier",)
     if measure not in allowed:
         raise ValueError(f"measure must be one of {allowed}, got {measure!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
     decay = _decay_iv(decay, cache)
     lam = default_lambdas() if lambdas is None else lambdas
     source, measure_state, n_train = cache, None, 0
-    if measure == "classifier":
+    train, cache = _calibration_split(cache, measure, train_fraction, seed)
+    if train is not None:
         from measures.classifier import ExitClassifier
 
-        train_fraction = _unit_interval_iv(train_fraction, "train_fraction")
-        train, cache = cache.split([train_fraction, 1.0 - train_fraction], seed=seed)
         classifier = ExitClassifier(seed=seed).fit(train)
         conf = classifier.predict_confidence(cache)
         measure_state, n_train = classifier.to_dict(), train.n_sequences

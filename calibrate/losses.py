@@ -209,8 +209,6 @@ def proxy_losses(
         else:
             losses = (counts > 0).astype(np.float64)
         return LossTable(losses, lam, "proxy", consistency, avg, n_layers)
-    if not np.all(np.isfinite(conf)):
-        raise ValueError("conf contains NaN or inf")
     positions = cache.positions if decay is not None else None
     losses, avg = _textual_losses(cache, conf, lam, top1, full, consistency, positions, decay, decode, progress)
     return LossTable(losses, lam, "proxy", consistency, avg, n_layers)
@@ -242,7 +240,7 @@ def _textual_losses(cache, conf, lam, top1, full, consistency, positions, decay,
         a, b = offsets[s0], offsets[s1]
         layers = exit_layers(conf[a:b], lam, positions=None if positions is None else positions[a:b], decay=decay)
         layer_sum += layers.sum(axis=0)
-        early = early_tokens(top1[a:b], layers)
+        early = early_tokens(top1[a:b], layers, full[a:b])
         # Neighbouring thresholds mostly give the same early output: a new output starts only where
         # some token of the sequence changes, so decode and score one output per run of thresholds
         # (the scorer's caches absorb the rare repeats of an earlier run).

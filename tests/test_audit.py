@@ -68,7 +68,8 @@ def test_audit_refuses_other_certificates(split, cert):
 def test_validity_report_and_figure(split):
     study = calibrate.validity(split[0], trials=20, seed=3, measure="state_saturation", progress=False)
     assert study.trials == 20 and study.test_risks.shape == (20,)
-    assert 0 <= study.violation_rate <= 1 and 0 <= study.full_model_rate <= 1
+    assert study.violation_rate == np.mean(study.test_risks > study.delta)
+    assert study.full_model_rate == np.mean(np.isnan(study.lambda_hats))
     certified = ~np.isnan(study.lambda_hats)
     assert np.all(study.test_risks[~certified] == 0)
     again = calibrate.validity(split[0], trials=20, seed=3, measure="state_saturation", progress=False)
@@ -78,8 +79,13 @@ def test_validity_report_and_figure(split):
 
 
 def test_validity_with_classifier_keeps_training_sequences_out(split):
-    study = calibrate.validity(split[0], trials=5, seed=0, measure="classifier", progress=False)
+    dev = split[0]
+    study = calibrate.validity(dev, trials=5, seed=0, measure="classifier", train_fraction=0.4, progress=False)
+    train, _ = dev.split([0.4, 0.6], seed=0)
     assert study.trials == 5
+    assert study.n_cal + study.n_test == dev.n_sequences - train.n_sequences
+    plain = calibrate.validity(dev, trials=5, seed=0, progress=False)
+    assert plain.n_cal + plain.n_test == dev.n_sequences
 
 
 @pytest.mark.parametrize(

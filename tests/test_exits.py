@@ -94,6 +94,16 @@ def test_early_tokens_are_the_exit_layers_top1():
     top1 = np.array([[5, 6, 7], [8, 9, 10]])
     layers = np.array([[1, 3], [2, 2]])
     np.testing.assert_array_equal(early_tokens(top1, layers), [[5, 7], [9, 9]])
+    # running to the last layer is the full model, whatever the last layer's stored top-1 says
+    np.testing.assert_array_equal(early_tokens(top1, layers, np.array([70, 80])), [[5, 70], [9, 9]])
+
+
+def test_huge_finite_confidences_are_safe():
+    conf = np.array([[0.2, 1e30, 0.3, 0.1], [-1e30, 0.5, 0.95, 0.0]] * 3)
+    lam = [0.9, 0.4]
+    np.testing.assert_allclose(average_layers(conf, lam), exit_layers(conf, lam).mean(axis=0))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        exit_layers(np.array([[0.5, np.nan, 0.1]]), lam)
 
 
 def test_decay_thresholds_formula():
@@ -114,7 +124,8 @@ def test_default_grid_is_decreasing_and_fine_near_one():
 
 @pytest.mark.parametrize(
     "lambdas, match",
-    [([0.1, 0.5], "strictly decreasing"), ([], "non-empty"), ([np.inf, 0.5], "finite"), ([[0.5]], "1-D")],
+    [([0.1, 0.5], "strictly decreasing"), ([], "non-empty"), ([np.inf, 0.5], "finite"), ([[0.5]], "1-D"),
+     ([0.9, 0.5, 0.5], r"lambdas\[1\]=0.5 <= lambdas\[2\]=0.5")],
 )
 def test_bad_lambdas(lambdas, match):
     with pytest.raises(ValueError, match=match):

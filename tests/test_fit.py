@@ -111,8 +111,9 @@ def cache():
 
 def _reference_token_losses(cache, conf, lambdas):
     top1 = cache.arrays["topk_ids"][:, :, 0]
-    early = early_tokens(top1, exit_layers(conf, lambdas))
-    wrong = early != cache.arrays["full_tokens"][:, None]
+    full = cache.arrays["full_tokens"]
+    early = early_tokens(top1, exit_layers(conf, lambdas), full)
+    wrong = early != full[:, None]
     return np.stack([wrong[a:b].mean(axis=0) for a, b in zip(cache.offsets[:-1], cache.offsets[1:])])
 
 
@@ -137,8 +138,8 @@ def test_proxy_rouge_losses_match_rouge_score(cache):
     got = calibrate.proxy_losses(small, conf, lam, consistency="rouge_l")
     ref_risk = calibrate.proxy_losses(small, conf, lam, consistency="risk_rouge_l")
     scorer = rouge_scorer.RougeScorer(["rougeL"])
-    early = early_tokens(small.arrays["topk_ids"][:, :, 0], exit_layers(conf, lam))
     full = small.arrays["full_tokens"]
+    early = early_tokens(small.arrays["topk_ids"][:, :, 0], exit_layers(conf, lam), full)
     for s in range(small.n_sequences):
         lo, hi = small.offsets[s], small.offsets[s + 1]
         full_text = small.decode(full[lo:hi].tolist())
@@ -150,6 +151,60 @@ def test_proxy_rouge_losses_match_rouge_score(cache):
             assert got.losses[s, k] == pytest.approx(expected, abs=1e-12)
             r_early = 1 - scorer.score(reference, text)["rougeL"].fmeasure
             assert ref_risk.losses[s, k] == pytest.approx(max(0.0, r_early - r_full), abs=1e-12)
+
+
+@pytest.mark.parametrize("metric", ["bleu", "token_f1", "risk_bleu", "risk_token_f1"])
+def test_proxy_textual_losses_match_a_per_threshold_loop(cache, metric):
+    from measures.consistency import risk_consistency, textual_loss
+
+    small = cache.subset(np.arange(15))
+    conf = small.arrays["state_saturation"]
+    lam = np.linspace(1.0, 0.0, 11)
+    got = calibrate.proxy_losses(small, conf, lam, consistency=metric)
+    full = small.arrays["full_tokens"]
+    early = early_tokens(small.arrays["topk_ids"][:, :, 0], exit_layers(conf, lam), full)
+    name = metric.removeprefix("risk_")
+    for s in range(small.n_sequences):
+        lo, hi = small.offsets[s], small.offsets[s + 1]
+        full_text = small.decode(full[lo:hi])
+        texts = [small.decode(early[lo:hi, k]) for k in range(lam.size)]
+        if metric.startswith("risk_"):
+            reference = small.sequences["reference"].iloc[s]
+            expected = risk_consistency(texts, [full_text] * lam.size, [reference] * lam.size, name)
+        else:
+            expected = textual_loss(texts, [full_text] * lam.size, name)
+        np.testing.assert_allclose(got.losses[s], expected, atol=1e-12)
+
+
+def test_last_layer_is_the_full_model_for_every_loss():
+    # a cache whose last layer's stored top-1 disagrees with the full-model token
+    vocab = [f" w{i}" for i in range(10)]
+    topk = np.array([[[1, 2], [3, 4], [5, 6]]] * 4, dtype=np.int32)
+    cache = calibrate.LayerCache.from_arrays(
+        full_tokens=np.array([3, 3, 3, 3]), topk_ids=topk, lengths=[2, 2], vocab=vocab, references=["w3 w3", "w3"]
+    )
+    conf = np.zeros((4, 3))  # nothing is confident: every token runs to the last layer
+    for consistency in ("token", "sequence", "rouge_l", "bleu", "risk_rouge_l"):
+        table = calibrate.proxy_losses(cache, conf, [0.9, 0.5], consistency=consistency)
+        np.testing.assert_array_equal(table.losses, 0.0, err_msg=consistency)
+        np.testing.assert_array_equal(table.avg_layers, 3.0)
+
+
+def test_multistart_and_reason_for_other_methods():
+    rng = np.random.default_rng(4)
+    losses = (rng.random((3000, 8)) < np.linspace(0.0, 0.3, 8)).astype(float)
+    lambdas = np.linspace(1, 0.2, 8)
+    multi = calibrate.certify(losses, lambdas, method="multistart")
+    assert multi.method == "multistart" and multi.lambda_hat is not None
+    cert = calibrate.certify(np.zeros((40, 5)), np.linspace(1, 0.5, 5), method="bonferroni")
+    assert cert.lambda_hat is None and "no threshold rejected by bonferroni" in cert.reason
+
+
+def test_binomial_bound_needs_zero_one_losses(cache):
+    with pytest.raises(ValueError, match="0/1"):
+        calibrate.fit(cache, bound="binomial", consistency="token")
+    cert = calibrate.fit(cache, bound="binomial", consistency="sequence")
+    assert cert.bound == "binomial"
 
 
 def test_fit_certifies_and_audit_holds(cache):
@@ -184,7 +239,8 @@ def test_fit_every_measure(cache, measure):
 
 def test_fit_with_decay_records_it(cache):
     cert = calibrate.fit(cache, decay=4.0)
-    assert cert.decay == {"max_len": int(cache.lengths.max()), "tau": 4.0}
+    assert cert.decay == {"max_len": cache.meta["generation"]["max_new_tokens"], "tau": 4.0}
+    assert calibrate.fit(cache, decay={"max_len": 24, "tau": 4.0}) == cert
     plain = calibrate.fit(cache)
     assert cert.to_frame()["avg_layers"].tolist() != plain.to_frame()["avg_layers"].tolist()
     assert calibrate.audit(cert, cache).risk == pytest.approx(cert.risk_hat if cert.index is not None else 0.0)
@@ -197,6 +253,10 @@ def test_fit_bad_inputs(cache):
         calibrate.fit(cache, consistency="meteor")
     with pytest.raises(TypeError, match="decay"):
         calibrate.fit(cache, decay="fast")
+    with pytest.raises(ValueError, match="max_len"):
+        calibrate.fit(cache, decay={"maxlen": 3})
+    with pytest.raises(TypeError, match="seed"):
+        calibrate.fit(cache, seed="x")
     no_refs = cache.subset(np.arange(10))
     no_refs = calibrate.LayerCache.from_arrays(
         full_tokens=no_refs.arrays["full_tokens"],
@@ -207,6 +267,8 @@ def test_fit_bad_inputs(cache):
     )
     with pytest.raises(ValueError, match="reference"):
         calibrate.fit(no_refs, consistency="risk_rouge_l")
+    with pytest.raises(ValueError, match="generation settings"):
+        calibrate.fit(no_refs, decay=4.0)
 
 
 @pytest.mark.slow

@@ -236,6 +236,7 @@ def _sweep(conf, grids, shift, inv_slope, lut, lut_lo, lut_inv, offsets, top1, f
             row = 0 if grids.shape[0] == 1 else t - lo
             m = -np.inf
             b = 0
+            thr = grids[row, 0]  # the next threshold to pass (+inf sentinel once all are passed)
             run = 0  # first layer (0-based) of the current run of equal b
             w = 0
             if count_wrong and n_layers > 1:
@@ -245,7 +246,7 @@ def _sweep(conf, grids, shift, inv_slope, lut, lut_lo, lut_inv, offsets, top1, f
                 c = conf[t, i]
                 bad |= not (c - c == 0.0)  # NaN or inf
                 m = max(m, c)
-                if grids[row, b] <= m and b < k:
+                if m >= thr and b < k:
                     # the running maximum passed a threshold: start from the lookup table and
                     # correct by exact comparisons with this token's thresholds
                     cell = ((m - shift[row]) * inv_slope - lut_lo) * lut_inv
@@ -263,6 +264,7 @@ def _sweep(conf, grids, shift, inv_slope, lut, lut_lo, lut_inv, offsets, top1, f
                     layer_hist[s, b] += i - run
                     run = i
                     b = new_b
+                    thr = grids[row, b]
                 if count_wrong:
                     # w_{i+1}: the next layer's disagreement, 0 at the last layer (the full model)
                     nxt = 0

@@ -8,7 +8,8 @@ import numpy as np
 
 from calibrate.certificate import Certificate
 from calibrate.exits import Decay
-from calibrate.fit import _unit_interval_iv, certify
+from calibrate._validation import open_interval
+from calibrate.fit import certify
 from calibrate.losses import LossTable, proxy_losses
 
 __all__ = ["AuditReport", "ValidityReport", "audit", "validity"]
@@ -296,7 +297,7 @@ def validity(
         raise TypeError(f"trials must be an int, got {type(trials).__name__}")
     if trials < 1:
         raise ValueError(f"trials must be >= 1, got {trials}")
-    cal_fraction = _unit_interval_iv(cal_fraction, "cal_fraction")
+    cal_fraction = open_interval(cal_fraction, "cal_fraction")
     # One fit on the whole cache gives the measure (and the trained classifier) and the grid; the
     # loss table of the calibration sequences (never the classifier's training sequences) is then
     # reused by every trial.

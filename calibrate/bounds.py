@@ -30,6 +30,8 @@ import numbers
 from typing import Callable
 
 import numpy as np
+
+from calibrate._validation import bounded_array, open_interval
 from scipy import special, stats
 
 __all__ = [
@@ -54,12 +56,7 @@ _COUNT_RTOL = 1e-9
 
 
 def _tolerance_iv(tolerance) -> float:
-    if isinstance(tolerance, bool) or not isinstance(tolerance, numbers.Real):
-        raise TypeError(f"tolerance must be a real number in the open interval (0, 1), got {type(tolerance).__name__}")
-    tolerance = float(tolerance)
-    if not 0.0 < tolerance < 1.0:
-        raise ValueError(f"tolerance must lie in the open interval (0, 1), got {tolerance!r}")
-    return tolerance
+    return open_interval(tolerance, "tolerance")
 
 
 def _n_iv(n) -> int:
@@ -385,13 +382,7 @@ def binomial(mean_loss, n: int, tolerance: float):
 
 def _wsr_iv(losses, tolerance, epsilon):
     arr = _losses_array_iv(losses, allow_1d=True)
-    tolerance = _tolerance_iv(tolerance)
-    if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real):
-        raise TypeError(f"epsilon must be a real number in (0, 1), got {type(epsilon).__name__}")
-    epsilon = float(epsilon)
-    if not 0.0 < epsilon < 1.0:
-        raise ValueError(f"epsilon must lie in the open interval (0, 1), got {epsilon!r}")
-    return arr, tolerance, epsilon
+    return arr, _tolerance_iv(tolerance), open_interval(epsilon, "epsilon")
 
 
 def _wsr_log_capital(losses: np.ndarray, a: float, epsilon: float) -> np.ndarray:
@@ -501,23 +492,13 @@ _ON_RAW_LOSSES = frozenset({"wsr"})
 
 
 def _losses_array_iv(losses, *, allow_1d: bool) -> np.ndarray:
-    arr = np.asarray(losses)
-    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool) or np.iscomplexobj(arr):
-        raise TypeError(f"losses must be a real numeric array, got dtype {arr.dtype}")
-    arr = arr.astype(np.float64)
-    shapes = "(n,) or (n, K)" if allow_1d else "(n, K)"
-    if arr.ndim not in ((1, 2) if allow_1d else (2,)):
-        raise ValueError(f"losses must have shape {shapes}, got shape {arr.shape}")
-    if arr.size == 0:
-        raise ValueError(f"losses must be non-empty with shape {shapes}, got shape {arr.shape}")
-    if np.isnan(arr).any():
-        raise ValueError("losses contain NaN; every loss must be a number in [0, 1]")
-    if arr.min() < 0.0 or arr.max() > 1.0:
-        raise ValueError(
-            "losses must lie in [0, 1] (the p-value bounds hold for bounded losses only), got range "
-            f"[{arr.min():g}, {arr.max():g}]"
-        )
-    return arr
+    return bounded_array(
+        losses,
+        "losses",
+        ndims=(1, 2) if allow_1d else (2,),
+        shapes="(n,) or (n, K)" if allow_1d else "(n, K)",
+        why="the p-value bounds hold for bounded losses only",
+    )
 
 
 def _p_values_iv(losses, tolerance, bound, epsilon):

@@ -14,6 +14,8 @@ import warnings
 
 import numpy as np
 
+from calibrate._validation import bounded_array, open_interval
+
 __all__ = ["conformal_risk_control"]
 
 # slack when checking that losses are nondecreasing along the columns
@@ -26,24 +28,10 @@ def _conformal_risk_control_iv(losses, delta, max_loss) -> tuple[np.ndarray, flo
     max_loss = float(max_loss)
     if not (np.isfinite(max_loss) and max_loss > 0.0):
         raise ValueError(f"max_loss must be a finite number > 0 (the bound B on every loss), got {max_loss!r}")
-    if isinstance(delta, bool) or not isinstance(delta, numbers.Real):
-        raise TypeError(f"delta must be a real number in (0, max_loss), got {type(delta).__name__}")
-    delta = float(delta)
-    if not 0.0 < delta < max_loss:
-        raise ValueError(f"delta must lie in the open interval (0, max_loss={max_loss:g}), got {delta!r}")
-    arr = np.asarray(losses)
-    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool) or np.iscomplexobj(arr):
-        raise TypeError(f"losses must be a real numeric array, got dtype {arr.dtype}")
-    arr = arr.astype(np.float64)
-    if arr.ndim != 2 or arr.size == 0:
-        raise ValueError(f"losses must be a non-empty 2-D array of shape (n, K), got shape {arr.shape}")
-    if np.isnan(arr).any():
-        raise ValueError(f"losses contain NaN; every loss must be a number in [0, max_loss={max_loss:g}]")
-    if arr.min() < 0.0 or arr.max() > max_loss:
-        raise ValueError(
-            f"losses must lie in [0, max_loss={max_loss:g}] (CRC needs losses bounded by max_loss), got range "
-            f"[{arr.min():g}, {arr.max():g}]"
-        )
+    delta = open_interval(delta, "delta", upper=max_loss, upper_name=f"max_loss={max_loss:g}")
+    arr = bounded_array(
+        losses, "losses", upper=max_loss, upper_name=f"max_loss={max_loss:g}", why="CRC needs losses bounded by max_loss"
+    )
     n_bad = int((np.diff(arr, axis=1) < -_MONOTONE_ATOL).any(axis=1).sum())
     if n_bad:
         warnings.warn(

@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from calibrate import bounds as _bounds
+from calibrate._validation import open_interval
 from calibrate import fwer as _fwer
 from calibrate.certificate import KNOBS, Certificate
 from calibrate.crc import conformal_risk_control
@@ -26,18 +27,9 @@ METHODS = ("fixed_sequence", "bonferroni", "holm", "multistart", "crc")
 TRAIN_FRACTION = 0.3
 
 
-def _unit_interval_iv(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
-        raise TypeError(f"{name} must be a float in (0, 1), got {type(value).__name__}")
-    value = float(value)
-    if not 0.0 < value < 1.0:
-        raise ValueError(f"{name} must lie in the open interval (0, 1), got {value!r}")
-    return value
-
-
 def _certify_iv(losses, lambdas, delta, epsilon, bound, method, knob):
-    delta = _unit_interval_iv(delta, "delta")
-    epsilon = _unit_interval_iv(epsilon, "epsilon")
+    delta = open_interval(delta, "delta")
+    epsilon = open_interval(epsilon, "epsilon")
     if isinstance(losses, LossTable):
         if lambdas is not None and not np.array_equal(np.asarray(lambdas, dtype=float), losses.lambdas):
             raise ValueError("lambdas disagrees with the LossTable's own lambdas; pass one or the other")
@@ -217,7 +209,7 @@ def _calibration_split(cache, measure: str, train_fraction: float, seed: int):
     """``(train, calibration)`` caches: a seeded split by sequence for the classifier, else ``(None, cache)``."""
     if measure != "classifier":
         return None, cache
-    train_fraction = _unit_interval_iv(train_fraction, "train_fraction")
+    train_fraction = open_interval(train_fraction, "train_fraction")
     return cache.split([train_fraction, 1.0 - train_fraction], seed=seed)
 
 

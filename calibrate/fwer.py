@@ -25,6 +25,8 @@ from typing import Sequence
 
 import numpy as np
 
+from calibrate._validation import bounded_array, open_interval
+
 __all__ = [
     "DEFAULT_N_STARTS",
     "FWER_METHODS",
@@ -54,22 +56,8 @@ DEFAULT_N_STARTS = 4
 
 
 def _p_epsilon_iv(p_values, epsilon) -> tuple[np.ndarray, float]:
-    arr = np.asarray(p_values)
-    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool) or np.iscomplexobj(arr):
-        raise TypeError(f"p_values must be a real numeric array, got dtype {arr.dtype}")
-    arr = arr.astype(np.float64)
-    if arr.ndim != 1 or arr.size == 0:
-        raise ValueError(f"p_values must be a non-empty 1-D array of shape (K,), got shape {arr.shape}")
-    if np.isnan(arr).any():
-        raise ValueError("p_values contain NaN; every p-value must be a number in [0, 1]")
-    if arr.min() < 0.0 or arr.max() > 1.0:
-        raise ValueError(f"p_values must lie in [0, 1], got range [{arr.min():g}, {arr.max():g}]")
-    if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real):
-        raise TypeError(f"epsilon must be a real number in the open interval (0, 1), got {type(epsilon).__name__}")
-    epsilon = float(epsilon)
-    if not 0.0 < epsilon < 1.0:
-        raise ValueError(f"epsilon must lie in the open interval (0, 1), got {epsilon!r}")
-    return arr, epsilon
+    arr = bounded_array(p_values, "p_values", ndims=(1,), shapes="(K,)")
+    return arr, open_interval(epsilon, "epsilon")
 
 
 def _fixed_sequence_iv(p_values, epsilon):

@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from calibrate._validation import bounded_array
 from calibrate.exits import Decay, _lambdas_iv, disagreement_counts, early_tokens, exit_layers
 
 __all__ = ["LossTable", "CONSISTENCIES", "proxy_losses", "user_losses"]
@@ -99,19 +100,7 @@ class LossTable:
 
 
 def _losses_iv(losses) -> np.ndarray:
-    arr = np.array(losses, dtype=np.float64)
-    if arr.ndim != 2:
-        raise ValueError(f"losses must be a 2-D array (n_examples, n_lambdas), got shape {arr.shape}")
-    if arr.shape[0] == 0 or arr.shape[1] == 0:
-        raise ValueError(f"losses must be non-empty, got shape {arr.shape}")
-    if np.isnan(arr).any():
-        raise ValueError("losses contain NaN; every loss must be a number in [0, 1]")
-    if arr.min() < 0 or arr.max() > 1:
-        raise ValueError(
-            f"losses must lie in [0, 1] (the p-value bounds assume a bounded loss), got range "
-            f"[{arr.min():g}, {arr.max():g}]"
-        )
-    return arr
+    return bounded_array(losses, "losses", why="the p-value bounds assume a bounded loss")
 
 
 def user_losses(losses, lambdas, *, consistency: str | None = None, avg_layers=None, n_layers=None) -> LossTable:

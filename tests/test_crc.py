@@ -133,9 +133,9 @@ def test_validation():
         conformal_risk_control(np.array([[0.0, np.nan]]), 0.1)
     with pytest.raises(ValueError, match=r"losses must lie in \[0, max_loss=1\]"):
         conformal_risk_control(np.array([[0.0, 1.5]]), 0.1)
-    with pytest.raises(ValueError, match="non-empty 2-D"):
+    with pytest.raises(ValueError, match=r"losses must have shape \(n, K\)"):
         conformal_risk_control(np.zeros(5), 0.1)
-    with pytest.raises(ValueError, match="non-empty 2-D"):
+    with pytest.raises(ValueError, match=r"losses must be non-empty with shape \(n, K\)"):
         conformal_risk_control(np.zeros((0, 2)), 0.1)
     for bad in (0.0, 1.0, -0.1):
         with pytest.raises(ValueError, match=r"delta must lie in the open interval \(0, max_loss=1\)"):

@@ -96,7 +96,7 @@ def test_certify_bad_options(kwargs, exc, match):
         (np.zeros((10, 2)), [0.5, 0.9], "strictly decreasing"),
         (np.zeros((10, 3)), [0.9, 0.5], "columns"),
         (np.zeros((0, 2)), [0.9, 0.5], "non-empty"),
-        (np.zeros(10), [0.9], "2-D"),
+        (np.zeros(10), [0.9], "shape"),
     ],
 )
 def test_certify_bad_losses(losses, lambdas, match):

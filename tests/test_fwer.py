@@ -245,9 +245,9 @@ def test_validation(fn):
         fn([0.1, np.nan], 0.05)
     with pytest.raises(ValueError, match=r"p_values must lie in \[0, 1\]"):
         fn([0.1, 1.2], 0.05)
-    with pytest.raises(ValueError, match="non-empty 1-D"):
+    with pytest.raises(ValueError, match=r"p_values must be non-empty with shape \(K,\)"):
         fn([], 0.05)
-    with pytest.raises(ValueError, match="non-empty 1-D"):
+    with pytest.raises(ValueError, match=r"p_values must have shape \(K,\)"):
         fn([[0.1, 0.2]], 0.05)
     for bad in (0.0, 1.0, -1.0):
         with pytest.raises(ValueError, match="epsilon must lie in the open interval"):

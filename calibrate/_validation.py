@@ -1,0 +1,44 @@
+"""Input checks shared by the public functions, so every message names the argument the same way."""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+
+def open_interval(value, name: str, *, upper: float = 1.0, upper_name: str = "1") -> float:
+    """``value`` as a float in ``(0, upper)``; TypeError for a non-number, ValueError outside."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number in the open interval (0, {upper_name}), got {type(value).__name__}")
+    value = float(value)
+    if not 0.0 < value < upper:
+        raise ValueError(f"{name} must lie in the open interval (0, {upper_name}), got {value!r}")
+    return value
+
+
+def bounded_array(
+    values,
+    name: str,
+    *,
+    ndims: tuple[int, ...] = (2,),
+    shapes: str = "(n, K)",
+    upper: float = 1.0,
+    upper_name: str = "1",
+    why: str = "",
+) -> np.ndarray:
+    """``values`` as a non-empty float64 array with ``ndim`` in ``ndims`` and entries in ``[0, upper]``."""
+    arr = np.asarray(values)
+    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool) or np.iscomplexobj(arr):
+        raise TypeError(f"{name} must be a real numeric array, got dtype {arr.dtype}")
+    arr = arr.astype(np.float64)
+    if arr.ndim not in ndims:
+        raise ValueError(f"{name} must have shape {shapes}, got shape {arr.shape}")
+    if arr.size == 0:
+        raise ValueError(f"{name} must be non-empty with shape {shapes}, got shape {arr.shape}")
+    if np.isnan(arr).any():
+        raise ValueError(f"{name} contain NaN; every entry must be a number in [0, {upper_name}]")
+    if arr.min() < 0.0 or arr.max() > upper:
+        reason = f" ({why})" if why else ""
+        raise ValueError(f"{name} must lie in [0, {upper_name}]{reason}, got range [{arr.min():g}, {arr.max():g}]")
+    return arr

@@ -1303,14 +1303,18 @@ def _commit(tmp: Path, target: Path, overwrite: bool) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _load_json(file: Path, encoding: str):
+    try:
+        return json.loads(file.read_text(encoding=encoding))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{file} is not valid JSON: {exc}") from exc
+
+
 def _read_meta(root: Path) -> dict:
     file = root / _META_FILE
     if not file.is_file():
         raise ValueError(f"{root} is not a layer cache: {_META_FILE} is missing")
-    try:
-        meta = json.loads(file.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{file} is not valid JSON: {exc}") from exc
+    meta = _load_json(file, "utf-8")
     if not isinstance(meta, dict):
         raise ValueError(f"{file} must hold a JSON object, got {type(meta).__name__}")
     version = meta.get("format_version")
@@ -1373,10 +1377,7 @@ def _read_vocab(root: Path, spec: dict | None) -> list[str] | None:
     file = root / _VOCAB_FILE
     if not file.is_file():
         raise ValueError(f"the vocab is listed in {_META_FILE} but {file} is missing")
-    try:
-        vocab = json.loads(file.read_text(encoding="ascii"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{file} is not valid JSON: {exc}") from exc
+    vocab = _load_json(file, "ascii")
     if not isinstance(vocab, list) or not all(isinstance(v, str) for v in vocab):
         raise ValueError(f"{file} must hold a JSON list of strings")
     return vocab

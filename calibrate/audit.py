@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from calibrate._validation import open_interval
 from calibrate.certificate import Certificate
 from calibrate.exits import Decay
-from calibrate._validation import open_interval
 from calibrate.fit import certify
 from calibrate.losses import LossTable, proxy_losses
 

@@ -30,9 +30,9 @@ import numbers
 from typing import Callable
 
 import numpy as np
+from scipy import special, stats
 
 from calibrate._validation import bounded_array, open_interval
-from scipy import special, stats
 
 __all__ = [
     "P_VALUES",

@@ -13,14 +13,14 @@ from typing import Callable, Sequence
 import numpy as np
 
 from calibrate import bounds as _bounds
-from calibrate._validation import open_interval
 from calibrate import fwer as _fwer
+from calibrate._validation import open_interval
 from calibrate.certificate import KNOBS, Certificate
 from calibrate.crc import conformal_risk_control
 from calibrate.exits import Decay, default_lambdas
 from calibrate.losses import LossTable, proxy_losses, user_losses
 
-__all__ = ["certify", "fit"]
+__all__ = ["METHODS", "TRAIN_FRACTION", "certify", "fit"]
 
 METHODS = ("fixed_sequence", "bonferroni", "holm", "multistart", "crc")
 #: Default share of sequences that trains a learned measure (never used for calibration).

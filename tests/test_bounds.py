@@ -254,7 +254,7 @@ def test_hoeffding_decision_matches_mapie_rcps_ucb():
 def _reference_wsr(x, a, eps):
     """Scalar loop over the RCPS/LTT formulas for one column."""
     n = len(x)
-    mu_prev, s2_prev = 0.5, 0.25  # mu_hat_0, sigma2_0
+    s2_prev = 0.25  # sigma2_0 (mu_hat_0 = 0.5 enters through mu_t below)
     total, total_sq = 0.0, 0.0
     log_k, best = 0.0, 0.0
     for t, xt in enumerate(x, start=1):

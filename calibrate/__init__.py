@@ -10,6 +10,7 @@ sweep, zarr and pyarrow for caches, rapidfuzz, rouge-score and sacrebleu for tex
 needed only to extract caches from a model and to decode.
 """
 
+import importlib
 from importlib.metadata import PackageNotFoundError, version
 
 try:
@@ -27,25 +28,52 @@ from calibrate.fit import certify, fit
 from calibrate.losses import LossTable, proxy_losses, user_losses
 from calibrate.synthetic import synthetic_cache
 
+#: Names that need torch (the ``[hf]`` extra), imported on first use.
+_LAZY = {
+    "ExitHeads": "calibrate.heads",
+    "SUPPORTED_ARCHITECTURES": "calibrate.heads",
+    "extract": "calibrate.extraction",
+    "concat_caches": "calibrate.extraction",
+    "read_prompts": "calibrate.extraction",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        try:
+            module = importlib.import_module(_LAZY[name])
+        except ImportError as exc:
+            raise ImportError(
+                f"calibrate.{name} needs torch and transformers: pip install 'calm-calibrate[hf]' ({exc})"
+            ) from exc
+        return getattr(module, name)
+    raise AttributeError(f"module 'calibrate' has no attribute {name!r}")
+
+
 __all__ = [
     "__version__",
     "AuditReport",
     "Certificate",
     "Decay",
+    "ExitHeads",
     "LayerCache",
     "LossTable",
+    "SUPPORTED_ARCHITECTURES",
     "ValidityReport",
     "audit",
     "average_layers",
     "bounds",
     "certify",
+    "concat_caches",
     "conformal_risk_control",
     "default_lambdas",
     "exit_layers",
+    "extract",
     "fit",
     "fwer",
     "open_cache",
     "proxy_losses",
+    "read_prompts",
     "synthetic_cache",
     "user_losses",
     "validity",

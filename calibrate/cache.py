@@ -333,6 +333,18 @@ class LayerCache:
         return None if self._vocab is None else list(self._vocab)
 
     @property
+    def user_meta(self) -> dict:
+        """The metadata given by the writer (model, revision, tokenizer, generation, ...), without the
+        derived keys of :attr:`meta` (shapes, checksums, versions); reading it hashes nothing."""
+        return dict(self._user_meta)
+
+    def with_meta(self, meta: dict) -> LayerCache:
+        """The same data with the writer's metadata replaced by ``meta`` (derived keys in it are ignored)."""
+        if not isinstance(meta, dict):
+            raise TypeError(f"meta must be a dict, got {type(meta).__name__}")
+        return LayerCache._trusted(self._table, self._arrays, self._offsets, self._vocab_size, meta, self._vocab)
+
+    @property
     def meta(self) -> dict:
         """Metadata: the user's keys plus shapes, ``format_version``, per-field checksums, ``checksum``.
 

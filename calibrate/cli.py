@@ -61,6 +61,29 @@ def _cmd_audit(args) -> int:
     return 0 if report.within_tolerance else 1
 
 
+def _cmd_extract(args) -> int:
+    try:
+        from calibrate.extraction import extract_main
+    except ImportError as exc:
+        raise ValueError(f"extraction needs torch and transformers: pip install 'calm-calibrate[hf]' ({exc})") from None
+    cache = extract_main(
+        args.model,
+        args.prompts,
+        args.output,
+        shard_dir=args.shard_dir,
+        keep_shards=args.keep_shards,
+        overwrite=args.overwrite,
+        device=args.device,
+        dtype=args.dtype,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        top_k=args.top_k,
+        store_hidden=args.store_hidden,
+    )
+    print(f"wrote {args.output}: {cache.n_sequences} sequences, {cache.n_tokens} tokens, {cache.n_layers} layers")
+    return 0
+
+
 def _cmd_synthetic(args) -> int:
     import calibrate
 
@@ -136,6 +159,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("cache", help="held-out layer cache directory")
     p.add_argument("--figure", help="write the risk/layers figure (PNG)")
     p.set_defaults(func=_cmd_audit)
+
+    p = sub.add_parser("extract", help="run a local Hugging Face model over prompts and write a layer cache")
+    p.add_argument("--model", required=True, help="directory written by save_pretrained (model and tokenizer)")
+    p.add_argument("--prompts", required=True, help="one prompt per line, or JSONL with 'prompt' and 'reference'")
+    p.add_argument("-o", "--output", required=True, help="cache directory to write")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--top-k", type=int, default=8)
+    p.add_argument("--store-hidden", action="store_true", help="store float16 hidden states (for the classifier)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--shard-dir", default=None, help="per-batch shards; rerunning resumes from them")
+    p.add_argument("--keep-shards", action="store_true")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_cmd_extract)
 
     p = sub.add_parser("synthetic", help="write a synthetic layer cache")
     p.add_argument("-o", "--output", required=True)

@@ -195,7 +195,7 @@ def _decay_iv(decay, cache) -> Decay | None:
         return Decay(**decay)
     if isinstance(decay, (int, float)) and not isinstance(decay, bool):
         # N must not depend on the calibration data, so it comes from the generation settings
-        max_len = cache.meta.get("generation", {}).get("max_new_tokens")
+        max_len = (cache.user_meta.get("generation") or {}).get("max_new_tokens")
         if not max_len:
             raise ValueError(
                 "decay=<tau> takes N from the cache's generation settings (meta['generation']['max_new_tokens']), "
@@ -312,5 +312,5 @@ def fit(
         measure_state=measure_state,
         n_train=n_train,
         cache_checksum=source.checksum,
-        model=source.meta.get("model"),
+        model=source.user_meta.get("model"),
     )

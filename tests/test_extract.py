@@ -1,0 +1,585 @@
+"""Exit heads and cache extraction on tiny random Hugging Face models built from configs (no download).
+
+Every model is built with a fixed torch seed from a small config (3 decoder layers, d=32, V=64) and a
+word-level tokenizer over the same 64 ids, so each test runs in well under a second on a CPU.
+"""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+import calibrate.extraction as extract_module
+from calibrate.cache import open_cache
+from calibrate.extraction import concat_caches, extract, extract_main, read_prompts
+from calibrate.heads import SUPPORTED_ARCHITECTURES, ExitHeads, decoder_layers, record_layer_states
+from calibrate.synthetic import synthetic_cache
+from measures.confidence import entropy, from_topk, softmax_gap, softmax_max, state_saturation
+
+V = 64
+N_LAYERS = 3
+PAD, EOS, UNK, BOS = 0, 1, 2, 3
+PROMPTS = ["w1 w2 w3 w4 w5", "w7", "w9 w10 w11", "w12 w13 w14 w15 w16 w17 w18 w19", "w20 w21"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Tiny models and tokenizer
+# --------------------------------------------------------------------------------------------------
+
+
+def _config(arch: str, **kwargs):
+    from transformers import (
+        BartConfig,
+        GPT2Config,
+        LlamaConfig,
+        MBartConfig,
+        MistralConfig,
+        Qwen2Config,
+        Qwen3Config,
+        T5Config,
+    )
+
+    ids = {"vocab_size": V, "pad_token_id": PAD, "eos_token_id": EOS, "bos_token_id": BOS}
+    # Initialisations 10x the defaults: outputs vary from token to token instead of repeating one token.
+    llama = dict(
+        initializer_range=0.2,
+        num_hidden_layers=N_LAYERS,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        **ids,
+    )
+    bart = dict(
+        encoder_layers=2,
+        decoder_layers=N_LAYERS,
+        d_model=32,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        max_position_embeddings=64,
+        init_std=0.2,
+        decoder_start_token_id=BOS,
+        forced_eos_token_id=None,
+        forced_bos_token_id=None,
+        **ids,
+    )
+    configs = {
+        "gpt2": lambda: GPT2Config(
+            **{**dict(n_layer=N_LAYERS, n_embd=32, n_head=2, n_positions=64, initializer_range=0.2, **ids), **kwargs}
+        ),
+        "llama": lambda: LlamaConfig(**llama, **kwargs),
+        "mistral": lambda: MistralConfig(**llama, **kwargs),
+        "qwen2": lambda: Qwen2Config(**llama, **kwargs),
+        "qwen3": lambda: Qwen3Config(head_dim=8, **llama, **kwargs),
+        # transformers 5.24 needs num_layers == num_decoder_layers for T5's generation cache.
+        "t5": lambda: T5Config(
+            num_layers=N_LAYERS,
+            num_decoder_layers=N_LAYERS,
+            d_model=32,
+            d_kv=8,
+            d_ff=64,
+            num_heads=4,
+            initializer_factor=20.0,
+            decoder_start_token_id=PAD,
+            **ids,
+            **kwargs,
+        ),
+        "bart": lambda: BartConfig(**bart, **kwargs),
+        "mbart": lambda: MBartConfig(**bart, **kwargs),
+    }
+    return configs[arch]()
+
+
+def tiny_model(arch: str, seed: int = 0, **kwargs):
+    """A tiny random model of ``arch`` in eval mode, built with ``torch.manual_seed(seed)``."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    config = _config(arch, **kwargs)
+    auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+    torch.manual_seed(seed)
+    model = auto.from_config(config).eval()
+    # Norms start at weight 1, bias 0, where applying a norm twice is nearly the identity: perturb them
+    # so that a head that normalises twice (or not at all) gives visibly wrong logits.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or ".ln_" in name:
+                p.copy_(torch.rand_like(p) + 0.5 if name.endswith("weight") else 0.1 * torch.randn_like(p))
+    return model
+
+
+def tiny_tokenizer():
+    """Word-level tokenizer: ids 0-3 are <pad> <eos> <unk> <bos>, then w0..w59."""
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<eos>", "<unk>", "<bos>"] + [f"w{i}" for i in range(V - 4)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>", bos_token="<bos>"
+    )
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+def _reference_generate(model, tokenizer, prompt: str, max_new_tokens: int) -> list[int]:
+    """New tokens of Hugging Face greedy ``generate`` for one prompt alone (no padding)."""
+    enc = tokenizer(prompt, return_tensors="pt")
+    out = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens)
+    start = 1 if model.config.is_encoder_decoder else enc["input_ids"].shape[1]
+    return out[0, start:].tolist()
+
+
+def _forward(model, ids: torch.Tensor, **kw):
+    if model.config.is_encoder_decoder:
+        return model(input_ids=torch.tensor([[5, 6, 7, 8]]), decoder_input_ids=ids, output_hidden_states=True, **kw)
+    return model(input_ids=ids, output_hidden_states=True, **kw)
+
+
+# --------------------------------------------------------------------------------------------------
+# Exit heads
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", SUPPORTED_ARCHITECTURES)
+def test_heads_reproduce_the_models_logits(arch):
+    model = tiny_model(arch)
+    heads = ExitHeads.from_model(model)
+    assert (heads.n_layers, heads.hidden_size, heads.vocab_size) == (N_LAYERS, 32, V)
+    ids = torch.tensor([[4, 9, 17, 30, 5, 11]])
+    with torch.no_grad(), record_layer_states(model, position=None) as recorded:
+        out = _forward(model, ids)
+    raw = torch.stack([r[0] for r in recorded], dim=-2)  # (1, S, L, d): raw layer outputs (hooks)
+    hf = out.decoder_hidden_states if model.config.is_encoder_decoder else out.hidden_states
+    assert len(hf) == N_LAYERS + 1  # embedding output first
+    # The head on the raw last layer state is the model's own prediction, at every position.
+    torch.testing.assert_close(heads(raw)[..., -1, :], out.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(heads(raw[..., -1, :], layer=N_LAYERS - 1), out.logits, rtol=1e-5, atol=1e-5)
+    # The Hugging Face tuple gives the same logits for every layer (off by one, last one normalised).
+    torch.testing.assert_close(heads.from_hidden_states(hf), heads(raw), rtol=1e-5, atol=1e-5)
+    # hidden_states[i + 1] is layer i's raw output for every layer but the last.
+    torch.testing.assert_close(torch.stack(hf[1:-1], dim=-2), raw[..., :-1, :])
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2", "t5", "mbart"])
+def test_naive_logit_lens_on_hf_hidden_states_is_wrong(arch):
+    """The pitfalls the heads avoid: HF's last entry is already normalised, and entry 0 is the embedding."""
+    model = tiny_model(arch)
+    heads = ExitHeads.from_model(model)
+    with torch.no_grad():
+        out = _forward(model, torch.tensor([[4, 9, 17, 30]]))
+        hf = out.decoder_hidden_states if model.config.is_encoder_decoder else out.hidden_states
+        twice = heads(hf[-1], layer=N_LAYERS - 1)  # final norm applied a second time
+        shifted = heads(torch.stack(hf[:-1], dim=-2))  # embedding output taken as layer 0
+        raw = heads(torch.stack(hf[1:], dim=-2))
+    assert not torch.allclose(twice, out.logits, atol=1e-3)
+    assert not torch.allclose(shifted[..., -1, :], out.logits, atol=1e-3)
+    assert not torch.allclose(shifted[..., 0, :], raw[..., 0, :], atol=1e-3)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_t5_head_scaling_follows_tied_embeddings(tied):
+    model = tiny_model("t5", tie_word_embeddings=tied)
+    heads = ExitHeads.from_model(model)
+    assert heads.scale == pytest.approx(32**-0.5 if tied else 1.0)
+    with torch.no_grad():
+        out = _forward(model, torch.tensor([[0, 9, 17]]))
+    torch.testing.assert_close(heads.from_hidden_states(out.decoder_hidden_states)[..., -1, :], out.logits)
+
+
+def test_bart_final_logits_bias_is_added():
+    model = tiny_model("bart")
+    with torch.no_grad():
+        model.final_logits_bias.copy_(torch.linspace(-2, 2, V))
+        out = _forward(model, torch.tensor([[3, 9, 17]]))
+    heads = ExitHeads.from_model(model)
+    assert heads.describe()["logits_bias"] and not heads.describe()["norm"]
+    torch.testing.assert_close(heads.from_hidden_states(out.decoder_hidden_states)[..., -1, :], out.logits)
+
+
+def test_adapters_start_at_identity_and_leave_the_last_layer_alone():
+    model = tiny_model("llama")
+    plain = ExitHeads.from_model(model)
+    heads = ExitHeads.from_model(model, adapters=True)
+    d = heads.hidden_size
+    # Only the adapters are parameters of the heads (the model's norm and head are shared, not owned).
+    assert sum(p.numel() for p in heads.parameters()) == (N_LAYERS - 1) * (d * d + d)
+    assert set(heads.state_dict()) == {"adapter_weight", "adapter_bias"}
+    assert sum(p.numel() for p in plain.parameters()) == 0
+    h = torch.randn(5, N_LAYERS, d, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(heads(h), plain(h), rtol=0, atol=0)
+        heads.adapter_bias.add_(0.5)
+        moved = heads(h)
+    assert not torch.allclose(moved[:, :-1], plain(h)[:, :-1], atol=1e-3)
+    torch.testing.assert_close(moved[:, -1], plain(h)[:, -1], rtol=0, atol=0)
+    for i in range(N_LAYERS):
+        torch.testing.assert_close(heads(h[:, i], layer=i), moved[:, i])
+    # Gradients reach the adapters only.
+    heads(h).sum().backward()
+    assert heads.adapter_weight.grad is not None and heads.adapter_weight.grad.abs().sum() > 0
+
+
+def test_heads_reject_bad_input():
+    model = tiny_model("gpt2")
+    heads = ExitHeads.from_model(model)
+    with pytest.raises(ValueError, match="layer must be an int in"):
+        heads(torch.zeros(2, 32), layer=N_LAYERS)
+    with pytest.raises(ValueError, match="n_layers=3"):
+        heads(torch.zeros(2, 2, 32))
+    with pytest.raises(ValueError, match="hidden_size=32"):
+        heads(torch.zeros(2, N_LAYERS, 31))
+    with pytest.raises(ValueError, match="n_layers \\+ 1 = 4"):
+        heads.from_hidden_states([torch.zeros(1, 1, 32)] * N_LAYERS)
+
+
+def test_unsupported_architecture_is_named():
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM, LlamaModel
+
+    torch.manual_seed(0)
+    neo = GPTNeoForCausalLM(
+        GPTNeoConfig(num_layers=2, hidden_size=16, num_heads=2, vocab_size=V, attention_types=[[["global"], 2]])
+    )
+    with pytest.raises(ValueError, match=r"unsupported architecture 'gpt_neo'.*'gpt2'.*'llama'.*'t5'"):
+        ExitHeads.from_model(neo)
+    with pytest.raises(ValueError, match="unsupported architecture 'gpt_neo'"):
+        extract(neo, tiny_tokenizer(), ["w1"], progress=False)
+    with pytest.raises(ValueError, match="AutoModelForCausalLM"):
+        ExitHeads.from_model(LlamaModel(_config("llama")))
+    with pytest.raises(TypeError, match="PreTrainedModel"):
+        decoder_layers(object())
+
+
+# --------------------------------------------------------------------------------------------------
+# Extraction: tokens equal generate
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2", "t5", "bart"])
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_tokens_equal_generate_of_each_prompt_alone(arch, batch_size, tokenizer):
+    model = tiny_model(arch)
+    cache = extract(model, tokenizer, PROMPTS, max_new_tokens=6, batch_size=batch_size, top_k=4, progress=False)
+    assert cache.n_sequences == len(PROMPTS) and cache.n_layers == N_LAYERS and cache.top_k == 4
+    for i, prompt in enumerate(PROMPTS):
+        expected = _reference_generate(model, tokenizer, prompt, 6)
+        assert cache.sequences["output_ids"][i].tolist() == expected, f"prompt {i}"
+        assert cache.sequences["output"][i] == tokenizer.decode(expected, skip_special_tokens=True)
+    assert cache.sequences["prompt"].tolist() == PROMPTS
+    # Greedy with the model's plain config: the last layer's top-1 is the generated token.
+    np.testing.assert_array_equal(cache.arrays["topk_ids"][:, -1, 0], cache.arrays["full_tokens"])
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "t5"])
+def test_sequences_stop_at_eos_which_is_kept(arch, tokenizer):
+    model = tiny_model(arch, seed=2)
+    free = [_reference_generate(model, tokenizer, p, 8) for p in PROMPTS]
+    # Make EOS a token that some sequence first generates at step 3 or later.
+    s, eos = next((s, t) for s, seq in enumerate(free) for j, t in enumerate(seq) if 2 <= j < 7 and t not in seq[:j])
+    model.generation_config.eos_token_id = eos
+    cache = extract(model, tokenizer, PROMPTS, max_new_tokens=8, batch_size=5, progress=False)
+    for i, prompt in enumerate(PROMPTS):
+        expected = _reference_generate(model, tokenizer, prompt, 8)
+        got = cache.sequences["output_ids"][i].tolist()
+        assert got == expected
+        cut = free[i].index(eos) + 1 if eos in free[i] else 8
+        assert got == free[i][:cut]
+    assert cache.lengths[s] == free[s].index(eos) + 1 < 8
+    assert cache.sequences["output_ids"][s][-1] == eos
+    assert cache.meta["generation"]["eos_token_id"] == [eos]
+
+
+def test_generation_config_that_changes_greedy_choices_warns(tokenizer):
+    model = tiny_model("gpt2")
+    first = _reference_generate(model, tokenizer, PROMPTS[0], 1)[0]
+    model.generation_config.suppress_tokens = [first]
+    with pytest.warns(UserWarning, match="last layer's top-1 differs"):
+        cache = extract(model, tokenizer, PROMPTS[:1], max_new_tokens=3, progress=False)
+    assert cache.sequences["output_ids"][0].tolist() == _reference_generate(model, tokenizer, PROMPTS[0], 3)
+    assert cache.arrays["topk_ids"][0, -1, 0] == first != cache.arrays["full_tokens"][0]
+
+
+# --------------------------------------------------------------------------------------------------
+# Extraction: stored fields
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "t5"])
+def test_fields_match_a_teacher_forced_recomputation(arch, tokenizer):
+    """Re-run the model on prompt + generated tokens without a KV cache and recompute every field."""
+    # float64, so that the KV-cached generation and the full forward agree to ~1e-12 and the tolerances
+    # below measure the extraction (float32 softmax), not the model's rounding.
+    model = tiny_model(arch, seed=1).double()
+    heads = ExitHeads.from_model(model)
+    kw = {"max_new_tokens": 5, "top_k": 3, "store_hidden": True, "progress": False}
+    cache = extract(model, tokenizer, PROMPTS[:3], batch_size=1, **kw)
+    # Padded batches hold the same rows (a misaligned row or padding leak would differ by far more).
+    batched = extract(model, tokenizer, PROMPTS[:3], batch_size=3, **kw)
+    np.testing.assert_array_equal(batched.arrays["full_tokens"], cache.arrays["full_tokens"])
+    for name in ("topk_logprobs", "softmax_gap", "entropy", "state_saturation", "hidden"):
+        np.testing.assert_allclose(batched.arrays[name], cache.arrays[name], rtol=1e-5, atol=1e-5, err_msg=name)
+    for s, prompt in enumerate(PROMPTS[:3]):
+        prompt_ids = tokenizer(prompt)["input_ids"]
+        new = cache.sequences["output_ids"][s].tolist()
+        rows = slice(cache.offsets[s], cache.offsets[s + 1])
+        with torch.no_grad(), record_layer_states(model, position=None) as recorded:
+            if model.config.is_encoder_decoder:
+                model(input_ids=torch.tensor([prompt_ids]), decoder_input_ids=torch.tensor([[PAD] + new[:-1]]))
+                positions = slice(0, len(new))
+            else:
+                model(input_ids=torch.tensor([prompt_ids + new[:-1]]))
+                positions = slice(len(prompt_ids) - 1, len(prompt_ids) + len(new) - 1)
+            states = torch.stack([r[0][0, positions] for r in recorded], dim=1)  # (n, L, d)
+            logits = heads(states).numpy().astype(np.float64)  # (n, L, V)
+        ref_lp = (
+            logits
+            - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
+            - logits.max(-1, keepdims=True)
+        )
+        order = np.argsort(-ref_lp, axis=-1, kind="stable")[..., :3]
+        np.testing.assert_array_equal(cache.arrays["topk_ids"][rows], order)
+        np.testing.assert_allclose(
+            cache.arrays["topk_logprobs"][rows], np.take_along_axis(ref_lp, order, -1), rtol=1e-5, atol=2e-5
+        )
+        np.testing.assert_allclose(cache.arrays["softmax_gap"][rows], softmax_gap(logits), atol=2e-5)
+        np.testing.assert_allclose(cache.arrays["softmax_max"][rows], softmax_max(logits), atol=2e-5)
+        np.testing.assert_allclose(cache.arrays["entropy"][rows], entropy(logits), atol=2e-5)
+        np.testing.assert_allclose(cache.arrays["state_saturation"][rows], state_saturation(states.numpy()), atol=2e-5)
+        np.testing.assert_allclose(
+            cache.arrays["hidden"][rows].astype(np.float32), states.numpy(), rtol=2e-3, atol=2e-3
+        )
+    assert cache.arrays["hidden"].dtype == np.float16 and cache.hidden_size == 32
+    np.testing.assert_array_equal(cache.arrays["state_saturation"][:, 0], 0.0)
+    # The entropy is exact (full distribution), not the top-k bound, which is strictly lower here.
+    bound = from_topk(cache.arrays["topk_logprobs"], V)["entropy"]
+    assert np.all(bound <= cache.arrays["entropy"] + 1e-5) and np.max(cache.arrays["entropy"] - bound) > 1e-3
+
+
+def test_meta_vocab_and_references(tokenizer):
+    model = tiny_model("gpt2")
+    model.name_or_path = "tiny/gpt2"
+    tokenizer.name_or_path = "tiny/tokenizer"
+    refs = ["r0", None, "r2"]
+    cache = extract(model, tokenizer, PROMPTS[:3], max_new_tokens=4, batch_size=2, references=refs, progress=False)
+    meta = cache.meta
+    assert meta["model"] == "tiny/gpt2" and meta["tokenizer"] == "tiny/tokenizer"
+    assert (meta["n_layers"], meta["vocab_size"], meta["top_k"]) == (N_LAYERS, V, 8)
+    assert meta["library_version"] and meta["architecture"] == "gpt2"
+    gen = meta["generation"]
+    assert (gen["max_new_tokens"], gen["batch_size"], gen["do_sample"], gen["padding_side"]) == (4, 2, False, "left")
+    assert meta["heads"]["kind"] == "logit_lens" and "shard" not in meta
+    assert meta["software"]["transformers"] == transformers.__version__
+    assert cache.vocab == [tokenizer.decode([i]) for i in range(V)]
+    assert cache.sequences["id"].tolist() == ["0", "1", "2"]
+    assert [r if isinstance(r, str) else None for r in cache.sequences["reference"]] == refs
+    for s in range(3):  # the vocab decodes the proxy outputs
+        # (decode([i]) of this word-level tokenizer has no spaces; the tokenizer joins words with one)
+        ids = cache.sequences["output_ids"][s]
+        assert cache.decode(ids) == tokenizer.decode(ids).replace(" ", "")
+        assert cache.sequences["output"][s] == tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_progress_bar_is_shown(tokenizer, capsys):
+    extract(tiny_model("gpt2"), tokenizer, PROMPTS[:2], max_new_tokens=2, progress=True)
+    assert "extract" in capsys.readouterr().err
+
+
+def test_custom_heads_are_used(tokenizer):
+    model = tiny_model("llama")
+    heads = ExitHeads.from_model(model, adapters=True)
+    with torch.no_grad():
+        heads.adapter_weight.mul_(-1.0)  # flips layers 0..L-2 only
+    plain = extract(model, tokenizer, PROMPTS[:2], max_new_tokens=3, progress=False)
+    adapted = extract(model, tokenizer, PROMPTS[:2], max_new_tokens=3, heads=heads, progress=False)
+    np.testing.assert_array_equal(adapted.arrays["full_tokens"], plain.arrays["full_tokens"])
+    np.testing.assert_array_equal(adapted.arrays["topk_ids"][:, -1], plain.arrays["topk_ids"][:, -1])
+    assert not np.array_equal(adapted.arrays["topk_ids"][:, 0], plain.arrays["topk_ids"][:, 0])
+    assert adapted.meta["heads"]["kind"] == "adapters"
+
+
+def test_model_mode_is_restored(tokenizer):
+    model = tiny_model("gpt2").train()
+    extract(model, tokenizer, PROMPTS[:1], max_new_tokens=2, progress=False)
+    assert model.training
+
+
+# --------------------------------------------------------------------------------------------------
+# Shards and resume
+# --------------------------------------------------------------------------------------------------
+
+
+def test_crash_then_rerun_resumes_and_equals_an_uninterrupted_run(tokenizer, tmp_path, monkeypatch):
+    model = tiny_model("gpt2")
+    kw = {"max_new_tokens": 4, "batch_size": 2, "top_k": 3, "store_hidden": True, "progress": False}
+    full = extract(model, tokenizer, PROMPTS, **kw)
+    shards = tmp_path / "shards"
+    original = extract_module._extract_batch
+    calls = []
+
+    def crash_on_second_batch(*args, **kwargs):
+        calls.append(args[3])  # start index
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # Ctrl-C in the middle of the run
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(extract_module, "_extract_batch", crash_on_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        extract(model, tokenizer, PROMPTS, shard_dir=shards, **kw)
+    assert sorted(p.name for p in shards.iterdir()) == ["batch_00000"]  # no partial shard left behind
+    first = open_cache(shards / "batch_00000")
+    assert first.sequences["id"].tolist() == ["0", "1"] and first.meta["shard"]["start"] == 0
+
+    calls.clear()
+    monkeypatch.setattr(extract_module, "_extract_batch", lambda *a, **k: calls.append(a[3]) or original(*a, **k))
+    resumed = extract(model, tokenizer, PROMPTS, shard_dir=shards, **kw)
+    assert calls == [2, 4]  # batch 0 was read back, not recomputed
+    assert sorted(p.name for p in shards.iterdir()) == ["batch_00000", "batch_00001", "batch_00002"]
+    assert resumed.checksum == full.checksum
+    assert resumed.sequences["id"].tolist() == [str(i) for i in range(len(PROMPTS))]
+    assert "shard" not in resumed.meta and resumed.meta["generation"] == full.meta["generation"]
+
+    calls.clear()
+    again = extract(model, tokenizer, PROMPTS, shard_dir=shards, **kw)  # everything on disk already
+    assert calls == [] and again.checksum == full.checksum
+
+
+def test_shards_of_another_run_are_refused(tokenizer, tmp_path):
+    model = tiny_model("gpt2")
+    extract(model, tokenizer, PROMPTS[:2], max_new_tokens=2, shard_dir=tmp_path, progress=False)
+    with pytest.raises(ValueError, match="written by another run"):
+        extract(model, tokenizer, PROMPTS[2:4], max_new_tokens=2, shard_dir=tmp_path, progress=False)
+    with pytest.raises(ValueError, match="written by another run"):
+        extract(model, tokenizer, PROMPTS[:2], max_new_tokens=3, shard_dir=tmp_path, progress=False)
+
+
+def test_concat_caches_inverts_a_split_by_sequence():
+    cache = synthetic_cache(12, n_layers=4, seed=0)
+    parts = [cache.subset(range(5)), cache.subset(range(5, 6)), cache.subset(range(6, 12))]
+    joined = concat_caches(parts)
+    assert joined.checksum == cache.checksum
+    assert concat_caches([cache]).checksum == cache.checksum
+    with pytest.raises(ValueError, match="n_layers"):
+        concat_caches([cache, synthetic_cache(3, n_layers=5, seed=0)])
+    with pytest.raises(ValueError, match="ids must be unique"):
+        concat_caches([parts[0], parts[0]])
+    with pytest.raises(ValueError, match="at least one"):
+        concat_caches([])
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad input
+# --------------------------------------------------------------------------------------------------
+
+
+def test_prompts_longer_than_the_context_are_reported(tokenizer):
+    model = tiny_model("gpt2")  # n_positions = 64
+    long = " ".join(f"w{i % 50}" for i in range(60))
+    with pytest.raises(ValueError, match=r"1 prompt\(s\) do not fit .*n_positions=64.*prompt 1 \(60 tokens\)"):
+        extract(model, tokenizer, ["w1", long], max_new_tokens=5, progress=False)
+    extract(model, tokenizer, ["w1", long], max_new_tokens=4, progress=False)  # 60 + 4 fits exactly
+    with pytest.raises(ValueError, match="max_new_tokens=64"):
+        extract(tiny_model("bart"), tokenizer, ["w1"], max_new_tokens=64, progress=False)
+
+
+@pytest.mark.parametrize(
+    ("kw", "error", "match"),
+    [
+        ({"prompts": "w1 w2"}, TypeError, "sequence of str"),
+        ({"prompts": []}, ValueError, "at least one prompt"),
+        ({"prompts": ["w1", 3]}, TypeError, "index 1"),
+        ({"prompts": ["w1", ""]}, ValueError, r"prompts \[1\] tokenise to no token"),
+        ({"max_new_tokens": 0}, ValueError, "max_new_tokens must be a positive int"),
+        ({"batch_size": 2.0}, ValueError, "batch_size must be a positive int"),
+        ({"top_k": V + 1}, ValueError, "top_k must be <= vocab_size=64"),
+        ({"store_hidden": 1}, TypeError, "store_hidden must be a bool"),
+        ({"references": ["a"]}, ValueError, "one entry per prompt"),
+        ({"heads": "lens"}, TypeError, "heads must be an ExitHeads"),
+    ],
+)
+def test_extract_rejects_bad_arguments(kw, error, match, tokenizer):
+    args = {"prompts": ["w1", "w2 w3"], "max_new_tokens": 2, "progress": False, **kw}
+    with pytest.raises(error, match=match):
+        extract(tiny_model("gpt2"), tokenizer, args.pop("prompts"), **args)
+
+
+def test_heads_of_another_model_are_refused(tokenizer):
+    other = ExitHeads.from_model(tiny_model("gpt2", n_layer=2))
+    with pytest.raises(ValueError, match="heads has n_layers=2 but the model has 3"):
+        extract(tiny_model("gpt2"), tokenizer, ["w1"], heads=other, progress=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Files: prompts and extract_main
+# --------------------------------------------------------------------------------------------------
+
+
+def test_read_prompts_text_and_jsonl(tmp_path):
+    text = tmp_path / "prompts.txt"
+    text.write_text("w1 w2\n\nw3 {x}\n", encoding="utf-8")
+    assert read_prompts(text) == (["w1 w2", "w3 {x}"], [None, None])
+    jsonl = tmp_path / "prompts.jsonl"
+    jsonl.write_text('{"prompt": "w1", "reference": "w2"}\n{"prompt": "w3"}\n', encoding="utf-8")
+    assert read_prompts(jsonl) == (["w1", "w3"], ["w2", None])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "w1"}\n{"text": "w3"}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: .*\"prompt\""):
+        read_prompts(bad)
+    (tmp_path / "empty.txt").write_text("\n \n", encoding="utf-8")
+    with pytest.raises(ValueError, match="no prompt"):
+        read_prompts(tmp_path / "empty.txt")
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "t5"])
+def test_extract_main_from_a_saved_directory(arch, tokenizer, tmp_path):
+    model = tiny_model(arch)
+    model_dir = tmp_path / "model"
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    prompts = tmp_path / "prompts.jsonl"
+    rows = [{"prompt": p, "reference": f"ref {i}"} for i, p in enumerate(PROMPTS[:3])]
+    prompts.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    out = tmp_path / "cache"
+    cache = extract_main(model_dir, prompts, out, max_new_tokens=4, batch_size=2, progress=False)
+    again = open_cache(out)
+    assert again.checksum == cache.checksum
+    assert not (tmp_path / "cache.shards").exists()  # shards are removed once the cache is saved
+    assert again.meta["model"] == str(model_dir) and again.meta["tokenizer"] == str(model_dir)
+    assert again.sequences["reference"].tolist() == ["ref 0", "ref 1", "ref 2"]
+    for i, prompt in enumerate(PROMPTS[:3]):
+        assert again.sequences["output_ids"][i].tolist() == _reference_generate(model, tokenizer, prompt, 4)
+    from calibrate.cli import main
+
+    via_cli = tmp_path / "cli_cache"
+    argv = ["extract", "--model", str(model_dir), "--prompts", str(prompts), "-o", str(via_cli)]
+    assert main([*argv, "--max-new-tokens", "4", "--batch-size", "2"]) == 0
+    assert open_cache(via_cli).checksum == cache.checksum
+    assert main([*argv, "--max-new-tokens", "4"]) == 2  # refuses to overwrite, with a message
+    with pytest.raises(FileExistsError):
+        extract_main(model_dir, prompts, out, max_new_tokens=4, progress=False)
+    with pytest.raises(ValueError, match="save_pretrained"):
+        extract_main(tmp_path / "nowhere", prompts, tmp_path / "c2", progress=False)
+
+
+def test_import_calibrate_does_not_import_torch():
+    code = "import calibrate, sys; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_lazy_exports_are_the_functions():
+    import calibrate
+
+    assert calibrate.extract is extract and calibrate.concat_caches is concat_caches
+    assert calibrate.ExitHeads is ExitHeads and calibrate.SUPPORTED_ARCHITECTURES == SUPPORTED_ARCHITECTURES
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        calibrate.nope

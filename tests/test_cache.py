@@ -618,3 +618,16 @@ def test_low_level_constructor_validates(cache):
         LayerCache(seq, dict(cache.arrays), vocab_size=V)
     with pytest.raises(ValueError, match=r"must lie in \[0, vocab_size=10\)"):
         LayerCache(cache.sequences, dict(cache.arrays), vocab_size=10)
+
+
+def test_with_meta_replaces_the_writers_metadata_only():
+    from calibrate.synthetic import synthetic_cache
+
+    cache = synthetic_cache(20, seed=3)
+    other = cache.with_meta({"model": "m", "generation": {"max_new_tokens": 7}, "checksum": "ignored"})
+    assert other.user_meta["model"] == "m" and other.user_meta["generation"] == {"max_new_tokens": 7}
+    assert "checksum" not in other.user_meta
+    assert other.checksum == cache.checksum  # same content
+    assert cache.user_meta["model"] == "synthetic"
+    with pytest.raises(TypeError, match="meta must be a dict"):
+        cache.with_meta([("model", "m")])

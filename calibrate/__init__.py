@@ -28,8 +28,9 @@ from calibrate.fit import certify, fit
 from calibrate.losses import LossTable, proxy_losses, user_losses
 from calibrate.synthetic import synthetic_cache
 
-#: Names that need torch (the ``[hf]`` extra), imported on first use.
+#: Names that need torch (the ``[hf]`` extra), imported on first use (a module maps to itself).
 _LAZY = {
+    "runtime": "calibrate.runtime",
     "ExitHeads": "calibrate.heads",
     "SUPPORTED_ARCHITECTURES": "calibrate.heads",
     "extract": "calibrate.extraction",
@@ -46,7 +47,7 @@ def __getattr__(name: str):
             raise ImportError(
                 f"calibrate.{name} needs torch and transformers: pip install 'calm-calibrate[hf]' ({exc})"
             ) from exc
-        return getattr(module, name)
+        return module if module.__name__ == f"calibrate.{name}" else getattr(module, name)
     raise AttributeError(f"module 'calibrate' has no attribute {name!r}")
 
 
@@ -74,6 +75,7 @@ __all__ = [
     "open_cache",
     "proxy_losses",
     "read_prompts",
+    "runtime",
     "synthetic_cache",
     "user_losses",
     "validity",

@@ -581,5 +581,8 @@ def test_lazy_exports_are_the_functions():
 
     assert calibrate.extract is extract and calibrate.concat_caches is concat_caches
     assert calibrate.ExitHeads is ExitHeads and calibrate.SUPPORTED_ARCHITECTURES == SUPPORTED_ARCHITECTURES
+    import calibrate.runtime
+
+    assert calibrate.runtime.generate.__module__ == "calibrate.runtime.decode"
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         calibrate.nope

@@ -1,0 +1,160 @@
+"""Generated tokens/s of the early-exit runtime next to Hugging Face greedy ``generate``, same batch size.
+
+Model: random weights with SmolLM2-135M's shape (LlamaConfig: 30 layers, d=576, MLP 1536, 9 heads,
+3 KV heads, vocabulary 49,152, tied embeddings), so nothing is downloaded; speed does not depend on the
+weights. Every run generates exactly ``--new`` tokens per row (no EOS) after a ``--prompt``-token prompt;
+tokens/s counts generated tokens over the whole call (prompt pass included), best of ``--repeat``.
+
+Rows printed per batch size:
+
+* ``hf``                 -- ``model.generate(do_sample=False)``, the baseline;
+* ``runtime full``       -- our loop without a certificate (its overhead over Hugging Face);
+* ``exit@k``             -- every token exits at layer k (``exit_layer=k``; the first token comes from
+  the prompt pass, which runs every layer), state propagation for the skipped layers;
+* ``sat lam=1`` / ``softmax_gap lam=1`` -- a certificate that never exits: every layer evaluates the
+  measure, so the gap to ``runtime full`` is the **measure overhead** (saturation: O(d); softmax: the
+  vocabulary-sized head at every layer);
+* ``sat lam=x``          -- a saturation threshold (mixed exits; mean exit layer shown).
+
+``speed-up`` = tokens/s over Hugging Face's; ``ideal`` = the cost-model ratio (DESIGN section 13):
+full cost over early-exit cost per token, in multiply-accumulates, counting the layers run, the LM head
+(for SmolLM2 the head is ~8 layers), the K/V projections of state propagation and, for the softmax
+measure, one head per layer tried; ``achieved/ideal`` = speed-up over ideal.
+
+Run: ``python benchmarks/runtime_speed.py [--batch 1 8] [--new 32] [--prompt 32] [--threads 2] [--device cpu]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from calibrate.certificate import Certificate
+from calibrate.runtime import generate
+
+
+def smollm2_like(device: str, dtype: torch.dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        num_hidden_layers=30,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+        max_position_embeddings=2048,
+        rope_theta=100000.0,
+        rms_norm_eps=1e-5,
+        bos_token_id=1,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def macs(config) -> dict[str, float]:
+    """Multiply-accumulates per token: one layer, the head, one layer's K/V projections (propagation)."""
+    d, f = config.hidden_size, config.intermediate_size
+    hd = d // config.num_attention_heads
+    kv = config.num_key_value_heads * hd
+    layer = 2 * d * d + 2 * d * kv + 3 * d * f  # q, o; k, v; gate, up, down (attention scores ignored)
+    return {"layer": layer, "head": d * config.vocab_size, "kv": 2 * d * kv}
+
+
+def ideal_ratio(exit_layers: torch.Tensor, cost: dict[str, float], n_layers: int, softmax: bool) -> float:
+    """Full-model cost over early-exit cost, summed over the generated tokens."""
+    e = exit_layers[exit_layers > 0].double()
+    full = e.numel() * (n_layers * cost["layer"] + cost["head"])
+    tried = (e.clamp(max=n_layers - 1) if softmax else torch.zeros_like(e)) * cost["head"]
+    early = (e * cost["layer"] + (n_layers - e) * cost["kv"] + cost["head"] + tried).sum()
+    return float(full / early)
+
+
+def certificate(lam: float, measure: str, n_layers: int) -> Certificate:
+    return Certificate(
+        lambda_hat=lam, delta=0.1, epsilon=0.05, n=1, lambdas=(lam,), risks=(0.0,), p_values=(0.0,),
+        certified=(True,), bound="hoeffding_bentkus", method="fixed_sequence", mode="user",
+        measure=measure, n_layers=n_layers,
+    )  # fmt: skip
+
+
+def best_time(fn, repeat: int) -> tuple[float, object]:
+    times, out = [], None
+    for _ in range(repeat):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return min(times), out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--new", type=int, default=32, help="generated tokens per row")
+    parser.add_argument("--prompt", type=int, default=32, help="prompt tokens per row")
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--exits", type=int, nargs="+", default=[8, 15])
+    parser.add_argument("--sat", type=float, default=0.9, help="saturation threshold of the mixed-exit row")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = smollm2_like(args.device, getattr(torch, args.dtype))
+    L = model.config.num_hidden_layers
+    cost = macs(model.config)
+    print(
+        f"SmolLM2-shaped random model on {args.device} ({args.dtype}, {torch.get_num_threads()} threads): "
+        f"layer {cost['layer'] / 1e6:.2f} M MAC, head {cost['head'] / 1e6:.1f} M MAC "
+        f"(= {cost['head'] / cost['layer']:.1f} layers), propagation {cost['kv'] / 1e6:.2f} M MAC per skipped layer; "
+        f"prompt {args.prompt}, new {args.new}"
+    )
+    g = torch.Generator().manual_seed(1)
+    for batch in args.batch:
+        ids = torch.randint(2, model.config.vocab_size, (batch, args.prompt), generator=g).to(args.device)
+        mask = torch.ones_like(ids)
+        n_tokens = batch * args.new
+
+        def hf(ids=ids, mask=mask):
+            return model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=args.new)
+
+        def ours(ids=ids, mask=mask, **kw):
+            return lambda: generate(model, ids, mask, max_new_tokens=args.new, **kw)
+
+        hf()  # warm-up
+        t_hf, _ = best_time(hf, args.repeat)
+        runs = [("runtime full", ours(), False)]
+        runs += [(f"exit@{k}", ours(exit_layer=k), False) for k in args.exits]
+        runs += [
+            ("sat lam=1 (overhead)", ours(certificate=certificate(1.0, "state_saturation", L)), False),
+            ("softmax_gap lam=1 (overhead)", ours(certificate=certificate(1.0, "softmax_gap", L)), True),
+            (f"sat lam={args.sat}", ours(certificate=certificate(args.sat, "state_saturation", L)), False),
+        ]
+        print(f"\nbatch {batch}: hf {n_tokens / t_hf:8.1f} tok/s")
+        print(f"  {'run':30s} {'tok/s':>8s} {'mean exit':>9s} {'speed-up':>8s} {'ideal':>6s} {'achieved/ideal':>14s}")
+        for name, fn, softmax in runs:
+            fn()  # warm-up
+            t, out = best_time(fn, args.repeat)
+            speed_up = t_hf / t
+            ideal = ideal_ratio(out.exit_layers, cost, L, softmax)
+            print(
+                f"  {name:30s} {n_tokens / t:8.1f} {out.mean_exit_layer():9.2f} {speed_up:8.2f} {ideal:6.2f} "
+                f"{speed_up / ideal:14.2f}"
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,671 @@
+"""Greedy early-exit decoding with a certificate, for decoder-only Hugging Face models.
+
+:func:`generate` runs its own loop (it does not call the model's ``forward``): every generated token
+runs decoder layers 1, 2, ... until the certificate's confidence measure passes the threshold
+``lambda_t`` (with the certified decay), then emits ``argmax heads(h_i, layer=i)`` through the same
+:class:`~calibrate.heads.ExitHeads` that built the cache. Layers a token skipped still get its keys and
+values by state propagation (each skipped layer's own input norm and K/V projections of the exit state),
+so later tokens attend to something at every layer. In a batch every row exits on its own: a layer runs
+only for the rows still active (gathered, run, scattered back), rows that exited only propagate, rows
+that finished (EOS) stop. Keys and values live in a pre-allocated cache per layer.
+
+Without a certificate, or with a "full model only" certificate (``lambda_hat is None``), every token runs
+every layer and the output equals ``model.generate(do_sample=False)`` token for token.
+
+This module imports torch; ``import calibrate`` does not import it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from calibrate.certificate import Certificate
+from calibrate.exits import Decay
+from calibrate.heads import ExitHeads, decoder_layers
+from calibrate.runtime._layers import RUNTIME_ARCHITECTURES, KVCache, LayerAdapter, Step, adapter_for
+from calibrate.runtime._measures import RUNTIME_MEASURES, RuntimeMeasure, build_measure
+
+__all__ = ["EarlyExitConfig", "EarlyExitOutput", "custom_generate", "generate"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Config and result
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EarlyExitConfig:
+    """Settings of one early-exit decoding run (built by :func:`generate` from its arguments).
+
+    Attributes
+    ----------
+    max_new_tokens : int
+        Most tokens generated per row (>= 1).
+    n_layers : int
+        Decoder layers ``L`` of the model.
+    lambda_hat : float or None
+        Certified threshold; None runs the full model (no certificate, or "full model only").
+    measure : str or None
+        Confidence measure (one of :data:`~calibrate.runtime._measures.RUNTIME_MEASURES`), None for the
+        full model or a fixed exit layer.
+    decay : Decay or None
+        Decaying threshold as certified (``lambda_t = clip(0.9 lambda + 0.1 exp(-tau t / N), 0, 1)``).
+    exit_layer : int or None
+        Fixed exit layer (1-based) for every token, instead of a certificate (benchmarks and tests; no
+        guarantee attached).
+    eos_token_ids : tuple of int
+        Tokens that end a row (kept as its last token); later positions get ``pad_token_id``.
+    pad_token_id : int
+        Filler after a row's EOS.
+    """
+
+    max_new_tokens: int
+    n_layers: int
+    lambda_hat: float | None = None
+    measure: str | None = None
+    decay: Decay | None = None
+    exit_layer: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int = 0
+
+    @property
+    def full_model(self) -> bool:
+        """Whether every token runs every layer."""
+        return self.lambda_hat is None and self.exit_layer is None
+
+    def threshold(self, t: int) -> float:
+        """``lambda_t`` of the ``t``-th (0-based) generated token; ``inf`` for the full model."""
+        if self.lambda_hat is None:
+            return math.inf
+        if self.decay is None:
+            return float(self.lambda_hat)
+        # The same float64 formula as the calibration (calibrate.exits.Decay.thresholds).
+        return float(self.decay.thresholds(np.array([self.lambda_hat]), np.array([t]))[0, 0])
+
+
+@dataclass(frozen=True)
+class EarlyExitOutput:
+    """Result of :func:`generate`, shaped like Hugging Face ``GenerateDecoderOnlyOutput`` plus exit layers.
+
+    Attributes
+    ----------
+    sequences : torch.LongTensor, shape (batch, prompt_length + n_steps)
+        Prompt (as given, left-padded) followed by the generated tokens; after a row's EOS its positions
+        hold ``pad_token_id``, as in ``model.generate``. ``n_steps <= max_new_tokens`` (the loop stops
+        when every row has finished).
+    exit_layers : torch.LongTensor, shape (batch, n_steps)
+        1-based layer that emitted each generated token (``n_layers`` = full model), 0 at the padding
+        after a row's EOS.
+    prompt_length : int
+        Width of the (padded) prompt.
+    n_layers : int
+        Decoder layers ``L`` of the model.
+    thresholds : tuple of float, shape (n_steps,)
+        ``lambda_t`` used at each step (``inf`` when running the full model).
+    measure : str or None
+        Confidence measure used (None for the full model or a fixed exit layer).
+    config : EarlyExitConfig
+        All settings of the run.
+    """
+
+    sequences: torch.Tensor
+    exit_layers: torch.Tensor
+    prompt_length: int
+    n_layers: int
+    thresholds: tuple[float, ...]
+    measure: str | None
+    config: EarlyExitConfig = field(repr=False)
+
+    @property
+    def new_tokens(self) -> torch.Tensor:
+        """Generated part of :attr:`sequences`, shape ``(batch, n_steps)``."""
+        return self.sequences[:, self.prompt_length :]
+
+    @property
+    def n_generated(self) -> torch.Tensor:
+        """Tokens generated per row, EOS included, shape ``(batch,)``."""
+        return (self.exit_layers > 0).sum(dim=1)
+
+    def mean_exit_layer(self) -> float:
+        """Average 1-based exit layer over all generated tokens (``n_layers`` for the full model)."""
+        used = self.exit_layers[self.exit_layers > 0]
+        return float(used.float().mean()) if used.numel() else float("nan")
+
+    def layer_savings(self) -> float:
+        """Fraction of decoder layers skipped, ``1 - mean_exit_layer / n_layers``."""
+        return 1.0 - self.mean_exit_layer() / self.n_layers
+
+    def __repr__(self) -> str:
+        return (
+            f"EarlyExitOutput(batch={self.sequences.shape[0]}, prompt_length={self.prompt_length}, "
+            f"n_steps={self.exit_layers.shape[1]}, n_layers={self.n_layers}, measure={self.measure!r}, "
+            f"mean_exit_layer={self.mean_exit_layer():.3g})"
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------------
+
+
+def generate(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    certificate: Certificate | None = None,
+    max_new_tokens: int = 32,
+    heads: ExitHeads | None = None,
+    *,
+    exit_layer: int | None = None,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+) -> EarlyExitOutput:
+    """Greedy decoding that exits each token at the first layer whose confidence passes the certificate.
+
+    Parameters
+    ----------
+    model : transformers.PreTrainedModel
+        A decoder-only model with its LM head: GPT-2, Llama, Mistral, Qwen2 or Qwen3
+        (:data:`~calibrate.runtime._layers.RUNTIME_ARCHITECTURES`); used in eval mode, not modified.
+    input_ids : torch.LongTensor, shape (batch, prompt_length)
+        Prompts, **left**-padded (as for ``model.generate``).
+    attention_mask : torch.Tensor, shape (batch, prompt_length), optional
+        1 for prompt tokens, 0 for left padding. Default: all ones.
+    certificate : Certificate, optional
+        A certificate for ``knob="exit_threshold"`` made for this model's layer count. None, or
+        ``lambda_hat is None`` ("full model only"), runs every layer for every token.
+    max_new_tokens : int, default=32
+        Most tokens generated per row.
+    heads : ExitHeads, optional
+        What a layer predicts; must be the heads the certificate was calibrated with. Default:
+        ``ExitHeads.from_model(model)`` (final norm + LM head shared by every layer).
+    exit_layer : int, optional
+        Exit every token at this 1-based layer instead of using a certificate (a fixed-depth baseline for
+        benchmarks and tests; nothing is certified). Exclusive with ``certificate``.
+    eos_token_id : int or list of int, optional
+        Tokens that end a row. Default: ``model.generation_config.eos_token_id``.
+    pad_token_id : int, optional
+        Filler after a row's EOS. Default: ``model.generation_config.pad_token_id``, else the first EOS.
+
+    Returns
+    -------
+    EarlyExitOutput
+        ``sequences`` ``(batch, prompt_length + n_steps)`` as ``model.generate`` returns them and
+        ``exit_layers`` ``(batch, n_steps)`` (1-based, 0 after EOS).
+
+    Raises
+    ------
+    ValueError
+        When the architecture is unsupported (naming it and the supported ones); the certificate is for
+        another knob, another layer count, a measure the runtime cannot evaluate, or its classifier does
+        not fit the model; the prompts are right-padded, empty or too long for the model's context
+        (nothing is truncated); or an argument is out of range.
+    TypeError
+        When an argument has the wrong type.
+
+    Notes
+    -----
+    - **Exit rule** (as calibrated, DESIGN section 6): token ``t`` (0-based) exits at the first layer
+      ``i < L`` with ``conf_i >= lambda_t``, ``lambda_t = clip(0.9 lambda + 0.1 exp(-tau t / N), 0, 1)``
+      with the certificate's decay, else at layer ``L``; it is emitted as ``argmax heads(h_i, layer=i)``.
+      The comparison is done in float64 on the float32 confidence, like the calibration.
+    - **Prompt.** The prompt runs every layer (like an encoder); the first new token's exit layer is
+      decided on the prompt's last position, layer by layer, exactly as in the cache.
+    - **State propagation.** For a token that exited at layer ``i``, every layer ``j > i`` stores keys and
+      values computed from the exit state ``h_i`` through layer ``j``'s own input norm and K/V projections
+      (RoPE included); its attention and MLP are skipped.
+    - **Batches.** Each row exits on its own. A layer runs only for the rows still active; exited rows
+      only propagate (~2 ``d x d_kv`` products); finished rows do nothing. The rows' decisions need one
+      device synchronisation per layer.
+    - **Measure cost.** ``state_saturation`` and ``classifier`` cost ``O(d)`` per row and layer; the
+      softmax measures need the vocabulary-sized head at every layer tried, which on small models with
+      large vocabularies costs more than the layers saved (benchmarks/runtime_speed.py measures it).
+    - **Equality with Hugging Face.** Without a certificate the tokens equal
+      ``model.generate(input_ids, attention_mask=..., do_sample=False, max_new_tokens=...)`` (greedy, no
+      logits processors: a generation config that sets e.g. ``repetition_penalty`` changes Hugging
+      Face's choices, not ours; use :func:`custom_generate` to apply them).
+    - The guarantee ``P(risk(lambda_hat) <= delta) >= 1 - epsilon`` of the certificate (delta =
+      tolerance, epsilon = failure probability) covers what this runtime emits only for
+      ``mode="decoded"`` certificates; a ``"proxy"`` certificate certifies the teacher-forced simulation.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from transformers import GPT2Config, GPT2LMHeadModel
+    >>> from calibrate.runtime import generate
+    >>> _ = torch.manual_seed(0)
+    >>> model = GPT2LMHeadModel(GPT2Config(n_layer=3, n_embd=16, n_head=2, vocab_size=50)).eval()
+    >>> ids = torch.tensor([[5, 6, 7]])
+    >>> out = generate(model, ids, max_new_tokens=4)                  # no certificate: the full model
+    >>> torch.equal(out.sequences, model.generate(ids, do_sample=False, max_new_tokens=4))
+    True
+    >>> out.exit_layers.tolist()
+    [[3, 3, 3, 3]]
+    >>> generate(model, ids, max_new_tokens=4, exit_layer=1).exit_layers.tolist()
+    [[1, 1, 1, 1]]
+    """
+    run = _generate_iv(
+        model, input_ids, attention_mask, certificate, max_new_tokens, heads, exit_layer, eos_token_id, pad_token_id
+    )
+    return _decode(run, *run.inputs)
+
+
+def custom_generate(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    logits_processor=None,
+    stopping_criteria=None,
+    generation_config=None,
+    synced_gpus: bool = False,
+    streamer=None,
+    certificate: Certificate | None = None,
+    heads: ExitHeads | None = None,
+    exit_layer: int | None = None,
+    **model_kwargs,
+) -> EarlyExitOutput:
+    """Early-exit decoding as a Hugging Face decoding method: ``model.generate(..., custom_generate=custom_generate)``.
+
+    Parameters
+    ----------
+    model, input_ids
+        Passed by ``generate`` (the model and the left-padded prompts).
+    logits_processor, stopping_criteria, generation_config
+        Prepared by ``generate``; the processors are applied to the emitted logits (of whatever layer
+        exits) and the stopping criteria (EOS, max length, stop strings) end rows, as in greedy ``_sample``.
+    synced_gpus, streamer
+        Not supported (``synced_gpus=True`` or a streamer raise).
+    certificate, heads, exit_layer
+        As in :func:`generate`; ``generate`` forwards them because they are in this signature, e.g.
+        ``model.generate(ids, attention_mask=mask, max_new_tokens=32, do_sample=False,
+        custom_generate=custom_generate, certificate=cert)``.
+    **model_kwargs
+        ``attention_mask`` is used; ``position_ids``, ``use_cache``, ``cache`` and ``logits_to_keep``
+        prepared by ``generate`` are ignored (positions come from the mask, the cache is our own).
+
+    Returns
+    -------
+    EarlyExitOutput
+        Also when ``return_dict_in_generate`` is False; ``.sequences`` is what ``generate`` returns.
+
+    Raises
+    ------
+    ValueError
+        As :func:`generate`; also for sampling or beam search settings and unsupported model kwargs.
+    """
+    if synced_gpus or streamer is not None:
+        raise ValueError("custom_generate (early exit) supports neither synced_gpus nor a streamer")
+    if generation_config is not None and (generation_config.do_sample or (generation_config.num_beams or 1) > 1):
+        raise ValueError(
+            "early-exit decoding is greedy: pass do_sample=False and num_beams=1 to generate, got "
+            f"do_sample={generation_config.do_sample}, num_beams={generation_config.num_beams}"
+        )
+    ignored = {"position_ids", "use_cache", "cache", "past_key_values", "logits_to_keep", "attention_mask"}
+    unknown = sorted(k for k, v in model_kwargs.items() if k not in ignored and v is not None)
+    if unknown:
+        raise ValueError(f"custom_generate (early exit) does not support the model kwargs {unknown}")
+    attention_mask = model_kwargs.get("attention_mask")
+    if generation_config is None or generation_config.max_length is None:
+        raise ValueError("custom_generate needs the generation_config prepared by model.generate (with max_length)")
+    max_new_tokens = int(generation_config.max_length) - int(input_ids.shape[1])
+    pad = generation_config._pad_token_tensor
+    pad_id = None if pad is None else int(pad.reshape(-1)[0])
+    run = _generate_iv(
+        model,
+        input_ids,
+        attention_mask,
+        certificate,
+        max_new_tokens,
+        heads,
+        exit_layer,
+        [],  # EOS is handled by the stopping criteria
+        pad_id if pad_id is not None else 0,
+    )
+    return _decode(run, *run.inputs, logits_processor=logits_processor, stopping_criteria=stopping_criteria)
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Run:
+    """Everything the loop needs, validated."""
+
+    adapter: LayerAdapter
+    heads: ExitHeads
+    measure: RuntimeMeasure | None
+    config: EarlyExitConfig
+    inputs: tuple[torch.Tensor, torch.Tensor]
+
+
+def _int_iv(name: str, value, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    return int(value)
+
+
+def _token_ids(value) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, torch.Tensor):
+        value = value.reshape(-1).tolist()
+    return [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+
+
+def _certificate_iv(certificate, n_layers: int) -> tuple[float | None, str | None, Decay | None]:
+    if certificate is None:
+        return None, None, None
+    if not isinstance(certificate, Certificate):
+        raise TypeError(f"certificate must be a calibrate.Certificate or None, got {type(certificate).__name__}")
+    if certificate.knob != "exit_threshold":
+        raise ValueError(
+            f"certificate.knob is {certificate.knob!r}, but the early-exit runtime spends only 'exit_threshold' "
+            "certificates"
+        )
+    if certificate.n_layers is not None and certificate.n_layers != n_layers:
+        raise ValueError(
+            f"the certificate was made for a model with n_layers={certificate.n_layers}, this model has {n_layers} "
+            "decoder layers"
+        )
+    if certificate.lambda_hat is None:  # "full model only": nothing to measure
+        return None, None, None
+    if certificate.measure not in RUNTIME_MEASURES:
+        raise ValueError(
+            f"certificate.measure must be one of {RUNTIME_MEASURES} for the runtime, got {certificate.measure!r}"
+        )
+    decay = certificate.decay
+    if decay is not None and not isinstance(decay, Decay):
+        decay = Decay(**dict(decay))
+    return float(certificate.lambda_hat), certificate.measure, decay
+
+
+def _generate_iv(
+    model, input_ids, attention_mask, certificate, max_new_tokens, heads, exit_layer, eos_token_id, pad_token_id
+) -> _Run:
+    layers = decoder_layers(model)  # raises for architectures the heads do not know
+    adapter = adapter_for(model, layers)  # raises for architectures the runtime does not decode
+    n_layers = len(layers)
+    if bool(getattr(model.config, "is_encoder_decoder", False)):
+        raise ValueError(
+            f"encoder-decoder models are not supported by the runtime yet; supported: {RUNTIME_ARCHITECTURES}"
+        )
+    max_new_tokens = _int_iv("max_new_tokens", max_new_tokens, 1)
+    # Prompts: a 2-D id tensor, left-padded, every row with at least one token.
+    if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.dtype not in (torch.long, torch.int):
+        raise TypeError(
+            "input_ids must be an integer torch.Tensor of shape (batch, prompt_length), got "
+            f"{type(input_ids).__name__}{tuple(getattr(input_ids, 'shape', ()))}"
+        )
+    if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must hold at least one row and one token, got shape {tuple(input_ids.shape)}")
+    device = adapter.device
+    input_ids = input_ids.to(device=device, dtype=torch.long)
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask must be a tensor of the shape of input_ids {tuple(input_ids.shape)}, "
+            f"got {tuple(getattr(attention_mask, 'shape', ()))}"
+        )
+    attention_mask = attention_mask.to(device=device, dtype=torch.long)
+    if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+        raise ValueError("attention_mask must hold only 0 and 1")
+    if bool((attention_mask[:, 1:] < attention_mask[:, :-1]).any()):
+        raise ValueError("input_ids must be left-padded (attention_mask zeros before ones in every row)")
+    if bool((attention_mask[:, -1] == 0).any()):
+        empty = torch.nonzero(attention_mask[:, -1] == 0).reshape(-1).tolist()
+        raise ValueError(f"rows {empty[:10]} of input_ids have no token (attention_mask all 0)")
+    # Context: absolute positions (GPT-2) and RoPE tables are finite; never truncate silently.
+    lengths = attention_mask.sum(dim=1)
+    config = model.config
+    name = next((n for n in ("n_positions", "max_position_embeddings") if getattr(config, n, None)), None)
+    if name is not None and int(lengths.max()) + max_new_tokens > int(getattr(config, name)):
+        raise ValueError(
+            f"the longest prompt ({int(lengths.max())} tokens) + max_new_tokens={max_new_tokens} exceeds the model's "
+            f"context config.{name}={getattr(config, name)}; shorten it or lower max_new_tokens (nothing is truncated)"
+        )
+    window = getattr(adapter, "sliding_window", None)
+    if window is not None and input_ids.shape[1] + max_new_tokens > window:
+        raise ValueError(
+            f"prompt width {input_ids.shape[1]} + max_new_tokens={max_new_tokens} exceeds the sliding window "
+            f"{window}; sliding-window attention is not implemented by the runtime"
+        )
+    # Heads and exit rule.
+    if heads is None:
+        heads = ExitHeads.from_model(model)
+    elif not isinstance(heads, ExitHeads):
+        raise TypeError(f"heads must be an ExitHeads (or None for the model's own), got {type(heads).__name__}")
+    if heads.n_layers != n_layers or heads.hidden_size != adapter.hidden_size:
+        raise ValueError(
+            f"heads has n_layers={heads.n_layers}, hidden_size={heads.hidden_size} but the model has "
+            f"{n_layers} decoder layers of width {adapter.hidden_size}"
+        )
+    lambda_hat, measure_name, decay = _certificate_iv(certificate, n_layers)
+    if exit_layer is not None:
+        if certificate is not None:
+            raise ValueError("pass either certificate or exit_layer, not both")
+        exit_layer = _int_iv("exit_layer", exit_layer, 1)
+        if exit_layer > n_layers:
+            raise ValueError(f"exit_layer must lie in [1, n_layers={n_layers}], got {exit_layer}")
+    measure = None
+    if measure_name is not None:
+        measure = build_measure(
+            measure_name,
+            state=certificate.measure_state,
+            n_layers=n_layers,
+            hidden_size=adapter.hidden_size,
+            vocab_size=heads.vocab_size,
+            dtype=adapter.dtype,
+            device=device,
+        )
+    # Special tokens.
+    gen = getattr(model, "generation_config", None)
+    eos = _token_ids(eos_token_id if eos_token_id is not None else getattr(gen, "eos_token_id", None))
+    if pad_token_id is None:
+        pad_token_id = getattr(gen, "pad_token_id", None)
+        pad_token_id = _token_ids(pad_token_id)[0] if pad_token_id is not None else (eos[0] if eos else 0)
+    run_config = EarlyExitConfig(
+        max_new_tokens=max_new_tokens,
+        n_layers=n_layers,
+        lambda_hat=lambda_hat,
+        measure=measure_name,
+        decay=decay,
+        exit_layer=exit_layer,
+        eos_token_ids=tuple(eos),
+        pad_token_id=int(pad_token_id),
+    )
+    return _Run(adapter, heads, measure, run_config, (input_ids, attention_mask))
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------------
+
+
+def _adapt(heads: ExitHeads, h: torch.Tensor, layer: int) -> torch.Tensor:
+    """Layer ``layer``'s adapter in front of the shared norm + head (identity without adapters)."""
+    if heads.adapter_weight is None or layer == heads.n_layers - 1:
+        return h
+    return h @ heads.adapter_weight[layer].T + heads.adapter_bias[layer]
+
+
+def _take(rope, index: torch.Tensor):
+    """Rows ``index`` of the per-step position data (RoPE cos/sin), or None."""
+    return None if rope is None else tuple(x[index] for x in rope)
+
+
+def _additive(allowed: torch.Tensor, dtype) -> torch.Tensor:
+    """Boolean "may attend" -> additive mask (0 or the dtype's minimum: finite, so no NaN on empty rows)."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
+
+
+class _Exits:
+    """Exit bookkeeping of one step for ``n`` rows: who exited where, and what each row emits."""
+
+    def __init__(self, n: int, run: _Run, device) -> None:
+        self.layer = torch.full((n,), run.config.n_layers, dtype=torch.long, device=device)  # (n,) 1-based
+        self.state = torch.empty((n, run.adapter.hidden_size), dtype=run.adapter.dtype, device=device)  # (n, d)
+        needs_logits = run.measure is not None and run.measure.needs_logits
+        self.logits = torch.empty((n, run.heads.vocab_size), device=device) if needs_logits else None  # (n, V)
+
+    def test(self, run: _Run, i: int, lam: float, h: torch.Tensor, prev: torch.Tensor) -> torch.Tensor | None:
+        """Rows (of ``h``, the active rows' states after layer ``i``) whose token exits at layer ``i``."""
+        cfg = run.config
+        if cfg.full_model or i == cfg.n_layers - 1:
+            return None
+        if cfg.exit_layer is not None:
+            return torch.ones(h.shape[0], dtype=torch.bool, device=h.device) if i + 1 == cfg.exit_layer else None
+        logits = run.heads(h, layer=i).float() if run.measure.needs_logits else None  # (m, V)
+        passed = run.measure(i, h, prev, logits).double() >= lam  # (m,)
+        if logits is not None:
+            self._pending_logits = logits[passed]
+        return passed
+
+    def record(self, run: _Run, i: int, rows: torch.Tensor, h: torch.Tensor) -> None:
+        """Rows ``rows`` (local indices) exit at layer ``i`` with states ``h`` ``(m, d)``."""
+        self.layer[rows] = i + 1
+        self.state[rows] = _adapt(run.heads, h, i)
+        if self.logits is not None and run.config.exit_layer is None:
+            self.logits[rows] = self._pending_logits
+
+    def emit(self, run: _Run, rest: torch.Tensor | None, h_rest: torch.Tensor) -> torch.Tensor:
+        """Logits ``(n, V)`` float32: exited rows from their exit layer, rows ``rest`` from layer ``L``."""
+        if rest is None:
+            rest = slice(None)
+        self.state[rest] = h_rest
+        if self.logits is None:
+            return run.heads(self.state, layer=run.config.n_layers - 1).float()  # one head call for all rows
+        self.logits[rest] = run.heads(h_rest, layer=run.config.n_layers - 1).float()
+        return self.logits
+
+
+@torch.no_grad()
+def _decode(
+    run: _Run,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    logits_processor=None,
+    stopping_criteria=None,
+) -> EarlyExitOutput:
+    adapter, cfg = run.adapter, run.config
+    device, dtype = adapter.device, adapter.dtype
+    B, P = input_ids.shape
+    L, T = cfg.n_layers, cfg.max_new_tokens
+
+    # 1. Buffers: output ids (pad after EOS), exit layers, pre-allocated keys/values of every layer.
+    sequences = torch.full((B, P + T), cfg.pad_token_id, dtype=torch.long, device=device)  # (B, P+T)
+    sequences[:, :P] = input_ids
+    exit_layers = torch.zeros((B, T), dtype=torch.long, device=device)  # (B, T)
+    cache: KVCache = adapter.new_cache(B, P + T)
+    eos = torch.tensor(cfg.eos_token_ids, dtype=torch.long, device=device)  # (n_eos,)
+    unfinished = torch.ones(B, dtype=torch.bool, device=device)  # (B,)
+    thresholds: list[float] = []
+
+    # 2. Positions and keys visible to each row: left padding is masked, positions count real tokens
+    #    (as Hugging Face generate does: cumsum(mask) - 1).
+    keys_visible = torch.ones((B, P + T), dtype=torch.bool, device=device)  # (B, P+T)
+    keys_visible[:, :P] = attention_mask.bool()
+    padded = not bool(attention_mask.all())
+    positions = (attention_mask.cumsum(dim=1) - 1).clamp_min(0)  # (B, P)
+    first_new_position = attention_mask.sum(dim=1)  # (B,) position of the first generated token
+
+    # 3. Prefill: the whole prompt runs every layer; the first token's exit is decided on the last
+    #    position, layer by layer.
+    causal = torch.ones((P, P), dtype=torch.bool, device=device).tril()  # (P, P)
+    diagonal = torch.eye(P, dtype=torch.bool, device=device)  # padding queries see themselves: no empty row
+    allowed = (causal[None] & keys_visible[:, None, :P]) | diagonal[None]  # (B, P, P)
+    step = Step(None, 0, positions, _additive(allowed, dtype)[:, None])  # mask (B, 1, P, P)
+    h = adapter.embed(input_ids, positions)  # (B, P, d)
+    rope = adapter.rotary(h, positions)
+    lam = cfg.threshold(0)
+    exits = _Exits(B, run, device)
+    open_rows = torch.arange(B, device=device)  # rows whose first token has not exited yet
+    for i in range(L):
+        prev = h[open_rows, -1]  # (m, d) input of layer i at the last position
+        h = adapter.layer(i, h, step, cache, rope)  # (B, P, d)
+        passed = exits.test(run, i, lam, h[open_rows, -1], prev) if open_rows.numel() else None
+        if passed is not None and bool(passed.any()):
+            exits.record(run, i, open_rows[passed], h[open_rows[passed], -1])
+            open_rows = open_rows[~passed]
+    logits = exits.emit(run, open_rows, h[open_rows, -1])  # (B, V)
+    t = 0
+    rows = torch.arange(B, device=device)
+    layer_of = exits.layer
+
+    while True:
+        # 4. Emit token t of the unfinished rows (logits processors as in HF greedy search), record exits.
+        if logits_processor is not None:  # processors may be batch-aware: give them every row
+            every = logits.new_zeros((B, logits.shape[1])).index_copy_(0, rows, logits)  # (B, V)
+            logits = logits_processor(sequences[:, : P + t], every)[rows]  # (n, V)
+        token = logits.argmax(dim=-1)  # (n,)
+        sequences[rows, P + t] = token
+        exit_layers[rows, t] = layer_of
+        thresholds.append(lam)
+        # 5. Rows that produced EOS (or meet a stopping criterion) finish; stop when all have.
+        if stopping_criteria is not None:
+            unfinished &= ~stopping_criteria(sequences[:, : P + t + 1], None).to(device)
+        elif eos.numel():
+            unfinished[rows] &= ~torch.isin(token, eos)
+        t += 1
+        if t == T or not bool(unfinished.any()):
+            break
+
+        # 6. Next step: the unfinished rows feed their last token at cache column P + t - 1.
+        rows = torch.nonzero(unfinished).reshape(-1)  # (n,) global row indices
+        n = rows.numel()
+        global_rows = None if n == B else rows
+        col = P + t - 1
+        pos = (first_new_position[rows] + t - 1)[:, None]  # (n, 1)
+        mask = _additive(keys_visible[rows, None, None, : col + 1], dtype) if padded else None  # (n, 1, 1, col+1)
+        step = Step(global_rows, col, pos, mask)
+        h = adapter.embed(sequences[rows, col : col + 1], pos)  # (n, 1, d)
+        rope = adapter.rotary(h, pos)
+        lam = cfg.threshold(t)
+        exits = _Exits(n, run, device)
+
+        # 7. Layers: active rows run the layer (gathered when not all), exited rows only propagate
+        #    their frozen exit state into the layer's keys/values.
+        active: torch.Tensor | None = None  # local indices of the active rows; None = all n rows
+        done: torch.Tensor | None = None  # local indices of the rows that exited
+        for i in range(L):
+            if done is not None:
+                adapter.propagate(i, h[done], step.subset(done, rows[done]), cache, _take(rope, done))
+            if active is None:
+                prev, h = h, adapter.layer(i, h, step, cache, rope)  # (n, 1, d)
+                h_act = h
+            elif active.numel():
+                prev = h[active]  # (m, 1, d)
+                h_act = adapter.layer(i, prev, step.subset(active, rows[active]), cache, _take(rope, active))
+                h[active] = h_act
+            else:
+                continue
+            passed = exits.test(run, i, lam, h_act[:, -1], prev[:, -1])  # (m,) or None
+            if passed is None or not bool(passed.any()):
+                continue
+            local = torch.arange(n, device=device) if active is None else active
+            exits.record(run, i, local[passed], h_act[passed, -1])
+            done = local[passed] if done is None else torch.cat([done, local[passed]])
+            active = local[~passed]
+
+        # 8. Logits of every unfinished row: exited rows through their exit layer, the rest through layer L.
+        rest = active if active is not None else None
+        logits = exits.emit(run, rest, h[:, -1] if rest is None else h[rest, -1])  # (n, V)
+        layer_of = exits.layer
+
+    n_steps = t
+    return EarlyExitOutput(
+        sequences=sequences[:, : P + n_steps],
+        exit_layers=exit_layers[:, :n_steps],
+        prompt_length=P,
+        n_layers=L,
+        thresholds=tuple(thresholds),
+        measure=cfg.measure,
+        config=cfg,
+    )

@@ -17,61 +17,25 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+import _tiny_hf
+from _tiny_hf import EOS, PAD, V
+
 from calibrate.certificate import Certificate
 from calibrate.exits import Decay
 from calibrate.heads import ExitHeads, decoder_layers
 from calibrate.runtime import RUNTIME_ARCHITECTURES, EarlyExitOutput, custom_generate, generate
 
-V = 64
 N_LAYERS = 4
-PAD, EOS, BOS = 0, 1, 3
 PROMPTS = [[4, 9, 17, 30, 5, 11, 8], [7, 12], [40, 41, 42, 43]]
 
 
 # --------------------------------------------------------------------------------------------------
-# Tiny models (as in tests/test_extract.py, 4 layers)
+# Tiny models (tests/_tiny_hf.py, 4 layers)
 # --------------------------------------------------------------------------------------------------
 
 
-def _config(arch: str, **kwargs):
-    from transformers import GPT2Config, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config, T5Config
-
-    ids = {"vocab_size": V, "pad_token_id": PAD, "eos_token_id": EOS, "bos_token_id": BOS}
-    llama = dict(
-        initializer_range=0.2,
-        num_hidden_layers=N_LAYERS,
-        hidden_size=32,
-        intermediate_size=64,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        **ids,
-    )
-    configs = {
-        "gpt2": lambda: GPT2Config(
-            n_layer=N_LAYERS, n_embd=32, n_head=2, n_positions=64, initializer_range=0.2, **ids, **kwargs
-        ),
-        "llama": lambda: LlamaConfig(**llama, **kwargs),
-        "mistral": lambda: MistralConfig(**llama, **kwargs),
-        "qwen2": lambda: Qwen2Config(**llama, **kwargs),
-        "qwen3": lambda: Qwen3Config(head_dim=8, **llama, **kwargs),
-        "t5": lambda: T5Config(num_layers=2, num_decoder_layers=2, d_model=32, d_kv=8, d_ff=64, num_heads=4, **ids),
-    }
-    return configs[arch]()
-
-
 def tiny_model(arch: str, seed: int = 0, **kwargs):
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
-
-    config = _config(arch, **kwargs)
-    auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-    torch.manual_seed(seed)
-    model = auto.from_config(config).eval()
-    with torch.no_grad():  # perturbed norms: a wrong norm gives visibly wrong outputs
-        for name, p in model.named_parameters():
-            if "norm" in name or ".ln_" in name:
-                p.copy_(torch.rand_like(p) + 0.5 if name.endswith("weight") else 0.1 * torch.randn_like(p))
-    return model
+    return _tiny_hf.tiny_model(arch, seed, n_layers=N_LAYERS, **kwargs)
 
 
 def left_pad(prompts):

@@ -461,3 +461,45 @@ def test_import_calibrate_does_not_import_torch():
 
     code = "import calibrate, sys; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Round trip: extract -> fit -> runtime
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("measure, tau", [("state_saturation", None), ("softmax_gap", 4.0), ("classifier", 4.0)])
+def test_runtime_exits_agree_with_the_extracted_cache(measure, tau):
+    """The first generated token of each prompt exits where the cache's proxy simulation says it does."""
+    import dataclasses
+
+    import calibrate
+    from calibrate.exits import exit_layers
+    from measures.classifier import ExitClassifier
+
+    model = _tiny_hf.tiny_model("llama", seed=5, n_layers=6)
+    tokenizer = _tiny_hf.tiny_tokenizer()
+    rng = np.random.default_rng(1)
+    prompts = [" ".join(f"w{i}" for i in rng.integers(0, 60, size=rng.integers(1, 12))) for _ in range(40)]
+    cache = calibrate.extract(model, tokenizer, prompts, max_new_tokens=6, batch_size=8, store_hidden=True, progress=False)
+    fitted = calibrate.fit(cache, delta=0.5, epsilon=0.2, measure=measure, decay=tau, seed=0)
+    if measure == "classifier":
+        conf = ExitClassifier.from_dict(dict(fitted.measure_state)).predict_confidence(cache)
+    else:
+        conf = cache.arrays[measure]
+    first = cache.offsets[:-1]
+    decay = None if fitted.decay is None else Decay(**fitted.decay)
+    layers = exit_layers(conf, fitted.lambdas, positions=cache.positions, decay=decay)[first]  # (n, K)
+    # the grid value that spreads the first tokens' exits over the most layers: a demanding check
+    k = int(np.argmax([np.unique(layers[:, j]).size for j in range(layers.shape[1])]))
+    assert np.unique(layers[:, k]).size >= 3
+    cert = dataclasses.replace(fitted, lambda_hat=fitted.lambdas[k])
+    ids = [tokenizer(p)["input_ids"] for p in prompts]
+    for start in range(0, len(prompts), 8):
+        input_ids, mask = left_pad(ids[start : start + 8])
+        out = generate(model, input_ids, mask, certificate=cert, max_new_tokens=1)
+        rows = np.arange(start, start + input_ids.shape[0])
+        np.testing.assert_array_equal(out.exit_layers[:, 0].numpy(), layers[rows, k])
+        expected = cache.arrays["topk_ids"][first[rows], layers[rows, k] - 1, 0]
+        expected = np.where(layers[rows, k] == 6, cache.arrays["full_tokens"][first[rows]], expected)
+        np.testing.assert_array_equal(out.new_tokens[:, 0].numpy(), expected)

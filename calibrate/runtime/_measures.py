@@ -116,17 +116,19 @@ class _Classifier(RuntimeMeasure):
             weights.append(torch.as_tensor(coef / scale))
             biases.append(float(layer["intercept"] - (mean * coef / scale).sum()))
             constants.append(math.nan)
-        self.weight = torch.stack(weights).to(device=device, dtype=torch.float32)  # (L-1, d+1)
-        self.bias = torch.tensor(biases, dtype=torch.float32, device=device)  # (L-1,)
+        self.weight = torch.stack(weights).to(device=device, dtype=torch.float64)  # (L-1, d+1)
+        self.bias = torch.tensor(biases, dtype=torch.float64, device=device)  # (L-1,)
         self.constant = constants  # python floats, nan = fitted layer
 
     def __call__(self, layer, h, prev, logits):
         if not math.isnan(self.constant[layer]):
             return torch.full((h.shape[0],), self.constant[layer], dtype=torch.float32, device=h.device)
-        sat = _saturation(h, prev, layer)  # (n,)
+        # The classifier was fitted on the cache's float16 states: round the same way, then score in float64.
+        h16 = h.to(torch.float16)  # (n, d)
+        sat = _saturation(h16, None if prev is None else prev.to(torch.float16), layer).double()  # (n,)
         w = self.weight[layer]  # (d+1,)
-        z = h.float() @ w[:-1] + sat * w[-1] + self.bias[layer]  # (n,)
-        return torch.sigmoid(z)
+        z = h16.double() @ w[:-1] + sat * w[-1] + self.bias[layer]  # (n,)
+        return torch.sigmoid(z).float()
 
 
 def build_measure(

@@ -312,6 +312,11 @@ def custom_generate(
     if generation_config is None or generation_config.max_length is None:
         raise ValueError("custom_generate needs the generation_config prepared by model.generate (with max_length)")
     max_new_tokens = int(generation_config.max_length) - int(input_ids.shape[1])
+    if max_new_tokens < 1:
+        raise ValueError(
+            f"generation_config.max_length={generation_config.max_length} leaves no room after the prompt width "
+            f"{input_ids.shape[1]}; pass max_new_tokens (>= 1) to model.generate"
+        )
     pad = generation_config._pad_token_tensor
     pad_id = None if pad is None else int(pad.reshape(-1)[0])
     run = _generate_iv(
@@ -431,9 +436,9 @@ def _generate_iv(
             f"context config.{name}={getattr(config, name)}; shorten it or lower max_new_tokens (nothing is truncated)"
         )
     window = getattr(adapter, "sliding_window", None)
-    if window is not None and input_ids.shape[1] + max_new_tokens > window:
+    if window is not None and int(lengths.max()) + max_new_tokens > window:
         raise ValueError(
-            f"prompt width {input_ids.shape[1]} + max_new_tokens={max_new_tokens} exceeds the sliding window "
+            f"the longest prompt ({int(lengths.max())} tokens) + max_new_tokens={max_new_tokens} exceeds the sliding window "
             f"{window}; sliding-window attention is not implemented by the runtime"
         )
     # Heads and exit rule.

@@ -16,6 +16,7 @@ Each measure reproduces the definition used to build the cache and calibrate the
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import Any
 
@@ -39,7 +40,7 @@ def _saturation(h: torch.Tensor, prev: torch.Tensor, layer: int) -> torch.Tensor
     return torch.where(denom > 0, dot / torch.where(denom > 0, denom, 1.0), 0.0)
 
 
-class RuntimeMeasure:
+class RuntimeMeasure(ABC):
     """A confidence measure at run time: ``measure(layer, h, prev, logits) -> (n,)`` float32.
 
     Attributes
@@ -54,8 +55,9 @@ class RuntimeMeasure:
         self.name = name
         self.needs_logits = needs_logits
 
+    @abstractmethod
     def __call__(self, layer: int, h: torch.Tensor, prev: torch.Tensor, logits: torch.Tensor | None) -> torch.Tensor:
-        raise NotImplementedError
+        """Confidence of each row at ``layer`` (0-based), shape ``(n,)``."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"

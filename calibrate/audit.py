@@ -291,23 +291,20 @@ def validity(
     """
     from tqdm.auto import tqdm
 
-    from calibrate.fit import TRAIN_FRACTION, _calibration_split, fit
+    from calibrate.fit import _proxy_table
 
     if isinstance(trials, bool) or not isinstance(trials, (int, np.integer)):
         raise TypeError(f"trials must be an int, got {type(trials).__name__}")
     if trials < 1:
         raise ValueError(f"trials must be >= 1, got {trials}")
     cal_fraction = open_interval(cal_fraction, "cal_fraction")
-    # One fit on the whole cache gives the measure (and the trained classifier) and the grid; the
-    # loss table of the calibration sequences (never the classifier's training sequences) is then
-    # reused by every trial.
-    reference = fit(cache, delta=delta, epsilon=epsilon, seed=seed, **fit_kwargs)
-    _, pool = _calibration_split(cache, reference.measure, fit_kwargs.get("train_fraction", TRAIN_FRACTION), seed)
-    table = _certificate_losses(reference, pool, decode=fit_kwargs.get("decode"))
+    # fit's data step runs once (training the classifier, if any, on sequences kept out of every
+    # trial); each trial then only permutes the rows of the loss table and certifies.
+    options = {key: fit_kwargs.pop(key) for key in ("bound", "method") if key in fit_kwargs}
+    table, *_ = _proxy_table(cache, seed=seed, **fit_kwargs)
     n_cal = int(round(cal_fraction * table.n))
     if not 0 < n_cal < table.n:
         raise ValueError(f"cal_fraction={cal_fraction} leaves an empty calibration or test set of {table.n} sequences")
-    options = {key: fit_kwargs[key] for key in ("bound", "method") if key in fit_kwargs}
     test_risks, lambda_hats, naive = np.zeros(trials), np.full(trials, np.nan), np.zeros(trials)
     for i in tqdm(range(trials), desc="validity", unit="split", disable=not progress):
         perm = np.random.default_rng([seed, i]).permutation(table.n)

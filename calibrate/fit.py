@@ -284,6 +284,45 @@ def fit(
     >>> cert.lambda_hat is None or cert.risk_hat <= 0.1
     True
     """
+    table, decay, measure_state, n_train = _proxy_table(
+        cache,
+        measure=measure,
+        consistency=consistency,
+        lambdas=lambdas,
+        decay=decay,
+        train_fraction=train_fraction,
+        seed=seed,
+        decode=decode,
+        progress=progress,
+    )
+    cert = certify(table, delta=delta, epsilon=epsilon, bound=bound, method=method)
+    return dataclasses.replace(
+        cert,
+        measure=measure,
+        decay=None if decay is None else decay.to_dict(),
+        measure_state=measure_state,
+        n_train=n_train,
+        cache_checksum=cache.checksum,
+        model=cache.user_meta.get("model"),
+    )
+
+
+def _proxy_table(
+    cache,
+    *,
+    measure: str = "softmax_gap",
+    consistency: str = "token",
+    lambdas=None,
+    decay=None,
+    train_fraction: float = TRAIN_FRACTION,
+    seed: int = 0,
+    decode=None,
+    progress: bool = False,
+) -> tuple[LossTable, Decay | None, dict | None, int]:
+    """fit's data step: ``(calibration loss table, decay, classifier state or None, training sequences)``.
+
+    The classifier measure trains on a seeded split and the table holds only the other sequences.
+    """
     from measures.confidence import MEASURES, confidence
 
     allowed = tuple(MEASURES) + ("classifier",)
@@ -293,7 +332,7 @@ def fit(
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
     decay = _decay_iv(decay, cache)
     lam = default_lambdas() if lambdas is None else lambdas
-    source, measure_state, n_train = cache, None, 0
+    measure_state, n_train = None, 0
     train, cache = _calibration_split(cache, measure, train_fraction, seed)
     if train is not None:
         from measures.classifier import ExitClassifier
@@ -304,13 +343,4 @@ def fit(
     else:
         conf = confidence(cache, measure)
     table = proxy_losses(cache, conf, lam, consistency=consistency, decay=decay, decode=decode, progress=progress)
-    cert = certify(table, delta=delta, epsilon=epsilon, bound=bound, method=method)
-    return dataclasses.replace(
-        cert,
-        measure=measure,
-        decay=None if decay is None else decay.to_dict(),
-        measure_state=measure_state,
-        n_train=n_train,
-        cache_checksum=source.checksum,
-        model=source.user_meta.get("model"),
-    )
+    return table, decay, measure_state, n_train

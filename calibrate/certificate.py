@@ -80,6 +80,9 @@ class Certificate:
         Sequences used to train a learned measure (disjoint from the ``n`` calibration sequences).
     cache_checksum, model : str or None
         Identity of the calibration data and of the model.
+    heads : mapping or None
+        What each layer predicts with (``ExitHeads.describe()`` from the cache metadata: architecture,
+        layer count, width, vocabulary size, adapters); the runtime refuses heads that differ.
     version : str
         Library version that produced the certificate.
     """
@@ -106,6 +109,7 @@ class Certificate:
     n_train: int = 0
     cache_checksum: str | None = None
     model: str | None = None
+    heads: Mapping[str, Any] | None = field(default=None, repr=False)
     version: str = field(default_factory=_version)
 
     def __post_init__(self) -> None:
@@ -235,7 +239,8 @@ class Certificate:
             if out[name] is not None:
                 out[name] = list(out[name])
         out["decay"] = None if self.decay is None else dict(self.decay)
-        out["measure_state"] = None if self.measure_state is None else dict(self.measure_state)
+        for name in ("measure_state", "heads"):
+            out[name] = None if getattr(self, name) is None else dict(getattr(self, name))
         return out
 
     @classmethod

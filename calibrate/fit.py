@@ -304,6 +304,7 @@ def fit(
         n_train=n_train,
         cache_checksum=cache.checksum,
         model=cache.user_meta.get("model"),
+        heads=cache.user_meta.get("heads"),
     )
 
 

@@ -22,6 +22,7 @@ This module imports torch; ``import calibrate`` does not import it.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -431,9 +432,20 @@ class ExitHeads(nn.Module):
         return self._project(normed)
 
     def describe(self) -> dict:
-        """A JSON-serialisable description, stored in the cache metadata."""
+        """A JSON-serialisable description, stored in the cache metadata and the certificate.
+
+        With adapters, ``"adapters_digest"`` is a blake2b digest of their float32 weights, so heads with
+        other trained adapters are told apart.
+        """
+        digest = None
+        if self.has_adapters:
+            h = hashlib.blake2b(digest_size=16)
+            for p in (self.adapter_weight, self.adapter_bias):
+                h.update(p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+            digest = h.hexdigest()
         return {
             "kind": "adapters" if self.has_adapters else "logit_lens",
+            "adapters_digest": digest,
             "architecture": self.architecture,
             "n_layers": self.n_layers,
             "hidden_size": self.hidden_size,

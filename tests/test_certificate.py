@@ -112,3 +112,15 @@ def test_bad_json(tmp_path):
     del data["surprise"], data["delta"]
     with pytest.raises(ValueError, match="incomplete certificate"):
         Certificate.from_dict(data)
+
+
+def test_heads_identity_round_trips_through_json():
+    from calibrate.certificate import Certificate
+
+    heads = {"kind": "adapters", "adapters_digest": "ab12", "n_layers": 4, "vocab_size": 50}
+    cert = Certificate(
+        lambda_hat=None, delta=0.1, epsilon=0.05, n=10, lambdas=(1.0,), risks=(0.0,), p_values=(0.5,),
+        certified=(False,), bound="hoeffding", method="fixed_sequence", mode="proxy", heads=heads,
+    )
+    back = Certificate.from_json(cert.to_json())
+    assert back.heads == heads and back == cert

@@ -1,13 +1,11 @@
 """Synthetic cache: reproducibility, the documented generative story, and statistical behaviour."""
 
-import doctest
 
 import numpy as np
 import pytest
 from scipy import special, stats
 from sklearn.metrics import roc_auc_score
 
-import calibrate.synthetic as synthetic_module
 from calibrate.cache import open_cache
 from calibrate.synthetic import synthetic_cache
 from measures.confidence import from_topk, state_saturation
@@ -183,10 +181,3 @@ def test_rejects_bad_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
         synthetic_cache(**{"n_sequences": 5, **kwargs})
 
-
-def test_docstring_examples():
-    import calibrate.cache as cache_module
-
-    for module in (synthetic_module, cache_module):
-        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
-        assert result.failed == 0 and result.attempted > 0

@@ -1,0 +1,188 @@
+"""Per-layer exit adapters fitted on frozen hidden states, so that early layers agree with the last one.
+
+With the plain logit lens (the model's final norm + LM head applied to a middle layer), small models'
+middle layers rarely predict what the last layer predicts (SmolLM2-135M: ~19% at layer 20 of 30; DESIGN
+section 13), so a certificate can only allow late exits. An affine adapter per layer in front of the
+shared norm and head, ``logits_i = head(norm(A_i h_i + b_i))``, fixes much of that at no cost to the
+model: only the adapters are fitted, on hidden states stored in a cache (``extract(..., store_hidden=True)``).
+
+Fitting is closed-form weighted ridge regression of the last layer's state on each layer's state,
+``(A_i, b_i) = argmin sum_t ||A_i h_{t,i} + b_i - h_{t,L}||^2 / rms(h_{t,L})^2 + alpha ||A_i||^2``: the
+relative error, so that tokens with huge final states do not dominate (the final norm, RMSNorm or
+LayerNorm, is invariant to the scale of its input). Seconds on a CPU, no vocabulary-sized products. Adapters are
+saved with safetensors (no pickle) next to the heads' description.
+
+This module imports torch; ``import calibrate`` does not import it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from calibrate.heads import ExitHeads
+
+__all__ = ["layer_agreement", "load_adapters", "save_adapters", "train_adapters"]
+
+
+def _hidden_iv(cache, heads: ExitHeads | None = None) -> np.ndarray:
+    if not hasattr(cache, "arrays") or not hasattr(cache, "n_layers"):
+        raise TypeError(f"cache must be a calibrate.LayerCache, got {type(cache).__name__}")
+    if not cache.has("hidden"):
+        raise ValueError("cache stores no hidden states; extract it with store_hidden=True")
+    if cache.n_tokens == 0:
+        raise ValueError("cache holds no tokens")
+    hidden = cache.arrays["hidden"]
+    if heads is not None and (heads.n_layers, heads.hidden_size) != tuple(hidden.shape[1:]):
+        raise ValueError(
+            f"the heads have n_layers={heads.n_layers}, hidden_size={heads.hidden_size} but the cache's hidden states "
+            f"have shape (n_tokens, {hidden.shape[1]}, {hidden.shape[2]})"
+        )
+    return hidden
+
+
+def train_adapters(model: nn.Module, cache, *, ridge: float = 1e-3, progress: bool = False) -> ExitHeads:
+    """Fit one affine adapter per layer (closed-form ridge) on a cache's frozen hidden states.
+
+    Parameters
+    ----------
+    model : transformers.PreTrainedModel
+        The model the cache was extracted from (its final norm and LM head are shared, not copied).
+    cache : LayerCache
+        Training tokens with hidden states ``(n_tokens, L, d)`` (``store_hidden=True``). Use a split
+        disjoint from the calibration and test splits.
+    ridge : float, default=1e-3
+        Ridge penalty relative to the mean eigenvalue of each layer's second-moment matrix (> 0).
+    progress : bool, default=False
+        Show a progress bar over layers.
+
+    Returns
+    -------
+    ExitHeads
+        ``ExitHeads.from_model(model, adapters=True)`` with the fitted adapters (layers ``0..L-2``; the
+        last layer has none, so the full model's prediction is unchanged).
+
+    Raises
+    ------
+    ValueError
+        When the cache has no hidden states or its shape does not fit the model, or ``ridge <= 0``.
+    """
+    from tqdm.auto import tqdm
+
+    if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not ridge > 0 or not np.isfinite(ridge):
+        raise ValueError(f"ridge must be a finite float > 0, got {ridge!r}")
+    heads = ExitHeads.from_model(model, adapters=True)
+    hidden = _hidden_iv(cache, heads)
+    n, n_layers, d = hidden.shape
+    # Weighted least squares with weights 1 / rms(h_L)^2: scale every row of both sides by 1 / rms(h_L).
+    target = hidden[:, -1, :].astype(np.float64)
+    row_scale = 1.0 / (np.sqrt(np.mean(target**2, axis=1, keepdims=True)) + 1e-12)  # (n, 1)
+    target *= row_scale
+    weights, biases = [], []
+    for i in tqdm(range(n_layers - 1), desc="adapters", unit="layer", disable=not progress):
+        x = np.concatenate([hidden[:, i, :].astype(np.float64), np.ones((n, 1))], axis=1) * row_scale  # (n, d + 1)
+        gram = x.T @ x
+        penalty = ridge * np.trace(gram[:d, :d]) / d
+        gram[np.arange(d), np.arange(d)] += penalty  # the bias is not penalised
+        coef = np.linalg.solve(gram, x.T @ target)  # (d + 1, d)
+        weights.append(coef[:d].T)
+        biases.append(coef[d])
+    with torch.no_grad():
+        if n_layers > 1:
+            heads.adapter_weight.copy_(torch.from_numpy(np.stack(weights)))
+            heads.adapter_bias.copy_(torch.from_numpy(np.stack(biases)))
+    return heads
+
+
+@torch.no_grad()
+def layer_agreement(heads: ExitHeads, cache, *, batch_size: int = 256) -> np.ndarray:
+    """Fraction of tokens whose layer-``i`` prediction under ``heads`` equals the full model's token.
+
+    Parameters
+    ----------
+    heads : ExitHeads
+        What each layer predicts (e.g. plain or with adapters from :func:`train_adapters`).
+    cache : LayerCache
+        Tokens with hidden states and ``full_tokens``; use a split the adapters were not fitted on.
+    batch_size : int, default=256
+        Tokens per forward of the vocabulary-sized head (memory ``batch_size * L * V`` floats).
+
+    Returns
+    -------
+    ndarray of float64, shape (n_layers,)
+        Agreement in ``[0, 1]`` per layer (1-based layer ``i`` at index ``i - 1``).
+    """
+    hidden = _hidden_iv(cache, heads)
+    full = torch.from_numpy(np.asarray(cache.arrays["full_tokens"], dtype=np.int64))
+    param = next(iter(heads._shared[1].parameters()), None)
+    dtype = torch.float32 if param is None else param.dtype
+    device = "cpu" if param is None else param.device
+    hits = torch.zeros(hidden.shape[1], dtype=torch.float64)
+    for start in range(0, hidden.shape[0], batch_size):
+        h = torch.from_numpy(np.asarray(hidden[start : start + batch_size], dtype=np.float32)).to(device, dtype)
+        top1 = heads(h).argmax(dim=-1).cpu()  # (b, L)
+        hits += (top1 == full[start : start + batch_size, None]).sum(dim=0)
+    return (hits / hidden.shape[0]).numpy()
+
+
+def save_adapters(heads: ExitHeads, path: str | os.PathLike) -> None:
+    """Write the adapters of ``heads`` to a safetensors file (atomically), with ``heads.describe()`` as metadata.
+
+    Raises
+    ------
+    ValueError
+        When ``heads`` has no adapters.
+    """
+    from safetensors.torch import save_file
+
+    if not heads.has_adapters:
+        raise ValueError("heads has no adapters to save")
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tensors = {
+        "weight": heads.adapter_weight.detach().cpu().contiguous(),
+        "bias": heads.adapter_bias.detach().cpu().contiguous(),
+    }
+    try:
+        save_file(tensors, str(tmp), metadata={"heads": json.dumps(heads.describe())})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_adapters(model: nn.Module, path: str | os.PathLike) -> ExitHeads:
+    """Heads of ``model`` with the adapters saved by :func:`save_adapters`.
+
+    Raises
+    ------
+    ValueError
+        When the file is missing or not a safetensors file, or was saved for another architecture, layer
+        count, width or vocabulary (naming the field), or its weights do not match the stored digest.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"adapter file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            saved = json.loads((fh.metadata() or {}).get("heads", "{}"))
+            weight, bias = fh.get_tensor("weight"), fh.get_tensor("bias")
+    except (SafetensorError, KeyError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is not a readable adapter file: {exc}") from None
+    heads = ExitHeads.from_model(model, adapters=True)
+    expected = heads.describe()
+    for key in ("architecture", "n_layers", "hidden_size", "vocab_size"):
+        if saved.get(key) != expected[key]:
+            raise ValueError(f"{path} holds adapters for {key}={saved.get(key)!r}, this model has {expected[key]!r}")
+    with torch.no_grad():
+        heads.adapter_weight.copy_(weight)
+        heads.adapter_bias.copy_(bias)
+    if heads.describe()["adapters_digest"] != saved.get("adapters_digest"):
+        raise ValueError(f"{path}: adapter weights do not match their stored digest (corrupt file?)")
+    return heads

@@ -1,0 +1,117 @@
+"""Exit adapters: the ridge fit recovers a known affine map, agreement, and the safetensors round trip."""
+
+import numpy as np
+import pytest
+import torch
+from _tiny_hf import tiny_model, tiny_tokenizer
+
+from calibrate import extract
+from calibrate.adapters import layer_agreement, load_adapters, save_adapters, train_adapters
+from calibrate.cache import LayerCache
+from calibrate.heads import ExitHeads
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("llama", seed=1, n_layers=4)
+
+
+@pytest.fixture(scope="module")
+def real_cache(model):
+    prompts = [" ".join(f"w{(7 * i + j) % 50}" for j in range(3 + i % 4)) for i in range(24)]
+    return extract(model, tiny_tokenizer(), prompts, max_new_tokens=8, store_hidden=True, progress=False)
+
+
+def _cache_with_hidden(hidden: np.ndarray, full: np.ndarray) -> LayerCache:
+    n, n_layers, _ = hidden.shape
+    topk = np.stack([full, (full + 1) % 64], axis=-1)[:, None, :].repeat(n_layers, axis=1)
+    return LayerCache.from_arrays(full_tokens=full, topk_ids=topk, lengths=[n], hidden=hidden, vocab_size=64)
+
+
+def test_ridge_recovers_a_known_affine_map(model):
+    """Layer states built as an invertible affine image of unit-RMS final states: the fit inverts it."""
+    rng = np.random.default_rng(0)
+    n, d, n_layers = 600, 32, 4
+    final = rng.normal(size=(n, d))
+    final /= np.sqrt(np.mean(final**2, axis=1, keepdims=True))
+    hidden = np.empty((n, n_layers, d))
+    maps = []
+    for i in range(n_layers - 1):
+        a = np.eye(d) + 0.3 * rng.normal(size=(d, d)) / np.sqrt(d)
+        c = 0.2 * rng.normal(size=d)
+        hidden[:, i] = (final - c) @ np.linalg.inv(a).T  # so that a @ h_i + c = final
+        maps.append((a, c))
+    hidden[:, -1] = final
+    hidden = hidden.astype(np.float16).astype(np.float64)  # what the cache stores
+    heads = train_adapters(model, _cache_with_hidden(hidden, rng.integers(0, 64, n)), ridge=1e-9)
+    for i, (a, c) in enumerate(maps):
+        np.testing.assert_allclose(heads.adapter_weight[i].detach().numpy(), a, atol=0.02)
+        np.testing.assert_allclose(heads.adapter_bias[i].detach().numpy(), c, atol=0.02)
+
+
+def test_adapters_restore_agreement_of_scrambled_layers(model, real_cache):
+    """Middle layers replaced by a random rotation of the last one: the plain lens fails, adapters agree."""
+    rng = np.random.default_rng(1)
+    hidden = np.array(real_cache.arrays["hidden"], dtype=np.float64)
+    d = hidden.shape[2]
+    for i in range(hidden.shape[1] - 1):
+        q, _ = np.linalg.qr(rng.normal(size=(d, d)))
+        hidden[:, i] = 3.0 * hidden[:, -1] @ q.T + 0.5
+    scrambled = _cache_with_hidden(hidden, np.asarray(real_cache.arrays["full_tokens"]))
+    plain = layer_agreement(ExitHeads.from_model(model), scrambled)
+    tuned = layer_agreement(train_adapters(model, scrambled), scrambled)
+    assert plain[-1] == tuned[-1] == 1.0  # the last layer is the full model either way
+    assert tuned[:-1].min() > 0.95
+    assert plain[:-1].max() < 0.6
+
+
+def test_agreement_matches_the_cache_top1_for_plain_heads(model, real_cache):
+    """For the heads the cache was built with, agreement equals the cache's own top-1 statistics."""
+    expected = (real_cache.arrays["topk_ids"][:, :, 0] == real_cache.arrays["full_tokens"][:, None]).mean(axis=0)
+    got = layer_agreement(ExitHeads.from_model(model), real_cache, batch_size=7)
+    np.testing.assert_allclose(got, expected, atol=2.5 / real_cache.n_tokens)  # float16 states may flip a tie
+
+
+def test_last_layer_unchanged_and_round_trip(model, real_cache, tmp_path):
+    heads = train_adapters(model, real_cache)
+    h = torch.randn(5, heads.n_layers, heads.hidden_size)
+    torch.testing.assert_close(heads(h)[:, -1], ExitHeads.from_model(model)(h)[:, -1])
+    path = tmp_path / "adapters.safetensors"
+    save_adapters(heads, path)
+    loaded = load_adapters(model, path)
+    assert loaded.describe() == heads.describe()
+    torch.testing.assert_close(loaded(h), heads(h))
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_load_refuses_other_models_and_corrupt_files(model, real_cache, tmp_path):
+    path = tmp_path / "adapters.safetensors"
+    save_adapters(train_adapters(model, real_cache), path)
+    with pytest.raises(ValueError, match="n_layers=4, this model has 3"):
+        load_adapters(tiny_model("llama", n_layers=3), path)
+    with pytest.raises(ValueError, match="architecture='llama', this model has 'qwen2'"):
+        load_adapters(tiny_model("qwen2", n_layers=4), path)
+    data = bytearray(path.read_bytes())
+    data[-8:] = bytes(8)  # damage the last weights
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="digest"):
+        load_adapters(model, path)
+    path.write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="not a readable adapter file"):
+        load_adapters(model, path)
+    with pytest.raises(ValueError, match="not found"):
+        load_adapters(model, tmp_path / "missing.safetensors")
+
+
+def test_bad_input(model, real_cache):
+    no_hidden = extract(model, tiny_tokenizer(), ["w1 w2"], max_new_tokens=2, progress=False)
+    with pytest.raises(ValueError, match="store_hidden=True"):
+        train_adapters(model, no_hidden)
+    with pytest.raises(ValueError, match="ridge must be"):
+        train_adapters(model, real_cache, ridge=0.0)
+    with pytest.raises(ValueError, match="n_layers=3, hidden_size=32 but the cache"):
+        train_adapters(tiny_model("llama", n_layers=3), real_cache)
+    with pytest.raises(TypeError, match="LayerCache"):
+        train_adapters(model, "cache")
+    with pytest.raises(ValueError, match="no adapters"):
+        save_adapters(ExitHeads.from_model(model), "x.safetensors")

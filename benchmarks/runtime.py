@@ -21,7 +21,7 @@ full cost over early-exit cost per token, in multiply-accumulates, counting the 
 (for SmolLM2 the head is ~8 layers), the K/V projections of state propagation and, for the softmax
 measure, one head per layer tried; ``achieved/ideal`` = speed-up over ideal.
 
-Run: ``python benchmarks/runtime_speed.py [--batch 1 8] [--new 32] [--prompt 32] [--threads 2] [--device cpu]``.
+Run: ``python benchmarks/runtime.py [--batch 1 8] [--new 32] [--prompt 32] [--threads 2] [--device cpu]``.
 """
 
 from __future__ import annotations

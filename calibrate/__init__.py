@@ -36,6 +36,9 @@ _LAZY = {
     "extract": "calibrate.extraction",
     "concat_caches": "calibrate.extraction",
     "read_prompts": "calibrate.extraction",
+    "fit_decoded": "calibrate.decoded",
+    "decoded_losses": "calibrate.decoded",
+    "decoded_lambdas": "calibrate.decoded",
 }
 
 
@@ -67,10 +70,13 @@ __all__ = [
     "certify",
     "concat_caches",
     "conformal_risk_control",
+    "decoded_lambdas",
+    "decoded_losses",
     "default_lambdas",
     "exit_layers",
     "extract",
     "fit",
+    "fit_decoded",
     "fwer",
     "open_cache",
     "proxy_losses",

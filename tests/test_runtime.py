@@ -9,6 +9,7 @@ state into the cache). Batched runs are compared with each row run alone.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -22,11 +23,13 @@ from _tiny_hf import EOS, PAD, V
 
 from calibrate.certificate import Certificate
 from calibrate.exits import Decay
-from calibrate.heads import ExitHeads, decoder_layers
+from calibrate.heads import SUPPORTED_ARCHITECTURES, ExitHeads, decoder_layers
 from calibrate.runtime import RUNTIME_ARCHITECTURES, EarlyExitOutput, custom_generate, generate
 
 N_LAYERS = 4
 PROMPTS = [[4, 9, 17, 30, 5, 11, 8], [7, 12], [40, 41, 42, 43]]
+#: Encoder inputs of different lengths, each ending in EOS as a seq2seq tokenizer writes them.
+ENCODER_PROMPTS = [[4, 9, 17, 30, 5, 11, 8, EOS], [7, 12, EOS], [40, 41, 42, 43, 44, EOS], [21, EOS]]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -36,6 +39,16 @@ PROMPTS = [[4, 9, 17, 30, 5, 11, 8], [7, 12], [40, 41, 42, 43]]
 
 def tiny_model(arch: str, seed: int = 0, **kwargs):
     return _tiny_hf.tiny_model(arch, seed, n_layers=N_LAYERS, **kwargs)
+
+
+def _pad_prompts(model, prompts):
+    """Pad as extraction does: on the left for decoder-only models, on the right for encoder-decoder ones."""
+    return right_pad(prompts) if model.config.is_encoder_decoder else left_pad(prompts)
+
+
+def right_pad(prompts):
+    ids, mask = left_pad([p[::-1] for p in prompts])
+    return ids.flip(1), mask.flip(1)
 
 
 def left_pad(prompts):
@@ -99,49 +112,108 @@ def _reference_conf(measure, heads, j, states, clf=None):
     return float(1.0 + (p * p.log()).sum() / math.log(V))  # entropy
 
 
+def _reference_decoder(model, prompt):
+    """A plain Hugging Face decoding of one prompt (batch 1) with the model's own layers and cache.
+
+    Returns the first decoder input ids and positions ``(1, S)``, ``embed(ids, pos)``,
+    ``run_layer(j, h, pos)`` (decoder layer ``j`` on ``h``, appending its keys/values to the cache) and
+    ``kv()``, every layer's cached self-attention keys and values ``(1, KVH, columns, hd)``. For
+    encoder-decoder models the encoder runs once on the prompt and decoding starts from the start token.
+    """
+    from transformers import DynamicCache, EncoderDecoderCache
+
+    layers = decoder_layers(model)
+    model_type = model.config.model_type
+    if not model.config.is_encoder_decoder:
+        cache = DynamicCache(config=model.config)
+
+        def embed(ids, pos):
+            if model_type == "gpt2":
+                return model.transformer.wte(ids) + model.transformer.wpe(pos)
+            return model.model.embed_tokens(ids)
+
+        def run_layer(j, h, pos):
+            s = h.shape[1]
+            total = pos[0, -1].item() + 1
+            mask = torch.zeros(1, 1, s, total)
+            mask[..., total - s :] = torch.where(torch.ones(s, s).tril().bool(), 0.0, torch.finfo(torch.float32).min)
+            if model_type == "gpt2":
+                return layers[j](h, cache, mask, use_cache=True)
+            rope = model.model.rotary_emb(h, position_ids=pos)
+            return layers[j](
+                h, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True, position_embeddings=rope
+            )
+
+        def kv():
+            return [(layer.keys, layer.values) for layer in cache.layers]
+
+        return torch.tensor([prompt]), torch.arange(len(prompt))[None], embed, run_layer, kv
+
+    cache = EncoderDecoderCache(DynamicCache(config=model.config), DynamicCache(config=model.config))
+    memory = model.get_encoder()(input_ids=torch.tensor([prompt])).last_hidden_state  # (1, S_enc, d)
+    start = torch.tensor([[model.generation_config.decoder_start_token_id]])
+    if model_type == "t5":
+        biases = {}  # the position biases the first layer computed at this step, shared by the others
+
+        def embed(ids, pos):
+            return model.decoder.embed_tokens(ids)
+
+        def run_layer(j, h, pos):
+            if j == 0:
+                biases.clear()
+            out, self_bias, cross_bias = layers[j](
+                h,
+                position_bias=biases.get("self"),
+                encoder_hidden_states=memory,
+                encoder_decoder_position_bias=biases.get("cross"),
+                cache=cache,
+            )
+            biases.setdefault("self", self_bias)
+            biases.setdefault("cross", cross_bias)
+            return out
+
+    else:  # bart, mbart
+        decoder = model.model.decoder
+
+        def embed(ids, pos):
+            h = decoder.embed_tokens(ids) + decoder.embed_positions(ids, int(pos[0, 0]))
+            return decoder.layernorm_embedding(h)
+
+        def run_layer(j, h, pos):
+            return layers[j](h, encoder_hidden_states=memory, cache=cache)
+
+    def kv():
+        return [(layer.keys, layer.values) for layer in cache.self_attention_cache.layers]
+
+    return start, torch.zeros((1, 1), dtype=torch.long), embed, run_layer, kv
+
+
 @torch.no_grad()
 def _reference_decode(
     model, prompt, n_new, *, heads=None, exit_layer=None, lam=None, measure=None, decay=None, clf=None
 ):
-    from transformers import DynamicCache
-
     heads = heads or ExitHeads.from_model(model)
-    layers = decoder_layers(model)
-    L = len(layers)
-    gpt2 = model.config.model_type == "gpt2"
-    cache = DynamicCache(config=model.config)
-    ids = torch.tensor([prompt])
-    pos = torch.arange(len(prompt))[None]
+    L = len(decoder_layers(model))
+    ids, pos, embed, run_layer, kv = _reference_decoder(model, prompt)
     tokens, exits = [], []
-
-    def run_layer(layer, h, pos):
-        s = h.shape[1]
-        total = pos[0, -1].item() + 1
-        mask = torch.zeros(1, 1, s, total)
-        mask[..., total - s :] = torch.where(torch.ones(s, s).tril().bool(), 0.0, torch.finfo(torch.float32).min)
-        if gpt2:
-            return layer(h, cache, mask, use_cache=True)
-        rope = model.model.rotary_emb(h, position_ids=pos)
-        return layer(h, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True, position_embeddings=rope)
-
     for t in range(n_new):
-        h = model.transformer.wte(ids) + model.transformer.wpe(pos) if gpt2 else model.model.embed_tokens(ids)
+        h = embed(ids, pos)
         lam_t = None
         if lam is not None:
             lam_t = (
                 lam if decay is None else min(1.0, max(0.0, 0.9 * lam + 0.1 * math.exp(-decay.tau * t / decay.max_len)))
             )
         states, exit_at = [h], None
-        for j, layer in enumerate(layers):
-            if exit_at is None or t == 0:  # the prompt (t == 0) runs every layer
-                states.append(run_layer(layer, states[-1], pos))
+        for j in range(L):
+            if exit_at is None or t == 0:  # the (decoder) prompt (t == 0) runs every layer
+                states.append(run_layer(j, states[-1], pos))
                 if exit_at is None and j < L - 1:
                     if exit_layer is not None:
                         exit_at = j if j + 1 == exit_layer else None
                     elif lam_t is not None and _reference_conf(measure, heads, j, states, clf) >= lam_t:
                         exit_at = j
             else:  # state propagation: the skipped layer sees the exit state; only its K/V are kept
-                run_layer(layer, states[exit_at + 1], pos)
+                run_layer(j, states[exit_at + 1], pos)
         exit_at = L - 1 if exit_at is None else exit_at
         token = int(heads(states[exit_at + 1][0, -1], layer=exit_at).argmax())
         tokens.append(token)
@@ -149,7 +221,7 @@ def _reference_decode(
         if token == EOS:
             break
         ids, pos = torch.tensor([[token]]), pos[:, -1:] + 1
-    return tokens, exits
+    return tokens, exits, kv()
 
 
 def _hf_generate(model, ids, mask, n_new):
@@ -174,6 +246,31 @@ def test_full_model_equals_hf_generate(arch, batch):
         assert out.exit_layers.shape == (batch, expected.shape[1] - ids.shape[1])
         generated = out.new_tokens != PAD
         assert bool((out.exit_layers[generated] == N_LAYERS).all())
+
+
+@pytest.mark.parametrize("arch", ["t5", "bart", "mbart"])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_encoder_decoder_full_model_equals_hf_generate(arch, batch):
+    """Encoder inputs right-padded as a Hugging Face tokenizer pads them, with their 0/1 attention mask;
+    ``sequences`` are the decoder's, starting with ``decoder_start_token_id``."""
+    model = tiny_model(arch)
+    ids, mask = right_pad(ENCODER_PROMPTS[:batch])
+    expected = _hf_generate(model, ids, mask, 12)
+    assert bool((expected[:, 0] == model.generation_config.decoder_start_token_id).all())
+    for certificate in (None, cert(None)):
+        out = generate(model, ids, mask, certificate=certificate, max_new_tokens=12)
+        torch.testing.assert_close(out.sequences, expected, rtol=0, atol=0)
+        assert out.prompt_length == 1 and out.exit_layers.shape == (batch, expected.shape[1] - 1)
+        assert bool((out.exit_layers[out.new_tokens != PAD] == N_LAYERS).all())
+    kw = {"input_ids": ids, "attention_mask": mask, "do_sample": False, "max_new_tokens": 12}
+    hooked = model.generate(**kw, custom_generate=custom_generate)
+    torch.testing.assert_close(hooked.sequences, expected, rtol=0, atol=0)
+    # The certificate passes through generate's kwargs; generate's encoder output is reused.
+    c = cert(0.5, decay={"max_len": 12, "tau": 4.0})
+    hooked = model.generate(**kw, custom_generate=custom_generate, certificate=c)
+    direct = generate(model, ids, mask, certificate=c, max_new_tokens=12)
+    torch.testing.assert_close(hooked.sequences, direct.sequences, rtol=0, atol=0)
+    torch.testing.assert_close(hooked.exit_layers, direct.exit_layers, rtol=0, atol=0)
 
 
 def test_full_model_stops_rows_at_eos_like_hf():
@@ -231,44 +328,111 @@ def test_hf_custom_generate_applies_logits_processors():
     torch.testing.assert_close(out.sequences, expected, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "t5"])
+def test_stops_on_the_tokens_extraction_stops_on(arch):
+    """A generation config without EOS, a tokenizer with one: with the tokenizer the runtime stops where the
+    cache's sequences stop (and resolves EOS and pad as the cache metadata records them); without it, it
+    runs like ``model.generate``, which does not stop."""
+    import calibrate
+
+    model = tiny_model(arch, seed=2)
+    tokenizer = _tiny_hf.tiny_tokenizer()
+    prompts = ["w1 w2 w3 w4 w5", "w7", "w9 w10 w11", "w12 w13 w14 w15 w16 w17 w18 w19"]
+    ids, mask = _pad_prompts(model, [tokenizer(p)["input_ids"] for p in prompts])
+    free = generate(model, ids, mask, max_new_tokens=8).new_tokens.tolist()
+    # The tokenizer's EOS: a word that some row first generates at step 2 or later.
+    eos = next(t for seq in free for j, t in enumerate(seq) if 2 <= j < 7 and t > 3 and t not in seq[:j])
+    tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos)
+    model.generation_config.eos_token_id = None
+    cache = calibrate.extract(model, tokenizer, prompts, max_new_tokens=8, progress=False)
+    out = generate(model, ids, mask, max_new_tokens=8, tokenizer=tokenizer)
+    assert list(out.config.eos_token_ids) == cache.meta["generation"]["eos_token_id"] == [eos]
+    assert out.config.pad_token_id == cache.meta["generation"]["pad_token_id"]
+    stopped = 0
+    for row in range(len(prompts)):
+        n = int(out.n_generated[row])
+        assert out.new_tokens[row, :n].tolist() == cache.sequences["output_ids"][row].tolist()
+        stopped += n < 8
+    assert stopped >= 1
+    plain = generate(model, ids, mask, max_new_tokens=8)  # no tokenizer: the generation config only, like HF
+    torch.testing.assert_close(plain.sequences, _hf_generate(model, ids, mask, 8), rtol=0, atol=0)
+    assert bool((plain.n_generated == 8).all())
+
+
 # --------------------------------------------------------------------------------------------------
 # Early exit == the slow reference
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2", "t5", "bart", "mbart"])
 @pytest.mark.parametrize("exit_layer", [1, 2, N_LAYERS])
-def test_fixed_exit_layer_matches_reference(arch, exit_layer):
+def test_fixed_exit_layer_matches_reference(arch, exit_layer, monkeypatch):
+    """Tokens, exit layers and every layer's cached keys/values (state propagation) equal the reference's."""
+    from calibrate.runtime import _layers
+
+    caches = []
+    new_cache = _layers.LayerAdapter.new_cache
+    monkeypatch.setattr(
+        _layers.LayerAdapter, "new_cache", lambda self, *a: caches.append(new_cache(self, *a)) or caches[-1]
+    )
     model = tiny_model(arch)
     prompt = PROMPTS[0]
-    tokens, exits = _reference_decode(model, prompt, 10, exit_layer=exit_layer)
+    tokens, exits, kv = _reference_decode(model, prompt, 10, exit_layer=exit_layer)
     out = generate(model, torch.tensor([prompt]), max_new_tokens=10, exit_layer=exit_layer)
     assert out.new_tokens[0].tolist() == tokens
     assert out.exit_layers[0].tolist() == exits == [exit_layer] * len(tokens)
+    # Columns written: the (decoder) prompt and every generated token but the last.
+    (cache,) = caches
+    columns = out.prompt_length + len(tokens) - 1
+    for j, (keys, values) in enumerate(kv):
+        assert keys.shape[2] == columns
+        torch.testing.assert_close(cache.keys[j][:, :, :columns], keys, msg=f"keys of layer {j}")
+        torch.testing.assert_close(cache.values[j][:, :, :columns], values, msg=f"values of layer {j}")
 
 
 def test_lambda_zero_exits_everything_at_layer_one():
     """Saturation is 0 at layer 1, so lambda = 0 (no decay) exits every token there."""
     model = tiny_model("llama")
     out = generate(model, torch.tensor([PROMPTS[0]]), certificate=cert(0.0), max_new_tokens=8)
-    tokens, _ = _reference_decode(model, PROMPTS[0], 8, exit_layer=1)
+    tokens, _, _ = _reference_decode(model, PROMPTS[0], 8, exit_layer=1)
     assert out.new_tokens[0].tolist() == tokens
     assert set(out.exit_layers[0].tolist()) == {1}
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def _prompts(model):
+    return ENCODER_PROMPTS if model.config.is_encoder_decoder else PROMPTS
+
+
 @pytest.mark.parametrize(
-    "measure, lam", [("state_saturation", 0.5), ("softmax_max", 0.2), ("softmax_gap", 0.1), ("entropy", 0.3)]
+    "arch, measure, lam",
+    [  # thresholds that mix exit layers on these tiny models (T5's early layers are very peaked)
+        ("gpt2", "state_saturation", 0.8),
+        ("gpt2", "softmax_max", 0.2),
+        ("gpt2", "softmax_gap", 0.1),
+        ("gpt2", "entropy", 0.3),
+        ("llama", "state_saturation", 0.5),
+        ("llama", "softmax_max", 0.2),
+        ("llama", "softmax_gap", 0.1),
+        ("llama", "entropy", 0.1),
+        ("t5", "state_saturation", 0.8),
+        ("t5", "softmax_gap", 0.99),
+        ("bart", "state_saturation", 0.5),
+        ("bart", "entropy", 0.2),
+        ("mbart", "softmax_max", 0.2),
+    ],
 )
 def test_certificate_exits_match_reference(arch, measure, lam):
     model = tiny_model(arch)
     decay = Decay(max_len=12, tau=4.0)
     c = cert(lam, measure, decay=decay.to_dict())
-    for prompt in PROMPTS:
-        tokens, exits = _reference_decode(model, prompt, 12, lam=lam, measure=measure, decay=decay)
+    seen = set()
+    for prompt in _prompts(model):
+        tokens, exits, _ = _reference_decode(model, prompt, 12, lam=lam, measure=measure, decay=decay)
         out = generate(model, torch.tensor([prompt]), certificate=c, max_new_tokens=12)
         assert out.new_tokens[0].tolist() == tokens
         assert out.exit_layers[0].tolist() == exits
+        seen.update(exits)
+    assert len(seen) >= 2  # exits really vary
     assert out.thresholds == tuple(float(x) for x in decay.thresholds(np.array([lam]), np.arange(len(tokens)))[:, 0])
 
 
@@ -321,7 +485,7 @@ def test_classifier_measure_matches_reference(arch):
     c = cert(0.6, "classifier", state=state)
     seen = set()
     for prompt in PROMPTS:
-        tokens, exits = _reference_decode(model, prompt, 10, lam=0.6, measure="classifier", clf=state)
+        tokens, exits, _ = _reference_decode(model, prompt, 10, lam=0.6, measure="classifier", clf=state)
         out = generate(model, torch.tensor([prompt]), certificate=c, max_new_tokens=10)
         assert out.new_tokens[0].tolist() == tokens
         assert out.exit_layers[0].tolist() == exits
@@ -329,13 +493,20 @@ def test_classifier_measure_matches_reference(arch):
     assert len(seen) >= 2
 
 
+def _trained_adapters(model, seed: int = 0) -> ExitHeads:
+    """Adapter heads moved away from the identity, as if trained (seeded)."""
+    heads = ExitHeads.from_model(model, adapters=True)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        heads.adapter_weight.add_(0.3 * torch.randn(heads.adapter_weight.shape, generator=g))
+        heads.adapter_bias.add_(0.3 * torch.randn(heads.adapter_bias.shape, generator=g))
+    return heads
+
+
 def test_adapter_heads_are_used_for_exits():
     model = tiny_model("llama")
-    heads = ExitHeads.from_model(model, adapters=True)
-    with torch.no_grad():
-        heads.adapter_weight.add_(0.3 * torch.randn_like(heads.adapter_weight))
-        heads.adapter_bias.add_(0.3 * torch.randn_like(heads.adapter_bias))
-    tokens, exits = _reference_decode(model, PROMPTS[0], 10, heads=heads, lam=0.5, measure="softmax_max")
+    heads = _trained_adapters(model)
+    tokens, exits, _ = _reference_decode(model, PROMPTS[0], 10, heads=heads, lam=0.5, measure="softmax_max")
     out = generate(
         model, torch.tensor([PROMPTS[0]]), certificate=cert(0.5, "softmax_max"), heads=heads, max_new_tokens=10
     )
@@ -361,19 +532,22 @@ def test_very_high_threshold_is_the_full_model(arch):
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2", "t5", "bart"])
 @pytest.mark.parametrize("how", ["saturation", "classifier", "softmax_gap", "fixed"])
 def test_batch_equals_rows_alone(arch, how):
+    """Rows of a batch (padded: left for decoder-only, right for encoder inputs) equal the rows alone."""
     model = tiny_model(arch)
+    saturation = {"gpt2": 0.8, "t5": 0.8}.get(arch, 0.5)
     kw = {
-        "saturation": {"certificate": cert(0.8 if arch == "gpt2" else 0.5, decay={"max_len": 12, "tau": 4.0})},
+        "saturation": {"certificate": cert(saturation, decay={"max_len": 12, "tau": 4.0})},
         "classifier": {"certificate": cert(0.6, "classifier", state=_classifier_state(32, N_LAYERS))},
-        "softmax_gap": {"certificate": cert(0.1, "softmax_gap")},
+        "softmax_gap": {"certificate": cert(0.99 if arch == "t5" else 0.1, "softmax_gap")},
         "fixed": {"exit_layer": 2},
     }[how]
-    ids, mask = left_pad(PROMPTS)
+    prompts = _prompts(model)
+    ids, mask = _pad_prompts(model, prompts)
     batch = generate(model, ids, mask, max_new_tokens=12, **kw)
-    for row, prompt in enumerate(PROMPTS):
+    for row, prompt in enumerate(prompts):
         alone = generate(model, torch.tensor([prompt]), max_new_tokens=12, **kw)
         n = alone.exit_layers.shape[1]
         assert batch.new_tokens[row, :n].tolist() == alone.new_tokens[0].tolist()
@@ -386,27 +560,30 @@ def test_batch_equals_rows_alone(arch, how):
         assert any(len(set(s[s > 0].tolist())) > 1 for s in batch.exit_layers.T)
 
 
-def test_layers_run_only_for_active_rows(monkeypatch):
+@pytest.mark.parametrize("arch", ["llama", "t5"])
+def test_layers_run_only_for_active_rows(arch, monkeypatch):
     """Count the rows each layer runs for: exited rows are not run, only propagated."""
     from calibrate.runtime import _layers
 
-    model = tiny_model("llama")
-    ids, mask = left_pad(PROMPTS)
+    model = tiny_model(arch)
+    adapter = type(_layers.adapter_for(model, decoder_layers(model)))
     ran, propagated = [], []
-    real_layer, real_prop = _layers.LlamaAdapter.layer, _layers.LlamaAdapter.propagate
+    real_layer, real_prop = adapter.layer, adapter.propagate
 
-    def layer(self, i, h, step, cache, rope):
-        if h.shape[1] == 1:
+    def layer(self, i, h, step, cache, pos_data):
+        if step.col > 0:  # a generation step (the prompt pass writes from column 0)
             ran.append(h.shape[0])
-        return real_layer(self, i, h, step, cache, rope)
+        return real_layer(self, i, h, step, cache, pos_data)
 
-    def propagate(self, i, h, step, cache, rope):
+    def propagate(self, i, h, step, cache, pos_data):
         propagated.append(h.shape[0])
-        return real_prop(self, i, h, step, cache, rope)
+        return real_prop(self, i, h, step, cache, pos_data)
 
-    monkeypatch.setattr(_layers.LlamaAdapter, "layer", layer)
-    monkeypatch.setattr(_layers.LlamaAdapter, "propagate", propagate)
-    out = generate(model, ids, mask, certificate=cert(0.5, decay={"max_len": 12, "tau": 4.0}), max_new_tokens=12)
+    monkeypatch.setattr(adapter, "layer", layer)
+    monkeypatch.setattr(adapter, "propagate", propagate)
+    ids, mask = _pad_prompts(model, _prompts(model))
+    lam = 0.8 if arch == "t5" else 0.5
+    out = generate(model, ids, mask, certificate=cert(lam, decay={"max_len": 12, "tau": 4.0}), max_new_tokens=12)
     steps = out.exit_layers[:, 1:]  # the first token comes from the prompt pass
     assert sum(ran) == int(steps.sum())  # one layer run per row and layer up to its exit
     assert sum(propagated) == int(((N_LAYERS - steps) * (steps > 0)).sum())  # skipped layers propagate
@@ -437,10 +614,61 @@ def test_refuses_certificates_for_another_knob_or_model():
         generate(model, ids, certificate={"lambda_hat": 0.5})
 
 
+def _extract_and_fit(model, heads=None, measure="state_saturation"):
+    """A certificate from a real extract -> fit round trip (16 short prompts, 4 new tokens)."""
+    import calibrate
+
+    rng = np.random.default_rng(3)
+    prompts = [" ".join(f"w{i}" for i in rng.integers(0, 60, size=rng.integers(1, 8))) for _ in range(16)]
+    tokenizer = _tiny_hf.tiny_tokenizer()
+    cache = calibrate.extract(model, tokenizer, prompts, max_new_tokens=4, heads=heads, progress=False)
+    return calibrate.fit(cache, delta=0.5, epsilon=0.2, measure=measure, seed=0)
+
+
+@pytest.fixture(scope="module")
+def fitted_llama():
+    """A tiny Llama, trained-looking adapter heads, and certificates fitted with the plain and adapter heads."""
+    model = tiny_model("llama")
+    heads = _trained_adapters(model)
+    return model, heads, _extract_and_fit(model), _extract_and_fit(model, heads)
+
+
+def test_certificate_of_extract_and_fit_is_accepted(fitted_llama):
+    model, heads, plain, adapted = fitted_llama
+    assert plain.heads == ExitHeads.from_model(model).describe()
+    assert adapted.heads == heads.describe() and adapted.heads["kind"] == "adapters"
+    ids = torch.tensor([PROMPTS[0]])
+    generate(model, ids, certificate=plain, max_new_tokens=2)
+    generate(model, ids, certificate=adapted, heads=heads, max_new_tokens=2)
+    # A certificate without heads (old or synthetic) is not checked.
+    generate(model, ids, certificate=dataclasses.replace(adapted, heads=None), max_new_tokens=2)
+
+
+def test_certificate_for_other_heads_is_refused(fitted_llama):
+    model, heads, plain, adapted = fitted_llama
+    ids = torch.tensor([PROMPTS[0]])
+    # Another vocabulary: the same architecture, depth and width, 80 tokens instead of 64.
+    other_vocab = tiny_model("llama")
+    other_vocab.resize_token_embeddings(80)
+    with pytest.raises(ValueError, match=r"certificate.heads .*\(vocab_size: certificate 64, heads 80\)"):
+        generate(other_vocab, ids, certificate=plain)
+    # Adapter heads calibrated, the model's plain heads used.
+    with pytest.raises(ValueError, match=r"kind: certificate 'adapters', heads 'logit_lens'; adapters_digest: "):
+        generate(model, ids, certificate=adapted)
+    # Other trained adapters: only the digest differs.
+    with pytest.raises(ValueError, match=r"\(adapters_digest: certificate '[0-9a-f]{32}', heads '[0-9a-f]{32}'\)"):
+        generate(model, ids, certificate=adapted, heads=_trained_adapters(model, seed=1))
+    with pytest.raises(ValueError, match="kind: certificate 'logit_lens', heads 'adapters'"):
+        generate(model, ids, certificate=plain, heads=heads)
+
+
 def test_refuses_bad_models_and_prompts():
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM
+
+    neo = GPTNeoForCausalLM(GPTNeoConfig(num_layers=2, attention_types=[[["global"], 2]], hidden_size=16, num_heads=2))
+    with pytest.raises(ValueError, match="unsupported architecture 'gpt_neo'.*'t5', 'bart'"):
+        generate(neo.eval(), torch.tensor([[5, 6]]))
     model = tiny_model("gpt2")
-    with pytest.raises(ValueError, match="'t5'.*supported"):
-        generate(tiny_model("t5"), torch.tensor([[5, 6]]))
     ids, mask = left_pad(PROMPTS)
     with pytest.raises(ValueError, match="left-padded"):
         generate(model, ids, mask.flip(1))
@@ -452,7 +680,25 @@ def test_refuses_bad_models_and_prompts():
         generate(model, ids, mask, max_new_tokens=0)
     with pytest.raises(TypeError, match="input_ids"):
         generate(model, [[1, 2]])
-    assert set(RUNTIME_ARCHITECTURES) >= {"gpt2", "llama", "qwen2"}
+    with pytest.raises(TypeError, match="tokenizer"):
+        generate(model, ids, mask, tokenizer="gpt2")
+    assert set(RUNTIME_ARCHITECTURES) == set(SUPPORTED_ARCHITECTURES)
+
+
+def test_encoder_decoder_refusals():
+    bart = tiny_model("bart")  # 64 learned positions
+    with pytest.raises(ValueError, match=r"input_ids has 70 columns, more than the encoder's context"):
+        generate(bart, torch.full((1, 70), 5))
+    with pytest.raises(ValueError, match=r"decoder prompt \(start token\) \(1 tokens\) \+ max_new_tokens=64 exceeds"):
+        generate(bart, torch.tensor([[5, 6]]), max_new_tokens=64)
+    ids, mask = right_pad(ENCODER_PROMPTS)
+    with pytest.raises(ValueError, match=r"rows \[1\] of input_ids have no token"):
+        generate(bart, ids, mask * torch.tensor([[1], [0], [1], [1]]))
+    generate(bart, ids.flip(1), mask.flip(1), max_new_tokens=2)  # encoder inputs may be padded on either side
+    bart.generation_config.decoder_start_token_id = None
+    bart.generation_config.bos_token_id = None
+    with pytest.raises(ValueError, match="decoder_start_token_id"):
+        generate(bart, ids, mask)
 
 
 def test_import_calibrate_does_not_import_torch():
@@ -468,20 +714,31 @@ def test_import_calibrate_does_not_import_torch():
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("measure, tau", [("state_saturation", None), ("softmax_gap", 4.0), ("classifier", 4.0)])
-def test_runtime_exits_agree_with_the_extracted_cache(measure, tau):
-    """The first generated token of each prompt exits where the cache's proxy simulation says it does."""
-    import dataclasses
-
+@pytest.mark.parametrize(
+    "arch, measure, tau",
+    [
+        ("llama", "state_saturation", None),
+        ("llama", "softmax_gap", 4.0),
+        ("llama", "classifier", 4.0),
+        ("t5", "state_saturation", None),
+        ("t5", "classifier", 4.0),
+    ],
+)
+def test_runtime_exits_agree_with_the_extracted_cache(arch, measure, tau):
+    """The first generated token of each prompt exits where the cache's proxy simulation says it does, and
+    the full model reproduces the cached sequences (batched and padded as extraction pads them)."""
     import calibrate
     from calibrate.exits import exit_layers
     from measures.classifier import ExitClassifier
 
-    model = _tiny_hf.tiny_model("llama", seed=5, n_layers=6)
+    L = 6
+    model = _tiny_hf.tiny_model(arch, seed=5, n_layers=L)
     tokenizer = _tiny_hf.tiny_tokenizer()
     rng = np.random.default_rng(1)
     prompts = [" ".join(f"w{i}" for i in rng.integers(0, 60, size=rng.integers(1, 12))) for _ in range(40)]
-    cache = calibrate.extract(model, tokenizer, prompts, max_new_tokens=6, batch_size=8, store_hidden=True, progress=False)
+    cache = calibrate.extract(
+        model, tokenizer, prompts, max_new_tokens=6, batch_size=8, store_hidden=True, progress=False
+    )
     fitted = calibrate.fit(cache, delta=0.5, epsilon=0.2, measure=measure, decay=tau, seed=0)
     if measure == "classifier":
         conf = ExitClassifier.from_dict(dict(fitted.measure_state)).predict_confidence(cache)
@@ -496,10 +753,16 @@ def test_runtime_exits_agree_with_the_extracted_cache(measure, tau):
     cert = dataclasses.replace(fitted, lambda_hat=fitted.lambdas[k])
     ids = [tokenizer(p)["input_ids"] for p in prompts]
     for start in range(0, len(prompts), 8):
-        input_ids, mask = left_pad(ids[start : start + 8])
+        input_ids, mask = _pad_prompts(model, ids[start : start + 8])
         out = generate(model, input_ids, mask, certificate=cert, max_new_tokens=1)
         rows = np.arange(start, start + input_ids.shape[0])
         np.testing.assert_array_equal(out.exit_layers[:, 0].numpy(), layers[rows, k])
         expected = cache.arrays["topk_ids"][first[rows], layers[rows, k] - 1, 0]
-        expected = np.where(layers[rows, k] == 6, cache.arrays["full_tokens"][first[rows]], expected)
+        expected = np.where(layers[rows, k] == L, cache.arrays["full_tokens"][first[rows]], expected)
         np.testing.assert_array_equal(out.new_tokens[:, 0].numpy(), expected)
+        full = generate(
+            model, input_ids, mask, certificate=dataclasses.replace(fitted, lambda_hat=None), max_new_tokens=6
+        )
+        for row in rows:
+            n = int(full.n_generated[row - start])
+            assert full.new_tokens[row - start, :n].tolist() == cache.sequences["output_ids"][row].tolist()

@@ -1,21 +1,31 @@
 """Decoder layers run one at a time on any subset of rows, with a pre-allocated KV cache per layer.
 
 The runtime does not call a model's ``forward``: it needs to stop after any layer, run a layer for some
-rows only, and write keys/values for layers a row skipped. Each supported architecture gets a small
-adapter that reads the layer's own modules (norms, projections, MLP) and implements its attention with
-:func:`torch.nn.functional.scaled_dot_product_attention` over a :class:`KVCache`:
+rows only, and write keys/values for layers a row skipped. Each supported architecture family gets a
+small adapter that reads the layer's own modules (norms, projections, MLP) and implements its attention
+with :func:`torch.nn.functional.scaled_dot_product_attention` over a :class:`KVCache`:
 
 - :class:`LlamaAdapter`: Llama, Mistral, Qwen2, Qwen3 (pre-norm, RoPE from ``model.model.rotary_emb``,
   grouped-query attention, optional q/k biases and Qwen3's per-head q/k norms);
-- :class:`GPT2Adapter`: GPT-2 (pre-norm, learned absolute positions, fused ``c_attn`` Conv1D).
+- :class:`GPT2Adapter`: GPT-2 (pre-norm, learned absolute positions, fused ``c_attn`` Conv1D);
+- :class:`T5Adapter`: T5 (pre-norm RMS norms, relative position bias computed by the first layer and
+  shared by all, unscaled attention, no absolute positions);
+- :class:`BartAdapter`: BART (post-norm) and mBART (pre-norm): learned positions with offset 2,
+  ``layernorm_embedding``, scaled token embeddings.
 
-Every adapter offers the same three operations on hidden states ``(n, S, d)`` of rows ``rows`` (global
+The last two share :class:`EncoderDecoderAdapter`: the encoder (the model's own) runs once over the
+input, every decoder layer's cross-attention keys/values are computed once from its output, and a
+decoder layer is three residual sub-blocks (self-attention, cross-attention, MLP).
+
+Every adapter offers the same operations on decoder hidden states ``(n, S, d)`` of rows ``rows`` (global
 batch indices, or None for all rows) at cache columns ``[col, col + S)``:
 
 - ``embed(ids, positions)``: token (+ position) embeddings;
-- ``layer(i, h, ...)``: run decoder layer ``i`` (writes its keys/values into the cache);
-- ``propagate(i, h, ...)``: state propagation, only layer ``i``'s input norm and key/value projections
-  of ``h`` (written into the cache), for rows that exited before layer ``i``.
+- ``positional(h, step)``: position data shared by every layer of one step (RoPE cos/sin, T5's bias);
+- ``layer(i, h, ...)``: run decoder layer ``i`` (writes its self-attention keys/values into the cache);
+- ``propagate(i, h, ...)``: state propagation, only layer ``i``'s self-attention input norm (pre-norm
+  layers) and key/value projections of ``h`` (written into the cache), for rows that exited before
+  layer ``i``. Cross-attention keys/values do not depend on the decoder state, so nothing else is needed.
 
 This module imports torch; ``import calibrate`` does not import it.
 """
@@ -23,16 +33,34 @@ This module imports torch; ``import calibrate`` does not import it.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["RUNTIME_ARCHITECTURES", "GPT2Adapter", "KVCache", "LayerAdapter", "LlamaAdapter", "Step", "adapter_for"]
+__all__ = [
+    "RUNTIME_ARCHITECTURES",
+    "BartAdapter",
+    "EncoderDecoderAdapter",
+    "GPT2Adapter",
+    "KVCache",
+    "LayerAdapter",
+    "LlamaAdapter",
+    "Step",
+    "T5Adapter",
+    "adapter_for",
+    "additive_mask",
+]
 
-#: ``config.model_type`` values the runtime decodes (decoder-only; encoder-decoder models are not yet supported).
-RUNTIME_ARCHITECTURES: tuple[str, ...] = ("gpt2", "llama", "mistral", "qwen2", "qwen3")
+#: ``config.model_type`` values the runtime decodes.
+RUNTIME_ARCHITECTURES: tuple[str, ...] = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "t5", "bart", "mbart")
+
+
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Boolean "may attend" -> additive mask (0 or the dtype's minimum: finite, so no NaN on empty rows)."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -41,16 +69,34 @@ RUNTIME_ARCHITECTURES: tuple[str, ...] = ("gpt2", "llama", "mistral", "qwen2", "
 
 
 class KVCache:
-    """Pre-allocated keys and values of every layer, ``(B, n_kv_heads, max_len, head_dim)`` each.
+    """Pre-allocated self-attention keys and values of every layer, ``(B, n_kv_heads, max_len, head_dim)`` each.
 
     All rows share the column index of a position (prompts are left-padded to one width), so writing
     step ``t`` touches column ``prompt_len + t - 1`` of the rows that ran or propagated that layer.
+    Encoder-decoder models also keep each layer's cross-attention keys and values of the encoder output,
+    ``(B, n_heads, S_enc, head_dim)``, and the encoder's additive padding mask (:meth:`set_cross`).
     """
 
     def __init__(self, n_layers: int, batch: int, n_kv_heads: int, max_len: int, head_dim: int, *, dtype, device):
         shape = (batch, n_kv_heads, max_len, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.cross_keys: list[torch.Tensor] = []
+        self.cross_values: list[torch.Tensor] = []
+        self.cross_mask: torch.Tensor | None = None
+
+    def set_cross(self, keys: list[torch.Tensor], values: list[torch.Tensor], mask: torch.Tensor | None) -> None:
+        """Store every layer's cross-attention ``keys``/``values`` and the mask ``(B, 1, 1, S_enc)`` (None: no padding)."""
+        self.cross_keys, self.cross_values, self.cross_mask = keys, values, mask
+
+    def read_cross(
+        self, layer: int, rows: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Cross-attention keys, values and mask of ``rows``: the stored tensors, or gathered copies for a subset."""
+        k, v, mask = self.cross_keys[layer], self.cross_values[layer], self.cross_mask
+        if rows is None:
+            return k, v, mask
+        return k[rows], v[rows], None if mask is None else mask[rows]
 
     def write(self, layer: int, rows: torch.Tensor | None, col: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store ``k, v`` ``(n, n_kv_heads, S, head_dim)`` at columns ``[col, col + S)`` of ``rows``."""
@@ -109,6 +155,10 @@ class LayerAdapter(ABC):
     n_kv_heads: int
     head_dim: int
     hidden_size: int
+    #: Whether the model has an encoder (:class:`EncoderDecoderAdapter`).
+    encoder_decoder: bool = False
+    #: Sliding-window length of the attention, None for full attention.
+    sliding_window: int | None = None
 
     def __init__(self, model: nn.Module, layers: nn.ModuleList) -> None:
         self.model = model
@@ -127,23 +177,29 @@ class LayerAdapter(ABC):
         """Input embeddings ``(n, S, d)`` of token ids and position ids ``(n, S)``."""
 
     @abstractmethod
-    def rotary(self, h: torch.Tensor, positions: torch.Tensor):
-        """Per-step position data shared by every layer (RoPE cos/sin), or None."""
+    def positional(self, h: torch.Tensor, step: Step):
+        """Position data of one step shared by every layer: a tuple of ``(n, ...)`` tensors, or None."""
 
     @abstractmethod
-    def layer(self, i: int, h: torch.Tensor, step: Step, cache: KVCache, rope) -> torch.Tensor:
+    def layer(self, i: int, h: torch.Tensor, step: Step, cache: KVCache, pos_data) -> torch.Tensor:
         """Output ``(n, S, d)`` of decoder layer ``i``; writes its keys/values into ``cache``."""
 
     @abstractmethod
-    def propagate(self, i: int, h: torch.Tensor, step: Step, cache: KVCache, rope) -> None:
+    def propagate(self, i: int, h: torch.Tensor, step: Step, cache: KVCache, pos_data) -> None:
         """State propagation: layer ``i``'s keys/values of ``h`` ``(n, S, d)``, written into ``cache``."""
 
-    def _attend(self, i: int, q: torch.Tensor, step: Step, cache: KVCache, scale: float) -> torch.Tensor:
-        """Attention of queries ``(n, H, S, hd)`` over the cached columns ``[0, col + S)`` -> ``(n, S, H*hd)``."""
+    def _attend(
+        self, i: int, q: torch.Tensor, step: Step, cache: KVCache, scale: float, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Attention of queries ``(n, H, S, hd)`` over the cached columns ``[0, col + S)`` -> ``(n, S, H*hd)``.
+
+        ``bias`` ``(n, H, S, col + S)`` is added to the scores (T5's relative positions).
+        """
         n, _, s, _ = q.shape
         k, v = cache.read(i, step.rows, step.col + s)  # (n, KVH, col + S, hd)
+        mask = step.mask if bias is None else (bias if step.mask is None else step.mask + bias)
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=step.mask, scale=scale, enable_gqa=self.n_kv_heads != self.n_heads
+            q, k, v, attn_mask=mask, scale=scale, enable_gqa=self.n_kv_heads != self.n_heads
         )  # (n, H, S, hd)
         return out.transpose(1, 2).reshape(n, s, self.n_heads * self.head_dim)
 
@@ -162,10 +218,9 @@ class LlamaAdapter(LayerAdapter):
         # Sliding-window attention equals full attention while the sequence fits the window; the
         # runtime checks that (longer sequences are refused, not silently changed).
         layer_types = getattr(config, "layer_types", None) or []
-        window = None
         if "sliding_attention" in layer_types or config.model_type == "mistral":
             window = getattr(config, "sliding_window", None)
-        self.sliding_window = None if window is None else int(window)
+            self.sliding_window = None if window is None else int(window)
         attn = layers[0].self_attn
         self.head_dim = int(attn.head_dim)
         self.n_heads = int(config.num_attention_heads)
@@ -177,8 +232,8 @@ class LlamaAdapter(LayerAdapter):
     def embed(self, ids, positions):
         return self.base.embed_tokens(ids)  # (n, S, d)
 
-    def rotary(self, h, positions):
-        return self.base.rotary_emb(h, position_ids=positions)  # cos, sin: (n, S, hd) each
+    def positional(self, h, step):
+        return self.base.rotary_emb(h, position_ids=step.positions)  # cos, sin: (n, S, hd) each
 
     def _qkv(self, attn, x: torch.Tensor, rope, *, query: bool):
         n, s, _ = x.shape
@@ -221,7 +276,6 @@ class GPT2Adapter(LayerAdapter):
         config = model.config
         if getattr(config, "add_cross_attention", False):
             raise ValueError("GPT-2 with cross-attention (add_cross_attention=True) is not supported by the runtime")
-        self.sliding_window = None
         self.hidden_size = int(config.hidden_size)
         self.n_heads = self.n_kv_heads = int(config.num_attention_heads)
         self.head_dim = self.hidden_size // self.n_heads
@@ -235,14 +289,14 @@ class GPT2Adapter(LayerAdapter):
     def embed(self, ids, positions):
         return self.base.wte(ids) + self.base.wpe(positions)  # (n, S, d)
 
-    def rotary(self, h, positions):
+    def positional(self, h, step):
         return None
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         n, s, _ = x.shape
         return x.view(n, s, -1, self.head_dim).transpose(1, 2)  # (n, H, S, hd)
 
-    def layer(self, i, h, step, cache, rope):
+    def layer(self, i, h, step, cache, pos_data):
         block = self.layers[i]
         q, k, v = block.attn.c_attn(block.ln_1(h)).split(self.hidden_size, dim=2)  # (n, S, d) each
         q, k, v = self._heads(q), self._heads(k), self._heads(v)
@@ -250,11 +304,173 @@ class GPT2Adapter(LayerAdapter):
         h = h + block.attn.c_proj(self._attend(i, q, step, cache, self.scales[i]))  # (n, S, d)
         return h + block.mlp(block.ln_2(h))  # (n, S, d)
 
-    def propagate(self, i, h, step, cache, rope):
+    def propagate(self, i, h, step, cache, pos_data):
         x = self.layers[i].ln_1(h)  # (n, S, d)
         kv = torch.addmm(self.kv_bias[i], x.reshape(-1, self.hidden_size), self.kv_weight[i])  # (n*S, 2d)
         k, v = kv.view(*x.shape[:2], 2 * self.hidden_size).split(self.hidden_size, dim=2)
         cache.write(i, step.rows, step.col, self._heads(k), self._heads(v))
+
+
+@dataclass(frozen=True)
+class _Attention:
+    """Projections ``(..., d) -> (..., H*hd)`` (``o``: back to ``d``) of one attention and its score scale."""
+
+    q: nn.Module
+    k: nn.Module
+    v: nn.Module
+    o: nn.Module
+    scale: float
+
+
+@dataclass(frozen=True)
+class _DecoderBlock:
+    """The modules of one encoder-decoder decoder layer: three residual sub-blocks, each with its norm."""
+
+    self_norm: nn.Module
+    self_attn: _Attention
+    cross_norm: nn.Module
+    cross_attn: _Attention
+    mlp_norm: nn.Module
+    mlp: Callable[[torch.Tensor], torch.Tensor]
+
+
+class EncoderDecoderAdapter(LayerAdapter):
+    """Encoder-decoder models: the encoder once, then decoder layers of self-attention, cross-attention, MLP.
+
+    Each sub-block ``f`` is pre-norm, ``h + f(norm(h))`` (T5, mBART), or post-norm, ``norm(h + f(h))``
+    (BART). Subclasses give the modules of a layer (:meth:`_block`), the embeddings and position data.
+    The decoder prompt never has padding (it is the start token, or Hugging Face's decoder prompt), so a
+    position equals its cache column.
+    """
+
+    encoder_decoder = True
+    #: Whether the sub-blocks normalise their input (else their output).
+    pre_norm: bool
+
+    def __init__(self, model: nn.Module, layers: nn.ModuleList, *, n_heads: int, head_dim: int) -> None:
+        super().__init__(model, layers)
+        self.hidden_size = int(model.config.d_model)
+        self.n_heads = self.n_kv_heads = int(n_heads)
+        self.head_dim = int(head_dim)
+        self.encoder = model.get_encoder()
+        self.blocks = [self._block(layer) for layer in layers]
+
+    @abstractmethod
+    def _block(self, layer: nn.Module) -> _DecoderBlock:
+        """The modules of decoder layer ``layer``."""
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        n, s, _ = x.shape
+        return x.view(n, s, self.n_heads, self.head_dim).transpose(1, 2)  # (n, H, S, hd)
+
+    def encode(
+        self, cache: KVCache, mask: torch.Tensor, *, ids: torch.Tensor | None, states: torch.Tensor | None
+    ) -> None:
+        """Run the encoder on ``ids`` ``(B, S_enc)`` (unless its output ``states`` ``(B, S_enc, d)`` is given)
+        and store every decoder layer's cross-attention keys/values and the padding ``mask`` ``(B, S_enc)``."""
+        if states is None:
+            states = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, S_enc, d)
+        keys = [self._split(block.cross_attn.k(states)) for block in self.blocks]  # (B, H, S_enc, hd) each
+        values = [self._split(block.cross_attn.v(states)) for block in self.blocks]
+        padded = None if bool(mask.all()) else additive_mask(mask.bool()[:, None, None, :], self.dtype)
+        cache.set_cross(keys, values, padded)  # mask (B, 1, 1, S_enc)
+
+    def _sub_block(self, norm: nn.Module, h: torch.Tensor, f: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        return h + f(norm(h)) if self.pre_norm else norm(h + f(h))
+
+    def _self_attention(self, i: int, x: torch.Tensor, step: Step, cache: KVCache, pos_data) -> torch.Tensor:
+        attn = self.blocks[i].self_attn
+        q, k, v = self._split(attn.q(x)), self._split(attn.k(x)), self._split(attn.v(x))  # (n, H, S, hd)
+        cache.write(i, step.rows, step.col, k, v)
+        return attn.o(self._attend(i, q, step, cache, attn.scale, bias=None if pos_data is None else pos_data[0]))
+
+    def _cross_attention(self, i: int, x: torch.Tensor, step: Step, cache: KVCache) -> torch.Tensor:
+        attn = self.blocks[i].cross_attn
+        n, s, _ = x.shape
+        k, v, mask = cache.read_cross(i, step.rows)  # (n, H, S_enc, hd), mask (n, 1, 1, S_enc)
+        out = F.scaled_dot_product_attention(self._split(attn.q(x)), k, v, attn_mask=mask, scale=attn.scale)
+        return attn.o(out.transpose(1, 2).reshape(n, s, self.n_heads * self.head_dim))  # (n, S, d)
+
+    def layer(self, i, h, step, cache, pos_data):
+        block = self.blocks[i]
+        h = self._sub_block(block.self_norm, h, lambda x: self._self_attention(i, x, step, cache, pos_data))
+        h = self._sub_block(block.cross_norm, h, lambda x: self._cross_attention(i, x, step, cache))
+        return self._sub_block(block.mlp_norm, h, block.mlp)  # (n, S, d)
+
+    def propagate(self, i, h, step, cache, pos_data):
+        block = self.blocks[i]
+        x = block.self_norm(h) if self.pre_norm else h  # the self-attention's input
+        cache.write(i, step.rows, step.col, self._split(block.self_attn.k(x)), self._split(block.self_attn.v(x)))
+
+
+class T5Adapter(EncoderDecoderAdapter):
+    """T5 decoder blocks (pre-norm); the first layer's relative position bias is added in every layer.
+
+    Not reproduced: Hugging Face's clamping of infinite float16 activations (T5 overflows in float16).
+    """
+
+    pre_norm = True
+
+    def __init__(self, model: nn.Module, layers: nn.ModuleList) -> None:
+        config = model.config
+        super().__init__(model, layers, n_heads=config.num_heads, head_dim=config.d_kv)
+        self.decoder = model.decoder
+        self.relative = layers[0].layer[0].SelfAttention  # owns relative_attention_bias
+
+    def _block(self, layer):
+        self_layer, cross_layer, mlp_layer = layer.layer
+
+        def attention(a: nn.Module) -> _Attention:
+            return _Attention(a.q, a.k, a.v, a.o, float(a.scaling))
+
+        return _DecoderBlock(
+            self_layer.layer_norm,
+            attention(self_layer.SelfAttention),
+            cross_layer.layer_norm,
+            attention(cross_layer.EncDecAttention),
+            mlp_layer.layer_norm,
+            mlp_layer.DenseReluDense,
+        )
+
+    def embed(self, ids, positions):
+        return self.decoder.embed_tokens(ids)  # (n, S, d): positions enter through the bias
+
+    def positional(self, h, step):
+        s = h.shape[1]
+        bias = self.relative.compute_bias(s, step.col + s, device=h.device, past_seen_tokens=step.col)  # (1, H, S, K)
+        return (bias.expand(h.shape[0], -1, -1, -1),)  # (n, H, S, col + S): every row at the same positions
+
+
+class BartAdapter(EncoderDecoderAdapter):
+    """BART (post-norm) and mBART (pre-norm) decoder layers; learned positions with offset 2."""
+
+    def __init__(self, model: nn.Module, layers: nn.ModuleList) -> None:
+        config = model.config
+        heads = config.decoder_attention_heads
+        super().__init__(model, layers, n_heads=heads, head_dim=config.d_model // heads)
+        self.pre_norm = config.model_type == "mbart"
+        self.decoder = model.model.decoder
+
+    def _block(self, layer):
+        def attention(a: nn.Module) -> _Attention:
+            return _Attention(a.q_proj, a.k_proj, a.v_proj, a.out_proj, float(a.scaling))
+
+        return _DecoderBlock(
+            layer.self_attn_layer_norm,
+            attention(layer.self_attn),
+            layer.encoder_attn_layer_norm,
+            attention(layer.encoder_attn),
+            layer.final_layer_norm,
+            lambda x: layer.fc2(layer.activation_fn(layer.fc1(x))),
+        )
+
+    def embed(self, ids, positions):
+        table = self.decoder.embed_positions  # rows offset by 2
+        h = self.decoder.embed_tokens(ids) + F.embedding(positions + table.offset, table.weight)  # (n, S, d)
+        return self.decoder.layernorm_embedding(h)
+
+    def positional(self, h, step):
+        return None
 
 
 def adapter_for(model: nn.Module, layers: nn.ModuleList) -> LayerAdapter:
@@ -266,11 +482,22 @@ def adapter_for(model: nn.Module, layers: nn.ModuleList) -> LayerAdapter:
         When the architecture is not one of :data:`RUNTIME_ARCHITECTURES` (the message names both).
     """
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type == "gpt2":
-        return GPT2Adapter(model, layers)
-    if model_type in ("llama", "mistral", "qwen2", "qwen3"):
-        return LlamaAdapter(model, layers)
-    raise ValueError(
-        f"the early-exit runtime does not support model type {model_type!r} ({type(model).__name__}); "
-        f"supported: {list(RUNTIME_ARCHITECTURES)} (encoder-decoder models are not supported yet)"
-    )
+    if model_type not in _ADAPTERS:
+        raise ValueError(
+            f"the early-exit runtime does not support model type {model_type!r} ({type(model).__name__}); "
+            f"supported: {list(RUNTIME_ARCHITECTURES)}"
+        )
+    return _ADAPTERS[model_type](model, layers)
+
+
+#: ``config.model_type`` -> adapter class (keys: :data:`RUNTIME_ARCHITECTURES`).
+_ADAPTERS: dict[str, type[LayerAdapter]] = {
+    "gpt2": GPT2Adapter,
+    "llama": LlamaAdapter,
+    "mistral": LlamaAdapter,
+    "qwen2": LlamaAdapter,
+    "qwen3": LlamaAdapter,
+    "t5": T5Adapter,
+    "bart": BartAdapter,
+    "mbart": BartAdapter,
+}

@@ -1,4 +1,4 @@
-"""Greedy early-exit decoding with a certificate, for decoder-only Hugging Face models.
+"""Greedy early-exit decoding with a certificate, for decoder-only and encoder-decoder Hugging Face models.
 
 :func:`generate` runs its own loop (it does not call the model's ``forward``): every generated token
 runs decoder layers 1, 2, ... until the certificate's confidence measure passes the threshold
@@ -8,6 +8,11 @@ values by state propagation (each skipped layer's own input norm and K/V project
 so later tokens attend to something at every layer. In a batch every row exits on its own: a layer runs
 only for the rows still active (gathered, run, scattered back), rows that exited only propagate, rows
 that finished (EOS) stop. Keys and values live in a pre-allocated cache per layer.
+
+Encoder-decoder models (T5, BART, mBART) run the same loop on the decoder: the encoder runs once over
+the input, every decoder layer's cross-attention keys/values are computed once from its output, and the
+decoder starts from ``decoder_start_token_id``. Architecture specifics live in
+:mod:`calibrate.runtime._layers`.
 
 Without a certificate, or with a "full model only" certificate (``lambda_hat is None``), every token runs
 every layer and the output equals ``model.generate(do_sample=False)`` token for token.
@@ -27,7 +32,7 @@ from torch import nn
 from calibrate.certificate import Certificate
 from calibrate.exits import Decay
 from calibrate.heads import ExitHeads, decoder_layers
-from calibrate.runtime._layers import RUNTIME_ARCHITECTURES, KVCache, LayerAdapter, Step, adapter_for
+from calibrate.runtime._layers import KVCache, LayerAdapter, Step, adapter_for, additive_mask
 from calibrate.runtime._measures import RUNTIME_MEASURES, RuntimeMeasure, build_measure
 
 __all__ = ["EarlyExitConfig", "EarlyExitOutput", "custom_generate", "generate"]
@@ -95,14 +100,15 @@ class EarlyExitOutput:
     Attributes
     ----------
     sequences : torch.LongTensor, shape (batch, prompt_length + n_steps)
-        Prompt (as given, left-padded) followed by the generated tokens; after a row's EOS its positions
-        hold ``pad_token_id``, as in ``model.generate``. ``n_steps <= max_new_tokens`` (the loop stops
-        when every row has finished).
+        Prompt (as given, left-padded) followed by the generated tokens; for encoder-decoder models the
+        decoder's sequence, ``decoder_start_token_id`` then the generated tokens. After a row's EOS its
+        positions hold ``pad_token_id``: exactly what ``model.generate`` returns. ``n_steps <=
+        max_new_tokens`` (the loop stops when every row has finished).
     exit_layers : torch.LongTensor, shape (batch, n_steps)
         1-based layer that emitted each generated token (``n_layers`` = full model), 0 at the padding
         after a row's EOS.
     prompt_length : int
-        Width of the (padded) prompt.
+        Width of the (padded) prompt; 1 (the start token) for encoder-decoder models.
     n_layers : int
         Decoder layers ``L`` of the model.
     thresholds : tuple of float, shape (n_steps,)
@@ -162,6 +168,7 @@ def generate(
     heads: ExitHeads | None = None,
     *,
     exit_layer: int | None = None,
+    tokenizer=None,
     eos_token_id: int | list[int] | None = None,
     pad_token_id: int | None = None,
 ) -> EarlyExitOutput:
@@ -170,41 +177,58 @@ def generate(
     Parameters
     ----------
     model : transformers.PreTrainedModel
-        A decoder-only model with its LM head: GPT-2, Llama, Mistral, Qwen2 or Qwen3
-        (:data:`~calibrate.runtime._layers.RUNTIME_ARCHITECTURES`); used in eval mode, not modified.
+        A model with its LM head (:data:`~calibrate.runtime._layers.RUNTIME_ARCHITECTURES`): decoder-only
+        GPT-2, Llama, Mistral, Qwen2 or Qwen3, or encoder-decoder T5, BART or mBART; used in eval mode, not
+        modified.
     input_ids : torch.LongTensor, shape (batch, prompt_length)
-        Prompts, **left**-padded (as for ``model.generate``).
+        Decoder-only: prompts, **left**-padded (as for ``model.generate``). Encoder-decoder: the encoder's
+        input, padded on either side (tokenizers pad on the right); the decoder starts from
+        ``model.generation_config.decoder_start_token_id`` (else its ``bos_token_id``).
     attention_mask : torch.Tensor, shape (batch, prompt_length), optional
-        1 for prompt tokens, 0 for left padding. Default: all ones.
+        1 for tokens, 0 for padding (the tokenizer's mask; for encoder-decoder models the encoder's, as
+        ``model.generate`` takes it). Default: all ones, as ``model.generate`` assumes for encoder inputs;
+        for decoder-only prompts without a mask it infers one from pad tokens instead, so pass the mask.
     certificate : Certificate, optional
         A certificate for ``knob="exit_threshold"`` made for this model's layer count. None, or
         ``lambda_hat is None`` ("full model only"), runs every layer for every token.
     max_new_tokens : int, default=32
         Most tokens generated per row.
     heads : ExitHeads, optional
-        What a layer predicts; must be the heads the certificate was calibrated with. Default:
-        ``ExitHeads.from_model(model)`` (final norm + LM head shared by every layer).
+        What a layer predicts; must be the heads the certificate was calibrated with (checked against
+        ``certificate.heads`` when the certificate records them). Default: ``ExitHeads.from_model(model)``
+        (final norm + LM head shared by every layer).
     exit_layer : int, optional
         Exit every token at this 1-based layer instead of using a certificate (a fixed-depth baseline for
         benchmarks and tests; nothing is certified). Exclusive with ``certificate``.
+    tokenizer : transformers.PreTrainedTokenizerBase, optional
+        Only read for its ``eos_token_id`` and ``pad_token_id``, the fallbacks below (pass the tokenizer the
+        cache was extracted with to stop rows where the cache's sequences stop).
     eos_token_id : int or list of int, optional
-        Tokens that end a row. Default: ``model.generation_config.eos_token_id``.
+        Tokens that end a row (kept as its last token). Default, resolved as :func:`calibrate.extract`
+        resolves it (and stores it as ``cache.meta["generation"]["eos_token_id"]``):
+        ``model.generation_config.eos_token_id``, else ``tokenizer.eos_token_id``; with none, rows run to
+        ``max_new_tokens``.
     pad_token_id : int, optional
-        Filler after a row's EOS. Default: ``model.generation_config.pad_token_id``, else the first EOS.
+        Filler after a row's EOS. Default: ``model.generation_config.pad_token_id``, else
+        ``tokenizer.pad_token_id``, else the first EOS id, else 0.
 
     Returns
     -------
     EarlyExitOutput
-        ``sequences`` ``(batch, prompt_length + n_steps)`` as ``model.generate`` returns them and
-        ``exit_layers`` ``(batch, n_steps)`` (1-based, 0 after EOS).
+        ``sequences`` ``(batch, prompt_length + n_steps)`` as ``model.generate`` returns them (for
+        encoder-decoder models the decoder's, ``prompt_length = 1``) and ``exit_layers`` ``(batch,
+        n_steps)`` (1-based, 0 after EOS).
 
     Raises
     ------
     ValueError
         When the architecture is unsupported (naming it and the supported ones); the certificate is for
-        another knob, another layer count, a measure the runtime cannot evaluate, or its classifier does
-        not fit the model; the prompts are right-padded, empty or too long for the model's context
-        (nothing is truncated); or an argument is out of range.
+        another knob, another layer count, other exit heads (``certificate.heads`` differs from
+        ``heads.describe()``: the message names each differing key, e.g. ``vocab_size`` or
+        ``adapters_digest``, with both values), a measure the runtime cannot evaluate, or its classifier
+        does not fit the model; decoder-only prompts are right-padded; a row is empty; the prompt (or
+        the encoder input) is too long for the model's context (nothing is truncated); an
+        encoder-decoder model has no start token; or an argument is out of range.
     TypeError
         When an argument has the wrong type.
 
@@ -215,20 +239,30 @@ def generate(
       with the certificate's decay, else at layer ``L``; it is emitted as ``argmax heads(h_i, layer=i)``.
       The comparison is done in float64 on the float32 confidence, like the calibration.
     - **Prompt.** The prompt runs every layer (like an encoder); the first new token's exit layer is
-      decided on the prompt's last position, layer by layer, exactly as in the cache.
+      decided on the prompt's last position, layer by layer, exactly as in the cache. For
+      encoder-decoder models the encoder runs once, every layer, and the decoder's prompt is the start
+      token, which likewise runs every decoder layer while the first token's exit is decided.
     - **State propagation.** For a token that exited at layer ``i``, every layer ``j > i`` stores keys and
-      values computed from the exit state ``h_i`` through layer ``j``'s own input norm and K/V projections
-      (RoPE included); its attention and MLP are skipped.
+      values computed from the exit state ``h_i`` through layer ``j``'s own input norm (pre-norm layers;
+      BART's post-norm layers project ``h_i`` itself) and K/V projections (RoPE included); its attention,
+      cross-attention and MLP are skipped. Cross-attention keys/values depend only on the encoder output:
+      each layer's are computed once, before the first token, so a skipped layer needs none.
     - **Batches.** Each row exits on its own. A layer runs only for the rows still active; exited rows
       only propagate (~2 ``d x d_kv`` products); finished rows do nothing. The rows' decisions need one
       device synchronisation per layer.
     - **Measure cost.** ``state_saturation`` and ``classifier`` cost ``O(d)`` per row and layer; the
       softmax measures need the vocabulary-sized head at every layer tried, which on small models with
-      large vocabularies costs more than the layers saved (benchmarks/runtime_speed.py measures it).
+      large vocabularies costs more than the layers saved (benchmarks/runtime.py measures it).
+    - **Special tokens.** ``model.generate`` stops rows only on the generation config's EOS; extraction
+      cuts its sequences at the first EOS of the generation config or, when that has none, of the
+      tokenizer. Both agree whenever the generation config has an EOS. When it has none, pass
+      ``tokenizer=`` to stop on the tokens the cache stops on, or leave it out to run like ``model.generate``.
     - **Equality with Hugging Face.** Without a certificate the tokens equal
       ``model.generate(input_ids, attention_mask=..., do_sample=False, max_new_tokens=...)`` (greedy, no
-      logits processors: a generation config that sets e.g. ``repetition_penalty`` changes Hugging
-      Face's choices, not ours; use :func:`custom_generate` to apply them).
+      logits processors: a generation config that sets e.g. ``repetition_penalty``, or BART's
+      ``forced_bos_token_id``/``forced_eos_token_id``, changes Hugging Face's choices, not ours; use
+      :func:`custom_generate` to apply them). Not reproduced: Hugging Face's clamping of infinite float16
+      activations in T5 decoder layers (such a model overflows anyway; use bfloat16 or float32).
     - The guarantee ``P(risk(lambda_hat) <= delta) >= 1 - epsilon`` of the certificate (delta =
       tolerance, epsilon = failure probability) covers what this runtime emits only for
       ``mode="decoded"`` certificates; a ``"proxy"`` certificate certifies the teacher-forced simulation.
@@ -248,9 +282,27 @@ def generate(
     [[3, 3, 3, 3]]
     >>> generate(model, ids, max_new_tokens=4, exit_layer=1).exit_layers.tolist()
     [[1, 1, 1, 1]]
+
+    An encoder-decoder model: ``sequences`` are the decoder's, from the start token on.
+
+    >>> from transformers import T5Config, T5ForConditionalGeneration
+    >>> config = T5Config(num_layers=2, d_model=16, d_kv=8, d_ff=32, num_heads=2, vocab_size=50, decoder_start_token_id=0)
+    >>> t5 = T5ForConditionalGeneration(config)
+    >>> out = generate(t5.eval(), ids, max_new_tokens=4)
+    >>> torch.equal(out.sequences, t5.generate(ids, do_sample=False, max_new_tokens=4))
+    True
+    >>> out.prompt_length, out.exit_layers.shape
+    (1, torch.Size([1, 4]))
     """
     run = _generate_iv(
-        model, input_ids, attention_mask, certificate, max_new_tokens, heads, exit_layer, eos_token_id, pad_token_id
+        model,
+        input_ids,
+        attention_mask,
+        certificate,
+        max_new_tokens,
+        heads,
+        exit_layer,
+        _special_tokens_iv(model, tokenizer, eos_token_id, pad_token_id),
     )
     return _decode(run, *run.inputs)
 
@@ -270,10 +322,15 @@ def custom_generate(
 ) -> EarlyExitOutput:
     """Early-exit decoding as a Hugging Face decoding method: ``model.generate(..., custom_generate=custom_generate)``.
 
+    Works for decoder-only and encoder-decoder models alike: for the latter ``generate`` runs the encoder
+    and passes its output and the decoder prompt, which this function decodes (the encoder is not run
+    again).
+
     Parameters
     ----------
     model, input_ids
-        Passed by ``generate`` (the model and the left-padded prompts).
+        Passed by ``generate``: the model and the left-padded prompts (decoder-only) or the decoder prompt
+        ``(batch, 1)`` holding ``decoder_start_token_id`` (encoder-decoder).
     logits_processor, stopping_criteria, generation_config
         Prepared by ``generate``; the processors are applied to the emitted logits (of whatever layer
         exits) and the stopping criteria (EOS, max length, stop strings) end rows, as in greedy ``_sample``.
@@ -284,8 +341,10 @@ def custom_generate(
         ``model.generate(ids, attention_mask=mask, max_new_tokens=32, do_sample=False,
         custom_generate=custom_generate, certificate=cert)``.
     **model_kwargs
-        ``attention_mask`` is used; ``position_ids``, ``use_cache``, ``cache`` and ``logits_to_keep``
-        prepared by ``generate`` are ignored (positions come from the mask, the cache is our own).
+        ``attention_mask`` is used (the encoder's for encoder-decoder models), and so is ``encoder_outputs``
+        (the encoder output ``generate`` computed: the encoder does not run twice); ``position_ids``,
+        ``use_cache``, ``cache`` and ``logits_to_keep`` prepared by ``generate`` are ignored (positions come
+        from the mask, the cache is our own).
 
     Returns
     -------
@@ -304,11 +363,24 @@ def custom_generate(
             "early-exit decoding is greedy: pass do_sample=False and num_beams=1 to generate, got "
             f"do_sample={generation_config.do_sample}, num_beams={generation_config.num_beams}"
         )
-    ignored = {"position_ids", "use_cache", "cache", "past_key_values", "logits_to_keep", "attention_mask"}
-    unknown = sorted(k for k, v in model_kwargs.items() if k not in ignored and v is not None)
+    known = {
+        "position_ids",
+        "use_cache",
+        "cache",
+        "past_key_values",
+        "logits_to_keep",
+        "attention_mask",
+        "encoder_outputs",
+    }
+    unknown = sorted(k for k, v in model_kwargs.items() if k not in known and v is not None)
     if unknown:
         raise ValueError(f"custom_generate (early exit) does not support the model kwargs {unknown}")
     attention_mask = model_kwargs.get("attention_mask")
+    encoder_outputs = model_kwargs.get("encoder_outputs")
+    if bool(getattr(model.config, "is_encoder_decoder", False)) and encoder_outputs is None:
+        raise ValueError(
+            "custom_generate needs the encoder_outputs that model.generate prepares for encoder-decoder models"
+        )
     if generation_config is None or generation_config.max_length is None:
         raise ValueError("custom_generate needs the generation_config prepared by model.generate (with max_length)")
     max_new_tokens = int(generation_config.max_length) - int(input_ids.shape[1])
@@ -327,8 +399,8 @@ def custom_generate(
         max_new_tokens,
         heads,
         exit_layer,
-        [],  # EOS is handled by the stopping criteria
-        pad_id if pad_id is not None else 0,
+        ((), pad_id if pad_id is not None else 0),  # EOS is handled by the stopping criteria
+        encoder_states=None if encoder_outputs is None else encoder_outputs[0],  # (B, S_enc, d)
     )
     return _decode(run, *run.inputs, logits_processor=logits_processor, stopping_criteria=stopping_criteria)
 
@@ -339,6 +411,15 @@ def custom_generate(
 
 
 @dataclass(frozen=True)
+class _Encoder:
+    """Encoder input of an encoder-decoder model: its padding mask, and its token ids or output states."""
+
+    mask: torch.Tensor  # (B, S_enc) 1 = token, 0 = padding
+    ids: torch.Tensor | None  # (B, S_enc), None when the encoder already ran
+    states: torch.Tensor | None  # (B, S_enc, d) encoder output (custom_generate), else None
+
+
+@dataclass(frozen=True)
 class _Run:
     """Everything the loop needs, validated."""
 
@@ -346,7 +427,8 @@ class _Run:
     heads: ExitHeads
     measure: RuntimeMeasure | None
     config: EarlyExitConfig
-    inputs: tuple[torch.Tensor, torch.Tensor]
+    inputs: tuple[torch.Tensor, torch.Tensor]  # decoder prompt ids and mask, (B, P) each
+    encoder: _Encoder | None = None
 
 
 def _int_iv(name: str, value, low: int) -> int:
@@ -363,7 +445,7 @@ def _token_ids(value) -> list[int]:
     return [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
 
 
-def _certificate_iv(certificate, n_layers: int) -> tuple[float | None, str | None, Decay | None]:
+def _certificate_iv(certificate, n_layers: int, heads: ExitHeads) -> tuple[float | None, str | None, Decay | None]:
     if certificate is None:
         return None, None, None
     if not isinstance(certificate, Certificate):
@@ -378,6 +460,7 @@ def _certificate_iv(certificate, n_layers: int) -> tuple[float | None, str | Non
             f"the certificate was made for a model with n_layers={certificate.n_layers}, this model has {n_layers} "
             "decoder layers"
         )
+    _heads_identity_iv(certificate.heads, heads)
     if certificate.lambda_hat is None:  # "full model only": nothing to measure
         return None, None, None
     if certificate.measure not in RUNTIME_MEASURES:
@@ -390,57 +473,149 @@ def _certificate_iv(certificate, n_layers: int) -> tuple[float | None, str | Non
     return float(certificate.lambda_hat), certificate.measure, decay
 
 
+def _heads_identity_iv(recorded, heads: ExitHeads) -> None:
+    """Refuse exit heads that differ from those the certificate was calibrated with (``certificate.heads``).
+
+    Only the keys both descriptions have are compared, so certificates written by another library
+    version (fewer or more keys) stay usable; None (old or synthetic certificates) checks nothing.
+    """
+    if recorded is None:
+        return
+    current = heads.describe()
+    differ = [key for key in current if key in recorded and recorded[key] != current[key]]
+    if differ:
+        details = "; ".join(f"{key}: certificate {recorded[key]!r}, heads {current[key]!r}" for key in differ)
+        raise ValueError(
+            f"certificate.heads does not describe the exit heads used here ({details}): the certificate was "
+            "calibrated for another model or other exit heads; pass the heads the cache was extracted with "
+            "(heads=...), or calibrate a certificate for this model"
+        )
+
+
+def _special_tokens_iv(model, tokenizer, eos_token_id, pad_token_id) -> tuple[tuple[int, ...], int]:
+    """EOS ids and pad id: the arguments, else the generation config, else the tokenizer (as extraction)."""
+    if tokenizer is not None and not (hasattr(tokenizer, "eos_token_id") and hasattr(tokenizer, "pad_token_id")):
+        raise TypeError(
+            f"tokenizer must be a Hugging Face tokenizer (with eos_token_id and pad_token_id) or None, "
+            f"got {type(tokenizer).__name__}"
+        )
+    gen = getattr(model, "generation_config", None)
+    for source in (gen, tokenizer):
+        if eos_token_id is None:
+            eos_token_id = getattr(source, "eos_token_id", None)
+        if pad_token_id is None:
+            pad_token_id = getattr(source, "pad_token_id", None)
+    eos = tuple(_token_ids(eos_token_id))
+    pad = _token_ids(pad_token_id)[:1] or list(eos[:1]) or [0]
+    return eos, pad[0]
+
+
+def _ids_iv(ids, mask, device, *, left_padded: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``input_ids`` and its ``attention_mask`` (default all ones) as long tensors on ``device``."""
+    if not isinstance(ids, torch.Tensor) or ids.ndim != 2 or ids.dtype not in (torch.long, torch.int):
+        raise TypeError(
+            "input_ids must be an integer torch.Tensor of shape (batch, length), got "
+            f"{type(ids).__name__}{tuple(getattr(ids, 'shape', ()))}"
+        )
+    if ids.shape[0] == 0 or ids.shape[1] == 0:
+        raise ValueError(f"input_ids must hold at least one row and one token, got shape {tuple(ids.shape)}")
+    ids = ids.to(device=device, dtype=torch.long)
+    return ids, _mask_iv(mask, ids.shape, device, left_padded=left_padded)
+
+
+def _mask_iv(mask, shape: tuple[int, ...], device, *, left_padded: bool) -> torch.Tensor:
+    """A 0/1 ``attention_mask`` of ``shape`` (default all ones), every row with a token, as a long tensor."""
+    if mask is None:
+        return torch.ones(shape, dtype=torch.long, device=device)
+    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(shape):
+        raise ValueError(
+            f"attention_mask must be a tensor of shape {tuple(shape)} (that of input_ids), "
+            f"got {tuple(getattr(mask, 'shape', ()))}"
+        )
+    mask = mask.to(device=device, dtype=torch.long)
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError("attention_mask must hold only 0 and 1")
+    if left_padded and bool((mask[:, 1:] < mask[:, :-1]).any()):
+        raise ValueError("input_ids must be left-padded (attention_mask zeros before ones in every row)")
+    if not bool(mask.any(dim=1).all()):
+        empty = torch.nonzero(~mask.bool().any(dim=1)).reshape(-1).tolist()
+        raise ValueError(f"rows {empty[:10]} of input_ids have no token (attention_mask all 0)")
+    return mask
+
+
+def _decoder_start_iv(model) -> int:
+    """``decoder_start_token_id`` of the generation config, else its ``bos_token_id`` (as ``model.generate``)."""
+    gen = model.generation_config
+    start = gen.decoder_start_token_id if gen.decoder_start_token_id is not None else gen.bos_token_id
+    ids = _token_ids(start)
+    if len(ids) != 1:
+        raise ValueError(
+            "encoder-decoder decoding starts from one token: model.generation_config.decoder_start_token_id (or "
+            f"bos_token_id) must be one int, got {start!r}"
+        )
+    return ids[0]
+
+
+def _context_iv(model, adapter: LayerAdapter, prompt_mask: torch.Tensor, encoder: _Encoder | None, max_new_tokens):
+    """Refuse sequences longer than the model's positions or sliding window (nothing is truncated)."""
+    config = model.config
+    longest = int(prompt_mask.sum(dim=1).max())  # decoder positions run to longest + max_new_tokens - 1
+    name = next((n for n in ("n_positions", "max_position_embeddings") if getattr(config, n, None)), None)
+    context = None if name is None else int(getattr(config, name))
+    if context is not None and longest + max_new_tokens > context:
+        what = "the decoder prompt (start token)" if encoder is not None else "the longest prompt"
+        raise ValueError(
+            f"{what} ({longest} tokens) + max_new_tokens={max_new_tokens} exceeds the model's context "
+            f"config.{name}={context}; shorten it or lower max_new_tokens (nothing is truncated)"
+        )
+    if context is not None and encoder is not None and encoder.ids is not None and encoder.ids.shape[1] > context:
+        raise ValueError(
+            f"input_ids has {encoder.ids.shape[1]} columns, more than the encoder's context config.{name}={context}; "
+            "shorten the inputs (nothing is truncated)"
+        )
+    window = adapter.sliding_window
+    if window is not None and longest + max_new_tokens > window:
+        raise ValueError(
+            f"the longest prompt ({longest} tokens) + max_new_tokens={max_new_tokens} exceeds the sliding window "
+            f"{window}; sliding-window attention is not implemented by the runtime"
+        )
+
+
 def _generate_iv(
-    model, input_ids, attention_mask, certificate, max_new_tokens, heads, exit_layer, eos_token_id, pad_token_id
+    model,
+    input_ids,
+    attention_mask,
+    certificate,
+    max_new_tokens,
+    heads,
+    exit_layer,
+    special_tokens,
+    encoder_states: torch.Tensor | None = None,
 ) -> _Run:
     layers = decoder_layers(model)  # raises for architectures the heads do not know
     adapter = adapter_for(model, layers)  # raises for architectures the runtime does not decode
     n_layers = len(layers)
-    if bool(getattr(model.config, "is_encoder_decoder", False)):
-        raise ValueError(
-            f"encoder-decoder models are not supported by the runtime yet; supported: {RUNTIME_ARCHITECTURES}"
-        )
     max_new_tokens = _int_iv("max_new_tokens", max_new_tokens, 1)
-    # Prompts: a 2-D id tensor, left-padded, every row with at least one token.
-    if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.dtype not in (torch.long, torch.int):
-        raise TypeError(
-            "input_ids must be an integer torch.Tensor of shape (batch, prompt_length), got "
-            f"{type(input_ids).__name__}{tuple(getattr(input_ids, 'shape', ()))}"
-        )
-    if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
-        raise ValueError(f"input_ids must hold at least one row and one token, got shape {tuple(input_ids.shape)}")
     device = adapter.device
-    input_ids = input_ids.to(device=device, dtype=torch.long)
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
-        raise ValueError(
-            f"attention_mask must be a tensor of the shape of input_ids {tuple(input_ids.shape)}, "
-            f"got {tuple(getattr(attention_mask, 'shape', ()))}"
-        )
-    attention_mask = attention_mask.to(device=device, dtype=torch.long)
-    if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
-        raise ValueError("attention_mask must hold only 0 and 1")
-    if bool((attention_mask[:, 1:] < attention_mask[:, :-1]).any()):
-        raise ValueError("input_ids must be left-padded (attention_mask zeros before ones in every row)")
-    if bool((attention_mask[:, -1] == 0).any()):
-        empty = torch.nonzero(attention_mask[:, -1] == 0).reshape(-1).tolist()
-        raise ValueError(f"rows {empty[:10]} of input_ids have no token (attention_mask all 0)")
-    # Context: absolute positions (GPT-2) and RoPE tables are finite; never truncate silently.
-    lengths = attention_mask.sum(dim=1)
-    config = model.config
-    name = next((n for n in ("n_positions", "max_position_embeddings") if getattr(config, n, None)), None)
-    if name is not None and int(lengths.max()) + max_new_tokens > int(getattr(config, name)):
-        raise ValueError(
-            f"the longest prompt ({int(lengths.max())} tokens) + max_new_tokens={max_new_tokens} exceeds the model's "
-            f"context config.{name}={getattr(config, name)}; shorten it or lower max_new_tokens (nothing is truncated)"
-        )
-    window = getattr(adapter, "sliding_window", None)
-    if window is not None and int(lengths.max()) + max_new_tokens > window:
-        raise ValueError(
-            f"the longest prompt ({int(lengths.max())} tokens) + max_new_tokens={max_new_tokens} exceeds the sliding window "
-            f"{window}; sliding-window attention is not implemented by the runtime"
-        )
+    # Prompts: the decoder's (left-padded; positions count real tokens), and the encoder's input if any.
+    encoder = None
+    if not adapter.encoder_decoder:
+        prompt_ids, prompt_mask = _ids_iv(input_ids, attention_mask, device, left_padded=True)
+    elif encoder_states is None:  # generate(): input_ids feed the encoder, padded on either side
+        ids, mask = _ids_iv(input_ids, attention_mask, device, left_padded=False)
+        encoder = _Encoder(mask, ids, None)
+        prompt_ids = torch.full((ids.shape[0], 1), _decoder_start_iv(model), dtype=torch.long, device=device)
+        prompt_mask = torch.ones_like(prompt_ids)
+    else:  # custom_generate: model.generate ran the encoder; input_ids are the decoder prompt it prepared
+        prompt_ids, prompt_mask = _ids_iv(input_ids, None, device, left_padded=True)
+        states = encoder_states.to(device=device, dtype=adapter.dtype)
+        if states.ndim != 3 or states.shape[0] != prompt_ids.shape[0] or states.shape[2] != adapter.hidden_size:
+            raise ValueError(
+                f"encoder_outputs must hold a state of shape (batch={prompt_ids.shape[0]}, length, "
+                f"{adapter.hidden_size}), got {tuple(states.shape)}"
+            )
+        encoder = _Encoder(_mask_iv(attention_mask, states.shape[:2], device, left_padded=False), None, states)
+    _context_iv(model, adapter, prompt_mask, encoder, max_new_tokens)
     # Heads and exit rule.
     if heads is None:
         heads = ExitHeads.from_model(model)
@@ -451,7 +626,7 @@ def _generate_iv(
             f"heads has n_layers={heads.n_layers}, hidden_size={heads.hidden_size} but the model has "
             f"{n_layers} decoder layers of width {adapter.hidden_size}"
         )
-    lambda_hat, measure_name, decay = _certificate_iv(certificate, n_layers)
+    lambda_hat, measure_name, decay = _certificate_iv(certificate, n_layers, heads)
     if exit_layer is not None:
         if certificate is not None:
             raise ValueError("pass either certificate or exit_layer, not both")
@@ -469,12 +644,7 @@ def _generate_iv(
             dtype=adapter.dtype,
             device=device,
         )
-    # Special tokens.
-    gen = getattr(model, "generation_config", None)
-    eos = _token_ids(eos_token_id if eos_token_id is not None else getattr(gen, "eos_token_id", None))
-    if pad_token_id is None:
-        pad_token_id = getattr(gen, "pad_token_id", None)
-        pad_token_id = _token_ids(pad_token_id)[0] if pad_token_id is not None else (eos[0] if eos else 0)
+    eos, pad_token_id = special_tokens
     run_config = EarlyExitConfig(
         max_new_tokens=max_new_tokens,
         n_layers=n_layers,
@@ -482,10 +652,10 @@ def _generate_iv(
         measure=measure_name,
         decay=decay,
         exit_layer=exit_layer,
-        eos_token_ids=tuple(eos),
-        pad_token_id=int(pad_token_id),
+        eos_token_ids=eos,
+        pad_token_id=pad_token_id,
     )
-    return _Run(adapter, heads, measure, run_config, (input_ids, attention_mask))
+    return _Run(adapter, heads, measure, run_config, (prompt_ids, prompt_mask), encoder)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -500,14 +670,9 @@ def _adapt(heads: ExitHeads, h: torch.Tensor, layer: int) -> torch.Tensor:
     return h @ heads.adapter_weight[layer].T + heads.adapter_bias[layer]
 
 
-def _take(rope, index: torch.Tensor):
-    """Rows ``index`` of the per-step position data (RoPE cos/sin), or None."""
-    return None if rope is None else tuple(x[index] for x in rope)
-
-
-def _additive(allowed: torch.Tensor, dtype) -> torch.Tensor:
-    """Boolean "may attend" -> additive mask (0 or the dtype's minimum: finite, so no NaN on empty rows)."""
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
+def _take(pos_data, index: torch.Tensor):
+    """Rows ``index`` of the per-step position data (RoPE cos/sin, T5's bias), or None."""
+    return None if pos_data is None else tuple(x[index] for x in pos_data)
 
 
 class _Exits:
@@ -561,7 +726,7 @@ def _decode(
 ) -> EarlyExitOutput:
     adapter, cfg = run.adapter, run.config
     device, dtype = adapter.device, adapter.dtype
-    B, P = input_ids.shape
+    B, P = input_ids.shape  # the decoder prompt: the prompt, or the start token of an encoder-decoder model
     L, T = cfg.n_layers, cfg.max_new_tokens
 
     # 1. Buffers: output ids (pad after EOS), exit layers, pre-allocated keys/values of every layer.
@@ -569,6 +734,8 @@ def _decode(
     sequences[:, :P] = input_ids
     exit_layers = torch.zeros((B, T), dtype=torch.long, device=device)  # (B, T)
     cache: KVCache = adapter.new_cache(B, P + T)
+    if run.encoder is not None:  # encoder-decoder: the encoder runs once, each layer's cross-attention K/V once
+        adapter.encode(cache, run.encoder.mask, ids=run.encoder.ids, states=run.encoder.states)
     eos = torch.tensor(cfg.eos_token_ids, dtype=torch.long, device=device)  # (n_eos,)
     unfinished = torch.ones(B, dtype=torch.bool, device=device)  # (B,)
     thresholds: list[float] = []
@@ -586,15 +753,15 @@ def _decode(
     causal = torch.ones((P, P), dtype=torch.bool, device=device).tril()  # (P, P)
     diagonal = torch.eye(P, dtype=torch.bool, device=device)  # padding queries see themselves: no empty row
     allowed = (causal[None] & keys_visible[:, None, :P]) | diagonal[None]  # (B, P, P)
-    step = Step(None, 0, positions, _additive(allowed, dtype)[:, None])  # mask (B, 1, P, P)
+    step = Step(None, 0, positions, additive_mask(allowed, dtype)[:, None])  # mask (B, 1, P, P)
     h = adapter.embed(input_ids, positions)  # (B, P, d)
-    rope = adapter.rotary(h, positions)
+    pos_data = adapter.positional(h, step)  # RoPE cos/sin, T5's relative position bias, or None
     lam = cfg.threshold(0)
     exits = _Exits(B, run, device)
     open_rows = torch.arange(B, device=device)  # rows whose first token has not exited yet
     for i in range(L):
         prev = h[open_rows, -1]  # (m, d) input of layer i at the last position
-        h = adapter.layer(i, h, step, cache, rope)  # (B, P, d)
+        h = adapter.layer(i, h, step, cache, pos_data)  # (B, P, d)
         passed = exits.test(run, i, lam, h[open_rows, -1], prev) if open_rows.numel() else None
         if passed is not None and bool(passed.any()):
             exits.record(run, i, open_rows[passed], h[open_rows[passed], -1])
@@ -628,10 +795,10 @@ def _decode(
         global_rows = None if n == B else rows
         col = P + t - 1
         pos = (first_new_position[rows] + t - 1)[:, None]  # (n, 1)
-        mask = _additive(keys_visible[rows, None, None, : col + 1], dtype) if padded else None  # (n, 1, 1, col+1)
+        mask = additive_mask(keys_visible[rows, None, None, : col + 1], dtype) if padded else None  # (n, 1, 1, col+1)
         step = Step(global_rows, col, pos, mask)
         h = adapter.embed(sequences[rows, col : col + 1], pos)  # (n, 1, d)
-        rope = adapter.rotary(h, pos)
+        pos_data = adapter.positional(h, step)
         lam = cfg.threshold(t)
         exits = _Exits(n, run, device)
 
@@ -641,13 +808,13 @@ def _decode(
         done: torch.Tensor | None = None  # local indices of the rows that exited
         for i in range(L):
             if done is not None:
-                adapter.propagate(i, h[done], step.subset(done, rows[done]), cache, _take(rope, done))
+                adapter.propagate(i, h[done], step.subset(done, rows[done]), cache, _take(pos_data, done))
             if active is None:
-                prev, h = h, adapter.layer(i, h, step, cache, rope)  # (n, 1, d)
+                prev, h = h, adapter.layer(i, h, step, cache, pos_data)  # (n, 1, d)
                 h_act = h
             elif active.numel():
                 prev = h[active]  # (m, 1, d)
-                h_act = adapter.layer(i, prev, step.subset(active, rows[active]), cache, _take(rope, active))
+                h_act = adapter.layer(i, prev, step.subset(active, rows[active]), cache, _take(pos_data, active))
                 h[active] = h_act
             else:
                 continue

@@ -18,15 +18,11 @@ __all__ = ["AuditReport", "ValidityReport", "audit", "validity"]
 def _certificate_confidence(cert: Certificate, cache) -> np.ndarray:
     """Recompute the certificate's confidence measure on another cache, shape (n_tokens, n_layers)."""
     from measures.confidence import confidence
+    from measures.learned import LEARNED_MEASURES, measure_from_state
 
-    classifier = None
-    if cert.measure == "classifier":
-        from measures.classifier import ExitClassifier
-
-        if cert.measure_state is None:
-            raise ValueError("the certificate uses measure='classifier' but carries no measure_state")
-        classifier = ExitClassifier.from_dict(cert.measure_state)
-    return confidence(cache, cert.measure, classifier=classifier)
+    if cert.measure in LEARNED_MEASURES:
+        return measure_from_state(cert.measure, cert.measure_state).predict_confidence(cache)
+    return confidence(cache, cert.measure)
 
 
 def _certificate_losses(cert: Certificate, cache, *, decode=None, progress=False) -> LossTable:

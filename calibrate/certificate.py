@@ -25,6 +25,8 @@ MODES = {
 }
 #: Speed knobs a certificate can certify; a runtime refuses a certificate for another knob.
 KNOBS = ("exit_threshold", "token_keep", "fff_depth")
+#: Per-threshold fields that may hold NaN (not tested, or no p-value for CRC), ``null`` in JSON.
+_NAN_FIELDS = ("risks", "p_values", "avg_layers")
 
 
 def _version() -> str:
@@ -57,7 +59,8 @@ class Certificate:
     lambdas : tuple of float, shape (n_lambdas,)
         Tested grid, safest first.
     risks, p_values : tuple of float, shape (n_lambdas,)
-        Empirical risk and p-value of each grid value (``nan`` p-values for CRC).
+        Empirical risk and p-value of each grid value (``nan`` p-values for CRC; ``nan`` risks and p-values
+        for grid values never tested, see :attr:`tested`).
     certified : tuple of bool, shape (n_lambdas,)
         Hypotheses rejected by the FWER procedure (risk certified <= delta).
     bound, method, mode : str
@@ -69,7 +72,7 @@ class Certificate:
     decay : dict or None
         ``{"max_len": N, "tau": tau}`` when the decaying threshold was used.
     avg_layers : tuple of float or None
-        Token-averaged exit layer per grid value on the calibration set.
+        Token-averaged exit layer per grid value on the calibration set (``nan`` where not tested).
     n_layers : int or None
         Number of layers of the model.
     reason : str
@@ -134,6 +137,15 @@ class Certificate:
             return None
         hits = np.flatnonzero(np.asarray(self.lambdas) == self.lambda_hat)
         return int(hits[0]) if hits.size else None
+
+    @property
+    def tested(self) -> tuple[bool, ...]:
+        """Whether each grid value was evaluated (its risk is a number), shape ``(n_lambdas,)``.
+
+        All True except in decoded mode, which decodes thresholds lazily in fixed-sequence order and never
+        decodes those after the first failing one.
+        """
+        return tuple(not np.isnan(r) for r in self.risks)
 
     @property
     def full_model_only(self) -> bool:
@@ -214,6 +226,12 @@ class Certificate:
                 f"  expected layers {self.expected_layers:.2f} of {self.n_layers} "
                 f"(saves {100 * self.layer_savings:.1f}% of layers)"
             )
+        n_tested = sum(self.tested)
+        if n_tested < len(self.lambdas):
+            lines.append(
+                f"  tested {n_tested} of {len(self.lambdas)} thresholds in fixed-sequence order; the rest were not "
+                "evaluated (NaN risk and p-value)"
+            )
         if self.reason:
             lines.append(f"  note: {self.reason}")
         lines.append(f"  guarantee: {self.guarantee}")
@@ -262,9 +280,11 @@ class Certificate:
             raise ValueError(f"incomplete certificate: {exc}") from None
 
     def to_json(self, path: str | os.PathLike | None = None) -> str:
-        """Serialise to JSON (``NaN`` p-values are written as ``null``); write atomically when ``path`` is given."""
+        """Serialise to JSON (``NaN`` entries as ``null``); write atomically when ``path`` is given."""
         data = self.to_dict()
-        data["p_values"] = [None if np.isnan(p) else p for p in data["p_values"]]
+        for name in _NAN_FIELDS:
+            if data[name] is not None:
+                data[name] = [None if np.isnan(v) else v for v in data[name]]
         text = json.dumps(data, indent=2, allow_nan=False)
         if path is not None:
             path = Path(path)
@@ -293,5 +313,7 @@ class Certificate:
             raise ValueError(f"certificate is not valid JSON: {exc}") from None
         if not isinstance(data, dict):
             raise ValueError("certificate JSON must be an object")
-        data["p_values"] = [float("nan") if p is None else p for p in data.get("p_values", [])]
+        for name in _NAN_FIELDS:
+            if data.get(name) is not None:
+                data[name] = [float("nan") if v is None else v for v in data[name]]
         return cls.from_dict(data)

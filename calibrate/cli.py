@@ -14,10 +14,11 @@ def _add_fit_options(p: argparse.ArgumentParser) -> None:
     from calibrate.fit import METHODS
     from calibrate.losses import CONSISTENCIES
     from measures.confidence import MEASURES
+    from measures.learned import LEARNED_MEASURES
 
     p.add_argument("--delta", type=float, default=0.1, help="tolerance on the loss, in (0, 1) (default 0.1)")
     p.add_argument("--epsilon", type=float, default=0.05, help="failure probability, in (0, 1) (default 0.05)")
-    p.add_argument("--measure", default="softmax_gap", choices=(*MEASURES, "classifier"))
+    p.add_argument("--measure", default="softmax_gap", choices=(*MEASURES, *LEARNED_MEASURES))
     p.add_argument("--consistency", default="token", choices=CONSISTENCIES)
     p.add_argument("--bound", default="hoeffding_bentkus", choices=tuple(P_VALUES))
     p.add_argument("--method", default="fixed_sequence", choices=METHODS)

@@ -173,16 +173,24 @@ def _reason(table: LossTable, delta, epsilon, bound, method, p_values, index) ->
         if floor > delta:
             return f"too few examples: with n={table.n}, CRC needs 1/(n+1) <= delta={delta:g}"
         return f"the safest value has adjusted risk above delta={delta:g}"
-    best = float(_bounds.p_values(np.zeros((table.n, 1)), delta, bound=bound, epsilon=epsilon)[0])
-    if best > epsilon:
-        return (
-            f"too few examples: with n={table.n} even zero observed loss gives p={best:.3g} > "
-            f"epsilon={epsilon:g} under the {bound} bound"
-        )
+    too_few = _too_few_reason(table.n, delta, epsilon, bound)
+    if too_few is not None:
+        return too_few
     return (
         f"no threshold rejected by {method} at epsilon={epsilon:g}; the safest value lambda={table.lambdas[0]:.6g} "
         f"has empirical risk {table.risks[0]:.4f} and p={p_values[0]:.3g}"
     )
+
+
+def _too_few_reason(n: int, delta: float, epsilon: float, bound: str) -> str | None:
+    """Why nothing can be certified whatever the losses (``None`` when zero loss would pass at ``epsilon``)."""
+    best = float(_bounds.p_values(np.zeros((n, 1)), delta, bound=bound, epsilon=epsilon)[0])
+    if best > epsilon:
+        return (
+            f"too few examples: with n={n} even zero observed loss gives p={best:.3g} > "
+            f"epsilon={epsilon:g} under the {bound} bound"
+        )
+    return None
 
 
 def _decay_iv(decay, cache) -> Decay | None:
@@ -206,8 +214,10 @@ def _decay_iv(decay, cache) -> Decay | None:
 
 
 def _calibration_split(cache, measure: str, train_fraction: float, seed: int):
-    """``(train, calibration)`` caches: a seeded split by sequence for the classifier, else ``(None, cache)``."""
-    if measure != "classifier":
+    """``(train, calibration)`` caches: a seeded split by sequence for a learned measure, else ``(None, cache)``."""
+    from measures.learned import LEARNED_MEASURES
+
+    if measure not in LEARNED_MEASURES:
         return None, cache
     train_fraction = open_interval(train_fraction, "train_fraction")
     return cache.split([train_fraction, 1.0 - train_fraction], seed=seed)
@@ -228,8 +238,13 @@ def fit(
     seed: int = 0,
     decode: Callable[[Sequence[int]], str] | None = None,
     progress: bool = False,
+    mode: str = "proxy",
+    model=None,
+    tokenizer=None,
+    heads=None,
+    batch_size: int = 8,
 ) -> Certificate:
-    """Certify an early-exit threshold from a development layer cache (proxy mode).
+    """Certify an early-exit threshold from a development layer cache (proxy mode) or its prompts (decoded mode).
 
     Parameters
     ----------
@@ -239,42 +254,69 @@ def fit(
         Tolerance on the consistency loss, in (0, 1) (alpha in LTT/MAPIE).
     epsilon : float, default=0.05
         Failure probability, in (0, 1) (delta in LTT/MAPIE).
-    measure : {"softmax_gap", "softmax_max", "entropy", "state_saturation", "classifier"}
-        Confidence measure. ``"classifier"`` trains a per-layer logistic exit classifier on a random
-        ``train_fraction`` of the sequences and calibrates on the others (disjoint, as the guarantee
-        requires).
+    measure : {"softmax_gap", "softmax_max", "entropy", "state_saturation", "classifier", \
+"halting_geometric", "halting_token_multinomial", "halting_sequence_multinomial"}
+        Confidence measure. The learned ones (:data:`measures.learned.LEARNED_MEASURES`: the per-layer
+        logistic exit classifier and the Depth-Adaptive Transformer halting heads) are trained on a random
+        ``train_fraction`` of the sequences and calibrated on the others (disjoint, as the guarantee
+        requires); they need hidden states in the cache.
     consistency : str, default="token"
         Loss, one of :data:`calibrate.losses.CONSISTENCIES`.
     bound, method
         As in :func:`certify`.
     lambdas : array_like, optional
-        Threshold grid, strictly decreasing; default :func:`calibrate.exits.default_lambdas`.
+        Threshold grid, strictly decreasing; default :func:`calibrate.exits.default_lambdas` (201 values), or
+        the coarser :func:`calibrate.decoded_lambdas` (17 values) in decoded mode.
     decay : Decay, dict, float or None
         Decaying threshold: a :class:`Decay`, a dict of its fields, or a float ``tau`` with ``N`` from the
         cache's generation settings (``meta["generation"]["max_new_tokens"]``; never from the data).
     train_fraction : float, default=0.3
-        Share of sequences used to train the classifier measure.
+        Share of sequences used to train a learned measure.
     seed : int, default=0
         Seed of the train/calibration split.
     decode : callable, optional
         Token ids -> text for textual losses (see :func:`calibrate.losses.proxy_losses`).
     progress : bool, default=False
         Show progress bars.
+    mode : {"proxy", "decoded"}, default="proxy"
+        Where the losses come from. ``"proxy"``: the teacher-forced simulation along the cached full-model
+        outputs. ``"decoded"``: :func:`calibrate.fit_decoded` decodes the prompts of the calibration sequences
+        (the same ones as in proxy mode, references included) with the runtime, with the cache's
+        ``max_new_tokens``; the classifier measure is trained on the same seeded split (the cache needs
+        hidden states). Only ``method="fixed_sequence"``.
+    model, tokenizer : optional
+        Decoded mode only (required there): the Hugging Face model the cache was extracted from, and its
+        tokenizer.
+    heads : ExitHeads, optional
+        Decoded mode only: what a layer predicts (default ``ExitHeads.from_model(model)``).
+    batch_size : int, default=8
+        Decoded mode only: prompts per runtime call.
 
     Returns
     -------
     Certificate
-        With ``mode="proxy"``: it certifies the teacher-forced simulated outputs.
+        With ``mode="proxy"``: it certifies the teacher-forced simulated outputs. With ``mode="decoded"``: what
+        the runtime emits; thresholds after the first failing one are not tested (NaN risks and p-values).
+
+    Raises
+    ------
+    ValueError
+        When an option is invalid, the cache lacks what the option needs (references, generation settings,
+        hidden states), ``model`` or ``tokenizer`` is missing in decoded mode or given in proxy mode.
+    TypeError
+        When ``decay`` or ``seed`` has the wrong type.
 
     See Also
     --------
     certify : the risk-control step on any loss table.
+    calibrate.fit_decoded : decoded mode on any list of prompts.
     calibrate.audit : check a certificate on held-out data.
 
     Notes
     -----
     Guarantee: ``P(risk(lambda_hat) <= delta) >= 1 - epsilon`` over draws of the calibration sequences,
-    for sequences exchangeable with those seen at deployment, where the risk is the expected proxy loss.
+    for sequences exchangeable with those seen at deployment, where the risk is the expected proxy loss
+    (proxy mode) or the expected loss of the runtime's own outputs (decoded mode).
 
     Examples
     --------
@@ -284,6 +326,33 @@ def fit(
     >>> cert.lambda_hat is None or cert.risk_hat <= 0.1
     True
     """
+    if mode == "decoded":
+        return _fit_cache_decoded(
+            cache,
+            delta,
+            epsilon,
+            measure=measure,
+            consistency=consistency,
+            bound=bound,
+            method=method,
+            lambdas=lambdas,
+            decay=decay,
+            train_fraction=train_fraction,
+            seed=seed,
+            decode=decode,
+            progress=progress,
+            model=model,
+            tokenizer=tokenizer,
+            heads=heads,
+            batch_size=batch_size,
+        )
+    if mode != "proxy":
+        raise ValueError(
+            f"mode must be 'proxy' or 'decoded', got {mode!r} (for losses of your own generator, mode 'user', "
+            "call calibrate.certify)"
+        )
+    if model is not None or tokenizer is not None or heads is not None:
+        raise ValueError("model, tokenizer and heads are used only with mode='decoded'; proxy mode reads the cache")
     table, decay, measure_state, n_train = _proxy_table(
         cache,
         measure=measure,
@@ -308,6 +377,42 @@ def fit(
     )
 
 
+def _fit_cache_decoded(
+    cache, delta, epsilon, *, model, tokenizer, train_fraction, seed, decay, **options
+) -> Certificate:
+    """fit(mode="decoded"): decode the prompts of the cache's calibration split with the cache's settings."""
+    if model is None or tokenizer is None:
+        raise ValueError(
+            "mode='decoded' needs model= and tokenizer= (the runtime decodes the cache's prompts); got "
+            f"model={type(model).__name__}, tokenizer={type(tokenizer).__name__}"
+        )
+    max_new_tokens = (cache.user_meta.get("generation") or {}).get("max_new_tokens")
+    if not max_new_tokens:
+        raise ValueError(
+            "mode='decoded' decodes with the cache's max_new_tokens (meta['generation']['max_new_tokens']), which "
+            "this cache lacks; call calibrate.fit_decoded(model, tokenizer, prompts, max_new_tokens=...) instead"
+        )
+    from calibrate.decoded import fit_decoded
+
+    decay = _decay_iv(decay, cache)
+    train, calibration = _calibration_split(cache, options["measure"], train_fraction, seed)
+    table = calibration.sequences
+    cert = fit_decoded(
+        model,
+        tokenizer,
+        table["prompt"].tolist(),
+        delta,
+        epsilon,
+        references=[r if isinstance(r, str) else None for r in table["reference"].tolist()],
+        decay=decay,
+        max_new_tokens=int(max_new_tokens),
+        train_cache=train,
+        seed=seed,
+        **options,
+    )
+    return dataclasses.replace(cert, cache_checksum=cache.checksum)
+
+
 def _proxy_table(
     cache,
     *,
@@ -325,8 +430,9 @@ def _proxy_table(
     The classifier measure trains on a seeded split and the table holds only the other sequences.
     """
     from measures.confidence import MEASURES, confidence
+    from measures.learned import LEARNED_MEASURES, train_measure
 
-    allowed = tuple(MEASURES) + ("classifier",)
+    allowed = tuple(MEASURES) + LEARNED_MEASURES
     if measure not in allowed:
         raise ValueError(f"measure must be one of {allowed}, got {measure!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
@@ -336,11 +442,9 @@ def _proxy_table(
     measure_state, n_train = None, 0
     train, cache = _calibration_split(cache, measure, train_fraction, seed)
     if train is not None:
-        from measures.classifier import ExitClassifier
-
-        classifier = ExitClassifier(seed=seed).fit(train)
-        conf = classifier.predict_confidence(cache)
-        measure_state, n_train = classifier.to_dict(), train.n_sequences
+        learned = train_measure(measure, train, seed=int(seed))
+        conf = learned.predict_confidence(cache)
+        measure_state, n_train = learned.to_dict(), train.n_sequences
     else:
         conf = confidence(cache, measure)
     table = proxy_losses(cache, conf, lam, consistency=consistency, decay=decay, decode=decode, progress=progress)

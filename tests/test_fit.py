@@ -285,3 +285,24 @@ def test_validity_study_is_valid_and_naive_rule_is_not():
     # the naive rule "empirical risk <= delta" violates far more often than epsilon
     assert study.naive_violation_rate > 0.2
     assert "violation rate" in study.summary()
+
+
+@pytest.mark.parametrize("measure", ["halting_geometric", "halting_token_multinomial", "halting_sequence_multinomial"])
+def test_halting_measures_train_on_a_disjoint_split_and_audit_rebuilds_them(measure):
+    from measures.halting import HaltingHead
+    from measures.learned import measure_from_state
+
+    cache = calibrate.synthetic_cache(300, n_layers=6, seed=3)
+    dev, test = cache.split([0.6, 0.4], seed=0)
+    cert = calibrate.fit(dev, delta=0.2, epsilon=0.1, measure=measure, seed=1)
+    assert cert.n_train + cert.n == dev.n_sequences and cert.n_train > 0
+    head = measure_from_state(measure, cert.measure_state)
+    assert isinstance(head, HaltingHead) and f"halting_{head.kind}" == measure
+    # The audit evaluates the same function on new data: its risk path matches a direct recomputation.
+    train, cal = dev.split([0.3, 0.7], seed=1)
+    table = calibrate.proxy_losses(cal, head.predict_confidence(cal), np.asarray(cert.lambdas), consistency="token")
+    np.testing.assert_allclose(table.risks, cert.risks)
+    report = calibrate.audit(cert, test)
+    assert 0.0 <= report.risk <= 1.0
+    with pytest.raises(ValueError, match="not the certificate's"):
+        measure_from_state("halting_geometric" if measure != "halting_geometric" else "halting_token_multinomial", cert.measure_state)

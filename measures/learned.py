@@ -1,0 +1,68 @@
+"""Learned confidence measures by name: train one on a cache, or rebuild one from a certificate's state.
+
+``calibrate.fit`` trains a learned measure on a seeded split of the development cache that is kept out of
+the calibration sequences; a certificate stores the trained measure's JSON state
+(``Certificate.measure_state``) so that the audit and the runtime evaluate the same function.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from measures.classifier import ExitClassifier
+from measures.halting import HALTING_MEASURES, HaltingHead
+
+__all__ = ["LEARNED_MEASURES", "measure_from_state", "train_measure"]
+
+#: Names of the measures that are trained on a cache (all need hidden states).
+LEARNED_MEASURES: tuple[str, ...] = ("classifier", *HALTING_MEASURES)
+
+
+def _name_iv(name: Any) -> str:
+    if name not in LEARNED_MEASURES:
+        raise ValueError(f"a learned measure must be one of {LEARNED_MEASURES}, got {name!r}")
+    return name
+
+
+def train_measure(name: str, train_cache: Any, *, seed: int = 0) -> ExitClassifier | HaltingHead:
+    """Train the learned measure ``name`` on ``train_cache``.
+
+    Parameters
+    ----------
+    name : str
+        One of :data:`LEARNED_MEASURES`: ``"classifier"`` (:class:`~measures.classifier.ExitClassifier`) or
+        ``"halting_<kind>"`` (:class:`~measures.halting.HaltingHead` of that kind, trained against the
+        consistency oracle).
+    train_cache : LayerCache
+        Training sequences (with hidden states), disjoint from the calibration sequences.
+    seed : int, default=0
+        Seed of the classifier (the halting heads' fit is deterministic).
+
+    Returns
+    -------
+    ExitClassifier or HaltingHead
+        Fitted; ``predict_confidence(cache)`` gives ``(n_tokens, n_layers)`` confidences in [0, 1].
+    """
+    if _name_iv(name) == "classifier":
+        return ExitClassifier(seed=seed).fit(train_cache)
+    return HaltingHead(name.removeprefix("halting_")).fit(train_cache)
+
+
+def measure_from_state(name: str, state: Mapping[str, Any] | None) -> ExitClassifier | HaltingHead:
+    """Rebuild the learned measure ``name`` from its JSON state (``Certificate.measure_state``).
+
+    Raises
+    ------
+    ValueError
+        When ``name`` is not a learned measure, the state is missing, or it belongs to another measure.
+    """
+    _name_iv(name)
+    if state is None:
+        raise ValueError(f"the certificate uses measure={name!r} but carries no measure_state")
+    if name == "classifier":
+        return ExitClassifier.from_dict(dict(state))
+    head = HaltingHead.from_dict(dict(state))
+    if f"halting_{head.kind}" != name:
+        raise ValueError(f"measure_state holds a halting head of kind {head.kind!r}, not the certificate's {name!r}")
+    return head

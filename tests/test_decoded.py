@@ -1,0 +1,404 @@
+"""Decoded-mode calibration on a tiny random GPT-2 (tests/_tiny_hf.py; nothing is downloaded).
+
+The losses of :func:`calibrate.fit_decoded` are recomputed with ``_reference_losses``: Hugging Face greedy
+``generate`` for the full model, ``calibrate.runtime.generate`` with the returned certificate at each
+tested threshold for the early outputs, both cut at the first EOS, and the losses re-derived inline (token
+disagreement) or by ``measures.consistency``. Laziness is checked by counting runtime calls.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+import _tiny_hf
+from _tiny_hf import EOS, PAD
+
+import calibrate
+from calibrate import bounds, fwer
+from calibrate.certificate import Certificate
+from calibrate.heads import ExitHeads
+from measures.consistency import risk_consistency, textual_loss
+
+N_LAYERS = 4
+NEW = 6  # max_new_tokens
+BATCH = 12  # two runtime calls per decode of the 24 prompts
+GRID = (1.0, 0.3, 0.1, 0.0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared CPU OpenMP's spin-waiting makes them 50x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return _tiny_hf.tiny_model("gpt2", seed=0, n_layers=N_LAYERS)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return _tiny_hf.tiny_tokenizer()
+
+
+def _word_prompts(n, seed):
+    rng = np.random.default_rng(seed)
+    return [" ".join(f"w{i}" for i in rng.integers(0, 60, size=rng.integers(1, 8))) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    return _word_prompts(24, seed=0)
+
+
+@pytest.fixture(scope="module")
+def references(cache):
+    """The full model's own outputs: risk consistency then measures how much worse the early output is."""
+    return cache.sequences["output"].tolist()
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Counts the calls of calibrate.runtime.generate (the only way decoded mode decodes)."""
+    import calibrate.runtime
+
+    count = {"n": 0}
+    real = calibrate.runtime.generate
+
+    def counting(*args, **kwargs):
+        count["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(calibrate.runtime, "generate", counting)
+    return count
+
+
+def _fit(model, tokenizer, prompts, delta=0.25, epsilon=0.1, **kwargs):
+    kwargs = {"lambdas": GRID, "max_new_tokens": NEW, "batch_size": BATCH, **kwargs}
+    return calibrate.fit_decoded(model, tokenizer, prompts, delta, epsilon, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reference: HF greedy generate for the full model, the runtime at lambda for the early outputs
+# --------------------------------------------------------------------------------------------------
+
+
+def _left_pad(ids):
+    width = max(len(p) for p in ids)
+    input_ids = torch.full((len(ids), width), PAD, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for row, p in enumerate(ids):
+        input_ids[row, width - len(p) :] = torch.tensor(p)
+        mask[row, width - len(p) :] = 1
+    return input_ids, mask
+
+
+def _until_eos(row):
+    row = row.tolist()
+    return np.array(row[: row.index(EOS) + 1] if EOS in row else row)
+
+
+def _outputs(model, tokenizer, prompts, cert):
+    """Generated ids per prompt (cut after the first EOS); the full model when ``cert`` is None."""
+    out = []
+    ids = [tokenizer(p)["input_ids"] for p in prompts]
+    for start in range(0, len(ids), BATCH):
+        input_ids, mask = _left_pad(ids[start : start + BATCH])
+        if cert is None:
+            new = model.generate(input_ids, attention_mask=mask, do_sample=False, max_new_tokens=NEW)
+        else:
+            new = calibrate.runtime.generate(model, input_ids, mask, certificate=cert, max_new_tokens=NEW).sequences
+        out += [_until_eos(row) for row in new[:, input_ids.shape[1] :]]
+    return out
+
+
+def _reference_losses(model, tokenizer, prompts, cert, lambdas, references=None):
+    """Losses ``(n, len(lambdas))`` of the early outputs at each of ``lambdas`` against the full model's."""
+    full = _outputs(model, tokenizer, prompts, None)
+    columns = []
+    for lam in lambdas:
+        early = _outputs(model, tokenizer, prompts, dataclasses.replace(cert, lambda_hat=lam))
+        columns.append(_losses(tokenizer, early, full, cert.consistency, references))
+    return np.column_stack(columns)
+
+
+def _losses(tokenizer, early, full, consistency, references):
+    if consistency == "token":  # differing positions over the longer output; a missing token differs
+        return np.array(
+            [
+                (sum(a != b for a, b in zip(e, f)) + abs(len(e) - len(f))) / max(len(e), len(f))
+                for e, f in zip(early, full)
+            ]
+        )
+    if consistency == "sequence":
+        return np.array([float(e.tolist() != f.tolist()) for e, f in zip(early, full)])
+    texts = [[tokenizer.decode(x.tolist(), skip_special_tokens=True) for x in xs] for xs in (early, full)]
+    metric = consistency.removeprefix("risk_")
+    if consistency.startswith("risk_"):
+        return risk_consistency(*texts, references, metric)
+    return textual_loss(*texts, metric)
+
+
+# --------------------------------------------------------------------------------------------------
+# Losses equal a direct decode; laziness
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "consistency, measure, tau",
+    [("token", "softmax_gap", None), ("rouge_l", "softmax_gap", 4.0), ("sequence", "state_saturation", None)],
+)
+def test_losses_equal_decoding_with_the_certificate(model, tokenizer, prompts, consistency, measure, tau):
+    cert = _fit(model, tokenizer, prompts, consistency=consistency, measure=measure, decay=tau)
+    assert cert.mode == "decoded" and "actually decoding" in cert.guarantee and cert.measure == measure
+    assert cert.decay == (None if tau is None else {"max_len": NEW, "tau": tau})
+    assert cert.heads == ExitHeads.from_model(model).describe() and cert.n_layers == N_LAYERS and cert.n == 24
+    tested = np.flatnonzero(cert.tested)
+    assert tested.size >= 2 and cert.lambda_hat is not None  # a mixed outcome: not a vacuous check
+    losses = _reference_losses(model, tokenizer, prompts, cert, [cert.lambdas[k] for k in tested])
+    np.testing.assert_allclose(np.array(cert.risks)[tested], losses.mean(axis=0), rtol=0, atol=1e-12)
+    p = bounds.p_values(losses, cert.delta, bound=cert.bound)
+    np.testing.assert_allclose(np.array(cert.p_values)[tested], p, rtol=1e-12)
+    assert np.array(cert.certified)[tested].tolist() == fwer.fixed_sequence(p, cert.epsilon).tolist()
+    assert cert.risks[0] == 0.0 and cert.avg_layers[0] == N_LAYERS  # lambda = 1: no confidence reaches it
+
+
+def test_lazy_decoding_stops_at_the_first_failure(model, tokenizer, prompts, calls):
+    cert = _fit(model, tokenizer, prompts)
+    first_failure = int(np.argmax(np.array(cert.p_values) > cert.epsilon))
+    assert 0 < first_failure < len(GRID) - 1  # certified some, failed one, never decoded the rest
+    assert cert.tested == (True,) * (first_failure + 1) + (False,) * (len(GRID) - first_failure - 1)
+    assert calls["n"] == 2 * (1 + first_failure + 1)  # two batches: the full model, then each tested lambda
+    untested = slice(first_failure + 1, None)
+    for field in ("risks", "p_values", "avg_layers"):
+        assert all(math.isnan(v) for v in getattr(cert, field)[untested])
+    assert not any(cert.certified[untested]) and cert.lambda_hat == GRID[first_failure - 1]
+    assert f"tested {first_failure + 1} of {len(GRID)} thresholds" in cert.summary()
+    frame = cert.to_frame()
+    assert frame["risk"].isna().tolist() == [not t for t in cert.tested] and frame["selected"].sum() == 1
+    back = Certificate.from_json(cert.to_json())
+    assert back.to_json() == cert.to_json() and back.tested == cert.tested
+
+
+def test_huge_delta_tests_and_certifies_every_threshold(model, tokenizer, prompts, calls):
+    grid = GRID[:-1]
+    cert = _fit(model, tokenizer, prompts, delta=0.95, lambdas=grid)
+    assert all(cert.tested) and all(cert.certified) and cert.lambda_hat == grid[-1]
+    assert calls["n"] == 2 * (1 + len(grid))
+    assert "fixed-sequence order" not in cert.summary()
+
+
+def test_failing_safest_threshold_decodes_only_it(model, tokenizer, prompts, calls):
+    cert = _fit(model, tokenizer, prompts, lambdas=(0.1, 0.0))  # risk ~0.4 there, delta 0.25
+    assert cert.full_model_only and cert.tested == (True, False) and calls["n"] == 2 * 2
+    assert "no threshold rejected" in cert.reason and cert.p_values[0] > cert.epsilon
+
+
+def test_too_few_prompts_for_delta_decodes_nothing(model, tokenizer, prompts, calls):
+    cert = _fit(model, tokenizer, prompts, delta=0.01)  # (1 - 0.01)**24 > epsilon even with zero loss
+    assert calls["n"] == 0 and cert.full_model_only and not any(cert.tested)
+    assert "too few examples" in cert.reason and "nothing was decoded" in cert.reason
+    assert Certificate.from_json(cert.to_json()).to_json() == cert.to_json()
+
+
+@pytest.mark.parametrize("consistency", calibrate.losses.CONSISTENCIES)
+def test_losses_lie_in_unit_interval_and_vanish_for_the_full_model(model, tokenizer, prompts, references, consistency):
+    bound = "binomial" if consistency == "sequence" else "hoeffding_bentkus"
+    cert = _fit(
+        model,
+        tokenizer,
+        prompts,
+        0.99,
+        0.2,
+        lambdas=(1.0, 0.0),
+        consistency=consistency,
+        references=references,
+        bound=bound,
+    )
+    assert all(cert.tested) and cert.consistency == consistency
+    assert cert.risks[0] == 0.0 and cert.avg_layers == (N_LAYERS, 1.0)  # lambda=0: every token exits at layer 1
+    assert 0.0 < cert.risks[1] <= 1.0
+
+
+def test_decoded_losses_match_the_lazy_fit(model, tokenizer, prompts):
+    cert = _fit(model, tokenizer, prompts)
+    table = calibrate.decoded_losses(model, tokenizer, prompts, cert, max_new_tokens=NEW, batch_size=BATCH)
+    assert table.mode == "decoded" and table.losses.shape == (24, len(GRID)) and table.n_layers == N_LAYERS
+    tested = list(cert.tested)
+    np.testing.assert_array_equal(table.risks[tested], np.array(cert.risks)[tested])
+    np.testing.assert_array_equal(table.avg_layers[tested], np.array(cert.avg_layers)[tested])
+    # with every column known, fixed-sequence testing certifies the same thresholds
+    assert calibrate.certify(table, delta=cert.delta, epsilon=cert.epsilon).certified == cert.certified
+
+
+# --------------------------------------------------------------------------------------------------
+# Classifier measure and fit(mode="decoded") on a cache
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cache(model, tokenizer, prompts):
+    return calibrate.extract(
+        model, tokenizer, prompts, max_new_tokens=NEW, batch_size=BATCH, store_hidden=True, progress=False
+    )
+
+
+def test_classifier_is_trained_on_the_train_cache_and_used_by_the_runtime(model, tokenizer, prompts, cache):
+    from measures.classifier import ExitClassifier
+
+    others = [p for p in _word_prompts(40, seed=3) if p not in prompts][:24]  # disjoint from the cache's
+    cert = _fit(model, tokenizer, others, 0.5, 0.1, measure="classifier", train_cache=cache, lambdas=(0.9, 0.5))
+    assert cert.measure == "classifier" and cert.n_train == 24 and cert.n == 24
+    assert cert.measure_state == ExitClassifier(features="hidden", seed=0).fit(cache).to_dict()
+    assert cert.tested[1]
+    losses = _reference_losses(model, tokenizer, others, cert, [0.5])
+    assert cert.risks[1] == pytest.approx(losses.mean(), abs=1e-12)
+    with pytest.warns(UserWarning, match="also occur in train_cache"):
+        _fit(model, tokenizer, prompts, 0.01, measure="classifier", train_cache=cache)
+
+
+def test_fit_mode_decoded_decodes_the_cache_prompts(model, tokenizer, prompts, cache):
+    via_fit = calibrate.fit(
+        cache, 0.25, 0.1, mode="decoded", model=model, tokenizer=tokenizer, lambdas=GRID, batch_size=BATCH
+    )
+    direct = _fit(model, tokenizer, prompts)
+    assert via_fit.cache_checksum == cache.checksum
+    assert via_fit.to_json() == dataclasses.replace(direct, cache_checksum=cache.checksum).to_json()
+    split = calibrate.fit(
+        cache,
+        0.9,
+        0.1,
+        mode="decoded",
+        model=model,
+        tokenizer=tokenizer,
+        measure="classifier",
+        train_fraction=0.5,
+        lambdas=(0.9,),
+        batch_size=BATCH,
+    )
+    assert split.n == 12 and split.n_train == 12 and split.measure_state is not None
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad input: clear errors before anything is decoded
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "change, exc, match",
+    [
+        ({"model": None}, TypeError, "model must be"),
+        ({"tokenizer": None}, TypeError, "tokenizer must be"),
+        ({"prompts": []}, ValueError, "prompts must hold at least one"),
+        ({"prompts": "w1 w2"}, TypeError, "prompts must be a sequence"),
+        ({"prompts": ["w1", 3]}, TypeError, "prompts must hold str"),
+        ({"method": "holm"}, ValueError, "method must be 'fixed_sequence'"),
+        ({"method": "crc"}, ValueError, "method must be 'fixed_sequence'"),
+        ({"method": fwer.Bonferroni()}, ValueError, "method must be 'fixed_sequence'.*Bonferroni"),
+        ({"measure": "vibes"}, ValueError, "measure must be one of"),
+        ({"measure": "classifier"}, ValueError, "needs train_cache="),
+        ({"consistency": "meteor"}, ValueError, "consistency must be one of"),
+        ({"consistency": "risk_bleu"}, ValueError, "references"),
+        ({"bound": "binomial"}, ValueError, "bound='binomial'"),
+        ({"bound": "magic"}, ValueError, "bound must be one of"),
+        ({"lambdas": (0.1, 0.5)}, ValueError, "strictly decreasing"),
+        ({"decay": "fast"}, TypeError, "decay"),
+        ({"batch_size": 0}, ValueError, "batch_size"),
+        ({"max_new_tokens": 100}, ValueError, "context"),
+        ({"delta": 1.5}, ValueError, "delta"),
+        ({"references": ["w1"]}, ValueError, "references must be"),
+    ],
+)
+def test_bad_input_names_the_argument(model, tokenizer, prompts, calls, change, exc, match):
+    args = {"model": model, "tokenizer": tokenizer, "prompts": prompts, **change}
+    with pytest.raises(exc, match=match):
+        _fit(args.pop("model"), args.pop("tokenizer"), args.pop("prompts"), **args)
+    assert calls["n"] == 0
+
+
+def test_train_cache_only_with_the_classifier(model, tokenizer, prompts, cache, calls):
+    with pytest.raises(ValueError, match="train_cache trains the 'classifier' measure only"):
+        _fit(model, tokenizer, prompts, train_cache=cache)
+    no_hidden = calibrate.LayerCache.from_arrays(
+        full_tokens=cache.arrays["full_tokens"], topk_ids=cache.arrays["topk_ids"], lengths=cache.lengths, vocab_size=64
+    )
+    with pytest.raises(ValueError, match="store_hidden=True"):
+        _fit(model, tokenizer, prompts, measure="classifier", train_cache=no_hidden)
+    assert calls["n"] == 0
+
+
+def test_fit_mode_errors(model, tokenizer, cache):
+    with pytest.raises(ValueError, match="mode='decoded' needs model= and tokenizer="):
+        calibrate.fit(cache, mode="decoded", tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="only with mode='decoded'"):
+        calibrate.fit(cache, model=model)
+    with pytest.raises(ValueError, match="mode must be 'proxy' or 'decoded'"):
+        calibrate.fit(cache, mode="user")
+    bare = calibrate.LayerCache.from_arrays(
+        full_tokens=cache.arrays["full_tokens"], topk_ids=cache.arrays["topk_ids"], lengths=cache.lengths, vocab_size=64
+    )
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        calibrate.fit(bare, mode="decoded", model=model, tokenizer=tokenizer)
+
+
+def test_untested_thresholds_round_trip_through_json(tmp_path):
+    nan = math.nan
+    cert = Certificate(
+        lambda_hat=0.9,
+        delta=0.1,
+        epsilon=0.05,
+        n=50,
+        lambdas=(1.0, 0.9, 0.5, 0.1),
+        risks=(0.0, 0.02, 0.3, nan),
+        p_values=(1e-6, 1e-3, 0.9, nan),
+        certified=(True, True, False, False),
+        bound="hoeffding_bentkus",
+        method="fixed_sequence",
+        mode="decoded",
+        avg_layers=(4.0, 3.5, 2.0, nan),
+        n_layers=4,
+    )
+    assert cert.tested == (True, True, True, False)
+    text = cert.to_json(tmp_path / "cert.json")
+    assert "NaN" not in text
+    back = Certificate.from_json(tmp_path / "cert.json")
+    assert back.to_json() == text and math.isnan(back.risks[3]) and math.isnan(back.avg_layers[3])
+    assert back.risk_hat == 0.02 and back.expected_layers == 3.5
+    assert "tested 3 of 4 thresholds" in back.summary()
+
+
+# --------------------------------------------------------------------------------------------------
+# benchmarks/proxy_vs_decoded.py
+# --------------------------------------------------------------------------------------------------
+
+
+def _benchmark():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "proxy_vs_decoded.py"
+    spec = importlib.util.spec_from_file_location("proxy_vs_decoded", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_proxy_vs_decoded_benchmark(model, tokenizer, prompts, capsys):
+    bench = _benchmark()
+    frame, proxy, decoded = bench.compare(model, tokenizer, prompts, lambdas=GRID, max_new_tokens=NEW, batch_size=BATCH)
+    assert proxy.mode == "proxy" and decoded.mode == "decoded" and proxy.losses.shape == decoded.losses.shape
+    np.testing.assert_allclose(frame["mean_diff"], decoded.risks - proxy.risks, atol=1e-12)
+    assert frame.loc[0, ["proxy", "decoded", "mean_abs_diff"]].tolist() == [0.0, 0.0, 0.0]  # lambda = 1
+    assert (frame["differ"] > 0).any()  # free-running decoding continues from its own early tokens
+    bench.main(["--n", "8", "--max-new-tokens", "3", "--batch-size", "8", "--lambdas", "1.0", "0.0"])
+    out = capsys.readouterr().out
+    assert "mean_diff" in out and "decoded lambda_hat" in out

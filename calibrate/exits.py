@@ -15,6 +15,8 @@ control tests them. The full model is not a grid value: it is the explicit hypot
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from dataclasses import dataclass
 
 import numba
@@ -291,6 +293,23 @@ def _sweep_iv(conf, lambdas, offsets, decay):
     return lam, conf, offsets
 
 
+@contextlib.contextmanager
+def _keep_torch_threads():
+    """Restore torch's intra-op thread count after a parallel numba kernel.
+
+    Numba's OpenMP threading layer sets the process-wide OpenMP thread count at every launch, which torch
+    reads as its own: a caller's ``torch.set_num_threads(1)`` would silently become 2 after ``fit``.
+    torch is never imported here; it is only consulted if the caller already imported it.
+    """
+    torch = sys.modules.get("torch")
+    threads = torch.get_num_threads() if torch is not None else None
+    try:
+        yield
+    finally:
+        if threads is not None and torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
+
 def _run_sweep(conf, lam, offsets, decay, top1, full, count_wrong):
     asc = lam[::-1]
     k, n_seq = asc.size, offsets.size - 1
@@ -310,10 +329,11 @@ def _run_sweep(conf, lam, offsets, decay, top1, full, count_wrong):
     layer_hist = np.zeros((n_seq, k + 1), dtype=np.int64)
     wrong = np.zeros((n_seq, k + 1) if count_wrong else (0, 0), dtype=np.int64)
     sentinel = np.full((grids.shape[0], 1), np.inf)
-    ok = _sweep(
-        conf, np.concatenate([grids, sentinel], axis=1), shift, 1.0 / slope, lut, float(asc[0]), float(inv),
-        offsets, top1, full, count_wrong, layer_hist, wrong,
-    )
+    with _keep_torch_threads():
+        ok = _sweep(
+            conf, np.concatenate([grids, sentinel], axis=1), shift, 1.0 / slope, lut, float(asc[0]), float(inv),
+            offsets, top1, full, count_wrong, layer_hist, wrong,
+        )
     if not ok:
         raise ValueError("conf contains NaN or inf")
     # exit layer at ascending index j = 1 + #{i < L : b_i <= j}; averaged over tokens

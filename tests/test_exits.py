@@ -152,3 +152,16 @@ def test_bad_conf_and_decay():
         exit_layers(np.zeros((2, 3)), [0.5], positions=[0, 1], decay={"max_len": 5})
     with pytest.raises(ValueError, match="max_len"):
         Decay(0)
+
+
+def test_numba_kernel_leaves_torch_thread_count_alone():
+    """Numba's OpenMP layer sets the process-wide thread count; a torch user's setting must survive fit."""
+    torch = pytest.importorskip("torch")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        conf = np.random.default_rng(0).random((50, 4)).astype(np.float32)
+        average_layers(conf, default_lambdas())
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -16,7 +16,9 @@ Both print a table and write certificates (JSON) and figures (PNG) to an output 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -25,10 +27,10 @@ import calibrate
 from calibrate.audit import audit
 from calibrate.fit import fit
 
-__all__ = ["certify_measures", "smollm2_demo", "synthetic_demo"]
+__all__ = ["SmolLM2Data", "certify_measures", "smollm2_data", "smollm2_demo", "synthetic_demo"]
 
-#: Measures the real-model demo certifies: cheap at run time (saturation, classifier) and one softmax measure.
-REAL_MEASURES = ("state_saturation", "classifier", "softmax_gap")
+#: Measures the real-model demo certifies: cheap at run time (saturation, classifier), a halting head, a softmax measure.
+REAL_MEASURES = ("state_saturation", "classifier", "halting_geometric", "softmax_gap")
 
 
 def certify_measures(dev, test, measures, out: Path, *, delta: float, epsilon: float, seed: int, **fit_kw) -> tuple:
@@ -146,46 +148,18 @@ def smollm2_demo(
     """
     import torch
 
-    from calibrate.adapters import save_adapters, train_adapters
-    from calibrate.data import load_task
-    from calibrate.extraction import extract
-    from calibrate.models import smollm2
+    from calibrate.adapters import save_adapters
     from measures.classifier import agreement
 
     out.mkdir(parents=True, exist_ok=True)
     print(
         f"calm-calibrate {calibrate.__version__} demo: SmolLM2-135M-Instruct, one-sentence summaries of Debian packages"
     )
-    start = time.perf_counter()
-    model, tokenizer = smollm2()
-    print(f"  model loaded in {time.perf_counter() - start:.0f} s ({model.config.num_hidden_layers} layers)")
-    splits = {name: load_task(split=name, seed=seed) for name in ("train", "calibration", "test")}
-
-    def cache_of(split: str, n: int, heads=None):
-        task = splits[split]
-        t0 = time.perf_counter()
-        cache = extract(
-            model,
-            tokenizer,
-            task.prompts(tokenizer)[:n],
-            references=list(task.references[:n]),
-            max_new_tokens=max_new_tokens,
-            batch_size=batch_size,
-            heads=heads,
-            store_hidden=True,
-            progress=True,
-        )
-        print(
-            f"  {split}: {cache.n_sequences} prompts, {cache.n_tokens} tokens extracted in {time.perf_counter() - t0:.0f} s"
-        )
-        return cache
-
-    # 1. Exit adapters, fitted on the train split only.
-    train = cache_of("train", n_train)
-    heads = train_adapters(model, train)
+    data = smollm2_data(
+        n_train=n_train, n_cal=n_cal, n_test=n_test, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed
+    )
+    model, tokenizer, heads, train, dev, test = data.model, data.tokenizer, data.heads, data.train, data.dev, data.test
     save_adapters(heads, out / "adapters.safetensors")
-    # 2. Calibration and held-out caches through the adapted heads.
-    dev, test = cache_of("calibration", n_cal, heads), cache_of("test", n_test, heads)
     plain, adapted = agreement(train).mean(axis=0), agreement(dev).mean(axis=0)
     _plot_agreement(plain, adapted, out / "agreement.png")
     layers = [i for i in (10, 20, 25, 28) if i < len(plain)]
@@ -208,7 +182,7 @@ def smollm2_demo(
         return table
     best = min(cheap, key=lambda m: certificates[m].expected_layers)
     speed = _decode_speed(
-        model, tokenizer, heads, certificates[best], splits["test"], n_test, max_new_tokens, batch_size
+        model, tokenizer, heads, certificates[best], data.tasks["test"], n_test, max_new_tokens, batch_size
     )
     print(
         f"\n  runtime on the {n_test} held-out prompts with the {best} certificate (lambda = "
@@ -223,6 +197,93 @@ def smollm2_demo(
         f"measured once on {n_test} prompts. Figures, certificates and adapters are in {out}/."
     )
     return table
+
+
+@dataclass(frozen=True)
+class SmolLM2Data:
+    """What the real-model demo and the notebooks work on (see :func:`smollm2_data`).
+
+    Attributes
+    ----------
+    model, tokenizer
+        SmolLM2-135M-Instruct and its tokenizer (:func:`calibrate.models.smollm2`).
+    heads : ExitHeads
+        The model's heads with exit adapters fitted on ``train``.
+    tasks : dict of str to Task
+        The task's ``"train"``, ``"calibration"`` and ``"test"`` splits (all of them, not only the prompts used).
+    train, dev, test : LayerCache
+        Layer caches (hidden states kept, references attached) of the first prompts of each split: ``train``
+        through the plain head (it fitted the adapters), ``dev`` and ``test`` through ``heads``.
+    """
+
+    model: Any
+    tokenizer: Any
+    heads: Any
+    tasks: dict
+    train: Any = field(repr=False)
+    dev: Any = field(repr=False)
+    test: Any = field(repr=False)
+
+
+def smollm2_data(
+    *,
+    n_train: int,
+    n_cal: int,
+    n_test: int,
+    max_new_tokens: int,
+    batch_size: int = 8,
+    seed: int = 0,
+    progress: bool = True,
+) -> SmolLM2Data:
+    """Load SmolLM2, fit exit adapters on a train cache, and extract calibration and test caches through them.
+
+    Parameters
+    ----------
+    n_train, n_cal, n_test : int
+        Prompts taken from the task's train, calibration and test splits (each >= 1).
+    max_new_tokens : int
+        Tokens generated per prompt.
+    batch_size : int, default=8
+        Prompts per extraction batch.
+    seed : int, default=0
+        Seed of the task's split.
+    progress : bool, default=True
+        Progress bars, and a line per step with its wall-clock time.
+    """
+    from calibrate.adapters import train_adapters
+    from calibrate.data import load_task
+    from calibrate.extraction import extract
+    from calibrate.models import smollm2
+
+    say = print if progress else (lambda *_: None)
+    start = time.perf_counter()
+    model, tokenizer = smollm2()
+    say(f"  model loaded in {time.perf_counter() - start:.0f} s ({model.config.num_hidden_layers} layers)")
+    tasks = {name: load_task(split=name, seed=seed) for name in ("train", "calibration", "test")}
+
+    def cache_of(split: str, n: int, heads=None):
+        task, t0 = tasks[split], time.perf_counter()
+        cache = extract(
+            model,
+            tokenizer,
+            task.prompts(tokenizer)[:n],
+            references=list(task.references[:n]),
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            heads=heads,
+            store_hidden=True,
+            progress=progress,
+        )
+        say(
+            f"  {split}: {cache.n_sequences} prompts, {cache.n_tokens} tokens extracted in {time.perf_counter() - t0:.0f} s"
+        )
+        return cache
+
+    train = cache_of("train", n_train)
+    heads = train_adapters(model, train)
+    return SmolLM2Data(
+        model, tokenizer, heads, tasks, train, cache_of("calibration", n_cal, heads), cache_of("test", n_test, heads)
+    )
 
 
 def _plot_agreement(plain: np.ndarray, adapted: np.ndarray, path: Path) -> None:

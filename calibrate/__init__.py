@@ -39,6 +39,8 @@ _LAZY = {
     "fit_decoded": "calibrate.decoded",
     "decoded_losses": "calibrate.decoded",
     "decoded_lambdas": "calibrate.decoded",
+    "train_adapters": "calibrate.adapters",
+    "smollm2": "calibrate.models",
 }
 
 
@@ -82,7 +84,9 @@ __all__ = [
     "proxy_losses",
     "read_prompts",
     "runtime",
+    "smollm2",
     "synthetic_cache",
+    "train_adapters",
     "user_losses",
     "validity",
 ]

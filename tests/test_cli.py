@@ -96,3 +96,6 @@ def test_real_model_demo_small(tmp_path):
         cert = calibrate.Certificate.from_json(tmp_path / f"cert_{measure}.json")
         assert cert.n_layers == 30 and cert.heads["kind"] == "adapters" and cert.consistency == "rouge_l"
     assert (tmp_path / "agreement.png").exists() and (tmp_path / "adapters.safetensors").exists()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [row["measure"] for row in summary["table"]] == ["state_saturation", "classifier", "halting_geometric", "softmax_gap"]
+    assert len(summary["agreement_adapters"]) == 30 and summary["agreement_adapters"][-1] == 1.0

@@ -197,47 +197,50 @@ def _decoder_iv(
 
 
 def _measure_iv(measure, train_cache, prompts, heads: ExitHeads, seed) -> tuple[dict | None, int]:
-    """``(classifier state or None, training sequences)``; trains the classifier on ``train_cache``."""
+    """``(learned measure's state or None, training sequences)``; trains a learned measure on ``train_cache``."""
+    from measures.learned import LEARNED_MEASURES, train_measure
+
     if measure not in runtime.RUNTIME_MEASURES:
         raise ValueError(
             f"measure must be one of {runtime.RUNTIME_MEASURES} (those the runtime evaluates), got {measure!r}"
         )
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    if measure != "classifier":
+    if measure not in LEARNED_MEASURES:
         if train_cache is not None:
-            raise ValueError(f"train_cache trains the 'classifier' measure only; got it with measure={measure!r}")
+            raise ValueError(
+                f"train_cache trains the learned measures {LEARNED_MEASURES} only; got it with measure={measure!r}"
+            )
         return None, 0
     if train_cache is None:
         raise ValueError(
-            "measure='classifier' needs train_cache=: a LayerCache with hidden states (extract(..., store_hidden=True)) "
-            "of prompts other than the calibration prompts (a classifier that saw them voids the guarantee)"
+            f"measure={measure!r} needs train_cache=: a LayerCache with hidden states "
+            "(extract(..., store_hidden=True)) of prompts other than the calibration prompts (a measure trained on "
+            "them voids the guarantee)"
         )
     if not isinstance(train_cache, LayerCache):
         raise TypeError(f"train_cache must be a LayerCache, got {type(train_cache).__name__}")
     if not train_cache.has("hidden"):
         raise ValueError(
-            "train_cache has no 'hidden' array: the runtime evaluates the classifier on hidden states; extract the "
-            "training cache with store_hidden=True"
+            f"train_cache has no 'hidden' array: the runtime evaluates measure={measure!r} on hidden states; extract "
+            "the training cache with store_hidden=True"
         )
     described = train_cache.user_meta.get("heads")
     if described is not None and described != heads.describe():
         raise ValueError(
             f"train_cache was extracted with other exit heads ({described}) than the ones decoding now "
-            f"({heads.describe()}); the classifier would score other states"
+            f"({heads.describe()}); measure={measure!r} would score other states"
         )
     shared = set(prompts) & set(train_cache.sequences["prompt"].tolist())
     if shared:
         warnings.warn(
             f"{len(shared)} calibration prompts also occur in train_cache; if they are the same examples, the "
-            "classifier saw the calibration data and the guarantee is void",
+            f"measure {measure!r} saw the calibration data and the guarantee is void",
             UserWarning,
             stacklevel=3,
         )
-    from measures.classifier import ExitClassifier
-
-    classifier = ExitClassifier(features="hidden", seed=int(seed)).fit(train_cache)
-    return classifier.to_dict(), train_cache.n_sequences
+    learned = train_measure(measure, train_cache, seed=int(seed))
+    return learned.to_dict(), train_cache.n_sequences
 
 
 def _decoded_losses_iv(
@@ -310,7 +313,7 @@ def _fit_decoded_iv(
     seed,
     decode,
 ) -> tuple[_Decoder, Certificate]:
-    """The decoder and the certificate template (nothing tested yet); trains the classifier if asked."""
+    """The decoder and the certificate template (nothing tested yet); trains a learned measure if asked."""
     delta = open_interval(delta, "delta")
     epsilon = open_interval(epsilon, "epsilon")
     if not isinstance(bound, str) or bound not in P_VALUES:
@@ -394,8 +397,11 @@ def fit_decoded(
         Failure probability, in (0, 1) (delta in LTT/MAPIE).
     references : sequence of str or None, shape (n,), optional
         Reference texts, needed by the ``risk_*`` consistencies.
-    measure : {"softmax_gap", "softmax_max", "entropy", "state_saturation", "classifier"}
-        Confidence measure, evaluated by the runtime. ``"classifier"`` is trained on ``train_cache``.
+    measure : {"softmax_gap", "softmax_max", "entropy", "state_saturation", "classifier", \
+"halting_geometric", "halting_token_multinomial", "halting_sequence_multinomial"}
+        Confidence measure, evaluated by the runtime (:data:`calibrate.runtime.RUNTIME_MEASURES`). The learned
+        ones (:data:`measures.learned.LEARNED_MEASURES`: the exit classifier and the Depth-Adaptive Transformer
+        halting heads) are trained on ``train_cache`` by :func:`measures.learned.train_measure`.
     consistency : str, default="token"
         Loss, one of :data:`calibrate.losses.CONSISTENCIES`, between each early output and the full model's
         output for the same prompt. ``"token"``: share of positions where the two differ, over the longer
@@ -418,10 +424,10 @@ def fit_decoded(
     heads : ExitHeads, optional
         What a layer predicts; default ``ExitHeads.from_model(model)``. Deploy with the same heads.
     train_cache : LayerCache, optional
-        For ``measure="classifier"`` only: a cache with hidden states (``extract(..., store_hidden=True)``)
-        of **other** prompts, on which the exit classifier is trained (``features="hidden"``).
+        For the learned measures only: a cache with hidden states (``extract(..., store_hidden=True)``) of
+        **other** prompts, on which the measure is trained (the classifier on ``features="hidden"``).
     seed : int, default=0
-        Seed of the classifier's training.
+        Seed of the classifier's training (the halting heads' fit is deterministic).
     decode : callable, optional
         Token ids (1-D int array) -> text, for the textual losses. Default:
         ``tokenizer.decode(ids, skip_special_tokens=True)``.
@@ -431,7 +437,7 @@ def fit_decoded(
     Returns
     -------
     Certificate
-        ``mode="decoded"``, with the model's identity (``model``, ``heads``) and, for the classifier, its
+        ``mode="decoded"``, with the model's identity (``model``, ``heads``) and, for a learned measure, its
         state. Thresholds after the first failing one were never decoded: their ``risks``, ``p_values`` and
         ``avg_layers`` are NaN and ``certified`` is False (``Certificate.tested``).
 
@@ -443,7 +449,7 @@ def fit_decoded(
     ValueError
         When ``prompts`` is empty or a prompt is empty or too long for the model's context, ``method`` is not
         fixed-sequence testing, ``measure``, ``consistency``, ``bound`` or ``lambdas`` is invalid, references are
-        missing for a ``risk_*`` loss, ``train_cache`` is missing or unusable for the classifier, or the runtime
+        missing for a ``risk_*`` loss, ``train_cache`` is missing or unusable for a learned measure, or the runtime
         refuses the model.
 
     Warns
@@ -469,7 +475,7 @@ def fit_decoded(
     over draws of the calibration prompts, where the risk is the expected loss of what the runtime emits at
     ``lambda_hat`` against what it emits as the full model, for prompts exchangeable with the calibration ones,
     decoded with the same ``max_new_tokens`` and heads. Assumptions: i.i.d. prompts, losses in [0, 1], the grid
-    and its order fixed before seeing the prompts, and a classifier trained on data independent of them.
+    and its order fixed before seeing the prompts, and a learned measure trained on data independent of them.
     Batches are padded; padding changes floating-point sums, so a near tie may be broken differently at another
     batch size. When even zero observed loss cannot give ``p <= epsilon`` (too few prompts), nothing is decoded.
 

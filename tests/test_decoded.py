@@ -244,7 +244,7 @@ def test_decoded_losses_match_the_lazy_fit(model, tokenizer, prompts):
 
 
 # --------------------------------------------------------------------------------------------------
-# Classifier measure and fit(mode="decoded") on a cache
+# Learned measures and fit(mode="decoded") on a cache
 # --------------------------------------------------------------------------------------------------
 
 
@@ -255,18 +255,24 @@ def cache(model, tokenizer, prompts):
     )
 
 
-def test_classifier_is_trained_on_the_train_cache_and_used_by_the_runtime(model, tokenizer, prompts, cache):
-    from measures.classifier import ExitClassifier
+@pytest.mark.parametrize(
+    "measure", ["classifier", "halting_geometric", "halting_token_multinomial", "halting_sequence_multinomial"]
+)
+def test_learned_measure_is_trained_on_the_train_cache_and_used_by_the_runtime(
+    model, tokenizer, prompts, cache, measure
+):
+    from measures.learned import train_measure
 
     others = [p for p in _word_prompts(40, seed=3) if p not in prompts][:24]  # disjoint from the cache's
-    cert = _fit(model, tokenizer, others, 0.5, 0.1, measure="classifier", train_cache=cache, lambdas=(0.9, 0.5))
-    assert cert.measure == "classifier" and cert.n_train == 24 and cert.n == 24
-    assert cert.measure_state == ExitClassifier(features="hidden", seed=0).fit(cache).to_dict()
-    assert cert.tested[1]
+    cert = _fit(model, tokenizer, others, 0.5, 0.1, measure=measure, train_cache=cache, lambdas=(0.9, 0.5))
+    assert cert.measure == measure and cert.n_train == 24 and cert.n == 24
+    assert cert.measure_state == train_measure(measure, cache, seed=0).to_dict()
+    assert cert.measure != "classifier" or cert.measure_state["features"] == "hidden"
+    assert cert.tested[1] and cert.avg_layers[1] < N_LAYERS  # the measure really exits tokens early
     losses = _reference_losses(model, tokenizer, others, cert, [0.5])
     assert cert.risks[1] == pytest.approx(losses.mean(), abs=1e-12)
     with pytest.warns(UserWarning, match="also occur in train_cache"):
-        _fit(model, tokenizer, prompts, 0.01, measure="classifier", train_cache=cache)
+        _fit(model, tokenizer, prompts, 0.01, measure=measure, train_cache=cache)
 
 
 def test_fit_mode_decoded_decodes_the_cache_prompts(model, tokenizer, prompts, cache):
@@ -329,7 +335,7 @@ def test_bad_input_names_the_argument(model, tokenizer, prompts, calls, change, 
 
 
 def test_train_cache_only_with_the_classifier(model, tokenizer, prompts, cache, calls):
-    with pytest.raises(ValueError, match="train_cache trains the 'classifier' measure only"):
+    with pytest.raises(ValueError, match="train_cache trains the learned measures .* only"):
         _fit(model, tokenizer, prompts, train_cache=cache)
     no_hidden = calibrate.LayerCache.from_arrays(
         full_tokens=cache.arrays["full_tokens"], topk_ids=cache.arrays["topk_ids"], lengths=cache.lengths, vocab_size=64

@@ -493,6 +493,45 @@ def test_classifier_measure_matches_reference(arch):
     assert len(seen) >= 2
 
 
+def _halting_state(kind, hidden_size, n_layers, seed=0):
+    """A HaltingHead state of ``kind`` with random standardised linear models, as if fitted (seeded).
+
+    The multinomial heads put mass on depths 1, 2 and L only (``classes``), as a head trained on a cache
+    where no token's oracle depth is 3.
+    """
+    rng = np.random.default_rng(seed)
+    n_features = hidden_size + (n_layers - 1 if kind == "sequence_multinomial" else 1)
+    classes = None if kind == "geometric" else [1, 2, n_layers]
+    n_models, n_outputs = (n_layers - 1, 1) if classes is None else (1, len(classes))
+    models = [
+        {
+            "mean": rng.normal(size=n_features).tolist(),
+            "scale": rng.uniform(0.5, 2.0, size=n_features).tolist(),
+            "coef": (rng.normal(size=(n_features, n_outputs)) / 2).tolist(),
+            "intercept": rng.normal(size=n_outputs).tolist(),
+        }
+        for _ in range(n_models)
+    ]
+    params = {"kind": kind, "oracle": "consistency", "oracle_options": {}, "sigma": 0.0, "C": 1.0, "max_iter": 500}
+    return {
+        "format": "calm-calibrate.HaltingHead",
+        "format_version": 1,
+        "params": params,
+        "n_layers": n_layers,
+        "n_features": n_features,
+        "classes": classes,
+        "n_train_tokens": 100,
+        "n_train_sequences": 10,
+        "models": models,
+    }
+
+
+def _halting_cert(measure, seed=0):
+    """A certificate at 0.5 (decaying) for the halting measure with a random head (``_halting_state``)."""
+    state = _halting_state(measure.removeprefix("halting_"), 32, N_LAYERS, seed)
+    return cert(0.5, measure, decay={"max_len": 12, "tau": 4.0}, state=state)
+
+
 def _trained_adapters(model, seed: int = 0) -> ExitHeads:
     """Adapter heads moved away from the identity, as if trained (seeded)."""
     heads = ExitHeads.from_model(model, adapters=True)
@@ -533,14 +572,21 @@ def test_very_high_threshold_is_the_full_model(arch):
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2", "t5", "bart"])
-@pytest.mark.parametrize("how", ["saturation", "classifier", "softmax_gap", "fixed"])
+@pytest.mark.parametrize(
+    "how",
+    ["saturation", "classifier", "halting_token_multinomial", "halting_sequence_multinomial", "softmax_gap", "fixed"],
+)
 def test_batch_equals_rows_alone(arch, how):
-    """Rows of a batch (padded: left for decoder-only, right for encoder inputs) equal the rows alone."""
+    """Rows of a batch (padded: left for decoder-only, right for encoder inputs) equal the rows alone; the
+    multinomial halting heads keep a depth distribution per row, found by the row's batch index."""
     model = tiny_model(arch)
     saturation = {"gpt2": 0.8, "t5": 0.8}.get(arch, 0.5)
+    halting_seed = {"t5": 2}.get(arch, 0)  # T5's large start-token states saturate most random heads
     kw = {
         "saturation": {"certificate": cert(saturation, decay={"max_len": 12, "tau": 4.0})},
         "classifier": {"certificate": cert(0.6, "classifier", state=_classifier_state(32, N_LAYERS))},
+        "halting_token_multinomial": {"certificate": _halting_cert("halting_token_multinomial", halting_seed)},
+        "halting_sequence_multinomial": {"certificate": _halting_cert("halting_sequence_multinomial", halting_seed)},
         "softmax_gap": {"certificate": cert(0.99 if arch == "t5" else 0.1, "softmax_gap")},
         "fixed": {"exit_layer": 2},
     }[how]
@@ -555,7 +601,7 @@ def test_batch_equals_rows_alone(arch, how):
         assert bool((batch.exit_layers[row, n:] == 0).all())
     used = batch.exit_layers[batch.exit_layers > 0]
     assert len(set(used.tolist())) > 1 or how == "fixed"
-    if how == "saturation":
+    if how in ("saturation", "halting_token_multinomial", "halting_sequence_multinomial"):
         # at some step the rows exit at different layers: they really exit on their own
         assert any(len(set(s[s > 0].tolist())) > 1 for s in batch.exit_layers.T)
 
@@ -612,6 +658,44 @@ def test_refuses_certificates_for_another_knob_or_model():
         generate(model, ids, certificate=cert(0.5), exit_layer=1)
     with pytest.raises(TypeError, match="Certificate"):
         generate(model, ids, certificate={"lambda_hat": 0.5})
+
+
+def test_refuses_bad_halting_states():
+    from calibrate.runtime import RUNTIME_MEASURES
+    from measures.learned import LEARNED_MEASURES
+
+    assert set(LEARNED_MEASURES) <= set(RUNTIME_MEASURES)
+    model = tiny_model("gpt2")  # 4 layers of width 32
+
+    def run(measure, state):
+        generate(model, torch.tensor([PROMPTS[0]]), certificate=cert(0.5, measure, state=state), max_new_tokens=2)
+
+    run("halting_geometric", _halting_state("geometric", 32, N_LAYERS))  # a good state passes
+    with pytest.raises(ValueError, match="measure is 'halting_geometric' but it carries no measure_state"):
+        run("halting_geometric", None)
+    with pytest.raises(ValueError, match="kind 'geometric', not the certificate's 'halting_token_multinomial'"):
+        run("halting_token_multinomial", _halting_state("geometric", 32, N_LAYERS))
+    with pytest.raises(
+        ValueError, match="fitted on n_layers=4, hidden size 16; the model has n_layers=4, hidden size 32"
+    ):
+        run("halting_sequence_multinomial", _halting_state("sequence_multinomial", 16, N_LAYERS))
+    with pytest.raises(ValueError, match="fitted on n_layers=6, hidden size 32; the model has n_layers=4"):
+        run("halting_token_multinomial", _halting_state("token_multinomial", 32, 6))
+    broken = _halting_state("geometric", 32, N_LAYERS)
+    broken["models"] = broken["models"][:2]
+    with pytest.raises(
+        ValueError, match=r"not a valid 'halting_geometric' state: state\['models'\] must be a list of 3"
+    ):
+        run("halting_geometric", broken)
+    broken["models"] = [None] * 3
+    with pytest.raises(
+        TypeError, match=r"not a valid 'halting_geometric' state: state\['models'\]\[0\] must be a dict"
+    ):
+        run("halting_geometric", broken)
+    broken = _halting_state("sequence_multinomial", 32, N_LAYERS)
+    broken["classes"] = [1, 5]
+    with pytest.raises(ValueError, match=r"state\['classes'\] must be increasing depths in \[1, 4\]"):
+        run("halting_sequence_multinomial", broken)
 
 
 def _extract_and_fit(model, heads=None, measure="state_saturation"):
@@ -714,55 +798,123 @@ def test_import_calibrate_does_not_import_torch():
 # --------------------------------------------------------------------------------------------------
 
 
+L_ROUND_TRIP = 6  # decoder layers of the round-trip models
+
+
+@pytest.fixture(scope="module")
+def extracted():
+    """``extracted(arch)``: a tiny 6-layer model, the token ids of 40 prompts and their cache (6 new tokens,
+    hidden states, batches of 8), extracted once per architecture."""
+    import calibrate
+
+    made = {}
+
+    def get(arch):
+        if arch not in made:
+            model = _tiny_hf.tiny_model(arch, seed=5, n_layers=L_ROUND_TRIP)
+            tokenizer = _tiny_hf.tiny_tokenizer()
+            rng = np.random.default_rng(1)
+            prompts = [" ".join(f"w{i}" for i in rng.integers(0, 60, size=rng.integers(1, 12))) for _ in range(40)]
+            cache = calibrate.extract(
+                model, tokenizer, prompts, max_new_tokens=6, batch_size=8, store_hidden=True, progress=False
+            )
+            made[arch] = model, [tokenizer(p)["input_ids"] for p in prompts], cache
+        return made[arch]
+
+    return get
+
+
 @pytest.mark.parametrize(
     "arch, measure, tau",
     [
         ("llama", "state_saturation", None),
         ("llama", "softmax_gap", 4.0),
         ("llama", "classifier", 4.0),
+        ("llama", "halting_geometric", 4.0),
+        ("llama", "halting_token_multinomial", None),
+        ("llama", "halting_sequence_multinomial", 4.0),
         ("t5", "state_saturation", None),
         ("t5", "classifier", 4.0),
+        ("t5", "halting_geometric", None),
+        ("t5", "halting_token_multinomial", 4.0),
+        ("t5", "halting_sequence_multinomial", None),
     ],
 )
-def test_runtime_exits_agree_with_the_extracted_cache(arch, measure, tau):
-    """The first generated token of each prompt exits where the cache's proxy simulation says it does, and
-    the full model reproduces the cached sequences (batched and padded as extraction pads them)."""
+def test_runtime_exits_agree_with_the_extracted_cache(extracted, arch, measure, tau):
+    """Where the runtime sees the cache's states, it exits and emits where the cache's proxy simulation says,
+    and the full model reproduces the cached sequences (batched and padded as extraction pads them).
+
+    A row sees the cache's states up to its first token that exits before layer L (later tokens attend to
+    propagated keys and values); the sequence halting head's confidence is fixed by the prompt, so its exits
+    agree at every token both have.
+    """
     import calibrate
     from calibrate.exits import exit_layers
-    from measures.classifier import ExitClassifier
+    from measures.learned import LEARNED_MEASURES, measure_from_state
 
-    L = 6
-    model = _tiny_hf.tiny_model(arch, seed=5, n_layers=L)
-    tokenizer = _tiny_hf.tiny_tokenizer()
-    rng = np.random.default_rng(1)
-    prompts = [" ".join(f"w{i}" for i in rng.integers(0, 60, size=rng.integers(1, 12))) for _ in range(40)]
-    cache = calibrate.extract(
-        model, tokenizer, prompts, max_new_tokens=6, batch_size=8, store_hidden=True, progress=False
-    )
+    L = L_ROUND_TRIP
+    model, ids, cache = extracted(arch)
     fitted = calibrate.fit(cache, delta=0.5, epsilon=0.2, measure=measure, decay=tau, seed=0)
-    if measure == "classifier":
-        conf = ExitClassifier.from_dict(dict(fitted.measure_state)).predict_confidence(cache)
+    if measure in LEARNED_MEASURES:
+        conf = measure_from_state(measure, fitted.measure_state).predict_confidence(cache)
     else:
         conf = cache.arrays[measure]
-    first = cache.offsets[:-1]
+    offsets = cache.offsets
     decay = None if fitted.decay is None else Decay(**fitted.decay)
-    layers = exit_layers(conf, fitted.lambdas, positions=cache.positions, decay=decay)[first]  # (n, K)
+    layers = exit_layers(conf, fitted.lambdas, positions=cache.positions, decay=decay)  # (T, K)
     # the grid value that spreads the first tokens' exits over the most layers: a demanding check
-    k = int(np.argmax([np.unique(layers[:, j]).size for j in range(layers.shape[1])]))
-    assert np.unique(layers[:, k]).size >= 3
+    k = int(np.argmax([np.unique(layers[offsets[:-1], j]).size for j in range(layers.shape[1])]))
+    assert np.unique(layers[offsets[:-1], k]).size >= 3
+    simulated = layers[:, k]  # (T,) 1-based
+    top1 = cache.arrays["topk_ids"][np.arange(simulated.size), simulated - 1, 0]
+    emitted = np.where(simulated == L, cache.arrays["full_tokens"], top1)  # (T,) what the simulation emits
     cert = dataclasses.replace(fitted, lambda_hat=fitted.lambdas[k])
-    ids = [tokenizer(p)["input_ids"] for p in prompts]
-    for start in range(0, len(prompts), 8):
+    compared = 0
+    for start in range(0, len(ids), 8):
         input_ids, mask = _pad_prompts(model, ids[start : start + 8])
-        out = generate(model, input_ids, mask, certificate=cert, max_new_tokens=1)
-        rows = np.arange(start, start + input_ids.shape[0])
-        np.testing.assert_array_equal(out.exit_layers[:, 0].numpy(), layers[rows, k])
-        expected = cache.arrays["topk_ids"][first[rows], layers[rows, k] - 1, 0]
-        expected = np.where(layers[rows, k] == L, cache.arrays["full_tokens"][first[rows]], expected)
-        np.testing.assert_array_equal(out.new_tokens[:, 0].numpy(), expected)
+        out = generate(model, input_ids, mask, certificate=cert, max_new_tokens=6)
         full = generate(
             model, input_ids, mask, certificate=dataclasses.replace(fitted, lambda_hat=None), max_new_tokens=6
         )
-        for row in rows:
-            n = int(full.n_generated[row - start])
-            assert full.new_tokens[row - start, :n].tolist() == cache.sequences["output_ids"][row].tolist()
+        for b in range(input_ids.shape[0]):
+            row, lo = start + b, offsets[start + b]
+            n_full = int(full.n_generated[b])
+            assert full.new_tokens[b, :n_full].tolist() == cache.sequences["output_ids"][row].tolist()
+            exits, tokens = out.exit_layers[b].numpy(), out.new_tokens[b].numpy()
+            n = min(int(out.n_generated[b]), offsets[row + 1] - lo)  # tokens both have
+            early = np.flatnonzero(exits[:n] < L)
+            same_states = n if early.size == 0 else int(early[0]) + 1
+            m = n if measure == "halting_sequence_multinomial" else same_states
+            np.testing.assert_array_equal(exits[:m], simulated[lo : lo + m], err_msg=f"exits of row {row}")
+            np.testing.assert_array_equal(tokens[:same_states], emitted[lo : lo + same_states])
+            compared += m
+    assert compared > len(ids)  # more than the first tokens
+
+
+@pytest.mark.parametrize("arch", ["llama", "t5"])
+@pytest.mark.parametrize(
+    "measure", ["classifier", "halting_geometric", "halting_token_multinomial", "halting_sequence_multinomial"]
+)
+def test_learned_measure_matches_predict_confidence(extracted, arch, measure):
+    """The runtime measure scores the cache's own float16 states as the learned measure's predict_confidence
+    does: every token as a batch row (the sequence head: the first token of every sequence, the last prompt
+    position, whose states at every layer it reads at prefill)."""
+    from calibrate.runtime._measures import build_measure
+    from measures.learned import train_measure
+
+    L = L_ROUND_TRIP
+    _, _, cache = extracted(arch)
+    learned = train_measure(measure, cache)
+    expected = learned.predict_confidence(cache)  # (T, L)
+    hidden = torch.from_numpy(np.array(cache.arrays["hidden"]))  # (T, L, d) float16
+    if measure == "halting_sequence_multinomial":
+        first = torch.from_numpy(cache.offsets[:-1].astype(np.int64))
+        hidden, expected = hidden[first], expected[first.numpy()]  # (S, L, d), (S, L)
+    assert expected[:, :-1].std() > 0.05  # confidences that vary: not a vacuous comparison
+    runtime = build_measure(
+        measure, state=learned.to_dict(), n_layers=L, hidden_size=hidden.shape[2], vocab_size=V, device="cpu"
+    )
+    rows = torch.arange(hidden.shape[0])
+    runtime.prefill(hidden)
+    got = [runtime(i, hidden[:, i], hidden[:, max(i - 1, 0)], None, rows).numpy() for i in range(L - 1)]
+    np.testing.assert_allclose(np.stack(got, axis=1), expected[:, :-1], rtol=0, atol=1e-5)

@@ -7,17 +7,29 @@ Each measure reproduces the definition used to build the cache and calibrate the
 - ``classifier``: the certificate's :class:`~measures.classifier.ExitClassifier` (``features="hidden"``):
   ``sigmoid(w_i . standardise([h_i, saturation_i]) + b_i)``, folded into one affine map per layer;
   ``O(d)`` per row and layer.
+- ``halting_geometric``: the certificate's geometric :class:`~measures.halting.HaltingHead`,
+  ``chi_i = sigmoid(w_i . standardise([h_i, saturation_i]) + b_i)``: the classifier's form, folded the
+  same way; ``O(d)`` per row and layer.
+- ``halting_token_multinomial``: the token multinomial head: a softmax over depths from each token's
+  ``[h_1, saturation_1]`` after layer 1, confidence ``P(depth <= i)``; one ``O(d L)`` product per row
+  at layer 1, a lookup at the other layers.
+- ``halting_sequence_multinomial``: the sequence multinomial head: one softmax over depths per row from
+  the last prompt position's states at every layer (their mean over layers and their saturation at
+  layers 2..L), computed once after the prompt pass; a lookup per layer afterwards.
 - ``softmax_gap`` / ``softmax_max`` / ``entropy``: from the full softmax of the layer's logits through the
   :class:`~calibrate.heads.ExitHeads`, exactly as :mod:`calibrate.extraction` computes them. They cost
   one vocabulary-sized head product per row and layer (for SmolLM2 ~8 decoder layers' worth), which is
   why they rarely pay off (DESIGN section 5); the runtime reuses those logits to emit the token.
+
+The learned measures were fitted on the cache's float16 states: they round the runtime's states to
+float16 the same way and score them in float64.
 """
 
 from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -26,7 +38,16 @@ import torch
 __all__ = ["RUNTIME_MEASURES", "RuntimeMeasure", "build_measure"]
 
 #: Measures the runtime can evaluate (names as in ``Certificate.measure``).
-RUNTIME_MEASURES: tuple[str, ...] = ("state_saturation", "classifier", "softmax_gap", "softmax_max", "entropy")
+RUNTIME_MEASURES: tuple[str, ...] = (
+    "state_saturation",
+    "classifier",
+    "halting_geometric",
+    "halting_token_multinomial",
+    "halting_sequence_multinomial",
+    "softmax_gap",
+    "softmax_max",
+    "entropy",
+)
 _SOFTMAX = ("softmax_gap", "softmax_max", "entropy")
 
 
@@ -40,8 +61,48 @@ def _saturation(h: torch.Tensor, prev: torch.Tensor, layer: int) -> torch.Tensor
     return torch.where(denom > 0, dot / torch.where(denom > 0, denom, 1.0), 0.0)
 
 
+def _token_features(h: torch.Tensor, prev: torch.Tensor, layer: int) -> torch.Tensor:
+    """The token-level learned measures' features ``[h_i, cos(h_i, h_{i-1})]``, ``(n, d) -> (n, d + 1)``.
+
+    The states are rounded to float16 as the cache stores them; the result is float64.
+    """
+    h16 = h.to(torch.float16)  # (n, d)
+    sat = _saturation(h16, prev.to(torch.float16), layer)  # (n,)
+    return torch.cat([h16.double(), sat.double()[:, None]], dim=1)
+
+
+def _sequence_features(states: torch.Tensor) -> torch.Tensor:
+    """The sequence head's features, ``(B, L, d) -> (B, d + L - 1)`` float64 (``measures.halting``).
+
+    ``states`` are the last prompt position's outputs of layers ``1..L``; rounded to float16 as in the
+    cache, then their float32 mean over layers and their saturation ``cos(h_i, h_{i-1})``, ``i = 2..L``.
+    """
+    s16 = states.to(torch.float16)  # (B, L, d)
+    saturation = [_saturation(s16[:, i], s16[:, i - 1], i) for i in range(1, s16.shape[1])]  # L - 1 of (B,)
+    return torch.cat([s16.float().mean(dim=1), *(s[:, None] for s in saturation)], dim=1).double()
+
+
+def _fold(model: Mapping[str, Any], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A standardised linear model ``((x - mean) / scale) @ coef + intercept`` as ``x @ weight + bias``.
+
+    ``model`` holds ``mean``, ``scale`` ``(p,)``, ``coef`` ``(p,)`` or ``(p, m)`` and ``intercept`` (a
+    number or ``(m,)``), as the learned measures' JSON states write them. Returns ``weight`` ``(p, m)``
+    and ``bias`` ``(m,)``, float64 on ``device``.
+    """
+    mean, scale = (np.asarray(model[k], dtype=np.float64) for k in ("mean", "scale"))  # (p,)
+    coef = np.asarray(model["coef"], dtype=np.float64).reshape(mean.size, -1)  # (p, m)
+    weight = coef / scale[:, None]  # (x - mean) / scale @ coef = x @ (coef / scale) - mean @ (coef / scale)
+    bias = np.asarray(model["intercept"], dtype=np.float64).reshape(-1) - mean @ weight  # (m,)
+    return torch.as_tensor(weight, device=device), torch.as_tensor(bias, device=device)
+
+
 class RuntimeMeasure(ABC):
-    """A confidence measure at run time: ``measure(layer, h, prev, logits) -> (n,)`` float32.
+    """A confidence measure at run time: ``measure(layer, h, prev, logits, rows) -> (m,)`` float32.
+
+    The decoding loop calls :meth:`prefill` once, after the prompt pass, then the measure at every layer
+    ``i < L - 1`` for the rows still active; at each step every row is scored at layer 0 before any later
+    layer. A measure may keep per-row state between those calls (the multinomial halting heads do), so an
+    instance serves one decoding run at a time.
 
     Attributes
     ----------
@@ -55,9 +116,29 @@ class RuntimeMeasure(ABC):
         self.name = name
         self.needs_logits = needs_logits
 
+    def prefill(self, states: torch.Tensor) -> None:
+        """Start a run; ``states`` ``(B, L, d)`` are the last prompt position's outputs of every layer.
+
+        For an encoder-decoder model, those of the decoder's start token. Default: nothing to prepare.
+        """
+
     @abstractmethod
-    def __call__(self, layer: int, h: torch.Tensor, prev: torch.Tensor, logits: torch.Tensor | None) -> torch.Tensor:
-        """Confidence of each row at ``layer`` (0-based), shape ``(n,)``."""
+    def __call__(
+        self, layer: int, h: torch.Tensor, prev: torch.Tensor, logits: torch.Tensor | None, rows: torch.Tensor
+    ) -> torch.Tensor:
+        """Confidence of each row at ``layer`` (0-based), shape ``(m,)``.
+
+        Parameters
+        ----------
+        layer : int
+            0-based layer index, ``< L - 1``.
+        h, prev : torch.Tensor, shape (m, d)
+            The rows' outputs of layer ``layer`` and of the layer before (its input).
+        logits : torch.Tensor of shape (m, V), or None
+            The layer's logits through the exit heads when :attr:`needs_logits`, else None.
+        rows : torch.LongTensor, shape (m,)
+            The rows' indices in the batch (those of :meth:`prefill`'s ``states``).
+        """
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
@@ -67,7 +148,7 @@ class _Saturation(RuntimeMeasure):
     def __init__(self) -> None:
         super().__init__("state_saturation", needs_logits=False)
 
-    def __call__(self, layer, h, prev, logits):
+    def __call__(self, layer, h, prev, logits, rows):
         return _saturation(h, prev, layer)
 
 
@@ -76,7 +157,7 @@ class _Softmax(RuntimeMeasure):
         super().__init__(name, needs_logits=True)
         self.log_v = math.log(vocab_size)
 
-    def __call__(self, layer, h, prev, logits):
+    def __call__(self, layer, h, prev, logits, rows):
         logp = torch.log_softmax(logits.float(), dim=-1)  # (n, V)
         if self.name == "entropy":
             p = logp.exp()
@@ -88,61 +169,143 @@ class _Softmax(RuntimeMeasure):
         return (top[:, 0] - top[:, 1]).clamp(0.0, 1.0)
 
 
-class _Classifier(RuntimeMeasure):
-    """The exit classifier's logistic heads folded into ``sigmoid(h . w_i + sat * u_i + c_i)``."""
+class _LogisticLayers(RuntimeMeasure):
+    """One logistic head per layer ``i < L`` on ``[h_i, saturation_i]``: ``sigmoid(x . w_i + c_i)``.
 
-    def __init__(self, state: Mapping[str, Any], n_layers: int, hidden_size: int, *, dtype, device) -> None:
-        super().__init__("classifier", needs_logits=False)
-        from measures.classifier import ExitClassifier
+    The exit classifier and the geometric halting head. ``layers[i]`` is a fitted model (a mapping, see
+    :func:`_fold`) or a constant probability (a layer whose training labels were all alike).
+    """
 
-        clf = ExitClassifier.from_dict(dict(state))
-        if clf.features_ != "hidden":
-            raise ValueError(
-                f"the certificate's classifier uses features={clf.features_!r}; the runtime supports only "
-                "features='hidden' (hidden state + saturation, O(d) per layer)"
-            )
-        if clf.n_layers_ != n_layers or clf.n_features_ != hidden_size + 1:
-            raise ValueError(
-                f"the certificate's classifier was fitted on n_layers={clf.n_layers_}, hidden size "
-                f"{clf.n_features_ - 1}; the model has n_layers={n_layers}, hidden size {hidden_size}"
-            )
-        weights, biases, constants = [], [], []
-        for layer in clf.to_dict()["layers"]:  # validated by from_dict
-            if layer["constant"] is not None:
-                weights.append(torch.zeros(hidden_size + 1, dtype=torch.float64))
-                biases.append(0.0)
-                constants.append(float(layer["constant"]))
-                continue
-            mean, scale, coef = (np.asarray(layer[k], dtype=np.float64) for k in ("mean", "scale", "coef"))
-            # (x - mean) / scale . coef + b  =  x . (coef / scale) + (b - mean . coef / scale)
-            weights.append(torch.as_tensor(coef / scale))
-            biases.append(float(layer["intercept"] - (mean * coef / scale).sum()))
-            constants.append(math.nan)
-        self.weight = torch.stack(weights).to(device=device, dtype=torch.float64)  # (L-1, d+1)
-        self.bias = torch.tensor(biases, dtype=torch.float64, device=device)  # (L-1,)
-        self.constant = constants  # python floats, nan = fitted layer
+    def __init__(self, name: str, layers: Sequence[Mapping[str, Any] | float], hidden_size: int, device) -> None:
+        super().__init__(name, needs_logits=False)
+        weights, biases = [], []
+        self.constant: list[float | None] = []
+        for layer in layers:
+            if isinstance(layer, Mapping):
+                weight, bias = _fold(layer, device)  # (d+1, 1), (1,)
+                weights.append(weight[:, 0])
+                biases.append(bias[0])
+                self.constant.append(None)
+            else:
+                weights.append(torch.zeros(hidden_size + 1, dtype=torch.float64, device=device))
+                biases.append(torch.zeros((), dtype=torch.float64, device=device))
+                self.constant.append(float(layer))
+        self.weight = torch.stack(weights)  # (L-1, d+1) float64
+        self.bias = torch.stack(biases)  # (L-1,) float64
 
-    def __call__(self, layer, h, prev, logits):
-        if not math.isnan(self.constant[layer]):
+    def __call__(self, layer, h, prev, logits, rows):
+        if self.constant[layer] is not None:
             return torch.full((h.shape[0],), self.constant[layer], dtype=torch.float32, device=h.device)
-        # The classifier was fitted on the cache's float16 states: round the same way, then score in float64.
-        h16 = h.to(torch.float16)  # (n, d)
-        sat = _saturation(h16, None if prev is None else prev.to(torch.float16), layer).double()  # (n,)
-        w = self.weight[layer]  # (d+1,)
-        z = h16.double() @ w[:-1] + sat * w[-1] + self.bias[layer]  # (n,)
+        z = _token_features(h, prev, layer) @ self.weight[layer] + self.bias[layer]  # (m,)
         return torch.sigmoid(z).float()
 
 
+class _DepthCDF(RuntimeMeasure):
+    """A multinomial halting head: a softmax over depths per row, confidence ``P(depth <= i)``.
+
+    ``per="token"``: each token's distribution is computed from its layer-1 features when layer 0 scores
+    it. ``per="sequence"``: each row's distribution is computed once by :meth:`prefill` from the last
+    prompt position's states and holds for every token of the row.
+    """
+
+    def __init__(
+        self, name: str, model: Mapping[str, Any], classes: Sequence[int], n_layers: int, *, per: str, device
+    ) -> None:
+        super().__init__(name, needs_logits=False)
+        self.weight, self.bias = _fold(model, device)  # (p, m), (m,)
+        self.classes = torch.as_tensor([c - 1 for c in classes], dtype=torch.long, device=device)  # (m,) 0-based
+        self.n_layers, self.per = n_layers, per
+        self._cdf: torch.Tensor | None = None  # (B, L) float32, set by prefill
+
+    def _depth_cdf(self, x: torch.Tensor) -> torch.Tensor:
+        """``(n, p)`` float64 features -> ``(n, L)`` float32 ``P(depth <= i)``, 1 at layer ``L``."""
+        probs = x.new_zeros((x.shape[0], self.n_layers))  # (n, L) float64
+        probs[:, self.classes] = torch.softmax(x @ self.weight + self.bias, dim=1)
+        cdf = probs.cumsum(dim=1)
+        cdf[:, -1] = 1.0
+        return cdf.clamp(0.0, 1.0).float()
+
+    def prefill(self, states):
+        if self.per == "sequence":
+            self._cdf = self._depth_cdf(_sequence_features(states))
+        else:
+            self._cdf = torch.zeros((states.shape[0], self.n_layers), dtype=torch.float32, device=states.device)
+
+    def __call__(self, layer, h, prev, logits, rows):
+        if self.per == "token" and layer == 0:  # every row of a step is scored at layer 0 first
+            self._cdf[rows] = self._depth_cdf(_token_features(h, prev, 0))
+        return self._cdf[rows, layer]
+
+
+def _fitted_iv(name: str, n_layers_fit: int, hidden_fit: int, n_layers: int, hidden_size: int) -> None:
+    if (n_layers_fit, hidden_fit) != (n_layers, hidden_size):
+        raise ValueError(
+            f"the certificate's {name} measure was fitted on n_layers={n_layers_fit}, hidden size {hidden_fit}; "
+            f"the model has n_layers={n_layers}, hidden size {hidden_size}"
+        )
+
+
+def _learned(name: str, state: Mapping[str, Any] | None, n_layers: int, hidden_size: int, device) -> RuntimeMeasure:
+    """The learned measure ``name`` rebuilt from the certificate's ``measure_state`` and checked against the model."""
+    from measures.learned import measure_from_state
+
+    if state is None:
+        raise ValueError(f"the certificate's measure is {name!r} but it carries no measure_state")
+    try:
+        learned = measure_from_state(name, state)
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"certificate.measure_state is not a valid {name!r} state: {err}") from err
+    if name == "classifier":
+        if learned.features_ != "hidden":
+            raise ValueError(
+                f"the certificate's classifier uses features={learned.features_!r}; the runtime supports only "
+                "features='hidden' (hidden state + saturation, O(d) per layer)"
+            )
+        _fitted_iv(name, learned.n_layers_, learned.n_features_ - 1, n_layers, hidden_size)
+        layers = [layer if layer["constant"] is None else layer["constant"] for layer in learned.to_dict()["layers"]]
+        return _LogisticLayers(name, layers, hidden_size, device)
+    sequence = name == "halting_sequence_multinomial"
+    hidden_fit = learned.n_features_ - (learned.n_layers_ - 1 if sequence else 1)  # d + L - 1, or d + 1
+    _fitted_iv(name, learned.n_layers_, hidden_fit, n_layers, hidden_size)
+    models = learned.to_dict()["models"]  # validated by from_dict
+    if name == "halting_geometric":
+        return _LogisticLayers(name, models, hidden_size, device)
+    per = "sequence" if sequence else "token"
+    return _DepthCDF(name, models[0], learned.classes_, n_layers, per=per, device=device)
+
+
 def build_measure(
-    name: str, *, state: Mapping[str, Any] | None, n_layers: int, hidden_size: int, vocab_size: int, dtype, device
+    name: str, *, state: Mapping[str, Any] | None, n_layers: int, hidden_size: int, vocab_size: int, device
 ) -> RuntimeMeasure:
-    """The runtime measure ``name`` (validated by the caller against :data:`RUNTIME_MEASURES`)."""
+    """The runtime measure ``name``.
+
+    Parameters
+    ----------
+    name : str
+        One of :data:`RUNTIME_MEASURES`.
+    state : dict or None
+        The certificate's ``measure_state``: the learned measures' JSON state, None for the others.
+    n_layers, hidden_size, vocab_size : int
+        The model's decoder layers ``L``, width ``d`` and the exit heads' vocabulary size ``V``.
+    device : torch.device
+        Where the model runs.
+
+    Returns
+    -------
+    RuntimeMeasure
+
+    Raises
+    ------
+    ValueError
+        When ``name`` is unknown, or a learned measure's ``state`` is missing, invalid (the message says
+        why), of another measure, or fitted on another layer count or hidden size than the model's.
+    TypeError
+        When a learned measure's ``state`` has entries of the wrong type.
+    """
     if name == "state_saturation":
         return _Saturation()
     if name in _SOFTMAX:
         return _Softmax(name, vocab_size)
-    if name == "classifier":
-        if state is None:
-            raise ValueError("the certificate's measure is 'classifier' but it carries no measure_state")
-        return _Classifier(state, n_layers, hidden_size, dtype=dtype, device=device)
+    if name in RUNTIME_MEASURES:
+        return _learned(name, state, n_layers, hidden_size, device)
     raise ValueError(f"measure must be one of {RUNTIME_MEASURES}, got {name!r}")

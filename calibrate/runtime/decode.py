@@ -225,10 +225,11 @@ def generate(
         When the architecture is unsupported (naming it and the supported ones); the certificate is for
         another knob, another layer count, other exit heads (``certificate.heads`` differs from
         ``heads.describe()``: the message names each differing key, e.g. ``vocab_size`` or
-        ``adapters_digest``, with both values), a measure the runtime cannot evaluate, or its classifier
-        does not fit the model; decoder-only prompts are right-padded; a row is empty; the prompt (or
-        the encoder input) is too long for the model's context (nothing is truncated); an
-        encoder-decoder model has no start token; or an argument is out of range.
+        ``adapters_digest``, with both values), a measure the runtime cannot evaluate, or a learned
+        measure whose ``measure_state`` is missing, invalid, of another measure or fitted for another layer
+        count or hidden size; decoder-only prompts are right-padded; a row is empty; the prompt (or the
+        encoder input) is too long for the model's context (nothing is truncated); an encoder-decoder
+        model has no start token; or an argument is out of range.
     TypeError
         When an argument has the wrong type.
 
@@ -238,10 +239,18 @@ def generate(
       ``i < L`` with ``conf_i >= lambda_t``, ``lambda_t = clip(0.9 lambda + 0.1 exp(-tau t / N), 0, 1)``
       with the certificate's decay, else at layer ``L``; it is emitted as ``argmax heads(h_i, layer=i)``.
       The comparison is done in float64 on the float32 confidence, like the calibration.
-    - **Prompt.** The prompt runs every layer (like an encoder); the first new token's exit layer is
-      decided on the prompt's last position, layer by layer, exactly as in the cache. For
-      encoder-decoder models the encoder runs once, every layer, and the decoder's prompt is the start
-      token, which likewise runs every decoder layer while the first token's exit is decided.
+    - **Prompt.** The prompt runs every layer (like an encoder); then the first new token's exit layer is
+      decided on the prompt's last position, layer by layer, exactly as in the cache, whose first token
+      of a sequence holds those states. For encoder-decoder models the encoder runs once, every layer,
+      and the decoder's prompt is the start token, which likewise runs every decoder layer.
+    - **Halting heads.** ``halting_geometric`` scores each layer as the classifier does.
+      ``halting_token_multinomial`` predicts each token's depth distribution when the token leaves
+      layer 1; its confidence at layer ``i`` is ``P(depth <= i)``. ``halting_sequence_multinomial``
+      predicts one depth distribution per row, once, from the states of the prompt's last position at
+      every layer (the prompt pass computes them all before the first token's exit is decided), i.e.
+      from the cache's first generated token of the sequence, as it was trained (encoder-decoder models:
+      the start token's decoder states, which see the encoder through cross-attention); every token of
+      the row then uses it.
     - **State propagation.** For a token that exited at layer ``i``, every layer ``j > i`` stores keys and
       values computed from the exit state ``h_i`` through layer ``j``'s own input norm (pre-norm layers;
       BART's post-norm layers project ``h_i`` itself) and K/V projections (RoPE included); its attention,
@@ -250,7 +259,8 @@ def generate(
     - **Batches.** Each row exits on its own. A layer runs only for the rows still active; exited rows
       only propagate (~2 ``d x d_kv`` products); finished rows do nothing. The rows' decisions need one
       device synchronisation per layer.
-    - **Measure cost.** ``state_saturation`` and ``classifier`` cost ``O(d)`` per row and layer; the
+    - **Measure cost.** ``state_saturation``, ``classifier`` and ``halting_geometric`` cost ``O(d)`` per
+      row and layer, the multinomial halting heads ``O(d L)`` per token (token) or per row (sequence); the
       softmax measures need the vocabulary-sized head at every layer tried, which on small models with
       large vocabularies costs more than the layers saved (benchmarks/runtime.py measures it).
     - **Special tokens.** ``model.generate`` stops rows only on the generation config's EOS; extraction
@@ -641,7 +651,6 @@ def _generate_iv(
             n_layers=n_layers,
             hidden_size=adapter.hidden_size,
             vocab_size=heads.vocab_size,
-            dtype=adapter.dtype,
             device=device,
         )
     eos, pad_token_id = special_tokens
@@ -684,15 +693,20 @@ class _Exits:
         needs_logits = run.measure is not None and run.measure.needs_logits
         self.logits = torch.empty((n, run.heads.vocab_size), device=device) if needs_logits else None  # (n, V)
 
-    def test(self, run: _Run, i: int, lam: float, h: torch.Tensor, prev: torch.Tensor) -> torch.Tensor | None:
-        """Rows (of ``h``, the active rows' states after layer ``i``) whose token exits at layer ``i``."""
+    def test(
+        self, run: _Run, i: int, lam: float, h: torch.Tensor, prev: torch.Tensor, rows: torch.Tensor
+    ) -> torch.Tensor | None:
+        """Rows (of ``h``, the active rows' states after layer ``i``) whose token exits at layer ``i``.
+
+        ``prev`` ``(m, d)`` are their inputs of layer ``i``, ``rows`` ``(m,)`` their indices in the batch.
+        """
         cfg = run.config
         if cfg.full_model or i == cfg.n_layers - 1:
             return None
         if cfg.exit_layer is not None:
             return torch.ones(h.shape[0], dtype=torch.bool, device=h.device) if i + 1 == cfg.exit_layer else None
         logits = run.heads(h, layer=i).float() if run.measure.needs_logits else None  # (m, V)
-        passed = run.measure(i, h, prev, logits).double() >= lam  # (m,)
+        passed = run.measure(i, h, prev, logits, rows).double() >= lam  # (m,)
         if logits is not None:
             self._pending_logits = logits[passed]
         return passed
@@ -748,31 +762,38 @@ def _decode(
     positions = (attention_mask.cumsum(dim=1) - 1).clamp_min(0)  # (B, P)
     first_new_position = attention_mask.sum(dim=1)  # (B,) position of the first generated token
 
-    # 3. Prefill: the whole prompt runs every layer; the first token's exit is decided on the last
-    #    position, layer by layer.
+    # 3. Prefill: the whole prompt runs every layer; keep the last position's input and layer outputs.
     causal = torch.ones((P, P), dtype=torch.bool, device=device).tril()  # (P, P)
     diagonal = torch.eye(P, dtype=torch.bool, device=device)  # padding queries see themselves: no empty row
     allowed = (causal[None] & keys_visible[:, None, :P]) | diagonal[None]  # (B, P, P)
     step = Step(None, 0, positions, additive_mask(allowed, dtype)[:, None])  # mask (B, 1, P, P)
     h = adapter.embed(input_ids, positions)  # (B, P, d)
     pos_data = adapter.positional(h, step)  # RoPE cos/sin, T5's relative position bias, or None
+    last = [h[:, -1]]
+    for i in range(L):
+        h = adapter.layer(i, h, step, cache, pos_data)  # (B, P, d)
+        last.append(h[:, -1])
+    last_states = torch.stack(last, dim=1)  # (B, L+1, d): embedding, then the output of layers 1..L
+    if run.measure is not None:
+        run.measure.prefill(last_states[:, 1:])  # e.g. the sequence halting head's depth distribution
+
+    # 4. The first token's exit, decided on the last position layer by layer, as in the cache.
     lam = cfg.threshold(0)
     exits = _Exits(B, run, device)
     open_rows = torch.arange(B, device=device)  # rows whose first token has not exited yet
     for i in range(L):
-        prev = h[open_rows, -1]  # (m, d) input of layer i at the last position
-        h = adapter.layer(i, h, step, cache, pos_data)  # (B, P, d)
-        passed = exits.test(run, i, lam, h[open_rows, -1], prev) if open_rows.numel() else None
+        h_open = last_states[open_rows, i + 1]  # (m, d)
+        passed = exits.test(run, i, lam, h_open, last_states[open_rows, i], open_rows) if open_rows.numel() else None
         if passed is not None and bool(passed.any()):
-            exits.record(run, i, open_rows[passed], h[open_rows[passed], -1])
+            exits.record(run, i, open_rows[passed], h_open[passed])
             open_rows = open_rows[~passed]
-    logits = exits.emit(run, open_rows, h[open_rows, -1])  # (B, V)
+    logits = exits.emit(run, open_rows, last_states[open_rows, L])  # (B, V)
     t = 0
     rows = torch.arange(B, device=device)
     layer_of = exits.layer
 
     while True:
-        # 4. Emit token t of the unfinished rows (logits processors as in HF greedy search), record exits.
+        # 5. Emit token t of the unfinished rows (logits processors as in HF greedy search), record exits.
         if logits_processor is not None:  # processors may be batch-aware: give them every row
             every = logits.new_zeros((B, logits.shape[1])).index_copy_(0, rows, logits)  # (B, V)
             logits = logits_processor(sequences[:, : P + t], every)[rows]  # (n, V)
@@ -780,7 +801,7 @@ def _decode(
         sequences[rows, P + t] = token
         exit_layers[rows, t] = layer_of
         thresholds.append(lam)
-        # 5. Rows that produced EOS (or meet a stopping criterion) finish; stop when all have.
+        # 6. Rows that produced EOS (or meet a stopping criterion) finish; stop when all have.
         if stopping_criteria is not None:
             unfinished &= ~stopping_criteria(sequences[:, : P + t + 1], None).to(device)
         elif eos.numel():
@@ -789,7 +810,7 @@ def _decode(
         if t == T or not bool(unfinished.any()):
             break
 
-        # 6. Next step: the unfinished rows feed their last token at cache column P + t - 1.
+        # 7. Next step: the unfinished rows feed their last token at cache column P + t - 1.
         rows = torch.nonzero(unfinished).reshape(-1)  # (n,) global row indices
         n = rows.numel()
         global_rows = None if n == B else rows
@@ -802,7 +823,7 @@ def _decode(
         lam = cfg.threshold(t)
         exits = _Exits(n, run, device)
 
-        # 7. Layers: active rows run the layer (gathered when not all), exited rows only propagate
+        # 8. Layers: active rows run the layer (gathered when not all), exited rows only propagate
         #    their frozen exit state into the layer's keys/values.
         active: torch.Tensor | None = None  # local indices of the active rows; None = all n rows
         done: torch.Tensor | None = None  # local indices of the rows that exited
@@ -818,7 +839,8 @@ def _decode(
                 h[active] = h_act
             else:
                 continue
-            passed = exits.test(run, i, lam, h_act[:, -1], prev[:, -1])  # (m,) or None
+            batch_rows = rows if active is None else rows[active]  # (m,) the active rows' batch indices
+            passed = exits.test(run, i, lam, h_act[:, -1], prev[:, -1], batch_rows)  # (m,) or None
             if passed is None or not bool(passed.any()):
                 continue
             local = torch.arange(n, device=device) if active is None else active
@@ -826,7 +848,7 @@ def _decode(
             done = local[passed] if done is None else torch.cat([done, local[passed]])
             active = local[~passed]
 
-        # 8. Logits of every unfinished row: exited rows through their exit layer, the rest through layer L.
+        # 9. Logits of every unfinished row: exited rows through their exit layer, the rest through layer L.
         rest = active if active is not None else None
         logits = exits.emit(run, rest, h[:, -1] if rest is None else h[rest, -1])  # (n, V)
         layer_of = exits.layer

@@ -18,8 +18,9 @@ agreeing layer, the halting heads' default training target), the same with the "
 layer after which the prediction never changes again), and the bound at empirical risk ``delta`` (in-sample,
 so below anything certifiable).
 
-Certificates are computed with the public pieces, ``calibrate.proxy_losses`` and ``calibrate.certify``, and
-audited on the test part the same way (``calibrate.audit`` recomputes only the measures ``calibrate.fit`` knows).
+Certificates are computed with the public pieces, ``calibrate.proxy_losses`` and ``calibrate.certify``, on
+one split shared by every measure (``calibrate.fit`` would draw each learned measure's train split itself),
+and audited on the test part the same way.
 
 Run: ``python benchmarks/measures_comparison.py [--cache DIR] [--sequences 2000] [--delta 0.1]
 [--epsilon 0.05] [--consistency token] [--seed 0]``. On a machine shared with other jobs, set
@@ -36,9 +37,9 @@ import numpy as np
 
 import calibrate
 from calibrate.exits import default_lambdas
-from measures.classifier import ExitClassifier
 from measures.confidence import confidence
-from measures.halting import HALTING_MEASURES, HaltingHead
+from measures.halting import HALTING_MEASURES
+from measures.learned import LEARNED_MEASURES, train_measure
 from measures.oracles import consistency_oracle, oracle_average_layers
 
 #: Measures compared, in print order.
@@ -76,12 +77,9 @@ class Row:
 def _confidences(measure: str, train, parts, seed: int) -> tuple[list[np.ndarray], float]:
     """The measure's (n_tokens, n_layers) confidences on each cache of ``parts``, and the training time."""
     start = time.perf_counter()
-    if measure == "classifier":
-        model = ExitClassifier(seed=seed).fit(train)
-    elif measure in HALTING_MEASURES:
-        model = HaltingHead(measure.removeprefix("halting_")).fit(train)
-    else:
+    if measure not in LEARNED_MEASURES:
         return [confidence(part, measure) for part in parts], time.perf_counter() - start
+    model = train_measure(measure, train, seed=seed)
     seconds = time.perf_counter() - start
     return [model.predict_confidence(part) for part in parts], seconds
 

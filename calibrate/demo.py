@@ -5,7 +5,8 @@ Two defaults:
 - :func:`smollm2_demo` (when the real model is installed): SmolLM2-135M-Instruct summarising Debian
   package descriptions in one sentence. Extract a layer cache of the train split with hidden states, fit
   per-layer exit adapters on it, extract the calibration and test splits through the adapted heads, certify
-  a threshold per confidence measure (delta, epsilon), audit each on the held-out split, then decode the
+  a threshold per confidence measure (delta, epsilon; the learned measures train on the train split),
+  audit each on the held-out split, then decode the
   held-out prompts with the early-exit runtime and the certificate and time it against the full model.
 - :func:`synthetic_demo` (no model needed): the same certification and audit on a synthetic cache, plus a
   validity study (repeated random splits).
@@ -28,6 +29,7 @@ import pandas as pd
 import calibrate
 from calibrate.audit import audit
 from calibrate.fit import fit
+from measures.learned import LEARNED_MEASURES
 
 __all__ = ["SmolLM2Data", "certify_measures", "smollm2_data", "smollm2_demo", "synthetic_demo"]
 
@@ -35,7 +37,9 @@ __all__ = ["SmolLM2Data", "certify_measures", "smollm2_data", "smollm2_demo", "s
 REAL_MEASURES = ("state_saturation", "classifier", "halting_geometric", "softmax_gap")
 
 
-def certify_measures(dev, test, measures, out: Path, *, delta: float, epsilon: float, seed: int, **fit_kw) -> tuple:
+def certify_measures(
+    dev, test, measures, out: Path, *, delta: float, epsilon: float, seed: int, train=None, **fit_kw
+) -> tuple:
     """Fit and audit one certificate per measure; write ``cert_<measure>.json`` and ``audit_<measure>.png``.
 
     Parameters
@@ -49,7 +53,10 @@ def certify_measures(dev, test, measures, out: Path, *, delta: float, epsilon: f
     delta, epsilon : float
         Risk tolerance and failure probability, in (0, 1).
     seed : int
-        Seed of the classifier's train split.
+        Seed of the learned measures' train split (when ``train`` is None).
+    train : LayerCache, optional
+        Training sequences of the learned measures (through the same heads as ``dev``); by default they
+        train on a seeded split of ``dev``.
     **fit_kw
         Passed to :func:`calibrate.fit` (e.g. ``consistency``).
 
@@ -62,7 +69,8 @@ def certify_measures(dev, test, measures, out: Path, *, delta: float, epsilon: f
     """
     rows, certificates = [], {}
     for measure in measures:
-        cert = fit(dev, delta=delta, epsilon=epsilon, measure=measure, seed=seed, **fit_kw)
+        learned = {"train_cache": train} if train is not None and measure in LEARNED_MEASURES else {}
+        cert = fit(dev, delta=delta, epsilon=epsilon, measure=measure, seed=seed, **learned, **fit_kw)
         report = audit(cert, test)
         cert.to_json(out / f"cert_{measure}.json")
         report.plot().savefig(out / f"audit_{measure}.png", dpi=100)
@@ -174,7 +182,8 @@ def smollm2_demo(
         f"epsilon = {epsilon:g}\n"
     )
     table, certificates = certify_measures(
-        dev, test, REAL_MEASURES, out, delta=delta, epsilon=epsilon, seed=seed, consistency=consistency
+        dev, test, REAL_MEASURES, out, delta=delta, epsilon=epsilon, seed=seed, consistency=consistency,
+        train=data.train_adapted,
     )
     _print_table(table)
     # 3. Spend each certificate: decode the held-out prompts with the runtime, timed against the full model.
@@ -226,6 +235,8 @@ class SmolLM2Data:
     train, dev, test : LayerCache
         Layer caches (hidden states kept, references attached) of the first prompts of each split: ``train``
         through the plain head (it fitted the adapters), ``dev`` and ``test`` through ``heads``.
+    train_adapted : LayerCache
+        ``train`` re-scored through ``heads`` (:func:`calibrate.rehead`): where the learned measures train.
     """
 
     model: Any
@@ -235,6 +246,7 @@ class SmolLM2Data:
     train: Any = field(repr=False)
     dev: Any = field(repr=False)
     test: Any = field(repr=False)
+    train_adapted: Any = field(repr=False)
 
 
 def smollm2_data(
@@ -264,7 +276,7 @@ def smollm2_data(
     """
     from calibrate.adapters import train_adapters
     from calibrate.data import load_task
-    from calibrate.extraction import extract
+    from calibrate.extraction import extract, rehead
     from calibrate.models import smollm2
 
     say = print if progress else (lambda *_: None)
@@ -293,9 +305,8 @@ def smollm2_data(
 
     train = cache_of("train", n_train)
     heads = train_adapters(model, train)
-    return SmolLM2Data(
-        model, tokenizer, heads, tasks, train, cache_of("calibration", n_cal, heads), cache_of("test", n_test, heads)
-    )
+    dev, test = cache_of("calibration", n_cal, heads), cache_of("test", n_test, heads)
+    return SmolLM2Data(model, tokenizer, heads, tasks, train, dev, test, rehead(train, heads))
 
 
 def _plot_agreement(plain: np.ndarray, adapted: np.ndarray, path: Path) -> None:

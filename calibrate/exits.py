@@ -356,6 +356,13 @@ def average_layers(conf, lambdas, *, offsets=None, decay: Decay | None = None) -
     decay : Decay, optional
         Decaying threshold.
 
+    Returns
+    -------
+    ndarray of float, shape (n_lambdas,)
+        Mean exit layer (1-based) over all tokens, at each threshold.
+
+    Notes
+    -----
     Computed in one compiled pass, without materialising the exit layers.
     """
     lam, conf, offsets = _sweep_iv(conf, lambdas, offsets, decay)

@@ -32,7 +32,7 @@ from calibrate.cache import LayerCache, open_cache
 from calibrate.heads import ExitHeads, decoder_layers, record_layer_states
 from measures.confidence import state_saturation
 
-__all__ = ["concat_caches", "extract", "extract_main", "read_prompts"]
+__all__ = ["concat_caches", "extract", "extract_main", "read_prompts", "rehead"]
 
 #: Name of shard ``i`` under ``shard_dir``.
 _SHARD_NAME = "batch_{:05d}"
@@ -262,6 +262,75 @@ def concat_caches(caches: Sequence[LayerCache]) -> LayerCache:
         vocab=first.vocab,
         vocab_size=first.vocab_size,
         meta=meta,
+    )
+
+
+def rehead(cache: LayerCache, heads: ExitHeads) -> LayerCache:
+    """The same sequences as ``cache``, with what each layer predicts recomputed through other ``heads``.
+
+    After fitting exit adapters on a train cache (extracted through the plain head), this gives that
+    cache as if it had been extracted through the adapted heads, without running the model again: the
+    learned measures can then train on the train split with the labels (agreement of each layer's
+    prediction with the full model) that the calibration split and the runtime use.
+
+    Parameters
+    ----------
+    cache : LayerCache
+        With hidden states (``extract(..., store_hidden=True)``).
+    heads : ExitHeads
+        What each layer predicts now; its layer count and width must match the hidden states.
+
+    Returns
+    -------
+    LayerCache
+        Full-model tokens, texts, hidden states and saturation unchanged; top-k ids and log-probabilities,
+        softmax gap/max and entropy recomputed; ``meta["heads"] = heads.describe()``.
+
+    Raises
+    ------
+    ValueError
+        When the cache has no hidden states, or their shape does not match ``heads``.
+
+    Notes
+    -----
+    The cache stores hidden states in float16, so the recomputed log-probabilities differ from those of
+    an extraction through ``heads`` by that rounding (a top-1 token may differ where two are nearly tied).
+    """
+    if not isinstance(cache, LayerCache):
+        raise TypeError(f"cache must be a LayerCache, got {type(cache).__name__}")
+    if not isinstance(heads, ExitHeads):
+        raise TypeError(f"heads must be a calibrate.ExitHeads, got {type(heads).__name__}")
+    if not cache.has("hidden"):
+        raise ValueError("cache stores no hidden states; extract it with store_hidden=True")
+    if (heads.n_layers, heads.hidden_size) != (cache.n_layers, cache.hidden_size):
+        raise ValueError(
+            f"the heads have n_layers={heads.n_layers}, hidden_size={heads.hidden_size} but the cache's hidden "
+            f"states have n_layers={cache.n_layers}, hidden_size={cache.hidden_size}"
+        )
+    if heads.vocab_size != cache.vocab_size:
+        raise ValueError(f"the heads have vocab_size={heads.vocab_size} but the cache has {cache.vocab_size}")
+    param = next(heads.parameters(), None)
+    device, dtype = ("cpu", torch.float32) if param is None else (param.device, param.dtype)
+    states = torch.from_numpy(np.asarray(cache.arrays["hidden"], dtype=np.float32)).to(device, dtype)
+    measures = _layer_measures(heads, states, cache.top_k)
+    replaced = ("topk_ids", "topk_logprobs", "softmax_gap", "softmax_max", "entropy")
+    scores = {name: measures[name].cpu().numpy() for name in replaced[2:]}
+    scores.update({name: a for name, a in cache.arrays.items() if name not in (*replaced, "full_tokens", "hidden")})
+    table = cache.sequences
+    return LayerCache.from_arrays(
+        full_tokens=cache.arrays["full_tokens"],
+        topk_ids=measures["topk_ids"].cpu().numpy(),
+        topk_logprobs=measures["topk_logprobs"].cpu().numpy(),
+        lengths=cache.lengths,
+        scores=scores,
+        hidden=cache.arrays["hidden"],
+        prompts=table["prompt"].tolist(),
+        outputs=table["output"].tolist(),
+        references=[r if isinstance(r, str) else None for r in table["reference"].tolist()],
+        ids=table["id"].tolist(),
+        vocab=cache.vocab,
+        vocab_size=cache.vocab_size,
+        meta={**{k: v for k, v in cache.user_meta.items() if k != "shard"}, "heads": heads.describe()},
     )
 
 

@@ -213,14 +213,33 @@ def _decay_iv(decay, cache) -> Decay | None:
     raise TypeError(f"decay must be None, a Decay, a dict or a float tau, got {type(decay).__name__}")
 
 
-def _calibration_split(cache, measure: str, train_fraction: float, seed: int):
-    """``(train, calibration)`` caches: a seeded split by sequence for a learned measure, else ``(None, cache)``."""
+def _calibration_split(cache, measure: str, train_fraction: float, seed: int, train_cache=None):
+    """``(train, calibration)`` caches for ``measure``.
+
+    A learned measure trains on ``train_cache`` when given (and is calibrated on all of ``cache``), else on a
+    seeded split by sequence; any other measure gets ``(None, cache)``.
+    """
     from measures.learned import LEARNED_MEASURES
 
     if measure not in LEARNED_MEASURES:
+        if train_cache is not None:
+            raise ValueError(f"train_cache is used only by the learned measures {LEARNED_MEASURES}, not {measure!r}")
         return None, cache
-    train_fraction = open_interval(train_fraction, "train_fraction")
-    return cache.split([train_fraction, 1.0 - train_fraction], seed=seed)
+    if train_cache is None:
+        train_fraction = open_interval(train_fraction, "train_fraction")
+        return cache.split([train_fraction, 1.0 - train_fraction], seed=seed)
+    if not hasattr(train_cache, "checksum") or not hasattr(train_cache, "user_meta"):
+        raise TypeError(f"train_cache must be a calibrate.LayerCache, got {type(train_cache).__name__}")
+    if train_cache.checksum == cache.checksum:
+        raise ValueError("train_cache is the calibration cache itself; the measure must train on other sequences")
+    for what in ("heads", "model"):
+        if train_cache.user_meta.get(what) != cache.user_meta.get(what):
+            raise ValueError(
+                f"train_cache and the calibration cache were extracted with different {what} "
+                f"({train_cache.user_meta.get(what)!r} vs {cache.user_meta.get(what)!r}); "
+                "re-score the train cache with calibrate.rehead(train_cache, heads)"
+            )
+    return train_cache, cache
 
 
 def fit(
@@ -243,6 +262,7 @@ def fit(
     tokenizer=None,
     heads=None,
     batch_size: int = 8,
+    train_cache=None,
 ) -> Certificate:
     """Certify an early-exit threshold from a development layer cache (proxy mode) or its prompts (decoded mode).
 
@@ -258,8 +278,8 @@ def fit(
 "halting_geometric", "halting_token_multinomial", "halting_sequence_multinomial"}
         Confidence measure. The learned ones (:data:`measures.learned.LEARNED_MEASURES`: the per-layer
         logistic exit classifier and the Depth-Adaptive Transformer halting heads) are trained on a random
-        ``train_fraction`` of the sequences and calibrated on the others (disjoint, as the guarantee
-        requires); they need hidden states in the cache.
+        ``train_fraction`` of the sequences, or on ``train_cache``, and calibrated on the others (disjoint,
+        as the guarantee requires); they need hidden states in the cache.
     consistency : str, default="token"
         Loss, one of :data:`calibrate.losses.CONSISTENCIES`.
     bound, method
@@ -291,6 +311,10 @@ def fit(
         Decoded mode only: what a layer predicts (default ``ExitHeads.from_model(model)``).
     batch_size : int, default=8
         Decoded mode only: prompts per runtime call.
+    train_cache : LayerCache, optional
+        Learned measures only: train on these sequences (e.g. a task's train split, through the same heads
+        as ``cache``; see :func:`calibrate.rehead`) and calibrate on all of ``cache``, instead of splitting
+        ``cache`` by ``train_fraction``.
 
     Returns
     -------
@@ -345,6 +369,7 @@ def fit(
             tokenizer=tokenizer,
             heads=heads,
             batch_size=batch_size,
+            train_cache=train_cache,
         )
     if mode != "proxy":
         raise ValueError(
@@ -363,6 +388,7 @@ def fit(
         seed=seed,
         decode=decode,
         progress=progress,
+        train_cache=train_cache,
     )
     cert = certify(table, delta=delta, epsilon=epsilon, bound=bound, method=method)
     return dataclasses.replace(
@@ -378,7 +404,7 @@ def fit(
 
 
 def _fit_cache_decoded(
-    cache, delta, epsilon, *, model, tokenizer, train_fraction, seed, decay, **options
+    cache, delta, epsilon, *, model, tokenizer, train_fraction, seed, decay, train_cache, **options
 ) -> Certificate:
     """fit(mode="decoded"): decode the prompts of the cache's calibration split with the cache's settings."""
     if model is None or tokenizer is None:
@@ -395,7 +421,7 @@ def _fit_cache_decoded(
     from calibrate.decoded import fit_decoded
 
     decay = _decay_iv(decay, cache)
-    train, calibration = _calibration_split(cache, options["measure"], train_fraction, seed)
+    train, calibration = _calibration_split(cache, options["measure"], train_fraction, seed, train_cache)
     table = calibration.sequences
     cert = fit_decoded(
         model,
@@ -424,10 +450,12 @@ def _proxy_table(
     seed: int = 0,
     decode=None,
     progress: bool = False,
+    train_cache=None,
 ) -> tuple[LossTable, Decay | None, dict | None, int]:
-    """fit's data step: ``(calibration loss table, decay, classifier state or None, training sequences)``.
+    """fit's data step: ``(calibration loss table, decay, learned measure's state or None, training sequences)``.
 
-    The classifier measure trains on a seeded split and the table holds only the other sequences.
+    A learned measure trains on ``train_cache`` or else on a seeded split, and the table holds only the
+    other sequences.
     """
     from measures.confidence import MEASURES, confidence
     from measures.learned import LEARNED_MEASURES, train_measure
@@ -440,7 +468,7 @@ def _proxy_table(
     decay = _decay_iv(decay, cache)
     lam = default_lambdas() if lambdas is None else lambdas
     measure_state, n_train = None, 0
-    train, cache = _calibration_split(cache, measure, train_fraction, seed)
+    train, cache = _calibration_split(cache, measure, train_fraction, seed, train_cache)
     if train is not None:
         learned = train_measure(measure, train, seed=int(seed))
         conf = learned.predict_confidence(cache)

@@ -404,7 +404,7 @@ class ExitHeads(nn.Module):
         ----------
         hidden_states : sequence of torch.Tensor
             ``L + 1`` tensors ``(batch, seq, d)``: the embedding output, then one per layer, the last one
-            already normalised when :attr:`normalized_last_hidden_state` (as the model returns it with
+            already normalised when ``normalized_last_hidden_state`` is true (as the model returns it with
             ``output_hidden_states=True``; ``decoder_hidden_states`` for encoder-decoder models).
 
         Returns

@@ -5,7 +5,7 @@ import pytest
 import torch
 from _tiny_hf import tiny_model, tiny_tokenizer
 
-from calibrate import extract
+from calibrate import extract, rehead
 from calibrate.adapters import layer_agreement, load_adapters, save_adapters, train_adapters
 from calibrate.cache import LayerCache
 from calibrate.heads import ExitHeads
@@ -115,3 +115,35 @@ def test_bad_input(model, real_cache):
         train_adapters(model, "cache")
     with pytest.raises(ValueError, match="no adapters"):
         save_adapters(ExitHeads.from_model(model), "x.safetensors")
+
+
+def test_rehead_equals_an_extraction_through_the_new_heads(model, real_cache):
+    """Re-scoring the plain-head cache through adapters gives what extracting through them gives."""
+    heads = train_adapters(model, real_cache)
+    prompts = real_cache.sequences["prompt"].tolist()
+    direct = extract(model, tiny_tokenizer(), prompts, max_new_tokens=8, heads=heads, store_hidden=True, progress=False)
+    redone = rehead(real_cache, heads)
+    assert redone.user_meta["heads"] == heads.describe() == direct.user_meta["heads"]
+    assert real_cache.user_meta["heads"] != heads.describe()
+    np.testing.assert_array_equal(redone.arrays["full_tokens"], direct.arrays["full_tokens"])
+    np.testing.assert_array_equal(redone.arrays["hidden"], real_cache.arrays["hidden"])
+    np.testing.assert_array_equal(redone.arrays["state_saturation"], real_cache.arrays["state_saturation"])
+    assert redone.sequences.equals(real_cache.sequences)
+    # float16 states: the top-1 may flip on a near tie, the log-probabilities move by the rounding
+    top1 = redone.arrays["topk_ids"][:, :, 0] == direct.arrays["topk_ids"][:, :, 0]
+    assert top1.mean() > 0.99
+    np.testing.assert_allclose(redone.arrays["topk_logprobs"][:, :, 0], direct.arrays["topk_logprobs"][:, :, 0], atol=0.02)
+    np.testing.assert_allclose(redone.arrays["softmax_gap"], direct.arrays["softmax_gap"], atol=0.02)
+    # the adapters changed what the cache says (else the test above would prove nothing)
+    assert (redone.arrays["topk_ids"][:, :-1, 0] != real_cache.arrays["topk_ids"][:, :-1, 0]).any()
+
+
+def test_rehead_bad_input(model, real_cache):
+    heads = ExitHeads.from_model(model)
+    with pytest.raises(ValueError, match="no hidden states"):
+        rehead(LayerCache.from_arrays(full_tokens=[1], topk_ids=[[[1, 2]] * 4], lengths=[1], vocab_size=64), heads)
+    other = ExitHeads.from_model(tiny_model("llama", seed=1, n_layers=3))
+    with pytest.raises(ValueError, match="n_layers=3"):
+        rehead(real_cache, other)
+    with pytest.raises(TypeError, match="ExitHeads"):
+        rehead(real_cache, model)

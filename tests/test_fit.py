@@ -306,3 +306,37 @@ def test_halting_measures_train_on_a_disjoint_split_and_audit_rebuilds_them(meas
     assert 0.0 <= report.risk <= 1.0
     with pytest.raises(ValueError, match="not the certificate's"):
         measure_from_state("halting_geometric" if measure != "halting_geometric" else "halting_token_multinomial", cert.measure_state)
+
+
+def test_learned_measure_trains_on_a_given_train_cache():
+    """With train_cache= the measure trains on it and calibrates on all of the calibration cache."""
+    from calibrate.losses import proxy_losses
+    from measures.learned import train_measure
+
+    cache = calibrate.synthetic_cache(240, seed=5)
+    train, cal = cache.split([0.4, 0.6], seed=1)
+    cert = calibrate.fit(cal, measure="classifier", train_cache=train, seed=3)
+    assert (cert.n, cert.n_train) == (cal.n_sequences, train.n_sequences)
+    # the same by hand: train on `train`, calibrate on every sequence of `cal`
+    learned = train_measure("classifier", train, seed=3)
+    table = proxy_losses(cal, learned.predict_confidence(cal), cert.lambdas)
+    manual = calibrate.certify(table, delta=0.1, epsilon=0.05)
+    assert manual.lambda_hat == cert.lambda_hat
+    np.testing.assert_allclose(manual.risks, cert.risks)
+    assert cert.measure_state == learned.to_dict()
+    # and it differs from the default (a seeded split of `cal`)
+    assert calibrate.fit(cal, measure="classifier", seed=3).n < cal.n_sequences
+
+
+def test_train_cache_bad_input():
+    cache = calibrate.synthetic_cache(120, seed=5)
+    train, cal = cache.split([0.5, 0.5], seed=1)
+    with pytest.raises(ValueError, match="only by the learned measures"):
+        calibrate.fit(cal, measure="softmax_gap", train_cache=train)
+    with pytest.raises(ValueError, match="calibration cache itself"):
+        calibrate.fit(cal, measure="classifier", train_cache=cal)
+    other = train.with_meta({**train.user_meta, "heads": {"adapters": True}})
+    with pytest.raises(ValueError, match="different heads"):
+        calibrate.fit(cal, measure="classifier", train_cache=other)
+    with pytest.raises(TypeError, match="LayerCache"):
+        calibrate.fit(cal, measure="classifier", train_cache="train/")

@@ -13,7 +13,7 @@ import numpy as np
 #: Task name -> file in this package. Each line: {"package", "description_md5", "text", "reference"}.
 TASKS = {"debian_summaries": "debian_summaries.jsonl"}
 
-#: Fractions of a task in each split, in permutation order.
+#: Fractions of a task in each split, in permutation order: train 0.4, calibration 0.4, test 0.2.
 SPLITS = {"train": 0.4, "calibration": 0.4, "test": 0.2}
 
 #: What :func:`format_prompt` puts before the text.

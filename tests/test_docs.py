@@ -1,0 +1,62 @@
+"""The documentation: the Sphinx build is clean with warnings as errors, the examples run, nothing is left out."""
+
+import doctest
+import pkgutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import calibrate
+import calibrate.cli
+import measures
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+#: Public modules documented elsewhere than on a page of their own, and where.
+ELSEWHERE = {
+    "calibrate.fit": "calibrate.rst (fit and certify)",
+    "calibrate.synthetic": "calibrate.rst (synthetic_cache)",
+    "calibrate.cli": "cli.rst (generated from the parser)",
+    "calibrate.runtime.decode": "calibrate.runtime.rst (re-exported by calibrate.runtime)",
+}
+
+
+@pytest.mark.slow
+def test_sphinx_build_has_no_warnings(tmp_path):
+    run = subprocess.run(
+        [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html", str(DOCS), str(tmp_path / "html")],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    cli = (tmp_path / "html" / "cli.html").read_text()
+    for command in calibrate.cli._parser()._subparsers._group_actions[0].choices:
+        assert f'id="calibrate-{command}"' in cli, f"the CLI page has no section for `calibrate {command}`"
+
+
+def test_every_public_module_has_a_page():
+    names = [
+        info.name
+        for package in (calibrate, measures)
+        for info in pkgutil.walk_packages(package.__path__, package.__name__ + ".")
+        if not any(part.startswith("_") for part in info.name.split("."))
+    ]
+    pages = {p.stem for p in (DOCS / "api").glob("*.rst")}
+    missing = [name for name in names if name not in pages and name not in ELSEWHERE]
+    assert not missing, f"no API page for {missing}: add docs/api/<module>.rst and list it in docs/api/index.rst"
+    index = (DOCS / "api" / "index.rst").read_text().split()
+    assert not [p for p in pages - {"index"} if p not in index], "an API page is missing from docs/api/index.rst"
+
+
+@pytest.mark.parametrize("page", ["getting_started.md", "concepts.md"])
+def test_page_examples_run(page, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the examples write files
+    result = doctest.testfile(
+        str(DOCS / page),
+        module_relative=False,
+        optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE,
+        verbose=False,
+    )
+    assert result.failed == 0, f"{result.failed} of {result.attempted} examples in docs/{page} fail (run doctest on it)"

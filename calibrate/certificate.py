@@ -221,6 +221,8 @@ class Certificate:
                 f"  certified lambda_hat = {self.lambda_hat:.6g} (risk {self.risk_hat:.4f}, p = {self.p_value:.3g}), "
                 f"{sum(self.certified)} of {len(self.lambdas)} thresholds certified"
             )
+        if self.knob == "token_keep" and self.lambda_hat is not None:
+            lines.append(f"  certified speed-up {1 / self.lambda_hat:.4g}x of the prefill (predicted; lambda = 1 / speed-up)")
         if self.expected_layers is not None and self.n_layers:
             lines.append(
                 f"  expected layers {self.expected_layers:.2f} of {self.n_layers} "

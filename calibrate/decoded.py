@@ -73,6 +73,9 @@ class _Decoder:
         from measures.consistency import PairScorer
 
         self.model, self.tokenizer, self.heads = model, tokenizer, heads
+        #: ``(input_ids, attention_mask, certificate) -> (outputs, exit-layer sum or None)``: one batch decoded
+        #: with the certificate's knob; early exit by default (token elimination swaps it, calibrate.lat).
+        self.run_batch: Callable = self._early_exit
         self.batches, self.max_new_tokens = batches, max_new_tokens
         self.n = sum(int(input_ids.shape[0]) for input_ids, _ in batches)
         self.consistency, self.references, self.decode = consistency, references, decode
@@ -81,26 +84,29 @@ class _Decoder:
         self._full: list[np.ndarray] | None = None
         self._full_texts: list[str] | None = None
 
+    def _early_exit(self, input_ids, attention_mask, certificate: Certificate) -> tuple[list[np.ndarray], int]:
+        out = runtime.generate(
+            self.model,
+            input_ids,
+            attention_mask,
+            certificate=certificate,
+            max_new_tokens=self.max_new_tokens,
+            heads=self.heads,
+            tokenizer=self.tokenizer,  # EOS and pad fall back to the tokenizer's, as in extract()
+        )
+        new = out.new_tokens.cpu().numpy()  # (b, n_steps)
+        exits = out.exit_layers.cpu().numpy()  # (b, n_steps), 0 after a row's EOS
+        lengths = (exits > 0).sum(axis=1)  # (b,)
+        return [new[row, :k] for row, k in enumerate(lengths)], int(exits.sum())
+
     def outputs(self, certificate: Certificate) -> tuple[list[np.ndarray], float]:
-        """Generated ids per prompt (EOS kept, as in a cache) and their token-averaged exit layer."""
-        outputs, layer_sum, n_tokens = [], 0, 0
+        """Generated ids per prompt (EOS kept, as in a cache) and their token-averaged exit layer (NaN if none)."""
+        outputs, layer_sum = [], 0.0
         for input_ids, attention_mask in self.batches:
-            out = runtime.generate(
-                self.model,
-                input_ids,
-                attention_mask,
-                certificate=certificate,
-                max_new_tokens=self.max_new_tokens,
-                heads=self.heads,
-                tokenizer=self.tokenizer,  # EOS and pad fall back to the tokenizer's, as in extract()
-            )
-            new = out.new_tokens.cpu().numpy()  # (b, n_steps)
-            exits = out.exit_layers.cpu().numpy()  # (b, n_steps), 0 after a row's EOS
-            lengths = (exits > 0).sum(axis=1)  # (b,)
-            outputs += [new[row, :k] for row, k in enumerate(lengths)]
-            layer_sum += int(exits.sum())
-            n_tokens += int(lengths.sum())
-        return outputs, layer_sum / n_tokens
+            batch, layers = self.run_batch(input_ids, attention_mask, certificate)
+            outputs += batch
+            layer_sum += math.nan if layers is None else layers
+        return outputs, layer_sum / sum(o.size for o in outputs)
 
     def losses(self, certificate: Certificate) -> tuple[np.ndarray, float]:
         """Losses ``(n,)`` in ``[0, 1]`` of the outputs at ``certificate.lambda_hat``, and their average exit layer."""
@@ -293,6 +299,19 @@ def _template(decoder: _Decoder, lam, heads: ExitHeads, **fields) -> Certificate
     )
 
 
+def _risk_iv(delta, epsilon, bound, consistency) -> tuple[float, float]:
+    """Checked ``(delta, epsilon)``; ``bound`` must be a p-value name, ``"binomial"`` only for 0/1 losses."""
+    delta = open_interval(delta, "delta")
+    epsilon = open_interval(epsilon, "epsilon")
+    if not isinstance(bound, str) or bound not in P_VALUES:
+        raise ValueError(f"bound must be one of {sorted(P_VALUES)}, got {bound!r}")
+    if bound == "binomial" and consistency != "sequence":
+        raise ValueError(
+            f"bound='binomial' is exact for 0/1 losses only, i.e. consistency='sequence'; got {consistency!r}"
+        )
+    return delta, epsilon
+
+
 def _fit_decoded_iv(
     model,
     tokenizer,
@@ -314,14 +333,7 @@ def _fit_decoded_iv(
     decode,
 ) -> tuple[_Decoder, Certificate]:
     """The decoder and the certificate template (nothing tested yet); trains a learned measure if asked."""
-    delta = open_interval(delta, "delta")
-    epsilon = open_interval(epsilon, "epsilon")
-    if not isinstance(bound, str) or bound not in P_VALUES:
-        raise ValueError(f"bound must be one of {sorted(P_VALUES)}, got {bound!r}")
-    if bound == "binomial" and consistency != "sequence":
-        raise ValueError(
-            f"bound='binomial' is exact for 0/1 losses only, i.e. consistency='sequence'; got {consistency!r}"
-        )
+    delta, epsilon = _risk_iv(delta, epsilon, bound, consistency)
     if not (method == _LAZY_METHOD or type(method) is FixedSequence):
         name = method if isinstance(method, str) else type(method).__name__
         raise ValueError(
@@ -551,7 +563,7 @@ def _certify_lazily(decoder: _Decoder, template: Certificate, progress: bool) ->
         risks=tested.risks + untested,
         p_values=tested.p_values + untested,
         certified=tested.certified + (False,) * (k - m),
-        avg_layers=tested.avg_layers + untested,
+        avg_layers=None if template.avg_layers is None else tested.avg_layers + untested,
         reason=tested.reason,
     )
 

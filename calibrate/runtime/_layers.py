@@ -159,6 +159,10 @@ class LayerAdapter(ABC):
     encoder_decoder: bool = False
     #: Sliding-window length of the attention, None for full attention.
     sliding_window: int | None = None
+    #: When True, attention is computed explicitly and :attr:`attention` keeps the last call's
+    #: probabilities ``(n, H, S, S_k)`` and per-head values ``(n, H, S_k, hd)``.
+    record_attention: bool = False
+    attention: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __init__(self, model: nn.Module, layers: nn.ModuleList) -> None:
         self.model = model
@@ -180,9 +184,25 @@ class LayerAdapter(ABC):
     def positional(self, h: torch.Tensor, step: Step):
         """Position data of one step shared by every layer: a tuple of ``(n, ...)`` tensors, or None."""
 
-    @abstractmethod
     def layer(self, i: int, h: torch.Tensor, step: Step, cache: KVCache, pos_data) -> torch.Tensor:
         """Output ``(n, S, d)`` of decoder layer ``i``; writes its keys/values into ``cache``."""
+        return self.finish(i, h, self.attend(i, h, step, cache, pos_data))
+
+    def attend(self, i: int, h: torch.Tensor, step: Step, cache: KVCache, pos_data) -> torch.Tensor:
+        """Self-attention of layer ``i`` before its output projection, ``(n, S, H*hd)``; writes keys/values.
+
+        With :meth:`finish` it splits a decoder-only layer where token elimination removes rows (after
+        attention, before the feed-forward block).
+        """
+        raise NotImplementedError(f"{type(self).__name__} runs whole layers only")
+
+    def finish(self, i: int, h: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """The rest of layer ``i``: output projection and residual, then the feed-forward block -> ``(n, S, d)``."""
+        raise NotImplementedError(f"{type(self).__name__} runs whole layers only")
+
+    def out_weight(self, i: int) -> torch.Tensor:
+        """Layer ``i``'s attention output projection as a ``(H*hd, d)`` matrix (``out = attended @ W``)."""
+        raise NotImplementedError(f"{type(self).__name__} has no separate output projection")
 
     @abstractmethod
     def propagate(self, i: int, h: torch.Tensor, step: Step, cache: KVCache, pos_data) -> None:
@@ -198,9 +218,19 @@ class LayerAdapter(ABC):
         n, _, s, _ = q.shape
         k, v = cache.read(i, step.rows, step.col + s)  # (n, KVH, col + S, hd)
         mask = step.mask if bias is None else (bias if step.mask is None else step.mask + bias)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, scale=scale, enable_gqa=self.n_kv_heads != self.n_heads
-        )  # (n, H, S, hd)
+        if self.record_attention:  # explicit, to keep the probabilities (token elimination scores)
+            group = self.n_heads // self.n_kv_heads
+            kh, vh = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (n, H, col + S, hd)
+            scores = (q @ kh.transpose(-1, -2)) * scale  # (n, H, S, col + S)
+            if mask is not None:
+                scores = scores + mask
+            probs = scores.float().softmax(dim=-1).to(q.dtype)
+            self.attention = (probs, vh)
+            out = probs @ vh  # (n, H, S, hd)
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, scale=scale, enable_gqa=self.n_kv_heads != self.n_heads
+            )  # (n, H, S, hd)
         return out.transpose(1, 2).reshape(n, s, self.n_heads * self.head_dim)
 
 
@@ -253,14 +283,19 @@ class LlamaAdapter(LayerAdapter):
         q = q * cos + _rotate_half(q) * sin
         return q, k, v
 
-    def layer(self, i, h, step, cache, rope):
+    def attend(self, i, h, step, cache, rope):
         block = self.layers[i]
-        attn = block.self_attn
-        x = block.input_layernorm(h)  # (n, S, d)
-        q, k, v = self._qkv(attn, x, rope, query=True)
+        q, k, v = self._qkv(block.self_attn, block.input_layernorm(h), rope, query=True)
         cache.write(i, step.rows, step.col, k, v)
-        h = h + attn.o_proj(self._attend(i, q, step, cache, self.scales[i]))  # (n, S, d)
+        return self._attend(i, q, step, cache, self.scales[i])  # (n, S, H*hd)
+
+    def finish(self, i, h, attended):
+        block = self.layers[i]
+        h = h + block.self_attn.o_proj(attended)  # (n, S, d)
         return h + block.mlp(block.post_attention_layernorm(h))  # (n, S, d)
+
+    def out_weight(self, i):
+        return self.layers[i].self_attn.o_proj.weight.T  # (H*hd, d)
 
     def propagate(self, i, h, step, cache, rope):
         block = self.layers[i]
@@ -296,13 +331,20 @@ class GPT2Adapter(LayerAdapter):
         n, s, _ = x.shape
         return x.view(n, s, -1, self.head_dim).transpose(1, 2)  # (n, H, S, hd)
 
-    def layer(self, i, h, step, cache, pos_data):
+    def attend(self, i, h, step, cache, pos_data):
         block = self.layers[i]
         q, k, v = block.attn.c_attn(block.ln_1(h)).split(self.hidden_size, dim=2)  # (n, S, d) each
         q, k, v = self._heads(q), self._heads(k), self._heads(v)
         cache.write(i, step.rows, step.col, k, v)
-        h = h + block.attn.c_proj(self._attend(i, q, step, cache, self.scales[i]))  # (n, S, d)
+        return self._attend(i, q, step, cache, self.scales[i])  # (n, S, d)
+
+    def finish(self, i, h, attended):
+        block = self.layers[i]
+        h = h + block.attn.c_proj(attended)  # (n, S, d)
         return h + block.mlp(block.ln_2(h))  # (n, S, d)
+
+    def out_weight(self, i):
+        return self.layers[i].attn.c_proj.weight  # Conv1D: x @ W, (d, d)
 
     def propagate(self, i, h, step, cache, pos_data):
         x = self.layers[i].ln_1(h)  # (n, S, d)

@@ -1,0 +1,310 @@
+"""Greedy decoding with token elimination in the prefill (Latency-Adjustable Transformer), decoder-only models.
+
+:func:`generate` runs the prompt through the model layer by layer (the runtime's layer adapters, not the
+model's ``forward``). In a layer ``l`` after which the schedule keeps fewer vectors, the attention is
+computed explicitly, each word vector is scored by its contribution (:mod:`calibrate.lat.scores`) and
+only the best ``keep[l + 1]`` rows are gathered before the output projection and the feed-forward block:
+later layers really run on shorter sequences. Always kept: the first real token of each row (BOS), the
+special tokens and the last prompt token (it predicts the first new token). Positions keep their
+original indices (RoPE and learned absolute positions alike).
+
+Each layer's key/value cache holds the vectors that entered that layer; generated tokens then run every
+layer and attend, at each layer, to that layer's survivors and to the tokens generated so far.
+
+With ``speedup=1`` (or a "full model only" certificate) nothing is removed and the tokens equal
+``model.generate(do_sample=False)``. This module imports torch; ``import calibrate`` does not import it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from calibrate.certificate import Certificate
+from calibrate.heads import ExitHeads, decoder_layers
+from calibrate.lat.schedule import KeepSchedule, _speedup_iv
+from calibrate.lat.scores import SCORES, contribution_scores, value_norms
+from calibrate.runtime._layers import Step, adapter_for, additive_mask
+from calibrate.runtime.decode import _ids_iv, _int_iv, _special_tokens_iv
+
+__all__ = ["LAT_ARCHITECTURES", "EliminationOutput", "generate", "model_id"]
+
+#: ``config.model_type`` values whose prompts :func:`generate` can thin out.
+LAT_ARCHITECTURES: tuple[str, ...] = ("gpt2", "llama", "mistral", "qwen2", "qwen3")
+
+
+@dataclass(frozen=True)
+class EliminationOutput:
+    """Result of :func:`generate`.
+
+    Attributes
+    ----------
+    sequences : torch.Tensor
+        ``(B, P + T)``: the (left-padded) prompt, then the generated tokens (pad after EOS).
+    prompt_length : int
+        ``P``, columns of the prompt.
+    speedup : float
+        The knob (1 = the unmodified model).
+    schedules : tuple of KeepSchedule
+        One per row, for its own prompt length.
+    processed : torch.Tensor
+        ``(B, L)`` long: word vectors of each row that entered each layer in the prefill (the schedule,
+        raised where a row has more always-kept tokens).
+    kept : tuple of torch.Tensor
+        Per layer, ``(B, W_l)`` long: the prompt columns that entered it, ``-1`` for filler.
+    eos_ids : tuple of int
+        The end-of-sequence ids decoding stopped at (a row ends at its first one).
+    """
+
+    sequences: torch.Tensor
+    prompt_length: int
+    speedup: float
+    schedules: tuple[KeepSchedule, ...]
+    processed: torch.Tensor
+    kept: tuple[torch.Tensor, ...]
+    eos_ids: tuple[int, ...] = ()
+
+    @property
+    def new_tokens(self) -> torch.Tensor:
+        """Generated tokens ``(B, T)``."""
+        return self.sequences[:, self.prompt_length :]
+
+    @property
+    def predicted_speedup(self) -> float:
+        """Predicted prefill speed-up of the batch: full multiply-adds over those of the vectors processed."""
+        return float(np.mean([s.predicted_speedup for s in self.schedules]))
+
+    def __repr__(self) -> str:
+        b, t = self.new_tokens.shape
+        return (
+            f"EliminationOutput(batch={b}, new_tokens={t}, speedup={self.speedup:g}, "
+            f"mean vectors per layer={self.processed.float().mean():.1f} of prompt {self.prompt_length})"
+        )
+
+
+def model_id(model: nn.Module) -> str:
+    """A short identity of a model's weights: architecture, sizes and a digest of a few weight tensors.
+
+    A token-elimination certificate records it and :func:`generate` refuses a certificate of another model.
+    """
+    config = model.config
+    layers = decoder_layers(model)
+    h = hashlib.blake2b(digest_size=8)
+    for tensor in (model.get_input_embeddings().weight[:16], *list(layers[-1].parameters())[:2]):
+        h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes()[:4096])
+    return f"{config.model_type}/L{len(layers)}/d{config.hidden_size}/V{config.vocab_size}/{h.hexdigest()}"
+
+
+def _speedup_of(certificate, speedup, model) -> float:
+    """The knob: ``speedup``, or the certified speed-up ``1 / lambda_hat`` of a ``token_keep`` certificate."""
+    if certificate is None:
+        return speedup
+    if not isinstance(certificate, Certificate):
+        raise TypeError(f"certificate must be a calibrate.Certificate or None, got {type(certificate).__name__}")
+    if speedup != 1.0:
+        raise ValueError("give speedup= or certificate=, not both")
+    if certificate.knob != "token_keep":
+        raise ValueError(
+            f"this certificate certifies the knob {certificate.knob!r}; token elimination needs a 'token_keep' "
+            "certificate (from calibrate.lat.fit)"
+        )
+    if certificate.model is not None and certificate.model != model_id(model):
+        raise ValueError(
+            f"this certificate was made for the model {certificate.model!r}, not {model_id(model)!r}; "
+            "certify the model you decode with"
+        )
+    return 1.0 if certificate.lambda_hat is None else 1.0 / float(certificate.lambda_hat)
+
+
+def _always_kept(ids: torch.Tensor, mask: torch.Tensor, special: list[int]) -> torch.Tensor:
+    """``(B, P)`` bool: the first real token, the last prompt token and special tokens of each row."""
+    always = torch.zeros_like(mask, dtype=torch.bool)
+    always[:, -1] = True
+    first = mask.argmax(dim=1)  # left padding: the first 1
+    always[torch.arange(ids.shape[0]), first] = True
+    if special:
+        always |= torch.isin(ids, torch.tensor(special, device=ids.device))
+    return always & mask.bool()
+
+
+def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows ``index`` ``(B, W')`` along dim 1 of ``x`` ``(B, W, ...)``."""
+    return x.gather(1, index.reshape(*index.shape, *([1] * (x.ndim - 2))).expand(*index.shape, *x.shape[2:]))
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    speedup: float = 1.0,
+    certificate: Certificate | None = None,
+    max_new_tokens: int = 32,
+    *,
+    score: str = "attention",
+    tokenizer=None,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+    min_keep: int = 2,
+) -> EliminationOutput:
+    """Greedy decoding whose prefill removes the least contributing word vectors layer by layer.
+
+    Parameters
+    ----------
+    model : transformers.PreTrainedModel
+        A decoder-only model (``config.model_type`` in :data:`LAT_ARCHITECTURES`).
+    input_ids : torch.Tensor
+        ``(B, P)`` prompt ids, left-padded.
+    attention_mask : torch.Tensor, optional
+        ``(B, P)`` 0/1, default all ones.
+    speedup : float, default=1.0
+        Predicted prefill speed-up to aim for, finite and >= 1 (1 = the unmodified model). Each row gets
+        :meth:`KeepSchedule.from_speedup` for its own prompt length; a row too short to reach it gets its
+        most aggressive schedule.
+    certificate : Certificate, optional
+        A ``token_keep`` certificate of this model (from :func:`calibrate.lat.fit`); its certified speed-up
+        and contribution score replace ``speedup`` and ``score``.
+    max_new_tokens : int, default=32
+        Most tokens generated per row.
+    score : {"attention", "value"}, default="attention"
+        Contribution score (:func:`calibrate.lat.scores.contribution_scores`): attention received, or
+        value-weighted.
+    tokenizer : transformers tokenizer, optional
+        Its special tokens are always kept, and its EOS/pad ids are used when the model's generation
+        config has none.
+    eos_token_id, pad_token_id : optional
+        Override the generation config.
+    min_keep : int, default=2
+        Vectors every layer keeps at least.
+
+    Returns
+    -------
+    EliminationOutput
+
+    Raises
+    ------
+    ValueError
+        For a speed-up below 1, NaN or infinite; an unsupported architecture (the message names the
+        supported ones); a certificate for another knob or another model; invalid ids or mask.
+    """
+    config = model.config
+    if getattr(config, "is_encoder_decoder", False) or config.model_type not in LAT_ARCHITECTURES:
+        raise ValueError(
+            f"token elimination does not support model_type {config.model_type!r}; supported: {LAT_ARCHITECTURES}"
+        )
+    speedup = _speedup_of(certificate, _speedup_iv(speedup), model)
+    if certificate is not None and certificate.measure in SCORES:
+        score = certificate.measure  # the score the knob was certified with
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+    max_new_tokens = _int_iv("max_new_tokens", max_new_tokens, 1)
+    adapter = adapter_for(model, decoder_layers(model))
+    heads = ExitHeads.from_model(model)
+    ids, mask = _ids_iv(input_ids, attention_mask, adapter.device, left_padded=True)
+    eos_ids, pad_id = _special_tokens_iv(model, tokenizer, eos_token_id, pad_token_id)
+    special = sorted(set(getattr(tokenizer, "all_special_ids", None) or [])) if tokenizer is not None else []
+    B, P = ids.shape
+    L, T = adapter.n_layers, max_new_tokens
+    lengths = mask.sum(dim=1).tolist()
+    schedules = tuple(KeepSchedule.from_speedup(config, int(n), speedup, min_keep=min_keep, clip=True) for n in lengths)
+    keep = torch.tensor([s.keep for s in schedules], device=adapter.device)  # (B, L)
+
+    # 1. Prefill with elimination; each layer's keys/values stay in the cache.
+    cache = adapter.new_cache(B, P + T)
+    always = _always_kept(ids, mask, special)  # (B, P)
+    h_last, key_valid, kept, processed = _prefill(adapter, ids, mask, keep, always, score, cache)
+    logits = heads(h_last, layer=L - 1).float()  # (B, V)
+
+    # 2. Decode: every layer; at layer i the new token attends to that layer's survivors and new tokens.
+    sequences = torch.full((B, P + T), pad_id, dtype=torch.long, device=ids.device)
+    sequences[:, :P] = ids
+    eos = torch.tensor(eos_ids, dtype=torch.long, device=ids.device)
+    unfinished = torch.ones(B, dtype=torch.bool, device=ids.device)
+    first_new_position = mask.sum(dim=1)  # (B,)
+    t = 0
+    while True:
+        token = torch.where(unfinished, logits.argmax(dim=-1), torch.full_like(unfinished, pad_id, dtype=torch.long))
+        sequences[:, P + t] = token
+        if eos.numel():
+            unfinished &= ~torch.isin(token, eos)
+        t += 1
+        if t == T or not bool(unfinished.any()):
+            break
+        pos = (first_new_position + t - 1)[:, None]  # (B, 1)
+        h = adapter.embed(token[:, None], pos)  # (B, 1, d)
+        pos_data = adapter.positional(h, Step(None, 0, pos, None))
+        for i in range(L):
+            width = key_valid[i].shape[1]
+            col = width + t - 1
+            if bool(key_valid[i].all()):
+                step_mask = None
+            else:
+                visible = torch.ones((B, col + 1), dtype=torch.bool, device=ids.device)
+                visible[:, :width] = key_valid[i]
+                step_mask = additive_mask(visible[:, None, None, :], adapter.dtype)  # (B, 1, 1, col+1)
+            h = adapter.layer(i, h, Step(None, col, pos, step_mask), cache, pos_data)  # (B, 1, d)
+        logits = heads(h[:, -1], layer=L - 1).float()
+    return EliminationOutput(
+        sequences=sequences[:, : P + t],
+        prompt_length=P,
+        speedup=speedup,
+        schedules=schedules,
+        processed=processed,
+        kept=kept,
+        eos_ids=eos_ids,
+    )
+
+
+def _prefill(adapter, ids, mask, keep, always, score, cache):
+    """Run the prompt through every layer, thinning it out where ``keep`` ``(B, L)`` drops.
+
+    Returns the last prompt token's final state ``(B, d)``, per layer the validity ``(B, W_l)`` of the
+    cached keys, per layer the prompt columns that entered it (``-1`` filler), and the counts ``(B, L)``.
+    """
+    B, P = ids.shape
+    L = adapter.n_layers
+    # Per row: states, original positions, real (not filler) and always-kept flags, prompt columns.
+    positions = (mask.cumsum(dim=1) - 1).clamp_min(0)  # (B, P), as Hugging Face generate
+    valid = mask.bool()  # (B, P)
+    columns = torch.arange(P, device=ids.device).expand(B, P)  # (B, P)
+    h = adapter.embed(ids, positions)  # (B, P, d)
+    key_valid, kept, processed = [], [], []
+    pos_data = None
+    for i in range(L):
+        width = h.shape[1]
+        sees = (positions[:, None, :] <= positions[:, :, None]) & valid[:, None, :]  # (B, W, W) query -> key
+        diagonal = torch.eye(width, dtype=torch.bool, device=h.device)  # filler queries see themselves
+        step = Step(None, 0, positions, additive_mask(sees | diagonal, adapter.dtype)[:, None])
+        if pos_data is None:
+            pos_data = adapter.positional(h, step)
+        count = valid.sum(dim=1)  # (B,)
+        target = torch.maximum(keep[:, i + 1], always.sum(dim=1)) if i + 1 < L else count
+        eliminate = bool((target < count).any())
+        adapter.record_attention = eliminate
+        attended = adapter.attend(i, h, step, cache, pos_data)  # (B, W, H*hd), keys/values of all W written
+        key_valid.append(valid)
+        kept.append(torch.where(valid, columns, -1))
+        processed.append(count)
+        if eliminate:
+            probs, values = adapter.attention
+            adapter.attention, adapter.record_attention = None, False
+            norms = value_norms(values, adapter.out_weight(i)) if score == "value" else None
+            s = contribution_scores(probs, sees & valid[:, :, None], norms)  # (B, W)
+            s = s.masked_fill(always, math.inf).masked_fill(~valid, -math.inf)
+            new_width = int(target.max())
+            best = s.topk(new_width, dim=1).indices  # (B, W') best first
+            chosen = torch.arange(new_width, device=h.device)[None, :] < target[:, None]  # (B, W')
+            # filler first, then the chosen columns in prompt order: the last prompt token stays last
+            order = torch.where(chosen, best + width, best).argsort(dim=1)
+            index = best.gather(1, order)  # (B, W')
+            valid = chosen.gather(1, order)
+            h, attended = _gather(h, index), _gather(attended, index)
+            positions, always, columns = (x.gather(1, index) for x in (positions, always, columns))
+            pos_data = None
+        h = adapter.finish(i, h, attended)  # (B, W', d)
+    return h[:, -1], key_valid, tuple(kept), torch.stack(processed, dim=1)

@@ -1,0 +1,400 @@
+"""Token elimination: contribution scores, keep schedules, and decoding that physically thins the prompt."""
+
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from _tiny_hf import BOS, EOS, PAD, tiny_model
+
+from calibrate import lat
+from calibrate.certificate import Certificate
+from calibrate.heads import ExitHeads, decoder_layers
+from calibrate.lat.decode import _always_kept, _prefill
+from calibrate.lat.schedule import KeepSchedule, layer_costs
+from calibrate.runtime._layers import adapter_for
+
+SMOLLM2 = SimpleNamespace(
+    model_type="llama",
+    hidden_size=576,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    intermediate_size=1536,
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# Scores
+# --------------------------------------------------------------------------------------------------
+
+
+def _causal_padded(n: int, width: int, pads: list[int]) -> torch.Tensor:
+    """``(n, W, W)`` real query -> real key under a causal mask, row ``b`` left-padded by ``pads[b]``."""
+    allowed = torch.zeros((n, width, width), dtype=torch.bool)
+    for b, p in enumerate(pads):
+        for i in range(p, width):
+            allowed[b, i, p : i + 1] = True
+    return allowed
+
+
+def _random_probs(allowed: torch.Tensor, heads: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn((allowed.shape[0], heads, *allowed.shape[1:]), generator=g) * 2
+    probs = logits.masked_fill(~allowed[:, None], -math.inf).softmax(dim=-1)
+    return torch.nan_to_num(probs)  # padding queries: all-masked rows
+
+
+def test_scores_equal_a_plain_loop():
+    allowed = _causal_padded(3, 7, [0, 2, 5])
+    probs = _random_probs(allowed, heads=4, seed=0)
+    norms = torch.rand((3, 4, 7), generator=torch.Generator().manual_seed(1)) + 0.1
+    for weighted in (False, True):
+        got = lat.contribution_scores(probs, allowed, norms if weighted else None)
+        expected = torch.zeros((3, 7))
+        for b in range(3):
+            for j in range(7):
+                received, uniform = 0.0, 0.0
+                for i in range(7):
+                    if not allowed[b, i, j]:
+                        continue
+                    uniform += 1.0 / float(allowed[b, i].sum())
+                    for h in range(4):
+                        received += float(probs[b, h, i, j]) * (float(norms[b, h, j]) if weighted else 1.0) / 4
+                expected[b, j] = received / uniform if uniform else 0.0
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_uniform_causal_attention_scores_flat():
+    allowed = _causal_padded(2, 9, [0, 3])
+    uniform = allowed.float() / allowed.float().sum(dim=-1, keepdim=True).clamp_min(1)
+    scores = lat.contribution_scores(uniform[:, None].expand(2, 3, 9, 9), allowed)
+    torch.testing.assert_close(scores[0], torch.ones(9))
+    torch.testing.assert_close(scores[1, 3:], torch.ones(6))
+    assert scores[1, :3].eq(0).all()  # padding keys: nobody sees them
+    # without the normalisation the raw column sums favour early tokens (the bias it removes)
+    raw = uniform[0].sum(dim=0)
+    assert raw[0] > 2 * raw[-1]
+
+
+def test_value_norms_equal_a_loop():
+    g = torch.Generator().manual_seed(2)
+    values, w = torch.randn((2, 3, 5, 4), generator=g), torch.randn((12, 6), generator=g)
+    got = lat.value_norms(values, w)
+    for b in range(2):
+        for h in range(3):
+            for j in range(5):
+                expected = torch.linalg.vector_norm(values[b, h, j] @ w[4 * h : 4 * h + 4])
+                torch.testing.assert_close(got[b, h, j], expected)
+
+
+# --------------------------------------------------------------------------------------------------
+# Schedules
+# --------------------------------------------------------------------------------------------------
+
+
+def _macs(config, keep) -> float:
+    """Prefill multiply-adds written out per layer: projections, attention pairs, output and MLP of survivors."""
+    d, heads, kv = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
+    hd, ff = d // heads, config.intermediate_size
+    total = 0.0
+    for i, n in enumerate(keep):
+        m = keep[i + 1] if i + 1 < len(keep) else n
+        total += n * d * hd * (heads + 2 * kv) + n * n * 2 * heads * hd + m * (heads * hd * d + 3 * d * ff)
+    return total
+
+
+@pytest.mark.parametrize("prompt_len", [3, 64, 512, 2048])
+def test_schedule_properties(prompt_len):
+    previous = None
+    for speedup in (1.0, 1.1, 1.5, 2.0, 3.0):
+        try:
+            s = KeepSchedule.from_speedup(SMOLLM2, prompt_len, speedup)
+        except ValueError as exc:
+            assert (
+                "the most is" in str(exc) and speedup > KeepSchedule.from_speedup(SMOLLM2, prompt_len, 1.0).max_speedup
+            )
+            continue
+        keep = np.array(s.keep)
+        assert keep.size == 30 and keep[0] == prompt_len and keep.min() >= min(2, prompt_len)
+        assert np.all(np.diff(keep) <= 0)
+        assert s.predicted_speedup >= speedup - 1e-9
+        assert s.predicted_speedup == pytest.approx(_macs(SMOLLM2, [prompt_len] * 30) / _macs(SMOLLM2, s.keep))
+        if previous is not None:
+            assert np.all(keep <= previous)  # a faster knob never keeps more
+        previous = keep
+    assert KeepSchedule.from_speedup(SMOLLM2, prompt_len, 1.0).keep == (prompt_len,) * 30
+
+
+@pytest.mark.parametrize("speedup", [1.2, 1.7, 2.5])
+def test_schedule_is_the_least_aggressive_that_reaches_the_knob(speedup):
+    """Predicted speed-up just above the knob (the counts are integers), never far above."""
+    s = KeepSchedule.from_speedup(SMOLLM2, 512, speedup)
+    assert speedup <= s.predicted_speedup <= speedup * 1.01
+
+
+def test_unreachable_speedup_is_refused_with_the_maximum():
+    best = KeepSchedule.from_speedup(SMOLLM2, 16, 1.0).max_speedup
+    with pytest.raises(ValueError, match=f"the most is {best:.4g}"):
+        KeepSchedule.from_speedup(SMOLLM2, 16, best * 1.5)
+    clipped = KeepSchedule.from_speedup(SMOLLM2, 16, best * 1.5, clip=True)
+    assert clipped.keep == (16,) + (2,) * 29 and clipped.predicted_speedup == pytest.approx(best)
+
+
+@pytest.mark.parametrize("bad", [0.5, float("nan"), float("inf"), -1.0])
+def test_bad_speedup_named(bad):
+    with pytest.raises(ValueError, match="speedup"):
+        KeepSchedule.from_speedup(SMOLLM2, 64, bad)
+    with pytest.raises(TypeError, match="speedup"):
+        KeepSchedule.from_speedup(SMOLLM2, 64, True)
+
+
+def test_layer_costs_of_gpt2_config():
+    from transformers import GPT2Config
+
+    c = layer_costs(GPT2Config(n_layer=12, n_embd=768, n_head=12))
+    assert (c.n_layers, c.qkv, c.attn, c.out, c.mlp) == (12, 3 * 768 * 768, 2 * 768, 768 * 768, 2 * 768 * 3072)
+
+
+# --------------------------------------------------------------------------------------------------
+# Decoding
+# --------------------------------------------------------------------------------------------------
+
+
+def _batch(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, rows))
+    ids = torch.tensor([[PAD] * (width - len(r)) + r for r in rows])
+    return ids, (ids != PAD).long()
+
+
+PROMPTS = [
+    [BOS] + [4 + (7 * j) % 60 for j in range(20)],
+    [BOS] + [4 + (3 * j + 1) % 60 for j in range(13)],
+    [BOS] + [4 + (5 * j + 2) % 60 for j in range(17)],
+    [BOS] + [4 + (11 * j + 3) % 60 for j in range(9)],
+]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2"])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_speedup_one_equals_hf_generate(arch, batch):
+    model = tiny_model(arch, seed=3, n_layers=3)
+    ids, mask = _batch(PROMPTS[:batch])
+    expected = model.generate(
+        input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=10, pad_token_id=PAD, eos_token_id=EOS
+    )
+    out = lat.generate(model, ids, mask, speedup=1.0, max_new_tokens=10)
+    torch.testing.assert_close(out.sequences, expected, rtol=0, atol=0)
+    assert (out.processed == mask.sum(dim=1, keepdim=True)).all()
+    full_only = Certificate(
+        lambda_hat=None,
+        delta=0.1,
+        epsilon=0.05,
+        n=10,
+        lambdas=(1.0,),
+        risks=(0.0,),
+        p_values=(1.0,),
+        certified=(False,),
+        bound="hoeffding_bentkus",
+        method="fixed_sequence",
+        mode="decoded",
+        knob="token_keep",
+        model=lat.model_id(model),
+    )
+    torch.testing.assert_close(
+        lat.generate(model, ids, mask, certificate=full_only, max_new_tokens=10).sequences, expected
+    )
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_processed_lengths_follow_the_schedule(arch):
+    """Counted with hooks: layer l's query/key/value projection sees keep[l] vectors, its MLP keep[l+1]."""
+    model = tiny_model(arch, seed=4, n_layers=4)
+    ids, mask = _batch(PROMPTS[:1])
+    seen: dict[str, list[int]] = {"attn": [], "mlp": []}
+    hooks = []
+    for block in decoder_layers(model):
+        attn_in = block.self_attn.q_proj if arch == "llama" else block.attn.c_attn
+        hooks.append(attn_in.register_forward_hook(lambda m, a, o: seen["attn"].append(a[0].shape[1])))
+        hooks.append(block.mlp.register_forward_hook(lambda m, a, o: seen["mlp"].append(a[0].shape[1])))
+    try:
+        out = lat.generate(model, ids, mask, speedup=2.0, max_new_tokens=3)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    keep = out.schedules[0].keep
+    assert keep[-1] < keep[0]  # the schedule removes something
+    assert seen["attn"][:4] == list(keep)
+    assert seen["mlp"][:4] == list(keep[1:]) + [keep[-1]]
+    assert seen["attn"][4:] == [1] * (len(seen["attn"]) - 4)  # then one new token per step
+    assert out.processed[0].tolist() == list(keep)
+    assert out.predicted_speedup >= 2.0
+
+
+def _reference_first_logits(model, ids, kept) -> torch.Tensor:
+    """The model's own decoder layers (Hugging Face attention code) run on the kept columns of each layer.
+
+    Running a whole layer on the vectors entering it and then dropping the ones the next layer does not
+    get equals eliminating between attention and MLP (the MLP acts per vector).
+    """
+    base = model.model
+    positions = torch.arange(ids.shape[1])[None]
+    h = base.embed_tokens(ids)
+    cols = torch.arange(ids.shape[1])
+    for i, layer in enumerate(base.layers):
+        take = kept[i][0][kept[i][0] >= 0]
+        index = torch.searchsorted(cols, take)
+        h, cols = h[:, index], take
+        pos = positions[:, take]
+        allowed = pos[0][None, :] <= pos[0][:, None]
+        mask = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(h.dtype).min)[None, None]
+        h = layer(h, attention_mask=mask, position_embeddings=base.rotary_emb(h, position_ids=pos))
+    return model.lm_head(base.norm(h[:, -1]))
+
+
+def test_eliminated_prefill_equals_the_model_on_the_kept_tokens():
+    """Original positions (RoPE) and per-layer survivors: the same logits as HF's own layers on the kept columns."""
+    model = tiny_model("llama", seed=5, n_layers=4)
+    ids, mask = _batch(PROMPTS[:1])
+    adapter = adapter_for(model, decoder_layers(model))
+    schedule = KeepSchedule.from_speedup(model.config, ids.shape[1], 2.5)
+    keep = torch.tensor([schedule.keep])
+    for score in lat.SCORES:
+        cache = adapter.new_cache(1, ids.shape[1])
+        h_last, _, kept, processed = _prefill(adapter, ids, mask, keep, _always_kept(ids, mask, []), score, cache)
+        assert processed[0].tolist() == list(schedule.keep)
+        assert kept[-1][0, -1] == ids.shape[1] - 1 and kept[-1][0, (kept[-1][0] >= 0).nonzero()[0]] == 0
+        got = ExitHeads.from_model(model)(h_last, layer=3)
+        torch.testing.assert_close(got, _reference_first_logits(model, ids, kept), rtol=1e-4, atol=1e-4)
+
+
+def test_elimination_changes_outputs_and_keeps_special_tokens():
+    model = tiny_model("llama", seed=6, n_layers=4)
+    ids, mask = _batch(PROMPTS)
+    ids[0, 10] = EOS  # a special token inside the prompt
+    full = lat.generate(model, ids, mask, max_new_tokens=8)
+    fast = lat.generate(
+        model,
+        ids,
+        mask,
+        speedup=3.0,
+        max_new_tokens=8,
+        tokenizer=SimpleNamespace(all_special_ids=[PAD, EOS, BOS], eos_token_id=EOS, pad_token_id=PAD),
+    )
+    assert (fast.processed[:, -1] < full.processed[:, -1]).all()
+    pad0 = int((mask[0] == 0).sum())
+    for layer in fast.kept:
+        assert 10 in layer[0].tolist() and pad0 in layer[0].tolist()  # the EOS and the BOS survive
+    assert not torch.equal(fast.new_tokens, full.new_tokens)  # elimination is not a no-op on random weights
+
+
+def test_bad_input():
+    model = tiny_model("llama", seed=1, n_layers=2)
+    ids, mask = _batch(PROMPTS[:1])
+    for bad in (0.9, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="speedup"):
+            lat.generate(model, ids, mask, speedup=bad)
+    with pytest.raises(ValueError, match=r"does not support model_type 't5'.*gpt2"):
+        lat.generate(tiny_model("t5", seed=1), ids, mask)
+    with pytest.raises(ValueError, match="score"):
+        lat.generate(model, ids, mask, score="acc")
+    cert = dict(
+        lambda_hat=0.5,
+        delta=0.1,
+        epsilon=0.05,
+        n=10,
+        lambdas=(1.0, 0.5),
+        risks=(0.0, 0.0),
+        p_values=(0.0, 0.0),
+        certified=(True, True),
+        bound="hoeffding_bentkus",
+        method="fixed_sequence",
+        mode="decoded",
+    )
+    with pytest.raises(ValueError, match="knob 'exit_threshold'"):
+        lat.generate(model, ids, mask, certificate=Certificate(**cert, knob="exit_threshold"))
+    with pytest.raises(ValueError, match="made for the model"):
+        other = lat.model_id(tiny_model("llama", seed=2, n_layers=2))
+        lat.generate(model, ids, mask, certificate=Certificate(**cert, knob="token_keep", model=other))
+    with pytest.raises(ValueError, match="not both"):
+        lat.generate(model, ids, mask, speedup=2.0, certificate=Certificate(**cert, knob="token_keep"))
+
+
+# --------------------------------------------------------------------------------------------------
+# Certification
+# --------------------------------------------------------------------------------------------------
+
+
+def test_certify_picks_the_hand_computable_speedup():
+    """Fixed loss table: means 0, .02, .04, .09, .3 at speed-ups 1 ... 3; delta .1 with n = 2000 -> 2.0."""
+    import calibrate
+
+    speedups = np.array([1.0, 1.5, 2.0, 2.5, 3.0])
+    means = [0.0, 0.02, 0.04, 0.09, 0.3]
+    n = 2000
+    losses = np.zeros((n, 5))
+    for k, m in enumerate(means):
+        losses[: int(m * n), k] = 1.0
+    cert = calibrate.certify(losses, 1 / speedups, delta=0.1, epsilon=0.05, knob="token_keep")
+    # 0.09 of 2000 is too close to 0.1 for a 5% test; 0.04 is far below
+    assert 1 / cert.lambda_hat == pytest.approx(2.0)
+    assert "certified speed-up 2x" in cert.summary()
+
+
+@pytest.fixture(scope="module")
+def word_tokenizer():
+    from _tiny_hf import tiny_tokenizer
+
+    return tiny_tokenizer()
+
+
+def test_fit_decodes_each_speedup_and_generate_spends_it(word_tokenizer):
+    model = tiny_model("llama", seed=7, n_layers=3)
+    prompts = [" ".join(f"w{(5 * i + 3 * j) % 60}" for j in range(10 + i % 7)) for i in range(48)]
+    cert = lat.fit(
+        model,
+        word_tokenizer,
+        prompts,
+        delta=0.5,
+        epsilon=0.1,
+        speedups=[1.0, 1.5, 3.0],
+        max_new_tokens=6,
+        batch_size=16,
+    )
+    assert cert.knob == "token_keep" and cert.model == lat.model_id(model) and cert.measure == "attention"
+    assert cert.lambdas == pytest.approx((1.0, 1 / 1.5, 1 / 3.0)) and cert.risks[0] == 0.0
+    # the tested risks are the mean token losses of lat.generate at each speed-up, decoded by hand
+    ids = [word_tokenizer(p)["input_ids"] for p in prompts]
+    width = max(map(len, ids))
+    batch = torch.tensor([[PAD] * (width - len(r)) + r for r in ids])
+    mask = (torch.arange(width)[None] >= torch.tensor([width - len(r) for r in ids])[:, None]).long()
+
+    def outputs(speedup):
+        out = lat.generate(model, batch, mask, speedup=speedup, max_new_tokens=6, tokenizer=word_tokenizer)
+        rows = out.new_tokens.numpy()
+        return [r[: (np.flatnonzero(r == EOS)[0] + 1) if (r == EOS).any() else r.size] for r in rows]
+
+    full = outputs(1.0)
+    for k, s in enumerate((1.0, 1.5, 3.0)):
+        if math.isnan(cert.risks[k]):
+            continue
+        early = outputs(s)
+        expected = np.mean(
+            [
+                (np.count_nonzero(e[: min(e.size, f.size)] != f[: min(e.size, f.size)]) + abs(e.size - f.size))
+                / max(e.size, f.size)
+                for e, f in zip(early, full)
+            ]
+        )
+        assert cert.risks[k] == pytest.approx(expected, abs=0.03)  # batches of 16 vs 48: padding may flip a near tie
+    if cert.lambda_hat is not None:
+        out = lat.generate(model, batch[:4], mask[:4], certificate=cert, max_new_tokens=6)
+        assert out.speedup == pytest.approx(1 / cert.lambda_hat)
+
+
+def test_fit_bad_grid(word_tokenizer):
+    model = tiny_model("llama", seed=7, n_layers=2)
+    for bad in ([1.0, 0.5], [2.0, 1.5], [1.0, float("nan")], []):
+        with pytest.raises(ValueError, match="speedup"):
+            lat.fit(model, word_tokenizer, ["w1 w2 w3"] * 10, speedups=bad)

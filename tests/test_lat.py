@@ -299,19 +299,19 @@ def test_bad_input():
         lat.generate(tiny_model("t5", seed=1), ids, mask)
     with pytest.raises(ValueError, match="score"):
         lat.generate(model, ids, mask, score="acc")
-    cert = dict(
-        lambda_hat=0.5,
-        delta=0.1,
-        epsilon=0.05,
-        n=10,
-        lambdas=(1.0, 0.5),
-        risks=(0.0, 0.0),
-        p_values=(0.0, 0.0),
-        certified=(True, True),
-        bound="hoeffding_bentkus",
-        method="fixed_sequence",
-        mode="decoded",
-    )
+    cert = {
+        "lambda_hat": 0.5,
+        "delta": 0.1,
+        "epsilon": 0.05,
+        "n": 10,
+        "lambdas": (1.0, 0.5),
+        "risks": (0.0, 0.0),
+        "p_values": (0.0, 0.0),
+        "certified": (True, True),
+        "bound": "hoeffding_bentkus",
+        "method": "fixed_sequence",
+        "mode": "decoded",
+    }
     with pytest.raises(ValueError, match="knob 'exit_threshold'"):
         lat.generate(model, ids, mask, certificate=Certificate(**cert, knob="exit_threshold"))
     with pytest.raises(ValueError, match="made for the model"):

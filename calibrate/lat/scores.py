@@ -44,7 +44,7 @@ def value_norms(values: torch.Tensor, out_weight: torch.Tensor) -> torch.Tensor:
     torch.Tensor
         ``(n, H, S_k)``, float32.
     """
-    n, heads, _, hd = values.shape
+    _, heads, _, hd = values.shape
     w = out_weight.reshape(heads, hd, -1).to(values.dtype)  # (H, hd, d)
     return torch.linalg.vector_norm(torch.einsum("nhsk,hkd->nhsd", values, w).float(), dim=-1)
 

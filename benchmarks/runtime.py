@@ -35,7 +35,8 @@ from calibrate.certificate import Certificate
 from calibrate.runtime import generate
 
 
-def smollm2_like(device: str, dtype: torch.dtype):
+def smollm2_like(device: str, dtype: torch.dtype = torch.float32):
+    """Random weights with SmolLM2-135M's configuration (context 8192, as the real model)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -46,7 +47,7 @@ def smollm2_like(device: str, dtype: torch.dtype):
         num_key_value_heads=3,
         vocab_size=49152,
         tie_word_embeddings=True,
-        max_position_embeddings=2048,
+        max_position_embeddings=8192,
         rope_theta=100000.0,
         rms_norm_eps=1e-5,
         bos_token_id=1,

@@ -1,4 +1,4 @@
-"""Command line: ``calibrate fit | audit | extract | synthetic | demo``."""
+"""Command line: ``calibrate fit | audit | extract | lat-fit | synthetic | demo``."""
 
 from __future__ import annotations
 
@@ -86,6 +86,37 @@ def _cmd_extract(args) -> int:
     return 0
 
 
+def _cmd_lat_fit(args) -> int:
+    try:
+        from calibrate import lat
+        from calibrate.extraction import read_prompts
+        from calibrate.models import load_local
+    except ImportError as exc:
+        raise ValueError(f"token elimination needs torch and transformers: pip install 'calm-calibrate[hf]' ({exc})") from None
+    prompts, references = read_prompts(args.prompts)
+    model, tokenizer = load_local(args.model, device=args.device, dtype=args.dtype)
+    cert = lat.fit(
+        model,
+        tokenizer,
+        prompts,
+        delta=args.delta,
+        epsilon=args.epsilon,
+        speedups=args.speedups,
+        consistency=args.consistency,
+        references=references if any(r is not None for r in references) else None,
+        bound=args.bound,
+        score=args.score,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        progress=True,
+    )
+    print(cert.summary())
+    if args.output:
+        cert.to_json(args.output)
+        print(f"wrote {args.output}")
+    return 0
+
+
 def _cmd_synthetic(args) -> int:
     import calibrate
 
@@ -138,6 +169,9 @@ def _cmd_demo(args) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from calibrate.bounds import P_VALUES
+    from calibrate.losses import CONSISTENCIES
+
     parser = argparse.ArgumentParser(prog="calibrate", description="Certified early-exit thresholds (calm-calibrate).")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -167,6 +201,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-shards", action="store_true")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_cmd_extract)
+
+    p = sub.add_parser("lat-fit", help="certify a token-elimination speed-up by decoding prompts (decoded mode)")
+    p.add_argument("--model", required=True, help="directory written by save_pretrained (model and tokenizer)")
+    p.add_argument("--prompts", required=True, help="one prompt per line, or JSONL with 'prompt' and 'reference'")
+    p.add_argument("--speedups", type=float, nargs="+", default=None, help="grid of predicted prefill speed-ups, increasing")
+    p.add_argument("--delta", type=float, default=0.1, help="tolerance on the loss, in (0, 1) (default 0.1)")
+    p.add_argument("--epsilon", type=float, default=0.05, help="failure probability, in (0, 1) (default 0.05)")
+    p.add_argument("--consistency", default="token", choices=CONSISTENCIES)
+    p.add_argument("--bound", default="hoeffding_bentkus", choices=tuple(P_VALUES))
+    p.add_argument("--score", default="attention", help="contribution score: attention (default) or value")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None)
+    p.add_argument("-o", "--output", help="write the certificate as JSON")
+    p.set_defaults(func=_cmd_lat_fit)
 
     p = sub.add_parser("synthetic", help="write a synthetic layer cache")
     p.add_argument("-o", "--output", required=True)

@@ -437,26 +437,13 @@ def extract_main(
     ValueError
         As :func:`extract` and :func:`read_prompts`; or when ``model_dir`` holds no model.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+    from calibrate.models import load_local
 
     output = Path(output)
     if output.exists() and not overwrite:
         raise FileExistsError(f"{output} exists; pass overwrite=True to replace it")
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise ValueError(
-            f"model_dir must be a directory written by save_pretrained (with config.json), got {model_dir}"
-        )
     prompts, references = read_prompts(prompts_file)
-    config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
-    auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
-    load_kw = {"local_files_only": True}
-    if dtype is not None:
-        load_kw["dtype"] = getattr(torch, dtype)
-    model = auto.from_pretrained(model_dir, **load_kw)
-    if device is not None:
-        model = model.to(device)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    model, tokenizer = load_local(model_dir, device=device, dtype=dtype)
     if shard_dir is None:
         shard_dir = output.with_name(output.name + ".shards")
     cache = extract(model, tokenizer, prompts, references=references, shard_dir=shard_dir, **kw)

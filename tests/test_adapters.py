@@ -147,3 +147,19 @@ def test_rehead_bad_input(model, real_cache):
         rehead(real_cache, other)
     with pytest.raises(TypeError, match="ExitHeads"):
         rehead(real_cache, model)
+
+
+def test_demo_cross_fitting_gives_out_of_sample_labels(model, real_cache):
+    """Each half is re-scored through adapters fitted on the other half: no in-sample optimism."""
+    from calibrate.demo import _cross_fitted
+    from measures.classifier import agreement
+
+    heads = train_adapters(model, real_cache)
+    crossed = _cross_fitted(model, real_cache, heads, seed=0)
+    assert sorted(crossed.sequences["id"]) == sorted(real_cache.sequences["id"])
+    assert crossed.user_meta["heads"] == heads.describe()
+    a, b = real_cache.split([0.5, 0.5], seed=0)
+    expected = rehead(b, train_adapters(model, a))
+    np.testing.assert_array_equal(crossed.subset(np.arange(b.n_sequences)).arrays["topk_ids"], expected.arrays["topk_ids"])
+    in_sample = agreement(rehead(real_cache, heads))[:, :-1].mean()
+    assert agreement(crossed)[:, :-1].mean() < in_sample

@@ -398,3 +398,38 @@ def test_fit_bad_grid(word_tokenizer):
     for bad in ([1.0, 0.5], [2.0, 1.5], [1.0, float("nan")], []):
         with pytest.raises(ValueError, match="speedup"):
             lat.fit(model, word_tokenizer, ["w1 w2 w3"] * 10, speedups=bad)
+
+
+def test_cli_lat_fit_equals_the_function(tmp_path, word_tokenizer, capsys):
+    from calibrate.cli import main
+
+    model = tiny_model("llama", seed=7, n_layers=2)
+    model.save_pretrained(tmp_path / "model")
+    word_tokenizer.save_pretrained(tmp_path / "model")
+    prompts = [" ".join(f"w{(7 * i + j) % 60}" for j in range(8 + i % 5)) for i in range(30)]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    out = tmp_path / "cert.json"
+    argv = [
+        "lat-fit",
+        "--model",
+        str(tmp_path / "model"),
+        "--prompts",
+        str(tmp_path / "prompts.txt"),
+        "--speedups",
+        "1",
+        "1.5",
+        "--delta",
+        "0.4",
+        "--epsilon",
+        "0.1",
+        "--max-new-tokens",
+        "4",
+        "-o",
+        str(out),
+    ]
+    assert main(argv) == 0
+    assert "token_keep" in capsys.readouterr().out
+    direct = lat.fit(model, word_tokenizer, prompts, delta=0.4, epsilon=0.1, speedups=[1, 1.5], max_new_tokens=4)
+    assert Certificate.from_json(out) == direct
+    assert main([*argv[:-2], "--score", "acc"]) == 2
+    assert "score must be one of" in capsys.readouterr().err

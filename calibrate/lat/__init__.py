@@ -6,11 +6,11 @@
   and the multiply-add cost model behind ``predicted_speedup`` (numpy only).
 - :func:`generate`: greedy decoding whose prefill physically removes word vectors layer by layer
   (decoder-only models; needs torch).
-- :func:`fit`: certify the speed-up knob in decoded mode (a ``token_keep`` certificate; needs torch).
+- :func:`fit`: certify the speed-up knob in decoded mode (a ``token_keep`` certificate), and
+  :func:`heldout_losses` to audit it on held-out prompts (needs torch).
 """
 
 from calibrate.lat.schedule import KeepSchedule, LayerCosts, layer_costs
-from calibrate.lat.scores import SCORES, contribution_scores, value_norms
 
 __all__ = [
     "DEFAULT_SPEEDUPS",
@@ -22,18 +22,23 @@ __all__ = [
     "contribution_scores",
     "fit",
     "generate",
+    "heldout_losses",
     "layer_costs",
     "model_id",
     "value_norms",
 ]
 
-#: Names that need torch, imported on first use.
+#: Names that need torch, imported on first use (schedules and the cost model do not).
 _LAZY = {
+    "SCORES": "calibrate.lat.scores",
+    "contribution_scores": "calibrate.lat.scores",
+    "value_norms": "calibrate.lat.scores",
     "LAT_ARCHITECTURES": "calibrate.lat.decode",
     "EliminationOutput": "calibrate.lat.decode",
     "generate": "calibrate.lat.decode",
     "model_id": "calibrate.lat.decode",
     "fit": "calibrate.lat.calibration",
+    "heldout_losses": "calibrate.lat.calibration",
     "DEFAULT_SPEEDUPS": "calibrate.lat.calibration",
 }
 

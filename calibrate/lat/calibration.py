@@ -23,7 +23,7 @@ from calibrate.lat.decode import generate, model_id
 from calibrate.lat.schedule import _speedup_iv
 from calibrate.lat.scores import SCORES
 
-__all__ = ["DEFAULT_SPEEDUPS", "fit"]
+__all__ = ["DEFAULT_SPEEDUPS", "fit", "heldout_losses"]
 
 #: Default grid of predicted prefill speed-ups, safest first (each one costs a decode of the prompts).
 DEFAULT_SPEEDUPS = (1.0, 1.1, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0)
@@ -134,22 +134,9 @@ def fit(
     if score not in SCORES:
         raise ValueError(f"score must be one of {SCORES}, got {score!r}")
     lambdas = 1.0 / _speedups_iv(speedups)
-    decoder, lam, heads = _decoder_iv(
-        model, tokenizer, prompts, references, consistency, lambdas, max_new_tokens, batch_size, None, decode
+    decoder, lam, heads = _decoder(
+        model, tokenizer, prompts, references, consistency, lambdas, max_new_tokens, batch_size, decode
     )
-
-    def run_batch(input_ids, attention_mask, certificate: Certificate) -> tuple[list[np.ndarray], None]:
-        out = generate(
-            model,
-            input_ids,
-            attention_mask,
-            certificate=certificate,
-            max_new_tokens=decoder.max_new_tokens,
-            tokenizer=tokenizer,
-        )
-        return [row[: _length(row, out.eos_ids)] for row in out.new_tokens.cpu().numpy()], None
-
-    decoder.run_batch = run_batch
     template = dataclasses.replace(
         _template(
             decoder,
@@ -168,6 +155,66 @@ def fit(
         n_layers=None,
     )
     return _certify_lazily(decoder, template, progress)
+
+
+def heldout_losses(
+    certificate: Certificate,
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    references: Sequence[str | None] | None = None,
+    max_new_tokens: int = 32,
+    batch_size: int = 8,
+    decode: Callable[[np.ndarray], str] | None = None,
+) -> np.ndarray:
+    """Losses of held-out prompts decoded at a certificate's speed-up, against the unmodified model (an audit).
+
+    Parameters
+    ----------
+    certificate : Certificate
+        A ``token_keep`` certificate of ``model`` (from :func:`fit`); its consistency is the loss.
+    model, tokenizer, prompts, references, max_new_tokens, batch_size, decode
+        As in :func:`fit`; ``prompts`` are held out (not used to certify).
+
+    Returns
+    -------
+    ndarray of float64, shape (n,)
+        Per-prompt losses in ``[0, 1]``; their mean is the held-out risk, at most ``delta`` with
+        probability at least ``1 - epsilon`` over calibration draws.
+
+    Raises
+    ------
+    ValueError
+        When the certificate is not a ``token_keep`` certificate of this model, or as :func:`fit`.
+    """
+    if not isinstance(certificate, Certificate) or certificate.knob != "token_keep":
+        raise ValueError("certificate must be a 'token_keep' Certificate from calibrate.lat.fit")
+    decoder, _, _ = _decoder(
+        model, tokenizer, prompts, references, certificate.consistency, [1.0], max_new_tokens, batch_size, decode
+    )
+    return decoder.losses(certificate)[0]
+
+
+def _decoder(model, tokenizer, prompts, references, consistency, lambdas, max_new_tokens, batch_size, decode):
+    """Decoded mode's validated decoder, grid and heads, decoding with :func:`generate` at each speed-up."""
+    decoder, lam, heads = _decoder_iv(
+        model, tokenizer, prompts, references, consistency, lambdas, max_new_tokens, batch_size, None, decode
+    )
+
+    def run_batch(input_ids, attention_mask, certificate: Certificate) -> tuple[list[np.ndarray], None]:
+        out = generate(
+            model,
+            input_ids,
+            attention_mask,
+            certificate=certificate,
+            max_new_tokens=decoder.max_new_tokens,
+            tokenizer=tokenizer,
+        )
+        return [row[: _length(row, out.eos_ids)] for row in out.new_tokens.cpu().numpy()], None
+
+    decoder.run_batch = run_batch
+    return decoder, lam, heads
 
 
 def _length(row: np.ndarray, eos_ids: tuple[int, ...]) -> int:

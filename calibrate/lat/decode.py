@@ -30,7 +30,7 @@ from calibrate.heads import ExitHeads, decoder_layers
 from calibrate.lat.schedule import KeepSchedule, _speedup_iv
 from calibrate.lat.scores import SCORES, contribution_scores, value_norms
 from calibrate.runtime._layers import Step, adapter_for, additive_mask
-from calibrate.runtime.decode import _ids_iv, _int_iv, _special_tokens_iv
+from calibrate.runtime.decode import _context_iv, _ids_iv, _int_iv, _special_tokens_iv
 
 __all__ = ["LAT_ARCHITECTURES", "EliminationOutput", "generate", "model_id"]
 
@@ -206,6 +206,7 @@ def generate(
     adapter = adapter_for(model, decoder_layers(model))
     heads = ExitHeads.from_model(model)
     ids, mask = _ids_iv(input_ids, attention_mask, adapter.device, left_padded=True)
+    _context_iv(model, adapter, mask, None, max_new_tokens)  # too long for the positions: refused
     eos_ids, pad_id = _special_tokens_iv(model, tokenizer, eos_token_id, pad_token_id)
     special = sorted(set(getattr(tokenizer, "all_special_ids", None) or [])) if tokenizer is not None else []
     B, P = ids.shape
@@ -278,8 +279,11 @@ def _prefill(adapter, ids, mask, keep, always, score, cache):
     for i in range(L):
         width = h.shape[1]
         sees = (positions[:, None, :] <= positions[:, :, None]) & valid[:, None, :]  # (B, W, W) query -> key
-        diagonal = torch.eye(width, dtype=torch.bool, device=h.device)  # filler queries see themselves
-        step = Step(None, 0, positions, additive_mask(sees | diagonal, adapter.dtype)[:, None])
+        if bool(valid.all()):  # no filler: columns are in position order, the plain causal mask holds
+            step = Step(None, 0, positions, None, causal=True)
+        else:  # filler queries see themselves (no empty softmax row)
+            diagonal = torch.eye(width, dtype=torch.bool, device=h.device)
+            step = Step(None, 0, positions, additive_mask(sees | diagonal, adapter.dtype)[:, None])
         if pos_data is None:
             pos_data = adapter.positional(h, step)
         count = valid.sum(dim=1)  # (B,)

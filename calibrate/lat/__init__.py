@@ -19,6 +19,7 @@ __all__ = [
     "EliminationOutput",
     "KeepSchedule",
     "LayerCosts",
+    "attention_received",
     "contribution_scores",
     "fit",
     "generate",
@@ -31,6 +32,7 @@ __all__ = [
 #: Names that need torch, imported on first use (schedules and the cost model do not).
 _LAZY = {
     "SCORES": "calibrate.lat.scores",
+    "attention_received": "calibrate.lat.scores",
     "contribution_scores": "calibrate.lat.scores",
     "value_norms": "calibrate.lat.scores",
     "LAT_ARCHITECTURES": "calibrate.lat.decode",

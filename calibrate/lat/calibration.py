@@ -19,7 +19,7 @@ import numpy as np
 
 from calibrate.certificate import Certificate
 from calibrate.decoded import _certify_lazily, _decoder_iv, _risk_iv, _template
-from calibrate.lat.decode import generate, model_id
+from calibrate.lat.decode import generate, model_id, settings
 from calibrate.lat.schedule import _speedup_iv
 from calibrate.lat.scores import SCORES
 
@@ -96,7 +96,9 @@ def fit(
     -------
     Certificate
         ``knob="token_keep"``, ``mode="decoded"``, ``lambdas = 1 / speedups``; ``lambda_hat`` is ``1 /`` the
-        certified speed-up (None: the full model only); ``model`` is :func:`calibrate.lat.model_id`.
+        certified speed-up (None: the full model only); ``model`` is :func:`calibrate.lat.model_id`;
+        ``measure_state`` the decoding settings (score, ``min_keep``, the tokenizer's special ids, always
+        kept), which :func:`calibrate.lat.generate` applies when it spends the certificate.
 
     Raises
     ------
@@ -137,6 +139,7 @@ def fit(
     decoder, lam, heads = _decoder(
         model, tokenizer, prompts, references, consistency, lambdas, max_new_tokens, batch_size, decode
     )
+    special = getattr(tokenizer, "all_special_ids", None) or []
     template = dataclasses.replace(
         _template(
             decoder,
@@ -153,6 +156,7 @@ def fit(
         heads=None,
         avg_layers=None,
         n_layers=None,
+        measure_state=settings(score, 2, special),
     )
     return _certify_lazily(decoder, template, progress)
 
@@ -180,8 +184,9 @@ def heldout_losses(
     Returns
     -------
     ndarray of float64, shape (n,)
-        Per-prompt losses in ``[0, 1]``; their mean is the held-out risk, at most ``delta`` with
-        probability at least ``1 - epsilon`` over calibration draws.
+        Per-prompt losses in ``[0, 1]``; their mean estimates the risk that the certificate bounds by
+        ``delta`` (with probability at least ``1 - epsilon`` over calibration draws); a finite sample's mean
+        may exceed it by chance.
 
     Raises
     ------
@@ -203,14 +208,7 @@ def _decoder(model, tokenizer, prompts, references, consistency, lambdas, max_ne
     )
 
     def run_batch(input_ids, attention_mask, certificate: Certificate) -> tuple[list[np.ndarray], None]:
-        out = generate(
-            model,
-            input_ids,
-            attention_mask,
-            certificate=certificate,
-            max_new_tokens=decoder.max_new_tokens,
-            tokenizer=tokenizer,
-        )
+        out = generate(model, input_ids, attention_mask, certificate=certificate, max_new_tokens=decoder.max_new_tokens)
         return [row[: _length(row, out.eos_ids)] for row in out.new_tokens.cpu().numpy()], None
 
     decoder.run_batch = run_batch

@@ -5,7 +5,7 @@ model's ``forward``). In a layer ``l`` after which the schedule keeps fewer vect
 computed explicitly, each word vector is scored by its contribution (:mod:`calibrate.lat.scores`) and
 only the best ``keep[l + 1]`` rows are gathered before the output projection and the feed-forward block:
 later layers really run on shorter sequences. Always kept: the first real token of each row (BOS), the
-special tokens and the last prompt token (it predicts the first new token). Positions keep their
+last prompt token (it predicts the first new token) and, given a tokenizer, its special tokens. Positions keep their
 original indices (RoPE and learned absolute positions alike).
 
 Each layer's key/value cache holds the vectors that entered that layer; generated tokens then run every
@@ -21,13 +21,12 @@ import hashlib
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 
 from calibrate.certificate import Certificate
 from calibrate.heads import ExitHeads, decoder_layers
-from calibrate.lat.schedule import KeepSchedule, _speedup_iv
+from calibrate.lat.schedule import KeepSchedule, _speedup_iv, layer_costs
 from calibrate.lat.scores import SCORES, contribution_scores, value_norms
 from calibrate.runtime._layers import Step, adapter_for, additive_mask
 from calibrate.runtime.decode import _context_iv, _ids_iv, _int_iv, _special_tokens_iv
@@ -59,6 +58,9 @@ class EliminationOutput:
         Per layer, ``(B, W_l)`` long: the prompt columns that entered it, ``-1`` for filler.
     eos_ids : tuple of int
         The end-of-sequence ids decoding stopped at (a row ends at its first one).
+    predicted_speedup : float
+        Predicted prefill speed-up of the batch: full multiply-adds over those of the vectors each row
+        processed (always-kept tokens included), summed over rows.
     """
 
     sequences: torch.Tensor
@@ -68,16 +70,12 @@ class EliminationOutput:
     processed: torch.Tensor
     kept: tuple[torch.Tensor, ...]
     eos_ids: tuple[int, ...] = ()
+    predicted_speedup: float = 1.0
 
     @property
     def new_tokens(self) -> torch.Tensor:
         """Generated tokens ``(B, T)``."""
         return self.sequences[:, self.prompt_length :]
-
-    @property
-    def predicted_speedup(self) -> float:
-        """Predicted prefill speed-up of the batch: full multiply-adds over those of the vectors processed."""
-        return float(np.mean([s.predicted_speedup for s in self.schedules]))
 
     def __repr__(self) -> str:
         b, t = self.new_tokens.shape
@@ -95,15 +93,23 @@ def model_id(model: nn.Module) -> str:
     config = model.config
     layers = decoder_layers(model)
     h = hashlib.blake2b(digest_size=8)
-    for tensor in (model.get_input_embeddings().weight[:16], *list(layers[-1].parameters())[:2]):
-        h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes()[:4096])
+    for name, tensor in model.named_parameters():  # a strided sample of every parameter
+        flat = tensor.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 256)][:256]
+        h.update(name.encode())
+        h.update(sample.float().cpu().contiguous().numpy().tobytes())
     return f"{config.model_type}/L{len(layers)}/d{config.hidden_size}/V{config.vocab_size}/{h.hexdigest()}"
 
 
-def _speedup_of(certificate, speedup, model) -> float:
-    """The knob: ``speedup``, or the certified speed-up ``1 / lambda_hat`` of a ``token_keep`` certificate."""
+def settings(score: str, min_keep: int, keep_ids) -> dict:
+    """The decoding settings a ``token_keep`` certificate records (its ``measure_state``) and generate applies."""
+    return {"score": score, "min_keep": int(min_keep), "keep_ids": sorted(int(i) for i in keep_ids)}
+
+
+def _certified(certificate, speedup: float, model, requested: dict) -> tuple[float, dict]:
+    """The knob and settings to decode with: the arguments, or those a ``token_keep`` certificate was made with."""
     if certificate is None:
-        return speedup
+        return speedup, requested
     if not isinstance(certificate, Certificate):
         raise TypeError(f"certificate must be a calibrate.Certificate or None, got {type(certificate).__name__}")
     if speedup != 1.0:
@@ -118,7 +124,10 @@ def _speedup_of(certificate, speedup, model) -> float:
             f"this certificate was made for the model {certificate.model!r}, not {model_id(model)!r}; "
             "certify the model you decode with"
         )
-    return 1.0 if certificate.lambda_hat is None else 1.0 / float(certificate.lambda_hat)
+    lam = certificate.lambda_hat
+    if lam is not None and not 0.0 < lam <= 1.0:
+        raise ValueError(f"a token_keep certificate's lambda_hat is 1 / speed-up, in (0, 1]; got {lam!r}")
+    return (1.0 if lam is None else 1.0 / float(lam)), {**requested, **(certificate.measure_state or {})}
 
 
 def _always_kept(ids: torch.Tensor, mask: torch.Tensor, special: list[int]) -> torch.Tensor:
@@ -167,16 +176,17 @@ def generate(
         :meth:`KeepSchedule.from_speedup` for its own prompt length; a row too short to reach it gets its
         most aggressive schedule.
     certificate : Certificate, optional
-        A ``token_keep`` certificate of this model (from :func:`calibrate.lat.fit`); its certified speed-up
-        and contribution score replace ``speedup`` and ``score``.
+        A ``token_keep`` certificate of this model (from :func:`calibrate.lat.fit`): decode with its
+        certified speed-up and with the settings it was certified with (score, ``min_keep``, always-kept
+        token ids), whatever ``speedup``, ``tokenizer`` and the defaults say.
     max_new_tokens : int, default=32
         Most tokens generated per row.
     score : {"attention", "value"}, default="attention"
         Contribution score (:func:`calibrate.lat.scores.contribution_scores`): attention received, or
         value-weighted.
     tokenizer : transformers tokenizer, optional
-        Its special tokens are always kept, and its EOS/pad ids are used when the model's generation
-        config has none.
+        Its special tokens are always kept (without it, only the first and last prompt tokens are), and its
+        EOS/pad ids are used when the model's generation config has none.
     eos_token_id, pad_token_id : optional
         Override the generation config.
     min_keep : int, default=2
@@ -190,16 +200,19 @@ def generate(
     ------
     ValueError
         For a speed-up below 1, NaN or infinite; an unsupported architecture (the message names the
-        supported ones); a certificate for another knob or another model; invalid ids or mask.
+        supported ones); a certificate for another knob or another model;
+        invalid ids or mask; a prompt plus ``max_new_tokens`` longer than the model's context.
+    TypeError
+        When ``speedup``, ``certificate`` or ``input_ids`` has the wrong type.
     """
     config = model.config
     if getattr(config, "is_encoder_decoder", False) or config.model_type not in LAT_ARCHITECTURES:
         raise ValueError(
             f"token elimination does not support model_type {config.model_type!r}; supported: {LAT_ARCHITECTURES}"
         )
-    speedup = _speedup_of(certificate, _speedup_iv(speedup), model)
-    if certificate is not None and certificate.measure in SCORES:
-        score = certificate.measure  # the score the knob was certified with
+    special = getattr(tokenizer, "all_special_ids", None) or [] if tokenizer is not None else []
+    speedup, chosen = _certified(certificate, _speedup_iv(speedup), model, settings(score, min_keep, special))
+    score, min_keep, special = chosen["score"], chosen["min_keep"], chosen["keep_ids"]
     if score not in SCORES:
         raise ValueError(f"score must be one of {SCORES}, got {score!r}")
     max_new_tokens = _int_iv("max_new_tokens", max_new_tokens, 1)
@@ -208,7 +221,6 @@ def generate(
     ids, mask = _ids_iv(input_ids, attention_mask, adapter.device, left_padded=True)
     _context_iv(model, adapter, mask, None, max_new_tokens)  # too long for the positions: refused
     eos_ids, pad_id = _special_tokens_iv(model, tokenizer, eos_token_id, pad_token_id)
-    special = sorted(set(getattr(tokenizer, "all_special_ids", None) or [])) if tokenizer is not None else []
     B, P = ids.shape
     L, T = adapter.n_layers, max_new_tokens
     lengths = mask.sum(dim=1).tolist()
@@ -258,7 +270,15 @@ def generate(
         processed=processed,
         kept=kept,
         eos_ids=eos_ids,
+        predicted_speedup=_predicted(layer_costs(config), processed),
     )
+
+
+def _predicted(costs, processed: torch.Tensor) -> float:
+    """Full-prefill multiply-adds over those of ``processed`` ``(B, L)``, summed over rows."""
+    counts = processed.cpu().numpy()
+    full = sum(costs.prefill([row[0]] * costs.n_layers) for row in counts)
+    return float(full / sum(costs.prefill(row) for row in counts))
 
 
 def _prefill(adapter, ids, mask, keep, always, score, cache):
@@ -289,16 +309,16 @@ def _prefill(adapter, ids, mask, keep, always, score, cache):
         count = valid.sum(dim=1)  # (B,)
         target = torch.maximum(keep[:, i + 1], always.sum(dim=1)) if i + 1 < L else count
         eliminate = bool((target < count).any())
-        adapter.record_attention = eliminate
+        adapter.query_weight = valid.float() if eliminate else None  # real queries count, filler does not
         attended = adapter.attend(i, h, step, cache, pos_data)  # (B, W, H*hd), keys/values of all W written
         key_valid.append(valid)
         kept.append(torch.where(valid, columns, -1))
         processed.append(count)
         if eliminate:
-            probs, values = adapter.attention
-            adapter.attention, adapter.record_attention = None, False
+            received, values = adapter.attention  # (B, H, W) attention each vector received, values
+            adapter.attention = adapter.query_weight = None
             norms = value_norms(values, adapter.out_weight(i)) if score == "value" else None
-            s = contribution_scores(probs, sees & valid[:, :, None], norms)  # (B, W)
+            s = torch.nan_to_num(contribution_scores(received, sees & valid[:, :, None], norms), nan=0.0)  # (B, W)
             s = s.masked_fill(always, math.inf).masked_fill(~valid, -math.inf)
             new_width = int(target.max())
             best = s.topk(new_width, dim=1).indices  # (B, W') best first

@@ -15,47 +15,80 @@ queries see key ``j``, so raw column sums favour early tokens; after this normal
 scores 1 everywhere, and a score above 1 means more than a fair share. (For an encoder without padding,
 ``u_j = 1`` and the score is the plain column sum.)
 
-The probabilities are those the layer computes anyway (the runtime computes attention explicitly in a
-layer that eliminates: no second attention pass).
+The attention is the one the layer computes anyway: in a layer that eliminates, the runtime computes it
+explicitly in chunks of queries and adds up what each key receives as it goes (one pass, no second
+attention computation, memory bounded by the chunk).
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["SCORES", "contribution_scores", "value_norms"]
+__all__ = ["SCORES", "attention_received", "contribution_scores", "value_norms"]
 
 #: Names of the contribution scores.
 SCORES = ("attention", "value")
 
 
 def value_norms(values: torch.Tensor, out_weight: torch.Tensor) -> torch.Tensor:
-    """``||v_j^h W_O^h||`` of every head and key: what each key writes into the residual stream.
+    """``||v_j^h W_O^h||`` of every query head and key: what each key writes into the residual stream.
 
     Parameters
     ----------
     values : torch.Tensor
-        Per-head values ``(n, H, S_k, hd)``.
+        Values ``(n, KVH, S_k, hd)``, one per key/value head (grouped-query attention: query head ``h``
+        reads key/value head ``h // (H / KVH)``).
     out_weight : torch.Tensor
         The output projection as ``(H * hd, d)`` (``out = concat_h(attended_h) @ out_weight``).
 
     Returns
     -------
     torch.Tensor
-        ``(n, H, S_k)``, float32.
+        ``(n, H, S_k)``, float32, computed through the ``hd x hd`` Gram matrix of each head's block
+        (never an ``(n, H, S_k, d)`` tensor).
     """
-    _, heads, _, hd = values.shape
-    w = out_weight.reshape(heads, hd, -1).to(values.dtype)  # (H, hd, d)
-    return torch.linalg.vector_norm(torch.einsum("nhsk,hkd->nhsd", values, w).float(), dim=-1)
+    n, kv_heads, _, hd = values.shape
+    if out_weight.ndim != 2 or out_weight.shape[0] % hd or (out_weight.shape[0] // hd) % kv_heads:
+        raise ValueError(
+            f"out_weight must be (H * hd, d) with H a multiple of the {kv_heads} key/value heads and hd={hd}, "
+            f"got {tuple(out_weight.shape)}"
+        )
+    heads = out_weight.shape[0] // hd
+    w = out_weight.float().reshape(kv_heads, heads // kv_heads, hd, -1)  # (KVH, g, hd, d)
+    gram = w @ w.transpose(-1, -2)  # (KVH, g, hd, hd)
+    v = values.float()
+    squared = torch.einsum("nksd,kgde,nkse->nkgs", v, gram, v)  # (n, KVH, g, S_k)
+    return squared.clamp_min(0.0).sqrt().reshape(n, heads, -1)
 
 
-def contribution_scores(probs: torch.Tensor, allowed: torch.Tensor, norms: torch.Tensor | None = None) -> torch.Tensor:
-    """Normalised contribution of each key: attention received, optionally value-weighted.
+def attention_received(probs: torch.Tensor, query_weight: torch.Tensor) -> torch.Tensor:
+    """``sum_i w_i A[h, i, j]``: the attention each key receives, per head, from queries weighted by ``w``.
 
     Parameters
     ----------
     probs : torch.Tensor
-        Attention probabilities ``(n, H, S_q, S_k)``, rows summing to 1 over the keys a query sees.
+        Attention probabilities ``(n, H, S_q, S_k)`` of a masked softmax.
+    query_weight : torch.Tensor
+        ``(n, S_q)``: 1 for a real query, 0 for padding.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(n, H, S_k)``, float32.
+    """
+    return torch.einsum("nhqk,nq->nhk", probs.float(), query_weight.float())
+
+
+def contribution_scores(
+    received: torch.Tensor, allowed: torch.Tensor, norms: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Normalised contribution of each key: attention received, optionally value-weighted.
+
+    Parameters
+    ----------
+    received : torch.Tensor
+        ``(n, H, S_k)`` from :func:`attention_received` with the real queries (the layer adapters of the
+        runtime add it up while they attend, chunk by chunk, without keeping the probabilities).
     allowed : torch.Tensor
         Boolean ``(n, S_q, S_k)``: which real query sees which real key (causal mask and padding; a
         padding query has an all-False row and counts for nothing).
@@ -68,15 +101,15 @@ def contribution_scores(probs: torch.Tensor, allowed: torch.Tensor, norms: torch
         Scores ``(n, S_k)``, float32, ``>= 0``; 1 under uniform attention (attention received); 0 for keys
         no real query sees.
     """
-    if probs.ndim != 4 or allowed.shape != (probs.shape[0], *probs.shape[2:]):
+    if received.ndim != 3 or allowed.ndim != 3 or allowed.shape[::2] != received.shape[::2]:
         raise ValueError(
-            f"probs must be (n, H, S_q, S_k) and allowed (n, S_q, S_k); got {tuple(probs.shape)} and {tuple(allowed.shape)}"
+            f"received must be (n, H, S_k) and allowed (n, S_q, S_k); got {tuple(received.shape)} and "
+            f"{tuple(allowed.shape)}"
         )
-    weights = probs.float() * allowed[:, None]  # (n, H, S_q, S_k)
     if norms is not None:
-        weights = weights * norms[:, :, None, :].float()
-    received = weights.sum(dim=2).mean(dim=1)  # (n, S_k)
-    seen = allowed.float()
-    per_query = seen.sum(dim=2, keepdim=True).clamp_min(1.0)  # (n, S_q, 1) keys each query sees
-    uniform = (seen / per_query).sum(dim=1)  # (n, S_k)
+        received = received * norms.float()
+    received = received.float().mean(dim=1)  # (n, S_k)
+    seen = allowed.float()  # (n, S_q, S_k)
+    per_query = seen.sum(dim=2)  # (n, S_q) keys each query sees, 0 for a padding query
+    uniform = torch.einsum("nqk,nq->nk", seen, (per_query > 0).float() / per_query.clamp_min(1.0))  # (n, S_k)
     return torch.where(uniform > 0, received / uniform.clamp_min(1e-30), torch.zeros_like(received))

@@ -32,6 +32,7 @@ This module imports torch; ``import calibrate`` does not import it.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -163,10 +164,12 @@ class LayerAdapter(ABC):
     encoder_decoder: bool = False
     #: Sliding-window length of the attention, None for full attention.
     sliding_window: int | None = None
-    #: When True, attention is computed explicitly and :attr:`attention` keeps the last call's
-    #: probabilities ``(n, H, S, S_k)`` and per-head values ``(n, H, S_k, hd)``.
-    record_attention: bool = False
+    #: Per-query weights ``(n, S)`` (e.g. 1 for real tokens, 0 for filler): when set, attention is computed
+    #: explicitly and :attr:`attention` keeps the attention each key received and the values of the call.
+    query_weight: torch.Tensor | None = None
     attention: tuple[torch.Tensor, torch.Tensor] | None = None
+    #: Queries per chunk of that explicit attention (memory ``n * H * chunk * S_k`` floats).
+    count_chunk: int = 128
 
     def __init__(self, model: nn.Module, layers: nn.ModuleList) -> None:
         self.model = model
@@ -220,26 +223,53 @@ class LayerAdapter(ABC):
         ``bias`` ``(n, H, S, col + S)`` is added to the scores (T5's relative positions).
         """
         n, _, s, _ = q.shape
+        if step.causal and step.col != 0:
+            raise ValueError("Step.causal is a prefill without padding: col must be 0")
         k, v = cache.read(i, step.rows, step.col + s)  # (n, KVH, col + S, hd)
         mask = step.mask if bias is None else (bias if step.mask is None else step.mask + bias)
-        if step.causal and (bias is not None or self.record_attention):  # spelled out where a mask is needed
-            future = torch.ones((s, s), dtype=torch.bool, device=q.device).triu(1)
-            mask = (0 if mask is None else mask) + additive_mask(~future, q.dtype)
-        if self.record_attention:  # explicit, to keep the probabilities (token elimination scores)
-            group = self.n_heads // self.n_kv_heads
-            kh, vh = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (n, H, col + S, hd)
-            scores = (q @ kh.transpose(-1, -2)) * scale  # (n, H, S, col + S)
-            if mask is not None:
-                scores = scores + mask
-            probs = scores.float().softmax(dim=-1).to(q.dtype)
-            self.attention = (probs, vh)
-            out = probs @ vh  # (n, H, S, hd)
+        if self.query_weight is not None:  # explicit, to add up the attention each key receives
+            out = self._attend_and_count(q, k, v, mask, step.causal, scale)
         else:
+            if step.causal and bias is not None:  # the kernel takes a mask or is_causal, not both
+                mask = mask + additive_mask(torch.ones((s, s), dtype=torch.bool, device=q.device).tril(), q.dtype)
             out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=mask is None and step.causal, scale=scale,
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                is_causal=mask is None and step.causal,
+                scale=scale,
                 enable_gqa=self.n_kv_heads != self.n_heads,
             )  # (n, H, S, hd)
         return out.transpose(1, 2).reshape(n, s, self.n_heads * self.head_dim)
+
+    def _attend_and_count(self, q, k, v, mask, causal: bool, scale: float) -> torch.Tensor:
+        """Attention computed explicitly in chunks of queries, one pass: the output ``(n, H, S, hd)``, and in
+        :attr:`attention` the attention each key received from the queries, weighted by :attr:`query_weight`
+        ``(n, S)``: ``(received (n, H, S_k) float32, values (n, KVH, S_k, hd))``. Memory ``n H chunk S_k``.
+        """
+        n, heads, s, hd = q.shape
+        group = heads // self.n_kv_heads
+        qg = q.view(n, self.n_kv_heads, group, s, hd)  # query head h uses key/value head h // group
+        received = torch.zeros((n, self.n_kv_heads, group, k.shape[2]), dtype=torch.float32, device=q.device)
+        out = torch.empty_like(qg)
+        weight = self.query_weight.float()  # (n, S)
+        for lo in range(0, s, self.count_chunk):
+            hi = min(s, lo + self.count_chunk)
+            scores = torch.einsum("nkgqd,nkjd->nkgqj", qg[:, :, :, lo:hi], k) * scale  # (n, KVH, g, c, S_k)
+            if mask is not None:  # (n, 1 or H, S, S_k)
+                m = mask[:, :, lo:hi]
+                scores = scores + (
+                    m.unsqueeze(2) if m.shape[1] == 1 else m.view(n, self.n_kv_heads, group, hi - lo, -1)
+                )
+            if causal:
+                future = torch.ones((hi - lo, k.shape[2]), dtype=torch.bool, device=q.device).triu(lo + 1)
+                scores = scores.masked_fill(future, -math.inf)
+            probs = scores.float().softmax(dim=-1)
+            received += torch.einsum("nkgqj,nq->nkgj", probs, weight[:, lo:hi])
+            out[:, :, :, lo:hi] = torch.einsum("nkgqj,nkjd->nkgqd", probs.to(v.dtype), v)
+        self.attention = (received.view(n, heads, -1), v)
+        return out.view(n, heads, s, hd)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

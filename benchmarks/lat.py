@@ -12,9 +12,11 @@ Rows per (prompt length, batch size), measured side by side in one run, best of 
 * ``lat s=x``           -- the knob at predicted prefill speed-up ``x``.
 
 Columns: ``TTFT`` = time to first token (``max_new_tokens=1``) of Hugging Face over ours (higher =
-faster); ``whole`` = the same for ``--new`` tokens; ``predicted`` = the cost model's prefill speed-up of
-the schedule (:class:`calibrate.lat.KeepSchedule`); ``TTFT/predicted`` = achieved over predicted (target
->= 0.8 for prompts of 512 tokens and more).
+faster); ``whole`` = the same for ``--new`` tokens; ``TTFT/s=1`` = time to first token of our own loop
+without elimination over this knob's (the elimination alone); ``predicted`` = the cost model's prefill
+speed-up of the vectors processed (:class:`calibrate.lat.KeepSchedule`); ``ach/pred`` = ``TTFT`` over
+``predicted`` (target >= 0.8 for prompts of 512 tokens and more), ``(s=1)`` = ``TTFT/s=1`` over
+``predicted``. All calls of one table cell group run in turn, ``--repeat`` rounds, best of each.
 
 Run: ``python benchmarks/lat.py [--prompts 256 1024 2048] [--batch 1 8] [--speedups 1.5 2 3] [--new 32]
 [--repeat 1] [--threads 2] [--device cpu]``.
@@ -31,18 +33,19 @@ from runtime import smollm2_like
 from calibrate import lat
 
 
-def best_time(fn, repeat: int) -> tuple[float, object]:
-    """Fastest wall-clock seconds of ``repeat`` calls (synchronised on GPU), and the last result."""
-    times, out = [], None
+def side_by_side(runs: dict, repeat: int) -> dict[str, float]:
+    """Best wall-clock seconds of each callable, run in turn ``repeat`` times (drift hits all alike)."""
+    best = dict.fromkeys(runs, float("inf"))
     for _ in range(repeat):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        out = fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return min(times), out
+        for name, fn in runs.items():
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
 
 
 def main() -> None:
@@ -59,29 +62,33 @@ def main() -> None:
     model = smollm2_like(args.device)
     device = torch.device(args.device)
     print(f"token elimination, SmolLM2-135M shape (random weights), {args.device}, {torch.get_num_threads()} threads")
-    print(f"{'prompt':>6} {'batch':>5}  {'run':<10} {'TTFT':>6} {'whole':>6} {'predicted':>9} {'TTFT/predicted':>14}")
+    print(
+        f"{'prompt':>6} {'batch':>5}  {'run':<10} {'TTFT':>6} {'whole':>6} {'TTFT/s=1':>9} {'predicted':>9} "
+        f"{'ach/pred':>8} {'(s=1)':>8}"
+    )
     for prompt in args.prompts:
         for batch in args.batch:
             ids = torch.randint(2, model.config.vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(0))
             ids = ids.to(device)
 
-            def hf(n):
-                return model.generate(ids, do_sample=False, max_new_tokens=n, min_new_tokens=n)
+            def hf(n, ids=ids):
+                return lambda: model.generate(ids, do_sample=False, max_new_tokens=n, min_new_tokens=n)
 
-            hf_first, _ = best_time(lambda: hf(1), args.repeat)
-            hf_whole, _ = best_time(lambda: hf(args.new), args.repeat)
+            def ours(s, n, ids=ids):
+                return lambda: lat.generate(model, ids, speedup=s, max_new_tokens=n)
+
+            knobs = (1.0, *args.speedups)
+            first = side_by_side({"hf": hf(1), **{s: ours(s, 1) for s in knobs}}, args.repeat)
+            whole = side_by_side({"hf": hf(args.new), **{s: ours(s, args.new) for s in knobs}}, args.repeat)
             print(f"{prompt:>6} {batch:>5}  {'hf':<10} {1.0:>5.2f}x {1.0:>5.2f}x")
-            for s in (1.0, *args.speedups):
-                first, out = best_time(lambda: lat.generate(model, ids, speedup=s, max_new_tokens=1), args.repeat)
-                whole, _ = best_time(lambda: lat.generate(model, ids, speedup=s, max_new_tokens=args.new), args.repeat)
-                predicted = out.predicted_speedup
-                ratio = hf_first / first
+            for s in knobs:
+                predicted = lat.generate(model, ids, speedup=s, max_new_tokens=1).predicted_speedup
+                vs_hf, vs_full = first["hf"] / first[s], first[1.0] / first[s]
                 print(
-                    f"{prompt:>6} {batch:>5}  {f'lat s={s:g}':<10} {ratio:>5.2f}x {hf_whole / whole:>5.2f}x "
-                    f"{predicted:>8.2f}x {ratio / predicted:>14.2f}",
+                    f"{prompt:>6} {batch:>5}  {f'lat s={s:g}':<10} {vs_hf:>5.2f}x {whole['hf'] / whole[s]:>5.2f}x "
+                    f"{vs_full:>8.2f}x {predicted:>8.2f}x {vs_hf / predicted:>8.2f} {vs_full / predicted:>8.2f}",
                     flush=True,
                 )
-
 
 if __name__ == "__main__":
     main()

@@ -8,8 +8,8 @@ import pytest
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
 
 
-def test_the_three_notebooks_exist():
-    assert {p.stem for p in NOTEBOOKS} == {"quickstart", "confidence_measures", "auditing"}
+def test_the_notebooks_exist():
+    assert {p.stem for p in NOTEBOOKS} == {"quickstart", "confidence_measures", "auditing", "token_elimination"}
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

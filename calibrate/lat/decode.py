@@ -298,7 +298,8 @@ def _prefill(adapter, ids, mask, keep, always, score, cache):
     pos_data = None
     for i in range(L):
         width = h.shape[1]
-        sees = (positions[:, None, :] <= positions[:, :, None]) & valid[:, None, :]  # (B, W, W) query -> key
+        # (B, W, W) real query -> real key it sees; filler queries see only themselves (mask below)
+        sees = (positions[:, None, :] <= positions[:, :, None]) & valid[:, None, :] & valid[:, :, None]
         if bool(valid.all()):  # no filler: columns are in position order, the plain causal mask holds
             step = Step(None, 0, positions, None, causal=True)
         else:  # filler queries see themselves (no empty softmax row)
@@ -318,7 +319,7 @@ def _prefill(adapter, ids, mask, keep, always, score, cache):
             received, values = adapter.attention  # (B, H, W) attention each vector received, values
             adapter.attention = adapter.query_weight = None
             norms = value_norms(values, adapter.out_weight(i)) if score == "value" else None
-            s = torch.nan_to_num(contribution_scores(received, sees & valid[:, :, None], norms), nan=0.0)  # (B, W)
+            s = torch.nan_to_num(contribution_scores(received, sees, norms), nan=0.0)  # (B, W)
             s = s.masked_fill(always, math.inf).masked_fill(~valid, -math.inf)
             new_width = int(target.max())
             best = s.topk(new_width, dim=1).indices  # (B, W') best first

@@ -3,10 +3,11 @@
 A schedule for a prompt of ``N`` tokens on an ``L``-layer model is a non-increasing sequence
 ``keep[0] = N >= keep[1] >= ... >= keep[L-1]``: ``keep[l]`` vectors enter layer ``l``'s attention, and
 layer ``l - 1`` removes the others after its attention, before its feed-forward block (as PoWER-BERT
-extracts). One scalar ``alpha >= 0`` spans the family (linear in depth, like learned token pruning's
-thresholds)::
+extracts). Vectors are removed after every ``e``-th layer only (``e`` about ``L / 6``: six elimination
+points, each of which costs an explicitly computed attention to score the vectors), and one scalar
+``alpha >= 0`` spans the family (linear in depth, like learned token pruning's thresholds)::
 
-    keep[l] = max(min_keep, ceil(N * (1 - alpha * l / (L - 1))))
+    keep[l] = max(min_keep, ceil(N * (1 - alpha * e * floor(l / e) / (L - 1))))
 
 and :meth:`KeepSchedule.from_speedup` picks the smallest ``alpha`` whose predicted speed-up reaches the
 knob. The cost model counts multiply-adds of the prefill (embeddings and the LM head of the last token
@@ -99,8 +100,14 @@ def layer_costs(model_config: Any) -> LayerCosts:
     )
 
 
+def _every(n_layers: int) -> int:
+    """Layers between two elimination points: about six of them whatever the depth."""
+    return max(1, round(n_layers / 6))
+
+
 def _counts(prompt_len: int, n_layers: int, alpha: float, min_keep: int) -> tuple[int, ...]:
-    depth = np.arange(n_layers) / max(n_layers - 1, 1)
+    every = _every(n_layers)
+    depth = (np.arange(n_layers) // every * every) / max(n_layers - 1, 1)
     keep = np.ceil(prompt_len * (1.0 - alpha * depth) - 1e-9).astype(np.int64)
     keep = np.clip(keep, min(min_keep, prompt_len), prompt_len)
     keep[0] = prompt_len
@@ -133,7 +140,7 @@ class KeepSchedule:
         Multiply-adds of the full prefill over those of this schedule (>= ``speedup`` unless clipped).
     max_speedup : float
         The largest predicted speed-up any schedule reaches for this prompt length (every layer after
-        the first keeps ``min_keep`` vectors).
+        the first elimination point keeps ``min_keep`` vectors).
 
     Examples
     --------
@@ -193,13 +200,14 @@ class KeepSchedule:
         def predicted(alpha: float) -> float:
             return full / costs.prefill(_counts(prompt_len, n_layers, alpha, min_keep))
 
-        top = float(n_layers)  # alpha at which every layer after the first is at min_keep
+        top = float(n_layers)  # alpha at which every layer after the first elimination point is at min_keep
         best = predicted(top)
         if speedup > best * (1 + 1e-12):
             if not clip:
                 raise ValueError(
                     f"speedup {speedup:g} cannot be reached for a prompt of {prompt_len} tokens on this model: "
-                    f"the most is {best:.4g} (every layer after the first keeps {min(min_keep, prompt_len)} tokens)"
+                    f"the most is {best:.4g} (every layer after the first elimination point keeps {min(min_keep, prompt_len)} "
+                    "tokens)"
                 )
             alpha = top
         else:

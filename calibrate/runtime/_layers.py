@@ -247,27 +247,33 @@ class LayerAdapter(ABC):
         """Attention computed explicitly in chunks of queries, one pass: the output ``(n, H, S, hd)``, and in
         :attr:`attention` the attention each key received from the queries, weighted by :attr:`query_weight`
         ``(n, S)``: ``(received (n, H, S_k) float32, values (n, KVH, S_k, hd))``. Memory ``n H chunk S_k``.
+
+        A prefill (``S_k == S``) is causal in column order for the queries that count (filler columns come
+        first; a query with weight 0 may get any output), so a chunk of queries ``[lo, hi)`` reads keys
+        ``[0, hi)`` only.
         """
         n, heads, s, hd = q.shape
         group = heads // self.n_kv_heads
+        prefill = k.shape[2] == s
         qg = q.view(n, self.n_kv_heads, group, s, hd)  # query head h uses key/value head h // group
         received = torch.zeros((n, self.n_kv_heads, group, k.shape[2]), dtype=torch.float32, device=q.device)
         out = torch.empty_like(qg)
         weight = self.query_weight.float()  # (n, S)
         for lo in range(0, s, self.count_chunk):
             hi = min(s, lo + self.count_chunk)
-            scores = torch.einsum("nkgqd,nkjd->nkgqj", qg[:, :, :, lo:hi], k) * scale  # (n, KVH, g, c, S_k)
+            keys = hi if prefill else k.shape[2]
+            scores = (
+                torch.einsum("nkgqd,nkjd->nkgqj", qg[:, :, :, lo:hi], k[:, :, :keys]) * scale
+            )  # (n, KVH, g, c, keys)
             if mask is not None:  # (n, 1 or H, S, S_k)
-                m = mask[:, :, lo:hi]
-                scores = scores + (
-                    m.unsqueeze(2) if m.shape[1] == 1 else m.view(n, self.n_kv_heads, group, hi - lo, -1)
-                )
+                m = mask[:, :, lo:hi, :keys]
+                scores += m.unsqueeze(2) if m.shape[1] == 1 else m.view(n, self.n_kv_heads, group, hi - lo, -1)
             if causal:
-                future = torch.ones((hi - lo, k.shape[2]), dtype=torch.bool, device=q.device).triu(lo + 1)
-                scores = scores.masked_fill(future, -math.inf)
+                future = torch.ones((hi - lo, keys), dtype=torch.bool, device=q.device).triu(lo + 1)
+                scores.masked_fill_(future, -math.inf)
             probs = scores.float().softmax(dim=-1)
-            received += torch.einsum("nkgqj,nq->nkgj", probs, weight[:, lo:hi])
-            out[:, :, :, lo:hi] = torch.einsum("nkgqj,nkjd->nkgqd", probs.to(v.dtype), v)
+            received[..., :keys] += torch.einsum("nkgqj,nq->nkgj", probs, weight[:, lo:hi])
+            out[:, :, :, lo:hi] = torch.einsum("nkgqj,nkjd->nkgqd", probs.to(v.dtype), v[:, :, :keys])
         self.attention = (received.view(n, heads, -1), v)
         return out.view(n, heads, s, hd)
 

@@ -81,8 +81,8 @@ def main() -> None:
         return min(times)
 
     for name, n in (("time to first token", 1), ("whole generation", args.max_new_tokens)):
-        hf = best(lambda: model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=n, min_new_tokens=n))
-        ours = best(lambda: lat.generate(model, ids, mask, speedup=speedup, max_new_tokens=n))
+        hf = best(lambda n=n: model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=n, min_new_tokens=n))
+        ours = best(lambda n=n: lat.generate(model, ids, mask, speedup=speedup, max_new_tokens=n))
         print(f"  {name}: {hf / ours:.2f}x over HF generate (batch {ids.shape[0]}, mean prompt {prompt_tokens} tokens)")
     predicted = lat.generate(model, ids, mask, speedup=speedup, max_new_tokens=1).predicted_speedup
     print(f"  predicted prefill speed-up of the batch: {predicted:.2f}x")

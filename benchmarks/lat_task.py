@@ -58,6 +58,8 @@ def main() -> None:
         progress=True,
     )
     print(cert.summary())
+    frame = cert.to_frame().assign(speedup=lambda f: 1 / f["lambda"])
+    print(frame.loc[frame["risk"].notna(), ["speedup", "risk", "p_value", "certified"]].to_string(index=False))
     print(f"  ({time.perf_counter() - start:.0f} s)")
     speedup = 1.0 if cert.lambda_hat is None else 1.0 / cert.lambda_hat
 

@@ -28,6 +28,15 @@ def _add_fit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the classifier's train split")
 
 
+def _report(cert, output: str | None) -> int:
+    """Print a certificate's summary and write it as JSON when ``output`` is given; exit status 0."""
+    print(cert.summary())
+    if output:
+        cert.to_json(output)
+        print(f"wrote {output}")
+    return 0
+
+
 def _cmd_fit(args) -> int:
     import calibrate
 
@@ -44,11 +53,7 @@ def _cmd_fit(args) -> int:
         seed=args.seed,
         progress=True,
     )
-    print(cert.summary())
-    if args.output:
-        cert.to_json(args.output)
-        print(f"wrote {args.output}")
-    return 0
+    return _report(cert, args.output)
 
 
 def _cmd_audit(args) -> int:
@@ -110,11 +115,7 @@ def _cmd_lat_fit(args) -> int:
         batch_size=args.batch_size,
         progress=True,
     )
-    print(cert.summary())
-    if args.output:
-        cert.to_json(args.output)
-        print(f"wrote {args.output}")
-    return 0
+    return _report(cert, args.output)
 
 
 def _cmd_synthetic(args) -> int:

@@ -13,7 +13,9 @@ with :func:`torch.nn.functional.scaled_dot_product_attention` over a :class:`KVC
 - :class:`BartAdapter`: BART (post-norm) and mBART (pre-norm): learned positions with offset 2,
   ``layernorm_embedding``, scaled token embeddings.
 
-The last two share :class:`EncoderDecoderAdapter`: the encoder (the model's own) runs once over the
+The first two share :class:`DecoderOnlyAdapter`, whose layers split into ``attend`` and ``finish``
+(token elimination, :mod:`calibrate.lat`, removes rows in between); the last two share
+:class:`EncoderDecoderAdapter`: the encoder (the model's own) runs once over the
 input, every decoder layer's cross-attention keys/values are computed once from its output, and a
 decoder layer is three residual sub-blocks (self-attention, cross-attention, MLP).
 
@@ -44,6 +46,7 @@ from torch import nn
 __all__ = [
     "RUNTIME_ARCHITECTURES",
     "BartAdapter",
+    "DecoderOnlyAdapter",
     "EncoderDecoderAdapter",
     "GPT2Adapter",
     "KVCache",
@@ -191,25 +194,9 @@ class LayerAdapter(ABC):
     def positional(self, h: torch.Tensor, step: Step):
         """Position data of one step shared by every layer: a tuple of ``(n, ...)`` tensors, or None."""
 
+    @abstractmethod
     def layer(self, i: int, h: torch.Tensor, step: Step, cache: KVCache, pos_data) -> torch.Tensor:
         """Output ``(n, S, d)`` of decoder layer ``i``; writes its keys/values into ``cache``."""
-        return self.finish(i, h, self.attend(i, h, step, cache, pos_data))
-
-    def attend(self, i: int, h: torch.Tensor, step: Step, cache: KVCache, pos_data) -> torch.Tensor:
-        """Self-attention of layer ``i`` before its output projection, ``(n, S, H*hd)``; writes keys/values.
-
-        With :meth:`finish` it splits a decoder-only layer where token elimination removes rows (after
-        attention, before the feed-forward block).
-        """
-        raise NotImplementedError(f"{type(self).__name__} runs whole layers only")
-
-    def finish(self, i: int, h: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
-        """The rest of layer ``i``: output projection and residual, then the feed-forward block -> ``(n, S, d)``."""
-        raise NotImplementedError(f"{type(self).__name__} runs whole layers only")
-
-    def out_weight(self, i: int) -> torch.Tensor:
-        """Layer ``i``'s attention output projection as a ``(H*hd, d)`` matrix (``out = attended @ W``)."""
-        raise NotImplementedError(f"{type(self).__name__} has no separate output projection")
 
     @abstractmethod
     def propagate(self, i: int, h: torch.Tensor, step: Step, cache: KVCache, pos_data) -> None:
@@ -283,7 +270,26 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-class LlamaAdapter(LayerAdapter):
+class DecoderOnlyAdapter(LayerAdapter):
+    """A decoder-only layer split where token elimination removes rows: after attention, before the MLP."""
+
+    def layer(self, i, h, step, cache, pos_data):
+        return self.finish(i, h, self.attend(i, h, step, cache, pos_data))
+
+    @abstractmethod
+    def attend(self, i: int, h: torch.Tensor, step: Step, cache: KVCache, pos_data) -> torch.Tensor:
+        """Self-attention of layer ``i`` before its output projection, ``(n, S, H*hd)``; writes keys/values."""
+
+    @abstractmethod
+    def finish(self, i: int, h: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """The rest of layer ``i``: output projection and residual, then the feed-forward block -> ``(n, S, d)``."""
+
+    @abstractmethod
+    def out_weight(self, i: int) -> torch.Tensor:
+        """Layer ``i``'s attention output projection as a ``(H*hd, d)`` matrix (``out = attended @ W``)."""
+
+
+class LlamaAdapter(DecoderOnlyAdapter):
     """Llama-family layers: ``h + o(attn(rope(q(n1 h)), rope(k(n1 h)), v(n1 h)))``, then ``+ mlp(n2 h)``."""
 
     def __init__(self, model: nn.Module, layers: nn.ModuleList) -> None:
@@ -347,7 +353,7 @@ class LlamaAdapter(LayerAdapter):
         cache.write(i, step.rows, step.col, k, v)
 
 
-class GPT2Adapter(LayerAdapter):
+class GPT2Adapter(DecoderOnlyAdapter):
     """GPT-2 blocks: ``h + proj(attn(c_attn(ln_1 h)))``, then ``+ mlp(ln_2 h)``; positions are embedded."""
 
     def __init__(self, model: nn.Module, layers: nn.ModuleList) -> None:

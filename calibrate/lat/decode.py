@@ -210,7 +210,7 @@ def generate(
         raise ValueError(
             f"token elimination does not support model_type {config.model_type!r}; supported: {LAT_ARCHITECTURES}"
         )
-    special = getattr(tokenizer, "all_special_ids", None) or [] if tokenizer is not None else []
+    special = (getattr(tokenizer, "all_special_ids", None) or []) if tokenizer is not None else []
     speedup, chosen = _certified(certificate, _speedup_iv(speedup), model, settings(score, min_keep, special))
     score, min_keep, special = chosen["score"], chosen["min_keep"], chosen["keep_ids"]
     if score not in SCORES:
@@ -223,8 +223,9 @@ def generate(
     eos_ids, pad_id = _special_tokens_iv(model, tokenizer, eos_token_id, pad_token_id)
     B, P = ids.shape
     L, T = adapter.n_layers, max_new_tokens
-    lengths = mask.sum(dim=1).tolist()
-    schedules = tuple(KeepSchedule.from_speedup(config, int(n), speedup, min_keep=min_keep, clip=True) for n in lengths)
+    lengths = [int(n) for n in mask.sum(dim=1).tolist()]
+    by_length = {n: KeepSchedule.from_speedup(config, n, speedup, min_keep=min_keep, clip=True) for n in set(lengths)}
+    schedules = tuple(by_length[n] for n in lengths)
     keep = torch.tensor([s.keep for s in schedules], device=adapter.device)  # (B, L)
 
     # 1. Prefill with elimination; each layer's keys/values stay in the cache.

@@ -13,12 +13,14 @@ PAD, EOS, UNK, BOS = 0, 1, 2, 3
 def _config(arch: str, n_layers: int = 3, **kwargs):
     from transformers import (
         BartConfig,
+        BertConfig,
         GPT2Config,
         LlamaConfig,
         MBartConfig,
         MistralConfig,
         Qwen2Config,
         Qwen3Config,
+        RobertaConfig,
         T5Config,
     )
 
@@ -71,24 +73,47 @@ def _config(arch: str, n_layers: int = 3, **kwargs):
             **kwargs,
         ),
         "bart": lambda: BartConfig(**bart, **kwargs),
+        # Sequence classifiers (3 labels); RoBERTa's positions start after its pad id, hence the + 2.
+        **{
+            name: (
+                lambda c=c: c(
+                    num_hidden_layers=n_layers,
+                    hidden_size=32,
+                    intermediate_size=64,
+                    num_attention_heads=4,
+                    max_position_embeddings=66,
+                    initializer_range=0.2,
+                    num_labels=3,
+                    **ids,
+                    **kwargs,
+                )
+            )
+            for name, c in (("bert", BertConfig), ("roberta", RobertaConfig))
+        },
         "mbart": lambda: MBartConfig(**bart, **kwargs),
     }
     return configs[arch]()
 
 
 def tiny_model(arch: str, seed: int = 0, n_layers: int = 3, **kwargs):
-    """A tiny random model of ``arch`` in eval mode, built with ``torch.manual_seed(seed)``."""
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+    """A tiny random model of ``arch`` in eval mode, built with ``torch.manual_seed(seed)``.
+
+    ``bert`` and ``roberta`` give ``...ForSequenceClassification`` models with 3 labels.
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
 
     config = _config(arch, n_layers, **kwargs)
-    auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+    if arch in ("bert", "roberta"):
+        auto = AutoModelForSequenceClassification
+    else:
+        auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
     torch.manual_seed(seed)
     model = auto.from_config(config).eval()
     # Norms start at weight 1, bias 0, where applying a norm twice is nearly the identity: perturb them
     # so that a head that normalises twice (or not at all) gives visibly wrong logits.
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name or ".ln_" in name:
+            if "norm" in name.lower() or ".ln_" in name:
                 p.copy_(torch.rand_like(p) + 0.5 if name.endswith("weight") else 0.1 * torch.randn_like(p))
     return model
 

@@ -11,7 +11,8 @@ from _tiny_hf import BOS, EOS, PAD, tiny_model
 from calibrate import lat
 from calibrate.certificate import Certificate
 from calibrate.heads import ExitHeads, decoder_layers
-from calibrate.lat.decode import _always_kept, _prefill
+from calibrate.lat.decode import _prefill
+from calibrate.lat.scores import _always_kept
 from calibrate.lat.schedule import KeepSchedule, layer_costs
 from calibrate.runtime._layers import adapter_for
 
@@ -313,7 +314,7 @@ def test_eliminated_prefill_equals_the_model_on_the_kept_tokens():
     keep = torch.tensor([schedule.keep])
     for score in lat.SCORES:
         cache = adapter.new_cache(1, ids.shape[1])
-        h_last, _, kept, processed = _prefill(adapter, ids, mask, keep, _always_kept(ids, mask, []), score, cache)
+        h_last, _, kept, processed = _prefill(adapter, ids, mask, keep, _always_kept(ids, mask, [], last=True), score, cache)
         assert processed[0].tolist() == list(schedule.keep)
         assert kept[-1][0, -1] == ids.shape[1] - 1 and kept[-1][0, (kept[-1][0] >= 0).nonzero()[0]] == 0
         got = ExitHeads.from_model(model)(h_last, layer=3)
@@ -346,8 +347,8 @@ def test_bad_input():
     for bad in (0.9, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="speedup"):
             lat.generate(model, ids, mask, speedup=bad)
-    with pytest.raises(ValueError, match=r"does not support model_type 't5'.*gpt2"):
-        lat.generate(tiny_model("t5", seed=1), ids, mask)
+    with pytest.raises(ValueError, match=r"does not support model_type 'bart'.*gpt2.*t5"):
+        lat.generate(tiny_model("bart", seed=1), ids, mask)
     with pytest.raises(ValueError, match="score"):
         lat.generate(model, ids, mask, score="acc")
     cert = {

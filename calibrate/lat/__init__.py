@@ -5,7 +5,8 @@
 - :mod:`calibrate.lat.schedule`: :class:`KeepSchedule`, per-layer keep counts from one speed-up knob,
   and the multiply-add cost model behind ``predicted_speedup`` (numpy only).
 - :func:`generate`: greedy decoding whose prefill physically removes word vectors layer by layer
-  (decoder-only models; needs torch).
+  (decoder-only models, and T5's encoder; needs torch).
+- :func:`classify`: BERT-family sequence classification with the same elimination in the encoder.
 - :func:`fit`: certify the speed-up knob in decoded mode (a ``token_keep`` certificate), and
   :func:`heldout_losses` to audit it on held-out prompts (needs torch).
 """
@@ -13,19 +14,23 @@
 from calibrate.lat.schedule import KeepSchedule, LayerCosts, layer_costs
 
 __all__ = [
+    "CLASSIFIER_ARCHITECTURES",
     "DEFAULT_SPEEDUPS",
     "LAT_ARCHITECTURES",
     "SCORES",
+    "ClassificationOutput",
     "EliminationOutput",
     "KeepSchedule",
     "LayerCosts",
     "attention_received",
+    "classify",
     "contribution_scores",
     "fit",
     "generate",
     "heldout_losses",
     "layer_costs",
     "model_id",
+    "survivors",
     "value_norms",
 ]
 
@@ -35,6 +40,10 @@ _LAZY = {
     "attention_received": "calibrate.lat.scores",
     "contribution_scores": "calibrate.lat.scores",
     "value_norms": "calibrate.lat.scores",
+    "survivors": "calibrate.lat.scores",
+    "CLASSIFIER_ARCHITECTURES": "calibrate.lat.encoders",
+    "ClassificationOutput": "calibrate.lat.classification",
+    "classify": "calibrate.lat.classification",
     "LAT_ARCHITECTURES": "calibrate.lat.decode",
     "EliminationOutput": "calibrate.lat.decode",
     "generate": "calibrate.lat.decode",

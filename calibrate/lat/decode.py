@@ -1,4 +1,4 @@
-"""Greedy decoding with token elimination in the prefill (Latency-Adjustable Transformer), decoder-only models.
+"""Greedy decoding with token elimination in the prefill (Latency-Adjustable Transformer).
 
 :func:`generate` runs the prompt through the model layer by layer (the runtime's layer adapters, not the
 model's ``forward``). In a layer ``l`` after which the schedule keeps fewer vectors, the attention is
@@ -11,6 +11,9 @@ original indices (RoPE and learned absolute positions alike).
 Each layer's key/value cache holds the vectors that entered that layer; generated tokens then run every
 layer and attend, at each layer, to that layer's survivors and to the tokens generated so far.
 
+T5 thins out its encoder instead (:mod:`calibrate.lat.encoders`); the full decoder then cross-attends to
+the survivors of the last encoder layer.
+
 With ``speedup=1`` (or a "full model only" certificate) nothing is removed and the tokens equal
 ``model.generate(do_sample=False)``. This module imports torch; ``import calibrate`` does not import it.
 """
@@ -18,7 +21,6 @@ With ``speedup=1`` (or a "full model only" certificate) nothing is removed and t
 from __future__ import annotations
 
 import hashlib
-import math
 from dataclasses import dataclass
 
 import torch
@@ -26,15 +28,24 @@ from torch import nn
 
 from calibrate.certificate import Certificate
 from calibrate.heads import ExitHeads, decoder_layers
+from calibrate.lat.encoders import ENCODER_DECODER_ARCHITECTURES, encode, encoder_for
 from calibrate.lat.schedule import KeepSchedule, _speedup_iv, layer_costs
-from calibrate.lat.scores import SCORES, contribution_scores, value_norms
+from calibrate.lat.scores import SCORES, _always_kept, _gather, survivors, value_norms
 from calibrate.runtime._layers import Step, adapter_for, additive_mask
-from calibrate.runtime.decode import _context_iv, _ids_iv, _int_iv, _special_tokens_iv
+from calibrate.runtime.decode import (
+    _context_iv,
+    _decode,
+    _decoder_start_iv,
+    _generate_iv,
+    _ids_iv,
+    _int_iv,
+    _special_tokens_iv,
+)
 
 __all__ = ["LAT_ARCHITECTURES", "EliminationOutput", "generate", "model_id"]
 
 #: ``config.model_type`` values whose prompts :func:`generate` can thin out.
-LAT_ARCHITECTURES: tuple[str, ...] = ("gpt2", "llama", "mistral", "qwen2", "qwen3")
+LAT_ARCHITECTURES: tuple[str, ...] = ("gpt2", "llama", "mistral", "qwen2", "qwen3", *ENCODER_DECODER_ARCHITECTURES)
 
 
 @dataclass(frozen=True)
@@ -44,18 +55,19 @@ class EliminationOutput:
     Attributes
     ----------
     sequences : torch.Tensor
-        ``(B, P + T)``: the (left-padded) prompt, then the generated tokens (pad after EOS).
+        ``(B, P + T)``: the (left-padded) prompt, then the generated tokens (pad after EOS); for T5 the
+        decoder's sequence, from its start token (``P = 1``).
     prompt_length : int
-        ``P``, columns of the prompt.
+        ``P``, columns of the prompt (T5: 1).
     speedup : float
         The knob (1 = the unmodified model).
     schedules : tuple of KeepSchedule
         One per row, for its own prompt length.
     processed : torch.Tensor
-        ``(B, L)`` long: word vectors of each row that entered each layer in the prefill (the schedule,
-        raised where a row has more always-kept tokens).
+        ``(B, L)`` long: word vectors of each row that entered each layer in the prefill (T5: the encoder),
+        i.e. the schedule, raised where a row has more always-kept tokens.
     kept : tuple of torch.Tensor
-        Per layer, ``(B, W_l)`` long: the prompt columns that entered it, ``-1`` for filler.
+        Per layer, ``(B, W_l)`` long: the input columns that entered it, ``-1`` for filler.
     eos_ids : tuple of int
         The end-of-sequence ids decoding stopped at (a row ends at its first one).
     predicted_speedup : float
@@ -81,7 +93,7 @@ class EliminationOutput:
         b, t = self.new_tokens.shape
         return (
             f"EliminationOutput(batch={b}, new_tokens={t}, speedup={self.speedup:g}, "
-            f"mean vectors per layer={self.processed.float().mean():.1f} of prompt {self.prompt_length})"
+            f"mean vectors per layer={self.processed.float().mean():.1f} of {self.processed[:, 0].float().mean():.1f})"
         )
 
 
@@ -91,14 +103,14 @@ def model_id(model: nn.Module) -> str:
     A token-elimination certificate records it and :func:`generate` refuses a certificate of another model.
     """
     config = model.config
-    layers = decoder_layers(model)
     h = hashlib.blake2b(digest_size=8)
     for name, tensor in model.named_parameters():  # a strided sample of every parameter
         flat = tensor.detach().reshape(-1)
         sample = flat[:: max(1, flat.numel() // 256)][:256]
         h.update(name.encode())
         h.update(sample.float().cpu().contiguous().numpy().tobytes())
-    return f"{config.model_type}/L{len(layers)}/d{config.hidden_size}/V{config.vocab_size}/{h.hexdigest()}"
+    costs = layer_costs(config)
+    return f"{config.model_type}/L{costs.n_layers}/d{config.hidden_size}/V{config.vocab_size}/{h.hexdigest()}"
 
 
 def settings(score: str, min_keep: int, keep_ids) -> dict:
@@ -130,22 +142,6 @@ def _certified(certificate, speedup: float, model, requested: dict) -> tuple[flo
     return (1.0 if lam is None else 1.0 / float(lam)), {**requested, **(certificate.measure_state or {})}
 
 
-def _always_kept(ids: torch.Tensor, mask: torch.Tensor, special: list[int]) -> torch.Tensor:
-    """``(B, P)`` bool: the first real token, the last prompt token and special tokens of each row."""
-    always = torch.zeros_like(mask, dtype=torch.bool)
-    always[:, -1] = True
-    first = mask.argmax(dim=1)  # left padding: the first 1
-    always[torch.arange(ids.shape[0]), first] = True
-    if special:
-        always |= torch.isin(ids, torch.tensor(special, device=ids.device))
-    return always & mask.bool()
-
-
-def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Rows ``index`` ``(B, W')`` along dim 1 of ``x`` ``(B, W, ...)``."""
-    return x.gather(1, index.reshape(*index.shape, *([1] * (x.ndim - 2))).expand(*index.shape, *x.shape[2:]))
-
-
 @torch.no_grad()
 def generate(
     model: nn.Module,
@@ -166,9 +162,9 @@ def generate(
     Parameters
     ----------
     model : transformers.PreTrainedModel
-        A decoder-only model (``config.model_type`` in :data:`LAT_ARCHITECTURES`).
+        A decoder-only model or T5 (``config.model_type`` in :data:`LAT_ARCHITECTURES`).
     input_ids : torch.Tensor
-        ``(B, P)`` prompt ids, left-padded.
+        ``(B, P)`` prompt ids, left-padded (T5: the encoder's input, padded on either side).
     attention_mask : torch.Tensor, optional
         ``(B, P)`` 0/1, default all ones.
     speedup : float, default=1.0
@@ -185,7 +181,8 @@ def generate(
         Contribution score (:func:`calibrate.lat.scores.contribution_scores`): attention received, or
         value-weighted.
     tokenizer : transformers tokenizer, optional
-        Its special tokens are always kept (without it, only the first and last prompt tokens are), and its
+        Its special tokens are always kept (without it, only the first and, in decoders, the last prompt
+        tokens are), and its
         EOS/pad ids are used when the model's generation config has none.
     eos_token_id, pad_token_id : optional
         Override the generation config.
@@ -206,7 +203,7 @@ def generate(
         When ``speedup``, ``certificate`` or ``input_ids`` has the wrong type.
     """
     config = model.config
-    if getattr(config, "is_encoder_decoder", False) or config.model_type not in LAT_ARCHITECTURES:
+    if config.model_type not in LAT_ARCHITECTURES:
         raise ValueError(
             f"token elimination does not support model_type {config.model_type!r}; supported: {LAT_ARCHITECTURES}"
         )
@@ -216,21 +213,23 @@ def generate(
     if score not in SCORES:
         raise ValueError(f"score must be one of {SCORES}, got {score!r}")
     max_new_tokens = _int_iv("max_new_tokens", max_new_tokens, 1)
+    tokens = _special_tokens_iv(model, tokenizer, eos_token_id, pad_token_id)
+    if config.model_type in ENCODER_DECODER_ARCHITECTURES:
+        return _generate_encoder_decoder(
+            model, input_ids, attention_mask, speedup, max_new_tokens, score, special, min_keep, tokens
+        )
     adapter = adapter_for(model, decoder_layers(model))
     heads = ExitHeads.from_model(model)
     ids, mask = _ids_iv(input_ids, attention_mask, adapter.device, left_padded=True)
     _context_iv(model, adapter, mask, None, max_new_tokens)  # too long for the positions: refused
-    eos_ids, pad_id = _special_tokens_iv(model, tokenizer, eos_token_id, pad_token_id)
+    eos_ids, pad_id = tokens
     B, P = ids.shape
     L, T = adapter.n_layers, max_new_tokens
-    lengths = [int(n) for n in mask.sum(dim=1).tolist()]
-    by_length = {n: KeepSchedule.from_speedup(config, n, speedup, min_keep=min_keep, clip=True) for n in set(lengths)}
-    schedules = tuple(by_length[n] for n in lengths)
-    keep = torch.tensor([s.keep for s in schedules], device=adapter.device)  # (B, L)
+    schedules, keep = _schedules(config, mask, speedup, min_keep)  # keep: (B, L)
 
     # 1. Prefill with elimination; each layer's keys/values stay in the cache.
     cache = adapter.new_cache(B, P + T)
-    always = _always_kept(ids, mask, special)  # (B, P)
+    always = _always_kept(ids, mask, special, last=True)  # (B, P)
     h_last, key_valid, kept, processed = _prefill(adapter, ids, mask, keep, always, score, cache)
     logits = heads(h_last, layer=L - 1).float()  # (B, V)
 
@@ -272,6 +271,42 @@ def generate(
         kept=kept,
         eos_ids=eos_ids,
         predicted_speedup=_predicted(layer_costs(config), processed),
+    )
+
+
+def _schedules(
+    config, mask: torch.Tensor, speedup: float, min_keep: int
+) -> tuple[tuple[KeepSchedule, ...], torch.Tensor]:
+    """One schedule per row for its own length (``mask`` ``(B, P)``), and their keep counts ``(B, L)``."""
+    lengths = [int(n) for n in mask.sum(dim=1).tolist()]
+    by_length = {n: KeepSchedule.from_speedup(config, n, speedup, min_keep=min_keep, clip=True) for n in set(lengths)}
+    schedules = tuple(by_length[n] for n in lengths)
+    return schedules, torch.tensor([s.keep for s in schedules], device=mask.device)
+
+
+def _generate_encoder_decoder(
+    model, input_ids, attention_mask, speedup, max_new_tokens, score, special, min_keep, tokens
+) -> EliminationOutput:
+    """T5: the encoder thins out its input (:func:`calibrate.lat.encoders.encode`), then the runtime's greedy
+    loop decodes with the full decoder, cross-attending to the survivors of the last encoder layer."""
+    encoder = encoder_for(model)
+    device = next(model.parameters()).device
+    ids, mask = _ids_iv(input_ids, attention_mask, device, left_padded=False)
+    schedules, keep = _schedules(model.config, mask, speedup, min_keep)
+    always = _always_kept(ids, mask, special, last=False)
+    states, valid, kept, processed = encode(encoder, ids, mask, keep, always, score)  # (B, W, d), (B, W)
+    start = torch.full((ids.shape[0], 1), _decoder_start_iv(model), dtype=torch.long, device=device)
+    run = _generate_iv(model, start, valid.long(), None, max_new_tokens, None, None, tokens, encoder_states=states)
+    out = _decode(run, *run.inputs)
+    return EliminationOutput(
+        sequences=out.sequences,
+        prompt_length=1,
+        speedup=speedup,
+        schedules=schedules,
+        processed=processed,
+        kept=kept,
+        eos_ids=tokens[0],
+        predicted_speedup=_predicted(layer_costs(model.config), processed),
     )
 
 
@@ -320,15 +355,7 @@ def _prefill(adapter, ids, mask, keep, always, score, cache):
             received, values = adapter.attention  # (B, H, W) attention each vector received, values
             adapter.attention = adapter.query_weight = None
             norms = value_norms(values, adapter.out_weight(i)) if score == "value" else None
-            s = torch.nan_to_num(contribution_scores(received, sees, norms), nan=0.0)  # (B, W)
-            s = s.masked_fill(always, math.inf).masked_fill(~valid, -math.inf)
-            new_width = int(target.max())
-            best = s.topk(new_width, dim=1).indices  # (B, W') best first
-            chosen = torch.arange(new_width, device=h.device)[None, :] < target[:, None]  # (B, W')
-            # filler first, then the chosen columns in prompt order: the last prompt token stays last
-            order = torch.where(chosen, best + width, best).argsort(dim=1)
-            index = best.gather(1, order)  # (B, W')
-            valid = chosen.gather(1, order)
+            index, valid = survivors(received, sees, norms, always, valid, target, filler_first=True)  # (B, W')
             h, attended = _gather(h, index), _gather(attended, index)
             positions, always, columns = (x.gather(1, index) for x in (positions, always, columns))
             pos_data = None

@@ -22,9 +22,11 @@ attention computation, memory bounded by the chunk).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-__all__ = ["SCORES", "attention_received", "contribution_scores", "value_norms"]
+__all__ = ["SCORES", "attention_received", "contribution_scores", "survivors", "value_norms"]
 
 #: Names of the contribution scores.
 SCORES = ("attention", "value")
@@ -113,3 +115,63 @@ def contribution_scores(
     per_query = seen.sum(dim=2)  # (n, S_q) keys each query sees, 0 for a padding query
     uniform = torch.einsum("nqk,nq->nk", seen, (per_query > 0).float() / per_query.clamp_min(1.0))  # (n, S_k)
     return torch.where(uniform > 0, received / uniform.clamp_min(1e-30), torch.zeros_like(received))
+
+
+def survivors(
+    received: torch.Tensor,
+    allowed: torch.Tensor,
+    norms: torch.Tensor | None,
+    always: torch.Tensor,
+    valid: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    filler_first: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The word vectors each row keeps: its ``target`` best by :func:`contribution_scores`, in column order.
+
+    Parameters
+    ----------
+    received, allowed, norms
+        As in :func:`contribution_scores`, for ``n`` rows of width ``W``.
+    always : torch.Tensor
+        Boolean ``(n, W)``: vectors kept whatever their score.
+    valid : torch.Tensor
+        Boolean ``(n, W)``: real vectors (False: filler of a row narrower than the batch).
+    target : torch.Tensor
+        ``(n,)`` long: vectors each row keeps, ``>=`` its always-kept ones and ``<=`` its real ones.
+    filler_first : bool
+        Put the filler of the new width before the kept columns (decoders: the last prompt token stays
+        last), else after them (encoders: the first kept token, e.g. [CLS], comes first).
+
+    Returns
+    -------
+    index : torch.Tensor
+        ``(n, W')`` long, ``W' = max(target)``: the columns to gather.
+    valid : torch.Tensor
+        ``(n, W')`` bool: which gathered columns are kept vectors (the rest is filler).
+    """
+    s = torch.nan_to_num(contribution_scores(received, allowed, norms), nan=0.0)  # (n, W)
+    s = s.masked_fill(always, math.inf).masked_fill(~valid, -math.inf)
+    width = s.shape[1]
+    best = s.topk(int(target.max()), dim=1).indices  # (n, W') best first
+    chosen = torch.arange(best.shape[1], device=s.device)[None, :] < target[:, None]  # (n, W')
+    order = (
+        torch.where(chosen, best + width, best) if filler_first else torch.where(chosen, best, best + width)
+    ).argsort(dim=1)
+    return best.gather(1, order), chosen.gather(1, order)
+
+
+def _always_kept(ids: torch.Tensor, mask: torch.Tensor, special: list[int], *, last: bool) -> torch.Tensor:
+    """``(B, P)`` bool: the first real token, special tokens and (``last``: decoders) the last column of each row."""
+    always = torch.zeros_like(mask, dtype=torch.bool)
+    always[:, -1] = last
+    first = mask.argmax(dim=1)  # the first 1
+    always[torch.arange(ids.shape[0]), first] = True
+    if special:
+        always |= torch.isin(ids, torch.tensor(special, device=ids.device))
+    return always & mask.bool()
+
+
+def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows ``index`` ``(B, W')`` along dim 1 of ``x`` ``(B, W, ...)``."""
+    return x.gather(1, index.reshape(*index.shape, *([1] * (x.ndim - 2))).expand(*index.shape, *x.shape[2:]))

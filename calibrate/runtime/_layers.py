@@ -56,6 +56,7 @@ __all__ = [
     "T5Adapter",
     "adapter_for",
     "additive_mask",
+    "attend_and_count",
 ]
 
 #: ``config.model_type`` values the runtime decodes.
@@ -231,38 +232,88 @@ class LayerAdapter(ABC):
         return out.transpose(1, 2).reshape(n, s, self.n_heads * self.head_dim)
 
     def _attend_and_count(self, q, k, v, mask, causal: bool, scale: float) -> torch.Tensor:
-        """Attention computed explicitly in chunks of queries, one pass: the output ``(n, H, S, hd)``, and in
-        :attr:`attention` the attention each key received from the queries, weighted by :attr:`query_weight`
-        ``(n, S)``: ``(received (n, H, S_k) float32, values (n, KVH, S_k, hd))``. Memory ``n H chunk S_k``.
+        """:func:`attend_and_count` with :attr:`query_weight`; keeps ``(received, values)`` in :attr:`attention`.
 
         A prefill (``S_k == S``) is causal in column order for the queries that count (filler columns come
-        first; a query with weight 0 may get any output), so a chunk of queries ``[lo, hi)`` reads keys
-        ``[0, hi)`` only.
+        first; a query with weight 0 may get any output), so a chunk of queries reads the keys up to its end.
         """
-        n, heads, s, hd = q.shape
-        group = heads // self.n_kv_heads
-        prefill = k.shape[2] == s
-        qg = q.view(n, self.n_kv_heads, group, s, hd)  # query head h uses key/value head h // group
-        received = torch.zeros((n, self.n_kv_heads, group, k.shape[2]), dtype=torch.float32, device=q.device)
-        out = torch.empty_like(qg)
-        weight = self.query_weight.float()  # (n, S)
-        for lo in range(0, s, self.count_chunk):
-            hi = min(s, lo + self.count_chunk)
-            keys = hi if prefill else k.shape[2]
-            scores = (
-                torch.einsum("nkgqd,nkjd->nkgqj", qg[:, :, :, lo:hi], k[:, :, :keys]) * scale
-            )  # (n, KVH, g, c, keys)
-            if mask is not None:  # (n, 1 or H, S, S_k)
-                m = mask[:, :, lo:hi, :keys]
-                scores += m.unsqueeze(2) if m.shape[1] == 1 else m.view(n, self.n_kv_heads, group, hi - lo, -1)
-            if causal:
-                future = torch.ones((hi - lo, keys), dtype=torch.bool, device=q.device).triu(lo + 1)
-                scores.masked_fill_(future, -math.inf)
-            probs = scores.float().softmax(dim=-1)
-            received[..., :keys] += torch.einsum("nkgqj,nq->nkgj", probs, weight[:, lo:hi])
-            out[:, :, :, lo:hi] = torch.einsum("nkgqj,nkjd->nkgqd", probs.to(v.dtype), v[:, :, :keys])
-        self.attention = (received.view(n, heads, -1), v)
-        return out.view(n, heads, s, hd)
+        out, received = attend_and_count(
+            q,
+            k,
+            v,
+            mask,
+            scale,
+            self.query_weight,
+            causal=causal,
+            causal_columns=k.shape[2] == q.shape[2],
+            chunk=self.count_chunk,
+        )
+        self.attention = (received, v)
+        return out
+
+
+def attend_and_count(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    query_weight: torch.Tensor,
+    *,
+    causal: bool = False,
+    causal_columns: bool = False,
+    chunk: int = 128,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention computed explicitly in chunks of queries, adding up the attention each key receives (one pass).
+
+    Parameters
+    ----------
+    q : torch.Tensor
+        Queries ``(n, H, S, hd)``.
+    k, v : torch.Tensor
+        Keys and values ``(n, KVH, S_k, hd)``; query head ``h`` reads key/value head ``h // (H / KVH)``.
+    mask : torch.Tensor or None
+        Additive mask ``(n, 1 or H, S, S_k)`` (may include a position bias).
+    scale : float
+        Score scale.
+    query_weight : torch.Tensor
+        ``(n, S)``: how much each query's attention counts (1 real, 0 filler).
+    causal : bool, default=False
+        Mask future keys (the prefill's implied causal mask).
+    causal_columns : bool, default=False
+        The queries that count see no key past their own column (a decoder prefill), so a chunk of queries
+        ``[lo, hi)`` reads keys ``[0, hi)`` only.
+    chunk : int, default=128
+        Queries per chunk: memory ``n * H * chunk * S_k`` floats.
+
+    Returns
+    -------
+    out : torch.Tensor
+        ``(n, H, S, hd)``.
+    received : torch.Tensor
+        ``(n, H, S_k)`` float32: ``sum_i w_i A[h, i, j]``.
+    """
+    n, heads, s, hd = q.shape
+    kv_heads = k.shape[1]
+    group = heads // kv_heads
+    qg = q.view(n, kv_heads, group, s, hd)
+    received = torch.zeros((n, kv_heads, group, k.shape[2]), dtype=torch.float32, device=q.device)
+    out = torch.empty_like(qg)
+    weight = query_weight.float()  # (n, S)
+    for lo in range(0, s, chunk):
+        hi = min(s, lo + chunk)
+        keys = hi if causal_columns else k.shape[2]
+        scores = torch.einsum("nkgqd,nkjd->nkgqj", qg[:, :, :, lo:hi], k[:, :, :keys]) * scale  # (n, KVH, g, c, keys)
+        if mask is not None:  # (n, 1 or H, S, S_k)
+            m = mask[:, :, lo:hi, :keys]
+            scores = scores + (m.unsqueeze(2) if m.shape[1] == 1 else m.view(n, kv_heads, group, hi - lo, -1))
+        if causal:
+            future = torch.ones((hi - lo, keys), dtype=torch.bool, device=q.device).triu(lo + 1)
+            scores = scores.masked_fill(future, -math.inf)
+        probs = scores.float().softmax(dim=-1)
+        received[..., :keys] += torch.einsum("nkgqj,nq->nkgj", probs.detach(), weight[:, lo:hi])
+        out[:, :, :, lo:hi] = torch.einsum("nkgqj,nkjd->nkgqd", probs.to(v.dtype), v[:, :, :keys])
+    return out.view(n, heads, s, hd), received.view(n, heads, -1)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,168 @@
+"""Sequence classification with token elimination in the encoder (BERT family).
+
+:func:`classify` runs a ``...ForSequenceClassification`` model's encoder with
+:func:`calibrate.lat.encoders.encode` and its own classification head on the result. The head reads the
+first column (``[CLS]``, or ``<s>`` for RoBERTa), which is always kept. With ``speedup=1`` nothing is
+removed and the logits equal ``model(input_ids, attention_mask).logits``.
+
+This module imports torch; ``import calibrate`` does not import it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from calibrate.certificate import Certificate
+from calibrate.lat.decode import _certified, _predicted, _schedules, settings
+from calibrate.lat.encoders import CLASSIFIER_ARCHITECTURES, encode, encoder_for
+from calibrate.lat.schedule import KeepSchedule, _speedup_iv, layer_costs
+from calibrate.lat.scores import SCORES, _always_kept
+from calibrate.runtime.decode import _ids_iv
+
+__all__ = ["ClassificationOutput", "classify"]
+
+
+@dataclass(frozen=True)
+class ClassificationOutput:
+    """Result of :func:`classify`.
+
+    Attributes
+    ----------
+    logits : torch.Tensor
+        ``(B, num_labels)`` float.
+    speedup : float
+        The knob (1 = the unmodified model).
+    schedules : tuple of KeepSchedule
+        One per row, for its own input length.
+    processed : torch.Tensor
+        ``(B, L)`` long: word vectors of each row that entered each encoder layer.
+    kept : tuple of torch.Tensor
+        Per layer, ``(B, W_l)`` long: the input columns that entered it, ``-1`` for filler.
+    predicted_speedup : float
+        Predicted encoder speed-up of the batch (full multiply-adds over those processed, summed over rows).
+    """
+
+    logits: torch.Tensor
+    speedup: float
+    schedules: tuple[KeepSchedule, ...]
+    processed: torch.Tensor
+    kept: tuple[torch.Tensor, ...]
+    predicted_speedup: float = 1.0
+
+    @property
+    def labels(self) -> torch.Tensor:
+        """Predicted labels ``(B,)``: the argmax of the logits."""
+        return self.logits.argmax(dim=-1)
+
+    def __repr__(self) -> str:
+        return (
+            f"ClassificationOutput(batch={self.logits.shape[0]}, labels={self.logits.shape[1]}, "
+            f"speedup={self.speedup:g}, mean vectors per layer={self.processed.float().mean():.1f} of "
+            f"{self.processed[:, 0].float().mean():.1f})"
+        )
+
+
+def _head(model: nn.Module, states: torch.Tensor) -> torch.Tensor:
+    """The classifier's logits ``(B, num_labels)`` from the encoder's states ``(B, W, d)`` (it reads column 0)."""
+    if model.config.model_type == "bert":
+        pooled = model.bert.pooler(states)  # tanh(dense(states[:, 0]))
+        return model.classifier(model.dropout(pooled))
+    return model.classifier(states)  # RoBERTa's head takes states[:, 0] itself
+
+
+@torch.no_grad()
+def classify(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    speedup: float = 1.0,
+    certificate: Certificate | None = None,
+    *,
+    token_type_ids: torch.Tensor | None = None,
+    score: str = "attention",
+    tokenizer=None,
+    min_keep: int = 2,
+) -> ClassificationOutput:
+    """Classify with an encoder that removes the least contributing word vectors layer by layer.
+
+    Parameters
+    ----------
+    model : transformers.PreTrainedModel
+        ``BertForSequenceClassification`` or ``RobertaForSequenceClassification`` (``config.model_type`` in
+        :data:`~calibrate.lat.encoders.CLASSIFIER_ARCHITECTURES`), in eval mode.
+    input_ids : torch.Tensor
+        ``(B, P)`` ids, padded on either side; ``[CLS]`` first.
+    attention_mask : torch.Tensor, optional
+        ``(B, P)`` 0/1, default all ones.
+    speedup : float, default=1.0
+        Predicted encoder speed-up, finite and >= 1 (1 = the unmodified model); each row gets
+        :meth:`KeepSchedule.from_speedup` for its own length, clipped to the most it can reach.
+    certificate : Certificate, optional
+        A ``token_keep`` certificate of this model (from :func:`calibrate.lat.fit`): classify at its
+        certified speed-up with the settings it was certified with.
+    token_type_ids : torch.Tensor, optional
+        ``(B, P)`` segment ids (BERT), as for the model's ``forward``.
+    score : {"attention", "value"}, default="attention"
+        Contribution score (:func:`calibrate.lat.scores.contribution_scores`).
+    tokenizer : transformers tokenizer, optional
+        Its special tokens ([SEP], ...) are always kept; without it only the first real token is.
+    min_keep : int, default=2
+        Vectors every layer keeps at least.
+
+    Returns
+    -------
+    ClassificationOutput
+
+    Raises
+    ------
+    ValueError
+        For a speed-up below 1, NaN or infinite; an unsupported architecture (the message names the
+        supported ones); a certificate for another knob or another model; invalid ids or mask.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from transformers import BertConfig, BertForSequenceClassification
+    >>> from calibrate import lat
+    >>> _ = torch.manual_seed(0)
+    >>> config = BertConfig(hidden_size=32, num_hidden_layers=6, num_attention_heads=4, intermediate_size=64,
+    ...                     vocab_size=100, num_labels=3)
+    >>> model = BertForSequenceClassification(config).eval()
+    >>> ids = torch.randint(1, 100, (2, 60))
+    >>> torch.allclose(lat.classify(model, ids).logits, model(ids).logits, atol=1e-5)
+    True
+    >>> out = lat.classify(model, ids, speedup=2.0)
+    >>> out.processed[0].tolist(), round(out.predicted_speedup, 2)
+    ([60, 51, 41, 32, 22, 13], 2.0)
+    """
+    config = model.config
+    if config.model_type not in CLASSIFIER_ARCHITECTURES:
+        raise ValueError(
+            f"lat.classify does not support model_type {config.model_type!r}; supported: {CLASSIFIER_ARCHITECTURES}"
+        )
+    special = (getattr(tokenizer, "all_special_ids", None) or []) if tokenizer is not None else []
+    speedup, chosen = _certified(certificate, _speedup_iv(speedup), model, settings(score, min_keep, special))
+    score, min_keep, special = chosen["score"], chosen["min_keep"], chosen["keep_ids"]
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+    device = next(model.parameters()).device
+    ids, mask = _ids_iv(input_ids, attention_mask, device, left_padded=False)
+    if token_type_ids is not None and tuple(token_type_ids.shape) != tuple(ids.shape):
+        raise ValueError(
+            f"token_type_ids must have the shape of input_ids {tuple(ids.shape)}, got {tuple(token_type_ids.shape)}"
+        )
+    schedules, keep = _schedules(config, mask, speedup, min_keep)
+    always = _always_kept(ids, mask, special, last=False)
+    types = None if token_type_ids is None else token_type_ids.to(device)
+    states, _, kept, processed = encode(encoder_for(model), ids, mask, keep, always, score, types)
+    return ClassificationOutput(
+        logits=_head(model, states).float(),
+        speedup=speedup,
+        schedules=schedules,
+        processed=processed,
+        kept=kept,
+        predicted_speedup=_predicted(layer_costs(config), processed),
+    )

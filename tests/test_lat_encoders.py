@@ -1,0 +1,200 @@
+"""Token elimination in encoders: T5 (``lat.generate``) and BERT-family classifiers (``lat.classify``)."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from _tiny_hf import BOS, EOS, PAD, tiny_model
+
+from calibrate import lat
+from calibrate.certificate import Certificate
+from calibrate.lat.encoders import encode, encoder_for
+from calibrate.lat.scores import _always_kept
+
+ROWS = [
+    [BOS] + [4 + (7 * j) % 60 for j in range(19)] + [EOS],
+    [BOS] + [4 + (3 * j + 1) % 60 for j in range(12)] + [EOS],
+    [BOS] + [4 + (5 * j + 2) % 60 for j in range(16)] + [EOS],
+    [BOS] + [4 + (11 * j + 3) % 60 for j in range(8)] + [EOS],
+]
+
+
+def _right_padded(rows) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([r + [PAD] * (width - len(r)) for r in rows])
+    return ids, (ids != PAD).long()
+
+
+def _full_only(model) -> Certificate:
+    return Certificate(
+        lambda_hat=None,
+        delta=0.1,
+        epsilon=0.05,
+        n=10,
+        lambdas=(1.0,),
+        risks=(0.0,),
+        p_values=(1.0,),
+        certified=(False,),
+        bound="hoeffding_bentkus",
+        method="fixed_sequence",
+        mode="decoded",
+        knob="token_keep",
+        model=lat.model_id(model),
+    )
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_t5_speedup_one_equals_hf_generate(batch):
+    model = tiny_model("t5", seed=3, n_layers=3)
+    ids, mask = _right_padded(ROWS[:batch])
+    expected = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=8)
+    out = lat.generate(model, ids, mask, max_new_tokens=8)
+    torch.testing.assert_close(out.sequences, expected, rtol=0, atol=0)
+    assert out.prompt_length == 1 and (out.processed == mask.sum(dim=1, keepdim=True)).all()
+    cert = lat.generate(model, ids, mask, certificate=_full_only(model), max_new_tokens=8)
+    torch.testing.assert_close(cert.sequences, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta"])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_classify_speedup_one_equals_the_model(arch, batch):
+    model = tiny_model(arch, seed=3, n_layers=3)
+    ids, mask = _right_padded(ROWS[:batch])
+    expected = model(input_ids=ids, attention_mask=mask).logits
+    out = lat.classify(model, ids, mask)
+    torch.testing.assert_close(out.logits, expected, rtol=1e-5, atol=1e-5)
+    assert out.logits.shape == (batch, 3) and torch.equal(out.labels, expected.argmax(dim=-1))
+    torch.testing.assert_close(lat.classify(model, ids, mask, certificate=_full_only(model)).logits, expected)
+    if arch == "bert":  # segment ids reach the embeddings
+        types = (torch.arange(ids.shape[1]) >= 5).long().expand_as(ids)
+        expected = model(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
+        torch.testing.assert_close(lat.classify(model, ids, mask, token_type_ids=types).logits, expected)
+
+
+def _encoder_modules(model, arch):
+    """Per encoder layer: the attention's query projection and the feed-forward block's input module."""
+    if arch == "t5":
+        return [(b.layer[0].SelfAttention.q, b.layer[1].DenseReluDense) for b in model.encoder.block]
+    return [(layer.attention.self.query, layer.intermediate) for layer in model.base_model.encoder.layer]
+
+
+@pytest.mark.parametrize("arch", ["t5", "bert"])
+def test_encoder_processed_lengths_follow_the_schedule(arch):
+    """Counted with hooks: layer l's query projection sees keep[l] vectors, its feed-forward block keep[l+1]."""
+    model = tiny_model(arch, seed=4, n_layers=6)
+    ids, mask = _right_padded(ROWS[:1])
+    seen: dict[str, list[int]] = {"attn": [], "ff": []}
+    hooks = []
+    for query, ff in _encoder_modules(model, arch):
+        hooks.append(query.register_forward_hook(lambda m, a, o: seen["attn"].append(a[0].shape[1])))
+        hooks.append(ff.register_forward_hook(lambda m, a, o: seen["ff"].append(a[0].shape[1])))
+    try:
+        if arch == "t5":
+            out = lat.generate(model, ids, mask, speedup=2.0, max_new_tokens=3)
+        else:
+            out = lat.classify(model, ids, mask, speedup=2.0)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    keep = out.schedules[0].keep
+    assert keep[-1] < keep[0]
+    assert seen["attn"] == list(keep)
+    assert seen["ff"] == list(keep[1:]) + [keep[-1]]
+    assert out.processed[0].tolist() == list(keep)
+    assert out.predicted_speedup >= 2.0
+
+
+def _kept_columns(kept, i):
+    row = kept[i][0]
+    return row[row >= 0]
+
+
+def test_bert_elimination_equals_hf_layers_on_the_kept_columns():
+    """A whole Hugging Face layer on the vectors entering it, then keeping the next layer's: the same logits."""
+    model = tiny_model("bert", seed=5, n_layers=6)
+    ids, mask = _right_padded(ROWS[:1])
+    for score in lat.SCORES:
+        out = lat.classify(model, ids, mask, speedup=2.5, score=score)
+        assert out.processed[0, -1] < out.processed[0, 0]
+        h, cols = model.bert.embeddings(input_ids=ids), torch.arange(ids.shape[1])
+        for i, layer in enumerate(model.bert.encoder.layer):
+            take = _kept_columns(out.kept, i)
+            h, cols = h[:, torch.searchsorted(cols, take)], take
+            h = layer(h)
+        assert cols[0] == 0  # [CLS] kept, first
+        expected = model.classifier(model.bert.pooler(h))
+        torch.testing.assert_close(out.logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_t5_elimination_equals_hf_blocks_on_the_kept_columns():
+    """Survivors keep their original positions: Hugging Face's bias on the full input, restricted to them."""
+    model = tiny_model("t5", seed=5, n_layers=6)
+    ids, mask = _right_padded(ROWS[:1])
+    encoder = encoder_for(model)
+    schedule = lat.KeepSchedule.from_speedup(model.config, ids.shape[1], 2.5)
+    always = _always_kept(ids, mask, [EOS], last=False)
+    for score in lat.SCORES:
+        states, valid, kept, processed = encode(encoder, ids, mask, torch.tensor([schedule.keep]), always, score)
+        assert processed[0].tolist() == list(schedule.keep) and valid.all()
+        stack = model.encoder
+        bias = stack.block[0].layer[0].SelfAttention.compute_bias(ids.shape[1], ids.shape[1])  # (1, H, P, P)
+        h, cols = stack.embed_tokens(ids), torch.arange(ids.shape[1])
+        for i, block in enumerate(stack.block):
+            take = _kept_columns(kept, i)
+            h, cols = h[:, torch.searchsorted(cols, take)], take
+            h = block(h, position_bias=bias[:, :, take][:, :, :, take])[0]
+        assert cols[0] == 0 and cols[-1] == ids.shape[1] - 1  # first token and EOS kept
+        torch.testing.assert_close(states, stack.final_layer_norm(h), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["t5", "bert"])
+@pytest.mark.parametrize("score", ["attention", "value"])
+def test_encoder_padded_batch_equals_each_row_alone(arch, score):
+    model = tiny_model(arch, seed=9, n_layers=6)
+    ids, mask = _right_padded(ROWS)
+    if arch == "t5":
+        together = lat.generate(model, ids, mask, speedup=2.5, max_new_tokens=6, score=score)
+    else:
+        together = lat.classify(model, ids, mask, speedup=2.5, score=score)
+    for b, row in enumerate(ROWS):
+        one = torch.tensor([row])
+        if arch == "t5":
+            alone = lat.generate(model, one, speedup=2.5, max_new_tokens=6, score=score)
+            assert together.new_tokens[b].tolist() == alone.new_tokens[0].tolist()
+        else:
+            alone = lat.classify(model, one, speedup=2.5, score=score)
+            torch.testing.assert_close(together.logits[b], alone.logits[0], rtol=1e-4, atol=1e-4)
+        assert together.processed[b].tolist() == alone.processed[0].tolist()
+        for layer_b, layer_alone in zip(together.kept, alone.kept):
+            assert [c for c in layer_b[b].tolist() if c >= 0] == layer_alone[0].tolist()
+
+
+def test_classify_keeps_the_first_and_special_tokens():
+    model = tiny_model("bert", seed=6, n_layers=6)
+    ids, mask = _right_padded(ROWS[:1])
+    ids[0, 9] = EOS
+    tokenizer = SimpleNamespace(all_special_ids=[EOS])
+    out = lat.classify(model, ids, mask, speedup=3.0, tokenizer=tokenizer)
+    assert out.processed[0, -1] <= 4
+    for layer in out.kept:
+        cols = layer[0].tolist()
+        assert cols[0] == 0 and 9 in cols and cols[-1] == ids.shape[1] - 1 and cols == sorted(cols)
+    without = lat.classify(model, ids, mask, speedup=3.0)
+    assert 9 not in without.kept[-1][0].tolist() or ids.shape[1] - 1 not in without.kept[-1][0].tolist()
+
+
+def test_classify_bad_input():
+    model = tiny_model("bert", seed=1, n_layers=2)
+    ids, mask = _right_padded(ROWS[:1])
+    with pytest.raises(ValueError, match=r"does not support model_type 'llama'.*bert"):
+        lat.classify(tiny_model("llama", seed=1), ids, mask)
+    for bad in (0.5, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="speedup"):
+            lat.classify(model, ids, mask, speedup=bad)
+    with pytest.raises(ValueError, match="token_type_ids"):
+        lat.classify(model, ids, mask, token_type_ids=torch.zeros((1, 3), dtype=torch.long))
+    other = Certificate(**{**_full_only(model).to_dict(), "model": lat.model_id(tiny_model("bert", seed=2))})
+    with pytest.raises(ValueError, match="made for the model"):
+        lat.classify(model, ids, mask, certificate=other)
+    with pytest.raises(ValueError, match="score"):
+        lat.classify(model, ids, mask, score="acc")

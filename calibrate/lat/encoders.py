@@ -2,7 +2,7 @@
 
 :func:`encode` runs an encoder layer by layer with the model's own modules (not its ``forward``). In a
 layer after which the schedule keeps fewer vectors, the attention is computed explicitly
-(:func:`calibrate.runtime._layers.attend_and_count`), each word vector is scored by the attention it
+(``attend_and_count`` of the runtime's layer code), each word vector is scored by the attention it
 receives from the real tokens (every real query sees every real key, so the uniform share is 1 for all)
 and only the best are gathered before the output projection and the feed-forward block: later layers run
 on shorter sequences. The survivors keep their original positions (T5's relative position bias is

@@ -198,3 +198,73 @@ def test_classify_bad_input():
         lat.classify(model, ids, mask, certificate=other)
     with pytest.raises(ValueError, match="score"):
         lat.classify(model, ids, mask, score="acc")
+
+
+# --------------------------------------------------------------------------------------------------
+# Certification
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def word_tokenizer():
+    from _tiny_hf import tiny_tokenizer
+
+    return tiny_tokenizer()
+
+
+def _sentences(n: int) -> list[str]:
+    return ["<bos> " + " ".join(f"w{(5 * i + 3 * j) % 60}" for j in range(12 + i % 9)) + " <eos>" for i in range(n)]
+
+
+def test_classifier_fit_counts_label_disagreement(word_tokenizer):
+    model = tiny_model("bert", seed=7, n_layers=6)
+    prompts = _sentences(40)
+    speedups = [1.0, 1.5, 3.0]
+    cert = lat.fit(model, word_tokenizer, prompts, delta=0.4, epsilon=0.1, speedups=speedups, batch_size=40)
+    assert cert.knob == "token_keep" and cert.consistency == "label" and cert.model == lat.model_id(model)
+    ids = [word_tokenizer(p)["input_ids"] for p in prompts]
+    batch, mask = _right_padded(ids)
+    full = lat.classify(model, batch, mask).labels
+    assert cert.risks[0] == 0.0
+    for k, s in enumerate(speedups):
+        if not torch.isnan(torch.tensor(cert.risks[k])):
+            early = lat.classify(model, batch, mask, speedup=s, tokenizer=word_tokenizer).labels
+            assert cert.risks[k] == pytest.approx((early != full).float().mean().item())
+    assert any(r > 0 for r in cert.risks[1:] if r == r)  # elimination changes some labels of a random model
+    # risk consistency: wrong where the unmodified model is right, against reference labels
+    refs = [int(label) for label in full[:20]] + [(int(label) + 1) % 3 for label in full[20:]]
+    risk = lat.fit(
+        model,
+        word_tokenizer,
+        prompts,
+        delta=0.4,
+        epsilon=0.1,
+        speedups=speedups,
+        consistency="risk_label",
+        references=refs,
+        batch_size=40,
+    )
+    early = lat.classify(model, batch, mask, speedup=1.5, tokenizer=word_tokenizer).labels
+    expected = ((early[:20] != full[:20]).float().sum() / 40).item()  # the last 20: the full model is wrong
+    assert risk.risks[1] == pytest.approx(expected)
+    held = lat.heldout_losses(cert, model, word_tokenizer, prompts[:8])
+    assert held.shape == (8,) and set(held.tolist()) <= {0.0, 1.0}
+
+
+def test_classifier_fit_bad_input(word_tokenizer):
+    model = tiny_model("bert", seed=7, n_layers=2)
+    prompts = _sentences(10)
+    with pytest.raises(ValueError, match="classifier's consistency"):
+        lat.fit(model, word_tokenizer, prompts, consistency="rouge_l")
+    with pytest.raises(ValueError, match="references"):
+        lat.fit(model, word_tokenizer, prompts, consistency="risk_label")
+    with pytest.raises(ValueError, match="int labels"):
+        lat.fit(model, word_tokenizer, prompts, consistency="risk_label", references=[5] * 10)
+
+
+def test_t5_fit_is_certified_like_decoders(word_tokenizer):
+    model = tiny_model("t5", seed=7, n_layers=6)
+    prompts = _sentences(24)
+    cert = lat.fit(model, word_tokenizer, prompts, delta=0.5, epsilon=0.1, speedups=[1.0, 2.0], max_new_tokens=4)
+    assert cert.consistency == "token" and cert.risks[0] == 0.0 and cert.knob == "token_keep"
+    assert cert.model.startswith("t5/L6/")

@@ -7,23 +7,35 @@ its losses against the full model's outputs give a p-value, and the walk stops a
 ``1 / speedup`` (the predicted share of prefill compute kept, strictly decreasing from 1 = the full model),
 so that :func:`calibrate.certify`'s convention (safest first, decreasing) holds unchanged.
 
+Sequence classifiers (BERT family, :func:`calibrate.lat.classify`) are certified the same way with a 0/1
+loss: ``"label"`` (the label differs from the unmodified model's) or ``"risk_label"`` (the unmodified
+model is right about the reference label and the thinned one is wrong).
+
 This module imports torch; ``import calibrate`` does not import it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
+import torch
 
 from calibrate.certificate import Certificate
-from calibrate.decoded import _certify_lazily, _decoder_iv, _risk_iv, _template
+from calibrate.decoded import _certify_lazily, _decoder_iv, _prompts_iv, _risk_iv
+from calibrate.extraction import _pad
+from calibrate.lat.classification import classify
 from calibrate.lat.decode import generate, model_id, settings
+from calibrate.lat.encoders import CLASSIFIER_ARCHITECTURES
 from calibrate.lat.schedule import _speedup_iv
 from calibrate.lat.scores import SCORES
 
-__all__ = ["DEFAULT_SPEEDUPS", "fit", "heldout_losses"]
+__all__ = ["CLASSIFIER_CONSISTENCIES", "DEFAULT_SPEEDUPS", "fit", "heldout_losses"]
+
+#: Losses of a classifier: label disagreement with the unmodified model, or risk consistency on labels.
+CLASSIFIER_CONSISTENCIES = ("label", "risk_label")
 
 #: Default grid of predicted prefill speed-ups, safest first (each one costs a decode of the prompts).
 DEFAULT_SPEEDUPS = (1.0, 1.1, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0)
@@ -46,8 +58,8 @@ def fit(
     epsilon: float = 0.05,
     *,
     speedups: Sequence[float] | None = None,
-    consistency: str = "token",
-    references: Sequence[str | None] | None = None,
+    consistency: str | None = None,
+    references: Sequence[str | int | None] | None = None,
     bound: str = "hoeffding_bentkus",
     score: str = "attention",
     max_new_tokens: int = 32,
@@ -60,12 +72,13 @@ def fit(
     Parameters
     ----------
     model : transformers.PreTrainedModel
-        A decoder-only model :func:`calibrate.lat.generate` supports; not modified.
+        A model :func:`calibrate.lat.generate` supports (decoder-only or T5), or a sequence classifier
+        :func:`calibrate.lat.classify` supports; not modified.
     tokenizer : transformers.PreTrainedTokenizerBase
-        Its tokenizer; prompts are tokenised one by one and left-padded in batches, as in
+        Its tokenizer; prompts are tokenised one by one and padded in batches (left for decoders), as in
         :func:`calibrate.fit_decoded`. Its special tokens are never eliminated.
     prompts : sequence of str, shape (n,)
-        Calibration prompts, one example each.
+        Calibration prompts (inputs of a classifier), one example each.
     delta : float, default=0.1
         Tolerance on the consistency loss, in (0, 1).
     epsilon : float, default=0.05
@@ -73,11 +86,12 @@ def fit(
     speedups : sequence of float, optional
         Grid of predicted prefill speed-ups, strictly increasing from the safest, each >= 1; default
         :data:`DEFAULT_SPEEDUPS`. Fixed before seeing the prompts.
-    consistency : str, default="token"
-        Loss against the full model's output, one of :data:`calibrate.losses.CONSISTENCIES` (token, sequence,
-        ROUGE-L, BLEU, token F1, or ``risk_*`` against ``references``).
-    references : sequence of str or None, optional
-        Reference texts for the ``risk_*`` losses.
+    consistency : str, optional
+        Loss against the full model's output. Generators: one of :data:`calibrate.losses.CONSISTENCIES`
+        (token, sequence, ROUGE-L, BLEU, token F1, or ``risk_*`` against ``references``), default
+        ``"token"``. Classifiers: one of :data:`CLASSIFIER_CONSISTENCIES`, default ``"label"``.
+    references : sequence, optional
+        Reference texts for the ``risk_*`` losses; reference labels (int) for ``"risk_label"``.
     bound : str, default="hoeffding_bentkus"
         p-value (see :func:`calibrate.certify`).
     score : {"attention", "value"}, default="attention"
@@ -132,33 +146,36 @@ def fit(
     >>> cert.knob, cert.lambdas[0], cert.risks[0]
     ('token_keep', 1.0, 0.0)
     """
-    delta, epsilon = _risk_iv(delta, epsilon, bound, consistency)
+    classifier = _is_classifier(model)
+    if consistency is None:
+        consistency = "label" if classifier else "token"
+    # a label loss is 0/1 like "sequence": the exact binomial p-value applies
+    delta, epsilon = _risk_iv(delta, epsilon, bound, "sequence" if consistency == "label" else consistency)
     if score not in SCORES:
         raise ValueError(f"score must be one of {SCORES}, got {score!r}")
     lambdas = 1.0 / _speedups_iv(speedups)
-    decoder, lam, heads = _decoder(
-        model, tokenizer, prompts, references, consistency, lambdas, max_new_tokens, batch_size, decode
-    )
+    scorer = _scorer(model, tokenizer, prompts, references, consistency, lambdas, max_new_tokens, batch_size, decode)
     special = getattr(tokenizer, "all_special_ids", None) or []
-    template = dataclasses.replace(
-        _template(
-            decoder,
-            lam,
-            heads,
-            delta=delta,
-            epsilon=epsilon,
-            bound=bound,
-            method="fixed_sequence",
-            knob="token_keep",
-            measure=score,
-        ),
+    untested = (math.nan,) * lambdas.size
+    template = Certificate(
+        lambda_hat=None,
+        delta=delta,
+        epsilon=epsilon,
+        n=scorer.n,
+        lambdas=tuple(float(v) for v in lambdas),
+        risks=untested,
+        p_values=untested,
+        certified=(False,) * lambdas.size,
+        bound=bound,
+        method="fixed_sequence",
+        mode="decoded",
+        consistency=consistency,
+        knob="token_keep",
+        measure=score,
         model=model_id(model),
-        heads=None,
-        avg_layers=None,
-        n_layers=None,
         measure_state=settings(score, 2, special),
     )
-    return _certify_lazily(decoder, template, progress)
+    return _certify_lazily(scorer, template, progress)
 
 
 def heldout_losses(
@@ -195,15 +212,21 @@ def heldout_losses(
     """
     if not isinstance(certificate, Certificate) or certificate.knob != "token_keep":
         raise ValueError("certificate must be a 'token_keep' Certificate from calibrate.lat.fit")
-    decoder, _, _ = _decoder(
+    scorer = _scorer(
         model, tokenizer, prompts, references, certificate.consistency, [1.0], max_new_tokens, batch_size, decode
     )
-    return decoder.losses(certificate)[0]
+    return scorer.losses(certificate)[0]
 
 
-def _decoder(model, tokenizer, prompts, references, consistency, lambdas, max_new_tokens, batch_size, decode):
-    """Decoded mode's validated decoder, grid and heads, decoding with :func:`generate` at each speed-up."""
-    decoder, lam, heads = _decoder_iv(
+def _is_classifier(model) -> bool:
+    return getattr(getattr(model, "config", None), "model_type", None) in CLASSIFIER_ARCHITECTURES
+
+
+def _scorer(model, tokenizer, prompts, references, consistency, lambdas, max_new_tokens, batch_size, decode):
+    """What turns a certificate into per-prompt losses: a decoder for generators, else a :class:`_Classifier`."""
+    if _is_classifier(model):
+        return _Classifier(model, tokenizer, prompts, references, consistency, batch_size)
+    decoder, _, _ = _decoder_iv(
         model, tokenizer, prompts, references, consistency, lambdas, max_new_tokens, batch_size, None, decode
     )
 
@@ -212,7 +235,58 @@ def _decoder(model, tokenizer, prompts, references, consistency, lambdas, max_ne
         return [row[: _length(row, out.eos_ids)] for row in out.new_tokens.cpu().numpy()], None
 
     decoder.run_batch = run_batch
-    return decoder, lam, heads
+    return decoder
+
+
+class _Classifier:
+    """Classifies the calibration inputs at a certificate's speed-up; 0/1 losses against the unmodified model.
+
+    Inputs are tokenised one by one and right-padded in batches; the unmodified model's labels are
+    computed once, on first use.
+    """
+
+    def __init__(self, model, tokenizer, prompts, references, consistency, batch_size) -> None:
+        if not callable(tokenizer):
+            raise TypeError(f"tokenizer must be the model's Hugging Face tokenizer, got {type(tokenizer).__name__}")
+        if consistency not in CLASSIFIER_CONSISTENCIES:
+            raise ValueError(
+                f"a classifier's consistency must be one of {CLASSIFIER_CONSISTENCIES}, got {consistency!r}"
+            )
+        prompts, _ = _prompts_iv(prompts, None, "label")  # (references are labels, checked below)
+        if consistency == "risk_label":
+            if references is None or len(references) != len(prompts):
+                raise ValueError(
+                    f"consistency='risk_label' needs references=, one int label per prompt ({len(prompts)})"
+                )
+            bad = next((r for r in references if isinstance(r, bool) or not isinstance(r, (int, np.integer))), None)
+            if bad is not None or not all(0 <= r < model.config.num_labels for r in references):
+                raise ValueError(
+                    f"references must be int labels in [0, {model.config.num_labels}) for consistency='risk_label', "
+                    f"got {bad if bad is not None else list(references)!r:.80}"
+                )
+            self.references = np.asarray(references, dtype=np.int64)
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        self.model, self.consistency, self.n = model, consistency, len(prompts)
+        pad_id = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0
+        ids = [list(tokenizer(p)["input_ids"]) for p in prompts]
+        self.batches = [_pad(ids[s : s + batch_size], pad_id, left=False) for s in range(0, len(ids), batch_size)]
+        self._full: np.ndarray | None = None
+
+    def labels(self, certificate: Certificate) -> np.ndarray:
+        """Predicted labels ``(n,)`` at the certificate's speed-up."""
+        return torch.cat(
+            [classify(self.model, i, m, certificate=certificate).labels.cpu() for i, m in self.batches]
+        ).numpy()
+
+    def losses(self, certificate: Certificate) -> tuple[np.ndarray, float]:
+        """0/1 losses ``(n,)`` at ``certificate.lambda_hat`` (and NaN: no exit layers)."""
+        if self._full is None:
+            self._full = self.labels(dataclasses.replace(certificate, lambda_hat=None))
+        early = self.labels(certificate)
+        if self.consistency == "label":
+            return (early != self._full).astype(np.float64), math.nan
+        return ((early != self.references) & (self._full == self.references)).astype(np.float64), math.nan
 
 
 def _length(row: np.ndarray, eos_ids: tuple[int, ...]) -> int:

@@ -36,7 +36,13 @@ def _certificate_losses(cert: Certificate, cache, *, decode=None, progress=False
     decay = None if cert.decay is None else Decay(**cert.decay)
     conf = _certificate_confidence(cert, cache)
     return proxy_losses(
-        cache, conf, np.asarray(cert.lambdas), consistency=cert.consistency, decay=decay, decode=decode, progress=progress
+        cache,
+        conf,
+        np.asarray(cert.lambdas),
+        consistency=cert.consistency,
+        decay=decay,
+        decode=decode,
+        progress=progress,
     )
 
 
@@ -53,11 +59,12 @@ class AuditReport:
     risks : ndarray, shape (n_lambdas,)
         Held-out risk at each grid value.
     avg_layers : ndarray, shape (n_lambdas,)
-        Held-out token-averaged exit layer at each grid value.
+        Held-out token-averaged exit layer at each grid value (NaN for a ``token_keep`` certificate).
     risk : float
         Held-out risk at ``lambda_hat`` (0 for the full model).
     layers : float
-        Held-out average exit layer at ``lambda_hat`` (``n_layers`` for the full model).
+        Held-out average exit layer at ``lambda_hat`` (``n_layers`` for the full model; NaN for
+        ``token_keep``).
     """
 
     certificate: Certificate
@@ -87,6 +94,12 @@ class AuditReport:
     def summary(self) -> str:
         cert = self.certificate
         verdict = "within" if self.within_tolerance else "ABOVE"
+        if cert.knob == "token_keep":
+            at = "the full model" if cert.lambda_hat is None else f"speed-up {1 / cert.lambda_hat:.4g}x (predicted)"
+            return (
+                f"Audit on {self.n} held-out prompts at {at}:\n"
+                f"  held-out risk {self.risk:.4f} ({verdict} delta = {cert.delta:g})"
+            )
         lam = "full model" if cert.lambda_hat is None else f"lambda_hat = {cert.lambda_hat:.6g}"
         return (
             f"Audit on {self.n} held-out sequences at {lam}:\n"
@@ -95,15 +108,18 @@ class AuditReport:
         )
 
     def __repr__(self) -> str:
+        layers = "" if self.certificate.n_layers is None else f", layers={self.layers:.2f}/{self.certificate.n_layers}"
         return (
             f"AuditReport(n={self.n}, risk={self.risk:.4f}, delta={self.certificate.delta:g}, "
-            f"within_tolerance={self.within_tolerance}, layers={self.layers:.2f}/{self.certificate.n_layers})"
+            f"within_tolerance={self.within_tolerance}{layers})"
         )
 
     def plot(self, fig=None):
         """Risk and average layers against the threshold, and risk against layers used.
 
         ``delta`` and ``lambda_hat`` are marked; calibration and held-out curves are drawn side by side.
+
+        A ``token_keep`` certificate gets one panel: calibration and held-out risk against the speed-up.
 
         Returns
         -------
@@ -112,6 +128,8 @@ class AuditReport:
         import matplotlib.pyplot as plt
 
         cert = self.certificate
+        if cert.knob == "token_keep":
+            return self._plot_speedup(fig or plt.figure(figsize=(6, 4)))
         fig = fig or plt.figure(figsize=(13, 3.8))
         ax_risk, ax_layers, ax_trade = fig.subplots(1, 3)
         lam = np.asarray(cert.lambdas)
@@ -134,6 +152,24 @@ class AuditReport:
         for ax in (ax_risk, ax_layers, ax_trade):
             ax.legend(fontsize=8)
         fig.suptitle(f"{cert.measure} / {cert.consistency}, epsilon = {cert.epsilon:g} (lower lambda exits earlier)")
+        fig.tight_layout()
+        return fig
+
+    def _plot_speedup(self, fig):
+        cert = self.certificate
+        ax = fig.subplots()
+        speedup = 1.0 / np.asarray(cert.lambdas)
+        ax.plot(speedup, cert.risks, "o-", label=f"calibration (n={cert.n})")
+        ax.plot(speedup, self.risks, "s-", label=f"held-out (n={self.n})")
+        ax.axhline(cert.delta, color="k", linestyle="--", linewidth=1, label=f"delta = {cert.delta:g}")
+        if cert.lambda_hat is not None:
+            ax.axvline(1.0 / cert.lambda_hat, color="C3", linewidth=1, label=f"certified {1 / cert.lambda_hat:.3g}x")
+        ax.set(
+            xlabel="predicted speed-up of the prefill",
+            ylabel=f"risk ({cert.consistency})",
+            title=f"Token elimination ({cert.measure} score), epsilon = {cert.epsilon:g}",
+        )
+        ax.legend(fontsize=8)
         fig.tight_layout()
         return fig
 
@@ -236,10 +272,15 @@ class ValidityReport:
         ax = fig.subplots()
         bins = np.linspace(0, max(self.naive_test_risks.max(), self.test_risks.max(), self.delta) * 1.1 + 1e-9, 30)
         ax.hist(self.test_risks, bins=bins, alpha=0.7, label=f"certified ({100 * self.violation_rate:.1f}% > delta)")
-        ax.hist(self.naive_test_risks, bins=bins, alpha=0.5, label=f"naive ({100 * self.naive_violation_rate:.1f}% > delta)")
+        ax.hist(
+            self.naive_test_risks, bins=bins, alpha=0.5, label=f"naive ({100 * self.naive_violation_rate:.1f}% > delta)"
+        )
         ax.axvline(self.delta, color="k", linestyle="--", label=f"delta = {self.delta:g}")
-        ax.set(xlabel="held-out risk at the chosen threshold", ylabel="trials",
-               title=f"{self.trials} random splits, epsilon = {self.epsilon:g}")
+        ax.set(
+            xlabel="held-out risk at the chosen threshold",
+            ylabel="trials",
+            title=f"{self.trials} random splits, epsilon = {self.epsilon:g}",
+        )
         ax.legend(fontsize=8)
         fig.tight_layout()
         return fig

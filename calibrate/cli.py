@@ -60,7 +60,26 @@ def _cmd_audit(args) -> int:
     import calibrate
 
     cert = calibrate.Certificate.from_json(Path(args.certificate))
-    report = calibrate.audit(cert, calibrate.open_cache(args.cache), progress=True)
+    if cert.knob == "token_keep":  # decoded on held-out prompts at each speed-up of the grid
+        if args.model is None or args.prompts is None:
+            raise ValueError("a token_keep certificate is audited by decoding: give --model DIR and --prompts FILE")
+        lat, read_prompts, load_local = _lat_imports()
+        prompts, references = read_prompts(args.prompts)
+        model, tokenizer = load_local(args.model, device=args.device, dtype=args.dtype)
+        report = lat.audit(
+            cert,
+            model,
+            tokenizer,
+            prompts,
+            references=_references(cert.consistency, references),
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size,
+            progress=True,
+        )
+    else:
+        if args.cache is None:
+            raise ValueError("give the held-out layer cache: calibrate audit CERTIFICATE CACHE")
+        report = calibrate.audit(cert, calibrate.open_cache(args.cache), progress=True)
     print(report.summary())
     if args.figure:
         report.plot().savefig(args.figure, dpi=120)
@@ -91,13 +110,33 @@ def _cmd_extract(args) -> int:
     return 0
 
 
-def _cmd_lat_fit(args) -> int:
+def _lat_imports():
+    """``calibrate.lat``, ``read_prompts`` and ``load_local``, or a ValueError saying what to install."""
     try:
         from calibrate import lat
         from calibrate.extraction import read_prompts
         from calibrate.models import load_local
     except ImportError as exc:
-        raise ValueError(f"token elimination needs torch and transformers: pip install 'calm-calibrate[hf]' ({exc})") from None
+        raise ValueError(
+            f"token elimination needs torch and transformers: pip install 'calm-calibrate[hf]' ({exc})"
+        ) from None
+    return lat, read_prompts, load_local
+
+
+def _references(consistency: str | None, references: list) -> list | None:
+    """The prompts file's references for a ``risk_*`` loss (int labels for ``risk_label``), else None."""
+    if consistency is None or not consistency.startswith("risk_"):
+        return None
+    if consistency != "risk_label":
+        return references
+    try:
+        return [int(r) for r in references]
+    except (TypeError, ValueError):
+        raise ValueError("consistency='risk_label' needs an int label as every prompt's reference") from None
+
+
+def _cmd_lat_fit(args) -> int:
+    lat, read_prompts, load_local = _lat_imports()
     prompts, references = read_prompts(args.prompts)
     model, tokenizer = load_local(args.model, device=args.device, dtype=args.dtype)
     cert = lat.fit(
@@ -108,7 +147,7 @@ def _cmd_lat_fit(args) -> int:
         epsilon=args.epsilon,
         speedups=args.speedups,
         consistency=args.consistency,
-        references=references if any(r is not None for r in references) else None,
+        references=_references(args.consistency, references),
         bound=args.bound,
         score=args.score,
         max_new_tokens=args.max_new_tokens,
@@ -182,10 +221,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="write the certificate as JSON")
     p.set_defaults(func=_cmd_fit)
 
-    p = sub.add_parser("audit", help="check a certificate on a held-out cache (exit 1 if risk > delta)")
+    p = sub.add_parser(
+        "audit", help="check a certificate on a held-out cache or held-out prompts (exit 1 if risk > delta)"
+    )
     p.add_argument("certificate", help="certificate JSON")
-    p.add_argument("cache", help="held-out layer cache directory")
-    p.add_argument("--figure", help="write the risk/layers figure (PNG)")
+    p.add_argument("cache", nargs="?", help="held-out layer cache directory (exit-threshold certificates)")
+    p.add_argument("--figure", help="write the risk figure (PNG)")
+    p.add_argument("--model", help="token_keep certificates: model directory (save_pretrained) to decode with")
+    p.add_argument("--prompts", help="token_keep certificates: held-out prompts, one per line or JSONL")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="token_keep: as certified (default 32)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None)
     p.set_defaults(func=_cmd_audit)
 
     p = sub.add_parser("extract", help="run a local Hugging Face model over prompts and write a layer cache")
@@ -206,10 +253,17 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("lat-fit", help="certify a token-elimination speed-up by decoding prompts (decoded mode)")
     p.add_argument("--model", required=True, help="directory written by save_pretrained (model and tokenizer)")
     p.add_argument("--prompts", required=True, help="one prompt per line, or JSONL with 'prompt' and 'reference'")
-    p.add_argument("--speedups", type=float, nargs="+", default=None, help="grid of predicted prefill speed-ups, increasing")
+    p.add_argument(
+        "--speedups", type=float, nargs="+", default=None, help="grid of predicted prefill speed-ups, increasing"
+    )
     p.add_argument("--delta", type=float, default=0.1, help="tolerance on the loss, in (0, 1) (default 0.1)")
     p.add_argument("--epsilon", type=float, default=0.05, help="failure probability, in (0, 1) (default 0.05)")
-    p.add_argument("--consistency", default="token", choices=CONSISTENCIES)
+    p.add_argument(
+        "--consistency",
+        default=None,
+        choices=(*CONSISTENCIES, "label", "risk_label"),
+        help="loss (default: token for generators, label for classifiers)",
+    )
     p.add_argument("--bound", default="hoeffding_bentkus", choices=tuple(P_VALUES))
     p.add_argument("--score", default="attention", help="contribution score: attention (default) or value")
     p.add_argument("--max-new-tokens", type=int, default=32)

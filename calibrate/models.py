@@ -38,7 +38,9 @@ def load_local(model_dir, *, device: str | None = None, dtype: str | None = None
     Returns
     -------
     model : transformers.PreTrainedModel
-        ``AutoModelForSeq2SeqLM`` for encoder-decoder configs, else ``AutoModelForCausalLM``, in eval mode.
+        ``AutoModelForSeq2SeqLM`` for encoder-decoder configs, ``AutoModelForSequenceClassification`` when
+        the config's architecture is a ``...ForSequenceClassification``, else ``AutoModelForCausalLM``; in
+        eval mode.
     tokenizer : transformers.PreTrainedTokenizerBase
 
     Raises
@@ -46,7 +48,13 @@ def load_local(model_dir, *, device: str | None = None, dtype: str | None = None
     ValueError
         When ``model_dir`` has no ``config.json`` or ``dtype`` is not a torch dtype.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForSeq2SeqLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
@@ -59,7 +67,12 @@ def load_local(model_dir, *, device: str | None = None, dtype: str | None = None
             raise ValueError(f"dtype must name a torch dtype (e.g. 'bfloat16'), got {dtype!r}")
         load_kw["dtype"] = getattr(torch, dtype)
     config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
-    auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+    if getattr(config, "is_encoder_decoder", False):
+        auto = AutoModelForSeq2SeqLM
+    elif any(a.endswith("ForSequenceClassification") for a in getattr(config, "architectures", None) or []):
+        auto = AutoModelForSequenceClassification
+    else:
+        auto = AutoModelForCausalLM
     model = auto.from_pretrained(model_dir, **load_kw).eval()
     if device is not None:
         model = model.to(device)

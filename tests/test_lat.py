@@ -1,5 +1,6 @@
 """Token elimination: contribution scores, keep schedules, and decoding that physically thins the prompt."""
 
+import dataclasses
 import math
 from types import SimpleNamespace
 
@@ -314,7 +315,9 @@ def test_eliminated_prefill_equals_the_model_on_the_kept_tokens():
     keep = torch.tensor([schedule.keep])
     for score in lat.SCORES:
         cache = adapter.new_cache(1, ids.shape[1])
-        h_last, _, kept, processed = _prefill(adapter, ids, mask, keep, _always_kept(ids, mask, [], last=True), score, cache)
+        h_last, _, kept, processed = _prefill(
+            adapter, ids, mask, keep, _always_kept(ids, mask, [], last=True), score, cache
+        )
         assert processed[0].tolist() == list(schedule.keep)
         assert kept[-1][0, -1] == ids.shape[1] - 1 and kept[-1][0, (kept[-1][0] >= 0).nonzero()[0]] == 0
         got = ExitHeads.from_model(model)(h_last, layer=3)
@@ -485,6 +488,39 @@ def test_cli_lat_fit_equals_the_function(tmp_path, word_tokenizer, capsys):
     assert Certificate.from_json(out) == direct
     assert main([*argv[:-2], "--score", "acc"]) == 2
     assert "score must be one of" in capsys.readouterr().err
+    # audit: decode held-out prompts at every speed-up of the grid; the figure plots risk against speed-up
+    held = [" ".join(f"w{(11 * i + 2 * j) % 60}" for j in range(6 + i % 4)) for i in range(12)]
+    (tmp_path / "held.txt").write_text("\n".join(held) + "\n")
+    figure = tmp_path / "audit.png"
+    code = main(
+        [
+            "audit",
+            str(out),
+            "--model",
+            str(tmp_path / "model"),
+            "--prompts",
+            str(tmp_path / "held.txt"),
+            "--max-new-tokens",
+            "4",
+            "--figure",
+            str(figure),
+        ]
+    )
+    printed = capsys.readouterr().out
+    report = lat.audit(direct, model, word_tokenizer, held, max_new_tokens=4)
+    assert code == (0 if report.within_tolerance else 1) and figure.stat().st_size > 0
+    assert f"held-out risk {report.risk:.4f}" in printed and "held-out prompts" in printed
+    assert report.risks[0] == 0.0 and report.n == 12
+    for k, lam in enumerate(direct.lambdas):
+        at = dataclasses.replace(direct, lambda_hat=lam)
+        assert report.risks[k] == pytest.approx(
+            lat.heldout_losses(at, model, word_tokenizer, held, max_new_tokens=4).mean()
+        )
+    line = report.plot().axes[0].lines[1]  # held-out curve
+    assert line.get_xdata().tolist() == pytest.approx([1.0, 1.5]) and line.get_ydata().tolist() == pytest.approx(
+        report.risks
+    )
+    assert main(["audit", str(out)]) == 2 and "--model" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -538,8 +574,6 @@ def test_certificate_settings_are_applied():
         tokenizer=SimpleNamespace(all_special_ids=[EOS], eos_token_id=EOS, pad_token_id=PAD),
     )
     assert [k.tolist() for k in out.kept] == [k.tolist() for k in by_hand.kept]
-    import dataclasses
-
     with pytest.raises(ValueError, match="in \\(0, 1\\]"):
         lat.generate(model, ids, mask, certificate=dataclasses.replace(cert, lambda_hat=2.0, lambdas=(2.0, 1.0)))
 

@@ -268,3 +268,50 @@ def test_t5_fit_is_certified_like_decoders(word_tokenizer):
     cert = lat.fit(model, word_tokenizer, prompts, delta=0.5, epsilon=0.1, speedups=[1.0, 2.0], max_new_tokens=4)
     assert cert.consistency == "token" and cert.risks[0] == 0.0 and cert.knob == "token_keep"
     assert cert.model.startswith("t5/L6/")
+
+
+def test_cli_lat_fit_on_a_classifier(tmp_path, word_tokenizer, capsys):
+    import json
+
+    from calibrate.cli import main
+
+    model = tiny_model("bert", seed=7, n_layers=6)
+    model.save_pretrained(tmp_path / "model")
+    word_tokenizer.save_pretrained(tmp_path / "model")
+    prompts = _sentences(30)
+    labels = lat.classify(model, *_right_padded([word_tokenizer(p)["input_ids"] for p in prompts])).labels.tolist()
+    lines = [json.dumps({"prompt": p, "reference": str(y)}) for p, y in zip(prompts, labels)]
+    (tmp_path / "data.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "cert.json"
+    argv = [
+        "lat-fit",
+        "--model",
+        str(tmp_path / "model"),
+        "--prompts",
+        str(tmp_path / "data.jsonl"),
+        "--speedups",
+        "1",
+        "2",
+        "--delta",
+        "0.4",
+        "--epsilon",
+        "0.1",
+        "-o",
+        str(out),
+    ]
+    assert main(argv) == 0
+    direct = lat.fit(model, word_tokenizer, prompts, delta=0.4, epsilon=0.1, speedups=[1, 2])
+    assert Certificate.from_json(out) == direct and direct.consistency == "label"
+    assert main([*argv, "--consistency", "risk_label"]) == 0
+    risk = lat.fit(
+        model,
+        word_tokenizer,
+        prompts,
+        delta=0.4,
+        epsilon=0.1,
+        speedups=[1, 2],
+        consistency="risk_label",
+        references=labels,
+    )
+    assert Certificate.from_json(out) == risk
+    capsys.readouterr()

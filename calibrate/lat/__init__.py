@@ -7,8 +7,9 @@
 - :func:`generate`: greedy decoding whose prefill physically removes word vectors layer by layer
   (decoder-only models, and T5's encoder; needs torch).
 - :func:`classify`: BERT-family sequence classification with the same elimination in the encoder.
-- :func:`fit`: certify the speed-up knob in decoded mode (a ``token_keep`` certificate), and
-  :func:`heldout_losses` to audit it on held-out prompts (needs torch).
+- :func:`fit`: certify the speed-up knob in decoded mode (a ``token_keep`` certificate);
+  :func:`audit` (risk at every speed-up, a figure) and :func:`heldout_losses` check it on held-out
+  prompts (needs torch).
 """
 
 from calibrate.lat.schedule import KeepSchedule, LayerCosts, layer_costs
@@ -23,6 +24,7 @@ __all__ = [
     "KeepSchedule",
     "LayerCosts",
     "attention_received",
+    "audit",
     "classify",
     "contribution_scores",
     "fit",
@@ -49,6 +51,7 @@ _LAZY = {
     "generate": "calibrate.lat.decode",
     "model_id": "calibrate.lat.decode",
     "fit": "calibrate.lat.calibration",
+    "audit": "calibrate.lat.calibration",
     "heldout_losses": "calibrate.lat.calibration",
     "DEFAULT_SPEEDUPS": "calibrate.lat.calibration",
 }

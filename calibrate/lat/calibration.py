@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from calibrate.audit import AuditReport
 from calibrate.certificate import Certificate
 from calibrate.decoded import _certify_lazily, _decoder_iv, _prompts_iv, _risk_iv
 from calibrate.extraction import _pad
@@ -32,7 +33,7 @@ from calibrate.lat.encoders import CLASSIFIER_ARCHITECTURES
 from calibrate.lat.schedule import _speedup_iv
 from calibrate.lat.scores import SCORES
 
-__all__ = ["CLASSIFIER_CONSISTENCIES", "DEFAULT_SPEEDUPS", "fit", "heldout_losses"]
+__all__ = ["CLASSIFIER_CONSISTENCIES", "DEFAULT_SPEEDUPS", "audit", "fit", "heldout_losses"]
 
 #: Losses of a classifier: label disagreement with the unmodified model, or risk consistency on labels.
 CLASSIFIER_CONSISTENCIES = ("label", "risk_label")
@@ -216,6 +217,51 @@ def heldout_losses(
         model, tokenizer, prompts, references, certificate.consistency, [1.0], max_new_tokens, batch_size, decode
     )
     return scorer.losses(certificate)[0]
+
+
+def audit(
+    certificate: Certificate,
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    references: Sequence[str | int | None] | None = None,
+    max_new_tokens: int = 32,
+    batch_size: int = 8,
+    decode: Callable[[np.ndarray], str] | None = None,
+    progress: bool = False,
+) -> AuditReport:
+    """Held-out risk of a ``token_keep`` certificate at every speed-up of its grid (for the curve and the figure).
+
+    Parameters
+    ----------
+    certificate : Certificate
+        A ``token_keep`` certificate of ``model`` (from :func:`fit`).
+    model, tokenizer, prompts, references, max_new_tokens, batch_size, decode
+        As in :func:`fit`; ``prompts`` are held out. Each grid value costs one pass over them.
+    progress : bool, default=False
+        Show a progress bar over the speed-ups.
+
+    Returns
+    -------
+    AuditReport
+        ``risks`` per grid value, ``risk`` at the certified speed-up (0 for the full model); the layer
+        fields are NaN. ``report.plot()`` draws risk against speed-up, ``report.summary()`` the verdict.
+    """
+    from tqdm.auto import tqdm
+
+    if not isinstance(certificate, Certificate) or certificate.knob != "token_keep":
+        raise ValueError("certificate must be a 'token_keep' Certificate from calibrate.lat.fit")
+    scorer = _scorer(
+        model, tokenizer, prompts, references, certificate.consistency, [1.0], max_new_tokens, batch_size, decode
+    )
+    lambdas = certificate.lambdas
+    bar = tqdm(lambdas, desc="held-out speed-ups", unit="speed-up", disable=not progress)
+    risks = np.array([scorer.losses(dataclasses.replace(certificate, lambda_hat=lam))[0].mean() for lam in bar])
+    index = certificate.index
+    risk = 0.0 if index is None else float(risks[index])
+    nan = np.full(len(lambdas), math.nan)
+    return AuditReport(certificate, scorer.n, risks, nan, risk, math.nan)
 
 
 def _is_classifier(model) -> bool:

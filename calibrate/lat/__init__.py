@@ -7,6 +7,8 @@
 - :func:`generate`: greedy decoding whose prefill physically removes word vectors layer by layer
   (decoder-only models, and T5's encoder; needs torch).
 - :func:`classify`: BERT-family sequence classification with the same elimination in the encoder.
+- :func:`finetune`: tune a decoder (low-rank adapters, a speed-up drawn per batch) so that one set of
+  weights serves every speed-up (needs torch).
 - :func:`fit`: certify the speed-up knob in decoded mode (a ``token_keep`` certificate);
   :func:`audit` (risk at every speed-up, a figure) and :func:`heldout_losses` check it on held-out
   prompts (needs torch).
@@ -21,12 +23,14 @@ __all__ = [
     "SCORES",
     "ClassificationOutput",
     "EliminationOutput",
+    "FinetuneResult",
     "KeepSchedule",
     "LayerCosts",
     "attention_received",
     "audit",
     "classify",
     "contribution_scores",
+    "finetune",
     "fit",
     "generate",
     "heldout_losses",
@@ -51,6 +55,8 @@ _LAZY = {
     "generate": "calibrate.lat.decode",
     "model_id": "calibrate.lat.decode",
     "fit": "calibrate.lat.calibration",
+    "finetune": "calibrate.lat.tuning",
+    "FinetuneResult": "calibrate.lat.tuning",
     "audit": "calibrate.lat.calibration",
     "heldout_losses": "calibrate.lat.calibration",
     "DEFAULT_SPEEDUPS": "calibrate.lat.calibration",

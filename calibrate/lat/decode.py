@@ -231,7 +231,7 @@ def generate(
     cache = adapter.new_cache(B, P + T)
     always = _always_kept(ids, mask, special, last=True)  # (B, P)
     h_last, key_valid, kept, processed = _prefill(adapter, ids, mask, keep, always, score, cache)
-    logits = heads(h_last, layer=L - 1).float()  # (B, V)
+    logits = heads(h_last[:, -1], layer=L - 1).float()  # (B, V)
 
     # 2. Decode: every layer; at layer i the new token attends to that layer's survivors and new tokens.
     sequences = torch.full((B, P + T), pad_id, dtype=torch.long, device=ids.device)
@@ -317,11 +317,16 @@ def _predicted(costs, processed: torch.Tensor) -> float:
     return float(full / sum(costs.prefill(row) for row in counts))
 
 
-def _prefill(adapter, ids, mask, keep, always, score, cache):
+def _prefill(adapter, ids, mask, keep, always, score, cache, tail: int = 0):
     """Run the prompt through every layer, thinning it out where ``keep`` ``(B, L)`` drops.
 
-    Returns the last prompt token's final state ``(B, d)``, per layer the validity ``(B, W_l)`` of the
-    cached keys, per layer the prompt columns that entered it (``-1`` filler), and the counts ``(B, L)``.
+    ``ids`` ``(B, P)`` may end with ``tail`` teacher-forced continuation columns (training,
+    :mod:`calibrate.lat.finetune`): they run every layer, attend to each layer's survivors as generated
+    tokens do, are never removed and do not count as queries in the contribution scores.
+
+    Returns the final states ``(B, tail + 1, d)`` of the last prompt token and the continuation, per layer
+    the validity ``(B, W_l)`` of the cached keys, per layer the prompt columns that entered it (``-1``
+    filler), and the counts ``(B, L)`` of prompt vectors.
     """
     B, P = ids.shape
     L = adapter.n_layers
@@ -329,11 +334,13 @@ def _prefill(adapter, ids, mask, keep, always, score, cache):
     positions = (mask.cumsum(dim=1) - 1).clamp_min(0)  # (B, P), as Hugging Face generate
     valid = mask.bool()  # (B, P)
     columns = torch.arange(P, device=ids.device).expand(B, P)  # (B, P)
+    always = always | (columns >= P - tail)
     h = adapter.embed(ids, positions)  # (B, P, d)
     key_valid, kept, processed = [], [], []
     pos_data = None
     for i in range(L):
         width = h.shape[1]
+        prompt = valid & (columns < P - tail)  # (B, W) real prompt vectors
         # (B, W, W) real query -> real key it sees; filler queries see only themselves (mask below)
         sees = (positions[:, None, :] <= positions[:, :, None]) & valid[:, None, :] & valid[:, :, None]
         if bool(valid.all()):  # no filler: columns are in position order, the plain causal mask holds
@@ -343,21 +350,22 @@ def _prefill(adapter, ids, mask, keep, always, score, cache):
             step = Step(None, 0, positions, additive_mask(sees | diagonal, adapter.dtype)[:, None])
         if pos_data is None:
             pos_data = adapter.positional(h, step)
-        count = valid.sum(dim=1)  # (B,)
-        target = torch.maximum(keep[:, i + 1], always.sum(dim=1)) if i + 1 < L else count
+        count = prompt.sum(dim=1)  # (B,)
+        target = torch.maximum(keep[:, i + 1], (always & prompt).sum(dim=1)) if i + 1 < L else count
         eliminate = bool((target < count).any())
-        adapter.query_weight = valid.float() if eliminate else None  # real queries count, filler does not
+        adapter.query_weight = prompt.float() if eliminate else None  # real prompt queries count
         attended = adapter.attend(i, h, step, cache, pos_data)  # (B, W, H*hd), keys/values of all W written
         key_valid.append(valid)
-        kept.append(torch.where(valid, columns, -1))
+        kept.append(torch.where(prompt, columns, -1))
         processed.append(count)
         if eliminate:
             received, values = adapter.attention  # (B, H, W) attention each vector received, values
             adapter.attention = adapter.query_weight = None
             norms = value_norms(values, adapter.out_weight(i)) if score == "value" else None
-            index, valid = survivors(received, sees, norms, always, valid, target, filler_first=True)  # (B, W')
-            h, attended = _gather(h, index), _gather(attended, index)
+            scored = sees & prompt[:, :, None]  # what the prompt's queries see
+            index, valid = survivors(received, scored, norms, always, valid, target + tail, filler_first=True)
+            h, attended = _gather(h, index), _gather(attended, index)  # (B, W', ...)
             positions, always, columns = (x.gather(1, index) for x in (positions, always, columns))
             pos_data = None
         h = adapter.finish(i, h, attended)  # (B, W', d)
-    return h[:, -1], key_valid, tuple(kept), torch.stack(processed, dim=1)
+    return h[:, -(tail + 1) :], key_valid, tuple(kept), torch.stack(processed, dim=1)

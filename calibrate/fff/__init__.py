@@ -1,0 +1,28 @@
+"""Fast feedforward layers (UltraFastBERT) with a certified evaluation-depth knob.
+
+- :mod:`calibrate.fff.layer`: :class:`FFF`, a binary tree of neurons evaluated along one path per input;
+  hard descent (:func:`fff_forward`, vectorised or a compiled CPU kernel), the masked and soft training
+  formulations, safetensors persistence.
+- :mod:`calibrate.fff.calibration`: certify the evaluation depth (:func:`fit`, knob ``fff_depth``), run a
+  model at it (:func:`apply`, :func:`at_depth`), audit it on held-out inputs (:func:`audit`).
+
+This package imports torch; ``import calibrate`` does not import it.
+"""
+
+from calibrate.fff.calibration import apply, at_depth, audit, depth_losses, fff_layers, fit, model_id
+from calibrate.fff.layer import ACTIVATIONS, BACKENDS, FFF, fff_forward, fff_reference
+
+__all__ = [
+    "ACTIVATIONS",
+    "BACKENDS",
+    "FFF",
+    "apply",
+    "at_depth",
+    "audit",
+    "depth_losses",
+    "fff_forward",
+    "fff_layers",
+    "fff_reference",
+    "fit",
+    "model_id",
+]

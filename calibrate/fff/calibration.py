@@ -1,0 +1,265 @@
+"""Certify the evaluation depth of fast feedforward layers (knob ``fff_depth``).
+
+A model holding :class:`~calibrate.fff.FFF` layers is run on calibration inputs at every evaluation
+depth from the full tree (safest) down to 0 (one neuron per layer, fastest); each depth's per-example
+losses against the full-depth model form a :class:`~calibrate.losses.LossTable` whose ``lambdas`` are the
+depths (strictly decreasing), and :func:`calibrate.certify` picks the smallest depth whose risk is within
+``delta`` with probability ``1 - epsilon``. :func:`apply` then runs the model at the certified depth.
+
+For classifiers (``model(x)`` returns logits ``(n, n_classes)``) the losses are ``"label"`` (the label
+differs from the full-depth model's) or ``"risk_label"`` (the full-depth model is right about the
+reference label and the shallower one is wrong).
+
+This module imports torch; ``import calibrate`` does not import it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+from torch import nn
+
+from calibrate._digest import weights_digest
+from calibrate.audit import AuditReport
+from calibrate.certificate import Certificate
+from calibrate.fit import certify
+from calibrate.losses import LossTable
+
+from calibrate.fff.layer import FFF
+
+__all__ = ["CONSISTENCIES", "apply", "at_depth", "audit", "depth_losses", "fff_layers", "fit", "model_id"]
+
+#: Losses of a classifier at a depth against the full-depth model.
+CONSISTENCIES = ("label", "risk_label")
+
+
+def fff_layers(model: nn.Module) -> list[FFF]:
+    """The :class:`FFF` layers of ``model`` (itself included), in module order; ValueError when there are none."""
+    layers = [m for m in model.modules() if isinstance(m, FFF)] if isinstance(model, nn.Module) else []
+    if not layers:
+        raise ValueError(f"model must be a torch module holding calibrate.fff.FFF layers, got {type(model).__name__}")
+    return layers
+
+
+def _max_depth(model: nn.Module) -> int:
+    """The deepest evaluation depth every FFF layer of ``model`` has."""
+    return min(layer.depth for layer in fff_layers(model))
+
+
+def model_id(model: nn.Module) -> str:
+    """Identity of a model with FFF layers: their count and depths, and a digest of all weights."""
+    depths = sorted({layer.depth for layer in fff_layers(model)})
+    return f"fff/{len(fff_layers(model))}x/D{'-'.join(map(str, depths))}/{weights_digest(model)}"
+
+
+@contextmanager
+def at_depth(model: nn.Module, depth: int | None) -> Iterator[nn.Module]:
+    """Run every FFF layer of ``model`` at evaluation depth ``depth`` (None: full) inside the block, then restore.
+
+    Raises
+    ------
+    ValueError
+        When ``depth`` is not an int in ``0..D`` with ``D`` the shallowest layer's depth.
+    """
+    layers = fff_layers(model)
+    top = min(layer.depth for layer in layers)
+    if depth is not None and (
+        isinstance(depth, bool) or not isinstance(depth, (int, np.integer)) or not 0 <= depth <= top
+    ):
+        raise ValueError(f"depth must be an int in 0..{top} (None: full), got {depth!r}")
+    before = [layer.eval_depth for layer in layers]
+    for layer in layers:
+        layer.eval_depth = None if depth is None else int(depth)
+    try:
+        yield model
+    finally:
+        for layer, value in zip(layers, before):
+            layer.eval_depth = value
+
+
+def apply(model: nn.Module, certificate: Certificate) -> nn.Module:
+    """Set every FFF layer of ``model`` to the certificate's depth (in place; returns ``model``).
+
+    Raises
+    ------
+    ValueError
+        For a certificate of another knob or another model (the message says which).
+    """
+    depth = _certified_depth(model, certificate)
+    for layer in fff_layers(model):
+        layer.eval_depth = depth
+    return model
+
+
+def _certified_depth(model: nn.Module, certificate: Certificate) -> int | None:
+    if not isinstance(certificate, Certificate):
+        raise TypeError(f"certificate must be a calibrate.Certificate, got {type(certificate).__name__}")
+    if certificate.knob != "fff_depth":
+        raise ValueError(
+            f"this certificate certifies the knob {certificate.knob!r}; an FFF model needs an 'fff_depth' "
+            "certificate (from calibrate.fff.fit)"
+        )
+    if certificate.model is not None and certificate.model != model_id(model):
+        raise ValueError(
+            f"this certificate was made for the model {certificate.model!r}, not {model_id(model)!r}; "
+            "certify the model you run"
+        )
+    lam = certificate.lambda_hat
+    return None if lam is None else int(round(lam))
+
+
+def _depths_iv(depths, top: int) -> np.ndarray:
+    values = np.arange(top, -1, -1) if depths is None else np.asarray(depths)
+    if values.ndim != 1 or values.size == 0 or not np.issubdtype(values.dtype, np.integer):
+        raise ValueError(f"depths must be a non-empty sequence of ints, got {depths!r}")
+    if values[0] > top or values.min() < 0 or np.any(np.diff(values) >= 0):
+        raise ValueError(
+            f"depths must decrease strictly from at most {top} (the full tree) to >= 0, got {values.tolist()}"
+        )
+    return values.astype(np.int64)
+
+
+@torch.no_grad()
+def _labels(model: nn.Module, inputs: torch.Tensor, depth: int | None, batch_size: int) -> np.ndarray:
+    with at_depth(model, depth):
+        out = [model(inputs[s : s + batch_size]).argmax(dim=-1).cpu() for s in range(0, len(inputs), batch_size)]
+    return torch.cat(out).numpy()
+
+
+def depth_losses(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    *,
+    depths: Sequence[int] | None = None,
+    consistency: str = "label",
+    references: Sequence[int] | None = None,
+    batch_size: int = 1024,
+) -> LossTable:
+    """Per-example 0/1 losses of ``model`` at each evaluation depth against its full depth.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A classifier holding FFF layers: ``model(x)`` gives logits ``(n, n_classes)``; in eval mode.
+    inputs : torch.Tensor
+        ``(n, ...)`` calibration inputs, one example each.
+    depths : sequence of int, optional
+        Depths to test, strictly decreasing from at most the full tree (default: every depth, full to 0).
+    consistency : {"label", "risk_label"}, default="label"
+        Label disagreement with the full-depth model, or risk consistency against ``references``.
+    references : sequence of int, optional
+        Reference labels for ``"risk_label"``.
+    batch_size : int, default=1024
+        Inputs per forward call.
+
+    Returns
+    -------
+    LossTable
+        ``(n, len(depths))`` losses, ``lambdas`` = the depths, mode ``"decoded"`` (the model really ran).
+    """
+    if consistency not in CONSISTENCIES:
+        raise ValueError(f"consistency must be one of {CONSISTENCIES}, got {consistency!r}")
+    if not isinstance(inputs, torch.Tensor) or inputs.ndim < 1 or len(inputs) == 0:
+        raise ValueError("inputs must be a non-empty torch.Tensor of examples (n, ...)")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    depths = _depths_iv(depths, _max_depth(model))
+    refs = None
+    if consistency == "risk_label":
+        if references is None or len(references) != len(inputs):
+            raise ValueError(f"consistency='risk_label' needs references=, one int label per input ({len(inputs)})")
+        refs = np.asarray(references)
+        if not np.issubdtype(refs.dtype, np.integer):
+            raise ValueError("references must be int labels")
+    full = _labels(model, inputs, None, batch_size)
+    columns = []
+    for k in depths:
+        labels = _labels(model, inputs, int(k), batch_size)
+        wrong = labels != full if refs is None else (labels != refs) & (full == refs)
+        columns.append(wrong.astype(np.float64))
+    return LossTable(np.column_stack(columns), depths.astype(np.float64), "decoded", consistency)
+
+
+def fit(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    delta: float = 0.1,
+    epsilon: float = 0.05,
+    *,
+    depths: Sequence[int] | None = None,
+    consistency: str = "label",
+    references: Sequence[int] | None = None,
+    bound: str = "hoeffding_bentkus",
+    method: str = "fixed_sequence",
+    batch_size: int = 1024,
+) -> Certificate:
+    """Certify the smallest FFF evaluation depth whose risk stays within ``delta`` (knob ``fff_depth``).
+
+    Parameters
+    ----------
+    model, inputs, depths, consistency, references, batch_size
+        As in :func:`depth_losses`.
+    delta : float, default=0.1
+        Tolerance on the loss, in (0, 1).
+    epsilon : float, default=0.05
+        Failure probability, in (0, 1).
+    bound, method
+        p-value and family-wise procedure (see :func:`calibrate.certify`).
+
+    Returns
+    -------
+    Certificate
+        ``knob="fff_depth"``; ``lambda_hat`` is the certified depth (None: the full tree only);
+        ``model`` is :func:`model_id`. :func:`apply` runs the model at that depth.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from calibrate import fff
+    >>> _ = torch.manual_seed(0)
+    >>> model = fff.FFF(16, 4, depth=6).eval()
+    >>> cert = fff.fit(model, torch.randn(2000, 16), delta=0.3, epsilon=0.05)
+    >>> cert.knob, cert.lambdas[:3]
+    ('fff_depth', (6.0, 5.0, 4.0))
+    >>> depth = fff.apply(model, cert).eval_depth   # every FFF layer now runs at the certified depth
+    """
+    table = depth_losses(
+        model, inputs, depths=depths, consistency=consistency, references=references, batch_size=batch_size
+    )
+    cert = certify(table, delta=delta, epsilon=epsilon, bound=bound, method=method, knob="fff_depth")
+    return dataclasses.replace(cert, model=model_id(model), consistency=consistency)
+
+
+def audit(
+    certificate: Certificate,
+    model: nn.Module,
+    inputs: torch.Tensor,
+    *,
+    references: Sequence[int] | None = None,
+    batch_size: int = 1024,
+) -> AuditReport:
+    """Held-out risk of an ``fff_depth`` certificate at every depth of its grid.
+
+    Returns
+    -------
+    AuditReport
+        ``risks`` per depth, ``risk`` at the certified depth (0 for the full tree); layer fields NaN.
+    """
+    _certified_depth(model, certificate)  # the right knob and model
+    table = depth_losses(
+        model,
+        inputs,
+        depths=[int(round(d)) for d in certificate.lambdas],
+        consistency=certificate.consistency,
+        references=references,
+        batch_size=batch_size,
+    )
+    index = certificate.index
+    risk = 0.0 if index is None else float(table.risks[index])
+    nan = np.full(len(certificate.lambdas), math.nan)
+    return AuditReport(certificate, table.n, table.risks, nan, risk, math.nan)

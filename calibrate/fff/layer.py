@@ -1,0 +1,362 @@
+"""Fast feedforward layers (Belcak & Wattenhofer, 2023; UltraFastBERT): a binary tree of neurons, one path per input.
+
+A tree of depth ``D`` has ``2**(D + 1) - 1`` neurons (nodes), node ``n`` with input weights ``w_in[n]``
+(and bias ``b_in[n]``) and output weights ``w_out[n]``. Per input ``x``, descend from the root::
+
+    z_n = x . w_in[n] + b_in[n];   y += act(z_n) * w_out[n];   n <- 2n + 1 if z_n <= 0 else 2n + 2
+
+so ``D + 1`` neurons are evaluated, and ``y = b_out + sum over the path``. Evaluation depth ``k <= D``
+stops after the first ``k + 1`` nodes of the path: cost ``(k + 1) / (D + 1)`` of the full path, the knob
+that :mod:`calibrate.fff.calibration` certifies (it sets ``FFF.eval_depth``).
+
+Three formulations of the same tree:
+
+- **hard descent** (inference, :func:`fff_forward`): per level one gather of the current node's weights
+  per input (vectorised over inputs, any device), or a compiled CPU kernel (numba, parallel over inputs);
+- **masked** (training, :meth:`FFF.masked_forward`): every neuron of the first ``k + 1`` levels computed,
+  all but the path's masked to zero: the same function as hard descent, gradients for the path's neurons,
+  no speed-up;
+- **soft** (training, :meth:`FFF.soft_forward`, the FFF paper's soft tree): node ``n`` is reached with
+  probability ``p_n`` (``p_root = 1``, ``p_{2n+2} = p_n sigmoid(z_n)``, ``p_{2n+1} = p_n (1 - sigmoid(z_n))``)
+  and contributes ``p_n act(z_n) w_out[n]``; the hardening loss is the reach-weighted entropy of the
+  decisions, ``mean_x sum_n p_n H(sigmoid(z_n)) / (D + 1)``; as it falls the soft tree approaches hard
+  descent.
+
+This module imports torch; ``import calibrate`` does not import it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numba
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["ACTIVATIONS", "BACKENDS", "FFF", "fff_forward", "fff_reference"]
+
+#: Activations of the neurons.
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
+#: Hard-descent implementations: "torch" (gather per level), "numba" (compiled CPU kernel, float32/64).
+BACKENDS = ("auto", "torch", "numba")
+_ACT_ID = {"gelu": 0, "relu": 1, "silu": 2}
+
+
+def _depth_iv(depth, max_depth: int) -> int:
+    if depth is None:
+        return max_depth
+    if isinstance(depth, bool) or not isinstance(depth, (int, np.integer)) or not 0 <= depth <= max_depth:
+        raise ValueError(f"depth must be an int in 0..{max_depth} (None: the whole path), got {depth!r}")
+    return int(depth)
+
+
+def _input_iv(x: torch.Tensor, in_features: int) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.ndim < 1 or x.shape[-1] != in_features:
+        raise ValueError(f"x must have {in_features} features in its last dimension, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("x holds NaN or infinite values")
+    return x
+
+
+class FFF(nn.Module):
+    """A fast feedforward layer: a balanced binary tree of ``2**(depth + 1) - 1`` neurons, one path per input.
+
+    Parameters
+    ----------
+    in_features, out_features : int
+        Input and output widths, >= 1.
+    depth : int
+        Tree depth ``D`` >= 0: ``D + 1`` neurons per path (UltraFastBERT-1x11: ``D = 11``, 12 of 4095).
+    activation : {"gelu", "relu", "silu"}, default="gelu"
+        Neuron activation.
+    bias : bool, default=True
+        Learn ``b_in`` (per node) and ``b_out``.
+
+    Attributes
+    ----------
+    w_in : nn.Parameter
+        ``(nodes, in_features)``.
+    b_in : nn.Parameter or None
+        ``(nodes,)``.
+    w_out : nn.Parameter
+        ``(nodes, out_features)``.
+    b_out : nn.Parameter or None
+        ``(out_features,)``.
+    eval_depth : int or None
+        Evaluation depth used when :meth:`forward` gets none (None: the whole path); set by
+        :func:`calibrate.fff.apply` and :func:`calibrate.fff.at_depth`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from calibrate.fff import FFF
+    >>> _ = torch.manual_seed(0)
+    >>> layer = FFF(8, 4, depth=3)
+    >>> x = torch.randn(5, 8)
+    >>> layer(x).shape, layer.n_nodes
+    (torch.Size([5, 4]), 15)
+    >>> torch.allclose(layer(x), layer.masked_forward(x), atol=1e-6)   # hard descent = masked formulation
+    True
+    >>> layer(x, depth=0).shape                                         # the root neuron only
+    torch.Size([5, 4])
+    """
+
+    def __init__(self, in_features: int, out_features: int, depth: int, activation: str = "gelu", bias: bool = True):
+        super().__init__()
+        for name, value, low in (
+            ("in_features", in_features, 1),
+            ("out_features", out_features, 1),
+            ("depth", depth, 0),
+        ):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
+        self.in_features, self.out_features, self.depth = int(in_features), int(out_features), int(depth)
+        self.activation = activation
+        self.eval_depth: int | None = None
+        nodes = 2 ** (self.depth + 1) - 1
+        bound_in, bound_out = 1 / math.sqrt(in_features), 1 / math.sqrt(self.depth + 1)
+        self.w_in = nn.Parameter(torch.empty(nodes, in_features).uniform_(-bound_in, bound_in))
+        self.w_out = nn.Parameter(torch.empty(nodes, out_features).uniform_(-bound_out, bound_out))
+        if bias:
+            self.b_in = nn.Parameter(torch.empty(nodes).uniform_(-bound_in, bound_in))
+            self.b_out = nn.Parameter(torch.zeros(out_features))
+        else:
+            self.register_parameter("b_in", None)
+            self.register_parameter("b_out", None)
+
+    @property
+    def n_nodes(self) -> int:
+        """Neurons in the tree, ``2**(depth + 1) - 1``."""
+        return self.w_in.shape[0]
+
+    def cost(self, depth: int | None = None) -> int:
+        """Multiply-adds per input of hard descent to ``depth``: ``(depth + 1) * (in_features + out_features)``."""
+        return (_depth_iv(depth, self.depth) + 1) * (self.in_features + self.out_features)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, depth={self.depth}, "
+            f"activation={self.activation!r}, bias={self.b_in is not None}"
+        )
+
+    def forward(self, x: torch.Tensor, depth: int | None = None, *, backend: str = "auto") -> torch.Tensor:
+        """Hard descent: ``(..., in_features) -> (..., out_features)``, the first ``depth + 1`` nodes of each path.
+
+        ``depth`` None means ``eval_depth`` (None: the whole path). With gradients enabled and the
+        layer in training mode this is :meth:`masked_forward` (the same function, differentiable);
+        otherwise :func:`fff_forward` with ``backend``.
+        """
+        depth = self.eval_depth if depth is None else depth
+        if self.training and torch.is_grad_enabled():
+            return self.masked_forward(x, depth)
+        return fff_forward(self, x, depth, backend=backend)
+
+    def masked_forward(self, x: torch.Tensor, depth: int | None = None) -> torch.Tensor:
+        """Every neuron of the first ``depth + 1`` levels, all but the path's masked: differentiable, no speed-up."""
+        k = _depth_iv(depth, self.depth)
+        x = _input_iv(x, self.in_features)
+        lead, flat = x.shape[:-1], x.reshape(-1, self.in_features)
+        nodes = 2 ** (k + 1) - 1
+        z = flat @ self.w_in[:nodes].T  # (N, nodes)
+        if self.b_in is not None:
+            z = z + self.b_in[:nodes]
+        mask = torch.zeros_like(z, dtype=torch.bool)
+        node = torch.zeros(flat.shape[0], dtype=torch.long, device=x.device)
+        rows = torch.arange(flat.shape[0], device=x.device)
+        for _ in range(k + 1):
+            mask[rows, node] = True
+            node = 2 * node + 1 + (z.detach()[rows, node] > 0).long()
+        y = (ACTIVATIONS[self.activation](z) * mask) @ self.w_out[:nodes]  # (N, out)
+        if self.b_out is not None:
+            y = y + self.b_out
+        return y.reshape(*lead, self.out_features)
+
+    def soft_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The soft tree over the whole depth: the output ``(..., out_features)`` and the hardening loss (scalar).
+
+        The hardening loss is the reach-weighted binary entropy of the decisions per level, averaged over
+        inputs, in nats, in ``[0, log 2]``: 0 when every decision is hard.
+        """
+        x = _input_iv(x, self.in_features)
+        lead, flat = x.shape[:-1], x.reshape(-1, self.in_features)
+        z = flat @ self.w_in.T  # (N, nodes)
+        if self.b_in is not None:
+            z = z + self.b_in
+        right = torch.sigmoid(z)  # (N, nodes) probability of going to 2n + 2
+        reach = [torch.ones_like(z[:, :1])]  # per level (N, 2**level)
+        for level in range(self.depth):
+            lo, hi = 2**level - 1, 2 ** (level + 1) - 1
+            r = right[:, lo:hi]
+            reach.append(torch.stack((reach[-1] * (1 - r), reach[-1] * r), dim=2).flatten(1))  # children in order
+        p = torch.cat(reach, dim=1)  # (N, nodes), node order = level order
+        y = (p * ACTIVATIONS[self.activation](z)) @ self.w_out
+        if self.b_out is not None:
+            y = y + self.b_out
+        entropy = -(right * torch.log(right.clamp_min(1e-12)) + (1 - right) * torch.log((1 - right).clamp_min(1e-12)))
+        hardening = (p * entropy).sum(dim=1).mean() / (self.depth + 1)
+        return y.reshape(*lead, self.out_features), hardening
+
+    # ---- persistence --------------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the weights and the layer's sizes to a safetensors file (atomically)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        tensors = {name: p.detach().contiguous().cpu() for name, p in self.named_parameters()}
+        meta = {
+            "in_features": str(self.in_features),
+            "out_features": str(self.out_features),
+            "depth": str(self.depth),
+            "activation": self.activation,
+            "bias": str(self.b_in is not None),
+        }
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> FFF:
+        """Read a layer written by :meth:`save`; a file with missing or misshapen tensors fails naming them."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            try:
+                layer = cls(
+                    int(meta["in_features"]),
+                    int(meta["out_features"]),
+                    int(meta["depth"]),
+                    meta["activation"],
+                    meta["bias"] == "True",
+                )
+            except (KeyError, ValueError) as exc:
+                raise ValueError(f"{path} is not an FFF file written by FFF.save (metadata {meta!r}): {exc}") from None
+            state = {name: f.get_tensor(name) for name in f.keys()}
+        expected = {name: tuple(p.shape) for name, p in layer.named_parameters()}
+        got = {name: tuple(t.shape) for name, t in state.items()}
+        if got != expected:
+            raise ValueError(f"{path} holds tensors {got}, expected {expected}")
+        layer.load_state_dict(state)
+        return layer
+
+
+# --------------------------------------------------------------------------------------------------
+# Hard descent
+# --------------------------------------------------------------------------------------------------
+
+
+@numba.njit(parallel=True, cache=True, fastmath=True)
+def _descend_kernel(x, w_in, b_in, w_out, b_out, k, act, out):  # pragma: no cover - compiled
+    n, d = x.shape
+    m = w_out.shape[1]
+    for t in numba.prange(n):
+        for j in range(m):
+            out[t, j] = b_out[j]
+        node = 0
+        for _ in range(k + 1):
+            z = b_in[node]
+            for j in range(d):
+                z += x[t, j] * w_in[node, j]
+            if act == 0:
+                a = 0.5 * z * (1.0 + math.erf(z / math.sqrt(2.0)))
+            elif act == 1:
+                a = max(z, 0.0)
+            else:
+                a = z / (1.0 + math.exp(-z))
+            for j in range(m):
+                out[t, j] += a * w_out[node, j]
+            node = 2 * node + 1 + (1 if z > 0 else 0)
+
+
+def _numba_ok(layer: FFF, x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and layer.w_in.dtype == x.dtype
+
+
+@torch.no_grad()
+def fff_forward(layer: FFF, x: torch.Tensor, depth: int | None = None, *, backend: str = "auto") -> torch.Tensor:
+    """Hard descent of ``layer`` on ``x`` ``(..., in_features)``, evaluating the first ``depth + 1`` nodes per path.
+
+    Parameters
+    ----------
+    layer : FFF
+    x : torch.Tensor
+        Inputs, any leading shape, finite.
+    depth : int, optional
+        Evaluation depth ``k`` in ``0..layer.depth`` (None: the whole path).
+    backend : {"auto", "torch", "numba"}, default="auto"
+        ``"torch"``: one gather of the current nodes' weights per level, vectorised over inputs (any
+        device and dtype). ``"numba"``: a compiled kernel, parallel over inputs (CPU, float32/float64).
+        ``"auto"``: numba where it applies, else torch.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(..., out_features)``, no gradient.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    k = _depth_iv(depth, layer.depth)
+    x = _input_iv(x, layer.in_features)
+    lead, flat = x.shape[:-1], x.reshape(-1, layer.in_features)
+    use_numba = backend == "numba" or (backend == "auto" and _numba_ok(layer, x))
+    if use_numba:
+        if not _numba_ok(layer, x):
+            raise ValueError("backend='numba' needs CPU tensors of float32 or float64, the layer's dtype")
+        zeros_in = np.zeros(layer.n_nodes, dtype=flat.numpy().dtype)
+        zeros_out = np.zeros(layer.out_features, dtype=zeros_in.dtype)
+        b_in = zeros_in if layer.b_in is None else layer.b_in.detach().numpy()
+        b_out = zeros_out if layer.b_out is None else layer.b_out.detach().numpy()
+        out = np.empty((flat.shape[0], layer.out_features), dtype=zeros_in.dtype)
+        _descend_kernel(
+            flat.contiguous().numpy(),
+            layer.w_in.detach().numpy(),
+            b_in,
+            layer.w_out.detach().numpy(),
+            b_out,
+            k,
+            _ACT_ID[layer.activation],
+            out,
+        )
+        return torch.from_numpy(out).reshape(*lead, layer.out_features)
+    act = ACTIVATIONS[layer.activation]
+    node = torch.zeros(flat.shape[0], dtype=torch.long, device=x.device)
+    y = flat.new_zeros(flat.shape[0], layer.out_features)
+    for _ in range(k + 1):
+        z = torch.einsum("nd,nd->n", flat, layer.w_in[node])  # (N,)
+        if layer.b_in is not None:
+            z = z + layer.b_in[node]
+        y += act(z)[:, None] * layer.w_out[node]
+        node = 2 * node + 1 + (z > 0).long()
+    if layer.b_out is not None:
+        y += layer.b_out
+    return y.reshape(*lead, layer.out_features)
+
+
+@torch.no_grad()
+def fff_reference(layer: FFF, x: torch.Tensor, depth: int | None = None) -> torch.Tensor:
+    """The plain per-input loop of the definition (slow; the reference the fast paths are tested against)."""
+    k = _depth_iv(depth, layer.depth)
+    x = _input_iv(x, layer.in_features)
+    act = ACTIVATIONS[layer.activation]
+    flat = x.reshape(-1, layer.in_features)
+    out = []
+    for row in flat:
+        y = torch.zeros(layer.out_features, dtype=x.dtype) if layer.b_out is None else layer.b_out.clone()
+        node = 0
+        for _ in range(k + 1):
+            z = row @ layer.w_in[node] + (0 if layer.b_in is None else layer.b_in[node])
+            y = y + act(z) * layer.w_out[node]
+            node = 2 * node + 1 + int(z > 0)
+        out.append(y)
+    return torch.stack(out).reshape(*x.shape[:-1], layer.out_features)

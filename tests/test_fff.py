@@ -1,0 +1,130 @@
+"""Fast feedforward layers: hard descent, masked and soft formulations, persistence."""
+
+import math
+
+import pytest
+import torch
+
+from calibrate.fff import FFF, fff_forward, fff_reference
+
+
+def _layer(in_f, out_f, depth, *, activation="gelu", bias=True, seed=0, dtype=torch.float64) -> FFF:
+    torch.manual_seed(seed)
+    layer = FFF(in_f, out_f, depth, activation=activation, bias=bias).to(dtype).eval()
+    with torch.no_grad():  # biases away from 0 so that both children are taken
+        if layer.b_out is not None:
+            layer.b_out.normal_()
+    return layer
+
+
+@pytest.mark.parametrize("activation", ["gelu", "relu", "silu"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize(("in_f", "out_f", "depth"), [(7, 3, 0), (7, 3, 4), (16, 1, 6), (1, 5, 2)])
+def test_fast_paths_equal_the_per_input_reference_at_every_depth(activation, bias, in_f, out_f, depth):
+    layer = _layer(in_f, out_f, depth, activation=activation, bias=bias, seed=depth)
+    x = torch.randn(3, 11, in_f, dtype=torch.float64)  # odd leading shape
+    for k in range(depth + 1):
+        expected = fff_reference(layer, x, k)
+        assert expected.shape == (3, 11, out_f)
+        for backend in ("torch", "numba"):
+            torch.testing.assert_close(fff_forward(layer, x, k, backend=backend), expected, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(layer.masked_forward(x, k), expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(layer(x), fff_reference(layer, x, depth), rtol=1e-10, atol=1e-10)
+
+
+def test_float32_paths_agree_and_reach_every_leaf():
+    layer = _layer(64, 32, 5, dtype=torch.float32)
+    x = torch.randn(4096, 64)
+    hard = fff_forward(layer, x, backend="torch")
+    torch.testing.assert_close(fff_forward(layer, x, backend="numba"), hard, rtol=1e-4, atol=1e-5)
+    # every leaf is reached by some input: the descent takes both branches everywhere
+    node = torch.zeros(4096, dtype=torch.long)
+    for _ in range(5):
+        z = (x * layer.w_in[node]).sum(1) + layer.b_in[node]
+        node = 2 * node + 1 + (z > 0).long()
+    assert node.unique().numel() == 2**5
+
+
+def test_masked_training_forward_gives_gradients_to_the_path_only():
+    layer = _layer(6, 2, 3)
+    layer.train()
+    x = torch.randn(1, 6, dtype=torch.float64)
+    layer(x).sum().backward()  # training mode with gradients: the masked formulation
+    touched = (layer.w_in.grad.abs().sum(dim=1) > 0).nonzero().flatten().tolist()
+    node, path = 0, []
+    for _ in range(4):
+        path.append(node)
+        z = x[0] @ layer.w_in[node] + layer.b_in[node]
+        node = 2 * node + 1 + int(z > 0)
+    assert touched == path
+    assert (layer.w_out.grad.abs().sum(dim=1) > 0).nonzero().flatten().tolist() == path
+
+
+def test_soft_tree_approaches_hard_descent_as_decisions_harden():
+    layer = _layer(8, 3, 4)
+    x = torch.randn(64, 8, dtype=torch.float64)
+    with torch.no_grad():
+        layer.w_in.zero_()
+        layer.b_in.zero_()
+    _, hardening = layer.soft_forward(x)  # every decision 50/50: entropy log 2 at every level
+    assert hardening.item() == pytest.approx(math.log(2))
+    layer = _layer(8, 3, 4)
+    with torch.no_grad():
+        layer.w_in.mul_(1e4)  # saturated decisions; the activations' inputs scaled too, compared below
+        layer.b_in.mul_(1e4)
+    soft, hardening = layer.soft_forward(x)
+    assert hardening.item() < 1e-6
+    torch.testing.assert_close(soft, fff_forward(layer, x), rtol=1e-3, atol=1e-6)  # outputs ~1e3
+    # and it trains: the soft output has gradients for every node
+    layer = _layer(8, 3, 4)
+    soft, hardening = layer.soft_forward(x)
+    (soft.square().mean() + hardening).backward()
+    assert (layer.w_in.grad.abs().sum(dim=1) > 0).all()
+
+
+def test_cost_is_monotone_in_depth():
+    layer = FFF(768, 768, 11)
+    costs = [layer.cost(k) for k in range(12)]
+    assert costs == sorted(costs) and len(set(costs)) == 12
+    assert layer.cost() == 12 * 1536 and layer.n_nodes == 4095
+
+
+def test_safetensors_round_trip(tmp_path):
+    for bias in (True, False):
+        layer = _layer(5, 4, 3, bias=bias, activation="silu", dtype=torch.float32)
+        layer.save(tmp_path / "fff.safetensors")
+        back = FFF.load(tmp_path / "fff.safetensors").eval()
+        assert (back.depth, back.activation, back.b_in is None) == (3, "silu", not bias)
+        x = torch.randn(9, 5)
+        torch.testing.assert_close(back(x), layer(x), rtol=0, atol=0)
+    from safetensors.torch import save_file
+
+    save_file({"w_in": torch.zeros(15, 5)}, str(tmp_path / "bad.safetensors"), metadata={"depth": "3"})
+    with pytest.raises(ValueError, match="not an FFF file"):
+        FFF.load(tmp_path / "bad.safetensors")
+    meta = {"in_features": "5", "out_features": "4", "depth": "3", "activation": "gelu", "bias": "False"}
+    save_file(
+        {"w_in": torch.zeros(15, 5), "w_out": torch.zeros(7, 4)}, str(tmp_path / "shape.safetensors"), metadata=meta
+    )
+    with pytest.raises(ValueError, match="w_out"):
+        FFF.load(tmp_path / "shape.safetensors")
+
+
+def test_bad_input():
+    layer = _layer(4, 2, 3, dtype=torch.float32)
+    x = torch.randn(2, 4)
+    for bad in (-1, 4, 1.5, True):
+        with pytest.raises(ValueError, match="depth must be an int in 0..3"):
+            layer(x, depth=bad)
+    with pytest.raises(ValueError, match="4 features"):
+        layer(torch.randn(2, 5))
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        layer(torch.tensor([[0.0, math.nan, 0.0, 0.0]]))
+    with pytest.raises(ValueError, match="backend"):
+        layer(x, backend="cuda")
+    with pytest.raises(ValueError, match="numba"):
+        fff_forward(layer.to(torch.float16), x.half(), backend="numba")
+    with pytest.raises(ValueError, match="activation"):
+        FFF(4, 2, 3, activation="tanh")
+    with pytest.raises(ValueError, match="depth must be an int >= 0"):
+        FFF(4, 2, -1)

@@ -1,0 +1,119 @@
+"""Certified evaluation depth of fast feedforward layers (knob ``fff_depth``)."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import calibrate
+from calibrate import fff
+from calibrate.losses import LossTable
+
+
+def _classifier(seed: int = 0, depth: int = 6) -> nn.Module:
+    """A random classifier whose tree's deeper levels write less (as refinements), so depth trades accuracy."""
+    torch.manual_seed(seed)
+    tree = fff.FFF(16, 5, depth)
+    with torch.no_grad():
+        for level in range(depth + 1):
+            tree.w_out[2**level - 1 : 2 ** (level + 1) - 1] *= 0.6**level
+    return nn.Sequential(nn.Linear(12, 16), nn.Tanh(), tree).eval()
+
+
+def test_certify_picks_the_hand_computable_depth():
+    """Depths 5..3 never change the label, depth 2 changes half: fixed-sequence stops at depth 3."""
+    n = 400
+    losses = np.zeros((n, 6))
+    losses[: n // 2, 3:] = 1.0
+    table = LossTable(losses, np.arange(5, -1, -1.0), "decoded", "label")
+    cert = calibrate.certify(table, delta=0.1, epsilon=0.05, knob="fff_depth")
+    assert cert.lambda_hat == 3.0 and cert.certified == (True, True, True, False, False, False)
+    assert "certified evaluation depth 3 of 5: 4 of 6 neurons per path (67%" in cert.summary()
+
+
+def test_fit_equals_labels_at_each_depth_and_apply_runs_it():
+    model = _classifier()
+    x = torch.randn(3000, 12)
+    cert = fff.fit(model, x, delta=0.2, epsilon=0.05)
+    assert cert.knob == "fff_depth" and cert.lambdas == tuple(float(k) for k in range(6, -1, -1))
+    assert cert.model == fff.model_id(model) and cert.consistency == "label"
+    with torch.no_grad():
+        full = model(x).argmax(1)
+        for k, risk in zip(range(6, -1, -1), cert.risks):
+            if risk == risk:  # tested
+                with fff.at_depth(model, k):
+                    assert risk == pytest.approx((model(x).argmax(1) != full).float().mean().item())
+    assert cert.risks[0] == 0.0 and any(r > 0 for r in cert.risks if r == r)
+    assert cert.lambda_hat is not None and cert.lambda_hat < 6  # shallower than the full tree certified
+    layer = fff.fff_layers(model)[0]
+    assert layer.eval_depth is None  # at_depth restored it
+    fff.apply(model, cert)
+    assert layer.eval_depth == int(cert.lambda_hat)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x[:7]), model[2](model[1](model[0](x[:7])), depth=int(cert.lambda_hat)))
+
+
+def test_refuses_other_knobs_and_models_and_bad_depths():
+    model = _classifier()
+    cert = fff.fit(model, torch.randn(500, 12), delta=0.3, epsilon=0.1)
+    with pytest.raises(ValueError, match="made for the model"):
+        fff.apply(_classifier(seed=1), cert)
+    import dataclasses
+
+    with pytest.raises(ValueError, match="knob 'token_keep'"):
+        fff.apply(model, dataclasses.replace(cert, knob="token_keep"))
+    with pytest.raises(ValueError, match="depth must be an int in 0..6"):
+        with fff.at_depth(model, 7):
+            pass
+    with pytest.raises(ValueError, match="depths must decrease"):
+        fff.fit(model, torch.randn(50, 12), depths=[3, 4])
+    with pytest.raises(ValueError, match="FFF layers"):
+        fff.fit(nn.Linear(3, 2), torch.randn(5, 3))
+    with pytest.raises(ValueError, match="references"):
+        fff.fit(model, torch.randn(50, 12), consistency="risk_label")
+
+
+def test_audit_reports_held_out_risk_at_every_depth():
+    model = _classifier(seed=2)
+    cert = fff.fit(model, torch.randn(2000, 12), delta=0.2, epsilon=0.05)
+    held = torch.randn(1000, 12)
+    report = fff.audit(cert, model, held)
+    table = fff.depth_losses(model, held)
+    np.testing.assert_allclose(report.risks, table.risks)
+    assert report.risk == pytest.approx(table.risks[cert.index]) and report.n == 1000
+    assert "evaluation depth" in report.summary()
+    line = report.plot().axes[0].lines[1]
+    assert line.get_xdata().tolist() == list(cert.lambdas)
+
+
+def test_risk_label_counts_only_new_mistakes():
+    model = _classifier(seed=3)
+    x = torch.randn(800, 12)
+    with torch.no_grad():
+        full = model(x).argmax(1).numpy()
+    refs = full.copy()
+    refs[:400] = (refs[:400] + 1) % 5  # the full model is wrong on the first half
+    table = fff.depth_losses(model, x, depths=[6, 2], consistency="risk_label", references=refs)
+    with torch.no_grad(), fff.at_depth(model, 2):
+        shallow = model(x).argmax(1).numpy()
+    assert table.losses[:400].sum() == 0
+    np.testing.assert_array_equal(table.losses[400:, 1], (shallow[400:] != full[400:]).astype(float))
+
+
+@pytest.mark.slow
+def test_certified_depth_is_valid_over_calibration_draws():
+    """Monte-Carlo: calibration sets drawn from a pool whose per-depth risk is known; the certified depth's
+    true risk exceeds delta in at most about epsilon of the draws."""
+    model = _classifier(seed=4, depth=8)
+    pool = fff.depth_losses(model, torch.randn(40000, 12))  # the "population": true risk per depth
+    true_risk = pool.risks
+    delta, epsilon, n, trials = 0.1, 0.1, 300, 400
+    rng = np.random.default_rng(0)
+    violations = 0
+    for _ in range(trials):
+        draw = pool.subset(rng.choice(pool.n, size=n, replace=False))
+        cert = calibrate.certify(draw, delta=delta, epsilon=epsilon, knob="fff_depth")
+        if cert.index is not None and true_risk[cert.index] > delta:
+            violations += 1
+    assert true_risk[0] == 0 and true_risk[-1] > delta  # the knob matters on this model
+    assert violations / trials <= epsilon + 3 * np.sqrt(epsilon * (1 - epsilon) / trials)

@@ -20,7 +20,10 @@ MODES = {
         "losses from the teacher-forced simulation along the full-model output (cache only): it certifies "
         "the simulated early outputs, not free-running generation"
     ),
-    "decoded": "losses from actually decoding the calibration prompts at each tested threshold",
+    "decoded": (
+        "losses from actually decoding the calibration prompts (or running the model on the calibration inputs) "
+        "at each tested value of the knob"
+    ),
     "user": "losses supplied by the caller for each threshold",
 }
 #: Speed knobs a certificate can certify; a runtime refuses a certificate for another knob.

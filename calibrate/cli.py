@@ -1,4 +1,4 @@
-"""Command line: ``calibrate fit | audit | extract | lat-fit | synthetic | demo``."""
+"""Command line: ``calibrate fit | audit | extract | lat-fit | fff-fit | synthetic | demo``."""
 
 from __future__ import annotations
 
@@ -76,6 +76,11 @@ def _cmd_audit(args) -> int:
             batch_size=args.batch_size,
             progress=True,
         )
+    elif cert.knob == "fff_depth":  # the FFF classifier run on held-out inputs at each depth
+        if args.model is None or args.inputs is None:
+            raise ValueError("an fff_depth certificate is audited on inputs: give --model FILE and --inputs FILE")
+        fff, model, inputs, references = _fff_inputs(args.model, args.inputs, args.references)
+        report = fff.audit(cert, model, inputs, references=references)
     else:
         if args.cache is None:
             raise ValueError("give the held-out layer cache: calibrate audit CERTIFICATE CACHE")
@@ -133,6 +138,38 @@ def _references(consistency: str | None, references: list) -> list | None:
         return [int(r) for r in references]
     except (TypeError, ValueError):
         raise ValueError("consistency='risk_label' needs an int label as every prompt's reference") from None
+
+
+def _fff_inputs(model_path: str, inputs_path: str, references_path: str | None):
+    """``calibrate.fff``, an FFF classifier read from safetensors, its inputs and reference labels (.npy)."""
+    import numpy as np
+
+    try:
+        import torch
+
+        from calibrate import fff
+    except ImportError as exc:
+        raise ValueError(f"fast feedforward layers need torch: pip install 'calm-calibrate[hf]' ({exc})") from None
+    model = fff.FFF.load(model_path).eval()
+    inputs = np.load(inputs_path, allow_pickle=False)
+    if inputs.ndim != 2 or inputs.shape[1] != model.in_features:
+        raise ValueError(f"{inputs_path} must hold an (n, {model.in_features}) array, got shape {inputs.shape}")
+    references = None if references_path is None else np.load(references_path, allow_pickle=False)
+    return fff, model, torch.as_tensor(inputs, dtype=model.w_in.dtype), references
+
+
+def _cmd_fff_fit(args) -> int:
+    fff, model, inputs, references = _fff_inputs(args.model, args.inputs, args.references)
+    cert = fff.fit(
+        model,
+        inputs,
+        args.delta,
+        args.epsilon,
+        consistency="label" if references is None else "risk_label",
+        references=references,
+        bound=args.bound,
+    )
+    return _report(cert, args.output)
 
 
 def _cmd_lat_fit(args) -> int:
@@ -222,17 +259,19 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_fit)
 
     p = sub.add_parser(
-        "audit", help="check a certificate on a held-out cache or held-out prompts (exit 1 if risk > delta)"
+        "audit", help="check a certificate on a held-out cache, prompts or inputs (exit 1 if risk > delta)"
     )
     p.add_argument("certificate", help="certificate JSON")
     p.add_argument("cache", nargs="?", help="held-out layer cache directory (exit-threshold certificates)")
     p.add_argument("--figure", help="write the risk figure (PNG)")
-    p.add_argument("--model", help="token_keep certificates: model directory (save_pretrained) to decode with")
+    p.add_argument("--model", help="token_keep: model directory (save_pretrained) to decode with; fff_depth: FFF file")
     p.add_argument("--prompts", help="token_keep certificates: held-out prompts, one per line or JSONL")
     p.add_argument("--max-new-tokens", type=int, default=32, help="token_keep: as certified (default 32)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
+    p.add_argument("--inputs", help="fff_depth certificates: held-out inputs (.npy, n x in_features)")
+    p.add_argument("--references", help="fff_depth certificates with risk_label: reference labels (.npy)")
     p.set_defaults(func=_cmd_audit)
 
     p = sub.add_parser("extract", help="run a local Hugging Face model over prompts and write a layer cache")
@@ -272,6 +311,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None)
     p.add_argument("-o", "--output", help="write the certificate as JSON")
     p.set_defaults(func=_cmd_lat_fit)
+
+    p = sub.add_parser("fff-fit", help="certify the evaluation depth of an FFF classifier (safetensors) on inputs")
+    p.add_argument("--model", required=True, help="FFF layer file written by calibrate.fff.FFF.save")
+    p.add_argument("--inputs", required=True, help="calibration inputs, .npy array (n, in_features)")
+    p.add_argument("--references", help="reference labels (.npy ints): risk_label instead of label disagreement")
+    p.add_argument("--delta", type=float, default=0.1, help="tolerance on the loss, in (0, 1) (default 0.1)")
+    p.add_argument("--epsilon", type=float, default=0.05, help="failure probability, in (0, 1) (default 0.05)")
+    p.add_argument("--bound", default="hoeffding_bentkus", choices=tuple(P_VALUES))
+    p.add_argument("-o", "--output", help="write the certificate as JSON")
+    p.set_defaults(func=_cmd_fff_fit)
 
     p = sub.add_parser("synthetic", help="write a synthetic layer cache")
     p.add_argument("-o", "--output", required=True)

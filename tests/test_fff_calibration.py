@@ -117,3 +117,38 @@ def test_certified_depth_is_valid_over_calibration_draws():
             violations += 1
     assert true_risk[0] == 0 and true_risk[-1] > delta  # the knob matters on this model
     assert violations / trials <= epsilon + 3 * np.sqrt(epsilon * (1 - epsilon) / trials)
+
+
+def test_cli_fff_fit_and_audit_equal_the_functions(tmp_path, capsys):
+    from calibrate.cli import main
+
+    tree = _classifier(seed=5)[2]
+    tree.save(tmp_path / "fff.safetensors")
+    g = np.random.default_rng(0)
+    cal, held = g.normal(size=(1500, 16)).astype(np.float32), g.normal(size=(600, 16)).astype(np.float32)
+    np.save(tmp_path / "cal.npy", cal)
+    np.save(tmp_path / "held.npy", held)
+    out = tmp_path / "cert.json"
+    argv = ["fff-fit", "--model", str(tmp_path / "fff.safetensors"), "--inputs", str(tmp_path / "cal.npy")]
+    assert main([*argv, "--delta", "0.2", "-o", str(out)]) == 0
+    direct = fff.fit(tree, torch.from_numpy(cal), delta=0.2)
+    assert calibrate.Certificate.from_json(out) == direct and "fff_depth" in capsys.readouterr().out
+    figure = tmp_path / "audit.png"
+    code = main(
+        [
+            "audit",
+            str(out),
+            "--model",
+            str(tmp_path / "fff.safetensors"),
+            "--inputs",
+            str(tmp_path / "held.npy"),
+            "--figure",
+            str(figure),
+        ]
+    )
+    report = fff.audit(direct, tree, torch.from_numpy(held))
+    assert code == (0 if report.within_tolerance else 1) and figure.stat().st_size > 0
+    assert f"held-out risk {report.risk:.4f}" in capsys.readouterr().out
+    np.save(tmp_path / "bad.npy", cal[:, :5])
+    assert main(["fff-fit", "--model", str(tmp_path / "fff.safetensors"), "--inputs", str(tmp_path / "bad.npy")]) == 2
+    assert "(n, 16)" in capsys.readouterr().err

@@ -673,21 +673,25 @@ class LayerCache:
 # --------------------------------------------------------------------------------------------------
 
 
-def open_cache(path: str | os.PathLike, *, verify: bool = True) -> LayerCache:
-    """Read a cache written by :meth:`LayerCache.save` into memory and check it.
+def open_cache(path: str | os.PathLike, *, verify: bool = True, chunks: int | None = None):
+    """Read a cache written by :meth:`LayerCache.save` into memory and check it, or open it lazily.
 
     Parameters
     ----------
     path : str or os.PathLike
         The cache directory.
     verify : bool, default=True
-        Recompute the blake2b checksum of every field and compare it with ``meta.json``. Shapes,
-        dtypes, value ranges and the table are checked either way.
+        Recompute the blake2b checksum of every field and compare it with ``meta.json`` (with ``chunks``:
+        of every array, streamed chunk by chunk). Shapes, dtypes, value ranges and the table are checked
+        either way (with ``chunks``: values as each partition is read).
+    chunks : int, optional
+        Open lazily in partitions of this many whole sequences (:class:`calibrate.chunked.ChunkedCache`:
+        nothing per-token is loaded; :func:`calibrate.fit` then runs per partition on Dask).
 
     Returns
     -------
-    LayerCache
-        The cache, with numpy arrays in memory.
+    LayerCache or ChunkedCache
+        The cache with numpy arrays in memory, or the lazily opened one when ``chunks`` is given.
 
     Raises
     ------
@@ -701,9 +705,9 @@ def open_cache(path: str | os.PathLike, *, verify: bool = True) -> LayerCache:
 
     Notes
     -----
-    The whole cache is loaded into memory. Each array is also a standalone zarr v3 array, so very
-    large caches can be read lazily with ``zarr.open_array`` or ``dask.array.from_zarr`` on
-    ``<path>/arrays/<name>``.
+    Without ``chunks`` the whole cache is loaded into memory. Each array is a standalone zarr v3 array
+    (``<path>/arrays/<name>``); ``chunks=n`` reads them lazily, ``n`` sequences at a time, and
+    :meth:`calibrate.chunked.ChunkedCache.arrays` gives them as ``dask.array`` objects.
 
     Examples
     --------
@@ -718,6 +722,10 @@ def open_cache(path: str | os.PathLike, *, verify: bool = True) -> LayerCache:
     True
     """
     root = _open_cache_iv(path, verify)
+    if chunks is not None:
+        from calibrate.chunked import open_chunked
+
+        return open_chunked(root, chunks, verify)
     meta = _read_meta(root)
     fields = meta["fields"]
     arrays = {}

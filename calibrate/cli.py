@@ -40,9 +40,9 @@ def _report(cert, output: str | None) -> int:
 def _cmd_fit(args) -> int:
     import calibrate
 
-    cache = calibrate.open_cache(args.cache)
-    cert = calibrate.fit(
-        cache,
+    chunks = args.chunks if args.chunks is not None or args.scheduler is None else 1000
+    cache = calibrate.open_cache(args.cache, chunks=chunks)
+    options = dict(
         delta=args.delta,
         epsilon=args.epsilon,
         measure=args.measure,
@@ -53,7 +53,14 @@ def _cmd_fit(args) -> int:
         seed=args.seed,
         progress=True,
     )
-    return _report(cert, args.output)
+    if args.scheduler is None:
+        return _report(calibrate.fit(cache, **options), args.output)
+    try:
+        from distributed import Client
+    except ImportError:
+        raise ValueError("--scheduler needs Dask: pip install 'calm-calibrate[dask]'") from None
+    with Client(args.scheduler) as client:
+        return _report(calibrate.fit(cache, client=client, **options), args.output)
 
 
 def _cmd_audit(args) -> int:
@@ -255,6 +262,10 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fit", help="certify a threshold from a layer cache")
     p.add_argument("cache", help="layer cache directory")
     _add_fit_options(p)
+    p.add_argument("--chunks", type=int, default=None, help="open lazily, this many sequences per Dask task")
+    p.add_argument(
+        "--scheduler", default=None, help="Dask scheduler address (tcp://host:port): run the tasks on that cluster"
+    )
     p.add_argument("-o", "--output", help="write the certificate as JSON")
     p.set_defaults(func=_cmd_fit)
 

@@ -337,7 +337,8 @@ def _run_sweep(conf, lam, offsets, decay, top1, full, count_wrong):
     if not ok:
         raise ValueError("conf contains NaN or inf")
     # exit layer at ascending index j = 1 + #{i < L : b_i <= j}; averaged over tokens
-    avg = 1.0 + np.cumsum(layer_hist.sum(axis=0)[:k]) / max(conf.shape[0], 1)
+    n = conf.shape[0]  # exact integer sum of exit layers, one division (as every other path computes it)
+    avg = (n + np.cumsum(layer_hist.sum(axis=0)[:k])) / n if n else np.ones(k)
     return avg[::-1], wrong
 
 

@@ -263,13 +263,16 @@ def fit(
     heads=None,
     batch_size: int = 8,
     train_cache=None,
+    client=None,
 ) -> Certificate:
     """Certify an early-exit threshold from a development layer cache (proxy mode) or its prompts (decoded mode).
 
     Parameters
     ----------
-    cache : LayerCache
-        Calibration data: one example per sequence.
+    cache : LayerCache or ChunkedCache
+        Calibration data: one example per sequence. A cache opened with ``open_cache(path, chunks=n)``
+        (proxy mode, measures computed from the cache) is processed per partition on Dask and gives the
+        same certificate as the cache in memory.
     delta : float, default=0.1
         Tolerance on the consistency loss, in (0, 1) (alpha in LTT/MAPIE).
     epsilon : float, default=0.05
@@ -315,6 +318,8 @@ def fit(
         Learned measures only: train on these sequences (e.g. a task's train split, through the same heads
         as ``cache``; see :func:`calibrate.rehead`) and calibrate on all of ``cache``, instead of splitting
         ``cache`` by ``train_fraction``.
+    client : dask.distributed.Client, optional
+        Chunked caches: run the partitions on this client's workers (default: Dask's local threads).
 
     Returns
     -------
@@ -378,18 +383,31 @@ def fit(
         )
     if model is not None or tokenizer is not None or heads is not None:
         raise ValueError("model, tokenizer and heads are used only with mode='decoded'; proxy mode reads the cache")
-    table, decay, measure_state, n_train = _proxy_table(
-        cache,
-        measure=measure,
-        consistency=consistency,
-        lambdas=lambdas,
-        decay=decay,
-        train_fraction=train_fraction,
-        seed=seed,
-        decode=decode,
-        progress=progress,
-        train_cache=train_cache,
-    )
+    from calibrate.chunked import ChunkedCache
+
+    if isinstance(cache, ChunkedCache):  # one Dask task per partition of whole sequences
+        if train_cache is not None or decode is not None:
+            raise ValueError("train_cache and decode are not supported with a chunked cache; open it in memory")
+        decay = _decay_iv(decay, cache)
+        table = cache.loss_table(measure, consistency, lambdas, decay, client=client)
+        measure_state, n_train = None, 0
+    elif client is not None:
+        raise ValueError(
+            "client= runs a chunked cache on Dask: open the cache with calibrate.open_cache(path, chunks=n)"
+        )
+    else:
+        table, decay, measure_state, n_train = _proxy_table(
+            cache,
+            measure=measure,
+            consistency=consistency,
+            lambdas=lambdas,
+            decay=decay,
+            train_fraction=train_fraction,
+            seed=seed,
+            decode=decode,
+            progress=progress,
+            train_cache=train_cache,
+        )
     cert = certify(table, delta=delta, epsilon=epsilon, bound=bound, method=method)
     return dataclasses.replace(
         cert,

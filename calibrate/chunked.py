@@ -1,0 +1,253 @@
+"""Caches read lazily in partitions of whole sequences, and proxy-mode loss tables computed on Dask.
+
+``calibrate.open_cache(path, chunks=n)`` returns a :class:`ChunkedCache`: only ``meta.json``, the
+sequence table and the offsets are read; the per-token arrays stay on disk. Its partitions hold ``n``
+sequences each (the exit simulation and the losses are per sequence, so a partition boundary never cuts a
+sequence). :meth:`ChunkedCache.loss_table` computes one task per partition, each reading its slices of
+the zarr arrays into an in-memory :class:`~calibrate.LayerCache` and running the same code as the
+in-memory path; only the ``n x K`` losses (and per-partition exit-layer sums) come back. With a
+``dask.distributed.Client`` the tasks run on its workers (retried on failure); without one, on Dask's
+local threaded scheduler. :func:`calibrate.fit` accepts a ``ChunkedCache`` (and ``client=``) and returns
+the same certificate, field for field, as on the same cache in memory.
+
+Needs the ``[dask]`` extra (``dask``, ``distributed``) for the Dask parts; opening a cache does not.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["ChunkedCache"]
+
+
+@dataclass(frozen=True, repr=False)
+class ChunkedCache:
+    """A saved cache opened lazily, in partitions of ``chunks`` whole sequences.
+
+    Attributes
+    ----------
+    path : Path
+        The cache directory.
+    chunks : int
+        Sequences per partition.
+    meta : dict
+        ``meta.json``.
+    sequences : pandas.DataFrame
+        The sequence table (one row per sequence).
+    offsets : ndarray of int64, shape (n_sequences + 1,)
+        Token offsets of the sequences.
+    """
+
+    path: Path
+    chunks: int
+    meta: dict
+    sequences: pd.DataFrame
+    offsets: np.ndarray
+
+    # ---- sizes ------------------------------------------------------------------------------------------
+    @property
+    def n_sequences(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.meta["fields"]["topk_ids"]["shape"][1])
+
+    @property
+    def checksum(self) -> str:
+        """The checksum recorded when the cache was written (verified at open with ``verify=True``)."""
+        return self.meta["checksum"]
+
+    @property
+    def user_meta(self) -> dict:
+        """The writer's metadata (model, generation, ...), as :attr:`calibrate.LayerCache.user_meta`."""
+        from calibrate.cache import _DERIVED_KEYS
+
+        return {k: v for k, v in self.meta.items() if k not in _DERIVED_KEYS}
+
+    @property
+    def partitions(self) -> list[tuple[int, int]]:
+        """``(first, stop)`` sequence ranges of the partitions, in order."""
+        n = self.n_sequences
+        return [(s, min(n, s + self.chunks)) for s in range(0, n, self.chunks)]
+
+    def __repr__(self) -> str:
+        return (
+            f"ChunkedCache({str(self.path)!r}, sequences={self.n_sequences}, tokens={self.n_tokens}, "
+            f"layers={self.n_layers}, partitions={len(self.partitions)} of {self.chunks} sequences)"
+        )
+
+    # ---- reading ----------------------------------------------------------------------------------------
+    def arrays(self) -> dict:
+        """Every per-token array as a ``dask.array`` over the zarr store, chunked at partition boundaries."""
+        import dask.array as da
+        import zarr
+
+        token_chunks = tuple(int(self.offsets[b] - self.offsets[a]) for a, b in self.partitions)
+        out = {}
+        for name, spec in self.meta["fields"].items():
+            if spec.get("kind") == "array":
+                z = zarr.open_array(store=str(self.path / spec["path"]), mode="r")
+                out[name] = da.from_zarr(z, chunks=(token_chunks, *z.shape[1:]))
+        return out
+
+    def load(self, first: int, stop: int):
+        """Sequences ``[first, stop)`` as an in-memory :class:`~calibrate.LayerCache` (values checked)."""
+        from calibrate.cache import LayerCache, _check_values
+
+        if not 0 <= first < stop <= self.n_sequences:
+            raise ValueError(f"sequence range [{first}, {stop}) is outside [0, {self.n_sequences})")
+        lo, hi = int(self.offsets[first]), int(self.offsets[stop])
+        arrays = {name: _read_slice(self.path, name, spec, lo, hi) for name, spec in self._array_specs().items()}
+        _check_values(arrays, int(self.meta["vocab_size"]))
+        table = self.sequences.iloc[first:stop].reset_index(drop=True)
+        offsets = self.offsets[first : stop + 1] - lo
+        return LayerCache._trusted(table, arrays, offsets, int(self.meta["vocab_size"]), self.meta, self._vocab())
+
+    def _array_specs(self) -> dict:
+        return {name: spec for name, spec in self.meta["fields"].items() if spec.get("kind") == "array"}
+
+    def _vocab(self):
+        from calibrate.cache import _read_vocab
+
+        return _read_vocab(self.path, self.meta["fields"].get("vocab"))
+
+    # ---- losses -----------------------------------------------------------------------------------------
+    def loss_table(
+        self,
+        measure: str = "softmax_gap",
+        consistency: str = "token",
+        lambdas=None,
+        decay=None,
+        *,
+        client=None,
+        retries: int = 2,
+    ):
+        """The proxy-mode :class:`~calibrate.LossTable` of the whole cache, one Dask task per partition.
+
+        Parameters
+        ----------
+        measure : str, default="softmax_gap"
+            A confidence measure computed from the cache (:data:`measures.confidence.MEASURES`); learned
+            measures need a training split and are refused here.
+        consistency, lambdas, decay
+            As in :func:`calibrate.fit` (``decay`` a :class:`~calibrate.Decay` or None).
+        client : dask.distributed.Client, optional
+            Run the tasks on its workers; default: Dask's local threaded scheduler.
+        retries : int, default=2
+            Times a failed task is retried on the workers (with a client).
+
+        Returns
+        -------
+        LossTable
+            Equal to the in-memory ``proxy_losses`` on the same cache.
+        """
+        import dask
+
+        from calibrate.exits import default_lambdas
+        from calibrate.losses import LossTable
+        from measures.confidence import MEASURES
+
+        if measure not in MEASURES:
+            raise ValueError(
+                f"a chunked cache supports the measures computed from the cache {tuple(MEASURES)}, got {measure!r}; "
+                "learned measures train on a split: open the cache in memory (chunks=None)"
+            )
+        lam = np.asarray(default_lambdas() if lambdas is None else lambdas, dtype=np.float64)
+        tasks = [
+            dask.delayed(_partition_losses, pure=True)(self, a, b, measure, consistency, lam, decay)
+            for a, b in self.partitions
+        ]
+        if client is None:
+            parts = dask.compute(*tasks, scheduler="threads")
+        else:
+            parts = client.gather(client.compute(tasks, retries=retries))
+        losses = np.concatenate([p[0] for p in parts], axis=0)
+        layer_sums = np.sum([p[1] for p in parts], axis=0)  # integer-valued: exact in any order
+        return LossTable(losses, lam, "proxy", consistency, layer_sums / self.n_tokens, self.n_layers)
+
+
+def _partition_losses(cache: ChunkedCache, first, stop, measure, consistency, lam, decay):
+    """One partition's losses ``(n_p, K)`` and per-lambda sums of exit layers ``(K,)`` (integers)."""
+    from calibrate.losses import proxy_losses
+    from measures.confidence import confidence
+
+    part = cache.load(first, stop)
+    table = proxy_losses(part, confidence(part, measure), lam, consistency=consistency, decay=decay)
+    return table.losses, np.round(table.avg_layers * part.n_tokens)  # avg = exact integer sum / tokens
+
+
+def _read_slice(root: Path, name: str, spec: dict, lo: int, hi: int) -> np.ndarray:
+    """Tokens ``[lo, hi)`` of array ``name``, checked against its spec in ``meta.json``."""
+    import zarr
+
+    from calibrate.cache import _DTYPES, _SCORE_DTYPE
+
+    where = root / spec["path"]
+    try:
+        z = zarr.open_array(store=str(where), mode="r")
+        a = np.ascontiguousarray(z[lo:hi])
+    except Exception as exc:  # noqa: BLE001 - missing or corrupted chunks raise codec-specific errors
+        raise ValueError(
+            f"cannot read tokens {lo}:{hi} of array {name!r} at {where}: {type(exc).__name__}: {exc}"
+        ) from exc
+    expected = _DTYPES.get(name, _SCORE_DTYPE)
+    if a.dtype != expected or list(z.shape) != spec.get("shape"):
+        raise ValueError(
+            f"array {name!r} at {where} has dtype {a.dtype} and shape {list(z.shape)}, but meta.json says "
+            f"{spec.get('dtype')} and {spec.get('shape')}"
+        )
+    return a
+
+
+def open_chunked(root: Path, chunks: int, verify: bool) -> ChunkedCache:
+    """:func:`calibrate.open_cache` with ``chunks``: metadata, table and offsets only (checked), arrays lazy."""
+    import zarr
+
+    from calibrate.cache import _read_meta, _read_table
+
+    if isinstance(chunks, bool) or not isinstance(chunks, (int, np.integer)) or chunks < 1:
+        raise ValueError(f"chunks must be an int >= 1 (sequences per partition) or None, got {chunks!r}")
+    meta = _read_meta(root)
+    fields = meta["fields"]
+    for name in ("full_tokens", "topk_ids"):
+        if name not in fields:
+            raise ValueError(f"{root / 'meta.json'}: required array {name!r} is not listed in 'fields'")
+    full = zarr.open_array(store=str(root / fields["full_tokens"]["path"]), mode="r")
+    table, offsets = _read_table(root, fields.get("sequences"), np.asarray(full[...]))
+    for name, spec in fields.items():
+        if spec.get("kind") != "array":
+            continue
+        where = root / spec["path"]
+        if not (where / "zarr.json").is_file():
+            raise ValueError(f"array {name!r} is listed in meta.json but {where}/zarr.json is missing")
+        z = zarr.open_array(store=str(where), mode="r")
+        if list(z.shape) != spec.get("shape") or z.shape[0] != offsets[-1]:
+            raise ValueError(f"array {name!r} at {where} has shape {list(z.shape)}; meta.json says {spec.get('shape')}")
+        if z.nchunks_initialized != z.nchunks:
+            raise ValueError(f"array {name!r} at {where} is missing {z.nchunks - z.nchunks_initialized} chunk file(s)")
+        if verify and _stream_hash(z) != spec.get("checksum"):
+            raise ValueError(
+                f"checksum mismatch in array {name!r} ({where}): modified or corrupted after it was written"
+            )
+    return ChunkedCache(Path(root), int(chunks), meta, table, offsets)
+
+
+def _stream_hash(z) -> str:
+    """The cache's blake2b checksum of a zarr array, read chunk by chunk along the first axis (bounded memory)."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=32)
+    h.update(f"{np.dtype(z.dtype).str}|{list(z.shape)}|".encode())
+    step = max(1, int(z.chunks[0]))
+    for lo in range(0, z.shape[0], step):
+        h.update(memoryview(np.ascontiguousarray(z[lo : lo + step])).cast("B"))
+    return h.hexdigest()

@@ -1,0 +1,105 @@
+"""Chunked caches on Dask: the same certificate as in memory."""
+
+import numpy as np
+import pytest
+
+import calibrate
+from calibrate.chunked import ChunkedCache
+
+pytest.importorskip("dask")
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    cache = calibrate.synthetic_cache(240, n_layers=6, seed=3)
+    return cache, cache.save(tmp_path_factory.mktemp("chunked") / "cache")
+
+
+def test_open_lazily_reads_no_token_array(saved, monkeypatch):
+    cache, path = saved
+    import calibrate.chunked as chunked
+
+    calls = []
+    monkeypatch.setattr(chunked, "_read_slice", lambda *a: calls.append(a))
+    lazy = calibrate.open_cache(path, chunks=50, verify=False)
+    assert isinstance(lazy, ChunkedCache) and not calls
+    assert (lazy.n_sequences, lazy.n_tokens, lazy.n_layers) == (240, cache.n_tokens, 6)
+    assert lazy.partitions[0] == (0, 50) and lazy.partitions[-1] == (200, 240)
+    assert lazy.checksum == cache.checksum and lazy.user_meta == cache.user_meta
+
+
+def test_partitions_and_dask_arrays_equal_the_cache(saved):
+    cache, path = saved
+    lazy = calibrate.open_cache(path, chunks=64)
+    part = lazy.load(64, 128)
+    expected = cache.subset(np.arange(64, 128))
+    for name in ("topk_ids", "softmax_gap", "hidden"):
+        np.testing.assert_array_equal(part.arrays[name], expected.arrays[name])
+    np.testing.assert_array_equal(part.offsets, expected.offsets)
+    arrays = lazy.arrays()
+    token_chunks = arrays["softmax_gap"].chunks[0]
+    assert np.cumsum((0,) + token_chunks).tolist() == [int(cache.offsets[s]) for s in (0, 64, 128, 192, 240)]
+    np.testing.assert_array_equal(arrays["softmax_gap"].compute(), cache.arrays["softmax_gap"])
+
+
+@pytest.mark.parametrize(("measure", "consistency"), [("softmax_gap", "token"), ("state_saturation", "rouge_l")])
+def test_fit_on_dask_equals_the_in_memory_certificate(saved, measure, consistency):
+    cache, path = saved
+    lazy = calibrate.open_cache(path, chunks=37)
+    kwargs = dict(delta=0.2, epsilon=0.1, measure=measure, consistency=consistency)
+    assert calibrate.fit(lazy, **kwargs) == calibrate.fit(cache, **kwargs)
+    decay = calibrate.Decay(max_len=32, tau=2.0)
+    assert calibrate.fit(lazy, decay=decay, **kwargs) == calibrate.fit(cache, decay=decay, **kwargs)
+
+
+def test_fit_on_a_local_cluster_retries_a_failing_task(saved, tmp_path):
+    distributed = pytest.importorskip("distributed")
+    cache, path = saved
+    lazy = calibrate.open_cache(path, chunks=60)
+    flag = tmp_path / "failed-once"
+    import calibrate.chunked as chunked
+
+    original = chunked._partition_losses
+
+    def flaky(part, first, *args):  # the first attempt on partition 60 fails
+        if first == 60 and not flag.exists():
+            flag.write_text("x")
+            raise RuntimeError("deliberate failure")
+        return original(part, first, *args)
+
+    chunked._partition_losses = flaky
+    try:
+        with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as lc:
+            with distributed.Client(lc) as client:
+                cert = calibrate.fit(lazy, delta=0.2, epsilon=0.1, client=client)
+    finally:
+        chunked._partition_losses = original
+    assert flag.exists() and cert == calibrate.fit(cache, delta=0.2, epsilon=0.1)
+
+
+def test_bad_input(saved):
+    cache, path = saved
+    lazy = calibrate.open_cache(path, chunks=50)
+    with pytest.raises(ValueError, match="learned measures"):
+        calibrate.fit(lazy, measure="classifier")
+    with pytest.raises(ValueError, match="chunks must be an int"):
+        calibrate.open_cache(path, chunks=0)
+    with pytest.raises(ValueError, match="client= runs a chunked cache"):
+        calibrate.fit(cache, client=object())
+    with pytest.raises(ValueError, match="outside"):
+        lazy.load(10, 300)
+
+
+def test_cli_fit_with_chunks_and_a_scheduler(saved, tmp_path, capsys):
+    distributed = pytest.importorskip("distributed")
+    from calibrate.cli import main
+
+    cache, path = saved
+    expected = calibrate.fit(cache, delta=0.2, epsilon=0.1, measure="state_saturation")
+    argv = ["fit", str(path), "--delta", "0.2", "--epsilon", "0.1", "--measure", "state_saturation"]
+    assert main([*argv, "--chunks", "50", "-o", str(tmp_path / "a.json")]) == 0
+    assert calibrate.Certificate.from_json(tmp_path / "a.json") == expected
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as lc:
+        assert main([*argv, "--scheduler", lc.scheduler_address, "-o", str(tmp_path / "b.json")]) == 0
+    assert calibrate.Certificate.from_json(tmp_path / "b.json") == expected
+    capsys.readouterr()

@@ -1,0 +1,113 @@
+"""Fit throughput on chunked caches with Dask, next to one plain read pass of the same zarr arrays.
+
+Synthetic caches of ``--base`` sequences times 1, 4 and 16 (``--sizes``), written to ``--dir``. For each
+size, in one run:
+
+- **read pass**: every per-token zarr array read once, chunk by chunk (the physical limit of any fit);
+- **in memory**: ``open_cache`` (checksums off) then ``calibrate.fit`` (token consistency, softmax gap);
+- **Dask, threads**: ``open_cache(chunks=...)`` then ``fit`` on Dask's local threaded scheduler;
+- **Dask, 1 and 2 workers**: a ``LocalCluster`` of worker processes (one thread each), with the peak
+  resident memory of its workers.
+
+Throughput is token x layers per second; the ratios are over the read pass. Every path gives the same
+certificate (checked). ``--figure`` plots seconds against cache size.
+
+Run: ``python benchmarks/scale.py [--base 2000] [--sizes 1 4 16] [--chunks 500] [--figure scale.png]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+import calibrate
+
+
+def read_pass(path: Path) -> None:
+    import zarr
+
+    for array in sorted((path / "arrays").iterdir()):
+        z = zarr.open_array(store=str(array), mode="r")
+        step = int(z.chunks[0])
+        for lo in range(0, z.shape[0], step):
+            np.asarray(z[lo : lo + step])
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", type=int, default=2000)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--chunks", type=int, default=500)
+    parser.add_argument("--layers", type=int, default=24)
+    parser.add_argument("--dir", default=None)
+    parser.add_argument("--figure", default=None)
+    args = parser.parse_args()
+    from distributed import Client, LocalCluster
+
+    root = Path(args.dir or tempfile.mkdtemp(prefix="calm-scale-"))
+    options = dict(delta=0.1, epsilon=0.05, measure="softmax_gap", consistency="token")
+    rows = []
+    print(f"chunks of {args.chunks} sequences, {args.layers} layers; throughput in token x layers / s")
+    print("| sequences | tokens | read pass | in memory | Dask threads | 1 worker | 2 workers | peak worker MiB |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for size in args.sizes:
+        n = args.base * size
+        path = root / f"cache_{n}"
+        if not path.exists():
+            calibrate.synthetic_cache(n, n_layers=args.layers, seed=size, store_hidden=False).save(path)
+        times, certs = {}, {}
+        start = time.perf_counter()
+        read_pass(path)
+        times["read"] = time.perf_counter() - start
+        start = time.perf_counter()
+        cache = calibrate.open_cache(path, verify=False)
+        certs["memory"] = calibrate.fit(cache, **options)
+        times["memory"] = time.perf_counter() - start
+        tokens, layers = cache.n_tokens, cache.n_layers
+        del cache
+        start = time.perf_counter()
+        certs["threads"] = calibrate.fit(calibrate.open_cache(path, chunks=args.chunks, verify=False), **options)
+        times["threads"] = time.perf_counter() - start
+        peak = 0.0
+        for workers in (1, 2):
+            with LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=None) as cluster:
+                with Client(cluster) as client:
+                    start = time.perf_counter()
+                    lazy = calibrate.open_cache(path, chunks=args.chunks, verify=False)
+                    certs[workers] = calibrate.fit(lazy, client=client, **options)
+                    times[workers] = time.perf_counter() - start
+                    peak = max(peak, max(client.run(peak_rss_mib).values()))
+        assert all(c == certs["memory"] for c in certs.values()), "a path gave another certificate"
+        work = tokens * layers
+        cells = " | ".join(
+            f"{work / times[k] / 1e6:.1f}M ({times['read'] / times[k]:.2f})" for k in ("memory", "threads", 1, 2)
+        )
+        print(f"| {n} | {tokens} | {work / times['read'] / 1e6:.1f}M | {cells} | {peak:.0f} |")
+        rows.append((n, times))
+    print("(in parentheses: the read pass's time over that path's time)")
+    if args.figure:
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        sizes = [n for n, _ in rows]
+        for key, label in (("read", "read pass"), ("memory", "in memory"), ("threads", "Dask threads"),
+                           (1, "1 worker"), (2, "2 workers")):
+            ax.plot(sizes, [t[key] for _, t in rows], "o-", label=label)
+        ax.set(xscale="log", yscale="log", xlabel="sequences", ylabel="seconds", title="fit cost vs cache size")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(args.figure, dpi=120)
+        print(f"wrote {args.figure}")
+
+
+if __name__ == "__main__":
+    main()

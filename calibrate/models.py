@@ -145,6 +145,11 @@ def smollm2(*, dtype: torch.dtype = torch.float32):
         raise ValueError(f"{gguf_path} carries no chat template; SmolLM2-135M-Instruct needs one")
     tokenizer.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=dtype, local_files_only=True)
+    # The weights are de-quantised floats; without the GGUF quantizer's mark, save_pretrained works (a tuned
+    # copy from calibrate.lat.finetune can be saved and reloaded with load_local).
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     model.eval()
     return model, tokenizer
 

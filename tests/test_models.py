@@ -107,6 +107,23 @@ def test_real_model_loads_offline_with_its_chat_template(smollm2_offline):
 
 @real
 @pytest.mark.slow
+def test_real_model_saves_and_reloads_with_load_local(smollm2_offline, tmp_path):
+    """The de-quantised weights are plain floats: save_pretrained works and load_local gives the same model."""
+    from calibrate.models import load_local
+
+    model, tokenizer = smollm2_offline
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    again, tok = load_local(tmp_path)
+    ids = tokenizer(["Summarise: a tool that prints text"], return_tensors="pt")["input_ids"]
+    assert torch.equal(
+        again.generate(ids, do_sample=False, max_new_tokens=6), model.generate(ids, do_sample=False, max_new_tokens=6)
+    )
+    assert tok.padding_side == "left"
+
+
+@real
+@pytest.mark.slow
 def test_real_model_summarises_in_one_line(smollm2_offline):
     from calibrate.data import format_prompt
 

@@ -1,13 +1,15 @@
 """Caches read lazily in partitions of whole sequences, and proxy-mode loss tables computed on Dask.
 
 ``calibrate.open_cache(path, chunks=n)`` returns a :class:`ChunkedCache`: only ``meta.json``, the
-sequence table and the offsets are read; the per-token arrays stay on disk. Its partitions hold ``n``
+sequence table, the offsets and the output token ids (``full_tokens``, to check the table) are read; the
+per-layer arrays stay on disk. Its partitions hold ``n``
 sequences each (the exit simulation and the losses are per sequence, so a partition boundary never cuts a
 sequence). :meth:`ChunkedCache.loss_table` computes one task per partition, each reading its slices of
 the zarr arrays into an in-memory :class:`~calibrate.LayerCache` and running the same code as the
 in-memory path; only the ``n x K`` losses (and per-partition exit-layer sums) come back. With a
-``dask.distributed.Client`` the tasks run on its workers (retried on failure); without one, on Dask's
-local threaded scheduler. :func:`calibrate.fit` accepts a ``ChunkedCache`` (and ``client=``) and returns
+``dask.distributed.Client`` the tasks run on its workers (retried on failure); without one, one after
+another in this process (each task's exit simulation is itself parallel; run workers with one thread
+each, as the compiled kernels use every core they are given). :func:`calibrate.fit` accepts a ``ChunkedCache`` (and ``client=``) and returns
 the same certificate, field for field, as on the same cache in memory.
 
 Needs the ``[dask]`` extra (``dask``, ``distributed``) for the Dask parts; opening a cache does not.
@@ -141,7 +143,8 @@ class ChunkedCache:
         consistency, lambdas, decay
             As in :func:`calibrate.fit` (``decay`` a :class:`~calibrate.Decay` or None).
         client : dask.distributed.Client, optional
-            Run the tasks on its workers; default: Dask's local threaded scheduler.
+            Run the tasks on its workers (they must see the cache at :attr:`path`); default: one after
+            another in this process.
         retries : int, default=2
             Times a failed task is retried on the workers (with a client).
 
@@ -152,8 +155,8 @@ class ChunkedCache:
         """
         import dask
 
-        from calibrate.exits import default_lambdas
-        from calibrate.losses import LossTable
+        from calibrate.exits import _lambdas_iv, default_lambdas
+        from calibrate.losses import CONSISTENCIES, LossTable
         from measures.confidence import MEASURES
 
         if measure not in MEASURES:
@@ -161,13 +164,16 @@ class ChunkedCache:
                 f"a chunked cache supports the measures computed from the cache {tuple(MEASURES)}, got {measure!r}; "
                 "learned measures train on a split: open the cache in memory (chunks=None)"
             )
-        lam = np.asarray(default_lambdas() if lambdas is None else lambdas, dtype=np.float64)
+        if consistency not in CONSISTENCIES:  # checked here, not once per task on the workers
+            raise ValueError(f"consistency must be one of {CONSISTENCIES}, got {consistency!r}")
+        lam = _lambdas_iv(default_lambdas() if lambdas is None else lambdas)
+        cache = dask.delayed(self, pure=True, traverse=False)  # one copy per worker, not one per task
         tasks = [
-            dask.delayed(_partition_losses, pure=True)(self, a, b, measure, consistency, lam, decay)
+            dask.delayed(_partition_losses, pure=True)(cache, a, b, measure, consistency, lam, decay)
             for a, b in self.partitions
         ]
         if client is None:
-            parts = dask.compute(*tasks, scheduler="threads")
+            parts = dask.compute(*tasks, scheduler="synchronous")
         else:
             parts = client.gather(client.compute(tasks, retries=retries))
         losses = np.concatenate([p[0] for p in parts], axis=0)
@@ -210,9 +216,19 @@ def _read_slice(root: Path, name: str, spec: dict, lo: int, hi: int) -> np.ndarr
 
 def open_chunked(root: Path, chunks: int, verify: bool) -> ChunkedCache:
     """:func:`calibrate.open_cache` with ``chunks``: metadata, table and offsets only (checked), arrays lazy."""
+    import json
+
     import zarr
 
-    from calibrate.cache import _read_meta, _read_table
+    from calibrate.cache import (
+        FORMAT_VERSION,
+        _digest,
+        _hash_strings,
+        _hash_table,
+        _read_meta,
+        _read_table,
+        _read_vocab,
+    )
 
     if isinstance(chunks, bool) or not isinstance(chunks, (int, np.integer)) or chunks < 1:
         raise ValueError(f"chunks must be an int >= 1 (sequences per partition) or None, got {chunks!r}")
@@ -223,6 +239,12 @@ def open_chunked(root: Path, chunks: int, verify: bool) -> ChunkedCache:
             raise ValueError(f"{root / 'meta.json'}: required array {name!r} is not listed in 'fields'")
     full = zarr.open_array(store=str(root / fields["full_tokens"]["path"]), mode="r")
     table, offsets = _read_table(root, fields.get("sequences"), np.asarray(full[...]))
+    checksums = {}
+    if verify:
+        checksums["sequences"] = _hash_table(table, offsets)
+        vocab = _read_vocab(root, fields.get("vocab"))
+        if vocab is not None:
+            checksums["vocab"] = _hash_strings(tuple(vocab))
     for name, spec in fields.items():
         if spec.get("kind") != "array":
             continue
@@ -234,11 +256,19 @@ def open_chunked(root: Path, chunks: int, verify: bool) -> ChunkedCache:
             raise ValueError(f"array {name!r} at {where} has shape {list(z.shape)}; meta.json says {spec.get('shape')}")
         if z.nchunks_initialized != z.nchunks:
             raise ValueError(f"array {name!r} at {where} is missing {z.nchunks - z.nchunks_initialized} chunk file(s)")
-        if verify and _stream_hash(z) != spec.get("checksum"):
+        if verify:
+            checksums[name] = _stream_hash(z)
+    for name, value in checksums.items():
+        if value != fields[name].get("checksum"):
             raise ValueError(
-                f"checksum mismatch in array {name!r} ({where}): modified or corrupted after it was written"
+                f"checksum mismatch in {fields[name]['kind']} {name!r} ({root / fields[name]['path']}): modified or "
+                "corrupted after it was written"
             )
-    return ChunkedCache(Path(root), int(chunks), meta, table, offsets)
+    if verify:
+        payload = {"format_version": FORMAT_VERSION, "vocab_size": meta.get("vocab_size"), "fields": checksums}
+        if _digest(json.dumps(payload, sort_keys=True).encode()) != meta.get("checksum"):
+            raise ValueError(f"checksum mismatch in {root / 'meta.json'}: the field list or vocab_size was edited")
+    return ChunkedCache(Path(root).resolve(), int(chunks), meta, table, offsets)
 
 
 def _stream_hash(z) -> str:

@@ -103,3 +103,22 @@ def test_cli_fit_with_chunks_and_a_scheduler(saved, tmp_path, capsys):
         assert main([*argv, "--scheduler", lc.scheduler_address, "-o", str(tmp_path / "b.json")]) == 0
     assert calibrate.Certificate.from_json(tmp_path / "b.json") == expected
     capsys.readouterr()
+
+
+def test_verify_catches_an_edited_table(saved, tmp_path):
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    cache, path = saved
+    copy = tmp_path / "copy"
+    shutil.copytree(path, copy)
+    table = pq.read_table(copy / "sequences.parquet")
+    refs = table.column("reference").to_pylist()
+    refs[3] = "edited"
+    pq.write_table(
+        table.set_column(table.column_names.index("reference"), "reference", [refs]), copy / "sequences.parquet"
+    )
+    with pytest.raises(ValueError, match="checksum mismatch in table 'sequences'"):
+        calibrate.open_cache(copy, chunks=50)
+    assert calibrate.open_cache(copy, chunks=50, verify=False).n_sequences == 240

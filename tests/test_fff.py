@@ -95,8 +95,12 @@ def test_safetensors_round_trip(tmp_path):
         layer.save(tmp_path / "fff.safetensors")
         back = FFF.load(tmp_path / "fff.safetensors").eval()
         assert (back.depth, back.activation, back.b_in is None) == (3, "silu", not bias)
+        assert back.w_in.dtype == torch.float32
         x = torch.randn(9, 5)
         torch.testing.assert_close(back(x), layer(x), rtol=0, atol=0)
+    wide = _layer(5, 4, 2)  # float64 stays float64
+    wide.save(tmp_path / "f64.safetensors")
+    assert FFF.load(tmp_path / "f64.safetensors").w_in.dtype == torch.float64
     from safetensors.torch import save_file
 
     save_file({"w_in": torch.zeros(15, 5)}, str(tmp_path / "bad.safetensors"), metadata={"depth": "3"})
@@ -122,6 +126,8 @@ def test_bad_input():
         layer(torch.tensor([[0.0, math.nan, 0.0, 0.0]]))
     with pytest.raises(ValueError, match="backend"):
         layer(x, backend="cuda")
+    with pytest.raises(ValueError, match="float64 on cpu but the layer is torch.float32"):
+        layer(x.double())
     with pytest.raises(ValueError, match="numba"):
         fff_forward(layer.to(torch.float16), x.half(), backend="numba")
     with pytest.raises(ValueError, match="activation"):

@@ -82,6 +82,22 @@ def test_uniform_causal_attention_scores_flat():
     assert raw[0] > 2 * raw[-1]
 
 
+def test_counting_attention_with_a_key_only_mask_over_several_chunks():
+    """Encoders pass a key-padding mask (n, 1, 1, S_k): every chunk of queries must see it."""
+    from calibrate.runtime._layers import additive_mask, attend_and_count
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn((2, 4, 11, 8), generator=g) for _ in range(3))
+    valid = torch.ones((2, 11), dtype=torch.bool)
+    valid[1, 7:] = False
+    mask = additive_mask(valid[:, None, None, :], torch.float32)
+    out, received = attend_and_count(q, k, v, mask, 0.3, valid.float(), chunk=3)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3)
+    torch.testing.assert_close(out, expected)
+    probs = ((q @ k.transpose(-1, -2)) * 0.3 + mask).softmax(-1)
+    torch.testing.assert_close(received, torch.einsum("nhqk,nq->nhk", probs, valid.float()))
+
+
 def test_value_norms_equal_a_loop():
     """Grouped-query attention: 4 query heads over 2 key/value heads (head h reads h // 2), hd = 3."""
     g = torch.Generator().manual_seed(2)

@@ -186,6 +186,13 @@ def test_classify_keeps_the_first_and_special_tokens():
 def test_classify_bad_input():
     model = tiny_model("bert", seed=1, n_layers=2)
     ids, mask = _right_padded(ROWS[:1])
+    left = torch.tensor([[PAD, PAD] + ROWS[3]])
+    with pytest.raises(ValueError, match="right-padded"):
+        lat.classify(model, left, (left != PAD).long())
+    from transformers import BertModel
+
+    with pytest.raises(ValueError, match="ForSequenceClassification"):
+        lat.classify(BertModel(model.config).eval(), ids, mask)
     with pytest.raises(ValueError, match=r"does not support model_type 'llama'.*bert"):
         lat.classify(tiny_model("llama", seed=1), ids, mask)
     for bad in (0.5, float("nan"), float("inf")):

@@ -91,6 +91,8 @@ def test_finetune_bad_input():
             lat.finetune(model, tokenizer, prompts, speedup_range=bad)
     with pytest.raises(ValueError, match="steps"):
         lat.finetune(model, tokenizer, prompts, steps=0)
+    with pytest.raises(ValueError, match="alpha"):
+        lat.finetune(model, tokenizer, prompts, alpha=0.0)
     with pytest.raises(ValueError, match="match no nn.Linear"):
         lat.finetune(model, tokenizer, prompts, targets=("c_attn",), steps=1, max_new_tokens=2)
     with pytest.raises(ValueError, match="prompts"):

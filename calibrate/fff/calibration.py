@@ -174,8 +174,10 @@ def depth_losses(
         if references is None or len(references) != len(inputs):
             raise ValueError(f"consistency='risk_label' needs references=, one int label per input ({len(inputs)})")
         refs = np.asarray(references)
-        if not np.issubdtype(refs.dtype, np.integer):
-            raise ValueError("references must be int labels")
+        if refs.ndim != 1 or not np.issubdtype(refs.dtype, np.integer) or (refs.size and refs.min() < 0):
+            raise ValueError(
+                f"references must be a 1-d sequence of int labels >= 0, got shape {refs.shape}, {refs.dtype}"
+            )
     full = _labels(model, inputs, None, batch_size)
     columns = []
     for k in depths:

@@ -247,7 +247,7 @@ class FFF(nn.Module):
         got = {name: tuple(t.shape) for name, t in state.items()}
         if got != expected:
             raise ValueError(f"{path} holds tensors {got}, expected {expected}")
-        layer.load_state_dict(state)
+        layer.to(state["w_in"].dtype).load_state_dict(state)  # the stored precision
         return layer
 
 
@@ -280,7 +280,7 @@ def _descend_kernel(x, w_in, b_in, w_out, b_out, k, act, out):  # pragma: no cov
 
 
 def _numba_ok(layer: FFF, x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and layer.w_in.dtype == x.dtype
+    return x.device.type == "cpu" and layer.w_in.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
 
 
 @torch.no_grad()
@@ -308,11 +308,15 @@ def fff_forward(layer: FFF, x: torch.Tensor, depth: int | None = None, *, backen
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     k = _depth_iv(depth, layer.depth)
     x = _input_iv(x, layer.in_features)
+    if x.dtype != layer.w_in.dtype or x.device != layer.w_in.device:
+        raise ValueError(
+            f"x is {x.dtype} on {x.device} but the layer is {layer.w_in.dtype} on {layer.w_in.device}; convert one"
+        )
     lead, flat = x.shape[:-1], x.reshape(-1, layer.in_features)
     use_numba = backend == "numba" or (backend == "auto" and _numba_ok(layer, x))
     if use_numba:
         if not _numba_ok(layer, x):
-            raise ValueError("backend='numba' needs CPU tensors of float32 or float64, the layer's dtype")
+            raise ValueError("backend='numba' needs CPU tensors of float32 or float64")
         zeros_in = np.zeros(layer.n_nodes, dtype=flat.numpy().dtype)
         zeros_out = np.zeros(layer.out_features, dtype=zeros_in.dtype)
         b_in = zeros_in if layer.b_in is None else layer.b_in.detach().numpy()

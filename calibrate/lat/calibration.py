@@ -150,8 +150,8 @@ def fit(
     classifier = _is_classifier(model)
     if consistency is None:
         consistency = "label" if classifier else "token"
-    # a label loss is 0/1 like "sequence": the exact binomial p-value applies
-    delta, epsilon = _risk_iv(delta, epsilon, bound, "sequence" if consistency == "label" else consistency)
+    zero_one = consistency in CLASSIFIER_CONSISTENCIES  # 0/1 like "sequence": the exact binomial applies
+    delta, epsilon = _risk_iv(delta, epsilon, bound, "sequence" if zero_one else consistency)
     if score not in SCORES:
         raise ValueError(f"score must be one of {SCORES}, got {score!r}")
     lambdas = 1.0 / _speedups_iv(speedups)

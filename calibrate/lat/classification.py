@@ -94,7 +94,7 @@ def classify(
         ``BertForSequenceClassification`` or ``RobertaForSequenceClassification`` (``config.model_type`` in
         :data:`~calibrate.lat.encoders.CLASSIFIER_ARCHITECTURES`), in eval mode.
     input_ids : torch.Tensor
-        ``(B, P)`` ids, padded on either side; ``[CLS]`` first.
+        ``(B, P)`` ids, right-padded, ``[CLS]`` in column 0 (the head reads column 0, as the model's own).
     attention_mask : torch.Tensor, optional
         ``(B, P)`` 0/1, default all ones.
     speedup : float, default=1.0
@@ -120,7 +120,8 @@ def classify(
     ------
     ValueError
         For a speed-up below 1, NaN or infinite; an unsupported architecture (the message names the
-        supported ones); a certificate for another knob or another model; invalid ids or mask.
+        supported ones) or a model without its sequence-classification head; a certificate for another
+        knob or another model; invalid ids or mask, or a left-padded batch.
 
     Examples
     --------
@@ -143,6 +144,11 @@ def classify(
         raise ValueError(
             f"lat.classify does not support model_type {config.model_type!r}; supported: {CLASSIFIER_ARCHITECTURES}"
         )
+    base = getattr(model, config.model_type, None)
+    if base is None or not hasattr(model, "classifier") or (config.model_type == "bert" and base.pooler is None):
+        raise ValueError(
+            f"lat.classify needs a ...ForSequenceClassification model (pooler and classifier), got {type(model).__name__}"
+        )
     special = (getattr(tokenizer, "all_special_ids", None) or []) if tokenizer is not None else []
     speedup, chosen = _certified(certificate, _speedup_iv(speedup), model, settings(score, min_keep, special))
     score, min_keep, special = chosen["score"], chosen["min_keep"], chosen["keep_ids"]
@@ -150,6 +156,8 @@ def classify(
         raise ValueError(f"score must be one of {SCORES}, got {score!r}")
     device = next(model.parameters()).device
     ids, mask = _ids_iv(input_ids, attention_mask, device, left_padded=False)
+    if not bool(mask[:, 0].all()):
+        raise ValueError("input_ids must be right-padded with [CLS] in column 0 (the head reads column 0)")
     if token_type_ids is not None and tuple(token_type_ids.shape) != tuple(ids.shape):
         raise ValueError(
             f"token_type_ids must have the shape of input_ids {tuple(ids.shape)}, got {tuple(token_type_ids.shape)}"

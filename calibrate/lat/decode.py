@@ -315,7 +315,7 @@ def _prefill(adapter, ids, mask, keep, always, score, cache, tail: int = 0):
     """Run the prompt through every layer, thinning it out where ``keep`` ``(B, L)`` drops.
 
     ``ids`` ``(B, P)`` may end with ``tail`` teacher-forced continuation columns (training,
-    :mod:`calibrate.lat.finetune`): they run every layer, attend to each layer's survivors as generated
+    :mod:`calibrate.lat.tuning`): they run every layer, attend to each layer's survivors as generated
     tokens do, are never removed and do not count as queries in the contribution scores.
 
     Returns the final states ``(B, tail + 1, d)`` of the last prompt token and the continuation, per layer

@@ -158,7 +158,9 @@ def _targets(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int,
     return out
 
 
-def _finetune_iv(model, prompts, speedup_range, steps, batch_size, lr, rank, targets, score, max_seconds):
+def _finetune_iv(
+    model, prompts, speedup_range, steps, batch_size, lr, rank, alpha, targets, score, max_seconds, max_new_tokens, seed
+):
     config = getattr(model, "config", None)
     if getattr(config, "model_type", None) not in FINETUNE_ARCHITECTURES:
         raise ValueError(
@@ -174,11 +176,15 @@ def _finetune_iv(model, prompts, speedup_range, steps, batch_size, lr, rank, tar
     low, high = (_speedup_iv(s) for s in speedup_range)
     if high < low:
         raise ValueError(f"speedup_range must be (low, high) with low <= high, got {speedup_range!r}")
-    for name, value in (("steps", steps), ("batch_size", batch_size), ("rank", rank)):
+    counts = (("steps", steps), ("batch_size", batch_size), ("rank", rank), ("max_new_tokens", max_new_tokens))
+    for name, value in counts:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+    for name, value in (("lr", lr), ("alpha", alpha)):
+        if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
     if isinstance(targets, str) or not targets:
         raise ValueError(f"targets must be a non-empty sequence of projection names, got {targets!r}")
     if score not in SCORES:
@@ -273,7 +279,21 @@ def finetune(
     """
     from tqdm.auto import tqdm
 
-    low, high = _finetune_iv(model, prompts, speedup_range, steps, batch_size, lr, rank, targets, score, max_seconds)
+    low, high = _finetune_iv(
+        model,
+        prompts,
+        speedup_range,
+        steps,
+        batch_size,
+        lr,
+        rank,
+        alpha,
+        targets,
+        score,
+        max_seconds,
+        max_new_tokens,
+        seed,
+    )
     special = getattr(tokenizer, "all_special_ids", None) or []
     prompt_ids = [list(tokenizer(p)["input_ids"]) for p in prompts]
     with torch.no_grad():
@@ -295,8 +315,8 @@ def finetune(
     for _ in tqdm(range(steps), desc="token-elimination tuning", unit="step", disable=not progress):
         rows = rng.choice(len(prompts), size=min(batch_size, len(prompts)), replace=False)
         speedup = float(rng.uniform(low, high))
-        ids, mask = _pad([prompt_ids[r] for r in rows], pad_id, left=True)  # (b, P)
-        y, y_mask = _pad([wanted[r] for r in rows], pad_id, left=False)  # (b, T)
+        ids, mask = (t.to(adapter.device) for t in _pad([prompt_ids[r] for r in rows], pad_id, left=True))  # (b, P)
+        y, y_mask = (t.to(adapter.device) for t in _pad([wanted[r] for r in rows], pad_id, left=False))  # (b, T)
         _, keep = _schedules(tuned.config, mask, speedup, 2)
         always = _always_kept(ids, mask, special, last=True)
         tail = y.shape[1] - 1  # the targets fed back, all but the last

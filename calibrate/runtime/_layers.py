@@ -304,8 +304,8 @@ def attend_and_count(
         hi = min(s, lo + chunk)
         keys = hi if causal_columns else k.shape[2]
         scores = torch.einsum("nkgqd,nkjd->nkgqj", qg[:, :, :, lo:hi], k[:, :, :keys]) * scale  # (n, KVH, g, c, keys)
-        if mask is not None:  # (n, 1 or H, S, S_k)
-            m = mask[:, :, lo:hi, :keys]
+        if mask is not None:  # (n, 1 or H, S or 1, S_k)
+            m = mask[:, :, lo:hi, :keys] if mask.shape[2] > 1 else mask[..., :keys]
             scores = scores + (m.unsqueeze(2) if m.shape[1] == 1 else m.view(n, kv_heads, group, hi - lo, -1))
         if causal:
             future = torch.ones((hi - lo, keys), dtype=torch.bool, device=q.device).triu(lo + 1)

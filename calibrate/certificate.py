@@ -32,6 +32,20 @@ KNOBS = ("exit_threshold", "token_keep", "fff_depth")
 _NAN_FIELDS = ("risks", "p_values", "avg_layers")
 
 
+def _spend_iv(certificate, knob: str, model: str, source: str) -> None:
+    """Refuse, with the reason, a certificate that is not a ``knob`` certificate of the model ``model`` (an id)."""
+    if not isinstance(certificate, Certificate):
+        raise TypeError(f"certificate must be a calibrate.Certificate, got {type(certificate).__name__}")
+    if certificate.knob != knob:
+        raise ValueError(
+            f"this certificate certifies the knob {certificate.knob!r}; this needs a {knob!r} certificate (from {source})"
+        )
+    if certificate.model is not None and certificate.model != model:
+        raise ValueError(
+            f"this certificate was made for the model {certificate.model!r}, not {model!r}; certify the model you run"
+        )
+
+
 def _version() -> str:
     from calibrate import __version__
 

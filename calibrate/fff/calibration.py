@@ -26,11 +26,10 @@ from torch import nn
 
 from calibrate._digest import weights_digest
 from calibrate.audit import AuditReport
-from calibrate.certificate import Certificate
+from calibrate.certificate import Certificate, _spend_iv
+from calibrate.fff.layer import FFF
 from calibrate.fit import certify
 from calibrate.losses import LossTable
-
-from calibrate.fff.layer import FFF
 
 __all__ = ["CONSISTENCIES", "apply", "at_depth", "audit", "depth_losses", "fff_layers", "fit", "model_id"]
 
@@ -97,18 +96,7 @@ def apply(model: nn.Module, certificate: Certificate) -> nn.Module:
 
 
 def _certified_depth(model: nn.Module, certificate: Certificate) -> int | None:
-    if not isinstance(certificate, Certificate):
-        raise TypeError(f"certificate must be a calibrate.Certificate, got {type(certificate).__name__}")
-    if certificate.knob != "fff_depth":
-        raise ValueError(
-            f"this certificate certifies the knob {certificate.knob!r}; an FFF model needs an 'fff_depth' "
-            "certificate (from calibrate.fff.fit)"
-        )
-    if certificate.model is not None and certificate.model != model_id(model):
-        raise ValueError(
-            f"this certificate was made for the model {certificate.model!r}, not {model_id(model)!r}; "
-            "certify the model you run"
-        )
+    _spend_iv(certificate, "fff_depth", model_id(model), "calibrate.fff.fit")
     lam = certificate.lambda_hat
     return None if lam is None else int(round(lam))
 

@@ -16,10 +16,10 @@ import torch
 from torch import nn
 
 from calibrate.certificate import Certificate
-from calibrate.lat.decode import _certified, _predicted, _schedules, settings
+from calibrate.lat.decode import _knob_iv, _predicted, _schedules
 from calibrate.lat.encoders import CLASSIFIER_ARCHITECTURES, encode, encoder_for
-from calibrate.lat.schedule import KeepSchedule, _speedup_iv, layer_costs
-from calibrate.lat.scores import SCORES, _always_kept
+from calibrate.lat.schedule import KeepSchedule, layer_costs
+from calibrate.lat.scores import _always_kept
 from calibrate.runtime.decode import _ids_iv
 
 __all__ = ["ClassificationOutput", "classify"]
@@ -149,11 +149,7 @@ def classify(
         raise ValueError(
             f"lat.classify needs a ...ForSequenceClassification model (pooler and classifier), got {type(model).__name__}"
         )
-    special = (getattr(tokenizer, "all_special_ids", None) or []) if tokenizer is not None else []
-    speedup, chosen = _certified(certificate, _speedup_iv(speedup), model, settings(score, min_keep, special))
-    score, min_keep, special = chosen["score"], chosen["min_keep"], chosen["keep_ids"]
-    if score not in SCORES:
-        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+    speedup, score, min_keep, special = _knob_iv(model, speedup, certificate, score, min_keep, tokenizer)
     device = next(model.parameters()).device
     ids, mask = _ids_iv(input_ids, attention_mask, device, left_padded=False)
     if not bool(mask[:, 0].all()):

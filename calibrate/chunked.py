@@ -143,7 +143,7 @@ class ChunkedCache:
         consistency, lambdas, decay
             As in :func:`calibrate.fit` (``decay`` a :class:`~calibrate.Decay` or None).
         client : dask.distributed.Client, optional
-            Run the tasks on its workers (they must see the cache at :attr:`path`); default: one after
+            Run the tasks on its workers (they must see the cache at ``path``); default: one after
             another in this process.
         retries : int, default=2
             Times a failed task is retried on the workers (with a client).

@@ -36,6 +36,7 @@ from torch import nn
 
 from calibrate.extraction import _pad
 from calibrate.heads import ExitHeads, decoder_layers
+from calibrate.lat.calibration import _length
 from calibrate.lat.decode import _prefill, _schedules, generate
 from calibrate.lat.schedule import _speedup_iv
 from calibrate.lat.scores import SCORES, _always_kept
@@ -154,9 +155,8 @@ def _targets(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int,
     for s in range(0, len(prompt_ids), batch_size):
         ids, mask = _pad(prompt_ids[s : s + batch_size], tokenizer.pad_token_id or 0, left=True)
         result = generate(model, ids, mask, max_new_tokens=max_new_tokens, tokenizer=tokenizer)
-        for row in result.new_tokens.tolist():
-            end = next((k + 1 for k, t in enumerate(row) if t in result.eos_ids), len(row))
-            out.append(row[:end])
+        for row in result.new_tokens.cpu().numpy():
+            out.append(row[: _length(row, result.eos_ids)].tolist())
     return out
 
 

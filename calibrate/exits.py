@@ -219,63 +219,48 @@ _MAX_CELLS = 1 << 20
 
 @numba.njit(parallel=True, cache=True, nogil=True)
 def _sweep(conf, grids, shift, inv_slope, lut, lut_lo, lut_inv, offsets, top1, full, count_wrong, layer_hist, wrong):  # pragma: no cover
-    """One pass over every (token, layer): per-sequence histograms of ``b`` and of disagreement steps.
+    """One branch-light pass over every (token, layer): per-sequence histograms of ``b`` and of disagreement steps.
 
     ``layer_hist[s, j]`` counts the (token, layer i < L) pairs of sequence ``s`` with ``b_i = j``;
     ``wrong[s, j]`` is the difference array of the number of disagreeing early tokens over ascending
-    threshold index ``j``. ``b`` is found from a uniform lookup table over the base grid (at
-    ``(m - shift) / slope``) and then corrected by exact comparisons with the token's own thresholds.
+    threshold index ``j`` (every layer adds its step ``w_{i+1} - w_i`` at ``b_i``, most of them 0). ``b``
+    is read from a uniform lookup table over the base grid (at ``(m - shift) / slope``) and corrected by
+    exact comparisons with the token's own thresholds.
     Returns False if ``conf`` holds a non-finite value in layers ``1..L-1``.
     """
     n_layers = conf.shape[1]
-    k = grids.shape[1] - 1  # the last column is a +inf sentinel
-    n_cells = lut.size
+    k = grids.shape[1]
+    top = lut.size - 1
     finite = np.ones(offsets.size - 1, dtype=np.bool_)
     for s in numba.prange(offsets.size - 1):
         lo = offsets[s]
         bad = False
         for t in range(lo, offsets[s + 1]):
             row = 0 if grids.shape[0] == 1 else t - lo
+            grid, sh = grids[row], shift[row]
             m = -np.inf
-            b = 0
-            thr = grids[row, 0]  # the next threshold to pass (+inf sentinel once all are passed)
-            run = 0  # first layer (0-based) of the current run of equal b
             w = 0
             if count_wrong and n_layers > 1:
-                w = 0 if top1[t, 0] == full[t] else 1
+                target = full[t]  # read once: the stores below may alias it as far as the compiler knows
+                w = 0 if top1[t, 0] == target else 1
                 wrong[s, 0] += w
             for i in range(n_layers - 1):
                 c = conf[t, i]
                 bad |= not (c - c == 0.0)  # NaN or inf
                 m = max(m, c)
-                if m >= thr and b < k:
-                    # the running maximum passed a threshold: start from the lookup table and
-                    # correct by exact comparisons with this token's thresholds
-                    cell = ((m - shift[row]) * inv_slope - lut_lo) * lut_inv
-                    if cell >= n_cells - 1:  # also +inf: clamp before converting to int
-                        new_b = lut[n_cells - 1]
-                    elif cell > 0:
-                        new_b = lut[int(cell)]
-                    else:  # also NaN
-                        new_b = 0
-                    new_b = max(new_b, b + 1)
-                    while new_b < k and grids[row, new_b] <= m:
-                        new_b += 1
-                    while new_b > b + 1 and grids[row, new_b - 1] > m:
-                        new_b -= 1
-                    layer_hist[s, b] += i - run
-                    run = i
-                    b = new_b
-                    thr = grids[row, b]
+                cell = ((m - sh) * inv_slope - lut_lo) * lut_inv
+                b = np.intp(lut[int(min(cell, top))]) if cell > 0 else 0  # NaN -> 0; clamped before int (+inf)
+                while b < k and grid[b] <= m:
+                    b += 1
+                while b > 0 and grid[b - 1] > m:
+                    b -= 1
+                layer_hist[s, b] += 1
                 if count_wrong:
                     # w_{i+1}: the next layer's disagreement, 0 at the last layer (the full model)
-                    nxt = 0
-                    if i + 1 < n_layers - 1 and top1[t, i + 1] != full[t]:
-                        nxt = 1
+                    nxt = 1 if i + 1 < n_layers - 1 and top1[t, i + 1] != target else 0
                     if nxt != w:
                         wrong[s, b] += nxt - w
                         w = nxt
-            layer_hist[s, b] += n_layers - 1 - run
         finite[s] = not bad
     return finite.all()
 
@@ -325,13 +310,12 @@ def _run_sweep(conf, lam, offsets, decay, top1, full, count_wrong):
     n_cells = int(min(_MAX_CELLS, np.ceil(span / gap) + 1)) if span > 0 else 1
     inv = n_cells / span if span > 0 else 0.0
     edges = asc[0] + np.arange(n_cells) / inv if span > 0 else asc[:1]
-    lut = np.searchsorted(asc, edges, side="right").astype(np.int32)
+    lut = np.searchsorted(asc, edges, side="right").astype(np.uint8 if k < 256 else np.int32)  # small: stays in cache
     layer_hist = np.zeros((n_seq, k + 1), dtype=np.int64)
     wrong = np.zeros((n_seq, k + 1) if count_wrong else (0, 0), dtype=np.int64)
-    sentinel = np.full((grids.shape[0], 1), np.inf)
     with _keep_torch_threads():
         ok = _sweep(
-            conf, np.concatenate([grids, sentinel], axis=1), shift, 1.0 / slope, lut, float(asc[0]), float(inv),
+            conf, np.ascontiguousarray(grids), shift, 1.0 / slope, lut, float(asc[0]), float(inv),
             offsets, top1, full, count_wrong, layer_hist, wrong,
         )
     if not ok:

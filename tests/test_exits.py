@@ -72,6 +72,23 @@ def test_counts_and_average_layers_match_plain_loop(problem, data):
     np.testing.assert_allclose(average_layers(conf, lambdas, offsets=offsets, decay=decay), layers.mean(axis=0))
 
 
+@pytest.mark.parametrize("n_lambdas", [201, 300])
+def test_counts_on_long_and_fine_grids_match_exit_layers(n_lambdas):
+    """Grids of more than 255 thresholds take the wider lookup table; values sit on the thresholds."""
+    rng = np.random.default_rng(n_lambdas)
+    lambdas = default_lambdas() if n_lambdas == 201 else np.sort(rng.uniform(0, 1, n_lambdas))[::-1]
+    conf = rng.choice(np.concatenate([lambdas, rng.uniform(0, 1, 50)]), size=(400, 6)).astype(np.float32)
+    top1 = rng.integers(0, 2, conf.shape).astype(np.int32)
+    full = np.zeros(400, dtype=np.int32)
+    offsets = np.array([0, 100, 250, 400])
+    layers = exit_layers(conf, lambdas)
+    wrong = (np.take_along_axis(top1, layers - 1, axis=1) != 0) & (layers < conf.shape[1])
+    expected = np.add.reduceat(wrong.astype(int), offsets[:-1], axis=0)
+    counts, avg = disagreement_counts(conf, lambdas, top1, full, offsets)
+    np.testing.assert_array_equal(counts, expected)
+    np.testing.assert_allclose(avg, layers.mean(axis=0))
+
+
 def test_blocks_do_not_change_the_result(monkeypatch):
     import calibrate.exits as exits
 

@@ -39,6 +39,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from calibrate._storage import Remote, location
+
 __all__ = ["FORMAT_VERSION", "LayerCache", "open_cache"]
 
 #: Version of the on-disk layout written by :meth:`LayerCache.save`.
@@ -617,7 +619,7 @@ class LayerCache:
 
     # ---- writing --------------------------------------------------------------------------------
 
-    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path | Remote:
         """Write the cache to a directory, atomically.
 
         Everything is written into a temporary directory beside ``path`` and renamed into place at
@@ -627,15 +629,16 @@ class LayerCache:
         Parameters
         ----------
         path : str or os.PathLike
-            Target directory (its parent directories are created).
+            Target directory (its parent directories are created), or an fsspec URL
+            (``memory://...``, ``s3://...`` with its fsspec package installed).
         overwrite : bool, default=False
             Replace an existing cache at ``path``. Only a directory holding a ``meta.json`` (a cache)
             or an empty directory is ever replaced.
 
         Returns
         -------
-        pathlib.Path
-            The target directory.
+        pathlib.Path or calibrate._storage.Remote
+            The target directory (``str()`` of a remote one is its URL).
 
         Raises
         ------
@@ -649,23 +652,36 @@ class LayerCache:
         Replacing an existing cache renames it aside, renames the new one into place and then deletes
         the old one, so ``path`` is missing for the moment between the two renames. Files are not
         fsync-ed: the write is atomic with respect to errors in this process, not to power loss.
+        Object storage has no rename: the cache is written locally, then uploaded with ``meta.json``
+        last (and an old cache is deleted ``meta.json`` first), so an interrupted upload reads as an
+        incomplete cache, never as a valid one.
         """
         target = _save_iv(path, overwrite)
         meta = self.meta  # hashes every field (cached on the object)
+        if isinstance(target, Remote):
+            with tempfile.TemporaryDirectory(prefix="calibrate-upload-") as tmp:
+                self._write_files(Path(tmp), meta)
+                if target.exists():
+                    target.remove(first=_META_FILE)
+                target.upload(Path(tmp), last=_META_FILE)
+            return target
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
         try:
-            for name, a in self._arrays.items():
-                _write_array(tmp / _ARRAY_DIR / name, name, a)
-            _write_table(tmp / _TABLE_FILE, self._table, self._offsets, self._arrays["full_tokens"])
-            if self._vocab is not None:
-                (tmp / _VOCAB_FILE).write_text(json.dumps(list(self._vocab), ensure_ascii=True), encoding="ascii")
-            (tmp / _META_FILE).write_text(json.dumps(meta, indent=1, ensure_ascii=True) + "\n", encoding="ascii")
+            self._write_files(tmp, meta)
             _commit(tmp, target, overwrite)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return target
+
+    def _write_files(self, where: Path, meta: dict) -> None:
+        for name, a in self._arrays.items():
+            _write_array(where / _ARRAY_DIR / name, name, a)
+        _write_table(where / _TABLE_FILE, self._table, self._offsets, self._arrays["full_tokens"])
+        if self._vocab is not None:
+            (where / _VOCAB_FILE).write_text(json.dumps(list(self._vocab), ensure_ascii=True), encoding="ascii")
+        (where / _META_FILE).write_text(json.dumps(meta, indent=1, ensure_ascii=True) + "\n", encoding="ascii")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -679,7 +695,8 @@ def open_cache(path: str | os.PathLike, *, verify: bool = True, chunks: int | No
     Parameters
     ----------
     path : str or os.PathLike
-        The cache directory.
+        The cache directory, or an fsspec URL (``file://``, ``memory://``; ``s3://``, ``gs://`` with their
+        fsspec packages installed).
     verify : bool, default=True
         Recompute the blake2b checksum of every field and compare it with ``meta.json`` (with ``chunks``:
         of every array, streamed chunk by chunk). Shapes, dtypes, value ranges and the table are checked
@@ -1178,19 +1195,18 @@ def _split_iv(fractions, seed) -> tuple[np.ndarray, int]:
     return fr, int(seed)
 
 
-def _save_iv(path, overwrite) -> Path:
+def _save_iv(path, overwrite) -> Path | Remote:
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
     if not isinstance(overwrite, bool):
         raise TypeError(f"overwrite must be a bool, got {overwrite!r}")
-    target = Path(path).absolute()
-    if os.path.lexists(target):
+    target = location(path)
+    if isinstance(target, Path):
+        target = target.absolute()
+    if os.path.lexists(target) if isinstance(target, Path) else target.exists():
         if not overwrite:
             raise FileExistsError(f"{target} exists; pass overwrite=True to replace it")
-        is_cache = target.is_dir() and not target.is_symlink() and (
-            (target / _META_FILE).is_file() or not any(target.iterdir())
-        )
-        if not is_cache:
+        if not _replaceable(target):
             raise ValueError(
                 f"refusing to overwrite {target}: it is not a layer cache directory (no {_META_FILE}) "
                 "nor an empty directory"
@@ -1198,12 +1214,19 @@ def _save_iv(path, overwrite) -> Path:
     return target
 
 
-def _open_cache_iv(path, verify) -> Path:
+def _replaceable(target: Path | Remote) -> bool:
+    """A cache directory (it holds ``meta.json``) or an empty directory; never a symlink."""
+    if isinstance(target, Remote):
+        return (target / _META_FILE).is_file() or (target.is_dir() and not target.fs.ls(target.path))
+    return target.is_dir() and not target.is_symlink() and ((target / _META_FILE).is_file() or not any(target.iterdir()))
+
+
+def _open_cache_iv(path, verify) -> Path | Remote:
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
     if not isinstance(verify, bool):
         raise TypeError(f"verify must be a bool, got {verify!r}")
-    root = Path(path)
+    root = location(path)
     if not root.exists():
         raise FileNotFoundError(f"no layer cache at {root}")
     if not root.is_dir():
@@ -1411,7 +1434,8 @@ def _read_table(root: Path, spec: dict | None, full_tokens: np.ndarray) -> tuple
     if spec is None or not file.is_file():
         raise ValueError(f"{root} is not a complete layer cache: {file} is missing")
     try:
-        t = pq.read_table(file)
+        with file.open("rb") as f:
+            t = pq.read_table(f)
     except Exception as exc:  # noqa: BLE001 - arrow raises several types for corrupted files
         raise ValueError(f"cannot read {file}: {type(exc).__name__}: {exc}") from exc
     missing = [c for c in _TABLE_COLUMNS if c not in t.column_names]

@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from calibrate._storage import Remote
+
 __all__ = ["ChunkedCache"]
 
 
@@ -32,8 +34,8 @@ class ChunkedCache:
 
     Attributes
     ----------
-    path : Path
-        The cache directory.
+    path : Path or calibrate._storage.Remote
+        The cache directory (``str()`` of a remote one is its fsspec URL).
     chunks : int
         Sequences per partition.
     meta : dict
@@ -44,7 +46,7 @@ class ChunkedCache:
         Token offsets of the sequences.
     """
 
-    path: Path
+    path: Path | Remote
     chunks: int
     meta: dict
     sequences: pd.DataFrame
@@ -191,7 +193,7 @@ def _partition_losses(cache: ChunkedCache, first, stop, measure, consistency, la
     return table.losses, np.round(table.avg_layers * part.n_tokens)  # avg = exact integer sum / tokens
 
 
-def _read_slice(root: Path, name: str, spec: dict, lo: int, hi: int) -> np.ndarray:
+def _read_slice(root: Path | Remote, name: str, spec: dict, lo: int, hi: int) -> np.ndarray:
     """Tokens ``[lo, hi)`` of array ``name``, checked against its spec in ``meta.json``."""
     import zarr
 
@@ -214,7 +216,7 @@ def _read_slice(root: Path, name: str, spec: dict, lo: int, hi: int) -> np.ndarr
     return a
 
 
-def open_chunked(root: Path, chunks: int, verify: bool) -> ChunkedCache:
+def open_chunked(root: Path | Remote, chunks: int, verify: bool) -> ChunkedCache:
     """:func:`calibrate.open_cache` with ``chunks``: metadata, table and offsets only (checked), arrays lazy."""
     import json
 
@@ -257,7 +259,10 @@ def open_chunked(root: Path, chunks: int, verify: bool) -> ChunkedCache:
         if z.nchunks_initialized != z.nchunks:
             raise ValueError(f"array {name!r} at {where} is missing {z.nchunks - z.nchunks_initialized} chunk file(s)")
         if verify:
-            checksums[name] = _stream_hash(z)
+            try:
+                checksums[name] = _stream_hash(z)
+            except Exception as exc:  # noqa: BLE001 - corrupted chunks raise codec-specific errors
+                raise ValueError(f"cannot read array {name!r} at {where} (corrupted chunk?): {type(exc).__name__}: {exc}") from exc
     for name, value in checksums.items():
         if value != fields[name].get("checksum"):
             raise ValueError(
@@ -268,7 +273,7 @@ def open_chunked(root: Path, chunks: int, verify: bool) -> ChunkedCache:
         payload = {"format_version": FORMAT_VERSION, "vocab_size": meta.get("vocab_size"), "fields": checksums}
         if _digest(json.dumps(payload, sort_keys=True).encode()) != meta.get("checksum"):
             raise ValueError(f"checksum mismatch in {root / 'meta.json'}: the field list or vocab_size was edited")
-    return ChunkedCache(Path(root).resolve(), int(chunks), meta, table, offsets)
+    return ChunkedCache(root.resolve(), int(chunks), meta, table, offsets)
 
 
 def _stream_hash(z) -> str:

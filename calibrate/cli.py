@@ -260,7 +260,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("fit", help="certify a threshold from a layer cache")
-    p.add_argument("cache", help="layer cache directory")
+    p.add_argument("cache", help="layer cache directory or fsspec URL (memory://, s3:// with s3fs, ...)")
     _add_fit_options(p)
     p.add_argument("--chunks", type=int, default=None, help="open lazily, this many sequences per Dask task")
     p.add_argument(
@@ -273,7 +273,7 @@ def _parser() -> argparse.ArgumentParser:
         "audit", help="check a certificate on a held-out cache, prompts or inputs (exit 1 if risk > delta)"
     )
     p.add_argument("certificate", help="certificate JSON")
-    p.add_argument("cache", nargs="?", help="held-out layer cache directory (exit-threshold certificates)")
+    p.add_argument("cache", nargs="?", help="held-out layer cache directory or fsspec URL (exit-threshold certificates)")
     p.add_argument("--figure", help="write the risk figure (PNG)")
     p.add_argument("--model", help="token_keep: model directory (save_pretrained) to decode with; fff_depth: FFF file")
     p.add_argument("--prompts", help="token_keep certificates: held-out prompts, one per line or JSONL")

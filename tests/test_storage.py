@@ -1,0 +1,124 @@
+"""Caches at fsspec URLs (``memory://``, ``file://``): the same cache, the same certificate, the same checks."""
+
+import uuid
+
+import numpy as np
+import pytest
+
+import calibrate
+from calibrate._storage import Remote
+
+fsspec = pytest.importorskip("fsspec")
+
+
+@pytest.fixture(scope="module")
+def cache():
+    return calibrate.synthetic_cache(120, n_layers=5, seed=11)
+
+
+@pytest.fixture
+def url():
+    """A fresh ``memory://`` directory, removed afterwards."""
+    name = f"/calibrate-test-{uuid.uuid4().hex}"
+    yield f"memory://{name}"
+    fs = fsspec.filesystem("memory")
+    if fs.exists(name):
+        fs.rm(name, recursive=True)
+
+
+def test_memory_round_trip(cache, url):
+    target = cache.save(url)
+    assert isinstance(target, Remote) and str(target) == url
+    again = calibrate.open_cache(url)
+    assert again.checksum == cache.checksum and again.vocab == cache.vocab
+    for name, a in cache.arrays.items():
+        np.testing.assert_array_equal(again.arrays[name], a)
+    assert again.sequences.equals(cache.sequences)
+
+
+def test_chunked_fit_at_a_url_equals_the_in_memory_certificate(cache, url):
+    pytest.importorskip("dask")
+    cache.save(url)
+    lazy = calibrate.open_cache(url, chunks=25)
+    assert str(lazy.path) == url and lazy.n_tokens == cache.n_tokens
+    np.testing.assert_array_equal(lazy.arrays()["softmax_gap"].compute(), cache.arrays["softmax_gap"])
+    for consistency in ("token", "rouge_l"):
+        kwargs = dict(delta=0.2, epsilon=0.1, consistency=consistency)
+        assert calibrate.fit(lazy, **kwargs) == calibrate.fit(cache, **kwargs)
+
+
+def test_file_urls_are_local_paths(cache, tmp_path):
+    path = cache.save(tmp_path / "c")
+    assert calibrate.open_cache(f"file://{path}").checksum == cache.checksum
+    lazy = calibrate.open_cache(f"file://{path}", chunks=50)
+    assert lazy.path == path.resolve()
+    saved = cache.save(f"file://{tmp_path}/d")
+    assert saved == tmp_path / "d" and calibrate.open_cache(saved).checksum == cache.checksum
+
+
+def test_overwrite_rules_at_a_url(cache, url):
+    cache.save(url)
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        cache.save(url)
+    other = calibrate.synthetic_cache(30, n_layers=3, seed=1)
+    other.save(url, overwrite=True)
+    assert calibrate.open_cache(url).checksum == other.checksum
+    fs = fsspec.filesystem("memory")
+    fs.pipe(f"{url[len('memory://') :]}-data/notes.txt", b"not a cache")
+    with pytest.raises(ValueError, match="refusing to overwrite"):
+        cache.save(f"{url}-data", overwrite=True)
+    fs.rm(f"{url[len('memory://') :]}-data", recursive=True)
+
+
+def test_corruption_at_a_url_names_what_is_wrong(cache, url):
+    fs = fsspec.filesystem("memory")
+    root = url[len("memory://") :]
+    cache.save(url)
+    chunk = sorted(p for p in fs.find(f"{root}/arrays/softmax_gap") if "/c/" in p)[0]
+    fs.pipe(chunk, b"garbage")
+    with pytest.raises(ValueError, match="softmax_gap"):
+        calibrate.open_cache(url)
+    with pytest.raises(ValueError, match="softmax_gap"):
+        calibrate.open_cache(url, chunks=10)
+    fs.rm_file(chunk)
+    with pytest.raises(ValueError, match="array 'softmax_gap' .* missing 1 chunk"):
+        calibrate.open_cache(url, chunks=10)
+    with pytest.raises(FileNotFoundError, match="no layer cache at memory://"):
+        calibrate.open_cache(f"{url}-absent")
+
+
+def test_an_interrupted_upload_is_not_a_cache(cache, url, monkeypatch):
+    """meta.json goes up last, and a failed upload is removed: nothing half-written is ever read."""
+    fs = fsspec.filesystem("memory")
+    real = type(fs).put_file
+    count = []
+
+    def flaky(self, lpath, rpath, **kwargs):
+        count.append(rpath)
+        if len(count) == 5:
+            raise OSError("connection lost")
+        return real(self, lpath, rpath, **kwargs)
+
+    monkeypatch.setattr(type(fs), "put_file", flaky)
+    with pytest.raises(OSError, match="connection lost"):
+        cache.save(url)
+    monkeypatch.undo()
+    assert not any(p.endswith("meta.json") for p in count)
+    with pytest.raises(FileNotFoundError, match="no layer cache"):  # the failed upload was removed
+        calibrate.open_cache(url)
+    cache.save(url)
+    assert calibrate.open_cache(url).checksum == cache.checksum
+
+
+def test_cli_fit_reads_a_url(cache, url, tmp_path, capsys):
+    from calibrate.cli import main
+
+    cache.save(url)
+    assert main(["fit", url, "--delta", "0.2", "--epsilon", "0.1", "-o", str(tmp_path / "c.json")]) == 0
+    assert calibrate.Certificate.from_json(tmp_path / "c.json") == calibrate.fit(cache, delta=0.2, epsilon=0.1)
+    capsys.readouterr()
+
+
+def test_unknown_protocols_name_the_missing_package():
+    with pytest.raises((ImportError, ValueError), match="(?i)protocol|install"):
+        calibrate.open_cache("nosuchprotocol://bucket/cache")

@@ -34,7 +34,7 @@ _LAZY = {
     "ExitHeads": "calibrate.heads",
     "SUPPORTED_ARCHITECTURES": "calibrate.heads",
     "extract": "calibrate.extraction",
-    "concat_caches": "calibrate.extraction",
+    "concat_caches": "calibrate.cache",
     "read_prompts": "calibrate.extraction",
     "rehead": "calibrate.extraction",
     "fit_decoded": "calibrate.decoded",

@@ -41,7 +41,7 @@ import pandas as pd
 
 from calibrate._storage import Remote, location
 
-__all__ = ["FORMAT_VERSION", "LayerCache", "open_cache"]
+__all__ = ["FORMAT_VERSION", "LayerCache", "concat_caches", "open_cache"]
 
 #: Version of the on-disk layout written by :meth:`LayerCache.save`.
 FORMAT_VERSION = 1
@@ -684,6 +684,79 @@ class LayerCache:
         (where / _META_FILE).write_text(json.dumps(meta, indent=1, ensure_ascii=True) + "\n", encoding="ascii")
 
 
+#: Metadata describing one part of a cache (an extraction batch, a worker's shard), dropped when joining.
+_PART_KEYS = ("shard", "sharding")
+
+
+def concat_caches(caches: Sequence[LayerCache]) -> LayerCache:
+    """Concatenate caches of the same model along the sequence axis.
+
+    Parameters
+    ----------
+    caches : sequence of LayerCache
+        At least one; all with the same fields, layer count, top-k, vocabulary size, hidden size and
+        vocab, and distinct sequence ids.
+
+    Returns
+    -------
+    LayerCache
+        The sequences of ``caches[0]``, then ``caches[1]``, ...; the metadata of ``caches[0]`` (without
+        its ``"shard"`` and ``"sharding"`` entries, which describe one part).
+
+    Raises
+    ------
+    ValueError
+        When the caches do not match (the message names the first difference) or ids repeat.
+    TypeError
+        When an element is not a LayerCache.
+    """
+    caches = list(caches)
+    if not caches:
+        raise ValueError("caches must hold at least one LayerCache, got none")
+    for i, c in enumerate(caches):
+        if not isinstance(c, LayerCache):
+            raise TypeError(f"caches[{i}] must be a LayerCache, got {type(c).__name__}")
+    first = caches[0]
+    for i, c in enumerate(caches[1:], start=1):
+        for attr in ("n_layers", "top_k", "vocab_size", "hidden_size"):
+            if getattr(c, attr) != getattr(first, attr):
+                raise ValueError(f"caches[{i}] has {attr}={getattr(c, attr)} but caches[0] has {getattr(first, attr)}")
+        if set(c.arrays) != set(first.arrays):
+            raise ValueError(f"caches[{i}] has the fields {sorted(c.arrays)} but caches[0] has {sorted(first.arrays)}")
+        if c.vocab != first.vocab:
+            raise ValueError(f"caches[{i}] has another vocab than caches[0]")
+    meta = {k: v for k, v in first.user_meta.items() if k not in _PART_KEYS}
+    if len(caches) == 1:
+        return first.with_meta(meta)
+
+    def cat(name):
+        return np.concatenate([c.arrays[name] for c in caches])
+
+    tables = [c.sequences for c in caches]
+
+    def column(col):
+        return [None if (col == "reference" and not isinstance(v, str)) else v for t in tables for v in t[col].tolist()]
+
+    scores = {
+        name: cat(name) for name in first.arrays if name not in ("full_tokens", "topk_ids", "topk_logprobs", "hidden")
+    }
+    return LayerCache.from_arrays(
+        full_tokens=cat("full_tokens"),
+        topk_ids=cat("topk_ids"),
+        topk_logprobs=cat("topk_logprobs") if "topk_logprobs" in first.arrays else None,
+        lengths=np.concatenate([c.lengths for c in caches]),
+        scores=scores or None,
+        hidden=cat("hidden") if "hidden" in first.arrays else None,
+        prompts=column("prompt"),
+        outputs=column("output"),
+        references=column("reference"),
+        ids=column("id"),
+        vocab=first.vocab,
+        vocab_size=first.vocab_size,
+        meta=meta,
+    )
+
+
 # --------------------------------------------------------------------------------------------------
 # Opening a cache
 # --------------------------------------------------------------------------------------------------
@@ -739,6 +812,10 @@ def open_cache(path: str | os.PathLike, *, verify: bool = True, chunks: int | No
     True
     """
     root = _open_cache_iv(path, verify)
+    from calibrate.shards import is_sharded, open_sharded
+
+    if is_sharded(root):
+        return open_sharded(root, verify=verify, chunks=chunks)
     if chunks is not None:
         from calibrate.chunked import open_chunked
 
@@ -1243,9 +1320,15 @@ def _digest(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=32).hexdigest()
 
 
-def _hash_array(a: np.ndarray) -> str:
+def _array_hasher(dtype, shape) -> Any:
+    """A blake2b hasher primed with an array's dtype and shape; feed it the C-order bytes."""
     h = hashlib.blake2b(digest_size=32)
-    h.update(f"{a.dtype.str}|{list(a.shape)}|".encode())
+    h.update(f"{np.dtype(dtype).str}|{list(shape)}|".encode())
+    return h
+
+
+def _hash_array(a: np.ndarray) -> str:
+    h = _array_hasher(a.dtype, a.shape)
     h.update(memoryview(np.ascontiguousarray(a)).cast("B"))
     return h.hexdigest()
 

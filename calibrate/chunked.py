@@ -44,6 +44,9 @@ class ChunkedCache:
         The sequence table (one row per sequence).
     offsets : ndarray of int64, shape (n_sequences + 1,)
         Token offsets of the sequences.
+    sources : tuple of (Path or Remote, int)
+        The cache directories holding the arrays and the first sequence of each: one for a plain cache,
+        one per shard for a sharded one (:mod:`calibrate.shards`). Partitions never cross them.
     """
 
     path: Path | Remote
@@ -51,6 +54,7 @@ class ChunkedCache:
     meta: dict
     sequences: pd.DataFrame
     offsets: np.ndarray
+    sources: tuple[tuple[Path | Remote, int], ...]
 
     # ---- sizes ------------------------------------------------------------------------------------------
     @property
@@ -79,9 +83,13 @@ class ChunkedCache:
 
     @property
     def partitions(self) -> list[tuple[int, int]]:
-        """``(first, stop)`` sequence ranges of the partitions, in order."""
-        n = self.n_sequences
-        return [(s, min(n, s + self.chunks)) for s in range(0, n, self.chunks)]
+        """``(first, stop)`` sequence ranges of the partitions, in order (none crosses a shard)."""
+        return [p for _, first, end in self._spans() for p in _ranges(first, end, self.chunks)]
+
+    def _spans(self) -> list[tuple[Path | Remote, int, int]]:
+        """``(directory, first, stop)`` sequence range of each source."""
+        ends = [first for _, first in self.sources[1:]] + [self.n_sequences]
+        return [(root, first, end) for (root, first), end in zip(self.sources, ends)]
 
     def __repr__(self) -> str:
         return (
@@ -95,13 +103,13 @@ class ChunkedCache:
         import dask.array as da
         import zarr
 
-        token_chunks = tuple(int(self.offsets[b] - self.offsets[a]) for a, b in self.partitions)
-        out = {}
-        for name, spec in self.meta["fields"].items():
-            if spec.get("kind") == "array":
-                z = zarr.open_array(store=str(self.path / spec["path"]), mode="r")
-                out[name] = da.from_zarr(z, chunks=(token_chunks, *z.shape[1:]))
-        return out
+        parts: dict[str, list] = {name: [] for name in self._array_specs()}
+        for root, first, end in self._spans():
+            token_chunks = tuple(int(self.offsets[b] - self.offsets[a]) for a, b in _ranges(first, end, self.chunks))
+            for name, spec in self._array_specs().items():
+                z = zarr.open_array(store=str(root / spec["path"]), mode="r")
+                parts[name].append(da.from_zarr(z, chunks=(token_chunks, *z.shape[1:])))
+        return {name: p[0] if len(p) == 1 else da.concatenate(p) for name, p in parts.items()}
 
     def load(self, first: int, stop: int):
         """Sequences ``[first, stop)`` as an in-memory :class:`~calibrate.LayerCache` (values checked)."""
@@ -109,8 +117,14 @@ class ChunkedCache:
 
         if not 0 <= first < stop <= self.n_sequences:
             raise ValueError(f"sequence range [{first}, {stop}) is outside [0, {self.n_sequences})")
+        root, start, end = next(span for span in self._spans() if span[1] <= first < span[2])
+        if stop > end:
+            raise ValueError(f"sequence range [{first}, {stop}) crosses the end of a shard at {end}; load the parts apart")
         lo, hi = int(self.offsets[first]), int(self.offsets[stop])
-        arrays = {name: _read_slice(self.path, name, spec, lo, hi) for name, spec in self._array_specs().items()}
+        base = int(self.offsets[start])  # token offset of the shard's first sequence
+        arrays = {
+            name: _read_slice(root, name, spec, lo - base, hi - base) for name, spec in self._array_specs().items()
+        }
         _check_values(arrays, int(self.meta["vocab_size"]))
         table = self.sequences.iloc[first:stop].reset_index(drop=True)
         offsets = self.offsets[first : stop + 1] - lo
@@ -122,7 +136,7 @@ class ChunkedCache:
     def _vocab(self):
         from calibrate.cache import _read_vocab
 
-        return _read_vocab(self.path, self.meta["fields"].get("vocab"))
+        return _read_vocab(self.sources[0][0], self.meta["fields"].get("vocab"))
 
     # ---- losses -----------------------------------------------------------------------------------------
     def loss_table(
@@ -183,6 +197,10 @@ class ChunkedCache:
         return LossTable(losses, lam, "proxy", consistency, layer_sums / self.n_tokens, self.n_layers)
 
 
+def _ranges(first: int, stop: int, step: int) -> list[tuple[int, int]]:
+    return [(s, min(stop, s + step)) for s in range(first, stop, step)]
+
+
 def _partition_losses(cache: ChunkedCache, first, stop, measure, consistency, lam, decay):
     """One partition's losses ``(n_p, K)`` and per-lambda sums of exit layers ``(K,)`` (integers)."""
     from calibrate.losses import proxy_losses
@@ -194,7 +212,10 @@ def _partition_losses(cache: ChunkedCache, first, stop, measure, consistency, la
 
 
 def _read_slice(root: Path | Remote, name: str, spec: dict, lo: int, hi: int) -> np.ndarray:
-    """Tokens ``[lo, hi)`` of array ``name``, checked against its spec in ``meta.json``."""
+    """Tokens ``[lo, hi)`` of array ``name``, checked against its spec in ``meta.json``.
+
+    The token count (first axis) is checked at open, per shard; here the dtype and the other axes.
+    """
     import zarr
 
     from calibrate.cache import _DTYPES, _SCORE_DTYPE
@@ -208,7 +229,7 @@ def _read_slice(root: Path | Remote, name: str, spec: dict, lo: int, hi: int) ->
             f"cannot read tokens {lo}:{hi} of array {name!r} at {where}: {type(exc).__name__}: {exc}"
         ) from exc
     expected = _DTYPES.get(name, _SCORE_DTYPE)
-    if a.dtype != expected or list(z.shape) != spec.get("shape"):
+    if a.dtype != expected or list(z.shape[1:]) != spec.get("shape", [])[1:] or a.shape[0] != hi - lo:
         raise ValueError(
             f"array {name!r} at {where} has dtype {a.dtype} and shape {list(z.shape)}, but meta.json says "
             f"{spec.get('dtype')} and {spec.get('shape')}"
@@ -218,6 +239,23 @@ def _read_slice(root: Path | Remote, name: str, spec: dict, lo: int, hi: int) ->
 
 def open_chunked(root: Path | Remote, chunks: int, verify: bool) -> ChunkedCache:
     """:func:`calibrate.open_cache` with ``chunks``: metadata, table and offsets only (checked), arrays lazy."""
+    _chunks_iv(chunks)
+    meta, table, offsets = read_lazily(root, verify)
+    return ChunkedCache(root.resolve(), int(chunks), meta, table, offsets, ((root.resolve(), 0),))
+
+
+def _chunks_iv(chunks) -> None:
+    if isinstance(chunks, bool) or not isinstance(chunks, (int, np.integer)) or chunks < 1:
+        raise ValueError(f"chunks must be an int >= 1 (sequences per partition) or None, got {chunks!r}")
+
+
+def read_lazily(root: Path | Remote, verify: bool, joint: dict | None = None) -> tuple[dict, pd.DataFrame, np.ndarray]:
+    """``meta.json``, the sequence table and the offsets of the cache at ``root``, checked; arrays stay on disk.
+
+    With ``verify`` every array is streamed through its checksum. ``joint`` maps array names to hashers
+    that are fed the same bytes (the checksum of several shards joined), which streams the arrays even
+    without ``verify``.
+    """
     import json
 
     import zarr
@@ -232,8 +270,6 @@ def open_chunked(root: Path | Remote, chunks: int, verify: bool) -> ChunkedCache
         _read_vocab,
     )
 
-    if isinstance(chunks, bool) or not isinstance(chunks, (int, np.integer)) or chunks < 1:
-        raise ValueError(f"chunks must be an int >= 1 (sequences per partition) or None, got {chunks!r}")
     meta = _read_meta(root)
     fields = meta["fields"]
     for name in ("full_tokens", "topk_ids"):
@@ -258,31 +294,36 @@ def open_chunked(root: Path | Remote, chunks: int, verify: bool) -> ChunkedCache
             raise ValueError(f"array {name!r} at {where} has shape {list(z.shape)}; meta.json says {spec.get('shape')}")
         if z.nchunks_initialized != z.nchunks:
             raise ValueError(f"array {name!r} at {where} is missing {z.nchunks - z.nchunks_initialized} chunk file(s)")
-        if verify:
+        if verify or joint is not None:
             try:
-                checksums[name] = _stream_hash(z)
+                checksums[name] = _stream_hash(z, *([joint[name]] if joint is not None else []))
             except Exception as exc:  # noqa: BLE001 - corrupted chunks raise codec-specific errors
                 raise ValueError(f"cannot read array {name!r} at {where} (corrupted chunk?): {type(exc).__name__}: {exc}") from exc
+    if not verify:
+        return meta, table, offsets
     for name, value in checksums.items():
         if value != fields[name].get("checksum"):
             raise ValueError(
                 f"checksum mismatch in {fields[name]['kind']} {name!r} ({root / fields[name]['path']}): modified or "
                 "corrupted after it was written"
             )
-    if verify:
-        payload = {"format_version": FORMAT_VERSION, "vocab_size": meta.get("vocab_size"), "fields": checksums}
-        if _digest(json.dumps(payload, sort_keys=True).encode()) != meta.get("checksum"):
-            raise ValueError(f"checksum mismatch in {root / 'meta.json'}: the field list or vocab_size was edited")
-    return ChunkedCache(root.resolve(), int(chunks), meta, table, offsets)
+    payload = {"format_version": FORMAT_VERSION, "vocab_size": meta.get("vocab_size"), "fields": checksums}
+    if _digest(json.dumps(payload, sort_keys=True).encode()) != meta.get("checksum"):
+        raise ValueError(f"checksum mismatch in {root / 'meta.json'}: the field list or vocab_size was edited")
+    return meta, table, offsets
 
 
-def _stream_hash(z) -> str:
-    """The cache's blake2b checksum of a zarr array, read chunk by chunk along the first axis (bounded memory)."""
-    import hashlib
+def _stream_hash(z, *also) -> str:
+    """The cache's checksum of a zarr array, read chunk by chunk along the first axis (bounded memory).
 
-    h = hashlib.blake2b(digest_size=32)
-    h.update(f"{np.dtype(z.dtype).str}|{list(z.shape)}|".encode())
+    Every hasher in ``also`` gets the same data bytes (not the header).
+    """
+    from calibrate.cache import _array_hasher
+
+    h = _array_hasher(z.dtype, z.shape)
     step = max(1, int(z.chunks[0]))
     for lo in range(0, z.shape[0], step):
-        h.update(memoryview(np.ascontiguousarray(z[lo : lo + step])).cast("B"))
+        data = memoryview(np.ascontiguousarray(z[lo : lo + step])).cast("B")
+        for hasher in (h, *also):
+            hasher.update(data)
     return h.hexdigest()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -104,22 +105,42 @@ def _cmd_extract(args) -> int:
         from calibrate.extraction import extract_main
     except ImportError as exc:
         raise ValueError(f"extraction needs torch and transformers: pip install 'calm-calibrate[hf]' ({exc})") from None
+    shard = _shard(args.shard)
     cache = extract_main(
         args.model,
         args.prompts,
         args.output,
+        shard=shard,
         shard_dir=args.shard_dir,
         keep_shards=args.keep_shards,
         overwrite=args.overwrite,
-        device=args.device,
+        device=_rank_device(args.device),
         dtype=args.dtype,
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
         top_k=args.top_k,
         store_hidden=args.store_hidden,
     )
-    print(f"wrote {args.output}: {cache.n_sequences} sequences, {cache.n_tokens} tokens, {cache.n_layers} layers")
+    where = args.output if shard is None else f"shard {shard[0]}/{shard[1]} of {args.output}"
+    print(f"wrote {where}: {cache.n_sequences} sequences, {cache.n_tokens} tokens, {cache.n_layers} layers")
     return 0
+
+
+def _shard(spec: str | None) -> tuple[int, int] | None:
+    """``--shard i/N``; without it, one shard per rank under ``torchrun`` (``RANK``/``WORLD_SIZE``)."""
+    from calibrate.shards import parse_shard
+
+    if spec is not None:
+        return parse_shard(spec)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return (int(os.environ["RANK"]), world) if world > 1 and "RANK" in os.environ else None
+
+
+def _rank_device(device: str | None) -> str | None:
+    """``cuda`` becomes ``cuda:LOCAL_RANK`` under ``torchrun``: one GPU per rank."""
+    if device == "cuda" and "LOCAL_RANK" in os.environ:
+        return f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    return device
 
 
 def _lat_imports():
@@ -295,7 +316,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--store-hidden", action="store_true", help="store float16 hidden states (for the classifier)")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
-    p.add_argument("--shard-dir", default=None, help="per-batch shards; rerunning resumes from them")
+    p.add_argument(
+        "--shard",
+        default=None,
+        metavar="I/N",
+        help="extract the I-th (0-based) of N slices of the prompts into OUTPUT/shard-...; OUTPUT/manifest.json "
+        "joins them (default under torchrun: RANK/WORLD_SIZE)",
+    )
+    p.add_argument("--shard-dir", default=None, help="where each batch is saved as it completes; rerunning resumes from it")
     p.add_argument("--keep-shards", action="store_true")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_cmd_extract)

@@ -315,7 +315,8 @@ def smollm2_data(
 def _cross_fitted(model, train, heads, seed: int):
     """``train`` with each half re-scored through adapters fitted on the other half (out-of-sample labels)."""
     from calibrate.adapters import train_adapters
-    from calibrate.extraction import concat_caches, rehead
+    from calibrate.cache import concat_caches
+    from calibrate.extraction import rehead
 
     a, b = train.split([0.5, 0.5], seed=seed)
     halves = concat_caches([rehead(b, train_adapters(model, a)), rehead(a, train_adapters(model, b))])

@@ -28,11 +28,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from calibrate.cache import LayerCache, open_cache
+from calibrate.cache import LayerCache, concat_caches, open_cache
 from calibrate.heads import ExitHeads, decoder_layers, record_layer_states
 from measures.confidence import state_saturation
 
-__all__ = ["concat_caches", "extract", "extract_main", "read_prompts", "rehead"]
+__all__ = ["extract", "extract_main", "read_prompts", "rehead"]
 
 #: Name of shard ``i`` under ``shard_dir``.
 _SHARD_NAME = "batch_{:05d}"
@@ -58,6 +58,7 @@ def extract(
     progress: bool = True,
     shard_dir: str | os.PathLike | None = None,
     references: Sequence[str | None] | None = None,
+    ids: Sequence[str] | None = None,
 ) -> LayerCache:
     """Generate greedily with a Hugging Face model and cache every layer's prediction for every token.
 
@@ -91,11 +92,13 @@ def extract(
         already there (resume after a crash). A shard written for other prompts or settings is refused.
     references : sequence of str or None, shape (n_sequences,), optional
         Reference texts stored in the sequence table (None = missing).
+    ids : sequence of str, shape (n_sequences,), optional
+        Sequence ids, unique; default ``"0"``, ``"1"``, ... in prompt order.
 
     Returns
     -------
     LayerCache
-        One sequence per prompt (ids ``"0"``, ``"1"``, ... in prompt order) with the arrays
+        One sequence per prompt (ids ``ids``, by default ``"0"``, ``"1"``, ... in prompt order) with the arrays
         ``full_tokens`` (T,), ``topk_ids`` and ``topk_logprobs`` (T, L, k), the scores ``softmax_gap``,
         ``softmax_max``, ``entropy`` and ``state_saturation`` (T, L), and ``hidden`` (T, L, d) when
         ``store_hidden``; the vocab ``[tokenizer.decode([i]) for i in range(vocab_size)]``; metadata
@@ -164,6 +167,7 @@ def extract(
         progress,
         shard_dir,
         references,
+        ids,
     )
     from tqdm.auto import tqdm
 
@@ -194,75 +198,6 @@ def extract(
     cache = concat_caches(parts)
     _warn_disagreement(cache)
     return cache
-
-
-def concat_caches(caches: Sequence[LayerCache]) -> LayerCache:
-    """Concatenate caches of the same model along the sequence axis.
-
-    Parameters
-    ----------
-    caches : sequence of LayerCache
-        At least one; all with the same fields, layer count, top-k, vocabulary size, hidden size and
-        vocab, and distinct sequence ids.
-
-    Returns
-    -------
-    LayerCache
-        The sequences of ``caches[0]``, then ``caches[1]``, ...; the metadata of ``caches[0]`` (without
-        its ``"shard"`` entry).
-
-    Raises
-    ------
-    ValueError
-        When the caches do not match (the message names the first difference) or ids repeat.
-    TypeError
-        When an element is not a LayerCache.
-    """
-    caches = list(caches)
-    if not caches:
-        raise ValueError("caches must hold at least one LayerCache, got none")
-    for i, c in enumerate(caches):
-        if not isinstance(c, LayerCache):
-            raise TypeError(f"caches[{i}] must be a LayerCache, got {type(c).__name__}")
-    first = caches[0]
-    for i, c in enumerate(caches[1:], start=1):
-        for attr in ("n_layers", "top_k", "vocab_size", "hidden_size"):
-            if getattr(c, attr) != getattr(first, attr):
-                raise ValueError(f"caches[{i}] has {attr}={getattr(c, attr)} but caches[0] has {getattr(first, attr)}")
-        if set(c.arrays) != set(first.arrays):
-            raise ValueError(f"caches[{i}] has the fields {sorted(c.arrays)} but caches[0] has {sorted(first.arrays)}")
-        if c.vocab != first.vocab:
-            raise ValueError(f"caches[{i}] has another vocab than caches[0]")
-    meta = {k: v for k, v in first.user_meta.items() if k != "shard"}
-    if len(caches) == 1:
-        return _with_meta(first, None, meta=meta)
-
-    def cat(name):
-        return np.concatenate([c.arrays[name] for c in caches])
-
-    tables = [c.sequences for c in caches]
-
-    def column(col):
-        return [None if (col == "reference" and not isinstance(v, str)) else v for t in tables for v in t[col].tolist()]
-
-    scores = {
-        name: cat(name) for name in first.arrays if name not in ("full_tokens", "topk_ids", "topk_logprobs", "hidden")
-    }
-    return LayerCache.from_arrays(
-        full_tokens=cat("full_tokens"),
-        topk_ids=cat("topk_ids"),
-        topk_logprobs=cat("topk_logprobs") if "topk_logprobs" in first.arrays else None,
-        lengths=np.concatenate([c.lengths for c in caches]),
-        scores=scores or None,
-        hidden=cat("hidden") if "hidden" in first.arrays else None,
-        prompts=column("prompt"),
-        outputs=column("output"),
-        references=column("reference"),
-        ids=column("id"),
-        vocab=first.vocab,
-        vocab_size=first.vocab_size,
-        meta=meta,
-    )
 
 
 def rehead(cache: LayerCache, heads: ExitHeads) -> LayerCache:
@@ -397,6 +332,7 @@ def extract_main(
     overwrite: bool = False,
     device: str | None = None,
     dtype: str | None = None,
+    shard: tuple[int, int] | None = None,
     **kw: Any,
 ) -> LayerCache:
     """Load a model and tokenizer from a local directory, extract a cache for a prompts file, save it.
@@ -422,13 +358,18 @@ def extract_main(
         Torch device to run on, e.g. ``"cuda"``; default: where ``from_pretrained`` puts the model (CPU).
     dtype : str, optional
         Torch dtype to load the weights in, e.g. ``"bfloat16"``; default: the checkpoint's.
+    shard : (int, int), optional
+        ``(i, N)``: extract only the ``i``-th (0-based) of ``N`` contiguous slices of the prompts into
+        ``output/shard-0000i-of-0000N`` and write ``output/manifest.json`` (:mod:`calibrate.shards`), so
+        that ``N`` workers fill one cache that ``open_cache(output)`` reads as a whole. Sequence ids stay
+        the prompt indices of the whole file. A shard already written for the same prompts is kept.
     **kw
         Passed to :func:`extract` (``max_new_tokens``, ``batch_size``, ``top_k``, ``store_hidden``, ``progress``).
 
     Returns
     -------
     LayerCache
-        The saved cache.
+        The saved cache (with ``shard``: this shard's).
 
     Raises
     ------
@@ -437,17 +378,37 @@ def extract_main(
     ValueError
         As :func:`extract` and :func:`read_prompts`; or when ``model_dir`` holds no model.
     """
+    from calibrate import shards
     from calibrate.models import load_local
 
-    output = Path(output)
-    if output.exists() and not overwrite:
-        raise FileExistsError(f"{output} exists; pass overwrite=True to replace it")
+    root = Path(output)
+    target = root if shard is None else root / shards.shard_name(*shard)
     prompts, references = read_prompts(prompts_file)
+    ids = [str(i) for i in range(len(prompts))]
+    sharding = None
+    if shard is not None:
+        index, count = shard
+        start, stop = shards.shard_bounds(len(prompts), index, count)
+        sharding = {
+            "index": index, "count": count, "start": start, "stop": stop, "n_prompts": len(prompts),
+            "prompts": shards.prompts_digest(prompts, references),
+        }  # fmt: skip
+        if target.exists() and not overwrite and open_cache(target, verify=False).user_meta.get("sharding") == sharding:
+            shards.write_manifest(root, count)
+            return open_cache(target)  # this shard is complete: nothing to redo
+        prompts, ids = prompts[start:stop], ids[start:stop]
+        references = None if references is None else references[start:stop]
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target} exists; pass overwrite=True to replace it")
     model, tokenizer = load_local(model_dir, device=device, dtype=dtype)
     if shard_dir is None:
-        shard_dir = output.with_name(output.name + ".shards")
-    cache = extract(model, tokenizer, prompts, references=references, shard_dir=shard_dir, **kw)
-    cache.save(output, overwrite=overwrite)
+        shard_dir = target.with_name(target.name + ".shards")
+    cache = extract(model, tokenizer, prompts, references=references, ids=ids, shard_dir=shard_dir, **kw)
+    if sharding is not None:
+        cache = cache.with_meta({**cache.user_meta, "sharding": sharding})
+    cache.save(target, overwrite=overwrite)
+    if sharding is not None:
+        shards.write_manifest(root, sharding["count"])
     if not keep_shards:
         shutil.rmtree(shard_dir, ignore_errors=True)
     return cache
@@ -465,7 +426,7 @@ def _positive_int(name: str, value) -> int:
 
 
 def _extract_iv(
-    model, tokenizer, prompts, max_new_tokens, batch_size, heads, store_hidden, top_k, progress, shard_dir, references
+    model, tokenizer, prompts, max_new_tokens, batch_size, heads, store_hidden, top_k, progress, shard_dir, references, ids
 ):
     layers = decoder_layers(model)  # raises for unsupported architectures
     if isinstance(prompts, str) or not isinstance(prompts, Sequence):
@@ -482,6 +443,13 @@ def _extract_iv(
                 f"references must be a sequence with one entry per prompt ({len(prompts)}), got {references!r:.80}"
             )
         references = list(references)
+    if ids is None:
+        ids = [str(i) for i in range(len(prompts))]
+    elif isinstance(ids, str) or not isinstance(ids, Sequence) or len(ids) != len(prompts):
+        raise ValueError(f"ids must be a sequence with one str per prompt ({len(prompts)}), got {ids!r:.80}")
+    ids = list(ids)
+    if not all(isinstance(i, str) for i in ids) or len(set(ids)) != len(ids):
+        raise ValueError("ids must be distinct str")
     max_new_tokens = _positive_int("max_new_tokens", max_new_tokens)
     batch_size = _positive_int("batch_size", batch_size)
     top_k = _positive_int("top_k", top_k)
@@ -512,8 +480,8 @@ def _extract_iv(
     if pad_id is None:
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
     pad_id = int(pad_id[0] if isinstance(pad_id, (list, tuple)) else pad_id)
-    ids = [list(tokenizer(p)["input_ids"]) for p in prompts]
-    _context_iv(config, encoder_decoder, ids, max_new_tokens)
+    token_ids = [list(tokenizer(p)["input_ids"]) for p in prompts]
+    _context_iv(config, encoder_decoder, token_ids, max_new_tokens)
     vocab = _vocab(tokenizer, heads.vocab_size)
     settings = {
         "decoding": "greedy",
@@ -545,7 +513,8 @@ def _extract_iv(
     return {
         "prompts": prompts,
         "references": references,
-        "input_ids": ids,
+        "ids": ids,
+        "input_ids": token_ids,
         "heads": heads,
         "top_k": top_k,
         "store_hidden": store_hidden,
@@ -638,7 +607,7 @@ def _layer_measures(heads: ExitHeads, states: torch.Tensor, k: int) -> dict[str,
 
 @torch.no_grad()
 def _extract_batch(model, tokenizer, setup: dict, start: int, stop: int) -> LayerCache:
-    """Generate for prompts[start:stop] and build their cache (ids ``str(start)``, ...)."""
+    """Generate for prompts[start:stop] and build their cache."""
     heads = setup["heads"]
     device = next(model.parameters()).device
     # 1. Pad the batch: left for decoder-only (new tokens follow the prompt), right for encoders.
@@ -695,7 +664,7 @@ def _extract_batch(model, tokenizer, setup: dict, start: int, stop: int) -> Laye
         prompts=setup["prompts"][start:stop],
         outputs=outputs,
         references=references,
-        ids=[str(i) for i in range(start, stop)],
+        ids=setup["ids"][start:stop],
         vocab=setup["vocab"],
         vocab_size=heads.vocab_size,
         meta=setup["meta"],
@@ -714,6 +683,7 @@ def _fingerprint(setup: dict, start: int, stop: int) -> str:
         "stop": stop,
         "prompts": setup["prompts"][start:stop],
         "references": None if setup["references"] is None else setup["references"][start:stop],
+        "ids": setup["ids"][start:stop],
         "input_ids": setup["input_ids"][start:stop],
         "meta": setup["meta"],
     }

@@ -1,0 +1,235 @@
+"""Caches written in shards by separate workers, joined by a manifest without copying.
+
+``calibrate extract --shard i/N`` (or each rank under ``torchrun``) extracts the ``i``-th of ``N``
+contiguous slices of the prompts into a complete cache ``OUTPUT/shard-0000i-of-0000N`` and writes the
+manifest ``OUTPUT/manifest.json`` listing all ``N`` shards (every worker writes the same manifest). Each
+shard resumes on its own after a crash. :func:`calibrate.open_cache` on ``OUTPUT`` reads the shards as
+one cache: in memory, or lazily with ``chunks`` (partitions never cross a shard). It refuses shards of
+different models, tokenizers or generation settings, and a manifest with a missing or corrupt shard,
+naming the shard. The joined cache's checksum is the checksum of the same data in one cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from calibrate._storage import Remote
+
+__all__ = ["MANIFEST_FILE", "shard_name", "parse_shard", "shard_bounds", "write_manifest", "is_sharded", "open_sharded"]
+
+#: The manifest's file name inside the output directory.
+MANIFEST_FILE = "manifest.json"
+_FORMAT = "calm-calibrate shards"
+_VERSION = 1
+#: Metadata that may differ between shards of one cache (what each shard is and holds, where it ran).
+_PER_SHARD_KEYS = ("shard", "sharding", "software", "library", "library_version", "n_sequences", "n_tokens", "checksum")
+
+
+def shard_name(index: int, count: int) -> str:
+    """The directory name of shard ``index`` (0-based) of ``count``: ``shard-00002-of-00008``."""
+    return f"shard-{index:05d}-of-{count:05d}"
+
+
+def parse_shard(spec: str) -> tuple[int, int]:
+    """``"i/N"`` (0-based ``i < N``) as ``(i, N)``.
+
+    Raises
+    ------
+    ValueError
+        When ``spec`` is not of that form.
+    """
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(spec))
+    if match is None or not int(match[1]) < int(match[2]):
+        raise ValueError(f"a shard is written i/N with 0 <= i < N (e.g. 0/4), got {spec!r}")
+    return int(match[1]), int(match[2])
+
+
+def shard_bounds(n: int, index: int, count: int) -> tuple[int, int]:
+    """The prompts ``[start, stop)`` of shard ``index`` of ``count`` over ``n`` prompts (contiguous, sizes differ by <= 1)."""
+    if not 0 <= index < count:
+        raise ValueError(f"shard index must lie in [0, {count}), got {index}")
+    if count > n:
+        raise ValueError(f"{count} shards for {n} prompts: every shard needs at least one prompt")
+    return index * n // count, (index + 1) * n // count
+
+
+def prompts_digest(prompts, references) -> str:
+    """Identify the whole prompt list (every shard of a run records the same digest)."""
+    payload = json.dumps({"prompts": list(prompts), "references": None if references is None else list(references)})
+    return hashlib.blake2b(payload.encode(), digest_size=16).hexdigest()
+
+
+def write_manifest(root: str | os.PathLike, count: int) -> Path:
+    """Write ``root/manifest.json`` listing the ``count`` shards, atomically (the same file from every worker).
+
+    Raises
+    ------
+    ValueError
+        When ``root`` already holds a manifest of another shard count.
+    """
+    root = Path(root)
+    manifest = {"format": _FORMAT, "format_version": _VERSION, "shards": [shard_name(i, count) for i in range(count)]}
+    file = root / MANIFEST_FILE
+    if file.is_file():
+        found = _load(file)
+        if found.get("shards") != manifest["shards"]:
+            raise ValueError(
+                f"{file} lists {len(found.get('shards') or [])} shards, not {count}: another run wrote into {root}"
+            )
+        return file
+    root.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST_FILE}.", suffix=".tmp", dir=root)
+    try:
+        with os.fdopen(fd, "w", encoding="ascii") as f:
+            json.dump(manifest, f, indent=1)
+        os.replace(tmp, file)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return file
+
+
+def is_sharded(root: Path | Remote) -> bool:
+    """Whether ``root`` holds a manifest (and no single cache)."""
+    return (root / MANIFEST_FILE).is_file() and not (root / "meta.json").is_file()
+
+
+def open_sharded(root: Path | Remote, *, verify: bool, chunks: int | None):
+    """Open the shards listed in ``root/manifest.json`` as one cache (see :func:`calibrate.open_cache`).
+
+    Returns
+    -------
+    LayerCache or ChunkedCache
+        The shards' sequences in shard order: in memory, or lazily in partitions of ``chunks``.
+    """
+    from calibrate.cache import _array_hasher, concat_caches, open_cache
+
+    names = _read_manifest(root)
+    roots = [root / name for name in names]
+    for name, where in zip(names, roots):
+        if not where.is_dir():
+            raise ValueError(
+                f"{root / MANIFEST_FILE} lists shard {name!r} but {where} is missing (not written yet, or failed?)"
+            )
+    if chunks is None:
+        parts = [_in_shard(name, lambda w=where: open_cache(w, verify=verify)) for name, where in zip(names, roots)]
+        _check_compatible(root, names, [p.meta for p in parts])
+        return concat_caches(parts)
+
+    from calibrate.cache import _hash_strings, _hash_table
+    from calibrate.chunked import ChunkedCache, _chunks_iv, read_lazily
+
+    _chunks_iv(chunks)
+    heads = [_in_shard(name, lambda w=where: read_lazily(w, verify=False)) for name, where in zip(names, roots)]
+    metas = [meta for meta, _, _ in heads]
+    _check_compatible(root, names, metas)
+    table = pd.concat([t for _, t, _ in heads], ignore_index=True)
+    if not table["id"].is_unique:
+        raise ValueError(
+            f"the shards of {root} repeat sequence ids (e.g. {table['id'][table['id'].duplicated()].iloc[0]!r})"
+        )
+    offsets = np.concatenate([[0], np.cumsum(np.concatenate([np.diff(o) for _, _, o in heads]))])
+    # One pass over the arrays: each shard's own checksum (with verify) and the joined cache's.
+    fields = {name: dict(spec) for name, spec in metas[0]["fields"].items()}
+    joint = {}
+    for name, spec in fields.items():
+        if spec.get("kind") == "array":
+            spec["shape"] = [int(offsets[-1]), *spec["shape"][1:]]
+            joint[name] = _array_hasher(spec["dtype"], spec["shape"])
+    for name, where in zip(names, roots):
+        _in_shard(name, lambda w=where: read_lazily(w, verify=verify, joint=joint))
+    checksums = {name: h.hexdigest() for name, h in joint.items()}
+    checksums["sequences"] = _hash_table(table, offsets)
+    if "vocab" in fields:
+        from calibrate.cache import _read_vocab
+
+        checksums["vocab"] = _hash_strings(tuple(_read_vocab(roots[0], fields["vocab"])))
+    for name, value in checksums.items():
+        fields[name]["checksum"] = value
+    meta = {k: v for k, v in metas[0].items() if k not in ("shard", "sharding")}
+    meta.update(fields=fields, checksum=_checksum(metas[0]["vocab_size"], checksums))
+    meta.update(n_sequences=len(table), n_tokens=int(offsets[-1]))
+    starts = np.cumsum([0] + [len(t) for _, t, _ in heads[:-1]])
+    sources = tuple((where.resolve(), int(s)) for where, s in zip(roots, starts))
+    return ChunkedCache(root.resolve(), int(chunks), meta, table, offsets, sources)
+
+
+def _checksum(vocab_size: int, checksums: dict) -> str:
+    from calibrate.cache import FORMAT_VERSION, _digest
+
+    payload = {"format_version": FORMAT_VERSION, "vocab_size": vocab_size, "fields": checksums}
+    return _digest(json.dumps(payload, sort_keys=True).encode())
+
+
+def _in_shard(name: str, fn):
+    """Run ``fn``, prefixing a ValueError with the shard it concerns."""
+    try:
+        return fn()
+    except ValueError as exc:
+        raise ValueError(f"shard {name!r}: {exc}") from exc
+
+
+def _load(file: Path | Remote) -> dict:
+    try:
+        data = json.loads(file.read_text(encoding="ascii"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{file} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"{file} must hold a JSON object")
+    return data
+
+
+def _read_manifest(root: Path | Remote) -> list[str]:
+    file = root / MANIFEST_FILE
+    manifest = _load(file)
+    if manifest.get("format") != _FORMAT or manifest.get("format_version") != _VERSION:
+        raise ValueError(f"{file} is not a calm-calibrate shard manifest of format_version {_VERSION}")
+    names = manifest.get("shards")
+    valid = re.compile(r"shard-\d{5}-of-\d{5}")
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and valid.fullmatch(n) for n in names):
+        raise ValueError(f"{file}: 'shards' must list shard directory names like 'shard-00000-of-00002'")
+    return names
+
+
+def _check_compatible(root, names: list[str], metas: list[dict]) -> None:
+    """Every shard comes from the same model, tokenizer, settings and prompt list, in its place."""
+    first = metas[0]
+    for i, (name, meta) in enumerate(zip(names, metas)):
+        for key in sorted(set(first) | set(meta)):
+            if key in _PER_SHARD_KEYS or key == "fields":
+                continue
+            if meta.get(key) != first.get(key):
+                raise ValueError(
+                    f"shard {name!r} of {root} differs from shard {names[0]!r} in {key!r}: "
+                    f"{meta.get(key)!r:.120} != {first.get(key)!r:.120} (written by another model, tokenizer or settings?)"
+                )
+        for field, spec in first["fields"].items():
+            other = meta["fields"].get(field)
+            same = other is not None and other.get("kind") == spec.get("kind")
+            if same and spec.get("kind") == "array":
+                same = other.get("dtype") == spec.get("dtype") and other["shape"][1:] == spec["shape"][1:]
+            if same and field == "vocab":
+                same = other.get("checksum") == spec.get("checksum")
+            if not same:
+                raise ValueError(f"shard {name!r} of {root} differs from shard {names[0]!r} in field {field!r}")
+        if set(meta["fields"]) != set(first["fields"]):
+            raise ValueError(
+                f"shard {name!r} of {root} has the fields {sorted(meta['fields'])}, not {sorted(first['fields'])}"
+            )
+        sharding = meta.get("sharding")
+        if sharding is not None:
+            expected = {"index": i, "count": len(names)}
+            if {k: sharding.get(k) for k in expected} != expected:
+                raise ValueError(
+                    f"shard {name!r} of {root} says it is shard {sharding.get('index')} of {sharding.get('count')}"
+                )
+            if sharding.get("prompts") != (first.get("sharding") or {}).get("prompts"):
+                raise ValueError(f"shard {name!r} of {root} was extracted from another prompt list than {names[0]!r}")

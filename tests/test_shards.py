@@ -1,0 +1,166 @@
+"""Sharded caches: N workers each write a shard, a manifest joins them into one cache without copying."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+import calibrate
+from calibrate.shards import is_sharded, parse_shard, shard_bounds, shard_name, write_manifest
+
+
+def _write_shards(root, cache, cuts):
+    bounds = [0, *cuts, cache.n_sequences]
+    for i, (a, b) in enumerate(zip(bounds, bounds[1:])):
+        cache.subset(np.arange(a, b)).save(root / shard_name(i, len(bounds) - 1))
+    write_manifest(root, len(bounds) - 1)
+
+
+@pytest.fixture(scope="module")
+def cache():
+    return calibrate.synthetic_cache(90, n_layers=4, seed=5)
+
+
+def test_shards_read_as_the_whole_cache(cache, tmp_path):
+    _write_shards(tmp_path, cache, [30, 65])
+    assert is_sharded(tmp_path)
+    joined = calibrate.open_cache(tmp_path)
+    assert joined.checksum == cache.checksum and joined.sequences["id"].tolist() == cache.sequences["id"].tolist()
+
+
+def test_chunked_shards_equal_the_whole_cache(cache, tmp_path):
+    pytest.importorskip("dask")
+    _write_shards(tmp_path, cache, [30, 65])
+    lazy = calibrate.open_cache(tmp_path, chunks=20)
+    assert lazy.checksum == cache.checksum and lazy.n_tokens == cache.n_tokens
+    assert lazy.partitions == [(0, 20), (20, 30), (30, 50), (50, 65), (65, 85), (85, 90)]  # none crosses a shard
+    np.testing.assert_array_equal(lazy.arrays()["topk_ids"].compute(), cache.arrays["topk_ids"])
+    part = lazy.load(30, 50)
+    np.testing.assert_array_equal(part.arrays["softmax_gap"], cache.subset(np.arange(30, 50)).arrays["softmax_gap"])
+    with pytest.raises(ValueError, match="crosses the end of a shard"):
+        lazy.load(25, 40)
+    kwargs = dict(delta=0.2, epsilon=0.1, consistency="rouge_l")
+    assert calibrate.fit(lazy, **kwargs) == calibrate.fit(cache, **kwargs)
+    assert calibrate.open_cache(tmp_path, chunks=20, verify=False).checksum == cache.checksum
+
+
+@pytest.mark.parametrize("chunks", [None, 16])
+def test_a_missing_or_corrupt_shard_is_named(cache, tmp_path, chunks):
+    _write_shards(tmp_path, cache, [45])
+    second = tmp_path / shard_name(1, 2)
+    chunk = next(p for p in (second / "arrays" / "entropy").rglob("*") if p.is_file() and p.name != "zarr.json")
+    chunk.write_bytes(chunk.read_bytes()[::-1])
+    with pytest.raises(ValueError, match="shard 'shard-00001-of-00002'.*entropy"):
+        calibrate.open_cache(tmp_path, chunks=chunks)
+    shutil.rmtree(second)
+    with pytest.raises(ValueError, match="lists shard 'shard-00001-of-00002' but .* is missing"):
+        calibrate.open_cache(tmp_path, chunks=chunks)
+
+
+@pytest.mark.parametrize("chunks", [None, 16])
+def test_shards_that_do_not_belong_together_are_refused(cache, tmp_path, chunks):
+    _write_shards(tmp_path, cache, [45])
+    second = tmp_path / shard_name(1, 2)
+    other = cache.subset(np.arange(45, 90))
+    other.with_meta({**other.user_meta, "model": "another-model"}).save(second, overwrite=True)
+    with pytest.raises(ValueError, match="shard 'shard-00001-of-00002' .* differs .* in 'model'"):
+        calibrate.open_cache(tmp_path, chunks=chunks)
+    calibrate.synthetic_cache(45, n_layers=5, seed=5).save(second, overwrite=True)
+    with pytest.raises(ValueError, match="shard-00001-of-00002"):
+        calibrate.open_cache(tmp_path, chunks=chunks)
+    cache.subset(np.arange(0, 45)).save(second, overwrite=True)  # the same ids twice
+    with pytest.raises(ValueError, match="(?i)id"):
+        calibrate.open_cache(tmp_path, chunks=chunks)
+
+
+def test_manifest_and_shard_specs(tmp_path):
+    write_manifest(tmp_path, 3)
+    write_manifest(tmp_path, 3)  # every worker writes the same manifest
+    assert json.loads((tmp_path / "manifest.json").read_text())["shards"][2] == "shard-00002-of-00003"
+    with pytest.raises(ValueError, match="lists 3 shards, not 4"):
+        write_manifest(tmp_path, 4)
+    (tmp_path / "manifest.json").write_text('{"format": "something else"}')
+    with pytest.raises(ValueError, match="not a calm-calibrate shard manifest"):
+        calibrate.open_cache(tmp_path)
+    assert parse_shard("2/8") == (2, 8) and parse_shard(" 0 / 1 ") == (0, 1)
+    for bad in ("8/8", "-1/4", "1", "a/b"):
+        with pytest.raises(ValueError, match="i/N"):
+            parse_shard(bad)
+    assert [shard_bounds(10, i, 3) for i in range(3)] == [(0, 3), (3, 6), (6, 10)]
+    with pytest.raises(ValueError, match="at least one prompt"):
+        shard_bounds(2, 0, 3)
+
+
+# --------------------------------------------------------------------------------------------------
+# Sharded extraction from a model
+# --------------------------------------------------------------------------------------------------
+
+torch = pytest.importorskip("torch")
+from _tiny_hf import tiny_model, tiny_tokenizer  # noqa: E402
+
+PROMPTS = ["w1 w2 w3 w4 w5", "w7", "w9 w10 w11", "w12 w13 w14 w15", "w20 w21"]
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("model")
+    model, tokenizer = tiny_model("gpt2"), tiny_tokenizer()
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n", encoding="utf-8")
+    return root / "model", root / "prompts.txt"
+
+
+def test_sharded_extraction_equals_one_extraction(saved_model, tmp_path, monkeypatch):
+    from calibrate.cli import main
+    from calibrate.extraction import extract_main
+
+    model_dir, prompts = saved_model
+    kw = dict(max_new_tokens=4, batch_size=1, progress=False)
+    whole = extract_main(model_dir, prompts, tmp_path / "whole", **kw)
+    out = tmp_path / "sharded"
+    first = extract_main(model_dir, prompts, out, shard=(0, 2), **kw)
+    assert first.sequences["id"].tolist() == ["0", "1"] and first.user_meta["sharding"]["stop"] == 2
+    with pytest.raises(ValueError, match="lists shard 'shard-00001-of-00002'"):
+        calibrate.open_cache(out)  # the manifest is there, the second shard not yet
+    argv = ["extract", "--model", str(model_dir), "--prompts", str(prompts), "-o", str(out), "--max-new-tokens", "4"]
+    monkeypatch.setenv("RANK", "1")  # as torchrun sets them: one shard per rank
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main([*argv, "--batch-size", "1"]) == 0
+    joined = calibrate.open_cache(out)
+    assert joined.checksum == whole.checksum
+    assert "sharding" not in joined.user_meta and joined.user_meta["generation"] == whole.user_meta["generation"]
+    other = tmp_path / "other"
+    extract_main(model_dir, prompts, other, shard=(0, 2), **kw)
+    extract_main(model_dir, prompts, other, shard=(1, 2), **{**kw, "max_new_tokens": 3})
+    with pytest.raises(ValueError, match="differs .* in 'generation'"):
+        calibrate.open_cache(other)
+
+
+def test_each_shard_resumes_on_its_own(saved_model, tmp_path, monkeypatch):
+    import calibrate.extraction as extraction
+
+    model_dir, prompts = saved_model
+    kw = dict(max_new_tokens=4, batch_size=1, progress=False)
+    out = tmp_path / "sharded"
+    original, calls = extraction._extract_batch, []
+
+    def crash_on_second_batch(*args, **kwargs):
+        calls.append(args[3])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(extraction, "_extract_batch", crash_on_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        extraction.extract_main(model_dir, prompts, out, shard=(1, 2), **kw)
+    assert not (out / shard_name(1, 2)).exists()
+    calls.clear()
+    monkeypatch.setattr(extraction, "_extract_batch", lambda *a, **k: calls.append(a[3]) or original(*a, **k))
+    resumed = extraction.extract_main(model_dir, prompts, out, shard=(1, 2), **kw)
+    assert calls == [1, 2]  # the shard's first batch was read back
+    assert resumed.sequences["id"].tolist() == ["2", "3", "4"]
+    calls.clear()
+    again = extraction.extract_main(model_dir, prompts, out, shard=(1, 2), **kw)  # complete: nothing redone
+    assert calls == [] and again.checksum == resumed.checksum

@@ -6,13 +6,15 @@ size, in one run:
 - **read pass**: every per-token zarr array read once, chunk by chunk (the physical limit of any fit);
 - **in memory**: ``open_cache`` (checksums off) then ``calibrate.fit`` (token consistency, softmax gap);
 - **Dask, threads**: ``open_cache(chunks=...)`` then ``fit`` on Dask's local threaded scheduler;
-- **Dask, 1 and 2 workers**: a ``LocalCluster`` of worker processes (one thread each), with the peak
-  resident memory of its workers.
+- **Dask, 1 and 2 workers**: a ``LocalCluster`` of worker processes (one thread each, ``--worker-memory``
+  each), with the peak resident memory of its workers (``VmHWM``: ``ru_maxrss`` would carry the peak of
+  this process into the spawned workers).
 
 Throughput is token x layers per second; the ratios are over the read pass. Every path gives the same
 certificate (checked). ``--figure`` plots seconds against cache size.
 
-Run: ``python benchmarks/scale.py [--base 2000] [--sizes 1 4 16] [--chunks 500] [--figure scale.png]``.
+Run: ``python benchmarks/scale.py [--base 2000] [--sizes 1 4 16] [--chunks 500] [--worker-memory 512MiB]
+[--figure scale.png]``.
 """
 
 from __future__ import annotations
@@ -39,7 +41,12 @@ def read_pass(path: Path) -> None:
 
 
 def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident memory of this process (Linux ``VmHWM``; elsewhere ``ru_maxrss``)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main() -> None:
@@ -48,6 +55,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--chunks", type=int, default=500)
     parser.add_argument("--layers", type=int, default=24)
+    parser.add_argument("--worker-memory", default="512MiB", help="memory limit of each worker process")
     parser.add_argument("--dir", default=None)
     parser.add_argument("--figure", default=None)
     args = parser.parse_args()
@@ -56,9 +64,14 @@ def main() -> None:
     root = Path(args.dir or tempfile.mkdtemp(prefix="calm-scale-"))
     options = dict(delta=0.1, epsilon=0.05, measure="softmax_gap", consistency="token")
     rows = []
-    print(f"chunks of {args.chunks} sequences, {args.layers} layers; throughput in token x layers / s")
-    print("| sequences | tokens | read pass | in memory | Dask threads | 1 worker | 2 workers | peak worker MiB |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print(
+        f"chunks of {args.chunks} sequences, {args.layers} layers, workers of {args.worker_memory}; "
+        "throughput in token x layers / s"
+    )
+    print(
+        "| sequences | tokens | arrays MiB | read pass | in memory | Dask threads | 1 worker | 2 workers | peak worker MiB |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for size in args.sizes:
         n = args.base * size
         path = root / f"cache_{n}"
@@ -79,7 +92,9 @@ def main() -> None:
         times["threads"] = time.perf_counter() - start
         peak = 0.0
         for workers in (1, 2):
-            with LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=None) as cluster:
+            with LocalCluster(
+                n_workers=workers, threads_per_worker=1, memory_limit=args.worker_memory, dashboard_address=None
+            ) as cluster:
                 with Client(cluster) as client:
                     start = time.perf_counter()
                     lazy = calibrate.open_cache(path, chunks=args.chunks, verify=False)
@@ -91,7 +106,15 @@ def main() -> None:
         cells = " | ".join(
             f"{work / times[k] / 1e6:.1f}M ({times['read'] / times[k]:.2f})" for k in ("memory", "threads", 1, 2)
         )
-        print(f"| {n} | {tokens} | {work / times['read'] / 1e6:.1f}M | {cells} | {peak:.0f} |")
+        mib = (
+            sum(
+                np.prod(spec["shape"]) * np.dtype(spec["dtype"]).itemsize
+                for spec in calibrate.open_cache(path, chunks=args.chunks, verify=False).meta["fields"].values()
+                if spec.get("kind") == "array"
+            )
+            / 2**20
+        )
+        print(f"| {n} | {tokens} | {mib:.0f} | {work / times['read'] / 1e6:.1f}M | {cells} | {peak:.0f} |")
         rows.append((n, times))
     print("(in parentheses: the read pass's time over that path's time)")
     if args.figure:
@@ -99,8 +122,13 @@ def main() -> None:
 
         fig, ax = plt.subplots(figsize=(6, 4))
         sizes = [n for n, _ in rows]
-        for key, label in (("read", "read pass"), ("memory", "in memory"), ("threads", "Dask threads"),
-                           (1, "1 worker"), (2, "2 workers")):
+        for key, label in (
+            ("read", "read pass"),
+            ("memory", "in memory"),
+            ("threads", "Dask threads"),
+            (1, "1 worker"),
+            (2, "2 workers"),
+        ):
             ax.plot(sizes, [t[key] for _, t in rows], "o-", label=label)
         ax.set(xscale="log", yscale="log", xlabel="sequences", ylabel="seconds", title="fit cost vs cache size")
         ax.legend(fontsize=8)

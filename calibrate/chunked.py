@@ -5,8 +5,8 @@ sequence table, the offsets and the output token ids (``full_tokens``, to check 
 per-layer arrays stay on disk. Its partitions hold ``n``
 sequences each (the exit simulation and the losses are per sequence, so a partition boundary never cuts a
 sequence). :meth:`ChunkedCache.loss_table` computes one task per partition, each reading its slices of
-the zarr arrays into an in-memory :class:`~calibrate.LayerCache` and running the same code as the
-in-memory path; only the ``n x K`` losses (and per-partition exit-layer sums) come back. With a
+the zarr arrays it needs (the tokens and the measure, not the hidden states) into an in-memory
+:class:`~calibrate.LayerCache` and running the same code as the in-memory path; only the ``n x K`` losses (and per-partition exit-layer sums) come back. With a
 ``dask.distributed.Client`` the tasks run on its workers (retried on failure); without one, one after
 another in this process (each task's exit simulation is itself parallel; run workers with one thread
 each, as the compiled kernels use every core they are given). :func:`calibrate.fit` accepts a ``ChunkedCache`` (and ``client=``) and returns
@@ -17,7 +17,7 @@ Needs the ``[dask]`` extra (``dask``, ``distributed``) for the Dask parts; openi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +28,7 @@ from calibrate._storage import Remote
 __all__ = ["ChunkedCache"]
 
 
-@dataclass(frozen=True, repr=False)
+@dataclasses.dataclass(frozen=True, repr=False)
 class ChunkedCache:
     """A saved cache opened lazily, in partitions of ``chunks`` whole sequences.
 
@@ -113,6 +113,10 @@ class ChunkedCache:
 
     def load(self, first: int, stop: int):
         """Sequences ``[first, stop)`` as an in-memory :class:`~calibrate.LayerCache` (values checked)."""
+        return self._load(first, stop, self.sequences.iloc[first:stop], tuple(self._array_specs()))
+
+    def _load(self, first: int, stop: int, table: pd.DataFrame, fields: tuple[str, ...]):
+        """:meth:`load` of some arrays only, with the sequences' rows of the table given (a task gets its rows)."""
         from calibrate.cache import LayerCache, _check_values
 
         if not 0 <= first < stop <= self.n_sequences:
@@ -122,16 +126,21 @@ class ChunkedCache:
             raise ValueError(f"sequence range [{first}, {stop}) crosses the end of a shard at {end}; load the parts apart")
         lo, hi = int(self.offsets[first]), int(self.offsets[stop])
         base = int(self.offsets[start])  # token offset of the shard's first sequence
-        arrays = {
-            name: _read_slice(root, name, spec, lo - base, hi - base) for name, spec in self._array_specs().items()
-        }
+        specs = self._array_specs()
+        arrays = {name: _read_slice(root, name, specs[name], lo - base, hi - base) for name in fields}
         _check_values(arrays, int(self.meta["vocab_size"]))
-        table = self.sequences.iloc[first:stop].reset_index(drop=True)
+        table = table.reset_index(drop=True)
         offsets = self.offsets[first : stop + 1] - lo
         return LayerCache._trusted(table, arrays, offsets, int(self.meta["vocab_size"]), self.meta, self._vocab())
 
     def _array_specs(self) -> dict:
         return {name: spec for name, spec in self.meta["fields"].items() if spec.get("kind") == "array"}
+
+    def _fields_for(self, measure: str) -> tuple[str, ...]:
+        """The arrays a partition's losses read: tokens and the measure (stored, or what it is computed from)."""
+        stored = self._array_specs()
+        source = measure if measure in stored else "hidden" if measure == "state_saturation" else "topk_logprobs"
+        return tuple(name for name in stored if name in ("full_tokens", "topk_ids", source))
 
     def _vocab(self):
         from calibrate.cache import _read_vocab
@@ -183,9 +192,12 @@ class ChunkedCache:
         if consistency not in CONSISTENCIES:  # checked here, not once per task on the workers
             raise ValueError(f"consistency must be one of {CONSISTENCIES}, got {consistency!r}")
         lam = _lambdas_iv(default_lambdas() if lambdas is None else lambdas)
-        cache = dask.delayed(self, pure=True, traverse=False)  # one copy per worker, not one per task
+        # One copy per worker of everything but the table; each task gets its own rows of the table.
+        cache = dask.delayed(dataclasses.replace(self, sequences=self.sequences.iloc[:0]), pure=True, traverse=False)
         tasks = [
-            dask.delayed(_partition_losses, pure=True)(cache, a, b, measure, consistency, lam, decay)
+            dask.delayed(_partition_losses, pure=True)(
+                cache, a, b, self.sequences.iloc[a:b], self._fields_for(measure), measure, consistency, lam, decay
+            )
             for a, b in self.partitions
         ]
         if client is None:
@@ -201,12 +213,12 @@ def _ranges(first: int, stop: int, step: int) -> list[tuple[int, int]]:
     return [(s, min(stop, s + step)) for s in range(first, stop, step)]
 
 
-def _partition_losses(cache: ChunkedCache, first, stop, measure, consistency, lam, decay):
+def _partition_losses(cache: ChunkedCache, first, stop, rows, fields, measure, consistency, lam, decay):
     """One partition's losses ``(n_p, K)`` and per-lambda sums of exit layers ``(K,)`` (integers)."""
     from calibrate.losses import proxy_losses
     from measures.confidence import confidence
 
-    part = cache.load(first, stop)
+    part = cache._load(first, stop, rows, fields)
     table = proxy_losses(part, confidence(part, measure), lam, consistency=consistency, decay=decay)
     return table.losses, np.round(table.avg_layers * part.n_tokens)  # avg = exact integer sum / tokens
 

@@ -199,6 +199,15 @@ def _read_manifest(root: Path | Remote) -> list[str]:
     return names
 
 
+def _first_difference(keys: tuple, a, b) -> tuple[str, object, object]:
+    """The first nested key where two metadata values differ, e.g. ``'generation' -> 'max_new_tokens'``."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b), key=str):
+            if a.get(key) != b.get(key):
+                return _first_difference((*keys, key), a.get(key), b.get(key))
+    return " -> ".join(map(repr, keys)), a, b
+
+
 def _check_compatible(root, names: list[str], metas: list[dict]) -> None:
     """Every shard comes from the same model, tokenizer, settings and prompt list, in its place."""
     first = metas[0]
@@ -207,9 +216,10 @@ def _check_compatible(root, names: list[str], metas: list[dict]) -> None:
             if key in _PER_SHARD_KEYS or key == "fields":
                 continue
             if meta.get(key) != first.get(key):
+                path, mine, theirs = _first_difference((key,), meta.get(key), first.get(key))
                 raise ValueError(
-                    f"shard {name!r} of {root} differs from shard {names[0]!r} in {key!r}: "
-                    f"{meta.get(key)!r:.120} != {first.get(key)!r:.120} (written by another model, tokenizer or settings?)"
+                    f"shard {name!r} of {root} differs from shard {names[0]!r} in {path}: "
+                    f"{mine!r:.120} != {theirs!r:.120} (written by another model, tokenizer or settings?)"
                 )
         for field, spec in first["fields"].items():
             other = meta["fields"].get(field)

@@ -50,6 +50,7 @@ def synthetic_cache(
     references: bool = True,
     difficulty: float = 1.0,
     seed: int = 0,
+    first_id: int = 0,
 ) -> LayerCache:
     """Generate a layer cache from a simple model of how predictions settle with depth.
 
@@ -77,6 +78,9 @@ def synthetic_cache(
         Scales how late tokens settle (> 0): larger means later exits are needed.
     seed : int, default=0
         Non-negative seed; the same arguments and seed give the same cache (same checksum).
+    first_id : int, default=0
+        Sequence ids are ``"synthetic-{first_id}"``, ``"synthetic-{first_id + 1}"``, ...: give each piece of
+        a cache generated piece by piece (the shards of :mod:`calibrate.shards`) its own ids.
 
     Returns
     -------
@@ -156,6 +160,8 @@ def synthetic_cache(
         references, difficulty, seed,
     )
     n, L, V, k, d = p["n_sequences"], p["n_layers"], p["vocab_size"], p["top_k"], p["hidden_size"]
+    if isinstance(first_id, bool) or not isinstance(first_id, (int, np.integer)) or first_id < 0:
+        raise ValueError(f"first_id must be a non-negative int, got {first_id!r}")
     root = np.random.SeedSequence(p["seed"])
     seq_ss, ref_ss, block_root = root.spawn(3)
     rng = np.random.default_rng(seq_ss)
@@ -213,7 +219,7 @@ def synthetic_cache(
         offsets=offsets,
         prompts=[f"Synthetic prompt {s}:" for s in range(n)],
         references=refs,
-        ids=[f"synthetic-{s}" for s in range(n)],
+        ids=[f"synthetic-{first_id + s}" for s in range(n)],
         vocab=vocab,
         vocab_size=V,
         model="synthetic",

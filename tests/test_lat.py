@@ -13,8 +13,8 @@ from calibrate import lat
 from calibrate.certificate import Certificate
 from calibrate.heads import ExitHeads, decoder_layers
 from calibrate.lat.decode import _prefill
-from calibrate.lat.scores import _always_kept
 from calibrate.lat.schedule import KeepSchedule, layer_costs
+from calibrate.lat.scores import _always_kept
 from calibrate.runtime._layers import adapter_for
 
 SMOLLM2 = SimpleNamespace(

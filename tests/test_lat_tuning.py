@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from _tiny_hf import BOS, EOS, PAD, tiny_model, tiny_tokenizer
+from _tiny_hf import BOS, PAD, tiny_model, tiny_tokenizer
 
 from calibrate import lat
 from calibrate.heads import ExitHeads, decoder_layers

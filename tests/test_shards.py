@@ -134,7 +134,7 @@ def test_sharded_extraction_equals_one_extraction(saved_model, tmp_path, monkeyp
     other = tmp_path / "other"
     extract_main(model_dir, prompts, other, shard=(0, 2), **kw)
     extract_main(model_dir, prompts, other, shard=(1, 2), **{**kw, "max_new_tokens": 3})
-    with pytest.raises(ValueError, match="differs .* in 'generation'"):
+    with pytest.raises(ValueError, match="differs .* in 'generation' -> 'max_new_tokens': 3 != 4"):
         calibrate.open_cache(other)
 
 

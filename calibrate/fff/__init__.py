@@ -3,26 +3,33 @@
 - :mod:`calibrate.fff.layer`: :class:`FFF`, a binary tree of neurons evaluated along one path per input;
   hard descent (:func:`fff_forward`, vectorised or a compiled CPU kernel), the masked and soft training
   formulations, safetensors persistence.
-- :mod:`calibrate.fff.calibration`: certify the evaluation depth (:func:`fit`, knob ``fff_depth``), run a
-  model at it (:func:`apply`, :func:`at_depth`), audit it on held-out inputs (:func:`audit`).
+- :mod:`calibrate.fff.calibration`: certify the evaluation depth (:func:`fit`, knob ``fff_depth``; for
+  classifiers, or language models in decoded mode), run a model at it (:func:`apply`, :func:`at_depth`),
+  audit it on held-out inputs (:func:`audit`).
+- :mod:`calibrate.fff.distill`: replace a language model's MLP blocks by FFFs distilled layer by layer
+  (:func:`distill`).
 
 This package imports torch; ``import calibrate`` does not import it.
 """
 
 from calibrate.fff.calibration import apply, at_depth, audit, depth_losses, fff_layers, fit, model_id
+from calibrate.fff.distill import DistillResult, distill, mlp_activations
 from calibrate.fff.layer import ACTIVATIONS, BACKENDS, FFF, fff_forward, fff_reference
 
 __all__ = [
     "ACTIVATIONS",
     "BACKENDS",
+    "DistillResult",
     "FFF",
     "apply",
     "at_depth",
     "audit",
     "depth_losses",
+    "distill",
     "fff_forward",
     "fff_layers",
     "fff_reference",
     "fit",
+    "mlp_activations",
     "model_id",
 ]

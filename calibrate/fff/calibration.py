@@ -8,7 +8,11 @@ depths (strictly decreasing), and :func:`calibrate.certify` picks the smallest d
 
 For classifiers (``model(x)`` returns logits ``(n, n_classes)``) the losses are ``"label"`` (the label
 differs from the full-depth model's) or ``"risk_label"`` (the full-depth model is right about the
-reference label and the shallower one is wrong).
+reference label and the shallower one is wrong). For language models (pass ``tokenizer=`` and prompts
+as the inputs) the prompts are decoded greedily at each depth and the losses are the textual
+consistencies of :data:`calibrate.losses.CONSISTENCIES` against the full-depth outputs (decoded mode,
+as :func:`calibrate.fit_decoded`); a model whose MLP blocks are FFFs comes from
+:func:`calibrate.fff.distill`.
 
 This module imports torch; ``import calibrate`` does not import it.
 """
@@ -121,35 +125,53 @@ def _labels(model: nn.Module, inputs: torch.Tensor, depth: int | None, batch_siz
 
 def depth_losses(
     model: nn.Module,
-    inputs: torch.Tensor,
+    inputs: torch.Tensor | Sequence[str],
     *,
     depths: Sequence[int] | None = None,
-    consistency: str = "label",
-    references: Sequence[int] | None = None,
-    batch_size: int = 1024,
+    consistency: str | None = None,
+    references: Sequence[int] | Sequence[str] | None = None,
+    batch_size: int | None = None,
+    tokenizer=None,
+    max_new_tokens: int = 32,
 ) -> LossTable:
-    """Per-example 0/1 losses of ``model`` at each evaluation depth against its full depth.
+    """Per-example losses of ``model`` at each evaluation depth against its full depth.
 
     Parameters
     ----------
     model : torch.nn.Module
-        A classifier holding FFF layers: ``model(x)`` gives logits ``(n, n_classes)``; in eval mode.
-    inputs : torch.Tensor
-        ``(n, ...)`` calibration inputs, one example each.
+        A classifier holding FFF layers: ``model(x)`` gives logits ``(n, n_classes)``; or, with
+        ``tokenizer``, a Hugging Face language model holding FFF layers. In eval mode.
+    inputs : torch.Tensor or sequence of str
+        ``(n, ...)`` calibration inputs, one example each; prompts for a language model.
     depths : sequence of int, optional
         Depths to test, strictly decreasing from at most the full tree (default: every depth, full to 0).
-    consistency : {"label", "risk_label"}, default="label"
-        Label disagreement with the full-depth model, or risk consistency against ``references``.
-    references : sequence of int, optional
-        Reference labels for ``"risk_label"``.
-    batch_size : int, default=1024
-        Inputs per forward call.
+    consistency : str, optional
+        Classifiers: ``"label"`` (default; disagreement with the full-depth label) or ``"risk_label"``
+        (against int ``references``). Language models: one of :data:`calibrate.losses.CONSISTENCIES`
+        (default ``"token"``; ``risk_*`` against reference texts).
+    references : sequence of int or str, optional
+        Reference labels, or reference texts for a language model's ``risk_*`` losses.
+    batch_size : int, optional
+        Inputs per forward call (default 1024), or prompts per ``generate`` call (default 8).
+    tokenizer : transformers.PreTrainedTokenizerBase, optional
+        The language model's tokenizer: ``inputs`` are then prompts, decoded greedily at every depth.
+    max_new_tokens : int, default=32
+        Most tokens generated per prompt (language models).
 
     Returns
     -------
     LossTable
         ``(n, len(depths))`` losses, ``lambdas`` = the depths, mode ``"decoded"`` (the model really ran).
     """
+    if tokenizer is not None:
+        decoder, depths = _lm_decoder(
+            model, tokenizer, inputs, references, consistency, depths, max_new_tokens, batch_size
+        )
+        template = _lm_template(model, decoder, depths, 0.1, 0.05, "hoeffding_bentkus")  # carries the depth only
+        columns = [decoder.losses(dataclasses.replace(template, lambda_hat=float(k)))[0] for k in depths]
+        return LossTable(np.column_stack(columns), depths.astype(np.float64), "decoded", decoder.consistency)
+    consistency = "label" if consistency is None else consistency
+    batch_size = 1024 if batch_size is None else batch_size
     if consistency not in CONSISTENCIES:
         raise ValueError(f"consistency must be one of {CONSISTENCIES}, got {consistency!r}")
     if not isinstance(inputs, torch.Tensor) or inputs.ndim < 1 or len(inputs) == 0:
@@ -177,29 +199,35 @@ def depth_losses(
 
 def fit(
     model: nn.Module,
-    inputs: torch.Tensor,
+    inputs: torch.Tensor | Sequence[str],
     delta: float = 0.1,
     epsilon: float = 0.05,
     *,
     depths: Sequence[int] | None = None,
-    consistency: str = "label",
-    references: Sequence[int] | None = None,
+    consistency: str | None = None,
+    references: Sequence[int] | Sequence[str] | None = None,
     bound: str = "hoeffding_bentkus",
     method: str = "fixed_sequence",
-    batch_size: int = 1024,
+    batch_size: int | None = None,
+    tokenizer=None,
+    max_new_tokens: int = 32,
+    progress: bool = False,
 ) -> Certificate:
     """Certify the smallest FFF evaluation depth whose risk stays within ``delta`` (knob ``fff_depth``).
 
     Parameters
     ----------
-    model, inputs, depths, consistency, references, batch_size
+    model, inputs, depths, consistency, references, batch_size, tokenizer, max_new_tokens
         As in :func:`depth_losses`.
     delta : float, default=0.1
         Tolerance on the loss, in (0, 1).
     epsilon : float, default=0.05
         Failure probability, in (0, 1).
     bound, method
-        p-value and family-wise procedure (see :func:`calibrate.certify`).
+        p-value and family-wise procedure (see :func:`calibrate.certify`). Language models are tested
+        by fixed-sequence testing only, decoding a depth only when the walk reaches it.
+    progress : bool, default=False
+        Show a progress bar over the depths (language models).
 
     Returns
     -------
@@ -218,6 +246,17 @@ def fit(
     ('fff_depth', (6.0, 5.0, 4.0))
     >>> depth = fff.apply(model, cert).eval_depth   # every FFF layer now runs at the certified depth
     """
+    if tokenizer is not None:
+        if method != "fixed_sequence":
+            raise ValueError(f"a language model's depth is certified with method='fixed_sequence', got {method!r}")
+        from calibrate.decoded import _certify_lazily, _risk_iv
+
+        decoder, depths = _lm_decoder(
+            model, tokenizer, inputs, references, consistency, depths, max_new_tokens, batch_size
+        )
+        delta, epsilon = _risk_iv(delta, epsilon, bound, decoder.consistency)
+        return _certify_lazily(decoder, _lm_template(model, decoder, depths, delta, epsilon, bound), progress)
+    consistency = "label" if consistency is None else consistency
     table = depth_losses(
         model, inputs, depths=depths, consistency=consistency, references=references, batch_size=batch_size
     )
@@ -225,15 +264,55 @@ def fit(
     return dataclasses.replace(cert, model=model_id(model), consistency=consistency)
 
 
+def _lm_decoder(model, tokenizer, prompts, references, consistency, depths, max_new_tokens, batch_size):
+    """The decoded-mode decoder of :mod:`calibrate.decoded`, generating with every FFF at a certificate's depth."""
+    from calibrate.decoded import _decoder_iv
+
+    depths = _depths_iv(depths, _max_depth(model))
+    consistency = "token" if consistency is None else consistency
+    decoder, _, _ = _decoder_iv(
+        model, tokenizer, prompts, references, consistency, depths.astype(np.float64), max_new_tokens,
+        8 if batch_size is None else batch_size, None, None,
+    )  # fmt: skip
+
+    def run_batch(input_ids, attention_mask, certificate: Certificate) -> tuple[list[np.ndarray], None]:
+        depth = None if certificate.lambda_hat is None else int(round(certificate.lambda_hat))
+        with at_depth(model, depth), torch.no_grad():
+            outputs, _ = decoder._early_exit(input_ids, attention_mask, None)  # the plain model, greedy
+        return outputs, None
+
+    decoder.run_batch = run_batch
+    return decoder, depths
+
+
+def _lm_template(model, decoder, depths: np.ndarray, delta: float, epsilon: float, bound: str) -> Certificate:
+    """An untested decoded-mode ``fff_depth`` certificate over ``depths``."""
+    untested = (math.nan,) * depths.size
+    return Certificate(
+        lambda_hat=None, delta=delta, epsilon=epsilon, n=decoder.n, lambdas=tuple(float(k) for k in depths),
+        risks=untested, p_values=untested, certified=(False,) * depths.size, bound=bound, method="fixed_sequence",
+        mode="decoded", consistency=decoder.consistency, knob="fff_depth", model=model_id(model),
+    )  # fmt: skip
+
+
 def audit(
     certificate: Certificate,
     model: nn.Module,
-    inputs: torch.Tensor,
+    inputs: torch.Tensor | Sequence[str],
     *,
-    references: Sequence[int] | None = None,
-    batch_size: int = 1024,
+    references: Sequence[int] | Sequence[str] | None = None,
+    batch_size: int | None = None,
+    tokenizer=None,
+    max_new_tokens: int = 32,
 ) -> AuditReport:
     """Held-out risk of an ``fff_depth`` certificate at every depth of its grid.
+
+    Parameters
+    ----------
+    certificate : Certificate
+        From :func:`fit` on this model.
+    model, inputs, references, batch_size, tokenizer, max_new_tokens
+        As in :func:`depth_losses` (held-out inputs or prompts; deploy with the same ``max_new_tokens``).
 
     Returns
     -------
@@ -248,6 +327,8 @@ def audit(
         consistency=certificate.consistency,
         references=references,
         batch_size=batch_size,
+        tokenizer=tokenizer,
+        max_new_tokens=max_new_tokens,
     )
     index = certificate.index
     risk = 0.0 if index is None else float(table.risks[index])

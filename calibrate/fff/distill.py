@@ -1,0 +1,254 @@
+"""Replace a language model's MLP blocks by fast feedforward layers distilled from them.
+
+Layer by layer, on frozen inputs: the original model reads a text corpus once while forward hooks record,
+at every chosen decoder layer, the MLP block's input (after its norm) and output per token. For each
+layer an ``FFF(d, d, depth)`` learns the output from the input by mean squared error, first as the FFF
+paper's soft tree with a hardening term whose weight grows linearly to ``hardening`` (``soft_share`` of
+the steps), then by the masked formulation (the hard path, as it runs), and replaces the MLP in a copy of
+the model. The error is measured on tokens of held-out texts, by hard descent.
+
+This module imports torch; ``import calibrate`` does not import it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from calibrate.fff.layer import FFF
+from calibrate.heads import decoder_layers
+
+__all__ = ["DistillResult", "distill", "mlp_activations"]
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class DistillResult:
+    """A model whose MLP blocks are FFFs, and how well each reproduces the block it replaced.
+
+    Attributes
+    ----------
+    model : torch.nn.Module
+        A copy of the original model with ``FFF`` layers in place of the chosen MLP blocks (eval mode).
+    layers : tuple of int
+        The replaced decoder layers, 0-based.
+    depth : int
+        Depth of every FFF (``depth + 1`` of ``2**(depth + 1) - 1`` neurons evaluated per token).
+    errors : tuple of float
+        Per replaced layer, on held-out tokens: ``||FFF(x) - MLP(x)||^2 / ||MLP(x) - mean||^2`` (0 is
+        exact; 1 is no better than the mean output).
+    baseline_errors : tuple of float
+        The same error for a dense MLP of the FFF's evaluated width (``depth + 1`` hidden neurons) trained
+        the same number of steps: the honest baseline at equal inference cost.
+    n_train, n_heldout : int
+        Recorded tokens used to train and to measure.
+    """
+
+    model: nn.Module
+    layers: tuple[int, ...]
+    depth: int
+    errors: tuple[float, ...]
+    baseline_errors: tuple[float, ...]
+    n_train: int
+    n_heldout: int
+
+    def __repr__(self) -> str:
+        return (
+            f"DistillResult(layers={len(self.layers)}, depth={self.depth}, mean error={np.mean(self.errors):.3f} "
+            f"(narrow dense {np.mean(self.baseline_errors):.3f}), tokens={self.n_train}+{self.n_heldout})"
+        )
+
+    def plot(self, ax=None):
+        """Per-layer held-out error of the FFFs and of the narrow dense baseline; returns the figure."""
+        import matplotlib.pyplot as plt
+
+        if ax is None:
+            _, ax = plt.subplots(figsize=(7, 3.5))
+        x = np.arange(len(self.layers))
+        ax.bar(x - 0.2, self.errors, 0.4, label=f"FFF depth {self.depth}")
+        ax.bar(x + 0.2, self.baseline_errors, 0.4, label=f"dense, {self.depth + 1} neurons")
+        ax.set(xticks=x, xticklabels=[str(i) for i in self.layers], xlabel="decoder layer",
+               ylabel="relative squared error", title="MLP blocks distilled into FFFs (held-out tokens)")  # fmt: skip
+        ax.legend(fontsize=8)
+        ax.figure.tight_layout()
+        return ax.figure
+
+
+def _mlp_of(layer: nn.Module, index: int) -> nn.Module:
+    mlp = getattr(layer, "mlp", None)
+    if not isinstance(mlp, nn.Module):
+        raise ValueError(f"decoder layer {index} has no .mlp block (supported: GPT-2, Llama, Qwen2 and relatives)")
+    return mlp
+
+
+@torch.no_grad()
+def mlp_activations(
+    model: nn.Module, tokenizer, texts: Sequence[str], layers: Sequence[int], *, max_tokens: int = 128
+) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """The inputs and outputs of the MLP blocks of ``layers`` on every token of ``texts``.
+
+    Parameters
+    ----------
+    model : transformers.PreTrainedModel
+        A decoder-only model whose decoder layers have an ``.mlp`` block.
+    tokenizer : transformers.PreTrainedTokenizerBase
+        Its tokenizer; each text is read on its own (no padding), cut to ``max_tokens`` tokens.
+    texts : sequence of str
+        The corpus.
+    layers : sequence of int
+        Decoder layers (0-based).
+    max_tokens : int, default=128
+        Most tokens read per text.
+
+    Returns
+    -------
+    dict
+        ``layer -> (inputs, outputs)``, float32 tensors of shape ``(n_tokens, d)``, tokens in text order.
+    """
+    blocks = decoder_layers(model)
+    recorded: dict[int, tuple[list, list]] = {i: ([], []) for i in layers}
+    hooks = []
+    for i in layers:
+
+        def hook(module, args, output, i=i):
+            recorded[i][0].append(args[0].detach().reshape(-1, args[0].shape[-1]).float().cpu())
+            recorded[i][1].append(output.detach().reshape(-1, output.shape[-1]).float().cpu())
+
+        hooks.append(_mlp_of(blocks[i], i).register_forward_hook(hook))
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        for text in texts:
+            ids = tokenizer(text, return_tensors="pt")["input_ids"][:, :max_tokens].to(device)
+            model(input_ids=ids)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return {i: (torch.cat(x), torch.cat(y)) for i, (x, y) in recorded.items()}
+
+
+def _train(module: nn.Module, x, y, *, steps, batch_size, lr, hardening, soft_share, generator) -> nn.Module:
+    """Mean squared error training; an FFF runs soft (hardening ramp) then masked, any other module as is."""
+    optimiser = torch.optim.Adam(module.parameters(), lr=lr)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, steps)
+    soft_steps = int(round(soft_share * steps)) if isinstance(module, FFF) else 0
+    module.train()
+    for step in range(steps):
+        batch = torch.randint(0, len(x), (batch_size,), generator=generator)
+        if step < soft_steps:
+            out, hard = module.soft_forward(x[batch])
+            loss = F.mse_loss(out, y[batch]) + hardening * step / max(1, soft_steps - 1) * hard
+        else:
+            loss = F.mse_loss(module(x[batch]), y[batch])
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        scheduler.step()
+    return module.eval()
+
+
+@torch.no_grad()
+def _relative_error(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    residual = ((module(x) - y) ** 2).sum()
+    return float(residual / ((y - y.mean(dim=0)) ** 2).sum().clamp_min(1e-12))
+
+
+def distill(
+    model: nn.Module,
+    tokenizer,
+    texts: Sequence[str],
+    *,
+    depth: int = 8,
+    layers: Sequence[int] | None = None,
+    steps: int = 500,
+    batch_size: int = 512,
+    lr: float = 3e-3,
+    hardening: float = 3.0,
+    soft_share: float = 0.7,
+    heldout: float = 0.2,
+    max_tokens: int = 128,
+    seed: int = 0,
+    progress: bool = True,
+) -> DistillResult:
+    """Distil the MLP blocks of ``layers`` into FFFs of ``depth``, layer by layer on frozen inputs.
+
+    Parameters
+    ----------
+    model : transformers.PreTrainedModel
+        A decoder-only model (GPT-2, Llama family incl. SmolLM2, Qwen2); not modified (a copy is).
+    tokenizer : transformers.PreTrainedTokenizerBase
+        Its tokenizer.
+    texts : sequence of str
+        The corpus; the last ``heldout`` share of the texts (after a seeded shuffle) measures the errors.
+    depth : int, default=8
+        Tree depth of every FFF (>= 0).
+    layers : sequence of int, optional
+        Decoder layers whose MLP is replaced (default: all).
+    steps, batch_size, lr : int, int, float
+        Adam steps (cosine schedule), tokens per step and learning rate, per layer.
+    hardening : float, default=3.0
+        Final weight of the hardening term of the soft phase.
+    soft_share : float, default=0.7
+        Share of the steps trained as the soft tree, in [0, 1]; the rest train the hard path.
+    heldout : float, default=0.2
+        Share of the texts held out, in (0, 1).
+    max_tokens : int, default=128
+        Most tokens read per text.
+    seed : int, default=0
+        Seed of the text split, the initialisation and the batches.
+    progress : bool, default=True
+        Show a progress bar over the layers.
+
+    Returns
+    -------
+    DistillResult
+        The copy with FFFs (run it, certify its depth with :func:`calibrate.fff.fit`), and per-layer errors
+        next to a dense MLP of the same evaluated width.
+    """
+    from tqdm.auto import tqdm
+
+    blocks = decoder_layers(model)
+    layers = list(range(len(blocks))) if layers is None else [int(i) for i in layers]
+    if not layers or len(set(layers)) != len(layers) or min(layers) < 0 or max(layers) >= len(blocks):
+        raise ValueError(f"layers must be distinct decoder layers in 0..{len(blocks) - 1}, got {layers}")
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
+        raise ValueError(f"depth must be an int >= 0, got {depth!r}")
+    if not 0 < heldout < 1 or not 0 <= soft_share <= 1:
+        raise ValueError(f"heldout must lie in (0, 1) and soft_share in [0, 1], got {heldout} and {soft_share}")
+    texts = list(texts)
+    order = np.random.default_rng(seed).permutation(len(texts))
+    n_held = max(1, int(round(heldout * len(texts))))
+    if len(texts) - n_held < 1:
+        raise ValueError(f"texts must hold at least 2 texts (training and held-out), got {len(texts)}")
+    train_texts = [texts[i] for i in order[n_held:]]
+    held_texts = [texts[i] for i in order[:n_held]]
+    train = mlp_activations(model, tokenizer, train_texts, layers, max_tokens=max_tokens)
+    held = mlp_activations(model, tokenizer, held_texts, layers, max_tokens=max_tokens)
+
+    student = copy.deepcopy(model).eval()
+    student_blocks = decoder_layers(student)
+    dtype = next(model.parameters()).dtype
+    errors, baselines = [], []
+    kw = dict(steps=steps, batch_size=batch_size, lr=lr, hardening=hardening, soft_share=soft_share)
+    for i in tqdm(layers, desc="distil MLP blocks", unit="layer", disable=not progress):
+        (x, y), (hx, hy) = train[i], held[i]
+        d_in, d_out = x.shape[1], y.shape[1]
+        generator = torch.Generator().manual_seed(seed * 1009 + i)
+        torch.manual_seed(seed * 1009 + i)
+        layer = _train(FFF(d_in, d_out, depth), x, y, generator=generator, **kw)
+        narrow = nn.Sequential(nn.Linear(d_in, depth + 1), nn.GELU(), nn.Linear(depth + 1, d_out))
+        narrow = _train(narrow, x, y, generator=generator, **kw)
+        errors.append(_relative_error(layer, hx, hy))
+        baselines.append(_relative_error(narrow, hx, hy))
+        student_blocks[i].mlp = layer.to(dtype=dtype, device=next(model.parameters()).device)
+    return DistillResult(
+        student, tuple(layers), depth, tuple(errors), tuple(baselines),
+        int(train[layers[0]][0].shape[0]), int(held[layers[0]][0].shape[0]),
+    )  # fmt: skip

@@ -1,0 +1,109 @@
+"""MLP blocks distilled into FFFs, and the depth of a language model certified in decoded mode."""
+
+import numpy as np
+import pytest
+import torch
+from _tiny_hf import tiny_model, tiny_tokenizer
+
+from calibrate import fff
+from calibrate.heads import decoder_layers
+
+TEXTS = [" ".join(f"w{(i * j + 3) % 29}" for j in range(10)) for i in range(40)]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def distilled(tokenizer):
+    torch.manual_seed(0)
+    model = tiny_model("llama").eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = fff.distill(model, tokenizer, TEXTS, depth=3, layers=[0, 2], steps=150, batch_size=64, progress=False)
+    return model, before, result
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_recorded_activations_are_the_mlp_blocks_own(arch, tokenizer):
+    model = tiny_model(arch).eval()
+    acts = fff.mlp_activations(model, tokenizer, TEXTS[:5], [1], max_tokens=6)
+    x, y = acts[1]
+    assert x.shape[0] == 5 * 6 and x.shape == y.shape
+    with torch.no_grad():
+        torch.testing.assert_close(decoder_layers(model)[1].mlp(x), y)
+
+
+def test_distill_replaces_only_the_chosen_blocks_of_a_copy(distilled):
+    model, before, result = distilled
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the original is untouched
+    blocks, original = decoder_layers(result.model), decoder_layers(model)
+    assert [isinstance(b.mlp, fff.FFF) for b in blocks] == [True, False, True]
+    assert blocks[0].mlp.depth == 3 and not isinstance(original[0].mlp, fff.FFF)
+    torch.testing.assert_close(blocks[1].mlp.up_proj.weight, original[1].mlp.up_proj.weight)
+    assert result.layers == (0, 2) and len(result.errors) == len(result.baseline_errors) == 2
+    assert result.n_train > 0 and result.n_heldout > 0 and "depth=3" in repr(result)
+    assert result.plot().axes
+
+
+def test_training_lowers_the_heldout_error(tokenizer, distilled):
+    model, _, trained = distilled
+    untrained = fff.distill(model, tokenizer, TEXTS, depth=3, layers=[0, 2], steps=1, batch_size=64, progress=False)
+    assert np.mean(trained.errors) < np.mean(untrained.errors)
+
+
+def _greedy(model, tokenizer, prompt, n):
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n, pad_token_id=0)
+    new = out[0, ids.shape[1] :].tolist()
+    return new[: new.index(1) + 1] if 1 in new else new  # EOS (id 1) kept, as in a cache
+
+
+def test_decoded_depth_losses_equal_hugging_face_generate_at_each_depth(distilled, tokenizer):
+    _, _, result = distilled
+    student, prompts = result.model, TEXTS[:8]
+    table = fff.depth_losses(student, prompts, tokenizer=tokenizer, max_new_tokens=5, batch_size=1)
+    assert table.lambdas.tolist() == [3.0, 2.0, 1.0, 0.0] and table.mode == "decoded"
+    full = [_greedy(student, tokenizer, p, 5) for p in prompts]
+    for column, depth in enumerate((3, 2, 1, 0)):
+        with fff.at_depth(student, depth):
+            shallow = [_greedy(student, tokenizer, p, 5) for p in prompts]
+        for row, (a, b) in enumerate(zip(shallow, full)):
+            common = min(len(a), len(b))
+            expected = (sum(x != y for x, y in zip(a[:common], b[:common])) + max(len(a), len(b)) - common) / max(
+                len(a), len(b)
+            )
+            assert table.losses[row, column] == pytest.approx(expected)
+    assert np.all(table.losses[:, 0] == 0)
+
+
+def test_certified_depth_of_a_language_model(distilled, tokenizer):
+    _, _, result = distilled
+    student = result.model
+    cert = fff.fit(student, TEXTS, delta=0.4, epsilon=0.1, tokenizer=tokenizer, max_new_tokens=4, consistency="rouge_l")
+    assert cert.knob == "fff_depth" and cert.mode == "decoded" and cert.consistency == "rouge_l"
+    assert cert.lambdas == (3.0, 2.0, 1.0, 0.0) and cert.risks[0] == 0.0 and cert.model == fff.model_id(student)
+    table = fff.depth_losses(student, TEXTS, tokenizer=tokenizer, max_new_tokens=4, consistency="rouge_l")
+    tested = [r for r in cert.risks if not np.isnan(r)]
+    np.testing.assert_allclose(tested, table.risks[: len(tested)])  # the lazy walk decodes the same losses
+    fff.apply(student, cert)
+    assert {layer.eval_depth for layer in fff.fff_layers(student)} == {
+        None if cert.lambda_hat is None else int(cert.lambda_hat)
+    }
+    report = fff.audit(cert, student, TEXTS[:10], tokenizer=tokenizer, max_new_tokens=4)
+    assert report.n == 10 and len(report.risks) == 4
+    with pytest.raises(ValueError, match="fixed_sequence"):
+        fff.fit(student, TEXTS, tokenizer=tokenizer, method="holm")
+
+
+def test_distill_rejects_bad_arguments(tokenizer):
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="layers must be distinct"):
+        fff.distill(model, tokenizer, TEXTS, layers=[0, 9], progress=False)
+    with pytest.raises(ValueError, match="depth must be"):
+        fff.distill(model, tokenizer, TEXTS, depth=-1, progress=False)
+    with pytest.raises(ValueError, match="at least 2 texts"):
+        fff.distill(model, tokenizer, TEXTS[:1], progress=False)
+    with pytest.raises(ValueError, match="no .mlp block"):
+        fff.distill(tiny_model("t5"), tokenizer, TEXTS, progress=False)

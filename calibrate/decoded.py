@@ -81,7 +81,10 @@ class _Decoder:
         self.consistency, self.references, self.decode = consistency, references, decode
         textual = consistency not in ("token", "sequence")
         self.scorer = PairScorer(consistency.removeprefix("risk_")) if textual else None  # caches across lambdas
-        self._full: list[np.ndarray] | None = None
+        #: The grid value that runs the unmodified model (speed-up 1, the full tree), decoded once as the full
+        #: model's outputs; None when no grid value does (early exit).
+        self.full_at: float | None = None
+        self._full: tuple[list[np.ndarray], float] | None = None
         self._full_texts: list[str] | None = None
 
     def _early_exit(self, input_ids, attention_mask, certificate: Certificate) -> tuple[list[np.ndarray], int]:
@@ -111,9 +114,10 @@ class _Decoder:
     def losses(self, certificate: Certificate) -> tuple[np.ndarray, float]:
         """Losses ``(n,)`` in ``[0, 1]`` of the outputs at ``certificate.lambda_hat``, and their average exit layer."""
         if self._full is None:
-            self._full, _ = self.outputs(dataclasses.replace(certificate, lambda_hat=None))
-        early, avg_layer = self.outputs(certificate)
-        full = self._full
+            self._full = self.outputs(dataclasses.replace(certificate, lambda_hat=None))
+        full = self._full[0]
+        same = self.full_at is not None and certificate.lambda_hat == self.full_at
+        early, avg_layer = self._full if same else self.outputs(certificate)
         if self.consistency == "token":
             return np.array([_token_disagreement(e, f) for e, f in zip(early, full)]), avg_layer
         if self.consistency == "sequence":

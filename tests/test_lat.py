@@ -464,6 +464,27 @@ def test_fit_decodes_each_speedup_and_generate_spends_it(word_tokenizer):
         assert out.speedup == pytest.approx(1 / cert.lambda_hat)
 
 
+def test_fit_decodes_speedup_one_once(word_tokenizer, monkeypatch):
+    """Speed-up 1 is the unmodified model: its outputs are the full model's, decoded once for both."""
+    import calibrate.lat.calibration as calibration
+
+    model = tiny_model("llama", seed=7, n_layers=3)
+    prompts = [" ".join(f"w{(5 * i + 3 * j) % 60}" for j in range(10)) for i in range(40)]
+    speedups = []
+    original = calibration.generate
+
+    def counting(model, input_ids, attention_mask=None, *, certificate=None, **kwargs):
+        speedups.append(None if certificate is None or certificate.lambda_hat is None else 1 / certificate.lambda_hat)
+        return original(model, input_ids, attention_mask, certificate=certificate, **kwargs)
+
+    monkeypatch.setattr(calibration, "generate", counting)
+    cert = lat.fit(
+        model, word_tokenizer, prompts, delta=0.9, epsilon=0.1, speedups=[1.0, 1.5], max_new_tokens=3, batch_size=40
+    )
+    assert cert.risks[0] == 0.0 and not math.isnan(cert.risks[1])
+    assert speedups == [None, pytest.approx(1.5)]  # the full model, then 1.5 only
+
+
 def test_fit_bad_grid(word_tokenizer):
     model = tiny_model("llama", seed=7, n_layers=2)
     for bad in ([1.0, 0.5], [2.0, 1.5], [1.0, float("nan")], []):

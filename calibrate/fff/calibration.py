@@ -282,6 +282,8 @@ def _lm_decoder(model, tokenizer, prompts, references, consistency, depths, max_
         return outputs, None
 
     decoder.run_batch = run_batch
+    if len({layer.depth for layer in fff_layers(model)}) == 1:  # the deepest depth is then the full tree
+        decoder.full_at = float(_max_depth(model))
     return decoder, depths
 
 

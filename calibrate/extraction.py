@@ -530,7 +530,10 @@ def _extract_iv(
 
 
 def _context_iv(config, encoder_decoder: bool, ids: list[list[int]], max_new_tokens: int) -> None:
-    """Refuse empty prompts and prompts that do not fit the context (never truncate silently)."""
+    """Refuse empty prompts and prompts that do not fit the context (never truncate silently).
+
+    ``max_new_tokens=0`` with ``encoder_decoder=False`` checks the inputs of an encoder (a classifier).
+    """
     empty = [i for i, seq in enumerate(ids) if not seq]
     if empty:
         raise ValueError(f"prompts {empty[:10]} tokenise to no token; a prompt needs at least one")
@@ -547,13 +550,14 @@ def _context_iv(config, encoder_decoder: bool, ids: list[list[int]], max_new_tok
         need = "tokens"
     else:
         too_long = [(i, len(seq)) for i, seq in enumerate(ids) if len(seq) + max_new_tokens > context]
-        need = f"tokens + max_new_tokens={max_new_tokens}"
+        need = f"tokens + max_new_tokens={max_new_tokens}" if max_new_tokens else "tokens"
     if too_long:
         shown = ", ".join(f"prompt {i} ({n} tokens)" for i, n in too_long[:5])
         more = f" and {len(too_long) - 5} more" if len(too_long) > 5 else ""
+        fix = "shorten them or lower max_new_tokens" if max_new_tokens else "shorten them"
         raise ValueError(
             f"{len(too_long)} prompt(s) do not fit the model's context config.{name}={context} ({need}): "
-            f"{shown}{more}; shorten them or lower max_new_tokens (nothing is truncated)"
+            f"{shown}{more}; {fix} (nothing is truncated)"
         )
 
 

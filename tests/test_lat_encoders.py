@@ -198,6 +198,10 @@ def test_classify_bad_input():
     for bad in (0.5, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="speedup"):
             lat.classify(model, ids, mask, speedup=bad)
+    context = model.config.max_position_embeddings
+    long = torch.tensor([ROWS[0][:1] + [ROWS[0][1]] * context])
+    with pytest.raises(ValueError, match=f"max_position_embeddings={context}.*nothing is truncated"):
+        lat.classify(model, long)
     with pytest.raises(ValueError, match="token_type_ids"):
         lat.classify(model, ids, mask, token_type_ids=torch.zeros((1, 3), dtype=torch.long))
     other = Certificate(**{**_full_only(model).to_dict(), "model": lat.model_id(tiny_model("bert", seed=2))})
@@ -267,6 +271,9 @@ def test_classifier_fit_bad_input(word_tokenizer):
         lat.fit(model, word_tokenizer, prompts, consistency="risk_label")
     with pytest.raises(ValueError, match="int labels"):
         lat.fit(model, word_tokenizer, prompts, consistency="risk_label", references=[5] * 10)
+    too_long = " ".join(["w1"] * (model.config.max_position_embeddings + 1))
+    with pytest.raises(ValueError, match=r"1 prompt\(s\) do not fit .* prompt 3 .*shorten them \(nothing"):
+        lat.fit(model, word_tokenizer, prompts[:3] + [too_long] + prompts[4:])
 
 
 def test_t5_fit_is_certified_like_decoders(word_tokenizer):

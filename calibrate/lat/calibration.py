@@ -26,7 +26,7 @@ import torch
 from calibrate.audit import AuditReport
 from calibrate.certificate import Certificate
 from calibrate.decoded import _certify_lazily, _decoder_iv, _prompts_iv, _risk_iv
-from calibrate.extraction import _pad
+from calibrate.extraction import _context_iv, _pad
 from calibrate.lat.classification import classify
 from calibrate.lat.decode import generate, model_id, settings
 from calibrate.lat.encoders import CLASSIFIER_ARCHITECTURES
@@ -317,6 +317,7 @@ class _Classifier:
         self.model, self.consistency, self.n = model, consistency, len(prompts)
         pad_id = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0
         ids = [list(tokenizer(p)["input_ids"]) for p in prompts]
+        _context_iv(model.config, False, ids, 0)  # empty or longer than the positions: refused, not truncated
         self.batches = [_pad(ids[s : s + batch_size], pad_id, left=False) for s in range(0, len(ids), batch_size)]
         self._full: np.ndarray | None = None
 
@@ -330,7 +331,7 @@ class _Classifier:
         """0/1 losses ``(n,)`` at ``certificate.lambda_hat`` (and NaN: no exit layers)."""
         if self._full is None:
             self._full = self.labels(dataclasses.replace(certificate, lambda_hat=None))
-        early = self.labels(certificate)
+        early = self._full if certificate.lambda_hat == 1.0 else self.labels(certificate)  # speed-up 1: unmodified
         if self.consistency == "label":
             return (early != self._full).astype(np.float64), math.nan
         return ((early != self.references) & (self._full == self.references)).astype(np.float64), math.nan

@@ -154,6 +154,12 @@ def classify(
     ids, mask = _ids_iv(input_ids, attention_mask, device, left_padded=False)
     if not bool(mask[:, 0].all()):
         raise ValueError("input_ids must be right-padded with [CLS] in column 0 (the head reads column 0)")
+    context = getattr(config, "max_position_embeddings", None)
+    if context is not None and ids.shape[1] > context:
+        raise ValueError(
+            f"input_ids has {ids.shape[1]} columns but the model has config.max_position_embeddings={context}; "
+            "shorten the inputs (nothing is truncated)"
+        )
     if token_type_ids is not None and tuple(token_type_ids.shape) != tuple(ids.shape):
         raise ValueError(
             f"token_type_ids must have the shape of input_ids {tuple(ids.shape)}, got {tuple(token_type_ids.shape)}"

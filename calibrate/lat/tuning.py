@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from calibrate.extraction import _pad
+from calibrate.extraction import _context_iv, _pad
 from calibrate.heads import ExitHeads, decoder_layers
 from calibrate.lat.calibration import _length
 from calibrate.lat.decode import _prefill, _schedules, generate
@@ -335,6 +335,7 @@ def finetune(
     )
     special = getattr(tokenizer, "all_special_ids", None) or []
     prompt_ids = [list(tokenizer(p)["input_ids"]) for p in prompts]
+    _context_iv(model.config, False, prompt_ids, max_new_tokens)  # prompt + continuation must fit the positions
     with torch.no_grad():
         wanted = _targets(model, tokenizer, prompt_ids, max_new_tokens, 8)
 

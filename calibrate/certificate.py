@@ -232,7 +232,8 @@ class Certificate:
             head += f": measure={self.measure}, consistency={self.consistency}"
         lines = [head, f"  delta (tolerance) = {self.delta:g}, epsilon (failure probability) = {self.epsilon:g}"]
         if self.lambda_hat is None:
-            lines.append("  certified: full model only (run every layer)")
+            full = {"token_keep": "keep every token", "fff_depth": "evaluate the whole tree"}.get(self.knob, "run every layer")
+            lines.append(f"  certified: full model only ({full})")
         else:
             lines.append(
                 f"  certified lambda_hat = {self.lambda_hat:.6g} (risk {self.risk_hat:.4f}, p = {self.p_value:.3g}), "

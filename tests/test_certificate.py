@@ -81,7 +81,9 @@ def test_frame_summary_and_repr():
     assert repr(cert).startswith("Certificate(lambda_hat=0.8,")
     assert "<pre" in cert._repr_html_()
     full = _cert(lambda_hat=None, certified=(False, False, False), reason="too few examples")
-    assert "full model only" in full.summary() and "too few examples" in full.summary()
+    assert "full model only (run every layer)" in full.summary() and "too few examples" in full.summary()
+    tree = dataclasses.replace(full, knob="fff_depth", lambdas=(8.0, 7.0, 6.0), avg_layers=None, n_layers=None)
+    assert "full model only (evaluate the whole tree)" in tree.summary()
     assert "None (full model)" in repr(full)
 
 

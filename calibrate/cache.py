@@ -455,9 +455,7 @@ class LayerCache:
         It identifies the data, not the file: the same content saved twice, or opened again, has the
         same checksum; free-form metadata (model name, settings) is not part of it.
         """
-        checksums = self._field_checksums()
-        payload = {"format_version": FORMAT_VERSION, "vocab_size": self._vocab_size, "fields": checksums}
-        return _digest(json.dumps(payload, sort_keys=True).encode())
+        return _cache_checksum(self._vocab_size, self._field_checksums())
 
     def has(self, name: str) -> bool:
         """Whether the cache stores the field ``name`` (e.g. ``"hidden"`` or ``"softmax_gap"``)."""
@@ -1295,7 +1293,9 @@ def _replaceable(target: Path | Remote) -> bool:
     """A cache directory (it holds ``meta.json``) or an empty directory; never a symlink."""
     if isinstance(target, Remote):
         return (target / _META_FILE).is_file() or (target.is_dir() and not target.fs.ls(target.path))
-    return target.is_dir() and not target.is_symlink() and ((target / _META_FILE).is_file() or not any(target.iterdir()))
+    if not target.is_dir() or target.is_symlink():
+        return False
+    return (target / _META_FILE).is_file() or not any(target.iterdir())
 
 
 def _open_cache_iv(path, verify) -> Path | Remote:
@@ -1318,6 +1318,12 @@ def _open_cache_iv(path, verify) -> Path | Remote:
 
 def _digest(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=32).hexdigest()
+
+
+def _cache_checksum(vocab_size, field_checksums: dict[str, str]) -> str:
+    """The cache's checksum from its fields' checksums (what ``meta.json`` records as ``checksum``)."""
+    payload = {"format_version": FORMAT_VERSION, "vocab_size": vocab_size, "fields": field_checksums}
+    return _digest(json.dumps(payload, sort_keys=True).encode())
 
 
 def _array_hasher(dtype, shape) -> Any:

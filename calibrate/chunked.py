@@ -123,7 +123,9 @@ class ChunkedCache:
             raise ValueError(f"sequence range [{first}, {stop}) is outside [0, {self.n_sequences})")
         root, start, end = next(span for span in self._spans() if span[1] <= first < span[2])
         if stop > end:
-            raise ValueError(f"sequence range [{first}, {stop}) crosses the end of a shard at {end}; load the parts apart")
+            raise ValueError(
+                f"sequence range [{first}, {stop}) crosses the end of a shard at {end}; load the parts apart"
+            )
         lo, hi = int(self.offsets[first]), int(self.offsets[stop])
         base = int(self.offsets[start])  # token offset of the shard's first sequence
         specs = self._array_specs()
@@ -268,13 +270,11 @@ def read_lazily(root: Path | Remote, verify: bool, joint: dict | None = None) ->
     that are fed the same bytes (the checksum of several shards joined), which streams the arrays even
     without ``verify``.
     """
-    import json
 
     import zarr
 
     from calibrate.cache import (
-        FORMAT_VERSION,
-        _digest,
+        _cache_checksum,
         _hash_strings,
         _hash_table,
         _read_meta,
@@ -310,7 +310,9 @@ def read_lazily(root: Path | Remote, verify: bool, joint: dict | None = None) ->
             try:
                 checksums[name] = _stream_hash(z, *([joint[name]] if joint is not None else []))
             except Exception as exc:  # noqa: BLE001 - corrupted chunks raise codec-specific errors
-                raise ValueError(f"cannot read array {name!r} at {where} (corrupted chunk?): {type(exc).__name__}: {exc}") from exc
+                raise ValueError(
+                    f"cannot read array {name!r} at {where} (corrupted chunk?): {type(exc).__name__}: {exc}"
+                ) from exc
     if not verify:
         return meta, table, offsets
     for name, value in checksums.items():
@@ -319,8 +321,7 @@ def read_lazily(root: Path | Remote, verify: bool, joint: dict | None = None) ->
                 f"checksum mismatch in {fields[name]['kind']} {name!r} ({root / fields[name]['path']}): modified or "
                 "corrupted after it was written"
             )
-    payload = {"format_version": FORMAT_VERSION, "vocab_size": meta.get("vocab_size"), "fields": checksums}
-    if _digest(json.dumps(payload, sort_keys=True).encode()) != meta.get("checksum"):
+    if _cache_checksum(meta.get("vocab_size"), checksums) != meta.get("checksum"):
         raise ValueError(f"checksum mismatch in {root / 'meta.json'}: the field list or vocab_size was edited")
     return meta, table, offsets
 

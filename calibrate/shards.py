@@ -124,7 +124,9 @@ def open_sharded(root: Path | Remote, *, verify: bool, chunks: int | None):
         _check_compatible(root, names, [p.meta for p in parts])
         return concat_caches(parts)
 
-    from calibrate.cache import _hash_strings, _hash_table
+    from tqdm.auto import tqdm
+
+    from calibrate.cache import _cache_checksum, _hash_strings, _hash_table, _read_vocab
     from calibrate.chunked import ChunkedCache, _chunks_iv, read_lazily
 
     _chunks_iv(chunks)
@@ -144,29 +146,20 @@ def open_sharded(root: Path | Remote, *, verify: bool, chunks: int | None):
         if spec.get("kind") == "array":
             spec["shape"] = [int(offsets[-1]), *spec["shape"][1:]]
             joint[name] = _array_hasher(spec["dtype"], spec["shape"])
-    for name, where in zip(names, roots):
+    for name, where in tqdm(list(zip(names, roots)), desc="read shards", unit="shard", disable=len(names) < 4):
         _in_shard(name, lambda w=where: read_lazily(w, verify=verify, joint=joint))
     checksums = {name: h.hexdigest() for name, h in joint.items()}
     checksums["sequences"] = _hash_table(table, offsets)
     if "vocab" in fields:
-        from calibrate.cache import _read_vocab
-
         checksums["vocab"] = _hash_strings(tuple(_read_vocab(roots[0], fields["vocab"])))
     for name, value in checksums.items():
         fields[name]["checksum"] = value
     meta = {k: v for k, v in metas[0].items() if k not in ("shard", "sharding")}
-    meta.update(fields=fields, checksum=_checksum(metas[0]["vocab_size"], checksums))
+    meta.update(fields=fields, checksum=_cache_checksum(metas[0]["vocab_size"], checksums))
     meta.update(n_sequences=len(table), n_tokens=int(offsets[-1]))
     starts = np.cumsum([0] + [len(t) for _, t, _ in heads[:-1]])
     sources = tuple((where.resolve(), int(s)) for where, s in zip(roots, starts))
     return ChunkedCache(root.resolve(), int(chunks), meta, table, offsets, sources)
-
-
-def _checksum(vocab_size: int, checksums: dict) -> str:
-    from calibrate.cache import FORMAT_VERSION, _digest
-
-    payload = {"format_version": FORMAT_VERSION, "vocab_size": vocab_size, "fields": checksums}
-    return _digest(json.dumps(payload, sort_keys=True).encode())
 
 
 def _in_shard(name: str, fn):

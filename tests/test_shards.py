@@ -1,6 +1,7 @@
 """Sharded caches: N workers each write a shard, a manifest joins them into one cache without copying."""
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -164,3 +165,28 @@ def test_each_shard_resumes_on_its_own(saved_model, tmp_path, monkeypatch):
     calls.clear()
     again = extraction.extract_main(model_dir, prompts, out, shard=(1, 2), **kw)  # complete: nothing redone
     assert calls == [] and again.checksum == resumed.checksum
+
+
+@pytest.mark.slow
+def test_torchrun_writes_one_shard_per_rank(saved_model, tmp_path):
+    """A real ``torchrun`` of two ranks on this machine: each writes its shard, the joined cache is whole."""
+    import socket
+    import subprocess
+    import sys
+
+    from calibrate.extraction import extract_main
+
+    model_dir, prompts = saved_model
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "ranks"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
+        "-m", "calibrate", "extract", "--model", str(model_dir), "--prompts", str(prompts), "-o", str(out),
+        "--max-new-tokens", "4", "--batch-size", "1",
+    ]  # fmt: skip
+    subprocess.run(command, check=True, capture_output=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == [shard_name(0, 2), shard_name(1, 2)]
+    whole = extract_main(model_dir, prompts, tmp_path / "whole", max_new_tokens=4, batch_size=1, progress=False)
+    assert calibrate.open_cache(out).checksum == whole.checksum

@@ -43,10 +43,6 @@ class Remote:
     def __str__(self) -> str:
         return self.fs.unstrip_protocol(self.path)
 
-    @property
-    def name(self) -> str:
-        return self.path.rsplit("/", 1)[-1]
-
     def exists(self) -> bool:
         return self.fs.exists(self.path)
 

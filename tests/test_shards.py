@@ -1,5 +1,6 @@
 """Sharded caches: N workers each write a shard, a manifest joins them into one cache without copying."""
 
+import functools
 import json
 import os
 import shutil
@@ -174,19 +175,16 @@ def test_torchrun_writes_one_shard_per_rank(saved_model, tmp_path):
     import subprocess
     import sys
 
-    from calibrate.extraction import extract_main
-
     model_dir, prompts = saved_model
     with socket.socket() as s:  # a free port for the rendezvous
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    out = tmp_path / "ranks"
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
-        "-m", "calibrate", "extract", "--model", str(model_dir), "--prompts", str(prompts), "-o", str(out),
-        "--max-new-tokens", "4", "--batch-size", "1",
-    ]  # fmt: skip
-    subprocess.run(command, check=True, capture_output=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == [shard_name(0, 2), shard_name(1, 2)]
-    whole = extract_main(model_dir, prompts, tmp_path / "whole", max_new_tokens=4, batch_size=1, progress=False)
-    assert calibrate.open_cache(out).checksum == whole.checksum
+    arguments = ["--model", str(model_dir), "--prompts", str(prompts), "--max-new-tokens", "4", "--batch-size", "1"]
+    # Both runs in subprocesses with one thread each: float results depend on the thread count.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = functools.partial(subprocess.run, check=True, capture_output=True, timeout=300, env=env)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port)]
+    run([*torchrun, "-m", "calibrate", "extract", *arguments, "-o", str(tmp_path / "ranks")])
+    assert sorted(p.name for p in (tmp_path / "ranks").iterdir() if p.is_dir()) == [shard_name(0, 2), shard_name(1, 2)]
+    run([sys.executable, "-m", "calibrate", "extract", *arguments, "-o", str(tmp_path / "whole")])
+    assert calibrate.open_cache(tmp_path / "ranks").checksum == calibrate.open_cache(tmp_path / "whole").checksum

@@ -321,18 +321,17 @@ def _prefill(adapter, ids, mask, keep, always, score, cache, tail: int = 0):
     always = always | (columns >= P - tail)
     h = adapter.embed(ids, positions)  # (B, P, d)
     key_valid, kept, processed = [], [], []
-    pos_data = None
+    step = None  # the mask and position data change only where vectors are removed
     for i in range(L):
-        width = h.shape[1]
         prompt = valid & (columns < P - tail)  # (B, W) real prompt vectors
-        # (B, W, W) real query -> real key it sees; filler queries see only themselves (mask below)
-        sees = (positions[:, None, :] <= positions[:, :, None]) & valid[:, None, :] & valid[:, :, None]
-        if bool(valid.all()):  # no filler: columns are in position order, the plain causal mask holds
-            step = Step(None, 0, positions, None, causal=True)
-        else:  # filler queries see themselves (no empty softmax row)
-            diagonal = torch.eye(width, dtype=torch.bool, device=h.device)
-            step = Step(None, 0, positions, additive_mask(sees | diagonal, adapter.dtype)[:, None])
-        if pos_data is None:
+        if step is None:
+            # (B, W, W) real query -> real key it sees; filler queries see only themselves (mask below)
+            sees = (positions[:, None, :] <= positions[:, :, None]) & valid[:, None, :] & valid[:, :, None]
+            if bool(valid.all()):  # no filler: columns are in position order, the plain causal mask holds
+                step = Step(None, 0, positions, None, causal=True)
+            else:  # filler queries see themselves (no empty softmax row)
+                diagonal = torch.eye(h.shape[1], dtype=torch.bool, device=h.device)
+                step = Step(None, 0, positions, additive_mask(sees | diagonal, adapter.dtype)[:, None])
             pos_data = adapter.positional(h, step)
         count = prompt.sum(dim=1)  # (B,)
         target = torch.maximum(keep[:, i + 1], (always & prompt).sum(dim=1)) if i + 1 < L else count
@@ -350,6 +349,6 @@ def _prefill(adapter, ids, mask, keep, always, score, cache, tail: int = 0):
             index, valid = survivors(received, scored, norms, always, valid, target + tail, filler_first=True)
             h, attended = _gather(h, index), _gather(attended, index)  # (B, W', ...)
             positions, always, columns = (x.gather(1, index) for x in (positions, always, columns))
-            pos_data = None
+            step = None
         h = adapter.finish(i, h, attended)  # (B, W', d)
     return h[:, -(tail + 1) :], key_valid, tuple(kept), torch.stack(processed, dim=1)

@@ -296,20 +296,20 @@ def attend_and_count(
     n, heads, s, hd = q.shape
     kv_heads = k.shape[1]
     group = heads // kv_heads
-    qg = q.view(n, kv_heads, group, s, hd)
+    qg = (q * scale).view(n, kv_heads, group, s, hd)  # scaled once here, not every (query, key) score
     received = torch.zeros((n, kv_heads, group, k.shape[2]), dtype=torch.float32, device=q.device)
     out = torch.empty_like(qg)
     weight = query_weight.float()  # (n, S)
     for lo in range(0, s, chunk):
         hi = min(s, lo + chunk)
         keys = hi if causal_columns else k.shape[2]
-        scores = torch.einsum("nkgqd,nkjd->nkgqj", qg[:, :, :, lo:hi], k[:, :, :keys]) * scale  # (n, KVH, g, c, keys)
+        scores = torch.einsum("nkgqd,nkjd->nkgqj", qg[:, :, :, lo:hi], k[:, :, :keys])  # (n, KVH, g, c, keys)
         if mask is not None:  # (n, 1 or H, S or 1, S_k)
             m = mask[:, :, lo:hi, :keys] if mask.shape[2] > 1 else mask[..., :keys]
-            scores = scores + (m.unsqueeze(2) if m.shape[1] == 1 else m.view(n, kv_heads, group, hi - lo, -1))
+            scores += m.unsqueeze(2) if m.shape[1] == 1 else m.view(n, kv_heads, group, hi - lo, -1)
         if causal:
             future = torch.ones((hi - lo, keys), dtype=torch.bool, device=q.device).triu(lo + 1)
-            scores = scores.masked_fill(future, -math.inf)
+            scores.masked_fill_(future, -math.inf)
         probs = scores.float().softmax(dim=-1)
         received[..., :keys] += torch.einsum("nkgqj,nq->nkgj", probs.detach(), weight[:, lo:hi])
         out[:, :, :, lo:hi] = torch.einsum("nkgqj,nkjd->nkgqd", probs.to(v.dtype), v[:, :, :keys])

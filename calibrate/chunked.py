@@ -194,11 +194,12 @@ class ChunkedCache:
         if consistency not in CONSISTENCIES:  # checked here, not once per task on the workers
             raise ValueError(f"consistency must be one of {CONSISTENCIES}, got {consistency!r}")
         lam = _lambdas_iv(default_lambdas() if lambdas is None else lambdas)
-        # One copy per worker of everything but the table; each task gets its own rows of the table.
+        # One copy per worker of everything but the table; each task gets its own rows of the columns it reads.
         cache = dask.delayed(dataclasses.replace(self, sequences=self.sequences.iloc[:0]), pure=True, traverse=False)
+        columns = _columns_for(consistency)
         tasks = [
             dask.delayed(_partition_losses, pure=True)(
-                cache, a, b, self.sequences.iloc[a:b], self._fields_for(measure), measure, consistency, lam, decay
+                cache, a, b, self.sequences.iloc[a:b][columns], self._fields_for(measure), measure, consistency, lam, decay
             )
             for a, b in self.partitions
         ]
@@ -215,8 +216,19 @@ def _ranges(first: int, stop: int, step: int) -> list[tuple[int, int]]:
     return [(s, min(stop, s + step)) for s in range(first, stop, step)]
 
 
+def _columns_for(consistency: str) -> list[str]:
+    """The columns of the sequence table that a partition's losses read (the texts only for a risk).
+
+    Prompts, outputs and output ids, most of the table's size, never travel to the workers.
+    """
+    return ["id", "n_tokens", "offset"] + (["reference"] if consistency.startswith("risk_") else [])
+
+
 def _partition_losses(cache: ChunkedCache, first, stop, rows, fields, measure, consistency, lam, decay):
-    """One partition's losses ``(n_p, K)`` and per-lambda sums of exit layers ``(K,)`` (integers)."""
+    """One partition's losses ``(n_p, K)`` and per-lambda sums of exit layers ``(K,)`` (integers).
+
+    ``rows`` holds only the table columns of :func:`_columns_for`: the partition's cache is internal to the task.
+    """
     from calibrate.losses import proxy_losses
     from measures.confidence import confidence
 

@@ -42,7 +42,9 @@ def test_partitions_and_dask_arrays_equal_the_cache(saved):
     np.testing.assert_array_equal(arrays["softmax_gap"].compute(), cache.arrays["softmax_gap"])
 
 
-@pytest.mark.parametrize(("measure", "consistency"), [("softmax_gap", "token"), ("state_saturation", "rouge_l")])
+@pytest.mark.parametrize(
+    ("measure", "consistency"), [("softmax_gap", "token"), ("state_saturation", "rouge_l"), ("entropy", "risk_bleu")]
+)
 def test_fit_on_dask_equals_the_in_memory_certificate(saved, measure, consistency):
     cache, path = saved
     lazy = calibrate.open_cache(path, chunks=37)
@@ -50,6 +52,20 @@ def test_fit_on_dask_equals_the_in_memory_certificate(saved, measure, consistenc
     assert calibrate.fit(lazy, **kwargs) == calibrate.fit(cache, **kwargs)
     decay = calibrate.Decay(max_len=32, tau=2.0)
     assert calibrate.fit(lazy, decay=decay, **kwargs) == calibrate.fit(cache, decay=decay, **kwargs)
+
+
+def test_tasks_carry_only_the_table_columns_they_read(saved, monkeypatch):
+    """Prompts, outputs and output ids stay on the client; references travel only for a risk."""
+    import calibrate.chunked as chunked
+
+    seen, original = [], chunked._partition_losses
+    monkeypatch.setattr(
+        chunked, "_partition_losses", lambda c, a, b, rows, *rest: seen.append(list(rows)) or original(c, a, b, rows, *rest)
+    )
+    lazy = calibrate.open_cache(saved[1], chunks=100)
+    lazy.loss_table(consistency="token")
+    lazy.loss_table(consistency="risk_rouge_l")
+    assert seen == [["id", "n_tokens", "offset"]] * 3 + [["id", "n_tokens", "offset", "reference"]] * 3
 
 
 def test_fit_on_a_local_cluster_retries_a_failing_task(saved, tmp_path):

@@ -196,10 +196,10 @@ class ChunkedCache:
         lam = _lambdas_iv(default_lambdas() if lambdas is None else lambdas)
         # One copy per worker of everything but the table; each task gets its own rows of the columns it reads.
         cache = dask.delayed(dataclasses.replace(self, sequences=self.sequences.iloc[:0]), pure=True, traverse=False)
-        columns = _columns_for(consistency)
+        columns, fields = _columns_for(consistency), self._fields_for(measure)
         tasks = [
             dask.delayed(_partition_losses, pure=True)(
-                cache, a, b, self.sequences.iloc[a:b][columns], self._fields_for(measure), measure, consistency, lam, decay
+                cache, a, b, self.sequences.iloc[a:b][columns], fields, measure, consistency, lam, decay
             )
             for a, b in self.partitions
         ]

@@ -59,9 +59,12 @@ def test_tasks_carry_only_the_table_columns_they_read(saved, monkeypatch):
     import calibrate.chunked as chunked
 
     seen, original = [], chunked._partition_losses
-    monkeypatch.setattr(
-        chunked, "_partition_losses", lambda c, a, b, rows, *rest: seen.append(list(rows)) or original(c, a, b, rows, *rest)
-    )
+
+    def recorded(cache, first, stop, rows, *rest):
+        seen.append(list(rows))
+        return original(cache, first, stop, rows, *rest)
+
+    monkeypatch.setattr(chunked, "_partition_losses", recorded)
     lazy = calibrate.open_cache(saved[1], chunks=100)
     lazy.loss_table(consistency="token")
     lazy.loss_table(consistency="risk_rouge_l")

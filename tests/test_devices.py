@@ -103,9 +103,10 @@ def test_token_elimination(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_fff_descent_equals_the_reference(device):
+@pytest.mark.parametrize("bias", [True, False])
+def test_fff_descent_equals_the_reference(device, bias):
     torch.manual_seed(0)
-    layer = FFF(16, 5, 6).double().to(device)
+    layer = FFF(16, 5, 6, bias=bias).double().to(device)
     x = torch.randn(3, 33, 16, dtype=torch.float64, device=device)
     for depth in range(7):
         expected = fff_reference(layer, x, depth)

@@ -89,6 +89,18 @@ def test_cost_is_monotone_in_depth():
     assert layer.cost() == 12 * 1536 and layer.n_nodes == 4095
 
 
+def test_cost_counts_the_weights_an_input_uses():
+    """``cost(k)`` is the number of weights the output at depth ``k`` depends on (masked forward = hard descent)."""
+    layer = _layer(7, 3, 5, bias=False).train()
+    x = torch.randn(1, 7, dtype=torch.float64)
+    used = []
+    for k in range(6):
+        layer.zero_grad()
+        layer.masked_forward(x, k).sum().backward()
+        used.append(int((layer.w_in.grad != 0).sum() + (layer.w_out.grad != 0).sum()))
+    assert used == [layer.cost(k) for k in range(6)]
+
+
 def test_safetensors_round_trip(tmp_path):
     for bias in (True, False):
         layer = _layer(5, 4, 3, bias=bias, activation="silu", dtype=torch.float32)
@@ -122,8 +134,9 @@ def test_bad_input():
             layer(x, depth=bad)
     with pytest.raises(ValueError, match="4 features"):
         layer(torch.randn(2, 5))
-    with pytest.raises(ValueError, match="NaN or infinite"):
-        layer(torch.tensor([[0.0, math.nan, 0.0, 0.0]]))
+    for bad in (math.nan, math.inf, -math.inf):
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            layer(torch.tensor([[0.0, bad, 0.0, 0.0]]))
     with pytest.raises(ValueError, match="backend"):
         layer(x, backend="cuda")
     with pytest.raises(ValueError, match="float64 on cpu but the layer is torch.float32"):

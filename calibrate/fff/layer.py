@@ -356,7 +356,11 @@ def fff_reference(layer: FFF, x: torch.Tensor, depth: int | None = None) -> torc
     flat = x.reshape(-1, layer.in_features)
     out = []
     for row in flat:
-        y = torch.zeros(layer.out_features, dtype=x.dtype) if layer.b_out is None else layer.b_out.clone()
+        y = (
+            torch.zeros(layer.out_features, dtype=x.dtype, device=x.device)
+            if layer.b_out is None
+            else layer.b_out.clone()
+        )
         node = 0
         for _ in range(k + 1):
             z = row @ layer.w_in[node] + (0 if layer.b_in is None else layer.b_in[node])

@@ -77,7 +77,7 @@ def main() -> None:
         f"best of {args.repeat}; columns: time(baseline) / time(fast)"
     )
     names = [n for n in candidates if n != "fast"]
-    print("| tokens | " + " | ".join(names) + f" | ideal (a) |")
+    print("| tokens | " + " | ".join(names) + " | ideal (a) |")
     print("| --- " * (len(names) + 2) + "|")
     with torch.no_grad():
         for n in args.tokens:

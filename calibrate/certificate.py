@@ -305,13 +305,26 @@ class Certificate:
         except TypeError as exc:
             raise ValueError(f"incomplete certificate: {exc}") from None
 
-    def to_json(self, path: str | os.PathLike | None = None) -> str:
-        """Serialise to JSON (``NaN`` entries as ``null``); write atomically when ``path`` is given."""
+    def _json_data(self) -> dict[str, Any]:
+        """:meth:`to_dict` with ``NaN`` entries (thresholds never tested) as ``None``."""
         data = self.to_dict()
         for name in _NAN_FIELDS:
             if data[name] is not None:
                 data[name] = [None if np.isnan(v) else v for v in data[name]]
-        text = json.dumps(data, indent=2, allow_nan=False)
+        return data
+
+    def __eq__(self, other: object) -> bool:
+        """Field by field, an untested entry (``NaN``) equal to another: a JSON round trip compares equal."""
+        if not isinstance(other, Certificate):
+            return NotImplemented
+        return json.dumps(self._json_data(), sort_keys=True) == json.dumps(other._json_data(), sort_keys=True)
+
+    def __hash__(self) -> int:
+        return hash(json.dumps(self._json_data(), sort_keys=True))
+
+    def to_json(self, path: str | os.PathLike | None = None) -> str:
+        """Serialise to JSON (``NaN`` entries as ``null``); write atomically when ``path`` is given."""
+        text = json.dumps(self._json_data(), indent=2, allow_nan=False)
         if path is not None:
             path = Path(path)
             fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=f".{path.name}.", suffix=".tmp")

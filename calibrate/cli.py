@@ -84,9 +84,23 @@ def _cmd_audit(args) -> int:
             batch_size=args.batch_size,
             progress=True,
         )
+    elif cert.knob == "fff_depth" and args.blocks is not None:  # a language model decoded at each depth
+        fff, model, tokenizer, prompts, references = _fff_language_model(args)
+        report = fff.audit(
+            cert,
+            model,
+            prompts,
+            references=_references(cert.consistency, references),
+            batch_size=args.batch_size,
+            tokenizer=tokenizer,
+            max_new_tokens=args.max_new_tokens,
+        )
     elif cert.knob == "fff_depth":  # the FFF classifier run on held-out inputs at each depth
         if args.model is None or args.inputs is None:
-            raise ValueError("an fff_depth certificate is audited on inputs: give --model FILE and --inputs FILE")
+            raise ValueError(
+                "an fff_depth certificate is audited on inputs (--model FILE --inputs FILE) or, for a language "
+                "model, on prompts (--model DIR --blocks DIR --prompts FILE)"
+            )
         fff, model, inputs, references = _fff_inputs(args.model, args.inputs, args.references)
         report = fff.audit(cert, model, inputs, references=references)
     else:
@@ -151,9 +165,22 @@ def _lat_imports():
         from calibrate.models import load_local
     except ImportError as exc:
         raise ValueError(
-            f"token elimination needs torch and transformers: pip install 'calm-calibrate[hf]' ({exc})"
+            f"decoding a model needs torch and transformers: pip install 'calm-calibrate[hf]' ({exc})"
         ) from None
     return lat, read_prompts, load_local
+
+
+def _fff_language_model(args):
+    """``calibrate.fff``, the model of ``--model`` with the FFF blocks of ``--blocks``, its tokenizer, prompts and
+    the prompts' references."""
+    if args.prompts is None:
+        raise ValueError("a language model with FFF blocks is certified by decoding: give --prompts FILE")
+    _, read_prompts, load_local = _lat_imports()
+    from calibrate import fff
+
+    model, tokenizer = load_local(args.model, device=args.device, dtype=args.dtype)
+    prompts, references = read_prompts(args.prompts)
+    return fff, fff.load_blocks(model, args.blocks), tokenizer, prompts, references
 
 
 def _references(consistency: str | None, references: list) -> list | None:
@@ -187,6 +214,27 @@ def _fff_inputs(model_path: str, inputs_path: str, references_path: str | None):
 
 
 def _cmd_fff_fit(args) -> int:
+    if args.blocks is not None:  # a language model whose MLP blocks are FFFs, decoded on prompts
+        fff, model, tokenizer, prompts, references = _fff_language_model(args)
+        cert = fff.fit(
+            model,
+            prompts,
+            args.delta,
+            args.epsilon,
+            consistency=args.consistency,
+            references=_references(args.consistency, references),
+            bound=args.bound,
+            batch_size=args.batch_size,
+            tokenizer=tokenizer,
+            max_new_tokens=args.max_new_tokens,
+            progress=True,
+        )
+        return _report(cert, args.output)
+    if args.inputs is None or args.consistency is not None:
+        raise ValueError(
+            "an FFF classifier is certified on --inputs FILE (label disagreement, or risk_label with --references); "
+            "a language model with --blocks DIR --prompts FILE [--consistency]"
+        )
     fff, model, inputs, references = _fff_inputs(args.model, args.inputs, args.references)
     cert = fff.fit(
         model,
@@ -296,9 +344,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("certificate", help="certificate JSON")
     p.add_argument("cache", nargs="?", help="held-out layer cache directory or fsspec URL (exit-threshold certificates)")
     p.add_argument("--figure", help="write the risk figure (PNG)")
-    p.add_argument("--model", help="token_keep: model directory (save_pretrained) to decode with; fff_depth: FFF file")
-    p.add_argument("--prompts", help="token_keep certificates: held-out prompts, one per line or JSONL")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="token_keep: as certified (default 32)")
+    p.add_argument(
+        "--model",
+        help="token_keep: model directory (save_pretrained) to decode with; fff_depth: FFF file, or with --blocks the "
+        "language model's directory",
+    )
+    p.add_argument("--blocks", help="fff_depth certificates of a language model: its FFF blocks (fff.save_blocks)")
+    p.add_argument("--prompts", help="token_keep or language-model fff_depth: held-out prompts, one per line or JSONL")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="when decoding: as certified (default 32)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
@@ -351,10 +404,27 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="write the certificate as JSON")
     p.set_defaults(func=_cmd_lat_fit)
 
-    p = sub.add_parser("fff-fit", help="certify the evaluation depth of an FFF classifier (safetensors) on inputs")
-    p.add_argument("--model", required=True, help="FFF layer file written by calibrate.fff.FFF.save")
-    p.add_argument("--inputs", required=True, help="calibration inputs, .npy array (n, in_features)")
-    p.add_argument("--references", help="reference labels (.npy ints): risk_label instead of label disagreement")
+    p = sub.add_parser(
+        "fff-fit",
+        help="certify the evaluation depth of an FFF classifier on inputs, or of a language model's FFF blocks by "
+        "decoding prompts",
+    )
+    p.add_argument(
+        "--model",
+        required=True,
+        help="FFF layer file (calibrate.fff.FFF.save), or with --blocks a model directory (save_pretrained)",
+    )
+    p.add_argument("--inputs", help="classifier: calibration inputs, .npy array (n, in_features)")
+    p.add_argument("--references", help="classifier: reference labels (.npy ints), risk_label instead of label")
+    p.add_argument("--blocks", help="language model: directory of its FFF blocks (calibrate.fff.save_blocks)")
+    p.add_argument("--prompts", help="language model: calibration prompts, one per line or JSONL with 'reference'")
+    p.add_argument(
+        "--consistency", default=None, choices=CONSISTENCIES, help="language model: the loss (default token)"
+    )
+    p.add_argument("--max-new-tokens", type=int, default=32, help="language model: tokens decoded per prompt")
+    p.add_argument("--batch-size", type=int, default=None, help="inputs or prompts per forward pass")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None)
     p.add_argument("--delta", type=float, default=0.1, help="tolerance on the loss, in (0, 1) (default 0.1)")
     p.add_argument("--epsilon", type=float, default=0.05, help="failure probability, in (0, 1) (default 0.05)")
     p.add_argument("--bound", default="hoeffding_bentkus", choices=tuple(P_VALUES))

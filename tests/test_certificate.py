@@ -50,6 +50,9 @@ def test_nan_p_values_round_trip_as_null():
     back = Certificate.from_json(text)
     assert np.all(np.isnan(back.p_values))
     assert "expectation" in back.guarantee
+    assert back == cert and hash(back) == hash(cert) and len({back, cert}) == 1  # untested entries compare equal
+    assert back != _cert(p_values=(np.nan, np.nan, 0.5), method="crc", bound=None)
+    assert back != "not a certificate"
 
 
 def test_frozen():

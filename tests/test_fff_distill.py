@@ -107,3 +107,58 @@ def test_distill_rejects_bad_arguments(tokenizer):
         fff.distill(model, tokenizer, TEXTS[:1], progress=False)
     with pytest.raises(ValueError, match="no .mlp block"):
         fff.distill(tiny_model("t5"), tokenizer, TEXTS, progress=False)
+
+
+def test_blocks_saved_beside_the_original_model_load_back(distilled, tmp_path):
+    model, _, result = distilled
+    path = fff.save_blocks(result.model, tmp_path / "blocks")
+    assert sorted(p.name for p in path.iterdir()) == ["layer-00000.safetensors", "layer-00002.safetensors"]
+    fresh = tiny_model("llama").eval()
+    torch.testing.assert_close(fresh.state_dict(), model.state_dict(), rtol=0, atol=0)  # the original model
+    loaded = fff.load_blocks(fresh, path)
+    assert loaded is fresh and fff.model_id(loaded) == fff.model_id(result.model)
+    ids = torch.tensor([[3, 5, 9, 14, 20]])
+    with fff.at_depth(loaded, None), fff.at_depth(result.model, None), torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, result.model(ids).logits, rtol=0, atol=0)
+    with pytest.raises(FileExistsError, match="blocks"):
+        fff.save_blocks(result.model, path)
+    with pytest.raises(ValueError, match="no FFF block"):
+        fff.save_blocks(model, tmp_path / "none")
+    assert not (tmp_path / "none").exists()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no FFF block"):
+        fff.load_blocks(tiny_model("llama"), tmp_path / "empty")
+    with pytest.raises(ValueError, match="layer-00002.safetensors is for decoder layer 2, but the model has 2"):
+        fff.load_blocks(tiny_model("llama", n_layers=2), path)
+    (tmp_path / "narrow").mkdir()
+    fff.FFF(16, 16, 2).save(tmp_path / "narrow" / "layer-00001.safetensors")
+    with pytest.raises(ValueError, match=r"layer-00001.safetensors maps 16 -> 16 features, the model's MLPs 32"):
+        fff.load_blocks(tiny_model("llama"), tmp_path / "narrow")
+
+
+def test_cli_certifies_and_audits_a_language_model(distilled, tokenizer, tmp_path, capsys):
+    from calibrate import Certificate
+    from calibrate.cli import main
+
+    model, _, result = distilled
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    fff.save_blocks(result.model, tmp_path / "blocks")
+    (tmp_path / "prompts.txt").write_text("\n".join(TEXTS) + "\n")
+    common = ["--model", str(tmp_path / "model"), "--blocks", str(tmp_path / "blocks"), "--max-new-tokens", "4"]
+    out = tmp_path / "cert.json"
+    argv = ["fff-fit", *common, "--prompts", str(tmp_path / "prompts.txt"), "--consistency", "rouge_l"]
+    assert main([*argv, "--delta", "0.4", "--epsilon", "0.1", "-o", str(out)]) == 0
+    with fff.at_depth(result.model, None):
+        kw = dict(tokenizer=tokenizer, max_new_tokens=4, consistency="rouge_l")
+        direct = fff.fit(result.model, TEXTS, delta=0.4, epsilon=0.1, **kw)
+        report = fff.audit(direct, result.model, TEXTS[:10], tokenizer=tokenizer, max_new_tokens=4)
+    assert Certificate.from_json(out) == direct and "fff_depth" in capsys.readouterr().out
+    (tmp_path / "held.txt").write_text("\n".join(TEXTS[:10]) + "\n")
+    code = main(["audit", str(out), *common, "--prompts", str(tmp_path / "held.txt")])
+    assert code == (0 if report.within_tolerance else 1)
+    assert f"held-out risk {report.risk:.4f}" in capsys.readouterr().out
+    assert main(["fff-fit", *common]) == 2  # no prompts
+    assert "give --prompts FILE" in capsys.readouterr().err
+    assert main(["fff-fit", "--model", str(tmp_path / "model"), "--consistency", "token"]) == 2
+    assert "a language model with --blocks DIR --prompts FILE" in capsys.readouterr().err

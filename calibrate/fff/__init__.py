@@ -7,13 +7,13 @@
   classifiers, or language models in decoded mode), run a model at it (:func:`apply`, :func:`at_depth`),
   audit it on held-out inputs (:func:`audit`).
 - :mod:`calibrate.fff.distill`: replace a language model's MLP blocks by FFFs distilled layer by layer
-  (:func:`distill`).
+  (:func:`distill`), and store the blocks beside the original model (:func:`save_blocks`, :func:`load_blocks`).
 
 This package imports torch; ``import calibrate`` does not import it.
 """
 
 from calibrate.fff.calibration import apply, at_depth, audit, depth_losses, fff_layers, fit, model_id
-from calibrate.fff.distill import DistillResult, distill, mlp_activations
+from calibrate.fff.distill import DistillResult, distill, load_blocks, mlp_activations, save_blocks
 from calibrate.fff.layer import ACTIVATIONS, BACKENDS, FFF, fff_forward, fff_reference
 
 __all__ = [
@@ -30,6 +30,8 @@ __all__ = [
     "fff_layers",
     "fff_reference",
     "fit",
+    "load_blocks",
     "mlp_activations",
     "model_id",
+    "save_blocks",
 ]

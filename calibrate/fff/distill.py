@@ -14,7 +14,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
+import re
+import shutil
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,7 +29,10 @@ from torch import nn
 from calibrate.fff.layer import FFF
 from calibrate.heads import decoder_layers
 
-__all__ = ["DistillResult", "distill", "mlp_activations"]
+__all__ = ["DistillResult", "distill", "load_blocks", "mlp_activations", "save_blocks"]
+
+#: File name of a decoder layer's FFF block in a directory written by :func:`save_blocks`.
+_BLOCK_FILE = "layer-{:05d}.safetensors"
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -252,3 +260,90 @@ def distill(
         student, tuple(layers), depth, tuple(errors), tuple(baselines),
         int(train[layers[0]][0].shape[0]), int(held[layers[0]][0].shape[0]),
     )  # fmt: skip
+
+
+def save_blocks(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Write the FFF blocks of ``model`` (e.g. a :class:`DistillResult`'s ``model``), one safetensors file per layer.
+
+    The rest of the model is the original, saved as usual (``save_pretrained``); :func:`load_blocks` puts
+    the blocks back into it. The directory is written aside and renamed into place.
+
+    Parameters
+    ----------
+    model : transformers.PreTrainedModel
+        A decoder-only model some of whose decoder layers have an :class:`FFF` as ``.mlp``.
+    directory : str or path-like
+        Where to write ``layer-00000.safetensors``-style files; must not exist.
+
+    Returns
+    -------
+    pathlib.Path
+        ``directory``.
+
+    Raises
+    ------
+    ValueError
+        When no decoder layer of ``model`` holds an FFF block.
+    FileExistsError
+        When ``directory`` exists.
+    """
+    blocks = {i: layer.mlp for i, layer in enumerate(decoder_layers(model)) if isinstance(layer.mlp, FFF)}
+    if not blocks:
+        raise ValueError("model has no FFF block in place of a decoder layer's MLP (see calibrate.fff.distill)")
+    target = Path(directory)
+    if target.exists():
+        raise FileExistsError(f"{target} exists; save the blocks to a new directory")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        for i, block in blocks.items():
+            block.save(tmp / _BLOCK_FILE.format(i))
+        tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def load_blocks(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Put the FFF blocks written by :func:`save_blocks` into ``model`` in place of its MLPs (in place).
+
+    Parameters
+    ----------
+    model : transformers.PreTrainedModel
+        The original model the blocks were distilled from (same layer count and width).
+    directory : str or path-like
+        A directory written by :func:`save_blocks`.
+
+    Returns
+    -------
+    torch.nn.Module
+        ``model``, its blocks on the model's device and in its dtype.
+
+    Raises
+    ------
+    ValueError
+        When the directory holds no block file, or a block names a layer the model lacks or has another
+        width than the model's (the message names the file).
+    """
+    root = Path(directory)
+    if not root.is_dir():
+        raise FileNotFoundError(f"no FFF blocks directory at {root}")
+    files = sorted(p for p in root.iterdir() if re.fullmatch(r"layer-\d{5}\.safetensors", p.name))
+    if not files:
+        raise ValueError(f"{root} holds no FFF block (layer-NNNNN.safetensors files from calibrate.fff.save_blocks)")
+    layers = decoder_layers(model)
+    param = next(model.parameters())
+    width = model.config.hidden_size
+    for file in files:
+        i = int(file.name[6:11])
+        if i >= len(layers):
+            raise ValueError(f"{file} is for decoder layer {i}, but the model has {len(layers)} layers")
+        block = FFF.load(file)
+        if (block.in_features, block.out_features) != (width, width):
+            raise ValueError(
+                f"{file} maps {block.in_features} -> {block.out_features} features, the model's MLPs {width} -> {width}"
+            )
+        _mlp_of(layers[i], i)  # the layer has an MLP block to replace
+        layers[i].mlp = block.to(dtype=param.dtype, device=param.device).eval()
+    return model

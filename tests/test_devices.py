@@ -12,7 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from _tiny_hf import EOS, PAD, tiny_model, tiny_tokenizer  # noqa: E402
+from _tiny_hf import EOS, PAD, left_pad, tiny_model, tiny_tokenizer  # noqa: E402
 
 from calibrate import extract, lat  # noqa: E402
 from calibrate.certificate import Certificate  # noqa: E402
@@ -28,13 +28,7 @@ PROMPTS = [[4, 9, 17, 30, 5, 11, 8], [7, 12], [40, 41, 42, 43], [20, 21, 22]]
 
 
 def _left_pad(prompts, device):
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), PAD, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, p in enumerate(prompts):
-        ids[row, width - len(p) :] = torch.tensor(p)
-        mask[row, width - len(p) :] = 1
-    return ids.to(device), mask.to(device)
+    return tuple(t.to(device) for t in left_pad(prompts))
 
 
 def _saturation_certificate(lam: float, n_layers: int) -> Certificate:

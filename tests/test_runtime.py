@@ -19,7 +19,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import _tiny_hf
-from _tiny_hf import EOS, PAD, V
+from _tiny_hf import EOS, PAD, V, left_pad
 
 from calibrate.certificate import Certificate
 from calibrate.exits import Decay
@@ -49,16 +49,6 @@ def _pad_prompts(model, prompts):
 def right_pad(prompts):
     ids, mask = left_pad([p[::-1] for p in prompts])
     return ids.flip(1), mask.flip(1)
-
-
-def left_pad(prompts):
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), PAD, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, p in enumerate(prompts):
-        ids[row, width - len(p) :] = torch.tensor(p)
-        mask[row, width - len(p) :] = 1
-    return ids, mask
 
 
 def cert(lambda_hat, measure="state_saturation", *, decay=None, n_layers=N_LAYERS, knob="exit_threshold", state=None):

@@ -20,7 +20,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 import _tiny_hf
-from _tiny_hf import EOS, PAD
+from _tiny_hf import EOS, left_pad
 
 import calibrate
 from calibrate import bounds, fwer
@@ -95,16 +95,6 @@ def _fit(model, tokenizer, prompts, delta=0.25, epsilon=0.1, **kwargs):
 # --------------------------------------------------------------------------------------------------
 
 
-def _left_pad(ids):
-    width = max(len(p) for p in ids)
-    input_ids = torch.full((len(ids), width), PAD, dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
-    for row, p in enumerate(ids):
-        input_ids[row, width - len(p) :] = torch.tensor(p)
-        mask[row, width - len(p) :] = 1
-    return input_ids, mask
-
-
 def _until_eos(row):
     row = row.tolist()
     return np.array(row[: row.index(EOS) + 1] if EOS in row else row)
@@ -115,7 +105,7 @@ def _outputs(model, tokenizer, prompts, cert):
     out = []
     ids = [tokenizer(p)["input_ids"] for p in prompts]
     for start in range(0, len(ids), BATCH):
-        input_ids, mask = _left_pad(ids[start : start + BATCH])
+        input_ids, mask = left_pad(ids[start : start + BATCH])
         if cert is None:
             new = model.generate(input_ids, attention_mask=mask, do_sample=False, max_new_tokens=NEW)
         else:

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from _tiny_hf import BOS, PAD, tiny_model, tiny_tokenizer
+from _tiny_hf import BOS, left_pad, tiny_model, tiny_tokenizer
 
 from calibrate import lat
 from calibrate.heads import ExitHeads, decoder_layers
@@ -14,18 +14,11 @@ from calibrate.runtime._layers import adapter_for
 ROWS = [[BOS] + [4 + (k * j + k) % 60 for j in range(10 + 3 * k)] for k in range(1, 5)]
 
 
-def _left_padded(rows):
-    width = max(len(r) for r in rows)
-    ids = torch.tensor([[PAD] * (width - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    return ids, mask
-
-
 @pytest.mark.parametrize("score", ["attention", "value"])
 def test_teacher_forced_tail_equals_step_by_step_decoding(score):
     """The training forward (prompt thinned out, continuation fed back) predicts what generate emits."""
     model = tiny_model("llama", seed=11, n_layers=6)
-    ids, mask = _left_padded(ROWS)
+    ids, mask = left_pad(ROWS)
     out = lat.generate(model, ids, mask, speedup=2.5, max_new_tokens=6, score=score, eos_token_id=[])
     y = out.new_tokens  # (B, 6), no EOS stop
     adapter = adapter_for(model, decoder_layers(model))
@@ -61,7 +54,7 @@ def test_finetune_lowers_the_loss_and_returns_a_tuned_copy():
     assert ((result.speedups >= 2.0) & (result.speedups <= 3.0)).all() and result.speedups.std() > 0
     assert result.losses[-10:].mean() < 0.7 * result.losses[:10].mean()
     # the tuned model at speed-up 2.5 agrees more with the unmodified model's continuations
-    ids, mask = _left_padded([tokenizer(p)["input_ids"] for p in prompts])
+    ids, mask = left_pad([tokenizer(p)["input_ids"] for p in prompts])
 
     def disagreement(m, speedup):
         full = lat.generate(model, ids, mask, max_new_tokens=6, tokenizer=tokenizer, eos_token_id=[]).new_tokens

@@ -313,14 +313,18 @@ class Certificate:
                 data[name] = [None if np.isnan(v) else v for v in data[name]]
         return data
 
+    def _canonical(self) -> str:
+        """The JSON form with sorted keys: what equality and the hash compare."""
+        return json.dumps(self._json_data(), sort_keys=True)
+
     def __eq__(self, other: object) -> bool:
         """Field by field, an untested entry (``NaN``) equal to another: a JSON round trip compares equal."""
         if not isinstance(other, Certificate):
             return NotImplemented
-        return json.dumps(self._json_data(), sort_keys=True) == json.dumps(other._json_data(), sort_keys=True)
+        return self._canonical() == other._canonical()
 
     def __hash__(self) -> int:
-        return hash(json.dumps(self._json_data(), sort_keys=True))
+        return hash(self._canonical())
 
     def to_json(self, path: str | os.PathLike | None = None) -> str:
         """Serialise to JSON (``NaN`` entries as ``null``); write atomically when ``path`` is given."""

@@ -329,14 +329,13 @@ def load_blocks(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     root = Path(directory)
     if not root.is_dir():
         raise FileNotFoundError(f"no FFF blocks directory at {root}")
-    files = sorted(p for p in root.iterdir() if re.fullmatch(r"layer-\d{5}\.safetensors", p.name))
+    files = {int(m[1]): p for p in root.iterdir() if (m := re.fullmatch(r"layer-(\d{5})\.safetensors", p.name))}
     if not files:
         raise ValueError(f"{root} holds no FFF block (layer-NNNNN.safetensors files from calibrate.fff.save_blocks)")
     layers = decoder_layers(model)
     param = next(model.parameters())
     width = model.config.hidden_size
-    for file in files:
-        i = int(file.name[6:11])
+    for i, file in sorted(files.items()):
         if i >= len(layers):
             raise ValueError(f"{file} is for decoder layer {i}, but the model has {len(layers)} layers")
         block = FFF.load(file)

@@ -518,14 +518,7 @@ class LayerCache:
             When an index is out of range or repeated, or the selection is empty.
         """
         idx = _subset_iv(indices, self.n_sequences)
-        lengths = np.diff(self._offsets)[idx]
-        offsets = np.zeros(idx.size + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        lo = int(self._offsets[idx[0]])
-        if np.array_equal(idx, np.arange(idx[0], idx[0] + idx.size)):
-            take = slice(lo, lo + int(offsets[-1]))
-        else:
-            take = np.repeat(self._offsets[idx] - offsets[:-1], lengths) + np.arange(offsets[-1])
+        take, offsets = token_rows(self._offsets, idx)
         arrays = {name: a[take] for name, a in self._arrays.items()}
         old = self._table
         table = _make_table(
@@ -576,19 +569,7 @@ class LayerCache:
         >>> sorted(set(train.sequences["id"]) | set(cal.sequences["id"])) == sorted(cache.sequences["id"])
         True
         """
-        fractions, seed = _split_iv(fractions, seed)
-        n = self.n_sequences
-        perm = np.random.default_rng(seed).permutation(n)
-        cuts = np.rint(np.cumsum(fractions) * n).astype(np.int64)
-        cuts[-1] = n
-        parts = np.split(perm, cuts[:-1])
-        for j, part in enumerate(parts):
-            if part.size == 0:
-                raise ValueError(
-                    f"split: part {j} of fractions={fractions.tolist()} gets no sequence out of "
-                    f"n_sequences={n}; use fewer or larger fractions"
-                )
-        return tuple(self.subset(np.sort(part)) for part in parts)
+        return tuple(self.subset(part) for part in split_indices(self.n_sequences, fractions, seed=seed))
 
     def decode(self, ids) -> str:
         """Join the vocab pieces of ``ids``: ``"".join(vocab[i] for i in ids)``.
@@ -1234,6 +1215,46 @@ def _check_table(table: pd.DataFrame, offsets: np.ndarray) -> None:
     for col in ("id", "prompt", "output"):
         if table[col].isna().any():
             raise ValueError(f"table 'sequences': column {col!r} must not have missing values")
+
+
+def split_indices(n: int, fractions: Sequence[float], *, seed: int) -> tuple[np.ndarray, ...]:
+    """The sequence indices of :meth:`LayerCache.split`'s parts: one sorted int64 array per fraction.
+
+    Part ``j`` holds the positions ``round(n * sum(fractions[:j]))`` to ``round(n * sum(fractions[:j+1]))``
+    of ``numpy.random.default_rng(seed).permutation(n)``, sorted. In-memory and chunked caches split
+    through this one function, so the same seed gives the same sequences.
+
+    Raises
+    ------
+    ValueError
+        When the fractions are not positive, do not sum to 1, or leave a part without sequences.
+    """
+    fractions, seed = _split_iv(fractions, seed)
+    perm = np.random.default_rng(seed).permutation(n)
+    cuts = np.rint(np.cumsum(fractions) * n).astype(np.int64)
+    cuts[-1] = n
+    parts = np.split(perm, cuts[:-1])
+    for j, part in enumerate(parts):
+        if part.size == 0:
+            raise ValueError(
+                f"split: part {j} of fractions={fractions.tolist()} gets no sequence out of "
+                f"n_sequences={n}; use fewer or larger fractions"
+            )
+    return tuple(np.sort(part) for part in parts)
+
+
+def token_rows(offsets: np.ndarray, idx: np.ndarray) -> tuple[slice | np.ndarray, np.ndarray]:
+    """``(rows, new_offsets)``: the token rows of sequences ``idx`` (in that order) and their offsets.
+
+    ``rows`` is a slice when the selection is contiguous and increasing (arrays indexed by it stay views).
+    """
+    lengths = np.diff(offsets)[idx]
+    new = np.zeros(idx.size + 1, dtype=np.int64)
+    np.cumsum(lengths, out=new[1:])
+    lo = int(offsets[idx[0]])
+    if np.array_equal(idx, np.arange(idx[0], idx[0] + idx.size)):
+        return slice(lo, lo + int(new[-1])), new
+    return np.repeat(offsets[idx] - new[:-1], lengths) + np.arange(new[-1]), new
 
 
 def _subset_iv(indices, n: int) -> np.ndarray:

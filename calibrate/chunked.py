@@ -10,7 +10,8 @@ the zarr arrays it needs (the tokens and the measure, not the hidden states) int
 ``dask.distributed.Client`` the tasks run on its workers (retried on failure); without one, one after
 another in this process (each task's exit simulation is itself parallel; run workers with one thread
 each, as the compiled kernels use every core they are given). :func:`calibrate.fit` accepts a ``ChunkedCache`` (and ``client=``) and returns
-the same certificate, field for field, as on the same cache in memory.
+the same certificate, field for field, as on the same cache in memory; a learned measure trains on the
+client (:meth:`ChunkedCache.take` reads its training split) and travels to the tasks as its JSON state.
 
 Needs the ``[dask]`` extra (``dask``, ``distributed``) for the Dask parts; opening a cache does not.
 """
@@ -19,11 +20,16 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from calibrate._storage import Remote
+from measures.learned import LEARNED_MEASURES
+
+if TYPE_CHECKING:
+    from calibrate.cache import LayerCache
 
 __all__ = ["ChunkedCache"]
 
@@ -115,9 +121,39 @@ class ChunkedCache:
         """Sequences ``[first, stop)`` as an in-memory :class:`~calibrate.LayerCache` (values checked)."""
         return self._load(first, stop, self.sequences.iloc[first:stop], tuple(self._array_specs()))
 
-    def _load(self, first: int, stop: int, table: pd.DataFrame, fields: tuple[str, ...]):
-        """:meth:`load` of some arrays only, with the sequences' rows of the table given (a task gets its rows)."""
-        from calibrate.cache import LayerCache, _check_values
+    def take(self, indices) -> LayerCache:
+        """Some sequences, in increasing order, as one in-memory :class:`~calibrate.LayerCache`.
+
+        Each partition holding some of them is read in turn, so memory holds one partition plus the
+        selection (e.g. a learned measure's training split).
+
+        Parameters
+        ----------
+        indices : array-like of int
+            Sequence indices in ``[0, n_sequences)`` without repeats (sorted here).
+
+        Returns
+        -------
+        LayerCache
+            Equal to ``open_cache(path).subset(sorted(indices))``.
+        """
+        from calibrate.cache import _subset_iv, concat_caches
+
+        idx = np.sort(_subset_iv(indices, self.n_sequences))
+        fields = tuple(self._array_specs())
+        parts = []
+        for first, stop in self.partitions:
+            keep = idx[(idx >= first) & (idx < stop)] - first
+            if keep.size:
+                parts.append(self._load(first, stop, self.sequences.iloc[first:stop].iloc[keep], fields, keep))
+        return concat_caches(parts)
+
+    def _load(self, first: int, stop: int, table: pd.DataFrame, fields: tuple[str, ...], keep=None):
+        """:meth:`load` of some arrays only, with the sequences' rows of the table given (a task gets its rows).
+
+        ``keep``: the sequences to keep, as sorted indices from ``first`` (``table`` holds only their rows).
+        """
+        from calibrate.cache import LayerCache, _check_values, token_rows
 
         if not 0 <= first < stop <= self.n_sequences:
             raise ValueError(f"sequence range [{first}, {stop}) is outside [0, {self.n_sequences})")
@@ -130,9 +166,12 @@ class ChunkedCache:
         base = int(self.offsets[start])  # token offset of the shard's first sequence
         specs = self._array_specs()
         arrays = {name: _read_slice(root, name, specs[name], lo - base, hi - base) for name in fields}
+        offsets = self.offsets[first : stop + 1] - lo
+        if keep is not None:
+            rows, offsets = token_rows(offsets, np.asarray(keep, dtype=np.int64))
+            arrays = {name: a[rows] for name, a in arrays.items()}
         _check_values(arrays, int(self.meta["vocab_size"]))
         table = table.reset_index(drop=True)
-        offsets = self.offsets[first : stop + 1] - lo
         return LayerCache._trusted(table, arrays, offsets, int(self.meta["vocab_size"]), self.meta, self._vocab())
 
     def _array_specs(self) -> dict:
@@ -141,6 +180,8 @@ class ChunkedCache:
     def _fields_for(self, measure: str) -> tuple[str, ...]:
         """The arrays a partition's losses read: tokens and the measure (stored, or what it is computed from)."""
         stored = self._array_specs()
+        if measure in LEARNED_MEASURES:  # its features: hidden states, or top-k log-probs
+            return tuple(stored)
         source = measure if measure in stored else "hidden" if measure == "state_saturation" else "topk_logprobs"
         return tuple(name for name in stored if name in ("full_tokens", "topk_ids", source))
 
@@ -157,18 +198,25 @@ class ChunkedCache:
         lambdas=None,
         decay=None,
         *,
+        measure_state: dict | None = None,
+        sequences=None,
         client=None,
         retries: int = 2,
     ):
-        """The proxy-mode :class:`~calibrate.LossTable` of the whole cache, one Dask task per partition.
+        """The proxy-mode :class:`~calibrate.LossTable` of the cache, one Dask task per partition.
 
         Parameters
         ----------
         measure : str, default="softmax_gap"
-            A confidence measure computed from the cache (:data:`measures.confidence.MEASURES`); learned
-            measures need a training split and are refused here.
+            A confidence measure computed from the cache (:data:`measures.confidence.MEASURES`), or a
+            learned one (:data:`measures.learned.LEARNED_MEASURES`) given by its trained ``measure_state``.
         consistency, lambdas, decay
             As in :func:`calibrate.fit` (``decay`` a :class:`~calibrate.Decay` or None).
+        measure_state : dict, optional
+            A learned measure's JSON state (``train_measure(...).to_dict()``); required for a learned
+            measure, refused for the others. Each worker rebuilds the measure from it.
+        sequences : array-like of int, optional
+            The sequences to compute (sorted indices, e.g. the calibration split); default: all.
         client : dask.distributed.Client, optional
             Run the tasks on its workers (they must see the cache at ``path``); default: one after
             another in this process.
@@ -178,38 +226,51 @@ class ChunkedCache:
         Returns
         -------
         LossTable
-            Equal to the in-memory ``proxy_losses`` on the same cache.
+            Equal to the in-memory ``proxy_losses`` on the same sequences.
         """
         import dask
 
+        from calibrate.cache import _subset_iv
         from calibrate.exits import _lambdas_iv, default_lambdas
         from calibrate.losses import CONSISTENCIES, LossTable
         from measures.confidence import MEASURES
 
-        if measure not in MEASURES:
+        if measure not in (*MEASURES, *LEARNED_MEASURES):
+            raise ValueError(f"measure must be one of {(*MEASURES, *LEARNED_MEASURES)}, got {measure!r}")
+        if (measure in LEARNED_MEASURES) != (measure_state is not None):
             raise ValueError(
-                f"a chunked cache supports the measures computed from the cache {tuple(MEASURES)}, got {measure!r}; "
-                "learned measures train on a split: open the cache in memory (chunks=None)"
+                f"measure_state is required for the learned measures {LEARNED_MEASURES} (train one with "
+                f"measures.learned.train_measure) and refused for the others; got measure={measure!r} and "
+                f"measure_state={'None' if measure_state is None else 'a dict'}"
             )
         if consistency not in CONSISTENCIES:  # checked here, not once per task on the workers
             raise ValueError(f"consistency must be one of {CONSISTENCIES}, got {consistency!r}")
         lam = _lambdas_iv(default_lambdas() if lambdas is None else lambdas)
+        idx = np.arange(self.n_sequences) if sequences is None else np.sort(_subset_iv(sequences, self.n_sequences))
         # One copy per worker of everything but the table; each task gets its own rows of the columns it reads.
         cache = dask.delayed(dataclasses.replace(self, sequences=self.sequences.iloc[:0]), pure=True, traverse=False)
+        state = None if measure_state is None else dask.delayed(measure_state, pure=True, traverse=False)
         columns, fields = _columns_for(consistency), self._fields_for(measure)
-        tasks = [
-            dask.delayed(_partition_losses, pure=True)(
-                cache, a, b, self.sequences.iloc[a:b][columns], fields, measure, consistency, lam, decay
+        tasks = []
+        for a, b in self.partitions:
+            keep = idx[(idx >= a) & (idx < b)] - a
+            if keep.size == 0:
+                continue
+            whole = keep.size == b - a
+            rows = self.sequences.iloc[a:b].iloc[keep][columns]
+            tasks.append(
+                dask.delayed(_partition_losses, pure=True)(
+                    cache, a, b, rows, fields, measure, consistency, lam, decay, None if whole else keep, state
+                )
             )
-            for a, b in self.partitions
-        ]
         if client is None:
             parts = dask.compute(*tasks, scheduler="synchronous")
         else:
             parts = client.gather(client.compute(tasks, retries=retries))
         losses = np.concatenate([p[0] for p in parts], axis=0)
         layer_sums = np.sum([p[1] for p in parts], axis=0)  # integer-valued: exact in any order
-        return LossTable(losses, lam, "proxy", consistency, layer_sums / self.n_tokens, self.n_layers)
+        n_tokens = int(np.diff(self.offsets)[idx].sum())
+        return LossTable(losses, lam, "proxy", consistency, layer_sums / n_tokens, self.n_layers)
 
 
 def _ranges(first: int, stop: int, step: int) -> list[tuple[int, int]]:
@@ -224,16 +285,20 @@ def _columns_for(consistency: str) -> list[str]:
     return ["id", "n_tokens", "offset"] + (["reference"] if consistency.startswith("risk_") else [])
 
 
-def _partition_losses(cache: ChunkedCache, first, stop, rows, fields, measure, consistency, lam, decay):
+def _partition_losses(cache: ChunkedCache, first, stop, rows, fields, measure, consistency, lam, decay, keep, state):
     """One partition's losses ``(n_p, K)`` and per-lambda sums of exit layers ``(K,)`` (integers).
 
-    ``rows`` holds only the table columns of :func:`_columns_for`: the partition's cache is internal to the task.
+    ``rows`` holds only the table columns of :func:`_columns_for` for the sequences ``keep`` (sorted indices
+    from ``first``; None: all): the partition's cache is internal to the task. ``state``: a learned
+    measure's JSON state, or None.
     """
     from calibrate.losses import proxy_losses
     from measures.confidence import confidence
+    from measures.learned import measure_from_state
 
-    part = cache._load(first, stop, rows, fields)
-    table = proxy_losses(part, confidence(part, measure), lam, consistency=consistency, decay=decay)
+    part = cache._load(first, stop, rows, fields, keep)
+    conf = confidence(part, measure) if state is None else measure_from_state(measure, state).predict_confidence(part)
+    table = proxy_losses(part, conf, lam, consistency=consistency, decay=decay)
     return table.losses, np.round(table.avg_layers * part.n_tokens)  # avg = exact integer sum / tokens
 
 

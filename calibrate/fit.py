@@ -228,6 +228,11 @@ def _calibration_split(cache, measure: str, train_fraction: float, seed: int, tr
     if train_cache is None:
         train_fraction = open_interval(train_fraction, "train_fraction")
         return cache.split([train_fraction, 1.0 - train_fraction], seed=seed)
+    return _train_cache_iv(train_cache, cache), cache
+
+
+def _train_cache_iv(train_cache, cache):
+    """``train_cache``, checked: a LayerCache other than ``cache``, from the same model and heads."""
     if not hasattr(train_cache, "checksum") or not hasattr(train_cache, "user_meta"):
         raise TypeError(f"train_cache must be a calibrate.LayerCache, got {type(train_cache).__name__}")
     if train_cache.checksum == cache.checksum:
@@ -239,7 +244,39 @@ def _calibration_split(cache, measure: str, train_fraction: float, seed: int, tr
                 f"({train_cache.user_meta.get(what)!r} vs {cache.user_meta.get(what)!r}); "
                 "re-score the train cache with calibrate.rehead(train_cache, heads)"
             )
-    return train_cache, cache
+    return train_cache
+
+
+def _chunked_table(cache, *, measure, consistency, lambdas, decay, train_fraction, seed, train_cache, client):
+    """fit's data step on a :class:`~calibrate.chunked.ChunkedCache`, as :func:`_proxy_table` in memory.
+
+    A learned measure trains on the same seeded split (read into memory) or ``train_cache``; the workers
+    rebuild it from its JSON state and compute the calibration sequences' losses per partition.
+    """
+    from calibrate.cache import split_indices
+    from measures.learned import LEARNED_MEASURES, train_measure
+
+    _seed_iv(seed)
+    if measure not in LEARNED_MEASURES:
+        _calibration_split(cache, measure, train_fraction, seed, train_cache)  # refuses a train_cache
+        return cache.loss_table(measure, consistency, lambdas, decay, client=client), None, 0
+    calibration = None
+    if train_cache is None:
+        train_fraction = open_interval(train_fraction, "train_fraction")
+        train, calibration = split_indices(cache.n_sequences, [train_fraction, 1.0 - train_fraction], seed=seed)
+        train_cache = cache.take(train)
+    else:
+        _train_cache_iv(train_cache, cache)
+    state = train_measure(measure, train_cache, seed=int(seed)).to_dict()
+    table = cache.loss_table(
+        measure, consistency, lambdas, decay, measure_state=state, sequences=calibration, client=client
+    )
+    return table, state, train_cache.n_sequences
+
+
+def _seed_iv(seed) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
 
 
 def fit(
@@ -271,8 +308,8 @@ def fit(
     ----------
     cache : LayerCache or ChunkedCache
         Calibration data: one example per sequence. A cache opened with ``open_cache(path, chunks=n)``
-        (proxy mode, measures computed from the cache) is processed per partition on Dask and gives the
-        same certificate as the cache in memory.
+        (proxy mode) is processed per partition on Dask and gives the same certificate as the cache in
+        memory; a learned measure's training split is read into memory first.
     delta : float, default=0.1
         Tolerance on the consistency loss, in (0, 1) (alpha in LTT/MAPIE).
     epsilon : float, default=0.05
@@ -386,11 +423,20 @@ def fit(
     from calibrate.chunked import ChunkedCache
 
     if isinstance(cache, ChunkedCache):  # one Dask task per partition of whole sequences
-        if train_cache is not None or decode is not None:
-            raise ValueError("train_cache and decode are not supported with a chunked cache; open it in memory")
+        if decode is not None:
+            raise ValueError("decode is not supported with a chunked cache (it decodes with its vocab)")
         decay = _decay_iv(decay, cache)
-        table = cache.loss_table(measure, consistency, lambdas, decay, client=client)
-        measure_state, n_train = None, 0
+        table, measure_state, n_train = _chunked_table(
+            cache,
+            measure=measure,
+            consistency=consistency,
+            lambdas=lambdas,
+            decay=decay,
+            train_fraction=train_fraction,
+            seed=seed,
+            train_cache=train_cache,
+            client=client,
+        )
     elif client is not None:
         raise ValueError(
             "client= runs a chunked cache on Dask: open the cache with calibrate.open_cache(path, chunks=n)"
@@ -481,8 +527,7 @@ def _proxy_table(
     allowed = tuple(MEASURES) + LEARNED_MEASURES
     if measure not in allowed:
         raise ValueError(f"measure must be one of {allowed}, got {measure!r}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    _seed_iv(seed)
     decay = _decay_iv(decay, cache)
     lam = default_lambdas() if lambdas is None else lambdas
     measure_state, n_train = None, 0

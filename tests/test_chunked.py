@@ -5,6 +5,7 @@ import pytest
 
 import calibrate
 from calibrate.chunked import ChunkedCache
+from measures.confidence import confidence
 
 pytest.importorskip("dask")
 
@@ -54,6 +55,61 @@ def test_fit_on_dask_equals_the_in_memory_certificate(saved, measure, consistenc
     assert calibrate.fit(lazy, decay=decay, **kwargs) == calibrate.fit(cache, decay=decay, **kwargs)
 
 
+@pytest.mark.parametrize(("measure", "consistency"), [("classifier", "token"), ("halting_geometric", "rouge_l")])
+def test_learned_measures_on_dask_equal_the_in_memory_certificate(saved, measure, consistency):
+    """The same seeded training split, read into memory; the workers calibrate on the other sequences."""
+    cache, path = saved
+    lazy = calibrate.open_cache(path, chunks=37)
+    kwargs = dict(delta=0.2, epsilon=0.1, measure=measure, consistency=consistency, train_fraction=0.4, seed=5)
+    cert = calibrate.fit(lazy, **kwargs)
+    assert cert == calibrate.fit(cache, **kwargs)
+    assert cert.n_train == 96 and cert.measure_state is not None
+    train, rest = cache.split([0.5, 0.5], seed=1)
+    by_cache = dict(kwargs, train_cache=train)
+    assert calibrate.fit(lazy, **by_cache).n_train == 120
+    assert calibrate.fit(lazy, **by_cache) == calibrate.fit(cache, **by_cache)
+
+
+def test_a_learned_measure_on_worker_processes(saved):
+    """The trained measure travels to worker processes as its JSON state."""
+    distributed = pytest.importorskip("distributed")
+    cache, path = saved
+    lazy = calibrate.open_cache(path, chunks=80)
+    kwargs = dict(delta=0.2, epsilon=0.1, measure="classifier")
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=None) as lc:
+        with distributed.Client(lc) as client:
+            assert calibrate.fit(lazy, client=client, **kwargs) == calibrate.fit(cache, **kwargs)
+
+
+def test_take_reads_some_sequences_into_memory(saved):
+    cache, path = saved
+    lazy = calibrate.open_cache(path, chunks=37)
+    idx = [200, 3, 36, 37, 38, 111, 239]  # across partitions, unsorted
+    got, expected = lazy.take(idx), cache.subset(sorted(idx))
+    assert list(got.sequences["id"]) == list(expected.sequences["id"])
+    np.testing.assert_array_equal(got.offsets, expected.offsets)
+    for name in expected.arrays:
+        np.testing.assert_array_equal(got.arrays[name], expected.arrays[name])
+    with pytest.raises(ValueError, match="repeat"):
+        lazy.take([3, 3])
+
+
+def test_loss_table_of_some_sequences(saved):
+    cache, path = saved
+    lazy = calibrate.open_cache(path, chunks=50)
+    keep = np.arange(5, 240, 3)
+    got = lazy.loss_table("entropy", "token", sequences=keep)
+    expected = calibrate.losses.proxy_losses(
+        cache.subset(keep), confidence(cache.subset(keep), "entropy"), calibrate.default_lambdas()
+    )
+    np.testing.assert_array_equal(got.losses, expected.losses)
+    np.testing.assert_array_equal(got.avg_layers, expected.avg_layers)
+    with pytest.raises(ValueError, match="measure_state is required"):
+        lazy.loss_table("classifier")
+    with pytest.raises(ValueError, match="measure_state is required"):
+        lazy.loss_table("entropy", measure_state={})
+
+
 def test_tasks_carry_only_the_table_columns_they_read(saved, monkeypatch):
     """Prompts, outputs and output ids stay on the client; references travel only for a risk."""
     import calibrate.chunked as chunked
@@ -99,8 +155,14 @@ def test_fit_on_a_local_cluster_retries_a_failing_task(saved, tmp_path):
 def test_bad_input(saved):
     cache, path = saved
     lazy = calibrate.open_cache(path, chunks=50)
-    with pytest.raises(ValueError, match="learned measures"):
-        calibrate.fit(lazy, measure="classifier")
+    with pytest.raises(ValueError, match="measure must be one of"):
+        calibrate.fit(lazy, measure="oracle")
+    with pytest.raises(ValueError, match="train_cache is used only by the learned measures"):
+        calibrate.fit(lazy, train_cache=cache)
+    with pytest.raises(ValueError, match="train_cache is the calibration cache itself"):
+        calibrate.fit(lazy, measure="classifier", train_cache=cache)
+    with pytest.raises(TypeError, match="seed must be an int"):
+        calibrate.fit(lazy, seed=0.5)
     with pytest.raises(ValueError, match="chunks must be an int"):
         calibrate.open_cache(path, chunks=0)
     with pytest.raises(ValueError, match="client= runs a chunked cache"):

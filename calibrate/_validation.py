@@ -36,9 +36,10 @@ def bounded_array(
         raise ValueError(f"{name} must have shape {shapes}, got shape {arr.shape}")
     if arr.size == 0:
         raise ValueError(f"{name} must be non-empty with shape {shapes}, got shape {arr.shape}")
-    if np.isnan(arr).any():
+    lo, hi = arr.min(), arr.max()  # NaN propagates through both
+    if np.isnan(lo) or np.isnan(hi):
         raise ValueError(f"{name} contain NaN; every entry must be a number in [0, {upper_name}]")
-    if arr.min() < 0.0 or arr.max() > upper:
+    if lo < 0.0 or hi > upper:
         reason = f" ({why})" if why else ""
-        raise ValueError(f"{name} must lie in [0, {upper_name}]{reason}, got range [{arr.min():g}, {arr.max():g}]")
+        raise ValueError(f"{name} must lie in [0, {upper_name}]{reason}, got range [{lo:g}, {hi:g}]")
     return arr

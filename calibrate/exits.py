@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numba
 import numpy as np
+from numba.cpython.unsafe.numbers import trailing_zeros
 
 __all__ = [
     "Decay",
@@ -217,51 +218,76 @@ def early_tokens(top1: np.ndarray, layers: np.ndarray, full_tokens: np.ndarray |
 _MAX_CELLS = 1 << 20
 
 
+#: Layers per bit mask in :func:`_sweep` (an int64 holds them plus one bit of look-ahead, never the sign bit).
+_WINDOW = 62
+
+
 @numba.njit(parallel=True, cache=True, nogil=True)
 def _sweep(conf, grids, shift, inv_slope, lut, lut_lo, lut_inv, offsets, top1, full, count_wrong, layer_hist, wrong):  # pragma: no cover
-    """One branch-light pass over every (token, layer): per-sequence histograms of ``b`` and of disagreement steps.
+    """Per-sequence histograms of ``b`` and of disagreement steps, visiting only the layers where one changes.
 
-    ``layer_hist[s, j]`` counts the (token, layer i < L) pairs of sequence ``s`` with ``b_i = j``;
-    ``wrong[s, j]`` is the difference array of the number of disagreeing early tokens over ascending
-    threshold index ``j`` (every layer adds its step ``w_{i+1} - w_i`` at ``b_i``, most of them 0). ``b``
-    is read from a uniform lookup table over the base grid (at ``(m - shift) / slope``) and corrected by
-    exact comparisons with the token's own thresholds.
+    ``layer_hist[s, j]`` counts the (token, layer i < L) pairs of sequence ``s`` with ``b_i = j``, where
+    ``b_i`` is the number of the token's ascending thresholds at most the running maximum of its
+    confidences; ``wrong[s, j]`` is the difference array of the number of disagreeing early tokens over
+    ascending threshold index ``j`` (layer ``i`` adds ``w_{i+1} - w_i`` at ``b_i``). Per token, a
+    branch-free pass over (a window of) the layers builds bit masks of the records (layers whose
+    confidence exceeds all earlier ones: only there does ``b`` change) and of the disagreements ``w_i``;
+    then only records and flips of ``w`` are visited. At a record ``b`` is read from a uniform lookup
+    table over the base grid (at ``(m - shift) / slope``) and corrected by exact comparisons with the
+    token's own thresholds.
     Returns False if ``conf`` holds a non-finite value in layers ``1..L-1``.
     """
-    n_layers = conf.shape[1]
+    n_early = conf.shape[1] - 1  # layers a token can leave early; the last one is the full model
     k = grids.shape[1]
     top = lut.size - 1
+    one = np.int64(1)
     finite = np.ones(offsets.size - 1, dtype=np.bool_)
     for s in numba.prange(offsets.size - 1):
         lo = offsets[s]
-        bad = False
+        total = 0.0  # sum of the confidences: finite iff all of them are
         for t in range(lo, offsets[s + 1]):
             row = 0 if grids.shape[0] == 1 else t - lo
             grid, sh = grids[row], shift[row]
+            target = full[t] if count_wrong else 0
             m = -np.inf
-            w = 0
-            if count_wrong and n_layers > 1:
-                target = full[t]  # read once: the stores below may alias it as far as the compiler knows
-                w = 0 if top1[t, 0] == target else 1
-                wrong[s, 0] += w
-            for i in range(n_layers - 1):
-                c = conf[t, i]
-                bad |= not (c - c == 0.0)  # NaN or inf
-                m = max(m, c)
-                cell = ((m - sh) * inv_slope - lut_lo) * lut_inv
-                b = np.intp(lut[int(min(cell, top))]) if cell > 0 else 0  # NaN -> 0; clamped before int (+inf)
-                while b < k and grid[b] <= m:
-                    b += 1
-                while b > 0 and grid[b - 1] > m:
-                    b -= 1
-                layer_hist[s, b] += 1
+            b = 0  # thresholds <= m
+            run = 0  # first layer with the current b
+            for w0 in range(0, n_early, _WINDOW):
+                width = min(_WINDOW, n_early - w0)
+                records = np.int64(0)
+                w = np.int64(0)  # bit j: layer w0 + j disagrees with the full model
+                for j in range(width):
+                    c = conf[t, w0 + j]
+                    total += c
+                    records |= np.int64(c > m) << j
+                    m = max(m, c)
+                    if count_wrong:
+                        w |= np.int64(top1[t, w0 + j] != target) << j
+                flips = np.int64(0)  # bit j: w_{i+1} != w_i (w of the last layer is 0: the full model)
                 if count_wrong:
-                    # w_{i+1}: the next layer's disagreement, 0 at the last layer (the full model)
-                    nxt = 1 if i + 1 < n_layers - 1 and top1[t, i + 1] != target else 0
-                    if nxt != w:
-                        wrong[s, b] += nxt - w
-                        w = nxt
-        finite[s] = not bad
+                    if w0 + width < n_early:
+                        w |= np.int64(top1[t, w0 + width] != target) << width
+                    if w0 == 0:
+                        wrong[s, 0] += w & one
+                    flips = (w ^ (w >> one)) & ((one << width) - one)
+                events = records | flips
+                while events != 0:
+                    j = trailing_zeros(events)
+                    events &= events - one
+                    if (records >> j) & one:
+                        c = conf[t, w0 + j]  # the new running maximum
+                        cell = ((c - sh) * inv_slope - lut_lo) * lut_inv
+                        nb = np.intp(lut[int(min(cell, top))]) if cell > 0 else 0  # NaN -> 0; clamped (+inf)
+                        while nb < k and grid[nb] <= c:
+                            nb += 1
+                        while nb > 0 and grid[nb - 1] > c:
+                            nb -= 1
+                        layer_hist[s, b] += w0 + j - run
+                        b, run = nb, w0 + j
+                    if (flips >> j) & one:
+                        wrong[s, b] += ((w >> (j + one)) & one) - ((w >> j) & one)
+            layer_hist[s, b] += n_early - run
+        finite[s] = total - total == 0.0
     return finite.all()
 
 

@@ -89,6 +89,26 @@ def test_counts_on_long_and_fine_grids_match_exit_layers(n_lambdas):
     np.testing.assert_allclose(avg, layers.mean(axis=0))
 
 
+@pytest.mark.parametrize("n_layers", [62, 63, 64, 130])
+@pytest.mark.parametrize("decay", [None, Decay(max_len=20, tau=2.0)])
+def test_deep_models_match_plain_loop(n_layers, decay):
+    """Models deeper than one bit-mask window of the kernel (62 early layers); disagreements flip often."""
+    rng = np.random.default_rng(n_layers)
+    lambdas = np.array([0.99, 0.9, 0.75, 0.5, 0.3, 0.0])
+    conf = (rng.random((60, n_layers)) ** 3).astype(np.float32)  # records spread over all the layers
+    conf[::7, 60:64] = 1.0
+    top1 = rng.integers(0, 2, conf.shape).astype(np.int32)
+    full = np.zeros(60, dtype=np.int32)
+    offsets = np.array([0, 25, 60])
+    positions = np.arange(60) - np.repeat(offsets[:-1], np.diff(offsets))
+    layers = _reference_exit_layers(conf, lambdas, positions, decay)
+    wrong = (np.take_along_axis(top1, layers - 1, axis=1) != 0) & (layers < n_layers)
+    counts, avg = disagreement_counts(conf, lambdas, top1, full, offsets, decay=decay)
+    np.testing.assert_array_equal(counts, np.add.reduceat(wrong.astype(int), offsets[:-1], axis=0))
+    np.testing.assert_allclose(avg, layers.mean(axis=0))
+    assert counts.sum() > 0 and (layers[:, 0] >= 61).sum() > 10  # many exits past the first window
+
+
 def test_blocks_do_not_change_the_result(monkeypatch):
     import calibrate.exits as exits
 

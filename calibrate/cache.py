@@ -164,10 +164,6 @@ class LayerCache:
     [' f g', ' h']
     """
 
-    #: Every cache checks its score arrays when it is built (finite, in range) and keeps them read-only,
-    #: so :func:`measures.confidence.confidence` need not check them again.
-    scores_checked: bool = True
-
     def __init__(
         self,
         sequences: pd.DataFrame,

@@ -5,7 +5,8 @@ sequence table, the offsets and the output token ids (``full_tokens``, to check 
 per-layer arrays stay on disk. Its partitions hold ``n``
 sequences each (the exit simulation and the losses are per sequence, so a partition boundary never cuts a
 sequence). :meth:`ChunkedCache.loss_table` computes one task per partition, each reading its slices of
-the zarr arrays it needs (the tokens and the measure, not the hidden states) into an in-memory
+the zarr arrays it needs (the tokens and the measure, not the hidden states; every array for a learned
+measure) into an in-memory
 :class:`~calibrate.LayerCache` and running the same code as the in-memory path; only the ``n x K`` losses (and per-partition exit-layer sums) come back. With a
 ``dask.distributed.Client`` the tasks run on its workers (retried on failure); without one, one after
 another in this process (each task's exit simulation is itself parallel; run workers with one thread
@@ -124,8 +125,8 @@ class ChunkedCache:
     def take(self, indices) -> LayerCache:
         """Some sequences, in increasing order, as one in-memory :class:`~calibrate.LayerCache`.
 
-        Each partition holding some of them is read in turn, so memory holds one partition plus the
-        selection (e.g. a learned measure's training split).
+        The partitions holding some of them are read one after another into arrays of the selection's
+        size, so memory holds one partition plus the selection (e.g. a learned measure's training split).
 
         Parameters
         ----------
@@ -137,16 +138,33 @@ class ChunkedCache:
         LayerCache
             Equal to ``open_cache(path).subset(sorted(indices))``.
         """
-        from calibrate.cache import _subset_iv, concat_caches
+        from calibrate.cache import LayerCache, _make_table, _subset_iv
 
         idx = np.sort(_subset_iv(indices, self.n_sequences))
-        fields = tuple(self._array_specs())
-        parts = []
+        offsets = np.zeros(idx.size + 1, dtype=np.int64)
+        np.cumsum(np.diff(self.offsets)[idx], out=offsets[1:])
+        specs = self._array_specs()
+        arrays = {
+            name: np.empty((int(offsets[-1]), *spec["shape"][1:]), dtype=spec["dtype"]) for name, spec in specs.items()
+        }
+        done = 0
         for first, stop in self.partitions:
             keep = idx[(idx >= first) & (idx < stop)] - first
             if keep.size:
-                parts.append(self._load(first, stop, self.sequences.iloc[first:stop].iloc[keep], fields, keep))
-        return concat_caches(parts)
+                part = self._load(first, stop, self.sequences.iloc[first:stop].iloc[keep], tuple(specs), keep)
+                for name, a in part.arrays.items():
+                    arrays[name][done : done + a.shape[0]] = a
+                done += part.n_tokens
+        old = self.sequences.iloc[idx]
+        table = _make_table(
+            ids=old["id"].tolist(),
+            prompts=old["prompt"].tolist(),
+            outputs=old["output"].tolist(),
+            references=[None if pd.isna(r) else r for r in old["reference"].tolist()],
+            full_tokens=arrays["full_tokens"],
+            offsets=offsets,
+        )
+        return LayerCache._trusted(table, arrays, offsets, int(self.meta["vocab_size"]), self.meta, self._vocab())
 
     def _load(self, first: int, stop: int, table: pd.DataFrame, fields: tuple[str, ...], keep=None):
         """:meth:`load` of some arrays only, with the sequences' rows of the table given (a task gets its rows).
@@ -216,7 +234,8 @@ class ChunkedCache:
             A learned measure's JSON state (``train_measure(...).to_dict()``); required for a learned
             measure, refused for the others. Each worker rebuilds the measure from it.
         sequences : array-like of int, optional
-            The sequences to compute (sorted indices, e.g. the calibration split); default: all.
+            The sequences to compute (indices without repeats, e.g. the calibration split), taken in
+            increasing order whatever the order given; default: all.
         client : dask.distributed.Client, optional
             Run the tasks on its workers (they must see the cache at ``path``); default: one after
             another in this process.
@@ -246,7 +265,13 @@ class ChunkedCache:
         if consistency not in CONSISTENCIES:  # checked here, not once per task on the workers
             raise ValueError(f"consistency must be one of {CONSISTENCIES}, got {consistency!r}")
         lam = _lambdas_iv(default_lambdas() if lambdas is None else lambdas)
-        idx = np.arange(self.n_sequences) if sequences is None else np.sort(_subset_iv(sequences, self.n_sequences))
+        if sequences is None:
+            idx = np.arange(self.n_sequences)
+        else:
+            try:
+                idx = np.sort(_subset_iv(sequences, self.n_sequences))
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"sequences: {exc}") from exc
         # One copy per worker of everything but the table; each task gets its own rows of the columns it reads.
         cache = dask.delayed(dataclasses.replace(self, sequences=self.sequences.iloc[:0]), pure=True, traverse=False)
         state = None if measure_state is None else dask.delayed(measure_state, pure=True, traverse=False)

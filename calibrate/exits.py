@@ -244,7 +244,7 @@ def _sweep(conf, grids, shift, inv_slope, lut, lut_lo, lut_inv, offsets, top1, f
     finite = np.ones(offsets.size - 1, dtype=np.bool_)
     for s in numba.prange(offsets.size - 1):
         lo = offsets[s]
-        total = 0.0  # sum of the confidences: finite iff all of them are
+        total = 0.0  # sum of 0 * confidence: NaN iff one of them is NaN or infinite (never overflows)
         for t in range(lo, offsets[s + 1]):
             row = 0 if grids.shape[0] == 1 else t - lo
             grid, sh = grids[row], shift[row]
@@ -258,7 +258,7 @@ def _sweep(conf, grids, shift, inv_slope, lut, lut_lo, lut_inv, offsets, top1, f
                 w = np.int64(0)  # bit j: layer w0 + j disagrees with the full model
                 for j in range(width):
                     c = conf[t, w0 + j]
-                    total += c
+                    total += c * 0.0
                     records |= np.int64(c > m) << j
                     m = max(m, c)
                     if count_wrong:
@@ -287,7 +287,7 @@ def _sweep(conf, grids, shift, inv_slope, lut, lut_lo, lut_inv, offsets, top1, f
                     if (flips >> j) & one:
                         wrong[s, b] += ((w >> (j + one)) & one) - ((w >> j) & one)
             layer_hist[s, b] += n_early - run
-        finite[s] = total - total == 0.0
+        finite[s] = total == 0.0
     return finite.all()
 
 
@@ -413,7 +413,8 @@ def disagreement_counts(conf, lambdas, top1, full_tokens, offsets, *, decay: Dec
     number of ascending thresholds at most the running maximum of the confidences, a token's
     disagreement at ascending index ``j`` starts at ``w_1`` and changes by ``w_{i+1} - w_i`` where ``j``
     reaches ``b_i`` (``w_i`` = 1 if layer ``i`` disagrees, ``w_L = 0``), so per-sequence difference
-    arrays over the grid give every threshold at once.
+    arrays over the grid give every threshold at once. ``b`` changes only at records (layers whose
+    confidence exceeds every earlier one), so only records and changes of ``w`` are visited.
     """
     lam, conf, offsets = _sweep_iv(conf, lambdas, offsets, decay)
     top1, full_tokens = np.asarray(top1), np.asarray(full_tokens)

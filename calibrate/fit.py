@@ -233,8 +233,13 @@ def _calibration_split(cache, measure: str, train_fraction: float, seed: int, tr
 
 def _train_cache_iv(train_cache, cache):
     """``train_cache``, checked: a LayerCache other than ``cache``, from the same model and heads."""
-    if not hasattr(train_cache, "checksum") or not hasattr(train_cache, "user_meta"):
-        raise TypeError(f"train_cache must be a calibrate.LayerCache, got {type(train_cache).__name__}")
+    from calibrate.cache import LayerCache
+
+    if not isinstance(train_cache, LayerCache):
+        raise TypeError(
+            f"train_cache must be a calibrate.LayerCache in memory, got {type(train_cache).__name__} (read the "
+            "sequences of a chunked cache with cache.take(indices), or open it with open_cache(path))"
+        )
     if train_cache.checksum == cache.checksum:
         raise ValueError("train_cache is the calibration cache itself; the measure must train on other sequences")
     for what in ("heads", "model"):
@@ -254,9 +259,12 @@ def _chunked_table(cache, *, measure, consistency, lambdas, decay, train_fractio
     rebuild it from its JSON state and compute the calibration sequences' losses per partition.
     """
     from calibrate.cache import split_indices
+    from measures.confidence import MEASURES
     from measures.learned import LEARNED_MEASURES, train_measure
 
     _seed_iv(seed)
+    if measure not in (*MEASURES, *LEARNED_MEASURES):
+        raise ValueError(f"measure must be one of {(*MEASURES, *LEARNED_MEASURES)}, got {measure!r}")
     if measure not in LEARNED_MEASURES:
         _calibration_split(cache, measure, train_fraction, seed, train_cache)  # refuses a train_cache
         return cache.loss_table(measure, consistency, lambdas, decay, client=client), None, 0
@@ -356,7 +364,8 @@ def fit(
         as ``cache``; see :func:`calibrate.rehead`) and calibrate on all of ``cache``, instead of splitting
         ``cache`` by ``train_fraction``.
     client : dask.distributed.Client, optional
-        Chunked caches: run the partitions on this client's workers (default: Dask's local threads).
+        Chunked caches: run the partitions on this client's workers (default: one after another in this
+        process).
 
     Returns
     -------

@@ -487,8 +487,7 @@ def confidence(cache: Any, measure: str, *, classifier: Any = None) -> np.ndarra
     ValueError
         If ``measure`` is unknown; if the measure is neither cached nor computable (softmax measures
         need ``"topk_logprobs"``, entropy also ``vocab_size``; state saturation needs ``"hidden"``);
-        if a cached array has the wrong shape or non-finite values (checked unless the cache sets
-        ``scores_checked``, as :class:`calibrate.LayerCache` does); or if ``classifier`` is missing
+        if a cached array has the wrong shape or non-finite values; or if ``classifier`` is missing
         for ``"classifier"`` or given for another measure.
     TypeError
         If ``cache`` lacks ``.arrays``/``.n_layers`` or ``classifier`` is not an ExitClassifier.
@@ -524,7 +523,7 @@ def confidence(cache: Any, measure: str, *, classifier: Any = None) -> np.ndarra
                 f"cache array {measure!r} must have shape (n_tokens, n_layers) = {(n_tokens, n_layers)}, "
                 f"got {out.shape}"
             )
-        if not getattr(cache, "scores_checked", False) and not np.isfinite(out).all():
+        if not np.isfinite(out).all():
             raise ValueError(f"cache array {measure!r} must be finite (no NaN or inf)")
         return out
     if measure == "state_saturation":

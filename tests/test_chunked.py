@@ -64,9 +64,9 @@ def test_learned_measures_on_dask_equal_the_in_memory_certificate(saved, measure
     cert = calibrate.fit(lazy, **kwargs)
     assert cert == calibrate.fit(cache, **kwargs)
     assert cert.n_train == 96 and cert.measure_state is not None
-    train, rest = cache.split([0.5, 0.5], seed=1)
-    by_cache = dict(kwargs, train_cache=train)
-    assert calibrate.fit(lazy, **by_cache).n_train == 120
+    other = calibrate.synthetic_cache(50, n_layers=6, seed=4, first_id=1000)  # disjoint training sequences
+    by_cache = dict(kwargs, train_cache=other)
+    assert calibrate.fit(lazy, **by_cache).n_train == 50
     assert calibrate.fit(lazy, **by_cache) == calibrate.fit(cache, **by_cache)
 
 
@@ -92,6 +92,8 @@ def test_take_reads_some_sequences_into_memory(saved):
         np.testing.assert_array_equal(got.arrays[name], expected.arrays[name])
     with pytest.raises(ValueError, match="repeat"):
         lazy.take([3, 3])
+    one = lazy.take([5]).arrays["hidden"]
+    assert one.base.nbytes == one.nbytes  # its own memory: never a view that keeps a partition alive
 
 
 def test_loss_table_of_some_sequences(saved):
@@ -104,6 +106,8 @@ def test_loss_table_of_some_sequences(saved):
     )
     np.testing.assert_array_equal(got.losses, expected.losses)
     np.testing.assert_array_equal(got.avg_layers, expected.avg_layers)
+    with pytest.raises(ValueError, match="sequences: .*repeat"):
+        lazy.loss_table("entropy", sequences=[3, 3])
     with pytest.raises(ValueError, match="measure_state is required"):
         lazy.loss_table("classifier")
     with pytest.raises(ValueError, match="measure_state is required"):
@@ -163,6 +167,10 @@ def test_bad_input(saved):
         calibrate.fit(lazy, measure="classifier", train_cache=cache)
     with pytest.raises(TypeError, match="seed must be an int"):
         calibrate.fit(lazy, seed=0.5)
+    with pytest.raises(ValueError, match="measure must be one of"):
+        calibrate.fit(lazy, measure="oracle", train_cache=cache)
+    with pytest.raises(TypeError, match="train_cache must be a calibrate.LayerCache in memory"):
+        calibrate.fit(lazy, measure="classifier", train_cache=lazy)
     with pytest.raises(ValueError, match="chunks must be an int"):
         calibrate.open_cache(path, chunks=0)
     with pytest.raises(ValueError, match="client= runs a chunked cache"):

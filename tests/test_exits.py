@@ -139,6 +139,11 @@ def test_huge_finite_confidences_are_safe():
     conf = np.array([[0.2, 1e30, 0.3, 0.1], [-1e30, 0.5, 0.95, 0.0]] * 3)
     lam = [0.9, 0.4]
     np.testing.assert_allclose(average_layers(conf, lam), exit_layers(conf, lam).mean(axis=0))
+    top = np.full((4, 4), 1e308)  # finite, but their sum overflows
+    np.testing.assert_allclose(average_layers(top, lam), [1.0, 1.0])
+    for bad in (np.nan, np.inf, -np.inf):
+        with pytest.raises(ValueError, match="NaN or inf"):
+            average_layers(np.where(np.eye(4, dtype=bool), bad, top), lam)
     with pytest.raises(ValueError, match="NaN or inf"):
         exit_layers(np.array([[0.5, np.nan, 0.1]]), lam)
 

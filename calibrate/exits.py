@@ -218,23 +218,25 @@ def early_tokens(top1: np.ndarray, layers: np.ndarray, full_tokens: np.ndarray |
 _MAX_CELLS = 1 << 20
 
 
-#: Layers per bit mask in :func:`_sweep` (an int64 holds them plus one bit of look-ahead, never the sign bit).
+#: Layers per pass of :func:`_sweep` (an int64 bit mask holds them plus one bit of look-ahead, never the sign).
 _WINDOW = 62
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def _sweep(conf, grids, shift, inv_slope, lut, lut_lo, lut_inv, offsets, top1, full, count_wrong, layer_hist, wrong):  # pragma: no cover
+def _sweep(conf, grids, shift, inv_slope, lut, lut_lo, lut_inv, offsets, top1, full, layer_hist, wrong):  # pragma: no cover
     """Per-sequence histograms of ``b`` and of disagreement steps, visiting only the layers where one changes.
 
     ``layer_hist[s, j]`` counts the (token, layer i < L) pairs of sequence ``s`` with ``b_i = j``, where
     ``b_i`` is the number of the token's ascending thresholds at most the running maximum of its
     confidences; ``wrong[s, j]`` is the difference array of the number of disagreeing early tokens over
-    ascending threshold index ``j`` (layer ``i`` adds ``w_{i+1} - w_i`` at ``b_i``). Per token, a
-    branch-free pass over (a window of) the layers builds bit masks of the records (layers whose
-    confidence exceeds all earlier ones: only there does ``b`` change) and of the disagreements ``w_i``;
-    then only records and flips of ``w`` are visited. At a record ``b`` is read from a uniform lookup
-    table over the base grid (at ``(m - shift) / slope``) and corrected by exact comparisons with the
-    token's own thresholds.
+    ascending threshold index ``j`` (layer ``i`` adds ``w_{i+1} - w_i`` at ``b_i``). With ``top1`` None
+    (a branch numba removes at compile time) only ``layer_hist`` is filled.
+
+    Per token and window of layers, a branch-free pass lists the records (layers whose confidence
+    exceeds all earlier ones: only there does ``b`` change) and builds a bit mask of the disagreements
+    ``w_i``; then each record gets its ``b``, read from a uniform lookup table over the base grid (at
+    ``(m - shift) / slope``) and corrected by exact comparisons with the token's own thresholds; then
+    each flip of ``w`` adds its step at the ``b`` of the latest record.
     Returns False if ``conf`` holds a non-finite value in layers ``1..L-1``.
     """
     n_early = conf.shape[1] - 1  # layers a token can leave early; the last one is the full model
@@ -243,49 +245,57 @@ def _sweep(conf, grids, shift, inv_slope, lut, lut_lo, lut_inv, offsets, top1, f
     one = np.int64(1)
     finite = np.ones(offsets.size - 1, dtype=np.bool_)
     for s in numba.prange(offsets.size - 1):
+        value = np.empty(_WINDOW, dtype=conf.dtype)  # the window's records: their confidences (new maxima),
+        layer = np.empty(_WINDOW, dtype=np.intp)  # their layers,
+        after = np.empty(_WINDOW, dtype=np.intp)  # b after each of them,
+        seen = np.empty(_WINDOW, dtype=np.intp)  # and per layer of the window, the records up to it
         lo = offsets[s]
         total = 0.0  # sum of 0 * confidence: NaN iff one of them is NaN or infinite (never overflows)
+        grid, sh = grids[0], shift[0]
         for t in range(lo, offsets[s + 1]):
-            row = 0 if grids.shape[0] == 1 else t - lo
-            grid, sh = grids[row], shift[row]
-            target = full[t] if count_wrong else 0
+            if grids.shape[0] > 1:  # decay: thresholds by position
+                grid, sh = grids[t - lo], shift[t - lo]
+            target = full[t] if top1 is not None else 0
             m = -np.inf
             b = 0  # thresholds <= m
             run = 0  # first layer with the current b
             for w0 in range(0, n_early, _WINDOW):
                 width = min(_WINDOW, n_early - w0)
-                records = np.int64(0)
+                n = 0
                 w = np.int64(0)  # bit j: layer w0 + j disagrees with the full model
                 for j in range(width):
                     c = conf[t, w0 + j]
                     total += c * 0.0
-                    records |= np.int64(c > m) << j
+                    value[n] = c  # kept only if it is a record
+                    layer[n] = w0 + j
+                    n += c > m
+                    seen[j] = n
                     m = max(m, c)
-                    if count_wrong:
+                    if top1 is not None:
                         w |= np.int64(top1[t, w0 + j] != target) << j
-                flips = np.int64(0)  # bit j: w_{i+1} != w_i (w of the last layer is 0: the full model)
-                if count_wrong:
-                    if w0 + width < n_early:
+                before = b  # b before the window's first record
+                for r in range(n):
+                    c = value[r]
+                    cell = ((c - sh) * inv_slope - lut_lo) * lut_inv
+                    nb = np.intp(lut[int(min(cell, top))]) if cell > 0 else 0  # clamped before int (+inf)
+                    while nb < k and grid[nb] <= c:
+                        nb += 1
+                    while nb > 0 and grid[nb - 1] > c:
+                        nb -= 1
+                    layer_hist[s, b] += layer[r] - run
+                    b, run = nb, layer[r]
+                    after[r] = nb
+                if top1 is not None:
+                    if w0 + width < n_early:  # look-ahead: the next window's first layer
                         w |= np.int64(top1[t, w0 + width] != target) << width
                     if w0 == 0:
                         wrong[s, 0] += w & one
-                    flips = (w ^ (w >> one)) & ((one << width) - one)
-                events = records | flips
-                while events != 0:
-                    j = trailing_zeros(events)
-                    events &= events - one
-                    if (records >> j) & one:
-                        c = conf[t, w0 + j]  # the new running maximum
-                        cell = ((c - sh) * inv_slope - lut_lo) * lut_inv
-                        nb = np.intp(lut[int(min(cell, top))]) if cell > 0 else 0  # NaN -> 0; clamped (+inf)
-                        while nb < k and grid[nb] <= c:
-                            nb += 1
-                        while nb > 0 and grid[nb - 1] > c:
-                            nb -= 1
-                        layer_hist[s, b] += w0 + j - run
-                        b, run = nb, w0 + j
-                    if (flips >> j) & one:
-                        wrong[s, b] += ((w >> (j + one)) & one) - ((w >> j) & one)
+                    flips = (w ^ (w >> one)) & ((one << width) - one)  # w of the last layer is 0: the full model
+                    while flips != 0:
+                        j = trailing_zeros(flips)
+                        flips &= flips - one
+                        at = after[seen[j] - 1] if seen[j] > 0 else before
+                        wrong[s, at] += ((w >> (j + one)) & one) - ((w >> j) & one)
             layer_hist[s, b] += n_early - run
         finite[s] = total == 0.0
     return finite.all()
@@ -321,7 +331,8 @@ def _keep_torch_threads():
             torch.set_num_threads(threads)
 
 
-def _run_sweep(conf, lam, offsets, decay, top1, full, count_wrong):
+def _run_sweep(conf, lam, offsets, decay, top1, full):
+    """``(avg_layers, wrong difference arrays)``; without ``top1`` (None) only the average layers."""
     asc = lam[::-1]
     k, n_seq = asc.size, offsets.size - 1
     if decay is None:
@@ -338,11 +349,11 @@ def _run_sweep(conf, lam, offsets, decay, top1, full, count_wrong):
     edges = asc[0] + np.arange(n_cells) / inv if span > 0 else asc[:1]
     lut = np.searchsorted(asc, edges, side="right").astype(np.uint8 if k < 256 else np.int32)  # small: stays in cache
     layer_hist = np.zeros((n_seq, k + 1), dtype=np.int64)
-    wrong = np.zeros((n_seq, k + 1) if count_wrong else (0, 0), dtype=np.int64)
+    wrong = np.zeros((n_seq, k + 1) if top1 is not None else (0, 0), dtype=np.int64)
     with _keep_torch_threads():
         ok = _sweep(
             conf, np.ascontiguousarray(grids), shift, 1.0 / slope, lut, float(asc[0]), float(inv),
-            offsets, top1, full, count_wrong, layer_hist, wrong,
+            offsets, top1, full, layer_hist, wrong,
         )
     if not ok:
         raise ValueError("conf contains NaN or inf")
@@ -377,8 +388,7 @@ def average_layers(conf, lambdas, *, offsets=None, decay: Decay | None = None) -
     Computed in one compiled pass, without materialising the exit layers.
     """
     lam, conf, offsets = _sweep_iv(conf, lambdas, offsets, decay)
-    empty = np.zeros((0, 0), dtype=np.int32)
-    avg, _ = _run_sweep(conf, lam, offsets, decay, empty, np.zeros(0, dtype=np.int32), False)
+    avg, _ = _run_sweep(conf, lam, offsets, decay, None, None)
     return avg
 
 
@@ -422,6 +432,6 @@ def disagreement_counts(conf, lambdas, top1, full_tokens, offsets, *, decay: Dec
         raise ValueError(
             f"top1 must have shape {conf.shape} and full_tokens ({conf.shape[0]},), got {top1.shape} and {full_tokens.shape}"
         )
-    avg, wrong = _run_sweep(conf, lam, offsets, decay, top1, full_tokens, True)
+    avg, wrong = _run_sweep(conf, lam, offsets, decay, top1, full_tokens)
     counts = np.cumsum(wrong, axis=1)[:, : lam.size][:, ::-1]
     return counts, avg

@@ -431,37 +431,26 @@ def fit(
         raise ValueError("model, tokenizer and heads are used only with mode='decoded'; proxy mode reads the cache")
     from calibrate.chunked import ChunkedCache
 
+    options = dict(
+        measure=measure,
+        consistency=consistency,
+        lambdas=lambdas,
+        train_fraction=train_fraction,
+        seed=seed,
+        train_cache=train_cache,
+    )
     if isinstance(cache, ChunkedCache):  # one Dask task per partition of whole sequences
         if decode is not None:
             raise ValueError("decode is not supported with a chunked cache (it decodes with its vocab)")
         decay = _decay_iv(decay, cache)
-        table, measure_state, n_train = _chunked_table(
-            cache,
-            measure=measure,
-            consistency=consistency,
-            lambdas=lambdas,
-            decay=decay,
-            train_fraction=train_fraction,
-            seed=seed,
-            train_cache=train_cache,
-            client=client,
-        )
+        table, measure_state, n_train = _chunked_table(cache, decay=decay, client=client, **options)
     elif client is not None:
         raise ValueError(
             "client= runs a chunked cache on Dask: open the cache with calibrate.open_cache(path, chunks=n)"
         )
     else:
         table, decay, measure_state, n_train = _proxy_table(
-            cache,
-            measure=measure,
-            consistency=consistency,
-            lambdas=lambdas,
-            decay=decay,
-            train_fraction=train_fraction,
-            seed=seed,
-            decode=decode,
-            progress=progress,
-            train_cache=train_cache,
+            cache, decay=decay, decode=decode, progress=progress, **options
         )
     cert = certify(table, delta=delta, epsilon=epsilon, bound=bound, method=method)
     return dataclasses.replace(

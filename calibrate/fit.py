@@ -259,12 +259,10 @@ def _chunked_table(cache, *, measure, consistency, lambdas, decay, train_fractio
     rebuild it from its JSON state and compute the calibration sequences' losses per partition.
     """
     from calibrate.cache import split_indices
-    from measures.confidence import MEASURES
     from measures.learned import LEARNED_MEASURES, train_measure
 
+    _measure_iv(measure)
     _seed_iv(seed)
-    if measure not in (*MEASURES, *LEARNED_MEASURES):
-        raise ValueError(f"measure must be one of {(*MEASURES, *LEARNED_MEASURES)}, got {measure!r}")
     if measure not in LEARNED_MEASURES:
         _calibration_split(cache, measure, train_fraction, seed, train_cache)  # refuses a train_cache
         return cache.loss_table(measure, consistency, lambdas, decay, client=client), None, 0
@@ -280,6 +278,15 @@ def _chunked_table(cache, *, measure, consistency, lambdas, decay, train_fractio
         measure, consistency, lambdas, decay, measure_state=state, sequences=calibration, client=client
     )
     return table, state, train_cache.n_sequences
+
+
+def _measure_iv(measure) -> None:
+    from measures.confidence import MEASURES
+    from measures.learned import LEARNED_MEASURES
+
+    allowed = (*MEASURES, *LEARNED_MEASURES)
+    if measure not in allowed:
+        raise ValueError(f"measure must be one of {allowed}, got {measure!r}")
 
 
 def _seed_iv(seed) -> None:
@@ -519,12 +526,10 @@ def _proxy_table(
     A learned measure trains on ``train_cache`` or else on a seeded split, and the table holds only the
     other sequences.
     """
-    from measures.confidence import MEASURES, confidence
-    from measures.learned import LEARNED_MEASURES, train_measure
+    from measures.confidence import confidence
+    from measures.learned import train_measure
 
-    allowed = tuple(MEASURES) + LEARNED_MEASURES
-    if measure not in allowed:
-        raise ValueError(f"measure must be one of {allowed}, got {measure!r}")
+    _measure_iv(measure)
     _seed_iv(seed)
     decay = _decay_iv(decay, cache)
     lam = default_lambdas() if lambdas is None else lambdas

@@ -15,6 +15,7 @@ This module imports torch and transformers; ``import calibrate`` does not import
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -107,11 +108,13 @@ def extract(
     Raises
     ------
     ValueError
-        When an argument is invalid, the architecture unsupported, a prompt is empty or does not fit the
-        model's context with ``max_new_tokens`` (the message names the prompts; nothing is truncated), or
-        ``shard_dir`` holds shards of another run.
+        When an argument is invalid (``max_new_tokens``, ``batch_size``, ``top_k`` not a positive int
+        included), the architecture unsupported, a prompt is empty or does not fit the model's context
+        with ``max_new_tokens`` (the message names the prompts; nothing is truncated), or ``shard_dir``
+        holds shards of another run.
     TypeError
-        When an argument has the wrong type.
+        When ``prompts`` is not a sequence of str, ``heads`` not an ExitHeads, ``store_hidden`` or
+        ``progress`` not a bool, or ``shard_dir`` not a path.
 
     Warns
     -----
@@ -277,8 +280,9 @@ def read_prompts(path: str | os.PathLike) -> tuple[list[str], list[str | None]]:
     path : str or os.PathLike
         A UTF-8 file. It is JSONL when its name ends in ``.jsonl`` or its first non-blank line starts
         with ``{``; each line then holds an object with a str ``"prompt"`` and optionally a str or null
-        ``"reference"``. Otherwise every non-blank line is one prompt (without its line break). Blank
-        lines are skipped in both formats.
+        ``"reference"``. Otherwise every non-blank line is one prompt (without its line break). Lines end
+        at LF or CR LF only: other separators (U+2028, form feed, ...) stay in the prompt. Blank lines
+        are skipped in both formats.
 
     Returns
     -------
@@ -294,7 +298,8 @@ def read_prompts(path: str | os.PathLike) -> tuple[list[str], list[str | None]]:
         When the file does not exist.
     """
     file = Path(path)
-    lines = file.read_text(encoding="utf-8").splitlines()
+    # Lines end at "\n" (or "\r\n") only: str.splitlines would also split at U+2028, "\x0c", "\x1c", ...
+    lines = [line.removesuffix("\r") for line in file.read_bytes().decode("utf-8").split("\n")]
     numbered = [(i + 1, line) for i, line in enumerate(lines) if line.strip()]
     if not numbered:
         raise ValueError(f"{file}: no prompt (the file is empty or blank)")
@@ -348,10 +353,13 @@ def extract_main(
     output : str or os.PathLike
         Directory of the cache to write.
     shard_dir : str or os.PathLike, optional
-        Where the per-batch shards go. Default: ``<output>.shards`` beside ``output``; rerunning the same
-        command after a crash resumes from them.
+        Where the per-batch caches ``batch_00000``, ... go. Default: ``<output>.shards`` beside ``output``;
+        rerunning the same command after a crash resumes from them. With ``shard``, they go to the
+        subdirectory ``shard_dir/shard-0000i-of-0000N`` (named like the shard's output), so that the
+        workers can share one ``shard_dir``.
     keep_shards : bool, default=False
-        Keep ``shard_dir`` after the cache has been saved (it is deleted by default).
+        Keep the batch caches after the cache has been saved. By default this run's batch directories
+        are deleted, then their directory if that leaves it empty; other files in it are kept.
     overwrite : bool, default=False
         Replace an existing cache at ``output``.
     device : str, optional
@@ -403,6 +411,8 @@ def extract_main(
     model, tokenizer = load_local(model_dir, device=device, dtype=dtype)
     if shard_dir is None:
         shard_dir = target.with_name(target.name + ".shards")
+    elif shard is not None:
+        shard_dir = Path(shard_dir) / target.name
     cache = extract(model, tokenizer, prompts, references=references, ids=ids, shard_dir=shard_dir, **kw)
     if sharding is not None:
         cache = cache.with_meta({**cache.user_meta, "sharding": sharding})
@@ -410,7 +420,7 @@ def extract_main(
     if sharding is not None:
         shards.write_manifest(root, sharding["count"])
     if not keep_shards:
-        shutil.rmtree(shard_dir, ignore_errors=True)
+        _remove_batches(Path(shard_dir), math.ceil(cache.n_sequences / cache.user_meta["generation"]["batch_size"]))
     return cache
 
 
@@ -529,10 +539,14 @@ def _extract_iv(
     }
 
 
-def _context_iv(config, encoder_decoder: bool, ids: list[list[int]], max_new_tokens: int) -> None:
+def _context_iv(
+    config, encoder_decoder: bool, ids: list[list[int]], max_new_tokens: int, *, teacher_forced: bool = False
+) -> None:
     """Refuse empty prompts and prompts that do not fit the context (never truncate silently).
 
-    ``max_new_tokens=0`` with ``encoder_decoder=False`` checks the inputs of an encoder (a classifier).
+    Generation feeds back every new token but the last; ``teacher_forced`` feeds all ``max_new_tokens``
+    (a prompt and its continuation in one forward pass). ``max_new_tokens=0`` with
+    ``encoder_decoder=False`` checks the inputs of an encoder (a classifier).
     """
     empty = [i for i, seq in enumerate(ids) if not seq]
     if empty:
@@ -541,16 +555,18 @@ def _context_iv(config, encoder_decoder: bool, ids: list[list[int]], max_new_tok
     if name is None:  # relative positions (T5): no fixed context
         return
     context = int(getattr(config, name))
+    fed = max_new_tokens if teacher_forced else max(max_new_tokens - 1, 0)
     if encoder_decoder:
-        if max_new_tokens + 1 > context:
+        if 1 + fed > context:
             raise ValueError(
-                f"max_new_tokens={max_new_tokens} (+1 start token) exceeds the decoder context config.{name}={context}"
+                f"max_new_tokens={max_new_tokens} needs {1 + fed} decoder positions (the start token and every new "
+                f"token but the last), more than the decoder context config.{name}={context}"
             )
         too_long = [(i, len(seq)) for i, seq in enumerate(ids) if len(seq) > context]
         need = "tokens"
     else:
-        too_long = [(i, len(seq)) for i, seq in enumerate(ids) if len(seq) + max_new_tokens > context]
-        need = f"tokens + max_new_tokens={max_new_tokens}" if max_new_tokens else "tokens"
+        too_long = [(i, len(seq)) for i, seq in enumerate(ids) if len(seq) + fed > context]
+        need = f"tokens + {fed} of max_new_tokens={max_new_tokens} fed back" if max_new_tokens else "tokens"
     if too_long:
         shown = ", ".join(f"prompt {i} ({n} tokens)" for i, n in too_long[:5])
         more = f" and {len(too_long) - 5} more" if len(too_long) > 5 else ""
@@ -706,6 +722,14 @@ def _open_shard(where: Path, fingerprint: str) -> LayerCache:
             "use another shard_dir or delete this one"
         )
     return part
+
+
+def _remove_batches(shard_dir: Path, n_batches: int) -> None:
+    """Delete the batch caches ``batch_00000`` ... of a run from ``shard_dir``, then ``shard_dir`` if it is empty."""
+    for index in range(n_batches):
+        shutil.rmtree(shard_dir / _SHARD_NAME.format(index), ignore_errors=True)
+    with contextlib.suppress(OSError):  # not empty (other files are not ours to delete), or gone already
+        shard_dir.rmdir()
 
 
 def _with_meta(cache: LayerCache, shard: dict | None, meta: dict | None = None) -> LayerCache:

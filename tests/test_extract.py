@@ -390,10 +390,13 @@ def test_prompts_longer_than_the_context_are_reported(tokenizer):
     model = tiny_model("gpt2")  # n_positions = 64
     long = " ".join(f"w{i % 50}" for i in range(60))
     with pytest.raises(ValueError, match=r"1 prompt\(s\) do not fit .*n_positions=64.*prompt 1 \(60 tokens\)"):
-        extract(model, tokenizer, ["w1", long], max_new_tokens=5, progress=False)
-    extract(model, tokenizer, ["w1", long], max_new_tokens=4, progress=False)  # 60 + 4 fits exactly
-    with pytest.raises(ValueError, match="max_new_tokens=64"):
-        extract(tiny_model("bart"), tokenizer, ["w1"], max_new_tokens=64, progress=False)
+        extract(model, tokenizer, ["w1", long], max_new_tokens=6, progress=False)
+    # 60 + 5 - 1 positions fit exactly (the last new token is never fed back), as model.generate allows
+    cache = extract(model, tokenizer, [long], max_new_tokens=5, progress=False)
+    assert cache.sequences["output_ids"][0].tolist() == _reference_generate(model, tokenizer, long, 5)
+    extract(tiny_model("bart"), tokenizer, ["w1"], max_new_tokens=64, progress=False)  # 64 decoder positions
+    with pytest.raises(ValueError, match="max_new_tokens=65 needs 65 decoder positions"):
+        extract(tiny_model("bart"), tokenizer, ["w1"], max_new_tokens=65, progress=False)
 
 
 @pytest.mark.parametrize(
@@ -442,6 +445,38 @@ def test_read_prompts_text_and_jsonl(tmp_path):
     (tmp_path / "empty.txt").write_text("\n \n", encoding="utf-8")
     with pytest.raises(ValueError, match="no prompt"):
         read_prompts(tmp_path / "empty.txt")
+
+
+def test_read_prompts_breaks_lines_at_line_feeds_only(tmp_path):
+    """U+2028, form feed, file separator, NEL and a lone CR are characters of a prompt, not line breaks."""
+    odd = "w1\u2028w2\x0cw3\x1cw4\x85w5\rw6"
+    text = tmp_path / "prompts.txt"
+    text.write_bytes(f"{odd}\r\nw7\n".encode())
+    assert read_prompts(text) == ([odd, "w7"], [None, None])
+    jsonl = tmp_path / "prompts.jsonl"
+    rows = [{"prompt": odd, "reference": "r\u2028s"}, {"prompt": "w7"}]
+    jsonl.write_text("\r\n".join(json.dumps(r, ensure_ascii=False) for r in rows), encoding="utf-8")
+    assert read_prompts(jsonl) == ([odd, "w7"], ["r\u2028s", None])
+
+
+def test_extract_main_deletes_only_its_batches_from_a_shard_dir(tokenizer, tmp_path):
+    model_dir = tmp_path / "model"
+    tiny_model("gpt2").save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS[:3]) + "\n", encoding="utf-8")
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("not a batch")
+    kw = dict(max_new_tokens=3, batch_size=2, progress=False)
+    kept = extract_main(model_dir, prompts, tmp_path / "kept", shard_dir=work, keep_shards=True, **kw)
+    assert sorted(p.name for p in work.iterdir()) == ["batch_00000", "batch_00001", "notes.txt"]
+    again = extract_main(model_dir, prompts, tmp_path / "again", shard_dir=work, **kw)  # reads the batches back
+    assert again.checksum == kept.checksum
+    assert [p.name for p in work.iterdir()] == ["notes.txt"]
+    empty = tmp_path / "empty"
+    extract_main(model_dir, prompts, tmp_path / "third", shard_dir=empty, **kw)
+    assert not empty.exists()  # nothing but this run's batches: removed with them
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "t5"])

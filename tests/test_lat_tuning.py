@@ -90,9 +90,9 @@ def test_finetune_bad_input():
         lat.finetune(model, tokenizer, prompts, targets=("c_attn",), steps=1, max_new_tokens=2)
     with pytest.raises(ValueError, match="prompts"):
         lat.finetune(model, tokenizer, [])
-    long = " ".join(["w1"] * 60)  # 60 tokens + 8 new ones > the 64 positions
-    with pytest.raises(ValueError, match=r"max_new_tokens=8\): prompt 1 .*nothing is truncated"):
-        lat.finetune(model, tokenizer, ["w1 w2", long], steps=1, max_new_tokens=8)
+    long = " ".join(["w1"] * 60)  # 60 tokens + 5 teacher-forced ones > the 64 positions
+    with pytest.raises(ValueError, match=r"tokens \+ 5 of max_new_tokens=5 fed back\): prompt 1 .*nothing is truncated"):
+        lat.finetune(model, tokenizer, ["w1 w2", long], steps=1, max_new_tokens=5)
     result = lat.finetune(model, tokenizer, prompts, steps=50, max_new_tokens=2, max_seconds=1e-9)
     assert len(result.losses) == 1  # stopped by the time limit
     np.testing.assert_array_equal(result.speedups >= 1.0, True)

@@ -263,6 +263,33 @@ def test_encoder_decoder_full_model_equals_hf_generate(arch, batch):
     torch.testing.assert_close(hooked.exit_layers, direct.exit_layers, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_mask_is_inferred_from_pad_tokens_like_hf(arch):
+    """Left-padded prompts without a mask: ``input_ids != pad`` as ``model.generate`` infers it, unless the
+    pad id is an EOS id (then all ones, as there)."""
+    model = tiny_model(arch)
+    ids, mask = left_pad(PROMPTS)
+    assert bool((ids == PAD).any())
+    expected = model.generate(input_ids=ids, do_sample=False, max_new_tokens=8)
+    torch.testing.assert_close(expected, _hf_generate(model, ids, mask, 8), rtol=0, atol=0)
+    torch.testing.assert_close(generate(model, ids, max_new_tokens=8).sequences, expected, rtol=0, atol=0)
+    # pad = EOS: nothing is inferred, the pads are attended to (in both)
+    expected = model.generate(input_ids=ids, do_sample=False, max_new_tokens=8, pad_token_id=EOS)
+    out = generate(model, ids, max_new_tokens=8, pad_token_id=EOS)
+    torch.testing.assert_close(out.sequences, expected, rtol=0, atol=0)
+    assert not torch.equal(out.sequences, _hf_generate(model, ids, mask, 8))
+
+
+def test_context_is_used_to_the_last_position_like_hf():
+    """A prompt + max_new_tokens - 1 positions fit exactly (the last new token is never fed back)."""
+    model = tiny_model("gpt2")  # n_positions = 64
+    ids = torch.arange(60).remainder(50).add(4).reshape(1, 60)
+    out = generate(model, ids, max_new_tokens=5)
+    torch.testing.assert_close(out.sequences, _hf_generate(model, ids, torch.ones_like(ids), 5), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"needs 65 positions .* context config.n_positions=64"):
+        generate(model, ids, max_new_tokens=6)
+
+
 def test_full_model_stops_rows_at_eos_like_hf():
     """Rows that emit EOS get padding afterwards, exit layer 0; the loop ends when all rows have."""
     ids, mask = left_pad(PROMPTS)
@@ -763,8 +790,8 @@ def test_encoder_decoder_refusals():
     bart = tiny_model("bart")  # 64 learned positions
     with pytest.raises(ValueError, match=r"input_ids has 70 columns, more than the encoder's context"):
         generate(bart, torch.full((1, 70), 5))
-    with pytest.raises(ValueError, match=r"decoder prompt \(start token\) \(1 tokens\) \+ max_new_tokens=64 exceeds"):
-        generate(bart, torch.tensor([[5, 6]]), max_new_tokens=64)
+    with pytest.raises(ValueError, match=r"decoder prompt \(start token\) \(1 tokens\) \+ max_new_tokens=65 needs 65"):
+        generate(bart, torch.tensor([[5, 6]]), max_new_tokens=65)
     ids, mask = right_pad(ENCODER_PROMPTS)
     with pytest.raises(ValueError, match=r"rows \[1\] of input_ids have no token"):
         generate(bart, ids, mask * torch.tensor([[1], [0], [1], [1]]))

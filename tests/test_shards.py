@@ -168,6 +168,19 @@ def test_each_shard_resumes_on_its_own(saved_model, tmp_path, monkeypatch):
     assert calls == [] and again.checksum == resumed.checksum
 
 
+def test_shards_sharing_a_shard_dir_use_their_own_subdirectories(saved_model, tmp_path):
+    from calibrate.extraction import extract_main
+
+    model_dir, prompts = saved_model
+    kw = dict(max_new_tokens=4, batch_size=1, progress=False)
+    common, out = tmp_path / "common", tmp_path / "sharded"
+    extract_main(model_dir, prompts, out, shard=(0, 2), shard_dir=common, keep_shards=True, **kw)
+    extract_main(model_dir, prompts, out, shard=(1, 2), shard_dir=common, **kw)  # deletes its own batches only
+    assert [p.name for p in common.iterdir()] == [shard_name(0, 2)]
+    assert sorted(p.name for p in (common / shard_name(0, 2)).iterdir()) == ["batch_00000", "batch_00001"]
+    assert calibrate.open_cache(out).checksum == extract_main(model_dir, prompts, tmp_path / "whole", **kw).checksum
+
+
 @pytest.mark.slow
 def test_torchrun_writes_one_shard_per_rank(saved_model, tmp_path):
     """A real ``torchrun`` of two ranks on this machine: each writes its shard, the joined cache is whole."""

@@ -154,7 +154,9 @@ def generate(
     input_ids : torch.Tensor
         ``(B, P)`` prompt ids, left-padded (T5: the encoder's input, padded on either side).
     attention_mask : torch.Tensor, optional
-        ``(B, P)`` 0/1, default all ones.
+        ``(B, P)`` 0/1; default as :func:`calibrate.runtime.generate` (for decoder-only prompts,
+        ``input_ids != pad_token_id`` where the pad id occurs and is no EOS id, as ``model.generate``;
+        else all ones).
     speedup : float, default=1.0
         Predicted prefill speed-up to aim for, finite and >= 1 (1 = the unmodified model). Each row gets
         :meth:`KeepSchedule.from_speedup` for its own prompt length; a row too short to reach it gets its
@@ -204,9 +206,9 @@ def generate(
         )
     adapter = adapter_for(model, decoder_layers(model))
     heads = ExitHeads.from_model(model)
-    ids, mask = _ids_iv(input_ids, attention_mask, adapter.device, left_padded=True)
+    ids, mask = _ids_iv(input_ids, attention_mask, adapter.device, left_padded=True, special_tokens=tokens)
     _context_iv(model, adapter, mask, None, max_new_tokens)  # too long for the positions: refused
-    eos_ids, pad_id = tokens
+    eos_ids, pad_id = tokens[0], 0 if tokens[1] is None else tokens[1]  # None: no EOS, no filler written
     B, P = ids.shape
     L, T = adapter.n_layers, max_new_tokens
     schedules, keep = _schedules(config, mask, speedup, min_keep)  # keep: (B, L)

@@ -335,7 +335,7 @@ def finetune(
     )
     special = getattr(tokenizer, "all_special_ids", None) or []
     prompt_ids = [list(tokenizer(p)["input_ids"]) for p in prompts]
-    _context_iv(model.config, False, prompt_ids, max_new_tokens)  # prompt + continuation must fit the positions
+    _context_iv(model.config, False, prompt_ids, max_new_tokens, teacher_forced=True)  # prompt + continuation
     with torch.no_grad():
         wanted = _targets(model, tokenizer, prompt_ids, max_new_tokens, 8)
 

@@ -186,8 +186,9 @@ def generate(
         ``model.generation_config.decoder_start_token_id`` (else its ``bos_token_id``).
     attention_mask : torch.Tensor, shape (batch, prompt_length), optional
         1 for tokens, 0 for padding (the tokenizer's mask; for encoder-decoder models the encoder's, as
-        ``model.generate`` takes it). Default: all ones, as ``model.generate`` assumes for encoder inputs;
-        for decoder-only prompts without a mask it infers one from pad tokens instead, so pass the mask.
+        ``model.generate`` takes it). Default, as ``model.generate``: for decoder-only prompts in which
+        the pad id (below) occurs and is no EOS id, ``input_ids != pad_token_id``; otherwise (and for
+        encoder inputs) all ones. Pass the tokenizer's mask when the pad id can also be a real token.
     certificate : Certificate, optional
         A certificate for ``knob="exit_threshold"`` made for this model's layer count. None, or
         ``lambda_hat is None`` ("full model only"), runs every layer for every token.
@@ -210,7 +211,7 @@ def generate(
         ``max_new_tokens``.
     pad_token_id : int, optional
         Filler after a row's EOS. Default: ``model.generation_config.pad_token_id``, else
-        ``tokenizer.pad_token_id``, else the first EOS id, else 0.
+        ``tokenizer.pad_token_id``, else the first EOS id.
 
     Returns
     -------
@@ -229,9 +230,11 @@ def generate(
         measure whose ``measure_state`` is missing, invalid, of another measure or fitted for another layer
         count or hidden size; decoder-only prompts are right-padded; a row is empty; the prompt (or the
         encoder input) is too long for the model's context (nothing is truncated); an encoder-decoder
-        model has no start token; or an argument is out of range.
+        model has no start token; ``max_new_tokens`` or ``exit_layer`` is not an int in range; or
+        ``attention_mask`` is not a 0/1 tensor of the shape of ``input_ids``.
     TypeError
-        When an argument has the wrong type.
+        When ``input_ids`` is not an integer tensor, or ``certificate``, ``heads`` or ``tokenizer`` has the
+        wrong type.
 
     Notes
     -----
@@ -409,7 +412,7 @@ def custom_generate(
         max_new_tokens,
         heads,
         exit_layer,
-        ((), pad_id if pad_id is not None else 0),  # EOS is handled by the stopping criteria
+        ((), pad_id),  # EOS is handled by the stopping criteria
         encoder_states=None if encoder_outputs is None else encoder_outputs[0],  # (B, S_enc, d)
     )
     return _decode(run, *run.inputs, logits_processor=logits_processor, stopping_criteria=stopping_criteria)
@@ -502,8 +505,11 @@ def _heads_identity_iv(recorded, heads: ExitHeads) -> None:
         )
 
 
-def _special_tokens_iv(model, tokenizer, eos_token_id, pad_token_id) -> tuple[tuple[int, ...], int]:
-    """EOS ids and pad id: the arguments, else the generation config, else the tokenizer (as extraction)."""
+def _special_tokens_iv(model, tokenizer, eos_token_id, pad_token_id) -> tuple[tuple[int, ...], int | None]:
+    """EOS ids and pad id: the arguments, else the generation config, else the tokenizer (as extraction).
+
+    The pad id falls back to the first EOS id; it is None when there is neither (no row ever ends).
+    """
     if tokenizer is not None and not (hasattr(tokenizer, "eos_token_id") and hasattr(tokenizer, "pad_token_id")):
         raise TypeError(
             f"tokenizer must be a Hugging Face tokenizer (with eos_token_id and pad_token_id) or None, "
@@ -516,12 +522,19 @@ def _special_tokens_iv(model, tokenizer, eos_token_id, pad_token_id) -> tuple[tu
         if pad_token_id is None:
             pad_token_id = getattr(source, "pad_token_id", None)
     eos = tuple(_token_ids(eos_token_id))
-    pad = _token_ids(pad_token_id)[:1] or list(eos[:1]) or [0]
-    return eos, pad[0]
+    pad = _token_ids(pad_token_id)[:1] or list(eos[:1])
+    return eos, pad[0] if pad else None
 
 
-def _ids_iv(ids, mask, device, *, left_padded: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``input_ids`` and its ``attention_mask`` (default all ones) as long tensors on ``device``."""
+def _ids_iv(
+    ids, mask, device, *, left_padded: bool, special_tokens: tuple[tuple[int, ...], int | None] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``input_ids`` and its ``attention_mask`` as long tensors on ``device``.
+
+    Without a mask: with ``special_tokens`` (EOS ids, pad id), the mask ``model.generate`` infers for
+    decoder-only prompts, ``input_ids != pad`` when the pad id occurs in ``input_ids`` and is no EOS id;
+    else all ones.
+    """
     if not isinstance(ids, torch.Tensor) or ids.ndim != 2 or ids.dtype not in (torch.long, torch.int):
         raise TypeError(
             "input_ids must be an integer torch.Tensor of shape (batch, length), got "
@@ -530,6 +543,10 @@ def _ids_iv(ids, mask, device, *, left_padded: bool) -> tuple[torch.Tensor, torc
     if ids.shape[0] == 0 or ids.shape[1] == 0:
         raise ValueError(f"input_ids must hold at least one row and one token, got shape {tuple(ids.shape)}")
     ids = ids.to(device=device, dtype=torch.long)
+    if mask is None and special_tokens is not None:
+        eos, pad = special_tokens
+        if pad is not None and pad not in eos and bool((ids == pad).any()):
+            mask = (ids != pad).long()
     return ids, _mask_iv(mask, ids.shape, device, left_padded=left_padded)
 
 
@@ -569,14 +586,16 @@ def _decoder_start_iv(model) -> int:
 def _context_iv(model, adapter: LayerAdapter, prompt_mask: torch.Tensor, encoder: _Encoder | None, max_new_tokens):
     """Refuse sequences longer than the model's positions or sliding window (nothing is truncated)."""
     config = model.config
-    longest = int(prompt_mask.sum(dim=1).max())  # decoder positions run to longest + max_new_tokens - 1
+    longest = int(prompt_mask.sum(dim=1).max())
+    used = longest + max_new_tokens - 1  # positions the decoder sees: the last new token is never fed back
     name = next((n for n in ("n_positions", "max_position_embeddings") if getattr(config, n, None)), None)
     context = None if name is None else int(getattr(config, name))
-    if context is not None and longest + max_new_tokens > context:
+    if context is not None and used > context:
         what = "the decoder prompt (start token)" if encoder is not None else "the longest prompt"
         raise ValueError(
-            f"{what} ({longest} tokens) + max_new_tokens={max_new_tokens} exceeds the model's context "
-            f"config.{name}={context}; shorten it or lower max_new_tokens (nothing is truncated)"
+            f"{what} ({longest} tokens) + max_new_tokens={max_new_tokens} needs {used} positions (the last new "
+            f"token is never fed back), more than the model's context config.{name}={context}; shorten it or "
+            "lower max_new_tokens (nothing is truncated)"
         )
     if context is not None and encoder is not None and encoder.ids is not None and encoder.ids.shape[1] > context:
         raise ValueError(
@@ -584,10 +603,10 @@ def _context_iv(model, adapter: LayerAdapter, prompt_mask: torch.Tensor, encoder
             "shorten the inputs (nothing is truncated)"
         )
     window = adapter.sliding_window
-    if window is not None and longest + max_new_tokens > window:
+    if window is not None and used > window:
         raise ValueError(
-            f"the longest prompt ({longest} tokens) + max_new_tokens={max_new_tokens} exceeds the sliding window "
-            f"{window}; sliding-window attention is not implemented by the runtime"
+            f"the longest prompt ({longest} tokens) + max_new_tokens={max_new_tokens} needs {used} positions, more "
+            f"than the sliding window {window}; sliding-window attention is not implemented by the runtime"
         )
 
 
@@ -610,7 +629,7 @@ def _generate_iv(
     # Prompts: the decoder's (left-padded; positions count real tokens), and the encoder's input if any.
     encoder = None
     if not adapter.encoder_decoder:
-        prompt_ids, prompt_mask = _ids_iv(input_ids, attention_mask, device, left_padded=True)
+        prompt_ids, prompt_mask = _ids_iv(input_ids, attention_mask, device, left_padded=True, special_tokens=special_tokens)
     elif encoder_states is None:  # generate(): input_ids feed the encoder, padded on either side
         ids, mask = _ids_iv(input_ids, attention_mask, device, left_padded=False)
         encoder = _Encoder(mask, ids, None)
@@ -662,7 +681,7 @@ def _generate_iv(
         decay=decay,
         exit_layer=exit_layer,
         eos_token_ids=eos,
-        pad_token_id=pad_token_id,
+        pad_token_id=0 if pad_token_id is None else pad_token_id,  # None: no EOS, so no filler is written
     )
     return _Run(adapter, heads, measure, run_config, (prompt_ids, prompt_mask), encoder)
 

@@ -31,8 +31,28 @@ def _certificate_losses(cert: Certificate, cache, *, decode=None, progress=False
             "audit needs an exit-threshold certificate made by calibrate.fit (with a measure and a "
             f"consistency); got knob={cert.knob!r}, measure={cert.measure!r}, consistency={cert.consistency!r}"
         )
+    from calibrate.cache import LayerCache
+
+    if not isinstance(cache, LayerCache):
+        raise TypeError(
+            f"the test cache must be a calibrate.LayerCache in memory, got {type(cache).__name__} (read a chunked "
+            "cache's sequences with cache.take(indices), or open it with open_cache(path))"
+        )
+    if cert.mode == "decoded":
+        raise ValueError(
+            "the certificate is mode='decoded' (it certifies what the runtime emits), but a cache gives "
+            "teacher-forced proxy losses; audit it on held-out prompts with "
+            "calibrate.decoded_losses(model, tokenizer, prompts, cert)"
+        )
     if cert.n_layers is not None and cache.n_layers != cert.n_layers:
         raise ValueError(f"the cache has {cache.n_layers} layers but the certificate was made for {cert.n_layers}")
+    for what in ("model", "heads"):
+        made, here = getattr(cert, what), cache.user_meta.get(what)
+        if made is not None and here is not None and made != here:
+            raise ValueError(
+                f"the cache was extracted with other {what} than the certificate was calibrated with "
+                f"(cache {here!r}, certificate {made!r})"
+            )
     decay = None if cert.decay is None else Decay(**cert.decay)
     conf = _certificate_confidence(cert, cache)
     return proxy_losses(

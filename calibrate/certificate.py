@@ -289,7 +289,10 @@ class Certificate:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Certificate":
-        """Build a certificate from :meth:`to_dict` output; unknown or missing fields raise ``ValueError``."""
+        """Build a certificate from :meth:`to_dict` output.
+
+        Unknown or missing fields raise ``ValueError``, and so does a ``lambda_hat`` that is not certified.
+        """
         names = {f.name for f in fields(cls)}
         unknown = set(data) - names
         if unknown:
@@ -301,9 +304,14 @@ class Certificate:
         if "certified" in kwargs:
             kwargs["certified"] = tuple(bool(v) for v in kwargs["certified"])
         try:
-            return cls(**kwargs)
+            cert = cls(**kwargs)
         except TypeError as exc:
             raise ValueError(f"incomplete certificate: {exc}") from None
+        # In memory a certificate may name any grid value (decoding probes each one); a stored one is spent
+        # as it says, so it must name a certified one.
+        if cert.index is not None and not cert.certified[cert.index]:
+            raise ValueError(f"lambda_hat={cert.lambda_hat} is a grid value that the certificate does not certify")
+        return cert
 
     def _json_data(self) -> dict[str, Any]:
         """:meth:`to_dict` with ``NaN`` entries (thresholds never tested) as ``None``."""

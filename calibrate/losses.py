@@ -71,10 +71,13 @@ class LossTable:
                 f"losses has {losses.shape[1]} columns but lambdas has {lambdas.size} values; "
                 "they must match (one column per threshold)"
             )
+        lambdas = lambdas.copy()  # the table owns its grid: never a view of the caller's array, never frozen
         for arr in (losses, lambdas):
             arr.flags.writeable = False
         object.__setattr__(self, "losses", losses)
         object.__setattr__(self, "lambdas", lambdas)
+        if self.n_layers is not None:
+            object.__setattr__(self, "n_layers", int(self.n_layers))
         if self.avg_layers is not None:
             avg = np.array(self.avg_layers, dtype=np.float64)
             if avg.shape != lambdas.shape:

@@ -63,6 +63,23 @@ def test_audit_refuses_other_certificates(split, cert):
     broken = dataclasses.replace(cert, measure="classifier", measure_state=None)
     with pytest.raises(ValueError, match="measure_state"):
         calibrate.audit(broken, split[1])
+    with pytest.raises(ValueError, match=r"mode='decoded'.*calibrate.decoded_losses"):
+        calibrate.audit(dataclasses.replace(cert, mode="decoded"), split[1])
+    with pytest.raises(ValueError, match="other model than the certificate"):
+        calibrate.audit(dataclasses.replace(cert, model="another-model"), split[1])
+    test = split[1]
+    names = ("full_tokens", "topk_ids", "topk_logprobs")
+    adapted = calibrate.LayerCache.from_arrays(
+        **{name: test.arrays[name] for name in names}, lengths=test.lengths, meta={"heads": {"kind": "adapters"}}
+    )
+    with pytest.raises(ValueError, match=r"other heads than the certificate .*'adapters'.*'logit_lens'"):
+        calibrate.audit(dataclasses.replace(cert, model=None, heads={"kind": "logit_lens"}), adapted)
+
+
+def test_audit_refuses_a_chunked_cache_with_a_hint(split, cert, tmp_path):
+    split[1].save(tmp_path / "test")
+    with pytest.raises(TypeError, match=r"LayerCache in memory, got ChunkedCache .*take"):
+        calibrate.audit(cert, calibrate.open_cache(tmp_path / "test", chunks=3))
 
 
 def test_validity_report_and_figure(split):

@@ -117,6 +117,10 @@ def test_bad_json(tmp_path):
     del data["surprise"], data["delta"]
     with pytest.raises(ValueError, match="incomplete certificate"):
         Certificate.from_dict(data)
+    edited = json.loads(_cert().to_json())
+    edited["lambda_hat"] = 0.7  # on the grid, but not certified
+    with pytest.raises(ValueError, match="lambda_hat=0.7 is a grid value that the certificate does not certify"):
+        Certificate.from_json(json.dumps(edited))
 
 
 def test_heads_identity_round_trips_through_json():

@@ -135,6 +135,19 @@ def test_early_tokens_are_the_exit_layers_top1():
     np.testing.assert_array_equal(early_tokens(top1, layers, np.array([70, 80])), [[5, 70], [9, 9]])
 
 
+def test_every_real_dtype_gives_the_float32_result():
+    rng = np.random.default_rng(3)
+    conf = rng.random((40, 6)).astype(np.float16)
+    top1, full = rng.integers(0, 3, (40, 6)), rng.integers(0, 3, 40)
+    lam, offsets = [0.9, 0.6, 0.3], [0, 15, 40]
+    expected = disagreement_counts(conf.astype(np.float32), lam, top1, full, offsets)
+    for dtype in (np.float16, np.float64, np.longdouble):
+        got = disagreement_counts(conf.astype(dtype), lam, top1, full, offsets)
+        for a, b in zip(got, expected):
+            np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(average_layers(conf.astype(dtype), lam), expected[1])
+
+
 def test_huge_finite_confidences_are_safe():
     conf = np.array([[0.2, 1e30, 0.3, 0.1], [-1e30, 0.5, 0.95, 0.0]] * 3)
     lam = [0.9, 0.4]

@@ -37,6 +37,16 @@ def test_certify_matches_hand_computed_fixed_sequence():
     assert cert.mode == "user" and cert.n == n
 
 
+def test_loss_table_owns_its_grid_and_json_takes_numpy_ints():
+    grid = np.array([0.9, 0.5, 0.1])
+    table = calibrate.user_losses(np.zeros((400, 3)), grid, n_layers=np.int64(12))
+    grid[0] = 0.95  # the caller's array stays writable, and the table does not follow it
+    assert table.lambdas[0] == 0.9 and not table.lambdas.flags.writeable
+    cert = calibrate.certify(table, delta=0.1, epsilon=0.05)
+    assert type(cert.n_layers) is int
+    assert calibrate.Certificate.from_json(cert.to_json()) == cert
+
+
 def test_certify_accepts_strategy_objects_and_names():
     rng = np.random.default_rng(1)
     losses = (rng.random((1000, 5)) < np.linspace(0, 0.2, 5)).astype(float)

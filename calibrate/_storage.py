@@ -80,6 +80,15 @@ class Remote:
                 self.fs.rm(self.path, recursive=True)
             raise
 
+    def copy_to(self, other: Remote, *, last: str) -> None:
+        """Copy this directory to ``other`` in the same file system (server-side), ``last`` after all others."""
+        files = sorted(self.fs.find(self.path))
+        files.sort(key=lambda f: f == f"{self.path}/{last}")
+        for file in files:
+            remote = other.path + file[len(self.path) :]
+            self.fs.makedirs(remote.rsplit("/", 1)[0], exist_ok=True)
+            self.fs.copy(file, remote)
+
     def remove(self, *, first: str) -> None:
         """Delete this directory, the file named ``first`` before everything else (the reverse of upload)."""
         if self.fs.exists(f"{self.path}/{first}"):

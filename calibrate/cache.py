@@ -59,6 +59,8 @@ _DTYPES = {
     "hidden": np.dtype("<f2"),
 }
 _SCORE_DTYPE = np.dtype("<f4")
+#: Largest vocabulary whose ids fit the int32 id arrays.
+_MAX_VOCAB_SIZE = np.iinfo(np.int32).max
 _DIMS = {
     "full_tokens": ("token",),
     "topk_ids": ("token", "layer", "rank"),
@@ -128,7 +130,7 @@ class LayerCache:
         - any other name, (T, L) float32: a precomputed confidence measure, finite; the known measures
           ``softmax_gap``, ``softmax_max``, ``entropy`` lie in [0, 1] and ``state_saturation`` in [-1, 1].
     vocab_size : int
-        Size of the model's vocabulary; every token id lies in ``[0, vocab_size)``.
+        Size of the model's vocabulary, at most ``2**31 - 1``; every token id lies in ``[0, vocab_size)``.
     meta : dict, optional
         JSON-serialisable metadata (model, revision, tokenizer, generation settings, ...).
     vocab : sequence of str, optional
@@ -264,8 +266,9 @@ class LayerCache:
         vocab : sequence of str, optional
             Token strings: ``vocab[i]`` is the text that token ``i`` contributes when decoding.
         vocab_size : int, optional
-            Vocabulary size of the model. Default: ``len(vocab)``, or 1 + the largest id when there is
-            no vocab (a lower bound: pass the model's size, the entropy approximation depends on it).
+            Vocabulary size of the model, at most ``2**31 - 1`` (ids are stored as int32). Default:
+            ``len(vocab)``, or 1 + the largest id when there is no vocab (a lower bound: pass the model's
+            size, the entropy approximation depends on it).
         model : str, optional
             Model name, stored as ``meta["model"]``.
         meta : dict, optional
@@ -603,7 +606,7 @@ class LayerCache:
 
         Everything is written into a temporary directory beside ``path`` and renamed into place at
         the end; on any failure the temporary directory is removed and an existing cache at ``path``
-        is left untouched.
+        is left untouched (on object storage, up to the final server-side copy: see Notes).
 
         Parameters
         ----------
@@ -625,6 +628,8 @@ class LayerCache:
             When ``path`` exists and ``overwrite`` is False.
         ValueError
             When ``overwrite`` is True but ``path`` is not a cache directory (refusing to delete it).
+        OSError
+            When writing or uploading fails.
 
         Notes
         -----
@@ -632,17 +637,18 @@ class LayerCache:
         the old one, so ``path`` is missing for the moment between the two renames. Files are not
         fsync-ed: the write is atomic with respect to errors in this process, not to power loss.
         Object storage has no rename: the cache is written locally, then uploaded with ``meta.json``
-        last (and an old cache is deleted ``meta.json`` first), so an interrupted upload reads as an
-        incomplete cache, never as a valid one.
+        last, so an interrupted upload reads as an incomplete cache, never as a valid one. To replace a
+        cache, the new one is first uploaded beside it (to ``.<name>.<random>.tmp``; a failed upload is
+        removed and the old cache left untouched); then the old one is deleted, ``meta.json`` first, and
+        the new one copied into place server-side, ``meta.json`` last. Should that copy fail, ``path``
+        holds an incomplete cache and the OSError names the temporary directory holding the new one.
         """
         target = _save_iv(path, overwrite)
         meta = self.meta  # hashes every field (cached on the object)
         if isinstance(target, Remote):
             with tempfile.TemporaryDirectory(prefix="calibrate-upload-") as tmp:
                 self._write_files(Path(tmp), meta)
-                if target.exists():
-                    target.remove(first=_META_FILE)
-                target.upload(Path(tmp), last=_META_FILE)
+                _commit_remote(Path(tmp), target)
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
@@ -869,9 +875,13 @@ def _init_iv(sequences, arrays, vocab_size, meta, vocab) -> None:
         _vocab_iv(vocab)
 
 
-def _vocab_size_iv(vocab_size) -> int:
+def _vocab_size_iv(vocab_size, name: str = "vocab_size") -> int:
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer)) or vocab_size < 1:
-        raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
+        raise ValueError(f"{name} must be a positive int, got {vocab_size!r}")
+    if vocab_size > _MAX_VOCAB_SIZE:
+        raise ValueError(
+            f"{name} must be at most 2**31 - 1 = {_MAX_VOCAB_SIZE} (token ids are stored as int32), got {vocab_size}"
+        )
     return int(vocab_size)
 
 
@@ -1016,7 +1026,10 @@ def _from_arrays(
         if vocab is not None:
             vocab_size = len(vocab)
         else:
-            vocab_size = int(max(full.max(initial=0), top.max(initial=0))) + 1
+            largest = int(max(full.max(initial=0), top.max(initial=0)))
+            vocab_size = _vocab_size_iv(
+                largest + 1, "vocab_size (default: 1 + the largest id of full_tokens, topk_ids)"
+            )
     vocab_size = _vocab_size_iv(vocab_size)
     if vocab is not None and len(vocab) != vocab_size:
         raise ValueError(f"vocab must have vocab_size={vocab_size} entries, got {len(vocab)}")
@@ -1456,6 +1469,26 @@ def _commit(tmp: Path, target: Path, overwrite: bool) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _commit_remote(local: Path, target: Remote) -> None:
+    """Upload the cache written at ``local`` to ``target``; an old cache there is replaced only once the new
+    one is uploaded in full beside it (object storage has no rename)."""
+    if not target.exists():
+        target.upload(local, last=_META_FILE)  # removes what it wrote on failure
+        return
+    parent, _, name = target.path.rpartition("/")
+    staged = Remote(target.fs, f"{parent}/.{name}.{uuid.uuid4().hex}.tmp")
+    staged.upload(local, last=_META_FILE)  # a failure here leaves the old cache untouched
+    target.remove(first=_META_FILE)
+    try:
+        staged.copy_to(target, last=_META_FILE)
+    except Exception as exc:
+        raise OSError(
+            f"the old cache at {target} was deleted but copying the new one into place failed; the new cache "
+            f"is complete at {staged}: {type(exc).__name__}: {exc}"
+        ) from exc
+    staged.remove(first=_META_FILE)
+
+
 def _load_json(file: Path, encoding: str):
     try:
         return json.loads(file.read_text(encoding=encoding))
@@ -1493,7 +1526,18 @@ def _read_meta(root: Path) -> dict:
     return meta
 
 
-def _read_array(root: Path, name: str, spec: dict) -> np.ndarray:
+def _open_array(root: Path | Remote, name: str, spec: dict) -> Any:
+    """The zarr array ``name`` of the cache at ``root``, its dtype, shape and chunk files checked.
+
+    The dtype must be the field's canonical dtype both in the zarr metadata and in ``spec`` (its entry in
+    ``meta.json``); values are not read.
+
+    Raises
+    ------
+    ValueError
+        Naming the array and its path: a missing or unreadable ``zarr.json``, a wrong dtype or shape,
+        missing chunk files.
+    """
     import zarr
 
     where = root / _ARRAY_DIR / name
@@ -1515,13 +1559,20 @@ def _read_array(root: Path, name: str, spec: dict) -> np.ndarray:
         )
     if z.nchunks_initialized != z.nchunks:
         raise ValueError(f"array {name!r} at {where} is missing {z.nchunks - z.nchunks_initialized} chunk file(s)")
+    return z
+
+
+def _read_array(root: Path | Remote, name: str, spec: dict) -> np.ndarray:
+    """The array ``name`` in memory, checked as by :func:`_open_array`; a corrupted chunk raises ValueError."""
+    z = _open_array(root, name, spec)
+    where = root / _ARRAY_DIR / name
     try:
         a = np.ascontiguousarray(z[...])
     except Exception as exc:  # noqa: BLE001 - decompression errors of corrupted chunks vary by codec
         raise ValueError(
             f"cannot read array {name!r} at {where} (corrupted chunk?): {type(exc).__name__}: {exc}"
         ) from exc
-    return a.astype(expected, copy=False)
+    return a
 
 
 def _read_vocab(root: Path, spec: dict | None) -> list[str] | None:

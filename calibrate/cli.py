@@ -81,7 +81,7 @@ def _cmd_audit(args) -> int:
             prompts,
             references=_references(cert.consistency, references),
             max_new_tokens=args.max_new_tokens,
-            batch_size=args.batch_size,
+            **({} if args.batch_size is None else {"batch_size": args.batch_size}),
             progress=True,
         )
     elif cert.knob == "fff_depth" and args.blocks is not None:  # a language model decoded at each depth
@@ -101,16 +101,18 @@ def _cmd_audit(args) -> int:
                 "an fff_depth certificate is audited on inputs (--model FILE --inputs FILE) or, for a language "
                 "model, on prompts (--model DIR --blocks DIR --prompts FILE)"
             )
-        fff, model, inputs, references = _fff_inputs(args.model, args.inputs, args.references)
-        report = fff.audit(cert, model, inputs, references=references)
+        fff, model, inputs, references = _fff_inputs(args)
+        report = fff.audit(cert, model, inputs, references=references, batch_size=args.batch_size)
     else:
         if args.cache is None:
             raise ValueError("give the held-out layer cache: calibrate audit CERTIFICATE CACHE")
         report = calibrate.audit(cert, calibrate.open_cache(args.cache), progress=True)
     print(report.summary())
     if args.figure:
-        report.plot().savefig(args.figure, dpi=120)
-        print(f"wrote {args.figure}")
+        figure = Path(args.figure)
+        figure = figure if figure.suffix else figure.with_suffix(".png")  # as matplotlib would name it
+        report.plot().savefig(figure, dpi=120)
+        print(f"wrote {figure}")
     return 0 if report.within_tolerance else 1
 
 
@@ -195,22 +197,28 @@ def _references(consistency: str | None, references: list) -> list | None:
         raise ValueError("consistency='risk_label' needs an int label as every prompt's reference") from None
 
 
-def _fff_inputs(model_path: str, inputs_path: str, references_path: str | None):
-    """``calibrate.fff``, an FFF classifier read from safetensors, its inputs and reference labels (.npy)."""
+def _fff_inputs(args):
+    """``calibrate.fff``, the FFF classifier of ``--model`` (safetensors) on ``--device`` in ``--dtype``, the
+    inputs of ``--inputs`` there and the reference labels of ``--references`` (.npy)."""
     import numpy as np
 
     try:
         import torch
 
         from calibrate import fff
+        from calibrate.models import _torch_device, _torch_dtype
     except ImportError as exc:
         raise ValueError(f"fast feedforward layers need torch: pip install 'calm-calibrate[hf]' ({exc})") from None
-    model = fff.FFF.load(model_path).eval()
-    inputs = np.load(inputs_path, allow_pickle=False)
+    model = fff.FFF.load(args.model).eval()
+    if args.device is not None:
+        model = model.to(_torch_device(args.device))
+    if args.dtype is not None:
+        model = model.to(_torch_dtype(args.dtype))
+    inputs = np.load(args.inputs, allow_pickle=False)
     if inputs.ndim != 2 or inputs.shape[1] != model.in_features:
-        raise ValueError(f"{inputs_path} must hold an (n, {model.in_features}) array, got shape {inputs.shape}")
-    references = None if references_path is None else np.load(references_path, allow_pickle=False)
-    return fff, model, torch.as_tensor(inputs, dtype=model.w_in.dtype), references
+        raise ValueError(f"{args.inputs} must hold an (n, {model.in_features}) array, got shape {inputs.shape}")
+    references = None if args.references is None else np.load(args.references, allow_pickle=False)
+    return fff, model, torch.as_tensor(inputs, dtype=model.w_in.dtype, device=model.w_in.device), references
 
 
 def _cmd_fff_fit(args) -> int:
@@ -235,7 +243,7 @@ def _cmd_fff_fit(args) -> int:
             "an FFF classifier is certified on --inputs FILE (label disagreement, or risk_label with --references); "
             "a language model with --blocks DIR --prompts FILE [--consistency]"
         )
-    fff, model, inputs, references = _fff_inputs(args.model, args.inputs, args.references)
+    fff, model, inputs, references = _fff_inputs(args)
     cert = fff.fit(
         model,
         inputs,
@@ -244,6 +252,7 @@ def _cmd_fff_fit(args) -> int:
         consistency="label" if references is None else "risk_label",
         references=references,
         bound=args.bound,
+        batch_size=args.batch_size,
     )
     return _report(cert, args.output)
 
@@ -352,9 +361,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--blocks", help="fff_depth certificates of a language model: its FFF blocks (fff.save_blocks)")
     p.add_argument("--prompts", help="token_keep or language-model fff_depth: held-out prompts, one per line or JSONL")
     p.add_argument("--max-new-tokens", type=int, default=32, help="when decoding: as certified (default 32)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None)
+    p.add_argument(
+        "--batch-size", type=int, default=None, help="prompts (default 8) or inputs (default 1024) per forward pass"
+    )
+    p.add_argument("--device", default=None, help="torch device of the model (when decoding or running an FFF)")
+    p.add_argument("--dtype", default=None, help="torch dtype of the model's weights, e.g. bfloat16")
     p.add_argument("--inputs", help="fff_depth certificates: held-out inputs (.npy, n x in_features)")
     p.add_argument("--references", help="fff_depth certificates with risk_label: reference labels (.npy)")
     p.set_defaults(func=_cmd_audit)
@@ -462,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as exc:
+    except (ValueError, TypeError, OSError) as exc:  # OSError: missing, existing or unwritable files
         print(f"calibrate {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -46,7 +46,8 @@ def load_local(model_dir, *, device: str | None = None, dtype: str | None = None
     Raises
     ------
     ValueError
-        When ``model_dir`` has no ``config.json`` or ``dtype`` is not a torch dtype.
+        When ``model_dir`` has no ``config.json``, ``dtype`` is not a torch dtype or ``device`` is not an
+        available torch device.
     """
     from transformers import (
         AutoConfig,
@@ -63,9 +64,9 @@ def load_local(model_dir, *, device: str | None = None, dtype: str | None = None
         )
     load_kw: dict = {"local_files_only": True}
     if dtype is not None:
-        if not isinstance(getattr(torch, str(dtype), None), torch.dtype):
-            raise ValueError(f"dtype must name a torch dtype (e.g. 'bfloat16'), got {dtype!r}")
-        load_kw["dtype"] = getattr(torch, dtype)
+        load_kw["dtype"] = _torch_dtype(dtype)
+    if device is not None:
+        device = _torch_device(device)
     config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
     if getattr(config, "is_encoder_decoder", False):
         auto = AutoModelForSeq2SeqLM
@@ -77,6 +78,37 @@ def load_local(model_dir, *, device: str | None = None, dtype: str | None = None
     if device is not None:
         model = model.to(device)
     return model, AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+
+
+def _torch_dtype(dtype: str) -> torch.dtype:
+    """The torch dtype named ``dtype`` (``--dtype`` of the command line), e.g. ``"bfloat16"``.
+
+    Raises
+    ------
+    ValueError
+        When ``dtype`` names no torch dtype.
+    """
+    if not isinstance(getattr(torch, str(dtype), None), torch.dtype):
+        raise ValueError(f"dtype must name a torch dtype (e.g. 'bfloat16'), got {dtype!r}")
+    return getattr(torch, dtype)
+
+
+def _torch_device(device: str) -> torch.device:
+    """The torch device named ``device`` (``--device`` of the command line), e.g. ``"cuda:1"``.
+
+    Raises
+    ------
+    ValueError
+        When ``device`` names no torch device, or a CUDA device this machine does not have.
+    """
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device must name a torch device (e.g. 'cpu', 'cuda', 'cuda:1'), got {device!r}") from exc
+    count = torch.cuda.device_count()
+    if parsed.type == "cuda" and (parsed.index or 0) >= count:
+        raise ValueError(f"device {device!r} is not available: this machine has {count} CUDA device(s)")
+    return parsed
 
 
 def smollm2(*, dtype: torch.dtype = torch.float32):

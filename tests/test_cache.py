@@ -200,6 +200,20 @@ def test_vocab_size_given_larger_than_ids_and_unicode_vocab_round_trip(tmp_path)
     assert again.vocab == cache.vocab and again.checksum == cache.checksum
 
 
+@pytest.mark.parametrize("big", [2**31, 2**32 + 5, 2**63 + 1])
+def test_ids_that_do_not_fit_int32_are_rejected_not_wrapped(big):
+    """int32 storage would wrap 2**32 + 5 to 5, a valid-looking id."""
+    ids = np.array([big], dtype=np.uint64)
+    with pytest.raises(
+        ValueError, match=r"vocab_size \(default: 1 \+ the largest id of full_tokens, topk_ids\) must be at most"
+    ):
+        LayerCache.from_arrays(full_tokens=ids, topk_ids=ids.reshape(1, 1, 1), lengths=[1])
+    with pytest.raises(ValueError, match=r"^vocab_size must be at most 2\*\*31 - 1 = 2147483647 .* got 2147483648"):
+        LayerCache.from_arrays(full_tokens=[3], topk_ids=[[[3]]], lengths=[1], vocab_size=2**31)
+    largest = LayerCache.from_arrays(full_tokens=[2**31 - 2], topk_ids=[[[2**31 - 2]]], lengths=[1])
+    assert largest.vocab_size == 2**31 - 1 and largest.arrays["full_tokens"].tolist() == [2**31 - 2]
+
+
 # --------------------------------------------------------------------------------------------------
 # Positions and offsets against a plain loop
 # --------------------------------------------------------------------------------------------------

@@ -211,3 +211,77 @@ def test_verify_catches_an_edited_table(saved, tmp_path):
     with pytest.raises(ValueError, match="checksum mismatch in table 'sequences'"):
         calibrate.open_cache(copy, chunks=50)
     assert calibrate.open_cache(copy, chunks=50, verify=False).n_sequences == 240
+
+
+def _truncate(file):
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+
+
+def _edit_json(file, edit):
+    import json
+
+    doc = json.loads(file.read_text())
+    edit(doc)
+    file.write_text(json.dumps(doc))
+
+
+_CORRUPTIONS = {
+    "garbage full_tokens chunk": (
+        lambda d: (d / "arrays/full_tokens/c/0").write_bytes(b"garbage"),
+        r"cannot read array 'full_tokens' at .*full_tokens \(corrupted chunk\?\)",
+    ),
+    "deleted full_tokens chunk": (
+        lambda d: (d / "arrays/full_tokens/c/0").unlink(),
+        "array 'full_tokens' at .*full_tokens is missing 1 chunk file",
+    ),
+    "missing full_tokens/zarr.json": (
+        lambda d: (d / "arrays/full_tokens/zarr.json").unlink(),
+        "array 'full_tokens' is listed in meta.json but .*full_tokens/zarr.json is missing",
+    ),
+    "truncated entropy/zarr.json": (
+        lambda d: _truncate(d / "arrays/entropy/zarr.json"),
+        "cannot open array 'entropy' at .*entropy: JSONDecodeError",
+    ),
+    "data_type edited in zarr.json": (
+        lambda d: _edit_json(d / "arrays/full_tokens/zarr.json", lambda z: z.update(data_type="int64")),
+        "array 'full_tokens' at .*full_tokens must have dtype int32, got int64",
+    ),
+    "float16 log-probs in meta.json": (
+        lambda d: _edit_json(d / "meta.json", lambda m: m["fields"]["topk_logprobs"].update(dtype="float16")),
+        "array 'topk_logprobs' at .*topk_logprobs must have dtype float32, .*meta.json says 'float16'",
+    ),
+    "int8 hidden states in meta.json": (
+        lambda d: _edit_json(d / "meta.json", lambda m: m["fields"]["hidden"].update(dtype="int8")),
+        "array 'hidden' at .*hidden must have dtype float16, .*meta.json says 'int8'",
+    ),
+}
+
+
+@pytest.mark.parametrize("verify", [True, False])
+@pytest.mark.parametrize("corruption", list(_CORRUPTIONS))
+def test_lazy_open_names_the_corrupted_array(saved, tmp_path, corruption, verify):
+    """The same checks as the in-memory open, before any value is trusted (a wrong dtype would convert)."""
+    import shutil
+
+    _, path = saved
+    copy = tmp_path / "copy"
+    shutil.copytree(path, copy)
+    corrupt, match = _CORRUPTIONS[corruption]
+    corrupt(copy)
+    with pytest.raises(ValueError, match=match):
+        calibrate.open_cache(copy, verify=verify)
+    with pytest.raises(ValueError, match=match):
+        calibrate.open_cache(copy, chunks=50, verify=verify)
+
+
+def test_cli_fit_with_chunks_reports_a_corrupted_cache(saved, tmp_path, capsys):
+    import shutil
+
+    from calibrate.cli import main
+
+    _, path = saved
+    copy = tmp_path / "copy"
+    shutil.copytree(path, copy)
+    (copy / "arrays/full_tokens/c/0").write_bytes(b"garbage")
+    assert main(["fit", str(copy), "--chunks", "5"]) == 2
+    assert "cannot read array 'full_tokens'" in capsys.readouterr().err

@@ -152,3 +152,36 @@ def test_cli_fff_fit_and_audit_equal_the_functions(tmp_path, capsys):
     np.save(tmp_path / "bad.npy", cal[:, :5])
     assert main(["fff-fit", "--model", str(tmp_path / "fff.safetensors"), "--inputs", str(tmp_path / "bad.npy")]) == 2
     assert "(n, 16)" in capsys.readouterr().err
+
+
+def test_cli_classifier_uses_batch_size_device_and_dtype(tmp_path, capsys, monkeypatch):
+    from calibrate.cli import main
+
+    _classifier(seed=5)[2].save(tmp_path / "fff.safetensors")
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(300, 16)).astype(np.float32))
+    seen = {}
+
+    def spy(name):
+        real = getattr(fff, name)
+
+        def call(*args, **kwargs):
+            seen[name] = args, kwargs
+            return real(*args, **kwargs)
+
+        return call
+
+    for name in ("fit", "audit"):
+        monkeypatch.setattr(fff, name, spy(name))
+    common = ["--model", str(tmp_path / "fff.safetensors"), "--inputs", str(tmp_path / "x.npy")]
+    options = ["--batch-size", "7", "--device", "cpu", "--dtype", "float64"]
+    assert main(["fff-fit", *common, *options, "-o", str(tmp_path / "cert.json")]) == 0
+    assert main(["audit", str(tmp_path / "cert.json"), *common, *options]) in (0, 1)
+    (model, inputs, *_), fit_options = seen["fit"]
+    (_, audited, held), audit_options = seen["audit"]
+    assert fit_options["batch_size"] == audit_options["batch_size"] == 7
+    for m, x in ((model, inputs), (audited, held)):
+        assert m.w_in.dtype == x.dtype == torch.float64 and m.w_in.device.type == x.device.type == "cpu"
+    capsys.readouterr()
+    for device, match in (("cuda:99", "device 'cuda:99' is not available"), ("bogus", "device must name")):
+        assert main(["fff-fit", *common, "--device", device]) == 2
+        assert match in capsys.readouterr().err

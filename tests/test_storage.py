@@ -1,5 +1,6 @@
 """Caches at fsspec URLs (``memory://``, ``file://``): the same cache, the same certificate, the same checks."""
 
+import re
 import uuid
 
 import numpy as np
@@ -108,6 +109,52 @@ def test_an_interrupted_upload_is_not_a_cache(cache, url, monkeypatch):
         calibrate.open_cache(url)
     cache.save(url)
     assert calibrate.open_cache(url).checksum == cache.checksum
+
+
+def test_a_failed_overwrite_keeps_the_old_cache(cache, url, monkeypatch):
+    """The new cache is uploaded beside the old one, which is deleted only once the upload is complete."""
+    fs = fsspec.filesystem("memory")
+    root = url[len("memory://") :]
+    parent, _, name = root.rpartition("/")
+    cache.save(url)
+    other = calibrate.synthetic_cache(30, n_layers=3, seed=1)
+    real = type(fs).put_file
+    count = []
+
+    def flaky(self, lpath, rpath, **kwargs):
+        count.append(rpath)
+        if len(count) == 3:
+            raise OSError("connection lost")
+        return real(self, lpath, rpath, **kwargs)
+
+    monkeypatch.setattr(type(fs), "put_file", flaky)
+    with pytest.raises(OSError, match="connection lost"):
+        other.save(url, overwrite=True)
+    monkeypatch.undo()
+    assert calibrate.open_cache(url).checksum == cache.checksum
+    assert [p.rpartition("/")[2] for p in fs.ls(parent or "/", detail=False) if name in p] == [name]
+    other.save(url, overwrite=True)
+    assert calibrate.open_cache(url).checksum == other.checksum
+    assert [p.rpartition("/")[2] for p in fs.ls(parent or "/", detail=False) if name in p] == [name]
+
+
+def test_a_failed_copy_into_place_names_the_new_cache(cache, url, monkeypatch):
+    fs = fsspec.filesystem("memory")
+    cache.save(url)
+    other = calibrate.synthetic_cache(30, n_layers=3, seed=1)
+
+    def broken(self, path1, path2, **kwargs):
+        raise OSError("copy refused")
+
+    monkeypatch.setattr(type(fs), "cp_file", broken)
+    with pytest.raises(OSError, match="copying the new one into place failed") as info:
+        other.save(url, overwrite=True)
+    monkeypatch.undo()
+    staged = re.search(r"the new cache is complete at (\S+):", str(info.value)).group(1)
+    assert calibrate.open_cache(staged).checksum == other.checksum
+    with pytest.raises(ValueError):  # meta.json goes last: the half-copied target is not a valid cache
+        calibrate.open_cache(url)
+    fs.rm(staged[len("memory://") :], recursive=True)
 
 
 def test_cli_fit_reads_a_url(cache, url, tmp_path, capsys):

@@ -88,19 +88,25 @@ def test_corruption_at_a_url_names_what_is_wrong(cache, url):
         calibrate.open_cache(f"{url}-absent")
 
 
-def test_an_interrupted_upload_is_not_a_cache(cache, url, monkeypatch):
-    """meta.json goes up last, and a failed upload is removed: nothing half-written is ever read."""
-    fs = fsspec.filesystem("memory")
-    real = type(fs).put_file
+def _lose_connection(monkeypatch, at: int) -> list[str]:
+    """Make the memory file system's ``at``-th file upload fail; returns the uploaded paths (as it goes)."""
+    fs_type = type(fsspec.filesystem("memory"))
+    real = fs_type.put_file
     count = []
 
     def flaky(self, lpath, rpath, **kwargs):
         count.append(rpath)
-        if len(count) == 5:
+        if len(count) == at:
             raise OSError("connection lost")
         return real(self, lpath, rpath, **kwargs)
 
-    monkeypatch.setattr(type(fs), "put_file", flaky)
+    monkeypatch.setattr(fs_type, "put_file", flaky)
+    return count
+
+
+def test_an_interrupted_upload_is_not_a_cache(cache, url, monkeypatch):
+    """meta.json goes up last, and a failed upload is removed: nothing half-written is ever read."""
+    count = _lose_connection(monkeypatch, at=5)
     with pytest.raises(OSError, match="connection lost"):
         cache.save(url)
     monkeypatch.undo()
@@ -118,16 +124,7 @@ def test_a_failed_overwrite_keeps_the_old_cache(cache, url, monkeypatch):
     parent, _, name = root.rpartition("/")
     cache.save(url)
     other = calibrate.synthetic_cache(30, n_layers=3, seed=1)
-    real = type(fs).put_file
-    count = []
-
-    def flaky(self, lpath, rpath, **kwargs):
-        count.append(rpath)
-        if len(count) == 3:
-            raise OSError("connection lost")
-        return real(self, lpath, rpath, **kwargs)
-
-    monkeypatch.setattr(type(fs), "put_file", flaky)
+    _lose_connection(monkeypatch, at=3)
     with pytest.raises(OSError, match="connection lost"):
         other.save(url, overwrite=True)
     monkeypatch.undo()

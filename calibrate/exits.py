@@ -100,7 +100,7 @@ def _conf_iv(conf, decay) -> np.ndarray:
     conf = np.asarray(conf)
     if conf.ndim != 2 or conf.shape[1] < 1:
         raise ValueError(f"conf must have shape (n_tokens, n_layers), got {conf.shape}")
-    if conf.dtype not in (np.float32, np.float64):  # the compiled sweep knows these two; float16 and ints fit exactly
+    if conf.dtype not in (np.float32, np.float64):  # the compiled sweep knows these two (float16 fits float32 exactly)
         conf = conf.astype(np.float64 if conf.dtype.kind == "f" and conf.dtype.itemsize > 8 else np.float32)
     if decay is not None and not isinstance(decay, Decay):
         raise TypeError(f"decay must be a calibrate.Decay or None, got {type(decay).__name__}")

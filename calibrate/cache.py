@@ -102,6 +102,11 @@ _MAX_CHUNK_TOKENS = 1 << 16
 _CHECK_BLOCK = 1 << 16
 
 
+def _field_dtype(name: str) -> np.dtype:
+    """The dtype an array field is stored in: ``_DTYPES``'s, else float32 (a precomputed score)."""
+    return _DTYPES.get(name, _SCORE_DTYPE)
+
+
 # --------------------------------------------------------------------------------------------------
 # The cache object
 # --------------------------------------------------------------------------------------------------
@@ -810,7 +815,7 @@ def open_cache(path: str | os.PathLike, *, verify: bool = True, chunks: int | No
     arrays = {}
     for name, spec in fields.items():
         if spec.get("kind") == "array":
-            arrays[name] = _read_array(root, name, spec)
+            arrays[name] = _read_array(root, name, _open_array(root, name, spec))
     for name in ("full_tokens", "topk_ids"):
         if name not in arrays:
             raise ValueError(f"{root / _META_FILE}: required array {name!r} is not listed in 'fields'")
@@ -1132,7 +1137,7 @@ def _check_structure(arrays, offsets, vocab_size, vocab) -> None:
     for name, a in arrays.items():
         if not _NAME_RE.match(name) or name in _RESERVED:
             raise ValueError(f"array names must be lowercase identifiers other than {list(_RESERVED)}, got {name!r}")
-        expected = _DTYPES.get(name, _SCORE_DTYPE)
+        expected = _field_dtype(name)
         if a.dtype != expected:
             raise ValueError(f"array {name!r} must have dtype {expected.name}, got {a.dtype.name}")
         if name in ("topk_ids", "topk_logprobs"):
@@ -1547,7 +1552,7 @@ def _open_array(root: Path | Remote, name: str, spec: dict) -> Any:
         z = zarr.open_array(store=str(where), mode="r")
     except Exception as exc:  # noqa: BLE001 - any failure here means an unreadable array
         raise ValueError(f"cannot open array {name!r} at {where}: {type(exc).__name__}: {exc}") from exc
-    expected = _DTYPES.get(name, _SCORE_DTYPE)
+    expected = _field_dtype(name)
     if np.dtype(z.dtype) != expected or spec.get("dtype") != expected.name:
         raise ValueError(
             f"array {name!r} at {where} must have dtype {expected.name}, got {np.dtype(z.dtype).name} "
@@ -1562,9 +1567,11 @@ def _open_array(root: Path | Remote, name: str, spec: dict) -> Any:
     return z
 
 
-def _read_array(root: Path | Remote, name: str, spec: dict) -> np.ndarray:
-    """The array ``name`` in memory, checked as by :func:`_open_array`; a corrupted chunk raises ValueError."""
-    z = _open_array(root, name, spec)
+def _read_array(root: Path | Remote, name: str, z) -> np.ndarray:
+    """The values of array ``name``, opened (and checked) by :func:`_open_array` as ``z``, in memory.
+
+    A corrupted chunk raises ValueError naming the array.
+    """
     where = root / _ARRAY_DIR / name
     try:
         a = np.ascontiguousarray(z[...])

@@ -138,14 +138,14 @@ class ChunkedCache:
         LayerCache
             Equal to ``open_cache(path).subset(sorted(indices))``.
         """
-        from calibrate.cache import _DTYPES, _SCORE_DTYPE, LayerCache, _make_table, _subset_iv
+        from calibrate.cache import LayerCache, _field_dtype, _make_table, _subset_iv
 
         idx = np.sort(_subset_iv(indices, self.n_sequences))
         offsets = np.zeros(idx.size + 1, dtype=np.int64)
         np.cumsum(np.diff(self.offsets)[idx], out=offsets[1:])
         specs = self._array_specs()
         arrays = {
-            name: np.empty((int(offsets[-1]), *spec["shape"][1:]), dtype=_DTYPES.get(name, _SCORE_DTYPE))
+            name: np.empty((int(offsets[-1]), *spec["shape"][1:]), dtype=_field_dtype(name))
             for name, spec in specs.items()
         }
         done = 0
@@ -335,7 +335,7 @@ def _read_slice(root: Path | Remote, name: str, spec: dict, lo: int, hi: int) ->
     """
     import zarr
 
-    from calibrate.cache import _DTYPES, _SCORE_DTYPE
+    from calibrate.cache import _field_dtype
 
     where = root / spec["path"]
     try:
@@ -345,7 +345,7 @@ def _read_slice(root: Path | Remote, name: str, spec: dict, lo: int, hi: int) ->
         raise ValueError(
             f"cannot read tokens {lo}:{hi} of array {name!r} at {where}: {type(exc).__name__}: {exc}"
         ) from exc
-    expected = _DTYPES.get(name, _SCORE_DTYPE)
+    expected = _field_dtype(name)
     if a.dtype != expected or list(z.shape[1:]) != spec.get("shape", [])[1:] or a.shape[0] != hi - lo:
         raise ValueError(
             f"array {name!r} at {where} has dtype {a.dtype} and shape {list(z.shape)}, but meta.json says "
@@ -391,7 +391,7 @@ def read_lazily(root: Path | Remote, verify: bool, joint: dict | None = None) ->
             raise ValueError(f"{root / 'meta.json'}: required array {name!r} is not listed in 'fields'")
     # Every array's zarr.json, dtype (against meta.json and the canonical one), shape and chunk files.
     stored = {name: _open_array(root, name, spec) for name, spec in fields.items() if spec.get("kind") == "array"}
-    table, offsets = _read_table(root, fields.get("sequences"), _read_array(root, "full_tokens", fields["full_tokens"]))
+    table, offsets = _read_table(root, fields.get("sequences"), _read_array(root, "full_tokens", stored["full_tokens"]))
     checksums = {}
     if verify:
         checksums["sequences"] = _hash_table(table, offsets)

@@ -31,13 +31,9 @@ def _certificate_losses(cert: Certificate, cache, *, decode=None, progress=False
             "audit needs an exit-threshold certificate made by calibrate.fit (with a measure and a "
             f"consistency); got knob={cert.knob!r}, measure={cert.measure!r}, consistency={cert.consistency!r}"
         )
-    from calibrate.cache import LayerCache
+    from calibrate.cache import _in_memory_iv
 
-    if not isinstance(cache, LayerCache):
-        raise TypeError(
-            f"the test cache must be a calibrate.LayerCache in memory, got {type(cache).__name__} (read a chunked "
-            "cache's sequences with cache.take(indices), or open it with open_cache(path))"
-        )
+    _in_memory_iv(cache, "the test cache")
     if cert.mode == "decoded":
         raise ValueError(
             "the certificate is mode='decoded' (it certifies what the runtime emits), but a cache gives "

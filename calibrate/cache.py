@@ -1275,6 +1275,16 @@ def token_rows(offsets: np.ndarray, idx: np.ndarray) -> tuple[slice | np.ndarray
     return np.repeat(offsets[idx] - new[:-1], lengths) + np.arange(new[-1]), new
 
 
+def _in_memory_iv(cache, name: str) -> LayerCache:
+    """``cache`` if it is a :class:`LayerCache`; TypeError naming ``name`` (with the way from a chunked one)."""
+    if not isinstance(cache, LayerCache):
+        raise TypeError(
+            f"{name} must be a calibrate.LayerCache in memory, got {type(cache).__name__} (read the sequences "
+            "of a chunked cache with cache.take(indices), or open it with open_cache(path))"
+        )
+    return cache
+
+
 def _subset_iv(indices, n: int) -> np.ndarray:
     idx = np.asarray(indices)
     if idx.dtype == bool:

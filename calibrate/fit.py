@@ -233,13 +233,9 @@ def _calibration_split(cache, measure: str, train_fraction: float, seed: int, tr
 
 def _train_cache_iv(train_cache, cache):
     """``train_cache``, checked: a LayerCache other than ``cache``, from the same model and heads."""
-    from calibrate.cache import LayerCache
+    from calibrate.cache import _in_memory_iv
 
-    if not isinstance(train_cache, LayerCache):
-        raise TypeError(
-            f"train_cache must be a calibrate.LayerCache in memory, got {type(train_cache).__name__} (read the "
-            "sequences of a chunked cache with cache.take(indices), or open it with open_cache(path))"
-        )
+    _in_memory_iv(train_cache, "train_cache")
     if train_cache.checksum == cache.checksum:
         raise ValueError("train_cache is the calibration cache itself; the measure must train on other sequences")
     for what in ("heads", "model"):

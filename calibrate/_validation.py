@@ -43,3 +43,10 @@ def bounded_array(
         reason = f" ({why})" if why else ""
         raise ValueError(f"{name} must lie in [0, {upper_name}]{reason}, got range [{lo:g}, {hi:g}]")
     return arr
+
+
+def int_at_least(value, name: str, low: int = 1) -> int:
+    """``value`` as an int ``>= low``; ValueError naming ``name`` for bools, floats and smaller values."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    return int(value)

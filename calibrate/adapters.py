@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from calibrate.heads import ExitHeads
+from calibrate._validation import int_at_least
+from calibrate.heads import ExitHeads, adapters_digest
 
 __all__ = ["layer_agreement", "load_adapters", "save_adapters", "train_adapters"]
 
@@ -117,6 +118,7 @@ def layer_agreement(heads: ExitHeads, cache, *, batch_size: int = 256) -> np.nda
     ndarray of float64, shape (n_layers,)
         Agreement in ``[0, 1]`` per layer (1-based layer ``i`` at index ``i - 1``).
     """
+    batch_size = int_at_least(batch_size, "batch_size")
     hidden = _hidden_iv(cache, heads)
     full = torch.from_numpy(np.asarray(cache.arrays["full_tokens"], dtype=np.int64))
     param = next(iter(heads._shared[1].parameters()), None)
@@ -162,7 +164,8 @@ def load_adapters(model: nn.Module, path: str | os.PathLike) -> ExitHeads:
     ------
     ValueError
         When the file is missing or not a safetensors file, or was saved for another architecture, layer
-        count, width or vocabulary (naming the field), or its weights do not match the stored digest.
+        count, width or vocabulary (naming the field), or holds tensors of other shapes, or its weights do
+        not match the stored digest. A model in another dtype than the saved weights gets them rounded.
     """
     from safetensors import SafetensorError, safe_open
 
@@ -180,9 +183,15 @@ def load_adapters(model: nn.Module, path: str | os.PathLike) -> ExitHeads:
     for key in ("architecture", "n_layers", "hidden_size", "vocab_size"):
         if saved.get(key) != expected[key]:
             raise ValueError(f"{path} holds adapters for {key}={saved.get(key)!r}, this model has {expected[key]!r}")
+    for name, stored, param in (("weight", weight, heads.adapter_weight), ("bias", bias, heads.adapter_bias)):
+        if stored.shape != param.shape:
+            raise ValueError(
+                f"{path}: tensor {name!r} has shape {tuple(stored.shape)}, this model needs {tuple(param.shape)}"
+            )
+    # Checked on the stored values: copying into a bf16/fp16 model rounds them, and the digest with them.
+    if adapters_digest(weight, bias) != saved.get("adapters_digest"):
+        raise ValueError(f"{path}: adapter weights do not match their stored digest (corrupt file?)")
     with torch.no_grad():
         heads.adapter_weight.copy_(weight)
         heads.adapter_bias.copy_(bias)
-    if heads.describe()["adapters_digest"] != saved.get("adapters_digest"):
-        raise ValueError(f"{path}: adapter weights do not match their stored digest (corrupt file?)")
     return heads

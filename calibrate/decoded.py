@@ -24,12 +24,12 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from calibrate import runtime
-from calibrate._validation import open_interval
+from calibrate._validation import int_at_least, open_interval
 from calibrate.bounds import P_VALUES, p_values
 from calibrate.cache import LayerCache
 from calibrate.certificate import Certificate
 from calibrate.exits import Decay, _lambdas_iv
-from calibrate.extraction import _context_iv, _pad, _positive_int
+from calibrate.extraction import _context_iv, _pad
 from calibrate.fit import _decay_iv, _too_few_reason, certify
 from calibrate.fwer import FixedSequence
 from calibrate.heads import ExitHeads, decoder_layers
@@ -184,8 +184,8 @@ def _decoder_iv(
         raise ValueError(f"consistency must be one of {CONSISTENCIES}, got {consistency!r}")
     prompts, references = _prompts_iv(prompts, references, consistency)
     lam = decoded_lambdas() if lambdas is None else _lambdas_iv(lambdas)
-    max_new_tokens = _positive_int("max_new_tokens", max_new_tokens)
-    batch_size = _positive_int("batch_size", batch_size)
+    max_new_tokens = int_at_least(max_new_tokens, "max_new_tokens")
+    batch_size = int_at_least(batch_size, "batch_size")
     if heads is None:
         heads = ExitHeads.from_model(model)
     elif not isinstance(heads, ExitHeads):

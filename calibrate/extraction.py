@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from calibrate._validation import int_at_least
 from calibrate.cache import LayerCache, concat_caches, open_cache
 from calibrate.heads import ExitHeads, decoder_layers, record_layer_states
 from measures.confidence import state_saturation
@@ -429,12 +430,6 @@ def extract_main(
 # --------------------------------------------------------------------------------------------------
 
 
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
-
-
 def _extract_iv(
     model, tokenizer, prompts, max_new_tokens, batch_size, heads, store_hidden, top_k, progress, shard_dir, references, ids
 ):
@@ -460,9 +455,9 @@ def _extract_iv(
     ids = list(ids)
     if not all(isinstance(i, str) for i in ids) or len(set(ids)) != len(ids):
         raise ValueError("ids must be distinct str")
-    max_new_tokens = _positive_int("max_new_tokens", max_new_tokens)
-    batch_size = _positive_int("batch_size", batch_size)
-    top_k = _positive_int("top_k", top_k)
+    max_new_tokens = int_at_least(max_new_tokens, "max_new_tokens")
+    batch_size = int_at_least(batch_size, "batch_size")
+    top_k = int_at_least(top_k, "top_k")
     for name, value in (("store_hidden", store_hidden), ("progress", progress)):
         if not isinstance(value, bool):
             raise TypeError(f"{name} must be a bool, got {value!r}")

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from calibrate._validation import int_at_least
+
 __all__ = ["SUPPORTED_ARCHITECTURES", "ExitHeads", "decoder_layers", "record_layer_states"]
 
 
@@ -165,6 +167,14 @@ def record_layer_states(model: nn.Module, *, position: int | None = -1) -> Itera
             handle.remove()
 
 
+def adapters_digest(weight: torch.Tensor, bias: torch.Tensor) -> str:
+    """blake2b digest (32 hex digits) of adapter weights and biases taken as float32, on any device or dtype."""
+    h = hashlib.blake2b(digest_size=16)
+    for p in (weight, bias):
+        h.update(p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 class ExitHeads(nn.Module):
     """Map a layer's hidden state to next-token logits: shared final norm + LM head, optional adapters.
 
@@ -237,8 +247,7 @@ class ExitHeads(nn.Module):
     ) -> None:
         super().__init__()
         for name, value in (("n_layers", n_layers), ("hidden_size", hidden_size), ("vocab_size", vocab_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            int_at_least(value, name)
         if not isinstance(adapters, bool):
             raise TypeError(f"adapters must be a bool, got {adapters!r}")
         if not callable(lm_head):
@@ -437,15 +446,9 @@ class ExitHeads(nn.Module):
         With adapters, ``"adapters_digest"`` is a blake2b digest of their float32 weights, so heads with
         other trained adapters are told apart.
         """
-        digest = None
-        if self.has_adapters:
-            h = hashlib.blake2b(digest_size=16)
-            for p in (self.adapter_weight, self.adapter_bias):
-                h.update(p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-            digest = h.hexdigest()
         return {
             "kind": "adapters" if self.has_adapters else "logit_lens",
-            "adapters_digest": digest,
+            "adapters_digest": adapters_digest(self.adapter_weight, self.adapter_bias) if self.has_adapters else None,
             "architecture": self.architecture,
             "n_layers": self.n_layers,
             "hidden_size": self.hidden_size,

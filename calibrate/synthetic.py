@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import special
 
+from calibrate._validation import int_at_least
 from calibrate.cache import LayerCache, _from_arrays
 from measures.confidence import from_topk, state_saturation
 
@@ -235,23 +236,18 @@ def _synthetic_cache_iv(
     n_sequences, n_layers, max_tokens, min_tokens, vocab_size, top_k, hidden_size, store_hidden, references,
     difficulty, seed,
 ) -> dict:
-    def pos_int(name, value, low=1):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-        return int(value)
-
     p = {
-        "n_sequences": pos_int("n_sequences", n_sequences),
-        "n_layers": pos_int("n_layers", n_layers),
-        "max_tokens": pos_int("max_tokens", max_tokens),
-        "min_tokens": pos_int("min_tokens", min_tokens),
-        "top_k": pos_int("top_k", top_k),
-        "hidden_size": pos_int("hidden_size", hidden_size),
-        "seed": pos_int("seed", seed, low=0),
+        "n_sequences": int_at_least(n_sequences, "n_sequences"),
+        "n_layers": int_at_least(n_layers, "n_layers"),
+        "max_tokens": int_at_least(max_tokens, "max_tokens"),
+        "min_tokens": int_at_least(min_tokens, "min_tokens"),
+        "top_k": int_at_least(top_k, "top_k"),
+        "hidden_size": int_at_least(hidden_size, "hidden_size"),
+        "seed": int_at_least(seed, "seed", 0),
     }
     if p["min_tokens"] > p["max_tokens"]:
         raise ValueError(f"min_tokens must be <= max_tokens={p['max_tokens']}, got {p['min_tokens']}")
-    p["vocab_size"] = pos_int("vocab_size", vocab_size, low=max(p["top_k"], 3))
+    p["vocab_size"] = int_at_least(vocab_size, "vocab_size", max(p["top_k"], 3))
     for name, value in (("store_hidden", store_hidden), ("references", references)):
         if not isinstance(value, (bool, np.bool_)):
             raise TypeError(f"{name} must be a bool, got {value!r}")

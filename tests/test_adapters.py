@@ -103,6 +103,32 @@ def test_load_refuses_other_models_and_corrupt_files(model, real_cache, tmp_path
         load_adapters(model, tmp_path / "missing.safetensors")
 
 
+def test_float32_adapters_load_into_a_bfloat16_model(model, real_cache, tmp_path):
+    heads = train_adapters(model, real_cache)
+    path = tmp_path / "adapters.safetensors"
+    save_adapters(heads, path)
+    half = tiny_model("llama", n_layers=4).to(torch.bfloat16)
+    half.load_state_dict(model.state_dict())
+    loaded = load_adapters(half, path)  # the digest is checked on the stored float32 values, not the rounded ones
+    assert loaded.adapter_weight.dtype == torch.bfloat16
+    expected = heads.adapter_weight.to(torch.bfloat16).float()
+    torch.testing.assert_close(loaded.adapter_weight.float(), expected, rtol=0, atol=0)
+
+
+def test_load_refuses_tensors_of_other_shapes(model, real_cache, tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    heads = train_adapters(model, real_cache)
+    path = tmp_path / "adapters.safetensors"
+    weight = heads.adapter_weight.detach()[:, :, :-1].contiguous()
+    tensors = {"weight": weight, "bias": heads.adapter_bias.detach()}
+    save_file(tensors, str(path), metadata={"heads": json.dumps(heads.describe())})
+    with pytest.raises(ValueError, match=r"tensor 'weight' has shape \(3, 32, 31\), this model needs \(3, 32, 32\)"):
+        load_adapters(model, path)
+
+
 def test_bad_input(model, real_cache):
     no_hidden = extract(model, tiny_tokenizer(), ["w1 w2"], max_new_tokens=2, progress=False)
     with pytest.raises(ValueError, match="store_hidden=True"):
@@ -115,6 +141,9 @@ def test_bad_input(model, real_cache):
         train_adapters(model, "cache")
     with pytest.raises(ValueError, match="no adapters"):
         save_adapters(ExitHeads.from_model(model), "x.safetensors")
+    for batch_size in (0, -1, 2.0):  # -1 used to skip every batch and report zero agreement
+        with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
+            layer_agreement(ExitHeads.from_model(model), real_cache, batch_size=batch_size)
 
 
 def test_rehead_equals_an_extraction_through_the_new_heads(model, real_cache):

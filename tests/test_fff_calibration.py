@@ -67,6 +67,9 @@ def test_refuses_other_knobs_and_models_and_bad_depths():
             pass
     with pytest.raises(ValueError, match="depths must decrease"):
         fff.fit(model, torch.randn(50, 12), depths=[3, 4])
+    x = torch.randn(50, 12)  # unsigned depths are ints too (np.diff of them wraps around)
+    unsigned = fff.depth_losses(model, x, depths=np.array([5, 2, 0], dtype=np.uint8))
+    np.testing.assert_array_equal(unsigned.losses, fff.depth_losses(model, x, depths=[5, 2, 0]).losses)
     with pytest.raises(ValueError, match="FFF layers"):
         fff.fit(nn.Linear(3, 2), torch.randn(5, 3))
     with pytest.raises(ValueError, match="references"):

@@ -107,6 +107,21 @@ def test_distill_rejects_bad_arguments(tokenizer):
         fff.distill(model, tokenizer, TEXTS[:1], progress=False)
     with pytest.raises(ValueError, match="no .mlp block"):
         fff.distill(tiny_model("t5"), tokenizer, TEXTS, progress=False)
+    bad = [("steps", 0), ("steps", -3), ("batch_size", 0), ("max_tokens", 0), ("lr", 0.0), ("lr", float("nan"))]
+    for name, value in bad:  # each used to return untrained FFFs (or crash inside the model)
+        with pytest.raises(ValueError, match=f"{name} must be"):
+            fff.distill(model, tokenizer, TEXTS, layers=[0], progress=False, **{name: value})
+    with pytest.raises(ValueError, match="layers must be distinct"):
+        fff.mlp_activations(model, tokenizer, TEXTS, [-1])
+
+
+def test_distill_leaves_the_global_torch_generator_alone(tokenizer):
+    model = tiny_model("llama")
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    fff.distill(model, tokenizer, TEXTS, depth=1, layers=[0], steps=2, batch_size=8, progress=False)
+    torch.testing.assert_close(torch.rand(3), expected, rtol=0, atol=0)
 
 
 def test_blocks_saved_beside_the_original_model_load_back(distilled, tmp_path):
@@ -128,8 +143,15 @@ def test_blocks_saved_beside_the_original_model_load_back(distilled, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="holds no FFF block"):
         fff.load_blocks(tiny_model("llama"), tmp_path / "empty")
+    small = tiny_model("llama", n_layers=2)
     with pytest.raises(ValueError, match="layer-00002.safetensors is for decoder layer 2, but the model has 2"):
-        fff.load_blocks(tiny_model("llama", n_layers=2), path)
+        fff.load_blocks(small, path)
+    assert not any(isinstance(layer.mlp, fff.FFF) for layer in decoder_layers(small))  # untouched, not half-loaded
+    (tmp_path / "cut").mkdir()
+    data = (path / "layer-00000.safetensors").read_bytes()
+    (tmp_path / "cut" / "layer-00000.safetensors").write_bytes(data[:-20])
+    with pytest.raises(ValueError, match="layer-00000.safetensors is not a readable safetensors file"):
+        fff.load_blocks(tiny_model("llama"), tmp_path / "cut")
     (tmp_path / "narrow").mkdir()
     fff.FFF(16, 16, 2).save(tmp_path / "narrow" / "layer-00001.safetensors")
     with pytest.raises(ValueError, match=r"layer-00001.safetensors maps 16 -> 16 features, the model's MLPs 32"):

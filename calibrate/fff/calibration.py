@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from calibrate._digest import weights_digest
+from calibrate._validation import int_at_least
 from calibrate.audit import AuditReport
 from calibrate.certificate import Certificate, _spend_iv
 from calibrate.fff.layer import FFF
@@ -109,11 +110,12 @@ def _depths_iv(depths, top: int) -> np.ndarray:
     values = np.arange(top, -1, -1) if depths is None else np.asarray(depths)
     if values.ndim != 1 or values.size == 0 or not np.issubdtype(values.dtype, np.integer):
         raise ValueError(f"depths must be a non-empty sequence of ints, got {depths!r}")
+    values = values.astype(np.int64)  # np.diff of unsigned ints wraps around
     if values[0] > top or values.min() < 0 or np.any(np.diff(values) >= 0):
         raise ValueError(
             f"depths must decrease strictly from at most {top} (the full tree) to >= 0, got {values.tolist()}"
         )
-    return values.astype(np.int64)
+    return values
 
 
 @torch.no_grad()
@@ -176,8 +178,7 @@ def depth_losses(
         raise ValueError(f"consistency must be one of {CONSISTENCIES}, got {consistency!r}")
     if not isinstance(inputs, torch.Tensor) or inputs.ndim < 1 or len(inputs) == 0:
         raise ValueError("inputs must be a non-empty torch.Tensor of examples (n, ...)")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    batch_size = int_at_least(batch_size, "batch_size")
     depths = _depths_iv(depths, _max_depth(model))
     refs = None
     if consistency == "risk_label":

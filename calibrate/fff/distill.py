@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 import re
 import shutil
@@ -26,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from calibrate._validation import int_at_least
 from calibrate.fff.layer import FFF
 from calibrate.heads import decoder_layers
 
@@ -94,6 +96,22 @@ def _mlp_of(layer: nn.Module, index: int) -> nn.Module:
     return mlp
 
 
+def _layers_iv(layers, n_layers: int) -> list[int]:
+    """``layers`` as distinct 0-based decoder layer indices in ``0..n_layers-1`` (None: all)."""
+    if layers is None:
+        return list(range(n_layers))
+    values = list(layers)
+    if (
+        not values
+        or any(isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)) for i in values)
+        or len(set(values)) != len(values)
+        or min(values) < 0
+        or max(values) >= n_layers
+    ):
+        raise ValueError(f"layers must be distinct decoder layers in 0..{n_layers - 1}, got {values}")
+    return [int(i) for i in values]
+
+
 @torch.no_grad()
 def mlp_activations(
     model: nn.Module, tokenizer, texts: Sequence[str], layers: Sequence[int], *, max_tokens: int = 128
@@ -119,6 +137,8 @@ def mlp_activations(
         ``layer -> (inputs, outputs)``, float32 tensors of shape ``(n_tokens, d)``, tokens in text order.
     """
     blocks = decoder_layers(model)
+    layers = _layers_iv(layers, len(blocks))
+    max_tokens = int_at_least(max_tokens, "max_tokens")
     recorded: dict[int, tuple[list, list]] = {i: ([], []) for i in layers}
     hooks = []
     for i in layers:
@@ -222,12 +242,12 @@ def distill(
     """
     from tqdm.auto import tqdm
 
-    blocks = decoder_layers(model)
-    layers = list(range(len(blocks))) if layers is None else [int(i) for i in layers]
-    if not layers or len(set(layers)) != len(layers) or min(layers) < 0 or max(layers) >= len(blocks):
-        raise ValueError(f"layers must be distinct decoder layers in 0..{len(blocks) - 1}, got {layers}")
-    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
-        raise ValueError(f"depth must be an int >= 0, got {depth!r}")
+    layers = _layers_iv(layers, len(decoder_layers(model)))
+    depth = int_at_least(depth, "depth", 0)
+    for name, value in (("steps", steps), ("batch_size", batch_size), ("max_tokens", max_tokens)):
+        int_at_least(value, name)
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
     if not 0 < heldout < 1 or not 0 <= soft_share <= 1:
         raise ValueError(f"heldout must lie in (0, 1) and soft_share in [0, 1], got {heldout} and {soft_share}")
     texts = list(texts)
@@ -249,9 +269,11 @@ def distill(
         (x, y), (hx, hy) = train[i], held[i]
         d_in, d_out = x.shape[1], y.shape[1]
         generator = torch.Generator().manual_seed(seed * 1009 + i)
-        torch.manual_seed(seed * 1009 + i)
-        layer = _train(FFF(d_in, d_out, depth), x, y, generator=generator, **kw)
-        narrow = nn.Sequential(nn.Linear(d_in, depth + 1), nn.GELU(), nn.Linear(depth + 1, d_out))
+        with torch.random.fork_rng(devices=[]):  # seeded initialisation; the caller's global stream is restored
+            torch.manual_seed(seed * 1009 + i)
+            layer = FFF(d_in, d_out, depth)
+            narrow = nn.Sequential(nn.Linear(d_in, depth + 1), nn.GELU(), nn.Linear(depth + 1, d_out))
+        layer = _train(layer, x, y, generator=generator, **kw)
         narrow = _train(narrow, x, y, generator=generator, **kw)
         errors.append(_relative_error(layer, hx, hy))
         baselines.append(_relative_error(narrow, hx, hy))
@@ -323,8 +345,8 @@ def load_blocks(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     Raises
     ------
     ValueError
-        When the directory holds no block file, or a block names a layer the model lacks or has another
-        width than the model's (the message names the file).
+        When the directory holds no block file, or a block is unreadable, names a layer the model lacks or
+        has another width than the model's (the message names the file); the model is then left unchanged.
     """
     root = Path(directory)
     if not root.is_dir():
@@ -335,7 +357,8 @@ def load_blocks(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     layers = decoder_layers(model)
     param = next(model.parameters())
     width = model.config.hidden_size
-    for i, file in sorted(files.items()):
+    blocks = {}
+    for i, file in sorted(files.items()):  # read and check every block before the model is touched
         if i >= len(layers):
             raise ValueError(f"{file} is for decoder layer {i}, but the model has {len(layers)} layers")
         block = FFF.load(file)
@@ -344,5 +367,7 @@ def load_blocks(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
                 f"{file} maps {block.in_features} -> {block.out_features} features, the model's MLPs {width} -> {width}"
             )
         _mlp_of(layers[i], i)  # the layer has an MLP block to replace
+        blocks[i] = block
+    for i, block in blocks.items():
         layers[i].mlp = block.to(dtype=param.dtype, device=param.device).eval()
     return model

@@ -227,22 +227,25 @@ class FFF(nn.Module):
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> FFF:
-        """Read a layer written by :meth:`save`; a file with missing or misshapen tensors fails naming them."""
-        from safetensors import safe_open
+        """Read a layer written by :meth:`save`; unreadable files and missing or misshapen tensors fail naming them."""
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            try:
-                layer = cls(
-                    int(meta["in_features"]),
-                    int(meta["out_features"]),
-                    int(meta["depth"]),
-                    meta["activation"],
-                    meta["bias"] == "True",
-                )
-            except (KeyError, ValueError) as exc:
-                raise ValueError(f"{path} is not an FFF file written by FFF.save (metadata {meta!r}): {exc}") from None
-            state = {name: f.get_tensor(name) for name in f.keys()}
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                state = {name: f.get_tensor(name) for name in f.keys()}
+        except SafetensorError as exc:
+            raise ValueError(f"{path} is not a readable safetensors file: {exc}") from None
+        try:
+            layer = cls(
+                int(meta["in_features"]),
+                int(meta["out_features"]),
+                int(meta["depth"]),
+                meta["activation"],
+                meta["bias"] == "True",
+            )
+        except (KeyError, ValueError) as exc:
+            raise ValueError(f"{path} is not an FFF file written by FFF.save (metadata {meta!r}): {exc}") from None
         expected = {name: tuple(p.shape) for name, p in layer.named_parameters()}
         got = {name: tuple(t.shape) for name, t in state.items()}
         if got != expected:

@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from calibrate._validation import int_at_least
 from calibrate.audit import AuditReport
 from calibrate.certificate import Certificate
 from calibrate.decoded import _certify_lazily, _decoder_iv, _prompts_iv, _risk_iv
@@ -312,8 +313,7 @@ class _Classifier:
                     f"got {bad if bad is not None else list(references)!r:.80}"
                 )
             self.references = np.asarray(references, dtype=np.int64)
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        batch_size = int_at_least(batch_size, "batch_size")
         self.model, self.consistency, self.n = model, consistency, len(prompts)
         pad_id = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0
         ids = [list(tokenizer(p)["input_ids"]) for p in prompts]

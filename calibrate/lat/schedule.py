@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from calibrate._validation import int_at_least
+
 __all__ = ["KeepSchedule", "LayerCosts", "layer_costs"]
 
 #: ``config.model_type`` values whose MLP is gated (three projections of width ``d_ff``).
@@ -190,11 +192,9 @@ class KeepSchedule:
             maximum) and ``clip`` is False; when ``prompt_len`` or ``min_keep`` is below 1.
         """
         speedup = _speedup_iv(speedup)
-        for name, value in (("prompt_len", prompt_len), ("min_keep", min_keep)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        prompt_len, min_keep = int_at_least(prompt_len, "prompt_len"), int_at_least(min_keep, "min_keep")
         costs = layer_costs(model_config)
-        n_layers, prompt_len = costs.n_layers, int(prompt_len)
+        n_layers = costs.n_layers
         full = costs.prefill([prompt_len] * n_layers)
 
         def predicted(alpha: float) -> float:

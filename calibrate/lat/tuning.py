@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from calibrate._validation import int_at_least
 from calibrate.extraction import _context_iv, _pad
 from calibrate.heads import ExitHeads, decoder_layers
 from calibrate.lat.calibration import _length
@@ -209,8 +210,7 @@ def _finetune_iv(
         raise ValueError(f"speedup_range must be (low, high) with low <= high, got {speedup_range!r}")
     counts = (("steps", steps), ("batch_size", batch_size), ("rank", rank), ("max_new_tokens", max_new_tokens))
     for name, value in counts:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        int_at_least(value, name)
     for name, value in (("lr", lr), ("alpha", alpha)):
         if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
             raise ValueError(f"{name} must be a finite number > 0, got {value!r}")

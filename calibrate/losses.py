@@ -15,7 +15,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from calibrate._validation import bounded_array
+from calibrate._validation import bounded_array, int_at_least
+from calibrate.certificate import MODES
 from calibrate.exits import Decay, _lambdas_iv, disagreement_counts, early_tokens, exit_layers
 
 __all__ = ["LossTable", "CONSISTENCIES", "proxy_losses", "user_losses"]
@@ -51,7 +52,7 @@ class LossTable:
     consistency : str or None
         Name of the loss.
     avg_layers : ndarray of float64, shape (n_lambdas,), or None
-        Token-averaged exit layer per threshold.
+        Token-averaged exit layer per threshold, in ``[1, n_layers]``; NaN where it does not apply.
     n_layers : int or None
         Number of layers of the model.
     """
@@ -76,12 +77,19 @@ class LossTable:
             arr.flags.writeable = False
         object.__setattr__(self, "losses", losses)
         object.__setattr__(self, "lambdas", lambdas)
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {tuple(MODES)}, got {self.mode!r}")
+        if self.consistency is not None and not isinstance(self.consistency, str):
+            raise TypeError(f"consistency must be a str or None, got {type(self.consistency).__name__}")
         if self.n_layers is not None:
-            object.__setattr__(self, "n_layers", int(self.n_layers))
+            object.__setattr__(self, "n_layers", int_at_least(self.n_layers, "n_layers"))
         if self.avg_layers is not None:
             avg = np.array(self.avg_layers, dtype=np.float64)
             if avg.shape != lambdas.shape:
                 raise ValueError(f"avg_layers must have shape {lambdas.shape}, got {avg.shape}")
+            top = np.inf if self.n_layers is None else self.n_layers
+            if not np.all(np.isnan(avg) | ((avg >= 1) & (avg <= top) & np.isfinite(avg))):
+                raise ValueError(f"avg_layers must be exit layers in [1, {top:g}] or NaN, got {avg.tolist()!r:.120}")
             avg.flags.writeable = False
             object.__setattr__(self, "avg_layers", avg)
 

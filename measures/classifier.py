@@ -522,7 +522,10 @@ def _from_dict_iv(state: Any) -> tuple[list[_LayerModel], dict[str, Any], dict[s
             f"got {state.get('format')!r} and {state.get('format_version')!r}"
         )
     params = need(state, "params", (dict,))
-    params = {key: params.get(key) for key in ("C", "features", "max_iter", "seed")}
+    missing = [key for key in ("C", "features", "max_iter", "seed") if key not in params]
+    if missing:
+        raise ValueError(f"state['params'] must hold the keys C, features, max_iter and seed; missing {missing}")
+    params = {key: params[key] for key in ("C", "features", "max_iter", "seed")}
     features = need(state, "features", (str,))
     if features not in ("hidden", "topk"):
         raise ValueError(f"state['features'] must be 'hidden' or 'topk', got {features!r}")
@@ -547,18 +550,23 @@ def _from_dict_iv(state: Any) -> tuple[list[_LayerModel], dict[str, Any], dict[s
             raise ValueError(f"{where} must be a dict, got {type(entry).__name__}")
         n_train = need(entry, "n_train", (int,), where)
         n_pos = need(entry, "n_positive", (int,), where)
+        if not 0 <= n_pos <= n_train:
+            raise ValueError(f"{where}: 0 <= n_positive <= n_train must hold, got {n_pos} and {n_train}")
         constant = entry.get("constant")
         if constant is not None:
-            if not isinstance(constant, (int, float)) or not 0.0 <= constant <= 1.0:
+            if isinstance(constant, bool) or not isinstance(constant, (int, float)) or not 0.0 <= constant <= 1.0:
                 raise ValueError(f"{where}['constant'] must be a probability in [0, 1] or None, got {constant!r}")
             layers.append(_LayerModel(n_train, n_pos, constant=float(constant)))
             continue
         arrays = {}
         for key in ("mean", "scale", "coef"):
             value = need(entry, key, (list,), where)
-            arr = np.asarray(value, dtype=np.float64)
+            try:
+                arr = np.asarray(value, dtype=np.float64)
+            except (TypeError, ValueError):
+                arr = np.full(len(value), np.nan)  # not numbers: refused below, naming the key
             if arr.shape != (n_features,) or not np.isfinite(arr).all():
-                raise ValueError(f"{where}[{key!r}] must be {n_features} finite numbers, got shape {arr.shape}")
+                raise ValueError(f"{where}[{key!r}] must be {n_features} finite numbers, got {value!r:.80}")
             arrays[key] = arr
         if (arrays["scale"] <= 0).any():
             raise ValueError(f"{where}['scale'] must be > 0")
@@ -572,6 +580,6 @@ def _from_dict_iv(state: Any) -> tuple[list[_LayerModel], dict[str, Any], dict[s
         n_features=n_features,
         top_k=top_k if features == "topk" else None,
         vocab_size=vocab_size if features == "topk" else None,
-        n_train_tokens=int(state.get("n_train_tokens", 0)),
+        n_train_tokens=need(state, "n_train_tokens", (int,)) if "n_train_tokens" in state else 0,
     )
     return layers, kwargs, params

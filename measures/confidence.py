@@ -4,9 +4,10 @@ Three measures read the layer's next-token distribution ``softmax(W . norm(h_i))
 ``p_top1 - p_top2`` (CALM's default), the softmax maximum ``p_top1`` (t5x's default) and the
 normalised entropy confidence ``1 - H / log V``. They are computed exactly from full logits
 (:func:`softmax_gap`, :func:`softmax_max`, :func:`entropy`) or, when only the top-k log-probabilities were
-cached, from those (:func:`from_topk`: gap and max exact, entropy an upper bound on ``H``). The fourth,
-state saturation, is ``cos(h_i, h_{i-1})`` on the raw residual stream (:func:`state_saturation`).
-:func:`confidence` returns one measure for every cached token and layer, shape ``(n_tokens, n_layers)``.
+cached, from those (:func:`from_topk`: max exact, gap exact for ``k >= 2``, entropy an upper bound on
+``H``). The fourth, state saturation, is ``cos(h_i, h_{i-1})`` on the raw residual stream
+(:func:`state_saturation`). :func:`confidence` returns one measure for every cached token and layer,
+shape ``(n_tokens, n_layers)``.
 
 Everything is vectorised numpy; nothing here imports torch.
 """
@@ -73,11 +74,16 @@ def _logits_iv(logits: Any, axis: Any, name: str = "logits") -> np.ndarray:
     return arr
 
 
+#: ``x - max(x)`` of logits apart by more than the float range is -inf (its exp is 0, as it should be):
+#: neither that overflow nor the underflow of ``exp`` is worth a warning.
+_SHIFTED = {"under": "ignore", "over": "ignore"}
+
+
 def _log_softmax(arr: np.ndarray) -> np.ndarray:
     """Numerically stable log-softmax along the last axis (``x - logsumexp(x)``)."""
     top = arr.max(axis=-1, keepdims=True)
-    shifted = arr - top
-    with np.errstate(under="ignore"):
+    with np.errstate(**_SHIFTED):
+        shifted = arr - top
         lse = np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
     return shifted - lse
 
@@ -130,11 +136,11 @@ def softmax_gap(logits: Any, *, axis: int = -1) -> np.ndarray:
     """
     arr = _logits_iv(logits, axis)
     top = arr.max(axis=-1, keepdims=True)
-    with np.errstate(under="ignore"):
+    with np.errstate(**_SHIFTED):
         lse = np.log(np.exp(arr - top).sum(axis=-1))
     l1, l2 = _top2(arr)
     top = top[..., 0]
-    with np.errstate(under="ignore"):
+    with np.errstate(**_SHIFTED):
         return np.exp(l1 - top - lse) - np.exp(l2 - top - lse)
 
 
@@ -173,7 +179,7 @@ def softmax_max(logits: Any, *, axis: int = -1) -> np.ndarray:
     """
     arr = _logits_iv(logits, axis)
     top = arr.max(axis=-1, keepdims=True)
-    with np.errstate(under="ignore"):
+    with np.errstate(**_SHIFTED):
         return 1.0 / np.exp(arr - top).sum(axis=-1)
 
 
@@ -219,7 +225,7 @@ def entropy(logits: Any, *, axis: int = -1) -> np.ndarray:
     """
     arr = _logits_iv(logits, axis)
     logp = _log_softmax(arr)
-    with np.errstate(under="ignore"):
+    with np.errstate(**_SHIFTED):
         p = np.exp(logp)
     plogp = np.where(p > 0, p * np.where(np.isfinite(logp), logp, 0.0), 0.0)
     h = -plogp.sum(axis=-1)
@@ -405,7 +411,7 @@ def state_saturation(hidden: Any) -> np.ndarray:
     lead, (n_layers, d) = arr.shape[:-2], arr.shape[-2:]
     flat = arr.reshape(-1, n_layers, d)
     out = np.zeros(flat.shape[:2], dtype=np.float32)
-    if n_layers < 2 or flat.shape[0] == 0:
+    if flat.shape[0] == 0:
         return out.reshape(*lead, n_layers)
     block = max(1, _BLOCK_ELEMENTS // (n_layers * d))
     for start in range(0, flat.shape[0], block):

@@ -77,10 +77,7 @@ def _lcs_similarity() -> Any:
 
 
 def _lcs_length(a: str | tuple[int, ...], b: str | tuple[int, ...], similarity: Any) -> int:
-    """Length of the longest common subsequence of two encoded token sequences."""
-    if type(a) is not type(b):  # one side overflowed the code-point range
-        a = [ord(c) for c in a] if isinstance(a, str) else list(a)
-        b = [ord(c) for c in b] if isinstance(b, str) else list(b)
+    """Length of the longest common subsequence of two sequences encoded together by :func:`_encode_ids`."""
     return int(similarity(a, b))
 
 
@@ -96,23 +93,24 @@ def _lcs_f1(lcs: int, n_prediction: int, n_reference: int) -> float:
 
 
 def _encode_ids(seqs: list[np.ndarray]) -> list[str | tuple[int, ...]]:
-    """Pack 1-D int64 arrays into strs of code points (tuples for ids out of range).
+    """Pack 1-D int64 arrays into strs with one code point per id, equal ids to equal code points.
 
-    All sequences are packed with one concatenation and one decode, then sliced.
+    Ids outside ``[0, 0x10FFFF]`` are first replaced by their rank among the distinct ids of all of
+    ``seqs`` (so only sequences encoded together compare); past 0x110000 distinct ids the ranks go into
+    tuples (ints below ``2**61`` hash without collisions, which rapidfuzz relies on). All sequences are
+    packed with one concatenation and one decode, then sliced.
     """
     if not seqs:
         return []
     flat = np.concatenate(seqs)
-    if flat.size == 0 or (flat.min() >= 0 and flat.max() <= _MAX_CODEPOINT):
-        packed = flat.astype("<u4").tobytes().decode("utf-32-le", "surrogatepass")
-        ends = np.cumsum([seq.size for seq in seqs]).tolist()
-        return [packed[start:end] for start, end in zip([0, *ends[:-1]], ends)]
-    return [
-        seq.astype("<u4").tobytes().decode("utf-32-le", "surrogatepass")
-        if seq.size == 0 or (seq.min() >= 0 and seq.max() <= _MAX_CODEPOINT)
-        else tuple(seq.tolist())
-        for seq in seqs
-    ]
+    if flat.size and (flat.min() < 0 or flat.max() > _MAX_CODEPOINT):
+        flat = np.unique(flat, return_inverse=True)[1].reshape(-1)
+    ends = np.cumsum([seq.size for seq in seqs]).tolist()
+    bounds = list(zip([0, *ends[:-1]], ends))
+    if flat.size and flat.max() > _MAX_CODEPOINT:
+        return [tuple(flat[start:end].tolist()) for start, end in bounds]
+    packed = flat.astype("<u4").tobytes().decode("utf-32-le", "surrogatepass")
+    return [packed[start:end] for start, end in bounds]
 
 
 # ---------------------------------------------------------------------------------------
@@ -690,7 +688,8 @@ def rouge_l_ids(
     preds, refs = _rouge_l_ids_iv(predictions_ids, references_ids)
     similarity = _lcs_similarity()
     out = np.zeros(len(preds), dtype=np.float64)
-    for k, (a, b) in enumerate(zip(_encode_ids(preds), _encode_ids(refs))):
+    encoded = _encode_ids([*preds, *refs])  # together: equal ids get equal symbols on both sides
+    for k, (a, b) in enumerate(zip(encoded[: len(preds)], encoded[len(preds) :])):
         if a and b:
             out[k] = _lcs_f1(_lcs_length(a, b, similarity), len(a), len(b))
     return out

@@ -56,10 +56,14 @@ def measure_from_state(name: str, state: Mapping[str, Any] | None) -> ExitClassi
     ------
     ValueError
         When ``name`` is not a learned measure, the state is missing, or it belongs to another measure.
+    TypeError
+        When the state is not a mapping.
     """
     _name_iv(name)
     if state is None:
         raise ValueError(f"the certificate uses measure={name!r} but carries no measure_state")
+    if not isinstance(state, Mapping):
+        raise TypeError(f"measure_state must be a mapping (a learned measure's to_dict()), got {type(state).__name__}")
     if name == "classifier":
         return ExitClassifier.from_dict(dict(state))
     head = HaltingHead.from_dict(dict(state))

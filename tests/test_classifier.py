@@ -14,6 +14,7 @@ from calibrate.cache import LayerCache
 from calibrate.synthetic import synthetic_cache
 from measures.classifier import ExitClassifier, agreement
 from measures.confidence import confidence, from_topk, state_saturation
+from measures.learned import measure_from_state
 
 N_LAYERS, D, VOCAB, K = 5, 8, 60, 4
 
@@ -282,6 +283,24 @@ def test_from_dict_errors(hidden_pair):
         ExitClassifier.from_dict(dict(state, features="auto"))
     with pytest.raises(ValueError, match=r"C must be a finite float > 0"):
         ExitClassifier.from_dict(dict(state, params=dict(state["params"], C=-1.0)))
+    with pytest.raises(ValueError, match=r"state\['params'\] must hold the keys .* missing \['C', 'features'"):
+        ExitClassifier.from_dict(dict(state, params={}))
+
+    def with_layer(**entry):
+        return dict(state, layers=[dict(state["layers"][0], **entry)] + state["layers"][1:])
+
+    with pytest.raises(ValueError, match=r"state\['layers'\]\[0\]\['coef'\] must be 9 finite numbers"):
+        ExitClassifier.from_dict(with_layer(coef=["a"] * 9))
+    with pytest.raises(ValueError, match=r"state\['layers'\]\[0\]: 0 <= n_positive <= n_train"):
+        ExitClassifier.from_dict(with_layer(n_train=-5))
+    with pytest.raises(ValueError, match=r"0 <= n_positive <= n_train must hold, got 1000000000"):
+        ExitClassifier.from_dict(with_layer(n_positive=10**9))
+    with pytest.raises(ValueError, match=r"\['constant'\] must be a probability"):
+        ExitClassifier.from_dict(with_layer(constant=True))
+    with pytest.raises(ValueError, match=r"state\['n_train_tokens'\] must be of type"):
+        ExitClassifier.from_dict(dict(state, n_train_tokens="x"))
+    with pytest.raises(TypeError, match="measure_state must be a mapping"):
+        measure_from_state("classifier", "abc")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Confidence measures against SciPy and plain-loop references."""
 
 import importlib
+import warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -147,6 +148,17 @@ def test_one_hot_limit():
     np.testing.assert_allclose(softmax_gap(logits), [1.0, 1.0], rtol=0, atol=0)
     np.testing.assert_allclose(softmax_max(logits), [1.0, 1.0], rtol=0, atol=0)
     np.testing.assert_allclose(entropy(logits), [1.0, 1.0], rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_logits_apart_by_more_than_the_float_range_warn_nothing(dtype):
+    top = np.finfo(dtype).max / 1.1
+    logits = np.array([[top, -top, 0.0], [0.0, -top, top]], dtype=dtype)  # top - (-top) overflows to inf
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_array_equal(softmax_gap(logits), [1.0, 1.0])
+        np.testing.assert_array_equal(softmax_max(logits), [1.0, 1.0])
+        np.testing.assert_array_equal(entropy(logits), [1.0, 1.0])
 
 
 def test_masked_logits_count_in_vocabulary():
@@ -324,6 +336,8 @@ def test_state_saturation_errors():
     h[1, 2, 0] = np.inf
     with pytest.raises(ValueError, match="hidden must be finite"):
         state_saturation(h.astype(np.float16))
+    with pytest.raises(ValueError, match="hidden must be finite"):
+        state_saturation(np.full((2, 1, 3), np.nan))  # one layer: nothing to compare, still checked
     with pytest.raises(ValueError, match=r"hidden must have shape \(\.\.\., n_layers, d\)"):
         state_saturation(np.ones(5))
     with pytest.raises(TypeError, match="hidden must be a real numeric array"):

@@ -277,12 +277,15 @@ def test_rouge_l_ids_equals_reference_on_random_ids():
     rng = np.random.default_rng(20250107)
     # Code-point edges, the surrogate block, values past 0x10FFFF and negatives.
     surrogates = np.array([0, 0xD7FF, 0xD800, 0xDBFF, 0xDC00, 0xDFFF, 0xE000, 0x10FFFF])
-    out_of_range = np.array([1, 0xD800, 0x10FFFF, 0x110000, 2**40, -1, -(2**31)])
+    # 2**61 - 1 and 0 (and 2**62 and 2**62 + 2**61 - 1) have equal Python hashes, which rapidfuzz compares.
+    out_of_range = np.array(
+        [0, 1, 0xD800, 0x10FFFF, 0x110000, 2**40, -1, -(2**31), 2**61 - 1, 2**62, 2**62 + 2**61 - 1]
+    )
     pools = {
         "small": lambda: rng.integers(0, 12, 20),
         "vocab": lambda: rng.integers(0, 50_000, 20),
         "surrogates": lambda: surrogates,  # all packed into str, lone surrogates included
-        "out_of_range": lambda: out_of_range,  # tuples, and str/tuple mixed pairs
+        "out_of_range": lambda: out_of_range,  # renumbered by rank
     }
     for name, pool in pools.items():
         preds, refs = [], []
@@ -295,6 +298,7 @@ def test_rouge_l_ids_equals_reference_on_random_ids():
         np.testing.assert_array_equal([lcs_f1_ids(a, b) for a, b in zip(preds, refs)], expected)
         assert 0.2 < np.mean((expected > 0) & (expected < 1)), name
     assert rouge_l_ids([], []).shape == (0,)
+    assert lcs_f1_ids([2**61 - 1], [0]) == 0.0  # hash-equal, not equal
 
 
 def test_rouge_l_ids_matches_rouge_l_on_the_same_tokens():

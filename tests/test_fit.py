@@ -47,6 +47,21 @@ def test_loss_table_owns_its_grid_and_json_takes_numpy_ints():
     assert calibrate.Certificate.from_json(cert.to_json()) == cert
 
 
+def test_loss_table_refuses_bad_metadata():
+    losses, grid = np.zeros((2, 2)), [1.0, 0.5]
+    with pytest.raises(ValueError, match="mode must be one of"):
+        calibrate.LossTable(losses, grid, mode="bogus")
+    for bad in (2.7, 0, "x"):  # 2.7 used to become 2 silently
+        with pytest.raises(ValueError, match="n_layers must be an int >= 1"):
+            calibrate.LossTable(losses, grid, n_layers=bad)
+    with pytest.raises(ValueError, match=r"avg_layers must be exit layers in \[1, inf\] or NaN"):
+        calibrate.LossTable(losses, grid, avg_layers=[np.inf, 1.0])
+    with pytest.raises(ValueError, match=r"avg_layers must be exit layers in \[1, 2\]"):
+        calibrate.LossTable(losses, grid, avg_layers=[3.0, 1.0], n_layers=2)
+    with pytest.raises(TypeError, match="consistency must be a str or None"):
+        calibrate.LossTable(losses, grid, consistency=3)
+
+
 def test_certify_accepts_strategy_objects_and_names():
     rng = np.random.default_rng(1)
     losses = (rng.random((1000, 5)) < np.linspace(0, 0.2, 5)).astype(float)

@@ -101,8 +101,8 @@ def compare(
         n_train=n_train,
         heads=cache.user_meta.get("heads"),
     )
-    _, calibration = _calibration_split(cache, measure, train_fraction, seed)
-    table = calibration.sequences
+    _, rows = _calibration_split(cache, measure, train_fraction, seed)
+    table = cache.sequences if rows is None else cache.sequences.iloc[rows]
     decoded = calibrate.decoded_losses(
         model,
         tokenizer,

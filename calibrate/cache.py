@@ -1329,7 +1329,9 @@ def _save_iv(path, overwrite) -> Path | Remote:
         target = target.absolute()
     if os.path.lexists(target) if isinstance(target, Path) else target.exists():
         if not overwrite:
-            raise FileExistsError(f"{target} exists; pass overwrite=True to replace it")
+            raise FileExistsError(
+                f"{target} exists; pass overwrite=True (--overwrite on the command line) to replace it"
+            )
         if not _replaceable(target):
             raise ValueError(
                 f"refusing to overwrite {target}: it is not a layer cache directory (no {_META_FILE}) "
@@ -1473,7 +1475,7 @@ def _commit(tmp: Path, target: Path, overwrite: bool) -> None:
         os.rename(tmp, target)
         return
     if not overwrite:  # appeared while we were writing
-        raise FileExistsError(f"{target} exists; pass overwrite=True to replace it")
+        raise FileExistsError(f"{target} exists; pass overwrite=True (--overwrite on the command line) to replace it")
     old = target.parent / f".{target.name}.old-{uuid.uuid4().hex}"
     os.rename(target, old)
     try:

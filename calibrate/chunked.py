@@ -191,6 +191,7 @@ class ChunkedCache:
             arrays = {name: a[rows] for name, a in arrays.items()}
         _check_values(arrays, int(self.meta["vocab_size"]))
         table = table.reset_index(drop=True)
+        table["offset"] = offsets[:-1]  # the part's own token offsets, as its arrays are sliced
         return LayerCache._trusted(table, arrays, offsets, int(self.meta["vocab_size"]), self.meta, self._vocab())
 
     def _array_specs(self) -> dict:

@@ -408,7 +408,7 @@ def extract_main(
         prompts, ids = prompts[start:stop], ids[start:stop]
         references = None if references is None else references[start:stop]
     if target.exists() and not overwrite:
-        raise FileExistsError(f"{target} exists; pass overwrite=True to replace it")
+        raise FileExistsError(f"{target} exists; pass overwrite=True (--overwrite on the command line) to replace it")
     model, tokenizer = load_local(model_dir, device=device, dtype=dtype)
     if shard_dir is None:
         shard_dir = target.with_name(target.name + ".shards")

@@ -214,21 +214,24 @@ def _decay_iv(decay, cache) -> Decay | None:
 
 
 def _calibration_split(cache, measure: str, train_fraction: float, seed: int, train_cache=None):
-    """``(train, calibration)`` caches for ``measure``.
+    """``(train, rows)``: the in-memory cache ``measure`` trains on and the calibration sequences of ``cache``.
 
     A learned measure trains on ``train_cache`` when given (and is calibrated on all of ``cache``), else on a
-    seeded split by sequence; any other measure gets ``(None, cache)``.
+    seeded split by sequence (read into memory from a chunked cache); any other measure gets ``(None, None)``.
+    ``rows`` are sorted sequence indices into ``cache``, None for all of them.
     """
+    from calibrate.cache import LayerCache, split_indices
     from measures.learned import LEARNED_MEASURES
 
     if measure not in LEARNED_MEASURES:
         if train_cache is not None:
             raise ValueError(f"train_cache is used only by the learned measures {LEARNED_MEASURES}, not {measure!r}")
-        return None, cache
+        return None, None
     if train_cache is None:
         train_fraction = open_interval(train_fraction, "train_fraction")
-        return cache.split([train_fraction, 1.0 - train_fraction], seed=seed)
-    return _train_cache_iv(train_cache, cache), cache
+        train, rows = split_indices(cache.n_sequences, [train_fraction, 1.0 - train_fraction], seed=seed)
+        return (cache.subset(train) if isinstance(cache, LayerCache) else cache.take(train)), rows
+    return _train_cache_iv(train_cache, cache), None
 
 
 def _train_cache_iv(train_cache, cache):
@@ -254,26 +257,16 @@ def _chunked_table(cache, *, measure, consistency, lambdas, decay, train_fractio
     A learned measure trains on the same seeded split (read into memory) or ``train_cache``; the workers
     rebuild it from its JSON state and compute the calibration sequences' losses per partition.
     """
-    from calibrate.cache import split_indices
-    from measures.learned import LEARNED_MEASURES, train_measure
+    from measures.learned import train_measure
 
     _measure_iv(measure)
     _seed_iv(seed)
-    if measure not in LEARNED_MEASURES:
-        _calibration_split(cache, measure, train_fraction, seed, train_cache)  # refuses a train_cache
+    train, rows = _calibration_split(cache, measure, train_fraction, seed, train_cache)
+    if train is None:
         return cache.loss_table(measure, consistency, lambdas, decay, client=client), None, 0
-    calibration = None
-    if train_cache is None:
-        train_fraction = open_interval(train_fraction, "train_fraction")
-        train, calibration = split_indices(cache.n_sequences, [train_fraction, 1.0 - train_fraction], seed=seed)
-        train_cache = cache.take(train)
-    else:
-        _train_cache_iv(train_cache, cache)
-    state = train_measure(measure, train_cache, seed=int(seed)).to_dict()
-    table = cache.loss_table(
-        measure, consistency, lambdas, decay, measure_state=state, sequences=calibration, client=client
-    )
-    return table, state, train_cache.n_sequences
+    state = train_measure(measure, train, seed=int(seed)).to_dict()
+    table = cache.loss_table(measure, consistency, lambdas, decay, measure_state=state, sequences=rows, client=client)
+    return table, state, train.n_sequences
 
 
 def _measure_iv(measure) -> None:
@@ -405,6 +398,8 @@ def fit(
     True
     """
     if mode == "decoded":
+        if client is not None:
+            raise ValueError("client= computes proxy losses on Dask; mode='decoded' decodes in this process")
         return _fit_cache_decoded(
             cache,
             delta,
@@ -486,8 +481,8 @@ def _fit_cache_decoded(
     from calibrate.decoded import fit_decoded
 
     decay = _decay_iv(decay, cache)
-    train, calibration = _calibration_split(cache, options["measure"], train_fraction, seed, train_cache)
-    table = calibration.sequences
+    train, rows = _calibration_split(cache, options["measure"], train_fraction, seed, train_cache)
+    table = cache.sequences if rows is None else cache.sequences.iloc[rows]
     cert = fit_decoded(
         model,
         tokenizer,
@@ -530,7 +525,8 @@ def _proxy_table(
     decay = _decay_iv(decay, cache)
     lam = default_lambdas() if lambdas is None else lambdas
     measure_state, n_train = None, 0
-    train, cache = _calibration_split(cache, measure, train_fraction, seed, train_cache)
+    train, rows = _calibration_split(cache, measure, train_fraction, seed, train_cache)
+    cache = cache if rows is None else cache.subset(rows)
     if train is not None:
         learned = train_measure(measure, train, seed=int(seed))
         conf = learned.predict_confidence(cache)

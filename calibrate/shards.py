@@ -29,8 +29,11 @@ __all__ = ["MANIFEST_FILE", "shard_name", "parse_shard", "shard_bounds", "write_
 MANIFEST_FILE = "manifest.json"
 _FORMAT = "calm-calibrate shards"
 _VERSION = 1
-#: Metadata that may differ between shards of one cache (what each shard is and holds, where it ran).
-_PER_SHARD_KEYS = ("shard", "sharding", "software", "library", "library_version", "n_sequences", "n_tokens", "checksum")
+#: Metadata that may differ between shards of one cache (what each shard is and holds, where it ran; the
+#: generator settings of a synthetic piece, whose seed and size are its own).
+_PER_SHARD_KEYS = (
+    "shard", "sharding", "software", "library", "library_version", "n_sequences", "n_tokens", "checksum", "synthetic",
+)  # fmt: skip
 
 
 def shard_name(index: int, count: int) -> str:
@@ -139,6 +142,7 @@ def open_sharded(root: Path | Remote, *, verify: bool, chunks: int | None):
             f"the shards of {root} repeat sequence ids (e.g. {table['id'][table['id'].duplicated()].iloc[0]!r})"
         )
     offsets = np.concatenate([[0], np.cumsum(np.concatenate([np.diff(o) for _, _, o in heads]))])
+    table["offset"] = offsets[:-1]  # each shard's column counts from its own start
     # One pass over the arrays: each shard's own checksum (with verify) and the joined cache's.
     fields = {name: dict(spec) for name, spec in metas[0]["fields"].items()}
     joint = {}

@@ -1,6 +1,7 @@
 """Chunked caches on Dask: the same certificate as in memory."""
 
 import numpy as np
+import pandas as pd
 import pytest
 
 import calibrate
@@ -37,6 +38,7 @@ def test_partitions_and_dask_arrays_equal_the_cache(saved):
     for name in ("topk_ids", "softmax_gap", "hidden"):
         np.testing.assert_array_equal(part.arrays[name], expected.arrays[name])
     np.testing.assert_array_equal(part.offsets, expected.offsets)
+    pd.testing.assert_frame_equal(part.sequences, expected.sequences)  # its own 'offset' column, not the cache's
     arrays = lazy.arrays()
     token_chunks = arrays["softmax_gap"].chunks[0]
     assert np.cumsum((0,) + token_chunks).tolist() == [int(cache.offsets[s]) for s in (0, 64, 128, 192, 240)]

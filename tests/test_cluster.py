@@ -36,7 +36,7 @@ def big(tmp_path_factory):
             PER_SHARD, n_layers=32, top_k=4, store_hidden=False, seed=i, first_id=i * PER_SHARD
         )
         nbytes += sum(a.nbytes for a in shard.arrays.values())
-        shard.with_meta({"synthetic": "one generator, a seed per shard"}).save(root / shard_name(i, N_SHARDS))
+        shard.save(root / shard_name(i, N_SHARDS))
         del shard
     write_manifest(root, N_SHARDS)
     lazy = calibrate.open_cache(root, chunks=550)

@@ -265,7 +265,7 @@ def test_learned_measure_is_trained_on_the_train_cache_and_used_by_the_runtime(
         _fit(model, tokenizer, prompts, 0.01, measure=measure, train_cache=cache)
 
 
-def test_fit_mode_decoded_decodes_the_cache_prompts(model, tokenizer, prompts, cache):
+def test_fit_mode_decoded_decodes_the_cache_prompts(model, tokenizer, prompts, cache, tmp_path):
     via_fit = calibrate.fit(
         cache, 0.25, 0.1, mode="decoded", model=model, tokenizer=tokenizer, lambdas=GRID, batch_size=BATCH
     )
@@ -285,6 +285,12 @@ def test_fit_mode_decoded_decodes_the_cache_prompts(model, tokenizer, prompts, c
         batch_size=BATCH,
     )
     assert split.n == 12 and split.n_train == 12 and split.measure_state is not None
+    pytest.importorskip("dask")
+    cache.save(tmp_path / "cache")
+    chunked = calibrate.open_cache(tmp_path / "cache", chunks=5)  # the same split, read lazily
+    kwargs = dict(mode="decoded", model=model, tokenizer=tokenizer, measure="classifier", train_fraction=0.5)
+    same = calibrate.fit(chunked, 0.9, 0.1, lambdas=(0.9,), batch_size=BATCH, **kwargs)
+    assert same.to_json() == split.to_json()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -342,6 +348,8 @@ def test_fit_mode_errors(model, tokenizer, cache):
         calibrate.fit(cache, model=model)
     with pytest.raises(ValueError, match="mode must be 'proxy' or 'decoded'"):
         calibrate.fit(cache, mode="user")
+    with pytest.raises(ValueError, match="client= computes proxy losses on Dask"):
+        calibrate.fit(cache, mode="decoded", model=model, tokenizer=tokenizer, client=object())
     bare = calibrate.LayerCache.from_arrays(
         full_tokens=cache.arrays["full_tokens"], topk_ids=cache.arrays["topk_ids"], lengths=cache.lengths, vocab_size=64
     )

@@ -6,6 +6,7 @@ import os
 import shutil
 
 import numpy as np
+import pandas as pd
 import pytest
 
 import calibrate
@@ -37,6 +38,7 @@ def test_chunked_shards_equal_the_whole_cache(cache, tmp_path):
     lazy = calibrate.open_cache(tmp_path, chunks=20)
     assert lazy.checksum == cache.checksum and lazy.n_tokens == cache.n_tokens
     assert lazy.partitions == [(0, 20), (20, 30), (30, 50), (50, 65), (65, 85), (85, 90)]  # none crosses a shard
+    pd.testing.assert_frame_equal(lazy.sequences, cache.sequences)  # 'offset' counts from the cache's start
     np.testing.assert_array_equal(lazy.arrays()["topk_ids"].compute(), cache.arrays["topk_ids"])
     part = lazy.load(30, 50)
     np.testing.assert_array_equal(part.arrays["softmax_gap"], cache.subset(np.arange(30, 50)).arrays["softmax_gap"])
@@ -45,6 +47,16 @@ def test_chunked_shards_equal_the_whole_cache(cache, tmp_path):
     kwargs = dict(delta=0.2, epsilon=0.1, consistency="rouge_l")
     assert calibrate.fit(lazy, **kwargs) == calibrate.fit(cache, **kwargs)
     assert calibrate.open_cache(tmp_path, chunks=20, verify=False).checksum == cache.checksum
+
+
+def test_synthetic_pieces_with_their_own_seeds_and_ids_join(tmp_path):
+    pieces = [calibrate.synthetic_cache(n, n_layers=4, seed=i, first_id=10 * i) for i, n in enumerate((10, 7))]
+    for i, piece in enumerate(pieces):
+        piece.save(tmp_path / shard_name(i, 2))
+    write_manifest(tmp_path, 2)
+    joined = calibrate.open_cache(tmp_path)
+    assert joined.sequences["id"].tolist() == [f"synthetic-{i}" for i in range(17)]
+    np.testing.assert_array_equal(joined.arrays["softmax_gap"][-pieces[1].n_tokens :], pieces[1].arrays["softmax_gap"])
 
 
 @pytest.mark.parametrize("chunks", [None, 16])

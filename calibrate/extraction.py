@@ -31,7 +31,7 @@ import torch
 
 from calibrate._validation import int_at_least
 from calibrate.cache import LayerCache, concat_caches, open_cache
-from calibrate.heads import ExitHeads, decoder_layers, record_layer_states
+from calibrate.heads import ExitHeads, context_positions, decoder_layers, record_layer_states
 from measures.confidence import state_saturation
 
 __all__ = ["extract", "extract_main", "read_prompts", "rehead"]
@@ -546,10 +546,10 @@ def _context_iv(
     empty = [i for i, seq in enumerate(ids) if not seq]
     if empty:
         raise ValueError(f"prompts {empty[:10]} tokenise to no token; a prompt needs at least one")
-    name = next((n for n in ("n_positions", "max_position_embeddings") if getattr(config, n, None)), None)
-    if name is None:  # relative positions (T5): no fixed context
+    positions = context_positions(config)
+    if positions is None:  # relative positions (T5): no fixed context
         return
-    context = int(getattr(config, name))
+    name, context = positions
     fed = max_new_tokens if teacher_forced else max(max_new_tokens - 1, 0)
     if encoder_decoder:
         if 1 + fed > context:

@@ -167,6 +167,25 @@ def record_layer_states(model: nn.Module, *, position: int | None = -1) -> Itera
             handle.remove()
 
 
+#: ``config.model_type`` values whose position ids start at ``pad_token_id + 1`` (RoBERTa's embeddings).
+_POSITIONS_AFTER_PAD = ("roberta", "xlm-roberta", "camembert", "roberta-prelayernorm")
+
+
+def context_positions(config) -> tuple[str, int] | None:
+    """``(config field, positions a sequence may use)`` for absolute positions; None for relative ones (T5).
+
+    RoBERTa numbers positions from ``pad_token_id + 1``: ``max_position_embeddings - pad_token_id - 1``
+    tokens fit (512 of roberta-base's 514).
+    """
+    name = next((n for n in ("n_positions", "max_position_embeddings") if getattr(config, n, None)), None)
+    if name is None:
+        return None
+    context = int(getattr(config, name))
+    if getattr(config, "model_type", None) in _POSITIONS_AFTER_PAD:
+        context -= int(getattr(config, "pad_token_id", None) or 0) + 1
+    return name, context
+
+
 def adapters_digest(weight: torch.Tensor, bias: torch.Tensor) -> str:
     """blake2b digest (32 hex digits) of adapter weights and biases taken as float32, on any device or dtype."""
     h = hashlib.blake2b(digest_size=16)

@@ -421,8 +421,13 @@ def word_tokenizer():
     return tiny_tokenizer()
 
 
-def test_fit_decodes_each_speedup_and_generate_spends_it(word_tokenizer):
+@pytest.mark.parametrize("eos_from", ["model", "tokenizer"])
+def test_fit_decodes_each_speedup_and_generate_spends_it(word_tokenizer, eos_from):
     model = tiny_model("llama", seed=7, n_layers=3)
+    if eos_from == "tokenizer":  # the model names no EOS: calibration stops where deployment does, at the tokenizer's
+        model.generation_config.eos_token_id = model.config.eos_token_id = None
+        with torch.no_grad():
+            model.lm_head.weight[EOS] *= 4  # EOS comes often
     prompts = [" ".join(f"w{(5 * i + 3 * j) % 60}" for j in range(10 + i % 7)) for i in range(48)]
     cert = lat.fit(
         model,

@@ -183,6 +183,16 @@ def test_classify_keeps_the_first_and_special_tokens():
     assert 9 not in without.kept[-1][0].tolist() or ids.shape[1] - 1 not in without.kept[-1][0].tolist()
 
 
+def test_roberta_inputs_up_to_its_positions_run_and_longer_ones_are_refused():
+    model = tiny_model("roberta", seed=1, n_layers=2)
+    config = model.config  # positions start at pad_token_id + 1: this many tokens fit
+    fits = config.max_position_embeddings - config.pad_token_id - 1
+    row = [ROWS[0][0]] + [ROWS[0][1]] * (fits - 1)
+    lat.classify(model, torch.tensor([row]))
+    with pytest.raises(ValueError, match=f"has {fits + 1} columns but the model has {fits} positions"):
+        lat.classify(model, torch.tensor([row + [ROWS[0][1]]]))  # used to fail inside the embedding lookup
+
+
 def test_classify_bad_input():
     model = tiny_model("bert", seed=1, n_layers=2)
     ids, mask = _right_padded(ROWS[:1])
@@ -202,8 +212,14 @@ def test_classify_bad_input():
     long = torch.tensor([ROWS[0][:1] + [ROWS[0][1]] * context])
     with pytest.raises(ValueError, match=f"max_position_embeddings={context}.*nothing is truncated"):
         lat.classify(model, long)
-    with pytest.raises(ValueError, match="token_type_ids"):
+    with pytest.raises(ValueError, match="token_type_ids must have the shape"):
         lat.classify(model, ids, mask, token_type_ids=torch.zeros((1, 3), dtype=torch.long))
+    for bad, exc in ((ids.float() * 0, TypeError), (ids.tolist(), TypeError), (torch.full_like(ids, 5), ValueError)):
+        with pytest.raises(exc, match="token_type_ids must"):
+            lat.classify(model, ids, mask, token_type_ids=bad)
+    for bad in (2.5, True, None):  # 2.5 used to run as 2
+        with pytest.raises(ValueError, match="min_keep must be an int >= 1"):
+            lat.classify(model, ids, mask, speedup=2.0, min_keep=bad)
     other = Certificate(**{**_full_only(model).to_dict(), "model": lat.model_id(tiny_model("bert", seed=2))})
     with pytest.raises(ValueError, match="made for the model"):
         lat.classify(model, ids, mask, certificate=other)

@@ -278,7 +278,11 @@ def _scorer(model, tokenizer, prompts, references, consistency, lambdas, max_new
     )
 
     def run_batch(input_ids, attention_mask, certificate: Certificate) -> tuple[list[np.ndarray], None]:
-        out = generate(model, input_ids, attention_mask, certificate=certificate, max_new_tokens=decoder.max_new_tokens)
+        # with the tokenizer, as deployment decodes: EOS and pad fall back to the tokenizer's
+        out = generate(
+            model, input_ids, attention_mask, certificate=certificate, max_new_tokens=decoder.max_new_tokens,
+            tokenizer=tokenizer,
+        )  # fmt: skip
         return [row[: _length(row, out.eos_ids)] for row in out.new_tokens.cpu().numpy()], None
 
     decoder.run_batch = run_batch

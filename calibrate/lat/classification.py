@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from calibrate.certificate import Certificate
+from calibrate.heads import context_positions
 from calibrate.lat.decode import _knob_iv, _predicted, _schedules
 from calibrate.lat.encoders import CLASSIFIER_ARCHITECTURES, encode, encoder_for
 from calibrate.lat.schedule import KeepSchedule, layer_costs
@@ -74,6 +75,20 @@ def _head(model: nn.Module, states: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def _token_types_iv(token_type_ids, shape: torch.Size, n_types: int) -> None:
+    integer = isinstance(token_type_ids, torch.Tensor) and not (
+        token_type_ids.is_floating_point() or token_type_ids.is_complex() or token_type_ids.dtype == torch.bool
+    )
+    if not integer:
+        raise TypeError(f"token_type_ids must be an integer torch.Tensor, got {token_type_ids!r:.80}")
+    if tuple(token_type_ids.shape) != tuple(shape):
+        raise ValueError(
+            f"token_type_ids must have the shape of input_ids {tuple(shape)}, got {tuple(token_type_ids.shape)}"
+        )
+    if token_type_ids.numel() and not (0 <= int(token_type_ids.min()) and int(token_type_ids.max()) < n_types):
+        raise ValueError(f"token_type_ids must lie in [0, config.type_vocab_size={n_types})")
+
+
 def classify(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -121,7 +136,11 @@ def classify(
     ValueError
         For a speed-up below 1, NaN or infinite; an unsupported architecture (the message names the
         supported ones) or a model without its sequence-classification head; a certificate for another
-        knob or another model; invalid ids or mask, or a left-padded batch.
+        knob or another model; invalid ids or mask, or a left-padded batch; inputs longer than the
+        model's positions; ``token_type_ids`` of another shape or outside ``[0, config.type_vocab_size)``;
+        ``min_keep`` below 1 or not an int.
+    TypeError
+        When ``token_type_ids`` is not an integer tensor.
 
     Examples
     --------
@@ -154,16 +173,14 @@ def classify(
     ids, mask = _ids_iv(input_ids, attention_mask, device, left_padded=False)
     if not bool(mask[:, 0].all()):
         raise ValueError("input_ids must be right-padded with [CLS] in column 0 (the head reads column 0)")
-    context = getattr(config, "max_position_embeddings", None)
+    name, context = context_positions(config) or (None, None)
     if context is not None and ids.shape[1] > context:
         raise ValueError(
-            f"input_ids has {ids.shape[1]} columns but the model has config.max_position_embeddings={context}; "
-            "shorten the inputs (nothing is truncated)"
+            f"input_ids has {ids.shape[1]} columns but the model has {context} positions (config.{name}="
+            f"{getattr(config, name)}); shorten the inputs (nothing is truncated)"
         )
-    if token_type_ids is not None and tuple(token_type_ids.shape) != tuple(ids.shape):
-        raise ValueError(
-            f"token_type_ids must have the shape of input_ids {tuple(ids.shape)}, got {tuple(token_type_ids.shape)}"
-        )
+    if token_type_ids is not None:
+        _token_types_iv(token_type_ids, ids.shape, getattr(config, "type_vocab_size", 1))
     schedules, keep = _schedules(config, mask, speedup, min_keep)
     always = _always_kept(ids, mask, special, last=False)
     types = None if token_type_ids is None else token_type_ids.to(device)

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from calibrate._digest import weights_digest
+from calibrate._validation import int_at_least
 from calibrate.certificate import Certificate, _spend_iv
 from calibrate.heads import ExitHeads, decoder_layers
 from calibrate.lat.encoders import ENCODER_DECODER_ARCHITECTURES, encode, encoder_for
@@ -109,7 +110,8 @@ def model_id(model: nn.Module) -> str:
 
 def settings(score: str, min_keep: int, keep_ids) -> dict:
     """The decoding settings a ``token_keep`` certificate records (its ``measure_state``) and generate applies."""
-    return {"score": score, "min_keep": int(min_keep), "keep_ids": sorted(int(i) for i in keep_ids)}
+    min_keep = int_at_least(min_keep, "min_keep")
+    return {"score": score, "min_keep": min_keep, "keep_ids": sorted(int(i) for i in keep_ids)}
 
 
 def _knob_iv(model, speedup, certificate, score: str, min_keep: int, tokenizer) -> tuple[float, str, int, list[int]]:

@@ -31,7 +31,7 @@ from torch import nn
 
 from calibrate.certificate import Certificate
 from calibrate.exits import Decay
-from calibrate.heads import ExitHeads, decoder_layers
+from calibrate.heads import ExitHeads, context_positions, decoder_layers
 from calibrate.runtime._layers import KVCache, LayerAdapter, Step, adapter_for, additive_mask
 from calibrate.runtime._measures import RUNTIME_MEASURES, RuntimeMeasure, build_measure
 
@@ -588,8 +588,7 @@ def _context_iv(model, adapter: LayerAdapter, prompt_mask: torch.Tensor, encoder
     config = model.config
     longest = int(prompt_mask.sum(dim=1).max())
     used = longest + max_new_tokens - 1  # positions the decoder sees: the last new token is never fed back
-    name = next((n for n in ("n_positions", "max_position_embeddings") if getattr(config, n, None)), None)
-    context = None if name is None else int(getattr(config, name))
+    name, context = context_positions(config) or (None, None)
     if context is not None and used > context:
         what = "the decoder prompt (start token)" if encoder is not None else "the longest prompt"
         raise ValueError(

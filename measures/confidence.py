@@ -394,10 +394,13 @@ def state_saturation(hidden: Any) -> np.ndarray:
 
     Notes
     -----
-    Computed in float32, in blocks of tokens, on each vector divided by its largest absolute entry
-    (which leaves the cosine unchanged and rules out overflow and underflow; float64 input is rescaled
-    in float64 before the cast). Cosines near 1 are where thresholds
-    matter, so use a fine threshold grid there (DESIGN section 5).
+    Computed in blocks of tokens as ``dot / (sqrt(|h_i|^2) * sqrt(|h_{i-1}|^2))`` in float64, rounded to
+    float32 and clipped to ``[-1, 1]``; float64 input is first divided, vector by vector, by its largest
+    absolute entry (which leaves the cosine unchanged and rules out overflow). The early-exit runtime
+    (``calibrate.runtime``) computes the same formula in torch, so the two agree to the float32 bit
+    except in the rare case where summation order moves a float64 value across a float32 rounding
+    boundary. Cosines near 1 are where thresholds matter, so use a fine threshold grid there (DESIGN
+    section 5).
 
     Examples
     --------
@@ -420,19 +423,21 @@ def state_saturation(hidden: Any) -> np.ndarray:
             raise ValueError(
                 f"hidden must be finite (no NaN or inf); found a non-finite value in tokens [{start}, {start + len(x)})"
             )
-        # Rescale in the input precision when it is wider than float32 (float64 values may overflow or
-        # underflow float32), else in float32 (float16 squares overflow float16).
-        wide = x.dtype.itemsize > 4 or np.issubdtype(x.dtype, np.integer)
-        x = x.astype(np.float64 if wide else np.float32, copy=False)
-        scale = np.abs(x).max(axis=-1, keepdims=True)  # (b, L, 1)
-        x = (x / np.where(scale > 0, scale, 1.0)).astype(np.float32, copy=False)
+        wide = x.dtype.itemsize > 4 or np.issubdtype(x.dtype, np.integer)  # squares may overflow float64
+        x = x.astype(np.float64)
+        if wide:
+            scale = np.abs(x).max(axis=-1, keepdims=True)  # (b, L, 1)
+            x /= np.where(scale > 0, scale, 1.0)
         norm = np.sqrt(np.einsum("bld,bld->bl", x, x))  # (b, L)
         dot = np.einsum("bld,bld->bl", x[:, 1:], x[:, :-1])  # (b, L-1)
-        denom = norm[:, 1:] * norm[:, :-1]
-        ok = denom > 0
-        cos = np.where(ok, dot / np.where(ok, denom, np.float32(1.0)), np.float32(0.0))
-        out[start : start + len(x), 1:] = np.clip(cos, -1.0, 1.0)
+        out[start : start + len(x), 1:] = _cosine(dot, norm[:, 1:] * norm[:, :-1])
     return out.reshape(*lead, n_layers)
+
+
+def _cosine(dot: np.ndarray, denom: np.ndarray) -> np.ndarray:
+    """float64 ``dot / denom`` as float32 in ``[-1, 1]``, 0 where ``denom`` is 0 (a zero vector)."""
+    ok = denom > 0
+    return np.clip(np.where(ok, dot / np.where(ok, denom, 1.0), 0.0).astype(np.float32), -1.0, 1.0)
 
 
 # ----------------------------------------------------------------------------------------------------

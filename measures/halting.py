@@ -174,15 +174,16 @@ def _hidden_iv(cache: Any) -> int:
 
 
 def _sequence_features(cache: Any) -> np.ndarray:
-    """(n_sequences, d + L - 1): the first generated token's states averaged over layers, and its
-    saturation ``cos(h_i, h_{i-1})`` at layers 2..L. All are computed by the prefill of the prompt."""
+    """(n_sequences, d + L - 1) float32: the first generated token's states averaged over layers (in float64),
+    and its saturation ``cos(h_i, h_{i-1})`` at layers 2..L. All are computed by the prefill of the prompt."""
     if not hasattr(cache, "offsets"):
         raise TypeError(f"the sequence-level head needs a LayerCache (with .offsets), got {type(cache).__name__}")
     first = np.asarray(cache.offsets, dtype=np.int64)[:-1]
     states = np.asarray(np.asarray(cache.arrays["hidden"])[first], dtype=np.float32)  # (S, L, d)
     if not np.isfinite(states).all():
         raise ValueError("cache array 'hidden' must be finite (no NaN or inf) at the first token of every sequence")
-    return np.concatenate([states.mean(axis=1), state_saturation(states)[:, 1:]], axis=1)
+    mean = states.mean(axis=1, dtype=np.float64).astype(np.float32)  # as the runtime computes it
+    return np.concatenate([mean, state_saturation(states)[:, 1:]], axis=1)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -914,8 +914,9 @@ def test_runtime_exits_agree_with_the_extracted_cache(extracted, arch, measure, 
 )
 def test_learned_measure_matches_predict_confidence(extracted, arch, measure):
     """The runtime measure scores the cache's own float16 states as the learned measure's predict_confidence
-    does: every token as a batch row (the sequence head: the first token of every sequence, the last prompt
-    position, whose states at every layer it reads at prefill)."""
+    does, to the float32 bit (a threshold equal to a cached confidence exits at the same layer): every token
+    as a batch row (the sequence head: the first token of every sequence, the last prompt position, whose
+    states at every layer it reads at prefill)."""
     from calibrate.runtime._measures import build_measure
     from measures.learned import train_measure
 
@@ -934,4 +935,51 @@ def test_learned_measure_matches_predict_confidence(extracted, arch, measure):
     rows = torch.arange(hidden.shape[0])
     runtime.prefill(hidden)
     got = [runtime(i, hidden[:, i], hidden[:, max(i - 1, 0)], None, rows).numpy() for i in range(L - 1)]
-    np.testing.assert_allclose(np.stack(got, axis=1), expected[:, :-1], rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(np.stack(got, axis=1), expected[:, :-1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_runtime_saturation_is_the_cache_saturation_to_the_bit(dtype):
+    from calibrate.runtime._measures import _saturation
+    from measures.confidence import state_saturation
+
+    gen = torch.Generator().manual_seed(0)
+    prev = torch.randn(4000, 64, generator=gen)
+    h = prev + torch.randn(4000, 64, generator=gen) * torch.logspace(-4, 0, 4000)[:, None]  # cosines up to ~1
+    h[:8] = prev[:8]  # identical states (a layer that changes nothing): cosine 1, never above
+    h, prev = h.to(dtype), prev.to(dtype)
+    expected = state_saturation(torch.stack([prev, h], dim=1).double().numpy().astype(_numpy_dtype(dtype)))[:, 1]
+    got = _saturation(h, prev, 1).numpy()
+    np.testing.assert_array_equal(got, expected)
+    assert got.max() <= 1.0 and (got[:8] == 1.0).all() and (expected > 0.9999).sum() > 100
+
+
+def _numpy_dtype(dtype: torch.dtype):
+    """The numpy dtype holding a torch dtype's values exactly (bfloat16 has none of its own: float32)."""
+    return {torch.float16: np.float16, torch.bfloat16: np.float32, torch.float32: np.float32}.get(dtype, np.float64)
+
+
+def test_a_layer_that_changes_nothing_exits_at_lambda_one_where_the_cache_says():
+    """Layer 3 adds nothing, so its saturation is exactly 1 (never 1.0000001): at lambda = 1, the safest grid
+    value, the runtime exits at layer 3 exactly where the cache's simulation does."""
+    import calibrate
+    from calibrate.exits import exit_layers
+
+    model = _tiny_hf.tiny_model("llama", seed=5, n_layers=L_ROUND_TRIP)
+    with torch.no_grad():
+        layer = decoder_layers(model)[2]
+        layer.self_attn.o_proj.weight.zero_()
+        layer.mlp.down_proj.weight.zero_()
+    rng = np.random.default_rng(2)
+    ids = [[int(t) for t in rng.integers(3, 60, size=rng.integers(1, 10))] for _ in range(16)]
+    tokenizer = _tiny_hf.tiny_tokenizer()
+    prompts = [tokenizer.decode(p) for p in ids]
+    ids = [tokenizer(p)["input_ids"] for p in prompts]
+    cache = calibrate.extract(model, tokenizer, prompts, max_new_tokens=4, batch_size=8, progress=False)
+    conf = cache.arrays["state_saturation"]
+    assert (conf[:, 2] == 1.0).all() and (conf[:, :2] < 1.0).all()
+    fitted = calibrate.fit(cache, delta=0.5, epsilon=0.2, measure="state_saturation", lambdas=[1.0, 0.5])
+    simulated = exit_layers(conf, [1.0])[:, 0]  # layer 3 everywhere
+    input_ids, mask = _pad_prompts(model, ids)
+    out = generate(model, input_ids, mask, certificate=dataclasses.replace(fitted, lambda_hat=1.0), max_new_tokens=4)
+    np.testing.assert_array_equal(out.exit_layers[:, 0].numpy(), simulated[cache.offsets[:-1]])

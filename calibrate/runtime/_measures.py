@@ -52,48 +52,65 @@ _SOFTMAX = ("softmax_gap", "softmax_max", "entropy")
 
 
 def _saturation(h: torch.Tensor, prev: torch.Tensor, layer: int) -> torch.Tensor:
-    """``cos(h, prev)`` per row in float32, ``(n, d) -> (n,)``; 0 at layer 0 and for zero vectors."""
+    """``cos(h, prev)`` per row as float32 in ``[-1, 1]``, ``(n, d) -> (n,)``; 0 at layer 0 and for zero vectors.
+
+    The arithmetic of :func:`measures.confidence.state_saturation`, so that the runtime exits where the
+    cache says: float64 dot and norms (float64 states first divided by their largest absolute entry),
+    rounded to float32, clipped.
+    """
     if layer == 0:
         return torch.zeros(h.shape[0], dtype=torch.float32, device=h.device)
-    a, b = h.float(), prev.float()
-    denom = torch.linalg.vector_norm(a, dim=-1) * torch.linalg.vector_norm(b, dim=-1)  # (n,)
+    a, b = h.double(), prev.double()
+    if h.dtype == torch.float64:
+        a = a / torch.where((m := a.abs().amax(dim=-1, keepdim=True)) > 0, m, 1.0)
+        b = b / torch.where((m := b.abs().amax(dim=-1, keepdim=True)) > 0, m, 1.0)
+    denom = (a * a).sum(dim=-1).sqrt() * (b * b).sum(dim=-1).sqrt()  # (n,)
     dot = (a * b).sum(dim=-1)  # (n,)
-    return torch.where(denom > 0, dot / torch.where(denom > 0, denom, 1.0), 0.0)
+    cos = torch.where(denom > 0, dot / torch.where(denom > 0, denom, 1.0), 0.0)
+    return cos.float().clamp(-1.0, 1.0)
 
 
 def _token_features(h: torch.Tensor, prev: torch.Tensor, layer: int) -> torch.Tensor:
     """The token-level learned measures' features ``[h_i, cos(h_i, h_{i-1})]``, ``(n, d) -> (n, d + 1)``.
 
-    The states are rounded to float16 as the cache stores them; the result is float64.
+    The states are rounded to float16 as the cache stores them; the result is float32, as
+    ``measures.classifier`` builds them.
     """
     h16 = h.to(torch.float16)  # (n, d)
     sat = _saturation(h16, prev.to(torch.float16), layer)  # (n,)
-    return torch.cat([h16.double(), sat.double()[:, None]], dim=1)
+    return torch.cat([h16.float(), sat[:, None]], dim=1)
 
 
 def _sequence_features(states: torch.Tensor) -> torch.Tensor:
-    """The sequence head's features, ``(B, L, d) -> (B, d + L - 1)`` float64 (``measures.halting``).
+    """The sequence head's features, ``(B, L, d) -> (B, d + L - 1)`` float32 (``measures.halting``).
 
     ``states`` are the last prompt position's outputs of layers ``1..L``; rounded to float16 as in the
-    cache, then their float32 mean over layers and their saturation ``cos(h_i, h_{i-1})``, ``i = 2..L``.
+    cache, then their mean over layers (in float64, rounded to float32) and their saturation
+    ``cos(h_i, h_{i-1})``, ``i = 2..L``.
     """
     s16 = states.to(torch.float16)  # (B, L, d)
     saturation = [_saturation(s16[:, i], s16[:, i - 1], i) for i in range(1, s16.shape[1])]  # L - 1 of (B,)
-    return torch.cat([s16.float().mean(dim=1), *(s[:, None] for s in saturation)], dim=1).double()
+    return torch.cat([s16.double().mean(dim=1).float(), *(s[:, None] for s in saturation)], dim=1)
 
 
-def _fold(model: Mapping[str, Any], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """A standardised linear model ``((x - mean) / scale) @ coef + intercept`` as ``x @ weight + bias``.
+class _Linear:
+    """A standardised linear model ``((x - mean) / scale) @ coef + intercept`` of a learned measure's state.
 
     ``model`` holds ``mean``, ``scale`` ``(p,)``, ``coef`` ``(p,)`` or ``(p, m)`` and ``intercept`` (a
-    number or ``(m,)``), as the learned measures' JSON states write them. Returns ``weight`` ``(p, m)``
-    and ``bias`` ``(m,)``, float64 on ``device``.
+    number or ``(m,)``), as the learned measures' JSON states write them. Calling it maps float32
+    features ``(n, p)`` to float64 logits ``(n, m)`` with the arithmetic of ``measures.classifier``:
+    standardised in float32, then a float64 product.
     """
-    mean, scale = (np.asarray(model[k], dtype=np.float64) for k in ("mean", "scale"))  # (p,)
-    coef = np.asarray(model["coef"], dtype=np.float64).reshape(mean.size, -1)  # (p, m)
-    weight = coef / scale[:, None]  # (x - mean) / scale @ coef = x @ (coef / scale) - mean @ (coef / scale)
-    bias = np.asarray(model["intercept"], dtype=np.float64).reshape(-1) - mean @ weight  # (m,)
-    return torch.as_tensor(weight, device=device), torch.as_tensor(bias, device=device)
+
+    def __init__(self, model: Mapping[str, Any], device) -> None:
+        mean = np.asarray(model["mean"], dtype=np.float64)
+        self.mean = torch.as_tensor(mean.astype(np.float32), device=device)  # (p,)
+        self.scale = torch.as_tensor(np.asarray(model["scale"], dtype=np.float32), device=device)  # (p,)
+        self.coef = torch.as_tensor(np.asarray(model["coef"], dtype=np.float64).reshape(mean.size, -1), device=device)
+        self.intercept = torch.as_tensor(np.asarray(model["intercept"], dtype=np.float64).reshape(-1), device=device)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return ((x - self.mean) / self.scale).double() @ self.coef + self.intercept
 
 
 class RuntimeMeasure(ABC):
@@ -173,31 +190,18 @@ class _LogisticLayers(RuntimeMeasure):
     """One logistic head per layer ``i < L`` on ``[h_i, saturation_i]``: ``sigmoid(x . w_i + c_i)``.
 
     The exit classifier and the geometric halting head. ``layers[i]`` is a fitted model (a mapping, see
-    :func:`_fold`) or a constant probability (a layer whose training labels were all alike).
+    :class:`_Linear`) or a constant probability (a layer whose training labels were all alike).
     """
 
-    def __init__(self, name: str, layers: Sequence[Mapping[str, Any] | float], hidden_size: int, device) -> None:
+    def __init__(self, name: str, layers: Sequence[Mapping[str, Any] | float], device) -> None:
         super().__init__(name, needs_logits=False)
-        weights, biases = [], []
-        self.constant: list[float | None] = []
-        for layer in layers:
-            if isinstance(layer, Mapping):
-                weight, bias = _fold(layer, device)  # (d+1, 1), (1,)
-                weights.append(weight[:, 0])
-                biases.append(bias[0])
-                self.constant.append(None)
-            else:
-                weights.append(torch.zeros(hidden_size + 1, dtype=torch.float64, device=device))
-                biases.append(torch.zeros((), dtype=torch.float64, device=device))
-                self.constant.append(float(layer))
-        self.weight = torch.stack(weights)  # (L-1, d+1) float64
-        self.bias = torch.stack(biases)  # (L-1,) float64
+        self.layers = [_Linear(layer, device) if isinstance(layer, Mapping) else float(layer) for layer in layers]
 
     def __call__(self, layer, h, prev, logits, rows):
-        if self.constant[layer] is not None:
-            return torch.full((h.shape[0],), self.constant[layer], dtype=torch.float32, device=h.device)
-        z = _token_features(h, prev, layer) @ self.weight[layer] + self.bias[layer]  # (m,)
-        return torch.sigmoid(z).float()
+        model = self.layers[layer]
+        if isinstance(model, float):
+            return torch.full((h.shape[0],), model, dtype=torch.float32, device=h.device)
+        return torch.sigmoid(model(_token_features(h, prev, layer))[:, 0]).float()  # (m,)
 
 
 class _DepthCDF(RuntimeMeasure):
@@ -212,15 +216,15 @@ class _DepthCDF(RuntimeMeasure):
         self, name: str, model: Mapping[str, Any], classes: Sequence[int], n_layers: int, *, per: str, device
     ) -> None:
         super().__init__(name, needs_logits=False)
-        self.weight, self.bias = _fold(model, device)  # (p, m), (m,)
+        self.linear = _Linear(model, device)  # (p,) features -> (m,) logits
         self.classes = torch.as_tensor([c - 1 for c in classes], dtype=torch.long, device=device)  # (m,) 0-based
         self.n_layers, self.per = n_layers, per
         self._cdf: torch.Tensor | None = None  # (B, L) float32, set by prefill
 
     def _depth_cdf(self, x: torch.Tensor) -> torch.Tensor:
-        """``(n, p)`` float64 features -> ``(n, L)`` float32 ``P(depth <= i)``, 1 at layer ``L``."""
-        probs = x.new_zeros((x.shape[0], self.n_layers))  # (n, L) float64
-        probs[:, self.classes] = torch.softmax(x @ self.weight + self.bias, dim=1)
+        """``(n, p)`` float32 features -> ``(n, L)`` float32 ``P(depth <= i)``, 1 at layer ``L``."""
+        probs = x.new_zeros((x.shape[0], self.n_layers), dtype=torch.float64)  # (n, L)
+        probs[:, self.classes] = torch.softmax(self.linear(x), dim=1)
         cdf = probs.cumsum(dim=1)
         cdf[:, -1] = 1.0
         return cdf.clamp(0.0, 1.0).float()
@@ -263,13 +267,13 @@ def _learned(name: str, state: Mapping[str, Any] | None, n_layers: int, hidden_s
             )
         _fitted_iv(name, learned.n_layers_, learned.n_features_ - 1, n_layers, hidden_size)
         layers = [layer if layer["constant"] is None else layer["constant"] for layer in learned.to_dict()["layers"]]
-        return _LogisticLayers(name, layers, hidden_size, device)
+        return _LogisticLayers(name, layers, device)
     sequence = name == "halting_sequence_multinomial"
     hidden_fit = learned.n_features_ - (learned.n_layers_ - 1 if sequence else 1)  # d + L - 1, or d + 1
     _fitted_iv(name, learned.n_layers_, hidden_fit, n_layers, hidden_size)
     models = learned.to_dict()["models"]  # validated by from_dict
     if name == "halting_geometric":
-        return _LogisticLayers(name, models, hidden_size, device)
+        return _LogisticLayers(name, models, device)
     per = "sequence" if sequence else "token"
     return _DepthCDF(name, models[0], learned.classes_, n_layers, per=per, device=device)
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
-from calibrate._validation import open_interval
+from calibrate._validation import int_at_least, open_interval
 from calibrate.certificate import Certificate
 from calibrate.exits import Decay
 from calibrate.fit import certify
@@ -34,6 +35,11 @@ def _certificate_losses(cert: Certificate, cache, *, decode=None, progress=False
     from calibrate.cache import _in_memory_iv
 
     _in_memory_iv(cache, "the test cache")
+    if cert.cache_checksum is not None and cert.cache_checksum == cache.checksum:
+        raise ValueError(
+            "the test cache is the calibration cache itself (same checksum); audit on held-out sequences, "
+            "e.g. a part of LayerCache.split"
+        )
     if cert.mode == "decoded":
         raise ValueError(
             "the certificate is mode='decoded' (it certifies what the runtime emits), but a cache gives "
@@ -62,7 +68,7 @@ def _certificate_losses(cert: Certificate, cache, *, decode=None, progress=False
     )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class AuditReport:
     """Held-out risk and layer use of a certificate.
 
@@ -97,8 +103,9 @@ class AuditReport:
 
     @property
     def layer_savings(self) -> float:
-        """Fraction of layers skipped on the held-out set at ``lambda_hat``."""
-        return 1.0 - self.layers / self.certificate.n_layers
+        """Fraction of layers skipped on the held-out set at ``lambda_hat`` (NaN without a layer count)."""
+        n_layers = self.certificate.n_layers
+        return math.nan if n_layers is None else 1.0 - self.layers / n_layers
 
     def to_frame(self):
         """Calibration and held-out risk and layers per grid value, as a :class:`pandas.DataFrame`."""
@@ -223,6 +230,8 @@ def audit(cert: Certificate, test_cache, *, decode=None, progress: bool = False)
     One audit is one draw: the held-out risk exceeds ``delta`` in at most about a fraction ``epsilon``
     of calibration draws (plus the held-out estimate's own noise). :func:`validity` repeats it.
     """
+    if not isinstance(cert, Certificate):
+        raise TypeError(f"cert must be a calibrate.Certificate, got {type(cert).__name__}")
     table = _certificate_losses(cert, test_cache, decode=decode, progress=progress)
     risks = table.risks
     if cert.index is None:
@@ -232,7 +241,7 @@ def audit(cert: Certificate, test_cache, *, decode=None, progress: bool = False)
     return AuditReport(cert, table.n, risks, table.avg_layers, risk, layers)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ValidityReport:
     """Repeated random calibration/test splits of one cache.
 
@@ -312,6 +321,12 @@ class ValidityReport:
         return fig
 
 
+#: The options of :func:`calibrate.fit` that :func:`validity` passes on (proxy mode, in memory).
+_VALIDITY_OPTIONS = (
+    "measure", "consistency", "bound", "method", "lambdas", "decay", "train_fraction", "train_cache", "decode",
+)  # fmt: skip
+
+
 def validity(
     cache,
     trials: int = 50,
@@ -354,6 +369,7 @@ def validity(
     """
     from tqdm.auto import tqdm
 
+    from calibrate.cache import _in_memory_iv
     from calibrate.fit import _proxy_table
 
     if isinstance(trials, bool) or not isinstance(trials, (int, np.integer)):
@@ -361,6 +377,11 @@ def validity(
     if trials < 1:
         raise ValueError(f"trials must be >= 1, got {trials}")
     cal_fraction = open_interval(cal_fraction, "cal_fraction")
+    seed = int_at_least(seed, "seed", 0)
+    _in_memory_iv(cache, "cache")
+    unknown = sorted(set(fit_kwargs) - set(_VALIDITY_OPTIONS))
+    if unknown:
+        raise TypeError(f"validity() got options it does not pass on to fit: {unknown}; it takes {_VALIDITY_OPTIONS}")
     # fit's data step runs once (training the classifier, if any, on sequences kept out of every
     # trial); each trial then only permutes the rows of the loss table and certifies.
     options = {key: fit_kwargs.pop(key) for key in ("bound", "method") if key in fit_kwargs}

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import html
 import json
+import numbers
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Mapping
 
 import numpy as np
+
+from calibrate._validation import int_at_least, open_interval
+from measures.learned import plain_state as _plain
 
 __all__ = ["Certificate", "MODES", "KNOBS"]
 
@@ -44,6 +49,29 @@ def _spend_iv(certificate, knob: str, model: str, source: str) -> None:
         raise ValueError(
             f"this certificate was made for the model {certificate.model!r}, not {model!r}; certify the model you run"
         )
+
+
+def _frozen(value: Any) -> Any:
+    """A read-only deep copy of JSON-like data: mappings as ``MappingProxyType``, lists as tuples
+    (:func:`measures.learned.plain_state` inverts it)."""
+    if isinstance(value, Mapping):
+        return MappingProxyType({k: _frozen(v) for k, v in value.items()})
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(v) for v in value)
+    return value
+
+
+def _floats(value: Any, name: str, *, nan: bool) -> tuple[float, ...]:
+    """``value`` as a tuple of floats (NaN allowed where ``nan``), else ValueError naming the field."""
+    try:
+        out = tuple(float(v) for v in value if not isinstance(v, (bool, np.bool_)) and v is not None)
+        bad = len(out) != len(value) or any(not np.isfinite(v) for v in out if not (nan and np.isnan(v)))
+    except (TypeError, ValueError):
+        bad = True
+    if bad:
+        what = "numbers or NaN" if nan else "finite numbers"
+        raise ValueError(f"Certificate.{name} must be a sequence of {what}, got {value!r:.120}")
+    return out
 
 
 def _version() -> str:
@@ -86,7 +114,7 @@ class Certificate:
         Which knob is certified, one of :data:`KNOBS`.
     measure, consistency : str or None
         Confidence measure and consistency loss (for exit thresholds).
-    decay : dict or None
+    decay : mapping or None
         ``{"max_len": N, "tau": tau}`` when the decaying threshold was used.
     avg_layers : tuple of float or None
         Token-averaged exit layer per grid value on the calibration set (``nan`` where not tested).
@@ -105,6 +133,12 @@ class Certificate:
         layer count, width, vocabulary size, adapters); the runtime refuses heads that differ.
     version : str
         Library version that produced the certificate.
+
+    Notes
+    -----
+    Every field is checked on construction (a ValueError names the field). ``decay``, ``measure_state``
+    and ``heads`` are held as read-only copies (mappings, nested lists as tuples), so a certificate's
+    equality and hash never change; :meth:`to_dict` gives them back as plain dicts and lists.
     """
 
     lambda_hat: float | None
@@ -133,6 +167,7 @@ class Certificate:
     version: str = field(default_factory=_version)
 
     def __post_init__(self) -> None:
+        self._fields_iv()
         k = len(self.lambdas)
         for name in ("risks", "p_values", "certified"):
             if len(getattr(self, name)) != k:
@@ -145,6 +180,62 @@ class Certificate:
             raise ValueError(f"Certificate.knob must be one of {KNOBS}, got {self.knob!r}")
         if self.lambda_hat is not None and self.index is None:
             raise ValueError(f"Certificate.lambda_hat={self.lambda_hat} is not a grid value")
+
+    def _fields_iv(self) -> None:
+        """Check every field's type and range (naming it) and store normalised, read-only values."""
+        from calibrate.bounds import P_VALUES
+        from calibrate.exits import Decay
+
+        def put(name: str, value: Any) -> None:
+            object.__setattr__(self, name, value)
+
+        for name in ("delta", "epsilon"):
+            put(name, open_interval(getattr(self, name), f"Certificate.{name}"))
+        put("n", int_at_least(self.n, "Certificate.n", 0))
+        put("n_train", int_at_least(self.n_train, "Certificate.n_train", 0))
+        if self.n_layers is not None:
+            put("n_layers", int_at_least(self.n_layers, "Certificate.n_layers"))
+        if self.lambda_hat is not None:
+            if isinstance(self.lambda_hat, (bool, np.bool_)) or not isinstance(self.lambda_hat, numbers.Real):
+                raise ValueError(f"Certificate.lambda_hat must be a number or None, got {self.lambda_hat!r}")
+            put("lambda_hat", float(self.lambda_hat))
+        lambdas = _floats(self.lambdas, "lambdas", nan=False)
+        if not lambdas or any(a <= b for a, b in zip(lambdas, lambdas[1:])):
+            raise ValueError(
+                f"Certificate.lambdas must be non-empty and strictly decreasing (safest first), got {lambdas!r:.120}"
+            )
+        put("lambdas", lambdas)
+        for name in ("risks", "p_values"):
+            values = _floats(getattr(self, name), name, nan=True)
+            if any(not 0.0 <= v <= 1.0 for v in values if not np.isnan(v)):
+                raise ValueError(f"Certificate.{name} must lie in [0, 1] (NaN: not tested), got {values!r:.120}")
+            put(name, values)
+        if self.avg_layers is not None:
+            put("avg_layers", _floats(self.avg_layers, "avg_layers", nan=True))
+        if not all(isinstance(v, (bool, np.bool_)) for v in self.certified):
+            raise ValueError(f"Certificate.certified must hold booleans, got {self.certified!r:.120}")
+        put("certified", tuple(bool(v) for v in self.certified))
+        if self.bound is not None and self.bound not in P_VALUES:
+            raise ValueError(f"Certificate.bound must be one of {sorted(P_VALUES)} or None, got {self.bound!r}")
+        for name in ("method", "mode", "knob", "reason", "version"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"Certificate.{name} must be a str, got {getattr(self, name)!r}")
+        for name in ("measure", "consistency", "cache_checksum", "model"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ValueError(f"Certificate.{name} must be a str or None, got {getattr(self, name)!r}")
+        for name in ("decay", "measure_state", "heads"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, Mapping):
+                raise ValueError(f"Certificate.{name} must be a mapping or None, got {value!r:.80}")
+        if self.decay is not None:
+            try:
+                Decay(**self.decay)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(
+                    f"Certificate.decay must be {{'max_len': int, 'tau': float}}, got {dict(self.decay)!r}: {exc}"
+                ) from None
+        for name in ("decay", "measure_state", "heads"):
+            put(name, None if getattr(self, name) is None else _frozen(getattr(self, name)))
 
     # ---- derived values -------------------------------------------------------------------------
     @property
@@ -278,35 +369,26 @@ class Certificate:
     # ---- JSON -----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict; :meth:`from_dict` inverts it exactly."""
-        out = asdict(self)
-        for name in ("lambdas", "risks", "p_values", "certified", "avg_layers"):
-            if out[name] is not None:
-                out[name] = list(out[name])
-        out["decay"] = None if self.decay is None else dict(self.decay)
-        for name in ("measure_state", "heads"):
-            out[name] = None if getattr(self, name) is None else dict(getattr(self, name))
-        return out
+        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}  # tuples as lists, mappings as dicts
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Certificate":
         """Build a certificate from :meth:`to_dict` output.
 
-        Unknown or missing fields raise ``ValueError``, and so does a ``lambda_hat`` that is not certified.
+        Unknown or missing fields, and fields of the wrong type or range, raise ``ValueError`` naming them;
+        so does a ``lambda_hat`` that is not certified. ``null`` entries of the per-threshold numbers are NaN.
         """
+        if not isinstance(data, Mapping):
+            raise TypeError(f"data must be a mapping (Certificate.to_dict()), got {type(data).__name__}")
         names = {f.name for f in fields(cls)}
-        unknown = set(data) - names
-        if unknown:
-            raise ValueError(f"unknown certificate fields: {sorted(unknown)}")
+        unknown, missing = set(data) - names, names - set(data)
+        if unknown or missing:
+            raise ValueError(f"certificate fields: unknown {sorted(unknown)}, missing {sorted(missing)}")
         kwargs = dict(data)
-        for name in ("lambdas", "risks", "p_values", "avg_layers"):
-            if kwargs.get(name) is not None:
-                kwargs[name] = tuple(float(v) for v in kwargs[name])
-        if "certified" in kwargs:
-            kwargs["certified"] = tuple(bool(v) for v in kwargs["certified"])
-        try:
-            cert = cls(**kwargs)
-        except TypeError as exc:
-            raise ValueError(f"incomplete certificate: {exc}") from None
+        for name in _NAN_FIELDS:
+            if isinstance(kwargs[name], (list, tuple)):
+                kwargs[name] = tuple(np.nan if v is None else v for v in kwargs[name])
+        cert = cls(**kwargs)
         # In memory a certificate may name any grid value (decoding probes each one); a stored one is spent
         # as it says, so it must name a certified one.
         if cert.index is not None and not cert.certified[cert.index]:
@@ -364,7 +446,4 @@ class Certificate:
             raise ValueError(f"certificate is not valid JSON: {exc}") from None
         if not isinstance(data, dict):
             raise ValueError("certificate JSON must be an object")
-        for name in _NAN_FIELDS:
-            if data.get(name) is not None:
-                data[name] = [float("nan") if v is None else v for v in data[name]]
         return cls.from_dict(data)

@@ -175,8 +175,10 @@ def _lat_imports():
 def _fff_language_model(args):
     """``calibrate.fff``, the model of ``--model`` with the FFF blocks of ``--blocks``, its tokenizer, prompts and
     the prompts' references."""
-    if args.prompts is None:
-        raise ValueError("a language model with FFF blocks is certified by decoding: give --prompts FILE")
+    if args.prompts is None or args.model is None:
+        raise ValueError(
+            "a language model with FFF blocks is certified by decoding: give --model DIR and --prompts FILE"
+        )
     _, read_prompts, load_local = _lat_imports()
     from calibrate import fff
 

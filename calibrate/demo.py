@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 import calibrate
+from calibrate._validation import int_at_least, open_interval
 from calibrate.audit import audit
 from calibrate.fit import fit
 from measures.learned import LEARNED_MEASURES
@@ -93,12 +94,19 @@ def _print_table(table: pd.DataFrame) -> None:
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
 
 
+def _tolerances_iv(delta, epsilon) -> None:
+    open_interval(delta, "delta")
+    open_interval(epsilon, "epsilon")
+
+
 def synthetic_demo(
     out: Path, *, sequences: int = 2000, trials: int = 50, delta: float = 0.1, epsilon: float = 0.05, seed: int = 0
 ) -> pd.DataFrame:
     """Certify and audit every measure on a synthetic cache, then a validity study; returns the table."""
     from measures.confidence import MEASURES
 
+    _tolerances_iv(delta, epsilon)  # before any work
+    int_at_least(trials, "trials")
     out.mkdir(parents=True, exist_ok=True)
     print(f"calm-calibrate {calibrate.__version__} demo: synthetic layer cache (no model needed)")
     cache = calibrate.synthetic_cache(sequences, seed=seed)
@@ -161,6 +169,7 @@ def smollm2_demo(
     from calibrate.adapters import save_adapters
     from measures.classifier import agreement
 
+    _tolerances_iv(delta, epsilon)  # before minutes of extraction
     out.mkdir(parents=True, exist_ok=True)
     print(
         f"calm-calibrate {calibrate.__version__} demo: SmolLM2-135M-Instruct, one-sentence summaries of Debian packages"

@@ -13,10 +13,19 @@ from typing import Any
 from measures.classifier import ExitClassifier
 from measures.halting import HALTING_MEASURES, HaltingHead
 
-__all__ = ["LEARNED_MEASURES", "measure_from_state", "train_measure"]
+__all__ = ["LEARNED_MEASURES", "measure_from_state", "plain_state", "train_measure"]
 
 #: Names of the measures that are trained on a cache (all need hidden states).
 LEARNED_MEASURES: tuple[str, ...] = ("classifier", *HALTING_MEASURES)
+
+
+def plain_state(value: Any) -> Any:
+    """JSON-like data as plain dicts and lists (a certificate keeps its states read-only: mappings and tuples)."""
+    if isinstance(value, Mapping):
+        return {k: plain_state(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_state(v) for v in value]
+    return value
 
 
 def _name_iv(name: Any) -> str:
@@ -65,8 +74,8 @@ def measure_from_state(name: str, state: Mapping[str, Any] | None) -> ExitClassi
     if not isinstance(state, Mapping):
         raise TypeError(f"measure_state must be a mapping (a learned measure's to_dict()), got {type(state).__name__}")
     if name == "classifier":
-        return ExitClassifier.from_dict(dict(state))
-    head = HaltingHead.from_dict(dict(state))
+        return ExitClassifier.from_dict(plain_state(state))
+    head = HaltingHead.from_dict(plain_state(state))
     if f"halting_{head.kind}" != name:
         raise ValueError(f"measure_state holds a halting head of kind {head.kind!r}, not the certificate's {name!r}")
     return head

@@ -76,6 +76,21 @@ def test_audit_refuses_other_certificates(split, cert):
         calibrate.audit(dataclasses.replace(cert, model=None, heads={"kind": "logit_lens"}), adapted)
 
 
+def test_audit_refuses_the_calibration_cache_and_non_certificates(split, cert):
+    with pytest.raises(ValueError, match="the test cache is the calibration cache itself"):
+        calibrate.audit(cert, split[0])  # an in-sample "audit" said "within delta"
+    with pytest.raises(TypeError, match="cert must be a calibrate.Certificate, got dict"):
+        calibrate.audit(cert.to_dict(), split[1])
+
+
+def test_reports_without_a_layer_count_and_report_equality(split, cert):
+    token_keep = calibrate.certify(np.zeros((100, 3)), lambdas=[1, 0.5, 0.25], knob="token_keep")
+    report = calibrate.AuditReport(token_keep, 10, np.zeros(3), np.full(3, np.nan), 0.0, np.nan)
+    assert np.isnan(report.layer_savings)  # documented NaN; was a TypeError
+    a, b = calibrate.audit(cert, split[1]), calibrate.audit(cert, split[1])
+    assert a == a and a != b and len({a, b}) == 2  # identity, not an ambiguous array comparison
+
+
 def test_audit_refuses_a_chunked_cache_with_a_hint(split, cert, tmp_path):
     split[1].save(tmp_path / "test")
     with pytest.raises(TypeError, match=r"LayerCache in memory, got ChunkedCache .*take"):
@@ -111,3 +126,13 @@ def test_validity_with_classifier_keeps_training_sequences_out(split):
 def test_validity_bad_input(split, kwargs, match):
     with pytest.raises(ValueError, match=match):
         calibrate.validity(split[0], progress=False, **kwargs)
+
+
+def test_validity_names_bad_arguments_before_any_work(split, tmp_path):
+    with pytest.raises(ValueError, match="seed must be an int >= 0"):
+        calibrate.validity(split[0], seed=-1, progress=False)
+    with pytest.raises(TypeError, match=r"options it does not pass on to fit: \['mode'\]"):
+        calibrate.validity(split[0], mode="decoded", progress=False)
+    split[0].save(tmp_path / "dev")
+    with pytest.raises(TypeError, match="cache must be a calibrate.LayerCache in memory, got ChunkedCache"):
+        calibrate.validity(calibrate.open_cache(tmp_path / "dev", chunks=50), progress=False)

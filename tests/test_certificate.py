@@ -58,6 +58,17 @@ def test_nan_p_values_round_trip_as_null():
 def test_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         _cert().lambda_hat = 0.1
+    state = {"weights": [[0.5, -1.0]], "kind": "x"}
+    cert = _cert(measure_state=state)
+    state["weights"][0][0] = 9.0  # the caller's dict: the certificate holds its own copy
+    before = hash(cert)
+    with pytest.raises(TypeError):
+        cert.decay["tau"] = 0.0
+    with pytest.raises(TypeError):
+        cert.measure_state["kind"] = "y"
+    with pytest.raises(TypeError):
+        cert.measure_state["weights"][0][0] = 9.0  # nested lists are tuples
+    assert hash(cert) == before and cert.to_dict()["measure_state"] == {"weights": [[0.5, -1.0]], "kind": "x"}
 
 
 def test_derived_values():
@@ -98,6 +109,20 @@ def test_frame_summary_and_repr():
         ({"knob": "speed"}, "knob must be one of"),
         ({"lambda_hat": 0.55}, "not a grid value"),
         ({"avg_layers": (1.0,)}, "avg_layers"),
+        ({"delta": 5}, r"delta must lie in the open interval \(0, 1\)"),
+        ({"epsilon": 0.0}, r"epsilon must lie in the open interval \(0, 1\)"),
+        ({"n": -3}, "n must be an int >= 0"),
+        ({"n": "x"}, "n must be an int >= 0"),
+        ({"n_layers": "12"}, "n_layers must be an int >= 1"),
+        ({"lambdas": (0.7, 0.8, 0.9), "lambda_hat": None}, "lambdas must be non-empty and strictly decreasing"),
+        ({"lambdas": (0.9, None, 0.7)}, "lambdas must be a sequence of finite numbers"),
+        ({"risks": (0.1, 2.0, 0.3)}, r"risks must lie in \[0, 1\]"),
+        ({"certified": ("false", True, False)}, "certified must hold booleans"),
+        ({"bound": "bogus"}, "bound must be one of"),
+        ({"method": None}, "method must be a str"),
+        ({"decay": {"tau": 4.0}}, r"decay must be \{'max_len': int, 'tau': float\}"),
+        ({"decay": 4.0}, "decay must be a mapping or None"),
+        ({"measure_state": "abc"}, "measure_state must be a mapping or None"),
     ],
 )
 def test_inconsistent_fields_raise(overrides, match):
@@ -112,10 +137,10 @@ def test_bad_json(tmp_path):
         Certificate.from_json("{not json")
     data = _cert().to_dict()
     data["surprise"] = 1
-    with pytest.raises(ValueError, match="unknown certificate fields"):
+    with pytest.raises(ValueError, match=r"certificate fields: unknown \['surprise'\]"):
         Certificate.from_dict(data)
     del data["surprise"], data["delta"]
-    with pytest.raises(ValueError, match="incomplete certificate"):
+    with pytest.raises(ValueError, match=r"certificate fields: unknown \[\], missing \['delta'\]"):
         Certificate.from_dict(data)
     edited = json.loads(_cert().to_json())
     edited["lambda_hat"] = 0.7  # on the grid, but not certified

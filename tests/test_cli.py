@@ -41,19 +41,26 @@ def test_errors_are_messages_not_tracebacks(tmp_path, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"lambda_hat": 1}))
     assert main(["audit", str(bad), str(dev)]) == 2
+    capsys.readouterr()
+    assert main(["demo", "--synthetic", "--trials", "0", "--out", str(tmp_path / "demo")]) == 2
+    assert "trials must be an int >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()  # refused before any work
 
 
 def test_unwritable_outputs_are_messages_and_figures_are_named_as_written(tmp_path, capsys):
     """An OSError is a usage error (2), never audit's "risk > delta" (1)."""
-    dev, cert = tmp_path / "dev", tmp_path / "cert.json"
+    dev, test, cert = tmp_path / "dev", tmp_path / "test", tmp_path / "cert.json"
     assert main(["synthetic", "-o", str(dev), "--sequences", "60", "--layers", "4"]) == 0
+    assert main(["synthetic", "-o", str(test), "--sequences", "60", "--layers", "4", "--seed", "1"]) == 0
     assert main(["fit", str(dev), "-o", str(tmp_path)]) == 2
     assert "Is a directory" in capsys.readouterr().err
     assert main(["fit", str(dev), "-o", str(cert)]) == 0
     (tmp_path / "figure.png").mkdir()
-    assert main(["audit", str(cert), str(dev), "--figure", str(tmp_path / "figure.png")]) == 2
+    assert main(["audit", str(cert), str(test), "--figure", str(tmp_path / "figure.png")]) == 2
     assert "error" in capsys.readouterr().err
-    assert main(["audit", str(cert), str(dev), "--figure", str(tmp_path / "risk")]) in (0, 1)
+    assert main(["audit", str(cert), str(dev)]) == 2  # the calibration cache is no held-out data
+    assert "the test cache is the calibration cache itself" in capsys.readouterr().err
+    assert main(["audit", str(cert), str(test), "--figure", str(tmp_path / "risk")]) in (0, 1)
     assert f"wrote {tmp_path / 'risk.png'}" in capsys.readouterr().out
     assert (tmp_path / "risk.png").stat().st_size > 1000 and not (tmp_path / "risk").exists()
 

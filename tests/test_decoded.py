@@ -256,7 +256,7 @@ def test_learned_measure_is_trained_on_the_train_cache_and_used_by_the_runtime(
     others = [p for p in _word_prompts(40, seed=3) if p not in prompts][:24]  # disjoint from the cache's
     cert = _fit(model, tokenizer, others, 0.5, 0.1, measure=measure, train_cache=cache, lambdas=(0.9, 0.5))
     assert cert.measure == measure and cert.n_train == 24 and cert.n == 24
-    assert cert.measure_state == train_measure(measure, cache, seed=0).to_dict()
+    assert cert.to_dict()["measure_state"] == train_measure(measure, cache, seed=0).to_dict()
     assert cert.measure != "classifier" or cert.measure_state["features"] == "hidden"
     assert cert.tested[1] and cert.avg_layers[1] < N_LAYERS  # the measure really exits tokens early
     losses = _reference_losses(model, tokenizer, others, cert, [0.5])

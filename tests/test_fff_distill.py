@@ -181,6 +181,9 @@ def test_cli_certifies_and_audits_a_language_model(distilled, tokenizer, tmp_pat
     assert code == (0 if report.within_tolerance else 1)
     assert f"held-out risk {report.risk:.4f}" in capsys.readouterr().out
     assert main(["fff-fit", *common]) == 2  # no prompts
-    assert "give --prompts FILE" in capsys.readouterr().err
+    assert "give --model DIR and --prompts FILE" in capsys.readouterr().err
+    no_model = common[2:]  # --blocks and --max-new-tokens
+    assert main(["audit", str(out), *no_model, "--prompts", str(tmp_path / "held.txt")]) == 2
+    assert "give --model DIR and --prompts FILE" in capsys.readouterr().err  # was a TypeError on None
     assert main(["fff-fit", "--model", str(tmp_path / "model"), "--consistency", "token"]) == 2
     assert "a language model with --blocks DIR --prompts FILE" in capsys.readouterr().err

@@ -119,6 +119,8 @@ def _exit_layers_iv(conf, lambdas, positions, decay):
     positions = np.asarray(positions)
     if positions.shape != (conf.shape[0],):
         raise ValueError(f"positions must have shape ({conf.shape[0]},), got {positions.shape}")
+    if not (np.issubdtype(positions.dtype, np.integer) or positions.size == 0):
+        raise ValueError(f"positions must be ints (0-based token positions), got dtype {positions.dtype}")
     if positions.size and positions.min() < 0:
         raise ValueError(f"positions must be >= 0, got a minimum of {positions.min()}")
     return lam, conf, positions
@@ -305,7 +307,10 @@ def _sweep_iv(conf, lambdas, offsets, decay):
     lam = _lambdas_iv(lambdas)
     conf = _conf_iv(conf, decay)  # finiteness is checked inside the sweep
     n_tokens = conf.shape[0]
-    offsets = np.asarray([0, n_tokens] if offsets is None else offsets, dtype=np.int64)
+    offsets = np.asarray([0, n_tokens] if offsets is None else offsets)
+    if offsets.size and not np.issubdtype(offsets.dtype, np.integer):
+        raise ValueError(f"offsets must be ints (CSR offsets into the token axis), got dtype {offsets.dtype}")
+    offsets = offsets.astype(np.int64)
     if offsets.ndim != 1 or offsets.size < 2 or offsets[0] != 0 or offsets[-1] != n_tokens or np.any(np.diff(offsets) < 0):
         raise ValueError(
             f"offsets must be non-decreasing CSR offsets from 0 to n_tokens={n_tokens} (shape (n_sequences + 1,)), "

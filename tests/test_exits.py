@@ -207,6 +207,11 @@ def test_bad_conf_and_decay():
         exit_layers(np.zeros((2, 3)), [0.5], positions=[0, 1], decay={"max_len": 5})
     with pytest.raises(ValueError, match="max_len"):
         Decay(0)
+    for bad in ([np.nan, 0], [0.5, 1.7], [np.inf, 0]):  # NaN used to mean "never exit", fractions truncated
+        with pytest.raises(ValueError, match="positions must be ints"):
+            exit_layers(np.zeros((2, 3)), [0.5], positions=bad, decay=Decay(5))
+    with pytest.raises(ValueError, match="offsets must be ints"):
+        average_layers(np.zeros((2, 3)), [0.5], offsets=[0, 1.5, 2])
 
 
 def test_numba_kernel_leaves_torch_thread_count_alone():

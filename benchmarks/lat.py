@@ -15,8 +15,9 @@ Columns: ``TTFT`` = time to first token (``max_new_tokens=1``) of Hugging Face o
 faster); ``whole`` = the same for ``--new`` tokens; ``TTFT/s=1`` = time to first token of our own loop
 without elimination over this knob's (the elimination alone); ``predicted`` = the cost model's prefill
 speed-up of the vectors processed (:class:`calibrate.lat.KeepSchedule`); ``ach/pred`` = ``TTFT`` over
-``predicted`` (target >= 0.8 for prompts of 512 tokens and more), ``(s=1)`` = ``TTFT/s=1`` over
-``predicted``. All calls of one table cell group run in turn, ``--repeat`` rounds, best of each.
+``predicted`` (target >= 0.8 for prompts of 512 tokens and more, marked), ``(s=1)`` = ``TTFT/s=1`` over
+``predicted``. All calls of one table cell group run in turn, ``--repeat`` rounds, best of each. The
+``hf`` row says whether ``lat s=1`` emitted the tokens of ``model.generate`` (it must).
 
 Run: ``python benchmarks/lat.py [--prompts 256 1024 2048] [--batch 1 8] [--speedups 1.5 2 3] [--new 32]
 [--repeat 1] [--threads 2] [--device cpu]``.
@@ -80,13 +81,16 @@ def main() -> None:
             knobs = (1.0, *args.speedups)
             first = side_by_side({"hf": hf(1), **{s: ours(s, 1) for s in knobs}}, args.repeat)
             whole = side_by_side({"hf": hf(args.new), **{s: ours(s, args.new) for s in knobs}}, args.repeat)
-            print(f"{prompt:>6} {batch:>5}  {'hf':<10} {1.0:>5.2f}x {1.0:>5.2f}x")
+            same = torch.equal(hf(args.new)(), ours(1.0, args.new)().sequences)
+            print(f"{prompt:>6} {batch:>5}  {'hf':<10} {1.0:>5.2f}x {1.0:>5.2f}x   (lat s=1 tokens == hf: {same})")
             for s in knobs:
                 predicted = lat.generate(model, ids, speedup=s, max_new_tokens=1).predicted_speedup
                 vs_hf, vs_full = first["hf"] / first[s], first[1.0] / first[s]
+                target = "  (target >= 0.8)" if prompt >= 512 and s > 1 else ""
                 print(
                     f"{prompt:>6} {batch:>5}  {f'lat s={s:g}':<10} {vs_hf:>5.2f}x {whole['hf'] / whole[s]:>5.2f}x "
-                    f"{vs_full:>8.2f}x {predicted:>8.2f}x {vs_hf / predicted:>8.2f} {vs_full / predicted:>8.2f}",
+                    f"{vs_full:>8.2f}x {predicted:>8.2f}x {vs_hf / predicted:>8.2f} {vs_full / predicted:>8.2f}"
+                    f"{target}",
                     flush=True,
                 )
 

@@ -136,7 +136,7 @@ def main() -> None:
             return lambda: generate(model, ids, mask, max_new_tokens=args.new, **kw)
 
         hf()  # warm-up
-        t_hf, _ = best_time(hf, args.repeat)
+        t_hf, hf_out = best_time(hf, args.repeat)
         runs = [("runtime full", ours(), False)]
         runs += [(f"exit@{k}", ours(exit_layer=k), False) for k in args.exits]
         runs += [
@@ -149,6 +149,8 @@ def main() -> None:
         for name, fn, softmax in runs:
             fn()  # warm-up
             t, out = best_time(fn, args.repeat)
+            if name == "runtime full":
+                print(f"  runtime full emits the tokens of HF generate: {torch.equal(out.sequences, hf_out)}")
             speed_up = t_hf / t
             ideal = ideal_ratio(out.exit_layers, cost, L, softmax)
             print(

@@ -23,6 +23,7 @@ in memory). Nothing is pickled.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -181,6 +182,7 @@ class LayerCache:
         vocab: Sequence[str] | None = None,
     ) -> None:
         _init_iv(sequences, arrays, vocab_size, meta, vocab)
+        arrays = {name: np.array(a, copy=True) for name, a in arrays.items()}  # the cache owns its arrays
         offsets = np.zeros(len(sequences) + 1, dtype=np.int64)
         np.cumsum(np.asarray(sequences["n_tokens"], dtype=np.int64), out=offsets[1:])
         if "full_tokens" not in arrays:
@@ -195,7 +197,7 @@ class LayerCache:
             arrays["full_tokens"],
             offsets,
         )
-        self._setup(table, dict(arrays), offsets, int(vocab_size), _meta_iv(meta or {}), vocab)
+        self._setup(table, arrays, offsets, int(vocab_size), _meta_iv(meta or {}), vocab)
         _check_table(sequences[list(_TABLE_COLUMNS)], offsets)
         self.validate()
 
@@ -211,7 +213,7 @@ class LayerCache:
         self._table = sequences
         self._offsets = _readonly(np.ascontiguousarray(offsets, dtype=np.int64))
         self._vocab_size = vocab_size
-        self._user_meta = {k: v for k, v in meta.items() if k not in _DERIVED_KEYS}
+        self._user_meta = {k: copy.deepcopy(v) for k, v in meta.items() if k not in _DERIVED_KEYS}
         for key, default in (("model", None), ("revision", None), ("tokenizer", None), ("generation", {})):
             self._user_meta.setdefault(key, default)
         self._vocab = None if vocab is None else tuple(vocab)
@@ -278,7 +280,9 @@ class LayerCache:
             Model name, stored as ``meta["model"]``.
         meta : dict, optional
             JSON-serialisable metadata (revision, tokenizer, generation settings, ...). Keys the cache
-            derives from its contents (``n_layers``, ``checksum``, ``fields``, ...) are recomputed.
+            derives from its contents are recomputed (``n_tokens``, ``hidden_size``, ``checksum``,
+            ``fields``, ...); ``n_layers``, ``top_k``, ``vocab_size`` and ``n_sequences`` that contradict the
+            arrays raise ValueError (a sign of mixed-up inputs).
 
         Returns
         -------
@@ -345,13 +349,16 @@ class LayerCache:
     @property
     def user_meta(self) -> dict:
         """The metadata given by the writer (model, revision, tokenizer, generation, ...), without the
-        derived keys of :attr:`meta` (shapes, checksums, versions); reading it hashes nothing."""
-        return dict(self._user_meta)
+        derived keys of :attr:`meta` (shapes, checksums, versions); reading it hashes nothing. A copy:
+        changing it changes nothing in the cache."""
+        return copy.deepcopy(self._user_meta)
 
     def with_meta(self, meta: dict) -> LayerCache:
-        """The same data with the writer's metadata replaced by ``meta`` (derived keys in it are ignored)."""
+        """The same data with the writer's metadata replaced by ``meta`` (JSON-serialisable, as for
+        :meth:`from_arrays`; derived keys in it are ignored)."""
         if not isinstance(meta, dict):
             raise TypeError(f"meta must be a dict, got {type(meta).__name__}")
+        meta = _meta_iv(meta)
         return LayerCache._trusted(self._table, self._arrays, self._offsets, self._vocab_size, meta, self._vocab)
 
     @property
@@ -679,13 +686,14 @@ _PART_KEYS = ("shard", "sharding")
 
 
 def concat_caches(caches: Sequence[LayerCache]) -> LayerCache:
-    """Concatenate caches of the same model along the sequence axis.
+    """Concatenate caches along the sequence axis.
 
     Parameters
     ----------
     caches : sequence of LayerCache
         At least one; all with the same fields, layer count, top-k, vocabulary size, hidden size and
-        vocab, and distinct sequence ids.
+        vocab, and distinct sequence ids. Their metadata is not compared (parts re-headed with other
+        adapters, for instance, join): check it first where it matters, as sharded caches do.
 
     Returns
     -------
@@ -856,7 +864,14 @@ def open_cache(path: str | os.PathLike, *, verify: bool = True, chunks: int | No
 
 
 def _readonly(a: np.ndarray) -> np.ndarray:
-    """A read-only view (the caller's own array stays writeable)."""
+    """A read-only view of an array whose memory the cache owns.
+
+    The owner is made read-only as well, so that no view of it can be made writeable again; callers'
+    arrays never get here (the constructors copy them).
+    """
+    owner = a if a.base is None else a.base
+    if isinstance(owner, np.ndarray):
+        owner.flags.writeable = False
     view = a.view()
     view.flags.writeable = False
     return view
@@ -894,10 +909,10 @@ def _meta_iv(meta) -> dict:
     if not isinstance(meta, Mapping):
         raise TypeError(f"meta must be a dict, got {type(meta).__name__}")
     try:
-        return json.loads(json.dumps(dict(meta)))
+        return json.loads(json.dumps(dict(meta), allow_nan=False))
     except (TypeError, ValueError) as exc:
         raise TypeError(
-            f"meta must be JSON-serialisable (str keys; str, number, bool, None, list, dict values): {exc}"
+            f"meta must be JSON-serialisable (str keys; str, finite number, bool, None, list, dict values): {exc}"
         ) from exc
 
 

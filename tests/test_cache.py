@@ -108,7 +108,24 @@ def test_from_arrays_copies_and_cache_is_immutable():
     seq = cache.sequences
     seq.loc[0, "prompt"] = "changed"
     assert cache.sequences["prompt"].iloc[0] == "prompt 0 é"
+    checksum = cache.checksum
+    for get in (lambda c: c.arrays["topk_ids"], lambda c: c.offsets, lambda c: c.positions, lambda c: c.lengths):
+        for c in (cache, cache.subset([1, 2]), cache.subset([2, 0])):  # views and copies alike
+            with pytest.raises(ValueError, match="cannot set WRITEABLE flag"):
+                get(c).flags.writeable = True  # used to succeed, then writes changed the cache
+    assert cache.checksum == checksum
 
+
+def test_init_copies_the_arrays_and_meta_is_the_caches_own():
+    raw = _arrays()
+    built = LayerCache.from_arrays(**{**raw, "meta": {"generation": {"temperature": 0.0}}})
+    arrays = {name: np.array(a) for name, a in built.arrays.items()}
+    cache = LayerCache(built.sequences, arrays, vocab_size=built.vocab_size, meta=built.user_meta, vocab=built.vocab)
+    arrays["topk_ids"][:] = 0  # the caller's array, still writeable: the cache holds a copy
+    assert cache.checksum == built.checksum
+    cache.user_meta["generation"]["temperature"] = 1.5  # a copy
+    assert cache.user_meta["generation"] == {"temperature": 0.0}
+    assert cache.subset([0]).user_meta["generation"] == {"temperature": 0.0}
 
 def test_offsets_equal_lengths_and_minimal_inputs():
     raw = _arrays()
@@ -645,3 +662,10 @@ def test_with_meta_replaces_the_writers_metadata_only():
     assert cache.user_meta["model"] == "synthetic"
     with pytest.raises(TypeError, match="meta must be a dict"):
         cache.with_meta([("model", "m")])
+    for bad in ({"x": np.float32(1)}, {"temperature": float("nan")}):  # refused up front, not at save
+        with pytest.raises(TypeError, match="meta must be JSON-serialisable"):
+            cache.with_meta(bad)
+    given = {"generation": {"t": 1}}
+    replaced = cache.with_meta(given)
+    given["generation"]["t"] = 2
+    assert replaced.user_meta["generation"] == {"t": 1}

@@ -29,8 +29,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from calibrate._digest import weights_digest
 from calibrate._validation import int_at_least
-from calibrate.cache import LayerCache, concat_caches, open_cache
+from calibrate.cache import LayerCache, _library_version, concat_caches, open_cache
 from calibrate.heads import ExitHeads, context_positions, decoder_layers, record_layer_states
 from measures.confidence import state_saturation
 
@@ -300,7 +301,7 @@ def read_prompts(path: str | os.PathLike) -> tuple[list[str], list[str | None]]:
     """
     file = Path(path)
     # Lines end at "\n" (or "\r\n") only: str.splitlines would also split at U+2028, "\x0c", "\x1c", ...
-    lines = [line.removesuffix("\r") for line in file.read_bytes().decode("utf-8").split("\n")]
+    lines = [line.removesuffix("\r") for line in file.read_bytes().decode("utf-8-sig").split("\n")]  # a BOM is no text
     numbered = [(i + 1, line) for i, line in enumerate(lines) if line.strip()]
     if not numbered:
         raise ValueError(f"{file}: no prompt (the file is empty or blank)")
@@ -398,9 +399,13 @@ def extract_main(
     if shard is not None:
         index, count = shard
         start, stop = shards.shard_bounds(len(prompts), index, count)
+        shards.check_manifest(root, count)  # another run's shard count: refused before any work
+        plain = (str, int, float, bool, type(None))
+        request = {k: v for k, v in kw.items() if k != "progress" and isinstance(v, plain)}
         sharding = {
             "index": index, "count": count, "start": start, "stop": stop, "n_prompts": len(prompts),
             "prompts": shards.prompts_digest(prompts, references),
+            "request": {"model_dir": str(Path(model_dir).resolve()), "dtype": dtype, **request},
         }  # fmt: skip
         if target.exists() and not overwrite and open_cache(target, verify=False).user_meta.get("sharding") == sharding:
             shards.write_manifest(root, count)
@@ -472,6 +477,8 @@ def _extract_iv(
     if shard_dir is not None:
         if not isinstance(shard_dir, (str, os.PathLike)):
             raise TypeError(f"shard_dir must be a str or os.PathLike, got {type(shard_dir).__name__}")
+        if not os.fspath(shard_dir):
+            raise ValueError("shard_dir must name a directory, got ''")
         shard_dir = Path(shard_dir)
         if shard_dir.exists() and not shard_dir.is_dir():
             raise ValueError(f"shard_dir {shard_dir} exists and is not a directory")
@@ -531,6 +538,7 @@ def _extract_iv(
         "vocab": vocab,
         "meta": meta,
         "shard_dir": shard_dir,
+        "weights": weights_digest(model),  # a resumed run must be the same weights, not just the same path
     }
 
 
@@ -692,10 +700,13 @@ def _extract_batch(model, tokenizer, setup: dict, start: int, stop: int) -> Laye
 
 
 def _fingerprint(setup: dict, start: int, stop: int) -> str:
-    """Identify a batch: its prompts, references, token ids and every setting of the run."""
+    """Identify a batch: its prompts, references, token ids, the model's weights, the library version and
+    every setting of the run."""
     payload = {
         "start": start,
         "stop": stop,
+        "weights": setup["weights"],
+        "library": _library_version(),
         "prompts": setup["prompts"][start:stop],
         "references": None if setup["references"] is None else setup["references"][start:stop],
         "ids": setup["ids"][start:stop],

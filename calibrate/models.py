@@ -46,8 +46,8 @@ def load_local(model_dir, *, device: str | None = None, dtype: str | None = None
     Raises
     ------
     ValueError
-        When ``model_dir`` has no ``config.json``, ``dtype`` is not a torch dtype or ``device`` is not an
-        available torch device.
+        When ``model_dir`` has no ``config.json``, no weights or no tokenizer files, ``dtype`` is not a
+        torch dtype or ``device`` is not an available torch device (checked before loading).
     """
     from transformers import (
         AutoConfig,
@@ -74,10 +74,16 @@ def load_local(model_dir, *, device: str | None = None, dtype: str | None = None
         auto = AutoModelForSequenceClassification
     else:
         auto = AutoModelForCausalLM
-    model = auto.from_pretrained(model_dir, **load_kw).eval()
+    try:
+        model = auto.from_pretrained(model_dir, **load_kw).eval()
+    except OSError as exc:  # config.json without weights
+        raise ValueError(f"{model_dir} holds no model weights readable by {auto.__name__}: {exc}") from None
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    if not getattr(tokenizer, "vocab_size", 1):  # without tokenizer files: special tokens only
+        raise ValueError(f"{model_dir} holds no tokenizer files (save the tokenizer with save_pretrained too)")
     if device is not None:
         model = model.to(device)
-    return model, AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    return model, tokenizer
 
 
 def _torch_dtype(dtype: str) -> torch.dtype:
@@ -99,16 +105,31 @@ def _torch_device(device: str) -> torch.device:
     Raises
     ------
     ValueError
-        When ``device`` names no torch device, or a CUDA device this machine does not have.
+        When ``device`` names no torch device, a device this machine does not have, or ``"meta"``.
     """
     try:
         parsed = torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise ValueError(f"device must name a torch device (e.g. 'cpu', 'cuda', 'cuda:1'), got {device!r}") from exc
-    count = torch.cuda.device_count()
-    if parsed.type == "cuda" and (parsed.index or 0) >= count:
-        raise ValueError(f"device {device!r} is not available: this machine has {count} CUDA device(s)")
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count()
+        if (parsed.index or 0) >= count:
+            raise ValueError(f"device {device!r} is not available: this machine has {count} CUDA device(s)")
+    elif parsed.type == "meta" or (parsed.type != "cpu" and not _backend_available(parsed.type)):
+        raise ValueError(f"device {device!r} is not available on this machine (it has 'cpu'{_cuda_hint()})")
     return parsed
+
+
+def _backend_available(kind: str) -> bool:
+    try:
+        backend = getattr(torch, kind, None) or getattr(torch.backends, kind, None)
+        return bool(backend is not None and backend.is_available())
+    except Exception:  # noqa: BLE001 - a backend torch knows by name but cannot query here
+        return False
+
+
+def _cuda_hint() -> str:
+    return f" and {torch.cuda.device_count()} CUDA device(s)" if torch.cuda.is_available() else ""
 
 
 def smollm2(*, dtype: torch.dtype = torch.float32):

@@ -70,6 +70,23 @@ def prompts_digest(prompts, references) -> str:
     return hashlib.blake2b(payload.encode(), digest_size=16).hexdigest()
 
 
+def check_manifest(root: str | os.PathLike, count: int) -> bool:
+    """Whether ``root`` holds the manifest of ``count`` shards already (False: none yet).
+
+    Raises
+    ------
+    ValueError
+        When ``root`` holds a manifest of another shard count (checked before a worker extracts anything).
+    """
+    file = Path(root) / MANIFEST_FILE
+    if not file.is_file():
+        return False
+    found = _load(file).get("shards")
+    if found != [shard_name(i, count) for i in range(count)]:
+        raise ValueError(f"{file} lists {len(found or [])} shards, not {count}: another run wrote into {root}")
+    return True
+
+
 def write_manifest(root: str | os.PathLike, count: int) -> Path:
     """Write ``root/manifest.json`` listing the ``count`` shards, atomically (the same file from every worker).
 
@@ -81,12 +98,7 @@ def write_manifest(root: str | os.PathLike, count: int) -> Path:
     root = Path(root)
     manifest = {"format": _FORMAT, "format_version": _VERSION, "shards": [shard_name(i, count) for i in range(count)]}
     file = root / MANIFEST_FILE
-    if file.is_file():
-        found = _load(file)
-        if found.get("shards") != manifest["shards"]:
-            raise ValueError(
-                f"{file} lists {len(found.get('shards') or [])} shards, not {count}: another run wrote into {root}"
-            )
+    if check_manifest(root, count):
         return file
     root.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST_FILE}.", suffix=".tmp", dir=root)

@@ -365,6 +365,11 @@ def test_shards_of_another_run_are_refused(tokenizer, tmp_path):
         extract(model, tokenizer, PROMPTS[2:4], max_new_tokens=2, shard_dir=tmp_path, progress=False)
     with pytest.raises(ValueError, match="written by another run"):
         extract(model, tokenizer, PROMPTS[:2], max_new_tokens=3, shard_dir=tmp_path, progress=False)
+    retrained = tiny_model("gpt2", seed=1)  # same architecture and name, other weights: no mixed cache
+    with pytest.raises(ValueError, match="written by another run"):
+        extract(retrained, tokenizer, PROMPTS[:2], max_new_tokens=2, shard_dir=tmp_path, progress=False)
+    with pytest.raises(ValueError, match="shard_dir must name a directory"):
+        extract(model, tokenizer, PROMPTS[:2], max_new_tokens=2, shard_dir="", progress=False)
 
 
 def test_concat_caches_inverts_a_split_by_sequence():
@@ -445,6 +450,9 @@ def test_read_prompts_text_and_jsonl(tmp_path):
     (tmp_path / "empty.txt").write_text("\n \n", encoding="utf-8")
     with pytest.raises(ValueError, match="no prompt"):
         read_prompts(tmp_path / "empty.txt")
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes(b"\xef\xbb\xbf" + '{"prompt": "w1"}\n'.encode())  # a BOM is not part of the first prompt
+    assert read_prompts(bom) == (["w1"], [None])
 
 
 def test_read_prompts_breaks_lines_at_line_feeds_only(tmp_path):

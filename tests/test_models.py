@@ -65,6 +65,25 @@ def test_dtype_must_be_a_float_dtype(dtype):
         smollm2(dtype=dtype)
 
 
+def test_load_local_names_what_is_missing_before_loading(tmp_path):
+    import _tiny_hf
+
+    from calibrate.models import load_local
+
+    model, tokenizer = _tiny_hf.tiny_model("gpt2"), _tiny_hf.tiny_tokenizer()
+    model.config.save_pretrained(tmp_path / "config_only")
+    with pytest.raises(ValueError, match="holds no model weights"):  # was an OSError
+        load_local(tmp_path / "config_only")
+    model.save_pretrained(tmp_path / "no_tokenizer")
+    with pytest.raises(ValueError, match="holds no tokenizer files"):  # was an empty tokenizer
+        load_local(tmp_path / "no_tokenizer")
+    tokenizer.save_pretrained(tmp_path / "no_tokenizer")
+    for device in ("meta", "mps", "xpu"):  # failed after loading, or loaded onto the meta device
+        with pytest.raises(ValueError, match=f"device '{device}' is not available"):
+            load_local(tmp_path / "no_tokenizer", device=device)
+    assert load_local(tmp_path / "no_tokenizer", device="cpu")[0].device.type == "cpu"
+
+
 def test_import_calibrate_does_not_import_the_model_module():
     code = "import calibrate, calibrate.data, sys; assert 'calibrate.models' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

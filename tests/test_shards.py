@@ -150,6 +150,10 @@ def test_sharded_extraction_equals_one_extraction(saved_model, tmp_path, monkeyp
     extract_main(model_dir, prompts, other, shard=(1, 2), **{**kw, "max_new_tokens": 3})
     with pytest.raises(ValueError, match="differs .* in 'generation' -> 'max_new_tokens': 3 != 4"):
         calibrate.open_cache(other)
+    with pytest.raises(FileExistsError, match="shard-00001-of-00002 exists"):  # not the old shard of other settings
+        extract_main(model_dir, prompts, other, shard=(1, 2), **kw)
+    with pytest.raises(ValueError, match="lists 2 shards, not 3"):
+        extract_main(model_dir / "missing", prompts, other, shard=(0, 3), **kw)  # before loading any model
 
 
 def test_each_shard_resumes_on_its_own(saved_model, tmp_path, monkeypatch):

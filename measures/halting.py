@@ -600,7 +600,11 @@ class HaltingHead:
         params = state.get("params")
         if not isinstance(params, dict):
             raise TypeError(f"state['params'] must be a dict, got {type(params).__name__}")
-        head = cls(**{key: params.get(key) for key in ("kind", "oracle", "oracle_options", "sigma", "C", "max_iter")})
+        keys = ("kind", "oracle", "oracle_options", "sigma", "C", "max_iter")
+        missing = [key for key in keys if key not in params]
+        if missing:
+            raise ValueError(f"state['params'] must hold the keys {keys}; missing {missing}")
+        head = cls(**{key: params[key] for key in keys})
         sizes = {}
         for key in ("n_layers", "n_features", "n_train_tokens", "n_train_sequences"):
             value = state.get(key)
@@ -612,6 +616,9 @@ class HaltingHead:
                 raise ValueError(f"state[{key!r}] must be a non-negative int (>= 1 for sizes), got {value!r}")
             sizes[key] = value
         n_layers, n_features = sizes["n_layers"], sizes["n_features"]
+        fewest = n_layers if head.kind == "sequence_multinomial" else 2  # d + L - 1 or d + 1 features, d >= 1
+        if n_features < fewest:
+            raise ValueError(f"state['n_features'] must be >= {fewest} for the {head.kind} head, got {n_features}")
         classes = state.get("classes")
         if head.kind == "geometric":
             if classes is not None:

@@ -275,11 +275,11 @@ def correctness_oracle(cache: Any, targets: Any = None) -> np.ndarray:
     (array([3, 3]), array([2, 1]))
     """
     top1, full = _agreement_iv(cache)
-    if targets is None:
-        targets = full
-    else:
-        targets = _targets_iv(targets, full.shape[0], getattr(cache, "vocab_size", None))
+    given = targets is not None
+    targets = _targets_iv(targets, full.shape[0], getattr(cache, "vocab_size", None)) if given else full
     right = top1 == targets[:, None]
+    if not given:  # the full model's token is the last layer's by definition, whatever its stored top-1
+        right[:, -1] = True
     found = right.any(axis=1)
     return np.where(found, np.argmax(right, axis=1) + 1, 1).astype(np.int64)
 
@@ -351,7 +351,7 @@ def smooth_oracle(depths: Any, n_layers: int, *, sigma: float = 1.0) -> np.ndarr
     -------
     ndarray of float64, shape (n_tokens, n_layers)
         ``q[t, n - 1] = exp(-(n - depths[t])^2 / (2 sigma^2)) / Z_t`` over ``n = 1..L``: rows sum to 1 and
-        peak (strictly) at the oracle depth.
+        peak at the oracle depth (strictly, unless ``sigma`` is huge against ``L``).
 
     Raises
     ------
@@ -365,7 +365,7 @@ def smooth_oracle(depths: Any, n_layers: int, *, sigma: float = 1.0) -> np.ndarr
     -----
     A hard oracle depth is noisy (one flipped top-1 moves it), so the halting heads of
     :mod:`measures.halting` are trained against this smoothed distribution: it keeps the oracle's mode
-    and puts some mass on neighbouring depths, which also keeps every depth's target mass positive.
+    and puts some mass on neighbouring depths (depths many ``sigma`` away get exactly 0 in float64).
     Elbayad et al. also smooth their oracles with an RBF kernel; here the kernel runs over depths, and
     ``sigma`` is its standard deviation in layers.
 
@@ -387,6 +387,8 @@ def smooth_oracle(depths: Any, n_layers: int, *, sigma: float = 1.0) -> np.ndarr
     if not (np.isfinite(sigma) and sigma >= 0):
         raise ValueError(f"sigma must be a finite number >= 0 (kernel width in layers), got {sigma!r}")
     d = np.asarray(depths)
+    if d.size == 0 and d.dtype == np.float64:  # an empty list
+        d = d.astype(np.int64)
     if d.dtype == bool or not np.issubdtype(d.dtype, np.integer):
         raise TypeError(f"depths must be an integer array of 1-based layers, got dtype {d.dtype}")
     if d.ndim != 1:

@@ -213,6 +213,11 @@ def test_from_dict_rejects_bad_states():
     geometric = HaltingHead().fit(_depth_cache(6)).to_dict()
     with pytest.raises(ValueError, match="must be None for the geometric head"):
         HaltingHead.from_dict({**geometric, "classes": [1]})
+    params = {k: v for k, v in state["params"].items() if k != "sigma"}
+    with pytest.raises(ValueError, match=r"state\['params'\] must hold the keys .* missing \['sigma'\]"):
+        HaltingHead.from_dict({**state, "params": params})  # was a TypeError about None
+    with pytest.raises(ValueError, match=r"state\['n_features'\] must be >= 2 for the geometric head"):
+        HaltingHead.from_dict({**geometric, "n_features": 1})  # loaded, then every predict failed
 
 
 # ----------------------------------------------------------------------------------------------------

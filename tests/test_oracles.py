@@ -213,6 +213,18 @@ def test_smooth_oracle_one_hot_and_wide():
     wide = smooth_oracle(np.array([2]), 3, sigma=1e6)
     np.testing.assert_allclose(wide, 1 / 3)
     assert smooth_oracle(np.zeros(0, dtype=int), 4).shape == (0, 4)
+    assert smooth_oracle([], 4).shape == (0, 4)  # a plain empty list is an empty int array too
+
+
+def test_correctness_oracle_counts_the_full_models_token_at_the_last_layer():
+    """The last layer's stored top-1 may differ from the generated token (a repetition penalty, forced
+    tokens); the full model still emits it, so the default target is met there, as consistency says."""
+    top1 = np.array([[3, 4, 5]])  # no layer's top-1 is the generated token 7
+    cache = LayerCache.from_arrays(
+        full_tokens=[7], topk_ids=np.stack([top1, top1 + 1], axis=-1), lengths=[1], vocab_size=10
+    )
+    assert correctness_oracle(cache).tolist() == consistency_oracle(cache, rule="first").tolist() == [3]
+    assert correctness_oracle(cache, targets=[7]).tolist() == [1]  # given targets: nothing special
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -453,6 +453,9 @@ def _extract_iv(
                 f"references must be a sequence with one entry per prompt ({len(prompts)}), got {references!r:.80}"
             )
         references = list(references)
+        bad = next((r for r in references if r is not None and not isinstance(r, str)), None)
+        if bad is not None:
+            raise ValueError(f"references must hold str or None, got {type(bad).__name__} {bad!r:.40}")
     if ids is None:
         ids = [str(i) for i in range(len(prompts))]
     elif isinstance(ids, str) or not isinstance(ids, Sequence) or len(ids) != len(prompts):

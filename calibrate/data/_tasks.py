@@ -187,7 +187,7 @@ def _load_task_iv(name, split, seed) -> tuple[str, str | None, int]:
     """Validate the arguments of :func:`load_task`."""
     if name not in TASKS:
         raise ValueError(f"name must be one of {sorted(TASKS)}, got {name!r}")
-    if split is not None and split not in SPLITS:
+    if split is not None and (not isinstance(split, str) or split not in SPLITS):
         raise ValueError(f"split must be one of {list(SPLITS)} or None, got {split!r}")
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"seed must be a non-negative int, got {type(seed).__name__}")

@@ -388,7 +388,10 @@ class Certificate:
         for name in _NAN_FIELDS:
             if isinstance(kwargs[name], (list, tuple)):
                 kwargs[name] = tuple(np.nan if v is None else v for v in kwargs[name])
-        cert = cls(**kwargs)
+        try:
+            cert = cls(**kwargs)
+        except TypeError as exc:  # a field of the wrong type: stored data, so a ValueError as for the rest
+            raise ValueError(str(exc)) from None
         # In memory a certificate may name any grid value (decoding probes each one); a stored one is spent
         # as it says, so it must name a certified one.
         if cert.index is not None and not cert.certified[cert.index]:

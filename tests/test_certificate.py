@@ -139,6 +139,8 @@ def test_bad_json(tmp_path):
     data["surprise"] = 1
     with pytest.raises(ValueError, match=r"certificate fields: unknown \['surprise'\]"):
         Certificate.from_dict(data)
+    with pytest.raises(ValueError, match="Certificate.delta must be a real number"):  # a TypeError in memory
+        Certificate.from_dict({**_cert().to_dict(), "delta": "0.1"})
     del data["surprise"], data["delta"]
     with pytest.raises(ValueError, match=r"certificate fields: unknown \[\], missing \['delta'\]"):
         Certificate.from_dict(data)

@@ -863,6 +863,11 @@ def open_cache(path: str | os.PathLike, *, verify: bool = True, chunks: int | No
 # --------------------------------------------------------------------------------------------------
 
 
+def _exists_error(target) -> FileExistsError:
+    """What writing over an existing ``target`` without ``overwrite`` raises (API and command line)."""
+    return FileExistsError(f"{target} exists; pass overwrite=True (--overwrite on the command line) to replace it")
+
+
 def _readonly(a: np.ndarray) -> np.ndarray:
     """A read-only view of an array whose memory the cache owns.
 
@@ -1344,9 +1349,7 @@ def _save_iv(path, overwrite) -> Path | Remote:
         target = target.absolute()
     if os.path.lexists(target) if isinstance(target, Path) else target.exists():
         if not overwrite:
-            raise FileExistsError(
-                f"{target} exists; pass overwrite=True (--overwrite on the command line) to replace it"
-            )
+            raise _exists_error(target)
         if not _replaceable(target):
             raise ValueError(
                 f"refusing to overwrite {target}: it is not a layer cache directory (no {_META_FILE}) "
@@ -1490,7 +1493,7 @@ def _commit(tmp: Path, target: Path, overwrite: bool) -> None:
         os.rename(tmp, target)
         return
     if not overwrite:  # appeared while we were writing
-        raise FileExistsError(f"{target} exists; pass overwrite=True (--overwrite on the command line) to replace it")
+        raise _exists_error(target)
     old = target.parent / f".{target.name}.old-{uuid.uuid4().hex}"
     os.rename(target, old)
     try:

@@ -116,7 +116,7 @@ def _torch_device(device: str) -> torch.device:
         if (parsed.index or 0) >= count:
             raise ValueError(f"device {device!r} is not available: this machine has {count} CUDA device(s)")
     elif parsed.type == "meta" or (parsed.type != "cpu" and not _backend_available(parsed.type)):
-        raise ValueError(f"device {device!r} is not available on this machine (it has 'cpu'{_cuda_hint()})")
+        raise ValueError(f"device {device!r} is not available on this machine")
     return parsed
 
 
@@ -127,9 +127,6 @@ def _backend_available(kind: str) -> bool:
     except Exception:  # noqa: BLE001 - a backend torch knows by name but cannot query here
         return False
 
-
-def _cuda_hint() -> str:
-    return f" and {torch.cuda.device_count()} CUDA device(s)" if torch.cuda.is_available() else ""
 
 
 def smollm2(*, dtype: torch.dtype = torch.float32):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import os
 import re
 import shutil
@@ -27,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from calibrate._validation import int_at_least
+from calibrate._validation import finite_positive, int_at_least
 from calibrate.fff.layer import FFF
 from calibrate.heads import decoder_layers
 
@@ -246,8 +245,7 @@ def distill(
     depth = int_at_least(depth, "depth", 0)
     for name, value in (("steps", steps), ("batch_size", batch_size), ("max_tokens", max_tokens)):
         int_at_least(value, name)
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
-        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+    finite_positive(lr, "lr")
     if not 0 < heldout < 1 or not 0 <= soft_share <= 1:
         raise ValueError(f"heldout must lie in (0, 1) and soft_share in [0, 1], got {heldout} and {soft_share}")
     texts = list(texts)

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from calibrate._validation import int_at_least
+from calibrate._validation import finite_positive, int_at_least
 from calibrate.extraction import _context_iv, _pad
 from calibrate.heads import ExitHeads, decoder_layers
 from calibrate.lat.calibration import _length
@@ -212,8 +212,7 @@ def _finetune_iv(
     for name, value in counts:
         int_at_least(value, name)
     for name, value in (("lr", lr), ("alpha", alpha)):
-        if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-            raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        finite_positive(value, name)
     if isinstance(anchor, bool) or not (isinstance(anchor, (int, float)) and math.isfinite(anchor) and anchor >= 0):
         raise ValueError(f"anchor must be a finite number >= 0, got {anchor!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):

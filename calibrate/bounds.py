@@ -45,8 +45,8 @@ __all__ = [
     "wsr",
 ]
 
-# Relative slack when turning a float sum of losses back into an integer count: ``100 * 0.07`` is
-# ``7.000000000000001`` in binary floating point and a plain ``ceil`` would give 8.
+# Relative slack when checking that ``n * mean`` of 0/1 losses is an integer count (binomial):
+# ``100 * 0.07`` is ``7.000000000000001`` in binary floating point.
 _COUNT_RTOL = 1e-9
 
 
@@ -122,10 +122,14 @@ def _out(p: np.ndarray):
     return p[()] if p.ndim == 0 else p
 
 
-def _count_ceil(total: np.ndarray) -> np.ndarray:
-    """``ceil`` of a float sum of losses, robust to float error just above an integer."""
+def _count_ceil(total: np.ndarray, n: int) -> np.ndarray:
+    """``ceil`` of a float sum of ``n`` losses, robust to the float error of the sum just above an integer.
+
+    The slack is ``n`` units in the last place of the sum (a bound on the error of summing ``n`` terms), so a
+    genuinely fractional sum is never rounded down (that would make the p-value too small).
+    """
     total = np.asarray(total, dtype=np.float64)
-    return np.ceil(total - _COUNT_RTOL * np.maximum(1.0, total))
+    return np.ceil(total - (n + 2) * np.finfo(np.float64).eps * np.maximum(1.0, total))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -148,7 +152,7 @@ def _hoeffding_kl_core(mean: np.ndarray, n: int, a: float) -> np.ndarray:
 
 
 def _bentkus_core(total: np.ndarray, n: int, a: float) -> np.ndarray:
-    return np.e * stats.binom.cdf(_count_ceil(total), n, a)
+    return np.e * stats.binom.cdf(_count_ceil(total, n), n, a)
 
 
 def hoeffding(mean_loss, n: int, tolerance: float):
@@ -401,7 +405,8 @@ def _wsr_log_capital(losses: np.ndarray, a: float, epsilon: float) -> np.ndarray
     sigma2_prev = np.vstack([np.full((1, losses.shape[1]), 0.25), sigma2[:-1]])
     nu = np.minimum(1.0, np.sqrt(2.0 * np.log(1.0 / epsilon) / (n * sigma2_prev)))
     # K_t = prod_{i<=t} (1 - nu_i (L_i - a)); each factor >= 1 - nu_i (1 - a) >= a > 0
-    return np.cumsum(np.log1p(-nu * (losses - a)), axis=0)
+    with np.errstate(divide="ignore"):  # a < 2**-53 rounds the factor a > 0 to 0: log 0 = -inf, wealth 0, p = 1
+        return np.cumsum(np.log1p(-nu * (losses - a)), axis=0)
 
 
 def wsr(losses, tolerance: float, *, epsilon: float = 0.05):

@@ -327,7 +327,9 @@ class Certificate:
             lines.append(f"  certified: full model only ({full})")
         else:
             lines.append(
-                f"  certified lambda_hat = {self.lambda_hat:.6g} (risk {self.risk_hat:.4f}, p = {self.p_value:.3g}), "
+                f"  certified lambda_hat = {self.lambda_hat:.6g} (risk {self.risk_hat:.4f}"
+                + ("" if np.isnan(self.p_value) else f", p = {self.p_value:.3g}")
+                + "), "
                 f"{sum(self.certified)} of {len(self.lambdas)} thresholds certified"
             )
         if self.knob == "fff_depth" and self.lambda_hat is not None:

@@ -46,6 +46,8 @@ def _certify_iv(losses, lambdas, delta, epsilon, bound, method, knob):
         method_name = method
     elif isinstance(method, _fwer.FWERProcedure):
         method_name = getattr(method, "name", type(method).__name__)
+        if method_name == "crc":  # a certificate saying "crc" claims conformal risk control's guarantee
+            raise ValueError("a custom FWERProcedure cannot be named 'crc' (conformal risk control's name)")
     else:
         raise TypeError(
             f"method must be one of {METHODS} or a calibrate.fwer.FWERProcedure instance, got {type(method).__name__}"
@@ -173,7 +175,7 @@ def _reason(table: LossTable, delta, epsilon, bound, method, p_values, index) ->
         if floor > delta:
             return f"too few examples: with n={table.n}, CRC needs 1/(n+1) <= delta={delta:g}"
         return f"the safest value has adjusted risk above delta={delta:g}"
-    too_few = _too_few_reason(table.n, delta, epsilon, bound)
+    too_few = _too_few_reason(table.n, delta, epsilon, bound, method, table.lambdas.size)
     if too_few is not None:
         return too_few
     return (
@@ -182,15 +184,25 @@ def _reason(table: LossTable, delta, epsilon, bound, method, p_values, index) ->
     )
 
 
-def _too_few_reason(n: int, delta: float, epsilon: float, bound: str) -> str | None:
-    """Why nothing can be certified whatever the losses (``None`` when zero loss would pass at ``epsilon``)."""
+def _too_few_reason(n: int, delta: float, epsilon: float, bound: str, method="fixed_sequence", k: int = 1) -> str | None:
+    """Why nothing can be certified whatever the losses (``None`` when zero loss would be certified).
+
+    Zero loss at all ``k`` thresholds is tested as ``method`` tests them, so the per-test level of
+    Bonferroni, Holm or multi-start (``epsilon / k`` or ``epsilon / m``) counts.
+    """
     best = float(_bounds.p_values(np.zeros((n, 1)), delta, bound=bound, epsilon=epsilon)[0])
+    if np.any(_fwer.control_fwer(np.full(k, best), epsilon, method=method)):
+        return None
     if best > epsilon:
         return (
             f"too few examples: with n={n} even zero observed loss gives p={best:.3g} > "
             f"epsilon={epsilon:g} under the {bound} bound"
         )
-    return None
+    name = method if isinstance(method, str) else getattr(method, "name", type(method).__name__)
+    return (
+        f"too few examples: with n={n} even zero observed loss gives p={best:.3g} under the {bound} bound, "
+        f"which {name} rejects at none of {k} thresholds at epsilon={epsilon:g}"
+    )
 
 
 def _decay_iv(decay, cache) -> Decay | None:

@@ -101,6 +101,18 @@ def test_bentkus_takes_ceiling_of_fractional_sums():
                 assert bounds.bentkus(mean, n, a) == pytest.approx(_reference_bentkus(c, n, a), rel=1e-12)
 
 
+def test_bentkus_never_rounds_a_small_fractional_sum_down():
+    """A sum just above an integer (5e-10 over 100 losses, 10000 + 5e-5 over 20000) is a fraction: its ceiling
+    counts one more failure; only float error (n ulps) is forgiven."""
+    losses = np.zeros(100)
+    losses[0] = 5e-10
+    assert bounds.bentkus(losses.mean(), 100, 0.1) == pytest.approx(_reference_bentkus(1, 100, 0.1), rel=1e-12)
+    assert bounds.bentkus((10_000 + 5e-5) / 20_000, 20_000, 0.6) == pytest.approx(
+        _reference_bentkus(10_001, 20_000, 0.6), rel=1e-12
+    )
+    assert bounds.bentkus(np.full(100, 0.07).mean(), 100, 0.1) == pytest.approx(_reference_bentkus(7, 100, 0.1), rel=1e-12)
+
+
 @pytest.mark.parametrize("n", NS)
 @pytest.mark.parametrize("a", TOLERANCES)
 def test_hoeffding_bentkus_is_min_of_kl_and_bentkus(n, a):
@@ -419,6 +431,15 @@ def test_mean_bounds_validate(name):
     with pytest.raises(ValueError, match="tolerance"):
         fn(0.0, 10, 1.0)
     assert fn(0.0, np.int64(10), np.float32(0.5)) <= 1.0
+
+
+def test_wsr_tiny_tolerance_has_no_warning():
+    """Below 2**-53 the factor 1 - nu (L - a) rounds to 0: wealth 0 and p = 1, without a divide-by-zero warning."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert bounds.wsr(np.ones(5), 1e-17) == 1.0
 
 
 def test_wsr_validates():

@@ -82,6 +82,28 @@ def test_too_few_examples_is_full_model_not_error():
     assert "full model only" in cert.summary()
 
 
+@pytest.mark.parametrize("method", ["bonferroni", "holm", "multistart"])
+def test_too_few_examples_counts_the_methods_per_test_level(method):
+    """40 zero losses give p = 0.0148 < epsilon = 0.05, but Bonferroni/Holm test the first of 201 thresholds
+    at epsilon / 201 (multi-start at epsilon / m): nothing can be certified whatever the losses."""
+    lam = np.linspace(1, 0, 201)
+    cert = calibrate.certify(np.zeros((40, 201)), lam, delta=0.1, epsilon=0.05, method=method)
+    assert cert.lambda_hat is None
+    assert "too few examples" in cert.reason and method in cert.reason
+    assert "too few" not in calibrate.certify(np.zeros((4000, 201)), lam, delta=0.1, method=method).reason
+
+
+def test_a_custom_procedure_named_crc_is_refused():
+    class Mine(fwer.FWERProcedure):
+        name = "crc"
+
+        def reject(self, p_values, epsilon):
+            return fwer.bonferroni(p_values, epsilon)
+
+    with pytest.raises(ValueError, match="cannot be named 'crc'"):
+        calibrate.certify(np.zeros((200, 3)), [3, 2, 1], method=Mine())
+
+
 def test_safest_failing_says_so():
     cert = calibrate.certify(np.ones((2000, 2)), [0.9, 0.5], delta=0.1, epsilon=0.05)
     assert cert.lambda_hat is None and "safest value" in cert.reason
@@ -94,6 +116,7 @@ def test_crc_is_labelled_as_expectation():
     assert cert.method == "crc" and cert.bound is None
     assert "expectation" in cert.guarantee
     assert cert.lambda_hat is not None
+    assert "p = nan" not in cert.summary() and f"lambda_hat = {cert.lambda_hat:.6g} (risk" in cert.summary()
 
 
 @pytest.mark.parametrize(
@@ -223,7 +246,7 @@ def test_multistart_and_reason_for_other_methods():
     lambdas = np.linspace(1, 0.2, 8)
     multi = calibrate.certify(losses, lambdas, method="multistart")
     assert multi.method == "multistart" and multi.lambda_hat is not None
-    cert = calibrate.certify(np.zeros((40, 5)), np.linspace(1, 0.5, 5), method="bonferroni")
+    cert = calibrate.certify(np.ones((400, 5)), np.linspace(1, 0.5, 5), method="bonferroni")
     assert cert.lambda_hat is None and "no threshold rejected by bonferroni" in cert.reason
 
 

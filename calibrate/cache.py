@@ -829,20 +829,8 @@ def open_cache(path: str | os.PathLike, *, verify: bool = True, chunks: int | No
             raise ValueError(f"{root / _META_FILE}: required array {name!r} is not listed in 'fields'")
     vocab = _read_vocab(root, fields.get("vocab"))
     table, offsets = _read_table(root, fields.get("sequences"), arrays["full_tokens"])
-    vocab_size = meta.get("vocab_size")
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
-        raise ValueError(f"{root / _META_FILE}: 'vocab_size' must be a positive int, got {vocab_size!r}")
-    _check_structure(arrays, offsets, vocab_size, vocab)
+    vocab_size = _check_meta(root, meta, arrays, offsets, vocab)
     cache = LayerCache._trusted(table, arrays, offsets, vocab_size, meta, vocab)
-    for key, value in (
-        ("n_sequences", cache.n_sequences),
-        ("n_tokens", cache.n_tokens),
-        ("n_layers", cache.n_layers),
-        ("top_k", cache.top_k),
-        ("hidden_size", cache.hidden_size),
-    ):
-        if key in meta and meta[key] != value:
-            raise ValueError(f"{root / _META_FILE}: {key!r} is {meta[key]!r} but the arrays give {value!r}")
     if verify:
         computed = cache._field_checksums()
         for name, spec in fields.items():
@@ -1134,6 +1122,25 @@ def _make_table(ids, prompts, outputs, references, full_tokens, offsets) -> pd.D
             "offset": pd.Series(offsets[:-1], dtype=np.int64),
         }
     )
+
+
+def _check_meta(root: Path, meta: dict, arrays: dict, offsets: np.ndarray, vocab) -> int:
+    """A saved cache's ``vocab_size``, structure and recorded sizes against its arrays (numpy or zarr); its vocab_size."""
+    vocab_size = meta.get("vocab_size")
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
+        raise ValueError(f"{root / _META_FILE}: 'vocab_size' must be a positive int, got {vocab_size!r}")
+    _check_structure(arrays, offsets, vocab_size, vocab)
+    top = arrays["topk_ids"].shape
+    for key, value in (
+        ("n_sequences", len(offsets) - 1),
+        ("n_tokens", int(offsets[-1])),
+        ("n_layers", top[1]),
+        ("top_k", top[2]),
+        ("hidden_size", int(arrays["hidden"].shape[2]) if "hidden" in arrays else None),
+    ):
+        if key in meta and meta[key] != value:
+            raise ValueError(f"{root / _META_FILE}: {key!r} is {meta[key]!r} but the arrays give {value!r}")
+    return vocab_size
 
 
 def _check_structure(arrays, offsets, vocab_size, vocab) -> None:

@@ -51,9 +51,11 @@ class ChunkedCache:
         The sequence table (one row per sequence).
     offsets : ndarray of int64, shape (n_sequences + 1,)
         Token offsets of the sequences.
-    sources : tuple of (Path or Remote, int)
-        The cache directories holding the arrays and the first sequence of each: one for a plain cache,
-        one per shard for a sharded one (:mod:`calibrate.shards`). Partitions never cross them.
+    sources : tuple of (Path or Remote, int, str)
+        The cache directories holding the arrays, the first sequence of each and the checksum its
+        ``meta.json`` recorded when opened: one for a plain cache, one per shard for a sharded one
+        (:mod:`calibrate.shards`). Partitions never cross them; reading one refuses a directory saved over
+        since (another checksum).
     """
 
     path: Path | Remote
@@ -61,7 +63,7 @@ class ChunkedCache:
     meta: dict
     sequences: pd.DataFrame
     offsets: np.ndarray
-    sources: tuple[tuple[Path | Remote, int], ...]
+    sources: tuple[tuple[Path | Remote, int, str], ...]
 
     # ---- sizes ------------------------------------------------------------------------------------------
     @property
@@ -91,12 +93,12 @@ class ChunkedCache:
     @property
     def partitions(self) -> list[tuple[int, int]]:
         """``(first, stop)`` sequence ranges of the partitions, in order (none crosses a shard)."""
-        return [p for _, first, end in self._spans() for p in _ranges(first, end, self.chunks)]
+        return [p for _, first, end, _ in self._spans() for p in _ranges(first, end, self.chunks)]
 
-    def _spans(self) -> list[tuple[Path | Remote, int, int]]:
-        """``(directory, first, stop)`` sequence range of each source."""
-        ends = [first for _, first in self.sources[1:]] + [self.n_sequences]
-        return [(root, first, end) for (root, first), end in zip(self.sources, ends)]
+    def _spans(self) -> list[tuple[Path | Remote, int, int, str]]:
+        """``(directory, first, stop, checksum)`` of each source: its sequence range and recorded checksum."""
+        ends = [first for _, first, _ in self.sources[1:]] + [self.n_sequences]
+        return [(root, first, end, checksum) for (root, first, checksum), end in zip(self.sources, ends)]
 
     def __repr__(self) -> str:
         return (
@@ -111,7 +113,8 @@ class ChunkedCache:
         import zarr
 
         parts: dict[str, list] = {name: [] for name in self._array_specs()}
-        for root, first, end in self._spans():
+        for root, first, end, checksum in self._spans():
+            _unchanged(root, checksum)
             token_chunks = tuple(int(self.offsets[b] - self.offsets[a]) for a, b in _ranges(first, end, self.chunks))
             for name, spec in self._array_specs().items():
                 z = zarr.open_array(store=str(root / spec["path"]), mode="r")
@@ -176,7 +179,7 @@ class ChunkedCache:
 
         if not 0 <= first < stop <= self.n_sequences:
             raise ValueError(f"sequence range [{first}, {stop}) is outside [0, {self.n_sequences})")
-        root, start, end = next(span for span in self._spans() if span[1] <= first < span[2])
+        root, start, end, checksum = next(span for span in self._spans() if span[1] <= first < span[2])
         if stop > end:
             raise ValueError(
                 f"sequence range [{first}, {stop}) crosses the end of a shard at {end}; load the parts apart"
@@ -185,6 +188,7 @@ class ChunkedCache:
         base = int(self.offsets[start])  # token offset of the shard's first sequence
         specs = self._array_specs()
         arrays = {name: _read_slice(root, name, specs[name], lo - base, hi - base) for name in fields}
+        _unchanged(root, checksum)  # after the reads: a cache saved over this one meanwhile is refused
         offsets = self.offsets[first : stop + 1] - lo
         if keep is not None:
             rows, offsets = token_rows(offsets, np.asarray(keep, dtype=np.int64))
@@ -253,7 +257,7 @@ class ChunkedCache:
 
         from calibrate.cache import _subset_iv
         from calibrate.exits import _lambdas_iv, default_lambdas
-        from calibrate.losses import CONSISTENCIES, LossTable
+        from calibrate.losses import LossTable, _consistency_iv
         from measures.confidence import MEASURES
 
         if measure not in (*MEASURES, *LEARNED_MEASURES):
@@ -264,8 +268,6 @@ class ChunkedCache:
                 f"measures.learned.train_measure) and refused for the others; got measure={measure!r} and "
                 f"measure_state={'None' if measure_state is None else 'a dict'}"
             )
-        if consistency not in CONSISTENCIES:  # checked here, not once per task on the workers
-            raise ValueError(f"consistency must be one of {CONSISTENCIES}, got {consistency!r}")
         lam = _lambdas_iv(default_lambdas() if lambdas is None else lambdas)
         if sequences is None:
             idx = np.arange(self.n_sequences)
@@ -274,6 +276,7 @@ class ChunkedCache:
                 idx = np.sort(_subset_iv(sequences, self.n_sequences))
             except (TypeError, ValueError) as exc:
                 raise type(exc)(f"sequences: {exc}") from exc
+        _consistency_iv(consistency, self.sequences.iloc[idx])  # here, not once per task on the workers
         # One copy per worker of everything but the table; each task gets its own rows of the columns it reads.
         cache = dask.delayed(dataclasses.replace(self, sequences=self.sequences.iloc[:0]), pure=True, traverse=False)
         state = None if measure_state is None else dask.delayed(measure_state, pure=True, traverse=False)
@@ -329,6 +332,18 @@ def _partition_losses(cache: ChunkedCache, first, stop, rows, fields, measure, c
     return table.losses, np.round(table.avg_layers * part.n_tokens)  # avg = exact integer sum / tokens
 
 
+def _unchanged(root: Path | Remote, checksum: str) -> None:
+    """Refuse a cache directory whose ``meta.json`` no longer records ``checksum`` (saved over since it was opened)."""
+    from calibrate.cache import _read_meta
+
+    now = _read_meta(root).get("checksum")
+    if now != checksum:
+        raise ValueError(
+            f"the cache at {root} changed after it was opened (meta.json records checksum {now!r}, it was "
+            f"{checksum!r}): a cache was saved over it; open it again"
+        )
+
+
 def _read_slice(root: Path | Remote, name: str, spec: dict, lo: int, hi: int) -> np.ndarray:
     """Tokens ``[lo, hi)`` of array ``name``, checked against its spec in ``meta.json``.
 
@@ -359,7 +374,7 @@ def open_chunked(root: Path | Remote, chunks: int, verify: bool) -> ChunkedCache
     """:func:`calibrate.open_cache` with ``chunks``: metadata, table and offsets only (checked), arrays lazy."""
     _chunks_iv(chunks)
     meta, table, offsets = read_lazily(root, verify)
-    return ChunkedCache(root.resolve(), int(chunks), meta, table, offsets, ((root.resolve(), 0),))
+    return ChunkedCache(root.resolve(), int(chunks), meta, table, offsets, ((root.resolve(), 0, meta["checksum"]),))
 
 
 def _chunks_iv(chunks) -> None:
@@ -376,6 +391,7 @@ def read_lazily(root: Path | Remote, verify: bool, joint: dict | None = None) ->
     """
     from calibrate.cache import (
         _cache_checksum,
+        _check_meta,
         _hash_strings,
         _hash_table,
         _open_array,
@@ -393,16 +409,15 @@ def read_lazily(root: Path | Remote, verify: bool, joint: dict | None = None) ->
     # Every array's zarr.json, dtype (against meta.json and the canonical one), shape and chunk files.
     stored = {name: _open_array(root, name, spec) for name, spec in fields.items() if spec.get("kind") == "array"}
     table, offsets = _read_table(root, fields.get("sequences"), _read_array(root, "full_tokens", stored["full_tokens"]))
+    vocab = _read_vocab(root, fields.get("vocab"))
+    _check_meta(root, meta, stored, offsets, vocab)  # shapes, vocab_size and recorded sizes, as in memory
     checksums = {}
     if verify:
         checksums["sequences"] = _hash_table(table, offsets)
-        vocab = _read_vocab(root, fields.get("vocab"))
         if vocab is not None:
             checksums["vocab"] = _hash_strings(tuple(vocab))
     for name, z in stored.items():
         where = root / fields[name]["path"]
-        if z.shape[0] != offsets[-1]:
-            raise ValueError(f"array {name!r} at {where} has {z.shape[0]} rows but the table has {offsets[-1]} tokens")
         if verify or joint is not None:
             try:
                 checksums[name] = _stream_hash(z, *([joint[name]] if joint is not None else []))

@@ -133,11 +133,12 @@ def user_losses(losses, lambdas, *, consistency: str | None = None, avg_layers=N
     return LossTable(losses, lambdas, "user", consistency, avg_layers, n_layers)
 
 
-def _consistency_iv(consistency: str, cache) -> str:
+def _consistency_iv(consistency: str, sequences) -> str:
+    """``consistency`` checked; a risk needs a reference for every row of the sequence table given."""
     if consistency not in CONSISTENCIES:
         raise ValueError(f"consistency must be one of {CONSISTENCIES}, got {consistency!r}")
     if consistency.startswith("risk_"):
-        refs = cache.sequences["reference"]
+        refs = sequences["reference"]
         if refs.isna().any():
             missing = int(refs.isna().sum())
             raise ValueError(
@@ -194,7 +195,7 @@ def proxy_losses(
     differs, a real decoder would continue from a different prefix.
     """
     lam = _lambdas_iv(lambdas)
-    consistency = _consistency_iv(consistency, cache)
+    consistency = _consistency_iv(consistency, cache.sequences)
     conf = np.asarray(conf)
     n_tokens, n_layers = cache.n_tokens, cache.n_layers
     if conf.shape != (n_tokens, n_layers):

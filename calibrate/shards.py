@@ -174,7 +174,7 @@ def open_sharded(root: Path | Remote, *, verify: bool, chunks: int | None):
     meta.update(fields=fields, checksum=_cache_checksum(metas[0]["vocab_size"], checksums))
     meta.update(n_sequences=len(table), n_tokens=int(offsets[-1]))
     starts = np.cumsum([0] + [len(t) for _, t, _ in heads[:-1]])
-    sources = tuple((where.resolve(), int(s)) for where, s in zip(roots, starts))
+    sources = tuple((where.resolve(), int(s), m["checksum"]) for where, s, m in zip(roots, starts, metas))
     return ChunkedCache(root.resolve(), int(chunks), meta, table, offsets, sources)
 
 

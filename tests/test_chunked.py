@@ -252,6 +252,18 @@ _CORRUPTIONS = {
         lambda d: _edit_json(d / "meta.json", lambda m: m["fields"]["topk_logprobs"].update(dtype="float16")),
         "array 'topk_logprobs' at .*topk_logprobs must have dtype float32, .*meta.json says 'float16'",
     ),
+    "n_layers edited in meta.json": (
+        lambda d: _edit_json(d / "meta.json", lambda m: m.update(n_layers=7)),
+        "meta.json: 'n_layers' is 7 but the arrays give 6",
+    ),
+    "vocab_size not an int in meta.json": (
+        lambda d: _edit_json(d / "meta.json", lambda m: m.update(vocab_size="abc")),
+        "meta.json: 'vocab_size' must be a positive int, got 'abc'",
+    ),
+    "vocab_size edited in meta.json": (
+        lambda d: _edit_json(d / "meta.json", lambda m: m.update(vocab_size=100_000)),
+        "vocab must have vocab_size=100000 entries",
+    ),
     "int8 hidden states in meta.json": (
         lambda d: _edit_json(d / "meta.json", lambda m: m["fields"]["hidden"].update(dtype="int8")),
         "array 'hidden' at .*hidden must have dtype float16, .*meta.json says 'int8'",
@@ -287,3 +299,31 @@ def test_cli_fit_with_chunks_reports_a_corrupted_cache(saved, tmp_path, capsys):
     (copy / "arrays/full_tokens/c/0").write_bytes(b"garbage")
     assert main(["fit", str(copy), "--chunks", "5"]) == 2
     assert "cannot read array 'full_tokens'" in capsys.readouterr().err
+
+
+def test_a_cache_saved_over_a_lazily_opened_one_is_refused(saved, tmp_path):
+    """Same shapes, other values: the tasks would read the new cache and stamp the old checksum on the certificate."""
+    cache, _ = saved
+    path = cache.save(tmp_path / "cache")
+    lazy = calibrate.open_cache(path, chunks=50)
+    other = calibrate.synthetic_cache(240, n_layers=6, seed=3, difficulty=2.0)
+    assert other.n_tokens == cache.n_tokens and other.checksum != cache.checksum
+    other.save(path, overwrite=True)
+    with pytest.raises(ValueError, match="changed after it was opened"):
+        calibrate.fit(lazy)
+    with pytest.raises(ValueError, match="changed after it was opened"):
+        lazy.arrays()
+    assert calibrate.fit(calibrate.open_cache(path, chunks=50)) == calibrate.fit(other)
+
+
+def test_missing_references_are_counted_on_the_client(tmp_path, monkeypatch):
+    """A risk needs every reference: refused before any task, counting all the sequences (not one partition's)."""
+    import calibrate.chunked as chunked
+
+    cache = calibrate.synthetic_cache(60, n_layers=4, seed=1, references=False)
+    lazy = calibrate.open_cache(cache.save(tmp_path / "cache"), chunks=25)
+    monkeypatch.setattr(chunked, "_partition_losses", lambda *a: pytest.fail("a task ran"))
+    with pytest.raises(ValueError, match="but 60 sequences have no 'reference'"):
+        lazy.loss_table(consistency="risk_rouge_l")
+    with pytest.raises(ValueError, match="but 60 sequences have no 'reference'"):
+        calibrate.proxy_losses(cache, cache.arrays["softmax_gap"], [0.9, 0.5], consistency="risk_rouge_l")

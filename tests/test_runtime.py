@@ -9,6 +9,7 @@ state into the cache). Batched runs are compared with each row run alone.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 
@@ -343,6 +344,47 @@ def test_hf_custom_generate_applies_logits_processors():
     expected = model.generate(**kw)
     out = model.generate(**kw, custom_generate=custom_generate)
     torch.testing.assert_close(out.sequences, expected, rtol=0, atol=0)
+
+
+_PROCESSED = [
+    *((arch, 0, setting) for arch in ("gpt2", "llama", "t5", "bart") for setting in (
+        {"repetition_penalty": 1.5}, {"no_repeat_ngram_size": 1}, {"forced_eos_token_id": 2}
+    )),
+    *((arch, seed, {"min_new_tokens": 4}) for arch, seed in (("gpt2", 0), ("llama", 2), ("t5", 0))),  # an early EOS
+    *((arch, 0, {"forced_bos_token_id": 5}) for arch in ("t5", "bart")),  # the decoder's first token
+]
+
+
+@pytest.mark.parametrize(("arch", "seed", "setting"), _PROCESSED)
+def test_generation_config_processors_apply_like_hf(arch, seed, setting):
+    """A generation config that changes greedy choices (real checkpoints set such options): generate equals
+    model.generate(do_sample=False) with them, as extraction's cache and custom_generate at deployment do."""
+    model = tiny_model(arch, seed=seed)
+    ids, mask = _pad_prompts(model, PROMPTS)
+    plain = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=8)
+    model.generation_config.update(**setting)
+    expected = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=8)
+    assert not torch.equal(expected, plain)  # the setting matters here
+    torch.testing.assert_close(generate(model, ids, mask, max_new_tokens=8).sequences, expected, rtol=0, atol=0)
+
+
+def test_custom_generate_attends_to_every_token_when_generate_dropped_an_all_ones_mask():
+    """model.generate passes attention_mask=None when the mask is all ones: a real token equal to the pad id
+    is not masked again."""
+    model = tiny_model("gpt2")
+    model.generation_config.pad_token_id = EOS  # GPT-2 style: pad = EOS
+    ids = torch.tensor([[EOS, 5, 6, 7], [4, PAD, 9, 10]])
+    kw = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "do_sample": False, "max_new_tokens": 6}
+    expected = model.generate(**kw)
+    torch.testing.assert_close(model.generate(**kw, custom_generate=custom_generate).sequences, expected, rtol=0, atol=0)
+
+
+def test_custom_generate_refuses_outputs_it_does_not_produce():
+    model = tiny_model("gpt2")
+    ids, mask = left_pad(PROMPTS)
+    kw = {"input_ids": ids, "attention_mask": mask, "do_sample": False, "max_new_tokens": 4}
+    with pytest.raises(ValueError, match=r"\['output_scores'\] are not supported"):
+        model.generate(**kw, custom_generate=custom_generate, return_dict_in_generate=True, output_scores=True)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "t5"])
@@ -751,8 +793,13 @@ def test_certificate_for_other_heads_is_refused(fitted_llama):
     # Another vocabulary: the same architecture, depth and width, 80 tokens instead of 64.
     other_vocab = tiny_model("llama")
     other_vocab.resize_token_embeddings(80)
-    with pytest.raises(ValueError, match=r"certificate.heads .*\(vocab_size: certificate 64, heads 80\)"):
+    with pytest.raises(ValueError, match=r"certificate.heads .*; vocab_size: certificate 64, heads 80\)"):
         generate(other_vocab, ids, certificate=plain)
+    # Other weights of the same shapes (a fine-tuned copy, another seed): only the model's digest differs.
+    with pytest.raises(ValueError, match=r"\(model_digest: certificate '[0-9a-f]{16}', heads '[0-9a-f]{16}'\)"):
+        generate(tiny_model("llama", seed=7), ids, certificate=plain)
+    with pytest.raises(ValueError, match=r"\(model_digest: "):  # the same weights rounded to bfloat16
+        generate(copy.deepcopy(model).to(torch.bfloat16), ids, certificate=plain)
     # Adapter heads calibrated, the model's plain heads used.
     with pytest.raises(ValueError, match=r"kind: certificate 'adapters', heads 'logit_lens'; adapters_digest: "):
         generate(model, ids, certificate=adapted)
@@ -761,6 +808,9 @@ def test_certificate_for_other_heads_is_refused(fitted_llama):
         generate(model, ids, certificate=adapted, heads=_trained_adapters(model, seed=1))
     with pytest.raises(ValueError, match="kind: certificate 'logit_lens', heads 'adapters'"):
         generate(model, ids, certificate=plain, heads=heads)
+    with pytest.raises(ValueError, match="heads were made .* from another model"):
+        generate(tiny_model("llama", seed=7), ids, heads=ExitHeads.from_model(model))
+    generate(copy.deepcopy(model), ids, certificate=plain, heads=ExitHeads.from_model(model), max_new_tokens=2)
 
 
 def test_refuses_bad_models_and_prompts():

@@ -22,6 +22,7 @@ This module imports torch; ``import calibrate`` does not import it.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from calibrate._digest import weights_digest
 from calibrate.certificate import Certificate
 from calibrate.exits import Decay
 from calibrate.heads import ExitHeads, context_positions, decoder_layers
@@ -271,10 +273,12 @@ def generate(
       tokenizer. Both agree whenever the generation config has an EOS. When it has none, pass
       ``tokenizer=`` to stop on the tokens the cache stops on, or leave it out to run like ``model.generate``.
     - **Equality with Hugging Face.** Without a certificate the tokens equal
-      ``model.generate(input_ids, attention_mask=..., do_sample=False, max_new_tokens=...)`` (greedy, no
-      logits processors: a generation config that sets e.g. ``repetition_penalty``, or BART's
-      ``forced_bos_token_id``/``forced_eos_token_id``, changes Hugging Face's choices, not ours; use
-      :func:`custom_generate` to apply them). Not reproduced: Hugging Face's clamping of infinite float16
+      ``model.generate(input_ids, attention_mask=..., do_sample=False, max_new_tokens=...)``, including the
+      logits processors the model's generation config asks for (e.g. ``repetition_penalty``,
+      ``no_repeat_ngram_size``, ``min_new_tokens``, BART's ``forced_bos_token_id``/``forced_eos_token_id``):
+      Hugging Face builds them, and they act on the logits of whatever layer emits the token, as in
+      :func:`custom_generate`. Sampling settings of the config (``do_sample``, ``temperature``, ...) are
+      ignored: decoding is greedy. Not reproduced: Hugging Face's clamping of infinite float16
       activations in T5 decoder layers (such a model overflows anyway; use bfloat16 or float32).
     - The guarantee ``P(risk(lambda_hat) <= delta) >= 1 - epsilon`` of the certificate (delta =
       tolerance, epsilon = failure probability) covers what this runtime emits only for
@@ -307,17 +311,46 @@ def generate(
     >>> out.prompt_length, out.exit_layers.shape
     (1, torch.Size([1, 4]))
     """
-    run = _generate_iv(
-        model,
-        input_ids,
-        attention_mask,
-        certificate,
-        max_new_tokens,
-        heads,
-        exit_layer,
-        _special_tokens_iv(model, tokenizer, eos_token_id, pad_token_id),
+    special_tokens = _special_tokens_iv(model, tokenizer, eos_token_id, pad_token_id)
+    run = _generate_iv(model, input_ids, attention_mask, certificate, max_new_tokens, heads, exit_layer, special_tokens)
+    return _decode(run, *run.inputs, logits_processor=_greedy_processors(model, run, special_tokens))
+
+
+def _greedy_processors(model, run: _Run, special_tokens: tuple[tuple[int, ...], int | None]):
+    """The logits processors ``model.generate(do_sample=False)`` builds from the model's generation config, or None.
+
+    E.g. a repetition penalty, n-gram blocking, a minimum length, forced BOS/EOS tokens, suppressed tokens.
+    They are built by Hugging Face's own preparation steps (private methods of ``GenerationMixin``), so that
+    they are exactly the ones ``model.generate`` applies, with this run's EOS ids, pad id and lengths.
+    """
+    if getattr(model, "generation_config", None) is None:
+        return None
+    prompt = run.inputs[0]  # (B, P): the decoder prompt
+    encoder_ids = prompt if run.encoder is None else run.encoder.ids  # what generate's encoder_input_ids are
+    eos, pad = special_tokens
+    config = copy.deepcopy(model.generation_config)
+    config.update(
+        do_sample=False, num_beams=1, max_new_tokens=run.config.max_new_tokens, eos_token_id=list(eos) or None,
+        pad_token_id=pad,
     )
-    return _decode(run, *run.inputs)
+    model._prepare_special_tokens(config, kwargs_has_attention_mask=True, device=prompt.device)
+    model._prepare_generated_length(
+        config,
+        has_default_max_length=True,
+        has_default_min_length=True,
+        model_input_name="input_ids",
+        input_ids_length=prompt.shape[1],
+        inputs_tensor=encoder_ids,
+    )
+    processors = model._get_logits_processor(
+        generation_config=config, input_ids_seq_length=prompt.shape[1], encoder_input_ids=encoder_ids,
+        device=prompt.device,
+    )
+    return processors if len(processors) else None
+
+
+#: Generation outputs besides the sequences, which custom_generate does not produce.
+_OUTPUTS = ("output_scores", "output_logits", "output_attentions", "output_hidden_states")
 
 
 def custom_generate(
@@ -371,6 +404,11 @@ def custom_generate(
     """
     if synced_gpus or streamer is not None:
         raise ValueError("custom_generate (early exit) supports neither synced_gpus nor a streamer")
+    outputs = [k for k in _OUTPUTS if generation_config is not None and getattr(generation_config, k, False)]
+    if outputs:
+        raise ValueError(
+            f"custom_generate (early exit) returns sequences and exit layers only; {outputs} are not supported"
+        )
     if generation_config is not None and (generation_config.do_sample or (generation_config.num_beams or 1) > 1):
         raise ValueError(
             "early-exit decoding is greedy: pass do_sample=False and num_beams=1 to generate, got "
@@ -390,7 +428,10 @@ def custom_generate(
         raise ValueError(f"custom_generate (early exit) does not support the model kwargs {unknown}")
     attention_mask = model_kwargs.get("attention_mask")
     encoder_outputs = model_kwargs.get("encoder_outputs")
-    if bool(getattr(model.config, "is_encoder_decoder", False)) and encoder_outputs is None:
+    encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+    if attention_mask is None and not encoder_decoder:  # generate drops a mask of ones: nothing to infer again
+        attention_mask = torch.ones_like(input_ids)
+    if encoder_decoder and encoder_outputs is None:
         raise ValueError(
             "custom_generate needs the encoder_outputs that model.generate prepares for encoder-decoder models"
         )
@@ -649,6 +690,11 @@ def _generate_iv(
         heads = ExitHeads.from_model(model)
     elif not isinstance(heads, ExitHeads):
         raise TypeError(f"heads must be an ExitHeads (or None for the model's own), got {type(heads).__name__}")
+    elif heads._model and heads._model[0] is not model and weights_digest(heads._model[0]) != weights_digest(model):
+        raise ValueError(
+            "heads were made (ExitHeads.from_model) from another model than the one decoding (other weights): "
+            "a layer would be read through another model's norm and LM head"
+        )
     if heads.n_layers != n_layers or heads.hidden_size != adapter.hidden_size:
         raise ValueError(
             f"heads has n_layers={heads.n_layers}, hidden_size={heads.hidden_size} but the model has "

@@ -227,13 +227,14 @@ def generate(
     ValueError
         When the architecture is unsupported (naming it and the supported ones); the certificate is for
         another knob, another layer count, other exit heads (``certificate.heads`` differs from
-        ``heads.describe()``: the message names each differing key, e.g. ``vocab_size`` or
-        ``adapters_digest``, with both values), a measure the runtime cannot evaluate, or a learned
-        measure whose ``measure_state`` is missing, invalid, of another measure or fitted for another layer
-        count or hidden size; decoder-only prompts are right-padded; a row is empty; the prompt (or the
-        encoder input) is too long for the model's context (nothing is truncated); an encoder-decoder
-        model has no start token; ``max_new_tokens`` or ``exit_layer`` is not an int in range; or
-        ``attention_mask`` is not a 0/1 tensor of the shape of ``input_ids``.
+        ``heads.describe()``: the message names each differing key, e.g. ``vocab_size``,
+        ``adapters_digest`` or ``model_digest`` (other weights), with both values), heads made from another
+        model, a measure the runtime cannot evaluate, or a learned measure whose ``measure_state`` is
+        missing, invalid, of another measure or fitted for another layer count or hidden size;
+        decoder-only prompts are right-padded; a row is empty; the prompt (or the encoder input) is too
+        long for the model's context (nothing is truncated); an encoder-decoder model has no start token;
+        ``max_new_tokens`` or ``exit_layer`` is not an int in range; or ``attention_mask`` is not a 0/1
+        tensor of the shape of ``input_ids``.
     TypeError
         When ``input_ids`` is not an integer tensor, or ``certificate``, ``heads`` or ``tokenizer`` has the
         wrong type.

@@ -270,9 +270,9 @@ def bentkus(mean_loss, n: int, tolerance: float):
     Bentkus (2004) shows ``P(S_n <= s) <= e P(Binomial(n, mu) <= ceil(s))`` for a sum ``S_n`` of ``n``
     independent ``[0, 1]`` variables with mean ``mu``. The count is the ceiling of the *sum* of the
     losses ``n * mean_loss``; to keep float error from adding one (``100 * 0.07`` is
-    ``7.000000000000001``), the ceiling is taken of ``count - 1e-9 * max(1, count)``. This lowers the
-    count only when the sum is within a relative ``1e-9`` above an integer, i.e. when the losses' sum
-    is that integer up to rounding. :func:`p_values` passes the sum of the losses directly.
+    ``7.000000000000001``), the ceiling is taken of ``count - (n + 2) * eps * max(1, count)`` (``eps`` =
+    2**-52, a bound on the rounding error of a sum of ``n`` terms). This lowers the count only when the
+    sum is that integer up to rounding; a genuinely fractional sum keeps its ceiling. :func:`p_values` passes the sum of the losses directly.
 
     References
     ----------

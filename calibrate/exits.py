@@ -167,7 +167,7 @@ def exit_layers(conf, lambdas, *, positions=None, decay: Decay | None = None) ->
 
     Returns
     -------
-    ndarray of int16, shape (n_tokens, n_lambdas)
+    ndarray of int16 (int32 beyond 32767 layers), shape (n_tokens, n_lambdas)
         1-based exit layer in ``[1, n_layers]``.
 
     Examples
@@ -182,7 +182,7 @@ def exit_layers(conf, lambdas, *, positions=None, decay: Decay | None = None) ->
     n_tokens, n_layers = conf.shape
     k = lam.size
     asc = lam[::-1]
-    out = np.empty((n_tokens, k), dtype=np.int16)
+    out = np.empty((n_tokens, k), dtype=np.int16 if n_layers <= np.iinfo(np.int16).max else np.int32)
     for blk in _blocks(n_tokens):
         b = _crossings(conf[blk], asc, None if positions is None else positions[blk], decay)
         rows = b.shape[0]
@@ -208,12 +208,26 @@ def early_tokens(top1: np.ndarray, layers: np.ndarray, full_tokens: np.ndarray |
 
     Returns
     -------
-    ndarray, shape (n_tokens, n_lambdas), the dtype of ``top1``.
+    ndarray, shape (n_tokens, n_lambdas), the dtype of ``top1`` (with ``full_tokens``: the integer dtype
+    holding both).
     """
     early = np.take_along_axis(top1, layers.astype(np.intp) - 1, axis=1)
     if full_tokens is not None:
-        early = np.where(layers == top1.shape[1], np.asarray(full_tokens)[:, None], early).astype(top1.dtype, copy=False)
+        top1, full_tokens = _token_ids_iv(top1, full_tokens)
+        early = np.where(layers == top1.shape[1], full_tokens[:, None], early).astype(top1.dtype, copy=False)
     return early
+
+
+def _token_ids_iv(top1, full_tokens) -> tuple[np.ndarray, np.ndarray]:
+    """Both token arrays in the integer dtype that holds both (a copy only when they differ)."""
+    top1, full_tokens = np.asarray(top1), np.asarray(full_tokens)
+    dtype = np.result_type(top1.dtype, full_tokens.dtype)
+    if dtype.kind not in "iu":  # e.g. int64 with uint64 (numpy goes to float64, where ids above 2**53 collide)
+        raise ValueError(
+            f"top1 ({top1.dtype}) and full_tokens ({full_tokens.dtype}) must be integer token ids with a common "
+            "integer dtype"
+        )
+    return top1.astype(dtype, copy=False), full_tokens.astype(dtype, copy=False)
 
 
 #: Most cells of the lookup table that maps a confidence to its approximate place in the grid.
@@ -432,7 +446,7 @@ def disagreement_counts(conf, lambdas, top1, full_tokens, offsets, *, decay: Dec
     confidence exceeds every earlier one), so only records and changes of ``w`` are visited.
     """
     lam, conf, offsets = _sweep_iv(conf, lambdas, offsets, decay)
-    top1, full_tokens = np.asarray(top1), np.asarray(full_tokens)
+    top1, full_tokens = _token_ids_iv(top1, full_tokens)
     if top1.shape != conf.shape or full_tokens.shape != (conf.shape[0],):
         raise ValueError(
             f"top1 must have shape {conf.shape} and full_tokens ({conf.shape[0]},), got {top1.shape} and {full_tokens.shape}"

@@ -225,3 +225,19 @@ def test_numba_kernel_leaves_torch_thread_count_alone():
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_token_ids_of_different_integer_dtypes_are_compared_exactly():
+    """int64 top-1 ids against uint64 full tokens would meet in float64, where 2**53 + 1 == 2**53: refused;
+    int16 top-1 ids keep a full-model token beyond their range."""
+    top1 = np.array([[2**53 + 1, 0]], np.int64)
+    with pytest.raises(ValueError, match="common integer dtype"):
+        disagreement_counts(np.array([[0.9, 0.0]]), [0.5], top1, np.array([2**53], np.uint64), [0, 1])
+    counts, _ = disagreement_counts(np.array([[0.9, 0.0]]), [0.5], top1, np.array([2**53], np.int64), [0, 1])
+    assert counts.tolist() == [[1]]
+    assert early_tokens(np.array([[1, 2]], np.int16), np.array([[2]]), np.array([40000])).tolist() == [[40000]]
+
+
+def test_exit_layers_beyond_the_int16_range():
+    layers = exit_layers(np.zeros((1, 40_000)), [0.5])
+    assert layers.dtype == np.int32 and layers.tolist() == [[40_000]]

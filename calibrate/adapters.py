@@ -47,7 +47,7 @@ def _hidden_iv(cache, heads: ExitHeads | None = None) -> np.ndarray:
     return hidden
 
 
-def train_adapters(model: nn.Module, cache, *, ridge: float = 1e-2, progress: bool = False) -> ExitHeads:
+def train_adapters(model: nn.Module, cache, *, ridge: float = 1e-2, progress: bool = True) -> ExitHeads:
     """Fit one affine adapter per layer (closed-form ridge) on a cache's frozen hidden states.
 
     Parameters
@@ -59,7 +59,7 @@ def train_adapters(model: nn.Module, cache, *, ridge: float = 1e-2, progress: bo
         disjoint from the calibration and test splits.
     ridge : float, default=1e-2
         Ridge penalty relative to the mean eigenvalue of each layer's second-moment matrix (> 0).
-    progress : bool, default=False
+    progress : bool, default=True
         Show a progress bar over layers.
 
     Returns

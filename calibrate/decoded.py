@@ -394,7 +394,7 @@ def fit_decoded(
     train_cache: LayerCache | None = None,
     seed: int = 0,
     decode: Callable[[np.ndarray], str] | None = None,
-    progress: bool = False,
+    progress: bool = True,
 ) -> Certificate:
     """Certify an early-exit threshold by decoding the calibration prompts with the runtime (decoded mode).
 
@@ -447,7 +447,7 @@ def fit_decoded(
     decode : callable, optional
         Token ids (1-D int array) -> text, for the textual losses. Default:
         ``tokenizer.decode(ids, skip_special_tokens=True)``.
-    progress : bool, default=False
+    progress : bool, default=True
         Show a progress bar over the thresholds.
 
     Returns
@@ -583,7 +583,7 @@ def decoded_losses(
     batch_size: int = 8,
     heads: ExitHeads | None = None,
     decode: Callable[[np.ndarray], str] | None = None,
-    progress: bool = False,
+    progress: bool = True,
 ) -> LossTable:
     """Decoded losses of the prompts at **every** grid value of a certificate (no early stop).
 
@@ -595,7 +595,7 @@ def decoded_losses(
         Supplies the grid (``lambdas``), the measure (with its ``measure_state``), the decay and the
         ``consistency``; e.g. a proxy certificate of :func:`calibrate.fit`, or a decoded one with held-out
         prompts (an audit). ``lambda_hat`` is ignored.
-    progress : bool, default=False
+    progress : bool, default=True
         Show a progress bar over the thresholds.
 
     Returns

@@ -41,6 +41,8 @@ __all__ = ["extract", "extract_main", "read_prompts", "rehead"]
 _SHARD_NAME = "batch_{:05d}"
 #: Bytes of float32 logits processed at once by the heads (tokens x layers x vocabulary).
 _LOGITS_BYTES = 64 << 20
+#: Prompts per batch unless told otherwise (also how shards split a prompt file: into whole batches).
+_DEFAULT_BATCH_SIZE = 8
 
 
 # --------------------------------------------------------------------------------------------------
@@ -54,7 +56,7 @@ def extract(
     prompts: Sequence[str],
     *,
     max_new_tokens: int = 32,
-    batch_size: int = 8,
+    batch_size: int = _DEFAULT_BATCH_SIZE,
     heads: ExitHeads | None = None,
     store_hidden: bool = False,
     top_k: int = 8,
@@ -208,10 +210,12 @@ def extract(
 def rehead(cache: LayerCache, heads: ExitHeads) -> LayerCache:
     """The same sequences as ``cache``, with what each layer predicts recomputed through other ``heads``.
 
-    After fitting exit adapters on a train cache (extracted through the plain head), this gives that
-    cache as if it had been extracted through the adapted heads, without running the model again: the
-    learned measures can then train on the train split with the labels (agreement of each layer's
-    prediction with the full model) that the calibration split and the runtime use.
+    This gives a train cache (extracted through the plain head) as if it had been extracted through
+    adapted heads, without running the model again: the learned measures can then train on it with the
+    labels (agreement of each layer's prediction with the full model) that the calibration split and the
+    runtime use. Use adapters fitted on *other* prompts: through adapters fitted on the cache itself its
+    layers agree with the full model in-sample (far more than on new prompts), and a measure trained on
+    those labels exits far too early (``calibrate demo`` cross-fits two halves instead).
 
     Parameters
     ----------
@@ -398,7 +402,7 @@ def extract_main(
     sharding = None
     if shard is not None:
         index, count = shard
-        start, stop = shards.shard_bounds(len(prompts), index, count)
+        start, stop = shards.shard_bounds(len(prompts), index, count, kw.get("batch_size", _DEFAULT_BATCH_SIZE))
         shards.check_manifest(root, count)  # another run's shard count: refused before any work
         plain = (str, int, float, bool, type(None))
         request = {k: v for k, v in kw.items() if k != "progress" and isinstance(v, plain)}

@@ -184,7 +184,9 @@ def _reason(table: LossTable, delta, epsilon, bound, method, p_values, index) ->
     )
 
 
-def _too_few_reason(n: int, delta: float, epsilon: float, bound: str, method="fixed_sequence", k: int = 1) -> str | None:
+def _too_few_reason(
+    n: int, delta: float, epsilon: float, bound: str, method="fixed_sequence", k: int = 1
+) -> str | None:
     """Why nothing can be certified whatever the losses (``None`` when zero loss would be certified).
 
     Zero loss at all ``k`` thresholds is tested as ``method`` tests them, so the per-test level of
@@ -309,7 +311,7 @@ def fit(
     train_fraction: float = TRAIN_FRACTION,
     seed: int = 0,
     decode: Callable[[Sequence[int]], str] | None = None,
-    progress: bool = False,
+    progress: bool | None = None,
     mode: str = "proxy",
     model=None,
     tokenizer=None,
@@ -352,8 +354,9 @@ def fit(
         Seed of the train/calibration split.
     decode : callable, optional
         Token ids -> text for textual losses (see :func:`calibrate.losses.proxy_losses`).
-    progress : bool, default=False
-        Show progress bars.
+    progress : bool, optional
+        Show progress bars. Default: in decoded mode (which decodes the prompts at every tested
+        threshold: minutes to hours), not in proxy mode.
     mode : {"proxy", "decoded"}, default="proxy"
         Where the losses come from. ``"proxy"``: the teacher-forced simulation along the cached full-model
         outputs. ``"decoded"``: :func:`calibrate.fit_decoded` decodes the prompts of the calibration sequences
@@ -425,7 +428,7 @@ def fit(
             train_fraction=train_fraction,
             seed=seed,
             decode=decode,
-            progress=progress,
+            progress=True if progress is None else progress,
             model=model,
             tokenizer=tokenizer,
             heads=heads,
@@ -460,7 +463,7 @@ def fit(
         )
     else:
         table, decay, measure_state, n_train = _proxy_table(
-            cache, decay=decay, decode=decode, progress=progress, **options
+            cache, decay=decay, decode=decode, progress=bool(progress), **options
         )
     cert = certify(table, delta=delta, epsilon=epsilon, bound=bound, method=method)
     return dataclasses.replace(

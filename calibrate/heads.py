@@ -468,9 +468,9 @@ class ExitHeads(nn.Module):
 
         With adapters, ``"adapters_digest"`` is a blake2b digest of their float32 weights, so heads with
         other trained adapters are told apart. For heads made by :meth:`from_model`, ``"model_digest"`` is
-        the model's :func:`~calibrate._digest.weights_digest` (computed now, ~10 ms for a 135M model), so a
-        certificate is refused on other weights of the same architecture and sizes (e.g. a fine-tuned copy,
-        or the model cast to another dtype); None for heads built otherwise.
+        a digest of the model's weights (a strided sample of each parameter, computed now: ~10 ms for a
+        135M model), so a certificate is refused on other weights of the same architecture and sizes (e.g.
+        a fine-tuned copy, or the model cast to another dtype); None for heads built otherwise.
         """
         return {
             "kind": "adapters" if self.has_adapters else "logit_lens",

@@ -55,13 +55,22 @@ def parse_shard(spec: str) -> tuple[int, int]:
     return int(match[1]), int(match[2])
 
 
-def shard_bounds(n: int, index: int, count: int) -> tuple[int, int]:
-    """The prompts ``[start, stop)`` of shard ``index`` of ``count`` over ``n`` prompts (contiguous, sizes differ by <= 1)."""
+def shard_bounds(n: int, index: int, count: int, batch_size: int = 1) -> tuple[int, int]:
+    """The prompts ``[start, stop)`` of shard ``index`` of ``count`` over ``n`` prompts.
+
+    Shards are contiguous runs of whole batches of ``batch_size`` prompts (their batch counts differ by
+    <= 1), so each batch holds the prompts it holds in one unsharded extraction: the same padding and
+    batch size give the same float results, and the joined cache the same checksum.
+    """
     if not 0 <= index < count:
         raise ValueError(f"shard index must lie in [0, {count}), got {index}")
-    if count > n:
-        raise ValueError(f"{count} shards for {n} prompts: every shard needs at least one prompt")
-    return index * n // count, (index + 1) * n // count
+    n_batches = -(-n // batch_size)
+    if count > n_batches:
+        raise ValueError(
+            f"{count} shards for {n} prompts in {n_batches} batches of {batch_size}: every shard needs at least "
+            "one batch; use fewer shards or a smaller batch size"
+        )
+    return min(n, index * n_batches // count * batch_size), min(n, (index + 1) * n_batches // count * batch_size)
 
 
 def prompts_digest(prompts, references) -> str:

@@ -124,6 +124,10 @@ def test_safetensors_round_trip(tmp_path):
     )
     with pytest.raises(ValueError, match="w_out"):
         FFF.load(tmp_path / "shape.safetensors")
+    with pytest.raises(ValueError, match="is a directory, not an FFF layer file"):
+        FFF.load(tmp_path)
+    with pytest.raises(ValueError, match="is not an FFF layer file .*: it does not exist"):
+        FFF.load(tmp_path / "none.safetensors")
 
 
 def test_bad_input():

@@ -102,8 +102,12 @@ def test_manifest_and_shard_specs(tmp_path):
         with pytest.raises(ValueError, match="i/N"):
             parse_shard(bad)
     assert [shard_bounds(10, i, 3) for i in range(3)] == [(0, 3), (3, 6), (6, 10)]
-    with pytest.raises(ValueError, match="at least one prompt"):
+    assert [shard_bounds(40, i, 4, batch_size=8) for i in range(4)] == [(0, 8), (8, 16), (16, 24), (24, 40)]
+    assert [shard_bounds(10, i, 2, batch_size=4) for i in range(2)] == [(0, 4), (4, 10)]  # whole batches
+    with pytest.raises(ValueError, match="every shard needs at least one batch"):
         shard_bounds(2, 0, 3)
+    with pytest.raises(ValueError, match="4 shards for 10 prompts in 3 batches of 4"):
+        shard_bounds(10, 0, 4, batch_size=4)
 
 
 # --------------------------------------------------------------------------------------------------

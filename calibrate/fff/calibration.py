@@ -212,7 +212,7 @@ def fit(
     batch_size: int | None = None,
     tokenizer=None,
     max_new_tokens: int = 32,
-    progress: bool = False,
+    progress: bool = True,
 ) -> Certificate:
     """Certify the smallest FFF evaluation depth whose risk stays within ``delta`` (knob ``fff_depth``).
 
@@ -227,7 +227,7 @@ def fit(
     bound, method
         p-value and family-wise procedure (see :func:`calibrate.certify`). Language models are tested
         by fixed-sequence testing only, decoding a depth only when the walk reaches it.
-    progress : bool, default=False
+    progress : bool, default=True
         Show a progress bar over the depths (language models).
 
     Returns

@@ -230,6 +230,13 @@ class FFF(nn.Module):
         """Read a layer written by :meth:`save`; unreadable files and missing or misshapen tensors fail naming them."""
         from safetensors import SafetensorError, safe_open
 
+        if Path(path).is_dir():  # safetensors says "No such device (os error 19)"
+            raise ValueError(
+                f"{path} is a directory, not an FFF layer file (FFF.save); a language model's FFF blocks load with "
+                "load_blocks"
+            )
+        if not Path(path).is_file():
+            raise ValueError(f"{path} is not an FFF layer file (FFF.save): it does not exist")
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}

@@ -67,7 +67,7 @@ def fit(
     max_new_tokens: int = 32,
     batch_size: int = 8,
     decode: Callable[[np.ndarray], str] | None = None,
-    progress: bool = False,
+    progress: bool = True,
 ) -> Certificate:
     """Certify the largest token-elimination speed-up whose risk stays within ``delta`` (decoded mode).
 
@@ -105,7 +105,7 @@ def fit(
         Prompts per decode call.
     decode : callable, optional
         Token ids -> text for the textual losses (default: the tokenizer, special tokens skipped).
-    progress : bool, default=False
+    progress : bool, default=True
         Show a progress bar over the speed-ups.
 
     Returns
@@ -230,7 +230,7 @@ def audit(
     max_new_tokens: int = 32,
     batch_size: int = 8,
     decode: Callable[[np.ndarray], str] | None = None,
-    progress: bool = False,
+    progress: bool = True,
 ) -> AuditReport:
     """Held-out risk of a ``token_keep`` certificate at every speed-up of its grid (for the curve and the figure).
 
@@ -240,7 +240,7 @@ def audit(
         A ``token_keep`` certificate of ``model`` (from :func:`fit`).
     model, tokenizer, prompts, references, max_new_tokens, batch_size, decode
         As in :func:`fit`; ``prompts`` are held out. Each grid value costs one pass over them.
-    progress : bool, default=False
+    progress : bool, default=True
         Show a progress bar over the speed-ups.
 
     Returns

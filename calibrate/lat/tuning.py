@@ -243,7 +243,7 @@ def finetune(
     score: str = "attention",
     seed: int = 0,
     max_seconds: float | None = None,
-    progress: bool = False,
+    progress: bool = True,
 ) -> FinetuneResult:
     """Tune a decoder so that one set of weights serves every token-elimination speed-up in a range.
 
@@ -281,7 +281,7 @@ def finetune(
         Seed of the adapters' initialisation, the batches and the speed-ups drawn.
     max_seconds : float, optional
         Stop after this much training time even if fewer than ``steps`` steps ran.
-    progress : bool, default=False
+    progress : bool, default=True
         Show progress bars.
 
     Returns

@@ -185,6 +185,8 @@ class AuditReport:
         return fig
 
     def _plot_knob(self, fig):
+        from matplotlib.ticker import MaxNLocator
+
         cert = self.certificate
         ax = fig.subplots()
         speedup = cert.knob == "token_keep"
@@ -201,6 +203,7 @@ class AuditReport:
         else:
             title = "Fast feedforward depth"
             ax.set(xlabel="evaluation depth (faster to the right)")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # depths are whole levels of the tree
             ax.invert_xaxis()
         ax.set(ylabel=f"risk ({cert.consistency})", title=f"{title}, epsilon = {cert.epsilon:g}")
         ax.legend(fontsize=8)

@@ -85,8 +85,11 @@ def test_audit_reports_held_out_risk_at_every_depth():
     np.testing.assert_allclose(report.risks, table.risks)
     assert report.risk == pytest.approx(table.risks[cert.index]) and report.n == 1000
     assert "evaluation depth" in report.summary()
-    line = report.plot().axes[0].lines[1]
-    assert line.get_xdata().tolist() == list(cert.lambdas)
+    ax = report.plot().axes[0]
+    assert ax.lines[1].get_xdata().tolist() == list(cert.lambdas)
+    shallow = _classifier(seed=2, depth=3)
+    ticks = fff.audit(fff.fit(shallow, torch.randn(500, 12), delta=0.5), shallow, held).plot().axes[0].get_xticks()
+    assert all(float(t).is_integer() for t in ticks)  # whole depths 0..3, no 2.5
 
 
 def test_risk_label_counts_only_new_mistakes():

@@ -62,6 +62,7 @@ def test_classify_speedup_one_equals_the_model(arch, batch):
     ids, mask = _right_padded(ROWS[:batch])
     expected = model(input_ids=ids, attention_mask=mask).logits
     out = lat.classify(model, ids, mask)
+    assert not out.logits.requires_grad  # inference: no autograd graph kept
     torch.testing.assert_close(out.logits, expected, rtol=1e-5, atol=1e-5)
     assert out.logits.shape == (batch, 3) and torch.equal(out.labels, expected.argmax(dim=-1))
     torch.testing.assert_close(lat.classify(model, ids, mask, certificate=_full_only(model)).logits, expected)

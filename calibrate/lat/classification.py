@@ -89,6 +89,7 @@ def _token_types_iv(token_type_ids, shape: torch.Size, n_types: int) -> None:
         raise ValueError(f"token_type_ids must lie in [0, config.type_vocab_size={n_types})")
 
 
+@torch.no_grad()
 def classify(
     model: nn.Module,
     input_ids: torch.Tensor,

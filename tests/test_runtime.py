@@ -810,6 +810,10 @@ def test_certificate_for_other_heads_is_refused(fitted_llama):
         generate(model, ids, certificate=plain, heads=heads)
     with pytest.raises(ValueError, match="heads were made .* from another model"):
         generate(tiny_model("llama", seed=7), ids, heads=ExitHeads.from_model(model))
+    cast = copy.deepcopy(model)
+    cast_heads = _trained_adapters(cast)
+    with pytest.raises(ValueError, match=r"adapters are torch.float32 on cpu but the model runs in torch.bfloat16"):
+        generate(cast.to(torch.bfloat16), ids, heads=cast_heads)
     generate(copy.deepcopy(model), ids, certificate=plain, heads=ExitHeads.from_model(model), max_new_tokens=2)
 
 
@@ -823,6 +827,8 @@ def test_refuses_bad_models_and_prompts():
     ids, mask = left_pad(PROMPTS)
     with pytest.raises(ValueError, match="left-padded"):
         generate(model, ids, mask.flip(1))
+    with pytest.raises(ValueError, match=r"no attention_mask was given, so it was inferred .* left-padded"):
+        generate(model, torch.tensor([[5, PAD, 6]]))  # a pad id inside the prompt, no mask
     with pytest.raises(ValueError, match="context"):
         generate(model, ids, mask, max_new_tokens=60)
     with pytest.raises(ValueError, match="exit_layer"):

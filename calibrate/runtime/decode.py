@@ -588,7 +588,14 @@ def _ids_iv(
     if mask is None and special_tokens is not None:
         eos, pad = special_tokens
         if pad is not None and pad not in eos and bool((ids == pad).any()):
-            mask = (ids != pad).long()
+            inferred = (ids != pad).long()
+            try:
+                return ids, _mask_iv(inferred, ids.shape, device, left_padded=left_padded)
+            except ValueError as exc:
+                raise ValueError(
+                    f"no attention_mask was given, so it was inferred as input_ids != pad_token_id={pad} (as "
+                    f"model.generate does) and then: {exc}; pass the tokenizer's attention_mask"
+                ) from None
     return ids, _mask_iv(mask, ids.shape, device, left_padded=left_padded)
 
 
@@ -695,6 +702,12 @@ def _generate_iv(
         raise ValueError(
             "heads were made (ExitHeads.from_model) from another model than the one decoding (other weights): "
             "a layer would be read through another model's norm and LM head"
+        )
+    if heads.has_adapters and (heads.adapter_weight.dtype, heads.adapter_weight.device) != (adapter.dtype, device):
+        raise ValueError(
+            f"the heads' adapters are {heads.adapter_weight.dtype} on {heads.adapter_weight.device} but the model runs "
+            f"in {adapter.dtype} on {device}: load the adapters after moving or casting the model "
+            "(calibrate.adapters.load_adapters(path, model))"
         )
     if heads.n_layers != n_layers or heads.hidden_size != adapter.hidden_size:
         raise ValueError(

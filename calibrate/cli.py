@@ -10,6 +10,11 @@ from pathlib import Path
 __all__ = ["main"]
 
 
+_BOUND_HELP = "p-value bound (default hoeffding_bentkus)"
+_DEVICE_HELP = "torch device of the model, e.g. cuda (default cpu)"
+_DTYPE_HELP = "torch dtype of the model's weights, e.g. bfloat16 (default: as saved)"
+
+
 def _add_fit_options(p: argparse.ArgumentParser) -> None:
     from calibrate.bounds import P_VALUES
     from calibrate.fit import METHODS
@@ -19,10 +24,18 @@ def _add_fit_options(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--delta", type=float, default=0.1, help="tolerance on the loss, in (0, 1) (default 0.1)")
     p.add_argument("--epsilon", type=float, default=0.05, help="failure probability, in (0, 1) (default 0.05)")
-    p.add_argument("--measure", default="softmax_gap", choices=(*MEASURES, *LEARNED_MEASURES))
-    p.add_argument("--consistency", default="token", choices=CONSISTENCIES)
-    p.add_argument("--bound", default="hoeffding_bentkus", choices=tuple(P_VALUES))
-    p.add_argument("--method", default="fixed_sequence", choices=METHODS)
+    p.add_argument(
+        "--measure", default="softmax_gap", choices=(*MEASURES, *LEARNED_MEASURES),
+        help="confidence measure (default softmax_gap)",
+    )
+    p.add_argument(
+        "--consistency", default="token", choices=CONSISTENCIES, help="loss of the early output (default token)"
+    )
+    p.add_argument("--bound", default="hoeffding_bentkus", choices=tuple(P_VALUES), help=_BOUND_HELP)
+    p.add_argument(
+        "--method", default="fixed_sequence", choices=METHODS,
+        help="family-wise error control over the thresholds (default fixed_sequence)",
+    )
     p.add_argument(
         "--decay", type=float, default=None, metavar="TAU", help="decaying threshold with rate TAU (CALM: 4)"
     )
@@ -376,12 +389,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="directory written by save_pretrained (model and tokenizer)")
     p.add_argument("--prompts", required=True, help="one prompt per line, or JSONL with 'prompt' and 'reference'")
     p.add_argument("-o", "--output", required=True, help="cache directory to write")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--top-k", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated per prompt (default 32)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass (default 8)")
+    p.add_argument("--top-k", type=int, default=8, help="log-probabilities kept per layer and token (default 8)")
     p.add_argument("--store-hidden", action="store_true", help="store float16 hidden states (for the classifier)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None)
+    p.add_argument("--device", default=None, help=_DEVICE_HELP)
+    p.add_argument("--dtype", default=None, help=_DTYPE_HELP)
     p.add_argument(
         "--shard",
         default=None,
@@ -390,8 +403,8 @@ def _parser() -> argparse.ArgumentParser:
         "joins them (default under torchrun: RANK/WORLD_SIZE)",
     )
     p.add_argument("--shard-dir", default=None, help="where each batch is saved as it completes; rerunning resumes from it")
-    p.add_argument("--keep-shards", action="store_true")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--keep-shards", action="store_true", help="keep --shard-dir after the cache is written")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
     p.set_defaults(func=_cmd_extract)
 
     p = sub.add_parser("lat-fit", help="certify a token-elimination speed-up by decoding prompts (decoded mode)")
@@ -408,12 +421,12 @@ def _parser() -> argparse.ArgumentParser:
         choices=(*CONSISTENCIES, "label", "risk_label"),
         help="loss (default: token for generators, label for classifiers)",
     )
-    p.add_argument("--bound", default="hoeffding_bentkus", choices=tuple(P_VALUES))
+    p.add_argument("--bound", default="hoeffding_bentkus", choices=tuple(P_VALUES), help=_BOUND_HELP)
     p.add_argument("--score", default="attention", help="contribution score: attention (default) or value")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None)
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens decoded per prompt (default 32)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass (default 8)")
+    p.add_argument("--device", default=None, help=_DEVICE_HELP)
+    p.add_argument("--dtype", default=None, help=_DTYPE_HELP)
     p.add_argument("-o", "--output", help="write the certificate as JSON")
     p.set_defaults(func=_cmd_lat_fit)
 
@@ -435,21 +448,23 @@ def _parser() -> argparse.ArgumentParser:
         "--consistency", default=None, choices=CONSISTENCIES, help="language model: the loss (default token)"
     )
     p.add_argument("--max-new-tokens", type=int, default=32, help="language model: tokens decoded per prompt")
-    p.add_argument("--batch-size", type=int, default=None, help="inputs or prompts per forward pass")
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None)
+    p.add_argument(
+        "--batch-size", type=int, default=None, help="inputs (default 1024) or prompts (default 8) per forward pass"
+    )
+    p.add_argument("--device", default=None, help=_DEVICE_HELP)
+    p.add_argument("--dtype", default=None, help=_DTYPE_HELP)
     p.add_argument("--delta", type=float, default=0.1, help="tolerance on the loss, in (0, 1) (default 0.1)")
     p.add_argument("--epsilon", type=float, default=0.05, help="failure probability, in (0, 1) (default 0.05)")
-    p.add_argument("--bound", default="hoeffding_bentkus", choices=tuple(P_VALUES))
+    p.add_argument("--bound", default="hoeffding_bentkus", choices=tuple(P_VALUES), help=_BOUND_HELP)
     p.add_argument("-o", "--output", help="write the certificate as JSON")
     p.set_defaults(func=_cmd_fff_fit)
 
     p = sub.add_parser("synthetic", help="write a synthetic layer cache")
-    p.add_argument("-o", "--output", required=True)
-    p.add_argument("--sequences", type=int, default=500)
-    p.add_argument("--layers", type=int, default=12)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("-o", "--output", required=True, help="cache directory to write")
+    p.add_argument("--sequences", type=int, default=500, help="sequences in the cache (default 500)")
+    p.add_argument("--layers", type=int, default=12, help="layers per token (default 12)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
     p.set_defaults(func=_cmd_synthetic)
 
     p = sub.add_parser("demo", help="the whole path on the built-in default (SmolLM2 if installed, else synthetic)")
@@ -463,9 +478,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cal", type=int, default=128, help="real model: calibration prompts")
     p.add_argument("--test", type=int, default=32, help="real model: held-out prompts (audit and timed decoding)")
     p.add_argument("--max-new-tokens", type=int, default=16, help="real model: tokens generated per prompt")
-    p.add_argument("--delta", type=float, default=0.1)
-    p.add_argument("--epsilon", type=float, default=0.05)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--delta", type=float, default=0.1, help="tolerance on the loss, in (0, 1) (default 0.1)")
+    p.add_argument("--epsilon", type=float, default=0.05, help="failure probability, in (0, 1) (default 0.05)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data splits (default 0)")
     p.set_defaults(func=_cmd_demo)
     return parser
 

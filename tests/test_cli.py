@@ -121,3 +121,19 @@ def test_real_model_demo_small(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert [row["measure"] for row in summary["table"]] == ["state_saturation", "classifier", "halting_geometric", "softmax_gap"]
     assert len(summary["agreement_adapters"]) == 30 and summary["agreement_adapters"][-1] == 1.0
+
+
+def test_every_option_has_help():
+    """The CLI reference (docs/cli.rst) is generated from the parser: no option without a description."""
+    import argparse
+
+    from calibrate.cli import _parser
+
+    subparsers = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
+    missing = [
+        f"{name} {action.option_strings or action.dest}"
+        for name, sub in subparsers.choices.items()
+        for action in sub._actions
+        if not isinstance(action, argparse._HelpAction) and not action.help
+    ]
+    assert not missing, missing

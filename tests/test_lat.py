@@ -246,6 +246,20 @@ PROMPTS = [
 ]
 
 
+@pytest.mark.parametrize("setting", [{"repetition_penalty": 1.5}, {"no_repeat_ngram_size": 1}])
+@pytest.mark.parametrize("arch", ["llama", "t5"])
+def test_generation_config_processors_apply_like_hf(arch, setting):
+    """The model's generation config changes greedy choices in model.generate: token elimination applies the
+    same logits processors (speedup 1 equals model.generate; a faster speedup decodes with them too)."""
+    model = tiny_model(arch, seed=3, n_layers=3)
+    ids, mask = _batch(PROMPTS) if arch == "llama" else (torch.tensor([p[1:] for p in PROMPTS[3:]]), None)
+    plain = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=10)
+    model.generation_config.update(**setting)
+    expected = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=10)
+    assert not torch.equal(expected, plain)  # the setting matters here
+    torch.testing.assert_close(lat.generate(model, ids, mask, max_new_tokens=10).sequences, expected, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2"])
 @pytest.mark.parametrize("batch", [1, 4])
 def test_speedup_one_equals_hf_generate(arch, batch):

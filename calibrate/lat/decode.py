@@ -15,7 +15,7 @@ T5 thins out its encoder instead (:mod:`calibrate.lat.encoders`); the full decod
 the survivors of the last encoder layer.
 
 With ``speedup=1`` (or a "full model only" certificate) nothing is removed and the tokens equal
-``model.generate(do_sample=False)``. This module imports torch; ``import calibrate`` does not import it.
+``model.generate(do_sample=False)``, including the logits processors of the model's generation config. This module imports torch; ``import calibrate`` does not import it.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from calibrate.runtime.decode import (
     _decode,
     _decoder_start_iv,
     _generate_iv,
+    _greedy_processors,
     _ids_iv,
     _int_iv,
     _special_tokens_iv,
@@ -222,6 +223,7 @@ def generate(
     logits = heads(h_last[:, -1], layer=L - 1).float()  # (B, V)
 
     # 2. Decode: every layer; at layer i the new token attends to that layer's survivors and new tokens.
+    processors = _greedy_processors(model, ids, ids, T, tokens)  # the generation config's, as model.generate
     sequences = torch.full((B, P + T), pad_id, dtype=torch.long, device=ids.device)
     sequences[:, :P] = ids
     eos = torch.tensor(eos_ids, dtype=torch.long, device=ids.device)
@@ -229,6 +231,8 @@ def generate(
     first_new_position = mask.sum(dim=1)  # (B,)
     t = 0
     while True:
+        if processors is not None:
+            logits = processors(sequences[:, : P + t], logits)  # (B, V)
         token = torch.where(unfinished, logits.argmax(dim=-1), torch.full_like(unfinished, pad_id, dtype=torch.long))
         sequences[:, P + t] = token
         if eos.numel():
@@ -285,7 +289,7 @@ def _generate_encoder_decoder(
     states, valid, kept, processed = encode(encoder, ids, mask, keep, always, score)  # (B, W, d), (B, W)
     start = torch.full((ids.shape[0], 1), _decoder_start_iv(model), dtype=torch.long, device=device)
     run = _generate_iv(model, start, valid.long(), None, max_new_tokens, None, None, tokens, encoder_states=states)
-    out = _decode(run, *run.inputs)
+    out = _decode(run, *run.inputs, logits_processor=_greedy_processors(model, start, ids, max_new_tokens, tokens))
     return EliminationOutput(
         sequences=out.sequences,
         prompt_length=1,

@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -36,6 +37,9 @@ from calibrate.exits import Decay
 from calibrate.heads import ExitHeads, context_positions, decoder_layers
 from calibrate.runtime._layers import KVCache, LayerAdapter, Step, adapter_for, additive_mask
 from calibrate.runtime._measures import RUNTIME_MEASURES, RuntimeMeasure, build_measure
+
+if TYPE_CHECKING:
+    from transformers import LogitsProcessorList
 
 __all__ = ["EarlyExitConfig", "EarlyExitOutput", "custom_generate", "generate"]
 
@@ -314,25 +318,30 @@ def generate(
     """
     special_tokens = _special_tokens_iv(model, tokenizer, eos_token_id, pad_token_id)
     run = _generate_iv(model, input_ids, attention_mask, certificate, max_new_tokens, heads, exit_layer, special_tokens)
-    return _decode(run, *run.inputs, logits_processor=_greedy_processors(model, run, special_tokens))
+    prompt = run.inputs[0]  # (B, P): the decoder prompt; the encoder's input is what generate calls encoder_input_ids
+    processors = _greedy_processors(
+        model, prompt, prompt if run.encoder is None else run.encoder.ids, run.config.max_new_tokens, special_tokens
+    )
+    return _decode(run, *run.inputs, logits_processor=processors)
 
 
-def _greedy_processors(model, run: _Run, special_tokens: tuple[tuple[int, ...], int | None]):
+def _greedy_processors(
+    model, prompt: torch.Tensor, encoder_ids: torch.Tensor, max_new_tokens: int, special_tokens
+) -> LogitsProcessorList | None:
     """The logits processors ``model.generate(do_sample=False)`` builds from the model's generation config, or None.
 
     E.g. a repetition penalty, n-gram blocking, a minimum length, forced BOS/EOS tokens, suppressed tokens.
     They are built by Hugging Face's own preparation steps (private methods of ``GenerationMixin``), so that
-    they are exactly the ones ``model.generate`` applies, with this run's EOS ids, pad id and lengths.
+    they are exactly the ones ``model.generate`` applies, for the decoder prompt ``prompt`` ``(B, P)``, the
+    encoder input ``encoder_ids`` (the prompt for decoder-only models), ``max_new_tokens`` and the
+    ``special_tokens`` (EOS ids, pad id) of the run. Token elimination's decoding uses them too.
     """
     if getattr(model, "generation_config", None) is None:
         return None
-    prompt = run.inputs[0]  # (B, P): the decoder prompt
-    encoder_ids = prompt if run.encoder is None else run.encoder.ids  # what generate's encoder_input_ids are
     eos, pad = special_tokens
     config = copy.deepcopy(model.generation_config)
     config.update(
-        do_sample=False, num_beams=1, max_new_tokens=run.config.max_new_tokens, eos_token_id=list(eos) or None,
-        pad_token_id=pad,
+        do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, eos_token_id=list(eos) or None, pad_token_id=pad
     )
     model._prepare_special_tokens(config, kwargs_has_attention_mask=True, device=prompt.device)
     model._prepare_generated_length(

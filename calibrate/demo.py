@@ -351,7 +351,8 @@ def _decode_speeds(data: SmolLM2Data, certificates: dict, n: int, max_new_tokens
     """Decode ``n`` held-out prompts with each certificate and with the full model.
 
     Returns one row per measure that certified a threshold and that the runtime evaluates: tokens/s relative
-    to the full model, mean exit layer, and the mean decoded loss against the full model's text.
+    to the full model (timed right before it, so that a change of machine load hits both), mean exit layer,
+    and the mean decoded loss against the full model's text.
     """
     from calibrate.runtime import RUNTIME_MEASURES, generate
     from measures.consistency import textual_loss
@@ -373,11 +374,12 @@ def _decode_speeds(data: SmolLM2Data, certificates: dict, n: int, max_new_tokens
 
     b = batches[0]
     generate(data.model, b["input_ids"], b["attention_mask"], None, 2, data.heads, tokenizer=tok)  # warm-up
-    full, full_tps, _ = run(None)
+    full, _, _ = run(None)
     rows = []
     for measure, cert in certificates.items():
         if cert.lambda_hat is None or measure not in RUNTIME_MEASURES:
             continue
+        _, full_tps, _ = run(None)  # timed next to each early-exit run: a load change hits both alike
         early, tps, layer = run(cert)
         loss = float(np.mean(textual_loss(early, full, cert.consistency)))
         rows.append({"measure": measure, "decoded_exit_layer": layer, "speedup": tps / full_tps, "decoded_loss": loss})

@@ -272,7 +272,8 @@ def bentkus(mean_loss, n: int, tolerance: float):
     losses ``n * mean_loss``; to keep float error from adding one (``100 * 0.07`` is
     ``7.000000000000001``), the ceiling is taken of ``count - (n + 2) * eps * max(1, count)`` (``eps`` =
     2**-52, a bound on the rounding error of a sum of ``n`` terms). This lowers the count only when the
-    sum is that integer up to rounding; a genuinely fractional sum keeps its ceiling. :func:`p_values` passes the sum of the losses directly.
+    sum is that integer up to rounding; a genuinely fractional sum keeps its ceiling. :func:`p_values`
+    passes the sum of the losses directly.
 
     References
     ----------

@@ -1125,7 +1125,10 @@ def _make_table(ids, prompts, outputs, references, full_tokens, offsets) -> pd.D
 
 
 def _check_meta(root: Path, meta: dict, arrays: dict, offsets: np.ndarray, vocab) -> int:
-    """A saved cache's ``vocab_size``, structure and recorded sizes against its arrays (numpy or zarr); its vocab_size."""
+    """Check a saved cache's ``vocab_size``, structure and recorded sizes against its arrays (numpy or zarr).
+
+    Returns the vocabulary size.
+    """
     vocab_size = meta.get("vocab_size")
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
         raise ValueError(f"{root / _META_FILE}: 'vocab_size' must be a positive int, got {vocab_size!r}")

@@ -15,7 +15,8 @@ T5 thins out its encoder instead (:mod:`calibrate.lat.encoders`); the full decod
 the survivors of the last encoder layer.
 
 With ``speedup=1`` (or a "full model only" certificate) nothing is removed and the tokens equal
-``model.generate(do_sample=False)``, including the logits processors of the model's generation config. This module imports torch; ``import calibrate`` does not import it.
+``model.generate(do_sample=False)``, including the logits processors of the model's generation config.
+This module imports torch; ``import calibrate`` does not import it.
 """
 
 from __future__ import annotations

@@ -45,7 +45,7 @@ def _certify_iv(losses, lambdas, delta, epsilon, bound, method, knob):
             raise ValueError(f"method must be one of {METHODS} or a calibrate.fwer.FWERProcedure, got {method!r}")
         method_name = method
     elif isinstance(method, _fwer.FWERProcedure):
-        method_name = getattr(method, "name", type(method).__name__)
+        method_name = _method_name(method)
         if method_name == "crc":  # a certificate saying "crc" claims conformal risk control's guarantee
             raise ValueError("a custom FWERProcedure cannot be named 'crc' (conformal risk control's name)")
     else:
@@ -146,7 +146,7 @@ def certify(
         hits = np.flatnonzero(rejected)
         index = int(hits[-1]) if hits.size else None
         bound_name = bound
-    reason = _reason(table, delta, epsilon, bound, method_name, p_values, index)
+    reason = _reason(table, delta, epsilon, bound, method, p_values, index)
     return Certificate(
         lambda_hat=None if index is None else float(lam[index]),
         delta=delta,
@@ -167,7 +167,13 @@ def certify(
     )
 
 
+def _method_name(method) -> str:
+    """The name a certificate records for a method given by name or as an FWERProcedure."""
+    return method if isinstance(method, str) else getattr(method, "name", type(method).__name__)
+
+
 def _reason(table: LossTable, delta, epsilon, bound, method, p_values, index) -> str:
+    """Why nothing is certified (``""`` when something is); ``method`` as given to :func:`certify`."""
     if index is not None:
         return ""
     if method == "crc":
@@ -179,7 +185,7 @@ def _reason(table: LossTable, delta, epsilon, bound, method, p_values, index) ->
     if too_few is not None:
         return too_few
     return (
-        f"no threshold rejected by {method} at epsilon={epsilon:g}; the safest value lambda={table.lambdas[0]:.6g} "
+        f"no threshold rejected by {_method_name(method)} at epsilon={epsilon:g}; the safest value lambda={table.lambdas[0]:.6g} "
         f"has empirical risk {table.risks[0]:.4f} and p={p_values[0]:.3g}"
     )
 
@@ -200,10 +206,9 @@ def _too_few_reason(
             f"too few examples: with n={n} even zero observed loss gives p={best:.3g} > "
             f"epsilon={epsilon:g} under the {bound} bound"
         )
-    name = method if isinstance(method, str) else getattr(method, "name", type(method).__name__)
     return (
         f"too few examples: with n={n} even zero observed loss gives p={best:.3g} under the {bound} bound, "
-        f"which {name} rejects at none of {k} thresholds at epsilon={epsilon:g}"
+        f"which {_method_name(method)} rejects at none of {k} thresholds at epsilon={epsilon:g}"
     )
 
 

@@ -104,6 +104,20 @@ def test_a_custom_procedure_named_crc_is_refused():
         calibrate.certify(np.zeros((200, 3)), [3, 2, 1], method=Mine())
 
 
+
+def test_reason_of_a_custom_procedure_that_certifies_nothing():
+    """The reason tests zero loss with the procedure itself (its name is no built-in method)."""
+
+    class Mine(fwer.FWERProcedure):
+        name = "mine"
+
+        def reject(self, p_values, epsilon):
+            return fwer.bonferroni(p_values, epsilon)
+
+    assert "no threshold rejected by mine" in calibrate.certify(np.ones((400, 3)), [3, 2, 1], method=Mine()).reason
+    assert "which mine rejects at none of 3" in calibrate.certify(np.zeros((35, 3)), [3, 2, 1], method=Mine()).reason
+
+
 def test_safest_failing_says_so():
     cert = calibrate.certify(np.ones((2000, 2)), [0.9, 0.5], delta=0.1, epsilon=0.05)
     assert cert.lambda_hat is None and "safest value" in cert.reason

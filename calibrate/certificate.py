@@ -7,6 +7,7 @@ import json
 import numbers
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import MappingProxyType
@@ -48,6 +49,21 @@ def _spend_iv(certificate, knob: str, model: str, source: str) -> None:
     if certificate.model is not None and certificate.model != model:
         raise ValueError(
             f"this certificate was made for the model {certificate.model!r}, not {model!r}; certify the model you run"
+        )
+
+
+def _budget_warning(certificate, max_new_tokens: int, stacklevel: int) -> None:
+    """Warn when decoding more new tokens than a certificate's calibration outputs had (beyond it: uncertified)."""
+    if certificate is None or certificate.lambda_hat is None:  # the full model: exact at any length
+        return
+    budget = certificate.max_new_tokens
+    if budget is not None and max_new_tokens > budget:
+        warnings.warn(
+            f"decoding up to max_new_tokens={max_new_tokens} new tokens, but the certificate's calibration outputs had "
+            f"at most {budget}: what it certifies says nothing about longer outputs (certify with the budget you "
+            "deploy)",
+            UserWarning,
+            stacklevel=stacklevel + 1,
         )
 
 
@@ -120,6 +136,10 @@ class Certificate:
         Token-averaged exit layer per grid value on the calibration set (``nan`` where not tested).
     n_layers : int or None
         Number of layers of the model.
+    max_new_tokens : int or None
+        Generation budget of the calibration outputs (new tokens per output; from the cache's generation
+        settings, or the decoding budget in decoded mode). The certificate covers outputs of at most this
+        many tokens: the runtime warns when asked to decode more. None when unknown.
     reason : str
         Why the result is what it is (e.g. why nothing was certified).
     measure_state : mapping or None
@@ -158,6 +178,7 @@ class Certificate:
     decay: Mapping[str, Any] | None = None
     avg_layers: tuple[float, ...] | None = None
     n_layers: int | None = None
+    max_new_tokens: int | None = None
     reason: str = ""
     measure_state: Mapping[str, Any] | None = field(default=None, repr=False)
     n_train: int = 0
@@ -193,8 +214,9 @@ class Certificate:
             put(name, open_interval(getattr(self, name), f"Certificate.{name}"))
         put("n", int_at_least(self.n, "Certificate.n", 0))
         put("n_train", int_at_least(self.n_train, "Certificate.n_train", 0))
-        if self.n_layers is not None:
-            put("n_layers", int_at_least(self.n_layers, "Certificate.n_layers"))
+        for name in ("n_layers", "max_new_tokens"):
+            if getattr(self, name) is not None:
+                put(name, int_at_least(getattr(self, name), f"Certificate.{name}"))
         if self.lambda_hat is not None:
             if isinstance(self.lambda_hat, (bool, np.bool_)) or not isinstance(self.lambda_hat, numbers.Real):
                 raise ValueError(f"Certificate.lambda_hat must be a number or None, got {self.lambda_hat!r}")
@@ -345,6 +367,8 @@ class Certificate:
                 f"  expected layers {self.expected_layers:.2f} of {self.n_layers} "
                 f"(saves {100 * self.layer_savings:.1f}% of layers)"
             )
+        if self.max_new_tokens is not None:
+            lines.append(f"  outputs of at most {self.max_new_tokens} new tokens (deploy with max_new_tokens <= that)")
         n_tested = sum(self.tested)
         if n_tested < len(self.lambdas):
             lines.append(
@@ -379,11 +403,12 @@ class Certificate:
 
         Unknown or missing fields, and fields of the wrong type or range, raise ``ValueError`` naming them;
         so does a ``lambda_hat`` that is not certified. ``null`` entries of the per-threshold numbers are NaN.
+        ``max_new_tokens``, which certificates of earlier versions lack, may be missing (then None).
         """
         if not isinstance(data, Mapping):
             raise TypeError(f"data must be a mapping (Certificate.to_dict()), got {type(data).__name__}")
         names = {f.name for f in fields(cls)}
-        unknown, missing = set(data) - names, names - set(data)
+        unknown, missing = set(data) - names, names - set(data) - {"max_new_tokens"}
         if unknown or missing:
             raise ValueError(f"certificate fields: unknown {sorted(unknown)}, missing {sorted(missing)}")
         kwargs = dict(data)

@@ -295,6 +295,7 @@ def _template(decoder: _Decoder, lam, heads: ExitHeads, **fields) -> Certificate
         certified=(False,) * k,
         avg_layers=untested,
         n_layers=heads.n_layers,
+        max_new_tokens=decoder.max_new_tokens,
         mode="decoded",
         consistency=decoder.consistency,
         model=getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None) or None,

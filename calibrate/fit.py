@@ -8,6 +8,7 @@ proxy losses -> :func:`certify`.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Callable, Sequence
 
 import numpy as np
@@ -212,6 +213,16 @@ def _too_few_reason(
     )
 
 
+def _generation_budget(cache) -> int | None:
+    """The cache's ``meta["generation"]["max_new_tokens"]`` (new tokens per output), None when not recorded."""
+    value = (cache.user_meta.get("generation") or {}).get("max_new_tokens")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"the cache's meta['generation']['max_new_tokens'] must be an int >= 1, got {value!r}")
+    return int(value)
+
+
 def _decay_iv(decay, cache) -> Decay | None:
     if decay is None or isinstance(decay, Decay):
         return decay
@@ -222,13 +233,13 @@ def _decay_iv(decay, cache) -> Decay | None:
         return Decay(**decay)
     if isinstance(decay, (int, float)) and not isinstance(decay, bool):
         # N must not depend on the calibration data, so it comes from the generation settings
-        max_len = (cache.user_meta.get("generation") or {}).get("max_new_tokens")
-        if not max_len:
+        max_len = _generation_budget(cache)
+        if max_len is None:
             raise ValueError(
                 "decay=<tau> takes N from the cache's generation settings (meta['generation']['max_new_tokens']), "
                 "which this cache lacks; pass decay=calibrate.Decay(max_len=N, tau=tau)"
             )
-        return Decay(max_len=int(max_len), tau=float(decay))
+        return Decay(max_len=max_len, tau=float(decay))
     raise TypeError(f"decay must be None, a Decay, a dict or a float tau, got {type(decay).__name__}")
 
 
@@ -477,6 +488,7 @@ def fit(
         decay=None if decay is None else decay.to_dict(),
         measure_state=measure_state,
         n_train=n_train,
+        max_new_tokens=_generation_budget(cache),
         cache_checksum=cache.checksum,
         model=cache.user_meta.get("model"),
         heads=cache.user_meta.get("heads"),
@@ -492,8 +504,8 @@ def _fit_cache_decoded(
             "mode='decoded' needs model= and tokenizer= (the runtime decodes the cache's prompts); got "
             f"model={type(model).__name__}, tokenizer={type(tokenizer).__name__}"
         )
-    max_new_tokens = (cache.user_meta.get("generation") or {}).get("max_new_tokens")
-    if not max_new_tokens:
+    max_new_tokens = _generation_budget(cache)
+    if max_new_tokens is None:
         raise ValueError(
             "mode='decoded' decodes with the cache's max_new_tokens (meta['generation']['max_new_tokens']), which "
             "this cache lacks; call calibrate.fit_decoded(model, tokenizer, prompts, max_new_tokens=...) instead"
@@ -511,7 +523,7 @@ def _fit_cache_decoded(
         epsilon,
         references=[r if isinstance(r, str) else None for r in table["reference"].tolist()],
         decay=decay,
-        max_new_tokens=int(max_new_tokens),
+        max_new_tokens=max_new_tokens,
         train_cache=train,
         seed=seed,
         **options,

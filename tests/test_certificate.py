@@ -27,6 +27,7 @@ def _cert(**overrides):
         decay={"max_len": 64, "tau": 4.0},
         avg_layers=(10.5, 8.25, 3.0),
         n_layers=12,
+        max_new_tokens=32,
         measure_state={"weights": [[0.5, -1.0]], "kind": "x"},
     )
     base.update(overrides)
@@ -91,7 +92,7 @@ def test_frame_summary_and_repr():
     assert list(frame["avg_layers"]) == [10.5, 8.25, 3.0]
     text = cert.summary()
     assert "lambda_hat = 0.8" in text and "delta (tolerance) = 0.1" in text and "epsilon (failure probability)" in text
-    assert "teacher-forced" in text
+    assert "teacher-forced" in text and "outputs of at most 32 new tokens" in text
     assert repr(cert).startswith("Certificate(lambda_hat=0.8,")
     assert "<pre" in cert._repr_html_()
     full = _cert(lambda_hat=None, certified=(False, False, False), reason="too few examples")
@@ -114,6 +115,8 @@ def test_frame_summary_and_repr():
         ({"n": -3}, "n must be an int >= 0"),
         ({"n": "x"}, "n must be an int >= 0"),
         ({"n_layers": "12"}, "n_layers must be an int >= 1"),
+        ({"max_new_tokens": 0}, "max_new_tokens must be an int >= 1"),
+        ({"max_new_tokens": 8.0}, "max_new_tokens must be an int >= 1"),
         ({"lambdas": (0.7, 0.8, 0.9), "lambda_hat": None}, "lambdas must be non-empty and strictly decreasing"),
         ({"lambdas": (0.9, None, 0.7)}, "lambdas must be a sequence of finite numbers"),
         ({"risks": (0.1, 2.0, 0.3)}, r"risks must lie in \[0, 1\]"),
@@ -144,6 +147,9 @@ def test_bad_json(tmp_path):
     del data["surprise"], data["delta"]
     with pytest.raises(ValueError, match=r"certificate fields: unknown \[\], missing \['delta'\]"):
         Certificate.from_dict(data)
+    older = _cert().to_dict()
+    del older["max_new_tokens"]  # certificates written before the field existed
+    assert Certificate.from_dict(older) == _cert(max_new_tokens=None)
     edited = json.loads(_cert().to_json())
     edited["lambda_hat"] = 0.7  # on the grid, but not certified
     with pytest.raises(ValueError, match="lambda_hat=0.7 is a grid value that the certificate does not certify"):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -291,6 +292,28 @@ def test_fit_mode_decoded_decodes_the_cache_prompts(model, tokenizer, prompts, c
     kwargs = dict(mode="decoded", model=model, tokenizer=tokenizer, measure="classifier", train_fraction=0.5)
     same = calibrate.fit(chunked, 0.9, 0.1, lambdas=(0.9,), batch_size=BATCH, **kwargs)
     assert same.to_json() == split.to_json()
+
+
+def test_certificates_record_the_budget_and_the_runtime_warns_beyond_it(model, tokenizer, prompts, cache):
+    from calibrate.runtime import custom_generate
+
+    decoded = dataclasses.replace(_fit(model, tokenizer, prompts, delta=0.9), lambda_hat=0.3)
+    proxy = calibrate.fit(cache, 0.25, 0.1, lambdas=GRID)
+    assert decoded.max_new_tokens == proxy.max_new_tokens == NEW  # the decoding budget; the cache's settings
+    assert f"at most {NEW} new tokens" in decoded.summary()
+    ids, mask = left_pad([tokenizer(p)["input_ids"] for p in prompts[:2]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        calibrate.runtime.generate(model, ids, mask, certificate=decoded, max_new_tokens=NEW)  # within: silent
+        full_only = dataclasses.replace(decoded, lambda_hat=None)  # the full model is exact at any length
+        calibrate.runtime.generate(model, ids, mask, certificate=full_only, max_new_tokens=NEW + 5)
+    with pytest.warns(UserWarning, match=f"max_new_tokens={NEW + 1} .* at most {NEW}") as caught:
+        calibrate.runtime.generate(model, ids, mask, certificate=decoded, max_new_tokens=NEW + 1)
+    assert caught[0].filename == __file__  # points at the caller's line
+    with pytest.warns(UserWarning, match=f"at most {NEW}"):
+        model.generate(
+            ids, attention_mask=mask, custom_generate=custom_generate, certificate=decoded, max_new_tokens=NEW + 1
+        )
 
 
 # --------------------------------------------------------------------------------------------------

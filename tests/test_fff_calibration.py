@@ -36,7 +36,7 @@ def test_fit_equals_labels_at_each_depth_and_apply_runs_it():
     x = torch.randn(3000, 12)
     cert = fff.fit(model, x, delta=0.2, epsilon=0.05)
     assert cert.knob == "fff_depth" and cert.lambdas == tuple(float(k) for k in range(6, -1, -1))
-    assert cert.model == fff.model_id(model) and cert.consistency == "label"
+    assert cert.model == fff.model_id(model) and cert.consistency == "label" and cert.max_new_tokens is None
     with torch.no_grad():
         full = model(x).argmax(1)
         for k, risk in zip(range(6, -1, -1), cert.risks):

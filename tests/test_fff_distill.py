@@ -84,6 +84,7 @@ def test_certified_depth_of_a_language_model(distilled, tokenizer):
     cert = fff.fit(student, TEXTS, delta=0.4, epsilon=0.1, tokenizer=tokenizer, max_new_tokens=4, consistency="rouge_l")
     assert cert.knob == "fff_depth" and cert.mode == "decoded" and cert.consistency == "rouge_l"
     assert cert.lambdas == (3.0, 2.0, 1.0, 0.0) and cert.risks[0] == 0.0 and cert.model == fff.model_id(student)
+    assert cert.max_new_tokens == 4
     table = fff.depth_losses(student, TEXTS, tokenizer=tokenizer, max_new_tokens=4, consistency="rouge_l")
     tested = [r for r in cert.risks if not np.isnan(r)]
     np.testing.assert_allclose(tested, table.risks[: len(tested)])  # the lazy walk decodes the same losses

@@ -304,6 +304,7 @@ def test_fit_every_measure(cache, measure):
 def test_fit_with_decay_records_it(cache):
     cert = calibrate.fit(cache, decay=4.0)
     assert cert.decay == {"max_len": cache.meta["generation"]["max_new_tokens"], "tau": 4.0}
+    assert cert.max_new_tokens == cache.meta["generation"]["max_new_tokens"]  # what the outputs were generated with
     assert calibrate.fit(cache, decay={"max_len": 24, "tau": 4.0}) == cert
     plain = calibrate.fit(cache)
     assert cert.to_frame()["avg_layers"].tolist() != plain.to_frame()["avg_layers"].tolist()
@@ -334,6 +335,10 @@ def test_fit_bad_inputs(cache):
         calibrate.fit(no_refs, consistency="risk_rouge_l")
     with pytest.raises(ValueError, match="generation settings"):
         calibrate.fit(no_refs, decay=4.0)
+    assert calibrate.fit(no_refs).max_new_tokens is None  # no generation settings: the budget is unknown
+    garbled = no_refs.with_meta({"generation": {"max_new_tokens": "24"}})
+    with pytest.raises(ValueError, match=r"meta\['generation'\]\['max_new_tokens'\] must be an int >= 1, got '24'"):
+        calibrate.fit(garbled)
 
 
 @pytest.mark.slow

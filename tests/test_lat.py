@@ -454,6 +454,7 @@ def test_fit_decodes_each_speedup_and_generate_spends_it(word_tokenizer, eos_fro
         batch_size=16,
     )
     assert cert.knob == "token_keep" and cert.model == lat.model_id(model) and cert.measure == "attention"
+    assert cert.max_new_tokens == 6  # the decoding budget it certifies
     assert cert.lambdas == pytest.approx((1.0, 1 / 1.5, 1 / 3.0)) and cert.risks[0] == 0.0
     # the tested risks are the mean token losses of lat.generate at each speed-up, decoded by hand
     ids = [word_tokenizer(p)["input_ids"] for p in prompts]
@@ -628,6 +629,8 @@ def test_certificate_settings_are_applied():
     )
     out = lat.generate(model, ids, mask, certificate=cert, max_new_tokens=3)
     assert out.speedup == pytest.approx(3.0)
+    with pytest.warns(UserWarning, match="max_new_tokens=4 .* at most 3"):  # beyond the certified budget
+        lat.generate(model, ids, mask, certificate=dataclasses.replace(cert, max_new_tokens=3), max_new_tokens=4)
     assert all(7 in layer[0].tolist() for layer in out.kept)
     by_hand = lat.generate(
         model,

@@ -253,6 +253,7 @@ def test_classifier_fit_counts_label_disagreement(word_tokenizer):
     speedups = [1.0, 1.5, 3.0]
     cert = lat.fit(model, word_tokenizer, prompts, delta=0.4, epsilon=0.1, speedups=speedups, batch_size=40)
     assert cert.knob == "token_keep" and cert.consistency == "label" and cert.model == lat.model_id(model)
+    assert cert.max_new_tokens is None  # a classifier generates nothing
     ids = [word_tokenizer(p)["input_ids"] for p in prompts]
     batch, mask = _right_padded(ids)
     full = lat.classify(model, batch, mask).labels

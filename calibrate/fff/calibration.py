@@ -295,6 +295,7 @@ def _lm_template(model, decoder, depths: np.ndarray, delta: float, epsilon: floa
         lambda_hat=None, delta=delta, epsilon=epsilon, n=decoder.n, lambdas=tuple(float(k) for k in depths),
         risks=untested, p_values=untested, certified=(False,) * depths.size, bound=bound, method="fixed_sequence",
         mode="decoded", consistency=decoder.consistency, knob="fff_depth", model=model_id(model),
+        max_new_tokens=decoder.max_new_tokens,
     )  # fmt: skip
 
 

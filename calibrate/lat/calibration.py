@@ -176,6 +176,7 @@ def fit(
         measure=score,
         model=model_id(model),
         measure_state=settings(score, 2, special),
+        max_new_tokens=None if isinstance(scorer, _Classifier) else scorer.max_new_tokens,  # classifiers generate nothing
     )
     return _certify_lazily(scorer, template, progress)
 

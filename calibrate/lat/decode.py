@@ -28,7 +28,7 @@ from torch import nn
 
 from calibrate._digest import weights_digest
 from calibrate._validation import int_at_least
-from calibrate.certificate import Certificate, _spend_iv
+from calibrate.certificate import Certificate, _budget_warning, _spend_iv
 from calibrate.heads import ExitHeads, decoder_layers
 from calibrate.lat.encoders import ENCODER_DECODER_ARCHITECTURES, encode, encoder_for
 from calibrate.lat.schedule import KeepSchedule, _speedup_iv, layer_costs
@@ -195,6 +195,11 @@ def generate(
         invalid ids or mask; a prompt plus ``max_new_tokens`` longer than the model's context.
     TypeError
         When ``speedup``, ``certificate`` or ``input_ids`` has the wrong type.
+
+    Warns
+    -----
+    UserWarning
+        When ``max_new_tokens`` exceeds the certificate's ``max_new_tokens`` (the budget it was calibrated with).
     """
     config = model.config
     if config.model_type not in LAT_ARCHITECTURES:
@@ -203,6 +208,7 @@ def generate(
         )
     speedup, score, min_keep, special = _knob_iv(model, speedup, certificate, score, min_keep, tokenizer)
     max_new_tokens = _int_iv("max_new_tokens", max_new_tokens, 1)
+    _budget_warning(certificate, max_new_tokens, stacklevel=2)
     tokens = _special_tokens_iv(model, tokenizer, eos_token_id, pad_token_id)
     if config.model_type in ENCODER_DECODER_ARCHITECTURES:
         return _generate_encoder_decoder(

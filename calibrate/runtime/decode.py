@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from calibrate._digest import weights_digest
-from calibrate.certificate import Certificate
+from calibrate.certificate import Certificate, _budget_warning
 from calibrate.exits import Decay
 from calibrate.heads import ExitHeads, context_positions, decoder_layers
 from calibrate.runtime._layers import KVCache, LayerAdapter, Step, adapter_for, additive_mask
@@ -242,6 +242,12 @@ def generate(
     TypeError
         When ``input_ids`` is not an integer tensor, or ``certificate``, ``heads`` or ``tokenizer`` has the
         wrong type.
+
+    Warns
+    -----
+    UserWarning
+        When ``max_new_tokens`` exceeds the certificate's ``max_new_tokens`` (its calibration outputs'
+        budget): longer outputs are not what it certifies.
 
     Notes
     -----
@@ -724,6 +730,7 @@ def _generate_iv(
             f"{n_layers} decoder layers of width {adapter.hidden_size}"
         )
     lambda_hat, measure_name, decay = _certificate_iv(certificate, n_layers, heads)
+    _budget_warning(certificate, max_new_tokens, stacklevel=3)  # _generate_iv <- generate <- the caller
     if exit_layer is not None:
         if certificate is not None:
             raise ValueError("pass either certificate or exit_layer, not both")

@@ -68,6 +68,31 @@ def _certificate_losses(cert: Certificate, cache, *, decode=None, progress=False
     )
 
 
+def _read_only_arrays(report, *names: str) -> None:
+    """Store the named fields of a frozen report as read-only float arrays of its own."""
+    for name in names:
+        arr = np.array(getattr(report, name), dtype=np.float64)
+        arr.flags.writeable = False
+        object.__setattr__(report, name, arr)
+
+
+def _figure(fig, figsize: tuple[float, float]):
+    """``fig``, or a new figure of ``figsize`` (inches) when None; TypeError for anything but a Figure."""
+    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
+
+    if fig is None:
+        return plt.figure(figsize=figsize)
+    if not isinstance(fig, Figure):
+        hint = " (an Axes: pass its .figure, the panels are laid out in it)" if hasattr(fig, "figure") else ""
+        raise TypeError(f"fig must be a matplotlib Figure or None, got {type(fig).__name__}{hint}")
+    return fig
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 @dataclass(frozen=True, eq=False)
 class AuditReport:
     """Held-out risk and layer use of a certificate.
@@ -95,6 +120,9 @@ class AuditReport:
     avg_layers: np.ndarray
     risk: float
     layers: float
+
+    def __post_init__(self) -> None:
+        _read_only_arrays(self, "risks", "avg_layers")
 
     @property
     def within_tolerance(self) -> bool:
@@ -125,12 +153,12 @@ class AuditReport:
             else:
                 at = f"evaluation depth {cert.lambda_hat:g} of {cert.lambdas[0]:g}"
             return (
-                f"Audit on {self.n} held-out examples at {at}:\n"
+                f"Audit on {_plural(self.n, 'held-out example')} at {at}:\n"
                 f"  held-out risk {self.risk:.4f} ({verdict} delta = {cert.delta:g})"
             )
         lam = "full model" if cert.lambda_hat is None else f"lambda_hat = {cert.lambda_hat:.6g}"
         return (
-            f"Audit on {self.n} held-out sequences at {lam}:\n"
+            f"Audit on {_plural(self.n, 'held-out sequence')} at {lam}:\n"
             f"  held-out risk {self.risk:.4f} ({verdict} delta = {cert.delta:g})\n"
             f"  average layers {self.layers:.2f} of {cert.n_layers} (saves {100 * self.layer_savings:.1f}%)"
         )
@@ -154,21 +182,20 @@ class AuditReport:
         -------
         matplotlib.figure.Figure
         """
-        import matplotlib.pyplot as plt
-
         cert = self.certificate
         if cert.knob != "exit_threshold":
-            return self._plot_knob(fig or plt.figure(figsize=(6, 4)))
-        fig = fig or plt.figure(figsize=(13, 3.8))
+            return self._plot_knob(_figure(fig, (6, 4)))
+        fig = _figure(fig, (13, 3.8))
         ax_risk, ax_layers, ax_trade = fig.subplots(1, 3)
         lam = np.asarray(cert.lambdas)
-        ax_risk.plot(lam, cert.risks, label=f"calibration (n={cert.n})")
-        ax_risk.plot(lam, self.risks, label=f"held-out (n={self.n})")
+        dots = {"marker": "o", "markersize": 4} if lam.size <= 25 else {}  # a short grid: one line per point
+        ax_risk.plot(lam, cert.risks, label=f"calibration (n={cert.n})", **dots)
+        ax_risk.plot(lam, self.risks, label=f"held-out (n={self.n})", **dots)
         ax_risk.set(xlabel="threshold lambda", ylabel=f"risk ({cert.consistency})", title="Risk")
-        ax_layers.plot(lam, self.avg_layers, color="C2", label="held-out")
+        ax_layers.plot(lam, self.avg_layers, color="C2", label="held-out", **dots)
         ax_layers.axhline(cert.n_layers, color="k", linestyle=":", linewidth=1, label="full model")
         ax_layers.set(xlabel="threshold lambda", ylabel="average exit layer", title="Layers used")
-        ax_trade.plot(self.avg_layers, self.risks, color="C1", label="held-out")
+        ax_trade.plot(self.avg_layers, self.risks, color="C1", label="held-out", **dots)
         ax_trade.set(xlabel="average exit layer", ylabel=f"risk ({cert.consistency})", title="Trade-off")
         for ax in (ax_risk, ax_trade):
             ax.axhline(cert.delta, color="k", linestyle="--", linewidth=1, label=f"delta = {cert.delta:g}")
@@ -270,6 +297,9 @@ class ValidityReport:
     n_cal: int
     n_test: int
 
+    def __post_init__(self) -> None:
+        _read_only_arrays(self, "test_risks", "lambda_hats", "naive_test_risks")
+
     @property
     def trials(self) -> int:
         return self.test_risks.size
@@ -304,9 +334,7 @@ class ValidityReport:
 
     def plot(self, fig=None):
         """Histogram of held-out risk at the certified threshold and of the naive rule, with delta marked."""
-        import matplotlib.pyplot as plt
-
-        fig = fig or plt.figure(figsize=(6, 3.6))
+        fig = _figure(fig, (6, 3.6))
         ax = fig.subplots()
         bins = np.linspace(0, max(self.naive_test_risks.max(), self.test_risks.max(), self.delta) * 1.1 + 1e-9, 30)
         ax.hist(self.test_risks, bins=bins, alpha=0.7, label=f"certified ({100 * self.violation_rate:.1f}% > delta)")

@@ -54,6 +54,31 @@ def test_audit_figure_marks_delta_and_lambda_hat(split, cert):
     assert trade_ax.get_xlabel() == "average exit layer"
 
 
+def test_audit_figure_of_a_short_grid_draws_points_and_wants_a_figure(split):
+    one = calibrate.fit(split[0], delta=0.15, epsilon=0.05, lambdas=[0.9])
+    report = calibrate.audit(one, split[1])
+    risk_ax = report.plot().axes[0]
+    held_out = next(line for line in risk_ax.get_lines() if line.get_label().startswith("held-out"))
+    assert held_out.get_marker() == "o"  # a one-value grid: a line without markers draws nothing
+    import matplotlib.pyplot as plt
+
+    _, ax = plt.subplots()
+    with pytest.raises(TypeError, match=r"fig must be a matplotlib Figure or None, got Axes .*\.figure"):
+        report.plot(ax)
+    assert len(report.plot(ax.figure).axes) == 4  # the three panels go into the given figure
+    plt.close("all")
+    single = calibrate.audit(one, split[1].subset([0]))
+    assert single.summary().startswith("Audit on 1 held-out sequence at")
+
+
+def test_reports_hold_read_only_arrays(split, cert):
+    report = calibrate.audit(cert, split[1])
+    study = calibrate.validity(split[0], trials=3, seed=0, progress=False)
+    for arr in (report.risks, report.avg_layers, study.test_risks, study.lambda_hats, study.naive_test_risks):
+        with pytest.raises(ValueError, match="read-only"):
+            arr[0] = 1.0
+
+
 def test_audit_refuses_other_certificates(split, cert):
     with pytest.raises(ValueError, match="exit-threshold certificate"):
         calibrate.audit(calibrate.certify(np.zeros((50, 2)), [0.9, 0.5]), split[1])

@@ -53,6 +53,15 @@ def int_at_least(value, name: str, low: int = 1) -> int:
     return int(value)
 
 
+def seed_iv(seed, name: str = "seed") -> int:
+    """``seed`` as an int ``>= 0``: TypeError for a non-integer (None, bool, float), ValueError if negative."""
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"{name} must be an int >= 0 (it seeds the random draws), got {type(seed).__name__}")
+    if seed < 0:
+        raise ValueError(f"{name} must be an int >= 0 (it seeds the random draws), got {seed}")
+    return int(seed)
+
+
 def finite_positive(value, name: str) -> float:
     """``value`` as a float, finite and ``> 0``; ValueError naming ``name`` otherwise (bools included)."""
     ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)

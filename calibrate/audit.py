@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from calibrate._validation import int_at_least, open_interval
+from calibrate._validation import open_interval, seed_iv
 from calibrate.certificate import Certificate
 from calibrate.exits import Decay
 from calibrate.fit import certify
@@ -408,7 +408,7 @@ def validity(
     if trials < 1:
         raise ValueError(f"trials must be >= 1, got {trials}")
     cal_fraction = open_interval(cal_fraction, "cal_fraction")
-    seed = int_at_least(seed, "seed", 0)
+    seed = seed_iv(seed)
     _in_memory_iv(cache, "cache")
     unknown = sorted(set(fit_kwargs) - set(_VALIDITY_OPTIONS))
     if unknown:

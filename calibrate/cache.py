@@ -41,6 +41,7 @@ import numpy as np
 import pandas as pd
 
 from calibrate._storage import Remote, location
+from calibrate._validation import seed_iv
 
 __all__ = ["FORMAT_VERSION", "LayerCache", "concat_caches", "open_cache"]
 
@@ -1344,9 +1345,7 @@ def _split_iv(fractions, seed) -> tuple[np.ndarray, int]:
         raise ValueError(f"fractions must be a non-empty 1-d sequence, got {fractions!r}")
     if not np.all(np.isfinite(fr)) or np.any(fr <= 0) or abs(fr.sum() - 1.0) > 1e-6:
         raise ValueError(f"fractions must be positive and sum to 1, got {fr.tolist()} (sum {fr.sum()})")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-    return fr, int(seed)
+    return fr, seed_iv(seed)
 
 
 def _save_iv(path, overwrite) -> Path | Remote:

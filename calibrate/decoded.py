@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from calibrate import runtime
-from calibrate._validation import int_at_least, open_interval
+from calibrate._validation import int_at_least, open_interval, seed_iv
 from calibrate.bounds import P_VALUES, p_values
 from calibrate.cache import LayerCache
 from calibrate.certificate import Certificate
@@ -214,8 +214,7 @@ def _measure_iv(measure, train_cache, prompts, heads: ExitHeads, seed) -> tuple[
         raise ValueError(
             f"measure must be one of {runtime.RUNTIME_MEASURES} (those the runtime evaluates), got {measure!r}"
         )
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    seed_iv(seed)
     if measure not in LEARNED_MEASURES:
         if train_cache is not None:
             raise ValueError(

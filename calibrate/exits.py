@@ -378,7 +378,7 @@ def _run_sweep(conf, lam, offsets, decay, top1, full):
         raise ValueError("conf contains NaN or inf")
     # exit layer at ascending index j = 1 + #{i < L : b_i <= j}; averaged over tokens
     n = conf.shape[0]  # exact integer sum of exit layers, one division (as every other path computes it)
-    avg = (n + np.cumsum(layer_hist.sum(axis=0)[:k])) / n if n else np.ones(k)
+    avg = (n + np.cumsum(layer_hist.sum(axis=0)[:k])) / n if n else np.full(k, np.nan)  # no tokens: no mean
     return avg[::-1], wrong
 
 
@@ -400,7 +400,7 @@ def average_layers(conf, lambdas, *, offsets=None, decay: Decay | None = None) -
     Returns
     -------
     ndarray of float, shape (n_lambdas,)
-        Mean exit layer (1-based) over all tokens, at each threshold.
+        Mean exit layer (1-based) over all tokens, at each threshold; NaN when there are no tokens.
 
     Notes
     -----

@@ -15,7 +15,7 @@ import numpy as np
 
 from calibrate import bounds as _bounds
 from calibrate import fwer as _fwer
-from calibrate._validation import open_interval
+from calibrate._validation import open_interval, seed_iv
 from calibrate.certificate import KNOBS, Certificate
 from calibrate.crc import conformal_risk_control
 from calibrate.exits import Decay, default_lambdas
@@ -231,7 +231,7 @@ def _decay_iv(decay, cache) -> Decay | None:
         if unknown or "max_len" not in decay:
             raise ValueError(f"decay as a dict needs the keys 'max_len' and optionally 'tau', got {sorted(decay)}")
         return Decay(**decay)
-    if isinstance(decay, (int, float)) and not isinstance(decay, bool):
+    if isinstance(decay, numbers.Real) and not isinstance(decay, (bool, np.bool_)):  # e.g. np.float32 too
         # N must not depend on the calibration data, so it comes from the generation settings
         max_len = _generation_budget(cache)
         if max_len is None:
@@ -290,7 +290,7 @@ def _chunked_table(cache, *, measure, consistency, lambdas, decay, train_fractio
     from measures.learned import train_measure
 
     _measure_iv(measure)
-    _seed_iv(seed)
+    seed_iv(seed)
     train, rows = _calibration_split(cache, measure, train_fraction, seed, train_cache)
     if train is None:
         return cache.loss_table(measure, consistency, lambdas, decay, client=client), None, 0
@@ -306,11 +306,6 @@ def _measure_iv(measure) -> None:
     allowed = (*MEASURES, *LEARNED_MEASURES)
     if measure not in allowed:
         raise ValueError(f"measure must be one of {allowed}, got {measure!r}")
-
-
-def _seed_iv(seed) -> None:
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
 
 
 def fit(
@@ -553,7 +548,7 @@ def _proxy_table(
     from measures.learned import train_measure
 
     _measure_iv(measure)
-    _seed_iv(seed)
+    seed_iv(seed)
     decay = _decay_iv(decay, cache)
     lam = default_lambdas() if lambdas is None else lambdas
     measure_state, n_train = None, 0

@@ -37,7 +37,7 @@ CONSISTENCIES = (
 _SEQUENCES_PER_BATCH = 256
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class LossTable:
     """Per-example losses for each tested threshold.
 
@@ -97,6 +97,28 @@ class LossTable:
     def n(self) -> int:
         """Number of examples."""
         return self.losses.shape[0]
+
+    def __eq__(self, other: object) -> bool:
+        """Equal grids, losses (exactly), layers (NaN equal to NaN) and labels."""
+        if not isinstance(other, LossTable):
+            return NotImplemented
+        same_layers = (self.avg_layers is None) == (other.avg_layers is None) and (
+            self.avg_layers is None or np.array_equal(self.avg_layers, other.avg_layers, equal_nan=True)
+        )
+        return (
+            (self.mode, self.consistency, self.n_layers) == (other.mode, other.consistency, other.n_layers)
+            and np.array_equal(self.lambdas, other.lambdas)
+            and np.array_equal(self.losses, other.losses)
+            and same_layers
+        )
+
+    __hash__ = None  # equal tables compare by value: unhashable, like the arrays they hold
+
+    def __repr__(self) -> str:
+        return (
+            f"LossTable(n={self.n}, n_lambdas={self.lambdas.size}, mode={self.mode!r}, "
+            f"consistency={self.consistency!r}, n_layers={self.n_layers})"
+        )
 
     @property
     def risks(self) -> np.ndarray:

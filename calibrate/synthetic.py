@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import special
 
-from calibrate._validation import int_at_least
+from calibrate._validation import int_at_least, seed_iv
 from calibrate.cache import LayerCache, _from_arrays
 from measures.confidence import from_topk, state_saturation
 
@@ -243,7 +243,7 @@ def _synthetic_cache_iv(
         "min_tokens": int_at_least(min_tokens, "min_tokens"),
         "top_k": int_at_least(top_k, "top_k"),
         "hidden_size": int_at_least(hidden_size, "hidden_size"),
-        "seed": int_at_least(seed, "seed", 0),
+        "seed": seed_iv(seed),
     }
     if p["min_tokens"] > p["max_tokens"]:
         raise ValueError(f"min_tokens must be <= max_tokens={p['max_tokens']}, got {p['min_tokens']}")

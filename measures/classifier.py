@@ -203,8 +203,11 @@ def _init_iv(C: Any, features: Any, max_iter: Any, seed: Any) -> tuple[float, st
         raise ValueError(f"features must be one of {_FEATURES}, got {features!r}")
     if isinstance(max_iter, (bool, np.bool_)) or not isinstance(max_iter, (int, np.integer)) or max_iter < 1:
         raise ValueError(f"max_iter must be an int >= 1, got {max_iter!r}")
-    if seed is not None and (isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) or seed < 0):
-        raise ValueError(f"seed must be None or an int >= 0, got {seed!r}")
+    if seed is not None:  # as calibrate's seeds (measures does not import calibrate)
+        if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
+            raise TypeError(f"seed must be None or an int >= 0 (it seeds the random draws), got {type(seed).__name__}")
+        if seed < 0:
+            raise ValueError(f"seed must be None or an int >= 0 (it seeds the random draws), got {seed}")
     return float(C), features, int(max_iter), None if seed is None else int(seed)
 
 

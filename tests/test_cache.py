@@ -626,7 +626,7 @@ def test_split_is_by_sequence_disjoint_covering_and_seeded():
 @pytest.mark.parametrize(
     "fractions, seed, match",
     [([0.5, 0.6], 0, "sum to 1"), ([1.2, -0.2], 0, "positive"), ([0.99, 0.01], 0, "gets no sequence"),
-     ([0.5, 0.5], -1, "seed"), ([0.5, 0.5], 1.5, "seed"), ([], 0, "non-empty")],
+     ([], 0, "non-empty")],
 )
 def test_split_rejects_bad_arguments(cache, fractions, seed, match):
     with pytest.raises(ValueError, match=match):

@@ -148,6 +148,13 @@ def test_every_real_dtype_gives_the_float32_result():
         np.testing.assert_array_equal(average_layers(conf.astype(dtype), lam), expected[1])
 
 
+def test_no_tokens_have_no_average_layer():
+    conf = np.zeros((0, 4))
+    assert np.isnan(average_layers(conf, [0.9, 0.5])).all()  # was [1, 1]: a mean over nothing
+    counts, avg = disagreement_counts(conf, [0.9, 0.5], np.zeros((0, 4), int), np.zeros(0, int), [0, 0])
+    assert counts.tolist() == [[0, 0]] and np.isnan(avg).all()  # one empty sequence
+
+
 def test_huge_finite_confidences_are_safe():
     conf = np.array([[0.2, 1e30, 0.3, 0.1], [-1e30, 0.5, 0.95, 0.0]] * 3)
     lam = [0.9, 0.4]

@@ -49,6 +49,18 @@ def test_loss_table_owns_its_grid_and_json_takes_numpy_ints():
     assert calibrate.Certificate.from_json(cert.to_json()) == cert
 
 
+def test_loss_tables_compare_by_value_with_a_short_repr():
+    losses = np.random.default_rng(0).random((2000, 50))
+    grid = np.linspace(1, 0, 50)
+    table = calibrate.user_losses(losses, grid, avg_layers=np.full(50, np.nan))
+    assert table == calibrate.user_losses(losses.copy(), grid, avg_layers=np.full(50, np.nan))  # NaN layers equal
+    assert table != calibrate.user_losses(losses, grid) and table != table.subset(np.arange(10))
+    assert table != dataclasses.replace(table, consistency="token") and table != "a table"
+    with pytest.raises(TypeError, match="unhashable"):
+        hash(table)
+    assert repr(table) == "LossTable(n=2000, n_lambdas=50, mode='user', consistency=None, n_layers=None)"
+
+
 def test_loss_table_refuses_bad_metadata():
     losses, grid = np.zeros((2, 2)), [1.0, 0.5]
     with pytest.raises(ValueError, match="mode must be one of"):
@@ -306,6 +318,7 @@ def test_fit_with_decay_records_it(cache):
     assert cert.decay == {"max_len": cache.meta["generation"]["max_new_tokens"], "tau": 4.0}
     assert cert.max_new_tokens == cache.meta["generation"]["max_new_tokens"]  # what the outputs were generated with
     assert calibrate.fit(cache, decay={"max_len": 24, "tau": 4.0}) == cert
+    assert calibrate.fit(cache, decay=np.float32(4.0)) == cert  # a numpy tau was a TypeError
     plain = calibrate.fit(cache)
     assert cert.to_frame()["avg_layers"].tolist() != plain.to_frame()["avg_layers"].tolist()
     in_sample = dataclasses.replace(cert, cache_checksum=None)  # audit refuses its calibration cache otherwise
@@ -339,6 +352,26 @@ def test_fit_bad_inputs(cache):
     garbled = no_refs.with_meta({"generation": {"max_new_tokens": "24"}})
     with pytest.raises(ValueError, match=r"meta\['generation'\]\['max_new_tokens'\] must be an int >= 1, got '24'"):
         calibrate.fit(garbled)
+
+
+@pytest.mark.parametrize("seed, exc", [(None, TypeError), (1.5, TypeError), (True, TypeError), (-1, ValueError)])
+def test_every_seed_is_checked_alike(cache, seed, exc):
+    from calibrate.data import load_task
+    from measures.classifier import ExitClassifier
+
+    calls = [
+        lambda: calibrate.synthetic_cache(10, seed=seed),
+        lambda: cache.split([0.5, 0.5], seed=seed),
+        lambda: calibrate.fit(cache, seed=seed),
+        lambda: calibrate.validity(cache, trials=2, seed=seed, progress=False),
+        lambda: load_task(seed=seed),
+    ]
+    for call in calls:
+        with pytest.raises(exc, match=r"seed must be an int >= 0 \(it seeds the random draws\), got"):
+            call()
+    if seed is not None:  # None is the classifier's unseeded option
+        with pytest.raises(exc, match=r"seed must be None or an int >= 0"):
+            ExitClassifier(seed=seed)
 
 
 @pytest.mark.slow

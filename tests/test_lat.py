@@ -225,6 +225,9 @@ def test_layer_costs_of_gpt2_config():
 
     c = layer_costs(GPT2Config(n_layer=12, n_embd=768, n_head=12))
     assert (c.n_layers, c.qkv, c.attn, c.out, c.mlp) == (12, 3 * 768 * 768, 2 * 768, 768 * 768, 2 * 768 * 3072)
+    for bad in ([100] * 2, [100] * 13, [100] * 11 + [-1], [[100] * 12]):  # one count per layer, none negative
+        with pytest.raises(ValueError, match="keep must hold n_layers=12 counts >= 0"):
+            c.prefill(bad)
 
 
 # --------------------------------------------------------------------------------------------------

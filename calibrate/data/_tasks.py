@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import functools
 import json
-import numbers
 from dataclasses import dataclass
 from importlib import resources
 
 import numpy as np
+
+from calibrate._validation import seed_iv
 
 #: Task name -> file in this package. Each line: {"package", "description_md5", "text", "reference"}.
 TASKS = {"debian_summaries": "debian_summaries.jsonl"}
@@ -189,11 +190,7 @@ def _load_task_iv(name, split, seed) -> tuple[str, str | None, int]:
         raise ValueError(f"name must be one of {sorted(TASKS)}, got {name!r}")
     if split is not None and (not isinstance(split, str) or split not in SPLITS):
         raise ValueError(f"split must be one of {list(SPLITS)} or None, got {split!r}")
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise TypeError(f"seed must be a non-negative int, got {type(seed).__name__}")
-    if seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed}")
-    return name, split, int(seed)
+    return name, split, seed_iv(seed)
 
 
 def _split_indices(n: int, seed: int) -> dict[str, np.ndarray]:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from calibrate._validation import finite_positive, int_at_least
+from calibrate._validation import finite_positive, int_at_least, seed_iv
 from calibrate.fff.layer import FFF
 from calibrate.heads import decoder_layers
 
@@ -246,6 +246,7 @@ def distill(
     for name, value in (("steps", steps), ("batch_size", batch_size), ("max_tokens", max_tokens)):
         int_at_least(value, name)
     finite_positive(lr, "lr")
+    seed = seed_iv(seed)
     if not 0 < heldout < 1 or not 0 <= soft_share <= 1:
         raise ValueError(f"heldout must lie in (0, 1) and soft_share in [0, 1], got {heldout} and {soft_share}")
     texts = list(texts)

@@ -51,6 +51,8 @@ class LayerCosts:
     def prefill(self, keep) -> float:
         """Multiply-adds of a prefill whose layer ``l`` gets ``keep[l]`` vectors (``len(keep) == n_layers``)."""
         n = np.asarray(keep, dtype=np.float64)
+        if n.shape != (self.n_layers,) or not np.all(np.isfinite(n) & (n >= 0)):
+            raise ValueError(f"keep must hold n_layers={self.n_layers} counts >= 0, got {np.asarray(keep).tolist()!r:.80}")
         m = np.append(n[1:], n[-1])  # survivors of each layer's attention
         return float(np.sum(n * self.qkv + n * n * self.attn + m * (self.out + self.mlp)))
 

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from calibrate._validation import finite_positive, int_at_least
+from calibrate._validation import finite_positive, int_at_least, seed_iv
 from calibrate.extraction import _context_iv, _pad
 from calibrate.heads import ExitHeads, decoder_layers
 from calibrate.lat.calibration import _length
@@ -215,8 +215,7 @@ def _finetune_iv(
         finite_positive(value, name)
     if isinstance(anchor, bool) or not (isinstance(anchor, (int, float)) and math.isfinite(anchor) and anchor >= 0):
         raise ValueError(f"anchor must be a finite number >= 0, got {anchor!r}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    seed_iv(seed)
     if isinstance(targets, str) or not targets:
         raise ValueError(f"targets must be a non-empty sequence of projection names, got {targets!r}")
     if score not in SCORES:

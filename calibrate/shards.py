@@ -85,9 +85,15 @@ def check_manifest(root: str | os.PathLike, count: int) -> bool:
     Raises
     ------
     ValueError
-        When ``root`` holds a manifest of another shard count (checked before a worker extracts anything).
+        When ``root`` holds a manifest of another shard count, or a single cache (checked before a worker
+        extracts anything).
     """
     file = Path(root) / MANIFEST_FILE
+    if (Path(root) / "meta.json").is_file():
+        raise ValueError(
+            f"{root} holds a single cache (meta.json): sharded extraction writes its shards and manifest into a "
+            "directory of its own; choose another output"
+        )
     if not file.is_file():
         return False
     found = _load(file).get("shards")
@@ -122,8 +128,15 @@ def write_manifest(root: str | os.PathLike, count: int) -> Path:
 
 
 def is_sharded(root: Path | Remote) -> bool:
-    """Whether ``root`` holds a manifest (and no single cache)."""
-    return (root / MANIFEST_FILE).is_file() and not (root / "meta.json").is_file()
+    """Whether ``root`` holds a manifest; ValueError when it also holds a single cache (which one is meant?)."""
+    if not (root / MANIFEST_FILE).is_file():
+        return False
+    if (root / "meta.json").is_file():
+        raise ValueError(
+            f"{root} holds both a single cache (meta.json) and a shard manifest ({MANIFEST_FILE}): remove the one "
+            "that does not belong there"
+        )
+    return True
 
 
 def open_sharded(root: Path | Remote, *, verify: bool, chunks: int | None):

@@ -158,6 +158,11 @@ def test_sharded_extraction_equals_one_extraction(saved_model, tmp_path, monkeyp
         extract_main(model_dir, prompts, other, shard=(1, 2), **kw)
     with pytest.raises(ValueError, match="lists 2 shards, not 3"):
         extract_main(model_dir / "missing", prompts, other, shard=(0, 3), **kw)  # before loading any model
+    with pytest.raises(ValueError, match="holds a single cache .*a directory of its own"):
+        extract_main(model_dir / "missing", prompts, tmp_path / "whole", shard=(0, 2), **kw)  # it was written inside
+    shutil.copy(other / "manifest.json", tmp_path / "whole")  # as an older version did: which does open_cache mean?
+    with pytest.raises(ValueError, match=r"holds both a single cache \(meta.json\) and a shard manifest"):
+        calibrate.open_cache(tmp_path / "whole")
 
 
 def test_each_shard_resumes_on_its_own(saved_model, tmp_path, monkeypatch):

@@ -108,17 +108,26 @@ class ChunkedCache:
 
     # ---- reading ----------------------------------------------------------------------------------------
     def arrays(self) -> dict:
-        """Every per-token array as a ``dask.array`` over the zarr store, chunked at partition boundaries."""
+        """Every per-token array as a ``dask.array`` over the zarr store, one chunk per partition.
+
+        Each chunk is read as :meth:`load` reads it: checked against ``meta.json`` and refused when the
+        cache was saved over since it was opened.
+        """
+        import dask
         import dask.array as da
-        import zarr
+
+        from calibrate.cache import _field_dtype
 
         parts: dict[str, list] = {name: [] for name in self._array_specs()}
         for root, first, end, checksum in self._spans():
             _unchanged(root, checksum)
-            token_chunks = tuple(int(self.offsets[b] - self.offsets[a]) for a, b in _ranges(first, end, self.chunks))
+            base = int(self.offsets[first])
             for name, spec in self._array_specs().items():
-                z = zarr.open_array(store=str(root / spec["path"]), mode="r")
-                parts[name].append(da.from_zarr(z, chunks=(token_chunks, *z.shape[1:])))
+                for a, b in _ranges(first, end, self.chunks):
+                    lo, hi = int(self.offsets[a]) - base, int(self.offsets[b]) - base
+                    block = dask.delayed(_read_checked, pure=True)(root, name, spec, lo, hi, checksum)
+                    shape = (hi - lo, *spec["shape"][1:])
+                    parts[name].append(da.from_delayed(block, shape=shape, dtype=_field_dtype(name)))
         return {name: p[0] if len(p) == 1 else da.concatenate(p) for name, p in parts.items()}
 
     def load(self, first: int, stop: int):
@@ -187,8 +196,7 @@ class ChunkedCache:
         lo, hi = int(self.offsets[first]), int(self.offsets[stop])
         base = int(self.offsets[start])  # token offset of the shard's first sequence
         specs = self._array_specs()
-        arrays = {name: _read_slice(root, name, specs[name], lo - base, hi - base) for name in fields}
-        _unchanged(root, checksum)  # after the reads: a cache saved over this one meanwhile is refused
+        arrays = {name: _read_checked(root, name, specs[name], lo - base, hi - base, checksum) for name in fields}
         offsets = self.offsets[first : stop + 1] - lo
         if keep is not None:
             rows, offsets = token_rows(offsets, np.asarray(keep, dtype=np.int64))
@@ -210,9 +218,17 @@ class ChunkedCache:
         return tuple(name for name in stored if name in ("full_tokens", "topk_ids", source))
 
     def _vocab(self):
-        from calibrate.cache import _read_vocab
+        """The vocab, read again and refused if it is not the one the cache was opened with."""
+        from calibrate.cache import _hash_strings, _read_vocab
 
-        return _read_vocab(self.sources[0][0], self.meta["fields"].get("vocab"))
+        root, spec = self.sources[0][0], self.meta["fields"].get("vocab")
+        vocab = _read_vocab(root, spec)
+        if vocab is not None and _hash_strings(tuple(vocab)) != spec.get("checksum"):
+            raise ValueError(
+                f"{root / 'vocab.json'} changed after the cache was opened (its checksum is not the one meta.json "
+                "recorded then); open the cache again"
+            )
+        return vocab
 
     # ---- losses -----------------------------------------------------------------------------------------
     def loss_table(
@@ -342,6 +358,18 @@ def _unchanged(root: Path | Remote, checksum: str) -> None:
             f"the cache at {root} changed after it was opened (meta.json records checksum {now!r}, it was "
             f"{checksum!r}): a cache was saved over it; open it again"
         )
+
+
+def _read_checked(root: Path | Remote, name: str, spec: dict, lo: int, hi: int, checksum: str) -> np.ndarray:
+    """:func:`_read_slice`, then refused if the cache was saved over since it was opened (also when the read
+    failed: a cache saved over mid-read says so, not the reader's error)."""
+    try:
+        a = _read_slice(root, name, spec, lo, hi)
+    except ValueError:
+        _unchanged(root, checksum)
+        raise
+    _unchanged(root, checksum)
+    return a
 
 
 def _read_slice(root: Path | Remote, name: str, spec: dict, lo: int, hi: int) -> np.ndarray:

@@ -1,5 +1,7 @@
 """Chunked caches on Dask: the same certificate as in memory."""
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -220,7 +222,6 @@ def _truncate(file):
 
 
 def _edit_json(file, edit):
-    import json
 
     doc = json.loads(file.read_text())
     edit(doc)
@@ -314,6 +315,24 @@ def test_a_cache_saved_over_a_lazily_opened_one_is_refused(saved, tmp_path):
     with pytest.raises(ValueError, match="changed after it was opened"):
         lazy.arrays()
     assert calibrate.fit(calibrate.open_cache(path, chunks=50)) == calibrate.fit(other)
+    built = calibrate.open_cache(path, chunks=50).arrays()  # dask arrays built, read later
+    third = other.subset(np.arange(100))  # fewer tokens: a raw reshape error from zarr before
+    third.save(path, overwrite=True)
+    for name in ("softmax_gap", "topk_ids"):
+        with pytest.raises(ValueError, match="changed after it was opened"):
+            built[name].compute()
+        with pytest.raises(ValueError, match="changed after it was opened"):
+            built[name][:10].compute()  # the first partition only
+
+
+def test_an_edited_vocab_is_refused_after_opening(tmp_path):
+    cache = calibrate.synthetic_cache(20, n_layers=3, seed=0)
+    path = cache.save(tmp_path / "cache")
+    lazy = calibrate.open_cache(path, chunks=5)
+    vocab = json.loads((path / "vocab.json").read_text())
+    (path / "vocab.json").write_text(json.dumps(["EDITED"] + vocab[1:]))
+    with pytest.raises(ValueError, match=r"vocab.json changed after the cache was opened"):
+        lazy.load(0, 5)
 
 
 def test_missing_references_are_counted_on_the_client(tmp_path, monkeypatch):

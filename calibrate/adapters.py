@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from calibrate._atomic import atomic_file
 from calibrate._validation import int_at_least
 from calibrate.heads import ExitHeads, adapters_digest
 
@@ -144,17 +145,12 @@ def save_adapters(heads: ExitHeads, path: str | os.PathLike) -> None:
 
     if not heads.has_adapters:
         raise ValueError("heads has no adapters to save")
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
     tensors = {
         "weight": heads.adapter_weight.detach().cpu().contiguous(),
         "bias": heads.adapter_bias.detach().cpu().contiguous(),
     }
-    try:
+    with atomic_file(path) as tmp:
         save_file(tensors, str(tmp), metadata={"heads": json.dumps(heads.describe())})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def load_adapters(model: nn.Module, path: str | os.PathLike) -> ExitHeads:

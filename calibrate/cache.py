@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from calibrate._atomic import umask_mode
 from calibrate._storage import Remote, location
 from calibrate._validation import seed_iv
 
@@ -667,6 +668,7 @@ class LayerCache:
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
         try:
             self._write_files(tmp, meta)
+            os.chmod(tmp, umask_mode(directory=True))  # mkdtemp's 0o700 would make the cache private
             _commit(tmp, target, overwrite)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -6,7 +6,6 @@ import html
 import json
 import numbers
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from calibrate._atomic import atomic_file
 from calibrate._validation import int_at_least, open_interval
 from measures.learned import plain_state as _plain
 
@@ -450,15 +450,8 @@ class Certificate:
         """Serialise to JSON (``NaN`` entries as ``null``); write atomically when ``path`` is given."""
         text = json.dumps(self._json_data(), indent=2, allow_nan=False)
         if path is not None:
-            path = Path(path)
-            fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=f".{path.name}.", suffix=".tmp")
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                    fh.write(text)
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            with atomic_file(path) as tmp:
+                tmp.write_text(text, encoding="utf-8")
         return text
 
     @classmethod

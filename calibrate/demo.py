@@ -17,7 +17,6 @@ Both print a table and write certificates (JSON) and figures (PNG) to an output 
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 import calibrate
+from calibrate._atomic import atomic_file
 from calibrate._validation import int_at_least, open_interval
 from calibrate.audit import audit
 from calibrate.fit import fit
@@ -387,6 +387,5 @@ def _decode_speeds(data: SmolLM2Data, certificates: dict, n: int, max_new_tokens
 
 def _write_json(data: dict, path: Path) -> None:
     """Write ``data`` as JSON atomically (a temporary file renamed over ``path``)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, allow_nan=True), encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, allow_nan=True), encoding="utf-8")

@@ -15,12 +15,12 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from calibrate._atomic import atomic_file
 from calibrate._storage import Remote
 
 __all__ = ["MANIFEST_FILE", "shard_name", "parse_shard", "shard_bounds", "write_manifest", "is_sharded", "open_sharded"]
@@ -116,14 +116,8 @@ def write_manifest(root: str | os.PathLike, count: int) -> Path:
     if check_manifest(root, count):
         return file
     root.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST_FILE}.", suffix=".tmp", dir=root)
-    try:
-        with os.fdopen(fd, "w", encoding="ascii") as f:
-            json.dump(manifest, f, indent=1)
-        os.replace(tmp, file)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(file) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=1), encoding="ascii")
     return file
 
 

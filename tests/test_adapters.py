@@ -72,12 +72,13 @@ def test_agreement_matches_the_cache_top1_for_plain_heads(model, real_cache):
     np.testing.assert_allclose(got, expected, atol=2.5 / real_cache.n_tokens)  # float16 states may flip a tie
 
 
-def test_last_layer_unchanged_and_round_trip(model, real_cache, tmp_path):
+def test_last_layer_unchanged_and_round_trip(model, real_cache, tmp_path, umask_022):
     heads = train_adapters(model, real_cache)
     h = torch.randn(5, heads.n_layers, heads.hidden_size)
     torch.testing.assert_close(heads(h)[:, -1], ExitHeads.from_model(model)(h)[:, -1])
     path = tmp_path / "adapters.safetensors"
     save_adapters(heads, path)
+    assert path.stat().st_mode & 0o777 == umask_022  # safetensors alone writes 0o600
     loaded = load_adapters(model, path)
     assert loaded.describe() == heads.describe()
     torch.testing.assert_close(loaded(h), heads(h))

@@ -669,3 +669,20 @@ def test_with_meta_replaces_the_writers_metadata_only():
     replaced = cache.with_meta(given)
     given["generation"]["t"] = 2
     assert replaced.user_meta["generation"] == {"t": 1}
+
+
+def test_saved_files_get_the_umask_mode_not_tempfile_private(tmp_path, umask_022):
+    import calibrate
+    from calibrate.shards import write_manifest
+
+    cache = calibrate.synthetic_cache(10, n_layers=3, seed=0)
+    path = cache.save(tmp_path / "cache")
+    assert path.stat().st_mode & 0o777 == 0o755  # mkdtemp made it 0o700: nobody else could open the cache
+    assert all(p.stat().st_mode & 0o777 in (0o644, 0o755) for p in path.rglob("*"))
+    cache.save(path, overwrite=True)
+    assert path.stat().st_mode & 0o777 == 0o755
+    calibrate.fit(cache).to_json(tmp_path / "cert.json")
+    write_manifest(tmp_path / "shards", 2)
+    for file in (tmp_path / "cert.json", tmp_path / "shards" / "manifest.json"):
+        assert file.stat().st_mode & 0o777 == umask_022
+    assert not list(tmp_path.rglob(".*tmp"))

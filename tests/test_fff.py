@@ -101,15 +101,21 @@ def test_cost_counts_the_weights_an_input_uses():
     assert used == [layer.cost(k) for k in range(6)]
 
 
-def test_safetensors_round_trip(tmp_path):
+def test_safetensors_round_trip(tmp_path, umask_022):
     for bias in (True, False):
         layer = _layer(5, 4, 3, bias=bias, activation="silu", dtype=torch.float32)
         layer.save(tmp_path / "fff.safetensors")
+        assert (tmp_path / "fff.safetensors").stat().st_mode & 0o777 == umask_022
         back = FFF.load(tmp_path / "fff.safetensors").eval()
         assert (back.depth, back.activation, back.b_in is None) == (3, "silu", not bias)
         assert back.w_in.dtype == torch.float32
         x = torch.randn(9, 5)
         torch.testing.assert_close(back(x), layer(x), rtol=0, atol=0)
+    with pytest.raises(IsADirectoryError):
+        layer.save(tmp_path)  # onto a directory: refused, nothing left behind
+    with pytest.raises(FileNotFoundError):
+        layer.save(tmp_path / "missing" / "fff.safetensors")  # was safetensors' own error type
+    assert not list(tmp_path.glob(".*tmp"))
     wide = _layer(5, 4, 2)  # float64 stays float64
     wide.save(tmp_path / "f64.safetensors")
     assert FFF.load(tmp_path / "f64.safetensors").w_in.dtype == torch.float64

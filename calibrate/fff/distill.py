@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from calibrate._atomic import umask_mode
 from calibrate._validation import finite_positive, int_at_least, seed_iv
 from calibrate.fff.layer import FFF
 from calibrate.heads import decoder_layers
@@ -319,6 +320,7 @@ def save_blocks(model: nn.Module, directory: str | os.PathLike) -> Path:
     try:
         for i, block in blocks.items():
             block.save(tmp / _BLOCK_FILE.format(i))
+        os.chmod(tmp, umask_mode(directory=True))  # mkdtemp's 0o700 would make the directory private
         tmp.rename(target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

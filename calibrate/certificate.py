@@ -361,7 +361,10 @@ class Certificate:
                 f"({(k + 1) / (top + 1):.0%} of the full path's cost)"
             )
         if self.knob == "token_keep" and self.lambda_hat is not None:
-            lines.append(f"  certified speed-up {1 / self.lambda_hat:.4g}x of the prefill (predicted; lambda = 1 / speed-up)")
+            lines.append(
+                f"  certified target speed-up {1 / self.lambda_hat:.4g}x of the prefill (the cost model's prediction, "
+                "capped per prompt at what its length allows; lambda = 1 / speed-up)"
+            )
         if self.expected_layers is not None and self.n_layers:
             lines.append(
                 f"  expected layers {self.expected_layers:.2f} of {self.n_layers} "

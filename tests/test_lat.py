@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+import warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -428,7 +429,7 @@ def test_certify_picks_the_hand_computable_speedup():
     cert = calibrate.certify(losses, 1 / speedups, delta=0.1, epsilon=0.05, knob="token_keep")
     # 0.09 of 2000 is too close to 0.1 for a 5% test; 0.04 is far below
     assert 1 / cert.lambda_hat == pytest.approx(2.0)
-    assert "certified speed-up 2x" in cert.summary()
+    assert "certified target speed-up 2x of the prefill (the cost model's prediction, capped per prompt" in cert.summary()
 
 
 @pytest.fixture(scope="module")
@@ -514,6 +515,20 @@ def test_fit_bad_grid(word_tokenizer):
     for bad in ([1.0, 0.5], [2.0, 1.5], [1.0, float("nan")], []):
         with pytest.raises(ValueError, match="speedup"):
             lat.fit(model, word_tokenizer, ["w1 w2 w3"] * 10, speedups=bad)
+
+
+def test_fit_warns_of_speedups_no_prompt_reaches(word_tokenizer):
+    from calibrate.lat.schedule import KeepSchedule
+
+    model = tiny_model("llama", seed=7, n_layers=4)
+    prompts = [" ".join(f"w{j}" for j in range(n)) for n in (4, 8) * 10]
+    reach = KeepSchedule.from_speedup(model.config, len(word_tokenizer(prompts[1])["input_ids"]), 1.0).max_speedup
+    kw = dict(delta=0.9, epsilon=0.1, max_new_tokens=2, batch_size=20, progress=False)
+    with pytest.warns(UserWarning, match=rf"speedups \[10.0, 100.0\] exceed .* \({reach:.4g}x for the longest"):
+        lat.fit(model, word_tokenizer, prompts, speedups=[1.0, reach * 0.99, 10.0, 100.0], **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lat.fit(model, word_tokenizer, prompts, speedups=[1.0, reach * 0.99], **kw)  # all reachable: silent
 
 
 def test_heldout_losses_and_audit_refuse_another_knob(word_tokenizer):

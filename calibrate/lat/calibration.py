@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -31,7 +32,7 @@ from calibrate.extraction import _context_iv, _pad
 from calibrate.lat.classification import classify
 from calibrate.lat.decode import generate, model_id, settings
 from calibrate.lat.encoders import CLASSIFIER_ARCHITECTURES
-from calibrate.lat.schedule import _speedup_iv
+from calibrate.lat.schedule import KeepSchedule, _speedup_iv
 from calibrate.lat.scores import SCORES
 
 __all__ = ["CLASSIFIER_CONSISTENCIES", "DEFAULT_SPEEDUPS", "audit", "fit", "heldout_losses"]
@@ -155,8 +156,11 @@ def fit(
     delta, epsilon = _risk_iv(delta, epsilon, bound, "sequence" if zero_one else consistency)
     if score not in SCORES:
         raise ValueError(f"score must be one of {SCORES}, got {score!r}")
-    lambdas = 1.0 / _speedups_iv(speedups)
+    speedups = _speedups_iv(speedups)
+    lambdas = 1.0 / speedups
     scorer = _scorer(model, tokenizer, prompts, references, consistency, lambdas, max_new_tokens, batch_size, decode)
+    min_keep = 2  # vectors every layer keeps: the first token and, in decoders, the last prompt token
+    _warn_unreachable(model.config, [len(tokenizer(p)["input_ids"]) for p in prompts], speedups, min_keep)
     special = getattr(tokenizer, "all_special_ids", None) or []
     untested = (math.nan,) * lambdas.size
     template = Certificate(
@@ -175,10 +179,25 @@ def fit(
         knob="token_keep",
         measure=score,
         model=model_id(model),
-        measure_state=settings(score, 2, special),
+        measure_state=settings(score, min_keep, special),
         max_new_tokens=None if isinstance(scorer, _Classifier) else scorer.max_new_tokens,  # classifiers generate nothing
     )
     return _certify_lazily(scorer, template, progress)
+
+
+def _warn_unreachable(config, lengths: Sequence[int], speedups: np.ndarray, min_keep: int) -> None:
+    """Warn about grid speed-ups above what the longest calibration prompt can reach (each prompt's schedule is
+    capped at its own maximum, so those values all run the most aggressive schedules)."""
+    reach = max(KeepSchedule.from_speedup(config, n, 1.0, min_keep=min_keep).max_speedup for n in set(lengths))
+    beyond = [float(s) for s in speedups if s > reach * (1 + 1e-9)]
+    if beyond:
+        warnings.warn(
+            f"speedups {beyond} exceed the most any calibration prompt reaches ({reach:.4g}x for the longest, "
+            f"{max(lengths)} tokens): every prompt runs its most aggressive schedule at each of them, so they test "
+            "the same outputs; a certificate for one means 'as fast as each prompt allows', not that speed-up",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def heldout_losses(

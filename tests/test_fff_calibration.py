@@ -104,6 +104,9 @@ def test_risk_label_counts_only_new_mistakes():
         shallow = model(x).argmax(1).numpy()
     assert table.losses[:400].sum() == 0
     np.testing.assert_array_equal(table.losses[400:, 1], (shallow[400:] != full[400:]).astype(float))
+    for bad in (refs + 5, refs - 5):  # labels no output can be: the risk was 0 at every depth
+        with pytest.raises(ValueError, match=r"int labels in \[0, 5\) \(the model's outputs\).*range"):
+            fff.depth_losses(model, x, depths=[6, 2], consistency="risk_label", references=bad)
 
 
 @pytest.mark.slow

@@ -787,6 +787,22 @@ def test_certificate_of_extract_and_fit_is_accepted(fitted_llama):
     generate(model, ids, certificate=dataclasses.replace(adapted, heads=None), max_new_tokens=2)
 
 
+def test_weights_digest_covers_every_weight_and_follows_in_place_edits():
+    from calibrate._digest import weights_digest
+
+    model = tiny_model("llama")
+    first = weights_digest(model)
+    assert weights_digest(copy.deepcopy(model)) == first  # the weights, not the object
+    weight = model.model.layers[1].mlp.up_proj.weight
+    old = weight[3, 5].item()
+    with torch.no_grad():
+        weight[3, 5] = old + 1e-3  # one weight of thousands (a strided sample missed most of them)
+    assert weights_digest(model) != first
+    with torch.no_grad():
+        weight[3, 5] = old  # restored in place: the remembered digest is not reused blindly
+    assert weights_digest(model) == first
+
+
 def test_certificate_for_other_heads_is_refused(fitted_llama):
     model, heads, plain, adapted = fitted_llama
     ids = torch.tensor([PROMPTS[0]])

@@ -185,9 +185,13 @@ def depth_losses(
         if references is None or len(references) != len(inputs):
             raise ValueError(f"consistency='risk_label' needs references=, one int label per input ({len(inputs)})")
         refs = np.asarray(references)
-        if refs.ndim != 1 or not np.issubdtype(refs.dtype, np.integer) or (refs.size and refs.min() < 0):
+        with torch.no_grad():
+            n_classes = int(model(inputs[:1]).shape[-1])  # the labels are argmaxes over the model's outputs
+        if refs.ndim != 1 or not np.issubdtype(refs.dtype, np.integer) or refs.min() < 0 or refs.max() >= n_classes:
             raise ValueError(
-                f"references must be a 1-d sequence of int labels >= 0, got shape {refs.shape}, {refs.dtype}"
+                f"references must be a 1-d sequence of int labels in [0, {n_classes}) (the model's outputs), got "
+                f"shape {refs.shape}, dtype {refs.dtype}"
+                + (f", range [{refs.min()}, {refs.max()}]" if refs.ndim == 1 and refs.dtype.kind in "iu" else "")
             )
     full = _labels(model, inputs, None, batch_size)
     columns = []

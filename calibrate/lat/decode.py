@@ -101,7 +101,7 @@ class EliminationOutput:
 
 
 def model_id(model: nn.Module) -> str:
-    """A short identity of a model's weights: architecture, sizes and a digest of a few weight tensors.
+    """A short identity of a model: architecture, sizes and a digest of all its weights.
 
     A token-elimination certificate records it and :func:`generate` refuses a certificate of another model.
     """

@@ -187,16 +187,16 @@ def extract(
         with tqdm(total=n, unit="prompt", desc="extract", disable=not progress) as bar:
             for index, start in enumerate(starts):
                 stop = min(n, start + setup["batch_size"])
-                fingerprint = _fingerprint(setup, start, stop)
+                identity = _batch_identity(setup, start, stop)
+                fingerprint = _digest(identity)
                 where = None if setup["shard_dir"] is None else setup["shard_dir"] / _SHARD_NAME.format(index)
                 if where is not None and where.exists():
-                    part = _open_shard(where, fingerprint)
+                    part = _open_shard(where, fingerprint, identity)
                 else:
                     part = _extract_batch(model, tokenizer, setup, start, stop)
                     if where is not None:
-                        part = _with_meta(
-                            part, shard={"index": index, "start": start, "stop": stop, "fingerprint": fingerprint}
-                        )
+                        shard = {"index": index, "start": start, "stop": stop, "fingerprint": fingerprint}
+                        part = _with_meta(part, shard={**shard, "identity": identity})
                         part.save(where)
                 parts.append(part)
                 bar.update(stop - start)
@@ -706,33 +706,40 @@ def _extract_batch(model, tokenizer, setup: dict, start: int, stop: int) -> Laye
 # --------------------------------------------------------------------------------------------------
 
 
-def _fingerprint(setup: dict, start: int, stop: int) -> str:
-    """Identify a batch: its prompts, references, token ids, the model's weights, the library version and
-    every setting of the run."""
-    payload = {
-        "start": start,
-        "stop": stop,
-        "weights": setup["weights"],
-        "library": _library_version(),
+def _digest(value) -> str:
+    return hashlib.blake2b(json.dumps(value, sort_keys=True).encode(), digest_size=16).hexdigest()
+
+
+def _batch_identity(setup: dict, start: int, stop: int) -> dict[str, str]:
+    """A digest per part of what identifies a batch: its place and prompts (references, ids, token ids), the
+    model's weights, the library version and the run's settings. The model and tokenizer names are left
+    out: they are paths as typed, and the weights and token ids already identify both."""
+    settings = {k: v for k, v in setup["meta"].items() if k not in ("model", "tokenizer")}
+    parts = {
+        "batch": [start, stop],
         "prompts": setup["prompts"][start:stop],
         "references": None if setup["references"] is None else setup["references"][start:stop],
         "ids": setup["ids"][start:stop],
-        "input_ids": setup["input_ids"][start:stop],
-        "meta": setup["meta"],
+        "token ids": setup["input_ids"][start:stop],
+        "model weights": setup["weights"],
+        "library version": _library_version(),
+        **{f"setting {k!r}": v for k, v in settings.items()},
     }
-    return hashlib.blake2b(json.dumps(payload, sort_keys=True).encode(), digest_size=16).hexdigest()
+    return {name: _digest(value) for name, value in parts.items()}
 
 
-def _open_shard(where: Path, fingerprint: str) -> LayerCache:
+def _open_shard(where: Path, fingerprint: str, identity: dict[str, str]) -> LayerCache:
     try:
         part = open_cache(where)
     except ValueError as exc:
         raise ValueError(f"shard {where} cannot be read ({exc}); delete it to recompute that batch") from exc
-    found = part.meta.get("shard", {}).get("fingerprint")
-    if found != fingerprint:
+    shard = part.meta.get("shard", {})
+    if shard.get("fingerprint") != fingerprint:
+        found = shard.get("identity") or {}
+        differ = [name for name in identity if found.get(name) != identity[name]]
         raise ValueError(
-            f"shard {where} was written by another run (other prompts, model or settings); "
-            "use another shard_dir or delete this one"
+            f"shard {where} was written by another run (its {', '.join(differ) or 'identity'} differ); use another "
+            "shard_dir or delete this one"
         )
     return part
 

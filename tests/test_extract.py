@@ -361,13 +361,15 @@ def test_crash_then_rerun_resumes_and_equals_an_uninterrupted_run(tokenizer, tmp
 def test_shards_of_another_run_are_refused(tokenizer, tmp_path):
     model = tiny_model("gpt2")
     extract(model, tokenizer, PROMPTS[:2], max_new_tokens=2, shard_dir=tmp_path, progress=False)
-    with pytest.raises(ValueError, match="written by another run"):
+    with pytest.raises(ValueError, match=r"written by another run \(its prompts, token ids differ\)"):
         extract(model, tokenizer, PROMPTS[2:4], max_new_tokens=2, shard_dir=tmp_path, progress=False)
-    with pytest.raises(ValueError, match="written by another run"):
+    with pytest.raises(ValueError, match=r"another run \(its setting 'generation' differ\)"):
         extract(model, tokenizer, PROMPTS[:2], max_new_tokens=3, shard_dir=tmp_path, progress=False)
     retrained = tiny_model("gpt2", seed=1)  # same architecture and name, other weights: no mixed cache
-    with pytest.raises(ValueError, match="written by another run"):
+    with pytest.raises(ValueError, match=r"another run \(its model weights, setting 'heads' differ\)"):
         extract(retrained, tokenizer, PROMPTS[:2], max_new_tokens=2, shard_dir=tmp_path, progress=False)
+    model.name_or_path = "/elsewhere/the-same-model"  # the same weights, the path spelled or moved otherwise
+    extract(model, tokenizer, PROMPTS[:2], max_new_tokens=2, shard_dir=tmp_path, progress=False)  # resumes
     with pytest.raises(ValueError, match="shard_dir must name a directory"):
         extract(model, tokenizer, PROMPTS[:2], max_new_tokens=2, shard_dir="", progress=False)
 

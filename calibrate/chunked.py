@@ -284,7 +284,7 @@ class ChunkedCache:
                 f"measures.learned.train_measure) and refused for the others; got measure={measure!r} and "
                 f"measure_state={'None' if measure_state is None else 'a dict'}"
             )
-        lam = _lambdas_iv(default_lambdas() if lambdas is None else lambdas)
+        lam = _lambdas_iv(default_lambdas(decay=decay is not None) if lambdas is None else lambdas)
         if sequences is None:
             idx = np.arange(self.n_sequences)
         else:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -28,7 +29,7 @@ from calibrate._validation import int_at_least, open_interval, seed_iv
 from calibrate.bounds import P_VALUES, p_values
 from calibrate.cache import LayerCache
 from calibrate.certificate import Certificate
-from calibrate.exits import Decay, _lambdas_iv
+from calibrate.exits import Decay, _lambdas_iv, with_decay_headroom
 from calibrate.extraction import _context_iv, _pad
 from calibrate.fit import _decay_iv, _too_few_reason, certify
 from calibrate.fwer import FixedSequence
@@ -41,20 +42,22 @@ __all__ = ["decoded_lambdas", "decoded_losses", "fit_decoded"]
 _LAZY_METHOD = "fixed_sequence"
 
 
-def decoded_lambdas() -> np.ndarray:
+def decoded_lambdas(*, decay: bool = False) -> np.ndarray:
     """The default grid of decoded mode: 17 thresholds in ``[0, 1]``, safest (1.0) first.
 
     Each tested threshold costs a full decode of the calibration prompts, so the grid is much coarser than
     :func:`calibrate.exits.default_lambdas` (201 values): ``0, 0.1, ..., 1`` plus ``1 - 10**u`` for
     ``u = -4, -3.5, ..., -1.5`` (0.9999 ... 0.968), where saturation and softmax thresholds matter most.
+    With ``decay=True``, 3 values above 1 come first (:func:`calibrate.exits.with_decay_headroom`).
 
     Returns
     -------
-    ndarray of float64, shape (17,)
+    ndarray of float64, shape (17,) or (20,)
         Strictly decreasing.
     """
     grid = np.concatenate([np.linspace(0.0, 1.0, 11), 1.0 - np.logspace(-4.0, -1.5, 6)])
-    return np.unique(grid)[::-1].copy()
+    grid = np.unique(grid)[::-1].copy()
+    return with_decay_headroom(grid, 3) if decay else grid
 
 
 # --------------------------------------------------------------------------------------------------
@@ -348,10 +351,12 @@ def _fit_decoded_iv(
     decoder, lam, heads = _decoder_iv(
         model, tokenizer, prompts, references, consistency, lambdas, max_new_tokens, batch_size, heads, decode
     )
-    if isinstance(decay, (int, float)) and not isinstance(decay, bool):
+    if isinstance(decay, numbers.Real) and not isinstance(decay, (bool, np.bool_)):
         decay = Decay(max_len=decoder.max_new_tokens, tau=float(decay))  # N: the decoding budget, not the data
     else:
         decay = _decay_iv(decay, None)
+    if lambdas is None and decay is not None:
+        lam = decoded_lambdas(decay=True)
     measure_state, n_train = _measure_iv(measure, train_cache, list(prompts), heads, seed)
     template = _template(
         decoder,
@@ -429,7 +434,8 @@ def fit_decoded(
         Only fixed-sequence testing: the other methods need every threshold's p-value, i.e. a full decode per
         threshold (decode them with :func:`decoded_losses` and call :func:`calibrate.certify` for that).
     lambdas : array_like, shape (n_lambdas,), optional
-        Threshold grid, strictly decreasing, fixed before seeing the prompts; default :func:`decoded_lambdas`.
+        Threshold grid, strictly decreasing, fixed before seeing the prompts; default :func:`decoded_lambdas`
+        (``decay=True`` when ``decay`` is set).
     decay : Decay, dict, float or None
         Decaying threshold: a :class:`~calibrate.Decay`, a dict of its fields, or a float ``tau`` with
         ``N = max_new_tokens``.

@@ -28,6 +28,7 @@ __all__ = [
     "default_lambdas",
     "exit_layers",
     "early_tokens",
+    "with_decay_headroom",
     "average_layers",
     "disagreement_counts",
 ]
@@ -72,14 +73,27 @@ class Decay:
         return {"max_len": int(self.max_len), "tau": float(self.tau)}
 
 
-def default_lambdas() -> np.ndarray:
+def default_lambdas(*, decay: bool = False) -> np.ndarray:
     """The default grid: 201 thresholds in ``[0, 1]``, safest (1.0) first, fine near 1.
 
     101 evenly spaced values plus 100 values ``1 - 10**u`` for ``u`` evenly spaced in ``[-4, -2)``, where
-    saturation and softmax thresholds matter most.
+    saturation and softmax thresholds matter most. With ``decay=True``, 11 values above 1 come first (see
+    :func:`with_decay_headroom`): 212 values.
     """
     grid = np.concatenate([np.linspace(0.0, 1.0, 101), 1.0 - np.logspace(-4, -2, 101)[:-1]])
-    return np.unique(grid)[::-1].copy()
+    grid = np.unique(grid)[::-1].copy()
+    return with_decay_headroom(grid, 11) if decay else grid
+
+
+def with_decay_headroom(grid, n: int) -> np.ndarray:
+    """``grid`` preceded by ``n`` values evenly spaced from ``1 / 0.9`` down towards 1 (exclusive).
+
+    Under the decaying threshold, ``lambda = 1`` still exits early: position ``t`` gets
+    ``0.9 + 0.1 exp(-tau t / N)``, about 0.9 at the end. At ``1 / 0.9`` every position's threshold is 1,
+    as ``lambda = 1`` is without decay, so a grid that starts there has a safe first hypothesis (without
+    it, a decayed ``lambda = 1`` that fails leaves only the full model).
+    """
+    return np.concatenate([np.linspace(1 / 0.9, 1.0, n + 1)[:-1], np.asarray(grid, dtype=np.float64)])
 
 
 def _lambdas_iv(lambdas) -> np.ndarray:

@@ -355,7 +355,8 @@ def fit(
         As in :func:`certify`.
     lambdas : array_like, optional
         Threshold grid, strictly decreasing; default :func:`calibrate.exits.default_lambdas` (201 values), or
-        the coarser :func:`calibrate.decoded_lambdas` (17 values) in decoded mode.
+        the coarser :func:`calibrate.decoded_lambdas` (17 values) in decoded mode; with ``decay``, preceded
+        by values up to ``1 / 0.9`` (:func:`calibrate.exits.with_decay_headroom`).
     decay : Decay, dict, float or None
         Decaying threshold: a :class:`Decay`, a dict of its fields, or a float ``tau`` with ``N`` from the
         cache's generation settings (``meta["generation"]["max_new_tokens"]``; never from the data).
@@ -550,7 +551,7 @@ def _proxy_table(
     _measure_iv(measure)
     seed_iv(seed)
     decay = _decay_iv(decay, cache)
-    lam = default_lambdas() if lambdas is None else lambdas
+    lam = default_lambdas(decay=decay is not None) if lambdas is None else lambdas
     measure_state, n_train = None, 0
     train, rows = _calibration_split(cache, measure, train_fraction, seed, train_cache)
     cache = cache if rows is None else cache.subset(rows)

@@ -294,6 +294,12 @@ def test_fit_mode_decoded_decodes_the_cache_prompts(model, tokenizer, prompts, c
     assert same.to_json() == split.to_json()
 
 
+def test_decay_takes_the_grid_with_headroom_above_one(model, tokenizer, prompts):
+    cert = _fit(model, tokenizer, prompts, delta=0.001, lambdas=None, decay=4.0)  # too few: nothing decoded
+    assert cert.lambdas == tuple(calibrate.decoded_lambdas(decay=True)) and cert.lambdas[0] == pytest.approx(1 / 0.9)
+    assert _fit(model, tokenizer, prompts, delta=0.001, lambdas=None).lambdas == tuple(calibrate.decoded_lambdas())
+
+
 def test_certificates_record_the_budget_and_the_runtime_warns_beyond_it(model, tokenizer, prompts, cache):
     from calibrate.runtime import custom_generate
 

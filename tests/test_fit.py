@@ -325,6 +325,21 @@ def test_fit_with_decay_records_it(cache):
     assert calibrate.audit(in_sample, cache).risk == pytest.approx(cert.risk_hat if cert.index is not None else 0.0)
 
 
+def test_decay_grids_start_where_every_threshold_is_one():
+    from calibrate.exits import default_lambdas
+
+    grid = default_lambdas(decay=True)
+    assert grid.size == 212 and np.all(np.diff(grid) < 0) and grid[11] == 1.0
+    np.testing.assert_array_equal(grid[11:], default_lambdas())
+    assert np.all(calibrate.Decay(max_len=32, tau=4.0).thresholds(grid[:1], np.arange(64)) == 1.0)
+    assert calibrate.decoded_lambdas(decay=True)[:4].tolist() == pytest.approx([1 / 0.9, 1 / 0.9 - 1 / 27, 1 / 0.9 - 2 / 27, 1.0])
+    dev, _ = calibrate.synthetic_cache(300, seed=0).split([0.5, 0.5], seed=0)
+    old = calibrate.fit(dev, decay=4.0, lambdas=default_lambdas())  # a decayed lambda = 1 exits, and fails here
+    assert old.lambda_hat is None and old.certified[0] is False
+    cert = calibrate.fit(dev, decay=4.0)
+    assert cert.lambdas == tuple(grid) and cert.lambda_hat is not None and cert.expected_layers < dev.n_layers
+
+
 def test_fit_bad_inputs(cache):
     with pytest.raises(ValueError, match="measure must be one of"):
         calibrate.fit(cache, measure="vibes")

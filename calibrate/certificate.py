@@ -460,9 +460,13 @@ class Certificate:
     @classmethod
     def from_json(cls, source: str | os.PathLike) -> "Certificate":
         """Read a certificate from a JSON string or a path to a JSON file."""
+        if isinstance(source, Mapping):
+            raise TypeError("from_json reads a JSON string or file; build a certificate from a dict with from_dict")
         text = str(source)
         if not text.lstrip().startswith("{"):
             path = Path(source)
+            if path.is_dir():
+                raise ValueError(f"certificate must be a JSON file, got the directory {path}")
             if not path.is_file():
                 raise ValueError(f"certificate file not found: {path}")
             text = path.read_text(encoding="utf-8")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from pathlib import Path
 
 __all__ = ["main"]
@@ -39,13 +40,27 @@ def _add_fit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--decay", type=float, default=None, metavar="TAU", help="decaying threshold with rate TAU (CALM: 4)"
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the classifier's train split")
+    p.add_argument("--seed", type=int, default=0, help="seed of a learned measure's train split (default 0)")
 
 
-def _report(cert, output: str | None) -> int:
+def _output_iv(path: str | None, option: str) -> Path | None:
+    """The file an option names, checked before any work (its missing parent directories are made at writing)."""
+    if path is None:
+        return None
+    out = Path(path)
+    if not path or out.is_dir():
+        raise ValueError(f"{option} must name a file, got {path!r}")
+    blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise ValueError(f"{option} {path}: {blocking} is a file, not a directory")
+    return out
+
+
+def _report(cert, output: Path | None) -> int:
     """Print a certificate's summary and write it as JSON when ``output`` is given; exit status 0."""
     print(cert.summary())
-    if output:
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
         cert.to_json(output)
         print(f"wrote {output}")
     return 0
@@ -54,6 +69,7 @@ def _report(cert, output: str | None) -> int:
 def _cmd_fit(args) -> int:
     import calibrate
 
+    output = _output_iv(args.output, "-o")
     chunks = args.chunks if args.chunks is not None or args.scheduler is None else 1000
     cache = calibrate.open_cache(args.cache, chunks=chunks)
     options = dict(
@@ -68,19 +84,22 @@ def _cmd_fit(args) -> int:
         progress=True,
     )
     if args.scheduler is None:
-        return _report(calibrate.fit(cache, **options), args.output)
+        return _report(calibrate.fit(cache, **options), output)
     try:
         from distributed import Client
     except ImportError:
         raise ValueError("--scheduler needs Dask: pip install 'calm-calibrate[dask]'") from None
     with Client(args.scheduler) as client:
-        return _report(calibrate.fit(cache, client=client, **options), args.output)
+        return _report(calibrate.fit(cache, client=client, **options), output)
 
 
 def _cmd_audit(args) -> int:
     import calibrate
 
     cert = calibrate.Certificate.from_json(Path(args.certificate))
+    figure = _figure_iv(args.figure)
+    if args.max_new_tokens is None:  # decode as the certificate was calibrated
+        args.max_new_tokens = cert.max_new_tokens or 32
     if cert.knob == "token_keep":  # decoded on held-out prompts at each speed-up of the grid
         if args.model is None or args.prompts is None:
             raise ValueError("a token_keep certificate is audited by decoding: give --model DIR and --prompts FILE")
@@ -121,12 +140,25 @@ def _cmd_audit(args) -> int:
             raise ValueError("give the held-out layer cache: calibrate audit CERTIFICATE CACHE")
         report = calibrate.audit(cert, calibrate.open_cache(args.cache), progress=True)
     print(report.summary())
-    if args.figure:
-        figure = Path(args.figure)
-        figure = figure if figure.suffix else figure.with_suffix(".png")  # as matplotlib would name it
+    if figure is not None:
+        figure.parent.mkdir(parents=True, exist_ok=True)
         report.plot().savefig(figure, dpi=120)
         print(f"wrote {figure}")
     return 0 if report.within_tolerance else 1
+
+
+def _figure_iv(path: str | None) -> Path | None:
+    """``--figure``'s file (``.png`` added without a suffix, as matplotlib would), its format checked up front."""
+    from matplotlib.figure import Figure
+
+    figure = _output_iv(path, "--figure")
+    if figure is None:
+        return None
+    figure = figure if figure.suffix else figure.with_suffix(".png")
+    formats = Figure().canvas.get_supported_filetypes()
+    if figure.suffix[1:].lower() not in formats:
+        raise ValueError(f"--figure {path}: matplotlib writes {', '.join(sorted(formats))}, not {figure.suffix!r}")
+    return figure
 
 
 def _cmd_extract(args) -> int:
@@ -215,7 +247,6 @@ def _references(consistency: str | None, references: list) -> list | None:
 def _fff_inputs(args):
     """``calibrate.fff``, the FFF classifier of ``--model`` (safetensors) on ``--device`` in ``--dtype``, the
     inputs of ``--inputs`` there and the reference labels of ``--references`` (.npy)."""
-    import numpy as np
 
     try:
         import torch
@@ -229,14 +260,27 @@ def _fff_inputs(args):
         model = model.to(_torch_device(args.device))
     if args.dtype is not None:
         model = model.to(_torch_dtype(args.dtype))
-    inputs = np.load(args.inputs, allow_pickle=False)
+    inputs = _load_array(args.inputs, "--inputs")
     if inputs.ndim != 2 or inputs.shape[1] != model.in_features:
         raise ValueError(f"{args.inputs} must hold an (n, {model.in_features}) array, got shape {inputs.shape}")
-    references = None if args.references is None else np.load(args.references, allow_pickle=False)
+    references = None if args.references is None else _load_array(args.references, "--references")
     return fff, model, torch.as_tensor(inputs, dtype=model.w_in.dtype, device=model.w_in.device), references
 
 
+def _load_array(path: str, option: str):
+    """The array of a ``.npy`` file (never pickled objects); ValueError naming the option and the file."""
+    import numpy as np
+
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, EOFError) as exc:  # numpy's message suggests allow_pickle for any non-.npy file
+        raise ValueError(f"{option} {path} must be a .npy array file (numpy.save): {type(exc).__name__}") from None
+
+
 def _cmd_fff_fit(args) -> int:
+    output = _output_iv(args.output, "-o")
+    if args.prompts is not None and args.blocks is None:
+        raise ValueError("--prompts certifies a language model's FFF blocks: give --blocks DIR too")
     if args.blocks is not None:  # a language model whose MLP blocks are FFFs, decoded on prompts
         fff, model, tokenizer, prompts, references = _fff_language_model(args)
         cert = fff.fit(
@@ -252,7 +296,7 @@ def _cmd_fff_fit(args) -> int:
             max_new_tokens=args.max_new_tokens,
             progress=True,
         )
-        return _report(cert, args.output)
+        return _report(cert, output)
     if args.inputs is None or args.consistency is not None:
         raise ValueError(
             "an FFF classifier is certified on --inputs FILE (label disagreement, or risk_label with --references); "
@@ -269,11 +313,14 @@ def _cmd_fff_fit(args) -> int:
         bound=args.bound,
         batch_size=args.batch_size,
     )
-    return _report(cert, args.output)
+    return _report(cert, output)
 
 
 def _cmd_lat_fit(args) -> int:
+    output = _output_iv(args.output, "-o")
     lat, read_prompts, load_local = _lat_imports()
+    if args.score not in lat.SCORES:  # before loading the model
+        raise ValueError(f"--score must be one of {lat.SCORES}, got {args.score!r}")
     prompts, references = read_prompts(args.prompts)
     model, tokenizer = load_local(args.model, device=args.device, dtype=args.dtype)
     cert = lat.fit(
@@ -291,7 +338,7 @@ def _cmd_lat_fit(args) -> int:
         batch_size=args.batch_size,
         progress=True,
     )
-    return _report(cert, args.output)
+    return _report(cert, output)
 
 
 def _cmd_synthetic(args) -> int:
@@ -346,10 +393,12 @@ def _cmd_demo(args) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from calibrate import __version__
     from calibrate.bounds import P_VALUES
     from calibrate.losses import CONSISTENCIES
 
     parser = argparse.ArgumentParser(prog="calibrate", description="Certified early-exit thresholds (calm-calibrate).")
+    parser.add_argument("--version", action="version", version=f"calm-calibrate {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("fit", help="certify a threshold from a layer cache")
@@ -375,7 +424,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--blocks", help="fff_depth certificates of a language model: its FFF blocks (fff.save_blocks)")
     p.add_argument("--prompts", help="token_keep or language-model fff_depth: held-out prompts, one per line or JSONL")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="when decoding: as certified (default 32)")
+    p.add_argument(
+        "--max-new-tokens", type=int, default=None,
+        help="when decoding: tokens per prompt (default: the certificate's max_new_tokens, else 32)",
+    )
     p.add_argument(
         "--batch-size", type=int, default=None, help="prompts (default 8) or inputs (default 1024) per forward pass"
     )
@@ -392,7 +444,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated per prompt (default 32)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass (default 8)")
     p.add_argument("--top-k", type=int, default=8, help="log-probabilities kept per layer and token (default 8)")
-    p.add_argument("--store-hidden", action="store_true", help="store float16 hidden states (for the classifier)")
+    p.add_argument("--store-hidden", action="store_true", help="store float16 hidden states (the halting measures and retrained adapters need them)")
     p.add_argument("--device", default=None, help=_DEVICE_HELP)
     p.add_argument("--dtype", default=None, help=_DTYPE_HELP)
     p.add_argument(
@@ -411,7 +463,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="directory written by save_pretrained (model and tokenizer)")
     p.add_argument("--prompts", required=True, help="one prompt per line, or JSONL with 'prompt' and 'reference'")
     p.add_argument(
-        "--speedups", type=float, nargs="+", default=None, help="grid of predicted prefill speed-ups, increasing"
+        "--speedups", type=float, nargs="+", default=None, help="grid of predicted prefill speed-ups, increasing (default 1 1.1 1.25 1.5 1.75 2 2.5 3 4)"
     )
     p.add_argument("--delta", type=float, default=0.1, help="tolerance on the loss, in (0, 1) (default 0.1)")
     p.add_argument("--epsilon", type=float, default=0.05, help="failure probability, in (0, 1) (default 0.05)")
@@ -447,7 +499,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--consistency", default=None, choices=CONSISTENCIES, help="language model: the loss (default token)"
     )
-    p.add_argument("--max-new-tokens", type=int, default=32, help="language model: tokens decoded per prompt")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="language model: tokens decoded per prompt (default 32)")
     p.add_argument(
         "--batch-size", type=int, default=None, help="inputs (default 1024) or prompts (default 8) per forward pass"
     )
@@ -472,12 +524,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--synthetic", action="store_true", help="use the synthetic cache even if the real model is installed"
     )
-    p.add_argument("--sequences", type=int, default=2000, help="synthetic: sequences in the cache")
-    p.add_argument("--trials", type=int, default=50, help="synthetic: random splits in the validity study")
-    p.add_argument("--train", type=int, default=48, help="real model: prompts for fitting the exit adapters")
-    p.add_argument("--cal", type=int, default=128, help="real model: calibration prompts")
-    p.add_argument("--test", type=int, default=32, help="real model: held-out prompts (audit and timed decoding)")
-    p.add_argument("--max-new-tokens", type=int, default=16, help="real model: tokens generated per prompt")
+    p.add_argument("--sequences", type=int, default=2000, help="synthetic: sequences in the cache (default 2000)")
+    p.add_argument("--trials", type=int, default=50, help="synthetic: random splits in the validity study (default 50)")
+    p.add_argument("--train", type=int, default=48, help="real model: prompts for fitting the exit adapters (default 48)")
+    p.add_argument("--cal", type=int, default=128, help="real model: calibration prompts (default 128)")
+    p.add_argument("--test", type=int, default=32, help="real model: held-out prompts, audit and timed decoding (default 32)")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="real model: tokens generated per prompt (default 16)")
     p.add_argument("--delta", type=float, default=0.1, help="tolerance on the loss, in (0, 1) (default 0.1)")
     p.add_argument("--epsilon", type=float, default=0.05, help="failure probability, in (0, 1) (default 0.05)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data splits (default 0)")
@@ -486,13 +538,31 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``calibrate`` command; returns the exit status."""
+    """Entry point of the ``calibrate`` command; returns the exit status.
+
+    0: done (``audit``: risk within delta); 1: ``audit`` found the risk above delta; 2: invalid input or a
+    file that cannot be read or written; 130: interrupted (Ctrl-C).
+    """
     args = _parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, TypeError, OSError) as exc:  # OSError: missing, existing or unwritable files
-        print(f"calibrate {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    prefix = f"calibrate {args.command}"
+
+    def show(message, category, filename, lineno, file=None, line=None):  # one line, without source paths
+        print(f"{prefix}: warning: {message}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        try:
+            return args.func(args)
+        except (ValueError, TypeError, OSError) as exc:  # OSError: missing, existing or unwritable files
+            print(f"{prefix}: error: {exc}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print(
+                f"{prefix}: interrupted; files are written whole or not at all (extract resumes from its finished "
+                "batches when rerun)",
+                file=sys.stderr,
+            )
+            return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -305,7 +305,11 @@ def read_prompts(path: str | os.PathLike) -> tuple[list[str], list[str | None]]:
     """
     file = Path(path)
     # Lines end at "\n" (or "\r\n") only: str.splitlines would also split at U+2028, "\x0c", "\x1c", ...
-    lines = [line.removesuffix("\r") for line in file.read_bytes().decode("utf-8-sig").split("\n")]  # a BOM is no text
+    try:
+        text = file.read_bytes().decode("utf-8-sig")  # a BOM is no text
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{file} is not UTF-8 text ({exc})") from None
+    lines = [line.removesuffix("\r") for line in text.split("\n")]
     numbered = [(i + 1, line) for i, line in enumerate(lines) if line.strip()]
     if not numbered:
         raise ValueError(f"{file}: no prompt (the file is empty or blank)")

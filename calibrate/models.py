@@ -78,6 +78,8 @@ def load_local(model_dir, *, device: str | None = None, dtype: str | None = None
         model = auto.from_pretrained(model_dir, **load_kw).eval()
     except OSError as exc:  # config.json without weights
         raise ValueError(f"{model_dir} holds no model weights readable by {auto.__name__}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - truncated or corrupt weight files raise the format's own errors
+        raise ValueError(f"cannot read the model weights in {model_dir}: {type(exc).__name__}: {exc}") from None
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     if not getattr(tokenizer, "vocab_size", 1):  # without tokenizer files: special tokens only
         raise ValueError(f"{model_dir} holds no tokenizer files (save the tokenizer with save_pretrained too)")

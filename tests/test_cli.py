@@ -1,9 +1,11 @@
 """The command line end to end: synthetic -> fit -> audit, demo, and errors."""
 
+import dataclasses
 import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import calibrate
@@ -53,7 +55,7 @@ def test_unwritable_outputs_are_messages_and_figures_are_named_as_written(tmp_pa
     assert main(["synthetic", "-o", str(dev), "--sequences", "60", "--layers", "4"]) == 0
     assert main(["synthetic", "-o", str(test), "--sequences", "60", "--layers", "4", "--seed", "1"]) == 0
     assert main(["fit", str(dev), "-o", str(tmp_path)]) == 2
-    assert "Is a directory" in capsys.readouterr().err
+    assert f"-o must name a file, got '{tmp_path}'" in capsys.readouterr().err
     assert main(["fit", str(dev), "-o", str(cert)]) == 0
     (tmp_path / "figure.png").mkdir()
     assert main(["audit", str(cert), str(test), "--figure", str(tmp_path / "figure.png")]) == 2
@@ -63,6 +65,92 @@ def test_unwritable_outputs_are_messages_and_figures_are_named_as_written(tmp_pa
     assert main(["audit", str(cert), str(test), "--figure", str(tmp_path / "risk")]) in (0, 1)
     assert f"wrote {tmp_path / 'risk.png'}" in capsys.readouterr().out
     assert (tmp_path / "risk.png").stat().st_size > 1000 and not (tmp_path / "risk").exists()
+
+
+def test_outputs_are_checked_before_the_work(tmp_path, capsys, monkeypatch):
+    dev, test = tmp_path / "dev", tmp_path / "test"
+    main(["synthetic", "-o", str(dev), "--sequences", "60", "--layers", "4"])
+    main(["synthetic", "-o", str(test), "--sequences", "60", "--layers", "4", "--seed", "1"])
+    (tmp_path / "file").write_text("x")
+    real_fit = calibrate.fit
+    monkeypatch.setattr(calibrate, "fit", lambda *a, **k: pytest.fail("fitted before the output was checked"))
+    capsys.readouterr()
+    for bad, message in [("", "-o must name a file, got ''"), (str(tmp_path / "file" / "c.json"), "is a file, not a directory")]:
+        assert main(["fit", str(dev), "-o", bad]) == 2
+        assert message in capsys.readouterr().err
+    monkeypatch.setattr(calibrate, "fit", real_fit)
+    cert = tmp_path / "new" / "dir" / "cert.json"  # missing directories are made, as for caches
+    assert main(["fit", str(dev), "-o", str(cert)]) == 0 and cert.is_file()
+    monkeypatch.setattr(calibrate, "audit", lambda *a, **k: pytest.fail("audited before the figure was checked"))
+    assert main(["audit", str(cert), str(test), "--figure", str(tmp_path / "risk.txt")]) == 2
+    err = capsys.readouterr().err
+    assert f"--figure {tmp_path / 'risk.txt'}: matplotlib writes" in err and "not '.txt'" in err
+
+
+def test_audit_decodes_with_the_certificates_budget(tmp_path, capsys, monkeypatch):
+    from types import SimpleNamespace
+
+    import calibrate.cli as cli
+
+    seen = []
+
+    def fake_audit(cert, model, tokenizer, prompts, *, max_new_tokens, **kwargs):
+        seen.append(max_new_tokens)
+        return SimpleNamespace(summary=lambda: "audited", within_tolerance=True)
+
+    fake = SimpleNamespace(audit=fake_audit)
+    monkeypatch.setattr(cli, "_lat_imports", lambda: (fake, lambda path: (["p"], [None]), lambda *a, **k: (None, None)))
+    cert = calibrate.certify(np.zeros((100, 2)), [1.0, 0.5], knob="token_keep")
+    for budget in (4, None):
+        path = tmp_path / f"cert{budget}.json"
+        dataclasses.replace(cert, max_new_tokens=budget).to_json(path)
+        assert main(["audit", str(path), "--model", "m", "--prompts", "p"]) == 0
+    assert main(["audit", str(path), "--model", "m", "--prompts", "p", "--max-new-tokens", "7"]) == 0
+    assert seen == [4, 32, 7]  # the certified budget; 32 when the certificate records none; as asked
+
+
+def test_interrupts_and_warnings_are_one_line(tmp_path, capsys, monkeypatch):
+    import warnings
+
+    dev = tmp_path / "dev"
+    main(["synthetic", "-o", str(dev), "--sequences", "60", "--layers", "4"])
+    capsys.readouterr()
+    real_fit = calibrate.fit
+
+    def noisy_fit(*args, **kwargs):
+        warnings.warn("something to know", UserWarning)
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(calibrate, "fit", noisy_fit)
+    assert main(["fit", str(dev)]) == 0
+    err = capsys.readouterr().err
+    assert "calibrate fit: warning: something to know" in err and ".py" not in err  # no source path and line
+    monkeypatch.setattr(calibrate, "fit", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert main(["fit", str(dev)]) == 130
+    assert "calibrate fit: interrupted" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.startswith("calm-calibrate ")
+
+
+def test_unreadable_inputs_name_the_file(tmp_path, capsys):
+    pytest.importorskip("torch")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes("caf\xe9\n".encode("latin-1"))
+    assert main(["lat-fit", "--model", str(tmp_path), "--prompts", str(prompts)]) == 2
+    assert f"{prompts} is not UTF-8 text" in capsys.readouterr().err
+    cert_dir = tmp_path / "cert"
+    cert_dir.mkdir()
+    assert main(["audit", str(cert_dir), str(tmp_path)]) == 2
+    assert "certificate must be a JSON file, got the directory" in capsys.readouterr().err
+    assert main(["fff-fit", "--model", str(prompts), "--prompts", str(prompts)]) == 2
+    assert "--prompts certifies a language model's FFF blocks: give --blocks DIR too" in capsys.readouterr().err
+    from calibrate.fff import FFF
+
+    FFF(4, 2, depth=2).save(tmp_path / "fff.safetensors")
+    assert main(["fff-fit", "--model", str(tmp_path / "fff.safetensors"), "--inputs", str(prompts)]) == 2
+    err = capsys.readouterr().err
+    assert "--inputs" in err and "must be a .npy array file" in err and "pickle" not in err
 
 
 @pytest.mark.slow

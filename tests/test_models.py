@@ -82,6 +82,10 @@ def test_load_local_names_what_is_missing_before_loading(tmp_path):
         with pytest.raises(ValueError, match=f"device '{device}' is not available"):
             load_local(tmp_path / "no_tokenizer", device=device)
     assert load_local(tmp_path / "no_tokenizer", device="cpu")[0].device.type == "cpu"
+    weights = tmp_path / "no_tokenizer" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:500])  # a truncated download or copy
+    with pytest.raises(ValueError, match=r"cannot read the model weights in .*no_tokenizer: SafetensorError"):
+        load_local(tmp_path / "no_tokenizer")
 
 
 def test_import_calibrate_does_not_import_the_model_module():

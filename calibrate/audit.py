@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -421,13 +422,17 @@ def validity(
     if not 0 < n_cal < table.n:
         raise ValueError(f"cal_fraction={cal_fraction} leaves an empty calibration or test set of {table.n} sequences")
     test_risks, lambda_hats, naive = np.zeros(trials), np.full(trials, np.nan), np.zeros(trials)
-    for i in tqdm(range(trials), desc="validity", unit="split", disable=not progress):
-        perm = np.random.default_rng([seed, i]).permutation(table.n)
-        cal, test = table.subset(perm[:n_cal]), table.subset(perm[n_cal:])
-        cert = certify(cal, delta=delta, epsilon=epsilon, **options)
-        if cert.index is not None:
-            test_risks[i] = test.risks[cert.index]
-            lambda_hats[i] = cert.lambda_hat
-        ok = np.flatnonzero(cal.risks <= delta)
-        naive[i] = test.risks[ok[-1]] if ok.size else 0.0
+    with warnings.catch_warnings(record=True) as caught:  # one warning for the study, not one per trial
+        warnings.simplefilter("always")
+        for i in tqdm(range(trials), desc="validity", unit="split", disable=not progress):
+            perm = np.random.default_rng([seed, i]).permutation(table.n)
+            cal, test = table.subset(perm[:n_cal]), table.subset(perm[n_cal:])
+            cert = certify(cal, delta=delta, epsilon=epsilon, **options)
+            if cert.index is not None:
+                test_risks[i] = test.risks[cert.index]
+                lambda_hats[i] = cert.lambda_hat
+            ok = np.flatnonzero(cal.risks <= delta)
+            naive[i] = test.risks[ok[-1]] if ok.size else 0.0
+    if caught:
+        warnings.warn(f"{len(caught)} warnings over {trials} trials, the first: {caught[0].message}", UserWarning, stacklevel=2)
     return ValidityReport(float(delta), float(epsilon), test_risks, lambda_hats, naive, n_cal, table.n - n_cal)

@@ -32,16 +32,22 @@ def _conformal_risk_control_iv(losses, delta, max_loss) -> tuple[np.ndarray, flo
     arr = bounded_array(
         losses, "losses", upper=max_loss, upper_name=f"max_loss={max_loss:g}", why="CRC needs losses bounded by max_loss"
     )
-    n_bad = int((np.diff(arr, axis=1) < -_MONOTONE_ATOL).any(axis=1).sum())
-    if n_bad:
-        warnings.warn(
-            f"conformal risk control's guarantee E[risk] <= delta needs monotone losses: every example's "
-            f"loss must be nondecreasing from the safest column to the fastest, but {n_bad} of "
-            f"{arr.shape[0]} examples are not; the returned index carries no guarantee",
-            UserWarning,
-            stacklevel=3,
-        )
+    reason = non_monotone_reason(arr)
+    if reason:
+        warnings.warn(reason, UserWarning, stacklevel=3)
     return arr, delta, max_loss
+
+
+def non_monotone_reason(losses: np.ndarray) -> str:
+    """Why CRC's guarantee fails for these ``(n, K)`` losses (``""`` when every row is nondecreasing)."""
+    n_bad = int((np.diff(losses, axis=1) < -_MONOTONE_ATOL).any(axis=1).sum())
+    if not n_bad:
+        return ""
+    return (
+        f"conformal risk control's guarantee E[risk] <= delta needs monotone losses: every example's loss must be "
+        f"nondecreasing from the safest column to the fastest, but {n_bad} of {losses.shape[0]} examples are not; "
+        "the returned index carries no guarantee"
+    )
 
 
 def conformal_risk_control(losses, delta: float, *, max_loss: float = 1.0) -> int | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+import warnings
 from typing import Callable, Sequence
 
 import numpy as np
@@ -17,7 +18,7 @@ from calibrate import bounds as _bounds
 from calibrate import fwer as _fwer
 from calibrate._validation import open_interval, seed_iv
 from calibrate.certificate import KNOBS, Certificate
-from calibrate.crc import conformal_risk_control
+from calibrate.crc import conformal_risk_control, non_monotone_reason
 from calibrate.exits import Decay, default_lambdas
 from calibrate.losses import LossTable, proxy_losses, user_losses
 
@@ -134,9 +135,15 @@ def certify(
     table, delta, epsilon, method_name = _certify_iv(losses, lambdas, delta, epsilon, bound, method, knob)
     lam = table.lambdas
     risks = table.risks
+    caveat = ""
     if method_name == "crc":
         p_values = np.full(lam.size, np.nan)
-        index = conformal_risk_control(table.losses, delta)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # said once, below, and kept in the certificate's reason
+            index = conformal_risk_control(table.losses, delta)
+        caveat = non_monotone_reason(table.losses)
+        if caveat:
+            warnings.warn(caveat, UserWarning, stacklevel=2)
         rejected = np.zeros(lam.size, dtype=bool)
         if index is not None:
             rejected[: index + 1] = True
@@ -147,7 +154,7 @@ def certify(
         hits = np.flatnonzero(rejected)
         index = int(hits[-1]) if hits.size else None
         bound_name = bound
-    reason = _reason(table, delta, epsilon, bound, method, p_values, index)
+    reason = "; ".join(filter(None, [_reason(table, delta, epsilon, bound, method, p_values, index), caveat]))
     return Certificate(
         lambda_hat=None if index is None else float(lam[index]),
         delta=delta,

@@ -13,6 +13,7 @@ import warnings
 import numpy as np
 import pytest
 
+import calibrate
 from calibrate.crc import conformal_risk_control
 
 
@@ -125,6 +126,17 @@ def test_monotone_losses_do_not_warn_and_non_monotone_do():
     bad[0] = [1.0, 0.0, 1.0]
     with pytest.warns(UserWarning, match=r"E\[risk\] <= delta needs monotone losses.*1 of 50 examples"):
         conformal_risk_control(bad, 0.3)
+    with pytest.warns(UserWarning, match="1 of 50 examples") as caught:
+        cert = calibrate.certify(bad, [0.9, 0.5, 0.1], delta=0.3, method="crc")
+    assert len(caught) == 1 and caught[0].filename == __file__  # once, at the caller's line
+    assert "needs monotone losses" in cert.reason and "1 of 50 examples" in cert.reason  # the certificate says so
+
+
+def test_validity_warns_once_for_the_whole_study():
+    cache = calibrate.synthetic_cache(300, seed=0)  # token losses: not monotone in every sequence
+    with pytest.warns(UserWarning) as caught:
+        calibrate.validity(cache, trials=5, method="crc", progress=False)
+    assert len(caught) == 1 and str(caught[0].message).startswith("5 warnings over 5 trials, the first: conformal")
 
 
 def test_validation():

@@ -35,6 +35,7 @@ from calibrate.fit import _decay_iv, _too_few_reason, certify
 from calibrate.fwer import FixedSequence
 from calibrate.heads import ExitHeads, decoder_layers
 from calibrate.losses import CONSISTENCIES, LossTable
+from calibrate.models import eval_mode
 
 __all__ = ["decoded_lambdas", "decoded_losses", "fit_decoded"]
 
@@ -108,10 +109,11 @@ class _Decoder:
     def outputs(self, certificate: Certificate) -> tuple[list[np.ndarray], float]:
         """Generated ids per prompt (EOS kept, as in a cache) and their token-averaged exit layer (NaN if none)."""
         outputs, layer_sum = [], 0.0
-        for input_ids, attention_mask in self.batches:
-            batch, layers = self.run_batch(input_ids, attention_mask, certificate)
-            outputs += batch
-            layer_sum += math.nan if layers is None else layers
+        with eval_mode(self.model):  # a model left in training mode would decode with dropout
+            for input_ids, attention_mask in self.batches:
+                batch, layers = self.run_batch(input_ids, attention_mask, certificate)
+                outputs += batch
+                layer_sum += math.nan if layers is None else layers
         return outputs, layer_sum / sum(o.size for o in outputs)
 
     def losses(self, certificate: Certificate) -> tuple[np.ndarray, float]:

@@ -33,6 +33,7 @@ from calibrate._digest import weights_digest
 from calibrate._validation import int_at_least
 from calibrate.cache import LayerCache, _exists_error, _library_version, concat_caches, open_cache
 from calibrate.heads import ExitHeads, context_positions, decoder_layers, record_layer_states
+from calibrate.models import eval_mode
 from measures.confidence import state_saturation
 
 __all__ = ["extract", "extract_main", "read_prompts", "rehead"]
@@ -181,27 +182,22 @@ def extract(
     n = len(setup["prompts"])
     starts = list(range(0, n, setup["batch_size"]))
     parts: list[LayerCache] = []
-    was_training = model.training
-    model.eval()
-    try:
-        with tqdm(total=n, unit="prompt", desc="extract", disable=not progress) as bar:
-            for index, start in enumerate(starts):
-                stop = min(n, start + setup["batch_size"])
-                identity = _batch_identity(setup, start, stop)
-                fingerprint = _digest(identity)
-                where = None if setup["shard_dir"] is None else setup["shard_dir"] / _SHARD_NAME.format(index)
-                if where is not None and where.exists():
-                    part = _open_shard(where, fingerprint, identity)
-                else:
-                    part = _extract_batch(model, tokenizer, setup, start, stop)
-                    if where is not None:
-                        shard = {"index": index, "start": start, "stop": stop, "fingerprint": fingerprint}
-                        part = _with_meta(part, shard={**shard, "identity": identity})
-                        part.save(where)
-                parts.append(part)
-                bar.update(stop - start)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), tqdm(total=n, unit="prompt", desc="extract", disable=not progress) as bar:
+        for index, start in enumerate(starts):
+            stop = min(n, start + setup["batch_size"])
+            identity = _batch_identity(setup, start, stop)
+            fingerprint = _digest(identity)
+            where = None if setup["shard_dir"] is None else setup["shard_dir"] / _SHARD_NAME.format(index)
+            if where is not None and where.exists():
+                part = _open_shard(where, fingerprint, identity)
+            else:
+                part = _extract_batch(model, tokenizer, setup, start, stop)
+                if where is not None:
+                    shard = {"index": index, "start": start, "stop": stop, "fingerprint": fingerprint}
+                    part = _with_meta(part, shard={**shard, "identity": identity})
+                    part.save(where)
+            parts.append(part)
+            bar.update(stop - start)
     cache = concat_caches(parts)
     _warn_disagreement(cache)
     return cache

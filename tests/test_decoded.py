@@ -294,6 +294,22 @@ def test_fit_mode_decoded_decodes_the_cache_prompts(model, tokenizer, prompts, c
     assert same.to_json() == split.to_json()
 
 
+def test_a_model_left_in_training_mode_decodes_in_eval_mode(prompts):
+    noisy = _tiny_hf.tiny_model("gpt2", seed=0, n_layers=N_LAYERS)
+    noisy.config.resid_pdrop = noisy.config.embd_pdrop = noisy.config.attn_pdrop = 0.5
+    for module in noisy.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.5
+    tokenizer = _tiny_hf.tiny_tokenizer()
+    kw = dict(max_new_tokens=NEW, batch_size=BATCH, progress=False)
+    cert = _fit(noisy.eval(), tokenizer, prompts[:8], delta=0.9)
+    expected = calibrate.decoded_losses(noisy, tokenizer, prompts[:8], cert, **kw)
+    assert _fit(noisy.train(), tokenizer, prompts[:8], delta=0.9) == cert
+    got = calibrate.decoded_losses(noisy, tokenizer, prompts[:8], cert, **kw)
+    assert noisy.training  # restored
+    np.testing.assert_array_equal(got.losses, expected.losses)
+
+
 def test_decay_takes_the_grid_with_headroom_above_one(model, tokenizer, prompts):
     cert = _fit(model, tokenizer, prompts, delta=0.001, lambdas=None, decay=4.0)  # too few: nothing decoded
     assert cert.lambdas == tuple(calibrate.decoded_lambdas(decay=True)) and cert.lambdas[0] == pytest.approx(1 / 0.9)

@@ -76,6 +76,15 @@ def test_refuses_other_knobs_and_models_and_bad_depths():
         fff.fit(model, torch.randn(50, 12), consistency="risk_label")
 
 
+def test_a_model_left_in_training_mode_is_calibrated_in_eval_mode():
+    model = _classifier(seed=4)
+    x = torch.randn(400, 12)
+    expected = fff.depth_losses(model, x).losses
+    noisy = nn.Sequential(nn.Dropout(0.5), model).train()  # dropout active: the full tree disagreed with itself
+    np.testing.assert_array_equal(fff.depth_losses(noisy, x).losses, expected)
+    assert noisy.training and noisy[1].training  # its mode is restored
+
+
 def test_audit_reports_held_out_risk_at_every_depth():
     model = _classifier(seed=2)
     cert = fff.fit(model, torch.randn(2000, 12), delta=0.2, epsilon=0.05)

@@ -252,6 +252,13 @@ def test_classifier_fit_counts_label_disagreement(word_tokenizer):
     prompts = _sentences(40)
     speedups = [1.0, 1.5, 3.0]
     cert = lat.fit(model, word_tokenizer, prompts, delta=0.4, epsilon=0.1, speedups=speedups, batch_size=40)
+    model.config.hidden_dropout_prob = 0.5
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.5
+    noisy = lat.fit(model.train(), word_tokenizer, prompts, delta=0.4, epsilon=0.1, speedups=speedups, batch_size=40)
+    assert noisy.risks == cert.risks and model.training  # classified in eval mode, the mode restored
+    model.eval()
     assert cert.knob == "token_keep" and cert.consistency == "label" and cert.model == lat.model_id(model)
     assert cert.max_new_tokens is None  # a classifier generates nothing
     ids = [word_tokenizer(p)["input_ids"] for p in prompts]

@@ -35,6 +35,7 @@ from calibrate.certificate import Certificate, _spend_iv
 from calibrate.fff.layer import FFF
 from calibrate.fit import certify
 from calibrate.losses import LossTable
+from calibrate.models import eval_mode
 
 __all__ = ["CONSISTENCIES", "apply", "at_depth", "audit", "depth_losses", "fff_layers", "fit", "model_id"]
 
@@ -120,7 +121,7 @@ def _depths_iv(depths, top: int) -> np.ndarray:
 
 @torch.no_grad()
 def _labels(model: nn.Module, inputs: torch.Tensor, depth: int | None, batch_size: int) -> np.ndarray:
-    with at_depth(model, depth):
+    with eval_mode(model), at_depth(model, depth):  # no dropout, whatever mode the model was left in
         out = [model(inputs[s : s + batch_size]).argmax(dim=-1).cpu() for s in range(0, len(inputs), batch_size)]
     return torch.cat(out).numpy()
 
@@ -142,7 +143,8 @@ def depth_losses(
     ----------
     model : torch.nn.Module
         A classifier holding FFF layers: ``model(x)`` gives logits ``(n, n_classes)``; or, with
-        ``tokenizer``, a Hugging Face language model holding FFF layers. In eval mode.
+        ``tokenizer``, a Hugging Face language model holding FFF layers. Run in eval mode (no dropout;
+        its own mode is restored afterwards).
     inputs : torch.Tensor or sequence of str
         ``(n, ...)`` calibration inputs, one example each; prompts for a language model.
     depths : sequence of int, optional

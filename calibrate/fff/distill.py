@@ -30,6 +30,7 @@ from calibrate._atomic import umask_mode
 from calibrate._validation import finite_positive, int_at_least, seed_iv
 from calibrate.fff.layer import FFF
 from calibrate.heads import decoder_layers
+from calibrate.models import eval_mode
 
 __all__ = ["DistillResult", "distill", "load_blocks", "mlp_activations", "save_blocks"]
 
@@ -148,17 +149,15 @@ def mlp_activations(
             recorded[i][1].append(output.detach().reshape(-1, output.shape[-1]).float().cpu())
 
         hooks.append(_mlp_of(blocks[i], i).register_forward_hook(hook))
-    was_training = model.training
-    model.eval()
     try:
         device = next(model.parameters()).device
-        for text in texts:
-            ids = tokenizer(text, return_tensors="pt")["input_ids"][:, :max_tokens].to(device)
-            model(input_ids=ids)
+        with eval_mode(model):
+            for text in texts:
+                ids = tokenizer(text, return_tensors="pt")["input_ids"][:, :max_tokens].to(device)
+                model(input_ids=ids)
     finally:
         for h in hooks:
             h.remove()
-        model.train(was_training)
     return {i: (torch.cat(x), torch.cat(y)) for i, (x, y) in recorded.items()}
 
 

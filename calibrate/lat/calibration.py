@@ -34,6 +34,7 @@ from calibrate.lat.decode import generate, model_id, settings
 from calibrate.lat.encoders import CLASSIFIER_ARCHITECTURES
 from calibrate.lat.schedule import KeepSchedule, _speedup_iv
 from calibrate.lat.scores import SCORES
+from calibrate.models import eval_mode
 
 __all__ = ["CLASSIFIER_CONSISTENCIES", "DEFAULT_SPEEDUPS", "audit", "fit", "heldout_losses"]
 
@@ -347,9 +348,9 @@ class _Classifier:
 
     def labels(self, certificate: Certificate) -> np.ndarray:
         """Predicted labels ``(n,)`` at the certificate's speed-up."""
-        return torch.cat(
-            [classify(self.model, i, m, certificate=certificate).labels.cpu() for i, m in self.batches]
-        ).numpy()
+        with eval_mode(self.model):  # a model left in training mode would classify with dropout
+            labels = [classify(self.model, i, m, certificate=certificate).labels.cpu() for i, m in self.batches]
+        return torch.cat(labels).numpy()
 
     def losses(self, certificate: Certificate) -> tuple[np.ndarray, float]:
         """0/1 losses ``(n,)`` at ``certificate.lambda_hat`` (and NaN: no exit layers)."""

@@ -285,7 +285,22 @@ def _train_cache_iv(train_cache, cache):
                 f"({train_cache.user_meta.get(what)!r} vs {cache.user_meta.get(what)!r}); "
                 "re-score the train cache with calibrate.rehead(train_cache, heads)"
             )
+    shared = _examples(train_cache) & _examples(cache)
+    if shared:
+        warnings.warn(
+            f"{len(shared)} calibration sequences also occur in train_cache (the same prompt and full-model output); "
+            "if they are the same examples, the learned measure saw the calibration data and the guarantee is void",
+            UserWarning,
+            stacklevel=5,  # _train_cache_iv <- _calibration_split <- fit's data step <- fit (or validity) <- caller
+        )
     return train_cache
+
+
+def _examples(cache) -> set[tuple[str, str]]:
+    """The ``(prompt, output)`` texts of a cache's sequences (those with any text: caches made from bare arrays
+    have none to compare)."""
+    table = cache.sequences
+    return {(p, o) for p, o in zip(table["prompt"].fillna(""), table["output"].fillna("")) if p or o}
 
 
 def _chunked_table(cache, *, measure, consistency, lambdas, decay, train_fraction, seed, train_cache, client):

@@ -1,6 +1,7 @@
 """certify() on loss arrays and fit() on synthetic caches."""
 
 import dataclasses
+import warnings
 
 import numpy as np
 import pytest
@@ -458,3 +459,9 @@ def test_train_cache_bad_input():
         calibrate.fit(cal, measure="classifier", train_cache=other)
     with pytest.raises(TypeError, match="LayerCache"):
         calibrate.fit(cal, measure="classifier", train_cache="train/")
+    with pytest.warns(UserWarning, match=f"{cal.n_sequences} calibration sequences also occur in train_cache") as caught:
+        calibrate.fit(cal, measure="halting_geometric", train_cache=cache)  # the whole cache: it holds cal too
+    assert caught[0].filename == __file__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        calibrate.fit(cal, measure="halting_geometric", train_cache=train)  # disjoint: silent

@@ -152,7 +152,7 @@ class AuditReport:
             elif cert.knob == "token_keep":
                 at = f"speed-up {1 / cert.lambda_hat:.4g}x (predicted)"
             else:
-                at = f"evaluation depth {cert.lambda_hat:g} of {cert.lambdas[0]:g}"
+                at = f"evaluation depth {cert.lambda_hat:g}"
             return (
                 f"Audit on {_plural(self.n, 'held-out example')} at {at}:\n"
                 f"  held-out risk {self.risk:.4f} ({verdict} delta = {cert.delta:g})"

@@ -355,10 +355,10 @@ class Certificate:
                 f"{sum(self.certified)} of {len(self.lambdas)} thresholds certified"
             )
         if self.knob == "fff_depth" and self.lambda_hat is not None:
-            k, top = self.lambda_hat, self.lambdas[0]
+            k = self.lambda_hat
             lines.append(
-                f"  certified evaluation depth {k:g} of {top:g}: {k + 1:g} of {top + 1:g} neurons per path "
-                f"({(k + 1) / (top + 1):.0%} of the full path's cost)"
+                f"  certified evaluation depth {k:g}: {k + 1:g} neurons per path of each tree (a tree of depth D "
+                f"evaluates D + 1 when whole; trees shallower than {k:g} run whole)"
             )
         if self.knob == "token_keep" and self.lambda_hat is not None:
             lines.append(

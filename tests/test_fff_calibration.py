@@ -1,5 +1,7 @@
 """Certified evaluation depth of fast feedforward layers (knob ``fff_depth``)."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -28,7 +30,7 @@ def test_certify_picks_the_hand_computable_depth():
     table = LossTable(losses, np.arange(5, -1, -1.0), "decoded", "label")
     cert = calibrate.certify(table, delta=0.1, epsilon=0.05, knob="fff_depth")
     assert cert.lambda_hat == 3.0 and cert.certified == (True, True, True, False, False, False)
-    assert "certified evaluation depth 3 of 5: 4 of 6 neurons per path (67%" in cert.summary()
+    assert "certified evaluation depth 3: 4 neurons per path of each tree" in cert.summary()
 
 
 def test_fit_equals_labels_at_each_depth_and_apply_runs_it():
@@ -74,6 +76,21 @@ def test_refuses_other_knobs_and_models_and_bad_depths():
         fff.fit(nn.Linear(3, 2), torch.randn(5, 3))
     with pytest.raises(ValueError, match="references"):
         fff.fit(model, torch.randn(50, 12), consistency="risk_label")
+
+
+def test_trees_of_different_depths_start_from_the_full_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(fff.FFF(12, 12, 3), nn.Tanh(), fff.FFF(12, 5, 8)).eval()
+    x = torch.randn(300, 12)
+    table = fff.depth_losses(model, x)
+    assert table.lambdas.tolist() == list(range(8, -1, -1)) and table.risks[0] == 0  # depth 8: every tree whole
+    with torch.no_grad(), fff.at_depth(model, 5):
+        assert (model[0].eval_depth, model[2].eval_depth) == (3, 5)  # the depth-3 tree runs whole
+        capped = model(x)
+        assert torch.equal(capped, model[2](model[1](model[0](x, depth=3)), depth=5))
+    cert = dataclasses.replace(calibrate.certify(table, delta=0.5, knob="fff_depth"), model=fff.model_id(model))
+    fff.apply(model, dataclasses.replace(cert, lambda_hat=5.0))
+    assert (model[0].eval_depth, model[2].eval_depth) == (3, 5)
 
 
 def test_a_model_left_in_training_mode_is_calibrated_in_eval_mode():

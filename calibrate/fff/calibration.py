@@ -52,8 +52,14 @@ def fff_layers(model: nn.Module) -> list[FFF]:
 
 
 def _max_depth(model: nn.Module) -> int:
-    """The deepest evaluation depth every FFF layer of ``model`` has."""
-    return min(layer.depth for layer in fff_layers(model))
+    """The depth of ``model``'s deepest FFF layer: at that evaluation depth every layer runs its whole tree."""
+    return max(layer.depth for layer in fff_layers(model))
+
+
+def _set_depth(layers: list[FFF], depth: int | None) -> None:
+    """Evaluation depth ``depth`` for every layer, capped at each layer's own depth (None: the whole tree)."""
+    for layer in layers:
+        layer.eval_depth = None if depth is None else min(int(depth), layer.depth)
 
 
 def model_id(model: nn.Module) -> str:
@@ -66,20 +72,22 @@ def model_id(model: nn.Module) -> str:
 def at_depth(model: nn.Module, depth: int | None) -> Iterator[nn.Module]:
     """Run every FFF layer of ``model`` at evaluation depth ``depth`` (None: full) inside the block, then restore.
 
+    A layer shallower than ``depth`` runs its whole tree, so in a model whose trees differ in depth, ``D``
+    (the deepest layer's depth) is the full model.
+
     Raises
     ------
     ValueError
-        When ``depth`` is not an int in ``0..D`` with ``D`` the shallowest layer's depth.
+        When ``depth`` is not an int in ``0..D``.
     """
     layers = fff_layers(model)
-    top = min(layer.depth for layer in layers)
+    top = _max_depth(model)
     if depth is not None and (
         isinstance(depth, bool) or not isinstance(depth, (int, np.integer)) or not 0 <= depth <= top
     ):
         raise ValueError(f"depth must be an int in 0..{top} (None: full), got {depth!r}")
     before = [layer.eval_depth for layer in layers]
-    for layer in layers:
-        layer.eval_depth = None if depth is None else int(depth)
+    _set_depth(layers, depth)
     try:
         yield model
     finally:
@@ -95,9 +103,7 @@ def apply(model: nn.Module, certificate: Certificate) -> nn.Module:
     ValueError
         For a certificate of another knob or another model (the message says which).
     """
-    depth = _certified_depth(model, certificate)
-    for layer in fff_layers(model):
-        layer.eval_depth = depth
+    _set_depth(fff_layers(model), _certified_depth(model, certificate))
     return model
 
 

@@ -46,7 +46,13 @@ def _spend_iv(certificate, knob: str, model: str, source: str) -> None:
         raise ValueError(
             f"this certificate certifies the knob {certificate.knob!r}; this needs a {knob!r} certificate (from {source})"
         )
-    if certificate.model is not None and certificate.model != model:
+    if certificate.model is None:  # e.g. calibrate.certify on losses computed by hand
+        package = source.rsplit(".", 1)[0]
+        raise ValueError(
+            f"this certificate names no model, so nothing ties it to this one; certify with {source}, or record the "
+            f"model the losses came from: dataclasses.replace(certificate, model={package}.model_id(model))"
+        )
+    if certificate.model != model:
         raise ValueError(
             f"this certificate was made for the model {certificate.model!r}, not {model!r}; certify the model you run"
         )

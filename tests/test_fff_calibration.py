@@ -89,7 +89,7 @@ def test_trees_of_different_depths_start_from_the_full_model():
         capped = model(x)
         assert torch.equal(capped, model[2](model[1](model[0](x, depth=3)), depth=5))
     anonymous = calibrate.certify(table, delta=0.5, knob="fff_depth")  # losses certified by hand: no model recorded
-    with pytest.raises(ValueError, match=r"names no model .*dataclasses.replace\(certificate, model=calibrate.fff.model_id"):
+    with pytest.raises(ValueError, match=r"names no model, .*dataclasses.replace\(certificate, model=calibrate.fff.model_id"):
         fff.apply(model, anonymous)
     cert = dataclasses.replace(anonymous, model=fff.model_id(model))
     fff.apply(model, dataclasses.replace(cert, lambda_hat=5.0))

@@ -112,6 +112,8 @@ def _lambdas_iv(lambdas) -> np.ndarray:
 
 def _conf_iv(conf, decay) -> np.ndarray:
     conf = np.asarray(conf)
+    if conf.dtype.kind not in "biuf":  # strings, objects (None), complex: no silent conversion
+        raise TypeError(f"conf must be a real numeric array, got dtype {conf.dtype}")
     if conf.ndim != 2 or conf.shape[1] < 1:
         raise ValueError(f"conf must have shape (n_tokens, n_layers), got {conf.shape}")
     if conf.dtype not in (np.float32, np.float64):  # the compiled sweep knows these two (float16 fits float32 exactly)
@@ -126,7 +128,7 @@ def _exit_layers_iv(conf, lambdas, positions, decay):
     conf = _conf_iv(conf, decay)
     if not np.all(np.isfinite(conf)):
         raise ValueError("conf contains NaN or inf")
-    if decay is None:
+    if decay is None:  # positions matter only for the decaying threshold
         return lam, conf, None
     if positions is None:
         raise ValueError("positions (0-based token positions, shape (n_tokens,)) are needed with decay")
@@ -175,7 +177,7 @@ def exit_layers(conf, lambdas, *, positions=None, decay: Decay | None = None) ->
     lambdas : array_like, shape (n_lambdas,)
         Thresholds, strictly decreasing (safest first).
     positions : array_like of int, shape (n_tokens,), optional
-        0-based position of each token in its output; required with ``decay``.
+        0-based position of each token in its output; required with ``decay``, unused without it.
     decay : Decay, optional
         Decaying threshold; ``None`` uses ``lambda`` as is.
 

@@ -56,6 +56,10 @@ def _certify_iv(losses, lambdas, delta, epsilon, bound, method, knob):
         )
     if knob not in KNOBS:
         raise ValueError(f"knob must be one of {KNOBS}, got {knob!r}")
+    if knob == "fff_depth" and not np.all((table.lambdas >= 0) & (table.lambdas == np.round(table.lambdas))):
+        raise ValueError(f"an fff_depth grid holds whole depths >= 0, got {table.lambdas.tolist()!r:.120}")
+    if knob == "token_keep" and not np.all((table.lambdas > 0) & (table.lambdas <= 1)):
+        raise ValueError(f"a token_keep grid holds 1 / speed-up, in (0, 1], got {table.lambdas.tolist()!r:.120}")
     return table, delta, epsilon, method_name
 
 

@@ -447,6 +447,11 @@ def _cosine(dot: np.ndarray, denom: np.ndarray) -> np.ndarray:
 
 def _confidence_iv(cache: Any, measure: Any, classifier: Any) -> tuple[str, Any]:
     allowed = MEASURES + ("classifier",)
+    if isinstance(measure, str) and measure.startswith("halting_"):
+        raise ValueError(
+            f"measure {measure!r} is a trained halting head: train it with measures.learned.train_measure("
+            f"{measure!r}, train_cache) and call its predict_confidence(cache); confidence() computes {allowed}"
+        )
     if not isinstance(measure, str) or measure not in allowed:
         raise ValueError(f"measure must be one of {allowed}, got {measure!r}")
     if not hasattr(cache, "arrays") or not hasattr(cache, "n_layers"):

@@ -397,6 +397,8 @@ def test_confidence_errors():
     cache = _topk_cache()
     with pytest.raises(ValueError, match=r"measure must be one of \('softmax_gap'.*got 'gap'"):
         confidence(cache, "gap")
+    with pytest.raises(ValueError, match=r"'halting_geometric' is a trained halting head: .*train_measure"):
+        confidence(cache, "halting_geometric")  # fit accepts it: say where it comes from
     with pytest.raises(ValueError, match="needs a fitted measures.classifier.ExitClassifier"):
         confidence(cache, "classifier")
     with pytest.raises(TypeError, match="classifier must be an ExitClassifier"):

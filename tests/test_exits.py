@@ -219,6 +219,9 @@ def test_bad_conf_and_decay():
             exit_layers(np.zeros((2, 3)), [0.5], positions=bad, decay=Decay(5))
     with pytest.raises(ValueError, match="offsets must be ints"):
         average_layers(np.zeros((2, 3)), [0.5], offsets=[0, 1.5, 2])
+    for bad in (np.array([["0.1", "0.9"]]), np.array([[None, 0.5]], dtype=object)):  # converted, or "NaN or inf"
+        with pytest.raises(TypeError, match="conf must be a real numeric array"):
+            exit_layers(bad, [0.5])
 
 
 def test_numba_kernel_leaves_torch_thread_count_alone():

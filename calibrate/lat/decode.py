@@ -9,7 +9,7 @@ last prompt token (it predicts the first new token) and, given a tokenizer, its 
 original indices (RoPE and learned absolute positions alike).
 
 Each layer's key/value cache holds the vectors that entered that layer; generated tokens then run every
-layer and attend, at each layer, to that layer's survivors and to the tokens generated so far.
+layer and attend, at each layer, to the prompt vectors that entered it and to the tokens generated so far.
 
 T5 thins out its encoder instead (:mod:`calibrate.lat.encoders`); the full decoder then cross-attends to
 the survivors of the last encoder layer.
@@ -229,7 +229,7 @@ def generate(
     h_last, key_valid, kept, processed = _prefill(adapter, ids, mask, keep, always, score, cache)
     logits = heads(h_last[:, -1], layer=L - 1).float()  # (B, V)
 
-    # 2. Decode: every layer; at layer i the new token attends to that layer's survivors and new tokens.
+    # 2. Decode: every layer; at layer i the new token attends to the prompt vectors that entered it and new tokens.
     processors = _greedy_processors(model, ids, ids, T, tokens)  # the generation config's, as model.generate
     sequences = torch.full((B, P + T), pad_id, dtype=torch.long, device=ids.device)
     sequences[:, :P] = ids

@@ -1135,6 +1135,8 @@ def _check_meta(root: Path, meta: dict, arrays: dict, offsets: np.ndarray, vocab
     vocab_size = meta.get("vocab_size")
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
         raise ValueError(f"{root / _META_FILE}: 'vocab_size' must be a positive int, got {vocab_size!r}")
+    if vocab is not None and len(vocab) != vocab_size:
+        raise ValueError(f"{root / _VOCAB_FILE} holds {len(vocab)} entries but {_META_FILE} says vocab_size={vocab_size}")
     _check_structure(arrays, offsets, vocab_size, vocab)
     top = arrays["topk_ids"].shape
     for key, value in (
@@ -1594,10 +1596,12 @@ def _open_array(root: Path | Remote, name: str, spec: dict) -> Any:
     except Exception as exc:  # noqa: BLE001 - any failure here means an unreadable array
         raise ValueError(f"cannot open array {name!r} at {where}: {type(exc).__name__}: {exc}") from exc
     expected = _field_dtype(name)
-    if np.dtype(z.dtype) != expected or spec.get("dtype") != expected.name:
+    if np.dtype(z.dtype) != expected:
+        raise ValueError(f"array {name!r} at {where} must have dtype {expected.name}, got {np.dtype(z.dtype).name}")
+    if spec.get("dtype") != expected.name:
         raise ValueError(
-            f"array {name!r} at {where} must have dtype {expected.name}, got {np.dtype(z.dtype).name} "
-            f"(meta.json says {spec.get('dtype')!r})"
+            f"{root / _META_FILE} lists array {name!r} with dtype {spec.get('dtype')!r}, but it must be (and is) "
+            f"{expected.name}"
         )
     if list(z.shape) != spec.get("shape"):
         raise ValueError(

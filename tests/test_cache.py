@@ -525,7 +525,7 @@ def _edit_meta(path, fn):
         (lambda m: m.update(n_layers=5), "'n_layers' is 5"),
         (lambda m: m["fields"]["topk_ids"].update(path="../../etc"), "invalid description"),
         (lambda m: m["fields"].pop("topk_logprobs"), r"checksum mismatch in .*meta.json"),
-        (lambda m: m.update(vocab_size=V + 1), "vocab must have vocab_size=41 entries"),
+        (lambda m: m.update(vocab_size=V + 1), r"vocab.json holds 40 entries but meta.json says vocab_size=41"),
         (lambda m: m["fields"]["full_tokens"].update(shape=[3]), "has shape"),
     ],
 )

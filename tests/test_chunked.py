@@ -251,7 +251,7 @@ _CORRUPTIONS = {
     ),
     "float16 log-probs in meta.json": (
         lambda d: _edit_json(d / "meta.json", lambda m: m["fields"]["topk_logprobs"].update(dtype="float16")),
-        "array 'topk_logprobs' at .*topk_logprobs must have dtype float32, .*meta.json says 'float16'",
+        r"meta.json lists array 'topk_logprobs' with dtype 'float16', but it must be \(and is\) float32",
     ),
     "n_layers edited in meta.json": (
         lambda d: _edit_json(d / "meta.json", lambda m: m.update(n_layers=7)),
@@ -263,11 +263,11 @@ _CORRUPTIONS = {
     ),
     "vocab_size edited in meta.json": (
         lambda d: _edit_json(d / "meta.json", lambda m: m.update(vocab_size=100_000)),
-        "vocab must have vocab_size=100000 entries",
+        "vocab.json holds .* entries but meta.json says vocab_size=100000",
     ),
     "int8 hidden states in meta.json": (
         lambda d: _edit_json(d / "meta.json", lambda m: m["fields"]["hidden"].update(dtype="int8")),
-        "array 'hidden' at .*hidden must have dtype float16, .*meta.json says 'int8'",
+        r"meta.json lists array 'hidden' with dtype 'int8', but it must be \(and is\) float16",
     ),
 }
 

@@ -1360,9 +1360,14 @@ def _save_iv(path, overwrite) -> Path | Remote:
     target = location(path)
     if isinstance(target, Path):
         target = target.absolute()
+        blocking = next((p for p in target.parents if p.exists() and not p.is_dir()), None)
+        if blocking is not None:
+            raise ValueError(f"cannot save to {target}: {blocking} is a file, not a directory")
     if os.path.lexists(target) if isinstance(target, Path) else target.exists():
         if not overwrite:
             raise _exists_error(target)
+        if isinstance(target, Path) and target.is_symlink():
+            raise ValueError(f"refusing to overwrite {target}: it is a symbolic link (save to where it points instead)")
         if not _replaceable(target):
             raise ValueError(
                 f"refusing to overwrite {target}: it is not a layer cache directory (no {_META_FILE}) "

@@ -31,7 +31,7 @@ import torch
 
 from calibrate._digest import weights_digest
 from calibrate._validation import int_at_least
-from calibrate.cache import LayerCache, _exists_error, _library_version, concat_caches, open_cache
+from calibrate.cache import LayerCache, _library_version, _save_iv, concat_caches, open_cache
 from calibrate.heads import ExitHeads, context_positions, decoder_layers, record_layer_states
 from calibrate.models import eval_mode
 from measures.confidence import state_saturation
@@ -416,8 +416,7 @@ def extract_main(
             return open_cache(target)  # this shard is complete: nothing to redo
         prompts, ids = prompts[start:stop], ids[start:stop]
         references = None if references is None else references[start:stop]
-    if target.exists() and not overwrite:
-        raise _exists_error(target)
+    _save_iv(target, overwrite)  # an existing output that --overwrite may not replace: refused before any work
     model, tokenizer = load_local(model_dir, device=device, dtype=dtype)
     if shard_dir is None:
         shard_dir = target.with_name(target.name + ".shards")

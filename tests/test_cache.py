@@ -339,6 +339,11 @@ def test_overwrite_refuses_a_directory_that_is_not_a_cache(cache, tmp_path):
     empty.mkdir()
     cache.save(empty, overwrite=True)
     assert open_cache(empty).n_sequences == 4
+    with pytest.raises(ValueError, match=r"cannot save to .*: .*file is a file, not a directory"):  # was "File exists"
+        cache.save(tmp_path / "file" / "c")
+    (tmp_path / "link").symlink_to(empty)
+    with pytest.raises(ValueError, match="it is a symbolic link"):  # was "not a layer cache directory"
+        cache.save(tmp_path / "link", overwrite=True)
 
 
 @pytest.mark.parametrize("existing", [False, True])

@@ -519,6 +519,8 @@ def test_extract_main_from_a_saved_directory(arch, tokenizer, tmp_path):
         extract_main(model_dir, prompts, out, max_new_tokens=4, progress=False)
     with pytest.raises(ValueError, match="save_pretrained"):
         extract_main(tmp_path / "nowhere", prompts, tmp_path / "c2", progress=False)
+    with pytest.raises(ValueError, match="not a layer cache directory"):  # before loading the model, not after
+        extract_main(tmp_path / "nowhere", prompts, tmp_path, overwrite=True, progress=False)
 
 
 def test_import_calibrate_does_not_import_torch():

@@ -107,6 +107,7 @@ def synthetic_demo(
 
     _tolerances_iv(delta, epsilon)  # before any work
     int_at_least(trials, "trials")
+    int_at_least(sequences, "sequences", 20)  # halves for calibration and audit, splits of those for the rest
     out.mkdir(parents=True, exist_ok=True)
     print(f"calm-calibrate {calibrate.__version__} demo: synthetic layer cache (no model needed)")
     cache = calibrate.synthetic_cache(sequences, seed=seed)
@@ -170,6 +171,9 @@ def smollm2_demo(
     from measures.classifier import agreement
 
     _tolerances_iv(delta, epsilon)  # before minutes of extraction
+    for name, value, low in (("n_train", n_train, 4), ("n_cal", n_cal, 4), ("n_test", n_test, 1)):
+        int_at_least(value, name, low)
+    int_at_least(max_new_tokens, "max_new_tokens")
     out.mkdir(parents=True, exist_ok=True)
     print(
         f"calm-calibrate {calibrate.__version__} demo: SmolLM2-135M-Instruct, one-sentence summaries of Debian packages"

@@ -46,6 +46,8 @@ def test_errors_are_messages_not_tracebacks(tmp_path, capsys):
     capsys.readouterr()
     assert main(["demo", "--synthetic", "--trials", "0", "--out", str(tmp_path / "demo")]) == 2
     assert "trials must be an int >= 1" in capsys.readouterr().err
+    assert main(["demo", "--synthetic", "--sequences", "3", "--out", str(tmp_path / "demo")]) == 2
+    assert "sequences must be an int >= 20" in capsys.readouterr().err  # half a table, then cal_fraction's error
     assert not (tmp_path / "demo").exists()  # refused before any work
 
 

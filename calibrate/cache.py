@@ -1507,6 +1507,8 @@ def _write_table(file: Path, table: pd.DataFrame, offsets: np.ndarray, full_toke
 
 
 def _commit(tmp: Path, target: Path, overwrite: bool) -> None:
+    for stale in target.parent.glob(f".{target.name}.old-*"):  # an old cache an interrupted overwrite left
+        shutil.rmtree(stale, ignore_errors=True)
     if not os.path.lexists(target):
         os.rename(tmp, target)
         return

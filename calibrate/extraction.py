@@ -744,9 +744,12 @@ def _open_shard(where: Path, fingerprint: str, identity: dict[str, str]) -> Laye
 
 
 def _remove_batches(shard_dir: Path, n_batches: int) -> None:
-    """Delete the batch caches ``batch_00000`` ... of a run from ``shard_dir``, then ``shard_dir`` if it is empty."""
+    """Delete the batch caches ``batch_00000`` ... of a run from ``shard_dir`` (and the temporary directories of
+    their saves that a killed run left, ``.batch_00000.*.tmp``), then ``shard_dir`` if it is empty."""
     for index in range(n_batches):
-        shutil.rmtree(shard_dir / _SHARD_NAME.format(index), ignore_errors=True)
+        name = _SHARD_NAME.format(index)
+        for where in (shard_dir / name, *shard_dir.glob(f".{name}.*.tmp")):
+            shutil.rmtree(where, ignore_errors=True)
     with contextlib.suppress(OSError):  # not empty (other files are not ours to delete), or gone already
         shard_dir.rmdir()
 

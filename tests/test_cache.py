@@ -384,6 +384,18 @@ def test_failed_rename_restores_the_old_cache(cache, tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
 
 
+def test_an_old_cache_an_interrupted_overwrite_left_goes_at_the_next_save(cache, tmp_path, monkeypatch):
+    target = tmp_path / "c"
+    cache.save(target)
+    monkeypatch.setattr(shutil, "rmtree", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))  # Ctrl-C
+    with pytest.raises(KeyboardInterrupt):
+        cache.subset([0]).save(target, overwrite=True)  # the new cache is in place, the old one not yet deleted
+    monkeypatch.undo()
+    assert open_cache(target).n_sequences == 1 and len(list(tmp_path.glob(".c.old-*"))) == 1
+    cache.save(target, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+
+
 # --------------------------------------------------------------------------------------------------
 # Corruption detected by open_cache
 # --------------------------------------------------------------------------------------------------

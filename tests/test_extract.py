@@ -488,6 +488,9 @@ def test_extract_main_deletes_only_its_batches_from_a_shard_dir(tokenizer, tmp_p
     empty = tmp_path / "empty"
     extract_main(model_dir, prompts, tmp_path / "third", shard_dir=empty, **kw)
     assert not empty.exists()  # nothing but this run's batches: removed with them
+    (empty / ".batch_00001.x1y2.tmp").mkdir(parents=True)  # a batch's save killed (SIGKILL) in an earlier run
+    extract_main(model_dir, prompts, tmp_path / "fourth", shard_dir=empty, **kw)
+    assert not empty.exists()  # the leftover went with the batches
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "t5"])

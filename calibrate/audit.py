@@ -402,7 +402,7 @@ def validity(
     from tqdm.auto import tqdm
 
     from calibrate.cache import _in_memory_iv
-    from calibrate.fit import _proxy_table
+    from calibrate.fit import _proxy_table, _risk_control_iv
 
     if isinstance(trials, bool) or not isinstance(trials, (int, np.integer)):
         raise TypeError(f"trials must be an int, got {type(trials).__name__}")
@@ -417,6 +417,7 @@ def validity(
     # fit's data step runs once (training the classifier, if any, on sequences kept out of every
     # trial); each trial then only permutes the rows of the loss table and certifies.
     options = {key: fit_kwargs.pop(key) for key in ("bound", "method") if key in fit_kwargs}
+    _risk_control_iv(delta, epsilon, options.get("bound"), options.get("method", "fixed_sequence"))
     table, *_ = _proxy_table(cache, seed=seed, **fit_kwargs)
     n_cal = int(round(cal_fraction * table.n))
     if not 0 < n_cal < table.n:

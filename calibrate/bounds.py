@@ -35,6 +35,7 @@ from scipy import special, stats
 from calibrate._validation import bounded_array, open_interval
 
 __all__ = [
+    "DEFAULT_BOUND",
     "P_VALUES",
     "bentkus",
     "binomial",
@@ -495,6 +496,8 @@ P_VALUES: dict[str, Callable] = {
     "wsr": wsr,
 }
 _ON_RAW_LOSSES = frozenset({"wsr"})
+#: The p-value used where none is named: the smaller of Hoeffding's and Bentkus' (CALM's choice).
+DEFAULT_BOUND = "hoeffding_bentkus"
 
 
 def _losses_array_iv(losses, *, allow_1d: bool) -> np.ndarray:
@@ -521,7 +524,7 @@ def _p_values_iv(losses, tolerance, bound, epsilon):
     return arr, tolerance, bound, epsilon
 
 
-def p_values(losses, tolerance: float, bound: str = "hoeffding_bentkus", *, epsilon: float = 0.05) -> np.ndarray:
+def p_values(losses, tolerance: float, bound: str = DEFAULT_BOUND, *, epsilon: float = 0.05) -> np.ndarray:
     """p-values of ``H0_k: risk_k > tolerance`` for every column of a loss table.
 
     Parameters

@@ -32,7 +32,10 @@ def _add_fit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--consistency", default="token", choices=CONSISTENCIES, help="loss of the early output (default token)"
     )
-    p.add_argument("--bound", default="hoeffding_bentkus", choices=tuple(P_VALUES), help=_BOUND_HELP)
+    p.add_argument(
+        "--bound", default=None, choices=tuple(P_VALUES),
+        help="p-value bound (default hoeffding_bentkus; none with --method crc, which uses no p-value)",
+    )
     p.add_argument(
         "--method", default="fixed_sequence", choices=METHODS,
         help="family-wise error control over the thresholds (default fixed_sequence)",

@@ -30,8 +30,7 @@ TRAIN_FRACTION = 0.3
 
 
 def _certify_iv(losses, lambdas, delta, epsilon, bound, method, knob):
-    delta = open_interval(delta, "delta")
-    epsilon = open_interval(epsilon, "epsilon")
+    delta, epsilon, bound, method_name = _risk_control_iv(delta, epsilon, bound, method)
     if isinstance(losses, LossTable):
         if lambdas is not None and not np.array_equal(np.asarray(lambdas, dtype=float), losses.lambdas):
             raise ValueError("lambdas disagrees with the LossTable's own lambdas; pass one or the other")
@@ -40,8 +39,19 @@ def _certify_iv(losses, lambdas, delta, epsilon, bound, method, knob):
         if lambdas is None:
             raise ValueError("lambdas is required when losses is an array (one threshold per column)")
         table = user_losses(losses, lambdas)
-    if bound not in _bounds.P_VALUES:
-        raise ValueError(f"bound must be one of {sorted(_bounds.P_VALUES)}, got {bound!r}")
+    if knob not in KNOBS:
+        raise ValueError(f"knob must be one of {KNOBS}, got {knob!r}")
+    if knob == "fff_depth" and not np.all((table.lambdas >= 0) & (table.lambdas == np.round(table.lambdas))):
+        raise ValueError(f"an fff_depth grid holds whole depths >= 0, got {table.lambdas.tolist()!r:.120}")
+    if knob == "token_keep" and not np.all((table.lambdas > 0) & (table.lambdas <= 1)):
+        raise ValueError(f"a token_keep grid holds 1 / speed-up, in (0, 1], got {table.lambdas.tolist()!r:.120}")
+    return table, delta, epsilon, bound, method_name
+
+
+def _risk_control_iv(delta, epsilon, bound, method) -> tuple[float, float, str | None, str]:
+    """Checked ``(delta, epsilon, bound, method name)`` of :func:`certify` (``fit`` checks them before any work)."""
+    delta = open_interval(delta, "delta")
+    epsilon = open_interval(epsilon, "epsilon")
     if isinstance(method, str):
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS} or a calibrate.fwer.FWERProcedure, got {method!r}")
@@ -54,13 +64,24 @@ def _certify_iv(losses, lambdas, delta, epsilon, bound, method, knob):
         raise TypeError(
             f"method must be one of {METHODS} or a calibrate.fwer.FWERProcedure instance, got {type(method).__name__}"
         )
-    if knob not in KNOBS:
-        raise ValueError(f"knob must be one of {KNOBS}, got {knob!r}")
-    if knob == "fff_depth" and not np.all((table.lambdas >= 0) & (table.lambdas == np.round(table.lambdas))):
-        raise ValueError(f"an fff_depth grid holds whole depths >= 0, got {table.lambdas.tolist()!r:.120}")
-    if knob == "token_keep" and not np.all((table.lambdas > 0) & (table.lambdas <= 1)):
-        raise ValueError(f"a token_keep grid holds 1 / speed-up, in (0, 1], got {table.lambdas.tolist()!r:.120}")
-    return table, delta, epsilon, method_name
+    return delta, epsilon, _bound_iv(bound, method_name), method_name
+
+
+def _bound_iv(bound, method_name: str) -> str | None:
+    """The p-value ``bound`` names (``None``: :data:`~calibrate.bounds.DEFAULT_BOUND`), or ``None`` for
+    conformal risk control, which uses none (a named bound would be silently ignored)."""
+    if method_name == "crc":
+        if bound is not None:
+            raise ValueError(
+                f"bound={bound!r} names a Learn-Then-Test p-value; method='crc' (conformal risk control) uses "
+                "none: leave bound unset"
+            )
+        return None
+    if bound is None:
+        return _bounds.DEFAULT_BOUND
+    if not isinstance(bound, str) or bound not in _bounds.P_VALUES:
+        raise ValueError(f"bound must be one of {sorted(_bounds.P_VALUES)}, got {bound!r}")
+    return bound
 
 
 def certify(
@@ -69,7 +90,7 @@ def certify(
     delta: float = 0.1,
     epsilon: float = 0.05,
     *,
-    bound: str = "hoeffding_bentkus",
+    bound: str | None = None,
     method: str | _fwer.FWERProcedure = "fixed_sequence",
     knob: str = "exit_threshold",
 ) -> Certificate:
@@ -85,8 +106,9 @@ def certify(
         Tolerance on the risk, in (0, 1). (LTT and MAPIE call this alpha.)
     epsilon : float, default=0.05
         Failure probability, in (0, 1). (LTT and MAPIE call this delta.)
-    bound : {"hoeffding_bentkus", "hoeffding", "hoeffding_kl", "bentkus", "binomial", "wsr"}
-        p-value for the null ``risk(lambda) > delta``. ``"binomial"`` needs 0/1 losses.
+    bound : {"hoeffding_bentkus", "hoeffding", "hoeffding_kl", "bentkus", "binomial", "wsr"}, optional
+        p-value for the null ``risk(lambda) > delta``; default ``"hoeffding_bentkus"``. ``"binomial"``
+        needs 0/1 losses. Not with ``method="crc"``, which uses no p-value.
     method : {"fixed_sequence", "bonferroni", "holm", "multistart", "crc"} or FWERProcedure
         Family-wise error control over the grid; ``"crc"`` is conformal risk control, a guarantee in
         expectation only.
@@ -136,7 +158,7 @@ def certify(
     >>> cert.lambda_hat
     0.8
     """
-    table, delta, epsilon, method_name = _certify_iv(losses, lambdas, delta, epsilon, bound, method, knob)
+    table, delta, epsilon, bound, method_name = _certify_iv(losses, lambdas, delta, epsilon, bound, method, knob)
     lam = table.lambdas
     risks = table.risks
     caveat = ""
@@ -151,13 +173,11 @@ def certify(
         rejected = np.zeros(lam.size, dtype=bool)
         if index is not None:
             rejected[: index + 1] = True
-        bound_name = None
     else:
         p_values = _bounds.p_values(table.losses, delta, bound=bound, epsilon=epsilon)
         rejected = np.asarray(_fwer.control_fwer(p_values, epsilon, method=method), dtype=bool)
         hits = np.flatnonzero(rejected)
         index = int(hits[-1]) if hits.size else None
-        bound_name = bound
     reason = "; ".join(filter(None, [_reason(table, delta, epsilon, bound, method, p_values, index), caveat]))
     return Certificate(
         lambda_hat=None if index is None else float(lam[index]),
@@ -168,7 +188,7 @@ def certify(
         risks=tuple(float(v) for v in risks),
         p_values=tuple(float(v) for v in p_values),
         certified=tuple(bool(v) for v in rejected),
-        bound=bound_name,
+        bound=bound,
         method=method_name,
         mode=table.mode,
         knob=knob,
@@ -341,7 +361,7 @@ def fit(
     *,
     measure: str = "softmax_gap",
     consistency: str = "token",
-    bound: str = "hoeffding_bentkus",
+    bound: str | None = None,
     method: str | _fwer.FWERProcedure = "fixed_sequence",
     lambdas: Sequence[float] | None = None,
     decay: Decay | float | None = None,
@@ -378,7 +398,7 @@ def fit(
     consistency : str, default="token"
         Loss, one of :data:`calibrate.losses.CONSISTENCIES`.
     bound, method
-        As in :func:`certify`.
+        As in :func:`certify` (default ``"hoeffding_bentkus"``, none with ``method="crc"``).
     lambdas : array_like, optional
         Threshold grid, strictly decreasing; default :func:`calibrate.exits.default_lambdas` (201 values), or
         the coarser :func:`calibrate.decoded_lambdas` (17 values) in decoded mode; with ``decay``, preceded
@@ -459,7 +479,7 @@ def fit(
             epsilon,
             measure=measure,
             consistency=consistency,
-            bound=bound,
+            bound=_bounds.DEFAULT_BOUND if bound is None else bound,  # fixed-sequence testing only
             method=method,
             lambdas=lambdas,
             decay=decay,
@@ -480,6 +500,7 @@ def fit(
         )
     if model is not None or tokenizer is not None or heads is not None:
         raise ValueError("model, tokenizer and heads are used only with mode='decoded'; proxy mode reads the cache")
+    _risk_control_iv(delta, epsilon, bound, method)  # before any work
     from calibrate.chunked import ChunkedCache
 
     options = dict(

@@ -158,6 +158,10 @@ def test_validity_names_bad_arguments_before_any_work(split, tmp_path):
         calibrate.validity(split[0], seed=-1, progress=False)
     with pytest.raises(TypeError, match=r"options it does not pass on to fit: \['mode'\]"):
         calibrate.validity(split[0], mode="decoded", progress=False)
+    with pytest.raises(ValueError, match="leave bound unset"):
+        calibrate.validity(split[0], method="crc", bound="wsr", measure="vibes", progress=False)
+    with pytest.raises(ValueError, match="delta"):
+        calibrate.validity(split[0], delta=2.0, measure="vibes", progress=False)
     split[0].save(tmp_path / "dev")
     with pytest.raises(TypeError, match="cache must be a calibrate.LayerCache in memory, got ChunkedCache"):
         calibrate.validity(calibrate.open_cache(tmp_path / "dev", chunks=50), progress=False)

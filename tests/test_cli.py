@@ -39,6 +39,9 @@ def test_errors_are_messages_not_tracebacks(tmp_path, capsys):
     capsys.readouterr()
     assert main(["fit", str(dev), "--delta", "1.5"]) == 2
     assert "delta must lie in the open interval (0, 1)" in capsys.readouterr().err
+    assert main(["fit", str(dev), "--method", "crc", "--bound", "wsr"]) == 2  # was silently ignored
+    assert "leave bound unset" in capsys.readouterr().err
+    assert main(["fit", str(dev), "--method", "crc"]) == 0
     assert main(["synthetic", "-o", str(dev)]) == 2  # refuses to overwrite
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"lambda_hat": 1}))

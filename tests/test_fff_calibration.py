@@ -59,6 +59,14 @@ def test_fit_equals_labels_at_each_depth_and_apply_runs_it():
         torch.testing.assert_close(model(x[:7]), model[2](model[1](model[0](x[:7])), depth=int(cert.lambda_hat)))
 
 
+def test_fit_checks_its_risk_options_before_the_model_runs(monkeypatch):
+    model = _classifier()
+    monkeypatch.setattr(fff.calibration, "depth_losses", lambda *a, **k: pytest.fail("the model ran first"))
+    for kwargs, match in [({"delta": 0}, "delta"), ({"method": "crc", "bound": "wsr"}, "leave bound unset")]:
+        with pytest.raises(ValueError, match=match):
+            fff.fit(model, torch.randn(50, 12), **kwargs)
+
+
 def test_refuses_other_knobs_and_models_and_bad_depths():
     model = _classifier()
     cert = fff.fit(model, torch.randn(500, 12), delta=0.3, epsilon=0.1)

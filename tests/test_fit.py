@@ -1,6 +1,7 @@
 """certify() on loss arrays and fit() on synthetic caches."""
 
 import dataclasses
+import importlib
 import warnings
 
 import numpy as np
@@ -144,6 +145,9 @@ def test_crc_is_labelled_as_expectation():
     assert "expectation" in cert.guarantee
     assert cert.lambda_hat is not None
     assert "p = nan" not in cert.summary() and f"lambda_hat = {cert.lambda_hat:.6g} (risk" in cert.summary()
+    with pytest.raises(ValueError, match="method='crc' .* uses none: leave bound unset"):
+        calibrate.certify(losses, np.linspace(1, 0.5, 6), delta=0.1, method="crc", bound="wsr")
+    assert calibrate.certify(losses, np.linspace(1, 0.5, 6), delta=0.1).bound == "hoeffding_bentkus"
 
 
 @pytest.mark.parametrize(
@@ -339,6 +343,24 @@ def test_decay_grids_start_where_every_threshold_is_one():
     assert old.lambda_hat is None and old.certified[0] is False
     cert = calibrate.fit(dev, decay=4.0)
     assert cert.lambdas == tuple(grid) and cert.lambda_hat is not None and cert.expected_layers < dev.n_layers
+
+
+def test_fit_checks_its_risk_options_before_any_work(cache, monkeypatch):
+    fit_module = importlib.import_module("calibrate.fit")  # calibrate.fit is the function
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the loss table was computed before the options were checked")
+
+    monkeypatch.setattr(fit_module, "_proxy_table", no_work)
+    for kwargs, match in [
+        ({"delta": 1.5}, "delta"),
+        ({"epsilon": 0}, "epsilon"),
+        ({"bound": "chernoff"}, "bound must be one of"),
+        ({"method": "bh"}, "method must be one of"),
+        ({"method": "crc", "bound": "bentkus"}, "leave bound unset"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            calibrate.fit(cache, **kwargs)
 
 
 def test_fit_bad_inputs(cache):

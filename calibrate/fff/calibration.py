@@ -31,9 +31,10 @@ from torch import nn
 from calibrate._digest import weights_digest
 from calibrate._validation import int_at_least
 from calibrate.audit import AuditReport
+from calibrate.bounds import DEFAULT_BOUND
 from calibrate.certificate import Certificate, _spend_iv
 from calibrate.fff.layer import FFF
-from calibrate.fit import certify
+from calibrate.fit import _risk_control_iv, certify
 from calibrate.losses import LossTable
 from calibrate.models import eval_mode
 
@@ -219,7 +220,7 @@ def fit(
     depths: Sequence[int] | None = None,
     consistency: str | None = None,
     references: Sequence[int] | Sequence[str] | None = None,
-    bound: str = "hoeffding_bentkus",
+    bound: str | None = None,
     method: str = "fixed_sequence",
     batch_size: int | None = None,
     tokenizer=None,
@@ -237,8 +238,9 @@ def fit(
     epsilon : float, default=0.05
         Failure probability, in (0, 1).
     bound, method
-        p-value and family-wise procedure (see :func:`calibrate.certify`). Language models are tested
-        by fixed-sequence testing only, decoding a depth only when the walk reaches it.
+        p-value (default ``"hoeffding_bentkus"``, none with ``method="crc"``) and family-wise procedure
+        (see :func:`calibrate.certify`). Language models are tested by fixed-sequence testing only, decoding
+        a depth only when the walk reaches it.
     progress : bool, default=True
         Show a progress bar over the depths (language models).
 
@@ -267,9 +269,11 @@ def fit(
         decoder, depths = _lm_decoder(
             model, tokenizer, inputs, references, consistency, depths, max_new_tokens, batch_size
         )
+        bound = DEFAULT_BOUND if bound is None else bound
         delta, epsilon = _risk_iv(delta, epsilon, bound, decoder.consistency)
         return _certify_lazily(decoder, _lm_template(model, decoder, depths, delta, epsilon, bound), progress)
     consistency = "label" if consistency is None else consistency
+    _risk_control_iv(delta, epsilon, bound, method)  # before the model runs
     table = depth_losses(
         model, inputs, depths=depths, consistency=consistency, references=references, batch_size=batch_size
     )

@@ -130,6 +130,15 @@ def test_safetensors_round_trip(tmp_path, umask_022):
     )
     with pytest.raises(ValueError, match="w_out"):
         FFF.load(tmp_path / "shape.safetensors")
+    data = bytearray((tmp_path / "f64.safetensors").read_bytes())
+    data[-3] ^= 0x10  # one bit of the last weight: safetensors itself reads it without complaint
+    (tmp_path / "flipped.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="flipped.safetensors: the weights do not match their stored digest"):
+        FFF.load(tmp_path / "flipped.safetensors")
+    save_file({n: p.detach() for n, p in wide.named_parameters()}, str(tmp_path / "nodigest.safetensors"), metadata={
+        "in_features": "5", "out_features": "4", "depth": "2", "activation": "gelu", "bias": "True"})  # fmt: skip
+    with pytest.raises(ValueError, match=r"stored digest \(None\)"):
+        FFF.load(tmp_path / "nodigest.safetensors")
     with pytest.raises(ValueError, match="is a directory, not an FFF layer file"):
         FFF.load(tmp_path)
     with pytest.raises(ValueError, match="is not an FFF layer file .*: it does not exist"):

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from calibrate._atomic import atomic_file
+from calibrate._digest import weights_digest
 
 __all__ = ["ACTIVATIONS", "BACKENDS", "FFF", "fff_forward", "fff_reference"]
 
@@ -211,7 +212,7 @@ class FFF(nn.Module):
 
     # ---- persistence --------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
-        """Write the weights and the layer's sizes to a safetensors file (atomically)."""
+        """Write the weights, the layer's sizes and a digest of the weights to a safetensors file (atomically)."""
         from safetensors.torch import save_file
 
         path = Path(path)
@@ -222,13 +223,15 @@ class FFF(nn.Module):
             "depth": str(self.depth),
             "activation": self.activation,
             "bias": str(self.b_in is not None),
+            "weights_digest": weights_digest(self),
         }
         with atomic_file(path) as tmp:
             save_file(tensors, str(tmp), metadata=meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> FFF:
-        """Read a layer written by :meth:`save`; unreadable files and missing or misshapen tensors fail naming them."""
+        """Read a layer written by :meth:`save`; unreadable files, missing or misshapen tensors and weights that do not
+        match their stored digest fail naming them."""
         from safetensors import SafetensorError, safe_open
 
         if Path(path).is_dir():  # safetensors says "No such device (os error 19)"
@@ -259,6 +262,11 @@ class FFF(nn.Module):
         if got != expected:
             raise ValueError(f"{path} holds tensors {got}, expected {expected}")
         layer.to(state["w_in"].dtype).load_state_dict(state)  # the stored precision
+        if meta.get("weights_digest") != weights_digest(layer):
+            raise ValueError(
+                f"{path}: the weights do not match their stored digest ({meta.get('weights_digest')!r}): a corrupt or "
+                "edited file, or one not written by FFF.save"
+            )
         return layer
 
 

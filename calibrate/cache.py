@@ -8,7 +8,8 @@ sequences are stored CSR-style: the tokens of sequence ``s`` are rows ``offsets[
 On disk a cache is one directory::
 
     <cache>/
-      meta.json              format_version, model, generation settings, shapes, per-field checksums
+      meta.json              format_version, model, generation settings, shapes, per-field checksums,
+                             a checksum of the metadata itself
       sequences.parquet      one row per sequence: id, prompt, output, output_ids, reference,
                              n_tokens, offset
       vocab.json             optional: JSON list of token strings (id -> text piece)
@@ -97,6 +98,7 @@ _DERIVED_KEYS = (
     "hidden_size",
     "fields",
     "checksum",
+    "meta_checksum",
 )
 #: Uncompressed bytes per zarr chunk (at most); chunks never exceed _MAX_CHUNK_TOKENS tokens.
 _CHUNK_BYTES = 64 << 20
@@ -394,6 +396,7 @@ class LayerCache:
             }
         meta = json.loads(json.dumps(self._user_meta))
         meta.update(
+            meta_checksum=_meta_checksum(meta),
             format_version=FORMAT_VERSION,
             library="calm-calibrate",
             library_version=_library_version(),
@@ -470,7 +473,8 @@ class LayerCache:
         """Content checksum (hex blake2b) over every field, the table, the vocab and ``vocab_size``.
 
         It identifies the data, not the file: the same content saved twice, or opened again, has the
-        same checksum; free-form metadata (model name, settings) is not part of it.
+        same checksum; free-form metadata (model name, settings) is not part of it (``meta.json`` records
+        a ``meta_checksum`` of its own, verified at open).
         """
         return _cache_checksum(self._vocab_size, self._field_checksums())
 
@@ -773,7 +777,8 @@ def open_cache(path: str | os.PathLike, *, verify: bool = True, chunks: int | No
         fsspec packages installed).
     verify : bool, default=True
         Recompute the blake2b checksum of every field and compare it with ``meta.json`` (with ``chunks``:
-        of every array, streamed chunk by chunk). Shapes, dtypes, value ranges and the table are checked
+        of every array, streamed chunk by chunk), and that of ``meta.json``'s own metadata (model,
+        generation settings, ...). Shapes, dtypes, value ranges and the table are checked
         either way (with ``chunks``: values as each partition is read).
     chunks : int, optional
         Open lazily in partitions of this many whole sequences (:class:`calibrate.chunked.ChunkedCache`:
@@ -844,6 +849,7 @@ def open_cache(path: str | os.PathLike, *, verify: bool = True, chunks: int | No
                 )
         if cache.checksum != meta.get("checksum"):
             raise ValueError(f"checksum mismatch in {root / _META_FILE}: the field list or vocab_size was edited")
+        _check_meta_checksum(root, meta)
     _check_values(arrays, vocab_size)
     _check_table(table, offsets)
     return cache
@@ -1411,6 +1417,22 @@ def _cache_checksum(vocab_size, field_checksums: dict[str, str]) -> str:
     """The cache's checksum from its fields' checksums (what ``meta.json`` records as ``checksum``)."""
     payload = {"format_version": FORMAT_VERSION, "vocab_size": vocab_size, "fields": field_checksums}
     return _digest(json.dumps(payload, sort_keys=True).encode())
+
+
+def _meta_checksum(meta: dict) -> str:
+    """Checksum of a ``meta.json``'s own keys (model, generation settings, ...: all but :data:`_DERIVED_KEYS`)."""
+    own = {key: value for key, value in meta.items() if key not in _DERIVED_KEYS}
+    return _digest(json.dumps(own, sort_keys=True).encode())
+
+
+def _check_meta_checksum(root, meta: dict) -> None:
+    """Refuse a ``meta.json`` whose own keys were edited after saving (caches saved without one pass)."""
+    recorded = meta.get("meta_checksum")
+    if recorded is not None and recorded != _meta_checksum(meta):
+        raise ValueError(
+            f"checksum mismatch in {root / _META_FILE}: its metadata (model, generation settings, ...) was edited "
+            "after the cache was written; change metadata with cache.with_meta(...) and save the cache"
+        )
 
 
 def _array_hasher(dtype, shape) -> Any:

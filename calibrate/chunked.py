@@ -420,6 +420,7 @@ def read_lazily(root: Path | Remote, verify: bool, joint: dict | None = None) ->
     from calibrate.cache import (
         _cache_checksum,
         _check_meta,
+        _check_meta_checksum,
         _hash_strings,
         _hash_table,
         _open_array,
@@ -463,6 +464,7 @@ def read_lazily(root: Path | Remote, verify: bool, joint: dict | None = None) ->
             )
     if _cache_checksum(meta.get("vocab_size"), checksums) != meta.get("checksum"):
         raise ValueError(f"checksum mismatch in {root / 'meta.json'}: the field list or vocab_size was edited")
+    _check_meta_checksum(root, meta)
     return meta, table, offsets
 
 

@@ -33,11 +33,19 @@ _VERSION = 1
 #: generator settings of a synthetic piece, whose seed and size are its own).
 _PER_SHARD_KEYS = (
     "shard", "sharding", "software", "library", "library_version", "n_sequences", "n_tokens", "checksum", "synthetic",
+    "meta_checksum",
 )  # fmt: skip
 
 
 def shard_name(index: int, count: int) -> str:
-    """The directory name of shard ``index`` (0-based) of ``count``: ``shard-00002-of-00008``."""
+    """The directory name of shard ``index`` (0-based) of ``count``: ``shard-00002-of-00008``.
+
+    Examples
+    --------
+    >>> from calibrate.shards import shard_name
+    >>> [shard_name(i, 3) for i in range(3)]
+    ['shard-00000-of-00003', 'shard-00001-of-00003', 'shard-00002-of-00003']
+    """
     return f"shard-{index:05d}-of-{count:05d}"
 
 
@@ -48,6 +56,16 @@ def parse_shard(spec: str) -> tuple[int, int]:
     ------
     ValueError
         When ``spec`` is not of that form.
+
+    Examples
+    --------
+    >>> from calibrate.shards import parse_shard
+    >>> parse_shard("1/4"), parse_shard(" 3 / 8 ")
+    ((1, 4), (3, 8))
+    >>> parse_shard("4/4")
+    Traceback (most recent call last):
+    ...
+    ValueError: a shard is written i/N with 0 <= i < N (e.g. 0/4), got '4/4'
     """
     match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(spec))
     if match is None or not int(match[1]) < int(match[2]):
@@ -61,6 +79,14 @@ def shard_bounds(n: int, index: int, count: int, batch_size: int = 1) -> tuple[i
     Shards are contiguous runs of whole batches of ``batch_size`` prompts (their batch counts differ by
     <= 1), so each batch holds the prompts it holds in one unsharded extraction: the same padding and
     batch size give the same float results, and the joined cache the same checksum.
+
+    Examples
+    --------
+    >>> from calibrate.shards import shard_bounds
+    >>> [shard_bounds(10, i, 3) for i in range(3)]
+    [(0, 3), (3, 6), (6, 10)]
+    >>> [shard_bounds(10, i, 2, batch_size=4) for i in range(2)]   # 3 batches: [0, 4), [4, 8), [8, 10)
+    [(0, 4), (4, 10)]
     """
     if not 0 <= index < count:
         raise ValueError(f"shard index must lie in [0, {count}), got {index}")

@@ -544,12 +544,26 @@ def _edit_meta(path, fn):
         (lambda m: m["fields"].pop("topk_logprobs"), r"checksum mismatch in .*meta.json"),
         (lambda m: m.update(vocab_size=V + 1), r"vocab.json holds 40 entries but meta.json says vocab_size=41"),
         (lambda m: m["fields"]["full_tokens"].update(shape=[3]), "has shape"),
+        (lambda m: m["generation"].update(max_new_tokens=99), r"meta.json: its metadata .* was edited"),
+        (lambda m: m.update(model="another/model"), r"meta.json: its metadata .* was edited"),
     ],
 )
 def test_edited_meta(saved, edit, match):
     _edit_meta(saved, edit)
     with pytest.raises(ValueError, match=match):
         open_cache(saved)
+
+
+def test_metadata_changes_go_through_with_meta(saved):
+    cache = open_cache(saved)
+    changed = cache.with_meta({"generation": {"max_new_tokens": 99}, "note": "x"})
+    changed.save(saved, overwrite=True)
+    again = open_cache(saved)
+    assert again.user_meta["generation"] == {"max_new_tokens": 99} and again.checksum == cache.checksum
+    _edit_meta(saved, lambda m: m.pop("meta_checksum"))  # a cache written before the metadata had a checksum
+    assert open_cache(saved).user_meta["note"] == "x"
+    _edit_meta(saved, lambda m: m.update(note="y"))
+    assert open_cache(saved, verify=False).user_meta["note"] == "y"
 
 
 def test_edited_vocab_and_bad_json(saved):

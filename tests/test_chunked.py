@@ -289,6 +289,21 @@ def test_lazy_open_names_the_corrupted_array(saved, tmp_path, corruption, verify
         calibrate.open_cache(copy, chunks=50, verify=verify)
 
 
+def test_lazy_open_verifies_the_metadata_checksum(saved, tmp_path):
+    import json
+    import shutil
+
+    _, path = saved
+    copy = tmp_path / "copy"
+    shutil.copytree(path, copy)
+    meta = json.loads((copy / "meta.json").read_text())
+    meta["generation"] = {"max_new_tokens": 999}  # decay=<tau> and the certificate's budget read it
+    (copy / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="its metadata .* was edited after the cache was written"):
+        calibrate.open_cache(copy, chunks=50)
+    assert calibrate.open_cache(copy, chunks=50, verify=False).user_meta["generation"] == {"max_new_tokens": 999}
+
+
 def test_cli_fit_with_chunks_reports_a_corrupted_cache(saved, tmp_path, capsys):
     import shutil
 

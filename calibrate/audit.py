@@ -113,6 +113,18 @@ class AuditReport:
     layers : float
         Held-out average exit layer at ``lambda_hat`` (``n_layers`` for the full model; NaN for
         ``token_keep``).
+
+    Examples
+    --------
+    >>> import calibrate
+    >>> cal, test = calibrate.synthetic_cache(300, seed=0).split([0.5, 0.5], seed=0)
+    >>> report = calibrate.audit(calibrate.fit(cal, delta=0.1, epsilon=0.05, progress=False), test)
+    >>> report
+    AuditReport(n=150, risk=0.0334, delta=0.1, within_tolerance=True, layers=9.23/12)
+    >>> round(report.layer_savings, 2)                 # share of layers skipped at lambda_hat
+    0.23
+    >>> report.to_frame().columns.tolist()              # calibration and held-out values per grid value
+    ['lambda', 'risk', 'p_value', 'certified', 'avg_layers', 'selected', 'test_risk', 'test_avg_layers']
     """
 
     certificate: Certificate
@@ -260,6 +272,17 @@ def audit(cert: Certificate, test_cache, *, decode=None, progress: bool = False)
     -----
     One audit is one draw: the held-out risk exceeds ``delta`` in at most about a fraction ``epsilon``
     of calibration draws (plus the held-out estimate's own noise). :func:`validity` repeats it.
+
+    Examples
+    --------
+    >>> import calibrate
+    >>> cache = calibrate.synthetic_cache(300, seed=0)
+    >>> cal, test = cache.split([0.5, 0.5], seed=0)          # disjoint sequences
+    >>> cert = calibrate.fit(cal, delta=0.1, epsilon=0.05, progress=False)
+    >>> print(calibrate.audit(cert, test).summary())
+    Audit on 150 held-out sequences at lambda_hat = 0.99:
+      held-out risk 0.0334 (within delta = 0.1)
+      average layers 9.23 of 12 (saves 23.0%)
     """
     if not isinstance(cert, Certificate):
         raise TypeError(f"cert must be a calibrate.Certificate, got {type(cert).__name__}")
@@ -288,6 +311,15 @@ class ValidityReport:
         Held-out risk of the naive rule "fastest threshold whose calibration risk is <= delta".
     n_cal, n_test : int
         Calibration and test sequences per trial (a learned measure's training sequences are in neither).
+
+    Examples
+    --------
+    >>> import calibrate
+    >>> report = calibrate.validity(calibrate.synthetic_cache(300, seed=0), trials=20, progress=False)
+    >>> report.trials, report.n_cal, report.n_test
+    (20, 240, 60)
+    >>> report.violation_rate, report.naive_violation_rate   # certified vs. "fastest lambda with risk <= delta"
+    (0.0, 0.4)
     """
 
     delta: float
@@ -398,6 +430,13 @@ def validity(
     Proxy losses are per sequence, so the loss table is computed once and every trial only permutes its
     rows. For ``measure="classifier"`` the classifier is trained once on a seeded split that is kept out
     of every trial. The test risk is itself an estimate, so the violation rate is a noisy check.
+
+    Examples
+    --------
+    >>> import calibrate
+    >>> cache = calibrate.synthetic_cache(300, seed=0)
+    >>> calibrate.validity(cache, trials=20, delta=0.1, epsilon=0.05, progress=False)
+    ValidityReport(trials=20, violation_rate=0.000, epsilon=0.05, naive_violation_rate=0.400)
     """
     from tqdm.auto import tqdm
 

@@ -165,6 +165,22 @@ class Certificate:
     Every field is checked on construction (a ValueError names the field). ``decay``, ``measure_state``
     and ``heads`` are held as read-only copies (mappings, nested lists as tuples), so a certificate's
     equality and hash never change; :meth:`to_dict` gives them back as plain dicts and lists.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from calibrate import Certificate, certify
+    >>> rng = np.random.default_rng(0)
+    >>> losses = (rng.random((2000, 7)) < np.linspace(0.0, 0.3, 7)).astype(float)
+    >>> cert = certify(losses, lambdas=np.linspace(0.9, 0.3, 7), delta=0.1, epsilon=0.05)
+    >>> cert.lambda_hat, cert.risk_hat
+    (0.8, 0.0535)
+    >>> cert.certified
+    (True, True, False, False, False, False, False)
+    >>> Certificate.from_json(cert.to_json()) == cert        # JSON round trip (to_json(path) writes a file)
+    True
+    >>> Certificate.from_dict(cert.to_dict()).lambda_hat
+    0.8
     """
 
     lambda_hat: float | None

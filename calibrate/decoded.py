@@ -55,6 +55,16 @@ def decoded_lambdas(*, decay: bool = False) -> np.ndarray:
     -------
     ndarray of float64, shape (17,) or (20,)
         Strictly decreasing.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from calibrate.decoded import decoded_lambdas
+    >>> np.round(decoded_lambdas(), 4)
+    array([1.    , 0.9999, 0.9997, 0.999 , 0.9968, 0.99  , 0.9684, 0.9   , 0.8   , 0.7   , 0.6   , 0.5   ,
+           0.4   , 0.3   , 0.2   , 0.1   , 0.    ])
+    >>> np.round(decoded_lambdas(decay=True)[:4], 4)   # headroom above 1 for the decaying threshold
+    array([1.1111, 1.0741, 1.037 , 1.    ])
     """
     grid = np.concatenate([np.linspace(0.0, 1.0, 11), 1.0 - np.logspace(-4.0, -1.5, 6)])
     grid = np.unique(grid)[::-1].copy()

@@ -52,6 +52,20 @@ class Decay:
     -----
     With decay on, ``lambda = 1`` no longer means "never exit", which is why the full model is an
     explicit hypothesis rather than a grid value.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from calibrate.exits import Decay, exit_layers
+    >>> decay = Decay(max_len=100)
+    >>> np.round(decay.thresholds([0.9, 0.5], positions=[0, 50, 99]), 3)   # rows: positions, columns: lambdas
+    array([[0.91 , 0.55 ],
+           [0.824, 0.464],
+           [0.812, 0.452]])
+    >>> conf = np.array([[0.2, 0.9, 0.5, 0.0], [0.6, 0.1, 0.95, 0.0]])
+    >>> exit_layers(conf, [0.99, 0.9, 0.5], positions=np.array([0, 99]), decay=decay)   # stricter early, laxer late
+    array([[4, 4, 2],
+           [3, 3, 1]], dtype=int16)
     """
 
     max_len: int
@@ -79,6 +93,15 @@ def default_lambdas(*, decay: bool = False) -> np.ndarray:
     101 evenly spaced values plus 100 values ``1 - 10**u`` for ``u`` evenly spaced in ``[-4, -2)``, where
     saturation and softmax thresholds matter most. With ``decay=True``, 11 values above 1 come first (see
     :func:`with_decay_headroom`): 212 values.
+
+    Examples
+    --------
+    >>> from calibrate.exits import default_lambdas
+    >>> grid = default_lambdas()
+    >>> grid.size, float(grid[0]), float(grid[1]), float(grid[-1])
+    (201, 1.0, 0.9999, 0.0)
+    >>> default_lambdas(decay=True).size
+    212
     """
     grid = np.concatenate([np.linspace(0.0, 1.0, 101), 1.0 - np.logspace(-4, -2, 101)[:-1]])
     grid = np.unique(grid)[::-1].copy()
@@ -92,6 +115,13 @@ def with_decay_headroom(grid, n: int) -> np.ndarray:
     ``0.9 + 0.1 exp(-tau t / N)``, about 0.9 at the end. At ``1 / 0.9`` every position's threshold is 1,
     as ``lambda = 1`` is without decay, so a grid that starts there has a safe first hypothesis (without
     it, a decayed ``lambda = 1`` that fails leaves only the full model).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from calibrate.exits import with_decay_headroom
+    >>> np.round(with_decay_headroom([1.0, 0.5], 3), 4)   # 1 / 0.9 = 1.1111 first
+    array([1.1111, 1.0741, 1.037 , 1.    , 0.5   ])
     """
     return np.concatenate([np.linspace(1 / 0.9, 1.0, n + 1)[:-1], np.asarray(grid, dtype=np.float64)])
 
@@ -226,6 +256,17 @@ def early_tokens(top1: np.ndarray, layers: np.ndarray, full_tokens: np.ndarray |
     -------
     ndarray, shape (n_tokens, n_lambdas), the dtype of ``top1`` (with ``full_tokens``: the integer dtype
     holding both).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from calibrate.exits import early_tokens, exit_layers
+    >>> conf = np.array([[0.2, 0.9, 0.5, 0.0], [0.6, 0.1, 0.95, 0.0]])
+    >>> top1 = np.array([[3, 7, 7, 7], [1, 4, 8, 8]])
+    >>> layers = exit_layers(conf, [0.99, 0.9, 0.5])   # [[4, 2, 2], [4, 3, 1]]
+    >>> early_tokens(top1, layers)
+    array([[7, 7, 7],
+           [8, 8, 1]])
     """
     early = np.take_along_axis(top1, layers.astype(np.intp) - 1, axis=1)
     if full_tokens is not None:
@@ -421,6 +462,14 @@ def average_layers(conf, lambdas, *, offsets=None, decay: Decay | None = None) -
     Notes
     -----
     Computed in one compiled pass, without materialising the exit layers.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from calibrate.exits import average_layers
+    >>> conf = np.array([[0.2, 0.9, 0.5, 0.0], [0.6, 0.1, 0.95, 0.0]])   # exit layers [[4, 2, 2], [4, 3, 1]]
+    >>> average_layers(conf, [0.99, 0.9, 0.5])
+    array([4. , 2.5, 1.5])
     """
     lam, conf, offsets = _sweep_iv(conf, lambdas, offsets, decay)
     avg, _ = _run_sweep(conf, lam, offsets, decay, None, None)
@@ -460,6 +509,19 @@ def disagreement_counts(conf, lambdas, top1, full_tokens, offsets, *, decay: Dec
     reaches ``b_i`` (``w_i`` = 1 if layer ``i`` disagrees, ``w_L = 0``), so per-sequence difference
     arrays over the grid give every threshold at once. ``b`` changes only at records (layers whose
     confidence exceeds every earlier one), so only records and changes of ``w`` are visited.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from calibrate.exits import disagreement_counts
+    >>> conf = np.array([[0.2, 0.9, 0.5, 0.0], [0.6, 0.1, 0.95, 0.0]])   # exit layers [[4, 2, 2], [4, 3, 1]]
+    >>> top1 = np.array([[3, 7, 7, 7], [1, 4, 8, 8]])                   # early tokens [[7, 7, 7], [8, 8, 1]]
+    >>> counts, avg = disagreement_counts(conf, [0.99, 0.9, 0.5], top1, top1[:, -1], offsets=[0, 1, 2])
+    >>> counts                                        # two one-token sequences; the second errs at lambda = 0.5
+    array([[0, 0, 0],
+           [0, 0, 1]])
+    >>> avg
+    array([4. , 2.5, 1.5])
     """
     lam, conf, offsets = _sweep_iv(conf, lambdas, offsets, decay)
     top1, full_tokens = _token_ids_iv(top1, full_tokens)

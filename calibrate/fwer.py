@@ -349,7 +349,17 @@ class FWERProcedure(ABC):
 
 
 class FixedSequence(FWERProcedure):
-    """Fixed-sequence testing, as :func:`fixed_sequence`."""
+    """Fixed-sequence testing, as :func:`fixed_sequence`.
+
+    Examples
+    --------
+    >>> from calibrate import fwer
+    >>> procedure = fwer.FixedSequence()
+    >>> procedure.name                                    # recorded in a certificate as its method
+    'fixed_sequence'
+    >>> fwer.control_fwer([0.001, 0.02, 0.3, 0.001], 0.05, method=procedure)   # stops at the first p > 0.05
+    array([ True,  True, False, False])
+    """
 
     name = "fixed_sequence"
 
@@ -358,7 +368,14 @@ class FixedSequence(FWERProcedure):
 
 
 class Bonferroni(FWERProcedure):
-    """Bonferroni correction, as :func:`bonferroni`."""
+    """Bonferroni correction, as :func:`bonferroni`.
+
+    Examples
+    --------
+    >>> from calibrate import fwer
+    >>> fwer.control_fwer([0.001, 0.02, 0.3, 0.001], 0.05, method=fwer.Bonferroni())   # p <= 0.05 / 4
+    array([ True, False, False,  True])
+    """
 
     name = "bonferroni"
 
@@ -367,7 +384,15 @@ class Bonferroni(FWERProcedure):
 
 
 class Holm(FWERProcedure):
-    """Holm's step-down procedure, as :func:`holm`."""
+    """Holm's step-down procedure, as :func:`holm`.
+
+    Examples
+    --------
+    >>> from calibrate import fwer
+    >>> p = [0.001, 0.02, 0.3, 0.001]
+    >>> fwer.control_fwer(p, 0.05, method=fwer.Holm())   # also rejects 0.02 <= 0.05 / 2, which Bonferroni keeps
+    array([ True,  True, False,  True])
+    """
 
     name = "holm"
 
@@ -383,6 +408,17 @@ class MultiStart(FWERProcedure):
     starts : int or sequence of int, default=DEFAULT_N_STARTS
         Starting indices, or a number of equally spaced starts (capped at the number of hypotheses).
         Indices are checked against the number of hypotheses when :meth:`reject` runs.
+
+    Examples
+    --------
+    >>> from calibrate import fwer
+    >>> p = [0.001, 0.5, 0.001, 0.001]                  # a bump at index 1 stops fixed-sequence testing
+    >>> fwer.control_fwer(p, 0.05, method=fwer.FixedSequence())
+    array([ True, False, False, False])
+    >>> fwer.control_fwer(p, 0.05, method=fwer.MultiStart([0, 2]))   # two walks at 0.025 each
+    array([ True, False,  True,  True])
+    >>> fwer.MultiStart()
+    MultiStart(starts=4)
     """
 
     name = "multistart"

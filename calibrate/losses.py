@@ -55,6 +55,18 @@ class LossTable:
         Token-averaged exit layer per threshold, in ``[1, n_layers]``; NaN where it does not apply.
     n_layers : int or None
         Number of layers of the model.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from calibrate.losses import LossTable
+    >>> table = LossTable(np.array([[0.0, 0.0, 1.0], [0.0, 0.5, 1.0]]), lambdas=[0.9, 0.5, 0.1])
+    >>> table
+    LossTable(n=2, n_lambdas=3, mode='user', consistency=None, n_layers=None)
+    >>> table.risks                                     # mean loss per threshold, safest first
+    array([0.  , 0.25, 1.  ])
+    >>> table.subset([1]).risks                         # the second example only
+    array([0. , 0.5, 1. ])
     """
 
     losses: np.ndarray
@@ -151,6 +163,20 @@ def user_losses(losses, lambdas, *, consistency: str | None = None, avg_layers=N
         Average exit layer per threshold.
     n_layers : int, optional
         Number of layers of the model.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import calibrate
+    >>> rng = np.random.default_rng(0)
+    >>> losses = rng.random((500, 3)) * [0.0, 0.1, 0.4]   # e.g. 1 - ROUGE-L of your own early outputs
+    >>> table = calibrate.user_losses(losses, [0.9, 0.5, 0.1], consistency="my_loss")
+    >>> table
+    LossTable(n=500, n_lambdas=3, mode='user', consistency='my_loss', n_layers=None)
+    >>> np.round(table.risks, 2)
+    array([0.  , 0.05, 0.2 ])
+    >>> calibrate.certify(table, delta=0.1, epsilon=0.05).lambda_hat
+    0.5
     """
     return LossTable(losses, lambdas, "user", consistency, avg_layers, n_layers)
 
@@ -215,6 +241,21 @@ def proxy_losses(
     -----
     Proxy losses certify the simulated outputs, not free-running generation: after an early token that
     differs, a real decoder would continue from a different prefix.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import calibrate
+    >>> from measures.confidence import confidence
+    >>> cache = calibrate.synthetic_cache(100, seed=0)
+    >>> conf = confidence(cache, "softmax_max")            # (n_tokens, n_layers)
+    >>> table = calibrate.proxy_losses(cache, conf, [0.9, 0.5, 0.1])
+    >>> table
+    LossTable(n=100, n_lambdas=3, mode='proxy', consistency='token', n_layers=12)
+    >>> np.round(table.risks, 3)                          # share of early tokens that differ from the full model's
+    array([0.162, 0.569, 0.843])
+    >>> np.round(table.avg_layers, 2)                     # lower thresholds exit earlier
+    array([7.48, 5.13, 2.91])
     """
     lam = _lambdas_iv(lambdas)
     consistency = _consistency_iv(consistency, cache.sequences)

@@ -322,6 +322,21 @@ def fff_forward(layer: FFF, x: torch.Tensor, depth: int | None = None, *, backen
     -------
     torch.Tensor
         ``(..., out_features)``, no gradient.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from calibrate.fff import FFF, fff_forward, fff_reference
+    >>> _ = torch.manual_seed(0)
+    >>> layer = FFF(8, 4, depth=3)
+    >>> x = torch.randn(2, 5, 8)                        # any leading shape
+    >>> fff_forward(layer, x).shape
+    torch.Size([2, 5, 4])
+    >>> y = fff_forward(layer, x, depth=1, backend="torch")   # 2 of the 4 neurons of each path
+    >>> torch.allclose(y, fff_reference(layer, x, depth=1), atol=1e-6)
+    True
+    >>> layer.cost(1), layer.cost()                     # multiply-adds per input at depth 1 and whole
+    (24, 48)
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -368,7 +383,24 @@ def fff_forward(layer: FFF, x: torch.Tensor, depth: int | None = None, *, backen
 
 @torch.no_grad()
 def fff_reference(layer: FFF, x: torch.Tensor, depth: int | None = None) -> torch.Tensor:
-    """The plain per-input loop of the definition (slow; the reference the fast paths are tested against)."""
+    """The plain per-input loop of the definition (slow; the reference the fast paths are tested against).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from calibrate.fff import FFF, fff_reference
+    >>> layer = FFF(2, 1, depth=1, activation="relu", bias=False)   # nodes 0 (root), 1 (left), 2 (right)
+    >>> with torch.no_grad():
+    ...     _ = layer.w_in.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, -1.0]]))
+    ...     _ = layer.w_out.copy_(torch.tensor([[1.0], [10.0], [100.0]]))
+    >>> x = torch.tensor([[2.0, 3.0], [-2.0, 3.0]])
+    >>> fff_reference(layer, x)       # row 0: root z = 2 > 0, right node z = -3: 2; row 1: root 0, left 3 * 10
+    tensor([[ 2.],
+            [30.]])
+    >>> fff_reference(layer, x, depth=0)                # the root neuron only
+    tensor([[2.],
+            [0.]])
+    """
     k = _depth_iv(depth, layer.depth)
     x = _input_iv(x, layer.in_features)
     act = ACTIVATIONS[layer.activation]

@@ -40,7 +40,20 @@ _GATED = ("llama", "mistral", "qwen2", "qwen3")
 
 @dataclass(frozen=True)
 class LayerCosts:
-    """Multiply-adds of one transformer layer, per token (``qkv``, ``out``, ``mlp``) and per query-key pair (``attn``)."""
+    """Multiply-adds of one transformer layer, per token (``qkv``, ``out``, ``mlp``) and per query-key pair (``attn``).
+
+    Examples
+    --------
+    >>> from types import SimpleNamespace
+    >>> from calibrate.lat.schedule import layer_costs
+    >>> config = SimpleNamespace(model_type="llama", hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+    ...                          intermediate_size=128)
+    >>> costs = layer_costs(config)
+    >>> costs.prefill([100, 100, 100, 100])              # every layer processes all 100 prompt tokens
+    21504000.0
+    >>> round(costs.prefill([100] * 4) / costs.prefill([100, 50, 50, 50]), 3)   # halve after the first layer
+    1.947
+    """
 
     n_layers: int
     qkv: float
@@ -82,6 +95,17 @@ def layer_costs(model_config: Any) -> LayerCosts:
     ------
     ValueError
         When a size is missing or not positive.
+
+    Examples
+    --------
+    >>> from types import SimpleNamespace
+    >>> from calibrate.lat.schedule import layer_costs
+    >>> config = SimpleNamespace(model_type="llama", hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+    ...                          intermediate_size=128)
+    >>> layer_costs(config)                               # gated MLP: mlp = 3 * 64 * 128
+    LayerCosts(n_layers=4, qkv=12288.0, attn=128.0, out=4096.0, mlp=24576.0)
+    >>> layer_costs(SimpleNamespace(n_embd=64, n_layer=4, n_head=4)).mlp   # GPT-2 names: d_ff = 4 d, 2 d d_ff
+    32768.0
     """
     d = _config_int(model_config, "hidden_size", "n_embd", "d_model")
     n_layers = _config_int(model_config, "num_hidden_layers", "n_layer", "num_layers")

@@ -45,7 +45,7 @@ def _certificate_losses(cert: Certificate, cache, *, decode=None, progress=False
         raise ValueError(
             "the certificate is mode='decoded' (it certifies what the runtime emits), but a cache gives "
             "teacher-forced proxy losses; audit it on held-out prompts with "
-            "calibrate.decoded_losses(model, tokenizer, prompts, cert)"
+            "calibrate.audit_decoded(cert, model, tokenizer, prompts)"
         )
     if cert.n_layers is not None and cache.n_layers != cert.n_layers:
         raise ValueError(f"the cache has {cache.n_layers} layers but the certificate was made for {cert.n_layers}")

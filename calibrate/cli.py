@@ -138,9 +138,27 @@ def _cmd_audit(args) -> int:
             )
         fff, model, inputs, references = _fff_inputs(args)
         report = fff.audit(cert, model, inputs, references=references, batch_size=args.batch_size)
+    elif args.model is not None and args.prompts is not None:  # exit threshold: held-out prompts, runtime-decoded
+        if args.cache is not None:
+            raise ValueError("give the held-out layer cache or --model DIR --prompts FILE, not both")
+        _, read_prompts, load_local = _lat_imports()
+        prompts, references = read_prompts(args.prompts)
+        model, tokenizer = load_local(args.model, device=args.device, dtype=args.dtype)
+        report = calibrate.audit_decoded(
+            cert,
+            model,
+            tokenizer,
+            prompts,
+            references=_references(cert.consistency, references),
+            max_new_tokens=args.max_new_tokens,
+            **({} if args.batch_size is None else {"batch_size": args.batch_size}),
+        )
     else:
         if args.cache is None:
-            raise ValueError("give the held-out layer cache: calibrate audit CERTIFICATE CACHE")
+            raise ValueError(
+                "give the held-out layer cache (calibrate audit CERTIFICATE CACHE), or --model DIR --prompts FILE to "
+                "decode held-out prompts with the early-exit runtime"
+            )
         report = calibrate.audit(cert, calibrate.open_cache(args.cache), progress=True)
     print(report.summary())
     if figure is not None:
@@ -415,18 +433,22 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_fit)
 
     p = sub.add_parser(
-        "audit", help="check a certificate on a held-out cache, prompts or inputs (exit 1 if risk > delta)"
+        "audit", help="check a certificate on a held-out cache, prompts or inputs (exit 1 if risk > delta)",
+        description="Check a certificate on held-out data; exit status 1 if the held-out risk exceeds delta. "
+        "exit_threshold: a layer cache (proxy losses), or --model DIR --prompts FILE (decoded by the runtime with "
+        "the model's own head); token_keep: --model DIR --prompts FILE; fff_depth: --model FILE --inputs FILE, or "
+        "--model DIR --blocks DIR --prompts FILE"
     )
     p.add_argument("certificate", help="certificate JSON")
     p.add_argument("cache", nargs="?", help="held-out layer cache directory or fsspec URL (exit-threshold certificates)")
     p.add_argument("--figure", help="write the risk figure (PNG)")
     p.add_argument(
         "--model",
-        help="token_keep: model directory (save_pretrained) to decode with; fff_depth: FFF file, or with --blocks the "
-        "language model's directory",
+        help="exit_threshold and token_keep: model directory (save_pretrained) to decode with; fff_depth: FFF file, or "
+        "with --blocks the language model's directory",
     )
     p.add_argument("--blocks", help="fff_depth certificates of a language model: its FFF blocks (fff.save_blocks)")
-    p.add_argument("--prompts", help="token_keep or language-model fff_depth: held-out prompts, one per line or JSONL")
+    p.add_argument("--prompts", help="with --model: held-out prompts to decode, one per line or JSONL")
     p.add_argument(
         "--max-new-tokens", type=int, default=None,
         help="when decoding: tokens per prompt (default: the certificate's max_new_tokens, else 32)",

@@ -6,7 +6,8 @@ threshold of the grid decodes them again, **lazily in fixed-sequence order** (sa
 stops at the first threshold whose p-value exceeds ``epsilon``. The guarantee then holds for free-running
 early-exit generation by the runtime, not for a teacher-forced simulation (``mode="proxy"``).
 :func:`decoded_losses` decodes every grid value of a certificate (no early stop), e.g. to compare proxy and
-decoded losses (``benchmarks/proxy_vs_decoded.py``) or to audit a certificate on held-out prompts.
+decoded losses (``benchmarks/proxy_vs_decoded.py``); :func:`audit_decoded` checks a certificate on held-out
+prompts that way.
 
 Losses compare each early output with the full model's output for the same prompt, as in DESIGN section 7;
 the outputs may differ in length here, so the token loss counts a missing token as a disagreement.
@@ -26,6 +27,7 @@ import numpy as np
 
 from calibrate import runtime
 from calibrate._validation import int_at_least, open_interval, seed_iv
+from calibrate.audit import AuditReport
 from calibrate.bounds import P_VALUES, p_values
 from calibrate.cache import LayerCache
 from calibrate.certificate import Certificate
@@ -37,7 +39,7 @@ from calibrate.heads import ExitHeads, decoder_layers
 from calibrate.losses import CONSISTENCIES, LossTable
 from calibrate.models import eval_mode
 
-__all__ = ["decoded_lambdas", "decoded_losses", "fit_decoded"]
+__all__ = ["audit_decoded", "decoded_lambdas", "decoded_losses", "fit_decoded"]
 
 #: The only FWER method that can stop decoding at the first failure; the others need every p-value.
 _LAZY_METHOD = "fixed_sequence"
@@ -643,3 +645,78 @@ def decoded_losses(
         columns.append(loss)
         layers.append(avg_layer)
     return LossTable(np.column_stack(columns), lam, "decoded", certificate.consistency, layers, heads.n_layers)
+
+
+def audit_decoded(
+    certificate: Certificate,
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    references: Sequence[str | None] | None = None,
+    max_new_tokens: int | None = None,
+    batch_size: int = 8,
+    heads: ExitHeads | None = None,
+    decode: Callable[[np.ndarray], str] | None = None,
+    progress: bool = True,
+) -> AuditReport:
+    """Check an exit-threshold certificate on held-out prompts decoded by the runtime (what deployment emits).
+
+    The decoded counterpart of :func:`calibrate.audit`, which checks on a held-out cache with teacher-forced
+    proxy losses (and refuses decoded certificates).
+
+    Parameters
+    ----------
+    certificate : Certificate
+        An ``exit_threshold`` certificate of ``model`` with a runtime measure: decoded
+        (:func:`fit_decoded`, ``calibrate.fit(mode="decoded")``) or proxy (:func:`calibrate.fit`; its
+        decoded held-out risk then shows what the proxy guarantee misses).
+    model, tokenizer, references, batch_size, heads, decode
+        As in :func:`fit_decoded`; ``heads`` must be those the certificate was calibrated with.
+    prompts : sequence of str
+        Held-out prompts, disjoint from the calibration prompts (and a learned measure's training ones).
+    max_new_tokens : int, optional
+        New tokens per prompt; default the certificate's ``max_new_tokens`` (the calibration budget), else 32.
+    progress : bool, default=True
+        Show a progress bar over the thresholds.
+
+    Returns
+    -------
+    AuditReport
+        Held-out ``risks`` and average exit layers at every grid value, the risk at ``lambda_hat``
+        (0 and all layers for a "full model only" certificate); ``report.plot()`` draws them.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As :func:`decoded_losses`; also for a certificate of another knob (:func:`calibrate.lat.audit`,
+        :func:`calibrate.fff.audit` check those).
+
+    Notes
+    -----
+    Costs ``n_lambdas + 1`` decodes of the prompts: 18 for the default decoded grid, 202 for a proxy
+    certificate's default grid.
+    """
+    if isinstance(certificate, Certificate) and certificate.knob != "exit_threshold":
+        raise ValueError(
+            f"audit_decoded checks exit_threshold certificates, got knob={certificate.knob!r} (token_keep: "
+            "calibrate.lat.audit; fff_depth: calibrate.fff.audit)"
+        )
+    if max_new_tokens is None and isinstance(certificate, Certificate):
+        max_new_tokens = certificate.max_new_tokens or 32
+    table = decoded_losses(
+        model,
+        tokenizer,
+        prompts,
+        certificate,
+        references=references,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        heads=heads,
+        decode=decode,
+        progress=progress,
+    )
+    index = certificate.index
+    risk = 0.0 if index is None else float(table.risks[index])
+    layers = float(table.n_layers) if index is None else float(table.avg_layers[index])
+    return AuditReport(certificate, table.n, table.risks, table.avg_layers, risk, layers)

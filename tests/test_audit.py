@@ -88,7 +88,7 @@ def test_audit_refuses_other_certificates(split, cert):
     broken = dataclasses.replace(cert, measure="classifier", measure_state=None)
     with pytest.raises(ValueError, match="measure_state"):
         calibrate.audit(broken, split[1])
-    with pytest.raises(ValueError, match=r"mode='decoded'.*calibrate.decoded_losses"):
+    with pytest.raises(ValueError, match=r"mode='decoded'.*calibrate.audit_decoded"):
         calibrate.audit(dataclasses.replace(cert, mode="decoded"), split[1])
     with pytest.raises(ValueError, match="other model than the certificate"):
         calibrate.audit(dataclasses.replace(cert, model="another-model"), split[1])

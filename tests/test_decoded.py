@@ -234,6 +234,49 @@ def test_decoded_losses_match_the_lazy_fit(model, tokenizer, prompts):
     assert calibrate.certify(table, delta=cert.delta, epsilon=cert.epsilon).certified == cert.certified
 
 
+def test_audit_decoded_checks_a_certificate_on_held_out_prompts(model, tokenizer, prompts):
+    cert = _fit(model, tokenizer, prompts)
+    held_out = [p for p in _word_prompts(60, seed=5) if p not in prompts][:16]
+    report = calibrate.audit_decoded(cert, model, tokenizer, held_out, batch_size=BATCH, progress=False)
+    # decoded with the certificate's budget (NEW new tokens), not the default 32
+    table = calibrate.decoded_losses(model, tokenizer, held_out, cert, max_new_tokens=NEW, progress=False)
+    assert isinstance(report, calibrate.AuditReport) and report.n == 16
+    np.testing.assert_array_equal(report.risks, table.risks)
+    np.testing.assert_array_equal(report.avg_layers, table.avg_layers)
+    assert cert.index is not None and report.risk == table.risks[cert.index]
+    assert report.layers == table.avg_layers[cert.index]
+    assert report.within_tolerance == (report.risk <= cert.delta)
+    assert "held-out risk" in report.summary()
+    with pytest.warns(UserWarning, match="calibration outputs had at most 6"):
+        longer = calibrate.audit_decoded(cert, model, tokenizer, held_out, max_new_tokens=NEW + 4, progress=False)
+    assert not np.array_equal(longer.avg_layers, report.avg_layers)  # another budget, other outputs
+    full_only = dataclasses.replace(cert, lambda_hat=None, certified=(False,) * len(GRID))
+    nothing = calibrate.audit_decoded(full_only, model, tokenizer, held_out, progress=False)
+    assert (nothing.risk, nothing.layers) == (0.0, N_LAYERS)
+    with pytest.raises(ValueError, match="audit_decoded checks exit_threshold certificates.*calibrate.lat.audit"):
+        calibrate.audit_decoded(dataclasses.replace(cert, knob="token_keep", lambdas=(1.0, 0.5, 0.4, 0.3)), model,
+                                tokenizer, held_out)  # fmt: skip
+    with pytest.raises(ValueError, match=r"calibrate.audit_decoded\(cert, model, tokenizer, prompts\)"):
+        calibrate.audit(cert, calibrate.synthetic_cache(10, n_layers=N_LAYERS, seed=0))
+
+
+def test_cli_audit_decodes_held_out_prompts_for_an_exit_threshold_certificate(model, tokenizer, prompts, tmp_path, capsys):
+    from calibrate.cli import main
+
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    cert = _fit(model, tokenizer, prompts)
+    cert.to_json(tmp_path / "cert.json")
+    held_out = [p for p in _word_prompts(60, seed=5) if p not in prompts][:12]
+    (tmp_path / "held_out.txt").write_text("\n".join(held_out) + "\n", encoding="utf-8")
+    expected = calibrate.audit_decoded(cert, model, tokenizer, held_out, progress=False)
+    argv = ["audit", str(tmp_path / "cert.json"), "--model", str(tmp_path / "model"), "--prompts"]
+    assert main([*argv, str(tmp_path / "held_out.txt")]) == (0 if expected.within_tolerance else 1)
+    assert expected.summary() in capsys.readouterr().out  # the same outputs as decoded in this process
+    assert main(["audit", str(tmp_path / "cert.json")]) == 2
+    assert "--model DIR --prompts FILE to decode held-out prompts" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------------------------------
 # Learned measures and fit(mode="decoded") on a cache
 # --------------------------------------------------------------------------------------------------

@@ -287,12 +287,24 @@ def audit(cert: Certificate, test_cache, *, decode=None, progress: bool = False)
     if not isinstance(cert, Certificate):
         raise TypeError(f"cert must be a calibrate.Certificate, got {type(cert).__name__}")
     table = _certificate_losses(cert, test_cache, decode=decode, progress=progress)
-    risks = table.risks
-    if cert.index is None:
-        risk, layers = 0.0, float(test_cache.n_layers)
+    return _held_out_report(cert, table.n, table.risks, table.avg_layers, test_cache.n_layers)
+
+
+def _held_out_report(certificate: Certificate, n: int, risks, avg_layers=None, n_layers: int | None = None) -> AuditReport:
+    """The :class:`AuditReport` of held-out ``risks`` (and average exit layers) at every grid value of a certificate.
+
+    Its ``risk`` and ``layers`` are those at ``lambda_hat``; for a "full model only" certificate risk 0 and
+    ``n_layers``. Without ``avg_layers`` (knobs other than exit thresholds) the layer fields are NaN.
+    """
+    risks = np.asarray(risks, dtype=np.float64)
+    if avg_layers is None:
+        avg_layers, n_layers = np.full(risks.size, np.nan), None
+    index = certificate.index
+    if index is None:
+        risk, layers = 0.0, math.nan if n_layers is None else float(n_layers)
     else:
-        risk, layers = float(risks[cert.index]), float(table.avg_layers[cert.index])
-    return AuditReport(cert, table.n, risks, table.avg_layers, risk, layers)
+        risk, layers = float(risks[index]), float(avg_layers[index])
+    return AuditReport(certificate, n, risks, avg_layers, risk, layers)
 
 
 @dataclass(frozen=True, eq=False)

@@ -106,19 +106,7 @@ def _cmd_audit(args) -> int:
     if cert.knob == "token_keep":  # decoded on held-out prompts at each speed-up of the grid
         if args.model is None or args.prompts is None:
             raise ValueError("a token_keep certificate is audited by decoding: give --model DIR and --prompts FILE")
-        lat, read_prompts, load_local = _lat_imports()
-        prompts, references = read_prompts(args.prompts)
-        model, tokenizer = load_local(args.model, device=args.device, dtype=args.dtype)
-        report = lat.audit(
-            cert,
-            model,
-            tokenizer,
-            prompts,
-            references=_references(cert.consistency, references),
-            max_new_tokens=args.max_new_tokens,
-            **({} if args.batch_size is None else {"batch_size": args.batch_size}),
-            progress=True,
-        )
+        report = _audit_on_prompts(_lat_imports()[0].audit, cert, args)
     elif cert.knob == "fff_depth" and args.blocks is not None:  # a language model decoded at each depth
         fff, model, tokenizer, prompts, references = _fff_language_model(args)
         report = fff.audit(
@@ -141,18 +129,8 @@ def _cmd_audit(args) -> int:
     elif args.model is not None and args.prompts is not None:  # exit threshold: held-out prompts, runtime-decoded
         if args.cache is not None:
             raise ValueError("give the held-out layer cache or --model DIR --prompts FILE, not both")
-        _, read_prompts, load_local = _lat_imports()
-        prompts, references = read_prompts(args.prompts)
-        model, tokenizer = load_local(args.model, device=args.device, dtype=args.dtype)
-        report = calibrate.audit_decoded(
-            cert,
-            model,
-            tokenizer,
-            prompts,
-            references=_references(cert.consistency, references),
-            max_new_tokens=args.max_new_tokens,
-            **({} if args.batch_size is None else {"batch_size": args.batch_size}),
-        )
+        _lat_imports()  # says what to install
+        report = _audit_on_prompts(calibrate.audit_decoded, cert, args)
     else:
         if args.cache is None:
             raise ValueError(
@@ -166,6 +144,23 @@ def _cmd_audit(args) -> int:
         report.plot().savefig(figure, dpi=120)
         print(f"wrote {figure}")
     return 0 if report.within_tolerance else 1
+
+
+def _audit_on_prompts(audit, cert, args):
+    """``audit(cert, model, tokenizer, prompts, ...)``: the held-out ``--prompts`` decoded by the ``--model``."""
+    _, read_prompts, load_local = _lat_imports()
+    prompts, references = read_prompts(args.prompts)
+    model, tokenizer = load_local(args.model, device=args.device, dtype=args.dtype)
+    return audit(
+        cert,
+        model,
+        tokenizer,
+        prompts,
+        references=_references(cert.consistency, references),
+        max_new_tokens=args.max_new_tokens,
+        **({} if args.batch_size is None else {"batch_size": args.batch_size}),
+        progress=True,
+    )
 
 
 def _figure_iv(path: str | None) -> Path | None:

@@ -27,7 +27,7 @@ import numpy as np
 
 from calibrate import runtime
 from calibrate._validation import int_at_least, open_interval, seed_iv
-from calibrate.audit import AuditReport
+from calibrate.audit import AuditReport, _held_out_report
 from calibrate.bounds import P_VALUES, p_values
 from calibrate.cache import LayerCache
 from calibrate.certificate import Certificate
@@ -716,7 +716,4 @@ def audit_decoded(
         decode=decode,
         progress=progress,
     )
-    index = certificate.index
-    risk = 0.0 if index is None else float(table.risks[index])
-    layers = float(table.n_layers) if index is None else float(table.avg_layers[index])
-    return AuditReport(certificate, table.n, table.risks, table.avg_layers, risk, layers)
+    return _held_out_report(certificate, table.n, table.risks, table.avg_layers, table.n_layers)

@@ -30,7 +30,7 @@ from torch import nn
 
 from calibrate._digest import weights_digest
 from calibrate._validation import int_at_least
-from calibrate.audit import AuditReport
+from calibrate.audit import AuditReport, _held_out_report
 from calibrate.bounds import DEFAULT_BOUND
 from calibrate.certificate import Certificate, _spend_iv
 from calibrate.fff.layer import FFF
@@ -350,7 +350,4 @@ def audit(
         tokenizer=tokenizer,
         max_new_tokens=max_new_tokens,
     )
-    index = certificate.index
-    risk = 0.0 if index is None else float(table.risks[index])
-    nan = np.full(len(certificate.lambdas), math.nan)
-    return AuditReport(certificate, table.n, table.risks, nan, risk, math.nan)
+    return _held_out_report(certificate, table.n, table.risks)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from calibrate._validation import int_at_least
-from calibrate.audit import AuditReport
+from calibrate.audit import AuditReport, _held_out_report
 from calibrate.certificate import Certificate
 from calibrate.decoded import _certify_lazily, _decoder_iv, _prompts_iv, _risk_iv
 from calibrate.extraction import _context_iv, _pad
@@ -280,10 +280,7 @@ def audit(
     lambdas = certificate.lambdas
     bar = tqdm(lambdas, desc="held-out speed-ups", unit="speed-up", disable=not progress)
     risks = np.array([scorer.losses(dataclasses.replace(certificate, lambda_hat=lam))[0].mean() for lam in bar])
-    index = certificate.index
-    risk = 0.0 if index is None else float(risks[index])
-    nan = np.full(len(lambdas), math.nan)
-    return AuditReport(certificate, scorer.n, risks, nan, risk, math.nan)
+    return _held_out_report(certificate, scorer.n, risks)
 
 
 def _is_classifier(model) -> bool:

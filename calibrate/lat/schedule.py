@@ -44,11 +44,8 @@ class LayerCosts:
 
     Examples
     --------
-    >>> from types import SimpleNamespace
-    >>> from calibrate.lat.schedule import layer_costs
-    >>> config = SimpleNamespace(model_type="llama", hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
-    ...                          intermediate_size=128)
-    >>> costs = layer_costs(config)
+    >>> from calibrate.lat.schedule import LayerCosts
+    >>> costs = LayerCosts(n_layers=4, qkv=3 * 64 * 64, attn=2 * 64, out=64 * 64, mlp=3 * 64 * 128)
     >>> costs.prefill([100, 100, 100, 100])              # every layer processes all 100 prompt tokens
     21504000.0
     >>> round(costs.prefill([100] * 4) / costs.prefill([100, 50, 50, 50]), 3)   # halve after the first layer

@@ -606,6 +606,8 @@ def _proxy_table(
         learned = train_measure(measure, train, seed=int(seed))
         conf = learned.predict_confidence(cache)
         measure_state, n_train = learned.to_dict(), train.n_sequences
+    elif cache.has(measure):  # stored: float32 (n_tokens, n_layers), checked finite when the cache was built
+        conf = cache.arrays[measure]
     else:
         conf = confidence(cache, measure)
     table = proxy_losses(cache, conf, lam, consistency=consistency, decay=decay, decode=decode, progress=progress)

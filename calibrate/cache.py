@@ -1427,8 +1427,7 @@ def _meta_checksum(meta: dict) -> str:
 
 def _check_meta_checksum(root, meta: dict) -> None:
     """Refuse a ``meta.json`` whose own keys were edited after saving (caches saved without one pass)."""
-    recorded = meta.get("meta_checksum")
-    if recorded is not None and recorded != _meta_checksum(meta):
+    if "meta_checksum" in meta and meta["meta_checksum"] != _meta_checksum(meta):
         raise ValueError(
             f"checksum mismatch in {root / _META_FILE}: its metadata (model, generation settings, ...) was edited "
             "after the cache was written; change metadata with cache.with_meta(...) and save the cache"

@@ -544,7 +544,7 @@ def _extract_iv(
         "vocab": vocab,
         "meta": meta,
         "shard_dir": shard_dir,
-        "weights": weights_digest(model),  # a resumed run must be the same weights, not just the same path
+        "weights": weights_digest(model, fresh=True),  # a resumed run must be the same weights, not just the same path
     }
 
 

@@ -801,6 +801,16 @@ def test_weights_digest_covers_every_weight_and_follows_in_place_edits():
     with torch.no_grad():
         weight[3, 5] = old  # restored in place: the remembered digest is not reused blindly
     assert weights_digest(model) == first
+    for p in model.parameters():
+        p.data.mul_(2.0)  # through .data: no version counter moves, the sampled values do
+    assert weights_digest(model) != first
+    for p in model.parameters():
+        p.data.div_(2.0)
+    assert weights_digest(model) == first
+    untouched = weights_digest(model)
+    assert weight.numel() >= 32
+    weight.data.view(-1)[1] += 1.0  # through .data at an unsampled position: only a fresh digest sees it
+    assert weights_digest(model) == untouched and weights_digest(model, fresh=True) != untouched
 
 
 def test_certificate_for_other_heads_is_refused(fitted_llama):

@@ -223,7 +223,7 @@ class FFF(nn.Module):
             "depth": str(self.depth),
             "activation": self.activation,
             "bias": str(self.b_in is not None),
-            "weights_digest": weights_digest(self),
+            "weights_digest": weights_digest(self, fresh=True),
         }
         with atomic_file(path) as tmp:
             save_file(tensors, str(tmp), metadata=meta)
@@ -231,7 +231,7 @@ class FFF(nn.Module):
     @classmethod
     def load(cls, path: str | os.PathLike) -> FFF:
         """Read a layer written by :meth:`save`; unreadable files, missing or misshapen tensors and weights that do not
-        match their stored digest fail naming them."""
+        match their stored digest fail naming them (files saved before digests were recorded load unchecked)."""
         from safetensors import SafetensorError, safe_open
 
         if Path(path).is_dir():  # safetensors says "No such device (os error 19)"
@@ -262,10 +262,11 @@ class FFF(nn.Module):
         if got != expected:
             raise ValueError(f"{path} holds tensors {got}, expected {expected}")
         layer.to(state["w_in"].dtype).load_state_dict(state)  # the stored precision
-        if meta.get("weights_digest") != weights_digest(layer):
+        # A file saved before digests were recorded has none (it loads unchecked); a present one must match.
+        if "weights_digest" in meta and meta["weights_digest"] != weights_digest(layer):
             raise ValueError(
-                f"{path}: the weights do not match their stored digest ({meta.get('weights_digest')!r}): a corrupt or "
-                "edited file, or one not written by FFF.save"
+                f"{path}: the weights do not match their stored digest ({meta['weights_digest']!r}): a corrupt or "
+                "edited file"
             )
         return layer
 

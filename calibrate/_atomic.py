@@ -1,23 +1,35 @@
-"""Atomic writes: a new file or directory appears whole, with the permissions a plain write would give, or not at all."""
+"""Atomic writes: a new file or directory appears whole, with the permissions a plain write would give, or not at all.
+
+Temporary names sit beside the target (``.NAME.<8 hex>.tmp``, so a rename publishes them) and are created
+with the mode a plain ``open`` (0o666) or ``mkdir`` (0o777) gets under the process umask, which the kernel
+applies: :mod:`tempfile` would make them private (0o600/0o700), and reading the umask means setting it,
+which races with other threads.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
-from collections.abc import Iterator
+import secrets
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
-def umask_mode(directory: bool) -> int:
-    """The mode ``open`` (0o666) or ``mkdir`` (0o777) gives under the process umask.
+def _create_beside(target: Path, create: Callable[[Path], None]) -> Path:
+    """``create`` a new, uniquely named temporary path beside ``target``; FileNotFoundError without its parent."""
+    for _ in range(100):
+        tmp = target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            create(tmp)
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(f"no free temporary name beside {target}")
 
-    :mod:`tempfile` creates private files (0o600) and directories (0o700); what is published gets this mode
-    instead, so a cache or certificate is as readable as any file its owner writes.
-    """
-    mask = os.umask(0)
-    os.umask(mask)
-    return (0o777 if directory else 0o666) & ~mask
+
+def temporary_dir(target: Path) -> Path:
+    """A new empty directory beside ``target`` to write into, then rename to ``target``."""
+    return _create_beside(target, os.mkdir)
 
 
 @contextlib.contextmanager
@@ -28,12 +40,12 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     FileNotFoundError before anything is written.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = _create_beside(path, lambda p: os.close(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)))
     try:
-        yield Path(tmp)
-        os.chmod(tmp, umask_mode(directory=False))
+        mode = tmp.stat().st_mode & 0o777  # what open() gives under the umask
+        yield tmp
+        os.chmod(tmp, mode)  # for writers that create the file anew (safetensors makes it 0o600)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise

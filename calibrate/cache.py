@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from calibrate._atomic import umask_mode
+from calibrate._atomic import temporary_dir
 from calibrate._storage import Remote, location
 from calibrate._validation import seed_iv
 
@@ -669,10 +669,9 @@ class LayerCache:
                 _commit_remote(Path(tmp), target)
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+        tmp = temporary_dir(target)
         try:
             self._write_files(tmp, meta)
-            os.chmod(tmp, umask_mode(directory=True))  # mkdtemp's 0o700 would make the cache private
             _commit(tmp, target, overwrite)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -1528,21 +1527,23 @@ def _write_table(file: Path, table: pd.DataFrame, offsets: np.ndarray, full_toke
 
 
 def _commit(tmp: Path, target: Path, overwrite: bool) -> None:
-    for stale in target.parent.glob(f".{target.name}.old-*"):  # an old cache an interrupted overwrite left
-        shutil.rmtree(stale, ignore_errors=True)
     if not os.path.lexists(target):
         os.rename(tmp, target)
-        return
-    if not overwrite:  # appeared while we were writing
+    elif not overwrite:  # appeared while we were writing
         raise _exists_error(target)
-    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex}"
-    os.rename(target, old)
-    try:
-        os.rename(tmp, target)
-    except BaseException:
-        os.rename(old, target)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+    else:
+        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex}"
+        os.rename(target, old)
+        try:
+            os.rename(tmp, target)
+        except BaseException:
+            os.rename(old, target)
+            raise
+    # Once committed: this one's old cache, and any an interrupted overwrite of the same name left.
+    stale = re.compile(rf"\.{re.escape(target.name)}\.old-[0-9a-f]{{32}}")
+    for leftover in target.parent.iterdir():
+        if stale.fullmatch(leftover.name):
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _commit_remote(local: Path, target: Remote) -> None:

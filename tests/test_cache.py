@@ -392,8 +392,17 @@ def test_an_old_cache_an_interrupted_overwrite_left_goes_at_the_next_save(cache,
         cache.subset([0]).save(target, overwrite=True)  # the new cache is in place, the old one not yet deleted
     monkeypatch.undo()
     assert open_cache(target).n_sequences == 1 and len(list(tmp_path.glob(".c.old-*"))) == 1
+    others = [".c[1].old-" + "a" * 32, ".c.old-x.k3j4h5g6.tmp", ".c.old-mine", ".cc.old-" + "b" * 32]
+    for name in others:  # other caches' leftovers and temporaries, and names no save writes
+        (tmp_path / name).mkdir()
     cache.save(target, overwrite=True)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["c", *others])
+    bracket = tmp_path / "c[1]"  # glob characters in the name are no pattern
+    cache.save(bracket)
+    (tmp_path / (".c[1].old-" + "f" * 32)).mkdir()
+    cache.save(bracket, overwrite=True)
+    assert not (tmp_path / (".c[1].old-" + "a" * 32)).exists() and not (tmp_path / (".c[1].old-" + "f" * 32)).exists()
+    assert (tmp_path / ".c.old-mine").exists()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -706,11 +715,13 @@ def test_with_meta_replaces_the_writers_metadata_only():
     assert replaced.user_meta["generation"] == {"t": 1}
 
 
-def test_saved_files_get_the_umask_mode_not_tempfile_private(tmp_path, umask_022):
+def test_saved_files_get_the_umask_mode_not_tempfile_private(tmp_path, umask_022, monkeypatch):
     import calibrate
     from calibrate.shards import write_manifest
 
     cache = calibrate.synthetic_cache(10, n_layers=3, seed=0)
+    # Reading the umask means setting it (to 0, briefly): other threads' files would be world-writable.
+    monkeypatch.setattr(os, "umask", lambda *a: pytest.fail("the process umask was changed"))
     path = cache.save(tmp_path / "cache")
     assert path.stat().st_mode & 0o777 == 0o755  # mkdtemp made it 0o700: nobody else could open the cache
     assert all(p.stat().st_mode & 0o777 in (0o644, 0o755) for p in path.rglob("*"))

@@ -17,7 +17,6 @@ import dataclasses
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from calibrate._atomic import umask_mode
+from calibrate._atomic import temporary_dir
 from calibrate._validation import finite_positive, int_at_least, seed_iv
 from calibrate.fff.layer import FFF
 from calibrate.heads import decoder_layers
@@ -315,11 +314,10 @@ def save_blocks(model: nn.Module, directory: str | os.PathLike) -> Path:
     if target.exists():
         raise FileExistsError(f"{target} exists; save the blocks to a new directory")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    tmp = temporary_dir(target)
     try:
         for i, block in blocks.items():
             block.save(tmp / _BLOCK_FILE.format(i))
-        os.chmod(tmp, umask_mode(directory=True))  # mkdtemp's 0o700 would make the directory private
         tmp.rename(target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -126,17 +126,21 @@ def _cmd_audit(args) -> int:
             )
         fff, model, inputs, references = _fff_inputs(args)
         report = fff.audit(cert, model, inputs, references=references, batch_size=args.batch_size)
-    elif args.model is not None and args.prompts is not None:  # exit threshold: held-out prompts, runtime-decoded
-        if args.cache is not None:
-            raise ValueError("give the held-out layer cache or --model DIR --prompts FILE, not both")
+    elif args.model is not None or args.prompts is not None:  # exit threshold: held-out prompts, runtime-decoded
+        if args.cache is not None or args.model is None or args.prompts is None:
+            raise ValueError(
+                "an exit_threshold certificate is audited on a held-out layer cache, or by decoding held-out prompts "
+                "with --model DIR --prompts FILE (both, and no cache)"
+            )
         _lat_imports()  # says what to install
         report = _audit_on_prompts(calibrate.audit_decoded, cert, args)
     else:
-        if args.cache is None:
+        if args.cache is None or cert.mode == "decoded":
             raise ValueError(
-                "give the held-out layer cache (calibrate audit CERTIFICATE CACHE), or --model DIR --prompts FILE to "
-                "decode held-out prompts with the early-exit runtime"
-            )
+                ("a decoded certificate is audited by decoding: give " if cert.mode == "decoded" else
+                 "give the held-out layer cache (calibrate audit CERTIFICATE CACHE), or ") +
+                "--model DIR --prompts FILE to decode held-out prompts with the early-exit runtime"
+            )  # fmt: skip
         report = calibrate.audit(cert, calibrate.open_cache(args.cache), progress=True)
     print(report.summary())
     if figure is not None:
@@ -431,7 +435,8 @@ def _parser() -> argparse.ArgumentParser:
         "audit", help="check a certificate on a held-out cache, prompts or inputs (exit 1 if risk > delta)",
         description="Check a certificate on held-out data; exit status 1 if the held-out risk exceeds delta. "
         "exit_threshold: a layer cache (proxy losses), or --model DIR --prompts FILE (decoded by the runtime with "
-        "the model's own head); token_keep: --model DIR --prompts FILE; fff_depth: --model FILE --inputs FILE, or "
+        "the model's own head: a certificate calibrated with exit adapters needs the Python API, "
+        "calibrate.audit_decoded(..., heads=...)); token_keep: --model DIR --prompts FILE; fff_depth: --model FILE --inputs FILE, or "
         "--model DIR --blocks DIR --prompts FILE"
     )
     p.add_argument("certificate", help="certificate JSON")
@@ -493,7 +498,7 @@ def _parser() -> argparse.ArgumentParser:
         choices=(*CONSISTENCIES, "label", "risk_label"),
         help="loss (default: token for generators, label for classifiers)",
     )
-    p.add_argument("--bound", default="hoeffding_bentkus", choices=tuple(P_VALUES), help=_BOUND_HELP)
+    p.add_argument("--bound", default=None, choices=tuple(P_VALUES), help=_BOUND_HELP)
     p.add_argument("--score", default="attention", help="contribution score: attention (default) or value")
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens decoded per prompt (default 32)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass (default 8)")
@@ -527,7 +532,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, help=_DTYPE_HELP)
     p.add_argument("--delta", type=float, default=0.1, help="tolerance on the loss, in (0, 1) (default 0.1)")
     p.add_argument("--epsilon", type=float, default=0.05, help="failure probability, in (0, 1) (default 0.05)")
-    p.add_argument("--bound", default="hoeffding_bentkus", choices=tuple(P_VALUES), help=_BOUND_HELP)
+    p.add_argument("--bound", default=None, choices=tuple(P_VALUES), help=_BOUND_HELP)
     p.add_argument("-o", "--output", help="write the certificate as JSON")
     p.set_defaults(func=_cmd_fff_fit)
 

@@ -28,7 +28,7 @@ import numpy as np
 from calibrate import runtime
 from calibrate._validation import int_at_least, open_interval, seed_iv
 from calibrate.audit import AuditReport, _held_out_report
-from calibrate.bounds import P_VALUES, p_values
+from calibrate.bounds import DEFAULT_BOUND, P_VALUES, p_values
 from calibrate.cache import LayerCache
 from calibrate.certificate import Certificate
 from calibrate.exits import Decay, _lambdas_iv, with_decay_headroom
@@ -320,17 +320,26 @@ def _template(decoder: _Decoder, lam, heads: ExitHeads, **fields) -> Certificate
     )
 
 
-def _risk_iv(delta, epsilon, bound, consistency) -> tuple[float, float]:
-    """Checked ``(delta, epsilon)``; ``bound`` must be a p-value name, ``"binomial"`` only for 0/1 losses."""
+def _risk_iv(delta, epsilon, bound, consistency, method=_LAZY_METHOD) -> tuple[float, float, str]:
+    """Checked ``(delta, epsilon, bound)`` of a lazy fixed-sequence walk (``bound`` None: the default p-value;
+    ``"binomial"`` only for 0/1 losses); ``method`` must be fixed-sequence testing."""
     delta = open_interval(delta, "delta")
     epsilon = open_interval(epsilon, "epsilon")
+    if not (method == _LAZY_METHOD or type(method) is FixedSequence):
+        name = method if isinstance(method, str) else type(method).__name__
+        raise ValueError(
+            f"method must be 'fixed_sequence' in decoded mode, got {name!r}: each threshold costs a full decode of the "
+            "prompts, so they are decoded lazily in fixed-sequence order and the walk stops at the first p-value above "
+            "epsilon; other methods need every threshold's p-value (use decoded_losses and calibrate.certify for them)"
+        )
+    bound = DEFAULT_BOUND if bound is None else bound
     if not isinstance(bound, str) or bound not in P_VALUES:
         raise ValueError(f"bound must be one of {sorted(P_VALUES)}, got {bound!r}")
     if bound == "binomial" and consistency != "sequence":
         raise ValueError(
             f"bound='binomial' is exact for 0/1 losses only, i.e. consistency='sequence'; got {consistency!r}"
         )
-    return delta, epsilon
+    return delta, epsilon, bound
 
 
 def _fit_decoded_iv(
@@ -354,14 +363,7 @@ def _fit_decoded_iv(
     decode,
 ) -> tuple[_Decoder, Certificate]:
     """The decoder and the certificate template (nothing tested yet); trains a learned measure if asked."""
-    delta, epsilon = _risk_iv(delta, epsilon, bound, consistency)
-    if not (method == _LAZY_METHOD or type(method) is FixedSequence):
-        name = method if isinstance(method, str) else type(method).__name__
-        raise ValueError(
-            f"method must be 'fixed_sequence' in decoded mode, got {name!r}: each threshold costs a full decode of the "
-            "prompts, so they are decoded lazily in fixed-sequence order and the walk stops at the first p-value above "
-            "epsilon; other methods need every threshold's p-value (use decoded_losses and calibrate.certify for them)"
-        )
+    delta, epsilon, bound = _risk_iv(delta, epsilon, bound, consistency, method)
     decoder, lam, heads = _decoder_iv(
         model, tokenizer, prompts, references, consistency, lambdas, max_new_tokens, batch_size, heads, decode
     )
@@ -403,7 +405,7 @@ def fit_decoded(
     references: Sequence[str | None] | None = None,
     measure: str = "softmax_gap",
     consistency: str = "token",
-    bound: str = "hoeffding_bentkus",
+    bound: str | None = None,
     method: str | FixedSequence = "fixed_sequence",
     lambdas: Sequence[float] | None = None,
     decay: Decay | dict | float | None = None,
@@ -442,8 +444,9 @@ def fit_decoded(
         output for the same prompt. ``"token"``: share of positions where the two differ, over the longer
         output's length (a token one output lacks counts as a disagreement); ``"sequence"``: 1 unless equal;
         textual ones on the decoded texts; ``risk_*`` against ``references``.
-    bound : {"hoeffding_bentkus", "hoeffding", "hoeffding_kl", "bentkus", "binomial", "wsr"}
-        p-value for the null ``risk(lambda) > delta``; ``"binomial"`` needs ``consistency="sequence"``.
+    bound : {"hoeffding_bentkus", "hoeffding", "hoeffding_kl", "bentkus", "binomial", "wsr"}, optional
+        p-value for the null ``risk(lambda) > delta``, default ``"hoeffding_bentkus"``; ``"binomial"`` needs
+        ``consistency="sequence"``.
     method : "fixed_sequence" or calibrate.fwer.FixedSequence
         Only fixed-sequence testing: the other methods need every threshold's p-value, i.e. a full decode per
         threshold (decode them with :func:`decoded_losses` and call :func:`calibrate.certify` for that).

@@ -479,7 +479,7 @@ def fit(
             epsilon,
             measure=measure,
             consistency=consistency,
-            bound=_bounds.DEFAULT_BOUND if bound is None else bound,  # fixed-sequence testing only
+            bound=bound,
             method=method,
             lambdas=lambdas,
             decay=decay,

@@ -29,6 +29,12 @@ def test_synthetic_fit_audit(tmp_path, capsys):
     assert rc == (0 if report.within_tolerance else 1)
     assert "held-out risk" in capsys.readouterr().out
     assert figure.stat().st_size > 1000
+    for extra in (["--model", "m"], ["--prompts", "p"], ["--model", "m", "--prompts", "p"]):  # were ignored
+        assert main(["audit", str(cert), str(test), *extra]) == 2
+        assert "--model DIR --prompts FILE (both, and no cache)" in capsys.readouterr().err
+    dataclasses.replace(saved, mode="decoded").to_json(tmp_path / "decoded.json")
+    assert main(["audit", str(tmp_path / "decoded.json"), str(test)]) == 2
+    assert "a decoded certificate is audited by decoding: give --model DIR --prompts FILE" in capsys.readouterr().err
 
 
 def test_errors_are_messages_not_tracebacks(tmp_path, capsys):

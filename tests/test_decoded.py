@@ -235,7 +235,8 @@ def test_decoded_losses_match_the_lazy_fit(model, tokenizer, prompts):
 
 
 def test_audit_decoded_checks_a_certificate_on_held_out_prompts(model, tokenizer, prompts):
-    cert = _fit(model, tokenizer, prompts)
+    cert = _fit(model, tokenizer, prompts, bound=None)
+    assert cert.bound == "hoeffding_bentkus"  # None: the default, as in certify and fit
     held_out = [p for p in _word_prompts(60, seed=5) if p not in prompts][:16]
     report = calibrate.audit_decoded(cert, model, tokenizer, held_out, batch_size=BATCH, progress=False)
     # decoded with the certificate's budget (NEW new tokens), not the default 32
@@ -258,6 +259,16 @@ def test_audit_decoded_checks_a_certificate_on_held_out_prompts(model, tokenizer
                                 tokenizer, held_out)  # fmt: skip
     with pytest.raises(ValueError, match=r"calibrate.audit_decoded\(cert, model, tokenizer, prompts\)"):
         calibrate.audit(cert, calibrate.synthetic_cache(10, n_layers=N_LAYERS, seed=0))
+
+
+def test_audit_decoded_of_a_proxy_certificate_shows_what_the_runtime_emits(model, tokenizer, prompts, cache):
+    proxy = calibrate.fit(cache, delta=0.25, epsilon=0.1, measure="softmax_max", lambdas=GRID)
+    assert proxy.mode == "proxy" and proxy.max_new_tokens == NEW
+    held_out = [p for p in _word_prompts(60, seed=5) if p not in prompts][:16]
+    report = calibrate.audit_decoded(proxy, model, tokenizer, held_out, progress=False)
+    table = calibrate.decoded_losses(model, tokenizer, held_out, proxy, max_new_tokens=NEW, progress=False)
+    np.testing.assert_array_equal(report.risks, table.risks)
+    assert report.certificate is proxy and report.n == 16
 
 
 def test_cli_audit_decodes_held_out_prompts_for_an_exit_threshold_certificate(model, tokenizer, prompts, tmp_path, capsys):

@@ -5,7 +5,7 @@ import pytest
 import torch
 from _tiny_hf import tiny_model, tiny_tokenizer
 
-from calibrate import fff
+from calibrate import fff, fwer
 from calibrate.heads import decoder_layers
 
 TEXTS = [" ".join(f"w{(i * j + 3) % 29}" for j in range(10)) for i in range(40)]
@@ -96,6 +96,9 @@ def test_certified_depth_of_a_language_model(distilled, tokenizer):
     assert report.n == 10 and len(report.risks) == 4
     with pytest.raises(ValueError, match="fixed_sequence"):
         fff.fit(student, TEXTS, tokenizer=tokenizer, method="holm")
+    kw = dict(delta=0.4, epsilon=0.1, tokenizer=tokenizer, max_new_tokens=4, consistency="rouge_l", progress=False)
+    again = fff.fit(student, TEXTS, method=fwer.FixedSequence(), bound=None, **kw)  # as fit_decoded accepts them
+    assert again == cert and again.bound == "hoeffding_bentkus"
 
 
 def test_distill_rejects_bad_arguments(tokenizer):

@@ -31,7 +31,6 @@ from torch import nn
 from calibrate._digest import weights_digest
 from calibrate._validation import int_at_least
 from calibrate.audit import AuditReport, _held_out_report
-from calibrate.bounds import DEFAULT_BOUND
 from calibrate.certificate import Certificate, _spend_iv
 from calibrate.fff.layer import FFF
 from calibrate.fit import _risk_control_iv, certify
@@ -262,15 +261,12 @@ def fit(
     >>> depth = fff.apply(model, cert).eval_depth   # every FFF layer now runs at the certified depth
     """
     if tokenizer is not None:
-        if method != "fixed_sequence":
-            raise ValueError(f"a language model's depth is certified with method='fixed_sequence', got {method!r}")
         from calibrate.decoded import _certify_lazily, _risk_iv
 
+        delta, epsilon, bound = _risk_iv(delta, epsilon, bound, consistency or "token", method)
         decoder, depths = _lm_decoder(
             model, tokenizer, inputs, references, consistency, depths, max_new_tokens, batch_size
         )
-        bound = DEFAULT_BOUND if bound is None else bound
-        delta, epsilon = _risk_iv(delta, epsilon, bound, decoder.consistency)
         return _certify_lazily(decoder, _lm_template(model, decoder, depths, delta, epsilon, bound), progress)
     consistency = "label" if consistency is None else consistency
     _risk_control_iv(delta, epsilon, bound, method)  # before the model runs

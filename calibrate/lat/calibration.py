@@ -64,7 +64,7 @@ def fit(
     speedups: Sequence[float] | None = None,
     consistency: str | None = None,
     references: Sequence[str | int | None] | None = None,
-    bound: str = "hoeffding_bentkus",
+    bound: str | None = None,
     score: str = "attention",
     max_new_tokens: int = 32,
     batch_size: int = 8,
@@ -96,8 +96,8 @@ def fit(
         ``"token"``. Classifiers: one of :data:`CLASSIFIER_CONSISTENCIES`, default ``"label"``.
     references : sequence, optional
         Reference texts for the ``risk_*`` losses; reference labels (int) for ``"risk_label"``.
-    bound : str, default="hoeffding_bentkus"
-        p-value (see :func:`calibrate.certify`).
+    bound : str, optional
+        p-value (see :func:`calibrate.certify`); default ``"hoeffding_bentkus"``.
     score : {"attention", "value"}, default="attention"
         Contribution score that ranks the word vectors; recorded as the certificate's ``measure`` and used
         by :func:`calibrate.lat.generate` with that certificate.
@@ -154,7 +154,7 @@ def fit(
     if consistency is None:
         consistency = "label" if classifier else "token"
     zero_one = consistency in CLASSIFIER_CONSISTENCIES  # 0/1 like "sequence": the exact binomial applies
-    delta, epsilon = _risk_iv(delta, epsilon, bound, "sequence" if zero_one else consistency)
+    delta, epsilon, bound = _risk_iv(delta, epsilon, bound, "sequence" if zero_one else consistency)
     if score not in SCORES:
         raise ValueError(f"score must be one of {SCORES}, got {score!r}")
     speedups = _speedups_iv(speedups)

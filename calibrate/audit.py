@@ -90,6 +90,14 @@ def _figure(fig, figsize: tuple[float, float]):
     return fig
 
 
+def _save_figure(fig, path, dpi: int = 100) -> None:
+    """Write ``fig`` to ``path`` and close it (scripts that save many figures keep none open)."""
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
 def _plural(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
@@ -169,7 +177,7 @@ class AuditReport:
                 f"Audit on {_plural(self.n, 'held-out example')} at {at}:\n"
                 f"  held-out risk {self.risk:.4f} ({verdict} delta = {cert.delta:g})"
             )
-        lam = "full model" if cert.lambda_hat is None else f"lambda_hat = {cert.lambda_hat:.6g}"
+        lam = "the full model" if cert.lambda_hat is None else f"lambda_hat = {cert.lambda_hat:.6g}"
         return (
             f"Audit on {_plural(self.n, 'held-out sequence')} at {lam}:\n"
             f"  held-out risk {self.risk:.4f} ({verdict} delta = {cert.delta:g})\n"
@@ -186,7 +194,10 @@ class AuditReport:
     def plot(self, fig=None):
         """Risk and average layers against the threshold, and risk against layers used.
 
-        ``delta`` and ``lambda_hat`` are marked; calibration and held-out curves are drawn side by side.
+        The threshold axis follows the grid in its tested order, evenly spaced (the default grid's values
+        crowd near 1), labelled with lambda values: thresholds that exit earlier lie to the right. ``delta``, ``lambda_hat`` and the certified grid
+        values are marked; the calibration curve is dashed, the held-out one solid. The title names the
+        measure, the loss, the mode and the guarantee's level, and says when only the full model is certified.
 
         ``token_keep`` and ``fff_depth`` certificates get one panel: calibration and held-out risk against
         the speed-up or the evaluation depth.
@@ -201,26 +212,31 @@ class AuditReport:
         fig = _figure(fig, (13, 3.8))
         ax_risk, ax_layers, ax_trade = fig.subplots(1, 3)
         lam = np.asarray(cert.lambdas)
+        x = np.arange(lam.size)  # grid order, safest first
         dots = {"marker": "o", "markersize": 4} if lam.size <= 25 else {}  # a short grid: one line per point
-        ax_risk.plot(lam, cert.risks, label=f"calibration (n={cert.n})", **dots)
-        ax_risk.plot(lam, self.risks, label=f"held-out (n={self.n})", **dots)
-        ax_risk.set(xlabel="threshold lambda", ylabel=f"risk ({cert.consistency})", title="Risk")
-        ax_layers.plot(lam, self.avg_layers, color="C2", label="held-out", **dots)
+        risk_label = f"risk ({cert.consistency})"
+        ax_risk.plot(x, cert.risks, "--", label=f"calibration (n={cert.n})", **dots)
+        ax_risk.plot(x, self.risks, label=f"held-out (n={self.n})", **dots)
+        _mark_certified(ax_risk, cert, x)
+        ax_risk.set(ylabel=risk_label, title="Risk")
+        ax_layers.plot(x, self.avg_layers, color="C2", label="held-out", **dots)
         ax_layers.axhline(cert.n_layers, color="k", linestyle=":", linewidth=1, label="full model")
-        ax_layers.set(xlabel="threshold lambda", ylabel="average exit layer", title="Layers used")
+        ax_layers.set(ylabel="average exit layer", title="Layers used")
         ax_trade.plot(self.avg_layers, self.risks, color="C1", label="held-out", **dots)
-        ax_trade.set(xlabel="average exit layer", ylabel=f"risk ({cert.consistency})", title="Trade-off")
+        ax_trade.set(xlabel="average exit layer", ylabel=risk_label, title="Trade-off")
         for ax in (ax_risk, ax_trade):
             ax.axhline(cert.delta, color="k", linestyle="--", linewidth=1, label=f"delta = {cert.delta:g}")
+        ticks = np.unique(np.linspace(0, lam.size - 1, min(lam.size, 7)).round().astype(int))
         for ax in (ax_risk, ax_layers):
-            if cert.lambda_hat is not None:
-                ax.axvline(cert.lambda_hat, color="C3", linewidth=1, label=f"lambda_hat = {cert.lambda_hat:.4g}")
-            ax.invert_xaxis()
+            ax.set_xticks(ticks, [f"{v:.4g}" for v in lam[ticks]])
+            ax.set_xlabel("threshold lambda, in grid order (to the right exits earlier)")
+            if cert.index is not None:
+                ax.axvline(cert.index, color="C3", linewidth=1, label=f"lambda_hat = {cert.lambda_hat:.4g}")
         if cert.lambda_hat is not None:
             ax_trade.plot([self.layers], [self.risk], "o", color="C3", label="at lambda_hat")
         for ax in (ax_risk, ax_layers, ax_trade):
             ax.legend(fontsize=8)
-        fig.suptitle(f"{cert.measure} / {cert.consistency}, epsilon = {cert.epsilon:g} (lower lambda exits earlier)")
+        fig.suptitle(_title(cert, f"{cert.measure} / {cert.consistency}"))
         fig.tight_layout()
         return fig
 
@@ -231,12 +247,14 @@ class AuditReport:
         ax = fig.subplots()
         speedup = cert.knob == "token_keep"
         x = 1.0 / np.asarray(cert.lambdas) if speedup else np.asarray(cert.lambdas)
-        ax.plot(x, cert.risks, "o-", label=f"calibration (n={cert.n})")
+        ax.plot(x, cert.risks, "o--", label=f"calibration (n={cert.n})")
         ax.plot(x, self.risks, "s-", label=f"held-out (n={self.n})")
+        _mark_certified(ax, cert, x)
         ax.axhline(cert.delta, color="k", linestyle="--", linewidth=1, label=f"delta = {cert.delta:g}")
         if cert.lambda_hat is not None:
             at = 1.0 / cert.lambda_hat if speedup else cert.lambda_hat
-            ax.axvline(at, color="C3", linewidth=1, label=f"certified {at:.3g}{'x' if speedup else ''}")
+            unit = "x speed-up" if speedup else " depth"
+            ax.axvline(at, color="C3", linewidth=1, label=f"certified {at:.3g}{unit}")
         if speedup:
             title = f"Token elimination ({cert.measure} score)"
             ax.set(xlabel="predicted speed-up of the prefill")
@@ -245,10 +263,31 @@ class AuditReport:
             ax.set(xlabel="evaluation depth (faster to the right)")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # depths are whole levels of the tree
             ax.invert_xaxis()
-        ax.set(ylabel=f"risk ({cert.consistency})", title=f"{title}, epsilon = {cert.epsilon:g}")
+        ax.set(ylabel=f"risk ({cert.consistency})", title=_title(cert, title))
         ax.legend(fontsize=8)
         fig.tight_layout()
         return fig
+
+
+def _mark_certified(ax, cert: Certificate, x: np.ndarray) -> None:
+    """Mark the grid values a certificate certifies (kept, for conformal risk control) on its calibration curve."""
+    certified = np.asarray(cert.certified, dtype=bool)
+    if certified.any():
+        what = "kept by CRC" if cert.method == "crc" else "certified"
+        ax.plot(x[certified], np.asarray(cert.risks)[certified], "o", color="C2", markersize=3, zorder=3,
+                label=f"{what} ({certified.sum()} of {certified.size})")  # fmt: skip
+    untested = ~np.asarray(cert.tested, dtype=bool)
+    if untested.any():
+        ax.plot([], [], " ", label=f"{untested.sum()} not tested (fixed-sequence stop)")
+
+
+def _title(cert: Certificate, what: str) -> str:
+    """A figure title: what, the mode, the guarantee's level, decay, and "full model only" when so."""
+    level = "conformal risk control" if cert.method == "crc" else f"epsilon = {cert.epsilon:g}"
+    decay = "" if cert.decay is None else f", decaying threshold (tau = {cert.decay['tau']:g})"
+    full = "; certified: full model only" if cert.lambda_hat is None else ""
+    return f"{what} ({cert.mode} mode), {level}{decay}{full}"
+
 
 def audit(cert: Certificate, test_cache, *, decode=None, progress: bool = False) -> AuditReport:
     """Check a certificate on held-out data.
@@ -366,7 +405,7 @@ class ValidityReport:
 
     def summary(self) -> str:
         return (
-            f"Validity over {self.trials} random splits: violation rate {self.violation_rate:.3f} "
+            f"Validity over {_plural(self.trials, 'random split')}: violation rate {self.violation_rate:.3f} "
             f"(epsilon = {self.epsilon:g}); naive rule {self.naive_violation_rate:.3f}; "
             f"full model only in {100 * self.full_model_rate:.0f}% of trials"
         )
@@ -379,19 +418,25 @@ class ValidityReport:
 
     def plot(self, fig=None):
         """Histogram of held-out risk at the certified threshold and of the naive rule, with delta marked."""
+        from matplotlib.ticker import MaxNLocator
+
         fig = _figure(fig, (6, 3.6))
         ax = fig.subplots()
         bins = np.linspace(0, max(self.naive_test_risks.max(), self.test_risks.max(), self.delta) * 1.1 + 1e-9, 30)
         ax.hist(self.test_risks, bins=bins, alpha=0.7, label=f"certified ({100 * self.violation_rate:.1f}% > delta)")
         ax.hist(
-            self.naive_test_risks, bins=bins, alpha=0.5, label=f"naive ({100 * self.naive_violation_rate:.1f}% > delta)"
+            self.naive_test_risks,
+            bins=bins,
+            alpha=0.5,
+            label=f"naive: calibration risk <= delta ({100 * self.naive_violation_rate:.1f}% > delta)",
         )
         ax.axvline(self.delta, color="k", linestyle="--", label=f"delta = {self.delta:g}")
         ax.set(
-            xlabel="held-out risk at the chosen threshold",
+            xlabel="held-out risk at the chosen threshold (0: full model)",
             ylabel="trials",
-            title=f"{self.trials} random splits, epsilon = {self.epsilon:g}",
+            title=f"{_plural(self.trials, 'random split')}, epsilon = {self.epsilon:g}",
         )
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize=8)
         fig.tight_layout()
         return fig

@@ -331,7 +331,9 @@ class Certificate:
     @property
     def guarantee(self) -> str:
         """The guarantee in words, with its assumptions."""
-        if self.method == "crc":
+        if self.method == "crc" and "carries no guarantee" in self.reason:  # crc.non_monotone_reason
+            core = "none: conformal risk control needs monotone losses and these are not (see the note)"
+        elif self.method == "crc":
             core = f"E[risk(lambda_hat)] <= {self.delta:g} (conformal risk control: in expectation only, monotone losses)"
         else:
             core = (
@@ -365,27 +367,40 @@ class Certificate:
         head = f"Certificate ({self.knob}, mode={self.mode}, n={self.n})"
         if self.measure:
             head += f": measure={self.measure}, consistency={self.consistency}"
-        lines = [head, f"  delta (tolerance) = {self.delta:g}, epsilon (failure probability) = {self.epsilon:g}"]
+        if self.method == "crc":
+            lines = [head, f"  delta (tolerance) = {self.delta:g} on the expected risk (conformal risk control: no epsilon)"]
+        else:
+            lines = [head, f"  delta (tolerance) = {self.delta:g}, epsilon (failure probability) = {self.epsilon:g}"]
         if self.lambda_hat is None:
             full = {"token_keep": "keep every token", "fff_depth": "evaluate the whole tree"}.get(self.knob, "run every layer")
             lines.append(f"  certified: full model only ({full})")
         else:
+            chosen = (
+                "the fastest conformal risk control keeps"
+                if self.method == "crc"
+                else f"{sum(self.certified)} of {len(self.lambdas)} grid values certified"
+            )
             lines.append(
                 f"  certified lambda_hat = {self.lambda_hat:.6g} (risk {self.risk_hat:.4f}"
                 + ("" if np.isnan(self.p_value) else f", p = {self.p_value:.3g}")
-                + "), "
-                f"{sum(self.certified)} of {len(self.lambdas)} thresholds certified"
+                + f"), {chosen}"
             )
+        if self.decay is not None:
+            lines.append(
+                f"  decaying threshold lambda_t = min(1, 0.9 lambda + 0.1 exp(-{self.decay['tau']:g} t / "
+                f"{self.decay['max_len']})) at output position t (so lambda > 1 still exits late in an output)"
+            )
+        same = " (the full model's: no speed-up)" if self.lambda_hat == self.lambdas[0] else ""
         if self.knob == "fff_depth" and self.lambda_hat is not None:
             k = self.lambda_hat
             lines.append(
-                f"  certified evaluation depth {k:g}: {k + 1:g} neurons per path of each tree (a tree of depth D "
+                f"  certified evaluation depth {k:g}{same}: {k + 1:g} neurons per path of each tree (a tree of depth D "
                 f"evaluates D + 1 when whole; trees shallower than {k:g} run whole)"
             )
         if self.knob == "token_keep" and self.lambda_hat is not None:
             lines.append(
-                f"  certified target speed-up {1 / self.lambda_hat:.4g}x of the prefill (the cost model's prediction, "
-                "capped per prompt at what its length allows; lambda = 1 / speed-up)"
+                f"  certified target speed-up {1 / self.lambda_hat:.4g}x of the prefill{same} (the cost model's "
+                "prediction, capped per prompt at what its length allows; lambda = 1 / speed-up)"
             )
         if self.expected_layers is not None and self.n_layers:
             lines.append(

@@ -98,6 +98,7 @@ def _cmd_fit(args) -> int:
 
 def _cmd_audit(args) -> int:
     import calibrate
+    from calibrate.audit import _save_figure
 
     cert = calibrate.Certificate.from_json(Path(args.certificate))
     figure = _figure_iv(args.figure)
@@ -145,7 +146,7 @@ def _cmd_audit(args) -> int:
     print(report.summary())
     if figure is not None:
         figure.parent.mkdir(parents=True, exist_ok=True)
-        report.plot().savefig(figure, dpi=120)
+        _save_figure(report.plot(), figure, dpi=120)
         print(f"wrote {figure}")
     return 0 if report.within_tolerance else 1
 

@@ -28,7 +28,7 @@ import pandas as pd
 import calibrate
 from calibrate._atomic import atomic_file
 from calibrate._validation import int_at_least, open_interval
-from calibrate.audit import audit
+from calibrate.audit import _save_figure, audit
 from calibrate.fit import fit
 from measures.learned import LEARNED_MEASURES
 
@@ -74,7 +74,7 @@ def certify_measures(
         cert = fit(dev, delta=delta, epsilon=epsilon, measure=measure, seed=seed, **learned, **fit_kw)
         report = audit(cert, test)
         cert.to_json(out / f"cert_{measure}.json")
-        report.plot().savefig(out / f"audit_{measure}.png", dpi=100)
+        _save_figure(report.plot(), out / f"audit_{measure}.png")
         certificates[measure] = cert
         rows.append(
             {
@@ -123,7 +123,7 @@ def synthetic_demo(
     table, _ = certify_measures(dev, test, (*MEASURES, "classifier"), out, delta=delta, epsilon=epsilon, seed=seed)
     _print_table(table)
     study = calibrate.validity(dev, trials=trials, delta=delta, epsilon=epsilon, seed=seed, progress=False)
-    study.plot().savefig(out / "validity.png", dpi=100)
+    _save_figure(study.plot(), out / "validity.png")
     print(f"\n{study.summary()}")
     print(
         "\nHonest reading: these are proxy certificates (teacher-forced simulation along the full-model output)\n"
@@ -347,8 +347,7 @@ def _plot_agreement(plain: np.ndarray, adapted: np.ndarray, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save_figure(fig, path)
 
 
 def _decode_speeds(data: SmolLM2Data, certificates: dict, n: int, max_new_tokens: int, batch_size: int) -> pd.DataFrame:

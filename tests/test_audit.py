@@ -52,6 +52,21 @@ def test_audit_figure_marks_delta_and_lambda_hat(split, cert):
     assert np.allclose(delta_line.get_ydata(), 0.15)
     assert layers_ax.get_ylabel() == "average exit layer"
     assert trade_ax.get_xlabel() == "average exit layer"
+    # the grid in tested order, evenly spaced (the default grid crowds near 1), labelled with its lambdas
+    hat = next(line for line in risk_ax.get_lines() if line.get_label().startswith("lambda_hat"))
+    assert hat.get_xdata()[0] == cert.index
+    ticks = risk_ax.get_xticks().astype(int)
+    assert [t.get_text() for t in risk_ax.get_xticklabels()] == [f"{cert.lambdas[i]:.4g}" for i in ticks]
+    marked = next(line for line in risk_ax.get_lines() if line.get_label().startswith("certified"))
+    assert marked.get_label() == f"certified ({sum(cert.certified)} of {len(cert.lambdas)})"
+    np.testing.assert_array_equal(marked.get_xdata(), np.flatnonzero(cert.certified))
+    calibration = next(line for line in risk_ax.get_lines() if line.get_label().startswith("calibration"))
+    assert calibration.get_linestyle() == "--"  # the held-out curve on top would hide a solid one
+    assert fig._suptitle.get_text() == "softmax_gap / rouge_l (proxy mode), epsilon = 0.05"
+    full = dataclasses.replace(cert, lambda_hat=None, certified=(False,) * len(cert.lambdas))
+    full_fig = calibrate.audit(full, split[1]).plot()
+    assert full_fig._suptitle.get_text().endswith("; certified: full model only")
+    assert not any(line.get_label().startswith(("certified", "lambda_hat")) for line in full_fig.axes[0].get_lines())
 
 
 def test_audit_figure_of_a_short_grid_draws_points_and_wants_a_figure(split):
@@ -133,6 +148,8 @@ def test_validity_report_and_figure(split):
     np.testing.assert_array_equal(study.test_risks, again.test_risks)  # seeded splits
     fig = study.plot()
     assert "epsilon" in fig.axes[0].get_title()
+    one = calibrate.validity(split[0], trials=1, progress=False)
+    assert "1 random split:" in one.summary() and one.plot().axes[0].get_title().startswith("1 random split,")
 
 
 def test_validity_with_classifier_keeps_training_sequences_out(split):

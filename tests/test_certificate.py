@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 
+import calibrate
 from calibrate.certificate import Certificate
 
 
@@ -166,3 +167,15 @@ def test_heads_identity_round_trips_through_json():
     )
     back = Certificate.from_json(cert.to_json())
     assert back.heads == heads and back == cert
+
+
+def test_a_speed_knob_certified_at_its_safest_value_says_it_changes_nothing():
+    losses = np.zeros((200, 3))
+    keep = calibrate.certify(losses, [1.0, 0.5, 0.25], delta=0.1, knob="token_keep")
+    assert "certified target speed-up 4x of the prefill (the cost" in keep.summary()
+    first = dataclasses.replace(keep, lambda_hat=1.0, certified=(True, False, False))
+    assert "certified target speed-up 1x of the prefill (the full model's: no speed-up)" in first.summary()
+    depth = calibrate.certify(losses, [6, 5, 4], delta=0.1, knob="fff_depth")
+    whole = dataclasses.replace(depth, lambda_hat=6.0, certified=(True, False, False))
+    assert "certified evaluation depth 6 (the full model's: no speed-up):" in whole.summary()
+    assert "certified evaluation depth 4:" in depth.summary()

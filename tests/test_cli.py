@@ -24,7 +24,11 @@ def test_synthetic_fit_audit(tmp_path, capsys):
     direct = calibrate.fit(calibrate.open_cache(dev), delta=0.1, epsilon=0.05, measure="entropy")
     assert saved == direct
     figure = tmp_path / "audit.png"
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
     rc = main(["audit", str(cert), str(test), "--figure", str(figure)])
+    assert not plt.get_fignums()  # saved and closed: a script auditing many certificates keeps none open
     report = calibrate.audit(saved, calibrate.open_cache(test))
     assert rc == (0 if report.within_tolerance else 1)
     assert "held-out risk" in capsys.readouterr().out

@@ -145,6 +145,11 @@ def test_crc_is_labelled_as_expectation():
     assert "expectation" in cert.guarantee
     assert cert.lambda_hat is not None
     assert "p = nan" not in cert.summary() and f"lambda_hat = {cert.lambda_hat:.6g} (risk" in cert.summary()
+    assert "epsilon (failure" not in cert.summary() and "expected risk (conformal risk control: no epsilon)" in cert.summary()
+    assert "the fastest conformal risk control keeps" in cert.summary()
+    with pytest.warns(UserWarning, match="monotone"):
+        bumpy = calibrate.certify(np.eye(6)[::-1].repeat(100, axis=0), np.linspace(1, 0.5, 6), delta=0.5, method="crc")
+    assert bumpy.guarantee.startswith("none: conformal risk control needs monotone losses")
     with pytest.raises(ValueError, match="method='crc' .* uses none: leave bound unset"):
         calibrate.certify(losses, np.linspace(1, 0.5, 6), delta=0.1, method="crc", bound="wsr")
     assert calibrate.certify(losses, np.linspace(1, 0.5, 6), delta=0.1).bound == "hoeffding_bentkus"
@@ -343,6 +348,7 @@ def test_decay_grids_start_where_every_threshold_is_one():
     assert old.lambda_hat is None and old.certified[0] is False
     cert = calibrate.fit(dev, decay=4.0)
     assert cert.lambdas == tuple(grid) and cert.lambda_hat is not None and cert.expected_layers < dev.n_layers
+    assert f"decaying threshold lambda_t = min(1, 0.9 lambda + 0.1 exp(-4 t / {cert.decay['max_len']}))" in cert.summary()
 
 
 def test_fit_checks_its_risk_options_before_any_work(cache, monkeypatch):

@@ -378,7 +378,7 @@ class Certificate:
             chosen = (
                 "the fastest conformal risk control keeps"
                 if self.method == "crc"
-                else f"{sum(self.certified)} of {len(self.lambdas)} grid values certified"
+                else f"{sum(self.certified)} of {len(self.lambdas)} thresholds certified"
             )
             lines.append(
                 f"  certified lambda_hat = {self.lambda_hat:.6g} (risk {self.risk_hat:.4f}"

@@ -609,6 +609,24 @@ def _pad(seqs: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, 
     return input_ids, mask
 
 
+def _topk(logp: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.topk`` along the last axis with ties in the order greedy decoding breaks them: the lowest id first.
+
+    ``torch.topk`` orders equal values arbitrarily, while ``argmax`` (Hugging Face's greedy step and the
+    runtime's) takes the lowest id; in bfloat16 and float16, tied top logits are common. When more than ``k``
+    values tie for the maximum, ``argmax``'s id may be missing from topk's: it then takes the first place.
+    """
+    values, ids = torch.topk(logp, k, dim=-1)
+    by_id = torch.argsort(ids, dim=-1)
+    values, ids = values.gather(-1, by_id), ids.gather(-1, by_id)
+    by_value = torch.sort(values, dim=-1, descending=True, stable=True).indices  # ties keep ascending ids
+    values, ids = values.gather(-1, by_value), ids.gather(-1, by_value)
+    best = logp.argmax(dim=-1, keepdim=True)
+    missing = (ids != best).all(dim=-1, keepdim=True)
+    ids[..., :1] = torch.where(missing, best, ids[..., :1])  # the same (maximal) value
+    return values, ids
+
+
 @torch.no_grad()
 def _layer_measures(heads: ExitHeads, states: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
     """Top-k log-probs/ids and the softmax measures of every layer; states (n, L, d) -> (n, L, ...)."""
@@ -622,7 +640,7 @@ def _layer_measures(heads: ExitHeads, states: torch.Tensor, k: int) -> dict[str,
     for lo in range(0, n, chunk):
         logits = heads(states[lo : lo + chunk]).float()  # (c, L, V)
         logp = torch.log_softmax(logits, dim=-1)  # (c, L, V)
-        values, indices = torch.topk(logp, max(k, 2), dim=-1)  # (c, L, max(k, 2)), best first
+        values, indices = _topk(logp, max(k, 2))  # (c, L, max(k, 2)), best first
         p12 = values[..., :2].exp()  # (c, L, 2)
         p = logp.exp()
         h = -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(dim=-1)  # (c, L) entropy, nats

@@ -7,6 +7,7 @@ word-level tokenizer over the same 64 ids, so each test runs in well under a sec
 import json
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -541,3 +542,22 @@ def test_lazy_exports_are_the_functions():
     assert calibrate.runtime.generate.__module__ == "calibrate.runtime.decode"
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         calibrate.nope
+
+
+def test_cached_top1_breaks_ties_as_greedy_decoding_does():
+    from calibrate.extraction import _topk
+
+    logp = torch.tensor([[0.0, 2.0, 2.0, 1.0, 2.0], [3.0, 3.0, 3.0, 3.0, 3.0], [1.0, 0.0, 5.0, 5.0, 0.5]])
+    values, ids = _topk(logp, 2)
+    assert ids[:, 0].tolist() == logp.argmax(dim=-1).tolist() == [1, 0, 2]  # the lowest id among the tied best
+    assert ids[2].tolist() == [2, 3] and all(len(set(row)) == 2 for row in ids.tolist())
+    assert bool((values[:, 0] >= values[:, 1]).all())
+    torch.testing.assert_close(values, logp.gather(-1, ids))
+    # bfloat16 logits tie often: the cache's top-1 must be the token the model emits
+    model = tiny_model("gpt2", 0, n_layers=2, vocab_size=4096).to(torch.bfloat16)
+    rng = np.random.default_rng(0)
+    prompts = [" ".join(f"w{i}" for i in rng.integers(0, 60, size=rng.integers(1, 8))) for _ in range(32)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the check that the last layer's top-1 is the generated token
+        cache = extract(model, tiny_tokenizer(), prompts, max_new_tokens=8, progress=False)
+    np.testing.assert_array_equal(cache.arrays["topk_ids"][:, -1, 0], cache.arrays["full_tokens"])

@@ -672,3 +672,14 @@ def test_import_without_torch():
 
     code = "import sys, calibrate.lat as l; l.KeepSchedule; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "t5"])
+def test_a_model_left_in_training_mode_eliminates_and_decodes_without_dropout(arch):
+    model = tiny_model(arch, seed=0, dropout_rate=0.5, resid_pdrop=0.5, attn_pdrop=0.5, embd_pdrop=0.5)
+    ids = torch.tensor([PROMPTS[0]])
+    expected = lat.generate(model, ids, speedup=2.0, max_new_tokens=5)
+    model.train()
+    for _ in range(3):  # with dropout active, the runs would differ
+        assert torch.equal(lat.generate(model, ids, speedup=2.0, max_new_tokens=5).sequences, expected.sequences)
+    assert model.training

@@ -1065,3 +1065,21 @@ def test_a_layer_that_changes_nothing_exits_at_lambda_one_where_the_cache_says()
     input_ids, mask = _pad_prompts(model, ids)
     out = generate(model, input_ids, mask, certificate=dataclasses.replace(fitted, lambda_hat=1.0), max_new_tokens=4)
     np.testing.assert_array_equal(out.exit_layers[:, 0].numpy(), simulated[cache.offsets[:-1]])
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "bart"])
+def test_a_model_left_in_training_mode_decodes_as_calibrated_without_dropout(arch):
+    model = _tiny_hf.tiny_model(arch, seed=0, dropout=0.5, resid_pdrop=0.5, attn_pdrop=0.5, embd_pdrop=0.5)
+    ids, mask = left_pad([PROMPTS[0], PROMPTS[1]]) if arch == "gpt2" else (torch.tensor([PROMPTS[0]]), None)
+    expected = generate(model, ids, mask, max_new_tokens=6, exit_layer=2)
+    model.train()  # e.g. after fine-tuning, or from_config
+    for _ in range(3):  # with dropout active, three runs would differ
+        out = generate(model, ids, mask, max_new_tokens=6, exit_layer=2)
+        assert torch.equal(out.sequences, expected.sequences)
+        assert model.training  # the caller's mode is restored
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, custom_generate=custom_generate, exit_layer=2)
+    if arch == "bart":  # Hugging Face runs the encoder before the hook, in the model's mode
+        with pytest.raises(ValueError, match="training mode, so model.generate ran its encoder with dropout"):
+            model.generate(ids, **kw)
+        return
+    assert torch.equal(model.generate(ids, **kw).sequences, expected.sequences) and model.training

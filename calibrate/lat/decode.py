@@ -33,6 +33,7 @@ from calibrate.heads import ExitHeads, decoder_layers
 from calibrate.lat.encoders import ENCODER_DECODER_ARCHITECTURES, encode, encoder_for
 from calibrate.lat.schedule import KeepSchedule, _speedup_iv, layer_costs
 from calibrate.lat.scores import SCORES, _always_kept, _gather, survivors, value_norms
+from calibrate.models import eval_mode
 from calibrate.runtime._layers import Step, adapter_for, additive_mask
 from calibrate.runtime.decode import (
     _context_iv,
@@ -210,10 +211,16 @@ def generate(
     max_new_tokens = _int_iv("max_new_tokens", max_new_tokens, 1)
     _budget_warning(certificate, max_new_tokens, stacklevel=2)
     tokens = _special_tokens_iv(model, tokenizer, eos_token_id, pad_token_id)
-    if config.model_type in ENCODER_DECODER_ARCHITECTURES:
-        return _generate_encoder_decoder(
-            model, input_ids, attention_mask, speedup, max_new_tokens, score, special, min_keep, tokens
-        )
+    run = _generate_encoder_decoder if config.model_type in ENCODER_DECODER_ARCHITECTURES else _generate_decoder_only
+    with eval_mode(model):  # as calibrated: a model left in training mode would decode with dropout
+        return run(model, input_ids, attention_mask, speedup, max_new_tokens, score, special, min_keep, tokens)
+
+
+def _generate_decoder_only(
+    model, input_ids, attention_mask, speedup, max_new_tokens, score, special, min_keep, tokens
+) -> EliminationOutput:
+    """:func:`generate` for decoder-only models, after its checks."""
+    config = model.config
     adapter = adapter_for(model, decoder_layers(model))
     heads = ExitHeads.from_model(model)
     ids, mask = _ids_iv(input_ids, attention_mask, adapter.device, left_padded=True, special_tokens=tokens)

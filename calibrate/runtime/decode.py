@@ -35,6 +35,7 @@ from calibrate._digest import weights_digest
 from calibrate.certificate import Certificate, _budget_warning
 from calibrate.exits import Decay
 from calibrate.heads import ExitHeads, context_positions, decoder_layers
+from calibrate.models import eval_mode
 from calibrate.runtime._layers import KVCache, LayerAdapter, Step, adapter_for, additive_mask
 from calibrate.runtime._measures import RUNTIME_MEASURES, RuntimeMeasure, build_measure
 
@@ -328,7 +329,8 @@ def generate(
     processors = _greedy_processors(
         model, prompt, prompt if run.encoder is None else run.encoder.ids, run.config.max_new_tokens, special_tokens
     )
-    return _decode(run, *run.inputs, logits_processor=processors)
+    with eval_mode(model):  # as calibrated: a model left in training mode would decode with dropout
+        return _decode(run, *run.inputs, logits_processor=processors)
 
 
 def _greedy_processors(
@@ -451,6 +453,11 @@ def custom_generate(
         raise ValueError(
             "custom_generate needs the encoder_outputs that model.generate prepares for encoder-decoder models"
         )
+    if encoder_decoder and model.training:
+        raise ValueError(
+            "the model is in training mode, so model.generate ran its encoder with dropout (it does not switch to "
+            "eval mode); call model.eval() first, or decode with calibrate.runtime.generate, which runs in eval mode"
+        )
     if generation_config is None or generation_config.max_length is None:
         raise ValueError("custom_generate needs the generation_config prepared by model.generate (with max_length)")
     max_new_tokens = int(generation_config.max_length) - int(input_ids.shape[1])
@@ -472,7 +479,8 @@ def custom_generate(
         ((), pad_id),  # EOS is handled by the stopping criteria
         encoder_states=None if encoder_outputs is None else encoder_outputs[0],  # (B, S_enc, d)
     )
-    return _decode(run, *run.inputs, logits_processor=logits_processor, stopping_criteria=stopping_criteria)
+    with eval_mode(model):
+        return _decode(run, *run.inputs, logits_processor=logits_processor, stopping_criteria=stopping_criteria)
 
 
 # --------------------------------------------------------------------------------------------------

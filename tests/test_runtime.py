@@ -254,8 +254,9 @@ def test_encoder_decoder_full_model_equals_hf_generate(arch, batch):
         assert out.prompt_length == 1 and out.exit_layers.shape == (batch, expected.shape[1] - 1)
         assert bool((out.exit_layers[out.new_tokens != PAD] == N_LAYERS).all())
     kw = {"input_ids": ids, "attention_mask": mask, "do_sample": False, "max_new_tokens": 12}
-    hooked = model.generate(**kw, custom_generate=custom_generate)
-    torch.testing.assert_close(hooked.sequences, expected, rtol=0, atol=0)
+    hooked = model.generate(**kw, custom_generate=custom_generate)  # a tensor, as Hugging Face's own methods
+    torch.testing.assert_close(hooked, expected, rtol=0, atol=0)
+    kw["return_dict_in_generate"] = True
     # The certificate passes through generate's kwargs; generate's encoder output is reused.
     c = cert(0.5, decay={"max_len": 12, "tau": 4.0})
     hooked = model.generate(**kw, custom_generate=custom_generate, certificate=c)
@@ -320,6 +321,11 @@ def test_hf_custom_generate_hook():
     out = model.generate(
         input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=10, custom_generate=custom_generate
     )
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)  # a tensor, as Hugging Face's own methods
+    out = model.generate(
+        input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=10, custom_generate=custom_generate,
+        return_dict_in_generate=True,
+    )  # fmt: skip
     assert isinstance(out, EarlyExitOutput)
     torch.testing.assert_close(out.sequences, expected, rtol=0, atol=0)
     # The certificate and a fixed exit layer pass through generate's kwargs.
@@ -331,6 +337,7 @@ def test_hf_custom_generate_hook():
         max_new_tokens=10,
         custom_generate=custom_generate,
         certificate=c,
+        return_dict_in_generate=True,
     )
     direct = generate(model, ids, mask, certificate=c, max_new_tokens=10)
     torch.testing.assert_close(hooked.sequences, direct.sequences, rtol=0, atol=0)
@@ -343,7 +350,7 @@ def test_hf_custom_generate_applies_logits_processors():
     kw = {"input_ids": ids, "attention_mask": mask, "do_sample": False, "max_new_tokens": 10, "repetition_penalty": 5.0}
     expected = model.generate(**kw)
     out = model.generate(**kw, custom_generate=custom_generate)
-    torch.testing.assert_close(out.sequences, expected, rtol=0, atol=0)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
 _PROCESSED = [
@@ -376,7 +383,7 @@ def test_custom_generate_attends_to_every_token_when_generate_dropped_an_all_one
     ids = torch.tensor([[EOS, 5, 6, 7], [4, PAD, 9, 10]])
     kw = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "do_sample": False, "max_new_tokens": 6}
     expected = model.generate(**kw)
-    torch.testing.assert_close(model.generate(**kw, custom_generate=custom_generate).sequences, expected, rtol=0, atol=0)
+    torch.testing.assert_close(model.generate(**kw, custom_generate=custom_generate), expected, rtol=0, atol=0)
 
 
 def test_custom_generate_refuses_outputs_it_does_not_produce():
@@ -1082,4 +1089,4 @@ def test_a_model_left_in_training_mode_decodes_as_calibrated_without_dropout(arc
         with pytest.raises(ValueError, match="training mode, so model.generate ran its encoder with dropout"):
             model.generate(ids, **kw)
         return
-    assert torch.equal(model.generate(ids, **kw).sequences, expected.sequences) and model.training
+    assert torch.equal(model.generate(ids, **kw), expected.sequences) and model.training

@@ -383,7 +383,7 @@ def custom_generate(
     heads: ExitHeads | None = None,
     exit_layer: int | None = None,
     **model_kwargs,
-) -> EarlyExitOutput:
+) -> EarlyExitOutput | torch.Tensor:
     """Early-exit decoding as a Hugging Face decoding method: ``model.generate(..., custom_generate=custom_generate)``.
 
     Works for decoder-only and encoder-decoder models alike: for the latter ``generate`` runs the encoder
@@ -412,8 +412,10 @@ def custom_generate(
 
     Returns
     -------
-    EarlyExitOutput
-        Also when ``return_dict_in_generate`` is False; ``.sequences`` is what ``generate`` returns.
+    torch.LongTensor or EarlyExitOutput
+        As Hugging Face's decoding methods: the sequences ``(batch, length)``, or with
+        ``return_dict_in_generate=True`` an :class:`EarlyExitOutput` (``.sequences`` and the exit layer of
+        every token).
 
     Raises
     ------
@@ -480,7 +482,8 @@ def custom_generate(
         encoder_states=None if encoder_outputs is None else encoder_outputs[0],  # (B, S_enc, d)
     )
     with eval_mode(model):
-        return _decode(run, *run.inputs, logits_processor=logits_processor, stopping_criteria=stopping_criteria)
+        out = _decode(run, *run.inputs, logits_processor=logits_processor, stopping_criteria=stopping_criteria)
+    return out if generation_config.return_dict_in_generate else out.sequences
 
 
 # --------------------------------------------------------------------------------------------------

@@ -489,6 +489,8 @@ def _extract_iv(
         if shard_dir.exists() and not shard_dir.is_dir():
             raise ValueError(f"shard_dir {shard_dir} exists and is not a directory")
 
+    if not callable(tokenizer) or not hasattr(tokenizer, "pad_token_id"):
+        raise TypeError(f"tokenizer must be a Hugging Face tokenizer (callable, with pad_token_id), got {tokenizer!r:.80}")
     config = model.config
     encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
     gen = model.generation_config
@@ -499,6 +501,13 @@ def _extract_iv(
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
     pad_id = int(pad_id[0] if isinstance(pad_id, (list, tuple)) else pad_id)
     token_ids = [list(tokenizer(p)["input_ids"]) for p in prompts]
+    rows = model.get_input_embeddings().num_embeddings
+    for i, seq in enumerate(token_ids):
+        if any(not 0 <= t < rows for t in seq):
+            raise ValueError(
+                f"prompt {i} tokenises to ids outside the model's {rows} embedding rows ({max(seq)}): a tokenizer "
+                "with added tokens needs model.resize_token_embeddings(len(tokenizer))"
+            )
     _context_iv(config, encoder_decoder, token_ids, max_new_tokens)
     vocab = _vocab(tokenizer, heads.vocab_size)
     settings = {

@@ -561,3 +561,12 @@ def test_cached_top1_breaks_ties_as_greedy_decoding_does():
         warnings.simplefilter("error")  # the check that the last layer's top-1 is the generated token
         cache = extract(model, tiny_tokenizer(), prompts, max_new_tokens=8, progress=False)
     np.testing.assert_array_equal(cache.arrays["topk_ids"][:, -1, 0], cache.arrays["full_tokens"])
+
+
+def test_prompts_outside_the_vocabulary_and_a_missing_tokenizer_are_named():
+    tokenizer = tiny_tokenizer()
+    tokenizer.add_tokens(["brandnew"])  # the embeddings were not resized
+    with pytest.raises(ValueError, match=rf"prompt 1 tokenises to ids outside the model's {V} embedding rows"):
+        extract(tiny_model("gpt2"), tokenizer, ["w1 w2", "w3 brandnew"], max_new_tokens=2, progress=False)
+    with pytest.raises(TypeError, match="tokenizer must be a Hugging Face tokenizer"):
+        extract(tiny_model("gpt2"), None, ["w1 w2"], max_new_tokens=2, progress=False)

@@ -1090,3 +1090,16 @@ def test_a_model_left_in_training_mode_decodes_as_calibrated_without_dropout(arc
             model.generate(ids, **kw)
         return
     assert torch.equal(model.generate(ids, **kw), expected.sequences) and model.training
+
+
+def test_ids_outside_the_vocabulary_and_wrong_inputs_are_named():
+    model = tiny_model("gpt2")
+    ids = torch.tensor([[5, 6, V + 2]])
+    with pytest.raises(ValueError, match=rf"token ids in \[0, {V}\) .* got {V + 2} in row 0 at position 2; .*resize_token"):
+        generate(model, ids, max_new_tokens=2)  # was torch's 'index out of range in self'
+    with pytest.raises(ValueError, match=r"got -100 in row 0"):
+        generate(model, torch.tensor([[-100, 5]]), max_new_tokens=2)
+    with pytest.raises(TypeError, match=r"int64 or int32\) torch.Tensor .* got torch.float32 tensor of shape \(1, 2\)"):
+        generate(model, torch.tensor([[5.0, 6.0]]), max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"attention_mask must be a torch.Tensor of shape \(1, 2\) .*, got ndarray"):
+        generate(model, torch.tensor([[5, 6]]), np.ones((1, 2)), max_new_tokens=2)

@@ -171,7 +171,7 @@ def classify(
         )
     speedup, score, min_keep, special = _knob_iv(model, speedup, certificate, score, min_keep, tokenizer)
     device = next(model.parameters()).device
-    ids, mask = _ids_iv(input_ids, attention_mask, device, left_padded=False)
+    ids, mask = _ids_iv(input_ids, attention_mask, model, device, left_padded=False)
     if not bool(mask[:, 0].all()):
         raise ValueError("input_ids must be right-padded with [CLS] in column 0 (the head reads column 0)")
     name, context = context_positions(config) or (None, None)

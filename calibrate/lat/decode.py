@@ -223,7 +223,7 @@ def _generate_decoder_only(
     config = model.config
     adapter = adapter_for(model, decoder_layers(model))
     heads = ExitHeads.from_model(model)
-    ids, mask = _ids_iv(input_ids, attention_mask, adapter.device, left_padded=True, special_tokens=tokens)
+    ids, mask = _ids_iv(input_ids, attention_mask, model, adapter.device, left_padded=True, special_tokens=tokens)
     _context_iv(model, adapter, mask, None, max_new_tokens)  # too long for the positions: refused
     eos_ids, pad_id = tokens[0], 0 if tokens[1] is None else tokens[1]  # None: no EOS, no filler written
     B, P = ids.shape
@@ -297,7 +297,7 @@ def _generate_encoder_decoder(
     loop decodes with the full decoder, cross-attending to the survivors of the last encoder layer."""
     encoder = encoder_for(model)
     device = next(model.parameters()).device
-    ids, mask = _ids_iv(input_ids, attention_mask, device, left_padded=False)
+    ids, mask = _ids_iv(input_ids, attention_mask, model, device, left_padded=False)
     schedules, keep = _schedules(model.config, mask, speedup, min_keep)
     always = _always_kept(ids, mask, special, last=False)
     states, valid, kept, processed = encode(encoder, ids, mask, keep, always, score)  # (B, W, d), (B, W)

@@ -595,22 +595,34 @@ def _special_tokens_iv(model, tokenizer, eos_token_id, pad_token_id) -> tuple[tu
 
 
 def _ids_iv(
-    ids, mask, device, *, left_padded: bool, special_tokens: tuple[tuple[int, ...], int | None] | None = None
+    ids,
+    mask,
+    model,
+    device,
+    *,
+    left_padded: bool,
+    special_tokens: tuple[tuple[int, ...], int | None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``input_ids`` and its ``attention_mask`` as long tensors on ``device``.
+    """``input_ids`` (ids the ``model`` embeds) and its ``attention_mask`` as long tensors on ``device``.
 
     Without a mask: with ``special_tokens`` (EOS ids, pad id), the mask ``model.generate`` infers for
     decoder-only prompts, ``input_ids != pad`` when the pad id occurs in ``input_ids`` and is no EOS id;
     else all ones.
     """
     if not isinstance(ids, torch.Tensor) or ids.ndim != 2 or ids.dtype not in (torch.long, torch.int):
-        raise TypeError(
-            "input_ids must be an integer torch.Tensor of shape (batch, length), got "
-            f"{type(ids).__name__}{tuple(getattr(ids, 'shape', ()))}"
-        )
+        what = f"{ids.dtype} tensor of shape {tuple(ids.shape)}" if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise TypeError(f"input_ids must be an integer (int64 or int32) torch.Tensor of shape (batch, length), got {what}")
     if ids.shape[0] == 0 or ids.shape[1] == 0:
         raise ValueError(f"input_ids must hold at least one row and one token, got shape {tuple(ids.shape)}")
     ids = ids.to(device=device, dtype=torch.long)
+    rows = getattr(model.get_input_embeddings(), "num_embeddings", None)
+    outside = (ids < 0) | (ids >= rows) if rows is not None else None
+    if outside is not None and bool(outside.any()):
+        row, col = (int(v) for v in outside.nonzero()[0])
+        raise ValueError(
+            f"input_ids must be token ids in [0, {rows}) (the model's embedding rows), got {int(ids[row, col])} in row "
+            f"{row} at position {col}; a tokenizer with added tokens needs model.resize_token_embeddings(len(tokenizer))"
+        )
     if mask is None and special_tokens is not None:
         eos, pad = special_tokens
         if pad is not None and pad not in eos and bool((ids == pad).any()):
@@ -630,10 +642,8 @@ def _mask_iv(mask, shape: tuple[int, ...], device, *, left_padded: bool) -> torc
     if mask is None:
         return torch.ones(shape, dtype=torch.long, device=device)
     if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(shape):
-        raise ValueError(
-            f"attention_mask must be a tensor of shape {tuple(shape)} (that of input_ids), "
-            f"got {tuple(getattr(mask, 'shape', ()))}"
-        )
+        what = f"shape {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"attention_mask must be a torch.Tensor of shape {tuple(shape)} (that of input_ids), got {what}")
     mask = mask.to(device=device, dtype=torch.long)
     if not bool(((mask == 0) | (mask == 1)).all()):
         raise ValueError("attention_mask must hold only 0 and 1")
@@ -703,14 +713,16 @@ def _generate_iv(
     # Prompts: the decoder's (left-padded; positions count real tokens), and the encoder's input if any.
     encoder = None
     if not adapter.encoder_decoder:
-        prompt_ids, prompt_mask = _ids_iv(input_ids, attention_mask, device, left_padded=True, special_tokens=special_tokens)
+        prompt_ids, prompt_mask = _ids_iv(
+            input_ids, attention_mask, model, device, left_padded=True, special_tokens=special_tokens
+        )
     elif encoder_states is None:  # generate(): input_ids feed the encoder, padded on either side
-        ids, mask = _ids_iv(input_ids, attention_mask, device, left_padded=False)
+        ids, mask = _ids_iv(input_ids, attention_mask, model, device, left_padded=False)
         encoder = _Encoder(mask, ids, None)
         prompt_ids = torch.full((ids.shape[0], 1), _decoder_start_iv(model), dtype=torch.long, device=device)
         prompt_mask = torch.ones_like(prompt_ids)
     else:  # custom_generate: model.generate ran the encoder; input_ids are the decoder prompt it prepared
-        prompt_ids, prompt_mask = _ids_iv(input_ids, None, device, left_padded=True)
+        prompt_ids, prompt_mask = _ids_iv(input_ids, None, model, device, left_padded=True)
         states = encoder_states.to(device=device, dtype=adapter.dtype)
         if states.ndim != 3 or states.shape[0] != prompt_ids.shape[0] or states.shape[2] != adapter.hidden_size:
             raise ValueError(

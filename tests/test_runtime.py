@@ -1103,3 +1103,14 @@ def test_ids_outside_the_vocabulary_and_wrong_inputs_are_named():
         generate(model, torch.tensor([[5.0, 6.0]]), max_new_tokens=2)
     with pytest.raises(ValueError, match=r"attention_mask must be a torch.Tensor of shape \(1, 2\) .*, got ndarray"):
         generate(model, torch.tensor([[5, 6]]), np.ones((1, 2)), max_new_tokens=2)
+
+
+def test_token_strings_for_special_ids_and_right_padding_say_what_to_do():
+    model = tiny_model("gpt2")
+    with pytest.raises(TypeError, match=r"eos_token_id must be a token id .* got '</s>'; .*convert_tokens_to_ids"):
+        generate(model, torch.tensor([[5, 6]]), eos_token_id="</s>", max_new_tokens=2)
+    with pytest.raises(TypeError, match=r"pad_token_id must be a token id"):
+        generate(model, torch.tensor([[5, 6]]), pad_token_id="<pad>", max_new_tokens=2)
+    right = torch.tensor([[1, 1, 0]])
+    with pytest.raises(ValueError, match=r"must be left-padded .* tokenizer.padding_side = 'left'"):
+        generate(model, torch.tensor([[5, 6, PAD]]), right, max_new_tokens=2)

@@ -518,12 +518,18 @@ def _int_iv(name: str, value, low: int) -> int:
     return int(value)
 
 
-def _token_ids(value) -> list[int]:
+def _token_ids(value, name: str = "eos_token_id") -> list[int]:
     if value is None:
         return []
     if isinstance(value, torch.Tensor):
         value = value.reshape(-1).tolist()
-    return [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+    values = value if isinstance(value, (list, tuple)) else [value]
+    if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
+        raise TypeError(
+            f"{name} must be a token id (int) or a list of them, got {value!r:.60}; for a token string use "
+            "tokenizer.convert_tokens_to_ids"
+        )
+    return [int(v) for v in values]
 
 
 def _certificate_iv(certificate, n_layers: int, heads: ExitHeads) -> tuple[float | None, str | None, Decay | None]:
@@ -590,7 +596,7 @@ def _special_tokens_iv(model, tokenizer, eos_token_id, pad_token_id) -> tuple[tu
         if pad_token_id is None:
             pad_token_id = getattr(source, "pad_token_id", None)
     eos = tuple(_token_ids(eos_token_id))
-    pad = _token_ids(pad_token_id)[:1] or list(eos[:1])
+    pad = _token_ids(pad_token_id, "pad_token_id")[:1] or list(eos[:1])
     return eos, pad[0] if pad else None
 
 
@@ -648,7 +654,10 @@ def _mask_iv(mask, shape: tuple[int, ...], device, *, left_padded: bool) -> torc
     if not bool(((mask == 0) | (mask == 1)).all()):
         raise ValueError("attention_mask must hold only 0 and 1")
     if left_padded and bool((mask[:, 1:] < mask[:, :-1]).any()):
-        raise ValueError("input_ids must be left-padded (attention_mask zeros before ones in every row)")
+        raise ValueError(
+            "input_ids must be left-padded (attention_mask zeros before ones in every row), as for model.generate: "
+            "set tokenizer.padding_side = 'left'"
+        )
     if not bool(mask.any(dim=1).all()):
         empty = torch.nonzero(~mask.bool().any(dim=1)).reshape(-1).tolist()
         raise ValueError(f"rows {empty[:10]} of input_ids have no token (attention_mask all 0)")
@@ -659,7 +668,7 @@ def _decoder_start_iv(model) -> int:
     """``decoder_start_token_id`` of the generation config, else its ``bos_token_id`` (as ``model.generate``)."""
     gen = model.generation_config
     start = gen.decoder_start_token_id if gen.decoder_start_token_id is not None else gen.bos_token_id
-    ids = _token_ids(start)
+    ids = _token_ids(start, "decoder_start_token_id")
     if len(ids) != 1:
         raise ValueError(
             "encoder-decoder decoding starts from one token: model.generation_config.decoder_start_token_id (or "

@@ -78,16 +78,29 @@ def _read_only_arrays(report, *names: str) -> None:
 
 
 def _figure(fig, figsize: tuple[float, float]):
-    """``fig``, or a new figure of ``figsize`` (inches) when None; TypeError for anything but a Figure."""
+    """``fig`` (an empty Figure or SubFigure), or a new figure of ``figsize`` (inches) when None."""
     import matplotlib.pyplot as plt
-    from matplotlib.figure import Figure
+    from matplotlib.figure import FigureBase
 
     if fig is None:
         return plt.figure(figsize=figsize)
-    if not isinstance(fig, Figure):
+    if not isinstance(fig, FigureBase):
         hint = " (an Axes: pass its .figure, the panels are laid out in it)" if hasattr(fig, "figure") else ""
-        raise TypeError(f"fig must be a matplotlib Figure or None, got {type(fig).__name__}{hint}")
+        raise TypeError(f"fig must be a matplotlib Figure, SubFigure or None, got {type(fig).__name__}{hint}")
+    if fig.axes:
+        raise ValueError(
+            f"fig already holds {len(fig.axes)} Axes, which the panels would cover: pass an empty figure, "
+            "or a subfigure (fig.subfigures())"
+        )
     return fig
+
+
+def _tight(fig) -> None:
+    """``tight_layout`` for a figure without a layout engine of its own (a subfigure follows its parent's)."""
+    from matplotlib.figure import Figure
+
+    if isinstance(fig, Figure) and fig.get_layout_engine() is None:
+        fig.tight_layout()
 
 
 def _save_figure(fig, path, dpi: int = 100) -> None:
@@ -237,7 +250,7 @@ class AuditReport:
         for ax in (ax_risk, ax_layers, ax_trade):
             ax.legend(fontsize=8)
         fig.suptitle(_title(cert, f"{cert.measure} / {cert.consistency}"))
-        fig.tight_layout()
+        _tight(fig)
         return fig
 
     def _plot_knob(self, fig):
@@ -265,7 +278,7 @@ class AuditReport:
             ax.invert_xaxis()
         ax.set(ylabel=f"risk ({cert.consistency})", title=_title(cert, title))
         ax.legend(fontsize=8)
-        fig.tight_layout()
+        _tight(fig)
         return fig
 
 
@@ -438,7 +451,7 @@ class ValidityReport:
         )
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize=8)
-        fig.tight_layout()
+        _tight(fig)
         return fig
 
 

@@ -78,9 +78,15 @@ def test_audit_figure_of_a_short_grid_draws_points_and_wants_a_figure(split):
     import matplotlib.pyplot as plt
 
     _, ax = plt.subplots()
-    with pytest.raises(TypeError, match=r"fig must be a matplotlib Figure or None, got Axes .*\.figure"):
+    with pytest.raises(TypeError, match=r"fig must be a matplotlib Figure, SubFigure or None, got Axes .*\.figure"):
         report.plot(ax)
-    assert len(report.plot(ax.figure).axes) == 4  # the three panels go into the given figure
+    with pytest.raises(ValueError, match="fig already holds 1 Axes, which the panels would cover"):
+        report.plot(ax.figure)  # they were drawn over it
+    assert len(report.plot(plt.figure()).axes) == 3  # the three panels go into the given figure
+    parent = plt.figure(layout="constrained")
+    left, right = parent.subfigures(1, 2)
+    report.plot(left)
+    assert len(left.axes) == 3 and parent.get_layout_engine() is not None  # not replaced by tight_layout
     plt.close("all")
     single = calibrate.audit(one, split[1].subset([0]))
     assert single.summary().startswith("Audit on 1 held-out sequence at")

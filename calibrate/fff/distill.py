@@ -27,6 +27,7 @@ from torch import nn
 
 from calibrate._atomic import temporary_dir
 from calibrate._validation import finite_positive, int_at_least, seed_iv
+from calibrate.audit import _tight
 from calibrate.fff.layer import FFF
 from calibrate.heads import decoder_layers
 from calibrate.models import eval_mode
@@ -85,7 +86,7 @@ class DistillResult:
         ax.set(xticks=x, xticklabels=[str(i) for i in self.layers], xlabel="decoder layer",
                ylabel="relative squared error", title="MLP blocks distilled into FFFs (held-out tokens)")  # fmt: skip
         ax.legend(fontsize=8)
-        ax.figure.tight_layout()
+        _tight(ax.figure)
         return ax.figure
 
 

@@ -68,7 +68,7 @@ def decoded_lambdas(*, decay: bool = False) -> np.ndarray:
     >>> np.round(decoded_lambdas(decay=True)[:4], 4)   # headroom above 1 for the decaying threshold
     array([1.1111, 1.0741, 1.037 , 1.    ])
     """
-    grid = np.concatenate([np.linspace(0.0, 1.0, 11), 1.0 - np.logspace(-4.0, -1.5, 6)])
+    grid = np.concatenate([np.linspace(0.0, 1.0, 11).round(1), 1.0 - np.logspace(-4.0, -1.5, 6)])
     grid = np.unique(grid)[::-1].copy()
     return with_decay_headroom(grid, 3) if decay else grid
 

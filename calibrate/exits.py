@@ -103,7 +103,7 @@ def default_lambdas(*, decay: bool = False) -> np.ndarray:
     >>> default_lambdas(decay=True).size
     212
     """
-    grid = np.concatenate([np.linspace(0.0, 1.0, 101), 1.0 - np.logspace(-4, -2, 101)[:-1]])
+    grid = np.concatenate([np.linspace(0.0, 1.0, 101).round(2), 1.0 - np.logspace(-4, -2, 101)[:-1]])  # 0.94, not 0.9400000000000001
     grid = np.unique(grid)[::-1].copy()
     return with_decay_headroom(grid, 11) if decay else grid
 

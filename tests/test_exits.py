@@ -251,3 +251,12 @@ def test_token_ids_of_different_integer_dtypes_are_compared_exactly():
 def test_exit_layers_beyond_the_int16_range():
     layers = exit_layers(np.zeros((1, 40_000)), [0.5])
     assert layers.dtype == np.int32 and layers.tolist() == [[40_000]]
+
+
+def test_default_grids_hold_round_values_where_they_are_evenly_spaced():
+    from calibrate.decoded import decoded_lambdas
+
+    grid = default_lambdas()
+    even = grid[(grid <= 0.99) & np.isclose(grid * 100, np.round(grid * 100))]
+    assert even.size == 100 and all(repr(float(v)) == repr(round(float(v), 2)) for v in even)  # 0.94, not 0.94...01
+    assert 0.94 in grid.tolist() and 0.3 in decoded_lambdas().tolist()

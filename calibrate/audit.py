@@ -227,7 +227,7 @@ class AuditReport:
         lam = np.asarray(cert.lambdas)
         x = np.arange(lam.size)  # grid order, safest first
         dots = {"marker": "o", "markersize": 4} if lam.size <= 25 else {}  # a short grid: one line per point
-        risk_label = f"risk ({cert.consistency})"
+        risk_label = _risk_label(cert)
         ax_risk.plot(x, cert.risks, "--", label=f"calibration (n={cert.n})", **dots)
         ax_risk.plot(x, self.risks, label=f"held-out (n={self.n})", **dots)
         _mark_certified(ax_risk, cert, x)
@@ -269,14 +269,14 @@ class AuditReport:
             unit = "x speed-up" if speedup else " depth"
             ax.axvline(at, color="C3", linewidth=1, label=f"certified {at:.3g}{unit}")
         if speedup:
-            title = f"Token elimination ({cert.measure} score)"
+            title = "Token elimination" + ("" if cert.measure is None else f" ({cert.measure} score)")
             ax.set(xlabel="predicted speed-up of the prefill")
         else:
             title = "Fast feedforward depth"
             ax.set(xlabel="evaluation depth (faster to the right)")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # depths are whole levels of the tree
             ax.invert_xaxis()
-        ax.set(ylabel=f"risk ({cert.consistency})", title=_title(cert, title))
+        ax.set(ylabel=_risk_label(cert), title=_title(cert, title))
         ax.legend(fontsize=8)
         _tight(fig)
         return fig
@@ -292,6 +292,10 @@ def _mark_certified(ax, cert: Certificate, x: np.ndarray) -> None:
     untested = ~np.asarray(cert.tested, dtype=bool)
     if untested.any():
         ax.plot([], [], " ", label=f"{untested.sum()} not tested (fixed-sequence stop)")
+
+
+def _risk_label(cert: Certificate) -> str:
+    return "risk" if cert.consistency is None else f"risk ({cert.consistency})"
 
 
 def _title(cert: Certificate, what: str) -> str:

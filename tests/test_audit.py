@@ -188,3 +188,14 @@ def test_validity_names_bad_arguments_before_any_work(split, tmp_path):
     split[0].save(tmp_path / "dev")
     with pytest.raises(TypeError, match="cache must be a calibrate.LayerCache in memory, got ChunkedCache"):
         calibrate.validity(calibrate.open_cache(tmp_path / "dev", chunks=50), progress=False)
+
+
+def test_knob_figures_of_hand_made_certificates_name_no_none():
+    from calibrate.audit import _held_out_report
+
+    cert = calibrate.certify(np.zeros((200, 3)), [1.0, 0.5, 0.25], delta=0.1, knob="token_keep")
+    ax = _held_out_report(cert, 50, [0.0, 0.01, 0.02]).plot().axes[0]
+    assert ax.get_ylabel() == "risk" and ax.get_title() == "Token elimination (user mode), epsilon = 0.05"
+    import matplotlib.pyplot as plt
+
+    plt.close("all")

@@ -169,3 +169,10 @@ def test_bad_input():
         FFF(4, 2, 3, activation="tanh")
     with pytest.raises(ValueError, match="depth must be an int >= 0"):
         FFF(4, 2, -1)
+
+
+def test_every_formulation_takes_an_empty_batch():
+    layer = _layer(5, 4, 3, dtype=torch.float32)
+    empty = torch.zeros(0, 5)
+    assert layer(empty).shape == (0, 4)
+    assert fff_reference(layer, empty).shape == (0, 4)  # torch.stack of nothing raised

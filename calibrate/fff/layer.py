@@ -419,4 +419,6 @@ def fff_reference(layer: FFF, x: torch.Tensor, depth: int | None = None) -> torc
             y = y + act(z) * layer.w_out[node]
             node = 2 * node + 1 + int(z > 0)
         out.append(y)
+    if not out:  # an empty batch
+        return x.new_zeros(*x.shape[:-1], layer.out_features)
     return torch.stack(out).reshape(*x.shape[:-1], layer.out_features)

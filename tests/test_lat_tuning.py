@@ -70,7 +70,8 @@ def test_finetune_lowers_the_loss_and_returns_a_tuned_copy():
     assert disagreement(tuned, 2.5) < disagreement(model, 2.5)
     assert lat.model_id(tuned) != lat.model_id(model)
     assert "FinetuneResult(steps=40" in repr(result)
-    assert len(result.plot().collections) == 1
+    ax = result.plot()
+    assert len(ax.collections) == 1 and ax.get_legend_handles_labels()[1] == ["running mean (2 steps)"]
 
 
 def test_finetune_bad_input():

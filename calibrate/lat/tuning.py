@@ -92,13 +92,19 @@ class FinetuneResult:
         """
         import matplotlib.pyplot as plt
 
+        from calibrate.audit import _tight
+
         ax = ax or plt.figure(figsize=(6, 3.5)).subplots()
         steps = np.arange(1, len(self.losses) + 1)
         points = ax.scatter(steps, self.losses, c=self.speedups, s=8, cmap="viridis")
         window = max(1, len(self.losses) // 20)
-        ax.plot(steps[window - 1 :], np.convolve(self.losses, np.ones(window) / window, "valid"), color="k")
+        mean = np.convolve(self.losses, np.ones(window) / window, "valid")
+        ax.plot(steps[window - 1 :], mean, color="k", label=f"running mean ({window} steps)")
         ax.figure.colorbar(points, ax=ax, label="speed-up drawn")
-        ax.set(xlabel="step", ylabel="cross-entropy (nats / token)", title="Token-elimination tuning")
+        # the loss: cross-entropy with elimination, plus anchor times that without (see finetune)
+        ax.set(xlabel="step", ylabel="training loss (nats / token)", title="Token-elimination tuning")
+        ax.legend(fontsize=8)
+        _tight(ax.figure)
         return ax
 
 

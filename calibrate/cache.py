@@ -1539,11 +1539,11 @@ def _commit(tmp: Path, target: Path, overwrite: bool) -> None:
         except BaseException:
             os.rename(old, target)
             raise
-    # Once committed: this one's old cache, and any an interrupted overwrite of the same name left.
-    stale = re.compile(rf"\.{re.escape(target.name)}\.old-[0-9a-f]{{32}}")
-    for leftover in target.parent.iterdir():
-        if stale.fullmatch(leftover.name):
-            shutil.rmtree(leftover, ignore_errors=True)
+    if overwrite:  # once committed: this one's old cache, and any an interrupted overwrite of the same name left
+        stale = re.compile(rf"\.{re.escape(target.name)}\.old-[0-9a-f]{{32}}")
+        for leftover in target.parent.iterdir():  # (not for every batch an extraction writes into its shard_dir)
+            if stale.fullmatch(leftover.name):
+                shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _commit_remote(local: Path, target: Remote) -> None:

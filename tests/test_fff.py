@@ -176,3 +176,5 @@ def test_every_formulation_takes_an_empty_batch():
     empty = torch.zeros(0, 5)
     assert layer(empty).shape == (0, 4)
     assert fff_reference(layer, empty).shape == (0, 4)  # torch.stack of nothing raised
+    y, hardening = layer.soft_forward(empty)
+    assert y.shape == (0, 4) and hardening.item() == 0.0  # was the NaN mean of nothing

@@ -207,7 +207,8 @@ class FFF(nn.Module):
         if self.b_out is not None:
             y = y + self.b_out
         entropy = -(right * torch.log(right.clamp_min(1e-12)) + (1 - right) * torch.log((1 - right).clamp_min(1e-12)))
-        hardening = (p * entropy).sum(dim=1).mean() / (self.depth + 1)
+        per_input = (p * entropy).sum(dim=1)
+        hardening = (per_input.mean() if per_input.numel() else per_input.sum()) / (self.depth + 1)  # empty: 0
         return y.reshape(*lead, self.out_features), hardening
 
     # ---- persistence --------------------------------------------------------------------------------------

@@ -524,7 +524,11 @@ def fit(
         table, decay, measure_state, n_train = _proxy_table(
             cache, decay=decay, decode=decode, progress=bool(progress), **options
         )
-    cert = certify(table, delta=delta, epsilon=epsilon, bound=bound, method=method)
+    with warnings.catch_warnings(record=True) as caught:  # said at the caller's line, not here
+        warnings.simplefilter("always")
+        cert = certify(table, delta=delta, epsilon=epsilon, bound=bound, method=method)
+    for warning in caught:
+        warnings.warn(warning.message, warning.category, stacklevel=2)
     return dataclasses.replace(
         cert,
         measure=measure,

@@ -132,6 +132,13 @@ def test_monotone_losses_do_not_warn_and_non_monotone_do():
     assert "needs monotone losses" in cert.reason and "1 of 50 examples" in cert.reason  # the certificate says so
 
 
+def test_fit_warns_at_its_callers_line():
+    cache = calibrate.synthetic_cache(300, seed=0)  # token losses: not monotone in every sequence
+    with pytest.warns(UserWarning, match="needs monotone losses") as caught:
+        calibrate.fit(cache, method="crc")
+    assert len(caught) == 1 and caught[0].filename == __file__  # was calibrate/fit.py
+
+
 def test_validity_warns_once_for_the_whole_study():
     cache = calibrate.synthetic_cache(300, seed=0)  # token losses: not monotone in every sequence
     with pytest.warns(UserWarning) as caught:

@@ -630,9 +630,10 @@ def _topk(logp: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     values, ids = values.gather(-1, by_id), ids.gather(-1, by_id)
     by_value = torch.sort(values, dim=-1, descending=True, stable=True).indices  # ties keep ascending ids
     values, ids = values.gather(-1, by_value), ids.gather(-1, by_value)
-    best = logp.argmax(dim=-1, keepdim=True)
-    missing = (ids != best).all(dim=-1, keepdim=True)
-    ids[..., :1] = torch.where(missing, best, ids[..., :1])  # the same (maximal) value
+    if bool((values[..., -1] == values[..., 0]).any()):  # all k tie somewhere: argmax's id may be missing
+        best = logp.argmax(dim=-1, keepdim=True)
+        missing = (ids != best).all(dim=-1, keepdim=True)
+        ids[..., :1] = torch.where(missing, best, ids[..., :1])  # the same (maximal) value
     return values, ids
 
 

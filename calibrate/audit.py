@@ -208,9 +208,10 @@ class AuditReport:
         """Risk and average layers against the threshold, and risk against layers used.
 
         The threshold axis follows the grid in its tested order, evenly spaced (the default grid's values
-        crowd near 1), labelled with lambda values: thresholds that exit earlier lie to the right. ``delta``, ``lambda_hat`` and the certified grid
-        values are marked; the calibration curve is dashed, the held-out one solid. The title names the
-        measure, the loss, the mode and the guarantee's level, and says when only the full model is certified.
+        crowd near 1), labelled with lambda values: thresholds that exit earlier lie to the right.
+        ``delta``, ``lambda_hat`` and the certified grid values are marked; the calibration curve is dashed,
+        the held-out one solid. The title names the measure, the loss, the mode and the guarantee's level,
+        and says when only the full model is certified.
 
         ``token_keep`` and ``fff_depth`` certificates get one panel: calibration and held-out risk against
         the speed-up or the evaluation depth.

@@ -28,12 +28,12 @@ import numpy as np
 from calibrate import runtime
 from calibrate._validation import int_at_least, open_interval, seed_iv
 from calibrate.audit import AuditReport, _held_out_report
-from calibrate.bounds import DEFAULT_BOUND, P_VALUES, p_values
+from calibrate.bounds import p_values
 from calibrate.cache import LayerCache
 from calibrate.certificate import Certificate
 from calibrate.exits import Decay, _lambdas_iv, with_decay_headroom
 from calibrate.extraction import _context_iv, _pad
-from calibrate.fit import _decay_iv, _too_few_reason, certify
+from calibrate.fit import _bound_iv, _decay_iv, _too_few_reason, certify
 from calibrate.fwer import FixedSequence
 from calibrate.heads import ExitHeads, decoder_layers
 from calibrate.losses import CONSISTENCIES, LossTable
@@ -332,9 +332,7 @@ def _risk_iv(delta, epsilon, bound, consistency, method=_LAZY_METHOD) -> tuple[f
             "prompts, so they are decoded lazily in fixed-sequence order and the walk stops at the first p-value above "
             "epsilon; other methods need every threshold's p-value (use decoded_losses and calibrate.certify for them)"
         )
-    bound = DEFAULT_BOUND if bound is None else bound
-    if not isinstance(bound, str) or bound not in P_VALUES:
-        raise ValueError(f"bound must be one of {sorted(P_VALUES)}, got {bound!r}")
+    bound = _bound_iv(bound, _LAZY_METHOD)
     if bound == "binomial" and consistency != "sequence":
         raise ValueError(
             f"bound='binomial' is exact for 0/1 losses only, i.e. consistency='sequence'; got {consistency!r}"

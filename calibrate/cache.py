@@ -689,30 +689,60 @@ class LayerCache:
 
 #: Metadata describing one part of a cache (an extraction batch, a worker's shard), dropped when joining.
 _PART_KEYS = ("shard", "sharding")
+#: Metadata that may differ between the parts of one cache: the above, where each part ran, and the
+#: generator settings of a synthetic part (its seed and size are its own).
+_MAY_DIFFER = (*_PART_KEYS, "software", "synthetic")
 
 
-def concat_caches(caches: Sequence[LayerCache]) -> LayerCache:
+def _first_difference(keys: tuple, a, b) -> tuple[str, object, object]:
+    """The first nested key where two metadata values differ, e.g. ``'generation' -> 'max_new_tokens'``."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b), key=str):
+            if a.get(key) != b.get(key):
+                return _first_difference((*keys, key), a.get(key), b.get(key))
+    return " -> ".join(map(repr, keys)), a, b
+
+
+def concat_caches(caches: Sequence[LayerCache], *, meta: dict | None = None) -> LayerCache:
     """Concatenate caches along the sequence axis.
 
     Parameters
     ----------
     caches : sequence of LayerCache
         At least one; all with the same fields, layer count, top-k, vocabulary size, hidden size and
-        vocab, and distinct sequence ids. Their metadata is not compared (parts re-headed with other
-        adapters, for instance, join): check it first where it matters, as sharded caches do.
+        vocab, and distinct sequence ids.
+    meta : dict, optional
+        Metadata of the result. By default the caches' metadata must agree (model, generation settings,
+        exit heads, ...; only where each part ran, its shard entries and a synthetic part's generator
+        settings may differ) and the result takes that of ``caches[0]``. Pass ``meta`` to join parts
+        that differ on purpose (e.g. re-headed with other adapters) and say what the whole is.
 
     Returns
     -------
     LayerCache
-        The sequences of ``caches[0]``, then ``caches[1]``, ...; the metadata of ``caches[0]`` (without
-        its ``"shard"`` and ``"sharding"`` entries, which describe one part).
+        The sequences of ``caches[0]``, then ``caches[1]``, ...; with ``meta``, or the metadata of
+        ``caches[0]`` without its ``"shard"`` and ``"sharding"`` entries (which describe one part).
 
     Raises
     ------
     ValueError
         When the caches do not match (the message names the first difference) or ids repeat.
     TypeError
-        When an element is not a LayerCache.
+        When an element is not a LayerCache, or ``meta`` is not a dict.
+
+    Examples
+    --------
+    >>> from calibrate import concat_caches, synthetic_cache
+    >>> cache = synthetic_cache(6, n_layers=4, seed=0)
+    >>> a, b = cache.split([0.5, 0.5], seed=0)
+    >>> concat_caches([a, b]).n_sequences
+    6
+    >>> other = synthetic_cache(3, n_layers=4, seed=1)
+    >>> other = other.with_meta({**other.user_meta, "model": "gpt2"})
+    >>> concat_caches([a, other])
+    Traceback (most recent call last):
+    ...
+    ValueError: caches[1] differs from caches[0] in 'model': 'gpt2' != 'synthetic' (another model or settings?); pass meta= to join them anyway
     """
     caches = list(caches)
     if not caches:
@@ -720,6 +750,8 @@ def concat_caches(caches: Sequence[LayerCache]) -> LayerCache:
     for i, c in enumerate(caches):
         if not isinstance(c, LayerCache):
             raise TypeError(f"caches[{i}] must be a LayerCache, got {type(c).__name__}")
+    if meta is not None and not isinstance(meta, dict):
+        raise TypeError(f"meta must be a dict or None, got {type(meta).__name__}")
     first = caches[0]
     for i, c in enumerate(caches[1:], start=1):
         for attr in ("n_layers", "top_k", "vocab_size", "hidden_size"):
@@ -729,7 +761,17 @@ def concat_caches(caches: Sequence[LayerCache]) -> LayerCache:
             raise ValueError(f"caches[{i}] has the fields {sorted(c.arrays)} but caches[0] has {sorted(first.arrays)}")
         if c.vocab != first.vocab:
             raise ValueError(f"caches[{i}] has another vocab than caches[0]")
-    meta = {k: v for k, v in first.user_meta.items() if k not in _PART_KEYS}
+        if meta is None:
+            mine, theirs = c.user_meta, first.user_meta
+            for key in sorted(set(mine) | set(theirs)):
+                if key not in _MAY_DIFFER and mine.get(key) != theirs.get(key):
+                    path, a, b = _first_difference((key,), mine.get(key), theirs.get(key))
+                    raise ValueError(
+                        f"caches[{i}] differs from caches[0] in {path}: {a!r:.120} != {b!r:.120} (another model or "
+                        "settings?); pass meta= to join them anyway"
+                    )
+    if meta is None:
+        meta = {k: v for k, v in first.user_meta.items() if k not in _PART_KEYS}
     if len(caches) == 1:
         return first.with_meta(meta)
 

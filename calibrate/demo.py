@@ -332,8 +332,10 @@ def _cross_fitted(model, train, heads, seed: int):
     from calibrate.extraction import rehead
 
     a, b = train.split([0.5, 0.5], seed=seed)
-    halves = concat_caches([rehead(b, train_adapters(model, a)), rehead(a, train_adapters(model, b))])
-    return halves.with_meta({**halves.user_meta, "heads": heads.describe()})
+    return concat_caches(
+        [rehead(b, train_adapters(model, a)), rehead(a, train_adapters(model, b))],
+        meta={**train.user_meta, "heads": heads.describe()},
+    )
 
 
 def _plot_agreement(plain: np.ndarray, adapted: np.ndarray, path: Path) -> None:

@@ -22,6 +22,17 @@ import pandas as pd
 
 from calibrate._atomic import atomic_file
 from calibrate._storage import Remote
+from calibrate.cache import (
+    _MAY_DIFFER,
+    _array_hasher,
+    _cache_checksum,
+    _first_difference,
+    _hash_strings,
+    _hash_table,
+    _read_vocab,
+    concat_caches,
+    open_cache,
+)
 
 __all__ = ["MANIFEST_FILE", "shard_name", "parse_shard", "shard_bounds", "write_manifest", "is_sharded", "open_sharded"]
 
@@ -29,12 +40,9 @@ __all__ = ["MANIFEST_FILE", "shard_name", "parse_shard", "shard_bounds", "write_
 MANIFEST_FILE = "manifest.json"
 _FORMAT = "calm-calibrate shards"
 _VERSION = 1
-#: Metadata that may differ between shards of one cache (what each shard is and holds, where it ran; the
-#: generator settings of a synthetic piece, whose seed and size are its own).
-_PER_SHARD_KEYS = (
-    "shard", "sharding", "software", "library", "library_version", "n_sequences", "n_tokens", "checksum", "synthetic",
-    "meta_checksum",
-)  # fmt: skip
+#: Metadata that may differ between shards of one cache: what parts of a cache may differ in, and what each
+#: shard derives from its own contents.
+_PER_SHARD_KEYS = (*_MAY_DIFFER, "library", "library_version", "n_sequences", "n_tokens", "checksum", "meta_checksum")
 
 
 def shard_name(index: int, count: int) -> str:
@@ -167,7 +175,6 @@ def open_sharded(root: Path | Remote, *, verify: bool, chunks: int | None):
     LayerCache or ChunkedCache
         The shards' sequences in shard order: in memory, or lazily in partitions of ``chunks``.
     """
-    from calibrate.cache import _array_hasher, concat_caches, open_cache
 
     names = _read_manifest(root)
     roots = [root / name for name in names]
@@ -183,7 +190,6 @@ def open_sharded(root: Path | Remote, *, verify: bool, chunks: int | None):
 
     from tqdm.auto import tqdm
 
-    from calibrate.cache import _cache_checksum, _hash_strings, _hash_table, _read_vocab
     from calibrate.chunked import ChunkedCache, _chunks_iv, read_lazily
 
     _chunks_iv(chunks)
@@ -248,15 +254,6 @@ def _read_manifest(root: Path | Remote) -> list[str]:
     if not isinstance(names, list) or not names or not all(isinstance(n, str) and valid.fullmatch(n) for n in names):
         raise ValueError(f"{file}: 'shards' must list shard directory names like 'shard-00000-of-00002'")
     return names
-
-
-def _first_difference(keys: tuple, a, b) -> tuple[str, object, object]:
-    """The first nested key where two metadata values differ, e.g. ``'generation' -> 'max_new_tokens'``."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        for key in sorted(set(a) | set(b), key=str):
-            if a.get(key) != b.get(key):
-                return _first_difference((*keys, key), a.get(key), b.get(key))
-    return " -> ".join(map(repr, keys)), a, b
 
 
 def _check_compatible(root, names: list[str], metas: list[dict]) -> None:

@@ -389,6 +389,24 @@ def test_concat_caches_inverts_a_split_by_sequence():
         concat_caches([])
 
 
+def test_concat_caches_refuses_parts_of_other_models_or_settings_unless_told_what_the_whole_is():
+    cache = synthetic_cache(8, n_layers=4, seed=0)
+    a, b = cache.subset(range(4)), cache.subset(range(4, 8))
+    other = synthetic_cache(3, n_layers=4, seed=1)  # its generator settings differ: allowed
+    renamed = other.with_meta({**other.user_meta, "model": "gpt2"})
+    with pytest.raises(ValueError, match=r"caches\[1\] differs from caches\[0\] in 'model': 'gpt2' != 'synthetic'"):
+        concat_caches([a, renamed])
+    longer = b.with_meta({**b.user_meta, "generation": {**b.user_meta["generation"], "max_new_tokens": 99}})
+    with pytest.raises(ValueError, match=r"in 'generation' -> 'max_new_tokens': 99 != "):
+        concat_caches([a, longer])
+    joined = concat_caches([a, longer], meta={**a.user_meta, "note": "joined"})
+    assert joined.user_meta["note"] == "joined" and joined.n_sequences == 8
+    sharded = b.with_meta({**b.user_meta, "shard": {"index": 1}, "software": {"torch": "x"}})
+    assert concat_caches([a, sharded]).checksum == cache.checksum  # what each part is and where it ran may differ
+    with pytest.raises(TypeError, match="meta must be a dict"):
+        concat_caches([a, b], meta=[("model", "x")])
+
+
 # --------------------------------------------------------------------------------------------------
 # Bad input
 # --------------------------------------------------------------------------------------------------

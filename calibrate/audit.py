@@ -145,7 +145,7 @@ class AuditReport:
     >>> round(report.layer_savings, 2)                 # share of layers skipped at lambda_hat
     0.23
     >>> report.to_frame().columns.tolist()              # calibration and held-out values per grid value
-    ['lambda', 'risk', 'p_value', 'certified', 'avg_layers', 'selected', 'test_risk', 'test_avg_layers']
+    ['lambda', 'tested', 'risk', 'p_value', 'certified', 'avg_layers', 'selected', 'test_risk', 'test_avg_layers']
     """
 
     certificate: Certificate

@@ -344,12 +344,14 @@ class Certificate:
 
     # ---- tables and text ------------------------------------------------------------------------
     def to_frame(self):
-        """The tested path as a :class:`pandas.DataFrame`: lambda, risk, p_value, certified, avg_layers."""
+        """The grid as a :class:`pandas.DataFrame`, a row per value safest first: lambda, tested, risk,
+        p_value, certified, avg_layers (when known) and selected (the row of ``lambda_hat``)."""
         import pandas as pd
 
         frame = pd.DataFrame(
             {
                 "lambda": self.lambdas,
+                "tested": self.tested,
                 "risk": self.risks,
                 "p_value": self.p_values,
                 "certified": self.certified,

@@ -89,7 +89,7 @@ def test_frame_summary_and_repr():
     cert = _cert()
     frame = cert.to_frame()
     assert list(frame["lambda"]) == [0.9, 0.8, 0.7]
-    assert list(frame["selected"]) == [False, True, False]
+    assert list(frame["selected"]) == [False, True, False] and list(frame["tested"]) == [True, True, True]
     assert list(frame["avg_layers"]) == [10.5, 8.25, 3.0]
     text = cert.summary()
     assert "lambda_hat = 0.8" in text and "delta (tolerance) = 0.1" in text and "epsilon (failure probability)" in text

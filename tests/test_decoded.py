@@ -179,6 +179,7 @@ def test_lazy_decoding_stops_at_the_first_failure(model, tokenizer, prompts, cal
     assert f"tested {first_failure + 1} of {len(GRID)} thresholds" in cert.summary()
     frame = cert.to_frame()
     assert frame["risk"].isna().tolist() == [not t for t in cert.tested] and frame["selected"].sum() == 1
+    assert frame["tested"].tolist() == list(cert.tested)
     back = Certificate.from_json(cert.to_json())
     assert back.to_json() == cert.to_json() and back.tested == cert.tested
 

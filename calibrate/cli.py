@@ -104,6 +104,14 @@ def _cmd_audit(args) -> int:
     figure = _figure_iv(args.figure)
     if args.max_new_tokens is None:  # decode as the certificate was calibrated
         args.max_new_tokens = cert.max_new_tokens or 32
+    decodes_exits = cert.knob == "exit_threshold" and (args.model is not None or args.prompts is not None)
+    if args.adapters is not None and not decodes_exits:
+        raise ValueError("--adapters is for decoding an exit_threshold certificate: with --model DIR --prompts FILE")
+    if decodes_exits and args.adapters is None and (cert.heads or {}).get("kind") == "adapters":
+        raise ValueError(
+            "this certificate was calibrated with exit adapters: give the adapters file it was calibrated with "
+            "(--adapters FILE, written by calibrate.adapters.save_adapters; the demo writes adapters.safetensors)"
+        )
     if cert.knob == "token_keep":  # decoded on held-out prompts at each speed-up of the grid
         if args.model is None or args.prompts is None:
             raise ValueError("a token_keep certificate is audited by decoding: give --model DIR and --prompts FILE")
@@ -127,7 +135,7 @@ def _cmd_audit(args) -> int:
             )
         fff, model, inputs, references = _fff_inputs(args)
         report = fff.audit(cert, model, inputs, references=references, batch_size=args.batch_size)
-    elif args.model is not None or args.prompts is not None:  # exit threshold: held-out prompts, runtime-decoded
+    elif decodes_exits:  # held-out prompts, runtime-decoded
         if args.cache is not None or args.model is None or args.prompts is None:
             raise ValueError(
                 "an exit_threshold certificate is audited on a held-out layer cache, or by decoding held-out prompts "
@@ -152,10 +160,16 @@ def _cmd_audit(args) -> int:
 
 
 def _audit_on_prompts(audit, cert, args):
-    """``audit(cert, model, tokenizer, prompts, ...)``: the held-out ``--prompts`` decoded by the ``--model``."""
+    """``audit(cert, model, tokenizer, prompts, ...)``: the held-out ``--prompts`` decoded by the ``--model`` (through
+    the ``--adapters``, when given)."""
     _, read_prompts, load_local = _lat_imports()
     prompts, references = read_prompts(args.prompts)
     model, tokenizer = load_local(args.model, device=args.device, dtype=args.dtype)
+    options = {} if args.batch_size is None else {"batch_size": args.batch_size}
+    if args.adapters is not None:
+        from calibrate.adapters import load_adapters
+
+        options["heads"] = load_adapters(model, args.adapters)
     return audit(
         cert,
         model,
@@ -163,8 +177,8 @@ def _audit_on_prompts(audit, cert, args):
         prompts,
         references=_references(cert.consistency, references),
         max_new_tokens=args.max_new_tokens,
-        **({} if args.batch_size is None else {"batch_size": args.batch_size}),
         progress=True,
+        **options,
     )
 
 
@@ -435,10 +449,9 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "audit", help="check a certificate on a held-out cache, prompts or inputs (exit 1 if risk > delta)",
         description="Check a certificate on held-out data; exit status 1 if the held-out risk exceeds delta. "
-        "exit_threshold: a layer cache (proxy losses), or --model DIR --prompts FILE (decoded by the runtime with "
-        "the model's own head: a certificate calibrated with exit adapters needs the Python API, "
-        "calibrate.audit_decoded(..., heads=...)); token_keep: --model DIR --prompts FILE; fff_depth: --model FILE --inputs FILE, or "
-        "--model DIR --blocks DIR --prompts FILE"
+        "exit_threshold: a layer cache (proxy losses), or --model DIR --prompts FILE (decoded by the runtime; add "
+        "--adapters FILE for a certificate calibrated with exit adapters); token_keep: --model DIR --prompts FILE; "
+        "fff_depth: --model FILE --inputs FILE, or --model DIR --blocks DIR --prompts FILE"
     )
     p.add_argument("certificate", help="certificate JSON")
     p.add_argument("cache", nargs="?", help="held-out layer cache directory or fsspec URL (exit-threshold certificates)")
@@ -449,6 +462,11 @@ def _parser() -> argparse.ArgumentParser:
         "with --blocks the language model's directory",
     )
     p.add_argument("--blocks", help="fff_depth certificates of a language model: its FFF blocks (fff.save_blocks)")
+    p.add_argument(
+        "--adapters",
+        help="exit_threshold certificates calibrated with exit adapters: their file (calibrate.adapters.save_adapters; "
+        "the demo writes adapters.safetensors), decoded through them",
+    )
     p.add_argument("--prompts", help="with --model: held-out prompts to decode, one per line or JSONL")
     p.add_argument(
         "--max-new-tokens", type=int, default=None,

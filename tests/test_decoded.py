@@ -289,6 +289,32 @@ def test_cli_audit_decodes_held_out_prompts_for_an_exit_threshold_certificate(mo
     assert "--model DIR --prompts FILE to decode held-out prompts" in capsys.readouterr().err
 
 
+def test_cli_audit_decodes_through_the_adapters_a_certificate_was_calibrated_with(
+    model, tokenizer, prompts, cache, tmp_path, capsys
+):
+    from calibrate.adapters import save_adapters, train_adapters
+    from calibrate.cli import main
+
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    heads = train_adapters(model, cache, progress=False)
+    save_adapters(heads, tmp_path / "adapters.safetensors")
+    cert = _fit(model, tokenizer, prompts, heads=heads)
+    assert cert.heads["kind"] == "adapters"
+    cert.to_json(tmp_path / "cert.json")
+    held_out = [p for p in _word_prompts(60, seed=5) if p not in prompts][:12]
+    (tmp_path / "held_out.txt").write_text("\n".join(held_out) + "\n", encoding="utf-8")
+    expected = calibrate.audit_decoded(cert, model, tokenizer, held_out, heads=heads, progress=False)
+    argv = ["audit", str(tmp_path / "cert.json"), "--model", str(tmp_path / "model"), "--prompts"]
+    argv += [str(tmp_path / "held_out.txt")]
+    assert main([*argv, "--adapters", str(tmp_path / "adapters.safetensors")]) == (0 if expected.within_tolerance else 1)
+    assert expected.summary() in capsys.readouterr().out
+    assert main(argv) == 2  # without them the runtime would decode through other heads than certified
+    assert "calibrated with exit adapters: give the adapters file" in capsys.readouterr().err
+    assert main(["audit", str(tmp_path / "cert.json"), str(tmp_path), "--adapters", "a.safetensors"]) == 2
+    assert "--adapters is for decoding an exit_threshold certificate" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------------------------------
 # Learned measures and fit(mode="decoded") on a cache
 # --------------------------------------------------------------------------------------------------

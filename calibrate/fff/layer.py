@@ -98,6 +98,14 @@ class FFF(nn.Module):
         Evaluation depth used when :meth:`forward` gets none (None: the whole path); set by
         :func:`calibrate.fff.apply` and :func:`calibrate.fff.at_depth`.
 
+    Raises
+    ------
+    ValueError
+        For a size or depth that is not an int in range, or a tree too large to index.
+    MemoryError
+        When the tree's weights (``4 (2**(depth + 1) - 1) (in_features + out_features + 1)`` bytes) cannot be
+        allocated.
+
     Examples
     --------
     >>> import torch
@@ -128,9 +136,16 @@ class FFF(nn.Module):
         self.activation = activation
         self.eval_depth: int | None = None
         nodes = 2 ** (self.depth + 1) - 1
+        size = f"{nodes:,} neurons, {4 * nodes * (self.in_features + self.out_features + 1) / 2**30:.3g} GiB of float32 weights"
+        if nodes * (self.in_features + self.out_features) >= 2**62:
+            raise ValueError(f"depth={self.depth} is too deep: the tree would have {size}")
         bound_in, bound_out = 1 / math.sqrt(in_features), 1 / math.sqrt(self.depth + 1)
-        self.w_in = nn.Parameter(torch.empty(nodes, in_features).uniform_(-bound_in, bound_in))
-        self.w_out = nn.Parameter(torch.empty(nodes, out_features).uniform_(-bound_out, bound_out))
+        try:
+            w_in, w_out = torch.empty(nodes, in_features), torch.empty(nodes, out_features)
+        except RuntimeError as exc:  # torch's allocator: "can't allocate memory"
+            raise MemoryError(f"FFF(depth={self.depth}) cannot be allocated: its tree has {size}") from exc
+        self.w_in = nn.Parameter(w_in.uniform_(-bound_in, bound_in))
+        self.w_out = nn.Parameter(w_out.uniform_(-bound_out, bound_out))
         if bias:
             self.b_in = nn.Parameter(torch.empty(nodes).uniform_(-bound_in, bound_in))
             self.b_out = nn.Parameter(torch.zeros(out_features))

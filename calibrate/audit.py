@@ -295,8 +295,26 @@ def _mark_certified(ax, cert: Certificate, x: np.ndarray) -> None:
         ax.plot([], [], " ", label=f"{untested.sum()} not tested (fixed-sequence stop)")
 
 
+#: What each loss measures, for axis labels (``risk_*``: excess over the full model's, against the reference).
+_LOSS_LABELS = {
+    "token": "token disagreement",
+    "sequence": "output mismatch",
+    "rouge_l": "1 - ROUGE-L vs full model",
+    "bleu": "1 - BLEU/100 vs full model",
+    "token_f1": "1 - token F1 vs full model",
+    "risk_rouge_l": "excess 1 - ROUGE-L vs reference",
+    "risk_bleu": "excess 1 - BLEU/100 vs reference",
+    "risk_token_f1": "excess 1 - token F1 vs reference",
+    "label": "label disagreement",
+    "risk_label": "new mistakes vs full depth",
+}
+
+
 def _risk_label(cert: Certificate) -> str:
-    return "risk" if cert.consistency is None else f"risk ({cert.consistency})"
+    """The risk axis' label: what the loss measures (``"risk"`` for losses given by hand)."""
+    if cert.consistency is None:
+        return "risk"
+    return f"risk: {_LOSS_LABELS.get(cert.consistency, cert.consistency)}"
 
 
 def _title(cert: Certificate, what: str) -> str:

@@ -52,6 +52,7 @@ def test_audit_figure_marks_delta_and_lambda_hat(split, cert):
     assert np.allclose(delta_line.get_ydata(), 0.15)
     assert layers_ax.get_ylabel() == "average exit layer"
     assert trade_ax.get_xlabel() == "average exit layer"
+    assert risk_ax.get_ylabel() == trade_ax.get_ylabel() == "risk: 1 - ROUGE-L vs full model"  # not "risk (rouge_l)"
     # the grid in tested order, evenly spaced (the default grid crowds near 1), labelled with its lambdas
     hat = next(line for line in risk_ax.get_lines() if line.get_label().startswith("lambda_hat"))
     assert hat.get_xdata()[0] == cert.index
@@ -67,6 +68,14 @@ def test_audit_figure_marks_delta_and_lambda_hat(split, cert):
     full_fig = calibrate.audit(full, split[1]).plot()
     assert full_fig._suptitle.get_text().endswith("; certified: full model only")
     assert not any(line.get_label().startswith(("certified", "lambda_hat")) for line in full_fig.axes[0].get_lines())
+
+
+def test_every_loss_has_a_readable_axis_label():
+    from calibrate.audit import _LOSS_LABELS
+    from calibrate.losses import CONSISTENCIES
+
+    fff_losses = ("label", "risk_label")  # calibrate.fff.calibration.CONSISTENCIES (imports torch)
+    assert set(_LOSS_LABELS) == {*CONSISTENCIES, *fff_losses}
 
 
 def test_audit_figure_of_a_short_grid_draws_points_and_wants_a_figure(split):

@@ -184,7 +184,7 @@ def open_sharded(root: Path | Remote, *, verify: bool, chunks: int | None):
                 f"{root / MANIFEST_FILE} lists shard {name!r} but {where} is missing (not written yet, or failed?)"
             )
     if chunks is None:
-        parts = [_in_shard(name, lambda w=where: open_cache(w, verify=verify)) for name, where in zip(names, roots)]
+        parts = [_in_shard(name, lambda w=where: open_cache(str(w), verify=verify)) for name, where in zip(names, roots)]  # a Remote's str is its URL
         _check_compatible(root, names, [p.meta for p in parts])
         return concat_caches(parts)
 

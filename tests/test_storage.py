@@ -1,5 +1,6 @@
 """Caches at fsspec URLs (``memory://``, ``file://``): the same cache, the same certificate, the same checks."""
 
+import importlib.util
 import re
 import uuid
 
@@ -46,6 +47,18 @@ def test_chunked_fit_at_a_url_equals_the_in_memory_certificate(cache, url):
     for consistency in ("token", "rouge_l"):
         kwargs = dict(delta=0.2, epsilon=0.1, consistency=consistency)
         assert calibrate.fit(lazy, **kwargs) == calibrate.fit(cache, **kwargs)
+
+
+def test_a_sharded_cache_at_a_url_opens_in_memory_and_lazily(cache, url, tmp_path):
+    from calibrate.shards import shard_name, write_manifest
+
+    cache.subset(range(50)).save(tmp_path / shard_name(0, 2))
+    cache.subset(range(50, 120)).save(tmp_path / shard_name(1, 2))
+    write_manifest(tmp_path, 2)
+    fsspec.filesystem("memory").put(str(tmp_path), url.removeprefix("memory://"), recursive=True)  # uploaded
+    assert calibrate.open_cache(url).checksum == cache.checksum  # was "path must be a str or os.PathLike, got Remote"
+    if importlib.util.find_spec("dask") is not None:
+        assert calibrate.open_cache(url, chunks=30).checksum == cache.checksum
 
 
 def test_file_urls_are_local_paths(cache, tmp_path):

@@ -19,6 +19,7 @@ Needs the ``[dask]`` extra (``dask``, ``distributed``) for the Dask parts; openi
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -60,35 +61,55 @@ class ChunkedCache:
 
     path: Path | Remote
     chunks: int
-    meta: dict
-    sequences: pd.DataFrame
-    offsets: np.ndarray
+    _meta: dict
+    _table: pd.DataFrame
+    _offsets: np.ndarray
     sources: tuple[tuple[Path | Remote, int, str], ...]
+
+    def __post_init__(self) -> None:
+        offsets = np.array(self._offsets, dtype=np.int64)  # its own read-only copy, as LayerCache's
+        offsets.flags.writeable = False
+        object.__setattr__(self, "_offsets", offsets)
+
+    @property
+    def meta(self) -> dict:
+        """``meta.json`` (a copy: changing it changes nothing in the cache)."""
+        return copy.deepcopy(self._meta)
+
+    @property
+    def sequences(self) -> pd.DataFrame:
+        """The sequence table, one row per sequence (a copy: changing it changes nothing in the cache)."""
+        return self._table.copy(deep=False)
+
+    @property
+    def offsets(self) -> np.ndarray:
+        """Token offsets of the sequences, int64 ``(n_sequences + 1,)``, read-only."""
+        return self._offsets
 
     # ---- sizes ------------------------------------------------------------------------------------------
     @property
     def n_sequences(self) -> int:
-        return len(self.offsets) - 1
+        return len(self._offsets) - 1
 
     @property
     def n_tokens(self) -> int:
-        return int(self.offsets[-1])
+        return int(self._offsets[-1])
 
     @property
     def n_layers(self) -> int:
-        return int(self.meta["fields"]["topk_ids"]["shape"][1])
+        return int(self._meta["fields"]["topk_ids"]["shape"][1])
 
     @property
     def checksum(self) -> str:
         """The checksum recorded when the cache was written (verified at open with ``verify=True``)."""
-        return self.meta["checksum"]
+        return self._meta["checksum"]
 
     @property
     def user_meta(self) -> dict:
         """The writer's metadata (model, generation, ...), as :attr:`calibrate.LayerCache.user_meta`."""
         from calibrate.cache import _DERIVED_KEYS
 
-        return {k: v for k, v in self.meta.items() if k not in _DERIVED_KEYS}
+        return {k: copy.deepcopy(v) for k, v in self._meta.items() if k not in _DERIVED_KEYS}
 
     @property
     def partitions(self) -> list[tuple[int, int]]:
@@ -121,10 +142,10 @@ class ChunkedCache:
         parts: dict[str, list] = {name: [] for name in self._array_specs()}
         for root, first, end, checksum in self._spans():
             _unchanged(root, checksum)
-            base = int(self.offsets[first])
+            base = int(self._offsets[first])
             for name, spec in self._array_specs().items():
                 for a, b in _ranges(first, end, self.chunks):
-                    lo, hi = int(self.offsets[a]) - base, int(self.offsets[b]) - base
+                    lo, hi = int(self._offsets[a]) - base, int(self._offsets[b]) - base
                     block = dask.delayed(_read_checked, pure=True)(root, name, spec, lo, hi, checksum)
                     shape = (hi - lo, *spec["shape"][1:])
                     parts[name].append(da.from_delayed(block, shape=shape, dtype=_field_dtype(name)))
@@ -132,7 +153,7 @@ class ChunkedCache:
 
     def load(self, first: int, stop: int):
         """Sequences ``[first, stop)`` as an in-memory :class:`~calibrate.LayerCache` (values checked)."""
-        return self._load(first, stop, self.sequences.iloc[first:stop], tuple(self._array_specs()))
+        return self._load(first, stop, self._table.iloc[first:stop], tuple(self._array_specs()))
 
     def take(self, indices) -> LayerCache:
         """Some sequences, in increasing order, as one in-memory :class:`~calibrate.LayerCache`.
@@ -154,7 +175,7 @@ class ChunkedCache:
 
         idx = np.sort(_subset_iv(indices, self.n_sequences))
         offsets = np.zeros(idx.size + 1, dtype=np.int64)
-        np.cumsum(np.diff(self.offsets)[idx], out=offsets[1:])
+        np.cumsum(np.diff(self._offsets)[idx], out=offsets[1:])
         specs = self._array_specs()
         arrays = {
             name: np.empty((int(offsets[-1]), *spec["shape"][1:]), dtype=_field_dtype(name))
@@ -164,11 +185,11 @@ class ChunkedCache:
         for first, stop in self.partitions:
             keep = idx[(idx >= first) & (idx < stop)] - first
             if keep.size:
-                part = self._load(first, stop, self.sequences.iloc[first:stop].iloc[keep], tuple(specs), keep)
+                part = self._load(first, stop, self._table.iloc[first:stop].iloc[keep], tuple(specs), keep)
                 for name, a in part.arrays.items():
                     arrays[name][done : done + a.shape[0]] = a
                 done += part.n_tokens
-        old = self.sequences.iloc[idx]
+        old = self._table.iloc[idx]
         table = _make_table(
             ids=old["id"].tolist(),
             prompts=old["prompt"].tolist(),
@@ -177,7 +198,7 @@ class ChunkedCache:
             full_tokens=arrays["full_tokens"],
             offsets=offsets,
         )
-        return LayerCache._trusted(table, arrays, offsets, int(self.meta["vocab_size"]), self.meta, self._vocab())
+        return LayerCache._trusted(table, arrays, offsets, int(self._meta["vocab_size"]), self._meta, self._vocab())
 
     def _load(self, first: int, stop: int, table: pd.DataFrame, fields: tuple[str, ...], keep=None):
         """:meth:`load` of some arrays only, with the sequences' rows of the table given (a task gets its rows).
@@ -193,21 +214,21 @@ class ChunkedCache:
             raise ValueError(
                 f"sequence range [{first}, {stop}) crosses the end of a shard at {end}; load the parts apart"
             )
-        lo, hi = int(self.offsets[first]), int(self.offsets[stop])
-        base = int(self.offsets[start])  # token offset of the shard's first sequence
+        lo, hi = int(self._offsets[first]), int(self._offsets[stop])
+        base = int(self._offsets[start])  # token offset of the shard's first sequence
         specs = self._array_specs()
         arrays = {name: _read_checked(root, name, specs[name], lo - base, hi - base, checksum) for name in fields}
-        offsets = self.offsets[first : stop + 1] - lo
+        offsets = self._offsets[first : stop + 1] - lo
         if keep is not None:
             rows, offsets = token_rows(offsets, np.asarray(keep, dtype=np.int64))
             arrays = {name: a[rows] for name, a in arrays.items()}
-        _check_values(arrays, int(self.meta["vocab_size"]))
+        _check_values(arrays, int(self._meta["vocab_size"]))
         table = table.reset_index(drop=True)
         table["offset"] = offsets[:-1]  # the part's own token offsets, as its arrays are sliced
-        return LayerCache._trusted(table, arrays, offsets, int(self.meta["vocab_size"]), self.meta, self._vocab())
+        return LayerCache._trusted(table, arrays, offsets, int(self._meta["vocab_size"]), self._meta, self._vocab())
 
     def _array_specs(self) -> dict:
-        return {name: spec for name, spec in self.meta["fields"].items() if spec.get("kind") == "array"}
+        return {name: spec for name, spec in self._meta["fields"].items() if spec.get("kind") == "array"}
 
     def _fields_for(self, measure: str) -> tuple[str, ...]:
         """The arrays a partition's losses read: tokens and the measure (stored, or what it is computed from)."""
@@ -221,7 +242,7 @@ class ChunkedCache:
         """The vocab, read again and refused if it is not the one the cache was opened with."""
         from calibrate.cache import _hash_strings, _read_vocab
 
-        root, spec = self.sources[0][0], self.meta["fields"].get("vocab")
+        root, spec = self.sources[0][0], self._meta["fields"].get("vocab")
         vocab = _read_vocab(root, spec)
         if vocab is not None and _hash_strings(tuple(vocab)) != spec.get("checksum"):
             raise ValueError(
@@ -292,9 +313,9 @@ class ChunkedCache:
                 idx = np.sort(_subset_iv(sequences, self.n_sequences))
             except (TypeError, ValueError) as exc:
                 raise type(exc)(f"sequences: {exc}") from exc
-        _consistency_iv(consistency, self.sequences.iloc[idx])  # here, not once per task on the workers
+        _consistency_iv(consistency, self._table.iloc[idx])  # here, not once per task on the workers
         # One copy per worker of everything but the table; each task gets its own rows of the columns it reads.
-        cache = dask.delayed(dataclasses.replace(self, sequences=self.sequences.iloc[:0]), pure=True, traverse=False)
+        cache = dask.delayed(dataclasses.replace(self, _table=self._table.iloc[:0]), pure=True, traverse=False)
         state = None if measure_state is None else dask.delayed(measure_state, pure=True, traverse=False)
         columns, fields = _columns_for(consistency), self._fields_for(measure)
         tasks = []
@@ -303,7 +324,7 @@ class ChunkedCache:
             if keep.size == 0:
                 continue
             whole = keep.size == b - a
-            rows = self.sequences.iloc[a:b].iloc[keep][columns]
+            rows = self._table.iloc[a:b].iloc[keep][columns]
             tasks.append(
                 dask.delayed(_partition_losses, pure=True)(
                     cache, a, b, rows, fields, measure, consistency, lam, decay, None if whole else keep, state
@@ -315,7 +336,7 @@ class ChunkedCache:
             parts = client.gather(client.compute(tasks, retries=retries))
         losses = np.concatenate([p[0] for p in parts], axis=0)
         layer_sums = np.sum([p[1] for p in parts], axis=0)  # integer-valued: exact in any order
-        n_tokens = int(np.diff(self.offsets)[idx].sum())
+        n_tokens = int(np.diff(self._offsets)[idx].sum())
         return LossTable(losses, lam, "proxy", consistency, layer_sums / n_tokens, self.n_layers)
 
 

@@ -32,6 +32,18 @@ def test_open_lazily_reads_no_token_array(saved, monkeypatch):
     assert lazy.checksum == cache.checksum and lazy.user_meta == cache.user_meta
 
 
+def test_what_a_lazy_cache_hands_out_are_copies(saved):
+    cache, path = saved
+    lazy = calibrate.open_cache(path, chunks=50)
+    before = calibrate.fit(lazy, delta=0.2, epsilon=0.1, consistency="rouge_l", decay=0.5)
+    lazy.sequences["output"] = "x"  # an edit of the handed-out table changed the losses, not the checksum
+    lazy.user_meta["generation"]["max_new_tokens"] = 4  # ... and the decay's N
+    lazy.meta["fields"].clear()
+    with pytest.raises(ValueError, match="read-only"):
+        lazy.offsets[1] = 0
+    assert calibrate.fit(lazy, delta=0.2, epsilon=0.1, consistency="rouge_l", decay=0.5) == before
+
+
 def test_partitions_and_dask_arrays_equal_the_cache(saved):
     cache, path = saved
     lazy = calibrate.open_cache(path, chunks=64)

@@ -1678,9 +1678,14 @@ def _open_array(root: Path | Remote, name: str, spec: dict) -> Any:
         raise ValueError(
             f"array {name!r} at {where} has shape {list(z.shape)} but {_META_FILE} says {spec.get('shape')}"
         )
+    _chunk_files_iv(z, name, where)
+    return z
+
+
+def _chunk_files_iv(z, name: str, where) -> None:
+    """Refuse a zarr array (``name`` at ``where``) some of whose chunk files are missing (zarr reads fill values)."""
     if z.nchunks_initialized != z.nchunks:
         raise ValueError(f"array {name!r} at {where} is missing {z.nchunks - z.nchunks_initialized} chunk file(s)")
-    return z
 
 
 def _read_array(root: Path | Remote, name: str, z) -> np.ndarray:

@@ -205,7 +205,9 @@ class ChunkedCache:
 
         ``keep``: the sequences to keep, as sorted indices from ``first`` (``table`` holds only their rows).
         """
-        from calibrate.cache import LayerCache, _check_values, token_rows
+        import zarr
+
+        from calibrate.cache import LayerCache, _check_values, _chunk_files_iv, token_rows
 
         if not 0 <= first < stop <= self.n_sequences:
             raise ValueError(f"sequence range [{first}, {stop}) is outside [0, {self.n_sequences})")
@@ -222,7 +224,15 @@ class ChunkedCache:
         if keep is not None:
             rows, offsets = token_rows(offsets, np.asarray(keep, dtype=np.int64))
             arrays = {name: a[rows] for name, a in arrays.items()}
-        _check_values(arrays, int(self._meta["vocab_size"]))
+        try:
+            _check_values(arrays, int(self._meta["vocab_size"]))
+        except ValueError as exc:  # chunk files deleted since opening read as fill values: name them instead
+            for name in fields:
+                where = root / specs[name]["path"]
+                _chunk_files_iv(zarr.open_array(store=str(where), mode="r"), name, where)
+            raise ValueError(
+                f"sequences [{first}, {stop}) of {root} (token indices below count from its token {lo - base}): {exc}"
+            ) from exc
         table = table.reset_index(drop=True)
         table["offset"] = offsets[:-1]  # the part's own token offsets, as its arrays are sliced
         return LayerCache._trusted(table, arrays, offsets, int(self._meta["vocab_size"]), self._meta, self._vocab())

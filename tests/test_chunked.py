@@ -329,6 +329,25 @@ def test_cli_fit_with_chunks_reports_a_corrupted_cache(saved, tmp_path, capsys):
     assert "cannot read array 'full_tokens'" in capsys.readouterr().err
 
 
+def test_arrays_damaged_after_a_lazy_open_are_named(saved, tmp_path):
+    import shutil
+
+    import zarr
+
+    _, path = saved
+    copy = tmp_path / "copy"
+    shutil.copytree(path, copy)
+    lazy = calibrate.open_cache(copy, chunks=50)
+    z = zarr.open_array(store=str(copy / "arrays/softmax_gap"), mode="r+")
+    z[lazy.offsets[60] + 2] = np.nan  # other values in place, meta.json untouched
+    where = rf"sequences \[50, 100\) of {copy} \(token indices below count from its token {lazy.offsets[50]}\)"
+    with pytest.raises(ValueError, match=where + ": array 'softmax_gap' must be finite"):
+        calibrate.fit(lazy)
+    shutil.rmtree(copy / "arrays/softmax_gap/c")  # its chunks read as NaN fill values: was "must be finite"
+    with pytest.raises(ValueError, match=r"array 'softmax_gap' at .* is missing \d+ chunk file\(s\)"):
+        calibrate.fit(lazy)
+
+
 def test_a_cache_saved_over_a_lazily_opened_one_is_refused(saved, tmp_path):
     """Same shapes, other values: the tasks would read the new cache and stamp the old checksum on the certificate."""
     cache, _ = saved

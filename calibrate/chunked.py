@@ -273,6 +273,7 @@ class ChunkedCache:
         sequences=None,
         client=None,
         retries: int = 2,
+        progress: bool = False,
     ):
         """The proxy-mode :class:`~calibrate.LossTable` of the cache, one Dask task per partition.
 
@@ -294,6 +295,8 @@ class ChunkedCache:
             another in this process.
         retries : int, default=2
             Times a failed task is retried on the workers (with a client).
+        progress : bool, default=False
+            Show a progress bar over the partitions (as they finish).
 
         Returns
         -------
@@ -301,6 +304,7 @@ class ChunkedCache:
             Equal to the in-memory ``proxy_losses`` on the same sequences.
         """
         import dask
+        from tqdm.auto import tqdm
 
         from calibrate.cache import _subset_iv
         from calibrate.exits import _lambdas_iv, default_lambdas
@@ -315,6 +319,9 @@ class ChunkedCache:
                 f"measures.learned.train_measure) and refused for the others; got measure={measure!r} and "
                 f"measure_state={'None' if measure_state is None else 'a dict'}"
             )
+        _client_iv(client)
+        if isinstance(retries, bool) or not isinstance(retries, (int, np.integer)) or retries < 0:
+            raise ValueError(f"retries must be an int >= 0, got {retries!r}")
         lam = _lambdas_iv(default_lambdas(decay=decay is not None) if lambdas is None else lambdas)
         if sequences is None:
             idx = np.arange(self.n_sequences)
@@ -340,14 +347,33 @@ class ChunkedCache:
                     cache, a, b, rows, fields, measure, consistency, lam, decay, None if whole else keep, state
                 )
             )
-        if client is None:
-            parts = dask.compute(*tasks, scheduler="synchronous")
-        else:
-            parts = client.gather(client.compute(tasks, retries=retries))
+        bar = tqdm(total=len(tasks), desc=f"{consistency} losses", unit="partition", disable=not progress)
+        with bar:
+            if client is None:
+                parts = []
+                for task in tasks:
+                    parts.append(task.compute(scheduler="synchronous"))
+                    bar.update()
+            else:
+                from distributed import as_completed
+
+                futures = client.compute(tasks, retries=retries)
+                for _ in as_completed(futures):
+                    bar.update()
+                parts = client.gather(futures)
         losses = np.concatenate([p[0] for p in parts], axis=0)
         layer_sums = np.sum([p[1] for p in parts], axis=0)  # integer-valued: exact in any order
         n_tokens = int(np.diff(self._offsets)[idx].sum())
         return LossTable(losses, lam, "proxy", consistency, layer_sums / n_tokens, self.n_layers)
+
+
+def _client_iv(client) -> None:
+    """Refuse a ``client`` that is not a Dask client (e.g. the scheduler's address), before any work."""
+    if client is not None and not (callable(getattr(client, "compute", None)) and callable(getattr(client, "gather", None))):
+        raise TypeError(
+            f"client must be a dask.distributed.Client or None, got {type(client).__name__} (for a scheduler "
+            "address: client=distributed.Client('tcp://host:8786'))"
+        )
 
 
 def _ranges(first: int, stop: int, step: int) -> list[tuple[int, int]]:

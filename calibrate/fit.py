@@ -327,21 +327,24 @@ def _examples(cache) -> set[tuple[str, str]]:
     return {(p, o) for p, o in zip(table["prompt"].fillna(""), table["output"].fillna("")) if p or o}
 
 
-def _chunked_table(cache, *, measure, consistency, lambdas, decay, train_fraction, seed, train_cache, client):
+def _chunked_table(cache, *, measure, consistency, lambdas, decay, train_fraction, seed, train_cache, client, progress):
     """fit's data step on a :class:`~calibrate.chunked.ChunkedCache`, as :func:`_proxy_table` in memory.
 
     A learned measure trains on the same seeded split (read into memory) or ``train_cache``; the workers
     rebuild it from its JSON state and compute the calibration sequences' losses per partition.
     """
+    from calibrate.chunked import _client_iv
     from measures.learned import train_measure
 
     _measure_iv(measure)
     seed_iv(seed)
+    _client_iv(client)  # before a learned measure's training
     train, rows = _calibration_split(cache, measure, train_fraction, seed, train_cache)
+    run = dict(client=client, progress=progress)
     if train is None:
-        return cache.loss_table(measure, consistency, lambdas, decay, client=client), None, 0
+        return cache.loss_table(measure, consistency, lambdas, decay, **run), None, 0
     state = train_measure(measure, train, seed=int(seed)).to_dict()
-    table = cache.loss_table(measure, consistency, lambdas, decay, measure_state=state, sequences=rows, client=client)
+    table = cache.loss_table(measure, consistency, lambdas, decay, measure_state=state, sequences=rows, **run)
     return table, state, train.n_sequences
 
 
@@ -515,7 +518,9 @@ def fit(
         if decode is not None:
             raise ValueError("decode is not supported with a chunked cache (it decodes with its vocab)")
         decay = _decay_iv(decay, cache)
-        table, measure_state, n_train = _chunked_table(cache, decay=decay, client=client, **options)
+        table, measure_state, n_train = _chunked_table(
+            cache, decay=decay, client=client, progress=bool(progress), **options
+        )
     elif client is not None:
         raise ValueError(
             "client= runs a chunked cache on Dask: open the cache with calibrate.open_cache(path, chunks=n)"

@@ -147,7 +147,7 @@ def test_tasks_carry_only_the_table_columns_they_read(saved, monkeypatch):
     assert seen == [["id", "n_tokens", "offset"]] * 3 + [["id", "n_tokens", "offset", "reference"]] * 3
 
 
-def test_fit_on_a_local_cluster_retries_a_failing_task(saved, tmp_path):
+def test_fit_on_a_local_cluster_retries_a_failing_task(saved, tmp_path, capsys):
     distributed = pytest.importorskip("distributed")
     cache, path = saved
     lazy = calibrate.open_cache(path, chunks=60)
@@ -166,13 +166,27 @@ def test_fit_on_a_local_cluster_retries_a_failing_task(saved, tmp_path):
     try:
         with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as lc:
             with distributed.Client(lc) as client:
-                cert = calibrate.fit(lazy, delta=0.2, epsilon=0.1, client=client)
+                cert = calibrate.fit(lazy, delta=0.2, epsilon=0.1, client=client, progress=True)
     finally:
         chunked._partition_losses = original
     assert flag.exists() and cert == calibrate.fit(cache, delta=0.2, epsilon=0.1)
+    err = capsys.readouterr().err  # a bar over the partitions as they finish (was none: progress ignored)
+    assert "token losses: 100%" in err and "| 4/4 [" in err
 
 
-def test_bad_input(saved):
+def test_progress_bar_over_the_partitions(saved, capsys):
+    _, path = saved
+    lazy = calibrate.open_cache(path, chunks=50)
+    calibrate.fit(lazy, delta=0.2, epsilon=0.1, consistency="rouge_l", progress=True)
+    err = capsys.readouterr().err
+    assert "rouge_l losses: 100%" in err and "| 5/5 [" in err
+    calibrate.fit(lazy, delta=0.2, epsilon=0.1)  # proxy mode's default: quiet
+    assert capsys.readouterr().err == ""
+
+
+def test_bad_input(saved, monkeypatch):
+    import measures.learned
+
     cache, path = saved
     lazy = calibrate.open_cache(path, chunks=50)
     with pytest.raises(ValueError, match="measure must be one of"):
@@ -191,6 +205,12 @@ def test_bad_input(saved):
         calibrate.open_cache(path, chunks=0)
     with pytest.raises(ValueError, match="client= runs a chunked cache"):
         calibrate.fit(cache, client=object())
+    with monkeypatch.context() as m:
+        m.setattr(measures.learned, "train_measure", lambda *a, **k: pytest.fail("trained before checking client"))
+        with pytest.raises(TypeError, match=r"client must be a dask.distributed.Client or None, got str \(for a s"):
+            calibrate.fit(lazy, measure="classifier", client="tcp://127.0.0.1:8786")
+    with pytest.raises(ValueError, match="retries must be an int >= 0"):
+        lazy.loss_table(retries=-1)
     with pytest.raises(ValueError, match="outside"):
         lazy.load(10, 300)
 

@@ -239,7 +239,7 @@ class AuditReport:
         ax_trade.plot(self.avg_layers, self.risks, color="C1", label="held-out", **dots)
         ax_trade.set(xlabel="average exit layer", ylabel=risk_label, title="Trade-off")
         for ax in (ax_risk, ax_trade):
-            ax.axhline(cert.delta, color="k", linestyle="--", linewidth=1, label=f"delta = {cert.delta:g}")
+            _mark_delta(ax, cert.delta)
         ticks = np.unique(np.linspace(0, lam.size - 1, min(lam.size, 7)).round().astype(int))
         for ax in (ax_risk, ax_layers):
             ax.set_xticks(ticks, [f"{v:.4g}" for v in lam[ticks]])
@@ -264,7 +264,7 @@ class AuditReport:
         ax.plot(x, cert.risks, "o--", label=f"calibration (n={cert.n})")
         ax.plot(x, self.risks, "s-", label=f"held-out (n={self.n})")
         _mark_certified(ax, cert, x)
-        ax.axhline(cert.delta, color="k", linestyle="--", linewidth=1, label=f"delta = {cert.delta:g}")
+        _mark_delta(ax, cert.delta)
         if cert.lambda_hat is not None:
             at = 1.0 / cert.lambda_hat if speedup else cert.lambda_hat
             unit = "x speed-up" if speedup else " depth"
@@ -277,10 +277,18 @@ class AuditReport:
             ax.set(xlabel="evaluation depth (faster to the right)")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # depths are whole levels of the tree
             ax.invert_xaxis()
-        ax.set(ylabel=_risk_label(cert), title=_title(cert, title))
+        ax.set(ylabel=_risk_label(cert))
+        ax.set_title(_title(cert, title, sep="\n"), fontsize=10)  # one panel: too narrow for one line
         ax.legend(fontsize=8)
         _tight(fig)
         return fig
+
+
+def _mark_delta(ax, delta: float) -> None:
+    """The tolerance as a dashed line, inside the risk axis even when every risk lies above it."""
+    ax.axhline(delta, color="k", linestyle="--", linewidth=1, label=f"delta = {delta:g}")
+    if ax.get_ylim()[0] > 0:  # risks and delta are >= 0: show from 0, not from the line itself
+        ax.set_ylim(bottom=0.0)
 
 
 def _mark_certified(ax, cert: Certificate, x: np.ndarray) -> None:
@@ -317,12 +325,13 @@ def _risk_label(cert: Certificate) -> str:
     return f"risk: {_LOSS_LABELS.get(cert.consistency, cert.consistency)}"
 
 
-def _title(cert: Certificate, what: str) -> str:
-    """A figure title: what, the mode, the guarantee's level, decay, and "full model only" when so."""
+def _title(cert: Certificate, what: str, sep: str = ", ") -> str:
+    """A figure title: what and the mode, then (after ``sep``) the guarantee's level, decay, and "full model
+    only" when so."""
     level = "conformal risk control" if cert.method == "crc" else f"epsilon = {cert.epsilon:g}"
     decay = "" if cert.decay is None else f", decaying threshold (tau = {cert.decay['tau']:g})"
     full = "; certified: full model only" if cert.lambda_hat is None else ""
-    return f"{what} ({cert.mode} mode), {level}{decay}{full}"
+    return f"{what} ({cert.mode} mode){sep}{level}{decay}{full}"
 
 
 def audit(cert: Certificate, test_cache, *, decode=None, progress: bool = False) -> AuditReport:

@@ -204,7 +204,14 @@ def test_knob_figures_of_hand_made_certificates_name_no_none():
 
     cert = calibrate.certify(np.zeros((200, 3)), [1.0, 0.5, 0.25], delta=0.1, knob="token_keep")
     ax = _held_out_report(cert, 50, [0.0, 0.01, 0.02]).plot().axes[0]
-    assert ax.get_ylabel() == "risk" and ax.get_title() == "Token elimination (user mode), epsilon = 0.05"
+    assert ax.get_ylabel() == "risk" and ax.get_title() == "Token elimination (user mode)\nepsilon = 0.05"
+    failed = calibrate.certify(np.full((200, 3), 0.5), [1.0, 0.5, 0.25], delta=0.1, knob="token_keep")
+    fig = _held_out_report(failed, 50, [0.5, 0.5, 0.5]).plot()
+    ax = fig.axes[0]
+    assert ax.get_title().endswith("\nepsilon = 0.05; certified: full model only") and ax.get_ylim()[0] <= 0.0
+    fig.canvas.draw()  # the title within the figure (one line was cut at both ends, "full model only" with it)
+    box = ax.title.get_window_extent()
+    assert box.x0 >= 0 and box.x1 <= fig.bbox.x1 and box.y1 <= fig.bbox.y1
     import matplotlib.pyplot as plt
 
     plt.close("all")

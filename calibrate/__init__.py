@@ -20,10 +20,10 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 
 from calibrate import bounds, fwer
 from calibrate.audit import AuditReport, ValidityReport, audit, validity
-from calibrate.cache import LayerCache, open_cache
+from calibrate.cache import LayerCache, concat_caches, open_cache
 from calibrate.certificate import Certificate
 from calibrate.crc import conformal_risk_control
-from calibrate.exits import Decay, average_layers, default_lambdas, exit_layers
+from calibrate.exits import Decay, average_layers, default_lambdas, exit_layers, with_decay_headroom
 from calibrate.fit import certify, fit
 from calibrate.losses import LossTable, proxy_losses, user_losses
 from calibrate.synthetic import synthetic_cache
@@ -34,7 +34,6 @@ _LAZY = {
     "ExitHeads": "calibrate.heads",
     "SUPPORTED_ARCHITECTURES": "calibrate.heads",
     "extract": "calibrate.extraction",
-    "concat_caches": "calibrate.cache",
     "read_prompts": "calibrate.extraction",
     "rehead": "calibrate.extraction",
     "fit_decoded": "calibrate.decoded",
@@ -93,4 +92,5 @@ __all__ = [
     "train_adapters",
     "user_losses",
     "validity",
+    "with_decay_headroom",
 ]

@@ -177,6 +177,7 @@ class AuditReport:
         return frame
 
     def summary(self) -> str:
+        """A few lines: held-out risk at the certified value against delta, and (exit thresholds) layers used."""
         cert = self.certificate
         verdict = "within" if self.within_tolerance else "ABOVE"
         if cert.knob != "exit_threshold":
@@ -431,6 +432,7 @@ class ValidityReport:
 
     @property
     def trials(self) -> int:
+        """Number of random splits."""
         return self.test_risks.size
 
     @property
@@ -449,6 +451,7 @@ class ValidityReport:
         return float(np.mean(np.isnan(self.lambda_hats)))
 
     def summary(self) -> str:
+        """One line: the violation rate against epsilon, the naive rule's, and how often only the full model."""
         return (
             f"Validity over {_plural(self.trials, 'random split')}: violation rate {self.violation_rate:.3f} "
             f"(epsilon = {self.epsilon:g}); naive rule {self.naive_violation_rate:.3f}; "

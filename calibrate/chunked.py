@@ -89,14 +89,17 @@ class ChunkedCache:
     # ---- sizes ------------------------------------------------------------------------------------------
     @property
     def n_sequences(self) -> int:
+        """Number of sequences."""
         return len(self._offsets) - 1
 
     @property
     def n_tokens(self) -> int:
+        """Number of generated tokens, all sequences together."""
         return int(self._offsets[-1])
 
     @property
     def n_layers(self) -> int:
+        """Number of layers ``L`` (the last is the full model)."""
         return int(self._meta["fields"]["topk_ids"]["shape"][1])
 
     @property

@@ -6,8 +6,8 @@ Two defaults:
   package descriptions in one sentence. Extract a layer cache of the train split with hidden states, fit
   per-layer exit adapters on it, extract the calibration and test splits through the adapted heads, certify
   a threshold per confidence measure (delta, epsilon; the learned measures train on the train split),
-  audit each on the held-out split, then decode the
-  held-out prompts with the early-exit runtime and the certificate and time it against the full model.
+  audit each on the held-out split, then decode the held-out prompts with the early-exit runtime and each
+  certificate whose measure the runtime evaluates, and time it against the full model.
 - :func:`synthetic_demo` (no model needed): the same certification and audit on a synthetic cache, plus a
   validity study (repeated random splits).
 

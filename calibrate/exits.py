@@ -84,6 +84,7 @@ class Decay:
         return np.clip(0.9 * lam + 0.1 * np.exp(-self.tau * pos / self.max_len), 0.0, 1.0)
 
     def to_dict(self) -> dict:
+        """``{"max_len": N, "tau": tau}``, as certificates record it."""
         return {"max_len": int(self.max_len), "tau": float(self.tau)}
 
 

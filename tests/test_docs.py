@@ -50,6 +50,35 @@ def test_every_public_module_has_a_page():
     assert not [p for p in pages - {"index"} if p not in index], "an API page is missing from docs/api/index.rst"
 
 
+def test_the_calibrate_page_lists_what_calibrate_exports():
+    import re
+
+    listed = set(re.findall(r"^   ~[\w.]+\.(\w+)$", (DOCS / "api" / "calibrate.rst").read_text(), flags=re.M))
+    assert listed and not listed - set(calibrate.__all__), "the page says every name is importable from calibrate"
+    assert all(hasattr(calibrate, name) for name in listed)
+
+
+def test_public_methods_and_properties_have_docstrings():
+    import importlib
+    import inspect
+
+    missing = []
+    for package in (calibrate, measures):
+        names = [package.__name__] + [m.name for m in pkgutil.walk_packages(package.__path__, package.__name__ + ".")]
+        for name in names:
+            if any(part.startswith("_") for part in name.split(".")):
+                continue
+            module = importlib.import_module(name)
+            for cls_name, cls in vars(module).items():
+                if cls_name.startswith("_") or not inspect.isclass(cls) or cls.__module__ != name:
+                    continue
+                for attr, value in vars(cls).items():
+                    public = not attr.startswith("_") and (inspect.isfunction(value) or isinstance(value, property))
+                    if public and not inspect.getdoc(value if isinstance(value, property) else getattr(cls, attr)):
+                        missing.append(f"{name}.{cls_name}.{attr}")
+    assert not missing, f"no docstring: {missing}"
+
+
 @pytest.mark.parametrize("page", ["getting_started.md", "concepts.md"])
 def test_page_examples_run(page, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the examples write files

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,7 +34,7 @@ def _certificate_losses(cert: Certificate, cache, *, decode=None, progress=False
             "audit needs an exit-threshold certificate made by calibrate.fit (with a measure and a "
             f"consistency); got knob={cert.knob!r}, measure={cert.measure!r}, consistency={cert.consistency!r}"
         )
-    from calibrate.cache import _in_memory_iv
+    from calibrate.cache import _first_difference, _in_memory_iv, _loaded_by_name
 
     _in_memory_iv(cache, "the test cache")
     if cert.cache_checksum is not None and cert.cache_checksum == cache.checksum:
@@ -49,12 +50,17 @@ def _certificate_losses(cert: Certificate, cache, *, decode=None, progress=False
         )
     if cert.n_layers is not None and cache.n_layers != cert.n_layers:
         raise ValueError(f"the cache has {cache.n_layers} layers but the certificate was made for {cert.n_layers}")
+    meta = cache.user_meta
     for what in ("model", "heads"):
-        made, here = getattr(cert, what), cache.user_meta.get(what)
-        if made is not None and here is not None and made != here:
+        made, here = getattr(cert, what), meta.get(what)
+        if made is None or here is None or _loaded_by_name(what, {"heads": cert.heads}, meta):
+            continue
+        made = dict(made) if isinstance(made, Mapping) else made  # the certificate's read-only mapping
+        if made != here:
+            path, mine, theirs = _first_difference((what,), here, made)
             raise ValueError(
-                f"the cache was extracted with other {what} than the certificate was calibrated with "
-                f"(cache {here!r}, certificate {made!r})"
+                f"the cache was extracted with other {what} than the certificate was calibrated with: {path} is "
+                f"{mine!r:.80} in the cache, {theirs!r:.80} in the certificate"
             )
     decay = None if cert.decay is None else Decay(**cert.decay)
     conf = _certificate_confidence(cert, cache)

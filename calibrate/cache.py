@@ -694,6 +694,13 @@ _PART_KEYS = ("shard", "sharding")
 _MAY_DIFFER = (*_PART_KEYS, "software", "synthetic")
 
 
+def _loaded_by_name(key: str, a: Mapping, b: Mapping) -> bool:
+    """Whether metadata ``key`` only names where the model or tokenizer was loaded from (a path as typed,
+    which differs between machines and spellings) while both ``a`` and ``b`` identify the model by its
+    weights (``heads["model_digest"]``): then the names may differ."""
+    return key in ("model", "tokenizer") and all((m.get("heads") or {}).get("model_digest") for m in (a, b))
+
+
 def _first_difference(keys: tuple, a, b) -> tuple[str, object, object]:
     """The first nested key where two metadata values differ, e.g. ``'generation' -> 'max_new_tokens'``."""
     if isinstance(a, dict) and isinstance(b, dict):
@@ -764,7 +771,7 @@ def concat_caches(caches: Sequence[LayerCache], *, meta: dict | None = None) -> 
         if meta is None:
             mine, theirs = c.user_meta, first.user_meta
             for key in sorted(set(mine) | set(theirs)):
-                if key not in _MAY_DIFFER and mine.get(key) != theirs.get(key):
+                if key not in _MAY_DIFFER and mine.get(key) != theirs.get(key) and not _loaded_by_name(key, mine, theirs):
                     path, a, b = _first_difference((key,), mine.get(key), theirs.get(key))
                     raise ValueError(
                         f"caches[{i}] differs from caches[0] in {path}: {a!r:.120} != {b!r:.120} (another model or "

@@ -297,13 +297,14 @@ def _calibration_split(cache, measure: str, train_fraction: float, seed: int, tr
 
 def _train_cache_iv(train_cache, cache):
     """``train_cache``, checked: a LayerCache other than ``cache``, from the same model and heads."""
-    from calibrate.cache import _in_memory_iv
+    from calibrate.cache import _in_memory_iv, _loaded_by_name
 
     _in_memory_iv(train_cache, "train_cache")
     if train_cache.checksum == cache.checksum:
         raise ValueError("train_cache is the calibration cache itself; the measure must train on other sequences")
+    train_meta, meta = train_cache.user_meta, cache.user_meta
     for what in ("heads", "model"):
-        if train_cache.user_meta.get(what) != cache.user_meta.get(what):
+        if train_meta.get(what) != meta.get(what) and not _loaded_by_name(what, train_meta, meta):
             raise ValueError(
                 f"train_cache and the calibration cache were extracted with different {what} "
                 f"({train_cache.user_meta.get(what)!r} vs {cache.user_meta.get(what)!r}); "

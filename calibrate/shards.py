@@ -29,6 +29,7 @@ from calibrate.cache import (
     _first_difference,
     _hash_strings,
     _hash_table,
+    _loaded_by_name,
     _read_vocab,
     concat_caches,
     open_cache,
@@ -261,7 +262,7 @@ def _check_compatible(root, names: list[str], metas: list[dict]) -> None:
     first = metas[0]
     for i, (name, meta) in enumerate(zip(names, metas)):
         for key in sorted(set(first) | set(meta)):
-            if key in _PER_SHARD_KEYS or key == "fields":
+            if key in _PER_SHARD_KEYS or key == "fields" or _loaded_by_name(key, meta, first):
                 continue
             if meta.get(key) != first.get(key):
                 path, mine, theirs = _first_difference((key,), meta.get(key), first.get(key))

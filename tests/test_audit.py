@@ -131,6 +131,18 @@ def test_audit_refuses_other_certificates(split, cert):
         calibrate.audit(dataclasses.replace(cert, model=None, heads={"kind": "logit_lens"}), adapted)
 
 
+def test_a_model_loaded_by_another_path_is_the_same_model(split, cert):
+    heads = {"kind": "logit_lens", "model_digest": "d1"}
+    test = split[1].with_meta({**split[1].user_meta, "model": "/abs/model", "heads": heads})
+    made = dataclasses.replace(cert, model="model", heads=heads)
+    assert calibrate.audit(made, test).n == test.n_sequences  # was "other model" for the path spelled otherwise
+    with pytest.raises(ValueError, match="'heads' -> 'model_digest' is 'd1' in the cache, 'd2' in the certificate"):
+        calibrate.audit(dataclasses.replace(made, heads={**heads, "model_digest": "d2"}), test)
+    nameless = test.with_meta({**test.user_meta, "heads": None})
+    with pytest.raises(ValueError, match="'model' is '/abs/model' in the cache, 'model' in the certificate"):
+        calibrate.audit(dataclasses.replace(made, heads=None), nameless)  # no digest: the name is all there is
+
+
 def test_audit_refuses_the_calibration_cache_and_non_certificates(split, cert):
     with pytest.raises(ValueError, match="the test cache is the calibration cache itself"):
         calibrate.audit(cert, split[0])  # an in-sample "audit" said "within delta"

@@ -405,6 +405,13 @@ def test_concat_caches_refuses_parts_of_other_models_or_settings_unless_told_wha
     assert concat_caches([a, sharded]).checksum == cache.checksum  # what each part is and where it ran may differ
     with pytest.raises(TypeError, match="meta must be a dict"):
         concat_caches([a, b], meta=[("model", "x")])
+    heads = {"kind": "logit_lens", "model_digest": "d1"}
+    here = a.with_meta({**a.user_meta, "model": "model", "tokenizer": "model", "heads": heads})
+    there = b.with_meta({**b.user_meta, "model": "/abs/model", "tokenizer": "/abs/model", "heads": heads})
+    assert concat_caches([here, there]).user_meta["model"] == "model"  # the weights say: the same model
+    there = there.with_meta({**there.user_meta, "heads": {**heads, "model_digest": "d2"}})
+    with pytest.raises(ValueError, match="in 'heads' -> 'model_digest': 'd2' != 'd1'"):
+        concat_caches([here, there])
 
 
 # --------------------------------------------------------------------------------------------------

@@ -485,6 +485,12 @@ def test_train_cache_bad_input():
     other = train.with_meta({**train.user_meta, "heads": {"adapters": True}})
     with pytest.raises(ValueError, match="different heads"):
         calibrate.fit(cal, measure="classifier", train_cache=other)
+    heads = {"kind": "logit_lens", "model_digest": "d1"}
+    here = cal.with_meta({**cal.user_meta, "model": "model", "heads": heads})
+    there = train.with_meta({**train.user_meta, "model": "/abs/model", "heads": heads})
+    calibrate.fit(here, measure="classifier", train_cache=there)  # the same weights, loaded by another path
+    with pytest.raises(ValueError, match="different model"):  # no digest: the name is all there is
+        calibrate.fit(cal, measure="classifier", train_cache=train.with_meta({**train.user_meta, "model": "m2"}))
     with pytest.raises(TypeError, match="LayerCache"):
         calibrate.fit(cal, measure="classifier", train_cache="train/")
     with pytest.warns(UserWarning, match=f"{cal.n_sequences} calibration sequences also occur in train_cache") as caught:

@@ -88,6 +88,25 @@ def test_shards_that_do_not_belong_together_are_refused(cache, tmp_path, chunks)
         calibrate.open_cache(tmp_path, chunks=chunks)
 
 
+@pytest.mark.parametrize("chunks", [None, 16])
+def test_shards_of_one_model_loaded_by_other_paths_join(cache, tmp_path, chunks):
+    """Workers load the model from their own paths; the weights digest says it is the same model."""
+    heads = {"kind": "logit_lens", "model_digest": "d1"}
+    cuts = [0, 45, 90]
+    for i, path in enumerate(["model", "/mnt/worker1/model"]):
+        part = cache.subset(np.arange(cuts[i], cuts[i + 1]))
+        part.with_meta({**part.user_meta, "model": path, "tokenizer": path, "heads": heads}).save(
+            tmp_path / shard_name(i, 2)
+        )
+    write_manifest(tmp_path, 2)
+    assert calibrate.open_cache(tmp_path, chunks=chunks).n_sequences == 90  # was "differs ... in 'model'"
+    second = cache.subset(np.arange(45, 90))
+    meta = {**second.user_meta, "model": "model", "heads": {**heads, "model_digest": "d2"}}
+    second.with_meta(meta).save(tmp_path / shard_name(1, 2), overwrite=True)
+    with pytest.raises(ValueError, match="differs .* in 'heads' -> 'model_digest'"):
+        calibrate.open_cache(tmp_path, chunks=chunks)
+
+
 def test_manifest_and_shard_specs(tmp_path):
     write_manifest(tmp_path, 3)
     write_manifest(tmp_path, 3)  # every worker writes the same manifest

@@ -6,9 +6,11 @@ import math
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
+from calibrate._atomic import atomic_file
 from calibrate._validation import open_interval, seed_iv
 from calibrate.certificate import Certificate
 from calibrate.exits import Decay
@@ -110,11 +112,16 @@ def _tight(fig) -> None:
 
 
 def _save_figure(fig, path, dpi: int = 100) -> None:
-    """Write ``fig`` to ``path`` and close it (scripts that save many figures keep none open)."""
+    """Write ``fig`` to ``path`` whole or not at all, in the format its suffix names (PNG without one), and close
+    it (scripts that save many figures keep none open)."""
     import matplotlib.pyplot as plt
 
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
+    path = Path(path)
+    try:
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, format=path.suffix[1:].lower() or "png")
+    finally:
+        plt.close(fig)
 
 
 def _plural(n: int, noun: str) -> str:

@@ -60,11 +60,12 @@ def _output_iv(path: str | None, option: str) -> Path | None:
 
 
 def _report(cert, output: Path | None) -> int:
-    """Print a certificate's summary and write it as JSON when ``output`` is given; exit status 0."""
-    print(cert.summary())
+    """Write a certificate as JSON when ``output`` is given, then print its summary; exit status 0."""
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)
         cert.to_json(output)
+    print(cert.summary())
+    if output is not None:
         print(f"wrote {output}")
     return 0
 
@@ -151,10 +152,11 @@ def _cmd_audit(args) -> int:
                 "--model DIR --prompts FILE to decode held-out prompts with the early-exit runtime"
             )  # fmt: skip
         report = calibrate.audit(cert, calibrate.open_cache(args.cache), progress=True)
-    print(report.summary())
-    if figure is not None:
+    if figure is not None:  # written before anything is printed: a reader of the output that goes away loses nothing
         figure.parent.mkdir(parents=True, exist_ok=True)
         _save_figure(report.plot(), figure, dpi=120)
+    print(report.summary())
+    if figure is not None:
         print(f"wrote {figure}")
     return 0 if report.within_tolerance else 1
 
@@ -585,7 +587,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``calibrate`` command; returns the exit status.
 
     0: done (``audit``: risk within delta); 1: ``audit`` found the risk above delta; 2: invalid input or a
-    file that cannot be read or written; 130: interrupted (Ctrl-C).
+    file that cannot be read or written; 130: interrupted (Ctrl-C); 141: standard output was closed before
+    the summary was printed (``calibrate fit ... | head -1``; the output files are written).
     """
     args = _parser().parse_args(argv)
     prefix = f"calibrate {args.command}"
@@ -596,7 +599,12 @@ def main(argv: list[str] | None = None) -> int:
     with warnings.catch_warnings():
         warnings.showwarning = show
         try:
-            return args.func(args)
+            status = args.func(args)
+            sys.stdout.flush()  # a closed pipe shows here, not as "Exception ignored" at exit
+            return status
+        except BrokenPipeError:  # the reader went away; outputs are written before anything is printed
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
+            return 141  # 128 + SIGPIPE, as a shell reports a writer killed by a closed pipe
         except (ValueError, TypeError, OSError) as exc:  # OSError: missing, existing or unwritable files
             print(f"{prefix}: error: {exc}", file=sys.stderr)
             return 2

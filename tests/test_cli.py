@@ -4,6 +4,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -240,3 +241,41 @@ def test_every_option_has_help():
         if not isinstance(action, argparse._HelpAction) and not action.help
     ]
     assert not missing, missing
+
+
+@pytest.mark.parametrize("unbuffered", ["1", ""])
+def test_a_closed_standard_output_loses_no_output_file(tmp_path, unbuffered):
+    """``calibrate fit ... | head -0``: the certificate is written, the status says what happened, no traceback."""
+    import os
+
+    calibrate.synthetic_cache(60, n_layers=4, seed=0).save(tmp_path / "dev")
+    env = {**os.environ, "PYTHONUNBUFFERED": unbuffered}
+    argv = [sys.executable, "-m", "calibrate", "fit", str(tmp_path / "dev"), "-o", str(tmp_path / "cert.json")]
+    run = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    run.stdout.close()  # the reader is gone before anything is printed
+    err = run.stderr.read().decode()
+    assert run.wait() == 141, err  # was 2 ("Broken pipe", certificate not written) or 120
+    assert "Exception ignored" not in err and "Traceback" not in err
+    assert calibrate.Certificate.from_json(tmp_path / "cert.json").n == 60
+
+
+def test_a_figure_is_written_whole_or_not_at_all(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from calibrate.audit import _save_figure
+
+    target = tmp_path / "risk.png"
+    target.write_bytes(b"the previous figure")
+    fig = plt.figure()
+
+    def fail_midway(where, **kwargs):
+        Path(where).write_bytes(b"half a PNG")
+        raise OSError("disk full")
+
+    fig.savefig = fail_midway
+    with pytest.raises(OSError, match="disk full"):
+        _save_figure(fig, target)
+    assert target.read_bytes() == b"the previous figure" and [p.name for p in tmp_path.iterdir()] == ["risk.png"]
+    assert not plt.fignum_exists(fig.number)  # closed all the same
+    _save_figure(plt.figure(), tmp_path / "plot.svg")
+    assert (tmp_path / "plot.svg").read_text().lstrip().startswith("<?xml")  # the suffix names the format

@@ -319,8 +319,7 @@ def from_topk(topk_logprobs: Any, vocab_size: int) -> dict[str, np.ndarray]:
     ------
     ValueError
         If ``topk_logprobs`` is non-finite, positive, unsorted, or its probabilities sum to more than 1;
-        or ``vocab_size < max(2, k)``; or they cannot be the top ``k`` of ``vocab_size`` tokens (the mass
-        left for the other ``V - k`` would make one of them likelier than the ``k``-th).
+        or ``vocab_size < max(2, k)``.
     TypeError
         If ``topk_logprobs`` is not numeric or ``vocab_size`` not an int.
 
@@ -350,24 +349,7 @@ def from_topk(topk_logprobs: Any, vocab_size: int) -> dict[str, np.ndarray]:
     """
     lp = _topk_logprobs_iv(topk_logprobs)
     vocab_size = _vocab_size_iv(vocab_size, lp.shape[-1])
-    _possible_topk_iv(lp, vocab_size)
     return _topk_measures(lp, vocab_size, _SOFTMAX_MEASURES)
-
-
-def _possible_topk_iv(lp: np.ndarray, vocab_size: int) -> None:
-    """Refuse top-k log-probabilities that cannot be the ``k`` most likely of ``vocab_size`` tokens: the mass
-    outside them would make some other token likelier than the ``k``-th."""
-    k = lp.shape[-1]
-    p = np.exp(lp)
-    rest = 1.0 - p.sum(axis=-1)
-    impossible = rest > (vocab_size - k) * p[..., -1] * (1.0 + _MASS_TOL) + _MASS_TOL
-    if impossible.any():
-        at = np.unravel_index(np.flatnonzero(impossible)[0], impossible.shape)
-        raise ValueError(
-            f"topk_logprobs at index {tuple(map(int, at))} are not the top {k} of a vocabulary of {vocab_size}: the "
-            f"mass {rest[at]:.4g} outside them, over the other {vocab_size - k} tokens, makes one of those likelier "
-            f"than the {k}-th (p = {p[at][-1]:.4g}); wrong vocab_size, or not the {k} most likely tokens?"
-        )
 
 
 # ----------------------------------------------------------------------------------------------------

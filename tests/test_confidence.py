@@ -273,11 +273,6 @@ def test_from_topk_errors():
         from_topk(np.log([[0.7, 0.6]]), vocab_size=10)
     with pytest.raises(ValueError, match="vocab_size must be >= max"):
         from_topk(good, vocab_size=1)
-    with pytest.raises(ValueError, match=r"index \(1,\) are not the top 2 of a vocabulary of 4: the mass 0.85"):
-        from_topk(np.log([[0.5, 0.3], [0.1, 0.05]]), vocab_size=4)  # 0.85 over 2 tokens: each above 0.05
-    with pytest.raises(ValueError, match="not the top 2 of a vocabulary of 2"):
-        from_topk(good, vocab_size=2)  # the whole vocabulary, yet 0.2 of the mass missing
-    from_topk(np.log([[0.1, 0.1]]), vocab_size=10)  # 0.8 over 8 tokens: all tied with the 2nd, possible
     with pytest.raises(ValueError, match="vocab_size must be >= max"):
         from_topk(np.log([[0.2, 0.2, 0.2]]), vocab_size=2)
     with pytest.raises(TypeError, match="vocab_size must be an int"):

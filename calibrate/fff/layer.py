@@ -136,9 +136,12 @@ class FFF(nn.Module):
         self.activation = activation
         self.eval_depth: int | None = None
         nodes = 2 ** (self.depth + 1) - 1
-        size = f"{nodes:,} neurons, {4 * nodes * (self.in_features + self.out_features + 1) / 2**30:.3g} GiB of float32 weights"
         if nodes * (self.in_features + self.out_features) >= 2**62:
-            raise ValueError(f"depth={self.depth} is too deep: the tree would have {size}")
+            raise ValueError(
+                f"depth={self.depth} is too deep: the tree would have 2**{self.depth + 1} - 1 neurons, more weights "
+                "than torch can index"
+            )
+        size = f"{nodes:,} neurons, {4 * nodes * (self.in_features + self.out_features + 1) / 2**30:.3g} GiB of float32 weights"
         bound_in, bound_out = 1 / math.sqrt(in_features), 1 / math.sqrt(self.depth + 1)
         try:
             w_in, w_out = torch.empty(nodes, in_features), torch.empty(nodes, out_features)

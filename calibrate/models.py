@@ -27,13 +27,15 @@ _INSTALL_LOADER = "pip install gguf accelerate"
 
 @contextlib.contextmanager
 def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """Run ``model`` in eval mode (no dropout), then restore its training flag: calibration measures inference."""
-    was_training = model.training
+    """Run ``model`` in eval mode (no dropout), then restore every submodule's training flag (a frozen
+    BatchNorm in eval inside a model in training stays so): calibration measures inference."""
+    flags = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
         yield model
     finally:
-        model.train(was_training)
+        for module, training in flags:
+            module.training = training
 
 
 def load_local(model_dir, *, device: str | None = None, dtype: str | None = None):

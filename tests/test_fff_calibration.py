@@ -113,8 +113,9 @@ def test_a_model_left_in_training_mode_is_calibrated_in_eval_mode():
     x = torch.randn(400, 12)
     expected = fff.depth_losses(model, x).losses
     noisy = nn.Sequential(nn.Dropout(0.5), model).train()  # dropout active: the full tree disagreed with itself
+    noisy[1][0].eval()  # a frozen part (a BatchNorm, say) of a model in training
     np.testing.assert_array_equal(fff.depth_losses(noisy, x).losses, expected)
-    assert noisy.training and noisy[1].training  # its mode is restored
+    assert noisy.training and noisy[1].training and not noisy[1][0].training  # every module's mode is restored
 
 
 def test_audit_reports_held_out_risk_at_every_depth():

@@ -72,6 +72,17 @@ def test_classify_speedup_one_equals_the_model(arch, batch):
         torch.testing.assert_close(lat.classify(model, ids, mask, token_type_ids=types).logits, expected)
 
 
+def test_classify_a_model_left_in_training_mode_without_dropout():
+    model = tiny_model("bert", seed=3, n_layers=3)
+    expected = lat.classify(model, *_right_padded(ROWS)).logits
+    model.config.hidden_dropout_prob = 0.5
+    model.train()
+    model.bert.pooler.eval()  # a frozen part: its mode is the caller's too
+    for _ in range(2):  # dropout gave other logits at every call
+        torch.testing.assert_close(lat.classify(model, *_right_padded(ROWS)).logits, expected, rtol=0, atol=0)
+    assert model.training and model.bert.encoder.training and not model.bert.pooler.training
+
+
 def _encoder_modules(model, arch):
     """Per encoder layer: the attention's query projection and the feed-forward block's input module."""
     if arch == "t5":

@@ -21,6 +21,7 @@ from calibrate.lat.decode import _knob_iv, _predicted, _schedules
 from calibrate.lat.encoders import CLASSIFIER_ARCHITECTURES, encode, encoder_for
 from calibrate.lat.schedule import KeepSchedule, layer_costs
 from calibrate.lat.scores import _always_kept
+from calibrate.models import eval_mode
 from calibrate.runtime.decode import _ids_iv
 
 __all__ = ["ClassificationOutput", "classify"]
@@ -108,7 +109,8 @@ def classify(
     ----------
     model : transformers.PreTrainedModel
         ``BertForSequenceClassification`` or ``RobertaForSequenceClassification`` (``config.model_type`` in
-        :data:`~calibrate.lat.encoders.CLASSIFIER_ARCHITECTURES`), in eval mode.
+        :data:`~calibrate.lat.encoders.CLASSIFIER_ARCHITECTURES`); run in eval mode (as calibrated: a model
+        left in training mode would classify with dropout), its modes restored after.
     input_ids : torch.Tensor
         ``(B, P)`` ids, right-padded, ``[CLS]`` in column 0 (the head reads column 0, as the model's own).
     attention_mask : torch.Tensor, optional
@@ -185,9 +187,11 @@ def classify(
     schedules, keep = _schedules(config, mask, speedup, min_keep)
     always = _always_kept(ids, mask, special, last=False)
     types = None if token_type_ids is None else token_type_ids.to(device)
-    states, _, kept, processed = encode(encoder_for(model), ids, mask, keep, always, score, types)
+    with eval_mode(model):
+        states, _, kept, processed = encode(encoder_for(model), ids, mask, keep, always, score, types)
+        logits = _head(model, states).float()
     return ClassificationOutput(
-        logits=_head(model, states).float(),
+        logits=logits,
         speedup=speedup,
         schedules=schedules,
         processed=processed,

@@ -67,6 +67,19 @@ def test_fit_checks_its_risk_options_before_the_model_runs(monkeypatch):
             fff.fit(model, torch.randn(50, 12), **kwargs)
 
 
+def test_one_logit_classifiers_are_refused_not_certified_at_depth_zero():
+    torch.manual_seed(0)
+    binary = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), fff.FFF(16, 1, 4)).eval()  # BCE-with-logits style
+    x = torch.randn(300, 12)
+    with pytest.raises(ValueError, match=r"n_classes >= 2 .* got shape \(300, 1\); for a one-logit binary"):
+        fff.fit(binary, x, delta=0.05)  # every argmax was 0: zero risk at every depth
+    with pytest.raises(ValueError, match=r"n_classes >= 2"):
+        fff.fit(binary, x, delta=0.05, references=np.zeros(300, dtype=int))
+    flat = nn.Sequential(binary, nn.Flatten(0))
+    with pytest.raises(ValueError, match=r"got shape \(300,\)"):
+        fff.fit(flat, x, delta=0.05)
+
+
 def test_refuses_other_knobs_and_models_and_bad_depths():
     model = _classifier()
     cert = fff.fit(model, torch.randn(500, 12), delta=0.3, epsilon=0.1)

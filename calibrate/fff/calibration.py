@@ -128,8 +128,19 @@ def _depths_iv(depths, top: int) -> np.ndarray:
 @torch.no_grad()
 def _labels(model: nn.Module, inputs: torch.Tensor, depth: int | None, batch_size: int) -> np.ndarray:
     with eval_mode(model), at_depth(model, depth):  # no dropout, whatever mode the model was left in
-        out = [model(inputs[s : s + batch_size]).argmax(dim=-1).cpu() for s in range(0, len(inputs), batch_size)]
+        batches = (inputs[s : s + batch_size] for s in range(0, len(inputs), batch_size))
+        out = [_logits_iv(model(batch)).argmax(dim=-1).cpu() for batch in batches]
     return torch.cat(out).numpy()
+
+
+def _logits_iv(logits: torch.Tensor) -> torch.Tensor:
+    """A classifier's ``(n, n_classes)`` outputs, ``n_classes >= 2`` (labels are their argmax)."""
+    if logits.ndim != 2 or logits.shape[1] < 2:
+        raise ValueError(
+            f"the model must return (n, n_classes) logits with n_classes >= 2 (a label is their argmax), got shape "
+            f"{tuple(logits.shape)}; for a one-logit binary classifier return torch.cat([-z, z], dim=-1)"
+        )
+    return logits
 
 
 def depth_losses(
@@ -194,7 +205,7 @@ def depth_losses(
             raise ValueError(f"consistency='risk_label' needs references=, one int label per input ({len(inputs)})")
         refs = np.asarray(references)
         with torch.no_grad():
-            n_classes = int(model(inputs[:1]).shape[-1])  # the labels are argmaxes over the model's outputs
+            n_classes = int(_logits_iv(model(inputs[:1])).shape[-1])  # the labels are argmaxes over the outputs
         if refs.ndim != 1 or not np.issubdtype(refs.dtype, np.integer) or refs.min() < 0 or refs.max() >= n_classes:
             raise ValueError(
                 f"references must be a 1-d sequence of int labels in [0, {n_classes}) (the model's outputs), got "

@@ -328,7 +328,7 @@ _LOSS_LABELS = {
     "risk_bleu": "excess 1 - BLEU/100 vs reference",
     "risk_token_f1": "excess 1 - token F1 vs reference",
     "label": "label disagreement",
-    "risk_label": "new mistakes vs full depth",
+    "risk_label": "new mistakes vs full model",
 }
 
 

@@ -56,6 +56,9 @@ def test_the_calibrate_page_lists_what_calibrate_exports():
     listed = set(re.findall(r"^   ~[\w.]+\.(\w+)$", (DOCS / "api" / "calibrate.rst").read_text(), flags=re.M))
     assert listed and not listed - set(calibrate.__all__), "the page says every name is importable from calibrate"
     assert all(hasattr(calibrate, name) for name in listed)
+    text = " ".join((DOCS / "api" / "calibrate.rst").read_text().split())
+    torch_names = re.search(r"These names need torch .*? on first use: (.*?)\. ", text).group(1)
+    assert set(re.findall(r"``(\w+)``", torch_names)) == set(calibrate._LAZY)
 
 
 def test_public_methods_and_properties_have_docstrings():

@@ -1,32 +1,54 @@
-"""A short digest of a torch module's weights: certificates record it and runtimes refuse another model's."""
+"""Short digests of a torch module: of its weights (files, resume identities) and of what it computes
+(certificates record it and runtimes refuse another model's)."""
 
 from __future__ import annotations
 
 import hashlib
 import weakref
 
-#: module -> (state key, digest): the last digest of each module, reused while no parameter changed.
+#: (module, kind) -> (state key, digest): the last digest of each module's parameters or buffers, reused while
+#: none of them changed.
 _LAST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-#: Values per parameter read into the state key, at evenly spaced positions.
+#: Values per tensor read into the state key, at evenly spaced positions.
 _SAMPLE = 16
 
 
-def _state(module) -> tuple:
-    """What changes whenever a parameter does: its object, in-place version counter, storage, dtype, device,
-    shape, and a sample of its values (an in-place edit through ``p.data`` bumps no version counter)."""
+def _state(tensors: list) -> tuple:
+    """What changes whenever one of the named ``tensors`` does: its object, in-place version counter, storage,
+    dtype, device, shape, and a sample of its values (an in-place edit through ``p.data`` bumps no version
+    counter)."""
     import torch
 
-    params = list(module.named_parameters())
-    if not params:
+    if not tensors:
         return ()
     with torch.no_grad():
         sample = torch.cat(
-            [p.detach().reshape(-1)[:: max(1, p.numel() // _SAMPLE)][:_SAMPLE].float().cpu() for _, p in params]
+            [t.detach().reshape(-1)[:: max(1, t.numel() // _SAMPLE)][:_SAMPLE].float().cpu() for _, t in tensors]
         )
     return (
-        *((name, id(p), p._version, p.data_ptr(), p.dtype, p.device, tuple(p.shape)) for name, p in params),
+        *((name, id(t), t._version, t.data_ptr(), t.dtype, t.device, tuple(t.shape)) for name, t in tensors),
         sample.numpy().tobytes(),
     )
+
+
+def _tensors_digest(module, kind: str, fresh: bool) -> str:
+    """SHA-256 over the name, dtype, shape and bytes of each of ``module``'s parameters or buffers (``kind``),
+    memoised on :func:`_state` unless ``fresh``."""
+    import torch
+
+    tensors = list(module.named_parameters() if kind == "parameters" else module.named_buffers())
+    state = _state(tensors)
+    last = _LAST.setdefault(module, {}).get(kind)
+    if not fresh and last is not None and last[0] == state:
+        return last[1]
+    h = hashlib.sha256()
+    for name, tensor in tensors:
+        flat = tensor.detach().reshape(-1).contiguous()
+        h.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}|".encode())
+        h.update((flat.view(torch.uint8) if flat.dtype != torch.bool else flat.to(torch.uint8)).cpu().numpy().data)
+    digest = h.hexdigest()[:16]
+    _LAST[module][kind] = (state, digest)
+    return digest
 
 
 def weights_digest(module, *, fresh: bool = False) -> str:
@@ -38,17 +60,24 @@ def weights_digest(module, *, fresh: bool = False) -> str:
     version counter) at one of 16 sampled positions per parameter. Pass ``fresh=True`` where the digest is
     written down for good (files, resume identities).
     """
-    import torch
+    return _tensors_digest(module, "parameters", fresh)
 
-    state = _state(module)
-    last = _LAST.get(module)
-    if not fresh and last is not None and last[0] == state:
-        return last[1]
+
+def model_digest(module) -> str:
+    """16 hex digits identifying what ``module`` computes: its weights (:func:`weights_digest`), its buffers
+    (rotary frequencies, which rope scaling changes; BatchNorm statistics) and each submodule's type and settings
+    (``extra_repr``: an activation, an epsilon; not a dropout rate, which inference does not use).
+
+    Certificates and model ids record it: a runtime refuses other weights, and also the same weights computing
+    something else (e.g. another activation, or another rope scaling).
+    """
+    from torch.nn.modules.dropout import _DropoutNd
+
+    settings = "\n".join(
+        f"{name}|{type(m).__name__}|{'' if isinstance(m, _DropoutNd) else m.extra_repr()}"
+        for name, m in module.named_modules()
+    )
     h = hashlib.sha256()
-    for name, tensor in module.named_parameters():
-        flat = tensor.detach().reshape(-1).contiguous()
-        h.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}|".encode())
-        h.update(flat.view(torch.uint8).cpu().numpy().data)
-    digest = h.hexdigest()[:16]
-    _LAST[module] = (state, digest)
-    return digest
+    for part in (weights_digest(module), _tensors_digest(module, "buffers", False), settings):
+        h.update(part.encode() + b"\0")
+    return h.hexdigest()[:16]

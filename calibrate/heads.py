@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from calibrate._digest import weights_digest
+from calibrate._digest import model_digest
 from calibrate._validation import int_at_least
 
 __all__ = ["SUPPORTED_ARCHITECTURES", "ExitHeads", "decoder_layers", "record_layer_states"]
@@ -468,15 +468,16 @@ class ExitHeads(nn.Module):
 
         With adapters, ``"adapters_digest"`` is a blake2b digest of their float32 weights, so heads with
         other trained adapters are told apart. For heads made by :meth:`from_model`, ``"model_digest"`` is
-        a SHA-256 digest of every weight of the model (computed now, ~0.3 s for a 135M model in float32,
-        then reused until a parameter changes), so a certificate is refused on other weights of the same
-        architecture and sizes (e.g. a fine-tuned copy, or the model cast to another dtype); None for heads
-        built otherwise.
+        a SHA-256 digest of what the model computes: every weight and buffer and each submodule's settings
+        (computed now, ~0.3 s for a 135M model in float32, then reused until a tensor changes), so a
+        certificate is refused on other weights of the same architecture and sizes (e.g. a fine-tuned copy,
+        or the model cast to another dtype) or on the same weights computing otherwise (e.g. another rope
+        scaling); None for heads built otherwise.
         """
         return {
             "kind": "adapters" if self.has_adapters else "logit_lens",
             "adapters_digest": adapters_digest(self.adapter_weight, self.adapter_bias) if self.has_adapters else None,
-            "model_digest": weights_digest(self._model[0]) if self._model else None,
+            "model_digest": model_digest(self._model[0]) if self._model else None,
             "architecture": self.architecture,
             "n_layers": self.n_layers,
             "hidden_size": self.hidden_size,

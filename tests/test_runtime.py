@@ -820,6 +820,32 @@ def test_weights_digest_covers_every_weight_and_follows_in_place_edits():
     assert weights_digest(model) == untouched and weights_digest(model, fresh=True) != untouched
 
 
+def test_model_digest_tells_apart_the_same_weights_computing_otherwise():
+    from calibrate import fff, lat
+    from calibrate._digest import model_digest, weights_digest
+
+    model = tiny_model("llama")
+    scaled = tiny_model("llama", rope_scaling={"rope_type": "linear", "factor": 4.0})  # context extension
+    assert weights_digest(scaled) == weights_digest(model) and model_digest(scaled) != model_digest(model)
+    assert model_digest(copy.deepcopy(model)) == model_digest(model)
+    assert lat.model_id(scaled) != lat.model_id(model)  # a token_keep certificate was spent on the scaled model
+    assert ExitHeads.from_model(scaled).describe()["model_digest"] != ExitHeads.from_model(model).describe()["model_digest"]
+    torch.manual_seed(0)
+    gelu, relu = fff.FFF(4, 3, 2), fff.FFF(4, 3, 2, activation="relu")
+    relu.load_state_dict(gelu.state_dict())
+    assert weights_digest(relu) == weights_digest(gelu) and fff.model_id(relu) != fff.model_id(gelu)
+    norm = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3)).eval()
+    before = model_digest(norm)
+    norm[1].running_mean += 1.0  # the statistics a BatchNorm computes with are buffers, not parameters
+    assert model_digest(norm) != before
+    before = model_digest(norm)
+    norm.append(torch.nn.Dropout(0.1))
+    assert model_digest(norm) != before  # another module
+    with_dropout = model_digest(norm)
+    norm[2].p = 0.5  # for fine-tuning: inference computes the same
+    assert model_digest(norm) == with_dropout
+
+
 def test_certificate_for_other_heads_is_refused(fitted_llama):
     model, heads, plain, adapted = fitted_llama
     ids = torch.tensor([PROMPTS[0]])

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from calibrate._digest import weights_digest
+from calibrate._digest import model_digest
 from calibrate._validation import int_at_least
 from calibrate.audit import AuditReport, _held_out_report
 from calibrate.certificate import Certificate, _spend_iv
@@ -63,9 +63,10 @@ def _set_depth(layers: list[FFF], depth: int | None) -> None:
 
 
 def model_id(model: nn.Module) -> str:
-    """Identity of a model with FFF layers: their count and depths, and a digest of all weights."""
+    """Identity of a model with FFF layers: their count and depths, and a digest of what the model computes
+    (weights, buffers, each submodule's settings such as an FFF's activation)."""
     depths = sorted({layer.depth for layer in fff_layers(model)})
-    return f"fff/{len(fff_layers(model))}x/D{'-'.join(map(str, depths))}/{weights_digest(model)}"
+    return f"fff/{len(fff_layers(model))}x/D{'-'.join(map(str, depths))}/{model_digest(model)}"
 
 
 @contextmanager

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from calibrate._digest import weights_digest
+from calibrate._digest import model_digest
 from calibrate._validation import int_at_least
 from calibrate.certificate import Certificate, _budget_warning, _spend_iv
 from calibrate.heads import ExitHeads, decoder_layers
@@ -102,13 +102,14 @@ class EliminationOutput:
 
 
 def model_id(model: nn.Module) -> str:
-    """A short identity of a model: architecture, sizes and a digest of all its weights.
+    """A short identity of a model: architecture, sizes and a digest of what it computes (all weights and
+    buffers, e.g. rotary frequencies, and each submodule's settings).
 
     A token-elimination certificate records it and :func:`generate` refuses a certificate of another model.
     """
     config = model.config
     costs = layer_costs(config)
-    return f"{config.model_type}/L{costs.n_layers}/d{config.hidden_size}/V{config.vocab_size}/{weights_digest(model)}"
+    return f"{config.model_type}/L{costs.n_layers}/d{config.hidden_size}/V{config.vocab_size}/{model_digest(model)}"
 
 
 def settings(score: str, min_keep: int, keep_ids) -> dict:

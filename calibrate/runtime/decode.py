@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from calibrate._digest import weights_digest
+from calibrate._digest import model_digest
 from calibrate.certificate import Certificate, _budget_warning
 from calibrate.exits import Decay
 from calibrate.heads import ExitHeads, context_positions, decoder_layers
@@ -745,7 +745,7 @@ def _generate_iv(
         heads = ExitHeads.from_model(model)
     elif not isinstance(heads, ExitHeads):
         raise TypeError(f"heads must be an ExitHeads (or None for the model's own), got {type(heads).__name__}")
-    elif heads._model and heads._model[0] is not model and weights_digest(heads._model[0]) != weights_digest(model):
+    elif heads._model and heads._model[0] is not model and model_digest(heads._model[0]) != model_digest(model):
         raise ValueError(
             "heads were made (ExitHeads.from_model) from another model than the one decoding (other weights): "
             "a layer would be read through another model's norm and LM head"

@@ -701,6 +701,15 @@ def _loaded_by_name(key: str, a: Mapping, b: Mapping) -> bool:
     return key in ("model", "tokenizer") and all((m.get("heads") or {}).get("model_digest") for m in (a, b))
 
 
+def _meta_difference(mine: Mapping, theirs: Mapping, may_differ: Sequence[str]) -> tuple[str, object, object] | None:
+    """Where two parts' metadata disagree, e.g. ``("'generation' -> 'max_new_tokens'", 99, 32)``, or None: every key
+    but those in ``may_differ`` and the names of a model both identify by its weights (:func:`_loaded_by_name`)."""
+    for key in sorted(set(mine) | set(theirs)):
+        if key not in may_differ and mine.get(key) != theirs.get(key) and not _loaded_by_name(key, mine, theirs):
+            return _first_difference((key,), mine.get(key), theirs.get(key))
+    return None
+
+
 def _first_difference(keys: tuple, a, b) -> tuple[str, object, object]:
     """The first nested key where two metadata values differ, e.g. ``'generation' -> 'max_new_tokens'``."""
     if isinstance(a, dict) and isinstance(b, dict):
@@ -768,15 +777,13 @@ def concat_caches(caches: Sequence[LayerCache], *, meta: dict | None = None) -> 
             raise ValueError(f"caches[{i}] has the fields {sorted(c.arrays)} but caches[0] has {sorted(first.arrays)}")
         if c.vocab != first.vocab:
             raise ValueError(f"caches[{i}] has another vocab than caches[0]")
-        if meta is None:
-            mine, theirs = c.user_meta, first.user_meta
-            for key in sorted(set(mine) | set(theirs)):
-                if key not in _MAY_DIFFER and mine.get(key) != theirs.get(key) and not _loaded_by_name(key, mine, theirs):
-                    path, a, b = _first_difference((key,), mine.get(key), theirs.get(key))
-                    raise ValueError(
-                        f"caches[{i}] differs from caches[0] in {path}: {a!r:.120} != {b!r:.120} (another model or "
-                        "settings?); pass meta= to join them anyway"
-                    )
+        difference = None if meta is not None else _meta_difference(c.user_meta, first.user_meta, _MAY_DIFFER)
+        if difference is not None:
+            path, a, b = difference
+            raise ValueError(
+                f"caches[{i}] differs from caches[0] in {path}: {a!r:.120} != {b!r:.120} (another model or "
+                "settings?); pass meta= to join them anyway"
+            )
     if meta is None:
         meta = {k: v for k, v in first.user_meta.items() if k not in _PART_KEYS}
     if len(caches) == 1:

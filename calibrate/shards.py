@@ -26,10 +26,9 @@ from calibrate.cache import (
     _MAY_DIFFER,
     _array_hasher,
     _cache_checksum,
-    _first_difference,
     _hash_strings,
     _hash_table,
-    _loaded_by_name,
+    _meta_difference,
     _read_vocab,
     concat_caches,
     open_cache,
@@ -261,15 +260,13 @@ def _check_compatible(root, names: list[str], metas: list[dict]) -> None:
     """Every shard comes from the same model, tokenizer, settings and prompt list, in its place."""
     first = metas[0]
     for i, (name, meta) in enumerate(zip(names, metas)):
-        for key in sorted(set(first) | set(meta)):
-            if key in _PER_SHARD_KEYS or key == "fields" or _loaded_by_name(key, meta, first):
-                continue
-            if meta.get(key) != first.get(key):
-                path, mine, theirs = _first_difference((key,), meta.get(key), first.get(key))
-                raise ValueError(
-                    f"shard {name!r} of {root} differs from shard {names[0]!r} in {path}: "
-                    f"{mine!r:.120} != {theirs!r:.120} (written by another model, tokenizer or settings?)"
-                )
+        difference = _meta_difference(meta, first, (*_PER_SHARD_KEYS, "fields"))  # fields: compared below
+        if difference is not None:
+            path, mine, theirs = difference
+            raise ValueError(
+                f"shard {name!r} of {root} differs from shard {names[0]!r} in {path}: "
+                f"{mine!r:.120} != {theirs!r:.120} (written by another model, tokenizer or settings?)"
+            )
         for field, spec in first["fields"].items():
             other = meta["fields"].get(field)
             same = other is not None and other.get("kind") == spec.get("kind")

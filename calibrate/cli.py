@@ -97,17 +97,59 @@ def _cmd_fit(args) -> int:
         return _report(calibrate.fit(cache, client=client, **options), output)
 
 
+#: What each way of auditing reads besides the certificate and --figure: how it is named, and its options.
+_AUDITS = {
+    "cache": ("an exit_threshold certificate audited on a held-out cache", ("cache",)),
+    "decode": (
+        "an exit_threshold certificate audited by decoding prompts",
+        ("model", "prompts", "adapters", "max_new_tokens", "batch_size", "device", "dtype"),
+    ),
+    "token_keep": (
+        "a token_keep certificate", ("model", "prompts", "max_new_tokens", "batch_size", "device", "dtype")
+    ),
+    "fff_lm": (
+        "an fff_depth certificate of a language model",
+        ("model", "blocks", "prompts", "max_new_tokens", "batch_size", "device", "dtype"),
+    ),
+    "fff_inputs": (
+        "an fff_depth certificate of a classifier", ("model", "inputs", "references", "batch_size", "device", "dtype")
+    ),
+}
+
+
+def _audit_route(cert, args) -> str:
+    """Which way of :data:`_AUDITS` audits ``cert`` with ``args``; ValueError naming an option it would ignore."""
+    if cert.knob == "token_keep":
+        route = "token_keep"
+    elif cert.knob == "fff_depth":
+        route = "fff_lm" if args.blocks is not None else "fff_inputs"
+    else:
+        route = "decode" if args.model is not None or args.prompts is not None else "cache"
+    what, reads = _AUDITS[route]
+    options = sorted({option for _, names in _AUDITS.values() for option in names})
+    ignored = [option for option in options if getattr(args, option) is not None and option not in reads]
+    if ignored:
+        flag = "CACHE" if ignored[0] == "cache" else "--" + ignored[0].replace("_", "-")
+        raise ValueError(
+            f"{flag} does not apply to {what}, which reads "
+            + ", ".join("CACHE" if o == "cache" else "--" + o.replace("_", "-") for o in reads)
+            + " (and --figure)"
+        )
+    if route == "fff_inputs" and args.references is not None and cert.consistency != "risk_label":
+        raise ValueError(f"--references is for risk_label certificates; this one is {cert.consistency!r}")
+    return route
+
+
 def _cmd_audit(args) -> int:
     import calibrate
     from calibrate.audit import _save_figure
 
     cert = calibrate.Certificate.from_json(Path(args.certificate))
     figure = _figure_iv(args.figure)
+    route = _audit_route(cert, args)
     if args.max_new_tokens is None:  # decode as the certificate was calibrated
         args.max_new_tokens = cert.max_new_tokens or 32
-    decodes_exits = cert.knob == "exit_threshold" and (args.model is not None or args.prompts is not None)
-    if args.adapters is not None and not decodes_exits:
-        raise ValueError("--adapters is for decoding an exit_threshold certificate: with --model DIR --prompts FILE")
+    decodes_exits = route == "decode"
     if decodes_exits and args.adapters is None and (cert.heads or {}).get("kind") == "adapters":
         raise ValueError(
             "this certificate was calibrated with exit adapters: give the adapters file it was calibrated with "

@@ -36,7 +36,11 @@ def test_synthetic_fit_audit(tmp_path, capsys):
     assert figure.stat().st_size > 1000
     for extra in (["--model", "m"], ["--prompts", "p"], ["--model", "m", "--prompts", "p"]):  # were ignored
         assert main(["audit", str(cert), str(test), *extra]) == 2
-        assert "--model DIR --prompts FILE (both, and no cache)" in capsys.readouterr().err
+        assert "CACHE does not apply to an exit_threshold certificate audited by decoding" in capsys.readouterr().err
+    for extra in (["--inputs", "x.npy"], ["--batch-size", "0"], ["--device", "cuda"], ["--max-new-tokens", "5"]):
+        assert main(["audit", str(cert), str(test), *extra]) == 2  # were ignored: a normal audit, exit 0
+        flag = extra[0]
+        assert f"{flag} does not apply to an exit_threshold certificate audited on a held-out cache" in capsys.readouterr().err
     dataclasses.replace(saved, mode="decoded").to_json(tmp_path / "decoded.json")
     assert main(["audit", str(tmp_path / "decoded.json"), str(test)]) == 2
     assert "a decoded certificate is audited by decoding: give --model DIR --prompts FILE" in capsys.readouterr().err
@@ -279,3 +283,14 @@ def test_a_figure_is_written_whole_or_not_at_all(tmp_path):
     assert not plt.fignum_exists(fig.number)  # closed all the same
     _save_figure(plt.figure(), tmp_path / "plot.svg")
     assert (tmp_path / "plot.svg").read_text().lstrip().startswith("<?xml")  # the suffix names the format
+
+
+def test_audit_refuses_options_its_certificate_does_not_read(tmp_path, capsys):
+    cert = calibrate.certify(np.zeros((100, 3)), [6.0, 4.0, 2.0], knob="fff_depth")
+    path = tmp_path / "fff.json"
+    dataclasses.replace(cert, consistency="label").to_json(path)
+    common = ["audit", str(path), "--model", "fff.safetensors", "--inputs", "x.npy"]
+    assert main([*common, "--references", "y.npy"]) == 2  # were read, then ignored: risk 0 against nothing
+    assert "--references is for risk_label certificates; this one is 'label'" in capsys.readouterr().err
+    assert main([*common, "--prompts", "p.txt"]) == 2
+    assert "--prompts does not apply to an fff_depth certificate of a classifier, which reads --model" in capsys.readouterr().err

@@ -312,7 +312,7 @@ def test_cli_audit_decodes_through_the_adapters_a_certificate_was_calibrated_wit
     assert main(argv) == 2  # without them the runtime would decode through other heads than certified
     assert "calibrated with exit adapters: give the adapters file" in capsys.readouterr().err
     assert main(["audit", str(tmp_path / "cert.json"), str(tmp_path), "--adapters", "a.safetensors"]) == 2
-    assert "--adapters is for decoding an exit_threshold certificate" in capsys.readouterr().err
+    assert "--adapters does not apply to an exit_threshold certificate audited on a held-out cache" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------------------------------

@@ -280,9 +280,11 @@ def read_prompts(path: str | os.PathLike) -> tuple[list[str], list[str | None]]:
     Parameters
     ----------
     path : str or os.PathLike
-        A UTF-8 file. It is JSONL when its name ends in ``.jsonl`` or its first non-blank line starts
-        with ``{``; each line then holds an object with a str ``"prompt"`` and optionally a str or null
-        ``"reference"``. Otherwise every non-blank line is one prompt (without its line break). Lines end
+        A UTF-8 file. It is JSONL when its name ends in ``.jsonl``, or when it does not end in ``.txt``
+        and its first non-blank line starts with ``{``; each line then holds an object with a str
+        ``"prompt"`` and optionally a ``"reference"``: a str, null, or an int (a class label, for
+        ``risk_label``; kept as its decimal string). Otherwise every non-blank line is one prompt
+        (without its line break). Lines end
         at LF or CR LF only: other separators (U+2028, form feed, ...) stay in the prompt. Blank lines
         are skipped in both formats.
 
@@ -309,7 +311,9 @@ def read_prompts(path: str | os.PathLike) -> tuple[list[str], list[str | None]]:
     numbered = [(i + 1, line) for i, line in enumerate(lines) if line.strip()]
     if not numbered:
         raise ValueError(f"{file}: no prompt (the file is empty or blank)")
-    is_jsonl = file.name.endswith(".jsonl") or numbered[0][1].lstrip().startswith("{")
+    is_jsonl = file.name.endswith(".jsonl") or (
+        not file.name.endswith(".txt") and numbered[0][1].lstrip().startswith("{")
+    )
     prompts: list[str] = []
     references: list[str | None] = []
     for number, line in numbered:
@@ -326,8 +330,12 @@ def read_prompts(path: str | os.PathLike) -> tuple[list[str], list[str | None]]:
                 f'{file}:{number}: each JSONL line must be an object with a str "prompt", got {line[:80]!r}'
             )
         reference = row.get("reference")
+        if isinstance(reference, int) and not isinstance(reference, bool):
+            reference = str(reference)  # a class label
         if reference is not None and not isinstance(reference, str):
-            raise ValueError(f'{file}:{number}: "reference" must be a str or null, got {type(reference).__name__}')
+            raise ValueError(
+                f'{file}:{number}: "reference" must be a str, an int label or null, got {type(reference).__name__}'
+            )
         prompts.append(row["prompt"])
         references.append(reference)
     return prompts, references

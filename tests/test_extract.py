@@ -479,9 +479,18 @@ def test_read_prompts_text_and_jsonl(tmp_path):
     (tmp_path / "empty.txt").write_text("\n \n", encoding="utf-8")
     with pytest.raises(ValueError, match="no prompt"):
         read_prompts(tmp_path / "empty.txt")
-    bom = tmp_path / "bom.txt"
+    bom = tmp_path / "bom"
     bom.write_bytes(b"\xef\xbb\xbf" + '{"prompt": "w1"}\n'.encode())  # a BOM is not part of the first prompt
     assert read_prompts(bom) == (["w1"], [None])
+    brace = tmp_path / "brace.txt"
+    brace.write_text("{ w1 w2 }\nw3\n", encoding="utf-8")  # a .txt file is text, whatever its first character
+    assert read_prompts(brace) == (["{ w1 w2 }", "w3"], [None, None])
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text('{"prompt": "w1", "reference": 2}\n{"prompt": "w3", "reference": 0}\n', encoding="utf-8")
+    assert read_prompts(labels) == (["w1", "w3"], ["2", "0"])  # int class labels (risk_label) were refused
+    labels.write_text('{"prompt": "w1", "reference": true}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r'labels.jsonl:1: "reference" must be a str, an int label or null, got bool'):
+        read_prompts(labels)
 
 
 def test_read_prompts_breaks_lines_at_line_feeds_only(tmp_path):

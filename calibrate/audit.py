@@ -147,6 +147,9 @@ class AuditReport:
     layers : float
         Held-out average exit layer at ``lambda_hat`` (``n_layers`` for the full model; NaN for
         ``token_keep``).
+    mode : {"proxy", "decoded"}
+        How the held-out losses were computed: teacher-forced from a cache (:func:`audit`), or from what
+        the model emits (:func:`calibrate.audit_decoded` and the other knobs' audits).
 
     Examples
     --------
@@ -167,6 +170,7 @@ class AuditReport:
     avg_layers: np.ndarray
     risk: float
     layers: float
+    mode: str = "decoded"
 
     def __post_init__(self) -> None:
         _read_only_arrays(self, "risks", "avg_layers")
@@ -205,8 +209,9 @@ class AuditReport:
                 f"  held-out risk {self.risk:.4f} ({verdict} delta = {cert.delta:g})"
             )
         lam = "the full model" if cert.lambda_hat is None else f"lambda_hat = {cert.lambda_hat:.6g}"
+        how = "decoded by the runtime" if self.mode == "decoded" else "teacher-forced proxy losses"
         return (
-            f"Audit on {_plural(self.n, 'held-out sequence')} at {lam}:\n"
+            f"Audit on {_plural(self.n, 'held-out sequence')} ({how}) at {lam}:\n"
             f"  held-out risk {self.risk:.4f} ({verdict} delta = {cert.delta:g})\n"
             f"  average layers {self.layers:.2f} of {cert.n_layers} (saves {100 * self.layer_savings:.1f}%)"
         )
@@ -378,17 +383,19 @@ def audit(cert: Certificate, test_cache, *, decode=None, progress: bool = False)
     >>> cal, test = cache.split([0.5, 0.5], seed=0)          # disjoint sequences
     >>> cert = calibrate.fit(cal, delta=0.1, epsilon=0.05, progress=False)
     >>> print(calibrate.audit(cert, test).summary())
-    Audit on 150 held-out sequences at lambda_hat = 0.99:
+    Audit on 150 held-out sequences (teacher-forced proxy losses) at lambda_hat = 0.99:
       held-out risk 0.0334 (within delta = 0.1)
       average layers 9.23 of 12 (saves 23.0%)
     """
     if not isinstance(cert, Certificate):
         raise TypeError(f"cert must be a calibrate.Certificate, got {type(cert).__name__}")
     table = _certificate_losses(cert, test_cache, decode=decode, progress=progress)
-    return _held_out_report(cert, table.n, table.risks, table.avg_layers, test_cache.n_layers)
+    return _held_out_report(cert, table.n, table.risks, table.avg_layers, test_cache.n_layers, mode="proxy")
 
 
-def _held_out_report(certificate: Certificate, n: int, risks, avg_layers=None, n_layers: int | None = None) -> AuditReport:
+def _held_out_report(
+    certificate: Certificate, n: int, risks, avg_layers=None, n_layers: int | None = None, mode: str = "decoded"
+) -> AuditReport:
     """The :class:`AuditReport` of held-out ``risks`` (and average exit layers) at every grid value of a certificate.
 
     Its ``risk`` and ``layers`` are those at ``lambda_hat``; for a "full model only" certificate risk 0 and
@@ -402,7 +409,7 @@ def _held_out_report(certificate: Certificate, n: int, risks, avg_layers=None, n
         risk, layers = 0.0, math.nan if n_layers is None else float(n_layers)
     else:
         risk, layers = float(risks[index]), float(avg_layers[index])
-    return AuditReport(certificate, n, risks, avg_layers, risk, layers)
+    return AuditReport(certificate, n, risks, avg_layers, risk, layers, mode)
 
 
 @dataclass(frozen=True, eq=False)

@@ -98,7 +98,7 @@ def test_audit_figure_of_a_short_grid_draws_points_and_wants_a_figure(split):
     assert len(left.axes) == 3 and parent.get_layout_engine() is not None  # not replaced by tight_layout
     plt.close("all")
     single = calibrate.audit(one, split[1].subset([0]))
-    assert single.summary().startswith("Audit on 1 held-out sequence at")
+    assert single.summary().startswith("Audit on 1 held-out sequence (teacher-forced proxy losses) at")
 
 
 def test_reports_hold_read_only_arrays(split, cert):

@@ -285,6 +285,7 @@ def test_cli_audit_decodes_held_out_prompts_for_an_exit_threshold_certificate(mo
     argv = ["audit", str(tmp_path / "cert.json"), "--model", str(tmp_path / "model"), "--prompts"]
     assert main([*argv, str(tmp_path / "held_out.txt")]) == (0 if expected.within_tolerance else 1)
     assert expected.summary() in capsys.readouterr().out  # the same outputs as decoded in this process
+    assert "held-out sequences (decoded by the runtime) at" in expected.summary() and expected.mode == "decoded"
     assert main(["audit", str(tmp_path / "cert.json")]) == 2
     assert "--model DIR --prompts FILE to decode held-out prompts" in capsys.readouterr().err
 

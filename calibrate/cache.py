@@ -1418,6 +1418,8 @@ def _save_iv(path, overwrite) -> Path | Remote:
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
     if not isinstance(overwrite, bool):
         raise TypeError(f"overwrite must be a bool, got {overwrite!r}")
+    if not os.fspath(path):  # Path("") is the working directory
+        raise ValueError("path must name a directory, got ''")
     target = location(path)
     if isinstance(target, Path):
         target = target.absolute()

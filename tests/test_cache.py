@@ -325,6 +325,13 @@ def test_save_refuses_existing_path_unless_overwrite(cache, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]  # no temp or backup dirs left
 
 
+def test_save_refuses_an_empty_path(cache, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="path must name a directory, got ''"):
+        cache.save("", overwrite=True)  # was the working directory itself (replaced when empty)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_overwrite_refuses_a_directory_that_is_not_a_cache(cache, tmp_path):
     precious = tmp_path / "home"
     precious.mkdir()

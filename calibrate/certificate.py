@@ -395,9 +395,10 @@ class Certificate:
         same = " (the full model's: no speed-up)" if self.lambda_hat == self.lambdas[0] else ""
         if self.knob == "fff_depth" and self.lambda_hat is not None:
             k = self.lambda_hat
+            shallower = f"; trees shallower than {k:g} run whole" if k > 0 else ""
             lines.append(
-                f"  certified evaluation depth {k:g}{same}: {k + 1:g} neurons per path of each tree (a tree of depth D "
-                f"evaluates D + 1 when whole; trees shallower than {k:g} run whole)"
+                f"  certified evaluation depth {k:g}{same}: {k + 1:g} neuron{'s' if k > 0 else ''} per path of each "
+                f"tree (a tree of depth D evaluates D + 1 when whole{shallower})"
             )
         if self.knob == "token_keep" and self.lambda_hat is not None:
             lines.append(

@@ -95,7 +95,10 @@ def load_local(model_dir, *, device: str | None = None, dtype: str | None = None
         raise ValueError(f"{model_dir} holds no model weights readable by {auto.__name__}: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - truncated or corrupt weight files raise the format's own errors
         raise ValueError(f"cannot read the model weights in {model_dir}: {type(exc).__name__}: {exc}") from None
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - a corrupt tokenizer.json raises the JSON parser's error, naming no file
+        raise ValueError(f"cannot read the tokenizer in {model_dir}: {type(exc).__name__}: {exc}") from None
     if not getattr(tokenizer, "vocab_size", 1):  # without tokenizer files: special tokens only
         raise ValueError(f"{model_dir} holds no tokenizer files (save the tokenizer with save_pretrained too)")
     if device is not None:

@@ -31,6 +31,9 @@ def test_certify_picks_the_hand_computable_depth():
     cert = calibrate.certify(table, delta=0.1, epsilon=0.05, knob="fff_depth")
     assert cert.lambda_hat == 3.0 and cert.certified == (True, True, True, False, False, False)
     assert "certified evaluation depth 3: 4 neurons per path of each tree" in cert.summary()
+    assert "trees shallower than 3 run whole" in cert.summary()
+    root = calibrate.certify(np.zeros((n, 2)), [1.0, 0.0], delta=0.1, epsilon=0.05, knob="fff_depth")
+    assert "certified evaluation depth 0: 1 neuron per path of each tree (a tree of depth D evaluates D + 1 when whole)" in root.summary()  # was "1 neurons ... shallower than 0 run whole"
     with pytest.raises(ValueError, match=r"an fff_depth grid holds whole depths >= 0, got \[1.9, 1.8\]"):
         calibrate.certify(np.zeros((n, 2)), [1.9, 1.8], knob="fff_depth")
     with pytest.raises(ValueError, match=r"a token_keep grid holds 1 / speed-up, in \(0, 1\]"):

@@ -82,6 +82,11 @@ def test_load_local_names_what_is_missing_before_loading(tmp_path):
         with pytest.raises(ValueError, match=f"device '{device}' is not available"):
             load_local(tmp_path / "no_tokenizer", device=device)
     assert load_local(tmp_path / "no_tokenizer", device="cpu")[0].device.type == "cpu"
+    tokenizer_file = tmp_path / "no_tokenizer" / "tokenizer.json"
+    tokenizer_file.write_text(tokenizer_file.read_text()[:200] + "\n")  # corrupt: was the JSON error alone
+    with pytest.raises(ValueError, match=r"cannot read the tokenizer in .*no_tokenizer: "):
+        load_local(tmp_path / "no_tokenizer")
+    tokenizer.save_pretrained(tmp_path / "no_tokenizer")
     weights = tmp_path / "no_tokenizer" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:500])  # a truncated download or copy
     with pytest.raises(ValueError, match=r"cannot read the model weights in .*no_tokenizer: SafetensorError"):

@@ -3,8 +3,9 @@
 A schedule for a prompt of ``N`` tokens on an ``L``-layer model is a non-increasing sequence
 ``keep[0] = N >= keep[1] >= ... >= keep[L-1]``: ``keep[l]`` vectors enter layer ``l``'s attention, and
 layer ``l - 1`` removes the others after its attention, before its feed-forward block (as PoWER-BERT
-extracts). Vectors are removed after every ``e``-th layer only (``e`` about ``L / 6``: six elimination
-points, each of which costs an explicitly computed attention to score the vectors), and one scalar
+extracts). Vectors are removed after every ``e``-th layer only (``e`` about ``L / 6``: about six segments
+of layers, so five or six elimination points, at layers ``e, 2e, ...``, each of which costs an explicitly
+computed attention to score the vectors), and one scalar
 ``alpha >= 0`` spans the family (linear in depth, like learned token pruning's thresholds)::
 
     keep[l] = max(min_keep, ceil(N * (1 - alpha * e * floor(l / e) / (L - 1))))
@@ -126,7 +127,8 @@ def layer_costs(model_config: Any) -> LayerCosts:
 
 
 def _every(n_layers: int) -> int:
-    """Layers between two elimination points: about six of them whatever the depth."""
+    """Layers between two elimination points: about six segments whatever the depth (``L = 30``: 5, eliminating
+    at layers 5, 10, ..., 25)."""
     return max(1, round(n_layers / 6))
 
 

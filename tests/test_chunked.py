@@ -36,7 +36,8 @@ def test_what_a_lazy_cache_hands_out_are_copies(saved):
     cache, path = saved
     lazy = calibrate.open_cache(path, chunks=50)
     before = calibrate.fit(lazy, delta=0.2, epsilon=0.1, consistency="rouge_l", decay=0.5)
-    lazy.sequences["output"] = "x"  # an edit of the handed-out table changed the losses, not the checksum
+    table = lazy.sequences
+    table["output"] = "x"  # an edit of the handed-out table changed the losses, not the checksum
     lazy.user_meta["generation"]["max_new_tokens"] = 4  # ... and the decay's N
     lazy.meta["fields"].clear()
     with pytest.raises(ValueError, match="read-only"):

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 import weakref
 
 #: (module, kind) -> (state key, digest): the last digest of each module's parameters or buffers, reused while
@@ -36,7 +38,8 @@ def _tensors_digest(module, kind: str, fresh: bool) -> str:
     memoised on :func:`_state` unless ``fresh``."""
     import torch
 
-    tensors = list(module.named_parameters() if kind == "parameters" else module.named_buffers())
+    # Every registration of a buffer: dynamic rope re-registers inv_freq as original_inv_freq's object.
+    tensors = list(module.named_parameters() if kind == "parameters" else module.named_buffers(remove_duplicate=False))
     state = _state(tensors)
     last = _LAST.setdefault(module, {}).get(kind)
     if not fresh and last is not None and last[0] == state:
@@ -63,10 +66,28 @@ def weights_digest(module, *, fresh: bool = False) -> str:
     return _tensors_digest(module, "parameters", fresh)
 
 
+#: Configuration keys that do not change what a loaded model computes: training-only, bookkeeping, output options.
+_NOT_COMPUTED = re.compile(
+    r"dropout|pdrop|initializer|^_|transformers_version|architectures|dtype$|use_cache|^output_|return_dict|label2id|id2label"
+)
+
+
+def _config_settings(module) -> str:
+    """A Hugging Face model's configuration (the non-default keys) that shapes what it computes, as JSON; "" for
+    other modules. Flags kept as plain attributes (GPT-2's ``scale_attn_by_inverse_layer_idx``, T5's relative
+    attention distance, BART's ``scale_embedding``) are in no weight, buffer or ``extra_repr``."""
+    to_diff_dict = getattr(getattr(module, "config", None), "to_diff_dict", None)
+    if not callable(to_diff_dict):
+        return ""
+    kept = {key: value for key, value in to_diff_dict().items() if not _NOT_COMPUTED.search(key)}
+    return json.dumps(kept, sort_keys=True, default=str)
+
+
 def model_digest(module) -> str:
     """16 hex digits identifying what ``module`` computes: its weights (:func:`weights_digest`), its buffers
-    (rotary frequencies, which rope scaling changes; BatchNorm statistics) and each submodule's type and settings
-    (``extra_repr``: an activation, an epsilon; not a dropout rate, which inference does not use).
+    (rotary frequencies, which rope scaling changes; BatchNorm statistics), each submodule's type and settings
+    (``extra_repr``: an activation, an epsilon; not a dropout rate, which inference does not use) and, for a
+    Hugging Face model, its configuration (without dropout rates, bookkeeping and output options).
 
     Certificates and model ids record it: a runtime refuses other weights, and also the same weights computing
     something else (e.g. another activation, or another rope scaling).
@@ -78,6 +99,6 @@ def model_digest(module) -> str:
         for name, m in module.named_modules()
     )
     h = hashlib.sha256()
-    for part in (weights_digest(module), _tensors_digest(module, "buffers", False), settings):
+    for part in (weights_digest(module), _tensors_digest(module, "buffers", False), settings, _config_settings(module)):
         h.update(part.encode() + b"\0")
     return h.hexdigest()[:16]

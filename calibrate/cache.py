@@ -1418,11 +1418,13 @@ def _save_iv(path, overwrite) -> Path | Remote:
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
     if not isinstance(overwrite, bool):
         raise TypeError(f"overwrite must be a bool, got {overwrite!r}")
-    if not os.fspath(path):  # Path("") is the working directory
+    if not os.fspath(path):
         raise ValueError("path must name a directory, got ''")
     target = location(path)
     if isinstance(target, Path):
         target = target.absolute()
+        if target.resolve() == Path.cwd().resolve():  # "." or Path(""): saving would replace the directory we run in
+            raise ValueError(f"path must name a directory other than the working directory, got {os.fspath(path)!r}")
         blocking = next((p for p in target.parents if p.exists() and not p.is_dir()), None)
         if blocking is not None:
             raise ValueError(f"cannot save to {target}: {blocking} is a file, not a directory")

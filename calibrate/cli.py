@@ -121,8 +121,8 @@ def _audit_route(cert, args) -> str:
     """Which way of :data:`_AUDITS` audits ``cert`` with ``args``; ValueError naming an option it would ignore."""
     if cert.knob == "token_keep":
         route = "token_keep"
-    elif cert.knob == "fff_depth":
-        route = "fff_lm" if args.blocks is not None else "fff_inputs"
+    elif cert.knob == "fff_depth":  # a classifier's labels, or a language model's text
+        route = "fff_inputs" if cert.consistency in ("label", "risk_label") else "fff_lm"
     else:
         route = "decode" if args.model is not None or args.prompts is not None else "cache"
     what, reads = _AUDITS[route]
@@ -159,7 +159,12 @@ def _cmd_audit(args) -> int:
         if args.model is None or args.prompts is None:
             raise ValueError("a token_keep certificate is audited by decoding: give --model DIR and --prompts FILE")
         report = _audit_on_prompts(_lat_imports()[0].audit, cert, args)
-    elif cert.knob == "fff_depth" and args.blocks is not None:  # a language model decoded at each depth
+    elif route == "fff_lm":  # a language model decoded at each depth
+        if args.blocks is None or args.model is None or args.prompts is None:
+            raise ValueError(
+                f"an fff_depth certificate of a language model ({cert.consistency} loss) is audited by decoding: give "
+                "--model DIR --blocks DIR --prompts FILE"
+            )
         fff, model, tokenizer, prompts, references = _fff_language_model(args)
         report = fff.audit(
             cert,
@@ -235,6 +240,7 @@ def _figure_iv(path: str | None) -> Path | None:
         return None
     figure = figure if figure.suffix else figure.with_suffix(".png")
     formats = Figure().canvas.get_supported_filetypes()
+    formats.pop("pgf", None)  # needs a LaTeX installation: it would fail after the audit's work
     if figure.suffix[1:].lower() not in formats:
         raise ValueError(f"--figure {path}: matplotlib writes {', '.join(sorted(formats))}, not {figure.suffix!r}")
     return figure
@@ -630,7 +636,8 @@ def main(argv: list[str] | None = None) -> int:
 
     0: done (``audit``: risk within delta); 1: ``audit`` found the risk above delta; 2: invalid input or a
     file that cannot be read or written; 130: interrupted (Ctrl-C); 141: standard output was closed before
-    the summary was printed (``calibrate fit ... | head -1``; the output files are written).
+    the summary was printed (``calibrate fit ... | head -1``; fit, audit, synthetic and extract write their output
+    files first, the demo stops where it was).
     """
     args = _parser().parse_args(argv)
     prefix = f"calibrate {args.command}"

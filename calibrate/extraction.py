@@ -403,6 +403,8 @@ def extract_main(
     from calibrate import shards
     from calibrate.models import load_local
 
+    if not os.fspath(output):  # Path("") would be the working directory
+        raise ValueError("output must name a directory, got ''")
     root = Path(output)
     target = root if shard is None else root / shards.shard_name(*shard)
     prompts, references = read_prompts(prompts_file)

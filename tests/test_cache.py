@@ -329,6 +329,9 @@ def test_save_refuses_an_empty_path(cache, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match="path must name a directory, got ''"):
         cache.save("", overwrite=True)  # was the working directory itself (replaced when empty)
+    for here in (".", Path(""), tmp_path):
+        with pytest.raises(ValueError, match="a directory other than the working directory"):
+            cache.save(here, overwrite=True)
     assert list(tmp_path.iterdir()) == []
 
 

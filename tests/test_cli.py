@@ -294,3 +294,8 @@ def test_audit_refuses_options_its_certificate_does_not_read(tmp_path, capsys):
     assert "--references is for risk_label certificates; this one is 'label'" in capsys.readouterr().err
     assert main([*common, "--prompts", "p.txt"]) == 2
     assert "--prompts does not apply to an fff_depth certificate of a classifier, which reads --model" in capsys.readouterr().err
+    dataclasses.replace(cert, consistency="rouge_l").to_json(path)  # a language model's: decoded text
+    assert main(["audit", str(path), "--model", "m", "--prompts", "p.txt"]) == 2
+    assert "language model (rouge_l loss) is audited by decoding: give --model DIR --blocks DIR" in capsys.readouterr().err
+    assert main(["audit", str(path), "--model", "m", "--prompts", "p.txt", "--figure", str(tmp_path / "f.pgf")]) == 2
+    assert "not '.pgf'" in capsys.readouterr().err  # needs LaTeX: it failed after the audit, with exit 1

@@ -526,6 +526,8 @@ def test_extract_main_deletes_only_its_batches_from_a_shard_dir(tokenizer, tmp_p
     (empty / ".batch_00001.x1y2.tmp").mkdir(parents=True)  # a batch's save killed (SIGKILL) in an earlier run
     extract_main(model_dir, prompts, tmp_path / "fourth", shard_dir=empty, **kw)
     assert not empty.exists()  # the leftover went with the batches
+    with pytest.raises(ValueError, match="output must name a directory, got ''"):
+        extract_main(model_dir, prompts, "", overwrite=True, shard_dir=empty, **kw)  # replaced the working directory
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "t5"])

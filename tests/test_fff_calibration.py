@@ -70,6 +70,15 @@ def test_fit_checks_its_risk_options_before_the_model_runs(monkeypatch):
             fff.fit(model, torch.randn(50, 12), **kwargs)
 
 
+def test_risk_label_probes_the_model_in_eval_mode():
+    model = nn.Sequential(_classifier(seed=3), nn.BatchNorm1d(5)).train()  # BatchNorm: one example fails in training
+    x = torch.randn(300, 12)
+    labels = model.eval()(x).argmax(dim=-1).numpy()
+    model.train()
+    fff.fit(model, x, delta=0.3, consistency="risk_label", references=labels)  # was "Expected more than 1 value per channel"
+    assert model.training and int(model[1].num_batches_tracked) == 0  # no statistics updated
+
+
 def test_one_logit_classifiers_are_refused_not_certified_at_depth_zero():
     torch.manual_seed(0)
     binary = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), fff.FFF(16, 1, 4)).eval()  # BCE-with-logits style

@@ -838,6 +838,14 @@ def test_model_digest_tells_apart_the_same_weights_computing_otherwise():
     before = model_digest(norm)
     norm[1].running_mean += 1.0  # the statistics a BatchNorm computes with are buffers, not parameters
     assert model_digest(norm) != before
+    flagged = tiny_model("gpt2", scale_attn_by_inverse_layer_idx=True)  # a flag no weight, buffer or repr holds
+    assert weights_digest(flagged) == weights_digest(tiny_model("gpt2"))
+    assert model_digest(flagged) != model_digest(tiny_model("gpt2"))
+    twice = torch.nn.Linear(2, 2)
+    twice.register_buffer("a", torch.zeros(2))
+    single = model_digest(twice)
+    twice.register_buffer("b", twice.a)  # dynamic rope re-registers inv_freq as original_inv_freq's object
+    assert model_digest(twice) != single  # every registration counts, not only the first
     before = model_digest(norm)
     norm.append(torch.nn.Dropout(0.1))
     assert model_digest(norm) != before  # another module

@@ -205,7 +205,7 @@ def depth_losses(
         if references is None or len(references) != len(inputs):
             raise ValueError(f"consistency='risk_label' needs references=, one int label per input ({len(inputs)})")
         refs = np.asarray(references)
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(model):  # as the labels: no dropout, no BatchNorm statistics updated
             n_classes = int(_logits_iv(model(inputs[:1])).shape[-1])  # the labels are argmaxes over the outputs
         if refs.ndim != 1 or not np.issubdtype(refs.dtype, np.integer) or refs.min() < 0 or refs.max() >= n_classes:
             raise ValueError(

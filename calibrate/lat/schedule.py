@@ -3,9 +3,9 @@
 A schedule for a prompt of ``N`` tokens on an ``L``-layer model is a non-increasing sequence
 ``keep[0] = N >= keep[1] >= ... >= keep[L-1]``: ``keep[l]`` vectors enter layer ``l``'s attention, and
 layer ``l - 1`` removes the others after its attention, before its feed-forward block (as PoWER-BERT
-extracts). Vectors are removed after every ``e``-th layer only (``e`` about ``L / 6``: about six segments
-of layers, so five or six elimination points, at layers ``e, 2e, ...``, each of which costs an explicitly
-computed attention to score the vectors), and one scalar
+extracts). Vectors are removed after every ``e``-th layer only (``e = round(L / 6)``: elimination points at
+layers ``e, 2e, ...`` below ``L``, five for 12, 24 or 30 layers, each of which costs an explicitly computed
+attention to score the vectors), and one scalar
 ``alpha >= 0`` spans the family (linear in depth, like learned token pruning's thresholds)::
 
     keep[l] = max(min_keep, ceil(N * (1 - alpha * e * floor(l / e) / (L - 1))))
@@ -127,8 +127,7 @@ def layer_costs(model_config: Any) -> LayerCosts:
 
 
 def _every(n_layers: int) -> int:
-    """Layers between two elimination points: about six segments whatever the depth (``L = 30``: 5, eliminating
-    at layers 5, 10, ..., 25)."""
+    """Layers between two elimination points, ``round(L / 6)`` (``L = 30``: 5, eliminating at layers 5, 10, ..., 25)."""
     return max(1, round(n_layers / 6))
 
 

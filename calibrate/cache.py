@@ -337,8 +337,9 @@ class LayerCache:
 
     @property
     def sequences(self) -> pd.DataFrame:
-        """One row per sequence (a copy; changing it does not change the cache)."""
-        return self._table.copy(deep=False)
+        """One row per sequence (a copy; changing it does not change the cache, with or without pandas'
+        copy-on-write)."""
+        return self._table.copy()
 
     @property
     def arrays(self) -> Mapping[str, np.ndarray]:

@@ -79,7 +79,7 @@ class ChunkedCache:
     @property
     def sequences(self) -> pd.DataFrame:
         """The sequence table, one row per sequence (a copy: changing it changes nothing in the cache)."""
-        return self._table.copy(deep=False)
+        return self._table.copy()  # deep: pandas 2 without copy-on-write shares a shallow copy's columns
 
     @property
     def offsets(self) -> np.ndarray:

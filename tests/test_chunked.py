@@ -38,6 +38,8 @@ def test_what_a_lazy_cache_hands_out_are_copies(saved):
     before = calibrate.fit(lazy, delta=0.2, epsilon=0.1, consistency="rouge_l", decay=0.5)
     table = lazy.sequences
     table["output"] = "x"  # an edit of the handed-out table changed the losses, not the checksum
+    for cache in (lazy, calibrate.open_cache(path)):  # columns of their own (pandas 2 shares a shallow copy's)
+        assert not np.shares_memory(cache.sequences["n_tokens"].to_numpy(), cache.sequences["n_tokens"].to_numpy())
     lazy.user_meta["generation"]["max_new_tokens"] = 4  # ... and the decay's N
     lazy.meta["fields"].clear()
     with pytest.raises(ValueError, match="read-only"):

@@ -3,8 +3,9 @@
 The label of token ``t`` at layer ``i`` is ``1[argmax at layer i == full-model token]``
 (:func:`agreement`). :class:`ExitClassifier` fits one class-balanced
 :class:`sklearn.linear_model.LogisticRegression` per layer ``1 .. L-1`` on frozen features (the hidden
-state, or the layer's top-k log-probabilities plus the softmax measures) and predicts the probability
-of agreement as the layer's confidence. Its state is a JSON-able dict (no pickle), so a certificate can
+state, or the layer's top-k log-probabilities plus the softmax measures) and predicts a class-balanced
+agreement score in (0, 1) as the layer's confidence (a ranking score, not the agreement probability:
+the balanced weights move every layer's prior to one half; the certificate calibrates the threshold). Its state is a JSON-able dict (no pickle), so a certificate can
 carry it.
 
 The classifier must be trained on sequences **disjoint** from the calibration split: a measure fitted
@@ -249,9 +250,13 @@ class ExitClassifier:
     - Label: ``y[t, i] = 1[topk_ids[t, i, 0] == full_tokens[t]]`` (:func:`agreement`). Each layer
       ``i < L`` gets its own head, fitted with ``class_weight="balanced"`` on standardised features
       (mean and standard deviation of the training tokens; a constant feature gets scale 1). The
-      confidence is the predicted probability of agreement; layer ``L`` always gets 1.0.
-    - A layer whose training labels are all equal gets the constant probability
-      ``(n_positive + 1) / (n + 2)`` (Laplace's rule of succession), never exactly 0 or 1.
+      confidence is the head's predicted probability of agreement under those balanced weights: a score
+      on a balanced scale (0.5 where agreement and disagreement are as likely as in a balanced training
+      set), not the probability that the layer agrees (with uninformative features and 90% agreement it
+      predicts about 0.5). Layer ``L`` always gets 1.0.
+    - A layer whose training labels are all equal gets the constant
+      ``(n_positive + 1) / (n + 2)`` (Laplace's rule of succession), never exactly 0 or 1: an unweighted
+      rate, on another scale than the balanced heads' (such a layer has no second class to balance).
     - **Train on sequences disjoint from the calibration split.** Calibrating with a classifier fitted
       on the calibration sequences makes their losses optimistic and voids
       ``P(risk(lambda_hat) <= delta) >= 1 - epsilon`` (delta = tolerance, epsilon = failure probability;
@@ -408,7 +413,8 @@ class ExitClassifier:
         return int(cache.n_tokens)
 
     def predict_confidence(self, cache: Any) -> np.ndarray:
-        """Predicted probability that each layer agrees with the full model.
+        """Class-balanced score that each layer agrees with the full model, in (0, 1) (see the class Notes: a
+        ranking score, not the agreement probability).
 
         Parameters
         ----------

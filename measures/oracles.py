@@ -399,7 +399,8 @@ def smooth_oracle(depths: Any, n_layers: int, *, sigma: float = 1.0) -> np.ndarr
     if sigma == 0:
         return (layers == d[:, None]).astype(np.float64)
     # relative to the peak (exp(0) = 1), so the normaliser is >= 1 and never underflows
-    q = np.exp(-0.5 * ((layers - d[:, None]) / float(sigma)) ** 2)
+    with np.errstate(over="ignore"):  # a tiny sigma: exp(-inf) = 0 is the right value
+        q = np.exp(-0.5 * ((layers - d[:, None]) / float(sigma)) ** 2)
     return q / q.sum(axis=1, keepdims=True)
 
 

@@ -1,5 +1,6 @@
 """Oracle exit depths against plain per-token loops, and the oracle's average layers against an LP solver."""
 
+import warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -214,6 +215,9 @@ def test_smooth_oracle_one_hot_and_wide():
     np.testing.assert_allclose(wide, 1 / 3)
     assert smooth_oracle(np.zeros(0, dtype=int), 4).shape == (0, 4)
     assert smooth_oracle([], 4).shape == (0, 4)  # a plain empty list is an empty int array too
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # was "overflow encountered in square"
+        np.testing.assert_array_equal(smooth_oracle(np.array([2]), 3, sigma=1e-200), [[0, 1, 0]])
 
 
 def test_correctness_oracle_counts_the_full_models_token_at_the_last_layer():

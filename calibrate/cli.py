@@ -117,6 +117,11 @@ _AUDITS = {
 }
 
 
+def _flag(option: str) -> str:
+    """How the command line spells an option of :data:`_AUDITS`: ``--max-new-tokens``, the positional ``CACHE``."""
+    return "CACHE" if option == "cache" else "--" + option.replace("_", "-")
+
+
 def _audit_route(cert, args) -> str:
     """Which way of :data:`_AUDITS` audits ``cert`` with ``args``; ValueError naming an option it would ignore."""
     if cert.knob == "token_keep":
@@ -129,12 +134,8 @@ def _audit_route(cert, args) -> str:
     options = sorted({option for _, names in _AUDITS.values() for option in names})
     ignored = [option for option in options if getattr(args, option) is not None and option not in reads]
     if ignored:
-        flag = "CACHE" if ignored[0] == "cache" else "--" + ignored[0].replace("_", "-")
-        raise ValueError(
-            f"{flag} does not apply to {what}, which reads "
-            + ", ".join("CACHE" if o == "cache" else "--" + o.replace("_", "-") for o in reads)
-            + " (and --figure)"
-        )
+        flags = ", ".join(map(_flag, reads))
+        raise ValueError(f"{_flag(ignored[0])} does not apply to {what}, which reads {flags} (and --figure)")
     if route == "fff_inputs" and args.references is not None and cert.consistency != "risk_label":
         raise ValueError(f"--references is for risk_label certificates; this one is {cert.consistency!r}")
     return route
@@ -149,13 +150,12 @@ def _cmd_audit(args) -> int:
     route = _audit_route(cert, args)
     if args.max_new_tokens is None:  # decode as the certificate was calibrated
         args.max_new_tokens = cert.max_new_tokens or 32
-    decodes_exits = route == "decode"
-    if decodes_exits and args.adapters is None and (cert.heads or {}).get("kind") == "adapters":
+    if route == "decode" and args.adapters is None and (cert.heads or {}).get("kind") == "adapters":
         raise ValueError(
             "this certificate was calibrated with exit adapters: give the adapters file it was calibrated with "
             "(--adapters FILE, written by calibrate.adapters.save_adapters; the demo writes adapters.safetensors)"
         )
-    if cert.knob == "token_keep":  # decoded on held-out prompts at each speed-up of the grid
+    if route == "token_keep":  # decoded on held-out prompts at each speed-up of the grid
         if args.model is None or args.prompts is None:
             raise ValueError("a token_keep certificate is audited by decoding: give --model DIR and --prompts FILE")
         report = _audit_on_prompts(_lat_imports()[0].audit, cert, args)
@@ -175,16 +175,16 @@ def _cmd_audit(args) -> int:
             tokenizer=tokenizer,
             max_new_tokens=args.max_new_tokens,
         )
-    elif cert.knob == "fff_depth":  # the FFF classifier run on held-out inputs at each depth
+    elif route == "fff_inputs":  # the FFF classifier run on held-out inputs at each depth
         if args.model is None or args.inputs is None:
             raise ValueError(
-                "an fff_depth certificate is audited on inputs (--model FILE --inputs FILE) or, for a language "
-                "model, on prompts (--model DIR --blocks DIR --prompts FILE)"
+                f"an fff_depth certificate of a classifier ({cert.consistency} loss) is audited on inputs: give "
+                "--model FILE --inputs FILE"
             )
         fff, model, inputs, references = _fff_inputs(args)
         report = fff.audit(cert, model, inputs, references=references, batch_size=args.batch_size)
-    elif decodes_exits:  # held-out prompts, runtime-decoded
-        if args.cache is not None or args.model is None or args.prompts is None:
+    elif route == "decode":  # held-out prompts, runtime-decoded (a CACHE beside them: refused by the route)
+        if args.model is None or args.prompts is None:
             raise ValueError(
                 "an exit_threshold certificate is audited on a held-out layer cache, or by decoding held-out prompts "
                 "with --model DIR --prompts FILE (both, and no cache)"

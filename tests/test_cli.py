@@ -294,6 +294,8 @@ def test_audit_refuses_options_its_certificate_does_not_read(tmp_path, capsys):
     assert "--references is for risk_label certificates; this one is 'label'" in capsys.readouterr().err
     assert main([*common, "--prompts", "p.txt"]) == 2
     assert "--prompts does not apply to an fff_depth certificate of a classifier, which reads --model" in capsys.readouterr().err
+    assert main(["audit", str(path), "--model", "fff.safetensors"]) == 2
+    assert "of a classifier (label loss) is audited on inputs: give --model FILE --inputs FILE" in capsys.readouterr().err
     dataclasses.replace(cert, consistency="rouge_l").to_json(path)  # a language model's: decoded text
     assert main(["audit", str(path), "--model", "m", "--prompts", "p.txt"]) == 2
     assert "language model (rouge_l loss) is audited by decoding: give --model DIR --blocks DIR" in capsys.readouterr().err

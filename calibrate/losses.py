@@ -298,35 +298,34 @@ def _textual_losses(cache, conf, lam, top1, full, consistency, positions, decay,
     references = cache.sequences["reference"].tolist() if risk else None
     losses = np.zeros((n_seq, k), dtype=np.float64)
     layer_sum = np.zeros(k, dtype=np.float64)
-    bar = tqdm(total=n_seq, desc=f"{consistency} losses", unit="seq", disable=not progress)
-    for s0 in range(0, n_seq, _SEQUENCES_PER_BATCH):
-        s1 = min(s0 + _SEQUENCES_PER_BATCH, n_seq)
-        a, b = offsets[s0], offsets[s1]
-        layers = exit_layers(conf[a:b], lam, positions=None if positions is None else positions[a:b], decay=decay)
-        layer_sum += layers.sum(axis=0)
-        early = early_tokens(top1[a:b], layers, full[a:b])
-        # Neighbouring thresholds mostly give the same early output: a new output starts only where
-        # some token of the sequence changes, so decode and score one output per run of thresholds
-        # (the scorer's caches absorb the rare repeats of an earlier run).
-        starts = offsets[s0:s1] - a
-        changed = np.logical_or.reduceat(early[:, 1:] != early[:, :-1], starts, axis=0)
-        run_ids = np.concatenate([np.zeros((s1 - s0, 1), dtype=np.int64), np.cumsum(changed, axis=1)], axis=1)
-        early_texts, full_texts, refs = [], [], []
-        for j, s in enumerate(range(s0, s1)):
-            lo, hi = starts[j], offsets[s + 1] - a
-            full_text = decode(full[a + lo : a + hi])
-            cols = np.flatnonzero(np.concatenate([[True], changed[j]]))
-            early_texts += [decode(early[lo:hi, c]) for c in cols]
-            full_texts += [full_text] * cols.size
+    with tqdm(total=n_seq, desc=f"{consistency} losses", unit="seq", disable=not progress) as bar:
+        for s0 in range(0, n_seq, _SEQUENCES_PER_BATCH):
+            s1 = min(s0 + _SEQUENCES_PER_BATCH, n_seq)
+            a, b = offsets[s0], offsets[s1]
+            layers = exit_layers(conf[a:b], lam, positions=None if positions is None else positions[a:b], decay=decay)
+            layer_sum += layers.sum(axis=0)
+            early = early_tokens(top1[a:b], layers, full[a:b])
+            # Neighbouring thresholds mostly give the same early output: a new output starts only where
+            # some token of the sequence changes, so decode and score one output per run of thresholds
+            # (the scorer's caches absorb the rare repeats of an earlier run).
+            starts = offsets[s0:s1] - a
+            changed = np.logical_or.reduceat(early[:, 1:] != early[:, :-1], starts, axis=0)
+            run_ids = np.concatenate([np.zeros((s1 - s0, 1), dtype=np.int64), np.cumsum(changed, axis=1)], axis=1)
+            early_texts, full_texts, refs = [], [], []
+            for j, s in enumerate(range(s0, s1)):
+                lo, hi = starts[j], offsets[s + 1] - a
+                full_text = decode(full[a + lo : a + hi])
+                cols = np.flatnonzero(np.concatenate([[True], changed[j]]))
+                early_texts += [decode(early[lo:hi, c]) for c in cols]
+                full_texts += [full_text] * cols.size
+                if risk:
+                    refs += [references[s]] * cols.size
             if risk:
-                refs += [references[s]] * cols.size
-        if risk:
-            batch = risk_consistency(early_texts, full_texts, refs, scorer)
-        else:
-            batch = textual_loss(early_texts, full_texts, scorer)
-        # runs are numbered consecutively across the batch's sequences
-        first_run = np.concatenate([[0], np.cumsum(run_ids[:, -1] + 1)[:-1]])
-        losses[s0:s1] = batch[first_run[:, None] + run_ids]
-        bar.update(s1 - s0)
-    bar.close()
+                batch = risk_consistency(early_texts, full_texts, refs, scorer)
+            else:
+                batch = textual_loss(early_texts, full_texts, scorer)
+            # runs are numbered consecutively across the batch's sequences
+            first_run = np.concatenate([[0], np.cumsum(run_ids[:, -1] + 1)[:-1]])
+            losses[s0:s1] = batch[first_run[:, None] + run_ids]
+            bar.update(s1 - s0)
     return losses, layer_sum / max(cache.n_tokens, 1)

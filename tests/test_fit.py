@@ -499,3 +499,25 @@ def test_train_cache_bad_input():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         calibrate.fit(cal, measure="halting_geometric", train_cache=train)  # disjoint: silent
+
+
+
+
+def test_a_failure_inside_the_losses_progress_bar_closes_it(capsys):
+    """The bar ends its line before the error propagates (else a CLI prints the error after the bar's text)."""
+    cache = calibrate.synthetic_cache(600, n_layers=4, min_tokens=2, max_tokens=3, seed=0)
+    texts = []
+
+    def decode(ids):
+        texts.append(ids)
+        if len(texts) == 1000:  # in the second batch of 256 sequences
+            raise RuntimeError("boom")
+        return " ".join(map(str, ids))
+
+    capsys.readouterr()
+    with pytest.raises(RuntimeError, match="boom") as failure:  # keeps the frames alive, as a handler does
+        calibrate.proxy_losses(cache, cache.arrays["softmax_gap"], [0.9, 0.5], consistency="rouge_l", decode=decode,
+                               progress=True)  # fmt: skip
+    err = capsys.readouterr().err
+    assert "256/600" in err  # the bar was drawn
+    assert err.endswith("\n"), failure

@@ -278,8 +278,8 @@ def audit(
         model, tokenizer, prompts, references, certificate.consistency, [1.0], max_new_tokens, batch_size, decode
     )
     lambdas = certificate.lambdas
-    bar = tqdm(lambdas, desc="held-out speed-ups", unit="speed-up", disable=not progress)
-    risks = np.array([scorer.losses(dataclasses.replace(certificate, lambda_hat=lam))[0].mean() for lam in bar])
+    with tqdm(lambdas, desc="held-out speed-ups", unit="speed-up", disable=not progress) as bar:
+        risks = np.array([scorer.losses(dataclasses.replace(certificate, lambda_hat=lam))[0].mean() for lam in bar])
     return _held_out_report(certificate, scorer.n, risks)
 
 

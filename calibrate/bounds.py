@@ -29,6 +29,7 @@ from __future__ import annotations
 import numbers
 from typing import Callable
 
+import numba
 import numpy as np
 from scipy import special, stats
 
@@ -46,9 +47,6 @@ __all__ = [
     "wsr",
 ]
 
-# Relative slack when checking that ``n * mean`` of 0/1 losses is an integer count (binomial):
-# ``100 * 0.07`` is ``7.000000000000001`` in binary floating point.
-_COUNT_RTOL = 1e-9
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -106,7 +104,7 @@ def _binomial_iv(mean_loss, n, tolerance):
     mean, n, tolerance = _mean_bound_iv(mean_loss, n, tolerance)
     total = mean * n
     count = np.rint(total)
-    off = np.abs(total - count) > _COUNT_RTOL * np.maximum(1.0, total)
+    off = np.abs(total - count) > _sum_error(total, _COMPENSATED)  # 100 * 0.07 is 7.000000000000001
     if off.any():
         bad = float(mean[off].flat[0]) if mean.ndim else float(mean)
         raise ValueError(
@@ -123,14 +121,43 @@ def _out(p: np.ndarray):
     return p[()] if p.ndim == 0 else p
 
 
-def _count_ceil(total: np.ndarray, n: int) -> np.ndarray:
-    """``ceil`` of a float sum of ``n`` losses, robust to the float error of the sum just above an integer.
+def _sum_error(total: np.ndarray, terms: int) -> np.ndarray:
+    """Bound on the float error of a sum ``total`` of ``terms`` non-negative terms added one by one (or of
+    ``terms`` times their float mean): ``(terms + 2)`` units of ``eps * max(1, total)``."""
+    return (terms + 2) * np.finfo(np.float64).eps * np.maximum(1.0, total)
 
-    The slack is ``n`` units in the last place of the sum (a bound on the error of summing ``n`` terms), so a
-    genuinely fractional sum is never rounded down (that would make the p-value too small).
+
+def _count_ceil(total: np.ndarray, terms: int) -> np.ndarray:
+    """``ceil`` of a float sum of losses that is within :func:`_sum_error` of the exact one (``terms`` as there):
+    a sum that is an integer up to that error counts as the integer, so float error never adds one.
+
+    Only a sum that exceeds an integer by less than that error is rounded down (which would make the
+    p-value too small): :func:`p_values` passes compensated sums (``terms=_COMPENSATED``), where that takes
+    an excess below ``4 eps`` of the sum.
     """
     total = np.asarray(total, dtype=np.float64)
-    return np.ceil(total - (n + 2) * np.finfo(np.float64).eps * np.maximum(1.0, total))
+    return np.ceil(total - _sum_error(total, terms))
+
+
+#: ``terms`` of :func:`_sum_error` that bound the error of :func:`_column_sums` (2 eps of the sum).
+_COMPENSATED = 2
+
+
+@numba.njit(cache=True, nogil=True)
+def _column_sums(losses):  # pragma: no cover (compiled)
+    """Column sums of a 2-D float64 array, compensated (Neumaier): within 2 eps of the exact sum of the floats
+    plus a term of order ``n eps**2``, where a naive sum can be ``n eps`` off."""
+    n, k = losses.shape
+    total = np.zeros(k)
+    carry = np.zeros(k)
+    for i in range(n):
+        for j in range(k):
+            s, x = total[j], losses[i, j]
+            t = s + x
+            big, small = (s, x) if abs(s) >= abs(x) else (x, s)
+            carry[j] += (big - t) + small  # what t lost of the smaller term
+            total[j] = t
+    return total + carry
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -152,8 +179,9 @@ def _hoeffding_kl_core(mean: np.ndarray, n: int, a: float) -> np.ndarray:
     return np.exp(-n * _kl_bernoulli(np.minimum(mean, a), a))
 
 
-def _bentkus_core(total: np.ndarray, n: int, a: float) -> np.ndarray:
-    return np.e * stats.binom.cdf(_count_ceil(total, n), n, a)
+def _bentkus_core(total: np.ndarray, n: int, a: float, terms: int | None = None) -> np.ndarray:
+    """``e * BinomCDF(ceil(total))``; ``total`` is within :func:`_sum_error` of ``terms`` (default ``n``)."""
+    return np.e * stats.binom.cdf(_count_ceil(total, n if terms is None else terms), n, a)
 
 
 def hoeffding(mean_loss, n: int, tolerance: float):
@@ -272,9 +300,9 @@ def bentkus(mean_loss, n: int, tolerance: float):
     independent ``[0, 1]`` variables with mean ``mu``. The count is the ceiling of the *sum* of the
     losses ``n * mean_loss``; to keep float error from adding one (``100 * 0.07`` is
     ``7.000000000000001``), the ceiling is taken of ``count - (n + 2) * eps * max(1, count)`` (``eps`` =
-    2**-52, a bound on the rounding error of a sum of ``n`` terms). This lowers the count only when the
-    sum is that integer up to rounding; a genuinely fractional sum keeps its ceiling. :func:`p_values`
-    passes the sum of the losses directly.
+    2**-52, a bound on the rounding error of a mean of ``n`` terms). This lowers the count only when the
+    sum exceeds an integer by less than that float error. :func:`p_values` takes the sum of the losses
+    directly, compensated, so its slack is ``4 * eps * max(1, sum)`` whatever ``n``.
 
     References
     ----------
@@ -346,7 +374,7 @@ def binomial(mean_loss, n: int, tolerance: float):
     ----------
     mean_loss : float or array_like
         Empirical risk of ``n`` losses in ``{0, 1}``: ``n * mean_loss`` must be an integer (up to a
-        relative ``1e-9``).
+        float error: ``4 eps`` of the count).
     n : int
         Number of losses, ``>= 1``.
     tolerance : float
@@ -515,6 +543,7 @@ def _p_values_iv(losses, tolerance, bound, epsilon):
         raise ValueError(f"bound must be one of {sorted(P_VALUES)}, got {bound!r}")
     arr = _losses_array_iv(losses, allow_1d=False)
     tolerance = _tolerance_iv(tolerance)
+    epsilon = open_interval(epsilon, "epsilon")  # checked whatever the bound, though only wsr reads it
     if bound == "binomial" and not np.isin(arr, (0.0, 1.0)).all():
         raise ValueError(
             "bound='binomial' is the exact test for 0/1 losses: it treats the number of failures as "
@@ -572,16 +601,16 @@ def p_values(losses, tolerance: float, bound: str = DEFAULT_BOUND, *, epsilon: f
     n = arr.shape[0]
     if bound in _ON_RAW_LOSSES:
         return np.atleast_1d(wsr(arr, a, epsilon=epsilon))
-    total = arr.sum(axis=0)
+    total = _column_sums(np.ascontiguousarray(arr, dtype=np.float64))
     mean = total / n
     if bound == "hoeffding":
         p = _hoeffding_core(mean, n, a)
     elif bound == "hoeffding_kl":
         p = _hoeffding_kl_core(mean, n, a)
     elif bound == "bentkus":
-        p = _bentkus_core(total, n, a)
+        p = _bentkus_core(total, n, a, terms=_COMPENSATED)
     elif bound == "hoeffding_bentkus":
-        p = np.minimum(_hoeffding_kl_core(mean, n, a), _bentkus_core(total, n, a))
+        p = np.minimum(_hoeffding_kl_core(mean, n, a), _bentkus_core(total, n, a, terms=_COMPENSATED))
     elif bound == "binomial":  # losses checked to be 0/1, so the sum is an exact integer
         p = stats.binom.cdf(np.rint(total), n, a)
     else:  # a function registered by the user in P_VALUES, called on the column means

@@ -72,12 +72,18 @@ def _holm_iv(p_values, epsilon):
     return _p_epsilon_iv(p_values, epsilon)
 
 
+def _starts_type_iv(starts) -> None:
+    """TypeError unless ``starts`` is an int or a sequence (or array) of indices."""
+    if isinstance(starts, (bool, str, bytes)) or not isinstance(starts, (numbers.Integral, Sequence, np.ndarray)):
+        raise TypeError(
+            "starts must be an int (number of equally spaced starts) or a sequence of int indices, "
+            f"got {type(starts).__name__}"
+        )
+
+
 def _starts_iv(starts, n_hypotheses: int) -> np.ndarray:
     """Normalise ``starts`` (an int count or a sequence of indices) to sorted unique indices."""
-    if isinstance(starts, bool):
-        raise TypeError(
-            "starts must be an int (number of equally spaced starts) or a sequence of int indices, got bool"
-        )
+    _starts_type_iv(starts)
     if isinstance(starts, numbers.Integral):
         m = int(starts)
         if m < 1:
@@ -424,13 +430,7 @@ class MultiStart(FWERProcedure):
     name = "multistart"
 
     def __init__(self, starts: int | Sequence[int] = DEFAULT_N_STARTS):
-        if isinstance(starts, (bool, str, bytes)) or not (
-            isinstance(starts, numbers.Integral) or isinstance(starts, (Sequence, np.ndarray))
-        ):
-            raise TypeError(
-                "starts must be an int (number of equally spaced starts) or a sequence of int indices, "
-                f"got {type(starts).__name__}"
-            )
+        _starts_type_iv(starts)
         if isinstance(starts, numbers.Integral):
             if int(starts) < 1:
                 raise ValueError(f"starts, as a number of starts, must be >= 1, got {int(starts)}")

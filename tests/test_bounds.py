@@ -113,6 +113,29 @@ def test_bentkus_never_rounds_a_small_fractional_sum_down():
     assert bounds.bentkus(np.full(100, 0.07).mean(), 100, 0.1) == pytest.approx(_reference_bentkus(7, 100, 0.1), rel=1e-12)
 
 
+def test_p_values_count_the_exact_sum_of_the_losses():
+    """The table's column sums are compensated, so the slack for float error no longer grows with n: a sum a
+    hair above an integer keeps its ceiling (a naive sum's n-ulp slack rounded both of these down)."""
+    tiny = np.zeros((10, 1))
+    tiny[0] = 1e-15
+    assert bounds.p_values(tiny, 0.3, bound="bentkus")[0] == pytest.approx(_reference_bentkus(1, 10, 0.3), rel=1e-12)
+    n = 10**6
+    big = np.zeros((n, 2))
+    big[: n // 10] = 1.0
+    big[n // 10, 1] = 1e-6  # column 1: one more loss of 1e-6, below the old slack (n + 2) eps * sum = 2.2e-5
+    p = bounds.p_values(big, 0.1005, bound="bentkus")
+    assert math.fsum(big[:, 1]) > n // 10
+    np.testing.assert_allclose(p, [_reference_bentkus(n // 10, n, 0.1005), _reference_bentkus(n // 10 + 1, n, 0.1005)],
+                               rtol=1e-12)  # fmt: skip
+    np.testing.assert_array_equal(bounds._column_sums(big), [math.fsum(big[:, 0]), math.fsum(big[:, 1])])
+
+
+def test_binomial_accepts_float_error_only():
+    assert bounds.binomial(0.07, 100, 0.15) == pytest.approx(stats.binom.cdf(7, 100, 0.15), rel=1e-12)
+    with pytest.raises(ValueError, match="integer count"):  # was accepted (relative 1e-9) and rounded down
+        bounds.binomial((1_234_567 + 0.001) / 10**7, 10**7, 0.1234)
+
+
 @pytest.mark.parametrize("n", NS)
 @pytest.mark.parametrize("a", TOLERANCES)
 def test_hoeffding_bentkus_is_min_of_kl_and_bentkus(n, a):
@@ -403,6 +426,9 @@ def test_p_values_rejects_bad_bound_and_tolerance():
             bounds.p_values(losses, bad)
     with pytest.raises(TypeError, match="tolerance"):
         bounds.p_values(losses, "0.1")
+    for bound in ("hoeffding", "wsr"):  # epsilon is checked whatever the bound (only wsr reads it)
+        with pytest.raises(ValueError, match="epsilon must lie in the open interval"):
+            bounds.p_values(losses, 0.1, bound=bound, epsilon=1.5)
 
 
 def test_binomial_refuses_fractional_losses():

@@ -272,6 +272,9 @@ def test_multistart_validation():
         fwer.multistart(p, 0.05, starts=[])
     with pytest.raises(TypeError, match="starts"):
         fwer.MultiStart("0,1")
+    for bad in (2.0, None, "ab"):  # TypeError from the function as from the class (was ValueError 'shape ()')
+        with pytest.raises(TypeError, match=rf"starts must be an int .*got {type(bad).__name__}"):
+            fwer.multistart(p, 0.05, starts=bad)
     with pytest.raises(ValueError, match=">= 1"):
         fwer.MultiStart(0)
     with pytest.raises(ValueError, match=r"indices in \[0, 2\]"):

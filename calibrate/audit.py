@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +36,7 @@ def _certificate_losses(cert: Certificate, cache, *, decode=None, progress=False
             f"consistency); got knob={cert.knob!r}, measure={cert.measure!r}, consistency={cert.consistency!r}"
         )
     from calibrate.cache import _first_difference, _in_memory_iv, _loaded_by_name
+    from measures.learned import plain_state
 
     _in_memory_iv(cache, "the test cache")
     if cert.cache_checksum is not None and cert.cache_checksum == cache.checksum:
@@ -57,7 +57,7 @@ def _certificate_losses(cert: Certificate, cache, *, decode=None, progress=False
         made, here = getattr(cert, what), meta.get(what)
         if made is None or here is None or _loaded_by_name(what, {"heads": cert.heads}, meta):
             continue
-        made = dict(made) if isinstance(made, Mapping) else made  # the certificate's read-only mapping
+        made = plain_state(made)  # the certificate's read-only copy: mappings and tuples
         if made != here:
             path, mine, theirs = _first_difference((what,), here, made)
             raise ValueError(

@@ -124,19 +124,27 @@ def with_decay_headroom(grid, n: int) -> np.ndarray:
     >>> np.round(with_decay_headroom([1.0, 0.5], 3), 4)   # 1 / 0.9 = 1.1111 first
     array([1.1111, 1.0741, 1.037 , 1.    , 0.5   ])
     """
-    return np.concatenate([np.linspace(1 / 0.9, 1.0, n + 1)[:-1], np.asarray(grid, dtype=np.float64)])
+    if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)) or n < 0:
+        raise ValueError(f"n must be an int >= 0 (values added above the grid), got {n!r}")
+    grid = _lambdas_iv(grid, "grid")
+    if n and grid[0] > 1.0:
+        raise ValueError(f"grid must start at or below 1 to take values above it, got grid[0]={grid[0]:g}")
+    return np.concatenate([np.linspace(1 / 0.9, 1.0, n + 1)[:-1], grid])
 
 
-def _lambdas_iv(lambdas) -> np.ndarray:
-    lam = np.asarray(lambdas, dtype=np.float64)
+def _lambdas_iv(lambdas, name: str = "lambdas") -> np.ndarray:
+    lam = np.asarray(lambdas)
+    if lam.dtype.kind not in "iuf":
+        raise TypeError(f"{name} must be real numbers, got dtype {lam.dtype}")
+    lam = lam.astype(np.float64)
     if lam.ndim != 1 or lam.size == 0:
-        raise ValueError(f"lambdas must be a non-empty 1-D array, got shape {lam.shape}")
+        raise ValueError(f"{name} must be a non-empty 1-D array, got shape {lam.shape}")
     if not np.all(np.isfinite(lam)):
-        raise ValueError("lambdas must be finite (the full model is an explicit hypothesis, not lambda=inf)")
+        raise ValueError(f"{name} must be finite (the full model is an explicit hypothesis, not lambda=inf)")
     if lam.size > 1 and not np.all(np.diff(lam) < 0):
         i = int(np.argmax(np.diff(lam) >= 0))
         raise ValueError(
-            f"lambdas must be strictly decreasing (safest first), got lambdas[{i}]={lam[i]:g} <= lambdas[{i + 1}]={lam[i + 1]:g}"
+            f"{name} must be strictly decreasing (safest first), got {name}[{i}]={lam[i]:g} <= {name}[{i + 1}]={lam[i + 1]:g}"
         )
     return lam
 

@@ -19,8 +19,8 @@ from calibrate import fwer as _fwer
 from calibrate._validation import open_interval, seed_iv
 from calibrate.certificate import KNOBS, Certificate
 from calibrate.crc import conformal_risk_control, non_monotone_reason
-from calibrate.exits import Decay, default_lambdas
-from calibrate.losses import LossTable, proxy_losses, user_losses
+from calibrate.exits import Decay, _lambdas_iv, default_lambdas
+from calibrate.losses import LossTable, _consistency_iv, proxy_losses, user_losses
 
 __all__ = ["METHODS", "TRAIN_FRACTION", "certify", "fit"]
 
@@ -244,6 +244,33 @@ def _too_few_reason(
     )
 
 
+#: Options of a Hugging Face generation config that process the logits before a greedy choice, with the values
+#: that process nothing. ``model.generate`` and the runtime apply them to the emitting layer's logits.
+_PROCESSING_OPTIONS = {
+    "repetition_penalty": (None, 1.0),
+    "encoder_repetition_penalty": (None, 1.0),
+    "no_repeat_ngram_size": (None, 0),
+    "encoder_no_repeat_ngram_size": (None, 0),
+    "bad_words_ids": (None, []),
+    "sequence_bias": (None, {}),
+    "min_length": (None, 0),
+    "min_new_tokens": (None, 0),
+    "forced_bos_token_id": (None,),
+    "forced_eos_token_id": (None,),
+    "suppress_tokens": (None, []),
+    "begin_suppress_tokens": (None, []),
+    "exponential_decay_length_penalty": (None,),
+    "guidance_scale": (None, 1.0),
+}
+
+
+def _logit_processing(cache) -> list[str]:
+    """The options of the model's generation config recorded at extraction
+    (``meta["generation"]["model_generation_config"]``) that process logits, as ``"name=value"``."""
+    config = (cache.user_meta.get("generation") or {}).get("model_generation_config") or {}
+    return [f"{name}={config[name]!r}" for name, idle in _PROCESSING_OPTIONS.items() if config.get(name) not in idle]
+
+
 def _generation_budget(cache) -> int | None:
     """The cache's ``meta["generation"]["max_new_tokens"]`` (new tokens per output), None when not recorded."""
     value = (cache.user_meta.get("generation") or {}).get("max_new_tokens")
@@ -290,7 +317,13 @@ def _calibration_split(cache, measure: str, train_fraction: float, seed: int, tr
         return None, None
     if train_cache is None:
         train_fraction = open_interval(train_fraction, "train_fraction")
-        train, rows = split_indices(cache.n_sequences, [train_fraction, 1.0 - train_fraction], seed=seed)
+        try:
+            train, rows = split_indices(cache.n_sequences, [train_fraction, 1.0 - train_fraction], seed=seed)
+        except ValueError as err:  # an empty part
+            raise ValueError(
+                f"train_fraction={train_fraction} of {cache.n_sequences} sequences leaves none to train the measure "
+                f"{measure!r} on or none to calibrate with; give another train_fraction or a train_cache"
+            ) from err
         return (cache.subset(train) if isinstance(cache, LayerCache) else cache.take(train)), rows
     return _train_cache_iv(train_cache, cache), None
 
@@ -398,7 +431,8 @@ def fit(
         Confidence measure. The learned ones (:data:`measures.learned.LEARNED_MEASURES`: the per-layer
         logistic exit classifier and the Depth-Adaptive Transformer halting heads) are trained on a random
         ``train_fraction`` of the sequences, or on ``train_cache``, and calibrated on the others (disjoint,
-        as the guarantee requires); they need hidden states in the cache.
+        as the guarantee requires). The halting heads read hidden states; the classifier reads them when the
+        cache has them, else the top-k log-probabilities.
     consistency : str, default="token"
         Loss, one of :data:`calibrate.losses.CONSISTENCIES`.
     bound, method
@@ -452,7 +486,14 @@ def fit(
         When an option is invalid, the cache lacks what the option needs (references, generation settings,
         hidden states), ``model`` or ``tokenizer`` is missing in decoded mode or given in proxy mode.
     TypeError
-        When ``decay`` or ``seed`` has the wrong type.
+        When ``cache`` is not a layer cache, or ``decay``, ``seed`` or ``decode`` has the wrong type.
+
+    Warns
+    -----
+    UserWarning
+        In proxy mode, when the model's generation config recorded in the cache processes logits before
+        each greedy choice (a repetition penalty, n-gram blocking, forced or suppressed tokens, a minimum
+        length): the runtime applies that to the emitting layer, the simulation scores raw top-1 tokens.
 
     See Also
     --------
@@ -505,7 +546,19 @@ def fit(
     if model is not None or tokenizer is not None or heads is not None:
         raise ValueError("model, tokenizer and heads are used only with mode='decoded'; proxy mode reads the cache")
     _risk_control_iv(delta, epsilon, bound, method)  # before any work
+    from calibrate.cache import LayerCache
     from calibrate.chunked import ChunkedCache
+
+    if not isinstance(cache, (LayerCache, ChunkedCache)):
+        raise TypeError(
+            f"cache must be a calibrate.LayerCache (or a chunked one), got {type(cache).__name__}: open a saved "
+            "cache with calibrate.open_cache(path); for losses of your own, call calibrate.certify(losses, lambdas)"
+        )
+    if decode is not None and not callable(decode):
+        raise TypeError(f"decode must be a callable from token ids to text, got {type(decode).__name__}")
+    _consistency_iv(consistency, cache.sequences)  # before a learned measure trains
+    if lambdas is not None:
+        _lambdas_iv(lambdas)
 
     options = dict(
         measure=measure,
@@ -535,6 +588,16 @@ def fit(
         cert = certify(table, delta=delta, epsilon=epsilon, bound=bound, method=method)
     for warning in caught:
         warnings.warn(warning.message, warning.category, stacklevel=2)
+    processing = _logit_processing(cache)
+    if processing:
+        warnings.warn(
+            f"the model's generation config processes logits before each greedy choice ({', '.join(processing)}): "
+            "model.generate and the runtime apply that to the emitting layer, but the proxy simulation scores each "
+            "layer's raw top-1, so this certificate does not cover what the processing does to early tokens; "
+            "certify with mode='decoded' for the runtime's outputs",
+            UserWarning,
+            stacklevel=2,
+        )
     return dataclasses.replace(
         cert,
         measure=measure,

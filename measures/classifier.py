@@ -195,6 +195,11 @@ class _LayerModel:
 # ----------------------------------------------------------------------------------------------------
 
 
+def _random_state(seed: int | None) -> int | np.random.RandomState | None:
+    """scikit-learn's ``random_state`` for ``seed``: the seed itself where it takes it (below 2**32)."""
+    return seed if seed is None or seed < 2**32 else np.random.RandomState(np.random.MT19937(seed))
+
+
 def _init_iv(C: Any, features: Any, max_iter: Any, seed: Any) -> tuple[float, str, int, int | None]:
     if isinstance(C, (bool, np.bool_)) or not isinstance(C, (int, float, np.integer, np.floating)):
         raise TypeError(f"C must be a positive float, got {C!r}")
@@ -341,7 +346,7 @@ class ExitClassifier:
             std = x.std(axis=0, dtype=np.float64)
             scale = np.where(std > 0, std, 1.0)
             est = LogisticRegression(
-                C=self.C, class_weight="balanced", max_iter=self.max_iter, random_state=self.seed
+                C=self.C, class_weight="balanced", max_iter=self.max_iter, random_state=_random_state(self.seed)
             )
             est.fit(_standardize(x, mean, scale), y)
             layers.append(

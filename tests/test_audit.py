@@ -143,6 +143,14 @@ def test_a_model_loaded_by_another_path_is_the_same_model(split, cert):
         calibrate.audit(dataclasses.replace(made, heads=None), nameless)  # no digest: the name is all there is
 
 
+def test_heads_metadata_with_lists_matches_the_certificate_copy(split):
+    heads = {"kind": "adapters", "adapters": {"layers": [1, 2, 3], "rank": 8}, "model_digest": "d1"}
+    cal, test = (part.with_meta({**part.user_meta, "heads": heads}) for part in split)
+    cert = calibrate.fit(cal)  # holds the heads read-only: tuples in mappings
+    for made in (cert, calibrate.Certificate.from_json(cert.to_json())):
+        assert calibrate.audit(made, test).n == test.n_sequences  # was "other heads": (1, 2, 3) != [1, 2, 3]
+
+
 def test_audit_refuses_the_calibration_cache_and_non_certificates(split, cert):
     with pytest.raises(ValueError, match="the test cache is the calibration cache itself"):
         calibrate.audit(cert, split[0])  # an in-sample "audit" said "within delta"

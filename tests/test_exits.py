@@ -6,7 +6,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from calibrate.exits import Decay, average_layers, default_lambdas, disagreement_counts, early_tokens, exit_layers
+from calibrate.exits import (
+    Decay,
+    average_layers,
+    default_lambdas,
+    disagreement_counts,
+    early_tokens,
+    exit_layers,
+    with_decay_headroom,
+)
 
 
 def _reference_exit_layers(conf, lambdas, positions=None, decay=None):
@@ -192,6 +200,22 @@ def test_default_grid_is_decreasing_and_fine_near_one():
 def test_bad_lambdas(lambdas, match):
     with pytest.raises(ValueError, match=match):
         exit_layers(np.zeros((2, 3)), lambdas)
+
+
+@pytest.mark.parametrize("lambdas", [["a", "b"], [1 + 2j, 0.5], [None, 0.5], [True, False]])
+def test_lambdas_that_are_not_real_numbers_are_a_type_error(lambdas):
+    with pytest.raises(TypeError, match="lambdas must be real numbers, got dtype"):
+        exit_layers(np.zeros((2, 3)), lambdas)
+
+
+def test_with_decay_headroom_checks_its_inputs():
+    np.testing.assert_allclose(with_decay_headroom([1.0, 0.5], 2), [1 / 0.9, (1 / 0.9 + 1) / 2, 1.0, 0.5])
+    with pytest.raises(ValueError, match="n must be an int >= 0"):
+        with_decay_headroom([1.0, 0.5], -3)  # was numpy's 'Number of samples, -2, must be non-negative'
+    with pytest.raises(ValueError, match=r"grid must be strictly decreasing .*grid\[0\]=0.5 <= grid\[1\]=1"):
+        with_decay_headroom([0.5, 1.0], 2)  # was returned unsorted
+    with pytest.raises(ValueError, match="grid must start at or below 1"):
+        with_decay_headroom([1.05, 0.5], 2)
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])

@@ -398,6 +398,42 @@ def test_fit_bad_inputs(cache):
         calibrate.fit(garbled)
 
 
+def test_fit_names_what_it_takes_instead_of_failing_inside(cache, tmp_path):
+    with pytest.raises(TypeError, match=r"cache must be a calibrate.LayerCache .*got str.*open_cache\(path\)"):
+        calibrate.fit(str(tmp_path))  # was AttributeError: 'str' object has no attribute 'has'
+    with pytest.raises(TypeError, match=r"got ndarray.*calibrate.certify\(losses, lambdas\)"):
+        calibrate.fit(np.zeros((10, 3)), measure="classifier")
+    with pytest.raises(TypeError, match="decode must be a callable from token ids to text, got int"):
+        calibrate.fit(cache, consistency="rouge_l", decode=5)
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [(dict(consistency="nope"), "consistency must be one of"), (dict(lambdas=[0.1, 0.5]), "strictly decreasing"),
+     (dict(consistency="risk_rouge_l"), "no 'reference'")],
+)  # fmt: skip
+def test_fit_checks_its_options_before_a_measure_trains(options, match, monkeypatch):
+    import measures.learned
+
+    def train(*args, **kwargs):
+        raise AssertionError("trained before checking the options")
+
+    monkeypatch.setattr(measures.learned, "train_measure", train)
+    no_refs = calibrate.synthetic_cache(40, n_layers=4, references=False, seed=0)
+    with pytest.raises(ValueError, match=match):
+        calibrate.fit(no_refs, measure="classifier", **options)
+
+
+def test_an_empty_training_or_calibration_part_names_train_fraction(cache):
+    with pytest.raises(ValueError, match=r"train_fraction=0.999 of \d+ sequences leaves none to train the measure"):
+        calibrate.fit(cache, measure="classifier", train_fraction=0.999)  # was 'split: part 1 of fractions=...'
+
+
+def test_seeds_beyond_32_bits_train_the_classifier_reproducibly(cache):
+    a, b = (calibrate.fit(cache, measure="classifier", seed=2**40) for _ in range(2))  # sklearn takes < 2**32
+    assert a == b and a.n_train > 0
+
+
 @pytest.mark.parametrize("seed, exc", [(None, TypeError), (1.5, TypeError), (True, TypeError), (-1, ValueError)])
 def test_every_seed_is_checked_alike(cache, seed, exc):
     from calibrate.data import load_task

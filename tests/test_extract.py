@@ -606,3 +606,21 @@ def test_prompts_outside_the_vocabulary_and_a_missing_tokenizer_are_named():
         extract(tiny_model("gpt2"), tokenizer, ["w1 w2", "w3 brandnew"], max_new_tokens=2, progress=False)
     with pytest.raises(TypeError, match="tokenizer must be a Hugging Face tokenizer"):
         extract(tiny_model("gpt2"), None, ["w1 w2"], max_new_tokens=2, progress=False)
+
+
+def test_a_proxy_fit_warns_when_the_generation_config_processes_logits(tokenizer):
+    """The runtime applies the generation config's processors to the emitting layer; the proxy cannot."""
+    import calibrate
+
+    model = tiny_model("gpt2")
+    cache = extract(model, tokenizer, PROMPTS, max_new_tokens=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        calibrate.fit(cache)  # nothing processed: no warning
+    model.generation_config.update(repetition_penalty=1.3, no_repeat_ngram_size=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # extraction's own warning when the last layer's choice changes
+        processed = extract(model, tokenizer, PROMPTS, max_new_tokens=4)
+    with pytest.warns(UserWarning, match=r"processes logits .*\(repetition_penalty=1.3\).*mode='decoded'") as caught:
+        calibrate.fit(processed)
+    assert caught[0].filename == __file__

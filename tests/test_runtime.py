@@ -375,6 +375,25 @@ def test_generation_config_processors_apply_like_hf(arch, seed, setting):
     torch.testing.assert_close(generate(model, ids, mask, max_new_tokens=8).sequences, expected, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("decoder", ["runtime", "token elimination"])
+def test_the_repetition_penalty_skips_left_padding_as_hf_does(decoder):
+    """model.generate tells the penalty where each row's padding ends; without that the pad id (here a likely
+    token) is penalised in the padded rows, and a prompt decodes differently in a batch than alone."""
+    from calibrate import lat
+
+    model = _tiny_hf.tiny_model("llama", 7, n_layers=4)
+    model.generation_config.repetition_penalty = 3.0
+    run = generate if decoder == "runtime" else lat.generate
+    prompts = [[33, 47, 43, 18], [53, 61, 55, 25, 27, 46, 47]]
+    ids, mask = left_pad(prompts)
+    expected = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=6)
+    assert (expected[0, ids.shape[1] :] == PAD).any()  # the pad id is emitted: penalising it changes the output
+    torch.testing.assert_close(run(model, ids, mask, max_new_tokens=6).sequences, expected, rtol=0, atol=0)
+    for row, prompt in enumerate(prompts):
+        alone = run(model, torch.tensor([prompt]), max_new_tokens=6).sequences[0, len(prompt) :]
+        torch.testing.assert_close(alone, expected[row, ids.shape[1] :], rtol=0, atol=0)
+
+
 def test_custom_generate_attends_to_every_token_when_generate_dropped_an_all_ones_mask():
     """model.generate passes attention_mask=None when the mask is all ones: a real token equal to the pad id
     is not masked again."""

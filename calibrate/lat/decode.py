@@ -238,7 +238,7 @@ def _generate_decoder_only(
     logits = heads(h_last[:, -1], layer=L - 1).float()  # (B, V)
 
     # 2. Decode: every layer; at layer i the new token attends to the prompt vectors that entered it and new tokens.
-    processors = _greedy_processors(model, ids, ids, T, tokens)  # the generation config's, as model.generate
+    processors = _greedy_processors(model, ids, ids, T, tokens, attention_mask=mask)  # as model.generate builds them
     sequences = torch.full((B, P + T), pad_id, dtype=torch.long, device=ids.device)
     sequences[:, :P] = ids
     eos = torch.tensor(eos_ids, dtype=torch.long, device=ids.device)
@@ -304,7 +304,8 @@ def _generate_encoder_decoder(
     states, valid, kept, processed = encode(encoder, ids, mask, keep, always, score)  # (B, W, d), (B, W)
     start = torch.full((ids.shape[0], 1), _decoder_start_iv(model), dtype=torch.long, device=device)
     run = _generate_iv(model, start, valid.long(), None, max_new_tokens, None, None, tokens, encoder_states=states)
-    out = _decode(run, *run.inputs, logits_processor=_greedy_processors(model, start, ids, max_new_tokens, tokens))
+    processors = _greedy_processors(model, start, ids, max_new_tokens, tokens, attention_mask=None)  # no decoder mask
+    out = _decode(run, *run.inputs, logits_processor=processors)
     return EliminationOutput(
         sequences=out.sequences,
         prompt_length=1,

@@ -326,23 +326,33 @@ def generate(
     special_tokens = _special_tokens_iv(model, tokenizer, eos_token_id, pad_token_id)
     run = _generate_iv(model, input_ids, attention_mask, certificate, max_new_tokens, heads, exit_layer, special_tokens)
     prompt = run.inputs[0]  # (B, P): the decoder prompt; the encoder's input is what generate calls encoder_input_ids
+    decoder_only = run.encoder is None
     processors = _greedy_processors(
-        model, prompt, prompt if run.encoder is None else run.encoder.ids, run.config.max_new_tokens, special_tokens
-    )
+        model, prompt, prompt if decoder_only else run.encoder.ids, run.config.max_new_tokens, special_tokens,
+        attention_mask=run.inputs[1] if decoder_only else None,
+    )  # fmt: skip
     with eval_mode(model):  # as calibrated: a model left in training mode would decode with dropout
         return _decode(run, *run.inputs, logits_processor=processors)
 
 
 def _greedy_processors(
-    model, prompt: torch.Tensor, encoder_ids: torch.Tensor, max_new_tokens: int, special_tokens
+    model,
+    prompt: torch.Tensor,
+    encoder_ids: torch.Tensor,
+    max_new_tokens: int,
+    special_tokens,
+    *,
+    attention_mask: torch.Tensor | None,
 ) -> LogitsProcessorList | None:
     """The logits processors ``model.generate(do_sample=False)`` builds from the model's generation config, or None.
 
     E.g. a repetition penalty, n-gram blocking, a minimum length, forced BOS/EOS tokens, suppressed tokens.
     They are built by Hugging Face's own preparation steps (private methods of ``GenerationMixin``), so that
     they are exactly the ones ``model.generate`` applies, for the decoder prompt ``prompt`` ``(B, P)``, the
-    encoder input ``encoder_ids`` (the prompt for decoder-only models), ``max_new_tokens`` and the
-    ``special_tokens`` (EOS ids, pad id) of the run. Token elimination's decoding uses them too.
+    encoder input ``encoder_ids`` (the prompt for decoder-only models), ``max_new_tokens``, the
+    ``special_tokens`` (EOS ids, pad id) of the run and a decoder-only prompt's ``attention_mask`` ``(B, P)``
+    (None for an encoder-decoder model, as generate has no decoder mask): the repetition penalty skips the
+    left padding it marks. Token elimination's decoding uses them too.
     """
     if getattr(model, "generation_config", None) is None:
         return None
@@ -362,7 +372,7 @@ def _greedy_processors(
     )
     processors = model._get_logits_processor(
         generation_config=config, input_ids_seq_length=prompt.shape[1], encoder_input_ids=encoder_ids,
-        device=prompt.device,
+        device=prompt.device, model_kwargs={"attention_mask": attention_mask},
     )
     return processors if len(processors) else None
 

@@ -149,7 +149,10 @@ class Certificate:
     reason : str
         Why the result is what it is (e.g. why nothing was certified).
     measure_state : mapping or None
-        Parameters of a learned measure (the exit classifier), needed to reproduce it at run time.
+        Parameters of a learned measure (the exit classifier), needed to reproduce it at run time; for
+        a softmax measure computed as a bound from the cache's top-k log-probabilities (the entropy
+        confidence without a stored ``entropy`` array), ``{"from_topk": k}``: audits need a test cache of
+        that kind and the runtime refuses it. None otherwise.
     n_train : int
         Sequences used to train a learned measure (disjoint from the ``n`` calibration sequences).
     cache_checksum, model : str or None

@@ -283,8 +283,9 @@ class ChunkedCache:
         Parameters
         ----------
         measure : str, default="softmax_gap"
-            A confidence measure computed from the cache (:data:`measures.confidence.MEASURES`), or a
-            learned one (:data:`measures.learned.LEARNED_MEASURES`) given by its trained ``measure_state``.
+            A confidence measure computed from the cache (:data:`measures.confidence.MEASURES`), a score the
+            cache stores, or a learned one (:data:`measures.learned.LEARNED_MEASURES`) given by its trained
+            ``measure_state``.
         consistency, lambdas, decay
             As in :func:`calibrate.fit` (``decay`` a :class:`~calibrate.Decay` or None).
         measure_state : dict, optional
@@ -311,11 +312,10 @@ class ChunkedCache:
 
         from calibrate.cache import _subset_iv
         from calibrate.exits import _lambdas_iv, default_lambdas
+        from calibrate.fit import _measure_iv
         from calibrate.losses import LossTable, _consistency_iv
-        from measures.confidence import MEASURES
 
-        if measure not in (*MEASURES, *LEARNED_MEASURES):
-            raise ValueError(f"measure must be one of {(*MEASURES, *LEARNED_MEASURES)}, got {measure!r}")
+        _measure_iv(measure, self._array_specs())
         if (measure in LEARNED_MEASURES) != (measure_state is not None):
             raise ValueError(
                 f"measure_state is required for the learned measures {LEARNED_MEASURES} (train one with "

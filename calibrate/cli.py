@@ -26,8 +26,9 @@ def _add_fit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--delta", type=float, default=0.1, help="tolerance on the loss, in (0, 1) (default 0.1)")
     p.add_argument("--epsilon", type=float, default=0.05, help="failure probability, in (0, 1) (default 0.05)")
     p.add_argument(
-        "--measure", default="softmax_gap", choices=(*MEASURES, *LEARNED_MEASURES),
-        help="confidence measure (default softmax_gap)",
+        "--measure", default="softmax_gap", metavar="MEASURE",
+        help=f"confidence measure: {', '.join((*MEASURES, *LEARNED_MEASURES))}, or the name of a score the cache "
+        "stores (default softmax_gap)",
     )
     p.add_argument(
         "--consistency", default="token", choices=CONSISTENCIES, help="loss of the early output (default token)"

@@ -370,25 +370,35 @@ def _chunked_table(cache, *, measure, consistency, lambdas, decay, train_fractio
     from calibrate.chunked import _client_iv
     from measures.learned import train_measure
 
-    _measure_iv(measure)
+    _measure_iv(measure, cache._array_specs())
     seed_iv(seed)
     _client_iv(client)  # before a learned measure's training
     train, rows = _calibration_split(cache, measure, train_fraction, seed, train_cache)
     run = dict(client=client, progress=progress)
     if train is None:
-        return cache.loss_table(measure, consistency, lambdas, decay, **run), None, 0
+        return cache.loss_table(measure, consistency, lambdas, decay, **run), _topk_state(cache.load(0, 1), measure), 0
     state = train_measure(measure, train, seed=int(seed)).to_dict()
     table = cache.loss_table(measure, consistency, lambdas, decay, measure_state=state, sequences=rows, **run)
     return table, state, train.n_sequences
 
 
-def _measure_iv(measure) -> None:
-    from measures.confidence import MEASURES
+def _topk_state(cache, measure: str) -> dict | None:
+    """The certificate's ``measure_state`` for a confidence ``cache`` gives as a bound from its top-k
+    log-probabilities (``{"from_topk": k}``: another cache, or the runtime, computes it otherwise), else None."""
+    from measures.confidence import _topk_bound
+
+    k = _topk_bound(cache, measure)
+    return None if k is None else {"from_topk": k}
+
+
+def _measure_iv(measure, array_names) -> None:
+    """``measure`` is a known one or a score among the cache's ``array_names``."""
+    from measures.confidence import MEASURES, _stored_score
     from measures.learned import LEARNED_MEASURES
 
     allowed = (*MEASURES, *LEARNED_MEASURES)
-    if measure not in allowed:
-        raise ValueError(f"measure must be one of {allowed}, got {measure!r}")
+    if measure not in allowed and not _stored_score(array_names, measure):
+        raise ValueError(f"measure must be one of {allowed} or the name of a score the cache stores, got {measure!r}")
 
 
 def fit(
@@ -427,8 +437,10 @@ def fit(
     epsilon : float, default=0.05
         Failure probability, in (0, 1) (delta in LTT/MAPIE).
     measure : {"softmax_gap", "softmax_max", "entropy", "state_saturation", "classifier", \
-"halting_geometric", "halting_token_multinomial", "halting_sequence_multinomial"}
-        Confidence measure. The learned ones (:data:`measures.learned.LEARNED_MEASURES`: the per-layer
+"halting_geometric", "halting_token_multinomial", "halting_sequence_multinomial"} or str
+        Confidence measure, or the name of a score the cache stores (a measure of your own, given as
+        ``scores=`` to :meth:`LayerCache.from_arrays`; audits read it from the test cache, the runtime
+        cannot compute it). The learned ones (:data:`measures.learned.LEARNED_MEASURES`: the per-layer
         logistic exit classifier and the Depth-Adaptive Transformer halting heads) are trained on a random
         ``train_fraction`` of the sequences, or on ``train_cache``, and calibrated on the others (disjoint,
         as the guarantee requires). The halting heads read hidden states; the classifier reads them when the
@@ -668,7 +680,7 @@ def _proxy_table(
     from measures.confidence import confidence
     from measures.learned import train_measure
 
-    _measure_iv(measure)
+    _measure_iv(measure, cache.arrays)
     seed_iv(seed)
     decay = _decay_iv(decay, cache)
     lam = default_lambdas(decay=decay is not None) if lambdas is None else lambdas
@@ -683,5 +695,6 @@ def _proxy_table(
         conf = cache.arrays[measure]
     else:
         conf = confidence(cache, measure)
+        measure_state = _topk_state(cache, measure)
     table = proxy_losses(cache, conf, lam, consistency=consistency, decay=decay, decode=decode, progress=progress)
     return table, decay, measure_state, n_train

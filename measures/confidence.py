@@ -34,6 +34,14 @@ MEASURES: tuple[str, ...] = ("softmax_gap", "softmax_max", "entropy", "state_sat
 
 _SOFTMAX_MEASURES = ("softmax_gap", "softmax_max", "entropy")
 
+#: Cache arrays that are not confidence scores; any other array of a cache is one (e.g. a measure of your own).
+_NOT_SCORES = ("full_tokens", "topk_ids", "topk_logprobs", "hidden")
+
+
+def _stored_score(names, measure: Any) -> bool:
+    """Whether ``measure`` names a score among a cache's array ``names`` (a measure of the user's own)."""
+    return isinstance(measure, str) and measure not in _NOT_SCORES and measure in names
+
 #: Largest top-k log-probability accepted above 0 (float rounding of ``log p`` for ``p ~ 1``).
 _LOGPROB_TOL = 1e-4
 #: Largest excess of ``sum(exp(topk_logprobs))`` over 1 accepted (float16/float32 rounding).
@@ -452,10 +460,10 @@ def _confidence_iv(cache: Any, measure: Any, classifier: Any) -> tuple[str, Any]
             f"measure {measure!r} is a trained halting head: train it with measures.learned.train_measure("
             f"{measure!r}, train_cache) and call its predict_confidence(cache); confidence() computes {allowed}"
         )
-    if not isinstance(measure, str) or measure not in allowed:
-        raise ValueError(f"measure must be one of {allowed}, got {measure!r}")
     if not hasattr(cache, "arrays") or not hasattr(cache, "n_layers"):
         raise TypeError(f"cache must be a LayerCache (with .arrays and .n_layers), got {type(cache).__name__}")
+    if not isinstance(measure, str) or (measure not in allowed and not _stored_score(cache.arrays, measure)):
+        raise ValueError(f"measure must be one of {allowed} or the name of a score the cache stores, got {measure!r}")
     if measure == "classifier":
         if classifier is None:
             raise ValueError(
@@ -478,6 +486,26 @@ def _n_tokens(cache: Any) -> int:
     return int(cache.n_tokens)
 
 
+def _topk_bound(cache: Any, measure: str) -> int | None:
+    """``k`` when :func:`confidence` gives ``measure`` on ``cache`` as a bound from the top-``k`` log-probabilities
+    instead of its value on the full softmax (the entropy confidence with ``k < V``; the gap from the top 1
+    alone), None when it gives that value (stored in the cache, exact from the top ``k``, or not a softmax
+    measure). Two caches that differ here give the same tokens different confidences."""
+    arrays = cache.arrays
+    if measure not in ("entropy", "softmax_gap") or arrays.get(measure) is not None:
+        return None
+    logprobs = arrays.get("topk_logprobs")
+    k = None if logprobs is None else int(np.shape(logprobs)[2])
+    if k is None or (measure == "entropy" and k >= int(cache.vocab_size)) or (measure == "softmax_gap" and k > 1):
+        return None
+    return k
+
+
+def _source(k: int | None) -> str:
+    """What a confidence with :func:`_topk_bound` ``k`` is, in words."""
+    return "its value on the full softmax" if k is None else f"a bound from the top-{k} log-probabilities"
+
+
 def confidence(cache: Any, measure: str, *, classifier: Any = None) -> np.ndarray:
     """Confidence of every cached token at every layer.
 
@@ -486,8 +514,9 @@ def confidence(cache: Any, measure: str, *, classifier: Any = None) -> np.ndarra
     cache : LayerCache
         The layer cache (:class:`calibrate.cache.LayerCache`; any object with ``.arrays``,
         ``.n_layers`` and ``.vocab_size`` works).
-    measure : {"softmax_gap", "softmax_max", "entropy", "state_saturation", "classifier"}
-        The measure.
+    measure : {"softmax_gap", "softmax_max", "entropy", "state_saturation", "classifier"} or str
+        The measure, or the name of a score the cache stores (a measure of your own: ``scores=`` of
+        :meth:`calibrate.LayerCache.from_arrays`).
     classifier : ExitClassifier, optional
         A fitted :class:`measures.classifier.ExitClassifier`; required for ``measure="classifier"`` and
         not accepted otherwise.

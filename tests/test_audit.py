@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import calibrate
+from measures.confidence import confidence
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +142,28 @@ def test_a_model_loaded_by_another_path_is_the_same_model(split, cert):
     nameless = test.with_meta({**test.user_meta, "heads": None})
     with pytest.raises(ValueError, match="'model' is '/abs/model' in the cache, 'model' in the certificate"):
         calibrate.audit(dataclasses.replace(made, heads=None), nameless)  # no digest: the name is all there is
+
+
+@pytest.mark.parametrize(("measure", "top_k"), [("entropy", 2), ("softmax_gap", 1)])
+def test_a_confidence_bound_from_the_top_k_is_audited_on_caches_of_its_kind(measure, top_k):
+    """Without a stored array the entropy confidence (and the gap from the top 1) is a bound from the top k,
+    another number than the stored exact one: fit records it and audit refuses a cache of the other kind."""
+    synthetic = calibrate.synthetic_cache(400, n_layers=4, top_k=top_k, seed=0)
+    arrays = {name: synthetic.arrays[name] for name in ("full_tokens", "topk_ids", "topk_logprobs")}
+    bare = calibrate.LayerCache.from_arrays(**arrays, lengths=synthetic.lengths, vocab_size=synthetic.vocab_size)
+    exact = np.minimum(confidence(bare, measure) + 0.05, 1.0)  # as from full logits: at least the bound
+    full = calibrate.LayerCache.from_arrays(
+        **arrays, scores={measure: exact}, lengths=synthetic.lengths, vocab_size=synthetic.vocab_size
+    )
+    (cal, test), (exact_cal, exact_test) = bare.split([0.5, 0.5], seed=0), full.split([0.5, 0.5], seed=0)
+    bound, exact = calibrate.fit(cal, measure=measure, delta=0.2), calibrate.fit(exact_cal, measure=measure, delta=0.2)
+    assert bound.measure_state == {"from_topk": top_k} and exact.measure_state is None
+    bound = calibrate.Certificate.from_json(bound.to_json())
+    assert calibrate.audit(bound, test).n == calibrate.audit(exact, exact_test).n == test.n_sequences
+    with pytest.raises(ValueError, match=rf"a bound from the top-{top_k} .*the test cache's would be its value on"):
+        calibrate.audit(bound, exact_test)  # was audited silently on the other confidence
+    with pytest.raises(ValueError, match=r"its value on the full softmax, the test cache's would be a bound"):
+        calibrate.audit(exact, test)
 
 
 def test_heads_metadata_with_lists_matches_the_certificate_copy(split):

@@ -74,6 +74,17 @@ def test_fit_on_dask_equals_the_in_memory_certificate(saved, measure, consistenc
     assert calibrate.fit(lazy, decay=decay, **kwargs) == calibrate.fit(cache, decay=decay, **kwargs)
 
 
+def test_a_bound_from_the_top_k_is_recorded_on_dask_as_in_memory(tmp_path):
+    cache = calibrate.synthetic_cache(60, n_layers=4, seed=0)
+    names = ("full_tokens", "topk_ids", "topk_logprobs")
+    bare = calibrate.LayerCache.from_arrays(
+        **{name: cache.arrays[name] for name in names}, lengths=cache.lengths, vocab_size=cache.vocab_size
+    )
+    bare.save(tmp_path / "bare")
+    cert = calibrate.fit(calibrate.open_cache(tmp_path / "bare", chunks=16), measure="entropy", delta=0.3)
+    assert cert == calibrate.fit(bare, measure="entropy", delta=0.3) and cert.measure_state == {"from_topk": cache.top_k}
+
+
 @pytest.mark.parametrize(("measure", "consistency"), [("classifier", "token"), ("halting_geometric", "rouge_l")])
 def test_learned_measures_on_dask_equal_the_in_memory_certificate(saved, measure, consistency):
     """The same seeded training split, read into memory; the workers calibrate on the other sequences."""

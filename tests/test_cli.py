@@ -57,6 +57,8 @@ def test_errors_are_messages_not_tracebacks(tmp_path, capsys):
     assert main(["fit", str(dev), "--method", "crc", "--bound", "wsr"]) == 2  # was silently ignored
     assert "leave bound unset" in capsys.readouterr().err
     assert main(["fit", str(dev), "--method", "crc"]) == 0
+    assert main(["fit", str(dev), "--measure", "my_score"]) == 2  # not stored in this cache
+    assert "or the name of a score the cache stores, got 'my_score'" in capsys.readouterr().err
     assert main(["synthetic", "-o", str(dev)]) == 2  # refuses to overwrite
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"lambda_hat": 1}))
@@ -67,6 +69,18 @@ def test_errors_are_messages_not_tracebacks(tmp_path, capsys):
     assert main(["demo", "--synthetic", "--sequences", "3", "--out", str(tmp_path / "demo")]) == 2
     assert "sequences must be an int >= 20" in capsys.readouterr().err  # half a table, then cal_fraction's error
     assert not (tmp_path / "demo").exists()  # refused before any work
+
+
+def test_fit_a_score_of_your_own(tmp_path, capsys):
+    synthetic = calibrate.synthetic_cache(200, n_layers=4, seed=0)
+    arrays = {name: synthetic.arrays[name] for name in ("full_tokens", "topk_ids", "topk_logprobs")}
+    own = calibrate.LayerCache.from_arrays(
+        **arrays, scores={"my_score": synthetic.arrays["softmax_max"] ** 2}, lengths=synthetic.lengths,
+        vocab_size=synthetic.vocab_size,
+    )  # fmt: skip
+    own.save(tmp_path / "own")
+    assert main(["fit", str(tmp_path / "own"), "--measure", "my_score", "-o", str(tmp_path / "cert.json")]) == 0
+    assert calibrate.Certificate.from_json(tmp_path / "cert.json") == calibrate.fit(own, measure="my_score")
 
 
 def test_unwritable_outputs_are_messages_and_figures_are_named_as_written(tmp_path, capsys):

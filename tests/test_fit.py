@@ -557,3 +557,29 @@ def test_a_failure_inside_the_losses_progress_bar_closes_it(capsys):
     err = capsys.readouterr().err
     assert "256/600" in err  # the bar was drawn
     assert err.endswith("\n"), failure
+
+
+def test_a_score_of_your_own_is_a_measure(tmp_path):
+    """A (T, L) score stored with the cache (scores=) is fitted, audited and run on Dask by its name."""
+    synthetic = calibrate.synthetic_cache(300, n_layers=4, seed=0)
+    arrays = {name: synthetic.arrays[name] for name in ("full_tokens", "topk_ids", "topk_logprobs")}
+    mine = synthetic.arrays["softmax_max"] ** 2
+    own = calibrate.LayerCache.from_arrays(
+        **arrays, scores={"my_score": mine}, lengths=synthetic.lengths, vocab_size=synthetic.vocab_size
+    )
+    cal, test = own.split([0.5, 0.5], seed=0)
+    cert = calibrate.fit(cal, measure="my_score", delta=0.2)
+    expected = calibrate.certify(
+        calibrate.proxy_losses(cal, cal.arrays["my_score"], cert.lambdas), delta=0.2, epsilon=0.05
+    )
+    assert cert.measure == "my_score" and cert.lambda_hat == expected.lambda_hat and cert.risks == expected.risks
+    assert calibrate.audit(cert, test).n == test.n_sequences
+    own.save(tmp_path / "own")
+    lazy = calibrate.open_cache(tmp_path / "own", chunks=64)
+    assert calibrate.fit(lazy, measure="my_score", delta=0.2) == calibrate.fit(own, measure="my_score", delta=0.2)
+    bare = calibrate.LayerCache.from_arrays(**arrays, lengths=synthetic.lengths, vocab_size=synthetic.vocab_size)
+    with pytest.raises(ValueError, match="'my_score' is a stored score: the test cache stores none"):
+        calibrate.audit(cert, bare.split([0.5, 0.5], seed=0)[1])
+    for name in ("nope", "hidden", "topk_logprobs"):  # not stored, or not a score
+        with pytest.raises(ValueError, match="or the name of a score the cache stores"):
+            calibrate.fit(own, measure=name)

@@ -741,6 +741,8 @@ def test_refuses_certificates_for_another_knob_or_model():
         generate(model, ids, certificate=cert(0.5, "classifier", state=_classifier_state(16, N_LAYERS)))
     with pytest.raises(ValueError, match="either certificate or exit_layer"):
         generate(model, ids, certificate=cert(0.5), exit_layer=1)
+    with pytest.raises(ValueError, match=r"'entropy' confidence is a bound from the top-2 .*stores 'entropy'"):
+        generate(model, ids, certificate=cert(0.5, "entropy", state={"from_topk": 2}))
     with pytest.raises(TypeError, match="Certificate"):
         generate(model, ids, certificate={"lambda_hat": 0.5})
 

@@ -37,7 +37,8 @@ from calibrate.exits import Decay
 from calibrate.heads import ExitHeads, context_positions, decoder_layers
 from calibrate.models import eval_mode
 from calibrate.runtime._layers import KVCache, LayerAdapter, Step, adapter_for, additive_mask
-from calibrate.runtime._measures import RUNTIME_MEASURES, RuntimeMeasure, build_measure
+from calibrate.runtime._measures import _SOFTMAX, RUNTIME_MEASURES, RuntimeMeasure, build_measure
+from measures.confidence import _source
 
 if TYPE_CHECKING:
     from transformers import LogitsProcessorList
@@ -563,6 +564,13 @@ def _certificate_iv(certificate, n_layers: int, heads: ExitHeads) -> tuple[float
     if certificate.measure not in RUNTIME_MEASURES:
         raise ValueError(
             f"certificate.measure must be one of {RUNTIME_MEASURES} for the runtime, got {certificate.measure!r}"
+        )
+    from_topk = (certificate.measure_state or {}).get("from_topk") if certificate.measure in _SOFTMAX else None
+    if from_topk is not None:
+        raise ValueError(
+            f"the certificate's {certificate.measure!r} confidence is {_source(from_topk)}; the runtime computes "
+            "its value on the full softmax, which differs on the same tokens: calibrate on a cache that stores "
+            f"{certificate.measure!r} (calibrate.extract does), or in decoded mode"
         )
     decay = certificate.decay
     if decay is not None and not isinstance(decay, Decay):

@@ -322,6 +322,12 @@ def _references(consistency: str | None, references: list) -> list | None:
     """The prompts file's references for a ``risk_*`` loss (int labels for ``risk_label``), else None."""
     if consistency is None or not consistency.startswith("risk_"):
         return None
+    missing = sum(r is None for r in references)
+    if missing:
+        raise ValueError(
+            f"the loss {consistency!r} compares with references, but {missing} of {len(references)} "
+            'prompts have none: give --prompts a JSONL file with a "reference" on every line'
+        )
     if consistency != "risk_label":
         return references
     try:

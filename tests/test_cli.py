@@ -141,6 +141,10 @@ def test_audit_decodes_with_the_certificates_budget(tmp_path, capsys, monkeypatc
         assert main(["audit", str(path), "--model", "m", "--prompts", "p"]) == 0
     assert main(["audit", str(path), "--model", "m", "--prompts", "p", "--max-new-tokens", "7"]) == 0
     assert seen == [4, 32, 7]  # the certified budget; 32 when the certificate records none; as asked
+    dataclasses.replace(cert, consistency="risk_rouge_l").to_json(path)
+    capsys.readouterr()
+    assert main(["audit", str(path), "--model", "m", "--prompts", "p"]) == 2  # the prompts have no reference
+    assert "1 of 1 prompts have none: give --prompts a JSONL file with a \"reference\"" in capsys.readouterr().err
 
 
 def test_interrupts_and_warnings_are_one_line(tmp_path, capsys, monkeypatch):

@@ -21,12 +21,12 @@ __all__ = ["AuditReport", "ValidityReport", "audit", "validity"]
 
 def _certificate_confidence(cert: Certificate, cache) -> np.ndarray:
     """Recompute the certificate's confidence measure on another cache, shape (n_tokens, n_layers)."""
-    from measures.confidence import MEASURES, _source, _topk_bound, confidence
+    from measures.confidence import MEASURES, _source, _stored_score, _topk_bound, confidence
     from measures.learned import LEARNED_MEASURES, measure_from_state
 
     if cert.measure in LEARNED_MEASURES:
         return measure_from_state(cert.measure, cert.measure_state).predict_confidence(cache)
-    if cert.measure not in MEASURES and not cache.has(cert.measure):
+    if cert.measure not in MEASURES and not _stored_score(cache.arrays, cert.measure):
         raise ValueError(f"the certificate's measure {cert.measure!r} is a stored score: the test cache stores none")
     made, here = (cert.measure_state or {}).get("from_topk"), _topk_bound(cache, cert.measure)
     if made != here:
@@ -34,6 +34,8 @@ def _certificate_confidence(cert: Certificate, cache) -> np.ndarray:
             f"the certificate's {cert.measure!r} confidence is {_source(made)}, the test cache's would be "
             f"{_source(here)}: they differ on the same tokens; audit on a cache of the calibration cache's kind "
             f"(its top_k, with {cert.measure!r} stored or not as there)"
+            + ("; a certificate made before calm-calibrate recorded top-k bounds does not say which: refit it"
+               if made is None else "")
         )
     return confidence(cache, cert.measure)
 

@@ -568,7 +568,8 @@ def p_values(losses, tolerance: float, bound: str = DEFAULT_BOUND, *, epsilon: f
         ``"binomial"``, ``"wsr"`` (the keys of :data:`P_VALUES`). ``"binomial"`` is exact for 0/1 losses
         and refused otherwise; ``"wsr"`` uses the raw losses in row order, the others the column sums.
     epsilon : float, default=0.05
-        Used by ``"wsr"`` only, to tune its bets (see :func:`wsr`); ignored by the other bounds.
+        Failure probability in (0, 1), checked for every bound; ``"wsr"`` tunes its bets with it (see
+        :func:`wsr`), the other bounds do not use it.
 
     Returns
     -------
@@ -579,7 +580,8 @@ def p_values(losses, tolerance: float, bound: str = DEFAULT_BOUND, *, epsilon: f
     ------
     ValueError
         If ``bound`` is unknown, ``losses`` is not a non-empty 2-D array of numbers in ``[0, 1]`` (NaN
-        included), ``tolerance`` is outside (0, 1), or ``bound="binomial"`` with losses other than 0/1.
+        included), ``tolerance`` or ``epsilon`` is outside (0, 1), or ``bound="binomial"`` with losses
+        other than 0/1.
 
     Notes
     -----

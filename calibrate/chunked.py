@@ -103,6 +103,20 @@ class ChunkedCache:
         return int(self._meta["fields"]["topk_ids"]["shape"][1])
 
     @property
+    def top_k(self) -> int:
+        """Number of stored predictions per layer ``k``."""
+        return int(self._meta["fields"]["topk_ids"]["shape"][2])
+
+    @property
+    def vocab_size(self) -> int:
+        """Vocabulary size of the model."""
+        return int(self._meta["vocab_size"])
+
+    def has(self, name: str) -> bool:
+        """Whether the cache stores the array ``name`` (e.g. ``"hidden"`` or ``"softmax_gap"``)."""
+        return name in self._array_specs()
+
+    @property
     def checksum(self) -> str:
         """The checksum recorded when the cache was written (verified at open with ``verify=True``)."""
         return self._meta["checksum"]

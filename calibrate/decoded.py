@@ -38,6 +38,7 @@ from calibrate.fwer import FixedSequence
 from calibrate.heads import ExitHeads, decoder_layers
 from calibrate.losses import CONSISTENCIES, LossTable
 from calibrate.models import eval_mode
+from calibrate.runtime.decode import _runtime_measure_iv
 
 __all__ = ["audit_decoded", "decoded_lambdas", "decoded_losses", "fit_decoded"]
 
@@ -275,11 +276,9 @@ def _decoded_losses_iv(
     """The certificate supplies grid, measure and consistency; the rest is checked as in fit_decoded."""
     if not isinstance(certificate, Certificate):
         raise TypeError(f"certificate must be a calibrate.Certificate, got {type(certificate).__name__}")
-    if certificate.measure not in runtime.RUNTIME_MEASURES or certificate.consistency is None:
-        raise ValueError(
-            f"certificate must name a measure the runtime evaluates {runtime.RUNTIME_MEASURES} and a consistency, got "
-            f"measure={certificate.measure!r}, consistency={certificate.consistency!r}"
-        )
+    if certificate.consistency is None:
+        raise ValueError("certificate must name a consistency (the loss to decode), got consistency=None")
+    _runtime_measure_iv(certificate)  # before decoding anything
     return _decoder_iv(
         model,
         tokenizer,

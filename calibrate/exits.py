@@ -124,8 +124,10 @@ def with_decay_headroom(grid, n: int) -> np.ndarray:
     >>> np.round(with_decay_headroom([1.0, 0.5], 3), 4)   # 1 / 0.9 = 1.1111 first
     array([1.1111, 1.0741, 1.037 , 1.    , 0.5   ])
     """
-    if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)) or n < 0:
-        raise ValueError(f"n must be an int >= 0 (values added above the grid), got {n!r}")
+    if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)):
+        raise TypeError(f"n must be an int >= 0 (values added above the grid), got {type(n).__name__}")
+    if n < 0:
+        raise ValueError(f"n must be an int >= 0 (values added above the grid), got {n}")
     grid = _lambdas_iv(grid, "grid")
     if n and grid[0] > 1.0:
         raise ValueError(f"grid must start at or below 1 to take values above it, got grid[0]={grid[0]:g}")

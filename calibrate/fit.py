@@ -261,6 +261,7 @@ _PROCESSING_OPTIONS = {
     "begin_suppress_tokens": (None, []),
     "exponential_decay_length_penalty": (None,),
     "guidance_scale": (None, 1.0),
+    "watermarking_config": (None, {}),
 }
 
 
@@ -376,7 +377,7 @@ def _chunked_table(cache, *, measure, consistency, lambdas, decay, train_fractio
     train, rows = _calibration_split(cache, measure, train_fraction, seed, train_cache)
     run = dict(client=client, progress=progress)
     if train is None:
-        return cache.loss_table(measure, consistency, lambdas, decay, **run), _topk_state(cache.load(0, 1), measure), 0
+        return cache.loss_table(measure, consistency, lambdas, decay, **run), _topk_state(cache, measure), 0
     state = train_measure(measure, train, seed=int(seed)).to_dict()
     table = cache.loss_table(measure, consistency, lambdas, decay, measure_state=state, sequences=rows, **run)
     return table, state, train.n_sequences
@@ -392,13 +393,18 @@ def _topk_state(cache, measure: str) -> dict | None:
 
 
 def _measure_iv(measure, array_names) -> None:
-    """``measure`` is a known one or a score among the cache's ``array_names``."""
+    """``measure`` is a known one or a score among the cache's ``array_names``, and not both."""
     from measures.confidence import MEASURES, _stored_score
     from measures.learned import LEARNED_MEASURES
 
     allowed = (*MEASURES, *LEARNED_MEASURES)
     if measure not in allowed and not _stored_score(array_names, measure):
         raise ValueError(f"measure must be one of {allowed} or the name of a score the cache stores, got {measure!r}")
+    if measure in LEARNED_MEASURES and _stored_score(array_names, measure):
+        raise ValueError(
+            f"the cache stores a score named {measure!r}, which is also a learned measure fit would train: "
+            "store the score under another name"
+        )
 
 
 def fit(
@@ -498,7 +504,8 @@ def fit(
         When an option is invalid, the cache lacks what the option needs (references, generation settings,
         hidden states), ``model`` or ``tokenizer`` is missing in decoded mode or given in proxy mode.
     TypeError
-        When ``cache`` is not a layer cache, or ``decay``, ``seed`` or ``decode`` has the wrong type.
+        When ``cache`` is not a layer cache, ``lambdas`` are not real numbers, or ``decay``, ``seed`` or
+        ``decode`` has the wrong type.
 
     Warns
     -----
@@ -527,6 +534,16 @@ def fit(
     >>> cert.lambda_hat is None or cert.risk_hat <= 0.1
     True
     """
+    from calibrate.cache import LayerCache
+    from calibrate.chunked import ChunkedCache
+
+    if not isinstance(cache, (LayerCache, ChunkedCache)):
+        raise TypeError(
+            f"cache must be a calibrate.LayerCache (or a chunked one), got {type(cache).__name__}: open a saved "
+            "cache with calibrate.open_cache(path); for losses of your own, call calibrate.certify(losses, lambdas)"
+        )
+    if decode is not None and not callable(decode):
+        raise TypeError(f"decode must be a callable from token ids to text, got {type(decode).__name__}")
     if mode == "decoded":
         if client is not None:
             raise ValueError("client= computes proxy losses on Dask; mode='decoded' decodes in this process")
@@ -558,16 +575,6 @@ def fit(
     if model is not None or tokenizer is not None or heads is not None:
         raise ValueError("model, tokenizer and heads are used only with mode='decoded'; proxy mode reads the cache")
     _risk_control_iv(delta, epsilon, bound, method)  # before any work
-    from calibrate.cache import LayerCache
-    from calibrate.chunked import ChunkedCache
-
-    if not isinstance(cache, (LayerCache, ChunkedCache)):
-        raise TypeError(
-            f"cache must be a calibrate.LayerCache (or a chunked one), got {type(cache).__name__}: open a saved "
-            "cache with calibrate.open_cache(path); for losses of your own, call calibrate.certify(losses, lambdas)"
-        )
-    if decode is not None and not callable(decode):
-        raise TypeError(f"decode must be a callable from token ids to text, got {type(decode).__name__}")
     _consistency_iv(consistency, cache.sequences)  # before a learned measure trains
     if lambdas is not None:
         _lambdas_iv(lambdas)

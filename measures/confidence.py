@@ -34,7 +34,8 @@ MEASURES: tuple[str, ...] = ("softmax_gap", "softmax_max", "entropy", "state_sat
 
 _SOFTMAX_MEASURES = ("softmax_gap", "softmax_max", "entropy")
 
-#: Cache arrays that are not confidence scores; any other array of a cache is one (e.g. a measure of your own).
+#: Cache arrays that are not confidence scores (calibrate.cache's fixed fields); any other array of a cache
+#: is one (e.g. a measure of your own).
 _NOT_SCORES = ("full_tokens", "topk_ids", "topk_logprobs", "hidden")
 
 
@@ -490,15 +491,12 @@ def _topk_bound(cache: Any, measure: str) -> int | None:
     """``k`` when :func:`confidence` gives ``measure`` on ``cache`` as a bound from the top-``k`` log-probabilities
     instead of its value on the full softmax (the entropy confidence with ``k < V``; the gap from the top 1
     alone), None when it gives that value (stored in the cache, exact from the top ``k``, or not a softmax
-    measure). Two caches that differ here give the same tokens different confidences."""
-    arrays = cache.arrays
-    if measure not in ("entropy", "softmax_gap") or arrays.get(measure) is not None:
+    measure). Two caches that differ here give the same tokens different confidences. ``cache`` answers
+    ``has(name)``, ``top_k`` and ``vocab_size`` from its metadata (a layer cache, in memory or chunked)."""
+    if measure not in ("entropy", "softmax_gap") or cache.has(measure) or not cache.has("topk_logprobs"):
         return None
-    logprobs = arrays.get("topk_logprobs")
-    k = None if logprobs is None else int(np.shape(logprobs)[2])
-    if k is None or (measure == "entropy" and k >= int(cache.vocab_size)) or (measure == "softmax_gap" and k > 1):
-        return None
-    return k
+    k = cache.top_k
+    return k if (measure == "entropy" and k < cache.vocab_size) or (measure == "softmax_gap" and k == 1) else None
 
 
 def _source(k: int | None) -> str:

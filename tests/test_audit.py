@@ -164,6 +164,8 @@ def test_a_confidence_bound_from_the_top_k_is_audited_on_caches_of_its_kind(meas
         calibrate.audit(bound, exact_test)  # was audited silently on the other confidence
     with pytest.raises(ValueError, match=r"its value on the full softmax, the test cache's would be a bound"):
         calibrate.audit(exact, test)
+    with pytest.raises(ValueError, match="made before calm-calibrate recorded top-k bounds does not say which: refit"):
+        calibrate.audit(dataclasses.replace(bound, measure_state=None), test)  # as an earlier version wrote it
 
 
 def test_heads_metadata_with_lists_matches_the_certificate_copy(split):

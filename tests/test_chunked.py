@@ -74,14 +74,19 @@ def test_fit_on_dask_equals_the_in_memory_certificate(saved, measure, consistenc
     assert calibrate.fit(lazy, decay=decay, **kwargs) == calibrate.fit(cache, decay=decay, **kwargs)
 
 
-def test_a_bound_from_the_top_k_is_recorded_on_dask_as_in_memory(tmp_path):
+def test_a_bound_from_the_top_k_is_recorded_on_dask_as_in_memory(tmp_path, monkeypatch):
     cache = calibrate.synthetic_cache(60, n_layers=4, seed=0)
     names = ("full_tokens", "topk_ids", "topk_logprobs")
     bare = calibrate.LayerCache.from_arrays(
         **{name: cache.arrays[name] for name in names}, lengths=cache.lengths, vocab_size=cache.vocab_size
     )
     bare.save(tmp_path / "bare")
-    cert = calibrate.fit(calibrate.open_cache(tmp_path / "bare", chunks=16), measure="entropy", delta=0.3)
+    lazy = calibrate.open_cache(tmp_path / "bare", chunks=16)
+    assert (lazy.top_k, lazy.vocab_size, lazy.has("topk_logprobs"), lazy.has("entropy")) == (
+        bare.top_k, bare.vocab_size, True, False
+    )
+    monkeypatch.setattr(type(lazy), "load", None)  # the record comes from the metadata: nothing read on the client
+    cert = calibrate.fit(lazy, measure="entropy", delta=0.3)
     assert cert == calibrate.fit(bare, measure="entropy", delta=0.3) and cert.measure_state == {"from_topk": cache.top_k}
 
 

@@ -457,6 +457,15 @@ def test_bad_input_names_the_argument(model, tokenizer, prompts, calls, change, 
     assert calls["n"] == 0
 
 
+def test_a_top_k_bound_certificate_is_refused_before_decoding(model, tokenizer, prompts, calls):
+    """The runtime computes the confidence on the full softmax: refused before the full model decodes."""
+    cert = dataclasses.replace(_fit(model, tokenizer, prompts, measure="entropy"), measure_state={"from_topk": 2})
+    calls["n"] = 0
+    with pytest.raises(ValueError, match="'entropy' confidence is a bound from the top-2"):
+        calibrate.audit_decoded(cert, model, tokenizer, prompts, progress=False)
+    assert calls["n"] == 0  # was a full decode of every prompt first
+
+
 def test_train_cache_only_with_the_classifier(model, tokenizer, prompts, cache, calls):
     with pytest.raises(ValueError, match="train_cache trains the learned measures .* only"):
         _fit(model, tokenizer, prompts, train_cache=cache)

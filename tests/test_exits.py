@@ -216,6 +216,9 @@ def test_with_decay_headroom_checks_its_inputs():
         with_decay_headroom([0.5, 1.0], 2)  # was returned unsorted
     with pytest.raises(ValueError, match="grid must start at or below 1"):
         with_decay_headroom([1.05, 0.5], 2)
+    for n in (2.0, True):
+        with pytest.raises(TypeError, match=f"n must be an int >= 0 .*got {type(n).__name__}"):
+            with_decay_headroom([1.0, 0.5], n)
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])

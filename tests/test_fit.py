@@ -405,6 +405,8 @@ def test_fit_names_what_it_takes_instead_of_failing_inside(cache, tmp_path):
         calibrate.fit(np.zeros((10, 3)), measure="classifier")
     with pytest.raises(TypeError, match="decode must be a callable from token ids to text, got int"):
         calibrate.fit(cache, consistency="rouge_l", decode=5)
+    with pytest.raises(TypeError, match="cache must be a calibrate.LayerCache .*got str"):
+        calibrate.fit(str(tmp_path), mode="decoded", model=object(), tokenizer=object())  # decoded mode too
 
 
 @pytest.mark.parametrize(
@@ -583,3 +585,8 @@ def test_a_score_of_your_own_is_a_measure(tmp_path):
     for name in ("nope", "hidden", "topk_logprobs"):  # not stored, or not a score
         with pytest.raises(ValueError, match="or the name of a score the cache stores"):
             calibrate.fit(own, measure=name)
+    named_classifier = calibrate.LayerCache.from_arrays(
+        **arrays, scores={"classifier": mine}, lengths=synthetic.lengths, vocab_size=synthetic.vocab_size
+    )
+    with pytest.raises(ValueError, match="stores a score named 'classifier', which is also a learned measure"):
+        calibrate.fit(named_classifier, measure="classifier")  # trained a classifier, ignoring the score

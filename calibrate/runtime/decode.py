@@ -561,6 +561,15 @@ def _certificate_iv(certificate, n_layers: int, heads: ExitHeads) -> tuple[float
     _heads_identity_iv(certificate.heads, heads)
     if certificate.lambda_hat is None:  # "full model only": nothing to measure
         return None, None, None
+    _runtime_measure_iv(certificate)
+    decay = certificate.decay
+    if decay is not None and not isinstance(decay, Decay):
+        decay = Decay(**dict(decay))
+    return float(certificate.lambda_hat), certificate.measure, decay
+
+
+def _runtime_measure_iv(certificate: Certificate) -> None:
+    """The certificate's measure is one the runtime computes, as it was calibrated (not a top-k bound)."""
     if certificate.measure not in RUNTIME_MEASURES:
         raise ValueError(
             f"certificate.measure must be one of {RUNTIME_MEASURES} for the runtime, got {certificate.measure!r}"
@@ -572,10 +581,6 @@ def _certificate_iv(certificate, n_layers: int, heads: ExitHeads) -> tuple[float
             "its value on the full softmax, which differs on the same tokens: calibrate on a cache that stores "
             f"{certificate.measure!r} (calibrate.extract does), or in decoded mode"
         )
-    decay = certificate.decay
-    if decay is not None and not isinstance(decay, Decay):
-        decay = Decay(**dict(decay))
-    return float(certificate.lambda_hat), certificate.measure, decay
 
 
 def _heads_identity_iv(recorded, heads: ExitHeads) -> None:

@@ -104,7 +104,9 @@ def _binomial_iv(mean_loss, n, tolerance):
     mean, n, tolerance = _mean_bound_iv(mean_loss, n, tolerance)
     total = mean * n
     count = np.rint(total)
-    off = np.abs(total - count) > _sum_error(total, _COMPENSATED)  # 100 * 0.07 is 7.000000000000001
+    # 0/1 losses: n * mean_loss is the count up to rounding the mean and the product, a few eps of it (the
+    # slack of a compensated sum; 100 * 0.07 is 7.000000000000001), not n eps as for a naive sum of fractions
+    off = np.abs(total - count) > _sum_error(total, _COMPENSATED)
     if off.any():
         bad = float(mean[off].flat[0]) if mean.ndim else float(mean)
         raise ValueError(

@@ -12,9 +12,9 @@ tokens. Each row times, in turn and best of ``--repeat``:
 - (e) the ``fastfeedforward`` package's ``eval_forward`` (depth 11, leaf width 1), when installed.
 
 Each column is ``time(baseline) / time(fast)`` (> 1: the fast path is faster); "ideal (a)" is the
-multiply-add ratio 4095 / 12; "max diff" is the largest difference of the fast path's output from the
-layer's own forward (and, on CPU, from the per-level loop) on the row's inputs. Target: (a) >= 10x at 1024
-tokens. Published anchors: UltraFastBERT's kernel 78x (CPU, kernel only), an
+multiply-add ratio 4095 / 12; "max diff" is the largest difference of the fast path's output from
+:func:`calibrate.fff.fff_reference` (the plain per-input loop of the definition) on the row's first 64
+inputs (asserted below 1e-3). Target: (a) >= 10x at 1024 tokens. Published anchors: UltraFastBERT's kernel 78x (CPU, kernel only), an
 independent C++ extension 19x (CPU) vs a dense FFN.
 
 Run: ``python benchmarks/fff.py [--threads 2] [--repeat 5] [--tokens 1 16 128 1024 4096] [--device cpu]``.
@@ -23,27 +23,29 @@ Run: ``python benchmarks/fff.py [--threads 2] [--repeat 5] [--tokens 1 16 128 10
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
+from timing import device_arg, positive_int, side_by_side
 from torch import nn
 
-from calibrate.fff import FFF, fff_forward
+from calibrate.fff import FFF, fff_forward, fff_reference
+
+CHECKED = 64  # inputs of each row compared with the plain per-input loop of the definition
 
 
 def dense(width: int, d: int) -> nn.Module:
     return nn.Sequential(nn.Linear(d, width), nn.GELU(), nn.Linear(width, d)).eval()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 128, 1024, 4096])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--depth", type=int, default=11)
-    parser.add_argument("--width", type=int, default=768)
-    args = parser.parse_args()
+    parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument("--repeat", type=positive_int, default=5)
+    parser.add_argument("--tokens", type=positive_int, nargs="+", default=[1, 16, 128, 1024, 4096])
+    parser.add_argument("--device", type=device_arg, default="cpu")
+    parser.add_argument("--depth", type=positive_int, default=11)
+    parser.add_argument("--width", type=positive_int, default=768)
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     try:
         import numba
@@ -72,10 +74,6 @@ def main() -> None:
     except ImportError:
         print("(e) skipped: the fastfeedforward package is not installed (pip install fastfeedforward==0.2.1)")
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
     print(
         f"FFF d={d}, depth {depth} ({depth + 1} of {nodes} neurons per token), {device}, {args.threads} threads, "
         f"best of {args.repeat}; columns: time(baseline) / time(fast)"
@@ -87,20 +85,9 @@ def main() -> None:
     with torch.no_grad():
         for n in args.tokens:
             x = torch.randn(n, d, device=device)
-            for fn in candidates.values():  # warm-up (compilation, allocator)
-                fn(x)
-            out = candidates["fast"](x)
-            loop = candidates.get("(d) per-level loop")
-            diff = max(float((out - ref).abs().max()) for ref in [layer(x)] + ([loop(x)] if loop else []))
-            assert diff < 1e-3, f"the fast path differs from the layer's forward by {diff:g}"
-            best = dict.fromkeys(candidates, float("inf"))
-            for _ in range(args.repeat):  # round robin: every candidate sees the same machine state
-                for name, fn in candidates.items():
-                    sync()
-                    start = time.perf_counter()
-                    fn(x)
-                    sync()
-                    best[name] = min(best[name], time.perf_counter() - start)
+            best, out = side_by_side({name: lambda fn=fn, x=x: fn(x) for name, fn in candidates.items()}, args.repeat)
+            diff = float((out["fast"][:CHECKED] - fff_reference(layer, x[:CHECKED])).abs().max())
+            assert diff < 1e-3, f"the fast path differs from the plain loop of the definition by {diff:g}"
             ratios = " | ".join(f"{best[name] / best['fast']:.1f}x" for name in names)
             print(f"| {n} | {ratios} | {nodes / (depth + 1):.0f}x | {diff:.1e} |")
             if device.type == "cuda":

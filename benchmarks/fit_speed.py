@@ -14,23 +14,12 @@ Run: ``python benchmarks/fit_speed.py [--sequences 10000] [--tokens 128] [--laye
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
+from timing import positive_int, side_by_side
 
 import calibrate
 from calibrate.exits import default_lambdas
-
-
-def _best_of_interleaved(fns, repeat: int) -> list[float]:
-    """Best wall time of each function, called in turn ``repeat`` times (noise hits all of them alike)."""
-    best = [float("inf")] * len(fns)
-    for _ in range(repeat):
-        for j, fn in enumerate(fns):
-            start = time.perf_counter()
-            fn()
-            best[j] = min(best[j], time.perf_counter() - start)
-    return best
 
 
 def naive_token_losses(cache, conf, lambdas) -> np.ndarray:
@@ -48,14 +37,14 @@ def naive_token_losses(cache, conf, lambdas) -> np.ndarray:
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sequences", type=int, default=10_000)
-    parser.add_argument("--tokens", type=int, default=128)
-    parser.add_argument("--layers", type=int, default=32)
-    parser.add_argument("--repeat", type=int, default=7)
-    parser.add_argument("--naive-repeat", type=int, default=2)
-    args = parser.parse_args()
+    parser.add_argument("--sequences", type=positive_int, default=10_000)
+    parser.add_argument("--tokens", type=positive_int, default=128)
+    parser.add_argument("--layers", type=positive_int, default=32)
+    parser.add_argument("--repeat", type=positive_int, default=7)
+    parser.add_argument("--naive-repeat", type=positive_int, default=2)
+    args = parser.parse_args(argv)
 
     cache = calibrate.synthetic_cache(
         args.sequences,
@@ -77,19 +66,20 @@ def main() -> None:
     def fit():
         return calibrate.fit(cache, delta=0.1, epsilon=0.05, measure="softmax_gap")
 
-    fit()  # load the compiled kernel once
-    t_max, t_fit = _best_of_interleaved([lambda: np.max(conf), fit], args.repeat)
-    naive_loop = lambda: naive_token_losses(cache, conf, lambdas)  # noqa: E731
-    t_fit_paired, t_naive = _best_of_interleaved([fit, naive_loop], args.naive_repeat)
-    naive = naive_token_losses(cache, conf, lambdas)
+    def naive():
+        return naive_token_losses(cache, conf, lambdas)
 
+    best, _ = side_by_side({"np.max": lambda: np.max(conf), "fit": fit}, args.repeat)
+    paired, out = side_by_side({"fit": fit, "naive": naive}, args.naive_repeat, warmup=False)
     table = calibrate.proxy_losses(cache, conf, lambdas, consistency="token")
-    same = np.allclose(table.losses, naive)
-    cert = calibrate.fit(cache, delta=0.1, epsilon=0.05, measure="softmax_gap")
+    assert np.allclose(table.losses, out["naive"]), "fit's losses differ from the naive loop's"
+    t_max, t_fit = best["np.max"], best["fit"]
     print(f"np.max pass      {t_max * 1e3:9.1f} ms")
     print(f"calibrate.fit    {t_fit * 1e3:9.1f} ms   fit / np.max   = {t_fit / t_max:6.1f}x  (target <= 5x)")
-    print(f"naive loop       {t_naive * 1e3:9.1f} ms   naive / fit    = {t_naive / t_fit_paired:6.1f}x")
-    print(f"same losses as the naive loop: {same}; lambda_hat = {cert.lambda_hat}")
+    print(
+        f"naive loop       {paired['naive'] * 1e3:9.1f} ms   naive / fit    = {paired['naive'] / paired['fit']:6.1f}x"
+    )
+    print(f"same losses as the naive loop (asserted); lambda_hat = {out['fit'].lambda_hat}")
 
 
 if __name__ == "__main__":

@@ -17,48 +17,33 @@ without elimination over this knob's (the elimination alone); ``predicted`` = th
 speed-up of the vectors processed (:class:`calibrate.lat.KeepSchedule`); ``ach/pred`` = ``TTFT`` over
 ``predicted`` (target >= 0.8 for prompts of 512 tokens and more, marked), ``(s=1)`` = ``TTFT/s=1`` over
 ``predicted``. All calls of one table cell group run in turn, ``--repeat`` rounds, best of each. The
-``hf`` row says whether ``lat s=1`` emitted the tokens of ``model.generate`` (it must).
+``hf`` row says that ``lat s=1`` emitted the tokens of ``model.generate`` (asserted).
 
-Run: ``python benchmarks/lat.py [--prompts 256 1024 2048] [--batch 1 8] [--speedups 1.5 2 3] [--new 32]
+Run: ``python benchmarks/lat.py [--prompts 256 1024 2048] [--batch 1 8] [--speedups 1.5 2 3] [--new 16]
 [--repeat 1] [--threads 2] [--device cpu]``.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 from runtime import smollm2_like
+from timing import device_arg, positive_int, side_by_side
 
 from calibrate import lat
 
 
-def side_by_side(runs: dict, repeat: int) -> dict[str, float]:
-    """Best wall-clock seconds of each callable, run in turn ``repeat`` times (drift hits all alike)."""
-    best = dict.fromkeys(runs, float("inf"))
-    for _ in range(repeat):
-        for name, fn in runs.items():
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best
-
-
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--prompts", type=int, nargs="+", default=[256, 1024, 2048])
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--prompts", type=positive_int, nargs="+", default=[256, 1024, 2048])
+    parser.add_argument("--batch", type=positive_int, nargs="+", default=[1, 8])
     parser.add_argument("--speedups", type=float, nargs="+", default=[1.5, 2.0, 3.0])
-    parser.add_argument("--new", type=int, default=32)
-    parser.add_argument("--repeat", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--device", default="cpu")
-    args = parser.parse_args()
+    parser.add_argument("--new", type=positive_int, default=16)
+    parser.add_argument("--repeat", type=positive_int, default=1)
+    parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument("--device", type=device_arg, default="cpu")
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     model = smollm2_like(args.device)
     device = torch.device(args.device)
@@ -79,12 +64,12 @@ def main() -> None:
                 return lambda: lat.generate(model, ids, speedup=s, max_new_tokens=n)
 
             knobs = (1.0, *args.speedups)
-            first = side_by_side({"hf": hf(1), **{s: ours(s, 1) for s in knobs}}, args.repeat)
-            whole = side_by_side({"hf": hf(args.new), **{s: ours(s, args.new) for s in knobs}}, args.repeat)
-            same = torch.equal(hf(args.new)(), ours(1.0, args.new)().sequences)
-            print(f"{prompt:>6} {batch:>5}  {'hf':<10} {1.0:>5.2f}x {1.0:>5.2f}x   (lat s=1 tokens == hf: {same})")
+            first, _ = side_by_side({"hf": hf(1), **{s: ours(s, 1) for s in knobs}}, args.repeat)
+            whole, out = side_by_side({"hf": hf(args.new), **{s: ours(s, args.new) for s in knobs}}, args.repeat)
+            assert torch.equal(out["hf"], out[1.0].sequences), "lat s=1 differs from HF generate"
+            print(f"{prompt:>6} {batch:>5}  {'hf':<10} {1.0:>5.2f}x {1.0:>5.2f}x   (lat s=1 emits the tokens of hf)")
             for s in knobs:
-                predicted = lat.generate(model, ids, speedup=s, max_new_tokens=1).predicted_speedup
+                predicted = out[s].predicted_speedup
                 vs_hf, vs_full = first["hf"] / first[s], first[1.0] / first[s]
                 target = "  (target >= 0.8)" if prompt >= 512 and s > 1 else ""
                 print(
@@ -93,6 +78,7 @@ def main() -> None:
                     f"{target}",
                     flush=True,
                 )
+
 
 if __name__ == "__main__":
     main()

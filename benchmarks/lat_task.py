@@ -23,7 +23,7 @@ import argparse
 import time
 
 import torch
-from lat import side_by_side
+from timing import device_arg, positive_int, side_by_side
 
 from calibrate import lat
 from calibrate.data import load_task
@@ -32,18 +32,18 @@ from calibrate.models import load_local, smollm2
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cal", type=int, default=96)
-    parser.add_argument("--test", type=int, default=32)
+    parser.add_argument("--cal", type=positive_int, default=96)
+    parser.add_argument("--test", type=positive_int, default=32)
     parser.add_argument("--speedups", type=float, nargs="+", default=[1.0, 1.1, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0])
     parser.add_argument("--delta", type=float, default=0.1)
     parser.add_argument("--epsilon", type=float, default=0.05)
     parser.add_argument("--consistency", default="rouge_l")
-    parser.add_argument("--max-new-tokens", type=int, default=16)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=16)
+    parser.add_argument("--batch", type=positive_int, default=8)
+    parser.add_argument("--repeat", type=positive_int, default=3)
+    parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--model", default=None, help="a saved model directory instead of SmolLM2's own weights")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", type=device_arg, default="cpu")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, tokenizer = smollm2() if args.model is None else load_local(args.model)
@@ -87,10 +87,10 @@ def main() -> None:
         return lambda: lat.generate(model, ids, mask, speedup=speedup, max_new_tokens=n)
 
     for name, n in (("time to first token", 1), ("whole generation", args.max_new_tokens)):
-        times = side_by_side({"hf": hf(n), "ours": ours(n)}, args.repeat)
+        times, out = side_by_side({"hf": hf(n), "ours": ours(n)}, args.repeat)
         ratio = times["hf"] / times["ours"]
         print(f"  {name}: {ratio:.2f}x over HF generate (batch {ids.shape[0]}, mean prompt {prompt_tokens} tokens)")
-    predicted = lat.generate(model, ids, mask, speedup=speedup, max_new_tokens=1).predicted_speedup
+    predicted = out["ours"].predicted_speedup
     print(f"  predicted prefill speed-up of the batch: {predicted:.2f}x")
 
 

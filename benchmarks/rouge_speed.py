@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 from rouge_score import rouge_scorer
+from timing import positive_int
 
 import calibrate
 from calibrate.exits import default_lambdas, early_tokens, exit_layers
@@ -40,9 +41,9 @@ def naive_rouge_losses(cache, conf, lambdas) -> np.ndarray:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sequences", type=int, default=500)
-    parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--layers", type=int, default=24)
+    parser.add_argument("--sequences", type=positive_int, default=500)
+    parser.add_argument("--tokens", type=positive_int, default=64)
+    parser.add_argument("--layers", type=positive_int, default=24)
     args = parser.parse_args()
 
     cache = calibrate.synthetic_cache(
@@ -66,8 +67,9 @@ def main() -> None:
     cert_naive = calibrate.certify(naive, lambdas, delta=0.1, epsilon=0.05)
     print(f"fast path        {t_fast:8.2f} s")
     print(f"rouge-score loop {t_naive:8.2f} s   loop / fast = {t_naive / t_fast:6.1f}x  (target >= 100x)")
-    print(f"max |loss difference| = {np.abs(fast.losses - naive).max():.2e}")
-    print(f"lambda_hat: fast {cert_fast.lambda_hat}, loop {cert_naive.lambda_hat}, same: {cert_fast.lambda_hat == cert_naive.lambda_hat}")
+    diff = np.abs(fast.losses - naive).max()
+    assert diff < 1e-12 and cert_fast.lambda_hat == cert_naive.lambda_hat, "the fast path differs from the loop"
+    print(f"max |loss difference| = {diff:.2e}; same lambda_hat (asserted): {cert_fast.lambda_hat}")
 
 
 if __name__ == "__main__":

@@ -3,12 +3,14 @@
 Model: random weights with SmolLM2-135M's shape (LlamaConfig: 30 layers, d=576, MLP 1536, 9 heads,
 3 KV heads, vocabulary 49,152, tied embeddings), so nothing is downloaded; speed does not depend on the
 weights. Every run generates exactly ``--new`` tokens per row (no EOS) after a ``--prompt``-token prompt;
-tokens/s counts generated tokens over the whole call (prompt pass included), best of ``--repeat``.
+tokens/s counts generated tokens over the whole call (prompt pass included), best of ``--repeat``
+rounds in which every row of a batch size runs in turn (after one untimed warm-up call each).
 
 Rows printed per batch size:
 
 * ``hf``                 -- ``model.generate(do_sample=False)``, the baseline;
-* ``runtime full``       -- our loop without a certificate (its overhead over Hugging Face);
+* ``runtime full``       -- our loop without a certificate (its overhead over Hugging Face); it must emit
+  the tokens of ``hf`` (asserted);
 * ``exit@k``             -- every token exits at layer k (``exit_layer=k``; the first token comes from
   the prompt pass, which runs every layer), state propagation for the skipped layers;
 * ``sat lam=1`` / ``softmax_gap lam=1`` -- a certificate that never exits: every layer evaluates the
@@ -27,19 +29,22 @@ Run: ``python benchmarks/runtime.py [--batch 1 8] [--new 32] [--prompt 32] [--th
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
+from timing import device_arg, positive_int, side_by_side
 
 from calibrate.certificate import Certificate
 from calibrate.runtime import generate
 
 
-def smollm2_like(device: str, dtype: torch.dtype = torch.float32):
-    """Random weights with SmolLM2-135M's configuration (context 8192, as the real model)."""
+def smollm2_like(device: str, dtype: torch.dtype = torch.float32, **overrides):
+    """Random weights with SmolLM2-135M's configuration (context 8192, as the real model).
+
+    ``overrides`` replace entries of the configuration (the tests build a small one of the same kind).
+    """
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(
+    config = dict(
         num_hidden_layers=30,
         hidden_size=576,
         intermediate_size=1536,
@@ -55,7 +60,7 @@ def smollm2_like(device: str, dtype: torch.dtype = torch.float32):
         pad_token_id=None,
     )
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
+    model = LlamaForCausalLM(LlamaConfig(**{**config, **overrides})).to(device=device, dtype=dtype).eval()
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     return model
@@ -87,31 +92,18 @@ def certificate(lam: float, measure: str, n_layers: int) -> Certificate:
     )  # fmt: skip
 
 
-def best_time(fn, repeat: int) -> tuple[float, object]:
-    times, out = [], None
-    for _ in range(repeat):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        out = fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return min(times), out
-
-
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--new", type=int, default=32, help="generated tokens per row")
-    parser.add_argument("--prompt", type=int, default=32, help="prompt tokens per row")
-    parser.add_argument("--repeat", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--exits", type=int, nargs="+", default=[8, 15])
+    parser.add_argument("--batch", type=positive_int, nargs="+", default=[1, 8])
+    parser.add_argument("--new", type=positive_int, default=32, help="generated tokens per row")
+    parser.add_argument("--prompt", type=positive_int, default=32, help="prompt tokens per row")
+    parser.add_argument("--repeat", type=positive_int, default=2)
+    parser.add_argument("--threads", type=positive_int, default=None)
+    parser.add_argument("--device", type=device_arg, default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--exits", type=positive_int, nargs="+", default=[8, 15])
     parser.add_argument("--sat", type=float, default=0.9, help="saturation threshold of the mixed-exit row")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     model = smollm2_like(args.device, getattr(torch, args.dtype))
@@ -135,27 +127,24 @@ def main() -> None:
         def ours(ids=ids, mask=mask, **kw):
             return lambda: generate(model, ids, mask, max_new_tokens=args.new, **kw)
 
-        hf()  # warm-up
-        t_hf, hf_out = best_time(hf, args.repeat)
-        runs = [("runtime full", ours(), False)]
-        runs += [(f"exit@{k}", ours(exit_layer=k), False) for k in args.exits]
-        runs += [
-            ("sat lam=1 (overhead)", ours(certificate=certificate(1.0, "state_saturation", L)), False),
-            ("softmax_gap lam=1 (overhead)", ours(certificate=certificate(1.0, "softmax_gap", L)), True),
-            (f"sat lam={args.sat}", ours(certificate=certificate(args.sat, "state_saturation", L)), False),
-        ]
-        print(f"\nbatch {batch}: hf {n_tokens / t_hf:8.1f} tok/s")
+        runs = {"hf": (hf, False), "runtime full": (ours(), False)}
+        runs |= {f"exit@{k}": (ours(exit_layer=k), False) for k in args.exits}
+        runs |= {
+            "sat lam=1 (overhead)": (ours(certificate=certificate(1.0, "state_saturation", L)), False),
+            "softmax_gap lam=1 (overhead)": (ours(certificate=certificate(1.0, "softmax_gap", L)), True),
+            f"sat lam={args.sat}": (ours(certificate=certificate(args.sat, "state_saturation", L)), False),
+        }
+        best, out = side_by_side({name: fn for name, (fn, _) in runs.items()}, args.repeat)
+        assert torch.equal(out["runtime full"].sequences, out["hf"]), "runtime full differs from HF generate"
+        print(f"\nbatch {batch}: hf {n_tokens / best['hf']:8.1f} tok/s; runtime full emits the tokens of HF generate")
         print(f"  {'run':30s} {'tok/s':>8s} {'mean exit':>9s} {'speed-up':>8s} {'ideal':>6s} {'achieved/ideal':>14s}")
-        for name, fn, softmax in runs:
-            fn()  # warm-up
-            t, out = best_time(fn, args.repeat)
-            if name == "runtime full":
-                print(f"  runtime full emits the tokens of HF generate: {torch.equal(out.sequences, hf_out)}")
-            speed_up = t_hf / t
-            ideal = ideal_ratio(out.exit_layers, cost, L, softmax)
+        for name, (_, softmax) in list(runs.items())[1:]:
+            speed_up = best["hf"] / best[name]
+            ideal = ideal_ratio(out[name].exit_layers, cost, L, softmax)
             print(
-                f"  {name:30s} {n_tokens / t:8.1f} {out.mean_exit_layer():9.2f} {speed_up:8.2f} {ideal:6.2f} "
-                f"{speed_up / ideal:14.2f}"
+                f"  {name:30s} {n_tokens / best[name]:8.1f} {out[name].mean_exit_layer():9.2f} {speed_up:8.2f} "
+                f"{ideal:6.2f} {speed_up / ideal:14.2f}",
+                flush=True,
             )
 
 

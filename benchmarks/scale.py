@@ -1,14 +1,15 @@
 """Fit throughput on chunked caches with Dask, next to one plain read pass of the same zarr arrays.
 
-Synthetic caches of ``--base`` sequences times 1, 4 and 16 (``--sizes``), written to ``--dir``. For each
-size, in one run:
+Synthetic caches of ``--base`` sequences times 1, 4 and 16 (``--sizes``), written to ``--dir`` (default:
+a temporary folder, removed at the end). For each size, in one run:
 
 - **read pass**: every per-token zarr array read once, chunk by chunk (the physical limit of any fit);
 - **in memory**: ``open_cache`` (checksums off) then ``calibrate.fit`` (token consistency, softmax gap);
 - **Dask, threads**: ``open_cache(chunks=...)`` then ``fit`` on Dask's local threaded scheduler;
 - **Dask, 1 and 2 workers**: a ``LocalCluster`` of worker processes (one thread each, ``--worker-memory``
-  each), with the peak resident memory of its workers (``VmHWM``: ``ru_maxrss`` would carry the peak of
-  this process into the spawned workers).
+  each; one untimed fit of a small cache first, so the workers' imports are not timed), with the peak
+  resident memory of its workers (``VmHWM``: ``ru_maxrss`` would carry the peak of this process into the
+  spawned workers).
 
 Throughput is token x layers per second; the ratios are over the read pass. Every path gives the same
 certificate (checked). ``--figure`` plots seconds against cache size.
@@ -26,6 +27,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from timing import positive_int
 
 import calibrate
 
@@ -49,19 +51,10 @@ def peak_rss_mib() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--base", type=int, default=2000)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--chunks", type=int, default=500)
-    parser.add_argument("--layers", type=int, default=24)
-    parser.add_argument("--worker-memory", default="512MiB", help="memory limit of each worker process")
-    parser.add_argument("--dir", default=None)
-    parser.add_argument("--figure", default=None)
-    args = parser.parse_args()
+def measure(root: Path, args: argparse.Namespace) -> list[tuple[int, dict]]:
+    """Time every path at every size, print one table row per size; caches are written under ``root``."""
     from distributed import Client, LocalCluster
 
-    root = Path(args.dir or tempfile.mkdtemp(prefix="calm-scale-"))
     options = dict(delta=0.1, epsilon=0.05, measure="softmax_gap", consistency="token")
     rows = []
     print(
@@ -102,6 +95,8 @@ def main() -> None:
                 n_workers=workers, threads_per_worker=1, memory_limit=args.worker_memory, dashboard_address=None
             ) as cluster:
                 with Client(cluster) as client:
+                    # untimed: the workers' imports, compiled kernels and first opens
+                    calibrate.fit(calibrate.open_cache(warm, chunks=25, verify=False), client=client, **options)
                     start = time.perf_counter()
                     lazy = calibrate.open_cache(path, chunks=args.chunks, verify=False)
                     certs[workers] = calibrate.fit(lazy, client=client, **options)
@@ -122,6 +117,24 @@ def main() -> None:
         )
         print(f"| {n} | {tokens} | {mib:.0f} | {work / times['read'] / 1e6:.1f}M | {cells} | {peak:.0f} |")
         rows.append((n, times))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", type=positive_int, default=2000)
+    parser.add_argument("--sizes", type=positive_int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--chunks", type=positive_int, default=500)
+    parser.add_argument("--layers", type=positive_int, default=24)
+    parser.add_argument("--worker-memory", default="512MiB", help="memory limit of each worker process")
+    parser.add_argument("--dir", default=None, help="keep the caches here (default: a temporary folder, removed)")
+    parser.add_argument("--figure", default=None)
+    args = parser.parse_args(argv)
+    if args.dir:
+        rows = measure(Path(args.dir), args)
+    else:
+        with tempfile.TemporaryDirectory(prefix="calm-scale-") as tmp:
+            rows = measure(Path(tmp), args)
     print("(in parentheses: the read pass's time over that path's time)")
     if args.figure:
         import matplotlib.pyplot as plt

@@ -6,7 +6,7 @@ consistency loss and ``epsilon`` the failure probability (CALM's letters; Learn-
 write alpha for the tolerance and delta for the failure probability).
 
 The core never imports torch (its dependencies: numpy, scipy, pandas, scikit-learn, numba for the exit
-sweep, zarr and pyarrow for caches, rapidfuzz, rouge-score and sacrebleu for text metrics); torch will be
+sweep, zarr and pyarrow for caches, rapidfuzz and sacrebleu for text metrics); torch will be
 needed only to extract caches from a model and to decode.
 """
 
@@ -19,6 +19,7 @@ except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+unknown"
 
 from calibrate import bounds, fwer
+from calibrate._extras import require
 from calibrate.audit import AuditReport, ValidityReport, audit, validity
 from calibrate.cache import LayerCache, concat_caches, open_cache
 from calibrate.certificate import Certificate
@@ -47,12 +48,8 @@ _LAZY = {
 
 def __getattr__(name: str):
     if name in _LAZY:
-        try:
-            module = importlib.import_module(_LAZY[name])
-        except ImportError as exc:
-            raise ImportError(
-                f"calibrate.{name} needs torch and transformers: pip install 'calm-calibrate[hf]' ({exc})"
-            ) from exc
+        require(f"calibrate.{name}", "real" if name == "smollm2" else "hf")
+        module = importlib.import_module(_LAZY[name])
         return module if module.__name__ == f"calibrate.{name}" else getattr(module, name)
     raise AttributeError(f"module 'calibrate' has no attribute {name!r}")
 

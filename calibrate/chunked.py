@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from calibrate._extras import require
 from calibrate._storage import Remote
 from measures.learned import LEARNED_MEASURES
 
@@ -480,8 +481,10 @@ def open_chunked(root: Path | Remote, chunks: int, verify: bool) -> ChunkedCache
 
 
 def _chunks_iv(chunks) -> None:
+    """Check ``open_cache``'s ``chunks`` (and that Dask, which a lazy cache computes with, is installed)."""
     if isinstance(chunks, bool) or not isinstance(chunks, (int, np.integer)) or chunks < 1:
         raise ValueError(f"chunks must be an int >= 1 (sequences per partition) or None, got {chunks!r}")
+    require("open_cache(chunks=...)", "dask")
 
 
 def read_lazily(root: Path | Remote, verify: bool, joint: dict | None = None) -> tuple[dict, pd.DataFrame, np.ndarray]:

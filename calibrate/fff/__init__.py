@@ -12,6 +12,10 @@
 This package imports torch; ``import calibrate`` does not import it.
 """
 
+from calibrate._extras import require
+
+require("calibrate.fff", "hf")
+
 from calibrate.fff.calibration import apply, at_depth, audit, depth_losses, fff_layers, fit, model_id
 from calibrate.fff.distill import DistillResult, distill, load_blocks, mlp_activations, save_blocks
 from calibrate.fff.layer import ACTIVATIONS, BACKENDS, FFF, fff_forward, fff_reference

@@ -14,6 +14,7 @@
   prompts (needs torch).
 """
 
+from calibrate._extras import require
 from calibrate.lat.schedule import KeepSchedule, LayerCosts, layer_costs
 
 __all__ = [
@@ -67,5 +68,6 @@ def __getattr__(name: str):
     if name in _LAZY:
         import importlib
 
+        require(f"calibrate.lat.{name}", "hf")
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'calibrate.lat' has no attribute {name!r}")

@@ -8,6 +8,10 @@ Hugging Face decoding method: ``model.generate(..., custom_generate=custom_gener
 This package imports torch; ``import calibrate`` does not import it.
 """
 
+from calibrate._extras import require
+
+require("calibrate.runtime", "hf")
+
 from calibrate.runtime._layers import RUNTIME_ARCHITECTURES
 from calibrate.runtime._measures import RUNTIME_MEASURES
 from calibrate.runtime.decode import EarlyExitConfig, EarlyExitOutput, custom_generate, generate

@@ -1,0 +1,22 @@
+"""Optional dependencies: one clear ImportError naming the extra to install, before anything imports them."""
+
+from __future__ import annotations
+
+import importlib.util
+
+#: The modules each extra provides that the library imports (``pip install 'calm-calibrate[<extra>]'``).
+EXTRAS = {
+    "hf": ("torch", "transformers"),
+    "real": ("torch", "transformers", "gguf", "accelerate"),
+    "dask": ("dask", "distributed"),
+}
+
+
+def require(feature: str, extra: str) -> None:
+    """Raise an ImportError naming ``extra`` when one of its modules is not installed.
+
+    ``feature`` is what needs them, as the user called it (``"calibrate.runtime"``).
+    """
+    missing = [name for name in EXTRAS[extra] if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ImportError(f"{feature} needs {', '.join(missing)}: pip install 'calm-calibrate[{extra}]'")

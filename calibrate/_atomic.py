@@ -1,5 +1,9 @@
 """Atomic writes: a new file or directory appears whole, with the permissions a plain write would give, or not at all.
 
+"Not at all" holds when the writing process fails (an exception, Ctrl-C, a kill): the target keeps its old
+content. Nothing is fsynced, so after a power loss or an operating-system crash a just-renamed file may
+still be empty or missing (the readers then refuse it: a checksum, or JSON that does not parse).
+
 Temporary names sit beside the target (``.NAME.<8 hex>.tmp``, so a rename publishes them) and are created
 with the mode a plain ``open`` (0o666) or ``mkdir`` (0o777) gets under the process umask, which the kernel
 applies: :mod:`tempfile` would make them private (0o600/0o700), and reading the umask means setting it,

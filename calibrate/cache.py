@@ -835,7 +835,9 @@ def open_cache(path: str | os.PathLike, *, verify: bool = True, chunks: int | No
         Recompute the blake2b checksum of every field and compare it with ``meta.json`` (with ``chunks``:
         of every array, streamed chunk by chunk), and that of ``meta.json``'s own metadata (model,
         generation settings, ...). Shapes, dtypes, value ranges and the table are checked
-        either way (with ``chunks``: values as each partition is read).
+        either way (with ``chunks``: values as each partition is read). In memory the cache's
+        ``checksum`` is always recomputed; lazily without ``verify`` it is the one ``meta.json`` records,
+        unchecked, and so is the ``cache_checksum`` of a certificate fitted on it.
     chunks : int, optional
         Open lazily in partitions of this many whole sequences (:class:`calibrate.chunked.ChunkedCache`:
         nothing per-token is loaded; :func:`calibrate.fit` then runs per partition on Dask).
@@ -849,6 +851,8 @@ def open_cache(path: str | os.PathLike, *, verify: bool = True, chunks: int | No
     ------
     FileNotFoundError
         When ``path`` does not exist.
+    ImportError
+        With ``chunks``, when Dask (the ``[dask]`` extra) is not installed.
     ValueError
         When the cache is incomplete or corrupted. The message names the file or field: a missing
         ``meta.json``/``sequences.parquet``/array, an unsupported ``format_version``, a wrong dtype or
@@ -1436,19 +1440,32 @@ def _save_iv(path, overwrite) -> Path | Remote:
             raise ValueError(f"refusing to overwrite {target}: it is a symbolic link (save to where it points instead)")
         if not _replaceable(target):
             raise ValueError(
-                f"refusing to overwrite {target}: it is not a layer cache directory (no {_META_FILE}) "
-                "nor an empty directory"
+                f"refusing to overwrite {target}: it is not a layer cache directory (a {_META_FILE} of "
+                f"calm-calibrate beside {_TABLE_FILE}, {_VOCAB_FILE} and {_ARRAY_DIR}/, nothing else) nor empty"
             )
     return target
 
 
 def _replaceable(target: Path | Remote) -> bool:
-    """A cache directory (it holds ``meta.json``) or an empty directory; never a symlink."""
+    """An empty directory, or a cache directory: only what :meth:`LayerCache.save` writes, and a ``meta.json``
+    this library wrote. Never a symlink, nor a directory that merely holds some ``meta.json``."""
     if isinstance(target, Remote):
-        return (target / _META_FILE).is_file() or (target.is_dir() and not target.fs.ls(target.path))
-    if not target.is_dir() or target.is_symlink():
+        if not target.is_dir():
+            return False
+        names = {entry.rstrip("/").rsplit("/", 1)[-1] for entry in target.fs.ls(target.path, detail=False)}
+    elif not target.is_dir() or target.is_symlink():
         return False
-    return (target / _META_FILE).is_file() or not any(target.iterdir())
+    else:
+        names = {entry.name for entry in target.iterdir()}
+    if not names:
+        return True
+    if _META_FILE not in names or not names <= {_META_FILE, _TABLE_FILE, _VOCAB_FILE, _ARRAY_DIR}:
+        return False
+    try:
+        meta = json.loads((target / _META_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(meta, dict) and meta.get("library") == "calm-calibrate"
 
 
 def _open_cache_iv(path, verify) -> Path | Remote:
@@ -1642,10 +1659,12 @@ def _read_meta(root: Path) -> dict:
     if not isinstance(meta, dict):
         raise ValueError(f"{file} must hold a JSON object, got {type(meta).__name__}")
     version = meta.get("format_version")
-    if version != FORMAT_VERSION:
+    if type(version) is not int or version != FORMAT_VERSION:  # not True, not 1.0
         raise ValueError(
             f"{file}: unsupported format_version {version!r}; this library reads format_version {FORMAT_VERSION}"
         )
+    if not isinstance(meta.get("checksum"), str):
+        raise ValueError(f"{file}: 'checksum' must be the cache's checksum (a string), got {meta.get('checksum')!r}")
     fields = meta.get("fields")
     if not isinstance(fields, dict) or not all(isinstance(v, dict) for v in fields.values()):
         raise ValueError(f"{file}: 'fields' must map field names to descriptions")

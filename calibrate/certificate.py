@@ -259,7 +259,9 @@ class Certificate:
             put(name, values)
         if self.avg_layers is not None:
             put("avg_layers", _floats(self.avg_layers, "avg_layers", nan=True))
-        if not all(isinstance(v, (bool, np.bool_)) for v in self.certified):
+        if not isinstance(self.certified, (list, tuple, np.ndarray)) or not all(
+            isinstance(v, (bool, np.bool_)) for v in self.certified
+        ):
             raise ValueError(f"Certificate.certified must hold booleans, got {self.certified!r:.120}")
         put("certified", tuple(bool(v) for v in self.certified))
         if self.bound is not None and self.bound not in P_VALUES:
@@ -469,6 +471,13 @@ class Certificate:
         # as it says, so it must name a certified one.
         if cert.index is not None and not cert.certified[cert.index]:
             raise ValueError(f"lambda_hat={cert.lambda_hat} is a grid value that the certificate does not certify")
+        if cert.method != "crc":  # every test rejects only where p <= epsilon (Bonferroni, Holm: stricter)
+            for k, (flag, p) in enumerate(zip(cert.certified, cert.p_values)):
+                if flag and not p <= cert.epsilon:  # NaN (never tested) fails too
+                    raise ValueError(
+                        f"certified[{k}] (lambda={cert.lambdas[k]:g}) is True but its p-value is {p:g}, not <= "
+                        f"epsilon={cert.epsilon:g}: the stored flags contradict the certificate's own evidence"
+                    )
         return cert
 
     def _json_data(self) -> dict[str, Any]:
@@ -505,8 +514,10 @@ class Certificate:
         """Read a certificate from a JSON string or a path to a JSON file."""
         if isinstance(source, Mapping):
             raise TypeError("from_json reads a JSON string or file; build a certificate from a dict with from_dict")
-        text = str(source)
-        if not text.lstrip().startswith("{"):
+        text = str(source).lstrip("\ufeff \t\r\n")  # a byte-order mark or blank lines before the JSON
+        if not text:
+            raise ValueError("certificate is empty (expected a JSON string or a path to a JSON file)")
+        if not text.startswith(("{", "[")):
             path = Path(source)
             if path.is_dir():
                 raise ValueError(f"certificate must be a JSON file, got the directory {path}")
@@ -517,6 +528,8 @@ class Certificate:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise ValueError(f"certificate is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise ValueError("certificate is not a certificate's JSON: nested too deeply") from None
         if not isinstance(data, dict):
             raise ValueError("certificate JSON must be an object")
         return cls.from_dict(data)

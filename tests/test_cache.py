@@ -342,6 +342,14 @@ def test_overwrite_refuses_a_directory_that_is_not_a_cache(cache, tmp_path):
     with pytest.raises(ValueError, match="not a layer cache"):
         cache.save(precious, overwrite=True)
     assert (precious / "notes.txt").read_text() == "keep me"
+    (precious / "meta.json").write_text("{}")  # some other tool's meta.json: still not a cache
+    with pytest.raises(ValueError, match="not a layer cache"):
+        cache.save(precious, overwrite=True)
+    cache.save(tmp_path / "kept")
+    (tmp_path / "kept" / "notes.txt").write_text("keep me too")  # a cache someone added a file to
+    with pytest.raises(ValueError, match="not a layer cache"):
+        cache.save(tmp_path / "kept", overwrite=True)
+    assert (precious / "notes.txt").exists() and (tmp_path / "kept" / "notes.txt").exists()
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="not a layer cache"):
         cache.save(tmp_path / "file", overwrite=True)
@@ -558,6 +566,9 @@ def _edit_meta(path, fn):
     "edit, match",
     [
         (lambda m: m.update(format_version=2), "unsupported format_version 2"),
+        (lambda m: m.update(format_version=True), "unsupported format_version True"),
+        (lambda m: m.update(format_version=1.0), "unsupported format_version 1.0"),
+        (lambda m: m.pop("checksum"), "'checksum' must be the cache's checksum"),
         (lambda m: m.update(n_layers=5), "'n_layers' is 5"),
         (lambda m: m["fields"]["topk_ids"].update(path="../../etc"), "invalid description"),
         (lambda m: m["fields"].pop("topk_logprobs"), r"checksum mismatch in .*meta.json"),
@@ -571,6 +582,10 @@ def test_edited_meta(saved, edit, match):
     _edit_meta(saved, edit)
     with pytest.raises(ValueError, match=match):
         open_cache(saved)
+    if match.startswith(("unsupported", "'checksum'")):  # read before anything else: lazily and unverified too
+        pytest.importorskip("dask")
+        with pytest.raises(ValueError, match=match):
+            open_cache(saved, verify=False, chunks=2)
 
 
 def test_metadata_changes_go_through_with_meta(saved):

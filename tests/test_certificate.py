@@ -122,6 +122,7 @@ def test_frame_summary_and_repr():
         ({"lambdas": (0.9, None, 0.7)}, "lambdas must be a sequence of finite numbers"),
         ({"risks": (0.1, 2.0, 0.3)}, r"risks must lie in \[0, 1\]"),
         ({"certified": ("false", True, False)}, "certified must hold booleans"),
+        ({"certified": 5}, "certified must hold booleans"),
         ({"bound": "bogus"}, "bound must be one of"),
         ({"method": None}, "method must be a str"),
         ({"decay": {"tau": 4.0}}, r"decay must be \{'max_len': int, 'tau': float\}"),
@@ -155,6 +156,18 @@ def test_bad_json(tmp_path):
     edited["lambda_hat"] = 0.7  # on the grid, but not certified
     with pytest.raises(ValueError, match="lambda_hat=0.7 is a grid value that the certificate does not certify"):
         Certificate.from_json(json.dumps(edited))
+    edited["certified"][2] = True  # flags that contradict the p-values: a threshold put to use uncertified
+    with pytest.raises(ValueError, match=r"certified\[2\] \(lambda=0.7\) is True but its p-value is 0.9"):
+        Certificate.from_json(json.dumps(edited))
+    edited = json.loads(_cert().to_json())
+    edited["p_values"][1] = edited["risks"][1] = None  # never tested, yet certified
+    with pytest.raises(ValueError, match=r"certified\[1\] .* its p-value is nan"):
+        Certificate.from_json(json.dumps(edited))
+    text = _cert().to_json()
+    assert Certificate.from_json("\ufeff\n" + text) == _cert()  # a byte-order mark and blank lines
+    for bad, match in [("", "certificate is empty"), ("[1, 2]", "must be an object"), ("[" * 10**5, "nested too")]:
+        with pytest.raises(ValueError, match=match):
+            Certificate.from_json(bad)
 
 
 def test_heads_identity_round_trips_through_json():

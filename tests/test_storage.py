@@ -81,6 +81,10 @@ def test_overwrite_rules_at_a_url(cache, url):
     fs.pipe(f"{url[len('memory://') :]}-data/notes.txt", b"not a cache")
     with pytest.raises(ValueError, match="refusing to overwrite"):
         cache.save(f"{url}-data", overwrite=True)
+    fs.pipe(f"{url[len('memory://') :]}-data/meta.json", b"{}")  # some other tool's meta.json
+    with pytest.raises(ValueError, match="refusing to overwrite"):
+        cache.save(f"{url}-data", overwrite=True)
+    assert fs.cat(f"{url[len('memory://') :]}-data/notes.txt") == b"not a cache"
     fs.rm(f"{url[len('memory://') :]}-data", recursive=True)
 
 

@@ -48,7 +48,7 @@ _LAZY = {
 
 def __getattr__(name: str):
     if name in _LAZY:
-        require(f"calibrate.{name}", "real" if name == "smollm2" else "hf")
+        require(f"calibrate.{name}", "hf")  # smollm2() itself names [real] for what loading GGUF needs
         module = importlib.import_module(_LAZY[name])
         return module if module.__name__ == f"calibrate.{name}" else getattr(module, name)
     raise AttributeError(f"module 'calibrate' has no attribute {name!r}")

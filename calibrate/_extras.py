@@ -7,16 +7,15 @@ import importlib.util
 #: The modules each extra provides that the library imports (``pip install 'calm-calibrate[<extra>]'``).
 EXTRAS = {
     "hf": ("torch", "transformers"),
-    "real": ("torch", "transformers", "gguf", "accelerate"),
-    "dask": ("dask", "distributed"),
+    "dask": ("dask",),  # distributed too, but only for a client (it names itself when missing)
 }
 
 
-def require(feature: str, extra: str) -> None:
-    """Raise an ImportError naming ``extra`` when one of its modules is not installed.
+def require(feature: str, extra: str, modules: tuple[str, ...] | None = None) -> None:
+    """Raise an ImportError naming ``extra`` when one of ``modules`` (default: all the extra's) is not installed.
 
     ``feature`` is what needs them, as the user called it (``"calibrate.runtime"``).
     """
-    missing = [name for name in EXTRAS[extra] if importlib.util.find_spec(name) is None]
+    missing = [name for name in modules or EXTRAS[extra] if importlib.util.find_spec(name) is None]
     if missing:
         raise ImportError(f"{feature} needs {', '.join(missing)}: pip install 'calm-calibrate[{extra}]'")

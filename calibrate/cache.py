@@ -633,8 +633,8 @@ class LayerCache:
             Target directory (its parent directories are created), or an fsspec URL
             (``memory://...``, ``s3://...`` with its fsspec package installed).
         overwrite : bool, default=False
-            Replace an existing cache at ``path``. Only a directory holding a ``meta.json`` (a cache)
-            or an empty directory is ever replaced.
+            Replace an existing cache at ``path``. Only a cache directory (this library's ``meta.json``
+            and files, and hidden files such as ``.DS_Store``) or an empty directory is ever replaced.
 
         Returns
         -------
@@ -1447,24 +1447,26 @@ def _save_iv(path, overwrite) -> Path | Remote:
 
 
 def _replaceable(target: Path | Remote) -> bool:
-    """An empty directory, or a cache directory: only what :meth:`LayerCache.save` writes, and a ``meta.json``
-    this library wrote. Never a symlink, nor a directory that merely holds some ``meta.json``."""
+    """An empty directory, or a cache directory: what :meth:`LayerCache.save` writes and hidden files
+    (``.DS_Store``), with a ``meta.json`` of this library (or a damaged one). Never a symlink, nor another
+    tool's directory that happens to hold a ``meta.json``."""
     if isinstance(target, Remote):
         if not target.is_dir():
             return False
-        names = {entry.rstrip("/").rsplit("/", 1)[-1] for entry in target.fs.ls(target.path, detail=False)}
+        entries = {entry["name"].rstrip("/").rsplit("/", 1)[-1]: entry["type"] for entry in target.fs.ls(target.path)}
     elif not target.is_dir() or target.is_symlink():
         return False
     else:
-        names = {entry.name for entry in target.iterdir()}
-    if not names:
+        entries = {entry.name: "directory" if entry.is_dir() else "file" for entry in target.iterdir()}
+    names = {name for name, kind in entries.items() if not (name.startswith(".") and kind == "file")}
+    if not entries:
         return True
     if _META_FILE not in names or not names <= {_META_FILE, _TABLE_FILE, _VOCAB_FILE, _ARRAY_DIR}:
         return False
     try:
         meta = json.loads((target / _META_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError, UnicodeDecodeError):
-        return False
+        return True  # our file names, a meta.json cut short (a crash while it was written): a cache
     return isinstance(meta, dict) and meta.get("library") == "calm-calibrate"
 
 

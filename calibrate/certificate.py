@@ -514,16 +514,16 @@ class Certificate:
         """Read a certificate from a JSON string or a path to a JSON file."""
         if isinstance(source, Mapping):
             raise TypeError("from_json reads a JSON string or file; build a certificate from a dict with from_dict")
-        text = str(source).lstrip("\ufeff \t\r\n")  # a byte-order mark or blank lines before the JSON
-        if not text:
+        text = source.lstrip("\ufeff \t\r\n") if isinstance(source, str) else ""  # a BOM, blank lines
+        if isinstance(source, str) and not text:
             raise ValueError("certificate is empty (expected a JSON string or a path to a JSON file)")
-        if not text.startswith(("{", "[")):
+        if not text.startswith("{"):
             path = Path(source)
             if path.is_dir():
                 raise ValueError(f"certificate must be a JSON file, got the directory {path}")
             if not path.is_file():
                 raise ValueError(f"certificate file not found: {path}")
-            text = path.read_text(encoding="utf-8")
+            text = path.read_text(encoding="utf-8-sig")  # a byte-order mark, as some editors write
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:

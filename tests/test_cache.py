@@ -350,6 +350,11 @@ def test_overwrite_refuses_a_directory_that_is_not_a_cache(cache, tmp_path):
     with pytest.raises(ValueError, match="not a layer cache"):
         cache.save(tmp_path / "kept", overwrite=True)
     assert (precious / "notes.txt").exists() and (tmp_path / "kept" / "notes.txt").exists()
+    (tmp_path / "kept" / "notes.txt").unlink()
+    (tmp_path / "kept" / ".DS_Store").write_text("x")  # hidden files do not make a cache something else
+    (tmp_path / "kept" / "meta.json").write_text('{"forma')  # cut short by a crash: still ours
+    cache.save(tmp_path / "kept", overwrite=True)
+    assert open_cache(tmp_path / "kept").checksum == cache.checksum
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="not a layer cache"):
         cache.save(tmp_path / "file", overwrite=True)

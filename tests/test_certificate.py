@@ -165,7 +165,12 @@ def test_bad_json(tmp_path):
         Certificate.from_json(json.dumps(edited))
     text = _cert().to_json()
     assert Certificate.from_json("\ufeff\n" + text) == _cert()  # a byte-order mark and blank lines
-    for bad, match in [("", "certificate is empty"), ("[1, 2]", "must be an object"), ("[" * 10**5, "nested too")]:
+    (tmp_path / "[run 1]").mkdir()
+    (tmp_path / "[run 1]" / "bom.json").write_text(text, encoding="utf-8-sig")
+    assert Certificate.from_json(str(tmp_path / "[run 1]" / "bom.json")) == _cert()  # a path, not a JSON array
+    (tmp_path / "array.json").write_text("[1, 2]")
+    for bad, match in [("", "certificate is empty"), (tmp_path / "array.json", "must be an object"),
+                       ('{"a": ' * 10**5, "nested too")]:  # fmt: skip
         with pytest.raises(ValueError, match=match):
             Certificate.from_json(bad)
 
@@ -175,8 +180,18 @@ def test_heads_identity_round_trips_through_json():
 
     heads = {"kind": "adapters", "adapters_digest": "ab12", "n_layers": 4, "vocab_size": 50}
     cert = Certificate(
-        lambda_hat=None, delta=0.1, epsilon=0.05, n=10, lambdas=(1.0,), risks=(0.0,), p_values=(0.5,),
-        certified=(False,), bound="hoeffding", method="fixed_sequence", mode="proxy", heads=heads,
+        lambda_hat=None,
+        delta=0.1,
+        epsilon=0.05,
+        n=10,
+        lambdas=(1.0,),
+        risks=(0.0,),
+        p_values=(0.5,),
+        certified=(False,),
+        bound="hoeffding",
+        method="fixed_sequence",
+        mode="proxy",
+        heads=heads,
     )
     back = Certificate.from_json(cert.to_json())
     assert back.heads == heads and back == cert

@@ -14,7 +14,7 @@ This package imports torch; ``import calibrate`` does not import it.
 
 from calibrate._extras import require
 
-require("calibrate.fff", "hf")
+require("calibrate.fff", "hf", ("torch",))  # transformers only for language models, imported there
 
 from calibrate.fff.calibration import apply, at_depth, audit, depth_losses, fff_layers, fit, model_id
 from calibrate.fff.distill import DistillResult, distill, load_blocks, mlp_activations, save_blocks

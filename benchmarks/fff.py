@@ -14,8 +14,8 @@ tokens. Each row times, in turn and best of ``--repeat``:
 Each column is ``time(baseline) / time(fast)`` (> 1: the fast path is faster); "ideal (a)" is the
 multiply-add ratio 4095 / 12; "max diff" is the largest difference of the fast path's output from
 :func:`calibrate.fff.fff_reference` (the plain per-input loop of the definition) on the row's first 64
-inputs (asserted below 1e-3). Target: (a) >= 10x at 1024 tokens. Published anchors: UltraFastBERT's kernel 78x (CPU, kernel only), an
-independent C++ extension 19x (CPU) vs a dense FFN.
+inputs (asserted below 1e-3). Target: (a) >= 10x at 1024 tokens. Published anchors: UltraFastBERT's kernel
+78x (CPU, kernel only), an independent C++ extension 19x (CPU) vs a dense FFN.
 
 Run: ``python benchmarks/fff.py [--threads 2] [--repeat 5] [--tokens 1 16 128 1024 4096] [--device cpu]``.
 """

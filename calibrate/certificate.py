@@ -58,6 +58,17 @@ def _spend_iv(certificate, knob: str, model: str, source: str) -> None:
         )
 
 
+def _audit_budget(certificate, max_new_tokens: int | None) -> int | None:
+    """New tokens per held-out prompt: ``max_new_tokens``, else the certificate's calibration budget, else 32.
+
+    An audit decodes what deployment emits, so by default it decodes as many tokens as the certificate was
+    calibrated with. A value that is not a certificate passes through (its own check names it).
+    """
+    if max_new_tokens is not None or not isinstance(certificate, Certificate):
+        return max_new_tokens
+    return certificate.max_new_tokens or 32
+
+
 def _budget_warning(certificate, max_new_tokens: int, stacklevel: int) -> None:
     """Warn when decoding more new tokens than a certificate's calibration outputs had (beyond it: uncertified)."""
     if certificate is None or certificate.lambda_hat is None:  # the full model: exact at any length

@@ -30,7 +30,7 @@ from calibrate._validation import int_at_least, open_interval, seed_iv
 from calibrate.audit import AuditReport, _held_out_report
 from calibrate.bounds import p_values
 from calibrate.cache import LayerCache
-from calibrate.certificate import Certificate
+from calibrate.certificate import Certificate, _audit_budget
 from calibrate.exits import Decay, _lambdas_iv, with_decay_headroom
 from calibrate.extraction import _context_iv, _pad
 from calibrate.fit import _bound_iv, _decay_iv, _too_few_reason, certify
@@ -599,7 +599,7 @@ def decoded_losses(
     certificate: Certificate,
     *,
     references: Sequence[str | None] | None = None,
-    max_new_tokens: int = 32,
+    max_new_tokens: int | None = None,
     batch_size: int = 8,
     heads: ExitHeads | None = None,
     decode: Callable[[np.ndarray], str] | None = None,
@@ -609,12 +609,15 @@ def decoded_losses(
 
     Parameters
     ----------
-    model, tokenizer, prompts, references, max_new_tokens, batch_size, heads, decode
+    model, tokenizer, prompts, references, batch_size, heads, decode
         As in :func:`fit_decoded`.
     certificate : Certificate
         Supplies the grid (``lambdas``), the measure (with its ``measure_state``), the decay and the
         ``consistency``; e.g. a proxy certificate of :func:`calibrate.fit`, or a decoded one with held-out
         prompts (an audit). ``lambda_hat`` is ignored.
+    max_new_tokens : int, optional
+        New tokens per prompt, ``>= 1``; default the certificate's ``max_new_tokens`` (its calibration budget),
+        else 32.
     progress : bool, default=True
         Show a progress bar over the thresholds.
 
@@ -636,6 +639,7 @@ def decoded_losses(
     """
     from tqdm.auto import tqdm
 
+    max_new_tokens = _audit_budget(certificate, max_new_tokens)
     decoder, lam, heads = _decoded_losses_iv(
         model, tokenizer, prompts, certificate, references, max_new_tokens, batch_size, heads, decode
     )
@@ -702,8 +706,6 @@ def audit_decoded(
             f"audit_decoded checks exit_threshold certificates, got knob={certificate.knob!r} (token_keep: "
             "calibrate.lat.audit; fff_depth: calibrate.fff.audit)"
         )
-    if max_new_tokens is None and isinstance(certificate, Certificate):
-        max_new_tokens = certificate.max_new_tokens or 32
     table = decoded_losses(
         model,
         tokenizer,

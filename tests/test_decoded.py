@@ -242,6 +242,7 @@ def test_audit_decoded_checks_a_certificate_on_held_out_prompts(model, tokenizer
     report = calibrate.audit_decoded(cert, model, tokenizer, held_out, batch_size=BATCH, progress=False)
     # decoded with the certificate's budget (NEW new tokens), not the default 32
     table = calibrate.decoded_losses(model, tokenizer, held_out, cert, max_new_tokens=NEW, progress=False)
+    assert calibrate.decoded_losses(model, tokenizer, held_out, cert, progress=False) == table  # same default
     assert isinstance(report, calibrate.AuditReport) and report.n == 16
     np.testing.assert_array_equal(report.risks, table.risks)
     np.testing.assert_array_equal(report.avg_layers, table.avg_layers)

@@ -53,6 +53,14 @@ def test_training_lowers_the_heldout_error(tokenizer, distilled):
     assert np.mean(trained.errors) < np.mean(untrained.errors)
 
 
+def test_seeds_beyond_64_bits_distil_reproducibly(tokenizer, distilled):
+    """torch's generators take seeds below 2**64 and fff.distill seeds layer i with seed * 1009 + i."""
+    model, _, _ = distilled
+    kw = dict(depth=2, layers=[1], steps=2, batch_size=64, progress=False)
+    a, b, c = (fff.distill(model, tokenizer, TEXTS, seed=seed, **kw) for seed in (2**63, 2**63, 2**63 + 1))
+    assert a.errors == b.errors and a.errors != c.errors
+
+
 def _greedy(model, tokenizer, prompt, n):
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n, pad_token_id=0)
@@ -92,8 +100,11 @@ def test_certified_depth_of_a_language_model(distilled, tokenizer):
     assert {layer.eval_depth for layer in fff.fff_layers(student)} == {
         None if cert.lambda_hat is None else int(cert.lambda_hat)
     }
-    report = fff.audit(cert, student, TEXTS[:10], tokenizer=tokenizer, max_new_tokens=4)
+    report = fff.audit(cert, student, TEXTS[:10], tokenizer=tokenizer)  # the certificate's 4 tokens, not 32
     assert report.n == 10 and len(report.risks) == 4
+    held = fff.depth_losses(student, TEXTS[:10], depths=[3, 2, 1, 0], tokenizer=tokenizer, max_new_tokens=4,
+                            consistency="rouge_l")  # fmt: skip
+    np.testing.assert_array_equal(report.risks, held.risks)
     with pytest.raises(ValueError, match="fixed_sequence"):
         fff.fit(student, TEXTS, tokenizer=tokenizer, method="holm")
     kw = dict(delta=0.4, epsilon=0.1, tokenizer=tokenizer, max_new_tokens=4, consistency="rouge_l", progress=False)

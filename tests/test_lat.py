@@ -592,7 +592,8 @@ def test_cli_lat_fit_equals_the_function(tmp_path, word_tokenizer, capsys):
         ]
     )
     printed = capsys.readouterr().out
-    report = lat.audit(direct, model, word_tokenizer, held, max_new_tokens=4)
+    assert direct.max_new_tokens == 4
+    report = lat.audit(direct, model, word_tokenizer, held)  # decodes the certificate's 4 tokens, not 32
     assert code == (0 if report.within_tolerance else 1) and figure.stat().st_size > 0
     assert f"held-out risk {report.risk:.4f}" in printed and "held-out examples" in printed
     assert report.risks[0] == 0.0 and report.n == 12
@@ -601,6 +602,10 @@ def test_cli_lat_fit_equals_the_function(tmp_path, word_tokenizer, capsys):
         assert report.risks[k] == pytest.approx(
             lat.heldout_losses(at, model, word_tokenizer, held, max_new_tokens=4).mean()
         )
+    at = dataclasses.replace(direct, lambda_hat=direct.lambdas[-1])  # the fastest speed-up
+    default = lat.heldout_losses(at, model, word_tokenizer, held)  # the certificate's 4 tokens, not 32
+    np.testing.assert_array_equal(default, lat.heldout_losses(at, model, word_tokenizer, held, max_new_tokens=4))
+    assert not np.array_equal(default, lat.heldout_losses(at, model, word_tokenizer, held, max_new_tokens=32))
     line = report.plot().axes[0].lines[1]  # held-out curve
     assert line.get_xdata().tolist() == pytest.approx([1.0, 1.5]) and line.get_ydata().tolist() == pytest.approx(
         report.risks

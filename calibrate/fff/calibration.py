@@ -31,7 +31,7 @@ from torch import nn
 from calibrate._digest import model_digest
 from calibrate._validation import int_at_least
 from calibrate.audit import AuditReport, _held_out_report
-from calibrate.certificate import Certificate, _spend_iv
+from calibrate.certificate import Certificate, _audit_budget, _spend_iv
 from calibrate.fff.layer import FFF
 from calibrate.fit import _risk_control_iv, certify
 from calibrate.losses import LossTable
@@ -331,7 +331,7 @@ def audit(
     references: Sequence[int] | Sequence[str] | None = None,
     batch_size: int | None = None,
     tokenizer=None,
-    max_new_tokens: int = 32,
+    max_new_tokens: int | None = None,
 ) -> AuditReport:
     """Held-out risk of an ``fff_depth`` certificate at every depth of its grid.
 
@@ -339,8 +339,11 @@ def audit(
     ----------
     certificate : Certificate
         From :func:`fit` on this model.
-    model, inputs, references, batch_size, tokenizer, max_new_tokens
-        As in :func:`depth_losses` (held-out inputs or prompts; deploy with the same ``max_new_tokens``).
+    model, inputs, references, batch_size, tokenizer
+        As in :func:`depth_losses` (held-out inputs or prompts).
+    max_new_tokens : int, optional
+        Most tokens generated per prompt (language models); default the certificate's ``max_new_tokens``,
+        else 32.
 
     Returns
     -------
@@ -356,6 +359,6 @@ def audit(
         references=references,
         batch_size=batch_size,
         tokenizer=tokenizer,
-        max_new_tokens=max_new_tokens,
+        max_new_tokens=_audit_budget(certificate, max_new_tokens),
     )
     return _held_out_report(certificate, table.n, table.risks)

@@ -26,7 +26,7 @@ import torch
 
 from calibrate._validation import int_at_least
 from calibrate.audit import AuditReport, _held_out_report
-from calibrate.certificate import Certificate
+from calibrate.certificate import Certificate, _audit_budget
 from calibrate.decoded import _certify_lazily, _decoder_iv, _prompts_iv, _risk_iv
 from calibrate.extraction import _context_iv, _pad
 from calibrate.lat.classification import classify
@@ -208,7 +208,7 @@ def heldout_losses(
     prompts: Sequence[str],
     *,
     references: Sequence[str | None] | None = None,
-    max_new_tokens: int = 32,
+    max_new_tokens: int | None = None,
     batch_size: int = 8,
     decode: Callable[[np.ndarray], str] | None = None,
 ) -> np.ndarray:
@@ -218,8 +218,10 @@ def heldout_losses(
     ----------
     certificate : Certificate
         A ``token_keep`` certificate of ``model`` (from :func:`fit`); its consistency is the loss.
-    model, tokenizer, prompts, references, max_new_tokens, batch_size, decode
+    model, tokenizer, prompts, references, batch_size, decode
         As in :func:`fit`; ``prompts`` are held out (not used to certify).
+    max_new_tokens : int, optional
+        Most tokens generated per prompt; default the certificate's ``max_new_tokens``, else 32.
 
     Returns
     -------
@@ -235,9 +237,8 @@ def heldout_losses(
     """
     if not isinstance(certificate, Certificate) or certificate.knob != "token_keep":
         raise ValueError("certificate must be a 'token_keep' Certificate from calibrate.lat.fit")
-    scorer = _scorer(
-        model, tokenizer, prompts, references, certificate.consistency, [1.0], max_new_tokens, batch_size, decode
-    )
+    budget = _audit_budget(certificate, max_new_tokens)
+    scorer = _scorer(model, tokenizer, prompts, references, certificate.consistency, [1.0], budget, batch_size, decode)
     return scorer.losses(certificate)[0]
 
 
@@ -248,7 +249,7 @@ def audit(
     prompts: Sequence[str],
     *,
     references: Sequence[str | int | None] | None = None,
-    max_new_tokens: int = 32,
+    max_new_tokens: int | None = None,
     batch_size: int = 8,
     decode: Callable[[np.ndarray], str] | None = None,
     progress: bool = True,
@@ -259,8 +260,10 @@ def audit(
     ----------
     certificate : Certificate
         A ``token_keep`` certificate of ``model`` (from :func:`fit`).
-    model, tokenizer, prompts, references, max_new_tokens, batch_size, decode
+    model, tokenizer, prompts, references, batch_size, decode
         As in :func:`fit`; ``prompts`` are held out. Each grid value costs one pass over them.
+    max_new_tokens : int, optional
+        Most tokens generated per prompt; default the certificate's ``max_new_tokens``, else 32.
     progress : bool, default=True
         Show a progress bar over the speed-ups.
 
@@ -274,9 +277,8 @@ def audit(
 
     if not isinstance(certificate, Certificate) or certificate.knob != "token_keep":
         raise ValueError("certificate must be a 'token_keep' Certificate from calibrate.lat.fit")
-    scorer = _scorer(
-        model, tokenizer, prompts, references, certificate.consistency, [1.0], max_new_tokens, batch_size, decode
-    )
+    budget = _audit_budget(certificate, max_new_tokens)
+    scorer = _scorer(model, tokenizer, prompts, references, certificate.consistency, [1.0], budget, batch_size, decode)
     lambdas = certificate.lambdas
     with tqdm(lambdas, desc="held-out speed-ups", unit="speed-up", disable=not progress) as bar:
         risks = np.array([scorer.losses(dataclasses.replace(certificate, lambda_hat=lam))[0].mean() for lam in bar])

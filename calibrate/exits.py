@@ -15,13 +15,13 @@ control tests them. The full model is not a grid value: it is the explicit hypot
 
 from __future__ import annotations
 
-import contextlib
-import sys
 from dataclasses import dataclass
 
 import numba
 import numpy as np
 from numba.cpython.unsafe.numbers import trailing_zeros
+
+from calibrate._threads import keep_torch_threads
 
 __all__ = [
     "Decay",
@@ -401,23 +401,6 @@ def _sweep_iv(conf, lambdas, offsets, decay):
     return lam, conf, offsets
 
 
-@contextlib.contextmanager
-def _keep_torch_threads():
-    """Restore torch's intra-op thread count after a parallel numba kernel.
-
-    Numba's OpenMP threading layer sets the process-wide OpenMP thread count at every launch, which torch
-    reads as its own: a caller's ``torch.set_num_threads(1)`` would silently become 2 after ``fit``.
-    torch is never imported here; it is only consulted if the caller already imported it.
-    """
-    torch = sys.modules.get("torch")
-    threads = torch.get_num_threads() if torch is not None else None
-    try:
-        yield
-    finally:
-        if threads is not None and torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
-
-
 def _run_sweep(conf, lam, offsets, decay, top1, full):
     """``(avg_layers, wrong difference arrays)``; without ``top1`` (None) only the average layers."""
     asc = lam[::-1]
@@ -437,7 +420,7 @@ def _run_sweep(conf, lam, offsets, decay, top1, full):
     lut = np.searchsorted(asc, edges, side="right").astype(np.uint8 if k < 256 else np.int32)  # small: stays in cache
     layer_hist = np.zeros((n_seq, k + 1), dtype=np.int64)
     wrong = np.zeros((n_seq, k + 1) if top1 is not None else (0, 0), dtype=np.int64)
-    with _keep_torch_threads():
+    with keep_torch_threads():
         ok = _sweep(
             conf, np.ascontiguousarray(grids), shift, 1.0 / slope, lut, float(asc[0]), float(inv),
             offsets, top1, full, layer_hist, wrong,
@@ -461,7 +444,7 @@ def average_layers(conf, lambdas, *, offsets=None, decay: Decay | None = None) -
         Thresholds, strictly decreasing (safest first).
     offsets : array_like of int, shape (n_sequences + 1,), optional
         CSR offsets of the sequences in the token axis (positions for ``decay`` count from each
-        sequence's start); default: one sequence.
+        sequence's start); default: one sequence. Required with ``decay``.
     decay : Decay, optional
         Decaying threshold.
 
@@ -469,6 +452,12 @@ def average_layers(conf, lambdas, *, offsets=None, decay: Decay | None = None) -
     -------
     ndarray of float, shape (n_lambdas,)
         Mean exit layer (1-based) over all tokens, at each threshold; NaN when there are no tokens.
+
+    Raises
+    ------
+    ValueError
+        For a bad ``conf``, ``lambdas`` or ``offsets``, or ``decay`` without ``offsets`` (the positions would
+        silently run on across sequences).
 
     Notes
     -----
@@ -482,6 +471,11 @@ def average_layers(conf, lambdas, *, offsets=None, decay: Decay | None = None) -
     >>> average_layers(conf, [0.99, 0.9, 0.5])
     array([4. , 2.5, 1.5])
     """
+    if decay is not None and offsets is None:
+        raise ValueError(
+            "offsets (CSR offsets of the sequences) are needed with decay, whose positions count from each "
+            "sequence's start; pass offsets=[0, n_tokens] for one sequence"
+        )
     lam, conf, offsets = _sweep_iv(conf, lambdas, offsets, decay)
     avg, _ = _run_sweep(conf, lam, offsets, decay, None, None)
     return avg

@@ -1,6 +1,9 @@
 """Fast feedforward layers: hard descent, masked and soft formulations, persistence."""
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -15,6 +18,24 @@ def _layer(in_f, out_f, depth, *, activation="gelu", bias=True, seed=0, dtype=to
         if layer.b_out is not None:
             layer.b_out.normal_()
     return layer
+
+
+def test_numba_descent_leaves_torch_thread_count_alone():
+    """Numba's OpenMP layer sets the process-wide thread count at its first launch (a fresh process here):
+    a torch user's torch.set_num_threads(1) must survive an FFF forward pass on the compiled kernel."""
+    code = (
+        "import torch\n"
+        "from calibrate.fff import FFF, fff_forward\n"
+        "torch.set_num_threads(1)\n"
+        "layer = FFF(8, 4, 3).eval()\n"
+        "fff_forward(layer, torch.randn(64, 8), backend='numba')\n"
+        "layer(torch.randn(64, 8))\n"
+        "print(torch.get_num_threads())\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "NUMBA_NUM_THREADS": "2"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["1"]
 
 
 @pytest.mark.parametrize("activation", ["gelu", "relu", "silu"])

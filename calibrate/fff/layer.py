@@ -40,6 +40,7 @@ from torch import nn
 
 from calibrate._atomic import atomic_file
 from calibrate._digest import weights_digest
+from calibrate._threads import keep_torch_threads
 
 __all__ = ["ACTIVATIONS", "BACKENDS", "FFF", "fff_forward", "fff_reference"]
 
@@ -376,16 +377,17 @@ def fff_forward(layer: FFF, x: torch.Tensor, depth: int | None = None, *, backen
         b_in = zeros_in if layer.b_in is None else layer.b_in.detach().numpy()
         b_out = zeros_out if layer.b_out is None else layer.b_out.detach().numpy()
         out = np.empty((flat.shape[0], layer.out_features), dtype=zeros_in.dtype)
-        _descend_kernel(
-            flat.contiguous().numpy(),
-            layer.w_in.detach().numpy(),
-            b_in,
-            layer.w_out.detach().numpy(),
-            b_out,
-            k,
-            _ACT_ID[layer.activation],
-            out,
-        )
+        with keep_torch_threads():
+            _descend_kernel(
+                flat.contiguous().numpy(),
+                layer.w_in.detach().numpy(),
+                b_in,
+                layer.w_out.detach().numpy(),
+                b_out,
+                k,
+                _ACT_ID[layer.activation],
+                out,
+            )
         return torch.from_numpy(out).reshape(*lead, layer.out_features)
     act = ACTIVATIONS[layer.activation]
     node = torch.zeros(flat.shape[0], dtype=torch.long, device=x.device)

@@ -1,0 +1,24 @@
+"""Keep torch's thread setting across the parallel numba kernels (the exit sweep, the FFF descent)."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+
+
+@contextlib.contextmanager
+def keep_torch_threads() -> Iterator[None]:
+    """Restore torch's intra-op thread count after a parallel numba kernel.
+
+    Numba's OpenMP threading layer sets the process-wide OpenMP thread count when it launches, which torch
+    reads as its own: a caller's ``torch.set_num_threads(1)`` would silently become 2 after ``fit`` or an
+    FFF forward pass. torch is never imported here; it is only consulted if the caller already imported it.
+    """
+    torch = sys.modules.get("torch")
+    threads = torch.get_num_threads() if torch is not None else None
+    try:
+        yield
+    finally:
+        if threads is not None and torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)

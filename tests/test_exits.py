@@ -230,6 +230,10 @@ def test_non_finite_confidence_is_refused(bad):
         disagreement_counts(conf, [0.9, 0.4], np.zeros((2, 3), np.int32), np.zeros(2, np.int32), [0, 1, 2])
     with pytest.raises(ValueError, match="offsets"):
         average_layers(np.zeros((3, 2)), [0.5], offsets=[0, 2])
+    decay = Decay(max_len=4)  # positions count from each sequence's start: without offsets, nothing to count from
+    with pytest.raises(ValueError, match=r"offsets .* are needed with decay.*offsets=\[0, n_tokens\]"):
+        average_layers(np.zeros((3, 2)), [0.5], decay=decay)
+    np.testing.assert_array_equal(average_layers(np.zeros((3, 2)), [0.5], offsets=[0, 3], decay=decay), [2.0])
 
 
 def test_bad_conf_and_decay():

@@ -47,8 +47,11 @@ def bounded_array(
 
 
 def int_at_least(value, name: str, low: int = 1) -> int:
-    """``value`` as an int ``>= low``; ValueError naming ``name`` for bools, floats and smaller values."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < low:
+    """``value`` as an int ``>= low``: TypeError naming ``name`` for bools, floats and other non-integers,
+    ValueError for smaller values."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int >= {low}, got {value!r} ({type(value).__name__})")
+    if value < low:
         raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     return int(value)
 
@@ -60,6 +63,12 @@ def seed_iv(seed, name: str = "seed") -> int:
     if seed < 0:
         raise ValueError(f"{name} must be an int >= 0 (it seeds the random draws), got {seed}")
     return int(seed)
+
+
+def torch_seed(seed: int) -> int:
+    """A checked seed (an int >= 0) as torch's generators take it, in ``[0, 2**64)``: itself below that, else
+    a value drawn from it by :class:`numpy.random.SeedSequence` (so larger seeds still differ)."""
+    return seed if seed < 2**64 else int(np.random.SeedSequence(seed).generate_state(1, np.uint64)[0])
 
 
 def finite_positive(value, name: str) -> float:

@@ -93,6 +93,8 @@ def synthetic_cache(
 
     Raises
     ------
+    TypeError
+        When an argument has the wrong type (a float count, a str difficulty, a float seed); the message names it.
     ValueError
         When an argument is out of range; the message names it.
 

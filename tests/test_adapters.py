@@ -142,8 +142,8 @@ def test_bad_input(model, real_cache):
         train_adapters(model, "cache")
     with pytest.raises(ValueError, match="no adapters"):
         save_adapters(ExitHeads.from_model(model), "x.safetensors")
-    for batch_size in (0, -1, 2.0):  # -1 used to skip every batch and report zero agreement
-        with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
+    for batch_size, exc in ((0, ValueError), (-1, ValueError), (2.0, TypeError)):  # -1 skipped every batch
+        with pytest.raises(exc, match="batch_size must be an int >= 1"):
             layer_agreement(ExitHeads.from_model(model), real_cache, batch_size=batch_size)
 
 

@@ -114,10 +114,7 @@ def test_frame_summary_and_repr():
         ({"delta": 5}, r"delta must lie in the open interval \(0, 1\)"),
         ({"epsilon": 0.0}, r"epsilon must lie in the open interval \(0, 1\)"),
         ({"n": -3}, "n must be an int >= 0"),
-        ({"n": "x"}, "n must be an int >= 0"),
-        ({"n_layers": "12"}, "n_layers must be an int >= 1"),
         ({"max_new_tokens": 0}, "max_new_tokens must be an int >= 1"),
-        ({"max_new_tokens": 8.0}, "max_new_tokens must be an int >= 1"),
         ({"lambdas": (0.7, 0.8, 0.9), "lambda_hat": None}, "lambdas must be non-empty and strictly decreasing"),
         ({"lambdas": (0.9, None, 0.7)}, "lambdas must be a sequence of finite numbers"),
         ({"risks": (0.1, 2.0, 0.3)}, r"risks must lie in \[0, 1\]"),
@@ -132,6 +129,19 @@ def test_frame_summary_and_repr():
 )
 def test_inconsistent_fields_raise(overrides, match):
     with pytest.raises(ValueError, match=match):
+        _cert(**overrides)
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        ({"n": "x"}, r"n must be an int >= 0, got 'x' \(str\)"),
+        ({"n_layers": "12"}, "n_layers must be an int >= 1"),
+        ({"max_new_tokens": 8.0}, r"max_new_tokens must be an int >= 1, got 8.0 \(float\)"),
+    ],
+)
+def test_fields_of_the_wrong_type_raise_type_errors(overrides, match):
+    with pytest.raises(TypeError, match=match):
         _cert(**overrides)
 
 

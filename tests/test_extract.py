@@ -440,7 +440,7 @@ def test_prompts_longer_than_the_context_are_reported(tokenizer):
         ({"prompts": ["w1", 3]}, TypeError, "index 1"),
         ({"prompts": ["w1", ""]}, ValueError, r"prompts \[1\] tokenise to no token"),
         ({"max_new_tokens": 0}, ValueError, "max_new_tokens must be an int >= 1"),
-        ({"batch_size": 2.0}, ValueError, "batch_size must be an int >= 1"),
+        ({"batch_size": 2.0}, TypeError, "batch_size must be an int >= 1"),
         ({"top_k": V + 1}, ValueError, "top_k must be <= vocab_size=64"),
         ({"store_hidden": 1}, TypeError, "store_hidden must be a bool"),
         ({"references": ["a"]}, ValueError, "one entry per prompt"),

@@ -67,8 +67,8 @@ def test_loss_table_refuses_bad_metadata():
     losses, grid = np.zeros((2, 2)), [1.0, 0.5]
     with pytest.raises(ValueError, match="mode must be one of"):
         calibrate.LossTable(losses, grid, mode="bogus")
-    for bad in (2.7, 0, "x"):  # 2.7 used to become 2 silently
-        with pytest.raises(ValueError, match="n_layers must be an int >= 1"):
+    for bad, exc in ((2.7, TypeError), (0, ValueError), ("x", TypeError)):  # 2.7 used to become 2 silently
+        with pytest.raises(exc, match="n_layers must be an int >= 1"):
             calibrate.LossTable(losses, grid, n_layers=bad)
     with pytest.raises(ValueError, match=r"avg_layers must be exit layers in \[1, inf\] or NaN"):
         calibrate.LossTable(losses, grid, avg_layers=[np.inf, 1.0])
@@ -457,6 +457,14 @@ def test_an_empty_training_or_calibration_part_names_train_fraction(cache):
 def test_seeds_beyond_32_bits_train_the_classifier_reproducibly(cache):
     a, b = (calibrate.fit(cache, measure="classifier", seed=2**40) for _ in range(2))  # sklearn takes < 2**32
     assert a == b and a.n_train > 0
+
+
+def test_torch_seeds_are_the_seed_below_64_bits_and_drawn_from_it_above():
+    from calibrate._validation import torch_seed
+
+    assert [torch_seed(s) for s in (0, 7, 2**64 - 1)] == [0, 7, 2**64 - 1]
+    big = [torch_seed(2**64 + k) for k in range(3)]
+    assert all(0 <= v < 2**64 for v in big) and len(set(big)) == 3 and torch_seed(2**64) == big[0]
 
 
 @pytest.mark.parametrize("seed, exc", [(None, TypeError), (1.5, TypeError), (True, TypeError), (-1, ValueError)])

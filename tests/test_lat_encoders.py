@@ -230,7 +230,7 @@ def test_classify_bad_input():
         with pytest.raises(exc, match="token_type_ids must"):
             lat.classify(model, ids, mask, token_type_ids=bad)
     for bad in (2.5, True, None):  # 2.5 used to run as 2
-        with pytest.raises(ValueError, match="min_keep must be an int >= 1"):
+        with pytest.raises(TypeError, match="min_keep must be an int >= 1"):
             lat.classify(model, ids, mask, speedup=2.0, min_keep=bad)
     other = Certificate(**{**_full_only(model).to_dict(), "model": lat.model_id(tiny_model("bert", seed=2))})
     with pytest.raises(ValueError, match="made for the model"):

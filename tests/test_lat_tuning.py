@@ -94,6 +94,8 @@ def test_finetune_bad_input():
     long = " ".join(["w1"] * 60)  # 60 tokens + 5 teacher-forced ones > the 64 positions
     with pytest.raises(ValueError, match=r"tokens \+ 5 of max_new_tokens=5 fed back\): prompt 1 .*nothing is truncated"):
         lat.finetune(model, tokenizer, ["w1 w2", long], steps=1, max_new_tokens=5)
+    a, b = (lat.finetune(model, tokenizer, prompts, steps=1, max_new_tokens=2, seed=2**64) for _ in range(2))
+    np.testing.assert_array_equal(a.losses, b.losses)  # torch takes seeds below 2**64; larger ones are drawn down, reproducibly
     result = lat.finetune(model, tokenizer, prompts, steps=50, max_new_tokens=2, max_seconds=1e-9)
     assert len(result.losses) == 1  # stopped by the time limit
     np.testing.assert_array_equal(result.speedups >= 1.0, True)

@@ -167,7 +167,7 @@ def test_small_vocab_and_various_k(top_k, vocab_size):
     "kwargs, error, match",
     [
         ({"n_sequences": 0}, ValueError, "n_sequences must be an int >= 1"),
-        ({"n_layers": 2.5}, ValueError, "n_layers"),
+        ({"n_layers": 2.5}, TypeError, "n_layers must be an int >= 1, got 2.5 \\(float\\)"),
         ({"min_tokens": 10, "max_tokens": 5}, ValueError, "min_tokens must be <= max_tokens=5"),
         ({"vocab_size": 2, "top_k": 1}, ValueError, "vocab_size must be an int >= 3"),
         ({"top_k": 8, "vocab_size": 5}, ValueError, "vocab_size must be an int >= 8"),

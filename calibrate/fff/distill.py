@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from calibrate._atomic import temporary_dir
-from calibrate._validation import finite_positive, int_at_least, seed_iv
+from calibrate._validation import finite_positive, int_at_least, seed_iv, torch_seed
 from calibrate.audit import _tight
 from calibrate.fff.layer import FFF
 from calibrate.heads import decoder_layers
@@ -267,9 +267,10 @@ def distill(
     for i in tqdm(layers, desc="distil MLP blocks", unit="layer", disable=not progress):
         (x, y), (hx, hy) = train[i], held[i]
         d_in, d_out = x.shape[1], y.shape[1]
-        generator = torch.Generator().manual_seed(seed * 1009 + i)
+        layer_seed = torch_seed(seed * 1009 + i)
+        generator = torch.Generator().manual_seed(layer_seed)
         with torch.random.fork_rng(devices=[]):  # seeded initialisation; the caller's global stream is restored
-            torch.manual_seed(seed * 1009 + i)
+            torch.manual_seed(layer_seed)
             layer = FFF(d_in, d_out, depth)
             narrow = nn.Sequential(nn.Linear(d_in, depth + 1), nn.GELU(), nn.Linear(depth + 1, d_out))
         layer = _train(layer, x, y, generator=generator, **kw)

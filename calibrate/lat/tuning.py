@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from calibrate._validation import finite_positive, int_at_least, seed_iv
+from calibrate._validation import finite_positive, int_at_least, seed_iv, torch_seed
 from calibrate.extraction import _context_iv, _pad
 from calibrate.heads import ExitHeads, decoder_layers
 from calibrate.lat.calibration import _length
@@ -136,7 +136,7 @@ class _LoRALinear(nn.Module):
 
 def _install(layers: nn.ModuleList, targets: Sequence[str], rank: int, alpha: float, seed: int) -> list[_LoRALinear]:
     """Wrap every ``nn.Linear`` of ``layers`` whose attribute name is in ``targets``; returns the wrappers."""
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(torch_seed(seed))
     wrapped = []
     for layer in layers:
         for parent in list(layer.modules()):

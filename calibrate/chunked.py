@@ -291,6 +291,7 @@ class ChunkedCache:
         sequences=None,
         client=None,
         retries: int = 2,
+        decode=None,
         progress: bool = False,
     ):
         """The proxy-mode :class:`~calibrate.LossTable` of the cache, one Dask task per partition.
@@ -314,6 +315,9 @@ class ChunkedCache:
             another in this process.
         retries : int, default=2
             Times a failed task is retried on the workers (with a client).
+        decode : callable, optional
+            Token ids -> text for the textual losses, as in :func:`calibrate.losses.proxy_losses` (default: the
+            cache's vocab, where its joined pieces give the output texts); sent to every worker.
         progress : bool, default=False
             Show a progress bar over the partitions (as they finish).
 
@@ -328,7 +332,7 @@ class ChunkedCache:
         from calibrate.cache import _subset_iv
         from calibrate.exits import _lambdas_iv, default_lambdas
         from calibrate.fit import _measure_iv
-        from calibrate.losses import LossTable, _consistency_iv
+        from calibrate.losses import LossTable, _consistency_iv, _vocab_outputs_iv
 
         _measure_iv(measure, self._array_specs())
         if (measure in LEARNED_MEASURES) != (measure_state is not None):
@@ -349,6 +353,10 @@ class ChunkedCache:
             except (TypeError, ValueError) as exc:
                 raise type(exc)(f"sequences: {exc}") from exc
         _consistency_iv(consistency, self._table.iloc[idx])  # here, not once per task on the workers
+        if decode is not None and not callable(decode):
+            raise TypeError(f"decode must be a callable from token ids to text, got {type(decode).__name__}")
+        if decode is None and consistency not in ("token", "sequence") and self._meta["fields"].get("vocab"):
+            _vocab_outputs_iv(self._vocab(), self._table.iloc[idx])  # the workers' parts carry no output texts
         # One copy per worker of everything but the table; each task gets its own rows of the columns it reads.
         cache = dask.delayed(dataclasses.replace(self, _table=self._table.iloc[:0]), pure=True, traverse=False)
         state = None if measure_state is None else dask.delayed(measure_state, pure=True, traverse=False)
@@ -362,7 +370,7 @@ class ChunkedCache:
             rows = self._table.iloc[a:b].iloc[keep][columns]
             tasks.append(
                 dask.delayed(_partition_losses, pure=True)(
-                    cache, a, b, rows, fields, measure, consistency, lam, decay, None if whole else keep, state
+                    cache, a, b, rows, fields, measure, consistency, lam, decay, None if whole else keep, state, decode
                 )
             )
         bar = tqdm(total=len(tasks), desc=f"{consistency} losses", unit="partition", disable=not progress)
@@ -406,7 +414,9 @@ def _columns_for(consistency: str) -> list[str]:
     return ["id", "n_tokens", "offset"] + (["reference"] if consistency.startswith("risk_") else [])
 
 
-def _partition_losses(cache: ChunkedCache, first, stop, rows, fields, measure, consistency, lam, decay, keep, state):
+def _partition_losses(
+    cache: ChunkedCache, first, stop, rows, fields, measure, consistency, lam, decay, keep, state, decode
+):
     """One partition's losses ``(n_p, K)`` and per-lambda sums of exit layers ``(K,)`` (integers).
 
     ``rows`` holds only the table columns of :func:`_columns_for` for the sequences ``keep`` (sorted indices
@@ -419,7 +429,7 @@ def _partition_losses(cache: ChunkedCache, first, stop, rows, fields, measure, c
 
     part = cache._load(first, stop, rows, fields, keep)
     conf = confidence(part, measure) if state is None else measure_from_state(measure, state).predict_confidence(part)
-    table = proxy_losses(part, conf, lam, consistency=consistency, decay=decay)
+    table = proxy_losses(part, conf, lam, consistency=consistency, decay=decay, decode=decode)
     return table.losses, np.round(table.avg_layers * part.n_tokens)  # avg = exact integer sum / tokens
 
 

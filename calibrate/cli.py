@@ -16,6 +16,12 @@ _DEVICE_HELP = "torch device of the model, e.g. cuda (default cpu)"
 _DTYPE_HELP = "torch dtype of the model's weights, e.g. bfloat16 (default: as saved)"
 
 
+_TOKENIZER_HELP = (
+    "textual consistencies: decode the token ids with the tokenizer saved in DIR (save_pretrained), special tokens "
+    "skipped; needed when the cache's vocab pieces, joined, do not give its output texts"
+)
+
+
 def _add_fit_options(p: argparse.ArgumentParser) -> None:
     from calibrate.bounds import P_VALUES
     from calibrate.fit import METHODS
@@ -88,6 +94,8 @@ def _cmd_fit(args) -> int:
         seed=args.seed,
         progress=True,
     )
+    if args.tokenizer is not None:
+        options["decode"] = _tokenizer_decode(args.tokenizer)
     if args.scheduler is None:
         return _report(calibrate.fit(cache, **options), output)
     try:
@@ -98,9 +106,23 @@ def _cmd_fit(args) -> int:
         return _report(calibrate.fit(cache, client=client, **options), output)
 
 
+def _tokenizer_decode(directory: str):
+    """``--tokenizer DIR``: the textual losses decode token ids with that tokenizer, special tokens skipped."""
+    from calibrate._extras import require
+
+    require("--tokenizer", "hf", ("transformers",))
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - a missing or corrupt folder raises OSError, JSON or tokenizers errors
+        raise ValueError(f"--tokenizer: cannot read a tokenizer in {directory}: {type(exc).__name__}: {exc}") from None
+    return lambda ids: tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
 #: What each way of auditing reads besides the certificate and --figure: how it is named, and its options.
 _AUDITS = {
-    "cache": ("an exit_threshold certificate audited on a held-out cache", ("cache",)),
+    "cache": ("an exit_threshold certificate audited on a held-out cache", ("cache", "tokenizer")),
     "decode": (
         "an exit_threshold certificate audited by decoding prompts",
         ("model", "prompts", "adapters", "max_new_tokens", "batch_size", "device", "dtype"),
@@ -199,7 +221,8 @@ def _cmd_audit(args) -> int:
                  "give the held-out layer cache (calibrate audit CERTIFICATE CACHE), or ") +
                 "--model DIR --prompts FILE to decode held-out prompts with the early-exit runtime"
             )  # fmt: skip
-        report = calibrate.audit(cert, calibrate.open_cache(args.cache), progress=True)
+        decode = None if args.tokenizer is None else _tokenizer_decode(args.tokenizer)
+        report = calibrate.audit(cert, calibrate.open_cache(args.cache), decode=decode, progress=True)
     if figure is not None:  # written before anything is printed: a reader of the output that goes away loses nothing
         figure.parent.mkdir(parents=True, exist_ok=True)
         _save_figure(report.plot(), figure, dpi=120)
@@ -501,6 +524,7 @@ def _parser() -> argparse.ArgumentParser:
         "--scheduler", default=None, help="Dask scheduler address (tcp://host:port): run the tasks on that cluster"
     )
     p.add_argument("-o", "--output", help="write the certificate as JSON")
+    p.add_argument("--tokenizer", metavar="DIR", help=_TOKENIZER_HELP)
     p.set_defaults(func=_cmd_fit)
 
     p = sub.add_parser(
@@ -513,6 +537,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("certificate", help="certificate JSON")
     p.add_argument("cache", nargs="?", help="held-out layer cache directory or fsspec URL (exit-threshold certificates)")
     p.add_argument("--figure", help="write the risk figure (PNG)")
+    p.add_argument("--tokenizer", metavar="DIR", help="with a CACHE: " + _TOKENIZER_HELP)
     p.add_argument(
         "--model",
         help="exit_threshold and token_keep: model directory (save_pretrained) to decode with; fff_depth: FFF file, or "

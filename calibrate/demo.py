@@ -59,7 +59,7 @@ def certify_measures(
         Training sequences of the learned measures (through the same heads as ``dev``); by default they
         train on a seeded split of ``dev``.
     **fit_kw
-        Passed to :func:`calibrate.fit` (e.g. ``consistency``).
+        Passed to :func:`calibrate.fit` (e.g. ``consistency``); a ``decode`` also to :func:`calibrate.audit`.
 
     Returns
     -------
@@ -72,7 +72,7 @@ def certify_measures(
     for measure in measures:
         learned = {"train_cache": train} if train is not None and measure in LEARNED_MEASURES else {}
         cert = fit(dev, delta=delta, epsilon=epsilon, measure=measure, seed=seed, **learned, **fit_kw)
-        report = audit(cert, test)
+        report = audit(cert, test, decode=fit_kw.get("decode"))
         cert.to_json(out / f"cert_{measure}.json")
         _save_figure(report.plot(), out / f"audit_{measure}.png")
         certificates[measure] = cert
@@ -196,7 +196,7 @@ def smollm2_demo(
     )
     table, certificates = certify_measures(
         dev, test, REAL_MEASURES, out, delta=delta, epsilon=epsilon, seed=seed, consistency=consistency,
-        train=data.train_adapted,
+        train=data.train_adapted, decode=lambda ids: data.tokenizer.decode(list(map(int, ids)), skip_special_tokens=True),
     )
     _print_table(table)
     # 3. Spend each certificate: decode the held-out prompts with the runtime, timed against the full model.

@@ -107,7 +107,8 @@ def extract(
         One sequence per prompt (ids ``ids``, by default ``"0"``, ``"1"``, ... in prompt order) with the arrays
         ``full_tokens`` (T,), ``topk_ids`` and ``topk_logprobs`` (T, L, k), the scores ``softmax_gap``,
         ``softmax_max``, ``entropy`` and ``state_saturation`` (T, L), and ``hidden`` (T, L, d) when
-        ``store_hidden``; the vocab ``[tokenizer.decode([i]) for i in range(vocab_size)]``; metadata
+        ``store_hidden``; the vocab ``[tokenizer.decode([i], skip_special_tokens=True) for i in range(vocab_size)]``
+        (the default text of the textual losses where its joined pieces give the output texts); metadata
         (model, tokenizer, generation settings, heads, software versions).
 
     Raises
@@ -606,9 +607,10 @@ def _context_iv(
 
 
 def _vocab(tokenizer, vocab_size: int) -> list[str]:
-    """``tokenizer.decode([i])`` for every id of the model's vocabulary (``""`` past the tokenizer's)."""
+    """``tokenizer.decode([i], skip_special_tokens=True)`` for every id of the model's vocabulary (``""`` for
+    special tokens, as in the output texts, and past the tokenizer's)."""
     n = min(vocab_size, len(tokenizer))
-    pieces = tokenizer.batch_decode([[i] for i in range(n)])
+    pieces = tokenizer.batch_decode([[i] for i in range(n)], skip_special_tokens=True)
     return [str(p) for p in pieces] + [""] * (vocab_size - n)
 
 

@@ -362,7 +362,9 @@ def _examples(cache) -> set[tuple[str, str]]:
     return {(p, o) for p, o in zip(table["prompt"].fillna(""), table["output"].fillna("")) if p or o}
 
 
-def _chunked_table(cache, *, measure, consistency, lambdas, decay, train_fraction, seed, train_cache, client, progress):
+def _chunked_table(
+    cache, *, measure, consistency, lambdas, decay, train_fraction, seed, train_cache, client, decode, progress
+):
     """fit's data step on a :class:`~calibrate.chunked.ChunkedCache`, as :func:`_proxy_table` in memory.
 
     A learned measure trains on the same seeded split (read into memory) or ``train_cache``; the workers
@@ -375,7 +377,7 @@ def _chunked_table(cache, *, measure, consistency, lambdas, decay, train_fractio
     seed_iv(seed)
     _client_iv(client)  # before a learned measure's training
     train, rows = _calibration_split(cache, measure, train_fraction, seed, train_cache)
-    run = dict(client=client, progress=progress)
+    run = dict(client=client, decode=decode, progress=progress)
     if train is None:
         return cache.loss_table(measure, consistency, lambdas, decay, **run), _topk_state(cache, measure), 0
     state = train_measure(measure, train, seed=int(seed)).to_dict()
@@ -417,7 +419,7 @@ def fit(
     bound: str | None = None,
     method: str | _fwer.FWERProcedure = "fixed_sequence",
     lambdas: Sequence[float] | None = None,
-    decay: Decay | float | None = None,
+    decay: Decay | dict | float | None = None,
     train_fraction: float = TRAIN_FRACTION,
     seed: int = 0,
     decode: Callable[[Sequence[int]], str] | None = None,
@@ -588,11 +590,9 @@ def fit(
         train_cache=train_cache,
     )
     if isinstance(cache, ChunkedCache):  # one Dask task per partition of whole sequences
-        if decode is not None:
-            raise ValueError("decode is not supported with a chunked cache (it decodes with its vocab)")
         decay = _decay_iv(decay, cache)
         table, measure_state, n_train = _chunked_table(
-            cache, decay=decay, client=client, progress=bool(progress), **options
+            cache, decay=decay, client=client, decode=decode, progress=bool(progress), **options
         )
     elif client is not None:
         raise ValueError(

@@ -227,8 +227,10 @@ def proxy_losses(
         Decaying threshold.
     decode : callable, optional
         Maps a 1-D integer array of token ids to text, for the textual losses. Defaults to ``cache.decode`` when the
-        cache has a vocabulary, else to the space-joined ids (ROUGE-L then becomes the LCS F-measure on
-        token ids). The full output is decoded with the same function, so equal ids cost 0.
+        cache has a vocabulary and its joined pieces give the cache's output texts (a ValueError names the
+        first sequence where they do not: pass the tokenizer's decoding then), else to the space-joined ids
+        (ROUGE-L then becomes the LCS F-measure on token ids). The full output is decoded with the same
+        function, so equal ids cost 0.
     progress : bool, default=False
         Show a progress bar over sequences (textual losses).
 
@@ -285,11 +287,33 @@ def _default_decode(cache) -> Callable[[Sequence[int]], str]:
     return lambda ids: " ".join(map(str, ids))
 
 
+def _vocab_outputs_iv(vocab: Sequence[str], sequences) -> None:
+    """Refuse a vocab whose joined pieces do not give the output texts: the default decoding of the textual losses.
+
+    ``sequences`` is a cache's table (columns ``output_ids`` and ``output``); the message names the first
+    sequence that differs.
+    """
+    pieces = np.asarray(vocab, dtype=object)
+    for s, (ids, output) in enumerate(zip(sequences["output_ids"], sequences["output"])):
+        joined = "".join(pieces[np.asarray(ids, dtype=np.intp)])
+        if joined != output:
+            raise ValueError(
+                f"the cache's vocab pieces, joined, do not give its output text (sequence {s}: {joined[:60]!r} vs "
+                f"{output[:60]!r}): its tokenizer decodes more than a join of pieces (spaces between words, "
+                "SentencePiece word starts, bytes of one character split across tokens), so the textual losses "
+                "would score other texts than the model's. Pass the tokenizer's decoding, decode=lambda ids: "
+                "tokenizer.decode(ids, skip_special_tokens=True) (command line: --tokenizer DIR), or "
+                "decode=cache.decode to score the joined pieces anyway"
+            )
+
+
 def _textual_losses(cache, conf, lam, top1, full, consistency, positions, decay, decode, progress):
     from tqdm.auto import tqdm
 
     from measures.consistency import PairScorer, risk_consistency, textual_loss
 
+    if decode is None and cache.vocab is not None and "output" in cache.sequences:  # a task's part has no texts
+        _vocab_outputs_iv(cache.vocab, cache.sequences)
     decode = decode or _default_decode(cache)
     risk = consistency.startswith("risk_")
     scorer = PairScorer(consistency.removeprefix("risk_"))

@@ -285,13 +285,14 @@ def test_meta_vocab_and_references(tokenizer):
     assert (gen["max_new_tokens"], gen["batch_size"], gen["do_sample"], gen["padding_side"]) == (4, 2, False, "left")
     assert meta["heads"]["kind"] == "logit_lens" and "shard" not in meta
     assert meta["software"]["transformers"] == transformers.__version__
-    assert cache.vocab == [tokenizer.decode([i]) for i in range(V)]
+    assert cache.vocab == [tokenizer.decode([i], skip_special_tokens=True) for i in range(V)]
+    assert cache.vocab[:4] == [""] * 4 and cache.vocab[4] == "w0"  # special tokens decode to "", as in the outputs
     assert cache.sequences["id"].tolist() == ["0", "1", "2"]
     assert [r if isinstance(r, str) else None for r in cache.sequences["reference"]] == refs
     for s in range(3):  # the vocab decodes the proxy outputs
         # (decode([i]) of this word-level tokenizer has no spaces; the tokenizer joins words with one)
         ids = cache.sequences["output_ids"][s]
-        assert cache.decode(ids) == tokenizer.decode(ids).replace(" ", "")
+        assert cache.decode(ids) == tokenizer.decode(ids, skip_special_tokens=True).replace(" ", "")
         assert cache.sequences["output"][s] == tokenizer.decode(ids, skip_special_tokens=True)
 
 
@@ -624,3 +625,48 @@ def test_a_proxy_fit_warns_when_the_generation_config_processes_logits(tokenizer
     with pytest.warns(UserWarning, match=r"processes logits .*\(repetition_penalty=1.3\).*mode='decoded'") as caught:
         calibrate.fit(processed)
     assert caught[0].filename == __file__
+
+
+def test_textual_losses_refuse_a_vocab_that_does_not_give_the_outputs(tokenizer, tmp_path, capsys):
+    """The word-level tokenizer joins words with spaces, its per-token pieces do not: joined, they would turn the
+    output into one word and ROUGE-L into exact match (and risk_* losses near 0). Refused, naming the way out."""
+    import calibrate
+    from calibrate.cli import main
+    from calibrate.exits import early_tokens, exit_layers
+    from measures.consistency import textual_loss
+
+    prompts = [f"w{i} w{(7 * i) % 60} w{(3 * i) % 60}" for i in range(30)]
+    cache = extract(tiny_model("gpt2"), tokenizer, prompts, max_new_tokens=6, progress=False)
+    with pytest.raises(ValueError, match=r"vocab pieces, joined, do not give its output text \(sequence 0: 'w"):
+        calibrate.fit(cache, consistency="rouge_l")
+    with pytest.raises(ValueError, match="decode=lambda ids: tokenizer.decode"):
+        calibrate.open_cache(cache.save(tmp_path / "cache"), chunks=10).loss_table(consistency="bleu")
+
+    def decode(ids):
+        return tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    lam = [0.9, 0.5, 0.2, 0.0]
+    conf = cache.arrays["softmax_max"]
+    table = calibrate.proxy_losses(cache, conf, lam, consistency="rouge_l", decode=decode)
+    early = early_tokens(cache.arrays["topk_ids"][:, :, 0], exit_layers(conf, lam), cache.arrays["full_tokens"])
+    offsets = cache.offsets
+    for k in range(len(lam)):  # the plain definition: 1 - ROUGE-L(tokenizer text of the early ids, output text)
+        texts = [decode(early[offsets[s] : offsets[s + 1], k]) for s in range(cache.n_sequences)]
+        expected = textual_loss(texts, cache.sequences["output"].tolist(), "rouge_l")
+        np.testing.assert_allclose(table.losses[:, k], expected)
+    joined = calibrate.proxy_losses(cache, conf, lam, consistency="rouge_l", decode=cache.decode)  # asked for
+    assert joined.risks[-1] > table.risks[-1]  # one word per output: exact match, far harsher (risk_*: laxer)
+
+    tokenizer.save_pretrained(tmp_path / "tok")
+    argv = ["fit", str(tmp_path / "cache"), "--consistency", "rouge_l", "--measure", "softmax_max"]
+    assert main(argv) == 2 and "--tokenizer DIR" in capsys.readouterr().err
+    assert main([*argv, "--tokenizer", str(tmp_path / "tok"), "-o", str(tmp_path / "cert.json")]) == 0
+    direct = calibrate.fit(cache, consistency="rouge_l", measure="softmax_max", decode=decode)
+    assert calibrate.Certificate.from_json(tmp_path / "cert.json") == direct
+    lazy = calibrate.open_cache(tmp_path / "cache", chunks=10)  # the same decoding, partition by partition
+    assert lazy.loss_table("softmax_max", "rouge_l", lam, decode=decode) == table
+    assert calibrate.fit(lazy, consistency="rouge_l", measure="softmax_max", decode=decode) == direct
+    with pytest.raises(TypeError, match="decode must be a callable"):
+        lazy.loss_table(consistency="rouge_l", decode="tokenizer")
+    assert main(["fit", str(tmp_path / "cache"), "--tokenizer", str(tmp_path / "nothing")]) == 2
+    assert "--tokenizer: cannot read a tokenizer" in capsys.readouterr().err

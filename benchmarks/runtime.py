@@ -21,7 +21,8 @@ Rows printed per batch size:
 ``speed-up`` = tokens/s over Hugging Face's; ``ideal`` = the cost-model ratio (DESIGN section 13):
 full cost over early-exit cost per token, in multiply-accumulates, counting the layers run, the LM head
 (for SmolLM2 the head is ~8 layers), the K/V projections of state propagation and, for the softmax
-measure, one head per layer tried; ``achieved/ideal`` = speed-up over ideal.
+measure, one head per layer tried (the exit layer's logits are emitted as they are);
+``achieved/ideal`` = speed-up over ideal.
 
 Run: ``python benchmarks/runtime.py [--batch 1 8] [--new 32] [--prompt 32] [--threads 2] [--device cpu]``.
 """
@@ -76,11 +77,17 @@ def macs(config) -> dict[str, float]:
 
 
 def ideal_ratio(exit_layers: torch.Tensor, cost: dict[str, float], n_layers: int, softmax: bool) -> float:
-    """Full-model cost over early-exit cost, summed over the generated tokens."""
+    """Full-model cost over early-exit cost, summed over the generated tokens.
+
+    A token that exits at layer ``e`` runs ``e`` layers, propagates keys and values through the other
+    ``L - e`` and calls the head once; with the softmax measure the head runs at every layer it tests
+    (``1 .. min(e, L - 1)``), the exit layer's logits are emitted as they are and a token that reaches
+    layer ``L`` adds the last head: ``e`` head calls either way.
+    """
     e = exit_layers[exit_layers > 0].double()
     full = e.numel() * (n_layers * cost["layer"] + cost["head"])
-    tried = (e.clamp(max=n_layers - 1) if softmax else torch.zeros_like(e)) * cost["head"]
-    early = (e * cost["layer"] + (n_layers - e) * cost["kv"] + cost["head"] + tried).sum()
+    heads = e if softmax else torch.ones_like(e)
+    early = (e * cost["layer"] + (n_layers - e) * cost["kv"] + heads * cost["head"]).sum()
     return float(full / early)
 
 

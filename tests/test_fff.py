@@ -53,6 +53,21 @@ def test_fast_paths_equal_the_per_input_reference_at_every_depth(activation, bia
     torch.testing.assert_close(layer(x), fff_reference(layer, x, depth), rtol=1e-10, atol=1e-10)
 
 
+def test_a_tie_goes_left_in_every_formulation():
+    """z = 0 exactly (here x orthogonal to the root's weights, no bias) takes child 2n + 1, as the reference does."""
+    layer = FFF(2, 1, depth=1, activation="relu", bias=False).to(torch.float64).eval()
+    with torch.no_grad():
+        layer.w_in.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, -1.0]]))  # root, left, right
+        layer.w_out.copy_(torch.tensor([[1.0], [10.0], [100.0]]))
+    x = torch.tensor([[0.0, 3.0]], dtype=torch.float64)  # root z = 0: left node, z = 3 -> 3 * 10
+    expected = torch.tensor([[30.0]], dtype=torch.float64)
+    torch.testing.assert_close(fff_reference(layer, x), expected)
+    for backend in ("torch", "numba"):
+        torch.testing.assert_close(fff_forward(layer, x, backend=backend), expected)
+    torch.testing.assert_close(layer.masked_forward(x), expected)
+    torch.testing.assert_close(layer(x), expected)
+
+
 def test_float32_paths_agree_and_reach_every_leaf():
     layer = _layer(64, 32, 5, dtype=torch.float32)
     x = torch.randn(4096, 64)

@@ -54,6 +54,11 @@ def decoded_lambdas(*, decay: bool = False) -> np.ndarray:
     ``u = -4, -3.5, ..., -1.5`` (0.9999 ... 0.968), where saturation and softmax thresholds matter most.
     With ``decay=True``, 3 values above 1 come first (:func:`calibrate.exits.with_decay_headroom`).
 
+    Parameters
+    ----------
+    decay : bool, default=False
+        Whether the grid is for the decaying threshold (then it starts at ``1 / 0.9``).
+
     Returns
     -------
     ndarray of float64, shape (17,) or (20,)
@@ -63,9 +68,8 @@ def decoded_lambdas(*, decay: bool = False) -> np.ndarray:
     --------
     >>> import numpy as np
     >>> from calibrate.decoded import decoded_lambdas
-    >>> np.round(decoded_lambdas(), 4)
-    array([1.    , 0.9999, 0.9997, 0.999 , 0.9968, 0.99  , 0.9684, 0.9   , 0.8   , 0.7   , 0.6   , 0.5   ,
-           0.4   , 0.3   , 0.2   , 0.1   , 0.    ])
+    >>> np.round(decoded_lambdas(), 4).tolist()
+    [1.0, 0.9999, 0.9997, 0.999, 0.9968, 0.99, 0.9684, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0]
     >>> np.round(decoded_lambdas(decay=True)[:4], 4)   # headroom above 1 for the decaying threshold
     array([1.1111, 1.0741, 1.037 , 1.    ])
     """

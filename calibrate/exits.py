@@ -95,6 +95,16 @@ def default_lambdas(*, decay: bool = False) -> np.ndarray:
     saturation and softmax thresholds matter most. With ``decay=True``, 11 values above 1 come first (see
     :func:`with_decay_headroom`): 212 values.
 
+    Parameters
+    ----------
+    decay : bool, default=False
+        Whether the grid is for the decaying threshold (then it starts at ``1 / 0.9``).
+
+    Returns
+    -------
+    ndarray of float64, shape (201,) or (212,)
+        Strictly decreasing thresholds.
+
     Examples
     --------
     >>> from calibrate.exits import default_lambdas
@@ -116,6 +126,25 @@ def with_decay_headroom(grid, n: int) -> np.ndarray:
     ``0.9 + 0.1 exp(-tau t / N)``, about 0.9 at the end. At ``1 / 0.9`` every position's threshold is 1,
     as ``lambda = 1`` is without decay, so a grid that starts there has a safe first hypothesis (without
     it, a decayed ``lambda = 1`` that fails leaves only the full model).
+
+    Parameters
+    ----------
+    grid : array_like of float, shape (K,)
+        Strictly decreasing thresholds, the first at most 1 when ``n > 0``.
+    n : int
+        Values added above the grid, ``>= 0``.
+
+    Returns
+    -------
+    ndarray of float64, shape (n + K,)
+        Strictly decreasing.
+
+    Raises
+    ------
+    TypeError
+        If ``n`` is not an int.
+    ValueError
+        If ``n < 0``, ``grid`` is not strictly decreasing or starts above 1 (with ``n > 0``).
 
     Examples
     --------

@@ -285,7 +285,8 @@ def finetune(
     seed : int, default=0
         Seed of the adapters' initialisation, the batches and the speed-ups drawn.
     max_seconds : float, optional
-        Stop after this much training time even if fewer than ``steps`` steps ran.
+        Stop after this much training time even if fewer than ``steps`` steps ran (wall-clock time: how many
+        steps run then depends on the machine, so the seed no longer fixes the result).
     progress : bool, default=True
         Show progress bars.
 

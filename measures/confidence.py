@@ -39,6 +39,20 @@ _SOFTMAX_MEASURES = ("softmax_gap", "softmax_max", "entropy")
 _NOT_SCORES = ("full_tokens", "topk_ids", "topk_logprobs", "hidden")
 
 
+def _array(values: Any) -> np.ndarray:
+    """``values`` as a numpy array; a torch tensor detached and on the CPU first, bfloat16 as float32 (exact).
+
+    torch is never imported here: a tensor straight from a model (on a GPU, requiring grad, bfloat16) is
+    recognised by its type's module.
+    """
+    if type(values).__module__.split(".")[0] == "torch" and hasattr(values, "detach"):
+        values = values.detach().cpu()
+        if str(values.dtype) == "torch.bfloat16":  # numpy has no bfloat16
+            values = values.float()
+        return values.numpy()
+    return np.asarray(values)
+
+
 def _stored_score(names, measure: Any) -> bool:
     """Whether ``measure`` names a score among a cache's array ``names`` (a measure of the user's own)."""
     return isinstance(measure, str) and measure not in _NOT_SCORES and measure in names
@@ -58,7 +72,7 @@ _BLOCK_ELEMENTS = 1 << 22
 
 def _logits_iv(logits: Any, axis: Any, name: str = "logits") -> np.ndarray:
     """Validate logits, move ``axis`` last and return them as a float array (float32 or float64)."""
-    arr = np.asarray(logits)
+    arr = _array(logits)
     if arr.dtype == bool or not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
         raise TypeError(f"{name} must be a real numeric array, got dtype {arr.dtype}")
     if arr.ndim == 0:
@@ -249,7 +263,7 @@ def entropy(logits: Any, *, axis: int = -1) -> np.ndarray:
 
 def _topk_logprobs_iv(topk_logprobs: Any, name: str = "topk_logprobs") -> np.ndarray:
     """Validate sorted top-k log-probabilities and return them as float64, clipped to ``<= 0``."""
-    arr = np.asarray(topk_logprobs)
+    arr = _array(topk_logprobs)
     if arr.dtype == bool or not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
         raise TypeError(f"{name} must be a real numeric array, got dtype {arr.dtype}")
     if arr.ndim == 0 or arr.shape[-1] < 1:
@@ -367,7 +381,7 @@ def from_topk(topk_logprobs: Any, vocab_size: int) -> dict[str, np.ndarray]:
 
 
 def _state_saturation_iv(hidden: Any) -> np.ndarray:
-    arr = np.asarray(hidden)
+    arr = _array(hidden)
     if arr.dtype == bool or not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
         raise TypeError(f"hidden must be a real numeric array, got dtype {arr.dtype}")
     if arr.ndim < 2:

@@ -447,3 +447,20 @@ def test_confidence_blocks(monkeypatch, measure):
     full = confidence(cache, measure)
     monkeypatch.setattr(mc, "_BLOCK_ELEMENTS", 3 * 5 * 4)  # 3 tokens per block, last block partial
     np.testing.assert_array_equal(confidence(cache, measure), full)
+
+
+def test_torch_tensors_straight_from_a_model_are_accepted():
+    """A tensor that requires grad, or is bfloat16 (numpy has neither), scores as its float32 values."""
+    torch = pytest.importorskip("torch")
+    logits = torch.randn(5, 3, 11, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16).requires_grad_()
+    exact = logits.detach().float().numpy()  # bfloat16 -> float32 is exact
+    for fn in (softmax_gap, softmax_max, entropy):
+        np.testing.assert_array_equal(fn(logits), fn(exact))
+        np.testing.assert_array_equal(fn(logits.detach().half()), fn(logits.detach().half().numpy()))
+    hidden = torch.randn(4, 3, 8, requires_grad=True)
+    np.testing.assert_array_equal(state_saturation(hidden), state_saturation(hidden.detach().numpy()))
+    logprobs = torch.log_softmax(logits.float(), dim=-1).topk(3).values  # requires grad
+    got, expected = from_topk(logprobs, vocab_size=11), from_topk(logprobs.detach().numpy(), vocab_size=11)
+    assert got.keys() == expected.keys()
+    for name in got:
+        np.testing.assert_array_equal(got[name], expected[name])

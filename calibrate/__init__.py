@@ -26,7 +26,7 @@ from calibrate.certificate import Certificate
 from calibrate.crc import conformal_risk_control
 from calibrate.exits import Decay, average_layers, default_lambdas, exit_layers, with_decay_headroom
 from calibrate.fit import certify, fit
-from calibrate.losses import LossTable, proxy_losses, user_losses
+from calibrate.losses import LossTable, proxy_losses, tokenizer_decode, user_losses
 from calibrate.synthetic import synthetic_cache
 
 #: Names that need torch (the ``[hf]`` extra), imported on first use (a module maps to itself).
@@ -86,6 +86,7 @@ __all__ = [
     "runtime",
     "smollm2",
     "synthetic_cache",
+    "tokenizer_decode",
     "train_adapters",
     "user_losses",
     "validity",

@@ -360,6 +360,8 @@ class ChunkedCache:
         # One copy per worker of everything but the table; each task gets its own rows of the columns it reads.
         cache = dask.delayed(dataclasses.replace(self, _table=self._table.iloc[:0]), pure=True, traverse=False)
         state = None if measure_state is None else dask.delayed(measure_state, pure=True, traverse=False)
+        if decode is not None:  # one copy per worker (a tokenizer's decode pickles to megabytes), not one per task
+            decode = dask.delayed(decode, pure=True, traverse=False)
         columns, fields = _columns_for(consistency), self._fields_for(measure)
         tasks = []
         for a, b in self.partitions:

@@ -81,6 +81,7 @@ def _cmd_fit(args) -> int:
     import calibrate
 
     output = _output_iv(args.output, "-o")
+    decode = None if args.tokenizer is None else _tokenizer_decode(args.tokenizer, args.consistency)
     chunks = args.chunks if args.chunks is not None or args.scheduler is None else 1000
     cache = calibrate.open_cache(args.cache, chunks=chunks)
     options = dict(
@@ -92,10 +93,9 @@ def _cmd_fit(args) -> int:
         method=args.method,
         decay=args.decay,
         seed=args.seed,
+        decode=decode,
         progress=True,
     )
-    if args.tokenizer is not None:
-        options["decode"] = _tokenizer_decode(args.tokenizer)
     if args.scheduler is None:
         return _report(calibrate.fit(cache, **options), output)
     try:
@@ -106,18 +106,22 @@ def _cmd_fit(args) -> int:
         return _report(calibrate.fit(cache, client=client, **options), output)
 
 
-def _tokenizer_decode(directory: str):
+def _tokenizer_decode(directory: str, consistency: str | None):
     """``--tokenizer DIR``: the textual losses decode token ids with that tokenizer, special tokens skipped."""
+    if consistency in ("token", "sequence"):
+        raise ValueError(f"--tokenizer decodes text for the textual consistencies; {consistency!r} compares token ids")
     from calibrate._extras import require
 
     require("--tokenizer", "hf", ("transformers",))
     from transformers import AutoTokenizer
 
+    from calibrate.losses import tokenizer_decode
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
     except Exception as exc:  # noqa: BLE001 - a missing or corrupt folder raises OSError, JSON or tokenizers errors
         raise ValueError(f"--tokenizer: cannot read a tokenizer in {directory}: {type(exc).__name__}: {exc}") from None
-    return lambda ids: tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
+    return tokenizer_decode(tokenizer)
 
 
 #: What each way of auditing reads besides the certificate and --figure: how it is named, and its options.
@@ -221,7 +225,7 @@ def _cmd_audit(args) -> int:
                  "give the held-out layer cache (calibrate audit CERTIFICATE CACHE), or ") +
                 "--model DIR --prompts FILE to decode held-out prompts with the early-exit runtime"
             )  # fmt: skip
-        decode = None if args.tokenizer is None else _tokenizer_decode(args.tokenizer)
+        decode = None if args.tokenizer is None else _tokenizer_decode(args.tokenizer, cert.consistency)
         report = calibrate.audit(cert, calibrate.open_cache(args.cache), decode=decode, progress=True)
     if figure is not None:  # written before anything is printed: a reader of the output that goes away loses nothing
         figure.parent.mkdir(parents=True, exist_ok=True)

@@ -36,7 +36,7 @@ from calibrate.extraction import _context_iv, _pad
 from calibrate.fit import _bound_iv, _decay_iv, _too_few_reason, certify
 from calibrate.fwer import FixedSequence
 from calibrate.heads import ExitHeads, decoder_layers
-from calibrate.losses import CONSISTENCIES, LossTable
+from calibrate.losses import CONSISTENCIES, LossTable, tokenizer_decode
 from calibrate.models import eval_mode
 from calibrate.runtime.decode import _runtime_measure_iv
 
@@ -213,9 +213,7 @@ def _decoder_iv(
     elif not isinstance(heads, ExitHeads):
         raise TypeError(f"heads must be an ExitHeads (or None for the model's own), got {type(heads).__name__}")
     if decode is None:
-
-        def decode(ids):
-            return tokenizer.decode(ids.tolist(), skip_special_tokens=True)
+        decode = tokenizer_decode(tokenizer)
     elif not callable(decode):
         raise TypeError(f"decode must be a callable (token ids -> str) or None, got {type(decode).__name__}")
     # Tokenise and pad as extract() does: one prompt at a time, then batches in prompt order.

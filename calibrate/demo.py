@@ -30,6 +30,7 @@ from calibrate._atomic import atomic_file
 from calibrate._validation import int_at_least, open_interval
 from calibrate.audit import _save_figure, audit
 from calibrate.fit import fit
+from calibrate.losses import tokenizer_decode
 from measures.learned import LEARNED_MEASURES
 
 __all__ = ["SmolLM2Data", "certify_measures", "smollm2_data", "smollm2_demo", "synthetic_demo"]
@@ -196,7 +197,7 @@ def smollm2_demo(
     )
     table, certificates = certify_measures(
         dev, test, REAL_MEASURES, out, delta=delta, epsilon=epsilon, seed=seed, consistency=consistency,
-        train=data.train_adapted, decode=lambda ids: data.tokenizer.decode(list(map(int, ids)), skip_special_tokens=True),
+        train=data.train_adapted, decode=tokenizer_decode(data.tokenizer),
     )
     _print_table(table)
     # 3. Spend each certificate: decode the held-out prompts with the runtime, timed against the full model.

@@ -113,8 +113,10 @@ def extract(
 
     Raises
     ------
+    TypeError
+        When ``max_new_tokens``, ``batch_size`` or ``top_k`` is not an int.
     ValueError
-        When an argument is invalid (``max_new_tokens``, ``batch_size``, ``top_k`` not a positive int
+        When an argument is invalid (``max_new_tokens``, ``batch_size``, ``top_k`` not positive
         included), the architecture unsupported, a prompt is empty or does not fit the model's context
         with ``max_new_tokens`` (the message names the prompts; nothing is truncated), or ``shard_dir``
         holds shards of another run.
@@ -751,8 +753,8 @@ def _digest(value) -> str:
 
 def _batch_identity(setup: dict, start: int, stop: int) -> dict[str, str]:
     """A digest per part of what identifies a batch: its place and prompts (references, ids, token ids), the
-    model's weights, the library version and the run's settings. The model and tokenizer names are left
-    out: they are paths as typed, and the weights and token ids already identify both."""
+    model's weights, the vocab pieces, the library version and the run's settings. The model and tokenizer
+    names are left out: they are paths as typed, and the weights, vocab and token ids identify both."""
     settings = {k: v for k, v in setup["meta"].items() if k not in ("model", "tokenizer")}
     parts = {
         "batch": [start, stop],
@@ -761,6 +763,7 @@ def _batch_identity(setup: dict, start: int, stop: int) -> dict[str, str]:
         "ids": setup["ids"][start:stop],
         "token ids": setup["input_ids"][start:stop],
         "model weights": setup["weights"],
+        "vocab": setup["vocab"],
         "library version": _library_version(),
         **{f"setting {k!r}": v for k, v in settings.items()},
     }

@@ -20,7 +20,7 @@ from calibrate._validation import open_interval, seed_iv
 from calibrate.certificate import KNOBS, Certificate
 from calibrate.crc import conformal_risk_control, non_monotone_reason
 from calibrate.exits import Decay, _lambdas_iv, default_lambdas
-from calibrate.losses import LossTable, _consistency_iv, proxy_losses, user_losses
+from calibrate.losses import LossTable, _consistency_iv, _vocab_outputs_iv, proxy_losses, user_losses
 
 __all__ = ["METHODS", "TRAIN_FRACTION", "certify", "fit"]
 
@@ -578,6 +578,8 @@ def fit(
         raise ValueError("model, tokenizer and heads are used only with mode='decoded'; proxy mode reads the cache")
     _risk_control_iv(delta, epsilon, bound, method)  # before any work
     _consistency_iv(consistency, cache.sequences)  # before a learned measure trains
+    if decode is None and consistency not in ("token", "sequence") and getattr(cache, "vocab", None) is not None:
+        _vocab_outputs_iv(cache.vocab, cache.sequences)  # the default text (a chunked cache checks in loss_table)
     if lambdas is not None:
         _lambdas_iv(lambdas)
 

@@ -10,6 +10,7 @@ fastest. Builders:
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -19,7 +20,7 @@ from calibrate._validation import bounded_array, int_at_least
 from calibrate.certificate import MODES
 from calibrate.exits import Decay, _lambdas_iv, disagreement_counts, early_tokens, exit_layers
 
-__all__ = ["LossTable", "CONSISTENCIES", "proxy_losses", "user_losses"]
+__all__ = ["LossTable", "CONSISTENCIES", "proxy_losses", "tokenizer_decode", "user_losses"]
 
 #: Consistency losses: token-level ones need only token ids, textual ones compare decoded text with the
 #: full-model output, ``risk_*`` ones compare both outputs with the reference:
@@ -228,7 +229,7 @@ def proxy_losses(
     decode : callable, optional
         Maps a 1-D integer array of token ids to text, for the textual losses. Defaults to ``cache.decode`` when the
         cache has a vocabulary and its joined pieces give the cache's output texts (a ValueError names the
-        first sequence where they do not: pass the tokenizer's decoding then), else to the space-joined ids
+        first sequence where they do not: pass :func:`tokenizer_decode` of the tokenizer), else to the space-joined ids
         (ROUGE-L then becomes the LCS F-measure on token ids). The full output is decoded with the same
         function, so equal ids cost 0.
     progress : bool, default=False
@@ -287,24 +288,70 @@ def _default_decode(cache) -> Callable[[Sequence[int]], str]:
     return lambda ids: " ".join(map(str, ids))
 
 
+def tokenizer_decode(tokenizer) -> Callable[[Sequence[int]], str]:
+    """The ``decode`` of the textual losses for a cache extracted with ``tokenizer``: its own text of the ids.
+
+    Special tokens are skipped, as in the cache's output texts (:func:`calibrate.extract`) and in decoded
+    mode, so the full model's ids decode to its output text and equal ids cost 0.
+
+    Parameters
+    ----------
+    tokenizer : transformers.PreTrainedTokenizerBase
+        Or anything with a ``decode(ids, skip_special_tokens=True)`` method.
+
+    Returns
+    -------
+    callable
+        Token ids (a 1-D integer array or sequence) -> str; pass it as ``decode=`` to :func:`calibrate.fit`,
+        :func:`proxy_losses`, :func:`calibrate.audit` or a chunked cache's ``loss_table``.
+
+    Raises
+    ------
+    TypeError
+        If ``tokenizer`` has no ``decode`` method.
+
+    Examples
+    --------
+    >>> from calibrate.losses import tokenizer_decode
+    >>> class Words:   # a stand-in for a Hugging Face tokenizer: ids 0 and 1 are special
+    ...     def decode(self, ids, skip_special_tokens=False):
+    ...         return " ".join(f"w{i}" for i in ids if not (skip_special_tokens and i < 2))
+    >>> tokenizer_decode(Words())([5, 7, 1])
+    'w5 w7'
+    """
+    if not callable(getattr(tokenizer, "decode", None)):
+        raise TypeError(
+            f"tokenizer must have a decode(ids, skip_special_tokens=True) method, got {type(tokenizer).__name__}"
+        )
+
+    def decode(ids: Sequence[int]) -> str:
+        return tokenizer.decode(np.asarray(ids).tolist(), skip_special_tokens=True)
+
+    return decode
+
+
 def _vocab_outputs_iv(vocab: Sequence[str], sequences) -> None:
     """Refuse a vocab whose joined pieces do not give the output texts: the default decoding of the textual losses.
 
-    ``sequences`` is a cache's table (columns ``output_ids`` and ``output``); the message names the first
-    sequence that differs.
+    ``sequences`` is a cache's table (columns ``id``, ``output_ids`` and ``output``); the message names the
+    first sequence that differs and shows both texts around the first character where they part.
     """
     pieces = np.asarray(vocab, dtype=object)
-    for s, (ids, output) in enumerate(zip(sequences["output_ids"], sequences["output"])):
+    for seq_id, ids, output in zip(sequences["id"], sequences["output_ids"], sequences["output"]):
         joined = "".join(pieces[np.asarray(ids, dtype=np.intp)])
-        if joined != output:
-            raise ValueError(
-                f"the cache's vocab pieces, joined, do not give its output text (sequence {s}: {joined[:60]!r} vs "
-                f"{output[:60]!r}): its tokenizer decodes more than a join of pieces (spaces between words, "
-                "SentencePiece word starts, bytes of one character split across tokens), so the textual losses "
-                "would score other texts than the model's. Pass the tokenizer's decoding, decode=lambda ids: "
-                "tokenizer.decode(ids, skip_special_tokens=True) (command line: --tokenizer DIR), or "
-                "decode=cache.decode to score the joined pieces anyway"
-            )
+        if joined == output:
+            continue
+        at = len(os.path.commonprefix([joined, output]))
+        start = max(0, at - 20)
+        raise ValueError(
+            f"the cache's vocab pieces, joined, do not give its output text: sequence {seq_id!r} differs at "
+            f"character {at} ({joined[start : at + 20]!r} vs {output[start : at + 20]!r}). The tokenizer decodes "
+            "more than a join of pieces (spaces between words, SentencePiece word starts, bytes of one character "
+            "split across tokens; or special tokens kept as text by an older extraction), so the "
+            "textual losses would score other texts than the model's. Pass decode=calibrate.tokenizer_decode("
+            "tokenizer) (command line: --tokenizer DIR), or, in memory, decode=cache.decode to score the joined "
+            "pieces anyway"
+        )
 
 
 def _textual_losses(cache, conf, lam, top1, full, consistency, positions, decay, decode, progress):

@@ -627,7 +627,7 @@ def test_a_proxy_fit_warns_when_the_generation_config_processes_logits(tokenizer
     assert caught[0].filename == __file__
 
 
-def test_textual_losses_refuse_a_vocab_that_does_not_give_the_outputs(tokenizer, tmp_path, capsys):
+def test_textual_losses_refuse_a_vocab_that_does_not_give_the_outputs(tokenizer, tmp_path, capsys, monkeypatch):
     """The word-level tokenizer joins words with spaces, its per-token pieces do not: joined, they would turn the
     output into one word and ROUGE-L into exact match (and risk_* losses near 0). Refused, naming the way out."""
     import calibrate
@@ -637,13 +637,28 @@ def test_textual_losses_refuse_a_vocab_that_does_not_give_the_outputs(tokenizer,
 
     prompts = [f"w{i} w{(7 * i) % 60} w{(3 * i) % 60}" for i in range(30)]
     cache = extract(tiny_model("gpt2"), tokenizer, prompts, max_new_tokens=6, progress=False)
-    with pytest.raises(ValueError, match=r"vocab pieces, joined, do not give its output text \(sequence 0: 'w"):
+    first = cache.sequences["output"][0]
+    at = first.index(" ")  # the first space, which the joined pieces lack
+    match = rf"do not give its output text: sequence '0' differs at character {at} \('w.*' vs 'w.* w.*'\)"
+    with pytest.raises(ValueError, match=match):
         calibrate.fit(cache, consistency="rouge_l")
-    with pytest.raises(ValueError, match="decode=lambda ids: tokenizer.decode"):
+    with pytest.raises(ValueError, match=r"decode=calibrate.tokenizer_decode\(tokenizer\)"):
         calibrate.open_cache(cache.save(tmp_path / "cache"), chunks=10).loss_table(consistency="bleu")
+    later = next(s for s in range(1, cache.n_sequences) if " " in cache.sequences["output"][s])
+    part = cache.subset([later])
+    with pytest.raises(ValueError, match=f"sequence '{later}' differs"):  # its id, not its place in the subset
+        calibrate.proxy_losses(part, part.arrays["softmax_max"], [0.5], consistency="bleu")
 
-    def decode(ids):
-        return tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
+    def train(*args, **kwargs):
+        raise AssertionError("trained before the inputs were checked")
+
+    monkeypatch.setattr("measures.learned.train_measure", train)
+    with pytest.raises(ValueError, match="do not give its output text"):
+        calibrate.fit(cache, consistency="token_f1", measure="classifier")
+    with pytest.raises(TypeError, match="tokenizer must have a decode"):
+        calibrate.tokenizer_decode("tokenizer")
+    decode = calibrate.tokenizer_decode(tokenizer)
+    assert decode(cache.sequences["output_ids"][0]) == first
 
     lam = [0.9, 0.5, 0.2, 0.0]
     conf = cache.arrays["softmax_max"]
@@ -668,5 +683,7 @@ def test_textual_losses_refuse_a_vocab_that_does_not_give_the_outputs(tokenizer,
     assert calibrate.fit(lazy, consistency="rouge_l", measure="softmax_max", decode=decode) == direct
     with pytest.raises(TypeError, match="decode must be a callable"):
         lazy.loss_table(consistency="rouge_l", decode="tokenizer")
-    assert main(["fit", str(tmp_path / "cache"), "--tokenizer", str(tmp_path / "nothing")]) == 2
+    assert main(["fit", str(tmp_path / "cache"), "--consistency", "bleu", "--tokenizer", str(tmp_path / "nothing")]) == 2
     assert "--tokenizer: cannot read a tokenizer" in capsys.readouterr().err
+    assert main(["fit", str(tmp_path / "cache"), "--tokenizer", str(tmp_path / "tok")]) == 2  # token consistency
+    assert "--tokenizer decodes text for the textual consistencies; 'token' compares token ids" in capsys.readouterr().err

@@ -232,8 +232,10 @@ class ExitHeads(nn.Module):
 
     Raises
     ------
+    TypeError
+        When a size is not an int.
     ValueError
-        When a size is not a positive int.
+        When a size is not positive.
 
     Examples
     --------

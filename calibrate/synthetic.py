@@ -163,8 +163,7 @@ def synthetic_cache(
         references, difficulty, seed,
     )
     n, L, V, k, d = p["n_sequences"], p["n_layers"], p["vocab_size"], p["top_k"], p["hidden_size"]
-    if isinstance(first_id, bool) or not isinstance(first_id, (int, np.integer)) or first_id < 0:
-        raise ValueError(f"first_id must be a non-negative int, got {first_id!r}")
+    int_at_least(first_id, "first_id", 0)
     root = np.random.SeedSequence(p["seed"])
     seq_ss, ref_ss, block_root = root.spawn(3)
     rng = np.random.default_rng(seq_ss)

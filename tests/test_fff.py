@@ -192,6 +192,10 @@ def test_bad_input():
     for bad in (-1, 4, 1.5, True):
         with pytest.raises(ValueError, match="depth must be an int in 0..3"):
             layer(x, depth=bad)
+    with pytest.raises(TypeError, match=r"depth must be an int >= 0, got 2.0 \(float\)"):
+        FFF(4, 2, 2.0)
+    with pytest.raises(ValueError, match="in_features must be an int >= 1, got 0"):
+        FFF(0, 2, 2)
     with pytest.raises(ValueError, match="4 features"):
         layer(torch.randn(2, 5))
     for bad in (math.nan, math.inf, -math.inf):

@@ -745,6 +745,11 @@ def test_refuses_certificates_for_another_knob_or_model():
         generate(model, ids, certificate=cert(0.5, "entropy", state={"from_topk": 2}))
     with pytest.raises(TypeError, match="Certificate"):
         generate(model, ids, certificate={"lambda_hat": 0.5})
+    for bad, exc in ((2.0, TypeError), (True, TypeError), (0, ValueError)):  # as every int argument of the library
+        with pytest.raises(exc, match="max_new_tokens must be an int >= 1"):
+            generate(model, ids, max_new_tokens=bad)
+        with pytest.raises(exc, match="exit_layer must be an int >= 1"):
+            generate(model, ids, exit_layer=bad)
 
 
 def test_refuses_bad_halting_states():

@@ -175,6 +175,8 @@ def test_small_vocab_and_various_k(top_k, vocab_size):
         ({"difficulty": "hard"}, TypeError, "difficulty"),
         ({"store_hidden": 1}, TypeError, "store_hidden must be a bool"),
         ({"seed": -1}, ValueError, "seed must be an int >= 0"),
+        ({"first_id": 1.5}, TypeError, "first_id must be an int >= 0"),
+        ({"first_id": -1}, ValueError, "first_id must be an int >= 0"),
     ],
 )
 def test_rejects_bad_arguments(kwargs, error, match):

@@ -41,6 +41,7 @@ from torch import nn
 from calibrate._atomic import atomic_file
 from calibrate._digest import weights_digest
 from calibrate._threads import keep_torch_threads
+from calibrate._validation import int_at_least
 
 __all__ = ["ACTIVATIONS", "BACKENDS", "FFF", "fff_forward", "fff_reference"]
 
@@ -129,8 +130,7 @@ class FFF(nn.Module):
             ("out_features", out_features, 1),
             ("depth", depth, 0),
         ):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+            int_at_least(value, name, low)
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
         self.in_features, self.out_features, self.depth = int(in_features), int(out_features), int(depth)

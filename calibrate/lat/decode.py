@@ -42,7 +42,6 @@ from calibrate.runtime.decode import (
     _generate_iv,
     _greedy_processors,
     _ids_iv,
-    _int_iv,
     _special_tokens_iv,
 )
 
@@ -209,7 +208,7 @@ def generate(
             f"token elimination does not support model_type {config.model_type!r}; supported: {LAT_ARCHITECTURES}"
         )
     speedup, score, min_keep, special = _knob_iv(model, speedup, certificate, score, min_keep, tokenizer)
-    max_new_tokens = _int_iv("max_new_tokens", max_new_tokens, 1)
+    max_new_tokens = int_at_least(max_new_tokens, "max_new_tokens")
     _budget_warning(certificate, max_new_tokens, stacklevel=2)
     tokens = _special_tokens_iv(model, tokenizer, eos_token_id, pad_token_id)
     run = _generate_encoder_decoder if config.model_type in ENCODER_DECODER_ARCHITECTURES else _generate_decoder_only

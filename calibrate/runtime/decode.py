@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from calibrate._digest import model_digest
+from calibrate._validation import int_at_least
 from calibrate.certificate import Certificate, _budget_warning
 from calibrate.exits import Decay
 from calibrate.heads import ExitHeads, context_positions, decoder_layers
@@ -523,12 +524,6 @@ class _Run:
     encoder: _Encoder | None = None
 
 
-def _int_iv(name: str, value, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    return int(value)
-
-
 def _token_ids(value, name: str = "eos_token_id") -> list[int]:
     if value is None:
         return []
@@ -740,7 +735,7 @@ def _generate_iv(
     layers = decoder_layers(model)  # raises for architectures the heads do not know
     adapter = adapter_for(model, layers)  # raises for architectures the runtime does not decode
     n_layers = len(layers)
-    max_new_tokens = _int_iv("max_new_tokens", max_new_tokens, 1)
+    max_new_tokens = int_at_least(max_new_tokens, "max_new_tokens")
     device = adapter.device
     # Prompts: the decoder's (left-padded; positions count real tokens), and the encoder's input if any.
     encoder = None
@@ -789,7 +784,7 @@ def _generate_iv(
     if exit_layer is not None:
         if certificate is not None:
             raise ValueError("pass either certificate or exit_layer, not both")
-        exit_layer = _int_iv("exit_layer", exit_layer, 1)
+        exit_layer = int_at_least(exit_layer, "exit_layer")
         if exit_layer > n_layers:
             raise ValueError(f"exit_layer must lie in [1, n_layers={n_layers}], got {exit_layer}")
     measure = None

@@ -360,7 +360,7 @@ def test_crash_then_rerun_resumes_and_equals_an_uninterrupted_run(tokenizer, tmp
     assert calls == [] and again.checksum == full.checksum
 
 
-def test_shards_of_another_run_are_refused(tokenizer, tmp_path):
+def test_shards_of_another_run_are_refused(tokenizer, tmp_path, monkeypatch):
     model = tiny_model("gpt2")
     extract(model, tokenizer, PROMPTS[:2], max_new_tokens=2, shard_dir=tmp_path, progress=False)
     with pytest.raises(ValueError, match=r"written by another run \(its prompts, token ids differ\)"):
@@ -372,6 +372,11 @@ def test_shards_of_another_run_are_refused(tokenizer, tmp_path):
         extract(retrained, tokenizer, PROMPTS[:2], max_new_tokens=2, shard_dir=tmp_path, progress=False)
     model.name_or_path = "/elsewhere/the-same-model"  # the same weights, the path spelled or moved otherwise
     extract(model, tokenizer, PROMPTS[:2], max_new_tokens=2, shard_dir=tmp_path, progress=False)  # resumes
+    pieces = extract_module._vocab
+    with monkeypatch.context() as patch:  # e.g. batches of an older extraction, whose special tokens kept their text
+        patch.setattr(extract_module, "_vocab", lambda tok, size: ["<eos>" if p == "" else p for p in pieces(tok, size)])
+        with pytest.raises(ValueError, match=r"another run \(its vocab differ\)"):
+            extract(model, tokenizer, PROMPTS[:2], max_new_tokens=2, shard_dir=tmp_path, progress=False)
     with pytest.raises(ValueError, match="shard_dir must name a directory"):
         extract(model, tokenizer, PROMPTS[:2], max_new_tokens=2, shard_dir="", progress=False)
 

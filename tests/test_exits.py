@@ -117,6 +117,14 @@ def test_deep_models_match_plain_loop(n_layers, decay):
     assert counts.sum() > 0 and (layers[:, 0] >= 61).sum() > 10  # many exits past the first window
 
 
+def test_decay_defaults_to_calms_rate():
+    """CALM's decaying threshold: 0.9 lambda + 0.1 exp(-tau t / N) with tau = 4 unless told otherwise."""
+    decay = Decay(max_len=10)
+    assert decay.tau == 4.0
+    expected = [[0.9 * 0.5 + 0.1 * np.exp(-4.0 * t / 10)] for t in (0, 3, 9)]
+    np.testing.assert_allclose(decay.thresholds([0.5], [0, 3, 9]), expected)
+
+
 def test_blocks_do_not_change_the_result(monkeypatch):
     import calibrate.exits as exits
 

@@ -690,5 +690,13 @@ def test_textual_losses_refuse_a_vocab_that_does_not_give_the_outputs(tokenizer,
         lazy.loss_table(consistency="rouge_l", decode="tokenizer")
     assert main(["fit", str(tmp_path / "cache"), "--consistency", "bleu", "--tokenizer", str(tmp_path / "nothing")]) == 2
     assert "--tokenizer: cannot read a tokenizer" in capsys.readouterr().err
+    cert_file = str(tmp_path / "cert.json")
+    held = extract(tiny_model("gpt2"), tokenizer, [f"w{(5 * i) % 60} w{i}" for i in range(12)], max_new_tokens=6,
+                   progress=False)  # fmt: skip
+    held_dir = str(held.save(tmp_path / "held"))
+    assert main(["audit", cert_file, held_dir]) == 2 and "--tokenizer DIR" in capsys.readouterr().err
+    report = calibrate.audit(direct, held, decode=decode)
+    code = main(["audit", cert_file, held_dir, "--tokenizer", str(tmp_path / "tok")])
+    assert code == (0 if report.within_tolerance else 1) and f"held-out risk {report.risk:.4f}" in capsys.readouterr().out
     assert main(["fit", str(tmp_path / "cache"), "--tokenizer", str(tmp_path / "tok")]) == 2  # token consistency
     assert "--tokenizer decodes text for the textual consistencies; 'token' compares token ids" in capsys.readouterr().err

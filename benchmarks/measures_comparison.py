@@ -92,6 +92,7 @@ def compare(
     consistency: str = "token",
     seed: int = 0,
     measures: tuple[str, ...] = MEASURES,
+    decode=None,
 ) -> tuple[list[Row], dict[str, float]]:
     """Certify every measure on the same split; return one row per measure and the oracle's average layers.
 
@@ -107,9 +108,9 @@ def compare(
             print(f"skipped {measure}: the cache has no hidden states")
             continue
         (conf_cal, conf_test), seconds = _confidences(measure, train, (cal, test), seed)
-        cal_table = calibrate.proxy_losses(cal, conf_cal, lambdas, consistency=consistency)
+        cal_table = calibrate.proxy_losses(cal, conf_cal, lambdas, consistency=consistency, decode=decode)
         cert = calibrate.certify(cal_table, delta=delta, epsilon=epsilon)
-        test_table = calibrate.proxy_losses(test, conf_test, lambdas, consistency=consistency)
+        test_table = calibrate.proxy_losses(test, conf_test, lambdas, consistency=consistency, decode=decode)
         if cert.index is None:
             cal_risk, test_risk, layers = 0.0, 0.0, float(test.n_layers)
         else:
@@ -145,7 +146,15 @@ def main() -> None:
     parser.add_argument("--epsilon", type=float, default=0.05)
     parser.add_argument("--consistency", default="token")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--tokenizer", metavar="DIR", help="textual consistencies of a saved cache: decode with the tokenizer in DIR"
+    )
     args = parser.parse_args()
+    decode = None
+    if args.tokenizer is not None:
+        from transformers import AutoTokenizer
+
+        decode = calibrate.tokenizer_decode(AutoTokenizer.from_pretrained(args.tokenizer, local_files_only=True))
 
     cache = (
         calibrate.open_cache(args.cache) if args.cache else calibrate.synthetic_cache(args.sequences, seed=args.seed)
@@ -155,7 +164,9 @@ def main() -> None:
         f"({'synthetic' if args.cache is None else args.cache}); split {FRACTIONS} train/cal/test, seed {args.seed}; "
         f"delta={args.delta:g}, epsilon={args.epsilon:g}, consistency={args.consistency}"
     )
-    rows, oracle = compare(cache, delta=args.delta, epsilon=args.epsilon, consistency=args.consistency, seed=args.seed)
+    rows, oracle = compare(
+        cache, delta=args.delta, epsilon=args.epsilon, consistency=args.consistency, seed=args.seed, decode=decode
+    )
     header = ["measure", "lambda_hat", "cal risk", "test risk", "test layers", "saved", "train s"]
     print(_table(header, [row.cells() for row in rows]))
     print()

@@ -70,9 +70,7 @@ def compare(
         Shape ``(n_calibration, n_lambdas)`` each, rows in the same order.
     """
     lam = calibrate.decoded_lambdas() if lambdas is None else np.asarray(lambdas, dtype=float)
-
-    def decode(ids):
-        return tokenizer.decode(list(ids), skip_special_tokens=True)
+    decode = calibrate.tokenizer_decode(tokenizer)
 
     cache = calibrate.extract(
         model,

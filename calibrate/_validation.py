@@ -56,6 +56,15 @@ def int_at_least(value, name: str, low: int = 1) -> int:
     return int(value)
 
 
+def int_in(value, name: str, low: int, high: int, why: str = "") -> int:
+    """``value`` as an int in ``low..high``: TypeError naming ``name`` for a non-integer, ValueError outside."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int in {low}..{high}{why}, got {value!r} ({type(value).__name__})")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be an int in {low}..{high}{why}, got {value!r}")
+    return int(value)
+
+
 def seed_iv(seed, name: str = "seed") -> int:
     """``seed`` as an int ``>= 0``: TypeError for a non-integer (None, bool, float), ValueError if negative."""
     if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral):

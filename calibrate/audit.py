@@ -555,7 +555,8 @@ def validity(
     progress : bool, default=True
         Show a progress bar over trials.
     **fit_kwargs
-        Options of :func:`calibrate.fit` (measure, consistency, bound, method, lambdas, decay, ...).
+        Options of :func:`calibrate.fit` (measure, consistency, bound, method, lambdas, decay, decode, ...;
+        ``decode=calibrate.tokenizer_decode(tokenizer)`` for the textual losses of an extracted cache).
 
     Returns
     -------

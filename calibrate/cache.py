@@ -43,7 +43,7 @@ import pandas as pd
 
 from calibrate._atomic import temporary_dir
 from calibrate._storage import Remote, location
-from calibrate._validation import seed_iv
+from calibrate._validation import int_at_least, seed_iv
 
 __all__ = ["FORMAT_VERSION", "LayerCache", "concat_caches", "open_cache"]
 
@@ -958,8 +958,7 @@ def _init_iv(sequences, arrays, vocab_size, meta, vocab) -> None:
 
 
 def _vocab_size_iv(vocab_size, name: str = "vocab_size") -> int:
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer)) or vocab_size < 1:
-        raise ValueError(f"{name} must be a positive int, got {vocab_size!r}")
+    int_at_least(vocab_size, name)
     if vocab_size > _MAX_VOCAB_SIZE:
         raise ValueError(
             f"{name} must be at most 2**31 - 1 = {_MAX_VOCAB_SIZE} (token ids are stored as int32), got {vocab_size}"

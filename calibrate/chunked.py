@@ -29,6 +29,7 @@ import pandas as pd
 
 from calibrate._extras import require
 from calibrate._storage import Remote
+from calibrate._validation import int_at_least
 from measures.learned import LEARNED_MEASURES
 
 if TYPE_CHECKING:
@@ -332,7 +333,7 @@ class ChunkedCache:
         from calibrate.cache import _subset_iv
         from calibrate.exits import _lambdas_iv, default_lambdas
         from calibrate.fit import _measure_iv
-        from calibrate.losses import LossTable, _consistency_iv, _vocab_outputs_iv
+        from calibrate.losses import LossTable, _consistency_iv, _text_iv
 
         _measure_iv(measure, self._array_specs())
         if (measure in LEARNED_MEASURES) != (measure_state is not None):
@@ -342,8 +343,7 @@ class ChunkedCache:
                 f"measure_state={'None' if measure_state is None else 'a dict'}"
             )
         _client_iv(client)
-        if isinstance(retries, bool) or not isinstance(retries, (int, np.integer)) or retries < 0:
-            raise ValueError(f"retries must be an int >= 0, got {retries!r}")
+        int_at_least(retries, "retries", 0)
         lam = _lambdas_iv(default_lambdas(decay=decay is not None) if lambdas is None else lambdas)
         if sequences is None:
             idx = np.arange(self.n_sequences)
@@ -353,10 +353,8 @@ class ChunkedCache:
             except (TypeError, ValueError) as exc:
                 raise type(exc)(f"sequences: {exc}") from exc
         _consistency_iv(consistency, self._table.iloc[idx])  # here, not once per task on the workers
-        if decode is not None and not callable(decode):
-            raise TypeError(f"decode must be a callable from token ids to text, got {type(decode).__name__}")
-        if decode is None and consistency not in ("token", "sequence") and self._meta["fields"].get("vocab"):
-            _vocab_outputs_iv(self._vocab(), self._table.iloc[idx])  # the workers' parts carry no output texts
+        if consistency not in ("token", "sequence"):  # here: the workers' parts carry no output texts
+            _text_iv(self._vocab(), self._table.iloc[idx], consistency, decode)
         # One copy per worker of everything but the table; each task gets its own rows of the columns it reads.
         cache = dask.delayed(dataclasses.replace(self, _table=self._table.iloc[:0]), pure=True, traverse=False)
         state = None if measure_state is None else dask.delayed(measure_state, pure=True, traverse=False)
@@ -494,8 +492,7 @@ def open_chunked(root: Path | Remote, chunks: int, verify: bool) -> ChunkedCache
 
 def _chunks_iv(chunks) -> None:
     """Check ``open_cache``'s ``chunks`` (and that Dask, which a lazy cache computes with, is installed)."""
-    if isinstance(chunks, bool) or not isinstance(chunks, (int, np.integer)) or chunks < 1:
-        raise ValueError(f"chunks must be an int >= 1 (sequences per partition) or None, got {chunks!r}")
+    int_at_least(chunks, "chunks")  # sequences per partition
     require("open_cache(chunks=...)", "dask")
 
 

@@ -22,6 +22,7 @@ import numpy as np
 from numba.cpython.unsafe.numbers import trailing_zeros
 
 from calibrate._threads import keep_torch_threads
+from calibrate._validation import int_at_least
 
 __all__ = [
     "Decay",
@@ -72,8 +73,7 @@ class Decay:
     tau: float = 4.0
 
     def __post_init__(self) -> None:
-        if isinstance(self.max_len, bool) or not isinstance(self.max_len, (int, np.integer)) or self.max_len <= 0:
-            raise ValueError(f"Decay.max_len must be a positive int, got {self.max_len!r}")
+        int_at_least(self.max_len, "Decay.max_len")
         if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float, np.integer, np.floating)) or not np.isfinite(self.tau) or self.tau < 0:
             raise ValueError(f"Decay.tau must be a finite float >= 0, got {self.tau!r}")
 

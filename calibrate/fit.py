@@ -20,7 +20,7 @@ from calibrate._validation import open_interval, seed_iv
 from calibrate.certificate import KNOBS, Certificate
 from calibrate.crc import conformal_risk_control, non_monotone_reason
 from calibrate.exits import Decay, _lambdas_iv, default_lambdas
-from calibrate.losses import LossTable, _consistency_iv, _vocab_outputs_iv, proxy_losses, user_losses
+from calibrate.losses import LossTable, _consistency_iv, _text_iv, proxy_losses, user_losses
 
 __all__ = ["METHODS", "TRAIN_FRACTION", "certify", "fit"]
 
@@ -376,6 +376,8 @@ def _chunked_table(
     _measure_iv(measure, cache._array_specs())
     seed_iv(seed)
     _client_iv(client)  # before a learned measure's training
+    if consistency not in ("token", "sequence"):
+        _text_iv(cache._vocab(), cache._table, consistency, decode)
     train, rows = _calibration_split(cache, measure, train_fraction, seed, train_cache)
     run = dict(client=client, decode=decode, progress=progress)
     if train is None:
@@ -578,8 +580,6 @@ def fit(
         raise ValueError("model, tokenizer and heads are used only with mode='decoded'; proxy mode reads the cache")
     _risk_control_iv(delta, epsilon, bound, method)  # before any work
     _consistency_iv(consistency, cache.sequences)  # before a learned measure trains
-    if decode is None and consistency not in ("token", "sequence") and getattr(cache, "vocab", None) is not None:
-        _vocab_outputs_iv(cache.vocab, cache.sequences)  # the default text (a chunked cache checks in loss_table)
     if lambdas is not None:
         _lambdas_iv(lambdas)
 
@@ -691,6 +691,7 @@ def _proxy_table(
 
     _measure_iv(measure, cache.arrays)
     seed_iv(seed)
+    _text_iv(cache.vocab, cache.sequences, consistency, decode)  # before a learned measure trains
     decay = _decay_iv(decay, cache)
     lam = default_lambdas(decay=decay is not None) if lambdas is None else lambdas
     measure_state, n_train = None, 0

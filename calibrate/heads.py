@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from calibrate._digest import model_digest
-from calibrate._validation import int_at_least
+from calibrate._validation import int_at_least, int_in
 
 __all__ = ["SUPPORTED_ARCHITECTURES", "ExitHeads", "decoder_layers", "record_layer_states"]
 
@@ -415,8 +415,7 @@ class ExitHeads(nn.Module):
             When ``layer`` is out of range or the shapes do not match.
         """
         if layer is not None:
-            if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.n_layers:
-                raise ValueError(f"layer must be an int in [0, n_layers={self.n_layers}), got {layer!r}")
+            int_in(layer, "layer", 0, self.n_layers - 1, f" (0-based, n_layers={self.n_layers})")
         elif hidden.ndim < 2 or hidden.shape[-2] != self.n_layers:
             raise ValueError(
                 f"hidden must have shape (..., n_layers={self.n_layers}, d) when layer is None, got {tuple(hidden.shape)}"

@@ -288,11 +288,28 @@ def _default_decode(cache) -> Callable[[Sequence[int]], str]:
     return lambda ids: " ".join(map(str, ids))
 
 
+class _TokenizerDecode:
+    """What :func:`tokenizer_decode` returns: a plain object, so it pickles (to Dask workers, say)."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    def __call__(self, ids: Sequence[int]) -> str:
+        ids = np.asarray(ids)
+        if ids.ndim != 1:
+            raise ValueError(f"ids must be one output's token ids, shape (n,), got shape {ids.shape}")
+        return self.tokenizer.decode(ids.tolist(), skip_special_tokens=True)
+
+    def __repr__(self) -> str:
+        return f"tokenizer_decode({type(self.tokenizer).__name__})"
+
+
 def tokenizer_decode(tokenizer) -> Callable[[Sequence[int]], str]:
     """The ``decode`` of the textual losses for a cache extracted with ``tokenizer``: its own text of the ids.
 
     Special tokens are skipped, as in the cache's output texts (:func:`calibrate.extract`) and in decoded
-    mode, so the full model's ids decode to its output text and equal ids cost 0.
+    mode, so the full model's ids decode to its output text and equal ids cost 0. The textual losses check
+    this on the cache before any work: another tokenizer's decoding is refused.
 
     Parameters
     ----------
@@ -303,7 +320,8 @@ def tokenizer_decode(tokenizer) -> Callable[[Sequence[int]], str]:
     -------
     callable
         Token ids (a 1-D integer array or sequence) -> str; pass it as ``decode=`` to :func:`calibrate.fit`,
-        :func:`proxy_losses`, :func:`calibrate.audit` or a chunked cache's ``loss_table``.
+        :func:`calibrate.validity`, :func:`proxy_losses`, :func:`calibrate.audit` or a chunked cache's
+        ``loss_table`` (it pickles, tokenizer included, to every Dask worker).
 
     Raises
     ------
@@ -323,35 +341,52 @@ def tokenizer_decode(tokenizer) -> Callable[[Sequence[int]], str]:
         raise TypeError(
             f"tokenizer must have a decode(ids, skip_special_tokens=True) method, got {type(tokenizer).__name__}"
         )
-
-    def decode(ids: Sequence[int]) -> str:
-        return tokenizer.decode(np.asarray(ids).tolist(), skip_special_tokens=True)
-
-    return decode
+    return _TokenizerDecode(tokenizer)
 
 
-def _vocab_outputs_iv(vocab: Sequence[str], sequences) -> None:
-    """Refuse a vocab whose joined pieces do not give the output texts: the default decoding of the textual losses.
+def _text_iv(vocab: Sequence[str] | None, sequences, consistency: str, decode) -> None:
+    """Before any textual loss: refuse a decoding that does not give the cache's own output texts.
 
-    ``sequences`` is a cache's table (columns ``id``, ``output_ids`` and ``output``); the message names the
-    first sequence that differs and shows both texts around the first character where they part.
+    Checked: the default (the vocab pieces joined, used when ``decode`` is None) and :func:`tokenizer_decode`
+    (another tokenizer's would score other texts); a ``decode`` of the user's own is taken as it is.
+    ``sequences`` is a cache's table (columns ``id``, ``output_ids``, ``output``); the message names the first
+    sequence that differs and shows both texts around the first character where they part.
     """
-    pieces = np.asarray(vocab, dtype=object)
-    for seq_id, ids, output in zip(sequences["id"], sequences["output_ids"], sequences["output"]):
-        joined = "".join(pieces[np.asarray(ids, dtype=np.intp)])
-        if joined == output:
-            continue
-        at = len(os.path.commonprefix([joined, output]))
-        start = max(0, at - 20)
-        raise ValueError(
-            f"the cache's vocab pieces, joined, do not give its output text: sequence {seq_id!r} differs at "
-            f"character {at} ({joined[start : at + 20]!r} vs {output[start : at + 20]!r}). The tokenizer decodes "
-            "more than a join of pieces (spaces between words, SentencePiece word starts, bytes of one character "
-            "split across tokens; or special tokens kept as text by an older extraction), so the "
-            "textual losses would score other texts than the model's. Pass decode=calibrate.tokenizer_decode("
-            "tokenizer) (command line: --tokenizer DIR), or, in memory, decode=cache.decode to score the joined "
-            "pieces anyway"
+    if consistency in ("token", "sequence") or consistency not in CONSISTENCIES:  # a bad name: reported elsewhere
+        return
+    if decode is not None and not callable(decode):
+        raise TypeError(f"decode must be a callable from token ids to text, got {type(decode).__name__}")
+    if decode is None and vocab is not None:
+        pieces = np.asarray(vocab, dtype=object)
+
+        def text(ids) -> str:
+            return "".join(pieces[np.asarray(ids, dtype=np.intp)])
+
+        why = (
+            "the cache's vocab pieces, joined, do not give its output text",
+            "The tokenizer decodes more than a join of pieces (spaces between words, SentencePiece word starts, "
+            "bytes of one character split across tokens; or special tokens kept as text by an older extraction), "
+            "so the textual losses would score other texts than the model's. Pass decode=calibrate."
+            "tokenizer_decode(tokenizer) (command line: --tokenizer DIR), or, in memory, decode=cache.decode to "
+            "score the joined pieces anyway",
         )
+    elif isinstance(decode, _TokenizerDecode):
+        text = decode
+        why = (
+            f"decode={decode!r} does not give the cache's output text",
+            "Is it the tokenizer the cache was extracted with?",
+        )
+    else:
+        return
+    for seq_id, ids, output in zip(sequences["id"], sequences["output_ids"], sequences["output"]):
+        got = text(ids)
+        if got != output:
+            at = len(os.path.commonprefix([got, output]))
+            start = max(0, at - 20)
+            raise ValueError(
+                f"{why[0]}: sequence {seq_id!r} differs at character {at} ({got[start : at + 20]!r} vs "
+                f"{output[start : at + 20]!r}). {why[1]}"
+            )
 
 
 def _textual_losses(cache, conf, lam, top1, full, consistency, positions, decay, decode, progress):
@@ -359,8 +394,8 @@ def _textual_losses(cache, conf, lam, top1, full, consistency, positions, decay,
 
     from measures.consistency import PairScorer, risk_consistency, textual_loss
 
-    if decode is None and cache.vocab is not None and "output" in cache.sequences:  # a task's part has no texts
-        _vocab_outputs_iv(cache.vocab, cache.sequences)
+    if "output" in cache.sequences:  # a Dask task's part has no texts (its cache checked them)
+        _text_iv(cache.vocab, cache.sequences, consistency, decode)
     decode = decode or _default_decode(cache)
     risk = consistency.startswith("risk_")
     scorer = PairScorer(consistency.removeprefix("risk_"))

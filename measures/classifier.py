@@ -207,7 +207,9 @@ def _init_iv(C: Any, features: Any, max_iter: Any, seed: Any) -> tuple[float, st
         raise ValueError(f"C must be a finite float > 0 (inverse regularisation strength), got {C!r}")
     if not isinstance(features, str) or features not in _FEATURES:
         raise ValueError(f"features must be one of {_FEATURES}, got {features!r}")
-    if isinstance(max_iter, (bool, np.bool_)) or not isinstance(max_iter, (int, np.integer)) or max_iter < 1:
+    if isinstance(max_iter, (bool, np.bool_)) or not isinstance(max_iter, (int, np.integer)):
+        raise TypeError(f"max_iter must be an int >= 1, got {max_iter!r} ({type(max_iter).__name__})")
+    if max_iter < 1:
         raise ValueError(f"max_iter must be an int >= 1, got {max_iter!r}")
     if seed is not None:  # as calibrate's seeds (measures does not import calibrate)
         if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):

@@ -217,7 +217,9 @@ def _init_iv(kind, oracle, oracle_options, sigma, C, max_iter) -> dict[str, Any]
         raise ValueError(f"sigma must be a finite number >= 0 (kernel width in layers), got {sigma!r}")
     if not (np.isfinite(C) and C > 0):
         raise ValueError(f"C must be a finite number > 0 (inverse regularisation strength), got {C!r}")
-    if isinstance(max_iter, (bool, np.bool_)) or not isinstance(max_iter, (int, np.integer)) or max_iter < 1:
+    if isinstance(max_iter, (bool, np.bool_)) or not isinstance(max_iter, (int, np.integer)):
+        raise TypeError(f"max_iter must be an int >= 1, got {max_iter!r} ({type(max_iter).__name__})")
+    if max_iter < 1:
         raise ValueError(f"max_iter must be an int >= 1, got {max_iter!r}")
     return {
         "kind": kind,

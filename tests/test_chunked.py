@@ -230,6 +230,10 @@ def test_bad_input(saved, monkeypatch):
             calibrate.fit(lazy, measure="classifier", client="tcp://127.0.0.1:8786")
     with pytest.raises(ValueError, match="retries must be an int >= 0"):
         lazy.loss_table(retries=-1)
+    with pytest.raises(TypeError, match=r"retries must be an int >= 0, got 1.5 \(float\)"):
+        lazy.loss_table(retries=1.5)
+    with pytest.raises(TypeError, match=r"chunks must be an int >= 1, got 1.5 \(float\)"):
+        calibrate.open_cache(path, chunks=1.5)
     with pytest.raises(ValueError, match="outside"):
         lazy.load(10, 300)
 

@@ -319,6 +319,8 @@ def test_init_validation():
         ExitClassifier(features="logits")
     with pytest.raises(ValueError, match="max_iter must be an int >= 1, got 0"):
         ExitClassifier(max_iter=0)
+    with pytest.raises(TypeError, match=r"max_iter must be an int >= 1, got 5.0 \(float\)"):
+        ExitClassifier(max_iter=5.0)
     with pytest.raises(ValueError, match=r"seed must be None or an int >= 0 \(.*\), got -1"):
         ExitClassifier(seed=-1)
     with pytest.raises(TypeError):

@@ -238,6 +238,8 @@ def test_non_finite_confidence_is_refused(bad):
         disagreement_counts(conf, [0.9, 0.4], np.zeros((2, 3), np.int32), np.zeros(2, np.int32), [0, 1, 2])
     with pytest.raises(ValueError, match="offsets"):
         average_layers(np.zeros((3, 2)), [0.5], offsets=[0, 2])
+    with pytest.raises(TypeError, match=r"Decay.max_len must be an int >= 1, got 1.5 \(float\)"):
+        Decay(max_len=1.5)
     decay = Decay(max_len=4)  # positions count from each sequence's start: without offsets, nothing to count from
     with pytest.raises(ValueError, match=r"offsets .* are needed with decay.*offsets=\[0, n_tokens\]"):
         average_layers(np.zeros((3, 2)), [0.5], decay=decay)

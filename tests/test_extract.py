@@ -5,6 +5,7 @@ word-level tokenizer over the same 64 ids, so each test runs in well under a sec
 """
 
 import json
+import pickle
 import subprocess
 import sys
 import warnings
@@ -141,6 +142,8 @@ def test_heads_reject_bad_input():
     heads = ExitHeads.from_model(model)
     with pytest.raises(ValueError, match="layer must be an int in"):
         heads(torch.zeros(2, 32), layer=N_LAYERS)
+    with pytest.raises(TypeError, match=r"layer must be an int in 0..2 \(0-based, n_layers=3\), got 1.0"):
+        heads(torch.zeros(2, 32), layer=1.0)
     with pytest.raises(ValueError, match="n_layers=3"):
         heads(torch.zeros(2, 2, 32))
     with pytest.raises(ValueError, match="hidden_size=32"):
@@ -660,10 +663,26 @@ def test_textual_losses_refuse_a_vocab_that_does_not_give_the_outputs(tokenizer,
     monkeypatch.setattr("measures.learned.train_measure", train)
     with pytest.raises(ValueError, match="do not give its output text"):
         calibrate.fit(cache, consistency="token_f1", measure="classifier")
+    with pytest.raises(ValueError, match="do not give its output text"):
+        calibrate.validity(cache, trials=2, consistency="token_f1", measure="classifier", progress=False)
+    with pytest.raises(ValueError, match="do not give its output text"):
+        calibrate.fit(calibrate.open_cache(tmp_path / "cache", chunks=10), consistency="bleu", measure="classifier")
+    monkeypatch.undo()
+
+    class OtherTokenizer:  # another model's ids -> text
+        def decode(self, ids, skip_special_tokens=False):
+            return tokenizer.decode(ids, skip_special_tokens=skip_special_tokens).upper()
+
+    other = calibrate.tokenizer_decode(OtherTokenizer())
+    with pytest.raises(ValueError, match=r"decode=tokenizer_decode\(OtherTokenizer\) does not give .* Is it the tokenizer"):
+        calibrate.fit(cache, consistency="rouge_l", decode=other)
     with pytest.raises(TypeError, match="tokenizer must have a decode"):
         calibrate.tokenizer_decode("tokenizer")
     decode = calibrate.tokenizer_decode(tokenizer)
     assert decode(cache.sequences["output_ids"][0]) == first
+    assert pickle.loads(pickle.dumps(decode))(cache.sequences["output_ids"][0]) == first  # to Dask workers too
+    with pytest.raises(ValueError, match=r"ids must be one output's token ids, shape \(n,\), got shape \(2, 3\)"):
+        decode(np.zeros((2, 3), dtype=int))
 
     lam = [0.9, 0.5, 0.2, 0.0]
     conf = cache.arrays["softmax_max"]

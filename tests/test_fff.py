@@ -189,8 +189,8 @@ def test_safetensors_round_trip(tmp_path, umask_022):
 def test_bad_input():
     layer = _layer(4, 2, 3, dtype=torch.float32)
     x = torch.randn(2, 4)
-    for bad in (-1, 4, 1.5, True):
-        with pytest.raises(ValueError, match="depth must be an int in 0..3"):
+    for bad, exc in ((-1, ValueError), (4, ValueError), (1.5, TypeError), (True, TypeError)):
+        with pytest.raises(exc, match="depth must be an int in 0..3"):
             layer(x, depth=bad)
     with pytest.raises(TypeError, match=r"depth must be an int >= 0, got 2.0 \(float\)"):
         FFF(4, 2, 2.0)

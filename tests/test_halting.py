@@ -236,6 +236,7 @@ def test_bad_parameters():
         ({"C": 0.0}, ValueError, "C must be a finite number > 0"),
         ({"C": True}, TypeError, "C must be a real number"),
         ({"max_iter": 0}, ValueError, "max_iter must be an int >= 1"),
+        ({"max_iter": 5.0}, TypeError, "max_iter must be an int >= 1"),
     ):
         with pytest.raises(error, match=match):
             HaltingHead(**kwargs)

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from calibrate._digest import model_digest
-from calibrate._validation import int_at_least
+from calibrate._validation import int_at_least, int_in
 from calibrate.audit import AuditReport, _held_out_report
 from calibrate.certificate import Certificate, _audit_budget, _spend_iv
 from calibrate.fff.layer import FFF
@@ -83,10 +83,8 @@ def at_depth(model: nn.Module, depth: int | None) -> Iterator[nn.Module]:
     """
     layers = fff_layers(model)
     top = _max_depth(model)
-    if depth is not None and (
-        isinstance(depth, bool) or not isinstance(depth, (int, np.integer)) or not 0 <= depth <= top
-    ):
-        raise ValueError(f"depth must be an int in 0..{top} (None: full), got {depth!r}")
+    if depth is not None:
+        int_in(depth, "depth", 0, top, " (None: full)")
     before = [layer.eval_depth for layer in layers]
     _set_depth(layers, depth)
     try:

@@ -41,7 +41,7 @@ from torch import nn
 from calibrate._atomic import atomic_file
 from calibrate._digest import weights_digest
 from calibrate._threads import keep_torch_threads
-from calibrate._validation import int_at_least
+from calibrate._validation import int_at_least, int_in
 
 __all__ = ["ACTIVATIONS", "BACKENDS", "FFF", "fff_forward", "fff_reference"]
 
@@ -55,9 +55,7 @@ _ACT_ID = {"gelu": 0, "relu": 1, "silu": 2}
 def _depth_iv(depth, max_depth: int) -> int:
     if depth is None:
         return max_depth
-    if isinstance(depth, bool) or not isinstance(depth, (int, np.integer)) or not 0 <= depth <= max_depth:
-        raise ValueError(f"depth must be an int in 0..{max_depth} (None: the whole path), got {depth!r}")
-    return int(depth)
+    return int_in(depth, "depth", 0, max_depth, " (None: the whole path)")
 
 
 def _input_iv(x: torch.Tensor, in_features: int) -> torch.Tensor:
@@ -102,8 +100,10 @@ class FFF(nn.Module):
 
     Raises
     ------
+    TypeError
+        For a size or depth that is not an int.
     ValueError
-        For a size or depth that is not an int in range, or a tree too large to index.
+        For a size or depth out of range, or a tree too large to index.
     MemoryError
         When the tree's weights (``4 (2**(depth + 1) - 1) (in_features + out_features + 1)`` bytes) cannot be
         allocated.

@@ -195,7 +195,7 @@ def generate(
         supported ones); a certificate for another knob or another model;
         invalid ids or mask; a prompt plus ``max_new_tokens`` longer than the model's context.
     TypeError
-        When ``speedup``, ``certificate`` or ``input_ids`` has the wrong type.
+        When ``speedup``, ``certificate``, ``input_ids`` or ``max_new_tokens`` has the wrong type.
 
     Warns
     -----

@@ -240,11 +240,11 @@ def generate(
         missing, invalid, of another measure or fitted for another layer count or hidden size;
         decoder-only prompts are right-padded; a row is empty; the prompt (or the encoder input) is too
         long for the model's context (nothing is truncated); an encoder-decoder model has no start token;
-        ``max_new_tokens`` or ``exit_layer`` is not an int in range; or ``attention_mask`` is not a 0/1
-        tensor of the shape of ``input_ids``.
+        ``max_new_tokens`` or ``exit_layer`` is below 1; or ``attention_mask`` is not a 0/1 tensor of the
+        shape of ``input_ids``.
     TypeError
-        When ``input_ids`` is not an integer tensor, or ``certificate``, ``heads`` or ``tokenizer`` has the
-        wrong type.
+        When ``input_ids`` is not an integer tensor, ``max_new_tokens`` or ``exit_layer`` not an int, or
+        ``certificate``, ``heads`` or ``tokenizer`` has the wrong type.
 
     Warns
     -----

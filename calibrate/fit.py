@@ -371,12 +371,12 @@ def _chunked_table(
     rebuild it from its JSON state and compute the calibration sequences' losses per partition.
     """
     from calibrate.chunked import _client_iv
-    from measures.learned import train_measure
+    from measures.learned import LEARNED_MEASURES, train_measure
 
     _measure_iv(measure, cache._array_specs())
     seed_iv(seed)
     _client_iv(client)  # before a learned measure's training
-    if consistency not in ("token", "sequence"):
+    if measure in LEARNED_MEASURES and consistency not in ("token", "sequence"):  # else loss_table checks first
         _text_iv(cache._vocab(), cache._table, consistency, decode)
     train, rows = _calibration_split(cache, measure, train_fraction, seed, train_cache)
     run = dict(client=client, decode=decode, progress=progress)
@@ -687,11 +687,12 @@ def _proxy_table(
     other sequences.
     """
     from measures.confidence import confidence
-    from measures.learned import train_measure
+    from measures.learned import LEARNED_MEASURES, train_measure
 
     _measure_iv(measure, cache.arrays)
     seed_iv(seed)
-    _text_iv(cache.vocab, cache.sequences, consistency, decode)  # before a learned measure trains
+    if measure in LEARNED_MEASURES:  # checked before it trains; else proxy_losses checks first
+        _text_iv(cache.vocab, cache.sequences, consistency, decode)
     decay = _decay_iv(decay, cache)
     lam = default_lambdas(decay=decay is not None) if lambdas is None else lambdas
     measure_state, n_train = None, 0

@@ -281,9 +281,10 @@ def proxy_losses(
     return LossTable(losses, lam, "proxy", consistency, avg, n_layers)
 
 
-def _default_decode(cache) -> Callable[[Sequence[int]], str]:
-    if getattr(cache, "vocab", None) is not None:
-        pieces = np.asarray(cache.vocab, dtype=object)
+def _default_decode(vocab: Sequence[str] | None) -> Callable[[Sequence[int]], str]:
+    """The textual losses' decoding without ``decode``: the vocab pieces joined, else the space-joined ids."""
+    if vocab is not None:
+        pieces = np.asarray(vocab, dtype=object)
         return lambda ids: "".join(pieces[np.asarray(ids, dtype=np.intp)])  # == cache.decode, without checks
     return lambda ids: " ".join(map(str, ids))
 
@@ -357,11 +358,7 @@ def _text_iv(vocab: Sequence[str] | None, sequences, consistency: str, decode) -
     if decode is not None and not callable(decode):
         raise TypeError(f"decode must be a callable from token ids to text, got {type(decode).__name__}")
     if decode is None and vocab is not None:
-        pieces = np.asarray(vocab, dtype=object)
-
-        def text(ids) -> str:
-            return "".join(pieces[np.asarray(ids, dtype=np.intp)])
-
+        text = _default_decode(vocab)
         why = (
             "the cache's vocab pieces, joined, do not give its output text",
             "The tokenizer decodes more than a join of pieces (spaces between words, SentencePiece word starts, "
@@ -396,7 +393,7 @@ def _textual_losses(cache, conf, lam, top1, full, consistency, positions, decay,
 
     if "output" in cache.sequences:  # a Dask task's part has no texts (its cache checked them)
         _text_iv(cache.vocab, cache.sequences, consistency, decode)
-    decode = decode or _default_decode(cache)
+    decode = decode or _default_decode(cache.vocab)
     risk = consistency.startswith("risk_")
     scorer = PairScorer(consistency.removeprefix("risk_"))
     offsets = np.asarray(cache.offsets)

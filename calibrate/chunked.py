@@ -333,7 +333,7 @@ class ChunkedCache:
         from calibrate.cache import _subset_iv
         from calibrate.exits import _lambdas_iv, default_lambdas
         from calibrate.fit import _measure_iv
-        from calibrate.losses import LossTable, _consistency_iv, _text_iv
+        from calibrate.losses import _TOKEN_LEVEL, LossTable, _consistency_iv, _text_iv
 
         _measure_iv(measure, self._array_specs())
         if (measure in LEARNED_MEASURES) != (measure_state is not None):
@@ -353,7 +353,7 @@ class ChunkedCache:
             except (TypeError, ValueError) as exc:
                 raise type(exc)(f"sequences: {exc}") from exc
         _consistency_iv(consistency, self._table.iloc[idx])  # here, not once per task on the workers
-        if consistency not in ("token", "sequence"):  # here: the workers' parts carry no output texts
+        if consistency not in _TOKEN_LEVEL:  # here: the workers' parts carry no output texts
             _text_iv(self._vocab(), self._table.iloc[idx], consistency, decode)
         # One copy per worker of everything but the table; each task gets its own rows of the columns it reads.
         cache = dask.delayed(dataclasses.replace(self, _table=self._table.iloc[:0]), pure=True, traverse=False)

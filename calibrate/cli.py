@@ -108,14 +108,14 @@ def _cmd_fit(args) -> int:
 
 def _tokenizer_decode(directory: str, consistency: str | None):
     """``--tokenizer DIR``: the textual losses decode token ids with that tokenizer, special tokens skipped."""
-    if consistency in ("token", "sequence"):
+    from calibrate.losses import _TOKEN_LEVEL, tokenizer_decode
+
+    if consistency in _TOKEN_LEVEL:
         raise ValueError(f"--tokenizer decodes text for the textual consistencies; {consistency!r} compares token ids")
     from calibrate._extras import require
 
     require("--tokenizer", "hf", ("transformers",))
     from transformers import AutoTokenizer
-
-    from calibrate.losses import tokenizer_decode
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)

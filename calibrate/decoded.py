@@ -36,7 +36,7 @@ from calibrate.extraction import _context_iv, _pad
 from calibrate.fit import _bound_iv, _decay_iv, _too_few_reason, certify
 from calibrate.fwer import FixedSequence
 from calibrate.heads import ExitHeads, decoder_layers
-from calibrate.losses import CONSISTENCIES, LossTable, tokenizer_decode
+from calibrate.losses import _TOKEN_LEVEL, CONSISTENCIES, LossTable, tokenizer_decode
 from calibrate.models import eval_mode
 from calibrate.runtime.decode import _runtime_measure_iv
 
@@ -100,7 +100,7 @@ class _Decoder:
         self.batches, self.max_new_tokens = batches, max_new_tokens
         self.n = sum(int(input_ids.shape[0]) for input_ids, _ in batches)
         self.consistency, self.references, self.decode = consistency, references, decode
-        textual = consistency not in ("token", "sequence")
+        textual = consistency not in _TOKEN_LEVEL
         self.scorer = PairScorer(consistency.removeprefix("risk_")) if textual else None  # caches across lambdas
         #: The grid value that runs the unmodified model (speed-up 1, the full tree), decoded once as the full
         #: model's outputs; None when no grid value does (early exit).

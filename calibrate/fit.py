@@ -20,7 +20,7 @@ from calibrate._validation import open_interval, seed_iv
 from calibrate.certificate import KNOBS, Certificate
 from calibrate.crc import conformal_risk_control, non_monotone_reason
 from calibrate.exits import Decay, _lambdas_iv, default_lambdas
-from calibrate.losses import LossTable, _consistency_iv, _text_iv, proxy_losses, user_losses
+from calibrate.losses import _TOKEN_LEVEL, LossTable, _consistency_iv, _text_iv, proxy_losses, user_losses
 
 __all__ = ["METHODS", "TRAIN_FRACTION", "certify", "fit"]
 
@@ -376,7 +376,7 @@ def _chunked_table(
     _measure_iv(measure, cache._array_specs())
     seed_iv(seed)
     _client_iv(client)  # before a learned measure's training
-    if measure in LEARNED_MEASURES and consistency not in ("token", "sequence"):  # else loss_table checks first
+    if measure in LEARNED_MEASURES and consistency not in _TOKEN_LEVEL:  # else loss_table checks first
         _text_iv(cache._vocab(), cache._table, consistency, decode)
     train, rows = _calibration_split(cache, measure, train_fraction, seed, train_cache)
     run = dict(client=client, decode=decode, progress=progress)

@@ -35,6 +35,8 @@ CONSISTENCIES = (
     "risk_bleu",
     "risk_token_f1",
 )
+#: The consistencies that compare token ids (no text to decode).
+_TOKEN_LEVEL = ("token", "sequence")
 _SEQUENCES_PER_BATCH = 256
 
 
@@ -268,7 +270,7 @@ def proxy_losses(
         raise ValueError(f"conf must have shape (n_tokens, n_layers) = {(n_tokens, n_layers)}, got {conf.shape}")
     top1 = np.asarray(cache.arrays["topk_ids"])[:, :, 0]
     full = np.asarray(cache.arrays["full_tokens"])
-    if consistency in ("token", "sequence"):
+    if consistency in _TOKEN_LEVEL:
         counts, avg = disagreement_counts(conf, lam, top1, full, cache.offsets, decay=decay)
         lengths = np.asarray(cache.lengths)
         if consistency == "token":
@@ -353,7 +355,7 @@ def _text_iv(vocab: Sequence[str] | None, sequences, consistency: str, decode) -
     ``sequences`` is a cache's table (columns ``id``, ``output_ids``, ``output``); the message names the first
     sequence that differs and shows both texts around the first character where they part.
     """
-    if consistency in ("token", "sequence") or consistency not in CONSISTENCIES:  # a bad name: reported elsewhere
+    if consistency in _TOKEN_LEVEL or consistency not in CONSISTENCIES:  # a bad name: reported elsewhere
         return
     if decode is not None and not callable(decode):
         raise TypeError(f"decode must be a callable from token ids to text, got {type(decode).__name__}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 
+import numba
 import numpy as np
 from timing import positive_int, side_by_side
 
@@ -60,7 +61,8 @@ def main(argv: list[str] | None = None) -> None:
     lambdas = default_lambdas()
     print(
         f"cache: {cache.n_sequences} sequences x {args.tokens} tokens x {cache.n_layers} layers "
-        f"({conf.nbytes / 2**20:.0f} MiB of float32 confidences), {lambdas.size} thresholds"
+        f"({conf.nbytes / 2**20:.0f} MiB of float32 confidences), {lambdas.size} thresholds; "
+        f"fit's exit sweep runs on {numba.get_num_threads()} threads, np.max on one"
     )
 
     def fit():

@@ -145,6 +145,13 @@ def _count_ceil(total: np.ndarray, terms: int) -> np.ndarray:
 _COMPENSATED = 2
 
 
+def _mean_terms(n: int) -> int:
+    """``terms`` of :func:`_sum_error` for ``n`` times a mean that NumPy computed (pairwise summation, 8
+    accumulators over blocks of 128: fewer than ``16 + log2(n)`` roundings on any term's path). Not ``n``:
+    ``(n + 2) eps`` of a count of 1e8 is more than 2, so that slack would drop whole failures."""
+    return 16 + int(n).bit_length()
+
+
 @numba.njit(cache=True, nogil=True)
 def _column_sums(losses):  # pragma: no cover (compiled)
     """Column sums of a 2-D float64 array, compensated (Neumaier): within 2 eps of the exact sum of the floats
@@ -182,8 +189,9 @@ def _hoeffding_kl_core(mean: np.ndarray, n: int, a: float) -> np.ndarray:
 
 
 def _bentkus_core(total: np.ndarray, n: int, a: float, terms: int | None = None) -> np.ndarray:
-    """``e * BinomCDF(ceil(total))``; ``total`` is within :func:`_sum_error` of ``terms`` (default ``n``)."""
-    return np.e * stats.binom.cdf(_count_ceil(total, n if terms is None else terms), n, a)
+    """``e * BinomCDF(ceil(total))``; ``total`` is within :func:`_sum_error` of ``terms`` (default: of a mean of
+    ``n``, :func:`_mean_terms`)."""
+    return np.e * stats.binom.cdf(_count_ceil(total, _mean_terms(n) if terms is None else terms), n, a)
 
 
 def hoeffding(mean_loss, n: int, tolerance: float):
@@ -301,10 +309,11 @@ def bentkus(mean_loss, n: int, tolerance: float):
     Bentkus (2004) shows ``P(S_n <= s) <= e P(Binomial(n, mu) <= ceil(s))`` for a sum ``S_n`` of ``n``
     independent ``[0, 1]`` variables with mean ``mu``. The count is the ceiling of the *sum* of the
     losses ``n * mean_loss``; to keep float error from adding one (``100 * 0.07`` is
-    ``7.000000000000001``), the ceiling is taken of ``count - (n + 2) * eps * max(1, count)`` (``eps`` =
-    2**-52, a bound on the rounding error of a mean of ``n`` terms). This lowers the count only when the
-    sum exceeds an integer by less than that float error. :func:`p_values` takes the sum of the losses
-    directly, compensated, so its slack is ``4 * eps * max(1, sum)`` whatever ``n``.
+    ``7.000000000000001``), the ceiling is taken of ``count - (18 + log2(n)) * eps * max(1, count)`` (``eps`` =
+    2**-52; a bound on the rounding error of a mean computed as :func:`numpy.mean` does). This lowers the
+    count only when the sum exceeds an integer by less than that float error; a mean summed less accurately
+    may count one failure more (a larger p-value). :func:`p_values` takes the sum of the losses directly,
+    compensated, so its slack is ``4 * eps * max(1, sum)`` whatever ``n``.
 
     References
     ----------

@@ -103,7 +103,7 @@ def test_bentkus_takes_ceiling_of_fractional_sums():
 
 def test_bentkus_never_rounds_a_small_fractional_sum_down():
     """A sum just above an integer (5e-10 over 100 losses, 10000 + 5e-5 over 20000) is a fraction: its ceiling
-    counts one more failure; only float error (n ulps) is forgiven."""
+    counts one more failure; only the float error of a NumPy mean (18 + log2(n) ulps) is forgiven."""
     losses = np.zeros(100)
     losses[0] = 5e-10
     assert bounds.bentkus(losses.mean(), 100, 0.1) == pytest.approx(_reference_bentkus(1, 100, 0.1), rel=1e-12)
@@ -111,6 +111,22 @@ def test_bentkus_never_rounds_a_small_fractional_sum_down():
         _reference_bentkus(10_001, 20_000, 0.6), rel=1e-12
     )
     assert bounds.bentkus(np.full(100, 0.07).mean(), 100, 0.1) == pytest.approx(_reference_bentkus(7, 100, 0.1), rel=1e-12)
+
+
+@pytest.mark.parametrize("fn", [bounds.bentkus, bounds.hoeffding_bentkus])
+def test_the_float_slack_never_drops_a_whole_failure_at_large_n(fn):
+    """n = 1e8: a slack of (n + 2) eps of the count is 2 failures; it turned 1e8 losses of 1 into a p-value of 0.013."""
+    n, a = 10**8, 1 - 1e-9
+    assert fn(1.0, n, a) == 1.0
+    want = min(1.0, math.e * stats.binom.cdf(n - 1, n, a))  # 1e8 - 1 failures
+    if fn is bounds.hoeffding_bentkus:
+        want = min(want, bounds.hoeffding_kl(1 - 1e-8, n, a))
+    assert fn(1 - 1e-8, n, a) == pytest.approx(want, rel=1e-9)
+    assert bounds.bentkus(0.5, n, 0.50005) == pytest.approx(math.e * stats.binom.cdf(n // 2, n, 0.50005), rel=1e-12)
+    # an exact integer sum of losses of 1 and 0 gives an exact count whatever n; a fraction above it counts one more
+    assert bounds.bentkus(90_000_000.99 / n, n, 0.90005) == pytest.approx(
+        math.e * stats.binom.cdf(90_000_001, n, 0.90005), rel=1e-12
+    )
 
 
 def test_p_values_count_the_exact_sum_of_the_losses():

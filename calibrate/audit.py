@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from calibrate._atomic import atomic_file
+from calibrate._format import level
 from calibrate._validation import open_interval, seed_iv
 from calibrate.certificate import Certificate
 from calibrate.exits import Decay
@@ -217,20 +218,20 @@ class AuditReport:
                 at = f"evaluation depth {cert.lambda_hat:g}"
             return (
                 f"Audit on {_plural(self.n, 'held-out example')} at {at}:\n"
-                f"  held-out risk {self.risk:.4f} ({verdict} delta = {cert.delta:g})"
+                f"  held-out risk {self.risk:.4f} ({verdict} delta = {level(cert.delta)})"
             )
         lam = "the full model" if cert.lambda_hat is None else f"lambda_hat = {cert.lambda_hat:.6g}"
         how = "decoded by the runtime" if self.mode == "decoded" else "teacher-forced proxy losses"
         return (
             f"Audit on {_plural(self.n, 'held-out sequence')} ({how}) at {lam}:\n"
-            f"  held-out risk {self.risk:.4f} ({verdict} delta = {cert.delta:g})\n"
+            f"  held-out risk {self.risk:.4f} ({verdict} delta = {level(cert.delta)})\n"
             f"  average layers {self.layers:.2f} of {cert.n_layers} (saves {100 * self.layer_savings:.1f}%)"
         )
 
     def __repr__(self) -> str:
         layers = "" if self.certificate.n_layers is None else f", layers={self.layers:.2f}/{self.certificate.n_layers}"
         return (
-            f"AuditReport(n={self.n}, risk={self.risk:.4f}, delta={self.certificate.delta:g}, "
+            f"AuditReport(n={self.n}, risk={self.risk:.4f}, delta={level(self.certificate.delta)}, "
             f"within_tolerance={self.within_tolerance}{layers})"
         )
 

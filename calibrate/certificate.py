@@ -15,6 +15,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from calibrate._atomic import atomic_file
+from calibrate._format import level
 from calibrate._validation import int_at_least, open_interval
 from measures.learned import plain_state as _plain
 
@@ -350,10 +351,13 @@ class Certificate:
         if self.method == "crc" and "carries no guarantee" in self.reason:  # crc.non_monotone_reason
             core = "none: conformal risk control needs monotone losses and these are not (see the note)"
         elif self.method == "crc":
-            core = f"E[risk(lambda_hat)] <= {self.delta:g} (conformal risk control: in expectation only, monotone losses)"
+            core = (
+                f"E[risk(lambda_hat)] <= {level(self.delta)} "
+                "(conformal risk control: in expectation only, monotone losses)"
+            )
         else:
             core = (
-                f"P(risk(lambda_hat) <= {self.delta:g}) >= {1 - self.epsilon:g} over calibration draws "
+                f"P(risk(lambda_hat) <= {level(self.delta)}) >= {level(1 - self.epsilon)} over calibration draws "
                 f"({self.method}, {self.bound} p-values)"
             )
         return f"{core}; assumes test data exchangeable with the {self.n} calibration examples; {MODES[self.mode]}"
@@ -386,9 +390,15 @@ class Certificate:
         if self.measure:
             head += f": measure={self.measure}, consistency={self.consistency}"
         if self.method == "crc":
-            lines = [head, f"  delta (tolerance) = {self.delta:g} on the expected risk (conformal risk control: no epsilon)"]
+            lines = [
+                head,
+                f"  delta (tolerance) = {level(self.delta)} on the expected risk (conformal risk control: no epsilon)",
+            ]
         else:
-            lines = [head, f"  delta (tolerance) = {self.delta:g}, epsilon (failure probability) = {self.epsilon:g}"]
+            lines = [
+                head,
+                f"  delta (tolerance) = {level(self.delta)}, epsilon (failure probability) = {level(self.epsilon)}",
+            ]
         if self.lambda_hat is None:
             full = {"token_keep": "keep every token", "fff_depth": "evaluate the whole tree"}.get(self.knob, "run every layer")
             lines.append(f"  certified: full model only ({full})")
@@ -400,7 +410,7 @@ class Certificate:
             )
             lines.append(
                 f"  certified lambda_hat = {self.lambda_hat:.6g} (risk {self.risk_hat:.4f}"
-                + ("" if np.isnan(self.p_value) else f", p = {self.p_value:.3g}")
+                + ("" if np.isnan(self.p_value) else f", p = {level(self.p_value, '.3g')}")
                 + f"), {chosen}"
             )
         if self.decay is not None:
@@ -443,7 +453,7 @@ class Certificate:
         lam = "None (full model)" if self.lambda_hat is None else f"{self.lambda_hat:.6g}"
         extra = "" if self.expected_layers is None else f", expected_layers={self.expected_layers:.2f}/{self.n_layers}"
         return (
-            f"Certificate(lambda_hat={lam}, delta={self.delta:g}, epsilon={self.epsilon:g}, n={self.n}, "
+            f"Certificate(lambda_hat={lam}, delta={level(self.delta)}, epsilon={level(self.epsilon)}, n={self.n}, "
             f"measure={self.measure!r}, mode={self.mode!r}, bound={self.bound!r}, method={self.method!r}{extra})"
         )
 

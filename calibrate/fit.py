@@ -16,6 +16,7 @@ import numpy as np
 
 from calibrate import bounds as _bounds
 from calibrate import fwer as _fwer
+from calibrate._format import level
 from calibrate._validation import open_interval, seed_iv
 from calibrate.certificate import KNOBS, Certificate
 from calibrate.crc import conformal_risk_control, non_monotone_reason
@@ -211,14 +212,14 @@ def _reason(table: LossTable, delta, epsilon, bound, method, p_values, index) ->
     if method == "crc":
         floor = 1.0 / (table.n + 1)
         if floor > delta:
-            return f"too few examples: with n={table.n}, CRC needs 1/(n+1) <= delta={delta:g}"
-        return f"the safest value has adjusted risk above delta={delta:g}"
+            return f"too few examples: with n={table.n}, CRC needs 1/(n+1) <= delta={level(delta)}"
+        return f"the safest value has adjusted risk above delta={level(delta)}"
     too_few = _too_few_reason(table.n, delta, epsilon, bound, method, table.lambdas.size)
     if too_few is not None:
         return too_few
     return (
         f"no threshold rejected by {_method_name(method)} at epsilon={epsilon:g}; the safest value lambda={table.lambdas[0]:.6g} "
-        f"has empirical risk {table.risks[0]:.4f} and p={p_values[0]:.3g}"
+        f"has empirical risk {table.risks[0]:.4f} and p={level(p_values[0], '.3g')}"
     )
 
 
@@ -235,11 +236,11 @@ def _too_few_reason(
         return None
     if best > epsilon:
         return (
-            f"too few examples: with n={n} even zero observed loss gives p={best:.3g} > "
+            f"too few examples: with n={n} even zero observed loss gives p={level(best, '.3g')} > "
             f"epsilon={epsilon:g} under the {bound} bound"
         )
     return (
-        f"too few examples: with n={n} even zero observed loss gives p={best:.3g} under the {bound} bound, "
+        f"too few examples: with n={n} even zero observed loss gives p={level(best, '.3g')} under the {bound} bound, "
         f"which {_method_name(method)} rejects at none of {k} thresholds at epsilon={epsilon:g}"
     )
 

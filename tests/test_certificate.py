@@ -103,6 +103,20 @@ def test_frame_summary_and_repr():
     assert "None (full model)" in repr(full)
 
 
+def test_levels_near_0_and_1_are_not_printed_as_0_or_1():
+    """``:g`` printed 1 - 1e-12 as 1 (a claim of certainty) and delta = 1 - 1e-9 as 1."""
+    cert = calibrate.certify(np.zeros((5000, 2)), [0.9, 0.5], delta=0.1, epsilon=1e-12)
+    assert ">= 0.999999999999 over calibration draws" in cert.guarantee
+    wide = calibrate.certify(np.zeros((40, 1)), [0.5], delta=1 - 1e-9, epsilon=1 - 1e-9)
+    assert "P(risk(lambda_hat) <= 0.999999999) >= 1e-09" in wide.guarantee
+    assert "delta (tolerance) = 0.999999999, epsilon (failure probability) = 0.999999999" in wide.summary()
+    assert "delta=0.999999999, epsilon=0.999999999," in repr(wide)
+    # a p-value just below 1 is not shown as 1; 0.1 and 0.05 print as before
+    few = calibrate.certify(np.zeros((10**5, 1)), [0.5], delta=1e-9, epsilon=0.05)
+    assert few.lambda_hat is None and "p=0.9999" in few.reason and "epsilon=0.05 " in few.reason
+    assert "P(risk(lambda_hat) <= 0.1) >= 0.95 over" in calibrate.certify(np.zeros((500, 1)), [0.5], 0.1, 0.05).guarantee
+
+
 @pytest.mark.parametrize(
     "overrides, match",
     [

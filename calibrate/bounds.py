@@ -62,8 +62,11 @@ def _n_iv(n) -> int:
     if isinstance(n, bool) or not isinstance(n, numbers.Integral):
         raise TypeError(f"n must be an integer >= 1 (the number of calibration examples), got {type(n).__name__}")
     n = int(n)
-    if n < 1:
-        raise ValueError(f"n must be an integer >= 1 (the number of calibration examples), got {n}")
+    if not 1 <= n <= 2**53:
+        raise ValueError(
+            f"n must be an integer in [1, 2**53] (the number of calibration examples; float64 counts are exact up "
+            f"to 2**53), got {n}"
+        )
     return n
 
 

@@ -464,9 +464,12 @@ def test_mean_bounds_validate(name):
         fn(np.nan, 10, 0.1)
     with pytest.raises(ValueError, match="mean_loss must lie in"):
         fn(1.5, 10, 0.1)
-    with pytest.raises(ValueError, match="n must be an integer >= 1"):
+    with pytest.raises(ValueError, match=r"n must be an integer in \[1, 2\*\*53\]"):
         fn(0.0, 0, 0.1)
-    with pytest.raises(TypeError, match="n must be an integer"):
+    with pytest.raises(ValueError, match="float64 counts are exact up to 2"):  # was NaN (binomial) or a TypeError
+        fn(0.0, 10**20, 0.1)
+    assert 0.0 <= fn(0.0, 2**53, 0.1) <= 1.0
+    with pytest.raises(TypeError, match="n must be an integer >= 1"):
         fn(0.0, 10.0, 0.1)
     with pytest.raises(TypeError, match="n must be an integer"):
         fn(0.0, True, 0.1)

@@ -44,6 +44,7 @@ import pandas as pd
 from calibrate._atomic import temporary_dir
 from calibrate._storage import Remote, location
 from calibrate._validation import int_at_least, seed_iv
+from measures._arrays import as_numpy
 
 __all__ = ["FORMAT_VERSION", "LayerCache", "concat_caches", "open_cache"]
 
@@ -1012,7 +1013,7 @@ def _text_iv(name: str, values, n: int, *, default: str | None, allow_missing: b
 
 
 def _int_array(name: str, x, ndim: int, shape_doc: str) -> np.ndarray:
-    a = np.asarray(x)
+    a = as_numpy(x)
     if a.ndim != ndim:
         raise ValueError(f"{name} must have shape {shape_doc}, got shape {a.shape}")
     if a.dtype.kind not in "iu":
@@ -1023,7 +1024,7 @@ def _int_array(name: str, x, ndim: int, shape_doc: str) -> np.ndarray:
 
 
 def _float_array(name: str, x, ndim: int, shape_doc: str, dtype: np.dtype, copy: bool) -> np.ndarray:
-    a = np.asarray(x)
+    a = as_numpy(x)
     if a.ndim != ndim:
         raise ValueError(f"{name} must have shape {shape_doc}, got shape {a.shape}")
     if a.dtype.kind not in "fiu":
@@ -1239,7 +1240,8 @@ def _check_structure(arrays, offsets, vocab_size, vocab) -> None:
             raise ValueError(f"array names must be lowercase identifiers other than {list(_RESERVED)}, got {name!r}")
         expected = _field_dtype(name)
         if a.dtype != expected:
-            raise ValueError(f"array {name!r} must have dtype {expected.name}, got {a.dtype.name}")
+            got = a.dtype.name + ("" if a.dtype.isnative else " in non-native byte order")
+            raise ValueError(f"array {name!r} must have dtype {expected.name}, got {got}")
         if name in ("topk_ids", "topk_logprobs"):
             shape_ok = a.shape == top.shape
             doc = str(top.shape)

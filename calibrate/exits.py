@@ -23,6 +23,7 @@ from numba.cpython.unsafe.numbers import trailing_zeros
 
 from calibrate._threads import keep_torch_threads
 from calibrate._validation import int_at_least
+from measures._arrays import as_numpy, working_float
 
 __all__ = [
     "Decay",
@@ -181,13 +182,12 @@ def _lambdas_iv(lambdas, name: str = "lambdas") -> np.ndarray:
 
 
 def _conf_iv(conf, decay) -> np.ndarray:
-    conf = np.asarray(conf)
+    conf = as_numpy(conf)
     if conf.dtype.kind not in "biuf":  # strings, objects (None), complex: no silent conversion
         raise TypeError(f"conf must be a real numeric array, got dtype {conf.dtype}")
     if conf.ndim != 2 or conf.shape[1] < 1:
         raise ValueError(f"conf must have shape (n_tokens, n_layers), got {conf.shape}")
-    if conf.dtype not in (np.float32, np.float64):  # the compiled sweep knows these two (float16 fits float32 exactly)
-        conf = conf.astype(np.float64 if conf.dtype.kind == "f" and conf.dtype.itemsize > 8 else np.float32)
+    conf = conf.astype(working_float(conf.dtype), copy=False)  # the compiled sweep knows float32 and float64
     if decay is not None and not isinstance(decay, Decay):
         raise TypeError(f"decay must be a calibrate.Decay or None, got {type(decay).__name__}")
     return conf
@@ -317,7 +317,7 @@ def early_tokens(top1: np.ndarray, layers: np.ndarray, full_tokens: np.ndarray |
 
 def _token_ids_iv(top1, full_tokens) -> tuple[np.ndarray, np.ndarray]:
     """Both token arrays in the integer dtype that holds both (a copy only when they differ)."""
-    top1, full_tokens = np.asarray(top1), np.asarray(full_tokens)
+    top1, full_tokens = as_numpy(top1), as_numpy(full_tokens)
     dtype = np.result_type(top1.dtype, full_tokens.dtype)
     if dtype.kind not in "iu":  # e.g. int64 with uint64 (numpy goes to float64, where ids above 2**53 collide)
         raise ValueError(

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from measures._arrays import as_numpy, working_float
+
 __all__ = [
     "MEASURES",
     "softmax_gap",
@@ -39,20 +41,6 @@ _SOFTMAX_MEASURES = ("softmax_gap", "softmax_max", "entropy")
 _NOT_SCORES = ("full_tokens", "topk_ids", "topk_logprobs", "hidden")
 
 
-def _array(values: Any) -> np.ndarray:
-    """``values`` as a numpy array; a torch tensor detached and on the CPU first, bfloat16 as float32 (exact).
-
-    torch is never imported here: a tensor straight from a model (on a GPU, requiring grad, bfloat16) is
-    recognised by its type's module.
-    """
-    if type(values).__module__.split(".")[0] == "torch" and hasattr(values, "detach"):
-        values = values.detach().cpu()
-        if str(values.dtype) == "torch.bfloat16":  # numpy has no bfloat16
-            values = values.float()
-        return values.numpy()
-    return np.asarray(values)
-
-
 def _stored_score(names, measure: Any) -> bool:
     """Whether ``measure`` names a score among a cache's array ``names`` (a measure of the user's own)."""
     return isinstance(measure, str) and measure not in _NOT_SCORES and measure in names
@@ -72,7 +60,7 @@ _BLOCK_ELEMENTS = 1 << 22
 
 def _logits_iv(logits: Any, axis: Any, name: str = "logits") -> np.ndarray:
     """Validate logits, move ``axis`` last and return them as a float array (float32 or float64)."""
-    arr = _array(logits)
+    arr = as_numpy(logits)
     if arr.dtype == bool or not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
         raise TypeError(f"{name} must be a real numeric array, got dtype {arr.dtype}")
     if arr.ndim == 0:
@@ -86,8 +74,7 @@ def _logits_iv(logits: Any, axis: Any, name: str = "logits") -> np.ndarray:
         raise ValueError(
             f"{name} must have at least 2 entries (vocabulary size) along axis {axis}, got {arr.shape[-1]}"
         )
-    dtype = np.float64 if arr.dtype == np.float64 or np.issubdtype(arr.dtype, np.integer) else np.float32
-    arr = arr.astype(dtype, copy=False)
+    arr = arr.astype(working_float(arr.dtype), copy=False)
     if np.isnan(arr).any() or np.isposinf(arr).any():
         raise ValueError(f"{name} must not contain NaN or +inf (-inf marks a masked token)")
     if arr.size and not np.isfinite(arr.max(axis=-1)).all():
@@ -263,7 +250,7 @@ def entropy(logits: Any, *, axis: int = -1) -> np.ndarray:
 
 def _topk_logprobs_iv(topk_logprobs: Any, name: str = "topk_logprobs") -> np.ndarray:
     """Validate sorted top-k log-probabilities and return them as float64, clipped to ``<= 0``."""
-    arr = _array(topk_logprobs)
+    arr = as_numpy(topk_logprobs)
     if arr.dtype == bool or not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
         raise TypeError(f"{name} must be a real numeric array, got dtype {arr.dtype}")
     if arr.ndim == 0 or arr.shape[-1] < 1:
@@ -381,7 +368,7 @@ def from_topk(topk_logprobs: Any, vocab_size: int) -> dict[str, np.ndarray]:
 
 
 def _state_saturation_iv(hidden: Any) -> np.ndarray:
-    arr = _array(hidden)
+    arr = as_numpy(hidden)
     if arr.dtype == bool or not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
         raise TypeError(f"hidden must be a real numeric array, got dtype {arr.dtype}")
     if arr.ndim < 2:

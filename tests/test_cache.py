@@ -55,6 +55,21 @@ def cache():
 # --------------------------------------------------------------------------------------------------
 
 
+def test_big_endian_arrays_and_bfloat16_tensors_make_the_same_cache(cache):
+    """Arrays read in another byte order give the same cache; bfloat16 tensors failed inside numpy."""
+    raw = _arrays()
+    swapped = {k: (np.asarray(v).astype(np.asarray(v).dtype.newbyteorder(">")) if k in ("full_tokens", "topk_ids",
+               "topk_logprobs", "hidden") else v) for k, v in raw.items()}  # fmt: skip
+    swapped["scores"] = {k: v.astype(">f8") for k, v in raw["scores"].items()}
+    assert LayerCache.from_arrays(**swapped).checksum == cache.checksum
+    torch = pytest.importorskip("torch")
+    hidden = torch.tensor(raw["hidden"], dtype=torch.bfloat16, requires_grad=True)
+    scores = {k: torch.tensor(v, dtype=torch.bfloat16) for k, v in raw["scores"].items()}
+    tensors = LayerCache.from_arrays(**{**raw, "hidden": hidden, "scores": scores})
+    np.testing.assert_array_equal(tensors.arrays["hidden"], hidden.detach().float().numpy().astype(np.float16))
+    np.testing.assert_array_equal(tensors.arrays["softmax_gap"], scores["softmax_gap"].float().numpy())
+
+
 def test_from_arrays_shapes_properties_and_canonical_dtypes(cache):
     raw = _arrays()
     assert (cache.n_sequences, cache.n_tokens, cache.n_layers, cache.top_k, cache.vocab_size) == (4, 16, 3, 3, V)

@@ -449,6 +449,18 @@ def test_confidence_blocks(monkeypatch, measure):
     np.testing.assert_array_equal(confidence(cache, measure), full)
 
 
+@pytest.mark.parametrize("func, reference", FUNCS, ids=["gap", "max", "entropy"])
+def test_big_endian_and_long_double_logits_are_computed_in_float64(func, reference):
+    """``>f8`` and long double logits were cast to float32 (a gap of 1 - 3e-11 became 1.0)."""
+    logits = np.array([[0.0, -25.0, -30.0], [1.0, 0.5, -2.0]])
+    want = func(logits)
+    assert 0 < 1 - want[0] < 1e-9 or 0 < want[0] < 1e-9  # not representable next to 1 (or 0) in float32
+    for dtype in (">f8", np.longdouble):
+        got = func(logits.astype(dtype))
+        assert got.dtype == np.float64
+        np.testing.assert_array_equal(got, want)
+
+
 def test_torch_tensors_straight_from_a_model_are_accepted():
     """A tensor that requires grad, or is bfloat16 (numpy has neither), scores as its float32 values."""
     torch = pytest.importorskip("torch")

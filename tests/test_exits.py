@@ -164,6 +164,24 @@ def test_every_real_dtype_gives_the_float32_result():
         np.testing.assert_array_equal(average_layers(conf.astype(dtype), lam), expected[1])
 
 
+def test_big_endian_integer_and_tensor_confidences_are_compared_at_full_precision():
+    """``>f8`` was computed in float32 (0.7 fell below the threshold 0.7), ints above 2**24 were rounded, and a
+    torch bfloat16 tensor failed inside numpy."""
+    conf = np.array([[0.7, 0.2, 0.0], [0.3, 0.7, 0.0]])
+    lam, top1, full = [0.9, 0.7, 0.5], np.array([[1, 2, 3], [4, 5, 3]]), np.array([3, 3])
+    big = conf.astype(">f8")
+    np.testing.assert_array_equal(exit_layers(big, lam), [[3, 1, 1], [3, 2, 2]])
+    np.testing.assert_array_equal(average_layers(big, lam), average_layers(conf, lam))
+    got, want = (disagreement_counts(c, lam, top1, full, [0, 1, 2]) for c in (big, conf))
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
+    ints = np.array([[2**24 + 1, 0], [2**24, 0]], dtype=np.int64)
+    np.testing.assert_array_equal(exit_layers(ints, [2**24 + 1.0]), [[1], [2]])
+    torch = pytest.importorskip("torch")
+    tensor = torch.tensor([[0.5, 0.0], [0.75, 0.0]], dtype=torch.bfloat16, requires_grad=True)
+    np.testing.assert_array_equal(exit_layers(tensor, [0.75, 0.5]), [[2, 1], [1, 1]])
+
+
 def test_no_tokens_have_no_average_layer():
     conf = np.zeros((0, 4))
     assert np.isnan(average_layers(conf, [0.9, 0.5])).all()  # was [1, 1]: a mean over nothing

@@ -173,8 +173,8 @@ def _lambdas_iv(lambdas, name: str = "lambdas") -> np.ndarray:
         raise ValueError(f"{name} must be a non-empty 1-D array, got shape {lam.shape}")
     if not np.all(np.isfinite(lam)):
         raise ValueError(f"{name} must be finite (the full model is an explicit hypothesis, not lambda=inf)")
-    if lam.size > 1 and not np.all(np.diff(lam) < 0):
-        i = int(np.argmax(np.diff(lam) >= 0))
+    if lam.size > 1 and not np.all(lam[1:] < lam[:-1]):  # not np.diff: it overflows for [1e308, -1e308]
+        i = int(np.argmax(lam[1:] >= lam[:-1]))
         raise ValueError(
             f"{name} must be strictly decreasing (safest first), got {name}[{i}]={lam[i]:g} <= {name}[{i + 1}]={lam[i + 1]:g}"
         )
@@ -196,8 +196,8 @@ def _conf_iv(conf, decay) -> np.ndarray:
 def _exit_layers_iv(conf, lambdas, positions, decay):
     lam = _lambdas_iv(lambdas)
     conf = _conf_iv(conf, decay)
-    if not np.all(np.isfinite(conf)):
-        raise ValueError("conf contains NaN or inf")
+    if not np.all(np.isfinite(conf[:, :-1])):  # the last layer's value is never read (as in the sweep)
+        raise ValueError("conf contains NaN or inf in a layer before the last (whose value is never read)")
     if decay is None:  # positions matter only for the decaying threshold
         return lam, conf, None
     if positions is None:
@@ -308,6 +308,16 @@ def early_tokens(top1: np.ndarray, layers: np.ndarray, full_tokens: np.ndarray |
     array([[7, 7, 7],
            [8, 8, 1]])
     """
+    top1, layers = as_numpy(top1), as_numpy(layers)
+    if layers.dtype.kind not in "iu" or layers.ndim != 2 or top1.ndim != 2 or layers.shape[0] != top1.shape[0]:
+        raise ValueError(
+            f"top1 (n_tokens, n_layers) and layers (n_tokens, n_lambdas) must be 2-D with as many rows, and layers "
+            f"ints; got shapes {top1.shape} and {layers.shape}, layers of dtype {layers.dtype}"
+        )
+    if layers.size and (layers.min() < 1 or layers.max() > top1.shape[1]):
+        raise ValueError(
+            f"layers must be 1-based exit layers in [1, {top1.shape[1]}], got a range [{layers.min()}, {layers.max()}]"
+        )
     early = np.take_along_axis(top1, layers.astype(np.intp) - 1, axis=1)
     if full_tokens is not None:
         top1, full_tokens = _token_ids_iv(top1, full_tokens)
@@ -441,11 +451,14 @@ def _run_sweep(conf, lam, offsets, decay, top1, full):
         grids = decay.thresholds(asc, positions)
         shift, slope = 0.1 * np.exp(-decay.tau * positions / decay.max_len), 0.9
     # Lookup table: cell c covers [lo + c / inv, lo + (c + 1) / inv) and stores #{asc <= its lower edge}.
-    span = asc[-1] - asc[0]
-    gap = np.min(np.diff(asc)) if k > 1 else 1.0
-    n_cells = int(min(_MAX_CELLS, np.ceil(span / gap) + 1)) if span > 0 else 1
-    inv = n_cells / span if span > 0 else 0.0
-    edges = asc[0] + np.arange(n_cells) / inv if span > 0 else asc[:1]
+    with np.errstate(over="ignore", invalid="ignore"):  # a grid wider than the float range, or subnormal gaps
+        span = asc[-1] - asc[0]
+        gap = np.min(np.diff(asc)) if k > 1 else 1.0
+        n_cells = int(min(_MAX_CELLS, np.ceil(span / gap) + 1)) if span > 0 else 1
+        inv = n_cells / span if span > 0 else 0.0
+    if not 0 < inv < np.inf:  # one cell: the sweep finds every place by walking the grid (exact, only slower)
+        n_cells, inv = 1, 0.0
+    edges = asc[0] + np.arange(n_cells) / inv if inv else asc[:1]
     lut = np.searchsorted(asc, edges, side="right").astype(np.uint8 if k < 256 else np.int32)  # small: stays in cache
     layer_hist = np.zeros((n_seq, k + 1), dtype=np.int64)
     wrong = np.zeros((n_seq, k + 1) if top1 is not None else (0, 0), dtype=np.int64)
@@ -455,7 +468,7 @@ def _run_sweep(conf, lam, offsets, decay, top1, full):
             offsets, top1, full, layer_hist, wrong,
         )
     if not ok:
-        raise ValueError("conf contains NaN or inf")
+        raise ValueError("conf contains NaN or inf in a layer before the last (whose value is never read)")
     # exit layer at ascending index j = 1 + #{i < L : b_i <= j}; averaged over tokens
     n = conf.shape[0]  # exact integer sum of exit layers, one division (as every other path computes it)
     avg = (n + np.cumsum(layer_hist.sum(axis=0)[:k])) / n if n else np.full(k, np.nan)  # no tokens: no mean

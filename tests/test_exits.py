@@ -151,6 +151,29 @@ def test_early_tokens_are_the_exit_layers_top1():
     np.testing.assert_array_equal(early_tokens(top1, layers, np.array([70, 80])), [[5, 70], [9, 9]])
 
 
+@pytest.mark.filterwarnings("error")
+@pytest.mark.parametrize("lam", [[1e308, -1e308], [1e308, 0.5, -1e308], [1e-310, 0.0], [2e-310, 1e-310, 0.0]])
+def test_grids_beyond_the_float_range_or_with_subnormal_gaps_are_exact_and_quiet(lam):
+    """Their lookup table overflowed (RuntimeWarnings; the sweep then walked the grid from a NaN cell)."""
+    conf = np.random.default_rng(0).choice(np.array([*lam, 0.3, 1e-310, 0.0, 5.0]), size=(60, 4))
+    top1, full = np.zeros((60, 4), np.int32), np.ones(60, np.int32)
+    np.testing.assert_array_equal(average_layers(conf, lam), exit_layers(conf, lam).mean(axis=0))
+    counts, _ = disagreement_counts(conf, lam, top1, full, [0, 60])
+    np.testing.assert_array_equal(counts[0], (exit_layers(conf, lam) < 4).sum(axis=0))
+
+
+def test_early_tokens_refuses_layers_outside_1_to_l():
+    top1 = np.array([[1, 2, 3]])
+    for bad in (0, 4, -1):  # layer 0 read the last layer's token (index -1)
+        with pytest.raises(ValueError, match=r"1-based exit layers in \[1, 3\]"):
+            early_tokens(top1, np.array([[bad]]))
+    with pytest.raises(ValueError, match="must be 2-D with as many rows"):
+        early_tokens(top1, np.array([[1], [2]]))
+    with pytest.raises(ValueError, match="layers ints"):
+        early_tokens(top1, np.array([[1.0]]))
+    np.testing.assert_array_equal(early_tokens(top1, np.array([[1, 3]])), [[1, 3]])
+
+
 def test_every_real_dtype_gives_the_float32_result():
     rng = np.random.default_rng(3)
     conf = rng.random((40, 6)).astype(np.float16)
@@ -254,6 +277,12 @@ def test_non_finite_confidence_is_refused(bad):
         average_layers(conf, [0.9, 0.4])
     with pytest.raises(ValueError, match="NaN or inf"):
         disagreement_counts(conf, [0.9, 0.4], np.zeros((2, 3), np.int32), np.zeros(2, np.int32), [0, 1, 2])
+    with pytest.raises(ValueError, match="NaN or inf"):
+        exit_layers(conf, [0.9, 0.4])
+    # the last layer's value is never read: every function takes it alike (exit_layers refused it, the sweep not)
+    last = np.array([[0.5, 0.95, bad], [0.2, 0.3, bad]])
+    np.testing.assert_array_equal(exit_layers(last, [0.9, 0.4]), [[2, 1], [3, 3]])
+    np.testing.assert_array_equal(average_layers(last, [0.9, 0.4]), [2.5, 2.0])
     with pytest.raises(ValueError, match="offsets"):
         average_layers(np.zeros((3, 2)), [0.5], offsets=[0, 2])
     with pytest.raises(TypeError, match=r"Decay.max_len must be an int >= 1, got 1.5 \(float\)"):

@@ -280,6 +280,14 @@ def _generation_budget(cache) -> int | None:
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"the cache's meta['generation']['max_new_tokens'] must be an int >= 1, got {value!r}")
+    lengths = np.diff(np.asarray(cache.offsets))
+    if lengths.size and lengths.max() > value:
+        longest = int(np.argmax(lengths))
+        raise ValueError(
+            f"the cache's meta['generation']['max_new_tokens'] = {value} is below the length of its sequence {longest} "
+            f"({lengths[longest]} tokens): the recorded generation settings do not describe this cache (the "
+            "certificate's token budget and decay's N come from them)"
+        )
     return int(value)
 
 

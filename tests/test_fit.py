@@ -419,6 +419,12 @@ def test_fit_bad_inputs(cache):
     garbled = no_refs.with_meta({"generation": {"max_new_tokens": "24"}})
     with pytest.raises(ValueError, match=r"meta\['generation'\]\['max_new_tokens'\] must be an int >= 1, got '24'"):
         calibrate.fit(garbled)
+    longest = int(np.argmax(no_refs.lengths))
+    short = no_refs.with_meta({"generation": {"max_new_tokens": int(no_refs.lengths.max()) - 1}})
+    with pytest.raises(ValueError, match=rf"is below the length of its sequence {longest} "):  # was certified as is
+        calibrate.fit(short, decay=4.0)
+    exact = no_refs.with_meta({"generation": {"max_new_tokens": int(no_refs.lengths.max())}})
+    assert calibrate.fit(exact).max_new_tokens == no_refs.lengths.max()
 
 
 def test_fit_names_what_it_takes_instead_of_failing_inside(cache, tmp_path):

@@ -15,6 +15,7 @@ control tests them. The full model is not a grid value: it is the explicit hypot
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numba
@@ -83,6 +84,11 @@ class Decay:
         lam = np.asarray(lambdas, dtype=np.float64)
         pos = np.asarray(positions, dtype=np.float64)[..., None]
         return np.clip(0.9 * lam + 0.1 * np.exp(-self.tau * pos / self.max_len), 0.0, 1.0)
+
+    def _settled(self) -> int:
+        """A position from which :meth:`thresholds` are the same at every later one: ``exp(-tau t / N)`` is 0.0 in
+        float64 (below ``exp(-745.2)``); 0 when ``tau = 0``. Tables by position stop there."""
+        return 0 if self.tau == 0 else math.ceil(746.0 * self.max_len / self.tau)
 
     def to_dict(self) -> dict:
         """``{"max_len": N, "tau": tau}``, as certificates record it."""
@@ -227,7 +233,7 @@ def _crossings(conf: np.ndarray, asc: np.ndarray, positions: np.ndarray | None, 
         return np.searchsorted(asc, running, side="right").astype(np.int32, copy=False)
     out = np.empty(running.shape, dtype=np.int32)
     # Threshold grids differ only by position: one searchsorted per distinct position, never per token.
-    uniq, inverse = np.unique(positions, return_inverse=True)
+    uniq, inverse = np.unique(np.minimum(positions, decay._settled()), return_inverse=True)
     order = np.argsort(inverse, kind="stable")
     bounds = np.searchsorted(inverse[order], np.arange(uniq.size + 1))
     grids = decay.thresholds(asc, uniq)  # (n_positions, K), non-decreasing rows
@@ -347,9 +353,10 @@ _WINDOW = 62
 
 @numba.njit(parallel=True, cache=True, nogil=True)
 def _sweep(conf, grids, shift, inv_slope, lut, lut_lo, lut_inv, offsets, top1, full, layer_hist, wrong):  # pragma: no cover
-    """Per-sequence histograms of ``b`` and of disagreement steps, visiting only the layers where one changes.
+    """Histograms of ``b`` (per thread) and of disagreement steps (per sequence), visiting only the layers where one
+    changes.
 
-    ``layer_hist[s, j]`` counts the (token, layer i < L) pairs of sequence ``s`` with ``b_i = j``, where
+    ``layer_hist[h, j]`` counts the (token, layer i < L) pairs that thread ``h`` visited with ``b_i = j``, where
     ``b_i`` is the number of the token's ascending thresholds at most the running maximum of its
     confidences; ``wrong[s, j]`` is the difference array of the number of disagreeing early tokens over
     ascending threshold index ``j`` (layer ``i`` adds ``w_{i+1} - w_i`` at ``b_i``). With ``top1`` None
@@ -373,11 +380,13 @@ def _sweep(conf, grids, shift, inv_slope, lut, lut_lo, lut_inv, offsets, top1, f
         after = np.empty(_WINDOW, dtype=np.intp)  # b after each of them,
         seen = np.empty(_WINDOW, dtype=np.intp)  # and per layer of the window, the records up to it
         lo = offsets[s]
+        thread = numba.get_thread_id()  # in [0, get_num_threads())
         total = 0.0  # sum of 0 * confidence: NaN iff one of them is NaN or infinite (never overflows)
         grid, sh = grids[0], shift[0]
         for t in range(lo, offsets[s + 1]):
-            if grids.shape[0] > 1:  # decay: thresholds by position
-                grid, sh = grids[t - lo], shift[t - lo]
+            if grids.shape[0] > 1:  # decay: thresholds by position (the last row serves every later one)
+                row = min(t - lo, grids.shape[0] - 1)
+                grid, sh = grids[row], shift[row]
             target = full[t] if top1 is not None else 0
             m = -np.inf
             b = 0  # thresholds <= m
@@ -405,7 +414,7 @@ def _sweep(conf, grids, shift, inv_slope, lut, lut_lo, lut_inv, offsets, top1, f
                         nb += 1
                     while nb > 0 and grid[nb - 1] > c:
                         nb -= 1
-                    layer_hist[s, b] += layer[r] - run
+                    layer_hist[thread, b] += layer[r] - run
                     b, run = nb, layer[r]
                     after[r] = nb
                 if top1 is not None:
@@ -419,7 +428,7 @@ def _sweep(conf, grids, shift, inv_slope, lut, lut_lo, lut_inv, offsets, top1, f
                         flips &= flips - one
                         at = after[seen[j] - 1] if seen[j] > 0 else before
                         wrong[s, at] += ((w >> (j + one)) & one) - ((w >> j) & one)
-            layer_hist[s, b] += n_early - run
+            layer_hist[thread, b] += n_early - run
         finite[s] = total == 0.0
     return finite.all()
 
@@ -447,7 +456,7 @@ def _run_sweep(conf, lam, offsets, decay, top1, full):
     if decay is None:
         grids, shift, slope = asc[None, :], np.zeros(1), 1.0
     else:
-        positions = np.arange(max(int(np.diff(offsets).max()), 1))
+        positions = np.arange(min(max(int(np.diff(offsets).max()), 1), decay._settled() + 1))
         grids = decay.thresholds(asc, positions)
         shift, slope = 0.1 * np.exp(-decay.tau * positions / decay.max_len), 0.9
     # Lookup table: cell c covers [lo + c / inv, lo + (c + 1) / inv) and stores #{asc <= its lower edge}.
@@ -460,7 +469,7 @@ def _run_sweep(conf, lam, offsets, decay, top1, full):
         n_cells, inv = 1, 0.0
     edges = asc[0] + np.arange(n_cells) / inv if inv else asc[:1]
     lut = np.searchsorted(asc, edges, side="right").astype(np.uint8 if k < 256 else np.int32)  # small: stays in cache
-    layer_hist = np.zeros((n_seq, k + 1), dtype=np.int64)
+    layer_hist = np.zeros((numba.get_num_threads(), k + 1), dtype=np.int64)  # one row a thread: never n_seq rows
     wrong = np.zeros((n_seq, k + 1) if top1 is not None else (0, 0), dtype=np.int64)
     with keep_torch_threads():
         ok = _sweep(

@@ -117,6 +117,26 @@ def test_deep_models_match_plain_loop(n_layers, decay):
     assert counts.sum() > 0 and (layers[:, 0] >= 61).sum() > 10  # many exits past the first window
 
 
+@pytest.mark.parametrize("tau", [0.0, 100.0, 400.0])
+def test_decay_past_the_settled_position_and_many_sequences_match_plain_loop(tau):
+    """Tables by position stop where exp(-tau t / N) is 0.0 (they held a row per position of the longest sequence,
+    GiBs for one long sequence); the average-layer histogram has a row per thread (it had one per sequence)."""
+    decay = Decay(max_len=2, tau=tau)
+    assert decay._settled() == (0 if tau == 0 else int(np.ceil(746 * 2 / tau)))
+    rng = np.random.default_rng(5)
+    conf = rng.random((400, 5))
+    lambdas = np.linspace(1.0, 0.0, 23)
+    for offsets in ([0, 400], [0, 390, 400], np.arange(401)):
+        positions = np.concatenate([np.arange(n) for n in np.diff(offsets)])
+        layers = _reference_exit_layers(conf, lambdas, positions, decay)
+        np.testing.assert_array_equal(exit_layers(conf, lambdas, positions=positions, decay=decay), layers)
+        np.testing.assert_allclose(average_layers(conf, lambdas, offsets=offsets, decay=decay), layers.mean(axis=0))
+        top1, full = rng.integers(0, 2, conf.shape), rng.integers(0, 2, 400)
+        counts, _ = disagreement_counts(conf, lambdas, top1, full, offsets, decay=decay)
+        early = np.where(layers == 5, full[:, None], np.take_along_axis(top1, layers - 1, axis=1))
+        np.testing.assert_array_equal(counts.sum(axis=0), (early != full[:, None]).sum(axis=0))
+
+
 def test_decay_defaults_to_calms_rate():
     """CALM's decaying threshold: 0.9 lambda + 0.1 exp(-tau t / N) with tau = 4 unless told otherwise."""
     decay = Decay(max_len=10)

@@ -1029,8 +1029,16 @@ def _float_array(name: str, x, ndim: int, shape_doc: str, dtype: np.dtype, copy:
         raise ValueError(f"{name} must have shape {shape_doc}, got shape {a.shape}")
     if a.dtype.kind not in "fiu":
         raise TypeError(f"{name} must hold floats, got dtype {a.dtype}")
-    with np.errstate(over="ignore"):
-        out = a.astype(dtype, copy=copy, order="C")
+    try:
+        with np.errstate(over="raise"):
+            out = a.astype(dtype, copy=copy, order="C")
+    except FloatingPointError:
+        limit = np.finfo(dtype).max
+        at = _first(np.flatnonzero((np.abs(a) > limit).ravel() & np.isfinite(a).ravel()), a.shape)
+        raise ValueError(
+            f"{name} holds finite values beyond the {np.dtype(dtype).name} range (|x| > {limit:g}), first at index "
+            f"{at}, and the cache stores {name} as {np.dtype(dtype).name}: they would become inf"
+        ) from None
     return np.ascontiguousarray(out)
 
 

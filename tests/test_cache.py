@@ -196,7 +196,10 @@ def _set(a, index, value):
         (_bad(scores={"my_score": np.zeros((16, 2))}), ValueError, r"scores\['my_score'\] must have shape"),
         (_bad(scores={"vocab": np.zeros((16, 3))}), ValueError, "scores names"),
         (_bad(scores={"Bad Name": np.zeros((16, 3))}), ValueError, "scores names"),
-        (_bad(hidden=np.full((16, 3, 4), 1e6)), ValueError, "'hidden' must be finite"),  # float16 overflow
+        (_bad(hidden=np.full((16, 3, 4), 1e6)), ValueError, r"hidden holds finite values beyond the float16 range "
+         r"\(\|x\| > 65504\), first at index \(0, 0, 0\)"),  # was "'hidden' must be finite"
+        (_bad(scores={"entropy": np.full((16, 3), 1e39)}), ValueError, r"scores\['entropy'\] holds finite values beyond"),
+        (_bad(hidden=np.full((16, 3, 4), np.inf)), ValueError, "'hidden' must be finite"),
         (_bad(hidden=np.zeros((16, 2, 4))), ValueError, "hidden must have shape"),
         (_bad(vocab=["a"] * (V - 1), vocab_size=V), ValueError, "vocab must have vocab_size=40 entries"),
         (_bad(vocab=["a"] * (V - 1) + [3]), TypeError, "vocab must hold str"),

@@ -97,6 +97,13 @@ def _read_only_arrays(report, *names: str) -> None:
         object.__setattr__(report, name, arr)
 
 
+#: How to put the panels of a report next to Axes of one's own.
+_BESIDE = (
+    "pass an empty figure (plt.figure()), or make subfigures first and your Axes in one of them "
+    "(left, right = plt.figure().subfigures(1, 2); ax = left.subplots(); report.plot(fig=right))"
+)
+
+
 def _figure(fig, figsize: tuple[float, float]):
     """``fig`` (an empty Figure or SubFigure), or a new figure of ``figsize`` (inches) when None."""
     import matplotlib.pyplot as plt
@@ -105,13 +112,10 @@ def _figure(fig, figsize: tuple[float, float]):
     if fig is None:
         return plt.figure(figsize=figsize)
     if not isinstance(fig, FigureBase):
-        hint = " (an Axes: pass its .figure, the panels are laid out in it)" if hasattr(fig, "figure") else ""
+        hint = f" (the panels are several Axes: {_BESIDE})" if hasattr(fig, "figure") else ""
         raise TypeError(f"fig must be a matplotlib Figure, SubFigure or None, got {type(fig).__name__}{hint}")
     if fig.axes:
-        raise ValueError(
-            f"fig already holds {len(fig.axes)} Axes, which the panels would cover: pass an empty figure, "
-            "or a subfigure (fig.subfigures())"
-        )
+        raise ValueError(f"fig already holds {len(fig.axes)} Axes, which the panels would cover: {_BESIDE}")
     return fig
 
 

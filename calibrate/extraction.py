@@ -232,7 +232,8 @@ def rehead(cache: LayerCache, heads: ExitHeads) -> LayerCache:
     Raises
     ------
     ValueError
-        When the cache has no hidden states, or their shape does not match ``heads``.
+        When the cache has no hidden states, their shape does not match ``heads``, or the cache records another
+        model than the one ``heads`` were made from (``model_digest``).
 
     Notes
     -----
@@ -252,6 +253,13 @@ def rehead(cache: LayerCache, heads: ExitHeads) -> LayerCache:
         )
     if heads.vocab_size != cache.vocab_size:
         raise ValueError(f"the heads have vocab_size={heads.vocab_size} but the cache has {cache.vocab_size}")
+    recorded = (cache.user_meta.get("heads") or {}).get("model_digest")
+    current = heads.describe()["model_digest"]
+    if recorded is not None and current is not None and recorded != current:
+        raise ValueError(
+            f"the heads come from another model than the cache (model_digest {current!r}, the cache's {recorded!r}): "
+            "its hidden states and full-model tokens are that model's; extract the cache with the heads' model"
+        )
     param = next(heads.parameters(), None)
     device, dtype = ("cpu", torch.float32) if param is None else (param.device, param.dtype)
     states = torch.from_numpy(np.asarray(cache.arrays["hidden"], dtype=np.float32)).to(device, dtype)

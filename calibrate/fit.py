@@ -34,7 +34,11 @@ def _certify_iv(losses, lambdas, delta, epsilon, bound, method, knob):
     delta, epsilon, bound, method_name = _risk_control_iv(delta, epsilon, bound, method)
     if isinstance(losses, LossTable):
         if lambdas is not None and not np.array_equal(np.asarray(lambdas, dtype=float), losses.lambdas):
-            raise ValueError("lambdas disagrees with the LossTable's own lambdas; pass one or the other")
+            raise ValueError(
+                "lambdas disagrees with the LossTable's own lambdas, the thresholds its columns were computed at: "
+                "drop lambdas= (to test other thresholds, compute the table at them, e.g. proxy_losses(cache, conf, "
+                "lambdas))"
+            )
         table = losses
     else:
         if lambdas is None:
@@ -338,6 +342,13 @@ def _calibration_split(cache, measure: str, train_fraction: float, seed: int, tr
     return _train_cache_iv(train_cache, cache), None
 
 
+def _heads_of_another_model(a, b) -> bool:
+    """Whether two heads descriptions (``describe()``) differ in more than their adapters: then no re-scoring helps."""
+    if not isinstance(a, dict) or not isinstance(b, dict):
+        return False
+    return any(a.get(key) != b.get(key) for key in set(a) | set(b) if key not in ("kind", "adapters_digest"))
+
+
 def _train_cache_iv(train_cache, cache):
     """``train_cache``, checked: a LayerCache other than ``cache``, from the same model and heads."""
     from calibrate.cache import _in_memory_iv, _loaded_by_name
@@ -348,10 +359,15 @@ def _train_cache_iv(train_cache, cache):
     train_meta, meta = train_cache.user_meta, cache.user_meta
     for what in ("heads", "model"):
         if train_meta.get(what) != meta.get(what) and not _loaded_by_name(what, train_meta, meta):
+            other_model = what == "model" or _heads_of_another_model(train_meta.get(what), meta.get(what))
+            advice = (
+                "it comes from another model (other weights, config or dtype): extract it with the calibration "
+                "cache's model" if other_model else "re-score the train cache with calibrate.rehead(train_cache, "
+                "heads), heads those of the calibration cache"
+            )
             raise ValueError(
                 f"train_cache and the calibration cache were extracted with different {what} "
-                f"({train_cache.user_meta.get(what)!r} vs {cache.user_meta.get(what)!r}); "
-                "re-score the train cache with calibrate.rehead(train_cache, heads)"
+                f"({train_cache.user_meta.get(what)!r} vs {cache.user_meta.get(what)!r}); {advice}"
             )
     shared = _examples(train_cache) & _examples(cache)
     if shared:

@@ -177,6 +177,9 @@ def test_rehead_bad_input(model, real_cache):
         rehead(real_cache, other)
     with pytest.raises(TypeError, match="ExitHeads"):
         rehead(real_cache, model)
+    # another model of the same shapes (other weights): its heads would re-score states they never saw
+    with pytest.raises(ValueError, match=r"the heads come from another model than the cache \(model_digest"):
+        rehead(real_cache, ExitHeads.from_model(tiny_model("llama", seed=2, n_layers=4)))
 
 
 def test_demo_cross_fitting_gives_out_of_sample_labels(model, real_cache):

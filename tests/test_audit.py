@@ -88,10 +88,15 @@ def test_audit_figure_of_a_short_grid_draws_points_and_wants_a_figure(split):
     import matplotlib.pyplot as plt
 
     _, ax = plt.subplots()
-    with pytest.raises(TypeError, match=r"fig must be a matplotlib Figure, SubFigure or None, got Axes .*\.figure"):
-        report.plot(ax)
-    with pytest.raises(ValueError, match="fig already holds 1 Axes, which the panels would cover"):
+    advice = r"make subfigures first and your Axes in one of them \(left, right = plt.figure\(\).subfigures\(1, 2\)"
+    with pytest.raises(TypeError, match=r"fig must be a matplotlib Figure, SubFigure or None, got Axes .*" + advice):
+        report.plot(ax)  # it said "pass its .figure", which the next check refuses
+    with pytest.raises(ValueError, match="fig already holds 1 Axes, which the panels would cover: .*" + advice):
         report.plot(ax.figure)  # they were drawn over it
+    left, right = plt.figure().subfigures(1, 2)  # the advice, followed
+    mine = left.subplots()
+    report.plot(fig=right)
+    assert left.axes == [mine] and len(right.axes) == 3
     assert len(report.plot(plt.figure()).axes) == 3  # the three panels go into the given figure
     parent = plt.figure(layout="constrained")
     left, right = parent.subfigures(1, 2)

@@ -190,6 +190,13 @@ def test_certify_bad_losses(losses, lambdas, match):
         calibrate.certify(losses, lambdas)
 
 
+def test_certify_refuses_other_lambdas_for_a_loss_table_and_says_how_to_get_them():
+    table = calibrate.user_losses(np.tile([0.0, 0.1, 0.3], (50, 1)), [0.99, 0.9, 0.5])
+    with pytest.raises(ValueError, match=r"thresholds its columns were computed at: drop lambdas= .*proxy_losses"):
+        calibrate.certify(table, [0.95, 0.8, 0.6])  # it said "pass one or the other"
+    assert list(calibrate.certify(table, [0.99, 0.9, 0.5]).lambdas) == table.lambdas.tolist()
+
+
 @pytest.fixture(scope="module")
 def cache():
     return calibrate.synthetic_cache(400, n_layers=8, max_tokens=24, seed=0)
@@ -557,9 +564,13 @@ def test_train_cache_bad_input():
         calibrate.fit(cal, measure="softmax_gap", train_cache=train)
     with pytest.raises(ValueError, match="calibration cache itself"):
         calibrate.fit(cal, measure="classifier", train_cache=cal)
-    other = train.with_meta({**train.user_meta, "heads": {"adapters": True}})
-    with pytest.raises(ValueError, match="different heads"):
+    other = train.with_meta({**train.user_meta, "heads": {"kind": "adapters", "adapters_digest": "a1"}})
+    with pytest.raises(ValueError, match=r"different heads .*; re-score the train cache with calibrate.rehead"):
         calibrate.fit(cal, measure="classifier", train_cache=other)
+    weights = ({"kind": "logit_lens", "model_digest": d} for d in ("d1", "d2"))
+    one, two = (c.with_meta({**c.user_meta, "heads": h}) for c, h in zip((cal, train), weights))
+    with pytest.raises(ValueError, match=r"different heads .*; it comes from another model .*extract it with"):
+        calibrate.fit(one, measure="classifier", train_cache=two)  # it advised rehead, which cannot help here
     heads = {"kind": "logit_lens", "model_digest": "d1"}
     here = cal.with_meta({**cal.user_meta, "model": "model", "heads": heads})
     there = train.with_meta({**train.user_meta, "model": "/abs/model", "heads": heads})

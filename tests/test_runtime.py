@@ -891,13 +891,15 @@ def test_certificate_for_other_heads_is_refused(fitted_llama):
     # Other weights of the same shapes (a fine-tuned copy, another seed): only the model's digest differs.
     with pytest.raises(ValueError, match=r"\(model_digest: certificate '[0-9a-f]{16}', heads '[0-9a-f]{16}'\)"):
         generate(tiny_model("llama", seed=7), ids, certificate=plain)
-    with pytest.raises(ValueError, match=r"\(model_digest: "):  # the same weights rounded to bfloat16
-        generate(copy.deepcopy(model).to(torch.bfloat16), ids, certificate=plain)
+    with pytest.raises(ValueError, match=r"\(model_digest: .*\): the model differs .*another dtype.*calibrate a "):
+        generate(copy.deepcopy(model).to(torch.bfloat16), ids, certificate=plain)  # the same weights in bfloat16
     # Adapter heads calibrated, the model's plain heads used.
     with pytest.raises(ValueError, match=r"kind: certificate 'adapters', heads 'logit_lens'; adapters_digest: "):
         generate(model, ids, certificate=adapted)
     # Other trained adapters: only the digest differs.
-    with pytest.raises(ValueError, match=r"\(adapters_digest: certificate '[0-9a-f]{32}', heads '[0-9a-f]{32}'\)"):
+    with pytest.raises(ValueError, match=r"\(adapters_digest: certificate '[0-9a-f]{32}', heads '[0-9a-f]{32}'\): the "
+                       r"certificate was calibrated with other exit heads: pass those \(heads=calibrate.adapters."
+                       r"load_adapters\(model, FILE\); command line: --adapters FILE\)"):
         generate(model, ids, certificate=adapted, heads=_trained_adapters(model, seed=1))
     with pytest.raises(ValueError, match="kind: certificate 'logit_lens', heads 'adapters'"):
         generate(model, ids, certificate=plain, heads=heads)
@@ -905,7 +907,8 @@ def test_certificate_for_other_heads_is_refused(fitted_llama):
         generate(tiny_model("llama", seed=7), ids, heads=ExitHeads.from_model(model))
     cast = copy.deepcopy(model)
     cast_heads = _trained_adapters(cast)
-    with pytest.raises(ValueError, match=r"adapters are torch.float32 on cpu but the model runs in torch.bfloat16"):
+    with pytest.raises(ValueError, match=r"adapters are torch.float32 on cpu but the model runs in torch.bfloat16.*"
+                       r"load_adapters\(model, path\)"):  # it said load_adapters(path, model)
         generate(cast.to(torch.bfloat16), ids, heads=cast_heads)
     generate(copy.deepcopy(model), ids, certificate=plain, heads=ExitHeads.from_model(model), max_new_tokens=2)
 

@@ -590,11 +590,17 @@ def _heads_identity_iv(recorded, heads: ExitHeads) -> None:
     differ = [key for key in current if key in recorded and recorded[key] != current[key]]
     if differ:
         details = "; ".join(f"{key}: certificate {recorded[key]!r}, heads {current[key]!r}" for key in differ)
-        raise ValueError(
-            f"certificate.heads does not describe the exit heads used here ({details}): the certificate was "
-            "calibrated for another model or other exit heads; pass the heads the cache was extracted with "
-            "(heads=...), or calibrate a certificate for this model"
-        )
+        if set(differ) <= {"kind", "adapters_digest"}:  # the same model, other adapters (or none)
+            advice = (
+                "the certificate was calibrated with other exit heads: pass those (heads="
+                "calibrate.adapters.load_adapters(model, FILE); command line: --adapters FILE)"
+            )
+        else:
+            advice = (
+                "the model differs from the one the certificate was calibrated with (other weights or config, another "
+                "dtype, resized embeddings, another model): calibrate a certificate for the model as it is deployed"
+            )
+        raise ValueError(f"certificate.heads does not describe the exit heads used here ({details}): {advice}")
 
 
 def _special_tokens_iv(model, tokenizer, eos_token_id, pad_token_id) -> tuple[tuple[int, ...], int | None]:
@@ -771,8 +777,8 @@ def _generate_iv(
     if heads.has_adapters and (heads.adapter_weight.dtype, heads.adapter_weight.device) != (adapter.dtype, device):
         raise ValueError(
             f"the heads' adapters are {heads.adapter_weight.dtype} on {heads.adapter_weight.device} but the model runs "
-            f"in {adapter.dtype} on {device}: load the adapters after moving or casting the model "
-            "(calibrate.adapters.load_adapters(path, model))"
+            f"in {adapter.dtype} on {device}: load the adapters after moving the model "
+            "(calibrate.adapters.load_adapters(model, path)); a certificate holds for the dtype it was calibrated in"
         )
     if heads.n_layers != n_layers or heads.hidden_size != adapter.hidden_size:
         raise ValueError(

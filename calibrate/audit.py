@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from dataclasses import dataclass
@@ -594,7 +595,10 @@ def validity(
     _in_memory_iv(cache, "cache")
     unknown = sorted(set(fit_kwargs) - set(_VALIDITY_OPTIONS))
     if unknown:
-        raise TypeError(f"validity() got options it does not pass on to fit: {unknown}; it takes {_VALIDITY_OPTIONS}")
+        own = tuple(name for name in inspect.signature(validity).parameters if name not in ("cache", "fit_kwargs"))
+        raise TypeError(
+            f"validity() got unknown options {unknown}: its own are {own}, and it passes on to fit {_VALIDITY_OPTIONS}"
+        )
     # fit's data step runs once (training the classifier, if any, on sequences kept out of every
     # trial); each trial then only permutes the rows of the loss table and certifies.
     options = {key: fit_kwargs.pop(key) for key in ("bound", "method") if key in fit_kwargs}

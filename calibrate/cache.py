@@ -1518,7 +1518,8 @@ def _check_meta_checksum(root, meta: dict) -> None:
     if "meta_checksum" in meta and meta["meta_checksum"] != _meta_checksum(meta):
         raise ValueError(
             f"checksum mismatch in {root / _META_FILE}: its metadata (model, generation settings, ...) was edited "
-            "after the cache was written; change metadata with cache.with_meta(...) and save the cache"
+            "after the cache was written. To keep the edit, save it anew: calibrate.open_cache(path, verify=False)"
+            ".save(new_path); else undo it (metadata is changed with cache.with_meta(...) and saved)"
         )
 
 

@@ -221,7 +221,8 @@ def _cmd_audit(args) -> int:
     else:
         if args.cache is None or cert.mode == "decoded":
             raise ValueError(
-                ("a decoded certificate is audited by decoding: give " if cert.mode == "decoded" else
+                ("a decoded certificate is audited by decoding: instead of a cache, give "
+                 if cert.mode == "decoded" else
                  "give the held-out layer cache (calibrate audit CERTIFICATE CACHE), or ") +
                 "--model DIR --prompts FILE to decode held-out prompts with the early-exit runtime"
             )  # fmt: skip

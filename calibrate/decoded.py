@@ -331,7 +331,8 @@ def _risk_iv(delta, epsilon, bound, consistency, method=_LAZY_METHOD) -> tuple[f
         raise ValueError(
             f"method must be 'fixed_sequence' in decoded mode, got {name!r}: each threshold costs a full decode of the "
             "prompts, so they are decoded lazily in fixed-sequence order and the walk stops at the first p-value above "
-            "epsilon; other methods need every threshold's p-value (use decoded_losses and calibrate.certify for them)"
+            "epsilon; other methods would decode at every threshold, and decoded mode does not offer them "
+            "(decoded_losses gives the losses at every value of a certificate's grid, for a study)"
         )
     bound = _bound_iv(bound, _LAZY_METHOD)
     if bound == "binomial" and consistency != "sequence":

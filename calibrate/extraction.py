@@ -788,8 +788,8 @@ def _open_shard(where: Path, fingerprint: str, identity: dict[str, str]) -> Laye
         found = shard.get("identity") or {}
         differ = [name for name in identity if found.get(name) != identity[name]]
         raise ValueError(
-            f"shard {where} was written by another run (its {', '.join(differ) or 'identity'} differ); use another "
-            "shard_dir or delete this one"
+            f"shard {where} was written by another run (its {', '.join(differ) or 'identity'} differ): its shard_dir "
+            f"{where.parent} holds that run's batches; use another shard_dir, or delete {where.parent} to start over"
         )
     return part
 

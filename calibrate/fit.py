@@ -309,7 +309,8 @@ def _decay_iv(decay, cache) -> Decay | None:
         if max_len is None:
             raise ValueError(
                 "decay=<tau> takes N from the cache's generation settings (meta['generation']['max_new_tokens']), "
-                "which this cache lacks; pass decay=calibrate.Decay(max_len=N, tau=tau)"
+                "which this cache lacks; pass decay=calibrate.Decay(max_len=N, tau=tau), or record N "
+                "(cache.with_meta({'generation': {'max_new_tokens': N}}).save(path), then fit that cache)"
             )
         return Decay(max_len=max_len, tau=float(decay))
     raise TypeError(f"decay must be None, a Decay, a dict or a float tau, got {type(decay).__name__}")
@@ -623,7 +624,8 @@ def fit(
         )
     elif client is not None:
         raise ValueError(
-            "client= runs a chunked cache on Dask: open the cache with calibrate.open_cache(path, chunks=n)"
+            "client= runs a chunked cache on Dask: open the cache with calibrate.open_cache(path, chunks=n) "
+            "(an in-memory cache: cache.save(path) first)"
         )
     else:
         table, decay, measure_state, n_train = _proxy_table(
@@ -640,7 +642,8 @@ def fit(
             f"the model's generation config processes logits before each greedy choice ({', '.join(processing)}): "
             "model.generate and the runtime apply that to the emitting layer, but the proxy simulation scores each "
             "layer's raw top-1, so this certificate does not cover what the processing does to early tokens; "
-            "certify with mode='decoded' for the runtime's outputs",
+            "certify the runtime's outputs with calibrate.fit(cache, mode='decoded', model=..., tokenizer=...) "
+            "(Python)",
             UserWarning,
             stacklevel=2,
         )

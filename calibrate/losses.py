@@ -366,8 +366,8 @@ def _text_iv(vocab: Sequence[str] | None, sequences, consistency: str, decode) -
             "The tokenizer decodes more than a join of pieces (spaces between words, SentencePiece word starts, "
             "bytes of one character split across tokens; or special tokens kept as text by an older extraction), "
             "so the textual losses would score other texts than the model's. Pass decode=calibrate."
-            "tokenizer_decode(tokenizer) (command line: --tokenizer DIR), or, in memory, decode=cache.decode to "
-            "score the joined pieces anyway",
+            "tokenizer_decode(tokenizer) (command line: --tokenizer DIR; to audit a certificate, the decode it was "
+            "fitted with), or, in memory, decode=cache.decode to score the joined pieces anyway (other losses)",
         )
     elif isinstance(decode, _TokenizerDecode):
         text = decode

@@ -238,7 +238,7 @@ def test_validity_bad_input(split, kwargs, match):
 def test_validity_names_bad_arguments_before_any_work(split, tmp_path):
     with pytest.raises(ValueError, match="seed must be an int >= 0"):
         calibrate.validity(split[0], seed=-1, progress=False)
-    with pytest.raises(TypeError, match=r"options it does not pass on to fit: \['mode'\]"):
+    with pytest.raises(TypeError, match=r"unknown options \['mode'\]: its own are \('trials', 'cal_fraction',"):
         calibrate.validity(split[0], mode="decoded", progress=False)
     with pytest.raises(ValueError, match="leave bound unset"):
         calibrate.validity(split[0], method="crc", bound="wsr", measure="vibes", progress=False)

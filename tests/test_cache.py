@@ -618,8 +618,10 @@ def test_metadata_changes_go_through_with_meta(saved):
     again = open_cache(saved)
     assert again.user_meta["generation"] == {"max_new_tokens": 99} and again.checksum == cache.checksum
     _edit_meta(saved, lambda m: m.update(meta_checksum=None, note="z"))  # a present checksum must match
-    with pytest.raises(ValueError, match="its metadata .* was edited"):
+    with pytest.raises(ValueError, match=r"its metadata .* was edited.*open_cache\(path, verify=False\).save\("):
         open_cache(saved)
+    open_cache(saved, verify=False).save(saved.parent / "kept")  # the advice, followed
+    assert open_cache(saved.parent / "kept").user_meta["note"] == "z"
     _edit_meta(saved, lambda m: m.pop("meta_checksum"))  # a cache written before the metadata had a checksum
     assert open_cache(saved).user_meta["note"] == "z"
     changed.save(saved, overwrite=True)

@@ -43,7 +43,9 @@ def test_synthetic_fit_audit(tmp_path, capsys):
         assert f"{flag} does not apply to an exit_threshold certificate audited on a held-out cache" in capsys.readouterr().err
     dataclasses.replace(saved, mode="decoded").to_json(tmp_path / "decoded.json")
     assert main(["audit", str(tmp_path / "decoded.json"), str(test)]) == 2
-    assert "a decoded certificate is audited by decoding: give --model DIR --prompts FILE" in capsys.readouterr().err
+    assert "a decoded certificate is audited by decoding: instead of a cache, give --model DIR --prompts FILE" in (
+        capsys.readouterr().err
+    )
 
 
 def test_errors_are_messages_not_tracebacks(tmp_path, capsys):

@@ -434,7 +434,7 @@ def test_certificates_record_the_budget_and_the_runtime_warns_beyond_it(model, t
         ({"prompts": []}, ValueError, "prompts must hold at least one"),
         ({"prompts": "w1 w2"}, TypeError, "prompts must be a sequence"),
         ({"prompts": ["w1", 3]}, TypeError, "prompts must hold str"),
-        ({"method": "holm"}, ValueError, "method must be 'fixed_sequence'"),
+        ({"method": "holm"}, ValueError, "method must be 'fixed_sequence'.*decoded mode does not offer them"),
         ({"method": "crc"}, ValueError, "method must be 'fixed_sequence'"),
         ({"method": fwer.Bonferroni()}, ValueError, "method must be 'fixed_sequence'.*Bonferroni"),
         ({"measure": "vibes"}, ValueError, "measure must be one of"),

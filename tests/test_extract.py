@@ -368,7 +368,7 @@ def test_shards_of_another_run_are_refused(tokenizer, tmp_path, monkeypatch):
     extract(model, tokenizer, PROMPTS[:2], max_new_tokens=2, shard_dir=tmp_path, progress=False)
     with pytest.raises(ValueError, match=r"written by another run \(its prompts, token ids differ\)"):
         extract(model, tokenizer, PROMPTS[2:4], max_new_tokens=2, shard_dir=tmp_path, progress=False)
-    with pytest.raises(ValueError, match=r"another run \(its setting 'generation' differ\)"):
+    with pytest.raises(ValueError, match=rf"another run \(its setting 'generation' differ\): .*delete {tmp_path}"):
         extract(model, tokenizer, PROMPTS[:2], max_new_tokens=3, shard_dir=tmp_path, progress=False)
     retrained = tiny_model("gpt2", seed=1)  # same architecture and name, other weights: no mixed cache
     with pytest.raises(ValueError, match=r"another run \(its model weights, setting 'heads' differ\)"):
@@ -630,7 +630,8 @@ def test_a_proxy_fit_warns_when_the_generation_config_processes_logits(tokenizer
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # extraction's own warning when the last layer's choice changes
         processed = extract(model, tokenizer, PROMPTS, max_new_tokens=4)
-    with pytest.warns(UserWarning, match=r"processes logits .*\(repetition_penalty=1.3\).*mode='decoded'") as caught:
+    advice = r"calibrate.fit\(cache, mode='decoded', model="
+    with pytest.warns(UserWarning, match=r"processes logits .*\(repetition_penalty=1.3\).*" + advice) as caught:
         calibrate.fit(processed)
     assert caught[0].filename == __file__
 

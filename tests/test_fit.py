@@ -420,8 +420,10 @@ def test_fit_bad_inputs(cache):
     )
     with pytest.raises(ValueError, match="reference"):
         calibrate.fit(no_refs, consistency="risk_rouge_l")
-    with pytest.raises(ValueError, match="generation settings"):
+    with pytest.raises(ValueError, match=r"generation settings .*or record N \(cache.with_meta\("):
         calibrate.fit(no_refs, decay=4.0)
+    recorded = no_refs.with_meta({"generation": {"max_new_tokens": int(no_refs.lengths.max())}})  # the advice
+    assert calibrate.fit(recorded, decay=4.0).decay == {"max_len": int(no_refs.lengths.max()), "tau": 4.0}
     assert calibrate.fit(no_refs).max_new_tokens is None  # no generation settings: the budget is unknown
     garbled = no_refs.with_meta({"generation": {"max_new_tokens": "24"}})
     with pytest.raises(ValueError, match=r"meta\['generation'\]\['max_new_tokens'\] must be an int >= 1, got '24'"):

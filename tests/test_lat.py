@@ -228,6 +228,9 @@ def test_layer_costs_of_gpt2_config():
 
     c = layer_costs(GPT2Config(n_layer=12, n_embd=768, n_head=12))
     assert (c.n_layers, c.qkv, c.attn, c.out, c.mlp) == (12, 3 * 768 * 768, 2 * 768, 768 * 768, 2 * 768 * 3072)
+    assert layer_costs({"n_layer": 12, "n_embd": 768, "n_head": 12}) == c  # a config.json as read: its message
+    with pytest.raises(ValueError, match="model_config must give positive hidden_size"):  # said these keys were absent
+        layer_costs({"n_layer": 12, "n_embd": 768})
     for bad in ([100] * 2, [100] * 13, [100] * 11 + [-1], [[100] * 12]):  # one count per layer, none negative
         with pytest.raises(ValueError, match="keep must hold n_layers=12 counts >= 0"):
             c.prefill(bad)

@@ -739,6 +739,11 @@ def test_refuses_certificates_for_another_knob_or_model():
         generate(model, ids, certificate=cert(0.5, measure="classifier"))
     with pytest.raises(ValueError, match="hidden size"):
         generate(model, ids, certificate=cert(0.5, "classifier", state=_classifier_state(16, N_LAYERS)))
+    topk = _classifier_state(32, N_LAYERS)
+    topk["params"]["features"] = topk["features"] = "topk"
+    topk["top_k"], topk["vocab_size"] = 2, 64
+    with pytest.raises(ValueError, match=r"features='topk'.*fit it on a cache extracted with store_hidden=True"):
+        generate(model, ids, certificate=cert(0.5, "classifier", state=topk))
     with pytest.raises(ValueError, match="either certificate or exit_layer"):
         generate(model, ids, certificate=cert(0.5), exit_layer=1)
     with pytest.raises(ValueError, match=r"'entropy' confidence is a bound from the top-2 .*stores 'entropy'"):

@@ -365,7 +365,8 @@ def fff_forward(layer: FFF, x: torch.Tensor, depth: int | None = None, *, backen
     x = _input_iv(x, layer.in_features)
     if x.dtype != layer.w_in.dtype or x.device != layer.w_in.device:
         raise ValueError(
-            f"x is {x.dtype} on {x.device} but the layer is {layer.w_in.dtype} on {layer.w_in.device}; convert one"
+            f"the inputs are {x.dtype} on {x.device} but the layer is {layer.w_in.dtype} on {layer.w_in.device}; "
+            "convert one"
         )
     lead, flat = x.shape[:-1], x.reshape(-1, layer.in_features)
     use_numba = backend == "numba" or (backend == "auto" and _numba_ok(layer, x))

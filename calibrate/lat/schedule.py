@@ -26,7 +26,9 @@ This module needs numpy only.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -81,7 +83,7 @@ def layer_costs(model_config: Any) -> LayerCosts:
 
     Parameters
     ----------
-    model_config : transformers.PretrainedConfig or any object with its attributes
+    model_config : transformers.PretrainedConfig, any object with its attributes, or a dict of them
         Reads ``hidden_size`` (``n_embd``, ``d_model``), the head counts, the layer count and the
         feed-forward width (``intermediate_size``, ``n_inner`` or ``4 d`` for GPT-2, ``d_ff``).
 
@@ -105,6 +107,8 @@ def layer_costs(model_config: Any) -> LayerCosts:
     >>> layer_costs(SimpleNamespace(n_embd=64, n_layer=4, n_head=4)).mlp   # GPT-2 names: d_ff = 4 d, 2 d d_ff
     32768.0
     """
+    if isinstance(model_config, Mapping):  # e.g. config.json read with json.load
+        model_config = SimpleNamespace(**model_config)
     d = _config_int(model_config, "hidden_size", "n_embd", "d_model")
     n_layers = _config_int(model_config, "num_hidden_layers", "n_layer", "num_layers")
     heads = _config_int(model_config, "num_attention_heads", "n_head", "num_heads")

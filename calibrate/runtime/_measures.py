@@ -263,7 +263,8 @@ def _learned(name: str, state: Mapping[str, Any] | None, n_layers: int, hidden_s
         if learned.features_ != "hidden":
             raise ValueError(
                 f"the certificate's classifier uses features={learned.features_!r}; the runtime supports only "
-                "features='hidden' (hidden state + saturation, O(d) per layer)"
+                "features='hidden' (hidden state + saturation, O(d) per layer): fit it on a cache extracted with "
+                "store_hidden=True"
             )
         _fitted_iv(name, learned.n_layers_, learned.n_features_ - 1, n_layers, hidden_size)
         layers = [layer if layer["constant"] is None else layer["constant"] for layer in learned.to_dict()["layers"]]

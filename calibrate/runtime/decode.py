@@ -662,7 +662,8 @@ def _ids_iv(
             except ValueError as exc:
                 raise ValueError(
                     f"no attention_mask was given, so it was inferred as input_ids != pad_token_id={pad} (as "
-                    f"model.generate does) and then: {exc}; pass the tokenizer's attention_mask"
+                    f"model.generate does) and then: {exc}; if pad_token_id={pad} is also a real token of the prompts, "
+                    "pass the tokenizer's attention_mask"
                 ) from None
     return ids, _mask_iv(mask, ids.shape, device, left_padded=left_padded)
 

@@ -802,6 +802,14 @@ def concat_caches(caches: Sequence[LayerCache], *, meta: dict | None = None) -> 
     scores = {
         name: cat(name) for name in first.arrays if name not in ("full_tokens", "topk_ids", "topk_logprobs", "hidden")
     }
+    ids = column("id")
+    dup = _first_repeat(ids)
+    if dup is not None:
+        owners = [i for i, t in enumerate(tables) if dup in set(t["id"])]
+        raise ValueError(
+            f"sequence id {dup!r} occurs in caches{owners}; ids must be unique across the caches: give each part "
+            "its own ids (LayerCache.from_arrays(..., ids=...))"
+        )
     return LayerCache.from_arrays(
         full_tokens=cat("full_tokens"),
         topk_ids=cat("topk_ids"),
@@ -812,7 +820,7 @@ def concat_caches(caches: Sequence[LayerCache], *, meta: dict | None = None) -> 
         prompts=column("prompt"),
         outputs=column("output"),
         references=column("reference"),
-        ids=column("id"),
+        ids=ids,
         vocab=first.vocab,
         vocab_size=first.vocab_size,
         meta=meta,
@@ -1179,14 +1187,19 @@ def _from_arrays(
     return cache
 
 
+def _first_repeat(ids: Sequence[str]) -> str | None:
+    """The first id that occurs a second time, or None."""
+    seen: set[str] = set()
+    return next((i for i in ids if i in seen or seen.add(i)), None)
+
+
 def _make_table(ids, prompts, outputs, references, full_tokens, offsets) -> pd.DataFrame:
     """The canonical in-memory sequences table (same dtypes whichever way the cache was built)."""
     lengths = np.diff(offsets)
     full_tokens = _readonly(full_tokens)  # so the per-sequence views are read-only too
     output_ids = np.split(full_tokens, offsets[1:-1]) if len(ids) > 1 else [full_tokens]
-    if len(set(ids)) != len(ids):
-        seen: set[str] = set()
-        dup = next(i for i in ids if i in seen or seen.add(i))
+    dup = _first_repeat(ids)
+    if dup is not None:
         raise ValueError(f"ids must be unique, got {dup!r} twice")
     return pd.DataFrame(
         {

@@ -421,6 +421,8 @@ def test_concat_caches_refuses_parts_of_other_models_or_settings_unless_told_wha
     there = there.with_meta({**there.user_meta, "heads": {**heads, "model_digest": "d2"}})
     with pytest.raises(ValueError, match="in 'heads' -> 'model_digest': 'd2' != 'd1'"):
         concat_caches([here, there])
+    with pytest.raises(ValueError, match=r"sequence id 'synthetic-0' occurs in caches\[0, 1\]; ids must be unique across"):
+        concat_caches([a, a.subset([0])])  # it said "ids must be unique, got '0' twice", from inside from_arrays
 
 
 # --------------------------------------------------------------------------------------------------

@@ -532,7 +532,8 @@ def fit(
     ------
     ValueError
         When an option is invalid, the cache lacks what the option needs (references, generation settings,
-        hidden states), ``model`` or ``tokenizer`` is missing in decoded mode or given in proxy mode.
+        hidden states) or records a token budget below its longest sequence, ``model`` or ``tokenizer`` is
+        missing in decoded mode or given in proxy mode.
     TypeError
         When ``cache`` is not a layer cache, ``lambdas`` are not real numbers, or ``decay``, ``seed`` or
         ``decode`` has the wrong type.

@@ -206,6 +206,13 @@ class LayerCache:
         _check_table(sequences[list(_TABLE_COLUMNS)], offsets)
         self.validate()
 
+    def __reduce__(self):
+        """Pickle and copy by value, rebuilt read-only (unpickled arrays are writable, and an edit would leave the
+        checksum describing other data)."""
+        t = self._table
+        texts = [[None if not isinstance(v, str) else v for v in t[col].tolist()] for col in _TEXT_COLUMNS]
+        return (_unpickle, (*texts, dict(self._arrays), self._offsets, self._vocab_size, self._user_meta, self._vocab))
+
     @classmethod
     def _trusted(cls, sequences, arrays, offsets, vocab_size, meta, vocab) -> LayerCache:
         """Build without checking values: the inputs come from a validated cache."""
@@ -1185,6 +1192,16 @@ def _from_arrays(
     cache = LayerCache._trusted(table, arrays, offs, vocab_size, user_meta, vocab)
     cache.validate()
     return cache
+
+
+#: The text columns of a sequences table, in :func:`_make_table`'s order.
+_TEXT_COLUMNS = ("id", "prompt", "output", "reference")
+
+
+def _unpickle(ids, prompts, outputs, references, arrays, offsets, vocab_size, meta, vocab) -> LayerCache:
+    """What :meth:`LayerCache.__reduce__` pickles, rebuilt as :meth:`LayerCache._trusted` builds a cache."""
+    table = _make_table(ids, prompts, outputs, references, arrays["full_tokens"], offsets)
+    return LayerCache._trusted(table, arrays, offsets, vocab_size, meta, vocab)
 
 
 def _first_repeat(ids: Sequence[str]) -> str | None:

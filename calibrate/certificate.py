@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import numbers
 import os
 import warnings
@@ -85,14 +86,42 @@ def _budget_warning(certificate, max_new_tokens: int, stacklevel: int) -> None:
         )
 
 
-def _frozen(value: Any) -> Any:
-    """A read-only deep copy of JSON-like data: mappings as ``MappingProxyType``, lists as tuples
-    (:func:`measures.learned.plain_state` inverts it)."""
+def _frozen(value: Any, where: str) -> Any:
+    """A read-only deep copy of JSON data: mappings as ``MappingProxyType``, lists as tuples, NumPy scalars as
+    Python ones (:func:`measures.learned.plain_state` inverts it); anything JSON cannot hold is refused, naming
+    ``where``, so that ``to_json``, equality and the hash never fail later."""
     if isinstance(value, Mapping):
-        return MappingProxyType({k: _frozen(v) for k, v in value.items()})
+        for key in value:
+            if not isinstance(key, str):
+                raise TypeError(f"{where} keys must be str (JSON object keys), got {key!r}")
+        return MappingProxyType({k: _frozen(v, f"{where}[{k!r}]") for k, v in value.items()})
     if isinstance(value, (list, tuple)):
-        return tuple(_frozen(v) for v in value)
+        return tuple(_frozen(v, f"{where}[{i}]") for i, v in enumerate(value))
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{where} must be finite (JSON has no NaN or inf), got {value!r}")
+    if value is not None and not isinstance(value, (str, bool, int, float)):
+        raise TypeError(
+            f"{where} must hold JSON data (str, int, float, bool, None, lists, mappings), got {type(value).__name__}"
+        )
     return value
+
+
+def _parse_json(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"certificate is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ValueError("certificate is not a certificate's JSON: nested too deeply") from None
+
+
+def _names_a_file(source: Any) -> bool:
+    try:
+        return Path(source).is_file()
+    except (OSError, ValueError):  # a name too long, a NUL character
+        return False
 
 
 def _floats(value: Any, name: str, *, nan: bool) -> tuple[float, ...]:
@@ -296,7 +325,7 @@ class Certificate:
                     f"Certificate.decay must be {{'max_len': int, 'tau': float}}, got {dict(self.decay)!r}: {exc}"
                 ) from None
         for name in ("decay", "measure_state", "heads"):
-            put(name, None if getattr(self, name) is None else _frozen(getattr(self, name)))
+            put(name, None if getattr(self, name) is None else _frozen(getattr(self, name), f"Certificate.{name}"))
 
     # ---- derived values -------------------------------------------------------------------------
     @property
@@ -522,6 +551,10 @@ class Certificate:
     def __hash__(self) -> int:
         return hash(self._canonical())
 
+    def __reduce__(self):
+        """Pickle and copy through :meth:`to_dict`: its read-only mappings do not pickle (to a process pool, Dask)."""
+        return (Certificate.from_dict, (self.to_dict(),))
+
     def to_json(self, path: str | os.PathLike | None = None) -> str:
         """Serialise to JSON (``NaN`` entries as ``null``); write atomically when ``path`` is given."""
         text = json.dumps(self._json_data(), indent=2, allow_nan=False)
@@ -538,19 +571,20 @@ class Certificate:
         text = source.lstrip("\ufeff \t\r\n") if isinstance(source, str) else ""  # a BOM, blank lines
         if isinstance(source, str) and not text:
             raise ValueError("certificate is empty (expected a JSON string or a path to a JSON file)")
-        if not text.startswith("{"):
+        data = None
+        if text.startswith("{"):
+            try:
+                data = _parse_json(text)
+            except ValueError:
+                if not _names_a_file(source):  # else a file named like "{run}.json"
+                    raise
+        if data is None:
             path = Path(source)
             if path.is_dir():
                 raise ValueError(f"certificate must be a JSON file, got the directory {path}")
             if not path.is_file():
                 raise ValueError(f"certificate file not found: {path}")
-            text = path.read_text(encoding="utf-8-sig")  # a byte-order mark, as some editors write
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"certificate is not valid JSON: {exc}") from None
-        except RecursionError:
-            raise ValueError("certificate is not a certificate's JSON: nested too deeply") from None
+            data = _parse_json(path.read_text(encoding="utf-8-sig"))  # a byte-order mark, as some editors write
         if not isinstance(data, dict):
             raise ValueError("certificate JSON must be an object")
         return cls.from_dict(data)

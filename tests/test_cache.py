@@ -55,6 +55,19 @@ def cache():
 # --------------------------------------------------------------------------------------------------
 
 
+def test_pickled_and_copied_caches_stay_read_only_and_equal(cache):
+    """Unpickled arrays were writable: an edit then saved a cache under the old checksum, which open_cache refused."""
+    import copy
+    import pickle
+
+    for back in (pickle.loads(pickle.dumps(cache)), copy.deepcopy(cache)):
+        assert back.checksum == cache.checksum and back.user_meta == cache.user_meta and back.vocab == cache.vocab
+        assert back.sequences.drop(columns="output_ids").equals(cache.sequences.drop(columns="output_ids"))
+        for a in (back.arrays["topk_ids"], back.arrays["hidden"], back.sequences["output_ids"][0], back.offsets):
+            with pytest.raises(ValueError, match="read-only"):
+                a[0] = 0
+
+
 def test_big_endian_arrays_and_bfloat16_tensors_make_the_same_cache(cache):
     """Arrays read in another byte order give the same cache; bfloat16 tensors failed inside numpy."""
     raw = _arrays()

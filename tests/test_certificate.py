@@ -45,6 +45,45 @@ def test_json_round_trip_is_exact(tmp_path):
     assert json.loads(path.read_text())["lambda_hat"] == 0.8
 
 
+def test_certificates_with_mappings_pickle_and_copy(tmp_path):
+    """Their read-only mappings (decay, measure_state, heads) did not pickle: no process pool, no Dask submit."""
+    import copy
+    import pickle
+
+    cert = _cert(decay={"max_len": 32, "tau": 4.0}, measure_state={"layers": [{"coef": [0.5, 1.0]}]},
+                 heads={"kind": "logit_lens", "n_layers": 3})  # fmt: skip
+    for back in (pickle.loads(pickle.dumps(cert)), copy.deepcopy(cert), copy.copy(cert)):
+        assert back == cert and back.to_json() == cert.to_json()
+        assert dict(back.decay) == {"max_len": 32, "tau": 4.0}
+    # a file whose name starts like JSON text is read as a file
+    path = tmp_path / "{run-1}.json"
+    cert.to_json(path)
+    assert Certificate.from_json(str(path)) == cert
+    with pytest.raises(ValueError, match="certificate is not valid JSON"):
+        Certificate.from_json("{not json")
+
+
+@pytest.mark.parametrize(
+    "field, value, exc, match",
+    [
+        ("measure_state", {"layers": {1: 0.5}}, TypeError, r"measure_state\['layers'\] keys must be str"),
+        ("measure_state", {"w": float("nan")}, ValueError, r"measure_state\['w'\] must be finite"),
+        ("heads", {"ids": {1, 2}}, TypeError, r"heads\['ids'\] must hold JSON data .* got set"),
+        ("measure_state", {(1, 2): 3}, TypeError, "keys must be str"),
+    ],
+)
+def test_mappings_json_cannot_hold_are_refused_at_construction(field, value, exc, match):
+    """They were accepted; to_json, == or hash failed later, or an int key came back as a str yet compared equal."""
+    with pytest.raises(exc, match=match):
+        _cert(**{field: value})
+
+
+def test_numpy_scalars_in_mappings_become_python_numbers():
+    cert = _cert(decay={"max_len": np.int64(8), "tau": np.float32(4.0)}, measure_state={"w": [np.float32(0.5)]})
+    assert type(cert.decay["max_len"]) is int and cert.measure_state["w"] == (0.5,)
+    assert Certificate.from_json(cert.to_json()) == cert
+
+
 def test_nan_p_values_round_trip_as_null():
     cert = _cert(p_values=(np.nan, np.nan, np.nan), method="crc", bound=None)
     text = cert.to_json()

@@ -176,6 +176,11 @@ def test_safetensors_round_trip(tmp_path, umask_022):
     save_file({n: p.detach() for n, p in wide.named_parameters()}, str(tmp_path / "nodigest.safetensors"), metadata={
         "in_features": "5", "out_features": "4", "depth": "2", "activation": "gelu", "bias": "True"})  # fmt: skip
     assert FFF.load(tmp_path / "nodigest.safetensors").depth == 2  # saved before digests were recorded
+    wide.save(tmp_path / "again.safetensors")  # the same bytes every time (several metadata keys came out shuffled)
+    assert (tmp_path / "again.safetensors").read_bytes() == (tmp_path / "f64.safetensors").read_bytes()
+    save_file({"w_in": torch.zeros(15, 5)}, str(tmp_path / "badjson.safetensors"), metadata={"fff": "{depth"})
+    with pytest.raises(ValueError, match="not an FFF file written by FFF.save"):
+        FFF.load(tmp_path / "badjson.safetensors")
     wide.save(tmp_path / "f64.safetensors")  # digested once (and remembered) ...
     wide.w_in.data.view(-1)[1] += 1.0  # ... then edited where no version counter or sampled value shows it
     wide.save(tmp_path / "edited.safetensors")

@@ -27,6 +27,7 @@ This module imports torch; ``import calibrate`` does not import it.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Callable
@@ -245,8 +246,8 @@ class FFF(nn.Module):
             "bias": str(self.b_in is not None),
             "weights_digest": weights_digest(self, fresh=True),
         }
-        with atomic_file(path) as tmp:
-            save_file(tensors, str(tmp), metadata=meta)
+        with atomic_file(path) as tmp:  # one key: safetensors writes several in a random order (other bytes each time)
+            save_file(tensors, str(tmp), metadata={"fff": json.dumps(meta, sort_keys=True)})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> FFF:
@@ -268,6 +269,8 @@ class FFF(nn.Module):
         except SafetensorError as exc:
             raise ValueError(f"{path} is not a readable safetensors file: {exc}") from None
         try:
+            if "fff" in meta:  # files saved before the settings went into one key have them as keys of their own
+                meta = json.loads(meta["fff"])
             layer = cls(
                 int(meta["in_features"]),
                 int(meta["out_features"]),
@@ -275,7 +278,7 @@ class FFF(nn.Module):
                 meta["activation"],
                 meta["bias"] == "True",
             )
-        except (KeyError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
             raise ValueError(f"{path} is not an FFF file written by FFF.save (metadata {meta!r}): {exc}") from None
         expected = {name: tuple(p.shape) for name, p in layer.named_parameters()}
         got = {name: tuple(t.shape) for name, t in state.items()}

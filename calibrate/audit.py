@@ -15,7 +15,7 @@ from calibrate._format import level
 from calibrate._validation import open_interval, seed_iv
 from calibrate.certificate import Certificate
 from calibrate.exits import Decay
-from calibrate.fit import certify
+from calibrate.fit import _certify
 from calibrate.losses import LossTable, proxy_losses
 
 __all__ = ["AuditReport", "ValidityReport", "audit", "validity"]
@@ -608,17 +608,18 @@ def validity(
     if not 0 < n_cal < table.n:
         raise ValueError(f"cal_fraction={cal_fraction} leaves an empty calibration or test set of {table.n} sequences")
     test_risks, lambda_hats, naive = np.zeros(trials), np.full(trials, np.nan), np.zeros(trials)
-    with warnings.catch_warnings(record=True) as caught:  # one warning for the study, not one per trial
-        warnings.simplefilter("always")
-        for i in tqdm(range(trials), desc="validity", unit="split", disable=not progress):
-            perm = np.random.default_rng([seed, i]).permutation(table.n)
-            cal, test = table.subset(perm[:n_cal]), table.subset(perm[n_cal:])
-            cert = certify(cal, delta=delta, epsilon=epsilon, **options)
-            if cert.index is not None:
-                test_risks[i] = test.risks[cert.index]
-                lambda_hats[i] = cert.lambda_hat
-            ok = np.flatnonzero(cal.risks <= delta)
-            naive[i] = test.risks[ok[-1]] if ok.size else 0.0
-    if caught:
-        warnings.warn(f"{len(caught)} warnings over {trials} trials, the first: {caught[0].message}", UserWarning, stacklevel=2)
+    caveats = []  # one warning for the study, not one per trial
+    for i in tqdm(range(trials), desc="validity", unit="split", disable=not progress):
+        perm = np.random.default_rng([seed, i]).permutation(table.n)
+        cal, test = table.subset(perm[:n_cal]), table.subset(perm[n_cal:])
+        cert, caveat = _certify(cal, None, delta, epsilon, options.get("bound"), options.get("method", "fixed_sequence"),
+                                "exit_threshold")  # fmt: skip
+        caveats += [caveat] if caveat else []
+        if cert.index is not None:
+            test_risks[i] = test.risks[cert.index]
+            lambda_hats[i] = cert.lambda_hat
+        ok = np.flatnonzero(cal.risks <= delta)
+        naive[i] = test.risks[ok[-1]] if ok.size else 0.0
+    if caveats:
+        warnings.warn(f"{len(caveats)} warnings over {trials} trials, the first: {caveats[0]}", UserWarning, stacklevel=2)
     return ValidityReport(float(delta), float(epsilon), test_risks, lambda_hats, naive, n_cal, table.n - n_cal)

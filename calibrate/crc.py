@@ -32,9 +32,6 @@ def _conformal_risk_control_iv(losses, delta, max_loss) -> tuple[np.ndarray, flo
     arr = bounded_array(
         losses, "losses", upper=max_loss, upper_name=f"max_loss={max_loss:g}", why="CRC needs losses bounded by max_loss"
     )
-    reason = non_monotone_reason(arr)
-    if reason:
-        warnings.warn(reason, UserWarning, stacklevel=3)
     return arr, delta, max_loss
 
 
@@ -120,6 +117,15 @@ def conformal_risk_control(losses, delta: float, *, max_loss: float = 1.0) -> in
     True
     """
     arr, delta, max_loss = _conformal_risk_control_iv(losses, delta, max_loss)
+    reason = non_monotone_reason(arr)
+    if reason:
+        warnings.warn(reason, UserWarning, stacklevel=2)
+    return crc_index(arr, delta, max_loss)
+
+
+def crc_index(losses: np.ndarray, delta: float, max_loss: float = 1.0) -> int | None:
+    """:func:`conformal_risk_control` of checked losses, without its warning (a caller that reports it itself)."""
+    arr = losses
     n = arr.shape[0]
     adjusted = n / (n + 1.0) * arr.mean(axis=0) + max_loss / (n + 1.0)
     ok = adjusted <= delta

@@ -19,7 +19,7 @@ from calibrate import fwer as _fwer
 from calibrate._format import level
 from calibrate._validation import open_interval, seed_iv
 from calibrate.certificate import KNOBS, Certificate
-from calibrate.crc import conformal_risk_control, non_monotone_reason
+from calibrate.crc import crc_index, non_monotone_reason
 from calibrate.exits import Decay, _lambdas_iv, default_lambdas
 from calibrate.losses import _TOKEN_LEVEL, LossTable, _consistency_iv, _text_iv, proxy_losses, user_losses
 
@@ -163,18 +163,23 @@ def certify(
     >>> cert.lambda_hat
     0.8
     """
+    cert, caveat = _certify(losses, lambdas, delta, epsilon, bound, method, knob)
+    if caveat:
+        warnings.warn(caveat, UserWarning, stacklevel=2)
+    return cert
+
+
+def _certify(losses, lambdas, delta, epsilon, bound, method, knob) -> tuple[Certificate, str]:
+    """:func:`certify` and the caveat it warns of (``""`` if none), for callers that report it themselves: no
+    ``warnings.catch_warnings`` around it, which is not thread-safe."""
     table, delta, epsilon, bound, method_name = _certify_iv(losses, lambdas, delta, epsilon, bound, method, knob)
     lam = table.lambdas
     risks = table.risks
     caveat = ""
     if method_name == "crc":
         p_values = np.full(lam.size, np.nan)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # said once, below, and kept in the certificate's reason
-            index = conformal_risk_control(table.losses, delta)
-        caveat = non_monotone_reason(table.losses)
-        if caveat:
-            warnings.warn(caveat, UserWarning, stacklevel=2)
+        index = crc_index(table.losses, delta)
+        caveat = non_monotone_reason(table.losses)  # kept in the certificate's reason too
         rejected = np.zeros(lam.size, dtype=bool)
         if index is not None:
             rejected[: index + 1] = True
@@ -184,7 +189,7 @@ def certify(
         hits = np.flatnonzero(rejected)
         index = int(hits[-1]) if hits.size else None
     reason = "; ".join(filter(None, [_reason(table, delta, epsilon, bound, method, p_values, index), caveat]))
-    return Certificate(
+    cert = Certificate(
         lambda_hat=None if index is None else float(lam[index]),
         delta=delta,
         epsilon=epsilon,
@@ -202,6 +207,7 @@ def certify(
         n_layers=table.n_layers,
         reason=reason,
     )
+    return cert, caveat
 
 
 def _method_name(method) -> str:
@@ -632,11 +638,9 @@ def fit(
         table, decay, measure_state, n_train = _proxy_table(
             cache, decay=decay, decode=decode, progress=bool(progress), **options
         )
-    with warnings.catch_warnings(record=True) as caught:  # said at the caller's line, not here
-        warnings.simplefilter("always")
-        cert = certify(table, delta=delta, epsilon=epsilon, bound=bound, method=method)
-    for warning in caught:
-        warnings.warn(warning.message, warning.category, stacklevel=2)
+    cert, caveat = _certify(table, None, delta, epsilon, bound, method, "exit_threshold")
+    if caveat:
+        warnings.warn(caveat, UserWarning, stacklevel=2)  # at the caller's line
     processing = _logit_processing(cache)
     if processing:
         warnings.warn(

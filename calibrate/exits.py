@@ -469,9 +469,9 @@ def _run_sweep(conf, lam, offsets, decay, top1, full):
         n_cells, inv = 1, 0.0
     edges = asc[0] + np.arange(n_cells) / inv if inv else asc[:1]
     lut = np.searchsorted(asc, edges, side="right").astype(np.uint8 if k < 256 else np.int32)  # small: stays in cache
-    layer_hist = np.zeros((numba.get_num_threads(), k + 1), dtype=np.int64)  # one row a thread: never n_seq rows
     wrong = np.zeros((n_seq, k + 1) if top1 is not None else (0, 0), dtype=np.int64)
-    with keep_torch_threads():
+    with keep_torch_threads():  # numba.get_num_threads() starts numba's threads: inside the guard
+        layer_hist = np.zeros((numba.get_num_threads(), k + 1), dtype=np.int64)  # a row a thread, never n_seq rows
         ok = _sweep(
             conf, np.ascontiguousarray(grids), shift, 1.0 / slope, lut, float(asc[0]), float(inv),
             offsets, top1, full, layer_hist, wrong,

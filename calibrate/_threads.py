@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import threading
 from collections.abc import Iterator
@@ -36,3 +37,21 @@ def keep_torch_threads() -> Iterator[None]:
             torch = sys.modules.get("torch")
             if _inside == 0 and _saved is not None and torch is not None and torch.get_num_threads() != _saved:
                 torch.set_num_threads(_saved)
+
+
+_forked = False
+
+
+def _after_fork_in_child() -> None:
+    global _forked, _lock, _inside
+    _forked = True
+    _lock, _inside = threading.Lock(), 0  # another thread of the parent may have held them
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def forked() -> bool:
+    """Whether this process was forked from another Python process: its parallel numba kernels must not run (GNU
+    OpenMP aborts a forked child that starts a parallel region after the parent did), the serial ones must."""
+    return _forked

@@ -22,7 +22,7 @@ import numba
 import numpy as np
 from numba.cpython.unsafe.numbers import trailing_zeros
 
-from calibrate._threads import keep_torch_threads
+from calibrate._threads import forked, keep_torch_threads
 from calibrate._validation import int_at_least
 from measures._arrays import as_numpy, working_float
 
@@ -433,6 +433,11 @@ def _sweep(conf, grids, shift, inv_slope, lut, lut_lo, lut_inv, offsets, top1, f
     return finite.all()
 
 
+#: The sweep without threads, for a process forked after numba's threads started: its OpenMP layer (GNU, where
+#: TBB is not installed) aborts a forked child that launches a parallel region.
+_sweep_serial = numba.njit(parallel=False, nogil=True)(_sweep.py_func)  # not cached: the cache would load _sweep
+
+
 def _sweep_iv(conf, lambdas, offsets, decay):
     lam = _lambdas_iv(lambdas)
     conf = _conf_iv(conf, decay)  # finiteness is checked inside the sweep
@@ -470,9 +475,11 @@ def _run_sweep(conf, lam, offsets, decay, top1, full):
     edges = asc[0] + np.arange(n_cells) / inv if inv else asc[:1]
     lut = np.searchsorted(asc, edges, side="right").astype(np.uint8 if k < 256 else np.int32)  # small: stays in cache
     wrong = np.zeros((n_seq, k + 1) if top1 is not None else (0, 0), dtype=np.int64)
-    with keep_torch_threads():  # numba.get_num_threads() starts numba's threads: inside the guard
-        layer_hist = np.zeros((numba.get_num_threads(), k + 1), dtype=np.int64)  # a row a thread, never n_seq rows
-        ok = _sweep(
+    with keep_torch_threads():
+        serial = forked()
+        rows = 1 if serial else numba.get_num_threads()  # which starts numba's threads
+        layer_hist = np.zeros((rows, k + 1), dtype=np.int64)  # a row a thread, never n_seq rows
+        ok = (_sweep_serial if serial else _sweep)(
             conf, np.ascontiguousarray(grids), shift, 1.0 / slope, lut, float(asc[0]), float(inv),
             offsets, top1, full, layer_hist, wrong,
         )

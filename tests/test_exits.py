@@ -1,11 +1,14 @@
 """Exit simulation against a plain per-token, per-threshold loop."""
 
+import sys
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+import calibrate
 from calibrate.exits import (
     Decay,
     average_layers,
@@ -398,6 +401,21 @@ def test_torch_thread_count_survives_numbas_pool_start_and_kernels_in_two_thread
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def _fit_in_child(n_sequences: int) -> str:
+    return calibrate.fit(calibrate.synthetic_cache(n_sequences, seed=0)).to_json()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="no fork")
+def test_a_process_forked_after_a_fit_fits_alike():
+    """numba's GNU OpenMP layer aborts a forked child that starts a parallel region once the parent has: a
+    multiprocessing pool (fork) of audits after one fit never returned. Forked children run the serial kernels."""
+    import multiprocessing
+
+    cert = calibrate.fit(calibrate.synthetic_cache(60, seed=0))  # starts numba's threads here
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        assert pool.apply_async(_fit_in_child, (60,)).get(timeout=120) == cert.to_json()
 
 
 def test_token_ids_of_different_integer_dtypes_are_compared_exactly():

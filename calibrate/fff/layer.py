@@ -41,7 +41,7 @@ from torch import nn
 
 from calibrate._atomic import atomic_file
 from calibrate._digest import weights_digest
-from calibrate._threads import keep_torch_threads
+from calibrate._threads import forked, keep_torch_threads
 from calibrate._validation import int_at_least, int_in
 
 __all__ = ["ACTIVATIONS", "BACKENDS", "FFF", "fff_forward", "fff_reference"]
@@ -322,6 +322,10 @@ def _descend_kernel(x, w_in, b_in, w_out, b_out, k, act, out):  # pragma: no cov
             node = 2 * node + 1 + (1 if z > 0 else 0)
 
 
+#: The descent without threads, in a forked process (see :func:`calibrate._threads.forked`).
+_descend_serial = numba.njit(parallel=False, fastmath=True)(_descend_kernel.py_func)  # not cached (it would load the other)
+
+
 def _numba_ok(layer: FFF, x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and layer.w_in.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
 
@@ -382,7 +386,7 @@ def fff_forward(layer: FFF, x: torch.Tensor, depth: int | None = None, *, backen
         b_out = zeros_out if layer.b_out is None else layer.b_out.detach().numpy()
         out = np.empty((flat.shape[0], layer.out_features), dtype=zeros_in.dtype)
         with keep_torch_threads():
-            _descend_kernel(
+            (_descend_serial if forked() else _descend_kernel)(
                 flat.contiguous().numpy(),
                 layer.w_in.detach().numpy(),
                 b_in,

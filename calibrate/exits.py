@@ -380,7 +380,7 @@ def _sweep(conf, grids, shift, inv_slope, lut, lut_lo, lut_inv, offsets, top1, f
         after = np.empty(_WINDOW, dtype=np.intp)  # b after each of them,
         seen = np.empty(_WINDOW, dtype=np.intp)  # and per layer of the window, the records up to it
         lo = offsets[s]
-        thread = numba.get_thread_id()  # in [0, get_num_threads())
+        thread = numba.get_thread_id()  # in [0, NUMBA_NUM_THREADS)
         total = 0.0  # sum of 0 * confidence: NaN iff one of them is NaN or infinite (never overflows)
         grid, sh = grids[0], shift[0]
         for t in range(lo, offsets[s + 1]):
@@ -477,8 +477,8 @@ def _run_sweep(conf, lam, offsets, decay, top1, full):
     wrong = np.zeros((n_seq, k + 1) if top1 is not None else (0, 0), dtype=np.int64)
     with keep_torch_threads():
         serial = forked()
-        rows = 1 if serial else numba.get_num_threads()  # which starts numba's threads
-        layer_hist = np.zeros((rows, k + 1), dtype=np.int64)  # a row a thread, never n_seq rows
+        # a row a thread, never n_seq rows: numba.get_thread_id() < the pool's size, whatever set_num_threads says
+        layer_hist = np.zeros((1 if serial else numba.config.NUMBA_NUM_THREADS, k + 1), dtype=np.int64)
         ok = (_sweep_serial if serial else _sweep)(
             conf, np.ascontiguousarray(grids), shift, 1.0 / slope, lut, float(asc[0]), float(inv),
             offsets, top1, full, layer_hist, wrong,

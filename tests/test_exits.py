@@ -358,46 +358,27 @@ def test_numba_kernel_leaves_torch_thread_count_alone(monkeypatch):
         torch.set_num_threads(before)
 
 
-def test_torch_thread_count_survives_numbas_pool_start_and_kernels_in_two_threads(monkeypatch):
-    """Starting numba's pool (numba.get_num_threads) changed torch's count before the guard saved it; and a second
-    thread entering the guard while the first one's kernel ran saved the changed count and restored it last."""
-    import threading
-
+def test_torch_thread_count_survives_numbas_pool_start(monkeypatch):
+    """Starting numba's pool (numba.get_num_threads, which an earlier version called before the guard) changes torch's
+    count too: nothing before the guard may start it."""
     import numba
-
-    from calibrate._threads import keep_torch_threads
+    from numba.np.ufunc import parallel
 
     torch = pytest.importorskip("torch")
-    real = numba.get_num_threads
 
-    def start_pool_like_numba():
-        torch.set_num_threads(2)
-        return real()
+    def starts_the_pool(real):
+        def start_pool_like_numba(*args):
+            torch.set_num_threads(2)
+            return real(*args)
 
-    monkeypatch.setattr(numba, "get_num_threads", start_pool_like_numba)
+        return start_pool_like_numba
+
+    monkeypatch.setattr(numba, "get_num_threads", starts_the_pool(numba.get_num_threads))
+    monkeypatch.setattr(parallel, "_launch_threads", starts_the_pool(parallel._launch_threads))
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
         average_layers(np.random.default_rng(0).random((50, 4)), [0.9, 0.5])
-        assert torch.get_num_threads() == 1
-        first_launched, second_entered = threading.Event(), threading.Event()
-
-        def first():
-            with keep_torch_threads():
-                torch.set_num_threads(2)  # its kernel's launch
-                first_launched.set()
-                second_entered.wait(5)
-
-        def second():
-            first_launched.wait(5)
-            with keep_torch_threads():
-                second_entered.set()
-
-        threads = [threading.Thread(target=first), threading.Thread(target=second)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(10)
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)

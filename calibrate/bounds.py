@@ -127,8 +127,9 @@ def _out(p: np.ndarray):
 
 
 def _sum_error(total: np.ndarray, terms: int) -> np.ndarray:
-    """Bound on the float error of a sum ``total`` of ``terms`` non-negative terms added one by one (or of
-    ``terms`` times their float mean): ``(terms + 2)`` units of ``eps * max(1, total)``."""
+    """Bound on the float error of a sum ``total`` whose terms each went through at most ``terms`` roundings (``n``
+    terms added one by one: ``n``; a compensated sum: :data:`_COMPENSATED`; ``n`` times a NumPy mean:
+    :func:`_mean_terms`): ``(terms + 2)`` units of ``eps * max(1, total)``."""
     return (terms + 2) * np.finfo(np.float64).eps * np.maximum(1.0, total)
 
 

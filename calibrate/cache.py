@@ -211,7 +211,9 @@ class LayerCache:
         checksum describing other data)."""
         t = self._table
         texts = [[None if not isinstance(v, str) else v for v in t[col].tolist()] for col in _TEXT_COLUMNS]
-        return (_unpickle, (*texts, dict(self._arrays), self._offsets, self._vocab_size, self._user_meta, self._vocab))
+        arrays = dict(self._arrays)
+        state = (*texts, arrays, self._offsets, self._vocab_size, self._user_meta, self._vocab, self._checksums)
+        return (_unpickle, (type(self), *state))
 
     @classmethod
     def _trusted(cls, sequences, arrays, offsets, vocab_size, meta, vocab) -> LayerCache:
@@ -1198,10 +1200,13 @@ def _from_arrays(
 _TEXT_COLUMNS = ("id", "prompt", "output", "reference")
 
 
-def _unpickle(ids, prompts, outputs, references, arrays, offsets, vocab_size, meta, vocab) -> LayerCache:
-    """What :meth:`LayerCache.__reduce__` pickles, rebuilt as :meth:`LayerCache._trusted` builds a cache."""
+def _unpickle(cls, ids, prompts, outputs, references, arrays, offsets, vocab_size, meta, vocab, checksums):
+    """What :meth:`LayerCache.__reduce__` pickles, rebuilt as :meth:`LayerCache._trusted` builds a cache (read-only
+    again, so the checksums computed before, if any, still describe it)."""
     table = _make_table(ids, prompts, outputs, references, arrays["full_tokens"], offsets)
-    return LayerCache._trusted(table, arrays, offsets, vocab_size, meta, vocab)
+    cache = cls._trusted(table, arrays, offsets, vocab_size, meta, vocab)
+    cache._checksums = checksums
+    return cache
 
 
 def _first_repeat(ids: Sequence[str]) -> str | None:

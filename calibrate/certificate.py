@@ -108,6 +108,11 @@ def _frozen(value: Any, where: str) -> Any:
     return value
 
 
+def _construct(cls: type, data: dict) -> Any:
+    """``cls(**data)``: what a pickled certificate is rebuilt with."""
+    return cls(**data)
+
+
 def _parse_json(text: str) -> Any:
     try:
         return json.loads(text)
@@ -206,9 +211,10 @@ class Certificate:
 
     Notes
     -----
-    Every field is checked on construction (a ValueError names the field). ``decay``, ``measure_state``
-    and ``heads`` are held as read-only copies (mappings, nested lists as tuples), so a certificate's
-    equality and hash never change; :meth:`to_dict` gives them back as plain dicts and lists.
+    Every field is checked on construction (a ValueError or, for a wrong type, a TypeError names the field).
+    ``decay``, ``measure_state`` and ``heads`` are held as read-only copies (mappings, nested lists as tuples) of
+    JSON data, so a certificate's equality and hash never change; :meth:`to_dict` gives them back as plain dicts
+    and lists.
 
     Examples
     --------
@@ -552,8 +558,9 @@ class Certificate:
         return hash(self._canonical())
 
     def __reduce__(self):
-        """Pickle and copy through :meth:`to_dict`: its read-only mappings do not pickle (to a process pool, Dask)."""
-        return (Certificate.from_dict, (self.to_dict(),))
+        """Pickle and copy through :meth:`to_dict` and the constructor: its read-only mappings do not pickle (to a
+        process pool, Dask), and :meth:`from_dict` would refuse a certificate set to decode at an untested threshold."""
+        return (_construct, (type(self), self.to_dict()))
 
     def to_json(self, path: str | os.PathLike | None = None) -> str:
         """Serialise to JSON (``NaN`` entries as ``null``); write atomically when ``path`` is given."""

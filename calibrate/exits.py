@@ -88,7 +88,10 @@ class Decay:
     def _settled(self) -> int:
         """A position from which :meth:`thresholds` are the same at every later one: ``exp(-tau t / N)`` is 0.0 in
         float64 (below ``exp(-745.2)``); 0 when ``tau = 0``. Tables by position stop there."""
-        return 0 if self.tau == 0 else math.ceil(746.0 * self.max_len / self.tau)
+        if self.tau == 0:
+            return 0
+        position = 746.0 * self.max_len / self.tau  # inf for a subnormal tau
+        return math.ceil(position) if position < 2**62 else 2**62
 
     def to_dict(self) -> dict:
         """``{"max_len": N, "tau": tau}``, as certificates record it."""
@@ -233,7 +236,10 @@ def _crossings(conf: np.ndarray, asc: np.ndarray, positions: np.ndarray | None, 
         return np.searchsorted(asc, running, side="right").astype(np.int32, copy=False)
     out = np.empty(running.shape, dtype=np.int32)
     # Threshold grids differ only by position: one searchsorted per distinct position, never per token.
-    uniq, inverse = np.unique(np.minimum(positions, decay._settled()), return_inverse=True)
+    settled = decay._settled()
+    if positions.size and positions.max() > settled:  # then settled fits the positions' dtype
+        positions = np.minimum(positions, settled)
+    uniq, inverse = np.unique(positions, return_inverse=True)
     order = np.argsort(inverse, kind="stable")
     bounds = np.searchsorted(inverse[order], np.arange(uniq.size + 1))
     grids = decay.thresholds(asc, uniq)  # (n_positions, K), non-decreasing rows
@@ -315,10 +321,12 @@ def early_tokens(top1: np.ndarray, layers: np.ndarray, full_tokens: np.ndarray |
            [8, 8, 1]])
     """
     top1, layers = as_numpy(top1), as_numpy(layers)
-    if layers.dtype.kind not in "iu" or layers.ndim != 2 or top1.ndim != 2 or layers.shape[0] != top1.shape[0]:
+    if layers.dtype.kind not in "iu":
+        raise TypeError(f"layers must be ints (1-based exit layers), got dtype {layers.dtype}")
+    if layers.ndim != 2 or top1.ndim != 2 or layers.shape[0] != top1.shape[0]:
         raise ValueError(
-            f"top1 (n_tokens, n_layers) and layers (n_tokens, n_lambdas) must be 2-D with as many rows, and layers "
-            f"ints; got shapes {top1.shape} and {layers.shape}, layers of dtype {layers.dtype}"
+            f"top1 (n_tokens, n_layers) and layers (n_tokens, n_lambdas) must be 2-D with as many rows; got shapes "
+            f"{top1.shape} and {layers.shape}"
         )
     if layers.size and (layers.min() < 1 or layers.max() > top1.shape[1]):
         raise ValueError(

@@ -613,6 +613,7 @@ def fit(
         raise ValueError("model, tokenizer and heads are used only with mode='decoded'; proxy mode reads the cache")
     _risk_control_iv(delta, epsilon, bound, method)  # before any work
     _consistency_iv(consistency, cache.sequences)  # before a learned measure trains
+    _generation_budget(cache)  # a budget below the longest sequence: refused before the losses are computed
     if lambdas is not None:
         _lambdas_iv(lambdas)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +33,15 @@ _eval_lock = threading.Lock()
 _eval_users: dict[int, tuple[list[int], list[tuple[torch.nn.Module, bool]]]] = {}
 
 
+def _after_fork_in_child() -> None:
+    global _eval_lock
+    _eval_lock = threading.Lock()  # another thread of the parent may have held it
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 @contextlib.contextmanager
 def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     """Run ``model`` in eval mode (no dropout), then restore every submodule's training flag (a frozen
@@ -43,8 +53,11 @@ def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     """
     with _eval_lock:
         if id(model) not in _eval_users:
-            _eval_users[id(model)] = ([0], [(module, module.training) for module in model.modules()])
-            model.eval()
+            flags = [(module, module.training) for module in model.modules()]
+            model.eval()  # registered only once this worked
+            _eval_users[id(model)] = ([0], flags)
+        else:
+            model.eval()  # again: a caller may have switched it back to training in between
         count, flags = _eval_users[id(model)]
         count[0] += 1
     try:

@@ -60,8 +60,15 @@ def test_pickled_and_copied_caches_stay_read_only_and_equal(cache):
     import copy
     import pickle
 
+    class Mine(LayerCache):
+        pass
+
+    mine = Mine._trusted(cache.sequences, cache.arrays, cache.offsets, cache.vocab_size, cache.user_meta, cache.vocab)
+    assert type(copy.deepcopy(mine)) is Mine
+    checksum = cache.checksum  # computed once, carried along (read-only arrays: it still describes them)
+    assert pickle.loads(pickle.dumps(cache))._checksums == cache._checksums
     for back in (pickle.loads(pickle.dumps(cache)), copy.deepcopy(cache)):
-        assert back.checksum == cache.checksum and back.user_meta == cache.user_meta and back.vocab == cache.vocab
+        assert back.checksum == checksum and back.user_meta == cache.user_meta and back.vocab == cache.vocab
         assert back.sequences.drop(columns="output_ids").equals(cache.sequences.drop(columns="output_ids"))
         for a in (back.arrays["topk_ids"], back.arrays["hidden"], back.sequences["output_ids"][0], back.offsets):
             with pytest.raises(ValueError, match="read-only"):

@@ -55,6 +55,8 @@ def test_certificates_with_mappings_pickle_and_copy(tmp_path):
     for back in (pickle.loads(pickle.dumps(cert)), copy.deepcopy(cert), copy.copy(cert)):
         assert back == cert and back.to_json() == cert.to_json()
         assert dict(back.decay) == {"max_len": 32, "tau": 4.0}
+    at = dataclasses.replace(cert, lambda_hat=0.7)  # set to decode at an untested value: from_dict refuses it
+    assert copy.deepcopy(at).lambda_hat == 0.7 and pickle.loads(pickle.dumps(at)) == at
     # a file whose name starts like JSON text is read as a file
     path = tmp_path / "{run-1}.json"
     cert.to_json(path)

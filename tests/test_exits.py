@@ -140,6 +140,18 @@ def test_decay_past_the_settled_position_and_many_sequences_match_plain_loop(tau
         np.testing.assert_array_equal(counts.sum(axis=0), (early != full[:, None]).sum(axis=0))
 
 
+def test_a_tiny_tau_settles_nowhere_without_overflow():
+    """746 N / tau is inf for a subnormal tau (math.ceil raised), and a huge settled position overflowed int32 positions."""
+    conf, lambdas = np.random.default_rng(1).random((30, 4)), np.linspace(1.0, 0.0, 11)
+    positions = np.arange(30, dtype=np.int32)
+    for tau in (5e-324, 3e-4):
+        decay = Decay(max_len=1000, tau=tau)
+        assert decay._settled() >= 2**31
+        got = exit_layers(conf, lambdas, positions=positions, decay=decay)
+        np.testing.assert_array_equal(got, _reference_exit_layers(conf, lambdas, positions, decay))
+        np.testing.assert_allclose(average_layers(conf, lambdas, offsets=[0, 30], decay=decay), got.mean(axis=0))
+
+
 def test_decay_defaults_to_calms_rate():
     """CALM's decaying threshold: 0.9 lambda + 0.1 exp(-tau t / N) with tau = 4 unless told otherwise."""
     decay = Decay(max_len=10)
@@ -192,7 +204,7 @@ def test_early_tokens_refuses_layers_outside_1_to_l():
             early_tokens(top1, np.array([[bad]]))
     with pytest.raises(ValueError, match="must be 2-D with as many rows"):
         early_tokens(top1, np.array([[1], [2]]))
-    with pytest.raises(ValueError, match="layers ints"):
+    with pytest.raises(TypeError, match="layers must be ints"):
         early_tokens(top1, np.array([[1.0]]))
     np.testing.assert_array_equal(early_tokens(top1, np.array([[1, 3]])), [[1, 3]])
 

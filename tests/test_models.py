@@ -125,6 +125,11 @@ def test_eval_mode_calls_that_overlap_keep_eval_until_the_last_one_ends():
         t.join(10)
     assert seen == [[False] * 4]  # still in eval after the first call ended
     assert [m.training for m in model.modules()] == before == [True, True, True, False]
+    with models.eval_mode(model):
+        model.train()  # switched back in between: the next call makes it eval again
+        with models.eval_mode(model):
+            assert not any(m.training for m in model.modules())
+    assert [m.training for m in model.modules()] == before and not models._eval_users
 
 
 def test_import_calibrate_does_not_import_the_model_module():

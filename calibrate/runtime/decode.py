@@ -590,7 +590,12 @@ def _heads_identity_iv(recorded, heads: ExitHeads) -> None:
     differ = [key for key in current if key in recorded and recorded[key] != current[key]]
     if differ:
         details = "; ".join(f"{key}: certificate {recorded[key]!r}, heads {current[key]!r}" for key in differ)
-        if set(differ) <= {"kind", "adapters_digest"}:  # the same model, other adapters (or none)
+        if set(differ) <= {"kind", "adapters_digest"} and recorded.get("kind") == "logit_lens":
+            advice = (
+                "the certificate was calibrated with the model's own heads: pass heads=None (command line: no "
+                "--adapters)"
+            )
+        elif set(differ) <= {"kind", "adapters_digest"}:  # the same model, other adapters (or none)
             advice = (
                 "the certificate was calibrated with other exit heads: pass those (heads="
                 "calibrate.adapters.load_adapters(model, FILE); command line: --adapters FILE)"

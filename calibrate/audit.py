@@ -601,8 +601,8 @@ def validity(
         )
     # fit's data step runs once (training the classifier, if any, on sequences kept out of every
     # trial); each trial then only permutes the rows of the loss table and certifies.
-    options = {key: fit_kwargs.pop(key) for key in ("bound", "method") if key in fit_kwargs}
-    _risk_control_iv(delta, epsilon, options.get("bound"), options.get("method", "fixed_sequence"))
+    bound, method = fit_kwargs.pop("bound", None), fit_kwargs.pop("method", "fixed_sequence")  # fit's defaults
+    _risk_control_iv(delta, epsilon, bound, method)
     table, *_ = _proxy_table(cache, seed=seed, **fit_kwargs)
     n_cal = int(round(cal_fraction * table.n))
     if not 0 < n_cal < table.n:
@@ -612,8 +612,7 @@ def validity(
     for i in tqdm(range(trials), desc="validity", unit="split", disable=not progress):
         perm = np.random.default_rng([seed, i]).permutation(table.n)
         cal, test = table.subset(perm[:n_cal]), table.subset(perm[n_cal:])
-        cert, caveat = _certify(cal, None, delta, epsilon, options.get("bound"), options.get("method", "fixed_sequence"),
-                                "exit_threshold")  # fmt: skip
+        cert, caveat = _certify(cal, None, delta, epsilon, bound, method, "exit_threshold")
         caveats += [caveat] if caveat else []
         if cert.index is not None:
             test_risks[i] = test.risks[cert.index]

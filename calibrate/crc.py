@@ -120,12 +120,11 @@ def conformal_risk_control(losses, delta: float, *, max_loss: float = 1.0) -> in
     reason = non_monotone_reason(arr)
     if reason:
         warnings.warn(reason, UserWarning, stacklevel=2)
-    return crc_index(arr, delta, max_loss)
+    return _crc_index(arr, delta, max_loss)
 
 
-def crc_index(losses: np.ndarray, delta: float, max_loss: float = 1.0) -> int | None:
+def _crc_index(arr: np.ndarray, delta: float, max_loss: float = 1.0) -> int | None:
     """:func:`conformal_risk_control` of checked losses, without its warning (a caller that reports it itself)."""
-    arr = losses
     n = arr.shape[0]
     adjusted = n / (n + 1.0) * arr.mean(axis=0) + max_loss / (n + 1.0)
     ok = adjusted <= delta

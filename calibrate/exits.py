@@ -40,6 +40,10 @@ __all__ = [
 _BLOCK = 1 << 15
 
 
+#: What both the sweep and exit_layers say of a non-finite confidence.
+_NON_FINITE = "conf contains NaN or inf in a layer before the last (whose value is never read)"
+
+
 @dataclass(frozen=True)
 class Decay:
     """CALM's decaying threshold ``lambda_t = clip(0.9 * lambda + 0.1 * exp(-tau * t / N), 0, 1)``.
@@ -206,7 +210,7 @@ def _exit_layers_iv(conf, lambdas, positions, decay):
     lam = _lambdas_iv(lambdas)
     conf = _conf_iv(conf, decay)
     if not np.all(np.isfinite(conf[:, :-1])):  # the last layer's value is never read (as in the sweep)
-        raise ValueError("conf contains NaN or inf in a layer before the last (whose value is never read)")
+        raise ValueError(_NON_FINITE)
     if decay is None:  # positions matter only for the decaying threshold
         return lam, conf, None
     if positions is None:
@@ -492,7 +496,7 @@ def _run_sweep(conf, lam, offsets, decay, top1, full):
             offsets, top1, full, layer_hist, wrong,
         )
     if not ok:
-        raise ValueError("conf contains NaN or inf in a layer before the last (whose value is never read)")
+        raise ValueError(_NON_FINITE)
     # exit layer at ascending index j = 1 + #{i < L : b_i <= j}; averaged over tokens
     n = conf.shape[0]  # exact integer sum of exit layers, one division (as every other path computes it)
     avg = (n + np.cumsum(layer_hist.sum(axis=0)[:k])) / n if n else np.full(k, np.nan)  # no tokens: no mean

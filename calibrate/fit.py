@@ -19,7 +19,7 @@ from calibrate import fwer as _fwer
 from calibrate._format import level
 from calibrate._validation import open_interval, seed_iv
 from calibrate.certificate import KNOBS, Certificate
-from calibrate.crc import crc_index, non_monotone_reason
+from calibrate.crc import _crc_index, non_monotone_reason
 from calibrate.exits import Decay, _lambdas_iv, default_lambdas
 from calibrate.losses import _TOKEN_LEVEL, LossTable, _consistency_iv, _text_iv, proxy_losses, user_losses
 
@@ -178,7 +178,7 @@ def _certify(losses, lambdas, delta, epsilon, bound, method, knob) -> tuple[Cert
     caveat = ""
     if method_name == "crc":
         p_values = np.full(lam.size, np.nan)
-        index = crc_index(table.losses, delta)
+        index = _crc_index(table.losses, delta)
         caveat = non_monotone_reason(table.losses)  # kept in the certificate's reason too
         rejected = np.zeros(lam.size, dtype=bool)
         if index is not None:
@@ -613,7 +613,7 @@ def fit(
         raise ValueError("model, tokenizer and heads are used only with mode='decoded'; proxy mode reads the cache")
     _risk_control_iv(delta, epsilon, bound, method)  # before any work
     _consistency_iv(consistency, cache.sequences)  # before a learned measure trains
-    _generation_budget(cache)  # a budget below the longest sequence: refused before the losses are computed
+    budget = _generation_budget(cache)  # one below the longest sequence: refused before the losses are computed
     if lambdas is not None:
         _lambdas_iv(lambdas)
 
@@ -659,7 +659,7 @@ def fit(
         decay=None if decay is None else decay.to_dict(),
         measure_state=measure_state,
         n_train=n_train,
-        max_new_tokens=_generation_budget(cache),
+        max_new_tokens=budget,
         cache_checksum=cache.checksum,
         model=cache.user_meta.get("model"),
         heads=cache.user_meta.get("heads"),

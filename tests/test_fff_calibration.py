@@ -62,6 +62,49 @@ def test_fit_equals_labels_at_each_depth_and_apply_runs_it():
         torch.testing.assert_close(model(x[:7]), model[2](model[1](model[0](x[:7])), depth=int(cert.lambda_hat)))
 
 
+def test_at_depth_is_seen_by_its_own_thread_only():
+    """fff.fit / at_depth on a model another thread is serving must not change that thread's outputs."""
+    import threading
+
+    model = _classifier()
+    x = torch.randn(200, 12)
+    with torch.no_grad():
+        full, shallow = model(x), model[2](model[1](model[0](x)), depth=0)
+    assert not torch.equal(full, shallow)
+    inside, served = threading.Event(), threading.Event()
+    seen = {}
+
+    def calibrating():
+        with torch.no_grad(), fff.at_depth(model, 0):
+            inside.set()
+            seen["calibration"] = model(x)
+            served.wait(timeout=30)  # still inside the block while the other thread runs the model
+
+    thread = threading.Thread(target=calibrating)
+    thread.start()
+    assert inside.wait(timeout=30)
+    with torch.no_grad():
+        seen["served"] = model(x)  # was depth 0: the block had set every layer's eval_depth
+    served.set()
+    thread.join()
+    torch.testing.assert_close(seen["served"], full)
+    torch.testing.assert_close(seen["calibration"], shallow)
+
+
+def test_eval_depth_set_inside_at_depth_outlives_the_block_and_is_checked():
+    model = _classifier()
+    layer = fff.fff_layers(model)[0]
+    with fff.at_depth(model, 1):
+        layer.eval_depth = 4  # e.g. fff.apply inside the block: kept (was reset to None at the block's end)
+        assert layer.eval_depth == 1  # the block's depth wins inside it
+    assert layer.eval_depth == 4
+    with pytest.raises(ValueError, match=r"depth must be an int in 0..6"):
+        layer.eval_depth = 7  # was accepted, and failed at the next forward
+    with pytest.raises(TypeError, match="depth must be an int"):
+        layer.eval_depth = 2.0
+    assert layer.eval_depth == 4
+
+
 def test_fit_checks_its_risk_options_before_the_model_runs(monkeypatch):
     model = _classifier()
     monkeypatch.setattr(fff.calibration, "depth_losses", lambda *a, **k: pytest.fail("the model ran first"))

@@ -32,7 +32,7 @@ from calibrate._digest import model_digest
 from calibrate._validation import int_at_least, int_in
 from calibrate.audit import AuditReport, _held_out_report
 from calibrate.certificate import Certificate, _audit_budget, _spend_iv
-from calibrate.fff.layer import FFF
+from calibrate.fff.layer import _DEPTHS, FFF
 from calibrate.fit import _risk_control_iv, certify
 from calibrate.losses import LossTable
 from calibrate.models import eval_mode
@@ -71,10 +71,12 @@ def model_id(model: nn.Module) -> str:
 
 @contextmanager
 def at_depth(model: nn.Module, depth: int | None) -> Iterator[nn.Module]:
-    """Run every FFF layer of ``model`` at evaluation depth ``depth`` (None: full) inside the block, then restore.
+    """Run every FFF layer of ``model`` at evaluation depth ``depth`` (None: full) inside the block.
 
-    A layer shallower than ``depth`` runs its whole tree, so in a model whose trees differ in depth, ``D``
-    (the deepest layer's depth) is the full model.
+    Only the calling thread (or asyncio task) sees the depth: another thread running the same model
+    meanwhile keeps each layer's ``eval_depth`` (set by :func:`apply`). A layer shallower than ``depth``
+    runs its whole tree, so in a model whose trees differ in depth, ``D`` (the deepest layer's depth) is
+    the full model.
 
     Raises
     ------
@@ -82,16 +84,14 @@ def at_depth(model: nn.Module, depth: int | None) -> Iterator[nn.Module]:
         When ``depth`` is not an int in ``0..D``.
     """
     layers = fff_layers(model)
-    top = _max_depth(model)
     if depth is not None:
-        int_in(depth, "depth", 0, top, " (None: full)")
-    before = [layer.eval_depth for layer in layers]
-    _set_depth(layers, depth)
+        depth = int_in(depth, "depth", 0, _max_depth(model), " (None: full)")
+    here = {layer: None if depth is None else min(depth, layer.depth) for layer in layers}
+    token = _DEPTHS.set({**_DEPTHS.get(), **here})
     try:
         yield model
     finally:
-        for layer, value in zip(layers, before):
-            layer.eval_depth = value
+        _DEPTHS.reset(token)
 
 
 def apply(model: nn.Module, certificate: Certificate) -> nn.Module:

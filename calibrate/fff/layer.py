@@ -27,10 +27,11 @@ This module imports torch; ``import calibrate`` does not import it.
 
 from __future__ import annotations
 
+import contextvars
 import json
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numba
@@ -51,6 +52,8 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"gelu": F.gelu
 #: Hard-descent implementations: "torch" (gather per level), "numba" (compiled CPU kernel, float32/64).
 BACKENDS = ("auto", "torch", "numba")
 _ACT_ID = {"gelu": 0, "relu": 1, "silu": 2}
+#: Evaluation depths set by :func:`calibrate.fff.at_depth` for the current thread (or task) only: layer -> depth.
+_DEPTHS: contextvars.ContextVar[Mapping[FFF, int | None]] = contextvars.ContextVar("fff_depths", default={})
 
 
 def _depth_iv(depth, max_depth: int) -> int:
@@ -96,8 +99,9 @@ class FFF(nn.Module):
     b_out : nn.Parameter or None
         ``(out_features,)``.
     eval_depth : int or None
-        Evaluation depth used when :meth:`forward` gets none (None: the whole path); set by
-        :func:`calibrate.fff.apply` and :func:`calibrate.fff.at_depth`.
+        Evaluation depth used when :meth:`forward` gets none (None: the whole path); set for every thread
+        by :func:`calibrate.fff.apply` (or by assigning it), and inside a :func:`calibrate.fff.at_depth`
+        block for that block's thread only.
 
     Raises
     ------
@@ -136,7 +140,7 @@ class FFF(nn.Module):
             raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
         self.in_features, self.out_features, self.depth = int(in_features), int(out_features), int(depth)
         self.activation = activation
-        self.eval_depth: int | None = None
+        self.eval_depth = None
         nodes = 2 ** (self.depth + 1) - 1
         if nodes * (self.in_features + self.out_features) >= 2**62:
             raise ValueError(
@@ -157,6 +161,15 @@ class FFF(nn.Module):
         else:
             self.register_parameter("b_in", None)
             self.register_parameter("b_out", None)
+
+    @property
+    def eval_depth(self) -> int | None:
+        depths = _DEPTHS.get()
+        return depths[self] if self in depths else self._eval_depth
+
+    @eval_depth.setter
+    def eval_depth(self, depth: int | None) -> None:
+        self._eval_depth = None if depth is None else _depth_iv(depth, self.depth)
 
     @property
     def n_nodes(self) -> int:

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +33,7 @@ from torch import nn
 from calibrate._digest import model_digest
 from calibrate._validation import int_at_least, int_in
 
-__all__ = ["SUPPORTED_ARCHITECTURES", "ExitHeads", "decoder_layers", "record_layer_states"]
+__all__ = ["SUPPORTED_ARCHITECTURES", "ExitHeads", "decoder_layers", "forward_hooks", "record_layer_states"]
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,32 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 @contextlib.contextmanager
+def forward_hooks(hooks: Sequence[tuple[nn.Module, Callable]]) -> Iterator[None]:
+    """Register ``hook(module, args, output)`` on each module for the block, seeing this thread's forward passes only.
+
+    Another thread running the same model meanwhile (serving it, or extracting too) calls the hooks as well;
+    they ignore it, so each caller records its own forward passes. The hooks are removed on exit, also on errors.
+    """
+    owner = threading.get_ident()
+
+    def this_thread(hook: Callable) -> Callable:
+        def filtered(module, args, output):
+            if threading.get_ident() == owner:
+                hook(module, args, output)
+
+        return filtered
+
+    handles = []
+    try:
+        for module, hook in hooks:
+            handles.append(module.register_forward_hook(this_thread(hook)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
 def record_layer_states(model: nn.Module, *, position: int | None = -1) -> Iterator[list[list[torch.Tensor]]]:
     """Record the raw output of every decoder layer at one position, for every forward call.
 
@@ -147,8 +174,8 @@ def record_layer_states(model: nn.Module, *, position: int | None = -1) -> Itera
     Notes
     -----
     The hooks read the residual stream as each layer returns it, before the final norm, so the last
-    layer's state is raw (unlike ``hidden_states[-1]`` of Hugging Face outputs). The hooks are removed
-    on exit, also on errors.
+    layer's state is raw (unlike ``hidden_states[-1]`` of Hugging Face outputs). Only the calling thread's
+    forward calls are recorded (:func:`forward_hooks`); the hooks are removed on exit, also on errors.
     """
     layers = decoder_layers(model)
     states: list[list[torch.Tensor]] = [[] for _ in layers]
@@ -160,12 +187,8 @@ def record_layer_states(model: nn.Module, *, position: int | None = -1) -> Itera
 
         return hook
 
-    handles = [layer.register_forward_hook(hook_for(i)) for i, layer in enumerate(layers)]
-    try:
+    with forward_hooks([(layer, hook_for(i)) for i, layer in enumerate(layers)]):
         yield states
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 #: ``config.model_type`` values whose position ids start at ``pad_token_id + 1`` (RoBERTa's embeddings).

@@ -328,6 +328,45 @@ def test_model_mode_is_restored(tokenizer):
 # --------------------------------------------------------------------------------------------------
 
 
+def test_layer_states_record_the_calling_threads_forwards_only():
+    """A model served in another thread meanwhile: its forward calls are not recorded (extract then failed
+    with a misleading "unsupported generation config?")."""
+    import threading
+
+    model = tiny_model("llama")
+    inside, done = threading.Event(), threading.Event()
+    counts = {}
+
+    def recording():
+        with torch.no_grad(), record_layer_states(model) as recorded:
+            inside.set()
+            done.wait(timeout=30)  # another thread's forward runs now
+            model(input_ids=torch.tensor([[4, 9, 17]]))
+            counts["calls"] = [len(r) for r in recorded]
+
+    thread = threading.Thread(target=recording)
+    thread.start()
+    assert inside.wait(timeout=30)
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[5, 6]]))
+    done.set()
+    thread.join()
+    assert counts["calls"] == [1] * N_LAYERS  # was [2, 2, 2]
+
+
+def test_two_threads_extracting_with_one_model_get_what_each_gets_alone(tokenizer):
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = tiny_model("gpt2")
+    run = lambda i: extract(model, tokenizer, PROMPTS[i::2], max_new_tokens=4, progress=False)  # noqa: E731
+    alone = [run(i) for i in (0, 1)]
+    with ThreadPoolExecutor(2) as pool:
+        both = list(pool.map(run, (0, 1)))
+    for cache, expected in zip(both, alone):
+        for field in ("full_tokens", "topk_ids", "softmax_gap"):
+            np.testing.assert_array_equal(cache.arrays[field], expected.arrays[field])
+
+
 def test_crash_then_rerun_resumes_and_equals_an_uninterrupted_run(tokenizer, tmp_path, monkeypatch):
     model = tiny_model("gpt2")
     kw = {"max_new_tokens": 4, "batch_size": 2, "top_k": 3, "store_hidden": True, "progress": False}

@@ -29,7 +29,7 @@ from calibrate._atomic import temporary_dir
 from calibrate._validation import finite_positive, int_at_least, seed_iv, torch_seed
 from calibrate.audit import _tight
 from calibrate.fff.layer import FFF
-from calibrate.heads import decoder_layers
+from calibrate.heads import decoder_layers, forward_hooks
 from calibrate.models import eval_mode
 
 __all__ = ["DistillResult", "distill", "load_blocks", "mlp_activations", "save_blocks"]
@@ -141,23 +141,19 @@ def mlp_activations(
     layers = _layers_iv(layers, len(blocks))
     max_tokens = int_at_least(max_tokens, "max_tokens")
     recorded: dict[int, tuple[list, list]] = {i: ([], []) for i in layers}
-    hooks = []
-    for i in layers:
 
-        def hook(module, args, output, i=i):
+    def hook_for(i: int):
+        def hook(module, args, output):
             recorded[i][0].append(args[0].detach().reshape(-1, args[0].shape[-1]).float().cpu())
             recorded[i][1].append(output.detach().reshape(-1, output.shape[-1]).float().cpu())
 
-        hooks.append(_mlp_of(blocks[i], i).register_forward_hook(hook))
-    try:
-        device = next(model.parameters()).device
-        with eval_mode(model):
-            for text in texts:
-                ids = tokenizer(text, return_tensors="pt")["input_ids"][:, :max_tokens].to(device)
-                model(input_ids=ids)
-    finally:
-        for h in hooks:
-            h.remove()
+        return hook
+
+    device = next(model.parameters()).device
+    with forward_hooks([(_mlp_of(blocks[i], i), hook_for(i)) for i in layers]), eval_mode(model):
+        for text in texts:
+            ids = tokenizer(text, return_tensors="pt")["input_ids"][:, :max_tokens].to(device)
+            model(input_ids=ids)
     return {i: (torch.cat(x), torch.cat(y)) for i, (x, y) in recorded.items()}
 
 

@@ -61,6 +61,42 @@ def test_seeds_beyond_64_bits_distil_reproducibly(tokenizer, distilled):
     assert a.errors == b.errors and a.errors != c.errors
 
 
+def test_distill_leaves_torchs_global_generator_alone(tokenizer, distilled, monkeypatch):
+    """Another thread drawing from torch's global generator meanwhile must not change the distilled model: the
+    initial weights come from a generator of the seed's own (was manual_seed of the global one in fork_rng)."""
+    model, _, _ = distilled
+    kw = dict(depth=2, layers=[1], steps=2, batch_size=64, progress=False)
+    expected = fff.distill(model, tokenizer, TEXTS, seed=5, **kw)
+    state = torch.random.get_rng_state()
+    try:
+        torch.random.set_rng_state(torch.Generator().manual_seed(99).get_state())  # another thread's draws
+        monkeypatch.setattr(torch, "manual_seed", lambda seed: pytest.fail("seeded torch's global generator"))
+        monkeypatch.setattr(torch.random, "fork_rng", lambda *a, **k: pytest.fail("forked torch's global generator"))
+        again = fff.distill(model, tokenizer, TEXTS, seed=5, **kw)
+    finally:
+        torch.random.set_rng_state(state)
+    assert again.errors == expected.errors and again.baseline_errors == expected.baseline_errors
+    for a, b in zip(decoder_layers(again.model), decoder_layers(expected.model)):
+        for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+            assert torch.equal(x, y), name
+
+
+def test_initial_weights_from_a_generator_equal_those_of_the_seeded_global_stream():
+    """The distilled numbers of the README were made with torch.manual_seed(seed); the generator draws the same."""
+    from torch import nn
+
+    from calibrate.fff.distill import _linear
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(123)
+        before = [fff.FFF(20, 7, 4), nn.Linear(20, 5), nn.Linear(5, 7)]
+    g = torch.Generator().manual_seed(123)
+    now = [fff.FFF(20, 7, 4, generator=g), _linear(20, 5, g), _linear(5, 7, g)]
+    for a, b in zip(before, now):
+        for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+            assert torch.equal(x, y), name
+
+
 def _greedy(model, tokenizer, prompt, n):
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n, pad_token_id=0)

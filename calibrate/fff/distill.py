@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 import re
 import shutil
@@ -157,6 +158,15 @@ def mlp_activations(
     return {i: (torch.cat(x), torch.cat(y)) for i, (x, y) in recorded.items()}
 
 
+def _linear(d_in: int, d_out: int, generator: torch.Generator) -> nn.Linear:
+    """``nn.Linear(d_in, d_out)`` initialised as torch does (``reset_parameters``), drawing from ``generator``."""
+    linear = nn.utils.skip_init(nn.Linear, d_in, d_out)
+    nn.init.kaiming_uniform_(linear.weight, a=math.sqrt(5), generator=generator)
+    bound = 1 / math.sqrt(d_in)
+    nn.init.uniform_(linear.bias, -bound, bound, generator=generator)
+    return linear
+
+
 def _train(module: nn.Module, x, y, *, steps, batch_size, lr, hardening, soft_share, generator) -> nn.Module:
     """Mean squared error training; an FFF runs soft (hardening ramp) then masked, any other module as is."""
     optimiser = torch.optim.Adam(module.parameters(), lr=lr)
@@ -264,11 +274,10 @@ def distill(
         (x, y), (hx, hy) = train[i], held[i]
         d_in, d_out = x.shape[1], y.shape[1]
         layer_seed = torch_seed(seed * 1009 + i)
+        init = torch.Generator().manual_seed(layer_seed)  # not torch's global one, which other threads draw from
+        layer = FFF(d_in, d_out, depth, generator=init)
+        narrow = nn.Sequential(_linear(d_in, depth + 1, init), nn.GELU(), _linear(depth + 1, d_out, init))
         generator = torch.Generator().manual_seed(layer_seed)
-        with torch.random.fork_rng(devices=[]):  # seeded initialisation; the caller's global stream is restored
-            torch.manual_seed(layer_seed)
-            layer = FFF(d_in, d_out, depth)
-            narrow = nn.Sequential(nn.Linear(d_in, depth + 1), nn.GELU(), nn.Linear(depth + 1, d_out))
         layer = _train(layer, x, y, generator=generator, **kw)
         narrow = _train(narrow, x, y, generator=generator, **kw)
         errors.append(_relative_error(layer, hx, hy))

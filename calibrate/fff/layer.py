@@ -87,6 +87,10 @@ class FFF(nn.Module):
         Neuron activation.
     bias : bool, default=True
         Learn ``b_in`` (per node) and ``b_out``.
+    generator : torch.Generator or None, default=None
+        Draws the initial weights (uniform, ``w_in`` and ``b_in`` within ``1 / sqrt(in_features)``, ``w_out``
+        within ``1 / sqrt(depth + 1)``, in that order: ``w_in``, ``w_out``, ``b_in``); None: torch's global
+        generator.
 
     Attributes
     ----------
@@ -128,7 +132,16 @@ class FFF(nn.Module):
     torch.Size([5, 4])
     """
 
-    def __init__(self, in_features: int, out_features: int, depth: int, activation: str = "gelu", bias: bool = True):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        depth: int,
+        activation: str = "gelu",
+        bias: bool = True,
+        *,
+        generator: torch.Generator | None = None,
+    ):
         super().__init__()
         for name, value, low in (
             ("in_features", in_features, 1),
@@ -153,10 +166,10 @@ class FFF(nn.Module):
             w_in, w_out = torch.empty(nodes, in_features), torch.empty(nodes, out_features)
         except RuntimeError as exc:  # torch's allocator: "can't allocate memory"
             raise MemoryError(f"FFF(depth={self.depth}) cannot be allocated: its tree has {size}") from exc
-        self.w_in = nn.Parameter(w_in.uniform_(-bound_in, bound_in))
-        self.w_out = nn.Parameter(w_out.uniform_(-bound_out, bound_out))
+        self.w_in = nn.Parameter(w_in.uniform_(-bound_in, bound_in, generator=generator))
+        self.w_out = nn.Parameter(w_out.uniform_(-bound_out, bound_out, generator=generator))
         if bias:
-            self.b_in = nn.Parameter(torch.empty(nodes).uniform_(-bound_in, bound_in))
+            self.b_in = nn.Parameter(torch.empty(nodes).uniform_(-bound_in, bound_in, generator=generator))
             self.b_out = nn.Parameter(torch.zeros(out_features))
         else:
             self.register_parameter("b_in", None)

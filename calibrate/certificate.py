@@ -10,7 +10,6 @@ import os
 import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any, Mapping
 
 import numpy as np
@@ -86,15 +85,28 @@ def _budget_warning(certificate, max_new_tokens: int, stacklevel: int) -> None:
         )
 
 
+class _ReadOnlyDict(dict):
+    """A dict that refuses changes: a certificate's mappings (a dict, so ``dataclasses.asdict``, ``json`` and
+    ``copy.deepcopy`` take them, which a ``MappingProxyType`` does not)."""
+
+    def _refuse(self, *args, **kwargs):
+        raise TypeError("a certificate's mappings are read-only: make another with dataclasses.replace")
+
+    __setitem__ = __delitem__ = __ior__ = clear = pop = popitem = setdefault = update = _refuse
+
+    def __reduce__(self):
+        return (type(self), (dict(self),))
+
+
 def _frozen(value: Any, where: str) -> Any:
-    """A read-only deep copy of JSON data: mappings as ``MappingProxyType``, lists as tuples, NumPy scalars as
+    """A read-only deep copy of JSON data: mappings as a read-only dict, lists as tuples, NumPy scalars as
     Python ones (:func:`measures.learned.plain_state` inverts it); anything JSON cannot hold is refused, naming
     ``where``, so that ``to_json``, equality and the hash never fail later."""
     if isinstance(value, Mapping):
         for key in value:
             if not isinstance(key, str):
                 raise TypeError(f"{where} keys must be str (JSON object keys), got {key!r}")
-        return MappingProxyType({k: _frozen(v, f"{where}[{k!r}]") for k, v in value.items()})
+        return _ReadOnlyDict({k: _frozen(v, f"{where}[{k!r}]") for k, v in value.items()})
     if isinstance(value, (list, tuple)):
         return tuple(_frozen(v, f"{where}[{i}]") for i, v in enumerate(value))
     if isinstance(value, np.generic):
@@ -558,8 +570,8 @@ class Certificate:
         return hash(self._canonical())
 
     def __reduce__(self):
-        """Pickle and copy through :meth:`to_dict` and the constructor: its read-only mappings do not pickle (to a
-        process pool, Dask), and :meth:`from_dict` would refuse a certificate set to decode at an untested threshold."""
+        """Pickle and copy through :meth:`to_dict` and the constructor (:meth:`from_dict` would refuse a certificate
+        set to decode at an untested threshold)."""
         return (_construct, (type(self), self.to_dict()))
 
     def to_json(self, path: str | os.PathLike | None = None) -> str:

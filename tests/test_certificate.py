@@ -111,7 +111,22 @@ def test_frozen():
         cert.measure_state["kind"] = "y"
     with pytest.raises(TypeError):
         cert.measure_state["weights"][0][0] = 9.0  # nested lists are tuples
+    for change in (lambda m: m.update(kind="y"), lambda m: m.pop("kind"), lambda m: m.setdefault("z", 1),
+                   lambda m: m.clear(), lambda m: m.popitem(), lambda m: m.__delitem__("kind"),
+                   lambda m: m.__ior__({"kind": "y"})):  # fmt: skip
+        with pytest.raises(TypeError, match="read-only"):
+            change(cert.measure_state)
     assert hash(cert) == before and cert.to_dict()["measure_state"] == {"weights": [[0.5, -1.0]], "kind": "x"}
+
+
+def test_dataclasses_asdict_of_a_certificate_is_json_data():
+    """It failed: copy.deepcopy of the read-only mappings (cannot pickle 'mappingproxy' object)."""
+    cert = _cert(decay={"max_len": 32, "tau": 4.0}, measure_state={"layers": [{"coef": [0.5, 1.0]}]})
+    data = dataclasses.asdict(cert)
+    assert data["decay"] == {"max_len": 32, "tau": 4.0} and data["measure_state"] == {"layers": ({"coef": (0.5, 1.0)},)}
+    assert json.loads(json.dumps(data["measure_state"])) == cert.to_dict()["measure_state"]
+    with pytest.raises(TypeError, match="read-only"):
+        data["decay"]["tau"] = 1.0  # asdict keeps the mapping type, read-only like the certificate's
 
 
 def test_derived_values():

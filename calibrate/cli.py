@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import warnings
@@ -51,6 +52,21 @@ def _add_fit_options(p: argparse.ArgumentParser) -> None:
         "--decay", type=float, default=None, metavar="TAU", help="decaying threshold with rate TAU (CALM: 4)"
     )
     p.add_argument("--seed", type=int, default=0, help="seed of a learned measure's train split (default 0)")
+    p.add_argument(
+        "--measure-options", type=_json_object, default=None, metavar="JSON",
+        help="a learned measure's estimator options as a JSON object, e.g. '{\"max_iter\": 1000}'",
+    )
+
+
+def _json_object(text: str) -> dict:
+    """``--measure-options``: a JSON object (argparse reports the ValueError as an invalid value)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {text!r}")
+    return value
 
 
 def _output_iv(path: str | None, option: str) -> Path | None:
@@ -93,6 +109,7 @@ def _cmd_fit(args) -> int:
         method=args.method,
         decay=args.decay,
         seed=args.seed,
+        measure_options=args.measure_options,
         decode=decode,
         progress=True,
     )

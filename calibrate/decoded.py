@@ -21,7 +21,8 @@ import dataclasses
 import math
 import numbers
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -226,15 +227,16 @@ def _decoder_iv(
     return decoder, lam, heads
 
 
-def _measure_iv(measure, train_cache, prompts, heads: ExitHeads, seed) -> tuple[dict | None, int]:
+def _measure_iv(measure, train_cache, prompts, heads: ExitHeads, seed, options) -> tuple[dict | None, int]:
     """``(learned measure's state or None, training sequences)``; trains a learned measure on ``train_cache``."""
-    from measures.learned import LEARNED_MEASURES, train_measure
+    from measures.learned import LEARNED_MEASURES, check_options, train_measure
 
     if measure not in runtime.RUNTIME_MEASURES:
         raise ValueError(
             f"measure must be one of {runtime.RUNTIME_MEASURES} (those the runtime evaluates), got {measure!r}"
         )
     seed_iv(seed)
+    options = check_options(measure, options)
     if measure not in LEARNED_MEASURES:
         if train_cache is not None:
             raise ValueError(
@@ -268,7 +270,7 @@ def _measure_iv(measure, train_cache, prompts, heads: ExitHeads, seed) -> tuple[
             UserWarning,
             stacklevel=3,
         )
-    learned = train_measure(measure, train_cache, seed=int(seed))
+    learned = train_measure(measure, train_cache, seed=int(seed), options=options)
     return learned.to_dict(), train_cache.n_sequences
 
 
@@ -361,6 +363,7 @@ def _fit_decoded_iv(
     train_cache,
     seed,
     decode,
+    measure_options,
 ) -> tuple[_Decoder, Certificate]:
     """The decoder and the certificate template (nothing tested yet); trains a learned measure if asked."""
     delta, epsilon, bound = _risk_iv(delta, epsilon, bound, consistency, method)
@@ -373,7 +376,7 @@ def _fit_decoded_iv(
         decay = _decay_iv(decay, None)
     if lambdas is None and decay is not None:
         lam = decoded_lambdas(decay=True)
-    measure_state, n_train = _measure_iv(measure, train_cache, list(prompts), heads, seed)
+    measure_state, n_train = _measure_iv(measure, train_cache, list(prompts), heads, seed, measure_options)
     template = _template(
         decoder,
         lam,
@@ -416,6 +419,7 @@ def fit_decoded(
     seed: int = 0,
     decode: Callable[[np.ndarray], str] | None = None,
     progress: bool = True,
+    measure_options: Mapping[str, Any] | None = None,
 ) -> Certificate:
     """Certify an early-exit threshold by decoding the calibration prompts with the runtime (decoded mode).
 
@@ -472,6 +476,9 @@ def fit_decoded(
         ``tokenizer.decode(ids, skip_special_tokens=True)``.
     progress : bool, default=True
         Show a progress bar over the thresholds.
+    measure_options : dict, optional
+        Learned measures only: keyword arguments of the estimator (:func:`measures.learned.check_options`),
+        e.g. ``{"max_iter": 1000}``.
 
     Returns
     -------
@@ -555,6 +562,7 @@ def fit_decoded(
         train_cache,
         seed,
         decode,
+        measure_options,
     )
     return _certify_lazily(decoder, template, progress)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import numbers
 import warnings
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -395,7 +395,19 @@ def _examples(cache) -> set[tuple[str, str]]:
 
 
 def _chunked_table(
-    cache, *, measure, consistency, lambdas, decay, train_fraction, seed, train_cache, client, decode, progress
+    cache,
+    *,
+    measure,
+    consistency,
+    lambdas,
+    decay,
+    train_fraction,
+    seed,
+    train_cache,
+    measure_options,
+    client,
+    decode,
+    progress,
 ):
     """fit's data step on a :class:`~calibrate.chunked.ChunkedCache`, as :func:`_proxy_table` in memory.
 
@@ -414,7 +426,7 @@ def _chunked_table(
     run = dict(client=client, decode=decode, progress=progress)
     if train is None:
         return cache.loss_table(measure, consistency, lambdas, decay, **run), _topk_state(cache, measure), 0
-    state = train_measure(measure, train, seed=int(seed)).to_dict()
+    state = train_measure(measure, train, seed=int(seed), options=measure_options).to_dict()
     table = cache.loss_table(measure, consistency, lambdas, decay, measure_state=state, sequences=rows, **run)
     return table, state, train.n_sequences
 
@@ -464,6 +476,7 @@ def fit(
     heads=None,
     batch_size: int = 8,
     train_cache=None,
+    measure_options: Mapping[str, Any] | None = None,
     client=None,
 ) -> Certificate:
     """Certify an early-exit threshold from a development layer cache (proxy mode) or its prompts (decoded mode).
@@ -524,6 +537,9 @@ def fit(
         Learned measures only: train on these sequences (e.g. a task's train split, through the same heads
         as ``cache``; see :func:`calibrate.rehead`) and calibrate on all of ``cache``, instead of splitting
         ``cache`` by ``train_fraction``.
+    measure_options : dict, optional
+        Learned measures only: keyword arguments of the estimator trained (:func:`measures.learned.check_options`),
+        e.g. ``{"max_iter": 1000}`` when it warns that it did not converge, or ``{"C": 0.1}``.
     client : dask.distributed.Client, optional
         Chunked caches: run the partitions on this client's workers (default: one after another in this
         process).
@@ -573,6 +589,7 @@ def fit(
     """
     from calibrate.cache import LayerCache
     from calibrate.chunked import ChunkedCache
+    from measures import learned
 
     if not isinstance(cache, (LayerCache, ChunkedCache)):
         raise TypeError(
@@ -603,6 +620,7 @@ def fit(
             heads=heads,
             batch_size=batch_size,
             train_cache=train_cache,
+            measure_options=measure_options,
         )
     if mode != "proxy":
         raise ValueError(
@@ -613,6 +631,7 @@ def fit(
         raise ValueError("model, tokenizer and heads are used only with mode='decoded'; proxy mode reads the cache")
     _risk_control_iv(delta, epsilon, bound, method)  # before any work
     _consistency_iv(consistency, cache.sequences)  # before a learned measure trains
+    measure_options = learned.check_options(measure, measure_options)
     budget = _generation_budget(cache)  # one below the longest sequence: refused before the losses are computed
     if lambdas is not None:
         _lambdas_iv(lambdas)
@@ -624,6 +643,7 @@ def fit(
         train_fraction=train_fraction,
         seed=seed,
         train_cache=train_cache,
+        measure_options=measure_options,
     )
     if isinstance(cache, ChunkedCache):  # one Dask task per partition of whole sequences
         decay = _decay_iv(decay, cache)
@@ -714,6 +734,7 @@ def _proxy_table(
     decode=None,
     progress: bool = False,
     train_cache=None,
+    measure_options: Mapping[str, Any] | None = None,
 ) -> tuple[LossTable, Decay | None, dict | None, int]:
     """fit's data step: ``(calibration loss table, decay, learned measure's state or None, training sequences)``.
 
@@ -733,7 +754,7 @@ def _proxy_table(
     train, rows = _calibration_split(cache, measure, train_fraction, seed, train_cache)
     cache = cache if rows is None else cache.subset(rows)
     if train is not None:
-        learned = train_measure(measure, train, seed=int(seed))
+        learned = train_measure(measure, train, seed=int(seed), options=measure_options)
         conf = learned.predict_confidence(cache)
         measure_state, n_train = learned.to_dict(), train.n_sequences
     elif cache.has(measure):  # stored: float32 (n_tokens, n_layers), checked finite when the cache was built

@@ -139,7 +139,8 @@ def _fit_linear(
     result = minimize(objective, np.zeros(p * m + m), jac=True, method="L-BFGS-B", options={"maxiter": max_iter})
     if result.nit >= max_iter:
         warnings.warn(
-            f"L-BFGS stopped after max_iter={max_iter} iterations before converging; increase max_iter",
+            f"L-BFGS stopped after max_iter={max_iter} iterations before converging; increase max_iter "
+            "(calibrate.fit: measure_options={'max_iter': ...})",
             ConvergenceWarning,
             stacklevel=4,  # _fit_linear <- _fit_geometric or _fit_multinomial <- fit <- the caller
         )

@@ -7,13 +7,14 @@ the calibration sequences; a certificate stores the trained measure's JSON state
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
 from measures.classifier import ExitClassifier
 from measures.halting import HALTING_MEASURES, HaltingHead
 
-__all__ = ["LEARNED_MEASURES", "measure_from_state", "plain_state", "train_measure"]
+__all__ = ["LEARNED_MEASURES", "check_options", "measure_from_state", "plain_state", "train_measure"]
 
 #: Names of the measures that are trained on a cache (all need hidden states).
 LEARNED_MEASURES: tuple[str, ...] = ("classifier", *HALTING_MEASURES)
@@ -42,7 +43,46 @@ def _name_iv(name: Any) -> str:
     return name
 
 
-def train_measure(name: str, train_cache: Any, *, seed: int = 0) -> ExitClassifier | HaltingHead:
+def _estimator(name: str) -> type:
+    return ExitClassifier if name == "classifier" else HaltingHead
+
+
+def check_options(name: str, options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``options`` as keyword arguments of the learned measure ``name``'s estimator, checked by name.
+
+    ``"classifier"`` takes :class:`~measures.classifier.ExitClassifier`'s ``C``, ``features`` and ``max_iter``
+    (its ``seed`` is the caller's); the halting measures take :class:`~measures.halting.HaltingHead`'s options
+    but ``kind`` (the measure's name says it). Values are checked when the estimator is built.
+
+    Raises
+    ------
+    ValueError
+        When ``name`` is not a learned measure (and ``options`` are given) or an option is not the estimator's.
+    TypeError
+        When ``options`` is not a mapping with str keys.
+    """
+    if options is None:
+        return {}
+    if name not in LEARNED_MEASURES:
+        raise ValueError(
+            f"measure_options configure the learned measures {LEARNED_MEASURES} only; got them with measure={name!r}"
+        )
+    if not isinstance(options, Mapping) or not all(isinstance(k, str) for k in options):
+        raise TypeError(f"measure_options must be a dict of keyword arguments, got {options!r}")
+    fixed = ("seed",) if name == "classifier" else ("kind",)
+    accepted = [p for p in inspect.signature(_estimator(name)).parameters if p not in fixed]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(
+            f"measure_options {unknown} are not options of measure={name!r} ({_estimator(name).__name__}); it takes "
+            f"{accepted}" + (" (the seed is fit's seed=)" if "seed" in unknown and name == "classifier" else "")
+        )
+    return dict(options)
+
+
+def train_measure(
+    name: str, train_cache: Any, *, seed: int = 0, options: Mapping[str, Any] | None = None
+) -> ExitClassifier | HaltingHead:
     """Train the learned measure ``name`` on ``train_cache``.
 
     Parameters
@@ -55,15 +95,19 @@ def train_measure(name: str, train_cache: Any, *, seed: int = 0) -> ExitClassifi
         Training sequences (with hidden states), disjoint from the calibration sequences.
     seed : int, default=0
         Seed of the classifier (the halting heads' fit is deterministic).
+    options : dict, optional
+        Keyword arguments of the estimator (see :func:`check_options`), e.g. ``{"max_iter": 1000}`` when it
+        warns that it did not converge, or ``{"C": 0.1}``.
 
     Returns
     -------
     ExitClassifier or HaltingHead
         Fitted; ``predict_confidence(cache)`` gives ``(n_tokens, n_layers)`` confidences in [0, 1].
     """
-    if _name_iv(name) == "classifier":
-        return ExitClassifier(seed=seed).fit(train_cache)
-    return HaltingHead(name.removeprefix("halting_")).fit(train_cache)
+    options = check_options(_name_iv(name), options)
+    if name == "classifier":
+        return ExitClassifier(seed=seed, **options).fit(train_cache)
+    return HaltingHead(name.removeprefix("halting_"), **options).fit(train_cache)
 
 
 def measure_from_state(name: str, state: Mapping[str, Any] | None) -> ExitClassifier | HaltingHead:

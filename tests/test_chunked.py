@@ -103,6 +103,8 @@ def test_learned_measures_on_dask_equal_the_in_memory_certificate(saved, measure
     by_cache = dict(kwargs, train_cache=other)
     assert calibrate.fit(lazy, **by_cache).n_train == 50
     assert calibrate.fit(lazy, **by_cache) == calibrate.fit(cache, **by_cache)
+    tuned = dict(kwargs, measure_options={"C": 0.01})
+    assert calibrate.fit(lazy, **tuned) == calibrate.fit(cache, **tuned) != cert
 
 
 def test_a_learned_measure_on_worker_processes(saved):

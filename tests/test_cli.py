@@ -85,6 +85,21 @@ def test_fit_a_score_of_your_own(tmp_path, capsys):
     assert calibrate.Certificate.from_json(tmp_path / "cert.json") == calibrate.fit(own, measure="my_score")
 
 
+def test_measure_options_from_the_command_line(tmp_path, capsys):
+    dev, out = tmp_path / "dev", tmp_path / "cert.json"
+    calibrate.synthetic_cache(150, n_layers=4, seed=0).save(dev)
+    options = ["--measure", "classifier", "--measure-options", '{"C": 0.01, "max_iter": 50}']
+    assert main(["fit", str(dev), *options, "-o", str(out)]) == 0
+    expected = calibrate.fit(calibrate.open_cache(dev), measure="classifier", measure_options={"C": 0.01, "max_iter": 50})
+    assert calibrate.Certificate.from_json(out) == expected
+    for bad, message in (("{C: 1}", "not JSON"), ("[1]", "must be a JSON object")):
+        with pytest.raises(SystemExit) as exit_:
+            main(["fit", str(dev), "--measure-options", bad])
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert main(["fit", str(dev), "--measure-options", '{"C": 1}']) == 2  # softmax_gap learns nothing
+    assert "configure the learned measures" in capsys.readouterr().err
+
+
 def test_unwritable_outputs_are_messages_and_figures_are_named_as_written(tmp_path, capsys):
     """An OSError is a usage error (2), never audit's "risk > delta" (1)."""
     dev, test, cert = tmp_path / "dev", tmp_path / "test", tmp_path / "cert.json"

@@ -342,6 +342,10 @@ def test_learned_measure_is_trained_on_the_train_cache_and_used_by_the_runtime(
     assert cert.measure == measure and cert.n_train == 24 and cert.n == 24
     assert cert.to_dict()["measure_state"] == train_measure(measure, cache, seed=0).to_dict()
     assert cert.measure != "classifier" or cert.measure_state["features"] == "hidden"
+    tuned = _fit(model, tokenizer, others, 0.5, 0.1, measure=measure, train_cache=cache, lambdas=(0.9,),
+                 measure_options={"C": 0.01})  # fmt: skip
+    assert tuned.to_dict()["measure_state"] == train_measure(measure, cache, seed=0, options={"C": 0.01}).to_dict()
+    assert tuned.measure_state != cert.measure_state
     assert cert.tested[1] and cert.avg_layers[1] < N_LAYERS  # the measure really exits tokens early
     losses = _reference_losses(model, tokenizer, others, cert, [0.5])
     assert cert.risks[1] == pytest.approx(losses.mean(), abs=1e-12)

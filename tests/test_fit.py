@@ -539,6 +539,40 @@ def test_halting_measures_train_on_a_disjoint_split_and_audit_rebuilds_them(meas
         measure_from_state("halting_geometric" if measure != "halting_geometric" else "halting_token_multinomial", cert.measure_state)
 
 
+def test_measure_options_configure_the_learned_measure(cache):
+    """fit could not pass options to the estimator it trains; its ConvergenceWarning advised max_iter regardless."""
+    from sklearn.exceptions import ConvergenceWarning
+
+    from measures.learned import train_measure
+
+    train, _ = cache.split([0.3, 0.7], seed=0)  # fit's own seeded split
+    cert = calibrate.fit(cache, delta=0.2, measure="classifier", measure_options={"C": 0.001, "max_iter": 50})
+    expected = train_measure("classifier", train, seed=0, options={"C": 0.001, "max_iter": 50}).to_dict()
+    assert cert.to_dict()["measure_state"] == expected
+    assert expected != train_measure("classifier", train, seed=0).to_dict()  # the options changed the fit
+    with pytest.warns(ConvergenceWarning, match=r"max_iter=1 .*measure_options=\{'max_iter'"):
+        calibrate.fit(cache, delta=0.2, measure="halting_geometric", measure_options={"max_iter": 1})
+
+
+@pytest.mark.parametrize(
+    "measure, options, exc, match",
+    [
+        ("softmax_gap", {"C": 1.0}, ValueError, r"configure the learned measures .* measure='softmax_gap'"),
+        ("classifier", {"max_iters": 5}, ValueError, r"\['max_iters'\] are not options of measure='classifier' \(ExitClassifier\); it takes \['C', 'features', 'max_iter'\]"),
+        ("classifier", {"seed": 1}, ValueError, r"the seed is fit's seed="),
+        ("halting_geometric", {"kind": "geometric"}, ValueError, r"\['kind'\] are not options of measure='halting_geometric'"),
+        ("classifier", [("C", 1.0)], TypeError, "measure_options must be a dict"),
+        ("classifier", {"max_iter": 0}, ValueError, "max_iter must be an int >= 1"),
+    ],
+)
+def test_bad_measure_options_are_refused_naming_them(cache, monkeypatch, measure, options, exc, match):
+    import measures.learned
+
+    monkeypatch.setattr(measures.learned.ExitClassifier, "fit", lambda *a: pytest.fail("trained first"))
+    with pytest.raises(exc, match=match):  # every one before the training (max_iter by the estimator's constructor)
+        calibrate.fit(cache, measure=measure, measure_options=options)
+
+
 def test_learned_measure_trains_on_a_given_train_cache():
     """With train_cache= the measure trains on it and calibrates on all of the calibration cache."""
     from calibrate.losses import proxy_losses

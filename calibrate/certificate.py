@@ -120,6 +120,74 @@ def _frozen(value: Any, where: str) -> Any:
     return value
 
 
+#: Slack on a stored risk (a mean in [0, 1]) when its p-value is recomputed: the p-value came from the exact sum
+#: of the losses, of which ``n * risk`` is a rounding (a Bentkus count one below an integer sum, at most).
+_RISK_SLACK = 1e-9
+#: The built-in mean-based bounds, recomputable from a stored risk (not ``"wsr"``, which reads the losses in order).
+_MEAN_BOUNDS = ("hoeffding", "hoeffding_kl", "bentkus", "hoeffding_bentkus", "binomial")
+
+
+def _evidence_iv(cert: "Certificate") -> None:
+    """Refuse a stored certificate that claims more than its own numbers support (edited after it was written).
+
+    Every certified threshold needs an empirical risk <= delta and a p-value <= epsilon (CRC: an adjusted risk
+    <= delta, for a prefix of the grid); the p-values of the built-in mean-based bounds must be at least those
+    of the stored risks, ``n`` and ``delta``; and fixed-sequence, Bonferroni and Holm must certify at least what
+    the flags say from the stored p-values. A certificate that claims less than its evidence allows (larger
+    p-values, fewer flags) is not refused.
+    """
+    from calibrate import bounds, fwer
+
+    risks, p, flags = np.asarray(cert.risks), np.asarray(cert.p_values), np.asarray(cert.certified)
+    edited = "the certificate was edited after it was written, or is corrupt"
+
+    def at(k: int) -> str:
+        return f"[{k}] (lambda={cert.lambdas[k]:g})"
+
+    over = np.flatnonzero(flags & ~(risks <= cert.delta))  # NaN (never tested) is over too
+    if over.size:
+        k = int(over[0])
+        raise ValueError(
+            f"certified{at(k)} is True but its empirical risk is {risks[k]:g}, not <= delta={cert.delta:g}: {edited}"
+        )
+    if cert.method == "crc":
+        adjusted = cert.n / (cert.n + 1.0) * risks + 1.0 / (cert.n + 1.0)
+        prefix = np.flatnonzero(flags).size == 0 or flags[: np.flatnonzero(flags)[-1] + 1].all()
+        bad = np.flatnonzero(flags & ~(adjusted <= cert.delta + _RISK_SLACK))
+        if bad.size or not prefix:
+            k = int(bad[0]) if bad.size else int(np.argmin(flags[: np.flatnonzero(flags)[-1] + 1]))
+            raise ValueError(
+                f"certified{at(k)} contradicts conformal risk control (certified values form a prefix of the grid, "
+                f"each with adjusted risk n/(n+1) risk + 1/(n+1) <= delta={cert.delta:g}): {edited}"
+            )
+        return
+    for k in np.flatnonzero(flags & ~(p <= cert.epsilon)):  # NaN (never tested) fails too
+        raise ValueError(
+            f"certified{at(int(k))} is True but its p-value is {p[k]:g}, not <= epsilon={cert.epsilon:g}: the stored "
+            "flags contradict the certificate's own evidence"
+        )
+    if cert.bound in _MEAN_BOUNDS and cert.n >= 1:
+        p_value = getattr(bounds, cert.bound)
+        for k in np.flatnonzero(~np.isnan(p)):
+            r = float(risks[k])
+            # p grows with the risk; a count of failures (binomial) needs no slack
+            low = float(p_value(r if cert.bound == "binomial" else max(r - _RISK_SLACK, 0.0), cert.n, cert.delta))
+            if not p[k] >= low * (1 - 1e-9):
+                raise ValueError(
+                    f"p_values{at(int(k))} is {p[k]:g}, below the {low:.6g} that the {cert.bound} bound gives for "
+                    f"risks[{k}]={r:g}, n={cert.n}, delta={cert.delta:g}: {edited}"
+                )
+    if cert.method in ("fixed_sequence", "bonferroni", "holm"):
+        allowed = np.asarray(fwer.control_fwer(np.where(np.isnan(p), 1.0, p), cert.epsilon, cert.method), dtype=bool)
+        over = np.flatnonzero(flags & ~allowed)
+        if over.size:
+            k = int(over[0])
+            raise ValueError(
+                f"certified{at(k)} is True, but {cert.method} at epsilon={cert.epsilon:g} does not certify it from "
+                f"the stored p-values: {edited}"
+            )
+
+
 def _construct(cls: type, data: dict) -> Any:
     """``cls(**data)``: what a pickled certificate is rebuilt with."""
     return cls(**data)
@@ -539,13 +607,7 @@ class Certificate:
         # as it says, so it must name a certified one.
         if cert.index is not None and not cert.certified[cert.index]:
             raise ValueError(f"lambda_hat={cert.lambda_hat} is a grid value that the certificate does not certify")
-        if cert.method != "crc":  # every test rejects only where p <= epsilon (Bonferroni, Holm: stricter)
-            for k, (flag, p) in enumerate(zip(cert.certified, cert.p_values)):
-                if flag and not p <= cert.epsilon:  # NaN (never tested) fails too
-                    raise ValueError(
-                        f"certified[{k}] (lambda={cert.lambdas[k]:g}) is True but its p-value is {p:g}, not <= "
-                        f"epsilon={cert.epsilon:g}: the stored flags contradict the certificate's own evidence"
-                    )
+        _evidence_iv(cert)
         return cert
 
     def _json_data(self) -> dict[str, Any]:

@@ -20,7 +20,7 @@ def _cert(**overrides):
         risks=(0.01, 0.03, 0.2),
         p_values=(1e-9, 0.004, 0.9),
         certified=(True, True, False),
-        bound="hoeffding_bentkus",
+        bound="wsr",  # made-up p-values: the mean-based bounds would recompute them from the risks
         method="fixed_sequence",
         mode="proxy",
         measure="softmax_gap",
@@ -236,12 +236,15 @@ def test_bad_json(tmp_path):
     edited["lambda_hat"] = 0.7  # on the grid, but not certified
     with pytest.raises(ValueError, match="lambda_hat=0.7 is a grid value that the certificate does not certify"):
         Certificate.from_json(json.dumps(edited))
-    edited["certified"][2] = True  # flags that contradict the p-values: a threshold put to use uncertified
+    edited["certified"][2] = True  # flags that contradict the risks: a threshold put to use uncertified
+    with pytest.raises(ValueError, match=r"certified\[2\] \(lambda=0.7\) is True but its empirical risk is 0.2, "):
+        Certificate.from_json(json.dumps(edited))
+    edited["risks"][2] = 0.05  # and the p-value
     with pytest.raises(ValueError, match=r"certified\[2\] \(lambda=0.7\) is True but its p-value is 0.9"):
         Certificate.from_json(json.dumps(edited))
     edited = json.loads(_cert().to_json())
     edited["p_values"][1] = edited["risks"][1] = None  # never tested, yet certified
-    with pytest.raises(ValueError, match=r"certified\[1\] .* its p-value is nan"):
+    with pytest.raises(ValueError, match=r"certified\[1\] .* its empirical risk is nan"):
         Certificate.from_json(json.dumps(edited))
     text = _cert().to_json()
     assert Certificate.from_json("\ufeff\n" + text) == _cert()  # a byte-order mark and blank lines
@@ -266,7 +269,7 @@ def test_heads_identity_round_trips_through_json():
         n=10,
         lambdas=(1.0,),
         risks=(0.0,),
-        p_values=(0.5,),
+        p_values=(float(calibrate.bounds.hoeffding(0.0, 10, 0.1)),),
         certified=(False,),
         bound="hoeffding",
         method="fixed_sequence",
@@ -287,3 +290,75 @@ def test_a_speed_knob_certified_at_its_safest_value_says_it_changes_nothing():
     whole = dataclasses.replace(depth, lambda_hat=6.0, certified=(True, False, False))
     assert "certified evaluation depth 6 (the full model's: no speed-up):" in whole.summary()
     assert "certified evaluation depth 4:" in depth.summary()
+
+
+@pytest.mark.filterwarnings("ignore:conformal risk control's guarantee")
+def test_real_certificates_of_every_bound_and_method_load_back():
+    """No false alarm from the evidence check: certify's own numbers (sums of the losses, rounded risks) pass."""
+    rng = np.random.default_rng(0)
+    methods = [("fixed_sequence", b) for b in ("hoeffding", "hoeffding_kl", "bentkus", "hoeffding_bentkus", "wsr")]
+    methods += [("bonferroni", "hoeffding_bentkus"), ("holm", "bentkus"), ("multistart", "hoeffding_bentkus")]
+    for trial in range(60):
+        n, k = int(rng.integers(5, 3000)), 12
+        kind = trial % 3
+        scale = np.linspace(0, 0.5, k)
+        if kind == 0:  # 0/1 losses: also the binomial bound
+            losses = (rng.random((n, k)) < scale).astype(float)
+        elif kind == 1:
+            losses = rng.random((n, k)) * scale
+        else:  # multiples of 1/7: sums that are integers, rounded means just off them
+            losses = np.round(rng.random((n, k)) * scale * 7) / 7
+        delta = float(rng.choice([0.05, 0.1, 0.2, 1 / 3]))
+        runs = methods + [("fixed_sequence", "binomial")] * (kind == 0) + [("crc", None)]
+        for method, bound in runs:
+            cert = calibrate.certify(losses, np.linspace(1, 0, k), delta=delta, epsilon=0.1, bound=bound, method=method)
+            assert Certificate.from_json(cert.to_json()) == cert, (trial, method, bound)
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        ({"delta": 0.01}, r"empirical risk is .*, not <= delta=0.01"),
+        ({"delta": 0.095}, r"p_values\[\d\] .* below the .* that the hoeffding_bentkus bound gives .* delta=0.095"),
+        ({"n": 200}, r"below the .* bound gives for risks\[\d+\]=.*, n=200, "),
+        ({"epsilon": 1e-6}, r"its p-value is .*, not <= epsilon=1e-06"),
+        ({"risks": "raise the last certified"}, r"p_values\[2\] .* below the .* for risks\[2\]=0.095"),
+        ({"p_values": "lower the first uncertified"}, r"is True, but fixed_sequence .* does not certify it"),
+    ],
+)
+def test_a_hand_edited_certificate_is_refused_naming_the_field(edit, match):
+    """The runtime spends lambda_hat as loaded: an edited delta, n, risk or p-value made it claim more."""
+    losses = (np.random.default_rng(1).random((2000, 8)) < np.linspace(0, 0.3, 8)).astype(float)
+    cert = calibrate.certify(losses, np.linspace(1, 0.3, 8), delta=0.1, epsilon=0.05)
+    data = json.loads(cert.to_json())
+    last, first_out = cert.index, cert.index + 1
+    assert not cert.certified[first_out]
+    if edit == {"risks": "raise the last certified"}:
+        data["risks"][last] = 0.095
+    elif edit == {"p_values": "lower the first uncertified"}:
+        data["p_values"][first_out + 1] = 0.0  # certify one past the first failure: not a fixed sequence
+        data["certified"][first_out + 1] = True
+        data["risks"][first_out + 1] = 0.0
+        data["p_values"][first_out + 1] = float(calibrate.bounds.hoeffding_bentkus(0.0, 2000, 0.1))
+    else:
+        data.update(edit)
+    with pytest.raises(ValueError, match=match):
+        Certificate.from_json(json.dumps(data))
+    data = json.loads(cert.to_json())
+    data["certified"] = [False] * 8  # claiming less is fine
+    data["lambda_hat"] = None
+    assert Certificate.from_json(json.dumps(data)).lambda_hat is None
+
+
+def test_an_edited_crc_certificate_is_refused():
+    losses = np.sort(np.random.default_rng(2).random((500, 6)) * np.linspace(0, 0.4, 6), axis=1)  # monotone
+    cert = calibrate.certify(losses, np.linspace(1, 0.5, 6), delta=0.1, method="crc")
+    data = json.loads(cert.to_json())
+    k = cert.index + 1
+    data["certified"][k], data["lambda_hat"] = True, cert.lambdas[k]
+    with pytest.raises(ValueError, match=r"contradicts conformal risk control|empirical risk"):
+        Certificate.from_json(json.dumps(data))
+    data = json.loads(cert.to_json())
+    data["certified"][0] = False  # a hole: certified values form a prefix
+    with pytest.raises(ValueError, match=r"certified\[0\] .* contradicts conformal risk control"):
+        Certificate.from_json(json.dumps(data))

@@ -30,6 +30,16 @@ def location(path: str | os.PathLike) -> Path | Remote:
     return Remote(fs, inner.rstrip("/"))
 
 
+def zarr_store(where: Path | Remote, *, read_only: bool = True) -> Any:
+    """What zarr opens the array at ``where`` with: a local store for a local path (zarr reads a str as a URL, and
+    ``run::a`` as a chain of file systems), the URL of a remote one."""
+    if isinstance(where, Path):
+        from zarr.storage import LocalStore
+
+        return LocalStore(where, read_only=read_only)
+    return str(where)
+
+
 @dataclass(frozen=True)
 class Remote:
     """A path in an fsspec file system, with the part of the :class:`pathlib.Path` API the readers use."""

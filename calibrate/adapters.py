@@ -185,8 +185,10 @@ def load_adapters(model: nn.Module, path: str | os.PathLike) -> ExitHeads:
                 f"{path}: tensor {name!r} has shape {tuple(stored.shape)}, this model needs {tuple(param.shape)}"
             )
     # Checked on the stored values: copying into a bf16/fp16 model rounds them, and the digest with them.
-    if adapters_digest(weight, bias) != saved.get("adapters_digest"):
-        raise ValueError(f"{path}: adapter weights do not match their stored digest (corrupt file?)")
+    if "adapters_digest" not in saved:
+        raise ValueError(f"{path}: no adapters_digest in its metadata: not an adapter file written by save_adapters")
+    if adapters_digest(weight, bias) != saved["adapters_digest"]:
+        raise ValueError(f"{path}: adapter weights do not match their stored digest (corrupt or edited file?)")
     with torch.no_grad():
         heads.adapter_weight.copy_(weight)
         heads.adapter_bias.copy_(bias)

@@ -29,10 +29,10 @@ from __future__ import annotations
 import numbers
 from typing import Callable
 
-import numba
 import numpy as np
 from scipy import special, stats
 
+from calibrate._threads import njit
 from calibrate._validation import bounded_array, open_interval
 
 __all__ = [
@@ -156,7 +156,7 @@ def _mean_terms(n: int) -> int:
     return 16 + int(n).bit_length()
 
 
-@numba.njit(cache=True, nogil=True)
+@njit(nogil=True)
 def _column_sums(losses):  # pragma: no cover (compiled)
     """Column sums of a 2-D float64 array, compensated (Neumaier): within 2 eps of the exact sum of the floats
     plus a term of order ``n eps**2``, where a naive sum can be ``n eps`` off."""

@@ -32,6 +32,7 @@ import re
 import shutil
 import tempfile
 import uuid
+import warnings
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -42,7 +43,7 @@ import numpy as np
 import pandas as pd
 
 from calibrate._atomic import temporary_dir
-from calibrate._storage import Remote, location
+from calibrate._storage import Remote, location, zarr_store
 from calibrate._validation import int_at_least, seed_iv
 from measures._arrays import as_numpy
 
@@ -1549,8 +1550,15 @@ def _meta_checksum(meta: dict) -> str:
 
 
 def _check_meta_checksum(root, meta: dict) -> None:
-    """Refuse a ``meta.json`` whose own keys were edited after saving (caches saved without one pass)."""
-    if "meta_checksum" in meta and meta["meta_checksum"] != _meta_checksum(meta):
+    """Refuse a ``meta.json`` whose own keys were edited after saving; warn when it has no ``meta_checksum``."""
+    if "meta_checksum" not in meta:
+        warnings.warn(
+            f"{root / _META_FILE} has no meta_checksum (a cache written before calm-calibrate recorded one, or the "
+            "key was removed): its model and generation settings are not checked; cache.save(new_path) records one",
+            UserWarning,
+            stacklevel=4,
+        )
+    elif meta["meta_checksum"] != _meta_checksum(meta):
         raise ValueError(
             f"checksum mismatch in {root / _META_FILE}: its metadata (model, generation settings, ...) was edited "
             "after the cache was written. To keep the edit, save it anew: calibrate.open_cache(path, verify=False)"
@@ -1621,8 +1629,8 @@ def _write_array(where: Path, name: str, a: np.ndarray) -> None:
     # Blosc/lz4 with byte shuffle: several times faster than the default zstd at a similar size.
     compressor = zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
     z = zarr.create_array(
-        store=str(where), shape=a.shape, dtype=a.dtype, chunks=chunks, fill_value=fill, dimension_names=dims,
-        compressors=compressor, zarr_format=3,
+        store=zarr_store(where, read_only=False), shape=a.shape, dtype=a.dtype, chunks=chunks, fill_value=fill,
+        dimension_names=dims, compressors=compressor, zarr_format=3,
     )
     z[...] = a
 
@@ -1708,7 +1716,9 @@ def _read_meta(root: Path) -> dict:
     version = meta.get("format_version")
     if type(version) is not int or version != FORMAT_VERSION:  # not True, not 1.0
         raise ValueError(
-            f"{file}: unsupported format_version {version!r}; this library reads format_version {FORMAT_VERSION}"
+            f"{file}: unsupported format_version {version!r}; this library (calm-calibrate {_library_version()}) "
+            f"reads format_version {FORMAT_VERSION}"
+            + (": the cache was written by a newer calm-calibrate, upgrade it" if type(version) is int and version > FORMAT_VERSION else "")
         )
     if not isinstance(meta.get("checksum"), str):
         raise ValueError(f"{file}: 'checksum' must be the cache's checksum (a string), got {meta.get('checksum')!r}")
@@ -1746,9 +1756,10 @@ def _open_array(root: Path | Remote, name: str, spec: dict) -> Any:
 
     where = root / _ARRAY_DIR / name
     if not (where / "zarr.json").is_file():
-        raise ValueError(f"array {name!r} is listed in {_META_FILE} but {where}/zarr.json is missing")
+        v2 = " (it holds a zarr v2 array, .zarray; caches store zarr v3 arrays)" if (where / ".zarray").is_file() else ""
+        raise ValueError(f"array {name!r} is listed in {_META_FILE} but {where}/zarr.json is missing{v2}")
     try:
-        z = zarr.open_array(store=str(where), mode="r")
+        z = zarr.open_array(store=zarr_store(where), mode="r")
     except Exception as exc:  # noqa: BLE001 - any failure here means an unreadable array
         raise ValueError(f"cannot open array {name!r} at {where}: {type(exc).__name__}: {exc}") from exc
     expected = _field_dtype(name)

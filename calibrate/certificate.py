@@ -594,7 +594,9 @@ class Certificate:
         names = {f.name for f in fields(cls)}
         unknown, missing = set(data) - names, names - set(data) - {"max_new_tokens"}
         if unknown or missing:
-            raise ValueError(f"certificate fields: unknown {sorted(unknown)}, missing {sorted(missing)}")
+            written = data.get("version")
+            other = f" (written by calm-calibrate {written}; this is {_version()})" if written != _version() else ""
+            raise ValueError(f"certificate fields: unknown {sorted(unknown)}, missing {sorted(missing)}{other}")
         kwargs = dict(data)
         for name in _NAN_FIELDS:
             if isinstance(kwargs[name], (list, tuple)):

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from calibrate._extras import require
-from calibrate._storage import Remote
+from calibrate._storage import Remote, zarr_store
 from calibrate._validation import int_at_least
 from measures.learned import LEARNED_MEASURES
 
@@ -248,7 +248,7 @@ class ChunkedCache:
         except ValueError as exc:  # chunk files deleted since opening read as fill values: name them instead
             for name in fields:
                 where = root / specs[name]["path"]
-                _chunk_files_iv(zarr.open_array(store=str(where), mode="r"), name, where)
+                _chunk_files_iv(zarr.open_array(store=zarr_store(where), mode="r"), name, where)
             raise ValueError(
                 f"sequences [{first}, {stop}) of {root} (token indices below count from its token {lo - base}): {exc}"
             ) from exc
@@ -468,7 +468,7 @@ def _read_slice(root: Path | Remote, name: str, spec: dict, lo: int, hi: int) ->
 
     where = root / spec["path"]
     try:
-        z = zarr.open_array(store=str(where), mode="r")
+        z = zarr.open_array(store=zarr_store(where), mode="r")
         a = np.ascontiguousarray(z[lo:hi])
     except Exception as exc:  # noqa: BLE001 - missing or corrupted chunks raise codec-specific errors
         raise ValueError(

@@ -22,7 +22,7 @@ import numba
 import numpy as np
 from numba.cpython.unsafe.numbers import trailing_zeros
 
-from calibrate._threads import forked, keep_torch_threads
+from calibrate._threads import njit, parallel_allowed
 from calibrate._validation import int_at_least
 from measures._arrays import as_numpy, working_float
 
@@ -363,7 +363,7 @@ _MAX_CELLS = 1 << 20
 _WINDOW = 62
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
+@njit(parallel=True, nogil=True)
 def _sweep(conf, grids, shift, inv_slope, lut, lut_lo, lut_inv, offsets, top1, full, layer_hist, wrong):  # pragma: no cover
     """Histograms of ``b`` (per thread) and of disagreement steps (per sequence), visiting only the layers where one
     changes.
@@ -445,8 +445,9 @@ def _sweep(conf, grids, shift, inv_slope, lut, lut_lo, lut_inv, offsets, top1, f
     return finite.all()
 
 
-#: The sweep without threads, for a process forked after numba's threads started: its OpenMP layer (GNU, where
-#: TBB is not installed) aborts a forked child that launches a parallel region.
+#: The sweep without threads (:func:`calibrate._threads.parallel_allowed`): in a process forked after numba's threads
+#: started (its GNU OpenMP layer aborts a forked child that launches a parallel region), or while another thread
+#: runs the parallel one.
 _sweep_serial = numba.njit(parallel=False, nogil=True)(_sweep.py_func)  # not cached: the cache would load _sweep
 
 
@@ -487,8 +488,8 @@ def _run_sweep(conf, lam, offsets, decay, top1, full):
     edges = asc[0] + np.arange(n_cells) / inv if inv else asc[:1]
     lut = np.searchsorted(asc, edges, side="right").astype(np.uint8 if k < 256 else np.int32)  # small: stays in cache
     wrong = np.zeros((n_seq, k + 1) if top1 is not None else (0, 0), dtype=np.int64)
-    with keep_torch_threads():
-        serial = forked()
+    with parallel_allowed() as parallel:
+        serial = not parallel
         # a row a thread, never n_seq rows: numba.get_thread_id() < the pool's size, whatever set_num_threads says
         layer_hist = np.zeros((1 if serial else numba.config.NUMBA_NUM_THREADS, k + 1), dtype=np.int64)
         ok = (_sweep_serial if serial else _sweep)(

@@ -291,8 +291,8 @@ def read_prompts(path: str | os.PathLike) -> tuple[list[str], list[str | None]]:
     Parameters
     ----------
     path : str or os.PathLike
-        A UTF-8 file. It is JSONL when its name ends in ``.jsonl``, or when it does not end in ``.txt``
-        and its first non-blank line starts with ``{``; each line then holds an object with a str
+        A UTF-8 file. It is JSONL when its name ends in ``.jsonl``, or when it does not end in ``.txt`` (in
+        either case) and its first non-blank line starts with ``{``; each line then holds an object with a str
         ``"prompt"`` and optionally a ``"reference"``: a str, null, or an int (a class label, for
         ``risk_label``; kept as its decimal string). Otherwise every non-blank line is one prompt
         (without its line break). Lines end
@@ -322,8 +322,9 @@ def read_prompts(path: str | os.PathLike) -> tuple[list[str], list[str | None]]:
     numbered = [(i + 1, line) for i, line in enumerate(lines) if line.strip()]
     if not numbered:
         raise ValueError(f"{file}: no prompt (the file is empty or blank)")
-    is_jsonl = file.name.endswith(".jsonl") or (
-        not file.name.endswith(".txt") and numbered[0][1].lstrip().startswith("{")
+    suffix = file.suffix.lower()  # PROMPTS.TXT as prompts.txt
+    is_jsonl = suffix == ".jsonl" or (
+        suffix != ".txt" and numbered[0][1].lstrip().startswith("{")
     )
     prompts: list[str] = []
     references: list[str | None] = []

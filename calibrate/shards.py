@@ -248,7 +248,10 @@ def _read_manifest(root: Path | Remote) -> list[str]:
     file = root / MANIFEST_FILE
     manifest = _load(file)
     if manifest.get("format") != _FORMAT or manifest.get("format_version") != _VERSION:
-        raise ValueError(f"{file} is not a calm-calibrate shard manifest of format_version {_VERSION}")
+        raise ValueError(
+            f"{file} is not a calm-calibrate shard manifest of format_version {_VERSION} (it says format "
+            f"{manifest.get('format')!r}, format_version {manifest.get('format_version')!r})"
+        )
     names = manifest.get("shards")
     valid = re.compile(r"shard-\d{5}-of-\d{5}")
     if not isinstance(names, list) or not names or not all(isinstance(n, str) and valid.fullmatch(n) for n in names):

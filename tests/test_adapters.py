@@ -1,5 +1,7 @@
 """Exit adapters: the ridge fit recovers a known affine map, agreement, and the safetensors round trip."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -92,6 +94,15 @@ def test_load_refuses_other_models_and_corrupt_files(model, real_cache, tmp_path
         load_adapters(tiny_model("llama", n_layers=3), path)
     with pytest.raises(ValueError, match="architecture='llama', this model has 'qwen2'"):
         load_adapters(tiny_model("qwen2", n_layers=4), path)
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as fh:
+        meta, tensors = json.loads(fh.metadata()["heads"]), {k: fh.get_tensor(k) for k in fh.keys()}
+    del meta["adapters_digest"]
+    save_file(tensors, str(tmp_path / "nodigest.safetensors"), metadata={"heads": json.dumps(meta)})
+    with pytest.raises(ValueError, match="no adapters_digest in its metadata: not an adapter file written by save_ada"):
+        load_adapters(model, tmp_path / "nodigest.safetensors")  # was "do not match their stored digest (corrupt?)"
     data = bytearray(path.read_bytes())
     data[-8:] = bytes(8)  # damage the last weights
     path.write_bytes(bytes(data))

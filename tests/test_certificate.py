@@ -222,8 +222,10 @@ def test_bad_json(tmp_path):
         Certificate.from_json("{not json")
     data = _cert().to_dict()
     data["surprise"] = 1
-    with pytest.raises(ValueError, match=r"certificate fields: unknown \['surprise'\]"):
+    with pytest.raises(ValueError, match=r"certificate fields: unknown \['surprise'\], missing \[\]$"):
         Certificate.from_dict(data)
+    with pytest.raises(ValueError, match=r"unknown \['surprise'\], .* \(written by calm-calibrate 9.0; this is "):
+        Certificate.from_dict({**data, "version": "9.0"})  # a newer version's field
     with pytest.raises(ValueError, match="Certificate.delta must be a real number"):  # a TypeError in memory
         Certificate.from_dict({**_cert().to_dict(), "delta": "0.1"})
     del data["surprise"], data["delta"]

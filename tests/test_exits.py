@@ -1,5 +1,7 @@
 """Exit simulation against a plain per-token, per-threshold loop."""
 
+import os
+import subprocess
 import sys
 
 import numpy as np
@@ -409,6 +411,64 @@ def test_a_process_forked_after_a_fit_fits_alike():
     cert = calibrate.fit(calibrate.synthetic_cache(60, seed=0))  # starts numba's threads here
     with multiprocessing.get_context("fork").Pool(1) as pool:
         assert pool.apply_async(_fit_in_child, (60,)).get(timeout=120) == cert.to_json()
+
+
+_CONCURRENT = """
+from concurrent.futures import ThreadPoolExecutor
+import numba
+import calibrate
+cache = calibrate.synthetic_cache(200, seed=0)
+with ThreadPoolExecutor(4) as pool:
+    certs = list(pool.map(lambda _: calibrate.fit(cache, delta=0.1, epsilon=0.05), range(16)))
+assert len({c.to_json() for c in certs}) == 1
+try:
+    import torch
+    from calibrate import fff
+except ImportError:  # the core without the model extras: the sweep alone
+    torch = None
+if torch is not None:
+    layer, x = fff.FFF(64, 16, 6).eval(), torch.randn(500, 64)
+    with torch.no_grad():
+        expected = layer(x, backend="torch")
+        with ThreadPoolExecutor(4) as pool:
+            outs = list(pool.map(lambda _: layer(x, backend="numba"), range(32)))
+    assert all(torch.allclose(o, expected, atol=1e-5) for o in outs)
+print(numba.threading_layer())
+"""
+
+
+def test_threads_running_the_kernels_at_once_under_numbas_workqueue_layer():
+    """The workqueue layer (the one every install has) aborted the process (SIGABRT, "Concurrent access has been
+    detected") when two threads entered the parallel sweep or FFF descent: the second runs the serial build."""
+    env = {**os.environ, "NUMBA_THREADING_LAYER": "workqueue"}
+    run = subprocess.run(
+        [sys.executable, "-c", _CONCURRENT], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["workqueue"]
+
+
+def test_kernels_compile_uncached_where_numba_cannot_cache(monkeypatch):
+    """On a read-only install without a writable cache directory numba refuses cache=True at decoration, so
+    import calibrate failed ("no locator available")."""
+    import numba
+
+    from calibrate._threads import njit
+
+    real = numba.njit
+
+    def strict(*args, **options):
+        if options.get("cache"):
+            raise RuntimeError("cannot cache function 'double': no locator available for file '<test>'")
+        return real(*args, **options)
+
+    monkeypatch.setattr(numba, "njit", strict)
+
+    @njit(nogil=True)
+    def double(x):
+        return 2 * x
+
+    assert double(21) == 42 and double.py_func(1) == 2
 
 
 def test_token_ids_of_different_integer_dtypes_are_compared_exactly():

@@ -522,6 +522,11 @@ def test_read_prompts_text_and_jsonl(tmp_path):
     jsonl = tmp_path / "prompts.jsonl"
     jsonl.write_text('{"prompt": "w1", "reference": "w2"}\n{"prompt": "w3"}\n', encoding="utf-8")
     assert read_prompts(jsonl) == (["w1", "w3"], ["w2", None])
+    upper = tmp_path / "PROMPTS.TXT"  # a text file, whatever the case of its extension (was read as JSONL)
+    upper.write_text('{"a": 1}\nsecond\n', encoding="utf-8")
+    assert read_prompts(upper) == (['{"a": 1}', "second"], [None, None])
+    (tmp_path / "P.JSONL").write_text('{"prompt": "w1"}\n', encoding="utf-8")
+    assert read_prompts(tmp_path / "P.JSONL") == (["w1"], [None])
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "w1"}\n{"text": "w3"}\n', encoding="utf-8")
     with pytest.raises(ValueError, match=r"bad.jsonl:2: .*\"prompt\""):

@@ -1,5 +1,6 @@
 """Fast feedforward layers: hard descent, masked and soft formulations, persistence."""
 
+import json
 import math
 
 import pytest
@@ -178,6 +179,15 @@ def test_safetensors_round_trip(tmp_path, umask_022):
     assert FFF.load(tmp_path / "nodigest.safetensors").depth == 2  # saved before digests were recorded
     wide.save(tmp_path / "again.safetensors")  # the same bytes every time (several metadata keys came out shuffled)
     assert (tmp_path / "again.safetensors").read_bytes() == (tmp_path / "f64.safetensors").read_bytes()
+    state = {n: p.detach() for n, p in wide.named_parameters()}
+    settings = {**meta, "depth": "2", "bias": "True", "weights_digest": "0" * 16}
+    save_file(state, str(tmp_path / "future.safetensors"), metadata={"fff": json.dumps({**settings, "leaf_norm": "rms"})})
+    with pytest.raises(ValueError, match=r"settings \['leaf_norm'\] unknown to this calm-calibrate .*upgrade"):
+        FFF.load(tmp_path / "future.safetensors")  # was loaded, its new setting ignored
+    del settings["weights_digest"]
+    save_file(state, str(tmp_path / "undigested.safetensors"), metadata={"fff": json.dumps(settings)})
+    with pytest.raises(ValueError, match="no weights_digest, which FFF.save writes"):
+        FFF.load(tmp_path / "undigested.safetensors")  # removing the digest no longer skips the check
     save_file({"w_in": torch.zeros(15, 5)}, str(tmp_path / "badjson.safetensors"), metadata={"fff": "{depth"})
     with pytest.raises(ValueError, match="not an FFF file written by FFF.save"):
         FFF.load(tmp_path / "badjson.safetensors")

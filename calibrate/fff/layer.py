@@ -42,7 +42,7 @@ from torch import nn
 
 from calibrate._atomic import atomic_file
 from calibrate._digest import weights_digest
-from calibrate._threads import forked, keep_torch_threads
+from calibrate._threads import njit, parallel_allowed
 from calibrate._validation import int_at_least, int_in
 
 __all__ = ["ACTIVATIONS", "BACKENDS", "FFF", "fff_forward", "fff_reference"]
@@ -52,6 +52,8 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"gelu": F.gelu
 #: Hard-descent implementations: "torch" (gather per level), "numba" (compiled CPU kernel, float32/64).
 BACKENDS = ("auto", "torch", "numba")
 _ACT_ID = {"gelu": 0, "relu": 1, "silu": 2}
+#: The settings :meth:`FFF.save` writes (as JSON in one metadata key, "fff").
+_SAVED_KEYS = ("in_features", "out_features", "depth", "activation", "bias", "weights_digest")
 #: Evaluation depths set by :func:`calibrate.fff.at_depth` for the current thread (or task) only: layer -> depth.
 _DEPTHS: contextvars.ContextVar[Mapping[FFF, int | None]] = contextvars.ContextVar("fff_depths", default={})
 
@@ -297,6 +299,13 @@ class FFF(nn.Module):
         try:
             if "fff" in meta:  # files saved before the settings went into one key have them as keys of their own
                 meta = json.loads(meta["fff"])
+                unknown = sorted(set(meta) - set(_SAVED_KEYS)) if isinstance(meta, dict) else []
+                if unknown or (isinstance(meta, dict) and "weights_digest" not in meta):  # it always wrote one
+                    raise ValueError(
+                        f"settings {unknown} unknown to this calm-calibrate (a file of a newer version? upgrade it)"
+                        if unknown
+                        else "no weights_digest, which FFF.save writes"
+                    )
             layer = cls(
                 int(meta["in_features"]),
                 int(meta["out_features"]),
@@ -311,7 +320,7 @@ class FFF(nn.Module):
         if got != expected:
             raise ValueError(f"{path} holds tensors {got}, expected {expected}")
         layer.to(state["w_in"].dtype).load_state_dict(state)  # the stored precision
-        # A file saved before digests were recorded has none (it loads unchecked); a present one must match.
+        # A file saved before the settings went into one key may have no digest (it loads unchecked).
         if "weights_digest" in meta and meta["weights_digest"] != weights_digest(layer):
             raise ValueError(
                 f"{path}: the weights do not match their stored digest ({meta['weights_digest']!r}): a corrupt or "
@@ -325,7 +334,7 @@ class FFF(nn.Module):
 # --------------------------------------------------------------------------------------------------
 
 
-@numba.njit(parallel=True, cache=True, fastmath=True)
+@njit(parallel=True, fastmath=True)
 def _descend_kernel(x, w_in, b_in, w_out, b_out, k, act, out):  # pragma: no cover - compiled
     n, d = x.shape
     m = w_out.shape[1]
@@ -348,7 +357,8 @@ def _descend_kernel(x, w_in, b_in, w_out, b_out, k, act, out):  # pragma: no cov
             node = 2 * node + 1 + (1 if z > 0 else 0)
 
 
-#: The descent without threads, in a forked process (see :func:`calibrate._threads.forked`).
+#: The descent without threads: in a forked process, or while another thread runs the parallel one
+#: (:func:`calibrate._threads.parallel_allowed`).
 _descend_serial = numba.njit(parallel=False, fastmath=True)(_descend_kernel.py_func)  # not cached (it would load the other)
 
 
@@ -411,8 +421,8 @@ def fff_forward(layer: FFF, x: torch.Tensor, depth: int | None = None, *, backen
         b_in = zeros_in if layer.b_in is None else layer.b_in.detach().numpy()
         b_out = zeros_out if layer.b_out is None else layer.b_out.detach().numpy()
         out = np.empty((flat.shape[0], layer.out_features), dtype=zeros_in.dtype)
-        with keep_torch_threads():
-            (_descend_serial if forked() else _descend_kernel)(
+        with parallel_allowed() as parallel:
+            (_descend_kernel if parallel else _descend_serial)(
                 flat.contiguous().numpy(),
                 layer.w_in.detach().numpy(),
                 b_in,

@@ -179,6 +179,8 @@ class FFF(nn.Module):
 
     @property
     def eval_depth(self) -> int | None:
+        """Evaluation depth of :meth:`forward` without ``depth`` (None: the whole path): the enclosing
+        :func:`~calibrate.fff.at_depth` block's in this thread, else the one set on the layer."""
         depths = _DEPTHS.get()
         return depths[self] if self in depths else self._eval_depth
 

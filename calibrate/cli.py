@@ -499,9 +499,10 @@ def _real_model_missing() -> list[str]:
 
 
 def _cmd_demo(args) -> int:
-    import matplotlib
+    if "matplotlib.pyplot" not in sys.modules:  # a program's first figures: no window; a notebook keeps its backend
+        import matplotlib
 
-    matplotlib.use("Agg")
+        matplotlib.use("Agg")
     from calibrate.demo import smollm2_demo, synthetic_demo
 
     out = Path(args.out)

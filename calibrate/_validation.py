@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+import sys
 
 import numpy as np
 
@@ -86,3 +88,15 @@ def finite_positive(value, name: str) -> float:
     if not (ok and value > 0):
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
     return float(value)
+
+
+_PACKAGES = tuple(os.path.dirname(os.path.dirname(__file__)) + os.sep + name + os.sep for name in ("calibrate", "measures"))
+
+
+def caller_stacklevel() -> int:
+    """``stacklevel`` for a warning issued by the calling function that names the first frame outside this
+    library (the user's line), however deep the library's own calls run."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGES):
+        frame, level = frame.f_back, level + 1
+    return level

@@ -529,7 +529,8 @@ class ValidityReport:
 
 #: The options of :func:`calibrate.fit` that :func:`validity` passes on (proxy mode, in memory).
 _VALIDITY_OPTIONS = (
-    "measure", "consistency", "bound", "method", "lambdas", "decay", "train_fraction", "train_cache", "decode",
+    "measure", "consistency", "bound", "method", "lambdas", "decay", "train_fraction", "train_cache",
+    "measure_options", "decode",
 )  # fmt: skip
 
 

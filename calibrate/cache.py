@@ -44,7 +44,7 @@ import pandas as pd
 
 from calibrate._atomic import temporary_dir
 from calibrate._storage import Remote, location, zarr_store
-from calibrate._validation import int_at_least, seed_iv
+from calibrate._validation import caller_stacklevel, int_at_least, seed_iv
 from measures._arrays import as_numpy
 
 __all__ = ["FORMAT_VERSION", "LayerCache", "concat_caches", "open_cache"]
@@ -1556,7 +1556,7 @@ def _check_meta_checksum(root, meta: dict) -> None:
             f"{root / _META_FILE} has no meta_checksum (a cache written before calm-calibrate recorded one, or the "
             "key was removed): its model and generation settings are not checked; cache.save(new_path) records one",
             UserWarning,
-            stacklevel=4,
+            stacklevel=caller_stacklevel(),
         )
     elif meta["meta_checksum"] != _meta_checksum(meta):
         raise ValueError(

@@ -130,61 +130,68 @@ _MEAN_BOUNDS = ("hoeffding", "hoeffding_kl", "bentkus", "hoeffding_bentkus", "bi
 def _evidence_iv(cert: "Certificate") -> None:
     """Refuse a stored certificate that claims more than its own numbers support (edited after it was written).
 
-    Every certified threshold needs an empirical risk <= delta and a p-value <= epsilon (CRC: an adjusted risk
-    <= delta, for a prefix of the grid); the p-values of the built-in mean-based bounds must be at least those
-    of the stored risks, ``n`` and ``delta``; and fixed-sequence, Bonferroni and Holm must certify at least what
-    the flags say from the stored p-values. A certificate that claims less than its evidence allows (larger
-    p-values, fewer flags) is not refused.
+    Nothing is certified from no examples. CRC: the certified values form a prefix of the grid, each with an
+    adjusted risk <= delta. Otherwise every certified threshold has a p-value <= epsilon; the p-values of the
+    built-in mean-based bounds are at least what the stored risks, ``n`` and ``delta`` give (WSR's at least
+    ``(1 + delta)**-n``, the most its capital can grow); fixed-sequence, Bonferroni and Holm certify no more
+    than the stored p-values allow, and multi-start no more than ``epsilon`` split over its runs. A certificate
+    that claims less than its evidence allows (larger p-values, fewer flags) is not refused; nor, as the losses
+    are not stored, a larger ``n`` with p-values recomputed to match.
     """
     from calibrate import bounds, fwer
 
     risks, p, flags = np.asarray(cert.risks), np.asarray(cert.p_values), np.asarray(cert.certified)
     edited = "the certificate was edited after it was written, or is corrupt"
 
-    def at(k: int) -> str:
-        return f"[{k}] (lambda={cert.lambdas[k]:g})"
+    def at(k) -> str:
+        return f"[{int(k)}] (lambda={cert.lambdas[int(k)]:g})"
 
-    over = np.flatnonzero(flags & ~(risks <= cert.delta))  # NaN (never tested) is over too
-    if over.size:
-        k = int(over[0])
-        raise ValueError(
-            f"certified{at(k)} is True but its empirical risk is {risks[k]:g}, not <= delta={cert.delta:g}: {edited}"
-        )
+    hits = np.flatnonzero(flags)
+    if hits.size and cert.n == 0:
+        raise ValueError(f"certified{at(hits[0])} is True, but from n=0 examples nothing is certified: {edited}")
     if cert.method == "crc":
         adjusted = cert.n / (cert.n + 1.0) * risks + 1.0 / (cert.n + 1.0)
-        prefix = np.flatnonzero(flags).size == 0 or flags[: np.flatnonzero(flags)[-1] + 1].all()
-        bad = np.flatnonzero(flags & ~(adjusted <= cert.delta + _RISK_SLACK))
-        if bad.size or not prefix:
-            k = int(bad[0]) if bad.size else int(np.argmin(flags[: np.flatnonzero(flags)[-1] + 1]))
+        bad = np.flatnonzero(flags & ~(adjusted <= cert.delta + _RISK_SLACK))  # NaN (never tested) is bad too
+        holes = np.flatnonzero(~flags[: hits[-1] + 1]) if hits.size else hits
+        if bad.size or holes.size:
             raise ValueError(
-                f"certified{at(k)} contradicts conformal risk control (certified values form a prefix of the grid, "
-                f"each with adjusted risk n/(n+1) risk + 1/(n+1) <= delta={cert.delta:g}): {edited}"
+                f"certified{at(bad[0] if bad.size else holes[0])} contradicts conformal risk control (certified "
+                f"values form a prefix of the grid, each with adjusted risk n/(n+1) risk + 1/(n+1) <= "
+                f"delta={cert.delta:g}): {edited}"
             )
         return
     for k in np.flatnonzero(flags & ~(p <= cert.epsilon)):  # NaN (never tested) fails too
         raise ValueError(
-            f"certified{at(int(k))} is True but its p-value is {p[k]:g}, not <= epsilon={cert.epsilon:g}: the stored "
+            f"certified{at(k)} is True but its p-value is {p[k]:g}, not <= epsilon={cert.epsilon:g}: the stored "
             "flags contradict the certificate's own evidence"
         )
-    if cert.bound in _MEAN_BOUNDS and cert.n >= 1:
-        p_value = getattr(bounds, cert.bound)
-        for k in np.flatnonzero(~np.isnan(p)):
-            r = float(risks[k])
-            # p grows with the risk; a count of failures (binomial) needs no slack
-            low = float(p_value(r if cert.bound == "binomial" else max(r - _RISK_SLACK, 0.0), cert.n, cert.delta))
-            if not p[k] >= low * (1 - 1e-9):
-                raise ValueError(
-                    f"p_values{at(int(k))} is {p[k]:g}, below the {low:.6g} that the {cert.bound} bound gives for "
-                    f"risks[{k}]={r:g}, n={cert.n}, delta={cert.delta:g}: {edited}"
-                )
+    if cert.bound is None and hits.size:
+        raise ValueError(f"certified{at(hits[0])} is True, but with method={cert.method!r} a bound is needed: {edited}")
+    for k in np.flatnonzero(~np.isnan(p)) if cert.n >= 1 and cert.bound in (*_MEAN_BOUNDS, "wsr") else ():
+        r = float(risks[k])
+        if cert.bound == "wsr":
+            low, source = (1.0 + cert.delta) ** -cert.n, f"WSR can reach with n={cert.n}, delta={cert.delta:g}"
+        else:  # p grows with the risk; a count of failures (binomial) needs no slack
+            at_risk = r if cert.bound == "binomial" else max(r - _RISK_SLACK, 0.0)
+            low = float(getattr(bounds, cert.bound)(at_risk, cert.n, cert.delta))
+            source = f"the {cert.bound} bound gives for risks[{k}]={r:g}, n={cert.n}, delta={cert.delta:g}"
+        if not p[k] >= low * (1 - 1e-9):
+            raise ValueError(f"p_values{at(k)} is {p[k]:g}, below the {low:.6g} that {source}: {edited}")
     if cert.method in ("fixed_sequence", "bonferroni", "holm"):
         allowed = np.asarray(fwer.control_fwer(np.where(np.isnan(p), 1.0, p), cert.epsilon, cert.method), dtype=bool)
         over = np.flatnonzero(flags & ~allowed)
         if over.size:
-            k = int(over[0])
             raise ValueError(
-                f"certified{at(k)} is True, but {cert.method} at epsilon={cert.epsilon:g} does not certify it from "
-                f"the stored p-values: {edited}"
+                f"certified{at(over[0])} is True, but {cert.method} at epsilon={cert.epsilon:g} does not certify it "
+                f"from the stored p-values: {edited}"
+            )
+    elif cert.method == "multistart" and hits.size:  # one walk at epsilon / m per run of flags at least
+        runs = 1 + int(np.count_nonzero(np.diff(hits) > 1))
+        over = hits[~(p[hits] <= cert.epsilon / runs)]
+        if over.size:
+            raise ValueError(
+                f"certified{at(over[0])} is True, but multistart certifies {runs} separate runs only with p-values "
+                f"<= epsilon/{runs}={cert.epsilon / runs:g}, got {p[over[0]]:g}: {edited}"
             )
 
 
@@ -595,7 +602,11 @@ class Certificate:
         unknown, missing = set(data) - names, names - set(data) - {"max_new_tokens"}
         if unknown or missing:
             written = data.get("version")
-            other = f" (written by calm-calibrate {written}; this is {_version()})" if written != _version() else ""
+            other = (
+                f" (written by calm-calibrate {written}; this is {_version()})"
+                if isinstance(written, str) and written != _version()
+                else ""
+            )
             raise ValueError(f"certificate fields: unknown {sorted(unknown)}, missing {sorted(missing)}{other}")
         kwargs = dict(data)
         for name in _NAN_FIELDS:

@@ -65,6 +65,12 @@ def _risk_control_iv(delta, epsilon, bound, method) -> tuple[float, float, str |
         method_name = _method_name(method)
         if method_name == "crc":  # a certificate saying "crc" claims conformal risk control's guarantee
             raise ValueError("a custom FWERProcedure cannot be named 'crc' (conformal risk control's name)")
+        builtin = _fwer._BY_NAME.get(method_name)
+        if builtin is not None and type(method).reject is not builtin.reject:  # a loaded certificate is checked by it
+            raise ValueError(
+                f"a custom FWERProcedure cannot take the built-in name {method_name!r} (certificates are checked "
+                f"against the procedure they name): give {type(method).__name__} a name of its own"
+            )
     else:
         raise TypeError(
             f"method must be one of {METHODS} or a calibrate.fwer.FWERProcedure instance, got {type(method).__name__}"

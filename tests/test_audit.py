@@ -228,6 +228,9 @@ def test_validity_with_classifier_keeps_training_sequences_out(split):
     assert study.n_cal + study.n_test == dev.n_sequences - train.n_sequences
     plain = calibrate.validity(dev, trials=5, seed=0, progress=False)
     assert plain.n_cal + plain.n_test == dev.n_sequences
+    kwargs = dict(trials=5, seed=0, measure="classifier", train_fraction=0.4, progress=False)
+    tuned = calibrate.validity(dev, measure_options={"C": 0.001}, **kwargs)  # was TypeError: unknown options
+    assert tuned.n_cal == study.n_cal and not np.array_equal(tuned.test_risks, study.test_risks)
 
 
 @pytest.mark.parametrize(

@@ -664,8 +664,9 @@ def test_metadata_changes_go_through_with_meta(saved):
     open_cache(saved, verify=False).save(saved.parent / "kept")  # the advice, followed
     assert open_cache(saved.parent / "kept").user_meta["note"] == "z"
     _edit_meta(saved, lambda m: m.pop("meta_checksum"))  # a cache written before the metadata had a checksum
-    with pytest.warns(UserWarning, match=r"meta.json has no meta_checksum .* not checked; cache.save\(new_path\)"):
+    with pytest.warns(UserWarning, match=r"meta.json has no meta_checksum .* not checked; cache.save\(new_path\)") as w:
         assert open_cache(saved).user_meta["note"] == "z"  # loads, but says that its metadata is unchecked
+    assert w[0].filename == __file__  # the caller's line, not the library's
     changed.save(saved, overwrite=True)
     _edit_meta(saved, lambda m: m.update(note="y"))
     assert open_cache(saved, verify=False).user_meta["note"] == "y"

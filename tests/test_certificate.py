@@ -238,15 +238,12 @@ def test_bad_json(tmp_path):
     edited["lambda_hat"] = 0.7  # on the grid, but not certified
     with pytest.raises(ValueError, match="lambda_hat=0.7 is a grid value that the certificate does not certify"):
         Certificate.from_json(json.dumps(edited))
-    edited["certified"][2] = True  # flags that contradict the risks: a threshold put to use uncertified
-    with pytest.raises(ValueError, match=r"certified\[2\] \(lambda=0.7\) is True but its empirical risk is 0.2, "):
-        Certificate.from_json(json.dumps(edited))
-    edited["risks"][2] = 0.05  # and the p-value
+    edited["certified"][2] = True  # flags that contradict the p-values: a threshold put to use uncertified
     with pytest.raises(ValueError, match=r"certified\[2\] \(lambda=0.7\) is True but its p-value is 0.9"):
         Certificate.from_json(json.dumps(edited))
     edited = json.loads(_cert().to_json())
     edited["p_values"][1] = edited["risks"][1] = None  # never tested, yet certified
-    with pytest.raises(ValueError, match=r"certified\[1\] .* its empirical risk is nan"):
+    with pytest.raises(ValueError, match=r"certified\[1\] .* its p-value is nan"):
         Certificate.from_json(json.dumps(edited))
     text = _cert().to_json()
     assert Certificate.from_json("\ufeff\n" + text) == _cert()  # a byte-order mark and blank lines
@@ -320,7 +317,7 @@ def test_real_certificates_of_every_bound_and_method_load_back():
 @pytest.mark.parametrize(
     "edit, match",
     [
-        ({"delta": 0.01}, r"empirical risk is .*, not <= delta=0.01"),
+        ({"delta": 0.01}, r"p_values\[\d\] .* below the .* delta=0.01"),
         ({"delta": 0.095}, r"p_values\[\d\] .* below the .* that the hoeffding_bentkus bound gives .* delta=0.095"),
         ({"n": 200}, r"below the .* bound gives for risks\[\d+\]=.*, n=200, "),
         ({"epsilon": 1e-6}, r"its p-value is .*, not <= epsilon=1e-06"),
@@ -337,8 +334,7 @@ def test_a_hand_edited_certificate_is_refused_naming_the_field(edit, match):
     assert not cert.certified[first_out]
     if edit == {"risks": "raise the last certified"}:
         data["risks"][last] = 0.095
-    elif edit == {"p_values": "lower the first uncertified"}:
-        data["p_values"][first_out + 1] = 0.0  # certify one past the first failure: not a fixed sequence
+    elif edit == {"p_values": "lower the first uncertified"}:  # certify one past the first failure: no fixed sequence
         data["certified"][first_out + 1] = True
         data["risks"][first_out + 1] = 0.0
         data["p_values"][first_out + 1] = float(calibrate.bounds.hoeffding_bentkus(0.0, 2000, 0.1))
@@ -358,9 +354,76 @@ def test_an_edited_crc_certificate_is_refused():
     data = json.loads(cert.to_json())
     k = cert.index + 1
     data["certified"][k], data["lambda_hat"] = True, cert.lambdas[k]
-    with pytest.raises(ValueError, match=r"contradicts conformal risk control|empirical risk"):
+    with pytest.raises(ValueError, match=r"certified\[\d\] .* contradicts conformal risk control"):
         Certificate.from_json(json.dumps(data))
     data = json.loads(cert.to_json())
     data["certified"][0] = False  # a hole: certified values form a prefix
     with pytest.raises(ValueError, match=r"certified\[0\] .* contradicts conformal risk control"):
         Certificate.from_json(json.dumps(data))
+
+
+def test_wsr_and_binomial_certify_thresholds_whose_final_risk_exceeds_delta_and_load_back():
+    """WSR rejects at the best time of its bets, the binomial bound at epsilon >= 0.5 with a risk above delta: both
+    certificates were refused as edited ("empirical risk ... not <= delta")."""
+    losses = np.concatenate([np.zeros(100), np.ones(40)])[:, None]
+    wsr = calibrate.certify(losses, [1.0], delta=0.1, epsilon=0.05, bound="wsr")
+    assert wsr.certified == (True,) and wsr.risks[0] > 0.1
+    assert Certificate.from_json(wsr.to_json()) == wsr
+    binomial = calibrate.certify(np.array([[0.0], [0], [0], [1], [1]]), [1.0], delta=0.3, epsilon=0.9, bound="binomial")
+    assert binomial.certified == (True,) and binomial.risks[0] > 0.3
+    assert Certificate.from_json(binomial.to_json()) == binomial
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        ({"n": 0}, r"from n=0 examples nothing is certified"),
+        ({"bound": None}, r"with method='fixed_sequence' a bound is needed"),
+        ({"bound": "wsr", "p_values": [1e-300] * 4}, r"below the .* that WSR can reach with n=50"),
+    ],
+)
+def test_forgeries_of_the_examples_or_the_bound_are_refused(edit, match):
+    cert = calibrate.certify(np.zeros((50, 4)), [1.0, 0.8, 0.6, 0.4], delta=0.2, epsilon=0.1, bound="wsr")
+    assert all(cert.certified)
+    with pytest.raises(ValueError, match=match):
+        Certificate.from_dict({**cert.to_dict(), **edit})
+
+
+def test_multistart_flags_need_epsilon_split_over_their_runs():
+    p = [0.001, 0.5, 0.03, 0.001]  # two runs: each flag needs p <= 0.05 / 2
+    cert = calibrate.certify(np.zeros((100, 4)), [1.0, 0.8, 0.6, 0.4], delta=0.2, method="multistart", bound="wsr")
+    forged = {**cert.to_dict(), "p_values": p, "certified": [True, False, True, True], "lambda_hat": 0.4}
+    with pytest.raises(ValueError, match=r"certified\[2\] .* multistart certifies 2 separate runs only with p-values <= epsilon/2=0.025, got 0.03"):
+        Certificate.from_dict(forged)
+    assert Certificate.from_dict({**forged, "p_values": [0.001, 0.5, 0.02, 0.001]}).lambda_hat == 0.4
+
+
+def test_a_custom_procedure_may_not_take_a_built_in_name():
+    """Its certificates were refused on load: they are checked against the procedure they name."""
+    from calibrate import fwer
+
+    class Fallback(fwer.FixedSequence):
+        def reject(self, p_values, epsilon):
+            return np.asarray(p_values) <= epsilon
+
+    with pytest.raises(ValueError, match=r"cannot take the built-in name 'fixed_sequence' .* give Fallback a name"):
+        calibrate.certify(np.zeros((100, 3)), [1.0, 0.5, 0.1], delta=0.2, method=Fallback())
+
+    class Named(Fallback):
+        name = "fallback"
+
+    cert = calibrate.certify(np.zeros((100, 3)), [1.0, 0.5, 0.1], delta=0.2, method=Named())
+    assert cert.method == "fallback" and Certificate.from_json(cert.to_json()) == cert
+
+    class Wider(fwer.MultiStart):  # another setting of a built-in procedure keeps its name
+        def __init__(self):
+            super().__init__(starts=2)
+
+    assert calibrate.certify(np.zeros((100, 3)), [1.0, 0.5, 0.1], delta=0.2, method=Wider()).method == "multistart"
+
+
+def test_a_missing_version_is_not_named_none():
+    data = {**_cert().to_dict(), "surprise": 1}
+    del data["version"]
+    with pytest.raises(ValueError, match=r"unknown \['surprise'\], missing \['version'\]$"):
+        Certificate.from_dict(data)

@@ -105,6 +105,48 @@ def test_eval_depth_set_inside_at_depth_outlives_the_block_and_is_checked():
     assert layer.eval_depth == 4
 
 
+def test_modules_pickled_before_eval_depth_was_a_property_load():
+    import pickle
+
+    model = _classifier()
+    layer = fff.fff_layers(model)[0]
+    layer.eval_depth = 3
+    state = layer.__dict__
+    state["eval_depth"] = state.pop("_eval_depth")  # what torch.save(model) held before
+    back = pickle.loads(pickle.dumps(model))
+    assert fff.fff_layers(back)[0].eval_depth == 3  # was AttributeError: no attribute 'eval_depth'
+    x = torch.randn(4, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), back[2](back[1](back[0](x)), depth=3))
+
+
+def test_an_at_depth_block_finished_in_another_thread_warns():
+    import threading
+
+    model = _classifier()
+
+    def blocks():
+        with fff.at_depth(model, 2):
+            yield
+
+    gen = blocks()
+    next(gen)  # entered here
+    caught = []
+
+    def finish():
+        import warnings
+
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            gen.close()  # was ValueError: <Token ...> was created in a different Context
+        caught.extend(w)
+
+    thread = threading.Thread(target=finish)
+    thread.start()
+    thread.join()
+    assert [str(w.message)[:58] for w in caught] == ["an fff.at_depth block ended in another thread than the one"]
+
+
 def test_fit_checks_its_risk_options_before_the_model_runs(monkeypatch):
     model = _classifier()
     monkeypatch.setattr(fff.calibration, "depth_losses", lambda *a, **k: pytest.fail("the model ran first"))

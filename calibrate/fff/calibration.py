@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -73,10 +74,12 @@ def model_id(model: nn.Module) -> str:
 def at_depth(model: nn.Module, depth: int | None) -> Iterator[nn.Module]:
     """Run every FFF layer of ``model`` at evaluation depth ``depth`` (None: full) inside the block.
 
-    Only the calling thread (or asyncio task) sees the depth: another thread running the same model
-    meanwhile keeps each layer's ``eval_depth`` (set by :func:`apply`). A layer shallower than ``depth``
-    runs its whole tree, so in a model whose trees differ in depth, ``D`` (the deepest layer's depth) is
-    the full model.
+    Only the calling thread (or asyncio task, and tasks it creates) sees the depth: another thread running the
+    same model meanwhile keeps each layer's ``eval_depth`` (set by :func:`apply`), and so does work the block
+    hands to other threads (an executor, a streamer's generation thread, ``nn.DataParallel``): run that work in
+    an ``at_depth`` block of its own thread, or :func:`apply` the depth. A layer shallower than ``depth`` runs
+    its whole tree, so in a model whose trees differ in depth, ``D`` (the deepest layer's depth) is the full
+    model.
 
     Raises
     ------
@@ -91,7 +94,15 @@ def at_depth(model: nn.Module, depth: int | None) -> Iterator[nn.Module]:
     try:
         yield model
     finally:
-        _DEPTHS.reset(token)
+        try:
+            _DEPTHS.reset(token)
+        except ValueError:  # a generator holding the block, finished in another thread (another context)
+            warnings.warn(
+                "an fff.at_depth block ended in another thread than the one that entered it, which keeps running "
+                f"the model at depth {depth}; keep a block within one thread",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
 
 def apply(model: nn.Module, certificate: Certificate) -> nn.Module:

@@ -177,6 +177,13 @@ class FFF(nn.Module):
             self.register_parameter("b_in", None)
             self.register_parameter("b_out", None)
 
+    _eval_depth: int | None = None
+
+    def __setstate__(self, state: dict) -> None:
+        if "eval_depth" in state:  # a whole module pickled before eval_depth became a property
+            state["_eval_depth"] = state.pop("eval_depth")
+        super().__setstate__(state)
+
     @property
     def eval_depth(self) -> int | None:
         """Evaluation depth of :meth:`forward` without ``depth`` (None: the whole path): the enclosing
@@ -268,14 +275,9 @@ class FFF(nn.Module):
 
         path = Path(path)
         tensors = {name: p.detach().contiguous().cpu() for name, p in self.named_parameters()}
-        meta = {
-            "in_features": str(self.in_features),
-            "out_features": str(self.out_features),
-            "depth": str(self.depth),
-            "activation": self.activation,
-            "bias": str(self.b_in is not None),
-            "weights_digest": weights_digest(self, fresh=True),
-        }
+        values = (self.in_features, self.out_features, self.depth, self.activation, self.b_in is not None)
+        meta = {key: str(value) for key, value in zip(_SAVED_KEYS, values)}
+        meta["weights_digest"] = weights_digest(self, fresh=True)
         with atomic_file(path) as tmp:  # one key: safetensors writes several in a random order (other bytes each time)
             save_file(tensors, str(tmp), metadata={"fff": json.dumps(meta, sort_keys=True)})
 

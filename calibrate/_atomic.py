@@ -1,8 +1,8 @@
 """Atomic writes: a new file or directory appears whole, with the permissions a plain write would give, or not at all.
 
 "Not at all" holds when the writing process fails (an exception, Ctrl-C, a kill): the target keeps its old
-content. Nothing is fsynced, so after a power loss or an operating-system crash a just-renamed file may
-still be empty or missing (the readers then refuse it: a checksum, or JSON that does not parse).
+content. It also holds after a power loss or an operating-system crash: what is renamed into place is
+fsynced first, and the directory holding it after (where the platform allows: not Windows' directories).
 
 Temporary names sit beside the target (``.NAME.<8 hex>.tmp``, so a rename publishes them) and are created
 with the mode a plain ``open`` (0o666) or ``mkdir`` (0o777) gets under the process umask, which the kernel
@@ -31,6 +31,34 @@ def _create_beside(target: Path, create: Callable[[Path], None]) -> Path:
     raise FileExistsError(f"no free temporary name beside {target}")
 
 
+def _fsync(path: str | os.PathLike, directory: bool = False) -> None:
+    """Flush ``path`` to the disk; nothing where it cannot be opened or flushed (a directory on Windows, some
+    network file systems)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def sync_tree(root: Path) -> None:
+    """Flush every file and directory under ``root`` (a directory written beside its target) before its rename."""
+    for where, _, files in os.walk(root):
+        for name in files:
+            _fsync(os.path.join(where, name))
+        _fsync(where, directory=True)
+
+
+def sync_dir(path: Path) -> None:
+    """Flush the directory ``path`` (after a rename in it: the new entry)."""
+    _fsync(path, directory=True)
+
+
 def temporary_dir(target: Path) -> Path:
     """A new empty directory beside ``target`` to write into, then rename to ``target``."""
     return _create_beside(target, os.mkdir)
@@ -49,7 +77,9 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
         mode = tmp.stat().st_mode & 0o777  # what open() gives under the umask
         yield tmp
         os.chmod(tmp, mode)  # for writers that create the file anew (safetensors makes it 0o600)
+        _fsync(tmp)
         os.replace(tmp, path)
+        sync_dir(path.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

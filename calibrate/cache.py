@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from calibrate._atomic import temporary_dir
+from calibrate._atomic import sync_dir, sync_tree, temporary_dir
 from calibrate._storage import Remote, location, zarr_store
 from calibrate._validation import caller_stacklevel, int_at_least, seed_iv
 from measures._arrays import as_numpy
@@ -1660,6 +1660,7 @@ def _write_table(file: Path, table: pd.DataFrame, offsets: np.ndarray, full_toke
 
 
 def _commit(tmp: Path, target: Path, overwrite: bool) -> None:
+    sync_tree(tmp)  # on the disk before it is published: a power loss leaves the old cache or the new one
     if not os.path.lexists(target):
         os.rename(tmp, target)
     elif not overwrite:  # appeared while we were writing
@@ -1672,6 +1673,7 @@ def _commit(tmp: Path, target: Path, overwrite: bool) -> None:
         except BaseException:
             os.rename(old, target)
             raise
+    sync_dir(target.parent)
     if overwrite:  # once committed: this one's old cache, and any an interrupted overwrite of the same name left
         stale = re.compile(rf"\.{re.escape(target.name)}\.old-[0-9a-f]{{32}}")
         for leftover in target.parent.iterdir():  # (not for every batch an extraction writes into its shard_dir)

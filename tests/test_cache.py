@@ -363,6 +363,31 @@ def test_no_pickle_in_the_module():
     assert "import pickle" not in source and "allow_pickle=True" not in source
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names file descriptors through /proc")
+def test_a_saved_cache_is_on_the_disk_before_it_is_published(cache, tmp_path, monkeypatch):
+    """Nothing was fsynced: after a power loss a just-renamed cache could hold empty files."""
+    events = []
+    fsync, rename = os.fsync, os.rename
+
+    def logged_fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    def logged_rename(a, b):
+        events.append(("rename", str(a), str(b)))
+        rename(a, b)
+
+    monkeypatch.setattr(os, "fsync", logged_fsync)
+    monkeypatch.setattr(os, "rename", logged_rename)
+    path = cache.save(tmp_path / "cache")
+    published = next(i for i, e in enumerate(events) if e[0] == "rename" and e[2] == str(path))
+    tmp = events[published][1]
+    synced = {e[1] for e in events[:published] if e[0] == "fsync"}
+    written = {str(p).replace(str(path), tmp) for p in path.rglob("*")} | {tmp}
+    assert written <= synced  # every file and directory, before the rename
+    assert ("fsync", str(path.parent)) in events[published:]  # then the new entry
+
+
 def test_save_refuses_existing_path_unless_overwrite(cache, tmp_path):
     target = tmp_path / "c"
     cache.save(target)

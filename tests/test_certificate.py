@@ -427,3 +427,15 @@ def test_a_missing_version_is_not_named_none():
     del data["version"]
     with pytest.raises(ValueError, match=r"unknown \['surprise'\], missing \['version'\]$"):
         Certificate.from_dict(data)
+
+
+def test_a_written_certificate_is_flushed_then_its_directory(tmp_path, monkeypatch):
+    import os
+
+    flushed = []
+    fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (flushed.append(os.fstat(fd).st_mode), fsync(fd))[1])
+    _cert().to_json(tmp_path / "cert.json")
+    import stat
+
+    assert [stat.S_ISDIR(m) for m in flushed] == [False, True]  # the new file, then the entry renamed into place

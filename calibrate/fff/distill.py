@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from calibrate._atomic import temporary_dir
+from calibrate._atomic import sync_dir, temporary_dir
 from calibrate._validation import finite_positive, int_at_least, seed_iv, torch_seed
 from calibrate.audit import _tight
 from calibrate.fff.layer import FFF
@@ -324,8 +324,9 @@ def save_blocks(model: nn.Module, directory: str | os.PathLike) -> Path:
     tmp = temporary_dir(target)
     try:
         for i, block in blocks.items():
-            block.save(tmp / _BLOCK_FILE.format(i))
+            block.save(tmp / _BLOCK_FILE.format(i))  # each flushed to the disk
         tmp.rename(target)
+        sync_dir(target.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from calibrate._digest import model_digest
+from calibrate._digest import _state, model_digest
 from calibrate._validation import int_at_least, int_in
 
 __all__ = ["SUPPORTED_ARCHITECTURES", "ExitHeads", "decoder_layers", "forward_hooks", "record_layer_states"]
@@ -500,7 +500,7 @@ class ExitHeads(nn.Module):
         """
         return {
             "kind": "adapters" if self.has_adapters else "logit_lens",
-            "adapters_digest": adapters_digest(self.adapter_weight, self.adapter_bias) if self.has_adapters else None,
+            "adapters_digest": self._adapters_digest() if self.has_adapters else None,
             "model_digest": model_digest(self._model[0]) if self._model else None,
             "architecture": self.architecture,
             "n_layers": self.n_layers,
@@ -510,6 +510,16 @@ class ExitHeads(nn.Module):
             "logits_bias": self._shared[2] is not None,
             "norm": self._shared[0] is not None,
         }
+
+    def _adapters_digest(self) -> str:
+        """:func:`adapters_digest` of the adapters, recomputed only when they changed (replaced, edited in place,
+        moved or cast): the runtime checks it at every call, and hashing copies every adapter to the CPU."""
+        state = _state([("weight", self.adapter_weight), ("bias", self.adapter_bias)])
+        memo = self.__dict__.get("_adapters_memo")
+        if memo is None or memo[0] != state:
+            memo = (state, adapters_digest(self.adapter_weight, self.adapter_bias))
+            self.__dict__["_adapters_memo"] = memo
+        return memo[1]
 
     def extra_repr(self) -> str:
         return (

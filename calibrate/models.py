@@ -49,7 +49,8 @@ def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
 
     Calls that overlap (threads decoding with one model, or nested calls) share the flags saved by the first and
     restore them when the last ends: a second call would otherwise save eval flags, and the first one's end would
-    put dropout back under it.
+    put dropout back under it. So switch a served model's mode (``model.train()``, ``model.eval()``) only while
+    no calibrate call runs on it: the last one to end puts back the flags from before the first.
     """
     with _eval_lock:
         if id(model) not in _eval_users:
@@ -69,6 +70,14 @@ def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
                 del _eval_users[id(model)]
                 for module, training in flags:
                     module.training = training
+
+
+def in_training(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is in training mode as its owner left it: while :func:`eval_mode` calls run on it
+    (another thread decoding), the flag from before the first of them, not their temporary eval mode."""
+    with _eval_lock:
+        users = _eval_users.get(id(model))
+        return users[1][0][1] if users is not None else model.training  # modules() yields the model first
 
 
 def load_local(model_dir, *, device: str | None = None, dtype: str | None = None):

@@ -127,6 +127,22 @@ def test_float32_adapters_load_into_a_bfloat16_model(model, real_cache, tmp_path
     torch.testing.assert_close(loaded.adapter_weight.float(), expected, rtol=0, atol=0)
 
 
+def test_the_adapters_digest_is_hashed_once_until_they_change(model, monkeypatch):
+    """The runtime checked a certificate's heads by hashing every adapter at every call (2x a request's time)."""
+    import calibrate.heads as heads_module
+
+    heads = ExitHeads.from_model(model, adapters=True)
+    first = heads.describe()["adapters_digest"]
+    calls = []
+    real = heads_module.adapters_digest
+    monkeypatch.setattr(heads_module, "adapters_digest", lambda w, b: calls.append(1) or real(w, b))
+    assert heads.describe()["adapters_digest"] == first and not calls
+    with torch.no_grad():
+        heads.adapter_weight[1, 0, 0] += 0.5  # trained or edited in place
+    changed = heads.describe()["adapters_digest"]
+    assert changed != first and changed == real(heads.adapter_weight, heads.adapter_bias) and len(calls) == 1
+
+
 def test_load_refuses_tensors_of_other_shapes(model, real_cache, tmp_path):
     import json
 

@@ -76,8 +76,9 @@ def at_depth(model: nn.Module, depth: int | None) -> Iterator[nn.Module]:
 
     Only the calling thread (or asyncio task, and tasks it creates) sees the depth: another thread running the
     same model meanwhile keeps each layer's ``eval_depth`` (set by :func:`apply`), and so does work the block
-    hands to other threads (an executor, a streamer's generation thread, ``nn.DataParallel``): run that work in
-    an ``at_depth`` block of its own thread, or :func:`apply` the depth. A layer shallower than ``depth`` runs
+    hands to other threads (``loop.run_in_executor``, a streamer's generation thread, ``nn.DataParallel``;
+    ``asyncio.to_thread`` and ``contextvars.copy_context().run`` carry the depth): run that work in an
+    ``at_depth`` block of its own thread, or :func:`apply` the depth. A layer shallower than ``depth`` runs
     its whole tree, so in a model whose trees differ in depth, ``D`` (the deepest layer's depth) is the full
     model.
 

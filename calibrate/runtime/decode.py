@@ -36,7 +36,7 @@ from calibrate._validation import int_at_least
 from calibrate.certificate import Certificate, _budget_warning
 from calibrate.exits import Decay
 from calibrate.heads import ExitHeads, context_positions, decoder_layers
-from calibrate.models import eval_mode
+from calibrate.models import eval_mode, in_training
 from calibrate.runtime._layers import KVCache, LayerAdapter, Step, adapter_for, additive_mask
 from calibrate.runtime._measures import _SOFTMAX, RUNTIME_MEASURES, RuntimeMeasure, build_measure
 from measures.confidence import _source
@@ -467,7 +467,7 @@ def custom_generate(
         raise ValueError(
             "custom_generate needs the encoder_outputs that model.generate prepares for encoder-decoder models"
         )
-    if encoder_decoder and model.training:
+    if encoder_decoder and in_training(model):  # as its owner left it, whatever another thread's decoding set
         raise ValueError(
             "the model is in training mode, so model.generate ran its encoder with dropout (it does not switch to "
             "eval mode); call model.eval() first, or decode with calibrate.runtime.generate, which runs in eval mode"

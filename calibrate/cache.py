@@ -905,6 +905,30 @@ def open_cache(path: str | os.PathLike, *, verify: bool = True, chunks: int | No
         from calibrate.chunked import open_chunked
 
         return open_chunked(root, chunks, verify)
+    before = _identity(root)
+    replaced = f"{root} was replaced (saved again with overwrite=True) while it was being read: open it again"
+    try:
+        cache = _open_in_memory(root, verify)
+    except (ValueError, OSError) as exc:
+        if _identity(root) != before:  # its files came from two caches: the old one and its replacement
+            raise ValueError(replaced) from exc
+        raise
+    if _identity(root) != before:  # unverified, a mix of the two could pass
+        raise ValueError(replaced)
+    return cache
+
+
+def _identity(root) -> tuple | None:
+    """Which directory ``root`` names now (a save with ``overwrite`` renames another one into place)."""
+    try:
+        st = os.stat(root) if isinstance(root, Path) else None
+    except OSError:
+        return None
+    return None if st is None else (st.st_dev, st.st_ino)
+
+
+def _open_in_memory(root, verify: bool):
+    """:func:`open_cache` of an unsharded cache into memory."""
     meta = _read_meta(root)
     fields = meta["fields"]
     arrays = {}

@@ -388,6 +388,26 @@ def test_a_saved_cache_is_on_the_disk_before_it_is_published(cache, tmp_path, mo
     assert ("fsync", str(path.parent)) in events[published:]  # then the new entry
 
 
+@pytest.mark.parametrize("verify", [True, False])
+def test_a_cache_replaced_while_it_is_read_says_so(cache, tmp_path, monkeypatch, verify):
+    """Its files came from the old cache and the new one: the error blamed a corrupted chunk or a checksum."""
+    from calibrate.synthetic import synthetic_cache
+
+    path = cache.save(tmp_path / "cache")
+    other = synthetic_cache(30, n_layers=3, seed=1)
+    read_vocab = cache_module._read_vocab
+
+    def overwritten_meanwhile(root, spec):
+        other.save(root, overwrite=True)  # another process saves over it now
+        return read_vocab(root, spec)
+
+    monkeypatch.setattr(cache_module, "_read_vocab", overwritten_meanwhile)
+    with pytest.raises(ValueError, match=r"cache was replaced \(saved again with overwrite=True\) while it was being read"):
+        open_cache(path, verify=verify)
+    monkeypatch.setattr(cache_module, "_read_vocab", read_vocab)
+    assert open_cache(path).checksum == other.checksum  # opened again
+
+
 def test_save_refuses_existing_path_unless_overwrite(cache, tmp_path):
     target = tmp_path / "c"
     cache.save(target)

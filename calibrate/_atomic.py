@@ -2,7 +2,9 @@
 
 "Not at all" holds when the writing process fails (an exception, Ctrl-C, a kill): the target keeps its old
 content. It also holds after a power loss or an operating-system crash: what is renamed into place is
-fsynced first, and the directory holding it after (where the platform allows: not Windows' directories).
+fsynced first, and the directory holding it after (where the platform allows: not Windows' directories). A
+cache replaced by another (``overwrite=True``) is renamed aside first: a crash between the two renames leaves
+it at ``.NAME.old-<hex>`` beside the path, which :func:`calibrate.open_cache` then names.
 
 Temporary names sit beside the target (``.NAME.<8 hex>.tmp``, so a rename publishes them) and are created
 with the mode a plain ``open`` (0o666) or ``mkdir`` (0o777) gets under the process umask, which the kernel
@@ -13,6 +15,7 @@ which races with other threads.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 from collections.abc import Callable, Iterator
@@ -31,17 +34,26 @@ def _create_beside(target: Path, create: Callable[[Path], None]) -> Path:
     raise FileExistsError(f"no free temporary name beside {target}")
 
 
+#: fsync errors that say the file system cannot flush (not that flushing failed): ignored.
+_CANNOT_FLUSH = {errno.EINVAL, errno.EBADF}
+_CANNOT_FLUSH |= {getattr(errno, name) for name in ("ENOTSUP", "EOPNOTSUPP") if hasattr(errno, name)}
+
+
 def _fsync(path: str | os.PathLike, directory: bool = False) -> None:
-    """Flush ``path`` to the disk; nothing where it cannot be opened or flushed (a directory on Windows, some
-    network file systems)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
-    except OSError:
-        return
+    """Flush ``path`` to the disk. A directory that cannot be opened (Windows) or a file system that cannot
+    flush (EINVAL, ENOTSUP) is skipped; a failed flush (EIO, ENOSPC) raises, before anything is published."""
+    if directory:
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        except OSError:
+            return
+    else:  # Windows flushes only files open for writing
+        fd = os.open(path, os.O_RDWR | getattr(os, "O_BINARY", 0))
     try:
         os.fsync(fd)
-    except OSError:
-        pass
+    except OSError as exc:
+        if exc.errno not in _CANNOT_FLUSH:
+            raise
     finally:
         os.close(fd)
 

@@ -150,7 +150,7 @@ def save_adapters(heads: ExitHeads, path: str | os.PathLike) -> None:
         "bias": heads.adapter_bias.detach().cpu().contiguous(),
     }
     with atomic_file(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"heads": json.dumps(heads.describe())})
+        save_file(tensors, str(tmp), metadata={"heads": json.dumps(heads.describe(fresh=True))})
 
 
 def load_adapters(model: nn.Module, path: str | os.PathLike) -> ExitHeads:

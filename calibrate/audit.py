@@ -12,7 +12,7 @@ import numpy as np
 
 from calibrate._atomic import atomic_file
 from calibrate._format import level
-from calibrate._validation import open_interval, seed_iv
+from calibrate._validation import caller_stacklevel, open_interval, seed_iv
 from calibrate.certificate import Certificate
 from calibrate.exits import Decay
 from calibrate.fit import _certify
@@ -621,5 +621,6 @@ def validity(
         ok = np.flatnonzero(cal.risks <= delta)
         naive[i] = test.risks[ok[-1]] if ok.size else 0.0
     if caveats:
-        warnings.warn(f"{len(caveats)} warnings over {trials} trials, the first: {caveats[0]}", UserWarning, stacklevel=2)
+        first = f"{len(caveats)} warnings over {trials} trials, the first: {caveats[0]}"
+        warnings.warn(first, UserWarning, stacklevel=caller_stacklevel())
     return ValidityReport(float(delta), float(epsilon), test_risks, lambda_hats, naive, n_cal, table.n - n_cal)

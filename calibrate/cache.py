@@ -664,8 +664,10 @@ class LayerCache:
         Notes
         -----
         Replacing an existing cache renames it aside, renames the new one into place and then deletes
-        the old one, so ``path`` is missing for the moment between the two renames. Files are not
-        fsync-ed: the write is atomic with respect to errors in this process, not to power loss.
+        the old one, so ``path`` is missing for the moment between the two renames (a crash there leaves the
+        old cache at ``.<name>.old-<hex>`` beside it, which :func:`open_cache` names). Every file is flushed
+        to the disk (fsync) before the rename: the write is atomic with respect to errors in this process and
+        to power loss.
         Object storage has no rename: the cache is written locally, then uploaded with ``meta.json``
         last, so an interrupted upload reads as an incomplete cache, never as a valid one. To replace a
         cache, the new one is first uploaded beside it (to ``.<name>.<random>.tmp``; a failed upload is
@@ -869,14 +871,15 @@ def open_cache(path: str | os.PathLike, *, verify: bool = True, chunks: int | No
     Raises
     ------
     FileNotFoundError
-        When ``path`` does not exist.
+        When ``path`` does not exist (it names the ``.<name>.old-<hex>`` cache an interrupted overwrite left).
     ImportError
         With ``chunks``, when Dask (the ``[dask]`` extra) is not installed.
     ValueError
         When the cache is incomplete or corrupted. The message names the file or field: a missing
         ``meta.json``/``sequences.parquet``/array, an unsupported ``format_version``, a wrong dtype or
         shape, missing or unreadable chunks, ``"checksum mismatch in array 'topk_ids'"``, NaN or
-        out-of-range values, or offsets inconsistent with the arrays.
+        out-of-range values, or offsets inconsistent with the arrays. Also when another cache was saved
+        over ``path`` while it was read (open it again).
 
     Notes
     -----
@@ -918,13 +921,13 @@ def open_cache(path: str | os.PathLike, *, verify: bool = True, chunks: int | No
     return cache
 
 
-def _identity(root) -> tuple | None:
-    """Which directory ``root`` names now (a save with ``overwrite`` renames another one into place)."""
+def _identity(root) -> bytes | None:
+    """Which cache ``root`` holds now: its ``meta.json``, which records every field's checksum (a save with
+    ``overwrite`` renames another cache into place; inode numbers are reused, and unstable on some mounts)."""
     try:
-        st = os.stat(root) if isinstance(root, Path) else None
+        return (root / _META_FILE).read_bytes() if isinstance(root, Path) else None
     except OSError:
         return None
-    return None if st is None else (st.st_dev, st.st_ino)
 
 
 def _open_in_memory(root, verify: bool):
@@ -1546,7 +1549,12 @@ def _open_cache_iv(path, verify) -> Path | Remote:
         raise TypeError(f"verify must be a bool, got {verify!r}")
     root = location(path)
     if not root.exists():
-        raise FileNotFoundError(f"no layer cache at {root}")
+        left = sorted(_old_copies(root)) if isinstance(root, Path) else []
+        raise FileNotFoundError(
+            f"no layer cache at {root}"
+            + (f"; an overwrite interrupted between its two renames left the old cache at {left[-1]}: rename it "
+               "back to use it" if left else "")
+        )  # fmt: skip
     if not root.is_dir():
         raise ValueError(f"{root} is not a layer cache directory")
     return root
@@ -1684,7 +1692,7 @@ def _write_table(file: Path, table: pd.DataFrame, offsets: np.ndarray, full_toke
 
 
 def _commit(tmp: Path, target: Path, overwrite: bool) -> None:
-    sync_tree(tmp)  # on the disk before it is published: a power loss leaves the old cache or the new one
+    sync_tree(tmp)  # on the disk before it is published
     if not os.path.lexists(target):
         os.rename(tmp, target)
     elif not overwrite:  # appeared while we were writing
@@ -1699,10 +1707,17 @@ def _commit(tmp: Path, target: Path, overwrite: bool) -> None:
             raise
     sync_dir(target.parent)
     if overwrite:  # once committed: this one's old cache, and any an interrupted overwrite of the same name left
-        stale = re.compile(rf"\.{re.escape(target.name)}\.old-[0-9a-f]{{32}}")
-        for leftover in target.parent.iterdir():  # (not for every batch an extraction writes into its shard_dir)
-            if stale.fullmatch(leftover.name):
-                shutil.rmtree(leftover, ignore_errors=True)
+        for leftover in _old_copies(target):  # (not for every batch an extraction writes into its shard_dir)
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _old_copies(target: Path) -> list[Path]:
+    """Caches that overwrites of ``target`` renamed aside (``.<name>.old-<hex>``) and did not delete yet."""
+    stale = re.compile(rf"\.{re.escape(target.name)}\.old-[0-9a-f]{{32}}")
+    try:
+        return [p for p in target.parent.iterdir() if stale.fullmatch(p.name)]
+    except OSError:
+        return []
 
 
 def _commit_remote(local: Path, target: Remote) -> None:
@@ -1732,6 +1747,10 @@ def _load_json(file: Path, encoding: str):
         raise ValueError(f"{file} is not valid JSON: {exc}") from exc
 
 
+def _newer(version) -> bool:
+    return type(version) is int and version > FORMAT_VERSION
+
+
 def _read_meta(root: Path) -> dict:
     file = root / _META_FILE
     if not file.is_file():
@@ -1744,7 +1763,7 @@ def _read_meta(root: Path) -> dict:
         raise ValueError(
             f"{file}: unsupported format_version {version!r}; this library (calm-calibrate {_library_version()}) "
             f"reads format_version {FORMAT_VERSION}"
-            + (": the cache was written by a newer calm-calibrate, upgrade it" if type(version) is int and version > FORMAT_VERSION else "")
+            + (": the cache was written by a newer calm-calibrate, upgrade it" if _newer(version) else "")
         )
     if not isinstance(meta.get("checksum"), str):
         raise ValueError(f"{file}: 'checksum' must be the cache's checksum (a string), got {meta.get('checksum')!r}")

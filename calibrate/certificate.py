@@ -16,7 +16,7 @@ import numpy as np
 
 from calibrate._atomic import atomic_file
 from calibrate._format import level
-from calibrate._validation import int_at_least, open_interval
+from calibrate._validation import caller_stacklevel, int_at_least, open_interval
 from measures.learned import plain_state as _plain
 
 __all__ = ["Certificate", "MODES", "KNOBS"]
@@ -70,7 +70,7 @@ def _audit_budget(certificate, max_new_tokens: int | None) -> int | None:
     return certificate.max_new_tokens or 32
 
 
-def _budget_warning(certificate, max_new_tokens: int, stacklevel: int) -> None:
+def _budget_warning(certificate, max_new_tokens: int) -> None:
     """Warn when decoding more new tokens than a certificate's calibration outputs had (beyond it: uncertified)."""
     if certificate is None or certificate.lambda_hat is None:  # the full model: exact at any length
         return
@@ -81,7 +81,7 @@ def _budget_warning(certificate, max_new_tokens: int, stacklevel: int) -> None:
             f"at most {budget}: what it certifies says nothing about longer outputs (certify with the budget you "
             "deploy)",
             UserWarning,
-            stacklevel=stacklevel + 1,
+            stacklevel=caller_stacklevel(),
         )
 
 

@@ -14,7 +14,7 @@ import warnings
 
 import numpy as np
 
-from calibrate._validation import bounded_array, open_interval
+from calibrate._validation import bounded_array, caller_stacklevel, open_interval
 
 __all__ = ["conformal_risk_control"]
 
@@ -119,7 +119,7 @@ def conformal_risk_control(losses, delta: float, *, max_loss: float = 1.0) -> in
     arr, delta, max_loss = _conformal_risk_control_iv(losses, delta, max_loss)
     reason = non_monotone_reason(arr)
     if reason:
-        warnings.warn(reason, UserWarning, stacklevel=2)
+        warnings.warn(reason, UserWarning, stacklevel=caller_stacklevel())
     return _crc_index(arr, delta, max_loss)
 
 

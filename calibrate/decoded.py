@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from calibrate import runtime
-from calibrate._validation import int_at_least, open_interval, seed_iv
+from calibrate._validation import caller_stacklevel, int_at_least, open_interval, seed_iv
 from calibrate.audit import AuditReport, _held_out_report
 from calibrate.bounds import p_values
 from calibrate.cache import LayerCache
@@ -268,7 +268,7 @@ def _measure_iv(measure, train_cache, prompts, heads: ExitHeads, seed, options) 
             f"{len(shared)} calibration prompts also occur in train_cache; if they are the same examples, the "
             f"measure {measure!r} saw the calibration data and the guarantee is void",
             UserWarning,
-            stacklevel=3,
+            stacklevel=caller_stacklevel(),
         )
     learned = train_measure(measure, train_cache, seed=int(seed), options=options)
     return learned.to_dict(), train_cache.n_sequences
@@ -318,7 +318,7 @@ def _template(decoder: _Decoder, lam, heads: ExitHeads, **fields) -> Certificate
         mode="decoded",
         consistency=decoder.consistency,
         model=getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None) or None,
-        heads=heads.describe(),
+        heads=heads.describe(fresh=True),
         **fields,
     )
 

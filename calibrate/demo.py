@@ -335,7 +335,7 @@ def _cross_fitted(model, train, heads, seed: int):
     a, b = train.split([0.5, 0.5], seed=seed)
     return concat_caches(
         [rehead(b, train_adapters(model, a)), rehead(a, train_adapters(model, b))],
-        meta={**train.user_meta, "heads": heads.describe()},
+        meta={**train.user_meta, "heads": heads.describe(fresh=True)},
     )
 
 

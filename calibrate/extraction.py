@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from calibrate._digest import weights_digest
-from calibrate._validation import int_at_least
+from calibrate._validation import caller_stacklevel, int_at_least
 from calibrate.cache import LayerCache, _library_version, _save_iv, concat_caches, open_cache
 from calibrate.heads import ExitHeads, context_positions, decoder_layers, record_layer_states
 from calibrate.models import eval_mode
@@ -281,7 +281,7 @@ def rehead(cache: LayerCache, heads: ExitHeads) -> LayerCache:
         ids=table["id"].tolist(),
         vocab=cache.vocab,
         vocab_size=cache.vocab_size,
-        meta={**{k: v for k, v in cache.user_meta.items() if k != "shard"}, "heads": heads.describe()},
+        meta={**{k: v for k, v in cache.user_meta.items() if k != "shard"}, "heads": heads.describe(fresh=True)},
     )
 
 
@@ -556,7 +556,7 @@ def _extract_iv(
         "is_encoder_decoder": encoder_decoder,
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "generation": settings,
-        "heads": heads.describe(),
+        "heads": heads.describe(fresh=True),
         "software": {"torch": torch.__version__, "transformers": transformers.__version__},
     }
     return {
@@ -824,5 +824,5 @@ def _warn_disagreement(cache: LayerCache) -> None:
             "the model's generation config changes greedy choices (repetition_penalty, forced or suppressed "
             "tokens, min_new_tokens, ...); losses against the last layer and against full_tokens will differ",
             UserWarning,
-            stacklevel=3,
+            stacklevel=caller_stacklevel(),
         )

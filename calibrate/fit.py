@@ -17,7 +17,7 @@ import numpy as np
 from calibrate import bounds as _bounds
 from calibrate import fwer as _fwer
 from calibrate._format import level
-from calibrate._validation import open_interval, seed_iv
+from calibrate._validation import caller_stacklevel, open_interval, seed_iv
 from calibrate.certificate import KNOBS, Certificate
 from calibrate.crc import _crc_index, non_monotone_reason
 from calibrate.exits import Decay, _lambdas_iv, default_lambdas
@@ -171,7 +171,7 @@ def certify(
     """
     cert, caveat = _certify(losses, lambdas, delta, epsilon, bound, method, knob)
     if caveat:
-        warnings.warn(caveat, UserWarning, stacklevel=2)
+        warnings.warn(caveat, UserWarning, stacklevel=caller_stacklevel())
     return cert
 
 
@@ -388,7 +388,7 @@ def _train_cache_iv(train_cache, cache):
             f"{len(shared)} calibration sequences also occur in train_cache (the same prompt and full-model output); "
             "if they are the same examples, the learned measure saw the calibration data and the guarantee is void",
             UserWarning,
-            stacklevel=5,  # _train_cache_iv <- _calibration_split <- fit's data step <- fit (or validity) <- caller
+            stacklevel=caller_stacklevel(),
         )
     return train_cache
 
@@ -667,7 +667,7 @@ def fit(
         )
     cert, caveat = _certify(table, None, delta, epsilon, bound, method, "exit_threshold")
     if caveat:
-        warnings.warn(caveat, UserWarning, stacklevel=2)  # at the caller's line
+        warnings.warn(caveat, UserWarning, stacklevel=caller_stacklevel())
     processing = _logit_processing(cache)
     if processing:
         warnings.warn(
@@ -677,7 +677,7 @@ def fit(
             "certify the runtime's outputs with calibrate.fit(cache, mode='decoded', model=..., tokenizer=...) "
             "(Python)",
             UserWarning,
-            stacklevel=2,
+            stacklevel=caller_stacklevel(),
         )
     return dataclasses.replace(
         cert,

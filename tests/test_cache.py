@@ -1,5 +1,6 @@
 """LayerCache: construction and validation, zarr/parquet round trip, atomic save, corruption, splits."""
 
+import errno
 import json
 import os
 import shutil
@@ -389,16 +390,20 @@ def test_a_saved_cache_is_on_the_disk_before_it_is_published(cache, tmp_path, mo
 
 
 @pytest.mark.parametrize("verify", [True, False])
-def test_a_cache_replaced_while_it_is_read_says_so(cache, tmp_path, monkeypatch, verify):
-    """Its files came from the old cache and the new one: the error blamed a corrupted chunk or a checksum."""
+@pytest.mark.parametrize("saves", [1, 2])
+def test_a_cache_replaced_while_it_is_read_says_so(cache, tmp_path, monkeypatch, verify, saves):
+    """Its files came from the old cache and the new one: the error blamed a corrupted chunk or a checksum (two
+    saves in a row can give the directory its inode number back: the contents are compared)."""
     from calibrate.synthetic import synthetic_cache
 
     path = cache.save(tmp_path / "cache")
-    other = synthetic_cache(30, n_layers=3, seed=1)
+    others = [synthetic_cache(30, n_layers=3, seed=s) for s in range(1, saves + 1)]
+    other = others[-1]
     read_vocab = cache_module._read_vocab
 
     def overwritten_meanwhile(root, spec):
-        other.save(root, overwrite=True)  # another process saves over it now
+        for each in others:  # another process saves over it now
+            each.save(root, overwrite=True)
         return read_vocab(root, spec)
 
     monkeypatch.setattr(cache_module, "_read_vocab", overwritten_meanwhile)
@@ -406,6 +411,31 @@ def test_a_cache_replaced_while_it_is_read_says_so(cache, tmp_path, monkeypatch,
         open_cache(path, verify=verify)
     monkeypatch.setattr(cache_module, "_read_vocab", read_vocab)
     assert open_cache(path).checksum == other.checksum  # opened again
+
+
+def test_an_overwrite_interrupted_between_its_renames_names_the_old_cache(cache, tmp_path):
+    path = cache.save(tmp_path / "cache")
+    aside = tmp_path / f".cache.old-{'ab' * 16}"
+    path.rename(aside)  # a crash right after the first rename
+    with pytest.raises(FileNotFoundError, match=r"no layer cache at .*cache; an overwrite interrupted .* left the old cache at .*\.cache\.old-abab"):
+        open_cache(path)
+    aside.rename(path)  # the advice
+    assert open_cache(path).checksum == cache.checksum
+
+
+@pytest.mark.parametrize("code, published", [(errno.EIO, False), (errno.ENOSPC, False), (errno.EINVAL, True)])
+def test_a_failed_flush_is_an_error_and_publishes_nothing(cache, tmp_path, monkeypatch, code, published):
+    """Every fsync error was swallowed: a cache whose data did not reach the disk was published."""
+    def failing(fd):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(os, "fsync", failing)
+    if published:  # a file system that cannot flush: written as before
+        cache.save(tmp_path / "cache")
+    else:
+        with pytest.raises(OSError, match=os.strerror(code)):
+            cache.save(tmp_path / "cache")
+    assert (tmp_path / "cache").exists() == published and not list(tmp_path.glob(".*tmp"))
 
 
 def test_save_refuses_existing_path_unless_overwrite(cache, tmp_path):

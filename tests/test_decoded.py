@@ -250,8 +250,9 @@ def test_audit_decoded_checks_a_certificate_on_held_out_prompts(model, tokenizer
     assert report.layers == table.avg_layers[cert.index]
     assert report.within_tolerance == (report.risk <= cert.delta)
     assert "held-out risk" in report.summary()
-    with pytest.warns(UserWarning, match="calibration outputs had at most 6"):
+    with pytest.warns(UserWarning, match="calibration outputs had at most 6") as caught:
         longer = calibrate.audit_decoded(cert, model, tokenizer, held_out, max_new_tokens=NEW + 4, progress=False)
+    assert caught[0].filename == __file__  # the caller's line (was torch's no_grad wrapper or the library)
     assert not np.array_equal(longer.avg_layers, report.avg_layers)  # another budget, other outputs
     full_only = dataclasses.replace(cert, lambda_hat=None, certified=(False,) * len(GRID))
     nothing = calibrate.audit_decoded(full_only, model, tokenizer, held_out, progress=False)

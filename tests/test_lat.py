@@ -658,8 +658,9 @@ def test_certificate_settings_are_applied():
     )
     out = lat.generate(model, ids, mask, certificate=cert, max_new_tokens=3)
     assert out.speedup == pytest.approx(3.0)
-    with pytest.warns(UserWarning, match="max_new_tokens=4 .* at most 3"):  # beyond the certified budget
+    with pytest.warns(UserWarning, match="max_new_tokens=4 .* at most 3") as caught:  # beyond the certified budget
         lat.generate(model, ids, mask, certificate=dataclasses.replace(cert, max_new_tokens=3), max_new_tokens=4)
+    assert caught[0].filename == __file__  # was torch's no_grad wrapper
     assert all(7 in layer[0].tolist() for layer in out.kept)
     by_hand = lat.generate(
         model,

@@ -132,6 +132,57 @@ def test_eval_mode_calls_that_overlap_keep_eval_until_the_last_one_ends():
     assert [m.training for m in model.modules()] == before and not models._eval_users
 
 
+def _in_child(check) -> int:
+    """Exit status of ``check()`` (True: 0) run in a forked child."""
+    import os
+
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os._exit(0 if check() else 1)
+        except BaseException:
+            os._exit(2)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="no fork")
+def test_a_forked_child_forgets_the_eval_mode_calls_of_the_parents_other_threads():
+    """They never end in the child: the model looked in training there for good (runtime.custom_generate refused
+    every encoder-decoder call), whatever the child set; the forking thread's own call still ends normally."""
+    import threading
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.5)).train()
+    inside, leave = threading.Event(), threading.Event()
+
+    def decoding():
+        with models.eval_mode(model):
+            inside.set()
+            leave.wait(30)
+
+    thread = threading.Thread(target=decoding)
+    thread.start()
+    inside.wait(30)
+
+    def owner_sets_eval():
+        model.eval()
+        return not models.in_training(model) and not models._eval_users
+
+    def own_call_ends_normally():
+        with models.eval_mode(model):
+            pass  # nested in the block open across the fork
+        in_block = models.in_training(model) and not model.training
+        return in_block
+
+    try:
+        assert _in_child(owner_sets_eval) == 0  # was in_training True for good
+        with models.eval_mode(model):  # this thread's own call, open across the fork
+            assert _in_child(own_call_ends_normally) == 0
+    finally:
+        leave.set()
+        thread.join(30)
+    assert model.training and not models._eval_users
+
+
 def test_import_calibrate_does_not_import_the_model_module():
     code = "import calibrate, calibrate.data, sys; assert 'calibrate.models' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from calibrate._digest import model_digest
-from calibrate._validation import int_at_least, int_in
+from calibrate._validation import caller_stacklevel, int_at_least, int_in
 from calibrate.audit import AuditReport, _held_out_report
 from calibrate.certificate import Certificate, _audit_budget, _spend_iv
 from calibrate.fff.layer import _DEPTHS, FFF
@@ -102,7 +102,7 @@ def at_depth(model: nn.Module, depth: int | None) -> Iterator[nn.Module]:
                 "an fff.at_depth block ended in another thread than the one that entered it, which keeps running "
                 f"the model at depth {depth}; keep a block within one thread",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=caller_stacklevel(),
             )
 
 

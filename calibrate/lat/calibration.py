@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from calibrate._validation import int_at_least
+from calibrate._validation import caller_stacklevel, int_at_least
 from calibrate.audit import AuditReport, _held_out_report
 from calibrate.certificate import Certificate, _audit_budget
 from calibrate.decoded import _certify_lazily, _decoder_iv, _prompts_iv, _risk_iv
@@ -197,7 +197,7 @@ def _warn_unreachable(config, lengths: Sequence[int], speedups: np.ndarray, min_
             f"{max(lengths)} tokens): every prompt runs its most aggressive schedule at each of them, so they test "
             "the same outputs; a certificate for one means 'as fast as each prompt allows', not that speed-up",
             UserWarning,
-            stacklevel=3,
+            stacklevel=caller_stacklevel(),
         )
 
 

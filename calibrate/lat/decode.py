@@ -209,7 +209,7 @@ def generate(
         )
     speedup, score, min_keep, special = _knob_iv(model, speedup, certificate, score, min_keep, tokenizer)
     max_new_tokens = int_at_least(max_new_tokens, "max_new_tokens")
-    _budget_warning(certificate, max_new_tokens, stacklevel=2)
+    _budget_warning(certificate, max_new_tokens)
     tokens = _special_tokens_iv(model, tokenizer, eos_token_id, pad_token_id)
     run = _generate_encoder_decoder if config.model_type in ENCODER_DECODER_ARCHITECTURES else _generate_decoder_only
     with eval_mode(model):  # as calibrated: a model left in training mode would decode with dropout

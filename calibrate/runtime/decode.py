@@ -792,7 +792,7 @@ def _generate_iv(
             f"{n_layers} decoder layers of width {adapter.hidden_size}"
         )
     lambda_hat, measure_name, decay = _certificate_iv(certificate, n_layers, heads)
-    _budget_warning(certificate, max_new_tokens, stacklevel=3)  # _generate_iv <- generate <- the caller
+    _budget_warning(certificate, max_new_tokens)
     if exit_layer is not None:
         if certificate is not None:
             raise ValueError("pass either certificate or exit_layer, not both")

@@ -47,8 +47,11 @@ def _fsync(path: str | os.PathLike, directory: bool = False) -> None:
             fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
         except OSError:
             return
-    else:  # Windows flushes only files open for writing
-        fd = os.open(path, os.O_RDWR | getattr(os, "O_BINARY", 0))
+    else:  # Windows flushes only files open for writing; a umask may have left them read-only (POSIX flushes those)
+        try:
+            fd = os.open(path, os.O_RDWR | getattr(os, "O_BINARY", 0))
+        except PermissionError:
+            fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     except OSError as exc:

@@ -438,6 +438,23 @@ def test_a_failed_flush_is_an_error_and_publishes_nothing(cache, tmp_path, monke
     assert (tmp_path / "cache").exists() == published and not list(tmp_path.glob(".*tmp"))
 
 
+def test_files_a_umask_left_read_only_are_flushed_read_only(cache, tmp_path, monkeypatch):
+    """Files are opened for writing to flush them (Windows needs it); under a umask such as 0o222 that is refused
+    (as root it is not, so the refusal is simulated here)."""
+    real_open, modes = os.open, []
+
+    def no_writing(path, flags, *args):
+        if flags & os.O_RDWR:
+            raise PermissionError(13, "Permission denied", str(path))
+        modes.append(flags & (os.O_RDONLY | os.O_WRONLY | os.O_RDWR))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", no_writing)
+    path = cache.save(tmp_path / "cache")
+    monkeypatch.setattr(os, "open", real_open)
+    assert open_cache(path).checksum == cache.checksum and modes and set(modes) == {os.O_RDONLY}
+
+
 def test_save_refuses_existing_path_unless_overwrite(cache, tmp_path):
     target = tmp_path / "c"
     cache.save(target)

@@ -593,7 +593,9 @@ class Certificate:
         """Build a certificate from :meth:`to_dict` output.
 
         Unknown or missing fields, and fields of the wrong type or range, raise ``ValueError`` naming them;
-        so does a ``lambda_hat`` that is not certified. ``null`` entries of the per-threshold numbers are NaN.
+        so do a ``lambda_hat`` that is not certified and numbers that claim more than they support (flags
+        that the stored p-values, or p-values that the stored risks, ``n`` and ``delta``, do not give: an
+        edited file). ``null`` entries of the per-threshold numbers are NaN.
         ``max_new_tokens``, which certificates of earlier versions lack, may be missing (then None).
         """
         if not isinstance(data, Mapping):

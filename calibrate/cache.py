@@ -1801,8 +1801,11 @@ def _open_array(root: Path | Remote, name: str, spec: dict) -> Any:
 
     where = root / _ARRAY_DIR / name
     if not (where / "zarr.json").is_file():
-        v2 = " (it holds a zarr v2 array, .zarray; caches store zarr v3 arrays)" if (where / ".zarray").is_file() else ""
-        raise ValueError(f"array {name!r} is listed in {_META_FILE} but {where}/zarr.json is missing{v2}")
+        v2 = (where / ".zarray").is_file()
+        raise ValueError(
+            f"array {name!r} is listed in {_META_FILE} but {where}/zarr.json is missing"
+            + (" (it holds a zarr v2 array, .zarray; caches store zarr v3 arrays)" if v2 else "")
+        )
     try:
         z = zarr.open_array(store=zarr_store(where), mode="r")
     except Exception as exc:  # noqa: BLE001 - any failure here means an unreadable array

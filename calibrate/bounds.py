@@ -539,6 +539,9 @@ P_VALUES: dict[str, Callable] = {
     "wsr": wsr,
 }
 _ON_RAW_LOSSES = frozenset({"wsr"})
+#: The built-in bounds of the mean loss, as registered before any user entry: what :func:`p_values` computes for
+#: these names (whatever ``P_VALUES`` holds later), so a stored risk's p-value can be recomputed with them.
+_MEAN_BASED: dict[str, Callable] = {name: f for name, f in P_VALUES.items() if name not in _ON_RAW_LOSSES}
 #: The p-value used where none is named: the smaller of Hoeffding's and Bentkus' (CALM's choice).
 DEFAULT_BOUND = "hoeffding_bentkus"
 

@@ -123,8 +123,6 @@ def _frozen(value: Any, where: str) -> Any:
 #: Slack on a stored risk (a mean in [0, 1]) when its p-value is recomputed: the p-value came from the exact sum
 #: of the losses, of which ``n * risk`` is a rounding (a Bentkus count one below an integer sum, at most).
 _RISK_SLACK = 1e-9
-#: The built-in mean-based bounds, recomputable from a stored risk (not ``"wsr"``, which reads the losses in order).
-_MEAN_BOUNDS = ("hoeffding", "hoeffding_kl", "bentkus", "hoeffding_bentkus", "binomial")
 
 
 def _evidence_iv(cert: "Certificate") -> None:
@@ -167,13 +165,14 @@ def _evidence_iv(cert: "Certificate") -> None:
         )
     if cert.bound is None and hits.size:
         raise ValueError(f"certified{at(hits[0])} is True, but with method={cert.method!r} a bound is needed: {edited}")
-    for k in np.flatnonzero(~np.isnan(p)) if cert.n >= 1 and cert.bound in (*_MEAN_BOUNDS, "wsr") else ():
+    recomputable = cert.bound in bounds._MEAN_BASED or cert.bound in bounds._ON_RAW_LOSSES
+    for k in np.flatnonzero(~np.isnan(p)) if cert.n >= 1 and recomputable else ():
         r = float(risks[k])
-        if cert.bound == "wsr":
+        if cert.bound in bounds._ON_RAW_LOSSES:  # WSR: its capital grows at most (1 + delta)-fold per loss
             low, source = (1.0 + cert.delta) ** -cert.n, f"WSR can reach with n={cert.n}, delta={cert.delta:g}"
         else:  # p grows with the risk; a count of failures (binomial) needs no slack
             at_risk = r if cert.bound == "binomial" else max(r - _RISK_SLACK, 0.0)
-            low = float(getattr(bounds, cert.bound)(at_risk, cert.n, cert.delta))
+            low = float(bounds._MEAN_BASED[cert.bound](at_risk, cert.n, cert.delta))
             source = f"the {cert.bound} bound gives for risks[{k}]={r:g}, n={cert.n}, delta={cert.delta:g}"
         if not p[k] >= low * (1 - 1e-9):
             raise ValueError(f"p_values{at(k)} is {p[k]:g}, below the {low:.6g} that {source}: {edited}")

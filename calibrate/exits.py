@@ -364,7 +364,7 @@ _WINDOW = 62
 
 
 @njit(parallel=True, nogil=True)
-def _sweep(conf, grids, shift, inv_slope, lut, lut_lo, lut_inv, offsets, top1, full, layer_hist, wrong):  # pragma: no cover
+def _sweep(conf, base, shift, clip, inv_slope, lut, lut_lo, lut_inv, offsets, top1, full, layer_hist, wrong):  # pragma: no cover
     """Histograms of ``b`` (per thread) and of disagreement steps (per sequence), visiting only the layers where one
     changes.
 
@@ -379,10 +379,15 @@ def _sweep(conf, grids, shift, inv_slope, lut, lut_lo, lut_inv, offsets, top1, f
     ``w_i``; then each record gets its ``b``, read from a uniform lookup table over the base grid (at
     ``(m - shift) / slope``) and corrected by exact comparisons with the token's own thresholds; then
     each flip of ``w`` adds its step at the ``b`` of the latest record.
+
+    A token at position ``p`` in its sequence compares with the thresholds ``clip(base + shift[p])`` (the last
+    entry of ``shift`` serves every later position), computed as :meth:`Decay.thresholds` does, so never
+    tabulated per position; without decay ``shift`` is ``[0.0]`` and ``clip`` is ``(-inf, inf)``.
     Returns False if ``conf`` holds a non-finite value in layers ``1..L-1``.
     """
     n_early = conf.shape[1] - 1  # layers a token can leave early; the last one is the full model
-    k = grids.shape[1]
+    k = base.size
+    lo_clip, hi_clip = clip
     top = lut.size - 1
     one = np.int64(1)
     finite = np.ones(offsets.size - 1, dtype=np.bool_)
@@ -394,11 +399,10 @@ def _sweep(conf, grids, shift, inv_slope, lut, lut_lo, lut_inv, offsets, top1, f
         lo = offsets[s]
         thread = numba.get_thread_id()  # in [0, NUMBA_NUM_THREADS)
         total = 0.0  # sum of 0 * confidence: NaN iff one of them is NaN or infinite (never overflows)
-        grid, sh = grids[0], shift[0]
+        sh = shift[0]
         for t in range(lo, offsets[s + 1]):
-            if grids.shape[0] > 1:  # decay: thresholds by position (the last row serves every later one)
-                row = min(t - lo, grids.shape[0] - 1)
-                grid, sh = grids[row], shift[row]
+            if shift.size > 1:  # decay: thresholds by position
+                sh = shift[min(t - lo, shift.size - 1)]
             target = full[t] if top1 is not None else 0
             m = -np.inf
             b = 0  # thresholds <= m
@@ -422,9 +426,9 @@ def _sweep(conf, grids, shift, inv_slope, lut, lut_lo, lut_inv, offsets, top1, f
                     c = value[r]
                     cell = ((c - sh) * inv_slope - lut_lo) * lut_inv
                     nb = np.intp(lut[int(min(cell, top))]) if cell > 0 else 0  # clamped before int (+inf)
-                    while nb < k and grid[nb] <= c:
+                    while nb < k and min(max(base[nb] + sh, lo_clip), hi_clip) <= c:
                         nb += 1
-                    while nb > 0 and grid[nb - 1] > c:
+                    while nb > 0 and min(max(base[nb - 1] + sh, lo_clip), hi_clip) > c:
                         nb -= 1
                     layer_hist[thread, b] += layer[r] - run
                     b, run = nb, layer[r]
@@ -472,11 +476,10 @@ def _run_sweep(conf, lam, offsets, decay, top1, full):
     asc = lam[::-1]
     k, n_seq = asc.size, offsets.size - 1
     if decay is None:
-        grids, shift, slope = asc[None, :], np.zeros(1), 1.0
-    else:
+        base, shift, clip, slope = asc, np.zeros(1), (-np.inf, np.inf), 1.0
+    else:  # Decay.thresholds(asc, p) = clip(0.9 * asc + shift[p], 0, 1), the same float operations
         positions = np.arange(min(max(int(np.diff(offsets).max()), 1), decay._settled() + 1))
-        grids = decay.thresholds(asc, positions)
-        shift, slope = 0.1 * np.exp(-decay.tau * positions / decay.max_len), 0.9
+        base, shift, clip, slope = 0.9 * asc, 0.1 * np.exp(-decay.tau * positions / decay.max_len), (0.0, 1.0), 0.9
     # Lookup table: cell c covers [lo + c / inv, lo + (c + 1) / inv) and stores #{asc <= its lower edge}.
     with np.errstate(over="ignore", invalid="ignore"):  # a grid wider than the float range, or subnormal gaps
         span = asc[-1] - asc[0]
@@ -493,7 +496,7 @@ def _run_sweep(conf, lam, offsets, decay, top1, full):
         # a row a thread, never n_seq rows: numba.get_thread_id() < the pool's size, whatever set_num_threads says
         layer_hist = np.zeros((1 if serial else numba.config.NUMBA_NUM_THREADS, k + 1), dtype=np.int64)
         ok = (_sweep_serial if serial else _sweep)(
-            conf, np.ascontiguousarray(grids), shift, 1.0 / slope, lut, float(asc[0]), float(inv),
+            conf, np.ascontiguousarray(base), shift, clip, 1.0 / slope, lut, float(asc[0]), float(inv),
             offsets, top1, full, layer_hist, wrong,
         )
     if not ok:

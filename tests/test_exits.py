@@ -142,6 +142,30 @@ def test_decay_past_the_settled_position_and_many_sequences_match_plain_loop(tau
         np.testing.assert_array_equal(counts.sum(axis=0), (early != full[:, None]).sum(axis=0))
 
 
+def test_decay_over_one_long_sequence_needs_no_table_of_thresholds_by_position():
+    """The sweep tabulated a row of thresholds per position of the longest sequence (up to the settled one):
+    N = T = 1e6 held 1.7 GB. It now computes each row from one shift per position, with the same float
+    operations as Decay.thresholds (the counts still equal exit_layers' exactly)."""
+    import tracemalloc
+
+    n, decay = 200_000, Decay(max_len=10**6)
+    rng = np.random.default_rng(3)
+    conf = rng.random((n, 3))
+    lambdas = default_lambdas(decay=True)  # 212 thresholds: a table would take 200,000 x 212 x 8 B = 339 MB
+    top1, full = rng.integers(0, 2, conf.shape), rng.integers(0, 2, n)
+    disagreement_counts(conf[:10], lambdas, top1[:10], full[:10], [0, 10], decay=decay)  # compile outside the trace
+    tracemalloc.start()
+    try:
+        counts, _ = disagreement_counts(conf, lambdas, top1, full, [0, n], decay=decay)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 40 * 2**20, f"peak {peak / 2**20:.0f} MiB"
+    layers = exit_layers(conf, lambdas, positions=np.arange(n), decay=decay)
+    early = np.where(layers == 3, full[:, None], np.take_along_axis(top1, layers.astype(np.intp) - 1, axis=1))
+    np.testing.assert_array_equal(counts[0], (early != full[:, None]).sum(axis=0))
+
+
 def test_a_tiny_tau_settles_nowhere_without_overflow():
     """746 N / tau is inf for a subnormal tau (math.ceil raised), and a huge settled position overflowed int32 positions."""
     conf, lambdas = np.random.default_rng(1).random((30, 4)), np.linspace(1.0, 0.0, 11)

@@ -930,20 +930,31 @@ def _identity(root) -> bytes | None:
         return None
 
 
-def _open_in_memory(root, verify: bool):
-    """:func:`open_cache` of an unsharded cache into memory."""
+def _open_checked(root: Path | Remote) -> tuple[dict, dict, np.ndarray, pd.DataFrame, np.ndarray, list[str] | None, int]:
+    """The unsharded cache at ``root``, its structure checked before any array but ``full_tokens`` is read.
+
+    Returns ``meta.json``, every array opened (zarr arrays: dtype, shape and chunk files checked, values
+    unread), the values of ``full_tokens``, the sequence table, the offsets, the vocab and ``vocab_size``.
+    A shape that disagrees with the others is refused before gigabytes of the rest are decompressed.
+    """
     meta = _read_meta(root)
     fields = meta["fields"]
-    arrays = {}
-    for name, spec in fields.items():
-        if spec.get("kind") == "array":
-            arrays[name] = _read_array(root, name, _open_array(root, name, spec))
     for name in ("full_tokens", "topk_ids"):
-        if name not in arrays:
+        if name not in fields or fields[name].get("kind") != "array":
             raise ValueError(f"{root / _META_FILE}: required array {name!r} is not listed in 'fields'")
+    stored = {name: _open_array(root, name, spec) for name, spec in fields.items() if spec.get("kind") == "array"}
+    full_tokens = _read_array(root, "full_tokens", stored["full_tokens"])
+    table, offsets = _read_table(root, fields.get("sequences"), full_tokens)
     vocab = _read_vocab(root, fields.get("vocab"))
-    table, offsets = _read_table(root, fields.get("sequences"), arrays["full_tokens"])
-    vocab_size = _check_meta(root, meta, arrays, offsets, vocab)
+    vocab_size = _check_meta(root, meta, stored, offsets, vocab)
+    return meta, stored, full_tokens, table, offsets, vocab, vocab_size
+
+
+def _open_in_memory(root, verify: bool):
+    """:func:`open_cache` of an unsharded cache into memory."""
+    meta, stored, full_tokens, table, offsets, vocab, vocab_size = _open_checked(root)
+    fields = meta["fields"]
+    arrays = {name: full_tokens if name == "full_tokens" else _read_array(root, name, z) for name, z in stored.items()}
     cache = LayerCache._trusted(table, arrays, offsets, vocab_size, meta, vocab)
     if verify:
         computed = cache._field_checksums()
@@ -1270,8 +1281,10 @@ def _check_meta(root: Path, meta: dict, arrays: dict, offsets: np.ndarray, vocab
     Returns the vocabulary size.
     """
     vocab_size = meta.get("vocab_size")
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
-        raise ValueError(f"{root / _META_FILE}: 'vocab_size' must be a positive int, got {vocab_size!r}")
+    try:
+        _vocab_size_iv(vocab_size, "'vocab_size'")
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{root / _META_FILE}: {exc}") from None
     if vocab is not None and len(vocab) != vocab_size:
         raise ValueError(f"{root / _VOCAB_FILE} holds {len(vocab)} entries but {_META_FILE} says vocab_size={vocab_size}")
     _check_structure(arrays, offsets, vocab_size, vocab)
@@ -1826,8 +1839,18 @@ def _open_array(root: Path | Remote, name: str, spec: dict) -> Any:
     return z
 
 
-def _chunk_files_iv(z, name: str, where) -> None:
-    """Refuse a zarr array (``name`` at ``where``) some of whose chunk files are missing (zarr reads fill values)."""
+def _chunk_files_iv(z, name: str, where: Path | Remote) -> None:
+    """Refuse a zarr array (``name`` at ``where``) some of whose chunk files are missing (zarr reads fill values).
+
+    The files are counted first: zarr's own count walks the whole chunk grid, which an edited ``zarr.json``
+    can make astronomically large (an hour for 2**32 chunks of a few stored ones).
+    """
+    files = sum(len(f) for _, _, f in os.walk(where)) if isinstance(where, Path) else len(where.fs.find(where.path))
+    if z.nchunks >= files:  # one of the files is zarr.json
+        raise ValueError(
+            f"array {name!r} at {where} is missing {z.nchunks - files + 1} chunk file(s) (or more): its grid has "
+            f"{z.nchunks} chunks, its directory {files - 1} file(s) beside zarr.json"
+        )
     if z.nchunks_initialized != z.nchunks:
         raise ValueError(f"array {name!r} at {where} is missing {z.nchunks - z.nchunks_initialized} chunk file(s)")
 

@@ -505,27 +505,14 @@ def read_lazily(root: Path | Remote, verify: bool, joint: dict | None = None) ->
     """
     from calibrate.cache import (
         _cache_checksum,
-        _check_meta,
         _check_meta_checksum,
         _hash_strings,
         _hash_table,
-        _open_array,
-        _read_array,
-        _read_meta,
-        _read_table,
-        _read_vocab,
+        _open_checked,
     )
 
-    meta = _read_meta(root)
+    meta, stored, _, table, offsets, vocab, _ = _open_checked(root)  # as in memory, before values are read
     fields = meta["fields"]
-    for name in ("full_tokens", "topk_ids"):
-        if name not in fields:
-            raise ValueError(f"{root / 'meta.json'}: required array {name!r} is not listed in 'fields'")
-    # Every array's zarr.json, dtype (against meta.json and the canonical one), shape and chunk files.
-    stored = {name: _open_array(root, name, spec) for name, spec in fields.items() if spec.get("kind") == "array"}
-    table, offsets = _read_table(root, fields.get("sequences"), _read_array(root, "full_tokens", stored["full_tokens"]))
-    vocab = _read_vocab(root, fields.get("vocab"))
-    _check_meta(root, meta, stored, offsets, vocab)  # shapes, vocab_size and recorded sizes, as in memory
     checksums = {}
     if verify:
         checksums["sequences"] = _hash_table(table, offsets)

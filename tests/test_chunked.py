@@ -1,6 +1,7 @@
 """Chunked caches on Dask: the same certificate as in memory."""
 
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -256,8 +257,6 @@ def test_cli_fit_with_chunks_and_a_scheduler(saved, tmp_path, capsys):
 
 
 def test_verify_catches_an_edited_table(saved, tmp_path):
-    import shutil
-
     import pyarrow.parquet as pq
 
     cache, path = saved
@@ -316,7 +315,34 @@ _CORRUPTIONS = {
     ),
     "vocab_size not an int in meta.json": (
         lambda d: _edit_json(d / "meta.json", lambda m: m.update(vocab_size="abc")),
-        "meta.json: 'vocab_size' must be a positive int, got 'abc'",
+        "meta.json: 'vocab_size' must be an int >= 1, got 'abc'",
+    ),
+    "vocab_size beyond int32 in meta.json": (
+        lambda d: (
+            (d / "vocab.json").unlink(),
+            _edit_json(d / "meta.json", lambda m: (m["fields"].pop("vocab"), m.update(vocab_size=10**400))),
+        ),
+        r"meta.json: 'vocab_size' must be at most 2\*\*31 - 1",
+    ),
+    "a chunk grid of billions in zarr.json": (  # zarr's count of the chunk files walked the grid: hours
+        lambda d: (
+            _edit_json(d / "arrays/entropy/zarr.json", lambda z: (
+                z.update(shape=[2**30, 6]), z["chunk_grid"]["configuration"].update(chunk_shape=[1, 1])
+            )),
+            _edit_json(d / "meta.json", lambda m: m["fields"]["entropy"].update(shape=[2**30, 6])),
+        ),
+        r"array 'entropy' at .*entropy is missing 6442450943 chunk file\(s\) \(or more\)",
+    ),
+    "an extra array of the wrong shape": (  # refused before it is read (the in-memory open decompressed it first)
+        lambda d: (
+            shutil.copytree(d / "arrays/entropy", d / "arrays/extra"),
+            (d / "arrays/extra/c/0/0").write_bytes(b"garbage"),
+            _edit_json(d / "arrays/extra/zarr.json", lambda z: z.update(shape=[z["shape"][0] - 1, 6])),
+            _edit_json(d / "meta.json", lambda m: m["fields"].update(extra=dict(
+                m["fields"]["entropy"], path="arrays/extra", shape=[m["n_tokens"] - 1, 6]
+            ))),
+        ),
+        r"array 'extra' must have shape \(\d+, 6\), got \(\d+, 6\)",
     ),
     "vocab_size edited in meta.json": (
         lambda d: _edit_json(d / "meta.json", lambda m: m.update(vocab_size=100_000)),
@@ -333,8 +359,6 @@ _CORRUPTIONS = {
 @pytest.mark.parametrize("corruption", list(_CORRUPTIONS))
 def test_lazy_open_names_the_corrupted_array(saved, tmp_path, corruption, verify):
     """The same checks as the in-memory open, before any value is trusted (a wrong dtype would convert)."""
-    import shutil
-
     _, path = saved
     copy = tmp_path / "copy"
     shutil.copytree(path, copy)
@@ -348,8 +372,6 @@ def test_lazy_open_names_the_corrupted_array(saved, tmp_path, corruption, verify
 
 def test_lazy_open_verifies_the_metadata_checksum(saved, tmp_path):
     import json
-    import shutil
-
     _, path = saved
     copy = tmp_path / "copy"
     shutil.copytree(path, copy)
@@ -362,8 +384,6 @@ def test_lazy_open_verifies_the_metadata_checksum(saved, tmp_path):
 
 
 def test_cli_fit_with_chunks_reports_a_corrupted_cache(saved, tmp_path, capsys):
-    import shutil
-
     from calibrate.cli import main
 
     _, path = saved
@@ -375,8 +395,6 @@ def test_cli_fit_with_chunks_reports_a_corrupted_cache(saved, tmp_path, capsys):
 
 
 def test_arrays_damaged_after_a_lazy_open_are_named(saved, tmp_path):
-    import shutil
-
     import zarr
 
     _, path = saved

@@ -201,6 +201,23 @@ def test_safetensors_round_trip(tmp_path, umask_022):
         FFF.load(tmp_path / "none.safetensors")
 
 
+def test_load_checks_shapes_before_building_the_tree_the_metadata_names(tmp_path):
+    """A 440-byte file whose metadata says depth 40 allocated the 2**41-neuron tree (MemoryError or the OOM
+    killer) before its tensors' shapes were compared; integer tensors failed inside nn.Module.to."""
+    from safetensors.torch import save_file
+
+    small = _layer(1, 1, 0, dtype=torch.float32)
+    state = {n: p.detach().contiguous() for n, p in small.named_parameters()}
+    settings = {"in_features": "1", "out_features": "1", "activation": "gelu", "bias": "True", "weights_digest": "0" * 16}
+    save_file(state, str(tmp_path / "deep.safetensors"), metadata={"fff": json.dumps({**settings, "depth": "40"})})
+    with pytest.raises(ValueError, match=r"deep.safetensors holds tensors .*'w_in': \(1, 1\).*expected .*2199023255551"):
+        FFF.load(tmp_path / "deep.safetensors")  # was a MemoryError: the 2**41 - 1 neurons' 17.6 TB
+    ints = {n: t.to(torch.int64) for n, t in state.items()}
+    save_file(ints, str(tmp_path / "ints.safetensors"), metadata={"fff": json.dumps({**settings, "depth": "0"})})
+    with pytest.raises(ValueError, match=r"ints.safetensors holds tensors of dtypes .*int64.*floating point"):
+        FFF.load(tmp_path / "ints.safetensors")
+
+
 def test_bad_input():
     layer = _layer(4, 2, 3, dtype=torch.float32)
     x = torch.randn(2, 4)

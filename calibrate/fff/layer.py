@@ -310,20 +310,25 @@ class FFF(nn.Module):
                         if unknown
                         else "no weights_digest, which FFF.save writes"
                     )
-            layer = cls(
-                int(meta["in_features"]),
-                int(meta["out_features"]),
-                int(meta["depth"]),
-                meta["activation"],
-                meta["bias"] == "True",
-            )
+            with torch.device("meta"):  # nothing allocated before the shapes are checked: depth is only a number
+                layer = cls(
+                    int(meta["in_features"]),
+                    int(meta["out_features"]),
+                    int(meta["depth"]),
+                    meta["activation"],
+                    meta["bias"] == "True",
+                )
         except (KeyError, TypeError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
             raise ValueError(f"{path} is not an FFF file written by FFF.save (metadata {meta!r}): {exc}") from None
         expected = {name: tuple(p.shape) for name, p in layer.named_parameters()}
         got = {name: tuple(t.shape) for name, t in state.items()}
         if got != expected:
             raise ValueError(f"{path} holds tensors {got}, expected {expected}")
-        layer.to(state["w_in"].dtype).load_state_dict(state)  # the stored precision
+        if not all(t.is_floating_point() for t in state.values()):
+            dtypes = {name: str(t.dtype) for name, t in state.items()}
+            raise ValueError(f"{path} holds tensors of dtypes {dtypes}; an FFF layer's weights are floating point")
+        dtype = state["w_in"].dtype  # the stored precision
+        layer.load_state_dict({name: t.to(dtype) for name, t in state.items()}, assign=True)
         # A file saved before the settings went into one key may have no digest (it loads unchecked).
         if "weights_digest" in meta and meta["weights_digest"] != weights_digest(layer):
             raise ValueError(

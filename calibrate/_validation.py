@@ -2,19 +2,54 @@
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
 import os
 import sys
+from typing import Any
 
 import numpy as np
+
+
+def to_float(value: numbers.Real) -> float:
+    """``float(value)``, an int beyond the float range as infinity (``float`` raises OverflowError, which
+    callers asking for a finite number would not name)."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
+
+
+#: Deepest nesting accepted in a stored JSON document (certificates, cache metadata, shard manifests, the settings
+#: in weight files): the library writes a few levels; thousands exhaust Python's recursion limit.
+JSON_DEPTH = 100
+
+
+def parse_json(text: str, what: str) -> Any:
+    """``text`` parsed as JSON; ValueError naming ``what`` when it is not JSON or nests deeper than :data:`JSON_DEPTH`."""
+    too_deep = f"{what} nests JSON deeper than {JSON_DEPTH} levels, far more than this library writes"
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{what} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ValueError(too_deep) from None
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > JSON_DEPTH:
+                raise ValueError(too_deep)
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return value
 
 
 def open_interval(value, name: str, *, upper: float = 1.0, upper_name: str = "1") -> float:
     """``value`` as a float in ``(0, upper)``; TypeError for a non-number, ValueError outside."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number in the open interval (0, {upper_name}), got {type(value).__name__}")
-    value = float(value)
+    value = to_float(value)
     if not 0.0 < value < upper:
         raise ValueError(f"{name} must lie in the open interval (0, {upper_name}), got {value!r}")
     return value
@@ -84,7 +119,7 @@ def torch_seed(seed: int) -> int:
 
 def finite_positive(value, name: str) -> float:
     """``value`` as a float, finite and ``> 0``; ValueError naming ``name`` otherwise (bools included)."""
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(to_float(value))
     if not (ok and value > 0):
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
     return float(value)

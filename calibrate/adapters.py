@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from calibrate._atomic import atomic_file
-from calibrate._validation import int_at_least
+from calibrate._validation import int_at_least, parse_json
 from calibrate.heads import ExitHeads, adapters_digest
 
 __all__ = ["layer_agreement", "load_adapters", "save_adapters", "train_adapters"]
@@ -170,10 +170,12 @@ def load_adapters(model: nn.Module, path: str | os.PathLike) -> ExitHeads:
         raise ValueError(f"adapter file not found: {path}")
     try:
         with safe_open(str(path), framework="pt") as fh:
-            saved = json.loads((fh.metadata() or {}).get("heads", "{}"))
+            saved = parse_json((fh.metadata() or {}).get("heads", "{}"), "its metadata 'heads'")
             weight, bias = fh.get_tensor("weight"), fh.get_tensor("bias")
-    except (SafetensorError, KeyError, json.JSONDecodeError) as exc:
+    except (SafetensorError, KeyError, ValueError) as exc:
         raise ValueError(f"{path} is not a readable adapter file: {exc}") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path} is not an adapter file written by save_adapters: its metadata 'heads' is not a JSON object")
     heads = ExitHeads.from_model(model, adapters=True)
     expected = heads.describe()
     for key in ("architecture", "n_layers", "hidden_size", "vocab_size"):

@@ -44,7 +44,7 @@ import pandas as pd
 
 from calibrate._atomic import sync_dir, sync_tree, temporary_dir
 from calibrate._storage import Remote, location, zarr_store
-from calibrate._validation import caller_stacklevel, int_at_least, seed_iv
+from calibrate._validation import caller_stacklevel, int_at_least, parse_json, seed_iv
 from measures._arrays import as_numpy
 
 __all__ = ["FORMAT_VERSION", "LayerCache", "concat_caches", "open_cache"]
@@ -1755,9 +1755,10 @@ def _commit_remote(local: Path, target: Remote) -> None:
 
 def _load_json(file: Path, encoding: str):
     try:
-        return json.loads(file.read_text(encoding=encoding))
-    except (ValueError, UnicodeDecodeError) as exc:
+        text = file.read_text(encoding=encoding)
+    except UnicodeDecodeError as exc:
         raise ValueError(f"{file} is not valid JSON: {exc}") from exc
+    return parse_json(text, str(file))
 
 
 def _newer(version) -> bool:
@@ -1786,7 +1787,7 @@ def _read_meta(root: Path) -> dict:
     if "sequences" not in fields:
         raise ValueError(f"{file}: 'fields' must describe the table 'sequences'")
     for name, spec in fields.items():
-        kind = spec.get("kind")
+        kind = spec.get("kind") if isinstance(spec.get("kind"), str) else None
         expected = {"array": f"{_ARRAY_DIR}/{name}", "table": _TABLE_FILE, "vocab": _VOCAB_FILE}.get(kind)
         valid_name = {
             "array": bool(_NAME_RE.match(name)) and name not in _RESERVED,

@@ -16,7 +16,7 @@ import numpy as np
 
 from calibrate._atomic import atomic_file
 from calibrate._format import level
-from calibrate._validation import caller_stacklevel, int_at_least, open_interval
+from calibrate._validation import JSON_DEPTH, caller_stacklevel, int_at_least, open_interval, parse_json, to_float
 from measures.learned import plain_state as _plain
 
 __all__ = ["Certificate", "MODES", "KNOBS"]
@@ -98,17 +98,19 @@ class _ReadOnlyDict(dict):
         return (type(self), (dict(self),))
 
 
-def _frozen(value: Any, where: str) -> Any:
+def _frozen(value: Any, where: str, depth: int = 1) -> Any:
     """A read-only deep copy of JSON data: mappings as a read-only dict, lists as tuples, NumPy scalars as
-    Python ones (:func:`measures.learned.plain_state` inverts it); anything JSON cannot hold is refused, naming
-    ``where``, so that ``to_json``, equality and the hash never fail later."""
+    Python ones (:func:`measures.learned.plain_state` inverts it); anything JSON cannot hold, or nesting deeper
+    than stored JSON may, is refused, naming ``where``, so that ``to_json``, equality and the hash never fail later."""
+    if isinstance(value, (Mapping, list, tuple)) and depth > JSON_DEPTH:
+        raise ValueError(f"{where} nests deeper than {JSON_DEPTH} levels")
     if isinstance(value, Mapping):
         for key in value:
             if not isinstance(key, str):
                 raise TypeError(f"{where} keys must be str (JSON object keys), got {key!r}")
-        return _ReadOnlyDict({k: _frozen(v, f"{where}[{k!r}]") for k, v in value.items()})
+        return _ReadOnlyDict({k: _frozen(v, f"{where}[{k!r}]", depth + 1) for k, v in value.items()})
     if isinstance(value, (list, tuple)):
-        return tuple(_frozen(v, f"{where}[{i}]") for i, v in enumerate(value))
+        return tuple(_frozen(v, f"{where}[{i}]", depth + 1) for i, v in enumerate(value))
     if isinstance(value, np.generic):
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
@@ -199,15 +201,6 @@ def _construct(cls: type, data: dict) -> Any:
     return cls(**data)
 
 
-def _parse_json(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"certificate is not valid JSON: {exc}") from None
-    except RecursionError:
-        raise ValueError("certificate is not a certificate's JSON: nested too deeply") from None
-
-
 def _names_a_file(source: Any) -> bool:
     try:
         return Path(source).is_file()
@@ -220,7 +213,7 @@ def _floats(value: Any, name: str, *, nan: bool) -> tuple[float, ...]:
     try:
         out = tuple(float(v) for v in value if not isinstance(v, (bool, np.bool_)) and v is not None)
         bad = len(out) != len(value) or any(not np.isfinite(v) for v in out if not (nan and np.isnan(v)))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an int beyond the float range
         bad = True
     if bad:
         what = "numbers or NaN" if nan else "finite numbers"
@@ -376,8 +369,12 @@ class Certificate:
             if getattr(self, name) is not None:
                 put(name, int_at_least(getattr(self, name), f"Certificate.{name}"))
         if self.lambda_hat is not None:
-            if isinstance(self.lambda_hat, (bool, np.bool_)) or not isinstance(self.lambda_hat, numbers.Real):
-                raise ValueError(f"Certificate.lambda_hat must be a number or None, got {self.lambda_hat!r}")
+            if (
+                isinstance(self.lambda_hat, (bool, np.bool_))
+                or not isinstance(self.lambda_hat, numbers.Real)
+                or not math.isfinite(to_float(self.lambda_hat))
+            ):
+                raise ValueError(f"Certificate.lambda_hat must be a finite number or None, got {self.lambda_hat!r:.80}")
             put("lambda_hat", float(self.lambda_hat))
         lambdas = _floats(self.lambdas, "lambdas", nan=False)
         if not lambdas or any(a <= b for a, b in zip(lambdas, lambdas[1:])):
@@ -397,7 +394,7 @@ class Certificate:
         ):
             raise ValueError(f"Certificate.certified must hold booleans, got {self.certified!r:.120}")
         put("certified", tuple(bool(v) for v in self.certified))
-        if self.bound is not None and self.bound not in P_VALUES:
+        if self.bound is not None and (not isinstance(self.bound, str) or self.bound not in P_VALUES):
             raise ValueError(f"Certificate.bound must be one of {sorted(P_VALUES)} or None, got {self.bound!r}")
         for name in ("method", "mode", "knob", "reason", "version"):
             if not isinstance(getattr(self, name), str):
@@ -669,7 +666,7 @@ class Certificate:
         data = None
         if text.startswith("{"):
             try:
-                data = _parse_json(text)
+                data = parse_json(text, "certificate")
             except ValueError:
                 if not _names_a_file(source):  # else a file named like "{run}.json"
                     raise
@@ -679,7 +676,7 @@ class Certificate:
                 raise ValueError(f"certificate must be a JSON file, got the directory {path}")
             if not path.is_file():
                 raise ValueError(f"certificate file not found: {path}")
-            data = _parse_json(path.read_text(encoding="utf-8-sig"))  # a byte-order mark, as some editors write
+            data = parse_json(path.read_text(encoding="utf-8-sig"), "certificate")  # a byte-order mark, as some editors write
         if not isinstance(data, dict):
             raise ValueError("certificate JSON must be an object")
         return cls.from_dict(data)

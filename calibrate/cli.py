@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import warnings
@@ -60,10 +59,12 @@ def _add_fit_options(p: argparse.ArgumentParser) -> None:
 
 def _json_object(text: str) -> dict:
     """``--measure-options``: a JSON object (argparse reports the ValueError as an invalid value)."""
+    from calibrate._validation import parse_json
+
     try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+        value = parse_json(text, repr(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"must be a JSON object, got {text!r}")
     return value

@@ -23,7 +23,7 @@ import numpy as np
 from numba.cpython.unsafe.numbers import trailing_zeros
 
 from calibrate._threads import njit, parallel_allowed
-from calibrate._validation import int_at_least
+from calibrate._validation import int_in
 from measures._arrays import as_numpy, working_float
 
 __all__ = [
@@ -51,7 +51,7 @@ class Decay:
     Parameters
     ----------
     max_len : int
-        ``N``, the maximum output length in tokens (> 0).
+        ``N``, the maximum output length in tokens, in ``1..2**62``.
     tau : float, default=4.0
         Decay rate (>= 0). ``t`` is the 0-based position of the token in its output.
 
@@ -79,7 +79,7 @@ class Decay:
     tau: float = 4.0
 
     def __post_init__(self) -> None:
-        int_at_least(self.max_len, "Decay.max_len")
+        int_in(self.max_len, "Decay.max_len", 1, 2**62, " (positions are int64)")
         if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float, np.integer, np.floating)) or not np.isfinite(self.tau) or self.tau < 0:
             raise ValueError(f"Decay.tau must be a finite float >= 0, got {self.tau!r}")
 

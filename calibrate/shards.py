@@ -22,6 +22,7 @@ import pandas as pd
 
 from calibrate._atomic import atomic_file
 from calibrate._storage import Remote
+from calibrate._validation import parse_json
 from calibrate.cache import (
     _MAY_DIFFER,
     _array_hasher,
@@ -236,9 +237,10 @@ def _in_shard(name: str, fn):
 
 def _load(file: Path | Remote) -> dict:
     try:
-        data = json.loads(file.read_text(encoding="ascii"))
-    except (ValueError, UnicodeDecodeError) as exc:
+        text = file.read_text(encoding="ascii")
+    except UnicodeDecodeError as exc:
         raise ValueError(f"{file} is not valid JSON: {exc}") from exc
+    data = parse_json(text, str(file))
     if not isinstance(data, dict):
         raise ValueError(f"{file} must hold a JSON object")
     return data

@@ -103,6 +103,10 @@ def test_load_refuses_other_models_and_corrupt_files(model, real_cache, tmp_path
     save_file(tensors, str(tmp_path / "nodigest.safetensors"), metadata={"heads": json.dumps(meta)})
     with pytest.raises(ValueError, match="no adapters_digest in its metadata: not an adapter file written by save_ada"):
         load_adapters(model, tmp_path / "nodigest.safetensors")  # was "do not match their stored digest (corrupt?)"
+    for heads, match in (("[1, 2]", "'heads' is not a JSON object"), ("[" * 10**5 + "]" * 10**5, "deeper than 100")):
+        save_file(tensors, str(tmp_path / "odd.safetensors"), metadata={"heads": heads})
+        with pytest.raises(ValueError, match=match):  # were an AttributeError and a RecursionError
+            load_adapters(model, tmp_path / "odd.safetensors")
     data = bytearray(path.read_bytes())
     data[-8:] = bytes(8)  # damage the last weights
     path.write_bytes(bytes(data))

@@ -252,9 +252,34 @@ def test_bad_json(tmp_path):
     assert Certificate.from_json(str(tmp_path / "[run 1]" / "bom.json")) == _cert()  # a path, not a JSON array
     (tmp_path / "array.json").write_text("[1, 2]")
     for bad, match in [("", "certificate is empty"), (tmp_path / "array.json", "must be an object"),
-                       ('{"a": ' * 10**5, "nested too")]:  # fmt: skip
+                       ('{"a": ' * 10**5, "certificate nests JSON deeper than 100 levels")]:  # fmt: skip
         with pytest.raises(ValueError, match=match):
             Certificate.from_json(bad)
+
+
+def test_stored_numbers_beyond_the_float_range_and_deep_nesting_are_named():
+    """JSON holds integers of any size and nesting the parser accepts but Python's recursion does not: each was
+    a bare OverflowError or RecursionError (the command line printed a traceback)."""
+    data = json.loads(_cert().to_json())
+    for field, value, match in [
+        ("lambda_hat", 10**400, "Certificate.lambda_hat must be a finite number or None"),
+        ("delta", 10**400, r"Certificate.delta must lie in the open interval \(0, 1\), got inf"),
+        ("lambdas", [10**400, 0.5], "Certificate.lambdas must be a sequence of finite numbers"),
+        ("decay", {"max_len": 10**400, "tau": 4.0}, r"Decay.max_len must be an int in 1..4611686018427387904"),
+        ("bound", ["hoeffding"], r"Certificate.bound must be one of .* got \['hoeffding'\]"),
+        ("heads", _nested(700), r"(certificate|Certificate.heads\['a'\]\S*) nests (JSON )?deeper than 100 levels"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            Certificate.from_json(json.dumps({**data, field: value}))
+        with pytest.raises(ValueError, match=match):
+            Certificate.from_dict({**data, field: value})
+
+
+def _nested(depth: int) -> dict:
+    out: dict = {}
+    for _ in range(depth):
+        out = {"a": out}
+    return out
 
 
 def test_heads_identity_round_trips_through_json():

@@ -344,6 +344,14 @@ _CORRUPTIONS = {
         ),
         r"array 'extra' must have shape \(\d+, 6\), got \(\d+, 6\)",
     ),
+    "a field's kind not a string in meta.json": (  # was "TypeError: unhashable type: 'list'"
+        lambda d: _edit_json(d / "meta.json", lambda m: m["fields"]["entropy"].update(kind=["array"])),
+        r"meta.json: field 'entropy' has an invalid description",
+    ),
+    "meta.json nested deeper than JSON goes": (  # was a RecursionError
+        lambda d: (d / "meta.json").write_text("[" * 100_000 + "]" * 100_000),
+        r"meta.json nests JSON deeper than 100 levels",
+    ),
     "vocab_size edited in meta.json": (
         lambda d: _edit_json(d / "meta.json", lambda m: m.update(vocab_size=100_000)),
         "vocab.json holds .* entries but meta.json says vocab_size=100000",

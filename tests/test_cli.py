@@ -92,7 +92,7 @@ def test_measure_options_from_the_command_line(tmp_path, capsys):
     assert main(["fit", str(dev), *options, "-o", str(out)]) == 0
     expected = calibrate.fit(calibrate.open_cache(dev), measure="classifier", measure_options={"C": 0.01, "max_iter": 50})
     assert calibrate.Certificate.from_json(out) == expected
-    for bad, message in (("{C: 1}", "not JSON"), ("[1]", "must be a JSON object")):
+    for bad, message in (("{C: 1}", "'{C: 1}' is not valid JSON"), ("[1]", "must be a JSON object"), ("[" * 999 + "]" * 999, "deeper than 100 levels")):
         with pytest.raises(SystemExit) as exit_:
             main(["fit", str(dev), "--measure-options", bad])
         assert exit_.value.code == 2 and message in capsys.readouterr().err

@@ -216,6 +216,9 @@ def test_load_checks_shapes_before_building_the_tree_the_metadata_names(tmp_path
     save_file(ints, str(tmp_path / "ints.safetensors"), metadata={"fff": json.dumps({**settings, "depth": "0"})})
     with pytest.raises(ValueError, match=r"ints.safetensors holds tensors of dtypes .*int64.*floating point"):
         FFF.load(tmp_path / "ints.safetensors")
+    save_file(state, str(tmp_path / "deepjson.safetensors"), metadata={"fff": "[" * 10**5 + "]" * 10**5})
+    with pytest.raises(ValueError, match=r"not an FFF file .*its setting 'fff' nests JSON deeper than 100 levels"):
+        FFF.load(tmp_path / "deepjson.safetensors")  # was a RecursionError
 
 
 def test_bad_input():

@@ -116,6 +116,9 @@ def test_manifest_and_shard_specs(tmp_path):
     (tmp_path / "manifest.json").write_text('{"format": "something else"}')
     with pytest.raises(ValueError, match=r"not a calm-calibrate shard manifest .*it says format 'something else', "):
         calibrate.open_cache(tmp_path)
+    (tmp_path / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)  # was a RecursionError
+    with pytest.raises(ValueError, match=r"manifest.json nests JSON deeper than 100 levels"):
+        calibrate.open_cache(tmp_path)
     assert parse_shard("2/8") == (2, 8) and parse_shard(" 0 / 1 ") == (0, 1)
     for bad in ("8/8", "-1/4", "1", "a/b"):
         with pytest.raises(ValueError, match="i/N"):

@@ -43,7 +43,7 @@ from torch import nn
 from calibrate._atomic import atomic_file
 from calibrate._digest import weights_digest
 from calibrate._threads import njit, parallel_allowed
-from calibrate._validation import int_at_least, int_in
+from calibrate._validation import int_at_least, int_in, parse_json
 
 __all__ = ["ACTIVATIONS", "BACKENDS", "FFF", "fff_forward", "fff_reference"]
 
@@ -302,7 +302,7 @@ class FFF(nn.Module):
             raise ValueError(f"{path} is not a readable safetensors file: {exc}") from None
         try:
             if "fff" in meta:  # files saved before the settings went into one key have them as keys of their own
-                meta = json.loads(meta["fff"])
+                meta = parse_json(meta["fff"], "its setting 'fff'")
                 unknown = sorted(set(meta) - set(_SAVED_KEYS)) if isinstance(meta, dict) else []
                 if unknown or (isinstance(meta, dict) and "weights_digest" not in meta):  # it always wrote one
                     raise ValueError(
@@ -319,7 +319,7 @@ class FFF(nn.Module):
                     meta["bias"] == "True",
                 )
         except (KeyError, TypeError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
-            raise ValueError(f"{path} is not an FFF file written by FFF.save (metadata {meta!r}): {exc}") from None
+            raise ValueError(f"{path} is not an FFF file written by FFF.save (metadata {meta!r:.300}): {exc}") from None
         expected = {name: tuple(p.shape) for name, p in layer.named_parameters()}
         got = {name: tuple(t.shape) for name, t in state.items()}
         if got != expected:

@@ -294,3 +294,39 @@ def test_certify_fit_and_validity_leave_the_warnings_filters_alone(split, monkey
     assert entered == []
     assert [w.filename for w in caught] == [__file__] * 3  # each said once, at the caller's line
     assert "warnings over 3 trials" in str(caught[2].message)
+
+
+def test_a_full_model_audit_has_no_risk_even_where_the_safest_grid_value_has_some(split):
+    """The full model is an explicit hypothesis, not the first grid value: on a grid starting at 0.3 (held-out
+    risk above 0.05 there) a certificate for the full model still audits at risk 0 and every layer."""
+    dev, test = split
+    cert = calibrate.fit(dev, delta=0.15, epsilon=0.05, lambdas=[0.3, 0.2, 0.1])
+    full = dataclasses.replace(cert, lambda_hat=None, certified=(False,) * 3)
+    report = calibrate.audit(full, test)
+    assert report.risks[0] > 0.05
+    assert report.risk == 0.0 and report.layers == test.n_layers and report.within_tolerance
+
+
+def test_tolerance_and_violation_rates_at_exactly_delta(split, cert):
+    """A held-out risk equal to delta is within the tolerance (risk <= delta); a violation is risk > delta."""
+    from calibrate.audit import AuditReport, ValidityReport
+
+    risks = np.zeros(len(cert.lambdas))
+    risks[cert.index] = cert.delta
+    report = AuditReport(cert, 10, risks, np.full(risks.size, 4.0), cert.delta, 4.0, "proxy")
+    assert report.within_tolerance
+    study = ValidityReport(
+        0.25, 0.05, np.array([0.25, 0.3, 0.0, 0.1]), np.array([0.5, 0.4, np.nan, 0.6]),
+        np.array([0.25, 0.5, 0.25, 0.0]), 80, 20,
+    )
+    assert study.violation_rate == 0.25 and study.naive_violation_rate == 0.25
+
+
+def test_validity_scores_held_out_rows_and_the_naive_rule_takes_the_fastest_passing_threshold():
+    """The naive rule (empirical risk <= delta) picks the fastest threshold that passes, so on each split its
+    held-out risk is at least the certified one's; scored on the calibration rows instead, or taking the safest
+    passing threshold, its violation rate would be 0 here."""
+    study = calibrate.validity(calibrate.synthetic_cache(300, seed=0), trials=20, delta=0.1, epsilon=0.05, progress=False)
+    assert study.naive_violation_rate >= 0.2 and study.violation_rate <= 0.05
+    ok = ~np.isnan(study.lambda_hats)
+    assert np.all(study.naive_test_risks[ok] >= study.test_risks[ok] - 1e-12)

@@ -494,3 +494,16 @@ def test_wsr_validates():
         bounds.wsr(np.zeros((2, 2, 2)), 0.1)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         bounds.wsr(np.array([0.2, 2.0]), 0.1)
+
+
+def test_p_values_of_a_many_column_table_use_exact_column_sums():
+    """NumPy sums the columns of an (n, K > 1) table row by row: 1 + 1000 * 1e-16 stays 1.0, which would put the
+    Bentkus count at 1 instead of 2 and the p-value at 0.0013 instead of 0.0072 (too small: anti-conservative).
+    A single column is summed pairwise, so one-column tables cannot tell."""
+    n = 1001
+    losses = np.zeros((n, 2))
+    losses[0], losses[1:] = 1.0, 1e-16  # exact sum 1 + 1e-13 per column
+    want = math.e * stats.binom.cdf(2, n, 0.01)
+    np.testing.assert_allclose(bounds.p_values(losses, 0.01, bound="bentkus"), [want, want], rtol=1e-12)
+    hb = min(want, float(bounds.hoeffding_kl(math.fsum(losses[:, 0]) / n, n, 0.01)))
+    np.testing.assert_allclose(bounds.p_values(losses, 0.01), [hb, hb], rtol=1e-12)

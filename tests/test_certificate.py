@@ -465,3 +465,27 @@ def test_a_written_certificate_is_flushed_then_its_directory(tmp_path, monkeypat
     import stat
 
     assert [stat.S_ISDIR(m) for m in flushed] == [False, True]  # the new file, then the entry renamed into place
+
+
+def _hoeffding_bentkus_cert():
+    losses = (np.random.default_rng(1).random((2000, 8)) < np.linspace(0, 0.3, 8)).astype(float)
+    return calibrate.certify(losses, np.linspace(1, 0.3, 8), delta=0.1, epsilon=0.05)
+
+
+def test_p_values_lowered_even_slightly_below_their_bound_are_refused():
+    """The floor a stored p-value is held to is what its risk, n and delta give, less only float slack (1e-9)."""
+    cert = _hoeffding_bentkus_cert()
+    for factor in (0.6, 1 - 1e-6):
+        data = json.loads(cert.to_json())
+        data["p_values"][cert.index] *= factor
+        with pytest.raises(ValueError, match=r"below the .* hoeffding_bentkus bound gives"):
+            Certificate.from_json(json.dumps(data))
+
+
+def test_a_flag_with_its_p_value_just_above_epsilon_is_named_as_such():
+    cert = _hoeffding_bentkus_cert()
+    data = json.loads(cert.to_json())
+    k = cert.index + 1
+    data["certified"][k], data["risks"][k], data["p_values"][k] = True, 0.0, 0.06
+    with pytest.raises(ValueError, match=r"is True but its p-value is 0.06, not <= epsilon=0.05"):
+        Certificate.from_json(json.dumps(data))

@@ -399,3 +399,11 @@ def test_hidden_features_include_saturation_on_synthetic_cache():
         if 0 < labels[:, i].mean() < 1:
             auc = roc_auc_score(labels[:, i], conf[:, i])
             assert auc > 0.65 and auc > roc_auc_score(labels[:, i], sat[:, i]) - 0.03, (i, auc)
+
+
+def test_agreement_is_with_the_full_models_token_not_the_last_layers_top1():
+    """The label is agreement with full_tokens (what the full model emitted: after logits processing, an adapter
+    on the last layer or a tie, the last layer's stored top-1 may differ); every other fixture has them equal."""
+    ids = np.array([[[7], [5], [5]], [[2], [2], [2]]])
+    cache = LayerCache.from_arrays(full_tokens=[7, 2], topk_ids=ids, lengths=[2], vocab_size=10)
+    np.testing.assert_array_equal(agreement(cache), [[True, False, False], [True, True, True]])

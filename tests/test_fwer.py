@@ -279,3 +279,11 @@ def test_multistart_validation():
         fwer.MultiStart(0)
     with pytest.raises(ValueError, match=r"indices in \[0, 2\]"):
         fwer.control_fwer(p, 0.05, method=fwer.MultiStart([5]))
+
+
+def test_multistart_caps_its_starts_at_the_grid_size():
+    """Four default starts on a three-value grid are the three values at epsilon / 3 (uncapped: four walks, one
+    twice, at epsilon / 4, which certifies less)."""
+    p = [0.5, 0.015, 0.015]  # 0.015 <= 0.05 / 3 but > 0.05 / 4
+    np.testing.assert_array_equal(fwer.control_fwer(p, 0.05, method="multistart"), [False, True, True])
+    np.testing.assert_array_equal(fwer.multistart(p, 0.05, starts=10), fwer.bonferroni(p, 0.05))

@@ -591,7 +591,9 @@ class Certificate:
         Unknown or missing fields, and fields of the wrong type or range, raise ``ValueError`` naming them;
         so do a ``lambda_hat`` that is not certified and numbers that claim more than they support (flags
         that the stored p-values, or p-values that the stored risks, ``n`` and ``delta``, do not give: an
-        edited file). ``null`` entries of the per-threshold numbers are NaN.
+        edited file). The flags of a custom :class:`~calibrate.fwer.FWERProcedure` (a ``method`` other than the
+        built-in ones) are held to ``p <= epsilon`` only: its rule is code, which the file does not carry.
+        ``null`` entries of the per-threshold numbers are NaN.
         ``max_new_tokens``, which certificates of earlier versions lack, may be missing (then None).
         """
         if not isinstance(data, Mapping):

@@ -258,6 +258,9 @@ def _read_manifest(root: Path | Remote) -> list[str]:
     valid = re.compile(r"shard-\d{5}-of-\d{5}")
     if not isinstance(names, list) or not names or not all(isinstance(n, str) and valid.fullmatch(n) for n in names):
         raise ValueError(f"{file}: 'shards' must list shard directory names like 'shard-00000-of-00002'")
+    expected = [shard_name(i, len(names)) for i in range(len(names))]
+    if names != expected:  # write_manifest lists every shard of the count, in order: an edit would drop or reorder
+        raise ValueError(f"{file}: 'shards' must list {expected[0]!r} to {expected[-1]!r} in order, got {names!r:.200}")
     return names
 
 

@@ -49,6 +49,19 @@ def test_chunked_shards_equal_the_whole_cache(cache, tmp_path):
     assert calibrate.open_cache(tmp_path, chunks=20, verify=False).checksum == cache.checksum
 
 
+def test_a_shard_that_is_itself_sharded_is_refused(cache, tmp_path):
+    """In memory a nested manifest was followed (a link to '.' recursed 40 levels deep); lazily it was refused."""
+    _write_shards(tmp_path / "inner", cache, [30])
+    (tmp_path / "outer").mkdir()
+    shutil.copytree(tmp_path / "inner", tmp_path / "outer" / shard_name(0, 1))
+    write_manifest(tmp_path / "outer", 1)
+    for chunks in (None, 20):
+        if chunks is not None:
+            pytest.importorskip("dask")
+        with pytest.raises(ValueError, match=r"shard 'shard-00000-of-00001' of .*outer is itself a sharded cache"):
+            calibrate.open_cache(tmp_path / "outer", chunks=chunks)
+
+
 def test_synthetic_pieces_with_their_own_seeds_and_ids_join(tmp_path):
     pieces = [calibrate.synthetic_cache(n, n_layers=4, seed=i, first_id=10 * i) for i, n in enumerate((10, 7))]
     for i, piece in enumerate(pieces):

@@ -200,6 +200,7 @@ def test_reports_without_a_layer_count_and_report_equality(split, cert):
 
 
 def test_audit_refuses_a_chunked_cache_with_a_hint(split, cert, tmp_path):
+    pytest.importorskip("dask")
     split[1].save(tmp_path / "test")
     with pytest.raises(TypeError, match=r"LayerCache in memory, got ChunkedCache .*take"):
         calibrate.audit(cert, calibrate.open_cache(tmp_path / "test", chunks=3))
@@ -242,6 +243,7 @@ def test_validity_bad_input(split, kwargs, match):
 
 
 def test_validity_names_bad_arguments_before_any_work(split, tmp_path):
+    pytest.importorskip("dask")  # a chunked cache below
     with pytest.raises(ValueError, match="seed must be an int >= 0"):
         calibrate.validity(split[0], seed=-1, progress=False)
     with pytest.raises(TypeError, match=r"unknown options \['mode'\]: its own are \('trials', 'cal_fraction',"):

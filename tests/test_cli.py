@@ -301,7 +301,8 @@ def test_a_closed_standard_output_loses_no_output_file(tmp_path, unbuffered):
     argv = [sys.executable, "-m", "calibrate", "fit", str(tmp_path / "dev"), "-o", str(tmp_path / "cert.json")]
     run = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     run.stdout.close()  # the reader is gone before anything is printed
-    err = run.stderr.read().decode()
+    with run.stderr:
+        err = run.stderr.read().decode()
     assert run.wait() == 141, err  # was 2 ("Broken pipe", certificate not written) or 120
     assert "Exception ignored" not in err and "Traceback" not in err
     assert calibrate.Certificate.from_json(tmp_path / "cert.json").n == 60

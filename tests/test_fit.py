@@ -366,6 +366,7 @@ def test_fit_with_decay_records_it(cache):
 
 
 def test_decay_grids_start_where_every_threshold_is_one():
+    pytest.importorskip("torch")  # calibrate.decoded_lambdas
     from calibrate.exits import default_lambdas
 
     grid = default_lambdas(decay=True)
@@ -647,6 +648,7 @@ def test_a_failure_inside_the_losses_progress_bar_closes_it(capsys):
 
 def test_a_score_of_your_own_is_a_measure(tmp_path):
     """A (T, L) score stored with the cache (scores=) is fitted, audited and run on Dask by its name."""
+    pytest.importorskip("dask")
     synthetic = calibrate.synthetic_cache(300, n_layers=4, seed=0)
     arrays = {name: synthetic.arrays[name] for name in ("full_tokens", "topk_ids", "topk_logprobs")}
     mine = synthetic.arrays["softmax_max"] ** 2

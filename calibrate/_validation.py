@@ -27,7 +27,8 @@ JSON_DEPTH = 100
 
 
 def parse_json(text: str, what: str) -> Any:
-    """``text`` parsed as JSON; ValueError naming ``what`` when it is not JSON or nests deeper than :data:`JSON_DEPTH`."""
+    """``text`` parsed as JSON; ValueError naming ``what`` when it is not JSON or nests deeper than
+    :data:`JSON_DEPTH`."""
     too_deep = f"{what} nests JSON deeper than {JSON_DEPTH} levels, far more than this library writes"
     try:
         value = json.loads(text)

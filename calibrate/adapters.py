@@ -175,7 +175,9 @@ def load_adapters(model: nn.Module, path: str | os.PathLike) -> ExitHeads:
     except (SafetensorError, KeyError, ValueError) as exc:
         raise ValueError(f"{path} is not a readable adapter file: {exc}") from None
     if not isinstance(saved, dict):
-        raise ValueError(f"{path} is not an adapter file written by save_adapters: its metadata 'heads' is not a JSON object")
+        raise ValueError(
+            f"{path} is not an adapter file written by save_adapters: its metadata 'heads' is not a JSON object"
+        )
     heads = ExitHeads.from_model(model, adapters=True)
     expected = heads.describe()
     for key in ("architecture", "n_layers", "hidden_size", "vocab_size"):

@@ -930,7 +930,9 @@ def _identity(root) -> bytes | None:
         return None
 
 
-def _open_checked(root: Path | Remote) -> tuple[dict, dict, np.ndarray, pd.DataFrame, np.ndarray, list[str] | None, int]:
+def _open_checked(
+    root: Path | Remote,
+) -> tuple[dict, dict, np.ndarray, pd.DataFrame, np.ndarray, list[str] | None, int]:
     """The unsharded cache at ``root``, its structure checked before any array but ``full_tokens`` is read.
 
     Returns ``meta.json``, every array opened (zarr arrays: dtype, shape and chunk files checked, values

@@ -678,7 +678,8 @@ class Certificate:
                 raise ValueError(f"certificate must be a JSON file, got the directory {path}")
             if not path.is_file():
                 raise ValueError(f"certificate file not found: {path}")
-            data = parse_json(path.read_text(encoding="utf-8-sig"), "certificate")  # a byte-order mark, as some editors write
+            # utf-8-sig: a byte-order mark, as some editors write
+            data = parse_json(path.read_text(encoding="utf-8-sig"), "certificate")
         if not isinstance(data, dict):
             raise ValueError("certificate JSON must be an object")
         return cls.from_dict(data)

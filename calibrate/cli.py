@@ -62,7 +62,7 @@ def _json_object(text: str) -> dict:
     from calibrate._validation import parse_json
 
     try:
-        value = parse_json(text, repr(text))
+        value = parse_json(text, f"{text!r:.60}")
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     if not isinstance(value, dict):

@@ -364,7 +364,9 @@ _WINDOW = 62
 
 
 @njit(parallel=True, nogil=True)
-def _sweep(conf, base, shift, clip, inv_slope, lut, lut_lo, lut_inv, offsets, top1, full, layer_hist, wrong):  # pragma: no cover
+def _sweep(  # pragma: no cover
+    conf, base, shift, clip, inv_slope, lut, lut_lo, lut_inv, offsets, top1, full, layer_hist, wrong
+):
     """Histograms of ``b`` (per thread) and of disagreement steps (per sequence), visiting only the layers where one
     changes.
 

@@ -185,7 +185,9 @@ def open_sharded(root: Path | Remote, *, verify: bool, chunks: int | None):
                 f"{root / MANIFEST_FILE} lists shard {name!r} but {where} is missing (not written yet, or failed?)"
             )
         if (where / MANIFEST_FILE).is_file():  # opened in memory, it recursed (a link to '.': 40 levels deep)
-            raise ValueError(f"shard {name!r} of {root} is itself a sharded cache ({where / MANIFEST_FILE}); shards nest one level")
+            raise ValueError(
+                f"shard {name!r} of {root} is itself a sharded cache ({where / MANIFEST_FILE}); shards nest one level"
+            )
     if chunks is None:
         parts = [_in_shard(name, lambda w=where: open_cache(str(w), verify=verify)) for name, where in zip(names, roots)]  # a Remote's str is its URL
         _check_compatible(root, names, [p.meta for p in parts])

@@ -463,3 +463,11 @@ def test_missing_references_are_counted_on_the_client(tmp_path, monkeypatch):
         lazy.loss_table(consistency="risk_rouge_l")
     with pytest.raises(ValueError, match="but 60 sequences have no 'reference'"):
         calibrate.proxy_losses(cache, cache.arrays["softmax_gap"], [0.9, 0.5], consistency="risk_rouge_l")
+
+
+def test_a_last_partition_of_one_sequence_is_kept(tmp_path):
+    cache = calibrate.synthetic_cache(51, n_layers=4, seed=0)
+    lazy = calibrate.open_cache(cache.save(tmp_path / "cache"), chunks=50)
+    assert lazy.partitions == [(0, 50), (50, 51)]
+    cert = calibrate.fit(lazy, delta=0.2, epsilon=0.1)
+    assert cert.n == 51 and cert == calibrate.fit(cache, delta=0.2, epsilon=0.1)

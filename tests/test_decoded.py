@@ -548,3 +548,34 @@ def test_proxy_vs_decoded_benchmark(model, tokenizer, prompts, capsys):
     bench.main(["--n", "8", "--max-new-tokens", "3", "--batch-size", "8", "--lambdas", "1.0", "0.0"])
     out = capsys.readouterr().out
     assert "mean_diff" in out and "decoded lambda_hat" in out
+
+
+def test_the_lazy_decoded_walk_goes_on_past_a_p_value_equal_to_epsilon():
+    """Fixed-sequence testing certifies p <= epsilon: the lazy walk (decoding one threshold at a time) must not
+    stop at p == epsilon. epsilon is set to the first two columns' exact p-value."""
+    from calibrate.decoded import _certify_lazily
+
+    n, delta, bound = 100, 0.2, "hoeffding_bentkus"
+    few, many = np.zeros(n), np.zeros(n)
+    few[:5], many[:60] = 1.0, 1.0
+    columns = {0.9: few, 0.8: few, 0.7: many}
+    epsilon = float(bounds.p_values(few[:, None], delta, bound=bound)[0])
+    assert 0 < epsilon < 0.5
+
+    class Decoder:
+        calls: list = []
+
+        def losses(self, certificate):
+            self.calls.append(certificate.lambda_hat)
+            return columns[certificate.lambda_hat], 2.0
+
+    template = Certificate(
+        lambda_hat=None, delta=delta, epsilon=epsilon, n=n, lambdas=(0.9, 0.8, 0.7),
+        risks=(math.nan,) * 3, p_values=(math.nan,) * 3, certified=(False,) * 3,
+        bound=bound, method="fixed_sequence", mode="decoded", knob="exit_threshold",
+        measure="state_saturation", consistency="token", n_layers=3,
+    )
+    decoder = Decoder()
+    out = _certify_lazily(decoder, template, progress=False)
+    assert decoder.calls == [0.9, 0.8, 0.7]
+    assert out.lambda_hat == 0.8 and out.certified == (True, True, False)

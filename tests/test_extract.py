@@ -766,3 +766,20 @@ def test_textual_losses_refuse_a_vocab_that_does_not_give_the_outputs(tokenizer,
     assert code == (0 if report.within_tolerance else 1) and f"held-out risk {report.risk:.4f}" in capsys.readouterr().out
     assert main(["fit", str(tmp_path / "cache"), "--tokenizer", str(tmp_path / "tok")]) == 2  # token consistency
     assert "--tokenizer decodes text for the textual consistencies; 'token' compares token ids" in capsys.readouterr().err
+
+
+def test_one_layer_heads_equal_all_layer_heads_with_asymmetric_adapters():
+    """The runtime scores one layer at a time (layer=i), extraction all at once: with random, non-symmetric
+    adapters both must be lm_head(norm(A_i h + b_i)) (identity adapters could not tell A from A.T)."""
+    model = tiny_model("llama", 0, n_layers=3)
+    heads = ExitHeads.from_model(model, adapters=True)
+    g = torch.Generator().manual_seed(2)
+    h = torch.randn(5, 3, heads.hidden_size, generator=g)
+    with torch.no_grad():
+        heads.adapter_weight.add_(0.3 * torch.randn(heads.adapter_weight.shape, generator=g))
+        heads.adapter_bias.add_(0.3 * torch.randn(heads.adapter_bias.shape, generator=g))
+        every = heads(h)
+        for i in range(3):
+            torch.testing.assert_close(heads(h[:, i], layer=i), every[:, i])
+        a0, b0 = heads.adapter_weight[0], heads.adapter_bias[0]
+        torch.testing.assert_close(heads(h[:, 0], layer=0), model.lm_head(model.model.norm(h[:, 0] @ a0.T + b0)))

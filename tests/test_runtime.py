@@ -1187,3 +1187,16 @@ def test_token_strings_for_special_ids_and_right_padding_say_what_to_do():
     right = torch.tensor([[1, 1, 0]])
     with pytest.raises(ValueError, match=r"must be left-padded .* tokenizer.padding_side = 'left'"):
         generate(model, torch.tensor([[5, 6, PAD]]), right, max_new_tokens=2)
+
+
+def test_runtime_entropy_of_a_one_hot_softmax_is_one_as_in_the_cache():
+    """A certificate at lambda = 1.0 (the demo's classifier row) lets a token exit only where the confidence is
+    exactly 1, as the cache records it for a one-hot softmax; a clamp below 1 would never exit there."""
+    from calibrate.runtime._measures import build_measure
+
+    measure = build_measure("entropy", state=None, n_layers=3, hidden_size=4, vocab_size=8, device="cpu")
+    logits = torch.full((2, 8), -1000.0)
+    logits[0, 3] = 0.0
+    h = torch.randn(2, 4)
+    assert measure(1, h, h, logits, torch.arange(2))[0].item() == 1.0
+    assert abs(measure(1, h[:1], h[:1], torch.zeros((1, 8)), torch.arange(1)).item()) < 1e-6  # uniform: 0

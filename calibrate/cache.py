@@ -191,8 +191,6 @@ class LayerCache:
         arrays = {name: np.array(a, copy=True) for name, a in arrays.items()}  # the cache owns its arrays
         offsets = np.zeros(len(sequences) + 1, dtype=np.int64)
         np.cumsum(np.asarray(sequences["n_tokens"], dtype=np.int64), out=offsets[1:])
-        if "full_tokens" not in arrays:
-            raise ValueError("the cache needs the array 'full_tokens'")
         _check_structure(arrays, offsets, vocab_size, vocab)
         n = len(sequences)
         table = _make_table(
@@ -1407,20 +1405,12 @@ def _check_values(arrays, vocab_size: int) -> None:
 
 
 def _check_table(table: pd.DataFrame, offsets: np.ndarray) -> None:
-    n = offsets.size - 1
-    if list(table.columns) != list(_TABLE_COLUMNS):
-        raise ValueError(f"table 'sequences' must have the columns {list(_TABLE_COLUMNS)}, got {list(table.columns)}")
-    if len(table) != n:
-        raise ValueError(f"table 'sequences' must have one row per sequence ({n}), got {len(table)}")
+    """The table's ``n_tokens`` and ``offset`` columns against the offsets (its columns, row count, unique ids
+    and present texts are already checked where every table is made: :func:`_make_table`, :func:`_read_table`)."""
     if not np.array_equal(table["n_tokens"].to_numpy(), np.diff(offsets)):
         raise ValueError("table 'sequences': column 'n_tokens' disagrees with the offsets")
     if not np.array_equal(table["offset"].to_numpy(), offsets[:-1]):
         raise ValueError("table 'sequences': column 'offset' disagrees with the offsets")
-    if not table["id"].is_unique:
-        raise ValueError("table 'sequences': column 'id' must be unique")
-    for col in ("id", "prompt", "output"):
-        if table[col].isna().any():
-            raise ValueError(f"table 'sequences': column {col!r} must not have missing values")
 
 
 def split_indices(n: int, fractions: Sequence[float], *, seed: int) -> tuple[np.ndarray, ...]:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import zarr
@@ -917,3 +918,126 @@ def test_saved_files_get_the_umask_mode_not_tempfile_private(tmp_path, umask_022
     for file in (tmp_path / "cert.json", tmp_path / "shards" / "manifest.json"):
         assert file.stat().st_mode & 0o777 == umask_022
     assert not list(tmp_path.rglob(".*tmp"))
+
+
+# Checks of the low-level constructor and of open_cache that only a hand-made mutant showed no test reached.
+
+
+def _arrays_with(arrays, **changes):
+    out = dict(arrays)
+    for name, value in changes.items():
+        if value is None:
+            out.pop(name)
+        else:
+            out[name] = value
+    return out
+
+
+def _edited_array(name, fn):
+    return lambda c: _arrays_with(c.arrays, **{name: fn(np.array(c.arrays[name]))})
+
+
+def _negative_id(a):
+    a[0, 0, 0] = -1
+    return a
+
+
+@pytest.mark.parametrize(
+    "arrays, match",
+    [
+        (_edited_array("topk_ids", lambda a: a.astype(np.int64)), "array 'topk_ids' must have dtype int32, got int64"),
+        (lambda c: _arrays_with(c.arrays, vocab=np.zeros((16, 3), np.float32)), "array names must be lowercase identifiers"),
+        (_edited_array("hidden", lambda a: a[:, :2]), r"array 'hidden' must have shape \(16, 3, hidden_size\)"),
+        (_edited_array("softmax_gap", lambda a: a[:, :2]), r"array 'softmax_gap' must have shape \(16, 3\)"),
+        (lambda c: _arrays_with(c.arrays, topk_ids=np.zeros((16, 0, 3), np.int32), topk_logprobs=None, hidden=None,
+                         softmax_gap=None, state_saturation=None), r"'topk_ids' must have shape \(16, n_layers, top_k\)"),
+        (_edited_array("topk_ids", _negative_id), r"array 'topk_ids' must lie in \[0, vocab_size=40\), got -1"),
+        (None, "vocab must have vocab_size=40 entries, got 39"),
+        ("n_tokens", "must increase strictly|inconsistent offsets"),
+        ("float_n_tokens", "column 'n_tokens' disagrees with the offsets"),
+        ("offset", "column 'offset' disagrees with the offsets"),
+        ("columns", r"sequences must have the columns .*missing \['offset'\]"),
+        (lambda c: _arrays_with(c.arrays, full_tokens=None), "the cache needs the array 'full_tokens'"),
+        (lambda c: _arrays_with(c.arrays, topk_ids=None), "the cache needs the array 'topk_ids'"),
+    ],
+)
+def test_low_level_constructor_refuses(cache, arrays, match):
+    """LayerCache(sequences, arrays, ...) refuses what from_arrays would; only one of its checks had a test."""
+    seq, vocab = cache.sequences, cache.vocab
+    if arrays is None:
+        vocab = vocab[:-1]
+    elif arrays == "n_tokens":
+        seq["n_tokens"] = [5, 0, 10, 1]
+    elif arrays == "float_n_tokens":
+        seq["n_tokens"] = [5.5, 3, 7, 1]
+    elif arrays == "offset":
+        seq["offset"] = [0, 5, 9, 15]
+    elif arrays == "columns":
+        seq = seq.drop(columns="offset")
+    arrays = dict(cache.arrays) if isinstance(arrays, (str, type(None))) else arrays(cache)
+    with pytest.raises(ValueError, match=match):
+        LayerCache(seq, arrays, vocab_size=V, vocab=vocab)
+
+
+def test_from_arrays_refuses_hidden_size_zero():
+    raw = _arrays()
+    raw["hidden"] = np.zeros((16, 3, 0))
+    with pytest.raises(ValueError, match=r"hidden must have shape \(16, 3, hidden_size\)"):
+        LayerCache.from_arrays(**raw)
+
+
+def _set_column(table, name, array):
+    return table.set_column(table.schema.get_field_index(name), name, array)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda t: _set_column(t, "prompt", pa.array(range(4), pa.int64())), "column 'prompt' must hold strings"),
+        (lambda t: _set_column(t, "output", pa.array(["a", None, "c", "d"], pa.large_string())),
+         r"sequences.parquet: column 'output' must not have missing values"),
+        (lambda t: _set_column(t, "id", pa.array(["a", "a", "c", "d"], pa.large_string())),
+         r"sequences.parquet: column 'id' must be unique"),
+        (lambda t: _set_column(_set_column(t, "offset", pa.array([1, 5, 8, 15], pa.int64())), "n_tokens",
+                               pa.array([4, 3, 7, 1], pa.int64())), "inconsistent offsets"),
+        (lambda t: _set_column(t, "output_ids", pa.array([["x"]] * 4, pa.large_list(pa.large_string()))),
+         "column 'output_ids' must hold lists of integers"),
+    ],
+)
+def test_edited_parquet_is_refused_naming_the_column(saved, change, match):
+    _rewrite_table(saved, change)
+    with pytest.raises(ValueError, match=match):
+        open_cache(saved, verify=False)
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda m: m["fields"].pop("sequences"), "'fields' must describe the table 'sequences'"),
+        (lambda m: m["fields"].pop("topk_ids"), "required array 'topk_ids' is not listed in 'fields'"),
+        (lambda m: m["fields"]["topk_ids"].update(dtype="int64"), "lists array 'topk_ids' with dtype 'int64'"),
+    ],
+)
+def test_edited_meta_is_refused_by_its_own_check(saved, edit, match):
+    _edit_meta(saved, edit)
+    with pytest.raises(ValueError, match=match):
+        open_cache(saved, verify=False)
+
+
+def test_negative_id_on_disk_is_refused_unverified(saved):
+    where = saved / "arrays" / "topk_ids"
+    values = zarr.open_array(str(where), mode="r")[...]
+    values[0, 0, 0] = -1
+    zarr.open_array(str(where), mode="r+")[...] = values
+    with pytest.raises(ValueError, match=r"array 'topk_ids' must lie in \[0, vocab_size=40\), got -1"):
+        open_cache(saved, verify=False)
+
+
+def test_missing_chunk_file_beside_a_stray_file_is_refused(saved):
+    """A stray file makes the file count pass; the initialised-chunk count must still notice the missing chunk."""
+    where = saved / "arrays" / "topk_ids"
+    chunks = sorted(p for p in (where / "c").rglob("*") if p.is_file())
+    chunks[-1].unlink()
+    (where / "notes.txt").write_text("stray")
+    with pytest.raises(ValueError, match=r"array 'topk_ids' at .* is missing 1 chunk file"):
+        open_cache(saved, verify=False)

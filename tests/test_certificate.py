@@ -455,16 +455,34 @@ def test_a_missing_version_is_not_named_none():
 
 
 @pytest.mark.skipif(__import__("sys").platform == "win32", reason="Windows cannot flush a directory")
-def test_a_written_certificate_is_flushed_then_its_directory(tmp_path, monkeypatch):
+def test_a_written_certificate_is_flushed_then_renamed_then_its_directory_flushed(tmp_path, monkeypatch):
     import os
-
-    flushed = []
-    fsync = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: (flushed.append(os.fstat(fd).st_mode), fsync(fd))[1])
-    _cert().to_json(tmp_path / "cert.json")
     import stat
 
-    assert [stat.S_ISDIR(m) for m in flushed] == [False, True]  # the new file, then the entry renamed into place
+    events = []
+    fsync, replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", stat.S_ISDIR(os.fstat(fd).st_mode))), fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", None)), replace(a, b))[1])
+    _cert().to_json(tmp_path / "cert.json")
+    assert events == [("fsync", False), ("replace", None), ("fsync", True)]  # the file, its rename, the directory
+
+
+def test_a_failed_write_leaves_no_temporary_file(tmp_path, monkeypatch):
+    import os
+
+    def failing(a, b):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", failing)
+    with pytest.raises(OSError, match="disk full"):
+        _cert().to_json(tmp_path / "cert.json")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_tied_lambdas_are_refused():
+    """Ties are not strictly decreasing: a grid (0.9, 0.9, 0.7) names one threshold twice."""
+    with pytest.raises(ValueError, match="lambdas must be non-empty and strictly decreasing"):
+        _cert(lambdas=(0.9, 0.9, 0.7), lambda_hat=None)
 
 
 def _hoeffding_bentkus_cert():

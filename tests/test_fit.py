@@ -403,6 +403,8 @@ def test_fit_checks_its_risk_options_before_any_work(cache, monkeypatch):
 def test_fit_bad_inputs(cache):
     with pytest.raises(ValueError, match="measure must be one of"):
         calibrate.fit(cache, measure="vibes")
+    with pytest.raises(ValueError, match=r"decay as a dict needs the keys 'max_len' and optionally 'tau', got \['max_len', 'tua'\]"):
+        calibrate.fit(cache, decay={"max_len": 8, "tua": 4.0})  # a misspelt key (was a TypeError from Decay)
     with pytest.raises(ValueError, match="consistency must be one of"):
         calibrate.fit(cache, consistency="meteor")
     with pytest.raises(TypeError, match="decay"):

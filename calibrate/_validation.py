@@ -32,7 +32,7 @@ def parse_json(text: str, what: str) -> Any:
     too_deep = f"{what} nests JSON deeper than {JSON_DEPTH} levels, far more than this library writes"
     try:
         value = json.loads(text)
-    except json.JSONDecodeError as exc:
+    except ValueError as exc:  # JSONDecodeError, or an integer of more digits than Python converts
         raise ValueError(f"{what} is not valid JSON: {exc}") from None
     except RecursionError:
         raise ValueError(too_deep) from None

@@ -1018,7 +1018,7 @@ def _vocab_size_iv(vocab_size, name: str = "vocab_size") -> int:
     int_at_least(vocab_size, name)
     if vocab_size > _MAX_VOCAB_SIZE:
         raise ValueError(
-            f"{name} must be at most 2**31 - 1 = {_MAX_VOCAB_SIZE} (token ids are stored as int32), got {vocab_size}"
+            f"{name} must be at most 2**31 - 1 = {_MAX_VOCAB_SIZE} (token ids are stored as int32), got {vocab_size!r:.40}"
         )
     return int(vocab_size)
 
@@ -1276,7 +1276,7 @@ def _make_table(ids, prompts, outputs, references, full_tokens, offsets) -> pd.D
 
 
 def _check_meta(root: Path, meta: dict, arrays: dict, offsets: np.ndarray, vocab) -> int:
-    """Check a saved cache's ``vocab_size``, structure and recorded sizes against its arrays (numpy or zarr).
+    """Check a saved cache's ``vocab_size``, structure and recorded sizes against its (zarr) arrays, unread.
 
     Returns the vocabulary size.
     """
@@ -1541,7 +1541,7 @@ def _replaceable(target: Path | Remote) -> bool:
     if _META_FILE not in names or not names <= {_META_FILE, _TABLE_FILE, _VOCAB_FILE, _ARRAY_DIR}:
         return False
     try:
-        meta = json.loads((target / _META_FILE).read_text(encoding="utf-8"))
+        meta = parse_json((target / _META_FILE).read_text(encoding="utf-8"), str(target / _META_FILE))
     except (OSError, ValueError, UnicodeDecodeError):
         return True  # our file names, a meta.json cut short (a crash while it was written): a cache
     return isinstance(meta, dict) and meta.get("library") == "calm-calibrate"

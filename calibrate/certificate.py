@@ -414,7 +414,8 @@ class Certificate:
                     f"Certificate.decay must be {{'max_len': int, 'tau': float}}, got {dict(self.decay)!r}: {exc}"
                 ) from None
         for name in ("decay", "measure_state", "heads"):
-            put(name, None if getattr(self, name) is None else _frozen(getattr(self, name), f"Certificate.{name}"))
+            value = getattr(self, name)  # a level below the certificate's object in its JSON
+            put(name, None if value is None else _frozen(value, f"Certificate.{name}", depth=2))
 
     # ---- derived values -------------------------------------------------------------------------
     @property

@@ -86,8 +86,11 @@ class Decay:
     def thresholds(self, lambdas: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """Per-position thresholds, shape ``positions.shape + lambdas.shape`` (float64)."""
         lam = np.asarray(lambdas, dtype=np.float64)
-        pos = np.asarray(positions, dtype=np.float64)[..., None]
-        return np.clip(0.9 * lam + 0.1 * np.exp(-self.tau * pos / self.max_len), 0.0, 1.0)
+        return np.clip(0.9 * lam + self._shift(positions)[..., None], 0.0, 1.0)
+
+    def _shift(self, positions) -> np.ndarray:
+        """``0.1 exp(-tau t / N)`` at each position ``t`` (float64, whatever the types of ``t`` and ``tau``)."""
+        return 0.1 * np.exp(-self.tau * np.asarray(positions, dtype=np.float64) / self.max_len)
 
     def _settled(self) -> int:
         """A position from which :meth:`thresholds` are the same at every later one: ``exp(-tau t / N)`` is 0.0 in
@@ -481,7 +484,7 @@ def _run_sweep(conf, lam, offsets, decay, top1, full):
         base, shift, clip, slope = asc, np.zeros(1), (-np.inf, np.inf), 1.0
     else:  # Decay.thresholds(asc, p) = clip(0.9 * asc + shift[p], 0, 1), the same float operations
         positions = np.arange(min(max(int(np.diff(offsets).max()), 1), decay._settled() + 1))
-        base, shift, clip, slope = 0.9 * asc, 0.1 * np.exp(-decay.tau * positions / decay.max_len), (0.0, 1.0), 0.9
+        base, shift, clip, slope = 0.9 * asc, decay._shift(positions), (0.0, 1.0), 0.9
     # Lookup table: cell c covers [lo + c / inv, lo + (c + 1) / inv) and stores #{asc <= its lower edge}.
     with np.errstate(over="ignore", invalid="ignore"):  # a grid wider than the float range, or subnormal gaps
         span = asc[-1] - asc[0]

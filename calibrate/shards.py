@@ -184,7 +184,7 @@ def open_sharded(root: Path | Remote, *, verify: bool, chunks: int | None):
             raise ValueError(
                 f"{root / MANIFEST_FILE} lists shard {name!r} but {where} is missing (not written yet, or failed?)"
             )
-        if (where / MANIFEST_FILE).is_file():  # opened in memory, it recursed (a link to '.': 40 levels deep)
+        if is_sharded(where):  # opened in memory, it recursed (a link to '.': 40 levels deep)
             raise ValueError(
                 f"shard {name!r} of {root} is itself a sharded cache ({where / MANIFEST_FILE}); shards nest one level"
             )

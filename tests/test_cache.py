@@ -498,6 +498,9 @@ def test_overwrite_refuses_a_directory_that_is_not_a_cache(cache, tmp_path):
     (tmp_path / "kept" / "meta.json").write_text('{"forma')  # cut short by a crash: still ours
     cache.save(tmp_path / "kept", overwrite=True)
     assert open_cache(tmp_path / "kept").checksum == cache.checksum
+    (tmp_path / "kept" / "meta.json").write_text("[" * 100_000 + "]" * 100_000)  # damaged: was a RecursionError
+    cache.save(tmp_path / "kept", overwrite=True)
+    assert open_cache(tmp_path / "kept").checksum == cache.checksum
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="not a layer cache"):
         cache.save(tmp_path / "file", overwrite=True)

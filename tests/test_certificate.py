@@ -275,6 +275,15 @@ def test_stored_numbers_beyond_the_float_range_and_deep_nesting_are_named():
             Certificate.from_dict({**data, field: value})
 
 
+def test_a_field_nested_as_deep_as_stored_json_may_round_trips():
+    """Decay, measure state and heads sit a level below the certificate's object: 99 levels of their own are 100 in
+    the file. The constructor held them to 100 of their own, which the file then could not be read back with."""
+    cert = dataclasses.replace(_cert(), measure_state=_nested(98))
+    assert Certificate.from_json(cert.to_json()) == cert
+    with pytest.raises(ValueError, match=r"Certificate.measure_state\S* nests deeper than 100 levels"):
+        dataclasses.replace(_cert(), measure_state=_nested(99))
+
+
 def _nested(depth: int) -> dict:
     out: dict = {}
     for _ in range(depth):

@@ -348,6 +348,10 @@ _CORRUPTIONS = {
         lambda d: _edit_json(d / "meta.json", lambda m: m["fields"]["entropy"].update(kind=["array"])),
         r"meta.json: field 'entropy' has an invalid description",
     ),
+    "an integer of more digits than Python converts in meta.json": (  # the message lost the file's name
+        lambda d: (d / "meta.json").write_text('{"vocab_size": ' + "9" * 5000 + "}"),
+        r"meta.json is not valid JSON: Exceeds the limit",
+    ),
     "meta.json nested deeper than JSON goes": (  # was a RecursionError
         lambda d: (d / "meta.json").write_text("[" * 100_000 + "]" * 100_000),
         r"meta.json nests JSON deeper than 100 levels",

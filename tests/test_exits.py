@@ -29,7 +29,7 @@ def _reference_exit_layers(conf, lambdas, positions=None, decay=None):
         for k, lam in enumerate(lambdas):
             thr = lam
             if decay is not None:
-                thr = min(max(0.9 * lam + 0.1 * np.exp(-decay.tau * positions[t] / decay.max_len), 0.0), 1.0)
+                thr = min(max(0.9 * lam + 0.1 * np.exp(-decay.tau * float(positions[t]) / decay.max_len), 0.0), 1.0)
             out[t, k] = n_layers
             for i in range(n_layers - 1):
                 if conf[t, i] >= thr:
@@ -164,6 +164,17 @@ def test_decay_over_one_long_sequence_needs_no_table_of_thresholds_by_position()
     layers = exit_layers(conf, lambdas, positions=np.arange(n), decay=decay)
     early = np.where(layers == 3, full[:, None], np.take_along_axis(top1, layers.astype(np.intp) - 1, axis=1))
     np.testing.assert_array_equal(counts[0], (early != full[:, None]).sum(axis=0))
+
+
+def test_a_huge_integer_tau_decays_in_floats_as_decay_thresholds_does():
+    """The sweep's shift by position multiplied an int tau by int64 positions: wrapped above 2**63."""
+    conf, lambdas = np.random.default_rng(2).random((12, 4)), np.linspace(1.0, 0.0, 9)
+    positions = np.arange(12)
+    for tau in (2**62, 3 * 2**60, 4):
+        decay = Decay(max_len=2**62, tau=tau)
+        layers = _reference_exit_layers(conf, lambdas, positions, decay)
+        np.testing.assert_array_equal(exit_layers(conf, lambdas, positions=positions, decay=decay), layers)
+        np.testing.assert_allclose(average_layers(conf, lambdas, offsets=[0, 12], decay=decay), layers.mean(axis=0))
 
 
 def test_a_tiny_tau_settles_nowhere_without_overflow():

@@ -1018,7 +1018,8 @@ def _vocab_size_iv(vocab_size, name: str = "vocab_size") -> int:
     int_at_least(vocab_size, name)
     if vocab_size > _MAX_VOCAB_SIZE:
         raise ValueError(
-            f"{name} must be at most 2**31 - 1 = {_MAX_VOCAB_SIZE} (token ids are stored as int32), got {vocab_size!r:.40}"
+            f"{name} must be at most 2**31 - 1 = {_MAX_VOCAB_SIZE} (token ids are stored as int32), "
+            f"got {vocab_size!r:.40}"
         )
     return int(vocab_size)
 
@@ -1745,7 +1746,8 @@ def _commit_remote(local: Path, target: Remote) -> None:
     staged.remove(first=_META_FILE)
 
 
-def _load_json(file: Path, encoding: str):
+def _load_json(file: Path | Remote, encoding: str) -> Any:
+    """The JSON in ``file``; ValueError naming it when it is not text in ``encoding``, not JSON, or nested too deep."""
     try:
         text = file.read_text(encoding=encoding)
     except UnicodeDecodeError as exc:

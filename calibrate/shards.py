@@ -22,13 +22,13 @@ import pandas as pd
 
 from calibrate._atomic import atomic_file
 from calibrate._storage import Remote
-from calibrate._validation import parse_json
 from calibrate.cache import (
     _MAY_DIFFER,
     _array_hasher,
     _cache_checksum,
     _hash_strings,
     _hash_table,
+    _load_json,
     _meta_difference,
     _read_vocab,
     concat_caches,
@@ -240,11 +240,7 @@ def _in_shard(name: str, fn):
 
 
 def _load(file: Path | Remote) -> dict:
-    try:
-        text = file.read_text(encoding="ascii")
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{file} is not valid JSON: {exc}") from exc
-    data = parse_json(text, str(file))
+    data = _load_json(file, "ascii")
     if not isinstance(data, dict):
         raise ValueError(f"{file} must hold a JSON object")
     return data

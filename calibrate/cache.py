@@ -1542,8 +1542,8 @@ def _replaceable(target: Path | Remote) -> bool:
     if _META_FILE not in names or not names <= {_META_FILE, _TABLE_FILE, _VOCAB_FILE, _ARRAY_DIR}:
         return False
     try:
-        meta = parse_json((target / _META_FILE).read_text(encoding="utf-8"), str(target / _META_FILE))
-    except (OSError, ValueError, UnicodeDecodeError):
+        meta = _load_json(target / _META_FILE, "utf-8")
+    except (OSError, ValueError):  # _load_json turns a UnicodeDecodeError into a ValueError
         return True  # our file names, a meta.json cut short (a crash while it was written): a cache
     return isinstance(meta, dict) and meta.get("library") == "calm-calibrate"
 

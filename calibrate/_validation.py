@@ -50,10 +50,19 @@ def open_interval(value, name: str, *, upper: float = 1.0, upper_name: str = "1"
     """``value`` as a float in ``(0, upper)``; TypeError for a non-number, ValueError outside."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number in the open interval (0, {upper_name}), got {type(value).__name__}")
-    value = to_float(value)
-    if not 0.0 < value < upper:
-        raise ValueError(f"{name} must lie in the open interval (0, {upper_name}), got {value!r}")
-    return value
+    number = to_float(value)
+    if not 0.0 < number < upper:
+        shown = repr(number) if math.isfinite(number) else shown_int(value)
+        raise ValueError(f"{name} must lie in the open interval (0, {upper_name}), got {shown}")
+    return number
+
+
+def shown_int(value: Any) -> str:
+    """``repr(value)`` cut to 40 characters, for messages (an int too long for Python to print by its length)."""
+    try:
+        return f"{value!r:.40}"
+    except ValueError:  # more digits than sys.get_int_max_str_digits()
+        return f"an int of {value.bit_length()} bits"
 
 
 def bounded_array(
@@ -122,7 +131,7 @@ def finite_positive(value, name: str) -> float:
     """``value`` as a float, finite and ``> 0``; ValueError naming ``name`` otherwise (bools included)."""
     ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(to_float(value))
     if not (ok and value > 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        raise ValueError(f"{name} must be a finite number > 0, got {shown_int(value)}")
     return float(value)
 
 

@@ -15,12 +15,13 @@ on the calibration data makes the calibration losses optimistic and voids the ri
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from scipy.special import expit
-from sklearn.exceptions import NotFittedError
-from sklearn.linear_model import LogisticRegression
+
+if TYPE_CHECKING:
+    from sklearn.linear_model import LogisticRegression
 
 from measures.confidence import _topk_logprobs_iv, _topk_measures, _vocab_size_iv, state_saturation
 
@@ -332,6 +333,8 @@ class ExitClassifier:
         n_tokens, n_layers = labels.shape
         if n_tokens == 0:
             raise ValueError("cache must contain at least one token to fit the classifier, got 0")
+        from sklearn.linear_model import LogisticRegression  # scikit-learn loads when a classifier is trained
+
         layers: list[_LayerModel] = []
         estimators: list[LogisticRegression | None] = []
         n_features = None
@@ -387,6 +390,8 @@ class ExitClassifier:
 
     def _check_fitted(self) -> None:
         if self._layers is None:
+            from sklearn.exceptions import NotFittedError
+
             raise NotFittedError(
                 "this ExitClassifier is not fitted yet: call fit(cache) or ExitClassifier.from_dict(state)"
             )

@@ -27,9 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from scipy.optimize import minimize
 from scipy.special import expit, log_softmax, softmax
-from sklearn.exceptions import ConvergenceWarning, NotFittedError
 
 from measures.classifier import _cache_iv, _layer_features, _standardize
 from measures.confidence import state_saturation
@@ -135,6 +133,9 @@ def _fit_linear(
             grad_logits = grad_logits[:, 1:]
         grad = np.concatenate([(z.T @ grad_logits + coef / C).ravel(), grad_logits.sum(axis=0)])
         return loss / total, grad / total  # scaled by the total weight: same optimum, better conditioned
+
+    from scipy.optimize import minimize  # loaded when a head is trained, as scikit-learn is
+    from sklearn.exceptions import ConvergenceWarning
 
     result = minimize(objective, np.zeros(p * m + m), jac=True, method="L-BFGS-B", options={"maxiter": max_iter})
     if result.nit >= max_iter:
@@ -449,6 +450,8 @@ class HaltingHead:
 
     def _check_fitted(self) -> None:
         if self._models is None:
+            from sklearn.exceptions import NotFittedError
+
             raise NotFittedError("this HaltingHead is not fitted yet: call fit(cache) or HaltingHead.from_dict(state)")
 
     # -- prediction ----------------------------------------------------------------------------------

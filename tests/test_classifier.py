@@ -1,6 +1,8 @@
 """The learned exit classifier and the agreement labels."""
 
 import json
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -407,3 +409,12 @@ def test_agreement_is_with_the_full_models_token_not_the_last_layers_top1():
     ids = np.array([[[7], [5], [5]], [[2], [2], [2]]])
     cache = LayerCache.from_arrays(full_tokens=[7, 2], topk_ids=ids, lengths=[2], vocab_size=10)
     np.testing.assert_array_equal(agreement(cache), [[True, False, False], [True, True, True]])
+
+
+def test_scikit_learn_loads_when_a_measure_is_trained_not_on_import():
+    """Importing scikit-learn took about a fifth of ``import calibrate`` (and of every command line call)."""
+    code = (
+        "import sys, calibrate, measures; assert 'sklearn' not in sys.modules, 'imported';"
+        "measures.ExitClassifier().fit(calibrate.synthetic_cache(20, seed=0)); assert 'sklearn' in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

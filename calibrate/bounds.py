@@ -27,7 +27,8 @@ loss table ``(n, K)`` and dispatches by name through :data:`P_VALUES`.
 from __future__ import annotations
 
 import numbers
-from typing import Callable
+from types import MappingProxyType
+from typing import Callable, Mapping
 
 import numpy as np
 from scipy import special, stats
@@ -313,7 +314,7 @@ def bentkus(mean_loss, n: int, tolerance: float):
     Bentkus (2004) shows ``P(S_n <= s) <= e P(Binomial(n, mu) <= ceil(s))`` for a sum ``S_n`` of ``n``
     independent ``[0, 1]`` variables with mean ``mu``. The count is the ceiling of the *sum* of the
     losses ``n * mean_loss``; to keep float error from adding one (``100 * 0.07`` is
-    ``7.000000000000001``), the ceiling is taken of ``count - (18 + log2(n)) * eps * max(1, count)`` (``eps`` =
+    ``7.000000000000001``), the ceiling is taken of ``count - (18 + n.bit_length()) * eps * max(1, count)`` (``eps`` =
     2**-52; a bound on the rounding error of a mean computed as :func:`numpy.mean` does). This lowers the
     count only when the sum exceeds an integer by less than that float error; a mean summed less accurately
     may count one failure more (a larger p-value). :func:`p_values` takes the sum of the losses directly,
@@ -529,18 +530,18 @@ def wsr(losses, tolerance: float, *, epsilon: float = 0.05):
 # ---------------------------------------------------------------------------------------------------
 
 #: p-value functions by name. All but ``"wsr"`` take ``(mean_loss, n, tolerance)``; ``"wsr"`` takes the
-#: raw losses ``(losses, tolerance, *, epsilon)``. :func:`p_values` hides the difference.
-P_VALUES: dict[str, Callable] = {
+#: raw losses ``(losses, tolerance, *, epsilon)``. :func:`p_values` hides the difference. Read-only: a
+#: certificate names its bound, which every process must be able to recompute.
+P_VALUES: Mapping[str, Callable] = MappingProxyType({
     "hoeffding": hoeffding,
     "hoeffding_kl": hoeffding_kl,
     "bentkus": bentkus,
     "hoeffding_bentkus": hoeffding_bentkus,
     "binomial": binomial,
     "wsr": wsr,
-}
+})
 _ON_RAW_LOSSES = frozenset({"wsr"})
-#: The built-in bounds of the mean loss, as registered before any user entry: what :func:`p_values` computes for
-#: these names (whatever ``P_VALUES`` holds later), so a stored risk's p-value can be recomputed with them.
+#: The bounds of the mean loss, by name, with which a stored risk's p-value is recomputed.
 _MEAN_BASED: dict[str, Callable] = {name: f for name, f in P_VALUES.items() if name not in _ON_RAW_LOSSES}
 #: The p-value used where none is named: the smaller of Hoeffding's and Bentkus' (CALM's choice).
 DEFAULT_BOUND = "hoeffding_bentkus"
@@ -631,8 +632,6 @@ def p_values(losses, tolerance: float, bound: str = DEFAULT_BOUND, *, epsilon: f
         p = _bentkus_core(total, n, a, terms=_COMPENSATED)
     elif bound == "hoeffding_bentkus":
         p = np.minimum(_hoeffding_kl_core(mean, n, a), _bentkus_core(total, n, a, terms=_COMPENSATED))
-    elif bound == "binomial":  # losses checked to be 0/1, so the sum is an exact integer
+    else:  # binomial: losses checked to be 0/1, so the sum is an exact integer
         p = stats.binom.cdf(np.rint(total), n, a)
-    else:  # a function registered by the user in P_VALUES, called on the column means
-        p = P_VALUES[bound](mean, n, a)
     return np.clip(np.asarray(p, dtype=np.float64).reshape(arr.shape[1]), 0.0, 1.0)

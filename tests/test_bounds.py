@@ -445,6 +445,8 @@ def test_p_values_rejects_bad_bound_and_tolerance():
     for big, shown in [(10**400, "1" + "0" * 39), (10**5000, "an int of 16610 bits"), (1.5, "1.5")]:
         with pytest.raises(ValueError, match=rf"tolerance must lie in the open interval \(0, 1\), got {shown}$"):
             bounds.p_values(losses, big)  # an int beyond the float range was reported as "got inf"
+    with pytest.raises(TypeError, match="does not support item assignment"):  # a certificate names its bound,
+        bounds.P_VALUES["mine"] = bounds.hoeffding  # which another process could not recompute
     for bound in ("hoeffding", "wsr"):  # epsilon is checked whatever the bound (only wsr reads it)
         with pytest.raises(ValueError, match="epsilon must lie in the open interval"):
             bounds.p_values(losses, 0.1, bound=bound, epsilon=1.5)

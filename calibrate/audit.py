@@ -572,8 +572,8 @@ def validity(
     Notes
     -----
     Proxy losses are per sequence, so the loss table is computed once and every trial only permutes its
-    rows. For ``measure="classifier"`` the classifier is trained once on a seeded split that is kept out
-    of every trial. The test risk is itself an estimate, so the violation rate is a noisy check.
+    rows. A learned measure (the classifier or a halting head) is trained once on a seeded split that is
+    kept out of every trial. The test risk is itself an estimate, so the violation rate is a noisy check.
 
     Examples
     --------

@@ -17,6 +17,7 @@ import numpy as np
 from calibrate._atomic import atomic_file
 from calibrate._format import level
 from calibrate._validation import JSON_DEPTH, caller_stacklevel, int_at_least, open_interval, parse_json, to_float
+from calibrate.crc import NO_GUARANTEE
 from measures.learned import plain_state as _plain
 
 __all__ = ["Certificate", "MODES", "KNOBS"]
@@ -290,7 +291,8 @@ class Certificate:
 
     Notes
     -----
-    Every field is checked on construction (a ValueError or, for a wrong type, a TypeError names the field).
+    Every field is checked on construction: a ValueError names the field (a TypeError, for a ``delta`` or
+    ``epsilon`` that is not a number or a count that is not an int).
     ``decay``, ``measure_state`` and ``heads`` are held as read-only copies (mappings, nested lists as tuples) of
     JSON data, so a certificate's equality and hash never change; :meth:`to_dict` gives them back as plain dicts
     and lists.
@@ -467,7 +469,7 @@ class Certificate:
     @property
     def guarantee(self) -> str:
         """The guarantee in words, with its assumptions."""
-        if self.method == "crc" and "carries no guarantee" in self.reason:  # crc.non_monotone_reason
+        if self.method == "crc" and NO_GUARANTEE in self.reason:
             core = "none: conformal risk control needs monotone losses and these are not (see the note)"
         elif self.method == "crc":
             core = (

@@ -35,6 +35,10 @@ def _conformal_risk_control_iv(losses, delta, max_loss) -> tuple[np.ndarray, flo
     return arr, delta, max_loss
 
 
+#: The words that end :func:`non_monotone_reason`'s note (a certificate's ``guarantee`` looks for them).
+NO_GUARANTEE = "the returned index carries no guarantee"
+
+
 def non_monotone_reason(losses: np.ndarray) -> str:
     """Why CRC's guarantee fails for these ``(n, K)`` losses (``""`` when every row is nondecreasing)."""
     n_bad = int((np.diff(losses, axis=1) < -_MONOTONE_ATOL).any(axis=1).sum())
@@ -43,7 +47,7 @@ def non_monotone_reason(losses: np.ndarray) -> str:
     return (
         f"conformal risk control's guarantee E[risk] <= delta needs monotone losses: every example's loss must be "
         f"nondecreasing from the safest column to the fastest, but {n_bad} of {losses.shape[0]} examples are not; "
-        "the returned index carries no guarantee"
+        f"{NO_GUARANTEE}"
     )
 
 

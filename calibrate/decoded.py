@@ -32,7 +32,7 @@ from calibrate.audit import AuditReport, _held_out_report
 from calibrate.bounds import p_values
 from calibrate.cache import LayerCache
 from calibrate.certificate import Certificate, _audit_budget
-from calibrate.exits import Decay, _lambdas_iv, with_decay_headroom
+from calibrate.exits import Decay, _grid, _lambdas_iv
 from calibrate.extraction import _context_iv, _pad
 from calibrate.fit import _bound_iv, _decay_iv, _too_few_reason, certify
 from calibrate.fwer import FixedSequence
@@ -74,9 +74,7 @@ def decoded_lambdas(*, decay: bool = False) -> np.ndarray:
     >>> np.round(decoded_lambdas(decay=True)[:4], 4)   # headroom above 1 for the decaying threshold
     array([1.1111, 1.0741, 1.037 , 1.    ])
     """
-    grid = np.concatenate([np.linspace(0.0, 1.0, 11).round(1), 1.0 - np.logspace(-4.0, -1.5, 6)])
-    grid = np.unique(grid)[::-1].copy()
-    return with_decay_headroom(grid, 3) if decay else grid
+    return _grid(11, 1, np.logspace(-4.0, -1.5, 6), headroom=3 if decay else 0)
 
 
 # --------------------------------------------------------------------------------------------------

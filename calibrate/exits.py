@@ -131,9 +131,15 @@ def default_lambdas(*, decay: bool = False) -> np.ndarray:
     >>> default_lambdas(decay=True).size
     212
     """
-    grid = np.concatenate([np.linspace(0.0, 1.0, 101).round(2), 1.0 - np.logspace(-4, -2, 101)[:-1]])  # 0.94, not 0.9400000000000001
-    grid = np.unique(grid)[::-1].copy()
-    return with_decay_headroom(grid, 11) if decay else grid
+    return _grid(101, 2, np.logspace(-4, -2, 101)[:-1], headroom=11 if decay else 0)
+
+
+def _grid(n_even: int, digits: int, gaps: np.ndarray, *, headroom: int = 0) -> np.ndarray:
+    """A default grid, safest first: ``n_even`` evenly spaced values in ``[0, 1]`` rounded to ``digits`` decimals
+    (0.94, not 0.9400000000000001), ``1 - gaps`` (values near 1), and ``headroom`` values above 1 before them
+    (:func:`with_decay_headroom`)."""
+    grid = np.concatenate([np.linspace(0.0, 1.0, n_even).round(digits), 1.0 - gaps])
+    return with_decay_headroom(np.unique(grid)[::-1].copy(), headroom)
 
 
 def with_decay_headroom(grid, n: int) -> np.ndarray:

@@ -25,7 +25,7 @@ from calibrate.losses import _TOKEN_LEVEL, LossTable, _consistency_iv, _text_iv,
 
 __all__ = ["METHODS", "TRAIN_FRACTION", "certify", "fit"]
 
-METHODS = ("fixed_sequence", "bonferroni", "holm", "multistart", "crc")
+METHODS = (*_fwer.FWER_METHODS, "crc")
 #: Default share of sequences that trains a learned measure (never used for calibration).
 TRAIN_FRACTION = 0.3
 
@@ -421,20 +421,33 @@ def _chunked_table(
     rebuild it from its JSON state and compute the calibration sequences' losses per partition.
     """
     from calibrate.chunked import _client_iv
-    from measures.learned import LEARNED_MEASURES, train_measure
 
     _measure_iv(measure, cache._array_specs())
     seed_iv(seed)
     _client_iv(client)  # before a learned measure's training
-    if measure in LEARNED_MEASURES and consistency not in _TOKEN_LEVEL:  # else loss_table checks first
-        _text_iv(cache._vocab(), cache._table, consistency, decode)
-    train, rows = _calibration_split(cache, measure, train_fraction, seed, train_cache)
+    learned, rows, n_train = _learned_measure(
+        cache, cache._vocab, measure, consistency, decode, train_fraction, seed, train_cache, measure_options
+    )
     run = dict(client=client, decode=decode, progress=progress)
-    if train is None:
+    if learned is None:
         return cache.loss_table(measure, consistency, lambdas, decay, **run), _topk_state(cache, measure), 0
-    state = train_measure(measure, train, seed=int(seed), options=measure_options).to_dict()
+    state = learned.to_dict()
     table = cache.loss_table(measure, consistency, lambdas, decay, measure_state=state, sequences=rows, **run)
-    return table, state, train.n_sequences
+    return table, state, n_train
+
+
+def _learned_measure(cache, vocab, measure, consistency, decode, train_fraction, seed, train_cache, options):
+    """``(trained measure, rows, training sequences)`` for a learned ``measure``, trained on ``train_cache`` or a
+    seeded split of ``cache`` (``rows``: its calibration sequences, as :func:`_calibration_split`); ``(None, None,
+    0)`` for any other. Text losses are checked first (``vocab``: a callable giving the cache's vocab)."""
+    from measures.learned import LEARNED_MEASURES, train_measure
+
+    if measure in LEARNED_MEASURES and consistency not in _TOKEN_LEVEL:  # before it trains; else the losses check
+        _text_iv(vocab(), cache._table, consistency, decode)
+    train, rows = _calibration_split(cache, measure, train_fraction, seed, train_cache)
+    if train is None:
+        return None, None, 0
+    return train_measure(measure, train, seed=int(seed), options=options), rows, train.n_sequences
 
 
 def _topk_state(cache, measure: str) -> dict | None:
@@ -581,9 +594,12 @@ def fit(
 
     Notes
     -----
-    Guarantee: ``P(risk(lambda_hat) <= delta) >= 1 - epsilon`` over draws of the calibration sequences,
-    for sequences exchangeable with those seen at deployment, where the risk is the expected proxy loss
-    (proxy mode) or the expected loss of the runtime's own outputs (decoded mode).
+    Guarantee, with a method that controls the family-wise error rate: ``P(risk(lambda_hat) <= delta) >= 1 -
+    epsilon`` over draws of the calibration sequences, for sequences exchangeable with those seen at deployment,
+    where the risk is the expected proxy loss (proxy mode) or the expected loss of the runtime's own outputs
+    (decoded mode); with ``method="crc"`` only ``E[risk(lambda_hat)] <= delta``. It assumes the grid and its
+    order were fixed before seeing ``cache``: reusing these sequences to choose the grid, the measure or the
+    consistency voids it (:func:`certify` has the details).
 
     Examples
     --------
@@ -748,21 +764,19 @@ def _proxy_table(
     other sequences.
     """
     from measures.confidence import confidence
-    from measures.learned import LEARNED_MEASURES, train_measure
 
     _measure_iv(measure, cache.arrays)
     seed_iv(seed)
-    if measure in LEARNED_MEASURES:  # checked before it trains; else proxy_losses checks first
-        _text_iv(cache.vocab, cache.sequences, consistency, decode)
     decay = _decay_iv(decay, cache)
     lam = default_lambdas(decay=decay is not None) if lambdas is None else lambdas
-    measure_state, n_train = None, 0
-    train, rows = _calibration_split(cache, measure, train_fraction, seed, train_cache)
+    measure_state = None
+    learned, rows, n_train = _learned_measure(
+        cache, lambda: cache.vocab, measure, consistency, decode, train_fraction, seed, train_cache, measure_options
+    )
     cache = cache if rows is None else cache.subset(rows)
-    if train is not None:
-        learned = train_measure(measure, train, seed=int(seed), options=measure_options)
+    if learned is not None:
         conf = learned.predict_confidence(cache)
-        measure_state, n_train = learned.to_dict(), train.n_sequences
+        measure_state = learned.to_dict()
     elif cache.has(measure):  # stored: float32 (n_tokens, n_layers), checked finite when the cache was built
         conf = cache.arrays[measure]
     else:

@@ -72,41 +72,44 @@ def _holm_iv(p_values, epsilon):
     return _p_epsilon_iv(p_values, epsilon)
 
 
-def _starts_type_iv(starts) -> None:
-    """TypeError unless ``starts`` is an int or a sequence (or array) of indices."""
+def _starts_spec_iv(starts) -> int | np.ndarray:
+    """``starts`` as a number of starts (an int >= 1) or distinct int indices (a non-empty 1-D array), before the
+    number of hypotheses is known; TypeError for another type, ValueError for a bad value."""
     if isinstance(starts, (bool, str, bytes)) or not isinstance(starts, (numbers.Integral, Sequence, np.ndarray)):
         raise TypeError(
             "starts must be an int (number of equally spaced starts) or a sequence of int indices, "
             f"got {type(starts).__name__}"
         )
+    if isinstance(starts, numbers.Integral):
+        if int(starts) < 1:
+            raise ValueError(f"starts, as a number of starts, must be >= 1, got {int(starts)}")
+        return int(starts)
+    try:
+        arr = np.asarray(starts)
+    except ValueError:  # ragged nesting
+        arr = np.empty((0, 0))
+    if arr.ndim != 1 or arr.size == 0:
+        shape = "a ragged sequence" if arr.shape == (0, 0) and len(starts) else f"shape {arr.shape}"
+        raise ValueError(f"starts must be a non-empty 1-D sequence of indices, got {shape}")
+    if not (np.issubdtype(arr.dtype, np.integer)):
+        raise TypeError(f"starts must contain integer indices, got dtype {arr.dtype}")
+    if np.unique(arr).size != arr.size:
+        raise ValueError(f"starts must be distinct indices (each start spends epsilon / m), got {arr.tolist()}")
+    return arr.astype(np.int64)
 
 
 def _starts_iv(starts, n_hypotheses: int) -> np.ndarray:
     """Normalise ``starts`` (an int count or a sequence of indices) to sorted unique indices."""
-    _starts_type_iv(starts)
-    if isinstance(starts, numbers.Integral):
-        m = int(starts)
-        if m < 1:
-            raise ValueError(f"starts, as a number of starts, must be >= 1, got {m}")
-        m = min(m, n_hypotheses)
+    arr = _starts_spec_iv(starts)
+    if isinstance(arr, int):
+        m = min(arr, n_hypotheses)
         # equally spaced as MAPIE's FWERFixedSequenceTesting(n_starts=m): i * (K // m)
         return np.arange(m, dtype=np.int64) * (n_hypotheses // m)
-    try:
-        arr = np.asarray(starts)
-    except Exception as exc:  # pragma: no cover - exotic inputs
-        raise TypeError(f"starts must be an int or a sequence of int indices, got {type(starts).__name__}") from exc
-    if arr.ndim != 1 or arr.size == 0:
-        raise ValueError(f"starts must be a non-empty 1-D sequence of indices, got shape {arr.shape}")
-    if not (np.issubdtype(arr.dtype, np.integer)):
-        raise TypeError(f"starts must contain integer indices, got dtype {arr.dtype}")
-    arr = arr.astype(np.int64)
     if arr.min() < 0 or arr.max() >= n_hypotheses:
         raise ValueError(
             f"starts must be indices in [0, {n_hypotheses - 1}] (one per hypothesis), got "
             f"[{arr.min()}, {arr.max()}]"
         )
-    if np.unique(arr).size != arr.size:
-        raise ValueError(f"starts must be distinct indices (each start spends epsilon / m), got {arr.tolist()}")
     return np.sort(arr)
 
 
@@ -430,16 +433,8 @@ class MultiStart(FWERProcedure):
     name = "multistart"
 
     def __init__(self, starts: int | Sequence[int] = DEFAULT_N_STARTS):
-        _starts_type_iv(starts)
-        if isinstance(starts, numbers.Integral):
-            if int(starts) < 1:
-                raise ValueError(f"starts, as a number of starts, must be >= 1, got {int(starts)}")
-            self.starts: int | tuple[int, ...] = int(starts)
-        else:
-            arr = np.asarray(starts)
-            if arr.ndim != 1 or arr.size == 0 or not np.issubdtype(arr.dtype, np.integer):
-                raise TypeError(f"starts must be a non-empty sequence of integer indices, got {starts!r}")
-            self.starts = tuple(int(v) for v in arr)
+        spec = _starts_spec_iv(starts)
+        self.starts: int | tuple[int, ...] = spec if isinstance(spec, int) else tuple(int(v) for v in spec)
 
     def reject(self, p_values, epsilon):
         return multistart(p_values, epsilon, starts=self.starts if isinstance(self.starts, int) else list(self.starts))

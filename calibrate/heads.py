@@ -343,15 +343,15 @@ class ExitHeads(nn.Module):
 
         Notes
         -----
-        ============  ===============================  ==============  ==========================
-        model type    final norm                       head            extra
-        ============  ===============================  ==============  ==========================
-        gpt2          ``transformer.ln_f``             ``lm_head``
-        llama, qwen2  ``model.norm``                   ``lm_head``
-        t5            ``decoder.final_layer_norm``     ``lm_head``     ``* d_model**-0.5`` if tied
-        bart, mbart   ``model.decoder.layer_norm``     ``lm_head``     ``+ final_logits_bias``
-                      (mBART only; BART has none)
-        ============  ===============================  ==============  ==========================
+        ============================  ===============================  ==============  ==========================
+        model type                    final norm                       head            extra
+        ============================  ===============================  ==============  ==========================
+        gpt2                          ``transformer.ln_f``             ``lm_head``
+        llama, mistral, qwen2, qwen3  ``model.norm``                   ``lm_head``
+        t5                            ``decoder.final_layer_norm``     ``lm_head``     ``* d_model**-0.5`` if tied
+        bart, mbart                   ``model.decoder.layer_norm``     ``lm_head``     ``+ final_logits_bias``
+                                                                                       (mBART only; BART has none)
+        ============================  ===============================  ==============  ==========================
         """
         model_type, arch = _arch_iv(model)
         config = model.config
@@ -396,6 +396,8 @@ class ExitHeads(nn.Module):
         return self.adapter_weight is not None
 
     def _adapt(self, hidden: torch.Tensor, layer: int | None) -> torch.Tensor:
+        """Layer ``layer``'s adapter in front of the shared norm + head (identity without adapters and for the
+        last layer); ``layer=None``: every layer's, ``hidden`` of shape ``(..., L, d)``."""
         if self.adapter_weight is None:
             return hidden
         if layer is not None:

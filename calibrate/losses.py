@@ -219,7 +219,7 @@ def proxy_losses(
     cache : LayerCache
         Calibration cache (one example per sequence).
     conf : array_like, shape (n_tokens, n_layers)
-        Confidence of each layer for each cached token (see :func:`measures.confidence`).
+        Confidence of each layer for each cached token (see :func:`measures.confidence.confidence`).
     lambdas : array_like, shape (n_lambdas,)
         Thresholds, strictly decreasing (safest first).
     consistency : str, default="token"

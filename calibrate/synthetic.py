@@ -34,7 +34,6 @@ _KAPPA = 8.0  # slope of the mean margin in depth
 _SIGMA = 1.5  # scale of the margin noise at layer 1 (shrinks as sqrt(1 - i/L))
 _RHO = 0.7  # layer-to-layer correlation of the margin noise
 _SEQ_SHIFT = 0.5  # sd of the per-sequence shift of the resolution depth (logit scale)
-_P_MAIN_DISTRACTOR = 0.75  # chance that a wrong top-1 is the token's main distractor
 _P_SUBSTITUTE, _P_DELETE = 0.08, 0.04  # reference edits per token
 
 

@@ -60,25 +60,10 @@ _MAX_CODEPOINT = 0x10FFFF
 _BLEU_MAX_ORDER = 4
 
 
-def _import(module: str, package: str) -> Any:
-    """Import an optional dependency, failing with an install hint."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:  # pragma: no cover - both are declared dependencies
-        raise ImportError(
-            f"this text metric needs the package '{package}'; install it with "
-            f"`pip install {package}`"
-        ) from exc
-
-
 def _lcs_similarity() -> Any:
-    """rapidfuzz's LCS length, ``similarity(a, b) -> int`` on str or hashable sequences."""
-    return _import("rapidfuzz.distance.LCSseq", "rapidfuzz").similarity
-
-
-def _lcs_length(a: str | tuple[int, ...], b: str | tuple[int, ...], similarity: Any) -> int:
-    """Length of the longest common subsequence of two sequences encoded together by :func:`_encode_ids`."""
-    return int(similarity(a, b))
+    """rapidfuzz's LCS length, ``similarity(a, b) -> int`` on str or hashable sequences (imported when first
+    needed: it and sacrebleu are dependencies, loaded only by the text metrics)."""
+    return importlib.import_module("rapidfuzz.distance.LCSseq").similarity
 
 
 def _lcs_f1(lcs: int, n_prediction: int, n_reference: int) -> float:
@@ -141,8 +126,8 @@ class _Bleu:
     """sacrebleu sentence BLEU (13a tokenizer, exp smoothing, effective order) / 100."""
 
     def __init__(self) -> None:
-        sacrebleu_bleu = _import("sacrebleu.metrics.bleu", "sacrebleu")
-        helpers = _import("sacrebleu.metrics.helpers", "sacrebleu")
+        sacrebleu_bleu = importlib.import_module("sacrebleu.metrics.bleu")
+        helpers = importlib.import_module("sacrebleu.metrics.helpers")
         # The same settings as sacrebleu.sentence_bleu(..., use_effective_order=True).
         self._metric = sacrebleu_bleu.BLEU(effective_order=True)
         self._ngrams = helpers.extract_all_word_ngrams
@@ -649,7 +634,7 @@ def lcs_f1_ids(a_ids: Sequence[int] | np.ndarray, b_ids: Sequence[int] | np.ndar
     if a.size == 0 or b.size == 0:
         return 0.0
     a_enc, b_enc = _encode_ids([a, b])
-    return _lcs_f1(_lcs_length(a_enc, b_enc, _lcs_similarity()), a.size, b.size)
+    return _lcs_f1(int(_lcs_similarity()(a_enc, b_enc)), a.size, b.size)
 
 
 def rouge_l_ids(
@@ -691,7 +676,7 @@ def rouge_l_ids(
     encoded = _encode_ids([*preds, *refs])  # together: equal ids get equal symbols on both sides
     for k, (a, b) in enumerate(zip(encoded[: len(preds)], encoded[len(preds) :])):
         if a and b:
-            out[k] = _lcs_f1(_lcs_length(a, b, similarity), len(a), len(b))
+            out[k] = _lcs_f1(int(similarity(a, b)), len(a), len(b))
     return out
 
 

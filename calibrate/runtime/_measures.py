@@ -35,6 +35,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from measures.confidence import _SOFTMAX_MEASURES
+
 __all__ = ["RUNTIME_MEASURES", "RuntimeMeasure", "build_measure"]
 
 #: Measures the runtime can evaluate (names as in ``Certificate.measure``).
@@ -48,7 +50,6 @@ RUNTIME_MEASURES: tuple[str, ...] = (
     "softmax_max",
     "entropy",
 )
-_SOFTMAX = ("softmax_gap", "softmax_max", "entropy")
 
 
 def _saturation(h: torch.Tensor, prev: torch.Tensor, layer: int) -> torch.Tensor:
@@ -309,7 +310,7 @@ def build_measure(
     """
     if name == "state_saturation":
         return _Saturation()
-    if name in _SOFTMAX:
+    if name in _SOFTMAX_MEASURES:
         return _Softmax(name, vocab_size)
     if name in RUNTIME_MEASURES:
         return _learned(name, state, n_layers, hidden_size, device)

@@ -38,8 +38,8 @@ from calibrate.exits import Decay
 from calibrate.heads import ExitHeads, context_positions, decoder_layers
 from calibrate.models import eval_mode, in_training
 from calibrate.runtime._layers import KVCache, LayerAdapter, Step, adapter_for, additive_mask
-from calibrate.runtime._measures import _SOFTMAX, RUNTIME_MEASURES, RuntimeMeasure, build_measure
-from measures.confidence import _source
+from calibrate.runtime._measures import RUNTIME_MEASURES, RuntimeMeasure, build_measure
+from measures.confidence import _SOFTMAX_MEASURES, _source
 
 if TYPE_CHECKING:
     from transformers import LogitsProcessorList
@@ -65,7 +65,7 @@ class EarlyExitConfig:
     lambda_hat : float or None
         Certified threshold; None runs the full model (no certificate, or "full model only").
     measure : str or None
-        Confidence measure (one of :data:`~calibrate.runtime._measures.RUNTIME_MEASURES`), None for the
+        Confidence measure (one of :data:`~calibrate.runtime.RUNTIME_MEASURES`), None for the
         full model or a fixed exit layer.
     decay : Decay or None
         Decaying threshold as certified (``lambda_t = clip(0.9 lambda + 0.1 exp(-tau t / N), 0, 1)``).
@@ -186,7 +186,7 @@ def generate(
     Parameters
     ----------
     model : transformers.PreTrainedModel
-        A model with its LM head (:data:`~calibrate.runtime._layers.RUNTIME_ARCHITECTURES`): decoder-only
+        A model with its LM head (:data:`~calibrate.runtime.RUNTIME_ARCHITECTURES`): decoder-only
         GPT-2, Llama, Mistral, Qwen2 or Qwen3, or encoder-decoder T5, BART or mBART; used in eval mode, not
         modified.
     input_ids : torch.LongTensor, shape (batch, prompt_length)
@@ -569,7 +569,7 @@ def _runtime_measure_iv(certificate: Certificate) -> None:
         raise ValueError(
             f"certificate.measure must be one of {RUNTIME_MEASURES} for the runtime, got {certificate.measure!r}"
         )
-    from_topk = (certificate.measure_state or {}).get("from_topk") if certificate.measure in _SOFTMAX else None
+    from_topk = (certificate.measure_state or {}).get("from_topk") if certificate.measure in _SOFTMAX_MEASURES else None
     if from_topk is not None:
         raise ValueError(
             f"the certificate's {certificate.measure!r} confidence is {_source(from_topk)}; the runtime computes "
@@ -828,13 +828,6 @@ def _generate_iv(
 # --------------------------------------------------------------------------------------------------
 
 
-def _adapt(heads: ExitHeads, h: torch.Tensor, layer: int) -> torch.Tensor:
-    """Layer ``layer``'s adapter in front of the shared norm + head (identity without adapters)."""
-    if heads.adapter_weight is None or layer == heads.n_layers - 1:
-        return h
-    return h @ heads.adapter_weight[layer].T + heads.adapter_bias[layer]
-
-
 def _take(pos_data, index: torch.Tensor):
     """Rows ``index`` of the per-step position data (RoPE cos/sin, T5's bias), or None."""
     return None if pos_data is None else tuple(x[index] for x in pos_data)
@@ -870,7 +863,7 @@ class _Exits:
     def record(self, run: _Run, i: int, rows: torch.Tensor, h: torch.Tensor) -> None:
         """Rows ``rows`` (local indices) exit at layer ``i`` with states ``h`` ``(m, d)``."""
         self.layer[rows] = i + 1
-        self.state[rows] = _adapt(run.heads, h, i)
+        self.state[rows] = run.heads._adapt(h, i)
         if self.logits is not None and run.config.exit_layer is None:
             self.logits[rows] = self._pending_logits
 
@@ -1005,8 +998,7 @@ def _decode(
             active = local[~passed]
 
         # 9. Logits of every unfinished row: exited rows through their exit layer, the rest through layer L.
-        rest = active if active is not None else None
-        logits = exits.emit(run, rest, h[:, -1] if rest is None else h[rest, -1])  # (n, V)
+        logits = exits.emit(run, active, h[:, -1] if active is None else h[active, -1])  # (n, V)
         layer_of = exits.layer
 
     n_steps = t

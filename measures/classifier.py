@@ -31,6 +31,7 @@ _FORMAT = "calm-calibrate.ExitClassifier"
 _FORMAT_VERSION = 1
 _FEATURES = ("auto", "hidden", "topk")
 _TOPK_SCALARS = ("softmax_gap", "softmax_max", "entropy")
+_FLOAT_MAX = float(np.finfo(np.float64).max)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -556,11 +557,18 @@ def _from_dict_iv(state: Any) -> tuple[list[_LayerModel], dict[str, Any], dict[s
         raise ValueError(f"state['n_layers'] and state['n_features'] must be >= 1, got {n_layers} and {n_features}")
     top_k = state.get("top_k")
     vocab_size = state.get("vocab_size")
-    if features == "topk" and (not isinstance(top_k, int) or not isinstance(vocab_size, int)):
-        raise ValueError(
-            "state['top_k'] and state['vocab_size'] must be ints for features='topk', "
-            f"got {top_k!r}, {vocab_size!r}"
-        )
+    if features == "topk":
+        ints = all(isinstance(v, int) and not isinstance(v, bool) for v in (top_k, vocab_size))
+        if not (ints and 1 <= top_k <= vocab_size and vocab_size >= 2):
+            raise ValueError(
+                "state['top_k'] and state['vocab_size'] must be ints with 1 <= top_k <= vocab_size and vocab_size >= "
+                f"2 for features='topk', got {top_k!r:.40}, {vocab_size!r:.40}"
+            )
+        if n_features != top_k + len(_TOPK_SCALARS):  # the log-probs, then one column per scalar measure
+            raise ValueError(
+                f"state['n_features'] must be top_k + {len(_TOPK_SCALARS)} = {top_k + len(_TOPK_SCALARS)} for "
+                f"features='topk' (the top-k log-probs and {', '.join(_TOPK_SCALARS)}), got {n_features}"
+            )
     raw_layers = need(state, "layers", (list,))
     if len(raw_layers) != n_layers - 1:
         raise ValueError(f"state['layers'] must hold n_layers - 1 = {n_layers - 1} entries, got {len(raw_layers)}")
@@ -584,16 +592,16 @@ def _from_dict_iv(state: Any) -> tuple[list[_LayerModel], dict[str, Any], dict[s
             value = need(entry, key, (list,), where)
             try:
                 arr = np.asarray(value, dtype=np.float64)
-            except (TypeError, ValueError):
-                arr = np.full(len(value), np.nan)  # not numbers: refused below, naming the key
+            except (TypeError, ValueError, OverflowError):  # not numbers, or beyond the float range
+                arr = np.full(len(value), np.nan)  # refused below, naming the key
             if arr.shape != (n_features,) or not np.isfinite(arr).all():
                 raise ValueError(f"{where}[{key!r}] must be {n_features} finite numbers, got {value!r:.80}")
             arrays[key] = arr
         if (arrays["scale"] <= 0).any():
             raise ValueError(f"{where}['scale'] must be > 0")
         intercept = need(entry, "intercept", (int, float), where)
-        if not np.isfinite(intercept):
-            raise ValueError(f"{where}['intercept'] must be finite, got {intercept!r}")
+        if not (abs(intercept) <= _FLOAT_MAX):  # NaN, inf, or an int beyond the float range
+            raise ValueError(f"{where}['intercept'] must be a finite float, got {intercept!r:.40}")
         layers.append(_LayerModel(n_train, n_pos, intercept=float(intercept), **arrays))
     kwargs = dict(
         features=features,

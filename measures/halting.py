@@ -88,8 +88,8 @@ class _Linear:
                 raise ValueError(f"{where} has no key {key!r}")
             try:
                 arr = np.asarray(state[key], dtype=np.float64)
-            except (TypeError, ValueError):
-                raise ValueError(f"{where}[{key!r}] must be a (nested) list of numbers") from None
+            except (TypeError, ValueError, OverflowError):  # not numbers, or beyond the float range
+                raise ValueError(f"{where}[{key!r}] must be a (nested) list of finite floats") from None
             if arr.shape != shape or not np.isfinite(arr).all():
                 raise ValueError(f"{where}[{key!r}] must be finite numbers of shape {shape}, got shape {arr.shape}")
             arrays[key] = arr

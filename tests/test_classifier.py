@@ -113,6 +113,14 @@ def test_agreement_errors():
         agreement(cache.arrays)
 
 
+def test_agreement_refuses_an_empty_top_k():
+    cache, _ = _draw(_params(), 20, seed=1)
+    no_k = np.zeros((20, N_LAYERS, 0), dtype=int)
+    empty = SimpleNamespace(arrays=dict(cache.arrays, topk_ids=no_k), n_layers=N_LAYERS)
+    with pytest.raises(ValueError, match=r"'topk_ids' must have shape .*k>=1\), got \(20, 5, 0\)"):
+        agreement(empty)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Fitting and prediction
 # ----------------------------------------------------------------------------------------------------
@@ -248,6 +256,56 @@ def test_auto_falls_back_to_topk_and_requires_something():
         ExitClassifier(features="topk").fit(bare)
 
 
+def test_fit_refuses_an_empty_cache():
+    cache, _ = _draw(_params(seed=8), 20, seed=9)
+    arrays = {name: np.asarray(cache.arrays[name])[:0] for name in ("full_tokens", "topk_ids", "hidden")}
+    empty = SimpleNamespace(arrays=arrays, n_layers=N_LAYERS, n_tokens=0, vocab_size=VOCAB)
+    with pytest.raises(ValueError, match="cache must contain at least one token to fit the classifier, got 0"):
+        ExitClassifier().fit(empty)
+
+
+def test_features_of_small_spread_are_standardised_by_their_own_scale():
+    cache, _ = _draw(_params(seed=8), 300, seed=9)
+    hidden = np.asarray(cache.arrays["hidden"]) * 1e-4  # informative, but with a standard deviation of ~1e-4
+    state = ExitClassifier().fit(_stand_in(cache, hidden=hidden)).to_dict()
+    for layer, entry in enumerate(state["layers"]):
+        x = hidden[:, layer].astype(np.float32).astype(np.float64)
+        np.testing.assert_allclose(entry["scale"][:D], x.std(axis=0), rtol=1e-6)
+
+
+def test_seeds_from_two_to_the_32_are_drawn_from_not_passed_to_sklearn():
+    cache, _ = _draw(_params(seed=8), 200, seed=9)
+    assert ExitClassifier(seed=2**32 - 1).fit(cache).estimators_[0].get_params()["random_state"] == 2**32 - 1
+    est = ExitClassifier(seed=2**32).fit(cache).estimators_[0]  # sklearn refuses an int seed >= 2**32
+    assert isinstance(est.get_params()["random_state"], np.random.RandomState)
+
+
+def test_topk_prediction_checks_the_top_k_size():
+    cache, _ = _draw(_params(seed=5), 300, seed=6, with_hidden=False)
+    clf = ExitClassifier(features="topk").fit(cache)
+    fewer = _stand_in(cache, topk_logprobs=np.asarray(cache.arrays["topk_logprobs"])[:, :, :3])
+    msg = f"the cache has top_k=3, vocab_size={VOCAB} but the classifier was fitted on top_k={K}"
+    with pytest.raises(ValueError, match=msg):
+        clf.predict_confidence(fewer)
+
+
+def test_topk_features_need_the_vocab_size():
+    cache, _ = _draw(_params(seed=5), 100, seed=6, with_hidden=False)
+    with pytest.raises(ValueError, match="features='topk' needs the cache's vocab_size"):
+        ExitClassifier().fit(_stand_in(cache, vocab_size=None))
+
+
+def test_hidden_states_must_have_a_row_per_token():
+    cache, _ = _draw(_params(seed=8), 200, seed=9)
+    short = _stand_in(cache, hidden=np.asarray(cache.arrays["hidden"])[:-1])
+    match = r"cache array 'hidden' must have shape \(n_tokens, n_layers, d\), got \(199, 5, 8\)"
+    with pytest.raises(ValueError, match=match):
+        ExitClassifier().fit(short)
+    clf = ExitClassifier().fit(cache)
+    with pytest.raises(ValueError, match=match):
+        clf.predict_confidence(short)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Serialisation
 # ----------------------------------------------------------------------------------------------------
@@ -305,6 +363,55 @@ def test_from_dict_errors(hidden_pair):
         measure_from_state("classifier", "abc")
 
 
+def test_state_numbers_the_layers_and_counts_the_training_tokens():
+    cache, _ = _draw(_params(seed=8), 300, seed=9)
+    state = ExitClassifier().fit(cache).to_dict()
+    assert [entry["layer"] for entry in state["layers"]] == list(range(1, N_LAYERS))
+    assert state["n_train_tokens"] == 300 and ExitClassifier.from_dict(state).n_train_tokens_ == 300
+    # layer 1 has no previous state: its saturation feature is the constant 0, which the head ignores
+    assert (state["layers"][0]["mean"][-1], state["layers"][0]["coef"][-1]) == (0.0, 0.0)
+
+
+def test_from_dict_refuses_more_bad_states():
+    cache, _ = _draw(_params(seed=8), 300, seed=9)
+    state = ExitClassifier().fit(cache).to_dict()
+    topk_state = ExitClassifier(features="topk").fit(cache).to_dict()
+
+    def with_layer(**entry):
+        return dict(state, layers=[dict(state["layers"][0], **entry)] + state["layers"][1:])
+
+    for bad, match in (
+        (dict(state, format_version=2), r"state\['format'\] and state\['format_version'\] must be"),
+        (dict(state, n_train_tokens=True), r"state\['n_train_tokens'\] must be of type \('int',\), got True"),
+        (with_layer(n_train=True), r"state\['layers'\]\[0\]\['n_train'\] must be of type"),
+        (dict(state, n_features=0), r"state\['n_layers'\] and state\['n_features'\] must be >= 1, got 5 and 0"),
+        (dict(topk_state, top_k=None), r"state\['top_k'\] and state\['vocab_size'\] must be ints with 1 <= top_k"),
+        (dict(state, layers=[None] + state["layers"][1:]), r"state\['layers'\]\[0\] must be a dict, got NoneType"),
+        (with_layer(constant=1.5), r"state\['layers'\]\[0\]\['constant'\] must be a probability in \[0, 1\]"),
+        (with_layer(scale=[1.0] * D + [0.0]), r"state\['layers'\]\[0\]\['scale'\] must be > 0"),
+        (with_layer(intercept=float("inf")), r"state\['layers'\]\[0\]\['intercept'\] must be a finite float"),
+        # beyond the float range (JSON holds any integer): a numpy TypeError and an OverflowError
+        (with_layer(intercept=10**400), r"state\['layers'\]\[0\]\['intercept'\] must be a finite float, got 10{39}$"),
+        (with_layer(mean=[10**400] * (D + 1)), r"state\['layers'\]\[0\]\['mean'\] must be 9 finite numbers"),
+        # a top-k state loaded whatever its sizes: refused at prediction, or a numpy broadcasting error
+        *[(dict(topk_state, **change), r"must be ints with 1 <= top_k <= vocab_size and vocab_size >= 2")
+          for change in ({"top_k": True}, {"top_k": 0}, {"vocab_size": 1}, {"top_k": topk_state["vocab_size"] + 1})],
+        (dict(topk_state, n_features=topk_state["top_k"] + 4), r"\['n_features'\] must be top_k \+ 3 = 7 .*got 8$"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            ExitClassifier.from_dict(bad)
+
+
+def test_from_dict_takes_int_intercepts_extra_params_and_no_token_count():
+    cache, _ = _draw(_params(seed=8), 300, seed=9)
+    state = ExitClassifier().fit(cache).to_dict()
+    layers = [dict(state["layers"][0], intercept=0)] + state["layers"][1:]  # JSON from another writer: 0, not 0.0
+    loose = {k: v for k, v in state.items() if k != "n_train_tokens"}
+    restored = ExitClassifier.from_dict(dict(loose, layers=layers, params=dict(state["params"], note="v2")))
+    assert restored.n_train_tokens_ == 0 and restored.to_dict()["layers"][0]["intercept"] == 0.0
+    assert repr(restored).startswith("ExitClassifier(C=1.0, features='auto', max_iter=200, seed=0)")
+
+
 # ----------------------------------------------------------------------------------------------------
 # Input validation
 # ----------------------------------------------------------------------------------------------------
@@ -328,6 +435,18 @@ def test_init_validation():
     with pytest.raises(TypeError):
         ExitClassifier(1.0)  # options are keyword-only
     assert repr(ExitClassifier()) == "ExitClassifier(C=1.0, features='auto', max_iter=200, seed=0)"
+
+
+def test_init_refuses_bools_and_stores_plain_python_numbers():
+    with pytest.raises(TypeError, match="C must be a positive float, got True"):
+        ExitClassifier(C=True)
+    with pytest.raises(TypeError, match=r"max_iter must be an int >= 1, got True \(bool\)"):
+        ExitClassifier(max_iter=True)
+    clf = ExitClassifier(C=np.float32(0.5), max_iter=np.int64(100), seed=np.int64(3))
+    assert (type(clf.C), type(clf.max_iter), type(clf.seed)) == (float, int, int)
+    cache, _ = _draw(_params(seed=8), 200, seed=9)
+    params = json.loads(json.dumps(clf.fit(cache).to_dict()))["params"]
+    assert params == {"C": 0.5, "features": "auto", "max_iter": 100, "seed": 3}
 
 
 def test_non_finite_features_are_rejected():

@@ -576,6 +576,46 @@ def test_bad_measure_options_are_refused_naming_them(cache, monkeypatch, measure
         calibrate.fit(cache, measure=measure, measure_options=options)
 
 
+def test_check_options_refuses_non_mappings_and_non_str_keys():
+    from measures.learned import check_options
+
+    assert check_options("softmax_gap", None) == {}
+    with pytest.raises(TypeError, match="measure_options must be a dict of keyword arguments"):
+        check_options("classifier", ["C"])  # str items, but not a mapping
+    with pytest.raises(TypeError, match="measure_options must be a dict of keyword arguments"):
+        check_options("classifier", {1: 0.5})
+
+
+def test_check_options_takes_the_halting_heads_own_options():
+    from measures.learned import check_options
+
+    options = {"sigma": 1.0, "oracle": "likelihood", "C": 0.5}
+    assert check_options("halting_token_multinomial", options) == options
+    with pytest.raises(ValueError, match=r"\['features'\] are not options of measure='halting_geometric'"):
+        check_options("halting_geometric", {"features": "hidden"})
+
+
+def test_learned_measures_refuse_other_names_and_missing_states():
+    from measures.learned import measure_from_state, train_measure
+
+    train = calibrate.synthetic_cache(40, n_layers=4, seed=0)
+    with pytest.raises(ValueError, match=r"a learned measure must be one of \('classifier', 'halting_geometric'"):
+        train_measure("softmax_gap", train)
+    state = train_measure("halting_geometric", train).to_dict()
+    with pytest.raises(ValueError, match="a learned measure must be one of"):
+        measure_from_state("geometric", state)
+    with pytest.raises(ValueError, match="the certificate uses measure='classifier' but carries no measure_state"):
+        measure_from_state("classifier", None)
+
+
+def test_train_measure_seeds_the_classifier():
+    from measures.learned import train_measure
+
+    train = calibrate.synthetic_cache(40, n_layers=4, seed=0)
+    assert train_measure("classifier", train).seed == 0
+    assert train_measure("classifier", train, seed=5).to_dict()["params"]["seed"] == 5
+
+
 def test_learned_measure_trains_on_a_given_train_cache():
     """With train_cache= the measure trains on it and calibrates on all of the calibration cache."""
     from calibrate.losses import proxy_losses

@@ -220,6 +220,58 @@ def test_from_dict_rejects_bad_states():
         HaltingHead.from_dict({**geometric, "n_features": 1})  # loaded, then every predict failed
 
 
+def test_from_dict_rejects_more_bad_states():
+    cache = _depth_cache(6)
+    state = HaltingHead("token_multinomial").fit(cache).to_dict()
+    model = state["models"][0]
+    sequence = HaltingHead("sequence_multinomial").fit(_depth_cache(6, per_sequence=True)).to_dict()
+    narrow = {key: np.asarray(value)[: N_LAYERS - 1].tolist() for key, value in sequence["models"][0].items()}
+    narrow["intercept"] = sequence["models"][0]["intercept"]  # a head of N_LAYERS - 1 features: no hidden state
+    for change, match in (
+        ({"format_version": 2}, r"state\['format'\] and state\['format_version'\] must be"),
+        ({"n_train_tokens": True}, r"state\['n_train_tokens'\] must be a non-negative int"),
+        ({"n_train_sequences": -1}, r"state\['n_train_sequences'\] must be a non-negative int"),
+        ({"classes": []}, r"state\['classes'\] must be increasing depths in \[1, 4\], got \[\]"),
+        ({"classes": [True, 2, 3, 4]}, r"state\['classes'\] must be increasing depths"),
+        ({"classes": [1, 1, 2, 3]}, r"state\['classes'\] must be increasing depths"),
+        ({"classes": [0, 1, 2, 3]}, r"state\['classes'\] must be increasing depths"),
+        ({"models": [{**model, "coef": [["a"] * 4] * (D + 1)}]}, r"\['coef'\] must be a \(nested\) list of finite"),
+        ({"models": [{**model, "intercept": [float("nan")] * 4}]}, r"\['intercept'\] must be finite numbers"),
+        ({"models": [{**model, "intercept": [10**400] * 4}]}, r"\['intercept'\] must be a \(nested\) list of finite"),
+        ({"models": [{**model, "scale": [1.0] * D + [0.0]}]}, r"state\['models'\]\[0\]\['scale'\] must be > 0"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            HaltingHead.from_dict({**state, **change})
+    with pytest.raises(ValueError, match=r"state\['n_features'\] must be >= 4 for the sequence_multinomial head"):
+        HaltingHead.from_dict({**sequence, "n_features": N_LAYERS - 1, "models": [narrow]})
+
+
+def test_json_round_trip_keeps_options_sizes_and_a_subset_of_depths():
+    cache = _depth_cache(7)
+    head = HaltingHead("token_multinomial", oracle_options={"rule": "stable"}, max_iter=300).fit(cache)
+    restored = HaltingHead.from_dict(json.loads(json.dumps(head.to_dict())))
+    assert (restored.oracle_options, restored.max_iter) == ({"rule": "stable"}, 300)
+    assert (restored.n_train_tokens_, restored.n_train_sequences_) == (cache.n_tokens, cache.n_sequences)
+    assert restored.classes_ == head.classes_ == (1, 2, 3, 4)
+    rng = np.random.default_rng(4)
+    ids = np.stack([np.tile([1, 0, 0], (40, 1)), np.tile([0, 2, 2], (40, 1))], axis=-1)  # depth 2 for every token
+    hidden = rng.normal(size=(40, 3, 1))  # hidden size 1: the token heads' fewest features, 2
+    degenerate = LayerCache.from_arrays(
+        full_tokens=np.zeros(40, dtype=int), topk_ids=ids, hidden=hidden, lengths=[10] * 4, vocab_size=3
+    )
+    for kind in ("geometric", "token_multinomial"):
+        head = HaltingHead(kind).fit(degenerate)
+        restored = HaltingHead.from_dict(json.loads(json.dumps(head.to_dict())))
+        assert restored.n_features_ == 2 and restored.classes_ == (None if kind == "geometric" else (2,))
+        np.testing.assert_array_equal(restored.predict_confidence(degenerate), head.predict_confidence(degenerate))
+
+
+def test_from_dict_ignores_unknown_params():
+    state = HaltingHead().fit(_depth_cache(6)).to_dict()
+    restored = HaltingHead.from_dict({**state, "params": {**state["params"], "note": "written by v2"}})
+    assert restored.to_dict() == state
+
+
 # ----------------------------------------------------------------------------------------------------
 # Bad input
 # ----------------------------------------------------------------------------------------------------

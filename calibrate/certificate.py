@@ -209,12 +209,17 @@ def _names_a_file(source: Any) -> bool:
         return False
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
 def _floats(value: Any, name: str, *, nan: bool) -> tuple[float, ...]:
     """``value`` as a tuple of floats (NaN allowed where ``nan``), else ValueError naming the field."""
-    try:
-        out = tuple(float(v) for v in value if not isinstance(v, (bool, np.bool_)) and v is not None)
-        bad = len(out) != len(value) or any(not np.isfinite(v) for v in out if not (nan and np.isnan(v)))
-    except (TypeError, ValueError, OverflowError):  # OverflowError: an int beyond the float range
+    try:  # numbers only: float() would also read "0.1" (and a str "987" as 9.0, 8.0, 7.0)
+        bad = isinstance(value, (str, bytes)) or not all(_is_number(v) for v in value)
+        out = () if bad else tuple(to_float(v) for v in value)  # an int beyond the float range: inf, refused
+        bad = bad or any(not np.isfinite(v) for v in out if not (nan and np.isnan(v)))
+    except TypeError:  # not iterable
         bad = True
     if bad:
         what = "numbers or NaN" if nan else "finite numbers"

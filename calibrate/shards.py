@@ -133,7 +133,9 @@ def check_manifest(root: str | os.PathLike, count: int) -> bool:
         return False
     found = _load(file).get("shards")
     if found != [shard_name(i, count) for i in range(count)]:
-        raise ValueError(f"{file} lists {len(found or [])} shards, not {count}: another run wrote into {root}")
+        n = len(found) if isinstance(found, list) else 0
+        detail = f"{n} shards, not {count}" if n != count else f"other shards than this run's {count}: {found!r:.120}"
+        raise ValueError(f"{file} lists {detail}: another run wrote into {root}")
     return True
 
 

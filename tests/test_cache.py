@@ -390,6 +390,21 @@ def test_a_saved_cache_is_on_the_disk_before_it_is_published(cache, tmp_path, mo
     assert ("fsync", str(path.parent)) in events[published:]  # then the new entry
 
 
+
+def test_a_save_writes_into_a_temporary_directory_of_its_own(cache, tmp_path, monkeypatch):
+    """A directory of the same temporary name (another writer's, or left by a killed one) is skipped, not shared."""
+    import secrets
+
+    stale = tmp_path / ".cache.00000000.tmp"
+    stale.mkdir()
+    (stale / "meta.json").write_text("another writer's")
+    names = iter(["00000000", "00000001"])
+    monkeypatch.setattr(secrets, "token_hex", lambda n: next(names))
+    path = cache.save(tmp_path / "cache")
+    _assert_same(cache, open_cache(path))
+    assert (stale / "meta.json").read_text() == "another writer's"
+    assert sorted(p.name for p in stale.iterdir()) == ["meta.json"]
+
 @pytest.mark.parametrize("verify", [True, False])
 @pytest.mark.parametrize("saves", [1, 2])
 def test_a_cache_replaced_while_it_is_read_says_so(cache, tmp_path, monkeypatch, verify, saves):

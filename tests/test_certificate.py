@@ -159,6 +159,22 @@ def test_frame_summary_and_repr():
     assert "None (full model)" in repr(full)
 
 
+
+def test_summary_and_frame_say_what_was_tested_and_at_what_cost():
+    cert = _cert()
+    text = cert.summary()
+    assert text.startswith("Certificate (exit_threshold, mode=proxy, n=500): measure=softmax_gap, consistency=token\n")
+    assert "2 of 3 thresholds certified" in text and "tested" not in text  # every threshold was tested
+    assert "expected layers 8.25 of 12 (saves 31.2% of layers)" in text
+    holm = _cert(method="holm", certified=(False, True, False))  # a procedure whose flags need not be a prefix
+    assert "1 of 3 thresholds certified" in holm.summary()
+    lazy = _cert(risks=(0.01, 0.03, np.nan), p_values=(1e-9, 0.004, np.nan), avg_layers=None)
+    frame = lazy.to_frame()
+    assert list(frame["tested"]) == [True, True, False] and "avg_layers" not in frame.columns
+    assert "tested 2 of 3 thresholds in fixed-sequence order" in lazy.summary()
+    bare = _cert(measure=None, consistency=None)
+    assert bare.summary().startswith("Certificate (exit_threshold, mode=proxy, n=500)\n")
+
 def test_levels_near_0_and_1_are_not_printed_as_0_or_1():
     """``:g`` printed 1 - 1e-12 as 1 (a claim of certainty) and delta = 1 - 1e-9 as 1."""
     cert = calibrate.certify(np.zeros((5000, 2)), [0.9, 0.5], delta=0.1, epsilon=1e-12)
@@ -200,6 +216,45 @@ def test_levels_near_0_and_1_are_not_printed_as_0_or_1():
 def test_inconsistent_fields_raise(overrides, match):
     with pytest.raises(ValueError, match=match):
         _cert(**overrides)
+
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        ({"lambdas": (1.0, 0.5, 0.25), "lambda_hat": True}, "lambda_hat must be a finite number or None, got True"),
+        ({"certified": (1, 1, 0)}, "certified must hold booleans"),  # ints, as a hand-written JSON file has them
+        ({"avg_layers": (10.5, "x", 3.0)}, "avg_layers must be a sequence of numbers or NaN"),
+        ({"avg_layers": (10.5, float("inf"), 3.0)}, "avg_layers must be a sequence of numbers or NaN"),
+        # float() reads strings: these loaded as numbers, "987" one character a threshold
+        ({"lambdas": "987", "lambda_hat": 8.0}, r"lambdas must be a sequence of finite numbers, got '987'"),
+        ({"risks": ("0.01", "0.03", "0.2")}, r"risks must be a sequence of numbers or NaN, got \('0.01'"),
+        ({"p_values": [b"0", 0.5, 1.0]}, "p_values must be a sequence of numbers or NaN"),
+        ({"model": 5}, "Certificate.model must be a str or None, got 5"),
+        ({"cache_checksum": b"ab12"}, "Certificate.cache_checksum must be a str or None"),
+    ],
+)
+def test_fields_that_look_almost_right_are_refused(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        _cert(**overrides)
+
+
+def test_stored_fields_of_the_wrong_type_are_named():
+    data = json.loads(_cert().to_json())
+    for field, value, match in [
+        ("n_train", None, r"Certificate.n_train must be an int >= 0, got None"),
+        ("certified", [1, 1, 0], "certified must hold booleans"),
+        ("model", 5, "Certificate.model must be a str or None"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            Certificate.from_json(json.dumps({**data, field: value}))
+    with pytest.raises(TypeError, match="build a certificate from a dict with from_dict"):
+        Certificate.from_json(data)
+    data["avg_layers"][2] = None  # a threshold never tested: NaN, as in risks and p_values
+    assert np.isnan(Certificate.from_json(json.dumps(data)).avg_layers[2])
+    data["risks"] = [str(r) for r in data["risks"]]
+    with pytest.raises(ValueError, match="Certificate.risks must be a sequence of numbers or NaN"):
+        Certificate.from_json(json.dumps(data))
 
 
 @pytest.mark.parametrize(
@@ -487,6 +542,66 @@ def test_a_failed_write_leaves_no_temporary_file(tmp_path, monkeypatch):
         _cert().to_json(tmp_path / "cert.json")
     assert list(tmp_path.iterdir()) == []
 
+
+
+def test_an_interrupted_write_leaves_no_temporary_file_and_keeps_the_old_one(tmp_path, monkeypatch):
+    """Ctrl-C (a BaseException, not an Exception) between writing and renaming."""
+    import os
+
+    target = tmp_path / "cert.json"
+    target.write_text("the previous certificate")
+
+    def interrupted(a, b):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _cert().to_json(target)
+    assert [p.name for p in tmp_path.iterdir()] == ["cert.json"] and target.read_text() == "the previous certificate"
+
+
+def test_concurrent_writers_and_stale_temporary_files_do_not_collide(tmp_path, monkeypatch):
+    import secrets
+
+    from calibrate._atomic import atomic_file
+
+    target = tmp_path / "cert.json"
+    with atomic_file(target) as first, atomic_file(target) as second:  # two writers at once: their own names
+        assert first != second and first.parent == second.parent == tmp_path
+        first.write_text("first")
+        second.write_text("second")
+    assert target.read_text() == "first"  # the last to finish wins, whole
+    stale = tmp_path / ".cert.json.00000000.tmp"  # left by a writer that was killed (SIGKILL)
+    stale.write_text("stale")
+    names = iter(["00000000", "00000001"])
+    monkeypatch.setattr(secrets, "token_hex", lambda n: next(names))
+    _cert().to_json(target)  # the taken name is skipped, not overwritten or refused
+    assert Certificate.from_json(target) == _cert() and stale.read_text() == "stale"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".cert.json.00000000.tmp", "cert.json"]
+
+
+@pytest.mark.skipif(__import__("sys").platform == "win32", reason="POSIX permissions and umask")
+def test_a_written_certificate_gets_the_mode_the_umask_gives(tmp_path):
+    import os
+
+    old = os.umask(0o027)
+    try:
+        _cert().to_json(tmp_path / "cert.json")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "cert.json").stat().st_mode & 0o777 == 0o640
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir("/proc/self/fd"), reason="counts file descriptors through /proc")
+def test_writing_certificates_leaves_no_file_descriptor_open(tmp_path):
+    import os
+
+    cert = _cert()
+    cert.to_json(tmp_path / "warm.json")  # imports and caches opened once
+    before = len(os.listdir("/proc/self/fd"))
+    for i in range(20):
+        cert.to_json(tmp_path / f"cert{i}.json")
+    assert len(os.listdir("/proc/self/fd")) == before
 
 def test_tied_lambdas_are_refused():
     """Ties are not strictly decreasing: a grid (0.9, 0.9, 0.7) names one threshold twice."""

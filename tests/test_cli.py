@@ -100,6 +100,108 @@ def test_measure_options_from_the_command_line(tmp_path, capsys):
     assert "configure the learned measures" in capsys.readouterr().err
 
 
+
+def test_fit_hands_every_option_to_calibrate_fit(tmp_path, capsys):
+    dev, out = tmp_path / "dev", tmp_path / "cert.json"
+    calibrate.synthetic_cache(150, n_layers=4, seed=0).save(dev)
+    options = dict(delta=0.2, epsilon=0.1, measure="classifier", consistency="sequence", method="holm")
+    options.update(decay=2.0, seed=3)
+    argv = [f"--{name}={value}" for name, value in options.items()]
+    assert main(["fit", str(dev), *argv, "-o", str(out)]) == 0
+    cert = calibrate.Certificate.from_json(out)
+    assert (cert.epsilon, cert.method, cert.decay["tau"]) == (0.1, "holm", 2.0)
+    assert cert == calibrate.fit(calibrate.open_cache(dev), **options)
+    assert cert != calibrate.fit(calibrate.open_cache(dev), **{**options, "seed": 0})  # the seed draws the split
+
+
+def test_audit_exits_1_when_the_held_out_risk_exceeds_delta(tmp_path, capsys, monkeypatch):
+    from types import SimpleNamespace
+
+    import calibrate.cli as cli
+
+    within = []
+
+    def fake_audit(cert, model, tokenizer, prompts, **kwargs):
+        return SimpleNamespace(summary=lambda: "audited", within_tolerance=within[-1])
+
+    fake = SimpleNamespace(audit=fake_audit)
+    monkeypatch.setattr(cli, "_lat_imports", lambda: (fake, lambda path: (["p"], [None]), lambda *a, **k: (None, None)))
+    path = tmp_path / "cert.json"
+    calibrate.certify(np.zeros((100, 2)), [1.0, 0.5], knob="token_keep").to_json(path)
+    for ok, status in ((True, 0), (False, 1)):
+        within.append(ok)
+        assert main(["audit", str(path), "--model", "m", "--prompts", "p"]) == status
+        assert capsys.readouterr().out == "audited\n"
+
+
+def test_a_scheduler_without_chunks_opens_the_cache_in_partitions(tmp_path, capsys, monkeypatch):
+    """In memory, fit would refuse the client (or ship the whole cache): --scheduler opens it lazily by default."""
+    distributed = pytest.importorskip("distributed")
+    from calibrate.chunked import ChunkedCache
+
+    calibrate.synthetic_cache(60, n_layers=4, seed=0).save(tmp_path / "dev")
+    seen = []
+
+    class FakeClient:
+        def __init__(self, address):
+            seen.append(address)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    def fake_fit(cache, *, client, **kwargs):
+        seen.append((type(cache), getattr(cache, "chunks", None), type(client)))
+        return calibrate.certify(np.zeros((60, 2)), [1.0, 0.5])
+
+    monkeypatch.setattr(distributed, "Client", FakeClient)
+    monkeypatch.setattr(calibrate, "fit", fake_fit)
+    assert main(["fit", str(tmp_path / "dev"), "--scheduler", "tcp://host:8786"]) == 0
+    assert seen == ["tcp://host:8786", (ChunkedCache, 1000, FakeClient)]
+
+
+def test_torchrun_ranks_are_shards_and_devices(monkeypatch):
+    from calibrate.cli import _rank_device, _shard
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert _shard(None) is None and _shard("1/4") == (1, 4) and _rank_device("cuda") == "cuda"
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")  # torchrun of one process: one whole cache, not a shard of one
+    assert _shard(None) is None
+    monkeypatch.setenv("RANK", "5")  # the second node's second GPU
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert _shard(None) == (5, 8) and _shard("2/3") == (2, 3)
+    assert _rank_device("cuda") == "cuda:1" and _rank_device("cpu") == "cpu" and _rank_device(None) is None
+
+
+def test_an_audit_writes_its_figure_before_printing(tmp_path, capsys, monkeypatch):
+    """A reader of the output that goes away (``| head -1``) must not cost the figure: it is written first."""
+    import importlib
+    from types import SimpleNamespace
+
+    audit_module = importlib.import_module("calibrate.audit")  # calibrate.audit is the function
+    dev, test = calibrate.synthetic_cache(60, n_layers=4, seed=0), calibrate.synthetic_cache(60, n_layers=4, seed=1)
+    test.save(tmp_path / "test")
+    calibrate.fit(dev).to_json(tmp_path / "cert.json")
+    events = []
+    report = SimpleNamespace(summary=lambda: events.append("summary") or "audited", within_tolerance=True, plot=object)
+    monkeypatch.setattr(calibrate, "audit", lambda *a, **k: report)
+    monkeypatch.setattr(audit_module, "_save_figure", lambda fig, path, dpi: events.append(("figure", path.name)))
+    figure = str(tmp_path / "risk.png")
+    assert main(["audit", str(tmp_path / "cert.json"), str(tmp_path / "test"), "--figure", figure]) == 0
+    assert events == [("figure", "risk.png"), "summary"]
+    assert capsys.readouterr().out == f"audited\nwrote {figure}\n"
+
+
+def test_fff_fit_refuses_a_consistency_its_classifier_would_ignore(tmp_path, capsys):
+    argv = ["fff-fit", "--model", str(tmp_path / "fff.safetensors"), "--inputs", str(tmp_path / "x.npy")]
+    assert main([*argv, "--consistency", "token"]) == 2  # a classifier's loss is label (or risk_label)
+    assert "an FFF classifier is certified on --inputs FILE" in capsys.readouterr().err
+
 def test_unwritable_outputs_are_messages_and_figures_are_named_as_written(tmp_path, capsys):
     """An OSError is a usage error (2), never audit's "risk > delta" (1)."""
     dev, test, cert = tmp_path / "dev", tmp_path / "test", tmp_path / "cert.json"

@@ -155,6 +155,29 @@ def test_crc_is_labelled_as_expectation():
     assert calibrate.certify(losses, np.linspace(1, 0.5, 6), delta=0.1).bound == "hoeffding_bentkus"
 
 
+
+def test_crc_with_exactly_enough_examples_is_not_too_few():
+    """1/(n+1) = delta: zero losses are certified, so nothing certified is the losses' doing, not the count's."""
+    assert calibrate.certify(np.zeros((9, 2)), [0.9, 0.5], delta=0.1, method="crc").lambda_hat == 0.5
+    cert = calibrate.certify(np.ones((9, 2)), [0.9, 0.5], delta=0.1, method="crc")
+    assert cert.lambda_hat is None and cert.reason == "the safest value has adjusted risk above delta=0.1"
+    few = calibrate.certify(np.zeros((8, 2)), [0.9, 0.5], delta=0.1, method="crc")
+    assert few.lambda_hat is None and few.reason.startswith("too few examples: with n=8, CRC needs 1/(n+1) <= delta")
+
+
+def test_knob_grids_hold_values_the_knob_takes():
+    losses = np.zeros((200, 3))
+    assert calibrate.certify(losses, [2, 1, 0], delta=0.1, knob="fff_depth").lambda_hat == 0.0  # depth 0: the root
+    assert calibrate.certify(losses, [1.0, 0.5, 0.25], delta=0.1, knob="token_keep").lambda_hat == 0.25
+    for lambdas, knob, match in [
+        ([2.5, 1, 0], "fff_depth", "an fff_depth grid holds whole depths >= 0"),
+        ([1, 0, -1], "fff_depth", "an fff_depth grid holds whole depths >= 0"),
+        ([2.0, 1.0, 0.5], "token_keep", r"a token_keep grid holds 1 / speed-up, in \(0, 1\]"),  # a speed-up, not 1 / it
+        ([1.0, 0.5, 0.0], "token_keep", r"a token_keep grid holds 1 / speed-up, in \(0, 1\]"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            calibrate.certify(losses, lambdas, delta=0.1, knob=knob)
+
 @pytest.mark.parametrize(
     "kwargs, exc, match",
     [
@@ -364,6 +387,35 @@ def test_fit_with_decay_records_it(cache):
     in_sample = dataclasses.replace(cert, cache_checksum=None)  # audit refuses its calibration cache otherwise
     assert calibrate.audit(in_sample, cache).risk == pytest.approx(cert.risk_hat if cert.index is not None else 0.0)
 
+
+
+def test_fit_records_its_method_decay_rate_model_and_heads(cache):
+    for method in ("bonferroni", "holm", "multistart"):
+        assert calibrate.fit(cache, delta=0.2, method=method).method == method
+    heads = {"kind": "logit_lens", "model_digest": "d1"}
+    cert = calibrate.fit(cache.with_meta({**cache.user_meta, "heads": heads}), decay=2.0)
+    assert cert.decay == {"max_len": cache.meta["generation"]["max_new_tokens"], "tau": 2.0}  # not Decay's default 4
+    assert cert.model == "synthetic" and cert.heads == heads  # what the runtime checks the model it runs against
+
+
+def test_fit_warns_that_conformal_risk_control_needs_monotone_losses(cache):
+    with pytest.warns(UserWarning, match=r"guarantee E\[risk\] <= delta needs monotone losses"):
+        cert = calibrate.fit(cache, delta=0.2, method="crc")
+    assert "carries no guarantee" in cert.reason
+
+
+def test_fit_refuses_options_it_would_ignore(cache):
+    with pytest.raises(ValueError, match="model, tokenizer and heads are used only with mode='decoded'"):
+        calibrate.fit(cache, heads=object())
+    with pytest.raises(ValueError, match="client= runs a chunked cache on Dask"):
+        calibrate.fit(cache, client=object())  # an in-memory cache: the client would go unused
+    with pytest.raises(ValueError, match="client= computes proxy losses on Dask; mode='decoded' decodes in this"):
+        calibrate.fit(cache, mode="decoded", client=object(), model=object(), tokenizer=object())
+    with pytest.raises(TypeError, match="decay must be None, a Decay, a dict or a float tau, got bool"):
+        calibrate.fit(cache, decay=True)  # not a rate of 1
+    nothing = cache.with_meta({**cache.user_meta, "generation": {"max_new_tokens": 0}})
+    with pytest.raises(ValueError, match=r"meta\['generation'\]\['max_new_tokens'\] must be an int >= 1, got 0"):
+        calibrate.fit(nothing)
 
 def test_decay_grids_start_where_every_threshold_is_one():
     pytest.importorskip("torch")  # calibrate.decoded_lambdas

@@ -149,6 +149,142 @@ def test_manifest_and_shard_specs(tmp_path):
         shard_bounds(10, 0, 4, batch_size=4)
 
 
+def _piece(n, seed, first_id, *, vocab=None, scores=None, sharding=None):
+    """A small cache built from arrays, as one worker's shard (``sharding``: what extract_main records)."""
+    source = calibrate.synthetic_cache(n, n_layers=3, seed=seed, first_id=first_id)
+    arrays = {name: source.arrays[name] for name in ("full_tokens", "topk_ids", "topk_logprobs")}
+    meta = None if sharding is None else {"sharding": sharding}
+    return calibrate.LayerCache.from_arrays(
+        **arrays, lengths=source.lengths, ids=source.sequences["id"].tolist(), vocab=vocab or source.vocab,
+        scores=scores, meta=meta, model="m",
+    )  # fmt: skip
+
+
+def _join(tmp_path, *pieces):
+    for i, piece in enumerate(pieces):
+        piece.save(tmp_path / shard_name(i, len(pieces)), overwrite=True)
+    write_manifest(tmp_path, len(pieces))
+
+
+@pytest.mark.parametrize("chunks", [None, 4])
+def test_shards_with_another_vocab_or_other_fields_are_refused(tmp_path, chunks):
+    """Shards of one model name, tokenizer and settings still differ in their vocabulary pieces or stored scores."""
+    if chunks is not None:
+        pytest.importorskip("dask")
+    first = _piece(6, 0, 0)
+    vocab = list(first.vocab)
+    vocab[7] += "x"  # another tokenizer revision: the same size, one piece differs
+    _join(tmp_path, first, _piece(5, 1, 10, vocab=vocab))
+    with pytest.raises(ValueError, match=r"shard 'shard-00001-of-00002' of .* differs from .* in field 'vocab'"):
+        calibrate.open_cache(tmp_path, chunks=chunks)
+    scores = {"my_score": calibrate.synthetic_cache(5, n_layers=3, seed=1).arrays["softmax_max"]}
+    _join(tmp_path, first, _piece(5, 1, 10, scores=scores))  # a score only the second shard stores
+    with pytest.raises(ValueError, match=r"shard 'shard-00001-of-00002' of .* has the fields \['full_tokens', 'my_sc"):
+        calibrate.open_cache(tmp_path, chunks=chunks)
+
+
+@pytest.mark.parametrize("chunks", [None, 4])
+def test_shards_must_say_they_are_their_place_of_one_prompt_list(tmp_path, chunks):
+    if chunks is not None:
+        pytest.importorskip("dask")
+
+    def sharding(index, prompts="digest-a", count=2):
+        return {"index": index, "count": count, "prompts": prompts}
+
+    _join(tmp_path, _piece(6, 0, 0, sharding=sharding(0)), _piece(5, 1, 10, sharding=sharding(1)))
+    joined = calibrate.open_cache(tmp_path, chunks=chunks)
+    assert joined.n_sequences == 11 and "sharding" not in joined.user_meta  # it describes one shard, not the cache
+    for second, match in [
+        (sharding(0), r"shard 'shard-00001-of-00002' of .* says it is shard 0 of 2"),  # a copy of the first
+        (sharding(1, count=3), r"shard 'shard-00001-of-00002' of .* says it is shard 1 of 3"),
+        (sharding(1, prompts="digest-b"), r"shard 'shard-00001-of-00002' of .* was extracted from another prompt list"),
+    ]:
+        _join(tmp_path, _piece(6, 0, 0, sharding=sharding(0)), _piece(5, 1, 10, sharding=second))
+        with pytest.raises(ValueError, match=match):
+            calibrate.open_cache(tmp_path, chunks=chunks)
+
+
+@pytest.mark.parametrize("chunks", [None, 16])
+def test_a_shard_with_valid_but_edited_values_is_a_checksum_mismatch(cache, tmp_path, chunks):
+    """Decodable chunks of other values: only the shard's checksum tells, when verified (lazily too)."""
+    zarr = pytest.importorskip("zarr")
+    if chunks is not None:
+        pytest.importorskip("dask")
+    _write_shards(tmp_path, cache, [45])
+    z = zarr.open_array(str(tmp_path / shard_name(1, 2) / "arrays" / "topk_logprobs"), mode="r+")
+    values = z[...]
+    values[0, 0] -= 0.5  # still valid log-probabilities
+    z[...] = values
+    with pytest.raises(ValueError, match=r"shard 'shard-00001-of-00002': .*checksum mismatch in array 'topk_logprobs'"):
+        calibrate.open_cache(tmp_path, chunks=chunks)
+    assert calibrate.open_cache(tmp_path, chunks=chunks, verify=False).n_sequences == cache.n_sequences
+
+
+def test_manifests_of_another_format_version_or_no_shards_are_refused(tmp_path):
+    calibrate.synthetic_cache(10, n_layers=3, seed=0).save(tmp_path / shard_name(0, 1))
+    manifest = {"format": "calm-calibrate shards", "format_version": 1, "shards": [shard_name(0, 1)]}
+    for edit, match in [
+        ({"format_version": 2}, r"not a calm-calibrate shard manifest of format_version 1 .*format_version 2\)"),
+        ({"shards": []}, r"'shards' must list shard directory names like 'shard-00000-of-00002'"),
+        ({"shards": 5}, r"'shards' must list shard directory names"),
+        ({"shards": ["shard-0-of-1"]}, r"'shards' must list shard directory names"),
+    ]:
+        (tmp_path / "manifest.json").write_text(json.dumps({**manifest, **edit}))
+        with pytest.raises(ValueError, match=match):
+            calibrate.open_cache(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps([manifest]))
+    with pytest.raises(ValueError, match=r"manifest.json must hold a JSON object"):
+        calibrate.open_cache(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    assert calibrate.open_cache(tmp_path).n_sequences == 10
+
+
+def test_a_manifest_listing_other_shards_is_another_runs(tmp_path):
+    from calibrate.shards import check_manifest
+
+    assert not check_manifest(tmp_path, 2)  # none yet
+    manifest = {"format": "calm-calibrate shards", "format_version": 1}
+    for shards, match in [
+        ([shard_name(1, 2), shard_name(0, 2)], r"lists other shards than this run's 2: \['shard-00001-of-00002', "),
+        (None, "lists 0 shards, not 2: another run wrote into"),
+    ]:
+        (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "shards": shards}))
+        with pytest.raises(ValueError, match=match):
+            check_manifest(tmp_path, 2)
+        with pytest.raises(ValueError, match=match):
+            write_manifest(tmp_path, 2)
+
+
+def test_the_manifest_goes_into_a_directory_made_for_it(tmp_path):
+    """A worker may finish its manifest first: the output directory need not exist yet."""
+    path = write_manifest(tmp_path / "new" / "out", 2)
+    assert path == tmp_path / "new" / "out" / "manifest.json"
+    assert json.loads(path.read_text())["shards"] == [shard_name(0, 2), shard_name(1, 2)]
+
+
+def test_shard_bounds_refuse_an_index_outside_the_shards():
+    for index in (-1, 3, 4):  # every shard of 3 exists: shard 3 (or -1) would be an empty or a negative slice
+        with pytest.raises(ValueError, match=rf"shard index must lie in \[0, 3\), got {index}"):
+            shard_bounds(10, index, 3)
+
+
+def test_as_many_shards_as_batches_give_each_shard_one_batch():
+    assert [shard_bounds(3, i, 3) for i in range(3)] == [(0, 1), (1, 2), (2, 3)]
+    assert [shard_bounds(10, i, 3, batch_size=4) for i in range(3)] == [(0, 4), (4, 8), (8, 10)]
+
+
+def test_the_prompt_digest_covers_prompts_references_and_their_order():
+    from calibrate.shards import prompts_digest
+
+    digests = {
+        prompts_digest(["a", "b"], None),
+        prompts_digest(["a", "b"], ["x", "y"]),
+        prompts_digest(["a", "b"], ["x", "z"]),  # shards of one prompt list scored against other references
+        prompts_digest(["b", "a"], None),
+    }
+    assert len(digests) == 4 and prompts_digest(["a", "b"], ["x", "y"]) == prompts_digest(("a", "b"), ("x", "y"))
+
+
 # --------------------------------------------------------------------------------------------------
 # Sharded extraction from a model
 # --------------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from types import MappingProxyType
 from typing import Callable, Mapping
 
 import numpy as np
+from numpy.typing import ArrayLike
 from scipy import special, stats
 
 from calibrate._threads import njit
@@ -199,7 +200,7 @@ def _bentkus_core(total: np.ndarray, n: int, a: float, terms: int | None = None)
     return np.e * stats.binom.cdf(_count_ceil(total, _mean_terms(n) if terms is None else terms), n, a)
 
 
-def hoeffding(mean_loss, n: int, tolerance: float):
+def hoeffding(mean_loss: ArrayLike, n: int, tolerance: float) -> float | np.ndarray:
     """Hoeffding p-value for ``H0: risk > tolerance``.
 
     Parameters
@@ -243,7 +244,7 @@ def hoeffding(mean_loss, n: int, tolerance: float):
     return _out(_hoeffding_core(mean, n, a))
 
 
-def hoeffding_kl(mean_loss, n: int, tolerance: float):
+def hoeffding_kl(mean_loss: ArrayLike, n: int, tolerance: float) -> float | np.ndarray:
     """Hoeffding p-value in its Chernoff (Kullback-Leibler) form for ``H0: risk > tolerance``.
 
     Parameters
@@ -287,7 +288,7 @@ def hoeffding_kl(mean_loss, n: int, tolerance: float):
     return _out(_hoeffding_kl_core(mean, n, a))
 
 
-def bentkus(mean_loss, n: int, tolerance: float):
+def bentkus(mean_loss: ArrayLike, n: int, tolerance: float) -> float | np.ndarray:
     """Bentkus p-value for ``H0: risk > tolerance``.
 
     Parameters
@@ -337,7 +338,7 @@ def bentkus(mean_loss, n: int, tolerance: float):
     return _out(_bentkus_core(mean * n, n, a))
 
 
-def hoeffding_bentkus(mean_loss, n: int, tolerance: float):
+def hoeffding_bentkus(mean_loss: ArrayLike, n: int, tolerance: float) -> float | np.ndarray:
     """Hoeffding-Bentkus p-value, ``min(hoeffding_kl, bentkus)``, for ``H0: risk > tolerance``.
 
     Parameters
@@ -383,7 +384,7 @@ def hoeffding_bentkus(mean_loss, n: int, tolerance: float):
     return _out(np.minimum(_hoeffding_kl_core(mean, n, a), _bentkus_core(mean * n, n, a)))
 
 
-def binomial(mean_loss, n: int, tolerance: float):
+def binomial(mean_loss: ArrayLike, n: int, tolerance: float) -> float | np.ndarray:
     """Exact binomial p-value for ``H0: risk > tolerance`` with 0/1 losses.
 
     Parameters
@@ -455,7 +456,7 @@ def _wsr_log_capital(losses: np.ndarray, a: float, epsilon: float) -> np.ndarray
         return np.cumsum(np.log1p(-nu * (losses - a)), axis=0)
 
 
-def wsr(losses, tolerance: float, *, epsilon: float = 0.05):
+def wsr(losses: ArrayLike, tolerance: float, *, epsilon: float = 0.05) -> float | np.ndarray:
     """One-sided Waudby-Smith--Ramdas (betting) p-value for ``H0: risk > tolerance``, on raw losses.
 
     Parameters
@@ -572,7 +573,9 @@ def _p_values_iv(losses, tolerance, bound, epsilon):
     return arr, tolerance, bound, epsilon
 
 
-def p_values(losses, tolerance: float, bound: str = DEFAULT_BOUND, *, epsilon: float = 0.05) -> np.ndarray:
+def p_values(
+    losses: ArrayLike, tolerance: float, bound: str = DEFAULT_BOUND, *, epsilon: float = 0.05
+) -> np.ndarray:
     """p-values of ``H0_k: risk_k > tolerance`` for every column of a loss table.
 
     Parameters

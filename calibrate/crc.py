@@ -13,6 +13,7 @@ import numbers
 import warnings
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from calibrate._validation import bounded_array, caller_stacklevel, open_interval
 
@@ -51,7 +52,7 @@ def non_monotone_reason(losses: np.ndarray) -> str:
     )
 
 
-def conformal_risk_control(losses, delta: float, *, max_loss: float = 1.0) -> int | None:
+def conformal_risk_control(losses: ArrayLike, delta: float, *, max_loss: float = 1.0) -> int | None:
     """Index of the fastest threshold chosen by conformal risk control.
 
     Parameters

@@ -24,6 +24,7 @@ from abc import ABC, abstractmethod
 from typing import Sequence
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from calibrate._validation import bounded_array, open_interval
 
@@ -130,7 +131,7 @@ def _walk(p: np.ndarray, level: float, start: int, out: np.ndarray) -> None:
     out[start : start + stop] = True
 
 
-def fixed_sequence(p_values, epsilon: float) -> np.ndarray:
+def fixed_sequence(p_values: ArrayLike, epsilon: float) -> np.ndarray:
     """Fixed-sequence testing: reject in order while ``p <= epsilon``, stop at the first ``p > epsilon``.
 
     Parameters
@@ -174,7 +175,7 @@ def fixed_sequence(p_values, epsilon: float) -> np.ndarray:
     return out
 
 
-def bonferroni(p_values, epsilon: float) -> np.ndarray:
+def bonferroni(p_values: ArrayLike, epsilon: float) -> np.ndarray:
     """Bonferroni correction: reject every ``H_k`` with ``p_k <= epsilon / K``.
 
     Parameters
@@ -209,7 +210,7 @@ def bonferroni(p_values, epsilon: float) -> np.ndarray:
     return p <= epsilon / p.size
 
 
-def holm(p_values, epsilon: float) -> np.ndarray:
+def holm(p_values: ArrayLike, epsilon: float) -> np.ndarray:
     """Holm's step-down procedure.
 
     Parameters
@@ -255,7 +256,7 @@ def holm(p_values, epsilon: float) -> np.ndarray:
     return out
 
 
-def multistart(p_values, epsilon: float, *, starts: int | Sequence[int]) -> np.ndarray:
+def multistart(p_values: ArrayLike, epsilon: float, *, starts: int | Sequence[int]) -> np.ndarray:
     """Fixed-sequence testing from several starting points, each at level ``epsilon / m``.
 
     Parameters
@@ -466,7 +467,9 @@ def _control_fwer_iv(p_values, epsilon, method):
     return p, epsilon, procedure
 
 
-def control_fwer(p_values, epsilon: float, method: str | FWERProcedure = "fixed_sequence") -> np.ndarray:
+def control_fwer(
+    p_values: ArrayLike, epsilon: float, method: str | FWERProcedure = "fixed_sequence"
+) -> np.ndarray:
     """Reject nulls ``risk_k > delta`` with the family-wise error rate controlled at ``epsilon``.
 
     Parameters

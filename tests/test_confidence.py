@@ -476,3 +476,74 @@ def test_torch_tensors_straight_from_a_model_are_accepted():
     assert got.keys() == expected.keys()
     for name in got:
         np.testing.assert_array_equal(got[name], expected[name])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Added by mutation testing: checks whose removal or loosening no other test noticed
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("field", ["hidden", "topk_logprobs", "topk_ids", "full_tokens"])
+def test_confidence_refuses_cache_fields_that_are_not_scores(field):
+    cache = _topk_cache()
+    assert field in cache.arrays
+    with pytest.raises(ValueError, match=rf"measure must be one of .*got '{field}'"):
+        confidence(cache, field)
+
+
+def test_confidence_returns_a_stored_score_of_the_users_own():
+    sentinel = np.linspace(0, 1, 200, dtype=np.float32).reshape(40, 5)
+    cache = _topk_cache(scores={"my_score": sentinel})
+    np.testing.assert_array_equal(confidence(cache, "my_score"), sentinel)
+    with pytest.raises(ValueError, match="measure must be one of"):
+        confidence(_topk_cache(), "my_score")  # not stored: unknown
+
+
+def test_confidence_checks_the_shape_of_topk_logprobs():
+    cache = _topk_cache()
+    lp = np.asarray(cache.arrays["topk_logprobs"])
+    for bad in (lp[:, :4], lp[:30], lp[..., 0]):
+        with pytest.raises(ValueError, match=r"cache array 'topk_logprobs' must have shape \(n_tokens, n_layers, k\)"):
+            confidence(_stand_in(cache, topk_logprobs=bad), "softmax_max")
+
+
+def test_confidence_checks_the_vocab_size_it_computes_the_entropy_with():
+    cache = _topk_cache()  # k = 4
+    for vocab_size, error in ((3, ValueError), (30.0, TypeError)):
+        with pytest.raises(error, match="vocab_size must be"):
+            confidence(_stand_in(cache, vocab_size=vocab_size), "entropy")
+
+
+def test_topk_bound_is_none_when_the_top_k_is_the_whole_vocabulary():
+    rng = np.random.default_rng(12)
+    logits = rng.normal(size=(8, 3, 6))
+    complete = _cache(topk_logprobs=_topk_from_logits(logits, 6), vocab_size=6)  # k = V: entropy exact
+    partial = _cache(topk_logprobs=_topk_from_logits(logits, 5), vocab_size=6)
+    top1 = _cache(topk_logprobs=_topk_from_logits(logits, 1), vocab_size=6)
+    assert mc._topk_bound(complete, "entropy") is None and mc._topk_bound(partial, "entropy") == 5
+    assert mc._topk_bound(top1, "softmax_gap") == 1 and mc._topk_bound(partial, "softmax_gap") is None
+    assert mc._topk_bound(top1, "softmax_max") is None and mc._topk_bound(top1, "state_saturation") is None
+    np.testing.assert_allclose(confidence(complete, "entropy"), _reference_entropy(logits), rtol=1e-5, atol=1e-6)
+
+
+def test_from_topk_tolerances_are_float_rounding_only():
+    # Past the float16/float32 rounding allowed for, the input is not sorted log-probabilities.
+    with pytest.raises(ValueError, match="must sum to at most 1"):
+        from_topk(np.log([[0.605, 0.4]]), vocab_size=10)  # mass 1.005
+    with pytest.raises(ValueError, match=r"log-probabilities \(<= 0\)"):
+        from_topk(np.array([[1e-3, -5.0]]), vocab_size=10)
+    with pytest.raises(ValueError, match="sorted in descending order"):
+        from_topk(np.array([[-1.0, -1.0 + 1e-4]]), vocab_size=10)
+    from_topk(np.array([[-1.0, -1.0 + 1e-7]]), vocab_size=10)  # a float32-sized misorder passes
+
+
+def test_state_saturation_needs_a_layer_and_a_feature():
+    for shape in [(3, 0, 4), (3, 4, 0)]:
+        with pytest.raises(ValueError, match="at least one layer and one feature"):
+            state_saturation(np.zeros(shape))
+
+
+@pytest.mark.parametrize("func", [softmax_gap, softmax_max, entropy])
+def test_full_logit_axis_refuses_a_bool(func):
+    with pytest.raises(TypeError, match="axis must be an int"):
+        func(np.ones((3, 4)), axis=True)

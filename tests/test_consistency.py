@@ -451,6 +451,7 @@ def test_pair_scorer_duplicate_pairs_scored_once():
     "call, error, match",
     [
         (lambda: rouge_l("a b", ["a b"]), TypeError, "`predictions` must be a sequence of str"),
+        (lambda: rouge_l(5, ["a"]), TypeError, "`predictions` must be a sequence of str, got int"),
         (lambda: bleu(["a"], [None]), TypeError, r"`references` must contain only str.*index 0"),
         (lambda: token_f1(["a", float("nan")], ["a", "b"]), TypeError, "index 1"),
         (lambda: rouge_l(["a"], ["a", "b"]), ValueError, "same length"),
@@ -487,3 +488,27 @@ def test_accepts_numpy_and_pandas_inputs():
     expected = rouge_l(predictions, references)
     np.testing.assert_array_equal(rouge_l(np.array(predictions), pd.Series(references)), expected)
     np.testing.assert_array_equal(rouge_l(tuple(predictions), iter(references)), expected)
+
+
+# ---------------------------------------------------------------------------------------
+# Added by mutation testing.
+# ---------------------------------------------------------------------------------------
+
+
+def test_negative_ids_within_the_code_point_range_are_renumbered():
+    # e.g. the -100 "ignore index" of a label tensor left in place: no other id is out of range.
+    a, b = [-100, 5, 7, -100], [5, -100, 7]
+    expected = _reference_lcs_f1_ids(a, b)  # LCS = 2 ([5, 7] or [-100, 7]): P = 2/4, R = 2/3
+    assert expected == 2 * 0.5 * (2 / 3) / (0.5 + 2 / 3)
+    assert lcs_f1_ids(a, b) == expected
+    np.testing.assert_array_equal(rouge_l_ids([a, [-1]], [b, [-1]]), [expected, 1.0])
+
+
+def test_rouge_l_ids_renumbers_predictions_and_references_together():
+    # Only the prediction holds an id past 0x10FFFF: renumbering the two sides apart would map 5 and 7 to
+    # ranks on one side and leave them as they are on the other.
+    preds, refs = [[2**40, 5, 7], [1, 2]], [[5, 7], [1, 3]]
+    expected = [_reference_lcs_f1_ids(a, b) for a, b in zip(preds, refs)]
+    assert expected == [2 * (2 / 3) * 1.0 / (2 / 3 + 1), 0.5]
+    np.testing.assert_array_equal(rouge_l_ids(preds, refs), expected)
+    assert lcs_f1_ids(preds[0], refs[0]) == expected[0]

@@ -282,3 +282,70 @@ def test_likelihood_needs_topk_logprobs():
     with pytest.raises(ValueError, match="no 'topk_logprobs' array"):
         likelihood_oracle(bare)
     assert consistency_oracle(bare).tolist() == [2]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Added by mutation testing
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_likelihood_oracle_ties_go_to_the_earliest_layer():
+    # Token 0: every layer gives the full token (7) p = 0.6, so with no penalty all layers tie.
+    # Token 1: 7 is absent from layers 1 and 2 (the same tail estimate, tied), then p = 0.6 at layer 3.
+    ids = np.array([[[7, 2], [7, 2], [7, 2]], [[2, 3], [3, 2], [7, 2]]])
+    lp = np.log(np.tile([0.6, 0.3], (2, 3, 1)))
+    cache = LayerCache.from_arrays(full_tokens=[7, 7], topk_ids=ids, topk_logprobs=lp, lengths=[2], vocab_size=10)
+    np.testing.assert_array_equal(likelihood_oracle(cache, penalty=0.0), [1, 3])
+    np.testing.assert_array_equal(likelihood_oracle(cache, penalty=10.0), [1, 1])
+
+
+def test_likelihood_oracle_tail_estimate_is_floored_and_quiet():
+    # The top 2 hold all the mass (r = 0), so the tail estimate log(r / (V - k)) is floored at
+    # log(tiny / (V - k)) ~ -709.8, above the stored log p = -745 of the full token (3) at layer 2.
+    lp = np.array([[[np.log(0.5), np.log(0.5)], [0.0, -745.0]]])
+    absent_then_low = LayerCache.from_arrays(
+        full_tokens=[3], topk_ids=np.array([[[0, 1], [0, 3]]]), topk_logprobs=lp, lengths=[1], vocab_size=4
+    )
+    absent_then_top = LayerCache.from_arrays(
+        full_tokens=[3], topk_ids=np.array([[[0, 1], [3, 0]]]), topk_logprobs=lp, lengths=[1], vocab_size=4
+    )
+    # k = V: every token is stored, nothing is estimated (and nothing divides by V - k = 0).
+    complete = LayerCache.from_arrays(
+        full_tokens=[0], topk_ids=np.array([[[1, 0], [0, 1]]]), topk_logprobs=lp, lengths=[1], vocab_size=2
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_array_equal(likelihood_oracle(absent_then_low, penalty=0.0), [1])
+        np.testing.assert_array_equal(likelihood_oracle(absent_then_top, penalty=0.0), [2])
+        np.testing.assert_array_equal(likelihood_oracle(complete, penalty=0.0), [2])
+
+
+def test_likelihood_oracle_checks_topk_logprobs_against_topk_ids(cache):
+    # A single log-probability per layer would broadcast against the k ids and be read as every id's.
+    lp = np.asarray(cache.arrays["topk_logprobs"])
+    assert lp.shape[-1] >= 2
+    stand_in = SimpleNamespace(
+        arrays={**cache.arrays, "topk_logprobs": lp[..., :1]}, n_layers=cache.n_layers, vocab_size=cache.vocab_size
+    )
+    with pytest.raises(ValueError, match="'topk_logprobs' must have the shape of 'topk_ids'"):
+        likelihood_oracle(stand_in)
+
+
+def test_oracle_depths_dispatches_to_each_oracle(cache):
+    targets = np.asarray(cache.arrays["topk_ids"])[:, 2, 0]  # layer 3's top-1 as the "reference"
+    likelihood, consistency = likelihood_oracle(cache, penalty=0.05), consistency_oracle(cache)
+    assert not np.array_equal(likelihood, consistency)
+    np.testing.assert_array_equal(oracle_depths(cache, "likelihood", penalty=0.05), likelihood)
+    correctness = correctness_oracle(cache, targets)
+    np.testing.assert_array_equal(oracle_depths(cache, "correctness", targets=targets), correctness)
+    np.testing.assert_array_equal(oracle_depths(cache), consistency)
+    np.testing.assert_array_equal(oracle_depths(cache, rule="stable"), consistency_oracle(cache, rule="stable"))
+
+
+def test_negative_targets_and_non_numeric_sigma_are_refused(cache):
+    with pytest.raises(ValueError, match="targets must be token ids in"):
+        correctness_oracle(cache, np.full(cache.n_tokens, -1))
+    with pytest.raises(TypeError, match="sigma must be a real number"):
+        smooth_oracle(np.array([1]), 2, sigma=True)
+    with pytest.raises(TypeError, match="sigma must be a real number"):
+        smooth_oracle(np.array([1]), 2, sigma="1")

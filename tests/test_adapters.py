@@ -51,6 +51,29 @@ def test_ridge_recovers_a_known_affine_map(model):
         np.testing.assert_allclose(heads.adapter_bias[i].detach().numpy(), c, atol=0.02)
 
 
+def test_fit_is_the_documented_weighted_ridge_with_an_unpenalised_bias(model):
+    """Noisy states, tokens of very different sizes, a strong penalty: the fit solves the documented objective
+    (rows weighted by 1 / rms(h_L)^2, penalty relative to the mean eigenvalue, bias not penalised) exactly."""
+    rng = np.random.default_rng(3)
+    n, d, n_layers, ridge = 400, 32, 4, 0.5
+    final = rng.normal(size=(n, d)) * rng.choice([0.1, 1.0, 30.0], size=(n, 1))
+    hidden = np.empty((n, n_layers, d))
+    for i in range(n_layers - 1):
+        hidden[:, i] = 2.0 * final @ rng.normal(size=(d, d)) / np.sqrt(d) + 5.0 + rng.normal(size=(n, d))
+    hidden[:, -1] = final
+    hidden = hidden.astype(np.float16).astype(np.float64)  # what the cache stores
+    heads = train_adapters(model, _cache_with_hidden(hidden, rng.integers(0, 64, n)), ridge=ridge, progress=False)
+    scale = 1.0 / np.sqrt(np.mean(hidden[:, -1] ** 2, axis=1, keepdims=True))
+    y = hidden[:, -1] * scale
+    for i in range(n_layers - 1):
+        x = np.concatenate([hidden[:, i], np.ones((n, 1))], axis=1) * scale
+        gram = x.T @ x
+        gram += np.diag(np.r_[np.full(d, ridge * np.trace(gram[:d, :d]) / d), 0.0])
+        coef = np.linalg.solve(gram, x.T @ y)
+        np.testing.assert_allclose(heads.adapter_weight[i].detach().numpy(), coef[:d].T, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(heads.adapter_bias[i].detach().numpy(), coef[d], rtol=1e-4, atol=1e-5)
+
+
 def test_adapters_restore_agreement_of_scrambled_layers(model, real_cache):
     """Middle layers replaced by a random rotation of the last one: the plain lens fails, adapters agree."""
     rng = np.random.default_rng(1)
@@ -241,3 +264,28 @@ def test_demo_cross_fitting_gives_out_of_sample_labels(model, real_cache):
     np.testing.assert_array_equal(crossed.subset(np.arange(b.n_sequences)).arrays["topk_ids"], expected.arrays["topk_ids"])
     in_sample = agreement(rehead(real_cache, heads))[:, :-1].mean()
     assert agreement(crossed)[:, :-1].mean() < in_sample
+
+
+def test_load_refuses_adapters_saved_for_another_vocabulary(model, tmp_path):
+    """Adapters have no vocabulary-sized tensor, so only the saved description tells another vocabulary apart."""
+    path = tmp_path / "adapters.safetensors"
+    save_adapters(ExitHeads.from_model(model, adapters=True), path)
+    wider = tiny_model("llama", seed=1, n_layers=4)
+    wider.resize_token_embeddings(wider.config.vocab_size + 8)
+    with pytest.raises(ValueError, match=r"holds adapters for vocab_size=\d+, this model has \d+"):
+        load_adapters(wider, path)
+
+
+
+def test_the_adapters_digest_tells_apart_adapters_that_differ_in_their_biases_only(model):
+    """Certificates and caches tell heads apart by the digest: it covers the biases as well as the weights."""
+    from calibrate.heads import adapters_digest
+
+    heads = ExitHeads.from_model(model, adapters=True)
+    first = heads.describe(fresh=True)["adapters_digest"]
+    with torch.no_grad():
+        heads.adapter_bias[0, 0] += 0.5
+    assert heads.describe(fresh=True)["adapters_digest"] != first
+    assert adapters_digest(heads.adapter_weight, heads.adapter_bias) != adapters_digest(
+        heads.adapter_weight, torch.zeros_like(heads.adapter_bias)
+    )

@@ -332,3 +332,75 @@ def test_validity_scores_held_out_rows_and_the_naive_rule_takes_the_fastest_pass
     assert study.naive_violation_rate >= 0.2 and study.violation_rate <= 0.05
     ok = ~np.isnan(study.lambda_hats)
     assert np.all(study.naive_test_risks[ok] >= study.test_risks[ok] - 1e-12)
+
+
+def test_audit_report_fields_and_frame_columns_are_the_held_out_values_at_lambda_hat(split, cert):
+    """risk and layers are the held-out values at the certified grid value; to_frame's test columns hold them."""
+    report = calibrate.audit(cert, split[1])
+    assert report.risk == report.risks[cert.index] and report.layers == report.avg_layers[cert.index]
+    assert 1.0 <= report.layers < split[1].n_layers and len(set(report.avg_layers.tolist())) > 1
+    frame = report.to_frame()
+    np.testing.assert_array_equal(frame["test_risk"], report.risks)
+    np.testing.assert_array_equal(frame["test_avg_layers"], report.avg_layers)
+    assert frame.index[frame["selected"]].tolist() == [cert.index]
+
+
+def test_validity_scores_each_trial_on_its_held_out_rows_only():
+    """With one held-out sequence per split and 0/1 sequence losses, every held-out risk is 0 or 1 (a mean over
+    calibration rows, or over a test set that overlaps them, would not be)."""
+    cache = calibrate.synthetic_cache(300, seed=0)
+    study = calibrate.validity(cache, trials=30, cal_fraction=299 / 300, consistency="sequence", progress=False)
+    assert (study.n_cal, study.n_test) == (299, 1)
+    certified = ~np.isnan(study.lambda_hats)
+    assert certified.all() and np.isin(study.test_risks, [0.0, 1.0]).all()
+    assert np.isin(study.naive_test_risks, [0.0, 1.0]).all()
+    assert 0 < study.violation_rate < 1  # some single held-out sequences differ, some do not
+
+
+def test_validity_naive_rule_accepts_a_calibration_risk_of_exactly_delta(monkeypatch):
+    """The naive rule is "calibration risk <= delta": a grid value whose risk equals delta is the naive choice."""
+    fit_module = sys.modules["calibrate.fit"]
+    table = calibrate.user_losses(np.tile([0.0, 0.25, 1.0], (40, 1)), [0.9, 0.5, 0.1])
+    monkeypatch.setattr(fit_module, "_proxy_table", lambda cache, seed, **kwargs: (table,))
+    study = calibrate.validity(calibrate.synthetic_cache(40, seed=0), trials=3, delta=0.25, progress=False)
+    np.testing.assert_array_equal(study.naive_test_risks, [0.25] * 3)
+    assert study.naive_violation_rate == 0.0
+
+
+def test_audit_of_a_decaying_threshold_certificate_uses_its_decay(split):
+    """A certificate fitted with a decaying threshold is audited with the same decay, not with a constant one."""
+    from calibrate.exits import Decay
+
+    dev, test = split
+    cert = calibrate.fit(dev, delta=0.15, epsilon=0.05, decay=2.0)
+    report = calibrate.audit(cert, test)
+    conf = confidence(test, cert.measure)
+    direct = calibrate.proxy_losses(test, conf, cert.lambdas, decay=Decay(**cert.decay))
+    np.testing.assert_array_equal(report.risks, direct.risks)
+    assert not np.array_equal(report.risks, calibrate.proxy_losses(test, conf, cert.lambdas).risks)
+
+
+def test_audit_summary_says_above_delta_when_the_held_out_risk_exceeds_it(split, cert):
+    """The summary's verdict follows within_tolerance: "within" at risk <= delta, "ABOVE" past it."""
+    from calibrate.audit import AuditReport
+
+    risks, layers = np.zeros(len(cert.lambdas)), np.full(len(cert.lambdas), 4.0)
+    above = AuditReport(cert, 1, risks, layers, cert.delta + 0.01, 4.0, "proxy")
+    assert "(ABOVE delta = 0.15)" in above.summary() and "within_tolerance=False" in repr(above)
+    assert "1 held-out sequence (teacher-forced proxy losses)" in above.summary()
+    at = AuditReport(cert, 2, risks, layers, cert.delta, 4.0, "proxy")
+    assert "(within delta = 0.15)" in at.summary() and "average layers 4.00 of 8 (saves 50.0%)" in at.summary()
+
+
+def test_audit_scores_textual_losses_with_the_decode_given(split, cert):
+    """decode= reaches the textual losses: the audit equals proxy losses decoded the same way, not the default."""
+    dev, test = split
+    conf = confidence(test, cert.measure)
+
+    def decode(ids):
+        return " ".join(str(i % 5) for i in ids)  # a coarser text: some differing tokens read the same
+
+    report = calibrate.audit(cert, test, decode=decode)
+    direct = calibrate.proxy_losses(test, conf, cert.lambdas, consistency="rouge_l", decode=decode)
+    np.testing.assert_array_equal(report.risks, direct.risks)
+    assert not np.array_equal(report.risks, calibrate.audit(cert, test).risks)

@@ -770,3 +770,51 @@ def test_a_score_of_your_own_is_a_measure(tmp_path):
     )
     with pytest.raises(ValueError, match="stores a score named 'classifier', which is also a learned measure"):
         calibrate.fit(named_classifier, measure="classifier")  # trained a classifier, ignoring the score
+
+
+def test_textual_risk_losses_past_the_first_batch_compare_with_their_own_references(cache):
+    """Sequences are scored in batches of 256: a sequence of a later batch is scored against its own reference,
+    as it is in a cache of that batch alone."""
+    conf = cache.arrays["softmax_gap"]
+    lam = np.linspace(1.0, 0.0, 6)
+    whole = calibrate.proxy_losses(cache, conf, lam, consistency="risk_token_f1")
+    rows = np.arange(256, cache.n_sequences)
+    alone = cache.subset(rows)
+    part = calibrate.proxy_losses(alone, alone.arrays["softmax_gap"], lam, consistency="risk_token_f1")
+    assert part.losses.any()
+    np.testing.assert_array_equal(whole.losses[rows], part.losses)
+
+
+def test_textual_losses_exit_where_the_token_losses_do_under_a_decaying_threshold(cache):
+    """A decaying threshold moves the exits of the textual losses as it moves those of the token losses."""
+    from calibrate.exits import Decay
+
+    small = cache.subset(np.arange(30))
+    conf, lam, decay = small.arrays["softmax_gap"], np.linspace(1.0, 0.0, 6), Decay(max_len=24, tau=2.0)
+    token = calibrate.proxy_losses(small, conf, lam, decay=decay)
+    text = calibrate.proxy_losses(small, conf, lam, consistency="rouge_l", decay=decay)
+    np.testing.assert_allclose(text.avg_layers, token.avg_layers)
+    assert not np.allclose(text.avg_layers, calibrate.proxy_losses(small, conf, lam).avg_layers)
+    np.testing.assert_array_equal(text.losses > 0, token.losses > 0)  # a text differs where a token does
+
+
+def test_loss_table_refuses_average_exit_layers_below_the_first_layer():
+    """Exit layers are 1-based: an average below 1 (e.g. 0-based layers) is refused, 1 and NaN are taken."""
+    losses, grid = np.zeros((2, 2)), [1.0, 0.5]
+    for bad in ([0.5, 1.0], [2.0, 0.0]):
+        with pytest.raises(ValueError, match=r"avg_layers must be exit layers in \[1, 12\] or NaN"):
+            calibrate.LossTable(losses, grid, avg_layers=bad, n_layers=12)
+    assert calibrate.LossTable(losses, grid, avg_layers=[1.0, np.nan], n_layers=12).avg_layers[0] == 1.0
+
+
+def test_loss_table_risk_is_the_mean_loss_of_each_column():
+    table = calibrate.user_losses([[0.0, 0.0], [0.0, 1.0], [0.0, 1.0], [0.0, 0.0], [1.0, 1.0]], [0.9, 0.1])
+    np.testing.assert_allclose(table.risks, [0.2, 0.6])  # not the median (0, 1), nor a mean over rows
+    np.testing.assert_allclose(table.subset([0, 4]).risks, [0.5, 0.5])
+
+
+def test_risk_losses_refuse_a_cache_without_references():
+    cache = calibrate.synthetic_cache(20, n_layers=4, seed=0, references=False)
+    conf = cache.arrays["softmax_gap"]
+    with pytest.raises(ValueError, match=r"consistency='risk_rouge_l' compares with references, but 20 sequences"):
+        calibrate.proxy_losses(cache, conf, [0.9, 0.1], consistency="risk_rouge_l")

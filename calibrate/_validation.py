@@ -52,13 +52,13 @@ def open_interval(value, name: str, *, upper: float = 1.0, upper_name: str = "1"
         raise TypeError(f"{name} must be a real number in the open interval (0, {upper_name}), got {type(value).__name__}")
     number = to_float(value)
     if not 0.0 < number < upper:
-        shown = repr(number) if math.isfinite(number) else shown_int(value)
+        shown = repr(number) if math.isfinite(number) else short_repr(value)
         raise ValueError(f"{name} must lie in the open interval (0, {upper_name}), got {shown}")
     return number
 
 
-def shown_int(value: Any) -> str:
-    """``repr(value)`` cut to 40 characters, for messages (an int too long for Python to print by its length)."""
+def short_repr(value: Any) -> str:
+    """``repr(value)`` cut to 40 characters, for messages (an int too long for Python to print: its bit count)."""
     try:
         return f"{value!r:.40}"
     except ValueError:  # more digits than sys.get_int_max_str_digits()
@@ -131,7 +131,7 @@ def finite_positive(value, name: str) -> float:
     """``value`` as a float, finite and ``> 0``; ValueError naming ``name`` otherwise (bools included)."""
     ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(to_float(value))
     if not (ok and value > 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {shown_int(value)}")
+        raise ValueError(f"{name} must be a finite number > 0, got {short_repr(value)}")
     return float(value)
 
 

@@ -277,8 +277,13 @@ def test_multistart_validation():
             fwer.multistart(p, 0.05, starts=bad)
     with pytest.raises(ValueError, match=">= 1"):
         fwer.MultiStart(0)
-    for bad, match in [([], r"non-empty 1-D .*got shape \(0,\)"), ([[0, 1]], r"got shape \(1, 2\)"),
-                       ([[0], [1, 2]], "got a ragged sequence"), ([1, 1], "distinct"), ([0.0], "integer indices")]:  # fmt: skip
+    for bad, match in [
+        ([], r"non-empty 1-D .*got shape \(0,\)"),
+        ([[0, 1]], r"got shape \(1, 2\)"),
+        ([[0], [1, 2]], "got a ragged sequence"),
+        ([1, 1], "distinct"),
+        ([0.0], "integer indices"),
+    ]:
         for make in (fwer.MultiStart, lambda s: fwer.multistart(p, 0.05, starts=s)):  # one check, one message
             with pytest.raises(TypeError if bad == [0.0] else ValueError, match=match):
                 make(bad)

@@ -740,7 +740,7 @@ def test_refuses_certificates_for_another_knob_or_model():
         generate(model, ids, certificate=cert(0.5, measure="classifier"))
     with pytest.raises(ValueError, match="hidden size"):
         generate(model, ids, certificate=cert(0.5, "classifier", state=_classifier_state(16, N_LAYERS)))
-    topk = _classifier_state(32, N_LAYERS)
+    topk = _classifier_state(4, N_LAYERS)  # 5 features: top-2 log-probs, gap, max, entropy
     topk["params"]["features"] = topk["features"] = "topk"
     topk["top_k"], topk["vocab_size"] = 2, 64
     with pytest.raises(ValueError, match=r"features='topk'.*fit it on a cache extracted with store_hidden=True"):

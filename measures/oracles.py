@@ -178,7 +178,8 @@ def likelihood_oracle(cache: Any, *, penalty: float = 0.1) -> np.ndarray:
         If ``penalty`` is negative or not finite, or an array is missing, malformed (not sorted
         log-probabilities) or of the wrong shape.
     TypeError
-        If ``penalty`` is not a real number or ``cache`` has no ``.arrays``/``.n_layers``.
+        If ``penalty`` is not a real number, ``cache`` has no ``.arrays``/``.n_layers``, or its ``vocab_size`` is
+        not an int (None included).
 
     Notes
     -----

@@ -44,7 +44,7 @@ import pandas as pd
 
 from calibrate._atomic import sync_dir, sync_tree, temporary_dir
 from calibrate._storage import Remote, location, zarr_store
-from calibrate._validation import caller_stacklevel, int_at_least, parse_json, seed_iv
+from calibrate._validation import caller_stacklevel, int_at_least, parse_json, seed_iv, short_repr
 from measures._arrays import as_numpy
 
 __all__ = ["FORMAT_VERSION", "LayerCache", "concat_caches", "open_cache"]
@@ -1019,7 +1019,7 @@ def _vocab_size_iv(vocab_size, name: str = "vocab_size") -> int:
     if vocab_size > _MAX_VOCAB_SIZE:
         raise ValueError(
             f"{name} must be at most 2**31 - 1 = {_MAX_VOCAB_SIZE} (token ids are stored as int32), "
-            f"got {vocab_size!r:.40}"
+            f"got {short_repr(vocab_size)}"
         )
     return int(vocab_size)
 

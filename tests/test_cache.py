@@ -267,6 +267,8 @@ def test_ids_that_do_not_fit_int32_are_rejected_not_wrapped(big):
         LayerCache.from_arrays(full_tokens=ids, topk_ids=ids.reshape(1, 1, 1), lengths=[1])
     with pytest.raises(ValueError, match=r"^vocab_size must be at most 2\*\*31 - 1 = 2147483647 .* got 2147483648"):
         LayerCache.from_arrays(full_tokens=[3], topk_ids=[[[3]]], lengths=[1], vocab_size=2**31)
+    with pytest.raises(ValueError, match=r"must be at most 2\*\*31 - 1 = 2147483647 .* got an int of 16610 bits$"):
+        LayerCache.from_arrays(full_tokens=[3], topk_ids=[[[3]]], lengths=[1], vocab_size=10**5000)  # was: int->str
     largest = LayerCache.from_arrays(full_tokens=[2**31 - 2], topk_ids=[[[2**31 - 2]]], lengths=[1])
     assert largest.vocab_size == 2**31 - 1 and largest.arrays["full_tokens"].tolist() == [2**31 - 2]
 

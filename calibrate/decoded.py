@@ -27,14 +27,14 @@ from typing import Any
 import numpy as np
 
 from calibrate import runtime
-from calibrate._validation import caller_stacklevel, int_at_least, open_interval, seed_iv
+from calibrate._validation import caller_stacklevel, int_at_least, seed_iv
 from calibrate.audit import AuditReport, _held_out_report
 from calibrate.bounds import p_values
 from calibrate.cache import LayerCache
 from calibrate.certificate import Certificate, _audit_budget
 from calibrate.exits import Decay, _grid, _lambdas_iv
 from calibrate.extraction import _context_iv, _pad
-from calibrate.fit import _bound_iv, _decay_iv, _too_few_reason, certify
+from calibrate.fit import _decay_iv, _risk_control_iv, _too_few_reason, certify
 from calibrate.fwer import FixedSequence
 from calibrate.heads import ExitHeads, decoder_layers
 from calibrate.losses import _TOKEN_LEVEL, CONSISTENCIES, LossTable, tokenizer_decode
@@ -324,8 +324,7 @@ def _template(decoder: _Decoder, lam, heads: ExitHeads, **fields) -> Certificate
 def _risk_iv(delta, epsilon, bound, consistency, method=_LAZY_METHOD) -> tuple[float, float, str]:
     """Checked ``(delta, epsilon, bound)`` of a lazy fixed-sequence walk (``bound`` None: the default p-value;
     ``"binomial"`` only for 0/1 losses); ``method`` must be fixed-sequence testing."""
-    delta = open_interval(delta, "delta")
-    epsilon = open_interval(epsilon, "epsilon")
+    delta, epsilon, bound, _ = _risk_control_iv(delta, epsilon, bound, _LAZY_METHOD)
     if not (method == _LAZY_METHOD or type(method) is FixedSequence):
         name = method if isinstance(method, str) else type(method).__name__
         raise ValueError(
@@ -334,7 +333,6 @@ def _risk_iv(delta, epsilon, bound, consistency, method=_LAZY_METHOD) -> tuple[f
             "epsilon; other methods would decode at every threshold, and decoded mode does not offer them "
             "(decoded_losses gives the losses at every value of a certificate's grid, for a study)"
         )
-    bound = _bound_iv(bound, _LAZY_METHOD)
     if bound == "binomial" and consistency != "sequence":
         raise ValueError(
             f"bound='binomial' is exact for 0/1 losses only, i.e. consistency='sequence'; got {consistency!r}"

@@ -126,7 +126,7 @@ class ChunkedCache:
     @property
     def user_meta(self) -> dict:
         """The writer's metadata (model, generation, ...), as :attr:`calibrate.LayerCache.user_meta`."""
-        from calibrate.cache import _DERIVED_KEYS
+        from calibrate._cache_files import _DERIVED_KEYS
 
         return {k: copy.deepcopy(v) for k, v in self._meta.items() if k not in _DERIVED_KEYS}
 
@@ -156,7 +156,7 @@ class ChunkedCache:
         import dask
         import dask.array as da
 
-        from calibrate.cache import _field_dtype
+        from calibrate._cache_files import _field_dtype
 
         parts: dict[str, list] = {name: [] for name in self._array_specs()}
         for root, first, end, checksum in self._spans():
@@ -190,7 +190,9 @@ class ChunkedCache:
         LayerCache
             Equal to ``open_cache(path).subset(sorted(indices))``.
         """
-        from calibrate.cache import LayerCache, _field_dtype, _make_table, _subset_iv
+        from calibrate._cache_checks import _subset_iv
+        from calibrate._cache_files import _field_dtype, _make_table
+        from calibrate.cache import LayerCache
 
         idx = np.sort(_subset_iv(indices, self.n_sequences))
         offsets = np.zeros(idx.size + 1, dtype=np.int64)
@@ -226,7 +228,9 @@ class ChunkedCache:
         """
         import zarr
 
-        from calibrate.cache import LayerCache, _check_values, _chunk_files_iv, token_rows
+        from calibrate._cache_checks import _check_values
+        from calibrate._cache_files import _chunk_files_iv
+        from calibrate.cache import LayerCache, token_rows
 
         if not 0 <= first < stop <= self.n_sequences:
             raise ValueError(f"sequence range [{first}, {stop}) is outside [0, {self.n_sequences})")
@@ -269,7 +273,7 @@ class ChunkedCache:
 
     def _vocab(self):
         """The vocab, read again and refused if it is not the one the cache was opened with."""
-        from calibrate.cache import _hash_strings, _read_vocab
+        from calibrate._cache_files import _hash_strings, _read_vocab
 
         root, spec = self.sources[0][0], self._meta["fields"].get("vocab")
         vocab = _read_vocab(root, spec)
@@ -330,7 +334,7 @@ class ChunkedCache:
         import dask
         from tqdm.auto import tqdm
 
-        from calibrate.cache import _subset_iv
+        from calibrate._cache_checks import _subset_iv
         from calibrate.exits import _lambdas_iv, default_lambdas
         from calibrate.fit import _measure_iv
         from calibrate.losses import _TOKEN_LEVEL, LossTable, _consistency_iv, _text_iv
@@ -435,7 +439,7 @@ def _partition_losses(
 
 def _unchanged(root: Path | Remote, checksum: str) -> None:
     """Refuse a cache directory whose ``meta.json`` no longer records ``checksum`` (saved over since it was opened)."""
-    from calibrate.cache import _read_meta
+    from calibrate._cache_files import _read_meta
 
     now = _read_meta(root).get("checksum")
     if now != checksum:
@@ -464,7 +468,7 @@ def _read_slice(root: Path | Remote, name: str, spec: dict, lo: int, hi: int) ->
     """
     import zarr
 
-    from calibrate.cache import _field_dtype
+    from calibrate._cache_files import _field_dtype
 
     where = root / spec["path"]
     try:
@@ -503,13 +507,8 @@ def read_lazily(root: Path | Remote, verify: bool, joint: dict | None = None) ->
     that are fed the same bytes (the checksum of several shards joined), which streams the arrays even
     without ``verify``.
     """
-    from calibrate.cache import (
-        _cache_checksum,
-        _check_meta_checksum,
-        _hash_strings,
-        _hash_table,
-        _open_checked,
-    )
+    from calibrate._cache_files import _cache_checksum, _check_meta_checksum, _hash_strings, _hash_table
+    from calibrate.cache import _open_checked
 
     meta, stored, _, table, offsets, vocab, _ = _open_checked(root)  # as in memory, before values are read
     fields = meta["fields"]
@@ -546,7 +545,7 @@ def _stream_hash(z, *also) -> str:
 
     Every hasher in ``also`` gets the same data bytes (not the header).
     """
-    from calibrate.cache import _array_hasher
+    from calibrate._cache_files import _array_hasher
 
     h = _array_hasher(z.dtype, z.shape)
     step = max(1, int(z.chunks[0]))

@@ -29,9 +29,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from calibrate._cache_files import _library_version, _save_iv
 from calibrate._digest import weights_digest
 from calibrate._validation import caller_stacklevel, int_at_least
-from calibrate.cache import LayerCache, _library_version, _save_iv, concat_caches, open_cache
+from calibrate.cache import LayerCache, concat_caches, open_cache
 from calibrate.heads import ExitHeads, context_positions, decoder_layers, record_layer_states
 from calibrate.models import eval_mode
 from measures.confidence import state_saturation

@@ -21,19 +21,9 @@ import numpy as np
 import pandas as pd
 
 from calibrate._atomic import atomic_file
+from calibrate._cache_files import _array_hasher, _cache_checksum, _hash_strings, _hash_table, _load_json, _read_vocab
 from calibrate._storage import Remote
-from calibrate.cache import (
-    _MAY_DIFFER,
-    _array_hasher,
-    _cache_checksum,
-    _hash_strings,
-    _hash_table,
-    _load_json,
-    _meta_difference,
-    _read_vocab,
-    concat_caches,
-    open_cache,
-)
+from calibrate.cache import _MAY_DIFFER, _meta_difference, concat_caches, open_cache
 
 __all__ = ["MANIFEST_FILE", "shard_name", "parse_shard", "shard_bounds", "write_manifest", "is_sharded", "open_sharded"]
 

@@ -536,10 +536,10 @@ _VALIDITY_OPTIONS = (
 
 def validity(
     cache,
+    *,
     trials: int = 50,
     cal_fraction: float = 0.8,
     seed: int = 0,
-    *,
     delta: float = 0.1,
     epsilon: float = 0.05,
     progress: bool = True,

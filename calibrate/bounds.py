@@ -574,7 +574,7 @@ def _p_values_iv(losses, tolerance, bound, epsilon):
 
 
 def p_values(
-    losses: ArrayLike, tolerance: float, bound: str = DEFAULT_BOUND, *, epsilon: float = 0.05
+    losses: ArrayLike, tolerance: float, *, bound: str = DEFAULT_BOUND, epsilon: float = 0.05
 ) -> np.ndarray:
     """p-values of ``H0_k: risk_k > tolerance`` for every column of a loss table.
 

@@ -287,11 +287,11 @@ class ChunkedCache:
     # ---- losses -----------------------------------------------------------------------------------------
     def loss_table(
         self,
+        *,
         measure: str = "softmax_gap",
         consistency: str = "token",
         lambdas=None,
         decay=None,
-        *,
         measure_state: dict | None = None,
         sequences=None,
         client=None,

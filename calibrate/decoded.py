@@ -149,8 +149,8 @@ class _Decoder:
             self._full_texts = [self.decode(f) for f in full]
         early_texts = [self.decode(e) for e in early]
         if self.consistency.startswith("risk_"):
-            return risk_consistency(early_texts, self._full_texts, self.references, self.scorer), avg_layer
-        return textual_loss(early_texts, self._full_texts, self.scorer), avg_layer
+            return risk_consistency(early_texts, self._full_texts, self.references, metric=self.scorer), avg_layer
+        return textual_loss(early_texts, self._full_texts, metric=self.scorer), avg_layer
 
 
 def _token_disagreement(early: np.ndarray, full: np.ndarray) -> float:

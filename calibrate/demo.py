@@ -386,7 +386,7 @@ def _decode_speeds(data: SmolLM2Data, certificates: dict, n: int, max_new_tokens
             continue
         full, full_tps, _ = run(None)  # timed next to each early-exit run: a load change hits both alike
         early, tps, layer = run(cert)
-        loss = float(np.mean(textual_loss(early, full, cert.consistency)))
+        loss = float(np.mean(textual_loss(early, full, metric=cert.consistency)))
         rows.append({"measure": measure, "decoded_exit_layer": layer, "speedup": tps / full_tps, "decoded_loss": loss})
     return pd.DataFrame(rows, columns=["measure", "decoded_exit_layer", "speedup", "decoded_loss"])
 

@@ -425,7 +425,7 @@ def extract_main(
     sharding = None
     if shard is not None:
         index, count = shard
-        start, stop = shards.shard_bounds(len(prompts), index, count, kw.get("batch_size", _DEFAULT_BATCH_SIZE))
+        start, stop = shards.shard_bounds(len(prompts), index, count, batch_size=kw.get("batch_size", _DEFAULT_BATCH_SIZE))
         shards.check_manifest(root, count)  # another run's shard count: refused before any work
         plain = (str, int, float, bool, type(None))
         request = {k: v for k, v in kw.items() if k != "progress" and isinstance(v, plain)}

@@ -430,9 +430,9 @@ def _chunked_table(
     )
     run = dict(client=client, decode=decode, progress=progress)
     if learned is None:
-        return cache.loss_table(measure, consistency, lambdas, decay, **run), _topk_state(cache, measure), 0
+        return cache.loss_table(measure=measure, consistency=consistency, lambdas=lambdas, decay=decay, **run), _topk_state(cache, measure), 0
     state = learned.to_dict()
-    table = cache.loss_table(measure, consistency, lambdas, decay, measure_state=state, sequences=rows, **run)
+    table = cache.loss_table(measure=measure, consistency=consistency, lambdas=lambdas, decay=decay, measure_state=state, sequences=rows, **run)
     return table, state, n_train
 
 

@@ -468,7 +468,7 @@ def _control_fwer_iv(p_values, epsilon, method):
 
 
 def control_fwer(
-    p_values: ArrayLike, epsilon: float, method: str | FWERProcedure = "fixed_sequence"
+    p_values: ArrayLike, epsilon: float, *, method: str | FWERProcedure = "fixed_sequence"
 ) -> np.ndarray:
     """Reject nulls ``risk_k > delta`` with the family-wise error rate controlled at ``epsilon``.
 

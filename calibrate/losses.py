@@ -422,9 +422,9 @@ def _textual_losses(cache, conf, lam, top1, full, consistency, positions, decay,
                 early_texts = [decode(early[lo:hi, c]) for c in cols]
                 full_texts = [decode(full[a + lo : a + hi])] * cols.size
                 if risk:
-                    runs = risk_consistency(early_texts, full_texts, [references[s]] * cols.size, scorer)
+                    runs = risk_consistency(early_texts, full_texts, [references[s]] * cols.size, metric=scorer)
                 else:
-                    runs = textual_loss(early_texts, full_texts, scorer)
+                    runs = textual_loss(early_texts, full_texts, metric=scorer)
                 losses[s] = runs[run_ids[j]]
                 scorer.clear()  # a sequence's texts recur only within it: hold one sequence's, not the cache's
             bar.update(s1 - s0)

@@ -72,7 +72,7 @@ def parse_shard(spec: str) -> tuple[int, int]:
     return int(match[1]), int(match[2])
 
 
-def shard_bounds(n: int, index: int, count: int, batch_size: int = 1) -> tuple[int, int]:
+def shard_bounds(n: int, index: int, count: int, *, batch_size: int = 1) -> tuple[int, int]:
     """The prompts ``[start, stop)`` of shard ``index`` of ``count`` over ``n`` prompts.
 
     Shards are contiguous runs of whole batches of ``batch_size`` prompts (their batch counts differ by

@@ -445,7 +445,7 @@ class PairScorer:
 
 
 def consistency_scores(
-    predictions: Sequence[str], references: Sequence[str], metric: str | PairScorer = "rouge_l"
+    predictions: Sequence[str], references: Sequence[str], *, metric: str | PairScorer = "rouge_l"
 ) -> np.ndarray:
     """Score each prediction against its reference with a text metric.
 
@@ -473,7 +473,7 @@ def consistency_scores(
 
     Examples
     --------
-    >>> consistency_scores(["a b c"], ["a b d"], "token_f1")
+    >>> consistency_scores(["a b c"], ["a b d"], metric="token_f1")
     array([0.5])
     """
     preds, refs, scorer = _consistency_scores_iv(predictions, references, metric)
@@ -525,7 +525,7 @@ def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> np.ndarray
     >>> rouge_l(["The cat sat."], ["the cat sat on the mat"])
     array([0.66666667])
     """
-    return consistency_scores(predictions, references, "rouge_l")
+    return consistency_scores(predictions, references, metric="rouge_l")
 
 
 def bleu(predictions: Sequence[str], references: Sequence[str]) -> np.ndarray:
@@ -565,7 +565,7 @@ def bleu(predictions: Sequence[str], references: Sequence[str]) -> np.ndarray:
     >>> bleu(["the cat sat on the mat"], ["the cat sat on the mat"])
     array([1.])
     """
-    return consistency_scores(predictions, references, "bleu")
+    return consistency_scores(predictions, references, metric="bleu")
 
 
 def token_f1(predictions: Sequence[str], references: Sequence[str]) -> np.ndarray:
@@ -600,7 +600,7 @@ def token_f1(predictions: Sequence[str], references: Sequence[str]) -> np.ndarra
     >>> token_f1(["The Eiffel tower", "", "Paris"], ["eiffel tower in Paris", "the", "London"])
     array([0.66666667, 1.        , 0.        ])
     """
-    return consistency_scores(predictions, references, "token_f1")
+    return consistency_scores(predictions, references, metric="token_f1")
 
 
 def lcs_f1_ids(a_ids: Sequence[int] | np.ndarray, b_ids: Sequence[int] | np.ndarray) -> float:
@@ -681,7 +681,7 @@ def rouge_l_ids(
 
 
 def textual_loss(
-    early: Sequence[str], full: Sequence[str], metric: str | PairScorer = "rouge_l"
+    early: Sequence[str], full: Sequence[str], *, metric: str | PairScorer = "rouge_l"
 ) -> np.ndarray:
     """Textual consistency loss 1 - score(early, full), 0 for identical strings.
 
@@ -724,6 +724,7 @@ def risk_consistency(
     early: Sequence[str],
     full: Sequence[str],
     references: Sequence[str],
+    *,
     metric: str | PairScorer = "rouge_l",
 ) -> np.ndarray:
     """Risk consistency loss max(0, R(early, ref) - R(full, ref)).

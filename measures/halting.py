@@ -390,7 +390,7 @@ class HaltingHead:
                 raise ValueError(f"targets are used only with oracle='correctness', not oracle={self.oracle!r}")
             options["targets"] = targets
         n_layers = int(cache.n_layers)
-        q = smooth_oracle(oracle_depths(cache, self.oracle, **options), n_layers, sigma=self.sigma)  # (T, L)
+        q = smooth_oracle(oracle_depths(cache, oracle=self.oracle, **options), n_layers, sigma=self.sigma)  # (T, L)
         if self.kind == "geometric":
             models, classes = self._fit_geometric(cache, q, n_tokens), None
             n_features = int(np.shape(cache.arrays["hidden"])[2]) + 1  # the state and its saturation

@@ -288,7 +288,7 @@ def correctness_oracle(cache: Any, targets: Any = None) -> np.ndarray:
 _OPTIONS = {"consistency": ("rule",), "likelihood": ("penalty",), "correctness": ("targets",)}
 
 
-def oracle_depths(cache: Any, oracle: str = "consistency", **options: Any) -> np.ndarray:
+def oracle_depths(cache: Any, *, oracle: str = "consistency", **options: Any) -> np.ndarray:
     """One of the oracles by name.
 
     Parameters
@@ -316,7 +316,7 @@ def oracle_depths(cache: Any, oracle: str = "consistency", **options: Any) -> np
     >>> from calibrate.synthetic import synthetic_cache
     >>> from measures.oracles import consistency_oracle, oracle_depths
     >>> cache = synthetic_cache(5, n_layers=4, seed=0)
-    >>> bool((oracle_depths(cache, "consistency", rule="first") == consistency_oracle(cache, rule="first")).all())
+    >>> bool((oracle_depths(cache, oracle="consistency", rule="first") == consistency_oracle(cache, rule="first")).all())
     True
     """
     if oracle not in ORACLES:

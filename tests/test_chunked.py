@@ -138,18 +138,18 @@ def test_loss_table_of_some_sequences(saved):
     cache, path = saved
     lazy = calibrate.open_cache(path, chunks=50)
     keep = np.arange(5, 240, 3)
-    got = lazy.loss_table("entropy", "token", sequences=keep)
+    got = lazy.loss_table(measure="entropy", consistency="token", sequences=keep)
     expected = calibrate.losses.proxy_losses(
         cache.subset(keep), confidence(cache.subset(keep), "entropy"), calibrate.default_lambdas()
     )
     np.testing.assert_array_equal(got.losses, expected.losses)
     np.testing.assert_array_equal(got.avg_layers, expected.avg_layers)
     with pytest.raises(ValueError, match="sequences: .*repeat"):
-        lazy.loss_table("entropy", sequences=[3, 3])
+        lazy.loss_table(measure="entropy", sequences=[3, 3])
     with pytest.raises(ValueError, match="measure_state is required"):
-        lazy.loss_table("classifier")
+        lazy.loss_table(measure="classifier")
     with pytest.raises(ValueError, match="measure_state is required"):
-        lazy.loss_table("entropy", measure_state={})
+        lazy.loss_table(measure="entropy", measure_state={})
 
 
 def test_tasks_carry_only_the_table_columns_they_read(saved, monkeypatch):

@@ -173,7 +173,7 @@ def _score(api: str, metric: str, predictions, references) -> np.ndarray:
     if api == "function":
         return FUNCTIONS[metric](predictions, references)
     if api == "consistency_scores":
-        return consistency_scores(predictions, references, metric)
+        return consistency_scores(predictions, references, metric=metric)
     # Stateful API: score twice with one scorer, the second call served from the caches.
     scorer = PairScorer(metric)
     first = scorer.score(predictions, references)
@@ -240,7 +240,7 @@ def test_bleu_cap_only_removes_rounding_excess():
 def test_random_text_equals_reference(prediction, reference):
     for metric in METRICS:
         np.testing.assert_array_equal(
-            consistency_scores([prediction], [reference], metric),
+            consistency_scores([prediction], [reference], metric=metric),
             _reference(metric, [prediction], [reference]),
         )
 
@@ -351,23 +351,23 @@ def test_token_f1_hand_worked(prediction, reference, expected):
 @pytest.mark.parametrize("metric", METRICS)
 def test_textual_loss_properties(metric):
     early, full = map(list, zip(*ALL_PAIRS))
-    loss = textual_loss(early, full, metric)
+    loss = textual_loss(early, full, metric=metric)
     assert loss.dtype == np.float64 and loss.shape == (len(early),)
     assert np.all((loss >= 0) & (loss <= 1))
     same = np.array([e == f for e, f in zip(early, full)])
     assert same.sum() >= 25 and np.all(loss[same] == 0)
     np.testing.assert_array_equal(loss[~same], 1 - _reference(metric, early, full)[~same])
-    assert np.all(textual_loss(full, full, metric) == 0)
+    assert np.all(textual_loss(full, full, metric=metric) == 0)
     assert np.mean(loss[~same] > 0) > 0.5
 
 
 def test_textual_loss_identical_unscorable_texts_cost_nothing():
     texts = ["", "!!!", "🙂", "我喜欢猫", "the"]
     for metric in METRICS:
-        assert np.all(textual_loss(texts, texts, metric) == 0)
+        assert np.all(textual_loss(texts, texts, metric=metric) == 0)
     # ... while different unscorable strings get the metric's value.
-    assert textual_loss(["!!!"], ["?"], "rouge_l")[0] == 1.0
-    assert textual_loss(["Hi!"], ["hi"], "rouge_l")[0] == 0.0
+    assert textual_loss(["!!!"], ["?"], metric="rouge_l")[0] == 1.0
+    assert textual_loss(["Hi!"], ["hi"], metric="rouge_l")[0] == 0.0
 
 
 @pytest.mark.parametrize("metric", METRICS)
@@ -385,7 +385,7 @@ def test_risk_consistency_properties(metric):
         early[i] = refs[i]
     for i in range(2, n, 5):
         full[i] = refs[i]
-    loss = risk_consistency(early, full, refs, metric)
+    loss = risk_consistency(early, full, refs, metric=metric)
     assert loss.dtype == np.float64 and loss.shape == (n,)
     assert np.all((loss >= 0) & (loss <= 1))
     assert np.all(loss[0::5] == 0)  # early == full
@@ -425,7 +425,7 @@ def test_pair_scorer_tokenises_each_text_once(metric, monkeypatch):
     np.testing.assert_array_equal(first, again)
     assert len(prepared) == len(set(prepared)) == len(set(predictions + references)) == scorer.n_texts
     assert len(scored) == len(set(zip(predictions, references))) == scorer.n_pairs
-    textual_loss(references, predictions, scorer)  # reversed pairs: new pairs, no new texts
+    textual_loss(references, predictions, metric=scorer)  # reversed pairs: new pairs, no new texts
     assert len(prepared) == scorer.n_texts
     assert scorer.n_pairs == len(scored) == len(
         set(zip(predictions, references)) | set(zip(references, predictions)))
@@ -455,8 +455,8 @@ def test_pair_scorer_duplicate_pairs_scored_once():
         (lambda: bleu(["a"], [None]), TypeError, r"`references` must contain only str.*index 0"),
         (lambda: token_f1(["a", float("nan")], ["a", "b"]), TypeError, "index 1"),
         (lambda: rouge_l(["a"], ["a", "b"]), ValueError, "same length"),
-        (lambda: consistency_scores(["a"], ["a"], "rougeL"), ValueError, r"\['bleu', 'rouge_l'"),
-        (lambda: consistency_scores(["a"], ["a"], 3), TypeError, "`metric` must be one of"),
+        (lambda: consistency_scores(["a"], ["a"], metric="rougeL"), ValueError, r"\['bleu', 'rouge_l'"),
+        (lambda: consistency_scores(["a"], ["a"], metric=3), TypeError, "`metric` must be one of"),
         (lambda: PairScorer("chrf"), ValueError, "got 'chrf'"),
         (lambda: PairScorer(None), TypeError, "got NoneType"),
         (lambda: textual_loss(["a"], "a"), TypeError, "`full`"),
@@ -476,8 +476,8 @@ def test_input_validation(call, error, match):
 
 def test_empty_inputs_give_empty_arrays():
     for metric in METRICS:
-        for result in (consistency_scores([], [], metric), textual_loss([], [], metric),
-                       risk_consistency([], [], [], metric)):
+        for result in (consistency_scores([], [], metric=metric), textual_loss([], [], metric=metric),
+                       risk_consistency([], [], [], metric=metric)):
             assert result.dtype == np.float64 and result.shape == (0,)
 
 

@@ -138,8 +138,8 @@ def _losses(tokenizer, early, full, consistency, references):
     texts = [[tokenizer.decode(x.tolist(), skip_special_tokens=True) for x in xs] for xs in (early, full)]
     metric = consistency.removeprefix("risk_")
     if consistency.startswith("risk_"):
-        return risk_consistency(*texts, references, metric)
-    return textual_loss(*texts, metric)
+        return risk_consistency(*texts, references, metric=metric)
+    return textual_loss(*texts, metric=metric)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -738,7 +738,7 @@ def test_textual_losses_refuse_a_vocab_that_does_not_give_the_outputs(tokenizer,
     offsets = cache.offsets
     for k in range(len(lam)):  # the plain definition: 1 - ROUGE-L(tokenizer text of the early ids, output text)
         texts = [decode(early[offsets[s] : offsets[s + 1], k]) for s in range(cache.n_sequences)]
-        expected = textual_loss(texts, cache.sequences["output"].tolist(), "rouge_l")
+        expected = textual_loss(texts, cache.sequences["output"].tolist(), metric="rouge_l")
         np.testing.assert_allclose(table.losses[:, k], expected)
     joined = calibrate.proxy_losses(cache, conf, lam, consistency="rouge_l", decode=cache.decode)  # asked for
     assert joined.risks[-1] > table.risks[-1]  # one word per output: exact match, far harsher (risk_*: laxer)
@@ -750,7 +750,7 @@ def test_textual_losses_refuse_a_vocab_that_does_not_give_the_outputs(tokenizer,
     direct = calibrate.fit(cache, consistency="rouge_l", measure="softmax_max", decode=decode)
     assert calibrate.Certificate.from_json(tmp_path / "cert.json") == direct
     lazy = calibrate.open_cache(tmp_path / "cache", chunks=10)  # the same decoding, partition by partition
-    assert lazy.loss_table("softmax_max", "rouge_l", lam, decode=decode) == table
+    assert lazy.loss_table(measure="softmax_max", consistency="rouge_l", lambdas=lam, decode=decode) == table
     assert calibrate.fit(lazy, consistency="rouge_l", measure="softmax_max", decode=decode) == direct
     with pytest.raises(TypeError, match="decode must be a callable"):
         lazy.loss_table(consistency="rouge_l", decode="tokenizer")

@@ -286,9 +286,9 @@ def test_proxy_textual_losses_match_a_per_threshold_loop(cache, metric):
         texts = [small.decode(early[lo:hi, k]) for k in range(lam.size)]
         if metric.startswith("risk_"):
             reference = small.sequences["reference"].iloc[s]
-            expected = risk_consistency(texts, [full_text] * lam.size, [reference] * lam.size, name)
+            expected = risk_consistency(texts, [full_text] * lam.size, [reference] * lam.size, metric=name)
         else:
-            expected = textual_loss(texts, [full_text] * lam.size, name)
+            expected = textual_loss(texts, [full_text] * lam.size, metric=name)
         np.testing.assert_allclose(got.losses[s], expected, atol=1e-12)
 
 

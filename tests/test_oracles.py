@@ -252,9 +252,9 @@ def test_bad_input(cache):
     with pytest.raises(ValueError, match="targets must be token ids in"):
         correctness_oracle(cache, np.full(n, cache.vocab_size))
     with pytest.raises(ValueError, match="oracle must be one of"):
-        oracle_depths(cache, "entropy")
+        oracle_depths(cache, oracle="entropy")
     with pytest.raises(ValueError, match="takes the options"):
-        oracle_depths(cache, "consistency", penalty=0.1)
+        oracle_depths(cache, oracle="consistency", penalty=0.1)
     for args, error, match in (
         (([0, 2], 3), ValueError, r"depths must lie in \[1, n_layers=3\]"),
         (([1.0], 3), TypeError, "depths must be an integer array"),
@@ -335,9 +335,9 @@ def test_oracle_depths_dispatches_to_each_oracle(cache):
     targets = np.asarray(cache.arrays["topk_ids"])[:, 2, 0]  # layer 3's top-1 as the "reference"
     likelihood, consistency = likelihood_oracle(cache, penalty=0.05), consistency_oracle(cache)
     assert not np.array_equal(likelihood, consistency)
-    np.testing.assert_array_equal(oracle_depths(cache, "likelihood", penalty=0.05), likelihood)
+    np.testing.assert_array_equal(oracle_depths(cache, oracle="likelihood", penalty=0.05), likelihood)
     correctness = correctness_oracle(cache, targets)
-    np.testing.assert_array_equal(oracle_depths(cache, "correctness", targets=targets), correctness)
+    np.testing.assert_array_equal(oracle_depths(cache, oracle="correctness", targets=targets), correctness)
     np.testing.assert_array_equal(oracle_depths(cache), consistency)
     np.testing.assert_array_equal(oracle_depths(cache, rule="stable"), consistency_oracle(cache, rule="stable"))
 

@@ -523,7 +523,7 @@ class LayerCache:
             When an index is out of range or repeated, or the selection is empty.
         """
         idx = _subset_iv(indices, self.n_sequences)
-        take, offsets = token_rows(self._offsets, idx)
+        take, offsets = _token_rows(self._offsets, idx)
         arrays = {name: a[take] for name, a in self._arrays.items()}
         old = self._table
         table = _make_table(
@@ -574,7 +574,7 @@ class LayerCache:
         >>> sorted(set(train.sequences["id"]) | set(cal.sequences["id"])) == sorted(cache.sequences["id"])
         True
         """
-        return tuple(self.subset(part) for part in split_indices(self.n_sequences, fractions, seed=seed))
+        return tuple(self.subset(part) for part in _split_indices(self.n_sequences, fractions, seed=seed))
 
     def decode(self, ids) -> str:
         """Join the vocab pieces of ``ids``: ``"".join(vocab[i] for i in ids)``.
@@ -877,9 +877,9 @@ def open_cache(path: str | os.PathLike, *, verify: bool = True, chunks: int | No
     if is_sharded(root):
         return open_sharded(root, verify=verify, chunks=chunks)
     if chunks is not None:
-        from calibrate.chunked import open_chunked
+        from calibrate.chunked import _open_chunked
 
-        return open_chunked(root, chunks, verify)
+        return _open_chunked(root, chunks, verify)
     before = _identity(root)
     replaced = f"{root} was replaced (saved again with overwrite=True) while it was being read: open it again"
     try:
@@ -955,7 +955,7 @@ def _unpickle(cls, ids, prompts, outputs, references, arrays, offsets, vocab_siz
     return cache
 
 
-def split_indices(n: int, fractions: Sequence[float], *, seed: int) -> tuple[np.ndarray, ...]:
+def _split_indices(n: int, fractions: Sequence[float], *, seed: int) -> tuple[np.ndarray, ...]:
     """The sequence indices of :meth:`LayerCache.split`'s parts: one sorted int64 array per fraction.
 
     Part ``j`` holds the positions ``round(n * sum(fractions[:j]))`` to ``round(n * sum(fractions[:j+1]))``
@@ -981,7 +981,7 @@ def split_indices(n: int, fractions: Sequence[float], *, seed: int) -> tuple[np.
     return tuple(np.sort(part) for part in parts)
 
 
-def token_rows(offsets: np.ndarray, idx: np.ndarray) -> tuple[slice | np.ndarray, np.ndarray]:
+def _token_rows(offsets: np.ndarray, idx: np.ndarray) -> tuple[slice | np.ndarray, np.ndarray]:
     """``(rows, new_offsets)``: the token rows of sequences ``idx`` (in that order) and their offsets.
 
     ``rows`` is a slice when the selection is contiguous and increasing (arrays indexed by it stay views).

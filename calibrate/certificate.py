@@ -17,7 +17,7 @@ import numpy as np
 from calibrate._atomic import atomic_file
 from calibrate._format import level
 from calibrate._validation import JSON_DEPTH, caller_stacklevel, int_at_least, open_interval, parse_json, to_float
-from calibrate.crc import NO_GUARANTEE
+from calibrate.crc import _NO_GUARANTEE
 from measures.learned import plain_state as _plain
 
 __all__ = ["Certificate", "MODES", "KNOBS"]
@@ -474,7 +474,7 @@ class Certificate:
     @property
     def guarantee(self) -> str:
         """The guarantee in words, with its assumptions."""
-        if self.method == "crc" and NO_GUARANTEE in self.reason:
+        if self.method == "crc" and _NO_GUARANTEE in self.reason:
             core = "none: conformal risk control needs monotone losses and these are not (see the note)"
         elif self.method == "crc":
             core = (

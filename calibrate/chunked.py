@@ -230,7 +230,7 @@ class ChunkedCache:
 
         from calibrate._cache_checks import _check_values
         from calibrate._cache_files import _chunk_files_iv
-        from calibrate.cache import LayerCache, token_rows
+        from calibrate.cache import LayerCache, _token_rows
 
         if not 0 <= first < stop <= self.n_sequences:
             raise ValueError(f"sequence range [{first}, {stop}) is outside [0, {self.n_sequences})")
@@ -245,7 +245,7 @@ class ChunkedCache:
         arrays = {name: _read_checked(root, name, specs[name], lo - base, hi - base, checksum) for name in fields}
         offsets = self._offsets[first : stop + 1] - lo
         if keep is not None:
-            rows, offsets = token_rows(offsets, np.asarray(keep, dtype=np.int64))
+            rows, offsets = _token_rows(offsets, np.asarray(keep, dtype=np.int64))
             arrays = {name: a[rows] for name, a in arrays.items()}
         try:
             _check_values(arrays, int(self._meta["vocab_size"]))
@@ -487,10 +487,10 @@ def _read_slice(root: Path | Remote, name: str, spec: dict, lo: int, hi: int) ->
     return a
 
 
-def open_chunked(root: Path | Remote, chunks: int, verify: bool) -> ChunkedCache:
+def _open_chunked(root: Path | Remote, chunks: int, verify: bool) -> ChunkedCache:
     """:func:`calibrate.open_cache` with ``chunks``: metadata, table and offsets only (checked), arrays lazy."""
     _chunks_iv(chunks)
-    meta, table, offsets = read_lazily(root, verify)
+    meta, table, offsets = _read_lazily(root, verify)
     return ChunkedCache(root.resolve(), int(chunks), meta, table, offsets, ((root.resolve(), 0, meta["checksum"]),))
 
 
@@ -500,7 +500,7 @@ def _chunks_iv(chunks) -> None:
     require("open_cache(chunks=...)", "dask")
 
 
-def read_lazily(root: Path | Remote, verify: bool, joint: dict | None = None) -> tuple[dict, pd.DataFrame, np.ndarray]:
+def _read_lazily(root: Path | Remote, verify: bool, joint: dict | None = None) -> tuple[dict, pd.DataFrame, np.ndarray]:
     """``meta.json``, the sequence table and the offsets of the cache at ``root``, checked; arrays stay on disk.
 
     With ``verify`` every array is streamed through its checksum. ``joint`` maps array names to hashers

@@ -36,11 +36,11 @@ def _conformal_risk_control_iv(losses, delta, max_loss) -> tuple[np.ndarray, flo
     return arr, delta, max_loss
 
 
-#: The words that end :func:`non_monotone_reason`'s note (a certificate's ``guarantee`` looks for them).
-NO_GUARANTEE = "the returned index carries no guarantee"
+#: The words that end :func:`_non_monotone_reason`'s note (a certificate's ``guarantee`` looks for them).
+_NO_GUARANTEE = "the returned index carries no guarantee"
 
 
-def non_monotone_reason(losses: np.ndarray) -> str:
+def _non_monotone_reason(losses: np.ndarray) -> str:
     """Why CRC's guarantee fails for these ``(n, K)`` losses (``""`` when every row is nondecreasing)."""
     n_bad = int((np.diff(losses, axis=1) < -_MONOTONE_ATOL).any(axis=1).sum())
     if not n_bad:
@@ -48,7 +48,7 @@ def non_monotone_reason(losses: np.ndarray) -> str:
     return (
         f"conformal risk control's guarantee E[risk] <= delta needs monotone losses: every example's loss must be "
         f"nondecreasing from the safest column to the fastest, but {n_bad} of {losses.shape[0]} examples are not; "
-        f"{NO_GUARANTEE}"
+        f"{_NO_GUARANTEE}"
     )
 
 
@@ -122,7 +122,7 @@ def conformal_risk_control(losses: ArrayLike, delta: float, *, max_loss: float =
     True
     """
     arr, delta, max_loss = _conformal_risk_control_iv(losses, delta, max_loss)
-    reason = non_monotone_reason(arr)
+    reason = _non_monotone_reason(arr)
     if reason:
         warnings.warn(reason, UserWarning, stacklevel=caller_stacklevel())
     return _crc_index(arr, delta, max_loss)

@@ -33,7 +33,7 @@ from calibrate.fit import fit
 from calibrate.losses import tokenizer_decode
 from measures.learned import LEARNED_MEASURES
 
-__all__ = ["SmolLM2Data", "certify_measures", "smollm2_data", "smollm2_demo", "synthetic_demo"]
+__all__ = ["REAL_MEASURES", "SmolLM2Data", "certify_measures", "smollm2_data", "smollm2_demo", "synthetic_demo"]
 
 #: Measures the real-model demo certifies: cheap at run time (saturation, classifier), a halting head, a softmax measure.
 REAL_MEASURES = ("state_saturation", "classifier", "halting_geometric", "softmax_gap")

@@ -426,12 +426,12 @@ def extract_main(
     if shard is not None:
         index, count = shard
         start, stop = shards.shard_bounds(len(prompts), index, count, batch_size=kw.get("batch_size", _DEFAULT_BATCH_SIZE))
-        shards.check_manifest(root, count)  # another run's shard count: refused before any work
+        shards._check_manifest(root, count)  # another run's shard count: refused before any work
         plain = (str, int, float, bool, type(None))
         request = {k: v for k, v in kw.items() if k != "progress" and isinstance(v, plain)}
         sharding = {
             "index": index, "count": count, "start": start, "stop": stop, "n_prompts": len(prompts),
-            "prompts": shards.prompts_digest(prompts, references),
+            "prompts": shards._prompts_digest(prompts, references),
             "request": {"model_dir": str(Path(model_dir).resolve()), "dtype": dtype, **request},
         }  # fmt: skip
         if target.exists() and not overwrite and open_cache(target, verify=False).user_meta.get("sharding") == sharding:

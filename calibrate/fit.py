@@ -19,7 +19,7 @@ from calibrate import fwer as _fwer
 from calibrate._format import level
 from calibrate._validation import caller_stacklevel, open_interval, seed_iv
 from calibrate.certificate import KNOBS, Certificate
-from calibrate.crc import _crc_index, non_monotone_reason
+from calibrate.crc import _crc_index, _non_monotone_reason
 from calibrate.exits import Decay, _lambdas_iv, default_lambdas
 from calibrate.losses import _TOKEN_LEVEL, LossTable, _consistency_iv, _text_iv, proxy_losses, user_losses
 
@@ -185,7 +185,7 @@ def _certify(losses, lambdas, delta, epsilon, bound, method, knob) -> tuple[Cert
     if method_name == "crc":
         p_values = np.full(lam.size, np.nan)
         index = _crc_index(table.losses, delta)
-        caveat = non_monotone_reason(table.losses)  # kept in the certificate's reason too
+        caveat = _non_monotone_reason(table.losses)  # kept in the certificate's reason too
         rejected = np.zeros(lam.size, dtype=bool)
         if index is not None:
             rejected[: index + 1] = True
@@ -335,7 +335,7 @@ def _calibration_split(cache, measure: str, train_fraction: float, seed: int, tr
     seeded split by sequence (read into memory from a chunked cache); any other measure gets ``(None, None)``.
     ``rows`` are sorted sequence indices into ``cache``, None for all of them.
     """
-    from calibrate.cache import LayerCache, split_indices
+    from calibrate.cache import LayerCache, _split_indices
     from measures.learned import LEARNED_MEASURES
 
     if measure not in LEARNED_MEASURES:
@@ -345,7 +345,7 @@ def _calibration_split(cache, measure: str, train_fraction: float, seed: int, tr
     if train_cache is None:
         train_fraction = open_interval(train_fraction, "train_fraction")
         try:
-            train, rows = split_indices(cache.n_sequences, [train_fraction, 1.0 - train_fraction], seed=seed)
+            train, rows = _split_indices(cache.n_sequences, [train_fraction, 1.0 - train_fraction], seed=seed)
         except ValueError as err:  # an empty part
             raise ValueError(
                 f"train_fraction={train_fraction} of {cache.n_sequences} sequences leaves none to train the measure "

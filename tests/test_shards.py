@@ -240,9 +240,9 @@ def test_manifests_of_another_format_version_or_no_shards_are_refused(tmp_path):
 
 
 def test_a_manifest_listing_other_shards_is_another_runs(tmp_path):
-    from calibrate.shards import check_manifest
+    from calibrate.shards import _check_manifest
 
-    assert not check_manifest(tmp_path, 2)  # none yet
+    assert not _check_manifest(tmp_path, 2)  # none yet
     manifest = {"format": "calm-calibrate shards", "format_version": 1}
     for shards, match in [
         ([shard_name(1, 2), shard_name(0, 2)], r"lists other shards than this run's 2: \['shard-00001-of-00002', "),
@@ -250,7 +250,7 @@ def test_a_manifest_listing_other_shards_is_another_runs(tmp_path):
     ]:
         (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "shards": shards}))
         with pytest.raises(ValueError, match=match):
-            check_manifest(tmp_path, 2)
+            _check_manifest(tmp_path, 2)
         with pytest.raises(ValueError, match=match):
             write_manifest(tmp_path, 2)
 
@@ -274,15 +274,15 @@ def test_as_many_shards_as_batches_give_each_shard_one_batch():
 
 
 def test_the_prompt_digest_covers_prompts_references_and_their_order():
-    from calibrate.shards import prompts_digest
+    from calibrate.shards import _prompts_digest
 
     digests = {
-        prompts_digest(["a", "b"], None),
-        prompts_digest(["a", "b"], ["x", "y"]),
-        prompts_digest(["a", "b"], ["x", "z"]),  # shards of one prompt list scored against other references
-        prompts_digest(["b", "a"], None),
+        _prompts_digest(["a", "b"], None),
+        _prompts_digest(["a", "b"], ["x", "y"]),
+        _prompts_digest(["a", "b"], ["x", "z"]),  # shards of one prompt list scored against other references
+        _prompts_digest(["b", "a"], None),
     }
-    assert len(digests) == 4 and prompts_digest(["a", "b"], ["x", "y"]) == prompts_digest(("a", "b"), ("x", "y"))
+    assert len(digests) == 4 and _prompts_digest(["a", "b"], ["x", "y"]) == _prompts_digest(("a", "b"), ("x", "y"))
 
 
 # --------------------------------------------------------------------------------------------------

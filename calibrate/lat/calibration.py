@@ -30,7 +30,7 @@ from calibrate.certificate import Certificate, _audit_budget
 from calibrate.decoded import _certify_lazily, _decoder_iv, _prompts_iv, _risk_iv
 from calibrate.extraction import _context_iv, _pad
 from calibrate.lat.classification import classify
-from calibrate.lat.decode import generate, model_id, settings
+from calibrate.lat.decode import _settings, generate, model_id
 from calibrate.lat.encoders import CLASSIFIER_ARCHITECTURES
 from calibrate.lat.schedule import KeepSchedule, _speedup_iv
 from calibrate.lat.scores import SCORES
@@ -180,7 +180,7 @@ def fit(
         knob="token_keep",
         measure=score,
         model=model_id(model),
-        measure_state=settings(score, min_keep, special),
+        measure_state=_settings(score, min_keep, special),
         max_new_tokens=None if isinstance(scorer, _Classifier) else scorer.max_new_tokens,  # classifiers generate nothing
     )
     return _certify_lazily(scorer, template, progress)

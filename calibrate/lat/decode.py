@@ -111,7 +111,7 @@ def model_id(model: nn.Module) -> str:
     return f"{config.model_type}/L{costs.n_layers}/d{config.hidden_size}/V{config.vocab_size}/{model_digest(model)}"
 
 
-def settings(score: str, min_keep: int, keep_ids) -> dict:
+def _settings(score: str, min_keep: int, keep_ids) -> dict:
     """The decoding settings a ``token_keep`` certificate records (its ``measure_state``) and generate applies."""
     min_keep = int_at_least(min_keep, "min_keep")
     return {"score": score, "min_keep": min_keep, "keep_ids": sorted(int(i) for i in keep_ids)}
@@ -121,7 +121,7 @@ def _knob_iv(model, speedup, certificate, score: str, min_keep: int, tokenizer) 
     """``(speedup, score, min_keep, always-kept ids)`` to run with: the arguments, or what a ``token_keep``
     certificate of ``model`` was made with (its settings win over the arguments')."""
     special = (getattr(tokenizer, "all_special_ids", None) or []) if tokenizer is not None else []
-    speedup, chosen = _speedup_iv(speedup), settings(score, min_keep, special)
+    speedup, chosen = _speedup_iv(speedup), _settings(score, min_keep, special)
     if certificate is not None:
         if speedup != 1.0:
             raise ValueError("give speedup= or certificate=, not both")

@@ -39,7 +39,7 @@ from calibrate.fwer import FixedSequence
 from calibrate.heads import ExitHeads, decoder_layers
 from calibrate.losses import _TOKEN_LEVEL, CONSISTENCIES, LossTable, tokenizer_decode
 from calibrate.models import eval_mode
-from calibrate.runtime.decode import _runtime_measure_iv
+from calibrate.runtime._inputs import _runtime_measure_iv
 
 __all__ = ["audit_decoded", "decoded_lambdas", "decoded_losses", "fit_decoded"]
 

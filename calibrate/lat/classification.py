@@ -22,7 +22,7 @@ from calibrate.lat.encoders import CLASSIFIER_ARCHITECTURES, encode, encoder_for
 from calibrate.lat.schedule import KeepSchedule, layer_costs
 from calibrate.lat.scores import _always_kept
 from calibrate.models import eval_mode
-from calibrate.runtime.decode import _ids_iv
+from calibrate.runtime._inputs import _ids_iv
 
 __all__ = ["ClassificationOutput", "classify"]
 

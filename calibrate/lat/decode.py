@@ -34,16 +34,10 @@ from calibrate.lat.encoders import ENCODER_DECODER_ARCHITECTURES, encode, encode
 from calibrate.lat.schedule import KeepSchedule, _speedup_iv, layer_costs
 from calibrate.lat.scores import SCORES, _always_kept, _gather, survivors, value_norms
 from calibrate.models import eval_mode
+from calibrate.runtime._hf import _greedy_processors
+from calibrate.runtime._inputs import _context_iv, _decoder_start_iv, _generate_iv, _ids_iv, _special_tokens_iv
 from calibrate.runtime._layers import Step, adapter_for, additive_mask
-from calibrate.runtime.decode import (
-    _context_iv,
-    _decode,
-    _decoder_start_iv,
-    _generate_iv,
-    _greedy_processors,
-    _ids_iv,
-    _special_tokens_iv,
-)
+from calibrate.runtime._loop import _decode
 
 __all__ = ["LAT_ARCHITECTURES", "EliminationOutput", "generate", "model_id"]
 

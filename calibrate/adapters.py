@@ -27,7 +27,7 @@ from torch import nn
 
 from calibrate._atomic import atomic_file
 from calibrate._validation import int_at_least, parse_json
-from calibrate.heads import ExitHeads, adapters_digest
+from calibrate.heads import ExitHeads, _hash_adapters
 
 __all__ = ["layer_agreement", "load_adapters", "save_adapters", "train_adapters"]
 
@@ -191,7 +191,7 @@ def load_adapters(model: nn.Module, path: str | os.PathLike) -> ExitHeads:
     # Checked on the stored values: copying into a bf16/fp16 model rounds them, and the digest with them.
     if "adapters_digest" not in saved:
         raise ValueError(f"{path}: no adapters_digest in its metadata: not an adapter file written by save_adapters")
-    if adapters_digest(weight, bias) != saved["adapters_digest"]:
+    if _hash_adapters(weight, bias) != saved["adapters_digest"]:
         raise ValueError(f"{path}: adapter weights do not match their stored digest (corrupt or edited file?)")
     with torch.no_grad():
         heads.adapter_weight.copy_(weight)

@@ -38,7 +38,7 @@ from calibrate.fit import _decay_iv, _risk_control_iv, _too_few_reason, certify
 from calibrate.fwer import FixedSequence
 from calibrate.heads import ExitHeads, decoder_layers
 from calibrate.losses import _TOKEN_LEVEL, CONSISTENCIES, LossTable, tokenizer_decode
-from calibrate.models import eval_mode
+from calibrate.models import _eval_mode
 from calibrate.runtime._inputs import _runtime_measure_iv
 
 __all__ = ["audit_decoded", "decoded_lambdas", "decoded_losses", "fit_decoded"]
@@ -125,7 +125,7 @@ class _Decoder:
     def outputs(self, certificate: Certificate) -> tuple[list[np.ndarray], float]:
         """Generated ids per prompt (EOS kept, as in a cache) and their token-averaged exit layer (NaN if none)."""
         outputs, layer_sum = [], 0.0
-        with eval_mode(self.model):  # a model left in training mode would decode with dropout
+        with _eval_mode(self.model):  # a model left in training mode would decode with dropout
             for input_ids, attention_mask in self.batches:
                 batch, layers = self.run_batch(input_ids, attention_mask, certificate)
                 outputs += batch

@@ -371,7 +371,13 @@ def _decode_speeds(data: SmolLM2Data, certificates: dict, n: int, max_new_tokens
         texts, layers, tokens, t0 = [], [], 0, time.perf_counter()
         for b in batches:
             o = generate(
-                data.model, b["input_ids"], b["attention_mask"], cert, max_new_tokens, data.heads, tokenizer=tok
+                data.model,
+                b["input_ids"],
+                b["attention_mask"],
+                certificate=cert,
+                max_new_tokens=max_new_tokens,
+                heads=data.heads,
+                tokenizer=tok,
             )
             texts += tok.batch_decode(o.new_tokens, skip_special_tokens=True)
             layers.append(o.exit_layers[o.exit_layers > 0].numpy())
@@ -379,7 +385,7 @@ def _decode_speeds(data: SmolLM2Data, certificates: dict, n: int, max_new_tokens
         return texts, tokens / (time.perf_counter() - t0), float(np.concatenate(layers).mean())
 
     b = batches[0]
-    generate(data.model, b["input_ids"], b["attention_mask"], None, 2, data.heads, tokenizer=tok)  # warm-up
+    generate(data.model, b["input_ids"], b["attention_mask"], max_new_tokens=2, heads=data.heads, tokenizer=tok)  # warm
     rows = []
     for measure, cert in certificates.items():
         if cert.lambda_hat is None or measure not in RUNTIME_MEASURES:

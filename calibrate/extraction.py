@@ -33,8 +33,8 @@ from calibrate._cache_files import _library_version, _save_iv
 from calibrate._digest import weights_digest
 from calibrate._validation import caller_stacklevel, int_at_least
 from calibrate.cache import LayerCache, concat_caches, open_cache
-from calibrate.heads import ExitHeads, context_positions, decoder_layers, record_layer_states
-from calibrate.models import eval_mode
+from calibrate.heads import ExitHeads, _context_positions, decoder_layers, record_layer_states
+from calibrate.models import _eval_mode
 from measures.confidence import state_saturation
 
 __all__ = ["extract", "extract_main", "read_prompts", "rehead"]
@@ -186,7 +186,7 @@ def extract(
     n = len(setup["prompts"])
     starts = list(range(0, n, setup["batch_size"]))
     parts: list[LayerCache] = []
-    with eval_mode(model), tqdm(total=n, unit="prompt", desc="extract", disable=not progress) as bar:
+    with _eval_mode(model), tqdm(total=n, unit="prompt", desc="extract", disable=not progress) as bar:
         for index, start in enumerate(starts):
             stop = min(n, start + setup["batch_size"])
             identity = _batch_identity(setup, start, stop)
@@ -592,7 +592,7 @@ def _context_iv(
     empty = [i for i, seq in enumerate(ids) if not seq]
     if empty:
         raise ValueError(f"prompts {empty[:10]} tokenise to no token; a prompt needs at least one")
-    positions = context_positions(config)
+    positions = _context_positions(config)
     if positions is None:  # relative positions (T5): no fixed context
         return
     name, context = positions

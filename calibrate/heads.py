@@ -195,7 +195,7 @@ def record_layer_states(model: nn.Module, *, position: int | None = -1) -> Itera
 _POSITIONS_AFTER_PAD = ("roberta", "xlm-roberta", "camembert", "roberta-prelayernorm")
 
 
-def context_positions(config) -> tuple[str, int] | None:
+def _context_positions(config) -> tuple[str, int] | None:
     """``(config field, positions a sequence may use)`` for absolute positions; None for relative ones (T5).
 
     RoBERTa numbers positions from ``pad_token_id + 1``: ``max_position_embeddings - pad_token_id - 1``
@@ -210,7 +210,7 @@ def context_positions(config) -> tuple[str, int] | None:
     return name, context
 
 
-def adapters_digest(weight: torch.Tensor, bias: torch.Tensor) -> str:
+def _hash_adapters(weight: torch.Tensor, bias: torch.Tensor) -> str:
     """blake2b digest (32 hex digits) of adapter weights and biases taken as float32, on any device or dtype."""
     h = hashlib.blake2b(digest_size=16)
     for p in (weight, bias):
@@ -516,12 +516,12 @@ class ExitHeads(nn.Module):
         }
 
     def _adapters_digest(self, fresh: bool) -> str:
-        """:func:`adapters_digest` of the adapters, recomputed when they changed or ``fresh``: the runtime checks
+        """:func:`_hash_adapters` of the adapters, recomputed when they changed or ``fresh``: the runtime checks
         it at every call, and hashing copies every adapter to the CPU."""
         state = _state([("weight", self.adapter_weight), ("bias", self.adapter_bias)])
         memo = self.__dict__.get("_adapters_memo")
         if fresh or memo is None or memo[0] != state:
-            memo = (state, adapters_digest(self.adapter_weight, self.adapter_bias))
+            memo = (state, _hash_adapters(self.adapter_weight, self.adapter_bias))
             self.__dict__["_adapters_memo"] = memo
         return memo[1]
 

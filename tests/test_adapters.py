@@ -161,8 +161,8 @@ def test_the_adapters_digest_is_hashed_once_until_they_change(model, monkeypatch
     heads = ExitHeads.from_model(model, adapters=True)
     first = heads.describe()["adapters_digest"]
     calls = []
-    real = heads_module.adapters_digest
-    monkeypatch.setattr(heads_module, "adapters_digest", lambda w, b: calls.append(1) or real(w, b))
+    real = heads_module._hash_adapters
+    monkeypatch.setattr(heads_module, "_hash_adapters", lambda w, b: calls.append(1) or real(w, b))
     assert heads.describe()["adapters_digest"] == first and not calls
     with torch.no_grad():
         heads.adapter_weight[1, 0, 0] += 0.5  # trained or edited in place
@@ -279,13 +279,13 @@ def test_load_refuses_adapters_saved_for_another_vocabulary(model, tmp_path):
 
 def test_the_adapters_digest_tells_apart_adapters_that_differ_in_their_biases_only(model):
     """Certificates and caches tell heads apart by the digest: it covers the biases as well as the weights."""
-    from calibrate.heads import adapters_digest
+    from calibrate.heads import _hash_adapters
 
     heads = ExitHeads.from_model(model, adapters=True)
     first = heads.describe(fresh=True)["adapters_digest"]
     with torch.no_grad():
         heads.adapter_bias[0, 0] += 0.5
     assert heads.describe(fresh=True)["adapters_digest"] != first
-    assert adapters_digest(heads.adapter_weight, heads.adapter_bias) != adapters_digest(
+    assert _hash_adapters(heads.adapter_weight, heads.adapter_bias) != _hash_adapters(
         heads.adapter_weight, torch.zeros_like(heads.adapter_bias)
     )

@@ -106,14 +106,14 @@ def test_eval_mode_calls_that_overlap_keep_eval_until_the_last_one_ends():
     seen = []
 
     def first():
-        with models.eval_mode(model):
+        with models._eval_mode(model):
             first_in.set()
             second_in.wait(5)
         first_out.set()
 
     def second():
         first_in.wait(5)
-        with models.eval_mode(model), models.eval_mode(model):  # nested too
+        with models._eval_mode(model), models._eval_mode(model):  # nested too
             second_in.set()
             first_out.wait(5)
             seen.append([m.training for m in model.modules()])
@@ -125,9 +125,9 @@ def test_eval_mode_calls_that_overlap_keep_eval_until_the_last_one_ends():
         t.join(10)
     assert seen == [[False] * 4]  # still in eval after the first call ended
     assert [m.training for m in model.modules()] == before == [True, True, True, False]
-    with models.eval_mode(model):
+    with models._eval_mode(model):
         model.train()  # switched back in between: the next call makes it eval again
-        with models.eval_mode(model):
+        with models._eval_mode(model):
             assert not any(m.training for m in model.modules())
     assert [m.training for m in model.modules()] == before and not models._eval_users
 
@@ -155,7 +155,7 @@ def test_a_forked_child_forgets_the_eval_mode_calls_of_the_parents_other_threads
     inside, leave = threading.Event(), threading.Event()
 
     def decoding():
-        with models.eval_mode(model):
+        with models._eval_mode(model):
             inside.set()
             leave.wait(30)
 
@@ -165,17 +165,17 @@ def test_a_forked_child_forgets_the_eval_mode_calls_of_the_parents_other_threads
 
     def owner_sets_eval():
         model.eval()
-        return not models.in_training(model) and not models._eval_users
+        return not models._in_training(model) and not models._eval_users
 
     def own_call_ends_normally():
-        with models.eval_mode(model):
+        with models._eval_mode(model):
             pass  # nested in the block open across the fork
-        in_block = models.in_training(model) and not model.training
+        in_block = models._in_training(model) and not model.training
         return in_block
 
     try:
-        assert _in_child(owner_sets_eval) == 0  # was in_training True for good
-        with models.eval_mode(model):  # this thread's own call, open across the fork
+        assert _in_child(owner_sets_eval) == 0  # was _in_training True for good
+        with models._eval_mode(model):  # this thread's own call, open across the fork
             assert _in_child(own_call_ends_normally) == 0
     finally:
         leave.set()

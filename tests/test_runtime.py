@@ -1157,9 +1157,9 @@ def test_a_model_left_in_training_mode_decodes_as_calibrated_without_dropout(arc
     if arch == "bart":  # Hugging Face runs the encoder before the hook, in the model's mode
         with pytest.raises(ValueError, match="training mode, so model.generate ran its encoder with dropout"):
             model.generate(ids, **kw)
-        from calibrate.models import eval_mode
+        from calibrate.models import _eval_mode
 
-        with eval_mode(model):  # another thread decoding meanwhile: the flag is eval for a while, the owner's is not
+        with _eval_mode(model):  # another thread decoding meanwhile: the flag is eval for a while, the owner's is not
             with pytest.raises(ValueError, match="training mode, so model.generate ran"):  # was refused by chance
                 model.generate(ids, **kw)
         return

@@ -36,7 +36,7 @@ from calibrate.certificate import Certificate, _audit_budget, _spend_iv
 from calibrate.fff.layer import _DEPTHS, FFF
 from calibrate.fit import _risk_control_iv, certify
 from calibrate.losses import LossTable
-from calibrate.models import eval_mode
+from calibrate.models import _eval_mode
 
 __all__ = ["CONSISTENCIES", "apply", "at_depth", "audit", "depth_losses", "fff_layers", "fit", "model_id"]
 
@@ -138,7 +138,7 @@ def _depths_iv(depths, top: int) -> np.ndarray:
 
 @torch.no_grad()
 def _labels(model: nn.Module, inputs: torch.Tensor, depth: int | None, batch_size: int) -> np.ndarray:
-    with eval_mode(model), at_depth(model, depth):  # no dropout, whatever mode the model was left in
+    with _eval_mode(model), at_depth(model, depth):  # no dropout, whatever mode the model was left in
         batches = (inputs[s : s + batch_size] for s in range(0, len(inputs), batch_size))
         out = [_logits_iv(model(batch)).argmax(dim=-1).cpu() for batch in batches]
     return torch.cat(out).numpy()
@@ -215,7 +215,7 @@ def depth_losses(
         if references is None or len(references) != len(inputs):
             raise ValueError(f"consistency='risk_label' needs references=, one int label per input ({len(inputs)})")
         refs = np.asarray(references)
-        with torch.no_grad(), eval_mode(model):  # as the labels: no dropout, no BatchNorm statistics updated
+        with torch.no_grad(), _eval_mode(model):  # as the labels: no dropout, no BatchNorm statistics updated
             n_classes = int(_logits_iv(model(inputs[:1])).shape[-1])  # the labels are argmaxes over the outputs
         if refs.ndim != 1 or not np.issubdtype(refs.dtype, np.integer) or refs.min() < 0 or refs.max() >= n_classes:
             raise ValueError(

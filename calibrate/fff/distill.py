@@ -31,7 +31,7 @@ from calibrate._validation import finite_positive, int_at_least, seed_iv, torch_
 from calibrate.audit import _tight
 from calibrate.fff.layer import FFF
 from calibrate.heads import decoder_layers, forward_hooks
-from calibrate.models import eval_mode
+from calibrate.models import _eval_mode
 
 __all__ = ["DistillResult", "distill", "load_blocks", "mlp_activations", "save_blocks"]
 
@@ -151,7 +151,7 @@ def mlp_activations(
         return hook
 
     device = next(model.parameters()).device
-    with forward_hooks([(_mlp_of(blocks[i], i), hook_for(i)) for i in layers]), eval_mode(model):
+    with forward_hooks([(_mlp_of(blocks[i], i), hook_for(i)) for i in layers]), _eval_mode(model):
         for text in texts:
             ids = tokenizer(text, return_tensors="pt")["input_ids"][:, :max_tokens].to(device)
             model(input_ids=ids)

@@ -34,7 +34,7 @@ from calibrate.lat.decode import _settings, generate, model_id
 from calibrate.lat.encoders import CLASSIFIER_ARCHITECTURES
 from calibrate.lat.schedule import KeepSchedule, _speedup_iv
 from calibrate.lat.scores import SCORES
-from calibrate.models import eval_mode
+from calibrate.models import _eval_mode
 
 __all__ = ["CLASSIFIER_CONSISTENCIES", "DEFAULT_SPEEDUPS", "audit", "fit", "heldout_losses"]
 
@@ -347,7 +347,7 @@ class _Classifier:
 
     def labels(self, certificate: Certificate) -> np.ndarray:
         """Predicted labels ``(n,)`` at the certificate's speed-up."""
-        with eval_mode(self.model):  # a model left in training mode would classify with dropout
+        with _eval_mode(self.model):  # a model left in training mode would classify with dropout
             labels = [classify(self.model, i, m, certificate=certificate).labels.cpu() for i, m in self.batches]
         return torch.cat(labels).numpy()
 

@@ -16,12 +16,12 @@ import torch
 from torch import nn
 
 from calibrate.certificate import Certificate
-from calibrate.heads import context_positions
+from calibrate.heads import _context_positions
 from calibrate.lat.decode import _knob_iv, _predicted, _schedules
 from calibrate.lat.encoders import CLASSIFIER_ARCHITECTURES, encode, encoder_for
 from calibrate.lat.schedule import KeepSchedule, layer_costs
 from calibrate.lat.scores import _always_kept
-from calibrate.models import eval_mode
+from calibrate.models import _eval_mode
 from calibrate.runtime._inputs import _ids_iv
 
 __all__ = ["ClassificationOutput", "classify"]
@@ -176,7 +176,7 @@ def classify(
     ids, mask = _ids_iv(input_ids, attention_mask, model, device, left_padded=False)
     if not bool(mask[:, 0].all()):
         raise ValueError("input_ids must be right-padded with [CLS] in column 0 (the head reads column 0)")
-    name, context = context_positions(config) or (None, None)
+    name, context = _context_positions(config) or (None, None)
     if context is not None and ids.shape[1] > context:
         raise ValueError(
             f"input_ids has {ids.shape[1]} columns but the model has {context} positions (config.{name}="
@@ -187,7 +187,7 @@ def classify(
     schedules, keep = _schedules(config, mask, speedup, min_keep)
     always = _always_kept(ids, mask, special, last=False)
     types = None if token_type_ids is None else token_type_ids.to(device)
-    with eval_mode(model):
+    with _eval_mode(model):
         states, _, kept, processed = encode(encoder_for(model), ids, mask, keep, always, score, types)
         logits = _head(model, states).float()
     return ClassificationOutput(

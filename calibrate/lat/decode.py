@@ -33,7 +33,7 @@ from calibrate.heads import ExitHeads, decoder_layers
 from calibrate.lat.encoders import ENCODER_DECODER_ARCHITECTURES, encode, encoder_for
 from calibrate.lat.schedule import KeepSchedule, _speedup_iv, layer_costs
 from calibrate.lat.scores import SCORES, _always_kept, _gather, survivors, value_norms
-from calibrate.models import eval_mode
+from calibrate.models import _eval_mode
 from calibrate.runtime._hf import _greedy_processors
 from calibrate.runtime._inputs import _context_iv, _decoder_start_iv, _generate_iv, _ids_iv, _special_tokens_iv
 from calibrate.runtime._layers import Step, adapter_for, additive_mask
@@ -206,7 +206,7 @@ def generate(
     _budget_warning(certificate, max_new_tokens)
     tokens = _special_tokens_iv(model, tokenizer, eos_token_id, pad_token_id)
     run = _generate_encoder_decoder if config.model_type in ENCODER_DECODER_ARCHITECTURES else _generate_decoder_only
-    with eval_mode(model):  # as calibrated: a model left in training mode would decode with dropout
+    with _eval_mode(model):  # as calibrated: a model left in training mode would decode with dropout
         return run(model, input_ids, attention_mask, speedup, max_new_tokens, score, special, min_keep, tokens)
 
 

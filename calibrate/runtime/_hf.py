@@ -13,7 +13,7 @@ from torch import nn
 
 from calibrate.certificate import Certificate
 from calibrate.heads import ExitHeads
-from calibrate.models import eval_mode, in_training
+from calibrate.models import _eval_mode, _in_training
 from calibrate.runtime._inputs import _generate_iv
 from calibrate.runtime._loop import _decode
 from calibrate.runtime._result import EarlyExitOutput
@@ -155,7 +155,7 @@ def custom_generate(
         raise ValueError(
             "custom_generate needs the encoder_outputs that model.generate prepares for encoder-decoder models"
         )
-    if encoder_decoder and in_training(model):  # as its owner left it, whatever another thread's decoding set
+    if encoder_decoder and _in_training(model):  # as its owner left it, whatever another thread's decoding set
         raise ValueError(
             "the model is in training mode, so model.generate ran its encoder with dropout (it does not switch to "
             "eval mode); call model.eval() first, or decode with calibrate.runtime.generate, which runs in eval mode"
@@ -181,6 +181,6 @@ def custom_generate(
         ((), pad_id),  # EOS is handled by the stopping criteria
         encoder_states=None if encoder_outputs is None else encoder_outputs[0],  # (B, S_enc, d)
     )
-    with eval_mode(model):
+    with _eval_mode(model):
         out = _decode(run, *run.inputs, logits_processor=logits_processor, stopping_criteria=stopping_criteria)
     return out if generation_config.return_dict_in_generate else out.sequences

@@ -14,7 +14,7 @@ from calibrate._digest import model_digest
 from calibrate._validation import int_at_least
 from calibrate.certificate import Certificate, _budget_warning
 from calibrate.exits import Decay
-from calibrate.heads import ExitHeads, context_positions, decoder_layers
+from calibrate.heads import ExitHeads, _context_positions, decoder_layers
 from calibrate.runtime._layers import LayerAdapter, adapter_for
 from calibrate.runtime._measures import RUNTIME_MEASURES, RuntimeMeasure, build_measure
 from calibrate.runtime._result import EarlyExitConfig
@@ -230,7 +230,7 @@ def _context_iv(model, adapter: LayerAdapter, prompt_mask: torch.Tensor, encoder
     config = model.config
     longest = int(prompt_mask.sum(dim=1).max())
     used = longest + max_new_tokens - 1  # positions the decoder sees: the last new token is never fed back
-    name, context = context_positions(config) or (None, None)
+    name, context = _context_positions(config) or (None, None)
     if context is not None and used > context:
         what = "the decoder prompt (start token)" if encoder is not None else "the longest prompt"
         raise ValueError(

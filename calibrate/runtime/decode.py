@@ -29,7 +29,7 @@ from torch import nn
 
 from calibrate.certificate import Certificate
 from calibrate.heads import ExitHeads
-from calibrate.models import eval_mode
+from calibrate.models import _eval_mode
 from calibrate.runtime._hf import _greedy_processors, custom_generate
 from calibrate.runtime._inputs import _generate_iv, _special_tokens_iv
 from calibrate.runtime._loop import _decode
@@ -42,10 +42,10 @@ def generate(
     model: nn.Module,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
+    *,
     certificate: Certificate | None = None,
     max_new_tokens: int = 32,
     heads: ExitHeads | None = None,
-    *,
     exit_layer: int | None = None,
     tokenizer=None,
     eos_token_id: int | list[int] | None = None,
@@ -203,5 +203,5 @@ def generate(
         model, prompt, prompt if decoder_only else run.encoder.ids, run.config.max_new_tokens, special_tokens,
         attention_mask=run.inputs[1] if decoder_only else None,
     )  # fmt: skip
-    with eval_mode(model):  # as calibrated: a model left in training mode would decode with dropout
+    with _eval_mode(model):  # as calibrated: a model left in training mode would decode with dropout
         return _decode(run, *run.inputs, logits_processor=processors)

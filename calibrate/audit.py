@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 
 from calibrate._atomic import atomic_file
+from calibrate._certify import _certify
 from calibrate._format import level
 from calibrate._validation import caller_stacklevel, open_interval, seed_iv
 from calibrate.certificate import Certificate
 from calibrate.exits import Decay
-from calibrate.fit import _certify
 from calibrate.losses import LossTable, proxy_losses
 
 __all__ = ["AuditReport", "ValidityReport", "audit", "validity"]
@@ -584,8 +584,9 @@ def validity(
     """
     from tqdm.auto import tqdm
 
+    from calibrate._certify import _risk_control_iv
     from calibrate.cache import _in_memory_iv
-    from calibrate.fit import _proxy_table, _risk_control_iv
+    from calibrate.fit import _proxy_table
 
     if isinstance(trials, bool) or not isinstance(trials, (int, np.integer)):
         raise TypeError(f"trials must be an int, got {type(trials).__name__}")

@@ -29,12 +29,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from calibrate._certify import _risk_control_iv, certify
 from calibrate._digest import model_digest
 from calibrate._validation import caller_stacklevel, int_at_least, int_in
 from calibrate.audit import AuditReport, _held_out_report
 from calibrate.certificate import Certificate, _audit_budget, _spend_iv
 from calibrate.fff.layer import _DEPTHS, FFF
-from calibrate.fit import _risk_control_iv, certify
 from calibrate.losses import LossTable
 from calibrate.models import _eval_mode
 

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from rouge_score import rouge_scorer
 from rouge_score import tokenize as rouge_tokenize
 
-from measures import consistency
+from measures import _text_metrics
 from measures.consistency import (
     METRICS,
     PairScorer,
@@ -199,7 +199,7 @@ def test_rouge_tokenizer_matches_rouge_score():
     texts = {t for pair in ALL_PAIRS for t in pair}
     for text in texts:
         expected = rouge_tokenize.tokenize(text, None)
-        assert consistency._ROUGE_TOKEN_RE.findall(text.lower()) == expected, text
+        assert _text_metrics._ROUGE_TOKEN_RE.findall(text.lower()) == expected, text
 
 
 @pytest.mark.parametrize("api", ["function", "consistency_scores", "pair_scorer"])

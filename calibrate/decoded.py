@@ -28,13 +28,14 @@ import numpy as np
 
 from calibrate import runtime
 from calibrate._certify import _risk_control_iv, _too_few_reason, certify
+from calibrate._extract_checks import _context_iv
+from calibrate._extract_steps import _pad
 from calibrate._validation import caller_stacklevel, int_at_least, seed_iv
 from calibrate.audit import AuditReport, _held_out_report
 from calibrate.bounds import p_values
 from calibrate.cache import LayerCache
 from calibrate.certificate import Certificate, _audit_budget
 from calibrate.exits import Decay, _grid, _lambdas_iv
-from calibrate.extraction import _context_iv, _pad
 from calibrate.fit import _decay_iv
 from calibrate.fwer import FixedSequence
 from calibrate.heads import ExitHeads, decoder_layers

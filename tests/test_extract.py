@@ -18,6 +18,7 @@ transformers = pytest.importorskip("transformers")
 
 from _tiny_hf import PAD, V, _config, tiny_model, tiny_tokenizer
 
+import calibrate._extract_checks as extract_checks
 import calibrate.extraction as extract_module
 from calibrate.cache import open_cache
 from calibrate.extraction import concat_caches, extract, extract_main, read_prompts
@@ -414,9 +415,9 @@ def test_shards_of_another_run_are_refused(tokenizer, tmp_path, monkeypatch):
         extract(retrained, tokenizer, PROMPTS[:2], max_new_tokens=2, shard_dir=tmp_path, progress=False)
     model.name_or_path = "/elsewhere/the-same-model"  # the same weights, the path spelled or moved otherwise
     extract(model, tokenizer, PROMPTS[:2], max_new_tokens=2, shard_dir=tmp_path, progress=False)  # resumes
-    pieces = extract_module._vocab
+    pieces = extract_checks._vocab
     with monkeypatch.context() as patch:  # e.g. batches of an older extraction, whose special tokens kept their text
-        patch.setattr(extract_module, "_vocab", lambda tok, size: ["<eos>" if p == "" else p for p in pieces(tok, size)])
+        patch.setattr(extract_checks, "_vocab", lambda tok, size: ["<eos>" if p == "" else p for p in pieces(tok, size)])
         with pytest.raises(ValueError, match=r"another run \(its vocab differ\)"):
             extract(model, tokenizer, PROMPTS[:2], max_new_tokens=2, shard_dir=tmp_path, progress=False)
     with pytest.raises(ValueError, match="shard_dir must name a directory"):
@@ -636,7 +637,7 @@ def test_lazy_exports_are_the_functions():
 
 
 def test_cached_top1_breaks_ties_as_greedy_decoding_does():
-    from calibrate.extraction import _topk
+    from calibrate._extract_steps import _topk
 
     logp = torch.tensor([[0.0, 2.0, 2.0, 1.0, 2.0], [3.0, 3.0, 3.0, 3.0, 3.0], [1.0, 0.0, 5.0, 5.0, 0.5]])
     values, ids = _topk(logp, 2)

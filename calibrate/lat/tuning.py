@@ -34,8 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from calibrate._extract_checks import _context_iv
+from calibrate._extract_steps import _pad
 from calibrate._validation import finite_positive, int_at_least, seed_iv, torch_seed
-from calibrate.extraction import _context_iv, _pad
 from calibrate.heads import ExitHeads, decoder_layers
 from calibrate.lat.calibration import _length
 from calibrate.lat.decode import _prefill, _schedules, generate

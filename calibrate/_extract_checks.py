@@ -1,0 +1,181 @@
+"""Input checks of :func:`calibrate.extraction.extract`: the prompts, options and model turned into one run's setup
+(token ids, padding and EOS ids, vocab pieces, metadata), and the context check that decoded and lat share too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from calibrate._digest import weights_digest
+from calibrate._validation import int_at_least
+from calibrate.heads import ExitHeads, _context_positions, decoder_layers
+
+
+def _extract_iv(
+    model, tokenizer, prompts, max_new_tokens, batch_size, heads, store_hidden, top_k, progress, shard_dir, references, ids
+):
+    layers = decoder_layers(model)  # raises for unsupported architectures
+    if isinstance(prompts, str) or not isinstance(prompts, Sequence):
+        raise TypeError(f"prompts must be a sequence of str (one per sequence), got {type(prompts).__name__}")
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("prompts must hold at least one prompt, got none")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise TypeError(f"prompts must hold str, got {type(p).__name__} at index {i}")
+    if references is not None:
+        if isinstance(references, str) or not isinstance(references, Sequence) or len(references) != len(prompts):
+            raise ValueError(
+                f"references must be a sequence with one entry per prompt ({len(prompts)}), got {references!r:.80}"
+            )
+        references = list(references)
+        bad = next((r for r in references if r is not None and not isinstance(r, str)), None)
+        if bad is not None:
+            raise ValueError(f"references must hold str or None, got {type(bad).__name__} {bad!r:.40}")
+    if ids is None:
+        ids = [str(i) for i in range(len(prompts))]
+    elif isinstance(ids, str) or not isinstance(ids, Sequence) or len(ids) != len(prompts):
+        raise ValueError(f"ids must be a sequence with one str per prompt ({len(prompts)}), got {ids!r:.80}")
+    ids = list(ids)
+    if not all(isinstance(i, str) for i in ids) or len(set(ids)) != len(ids):
+        raise ValueError("ids must be distinct str")
+    max_new_tokens = int_at_least(max_new_tokens, "max_new_tokens")
+    batch_size = int_at_least(batch_size, "batch_size")
+    top_k = int_at_least(top_k, "top_k")
+    for name, value in (("store_hidden", store_hidden), ("progress", progress)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool, got {value!r}")
+    if heads is None:
+        heads = ExitHeads.from_model(model)
+    elif not isinstance(heads, ExitHeads):
+        raise TypeError(f"heads must be an ExitHeads (or None for the model's own), got {type(heads).__name__}")
+    if heads.n_layers != len(layers):
+        raise ValueError(f"heads has n_layers={heads.n_layers} but the model has {len(layers)} decoder layers")
+    if top_k > heads.vocab_size:
+        raise ValueError(f"top_k must be <= vocab_size={heads.vocab_size}, got {top_k}")
+    if shard_dir is not None:
+        if not isinstance(shard_dir, (str, os.PathLike)):
+            raise TypeError(f"shard_dir must be a str or os.PathLike, got {type(shard_dir).__name__}")
+        if not os.fspath(shard_dir):
+            raise ValueError("shard_dir must name a directory, got ''")
+        shard_dir = Path(shard_dir)
+        if shard_dir.exists() and not shard_dir.is_dir():
+            raise ValueError(f"shard_dir {shard_dir} exists and is not a directory")
+
+    if not callable(tokenizer) or not hasattr(tokenizer, "pad_token_id"):
+        raise TypeError(f"tokenizer must be a Hugging Face tokenizer (callable, with pad_token_id), got {tokenizer!r:.80}")
+    config = model.config
+    encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
+    gen = model.generation_config
+    eos = gen.eos_token_id if gen.eos_token_id is not None else getattr(tokenizer, "eos_token_id", None)
+    eos_ids = sorted({int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None})
+    pad_id = gen.pad_token_id
+    if pad_id is None:
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
+    pad_id = int(pad_id[0] if isinstance(pad_id, (list, tuple)) else pad_id)
+    token_ids = [list(tokenizer(p)["input_ids"]) for p in prompts]
+    rows = model.get_input_embeddings().num_embeddings
+    for i, seq in enumerate(token_ids):
+        if any(not 0 <= t < rows for t in seq):
+            raise ValueError(
+                f"prompt {i} tokenises to ids outside the model's {rows} embedding rows ({max(seq)}): a tokenizer "
+                "with added tokens needs model.resize_token_embeddings(len(tokenizer))"
+            )
+    _context_iv(config, encoder_decoder, token_ids, max_new_tokens)
+    vocab = _vocab(tokenizer, heads.vocab_size)
+    settings = {
+        "decoding": "greedy",
+        "do_sample": False,
+        "num_beams": 1,
+        "max_new_tokens": max_new_tokens,
+        "batch_size": batch_size,
+        "padding_side": "right" if encoder_decoder else "left",
+        "eos_token_id": eos_ids,
+        "pad_token_id": pad_id,
+        "eos_included": True,
+        "top_k": top_k,
+        "store_hidden": store_hidden,
+        "model_generation_config": json.loads(json.dumps(gen.to_diff_dict(), default=str)),
+    }
+    import transformers
+
+    meta = {
+        "model": getattr(model, "name_or_path", None) or getattr(config, "_name_or_path", None) or None,
+        "revision": getattr(config, "_commit_hash", None),
+        "tokenizer": getattr(tokenizer, "name_or_path", None) or None,
+        "architecture": config.model_type,
+        "is_encoder_decoder": encoder_decoder,
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "generation": settings,
+        "heads": heads.describe(fresh=True),
+        "software": {"torch": torch.__version__, "transformers": transformers.__version__},
+    }
+    return {
+        "prompts": prompts,
+        "references": references,
+        "ids": ids,
+        "input_ids": token_ids,
+        "heads": heads,
+        "top_k": top_k,
+        "store_hidden": store_hidden,
+        "batch_size": batch_size,
+        "max_new_tokens": max_new_tokens,
+        "encoder_decoder": encoder_decoder,
+        "eos_ids": eos_ids,
+        "pad_id": pad_id,
+        "vocab": vocab,
+        "meta": meta,
+        "shard_dir": shard_dir,
+        "weights": weights_digest(model, fresh=True),  # a resumed run must be the same weights, not just the same path
+    }
+
+
+def _context_iv(
+    config, encoder_decoder: bool, ids: list[list[int]], max_new_tokens: int, *, teacher_forced: bool = False
+) -> None:
+    """Refuse empty prompts and prompts that do not fit the context (never truncate silently).
+
+    Generation feeds back every new token but the last; ``teacher_forced`` feeds all ``max_new_tokens``
+    (a prompt and its continuation in one forward pass). ``max_new_tokens=0`` with
+    ``encoder_decoder=False`` checks the inputs of an encoder (a classifier).
+    """
+    empty = [i for i, seq in enumerate(ids) if not seq]
+    if empty:
+        raise ValueError(f"prompts {empty[:10]} tokenise to no token; a prompt needs at least one")
+    positions = _context_positions(config)
+    if positions is None:  # relative positions (T5): no fixed context
+        return
+    name, context = positions
+    fed = max_new_tokens if teacher_forced else max(max_new_tokens - 1, 0)
+    if encoder_decoder:
+        if 1 + fed > context:
+            raise ValueError(
+                f"max_new_tokens={max_new_tokens} needs {1 + fed} decoder positions (the start token and every new "
+                f"token but the last), more than the decoder context config.{name}={context}"
+            )
+        too_long = [(i, len(seq)) for i, seq in enumerate(ids) if len(seq) > context]
+        need = "tokens"
+    else:
+        too_long = [(i, len(seq)) for i, seq in enumerate(ids) if len(seq) + fed > context]
+        need = f"tokens + {fed} of max_new_tokens={max_new_tokens} fed back" if max_new_tokens else "tokens"
+    if too_long:
+        shown = ", ".join(f"prompt {i} ({n} tokens)" for i, n in too_long[:5])
+        more = f" and {len(too_long) - 5} more" if len(too_long) > 5 else ""
+        fix = "shorten them or lower max_new_tokens" if max_new_tokens else "shorten them"
+        raise ValueError(
+            f"{len(too_long)} prompt(s) do not fit the model's context config.{name}={context} ({need}): "
+            f"{shown}{more}; {fix} (nothing is truncated)"
+        )
+
+
+def _vocab(tokenizer, vocab_size: int) -> list[str]:
+    """``tokenizer.decode([i], skip_special_tokens=True)`` for every id of the model's vocabulary (``""`` for
+    special tokens, as in the output texts, and past the tokenizer's)."""
+    n = min(vocab_size, len(tokenizer))
+    pieces = tokenizer.batch_decode([[i] for i in range(n)], skip_special_tokens=True)
+    return [str(p) for p in pieces] + [""] * (vocab_size - n)

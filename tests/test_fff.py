@@ -260,3 +260,19 @@ def test_every_formulation_takes_an_empty_batch():
     assert fff_reference(layer, empty).shape == (0, 4)  # torch.stack of nothing raised
     y, hardening = layer.soft_forward(empty)
     assert y.shape == (0, 4) and hardening.item() == 0.0  # was the NaN mean of nothing
+
+
+def test_inputs_must_be_floating_point_tensors_with_a_feature_dimension():
+    layer = _layer(4, 2, 2, dtype=torch.float32)
+    for run in (layer, layer.masked_forward, lambda x: fff_reference(layer, x), layer.soft_forward):
+        with pytest.raises(TypeError, match="x must be a floating-point tensor, got torch.int64"):
+            run(torch.ones((3, 4), dtype=torch.long))
+        with pytest.raises(ValueError, match=r"x must have 4 features in its last dimension, got shape \(\)"):
+            run(torch.tensor(1.0))
+
+
+def test_initial_weights_lie_within_the_documented_bounds():
+    layer = FFF(16, 3, depth=3, generator=torch.Generator().manual_seed(0))
+    assert layer.w_in.abs().max() <= 1 / 4 and layer.b_in.abs().max() <= 1 / 4
+    assert layer.w_out.abs().max() <= 1 / 2 and layer.w_out.abs().max() > 0.4  # within 1 / sqrt(depth + 1)
+    assert torch.equal(layer.b_out, torch.zeros(3))  # no output bias until trained

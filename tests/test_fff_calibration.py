@@ -346,3 +346,28 @@ def test_cli_classifier_uses_batch_size_device_and_dtype(tmp_path, capsys, monke
     for device, match in (("cuda:99", "device 'cuda:99' is not available"), ("bogus", "device must name")):
         assert main(["fff-fit", *common, "--device", device]) == 2
         assert match in capsys.readouterr().err
+
+
+def test_depth_grid_must_start_at_most_at_the_full_tree_and_decrease_strictly():
+    model = _classifier(depth=3)
+    x = torch.randn(20, 12)
+    for bad in ([4, 2, 0], [2, 2, 1], [3, 1, 1]):
+        with pytest.raises(ValueError, match=r"depths must decrease strictly from at most 3 \(the full tree\) to >= 0"):
+            fff.depth_losses(model, x, depths=bad)
+    assert fff.depth_losses(model, x, depths=[3, 1]).lambdas.tolist() == [3.0, 1.0]
+
+
+def test_model_id_names_every_tree_depth():
+    torch.manual_seed(0)
+    model = nn.Sequential(fff.FFF(12, 12, 3), nn.Tanh(), fff.FFF(12, 5, 8), fff.FFF(5, 5, 3))
+    assert fff.model_id(model).startswith("fff/3x/D3-8/")
+
+
+def test_audit_uses_the_certificate_grid_and_depth_losses_check_the_consistency():
+    model = _classifier(seed=2, depth=4)
+    cert = fff.fit(model, torch.randn(300, 12), delta=0.3, depths=[4, 2, 1])
+    held = torch.randn(200, 12)
+    report = fff.audit(cert, model, held)
+    np.testing.assert_allclose(report.risks, fff.depth_losses(model, held, depths=[4, 2, 1]).risks)
+    with pytest.raises(ValueError, match=r"consistency must be one of \('label', 'risk_label'\), got 'token'"):
+        fff.depth_losses(model, held, consistency="token")

@@ -43,7 +43,7 @@ def test_distill_replaces_only_the_chosen_blocks_of_a_copy(distilled):
     assert blocks[0].mlp.depth == 3 and not isinstance(original[0].mlp, fff.FFF)
     torch.testing.assert_close(blocks[1].mlp.up_proj.weight, original[1].mlp.up_proj.weight)
     assert result.layers == (0, 2) and len(result.errors) == len(result.baseline_errors) == 2
-    assert result.n_train > 0 and result.n_heldout > 0 and "depth=3" in repr(result)
+    assert result.n_train > 2 * result.n_heldout > 0 and "depth=3" in repr(result)  # 20% of the texts held out
     assert result.plot().axes
 
 
@@ -164,6 +164,12 @@ def test_distill_rejects_bad_arguments(tokenizer):
             fff.distill(model, tokenizer, TEXTS, layers=[0], progress=False, **{name: value})
     with pytest.raises(ValueError, match="layers must be distinct"):
         fff.mlp_activations(model, tokenizer, TEXTS, [-1])
+    for layers in ([1, 1], [3], [0, 3]):  # a repeated layer; layer 3 of a 3-layer model
+        with pytest.raises(ValueError, match=r"layers must be distinct decoder layers in 0..2, got \["):
+            fff.distill(model, tokenizer, TEXTS, layers=layers, progress=False)
+    for share in (-0.1, 1.5):
+        with pytest.raises(ValueError, match=f"soft_share in \\[0, 1\\], got 0.2 and {share}"):
+            fff.distill(model, tokenizer, TEXTS, soft_share=share, progress=False)
 
 
 def test_distill_leaves_the_global_torch_generator_alone(tokenizer):
@@ -238,3 +244,12 @@ def test_cli_certifies_and_audits_a_language_model(distilled, tokenizer, tmp_pat
     assert "is audited by decoding: give --model DIR --blocks DIR --prompts FILE" in capsys.readouterr().err  # was a TypeError
     assert main(["fff-fit", "--model", str(tmp_path / "model"), "--consistency", "token"]) == 2
     assert "a language model with --blocks DIR --prompts FILE" in capsys.readouterr().err
+
+
+def test_relative_error_is_zero_when_exact_and_one_for_the_mean_output():
+    from calibrate.fff.distill import _relative_error
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn((50, 3), generator=g), torch.randn((50, 2), generator=g) + 5.0  # outputs far from 0
+    assert _relative_error(lambda inputs: y, x, y) == 0.0
+    assert _relative_error(lambda inputs: y.mean(dim=0).expand(len(inputs), 2), x, y) == pytest.approx(1.0)

@@ -117,6 +117,75 @@ def test_value_norms_equal_a_loop():
         lat.value_norms(values, torch.randn((10, 6)))
 
 
+def test_value_norms_of_values_the_output_projection_erases_are_zero_not_nan():
+    """A value in the null space of its head's output block writes nothing: norm ~0 (rounding must not give NaN)."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn((8, 3, 2), generator=g)  # 8 heads, hd = 3, d = 2: a 1-d null space per head
+    null = torch.linalg.cross(w[:, :, 0], w[:, :, 1], dim=-1)  # (8, 3)
+    values = null[None, :, None, :] * torch.randn((1, 8, 40, 1), generator=g)  # (1, KVH = 8, 40, 3)
+    got = lat.value_norms(values, w.reshape(24, 2))
+    assert torch.isfinite(got).all() and got.max() < 1e-2
+
+
+def test_value_norms_refuse_query_heads_that_do_not_share_the_key_value_heads():
+    values = torch.zeros((1, 2, 4, 3))  # 2 key/value heads, hd = 3
+    with pytest.raises(ValueError, match="H a multiple of the 2 key/value heads and hd=3, got \\(9, 6\\)"):
+        lat.value_norms(values, torch.zeros((9, 6)))  # 3 query heads
+
+
+def test_keys_no_real_query_sees_score_zero_whatever_they_received():
+    allowed = _causal_padded(1, 5, [2])  # keys 0, 1: padding
+    received = torch.ones((1, 3, 5))  # a model may give padding keys some attention anyway
+    scores = lat.contribution_scores(received, allowed)
+    assert scores[0, :2].eq(0).all() and torch.isfinite(scores).all()
+    expected = torch.tensor([1 / 3 + 1 / 2 + 1, 1 / 3 + 1 / 2, 1 / 3])  # 1 / uniform share of the real keys
+    torch.testing.assert_close(scores[0, 2:], 1 / expected)
+
+
+def test_survivors_keep_the_best_real_vectors_in_column_order_with_the_filler_on_the_right_side():
+    from calibrate.lat.scores import survivors
+
+    allowed = torch.ones((2, 5, 5), dtype=torch.bool)  # every query sees every key (even row 1's filler)
+    received = torch.tensor([[0.1, 0.5, 0.2, 0.9, 0.3], [0.4, 0.1, 0.8, 0.2, 5.0]])[:, None, :].expand(2, 2, 5)
+    always = torch.zeros((2, 5), dtype=torch.bool)
+    always[:, 0] = True  # kept whatever its score
+    valid = torch.tensor([[True] * 5, [True] * 4 + [False]])  # row 1's last column: filler, however high it scores
+    target = torch.tensor([3, 2])
+    index, kept = survivors(received, allowed, None, always, valid, target, filler_first=False)
+    assert index[0].tolist() == [0, 1, 3] and kept[0].all()
+    assert index[1, :2].tolist() == [0, 2] and kept[1].tolist() == [True, True, False]
+    index, kept = survivors(received, allowed, None, always, valid, target, filler_first=True)
+    assert index[0].tolist() == [0, 1, 3] and kept[0].all()
+    assert index[1, 1:].tolist() == [0, 2] and kept[1].tolist() == [False, True, True]
+
+
+def test_a_nan_score_counts_as_zero_when_choosing_survivors():
+    from calibrate.lat.scores import survivors
+
+    allowed = torch.ones((1, 4, 4), dtype=torch.bool)
+    received = torch.tensor([[[0.1, 0.6, 0.3, math.nan]]])  # e.g. a half-precision overflow in one key's column
+    always = torch.tensor([[True, False, False, False]])
+    index, kept = survivors(received, allowed, None, always, torch.ones((1, 4), dtype=torch.bool), torch.tensor([3]),
+                            filler_first=False)  # fmt: skip
+    assert index[0].tolist() == [0, 1, 2] and kept.all()
+
+
+def test_always_kept_first_real_token_specials_and_the_last_column_of_decoders_only():
+    ids = torch.tensor([[0, 0, 7, 5, 9, 6], [7, 5, 9, 6, 8, 0]])  # row 0 left-padded, row 1 right-padded
+    mask = (ids != 0).long()
+    decoder = _always_kept(ids, mask, [9], last=True)
+    encoder = _always_kept(ids, mask, [9], last=False)
+    assert decoder.tolist() == [[False, False, True, False, True, True], [True, False, True, False, False, False]]
+    assert encoder.tolist() == [[False, False, True, False, True, False], [True, False, True, False, False, False]]
+
+
+def test_contribution_scores_refuse_mismatched_shapes():
+    allowed = torch.ones((2, 3, 5), dtype=torch.bool)
+    for received in (torch.ones((2, 4, 6)), torch.ones((3, 4, 5)), torch.ones((2, 5))):
+        with pytest.raises(ValueError, match=r"received must be \(n, H, S_k\) and allowed \(n, S_q, S_k\)"):
+            lat.contribution_scores(received, allowed)
+
+
 def test_chunked_counting_attention_equals_sdpa_and_the_probabilities():
     """The adapters' explicit attention: same output as the fused kernel, received = sum of the probabilities."""
     from calibrate.runtime._layers import Step
@@ -234,6 +303,43 @@ def test_layer_costs_of_gpt2_config():
     for bad in ([100] * 2, [100] * 13, [100] * 11 + [-1], [[100] * 12]):  # one count per layer, none negative
         with pytest.raises(ValueError, match="keep must hold n_layers=12 counts >= 0"):
             c.prefill(bad)
+
+
+def test_layer_costs_read_head_dim_and_gated_t5():
+    """An explicit head width (Qwen3's head_dim, T5's d_kv) differs from d / H; a gated T5 has 3 MLP matrices."""
+    from transformers import T5Config
+
+    d, heads, kv, hd, ff = 64, 4, 2, 32, 128
+    qwen3 = {"model_type": "qwen3", "hidden_size": d, "num_hidden_layers": 3, "num_attention_heads": heads,
+             "num_key_value_heads": kv, "head_dim": hd, "intermediate_size": ff}  # fmt: skip
+    c = layer_costs(qwen3)
+    assert (c.qkv, c.attn, c.out, c.mlp) == (d * (heads + 2 * kv) * hd, 2 * heads * hd, heads * hd * d, 3 * d * ff)
+    t5 = layer_costs(T5Config(d_model=d, d_kv=8, num_heads=heads, num_layers=3, d_ff=ff, feed_forward_proj="gated-gelu"))
+    assert (t5.qkv, t5.attn, t5.out, t5.mlp) == (d * 3 * heads * 8, 2 * heads * 8, heads * 8 * d, 3 * d * ff)
+    plain = layer_costs(T5Config(d_model=d, d_kv=8, num_heads=heads, num_layers=3, d_ff=ff))  # relu: 2 matrices
+    assert plain.mlp == 2 * d * ff
+    with pytest.raises(ValueError, match="model_config must give positive .*heads=0"):
+        layer_costs({"hidden_size": d, "num_hidden_layers": 3, "num_attention_heads": 0})
+    assert c.prefill([0, 0, 0]) == 0.0  # counts >= 0: an empty prompt costs nothing
+
+
+def test_elimination_points_every_round_l_over_6_layers():
+    """Ten layers: ``e = round(10 / 6) = 2``, so the clipped schedule keeps everything through layer 2 (0-based 1)."""
+    config = SimpleNamespace(model_type="llama", hidden_size=64, num_hidden_layers=10, num_attention_heads=4,
+                             intermediate_size=128)  # fmt: skip
+    best = KeepSchedule.from_speedup(config, 40, 1.0).max_speedup
+    clipped = KeepSchedule.from_speedup(config, 40, 100.0, clip=True)
+    assert clipped.keep == (40, 40) + (2,) * 8 and clipped.max_speedup == best
+    for speedup in (1.3, 2.0):  # counts change at the elimination points 2, 4, 6, 8 only
+        keep = KeepSchedule.from_speedup(config, 40, speedup).keep
+        assert keep[0] == keep[1] and all(keep[i] == keep[i + 1] for i in range(2, 10, 2)), keep
+
+
+def test_a_speedup_just_above_the_maximum_is_refused():
+    best = KeepSchedule.from_speedup(SMOLLM2, 16, 1.0).max_speedup
+    with pytest.raises(ValueError, match="cannot be reached"):
+        KeepSchedule.from_speedup(SMOLLM2, 16, best * 1.001)
+    assert KeepSchedule.from_speedup(SMOLLM2, 16, best).predicted_speedup == pytest.approx(best)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -521,6 +627,10 @@ def test_fit_bad_grid(word_tokenizer):
     for bad in ([1.0, 0.5], [2.0, 1.5], [1.0, float("nan")], []):
         with pytest.raises(ValueError, match="speedup"):
             lat.fit(model, word_tokenizer, ["w1 w2 w3"] * 10, speedups=bad)
+    with pytest.raises(ValueError, match=r"strictly increasing grid \(safest first\), got \[1.0, 1.5, 1.5\]"):
+        lat.fit(model, word_tokenizer, ["w1 w2 w3"] * 10, speedups=[1.0, 1.5, 1.5])  # a repeated value
+    with pytest.raises(ValueError, match=r"score must be one of \('attention', 'value'\), got 'norm'"):
+        lat.fit(model, word_tokenizer, ["w1 w2 w3"] * 10, score="norm")
 
 
 def test_fit_warns_of_speedups_no_prompt_reaches(word_tokenizer):

@@ -99,3 +99,63 @@ def test_finetune_bad_input():
     result = lat.finetune(model, tokenizer, prompts, steps=50, max_new_tokens=2, max_seconds=1e-9)
     assert len(result.losses) == 1  # stopped by the time limit
     np.testing.assert_array_equal(result.speedups >= 1.0, True)
+
+
+def test_lora_adapter_adds_alpha_over_rank_times_b_a_and_merges_the_same():
+    from calibrate.lat.tuning import _LoRALinear
+
+    g = torch.Generator().manual_seed(3)
+    base = torch.nn.Linear(5, 4)
+    x = torch.randn((7, 5), generator=g)
+    lora = _LoRALinear(base, rank=2, alpha=6.0, generator=g)
+    torch.testing.assert_close(lora(x), base(x))  # B = 0 at the start: the base layer exactly
+    with torch.no_grad():
+        lora.b.copy_(torch.randn((4, 2), generator=g))
+    expected = x @ base.weight.T + base.bias + 3.0 * (x @ lora.a.T) @ lora.b.T  # alpha / r = 3
+    torch.testing.assert_close(lora(x), expected)
+    torch.testing.assert_close(lora.weight, base.weight + 3.0 * lora.b @ lora.a)
+    merged = lora.merged()
+    torch.testing.assert_close(merged(x), expected)
+
+
+def test_finetune_draws_each_batch_without_replacement_and_refuses_a_bad_anchor(monkeypatch):
+    import calibrate.lat.tuning as tuning
+
+    model = tiny_model("llama", seed=1, n_layers=2)
+    tokenizer = tiny_tokenizer()
+    prompts = [f"w{i} w{i + 1} w{i + 2}" for i in range(6)]  # distinct prompts
+    for bad in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ValueError, match="anchor must be a finite number >= 0"):
+            lat.finetune(model, tokenizer, prompts, anchor=bad)
+    with pytest.raises(ValueError, match=r"score must be one of \('attention', 'value'\), got 'norm'"):
+        lat.finetune(model, tokenizer, prompts, score="norm")
+    with pytest.raises(ValueError, match="targets must be a non-empty sequence of projection names, got 'q_proj'"):
+        lat.finetune(model, tokenizer, prompts, targets="q_proj")
+    for bad in (0, -1.0, "1"):
+        with pytest.raises(ValueError, match="max_seconds must be a number > 0 or None"):
+            lat.finetune(model, tokenizer, prompts, max_seconds=bad)
+    # the first step's loss is the drawn speed-up's plus anchor times speed-up 1's (same seed: same batch and draw)
+    first = [
+        lat.finetune(model, tokenizer, prompts, steps=1, anchor=a, max_new_tokens=2, progress=False).losses[0]
+        for a in (0.0, 1.0, 2.0)
+    ]
+    assert first[1] > first[0] and first[2] - first[1] == pytest.approx(first[1] - first[0], rel=1e-4)
+    batches = []
+    original = tuning._target_loss
+
+    def spy(adapter, heads, ids, mask, *args):
+        batches.append(ids.tolist())
+        return original(adapter, heads, ids, mask, *args)
+
+    monkeypatch.setattr(tuning, "_target_loss", spy)
+    lat.finetune(model, tokenizer, prompts, steps=8, batch_size=6, anchor=0.0, max_new_tokens=2, progress=False)
+    assert len(batches) == 8
+    for rows in batches:  # all six prompts in every batch, each once
+        assert len({tuple(r) for r in rows}) == 6
+
+
+def test_finetune_result_repr_gives_the_mean_loss_of_the_first_and_last_tenth():
+    from calibrate.lat.tuning import FinetuneResult
+
+    result = FinetuneResult(model=None, losses=np.arange(20.0), speedups=np.ones(20), trainable=3, seconds=2.0)
+    assert repr(result) == "FinetuneResult(steps=20, trainable=3, seconds=2, loss first/last tenth=0.5000/18.5000)"

@@ -1,5 +1,7 @@
 """Synthetic cache: reproducibility, the documented generative story, and statistical behaviour."""
 
+import difflib
+import re
 
 import numpy as np
 import pytest
@@ -169,10 +171,15 @@ def test_small_vocab_and_various_k(top_k, vocab_size):
         ({"n_sequences": 0}, ValueError, "n_sequences must be an int >= 1"),
         ({"n_layers": 2.5}, TypeError, "n_layers must be an int >= 1, got 2.5 \\(float\\)"),
         ({"min_tokens": 10, "max_tokens": 5}, ValueError, "min_tokens must be <= max_tokens=5"),
+        ({"min_tokens": 6, "max_tokens": 5}, ValueError, "min_tokens must be <= max_tokens=5, got 6"),
+        ({"hidden_size": 0}, ValueError, "hidden_size must be an int >= 1"),
         ({"vocab_size": 2, "top_k": 1}, ValueError, "vocab_size must be an int >= 3"),
         ({"top_k": 8, "vocab_size": 5}, ValueError, "vocab_size must be an int >= 8"),
         ({"difficulty": 0.0}, ValueError, "difficulty must be a finite float > 0"),
         ({"difficulty": "hard"}, TypeError, "difficulty"),
+        ({"difficulty": True}, TypeError, "difficulty must be a positive float, got True"),
+        ({"difficulty": float("nan")}, ValueError, "difficulty must be a finite float > 0, got nan"),
+        ({"difficulty": float("inf")}, ValueError, "difficulty must be a finite float > 0, got inf"),
         ({"store_hidden": 1}, TypeError, "store_hidden must be a bool"),
         ({"seed": -1}, ValueError, "seed must be an int >= 0"),
         ({"first_id": 1.5}, TypeError, "first_id must be an int >= 0"),
@@ -183,3 +190,99 @@ def test_rejects_bad_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
         synthetic_cache(**{"n_sequences": 5, **kwargs})
 
+
+def test_lengths_cover_both_ends_and_min_equal_to_max_is_allowed():
+    """Lengths are uniform over the closed range [min_tokens, max_tokens]: both ends occur."""
+    lengths = synthetic_cache(300, n_layers=2, min_tokens=3, max_tokens=6, store_hidden=False, seed=4).lengths
+    assert set(np.unique(lengths).tolist()) == {3, 4, 5, 6}
+    fixed = synthetic_cache(10, n_layers=2, min_tokens=5, max_tokens=5, store_hidden=False, seed=4)
+    assert np.all(fixed.lengths == 5) and fixed.n_tokens == 50
+    assert fixed.meta["generation"]["min_new_tokens"] == fixed.meta["generation"]["max_new_tokens"] == 5
+
+
+def test_ids_start_at_first_id_and_meta_records_the_arguments():
+    piece = synthetic_cache(3, n_layers=2, min_tokens=4, max_tokens=9, first_id=7, seed=1)
+    assert piece.sequences["id"].tolist() == ["synthetic-7", "synthetic-8", "synthetic-9"]
+    assert piece.sequences["prompt"].tolist() == [f"Synthetic prompt {s}:" for s in range(3)]
+    assert piece.meta["generation"]["min_new_tokens"] == 4 and piece.meta["generation"]["max_new_tokens"] == 9
+    recorded = piece.meta["synthetic"]
+    assert recorded["seed"] == 1 and recorded["min_tokens"] == 4 and recorded["n_layers"] == 2
+    assert recorded["difficulty"] == 1.0 and recorded["vocab_size"] == 500
+
+
+def _pieces(text):
+    """Split a synthetic text back into its vocabulary pieces (" word", "." or ",")."""
+    return re.findall(r" [^ .,]+|[.,]", text)
+
+
+def test_references_keep_and_substitute_at_the_documented_rates(cache):
+    """Each token is substituted (p = 0.08) or deleted (p = 0.04): 96% of the pieces stay, ~88% unchanged."""
+    n_out = n_ref = matched = 0
+    for output, reference in zip(cache.sequences["output"], cache.sequences["reference"]):
+        out, ref = _pieces(output), _pieces(reference)
+        assert "".join(out) == output and "".join(ref) == reference
+        n_out, n_ref = n_out + len(out), n_ref + len(ref)
+        matched += sum(b.size for b in difflib.SequenceMatcher(None, out, ref, autojunk=False).get_matching_blocks())
+    assert 0.95 < n_ref / n_out < 0.97  # deletions only: 1 - 0.04
+    assert 0.86 < matched / n_out < 0.91  # about 1 - 0.08 - 0.04, plus substitutions that redraw the same token
+
+
+def test_margin_noise_is_correlated_across_layers(cache):
+    """The logit gap between ranks 1 and 2 is ``D = exp(0.35 m + 0.8 z + 0.3)``: ``log D`` of adjacent layers
+    differs by ``0.35 (8 / L + 1.5 (sqrt(1 - x') e' - sqrt(1 - x) e)) + 0.8 (z' - z)``, whose variance follows
+    from the AR(1) correlation 0.7 (the token's resolution depth cancels)."""
+    lp = cache.arrays["topk_logprobs"].astype(np.float64)
+    log_gap = np.log(lp[:, :, 0] - lp[:, :, 1])  # (T, L)
+    L = cache.n_layers
+    x = np.arange(1, L + 1) / L
+    a, b = np.sqrt(1 - x[1:-1]), np.sqrt(1 - x[:-2])  # layers 2..L-1 against 1..L-2
+    expected = 0.35**2 * 1.5**2 * (a**2 + b**2 - 2 * 0.7 * a * b) + 2 * 0.8**2
+    observed = np.diff(log_gap[:, :-1], axis=1).var(axis=0)
+    np.testing.assert_allclose(observed, expected, rtol=0.06)
+    np.testing.assert_allclose(np.diff(log_gap[:, :-1], axis=1).mean(axis=0), 0.35 * 8 / L, atol=0.03)
+
+
+def test_output_tokens_follow_zipf_order_over_the_whole_vocabulary():
+    """Token ids are in Zipf frequency order, and every id of a small vocabulary is a possible output."""
+    small = synthetic_cache(400, n_layers=2, top_k=1, vocab_size=5, store_hidden=False, references=False, seed=6)
+    counts = np.bincount(small.arrays["full_tokens"], minlength=5)
+    assert counts.size == 5 and np.all(counts > 0), counts
+    assert np.all(np.diff(counts) < 0), counts  # common words first
+
+
+@pytest.mark.parametrize("top_k", [2, 3])
+def test_the_token_outside_the_top_k_keeps_its_probability(top_k):
+    """Log-probabilities are normalised over the whole vocabulary: with one token outside the top-k, its
+    probability ``1 - sum(top-k)`` is positive and at most rank k's (its logit is ``tau >= 0.1`` lower)."""
+    small = synthetic_cache(100, n_layers=4, top_k=top_k, vocab_size=top_k + 1, store_hidden=False, seed=8)
+    p = np.exp(small.arrays["topk_logprobs"].astype(np.float64))
+    tail = 1.0 - p.sum(axis=-1)
+    assert np.all(tail >= -1e-6) and np.all(tail <= p[..., -1] * np.exp(-0.1) + 1e-6)
+    assert tail.mean() > 1e-3
+
+
+def test_residual_steps_are_never_small():
+    """Each layer adds ``s w`` with ``s = 0.4 + 1.2 sigmoid(-0.5 m)`` in (0.4, 1.6) and ``|w| >= sqrt((d - 1) / d)``."""
+    small = synthetic_cache(100, n_layers=8, hidden_size=16, seed=9)
+    h = small.arrays["hidden"].astype(np.float64)
+    steps = np.linalg.norm(np.diff(h, axis=1), axis=-1)
+    low = 0.4 * np.sqrt(15 / 16)
+    assert steps.min() > low - 0.01, steps.min()
+    assert steps.max() < 1.6 * np.sqrt((3.5**2 + 15) / 16)
+
+
+def test_top_k_order_when_a_layer_disagrees(cache):
+    """Agreeing layers rank ``y c1 c2 c3``; the others ``c1 y c2 c3`` (probability 3/4) or ``c2 y c1 c3``.
+    The last layer always agrees, so it names each token's distractors."""
+    ids = cache.arrays["topk_ids"]
+    y, c1, c2, c3 = (ids[:, -1, j][:, None] for j in range(4))
+    wrong = ids[:, :, 0] != y
+    main = wrong & (ids[:, :, 0] == c1)
+    assert np.all(main | ~wrong | (ids[:, :, 0] == c2))
+    assert np.all(ids[:, :, 1][wrong] == np.broadcast_to(y, wrong.shape)[wrong])
+    assert np.all(ids[:, :, 2][main] == np.broadcast_to(c2, main.shape)[main])
+    other = wrong & ~main
+    assert np.all(ids[:, :, 2][other] == np.broadcast_to(c1, other.shape)[other])
+    assert np.all(ids[:, :, 3] == c3)
+    share = main.sum() / wrong.sum()
+    assert abs(share - 0.75) < 0.02, share

@@ -1,0 +1,102 @@
+"""The demo's quick parts: argument checks before any work, the per-measure table and the files it writes."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+import calibrate
+from calibrate.demo import _print_table, _write_json, certify_measures, smollm2_demo, synthetic_demo
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"trials": 0}, ValueError, "trials must be an int >= 1"),
+        ({"sequences": 19}, ValueError, "sequences must be an int >= 20, got 19"),
+        ({"delta": 1.0}, ValueError, "delta must lie in the open interval"),
+        ({"epsilon": 0.0}, ValueError, "epsilon must lie in the open interval"),
+    ],
+)
+def test_synthetic_demo_checks_its_arguments_before_any_work(tmp_path, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        synthetic_demo(tmp_path / "out", **kwargs)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"n_train": 3}, "n_train must be an int >= 4, got 3"),
+        ({"n_cal": 3}, "n_cal must be an int >= 4, got 3"),
+        ({"n_test": 0}, "n_test must be an int >= 1, got 0"),
+        ({"max_new_tokens": 0}, "max_new_tokens must be an int >= 1"),
+        ({"delta": 0.0}, "delta must lie in the open interval"),
+        ({"epsilon": 1.5}, "epsilon must lie in the open interval"),
+    ],
+)
+def test_real_model_demo_checks_its_arguments_before_loading_anything(tmp_path, kwargs, match):
+    pytest.importorskip("torch")
+    with pytest.raises(ValueError, match=match):
+        smollm2_demo(tmp_path / "out", **kwargs)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def table_and_certificates(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    dev, test = calibrate.synthetic_cache(300, n_layers=6, seed=3).split([0.5, 0.5], seed=0)
+    table, certificates = certify_measures(
+        dev, test, ("softmax_gap", "entropy"), out, delta=0.15, epsilon=0.1, seed=0
+    )  # fmt: skip
+    return out, dev, test, table, certificates
+
+
+def test_certify_measures_rows_equal_fit_and_audit(table_and_certificates):
+    out, dev, test, table, certificates = table_and_certificates
+    assert table["measure"].tolist() == ["softmax_gap", "entropy"]
+    for row in table.to_dict(orient="records"):
+        measure = row["measure"]
+        cert = calibrate.fit(dev, delta=0.15, epsilon=0.1, measure=measure, seed=0)
+        report = calibrate.audit(cert, test)
+        assert certificates[measure] == cert
+        assert calibrate.Certificate.from_json(out / f"cert_{measure}.json") == cert
+        assert (out / f"audit_{measure}.png").stat().st_size > 0
+        assert row["lambda_hat"] == ("full model" if cert.lambda_hat is None else f"{cert.lambda_hat:.4f}")
+        assert row["cal_risk"] == (0.0 if cert.risk_hat is None else cert.risk_hat)
+        assert row["test_risk"] == report.risk and row["within_delta"] == report.within_tolerance
+        assert row["avg_layers"] == report.layers
+        assert row["layer_savings_%"] == pytest.approx(100 * report.layer_savings)
+
+
+def test_the_table_prints_three_decimals(capsys):
+    import pandas as pd
+
+    _print_table(pd.DataFrame({"measure": ["a"], "test_risk": [0.123456], "within_delta": [True]}))
+    printed = capsys.readouterr().out
+    assert "0.123" in printed and "0.1235" not in printed and "True" in printed
+
+
+def test_summary_json_keeps_nan(tmp_path):
+    _write_json({"speedup": math.nan, "table": [{"loss": 0.5}]}, tmp_path / "summary.json")
+    text = (tmp_path / "summary.json").read_text(encoding="utf-8")
+    assert text.startswith("{\n  ")  # indented for reading
+    back = json.loads(text)
+    assert np.isnan(back["speedup"]) and back["table"] == [{"loss": 0.5}]
+
+
+def test_rows_of_an_uncertified_measure_and_of_a_shifted_test_split(tmp_path):
+    """Nothing certified: the full model, calibration risk 0. A harder held-out split: outside delta, as audited."""
+    dev = calibrate.synthetic_cache(100, n_layers=4, difficulty=0.5, seed=1)
+    hard = calibrate.synthetic_cache(100, n_layers=4, difficulty=3.0, seed=2)
+    table, certificates = certify_measures(dev, hard, ("softmax_gap", "classifier"), tmp_path, delta=0.2, epsilon=0.1,
+                                           seed=5)  # fmt: skip
+    for row in table.to_dict(orient="records"):
+        cert = calibrate.fit(dev, delta=0.2, epsilon=0.1, measure=row["measure"], seed=5)
+        assert certificates[row["measure"]] == cert  # the learned measure trains on the seeded split
+        report = calibrate.audit(cert, hard)
+        assert row["within_delta"] == report.within_tolerance
+    assert not table["within_delta"].all()
+    none, _ = certify_measures(dev, hard, ("softmax_gap",), tmp_path, delta=1e-4, epsilon=0.1, seed=5)
+    assert none["lambda_hat"].tolist() == ["full model"] and none["cal_risk"].tolist() == [0.0]

@@ -180,7 +180,8 @@ def _evidence_iv(cert: "Certificate") -> None:
         if not p[k] >= low * (1 - 1e-9):
             raise ValueError(f"p_values{at(k)} is {p[k]:g}, below the {low:.6g} that {source}: {edited}")
     if cert.method in ("fixed_sequence", "bonferroni", "holm"):
-        allowed = np.asarray(fwer.control_fwer(np.where(np.isnan(p), 1.0, p), cert.epsilon, method=cert.method), dtype=bool)
+        untested_as_one = np.where(np.isnan(p), 1.0, p)
+        allowed = np.asarray(fwer.control_fwer(untested_as_one, cert.epsilon, method=cert.method), dtype=bool)
         over = np.flatnonzero(flags & ~allowed)
         if over.size:
             raise ValueError(

@@ -421,7 +421,8 @@ def extract_main(
     sharding = None
     if shard is not None:
         index, count = shard
-        start, stop = shards.shard_bounds(len(prompts), index, count, batch_size=kw.get("batch_size", _DEFAULT_BATCH_SIZE))
+        batch_size = kw.get("batch_size", _DEFAULT_BATCH_SIZE)
+        start, stop = shards.shard_bounds(len(prompts), index, count, batch_size=batch_size)
         shards._check_manifest(root, count)  # another run's shard count: refused before any work
         plain = (str, int, float, bool, type(None))
         request = {k: v for k, v in kw.items() if k != "progress" and isinstance(v, plain)}

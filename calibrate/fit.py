@@ -193,12 +193,14 @@ def _chunked_table(
     learned, rows, n_train = _learned_measure(
         cache, cache._vocab, measure, consistency, decode, train_fraction, seed, train_cache, measure_options
     )
-    run = dict(client=client, decode=decode, progress=progress)
+    run = dict(
+        measure=measure, consistency=consistency, lambdas=lambdas, decay=decay, client=client, decode=decode,
+        progress=progress,
+    )
     if learned is None:
-        return cache.loss_table(measure=measure, consistency=consistency, lambdas=lambdas, decay=decay, **run), _topk_state(cache, measure), 0
+        return cache.loss_table(**run), _topk_state(cache, measure), 0
     state = learned.to_dict()
-    table = cache.loss_table(measure=measure, consistency=consistency, lambdas=lambdas, decay=decay, measure_state=state, sequences=rows, **run)
-    return table, state, n_train
+    return cache.loss_table(measure_state=state, sequences=rows, **run), state, n_train
 
 
 def _learned_measure(cache, vocab, measure, consistency, decode, train_fraction, seed, train_cache, options):

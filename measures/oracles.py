@@ -316,7 +316,8 @@ def oracle_depths(cache: Any, *, oracle: str = "consistency", **options: Any) ->
     >>> from calibrate.synthetic import synthetic_cache
     >>> from measures.oracles import consistency_oracle, oracle_depths
     >>> cache = synthetic_cache(5, n_layers=4, seed=0)
-    >>> bool((oracle_depths(cache, oracle="consistency", rule="first") == consistency_oracle(cache, rule="first")).all())
+    >>> depths = oracle_depths(cache, oracle="consistency", rule="first")
+    >>> bool((depths == consistency_oracle(cache, rule="first")).all())
     True
     """
     if oracle not in ORACLES:

@@ -417,7 +417,7 @@ def test_shards_of_another_run_are_refused(tokenizer, tmp_path, monkeypatch):
     extract(model, tokenizer, PROMPTS[:2], max_new_tokens=2, shard_dir=tmp_path, progress=False)  # resumes
     pieces = extract_checks._vocab
     with monkeypatch.context() as patch:  # e.g. batches of an older extraction, whose special tokens kept their text
-        patch.setattr(extract_checks, "_vocab", lambda tok, size: ["<eos>" if p == "" else p for p in pieces(tok, size)])
+        patch.setattr(extract_checks, "_vocab", lambda t, size: ["<eos>" if p == "" else p for p in pieces(t, size)])
         with pytest.raises(ValueError, match=r"another run \(its vocab differ\)"):
             extract(model, tokenizer, PROMPTS[:2], max_new_tokens=2, shard_dir=tmp_path, progress=False)
     with pytest.raises(ValueError, match="shard_dir must name a directory"):

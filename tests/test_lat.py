@@ -314,7 +314,8 @@ def test_layer_costs_read_head_dim_and_gated_t5():
              "num_key_value_heads": kv, "head_dim": hd, "intermediate_size": ff}  # fmt: skip
     c = layer_costs(qwen3)
     assert (c.qkv, c.attn, c.out, c.mlp) == (d * (heads + 2 * kv) * hd, 2 * heads * hd, heads * hd * d, 3 * d * ff)
-    t5 = layer_costs(T5Config(d_model=d, d_kv=8, num_heads=heads, num_layers=3, d_ff=ff, feed_forward_proj="gated-gelu"))
+    gated = T5Config(d_model=d, d_kv=8, num_heads=heads, num_layers=3, d_ff=ff, feed_forward_proj="gated-gelu")
+    t5 = layer_costs(gated)
     assert (t5.qkv, t5.attn, t5.out, t5.mlp) == (d * 3 * heads * 8, 2 * heads * 8, heads * 8 * d, 3 * d * ff)
     plain = layer_costs(T5Config(d_model=d, d_kv=8, num_heads=heads, num_layers=3, d_ff=ff))  # relu: 2 matrices
     assert plain.mlp == 2 * d * ff

@@ -60,7 +60,9 @@ def test_finetune_lowers_the_loss_and_returns_a_tuned_copy():
         full = lat.generate(model, ids, mask, max_new_tokens=6, tokenizer=tokenizer, eos_token_id=[]).new_tokens
         return (
             (
-                lat.generate(m, ids, mask, speedup=speedup, max_new_tokens=6, tokenizer=tokenizer, eos_token_id=[]).new_tokens
+                lat.generate(
+                    m, ids, mask, speedup=speedup, max_new_tokens=6, tokenizer=tokenizer, eos_token_id=[]
+                ).new_tokens
                 != full
             )
             .float()

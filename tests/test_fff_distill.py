@@ -1,5 +1,7 @@
 """MLP blocks distilled into FFFs, and the depth of a language model certified in decoded mode."""
 
+import importlib
+
 import numpy as np
 import pytest
 import torch
@@ -253,3 +255,100 @@ def test_relative_error_is_zero_when_exact_and_one_for_the_mean_output():
     x, y = torch.randn((50, 3), generator=g), torch.randn((50, 2), generator=g) + 5.0  # outputs far from 0
     assert _relative_error(lambda inputs: y, x, y) == 0.0
     assert _relative_error(lambda inputs: y.mean(dim=0).expand(len(inputs), 2), x, y) == pytest.approx(1.0)
+
+
+def test_soft_phase_adds_the_hardening_term_with_a_linearly_growing_weight():
+    """The soft phase minimises ``mse + hardening * step / (soft_steps - 1) * entropy``, then the hard path trains
+    on the mean squared error alone: replayed by hand with the same batches, optimiser and schedule."""
+    import torch.nn.functional as F
+
+    from calibrate.fff.distill import _train
+
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn((40, 6), generator=g), torch.randn((40, 3), generator=g)
+    start = fff.FFF(6, 3, 2, generator=torch.Generator().manual_seed(8))
+    steps, batch_size, lr, hardening, soft_steps = 5, 16, 0.05, 4.0, 3  # soft_share 0.6 of 5 steps: 3 soft steps
+    kw = dict(steps=steps, batch_size=batch_size, lr=lr, hardening=hardening, soft_share=0.6)
+    trained = _train(fff.FFF(6, 3, 2, generator=torch.Generator().manual_seed(8)), x, y,
+                     generator=torch.Generator().manual_seed(1), **kw)  # fmt: skip
+    without = _train(fff.FFF(6, 3, 2, generator=torch.Generator().manual_seed(8)), x, y,
+                     generator=torch.Generator().manual_seed(1), **{**kw, "hardening": 0.0})  # fmt: skip
+
+    batches = torch.Generator().manual_seed(1)
+    optimiser = torch.optim.Adam(start.parameters(), lr=lr)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, steps)
+    for step in range(steps):
+        batch = torch.randint(0, len(x), (batch_size,), generator=batches)
+        if step < soft_steps:
+            out, entropy = start.soft_forward(x[batch])
+            loss = F.mse_loss(out, y[batch]) + hardening * step / (soft_steps - 1) * entropy
+        else:
+            loss = F.mse_loss(start.masked_forward(x[batch]), y[batch])
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        scheduler.step()
+    for (name, a), (_, b) in zip(trained.state_dict().items(), start.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=name)
+    assert not all(torch.equal(a, b) for a, b in zip(trained.state_dict().values(), without.state_dict().values()))
+
+
+def test_dense_baseline_has_the_ffs_evaluated_width(tokenizer, monkeypatch):
+    """The baseline is a dense MLP of ``depth + 1`` hidden neurons, the FFF's cost per token: equal inference cost."""
+    distill_module = importlib.import_module("calibrate.fff.distill")  # the module, not fff.distill
+
+    trained = []
+    original = distill_module._train
+
+    def spy(module, *args, **kwargs):
+        trained.append(module)
+        return original(module, *args, **kwargs)
+
+    monkeypatch.setattr(distill_module, "_train", spy)
+    model = tiny_model("llama")
+    for depth in (2, 3):
+        trained.clear()
+        fff.distill(model, tokenizer, TEXTS, depth=depth, layers=[1], steps=1, batch_size=8, progress=False)
+        layer, narrow = trained
+        hidden = [m for m in narrow.modules() if isinstance(m, torch.nn.Linear)]
+        assert [(m.in_features, m.out_features) for m in hidden] == [(32, depth + 1), (depth + 1, 32)]
+        assert isinstance(layer, fff.FFF) and layer.cost() == sum(m.weight.numel() for m in hidden)  # multiply-adds
+
+
+def test_each_layer_starts_from_its_own_seed(tokenizer, monkeypatch):
+    """Layer i's FFF is initialised from seed * 1009 + i: the same start whichever other layers are distilled,
+    and different blocks (of the same width) do not start as copies of one another."""
+    distill_module = importlib.import_module("calibrate.fff.distill")  # the module, not fff.distill
+
+    starts = []
+    original = distill_module._train
+
+    def spy(module, *args, **kwargs):
+        if isinstance(module, fff.FFF):
+            starts.append({k: v.clone() for k, v in module.state_dict().items()})
+        return original(module, *args, **kwargs)
+
+    monkeypatch.setattr(distill_module, "_train", spy)
+    model = tiny_model("llama")
+    fff.distill(model, tokenizer, TEXTS, depth=2, layers=[0, 1, 2], steps=1, batch_size=8, seed=7, progress=False)
+    assert len(starts) == 3
+    for i, start in enumerate(starts):
+        expected = fff.FFF(32, 32, 2, generator=torch.Generator().manual_seed(7 * 1009 + i)).state_dict()
+        for name, value in expected.items():
+            assert torch.equal(start[name], value), (i, name)
+    assert not torch.equal(starts[0]["w_in"], starts[1]["w_in"])
+
+
+def test_loaded_blocks_take_the_models_dtype(tmp_path):
+    """Blocks saved in float32 and loaded into a float64 model run in float64, as load_blocks documents."""
+    model = tiny_model("llama").eval().to(torch.float64)
+    block = fff.FFF(32, 32, 2, generator=torch.Generator().manual_seed(0))
+    (tmp_path / "blocks").mkdir()
+    block.save(tmp_path / "blocks" / "layer-00001.safetensors")
+    fff.load_blocks(model, tmp_path / "blocks")
+    loaded = decoder_layers(model)[1].mlp
+    assert isinstance(loaded, fff.FFF) and {p.dtype for p in loaded.parameters()} == {torch.float64}
+    torch.testing.assert_close(loaded.w_in, block.w_in.double(), rtol=0, atol=0)  # the stored weights, widened
+    with torch.no_grad():
+        logits = model(torch.tensor([[3, 5, 9, 14]])).logits
+    assert logits.dtype == torch.float64 and torch.isfinite(logits).all()

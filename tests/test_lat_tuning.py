@@ -161,3 +161,29 @@ def test_finetune_result_repr_gives_the_mean_loss_of_the_first_and_last_tenth():
 
     result = FinetuneResult(model=None, losses=np.arange(20.0), speedups=np.ones(20), trainable=3, seconds=2.0)
     assert repr(result) == "FinetuneResult(steps=20, trainable=3, seconds=2, loss first/last tenth=0.5000/18.5000)"
+
+
+def test_target_loss_is_the_mean_cross_entropy_over_real_target_tokens_only():
+    """Targets of different lengths are right-padded in a batch: the loss averages the real target tokens only
+    (nats per target token, as FinetuneResult.losses documents), never the padding after a short target."""
+    import torch.nn.functional as F
+
+    from calibrate.lat.tuning import _target_loss
+
+    model = tiny_model("llama", seed=5, n_layers=3).eval()
+    prompts = ROWS[:3]
+    targets = [[7, 9, 11, 13, 15], [21, 1], [30, 31, 32]]  # lengths 5, 2 (ends at EOS) and 3
+    ids, mask = left_pad(prompts)
+    y = torch.zeros((3, 5), dtype=torch.long)
+    y_mask = torch.zeros((3, 5), dtype=torch.long)
+    for r, t in enumerate(targets):
+        y[r, : len(t)], y_mask[r, : len(t)] = torch.tensor(t), 1
+    adapter, heads = adapter_for(model, decoder_layers(model)), ExitHeads.from_model(model)
+    with torch.no_grad():
+        loss = _target_loss(adapter, heads, ids, mask, y, y_mask, 1.0, [], "attention")
+        total, count = 0.0, 0
+        for p, t in zip(prompts, targets):  # each row alone, unpadded, through the plain model (speed-up 1)
+            logits = model(input_ids=torch.tensor([p + t[:-1]])).logits[0, len(p) - 1 :]
+            total += float(F.cross_entropy(logits.float(), torch.tensor(t), reduction="sum"))
+            count += len(t)
+    assert float(loss) == pytest.approx(total / count, rel=1e-5)

@@ -553,7 +553,7 @@ def test_proxy_vs_decoded_benchmark(model, tokenizer, prompts, capsys):
 def test_the_lazy_decoded_walk_goes_on_past_a_p_value_equal_to_epsilon():
     """Fixed-sequence testing certifies p <= epsilon: the lazy walk (decoding one threshold at a time) must not
     stop at p == epsilon. epsilon is set to the first two columns' exact p-value."""
-    from calibrate.decoded import _certify_lazily
+    from calibrate._decoded_walk import _certify_lazily
 
     n, delta, bound = 100, 0.2, "hoeffding_bentkus"
     few, many = np.zeros(n), np.zeros(n)

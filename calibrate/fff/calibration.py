@@ -283,7 +283,8 @@ def fit(
     >>> depth = fff.apply(model, cert).eval_depth   # every FFF layer now runs at the certified depth
     """
     if tokenizer is not None:
-        from calibrate.decoded import _certify_lazily, _risk_iv
+        from calibrate._decoded_checks import _risk_iv
+        from calibrate._decoded_walk import _certify_lazily
 
         delta, epsilon, bound = _risk_iv(delta, epsilon, bound, consistency or "token", method)
         decoder, depths = _lm_decoder(
@@ -301,7 +302,7 @@ def fit(
 
 def _lm_decoder(model, tokenizer, prompts, references, consistency, depths, max_new_tokens, batch_size):
     """The decoded-mode decoder of :mod:`calibrate.decoded`, generating with every FFF at a certificate's depth."""
-    from calibrate.decoded import _decoder_iv
+    from calibrate._decoded_checks import _decoder_iv
 
     depths = _depths_iv(depths, _max_depth(model))
     consistency = "token" if consistency is None else consistency

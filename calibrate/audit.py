@@ -584,9 +584,8 @@ def validity(
     """
     from tqdm.auto import tqdm
 
-    from calibrate._certify import _risk_control_iv
     from calibrate.cache import _in_memory_iv
-    from calibrate.fit import _proxy_table
+    from calibrate.fit import _proxy_iv, _proxy_table
 
     if isinstance(trials, bool) or not isinstance(trials, (int, np.integer)):
         raise TypeError(f"trials must be an int, got {type(trials).__name__}")
@@ -604,7 +603,8 @@ def validity(
     # fit's data step runs once (training the classifier, if any, on sequences kept out of every
     # trial); each trial then only permutes the rows of the loss table and certifies.
     bound, method = fit_kwargs.pop("bound", None), fit_kwargs.pop("method", "fixed_sequence")  # fit's defaults
-    _risk_control_iv(delta, epsilon, bound, method)
+    checked = {name: fit_kwargs[name] for name in ("measure", "consistency", "measure_options", "lambdas") if name in fit_kwargs}
+    fit_kwargs["measure_options"], _ = _proxy_iv(cache, delta, epsilon, bound, method, **checked)  # as fit checks them
     table, *_ = _proxy_table(cache, seed=seed, **fit_kwargs)
     n_cal = int(round(cal_fraction * table.n))
     if not 0 < n_cal < table.n:

@@ -123,6 +123,16 @@ def _frozen(value: Any, where: str, depth: int = 1) -> Any:
     return value
 
 
+def _knob_grid_iv(knob: str, grid, where: str = "") -> None:
+    """Refuse a grid of values the knob cannot take: whole depths >= 0 (``fff_depth``), ``1 / speed-up`` in
+    (0, 1] (``token_keep``); thresholds (``exit_threshold``) are any reals. ``where`` prefixes the message."""
+    grid = np.asarray(grid, dtype=float)
+    if knob == "fff_depth" and not np.all((grid >= 0) & (grid == np.round(grid))):
+        raise ValueError(f"{where}an fff_depth grid holds whole depths >= 0, got {grid.tolist()!r:.120}")
+    if knob == "token_keep" and not np.all((grid > 0) & (grid <= 1)):
+        raise ValueError(f"{where}a token_keep grid holds 1 / speed-up, in (0, 1], got {grid.tolist()!r:.120}")
+
+
 #: Slack on a stored risk (a mean in [0, 1]) when its p-value is recomputed: the p-value came from the exact sum
 #: of the losses, of which ``n * risk`` is a rounding (a Bentkus count one below an integer sum, at most).
 _RISK_SLACK = 1e-9
@@ -175,7 +185,13 @@ def _evidence_iv(cert: "Certificate") -> None:
             low, source = (1.0 + cert.delta) ** -cert.n, f"WSR can reach with n={cert.n}, delta={cert.delta:g}"
         else:  # p grows with the risk; a count of failures (binomial) needs no slack
             at_risk = r if cert.bound == "binomial" else max(r - _RISK_SLACK, 0.0)
-            low = float(bounds._MEAN_BASED[cert.bound](at_risk, cert.n, cert.delta))
+            try:
+                low = float(bounds._MEAN_BASED[cert.bound](at_risk, cert.n, cert.delta))
+            except ValueError:  # binomial: n * risk is no count of failures
+                raise ValueError(
+                    f"risks{at(k)} is {r:g}, which is no count of failures over n={cert.n} as the {cert.bound} bound's "
+                    f"p-values need: {edited}"
+                ) from None
             source = f"the {cert.bound} bound gives for risks[{k}]={r:g}, n={cert.n}, delta={cert.delta:g}"
         if not p[k] >= low * (1 - 1e-9):
             raise ValueError(f"p_values{at(k)} is {p[k]:g}, below the {low:.6g} that {source}: {edited}")
@@ -358,6 +374,7 @@ class Certificate:
             raise ValueError(f"Certificate.mode must be one of {sorted(MODES)}, got {self.mode!r}")
         if self.knob not in KNOBS:
             raise ValueError(f"Certificate.knob must be one of {KNOBS}, got {self.knob!r}")
+        _knob_grid_iv(self.knob, self.lambdas, "Certificate.lambdas: ")
         if self.lambda_hat is not None and self.index is None:
             raise ValueError(f"Certificate.lambda_hat={self.lambda_hat} is not a grid value")
 
@@ -416,6 +433,8 @@ class Certificate:
                 raise ValueError(f"Certificate.{name} must be a mapping or None, got {value!r:.80}")
         if self.decay is not None:
             try:
+                if set(self.decay) != {"max_len", "tau"}:  # what was certified is stated, never a default
+                    raise ValueError("both keys are needed")
                 Decay(**self.decay)
             except (TypeError, ValueError) as exc:
                 raise ValueError(

@@ -378,7 +378,6 @@ def fit(
     """
     from calibrate.cache import LayerCache
     from calibrate.chunked import ChunkedCache
-    from measures import learned
 
     if not isinstance(cache, (LayerCache, ChunkedCache)):
         raise TypeError(
@@ -418,13 +417,10 @@ def fit(
         )
     if model is not None or tokenizer is not None or heads is not None:
         raise ValueError("model, tokenizer and heads are used only with mode='decoded'; proxy mode reads the cache")
-    _risk_control_iv(delta, epsilon, bound, method)  # before any work
-    _consistency_iv(consistency, cache.sequences)  # before a learned measure trains
-    measure_options = learned.check_options(measure, measure_options)
-    budget = _generation_budget(cache)  # one below the longest sequence: refused before the losses are computed
-    if lambdas is not None:
-        _lambdas_iv(lambdas)
-
+    measure_options, budget = _proxy_iv(
+        cache, delta, epsilon, bound, method, measure=measure, consistency=consistency,
+        measure_options=measure_options, lambdas=lambdas,
+    )  # fmt: skip
     options = dict(
         measure=measure,
         consistency=consistency,
@@ -509,6 +505,22 @@ def _fit_cache_decoded(
         **options,
     )
     return dataclasses.replace(cert, cache_checksum=cache.checksum)
+
+
+def _proxy_iv(
+    cache, delta, epsilon, bound, method, *, measure="softmax_gap", consistency="token", measure_options=None,
+    lambdas=None,
+) -> tuple[Mapping[str, Any] | None, int | None]:
+    """Proxy mode's checks before any work (fit's, and validity's): ``(measure options, token budget)``."""
+    from measures import learned
+
+    _risk_control_iv(delta, epsilon, bound, method)
+    _consistency_iv(consistency, cache.sequences)  # before a learned measure trains
+    measure_options = learned.check_options(measure, measure_options)
+    budget = _generation_budget(cache)  # one below the longest sequence: refused before the losses are computed
+    if lambdas is not None:
+        _lambdas_iv(lambdas)
+    return measure_options, budget
 
 
 def _proxy_table(

@@ -1,6 +1,7 @@
 """audit() and validity(): held-out numbers, figures and errors."""
 
 import dataclasses
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -255,6 +256,23 @@ def test_validity_names_bad_arguments_before_any_work(split, tmp_path):
     split[0].save(tmp_path / "dev")
     with pytest.raises(TypeError, match="cache must be a calibrate.LayerCache in memory, got ChunkedCache"):
         calibrate.validity(calibrate.open_cache(tmp_path / "dev", chunks=50), progress=False)
+
+
+@pytest.mark.parametrize(
+    "options, budget",
+    [
+        ({"measure": "softmax_gap", "measure_options": {"C": 0.1}}, None),  # options of a measure that learns nothing
+        ({"consistency": "vibes"}, None),
+        ({"lambdas": [0.5, 0.9]}, None),
+        ({}, 4),  # the recorded token budget is below the longest sequence
+    ],
+)
+def test_validity_refuses_what_fit_refuses_with_the_same_message(split, options, budget):
+    cache = split[0] if budget is None else split[0].with_meta({"generation": {"max_new_tokens": budget}})
+    with pytest.raises((ValueError, TypeError)) as by_fit:
+        calibrate.fit(cache, **options)
+    with pytest.raises(type(by_fit.value), match=re.escape(str(by_fit.value))):
+        calibrate.validity(cache, trials=2, progress=False, **options)
 
 
 def test_knob_figures_of_hand_made_certificates_name_no_none():

@@ -210,6 +210,11 @@ def test_levels_near_0_and_1_are_not_printed_as_0_or_1():
         ({"method": None}, "method must be a str"),
         ({"decay": {"tau": 4.0}}, r"decay must be \{'max_len': int, 'tau': float\}"),
         ({"decay": 4.0}, "decay must be a mapping or None"),
+        ({"decay": {"max_len": 64}}, r"decay must be \{'max_len': int, 'tau': float\}.*both keys are needed"),
+        ({"knob": "fff_depth", "lambdas": (3.0, 1.4, 1.0), "lambda_hat": 1.4}, "lambdas: an fff_depth grid holds whole"),
+        ({"knob": "fff_depth", "lambdas": (1.0, 0.0, -1.0), "lambda_hat": 0.0}, "lambdas: an fff_depth grid holds whole"),
+        ({"knob": "token_keep", "lambdas": (1.0, 0.5, 0.0), "lambda_hat": 0.5}, r"lambdas: a token_keep grid .* \(0, 1\]"),
+        ({"knob": "token_keep", "lambdas": (2.0, 1.0, 0.5), "lambda_hat": 1.0}, r"lambdas: a token_keep grid .* \(0, 1\]"),
         ({"measure_state": "abc"}, "measure_state must be a mapping or None"),
     ],
 )
@@ -449,6 +454,18 @@ def test_an_edited_crc_certificate_is_refused():
     data["certified"][0] = False  # a hole: certified values form a prefix
     with pytest.raises(ValueError, match=r"certified\[0\] .* contradicts conformal risk control"):
         Certificate.from_json(json.dumps(data))
+
+
+def test_an_edited_binomial_risk_that_is_no_count_of_failures_is_refused_as_edited():
+    losses = (np.random.default_rng(0).random((100, 2)) < [0.01, 0.05]).astype(float)
+    cert = calibrate.certify(losses, [0.9, 0.5], delta=0.2, epsilon=0.05, bound="binomial")
+    data = json.loads(cert.to_json())
+    data["risks"][1] = 0.0512  # not k / 100
+    with pytest.raises(ValueError, match=r"risks\[1\] \(lambda=0.5\) is 0.0512, which is no count of failures over n=100 "
+                       r"as the binomial bound's p-values need: the certificate was edited"):
+        Certificate.from_json(json.dumps(data))
+    data["risks"][1] = 0.05
+    assert Certificate.from_json(json.dumps(data)) == cert
 
 
 def test_wsr_and_binomial_certify_thresholds_whose_final_risk_exceeds_delta_and_load_back():

@@ -184,8 +184,12 @@ def test_refuses_other_knobs_and_models_and_bad_depths():
         fff.apply(_classifier(seed=1), cert)
     import dataclasses
 
+    keep = dataclasses.replace(cert, knob="token_keep", lambdas=(1.0, 0.5), lambda_hat=0.5, risks=(0.0, 0.0),
+                               p_values=(0.01, 0.01), certified=(True, True), avg_layers=None)
     with pytest.raises(ValueError, match="knob 'token_keep'"):
-        fff.apply(model, dataclasses.replace(cert, knob="token_keep"))
+        fff.apply(model, keep)
+    with pytest.raises(ValueError, match=r"a token_keep grid holds 1 / speed-up, in \(0, 1\], got \[6.0, 5.0"):
+        dataclasses.replace(cert, knob="token_keep")  # depths are no keep fractions
     with pytest.raises(ValueError, match="depth must be an int in 0..6"):
         with fff.at_depth(model, 7):
             pass

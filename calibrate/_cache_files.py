@@ -128,11 +128,11 @@ def _make_table(ids, prompts, outputs, references, full_tokens, offsets) -> pd.D
 
 
 def _save_iv(path, overwrite) -> Path | Remote:
-    if not isinstance(path, (str, os.PathLike)):
+    if not isinstance(path, (str, os.PathLike, Remote)):  # a Remote: what save returns for a URL
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
     if not isinstance(overwrite, bool):
         raise TypeError(f"overwrite must be a bool, got {overwrite!r}")
-    if not os.fspath(path):
+    if not (str(path) if isinstance(path, Remote) else os.fspath(path)):
         raise ValueError("path must name a directory, got ''")
     target = location(path)
     if isinstance(target, Path):
@@ -149,16 +149,17 @@ def _save_iv(path, overwrite) -> Path | Remote:
             raise ValueError(f"refusing to overwrite {target}: it is a symbolic link (save to where it points instead)")
         if not _replaceable(target):
             raise ValueError(
-                f"refusing to overwrite {target}: it is not a layer cache directory (a {_META_FILE} of "
-                f"calm-calibrate beside {_TABLE_FILE}, {_VOCAB_FILE} and {_ARRAY_DIR}/, nothing else) nor empty"
+                f"refusing to overwrite {target}: it is not a layer cache directory (a readable {_META_FILE} of "
+                f"calm-calibrate beside {_TABLE_FILE}, {_VOCAB_FILE} and {_ARRAY_DIR}/, nothing else) nor empty; "
+                "delete a damaged cache yourself"
             )
     return target
 
 
 def _replaceable(target: Path | Remote) -> bool:
     """An empty directory, or a cache directory: what :meth:`LayerCache.save` writes and hidden files
-    (``.DS_Store``), with a ``meta.json`` of this library (or a damaged one). Never a symlink, nor another
-    tool's directory that happens to hold a ``meta.json``."""
+    (``.DS_Store``), with a ``meta.json`` of this library. Never a symlink, nor another tool's directory that
+    happens to hold a ``meta.json``, nor one whose ``meta.json`` cannot be read (whose it is is unknown)."""
     if isinstance(target, Remote):
         if not target.is_dir():
             return False
@@ -175,12 +176,12 @@ def _replaceable(target: Path | Remote) -> bool:
     try:
         meta = _load_json(target / _META_FILE, "utf-8")
     except (OSError, ValueError):  # _load_json turns a UnicodeDecodeError into a ValueError
-        return True  # our file names, a meta.json cut short (a crash while it was written): a cache
+        return False  # saves publish by rename, so never a meta.json of ours cut short: unknown, kept
     return isinstance(meta, dict) and meta.get("library") == "calm-calibrate"
 
 
 def _open_cache_iv(path, verify) -> Path | Remote:
-    if not isinstance(path, (str, os.PathLike)):
+    if not isinstance(path, (str, os.PathLike, Remote)):  # a Remote: what save returns for a URL
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
     if not isinstance(verify, bool):
         raise TypeError(f"verify must be a bool, got {verify!r}")
@@ -366,7 +367,13 @@ def _commit_remote(local: Path, target: Remote) -> None:
     parent, _, name = target.path.rpartition("/")
     staged = Remote(target.fs, f"{parent}/.{name}.{uuid.uuid4().hex}.tmp")
     staged.upload(local, last=_META_FILE)  # a failure here leaves the old cache untouched
-    target.remove(first=_META_FILE)
+    try:
+        target.remove(first=_META_FILE)
+    except Exception as exc:  # its meta.json may be gone: what is left need not open
+        raise OSError(
+            f"deleting the old cache at {target} failed part way, so what is left of it may not open; the new "
+            f"cache is complete at {staged}: {type(exc).__name__}: {exc}"
+        ) from exc
     try:
         staged.copy_to(target, last=_META_FILE)
     except Exception as exc:

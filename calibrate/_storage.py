@@ -14,8 +14,11 @@ from pathlib import Path
 from typing import Any
 
 
-def location(path: str | os.PathLike) -> Path | Remote:
-    """A local :class:`~pathlib.Path` for paths and ``file://`` URLs, a :class:`Remote` for other URLs."""
+def location(path: str | os.PathLike | Remote) -> Path | Remote:
+    """A local :class:`~pathlib.Path` for paths and ``file://`` URLs, a :class:`Remote` for other URLs (and for a
+    :class:`Remote`, which ``save`` returns and ``ChunkedCache.path`` holds)."""
+    if isinstance(path, Remote):
+        return path
     if isinstance(path, os.PathLike) or "://" not in path:
         return Path(path)
     try:

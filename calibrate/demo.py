@@ -27,7 +27,7 @@ import pandas as pd
 
 import calibrate
 from calibrate._atomic import atomic_file
-from calibrate._validation import int_at_least, open_interval
+from calibrate._validation import int_at_least, open_interval, seed_iv
 from calibrate.audit import _save_figure, audit
 from calibrate.fit import fit
 from calibrate.losses import tokenizer_decode
@@ -117,6 +117,7 @@ def synthetic_demo(
     _tolerances_iv(delta, epsilon)  # before any work
     int_at_least(trials, "trials")
     int_at_least(sequences, "sequences", 20)  # halves for calibration and audit, splits of those for the rest
+    seed_iv(seed)
     out.mkdir(parents=True, exist_ok=True)
     print(f"calm-calibrate {calibrate.__version__} demo: synthetic layer cache (no model needed)")
     cache = calibrate.synthetic_cache(sequences, seed=seed)
@@ -183,6 +184,8 @@ def smollm2_demo(
     for name, value, low in (("n_train", n_train, 4), ("n_cal", n_cal, 4), ("n_test", n_test, 1)):
         int_at_least(value, name, low)
     int_at_least(max_new_tokens, "max_new_tokens")
+    int_at_least(batch_size, "batch_size")
+    seed_iv(seed)
     out.mkdir(parents=True, exist_ok=True)
     print(
         f"calm-calibrate {calibrate.__version__} demo: SmolLM2-135M-Instruct, one-sentence summaries of Debian packages"

@@ -513,12 +513,16 @@ def test_overwrite_refuses_a_directory_that_is_not_a_cache(cache, tmp_path):
     assert (precious / "notes.txt").exists() and (tmp_path / "kept" / "notes.txt").exists()
     (tmp_path / "kept" / "notes.txt").unlink()
     (tmp_path / "kept" / ".DS_Store").write_text("x")  # hidden files do not make a cache something else
-    (tmp_path / "kept" / "meta.json").write_text('{"forma')  # cut short by a crash: still ours
-    cache.save(tmp_path / "kept", overwrite=True)
+    cache.save(tmp_path / "kept", overwrite=True)  # ours
     assert open_cache(tmp_path / "kept").checksum == cache.checksum
-    (tmp_path / "kept" / "meta.json").write_text("[" * 100_000 + "]" * 100_000)  # damaged: was a RecursionError
-    cache.save(tmp_path / "kept", overwrite=True)
-    assert open_cache(tmp_path / "kept").checksum == cache.checksum
+    # a meta.json that cannot be read: whose directory it is is unknown (saves publish by rename, so it is no
+    # meta.json of ours cut short by a crash): kept, with everything beside it (another tool's arrays/ was deleted)
+    (tmp_path / "kept" / "arrays" / "theirs.npy").write_text("keep me")
+    for damaged in ('{"forma', "[" * 100_000 + "]" * 100_000, "name: run-7\n"):  # the second was a RecursionError
+        (tmp_path / "kept" / "meta.json").write_text(damaged)
+        with pytest.raises(ValueError, match="not a layer cache directory .*readable meta.json.* delete a damaged"):
+            cache.save(tmp_path / "kept", overwrite=True)
+        assert (tmp_path / "kept" / "arrays" / "theirs.npy").exists()
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="not a layer cache"):
         cache.save(tmp_path / "file", overwrite=True)

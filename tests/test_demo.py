@@ -17,6 +17,7 @@ from calibrate.demo import _print_table, _write_json, certify_measures, smollm2_
         ({"sequences": 19}, ValueError, "sequences must be an int >= 20, got 19"),
         ({"delta": 1.0}, ValueError, "delta must lie in the open interval"),
         ({"epsilon": 0.0}, ValueError, "epsilon must lie in the open interval"),
+        ({"seed": -1}, ValueError, r"seed must be an int >= 0 \(it seeds the random draws\), got -1"),
     ],
 )
 def test_synthetic_demo_checks_its_arguments_before_any_work(tmp_path, kwargs, error, match):
@@ -34,6 +35,8 @@ def test_synthetic_demo_checks_its_arguments_before_any_work(tmp_path, kwargs, e
         ({"max_new_tokens": 0}, "max_new_tokens must be an int >= 1"),
         ({"delta": 0.0}, "delta must lie in the open interval"),
         ({"epsilon": 1.5}, "epsilon must lie in the open interval"),
+        ({"seed": -1}, r"seed must be an int >= 0 \(it seeds the random draws\), got -1"),  # after the model loaded
+        ({"batch_size": 0}, "batch_size must be an int >= 1, got 0"),
     ],
 )
 def test_real_model_demo_checks_its_arguments_before_loading_anything(tmp_path, kwargs, match):

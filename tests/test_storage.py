@@ -171,6 +171,36 @@ def test_a_failed_copy_into_place_names_the_new_cache(cache, url, monkeypatch):
     fs.rm(staged[len("memory://") :], recursive=True)
 
 
+def test_a_failed_delete_of_the_old_cache_names_the_new_cache(cache, url, monkeypatch):
+    fs = fsspec.filesystem("memory")
+    cache.save(url)
+    other = calibrate.synthetic_cache(30, n_layers=3, seed=1)
+    real_rm, root = type(fs).rm, url[len("memory://") :]
+
+    def refused(self, path, recursive=False, maxdepth=None):  # after remove() deleted meta.json
+        if str(path).rstrip("/") == root:
+            raise PermissionError("access denied")
+        return real_rm(self, path, recursive=recursive, maxdepth=maxdepth)
+
+    monkeypatch.setattr(type(fs), "rm", refused)
+    with pytest.raises(OSError, match=r"deleting the old cache at .* failed part way.*PermissionError") as info:
+        other.save(url, overwrite=True)
+    monkeypatch.undo()
+    staged = re.search(r"the new cache is complete at (\S+):", str(info.value)).group(1)
+    assert calibrate.open_cache(staged).checksum == other.checksum
+    fs.rm(staged[len("memory://") :], recursive=True)
+
+
+def test_what_save_returns_and_a_lazy_cache_holds_open_and_save_again(cache, url):
+    where = cache.save(url)
+    assert calibrate.open_cache(where).checksum == cache.checksum  # was TypeError: got Remote
+    lazy = calibrate.open_cache(url, chunks=10)
+    assert calibrate.open_cache(lazy.path).checksum == cache.checksum
+    other = calibrate.synthetic_cache(30, n_layers=3, seed=1)
+    assert str(other.save(where, overwrite=True)) == url
+    assert calibrate.open_cache(where).checksum == other.checksum
+
+
 def test_cli_fit_reads_a_url(cache, url, tmp_path, capsys):
     from calibrate.cli import main
 

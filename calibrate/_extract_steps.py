@@ -123,11 +123,12 @@ def _extract_batch(model, tokenizer, setup: dict, start: int, stop: int) -> Laye
     states = torch.stack([torch.stack(r, dim=1) for r in recorded], dim=2)  # (B, N, L, d)
     states = states[valid]  # (T, L, d)
     tokens = new[valid]  # (T,)
-    # 5. What each layer predicts, through the heads; saturation from the float32 states.
+    # 5. What each layer predicts, through the heads; saturation from the states at the precision the runtime
+    #    computes it from (float64 states as they are, the others in float32).
     measures = _layer_measures(heads, states, setup["top_k"])
-    states32 = states.float().cpu().numpy()
     scores = {name: measures[name].cpu().numpy() for name in ("softmax_gap", "softmax_max", "entropy")}
-    scores["state_saturation"] = state_saturation(states32)
+    host = states if states.dtype == torch.float64 else states.float()
+    scores["state_saturation"] = state_saturation(host.cpu().numpy())
     lengths = first.cpu().numpy()
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     token_ids = tokens.cpu().numpy()

@@ -999,6 +999,26 @@ def extracted():
     return get
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_saturation_ties_exit_where_the_cache_says_at_the_model_precision(dtype):
+    """A threshold equal to a cached saturation: the runtime computes it from the states at the model's precision,
+    so the cache must too (float64 states were rounded to float32 first: 1 exit of 40 moved)."""
+    import calibrate
+    from calibrate.exits import exit_layers
+
+    tokenizer = _tiny_hf.tiny_tokenizer()
+    rng = np.random.default_rng(0)
+    prompts = [" ".join(f"w{i}" for i in rng.integers(0, 60, size=rng.integers(2, 8))) for _ in range(40)]
+    model = _tiny_hf.tiny_model("llama", seed=5, n_layers=4).to(dtype)
+    cache = calibrate.extract(model, tokenizer, prompts, max_new_tokens=1, batch_size=1, progress=False)
+    conf = cache.arrays["state_saturation"]  # (40, 4): one token per prompt
+    for row, prompt in enumerate(prompts):
+        lam = float(conf[row, 1])  # the cached layer-2 confidence of this token
+        expected = int(exit_layers(conf[row : row + 1], [lam])[0, 0])
+        out = generate(model, torch.tensor([tokenizer(prompt)["input_ids"]]), certificate=cert(lam), max_new_tokens=1)
+        assert int(out.exit_layers[0, 0]) == expected, row
+
+
 @pytest.mark.parametrize(
     "arch, measure, tau",
     [

@@ -359,14 +359,19 @@ def _check_finite(name: str, a: np.ndarray) -> None:
 
 
 def _check_values(arrays, vocab_size: int) -> None:
-    """Value ranges: ids in the vocabulary and distinct, log-probs finite/<= 0/sorted, scores in range."""
+    """Value ranges: ids in the vocabulary and distinct, log-probs finite/<= 0/sorted, scores in range.
+
+    Each array is checked on its own, so ``arrays`` may hold any of a cache's arrays (e.g. one chunk of one).
+    """
     for name in ("full_tokens", "topk_ids"):
+        if name not in arrays:
+            continue
         a = arrays[name]
         if a.min() < 0 or a.max() >= vocab_size:
             bad = _first(np.flatnonzero(((a < 0) | (a >= vocab_size)).ravel()), a.shape)
             raise ValueError(f"array {name!r} must lie in [0, vocab_size={vocab_size}), got {a[bad]} at index {bad}")
-    top = arrays["topk_ids"]
-    if top.shape[2] > 1:
+    top = arrays.get("topk_ids")
+    if top is not None and top.shape[2] > 1:
         for lo, hi in _blocks(top.shape[0]):
             block = top[lo:hi]
             if top.shape[2] == 2:

@@ -38,9 +38,12 @@ if TYPE_CHECKING:
 __all__ = ["ChunkedCache"]
 
 
-@dataclasses.dataclass(frozen=True, repr=False)
+@dataclasses.dataclass(frozen=True, repr=False, eq=False)
 class ChunkedCache:
     """A saved cache opened lazily, in partitions of ``chunks`` whole sequences.
+
+    Two opens of a cache are different objects: they compare (and hash) by identity, as
+    :class:`~calibrate.LayerCache` does.
 
     Attributes
     ----------
@@ -67,6 +70,9 @@ class ChunkedCache:
     _table: pd.DataFrame
     _offsets: np.ndarray
     sources: tuple[tuple[Path | Remote, int, str], ...]
+    #: Checksum of ``vocab.json`` as read when opened, where it may differ from the one ``meta.json`` records
+    #: (opened with ``verify=False``, which accepts it as the in-memory open does); None: the recorded one.
+    _vocab_checksum: str | None = None
 
     def __post_init__(self) -> None:
         offsets = np.array(self._offsets, dtype=np.int64)  # its own read-only copy, as LayerCache's
@@ -150,22 +156,26 @@ class ChunkedCache:
     def arrays(self) -> dict:
         """Every per-token array as a ``dask.array`` over the zarr store, one chunk per partition.
 
-        Each chunk is read as :meth:`load` reads it: checked against ``meta.json`` and refused when the
-        cache was saved over since it was opened.
+        Each chunk is read as :meth:`load` reads it (by the same function, when computed): checked against
+        ``meta.json``, its values checked (ids in the vocabulary, scores in range; a missing chunk file is
+        named where the fill values zarr reads for it fail these checks) and refused when the cache was saved
+        over since it was opened. Computing a chunk raises the ValueError :meth:`load` raises for it.
         """
         import dask
         import dask.array as da
 
         from calibrate._cache_files import _field_dtype
 
-        parts: dict[str, list] = {name: [] for name in self._array_specs()}
+        specs, vocab_size = self._array_specs(), int(self._meta["vocab_size"])
+        parts: dict[str, list] = {name: [] for name in specs}
         for root, first, end, checksum in self._spans():
             _unchanged(root, checksum)
             base = int(self._offsets[first])
-            for name, spec in self._array_specs().items():
+            for name, spec in specs.items():
                 for a, b in _ranges(first, end, self.chunks):
                     lo, hi = int(self._offsets[a]) - base, int(self._offsets[b]) - base
-                    block = dask.delayed(_read_checked, pure=True)(root, name, spec, lo, hi, checksum)
+                    read = dask.delayed(_read_part, pure=True)(root, {name: spec}, a, b, lo, hi, checksum, vocab_size)
+                    block = read[name]
                     shape = (hi - lo, *spec["shape"][1:])
                     parts[name].append(da.from_delayed(block, shape=shape, dtype=_field_dtype(name)))
         return {name: p[0] if len(p) == 1 else da.concatenate(p) for name, p in parts.items()}
@@ -226,10 +236,6 @@ class ChunkedCache:
 
         ``keep``: the sequences to keep, as sorted indices from ``first`` (``table`` holds only their rows).
         """
-        import zarr
-
-        from calibrate._cache_checks import _check_values
-        from calibrate._cache_files import _chunk_files_iv
         from calibrate.cache import LayerCache, _token_rows
 
         if not 0 <= first < stop <= self.n_sequences:
@@ -241,21 +247,13 @@ class ChunkedCache:
             )
         lo, hi = int(self._offsets[first]), int(self._offsets[stop])
         base = int(self._offsets[start])  # token offset of the shard's first sequence
-        specs = self._array_specs()
-        arrays = {name: _read_checked(root, name, specs[name], lo - base, hi - base, checksum) for name in fields}
+        specs = {name: self._array_specs()[name] for name in fields}
         offsets = self._offsets[first : stop + 1] - lo
+        rows = None
         if keep is not None:
             rows, offsets = _token_rows(offsets, np.asarray(keep, dtype=np.int64))
-            arrays = {name: a[rows] for name, a in arrays.items()}
-        try:
-            _check_values(arrays, int(self._meta["vocab_size"]))
-        except ValueError as exc:  # chunk files deleted since opening read as fill values: name them instead
-            for name in fields:
-                where = root / specs[name]["path"]
-                _chunk_files_iv(zarr.open_array(store=zarr_store(where), mode="r"), name, where)
-            raise ValueError(
-                f"sequences [{first}, {stop}) of {root} (token indices below count from its token {lo - base}): {exc}"
-            ) from exc
+        vocab_size = int(self._meta["vocab_size"])
+        arrays = _read_part(root, specs, first, stop, lo - base, hi - base, checksum, vocab_size, rows)
         table = table.reset_index(drop=True)
         table["offset"] = offsets[:-1]  # the part's own token offsets, as its arrays are sliced
         return LayerCache._trusted(table, arrays, offsets, int(self._meta["vocab_size"]), self._meta, self._vocab())
@@ -277,10 +275,13 @@ class ChunkedCache:
 
         root, spec = self.sources[0][0], self._meta["fields"].get("vocab")
         vocab = _read_vocab(root, spec)
-        if vocab is not None and _hash_strings(tuple(vocab)) != spec.get("checksum"):
+        if vocab is None:
+            return None
+        opened = spec.get("checksum") if self._vocab_checksum is None else self._vocab_checksum
+        if _hash_strings(tuple(vocab)) != opened:
             raise ValueError(
-                f"{root / 'vocab.json'} changed after the cache was opened (its checksum is not the one meta.json "
-                "recorded then); open the cache again"
+                f"{root / 'vocab.json'} changed after the cache was opened (its checksum is not the one it had "
+                "then); open the cache again"
             )
         return vocab
 
@@ -449,6 +450,60 @@ def _unchanged(root: Path | Remote, checksum: str) -> None:
         )
 
 
+def _read_part(
+    root: Path | Remote, specs: dict, first: int, stop: int, lo: int, hi: int, checksum: str, vocab_size: int, rows=None
+) -> dict:
+    """The arrays of ``specs`` of sequences ``[first, stop)``, tokens ``[lo, hi)`` of the cache directory ``root``,
+    read and checked: :meth:`ChunkedCache.load` and every chunk of :meth:`ChunkedCache.arrays` read through it.
+
+    Parameters
+    ----------
+    root : Path or calibrate._storage.Remote
+        The cache directory (a shard's, for a sharded cache) holding the arrays.
+    specs : dict
+        The arrays to read: name -> its entry in ``meta.json``'s ``fields``.
+    first, stop : int
+        The sequences read, counted in the whole cache (to name them in errors).
+    lo, hi : int
+        Their tokens, counted from the first token of ``root``.
+    checksum : str
+        The checksum ``root/meta.json`` recorded when the cache was opened (:func:`_read_checked`).
+    vocab_size : int
+        The vocabulary size the token ids are checked against.
+    rows : ndarray of int, optional
+        Token rows (from ``lo``) to keep before the values are checked; default: all.
+
+    Returns
+    -------
+    dict
+        Name -> ndarray.
+
+    Raises
+    ------
+    ValueError
+        An array that cannot be read or disagrees with ``meta.json``, a cache saved over since it was opened,
+        a missing chunk file (zarr reads it as fill values), or values out of range (``_check_values``).
+    """
+    import zarr
+
+    from calibrate._cache_checks import _check_values
+    from calibrate._cache_files import _chunk_files_iv
+
+    arrays = {name: _read_checked(root, name, spec, lo, hi, checksum) for name, spec in specs.items()}
+    if rows is not None:
+        arrays = {name: a[rows] for name, a in arrays.items()}
+    try:
+        _check_values(arrays, vocab_size)
+    except ValueError as exc:  # chunk files deleted since opening read as fill values: name them instead
+        for name, spec in specs.items():
+            where = root / spec["path"]
+            _chunk_files_iv(zarr.open_array(store=zarr_store(where), mode="r"), name, where)
+        raise ValueError(
+            f"sequences [{first}, {stop}) of {root} (token indices below count from its token {lo}): {exc}"
+        ) from exc
+    return arrays
+
+
 def _read_checked(root: Path | Remote, name: str, spec: dict, lo: int, hi: int, checksum: str) -> np.ndarray:
     """:func:`_read_slice`, then refused if the cache was saved over since it was opened (also when the read
     failed: a cache saved over mid-read says so, not the reader's error)."""
@@ -489,9 +544,15 @@ def _read_slice(root: Path | Remote, name: str, spec: dict, lo: int, hi: int) ->
 
 def _open_chunked(root: Path | Remote, chunks: int, verify: bool) -> ChunkedCache:
     """:func:`calibrate.open_cache` with ``chunks``: metadata, table and offsets only (checked), arrays lazy."""
+    from calibrate._cache_files import _hash_strings, _read_vocab
+
     _chunks_iv(chunks)
     meta, table, offsets = _read_lazily(root, verify)
-    return ChunkedCache(root.resolve(), int(chunks), meta, table, offsets, ((root.resolve(), 0, meta["checksum"]),))
+    vocab_checksum = None  # verified: the one meta.json records
+    if not verify and "vocab" in meta["fields"]:  # accepted unverified, as in memory: later reads compare with it
+        vocab_checksum = _hash_strings(tuple(_read_vocab(root, meta["fields"]["vocab"])))
+    sources = ((root.resolve(), 0, meta["checksum"]),)
+    return ChunkedCache(root.resolve(), int(chunks), meta, table, offsets, sources, vocab_checksum)
 
 
 def _chunks_iv(chunks) -> None:

@@ -423,6 +423,48 @@ def test_arrays_damaged_after_a_lazy_open_are_named(saved, tmp_path):
         calibrate.fit(lazy)
 
 
+def test_dask_arrays_check_their_chunks_as_load_does(saved, tmp_path, monkeypatch):
+    """arrays() read dtype and shape only: NaN fill values for a lost chunk file, an out-of-vocabulary id unverified."""
+    import re
+
+    import zarr
+
+    import calibrate.chunked as chunked
+
+    cache, path = saved
+    copy = tmp_path / "copy"
+    shutil.copytree(path, copy)
+    lazy = calibrate.open_cache(copy, chunks=50)
+    with monkeypatch.context() as m:  # still lazy: building the arrays reads none
+        m.setattr(chunked, "_read_slice", lambda *a: pytest.fail("read when built"))
+        built = lazy.arrays()
+    shutil.rmtree(copy / "arrays/softmax_gap/c")  # zarr reads the lost chunks as NaN
+    with pytest.raises(ValueError) as by_load:
+        lazy.load(0, 50)
+    assert re.search(r"array 'softmax_gap' at .* is missing \d+ chunk file\(s\)", str(by_load.value))
+    with pytest.raises(ValueError) as by_dask:
+        built["softmax_gap"].compute()
+    assert str(by_dask.value) == str(by_load.value)
+    np.testing.assert_array_equal(built["topk_ids"].compute(), cache.arrays["topk_ids"])  # the others read as before
+
+    shutil.rmtree(copy)
+    shutil.copytree(path, copy)
+    z = zarr.open_array(store=str(copy / "arrays/topk_ids"), mode="r+")
+    token = int(cache.offsets[60]) + 2
+    z[token, 1, 0] = 10**6  # a valid chunk, an id beyond the vocabulary (unverified)
+    lazy = calibrate.open_cache(copy, chunks=50, verify=False)
+    with pytest.raises(ValueError) as by_load:
+        lazy.load(50, 100)
+    where = rf"sequences \[50, 100\) of {copy} \(token indices below count from its token {lazy.offsets[50]}\)"
+    assert re.match(where + r": array 'topk_ids' must lie in \[0, vocab_size=\d+\)", str(by_load.value))
+    ids = lazy.arrays()["topk_ids"]
+    for part in (ids, ids[token : token + 1]):  # the whole array, or only the chunk holding the id
+        with pytest.raises(ValueError) as by_dask:
+            part.compute()
+        assert str(by_dask.value) == str(by_load.value)
+    np.testing.assert_array_equal(ids[: int(cache.offsets[50])].compute(), cache.arrays["topk_ids"][: cache.offsets[50]])
+
+
 def test_a_cache_saved_over_a_lazily_opened_one_is_refused(saved, tmp_path):
     """Same shapes, other values: the tasks would read the new cache and stamp the old checksum on the certificate."""
     cache, _ = saved
@@ -454,6 +496,33 @@ def test_an_edited_vocab_is_refused_after_opening(tmp_path):
     (path / "vocab.json").write_text(json.dumps(["EDITED"] + vocab[1:]))
     with pytest.raises(ValueError, match=r"vocab.json changed after the cache was opened"):
         lazy.load(0, 5)
+
+
+def test_an_unverified_vocab_is_accepted_as_in_memory(tmp_path):
+    """A vocab.json that never matched meta.json, opened with verify=False: every read said it changed after opening."""
+    cache = calibrate.synthetic_cache(20, n_layers=3, seed=0)
+    path = cache.save(tmp_path / "cache")
+    vocab = json.loads((path / "vocab.json").read_text())
+    (path / "vocab.json").write_text(json.dumps(["EDITED"] + vocab[1:]))
+    with pytest.raises(ValueError, match="checksum mismatch in vocab 'vocab'"):
+        calibrate.open_cache(path, chunks=5)  # verified: refused at open, as in memory
+    in_memory = calibrate.open_cache(path, verify=False)
+    lazy = calibrate.open_cache(path, chunks=5, verify=False)
+    assert lazy.load(0, 5).vocab == lazy.take(np.arange(20)).vocab == in_memory.vocab == ["EDITED"] + vocab[1:]
+    lam = [0.9, 0.5]  # each partition reads the vocab again
+    assert lazy.loss_table(lambdas=lam) == calibrate.proxy_losses(in_memory, in_memory.arrays["softmax_gap"], lam)
+    (path / "vocab.json").write_text(json.dumps(vocab))  # changed after this open: refused
+    with pytest.raises(ValueError, match=r"vocab.json changed after the cache was opened"):
+        lazy.load(0, 5)
+
+
+def test_lazy_caches_compare_and_hash_by_identity(saved):
+    """The generated __eq__/__hash__ compared arrays (ValueError) and hashed a dict (TypeError)."""
+    _, path = saved
+    a, b = calibrate.open_cache(path, chunks=50), calibrate.open_cache(path, chunks=50)
+    assert a == a and a != b and not (a == b)
+    assert hash(a) == hash(a) and a in {a} and len({a, b, a}) == 2
+    assert {a: 1, b: 2}[b] == 2
 
 
 def test_missing_references_are_counted_on_the_client(tmp_path, monkeypatch):

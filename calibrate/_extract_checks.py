@@ -13,7 +13,7 @@ import torch
 
 from calibrate._digest import weights_digest
 from calibrate._validation import int_at_least
-from calibrate.heads import ExitHeads, _context_positions, decoder_layers
+from calibrate.heads import _context_positions, _heads_iv, decoder_layers
 
 
 def _extract_iv(
@@ -50,10 +50,7 @@ def _extract_iv(
     for name, value in (("store_hidden", store_hidden), ("progress", progress)):
         if not isinstance(value, bool):
             raise TypeError(f"{name} must be a bool, got {value!r}")
-    if heads is None:
-        heads = ExitHeads.from_model(model)
-    elif not isinstance(heads, ExitHeads):
-        raise TypeError(f"heads must be an ExitHeads (or None for the model's own), got {type(heads).__name__}")
+    heads = _heads_iv(heads, model)  # as the runtime's generate: None, or heads of this model
     if heads.n_layers != len(layers):
         raise ValueError(f"heads has n_layers={heads.n_layers} but the model has {len(layers)} decoder layers")
     if top_k > heads.vocab_size:

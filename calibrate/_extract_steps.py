@@ -105,6 +105,7 @@ def _extract_batch(model, tokenizer, setup: dict, start: int, stop: int) -> Laye
             num_beams=1,
             max_new_tokens=setup["max_new_tokens"],
             pad_token_id=setup["pad_id"],
+            return_dict_in_generate=False,  # the token ids, whatever the model's generation config asks for
         )
     new = sequences[:, 1:] if setup["encoder_decoder"] else sequences[:, input_ids.shape[1] :]  # (B, N)
     n_steps = new.shape[1]

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from calibrate._cache_files import _save_iv
+from calibrate._digest import weights_digest
 from calibrate._extract_checks import _extract_iv
 from calibrate._extract_steps import (
     _SHARD_NAME,
@@ -39,7 +40,7 @@ from calibrate._extract_steps import (
     _with_meta,
 )
 from calibrate.cache import LayerCache, concat_caches, open_cache
-from calibrate.heads import ExitHeads
+from calibrate.heads import ExitHeads, _heads_iv
 from calibrate.models import _eval_mode
 
 __all__ = ["extract", "extract_main", "read_prompts", "rehead"]
@@ -82,7 +83,8 @@ def extract(
         Prompts per ``generate`` call (and per shard).
     heads : ExitHeads, optional
         What a layer predicts. Default: ``ExitHeads.from_model(model)`` (final norm + LM head shared by
-        every layer).
+        every layer). Heads made by ``ExitHeads.from_model`` from another model (other weights, even of the
+        same sizes) are refused, as the runtime's ``generate`` refuses them.
     store_hidden : bool, default=False
         Also store the raw layer states as float16, ``(n_tokens, n_layers, d)``, e.g. to train a
         classifier measure. They are the largest field by far.
@@ -115,8 +117,8 @@ def extract(
     ValueError
         When an argument is invalid (``max_new_tokens``, ``batch_size``, ``top_k`` not positive
         included), the architecture unsupported, a prompt is empty or does not fit the model's context
-        with ``max_new_tokens`` (the message names the prompts; nothing is truncated), or ``shard_dir``
-        holds shards of another run.
+        with ``max_new_tokens`` (the message names the prompts; nothing is truncated), ``heads`` were made
+        from another model, or ``shard_dir`` holds shards of another run.
     TypeError
         When ``prompts`` is not a sequence of str, ``heads`` not an ExitHeads, ``store_hidden`` or
         ``progress`` not a bool, or ``shard_dir`` not a path.
@@ -130,8 +132,9 @@ def extract(
     Notes
     -----
     - **Tokens.** The generation is ``model.generate(input_ids, attention_mask, do_sample=False,
-      num_beams=1, max_new_tokens=max_new_tokens)`` with the model's own generation config otherwise;
-      ``full_tokens`` are exactly its new tokens. ``num_beams=1`` overrides a beam-search default.
+      num_beams=1, max_new_tokens=max_new_tokens, return_dict_in_generate=False)`` with the model's own
+      generation config otherwise; ``full_tokens`` are exactly its new tokens. ``num_beams=1`` overrides a
+      beam-search default, ``return_dict_in_generate=False`` a config that asks for a dict (and its scores).
     - **EOS.** A sequence ends at its first EOS token (any of ``generation_config.eos_token_id``), which
       is **kept** as its last token, as ``generate`` returns it for a single prompt; the padding after
       it is dropped. A sequence without EOS has ``max_new_tokens`` tokens. Every sequence has >= 1 token.
@@ -282,6 +285,37 @@ def rehead(cache: LayerCache, heads: ExitHeads) -> LayerCache:
     )
 
 
+def _kept_shard_iv(target: Path, meta: dict, model, heads) -> None:
+    """Refuse to keep the finished shard ``target`` (its metadata ``meta``, of the same prompts and request) for a
+    run of other model weights or other heads: a rerun of one path may find other weights there.
+
+    Raises
+    ------
+    FileExistsError
+        When the shard's weights digest (:func:`calibrate._digest.weights_digest`, as the per-batch resume
+        compares) or heads (``ExitHeads.describe()``) differ from this run's, naming what differs.
+    TypeError, ValueError
+        As :func:`extract` for ``heads``.
+    """
+    recorded = meta["sharding"].get("weights")
+    current = weights_digest(model, fresh=True)
+    differ = []
+    if recorded != current:
+        was = "the shard records none (an older version wrote it)" if recorded is None else f"the shard's {recorded!r}"
+        differ.append(f"model weights (weights digest {current!r} now, {was})")
+    described, stored = _heads_iv(heads, model).describe(fresh=True), meta.get("heads") or {}
+    # Other weights give the model's own heads another model_digest too: not said twice.
+    keys = [k for k in described if stored.get(k) != described[k] and not (differ and k == "model_digest")]
+    if keys:
+        shown = ", ".join(f"{key} {described[key]!r} now, the shard's {stored.get(key)!r}" for key in keys)
+        differ.append(f"heads ({shown})")
+    if differ:
+        raise FileExistsError(
+            f"{target} is a finished shard of the same prompts and settings but of other {' and '.join(differ)}: "
+            "it is not reused; pass overwrite=True (--overwrite on the command line) to extract it again"
+        )
+
+
 def read_prompts(path: str | os.PathLike) -> tuple[list[str], list[str | None]]:
     """Read prompts from a text file (one per line) or a JSONL file (``{"prompt": ..., "reference": ...}``).
 
@@ -393,7 +427,9 @@ def extract_main(
         ``(i, N)``: extract only the ``i``-th (0-based) of ``N`` contiguous slices of the prompts into
         ``output/shard-0000i-of-0000N`` and write ``output/manifest.json`` (:mod:`calibrate.shards`), so
         that ``N`` workers fill one cache that ``open_cache(output)`` reads as a whole. Sequence ids stay
-        the prompt indices of the whole file. A shard already written for the same prompts is kept.
+        the prompt indices of the whole file. A shard already written for the same prompts and settings, from
+        the same weights (digest of the model loaded now) through the same heads, is kept; one of other weights
+        or heads is refused (FileExistsError) unless ``overwrite``.
     **kw
         Passed to :func:`extract` (``max_new_tokens``, ``batch_size``, ``top_k``, ``store_hidden``, ``progress``).
 
@@ -405,7 +441,8 @@ def extract_main(
     Raises
     ------
     FileExistsError
-        When ``output`` exists and ``overwrite`` is False (checked before loading the model).
+        When ``output`` exists and ``overwrite`` is False (checked before loading the model), or, with
+        ``shard``, holds this shard extracted from other weights or through other heads.
     ValueError
         As :func:`extract` and :func:`read_prompts`; or when ``model_dir`` holds no model.
     """
@@ -431,7 +468,11 @@ def extract_main(
             "prompts": shards._prompts_digest(prompts, references),
             "request": {"model_dir": str(Path(model_dir).resolve()), "dtype": dtype, **request},
         }  # fmt: skip
-        if target.exists() and not overwrite and open_cache(target, verify=False).user_meta.get("sharding") == sharding:
+        found = open_cache(target, verify=False).user_meta if target.exists() and not overwrite else {}
+        recorded = found.get("sharding")
+        if isinstance(recorded, dict) and {k: v for k, v in recorded.items() if k != "weights"} == sharding:
+            model, _ = load_local(model_dir, device=device, dtype=dtype)  # the path may hold other weights now
+            _kept_shard_iv(target, found, model, kw.get("heads"))
             shards.write_manifest(root, count)
             return open_cache(target)  # this shard is complete: nothing to redo
         prompts, ids = prompts[start:stop], ids[start:stop]
@@ -444,6 +485,8 @@ def extract_main(
         shard_dir = Path(shard_dir) / target.name
     cache = extract(model, tokenizer, prompts, references=references, ids=ids, shard_dir=shard_dir, **kw)
     if sharding is not None:
+        # extract digested these weights (fresh) a moment ago: the memoised digest is theirs
+        sharding = {**sharding, "weights": weights_digest(model)}
         cache = cache.with_meta({**cache.user_meta, "sharding": sharding})
     cache.save(target, overwrite=overwrite)
     if sharding is not None:

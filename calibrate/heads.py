@@ -533,3 +533,29 @@ class ExitHeads(nn.Module):
 
     def __repr__(self) -> str:
         return f"ExitHeads({self.extra_repr()})"
+
+
+def _heads_iv(heads, model: nn.Module) -> ExitHeads:
+    """``heads`` for reading ``model``'s layers: the model's own (:meth:`ExitHeads.from_model`) when None.
+
+    One check for every caller that runs ``model`` through ``heads`` (:func:`calibrate.extract`, the runtime's
+    ``generate``), so that they accept and refuse the same heads.
+
+    Raises
+    ------
+    TypeError
+        When ``heads`` is neither None nor an :class:`ExitHeads`.
+    ValueError
+        When ``heads`` were made by :meth:`ExitHeads.from_model` from another model than ``model`` (another
+        ``model_digest``: other weights, even of the same architecture and sizes).
+    """
+    if heads is None:
+        return ExitHeads.from_model(model)
+    if not isinstance(heads, ExitHeads):
+        raise TypeError(f"heads must be an ExitHeads (or None for the model's own), got {type(heads).__name__}")
+    if heads._model and heads._model[0] is not model and model_digest(heads._model[0]) != model_digest(model):
+        raise ValueError(
+            "heads were made (ExitHeads.from_model) from another model than the one decoding (other weights): "
+            "a layer would be read through another model's norm and LM head"
+        )
+    return heads

@@ -23,6 +23,7 @@ import pandas as pd
 from calibrate._atomic import atomic_file
 from calibrate._cache_files import _array_hasher, _cache_checksum, _hash_strings, _hash_table, _load_json, _read_vocab
 from calibrate._storage import Remote
+from calibrate._validation import int_at_least
 from calibrate.cache import _MAY_DIFFER, _meta_difference, concat_caches, open_cache
 
 __all__ = ["MANIFEST_FILE", "shard_name", "parse_shard", "shard_bounds", "write_manifest", "is_sharded", "open_sharded"]
@@ -86,7 +87,16 @@ def shard_bounds(n: int, index: int, count: int, *, batch_size: int = 1) -> tupl
     [(0, 3), (3, 6), (6, 10)]
     >>> [shard_bounds(10, i, 2, batch_size=4) for i in range(2)]   # 3 batches: [0, 4), [4, 8), [8, 10)
     [(0, 4), (4, 10)]
+
+    Raises
+    ------
+    TypeError
+        When ``batch_size`` is not an int (a bool or a float included).
+    ValueError
+        When ``index`` lies outside ``[0, count)``, ``batch_size`` is below 1, or there are fewer batches than
+        shards.
     """
+    batch_size = int_at_least(batch_size, "batch_size")
     if not 0 <= index < count:
         raise ValueError(f"shard index must lie in [0, {count}), got {index}")
     n_batches = -(-n // batch_size)

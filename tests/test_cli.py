@@ -452,3 +452,13 @@ def test_audit_refuses_options_its_certificate_does_not_read(tmp_path, capsys):
     assert "language model (rouge_l loss) is audited by decoding: give --model DIR --blocks DIR" in capsys.readouterr().err
     assert main(["audit", str(path), "--model", "m", "--prompts", "p.txt", "--figure", str(tmp_path / "f.pgf")]) == 2
     assert "not '.pgf'" in capsys.readouterr().err  # needs LaTeX: it failed after the audit, with exit 1
+
+
+@pytest.mark.parametrize("batch_size", ["0", "-1"])
+def test_extract_of_a_shard_refuses_a_batch_size_below_one(batch_size, tmp_path, capsys):
+    pytest.importorskip("transformers")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("hello\nworld\n", encoding="utf-8")
+    argv = ["extract", "--model", str(tmp_path / "model"), "--prompts", str(prompts), "-o", str(tmp_path / "out")]
+    assert main([*argv, "--shard", "0/2", "--batch-size", batch_size]) == 2  # 0 was a ZeroDivisionError
+    assert capsys.readouterr().err == f"calibrate extract: error: batch_size must be an int >= 1, got {batch_size}\n"

@@ -219,6 +219,17 @@ def test_generation_config_that_changes_greedy_choices_warns(tokenizer):
     assert cache.arrays["topk_ids"][0, -1, 0] == first != cache.arrays["full_tokens"][0]
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "t5"])
+def test_a_generation_config_returning_a_dict_extracts_the_same_cache(arch, tokenizer):
+    model = tiny_model(arch)
+    plain = extract(model, tokenizer, PROMPTS[:2], max_new_tokens=3, progress=False)
+    model.generation_config.return_dict_in_generate = True  # generate then returns its output as a dict
+    model.generation_config.output_scores = True
+    cache = extract(model, tokenizer, PROMPTS[:2], max_new_tokens=3, progress=False)  # was a TypeError
+    assert cache.checksum == plain.checksum
+    assert cache.meta["generation"]["model_generation_config"]["return_dict_in_generate"] is True  # recorded as set
+
+
 # --------------------------------------------------------------------------------------------------
 # Extraction: stored fields
 # --------------------------------------------------------------------------------------------------
@@ -506,9 +517,21 @@ def test_extract_rejects_bad_arguments(kw, error, match, tokenizer):
 
 
 def test_heads_of_another_model_are_refused(tokenizer):
-    other = ExitHeads.from_model(tiny_model("gpt2", n_layer=2))
+    from calibrate.runtime import generate
+
+    model = tiny_model("gpt2")
+    refused = r"^heads were made \(ExitHeads.from_model\) from another model than the one decoding \(other weights\)"
+    for other in (tiny_model("gpt2", n_layer=2), tiny_model("gpt2", seed=1)):  # other sizes; the same sizes
+        heads = ExitHeads.from_model(other)
+        with pytest.raises(ValueError, match=refused):
+            extract(model, tokenizer, ["w1"], heads=heads, progress=False)
+        with pytest.raises(ValueError, match=refused):  # the runtime's check, with its message
+            generate(model, torch.tensor([[4, 5, 6]]), heads=heads, max_new_tokens=2)
+    same = ExitHeads.from_model(tiny_model("gpt2"))  # another object with the same weights
+    extract(model, tokenizer, ["w1"], max_new_tokens=2, heads=same, progress=False)
+    built = ExitHeads(model.transformer.ln_f, model.lm_head, n_layers=2, hidden_size=32, vocab_size=V)  # no model's
     with pytest.raises(ValueError, match="heads has n_layers=2 but the model has 3"):
-        extract(tiny_model("gpt2"), tokenizer, ["w1"], heads=other, progress=False)
+        extract(model, tokenizer, ["w1"], heads=built, progress=False)
 
 
 # --------------------------------------------------------------------------------------------------

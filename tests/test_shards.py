@@ -268,6 +268,15 @@ def test_shard_bounds_refuse_an_index_outside_the_shards():
             shard_bounds(10, index, 3)
 
 
+@pytest.mark.parametrize(
+    ("batch_size", "error"), [(0, ValueError), (-1, ValueError), (2.5, TypeError), (True, TypeError)]
+)
+def test_shard_bounds_refuse_a_batch_size_that_is_not_an_int_of_at_least_one(batch_size, error):
+    # 0 divided by zero, -1 gave "-2 batches of -1", 2.5 and True were used as sizes
+    with pytest.raises(error, match=rf"^batch_size must be an int >= 1, got {batch_size!r}"):
+        shard_bounds(10, 0, 2, batch_size=batch_size)
+
+
 def test_as_many_shards_as_batches_give_each_shard_one_batch():
     assert [shard_bounds(3, i, 3) for i in range(3)] == [(0, 1), (1, 2), (2, 3)]
     assert [shard_bounds(10, i, 3, batch_size=4) for i in range(3)] == [(0, 4), (4, 8), (8, 10)]
@@ -366,6 +375,39 @@ def test_each_shard_resumes_on_its_own(saved_model, tmp_path, monkeypatch):
     calls.clear()
     again = extraction.extract_main(model_dir, prompts, out, shard=(1, 2), **kw)  # complete: nothing redone
     assert calls == [] and again.checksum == resumed.checksum
+
+
+def test_a_finished_shard_of_other_weights_or_heads_is_not_reused(saved_model, tmp_path, capsys):
+    from calibrate.cli import main
+    from calibrate.extraction import extract_main
+    from calibrate.heads import ExitHeads
+    from calibrate.models import load_local
+
+    model_dir, prompts = tmp_path / "model", saved_model[1]
+    shutil.copytree(saved_model[0], model_dir)
+    kw = dict(max_new_tokens=4, batch_size=1, top_k=8, store_hidden=False, progress=False)  # what the command passes
+    out = tmp_path / "sharded"
+    first = extract_main(model_dir, prompts, out, shard=(0, 2), **kw)
+    assert extract_main(model_dir, prompts, out, shard=(0, 2), **kw).checksum == first.checksum  # kept
+    heads = ExitHeads.from_model(load_local(model_dir)[0], adapters=True)
+    with torch.no_grad():
+        heads.adapter_bias.add_(0.5)
+    with pytest.raises(FileExistsError, match=r"other heads \(kind 'adapters' now, the shard's 'logit_lens', "):
+        extract_main(model_dir, prompts, out, shard=(0, 2), heads=heads, **kw)
+    tiny_model("gpt2", seed=1).save_pretrained(model_dir)  # other weights saved to the same path
+    stale = (
+        r"shard-00000-of-00002 is a finished shard of the same prompts and settings but of other model weights "
+        r"\(weights digest '\w+' now, the shard's '\w+'\): it is not reused; pass overwrite=True \(--overwrite"
+    )
+    with pytest.raises(FileExistsError, match=stale):  # as the unsharded path refuses to write over a cache
+        extract_main(model_dir, prompts, out, shard=(0, 2), **kw)
+    argv = ["extract", "--model", str(model_dir), "--prompts", str(prompts), "-o", str(out), "--shard", "0/2"]
+    assert main([*argv, "--max-new-tokens", "4", "--batch-size", "1"]) == 2
+    assert "is a finished shard of the same prompts and settings but of other model weights" in capsys.readouterr().err
+    again = extract_main(model_dir, prompts, out, shard=(0, 2), overwrite=True, **kw)
+    assert again.user_meta["sharding"]["weights"] != first.user_meta["sharding"]["weights"]
+    assert not np.array_equal(again.arrays["topk_logprobs"], first.arrays["topk_logprobs"])
+    assert extract_main(model_dir, prompts, out, shard=(0, 2), **kw).checksum == again.checksum  # kept again
 
 
 def test_shards_sharing_a_shard_dir_use_their_own_subdirectories(saved_model, tmp_path):

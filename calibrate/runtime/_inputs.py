@@ -10,11 +10,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from calibrate._digest import model_digest
 from calibrate._validation import int_at_least
 from calibrate.certificate import Certificate, _budget_warning
 from calibrate.exits import Decay
-from calibrate.heads import ExitHeads, _context_positions, decoder_layers
+from calibrate.heads import ExitHeads, _context_positions, _heads_iv, decoder_layers
 from calibrate.runtime._layers import LayerAdapter, adapter_for
 from calibrate.runtime._measures import RUNTIME_MEASURES, RuntimeMeasure, build_measure
 from calibrate.runtime._result import EarlyExitConfig
@@ -289,15 +288,7 @@ def _generate_iv(
         encoder = _Encoder(_mask_iv(attention_mask, states.shape[:2], device, left_padded=False), None, states)
     _context_iv(model, adapter, prompt_mask, encoder, max_new_tokens)
     # Heads and exit rule.
-    if heads is None:
-        heads = ExitHeads.from_model(model)
-    elif not isinstance(heads, ExitHeads):
-        raise TypeError(f"heads must be an ExitHeads (or None for the model's own), got {type(heads).__name__}")
-    elif heads._model and heads._model[0] is not model and model_digest(heads._model[0]) != model_digest(model):
-        raise ValueError(
-            "heads were made (ExitHeads.from_model) from another model than the one decoding (other weights): "
-            "a layer would be read through another model's norm and LM head"
-        )
+    heads = _heads_iv(heads, model)
     if heads.has_adapters and (heads.adapter_weight.dtype, heads.adapter_weight.device) != (adapter.dtype, device):
         raise ValueError(
             f"the heads' adapters are {heads.adapter_weight.dtype} on {heads.adapter_weight.device} but the model runs "

@@ -15,6 +15,7 @@ This module imports torch and transformers; ``import calibrate`` does not import
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -47,6 +48,10 @@ __all__ = ["extract", "extract_main", "read_prompts", "rehead"]
 
 #: Prompts per batch unless told otherwise (also how shards split a prompt file: into whole batches).
 _DEFAULT_BATCH_SIZE = 8
+
+
+#: The settings of :func:`extract` a shard records (its heads are compared by :func:`_kept_shard_iv`).
+_SHARD_SETTINGS = ("max_new_tokens", "batch_size", "store_hidden", "top_k")
 
 
 def extract(
@@ -461,8 +466,8 @@ def extract_main(
         batch_size = kw.get("batch_size", _DEFAULT_BATCH_SIZE)
         start, stop = shards.shard_bounds(len(prompts), index, count, batch_size=batch_size)
         shards._check_manifest(root, count)  # another run's shard count: refused before any work
-        plain = (str, int, float, bool, type(None))
-        request = {k: v for k, v in kw.items() if k != "progress" and isinstance(v, plain)}
+        defaults = inspect.signature(extract).parameters  # a setting left at its default is recorded as one given
+        request = {name: kw.get(name, defaults[name].default) for name in _SHARD_SETTINGS}
         sharding = {
             "index": index, "count": count, "start": start, "stop": stop, "n_prompts": len(prompts),
             "prompts": shards._prompts_digest(prompts, references),

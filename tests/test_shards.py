@@ -389,6 +389,8 @@ def test_a_finished_shard_of_other_weights_or_heads_is_not_reused(saved_model, t
     out = tmp_path / "sharded"
     first = extract_main(model_dir, prompts, out, shard=(0, 2), **kw)
     assert extract_main(model_dir, prompts, out, shard=(0, 2), **kw).checksum == first.checksum  # kept
+    defaults = dict(max_new_tokens=4, batch_size=1, progress=False)  # top_k, store_hidden left at extract's defaults
+    assert extract_main(model_dir, prompts, out, shard=(0, 2), **defaults).checksum == first.checksum  # kept too
     heads = ExitHeads.from_model(load_local(model_dir)[0], adapters=True)
     with torch.no_grad():
         heads.adapter_bias.add_(0.5)

@@ -27,7 +27,7 @@ from torch import nn
 
 from calibrate._atomic import atomic_file
 from calibrate._validation import int_at_least, parse_json
-from calibrate.heads import ExitHeads, _hash_adapters
+from calibrate.heads import ExitHeads, _cache_model_iv, _hash_adapters
 
 __all__ = ["layer_agreement", "load_adapters", "save_adapters", "train_adapters"]
 
@@ -45,6 +45,8 @@ def _hidden_iv(cache, heads: ExitHeads | None = None) -> np.ndarray:
             f"the heads have n_layers={heads.n_layers}, hidden_size={heads.hidden_size} but the cache's hidden states "
             f"have shape (n_tokens, {hidden.shape[1]}, {hidden.shape[2]})"
         )
+    if heads is not None:
+        _cache_model_iv(heads, cache)
     return hidden
 
 
@@ -72,7 +74,8 @@ def train_adapters(model: nn.Module, cache, *, ridge: float = 1e-2, progress: bo
     Raises
     ------
     ValueError
-        When the cache has no hidden states or its shape does not fit the model, or ``ridge <= 0``.
+        When the cache has no hidden states or its shape does not fit the model, the cache records another
+        model than ``model`` (``model_digest``), or ``ridge <= 0``.
     """
     from tqdm.auto import tqdm
 
@@ -118,6 +121,12 @@ def layer_agreement(heads: ExitHeads, cache, *, batch_size: int = 256) -> np.nda
     -------
     ndarray of float64, shape (n_layers,)
         Agreement in ``[0, 1]`` per layer (1-based layer ``i`` at index ``i - 1``).
+
+    Raises
+    ------
+    ValueError
+        When the cache has no hidden states, their shape does not fit ``heads``, or the cache records another
+        model than the one ``heads`` were made from (``model_digest``).
     """
     batch_size = int_at_least(batch_size, "batch_size")
     hidden = _hidden_iv(cache, heads)

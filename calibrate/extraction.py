@@ -41,7 +41,7 @@ from calibrate._extract_steps import (
     _with_meta,
 )
 from calibrate.cache import LayerCache, concat_caches, open_cache
-from calibrate.heads import ExitHeads, _heads_iv
+from calibrate.heads import ExitHeads, _cache_model_iv, _heads_iv
 from calibrate.models import _eval_mode
 
 __all__ = ["extract", "extract_main", "read_prompts", "rehead"]
@@ -258,13 +258,7 @@ def rehead(cache: LayerCache, heads: ExitHeads) -> LayerCache:
         )
     if heads.vocab_size != cache.vocab_size:
         raise ValueError(f"the heads have vocab_size={heads.vocab_size} but the cache has {cache.vocab_size}")
-    recorded = (cache.user_meta.get("heads") or {}).get("model_digest")
-    current = heads.describe()["model_digest"]
-    if recorded is not None and current is not None and recorded != current:
-        raise ValueError(
-            f"the heads come from another model than the cache (model_digest {current!r}, the cache's {recorded!r}): "
-            "its hidden states and full-model tokens are that model's; extract the cache with the heads' model"
-        )
+    _cache_model_iv(heads, cache)
     param = next(heads.parameters(), None)
     device, dtype = ("cpu", torch.float32) if param is None else (param.device, param.dtype)
     states = torch.from_numpy(np.asarray(cache.arrays["hidden"], dtype=np.float32)).to(device, dtype)

@@ -150,7 +150,8 @@ def _train_cache_iv(train_cache, cache):
     shared = _examples(train_cache) & _examples(cache)
     if shared:
         warnings.warn(
-            f"{len(shared)} calibration sequences also occur in train_cache (the same prompt and full-model output); "
+            f"{len(shared)} calibration sequences also occur in train_cache (the same prompt and full-model output, "
+            "or without text the same full-model tokens); "
             "if they are the same examples, the learned measure saw the calibration data and the guarantee is void",
             UserWarning,
             stacklevel=caller_stacklevel(),
@@ -158,11 +159,12 @@ def _train_cache_iv(train_cache, cache):
     return train_cache
 
 
-def _examples(cache) -> set[tuple[str, str]]:
-    """The ``(prompt, output)`` texts of a cache's sequences (those with any text: caches made from bare arrays
-    have none to compare)."""
+def _examples(cache) -> set[tuple]:
+    """What tells a cache's sequences apart across caches: their ``(prompt, output)`` texts, or for a sequence
+    without text (a cache made from bare arrays) its full-model token ids."""
     table = cache.sequences
-    return {(p, o) for p, o in zip(table["prompt"].fillna(""), table["output"].fillna("")) if p or o}
+    texts = zip(table["prompt"].fillna(""), table["output"].fillna(""), table["output_ids"])
+    return {(p, o) if p or o else tuple(int(t) for t in ids) for p, o, ids in texts}
 
 
 def _chunked_table(

@@ -559,3 +559,15 @@ def _heads_iv(heads, model: nn.Module) -> ExitHeads:
             "a layer would be read through another model's norm and LM head"
         )
     return heads
+
+
+def _cache_model_iv(heads: ExitHeads, cache) -> None:
+    """Refuse ``heads`` made from another model than the one ``cache`` was extracted from (their ``model_digest``
+    differs; not checked when either records none), whose hidden states and tokens they would misread."""
+    recorded = (cache.user_meta.get("heads") or {}).get("model_digest")
+    current = heads.describe()["model_digest"]
+    if recorded is not None and current is not None and recorded != current:
+        raise ValueError(
+            f"the heads come from another model than the cache (model_digest {current!r}, the cache's {recorded!r}): "
+            "its hidden states and full-model tokens are that model's; extract the cache with the heads' model"
+        )

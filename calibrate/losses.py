@@ -141,10 +141,9 @@ class LossTable:
         return self.losses.mean(axis=0)
 
     def subset(self, rows) -> "LossTable":
-        """The table restricted to some examples (rows)."""
-        return LossTable(
-            self.losses[rows], self.lambdas, self.mode, self.consistency, self.avg_layers, self.n_layers
-        )
+        """The table restricted to some examples (rows), without ``avg_layers``: those averaged the exit layers
+        of every row's tokens, which the table does not hold per row."""
+        return LossTable(self.losses[rows], self.lambdas, self.mode, self.consistency, None, self.n_layers)
 
 
 def _losses_iv(losses) -> np.ndarray:

@@ -215,6 +215,18 @@ def test_bad_input(model, real_cache):
             layer_agreement(ExitHeads.from_model(model), real_cache, batch_size=batch_size)
 
 
+def test_a_cache_of_another_model_of_the_same_shape_is_refused(model, real_cache):
+    other = tiny_model("llama", seed=2, n_layers=4)  # other weights, same architecture and sizes
+    another = "the heads come from another model than the cache"
+    with pytest.raises(ValueError, match=another):
+        train_adapters(other, real_cache, progress=False)  # was accepted: model's adapters fitted on other states
+    with pytest.raises(ValueError, match=another):
+        layer_agreement(ExitHeads.from_model(other), real_cache)
+    with pytest.raises(ValueError, match=another):
+        rehead(real_cache, ExitHeads.from_model(other))
+    assert layer_agreement(ExitHeads.from_model(model), real_cache)[-1] == 1.0  # its own model: accepted
+
+
 def test_rehead_equals_an_extraction_through_the_new_heads(model, real_cache):
     """Re-scoring the plain-head cache through adapters gives what extracting through them gives."""
     heads = train_adapters(model, real_cache)

@@ -813,6 +813,27 @@ def test_loss_table_risk_is_the_mean_loss_of_each_column():
     np.testing.assert_allclose(table.subset([0, 4]).risks, [0.5, 0.5])
 
 
+def test_a_loss_table_subset_drops_the_average_layers_of_rows_it_no_longer_holds():
+    cache = calibrate.synthetic_cache(200, seed=0)
+    table = calibrate.proxy_losses(cache, cache.arrays["softmax_max"], [0.9, 0.5, 0.1])
+    part = table.subset(np.arange(20))
+    assert table.avg_layers is not None and part.avg_layers is None  # they were the 200 sequences' averages
+    assert calibrate.certify(part, delta=0.9, epsilon=0.1).expected_layers is None
+    assert part.n_layers == table.n_layers and np.array_equal(part.losses, table.losses[:20])
+
+
+def test_a_train_cache_sharing_sequences_of_a_cache_without_text_is_warned_of():
+    cache = calibrate.synthetic_cache(200, n_layers=6, seed=0)
+    arrays = {name: np.asarray(cache.arrays[name]) for name in ("full_tokens", "topk_ids", "topk_logprobs", "hidden")}
+    bare = calibrate.LayerCache.from_arrays(**arrays, lengths=cache.lengths, vocab_size=cache.vocab_size)
+    assert not bare.sequences["prompt"].fillna("").any()  # no text to compare: the full-model tokens tell them apart
+    with pytest.warns(UserWarning, match="100 calibration sequences also occur in train_cache .*the same full-model"):
+        calibrate.fit(bare, delta=0.2, epsilon=0.1, measure="classifier", train_cache=bare.subset(np.arange(100)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        calibrate.fit(bare.subset(np.arange(100, 200)), measure="classifier", train_cache=bare.subset(np.arange(100)))
+
+
 def test_risk_losses_refuse_a_cache_without_references():
     cache = calibrate.synthetic_cache(20, n_layers=4, seed=0, references=False)
     conf = cache.arrays["softmax_gap"]

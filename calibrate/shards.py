@@ -80,14 +80,6 @@ def shard_bounds(n: int, index: int, count: int, *, batch_size: int = 1) -> tupl
     <= 1), so each batch holds the prompts it holds in one unsharded extraction: the same padding and
     batch size give the same float results, and the joined cache the same checksum.
 
-    Examples
-    --------
-    >>> from calibrate.shards import shard_bounds
-    >>> [shard_bounds(10, i, 3) for i in range(3)]
-    [(0, 3), (3, 6), (6, 10)]
-    >>> [shard_bounds(10, i, 2, batch_size=4) for i in range(2)]   # 3 batches: [0, 4), [4, 8), [8, 10)
-    [(0, 4), (4, 10)]
-
     Raises
     ------
     TypeError
@@ -95,6 +87,14 @@ def shard_bounds(n: int, index: int, count: int, *, batch_size: int = 1) -> tupl
     ValueError
         When ``index`` lies outside ``[0, count)``, ``batch_size`` is below 1, or there are fewer batches than
         shards.
+
+    Examples
+    --------
+    >>> from calibrate.shards import shard_bounds
+    >>> [shard_bounds(10, i, 3) for i in range(3)]
+    [(0, 3), (3, 6), (6, 10)]
+    >>> [shard_bounds(10, i, 2, batch_size=4) for i in range(2)]   # 3 batches: [0, 4), [4, 8), [8, 10)
+    [(0, 4), (4, 10)]
     """
     batch_size = int_at_least(batch_size, "batch_size")
     if not 0 <= index < count:

@@ -99,6 +99,24 @@ def test_masked_training_forward_gives_gradients_to_the_path_only():
     assert (layer.w_out.grad.abs().sum(dim=1) > 0).nonzero().flatten().tolist() == path
 
 
+def test_an_eval_mode_layer_with_gradients_enabled_is_differentiable():
+    """As under a model fine-tuned in eval mode (lat.finetune trains adapters on an .eval() copy): the output of
+    a layer whose weights require grad carried no gradient, so a residual branch silently dropped out."""
+    layer = _layer(8, 8, 3).eval()
+    x = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    out = layer(x)
+    assert out.requires_grad
+    (x + out).sum().backward()
+    x2 = x.detach().clone().requires_grad_(True)
+    (x2 + layer.masked_forward(x2)).sum().backward()  # the same function, differentiable
+    torch.testing.assert_close(x.grad, x2.grad, rtol=0, atol=0)
+    assert layer.w_in.grad is not None
+    with torch.no_grad():  # inference: the fast descent, the same values
+        torch.testing.assert_close(layer(x), out.detach())
+    frozen = _layer(8, 8, 3).eval().requires_grad_(False)
+    assert not frozen(torch.randn(4, 8, dtype=torch.float64)).requires_grad  # nothing needs a gradient: fast path
+
+
 def test_soft_tree_approaches_hard_descent_as_decisions_harden():
     layer = _layer(8, 3, 4)
     x = torch.randn(64, 8, dtype=torch.float64)

@@ -160,7 +160,8 @@ def test_distill_rejects_bad_arguments(tokenizer):
         fff.distill(model, tokenizer, TEXTS[:1], progress=False)
     with pytest.raises(ValueError, match="no .mlp block"):
         fff.distill(tiny_model("t5"), tokenizer, TEXTS, progress=False)
-    bad = [("steps", 0), ("steps", -3), ("batch_size", 0), ("max_tokens", 0), ("lr", 0.0), ("lr", float("nan"))]
+    bad = [("steps", 0), ("steps", -3), ("batch_size", 0), ("max_tokens", 0), ("lr", 0.0), ("lr", float("nan")),
+           ("hardening", float("nan")), ("hardening", -5.0), ("hardening", float("inf"))]  # fmt: skip
     for name, value in bad:  # each used to return untrained FFFs (or crash inside the model)
         with pytest.raises(ValueError, match=f"{name} must be"):
             fff.distill(model, tokenizer, TEXTS, layers=[0], progress=False, **{name: value})

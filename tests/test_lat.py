@@ -319,6 +319,8 @@ def test_layer_costs_read_head_dim_and_gated_t5():
     assert (t5.qkv, t5.attn, t5.out, t5.mlp) == (d * 3 * heads * 8, 2 * heads * 8, heads * 8 * d, 3 * d * ff)
     plain = layer_costs(T5Config(d_model=d, d_kv=8, num_heads=heads, num_layers=3, d_ff=ff))  # relu: 2 matrices
     assert plain.mlp == 2 * d * ff
+    as_file = {k: v for k, v in gated.to_dict().items() if k != "is_gated_act"}  # config.json holds no is_gated_act
+    assert layer_costs(as_file) == t5  # its MLP was costed as 2 matrices
     with pytest.raises(ValueError, match="model_config must give positive .*heads=0"):
         layer_costs({"hidden_size": d, "num_hidden_layers": 3, "num_attention_heads": 0})
     assert c.prefill([0, 0, 0]) == 0.0  # counts >= 0: an empty prompt costs nothing

@@ -217,6 +217,12 @@ def test_classify_bad_input():
         lat.classify(BertModel(model.config).eval(), ids, mask)
     with pytest.raises(ValueError, match=r"does not support model_type 'llama'.*bert"):
         lat.classify(tiny_model("llama", seed=1), ids, mask)
+    from transformers import BertForMultipleChoice, BertForSequenceClassification
+
+    one_label = BertForSequenceClassification(model.config.__class__(**{**model.config.to_dict(), "num_labels": 1}))
+    for head in (BertForMultipleChoice(model.config), one_label):  # every label was 0: risk 0 at any speed-up
+        with pytest.raises(ValueError, match=r"num_labels >= 2 .*got logits of shape \(1, 1\) from Bert"):
+            lat.classify(head.eval(), ids, mask)
     for bad in (0.5, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="speedup"):
             lat.classify(model, ids, mask, speedup=bad)

@@ -252,6 +252,8 @@ def distill(
     for name, value in (("steps", steps), ("batch_size", batch_size), ("max_tokens", max_tokens)):
         int_at_least(value, name)
     finite_positive(lr, "lr")
+    if isinstance(hardening, bool) or not isinstance(hardening, (int, float)) or not 0 <= hardening < math.inf:
+        raise ValueError(f"hardening must be a finite number >= 0 (the weight of a loss), got {hardening!r}")
     seed = seed_iv(seed)
     if not 0 < heldout < 1 or not 0 <= soft_share <= 1:
         raise ValueError(f"heldout must lie in (0, 1) and soft_share in [0, 1], got {heldout} and {soft_share}")

@@ -64,6 +64,21 @@ def _depth_iv(depth, max_depth: int) -> int:
     return int_in(depth, "depth", 0, max_depth, " (None: the whole path)")
 
 
+def _forward_iv(layer: FFF, x, depth, backend: str) -> tuple[int, torch.Tensor]:
+    """``(depth, x)`` of a hard-descent call (:func:`fff_forward`, :meth:`FFF.forward`), checked: a known
+    backend, a depth of the tree, inputs of the layer's width, dtype and device."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    k = _depth_iv(depth, layer.depth)
+    x = _input_iv(x, layer.in_features)
+    if x.dtype != layer.w_in.dtype or x.device != layer.w_in.device:
+        raise ValueError(
+            f"the inputs are {x.dtype} on {x.device} but the layer is {layer.w_in.dtype} on {layer.w_in.device}; "
+            "convert one"
+        )
+    return k, x
+
+
 def _input_iv(x: torch.Tensor, in_features: int) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -213,13 +228,16 @@ class FFF(nn.Module):
     def forward(self, x: torch.Tensor, depth: int | None = None, *, backend: str = "auto") -> torch.Tensor:
         """Hard descent: ``(..., in_features) -> (..., out_features)``, the first ``depth + 1`` nodes of each path.
 
-        ``depth`` None means ``eval_depth`` (None: the whole path). With gradients enabled and the
-        layer in training mode this is :meth:`masked_forward` (the same function, differentiable);
-        otherwise :func:`fff_forward` with ``backend``.
+        ``depth`` None means ``eval_depth`` (None: the whole path). With gradients enabled and the layer
+        in training mode, or its weights or ``x`` requiring grad (an eval-mode layer under a fine-tuned
+        model), this is :meth:`masked_forward` (the same function, differentiable); otherwise (e.g. under
+        ``torch.no_grad()``, as inference runs) :func:`fff_forward` with ``backend``, which has no gradient.
         """
         depth = self.eval_depth if depth is None else depth
-        if self.training and torch.is_grad_enabled():
-            return self.masked_forward(x, depth)
+        differentiable = isinstance(x, torch.Tensor) and x.requires_grad or self.w_in.requires_grad
+        if torch.is_grad_enabled() and (self.training or differentiable):
+            k, x = _forward_iv(self, x, depth, backend)
+            return self.masked_forward(x, k)
         return fff_forward(self, x, depth, backend=backend)
 
     def masked_forward(self, x: torch.Tensor, depth: int | None = None) -> torch.Tensor:
@@ -246,7 +264,8 @@ class FFF(nn.Module):
         """The soft tree over the whole depth: the output ``(..., out_features)`` and the hardening loss (scalar).
 
         The hardening loss is the reach-weighted binary entropy of the decisions per level, averaged over
-        inputs, in nats, in ``[0, log 2]``: 0 when every decision is hard.
+        inputs, in nats, in ``[0, log 2]``. The leaves count too (their sign chooses no child): it is 0 only
+        when every ``z``, the leaves' included, is far from 0, not whenever the output equals hard descent.
         """
         x = _input_iv(x, self.in_features)
         lead, flat = x.shape[:-1], x.reshape(-1, self.in_features)
@@ -411,15 +430,7 @@ def fff_forward(layer: FFF, x: torch.Tensor, depth: int | None = None, *, backen
     >>> layer.cost(1), layer.cost()                     # multiply-adds per input at depth 1 and whole
     (24, 48)
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    k = _depth_iv(depth, layer.depth)
-    x = _input_iv(x, layer.in_features)
-    if x.dtype != layer.w_in.dtype or x.device != layer.w_in.device:
-        raise ValueError(
-            f"the inputs are {x.dtype} on {x.device} but the layer is {layer.w_in.dtype} on {layer.w_in.device}; "
-            "convert one"
-        )
+    k, x = _forward_iv(layer, x, depth, backend)
     lead, flat = x.shape[:-1], x.reshape(-1, layer.in_features)
     use_numba = backend == "numba" or (backend == "auto" and _numba_ok(layer, x))
     if use_numba:

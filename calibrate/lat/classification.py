@@ -190,6 +190,11 @@ def classify(
     with _eval_mode(model):
         states, _, kept, processed = encode(encoder_for(model), ids, mask, keep, always, score, types)
         logits = _head(model, states).float()
+    if logits.ndim != 2 or logits.shape[1] < 2:  # a multiple-choice or one-label head: every argmax would be 0
+        raise ValueError(
+            f"lat.classify needs a ...ForSequenceClassification model with num_labels >= 2 (a label is the argmax of "
+            f"its logits), got logits of shape {tuple(logits.shape)} from {type(model).__name__}"
+        )
     return ClassificationOutput(
         logits=logits,
         speedup=speedup,

@@ -120,7 +120,13 @@ def layer_costs(model_config: Any) -> LayerCosts:
     kv_heads = _config_int(model_config, "num_key_value_heads") or heads
     head_dim = _config_int(model_config, "head_dim", "d_kv") or d // heads
     d_ff = _config_int(model_config, "intermediate_size", "n_inner", "d_ff") or 4 * d
-    gated = getattr(model_config, "model_type", None) in _GATED or bool(getattr(model_config, "is_gated_act", False))
+    # T5 v1.1 / Flan: T5Config derives is_gated_act from feed_forward_proj, which a config.json holds alone
+    projection = str(getattr(model_config, "feed_forward_proj", ""))
+    gated = (
+        getattr(model_config, "model_type", None) in _GATED
+        or bool(getattr(model_config, "is_gated_act", False))
+        or projection.startswith("gated-")
+    )
     return LayerCosts(
         n_layers=n_layers,
         qkv=float(d * (heads + 2 * kv_heads) * head_dim),

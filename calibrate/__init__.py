@@ -10,7 +10,6 @@ sweep, zarr and pyarrow for caches, rapidfuzz and sacrebleu for text metrics); t
 needed only to extract caches from a model and to decode.
 """
 
-import importlib
 from importlib.metadata import PackageNotFoundError, version
 
 try:
@@ -19,7 +18,7 @@ except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+unknown"
 
 from calibrate import bounds, fwer
-from calibrate._extras import require
+from calibrate._extras import lazy_getattr
 from calibrate.audit import AuditReport, ValidityReport, audit, validity
 from calibrate.cache import LayerCache, concat_caches, open_cache
 from calibrate.certificate import Certificate
@@ -46,12 +45,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        require(f"calibrate.{name}", "hf")  # smollm2() itself names [real] for what loading GGUF needs
-        module = importlib.import_module(_LAZY[name])
-        return module if module.__name__ == f"calibrate.{name}" else getattr(module, name)
-    raise AttributeError(f"module 'calibrate' has no attribute {name!r}")
+__getattr__ = lazy_getattr("calibrate", _LAZY)  # smollm2() itself names [real] for what loading GGUF needs
 
 
 __all__ = [

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
+from collections.abc import Callable, Mapping
+from typing import Any
 
 #: The modules each extra provides that the library imports (``pip install 'calm-calibrate[<extra>]'``).
 EXTRAS = {
@@ -20,3 +23,24 @@ def require(feature: str, extra: str, modules: tuple[str, ...] | None = None) ->
     missing = [name for name in modules or EXTRAS[extra] if importlib.util.find_spec(name) is None]
     if missing:
         raise ImportError(f"{feature} needs {', '.join(missing)}: pip install 'calm-calibrate[{extra}]'")
+
+
+def lazy_getattr(
+    package: str, names: Mapping[str, str], modules: Mapping[str, tuple[str, ...]] | None = None
+) -> Callable[[str], Any]:
+    """A module ``__getattr__`` (PEP 562) that imports ``names[name]`` on the first use of ``name``.
+
+    Before importing, :func:`require` checks the ``[hf]`` extra (or only the modules ``modules`` lists for that
+    target module). Returns the target's attribute ``name``, or the target itself when it is the submodule
+    ``package.name``.
+    """
+
+    def __getattr__(name: str) -> Any:
+        if name not in names:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        target = names[name]
+        require(f"{package}.{name}", "hf", (modules or {}).get(target))
+        module = importlib.import_module(target)
+        return module if module.__name__ == f"{package}.{name}" else getattr(module, name)
+
+    return __getattr__

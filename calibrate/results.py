@@ -23,10 +23,9 @@ extra) load on first use, so ``import calibrate.results`` does not import torch.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
 
-from calibrate._extras import require
+from calibrate._extras import lazy_getattr
 from calibrate.audit import AuditReport, ValidityReport
 from calibrate.certificate import Certificate
 from calibrate.losses import LossTable
@@ -46,11 +45,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        require(f"calibrate.results.{name}", "hf")
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'calibrate.results' has no attribute {name!r}")
+__getattr__ = lazy_getattr("calibrate.results", _LAZY)
 
 
 __all__ = [

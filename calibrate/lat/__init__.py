@@ -14,7 +14,7 @@
   prompts (needs torch).
 """
 
-from calibrate._extras import require
+from calibrate._extras import lazy_getattr
 from calibrate.lat.schedule import KeepSchedule, LayerCosts, layer_costs
 
 __all__ = [
@@ -64,10 +64,4 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        require(f"calibrate.lat.{name}", "hf", ("torch",) if _LAZY[name] == "calibrate.lat.scores" else None)
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'calibrate.lat' has no attribute {name!r}")
+__getattr__ = lazy_getattr("calibrate.lat", _LAZY, {"calibrate.lat.scores": ("torch",)})

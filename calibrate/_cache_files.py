@@ -129,7 +129,7 @@ def _make_table(ids, prompts, outputs, references, full_tokens, offsets) -> pd.D
 
 def _save_iv(path, overwrite) -> Path | Remote:
     if not isinstance(path, (str, os.PathLike, Remote)):  # a Remote: what save returns for a URL
-        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+        raise TypeError(f"path must be a str or os.PathLike (or what save returned), got {type(path).__name__}")
     if not isinstance(overwrite, bool):
         raise TypeError(f"overwrite must be a bool, got {overwrite!r}")
     if not (str(path) if isinstance(path, Remote) else os.fspath(path)):
@@ -182,7 +182,7 @@ def _replaceable(target: Path | Remote) -> bool:
 
 def _open_cache_iv(path, verify) -> Path | Remote:
     if not isinstance(path, (str, os.PathLike, Remote)):  # a Remote: what save returns for a URL
-        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+        raise TypeError(f"path must be a str or os.PathLike (or what save returned), got {type(path).__name__}")
     if not isinstance(verify, bool):
         raise TypeError(f"verify must be a bool, got {verify!r}")
     root = location(path)

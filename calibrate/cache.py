@@ -614,7 +614,7 @@ class LayerCache:
         ----------
         path : str or os.PathLike
             Target directory (its parent directories are created), or an fsspec URL
-            (``memory://...``, ``s3://...`` with its fsspec package installed).
+            (``memory://...``, ``s3://...`` with its fsspec package installed), or what ``save`` returned.
         overwrite : bool, default=False
             Replace an existing cache at ``path``. Only a cache directory (this library's ``meta.json``
             and files, and hidden files such as ``.DS_Store``) or an empty directory is ever replaced.
@@ -823,7 +823,7 @@ def open_cache(path: str | os.PathLike, *, verify: bool = True, chunks: int | No
     ----------
     path : str or os.PathLike
         The cache directory, or an fsspec URL (``file://``, ``memory://``; ``s3://``, ``gs://`` with their
-        fsspec packages installed).
+        fsspec packages installed), or what :meth:`LayerCache.save` returned (or ``ChunkedCache.path`` holds).
     verify : bool, default=True
         Recompute the blake2b checksum of every field and compare it with ``meta.json`` (with ``chunks``:
         of every array, streamed chunk by chunk), and that of ``meta.json``'s own metadata (model,

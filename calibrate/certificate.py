@@ -187,8 +187,10 @@ def _evidence_iv(cert: "Certificate") -> None:
             at_risk = r if cert.bound == "binomial" else max(r - _RISK_SLACK, 0.0)
             try:
                 low = float(bounds._MEAN_BASED[cert.bound](at_risk, cert.n, cert.delta))
-            except ValueError:  # binomial: n * risk is no count of failures
-                raise ValueError(
+            except ValueError:
+                if cert.bound != "binomial":
+                    raise
+                raise ValueError(  # n * risk is no count of failures
                     f"risks{at(k)} is {r:g}, which is no count of failures over n={cert.n} as the {cert.bound} bound's "
                     f"p-values need: {edited}"
                 ) from None
@@ -433,8 +435,9 @@ class Certificate:
                 raise ValueError(f"Certificate.{name} must be a mapping or None, got {value!r:.80}")
         if self.decay is not None:
             try:
-                if set(self.decay) != {"max_len", "tau"}:  # what was certified is stated, never a default
-                    raise ValueError("both keys are needed")
+                missing = sorted({"max_len", "tau"} - set(self.decay))  # what was certified is stated, no default
+                if missing:
+                    raise ValueError(f"missing {missing}")
                 Decay(**self.decay)
             except (TypeError, ValueError) as exc:
                 raise ValueError(

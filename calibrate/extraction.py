@@ -150,7 +150,8 @@ def extract(
     - **Measures.** ``softmax_gap`` = p1 - p2, ``softmax_max`` = p1 and ``entropy`` = 1 - H / log V of
       the full softmax of each layer's logits (float32), so the entropy is exact, not the top-k bound of
       :func:`measures.confidence.from_topk`; ``state_saturation`` is
-      :func:`measures.confidence.state_saturation` of the float32 states (0 at layer 1).
+      :func:`measures.confidence.state_saturation` of the states at the precision the runtime computes it
+      from: float64 states as they are, the others in float32 (0 at layer 1).
     - **Numerics.** Padding changes floating-point sums slightly, so a batched run can, on a near tie,
       pick another token than the same prompt alone; the cache holds what the batched run generated.
 
@@ -296,12 +297,10 @@ def _kept_shard_iv(target: Path, meta: dict, model, heads) -> None:
     TypeError, ValueError
         As :func:`extract` for ``heads``.
     """
-    recorded = meta["sharding"].get("weights")
-    current = weights_digest(model, fresh=True)
-    differ = []
-    if recorded != current:
-        was = "the shard records none (an older version wrote it)" if recorded is None else f"the shard's {recorded!r}"
-        differ.append(f"model weights (weights digest {current!r} now, {was})")
+    recorded = meta["sharding"].get("weights")  # None: an older version wrote the shard; its heads' model_digest
+    differ = []  # (a digest of every weight too) decides below
+    if recorded is not None and recorded != (current := weights_digest(model, fresh=True)):
+        differ.append(f"model weights (weights digest {current!r} now, the shard's {recorded!r})")
     described, stored = _heads_iv(heads, model).describe(fresh=True), meta.get("heads") or {}
     # Other weights give the model's own heads another model_digest too: not said twice.
     keys = [k for k in described if stored.get(k) != described[k] and not (differ and k == "model_digest")]
@@ -462,6 +461,7 @@ def extract_main(
         shards._check_manifest(root, count)  # another run's shard count: refused before any work
         defaults = inspect.signature(extract).parameters  # a setting left at its default is recorded as one given
         request = {name: kw.get(name, defaults[name].default) for name in _SHARD_SETTINGS}
+        request = {k: v.item() if isinstance(v, np.generic) else v for k, v in request.items()}  # JSON: numpy ints
         sharding = {
             "index": index, "count": count, "start": start, "stop": stop, "n_prompts": len(prompts),
             "prompts": shards._prompts_digest(prompts, references),

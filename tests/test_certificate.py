@@ -210,7 +210,7 @@ def test_levels_near_0_and_1_are_not_printed_as_0_or_1():
         ({"method": None}, "method must be a str"),
         ({"decay": {"tau": 4.0}}, r"decay must be \{'max_len': int, 'tau': float\}"),
         ({"decay": 4.0}, "decay must be a mapping or None"),
-        ({"decay": {"max_len": 64}}, r"decay must be \{'max_len': int, 'tau': float\}.*both keys are needed"),
+        ({"decay": {"max_len": 64}}, r"decay must be \{'max_len': int, 'tau': float\}.*missing \['tau'\]"),
         ({"knob": "fff_depth", "lambdas": (3.0, 1.4, 1.0), "lambda_hat": 1.4}, "lambdas: an fff_depth grid holds whole"),
         ({"knob": "fff_depth", "lambdas": (1.0, 0.0, -1.0), "lambda_hat": 0.0}, "lambdas: an fff_depth grid holds whole"),
         ({"knob": "token_keep", "lambdas": (1.0, 0.5, 0.0), "lambda_hat": 0.5}, r"lambdas: a token_keep grid .* \(0, 1\]"),

@@ -115,6 +115,9 @@ def test_an_eval_mode_layer_with_gradients_enabled_is_differentiable():
         torch.testing.assert_close(layer(x), out.detach())
     frozen = _layer(8, 8, 3).eval().requires_grad_(False)
     assert not frozen(torch.randn(4, 8, dtype=torch.float64)).requires_grad  # nothing needs a gradient: fast path
+    frozen.w_out.requires_grad_(True)  # only the output weights trained
+    frozen(torch.randn(4, 8, dtype=torch.float64)).sum().backward()
+    assert frozen.w_out.grad is not None and frozen.w_out.grad.abs().sum() > 0
 
 
 def test_soft_tree_approaches_hard_descent_as_decisions_harden():

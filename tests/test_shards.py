@@ -391,6 +391,8 @@ def test_a_finished_shard_of_other_weights_or_heads_is_not_reused(saved_model, t
     assert extract_main(model_dir, prompts, out, shard=(0, 2), **kw).checksum == first.checksum  # kept
     defaults = dict(max_new_tokens=4, batch_size=1, progress=False)  # top_k, store_hidden left at extract's defaults
     assert extract_main(model_dir, prompts, out, shard=(0, 2), **defaults).checksum == first.checksum  # kept too
+    numpy_ints = {**kw, "top_k": np.int64(8), "batch_size": np.int32(1)}  # crashed recording them after the work
+    assert extract_main(model_dir, prompts, tmp_path / "np", shard=(0, 2), **numpy_ints).checksum == first.checksum
     heads = ExitHeads.from_model(load_local(model_dir)[0], adapters=True)
     with torch.no_grad():
         heads.adapter_bias.add_(0.5)
@@ -410,6 +412,12 @@ def test_a_finished_shard_of_other_weights_or_heads_is_not_reused(saved_model, t
     assert again.user_meta["sharding"]["weights"] != first.user_meta["sharding"]["weights"]
     assert not np.array_equal(again.arrays["topk_logprobs"], first.arrays["topk_logprobs"])
     assert extract_main(model_dir, prompts, out, shard=(0, 2), **kw).checksum == again.checksum  # kept again
+    target = out / shard_name(0, 2)
+    old = calibrate.open_cache(target)
+    sharding = {k: v for k, v in old.user_meta["sharding"].items() if k != "weights"}  # as an older version wrote it
+    old.with_meta({**old.user_meta, "sharding": sharding}).save(target, overwrite=True)
+    assert "weights" not in extract_main(model_dir, prompts, out, shard=(0, 2), **kw).user_meta["sharding"]  # kept:
+    # its heads' model_digest covers every weight (it was refused as "of other model weights")
 
 
 def test_shards_sharing_a_shard_dir_use_their_own_subdirectories(saved_model, tmp_path):

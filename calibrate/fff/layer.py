@@ -137,13 +137,13 @@ class FFF(nn.Module):
     Examples
     --------
     >>> import torch
-    >>> from calibrate.fff import FFF
+    >>> from calibrate.fff import FFF, fff_forward
     >>> _ = torch.manual_seed(0)
     >>> layer = FFF(8, 4, depth=3)
     >>> x = torch.randn(5, 8)
     >>> layer(x).shape, layer.n_nodes
     (torch.Size([5, 4]), 15)
-    >>> torch.allclose(layer(x), layer.masked_forward(x), atol=1e-6)   # hard descent = masked formulation
+    >>> torch.allclose(fff_forward(layer, x), layer.masked_forward(x), atol=1e-6)   # hard descent = masked
     True
     >>> layer(x, depth=0).shape                                         # the root neuron only
     torch.Size([5, 4])
@@ -229,21 +229,25 @@ class FFF(nn.Module):
         """Hard descent: ``(..., in_features) -> (..., out_features)``, the first ``depth + 1`` nodes of each path.
 
         ``depth`` None means ``eval_depth`` (None: the whole path). With gradients enabled and the layer
-        in training mode, or its weights or ``x`` requiring grad (an eval-mode layer under a fine-tuned
-        model), this is :meth:`masked_forward` (the same function, differentiable); otherwise (e.g. under
-        ``torch.no_grad()``, as inference runs) :func:`fff_forward` with ``backend``, which has no gradient.
+        in training mode, or any of its weights or ``x`` requiring grad (an eval-mode layer under a
+        fine-tuned model), this is :meth:`masked_forward` (the same function, differentiable, no speed-up);
+        otherwise :func:`fff_forward` with ``backend``, which has no gradient. Run inference under
+        ``torch.no_grad()`` or ``torch.inference_mode()`` (as ``generate`` and this library do) to get
+        the fast descent.
         """
         depth = self.eval_depth if depth is None else depth
-        differentiable = isinstance(x, torch.Tensor) and x.requires_grad or self.w_in.requires_grad
-        if torch.is_grad_enabled() and (self.training or differentiable):
+        needs_grad = any(p.requires_grad for p in self.parameters()) or isinstance(x, torch.Tensor) and x.requires_grad
+        if torch.is_grad_enabled() and (self.training or needs_grad):
             k, x = _forward_iv(self, x, depth, backend)
-            return self.masked_forward(x, k)
+            return self._masked(x, k)
         return fff_forward(self, x, depth, backend=backend)
 
     def masked_forward(self, x: torch.Tensor, depth: int | None = None) -> torch.Tensor:
         """Every neuron of the first ``depth + 1`` levels, all but the path's masked: differentiable, no speed-up."""
-        k = _depth_iv(depth, self.depth)
-        x = _input_iv(x, self.in_features)
+        return self._masked(_input_iv(x, self.in_features), _depth_iv(depth, self.depth))
+
+    def _masked(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        """:meth:`masked_forward` of checked inputs ``x`` and depth ``k``."""
         lead, flat = x.shape[:-1], x.reshape(-1, self.in_features)
         nodes = 2 ** (k + 1) - 1
         z = flat @ self.w_in[:nodes].T  # (N, nodes)

@@ -138,7 +138,8 @@ def classify(
     ------
     ValueError
         For a speed-up below 1, NaN or infinite; an unsupported architecture (the message names the
-        supported ones) or a model without its sequence-classification head; a certificate for another
+        supported ones) or a model without its sequence-classification head, or whose head gives fewer than 2
+        logits (a multiple-choice or ``num_labels=1`` head); a certificate for another
         knob or another model; invalid ids or mask, or a left-padded batch; inputs longer than the
         model's positions; ``token_type_ids`` of another shape or outside ``[0, config.type_vocab_size)``;
         ``min_keep`` below 1 or not an int.

@@ -285,6 +285,15 @@ def rehead(cache: LayerCache, heads: ExitHeads) -> LayerCache:
     )
 
 
+def _settings(sharding: dict) -> dict:
+    """What a kept shard must share with a rerun: its record less the weights digest and the model's path (the
+    weights are compared by :func:`_kept_shard_iv`, wherever they were loaded from)."""
+    request = sharding.get("request")
+    if isinstance(request, dict):
+        request = {k: v for k, v in request.items() if k != "model_dir"}
+    return {**{k: v for k, v in sharding.items() if k != "weights"}, "request": request}
+
+
 def _kept_shard_iv(target: Path, meta: dict, model, heads) -> None:
     """Refuse to keep the finished shard ``target`` (its metadata ``meta``, of the same prompts and request) for a
     run of other model weights or other heads: a rerun of one path may find other weights there.
@@ -469,7 +478,7 @@ def extract_main(
         }  # fmt: skip
         found = open_cache(target, verify=False).user_meta if target.exists() and not overwrite else {}
         recorded = found.get("sharding")
-        if isinstance(recorded, dict) and {k: v for k, v in recorded.items() if k != "weights"} == sharding:
+        if isinstance(recorded, dict) and _settings(recorded) == _settings(sharding):
             model, _ = load_local(model_dir, device=device, dtype=dtype)  # the path may hold other weights now
             _kept_shard_iv(target, found, model, kw.get("heads"))
             shards.write_manifest(root, count)

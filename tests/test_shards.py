@@ -391,6 +391,9 @@ def test_a_finished_shard_of_other_weights_or_heads_is_not_reused(saved_model, t
     assert extract_main(model_dir, prompts, out, shard=(0, 2), **kw).checksum == first.checksum  # kept
     defaults = dict(max_new_tokens=4, batch_size=1, progress=False)  # top_k, store_hidden left at extract's defaults
     assert extract_main(model_dir, prompts, out, shard=(0, 2), **defaults).checksum == first.checksum  # kept too
+    copy = tmp_path / "copy"  # the same weights from another path (a worker's own copy): kept
+    shutil.copytree(model_dir, copy)
+    assert extract_main(copy, prompts, out, shard=(0, 2), **kw).checksum == first.checksum  # was "exists"
     numpy_ints = {**kw, "top_k": np.int64(8), "batch_size": np.int32(1)}  # crashed recording them after the work
     assert extract_main(model_dir, prompts, tmp_path / "np", shard=(0, 2), **numpy_ints).checksum == first.checksum
     heads = ExitHeads.from_model(load_local(model_dir)[0], adapters=True)

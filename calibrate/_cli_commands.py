@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 
@@ -18,6 +19,12 @@ def _output_iv(path: str | None, option: str) -> Path | None:
     blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
     if blocking is not None:
         raise ValueError(f"{option} {path}: {blocking} is a file, not a directory")
+    existing = next(p for p in (out.parent, *out.parent.parents) if p.exists())  # where the first write happens
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:  # read-only, no permission: found now, not after the work
+        raise ValueError(f"{option} {path}: cannot write in {existing} ({exc.strerror or exc})") from None
     return out
 
 
@@ -358,6 +365,12 @@ def _cmd_fff_fit(args) -> int:
     if args.prompts is not None and args.blocks is None:
         raise ValueError("--prompts certifies a language model's FFF blocks: give --blocks DIR too")
     if args.blocks is not None:  # a language model whose MLP blocks are FFFs, decoded on prompts
+        given = [flag for flag, value in (("--inputs", args.inputs), ("--references", args.references)) if value]
+        if given:
+            raise ValueError(
+                f"{given[0]} is for an FFF classifier; a language model (--blocks) reads --prompts (references from "
+                "its JSONL)"
+            )
         fff, model, tokenizer, prompts, references = _fff_language_model(args)
         cert = fff.fit(
             model,

@@ -117,8 +117,9 @@ def load_local(model_dir, *, device: str | None = None, dtype: str | None = None
     Raises
     ------
     ValueError
-        When ``model_dir`` has no ``config.json``, no weights or no tokenizer files, ``dtype`` is not a
-        torch dtype or ``device`` is not an available torch device (checked before loading).
+        When ``model_dir`` has no ``config.json``, no weights or no tokenizer files, its weights lack tensors
+        of the model its config describes (they would be initialised at random), ``dtype`` is not a torch
+        dtype or ``device`` is not an available torch device (checked before loading).
     """
     from transformers import (
         AutoConfig,
@@ -146,11 +147,19 @@ def load_local(model_dir, *, device: str | None = None, dtype: str | None = None
     else:
         auto = AutoModelForCausalLM
     try:
-        model = auto.from_pretrained(model_dir, **load_kw).eval()
+        model, loading = auto.from_pretrained(model_dir, output_loading_info=True, **load_kw)
     except OSError as exc:  # config.json without weights
         raise ValueError(f"{model_dir} holds no model weights readable by {auto.__name__}: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - truncated or corrupt weight files raise the format's own errors
         raise ValueError(f"cannot read the model weights in {model_dir}: {type(exc).__name__}: {exc}") from None
+    missing = sorted(loading.get("missing_keys") or ())  # transformers initialises them at random, unseeded
+    if missing:
+        raise ValueError(
+            f"{model_dir} holds no weights for {len(missing)} of the model's tensors ({', '.join(missing[:3])}"
+            f"{', ...' if len(missing) > 3 else ''}): they would be initialised at random; save the whole model "
+            "with save_pretrained (and a config.json that describes it)"
+        )
+    model = model.eval()
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     except Exception as exc:  # noqa: BLE001 - a corrupt tokenizer.json raises the JSON parser's error, naming no file

@@ -389,9 +389,11 @@ def _fill_block(out, lo, hi, cand, resolve, seed, normal, ws, L, V, k, d) -> Non
     for i in range(L):
         s = step_size[i]
         dot = norm * (norm + s * along[i])  # <h_{i-1}, h_i>
-        new = np.sqrt(norm * norm + s * (2 * norm * along[i] + s * w2[i]))  # |h_i|
+        new = np.sqrt(np.maximum(norm * norm + s * (2 * norm * along[i] + s * w2[i]), 0))  # |h_i| (d=1: a square)
         if i > 0:
-            np.divide(dot, norm * new, out=sat[i])
+            denom = norm * new
+            sat[i] = 0.0  # a zero vector (d=1: h may cross 0) has saturation 0, as state_saturation gives it
+            np.divide(dot, denom, out=sat[i], where=denom > 0)
         norm = new
     np.clip(sat, -1.0, 1.0, out=sat)
     np.copyto(out["state_saturation"][lo:hi], sat.T)

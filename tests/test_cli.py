@@ -1,6 +1,7 @@
 """The command line end to end: synthetic -> fit -> audit, demo, and errors."""
 
 import dataclasses
+import errno
 import json
 import subprocess
 import sys
@@ -203,6 +204,11 @@ def test_fff_fit_refuses_a_consistency_its_classifier_would_ignore(tmp_path, cap
     argv = ["fff-fit", "--model", str(tmp_path / "fff.safetensors"), "--inputs", str(tmp_path / "x.npy")]
     assert main([*argv, "--consistency", "token"]) == 2  # a classifier's loss is label (or risk_label)
     assert "an FFF classifier is certified on --inputs FILE" in capsys.readouterr().err
+    lm = ["fff-fit", "--model", str(tmp_path / "lm"), "--blocks", str(tmp_path / "blocks"), "--prompts", "p.txt"]
+    for flag in ("--inputs", "--references"):  # were ignored: a certificate that never read them
+        assert main([*lm, flag, str(tmp_path / "x.npy")]) == 2
+        err = capsys.readouterr().err
+        assert f"{flag} is for an FFF classifier; a language model (--blocks) reads --prompts" in err
 
 def test_unwritable_outputs_are_messages_and_figures_are_named_as_written(tmp_path, capsys):
     """An OSError is a usage error (2), never audit's "risk > delta" (1)."""
@@ -233,6 +239,16 @@ def test_outputs_are_checked_before_the_work(tmp_path, capsys, monkeypatch):
     for bad, message in [("", "-o must name a file, got ''"), (str(tmp_path / "file" / "c.json"), "is a file, not a directory")]:
         assert main(["fit", str(dev), "-o", bad]) == 2
         assert message in capsys.readouterr().err
+    import calibrate._cli_commands as cli_commands
+
+    def read_only(**kwargs):  # as a read-only mount answers (root ignores permissions, so a chmod cannot show it)
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(cli_commands.tempfile, "TemporaryFile", read_only)
+        assert main(["fit", str(dev), "-o", str(tmp_path / "ro" / "c.json")]) == 2  # was found after the work
+        err = capsys.readouterr().err
+        assert f"-o {tmp_path / 'ro' / 'c.json'}: cannot write in {tmp_path} (Read-only file system)" in err
     monkeypatch.setattr(calibrate, "fit", real_fit)
     cert = tmp_path / "new" / "dir" / "cert.json"  # missing directories are made, as for caches
     assert main(["fit", str(dev), "-o", str(cert)]) == 0 and cert.is_file()

@@ -94,6 +94,31 @@ def test_load_local_names_what_is_missing_before_loading(tmp_path):
         load_local(tmp_path / "no_tokenizer")
 
 
+def test_load_local_refuses_weights_that_lack_tensors_of_the_model(tmp_path):
+    """transformers fills missing tensors with an unseeded random init: the same files gave another cache each run."""
+    import json
+
+    import _tiny_hf
+    from safetensors.torch import load_file, save_file
+
+    from calibrate.models import load_local
+
+    model_dir = tmp_path / "model"
+    _tiny_hf.tiny_model("llama", seed=0).save_pretrained(model_dir)
+    _tiny_hf.tiny_tokenizer().save_pretrained(model_dir)
+    assert load_local(model_dir)[0].config.num_hidden_layers == 3
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 5}))  # layers the file lacks
+    with pytest.raises(ValueError, match=r"holds no weights for \d+ of the model's tensors \(model.layers.3.*random"):
+        load_local(model_dir)
+    (model_dir / "config.json").write_text(json.dumps(config))
+    tensors = load_file(model_dir / "model.safetensors")
+    del tensors["model.norm.weight"]
+    save_file(tensors, model_dir / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"holds no weights for 1 of the model's tensors \(model.norm.weight\)"):
+        load_local(model_dir)
+
+
 def test_eval_mode_calls_that_overlap_keep_eval_until_the_last_one_ends():
     """Two threads decoding with one model: the second call saved eval flags and the first one's end put dropout
     back under it (7 of 30 decodes differed), and the model stayed in eval afterwards."""

@@ -158,6 +158,16 @@ def test_hidden_and_scalar_saturation_agree():
     np.testing.assert_allclose(with_hidden.arrays["state_saturation"], without.arrays["state_saturation"], atol=2e-3)
 
 
+def test_scalar_saturation_of_one_dimensional_states():
+    """d = 1: |h_i|^2 is a square that rounding made negative (NaN) or 0 (0/0): the cache was refused."""
+    with_hidden = synthetic_cache(200, hidden_size=1, seed=0)
+    without = synthetic_cache(200, hidden_size=1, store_hidden=False, seed=0)
+    sat = without.arrays["state_saturation"]
+    assert np.isfinite(sat).all() and np.all(sat[:, 0] == 0)
+    # cos of 1-d vectors is their sign: float16 rounding flips it only where a state crosses 0
+    assert np.mean(np.abs(sat - with_hidden.arrays["state_saturation"]) < 1e-3) > 0.99
+
+
 @pytest.mark.parametrize("top_k, vocab_size", [(1, 3), (2, 3), (3, 3), (8, 20)])
 def test_small_vocab_and_various_k(top_k, vocab_size):
     small = synthetic_cache(20, n_layers=3, top_k=top_k, vocab_size=vocab_size, hidden_size=1, seed=0)

@@ -236,8 +236,9 @@ class FFF(nn.Module):
         the fast descent.
         """
         depth = self.eval_depth if depth is None else depth
-        needs_grad = any(p.requires_grad for p in self.parameters()) or isinstance(x, torch.Tensor) and x.requires_grad
-        if torch.is_grad_enabled() and (self.training or needs_grad):
+        if torch.is_grad_enabled() and (  # asked only then: inference under no_grad pays nothing for the question
+            self.training or any(p.requires_grad for p in self.parameters()) or getattr(x, "requires_grad", False)
+        ):
             k, x = _forward_iv(self, x, depth, backend)
             return self._masked(x, k)
         return fff_forward(self, x, depth, backend=backend)

@@ -144,7 +144,7 @@ def _extract_batch(model, tokenizer, setup: dict, start: int, stop: int) -> Laye
         topk_logprobs=measures["topk_logprobs"].cpu().numpy(),
         lengths=lengths,
         scores=scores,
-        hidden=states.to(torch.float16).cpu().numpy() if setup["store_hidden"] else None,
+        hidden=_stored_hidden(states) if setup["store_hidden"] else None,
         prompts=setup["prompts"][start:stop],
         outputs=outputs,
         references=references,
@@ -153,6 +153,23 @@ def _extract_batch(model, tokenizer, setup: dict, start: int, stop: int) -> Laye
         vocab_size=heads.vocab_size,
         meta=setup["meta"],
     )
+
+
+def _stored_hidden(states: torch.Tensor) -> np.ndarray:
+    """``states`` (T, L, d) as the cache stores them: float16; a ValueError naming the first layer whose finite
+    states overflow float16 (T5-family models can), which the cache would store as inf."""
+    stored = states.to(torch.float16)
+    overflow = stored.isinf() & states.isfinite()  # (T, L, d)
+    if overflow.any():
+        layer = int(overflow.any(dim=2).any(dim=0).int().argmax()) + 1
+        peak = float(states[overflow].abs().max())
+        raise ValueError(
+            f"hidden states of layer {layer} reach {peak:.4g}, beyond the range of float16 (65504) in which the cache "
+            "stores them: store_hidden=True (and so the classifier and halting measures, which the runtime scores "
+            "on float16 states too) cannot serve this model; extract with store_hidden=False and use a softmax or "
+            "saturation measure"
+        )
+    return stored.cpu().numpy()
 
 
 # --------------------------------------------------------------------------------------------------

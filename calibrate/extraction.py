@@ -92,7 +92,8 @@ def extract(
         same sizes) are refused, as the runtime's ``generate`` refuses them.
     store_hidden : bool, default=False
         Also store the raw layer states as float16, ``(n_tokens, n_layers, d)``, e.g. to train a
-        classifier measure. They are the largest field by far.
+        classifier measure. They are the largest field by far. A model whose states exceed float16's
+        range (|h| > 65504, as T5-family models can) is refused with the layer named.
     top_k : int, default=8
         Predictions kept per token and layer (``<= vocab_size``).
     progress : bool, default=True
@@ -123,7 +124,8 @@ def extract(
         When an argument is invalid (``max_new_tokens``, ``batch_size``, ``top_k`` not positive
         included), the architecture unsupported, a prompt is empty or does not fit the model's context
         with ``max_new_tokens`` (the message names the prompts; nothing is truncated), ``heads`` were made
-        from another model, or ``shard_dir`` holds shards of another run.
+        from another model, ``shard_dir`` holds shards of another run, or ``store_hidden`` states overflow
+        float16.
     TypeError
         When ``prompts`` is not a sequence of str, ``heads`` not an ExitHeads, ``store_hidden`` or
         ``progress`` not a bool, or ``shard_dir`` not a path.

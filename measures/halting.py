@@ -205,7 +205,12 @@ def _init_iv(kind, oracle, oracle_options, sigma, C, max_iter) -> dict[str, Any]
     if set(options) - set(allowed):
         raise ValueError(
             f"oracle_options for oracle={oracle!r} may hold {allowed}, got {sorted(options)}"
-            + (" (pass targets to fit())" if "targets" in options else "")
+            + (
+                " (targets are arrays: pass them to HaltingHead.fit(cache, targets=...); calibrate.fit trains on the "
+                "full model's tokens, with which oracle='correctness' equals oracle='consistency', rule='first')"
+                if "targets" in options
+                else ""
+            )
         )
     options = dict(options)
     if "rule" in options and options["rule"] not in CONSISTENCY_RULES:
@@ -245,7 +250,8 @@ class HaltingHead:
     oracle_options : dict, optional
         The oracle's option: ``{"rule": "first" | "stable"}`` (consistency, default ``"first"``) or
         ``{"penalty": float}`` (likelihood, default 0.1). Correctness targets are arrays: pass them to
-        :meth:`fit`.
+        :meth:`fit`. Without them (as :func:`calibrate.fit` trains) the target is the full model's token
+        and the correctness oracle equals the consistency oracle with ``rule="first"``.
     sigma : float, default=0.0
         Width in layers of the RBF kernel that smooths the oracle into the training distribution over
         depths (:func:`measures.oracles.smooth_oracle`); 0 trains on the one-hot oracle. On

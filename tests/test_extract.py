@@ -286,6 +286,17 @@ def test_fields_match_a_teacher_forced_recomputation(arch, tokenizer):
     assert np.all(bound <= cache.arrays["entropy"] + 1e-5) and np.max(cache.arrays["entropy"] - bound) > 1e-3
 
 
+def test_states_beyond_float16_are_refused_with_the_layer_named(tokenizer):
+    """The cache stores hidden states as float16: finite states beyond its range would be stored as inf, which
+    the cache's own check then blamed on the array."""
+    model = tiny_model("llama", seed=0, n_layers=4)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight.mul_(5e4)  # states of |h| ~ 1e5 from layer 2 on
+    with pytest.raises(ValueError, match=r"layer 2 reach .*float16 \(65504\).*store_hidden=False"):
+        extract(model, tokenizer, PROMPTS, max_new_tokens=3, store_hidden=True, progress=False)
+    assert extract(model, tokenizer, PROMPTS, max_new_tokens=3, progress=False).n_tokens > 0
+
+
 def test_meta_vocab_and_references(tokenizer):
     model = tiny_model("gpt2")
     model.name_or_path = "tiny/gpt2"

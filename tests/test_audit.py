@@ -342,6 +342,23 @@ def test_tolerance_and_violation_rates_at_exactly_delta(split, cert):
     assert study.violation_rate == 0.25 and study.naive_violation_rate == 0.25
 
 
+@pytest.mark.filterwarnings("ignore:.*conformal risk control's guarantee")  # token losses of this cache: not monotone
+def test_validity_of_crc_holds_the_mean_held_out_risk_against_delta():
+    """Conformal risk control bounds the expected risk only: its violation rate is far above epsilon by design, so
+    the report (summary, repr, plot) puts the mean held-out risk against delta instead."""
+    study = calibrate.validity(
+        calibrate.synthetic_cache(600, seed=0), trials=40, delta=0.2, epsilon=0.05, method="crc", progress=False
+    )
+    assert study.method == "crc" and study.expectation_guarantee
+    assert study.violation_rate > 0.2  # what the old report printed next to epsilon = 0.05
+    assert study.mean_test_risk == pytest.approx(np.mean(study.test_risks)) and study.mean_test_risk <= 0.2 + 0.01
+    assert "mean held-out risk" in study.summary() and "epsilon" not in study.summary()
+    assert "method='crc'" in repr(study) and " violation_rate" not in repr(study)
+    assert "E[risk] <= delta" in study.plot().axes[0].get_title()
+    ltt = calibrate.validity(calibrate.synthetic_cache(300, seed=0), trials=5, progress=False)
+    assert ltt.method == "fixed_sequence" and not ltt.expectation_guarantee and "epsilon = 0.05" in ltt.summary()
+
+
 def test_validity_scores_held_out_rows_and_the_naive_rule_takes_the_fastest_passing_threshold():
     """The naive rule (empirical risk <= delta) picks the fastest threshold that passes, so on each split its
     held-out risk is at least the certified one's; scored on the calibration rows instead, or taking the safest

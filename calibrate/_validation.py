@@ -93,6 +93,14 @@ def bounded_array(
     return arr
 
 
+def exit_layers_iv(avg: np.ndarray, n_layers: int | None, name: str) -> None:
+    """ValueError naming ``name`` unless every entry of ``avg`` is NaN (not tested) or an average exit layer in
+    ``[1, n_layers]`` (``[1, inf)`` without a layer count)."""
+    top = np.inf if n_layers is None else n_layers
+    if not np.all(np.isnan(avg) | ((avg >= 1) & (avg <= top) & np.isfinite(avg))):
+        raise ValueError(f"{name} must be exit layers in [1, {top:g}] or NaN, got {avg.tolist()!r:.120}")
+
+
 def int_at_least(value, name: str, low: int = 1) -> int:
     """``value`` as an int ``>= low``: TypeError naming ``name`` for bools, floats and other non-integers,
     ValueError for smaller values."""

@@ -16,7 +16,15 @@ import numpy as np
 
 from calibrate._atomic import atomic_file
 from calibrate._format import level
-from calibrate._validation import JSON_DEPTH, caller_stacklevel, int_at_least, open_interval, parse_json, to_float
+from calibrate._validation import (
+    JSON_DEPTH,
+    caller_stacklevel,
+    exit_layers_iv,
+    int_at_least,
+    open_interval,
+    parse_json,
+    to_float,
+)
 from calibrate.crc import _NO_GUARANTEE
 from measures.learned import plain_state as _plain
 
@@ -157,6 +165,8 @@ def _evidence_iv(cert: "Certificate") -> None:
     def at(k) -> str:
         return f"[{int(k)}] (lambda={cert.lambdas[int(k)]:g})"
 
+    for k in np.flatnonzero(np.isnan(risks) & ~np.isnan(p)):
+        raise ValueError(f"risks{at(k)} is null (not tested) but p_values{at(k)} is {p[k]:g}: {edited}")
     hits = np.flatnonzero(flags)
     if hits.size and cert.n == 0:
         raise ValueError(f"certified{at(hits[0])} is True, but from n=0 examples nothing is certified: {edited}")
@@ -415,7 +425,9 @@ class Certificate:
                 raise ValueError(f"Certificate.{name} must lie in [0, 1] (NaN: not tested), got {values!r:.120}")
             put(name, values)
         if self.avg_layers is not None:
-            put("avg_layers", _floats(self.avg_layers, "avg_layers", nan=True))
+            avg_layers = _floats(self.avg_layers, "avg_layers", nan=True)
+            exit_layers_iv(np.array(avg_layers), self.n_layers, "Certificate.avg_layers")
+            put("avg_layers", avg_layers)
         if not isinstance(self.certified, (list, tuple, np.ndarray)) or not all(
             isinstance(v, (bool, np.bool_)) for v in self.certified
         ):
@@ -696,21 +708,29 @@ class Certificate:
         text = source.lstrip("\ufeff \t\r\n") if isinstance(source, str) else ""  # a BOM, blank lines
         if isinstance(source, str) and not text:
             raise ValueError("certificate is empty (expected a JSON string or a path to a JSON file)")
-        data = None
-        if text.startswith("{"):
+        data, parsed = None, False
+        if isinstance(source, str) and not _names_a_file(source):  # a file may be named like "{run}.json"
             try:
-                data = parse_json(text, "certificate")
+                data, parsed = parse_json(text, "certificate"), True
             except ValueError:
-                if not _names_a_file(source):  # else a file named like "{run}.json"
+                if text.startswith(("{", "[")):
                     raise
-        if data is None:
+        if not parsed:
             path = Path(source)
-            if path.is_dir():
+            try:
+                is_dir, found = path.is_dir(), path.is_file()
+            except (OSError, ValueError):  # a name too long, a NUL character
+                is_dir = found = False
+            if is_dir:
                 raise ValueError(f"certificate must be a JSON file, got the directory {path}")
-            if not path.is_file():
-                raise ValueError(f"certificate file not found: {path}")
-            # utf-8-sig: a byte-order mark, as some editors write
-            data = parse_json(path.read_text(encoding="utf-8-sig"), "certificate")
+            if not found:
+                raise ValueError(f"certificate file not found: {str(path)!r:.200}")
+            raw = path.read_bytes()
+            try:  # UTF-8, with or without a byte-order mark, or UTF-16/32 as some editors and shells write
+                decoded = raw.decode(json.detect_encoding(raw))
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"certificate file {path} is not UTF-8 (or UTF-16/32) JSON text: {exc}") from None
+            data = parse_json(decoded, "certificate")
         if not isinstance(data, dict):
-            raise ValueError("certificate JSON must be an object")
+            raise ValueError(f"certificate JSON must be an object, got {type(data).__name__}")
         return cls.from_dict(data)

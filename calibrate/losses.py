@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from calibrate._validation import bounded_array, int_at_least
+from calibrate._validation import bounded_array, exit_layers_iv, int_at_least
 from calibrate.certificate import MODES
 from calibrate.exits import Decay, _lambdas_iv, disagreement_counts, early_tokens, exit_layers
 
@@ -102,9 +102,7 @@ class LossTable:
             avg = np.array(self.avg_layers, dtype=np.float64)
             if avg.shape != lambdas.shape:
                 raise ValueError(f"avg_layers must have shape {lambdas.shape}, got {avg.shape}")
-            top = np.inf if self.n_layers is None else self.n_layers
-            if not np.all(np.isnan(avg) | ((avg >= 1) & (avg <= top) & np.isfinite(avg))):
-                raise ValueError(f"avg_layers must be exit layers in [1, {top:g}] or NaN, got {avg.tolist()!r:.120}")
+            exit_layers_iv(avg, self.n_layers, "avg_layers")
             avg.flags.writeable = False
             object.__setattr__(self, "avg_layers", avg)
 

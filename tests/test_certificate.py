@@ -317,6 +317,37 @@ def test_bad_json(tmp_path):
             Certificate.from_json(bad)
 
 
+def test_files_in_utf16_or_utf32_are_read_and_json_that_is_no_object_is_named(tmp_path):
+    """PowerShell's ``>`` and Notepad's "Unicode" write UTF-16 (a bare UnicodeDecodeError before); JSON text that
+    is no object was taken for a path (OSError: file name too long, or "file not found: null")."""
+    text = _cert().to_json()
+    for encoding in ("utf-16", "utf-32", "utf-16-le"):
+        (tmp_path / f"{encoding}.json").write_bytes(text.encode(encoding))
+        assert Certificate.from_json(tmp_path / f"{encoding}.json") == _cert(), encoding
+    (tmp_path / "latin1.json").write_bytes(text.replace('"proxy"', '"pr\xf6xy"').encode("utf-8")[:-3] + b"\xff}")
+    with pytest.raises(ValueError, match=r"latin1.json is not UTF-8 \(or UTF-16/32\) JSON text"):
+        Certificate.from_json(tmp_path / "latin1.json")
+    for bad, kind in [("null", "NoneType"), ("[" + text + "]", "list"), ('"' + "x" * 5000 + '"', "str"), ("3", "int")]:
+        with pytest.raises(ValueError, match=f"certificate JSON must be an object, got {kind}$"):
+            Certificate.from_json(bad)
+    with pytest.raises(ValueError, match="certificate file not found: 'x{100}"):
+        Certificate.from_json("x" * 5000 + ".json")  # a name too long for the file system
+
+
+def test_edited_layer_counts_and_null_risks_are_named():
+    """Average exit layers outside [1, n_layers] made layer_savings leave [0, 1) ("saves -1566.7% of layers"); a
+    risk blanked beside its p-value was refused through the bounds module's own argument name (mean_loss)."""
+    for avg_layers, n_layers in [((10.5, 8.25, 30.0), 12), ((10.5, 0.5, 3.0), 12), ((10.5, 8.25, 3.0), 4)]:
+        with pytest.raises(ValueError, match=r"Certificate.avg_layers must be exit layers in \[1, \d+\] or NaN"):
+            _cert(avg_layers=avg_layers, n_layers=n_layers)
+    assert _cert(avg_layers=(12.0, float("nan"), 1.0)).avg_layers[0] == 12.0
+    losses = (np.random.default_rng(0).random((500, 5)) < np.linspace(0, 0.3, 5)).astype(float)
+    data = json.loads(calibrate.certify(losses, np.linspace(0.9, 0.1, 5), delta=0.2).to_json())
+    data["risks"][3] = None
+    with pytest.raises(ValueError, match=r"risks\[3\] \(lambda=0.3\) is null \(not tested\) but p_values\[3\]"):
+        Certificate.from_json(json.dumps(data))
+
+
 def test_stored_numbers_beyond_the_float_range_and_deep_nesting_are_named():
     """JSON holds integers of any size and nesting the parser accepts but Python's recursion does not: each was
     a bare OverflowError or RecursionError (the command line printed a traceback)."""

@@ -195,12 +195,19 @@ def record_layer_states(model: nn.Module, *, position: int | None = -1) -> Itera
 _POSITIONS_AFTER_PAD = ("roberta", "xlm-roberta", "camembert", "roberta-prelayernorm")
 
 
+#: ``config.model_type`` values with relative position buckets: no position table, no limit (t5-small's
+#: config.json still holds ``"n_positions": 512``, which Hugging Face's generate does not enforce).
+_RELATIVE_POSITIONS = ("t5", "mt5", "umt5", "longt5")
+
+
 def _context_positions(config) -> tuple[str, int] | None:
     """``(config field, positions a sequence may use)`` for absolute positions; None for relative ones (T5).
 
     RoBERTa numbers positions from ``pad_token_id + 1``: ``max_position_embeddings - pad_token_id - 1``
     tokens fit (512 of roberta-base's 514).
     """
+    if getattr(config, "model_type", None) in _RELATIVE_POSITIONS:
+        return None
     name = next((n for n in ("n_positions", "max_position_embeddings") if getattr(config, n, None)), None)
     if name is None:
         return None

@@ -292,6 +292,15 @@ def test_context_is_used_to_the_last_position_like_hf():
         generate(model, ids, max_new_tokens=6)
 
 
+def test_t5_has_no_position_limit_though_its_config_names_one():
+    """t5-small's config.json holds n_positions=512, but T5's positions are relative buckets: Hugging Face decodes
+    longer prompts, and the runtime refused them as past the model's context."""
+    model = tiny_model("t5", n_positions=16)
+    ids = torch.arange(40).remainder(50).add(4).reshape(1, 40)
+    out = generate(model, ids, max_new_tokens=20)
+    torch.testing.assert_close(out.sequences, _hf_generate(model, ids, torch.ones_like(ids), 20), rtol=0, atol=0)
+
+
 def test_full_model_stops_rows_at_eos_like_hf():
     """Rows that emit EOS get padding afterwards, exit layer 0; the loop ends when all rows have."""
     ids, mask = left_pad(PROMPTS)

@@ -14,7 +14,7 @@ import numpy as np
 from calibrate import runtime
 from calibrate._certify import _risk_control_iv
 from calibrate._decoded_walk import _LAZY_METHOD, _Decoder, decoded_lambdas
-from calibrate._extract_checks import _context_iv
+from calibrate._extract_checks import _context_iv, _warn_padding_read
 from calibrate._extract_steps import _pad
 from calibrate._validation import caller_stacklevel, int_at_least, seed_iv
 from calibrate.cache import LayerCache
@@ -81,6 +81,7 @@ def _decoder_iv(
     encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
     ids = [list(tokenizer(p)["input_ids"]) for p in prompts]
     _context_iv(model.config, encoder_decoder, ids, max_new_tokens)  # empty or too long prompts
+    _warn_padding_read(model, ids, batch_size)
     pad_id = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0
     batches = [_pad(ids[s : s + batch_size], pad_id, left=not encoder_decoder) for s in range(0, len(ids), batch_size)]
     decoder = _Decoder(model, tokenizer, heads, batches, max_new_tokens, consistency, references, decode)

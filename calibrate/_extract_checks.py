@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from calibrate._digest import weights_digest
-from calibrate._validation import int_at_least
+from calibrate._validation import caller_stacklevel, int_at_least
+from calibrate.fit import _PROCESSING_OPTIONS
 from calibrate.heads import _context_positions, _heads_iv, decoder_layers
 
 
@@ -84,6 +86,7 @@ def _extract_iv(
                 "with added tokens needs model.resize_token_embeddings(len(tokenizer))"
             )
     _context_iv(config, encoder_decoder, token_ids, max_new_tokens)
+    _warn_padding_read(model, token_ids, batch_size)
     vocab = _vocab(tokenizer, heads.vocab_size)
     settings = {
         "decoding": "greedy",
@@ -130,6 +133,31 @@ def _extract_iv(
         "shard_dir": shard_dir,
         "weights": weights_digest(model, fresh=True),  # a resumed run must be the same weights, not just the same path
     }
+
+
+#: Generation-config options whose logits processors read the padded prompt (Hugging Face's generate passes the
+#: whole padded input); of an encoder-decoder model only the encoder's are padded.
+_READ_PADDING = (
+    "repetition_penalty", "no_repeat_ngram_size", "min_length", "exponential_decay_length_penalty",
+    "encoder_repetition_penalty", "encoder_no_repeat_ngram_size",
+)  # fmt: skip
+
+
+def _warn_padding_read(model, token_ids: Sequence[Sequence[int]], batch_size: int) -> None:
+    """Warn when a batch of ``token_ids`` needs padding and the model's generation config has a logits processor
+    that reads it: then a prompt's greedy output (the full model's too) depends on the batch it is padded in."""
+    gen = getattr(model, "generation_config", None)
+    names = _READ_PADDING[4:] if getattr(model.config, "is_encoder_decoder", False) else _READ_PADDING
+    found = [f"{n}={getattr(gen, n)!r}" for n in names if getattr(gen, n, None) not in _PROCESSING_OPTIONS[n]]
+    batches = (token_ids[s : s + batch_size] for s in range(0, len(token_ids), batch_size))
+    if found and any(len({len(t) for t in batch}) > 1 for batch in batches):
+        warnings.warn(
+            f"the model's generation config has {', '.join(found)}, whose logits processors read the padding of a "
+            "batch's prompts (as in Hugging Face's generate): a prompt's output, the full model's too, can depend on "
+            "the batch it is padded in; batch_size=1 gives what each prompt decoded alone gives",
+            UserWarning,
+            stacklevel=caller_stacklevel(),
+        )
 
 
 def _context_iv(

@@ -91,7 +91,9 @@ def fit_decoded(
         ``consistency="sequence"``.
     method : "fixed_sequence" or calibrate.fwer.FixedSequence
         Only fixed-sequence testing: the other methods need every threshold's p-value, i.e. a full decode per
-        threshold (decode them with :func:`decoded_losses` and call :func:`calibrate.certify` for that).
+        threshold (for a study, decode them with :func:`decoded_losses` and call :func:`calibrate.certify`;
+        that certificate knows only the loss table, not the measure, decay, heads or token budget, so the
+        runtime refuses it).
     lambdas : array_like, shape (n_lambdas,), optional
         Threshold grid, strictly decreasing, fixed before seeing the prompts; default :func:`decoded_lambdas`
         (``decay=True`` when ``decay`` is set).
@@ -161,7 +163,10 @@ def fit_decoded(
     decoded with the same ``max_new_tokens`` and heads. Assumptions: i.i.d. prompts, losses in [0, 1], the grid
     and its order fixed before seeing the prompts, and a learned measure trained on data independent of them.
     Batches are padded; padding changes floating-point sums, so a near tie may be broken differently at another
-    batch size. When even zero observed loss cannot give ``p <= epsilon`` (too few prompts), nothing is decoded.
+    batch size, and logits processors of the model's generation config that read the prompt
+    (``no_repeat_ngram_size``, ``repetition_penalty``, ``min_length``) read its padding, as in Hugging Face's
+    ``generate``, which can change the outputs outright (a warning says so; ``batch_size=1`` avoids it).
+    When even zero observed loss cannot give ``p <= epsilon`` (too few prompts), nothing is decoded.
 
     Examples
     --------
@@ -248,7 +253,9 @@ def decoded_losses(
     Notes
     -----
     Costs ``n_lambdas + 1`` decodes of the prompts. Certifying from this table with a method other than
-    fixed-sequence testing is valid (mode ``"decoded"`` losses, any FWER method), at that cost.
+    fixed-sequence testing is valid (mode ``"decoded"`` losses, any FWER method), at that cost; the
+    certificate :func:`calibrate.certify` makes from a table records no measure, decay, heads or token
+    budget, so it is a study's result, not one the runtime decodes with.
     """
     from tqdm.auto import tqdm
 

@@ -579,3 +579,40 @@ def test_the_lazy_decoded_walk_goes_on_past_a_p_value_equal_to_epsilon():
     out = _certify_lazily(decoder, template, progress=False)
     assert decoder.calls == [0.9, 0.8, 0.7]
     assert out.lambda_hat == 0.8 and out.certified == (True, True, False)
+
+
+@pytest.mark.filterwarnings("ignore:the last layer's top-1 differs")  # extract: the processor changes tokens
+def test_logits_processors_that_read_the_padding_are_warned_of(tokenizer):
+    """no_repeat_ngram_size reads a left-padded prompt's padding (as in Hugging Face), so the full model's own
+    outputs, and the decoded risks, change with the batch size: calibrating at batch 4 certified what one
+    prompt decoded alone does not emit."""
+    model = _tiny_hf.tiny_model("gpt2", seed=0, n_layers=N_LAYERS)
+    model.generation_config.no_repeat_ngram_size = 1
+    prompts = _word_prompts(12, seed=1)
+    kw = {"lambdas": GRID, "max_new_tokens": 20, "progress": False}
+    with pytest.warns(UserWarning, match=r"no_repeat_ngram_size=1, whose logits processors read the padding"):
+        batched = calibrate.fit_decoded(model, tokenizer, prompts, 0.99, 0.5, batch_size=4, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        alone = calibrate.fit_decoded(model, tokenizer, prompts, 0.99, 0.5, batch_size=1, **kw)
+    assert not np.allclose(batched.risks, alone.risks)  # what the warning is about
+    with pytest.warns(UserWarning, match="no_repeat_ngram_size=1"):
+        calibrate.extract(model, tokenizer, prompts[:4], max_new_tokens=3, batch_size=4, progress=False)
+    model.generation_config.no_repeat_ngram_size = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        calibrate.fit_decoded(model, tokenizer, prompts, 0.99, 0.5, batch_size=4, **kw)
+
+
+def test_a_classifier_on_topk_features_is_refused_before_any_decoding(model, tokenizer, prompts, calls):
+    """The runtime scores the classifier on hidden states only; a proxy certificate of a classifier fitted on top-k
+    features (a cache without hidden states) was refused only after the full model had decoded every prompt."""
+    cache = calibrate.extract(model, tokenizer, _word_prompts(40, seed=1), max_new_tokens=4, progress=False)
+    cert = calibrate.fit(cache, 0.5, 0.2, measure="classifier", lambdas=GRID)
+    assert cert.measure_state["features"] == "topk" and cert.lambda_hat is not None
+    with pytest.raises(ValueError, match="classifier uses features='topk'; the runtime supports only"):
+        calibrate.audit_decoded(cert, model, tokenizer, prompts, batch_size=BATCH, progress=False)
+    assert calls["n"] == 0
+    ids, mask = left_pad([[5, 6, 7]])
+    with pytest.raises(ValueError, match="classifier uses features='topk'"):
+        calibrate.runtime.generate(model, ids, mask, certificate=cert, max_new_tokens=2)

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,7 +16,7 @@ from calibrate.certificate import Certificate, _budget_warning
 from calibrate.exits import Decay
 from calibrate.heads import ExitHeads, _context_positions, _heads_iv, decoder_layers
 from calibrate.runtime._layers import LayerAdapter, adapter_for
-from calibrate.runtime._measures import RUNTIME_MEASURES, RuntimeMeasure, build_measure
+from calibrate.runtime._measures import RUNTIME_MEASURES, RuntimeMeasure, _classifier_features_iv, build_measure
 from calibrate.runtime._result import EarlyExitConfig
 from measures.confidence import _SOFTMAX_MEASURES, _source
 
@@ -81,7 +82,8 @@ def _certificate_iv(certificate, n_layers: int, heads: ExitHeads) -> tuple[float
 
 
 def _runtime_measure_iv(certificate: Certificate) -> None:
-    """The certificate's measure is one the runtime computes, as it was calibrated (not a top-k bound)."""
+    """The certificate's measure is one the runtime computes, as it was calibrated (not a top-k bound, not a
+    classifier on top-k features)."""
     if certificate.measure not in RUNTIME_MEASURES:
         raise ValueError(
             f"certificate.measure must be one of {RUNTIME_MEASURES} for the runtime, got {certificate.measure!r}"
@@ -93,6 +95,8 @@ def _runtime_measure_iv(certificate: Certificate) -> None:
             "its value on the full softmax, which differs on the same tokens: calibrate on a cache that stores "
             f"{certificate.measure!r} (calibrate.extract does), or in decoded mode"
         )
+    if certificate.measure == "classifier" and isinstance(certificate.measure_state, Mapping):
+        _classifier_features_iv(certificate.measure_state.get("features", "hidden"))  # a bad state: refused later
 
 
 def _heads_identity_iv(recorded, heads: ExitHeads) -> None:

@@ -250,6 +250,16 @@ def _fitted_iv(name: str, n_layers_fit: int, hidden_fit: int, n_layers: int, hid
         )
 
 
+def _classifier_features_iv(features: Any) -> None:
+    """Refuse a classifier on other features than the hidden states the runtime has at each layer."""
+    if features != "hidden":
+        raise ValueError(
+            f"the certificate's classifier uses features={features!r}; the runtime supports only "
+            "features='hidden' (hidden state + saturation, O(d) per layer): fit it on a cache extracted with "
+            "store_hidden=True"
+        )
+
+
 def _learned(name: str, state: Mapping[str, Any] | None, n_layers: int, hidden_size: int, device) -> RuntimeMeasure:
     """The learned measure ``name`` rebuilt from the certificate's ``measure_state`` and checked against the model."""
     from measures.learned import measure_from_state
@@ -261,12 +271,7 @@ def _learned(name: str, state: Mapping[str, Any] | None, n_layers: int, hidden_s
     except (TypeError, ValueError) as err:
         raise type(err)(f"certificate.measure_state is not a valid {name!r} state: {err}") from err
     if name == "classifier":
-        if learned.features_ != "hidden":
-            raise ValueError(
-                f"the certificate's classifier uses features={learned.features_!r}; the runtime supports only "
-                "features='hidden' (hidden state + saturation, O(d) per layer): fit it on a cache extracted with "
-                "store_hidden=True"
-            )
+        _classifier_features_iv(learned.features_)
         _fitted_iv(name, learned.n_layers_, learned.n_features_ - 1, n_layers, hidden_size)
         layers = [layer if layer["constant"] is None else layer["constant"] for layer in learned.to_dict()["layers"]]
         return _LogisticLayers(name, layers, device)

@@ -161,7 +161,9 @@ def generate(
       logits processors the model's generation config asks for (e.g. ``repetition_penalty``,
       ``no_repeat_ngram_size``, ``min_new_tokens``, BART's ``forced_bos_token_id``/``forced_eos_token_id``):
       Hugging Face builds them, and they act on the logits of whatever layer emits the token, as in
-      :func:`custom_generate`. Sampling settings of the config (``do_sample``, ``temperature``, ...) are
+      :func:`custom_generate`. Those that read the prompt (``no_repeat_ngram_size``, ``repetition_penalty``,
+      ``min_length``) read its left padding too, as in Hugging Face: a prompt's output can then depend on
+      the batch it is padded in. Sampling settings of the config (``do_sample``, ``temperature``, ...) are
       ignored: decoding is greedy. Not reproduced: Hugging Face's clamping of infinite float16
       activations in T5 decoder layers (such a model overflows anyway; use bfloat16 or float32).
     - The guarantee ``P(risk(lambda_hat) <= delta) >= 1 - epsilon`` of the certificate (delta =

@@ -347,7 +347,7 @@ class ChunkedCache:
                 f"measures.learned.train_measure) and refused for the others; got measure={measure!r} and "
                 f"measure_state={'None' if measure_state is None else 'a dict'}"
             )
-        _client_iv(client)
+        _client_iv(client, decode)
         int_at_least(retries, "retries", 0)
         lam = _lambdas_iv(default_lambdas(decay=decay is not None) if lambdas is None else lambdas)
         if sequences is None:
@@ -398,13 +398,27 @@ class ChunkedCache:
         return LossTable(losses, lam, "proxy", consistency, layer_sums / n_tokens, self.n_layers)
 
 
-def _client_iv(client) -> None:
-    """Refuse a ``client`` that is not a Dask client (e.g. the scheduler's address), before any work."""
-    if client is not None and not (callable(getattr(client, "compute", None)) and callable(getattr(client, "gather", None))):
+def _client_iv(client, decode=None) -> None:
+    """Refuse a ``client`` that is not a Dask client (e.g. the scheduler's address), and a ``decode`` that cannot
+    travel to its workers, before any work."""
+    if client is None:
+        return
+    if not (callable(getattr(client, "compute", None)) and callable(getattr(client, "gather", None))):
         raise TypeError(
             f"client must be a dask.distributed.Client or None, got {type(client).__name__} (for a scheduler "
             "address: client=distributed.Client('tcp://host:8786'))"
         )
+    if decode is not None:
+        import cloudpickle  # how Dask sends a function to its workers
+
+        try:
+            cloudpickle.dumps(decode)
+        except Exception as exc:
+            raise TypeError(
+                f"decode must be serialisable by cloudpickle to reach the Dask workers, but this "
+                f"{type(decode).__name__} is not ({type(exc).__name__}: {exc}); calibrate.tokenizer_decode(tokenizer) "
+                "is"
+            ) from None
 
 
 def _ranges(first: int, stop: int, step: int) -> list[tuple[int, int]]:

@@ -93,7 +93,7 @@ def extract(
     store_hidden : bool, default=False
         Also store the raw layer states as float16, ``(n_tokens, n_layers, d)``, e.g. to train a
         classifier measure. They are the largest field by far. A model whose states exceed float16's
-        range (|h| > 65504, as T5-family models can) is refused with the layer named.
+        range (magnitudes above 65504, as T5-family models can) is refused with the layer named.
     top_k : int, default=8
         Predictions kept per token and layer (``<= vocab_size``).
     progress : bool, default=True

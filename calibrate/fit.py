@@ -86,8 +86,8 @@ def _decay_iv(decay, cache) -> Decay | None:
         if max_len is None:
             raise ValueError(
                 "decay=<tau> takes N from the cache's generation settings (meta['generation']['max_new_tokens']), "
-                "which this cache lacks; pass decay=calibrate.Decay(max_len=N, tau=tau), or record N "
-                "(cache.with_meta({'generation': {'max_new_tokens': N}}).save(path), then fit that cache)"
+                "which this cache lacks; pass decay=calibrate.Decay(max_len=N, tau=tau), N being the new-token budget "
+                "its outputs were generated with"
             )
         return Decay(max_len=max_len, tau=float(decay))
     raise TypeError(f"decay must be None, a Decay, a dict or a float tau, got {type(decay).__name__}")
@@ -191,7 +191,7 @@ def _chunked_table(
 
     _measure_iv(measure, cache._array_specs())
     seed_iv(seed)
-    _client_iv(client)  # before a learned measure's training
+    _client_iv(client, decode)  # before a learned measure's training
     learned, rows, n_train = _learned_measure(
         cache, cache._vocab, measure, consistency, decode, train_fraction, seed, train_cache, measure_options
     )

@@ -21,7 +21,15 @@ import numpy as np
 import pandas as pd
 
 from calibrate._atomic import atomic_file
-from calibrate._cache_files import _array_hasher, _cache_checksum, _hash_strings, _hash_table, _load_json, _read_vocab
+from calibrate._cache_files import (
+    _array_hasher,
+    _cache_checksum,
+    _hash_strings,
+    _hash_table,
+    _load_json,
+    _meta_checksum,
+    _read_vocab,
+)
 from calibrate._storage import Remote
 from calibrate._validation import int_at_least
 from calibrate.cache import _MAY_DIFFER, _meta_difference, concat_caches, open_cache
@@ -225,7 +233,9 @@ def open_sharded(root: Path | Remote, *, verify: bool, chunks: int | None):
         checksums["vocab"] = _hash_strings(tuple(_read_vocab(roots[0], fields["vocab"])))
     for name, value in checksums.items():
         fields[name]["checksum"] = value
+    fields["sequences"]["rows"] = len(table)
     meta = {k: v for k, v in metas[0].items() if k not in ("shard", "sharding")}
+    meta.update(meta_checksum=_meta_checksum(meta))  # without shard 0's own "shard" entries
     meta.update(fields=fields, checksum=_cache_checksum(metas[0]["vocab_size"], checksums))
     meta.update(n_sequences=len(table), n_tokens=int(offsets[-1]))
     starts = np.cumsum([0] + [len(t) for _, t, _ in heads[:-1]])

@@ -1,7 +1,9 @@
 """Chunked caches on Dask: the same certificate as in memory."""
 
+import functools
 import json
 import shutil
+import threading
 
 import numpy as np
 import pandas as pd
@@ -231,6 +233,11 @@ def test_bad_input(saved, monkeypatch):
         m.setattr(measures.learned, "train_measure", lambda *a, **k: pytest.fail("trained before checking client"))
         with pytest.raises(TypeError, match=r"client must be a dask.distributed.Client or None, got str \(for a s"):
             calibrate.fit(lazy, measure="classifier", client="tcp://127.0.0.1:8786")
+        # A decode the workers cannot receive (here: it holds a lock) failed inside Dask, after the training.
+        client = type("Client", (), {"compute": lambda self: None, "gather": lambda self: None})()
+        locked = functools.partial(lambda lock, ids: "x", threading.Lock())
+        with pytest.raises(TypeError, match=r"decode must be serialisable by cloudpickle .* this partial is not"):
+            calibrate.fit(lazy, measure="classifier", consistency="rouge_l", decode=locked, client=client)
     with pytest.raises(ValueError, match="retries must be an int >= 0"):
         lazy.loss_table(retries=-1)
     with pytest.raises(TypeError, match=r"retries must be an int >= 0, got 1.5 \(float\)"):

@@ -475,10 +475,12 @@ def test_fit_bad_inputs(cache):
     )
     with pytest.raises(ValueError, match="reference"):
         calibrate.fit(no_refs, consistency="risk_rouge_l")
-    with pytest.raises(ValueError, match=r"generation settings .*or record N \(cache.with_meta\("):
+    with pytest.raises(ValueError, match=r"generation settings .*pass decay=calibrate.Decay\(max_len=N, tau=tau\)"):
         calibrate.fit(no_refs, decay=4.0)
-    recorded = no_refs.with_meta({"generation": {"max_new_tokens": int(no_refs.lengths.max())}})  # the advice
-    assert calibrate.fit(recorded, decay=4.0).decay == {"max_len": int(no_refs.lengths.max()), "tau": 4.0}
+    budget = int(no_refs.lengths.max())
+    advised = calibrate.fit(no_refs, decay=calibrate.Decay(max_len=budget, tau=4.0))  # the advice
+    recorded = no_refs.with_meta({"generation": {"max_new_tokens": budget}})
+    assert calibrate.fit(recorded, decay=4.0).decay == advised.decay == {"max_len": budget, "tau": 4.0}
     assert calibrate.fit(no_refs).max_new_tokens is None  # no generation settings: the budget is unknown
     garbled = no_refs.with_meta({"generation": {"max_new_tokens": "24"}})
     with pytest.raises(ValueError, match=r"meta\['generation'\]\['max_new_tokens'\] must be an int >= 1, got '24'"):

@@ -37,6 +37,8 @@ def test_chunked_shards_equal_the_whole_cache(cache, tmp_path):
     _write_shards(tmp_path, cache, [30, 65])
     lazy = calibrate.open_cache(tmp_path, chunks=20)
     assert lazy.checksum == cache.checksum and lazy.n_tokens == cache.n_tokens
+    for key in ("fields", "meta_checksum", "n_sequences", "n_tokens", "checksum"):  # not shard 0's own rows
+        assert lazy.meta[key] == cache.meta[key], key
     assert lazy.partitions == [(0, 20), (20, 30), (30, 50), (50, 65), (65, 85), (85, 90)]  # none crosses a shard
     pd.testing.assert_frame_equal(lazy.sequences, cache.sequences)  # 'offset' counts from the cache's start
     np.testing.assert_array_equal(lazy.arrays()["topk_ids"].compute(), cache.arrays["topk_ids"])

@@ -78,13 +78,9 @@ def _tokenizer_decode(directory: str, consistency: str | None):
     from calibrate._extras import require
 
     require("--tokenizer", "hf", ("transformers",))
-    from transformers import AutoTokenizer
+    from calibrate.models import load_tokenizer
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-    except Exception as exc:  # noqa: BLE001 - a missing or corrupt folder raises OSError, JSON or tokenizers errors
-        raise ValueError(f"--tokenizer: cannot read a tokenizer in {directory}: {type(exc).__name__}: {exc}") from None
-    return tokenizer_decode(tokenizer)
+    return tokenizer_decode(load_tokenizer(directory, "--tokenizer"))
 
 
 #: What each way of auditing reads besides the certificate and --figure: how it is named, and its options.

@@ -126,7 +126,6 @@ def load_local(model_dir, *, device: str | None = None, dtype: str | None = None
         AutoModelForCausalLM,
         AutoModelForSeq2SeqLM,
         AutoModelForSequenceClassification,
-        AutoTokenizer,
     )
 
     model_dir = Path(model_dir)
@@ -160,15 +159,39 @@ def load_local(model_dir, *, device: str | None = None, dtype: str | None = None
             "with save_pretrained (and a config.json that describes it)"
         )
     model = model.eval()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    except Exception as exc:  # noqa: BLE001 - a corrupt tokenizer.json raises the JSON parser's error, naming no file
-        raise ValueError(f"cannot read the tokenizer in {model_dir}: {type(exc).__name__}: {exc}") from None
-    if not getattr(tokenizer, "vocab_size", 1):  # without tokenizer files: special tokens only
-        raise ValueError(f"{model_dir} holds no tokenizer files (save the tokenizer with save_pretrained too)")
+    tokenizer = load_tokenizer(model_dir, "model_dir")
     if device is not None:
         model = model.to(device)
     return model, tokenizer
+
+
+#: Files of which a saved tokenizer has at least one (not vocab.json alone: a layer cache holds one too).
+_TOKENIZER_FILES = (
+    "tokenizer_config.json", "tokenizer.json", "merges.txt", "vocab.txt", "tokenizer.model", "spiece.model",
+    "sentencepiece.bpe.model",
+)  # fmt: skip
+
+
+def load_tokenizer(directory, name: str = "directory"):
+    """The Hugging Face tokenizer saved in ``directory`` (nothing is downloaded).
+
+    Errors are ValueErrors that start with ``name`` (the argument or command-line flag that gave the
+    directory): a missing directory (not a hub name to fetch), one without tokenizer files, a corrupt file.
+    """
+    from transformers import AutoTokenizer
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ValueError(f"{name}: no directory at {directory} (tokenizers are read from disk, never downloaded)")
+    if not any((directory / file).is_file() for file in _TOKENIZER_FILES):
+        raise ValueError(f"{name}: {directory} holds no tokenizer files (save the tokenizer with save_pretrained)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - a corrupt tokenizer.json raises the JSON parser's error, naming no file
+        raise ValueError(f"{name}: cannot read the tokenizer in {directory}: {type(exc).__name__}: {exc}") from None
+    if not getattr(tokenizer, "vocab_size", 1):  # special tokens only
+        raise ValueError(f"{name}: {directory} holds no tokenizer files (save the tokenizer with save_pretrained)")
+    return tokenizer
 
 
 def _torch_dtype(dtype: str) -> torch.dtype:

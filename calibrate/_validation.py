@@ -101,6 +101,21 @@ def exit_layers_iv(avg: np.ndarray, n_layers: int | None, name: str) -> None:
         raise ValueError(f"{name} must be exit layers in [1, {top:g}] or NaN, got {avg.tolist()!r:.120}")
 
 
+def label_count_iv(references, n: int, per: str) -> None:
+    """For ``consistency="risk_label"``: refuse no ``references``, or other than one label per ``per`` (n of them)."""
+    if references is None:
+        raise ValueError(f"consistency='risk_label' needs references=, one int label per {per} ({n})")
+    shape = getattr(references, "shape", None)
+    if shape is not None:
+        ok, given = tuple(shape) == (n,), f"shape {tuple(shape)}"
+    elif hasattr(references, "__len__"):
+        ok, given = len(references) == n, f"{len(references)} labels"
+    else:
+        ok, given = False, type(references).__name__
+    if not ok:
+        raise ValueError(f"references must hold one int label per {per} ({n}), got {given}")
+
+
 def int_at_least(value, name: str, low: int = 1) -> int:
     """``value`` as an int ``>= low``: TypeError naming ``name`` for bools, floats and other non-integers,
     ValueError for smaller values."""

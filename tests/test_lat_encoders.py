@@ -312,8 +312,10 @@ def test_classifier_fit_bad_input(word_tokenizer):
     prompts = _sentences(10)
     with pytest.raises(ValueError, match="classifier's consistency"):
         lat.fit(model, word_tokenizer, prompts, consistency="rouge_l")
-    with pytest.raises(ValueError, match="references"):
+    with pytest.raises(ValueError, match=r"needs references=, one int label per prompt \(10\)"):
         lat.fit(model, word_tokenizer, prompts, consistency="risk_label")
+    with pytest.raises(ValueError, match=r"references must hold one int label per prompt \(10\), got 9 labels$"):
+        lat.fit(model, word_tokenizer, prompts, consistency="risk_label", references=[0] * 9)
     with pytest.raises(ValueError, match="int labels"):
         lat.fit(model, word_tokenizer, prompts, consistency="risk_label", references=[5] * 10)
     too_long = " ".join(["w1"] * (model.config.max_position_embeddings + 1))

@@ -31,7 +31,7 @@ from torch import nn
 
 from calibrate._certify import _risk_control_iv, certify
 from calibrate._digest import model_digest
-from calibrate._validation import caller_stacklevel, int_at_least, int_in
+from calibrate._validation import caller_stacklevel, int_at_least, int_in, label_count_iv
 from calibrate.audit import AuditReport, _held_out_report
 from calibrate.certificate import Certificate, _audit_budget, _spend_iv
 from calibrate.fff.layer import _DEPTHS, FFF
@@ -212,8 +212,7 @@ def depth_losses(
     depths = _depths_iv(depths, _max_depth(model))
     refs = None
     if consistency == "risk_label":
-        if references is None or len(references) != len(inputs):
-            raise ValueError(f"consistency='risk_label' needs references=, one int label per input ({len(inputs)})")
+        label_count_iv(references, len(inputs), "input")
         refs = np.asarray(references)
         with torch.no_grad(), _eval_mode(model):  # as the labels: no dropout, no BatchNorm statistics updated
             n_classes = int(_logits_iv(model(inputs[:1])).shape[-1])  # the labels are argmaxes over the outputs

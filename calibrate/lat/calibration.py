@@ -28,7 +28,7 @@ from calibrate._decoded_checks import _decoder_iv, _prompts_iv, _risk_iv
 from calibrate._decoded_walk import _certify_lazily
 from calibrate._extract_checks import _context_iv
 from calibrate._extract_steps import _pad
-from calibrate._validation import caller_stacklevel, int_at_least
+from calibrate._validation import caller_stacklevel, int_at_least, label_count_iv
 from calibrate.audit import AuditReport, _held_out_report
 from calibrate.certificate import Certificate, _audit_budget
 from calibrate.lat.classification import classify
@@ -328,10 +328,7 @@ class _Classifier:
             )
         prompts, _ = _prompts_iv(prompts, None, "label")  # (references are labels, checked below)
         if consistency == "risk_label":
-            if references is None or len(references) != len(prompts):
-                raise ValueError(
-                    f"consistency='risk_label' needs references=, one int label per prompt ({len(prompts)})"
-                )
+            label_count_iv(references, len(prompts), "prompt")
             bad = next((r for r in references if isinstance(r, bool) or not isinstance(r, (int, np.integer))), None)
             if bad is not None or not all(0 <= r < model.config.num_labels for r in references):
                 raise ValueError(

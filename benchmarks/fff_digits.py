@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
+from timing import positive_int
 from torch import nn
 
 from calibrate import fff
@@ -71,16 +72,16 @@ def dense(width: int) -> nn.Module:
     return nn.Sequential(nn.Linear(64, width), nn.GELU(), nn.Linear(width, 10))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--depths", type=int, nargs="+", default=[2, 3, 4, 5, 6, 7, 8])
-    parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--epochs", type=int, default=150)
+    parser.add_argument("--depths", type=positive_int, nargs="+", default=[2, 3, 4, 5, 6, 7, 8])
+    parser.add_argument("--seeds", type=positive_int, default=5)
+    parser.add_argument("--epochs", type=positive_int, default=150)
     parser.add_argument("--hardening", type=float, default=3.0)
     parser.add_argument("--delta", type=float, default=0.05)
     parser.add_argument("--epsilon", type=float, default=0.1)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
+    parser.add_argument("--threads", type=positive_int, default=2)
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"digits, {args.seeds} seeds, {args.epochs} epochs; test accuracy mean +- std")
     print("| depth | FFF (hard descent) | dense, training width | dense, evaluated width |")

@@ -80,14 +80,18 @@ def main() -> None:
     ids, mask = batch["input_ids"].to(args.device), batch["attention_mask"].to(args.device)
     prompt_tokens = int(mask.sum(dim=1).float().mean())
 
+    # Both generate exactly n tokens: no EOS while timing (HF's min_new_tokens did not stop lat.generate at EOS).
+    model.generation_config.eos_token_id = None
+
     def hf(n):
-        return lambda: model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=n, min_new_tokens=n)
+        return lambda: model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=n)
 
     def ours(n):
         return lambda: lat.generate(model, ids, mask, speedup=speedup, max_new_tokens=n)
 
     for name, n in (("time to first token", 1), ("whole generation", args.max_new_tokens)):
         times, out = side_by_side({"hf": hf(n), "ours": ours(n)}, args.repeat)
+        assert out["hf"].shape[1] == out["ours"].sequences.shape[1] == ids.shape[1] + n, "unequal work"
         ratio = times["hf"] / times["ours"]
         print(f"  {name}: {ratio:.2f}x over HF generate (batch {ids.shape[0]}, mean prompt {prompt_tokens} tokens)")
     predicted = out["ours"].predicted_speedup

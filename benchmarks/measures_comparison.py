@@ -34,6 +34,7 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+from timing import positive_int
 
 import calibrate
 from calibrate.exits import default_lambdas
@@ -138,10 +139,10 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cache", help="a saved cache directory (default: a synthetic cache)")
-    parser.add_argument("--sequences", type=int, default=2000, help="synthetic cache size")
+    parser.add_argument("--sequences", type=positive_int, default=2000, help="synthetic cache size")
     parser.add_argument("--delta", type=float, default=0.1)
     parser.add_argument("--epsilon", type=float, default=0.05)
     parser.add_argument("--consistency", default="token")
@@ -149,7 +150,7 @@ def main() -> None:
     parser.add_argument(
         "--tokenizer", metavar="DIR", help="textual consistencies of a saved cache: decode with the tokenizer in DIR"
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     decode = None
     if args.tokenizer is not None:
         from transformers import AutoTokenizer

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from timing import positive_int
 
 import calibrate
 from calibrate.fit import TRAIN_FRACTION, _calibration_split, _proxy_table
@@ -162,9 +163,9 @@ def main(argv=None) -> None:
     source.add_argument("--model", type=Path, default=None, help="save_pretrained directory (read offline)")
     source.add_argument("--smollm2", action="store_true", help="calibrate.models.smollm2() (offline)")
     parser.add_argument("--prompts", type=Path, default=None, help="prompts file (text or JSONL)")
-    parser.add_argument("--n", type=int, default=64, help="number of prompts")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--n", type=positive_int, default=64, help="number of prompts")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=32)
+    parser.add_argument("--batch-size", type=positive_int, default=8)
     parser.add_argument("--measure", default="softmax_gap")
     parser.add_argument("--consistency", default="token")
     parser.add_argument("--decay", type=float, default=None, help="tau of the decaying threshold")
@@ -172,7 +173,7 @@ def main(argv=None) -> None:
     parser.add_argument("--delta", type=float, default=0.1)
     parser.add_argument("--epsilon", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", type=positive_int, default=None)
     args = parser.parse_args(argv)
     if args.threads is not None:
         import torch

@@ -21,7 +21,8 @@ Rows printed per batch size:
 ``speed-up`` = tokens/s over Hugging Face's; ``ideal`` = the cost-model ratio (DESIGN section 13):
 full cost over early-exit cost per token, in multiply-accumulates, counting the layers run, the LM head
 (for SmolLM2 the head is ~8 layers), the K/V projections of state propagation and, for the softmax
-measure, one head per layer tried (the exit layer's logits are emitted as they are);
+measure, one head per layer tried (the exit layer's logits are emitted as they are); a row's first token
+costs every layer on both sides (the prompt pass);
 ``achieved/ideal`` = speed-up over ideal.
 
 Run: ``python benchmarks/runtime.py [--batch 1 8] [--new 32] [--prompt 32] [--threads 2] [--device cpu]``.
@@ -77,18 +78,21 @@ def macs(config) -> dict[str, float]:
 
 
 def ideal_ratio(exit_layers: torch.Tensor, cost: dict[str, float], n_layers: int, softmax: bool) -> float:
-    """Full-model cost over early-exit cost, summed over the generated tokens.
+    """Full-model cost over early-exit cost, summed over the generated tokens ``exit_layers`` (B, N).
 
     A token that exits at layer ``e`` runs ``e`` layers, propagates keys and values through the other
     ``L - e`` and calls the head once; with the softmax measure the head runs at every layer it tests
     (``1 .. min(e, L - 1)``), the exit layer's logits are emitted as they are and a token that reaches
-    layer ``L`` adds the last head: ``e`` head calls either way.
+    layer ``L`` adds the last head: ``e`` head calls either way. A row's first token comes from the prompt
+    pass, which runs every layer on both sides: it costs ``L`` layers and its head calls (the prompt's
+    other positions, the same work on both sides, are left out, as are attention scores).
     """
-    e = exit_layers[exit_layers > 0].double()
-    full = e.numel() * (n_layers * cost["layer"] + cost["head"])
-    heads = e if softmax else torch.ones_like(e)
-    early = (e * cost["layer"] + (n_layers - e) * cost["kv"] + heads * cost["head"]).sum()
-    return float(full / early)
+    e = exit_layers.double()  # 0: after the row's EOS, no token
+    heads = e if softmax else (e > 0).double()
+    early = e * cost["layer"] + (n_layers - e) * cost["kv"] + heads * cost["head"]
+    early[:, 0] = (e[:, 0] > 0) * n_layers * cost["layer"] + heads[:, 0] * cost["head"]
+    full = (e > 0).sum() * (n_layers * cost["layer"] + cost["head"])
+    return float(full / early[e > 0].sum())
 
 
 def certificate(lam: float, measure: str, n_layers: int) -> Certificate:

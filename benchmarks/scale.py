@@ -65,7 +65,9 @@ def measure(root: Path, args: argparse.Namespace) -> list[tuple[int, dict]]:
         "| sequences | tokens | arrays MiB | read pass | in memory | Dask threads | 1 worker | 2 workers | peak worker MiB |"
     )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    warm = root / "warm-up"  # one untimed pass of every in-process path: imports, compiled kernels, first opens
+    # One untimed pass of every in-process path (imports, compiled kernels, first opens); names carry the settings,
+    # so a --dir kept from a run of other settings is not reused.
+    warm = root / f"warm-up_L{args.layers}"
     if not warm.exists():
         calibrate.synthetic_cache(50, n_layers=args.layers, seed=0, store_hidden=False).save(warm)
     read_pass(warm)
@@ -73,7 +75,7 @@ def measure(root: Path, args: argparse.Namespace) -> list[tuple[int, dict]]:
     calibrate.fit(calibrate.open_cache(warm, chunks=25, verify=False), **options)
     for size in args.sizes:
         n = args.base * size
-        path = root / f"cache_{n}"
+        path = root / f"cache_{n}_L{args.layers}_seed{size}"
         if not path.exists():
             calibrate.synthetic_cache(n, n_layers=args.layers, seed=size, store_hidden=False).save(path)
         times, certs = {}, {}

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-SCRIPTS = ("timing", "runtime", "lat", "fit_speed", "fff")
+SCRIPTS = ("timing", "runtime", "lat", "fit_speed", "fff", "fff_digits", "measures_comparison", "proxy_vs_decoded")
 
 
 @pytest.fixture
@@ -71,6 +71,9 @@ def test_argument_types(bench):
         ("fit_speed", ["--sequences", "0"]),
         ("fff", ["--tokens", "16", "0"]),
         ("lat", ["--prompts", "-5"]),
+        ("fff_digits", ["--seeds", "0"]),  # printed NaN, then failed on an unrelated error
+        ("measures_comparison", ["--sequences", "0"]),
+        ("proxy_vs_decoded", ["--batch-size", "0"]),
     ],
 )
 def test_bad_arguments_are_usage_errors(bench, script, argv, capsys):
@@ -90,6 +93,22 @@ def test_runtime_benchmark(bench, monkeypatch, capsys):
     assert [next(n for n in names if row.startswith(n)) for row in rows if not row.startswith("run ")] == names * 2
     exit_rows = [row.split() for row in rows if row.startswith("exit@2")]
     assert all(float(row[2]) == 2.0 for row in exit_rows)  # mean exit layer of the tokens after the prompt pass
+
+
+def test_runtime_ideal_ratio_charges_the_first_token_the_prompt_pass(bench):
+    """Hand-computed on SmolLM2's shape (head = 8 layers, one layer's K/V = 1/16 layer): every row's first token
+    comes from the prompt pass, which runs all 30 layers; it was charged as an exit at layer 8 (2.19, not 1.69)."""
+    runtime = bench("runtime")
+    cost = {"layer": 1.0, "head": 8.0, "kv": 0.0625}
+    assert runtime.ideal_ratio(torch.full((2, 4), 8), cost, 30, False) == pytest.approx(152 / (38 + 3 * 17.375))
+    rows = torch.tensor([[8, 8, 0, 0], [30, 30, 30, 30]])  # a row ending after 2 tokens; a never-exiting row
+    full, early = 6 * 38, 38 + 17.375 + 4 * 38
+    assert runtime.ideal_ratio(rows, cost, 30, False) == pytest.approx(full / early)
+    softmax = (30 + 8 * 8) + 3 * (8 + 22 * 0.0625 + 8 * 8)  # a head at every layer tried, the prompt pass's too
+    assert runtime.ideal_ratio(torch.full((1, 4), 8), cost, 30, True) == pytest.approx(152 / softmax)
+    smollm2 = argparse.Namespace(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
+                                 vocab_size=49152)  # fmt: skip
+    assert runtime.macs(smollm2) == {"layer": 3_538_944, "head": 28_311_552, "kv": 221_184}  # 8 layers, 1/16 layer
 
 
 def test_lat_benchmark(bench, monkeypatch, capsys):

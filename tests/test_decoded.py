@@ -530,16 +530,17 @@ def test_untested_thresholds_round_trip_through_json(tmp_path):
 # --------------------------------------------------------------------------------------------------
 
 
-def _benchmark():
+def _benchmark(monkeypatch):
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "proxy_vs_decoded.py"
+    monkeypatch.syspath_prepend(str(path.parent))  # its sibling timing.py, as `python benchmarks/...` sees it
     spec = importlib.util.spec_from_file_location("proxy_vs_decoded", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def test_proxy_vs_decoded_benchmark(model, tokenizer, prompts, capsys):
-    bench = _benchmark()
+def test_proxy_vs_decoded_benchmark(model, tokenizer, prompts, capsys, monkeypatch):
+    bench = _benchmark(monkeypatch)
     frame, proxy, decoded = bench.compare(model, tokenizer, prompts, lambdas=GRID, max_new_tokens=NEW, batch_size=BATCH)
     assert proxy.mode == "proxy" and decoded.mode == "decoded" and proxy.losses.shape == decoded.losses.shape
     np.testing.assert_allclose(frame["mean_diff"], decoded.risks - proxy.risks, atol=1e-12)

@@ -341,6 +341,7 @@ def test_convergence_warning():
 
 def test_measures_comparison_benchmark(monkeypatch):
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "measures_comparison.py"
+    monkeypatch.syspath_prepend(str(path.parent))  # its sibling timing.py, as `python benchmarks/...` sees it
     spec = importlib.util.spec_from_file_location("measures_comparison", path)
     bench = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, bench)  # dataclasses look their module up there

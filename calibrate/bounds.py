@@ -588,7 +588,8 @@ def p_values(
     bound : str, default="hoeffding_bentkus"
         Which p-value: one of ``"hoeffding_bentkus"``, ``"hoeffding"``, ``"hoeffding_kl"``, ``"bentkus"``,
         ``"binomial"``, ``"wsr"`` (the keys of :data:`P_VALUES`). ``"binomial"`` is exact for 0/1 losses
-        and refused otherwise; ``"wsr"`` uses the raw losses in row order, the others the column sums.
+        and refused otherwise; ``"wsr"`` uses the raw losses in a fixed pseudo-random row order (see
+        Notes), the others the column sums.
     epsilon : float, default=0.05
         Failure probability in (0, 1), checked for every bound; ``"wsr"`` tunes its bets with it (see
         :func:`wsr`), the other bounds do not use it.
@@ -611,7 +612,12 @@ def p_values(
     examples and losses in ``[0, 1]``. Combine them with :func:`calibrate.fwer.control_fwer` to certify
     thresholds with ``P(risk(lambda_hat) <= tolerance) >= 1 - epsilon``. The count given to the Bentkus
     and binomial terms is the sum of the losses (not ``n`` times a rounded mean), with the float guard
-    described in :func:`bentkus`.
+    described in :func:`bentkus`. WSR's p-value depends on the order of the examples, which must not depend on
+    their losses; a calibration set is often stored in such an order (prompts sorted by length for batching,
+    shards by source), which breaks its guarantee (a length-sorted sample of risk just above the tolerance
+    was rejected at 4-10 times the rate epsilon). So ``"wsr"`` sees the rows in the order of
+    ``numpy.random.default_rng(0).permutation(n)``, whatever order they come in; :func:`wsr` itself takes
+    them as given.
 
     Examples
     --------
@@ -623,8 +629,8 @@ def p_values(
     """
     arr, a, bound, epsilon = _p_values_iv(losses, tolerance, bound, epsilon)
     n = arr.shape[0]
-    if bound in _ON_RAW_LOSSES:
-        return np.atleast_1d(wsr(arr, a, epsilon=epsilon))
+    if bound in _ON_RAW_LOSSES:  # order-dependent: a fixed pseudo-random order, not the caller's (see Notes)
+        return np.atleast_1d(wsr(arr[np.random.default_rng(0).permutation(n)], a, epsilon=epsilon))
     total = _column_sums(np.ascontiguousarray(arr, dtype=np.float64))
     mean = total / n
     if bound == "hoeffding":

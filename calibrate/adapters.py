@@ -131,9 +131,7 @@ def layer_agreement(heads: ExitHeads, cache, *, batch_size: int = 256) -> np.nda
     batch_size = int_at_least(batch_size, "batch_size")
     hidden = _hidden_iv(cache, heads)
     full = torch.from_numpy(np.asarray(cache.arrays["full_tokens"], dtype=np.int64))
-    param = next(iter(heads._shared[1].parameters()), None)
-    dtype = torch.float32 if param is None else param.dtype
-    device = "cpu" if param is None else param.device
+    device, dtype = heads._placement()
     hits = torch.zeros(hidden.shape[1], dtype=torch.float64)
     for start in range(0, hidden.shape[0], batch_size):
         h = torch.from_numpy(np.asarray(hidden[start : start + batch_size], dtype=np.float32)).to(device, dtype)
@@ -143,7 +141,8 @@ def layer_agreement(heads: ExitHeads, cache, *, batch_size: int = 256) -> np.nda
 
 
 def save_adapters(heads: ExitHeads, path: str | os.PathLike) -> None:
-    """Write the adapters of ``heads`` to a safetensors file (atomically), with ``heads.describe()`` as metadata.
+    """Write the adapters of ``heads`` to a safetensors file (atomically), with ``heads.describe()`` and the
+    model's dtype as metadata.
 
     Raises
     ------
@@ -158,8 +157,15 @@ def save_adapters(heads: ExitHeads, path: str | os.PathLike) -> None:
         "weight": heads.adapter_weight.detach().cpu().contiguous(),
         "bias": heads.adapter_bias.detach().cpu().contiguous(),
     }
+    metadata = {"heads": json.dumps(heads.describe(fresh=True)), "model_dtype": str(_model_dtype(heads))}
     with atomic_file(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"heads": json.dumps(heads.describe(fresh=True))})
+        save_file(tensors, str(tmp), metadata=metadata)
+
+
+def _model_dtype(heads: ExitHeads) -> torch.dtype | None:
+    """The dtype of the model ``heads`` were made from (its first parameter's), None without one."""
+    model = heads._model[0] if heads._model else None
+    return next(model.parameters()).dtype if model is not None else None
 
 
 def load_adapters(model: nn.Module, path: str | os.PathLike) -> ExitHeads:
@@ -169,8 +175,9 @@ def load_adapters(model: nn.Module, path: str | os.PathLike) -> ExitHeads:
     ------
     ValueError
         When the file is missing or not a safetensors file, or was saved for another architecture, layer
-        count, width or vocabulary (naming the field), or holds tensors of other shapes, or its weights do
-        not match the stored digest. A model in another dtype than the saved weights gets them rounded.
+        count, width or vocabulary (naming the field), or for a model of the same dtype with other weights,
+        or holds tensors of other shapes, or its weights do not match the stored digest. A model in another
+        dtype than the saved weights gets them rounded (its weights cannot be compared with the saved model's).
     """
     from safetensors import SafetensorError, safe_open
 
@@ -180,6 +187,7 @@ def load_adapters(model: nn.Module, path: str | os.PathLike) -> ExitHeads:
     try:
         with safe_open(str(path), framework="pt") as fh:
             saved = parse_json((fh.metadata() or {}).get("heads", "{}"), "its metadata 'heads'")
+            saved_dtype = (fh.metadata() or {}).get("model_dtype")  # None: written before it was recorded
             weight, bias = fh.get_tensor("weight"), fh.get_tensor("bias")
     except (SafetensorError, KeyError, ValueError) as exc:
         raise ValueError(f"{path} is not a readable adapter file: {exc}") from None
@@ -192,6 +200,12 @@ def load_adapters(model: nn.Module, path: str | os.PathLike) -> ExitHeads:
     for key in ("architecture", "n_layers", "hidden_size", "vocab_size"):
         if saved.get(key) != expected[key]:
             raise ValueError(f"{path} holds adapters for {key}={saved.get(key)!r}, this model has {expected[key]!r}")
+    if saved_dtype == str(_model_dtype(heads)) and saved.get("model_digest") != expected["model_digest"]:
+        raise ValueError(
+            f"{path} holds adapters trained for another model of this shape (model_digest {saved.get('model_digest')!r}"
+            f", this model {expected['model_digest']!r}): they would cost the early exits they were trained for; "
+            "train adapters for this model (calibrate.train_adapters)"
+        )
     for name, stored, param in (("weight", weight, heads.adapter_weight), ("bias", bias, heads.adapter_bias)):
         if stored.shape != param.shape:
             raise ValueError(

@@ -262,8 +262,7 @@ def rehead(cache: LayerCache, heads: ExitHeads) -> LayerCache:
     if heads.vocab_size != cache.vocab_size:
         raise ValueError(f"the heads have vocab_size={heads.vocab_size} but the cache has {cache.vocab_size}")
     _cache_model_iv(heads, cache)
-    param = next(heads.parameters(), None)
-    device, dtype = ("cpu", torch.float32) if param is None else (param.device, param.dtype)
+    device, dtype = heads._placement()  # the output layer's: heads without adapters have no parameters of their own
     states = torch.from_numpy(np.asarray(cache.arrays["hidden"], dtype=np.float32)).to(device, dtype)
     measures = _layer_measures(heads, states, cache.top_k)
     replaced = ("topk_ids", "topk_logprobs", "softmax_gap", "softmax_max", "entropy")

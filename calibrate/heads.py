@@ -416,6 +416,12 @@ class ExitHeads(nn.Module):
         adapted = torch.einsum("...ld,led->...le", head, self.adapter_weight) + self.adapter_bias
         return torch.cat([adapted, hidden[..., -1:, :]], dim=-2)
 
+    def _placement(self) -> tuple[torch.device, torch.dtype]:
+        """Device and dtype of the model's output layer, in which states are fed to the heads (CPU float32 for a
+        head without parameters)."""
+        param = next(iter(self._shared[1].parameters()), None)
+        return (torch.device("cpu"), torch.float32) if param is None else (param.device, param.dtype)
+
     def _project(self, normed: torch.Tensor) -> torch.Tensor:
         _, lm_head, bias = self._shared
         if self.scale != 1.0:

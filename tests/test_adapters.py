@@ -117,6 +117,8 @@ def test_load_refuses_other_models_and_corrupt_files(model, real_cache, tmp_path
         load_adapters(tiny_model("llama", n_layers=3), path)
     with pytest.raises(ValueError, match="architecture='llama', this model has 'qwen2'"):
         load_adapters(tiny_model("qwen2", n_layers=4), path)
+    with pytest.raises(ValueError, match=r"adapters trained for another model of this shape \(model_digest"):
+        load_adapters(tiny_model("llama", seed=2, n_layers=4), path)  # was accepted: its exits were lost
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -301,3 +303,20 @@ def test_the_adapters_digest_tells_apart_adapters_that_differ_in_their_biases_on
     assert _hash_adapters(heads.adapter_weight, heads.adapter_bias) != _hash_adapters(
         heads.adapter_weight, torch.zeros_like(heads.adapter_bias)
     )
+
+
+def test_rehead_through_plain_heads_of_a_bfloat16_model(model):
+    """Heads without adapters have no parameters of their own: rehead sent the states as float32 to a bfloat16
+    output layer (a dtype RuntimeError; on a GPU a device one). They follow the output layer now, as
+    layer_agreement does."""
+    half = tiny_model("llama", seed=1, n_layers=4).to(torch.bfloat16)
+    prompts = [" ".join(f"w{(7 * i + j) % 50}" for j in range(3 + i % 4)) for i in range(8)]
+    kw = {"max_new_tokens": 4, "store_hidden": True, "progress": False}
+    plain = extract(half, tiny_tokenizer(), prompts, **kw)
+    heads = ExitHeads.from_model(half, adapters=True)
+    with torch.no_grad():
+        heads.adapter_bias[0] += 0.5
+    adapted = extract(half, tiny_tokenizer(), prompts, heads=heads, **kw)
+    back = rehead(adapted, ExitHeads.from_model(half))
+    assert (back.arrays["topk_ids"][:, :, 0] == plain.arrays["topk_ids"][:, :, 0]).mean() > 0.95
+    assert back.user_meta["heads"] == plain.user_meta["heads"]

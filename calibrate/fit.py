@@ -147,24 +147,35 @@ def _train_cache_iv(train_cache, cache):
                 f"train_cache and the calibration cache were extracted with different {what} "
                 f"({train_cache.user_meta.get(what)!r} vs {cache.user_meta.get(what)!r}); {advice}"
             )
-    shared = _examples(train_cache) & _examples(cache)
+    shared = _shared_examples(train_cache, cache)
     if shared:
         warnings.warn(
-            f"{len(shared)} calibration sequences also occur in train_cache (the same prompt and full-model output, "
-            "or without text the same full-model tokens); "
-            "if they are the same examples, the learned measure saw the calibration data and the guarantee is void",
+            f"{shared} calibration sequences also occur in train_cache (the same prompt, with full-model outputs of "
+            "which one starts the other, as another token budget cuts them; without a prompt the same full-model "
+            "tokens); if they are the same examples, the learned measure saw the calibration data and the guarantee "
+            "is void",
             UserWarning,
             stacklevel=caller_stacklevel(),
         )
     return train_cache
 
 
-def _examples(cache) -> set[tuple]:
-    """What tells a cache's sequences apart across caches: their ``(prompt, output)`` texts, or for a sequence
-    without text (a cache made from bare arrays) its full-model token ids."""
-    table = cache.sequences
-    texts = zip(table["prompt"].fillna(""), table["output"].fillna(""), table["output_ids"])
-    return {(p, o) if p or o else tuple(int(t) for t in ids) for p, o, ids in texts}
+def _shared_examples(train_cache, cache) -> int:
+    """How many sequences of ``cache`` also occur in ``train_cache``: the same prompt with full-model outputs of
+    which one starts the other (greedy decoding with another ``max_new_tokens`` cuts the same output elsewhere), or
+    for a sequence without a prompt (a cache made from bare arrays) the same full-model tokens."""
+
+    def sequences(c):
+        table = c.sequences
+        return zip(table["prompt"].fillna(""), (tuple(int(t) for t in ids) for ids in table["output_ids"]))
+
+    outputs: dict[str, list[tuple[int, ...]]] = {}
+    for prompt, ids in sequences(train_cache):
+        outputs.setdefault(prompt or str(ids), []).append(ids)
+    return sum(
+        any(ids[: len(other)] == other[: len(ids)] for other in outputs.get(prompt or str(ids), ()))
+        for prompt, ids in sequences(cache)
+    )
 
 
 def _chunked_table(
@@ -216,7 +227,29 @@ def _learned_measure(cache, vocab, measure, consistency, decode, train_fraction,
     train, rows = _calibration_split(cache, measure, train_fraction, seed, train_cache)
     if train is None:
         return None, None, 0
+    if train_cache is not None:
+        _features_iv(measure, options, train_cache, cache)
     return train_measure(measure, train, seed=int(seed), options=options), rows, train.n_sequences
+
+
+def _features_iv(measure: str, options, train_cache, cache) -> None:
+    """Before training on a separate ``train_cache``: refuse a measure whose features (as ``train_cache`` resolves
+    them) the calibration ``cache`` lacks; it failed after the training, naming a ``features`` never passed."""
+    from measures.classifier import _resolve_features
+
+    classifier = measure == "classifier"
+    features = _resolve_features(train_cache, (options or {}).get("features", "auto")) if classifier else "hidden"
+    field = "hidden" if features == "hidden" else "topk_logprobs"
+    if cache.has(field):
+        return
+    if field == "topk_logprobs":
+        advice = "extract it with calibrate.extract, which stores them"
+    else:
+        advice = "extract it with store_hidden=True" + (", or pass measure_options={'features': 'topk'}" * classifier)
+    raise ValueError(
+        f"measure={measure!r} scores {field!r} features (as train_cache has them), which the calibration cache "
+        f"lacks: {advice}"
+    )
 
 
 def _topk_state(cache, measure: str) -> dict | None:

@@ -18,6 +18,7 @@ transformers = pytest.importorskip("transformers")
 
 from _tiny_hf import PAD, V, _config, tiny_model, tiny_tokenizer
 
+import calibrate
 import calibrate._extract_checks as extract_checks
 import calibrate.extraction as extract_module
 from calibrate.cache import open_cache
@@ -820,3 +821,18 @@ def test_one_layer_heads_equal_all_layer_heads_with_asymmetric_adapters():
             torch.testing.assert_close(heads(h[:, i], layer=i), every[:, i])
         a0, b0 = heads.adapter_weight[0], heads.adapter_bias[0]
         torch.testing.assert_close(heads(h[:, 0], layer=0), model.lm_head(model.model.norm(h[:, 0] @ a0.T + b0)))
+
+
+def test_a_train_cache_of_the_same_prompts_under_another_token_budget_is_warned_of(tokenizer):
+    """The overlap check compared (prompt, output) texts, so the same prompts extracted with another max_new_tokens
+    (outputs cut elsewhere) went unnoticed: 6 of 20 shared calibration examples were reported."""
+    model = tiny_model("llama", seed=1, n_layers=4)
+    prompts = [" ".join(f"w{(7 * i + j) % 50}" for j in range(3 + i % 4)) for i in range(40)]
+    kw = {"store_hidden": True, "progress": False}
+    cal = extract(model, tokenizer, prompts[:30], max_new_tokens=8, **kw)
+    train = extract(model, tokenizer, prompts[10:40], max_new_tokens=6, **kw)  # 20 prompts shared
+    with pytest.warns(UserWarning, match="^20 calibration sequences also occur in train_cache"):
+        calibrate.fit(cal, delta=0.3, epsilon=0.1, measure="classifier", train_cache=train)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        calibrate.fit(cal, delta=0.3, epsilon=0.1, measure="classifier", train_cache=train.subset(np.arange(20, 30)))

@@ -841,3 +841,17 @@ def test_risk_losses_refuse_a_cache_without_references():
     conf = cache.arrays["softmax_gap"]
     with pytest.raises(ValueError, match=r"consistency='risk_rouge_l' compares with references, but 20 sequences"):
         calibrate.proxy_losses(cache, conf, [0.9, 0.1], consistency="risk_rouge_l")
+
+
+def test_a_calibration_cache_without_the_train_caches_features_is_refused_before_training(monkeypatch):
+    """train_cache with hidden states, the calibration cache without: the measure trained, then failed with
+    "features='hidden' needs a cache with a 'hidden' array", a features= the caller never passed."""
+    import measures.learned
+
+    train = calibrate.synthetic_cache(200, seed=0).split([0.3, 0.7], seed=0)[0]
+    cal = calibrate.synthetic_cache(200, seed=0, store_hidden=False).split([0.3, 0.7], seed=0)[1]
+    monkeypatch.setattr(measures.learned, "train_measure", lambda *a, **k: pytest.fail("trained before the check"))
+    advice = {"classifier": r", or pass measure_options=\{'features': 'topk'\}$", "halting_geometric": "=True$"}
+    for measure, then in advice.items():
+        with pytest.raises(ValueError, match=rf"measure='{measure}' scores 'hidden' features .* lacks: .*{then}"):
+            calibrate.fit(cal, measure=measure, train_cache=train)

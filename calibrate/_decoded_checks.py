@@ -17,6 +17,7 @@ from calibrate._decoded_walk import _LAZY_METHOD, _Decoder, decoded_lambdas
 from calibrate._extract_checks import _context_iv, _warn_padding_read
 from calibrate._extract_steps import _pad
 from calibrate._validation import caller_stacklevel, int_at_least, seed_iv
+from calibrate.audit import _calibration_data_digest
 from calibrate.cache import LayerCache
 from calibrate.certificate import Certificate
 from calibrate.exits import Decay, _lambdas_iv
@@ -248,5 +249,6 @@ def _fit_decoded_iv(
         decay=None if decay is None else decay.to_dict(),
         measure_state=measure_state,
         n_train=n_train,
+        cache_checksum=_calibration_data_digest(list(prompts)),
     )
     return decoder, template

@@ -413,6 +413,27 @@ def audit(cert: Certificate, test_cache, *, decode=None, progress: bool = False)
     return _held_out_report(cert, table.n, table.risks, table.avg_layers, test_cache.n_layers, mode="proxy")
 
 
+def _calibration_data_digest(data) -> str:
+    """The ``cache_checksum`` of calibration data that is no cache: prompts (a sequence of str, in any order) or
+    inputs (an array or tensor, by its values), so that an audit can refuse the calibration data as held-out."""
+    from calibrate._cache_files import _hash_array, _hash_strings
+
+    if hasattr(data, "detach"):  # a torch tensor
+        data = data.detach().cpu().numpy()
+    if isinstance(data, np.ndarray):
+        return "inputs-" + _hash_array(data)
+    return "prompts-" + _hash_strings(sorted(data))
+
+
+def _held_out_iv(certificate: Certificate, data, what: str) -> None:
+    """Refuse the certificate's own calibration prompts or inputs (``what``) as held-out data."""
+    if certificate.cache_checksum is not None and certificate.cache_checksum == _calibration_data_digest(data):
+        raise ValueError(
+            f"the {what} are the certificate's calibration {what} (the same digest): an audit on them reports an "
+            f"in-sample risk as held-out; audit on held-out {what}"
+        )
+
+
 def _held_out_report(
     certificate: Certificate, n: int, risks, avg_layers=None, n_layers: int | None = None, mode: str = "decoded"
 ) -> AuditReport:

@@ -25,7 +25,7 @@ import numpy as np
 
 from calibrate._decoded_checks import _decoded_losses_iv, _fit_decoded_iv
 from calibrate._decoded_walk import _certify_lazily, decoded_lambdas
-from calibrate.audit import AuditReport, _held_out_report
+from calibrate.audit import AuditReport, _held_out_iv, _held_out_report
 from calibrate.cache import LayerCache
 from calibrate.certificate import Certificate, _audit_budget
 from calibrate.exits import Decay
@@ -326,6 +326,7 @@ def audit_decoded(
             f"audit_decoded checks exit_threshold certificates, got knob={certificate.knob!r} (token_keep: "
             "calibrate.lat.audit; fff_depth: calibrate.fff.audit)"
         )
+    _held_out_iv(certificate, prompts, "prompts")
     table = decoded_losses(
         model,
         tokenizer,

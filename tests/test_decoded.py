@@ -468,7 +468,7 @@ def test_a_top_k_bound_certificate_is_refused_before_decoding(model, tokenizer, 
     cert = dataclasses.replace(_fit(model, tokenizer, prompts, measure="entropy"), measure_state={"from_topk": 2})
     calls["n"] = 0
     with pytest.raises(ValueError, match="'entropy' confidence is a bound from the top-2"):
-        calibrate.audit_decoded(cert, model, tokenizer, prompts, progress=False)
+        calibrate.audit_decoded(cert, model, tokenizer, _word_prompts(24, seed=99), progress=False)
     assert calls["n"] == 0  # was a full decode of every prompt first
 
 
@@ -617,3 +617,30 @@ def test_a_classifier_on_topk_features_is_refused_before_any_decoding(model, tok
     ids, mask = left_pad([[5, 6, 7]])
     with pytest.raises(ValueError, match="classifier uses features='topk'"):
         calibrate.runtime.generate(model, ids, mask, certificate=cert, max_new_tokens=2)
+
+
+def test_audits_refuse_the_calibration_prompts_or_inputs_as_held_out(model, tokenizer, prompts, calls):
+    """calibrate.audit refused the calibration cache, but audit_decoded, lat.audit and fff.audit took the very
+    prompts or inputs a certificate was fitted on and reported their in-sample risk as held-out (exit 0 in the CLI).
+    The certificates record a digest of them (cache_checksum); another order is the same data."""
+    from calibrate import fff, lat
+
+    cert = _fit(model, tokenizer, prompts)
+    assert cert.cache_checksum.startswith("prompts-")
+    calls["n"] = 0
+    with pytest.raises(ValueError, match="the prompts are the certificate's calibration prompts"):
+        calibrate.audit_decoded(cert, model, tokenizer, prompts[::-1], progress=False)
+    assert calls["n"] == 0
+    calibrate.audit_decoded(cert, model, tokenizer, _word_prompts(12, seed=99), progress=False)  # held out
+    keep = lat.fit(model, tokenizer, prompts, delta=0.5, speedups=[1.0, 1.25], max_new_tokens=3, progress=False)
+    with pytest.raises(ValueError, match="calibration prompts"):
+        lat.audit(keep, model, tokenizer, prompts, progress=False)
+    with pytest.raises(ValueError, match="calibration prompts"):
+        lat.heldout_losses(keep, model, tokenizer, prompts)
+    torch.manual_seed(0)
+    layer = torch.nn.Sequential(fff.FFF(8, 3, depth=3)).eval()
+    x = torch.randn(200, 8)
+    depth = fff.fit(layer, x, delta=0.5, epsilon=0.1)
+    with pytest.raises(ValueError, match="the inputs are the certificate's calibration inputs"):
+        fff.audit(depth, layer, x.clone())
+    fff.audit(depth, layer, torch.randn(200, 8))

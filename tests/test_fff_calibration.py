@@ -327,6 +327,7 @@ def test_cli_classifier_uses_batch_size_device_and_dtype(tmp_path, capsys, monke
 
     _classifier(seed=5)[2].save(tmp_path / "fff.safetensors")
     np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(300, 16)).astype(np.float32))
+    np.save(tmp_path / "held.npy", np.random.default_rng(1).normal(size=(300, 16)).astype(np.float32))
     seen = {}
 
     def spy(name):
@@ -343,7 +344,10 @@ def test_cli_classifier_uses_batch_size_device_and_dtype(tmp_path, capsys, monke
     common = ["--model", str(tmp_path / "fff.safetensors"), "--inputs", str(tmp_path / "x.npy")]
     options = ["--batch-size", "7", "--device", "cpu", "--dtype", "float64"]
     assert main(["fff-fit", *common, *options, "-o", str(tmp_path / "cert.json")]) == 0
-    assert main(["audit", str(tmp_path / "cert.json"), *common, *options]) in (0, 1)
+    assert main(["audit", str(tmp_path / "cert.json"), *common, *options]) == 2  # the calibration inputs again
+    assert "the inputs are the certificate's calibration inputs" in capsys.readouterr().err
+    held_out = [*common[:3], str(tmp_path / "held.npy")]
+    assert main(["audit", str(tmp_path / "cert.json"), *held_out, *options]) in (0, 1)
     (model, inputs, *_), fit_options = seen["fit"]
     (_, audited, held), audit_options = seen["audit"]
     assert fit_options["batch_size"] == audit_options["batch_size"] == 7

@@ -32,7 +32,7 @@ from torch import nn
 from calibrate._certify import _risk_control_iv, certify
 from calibrate._digest import model_digest
 from calibrate._validation import caller_stacklevel, int_at_least, int_in, label_count_iv
-from calibrate.audit import AuditReport, _held_out_report
+from calibrate.audit import AuditReport, _calibration_data_digest, _held_out_iv, _held_out_report
 from calibrate.certificate import Certificate, _audit_budget, _spend_iv
 from calibrate.fff.layer import _DEPTHS, FFF
 from calibrate.losses import LossTable
@@ -289,14 +289,18 @@ def fit(
         decoder, depths = _lm_decoder(
             model, tokenizer, inputs, references, consistency, depths, max_new_tokens, batch_size
         )
-        return _certify_lazily(decoder, _lm_template(model, decoder, depths, delta, epsilon, bound), progress)
+        template = _lm_template(model, decoder, depths, delta, epsilon, bound)
+        template = dataclasses.replace(template, cache_checksum=_calibration_data_digest(list(inputs)))
+        return _certify_lazily(decoder, template, progress)
     consistency = "label" if consistency is None else consistency
     _risk_control_iv(delta, epsilon, bound, method)  # before the model runs
     table = depth_losses(
         model, inputs, depths=depths, consistency=consistency, references=references, batch_size=batch_size
     )
     cert = certify(table, delta=delta, epsilon=epsilon, bound=bound, method=method, knob="fff_depth")
-    return dataclasses.replace(cert, model=model_id(model), consistency=consistency)
+    return dataclasses.replace(
+        cert, model=model_id(model), consistency=consistency, cache_checksum=_calibration_data_digest(inputs)
+    )
 
 
 def _lm_decoder(model, tokenizer, prompts, references, consistency, depths, max_new_tokens, batch_size):
@@ -361,6 +365,7 @@ def audit(
         ``risks`` per depth, ``risk`` at the certified depth (0 for the full tree); layer fields NaN.
     """
     _certified_depth(model, certificate)  # the right knob and model
+    _held_out_iv(certificate, inputs if tokenizer is None else list(inputs), "prompts" if tokenizer else "inputs")
     table = depth_losses(
         model,
         inputs,

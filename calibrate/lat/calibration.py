@@ -29,7 +29,7 @@ from calibrate._decoded_walk import _certify_lazily
 from calibrate._extract_checks import _context_iv
 from calibrate._extract_steps import _pad
 from calibrate._validation import caller_stacklevel, int_at_least, label_count_iv
-from calibrate.audit import AuditReport, _held_out_report
+from calibrate.audit import AuditReport, _calibration_data_digest, _held_out_iv, _held_out_report
 from calibrate.certificate import Certificate, _audit_budget
 from calibrate.lat.classification import classify
 from calibrate.lat.decode import _settings, generate, model_id
@@ -183,6 +183,7 @@ def fit(
         measure=score,
         model=model_id(model),
         measure_state=_settings(score, min_keep, special),
+        cache_checksum=_calibration_data_digest(list(prompts)),
         max_new_tokens=None if isinstance(scorer, _Classifier) else scorer.max_new_tokens,  # classifiers generate nothing
     )
     return _certify_lazily(scorer, template, progress)
@@ -240,6 +241,7 @@ def heldout_losses(
     if not isinstance(certificate, Certificate) or certificate.knob != "token_keep":
         raise ValueError("certificate must be a 'token_keep' Certificate from calibrate.lat.fit")
     budget = _audit_budget(certificate, max_new_tokens)
+    _held_out_iv(certificate, prompts, "prompts")
     scorer = _scorer(model, tokenizer, prompts, references, certificate.consistency, [1.0], budget, batch_size, decode)
     return scorer.losses(certificate)[0]
 
@@ -280,6 +282,7 @@ def audit(
     if not isinstance(certificate, Certificate) or certificate.knob != "token_keep":
         raise ValueError("certificate must be a 'token_keep' Certificate from calibrate.lat.fit")
     budget = _audit_budget(certificate, max_new_tokens)
+    _held_out_iv(certificate, prompts, "prompts")
     scorer = _scorer(model, tokenizer, prompts, references, certificate.consistency, [1.0], budget, batch_size, decode)
     lambdas = certificate.lambdas
     with tqdm(lambdas, desc="held-out speed-ups", unit="speed-up", disable=not progress) as bar:

@@ -30,6 +30,8 @@ def _create_beside(target: Path, create: Callable[[Path], None]) -> Path:
             create(tmp)
         except FileExistsError:
             continue
+        except OSError as exc:  # name the path asked for, not the temporary one the caller never typed
+            raise type(exc)(exc.errno, f"cannot write {target} ({exc.strerror} in {target.parent})") from None
         return tmp
     raise FileExistsError(f"no free temporary name beside {target}")
 

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 
 import numpy as np
 import pytest
@@ -680,3 +681,20 @@ def test_a_flag_with_its_p_value_just_above_epsilon_is_named_as_such():
     data["certified"][k], data["risks"][k], data["p_values"][k] = True, 0.0, 0.06
     with pytest.raises(ValueError, match=r"is True but its p-value is 0.06, not <= epsilon=0.05"):
         Certificate.from_json(json.dumps(data))
+
+
+def test_an_unwritable_destination_is_named_not_its_temporary_file(tmp_path):
+    """The error named the hidden temporary file ('.x.fa420feb.tmp') the user never typed."""
+    missing = tmp_path / "no_dir" / "cert.json"
+    with pytest.raises(FileNotFoundError, match=rf"cannot write {missing} \(No such file or directory"):
+        _cert().to_json(missing)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):  # root writes anyway
+            pytest.skip("this user can write to a read-only directory")
+        with pytest.raises(PermissionError, match=rf"cannot write {locked / 'cert.json'} \(Permission denied"):
+            _cert().to_json(locked / "cert.json")
+    finally:
+        locked.chmod(0o700)

@@ -413,21 +413,29 @@ def audit(cert: Certificate, test_cache, *, decode=None, progress: bool = False)
     return _held_out_report(cert, table.n, table.risks, table.avg_layers, test_cache.n_layers, mode="proxy")
 
 
-def _calibration_data_digest(data) -> str:
-    """The ``cache_checksum`` of calibration data that is no cache: prompts (a sequence of str, in any order) or
-    inputs (an array or tensor, by its values), so that an audit can refuse the calibration data as held-out."""
-    from calibrate._cache_files import _hash_array, _hash_strings
+def _calibration_data_digest(data) -> str | None:
+    """The ``cache_checksum`` of calibration data that is no cache: prompts (a list or tuple of str, in any order)
+    or inputs (a tensor of any dtype, or an array, by its values), so that an audit can refuse the calibration data
+    as held-out; None for anything else (the callers' own checks name what is wrong with it)."""
+    from calibrate._cache_files import _digest, _hash_array, _hash_strings
 
-    if hasattr(data, "detach"):  # a torch tensor
-        data = data.detach().cpu().numpy()
+    if hasattr(data, "detach"):  # a torch tensor: its bytes (numpy has no bfloat16), dtype and shape
+        import torch
+
+        tensor = data.detach().cpu().contiguous()
+        raw = tensor.reshape(-1).view(torch.uint8).numpy().tobytes()
+        return "inputs-" + _digest(f"{tensor.dtype} {tuple(tensor.shape)} ".encode() + raw)
     if isinstance(data, np.ndarray):
         return "inputs-" + _hash_array(data)
-    return "prompts-" + _hash_strings(sorted(data))
+    if isinstance(data, (list, tuple)) and all(isinstance(p, str) for p in data):
+        return "prompts-" + _hash_strings(sorted(data))
+    return None
 
 
 def _held_out_iv(certificate: Certificate, data, what: str) -> None:
     """Refuse the certificate's own calibration prompts or inputs (``what``) as held-out data."""
-    if certificate.cache_checksum is not None and certificate.cache_checksum == _calibration_data_digest(data):
+    digest = None if certificate.cache_checksum is None else _calibration_data_digest(data)
+    if digest is not None and digest == certificate.cache_checksum:
         raise ValueError(
             f"the {what} are the certificate's calibration {what} (the same digest): an audit on them reports an "
             f"in-sample risk as held-out; audit on held-out {what}"

@@ -644,3 +644,7 @@ def test_audits_refuse_the_calibration_prompts_or_inputs_as_held_out(model, toke
     with pytest.raises(ValueError, match="the inputs are the certificate's calibration inputs"):
         fff.audit(depth, layer, x.clone())
     fff.audit(depth, layer, torch.randn(200, 8))
+    half = fff.fit(layer.to(torch.bfloat16), x.bfloat16(), delta=0.5, epsilon=0.1)  # no numpy dtype: its bytes
+    assert half.cache_checksum.startswith("inputs-") and half.cache_checksum != depth.cache_checksum
+    with pytest.raises(TypeError, match="prompts must hold str, got NoneType at index 1"):  # named, not a sort error
+        calibrate.audit_decoded(cert, model, tokenizer, ["w1 w2", None], progress=False)

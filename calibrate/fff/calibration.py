@@ -365,7 +365,7 @@ def audit(
         ``risks`` per depth, ``risk`` at the certified depth (0 for the full tree); layer fields NaN.
     """
     _certified_depth(model, certificate)  # the right knob and model
-    _held_out_iv(certificate, inputs if tokenizer is None else list(inputs), "prompts" if tokenizer else "inputs")
+    _held_out_iv(certificate, inputs, "inputs" if tokenizer is None else "prompts")
     table = depth_losses(
         model,
         inputs,

@@ -202,7 +202,8 @@ def test_refuses_other_knobs_and_models_and_bad_depths():
         fff.fit(nn.Linear(3, 2), torch.randn(5, 3))
     with pytest.raises(ValueError, match=r"needs references=, one int label per input \(50\)"):
         fff.fit(model, torch.randn(50, 12), consistency="risk_label")
-    for bad, given in [(np.zeros(49, int), r"shape \(49,\)"), (np.zeros((50, 12)), r"shape \(50, 12\)"), ([0] * 3, "3 labels")]:
+    wrong = [(np.zeros(49, int), r"shape \(49,\)"), (np.zeros((50, 12)), r"shape \(50, 12\)"), ([0] * 3, "3 labels")]
+    for bad, given in wrong:
         with pytest.raises(ValueError, match=rf"references must hold one int label per input \(50\), got {given}$"):
             fff.fit(model, torch.randn(50, 12), consistency="risk_label", references=bad)  # "needs references=" before
 

@@ -283,7 +283,7 @@ def test_bad_parameters():
         ({"oracle": "entropy"}, ValueError, "oracle must be one of"),
         ({"oracle_options": ["rule"]}, TypeError, "oracle_options must be a dict"),
         ({"oracle_options": {"penalty": 0.1}}, ValueError, "may hold \\('rule',\\)"),
-        ({"oracle": "correctness", "oracle_options": {"targets": [1]}}, ValueError, r"HaltingHead\.fit\(cache, targets="),
+        ({"oracle": "correctness", "oracle_options": {"targets": [1]}}, ValueError, r"HaltingHead\.fit\(cache, targ"),
         ({"sigma": -1.0}, ValueError, "sigma must be a finite number >= 0"),
         ({"C": 0.0}, ValueError, "C must be a finite number > 0"),
         ({"C": True}, TypeError, "C must be a real number"),

@@ -31,6 +31,17 @@ _TOKENIZER_HELP = (
 )
 
 
+def _count(text: str) -> int:
+    """``argparse`` type of a count flag (tokens, prompts, sequences, ...): an int >= 1, or a usage error."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {value}")
+    return value
+
+
+_count.__name__ = "int"  # argparse names the type in "invalid int value: 'x'"
+
+
 def _add_fit_options(p: argparse.ArgumentParser) -> None:
     from calibrate.bounds import P_VALUES
     from calibrate.fit import METHODS
@@ -91,7 +102,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fit", help="certify a threshold from a layer cache")
     p.add_argument("cache", help="layer cache directory or fsspec URL (memory://, s3:// with s3fs, ...)")
     _add_fit_options(p)
-    p.add_argument("--chunks", type=int, default=None, help="open lazily, this many sequences per Dask task")
+    p.add_argument("--chunks", type=_count, default=None, help="open lazily, this many sequences per Dask task")
     p.add_argument(
         "--scheduler", default=None, help="Dask scheduler address (tcp://host:port): run the tasks on that cluster"
     )
@@ -107,7 +118,9 @@ def _parser() -> argparse.ArgumentParser:
         "fff_depth: --model FILE --inputs FILE, or --model DIR --blocks DIR --prompts FILE"
     )
     p.add_argument("certificate", help="certificate JSON")
-    p.add_argument("cache", nargs="?", help="held-out layer cache directory or fsspec URL (exit-threshold certificates)")
+    p.add_argument(
+        "cache", nargs="?", help="held-out layer cache directory or fsspec URL (exit-threshold certificates)"
+    )
     p.add_argument("--figure", help="write the risk figure (PNG)")
     p.add_argument("--tokenizer", metavar="DIR", help="with a CACHE: " + _TOKENIZER_HELP)
     p.add_argument(
@@ -123,11 +136,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--prompts", help="with --model: held-out prompts to decode, one per line or JSONL")
     p.add_argument(
-        "--max-new-tokens", type=int, default=None,
+        "--max-new-tokens", type=_count, default=None,
         help="when decoding: tokens per prompt (default: the certificate's max_new_tokens, else 32)",
     )
     p.add_argument(
-        "--batch-size", type=int, default=None, help="prompts (default 8) or inputs (default 1024) per forward pass"
+        "--batch-size", type=_count, default=None, help="prompts (default 8) or inputs (default 1024) per forward pass"
     )
     p.add_argument("--device", default=None, help="torch device of the model (when decoding or running an FFF)")
     p.add_argument("--dtype", default=None, help="torch dtype of the model's weights, e.g. bfloat16")
@@ -139,10 +152,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="directory written by save_pretrained (model and tokenizer)")
     p.add_argument("--prompts", required=True, help="one prompt per line, or JSONL with 'prompt' and 'reference'")
     p.add_argument("-o", "--output", required=True, help="cache directory to write")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated per prompt (default 32)")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass (default 8)")
-    p.add_argument("--top-k", type=int, default=8, help="log-probabilities kept per layer and token (default 8)")
-    p.add_argument("--store-hidden", action="store_true", help="store float16 hidden states (the halting measures and retrained adapters need them)")
+    p.add_argument("--max-new-tokens", type=_count, default=32, help="tokens generated per prompt (default 32)")
+    p.add_argument("--batch-size", type=_count, default=8, help="prompts per forward pass (default 8)")
+    p.add_argument("--top-k", type=_count, default=8, help="log-probabilities kept per layer and token (default 8)")
+    p.add_argument(
+        "--store-hidden",
+        action="store_true",
+        help="store float16 hidden states (the halting measures and retrained adapters need them)",
+    )
     p.add_argument("--device", default=None, help=_DEVICE_HELP)
     p.add_argument("--dtype", default=None, help=_DTYPE_HELP)
     p.add_argument(
@@ -152,7 +169,9 @@ def _parser() -> argparse.ArgumentParser:
         help="extract the I-th (0-based) of N slices of the prompts into OUTPUT/shard-...; OUTPUT/manifest.json "
         "joins them (default under torchrun: RANK/WORLD_SIZE)",
     )
-    p.add_argument("--shard-dir", default=None, help="where each batch is saved as it completes; rerunning resumes from it")
+    p.add_argument(
+        "--shard-dir", default=None, help="where each batch is saved as it completes; rerunning resumes from it"
+    )
     p.add_argument("--keep-shards", action="store_true", help="keep --shard-dir after the cache is written")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
     p.set_defaults(func=_cmd_extract)
@@ -173,8 +192,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--bound", default=None, choices=tuple(P_VALUES), help=_BOUND_HELP)
     p.add_argument("--score", default="attention", help="contribution score: attention (default) or value")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens decoded per prompt (default 32)")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass (default 8)")
+    p.add_argument("--max-new-tokens", type=_count, default=32, help="tokens decoded per prompt (default 32)")
+    p.add_argument("--batch-size", type=_count, default=8, help="prompts per forward pass (default 8)")
     p.add_argument("--device", default=None, help=_DEVICE_HELP)
     p.add_argument("--dtype", default=None, help=_DTYPE_HELP)
     p.add_argument("-o", "--output", help="write the certificate as JSON")
@@ -197,9 +216,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--consistency", default=None, choices=CONSISTENCIES, help="language model: the loss (default token)"
     )
-    p.add_argument("--max-new-tokens", type=int, default=32, help="language model: tokens decoded per prompt (default 32)")
     p.add_argument(
-        "--batch-size", type=int, default=None, help="inputs (default 1024) or prompts (default 8) per forward pass"
+        "--max-new-tokens", type=_count, default=32, help="language model: tokens decoded per prompt (default 32)"
+    )
+    p.add_argument(
+        "--batch-size", type=_count, default=None, help="inputs (default 1024) or prompts (default 8) per forward pass"
     )
     p.add_argument("--device", default=None, help=_DEVICE_HELP)
     p.add_argument("--dtype", default=None, help=_DTYPE_HELP)
@@ -211,8 +232,8 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("synthetic", help="write a synthetic layer cache")
     p.add_argument("-o", "--output", required=True, help="cache directory to write")
-    p.add_argument("--sequences", type=int, default=500, help="sequences in the cache (default 500)")
-    p.add_argument("--layers", type=int, default=12, help="layers per token (default 12)")
+    p.add_argument("--sequences", type=_count, default=500, help="sequences in the cache (default 500)")
+    p.add_argument("--layers", type=_count, default=12, help="layers per token (default 12)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
     p.set_defaults(func=_cmd_synthetic)
@@ -222,12 +243,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--synthetic", action="store_true", help="use the synthetic cache even if the real model is installed"
     )
-    p.add_argument("--sequences", type=int, default=2000, help="synthetic: sequences in the cache (default 2000)")
-    p.add_argument("--trials", type=int, default=50, help="synthetic: random splits in the validity study (default 50)")
-    p.add_argument("--train", type=int, default=48, help="real model: prompts for fitting the exit adapters (default 48)")
-    p.add_argument("--cal", type=int, default=128, help="real model: calibration prompts (default 128)")
-    p.add_argument("--test", type=int, default=32, help="real model: held-out prompts, audit and timed decoding (default 32)")
-    p.add_argument("--max-new-tokens", type=int, default=16, help="real model: tokens generated per prompt (default 16)")
+    p.add_argument("--sequences", type=_count, default=2000, help="synthetic: sequences in the cache (default 2000)")
+    p.add_argument(
+        "--trials", type=_count, default=50, help="synthetic: random splits in the validity study (default 50)"
+    )
+    p.add_argument(
+        "--train", type=_count, default=48, help="real model: prompts for fitting the exit adapters (default 48)"
+    )
+    p.add_argument("--cal", type=_count, default=128, help="real model: calibration prompts (default 128)")
+    p.add_argument(
+        "--test", type=_count, default=32, help="real model: held-out prompts, audit and timed decoding (default 32)"
+    )
+    p.add_argument(
+        "--max-new-tokens", type=_count, default=16, help="real model: tokens generated per prompt (default 16)"
+    )
     p.add_argument("--delta", type=float, default=0.1, help="tolerance on the loss, in (0, 1) (default 0.1)")
     p.add_argument("--epsilon", type=float, default=0.05, help="failure probability, in (0, 1) (default 0.05)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data splits (default 0)")

@@ -38,7 +38,7 @@ def test_synthetic_fit_audit(tmp_path, capsys):
     for extra in (["--model", "m"], ["--prompts", "p"], ["--model", "m", "--prompts", "p"]):  # were ignored
         assert main(["audit", str(cert), str(test), *extra]) == 2
         assert "CACHE does not apply to an exit_threshold certificate audited by decoding" in capsys.readouterr().err
-    for extra in (["--inputs", "x.npy"], ["--batch-size", "0"], ["--device", "cuda"], ["--max-new-tokens", "5"]):
+    for extra in (["--inputs", "x.npy"], ["--batch-size", "4"], ["--device", "cuda"], ["--max-new-tokens", "5"]):
         assert main(["audit", str(cert), str(test), *extra]) == 2  # were ignored: a normal audit, exit 0
         flag = extra[0]
         assert f"{flag} does not apply to an exit_threshold certificate audited on a held-out cache" in capsys.readouterr().err
@@ -67,8 +67,16 @@ def test_errors_are_messages_not_tracebacks(tmp_path, capsys):
     bad.write_text(json.dumps({"lambda_hat": 1}))
     assert main(["audit", str(bad), str(dev)]) == 2
     capsys.readouterr()
-    assert main(["demo", "--synthetic", "--trials", "0", "--out", str(tmp_path / "demo")]) == 2
-    assert "trials must be an int >= 1" in capsys.readouterr().err
+    for command in (["synthetic", "-o", str(tmp_path / "s"), "--sequences"], ["fit", str(dev), "--chunks"], [
+        "demo", "--synthetic", "--out", str(tmp_path / "demo"), "--trials"
+    ]):
+        with pytest.raises(SystemExit) as exit_:  # the flag, not the library's argument name (n_sequences)
+            main([*command, "0"])
+        assert exit_.value.code == 2
+        assert f"argument {command[-1]}: must be an int >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["synthetic", "-o", str(tmp_path / "s"), "--layers", "x"])
+    assert "argument --layers: invalid int value: 'x'" in capsys.readouterr().err
     assert main(["demo", "--synthetic", "--sequences", "3", "--out", str(tmp_path / "demo")]) == 2
     assert "sequences must be an int >= 20" in capsys.readouterr().err  # half a table, then cal_fraction's error
     assert not (tmp_path / "demo").exists()  # refused before any work
@@ -476,5 +484,7 @@ def test_extract_of_a_shard_refuses_a_batch_size_below_one(batch_size, tmp_path,
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("hello\nworld\n", encoding="utf-8")
     argv = ["extract", "--model", str(tmp_path / "model"), "--prompts", str(prompts), "-o", str(tmp_path / "out")]
-    assert main([*argv, "--shard", "0/2", "--batch-size", batch_size]) == 2  # 0 was a ZeroDivisionError
-    assert capsys.readouterr().err == f"calibrate extract: error: batch_size must be an int >= 1, got {batch_size}\n"
+    with pytest.raises(SystemExit) as exit_:  # 0 was a ZeroDivisionError
+        main([*argv, "--shard", "0/2", "--batch-size", batch_size])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.endswith(f"argument --batch-size: must be an int >= 1, got {batch_size}\n")

@@ -142,7 +142,7 @@ def layer_agreement(heads: ExitHeads, cache, *, batch_size: int = 256) -> np.nda
 
 def save_adapters(heads: ExitHeads, path: str | os.PathLike) -> None:
     """Write the adapters of ``heads`` to a safetensors file (atomically), with ``heads.describe()`` and the
-    model's dtype as metadata.
+    dtype of the model's output layer as metadata.
 
     Raises
     ------
@@ -157,15 +157,10 @@ def save_adapters(heads: ExitHeads, path: str | os.PathLike) -> None:
         "weight": heads.adapter_weight.detach().cpu().contiguous(),
         "bias": heads.adapter_bias.detach().cpu().contiguous(),
     }
-    metadata = {"heads": json.dumps(heads.describe(fresh=True)), "model_dtype": str(_model_dtype(heads))}
+    metadata = {"heads": json.dumps(heads.describe(fresh=True)), "model_dtype": str(heads._placement()[1])}
     with atomic_file(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
 
-
-def _model_dtype(heads: ExitHeads) -> torch.dtype | None:
-    """The dtype of the model ``heads`` were made from (its first parameter's), None without one."""
-    model = heads._model[0] if heads._model else None
-    return next(model.parameters()).dtype if model is not None else None
 
 
 def load_adapters(model: nn.Module, path: str | os.PathLike) -> ExitHeads:
@@ -200,7 +195,7 @@ def load_adapters(model: nn.Module, path: str | os.PathLike) -> ExitHeads:
     for key in ("architecture", "n_layers", "hidden_size", "vocab_size"):
         if saved.get(key) != expected[key]:
             raise ValueError(f"{path} holds adapters for {key}={saved.get(key)!r}, this model has {expected[key]!r}")
-    if saved_dtype == str(_model_dtype(heads)) and saved.get("model_digest") != expected["model_digest"]:
+    if saved_dtype == str(heads._placement()[1]) and saved.get("model_digest") != expected["model_digest"]:
         raise ValueError(
             f"{path} holds adapters trained for another model of this shape (model_digest {saved.get('model_digest')!r}"
             f", this model {expected['model_digest']!r}): they would cost the early exits they were trained for; "

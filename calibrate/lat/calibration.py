@@ -238,12 +238,18 @@ def heldout_losses(
     ValueError
         When the certificate is not a ``token_keep`` certificate of this model, or as :func:`fit`.
     """
+    scorer = _heldout_scorer(certificate, model, tokenizer, prompts, references, max_new_tokens, batch_size, decode)
+    return scorer.losses(certificate)[0]
+
+
+def _heldout_scorer(certificate, model, tokenizer, prompts, references, max_new_tokens, batch_size, decode):
+    """What :func:`heldout_losses` and :func:`audit` decode with, once the certificate is checked to be a
+    ``token_keep`` one and the prompts not its calibration prompts."""
     if not isinstance(certificate, Certificate) or certificate.knob != "token_keep":
         raise ValueError("certificate must be a 'token_keep' Certificate from calibrate.lat.fit")
     budget = _audit_budget(certificate, max_new_tokens)
     _held_out_iv(certificate, prompts, "prompts")
-    scorer = _scorer(model, tokenizer, prompts, references, certificate.consistency, [1.0], budget, batch_size, decode)
-    return scorer.losses(certificate)[0]
+    return _scorer(model, tokenizer, prompts, references, certificate.consistency, [1.0], budget, batch_size, decode)
 
 
 def audit(
@@ -279,11 +285,7 @@ def audit(
     """
     from tqdm.auto import tqdm
 
-    if not isinstance(certificate, Certificate) or certificate.knob != "token_keep":
-        raise ValueError("certificate must be a 'token_keep' Certificate from calibrate.lat.fit")
-    budget = _audit_budget(certificate, max_new_tokens)
-    _held_out_iv(certificate, prompts, "prompts")
-    scorer = _scorer(model, tokenizer, prompts, references, certificate.consistency, [1.0], budget, batch_size, decode)
+    scorer = _heldout_scorer(certificate, model, tokenizer, prompts, references, max_new_tokens, batch_size, decode)
     lambdas = certificate.lambdas
     with tqdm(lambdas, desc="held-out speed-ups", unit="speed-up", disable=not progress) as bar:
         risks = np.array([scorer.losses(dataclasses.replace(certificate, lambda_hat=lam))[0].mean() for lam in bar])

@@ -124,6 +124,8 @@ def _audit_route(cert, args) -> str:
         raise ValueError(f"{_flag(ignored[0])} does not apply to {what}, which reads {flags} (and --figure)")
     if route == "fff_inputs" and args.references is not None and cert.consistency != "risk_label":
         raise ValueError(f"--references is for risk_label certificates; this one is {cert.consistency!r}")
+    if route == "fff_inputs" and args.references is None and cert.consistency == "risk_label":
+        raise ValueError("this certificate's risk_label loss compares with reference labels: give --references FILE")
     return route
 
 

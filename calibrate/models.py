@@ -131,7 +131,7 @@ def load_local(model_dir, *, device: str | None = None, dtype: str | None = None
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise ValueError(
-            f"model_dir must be a directory written by save_pretrained (with config.json), got {model_dir}"
+            f"{model_dir} is not a model directory written by save_pretrained (it has no config.json)"
         )
     load_kw: dict = {"local_files_only": True}
     if dtype is not None:

@@ -330,6 +330,8 @@ def test_unreadable_inputs_name_the_file(tmp_path, capsys):
     assert "certificate must be a JSON file, got the directory" in capsys.readouterr().err
     assert main(["fff-fit", "--model", str(prompts), "--prompts", str(prompts)]) == 2
     assert "--prompts certifies a language model's FFF blocks: give --blocks DIR too" in capsys.readouterr().err
+    assert main(["fff-fit", "--model", str(tmp_path / "none"), "--blocks", "b", "--prompts", str(prompts)]) == 2
+    assert f"{tmp_path / 'none'} is not a model directory written by save_pretrained" in capsys.readouterr().err
     from calibrate.fff import FFF
 
     FFF(4, 2, depth=2).save(tmp_path / "fff.safetensors")
@@ -467,6 +469,10 @@ def test_audit_refuses_options_its_certificate_does_not_read(tmp_path, capsys):
     common = ["audit", str(path), "--model", "fff.safetensors", "--inputs", "x.npy"]
     assert main([*common, "--references", "y.npy"]) == 2  # were read, then ignored: risk 0 against nothing
     assert "--references is for risk_label certificates; this one is 'label'" in capsys.readouterr().err
+    dataclasses.replace(cert, consistency="risk_label").to_json(path)
+    assert main(common) == 2  # said "consistency='risk_label' needs references=", the Python argument
+    assert "risk_label loss compares with reference labels: give --references FILE" in capsys.readouterr().err
+    dataclasses.replace(cert, consistency="label").to_json(path)
     assert main([*common, "--prompts", "p.txt"]) == 2
     assert "--prompts does not apply to an fff_depth certificate of a classifier, which reads --model" in capsys.readouterr().err
     assert main(["audit", str(path), "--model", "fff.safetensors"]) == 2

@@ -20,8 +20,9 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 from calibrate import bounds, fwer
 from calibrate._extras import lazy_getattr
 from calibrate.audit import AuditReport, ValidityReport, audit, validity
-from calibrate.cache import LayerCache, concat_caches, open_cache
+from calibrate.cache import LayerCache, open_cache
 from calibrate.certificate import Certificate
+from calibrate.concat import concat_caches
 from calibrate.crc import conformal_risk_control
 from calibrate.exits import Decay, average_layers, default_lambdas, exit_layers, with_decay_headroom
 from calibrate.fit import certify, fit

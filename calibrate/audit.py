@@ -48,7 +48,8 @@ def _certificate_losses(cert: Certificate, cache, *, decode=None, progress=False
             "audit needs an exit-threshold certificate made by calibrate.fit (with a measure and a "
             f"consistency); got knob={cert.knob!r}, measure={cert.measure!r}, consistency={cert.consistency!r}"
         )
-    from calibrate.cache import _first_difference, _in_memory_iv, _loaded_by_name
+    from calibrate.cache import _in_memory_iv
+    from calibrate.concat import _first_difference, _loaded_by_name
     from measures.learned import plain_state
 
     _in_memory_iv(cache, "the test cache")

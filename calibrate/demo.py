@@ -358,7 +358,7 @@ def smollm2_data(
 def _cross_fitted(model, train, heads, seed: int):
     """``train`` with each half re-scored through adapters fitted on the other half (out-of-sample labels)."""
     from calibrate.adapters import train_adapters
-    from calibrate.cache import concat_caches
+    from calibrate.concat import concat_caches
     from calibrate.extraction import rehead
 
     a, b = train.split([0.5, 0.5], seed=seed)

@@ -40,7 +40,8 @@ from calibrate._extract_steps import (
     _warn_disagreement,
     _with_meta,
 )
-from calibrate.cache import LayerCache, concat_caches, open_cache
+from calibrate.cache import LayerCache, open_cache
+from calibrate.concat import concat_caches
 from calibrate.heads import ExitHeads, _cache_model_iv, _heads_iv
 from calibrate.models import _eval_mode
 

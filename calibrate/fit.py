@@ -129,7 +129,8 @@ def _heads_of_another_model(a, b) -> bool:
 
 def _train_cache_iv(train_cache, cache):
     """``train_cache``, checked: a LayerCache other than ``cache``, from the same model and heads."""
-    from calibrate.cache import _in_memory_iv, _loaded_by_name
+    from calibrate.cache import _in_memory_iv
+    from calibrate.concat import _loaded_by_name
 
     _in_memory_iv(train_cache, "train_cache")
     if train_cache.checksum == cache.checksum:

@@ -32,7 +32,8 @@ from calibrate._cache_files import (
 )
 from calibrate._storage import Remote
 from calibrate._validation import int_at_least
-from calibrate.cache import _MAY_DIFFER, _meta_difference, concat_caches, open_cache
+from calibrate.cache import open_cache
+from calibrate.concat import _MAY_DIFFER, _meta_difference, concat_caches
 
 __all__ = ["MANIFEST_FILE", "shard_name", "parse_shard", "shard_bounds", "write_manifest", "is_sharded", "open_sharded"]
 

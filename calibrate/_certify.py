@@ -9,9 +9,10 @@ import numpy as np
 
 from calibrate import bounds as _bounds
 from calibrate import fwer as _fwer
+from calibrate._certificate_checks import _knob_grid_iv
 from calibrate._format import level
 from calibrate._validation import caller_stacklevel, open_interval
-from calibrate.certificate import KNOBS, Certificate, _knob_grid_iv
+from calibrate.certificate import KNOBS, Certificate
 from calibrate.crc import _crc_index, _non_monotone_reason
 from calibrate.losses import LossTable, user_losses
 

@@ -33,6 +33,9 @@ from calibrate.fit import fit
 from calibrate.losses import tokenizer_decode
 from measures.learned import LEARNED_MEASURES
 
+#: Consistencies :func:`smollm2_demo` takes: it scores decoded texts, without references.
+_TEXT_METRICS = ("rouge_l", "bleu", "token_f1")
+
 __all__ = [
     "REAL_MEASURES",
     "SmolLM2Data",
@@ -170,8 +173,9 @@ def smollm2_demo(
         Prompts per batch in extraction and decoding.
     delta, epsilon : float
         Risk tolerance and failure probability, in (0, 1).
-    consistency : str
-        Consistency loss (default: ROUGE-L of the early-exit text against the full model's).
+    consistency : {"rouge_l", "bleu", "token_f1"}
+        Textual consistency loss of the early-exit text against the full model's (default ROUGE-L); the demo
+        scores its decoded outputs as text, and its prompts have no references.
     seed : int
         Seed of the task split and the classifier's train split.
     """
@@ -181,6 +185,8 @@ def smollm2_demo(
     from measures.classifier import agreement
 
     _tolerances_iv(delta, epsilon)  # before minutes of extraction
+    if consistency not in _TEXT_METRICS:  # token or risk_* failed after all the work, scoring decoded texts
+        raise ValueError(f"consistency must be one of {_TEXT_METRICS} (the demo scores texts), got {consistency!r}")
     for name, value, low in (("n_train", n_train, 4), ("n_cal", n_cal, 4), ("n_test", n_test, 1)):
         int_at_least(value, name, low)
     int_at_least(max_new_tokens, "max_new_tokens")

@@ -37,6 +37,7 @@ def test_synthetic_demo_checks_its_arguments_before_any_work(tmp_path, kwargs, e
         ({"epsilon": 1.5}, "epsilon must lie in the open interval"),
         ({"seed": -1}, r"seed must be an int >= 0 \(it seeds the random draws\), got -1"),  # after the model loaded
         ({"batch_size": 0}, "batch_size must be an int >= 1, got 0"),
+        ({"consistency": "token"}, r"consistency must be one of \('rouge_l', 'bleu', 'token_f1'\)"),  # failed at the end
     ],
 )
 def test_real_model_demo_checks_its_arguments_before_loading_anything(tmp_path, kwargs, match):

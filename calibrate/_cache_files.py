@@ -160,10 +160,10 @@ def _replaceable(target: Path | Remote) -> bool:
     """An empty directory, or a cache directory: what :meth:`LayerCache.save` writes and hidden files
     (``.DS_Store``), with a ``meta.json`` of this library. Never a symlink, nor another tool's directory that
     happens to hold a ``meta.json``, nor one whose ``meta.json`` cannot be read (whose it is is unknown)."""
-    if isinstance(target, Remote):
+    if isinstance(target, Remote):  # detail: s3fs and gcsfs list bare names by default
         if not target.is_dir():
             return False
-        entries = {entry["name"].rstrip("/").rsplit("/", 1)[-1]: entry["type"] for entry in target.fs.ls(target.path)}
+        entries = {entry["name"].rstrip("/").rsplit("/", 1)[-1]: entry["type"] for entry in target.fs.ls(target.path, detail=True)}
     elif not target.is_dir() or target.is_symlink():
         return False
     else:

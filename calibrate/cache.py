@@ -756,10 +756,12 @@ def open_cache(path: str | os.PathLike, *, verify: bool = True, chunks: int | No
 
 def _identity(root) -> bytes | None:
     """Which cache ``root`` holds now: its ``meta.json``, which records every field's checksum (a save with
-    ``overwrite`` renames another cache into place; inode numbers are reused, and unstable on some mounts)."""
+    ``overwrite`` renames another cache into place, or at a URL replaces its files, ``meta.json`` last; inode
+    numbers are reused, and unstable on some mounts). None when it cannot be read."""
     try:
-        return (root / _META_FILE).read_bytes() if isinstance(root, Path) else None
-    except OSError:
+        meta = root / _META_FILE
+        return meta.read_bytes() if isinstance(meta, Path) else meta.read_text("utf-8").encode()
+    except (OSError, ValueError):  # ValueError: not UTF-8 (UnicodeDecodeError)
         return None
 
 

@@ -11,6 +11,7 @@ import calibrate
 from calibrate._storage import Remote
 
 fsspec = pytest.importorskip("fsspec")
+pytest.importorskip("fsspec.implementations.memory")
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +87,42 @@ def test_overwrite_rules_at_a_url(cache, url):
         cache.save(f"{url}-data", overwrite=True)
     assert fs.cat(f"{url[len('memory://') :]}-data/notes.txt") == b"not a cache"
     fs.rm(f"{url[len('memory://') :]}-data", recursive=True)
+
+
+class _S3Like(fsspec.implementations.memory.MemoryFileSystem):
+    """An in-memory file system whose ``ls`` lists bare names by default, as s3fs's and gcsfs's do."""
+
+    protocol = ("s3like",)
+
+    def ls(self, path, detail=False, **kwargs):
+        return super().ls(path, detail=detail, **kwargs)
+
+
+def test_overwrite_at_a_url_whose_listing_gives_names(cache, url):
+    fsspec.register_implementation("s3like", _S3Like, clobber=True)
+    target = url.replace("memory://", "s3like://")
+    cache.save(target)
+    other = calibrate.synthetic_cache(30, n_layers=3, seed=1)
+    other.save(target, overwrite=True)  # was TypeError: string indices must be integers
+    assert calibrate.open_cache(target).checksum == other.checksum
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_a_cache_saved_over_while_it_is_read_at_a_url_says_so(cache, url, monkeypatch, verify):
+    """Unverified, the arrays of the old cache and of its replacement were returned as one cache."""
+    import calibrate.cache as cache_module
+
+    cache.save(url)
+    other = calibrate.synthetic_cache(120, n_layers=5, seed=12)  # the same shapes
+    read_vocab = cache_module._read_vocab
+
+    def overwritten_meanwhile(root, spec):
+        other.save(url, overwrite=True)  # another process saves over it now
+        return read_vocab(root, spec)
+
+    monkeypatch.setattr(cache_module, "_read_vocab", overwritten_meanwhile)
+    with pytest.raises(ValueError, match=rf"{url} was replaced \(saved again with overwrite=True\) while it was being read"):
+        calibrate.open_cache(url, verify=verify)
 
 
 def test_corruption_at_a_url_names_what_is_wrong(cache, url):

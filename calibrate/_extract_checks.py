@@ -62,6 +62,8 @@ def _extract_iv(
             raise TypeError(f"shard_dir must be a str or os.PathLike, got {type(shard_dir).__name__}")
         if not os.fspath(shard_dir):
             raise ValueError("shard_dir must name a directory, got ''")
+        if "://" in os.fspath(shard_dir):  # Path() would make "s3://b/c" the local directory "s3:/b/c"
+            raise ValueError(f"shard_dir must be a local directory, got the URL {os.fspath(shard_dir)!r}")
         shard_dir = Path(shard_dir)
         if shard_dir.exists() and not shard_dir.is_dir():
             raise ValueError(f"shard_dir {shard_dir} exists and is not a directory")

@@ -151,7 +151,9 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("extract", help="run a local Hugging Face model over prompts and write a layer cache")
     p.add_argument("--model", required=True, help="directory written by save_pretrained (model and tokenizer)")
     p.add_argument("--prompts", required=True, help="one prompt per line, or JSONL with 'prompt' and 'reference'")
-    p.add_argument("-o", "--output", required=True, help="cache directory to write")
+    p.add_argument(
+        "-o", "--output", required=True, help="cache directory to write, or an fsspec URL (with a local --shard-dir)"
+    )
     p.add_argument("--max-new-tokens", type=_count, default=32, help="tokens generated per prompt (default 32)")
     p.add_argument("--batch-size", type=_count, default=8, help="prompts per forward pass (default 8)")
     p.add_argument("--top-k", type=_count, default=8, help="log-probabilities kept per layer and token (default 8)")
@@ -170,7 +172,8 @@ def _parser() -> argparse.ArgumentParser:
         "joins them (default under torchrun: RANK/WORLD_SIZE)",
     )
     p.add_argument(
-        "--shard-dir", default=None, help="where each batch is saved as it completes; rerunning resumes from it"
+        "--shard-dir", default=None,
+        help="local directory where each batch is saved as it completes; rerunning resumes from it",
     )
     p.add_argument("--keep-shards", action="store_true", help="keep --shard-dir after the cache is written")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")

@@ -40,6 +40,7 @@ from calibrate._extract_steps import (
     _warn_disagreement,
     _with_meta,
 )
+from calibrate._storage import Remote, location
 from calibrate.cache import LayerCache, open_cache
 from calibrate.concat import concat_caches
 from calibrate.heads import ExitHeads, _cache_model_iv, _heads_iv
@@ -417,10 +418,10 @@ def extract_main(
     prompts_file : str or os.PathLike
         Prompts, one per line, or JSONL with ``"prompt"`` and optional ``"reference"`` (:func:`read_prompts`).
     output : str or os.PathLike
-        Directory of the cache to write.
+        Directory of the cache to write, or an fsspec URL (``s3://bucket/cache``, ...; not with ``shard``).
     shard_dir : str or os.PathLike, optional
-        Where the per-batch caches ``batch_00000``, ... go. Default: ``<output>.shards`` beside ``output``;
-        rerunning the same command after a crash resumes from them. With ``shard``, they go to the
+        Local directory where the per-batch caches ``batch_00000``, ... go (needed with a URL ``output``).
+        Default: ``<output>.shards`` beside ``output``; rerunning the same command after a crash resumes from them. With ``shard``, they go to the
         subdirectory ``shard_dir/shard-0000i-of-0000N`` (named like the shard's output), so that the
         workers can share one ``shard_dir``.
     keep_shards : bool, default=False
@@ -460,7 +461,15 @@ def extract_main(
 
     if not os.fspath(output):  # Path("") would be the working directory
         raise ValueError("output must name a directory, got ''")
-    root = Path(output)
+    root = location(output)  # Path(output) made "s3://b/c" the local directory "s3:/b/c"
+    if isinstance(root, Remote):
+        if shard is not None:
+            raise ValueError(f"shard writes a manifest beside local shards: give a local output, got {output!r}")
+        if shard_dir is None:
+            raise ValueError(
+                f"a URL output ({output}) needs a local shard_dir (--shard-dir) for the batches, from which a rerun "
+                "resumes until the cache is uploaded"
+            )
     target = root if shard is None else root / shards.shard_name(*shard)
     prompts, references = read_prompts(prompts_file)
     ids = [str(i) for i in range(len(prompts))]

@@ -621,6 +621,29 @@ def test_extract_main_deletes_only_its_batches_from_a_shard_dir(tokenizer, tmp_p
         extract_main(model_dir, prompts, "", overwrite=True, shard_dir=empty, **kw)  # replaced the working directory
 
 
+def test_extract_main_writes_a_url_output_there(tokenizer, tmp_path, monkeypatch):
+    """It wrote ``memory://bucket/c`` to the local directory ``memory:/bucket/c``."""
+    fsspec = pytest.importorskip("fsspec")
+    model_dir = tmp_path / "model"
+    tiny_model("gpt2").save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS[:3]) + "\n", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    url = f"memory://calibrate-test-{tmp_path.name}/cache"
+    kw = dict(max_new_tokens=3, batch_size=2, progress=False)
+    with pytest.raises(ValueError, match=r"a URL output \(memory://.*\) needs a local shard_dir \(--shard-dir\)"):
+        extract_main(model_dir, prompts, url, **kw)
+    with pytest.raises(ValueError, match="shard writes a manifest beside local shards: give a local output"):
+        extract_main(model_dir, prompts, url, shard_dir=tmp_path / "work", shard=(0, 2), **kw)
+    with pytest.raises(ValueError, match="shard_dir must be a local directory, got the URL 'memory://x'"):
+        extract_main(model_dir, prompts, tmp_path / "local", shard_dir="memory://x", **kw)
+    cache = extract_main(model_dir, prompts, url, shard_dir=tmp_path / "work", **kw)
+    assert open_cache(url).checksum == cache.checksum
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "prompts.txt"]  # nothing written here
+    fsspec.filesystem("memory").rm(f"/calibrate-test-{tmp_path.name}", recursive=True)
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "t5"])
 def test_extract_main_from_a_saved_directory(arch, tokenizer, tmp_path):
     model = tiny_model(arch)

@@ -7,6 +7,7 @@ import json
 import math
 import numbers
 import os
+import re
 import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -376,6 +377,15 @@ class Certificate:
         return f"{core}; assumes test data exchangeable with the {self.n} calibration examples; {MODES[self.mode]}"
 
     # ---- tables and text ------------------------------------------------------------------------
+    def _runs_whole(self) -> bool:
+        """Whether the certified value of a ``token_keep`` or ``fff_depth`` knob is the unchanged model: a keep
+        ratio of 1, or the depth of the deepest tree (read from the id :func:`calibrate.fff.model_id` records).
+        The first grid value need not be either (``lat.fit(speedups=[2.0])``, ``fff.fit(depths=[4, 3])``)."""
+        if self.knob == "token_keep":
+            return self.lambda_hat == 1.0
+        match = re.fullmatch(r"fff/\d+x/D([\d-]+)/.*", self.model or "") if self.knob == "fff_depth" else None
+        return match is not None and self.lambda_hat == max(map(int, match[1].split("-")))
+
     def to_frame(self):
         """The grid as a :class:`pandas.DataFrame`, a row per value safest first: lambda, tested, risk,
         p_value, certified, avg_layers (when known) and selected (the row of ``lambda_hat``)."""
@@ -431,7 +441,7 @@ class Certificate:
                 f"  decaying threshold lambda_t = min(1, 0.9 lambda + 0.1 exp(-{self.decay['tau']:g} t / "
                 f"{self.decay['max_len']})) at output position t (so lambda > 1 still exits late in an output)"
             )
-        same = " (the full model's: no speed-up)" if self.lambda_hat == self.lambdas[0] else ""
+        same = " (the full model's: no speed-up)" if self._runs_whole() else ""
         if self.knob == "fff_depth" and self.lambda_hat is not None:
             k = self.lambda_hat
             shallower = f"; trees shallower than {k:g} run whole" if k > 0 else ""

@@ -412,9 +412,17 @@ def test_a_speed_knob_certified_at_its_safest_value_says_it_changes_nothing():
     first = dataclasses.replace(keep, lambda_hat=1.0, certified=(True, False, False))
     assert "certified target speed-up 1x of the prefill (the full model's: no speed-up)" in first.summary()
     depth = calibrate.certify(losses, [6, 5, 4], delta=0.1, knob="fff_depth")
-    whole = dataclasses.replace(depth, lambda_hat=6.0, certified=(True, False, False))
+    whole = dataclasses.replace(depth, lambda_hat=6.0, certified=(True, False, False), model="fff/2x/D5-6/ab")
     assert "certified evaluation depth 6 (the full model's: no speed-up):" in whole.summary()
     assert "certified evaluation depth 4:" in depth.summary()
+    # grids that start below the whole model: their first value is a speed-up (the note was given by position)
+    halved = calibrate.certify(losses[:, :1], [0.5], delta=0.1, knob="token_keep")
+    assert "certified target speed-up 2x of the prefill (the cost" in halved.summary()
+    shallower = calibrate.certify(losses[:, :2], [4, 3], delta=0.1, knob="fff_depth")
+    shallower = dataclasses.replace(shallower, lambda_hat=4.0, certified=(True, False), model="fff/2x/D5-6/ab")
+    assert "certified evaluation depth 4:" in shallower.summary()
+    unknown = dataclasses.replace(whole, model=None)  # no tree depth known: no claim
+    assert "certified evaluation depth 6:" in unknown.summary()
 
 
 @pytest.mark.filterwarnings("ignore:conformal risk control's guarantee")

@@ -159,6 +159,26 @@ def test_survivors_keep_the_best_real_vectors_in_column_order_with_the_filler_on
     assert index[1, 1:].tolist() == [0, 2] and kept[1].tolist() == [False, True, True]
 
 
+@pytest.mark.parametrize("filler_first", [True, False])
+def test_tied_scores_keep_the_same_vectors_however_a_row_is_padded(filler_first):
+    """Ties go to the earlier column: torch.topk broke them by the row's width, so a batch's padding changed which
+    vectors a prompt kept (and what it generated)."""
+    from calibrate.lat.scores import survivors
+
+    n = 13
+    scores = torch.tensor([1.0, 0.5, 0.25, 0.25, 0.75, 0.25, 0.25, 0.5, 0.25, 0.0, 0.25, 0.5, 2.0])
+    for pad in range(0, 40):
+        width = n + pad
+        real = torch.arange(width) >= pad if filler_first else torch.arange(width) < n  # left or right padding
+        received = torch.zeros(1, 1, width)
+        received[0, 0, real] = scores
+        allowed = (real[:, None] & real[None, :])[None]
+        index, kept = survivors(received, allowed, None, torch.zeros(1, width, dtype=torch.bool), real[None],
+                                torch.tensor([7]), filler_first=filler_first)  # fmt: skip
+        columns = index[kept] - (pad if filler_first else 0)  # the 7th is one of six tied at 0.25: the first
+        assert columns.tolist() == [0, 1, 2, 4, 7, 11, 12], f"padded by {pad}: kept {columns.tolist()}"
+
+
 def test_a_nan_score_counts_as_zero_when_choosing_survivors():
     from calibrate.lat.scores import survivors
 
@@ -632,6 +652,9 @@ def test_fit_bad_grid(word_tokenizer):
             lat.fit(model, word_tokenizer, ["w1 w2 w3"] * 10, speedups=bad)
     with pytest.raises(ValueError, match=r"strictly increasing grid \(safest first\), got \[1.0, 1.5, 1.5\]"):
         lat.fit(model, word_tokenizer, ["w1 w2 w3"] * 10, speedups=[1.0, 1.5, 1.5])  # a repeated value
+    for scalar in (2.0, np.float64(2.0), np.array(2.0), "2"):  # "'float' object is not iterable"
+        with pytest.raises(ValueError, match="speedups must be a sequence .*; for one value use \\[value\\]"):
+            lat.fit(model, word_tokenizer, ["w1 w2 w3"] * 10, speedups=scalar)
     with pytest.raises(ValueError, match=r"score must be one of \('attention', 'value'\), got 'norm'"):
         lat.fit(model, word_tokenizer, ["w1 w2 w3"] * 10, score="norm")
 

@@ -48,6 +48,11 @@ DEFAULT_SPEEDUPS = (1.0, 1.1, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0)
 
 
 def _speedups_iv(speedups) -> np.ndarray:
+    if isinstance(speedups, (str, bytes)) or (speedups is not None and np.ndim(speedups) != 1):
+        raise ValueError(
+            f"speedups must be a sequence (a grid, safest first), got {type(speedups).__name__} {speedups!r:.60}; for "
+            "one value use [value]"
+        )
     values = np.array([_speedup_iv(s) for s in (DEFAULT_SPEEDUPS if speedups is None else speedups)], dtype=np.float64)
     if values.size == 0 or np.any(np.diff(values) <= 0):
         raise ValueError(

@@ -127,7 +127,8 @@ def survivors(
     *,
     filler_first: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The word vectors each row keeps: its ``target`` best by :func:`contribution_scores`, in column order.
+    """The word vectors each row keeps: its ``target`` best by :func:`contribution_scores` (of equal scores, the
+    earlier column), in column order.
 
     Parameters
     ----------
@@ -153,7 +154,8 @@ def survivors(
     s = torch.nan_to_num(contribution_scores(received, allowed, norms), nan=0.0)  # (n, W)
     s = s.masked_fill(always, math.inf).masked_fill(~valid, -math.inf)
     width = s.shape[1]
-    best = s.topk(int(target.max()), dim=1).indices  # (n, W') best first
+    # (n, W') best first; ties to the earlier column (topk broke them by the width: padding changed a row's survivors)
+    best = s.sort(dim=1, descending=True, stable=True).indices[:, : int(target.max())]
     chosen = torch.arange(best.shape[1], device=s.device)[None, :] < target[:, None]  # (n, W')
     order = (
         torch.where(chosen, best + width, best) if filler_first else torch.where(chosen, best, best + width)

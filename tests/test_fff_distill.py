@@ -37,6 +37,21 @@ def test_recorded_activations_are_the_mlp_blocks_own(arch, tokenizer):
         torch.testing.assert_close(decoder_layers(model)[1].mlp(x), y)
 
 
+def test_texts_without_tokens_add_none(tokenizer):
+    """A blank line of a corpus ran the model on no token (llama: "cannot reshape tensor of 0 elements")."""
+    model = tiny_model("llama").eval()
+    with_blanks = fff.mlp_activations(model, tokenizer, ["", TEXTS[0], "", TEXTS[1]], [0, 1], max_tokens=6)
+    plain = fff.mlp_activations(model, tokenizer, TEXTS[:2], [0, 1], max_tokens=6)
+    for i in (0, 1):
+        torch.testing.assert_close(with_blanks[i], plain[i], rtol=0, atol=0)
+    x, y = fff.mlp_activations(model, tokenizer, ["", ""], [1])[1]
+    assert x.shape == y.shape == (0, 32)
+    held = np.random.default_rng(0).permutation(4)[:2]  # distill's held-out half at seed 0
+    texts = ["" if i in held else TEXTS[i] for i in range(4)]
+    with pytest.raises(ValueError, match=r"the held-out texts \(split by heldout=0.5, seed=0\) have no token"):
+        fff.distill(model, tokenizer, texts, heldout=0.5, steps=1, progress=False)
+
+
 def test_distill_replaces_only_the_chosen_blocks_of_a_copy(distilled):
     model, before, result = distilled
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the original is untouched
@@ -187,7 +202,7 @@ def test_distill_leaves_the_global_torch_generator_alone(tokenizer):
 def test_blocks_saved_beside_the_original_model_load_back(distilled, tmp_path):
     model, _, result = distilled
     path = fff.save_blocks(result.model, tmp_path / "blocks")
-    assert sorted(p.name for p in path.iterdir()) == ["layer-00000.safetensors", "layer-00002.safetensors"]
+    assert sorted(p.name for p in path.iterdir()) == ["layer-00000.safetensors", "layer-00002.safetensors", "source.json"]
     fresh = tiny_model("llama").eval()
     torch.testing.assert_close(fresh.state_dict(), model.state_dict(), rtol=0, atol=0)  # the original model
     loaded = fff.load_blocks(fresh, path)
@@ -204,18 +219,42 @@ def test_blocks_saved_beside_the_original_model_load_back(distilled, tmp_path):
     with pytest.raises(ValueError, match="holds no FFF block"):
         fff.load_blocks(tiny_model("llama"), tmp_path / "empty")
     small = tiny_model("llama", n_layers=2)
-    with pytest.raises(ValueError, match="layer-00002.safetensors is for decoder layer 2, but the model has 2"):
+    with pytest.raises(ValueError, match="were distilled from a model with n_layers=3, not 2"):
         fff.load_blocks(small, path)
+    (tmp_path / "unrecorded").mkdir()  # no source.json: the layer index is still checked
+    (tmp_path / "unrecorded" / "layer-00002.safetensors").write_bytes((path / "layer-00002.safetensors").read_bytes())
+    with pytest.raises(ValueError, match="layer-00002.safetensors is for decoder layer 2, but the model has 2"):
+        with pytest.warns(UserWarning, match="records no source model"):
+            fff.load_blocks(small, tmp_path / "unrecorded")
     assert not any(isinstance(layer.mlp, fff.FFF) for layer in decoder_layers(small))  # untouched, not half-loaded
     (tmp_path / "cut").mkdir()
     data = (path / "layer-00000.safetensors").read_bytes()
     (tmp_path / "cut" / "layer-00000.safetensors").write_bytes(data[:-20])
     with pytest.raises(ValueError, match="layer-00000.safetensors is not a readable safetensors file"):
-        fff.load_blocks(tiny_model("llama"), tmp_path / "cut")
+        with pytest.warns(UserWarning, match="records no source model"):
+            fff.load_blocks(tiny_model("llama"), tmp_path / "cut")
     (tmp_path / "narrow").mkdir()
     fff.FFF(16, 16, 2).save(tmp_path / "narrow" / "layer-00001.safetensors")
     with pytest.raises(ValueError, match=r"layer-00001.safetensors maps 16 -> 16 features, the model's MLPs 32"):
-        fff.load_blocks(tiny_model("llama"), tmp_path / "narrow")
+        with pytest.warns(UserWarning, match="records no source model"):
+            fff.load_blocks(tiny_model("llama"), tmp_path / "narrow")
+
+
+def test_blocks_load_only_into_the_model_they_were_distilled_from(distilled, tmp_path):
+    """A deeper model of the same width, another architecture, another model of the same shape: all took them."""
+    _, _, result = distilled
+    path = fff.save_blocks(result.model, tmp_path / "blocks")
+    others = {
+        "n_layers=3, not 5": tiny_model("llama", n_layers=5),
+        "model_type='llama', not 'gpt2'": tiny_model("gpt2", n_layers=3),
+        "another model of this shape": tiny_model("llama", seed=1),
+    }
+    for match, other in others.items():
+        with pytest.raises(ValueError, match=f"the blocks in .*blocks were distilled from (a model with )?{match}"):
+            fff.load_blocks(other, path)
+        assert not any(isinstance(layer.mlp, fff.FFF) for layer in decoder_layers(other))
+    for dtype in (torch.bfloat16, torch.float64):  # the same model in another dtype: its own blocks
+        fff.load_blocks(tiny_model("llama").to(dtype), path)
 
 
 def test_cli_certifies_and_audits_a_language_model(distilled, tokenizer, tmp_path, capsys):
@@ -346,7 +385,8 @@ def test_loaded_blocks_take_the_models_dtype(tmp_path):
     block = fff.FFF(32, 32, 2, generator=torch.Generator().manual_seed(0))
     (tmp_path / "blocks").mkdir()
     block.save(tmp_path / "blocks" / "layer-00001.safetensors")
-    fff.load_blocks(model, tmp_path / "blocks")
+    with pytest.warns(UserWarning, match="records no source model"):
+        fff.load_blocks(model, tmp_path / "blocks")
     loaded = decoder_layers(model)[1].mlp
     assert isinstance(loaded, fff.FFF) and {p.dtype for p in loaded.parameters()} == {torch.float64}
     torch.testing.assert_close(loaded.w_in, block.w_in.double(), rtol=0, atol=0)  # the stored weights, widened

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
 import os
 import re
 import shutil
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from calibrate._atomic import sync_dir, temporary_dir
-from calibrate._validation import finite_positive, int_at_least, seed_iv, torch_seed
+from calibrate._validation import caller_stacklevel, finite_positive, int_at_least, seed_iv, torch_seed
 from calibrate.audit import _tight
 from calibrate.fff.layer import FFF
 from calibrate.heads import decoder_layers, forward_hooks
@@ -37,6 +39,47 @@ __all__ = ["DistillResult", "distill", "load_blocks", "mlp_activations", "save_b
 
 #: File name of a decoder layer's FFF block in a directory written by :func:`save_blocks`.
 _BLOCK_FILE = "layer-{:05d}.safetensors"
+#: What :func:`save_blocks` records of the model beside its blocks, so that :func:`load_blocks` refuses another one.
+_SOURCE_FILE = "source.json"
+
+
+def _source(model: nn.Module) -> dict:
+    """The architecture, layer count and width of ``model``, and 16 evenly spaced values of its token embeddings
+    (float32; loading into a model of another dtype compares them to its precision)."""
+    emb = model.get_input_embeddings().weight.detach().reshape(-1)
+    sample = emb[:: max(1, emb.numel() // 16)][:16].float().cpu().tolist()
+    n_layers = len(decoder_layers(model))
+    return {"model_type": model.config.model_type, "n_layers": n_layers, "hidden_size": model.config.hidden_size,
+            "embedding_sample": sample}  # fmt: skip
+
+
+def _source_iv(model: nn.Module, root: Path) -> None:
+    """Refuse ``model`` unless it is the model whose blocks ``root`` holds (by :func:`_source`); warn when the
+    directory records none (written before it did)."""
+    path = root / _SOURCE_FILE
+    if not path.is_file():
+        warnings.warn(
+            f"{root} records no source model ({_SOURCE_FILE}): it cannot be checked against this one",
+            UserWarning,
+            stacklevel=caller_stacklevel(),
+        )
+        return
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        saved = {key: saved[key] for key in ("model_type", "n_layers", "hidden_size", "embedding_sample")}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path} is not a source record of calibrate.fff.save_blocks ({exc!r:.80})") from None
+    here = _source(model)
+    for key in ("model_type", "n_layers", "hidden_size"):
+        if here[key] != saved[key]:
+            raise ValueError(
+                f"the blocks in {root} were distilled from a model with {key}={saved[key]!r}, not {here[key]!r}"
+            )
+    if not np.allclose(here["embedding_sample"], saved["embedding_sample"], rtol=1e-2, atol=1e-6):
+        raise ValueError(
+            f"the blocks in {root} were distilled from another model of this shape (its token embeddings differ): load "
+            "them into the model they were distilled from"
+        )
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -136,7 +179,8 @@ def mlp_activations(
     Returns
     -------
     dict
-        ``layer -> (inputs, outputs)``, float32 tensors of shape ``(n_tokens, d)``, tokens in text order.
+        ``layer -> (inputs, outputs)``, float32 tensors of shape ``(n_tokens, d)``, tokens in text order (a text
+        without tokens, e.g. a blank line, adds none).
     """
     blocks = decoder_layers(model)
     layers = _layers_iv(layers, len(blocks))
@@ -154,8 +198,10 @@ def mlp_activations(
     with forward_hooks([(_mlp_of(blocks[i], i), hook_for(i)) for i in layers]), _eval_mode(model):
         for text in texts:
             ids = tokenizer(text, return_tensors="pt")["input_ids"][:, :max_tokens].to(device)
-            model(input_ids=ids)
-    return {i: (torch.cat(x), torch.cat(y)) for i, (x, y) in recorded.items()}
+            if ids.shape[1]:  # a blank line of a corpus: the model cannot run on no token
+                model(input_ids=ids)
+    empty = torch.empty(0, model.config.hidden_size)
+    return {i: (torch.cat([empty, *x]), torch.cat([empty, *y])) for i, (x, y) in recorded.items()}
 
 
 def _linear(d_in: int, d_out: int, generator: torch.Generator) -> nn.Linear:
@@ -266,6 +312,9 @@ def distill(
     held_texts = [texts[i] for i in order[:n_held]]
     train = mlp_activations(model, tokenizer, train_texts, layers, max_tokens=max_tokens)
     held = mlp_activations(model, tokenizer, held_texts, layers, max_tokens=max_tokens)
+    for split, name in ((train, "training"), (held, "held-out")):
+        if split[layers[0]][0].shape[0] == 0:
+            raise ValueError(f"the {name} texts (split by heldout={heldout}, seed={seed}) have no token: empty texts?")
 
     student = copy.deepcopy(model).eval()
     student_blocks = decoder_layers(student)
@@ -295,7 +344,8 @@ def save_blocks(model: nn.Module, directory: str | os.PathLike) -> Path:
     """Write the FFF blocks of ``model`` (e.g. a :class:`DistillResult`'s ``model``), one safetensors file per layer.
 
     The rest of the model is the original, saved as usual (``save_pretrained``); :func:`load_blocks` puts
-    the blocks back into it. The directory is written aside and renamed into place.
+    the blocks back into it, and only into it: ``source.json`` records the model's architecture, layer count,
+    width and a sample of its token embeddings. The directory is written aside and renamed into place.
 
     Parameters
     ----------
@@ -327,6 +377,7 @@ def save_blocks(model: nn.Module, directory: str | os.PathLike) -> Path:
     try:
         for i, block in blocks.items():
             block.save(tmp / _BLOCK_FILE.format(i))  # each flushed to the disk
+        (tmp / _SOURCE_FILE).write_text(json.dumps(_source(model)) + "\n", encoding="utf-8")
         tmp.rename(target)
         sync_dir(target.parent)
     except BaseException:
@@ -353,8 +404,15 @@ def load_blocks(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     Raises
     ------
     ValueError
-        When the directory holds no block file, or a block is unreadable, names a layer the model lacks or
-        has another width than the model's (the message names the file); the model is then left unchanged.
+        When the directory holds no block file, ``model`` is not the model the blocks were distilled from
+        (another architecture, layer count, width or token embeddings than ``source.json`` records), or a
+        block is unreadable, names a layer the model lacks or has another width than the model's (the message
+        names the file); the model is then left unchanged.
+
+    Warns
+    -----
+    UserWarning
+        When the directory records no source model (written without ``source.json``): nothing is compared.
     """
     root = Path(directory)
     if not root.is_dir():
@@ -362,6 +420,7 @@ def load_blocks(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     files = {int(m[1]): p for p in root.iterdir() if (m := re.fullmatch(r"layer-(\d{5})\.safetensors", p.name))}
     if not files:
         raise ValueError(f"{root} holds no FFF block (layer-NNNNN.safetensors files from calibrate.fff.save_blocks)")
+    _source_iv(model, root)
     layers = decoder_layers(model)
     param = next(model.parameters())
     width = model.config.hidden_size

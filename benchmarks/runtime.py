@@ -13,7 +13,8 @@ Rows printed per batch size:
   the tokens of ``hf`` (asserted);
 * ``exit@k``             -- every token exits at layer k (``exit_layer=k``; the first token comes from
   the prompt pass, which runs every layer), state propagation for the skipped layers;
-* ``sat lam=1`` / ``softmax_gap lam=1`` -- a certificate that never exits: every layer evaluates the
+* ``sat lam=1`` / ``softmax_gap lam=1`` -- a certificate at which no token exits (no confidence of this random
+  model reaches 1; asserted): every layer evaluates the
   measure, so the gap to ``runtime full`` is the **measure overhead** (saturation: O(d); softmax: the
   vocabulary-sized head at every layer);
 * ``sat lam=x``          -- a saturation threshold (mixed exits; mean exit layer shown).
@@ -150,6 +151,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"\nbatch {batch}: hf {n_tokens / best['hf']:8.1f} tok/s; runtime full emits the tokens of HF generate")
         print(f"  {'run':30s} {'tok/s':>8s} {'mean exit':>9s} {'speed-up':>8s} {'ideal':>6s} {'achieved/ideal':>14s}")
         for name, (_, softmax) in list(runs.items())[1:]:
+            assert "lam=1 " not in name or out[name].mean_exit_layer() == L, f"a token exited in {name}"
             speed_up = best["hf"] / best[name]
             ideal = ideal_ratio(out[name].exit_layers, cost, L, softmax)
             print(

@@ -618,7 +618,9 @@ def validity(
     trials : int, default=50
         Number of random splits.
     cal_fraction : float, default=0.8
-        Share of sequences used for calibration in each split; the rest is the test set.
+        Share of sequences used for calibration in each split; the rest is the test set. With a learned
+        measure, of the sequences left after its training split (``train_fraction`` of the cache, drawn once
+        for all trials).
     seed : int, default=0
         Seed of the splits (trial ``i`` uses a generator derived from ``seed`` and ``i``).
     delta, epsilon : float

@@ -215,7 +215,7 @@ def hoeffding(mean_loss: ArrayLike, n: int, tolerance: float) -> float | np.ndar
     Returns
     -------
     float or ndarray
-        ``exp(-2 n (a - mean_loss)_+^2)``, in ``(0, 1]``.
+        ``exp(-2 n (a - mean_loss)_+^2)``, in ``[0, 1]`` (values below about 1e-308 underflow to 0).
 
     Raises
     ------

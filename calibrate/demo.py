@@ -114,7 +114,8 @@ def _tolerances_iv(delta, epsilon) -> None:
 def synthetic_demo(
     out: Path, *, sequences: int = 2000, trials: int = 50, delta: float = 0.1, epsilon: float = 0.05, seed: int = 0
 ) -> pd.DataFrame:
-    """Certify and audit every measure on a synthetic cache, then a validity study; returns the table."""
+    """Certify and audit each confidence measure and the classifier on a synthetic cache (not the halting
+    measures), then a validity study; returns the table."""
     from measures.confidence import MEASURES
 
     _tolerances_iv(delta, epsilon)  # before any work

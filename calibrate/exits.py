@@ -57,8 +57,8 @@ class Decay:
 
     Notes
     -----
-    With decay on, ``lambda = 1`` no longer means "never exit", which is why the full model is an
-    explicit hypothesis rather than a grid value.
+    ``lambda = 1`` is not "never exit" (a confidence of exactly 1 passes it), and with decay on it exits far
+    more, which is why the full model is an explicit hypothesis rather than a grid value.
 
     Examples
     --------
@@ -147,8 +147,8 @@ def with_decay_headroom(grid, n: int) -> np.ndarray:
 
     Under the decaying threshold, ``lambda = 1`` still exits early: position ``t`` gets
     ``0.9 + 0.1 exp(-tau t / N)``, about 0.9 at the end. At ``1 / 0.9`` every position's threshold is 1,
-    as ``lambda = 1`` is without decay, so a grid that starts there has a safe first hypothesis (without
-    it, a decayed ``lambda = 1`` that fails leaves only the full model).
+    as ``lambda = 1`` is without decay (only a confidence of exactly 1 exits), so a grid that starts there has
+    a safe first hypothesis (without it, a decayed ``lambda = 1`` that fails leaves only the full model).
 
     Parameters
     ----------

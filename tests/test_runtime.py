@@ -934,6 +934,12 @@ def test_refuses_bad_models_and_prompts():
     neo = GPTNeoForCausalLM(GPTNeoConfig(num_layers=2, attention_types=[[["global"], 2]], hidden_size=16, num_heads=2))
     with pytest.raises(ValueError, match="unsupported architecture 'gpt_neo'.*'t5', 'bart'"):
         generate(neo.eval(), torch.tensor([[5, 6]]))
+    from transformers import BartForCausalLM
+
+    torch.manual_seed(0)
+    causal_bart = BartForCausalLM(tiny_model("bart").config).eval()  # its "encoder" was the whole model
+    with pytest.raises(ValueError, match=r"decodes model type 'bart' as an encoder-decoder .*BartForCausalLM is its"):
+        generate(causal_bart, torch.tensor([[5, 6]]))
     model = tiny_model("gpt2")
     ids, mask = left_pad(PROMPTS)
     with pytest.raises(ValueError, match="left-padded"):

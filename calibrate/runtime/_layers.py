@@ -630,7 +630,13 @@ def adapter_for(model: nn.Module, layers: nn.ModuleList) -> LayerAdapter:
             f"the early-exit runtime does not support model type {model_type!r} ({type(model).__name__}); "
             f"supported: {list(RUNTIME_ARCHITECTURES)}"
         )
-    return _ADAPTERS[model_type](model, layers)
+    adapter = _ADAPTERS[model_type]
+    if issubclass(adapter, EncoderDecoderAdapter) and not getattr(model.config, "is_encoder_decoder", False):
+        raise ValueError(  # BartForCausalLM: its "encoder" would be the whole model
+            f"the early-exit runtime decodes model type {model_type!r} as an encoder-decoder "
+            f"(...ForConditionalGeneration); {type(model).__name__} is its decoder alone"
+        )
+    return adapter(model, layers)
 
 
 #: ``config.model_type`` -> adapter class (keys: :data:`RUNTIME_ARCHITECTURES`).

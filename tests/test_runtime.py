@@ -362,6 +362,28 @@ def test_hf_custom_generate_applies_logits_processors():
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("eos", [None, 2])
+def test_hf_custom_generate_ends_rows_by_stopping_criteria_as_generate_does(eos):
+    """Without an EOS criterion, a row another criterion ended keeps decoding until every row has ended (HF pads
+    only rows ended with an EOS criterion); the runtime padded it."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class EndRow0(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            done = torch.zeros(input_ids.shape[0], dtype=torch.bool)
+            done[0] = input_ids.shape[1] - ids.shape[1] >= 2  # two new tokens
+            return done
+
+    model = tiny_model("llama")
+    model.generation_config.eos_token_id = eos
+    ids, mask = left_pad(PROMPTS)
+    kw = dict(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=6)
+    kw["stopping_criteria"] = StoppingCriteriaList([EndRow0()])
+    expected = model.generate(**kw)
+    torch.testing.assert_close(model.generate(**kw, custom_generate=custom_generate), expected, rtol=0, atol=0)
+    assert (expected[0, ids.shape[1] + 2 :] != PAD).any() == (eos is None)  # the case that differed
+
+
 _PROCESSED = [
     *((arch, 0, setting) for arch in ("gpt2", "llama", "t5", "bart") for setting in (
         {"repetition_penalty": 1.5}, {"no_repeat_ngram_size": 1}, {"forced_eos_token_id": 2}

@@ -97,7 +97,8 @@ def custom_generate(
         ``(batch, 1)`` holding ``decoder_start_token_id`` (encoder-decoder).
     logits_processor, stopping_criteria, generation_config
         Prepared by ``generate``; the processors are applied to the emitted logits (of whatever layer
-        exits) and the stopping criteria (EOS, max length, stop strings) end rows, as in greedy ``_sample``.
+        exits) and the stopping criteria (EOS, max length, stop strings) end rows, as in greedy ``_sample``: an
+        ended row is padded when one criterion stops at EOS, else it decodes on until every row has ended.
     synced_gpus, streamer
         Not supported (``synced_gpus=True`` or a streamer raise).
     certificate, heads, exit_layer

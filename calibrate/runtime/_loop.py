@@ -85,6 +85,9 @@ def _decode(
         adapter.encode(cache, run.encoder.mask, ids=run.encoder.ids, states=run.encoder.states)
     eos = torch.tensor(cfg.eos_token_ids, dtype=torch.long, device=device)  # (n_eos,)
     unfinished = torch.ones(B, dtype=torch.bool, device=device)  # (B,)
+    # Rows a stopping criterion ended get padding only when one criterion stops at EOS, as in HF's _sample;
+    # otherwise (max length, stop strings, a user's criterion) they keep decoding until every row has ended.
+    pad_finished = stopping_criteria is None or any(hasattr(c, "eos_token_id") for c in stopping_criteria)
     thresholds: list[float] = []
 
     # 2. Positions and keys visible to each row: left padding is masked, positions count real tokens
@@ -144,7 +147,7 @@ def _decode(
             break
 
         # 7. Next step: the unfinished rows feed their last token at cache column P + t - 1.
-        rows = torch.nonzero(unfinished).reshape(-1)  # (n,) global row indices
+        rows = torch.nonzero(unfinished if pad_finished else torch.ones_like(unfinished)).reshape(-1)  # (n,) rows
         n = rows.numel()
         global_rows = None if n == B else rows
         col = P + t - 1

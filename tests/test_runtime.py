@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -382,6 +383,24 @@ def test_hf_custom_generate_ends_rows_by_stopping_criteria_as_generate_does(eos)
     expected = model.generate(**kw)
     torch.testing.assert_close(model.generate(**kw, custom_generate=custom_generate), expected, rtol=0, atol=0)
     assert (expected[0, ids.shape[1] + 2 :] != PAD).any() == (eos is None)  # the case that differed
+
+
+def test_settings_that_part_from_generate_are_warned_of():
+    """Beam search in the generation config, eager attention in half precision: the tokens differed silently."""
+    ids, mask = left_pad(PROMPTS)
+    model = tiny_model("bart")
+    model.generation_config.num_beams = 4  # as summarisation checkpoints ship
+    with pytest.warns(UserWarning, match=r"asks for beam search \(num_beams=4\); early-exit decoding is greedy"):
+        generate(model, ids, mask, max_new_tokens=2)
+    eager = tiny_model("llama", attn_implementation="eager")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        generate(eager, ids, mask, max_new_tokens=2)  # float32: the same tokens
+        generate(tiny_model("llama").to(torch.bfloat16), ids, mask, max_new_tokens=2)  # SDPA
+    with pytest.warns(UserWarning, match=r"attends eagerly in torch.bfloat16; .*attn_implementation='sdpa'"):
+        generate(eager.to(torch.bfloat16), ids, mask, max_new_tokens=2)
+    with pytest.warns(UserWarning, match="attends eagerly in torch.bfloat16"):
+        eager.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=2, custom_generate=custom_generate)
 
 
 _PROCESSED = [

@@ -14,7 +14,7 @@ from torch import nn
 from calibrate.certificate import Certificate
 from calibrate.heads import ExitHeads
 from calibrate.models import _eval_mode, _in_training
-from calibrate.runtime._inputs import _generate_iv
+from calibrate.runtime._inputs import _generate_iv, _hf_equality_warnings
 from calibrate.runtime._loop import _decode
 from calibrate.runtime._result import EarlyExitOutput
 
@@ -182,6 +182,7 @@ def custom_generate(
         ((), pad_id),  # EOS is handled by the stopping criteria
         encoder_states=None if encoder_outputs is None else encoder_outputs[0],  # (B, S_enc, d)
     )
+    _hf_equality_warnings(model, run.adapter.dtype, beams=False)  # generate's own num_beams is checked above
     with _eval_mode(model):
         out = _decode(run, *run.inputs, logits_processor=logits_processor, stopping_criteria=stopping_criteria)
     return out if generation_config.return_dict_in_generate else out.sequences

@@ -5,13 +5,14 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from calibrate._validation import int_at_least
+from calibrate._validation import caller_stacklevel, int_at_least
 from calibrate.certificate import Certificate, _budget_warning
 from calibrate.exits import Decay
 from calibrate.heads import ExitHeads, _context_positions, _heads_iv, decoder_layers
@@ -251,6 +252,28 @@ def _context_iv(model, adapter: LayerAdapter, prompt_mask: torch.Tensor, encoder
         raise ValueError(
             f"the longest prompt ({longest} tokens) + max_new_tokens={max_new_tokens} needs {used} positions, more "
             f"than the sliding window {window}; sliding-window attention is not implemented by the runtime"
+        )
+
+
+def _hf_equality_warnings(model, dtype: torch.dtype, *, beams: bool) -> None:
+    """Warn of model settings under which the tokens can differ from ``model.generate(do_sample=False)``'s:
+    beam search in its generation config (``beams``; decoding is greedy), eager attention in half precision
+    (the runtime attends with ``scaled_dot_product_attention``, which rounds otherwise)."""
+    num_beams = getattr(getattr(model, "generation_config", None), "num_beams", None) or 1
+    if beams and num_beams > 1:
+        warnings.warn(
+            f"the model's generation config asks for beam search (num_beams={num_beams}); early-exit decoding is "
+            "greedy, as model.generate(..., num_beams=1) is",
+            UserWarning,
+            stacklevel=caller_stacklevel(),
+        )
+    if getattr(model.config, "_attn_implementation", None) == "eager" and dtype in (torch.float16, torch.bfloat16):
+        warnings.warn(
+            f"the model attends eagerly in {dtype}; the runtime uses scaled_dot_product_attention, which rounds "
+            "otherwise in half precision, so its full-model tokens can differ from model.generate's: load the "
+            "model with attn_implementation='sdpa' (the default) for equality",
+            UserWarning,
+            stacklevel=caller_stacklevel(),
         )
 
 

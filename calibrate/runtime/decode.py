@@ -31,7 +31,7 @@ from calibrate.certificate import Certificate
 from calibrate.heads import ExitHeads
 from calibrate.models import _eval_mode
 from calibrate.runtime._hf import _greedy_processors, custom_generate
-from calibrate.runtime._inputs import _generate_iv, _special_tokens_iv
+from calibrate.runtime._inputs import _generate_iv, _hf_equality_warnings, _special_tokens_iv
 from calibrate.runtime._loop import _decode
 from calibrate.runtime._result import EarlyExitConfig, EarlyExitOutput
 
@@ -164,8 +164,10 @@ def generate(
       :func:`custom_generate`. Those that read the prompt (``no_repeat_ngram_size``, ``repetition_penalty``,
       ``min_length``) read its left padding too, as in Hugging Face: a prompt's output can then depend on
       the batch it is padded in. Sampling settings of the config (``do_sample``, ``temperature``, ...) are
-      ignored: decoding is greedy. Not reproduced: Hugging Face's clamping of infinite float16
-      activations in T5 decoder layers (such a model overflows anyway; use bfloat16 or float32).
+      ignored: decoding is greedy (a config's ``num_beams > 1`` too, with a warning). Not reproduced:
+      Hugging Face's clamping of infinite float16 activations in T5 decoder layers (such a model overflows
+      anyway; use bfloat16 or float32), and eager attention in float16/bfloat16 (the runtime attends with
+      ``scaled_dot_product_attention``, the default of transformers, which rounds otherwise: it warns).
     - The guarantee ``P(risk(lambda_hat) <= delta) >= 1 - epsilon`` of the certificate (delta =
       tolerance, epsilon = failure probability) covers what this runtime emits only for
       ``mode="decoded"`` certificates; a ``"proxy"`` certificate certifies the teacher-forced simulation.
@@ -199,6 +201,7 @@ def generate(
     """
     special_tokens = _special_tokens_iv(model, tokenizer, eos_token_id, pad_token_id)
     run = _generate_iv(model, input_ids, attention_mask, certificate, max_new_tokens, heads, exit_layer, special_tokens)
+    _hf_equality_warnings(model, run.adapter.dtype, beams=True)
     prompt = run.inputs[0]  # (B, P): the decoder prompt; the encoder's input is what generate calls encoder_input_ids
     decoder_only = run.encoder is None
     processors = _greedy_processors(

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from calibrate._atomic import sync_dir, temporary_dir
+from calibrate._atomic import sync_dir, sync_tree, temporary_dir
 from calibrate._validation import caller_stacklevel, finite_positive, int_at_least, seed_iv, torch_seed
 from calibrate.audit import _tight
 from calibrate.fff.layer import FFF
@@ -376,8 +376,9 @@ def save_blocks(model: nn.Module, directory: str | os.PathLike) -> Path:
     tmp = temporary_dir(target)
     try:
         for i, block in blocks.items():
-            block.save(tmp / _BLOCK_FILE.format(i))  # each flushed to the disk
+            block.save(tmp / _BLOCK_FILE.format(i))
         (tmp / _SOURCE_FILE).write_text(json.dumps(_source(model)) + "\n", encoding="utf-8")
+        sync_tree(tmp)  # every file on the disk before the rename publishes them
         tmp.rename(target)
         sync_dir(target.parent)
     except BaseException:

@@ -83,6 +83,26 @@ def _config_settings(module) -> str:
     return json.dumps(kept, sort_keys=True, default=str)
 
 
+#: Generation-config keys that do not change what greedy decoding emits: sampling and beam settings (decoding is
+#: greedy), lengths the caller sets, caching, output and assisted-decoding options, bookkeeping.
+_NOT_GREEDY = re.compile(
+    r"^_|transformers_version|^do_sample$|^temperature$|^top_[kp]$|^typical_p$|^min_p$|_cutoff$|beam"
+    r"|^diversity_penalty$|^length_penalty$|^early_stopping$|^num_return_sequences$|^max_length$|^max_new_tokens$"
+    r"|^max_time$|cache|^output_|^return_dict|assistant|prompt_lookup"
+)
+
+
+def generation_digest(module) -> str | None:
+    """16 hex digits over a Hugging Face model's generation-config settings that shape greedy decoding (EOS and
+    pad ids, the settings of logits processors such as ``repetition_penalty`` or ``min_length``), or None for a
+    module without a generation config. Decoded outputs, and so a certificate's losses, depend on them."""
+    to_diff_dict = getattr(getattr(module, "generation_config", None), "to_diff_dict", None)
+    if not callable(to_diff_dict):
+        return None
+    kept = {key: value for key, value in to_diff_dict().items() if not _NOT_GREEDY.search(key)}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def model_digest(module) -> str:
     """16 hex digits identifying what ``module`` computes: its weights (:func:`weights_digest`), its buffers
     (rotary frequencies, which rope scaling changes; BatchNorm statistics), each submodule's type and settings

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from calibrate._digest import _state, model_digest
+from calibrate._digest import _state, generation_digest, model_digest
 from calibrate._validation import int_at_least, int_in
 
 __all__ = ["SUPPORTED_ARCHITECTURES", "ExitHeads", "decoder_layers", "forward_hooks", "record_layer_states"]
@@ -513,12 +513,15 @@ class ExitHeads(nn.Module):
         and buffer and each submodule's settings (computed now, ~0.3 s for a 135M model in float32, then
         reused until a tensor changes), so a certificate is refused on other weights of the same architecture
         and sizes (e.g. a fine-tuned copy, or the model cast to another dtype) or on the same weights
-        computing otherwise (e.g. another rope scaling); None for heads built otherwise.
+        computing otherwise (e.g. another rope scaling); None for heads built otherwise. ``"generation"``
+        digests the model's generation-config settings that shape greedy decoding (EOS and pad ids, logits
+        processors such as ``repetition_penalty``), on which extracted and decoded outputs depend; None likewise.
         """
         return {
             "kind": "adapters" if self.has_adapters else "logit_lens",
             "adapters_digest": self._adapters_digest(fresh) if self.has_adapters else None,
             "model_digest": model_digest(self._model[0]) if self._model else None,
+            "generation": generation_digest(self._model[0]) if self._model else None,
             "architecture": self.architecture,
             "n_layers": self.n_layers,
             "hidden_size": self.hidden_size,

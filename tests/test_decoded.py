@@ -8,6 +8,7 @@ disagreement) or by ``measures.consistency``. Laziness is checked by counting ru
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib.util
 import math
@@ -164,6 +165,22 @@ def test_losses_equal_decoding_with_the_certificate(model, tokenizer, prompts, c
     np.testing.assert_allclose(np.array(cert.p_values)[tested], p, rtol=1e-12)
     assert np.array(cert.certified)[tested].tolist() == fwer.fixed_sequence(p, cert.epsilon).tolist()
     assert cert.risks[0] == 0.0 and cert.avg_layers[0] == N_LAYERS  # lambda = 1: no confidence reaches it
+
+
+def test_a_certificate_is_refused_under_another_generation_config(model, tokenizer, prompts):
+    """A repetition penalty, a minimum length or another EOS changes what is decoded; the certificate held on."""
+    cert = _fit(model, tokenizer, prompts)
+    from calibrate.runtime import generate
+
+    ids = tokenizer(prompts[:2], return_tensors="pt", padding=True, padding_side="left")
+    other = copy.deepcopy(model)
+    other.generation_config.temperature = 0.3  # a sampling setting: greedy decoding ignores it
+    generate(other, ids["input_ids"], ids["attention_mask"], certificate=cert, max_new_tokens=NEW)
+    for setting in ({"repetition_penalty": 1.3}, {"min_length": 3}, {"eos_token_id": 7}):
+        changed = copy.deepcopy(model)
+        changed.generation_config.update(**setting)
+        with pytest.raises(ValueError, match=r"generation: certificate '.*', heads '.*'\): the model's generation config"):
+            generate(changed, ids["input_ids"], ids["attention_mask"], certificate=cert, max_new_tokens=NEW)
 
 
 def test_lazy_decoding_stops_at_the_first_failure(model, tokenizer, prompts, calls):

@@ -117,6 +117,12 @@ def _heads_identity_iv(recorded, heads: ExitHeads) -> None:
                 "the certificate was calibrated with the model's own heads: pass heads=None (command line: no "
                 "--adapters)"
             )
+        elif differ == ["generation"]:  # the same model, decoding with other logits processors or special tokens
+            advice = (
+                "the model's generation config (EOS or pad ids, logits processors such as repetition_penalty or "
+                "min_length) differs from the one the certificate was calibrated with, and with it what is decoded: "
+                "restore it, or calibrate with the one deployed"
+            )
         elif set(differ) <= {"kind", "adapters_digest"}:  # the same model, other adapters (or none)
             advice = (
                 "the certificate was calibrated with other exit heads: pass those (heads="

@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from measures._arrays import as_numpy
+
 
 def to_float(value: numbers.Real) -> float:
     """``float(value)``, an int beyond the float range as infinity (``float`` raises OverflowError, which
@@ -75,8 +77,9 @@ def bounded_array(
     upper_name: str = "1",
     why: str = "",
 ) -> np.ndarray:
-    """``values`` as a non-empty float64 array with ``ndim`` in ``ndims`` and entries in ``[0, upper]``."""
-    arr = np.asarray(values)
+    """``values`` (an array, a sequence or a torch tensor) as a non-empty float64 array with ``ndim`` in ``ndims``
+    and entries in ``[0, upper]``."""
+    arr = as_numpy(values)
     if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool) or np.iscomplexobj(arr):
         raise TypeError(f"{name} must be a real numeric array, got dtype {arr.dtype}")
     arr = arr.astype(np.float64)

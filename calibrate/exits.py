@@ -82,6 +82,9 @@ class Decay:
         int_in(self.max_len, "Decay.max_len", 1, 2**62, " (positions are int64)")
         if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float, np.integer, np.floating)) or not np.isfinite(self.tau) or self.tau < 0:
             raise ValueError(f"Decay.tau must be a finite float >= 0, got {self.tau!r}")
+        # Python numbers: a numpy long double tau reached the compiled sweep as float128, which it cannot take
+        object.__setattr__(self, "max_len", int(self.max_len))
+        object.__setattr__(self, "tau", float(self.tau))
 
     def thresholds(self, lambdas: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """Per-position thresholds, shape ``positions.shape + lambdas.shape`` (float64)."""
@@ -183,11 +186,12 @@ def with_decay_headroom(grid, n: int) -> np.ndarray:
     grid = _lambdas_iv(grid, "grid")
     if n and grid[0] > 1.0:
         raise ValueError(f"grid must start at or below 1 to take values above it, got grid[0]={grid[0]:g}")
+    n = int(n)  # n + 1 in a small numpy int overflowed: np.uint8(255) added nothing
     return np.concatenate([np.linspace(1 / 0.9, 1.0, n + 1)[:-1], grid])
 
 
 def _lambdas_iv(lambdas, name: str = "lambdas") -> np.ndarray:
-    lam = np.asarray(lambdas)
+    lam = as_numpy(lambdas)
     if lam.dtype.kind not in "iuf":
         raise TypeError(f"{name} must be real numbers, got dtype {lam.dtype}")
     lam = lam.astype(np.float64)

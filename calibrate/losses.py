@@ -19,6 +19,7 @@ import numpy as np
 from calibrate._validation import bounded_array, exit_layers_iv, int_at_least
 from calibrate.certificate import MODES
 from calibrate.exits import Decay, _lambdas_iv, disagreement_counts, early_tokens, exit_layers
+from measures._arrays import as_numpy
 
 __all__ = ["LossTable", "CONSISTENCIES", "proxy_losses", "tokenizer_decode", "user_losses"]
 
@@ -261,7 +262,7 @@ def proxy_losses(
     """
     lam = _lambdas_iv(lambdas)
     consistency = _consistency_iv(consistency, cache.sequences)
-    conf = np.asarray(conf)
+    conf = as_numpy(conf)  # a tensor straight from a model too (bfloat16, requiring grad), as exit_layers takes
     n_tokens, n_layers = cache.n_tokens, cache.n_layers
     if conf.shape != (n_tokens, n_layers):
         raise ValueError(f"conf must have shape (n_tokens, n_layers) = {(n_tokens, n_layers)}, got {conf.shape}")

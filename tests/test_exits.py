@@ -277,6 +277,37 @@ def test_big_endian_integer_and_tensor_confidences_are_compared_at_full_precisio
     np.testing.assert_array_equal(exit_layers(tensor, [0.75, 0.5]), [[2, 1], [1, 1]])
 
 
+def test_tensors_from_a_model_serve_as_confidences_losses_and_thresholds():
+    """exit_layers took a bfloat16 tensor requiring grad; proxy_losses, certify and the bounds failed in numpy."""
+    torch = pytest.importorskip("torch")
+    from calibrate import bounds, certify, proxy_losses, synthetic_cache
+
+    cache = synthetic_cache(30, n_layers=4, seed=0)
+    conf = cache.arrays["softmax_gap"]
+    tensor = torch.tensor(conf, dtype=torch.bfloat16, requires_grad=True)
+    lam = torch.tensor([0.9, 0.5, 0.2], dtype=torch.float64, requires_grad=True)
+    table = proxy_losses(cache, tensor, lam)
+    assert table == proxy_losses(cache, tensor.detach().float().numpy(), [0.9, 0.5, 0.2])
+    losses = torch.tensor(table.losses, dtype=torch.bfloat16, requires_grad=True)
+    assert certify(losses, lam, delta=0.3) == certify(losses.detach().float().numpy(), [0.9, 0.5, 0.2], delta=0.3)
+    np.testing.assert_array_equal(bounds.p_values(losses, 0.3), bounds.p_values(losses.detach().float().numpy(), 0.3))
+
+
+def test_decay_settings_of_numpy_types_are_python_numbers():
+    """A long double tau reached the compiled sweep as float128 (a numba TypingError); a small numpy int n of
+    with_decay_headroom overflowed in n + 1 (np.uint8(255) added nothing)."""
+    decay = Decay(np.int16(30), np.longdouble(4.0))
+    assert (type(decay.max_len), type(decay.tau)) == (int, float) and decay == Decay(30, 4.0)
+    conf = np.random.default_rng(0).random((50, 4))
+    offsets = [0, 20, 50]
+    np.testing.assert_array_equal(
+        average_layers(conf, [0.9, 0.5], offsets=offsets, decay=decay),
+        average_layers(conf, [0.9, 0.5], offsets=offsets, decay=Decay(30, 4.0)),
+    )
+    assert with_decay_headroom([1.0, 0.5], np.uint8(255)).size == 257
+    assert with_decay_headroom([1.0, 0.5], np.int8(127)).size == 129
+
+
 def test_no_tokens_have_no_average_layer():
     conf = np.zeros((0, 4))
     assert np.isnan(average_layers(conf, [0.9, 0.5])).all()  # was [1, 1]: a mean over nothing

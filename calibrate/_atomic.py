@@ -9,7 +9,8 @@ it at ``.NAME.old-<hex>`` beside the path, which :func:`calibrate.open_cache` th
 Temporary names sit beside the target (``.NAME.<8 hex>.tmp``, so a rename publishes them) and are created
 with the mode a plain ``open`` (0o666) or ``mkdir`` (0o777) gets under the process umask, which the kernel
 applies: :mod:`tempfile` would make them private (0o600/0o700), and reading the umask means setting it,
-which races with other threads.
+which races with other threads. A file written over an existing one keeps that file's mode, as a plain write
+does; a symbolic link at the target is replaced by the file, not written through.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import contextlib
 import errno
 import os
 import secrets
+import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -86,17 +88,41 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` to write; on success it replaces ``path``, on any failure it is removed.
 
     The temporary name is unique (concurrent writers do not collide); a missing parent directory raises
-    FileNotFoundError before anything is written.
+    FileNotFoundError before anything is written. An OSError of the write (disk full, an I/O error) names
+    ``path``.
     """
     path = Path(path)
     tmp = _create_beside(path, lambda p: os.close(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)))
     try:
-        mode = tmp.stat().st_mode & 0o777  # what open() gives under the umask
+        try:
+            old = os.lstat(path)
+            kept = stat.S_ISREG(old.st_mode)
+        except OSError:
+            kept = False
+        mode = stat.S_IMODE(old.st_mode) if kept else tmp.stat().st_mode & 0o777  # else what open() gives
         yield tmp
-        os.chmod(tmp, mode)  # for writers that create the file anew (safetensors makes it 0o600)
+        os.chmod(tmp, mode)  # also for writers that create the file anew (safetensors makes it 0o600)
         _fsync(tmp)
         os.replace(tmp, path)
         sync_dir(path.parent)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno is None or str(path) in str(exc):
+            raise
+        raise type(exc)(exc.errno, f"cannot write {path} ({exc.strerror})") from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str, str]) -> None:
+    """Write ``tensors`` with ``metadata`` to the safetensors file ``path`` through :func:`atomic_file`; a failed
+    write raises OSError naming ``path`` (safetensors raises its own error type, naming no file)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    with atomic_file(path) as tmp:
+        try:
+            save_file(tensors, str(tmp), metadata=metadata)
+        except SafetensorError as exc:
+            raise OSError(f"cannot write {path}: {exc}") from None

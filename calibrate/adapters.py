@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from calibrate._atomic import atomic_file
+from calibrate._atomic import atomic_safetensors
 from calibrate._validation import int_at_least, parse_json
 from calibrate.heads import ExitHeads, _cache_model_iv, _hash_adapters
 
@@ -149,8 +149,6 @@ def save_adapters(heads: ExitHeads, path: str | os.PathLike) -> None:
     ValueError
         When ``heads`` has no adapters.
     """
-    from safetensors.torch import save_file
-
     if not heads.has_adapters:
         raise ValueError("heads has no adapters to save")
     tensors = {
@@ -158,8 +156,7 @@ def save_adapters(heads: ExitHeads, path: str | os.PathLike) -> None:
         "bias": heads.adapter_bias.detach().cpu().contiguous(),
     }
     metadata = {"heads": json.dumps(heads.describe(fresh=True)), "model_dtype": str(heads._placement()[1])}
-    with atomic_file(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+    atomic_safetensors(tensors, path, metadata)
 
 
 

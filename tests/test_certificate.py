@@ -601,6 +601,20 @@ def test_a_failed_write_leaves_no_temporary_file(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_failed_write_names_the_file(tmp_path, monkeypatch):
+    """'[Errno 28] No space left on device' named no file (the demo writes twenty)."""
+    import errno
+    import os
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError, match=rf"cannot write {tmp_path / 'cert.json'} \(No space left on device\)") as info:
+        _cert().to_json(tmp_path / "cert.json")
+    assert info.value.errno == errno.ENOSPC and list(tmp_path.iterdir()) == []
+
+
 
 def test_an_interrupted_write_leaves_no_temporary_file_and_keeps_the_old_one(tmp_path, monkeypatch):
     """Ctrl-C (a BaseException, not an Exception) between writing and renaming."""
@@ -648,6 +662,9 @@ def test_a_written_certificate_gets_the_mode_the_umask_gives(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "cert.json").stat().st_mode & 0o777 == 0o640
+    os.chmod(tmp_path / "cert.json", 0o600)  # kept private by its owner
+    _cert().to_json(tmp_path / "cert.json")
+    assert (tmp_path / "cert.json").stat().st_mode & 0o777 == 0o600  # as a plain write keeps it (was 0o644)
 
 
 @pytest.mark.skipif(not __import__("os").path.isdir("/proc/self/fd"), reason="counts file descriptors through /proc")

@@ -176,6 +176,16 @@ def test_safetensors_round_trip(tmp_path, umask_022):
     with pytest.raises(FileNotFoundError):
         layer.save(tmp_path / "missing" / "fff.safetensors")  # was safetensors' own error type
     assert not list(tmp_path.glob(".*tmp"))
+    import safetensors.torch
+
+    def full_disk(*args, **kwargs):  # as safetensors reports ENOSPC: its own type, naming no file
+        raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(safetensors.torch, "save_file", full_disk)
+        with pytest.raises(OSError, match=r"cannot write .*fff.safetensors: Error while serializing: I/O error"):
+            layer.save(tmp_path / "fff.safetensors")  # an OSError: the command line reports it as one
+    assert FFF.load(tmp_path / "fff.safetensors").depth == 3 and not list(tmp_path.glob(".*tmp"))
     wide = _layer(5, 4, 2)  # float64 stays float64
     wide.save(tmp_path / "f64.safetensors")
     assert FFF.load(tmp_path / "f64.safetensors").w_in.dtype == torch.float64

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from calibrate._atomic import atomic_file
+from calibrate._atomic import atomic_safetensors
 from calibrate._digest import weights_digest
 from calibrate._threads import njit, parallel_allowed
 from calibrate._validation import int_at_least, int_in, parse_json
@@ -295,15 +295,13 @@ class FFF(nn.Module):
     # ---- persistence --------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
         """Write the weights, the layer's sizes and a digest of the weights to a safetensors file (atomically)."""
-        from safetensors.torch import save_file
-
         path = Path(path)
         tensors = {name: p.detach().contiguous().cpu() for name, p in self.named_parameters()}
         values = (self.in_features, self.out_features, self.depth, self.activation, self.b_in is not None)
         meta = {key: str(value) for key, value in zip(_SAVED_KEYS, values)}
         meta["weights_digest"] = weights_digest(self, fresh=True)
-        with atomic_file(path) as tmp:  # one key: safetensors writes several in a random order (other bytes each time)
-            save_file(tensors, str(tmp), metadata={"fff": json.dumps(meta, sort_keys=True)})
+        # one key: safetensors writes several in a random order (other bytes each time)
+        atomic_safetensors(tensors, path, {"fff": json.dumps(meta, sort_keys=True)})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> FFF:

@@ -592,7 +592,7 @@ class Certificate:
                 decoded = raw.decode(json.detect_encoding(raw))
             except UnicodeDecodeError as exc:
                 raise ValueError(f"certificate file {path} is not UTF-8 (or UTF-16/32) JSON text: {exc}") from None
-            data = parse_json(decoded, "certificate")
+            data = parse_json(decoded, f"certificate file {path}")  # a truncated file: named
         if not isinstance(data, dict):
             raise ValueError(f"certificate JSON must be an object, got {type(data).__name__}")
         return cls.from_dict(data)

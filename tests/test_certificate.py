@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -64,6 +65,9 @@ def test_certificates_with_mappings_pickle_and_copy(tmp_path):
     assert Certificate.from_json(str(path)) == cert
     with pytest.raises(ValueError, match="certificate is not valid JSON"):
         Certificate.from_json("{not json")
+    path.write_text(cert.to_json()[:-40])  # cut short: the file is named (it was "certificate is not valid JSON")
+    with pytest.raises(ValueError, match=rf"certificate file {re.escape(str(path))} is not valid JSON"):
+        Certificate.from_json(path)
 
 
 @pytest.mark.parametrize(

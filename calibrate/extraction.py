@@ -497,11 +497,15 @@ def extract_main(
         prompts, ids = prompts[start:stop], ids[start:stop]
         references = None if references is None else references[start:stop]
     _save_iv(target, overwrite)  # an existing output that --overwrite may not replace: refused before any work
-    model, tokenizer = load_local(model_dir, device=device, dtype=dtype)
     if shard_dir is None:
         shard_dir = target.with_name(target.name + ".shards")
     elif shard is not None:
         shard_dir = Path(shard_dir) / target.name
+    if isinstance(target, Path) and target.resolve() in (Path(shard_dir).resolve(), *Path(shard_dir).resolve().parents):
+        raise ValueError(  # the batches would stand where the cache is saved: it could not be, after all the work
+            f"shard_dir ({shard_dir}) must lie outside the output ({target}), which the cache replaces whole"
+        )
+    model, tokenizer = load_local(model_dir, device=device, dtype=dtype)
     cache = extract(model, tokenizer, prompts, references=references, ids=ids, shard_dir=shard_dir, **kw)
     if sharding is not None:
         # extract digested these weights (fresh) a moment ago: the memoised digest is theirs

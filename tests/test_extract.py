@@ -619,6 +619,11 @@ def test_extract_main_deletes_only_its_batches_from_a_shard_dir(tokenizer, tmp_p
     assert not empty.exists()  # the leftover went with the batches
     with pytest.raises(ValueError, match="output must name a directory, got ''"):
         extract_main(model_dir, prompts, "", overwrite=True, shard_dir=empty, **kw)  # replaced the working directory
+    out = tmp_path / "out"
+    for inside in (out, out / "batches"):  # extracted everything, then could not save over its own batches
+        with pytest.raises(ValueError, match=r"shard_dir \(.*\) must lie outside the output"):
+            extract_main(tmp_path / "no-model", prompts, out, shard_dir=inside, **kw)  # before loading a model
+    assert not out.exists()
 
 
 def test_extract_main_writes_a_url_output_there(tokenizer, tmp_path, monkeypatch):

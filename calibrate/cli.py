@@ -242,7 +242,10 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_synthetic)
 
     p = sub.add_parser("demo", help="the whole path on the built-in default (SmolLM2 if installed, else synthetic)")
-    p.add_argument("--out", default="demo_out", help="output directory (default demo_out)")
+    p.add_argument(
+        "--out", default="demo_out",
+        help="output directory (default demo_out): new, empty, or an earlier demo's, whose files are replaced",
+    )
     p.add_argument(
         "--synthetic", action="store_true", help="use the synthetic cache even if the real model is installed"
     )

@@ -122,7 +122,7 @@ def synthetic_demo(
     int_at_least(trials, "trials")
     int_at_least(sequences, "sequences", 20)  # halves for calibration and audit, splits of those for the rest
     seed_iv(seed)
-    out.mkdir(parents=True, exist_ok=True)
+    _output_dir(out)
     print(f"calm-calibrate {calibrate.__version__} demo: synthetic layer cache (no model needed)")
     cache = calibrate.synthetic_cache(sequences, seed=seed)
     cache.save(out / "cache", overwrite=True)
@@ -193,7 +193,7 @@ def smollm2_demo(
     int_at_least(max_new_tokens, "max_new_tokens")
     int_at_least(batch_size, "batch_size")
     seed_iv(seed)
-    out.mkdir(parents=True, exist_ok=True)
+    _output_dir(out)
     print(
         f"calm-calibrate {calibrate.__version__} demo: SmolLM2-135M-Instruct, one-sentence summaries of Debian packages"
     )
@@ -431,6 +431,22 @@ def _decode_speeds(data: SmolLM2Data, certificates: dict, n: int, max_new_tokens
         loss = float(np.mean(textual_loss(early, full, metric=cert.consistency)))
         rows.append({"measure": measure, "decoded_exit_layer": layer, "speedup": tps / full_tps, "decoded_loss": loss})
     return pd.DataFrame(rows, columns=["measure", "decoded_exit_layer", "speedup", "decoded_loss"])
+
+
+#: Marks a directory the demo writes into: it replaces its own files there, never another's.
+_MARKER = ".calibrate-demo"
+
+
+def _output_dir(out: Path) -> None:
+    """Create ``out``, or take an existing one that is empty or was the demo's (marked); else refuse, as the demo
+    would replace files in it (a layer cache at ``out/cache``, certificates)."""
+    if out.is_dir() and not (out / _MARKER).is_file() and any(out.iterdir()):
+        raise FileExistsError(
+            f"{out} holds files that calibrate demo did not write, and it replaces the files it writes there "
+            "(cache/, cert_*.json, *.png, ...): give another output directory (--out)"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / _MARKER).write_text("written by calibrate demo, which replaces its files here on each run\n")
 
 
 def _write_json(data: dict, path: Path) -> None:

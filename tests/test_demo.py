@@ -26,6 +26,22 @@ def test_synthetic_demo_checks_its_arguments_before_any_work(tmp_path, kwargs, e
     assert not (tmp_path / "out").exists()
 
 
+def test_the_demo_replaces_only_its_own_files(tmp_path):
+    """A user's cache at OUT/cache and certificates beside it were replaced without a word."""
+    mine = tmp_path / "mine"
+    calibrate.synthetic_cache(30, n_layers=4, seed=5).save(mine / "cache")
+    before = calibrate.open_cache(mine / "cache").checksum
+    with pytest.raises(FileExistsError, match=r"holds files that calibrate demo did not write.*another output"):
+        synthetic_demo(mine, sequences=40, trials=1)
+    assert calibrate.open_cache(mine / "cache").checksum == before
+    assert sorted(p.name for p in mine.iterdir()) == ["cache"]
+    out = tmp_path / "out"
+    out.mkdir()  # an empty directory is taken, and a second run replaces the first run's files
+    for seed in (0, 1):
+        synthetic_demo(out, sequences=40, trials=1, seed=seed)
+    assert calibrate.open_cache(out / "cache").user_meta["synthetic"]["seed"] == 1
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [

@@ -240,6 +240,27 @@ def test_blocks_saved_beside_the_original_model_load_back(distilled, tmp_path):
             fff.load_blocks(tiny_model("llama"), tmp_path / "narrow")
 
 
+def test_a_writer_that_loses_the_race_for_the_directory_is_told_it_exists(distilled, tmp_path, monkeypatch):
+    """It got 'OSError: [Errno 39] Directory not empty: .blocks.XXXX.tmp -> blocks'."""
+    import sys
+
+    distill_module = sys.modules["calibrate.fff.distill"]  # the package's name "distill" is the function
+    _, _, result = distilled
+    target = tmp_path / "blocks"
+    sync_tree = distill_module.sync_tree
+
+    def another_writer_first(root):
+        sync_tree(root)
+        target.mkdir()
+        (target / "layer-00000.safetensors").write_bytes(b"theirs")
+
+    monkeypatch.setattr(distill_module, "sync_tree", another_writer_first)
+    with pytest.raises(FileExistsError, match="blocks exists; save the blocks to a new directory"):
+        fff.save_blocks(result.model, target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blocks"]  # the winner's, and no temporary directory
+    assert (target / "layer-00000.safetensors").read_bytes() == b"theirs"
+
+
 def test_blocks_load_only_into_the_model_they_were_distilled_from(distilled, tmp_path):
     """A deeper model of the same width, another architecture, another model of the same shape: all took them."""
     _, _, result = distilled

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -379,7 +380,12 @@ def save_blocks(model: nn.Module, directory: str | os.PathLike) -> Path:
             block.save(tmp / _BLOCK_FILE.format(i))
         (tmp / _SOURCE_FILE).write_text(json.dumps(_source(model)) + "\n", encoding="utf-8")
         sync_tree(tmp)  # every file on the disk before the rename publishes them
-        tmp.rename(target)
+        try:
+            tmp.rename(target)
+        except OSError as exc:  # another writer's directory got there first
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            raise FileExistsError(f"{target} exists; save the blocks to a new directory") from None
         sync_dir(target.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

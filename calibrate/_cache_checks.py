@@ -196,6 +196,8 @@ def _from_arrays_iv(
             raise ValueError(f"lengths must be >= 1 (every sequence needs a generated token), got {lens.min()}")
         offs = np.zeros(lens.size + 1, dtype=np.int64)
         np.cumsum(lens, out=offs[1:])
+        if np.any(offs[1:] <= offs[:-1]):  # lengths >= 1: a sum past the int64 range wrapped to a lower one
+            raise ValueError(f"lengths must sum to n_tokens={n_tokens} (rows of full_tokens), got more than 2**63")
         if offs[-1] != n_tokens:
             raise ValueError(f"lengths must sum to n_tokens={n_tokens} (rows of full_tokens), got {offs[-1]}")
     else:
@@ -205,7 +207,7 @@ def _from_arrays_iv(
                 f"offsets must start at 0 and end at n_tokens={n_tokens}, got "
                 f"{offs[:1].tolist()}...{offs[-1:].tolist()}"
             )
-        if np.any(np.diff(offs) < 1):
+        if np.any(offs[1:] <= offs[:-1]):  # not np.diff, which wraps: [0, 2**63 - 1, -2, 3] passed
             raise ValueError("offsets must be strictly increasing (every sequence needs a generated token)")
     n = offs.size - 1
     if n == 0:
@@ -314,7 +316,7 @@ def _check_structure(arrays, offsets, vocab_size, vocab) -> None:
     if offsets.ndim != 1 or offsets.size < 2:
         raise ValueError("the cache is empty: it has 0 sequences; a cache needs at least one")
     n_tokens = arrays["full_tokens"].shape[0] if arrays["full_tokens"].ndim == 1 else -1
-    if offsets[0] != 0 or offsets[-1] != n_tokens or np.any(np.diff(offsets) < 1):
+    if offsets[0] != 0 or offsets[-1] != n_tokens or np.any(offsets[1:] <= offsets[:-1]):  # np.diff would wrap
         raise ValueError(
             f"inconsistent offsets: they must start at 0, increase strictly and end at n_tokens={n_tokens} "
             f"(rows of 'full_tokens'), got first={offsets[0]}, last={offsets[-1]}"

@@ -548,7 +548,7 @@ def _read_table(root: Path, spec: dict | None, full_tokens: np.ndarray) -> tuple
         raise ValueError(f"{file}: the cache is empty (0 sequences)")
     offsets = np.concatenate([starts, starts[-1:] + lengths[-1:]])
     n_tokens = full_tokens.shape[0]
-    consecutive = np.array_equal(np.diff(offsets), lengths)
+    consecutive = np.array_equal(np.diff(offsets), lengths) and not np.any(offsets[1:] <= offsets[:-1])  # no wrap
     if starts[0] != 0 or np.any(lengths < 1) or not consecutive or offsets[-1] != n_tokens:
         raise ValueError(
             f"{file}: inconsistent offsets: columns 'offset' and 'n_tokens' must describe consecutive "

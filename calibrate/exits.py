@@ -478,7 +478,9 @@ def _sweep_iv(conf, lambdas, offsets, decay):
     if offsets.size and not np.issubdtype(offsets.dtype, np.integer):
         raise ValueError(f"offsets must be ints (CSR offsets into the token axis), got dtype {offsets.dtype}")
     offsets = offsets.astype(np.int64)
-    if offsets.ndim != 1 or offsets.size < 2 or offsets[0] != 0 or offsets[-1] != n_tokens or np.any(np.diff(offsets) < 0):
+    # offsets[1:] < offsets[:-1], not np.diff < 0, which wraps: [0, 2**63 - 1, -2, 3] reached the compiled sweep
+    ends = offsets.ndim == 1 and offsets.size >= 2 and offsets[0] == 0 and offsets[-1] == n_tokens
+    if not ends or np.any(offsets[1:] < offsets[:-1]):
         raise ValueError(
             f"offsets must be non-decreasing CSR offsets from 0 to n_tokens={n_tokens} (shape (n_sequences + 1,)), "
             f"got shape {offsets.shape} from {offsets[:1].tolist()} to {offsets[-1:].tolist()}"

@@ -176,6 +176,17 @@ def test_offsets_equal_lengths_and_minimal_inputs():
         a.decode([1, 2])
 
 
+def test_lengths_and_offsets_that_wrap_around_int64_are_refused():
+    """They passed (the cumsum or np.diff wrapped to the right values), then fit and save crashed the process."""
+    raw = _arrays()
+    raw["full_tokens"], raw["topk_ids"] = raw["full_tokens"][:3], raw["topk_ids"][:3]
+    three = {"full_tokens": raw["full_tokens"], "topk_ids": raw["topk_ids"]}
+    with pytest.raises(ValueError, match="lengths must sum to n_tokens=3 .*got more than 2\\*\\*63"):
+        LayerCache.from_arrays(**three, lengths=[2**63 - 1, 2**63 - 1, 5])
+    with pytest.raises(ValueError, match="offsets must be strictly increasing"):
+        LayerCache.from_arrays(**three, offsets=[0, 2**63 - 1, -2, 3])
+
+
 def _bad(**changes):
     raw = _arrays()
     raw.update(changes)

@@ -410,6 +410,11 @@ def test_bad_conf_and_decay():
             exit_layers(np.zeros((2, 3)), [0.5], positions=bad, decay=Decay(5))
     with pytest.raises(ValueError, match="offsets must be ints"):
         average_layers(np.zeros((2, 3)), [0.5], offsets=[0, 1.5, 2])
+    wrapping = [0, 2**63 - 1, -2, 3]  # np.diff wraps to [2**63 - 1, 2**63 - 1, 5]: passed, then a segfault
+    with pytest.raises(ValueError, match="offsets must be non-decreasing CSR offsets"):
+        average_layers(np.zeros((3, 3)), [0.5], offsets=wrapping)
+    with pytest.raises(ValueError, match="offsets must be non-decreasing CSR offsets"):
+        disagreement_counts(np.zeros((3, 3)), [0.5], np.zeros((3, 3), int), np.zeros(3, int), wrapping)
     for bad in (np.array([["0.1", "0.9"]]), np.array([[None, 0.5]], dtype=object)):  # converted, or "NaN or inf"
         with pytest.raises(TypeError, match="conf must be a real numeric array"):
             exit_layers(bad, [0.5])

@@ -199,6 +199,7 @@ def _certify(losses, lambdas, delta, epsilon, bound, method, knob) -> tuple[Cert
         consistency=table.consistency,
         avg_layers=None if table.avg_layers is None else tuple(float(v) for v in table.avg_layers),
         n_layers=table.n_layers,
+        decay=None if table.decay is None else table.decay.to_dict(),
         reason=reason,
     )
     return cert, caveat

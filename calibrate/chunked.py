@@ -395,7 +395,7 @@ class ChunkedCache:
         losses = np.concatenate([p[0] for p in parts], axis=0)
         layer_sums = np.sum([p[1] for p in parts], axis=0)  # integer-valued: exact in any order
         n_tokens = int(np.diff(self._offsets)[idx].sum())
-        return LossTable(losses, lam, "proxy", consistency, layer_sums / n_tokens, self.n_layers)
+        return LossTable(losses, lam, "proxy", consistency, layer_sums / n_tokens, self.n_layers, decay)
 
 
 def _client_iv(client, decode=None) -> None:

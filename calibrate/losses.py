@@ -59,6 +59,9 @@ class LossTable:
         Token-averaged exit layer per threshold, in ``[1, n_layers]``; NaN where it does not apply.
     n_layers : int or None
         Number of layers of the model.
+    decay : Decay or None
+        The decaying threshold the exits were simulated with (:func:`proxy_losses`); a certificate from the
+        table records it, as ``lambda`` means another threshold with it (a ``lambda > 1`` still exits).
 
     Examples
     --------
@@ -79,6 +82,7 @@ class LossTable:
     consistency: str | None = None
     avg_layers: np.ndarray | None = None
     n_layers: int | None = None
+    decay: Decay | None = None
 
     def __post_init__(self) -> None:
         losses = _losses_iv(self.losses)
@@ -99,6 +103,8 @@ class LossTable:
             raise TypeError(f"consistency must be a str or None, got {type(self.consistency).__name__}")
         if self.n_layers is not None:
             object.__setattr__(self, "n_layers", int_at_least(self.n_layers, "n_layers"))
+        if self.decay is not None and not isinstance(self.decay, Decay):
+            raise TypeError(f"decay must be a calibrate.Decay or None, got {type(self.decay).__name__}")
         if self.avg_layers is not None:
             avg = np.array(self.avg_layers, dtype=np.float64)
             if avg.shape != lambdas.shape:
@@ -120,7 +126,8 @@ class LossTable:
             self.avg_layers is None or np.array_equal(self.avg_layers, other.avg_layers, equal_nan=True)
         )
         return (
-            (self.mode, self.consistency, self.n_layers) == (other.mode, other.consistency, other.n_layers)
+            (self.mode, self.consistency, self.n_layers, self.decay)
+            == (other.mode, other.consistency, other.n_layers, other.decay)
             and np.array_equal(self.lambdas, other.lambdas)
             and np.array_equal(self.losses, other.losses)
             and same_layers
@@ -142,7 +149,7 @@ class LossTable:
     def subset(self, rows) -> "LossTable":
         """The table restricted to some examples (rows), without ``avg_layers``: those averaged the exit layers
         of every row's tokens, which the table does not hold per row."""
-        return LossTable(self.losses[rows], self.lambdas, self.mode, self.consistency, None, self.n_layers)
+        return LossTable(self.losses[rows], self.lambdas, self.mode, self.consistency, None, self.n_layers, self.decay)
 
 
 def _losses_iv(losses) -> np.ndarray:
@@ -275,10 +282,10 @@ def proxy_losses(
             losses = counts / np.maximum(lengths, 1)[:, None]
         else:
             losses = (counts > 0).astype(np.float64)
-        return LossTable(losses, lam, "proxy", consistency, avg, n_layers)
+        return LossTable(losses, lam, "proxy", consistency, avg, n_layers, decay)
     positions = cache.positions if decay is not None else None
     losses, avg = _textual_losses(cache, conf, lam, top1, full, consistency, positions, decay, decode, progress)
-    return LossTable(losses, lam, "proxy", consistency, avg, n_layers)
+    return LossTable(losses, lam, "proxy", consistency, avg, n_layers, decay)
 
 
 def _default_decode(vocab: Sequence[str] | None) -> Callable[[Sequence[int]], str]:

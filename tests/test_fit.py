@@ -389,6 +389,21 @@ def test_fit_with_decay_records_it(cache):
 
 
 
+def test_a_loss_table_carries_its_decay_into_the_certificate(cache):
+    """certify(proxy_losses(..., decay=...)) recorded no decay: its lambda_hat > 1 then read as 'never exit'."""
+    decay = calibrate.Decay(24, 4.0)
+    lambdas = calibrate.default_lambdas(decay=True)
+    table = calibrate.proxy_losses(cache, cache.arrays["softmax_gap"], lambdas, decay=decay)
+    assert table.decay == decay and table.subset([0, 1]).decay == decay
+    assert table != calibrate.proxy_losses(cache, cache.arrays["softmax_gap"], lambdas)  # other exits, other table
+    cert = calibrate.certify(table, delta=0.1, epsilon=0.05)
+    fitted = calibrate.fit(cache, decay=decay, lambdas=lambdas)
+    assert cert.decay == fitted.decay == {"max_len": 24, "tau": 4.0} and cert.lambda_hat == fitted.lambda_hat
+    assert "decaying threshold" in cert.summary()
+    with pytest.raises(TypeError, match="decay must be a calibrate.Decay or None, got dict"):
+        calibrate.LossTable(table.losses, table.lambdas, decay={"max_len": 24, "tau": 4.0})
+
+
 def test_fit_records_its_method_decay_rate_model_and_heads(cache):
     for method in ("bonferroni", "holm", "multistart"):
         assert calibrate.fit(cache, delta=0.2, method=method).method == method

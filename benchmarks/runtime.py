@@ -151,11 +151,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"\nbatch {batch}: hf {n_tokens / best['hf']:8.1f} tok/s; runtime full emits the tokens of HF generate")
         print(f"  {'run':30s} {'tok/s':>8s} {'mean exit':>9s} {'speed-up':>8s} {'ideal':>6s} {'achieved/ideal':>14s}")
         for name, (_, softmax) in list(runs.items())[1:]:
-            assert "lam=1 " not in name or out[name].mean_exit_layer() == L, f"a token exited in {name}"
+            assert "lam=1 " not in name or out[name].mean_exit_layer == L, f"a token exited in {name}"
             speed_up = best["hf"] / best[name]
             ideal = ideal_ratio(out[name].exit_layers, cost, L, softmax)
             print(
-                f"  {name:30s} {n_tokens / best[name]:8.1f} {out[name].mean_exit_layer():9.2f} {speed_up:8.2f} "
+                f"  {name:30s} {n_tokens / best[name]:8.1f} {out[name].mean_exit_layer:9.2f} {speed_up:8.2f} "
                 f"{ideal:6.2f} {speed_up / ideal:14.2f}",
                 flush=True,
             )

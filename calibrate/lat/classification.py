@@ -27,7 +27,7 @@ from calibrate.runtime._inputs import _ids_iv
 __all__ = ["ClassificationOutput", "classify"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # tensors: compared by identity, as the reports are
 class ClassificationOutput:
     """Result of :func:`classify`.
 

@@ -45,7 +45,7 @@ __all__ = ["LAT_ARCHITECTURES", "EliminationOutput", "generate", "model_id"]
 LAT_ARCHITECTURES: tuple[str, ...] = ("gpt2", "llama", "mistral", "qwen2", "qwen3", *ENCODER_DECODER_ARCHITECTURES)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # tensors: compared by identity, as the reports are
 class EliminationOutput:
     """Result of :func:`generate`.
 

@@ -52,7 +52,7 @@ FINETUNE_ARCHITECTURES: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3")
 DEFAULT_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # tensors: compared by identity, as the reports are
 class FinetuneResult:
     """Result of :func:`finetune`.
 

@@ -66,7 +66,7 @@ class EarlyExitConfig:
         return float(self.decay.thresholds(np.array([self.lambda_hat]), np.array([t]))[0, 0])
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # tensors: compared by identity, as the reports are
 class EarlyExitOutput:
     """Result of :func:`generate`, shaped like Hugging Face ``GenerateDecoderOnlyOutput`` plus exit layers.
 
@@ -110,18 +110,20 @@ class EarlyExitOutput:
         """Tokens generated per row, EOS included, shape ``(batch,)``."""
         return (self.exit_layers > 0).sum(dim=1)
 
+    @property
     def mean_exit_layer(self) -> float:
         """Average 1-based exit layer over all generated tokens (``n_layers`` for the full model)."""
         used = self.exit_layers[self.exit_layers > 0]
         return float(used.float().mean()) if used.numel() else float("nan")
 
+    @property
     def layer_savings(self) -> float:
         """Fraction of decoder layers skipped, ``1 - mean_exit_layer / n_layers``."""
-        return 1.0 - self.mean_exit_layer() / self.n_layers
+        return 1.0 - self.mean_exit_layer / self.n_layers
 
     def __repr__(self) -> str:
         return (
             f"EarlyExitOutput(batch={self.sequences.shape[0]}, prompt_length={self.prompt_length}, "
             f"n_steps={self.exit_layers.shape[1]}, n_layers={self.n_layers}, measure={self.measure!r}, "
-            f"mean_exit_layer={self.mean_exit_layer():.3g})"
+            f"mean_exit_layer={self.mean_exit_layer:.3g})"
         )

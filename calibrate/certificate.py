@@ -459,6 +459,8 @@ class Certificate:
                 f"  expected layers {self.expected_layers:.2f} of {self.n_layers} "
                 f"(saves {100 * self.layer_savings:.1f}% of layers)"
             )
+        elif self.expected_layers is not None:
+            lines.append(f"  expected layers {self.expected_layers:.2f}")
         if self.max_new_tokens is not None:
             lines.append(f"  outputs of at most {self.max_new_tokens} new tokens (deploy with max_new_tokens <= that)")
         n_tested = sum(self.tested)
@@ -474,9 +476,11 @@ class Certificate:
 
     def __repr__(self) -> str:
         lam = "None (full model)" if self.lambda_hat is None else f"{self.lambda_hat:.6g}"
-        extra = "" if self.expected_layers is None else f", expected_layers={self.expected_layers:.2f}/{self.n_layers}"
+        of = "" if self.n_layers is None else f"/{self.n_layers}"
+        extra = "" if self.expected_layers is None else f", expected_layers={self.expected_layers:.2f}{of}"
+        epsilon = "" if self.method == "crc" else f", epsilon={level(self.epsilon)}"  # CRC's guarantee has none
         return (
-            f"Certificate(lambda_hat={lam}, delta={level(self.delta)}, epsilon={level(self.epsilon)}, n={self.n}, "
+            f"Certificate(lambda_hat={lam}, delta={level(self.delta)}{epsilon}, n={self.n}, "
             f"measure={self.measure!r}, mode={self.mode!r}, bound={self.bound!r}, method={self.method!r}{extra})"
         )
 

@@ -155,7 +155,11 @@ def test_frame_summary_and_repr():
     text = cert.summary()
     assert "lambda_hat = 0.8" in text and "delta (tolerance) = 0.1" in text and "epsilon (failure probability)" in text
     assert "teacher-forced" in text and "outputs of at most 32 new tokens" in text
-    assert repr(cert).startswith("Certificate(lambda_hat=0.8,")
+    assert repr(cert).startswith("Certificate(lambda_hat=0.8,") and "expected_layers=8.25/12" in repr(cert)
+    unsized = dataclasses.replace(cert, n_layers=None)  # printed "expected_layers=8.25/None"
+    assert repr(unsized).endswith("expected_layers=8.25)") and "expected layers 8.25" in unsized.summary()
+    crc = calibrate.certify(np.tile([0.0, 0.05, 0.5], (200, 1)), [0.9, 0.5, 0.1], delta=0.1, method="crc")
+    assert "epsilon" not in repr(crc) and "epsilon" not in repr(dataclasses.replace(crc, epsilon=0.5))
     assert "<pre" in cert._repr_html_()
     full = _cert(lambda_hat=None, certified=(False, False, False), reason="too few examples")
     assert "full model only (run every layer)" in full.summary() and "too few examples" in full.summary()

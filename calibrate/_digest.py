@@ -103,6 +103,13 @@ def generation_digest(module) -> str | None:
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def decoding_digest(module) -> str:
+    """:func:`model_digest`, followed for a model with a generation config by ``+`` and its
+    :func:`generation_digest`: what a model id records when the certified outputs are decoded."""
+    generation = generation_digest(module)
+    return model_digest(module) + ("" if generation is None else f"+{generation}")
+
+
 def model_digest(module) -> str:
     """16 hex digits identifying what ``module`` computes: its weights (:func:`weights_digest`), its buffers
     (rotary frequencies, which rope scaling changes; BatchNorm statistics), each submodule's type and settings

@@ -1,5 +1,6 @@
 """Token elimination: contribution scores, keep schedules, and decoding that physically thins the prompt."""
 
+import copy
 import dataclasses
 import math
 import warnings
@@ -541,6 +542,12 @@ def test_bad_input():
     with pytest.raises(ValueError, match="made for the model"):
         other = lat.model_id(tiny_model("llama", seed=2, n_layers=2))
         lat.generate(model, ids, mask, certificate=Certificate(**cert, knob="token_keep", model=other))
+    penalised = copy.deepcopy(model)  # the same weights decoding otherwise: its id changes with it
+    penalised.generation_config.repetition_penalty = 1.3
+    assert lat.model_id(penalised) != lat.model_id(model)
+    sampled = copy.deepcopy(model)
+    sampled.generation_config.temperature = 0.5  # greedy decoding ignores it
+    assert lat.model_id(sampled) == lat.model_id(model)
     with pytest.raises(ValueError, match="not both"):
         lat.generate(model, ids, mask, speedup=2.0, certificate=Certificate(**cert, knob="token_keep"))
 

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from calibrate._certify import _risk_control_iv, certify
-from calibrate._digest import model_digest
+from calibrate._digest import decoding_digest
 from calibrate._validation import caller_stacklevel, int_at_least, int_in, label_count_iv
 from calibrate.audit import AuditReport, _calibration_data_digest, _held_out_iv, _held_out_report
 from calibrate.certificate import Certificate, _audit_budget, _spend_iv
@@ -65,9 +65,10 @@ def _set_depth(layers: list[FFF], depth: int | None) -> None:
 
 def model_id(model: nn.Module) -> str:
     """Identity of a model with FFF layers: their count and depths, and a digest of what the model computes
-    (weights, buffers, each submodule's settings such as an FFF's activation)."""
+    (weights, buffers, each submodule's settings such as an FFF's activation) and, for a language model, of
+    the generation config that shapes its greedy decoding."""
     depths = sorted({layer.depth for layer in fff_layers(model)})
-    return f"fff/{len(fff_layers(model))}x/D{'-'.join(map(str, depths))}/{model_digest(model)}"
+    return f"fff/{len(fff_layers(model))}x/D{'-'.join(map(str, depths))}/{decoding_digest(model)}"
 
 
 @contextmanager

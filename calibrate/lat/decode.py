@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from calibrate._digest import model_digest
+from calibrate._digest import decoding_digest
 from calibrate._validation import int_at_least
 from calibrate.certificate import Certificate, _budget_warning, _spend_iv
 from calibrate.heads import ExitHeads, decoder_layers
@@ -96,13 +96,14 @@ class EliminationOutput:
 
 def model_id(model: nn.Module) -> str:
     """A short identity of a model: architecture, sizes and a digest of what it computes (all weights and
-    buffers, e.g. rotary frequencies, and each submodule's settings).
+    buffers, e.g. rotary frequencies, and each submodule's settings) and, for a generator, of the generation
+    config that shapes its greedy decoding (EOS ids, logits processors).
 
     A token-elimination certificate records it and :func:`generate` refuses a certificate of another model.
     """
     config = model.config
     costs = layer_costs(config)
-    return f"{config.model_type}/L{costs.n_layers}/d{config.hidden_size}/V{config.vocab_size}/{model_digest(model)}"
+    return f"{config.model_type}/L{costs.n_layers}/d{config.hidden_size}/V{config.vocab_size}/{decoding_digest(model)}"
 
 
 def _settings(score: str, min_keep: int, keep_ids) -> dict:

@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import math
 import numbers
-import os
-import sys
 from typing import Any
 
 import numpy as np
 
 from measures._arrays import as_numpy
+from measures._callers import caller_stacklevel as caller_stacklevel  # re-exported: calibrate's modules use it here
 
 
 def to_float(value: numbers.Real) -> float:
@@ -123,18 +122,19 @@ def int_at_least(value, name: str, low: int = 1) -> int:
     """``value`` as an int ``>= low``: TypeError naming ``name`` for bools, floats and other non-integers,
     ValueError for smaller values."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int >= {low}, got {value!r} ({type(value).__name__})")
+        raise TypeError(f"{name} must be an int >= {low}, got {short_repr(value)} ({type(value).__name__})")
     if value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        raise ValueError(f"{name} must be an int >= {low}, got {short_repr(value)}")
     return int(value)
 
 
 def int_in(value, name: str, low: int, high: int, why: str = "") -> int:
     """``value`` as an int in ``low..high``: TypeError naming ``name`` for a non-integer, ValueError outside."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int in {low}..{high}{why}, got {value!r} ({type(value).__name__})")
+        rule = f"{name} must be an int in {low}..{high}{why}"
+        raise TypeError(f"{rule}, got {short_repr(value)} ({type(value).__name__})")
     if not low <= value <= high:
-        raise ValueError(f"{name} must be an int in {low}..{high}{why}, got {value!r}")
+        raise ValueError(f"{name} must be an int in {low}..{high}{why}, got {short_repr(value)}")
     return int(value)
 
 
@@ -143,7 +143,7 @@ def seed_iv(seed, name: str = "seed") -> int:
     if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"{name} must be an int >= 0 (it seeds the random draws), got {type(seed).__name__}")
     if seed < 0:
-        raise ValueError(f"{name} must be an int >= 0 (it seeds the random draws), got {seed}")
+        raise ValueError(f"{name} must be an int >= 0 (it seeds the random draws), got {short_repr(seed)}")
     return int(seed)
 
 
@@ -154,28 +154,12 @@ def torch_seed(seed: int) -> int:
 
 
 def finite_positive(value, name: str) -> float:
-    """``value`` as a float, finite and ``> 0``; ValueError naming ``name`` otherwise (bools included)."""
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(to_float(value))
-    if not (ok and value > 0):
+    """``value`` (any real number: numpy scalars, fractions) as a float, finite and ``> 0``; TypeError naming
+    ``name`` for a bool or a non-number, ValueError otherwise."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a finite number > 0, got {short_repr(value)} ({type(value).__name__})")
+    if not (math.isfinite(to_float(value)) and value > 0):
         raise ValueError(f"{name} must be a finite number > 0, got {short_repr(value)}")
-    return float(value)
+    return to_float(value)
 
 
-#: Where this library's two packages live (installed side by side).
-_ROOT = os.path.dirname(os.path.dirname(__file__))
-_PACKAGES = (os.path.join(_ROOT, "calibrate", ""), os.path.join(_ROOT, "measures", ""))
-
-
-#: Decorators' wrapper frames between the library's own (``torch.no_grad``, ``contextlib.contextmanager``).
-_WRAPPERS = (os.path.join("torch", "utils", "_contextlib.py"), os.sep + "contextlib.py")
-
-
-def caller_stacklevel() -> int:
-    """``stacklevel`` for a warning issued by the calling function that names the first frame outside this
-    library (the user's line), however deep the library's own calls run."""
-    frame, level = sys._getframe(1), 1
-    while frame is not None and (
-        frame.f_code.co_filename.startswith(_PACKAGES) or frame.f_code.co_filename.endswith(_WRAPPERS)
-    ):
-        frame, level = frame.f_back, level + 1
-    return level

@@ -27,7 +27,7 @@ import pandas as pd
 
 import calibrate
 from calibrate._atomic import atomic_file
-from calibrate._validation import int_at_least, open_interval, seed_iv
+from calibrate._validation import int_at_least, int_in, open_interval, seed_iv
 from calibrate.audit import _save_figure, audit
 from calibrate.fit import fit
 from calibrate.losses import tokenizer_decode
@@ -167,7 +167,7 @@ def smollm2_demo(
     out : pathlib.Path
         Output directory (created): certificates, adapters, caches' figures.
     n_train, n_cal, n_test : int
-        Prompts taken from the task's train, calibration and test splits (each >= 1).
+        Prompts taken from the task's train (4..800), calibration (4..800) and test (1..400) splits.
     max_new_tokens : int
         Tokens generated per prompt (outputs are cut there; the certificate covers outputs of this length).
     batch_size : int
@@ -186,10 +186,9 @@ def smollm2_demo(
     from measures.classifier import agreement
 
     _tolerances_iv(delta, epsilon)  # before minutes of extraction
+    _prompt_counts_iv(n_train, n_cal, n_test, seed)
     if consistency not in _TEXT_METRICS:  # token or risk_* failed after all the work, scoring decoded texts
         raise ValueError(f"consistency must be one of {_TEXT_METRICS} (the demo scores texts), got {consistency!r}")
-    for name, value, low in (("n_train", n_train, 4), ("n_cal", n_cal, 4), ("n_test", n_test, 1)):
-        int_at_least(value, name, low)
     int_at_least(max_new_tokens, "max_new_tokens")
     int_at_least(batch_size, "batch_size")
     seed_iv(seed)
@@ -317,7 +316,7 @@ def smollm2_data(
     Parameters
     ----------
     n_train, n_cal, n_test : int
-        Prompts taken from the task's train, calibration and test splits (each >= 1).
+        Prompts taken from the task's train (4..800), calibration (4..800) and test (1..400) splits.
     max_new_tokens : int
         Tokens generated per prompt.
     batch_size : int, default=8
@@ -328,15 +327,14 @@ def smollm2_data(
         Progress bars, and a line per step with its wall-clock time.
     """
     from calibrate.adapters import train_adapters
-    from calibrate.data import load_task
     from calibrate.extraction import extract
     from calibrate.models import smollm2
 
+    tasks = _prompt_counts_iv(n_train, n_cal, n_test, seed)  # before the model loads
     say = print if progress else (lambda *_: None)
     start = time.perf_counter()
     model, tokenizer = smollm2()
     say(f"  model loaded in {time.perf_counter() - start:.0f} s ({model.config.num_hidden_layers} layers)")
-    tasks = {name: load_task(split=name, seed=seed) for name in ("train", "calibration", "test")}
 
     def cache_of(split: str, n: int, heads=None):
         task, t0 = tasks[split], time.perf_counter()
@@ -447,6 +445,22 @@ def _output_dir(out: Path) -> None:
         )
     out.mkdir(parents=True, exist_ok=True)
     (out / _MARKER).write_text("written by calibrate demo, which replaces its files here on each run\n")
+
+
+#: Fewest prompts of each split of the task the real-model demo takes (adapters and the classifier need a few).
+_FEWEST_PROMPTS = {"train": 4, "calibration": 4, "test": 1}
+
+
+def _prompt_counts_iv(n_train, n_cal, n_test, seed) -> dict:
+    """The task's splits by name, once each count is an int from its fewest to its split's size (ValueError
+    naming the count: the demo failed after minutes of work on more test prompts than the split holds)."""
+    from calibrate.data import load_task
+
+    seed = seed_iv(seed)
+    tasks = {split: load_task(split=split, seed=seed) for split in _FEWEST_PROMPTS}
+    for (name, value), split in zip((("n_train", n_train), ("n_cal", n_cal), ("n_test", n_test)), tasks):
+        int_in(value, name, _FEWEST_PROMPTS[split], len(tasks[split]), f" (prompts of the task's {split} split)")
+    return tasks
 
 
 def _write_json(data: dict, path: Path) -> None:

@@ -109,16 +109,17 @@ def load_local(model_dir, *, device: str | None = None, dtype: str | None = None
     Returns
     -------
     model : transformers.PreTrainedModel
-        ``AutoModelForSeq2SeqLM`` for encoder-decoder configs, ``AutoModelForSequenceClassification`` when
-        the config's architecture is a ``...ForSequenceClassification``, else ``AutoModelForCausalLM``; in
-        eval mode.
+        ``AutoModelForSequenceClassification`` when the config's architecture is a
+        ``...ForSequenceClassification``, else ``AutoModelForSeq2SeqLM`` for encoder-decoder configs, else
+        ``AutoModelForCausalLM``; in eval mode.
     tokenizer : transformers.PreTrainedTokenizerBase
 
     Raises
     ------
     ValueError
         When ``model_dir`` has no ``config.json``, no weights or no tokenizer files, its weights lack tensors
-        of the model its config describes (they would be initialised at random), ``dtype`` is not a torch
+        of the model its config describes (they would be initialised at random) or hold tensors that model
+        has no place for (they would be dropped), ``dtype`` is not a torch
         dtype or ``device`` is not an available torch device (checked before loading).
     """
     from transformers import (
@@ -139,10 +140,10 @@ def load_local(model_dir, *, device: str | None = None, dtype: str | None = None
     if device is not None:
         device = _torch_device(device)
     config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
-    if getattr(config, "is_encoder_decoder", False):
+    if any(a.endswith("ForSequenceClassification") for a in getattr(config, "architectures", None) or []):
+        auto = AutoModelForSequenceClassification  # first: BART's classifier is an encoder-decoder too
+    elif getattr(config, "is_encoder_decoder", False):
         auto = AutoModelForSeq2SeqLM
-    elif any(a.endswith("ForSequenceClassification") for a in getattr(config, "architectures", None) or []):
-        auto = AutoModelForSequenceClassification
     else:
         auto = AutoModelForCausalLM
     try:
@@ -157,6 +158,13 @@ def load_local(model_dir, *, device: str | None = None, dtype: str | None = None
             f"{model_dir} holds no weights for {len(missing)} of the model's tensors ({', '.join(missing[:3])}"
             f"{', ...' if len(missing) > 3 else ''}): they would be initialised at random; save the whole model "
             "with save_pretrained (and a config.json that describes it)"
+        )
+    unexpected = sorted(loading.get("unexpected_keys") or ())  # dropped: another model than the one saved
+    if unexpected:
+        raise ValueError(
+            f"{model_dir} holds {len(unexpected)} tensors that {type(model).__name__} has no place for "
+            f"({', '.join(unexpected[:3])}{', ...' if len(unexpected) > 3 else ''}): they would be dropped; its "
+            "config.json should name the model's architecture"
         )
     model = model.eval()
     tokenizer = load_tokenizer(model_dir, "model_dir")
@@ -223,17 +231,19 @@ def _torch_device(device: str) -> torch.device:
         count = torch.cuda.device_count()
         if (parsed.index or 0) >= count:
             raise ValueError(f"device {device!r} is not available: this machine has {count} CUDA device(s)")
-    elif parsed.type == "meta" or (parsed.type != "cpu" and not _backend_available(parsed.type)):
+    elif parsed.type == "meta" or (parsed.type != "cpu" and not _allocates(parsed)):
         raise ValueError(f"device {device!r} is not available on this machine")
     return parsed
 
 
-def _backend_available(kind: str) -> bool:
+def _allocates(device: torch.device) -> bool:
+    """Whether a tensor can be made on ``device`` (not: whether torch knows its name; "mkldnn" is a CPU kernel
+    library whose availability flag is True, yet no tensor lives there)."""
     try:
-        backend = getattr(torch, kind, None) or getattr(torch.backends, kind, None)
-        return bool(backend is not None and backend.is_available())
-    except Exception:  # noqa: BLE001 - a backend torch knows by name but cannot query here
+        torch.empty(0, device=device)
+    except Exception:  # noqa: BLE001 - each backend fails its own way (RuntimeError, AssertionError, ...)
         return False
+    return True
 
 
 

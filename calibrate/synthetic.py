@@ -162,7 +162,7 @@ def synthetic_cache(
         references, difficulty, seed,
     )
     n, L, V, k, d = p["n_sequences"], p["n_layers"], p["vocab_size"], p["top_k"], p["hidden_size"]
-    int_at_least(first_id, "first_id", 0)
+    first_id = int_at_least(first_id, "first_id", 0)  # a Python int: np.int8(125) + 3 wrapped to -128
     root = np.random.SeedSequence(p["seed"])
     seq_ss, ref_ss, block_root = root.spawn(3)
     rng = np.random.default_rng(seq_ss)
@@ -186,7 +186,8 @@ def synthetic_cache(
             rows = np.flatnonzero(clash)
             cand[rows, j] = rng.integers(0, V, size=rows.size)
             clash[rows] = np.any(cand[rows, j : j + 1] == cand[rows, :j], axis=1)
-    beta = np.clip(rng.beta(2.0 * p["difficulty"], 2.0, size=n_tokens), 1e-6, 1 - 1e-6)
+    # capped: 2 * 1e308 overflows to inf (a shape of 1e300 already gives beta = 1 - 1e-6 after the clip)
+    beta = np.clip(rng.beta(min(2.0 * p["difficulty"], 1e300), 2.0, size=n_tokens), 1e-6, 1 - 1e-6)
     resolve = special.expit(special.logit(beta) + np.repeat(seq_shift, lengths)).astype(np.float32)
 
     # Token-major outputs, filled block by block.

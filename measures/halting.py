@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 from scipy.special import expit, log_softmax, softmax
 
+from measures._callers import caller_stacklevel
 from measures.classifier import _cache_iv, _layer_features, _standardize
 from measures.confidence import state_saturation
 from measures.oracles import _OPTIONS, CONSISTENCY_RULES, ORACLES, _penalty_iv, oracle_depths, smooth_oracle
@@ -143,7 +144,7 @@ def _fit_linear(
             f"L-BFGS stopped after max_iter={max_iter} iterations before converging; increase max_iter "
             "(calibrate.fit: measure_options={'max_iter': ...})",
             ConvergenceWarning,
-            stacklevel=4,  # _fit_linear <- _fit_geometric or _fit_multinomial <- fit <- the caller
+            stacklevel=caller_stacklevel(),  # the user's line, through calibrate.fit too
         )
     return _Linear(mean, scale, result.x[: p * m].reshape(p, m), result.x[p * m :])
 

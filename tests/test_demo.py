@@ -45,13 +45,14 @@ def test_the_demo_replaces_only_its_own_files(tmp_path):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"n_train": 3}, "n_train must be an int >= 4, got 3"),
-        ({"n_cal": 3}, "n_cal must be an int >= 4, got 3"),
-        ({"n_test": 0}, "n_test must be an int >= 1, got 0"),
+        ({"n_train": 3}, r"n_train must be an int in 4..800 \(prompts of the task's train split\), got 3"),
+        ({"n_cal": 3}, "n_cal must be an int in 4..800"),
+        ({"n_test": 0}, "n_test must be an int in 1..400"),
+        ({"n_test": 401}, r"n_test must be an int in 1..400 \(prompts of the task's test split\), got 401"),
         ({"max_new_tokens": 0}, "max_new_tokens must be an int >= 1"),
         ({"delta": 0.0}, "delta must lie in the open interval"),
         ({"epsilon": 1.5}, "epsilon must lie in the open interval"),
-        ({"seed": -1}, r"seed must be an int >= 0 \(it seeds the random draws\), got -1"),  # after the model loaded
+        ({"seed": -1}, r"seed must be an int >= 0 \(it seeds the random draws\), got -1"),
         ({"batch_size": 0}, "batch_size must be an int >= 1, got 0"),
         ({"consistency": "token"}, r"consistency must be one of \('rouge_l', 'bleu', 'token_f1'\)"),  # failed at the end
     ],
@@ -61,6 +62,18 @@ def test_real_model_demo_checks_its_arguments_before_loading_anything(tmp_path, 
     with pytest.raises(ValueError, match=match):
         smollm2_demo(tmp_path / "out", **kwargs)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_real_model_data_checks_its_counts_against_the_splits_before_loading_the_model(monkeypatch):
+    """n_test=401 failed with an IndexError after the whole demo; n_train=5000 took the 800 there are."""
+    import calibrate.models
+
+    monkeypatch.setattr(calibrate.models, "smollm2", lambda **kw: pytest.fail("loaded the model"))
+    from calibrate.demo import smollm2_data
+
+    for counts, match in (({"n_train": 5000}, "n_train must be an int in 4..800"), ({"n_cal": -1}, "n_cal")):
+        with pytest.raises(ValueError, match=match):
+            smollm2_data(**{"n_train": 4, "n_cal": 4, "n_test": 1, **counts}, max_new_tokens=2)
 
 
 @pytest.fixture(scope="module")

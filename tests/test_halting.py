@@ -332,6 +332,9 @@ def test_convergence_warning():
         warnings.simplefilter("error", ConvergenceWarning)
         with pytest.raises(ConvergenceWarning, match="max_iter=1"):
             HaltingHead("token_multinomial", max_iter=1).fit(_depth_cache(9))
+    with pytest.warns(ConvergenceWarning, match="max_iter=1") as caught:  # through fit: it named learned.py's line
+        calibrate.fit(_depth_cache(9), measure="halting_geometric", measure_options={"max_iter": 1})
+    assert {Path(w.filename).name for w in caught if issubclass(w.category, ConvergenceWarning)} == {"test_halting.py"}
 
 
 # ----------------------------------------------------------------------------------------------------

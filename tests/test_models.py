@@ -66,6 +66,7 @@ def test_dtype_must_be_a_float_dtype(dtype):
         smollm2(dtype=dtype)
 
 
+@pytest.mark.filterwarnings("ignore:'mkldnn' is no longer used as device type")
 def test_load_local_names_what_is_missing_before_loading(tmp_path):
     import _tiny_hf
 
@@ -79,7 +80,7 @@ def test_load_local_names_what_is_missing_before_loading(tmp_path):
     with pytest.raises(ValueError, match="holds no tokenizer files"):  # was an empty tokenizer
         load_local(tmp_path / "no_tokenizer")
     tokenizer.save_pretrained(tmp_path / "no_tokenizer")
-    for device in ("meta", "mps", "xpu"):  # failed after loading, or loaded onto the meta device
+    for device in ("meta", "mps", "xpu", "mkldnn"):  # failed after loading, or loaded onto the meta device
         with pytest.raises(ValueError, match=f"device '{device}' is not available"):
             load_local(tmp_path / "no_tokenizer", device=device)
     assert load_local(tmp_path / "no_tokenizer", device="cpu")[0].device.type == "cpu"
@@ -92,6 +93,34 @@ def test_load_local_names_what_is_missing_before_loading(tmp_path):
     weights.write_bytes(weights.read_bytes()[:500])  # a truncated download or copy
     with pytest.raises(ValueError, match=r"cannot read the model weights in .*no_tokenizer: SafetensorError"):
         load_local(tmp_path / "no_tokenizer")
+
+
+def test_an_encoder_decoder_classifier_loads_as_the_classifier_it_is(tmp_path):
+    """A BART classifier loaded as BartForConditionalGeneration, its classification head dropped silently."""
+    import json
+
+    import _tiny_hf
+    from transformers import BartForSequenceClassification
+
+    from calibrate.models import load_local
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    classifier = BartForSequenceClassification(_tiny_hf.tiny_model("bart").config.__class__(
+        **{**_tiny_hf.tiny_model("bart").config.to_dict(), "num_labels": 3}
+    )).eval()  # fmt: skip
+    model_dir = tmp_path / "bart"
+    classifier.save_pretrained(model_dir)
+    _tiny_hf.tiny_tokenizer().save_pretrained(model_dir)
+    loaded, _ = load_local(model_dir)
+    ids = torch.tensor([[3, 5, 6, 1]])
+    assert type(loaded) is BartForSequenceClassification
+    torch.testing.assert_close(loaded(ids).logits, classifier(ids).logits, rtol=0, atol=0)
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "architectures": ["BartForConditionalGeneration"]}))
+    with pytest.raises(ValueError, match=r"holds \d+ tensors that BartForConditionalGeneration has no place for "
+                       r"\(.*classification_head"):  # fmt: skip
+        load_local(model_dir)
 
 
 def test_load_local_refuses_weights_that_lack_tensors_of_the_model(tmp_path):

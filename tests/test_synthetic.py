@@ -218,6 +218,9 @@ def test_ids_start_at_first_id_and_meta_records_the_arguments():
     recorded = piece.meta["synthetic"]
     assert recorded["seed"] == 1 and recorded["min_tokens"] == 4 and recorded["n_layers"] == 2
     assert recorded["difficulty"] == 1.0 and recorded["vocab_size"] == 500
+    small = synthetic_cache(4, n_layers=2, first_id=np.int8(125), seed=1)  # 125 + 3 wrapped to -128
+    assert small.sequences["id"].tolist()[-1] == "synthetic-128"
+    assert synthetic_cache(3, n_layers=2, difficulty=1e308, seed=1).n_sequences == 3  # 2 * 1e308 overflowed to inf
 
 
 def _pieces(text):

@@ -5,10 +5,11 @@ Each measure reproduces the definition used to build the cache and calibrate the
 - ``state_saturation``: ``cos(h_i, h_{i-1})`` of the raw residual stream, 0 at layer 1 and for a zero
   vector (:func:`measures.confidence.state_saturation`); ``O(d)`` per row and layer.
 - ``classifier``: the certificate's :class:`~measures.classifier.ExitClassifier` (``features="hidden"``):
-  ``sigmoid(w_i . standardise([h_i, saturation_i]) + b_i)``, folded into one affine map per layer;
-  ``O(d)`` per row and layer.
+  ``sigmoid(w_i . standardise([h_i, saturation_i]) + b_i)``, standardised in float32 with the fitted mean
+  and scale, then a float64 product with ``w_i``, as :mod:`measures.classifier` computes it (not folded into
+  one affine map, which would round otherwise): the cached value to the bit; ``O(d)`` per row and layer.
 - ``halting_geometric``: the certificate's geometric :class:`~measures.halting.HaltingHead`,
-  ``chi_i = sigmoid(w_i . standardise([h_i, saturation_i]) + b_i)``: the classifier's form, folded the
+  ``chi_i = sigmoid(w_i . standardise([h_i, saturation_i]) + b_i)``: the classifier's form, computed the
   same way; ``O(d)`` per row and layer.
 - ``halting_token_multinomial``: the token multinomial head: a softmax over depths from each token's
   ``[h_1, saturation_1]`` after layer 1, confidence ``P(depth <= i)``; one ``O(d L)`` product per row

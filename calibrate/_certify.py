@@ -14,6 +14,7 @@ from calibrate._format import level
 from calibrate._validation import caller_stacklevel, open_interval
 from calibrate.certificate import KNOBS, Certificate
 from calibrate.crc import _crc_index, _non_monotone_reason
+from calibrate.exits import _lambdas_iv
 from calibrate.losses import LossTable, user_losses
 
 METHODS = (*_fwer.FWER_METHODS, "crc")
@@ -22,7 +23,7 @@ METHODS = (*_fwer.FWER_METHODS, "crc")
 def _certify_iv(losses, lambdas, delta, epsilon, bound, method, knob):
     delta, epsilon, bound, method_name = _risk_control_iv(delta, epsilon, bound, method)
     if isinstance(losses, LossTable):
-        if lambdas is not None and not np.array_equal(np.asarray(lambdas, dtype=float), losses.lambdas):
+        if lambdas is not None and not np.array_equal(_lambdas_iv(lambdas), losses.lambdas):
             raise ValueError(
                 "lambdas disagrees with the LossTable's own lambdas, the thresholds its columns were computed at: "
                 "drop lambdas= (to test other thresholds, compute the table at them, e.g. proxy_losses(cache, conf, "

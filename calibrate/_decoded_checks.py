@@ -20,6 +20,7 @@ from calibrate._validation import caller_stacklevel, int_at_least, seed_iv
 from calibrate.audit import _calibration_data_digest
 from calibrate.cache import LayerCache
 from calibrate.certificate import Certificate
+from calibrate.concat import _heads_difference
 from calibrate.exits import Decay, _lambdas_iv
 from calibrate.fit import _decay_iv
 from calibrate.fwer import FixedSequence
@@ -119,7 +120,7 @@ def _measure_iv(measure, train_cache, prompts, heads: ExitHeads, seed, options) 
             "the training cache with store_hidden=True"
         )
     described = train_cache.user_meta.get("heads")
-    if described is not None and described != heads.describe():
+    if described is not None and _heads_difference(described, heads.describe(), states_only=True):
         raise ValueError(
             f"train_cache was extracted with other exit heads ({described}) than the ones decoding now "
             f"({heads.describe()}); measure={measure!r} would score other states"

@@ -83,23 +83,43 @@ def _config_settings(module) -> str:
     return json.dumps(kept, sort_keys=True, default=str)
 
 
-#: Generation-config keys that do not change what greedy decoding emits: sampling and beam settings (decoding is
-#: greedy), lengths the caller sets, caching, output and assisted-decoding options, bookkeeping.
-_NOT_GREEDY = re.compile(
-    r"^_|transformers_version|^do_sample$|^temperature$|^top_[kp]$|^typical_p$|^min_p$|_cutoff$|beam"
-    r"|^diversity_penalty$|^length_penalty$|^early_stopping$|^num_return_sequences$|^max_length$|^max_new_tokens$"
-    r"|^max_time$|cache|^output_|^return_dict|assistant|prompt_lookup"
-)
+#: Options of a Hugging Face generation config that process the logits before a greedy choice, with the values
+#: that process nothing. ``model.generate`` and the runtime apply them to the emitting layer's logits.
+PROCESSING_OPTIONS = {
+    "repetition_penalty": (None, 1.0),
+    "encoder_repetition_penalty": (None, 1.0),
+    "no_repeat_ngram_size": (None, 0),
+    "encoder_no_repeat_ngram_size": (None, 0),
+    "bad_words_ids": (None, []),
+    "sequence_bias": (None, {}),
+    "min_length": (None, 0),
+    "min_new_tokens": (None, 0),
+    "forced_bos_token_id": (None,),
+    "forced_eos_token_id": (None,),
+    "suppress_tokens": (None, []),
+    "begin_suppress_tokens": (None, []),
+    "exponential_decay_length_penalty": (None,),
+    "guidance_scale": (None, 1.0),
+    "watermarking_config": (None, {}),
+}
 
 
 def generation_digest(module) -> str | None:
-    """16 hex digits over a Hugging Face model's generation-config settings that shape greedy decoding (EOS and
-    pad ids, the settings of logits processors such as ``repetition_penalty`` or ``min_length``), or None for a
-    module without a generation config. Decoded outputs, and so a certificate's losses, depend on them."""
-    to_diff_dict = getattr(getattr(module, "generation_config", None), "to_diff_dict", None)
-    if not callable(to_diff_dict):
+    """16 hex digits over what of a Hugging Face model's generation config shapes greedy decoding: its EOS ids
+    (one id or a list of it alike), pad and decoder-start ids, and the :data:`PROCESSING_OPTIONS` set to a
+    value that processes the logits (``repetition_penalty=1.0`` is no setting); None for a module without
+    a generation config. Decoded outputs, and so a certificate's losses, depend on them; sampling, beam and
+    length settings do not."""
+    config = getattr(module, "generation_config", None)
+    if config is None or not callable(getattr(config, "to_diff_dict", None)):
         return None
-    kept = {key: value for key, value in to_diff_dict().items() if not _NOT_GREEDY.search(key)}
+    eos = getattr(config, "eos_token_id", None)
+    eos = sorted({int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None})
+    kept = {"eos_token_id": eos}
+    kept |= {key: getattr(config, key, None) for key in ("pad_token_id", "decoder_start_token_id")}
+    for key, idle in PROCESSING_OPTIONS.items():
+        if getattr(config, key, None) not in idle:
+            kept[key] = getattr(config, key)
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

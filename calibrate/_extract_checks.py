@@ -12,9 +12,8 @@ from pathlib import Path
 
 import torch
 
-from calibrate._digest import weights_digest
+from calibrate._digest import PROCESSING_OPTIONS, weights_digest
 from calibrate._validation import caller_stacklevel, int_at_least
-from calibrate.fit import _PROCESSING_OPTIONS
 from calibrate.heads import _context_positions, _heads_iv, decoder_layers
 
 
@@ -150,7 +149,7 @@ def _warn_padding_read(model, token_ids: Sequence[Sequence[int]], batch_size: in
     that reads it: then a prompt's greedy output (the full model's too) depends on the batch it is padded in."""
     gen = getattr(model, "generation_config", None)
     names = _READ_PADDING[4:] if getattr(model.config, "is_encoder_decoder", False) else _READ_PADDING
-    found = [f"{n}={getattr(gen, n)!r}" for n in names if getattr(gen, n, None) not in _PROCESSING_OPTIONS[n]]
+    found = [f"{n}={getattr(gen, n)!r}" for n in names if getattr(gen, n, None) not in PROCESSING_OPTIONS[n]]
     batches = (token_ids[s : s + batch_size] for s in range(0, len(token_ids), batch_size))
     if found and any(len({len(t) for t in batch}) > 1 for batch in batches):
         warnings.warn(

@@ -49,7 +49,7 @@ def _certificate_losses(cert: Certificate, cache, *, decode=None, progress=False
             f"consistency); got knob={cert.knob!r}, measure={cert.measure!r}, consistency={cert.consistency!r}"
         )
     from calibrate.cache import _in_memory_iv
-    from calibrate.concat import _first_difference, _loaded_by_name
+    from calibrate.concat import _first_difference, _heads_difference, _loaded_by_name
     from measures.learned import plain_state
 
     _in_memory_iv(cache, "the test cache")
@@ -72,6 +72,14 @@ def _certificate_losses(cert: Certificate, cache, *, decode=None, progress=False
         if made is None or here is None or _loaded_by_name(what, {"heads": cert.heads}, meta):
             continue
         made = plain_state(made)  # the certificate's read-only copy: mappings and tuples
+        if what == "heads" and isinstance(here, dict) and isinstance(made, dict):  # the keys both record
+            here, made = ({key: d[key] for key in sorted(set(here) & set(made))} for d in (here, made))
+            if _heads_difference(here, made) == ["generation"]:
+                raise ValueError(
+                    "the cache was extracted under another generation config (EOS ids or logits processors such as "
+                    "repetition_penalty) than the certificate was calibrated with: its full-model outputs are another "
+                    "decoding's; extract the test cache with the model's generation config as calibrated"
+                )
         if made != here:
             path, mine, theirs = _first_difference((what,), here, made)
             raise ValueError(

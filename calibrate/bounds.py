@@ -36,6 +36,7 @@ from scipy import special, stats
 
 from calibrate._threads import njit
 from calibrate._validation import bounded_array, open_interval
+from measures._arrays import as_numpy
 
 __all__ = [
     "DEFAULT_BOUND",
@@ -74,7 +75,7 @@ def _n_iv(n) -> int:
 
 def _mean_bound_iv(mean_loss, n, tolerance) -> tuple[np.ndarray, int, float]:
     """Shared validation of the ``(mean_loss, n, tolerance)`` functions."""
-    mean = np.asarray(mean_loss)
+    mean = as_numpy(mean_loss)  # a tensor too (bfloat16, requiring grad), as p_values takes losses
     if mean.dtype == object or not (np.issubdtype(mean.dtype, np.number) or mean.dtype == bool):
         raise TypeError(f"mean_loss must be a real number or array of them, got dtype {mean.dtype}")
     if np.iscomplexobj(mean):

@@ -27,6 +27,15 @@ def _loaded_by_name(key: str, a: Mapping, b: Mapping) -> bool:
     return key in ("model", "tokenizer") and all((m.get("heads") or {}).get("model_digest") for m in (a, b))
 
 
+def _heads_difference(a, b, *, states_only: bool = False) -> list[str]:
+    """The keys two exit-heads descriptions (:meth:`~calibrate.ExitHeads.describe`) disagree on, in ``a``'s order,
+    among those both record (a description written by another library version has other keys); with ``states_only``, not
+    ``"generation"``: what reads hidden states alone (a learned measure's training) does not depend on it."""
+    if not isinstance(a, Mapping) or not isinstance(b, Mapping):
+        return [] if a == b else ["heads"]
+    return [k for k in a if k in b and a[k] != b[k] and not (states_only and k == "generation")]  # a's order
+
+
 def _meta_difference(mine: Mapping, theirs: Mapping, may_differ: Sequence[str]) -> tuple[str, object, object] | None:
     """Where two parts' metadata disagree, e.g. ``("'generation' -> 'max_new_tokens'", 99, 32)``, or None: every key
     but those in ``may_differ`` and the names of a model both identify by its weights (:func:`_loaded_by_name`)."""

@@ -271,6 +271,10 @@ def rehead(cache: LayerCache, heads: ExitHeads) -> LayerCache:
     scores = {name: measures[name].cpu().numpy() for name in replaced[2:]}
     scores.update({name: a for name, a in cache.arrays.items() if name not in (*replaced, "full_tokens", "hidden")})
     table = cache.sequences
+    described = heads.describe(fresh=True)
+    recorded = cache.user_meta.get("heads") or {}
+    if "generation" in recorded:  # the outputs were decoded under the cache's generation config, not today's
+        described["generation"] = recorded["generation"]
     return LayerCache.from_arrays(
         full_tokens=cache.arrays["full_tokens"],
         topk_ids=measures["topk_ids"].cpu().numpy(),
@@ -284,7 +288,7 @@ def rehead(cache: LayerCache, heads: ExitHeads) -> LayerCache:
         ids=table["id"].tolist(),
         vocab=cache.vocab,
         vocab_size=cache.vocab_size,
-        meta={**{k: v for k, v in cache.user_meta.items() if k != "shard"}, "heads": heads.describe(fresh=True)},
+        meta={**{k: v for k, v in cache.user_meta.items() if k != "shard"}, "heads": described},
     )
 
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from calibrate import fwer as _fwer
 from calibrate._certify import METHODS, _certify, _risk_control_iv, certify
+from calibrate._digest import PROCESSING_OPTIONS
 from calibrate._validation import caller_stacklevel, open_interval, seed_iv
 from calibrate.certificate import Certificate
 from calibrate.exits import Decay, _lambdas_iv, default_lambdas
@@ -26,32 +27,11 @@ __all__ = ["METHODS", "TRAIN_FRACTION", "certify", "fit"]
 TRAIN_FRACTION = 0.3
 
 
-#: Options of a Hugging Face generation config that process the logits before a greedy choice, with the values
-#: that process nothing. ``model.generate`` and the runtime apply them to the emitting layer's logits.
-_PROCESSING_OPTIONS = {
-    "repetition_penalty": (None, 1.0),
-    "encoder_repetition_penalty": (None, 1.0),
-    "no_repeat_ngram_size": (None, 0),
-    "encoder_no_repeat_ngram_size": (None, 0),
-    "bad_words_ids": (None, []),
-    "sequence_bias": (None, {}),
-    "min_length": (None, 0),
-    "min_new_tokens": (None, 0),
-    "forced_bos_token_id": (None,),
-    "forced_eos_token_id": (None,),
-    "suppress_tokens": (None, []),
-    "begin_suppress_tokens": (None, []),
-    "exponential_decay_length_penalty": (None,),
-    "guidance_scale": (None, 1.0),
-    "watermarking_config": (None, {}),
-}
-
-
 def _logit_processing(cache) -> list[str]:
     """The options of the model's generation config recorded at extraction
     (``meta["generation"]["model_generation_config"]``) that process logits, as ``"name=value"``."""
     config = (cache.user_meta.get("generation") or {}).get("model_generation_config") or {}
-    return [f"{name}={config[name]!r}" for name, idle in _PROCESSING_OPTIONS.items() if config.get(name) not in idle]
+    return [f"{name}={config[name]!r}" for name, idle in PROCESSING_OPTIONS.items() if config.get(name) not in idle]
 
 
 def _generation_budget(cache) -> int | None:
@@ -122,22 +102,26 @@ def _calibration_split(cache, measure: str, train_fraction: float, seed: int, tr
 
 def _heads_of_another_model(a, b) -> bool:
     """Whether two heads descriptions (``describe()``) differ in more than their adapters: then no re-scoring helps."""
+    from calibrate.concat import _heads_difference
+
     if not isinstance(a, dict) or not isinstance(b, dict):
         return False
-    return any(a.get(key) != b.get(key) for key in set(a) | set(b) if key not in ("kind", "adapters_digest"))
+    return any(key not in ("kind", "adapters_digest") for key in _heads_difference(a, b, states_only=True))
 
 
 def _train_cache_iv(train_cache, cache):
     """``train_cache``, checked: a LayerCache other than ``cache``, from the same model and heads."""
     from calibrate.cache import _in_memory_iv
-    from calibrate.concat import _loaded_by_name
+    from calibrate.concat import _heads_difference, _loaded_by_name
 
     _in_memory_iv(train_cache, "train_cache")
     if train_cache.checksum == cache.checksum:
         raise ValueError("train_cache is the calibration cache itself; the measure must train on other sequences")
     train_meta, meta = train_cache.user_meta, cache.user_meta
-    for what in ("heads", "model"):
-        if train_meta.get(what) != meta.get(what) and not _loaded_by_name(what, train_meta, meta):
+    for what in ("heads", "model"):  # heads: those both record, not the generation config (states are read alone)
+        a, b = train_meta.get(what), meta.get(what)
+        differs = _heads_difference(a, b, states_only=True) if what == "heads" else a != b
+        if differs and not _loaded_by_name(what, train_meta, meta):
             other_model = what == "model" or _heads_of_another_model(train_meta.get(what), meta.get(what))
             advice = (
                 "it comes from another model (other weights, config or dtype): extract it with the calibration "

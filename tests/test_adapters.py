@@ -1,5 +1,6 @@
 """Exit adapters: the ridge fit recovers a known affine map, agreement, and the safetensors round trip."""
 
+import copy
 import json
 
 import numpy as np
@@ -248,6 +249,16 @@ def test_rehead_equals_an_extraction_through_the_new_heads(model, real_cache):
     np.testing.assert_allclose(redone.arrays["softmax_gap"], direct.arrays["softmax_gap"], atol=0.02)
     # the adapters changed what the cache says (else the test above would prove nothing)
     assert (redone.arrays["topk_ids"][:, :-1, 0] != real_cache.arrays["topk_ids"][:, :-1, 0]).any()
+
+
+def test_rehead_keeps_the_generation_config_the_outputs_were_decoded_under(model, real_cache):
+    """It recorded today's: a cache decoded with a repetition penalty, re-headed after the penalty was dropped,
+    then gave a certificate the runtime took for the model without it."""
+    changed = copy.deepcopy(model)
+    changed.generation_config.repetition_penalty = 1.4
+    redone = rehead(real_cache, ExitHeads.from_model(changed))
+    recorded = real_cache.user_meta["heads"]["generation"]
+    assert redone.user_meta["heads"]["generation"] == recorded != ExitHeads.from_model(changed).describe()["generation"]
 
 
 def test_rehead_bad_input(model, real_cache):

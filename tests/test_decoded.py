@@ -176,6 +176,11 @@ def test_a_certificate_is_refused_under_another_generation_config(model, tokeniz
     other = copy.deepcopy(model)
     other.generation_config.temperature = 0.3  # a sampling setting: greedy decoding ignores it
     generate(other, ids["input_ids"], ids["attention_mask"], certificate=cert, max_new_tokens=NEW)
+    eos = model.generation_config.eos_token_id
+    for idle in ({"repetition_penalty": 1.0}, {"min_length": 0}, {"eos_token_id": [eos]}):
+        restored = copy.deepcopy(model)  # settings that change nothing greedy decoding emits: still this certificate
+        restored.generation_config.update(**idle)
+        generate(restored, ids["input_ids"], ids["attention_mask"], certificate=cert, max_new_tokens=NEW)
     for setting in ({"repetition_penalty": 1.3}, {"min_length": 3}, {"eos_token_id": 7}):
         changed = copy.deepcopy(model)
         changed.generation_config.update(**setting)

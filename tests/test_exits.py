@@ -291,6 +291,10 @@ def test_tensors_from_a_model_serve_as_confidences_losses_and_thresholds():
     losses = torch.tensor(table.losses, dtype=torch.bfloat16, requires_grad=True)
     assert certify(losses, lam, delta=0.3) == certify(losses.detach().float().numpy(), [0.9, 0.5, 0.2], delta=0.3)
     np.testing.assert_array_equal(bounds.p_values(losses, 0.3), bounds.p_values(losses.detach().float().numpy(), 0.3))
+    means = torch.tensor([0.1, 0.2], dtype=torch.bfloat16, requires_grad=True)
+    plain = means.detach().float().numpy()
+    np.testing.assert_array_equal(bounds.hoeffding_bentkus(means, 100, 0.3), bounds.hoeffding_bentkus(plain, 100, 0.3))
+    assert certify(table, lam, delta=0.3) == certify(table, delta=0.3)  # the table's own grid, as a tensor
 
 
 def test_decay_settings_of_numpy_types_are_python_numbers():

@@ -270,6 +270,10 @@ def test_blocks_load_only_into_the_model_they_were_distilled_from(distilled, tmp
         "model_type='llama', not 'gpt2'": tiny_model("gpt2", n_layers=3),
         "another model of this shape": tiny_model("llama", seed=1),
     }
+    tuned = tiny_model("llama")  # a fine-tuned copy: the same embeddings, other layer weights
+    with torch.no_grad():
+        decoder_layers(tuned)[1].self_attn.q_proj.weight.mul_(1.01)
+    others["another model of this shape .*a fine-tuned copy"] = tuned
     for match, other in others.items():
         with pytest.raises(ValueError, match=f"the blocks in .*blocks were distilled from (a model with )?{match}"):
             fff.load_blocks(other, path)

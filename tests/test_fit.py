@@ -723,6 +723,10 @@ def test_train_cache_bad_input():
     here = cal.with_meta({**cal.user_meta, "model": "model", "heads": heads})
     there = train.with_meta({**train.user_meta, "model": "/abs/model", "heads": heads})
     calibrate.fit(here, measure="classifier", train_cache=there)  # the same weights, loaded by another path
+    for described in ({**heads, "generation": "g2"}, {"kind": "logit_lens", "model_digest": "d1", "generation": "g1"}):
+        decoded_otherwise = there.with_meta({**there.user_meta, "heads": described})  # states read alone: taken
+        calibrate.fit(here.with_meta({**here.user_meta, "heads": {**heads, "generation": "g1"}}), measure="classifier",
+                      train_cache=decoded_otherwise)  # fmt: skip
     with pytest.raises(ValueError, match="different model"):  # no digest: the name is all there is
         calibrate.fit(cal, measure="classifier", train_cache=train.with_meta({**train.user_meta, "model": "m2"}))
     with pytest.raises(TypeError, match="LayerCache"):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import errno
+import hashlib
 import json
 import math
 import os
@@ -44,19 +45,28 @@ _BLOCK_FILE = "layer-{:05d}.safetensors"
 _SOURCE_FILE = "source.json"
 
 
-def _source(model: nn.Module) -> dict:
-    """The architecture, layer count and width of ``model``, and 16 evenly spaced values of its token embeddings
-    (float32; loading into a model of another dtype compares them to its precision)."""
+def _source(model: nn.Module, layers: Sequence[int]) -> dict:
+    """The architecture, layer count and width of ``model``, 16 evenly spaced values of its token embeddings
+    (float32; loading into a model of another dtype compares them to its precision), its dtype and a digest of
+    its weights but the MLPs of ``layers`` (the blocks' places; compared in the same dtype)."""
     emb = model.get_input_embeddings().weight.detach().reshape(-1)
     sample = emb[:: max(1, emb.numel() // 16)][:16].float().cpu().tolist()
-    n_layers = len(decoder_layers(model))
-    return {"model_type": model.config.model_type, "n_layers": n_layers, "hidden_size": model.config.hidden_size,
-            "embedding_sample": sample}  # fmt: skip
+    blocks = decoder_layers(model)
+    mlps = [getattr(blocks[i], "mlp", None) for i in layers]  # a layer without one: load_blocks names it
+    replaced = {id(p) for mlp in mlps if mlp is not None for p in mlp.parameters()}
+    digest = hashlib.sha256()
+    for name, p in model.named_parameters():
+        if id(p) not in replaced:
+            digest.update(f"{name}|{p.dtype}|{tuple(p.shape)}|".encode())
+            digest.update(p.detach().float().cpu().numpy().tobytes())
+    dtype = str(next(p.dtype for p in model.parameters() if id(p) not in replaced))
+    return {"model_type": model.config.model_type, "n_layers": len(blocks), "hidden_size": model.config.hidden_size,
+            "embedding_sample": sample, "dtype": dtype, "weights": digest.hexdigest()[:16]}  # fmt: skip
 
 
-def _source_iv(model: nn.Module, root: Path) -> None:
-    """Refuse ``model`` unless it is the model whose blocks ``root`` holds (by :func:`_source`); warn when the
-    directory records none (written before it did)."""
+def _source_iv(model: nn.Module, root: Path, layers: Sequence[int]) -> None:
+    """Refuse ``model`` unless it is the model whose blocks (for decoder ``layers``) ``root`` holds (by
+    :func:`_source`); warn when the directory records none (written before it did)."""
     path = root / _SOURCE_FILE
     if not path.is_file():
         warnings.warn(
@@ -67,19 +77,23 @@ def _source_iv(model: nn.Module, root: Path) -> None:
         return
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
-        saved = {key: saved[key] for key in ("model_type", "n_layers", "hidden_size", "embedding_sample")}
+        keys = ("model_type", "n_layers", "hidden_size", "embedding_sample", "dtype", "weights")
+        saved = {key: saved[key] for key in keys}
     except (ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"{path} is not a source record of calibrate.fff.save_blocks ({exc!r:.80})") from None
-    here = _source(model)
+    here = _source(model, [i for i in layers if i < len(decoder_layers(model))])
     for key in ("model_type", "n_layers", "hidden_size"):
         if here[key] != saved[key]:
             raise ValueError(
                 f"the blocks in {root} were distilled from a model with {key}={saved[key]!r}, not {here[key]!r}"
             )
-    if not np.allclose(here["embedding_sample"], saved["embedding_sample"], rtol=1e-2, atol=1e-6):
+    same_dtype = here["dtype"] == saved["dtype"]  # else the weights compare only by the embedding sample
+    if not np.allclose(here["embedding_sample"], saved["embedding_sample"], rtol=1e-2, atol=1e-6) or (
+        same_dtype and here["weights"] != saved["weights"]
+    ):
         raise ValueError(
-            f"the blocks in {root} were distilled from another model of this shape (its token embeddings differ): load "
-            "them into the model they were distilled from"
+            f"the blocks in {root} were distilled from another model of this shape (its weights differ, e.g. a "
+            "fine-tuned copy): load them into the model they were distilled from"
         )
 
 
@@ -378,7 +392,7 @@ def save_blocks(model: nn.Module, directory: str | os.PathLike) -> Path:
     try:
         for i, block in blocks.items():
             block.save(tmp / _BLOCK_FILE.format(i))
-        (tmp / _SOURCE_FILE).write_text(json.dumps(_source(model)) + "\n", encoding="utf-8")
+        (tmp / _SOURCE_FILE).write_text(json.dumps(_source(model, list(blocks))) + "\n", encoding="utf-8")
         sync_tree(tmp)  # every file on the disk before the rename publishes them
         try:
             tmp.rename(target)
@@ -427,7 +441,7 @@ def load_blocks(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     files = {int(m[1]): p for p in root.iterdir() if (m := re.fullmatch(r"layer-(\d{5})\.safetensors", p.name))}
     if not files:
         raise ValueError(f"{root} holds no FFF block (layer-NNNNN.safetensors files from calibrate.fff.save_blocks)")
-    _source_iv(model, root)
+    _source_iv(model, root, sorted(files))
     layers = decoder_layers(model)
     param = next(model.parameters())
     width = model.config.hidden_size

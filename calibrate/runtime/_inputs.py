@@ -14,6 +14,7 @@ import torch
 
 from calibrate._validation import caller_stacklevel, int_at_least
 from calibrate.certificate import Certificate, _budget_warning
+from calibrate.concat import _heads_difference
 from calibrate.exits import Decay
 from calibrate.heads import ExitHeads, _context_positions, _heads_iv, decoder_layers
 from calibrate.runtime._layers import LayerAdapter, adapter_for
@@ -109,7 +110,7 @@ def _heads_identity_iv(recorded, heads: ExitHeads) -> None:
     if recorded is None:
         return
     current = heads.describe()
-    differ = [key for key in current if key in recorded and recorded[key] != current[key]]
+    differ = _heads_difference(current, recorded)
     if differ:
         details = "; ".join(f"{key}: certificate {recorded[key]!r}, heads {current[key]!r}" for key in differ)
         if set(differ) <= {"kind", "adapters_digest"} and recorded.get("kind") == "logit_lens":

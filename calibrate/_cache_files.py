@@ -163,7 +163,8 @@ def _replaceable(target: Path | Remote) -> bool:
     if isinstance(target, Remote):  # detail: s3fs and gcsfs list bare names by default
         if not target.is_dir():
             return False
-        entries = {entry["name"].rstrip("/").rsplit("/", 1)[-1]: entry["type"] for entry in target.fs.ls(target.path, detail=True)}
+        listing = target.fs.ls(target.path, detail=True)
+        entries = {entry["name"].rstrip("/").rsplit("/", 1)[-1]: entry["type"] for entry in listing}
     elif not target.is_dir() or target.is_symlink():
         return False
     else:

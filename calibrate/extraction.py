@@ -425,9 +425,9 @@ def extract_main(
         Directory of the cache to write, or an fsspec URL (``s3://bucket/cache``, ...; not with ``shard``).
     shard_dir : str or os.PathLike, optional
         Local directory where the per-batch caches ``batch_00000``, ... go (needed with a URL ``output``).
-        Default: ``<output>.shards`` beside ``output``; rerunning the same command after a crash resumes from them. With ``shard``, they go to the
-        subdirectory ``shard_dir/shard-0000i-of-0000N`` (named like the shard's output), so that the
-        workers can share one ``shard_dir``.
+        Default: ``<output>.shards`` beside ``output``; rerunning the same command after a crash resumes from
+        them. With ``shard``, they go to the subdirectory ``shard_dir/shard-0000i-of-0000N`` (named like the
+        shard's output), so that the workers can share one ``shard_dir``.
     keep_shards : bool, default=False
         Keep the batch caches after the cache has been saved. By default this run's batch directories
         are deleted, then their directory if that leaves it empty; other files in it are kept.

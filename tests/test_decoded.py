@@ -184,7 +184,8 @@ def test_a_certificate_is_refused_under_another_generation_config(model, tokeniz
     for setting in ({"repetition_penalty": 1.3}, {"min_length": 3}, {"eos_token_id": 7}):
         changed = copy.deepcopy(model)
         changed.generation_config.update(**setting)
-        with pytest.raises(ValueError, match=r"generation: certificate '.*', heads '.*'\): the model's generation config"):
+        refused = r"generation: certificate '.*', heads '.*'\): the model's generation config"
+        with pytest.raises(ValueError, match=refused):
             generate(changed, ids["input_ids"], ids["attention_mask"], certificate=cert, max_new_tokens=NEW)
 
 

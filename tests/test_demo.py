@@ -54,7 +54,7 @@ def test_the_demo_replaces_only_its_own_files(tmp_path):
         ({"epsilon": 1.5}, "epsilon must lie in the open interval"),
         ({"seed": -1}, r"seed must be an int >= 0 \(it seeds the random draws\), got -1"),
         ({"batch_size": 0}, "batch_size must be an int >= 1, got 0"),
-        ({"consistency": "token"}, r"consistency must be one of \('rouge_l', 'bleu', 'token_f1'\)"),  # failed at the end
+        ({"consistency": "token"}, r"consistency must be one of \('rouge_l', 'bleu', 'token_f1'\)"),
     ],
 )
 def test_real_model_demo_checks_its_arguments_before_loading_anything(tmp_path, kwargs, match):

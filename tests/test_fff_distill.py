@@ -202,7 +202,8 @@ def test_distill_leaves_the_global_torch_generator_alone(tokenizer):
 def test_blocks_saved_beside_the_original_model_load_back(distilled, tmp_path):
     model, _, result = distilled
     path = fff.save_blocks(result.model, tmp_path / "blocks")
-    assert sorted(p.name for p in path.iterdir()) == ["layer-00000.safetensors", "layer-00002.safetensors", "source.json"]
+    files = ["layer-00000.safetensors", "layer-00002.safetensors", "source.json"]
+    assert sorted(p.name for p in path.iterdir()) == files
     fresh = tiny_model("llama").eval()
     torch.testing.assert_close(fresh.state_dict(), model.state_dict(), rtol=0, atol=0)  # the original model
     loaded = fff.load_blocks(fresh, path)

@@ -121,7 +121,8 @@ def test_a_cache_saved_over_while_it_is_read_at_a_url_says_so(cache, url, monkey
         return read_vocab(root, spec)
 
     monkeypatch.setattr(cache_module, "_read_vocab", overwritten_meanwhile)
-    with pytest.raises(ValueError, match=rf"{url} was replaced \(saved again with overwrite=True\) while it was being read"):
+    replaced = rf"{url} was replaced \(saved again with overwrite=True\) while it was being read"
+    with pytest.raises(ValueError, match=replaced):
         calibrate.open_cache(url, verify=verify)
 
 

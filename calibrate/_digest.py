@@ -36,22 +36,27 @@ def _state(tensors: list) -> tuple:
 def _tensors_digest(module, kind: str, fresh: bool) -> str:
     """SHA-256 over the name, dtype, shape and bytes of each of ``module``'s parameters or buffers (``kind``),
     memoised on :func:`_state` unless ``fresh``."""
-    import torch
-
     # Every registration of a buffer: dynamic rope re-registers inv_freq as original_inv_freq's object.
     tensors = list(module.named_parameters() if kind == "parameters" else module.named_buffers(remove_duplicate=False))
     state = _state(tensors)
     last = _LAST.setdefault(module, {}).get(kind)
     if not fresh and last is not None and last[0] == state:
         return last[1]
+    digest = hash_tensors(tensors)
+    _LAST[module][kind] = (state, digest)
+    return digest
+
+
+def hash_tensors(tensors) -> str:
+    """16 hex digits of SHA-256 over the name, dtype, shape and bytes of each ``(name, tensor)`` (no memo)."""
+    import torch
+
     h = hashlib.sha256()
     for name, tensor in tensors:
         flat = tensor.detach().reshape(-1).contiguous()
         h.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}|".encode())
         h.update((flat.view(torch.uint8) if flat.dtype != torch.bool else flat.to(torch.uint8)).cpu().numpy().data)
-    digest = h.hexdigest()[:16]
-    _LAST[module][kind] = (state, digest)
-    return digest
+    return h.hexdigest()[:16]
 
 
 def weights_digest(module, *, fresh: bool = False) -> str:

@@ -505,7 +505,7 @@ def extract_main(
         shard_dir = target.with_name(target.name + ".shards")
     elif shard is not None:
         shard_dir = Path(shard_dir) / target.name
-    if isinstance(target, Path) and target.resolve() in (Path(shard_dir).resolve(), *Path(shard_dir).resolve().parents):
+    if isinstance(target, Path) and Path(shard_dir).resolve().is_relative_to(target.resolve()):
         raise ValueError(  # the batches would stand where the cache is saved: it could not be, after all the work
             f"shard_dir ({shard_dir}) must lie outside the output ({target}), which the cache replaces whole"
         )

@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import errno
-import hashlib
 import json
 import math
 import os
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from calibrate._atomic import sync_dir, sync_tree, temporary_dir
+from calibrate._digest import hash_tensors
 from calibrate._validation import caller_stacklevel, finite_positive, int_at_least, seed_iv, torch_seed
 from calibrate.audit import _tight
 from calibrate.fff.layer import FFF
@@ -54,14 +54,9 @@ def _source(model: nn.Module, layers: Sequence[int]) -> dict:
     blocks = decoder_layers(model)
     mlps = [getattr(blocks[i], "mlp", None) for i in layers]  # a layer without one: load_blocks names it
     replaced = {id(p) for mlp in mlps if mlp is not None for p in mlp.parameters()}
-    digest = hashlib.sha256()
-    for name, p in model.named_parameters():
-        if id(p) not in replaced:
-            digest.update(f"{name}|{p.dtype}|{tuple(p.shape)}|".encode())
-            digest.update(p.detach().float().cpu().numpy().tobytes())
-    dtype = str(next(p.dtype for p in model.parameters() if id(p) not in replaced))
+    kept = [(name, p) for name, p in model.named_parameters() if id(p) not in replaced]
     return {"model_type": model.config.model_type, "n_layers": len(blocks), "hidden_size": model.config.hidden_size,
-            "embedding_sample": sample, "dtype": dtype, "weights": digest.hexdigest()[:16]}  # fmt: skip
+            "embedding_sample": sample, "dtype": str(kept[0][1].dtype), "weights": hash_tensors(kept)}  # fmt: skip
 
 
 def _source_iv(model: nn.Module, root: Path, layers: Sequence[int]) -> None:

@@ -147,7 +147,8 @@ def _decode(
             break
 
         # 7. Next step: the unfinished rows feed their last token at cache column P + t - 1.
-        rows = torch.nonzero(unfinished if pad_finished else torch.ones_like(unfinished)).reshape(-1)  # (n,) rows
+        if pad_finished:  # else every row decodes on: rows stays arange(B)
+            rows = torch.nonzero(unfinished).reshape(-1)  # (n,) global row indices
         n = rows.numel()
         global_rows = None if n == B else rows
         col = P + t - 1

@@ -254,8 +254,8 @@ def decoded_losses(
     -----
     Costs ``n_lambdas + 1`` decodes of the prompts. Certifying from this table with a method other than
     fixed-sequence testing is valid (mode ``"decoded"`` losses, any FWER method), at that cost; the
-    certificate :func:`calibrate.certify` makes from a table records no measure, decay, heads or token
-    budget, so it is a study's result, not one the runtime decodes with.
+    certificate :func:`calibrate.certify` makes from a table records its decay but no measure, heads or
+    token budget, so it is a study's result, not one the runtime decodes with.
     """
     from tqdm.auto import tqdm
 
@@ -268,7 +268,8 @@ def decoded_losses(
         loss, avg_layer = decoder.losses(dataclasses.replace(certificate, lambda_hat=float(value)))
         columns.append(loss)
         layers.append(avg_layer)
-    return LossTable(np.column_stack(columns), lam, "decoded", certificate.consistency, layers, heads.n_layers)
+    decay = None if certificate.decay is None else Decay(**certificate.decay)
+    return LossTable(np.column_stack(columns), lam, "decoded", certificate.consistency, layers, heads.n_layers, decay)
 
 
 def audit_decoded(

@@ -258,6 +258,14 @@ def test_decoded_losses_match_the_lazy_fit(model, tokenizer, prompts):
     assert calibrate.certify(table, delta=cert.delta, epsilon=cert.epsilon).certified == cert.certified
 
 
+def test_decoded_losses_record_the_certificates_decay(model, tokenizer, prompts):
+    cert = _fit(model, tokenizer, prompts[:8], decay=4.0)
+    table = calibrate.decoded_losses(model, tokenizer, prompts[:8], cert, max_new_tokens=NEW, progress=False)
+    assert table.decay == calibrate.Decay(max_len=NEW, tau=4.0)
+    # a certificate from the table says lambda is a decaying threshold (lambda > 1 still exits)
+    assert calibrate.certify(table, delta=cert.delta, epsilon=cert.epsilon).decay == cert.decay
+
+
 def test_audit_decoded_checks_a_certificate_on_held_out_prompts(model, tokenizer, prompts):
     cert = _fit(model, tokenizer, prompts, bound=None)
     assert cert.bound == "hoeffding_bentkus"  # None: the default, as in certify and fit

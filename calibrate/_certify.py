@@ -224,8 +224,8 @@ def _reason(table: LossTable, delta, epsilon, bound, method, p_values, index) ->
     if too_few is not None:
         return too_few
     return (
-        f"no threshold rejected by {_method_name(method)} at epsilon={epsilon:g}; the safest value lambda={table.lambdas[0]:.6g} "
-        f"has empirical risk {table.risks[0]:.4f} and p={level(p_values[0], '.3g')}"
+        f"no threshold rejected by {_method_name(method)} at epsilon={level(epsilon)}; the safest value "
+        f"lambda={table.lambdas[0]:.6g} has empirical risk {table.risks[0]:.4f} and p={level(p_values[0], '.3g')}"
     )
 
 
@@ -243,9 +243,9 @@ def _too_few_reason(
     if best > epsilon:
         return (
             f"too few examples: with n={n} even zero observed loss gives p={level(best, '.3g')} > "
-            f"epsilon={epsilon:g} under the {bound} bound"
+            f"epsilon={level(epsilon)} under the {bound} bound"
         )
     return (
         f"too few examples: with n={n} even zero observed loss gives p={level(best, '.3g')} under the {bound} bound, "
-        f"which {_method_name(method)} rejects at none of {k} thresholds at epsilon={epsilon:g}"
+        f"which {_method_name(method)} rejects at none of {k} thresholds at epsilon={level(epsilon)}"
     )

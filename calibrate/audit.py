@@ -13,6 +13,7 @@ import numpy as np
 from calibrate._atomic import atomic_file
 from calibrate._certify import _certify
 from calibrate._format import level
+from calibrate._frozen import Rebuilt, read_only_arrays
 from calibrate._validation import caller_stacklevel, open_interval, seed_iv
 from calibrate.certificate import Certificate
 from calibrate.exits import Decay
@@ -99,14 +100,6 @@ def _certificate_losses(cert: Certificate, cache, *, decode=None, progress=False
     )
 
 
-def _read_only_arrays(report, *names: str) -> None:
-    """Store the named fields of a frozen report as read-only float arrays of its own."""
-    for name in names:
-        arr = np.array(getattr(report, name), dtype=np.float64)
-        arr.flags.writeable = False
-        object.__setattr__(report, name, arr)
-
-
 #: How to put the panels of a report next to Axes of one's own.
 _BESIDE = (
     "pass an empty figure (plt.figure()), or make subfigures first and your Axes in one of them "
@@ -155,7 +148,7 @@ def _plural(n: int, noun: str) -> str:
 
 
 @dataclass(frozen=True, eq=False)
-class AuditReport:
+class AuditReport(Rebuilt):
     """Held-out risk and layer use of a certificate.
 
     Attributes
@@ -199,12 +192,17 @@ class AuditReport:
     mode: str = "decoded"
 
     def __post_init__(self) -> None:
-        _read_only_arrays(self, "risks", "avg_layers")
+        read_only_arrays(self, "risks", "avg_layers")
 
     @property
     def within_tolerance(self) -> bool:
-        """Whether the held-out risk is at most ``delta`` (expected with probability >= 1 - epsilon; a CRC
-        certificate bounds only the expected risk, so one held-out draw exceeds delta often)."""
+        """Whether the held-out risk is at most ``delta``.
+
+        The guarantee bounds the true risk, not this estimate of it: a valid certificate whose true risk
+        lies near ``delta`` gives a held-out risk above ``delta`` often (about half the time at a true risk
+        of ``delta``), more so on few held-out examples; a CRC certificate bounds only the expected risk.
+        Only a held-out risk well above ``delta`` on many examples speaks against the certificate.
+        """
         return self.risk <= self.certificate.delta
 
     @property
@@ -233,20 +231,20 @@ class AuditReport:
                 at = f"evaluation depth {cert.lambda_hat:g}"
             return (
                 f"Audit on {_plural(self.n, 'held-out example')} at {at}:\n"
-                f"  held-out risk {self.risk:.4f} ({verdict} delta = {level(cert.delta)})"
+                f"  held-out risk {level(self.risk, '.4f')} ({verdict} delta = {level(cert.delta)})"
             )
         lam = "the full model" if cert.lambda_hat is None else f"lambda_hat = {cert.lambda_hat:.6g}"
         how = "decoded by the runtime" if self.mode == "decoded" else "teacher-forced proxy losses"
         return (
             f"Audit on {_plural(self.n, 'held-out sequence')} ({how}) at {lam}:\n"
-            f"  held-out risk {self.risk:.4f} ({verdict} delta = {level(cert.delta)})\n"
+            f"  held-out risk {level(self.risk, '.4f')} ({verdict} delta = {level(cert.delta)})\n"
             f"  average layers {self.layers:.2f} of {cert.n_layers} (saves {100 * self.layer_savings:.1f}%)"
         )
 
     def __repr__(self) -> str:
         layers = "" if self.certificate.n_layers is None else f", layers={self.layers:.2f}/{self.certificate.n_layers}"
         return (
-            f"AuditReport(n={self.n}, risk={self.risk:.4f}, delta={level(self.certificate.delta)}, "
+            f"AuditReport(n={self.n}, risk={level(self.risk, '.4f')}, delta={level(self.certificate.delta)}, "
             f"within_tolerance={self.within_tolerance}{layers})"
         )
 
@@ -256,8 +254,9 @@ class AuditReport:
         The threshold axis follows the grid in its tested order, evenly spaced (the default grid's values
         crowd near 1), labelled with lambda values: thresholds that exit earlier lie to the right.
         ``delta``, ``lambda_hat`` and the certified grid values are marked; the calibration curve is dashed,
-        the held-out one solid. The title names the measure, the loss, the mode and the guarantee's level,
-        and says when only the full model is certified.
+        the held-out one solid. The title names the measure, the loss, the mode (of each curve, where the
+        held-out losses were decoded and the calibration ones not) and the guarantee's level, and says when
+        only the full model is certified.
 
         ``token_keep`` and ``fff_depth`` certificates get one panel: calibration and held-out risk against
         the speed-up or the evaluation depth.
@@ -296,7 +295,7 @@ class AuditReport:
             ax_trade.plot([self.layers], [self.risk], "o", color="C3", label="at lambda_hat")
         for ax in (ax_risk, ax_layers, ax_trade):
             ax.legend(fontsize=8)
-        fig.suptitle(_title(cert, f"{cert.measure} / {cert.consistency}"))
+        fig.suptitle(_title(cert, f"{cert.measure} / {cert.consistency}", held_out=self.mode))
         _tight(fig)
         return fig
 
@@ -324,7 +323,7 @@ class AuditReport:
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # depths are whole levels of the tree
             ax.invert_xaxis()
         ax.set(ylabel=_risk_label(cert))
-        ax.set_title(_title(cert, title, sep="\n"), fontsize=10)  # one panel: too narrow for one line
+        ax.set_title(_title(cert, title, sep="\n", held_out=self.mode), fontsize=10)  # one panel: too narrow for one line
         ax.legend(fontsize=8)
         _tight(fig)
         return fig
@@ -332,7 +331,7 @@ class AuditReport:
 
 def _mark_delta(ax, delta: float) -> None:
     """The tolerance as a dashed line, inside the risk axis even when every risk lies above it."""
-    ax.axhline(delta, color="k", linestyle="--", linewidth=1, label=f"delta = {delta:g}")
+    ax.axhline(delta, color="k", linestyle="--", linewidth=1, label=f"delta = {level(delta)}")
     if ax.get_ylim()[0] > 0:  # risks and delta are >= 0: show from 0, not from the line itself
         ax.set_ylim(bottom=0.0)
 
@@ -371,13 +370,14 @@ def _risk_label(cert: Certificate) -> str:
     return f"risk: {_LOSS_LABELS.get(cert.consistency, cert.consistency)}"
 
 
-def _title(cert: Certificate, what: str, sep: str = ", ") -> str:
-    """A figure title: what and the mode, then (after ``sep``) the guarantee's level, decay, and "full model
-    only" when so."""
-    level = "conformal risk control" if cert.method == "crc" else f"epsilon = {cert.epsilon:g}"
+def _title(cert: Certificate, what: str, sep: str = ", ", held_out: str | None = None) -> str:
+    """A figure title: what and the mode (each curve's, where a ``held_out`` curve's differs), then (after
+    ``sep``) the guarantee's level, decay, and "full model only" when so."""
+    guarantee = "conformal risk control" if cert.method == "crc" else f"epsilon = {level(cert.epsilon)}"
     decay = "" if cert.decay is None else f", decaying threshold (tau = {cert.decay['tau']:g})"
     full = "; certified: full model only" if cert.lambda_hat is None else ""
-    return f"{what} ({cert.mode} mode){sep}{level}{decay}{full}"
+    modes = f"{cert.mode} mode" if held_out in (None, cert.mode) else f"{cert.mode} calibration, {held_out} held-out"
+    return f"{what} ({modes}){sep}{guarantee}{decay}{full}"
 
 
 def audit(cert: Certificate, test_cache, *, decode=None, progress: bool = False) -> AuditReport:
@@ -471,7 +471,7 @@ def _held_out_report(
 
 
 @dataclass(frozen=True, eq=False)
-class ValidityReport:
+class ValidityReport(Rebuilt):
     """Repeated random calibration/test splits of one cache.
 
     Attributes
@@ -511,7 +511,7 @@ class ValidityReport:
     method: str = "fixed_sequence"
 
     def __post_init__(self) -> None:
-        _read_only_arrays(self, "test_risks", "lambda_hats", "naive_test_risks")
+        read_only_arrays(self, "test_risks", "lambda_hats", "naive_test_risks")
 
     @property
     def expectation_guarantee(self) -> bool:
@@ -549,11 +549,12 @@ class ValidityReport:
         naive rule's, and how often only the full model."""
         if self.expectation_guarantee:
             verdict = (
-                f"mean held-out risk {self.mean_test_risk:.3f} (delta = {self.delta:g}; conformal risk control "
-                f"bounds the expected risk); violation rate {self.violation_rate:.3f}, which CRC does not bound"
+                f"mean held-out risk {level(self.mean_test_risk, '.3f')} (delta = {level(self.delta)}; conformal risk "
+                f"control bounds the expected risk); violation rate {level(self.violation_rate, '.3f')}, which CRC "
+                "does not bound"
             )
         else:
-            verdict = f"violation rate {self.violation_rate:.3f} (epsilon = {self.epsilon:g})"
+            verdict = f"violation rate {level(self.violation_rate, '.3f')} (epsilon = {level(self.epsilon)})"
         return (
             f"Validity over {_plural(self.trials, 'random split')}: {verdict}; naive rule "
             f"{self.naive_violation_rate:.3f}; full model only in {100 * self.full_model_rate:.0f}% of trials"
@@ -562,12 +563,13 @@ class ValidityReport:
     def __repr__(self) -> str:
         if self.expectation_guarantee:
             return (
-                f"ValidityReport(trials={self.trials}, method='crc', mean_test_risk={self.mean_test_risk:.3f}, "
-                f"delta={self.delta:g}, naive_violation_rate={self.naive_violation_rate:.3f})"
+                f"ValidityReport(trials={self.trials}, method='crc', "
+                f"mean_test_risk={level(self.mean_test_risk, '.3f')}, "
+                f"delta={level(self.delta)}, naive_violation_rate={self.naive_violation_rate:.3f})"
             )
         return (
-            f"ValidityReport(trials={self.trials}, violation_rate={self.violation_rate:.3f}, "
-            f"epsilon={self.epsilon:g}, naive_violation_rate={self.naive_violation_rate:.3f})"
+            f"ValidityReport(trials={self.trials}, violation_rate={level(self.violation_rate, '.3f')}, "
+            f"epsilon={level(self.epsilon)}, naive_violation_rate={self.naive_violation_rate:.3f})"
         )
 
     def plot(self, fig=None):
@@ -584,10 +586,10 @@ class ValidityReport:
             alpha=0.5,
             label=f"naive: calibration risk <= delta ({100 * self.naive_violation_rate:.1f}% > delta)",
         )
-        ax.axvline(self.delta, color="k", linestyle="--", label=f"delta = {self.delta:g}")
+        ax.axvline(self.delta, color="k", linestyle="--", label=f"delta = {level(self.delta)}")
         if self.expectation_guarantee:
-            ax.axvline(self.mean_test_risk, color="C0", label=f"certified mean = {self.mean_test_risk:.3f}")
-        guarantee = "CRC: E[risk] <= delta" if self.expectation_guarantee else f"epsilon = {self.epsilon:g}"
+            ax.axvline(self.mean_test_risk, color="C0", label=f"certified mean = {level(self.mean_test_risk, '.3f')}")
+        guarantee = "CRC: E[risk] <= delta" if self.expectation_guarantee else f"epsilon = {level(self.epsilon)}"
         ax.set(
             xlabel="held-out risk at the chosen threshold (0: full model)",
             ylabel="trials",

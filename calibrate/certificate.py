@@ -18,6 +18,7 @@ import numpy as np
 from calibrate._atomic import atomic_file
 from calibrate._certificate_checks import _evidence_iv, _floats, _frozen, _knob_grid_iv
 from calibrate._format import level
+from calibrate._frozen import construct
 from calibrate._validation import (
     caller_stacklevel,
     exit_layers_iv,
@@ -93,11 +94,6 @@ def _budget_warning(certificate, max_new_tokens: int) -> None:
             UserWarning,
             stacklevel=caller_stacklevel(),
         )
-
-
-def _construct(cls: type, data: dict) -> Any:
-    """``cls(**data)``: what a pickled certificate is rebuilt with."""
-    return cls(**data)
 
 
 def _names_a_file(source: Any) -> bool:
@@ -371,8 +367,8 @@ class Certificate:
             )
         else:
             core = (
-                f"P(risk(lambda_hat) <= {level(self.delta)}) >= {level(1 - self.epsilon)} over calibration draws "
-                f"({self.method}, {self.bound} p-values)"
+                f"P(risk(lambda_hat) <= {level(self.delta)}) >= {level(1 - self.epsilon, side='down')} over "
+                f"calibration draws ({self.method}, {self.bound} p-values)"
             )
         return f"{core}; assumes test data exchangeable with the {self.n} calibration examples; {MODES[self.mode]}"
 
@@ -432,7 +428,7 @@ class Certificate:
                 else f"{sum(self.certified)} of {len(self.lambdas)} thresholds certified"
             )
             lines.append(
-                f"  certified lambda_hat = {self.lambda_hat:.6g} (risk {self.risk_hat:.4f}"
+                f"  certified lambda_hat = {self.lambda_hat:.6g} (risk {level(self.risk_hat, '.4f')}"
                 + ("" if np.isnan(self.p_value) else f", p = {level(self.p_value, '.3g')}")
                 + f"), {chosen}"
             )
@@ -556,7 +552,7 @@ class Certificate:
     def __reduce__(self):
         """Pickle and copy through :meth:`to_dict` and the constructor (:meth:`from_dict` would refuse a certificate
         set to decode at an untested threshold)."""
-        return (_construct, (type(self), self.to_dict()))
+        return (construct, (type(self), self.to_dict()))
 
     def to_json(self, path: str | os.PathLike | None = None) -> str:
         """Serialise to JSON (``NaN`` entries as ``null``); write atomically when ``path`` is given."""

@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from calibrate._frozen import Rebuilt
 from calibrate._validation import bounded_array, exit_layers_iv, int_at_least
 from calibrate.certificate import MODES
 from calibrate.exits import Decay, _lambdas_iv, disagreement_counts, early_tokens, exit_layers
@@ -42,7 +43,7 @@ _SEQUENCES_PER_BATCH = 256
 
 
 @dataclass(frozen=True, eq=False)
-class LossTable:
+class LossTable(Rebuilt):
     """Per-example losses for each tested threshold.
 
     Attributes

@@ -1,6 +1,8 @@
 """audit() and validity(): held-out numbers, figures and errors."""
 
+import copy
 import dataclasses
+import pickle
 import re
 import sys
 import warnings
@@ -114,9 +116,15 @@ def test_audit_figure_of_a_short_grid_draws_points_and_wants_a_figure(split):
 def test_reports_hold_read_only_arrays(split, cert):
     report = calibrate.audit(cert, split[1])
     study = calibrate.validity(split[0], trials=3, seed=0, progress=False)
-    for arr in (report.risks, report.avg_layers, study.test_risks, study.lambda_hats, study.naive_test_risks):
-        with pytest.raises(ValueError, match="read-only"):
-            arr[0] = 1.0
+    table = calibrate.proxy_losses(split[0], split[0].arrays["softmax_gap"], [0.9, 0.5])
+    for copied in (lambda obj: obj, copy.deepcopy, lambda obj: pickle.loads(pickle.dumps(obj))):
+        rep, stu, tab = copied(report), copied(study), copied(table)  # copies as read-only as the originals
+        np.testing.assert_array_equal(rep.risks, report.risks)
+        assert tab == table and stu.violation_rate == study.violation_rate
+        arrays = (rep.risks, rep.avg_layers, stu.test_risks, stu.lambda_hats, stu.naive_test_risks, tab.losses)
+        for arr in (*arrays, tab.lambdas, tab.avg_layers):
+            with pytest.raises(ValueError, match="read-only"):
+                arr[0] = 1.0
 
 
 def test_audit_refuses_other_certificates(split, cert):
@@ -275,12 +283,27 @@ def test_validity_refuses_what_fit_refuses_with_the_same_message(split, options,
         calibrate.validity(cache, trials=2, progress=False, **options)
 
 
+def test_held_out_numbers_are_never_printed_below_what_they_are():
+    """A held-out risk of 0.10004 printed as 0.1000 next to "ABOVE delta = 0.1"; epsilon = 1/3 as 0.333333."""
+    import matplotlib.pyplot as plt
+
+    from calibrate.audit import _held_out_report
+
+    cert = calibrate.certify(np.zeros((200, 2)), [1.0, 0.5], delta=0.1, epsilon=1 / 3, knob="token_keep")
+    report = _held_out_report(cert, 50, [0.0, 0.10004])
+    assert "held-out risk 0.1001 (ABOVE delta = 0.1)" in report.summary() and "risk=0.1001," in repr(report)
+    assert "epsilon = 0.333334" in report.plot().axes[0].get_title()
+    assert "held-out risk 0.0784 " in _held_out_report(cert, 50, [0.0, 0.07834]).summary()  # rounded up
+    plt.close("all")
+
+
 def test_knob_figures_of_hand_made_certificates_name_no_none():
     from calibrate.audit import _held_out_report
 
     cert = calibrate.certify(np.zeros((200, 3)), [1.0, 0.5, 0.25], delta=0.1, knob="token_keep")
     ax = _held_out_report(cert, 50, [0.0, 0.01, 0.02]).plot().axes[0]
-    assert ax.get_ylabel() == "risk" and ax.get_title() == "Token elimination (user mode)\nepsilon = 0.05"
+    title = "Token elimination (user calibration, decoded held-out)\nepsilon = 0.05"  # how each curve came about
+    assert ax.get_ylabel() == "risk" and ax.get_title() == title
     failed = calibrate.certify(np.full((200, 3), 0.5), [1.0, 0.5, 0.25], delta=0.1, knob="token_keep")
     fig = _held_out_report(failed, 50, [0.5, 0.5, 0.5]).plot()
     ax = fig.axes[0]

@@ -187,15 +187,26 @@ def test_summary_and_frame_say_what_was_tested_and_at_what_cost():
 def test_levels_near_0_and_1_are_not_printed_as_0_or_1():
     """``:g`` printed 1 - 1e-12 as 1 (a claim of certainty) and delta = 1 - 1e-9 as 1."""
     cert = calibrate.certify(np.zeros((5000, 2)), [0.9, 0.5], delta=0.1, epsilon=1e-12)
-    assert ">= 0.999999999999 over calibration draws" in cert.guarantee
+    assert ">= 0.999999 over calibration draws" in cert.guarantee  # 1 - 1e-12 rounded down
     wide = calibrate.certify(np.zeros((40, 1)), [0.5], delta=1 - 1e-9, epsilon=1 - 1e-9)
-    assert "P(risk(lambda_hat) <= 0.999999999) >= 1e-09" in wide.guarantee
+    # 1 - epsilon is 9.9999997e-10 in floats, printed rounded down (1e-09 would claim more)
+    assert "P(risk(lambda_hat) <= 0.999999999) >= 9.99999e-10" in wide.guarantee
     assert "delta (tolerance) = 0.999999999, epsilon (failure probability) = 0.999999999" in wide.summary()
     assert "delta=0.999999999, epsilon=0.999999999," in repr(wide)
     # a p-value just below 1 is not shown as 1; 0.1 and 0.05 print as before
     few = calibrate.certify(np.zeros((10**5, 1)), [0.5], delta=1e-9, epsilon=0.05)
     assert few.lambda_hat is None and "p=0.9999" in few.reason and "epsilon=0.05 " in few.reason
     assert "P(risk(lambda_hat) <= 0.1) >= 0.95 over" in calibrate.certify(np.zeros((500, 1)), [0.5], 0.1, 0.05).guarantee
+
+
+def test_levels_are_rounded_towards_a_weaker_guarantee():
+    """``:g`` printed delta = 0.1234564 as 0.123456 and 1 - epsilon = 2/3 as 0.666667: a stronger claim."""
+    cert = calibrate.certify(np.zeros((500, 2)), [0.9, 0.5], delta=0.1234564, epsilon=1 / 3)
+    delta, confidence = map(float, re.search(r"<= ([\d.]+)\) >= ([\d.]+) over", cert.guarantee).groups())
+    assert delta >= cert.delta and confidence <= 1 - cert.epsilon
+    summary = re.search(r"delta \(tolerance\) = ([\d.]+), epsilon \(failure probability\) = ([\d.]+)", cert.summary())
+    assert float(summary[1]) >= cert.delta and float(summary[2]) >= cert.epsilon
+    assert "delta=0.123457, epsilon=0.333334," in repr(cert) and "(risk 0.0000, p = " in cert.summary()
 
 
 @pytest.mark.parametrize(

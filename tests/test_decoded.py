@@ -303,6 +303,11 @@ def test_audit_decoded_of_a_proxy_certificate_shows_what_the_runtime_emits(model
     table = calibrate.decoded_losses(model, tokenizer, held_out, proxy, max_new_tokens=NEW, progress=False)
     np.testing.assert_array_equal(report.risks, table.risks)
     assert report.certificate is proxy and report.n == 16
+    import matplotlib.pyplot as plt
+
+    fig = report.plot()  # the title says the held-out curve was decoded (it read "proxy mode")
+    assert fig._suptitle.get_text().startswith("softmax_max / token (proxy calibration, decoded held-out), ")
+    plt.close(fig)
 
 
 def test_cli_audit_decodes_held_out_prompts_for_an_exit_threshold_certificate(model, tokenizer, prompts, tmp_path, capsys):

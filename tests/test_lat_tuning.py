@@ -1,5 +1,7 @@
 """Offline tuning for token elimination (``calibrate.lat.finetune``)."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -161,6 +163,9 @@ def test_finetune_result_repr_gives_the_mean_loss_of_the_first_and_last_tenth():
 
     result = FinetuneResult(model=None, losses=np.arange(20.0), speedups=np.ones(20), trainable=3, seconds=2.0)
     assert repr(result) == "FinetuneResult(steps=20, trainable=3, seconds=2, loss first/last tenth=0.5000/18.5000)"
+    for arr in (result.losses, result.speedups, copy.deepcopy(result).losses):  # frozen, arrays included
+        with pytest.raises(ValueError, match="read-only"):
+            arr[0] = 1.0
 
 
 def test_target_loss_is_the_mean_cross_entropy_over_real_target_tokens_only():

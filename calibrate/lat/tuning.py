@@ -36,6 +36,7 @@ from torch import nn
 
 from calibrate._extract_checks import _context_iv
 from calibrate._extract_steps import _pad
+from calibrate._frozen import Rebuilt, read_only_arrays
 from calibrate._validation import finite_positive, int_at_least, seed_iv, torch_seed
 from calibrate.heads import ExitHeads, decoder_layers
 from calibrate.lat.calibration import _length
@@ -53,7 +54,7 @@ DEFAULT_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gat
 
 
 @dataclass(frozen=True, eq=False)  # tensors: compared by identity, as the reports are
-class FinetuneResult:
+class FinetuneResult(Rebuilt):
     """Result of :func:`finetune`.
 
     Attributes
@@ -76,6 +77,9 @@ class FinetuneResult:
     speedups: np.ndarray
     trainable: int
     seconds: float
+
+    def __post_init__(self) -> None:
+        read_only_arrays(self, "losses", "speedups")
 
     def __repr__(self) -> str:
         first, last = (self.losses[: max(1, len(self.losses) // 10)], self.losses[-max(1, len(self.losses) // 10) :])

@@ -15,7 +15,7 @@ from calibrate._certify import _certify
 from calibrate._format import level
 from calibrate._frozen import Rebuilt, read_only_arrays
 from calibrate._validation import caller_stacklevel, open_interval, seed_iv
-from calibrate.certificate import Certificate
+from calibrate.certificate import Certificate, _budget_warning
 from calibrate.exits import Decay
 from calibrate.losses import LossTable, proxy_losses
 
@@ -51,6 +51,7 @@ def _certificate_losses(cert: Certificate, cache, *, decode=None, progress=False
         )
     from calibrate.cache import _in_memory_iv
     from calibrate.concat import _first_difference, _heads_difference, _loaded_by_name
+    from calibrate.fit import _generation_budget
     from measures.learned import plain_state
 
     _in_memory_iv(cache, "the test cache")
@@ -87,6 +88,9 @@ def _certificate_losses(cert: Certificate, cache, *, decode=None, progress=False
                 f"the cache was extracted with other {what} than the certificate was calibrated with: {path} is "
                 f"{mine!r:.80} in the cache, {theirs!r:.80} in the certificate"
             )
+    budget = _generation_budget(cache)
+    if budget is not None:
+        _budget_warning(cert, budget, "auditing outputs of")
     decay = None if cert.decay is None else Decay(**cert.decay)
     conf = _certificate_confidence(cert, cache)
     return proxy_losses(

@@ -81,14 +81,15 @@ def _audit_budget(certificate, max_new_tokens: int | None) -> int | None:
     return certificate.max_new_tokens or 32
 
 
-def _budget_warning(certificate, max_new_tokens: int) -> None:
-    """Warn when decoding more new tokens than a certificate's calibration outputs had (beyond it: uncertified)."""
+def _budget_warning(certificate, max_new_tokens: int, doing: str = "decoding") -> None:
+    """Warn when decoding (or auditing: ``doing``) more new tokens than a certificate's calibration outputs had
+    (beyond it: uncertified)."""
     if certificate is None or certificate.lambda_hat is None:  # the full model: exact at any length
         return
     budget = certificate.max_new_tokens
     if budget is not None and max_new_tokens > budget:
         warnings.warn(
-            f"decoding up to max_new_tokens={max_new_tokens} new tokens, but the certificate's calibration outputs had "
+            f"{doing} up to max_new_tokens={max_new_tokens} new tokens, but the certificate's calibration outputs had "
             f"at most {budget}: what it certifies says nothing about longer outputs (certify with the budget you "
             "deploy)",
             UserWarning,

@@ -113,6 +113,20 @@ def test_audit_figure_of_a_short_grid_draws_points_and_wants_a_figure(split):
     assert single.summary().startswith("Audit on 1 held-out sequence (teacher-forced proxy losses) at")
 
 
+def test_audit_warns_of_outputs_longer_than_the_certificates_budget(split):
+    """A test cache extracted with a larger max_new_tokens was audited without a word (the runtime warns)."""
+    dev, test = (part.with_meta({"generation": {"max_new_tokens": 20}}) for part in split)
+    cert = calibrate.fit(dev, delta=0.15, epsilon=0.05, progress=False)
+    assert cert.max_new_tokens == 20 and cert.lambda_hat is not None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        calibrate.audit(cert, test)  # the same budget
+    longer = split[1].with_meta({"generation": {"max_new_tokens": 40}})
+    with pytest.warns(UserWarning, match="auditing outputs of up to max_new_tokens=40 new tokens.* at most 20") as w:
+        calibrate.audit(cert, longer)
+    assert w[0].filename == __file__
+
+
 def test_reports_hold_read_only_arrays(split, cert):
     report = calibrate.audit(cert, split[1])
     study = calibrate.validity(split[0], trials=3, seed=0, progress=False)

@@ -158,6 +158,9 @@ def test_certified_depth_of_a_language_model(distilled, tokenizer):
     held = fff.depth_losses(student, TEXTS[:10], depths=[3, 2, 1, 0], tokenizer=tokenizer, max_new_tokens=4,
                             consistency="rouge_l")  # fmt: skip
     np.testing.assert_array_equal(report.risks, held.risks)
+    assert cert.lambda_hat is not None  # so that longer outputs are uncertified:
+    with pytest.warns(UserWarning, match="auditing up to max_new_tokens=6 new tokens, but .* at most 4"):
+        fff.audit(cert, student, TEXTS[:2], tokenizer=tokenizer, max_new_tokens=6)
     with pytest.raises(ValueError, match="fixed_sequence"):
         fff.fit(student, TEXTS, tokenizer=tokenizer, method="holm")
     kw = dict(delta=0.4, epsilon=0.1, tokenizer=tokenizer, max_new_tokens=4, consistency="rouge_l", progress=False)

@@ -168,6 +168,27 @@ def test_certified_depth_of_a_language_model(distilled, tokenizer):
     assert again == cert and again.bound == "hoeffding_bentkus"
 
 
+def test_a_certificate_made_at_full_depth_is_refused_at_another_depth(distilled, tokenizer):
+    """The evaluation depth changes what the model computes, but no identity recorded it: an early-exit certificate
+    made at full depth ran silently inside fff.at_depth(student, 0) or after fff.apply."""
+    import calibrate
+    from calibrate.heads import ExitHeads
+
+    student = distilled[2].model
+    cache = calibrate.extract(student, tokenizer, TEXTS[:16], max_new_tokens=3, progress=False)
+    cert = calibrate.fit(cache, delta=0.5, epsilon=0.2, lambdas=[1.0, 0.5, 0.0], progress=False)
+    ids = torch.tensor(tokenizer(TEXTS[20:22])["input_ids"])
+    full = ExitHeads.from_model(student).describe()
+    with fff.at_depth(student, 3):  # D: the whole tree, the same computation
+        assert ExitHeads.from_model(student).describe() == full
+        calibrate.runtime.generate(student, ids, certificate=cert, max_new_tokens=3)
+    identity = fff.model_id(student)
+    with fff.at_depth(student, 1):
+        assert fff.model_id(student) == identity  # fff's own knob: not part of its model id
+        with pytest.raises(ValueError, match="the model differs from the one the certificate was calibrated with"):
+            calibrate.runtime.generate(student, ids, certificate=cert, max_new_tokens=3)
+
+
 def test_distill_rejects_bad_arguments(tokenizer):
     model = tiny_model("llama")
     with pytest.raises(ValueError, match="layers must be distinct"):

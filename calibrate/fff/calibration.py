@@ -65,10 +65,12 @@ def _set_depth(layers: list[FFF], depth: int | None) -> None:
 
 def model_id(model: nn.Module) -> str:
     """Identity of a model with FFF layers: their count and depths, and a digest of what the model computes
-    (weights, buffers, each submodule's settings such as an FFF's activation) and, for a language model, of
-    the generation config that shapes its greedy decoding."""
+    at full depth (weights, buffers, each submodule's settings such as an FFF's activation) and, for a language
+    model, of the generation config that shapes its greedy decoding. The evaluation depth, the knob an
+    ``fff_depth`` certificate sets, is left out (other identities, such as the early-exit runtime's, include it)."""
     depths = sorted({layer.depth for layer in fff_layers(model)})
-    return f"fff/{len(fff_layers(model))}x/D{'-'.join(map(str, depths))}/{decoding_digest(model)}"
+    with at_depth(model, None):
+        return f"fff/{len(fff_layers(model))}x/D{'-'.join(map(str, depths))}/{decoding_digest(model)}"
 
 
 @contextmanager

@@ -220,8 +220,11 @@ class FFF(nn.Module):
         return (_depth_iv(depth, self.depth) + 1) * (self.in_features + self.out_features)
 
     def extra_repr(self) -> str:
+        """The settings, with the evaluation depth where it cuts the tree short (so model digests differ by it)."""
+        depth = self.eval_depth
+        short = "" if depth is None or depth >= self.depth else f", eval_depth={depth}"
         return (
-            f"in_features={self.in_features}, out_features={self.out_features}, depth={self.depth}, "
+            f"in_features={self.in_features}, out_features={self.out_features}, depth={self.depth}{short}, "
             f"activation={self.activation!r}, bias={self.b_in is not None}"
         )
 

@@ -150,35 +150,56 @@ def _save_iv(path, overwrite) -> Path | Remote:
         if not _replaceable(target):
             raise ValueError(
                 f"refusing to overwrite {target}: it is not a layer cache directory (a readable {_META_FILE} of "
-                f"calm-calibrate beside {_TABLE_FILE}, {_VOCAB_FILE} and {_ARRAY_DIR}/, nothing else) nor empty; "
-                "delete a damaged cache yourself"
+                f"calm-calibrate beside {_TABLE_FILE}, {_VOCAB_FILE} and {_ARRAY_DIR}/ with the arrays it lists, "
+                "nothing else) nor empty; delete a damaged cache yourself"
             )
     return target
 
 
+def _entries(directory: Path | Remote) -> dict[str, str] | None:
+    """``{name: "file" | "directory"}`` of a directory's entries; None when it is no directory (or a symlink)."""
+    if isinstance(directory, Remote):  # detail: s3fs and gcsfs list bare names by default
+        if not directory.is_dir():
+            return None
+        listing = directory.fs.ls(directory.path, detail=True)
+        return {entry["name"].rstrip("/").rsplit("/", 1)[-1]: entry["type"] for entry in listing}
+    if not directory.is_dir() or directory.is_symlink():
+        return None
+    return {entry.name: "directory" if entry.is_dir() else "file" for entry in directory.iterdir()}
+
+
 def _replaceable(target: Path | Remote) -> bool:
-    """An empty directory, or a cache directory: what :meth:`LayerCache.save` writes and hidden files
-    (``.DS_Store``), with a ``meta.json`` of this library. Never a symlink, nor another tool's directory that
-    happens to hold a ``meta.json``, nor one whose ``meta.json`` cannot be read (whose it is is unknown)."""
-    if isinstance(target, Remote):  # detail: s3fs and gcsfs list bare names by default
-        if not target.is_dir():
-            return False
-        listing = target.fs.ls(target.path, detail=True)
-        entries = {entry["name"].rstrip("/").rsplit("/", 1)[-1]: entry["type"] for entry in listing}
-    elif not target.is_dir() or target.is_symlink():
+    """An empty directory, or a cache directory: what :meth:`LayerCache.save` writes (in ``arrays/`` only the
+    arrays its ``meta.json`` lists) and hidden files (``.DS_Store``), with a ``meta.json`` of this library.
+    Never a symlink, nor another tool's directory that happens to hold a ``meta.json``, nor one whose
+    ``meta.json`` cannot be read (whose it is is unknown), nor one holding files of the user's."""
+    entries = _entries(target)
+    if entries is None:
         return False
-    else:
-        entries = {entry.name: "directory" if entry.is_dir() else "file" for entry in target.iterdir()}
-    names = {name for name, kind in entries.items() if not (name.startswith(".") and kind == "file")}
     if not entries:
         return True
-    if _META_FILE not in names or not names <= {_META_FILE, _TABLE_FILE, _VOCAB_FILE, _ARRAY_DIR}:
+    visible = {name for name, kind in entries.items() if not _hidden(name, kind)}
+    if _META_FILE not in visible or not visible <= {_META_FILE, _TABLE_FILE, _VOCAB_FILE, _ARRAY_DIR}:
         return False
     try:
         meta = _load_json(target / _META_FILE, "utf-8")
     except (OSError, ValueError):  # _load_json turns a UnicodeDecodeError into a ValueError
         return False  # saves publish by rename, so never a meta.json of ours cut short: unknown, kept
-    return isinstance(meta, dict) and meta.get("library") == "calm-calibrate"
+    if not isinstance(meta, dict) or meta.get("library") != "calm-calibrate":
+        return False
+    if _ARRAY_DIR not in visible:
+        return True
+    arrays = _entries(target / _ARRAY_DIR)
+    fields = meta.get("fields")
+    ours = {spec.get("path") for spec in fields.values() if isinstance(spec, dict)} if isinstance(fields, dict) else ()
+    return arrays is not None and all(
+        _hidden(name, kind) or f"{_ARRAY_DIR}/{name}" in ours for name, kind in arrays.items()
+    )
+
+
+def _hidden(name: str, kind: str) -> bool:
+    """A hidden file (``.DS_Store``), which a cache directory may hold beside its own files."""
+    return name.startswith(".") and kind == "file"
 
 
 def _open_cache_iv(path, verify) -> Path | Remote:

@@ -357,7 +357,7 @@ class ExitHeads(nn.Module):
         llama, mistral, qwen2, qwen3  ``model.norm``                   ``lm_head``
         t5                            ``decoder.final_layer_norm``     ``lm_head``     ``* d_model**-0.5`` if tied
         bart, mbart                   ``model.decoder.layer_norm``     ``lm_head``     ``+ final_logits_bias``
-                                                                                       (mBART only; BART has none)
+                                      (mBART only; BART has none)
         ============================  ===============================  ==============  ==========================
         """
         model_type, arch = _arch_iv(model)

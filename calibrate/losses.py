@@ -268,6 +268,9 @@ def proxy_losses(
     >>> np.round(table.avg_layers, 2)                     # lower thresholds exit earlier
     array([7.48, 5.13, 2.91])
     """
+    from calibrate.cache import _in_memory_iv
+
+    cache = _in_memory_iv(cache, "cache")
     lam = _lambdas_iv(lambdas)
     consistency = _consistency_iv(consistency, cache.sequences)
     conf = as_numpy(conf)  # a tensor straight from a model too (bfloat16, requiring grad), as exit_layers takes

@@ -23,7 +23,7 @@ from scipy.special import expit
 if TYPE_CHECKING:
     from sklearn.linear_model import LogisticRegression
 
-from measures.confidence import _topk_logprobs_iv, _topk_measures, _vocab_size_iv, state_saturation
+from measures.confidence import _cache_iv, _topk_logprobs_iv, _topk_measures, _vocab_size_iv, state_saturation
 
 __all__ = ["ExitClassifier", "agreement"]
 
@@ -37,11 +37,6 @@ _FLOAT_MAX = float(np.finfo(np.float64).max)
 # ----------------------------------------------------------------------------------------------------
 # Labels
 # ----------------------------------------------------------------------------------------------------
-
-
-def _cache_iv(cache: Any, name: str = "cache") -> None:
-    if not hasattr(cache, "arrays") or not hasattr(cache, "n_layers"):
-        raise TypeError(f"{name} must be a LayerCache (with .arrays and .n_layers), got {type(cache).__name__}")
 
 
 def _agreement_iv(cache: Any) -> tuple[np.ndarray, np.ndarray]:

@@ -14,6 +14,7 @@ Everything is vectorised numpy; nothing here imports torch.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -455,6 +456,18 @@ def _cosine(dot: np.ndarray, denom: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------
 
 
+def _cache_iv(cache: Any, name: str = "cache") -> None:
+    """TypeError unless ``cache`` has ``.n_layers`` and a mapping ``.arrays`` (a cache in memory)."""
+    if not hasattr(cache, "arrays") or not hasattr(cache, "n_layers"):
+        raise TypeError(f"{name} must be a LayerCache (with .arrays and .n_layers), got {type(cache).__name__}")
+    if not isinstance(cache.arrays, Mapping):  # a chunked cache's arrays() is a method: its data are not in memory
+        raise TypeError(
+            f"{name} must be a cache in memory (a LayerCache, whose .arrays maps names to arrays), got "
+            f"{type(cache).__name__}: read the sequences of a chunked cache with cache.take(indices), or open it with "
+            "open_cache(path)"
+        )
+
+
 def _confidence_iv(cache: Any, measure: Any, classifier: Any) -> tuple[str, Any]:
     allowed = MEASURES + ("classifier",)
     if isinstance(measure, str) and measure.startswith("halting_"):
@@ -462,8 +475,7 @@ def _confidence_iv(cache: Any, measure: Any, classifier: Any) -> tuple[str, Any]
             f"measure {measure!r} is a trained halting head: train it with measures.learned.train_measure("
             f"{measure!r}, train_cache) and call its predict_confidence(cache); confidence() computes {allowed}"
         )
-    if not hasattr(cache, "arrays") or not hasattr(cache, "n_layers"):
-        raise TypeError(f"cache must be a LayerCache (with .arrays and .n_layers), got {type(cache).__name__}")
+    _cache_iv(cache)
     if not isinstance(measure, str) or (measure not in allowed and not _stored_score(cache.arrays, measure)):
         raise ValueError(f"measure must be one of {allowed} or the name of a score the cache stores, got {measure!r}")
     if measure == "classifier":
@@ -511,7 +523,7 @@ def confidence(cache: Any, measure: str, *, classifier: Any = None) -> np.ndarra
     Parameters
     ----------
     cache : LayerCache
-        The layer cache (:class:`calibrate.cache.LayerCache`; any object with ``.arrays``,
+        The layer cache in memory (:class:`calibrate.cache.LayerCache`; any object with a mapping ``.arrays``,
         ``.n_layers`` and ``.vocab_size`` works).
     measure : {"softmax_gap", "softmax_max", "entropy", "state_saturation", "classifier"} or str
         The measure, or the name of a score the cache stores (a measure of your own: ``scores=`` of

@@ -22,7 +22,8 @@ programme, and the same F-measure arithmetic. BLEU reuses sacrebleu's own tokeni
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 import numpy as np
@@ -61,6 +62,11 @@ def _texts_iv(texts: Any, name: str) -> list[str]:
     if not isinstance(texts, Iterable):
         raise TypeError(
             f"`{name}` must be a sequence of str, got {type(texts).__name__}"
+        )
+    if isinstance(texts, (AbstractSet, Mapping)):  # no order (a set) or keys alone (a dict): pairs by position
+        raise TypeError(
+            f"`{name}` must be a sequence of str (texts are paired by position), got a "
+            f"{type(texts).__name__}, which has no such order; pass a list"
         )
     out = list(texts)
     for i, text in enumerate(out):

@@ -30,8 +30,8 @@ import numpy as np
 from scipy.special import expit, log_softmax, softmax
 
 from measures._callers import caller_stacklevel
-from measures.classifier import _cache_iv, _layer_features, _standardize
-from measures.confidence import state_saturation
+from measures.classifier import _layer_features, _standardize
+from measures.confidence import _cache_iv, state_saturation
 from measures.oracles import _OPTIONS, CONSISTENCY_RULES, ORACLES, _penalty_iv, oracle_depths, smooth_oracle
 
 __all__ = ["HALTING_KINDS", "HALTING_MEASURES", "HaltingHead"]

@@ -16,7 +16,8 @@ from measures.halting import HALTING_MEASURES, HaltingHead
 
 __all__ = ["LEARNED_MEASURES", "check_options", "measure_from_state", "plain_state", "train_measure"]
 
-#: Names of the measures that are trained on a cache (all need hidden states).
+#: Names of the measures that are trained on a cache (the halting heads need hidden states; the classifier uses them
+#: when the cache has them, else the top-k log-probabilities).
 LEARNED_MEASURES: tuple[str, ...] = ("classifier", *HALTING_MEASURES)
 
 
@@ -92,7 +93,7 @@ def train_measure(
         ``"halting_<kind>"`` (:class:`~measures.halting.HaltingHead` of that kind, trained against the
         consistency oracle).
     train_cache : LayerCache
-        Training sequences (with hidden states), disjoint from the calibration sequences.
+        Training sequences, disjoint from the calibration sequences (with hidden states for the halting heads).
     seed : int, default=0
         Seed of the classifier (the halting heads' fit is deterministic).
     options : dict, optional

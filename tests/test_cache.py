@@ -526,6 +526,12 @@ def test_overwrite_refuses_a_directory_that_is_not_a_cache(cache, tmp_path):
     (tmp_path / "kept" / ".DS_Store").write_text("x")  # hidden files do not make a cache something else
     cache.save(tmp_path / "kept", overwrite=True)  # ours
     assert open_cache(tmp_path / "kept").checksum == cache.checksum
+    (tmp_path / "kept" / "arrays" / ".DS_Store").write_text("x")
+    cache.save(tmp_path / "kept", overwrite=True)
+    (tmp_path / "kept" / "arrays" / "my_scores.npy").write_text("keep me")  # arrays/ held a file of the user's: deleted
+    with pytest.raises(ValueError, match="not a layer cache"):
+        cache.save(tmp_path / "kept", overwrite=True)
+    assert (tmp_path / "kept" / "arrays" / "my_scores.npy").read_text() == "keep me"
     # a meta.json that cannot be read: whose directory it is is unknown (saves publish by rename, so it is no
     # meta.json of ours cut short by a crash): kept, with everything beside it (another tool's arrays/ was deleted)
     (tmp_path / "kept" / "arrays" / "theirs.npy").write_text("keep me")

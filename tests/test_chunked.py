@@ -208,6 +208,27 @@ def test_progress_bar_over_the_partitions(saved, capsys):
     assert capsys.readouterr().err == ""
 
 
+def test_functions_of_a_cache_in_memory_refuse_a_lazy_one_and_say_how_to_read_it(saved):
+    """They failed on the lazy cache's arrays() method ("argument of type 'method' is not iterable")."""
+    import measures
+    from measures import oracles
+
+    cache, path = saved
+    lazy = calibrate.open_cache(path, chunks=50)
+    conf = confidence(cache, "softmax_max")
+    calls = [
+        lambda: confidence(lazy, "softmax_max"),
+        lambda: calibrate.proxy_losses(lazy, conf, [0.9, 0.5]),
+        lambda: measures.agreement(lazy),
+        lambda: oracles.consistency_oracle(lazy),
+        lambda: oracles.oracle_average_layers(lazy, delta=0.1),
+        lambda: measures.ExitClassifier().fit(lazy),
+    ]
+    for call in calls:
+        with pytest.raises(TypeError, match=r"in memory.*cache.take\(indices\)"):
+            call()
+
+
 def test_bad_input(saved, monkeypatch):
     import measures.learned
 

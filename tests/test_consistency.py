@@ -452,6 +452,8 @@ def test_pair_scorer_duplicate_pairs_scored_once():
     [
         (lambda: rouge_l("a b", ["a b"]), TypeError, "`predictions` must be a sequence of str"),
         (lambda: rouge_l(5, ["a"]), TypeError, "`predictions` must be a sequence of str, got int"),
+        (lambda: rouge_l({"a b", "c d"}, ["a b", "c d"]), TypeError, r"paired by position\), got a set"),  # hash order
+        (lambda: textual_loss(["a"], {"a": 1}), TypeError, r"`full` .*paired by position\), got a dict"),
         (lambda: bleu(["a"], [None]), TypeError, r"`references` must contain only str.*index 0"),
         (lambda: token_f1(["a", float("nan")], ["a", "b"]), TypeError, "index 1"),
         (lambda: rouge_l(["a"], ["a", "b"]), ValueError, "same length"),

@@ -275,7 +275,8 @@ def distill(
     tokenizer : transformers.PreTrainedTokenizerBase
         Its tokenizer.
     texts : sequence of str
-        The corpus; the last ``heldout`` share of the texts (after a seeded shuffle) measures the errors.
+        The corpus; the first ``max(1, round(heldout * len(texts)))`` texts of ``default_rng(seed).permutation``
+        measure the errors, the others train.
     depth : int, default=8
         Tree depth of every FFF (>= 0).
     layers : sequence of int, optional

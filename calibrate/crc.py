@@ -9,6 +9,7 @@ threshold whose risk exceeds ``delta``.
 
 from __future__ import annotations
 
+import math
 import numbers
 import warnings
 
@@ -129,10 +130,14 @@ def conformal_risk_control(losses: ArrayLike, delta: float, *, max_loss: float =
 
 
 def _crc_index(arr: np.ndarray, delta: float, max_loss: float = 1.0) -> int | None:
-    """:func:`conformal_risk_control` of checked losses, without its warning (a caller that reports it itself)."""
+    """:func:`conformal_risk_control` of checked losses, without its warning (a caller that reports it itself).
+
+    The condition is tested as ``sum + B <= delta (n + 1)`` on correctly rounded column sums (``math.fsum``),
+    so that the order of the rows never decides it (a float mean's last bit did, where the adjusted risk
+    equals ``delta``)."""
     n = arr.shape[0]
-    adjusted = n / (n + 1.0) * arr.mean(axis=0) + max_loss / (n + 1.0)
-    ok = adjusted <= delta
+    sums = np.array([math.fsum(column) for column in arr.T.tolist()])
+    ok = sums + max_loss <= delta * (n + 1)
     if not ok[0]:
         return None
     return int(np.argmin(ok)) - 1 if not ok.all() else ok.size - 1

@@ -231,7 +231,9 @@ class ExitClassifier:
     max_iter : int, default=200
         Iteration cap of the lbfgs solver.
     seed : int or None, default=0
-        ``random_state`` of the estimators (lbfgs itself is deterministic).
+        ``random_state`` of the estimators (lbfgs itself is deterministic for a given BLAS build and thread
+        count; another ``OMP_NUM_THREADS`` sums the matrix products in another order, which moves the weights
+        in their last digits).
 
     Attributes
     ----------

@@ -311,7 +311,8 @@ class HaltingHead:
     **Calibration.** Train on sequences disjoint from the calibration split: a measure fitted on the
     calibration sequences makes their losses optimistic and voids
     ``P(risk(lambda_hat) <= delta) >= 1 - epsilon`` (delta = tolerance, epsilon = failure probability;
-    LTT writes alpha and delta). Fitting is deterministic (L-BFGS from zero weights): no seed.
+    LTT writes alpha and delta). Fitting is deterministic (L-BFGS from zero weights): no seed; the weights
+    move in their last digits only with the BLAS build or its thread count (``OMP_NUM_THREADS``).
 
     **Run-time cost.** ``O(d)`` per layer for the geometric head; one ``O(d L)`` product after layer 1
     (token multinomial) or at prefill (sequence multinomial), then nothing per layer: none needs the

@@ -110,6 +110,17 @@ def test_adjusted_risk_matches_mapie_and_index_where_no_ties():
     assert n_compared >= 8 and n_ties >= 1
 
 
+def test_the_order_of_the_rows_never_decides():
+    """Adjusted risk (4 + 1) / 100 = 0.05 exactly: a float mean's last bit, which depends on the order of the rows,
+    certified the column in some orders and not in others."""
+    column = np.zeros(99)
+    column[:7] = [11 / 14, 19 / 56, 2 / 15, 2 / 3, 3 / 4, 5 / 8, 7 / 10]  # token disagreement rates summing to 4
+    losses = np.column_stack([np.zeros(99), column, np.ones(99)])
+    rng = np.random.default_rng(0)
+    found = {conformal_risk_control(losses[rng.permutation(99)], 0.05) for _ in range(300)}
+    assert found == {1}
+
+
 def test_tie_is_accepted_as_in_the_paper():
     # n = 4, means 0 and 1/4 -> adjusted 1/5 and 2/5; delta = 0.4 exactly passes the second
     losses = np.array([[0, 1], [0, 0], [0, 0], [0, 0]], dtype=float)

@@ -7,6 +7,7 @@ import hashlib
 import json
 import re
 import weakref
+from typing import Any
 
 #: (module, kind) -> (state key, digest): the last digest of each module's parameters or buffers, reused while
 #: none of them changed.
@@ -109,22 +110,35 @@ PROCESSING_OPTIONS = {
 }
 
 
-def generation_digest(module) -> str | None:
-    """16 hex digits over what of a Hugging Face model's generation config shapes greedy decoding: its EOS ids
-    (one id or a list of it alike), pad and decoder-start ids, and the :data:`PROCESSING_OPTIONS` set to a
-    value that processes the logits (``repetition_penalty=1.0`` is no setting); None for a module without
-    a generation config. Decoded outputs, and so a certificate's losses, depend on them; sampling, beam and
-    length settings do not."""
-    config = getattr(module, "generation_config", None)
+def generation_settings(source, **ids: Any) -> dict[str, Any] | None:
+    """What of a Hugging Face generation config shapes greedy decoding: its EOS ids (one id or a list of it
+    alike), pad and decoder-start ids, and the :data:`PROCESSING_OPTIONS` set to a value that processes the
+    logits (``repetition_penalty=1.0`` is no setting). Decoded outputs, and so a certificate's losses, depend
+    on them; sampling, beam and length settings do not.
+
+    ``source`` is a ``GenerationConfig`` or a model with one (None for a module without); ``ids`` given
+    (``eos_token_id=``, ``pad_token_id=``; None: the config's) replace the config's, as a decoding call's
+    arguments do.
+    """
+    config = source if callable(getattr(source, "to_diff_dict", None)) else getattr(source, "generation_config", None)
     if config is None or not callable(getattr(config, "to_diff_dict", None)):
         return None
-    eos = getattr(config, "eos_token_id", None)
+    value = {key: getattr(config, key, None) for key in ("eos_token_id", "pad_token_id", "decoder_start_token_id")}
+    value |= {key: given for key, given in ids.items() if given is not None}
+    eos = value["eos_token_id"]
     eos = sorted({int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None})
-    kept = {"eos_token_id": eos}
-    kept |= {key: getattr(config, key, None) for key in ("pad_token_id", "decoder_start_token_id")}
+    kept = {**value, "eos_token_id": eos}
     for key, idle in PROCESSING_OPTIONS.items():
         if getattr(config, key, None) not in idle:
             kept[key] = getattr(config, key)
+    return kept
+
+
+def generation_digest(source) -> str | None:
+    """16 hex digits over :func:`generation_settings` of a model or generation config (None without one)."""
+    kept = generation_settings(source)
+    if kept is None:
+        return None
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -189,6 +189,25 @@ def test_a_certificate_is_refused_under_another_generation_config(model, tokeniz
             generate(changed, ids["input_ids"], ids["attention_mask"], certificate=cert, max_new_tokens=NEW)
 
 
+def test_settings_passed_to_a_call_are_held_to_the_certificates_generation_config(model, tokenizer, prompts):
+    """The same settings passed per call (to model.generate, or EOS ids to generate) decoded other tokens silently."""
+    from calibrate.runtime import custom_generate, generate
+
+    cert = _fit(model, tokenizer, prompts)
+    ids = tokenizer(prompts[:2], return_tensors="pt", padding=True, padding_side="left")
+    eos, pad = model.generation_config.eos_token_id, model.generation_config.pad_token_id
+    kw = dict(max_new_tokens=NEW, do_sample=False, custom_generate=custom_generate, certificate=cert)
+    model.generate(**ids, **kw, repetition_penalty=1.0, temperature=0.3)  # idle or sampling settings: accepted
+    generate(model, ids["input_ids"], ids["attention_mask"], certificate=cert, max_new_tokens=NEW, eos_token_id=[eos],
+             pad_token_id=pad)  # fmt: skip
+    refused = r"other settings than the model's generation config.*repetition_penalty=5.0 \(the config's: None\)"
+    with pytest.raises(ValueError, match=refused):
+        model.generate(**ids, **kw, repetition_penalty=5.0)
+    with pytest.raises(ValueError, match=r"eos_token_id=\[7\] \(the config's: \[1\]\)"):
+        generate(model, ids["input_ids"], ids["attention_mask"], certificate=cert, max_new_tokens=NEW, eos_token_id=7)
+    generate(model, ids["input_ids"], ids["attention_mask"], max_new_tokens=NEW, eos_token_id=7)  # no certificate: anything goes
+
+
 def test_lazy_decoding_stops_at_the_first_failure(model, tokenizer, prompts, calls):
     cert = _fit(model, tokenizer, prompts)
     first_failure = int(np.argmax(np.array(cert.p_values) > cert.epsilon))

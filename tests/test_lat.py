@@ -428,6 +428,8 @@ def test_speedup_one_equals_hf_generate(arch, batch):
     torch.testing.assert_close(
         lat.generate(model, ids, mask, certificate=full_only, max_new_tokens=10).sequences, expected
     )
+    with pytest.raises(ValueError, match="other settings than the model's generation config.*eos_token_id"):
+        lat.generate(model, ids, mask, certificate=full_only, max_new_tokens=10, eos_token_id=7)  # decoded silently
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

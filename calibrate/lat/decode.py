@@ -35,7 +35,14 @@ from calibrate.lat.schedule import KeepSchedule, _speedup_iv, layer_costs
 from calibrate.lat.scores import SCORES, _always_kept, _gather, survivors, value_norms
 from calibrate.models import _eval_mode
 from calibrate.runtime._hf import _greedy_processors
-from calibrate.runtime._inputs import _context_iv, _decoder_start_iv, _generate_iv, _ids_iv, _special_tokens_iv
+from calibrate.runtime._inputs import (
+    _call_settings_iv,
+    _context_iv,
+    _decoder_start_iv,
+    _generate_iv,
+    _ids_iv,
+    _special_tokens_iv,
+)
 from calibrate.runtime._layers import Step, adapter_for, additive_mask
 from calibrate.runtime._loop import _decode
 
@@ -175,7 +182,8 @@ def generate(
         tokens are), and its
         EOS/pad ids are used when the model's generation config has none.
     eos_token_id, pad_token_id : optional
-        Override the generation config.
+        Override the generation config (without a certificate: a certificate was calibrated under the
+        config's, and other ids are refused).
     min_keep : int, default=2
         Vectors every layer keeps at least.
 
@@ -205,6 +213,7 @@ def generate(
     speedup, score, min_keep, special = _knob_iv(model, speedup, certificate, score, min_keep, tokenizer)
     max_new_tokens = int_at_least(max_new_tokens, "max_new_tokens")
     _budget_warning(certificate, max_new_tokens)
+    _call_settings_iv(model, certificate, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
     tokens = _special_tokens_iv(model, tokenizer, eos_token_id, pad_token_id)
     run = _generate_encoder_decoder if config.model_type in ENCODER_DECODER_ARCHITECTURES else _generate_decoder_only
     with _eval_mode(model):  # as calibrated: a model left in training mode would decode with dropout

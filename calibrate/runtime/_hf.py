@@ -14,7 +14,7 @@ from torch import nn
 from calibrate.certificate import Certificate
 from calibrate.heads import ExitHeads
 from calibrate.models import _eval_mode, _in_training
-from calibrate.runtime._inputs import _generate_iv, _hf_equality_warnings
+from calibrate.runtime._inputs import _call_settings_iv, _generate_iv, _hf_equality_warnings
 from calibrate.runtime._loop import _decode
 from calibrate.runtime._result import EarlyExitOutput
 
@@ -121,7 +121,9 @@ def custom_generate(
     Raises
     ------
     ValueError
-        As :func:`generate`; also for sampling or beam search settings and unsupported model kwargs.
+        As :func:`generate`; also for sampling or beam search settings and unsupported model kwargs, and, with
+        a certificate, for settings passed to ``generate`` that change what greedy decoding emits (EOS or pad
+        ids, logits processors such as ``repetition_penalty``) against the model's generation config.
     """
     if synced_gpus or streamer is not None:
         raise ValueError("custom_generate (early exit) supports neither synced_gpus nor a streamer")
@@ -182,6 +184,7 @@ def custom_generate(
         ((), pad_id),  # EOS is handled by the stopping criteria
         encoder_states=None if encoder_outputs is None else encoder_outputs[0],  # (B, S_enc, d)
     )
+    _call_settings_iv(model, certificate, generation_config)  # with the call's own settings merged in
     _hf_equality_warnings(model, run.adapter.dtype, beams=False)  # generate's own num_beams is checked above
     with _eval_mode(model):
         out = _decode(run, *run.inputs, logits_processor=logits_processor, stopping_criteria=stopping_criteria)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from calibrate._digest import generation_settings
 from calibrate._validation import caller_stacklevel, int_at_least
 from calibrate.certificate import Certificate, _budget_warning
 from calibrate.concat import _heads_difference
@@ -99,6 +100,32 @@ def _runtime_measure_iv(certificate: Certificate) -> None:
         )
     if certificate.measure == "classifier" and isinstance(certificate.measure_state, Mapping):
         _classifier_features_iv(certificate.measure_state.get("features", "hidden"))  # a bad state: refused later
+
+
+def _call_settings_iv(model, certificate, source=None, *, eos_token_id=None, pad_token_id=None) -> None:
+    """Refuse decoding settings of this call that differ from the model's generation config, under which the
+    certificate was calibrated (one that records it: exit thresholds in ``heads``, token elimination in its
+    model id): a ``generation_config`` into which ``model.generate`` merged the call's arguments (``source``),
+    or EOS / pad ids passed to the call."""
+    calibrated = generation_settings(model)
+    recorded = certificate is not None and (
+        certificate.knob == "token_keep" or "generation" in (certificate.heads or {})
+    )
+    if not recorded or calibrated is None:
+        return
+    ids = {"eos_token_id": eos_token_id, "pad_token_id": pad_token_id}
+    ids = {key: None if value is None else _token_ids(value, key) for key, value in ids.items()}
+    if ids["pad_token_id"]:  # one id, as the config holds it
+        ids["pad_token_id"] = ids["pad_token_id"][0]
+    here = generation_settings(model if source is None else source, **ids)
+    differ = sorted(key for key in calibrated.keys() | here.keys() if calibrated.get(key) != here.get(key))
+    if differ:
+        changes = ", ".join(f"{key}={here.get(key)!r} (the config's: {calibrated.get(key)!r})" for key in differ)
+        raise ValueError(
+            f"this call decodes with other settings than the model's generation config, under which the certificate "
+            f"was calibrated: {changes}; what is decoded differs and the certificate says nothing of it: drop them, "
+            "or calibrate with them set in model.generation_config"
+        )
 
 
 def _heads_identity_iv(recorded, heads: ExitHeads) -> None:

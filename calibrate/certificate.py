@@ -164,9 +164,10 @@ class Certificate:
     n_train : int
         Sequences used to train a learned measure (disjoint from the ``n`` calibration sequences).
     cache_checksum, model : str or None
-        Identity of the calibration data and of the model. The data's is the calibration cache's checksum,
-        or a digest of the calibration prompts or inputs (``"prompts-..."``, ``"inputs-..."``) for
-        certificates made without a cache; the audits refuse data with the same identity as held-out.
+        Identity of the calibration data and of the model. The data's is the calibration cache's checksum
+        (proxy mode), or a digest of the calibration prompts or inputs (``"prompts-..."``, ``"inputs-..."``)
+        for certificates whose losses were decoded (also ``fit(cache, mode="decoded")``, of the cache's
+        prompts it decoded); the audits refuse data with the same identity as held-out.
     heads : mapping or None
         What each layer predicts with (``ExitHeads.describe()`` from the cache metadata: architecture,
         layer count, width, vocabulary size, adapters); the runtime refuses heads that differ.

@@ -414,8 +414,9 @@ def test_fit_mode_decoded_decodes_the_cache_prompts(model, tokenizer, prompts, c
         cache, 0.25, 0.1, mode="decoded", model=model, tokenizer=tokenizer, lambdas=GRID, batch_size=BATCH
     )
     direct = _fit(model, tokenizer, prompts)
-    assert via_fit.cache_checksum == cache.checksum
-    assert via_fit.to_json() == dataclasses.replace(direct, cache_checksum=cache.checksum).to_json()
+    assert via_fit.to_json() == direct.to_json()  # the prompts' digest: audit_decoded refuses them as held-out
+    with pytest.raises(ValueError, match="the prompts are the certificate's calibration prompts"):
+        calibrate.audit_decoded(via_fit, model, tokenizer, cache.sequences["prompt"].tolist())
     split = calibrate.fit(
         cache,
         0.9,

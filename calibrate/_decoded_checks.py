@@ -143,6 +143,11 @@ def _decoded_losses_iv(
     """The certificate supplies grid, measure and consistency; the rest is checked as in fit_decoded."""
     if not isinstance(certificate, Certificate):
         raise TypeError(f"certificate must be a calibrate.Certificate, got {type(certificate).__name__}")
+    if certificate.knob != "exit_threshold":
+        raise ValueError(
+            f"audit_decoded and decoded_losses take exit_threshold certificates, got knob={certificate.knob!r} "
+            "(token_keep: calibrate.lat.audit; fff_depth: calibrate.fff.audit)"
+        )
     if certificate.consistency is None:
         raise ValueError("certificate must name a consistency (the loss to decode), got consistency=None")
     _runtime_measure_iv(certificate)  # before decoding anything

@@ -447,8 +447,8 @@ def _calibration_data_digest(data) -> str | None:
 
 def _held_out_iv(certificate: Certificate, data, what: str) -> None:
     """Refuse the certificate's own calibration prompts or inputs (``what``) as held-out data."""
-    digest = None if certificate.cache_checksum is None else _calibration_data_digest(data)
-    if digest is not None and digest == certificate.cache_checksum:
+    recorded = getattr(certificate, "cache_checksum", None)  # no certificate: refused by the caller's checks
+    if recorded is not None and _calibration_data_digest(data) == recorded:
         raise ValueError(
             f"the {what} are the certificate's calibration {what} (the same digest): an audit on them reports an "
             f"in-sample risk as held-out; audit on held-out {what}"

@@ -322,11 +322,6 @@ def audit_decoded(
     Costs ``n_lambdas + 1`` decodes of the prompts: 18 for the default decoded grid, 202 for a proxy
     certificate's default grid.
     """
-    if isinstance(certificate, Certificate) and certificate.knob != "exit_threshold":
-        raise ValueError(
-            f"audit_decoded checks exit_threshold certificates, got knob={certificate.knob!r} (token_keep: "
-            "calibrate.lat.audit; fff_depth: calibrate.fff.audit)"
-        )
     _held_out_iv(certificate, prompts, "prompts")
     table = decoded_losses(
         model,

@@ -307,7 +307,7 @@ def test_audit_decoded_checks_a_certificate_on_held_out_prompts(model, tokenizer
     full_only = dataclasses.replace(cert, lambda_hat=None, certified=(False,) * len(GRID))
     nothing = calibrate.audit_decoded(full_only, model, tokenizer, held_out, progress=False)
     assert (nothing.risk, nothing.layers) == (0.0, N_LAYERS)
-    with pytest.raises(ValueError, match="audit_decoded checks exit_threshold certificates.*calibrate.lat.audit"):
+    with pytest.raises(ValueError, match="audit_decoded and decoded_losses take exit_threshold .*calibrate.lat.audit"):
         calibrate.audit_decoded(dataclasses.replace(cert, knob="token_keep", lambdas=(1.0, 0.5, 0.4, 0.3)), model,
                                 tokenizer, held_out)  # fmt: skip
     with pytest.raises(ValueError, match=r"calibrate.audit_decoded\(cert, model, tokenizer, prompts\)"):

@@ -161,6 +161,10 @@ def test_certified_depth_of_a_language_model(distilled, tokenizer):
     assert cert.lambda_hat is not None  # so that longer outputs are uncertified:
     with pytest.warns(UserWarning, match="auditing up to max_new_tokens=6 new tokens, but .* at most 4"):
         fff.audit(cert, student, TEXTS[:2], tokenizer=tokenizer, max_new_tokens=6)
+    with pytest.raises(ValueError, match=r"is a language model: pass tokenizer="):  # an AttributeError (.ndim)
+        fff.depth_losses(student, torch.tensor([[5, 6, 7]]))
+    with pytest.raises(ValueError, match=r"is a language model: pass tokenizer="):  # blamed the consistency
+        fff.audit(cert, student, TEXTS[:2])
     with pytest.raises(ValueError, match="fixed_sequence"):
         fff.fit(student, TEXTS, tokenizer=tokenizer, method="holm")
     kw = dict(delta=0.4, epsilon=0.1, tokenizer=tokenizer, max_new_tokens=4, consistency="rouge_l", progress=False)

@@ -688,6 +688,12 @@ def test_heldout_losses_and_audit_refuse_another_knob(word_tokenizer):
     for spend in (lat.heldout_losses, lat.audit):
         with pytest.raises(ValueError, match="must be a 'token_keep' Certificate"):
             spend(cert, model, word_tokenizer, ["w1 w2 w3"], max_new_tokens=2)
+    other = dataclasses.replace(cert, knob="token_keep", consistency="label", model="bert/L2/d16/V64/0123")
+    for spend in (lat.heldout_losses, lat.audit):  # a classifier's certificate: it blamed the consistency 'label'
+        with pytest.raises(ValueError, match="made for the model 'bert/L2/d16/V64/0123'"):
+            spend(other, model, word_tokenizer, ["w1 w2 w3"], max_new_tokens=2)
+    with pytest.raises(ValueError, match="take exit_threshold certificates, got knob='token_keep'"):
+        calibrate.decoded_losses(model, word_tokenizer, ["w1 w2 w3"], other)  # it blamed the measure None
 
 
 def test_cli_lat_fit_equals_the_function(tmp_path, word_tokenizer, capsys):

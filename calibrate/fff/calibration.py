@@ -149,6 +149,11 @@ def _labels(model: nn.Module, inputs: torch.Tensor, depth: int | None, batch_siz
 
 def _logits_iv(logits: torch.Tensor) -> torch.Tensor:
     """A classifier's ``(n, n_classes)`` outputs, ``n_classes >= 2`` (labels are their argmax)."""
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(
+            f"the model must return a tensor of (n, n_classes) logits, got {type(logits).__name__}; for a language "
+            "model pass tokenizer= and the prompts as texts"
+        )
     if logits.ndim != 2 or logits.shape[1] < 2:
         raise ValueError(
             f"the model must return (n, n_classes) logits with n_classes >= 2 (a label is their argmax), got shape "
@@ -205,6 +210,11 @@ def depth_losses(
         template = _lm_template(model, decoder, depths, 0.1, 0.05, "hoeffding_bentkus")  # carries the depth only
         columns = [decoder.losses(dataclasses.replace(template, lambda_hat=float(k)))[0] for k in depths]
         return LossTable(np.column_stack(columns), depths.astype(np.float64), "decoded", decoder.consistency)
+    if callable(getattr(model, "can_generate", None)) and model.can_generate():
+        raise ValueError(
+            f"the model ({type(model).__name__}) is a language model: pass tokenizer= and the prompts as texts "
+            "(without a tokenizer, inputs are a classifier's examples)"
+        )
     consistency = "label" if consistency is None else consistency
     batch_size = 1024 if batch_size is None else batch_size
     if consistency not in CONSISTENCIES:

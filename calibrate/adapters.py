@@ -22,6 +22,11 @@ import os
 from pathlib import Path
 
 import numpy as np
+
+from calibrate._extras import require
+
+require(__name__, "hf", ("torch",))  # before torch: an ImportError naming the extra
+
 import torch
 from torch import nn
 

@@ -24,6 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from calibrate._extras import require
+
+require(__name__, "hf", ("torch",))  # before torch: an ImportError naming the extra
+
 import torch
 
 from calibrate._cache_files import _save_iv

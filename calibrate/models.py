@@ -16,9 +16,11 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-import torch
-
 from calibrate._extras import require
+
+require(__name__, "hf", ("torch",))  # before torch: an ImportError naming the extra
+
+import torch
 
 __all__ = ["SMOLLM2_GGUF", "load_local", "smollm2", "smollm2_gguf_path"]
 

@@ -61,6 +61,27 @@ def test_torch_packages_imported_directly(hide, monkeypatch, package):
         importlib.import_module(package)
 
 
+@pytest.mark.parametrize(
+    "module",
+    [
+        "calibrate.models",
+        "calibrate.heads",
+        "calibrate.extraction",
+        "calibrate.adapters",
+        "calibrate.lat.decode",
+        "calibrate.lat.calibration",
+        "calibrate.lat.tuning",
+        "calibrate.lat.scores",
+    ],
+)
+def test_modules_needing_torch_imported_directly_name_the_extra(hide, monkeypatch, module):
+    """They raised a bare ModuleNotFoundError: No module named 'torch'."""
+    monkeypatch.delitem(sys.modules, module, raising=False)  # restored afterwards
+    hide("torch")
+    with pytest.raises(ImportError, match=rf"^{module} needs torch: pip install 'calm-calibrate\[hf\]'$"):
+        importlib.import_module(module)
+
+
 def test_token_elimination_without_torch(hide):
     from calibrate import lat
 

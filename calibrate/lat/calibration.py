@@ -22,6 +22,11 @@ import warnings
 from collections.abc import Callable, Sequence
 
 import numpy as np
+
+from calibrate._extras import require
+
+require(__name__, "hf", ("torch",))  # before torch: an ImportError naming the extra
+
 import torch
 
 from calibrate._decoded_checks import _decoder_iv, _prompts_iv, _risk_iv

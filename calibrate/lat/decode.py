@@ -23,6 +23,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from calibrate._extras import require
+
+require(__name__, "hf", ("torch",))  # before torch: an ImportError naming the extra
+
 import torch
 from torch import nn
 

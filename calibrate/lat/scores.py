@@ -24,6 +24,10 @@ from __future__ import annotations
 
 import math
 
+from calibrate._extras import require
+
+require(__name__, "hf", ("torch",))  # before torch: an ImportError naming the extra
+
 import torch
 
 __all__ = ["SCORES", "attention_received", "contribution_scores", "survivors", "value_norms"]

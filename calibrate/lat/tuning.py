@@ -30,6 +30,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from calibrate._extras import require
+
+require(__name__, "hf", ("torch",))  # before torch: an ImportError naming the extra
+
 import torch
 import torch.nn.functional as F
 from torch import nn

@@ -176,7 +176,7 @@ def smollm2_demo(
         Risk tolerance and failure probability, in (0, 1).
     consistency : {"rouge_l", "bleu", "token_f1"}
         Textual consistency loss of the early-exit text against the full model's (default ROUGE-L); the demo
-        scores its decoded outputs as text, and its prompts have no references.
+        scores its decoded outputs as text against the full model's, not against the task's references.
     seed : int
         Seed of the task split and the classifier's train split.
     """

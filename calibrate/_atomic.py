@@ -115,12 +115,30 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def finite_tensors_iv(tensors: dict, path: str | os.PathLike) -> None:
+    """ValueError naming ``path``, the tensor and its first entry when a floating-point tensor holds NaN or inf
+    (weights of a training run that diverged: heads or layers computing NaN)."""
+    import torch
+
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point():
+            bad = ~torch.isfinite(tensor)
+            if bool(bad.any()):
+                at = tuple(int(i) for i in bad.nonzero()[0])
+                raise ValueError(
+                    f"{path}: tensor {name!r} holds {int(bad.sum())} non-finite values (first {tensor[at].item()} "
+                    f"at index {at}): weights of a training run that diverged?"
+                )
+
+
 def atomic_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str, str]) -> None:
     """Write ``tensors`` with ``metadata`` to the safetensors file ``path`` through :func:`atomic_file`; a failed
-    write raises OSError naming ``path`` (safetensors raises its own error type, naming no file)."""
+    write raises OSError naming ``path`` (safetensors raises its own error type, naming no file); non-finite
+    weights are refused (:func:`finite_tensors_iv`)."""
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
+    finite_tensors_iv(tensors, path)
     with atomic_file(path) as tmp:
         try:
             save_file(tensors, str(tmp), metadata=metadata)

@@ -30,7 +30,7 @@ require(__name__, "hf", ("torch",))  # before torch: an ImportError naming the e
 import torch
 from torch import nn
 
-from calibrate._atomic import atomic_safetensors
+from calibrate._atomic import atomic_safetensors, finite_tensors_iv
 from calibrate._validation import int_at_least, parse_json
 from calibrate.heads import ExitHeads, _cache_model_iv, _hash_adapters
 
@@ -208,6 +208,7 @@ def load_adapters(model: nn.Module, path: str | os.PathLike) -> ExitHeads:
             raise ValueError(
                 f"{path}: tensor {name!r} has shape {tuple(stored.shape)}, this model needs {tuple(param.shape)}"
             )
+    finite_tensors_iv({"weight": weight, "bias": bias}, path)
     # Checked on the stored values: copying into a bf16/fp16 model rounds them, and the digest with them.
     if "adapters_digest" not in saved:
         raise ValueError(f"{path}: no adapters_digest in its metadata: not an adapter file written by save_adapters")

@@ -9,7 +9,7 @@ import torch
 from _tiny_hf import tiny_model, tiny_tokenizer
 
 from calibrate import extract, rehead
-from calibrate.adapters import layer_agreement, load_adapters, save_adapters, train_adapters
+from calibrate.adapters import _hash_adapters, layer_agreement, load_adapters, save_adapters, train_adapters
 from calibrate.cache import LayerCache
 from calibrate.heads import ExitHeads
 
@@ -129,6 +129,18 @@ def test_load_refuses_other_models_and_corrupt_files(model, real_cache, tmp_path
     save_file(tensors, str(tmp_path / "nodigest.safetensors"), metadata={"heads": json.dumps(meta)})
     with pytest.raises(ValueError, match="no adapters_digest in its metadata: not an adapter file written by save_ada"):
         load_adapters(model, tmp_path / "nodigest.safetensors")  # was "do not match their stored digest (corrupt?)"
+    diverged = {**tensors, "bias": tensors["bias"].clone()}
+    diverged["bias"][1, 2] = float("nan")  # a training run that diverged; the digest recomputed: loaded, heads of NaN
+    meta["adapters_digest"] = _hash_adapters(diverged["weight"], diverged["bias"])
+    save_file(diverged, str(tmp_path / "nan.safetensors"), metadata={"heads": json.dumps(meta)})
+    with pytest.raises(ValueError, match=r"nan.safetensors: tensor 'bias' holds 1 non-finite values \(first nan at"):
+        load_adapters(model, tmp_path / "nan.safetensors")
+    heads = load_adapters(model, path)
+    with torch.no_grad():
+        heads.adapter_weight[0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match="tensor 'weight' holds 1 non-finite values"):  # refused when saved too
+        save_adapters(heads, tmp_path / "inf.safetensors")
+    assert not (tmp_path / "inf.safetensors").exists()
     for heads, match in (("[1, 2]", "'heads' is not a JSON object"), ("[" * 10**5 + "]" * 10**5, "deeper than 100")):
         save_file(tensors, str(tmp_path / "odd.safetensors"), metadata={"heads": heads})
         with pytest.raises(ValueError, match=match):  # were an AttributeError and a RecursionError

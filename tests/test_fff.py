@@ -247,6 +247,10 @@ def test_load_checks_shapes_before_building_the_tree_the_metadata_names(tmp_path
     save_file(ints, str(tmp_path / "ints.safetensors"), metadata={"fff": json.dumps({**settings, "depth": "0"})})
     with pytest.raises(ValueError, match=r"ints.safetensors holds tensors of dtypes .*int64.*floating point"):
         FFF.load(tmp_path / "ints.safetensors")
+    nan = {**state, "w_out": torch.full_like(state["w_out"], float("nan"))}
+    save_file(nan, str(tmp_path / "nan.safetensors"), metadata={"fff": json.dumps({**settings, "depth": "0"})})
+    with pytest.raises(ValueError, match=r"nan.safetensors: tensor 'w_out' holds 1 non-finite values"):
+        FFF.load(tmp_path / "nan.safetensors")  # loaded (a recomputed digest), then computed NaN
     save_file(state, str(tmp_path / "deepjson.safetensors"), metadata={"fff": "[" * 10**5 + "]" * 10**5})
     with pytest.raises(ValueError, match=r"not an FFF file .*its setting 'fff' nests JSON deeper than 100 levels"):
         FFF.load(tmp_path / "deepjson.safetensors")  # was a RecursionError

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from calibrate._atomic import atomic_safetensors
+from calibrate._atomic import atomic_safetensors, finite_tensors_iv
 from calibrate._digest import weights_digest
 from calibrate._threads import njit, parallel_allowed
 from calibrate._validation import int_at_least, int_in, parse_json
@@ -352,6 +352,7 @@ class FFF(nn.Module):
         if not all(t.is_floating_point() for t in state.values()):
             dtypes = {name: str(t.dtype) for name, t in state.items()}
             raise ValueError(f"{path} holds tensors of dtypes {dtypes}; an FFF layer's weights are floating point")
+        finite_tensors_iv(state, path)
         dtype = state["w_in"].dtype  # the stored precision
         layer.load_state_dict({name: t.to(dtype) for name, t in state.items()}, assign=True)
         # A file saved before the settings went into one key may have no digest (it loads unchecked).

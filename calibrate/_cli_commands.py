@@ -353,9 +353,13 @@ def _load_array(path: str, option: str):
     import numpy as np
 
     try:
-        return np.load(path, allow_pickle=False)
+        value = np.load(path, allow_pickle=False)
     except (ValueError, EOFError) as exc:  # numpy's message suggests allow_pickle for any non-.npy file
         raise ValueError(f"{option} {path} must be a .npy array file (numpy.save): {type(exc).__name__}") from None
+    if not isinstance(value, np.ndarray):  # an .npz archive (numpy.savez): an NpzFile of several arrays
+        value.close()
+        raise ValueError(f"{option} {path} is an .npz archive; give one array as a .npy file (numpy.save)")
+    return value
 
 
 def _cmd_fff_fit(args) -> int:

@@ -288,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         warnings.showwarning = show
         try:
             status = args.func(args)
-            sys.stdout.flush()  # a closed pipe shows here, not as "Exception ignored" at exit
+            if sys.stdout is not None:  # None: started with standard output closed (>&-); print() writes nothing
+                sys.stdout.flush()  # a closed pipe shows here, not as "Exception ignored" at exit
             return status
         except BrokenPipeError:  # the reader went away; outputs are written before anything is printed
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit

@@ -338,6 +338,11 @@ def test_unreadable_inputs_name_the_file(tmp_path, capsys):
     assert main(["fff-fit", "--model", str(tmp_path / "fff.safetensors"), "--inputs", str(prompts)]) == 2
     err = capsys.readouterr().err
     assert "--inputs" in err and "must be a .npy array file" in err and "pickle" not in err
+    import numpy as np
+
+    np.savez(tmp_path / "x.npz", x=np.zeros((3, 4)))  # a traceback and exit 1, the status of a failed audit
+    assert main(["fff-fit", "--model", str(tmp_path / "fff.safetensors"), "--inputs", str(tmp_path / "x.npz")]) == 2
+    assert "--inputs " in (err := capsys.readouterr().err) and "is an .npz archive; give one array as a .npy" in err
 
 
 @pytest.mark.slow
@@ -437,6 +442,16 @@ def test_a_closed_standard_output_loses_no_output_file(tmp_path, unbuffered):
         err = run.stderr.read().decode()
     assert run.wait() == 141, err  # was 2 ("Broken pipe", certificate not written) or 120
     assert "Exception ignored" not in err and "Traceback" not in err
+    assert calibrate.Certificate.from_json(tmp_path / "cert.json").n == 60
+
+
+def test_a_standard_output_closed_at_start_keeps_the_status(tmp_path):
+    """``calibrate fit ... >&-``: Python's sys.stdout is None; the flush raised (exit 1, a failed audit's status)."""
+    calibrate.synthetic_cache(60, n_layers=4, seed=0).save(tmp_path / "dev")
+    argv = [sys.executable, "-m", "calibrate", "fit", str(tmp_path / "dev"), "-o", str(tmp_path / "cert.json")]
+    run = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, close_fds=True,
+                         preexec_fn=lambda: __import__("os").close(1))  # fmt: skip
+    assert run.returncode == 0 and "Traceback" not in run.stderr, run.stderr
     assert calibrate.Certificate.from_json(tmp_path / "cert.json").n == 60
 
 

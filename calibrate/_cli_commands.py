@@ -122,6 +122,8 @@ def _audit_route(cert, args) -> str:
     if ignored:
         flags = ", ".join(map(_flag, reads))
         raise ValueError(f"{_flag(ignored[0])} does not apply to {what}, which reads {flags} (and --figure)")
+    if route == "token_keep" and cert.consistency in ("label", "risk_label") and args.max_new_tokens is not None:
+        raise ValueError(f"{_flag('max_new_tokens')} does not apply to a token_keep certificate of a classifier")
     if route == "fff_inputs" and args.references is not None and cert.consistency != "risk_label":
         raise ValueError(f"--references is for risk_label certificates; this one is {cert.consistency!r}")
     if route == "fff_inputs" and args.references is None and cert.consistency == "risk_label":
@@ -384,10 +386,12 @@ def _cmd_fff_fit(args) -> int:
             bound=args.bound,
             batch_size=args.batch_size,
             tokenizer=tokenizer,
-            max_new_tokens=args.max_new_tokens,
+            max_new_tokens=32 if args.max_new_tokens is None else args.max_new_tokens,
             progress=True,
         )
         return _report(cert, output)
+    if args.max_new_tokens is not None:
+        raise ValueError("--max-new-tokens is for a language model (--blocks); an FFF classifier decodes nothing")
     if args.inputs is None or args.consistency is not None:
         raise ValueError(
             "an FFF classifier is certified on --inputs FILE (label disagreement, or risk_label with --references); "
@@ -414,6 +418,8 @@ def _cmd_lat_fit(args) -> int:
         raise ValueError(f"--score must be one of {lat.SCORES}, got {args.score!r}")
     prompts, references = read_prompts(args.prompts)
     model, tokenizer = load_local(args.model, device=args.device, dtype=args.dtype)
+    if args.max_new_tokens is not None and not model.can_generate():
+        raise ValueError(f"--max-new-tokens is for generators; {args.model} is a classifier, which decodes nothing")
     cert = lat.fit(
         model,
         tokenizer,
@@ -425,7 +431,7 @@ def _cmd_lat_fit(args) -> int:
         references=_references(args.consistency, references),
         bound=args.bound,
         score=args.score,
-        max_new_tokens=args.max_new_tokens,
+        max_new_tokens=32 if args.max_new_tokens is None else args.max_new_tokens,
         batch_size=args.batch_size,
         progress=True,
     )

@@ -195,7 +195,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--bound", default=None, choices=tuple(P_VALUES), help=_BOUND_HELP)
     p.add_argument("--score", default="attention", help="contribution score: attention (default) or value")
-    p.add_argument("--max-new-tokens", type=_count, default=32, help="tokens decoded per prompt (default 32)")
+    p.add_argument(
+        "--max-new-tokens", type=_count, default=None, help="generators: tokens decoded per prompt (default 32)"
+    )
     p.add_argument("--batch-size", type=_count, default=8, help="prompts per forward pass (default 8)")
     p.add_argument("--device", default=None, help=_DEVICE_HELP)
     p.add_argument("--dtype", default=None, help=_DTYPE_HELP)
@@ -220,7 +222,7 @@ def _parser() -> argparse.ArgumentParser:
         "--consistency", default=None, choices=CONSISTENCIES, help="language model: the loss (default token)"
     )
     p.add_argument(
-        "--max-new-tokens", type=_count, default=32, help="language model: tokens decoded per prompt (default 32)"
+        "--max-new-tokens", type=_count, default=None, help="language model: tokens decoded per prompt (default 32)"
     )
     p.add_argument(
         "--batch-size", type=_count, default=None, help="inputs (default 1024) or prompts (default 8) per forward pass"

@@ -21,6 +21,7 @@ from _tiny_hf import PAD, V, _config, tiny_model, tiny_tokenizer
 import calibrate
 import calibrate._extract_checks as extract_checks
 import calibrate.extraction as extract_module
+from calibrate._format import level
 from calibrate.cache import open_cache
 from calibrate.extraction import concat_caches, extract, extract_main, read_prompts
 from calibrate.heads import SUPPORTED_ARCHITECTURES, ExitHeads, decoder_layers, record_layer_states
@@ -829,7 +830,7 @@ def test_textual_losses_refuse_a_vocab_that_does_not_give_the_outputs(tokenizer,
     assert main(["audit", cert_file, held_dir]) == 2 and "--tokenizer DIR" in capsys.readouterr().err
     report = calibrate.audit(direct, held, decode=decode)
     code = main(["audit", cert_file, held_dir, "--tokenizer", str(tmp_path / "tok")])
-    assert code == (0 if report.within_tolerance else 1) and f"held-out risk {report.risk:.4f}" in capsys.readouterr().out
+    assert code == (0 if report.within_tolerance else 1) and f"held-out risk {level(report.risk, '.4f')}" in capsys.readouterr().out
     assert main(["fit", str(tmp_path / "cache"), "--tokenizer", str(tmp_path / "tok")]) == 2  # token consistency
     assert "--tokenizer decodes text for the textual consistencies; 'token' compares token ids" in capsys.readouterr().err
 

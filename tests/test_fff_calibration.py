@@ -9,6 +9,7 @@ from torch import nn
 
 import calibrate
 from calibrate import fff
+from calibrate._format import level
 from calibrate.losses import LossTable
 
 
@@ -299,6 +300,8 @@ def test_cli_fff_fit_and_audit_equal_the_functions(tmp_path, capsys):
     np.save(tmp_path / "held.npy", held)
     out = tmp_path / "cert.json"
     argv = ["fff-fit", "--model", str(tmp_path / "fff.safetensors"), "--inputs", str(tmp_path / "cal.npy")]
+    assert main([*argv, "--max-new-tokens", "5"]) == 2  # was accepted and ignored: a classifier decodes nothing
+    assert "--max-new-tokens is for a language model" in capsys.readouterr().err
     assert main([*argv, "--delta", "0.2", "-o", str(out)]) == 0
     direct = fff.fit(tree, torch.from_numpy(cal), delta=0.2)
     assert calibrate.Certificate.from_json(out) == direct and "fff_depth" in capsys.readouterr().out
@@ -317,7 +320,7 @@ def test_cli_fff_fit_and_audit_equal_the_functions(tmp_path, capsys):
     )
     report = fff.audit(direct, tree, torch.from_numpy(held))
     assert code == (0 if report.within_tolerance else 1) and figure.stat().st_size > 0
-    assert f"held-out risk {report.risk:.4f}" in capsys.readouterr().out
+    assert f"held-out risk {level(report.risk, '.4f')}" in capsys.readouterr().out
     np.save(tmp_path / "bad.npy", cal[:, :5])
     assert main(["fff-fit", "--model", str(tmp_path / "fff.safetensors"), "--inputs", str(tmp_path / "bad.npy")]) == 2
     assert "(n, 16)" in capsys.readouterr().err

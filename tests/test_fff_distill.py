@@ -8,6 +8,7 @@ import torch
 from _tiny_hf import tiny_model, tiny_tokenizer
 
 from calibrate import fff, fwer
+from calibrate._format import level
 from calibrate.heads import decoder_layers
 
 TEXTS = [" ".join(f"w{(i * j + 3) % 29}" for j in range(10)) for i in range(40)]
@@ -332,7 +333,7 @@ def test_cli_certifies_and_audits_a_language_model(distilled, tokenizer, tmp_pat
     (tmp_path / "held.txt").write_text("\n".join(TEXTS[:10]) + "\n")
     code = main(["audit", str(out), *common, "--prompts", str(tmp_path / "held.txt")])
     assert code == (0 if report.within_tolerance else 1)
-    assert f"held-out risk {report.risk:.4f}" in capsys.readouterr().out
+    assert f"held-out risk {level(report.risk, '.4f')}" in capsys.readouterr().out
     assert main(["fff-fit", *common]) == 2  # no prompts
     assert "give --model DIR and --prompts FILE" in capsys.readouterr().err
     no_model = common[2:]  # --blocks and --max-new-tokens

@@ -13,6 +13,7 @@ from _tiny_hf import BOS, EOS, PAD, tiny_model
 
 import calibrate
 from calibrate import lat
+from calibrate._format import level
 from calibrate.certificate import Certificate
 from calibrate.heads import ExitHeads, decoder_layers
 from calibrate.lat.decode import _prefill
@@ -751,7 +752,7 @@ def test_cli_lat_fit_equals_the_function(tmp_path, word_tokenizer, capsys):
     assert direct.max_new_tokens == 4
     report = lat.audit(direct, model, word_tokenizer, held)  # decodes the certificate's 4 tokens, not 32
     assert code == (0 if report.within_tolerance else 1) and figure.stat().st_size > 0
-    assert f"held-out risk {report.risk:.4f}" in printed and "held-out examples" in printed
+    assert f"held-out risk {level(report.risk, '.4f')}" in printed and "held-out examples" in printed
     assert report.risks[0] == 0.0 and report.n == 12
     for k, lam in enumerate(direct.lambdas):
         at = dataclasses.replace(direct, lambda_hat=lam)

@@ -361,6 +361,9 @@ def test_cli_lat_fit_on_a_classifier(tmp_path, word_tokenizer, capsys):
         str(out),
     ]
     assert main(argv) == 0
+    assert main([*argv, "--max-new-tokens", "5"]) == 2  # was accepted and ignored: a classifier decodes nothing
+    audit = ["audit", str(out), "--model", str(tmp_path / "model"), "--prompts", str(tmp_path / "data.jsonl")]
+    assert main([*audit, "--max-new-tokens", "5"]) == 2  # so was the audit's
     direct = lat.fit(model, word_tokenizer, prompts, delta=0.4, epsilon=0.1, speedups=[1, 2])
     assert Certificate.from_json(out) == direct and direct.consistency == "label"
     assert main([*argv, "--consistency", "risk_label"]) == 0

@@ -812,6 +812,12 @@ def test_certificate_settings_are_applied():
     )
     out = lat.generate(model, ids, mask, certificate=cert, max_new_tokens=3)
     assert out.speedup == pytest.approx(3.0)
+    good = dict(cert.measure_state)
+    for bad in ({**good, "keep_ids": ["<eos>"]}, {**good, "keep_ids": [2**70]}, {**good, "keep_ids": 5},
+                {"score": "value"}, {**good, "min_keep": 0}, {**good, "minkeep": 2}):  # fmt: skip
+        # failed inside torch, or decoded with the caller's settings in place of the missing or misspelt ones
+        with pytest.raises(ValueError, match="measure_state must be the settings lat.fit records"):
+            lat.generate(model, ids, mask, certificate=dataclasses.replace(cert, measure_state=bad), max_new_tokens=3)
     with pytest.warns(UserWarning, match="max_new_tokens=4 .* at most 3") as caught:  # beyond the certified budget
         lat.generate(model, ids, mask, certificate=dataclasses.replace(cert, max_new_tokens=3), max_new_tokens=4)
     assert caught[0].filename == __file__  # was torch's no_grad wrapper

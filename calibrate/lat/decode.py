@@ -123,6 +123,27 @@ def _settings(score: str, min_keep: int, keep_ids) -> dict:
     return {"score": score, "min_keep": min_keep, "keep_ids": sorted(int(i) for i in keep_ids)}
 
 
+def _recorded_settings(state, vocab_size: int) -> dict:
+    """A ``token_keep`` certificate's ``measure_state``: exactly :func:`_settings`' keys, checked."""
+    state = dict(state)
+    keep_ids = state.get("keep_ids")
+    ok = (
+        set(state) == {"score", "min_keep", "keep_ids"}
+        and state["score"] in SCORES
+        and isinstance(state["min_keep"], int)
+        and not isinstance(state["min_keep"], bool)
+        and state["min_keep"] >= 1
+        and isinstance(keep_ids, (list, tuple))
+        and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab_size for i in keep_ids)
+    )
+    if not ok:
+        raise ValueError(
+            f"the certificate's measure_state must be the settings lat.fit records ({{'score': one of {SCORES}, "
+            f"'min_keep': int >= 1, 'keep_ids': token ids below {vocab_size}}}), got {dict(state)!r:.200}"
+        )
+    return {**state, "keep_ids": sorted(keep_ids)}
+
+
 def _knob_iv(model, speedup, certificate, score: str, min_keep: int, tokenizer) -> tuple[float, str, int, list[int]]:
     """``(speedup, score, min_keep, always-kept ids)`` to run with: the arguments, or what a ``token_keep``
     certificate of ``model`` was made with (its settings win over the arguments')."""
@@ -135,7 +156,9 @@ def _knob_iv(model, speedup, certificate, score: str, min_keep: int, tokenizer) 
         lam = certificate.lambda_hat
         if lam is not None and not 0.0 < lam <= 1.0:
             raise ValueError(f"a token_keep certificate's lambda_hat is 1 / speed-up, in (0, 1]; got {lam!r}")
-        speedup, chosen = (1.0 if lam is None else 1.0 / float(lam)), {**chosen, **(certificate.measure_state or {})}
+        speedup = 1.0 if lam is None else 1.0 / float(lam)
+        if certificate.measure_state is not None:  # what it was calibrated with, alone (a hand-made one: the arguments)
+            chosen = _recorded_settings(certificate.measure_state, model.config.vocab_size)
     if chosen["score"] not in SCORES:
         raise ValueError(f"score must be one of {SCORES}, got {chosen['score']!r}")
     return speedup, chosen["score"], chosen["min_keep"], chosen["keep_ids"]

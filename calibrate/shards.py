@@ -302,6 +302,14 @@ def _check_compatible(root, names: list[str], metas: list[dict]) -> None:
                 f"shard {name!r} of {root} has the fields {sorted(meta['fields'])}, not {sorted(first['fields'])}"
             )
         sharding = meta.get("sharding")
+        if (sharding is None) != (first.get("sharding") is None):  # a plain cache among shards: its prompts unknown
+            raise ValueError(
+                f"shard {name!r} of {root} {'has no' if sharding is None else 'has a'} 'sharding' record in its meta, "
+                f"shard {names[0]!r} {'has' if sharding is None else 'has none'}: they were not written by one "
+                "sharded extraction"
+            )
+        if sharding is not None and not isinstance(sharding, dict):
+            raise ValueError(f"shard {name!r} of {root}: its meta's 'sharding' must be a mapping, got {sharding!r:.80}")
         if sharding is not None:
             expected = {"index": i, "count": len(names)}
             if {k: sharding.get(k) for k in expected} != expected:

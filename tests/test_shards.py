@@ -200,6 +200,8 @@ def test_shards_must_say_they_are_their_place_of_one_prompt_list(tmp_path, chunk
         (sharding(0), r"shard 'shard-00001-of-00002' of .* says it is shard 0 of 2"),  # a copy of the first
         (sharding(1, count=3), r"shard 'shard-00001-of-00002' of .* says it is shard 1 of 3"),
         (sharding(1, prompts="digest-b"), r"shard 'shard-00001-of-00002' of .* was extracted from another prompt list"),
+        (None, r"shard 'shard-00001-of-00002' of .* has no 'sharding' record .* shard 'shard-00000-of-00002' has"),
+        ("x", r"shard 'shard-00001-of-00002' of .*: its meta's 'sharding' must be a mapping"),  # an AttributeError
     ]:
         _join(tmp_path, _piece(6, 0, 0, sharding=sharding(0)), _piece(5, 1, 10, sharding=second))
         with pytest.raises(ValueError, match=match):

@@ -142,21 +142,22 @@ def generation_digest(source) -> str | None:
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def decoding_digest(module) -> str:
+def decoding_digest(module, *, fresh: bool = False) -> str:
     """:func:`model_digest`, followed for a model with a generation config by ``+`` and its
     :func:`generation_digest`: what a model id records when the certified outputs are decoded."""
     generation = generation_digest(module)
-    return model_digest(module) + ("" if generation is None else f"+{generation}")
+    return model_digest(module, fresh=fresh) + ("" if generation is None else f"+{generation}")
 
 
-def model_digest(module) -> str:
+def model_digest(module, *, fresh: bool = False) -> str:
     """16 hex digits identifying what ``module`` computes: its weights (:func:`weights_digest`), its buffers
     (rotary frequencies, which rope scaling changes; BatchNorm statistics), each submodule's type and settings
     (``extra_repr``: an activation, an epsilon; not a dropout rate, which inference does not use) and, for a
     Hugging Face model, its configuration (without dropout rates, bookkeeping and output options).
 
     Certificates and model ids record it: a runtime refuses other weights, and also the same weights computing
-    something else (e.g. another activation, or another rope scaling).
+    something else (e.g. another activation, or another rope scaling). ``fresh`` hashes every tensor again
+    (:func:`weights_digest`), as for what is written down for good.
     """
     from torch.nn.modules.dropout import _DropoutNd
 
@@ -165,6 +166,7 @@ def model_digest(module) -> str:
         for name, m in module.named_modules()
     )
     h = hashlib.sha256()
-    for part in (weights_digest(module), _tensors_digest(module, "buffers", False), settings, _config_settings(module)):
+    tensors = (weights_digest(module, fresh=fresh), _tensors_digest(module, "buffers", fresh))
+    for part in (*tensors, settings, _config_settings(module)):
         h.update(part.encode() + b"\0")
     return h.hexdigest()[:16]

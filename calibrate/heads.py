@@ -512,7 +512,8 @@ class ExitHeads(nn.Module):
         With adapters, ``"adapters_digest"`` is a blake2b digest of their float32 weights, so heads with
         other trained adapters are told apart; it is hashed again only when they changed (replaced, edited in
         place, moved, cast, or through ``.data`` at one of 16 sampled values each), or always with
-        ``fresh=True``, as for what is written down for good (files, caches, certificates). For heads made by
+        ``fresh=True``, as for what is written down for good (files, caches, certificates; so is then the model
+        digest). For heads made by
         :meth:`from_model`, ``"model_digest"`` is a SHA-256 digest of what the model computes: every weight
         and buffer and each submodule's settings (computed now, ~0.3 s for a 135M model in float32, then
         reused until a tensor changes), so a certificate is refused on other weights of the same architecture
@@ -524,7 +525,7 @@ class ExitHeads(nn.Module):
         return {
             "kind": "adapters" if self.has_adapters else "logit_lens",
             "adapters_digest": self._adapters_digest(fresh) if self.has_adapters else None,
-            "model_digest": model_digest(self._model[0]) if self._model else None,
+            "model_digest": model_digest(self._model[0], fresh=fresh) if self._model else None,
             "generation": generation_digest(self._model[0]) if self._model else None,
             "architecture": self.architecture,
             "n_layers": self.n_layers,

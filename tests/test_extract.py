@@ -865,3 +865,19 @@ def test_a_train_cache_of_the_same_prompts_under_another_token_budget_is_warned_
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         calibrate.fit(cal, delta=0.3, epsilon=0.1, measure="classifier", train_cache=train.subset(np.arange(20, 30)))
+
+
+def test_what_is_written_down_digests_the_weights_afresh(tokenizer):
+    """A weight edited through .data away from the sampled values is missed by the quick check (documented), but
+    the cache and LAT's (and FFF's) certificates recorded the digest remembered from before the edit."""
+    from calibrate import lat
+    from calibrate._digest import model_digest
+
+    model = tiny_model("llama", n_layers=N_LAYERS)
+    before, lat_id = model_digest(model), lat.model_id(model)  # remembered
+    weight = next(p for p in model.parameters() if p.numel() >= 64)
+    weight.data.view(-1)[1] += 1.0  # no version counter, not one of the 16 sampled values
+    assert model_digest(model) == before  # the quick per-call check: the documented limit
+    cache = extract(model, tokenizer, PROMPTS[:2], max_new_tokens=2, progress=False)
+    assert cache.user_meta["heads"]["model_digest"] == model_digest(model, fresh=True) != before
+    assert lat.model_id(model, fresh=True) != lat_id

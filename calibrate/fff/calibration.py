@@ -63,14 +63,15 @@ def _set_depth(layers: list[FFF], depth: int | None) -> None:
         layer.eval_depth = None if depth is None else min(int(depth), layer.depth)
 
 
-def model_id(model: nn.Module) -> str:
+def model_id(model: nn.Module, *, fresh: bool = False) -> str:
     """Identity of a model with FFF layers: their count and depths, and a digest of what the model computes
     at full depth (weights, buffers, each submodule's settings such as an FFF's activation) and, for a language
     model, of the generation config that shapes its greedy decoding. The evaluation depth, the knob an
-    ``fff_depth`` certificate sets, is left out (other identities, such as the early-exit runtime's, include it)."""
+    ``fff_depth`` certificate sets, is left out (other identities, such as the early-exit runtime's, include it).
+    Certificates record it with ``fresh=True`` (every tensor hashed again)."""
     depths = sorted({layer.depth for layer in fff_layers(model)})
     with at_depth(model, None):
-        return f"fff/{len(fff_layers(model))}x/D{'-'.join(map(str, depths))}/{decoding_digest(model)}"
+        return f"fff/{len(fff_layers(model))}x/D{'-'.join(map(str, depths))}/{decoding_digest(model, fresh=fresh)}"
 
 
 @contextmanager
@@ -312,7 +313,10 @@ def fit(
     )
     cert = certify(table, delta=delta, epsilon=epsilon, bound=bound, method=method, knob="fff_depth")
     return dataclasses.replace(
-        cert, model=model_id(model), consistency=consistency, cache_checksum=_calibration_data_digest(inputs)
+        cert,
+        model=model_id(model, fresh=True),
+        consistency=consistency,
+        cache_checksum=_calibration_data_digest(inputs),
     )
 
 
@@ -345,7 +349,7 @@ def _lm_template(model, decoder, depths: np.ndarray, delta: float, epsilon: floa
     return Certificate(
         lambda_hat=None, delta=delta, epsilon=epsilon, n=decoder.n, lambdas=tuple(float(k) for k in depths),
         risks=untested, p_values=untested, certified=(False,) * depths.size, bound=bound, method="fixed_sequence",
-        mode="decoded", consistency=decoder.consistency, knob="fff_depth", model=model_id(model),
+        mode="decoded", consistency=decoder.consistency, knob="fff_depth", model=model_id(model, fresh=True),
         max_new_tokens=decoder.max_new_tokens,
     )  # fmt: skip
 

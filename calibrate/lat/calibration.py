@@ -191,7 +191,7 @@ def fit(
         consistency=consistency,
         knob="token_keep",
         measure=score,
-        model=model_id(model),
+        model=model_id(model, fresh=True),
         measure_state=_settings(score, min_keep, special),
         cache_checksum=_calibration_data_digest(list(prompts)),
         max_new_tokens=None if isinstance(scorer, _Classifier) else scorer.max_new_tokens,  # classifiers generate nothing

@@ -105,16 +105,19 @@ class EliminationOutput:
         )
 
 
-def model_id(model: nn.Module) -> str:
+def model_id(model: nn.Module, *, fresh: bool = False) -> str:
     """A short identity of a model: architecture, sizes and a digest of what it computes (all weights and
     buffers, e.g. rotary frequencies, and each submodule's settings) and, for a generator, of the generation
     config that shapes its greedy decoding (EOS ids, logits processors).
 
-    A token-elimination certificate records it and :func:`generate` refuses a certificate of another model.
+    A token-elimination certificate records it (computed with ``fresh=True``: every tensor hashed again, not
+    the digest remembered since the last change the quick check saw) and :func:`generate` refuses a
+    certificate of another model.
     """
     config = model.config
     costs = layer_costs(config)
-    return f"{config.model_type}/L{costs.n_layers}/d{config.hidden_size}/V{config.vocab_size}/{decoding_digest(model)}"
+    digest = decoding_digest(model, fresh=fresh)
+    return f"{config.model_type}/L{costs.n_layers}/d{config.hidden_size}/V{config.vocab_size}/{digest}"
 
 
 def _settings(score: str, min_keep: int, keep_ids) -> dict:

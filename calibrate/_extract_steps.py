@@ -205,9 +205,10 @@ def _open_shard(where: Path, fingerprint: str, identity: dict[str, str]) -> Laye
         part = open_cache(where)
     except ValueError as exc:
         raise ValueError(f"shard {where} cannot be read ({exc}); delete it to recompute that batch") from exc
-    shard = part.meta.get("shard", {})
+    shard = part.meta.get("shard")
+    shard = shard if isinstance(shard, dict) else {}  # damaged or another tool's: another run's batch
     if shard.get("fingerprint") != fingerprint:
-        found = shard.get("identity") or {}
+        found = shard.get("identity") if isinstance(shard.get("identity"), dict) else {}
         differ = [name for name in identity if found.get(name) != identity[name]]
         raise ValueError(
             f"shard {where} was written by another run (its {', '.join(differ) or 'identity'} differ): its shard_dir "

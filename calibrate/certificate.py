@@ -22,7 +22,7 @@ from calibrate._frozen import construct
 from calibrate._validation import (
     caller_stacklevel,
     exit_layers_iv,
-    int_at_least,
+    int_in,
     open_interval,
     parse_json,
     to_float,
@@ -251,11 +251,11 @@ class Certificate:
 
         for name in ("delta", "epsilon"):
             put(name, open_interval(getattr(self, name), f"Certificate.{name}"))
-        put("n", int_at_least(self.n, "Certificate.n", 0))
-        put("n_train", int_at_least(self.n_train, "Certificate.n_train", 0))
+        for name in ("n", "n_train"):  # counts of examples: floats count them exactly up to 2**53
+            put(name, int_in(getattr(self, name), f"Certificate.{name}", 0, 2**53))
         for name in ("n_layers", "max_new_tokens"):
             if getattr(self, name) is not None:
-                put(name, int_at_least(getattr(self, name), f"Certificate.{name}"))
+                put(name, int_in(getattr(self, name), f"Certificate.{name}", 1, 2**31))
         if self.lambda_hat is not None:
             if (
                 isinstance(self.lambda_hat, (bool, np.bool_))
@@ -381,7 +381,8 @@ class Certificate:
         The first grid value need not be either (``lat.fit(speedups=[2.0])``, ``fff.fit(depths=[4, 3])``)."""
         if self.knob == "token_keep":
             return self.lambda_hat == 1.0
-        match = re.fullmatch(r"fff/\d+x/D([\d-]+)/.*", self.model or "") if self.knob == "fff_depth" else None
+        pattern = r"fff/\d+x/D(\d{1,4}(?:-\d{1,4})*)/.*"  # a depth of 5,000 digits is no id of fff's: unknown
+        match = re.fullmatch(pattern, self.model or "") if self.knob == "fff_depth" else None
         return match is not None and self.lambda_hat == max(map(int, match[1].split("-")))
 
     def to_frame(self):

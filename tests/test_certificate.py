@@ -219,8 +219,8 @@ def test_levels_are_rounded_towards_a_weaker_guarantee():
         ({"avg_layers": (1.0,)}, "avg_layers"),
         ({"delta": 5}, r"delta must lie in the open interval \(0, 1\)"),
         ({"epsilon": 0.0}, r"epsilon must lie in the open interval \(0, 1\)"),
-        ({"n": -3}, "n must be an int >= 0"),
-        ({"max_new_tokens": 0}, "max_new_tokens must be an int >= 1"),
+        ({"n": -3}, "n must be an int in 0..9007199254740992"),
+        ({"max_new_tokens": 0}, "max_new_tokens must be an int in 1..2147483648"),
         ({"lambdas": (0.7, 0.8, 0.9), "lambda_hat": None}, "lambdas must be non-empty and strictly decreasing"),
         ({"lambdas": (0.9, None, 0.7)}, "lambdas must be a sequence of finite numbers"),
         ({"risks": (0.1, 2.0, 0.3)}, r"risks must lie in \[0, 1\]"),
@@ -267,7 +267,9 @@ def test_fields_that_look_almost_right_are_refused(overrides, match):
 def test_stored_fields_of_the_wrong_type_are_named():
     data = json.loads(_cert().to_json())
     for field, value, match in [
-        ("n_train", None, r"Certificate.n_train must be an int >= 0, got None"),
+        ("n_train", None, r"Certificate.n_train must be an int in 0..9007199254740992, got None"),
+        ("n", 10**400, r"Certificate.n must be an int in 0..9007199254740992, got 1000"),  # an OverflowError (WSR)
+        ("n_layers", 2**40, r"Certificate.n_layers must be an int in 1..2147483648, got 1099511627776"),
         ("certified", [1, 1, 0], "certified must hold booleans"),
         ("model", 5, "Certificate.model must be a str or None"),
     ]:
@@ -285,9 +287,9 @@ def test_stored_fields_of_the_wrong_type_are_named():
 @pytest.mark.parametrize(
     "overrides, match",
     [
-        ({"n": "x"}, r"n must be an int >= 0, got 'x' \(str\)"),
-        ({"n_layers": "12"}, "n_layers must be an int >= 1"),
-        ({"max_new_tokens": 8.0}, r"max_new_tokens must be an int >= 1, got 8.0 \(float\)"),
+        ({"n": "x"}, r"n must be an int in 0..9007199254740992, got 'x' \(str\)"),
+        ({"n_layers": "12"}, "n_layers must be an int in 1..2147483648"),
+        ({"max_new_tokens": 8.0}, r"max_new_tokens must be an int in 1..2147483648, got 8.0 \(float\)"),
     ],
 )
 def test_fields_of_the_wrong_type_raise_type_errors(overrides, match):
@@ -442,6 +444,8 @@ def test_a_speed_knob_certified_at_its_safest_value_says_it_changes_nothing():
     assert "certified evaluation depth 4:" in shallower.summary()
     unknown = dataclasses.replace(whole, model=None)  # no tree depth known: no claim
     assert "certified evaluation depth 6:" in unknown.summary()
+    for odd in ("fff/2x/D--/abc", f"fff/2x/D{'9' * 5000}/abc"):  # ids of no fff model: raised when shown
+        assert "certified evaluation depth 6:" in dataclasses.replace(whole, model=odd).summary()
 
 
 @pytest.mark.filterwarnings("ignore:conformal risk control's guarantee")

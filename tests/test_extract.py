@@ -446,6 +446,11 @@ def test_shards_of_another_run_are_refused(tokenizer, tmp_path, monkeypatch):
             extract(model, tokenizer, PROMPTS[:2], max_new_tokens=2, shard_dir=tmp_path, progress=False)
     with pytest.raises(ValueError, match="shard_dir must name a directory"):
         extract(model, tokenizer, PROMPTS[:2], max_new_tokens=2, shard_dir="", progress=False)
+    batch = tmp_path / "batch_00000"
+    part = open_cache(batch)
+    part.with_meta({**part.user_meta, "shard": ["not", "a", "dict"]}).save(batch, overwrite=True)
+    with pytest.raises(ValueError, match=r"written by another run \(its .* differ\)"):  # an AttributeError
+        extract(model, tokenizer, PROMPTS[:2], max_new_tokens=2, shard_dir=tmp_path, progress=False)
 
 
 def test_concat_caches_inverts_a_split_by_sequence():

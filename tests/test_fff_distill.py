@@ -1,6 +1,7 @@
 """MLP blocks distilled into FFFs, and the depth of a language model certified in decoded mode."""
 
 import importlib
+import json
 
 import numpy as np
 import pytest
@@ -310,6 +311,16 @@ def test_blocks_load_only_into_the_model_they_were_distilled_from(distilled, tmp
         assert not any(isinstance(layer.mlp, fff.FFF) for layer in decoder_layers(other))
     for dtype in (torch.bfloat16, torch.float64):  # the same model in another dtype: its own blocks
         fff.load_blocks(tiny_model("llama").to(dtype), path)
+    (path / "layer-00002.safetensors").unlink()  # a lost file: half the blocks went in (or "another model")
+    for model in (tiny_model("llama"), tiny_model("llama").to(torch.bfloat16)):
+        with pytest.raises(ValueError, match=r"blocks of layers \[0\], .* records \[0, 2\]: missing layer-00002"):
+            fff.load_blocks(model, path)
+    record = json.loads((path / "source.json").read_text())
+    for damaged, match in (("[" * 10**5 + "]" * 10**5, "deeper than 100"), (None, "embedding values")):
+        text = damaged or json.dumps({**record, "layers": [0], "embedding_sample": [0.0, 1.0, 2.0]})
+        (path / "source.json").write_text(text)  # a RecursionError; a numpy broadcasting error
+        with pytest.raises(ValueError, match=match):
+            fff.load_blocks(tiny_model("llama"), path)
 
 
 def test_cli_certifies_and_audits_a_language_model(distilled, tokenizer, tmp_path, capsys):

@@ -31,7 +31,7 @@ from torch import nn
 
 from calibrate._atomic import sync_dir, sync_tree, temporary_dir
 from calibrate._digest import hash_tensors
-from calibrate._validation import caller_stacklevel, finite_positive, int_at_least, seed_iv, torch_seed
+from calibrate._validation import caller_stacklevel, finite_positive, int_at_least, parse_json, seed_iv, torch_seed
 from calibrate.audit import _tight
 from calibrate.fff.layer import FFF
 from calibrate.heads import decoder_layers, forward_hooks
@@ -56,7 +56,8 @@ def _source(model: nn.Module, layers: Sequence[int]) -> dict:
     replaced = {id(p) for mlp in mlps if mlp is not None for p in mlp.parameters()}
     kept = [(name, p) for name, p in model.named_parameters() if id(p) not in replaced]
     return {"model_type": model.config.model_type, "n_layers": len(blocks), "hidden_size": model.config.hidden_size,
-            "embedding_sample": sample, "dtype": str(kept[0][1].dtype), "weights": hash_tensors(kept)}  # fmt: skip
+            "embedding_sample": sample, "dtype": str(kept[0][1].dtype), "weights": hash_tensors(kept),
+            "layers": sorted(int(i) for i in layers)}  # fmt: skip
 
 
 def _source_iv(model: nn.Module, root: Path, layers: Sequence[int]) -> None:
@@ -71,12 +72,26 @@ def _source_iv(model: nn.Module, root: Path, layers: Sequence[int]) -> None:
         )
         return
     try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
+        saved = parse_json(path.read_text(encoding="utf-8"), str(path))
         keys = ("model_type", "n_layers", "hidden_size", "embedding_sample", "dtype", "weights")
-        saved = {key: saved[key] for key in keys}
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"{path} is not a source record of calibrate.fff.save_blocks ({exc!r:.80})") from None
+        saved = {key: saved[key] for key in keys} | {"layers": saved.get("layers", list(layers))}  # older: unlisted
+        sample = saved["embedding_sample"]
+        if not isinstance(sample, list) or not all(isinstance(v, (int, float)) for v in sample):
+            raise TypeError("embedding_sample must be a list of numbers")
+        if not isinstance(saved["layers"], list) or not all(isinstance(i, int) for i in saved["layers"]):
+            raise TypeError("layers must be a list of ints")
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not a source record of calibrate.fff.save_blocks ({exc!r:.120})") from None
+    if sorted(saved["layers"]) != sorted(layers):  # a block file lost or added: the model would be half replaced
+        missing = sorted(set(saved["layers"]) - set(layers))
+        names = [f"layer-{i:05d}.safetensors" for i in missing]
+        raise ValueError(
+            f"{root} holds the blocks of layers {sorted(layers)}, but {_SOURCE_FILE} records {sorted(saved['layers'])}"
+            + (f": missing {', '.join(names)}" if names else "")
+        )
     here = _source(model, [i for i in layers if i < len(decoder_layers(model))])
+    if len(here["embedding_sample"]) != len(sample):
+        raise ValueError(f"{path} records {len(sample)} embedding values, the model {len(here['embedding_sample'])}")
     for key in ("model_type", "n_layers", "hidden_size"):
         if here[key] != saved[key]:
             raise ValueError(

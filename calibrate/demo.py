@@ -17,6 +17,7 @@ Both print a table and write certificates (JSON) and figures (PNG) to an output 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -435,14 +436,25 @@ def _decode_speeds(data: SmolLM2Data, certificates: dict, n: int, max_new_tokens
 _MARKER = ".calibrate-demo"
 
 
+#: What either demo writes into its directory (an earlier run's are removed, so that only this run's remain).
+_OUTPUTS = ("cache", "cert_*.json", "audit_*.png", "validity.png", "adapters.safetensors", "agreement.png", "summary.json")
+
+
 def _output_dir(out: Path) -> None:
-    """Create ``out``, or take an existing one that is empty or was the demo's (marked); else refuse, as the demo
-    would replace files in it (a layer cache at ``out/cache``, certificates)."""
-    if out.is_dir() and not (out / _MARKER).is_file() and any(out.iterdir()):
+    """Create ``out``, or take an existing one that is empty or was the demo's (marked: the earlier run's
+    outputs are removed, other files kept); else refuse, as the demo would replace files in it (a layer cache
+    at ``out/cache``, certificates)."""
+    marked = (out / _MARKER).is_file()
+    if out.is_dir() and not marked and any(out.iterdir()):
         raise FileExistsError(
             f"{out} holds files that calibrate demo did not write, and it replaces the files it writes there "
             "(cache/, cert_*.json, *.png, ...): give another output directory (--out)"
         )
+    for path in (p for pattern in _OUTPUTS for p in out.glob(pattern)) if marked else ():
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
     out.mkdir(parents=True, exist_ok=True)
     (out / _MARKER).write_text("written by calibrate demo, which replaces its files here on each run\n")
 

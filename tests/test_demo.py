@@ -40,6 +40,13 @@ def test_the_demo_replaces_only_its_own_files(tmp_path):
     for seed in (0, 1):
         synthetic_demo(out, sequences=40, trials=1, seed=seed)
     assert calibrate.open_cache(out / "cache").user_meta["synthetic"]["seed"] == 1
+    # an earlier real-model run's outputs go (they stayed beside this run's, its summary.json naming SmolLM2)
+    for name in ("summary.json", "adapters.safetensors", "agreement.png", "cert_halting_geometric.json", "notes.txt"):
+        (out / name).write_text("x")
+    synthetic_demo(out, sequences=40, trials=1)
+    assert not any((out / name).exists() for name in ("summary.json", "adapters.safetensors", "agreement.png"))
+    assert not (out / "cert_halting_geometric.json").exists() and (out / "cert_softmax_max.json").exists()
+    assert (out / "notes.txt").read_text() == "x"  # not the demo's: kept
 
 
 @pytest.mark.parametrize(

@@ -437,7 +437,9 @@ _MARKER = ".calibrate-demo"
 
 
 #: What either demo writes into its directory (an earlier run's are removed, so that only this run's remain).
-_OUTPUTS = ("cache", "cert_*.json", "audit_*.png", "validity.png", "adapters.safetensors", "agreement.png", "summary.json")
+_OUTPUTS = (
+    "cache", "cert_*.json", "audit_*.png", "validity.png", "adapters.safetensors", "agreement.png", "summary.json"
+)
 
 
 def _output_dir(out: Path) -> None:

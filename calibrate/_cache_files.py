@@ -151,7 +151,7 @@ def _save_iv(path, overwrite) -> Path | Remote:
             raise ValueError(
                 f"refusing to overwrite {target}: it is not a layer cache directory (a readable {_META_FILE} of "
                 f"calm-calibrate beside {_TABLE_FILE}, {_VOCAB_FILE} and {_ARRAY_DIR}/ with the arrays it lists, "
-                "nothing else) nor empty; delete a damaged cache yourself"
+                "nothing else, or a shard manifest and its shards) nor empty; delete a damaged cache yourself"
             )
     return target
 
@@ -170,7 +170,8 @@ def _entries(directory: Path | Remote) -> dict[str, str] | None:
 
 def _replaceable(target: Path | Remote) -> bool:
     """An empty directory, or a cache directory: what :meth:`LayerCache.save` writes (in ``arrays/`` only the
-    arrays its ``meta.json`` lists) and hidden files (``.DS_Store``), with a ``meta.json`` of this library.
+    arrays its ``meta.json`` lists) and hidden files (``.DS_Store``), with a ``meta.json`` of this library, or
+    a sharded cache (its manifest and the cache directories it lists).
     Never a symlink, nor another tool's directory that happens to hold a ``meta.json``, nor one whose
     ``meta.json`` cannot be read (whose it is is unknown), nor one holding files of the user's."""
     entries = _entries(target)
@@ -179,6 +180,14 @@ def _replaceable(target: Path | Remote) -> bool:
     if not entries:
         return True
     visible = {name for name, kind in entries.items() if not _hidden(name, kind)}
+    if _META_FILE not in visible and "manifest.json" in visible:  # a sharded cache: its manifest and its shards
+        from calibrate.shards import MANIFEST_FILE, _read_manifest
+
+        try:
+            names = _read_manifest(target)
+        except (OSError, ValueError):
+            return False
+        return visible == {MANIFEST_FILE, *names} and all(_replaceable(target / name) for name in names)
     if _META_FILE not in visible or not visible <= {_META_FILE, _TABLE_FILE, _VOCAB_FILE, _ARRAY_DIR}:
         return False
     try:

@@ -616,7 +616,8 @@ class LayerCache:
             (``memory://...``, ``s3://...`` with its fsspec package installed), or what ``save`` returned.
         overwrite : bool, default=False
             Replace an existing cache at ``path``. Only a cache directory (this library's ``meta.json``
-            and files, and hidden files such as ``.DS_Store``) or an empty directory is ever replaced.
+            and files, and hidden files such as ``.DS_Store``; or a sharded cache's manifest and shards) or an
+            empty directory is ever replaced.
 
         Returns
         -------

@@ -32,6 +32,19 @@ def test_shards_read_as_the_whole_cache(cache, tmp_path):
     assert joined.checksum == cache.checksum and joined.sequences["id"].tolist() == cache.sequences["id"].tolist()
 
 
+def test_a_sharded_cache_is_replaced_by_an_overwrite_as_a_cache_is(cache, tmp_path):
+    """It was refused as "not a layer cache directory ... delete a damaged cache yourself"."""
+    _write_shards(tmp_path / "c", cache, [30])
+    other = calibrate.synthetic_cache(20, n_layers=4, seed=6)
+    other.save(tmp_path / "c", overwrite=True)
+    assert calibrate.open_cache(tmp_path / "c").checksum == other.checksum
+    _write_shards(tmp_path / "d", cache, [30])
+    (tmp_path / "d" / "notes.txt").write_text("keep me")  # not the sharded cache's own: refused, kept
+    with pytest.raises(ValueError, match="not a layer cache directory"):
+        other.save(tmp_path / "d", overwrite=True)
+    assert (tmp_path / "d" / "notes.txt").exists()
+
+
 def test_chunked_shards_equal_the_whole_cache(cache, tmp_path):
     pytest.importorskip("dask")
     _write_shards(tmp_path, cache, [30, 65])

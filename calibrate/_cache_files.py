@@ -371,6 +371,15 @@ def _commit(tmp: Path, target: Path, overwrite: bool) -> None:
         os.rename(target, old)
         try:
             os.rename(tmp, target)
+        except OSError as exc:
+            if not os.path.lexists(target):
+                os.rename(old, target)
+                raise
+            shutil.rmtree(old, ignore_errors=True)  # another save published its cache meanwhile: that one stays
+            raise FileExistsError(
+                f"another save put its cache at {target} while this one replaced it: that cache is there now, and "
+                "this one was not written"
+            ) from exc
         except BaseException:
             os.rename(old, target)
             raise

@@ -453,6 +453,29 @@ def test_an_overwrite_interrupted_between_its_renames_names_the_old_cache(cache,
     assert open_cache(path).checksum == cache.checksum
 
 
+def test_an_overwrite_that_loses_a_race_names_the_other_save(cache, tmp_path, monkeypatch):
+    """Another save published its cache between this overwrite's two renames: a raw rename error, which said the
+    old cache could not be put back (the other writer's cache was there)."""
+    import calibrate._cache_files as files
+    from calibrate.synthetic import synthetic_cache
+
+    path = cache.save(tmp_path / "cache")
+    other = synthetic_cache(6, n_layers=3, seed=9)
+    rename = os.rename
+
+    def racing(src, dst):
+        if str(src).endswith(".tmp") and not os.path.lexists(dst):  # between the renames: the other writer
+            monkeypatch.setattr(files.os, "rename", rename)
+            other.save(dst)
+        rename(src, dst)
+
+    monkeypatch.setattr(files.os, "rename", racing)
+    with pytest.raises(FileExistsError, match="another save put its cache at .*cache while this one replaced it"):
+        synthetic_cache(5, n_layers=3, seed=8).save(path, overwrite=True)
+    assert open_cache(path).checksum == other.checksum  # the other writer's, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]  # no old copy, no temporary directory
+
+
 @pytest.mark.parametrize("code, published", [(errno.EIO, False), (errno.ENOSPC, False), (errno.EINVAL, True)])
 def test_a_failed_flush_is_an_error_and_publishes_nothing(cache, tmp_path, monkeypatch, code, published):
     """Every fsync error was swallowed: a cache whose data did not reach the disk was published."""

@@ -213,7 +213,10 @@ def extract(
                 if where is not None:
                     shard = {"index": index, "start": start, "stop": stop, "fingerprint": fingerprint}
                     part = _with_meta(part, shard={**shard, "identity": identity})
-                    part.save(where)
+                    try:
+                        part.save(where)
+                    except FileExistsError:  # another run into this shard_dir wrote the batch meanwhile
+                        part = _open_shard(where, fingerprint, identity)  # the same batch, or refused as another's
             parts.append(part)
             bar.update(stop - start)
     cache = concat_caches(parts)

@@ -427,6 +427,23 @@ def test_crash_then_rerun_resumes_and_equals_an_uninterrupted_run(tokenizer, tmp
     assert calls == [] and again.checksum == full.checksum
 
 
+def test_a_batch_another_run_wrote_meanwhile_is_read_back(tokenizer, tmp_path, monkeypatch):
+    """Two runs into one shard_dir (a retry started while the first ran): the second failed with advice to pass an
+    overwrite that extract does not take."""
+    model = tiny_model("gpt2")
+    alone = extract(model, tokenizer, PROMPTS, max_new_tokens=2, progress=False)
+    original = extract_module._extract_batch
+
+    def first_run_finishes_meanwhile(*args, **kwargs):  # the other run saves batch 0 while this one computes it
+        monkeypatch.setattr(extract_module, "_extract_batch", original)
+        extract(model, tokenizer, PROMPTS, max_new_tokens=2, batch_size=8, shard_dir=tmp_path, progress=False)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(extract_module, "_extract_batch", first_run_finishes_meanwhile)
+    cache = extract(model, tokenizer, PROMPTS, max_new_tokens=2, batch_size=8, shard_dir=tmp_path, progress=False)
+    assert cache.checksum == alone.checksum
+
+
 def test_shards_of_another_run_are_refused(tokenizer, tmp_path, monkeypatch):
     model = tiny_model("gpt2")
     extract(model, tokenizer, PROMPTS[:2], max_new_tokens=2, shard_dir=tmp_path, progress=False)

@@ -63,7 +63,9 @@ def _eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     Calls that overlap (threads decoding with one model, or nested calls) share the flags saved by the first and
     restore them when the last ends: a second call would otherwise save eval flags, and the first one's end would
     put dropout back under it. So switch a served model's mode (``model.train()``, ``model.eval()``) only while
-    no calibrate call runs on it: the last one to end puts back the flags from before the first.
+    no calibrate call runs on it: the last one to end puts back the flags from before the first. The flags are
+    the model's, not a thread's: training the same model in another thread meanwhile runs without dropout
+    (decode, extract or calibrate a ``copy.deepcopy`` of a model in training).
     """
     me = threading.get_ident()
     with _eval_lock:

@@ -57,7 +57,9 @@ def generate(
     ----------
     model : transformers.PreTrainedModel
         A model with its LM head (:data:`~calibrate.runtime.RUNTIME_ARCHITECTURES`): decoder-only
-        GPT-2, Llama, Mistral, Qwen2 or Qwen3, or encoder-decoder T5, BART or mBART; used in eval mode, not
+        GPT-2, Llama, Mistral, Qwen2 or Qwen3, or encoder-decoder T5, BART or mBART; switched to eval mode
+        for the call, its training flags restored after (for every thread: a model trained in another thread
+        meanwhile runs without dropout, so decode a ``copy.deepcopy`` of a model in training); not otherwise
         modified.
     input_ids : torch.LongTensor, shape (batch, prompt_length)
         Decoder-only: prompts, **left**-padded (as for ``model.generate``). Encoder-decoder: the encoder's

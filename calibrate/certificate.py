@@ -65,8 +65,20 @@ def _spend_iv(certificate, knob: str, model: str, source: str) -> None:
             f"model the losses came from: dataclasses.replace(certificate, model={package}.model_id(model))"
         )
     if certificate.model != model:
+        made, here = (identity.rsplit("/", 1) for identity in (certificate.model, model))
+        if made[0] != here[0] or len(made) != 2:
+            why = ""
+        elif made[1].split("+")[0] == here[1].split("+")[0]:
+            why = " (the same weights under another generation config: EOS ids or logits processors)"
+        else:
+            why = (
+                " (the same architecture and sizes, other weights: another checkpoint, a fine-tuned copy, or the same "
+                "weights in another dtype; load the model in the dtype it was certified in, --dtype on the command "
+                "line)"
+            )
         raise ValueError(
-            f"this certificate was made for the model {certificate.model!r}, not {model!r}; certify the model you run"
+            f"this certificate was made for the model {certificate.model!r}, not {model!r}{why}; certify the model "
+            "you run"
         )
 
 

@@ -542,12 +542,15 @@ def test_bad_input():
     }
     with pytest.raises(ValueError, match="knob 'exit_threshold'"):
         lat.generate(model, ids, mask, certificate=Certificate(**cert, knob="exit_threshold"))
-    with pytest.raises(ValueError, match="made for the model"):
+    with pytest.raises(ValueError, match=r"made for the model .*other weights: .* in another dtype; load the model"):
         other = lat.model_id(tiny_model("llama", seed=2, n_layers=2))
         lat.generate(model, ids, mask, certificate=Certificate(**cert, knob="token_keep", model=other))
     penalised = copy.deepcopy(model)  # the same weights decoding otherwise: its id changes with it
     penalised.generation_config.repetition_penalty = 1.3
     assert lat.model_id(penalised) != lat.model_id(model)
+    with pytest.raises(ValueError, match=r"made for the model .*\(the same weights under another generation config"):
+        lat.generate(model, ids, mask, certificate=Certificate(**cert, knob="token_keep",
+                                                               model=lat.model_id(penalised)))  # fmt: skip
     sampled = copy.deepcopy(model)
     sampled.generation_config.temperature = 0.5  # greedy decoding ignores it
     assert lat.model_id(sampled) == lat.model_id(model)

@@ -123,7 +123,7 @@ def synthetic_demo(
     int_at_least(trials, "trials")
     int_at_least(sequences, "sequences", 20)  # halves for calibration and audit, splits of those for the rest
     seed_iv(seed)
-    _output_dir(out)
+    since = _output_dir(out)
     print(f"calm-calibrate {calibrate.__version__} demo: synthetic layer cache (no model needed)")
     cache = calibrate.synthetic_cache(sequences, seed=seed)
     cache.save(out / "cache", overwrite=True)
@@ -140,6 +140,7 @@ def synthetic_demo(
     study = calibrate.validity(dev, trials=trials, delta=delta, epsilon=epsilon, seed=seed, progress=False)
     _save_figure(study.plot(), out / "validity.png")
     print(f"\n{study.summary()}")
+    _replace_outputs(out, since)
     print(
         "\nHonest reading: these are proxy certificates (teacher-forced simulation along the full-model output)\n"
         "on synthetic data; layer savings are ideal savings, not measured wall-clock speed-ups.\n"
@@ -193,7 +194,7 @@ def smollm2_demo(
     int_at_least(max_new_tokens, "max_new_tokens")
     int_at_least(batch_size, "batch_size")
     seed_iv(seed)
-    _output_dir(out)
+    since = _output_dir(out)
     print(
         f"calm-calibrate {calibrate.__version__} demo: SmolLM2-135M-Instruct, one-sentence summaries of Debian packages"
     )
@@ -244,6 +245,7 @@ def smollm2_demo(
         "table": json.loads(table.to_json(orient="records")),
     }
     _write_json(summary, out / "summary.json")
+    _replace_outputs(out, since)
     print(
         "\nHonest reading: proxy certificates (teacher-forced simulation along the full-model output) on "
         f"{dev.n_sequences} calibration prompts;\nthe decoded losses are what the runtime really emitted, measured "
@@ -436,29 +438,37 @@ def _decode_speeds(data: SmolLM2Data, certificates: dict, n: int, max_new_tokens
 _MARKER = ".calibrate-demo"
 
 
-#: What either demo writes into its directory (an earlier run's are removed, so that only this run's remain).
-_OUTPUTS = (
-    "cache", "cert_*.json", "audit_*.png", "validity.png", "adapters.safetensors", "agreement.png", "summary.json"
-)
-
-
-def _output_dir(out: Path) -> None:
-    """Create ``out``, or take an existing one that is empty or was the demo's (marked: the earlier run's
-    outputs are removed, other files kept); else refuse, as the demo would replace files in it (a layer cache
-    at ``out/cache``, certificates)."""
-    marked = (out / _MARKER).is_file()
-    if out.is_dir() and not marked and any(out.iterdir()):
+def _output_dir(out: Path) -> float:
+    """Create ``out``, or take an existing one that is empty or was the demo's (marked); else refuse, as the demo
+    would replace files in it (a layer cache at ``out/cache``, certificates). Returns the time the run starts
+    writing (for :func:`_replace_outputs`)."""
+    if out.is_dir() and not (out / _MARKER).is_file() and any(out.iterdir()):
         raise FileExistsError(
             f"{out} holds files that calibrate demo did not write, and it replaces the files it writes there "
             "(cache/, cert_*.json, *.png, ...): give another output directory (--out)"
         )
-    for path in (p for pattern in _OUTPUTS for p in out.glob(pattern)) if marked else ():
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / _MARKER).is_file():
+        _write_json({"written_by": "calibrate demo", "files": []}, out / _MARKER)
+    return time.time() - 1.0  # a coarse file-system clock: a file written now never looks older
+
+
+def _replace_outputs(out: Path, since: float) -> None:
+    """At the end of a run: remove what the earlier run wrote (listed in the marker) and this one did not write
+    again (a real-model run's summary.json stayed beside a synthetic run's), then list this run's files. Until
+    then, and after a failed run, the earlier outputs stay; files of the user's are never listed."""
+    try:
+        previous = json.loads((out / _MARKER).read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, KeyError, TypeError):  # a marker of an older version: it lists nothing
+        previous = []
+    written = sorted(p.name for p in out.iterdir() if p.name != _MARKER and p.lstat().st_mtime >= since)
+    stale = {str(name) for name in previous if isinstance(name, str)} if isinstance(previous, list) else set()
+    for path in (out / name for name in stale - set(written) if "/" not in name and name not in ("", ".", "..")):
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
-        else:
+        elif path.exists() or path.is_symlink():
             path.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / _MARKER).write_text("written by calibrate demo, which replaces its files here on each run\n")
+    _write_json({"written_by": "calibrate demo", "files": written}, out / _MARKER)
 
 
 #: Fewest prompts of each split of the task the real-model demo takes (adapters and the classifier need a few).

@@ -26,7 +26,7 @@ def test_synthetic_demo_checks_its_arguments_before_any_work(tmp_path, kwargs, e
     assert not (tmp_path / "out").exists()
 
 
-def test_the_demo_replaces_only_its_own_files(tmp_path):
+def test_the_demo_replaces_only_its_own_files(tmp_path, monkeypatch):
     """A user's cache at OUT/cache and certificates beside it were replaced without a word."""
     mine = tmp_path / "mine"
     calibrate.synthetic_cache(30, n_layers=4, seed=5).save(mine / "cache")
@@ -40,13 +40,24 @@ def test_the_demo_replaces_only_its_own_files(tmp_path):
     for seed in (0, 1):
         synthetic_demo(out, sequences=40, trials=1, seed=seed)
     assert calibrate.open_cache(out / "cache").user_meta["synthetic"]["seed"] == 1
-    # an earlier real-model run's outputs go (they stayed beside this run's, its summary.json naming SmolLM2)
-    for name in ("summary.json", "adapters.safetensors", "agreement.png", "cert_halting_geometric.json", "notes.txt"):
+    # an earlier real-model run's outputs go once this run is done (they stayed beside it, its summary.json naming
+    # SmolLM2), not before: a failed run keeps them; files of the user's stay
+    marker = json.loads((out / ".calibrate-demo").read_text())
+    real = ["summary.json", "adapters.safetensors", "agreement.png", "cert_halting_geometric.json"]
+    for name in (*real, "cert_mine.json"):
         (out / name).write_text("x")
+    (out / ".calibrate-demo").write_text(json.dumps({**marker, "files": real}))
+    with pytest.raises(ValueError, match="trials"):
+        synthetic_demo(out, sequences=40, trials=0)  # refused before any work
+    with monkeypatch.context() as patch:
+        patch.setattr(calibrate, "validity", lambda *a, **k: 1 / 0)  # fails after minutes of work
+        with pytest.raises(ZeroDivisionError):
+            synthetic_demo(out, sequences=40, trials=1)
+    assert all((out / name).exists() for name in real)
     synthetic_demo(out, sequences=40, trials=1)
-    assert not any((out / name).exists() for name in ("summary.json", "adapters.safetensors", "agreement.png"))
-    assert not (out / "cert_halting_geometric.json").exists() and (out / "cert_softmax_max.json").exists()
-    assert (out / "notes.txt").read_text() == "x"  # not the demo's: kept
+    assert not any((out / name).exists() for name in real) and (out / "cert_softmax_max.json").exists()
+    assert (out / "cert_mine.json").read_text() == "x"  # not the demo's: kept
+    assert "cert_softmax_max.json" in json.loads((out / ".calibrate-demo").read_text())["files"]
 
 
 @pytest.mark.parametrize(

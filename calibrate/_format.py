@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import decimal
 import math
 import re
 
@@ -19,13 +20,25 @@ def level(x: float, spec: str = "g", *, side: str = "up") -> str:
     x = float(x)
     digits, kind = re.fullmatch(r"(?:\.(\d+))?([fg])", spec).groups()
     wrong = (lambda shown: shown < x) if side == "up" else (lambda shown: shown > x)
+    rounding = decimal.ROUND_CEILING if side == "up" else decimal.ROUND_FLOOR
     for precision in range(int(digits or 6), 18):  # 17 significant digits print every float exactly
         text = format(x, f".{precision}{kind}")
-        if wrong(float(text)):  # round towards the weaker claim at the same precision
-            exponent = 0 if kind == "f" else math.floor(math.log10(abs(x))) + 1
-            scale = 10.0 ** (precision - exponent)
-            text = format((math.ceil if side == "up" else math.floor)(x * scale) / scale, f".{precision}{kind}")
+        if wrong(float(text)):  # round towards the weaker claim at the same precision, in decimal (exact)
+            exact = decimal.Decimal(x)
+            exponent = -precision if kind == "f" else exact.adjusted() - precision + 1
+            rounded = exact.quantize(decimal.Decimal(1).scaleb(exponent), rounding=rounding)
+            as_float = float(rounded)  # formatted as a float is (no trailing zeros), unless beyond the float range
+            text = format(rounded if as_float in (-math.inf, math.inf) else as_float, f".{precision}{kind}")
         shown = float(text)
         if not wrong(shown) and not (0.0 < x < 1.0 and shown in (0.0, 1.0)):
             return text
     return repr(x)
+
+
+def beside(risk: float, delta: float, spec: str = ".4f") -> tuple[str, str]:
+    """``(level(risk, spec), level(delta))``, or both in full where the rounded texts would compare otherwise
+    than the numbers (a risk of 0.10001 printed 0.1001 beside "within delta = 0.10002")."""
+    risk_text, delta_text = level(risk, spec), level(delta)
+    if (float(risk_text) <= float(delta_text)) != (risk <= delta):
+        return repr(float(risk)), repr(float(delta))
+    return risk_text, delta_text

@@ -12,7 +12,7 @@ import numpy as np
 
 from calibrate._atomic import atomic_file
 from calibrate._certify import _certify
-from calibrate._format import level
+from calibrate._format import beside, level
 from calibrate._frozen import Rebuilt, read_only_arrays
 from calibrate._validation import caller_stacklevel, open_interval, seed_iv
 from calibrate.certificate import Certificate, _budget_warning
@@ -226,6 +226,7 @@ class AuditReport(Rebuilt):
         """A few lines: held-out risk at the certified value against delta, and (exit thresholds) layers used."""
         cert = self.certificate
         verdict = "within" if self.within_tolerance else "ABOVE"
+        risk, delta = beside(self.risk, cert.delta)
         if cert.knob != "exit_threshold":
             if cert.lambda_hat is None:
                 at = "the full model"
@@ -235,20 +236,21 @@ class AuditReport(Rebuilt):
                 at = f"evaluation depth {cert.lambda_hat:g}"
             return (
                 f"Audit on {_plural(self.n, 'held-out example')} at {at}:\n"
-                f"  held-out risk {level(self.risk, '.4f')} ({verdict} delta = {level(cert.delta)})"
+                f"  held-out risk {risk} ({verdict} delta = {delta})"
             )
         lam = "the full model" if cert.lambda_hat is None else f"lambda_hat = {cert.lambda_hat:.6g}"
         how = "decoded by the runtime" if self.mode == "decoded" else "teacher-forced proxy losses"
         return (
             f"Audit on {_plural(self.n, 'held-out sequence')} ({how}) at {lam}:\n"
-            f"  held-out risk {level(self.risk, '.4f')} ({verdict} delta = {level(cert.delta)})\n"
+            f"  held-out risk {risk} ({verdict} delta = {delta})\n"
             f"  average layers {self.layers:.2f} of {cert.n_layers} (saves {100 * self.layer_savings:.1f}%)"
         )
 
     def __repr__(self) -> str:
         layers = "" if self.certificate.n_layers is None else f", layers={self.layers:.2f}/{self.certificate.n_layers}"
+        risk, delta = beside(self.risk, self.certificate.delta)
         return (
-            f"AuditReport(n={self.n}, risk={level(self.risk, '.4f')}, delta={level(self.certificate.delta)}, "
+            f"AuditReport(n={self.n}, risk={risk}, delta={delta}, "
             f"within_tolerance={self.within_tolerance}{layers})"
         )
 
@@ -552,13 +554,14 @@ class ValidityReport(Rebuilt):
         """One line: the violation rate against epsilon (for CRC the mean held-out risk against delta), the
         naive rule's, and how often only the full model."""
         if self.expectation_guarantee:
+            risk, delta = beside(self.mean_test_risk, self.delta, ".3f")
             verdict = (
-                f"mean held-out risk {level(self.mean_test_risk, '.3f')} (delta = {level(self.delta)}; conformal risk "
-                f"control bounds the expected risk); violation rate {level(self.violation_rate, '.3f')}, which CRC "
-                "does not bound"
+                f"mean held-out risk {risk} (delta = {delta}; conformal risk control bounds the expected risk); "
+                f"violation rate {level(self.violation_rate, '.3f')}, which CRC does not bound"
             )
         else:
-            verdict = f"violation rate {level(self.violation_rate, '.3f')} (epsilon = {level(self.epsilon)})"
+            rate, epsilon = beside(self.violation_rate, self.epsilon, ".3f")
+            verdict = f"violation rate {rate} (epsilon = {epsilon})"
         return (
             f"Validity over {_plural(self.trials, 'random split')}: {verdict}; naive rule "
             f"{self.naive_violation_rate:.3f}; full model only in {100 * self.full_model_rate:.0f}% of trials"
@@ -566,14 +569,15 @@ class ValidityReport(Rebuilt):
 
     def __repr__(self) -> str:
         if self.expectation_guarantee:
+            risk, delta = beside(self.mean_test_risk, self.delta, ".3f")
             return (
-                f"ValidityReport(trials={self.trials}, method='crc', "
-                f"mean_test_risk={level(self.mean_test_risk, '.3f')}, "
-                f"delta={level(self.delta)}, naive_violation_rate={self.naive_violation_rate:.3f})"
+                f"ValidityReport(trials={self.trials}, method='crc', mean_test_risk={risk}, delta={delta}, "
+                f"naive_violation_rate={self.naive_violation_rate:.3f})"
             )
+        rate, epsilon = beside(self.violation_rate, self.epsilon, ".3f")
         return (
-            f"ValidityReport(trials={self.trials}, violation_rate={level(self.violation_rate, '.3f')}, "
-            f"epsilon={level(self.epsilon)}, naive_violation_rate={self.naive_violation_rate:.3f})"
+            f"ValidityReport(trials={self.trials}, violation_rate={rate}, epsilon={epsilon}, "
+            f"naive_violation_rate={self.naive_violation_rate:.3f})"
         )
 
     def plot(self, fig=None):

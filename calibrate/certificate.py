@@ -93,6 +93,12 @@ def _audit_budget(certificate, max_new_tokens: int | None) -> int | None:
     return certificate.max_new_tokens or 32
 
 
+def _confidence(epsilon: float) -> str:
+    """``1 - epsilon`` rounded down, or written so where floats round it to 1 (``epsilon=1e-20``: ">= 1" would
+    claim certainty)."""
+    return level(1 - epsilon, side="down") if 1 - epsilon < 1 else f"1 - {level(epsilon)}"
+
+
 def _budget_warning(certificate, max_new_tokens: int, doing: str = "decoding") -> None:
     """Warn when decoding (or auditing: ``doing``) more new tokens than a certificate's calibration outputs had
     (beyond it: uncertified)."""
@@ -381,7 +387,7 @@ class Certificate:
             )
         else:
             core = (
-                f"P(risk(lambda_hat) <= {level(self.delta)}) >= {level(1 - self.epsilon, side='down')} over "
+                f"P(risk(lambda_hat) <= {level(self.delta)}) >= {_confidence(self.epsilon)} over "
                 f"calibration draws ({self.method}, {self.bound} p-values)"
             )
         return f"{core}; assumes test data exchangeable with the {self.n} calibration examples; {MODES[self.mode]}"

@@ -308,6 +308,8 @@ def test_held_out_numbers_are_never_printed_below_what_they_are():
     assert "held-out risk 0.1001 (ABOVE delta = 0.1)" in report.summary() and "risk=0.1001," in repr(report)
     assert "epsilon = 0.333334" in report.plot().axes[0].get_title()
     assert "held-out risk 0.0784 " in _held_out_report(cert, 50, [0.0, 0.07834]).summary()  # rounded up
+    close = dataclasses.replace(cert, delta=0.10002)  # 0.1001 printed beside "within delta = 0.10002"
+    assert "held-out risk 0.10001 (within delta = 0.10002)" in _held_out_report(close, 50, [0.0, 0.10001]).summary()
     plt.close("all")
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import calibrate
+from calibrate._format import level
 from calibrate.certificate import Certificate
 
 
@@ -207,6 +208,13 @@ def test_levels_are_rounded_towards_a_weaker_guarantee():
     summary = re.search(r"delta \(tolerance\) = ([\d.]+), epsilon \(failure probability\) = ([\d.]+)", cert.summary())
     assert float(summary[1]) >= cert.delta and float(summary[2]) >= cert.epsilon
     assert "delta=0.123457, epsilon=0.333334," in repr(cert) and "(risk 0.0000, p = " in cert.summary()
+    tiny = calibrate.certify(np.zeros((20000, 2)), [1.0, 0.5], delta=0.1, epsilon=1e-20)  # 1 - 1e-20 is 1.0 in floats
+    assert ">= 1 - 1e-20 over" in tiny.guarantee  # it printed ">= 1", a claim of certainty
+    small_p = calibrate.certify(np.zeros((6720, 2)), [1.0, 0.5], delta=0.1, bound="binomial")
+    assert "p = 3.24e-308)" in small_p.summary()  # an OverflowError in the rounding
+    cases = [(1.2345638e-310, ".3g", "1.24e-310"), (5e-324, "g", "4.94066e-324"), (1e308, "g", "1e+308"),
+             (0.1999991, "g", "0.2"), (-0.123456789, "g", "-0.123456"), (0.0, ".4f", "0.0000")]  # fmt: skip
+    assert [level(value, spec) for value, spec, _ in cases] == [text for *_, text in cases]
 
 
 @pytest.mark.parametrize(

@@ -206,6 +206,15 @@ def test_settings_passed_to_a_call_are_held_to_the_certificates_generation_confi
     with pytest.raises(ValueError, match=r"eos_token_id=\[7\] \(the config's: \[1\]\)"):
         generate(model, ids["input_ids"], ids["attention_mask"], certificate=cert, max_new_tokens=NEW, eos_token_id=7)
     generate(model, ids["input_ids"], ids["attention_mask"], max_new_tokens=NEW, eos_token_id=7)  # no certificate: anything goes
+    # what generate prepares for the same decoding is taken: min_length = prompt width + min_new_tokens, and a pad id
+    # (it fills rows after their EOS) where the config has none
+    model.generate(**ids, **kw, min_new_tokens=0, pad_token_id=eos)
+    least = copy.deepcopy(model)
+    least.generation_config.min_new_tokens = 2
+    cert_least = dataclasses.replace(cert, heads=ExitHeads.from_model(least).describe())
+    least.generate(**ids, **{**kw, "certificate": cert_least})  # was refused: min_length=... (the config's: None)
+    with pytest.raises(ValueError, match="least_new_tokens=3 .the config's: 2."):
+        least.generate(**ids, **{**kw, "certificate": cert_least}, min_new_tokens=3)
 
 
 def test_lazy_decoding_stops_at_the_first_failure(model, tokenizer, prompts, calls):

@@ -212,8 +212,8 @@ def generate(
         tokens are), and its
         EOS/pad ids are used when the model's generation config has none.
     eos_token_id, pad_token_id : optional
-        Override the generation config (without a certificate: a certificate was calibrated under the
-        config's, and other ids are refused).
+        Override the generation config (EOS ids only without a certificate: a certificate was calibrated
+        under the config's, and other ones are refused).
     min_keep : int, default=2
         Vectors every layer keeps at least.
 
@@ -243,7 +243,7 @@ def generate(
     speedup, score, min_keep, special = _knob_iv(model, speedup, certificate, score, min_keep, tokenizer)
     max_new_tokens = int_at_least(max_new_tokens, "max_new_tokens")
     _budget_warning(certificate, max_new_tokens)
-    _call_settings_iv(model, certificate, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+    _call_settings_iv(model, certificate, eos_token_id=eos_token_id)
     tokens = _special_tokens_iv(model, tokenizer, eos_token_id, pad_token_id)
     run = _generate_encoder_decoder if config.model_type in ENCODER_DECODER_ARCHITECTURES else _generate_decoder_only
     with _eval_mode(model):  # as calibrated: a model left in training mode would decode with dropout

@@ -122,8 +122,8 @@ def custom_generate(
     ------
     ValueError
         As :func:`generate`; also for sampling or beam search settings and unsupported model kwargs, and, with
-        a certificate, for settings passed to ``generate`` that change what greedy decoding emits (EOS or pad
-        ids, logits processors such as ``repetition_penalty``) against the model's generation config.
+        a certificate, for settings passed to ``generate`` that change what greedy decoding emits (EOS ids,
+        logits processors such as ``repetition_penalty``) against the model's generation config.
     """
     if synced_gpus or streamer is not None:
         raise ValueError("custom_generate (early exit) supports neither synced_gpus nor a streamer")
@@ -184,7 +184,7 @@ def custom_generate(
         ((), pad_id),  # EOS is handled by the stopping criteria
         encoder_states=None if encoder_outputs is None else encoder_outputs[0],  # (B, S_enc, d)
     )
-    _call_settings_iv(model, certificate, generation_config)  # with the call's own settings merged in
+    _call_settings_iv(model, certificate, generation_config, width=int(input_ids.shape[1]))  # the call's merged in
     _hf_equality_warnings(model, run.adapter.dtype, beams=False)  # generate's own num_beams is checked above
     with _eval_mode(model):
         out = _decode(run, *run.inputs, logits_processor=logits_processor, stopping_criteria=stopping_criteria)

@@ -102,22 +102,24 @@ def _runtime_measure_iv(certificate: Certificate) -> None:
         _classifier_features_iv(certificate.measure_state.get("features", "hidden"))  # a bad state: refused later
 
 
-def _call_settings_iv(model, certificate, source=None, *, eos_token_id=None, pad_token_id=None) -> None:
+def _call_settings_iv(model, certificate, source=None, *, eos_token_id=None, width: int = 0) -> None:
     """Refuse decoding settings of this call that differ from the model's generation config, under which the
     certificate was calibrated (one that records it: exit thresholds in ``heads``, token elimination in its
-    model id): a ``generation_config`` into which ``model.generate`` merged the call's arguments (``source``),
-    or EOS / pad ids passed to the call."""
+    model id): a ``generation_config`` into which ``model.generate`` merged the call's arguments (``source``,
+    for prompts ``width`` tokens wide), or EOS ids passed to the call.
+
+    Compared as they act on what is emitted: the pad id only fills rows after their EOS, and ``min_length``
+    (which ``generate`` sets to the prompt width plus ``min_new_tokens``) as the least number of new tokens.
+    """
     calibrated = generation_settings(model)
     recorded = certificate is not None and (
         certificate.knob == "token_keep" or "generation" in (certificate.heads or {})
     )
     if not recorded or calibrated is None:
         return
-    ids = {"eos_token_id": eos_token_id, "pad_token_id": pad_token_id}
-    ids = {key: None if value is None else _token_ids(value, key) for key, value in ids.items()}
-    if ids["pad_token_id"]:  # one id, as the config holds it
-        ids["pad_token_id"] = ids["pad_token_id"][0]
-    here = generation_settings(model if source is None else source, **ids)
+    eos = None if eos_token_id is None else _token_ids(eos_token_id)
+    here = generation_settings(model if source is None else source, eos_token_id=eos)
+    calibrated, here = (_as_emitted(settings, width) for settings in (calibrated, here))
     differ = sorted(key for key in calibrated.keys() | here.keys() if calibrated.get(key) != here.get(key))
     if differ:
         changes = ", ".join(f"{key}={here.get(key)!r} (the config's: {calibrated.get(key)!r})" for key in differ)
@@ -126,6 +128,13 @@ def _call_settings_iv(model, certificate, source=None, *, eos_token_id=None, pad
             f"was calibrated: {changes}; what is decoded differs and the certificate says nothing of it: drop them, "
             "or calibrate with them set in model.generation_config"
         )
+
+
+def _as_emitted(settings: dict, width: int) -> dict:
+    """:func:`generation_settings` as they act on the tokens emitted after a prompt ``width`` tokens wide."""
+    least = max(settings.get("min_new_tokens") or 0, (settings.get("min_length") or 0) - width)
+    kept = {k: v for k, v in settings.items() if k not in ("pad_token_id", "min_length", "min_new_tokens")}
+    return kept | ({"least_new_tokens": least} if least > 0 else {})
 
 
 def _heads_identity_iv(recorded, heads: ExitHeads) -> None:

@@ -92,9 +92,8 @@ def generate(
         ``max_new_tokens``.
     pad_token_id : int, optional
         Filler after a row's EOS. Default: ``model.generation_config.pad_token_id``, else
-        ``tokenizer.pad_token_id``, else the first EOS id. With a certificate, ``eos_token_id`` and
-        ``pad_token_id`` other than the generation config's are refused: the certificate was calibrated
-        under the config's.
+        ``tokenizer.pad_token_id``, else the first EOS id. With a certificate, an ``eos_token_id`` other than
+        the generation config's is refused: the certificate was calibrated under the config's.
 
     Returns
     -------
@@ -205,7 +204,7 @@ def generate(
     """
     special_tokens = _special_tokens_iv(model, tokenizer, eos_token_id, pad_token_id)
     run = _generate_iv(model, input_ids, attention_mask, certificate, max_new_tokens, heads, exit_layer, special_tokens)
-    _call_settings_iv(model, certificate, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+    _call_settings_iv(model, certificate, eos_token_id=eos_token_id)
     _hf_equality_warnings(model, run.adapter.dtype, beams=True)
     prompt = run.inputs[0]  # (B, P): the decoder prompt; the encoder's input is what generate calls encoder_input_ids
     decoder_only = run.encoder is None

@@ -23,6 +23,7 @@ from calibrate._cache_files import (
 )
 from calibrate._validation import int_at_least, seed_iv, short_repr
 from measures._arrays import as_numpy
+from measures.confidence import _MASS_TOL
 
 #: Largest vocabulary whose ids fit the int32 id arrays.
 _MAX_VOCAB_SIZE = np.iinfo(np.int32).max
@@ -72,11 +73,23 @@ def _meta_iv(meta) -> dict:
     if not isinstance(meta, Mapping):
         raise TypeError(f"meta must be a dict, got {type(meta).__name__}")
     try:
-        return json.loads(json.dumps(dict(meta), allow_nan=False))
+        meta = json.loads(json.dumps(dict(meta), allow_nan=False))
     except (TypeError, ValueError) as exc:
         raise TypeError(
             f"meta must be JSON-serialisable (str keys; str, finite number, bool, None, list, dict values): {exc}"
         ) from exc
+    generation = meta.get("generation")
+    config = generation.get("model_generation_config") if isinstance(generation, dict) else None
+    read = (  # the keys the library reads (fit failed on them after all its work: an AttributeError, another name)
+        ("['model']", meta.get("model"), str),
+        ("['heads']", meta.get("heads"), dict),
+        ("['generation']", generation, dict),
+        ("['generation']['model_generation_config']", config, dict),
+    )
+    for key, value, kind in read:
+        if value is not None and not isinstance(value, kind):
+            raise TypeError(f"meta{key} must be a {kind.__name__} or None, got {short_repr(value)}")
+    return meta
 
 
 def _vocab_iv(vocab) -> list[str]:
@@ -396,15 +409,22 @@ def _check_values(arrays, vocab_size: int) -> None:
             raise ValueError(
                 f"array 'topk_logprobs' must be <= 0 (log-probabilities, not logits), got {lp[bad]} at index {bad}"
             )
-        if lp.shape[2] > 1:
-            for lo, hi in _blocks(lp.shape[0]):
-                rising = np.any(lp[lo:hi, :, 1:] > lp[lo:hi, :, :-1], axis=-1)
-                if rising.any():
-                    t, i = _first(np.flatnonzero(rising), rising.shape)
-                    raise ValueError(
-                        f"array 'topk_logprobs' must be sorted descending along top_k, got "
-                        f"{lp[lo + t, i].tolist()} at token {lo + t}, layer index {i}"
-                    )
+        for lo, hi in _blocks(lp.shape[0]):
+            block = lp[lo:hi]
+            rising = np.any(block[:, :, 1:] > block[:, :, :-1], axis=-1)
+            if rising.any():
+                t, i = _first(np.flatnonzero(rising), rising.shape)
+                raise ValueError(
+                    f"array 'topk_logprobs' must be sorted descending along top_k, got "
+                    f"{lp[lo + t, i].tolist()} at token {lo + t}, layer index {i}"
+                )
+            mass = np.exp(block.astype(np.float64)).sum(axis=-1)
+            if (mass > 1.0 + _MASS_TOL).any():  # e.g. a log_softmax over the wrong axis: sorted, <= 0, not a softmax
+                t, i = _first(np.flatnonzero(mass > 1.0 + _MASS_TOL), mass.shape)
+                raise ValueError(
+                    f"array 'topk_logprobs' must be log-probabilities of one softmax per token and layer (their exp "
+                    f"sums to at most 1), got a sum of {mass[t, i]:.6g} at token {lo + t}, layer index {i}"
+                )
     for name, a in arrays.items():
         if name in ("full_tokens", "topk_ids", "topk_logprobs"):
             continue

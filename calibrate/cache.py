@@ -246,7 +246,10 @@ class LayerCache:
             CSR offsets: ``offsets[0] == 0``, strictly increasing, ``offsets[-1] == n_tokens``.
         scores : dict of str to array-like, optional
             Precomputed measures, each (n_tokens, n_layers), e.g. ``{"softmax_gap": ...}``. Names are
-            lowercase identifiers other than the fixed fields.
+            lowercase identifiers other than the fixed fields. Stored as float32: a certificate is for the
+            rule ``float32(score) >= lambda`` (``float32(0.9) < 0.9``: compare in float32 when deploying a
+            score of your own). A built-in name (``softmax_gap``, ``softmax_max``, ``entropy``,
+            ``state_saturation``) must hold that measure of the same model: the runtime recomputes it.
         hidden : array-like of float, shape (n_tokens, n_layers, hidden_size), optional
             Hidden states; stored as float16 (values must stay finite after the cast).
         prompts, outputs : sequence of str, shape (n_sequences,), optional

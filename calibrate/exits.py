@@ -216,6 +216,11 @@ def _conf_iv(conf, decay) -> np.ndarray:
     conf = conf.astype(working_float(conf.dtype), copy=False)  # the compiled sweep knows float32 and float64
     if decay is not None and not isinstance(decay, Decay):
         raise TypeError(f"decay must be a calibrate.Decay or None, got {type(decay).__name__}")
+    if decay is not None and conf.shape[0] and np.nanmax(conf[:, :-1], initial=-np.inf) > 1.0:
+        raise ValueError(
+            f"with decay, confidences must be at most 1 (the decaying threshold is clipped to [0, 1], so a larger "
+            f"value passes every threshold alike), got {np.nanmax(conf[:, :-1]):g}: rescale the score to [0, 1]"
+        )
     return conf
 
 

@@ -316,7 +316,8 @@ def fit(
         by values up to ``1 / 0.9`` (:func:`calibrate.exits.with_decay_headroom`).
     decay : Decay, dict, float or None
         Decaying threshold: a :class:`Decay`, a dict of its fields, or a float ``tau`` with ``N`` from the
-        cache's generation settings (``meta["generation"]["max_new_tokens"]``; never from the data).
+        cache's generation settings (``meta["generation"]["max_new_tokens"]``; never from the data). Its
+        thresholds lie in [0, 1]: confidences above 1 are refused.
     train_fraction : float, default=0.3
         Share of sequences used to train a learned measure.
     seed : int, default=0

@@ -216,6 +216,8 @@ def _set(a, index, value):
         (_with("topk_logprobs", lambda a: _set(a, (1, 1, 2), -np.inf)), ValueError, "'topk_logprobs' must be finite"),
         (_with("topk_logprobs", lambda a: _set(a, (0, 0, 0), 0.5)), ValueError, r"topk_logprobs' must be <= 0"),
         (_with("topk_logprobs", lambda a: a[..., ::-1]), ValueError, "sorted descending"),
+        # sorted and <= 0, but no softmax (e.g. taken over another axis): fit failed far from the input
+        (_with("topk_logprobs", lambda a: np.minimum(a * 0.01, 0.0)), ValueError, r"at most 1\), got a sum"),
         (_with("topk_logprobs", lambda a: a[:, :2]), ValueError, "topk_logprobs must have the shape"),
         (_with("topk_logprobs", lambda a: _set(a, (0, 0, 2), -1e50)), ValueError, "finite"),  # float32 overflow
         (_with("topk_ids", lambda a: a.astype(float)), TypeError, "topk_ids must hold integers"),
@@ -959,6 +961,14 @@ def test_with_meta_replaces_the_writers_metadata_only():
         cache.with_meta([("model", "m")])
     for bad in ({"x": np.float32(1)}, {"temperature": float("nan")}):  # refused up front, not at save
         with pytest.raises(TypeError, match="meta must be JSON-serialisable"):
+            cache.with_meta(bad)
+    for bad, match in [  # keys the library reads: fit died on them after its work (an AttributeError, another name)
+        ({"generation": "greedy"}, r"meta\['generation'\] must be a dict or None, got 'greedy'"),
+        ({"generation": {"model_generation_config": "x"}}, r"\['model_generation_config'\] must be a dict"),
+        ({"model": 123}, r"meta\['model'\] must be a str or None, got 123"),
+        ({"heads": "mine"}, r"meta\['heads'\] must be a dict or None"),
+    ]:
+        with pytest.raises(TypeError, match=match):
             cache.with_meta(bad)
     given = {"generation": {"t": 1}}
     replaced = cache.with_meta(given)

@@ -197,6 +197,20 @@ def test_decay_defaults_to_calms_rate():
     np.testing.assert_allclose(decay.thresholds([0.5], [0, 3, 9]), expected)
 
 
+def test_decay_refuses_confidences_above_one():
+    """The decaying threshold is clipped to [0, 1]: a score on [0, 10] passed every threshold of 3, 5, 7 and 9 alike,
+    and each was listed as a certified row of its own."""
+    conf = np.array([[0.5, 7.0, 1.0], [0.2, 0.9, 1.0]])  # the last layer's value is never read
+    decay = Decay(max_len=4)
+    with pytest.raises(ValueError, match="with decay, confidences must be at most 1 .* got 7: rescale"):
+        average_layers(conf, [9.0, 5.0], offsets=[0, 2], decay=decay)
+    with pytest.raises(ValueError, match="with decay, confidences must be at most 1"):
+        exit_layers(conf, [9.0, 5.0], positions=[0, 1], decay=decay)
+    conf[0, 1] = 1.0
+    average_layers(conf, [1.0, 0.5], offsets=[0, 2], decay=decay)
+    average_layers(conf * 7, [9.0, 5.0], offsets=[0, 2])  # without decay any scale works
+
+
 def test_blocks_do_not_change_the_result(monkeypatch):
     import calibrate.exits as exits
 

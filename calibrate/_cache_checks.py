@@ -99,6 +99,10 @@ def _vocab_iv(vocab) -> list[str]:
     for i, piece in enumerate(vocab):
         if not isinstance(piece, str):
             raise TypeError(f"vocab must hold str, got {type(piece).__name__} at index {i}")
+        try:
+            piece.encode("utf-8")
+        except UnicodeEncodeError as exc:  # a lone surrogate: no text can be stored or compared with it
+            raise ValueError(f"vocab must hold valid unicode, got {piece!r} at index {i} ({exc.reason})") from None
     return vocab
 
 

@@ -430,6 +430,8 @@ def _textual_losses(cache, conf, lam, top1, full, consistency, positions, decay,
                 cols = np.flatnonzero(np.concatenate([[True], changed[j]]))
                 early_texts = [decode(early[lo:hi, c]) for c in cols]
                 full_texts = [decode(full[a + lo : a + hi])] * cols.size
+                if not isinstance(full_texts[0], str):  # named here, not as the scorer's internal argument
+                    raise TypeError(f"decode must return str (text of token ids), got {type(full_texts[0]).__name__}")
                 if risk:
                     runs = risk_consistency(early_texts, full_texts, [references[s]] * cols.size, metric=scorer)
                 else:

@@ -238,6 +238,7 @@ def _set(a, index, value):
         (_bad(hidden=np.zeros((16, 2, 4))), ValueError, "hidden must have shape"),
         (_bad(vocab=["a"] * (V - 1), vocab_size=V), ValueError, "vocab must have vocab_size=40 entries"),
         (_bad(vocab=["a"] * (V - 1) + [3]), TypeError, "vocab must hold str"),
+        (_bad(vocab=["a"] * (V - 1) + ["\ud800"]), ValueError, r"vocab must hold valid unicode, got .* at index 39"),
         (_bad(ids=["a", "b", "a", "c"]), ValueError, "ids must be unique"),
         (_bad(references=["x"]), ValueError, "references must have one entry per sequence"),
         (_bad(prompts=[1, 2, 3, 4]), TypeError, "prompts must hold str"),

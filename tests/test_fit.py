@@ -515,6 +515,8 @@ def test_fit_names_what_it_takes_instead_of_failing_inside(cache, tmp_path):
         calibrate.fit(np.zeros((10, 3)), measure="classifier")
     with pytest.raises(TypeError, match="decode must be a callable from token ids to text, got int"):
         calibrate.fit(cache, consistency="rouge_l", decode=5)
+    with pytest.raises(TypeError, match="decode must return str .*, got bytes"):  # was "`early` must contain only str"
+        calibrate.fit(cache, consistency="rouge_l", decode=lambda ids: cache.decode(ids).encode())
     with pytest.raises(TypeError, match="cache must be a calibrate.LayerCache .*got str"):
         calibrate.fit(str(tmp_path), mode="decoded", model=object(), tokenizer=object())  # decoded mode too
 

@@ -23,7 +23,6 @@ from calibrate._cache_files import (
 )
 from calibrate._validation import int_at_least, seed_iv, short_repr
 from measures._arrays import as_numpy
-from measures.confidence import _MASS_TOL
 
 #: Largest vocabulary whose ids fit the int32 id arrays.
 _MAX_VOCAB_SIZE = np.iinfo(np.int32).max
@@ -37,6 +36,9 @@ _SCORE_RANGES = {
 }
 #: Slack on the score ranges for float32 rounding (e.g. ``1 - H / log V`` at ``-1e-7``).
 _SCORE_TOL = 1e-4
+#: Slack on the probability mass of the top-k log-probabilities: wide enough for a softmax of bfloat16 logits (up
+#: to about 1.005), narrow enough for log-probabilities of another axis (sums of 2 and more).
+_CACHE_MASS_TOL = 1e-2
 #: Tokens per block in the value checks, to bound temporaries.
 _CHECK_BLOCK = 1 << 16
 
@@ -78,18 +80,25 @@ def _meta_iv(meta) -> dict:
         raise TypeError(
             f"meta must be JSON-serialisable (str keys; str, finite number, bool, None, list, dict values): {exc}"
         ) from exc
+    meta_keys_iv(meta, "meta")
+    return meta
+
+
+def meta_keys_iv(meta: Mapping, where: str) -> None:
+    """TypeError naming ``where`` when a key of the metadata the library reads has the wrong type (fit failed on
+    them after all its work: an AttributeError, or an error naming another field)."""
     generation = meta.get("generation")
-    config = generation.get("model_generation_config") if isinstance(generation, dict) else None
-    read = (  # the keys the library reads (fit failed on them after all its work: an AttributeError, another name)
+    config = generation.get("model_generation_config") if isinstance(generation, Mapping) else None
+    read = (
         ("['model']", meta.get("model"), str),
-        ("['heads']", meta.get("heads"), dict),
-        ("['generation']", generation, dict),
-        ("['generation']['model_generation_config']", config, dict),
+        ("['heads']", meta.get("heads"), Mapping),
+        ("['generation']", generation, Mapping),
+        ("['generation']['model_generation_config']", config, Mapping),
     )
     for key, value, kind in read:
         if value is not None and not isinstance(value, kind):
-            raise TypeError(f"meta{key} must be a {kind.__name__} or None, got {short_repr(value)}")
-    return meta
+            name = "dict" if kind is Mapping else kind.__name__
+            raise TypeError(f"{where}{key} must be a {name} or None, got {short_repr(value)}")
 
 
 def _vocab_iv(vocab) -> list[str]:
@@ -99,10 +108,6 @@ def _vocab_iv(vocab) -> list[str]:
     for i, piece in enumerate(vocab):
         if not isinstance(piece, str):
             raise TypeError(f"vocab must hold str, got {type(piece).__name__} at index {i}")
-        try:
-            piece.encode("utf-8")
-        except UnicodeEncodeError as exc:  # a lone surrogate: no text can be stored or compared with it
-            raise ValueError(f"vocab must hold valid unicode, got {piece!r} at index {i} ({exc.reason})") from None
     return vocab
 
 
@@ -423,8 +428,8 @@ def _check_values(arrays, vocab_size: int) -> None:
                     f"{lp[lo + t, i].tolist()} at token {lo + t}, layer index {i}"
                 )
             mass = np.exp(block.astype(np.float64)).sum(axis=-1)
-            if (mass > 1.0 + _MASS_TOL).any():  # e.g. a log_softmax over the wrong axis: sorted, <= 0, not a softmax
-                t, i = _first(np.flatnonzero(mass > 1.0 + _MASS_TOL), mass.shape)
+            if (mass > 1.0 + _CACHE_MASS_TOL).any():  # e.g. a log_softmax over another axis: sorted, <= 0, no softmax
+                t, i = _first(np.flatnonzero(mass > 1.0 + _CACHE_MASS_TOL), mass.shape)
                 raise ValueError(
                     f"array 'topk_logprobs' must be log-probabilities of one softmax per token and layer (their exp "
                     f"sums to at most 1), got a sum of {mass[t, i]:.6g} at token {lo + t}, layer index {i}"

@@ -363,25 +363,36 @@ def _write_table(file: Path, table: pd.DataFrame, offsets: np.ndarray, full_toke
 def _commit(tmp: Path, target: Path, overwrite: bool) -> None:
     sync_tree(tmp)  # on the disk before it is published
     if not os.path.lexists(target):
-        os.rename(tmp, target)
+        try:
+            os.rename(tmp, target)
+        except OSError as exc:  # another save published its cache since the check
+            if os.path.lexists(target):
+                raise _exists_error(target) from exc
+            raise
     elif not overwrite:  # appeared while we were writing
         raise _exists_error(target)
     else:
-        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex}"
-        os.rename(target, old)
+        old: Path | None = target.parent / f".{target.name}.old-{uuid.uuid4().hex}"
+        try:
+            os.rename(target, old)
+        except FileNotFoundError:  # another overwrite moved it aside meanwhile
+            old = None
         try:
             os.rename(tmp, target)
         except OSError as exc:
             if not os.path.lexists(target):
-                os.rename(old, target)
+                if old is not None:
+                    os.rename(old, target)
                 raise
-            shutil.rmtree(old, ignore_errors=True)  # another save published its cache meanwhile: that one stays
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)  # another save published its cache meanwhile: that one stays
             raise FileExistsError(
                 f"another save put its cache at {target} while this one replaced it: that cache is there now, and "
                 "this one was not written"
             ) from exc
         except BaseException:
-            os.rename(old, target)
+            if old is not None:
+                os.rename(old, target)
             raise
     sync_dir(target.parent)
     if overwrite:  # once committed: this one's old cache, and any an interrupted overwrite of the same name left

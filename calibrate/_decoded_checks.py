@@ -25,7 +25,7 @@ from calibrate.exits import Decay, _lambdas_iv
 from calibrate.fit import _decay_iv
 from calibrate.fwer import FixedSequence
 from calibrate.heads import ExitHeads, decoder_layers
-from calibrate.losses import CONSISTENCIES, tokenizer_decode
+from calibrate.losses import CONSISTENCIES, str_decode, tokenizer_decode
 from calibrate.runtime._inputs import _runtime_measure_iv
 
 
@@ -75,10 +75,9 @@ def _decoder_iv(
         heads = ExitHeads.from_model(model)
     elif not isinstance(heads, ExitHeads):
         raise TypeError(f"heads must be an ExitHeads (or None for the model's own), got {type(heads).__name__}")
-    if decode is None:
-        decode = tokenizer_decode(tokenizer)
-    elif not callable(decode):
+    if decode is not None and not callable(decode):
         raise TypeError(f"decode must be a callable (token ids -> str) or None, got {type(decode).__name__}")
+    decode = str_decode(tokenizer_decode(tokenizer) if decode is None else decode)
     # Tokenise and pad as extract() does: one prompt at a time, then batches in prompt order.
     encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
     ids = [list(tokenizer(p)["input_ids"]) for p in prompts]

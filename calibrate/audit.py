@@ -49,12 +49,14 @@ def _certificate_losses(cert: Certificate, cache, *, decode=None, progress=False
             "audit needs an exit-threshold certificate made by calibrate.fit (with a measure and a "
             f"consistency); got knob={cert.knob!r}, measure={cert.measure!r}, consistency={cert.consistency!r}"
         )
+    from calibrate._cache_checks import meta_keys_iv
     from calibrate.cache import _in_memory_iv
     from calibrate.concat import _first_difference, _heads_difference, _loaded_by_name
     from calibrate.fit import _generation_budget
     from measures.learned import plain_state
 
     _in_memory_iv(cache, "the test cache")
+    meta_keys_iv(cache.user_meta, "the test cache's meta")
     if cert.cache_checksum is not None and cert.cache_checksum == cache.checksum:
         raise ValueError(
             "the test cache is the calibration cache itself (same checksum); audit on held-out sequences, "
@@ -596,7 +598,8 @@ class ValidityReport(Rebuilt):
         )
         ax.axvline(self.delta, color="k", linestyle="--", label=f"delta = {level(self.delta)}")
         if self.expectation_guarantee:
-            ax.axvline(self.mean_test_risk, color="C0", label=f"certified mean = {level(self.mean_test_risk, '.3f')}")
+            mean = beside(self.mean_test_risk, self.delta, ".3f")[0]
+            ax.axvline(self.mean_test_risk, color="C0", label=f"certified mean = {mean}")
         guarantee = "CRC: E[risk] <= delta" if self.expectation_guarantee else f"epsilon = {level(self.epsilon)}"
         ax.set(
             xlabel="held-out risk at the chosen threshold (0: full model)",

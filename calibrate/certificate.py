@@ -17,7 +17,7 @@ import numpy as np
 
 from calibrate._atomic import atomic_file
 from calibrate._certificate_checks import _evidence_iv, _floats, _frozen, _knob_grid_iv
-from calibrate._format import level
+from calibrate._format import beside, level
 from calibrate._frozen import construct
 from calibrate._validation import (
     caller_stacklevel,
@@ -72,9 +72,9 @@ def _spend_iv(certificate, knob: str, model: str, source: str) -> None:
             why = " (the same weights under another generation config: EOS ids or logits processors)"
         else:
             why = (
-                " (the same architecture and sizes, other weights: another checkpoint, a fine-tuned copy, or the same "
-                "weights in another dtype; load the model in the dtype it was certified in, --dtype on the command "
-                "line)"
+                " (the same architecture and sizes, computing otherwise: other weights (another checkpoint, a "
+                "fine-tuned copy), the same weights in another dtype (load the model in the dtype it was certified "
+                "in: --dtype on the command line), or another configuration such as rope_scaling)"
             )
         raise ValueError(
             f"this certificate was made for the model {certificate.model!r}, not {model!r}{why}; certify the model "
@@ -449,7 +449,7 @@ class Certificate:
                 else f"{sum(self.certified)} of {len(self.lambdas)} thresholds certified"
             )
             lines.append(
-                f"  certified lambda_hat = {self.lambda_hat:.6g} (risk {level(self.risk_hat, '.4f')}"
+                f"  certified lambda_hat = {self.lambda_hat:.6g} (risk {beside(self.risk_hat, self.delta)[0]}"
                 + ("" if np.isnan(self.p_value) else f", p = {level(self.p_value, '.3g')}")
                 + f"), {chosen}"
             )

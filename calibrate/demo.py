@@ -438,6 +438,12 @@ def _decode_speeds(data: SmolLM2Data, certificates: dict, n: int, max_new_tokens
 _MARKER = ".calibrate-demo"
 
 
+#: What either demo writes into its directory (the names a run lists in its marker are among these).
+_OUTPUTS = (
+    "cache", "cert_*.json", "audit_*.png", "validity.png", "adapters.safetensors", "agreement.png", "summary.json"
+)
+
+
 def _output_dir(out: Path) -> float:
     """Create ``out``, or take an existing one that is empty or was the demo's (marked); else refuse, as the demo
     would replace files in it (a layer cache at ``out/cache``, certificates). Returns the time the run starts
@@ -461,7 +467,8 @@ def _replace_outputs(out: Path, since: float) -> None:
         previous = json.loads((out / _MARKER).read_text(encoding="utf-8"))["files"]
     except (OSError, ValueError, KeyError, TypeError):  # a marker of an older version: it lists nothing
         previous = []
-    written = sorted(p.name for p in out.iterdir() if p.name != _MARKER and p.lstat().st_mtime >= since)
+    ours = {p for pattern in _OUTPUTS for p in out.glob(pattern)}  # written since the start, by the names it writes
+    written = sorted(p.name for p in ours if p.lstat().st_mtime >= since)
     stale = {str(name) for name in previous if isinstance(name, str)} if isinstance(previous, list) else set()
     for path in (out / name for name in stale - set(written) if "/" not in name and name not in ("", ".", "..")):
         if path.is_dir() and not path.is_symlink():

@@ -15,6 +15,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from calibrate import fwer as _fwer
+from calibrate._cache_checks import meta_keys_iv
 from calibrate._certify import METHODS, _certify, _risk_control_iv, certify
 from calibrate._digest import PROCESSING_OPTIONS
 from calibrate._validation import caller_stacklevel, open_interval, seed_iv
@@ -536,6 +537,7 @@ def _proxy_iv(
     from measures import learned
 
     _risk_control_iv(delta, epsilon, bound, method)
+    meta_keys_iv(cache.user_meta, "the cache's meta")  # a cache saved with such meta opens
     _consistency_iv(consistency, cache.sequences)  # before a learned measure trains
     measure_options = learned.check_options(measure, measure_options)
     budget = _generation_budget(cache)  # one below the longest sequence: refused before the losses are computed

@@ -316,6 +316,18 @@ class _TokenizerDecode:
         return f"tokenizer_decode({type(self.tokenizer).__name__})"
 
 
+def str_decode(decode: Callable[[Sequence[int]], str]) -> Callable[[Sequence[int]], str]:
+    """``decode``, checked to return ``str`` (a TypeError naming ``decode``, not the scorer's internal argument)."""
+
+    def checked(ids: Sequence[int]) -> str:
+        text = decode(ids)
+        if not isinstance(text, str):
+            raise TypeError(f"decode must return str (the text of token ids), got {type(text).__name__}")
+        return text
+
+    return checked
+
+
 def tokenizer_decode(tokenizer) -> Callable[[Sequence[int]], str]:
     """The ``decode`` of the textual losses for a cache extracted with ``tokenizer``: its own text of the ids.
 
@@ -404,7 +416,7 @@ def _textual_losses(cache, conf, lam, top1, full, consistency, positions, decay,
 
     if "output" in cache.sequences:  # a Dask task's part has no texts (its cache checked them)
         _text_iv(cache.vocab, cache.sequences, consistency, decode)
-    decode = decode or _default_decode(cache.vocab)
+    decode = str_decode(decode or _default_decode(cache.vocab))
     risk = consistency.startswith("risk_")
     scorer = PairScorer(consistency.removeprefix("risk_"))
     offsets = np.asarray(cache.offsets)
@@ -430,8 +442,6 @@ def _textual_losses(cache, conf, lam, top1, full, consistency, positions, decay,
                 cols = np.flatnonzero(np.concatenate([[True], changed[j]]))
                 early_texts = [decode(early[lo:hi, c]) for c in cols]
                 full_texts = [decode(full[a + lo : a + hi])] * cols.size
-                if not isinstance(full_texts[0], str):  # named here, not as the scorer's internal argument
-                    raise TypeError(f"decode must return str (text of token ids), got {type(full_texts[0]).__name__}")
                 if risk:
                     runs = risk_consistency(early_texts, full_texts, [references[s]] * cols.size, metric=scorer)
                 else:

@@ -217,6 +217,12 @@ def test_settings_passed_to_a_call_are_held_to_the_certificates_generation_confi
         least.generate(**ids, **{**kw, "certificate": cert_least}, min_new_tokens=3)
 
 
+def test_a_decode_returning_no_text_is_named(model, tokenizer, prompts):
+    """It failed as "`early` must contain only str", after the full model had decoded every prompt."""
+    with pytest.raises(TypeError, match="decode must return str .*, got bytes"):
+        _fit(model, tokenizer, prompts, 0.9, consistency="rouge_l", decode=lambda ids: tokenizer.decode(ids).encode())
+
+
 def test_lazy_decoding_stops_at_the_first_failure(model, tokenizer, prompts, calls):
     cert = _fit(model, tokenizer, prompts)
     first_failure = int(np.argmax(np.array(cert.p_values) > cert.epsilon))

@@ -215,6 +215,9 @@ def test_settings_passed_to_a_call_are_held_to_the_certificates_generation_confi
     least.generate(**ids, **{**kw, "certificate": cert_least})  # was refused: min_length=... (the config's: None)
     with pytest.raises(ValueError, match="least_new_tokens=3 .the config's: 2."):
         least.generate(**ids, **{**kw, "certificate": cert_least}, min_new_tokens=3)
+    least.generation_config.forced_eos_token_id = eos
+    cert_forced = dataclasses.replace(cert, heads=ExitHeads.from_model(least).describe())
+    least.generate(**ids, **{**kw, "certificate": cert_forced}, forced_eos_token_id=[eos])  # an id or a list alike
 
 
 def test_a_decode_returning_no_text_is_named(model, tokenizer, prompts):

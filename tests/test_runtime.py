@@ -264,6 +264,10 @@ def test_encoder_decoder_full_model_equals_hf_generate(arch, batch):
     direct = generate(model, ids, mask, certificate=c, max_new_tokens=12)
     torch.testing.assert_close(hooked.sequences, direct.sequences, rtol=0, atol=0)
     torch.testing.assert_close(hooked.exit_layers, direct.exit_layers, rtol=0, atol=0)
+    prefix = torch.full((batch, 3), model.generation_config.decoder_start_token_id)  # skips forced BOS ids
+    with pytest.raises(ValueError, match="decoder_input_ids of 3 tokens: the certificate was calibrated decoding"):
+        model.generate(**kw, custom_generate=custom_generate, certificate=c, decoder_input_ids=prefix)
+    model.generate(**kw, custom_generate=custom_generate, decoder_input_ids=prefix)  # no certificate: as generate
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])

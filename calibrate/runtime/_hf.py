@@ -185,6 +185,12 @@ def custom_generate(
         encoder_states=None if encoder_outputs is None else encoder_outputs[0],  # (B, S_enc, d)
     )
     _call_settings_iv(model, certificate, generation_config, width=int(input_ids.shape[1]))  # the call's merged in
+    if encoder_decoder and certificate is not None and certificate.lambda_hat is not None and input_ids.shape[1] != 1:
+        raise ValueError(
+            f"decoder_input_ids of {input_ids.shape[1]} tokens: the certificate was calibrated decoding from the "
+            "decoder start token alone (a longer decoder prompt skips forced BOS ids and shifts min_length); "
+            "decode from the start token, or without the certificate"
+        )
     _hf_equality_warnings(model, run.adapter.dtype, beams=False)  # generate's own num_beams is checked above
     with _eval_mode(model):
         out = _decode(run, *run.inputs, logits_processor=logits_processor, stopping_criteria=stopping_criteria)

@@ -134,6 +134,9 @@ def _as_emitted(settings: dict, width: int) -> dict:
     """:func:`generation_settings` as they act on the tokens emitted after a prompt ``width`` tokens wide."""
     least = max(settings.get("min_new_tokens") or 0, (settings.get("min_length") or 0) - width)
     kept = {k: v for k, v in settings.items() if k not in ("pad_token_id", "min_length", "min_new_tokens")}
+    for key in ("forced_eos_token_id", "suppress_tokens", "begin_suppress_tokens"):  # an id or a list of them alike
+        if kept.get(key) is not None:
+            kept[key] = sorted({int(i) for i in (kept[key] if isinstance(kept[key], (list, tuple)) else [kept[key]])})
     return kept | ({"least_new_tokens": least} if least > 0 else {})
 
 

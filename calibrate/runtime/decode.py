@@ -63,7 +63,9 @@ def generate(
         modified.
     input_ids : torch.LongTensor, shape (batch, prompt_length)
         Decoder-only: prompts, **left**-padded (as for ``model.generate``). Encoder-decoder: the encoder's
-        input, padded on either side (tokenizers pad on the right); the decoder starts from
+        input, padded on the right as tokenizers pad it and as extraction and decoded mode do (T5 gives the
+        same outputs padded on either side; BART and mBART, whose learned positions count the padding, do
+        not, here as in ``model.generate``); the decoder starts from
         ``model.generation_config.decoder_start_token_id`` (else its ``bos_token_id``).
     attention_mask : torch.Tensor, shape (batch, prompt_length), optional
         1 for tokens, 0 for padding (the tokenizer's mask; for encoder-decoder models the encoder's, as

@@ -331,7 +331,7 @@ class AuditReport(Rebuilt):
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # depths are whole levels of the tree
             ax.invert_xaxis()
         ax.set(ylabel=_risk_label(cert))
-        ax.set_title(_title(cert, title, sep="\n", held_out=self.mode), fontsize=10)  # one panel: too narrow for one line
+        ax.set_title(_title(cert, title, sep="\n", held_out=self.mode), fontsize=10)  # one panel: narrow for one line
         ax.legend(fontsize=8)
         _tight(fig)
         return fig

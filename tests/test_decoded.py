@@ -205,7 +205,7 @@ def test_settings_passed_to_a_call_are_held_to_the_certificates_generation_confi
         model.generate(**ids, **kw, repetition_penalty=5.0)
     with pytest.raises(ValueError, match=r"eos_token_id=\[7\] \(the config's: \[1\]\)"):
         generate(model, ids["input_ids"], ids["attention_mask"], certificate=cert, max_new_tokens=NEW, eos_token_id=7)
-    generate(model, ids["input_ids"], ids["attention_mask"], max_new_tokens=NEW, eos_token_id=7)  # no certificate: anything goes
+    generate(model, ids["input_ids"], ids["attention_mask"], max_new_tokens=NEW, eos_token_id=7)  # no certificate: any
     # what generate prepares for the same decoding is taken: min_length = prompt width + min_new_tokens, and a pad id
     # (it fills rows after their EOS) where the config has none
     model.generate(**ids, **kw, min_new_tokens=0, pad_token_id=eos)

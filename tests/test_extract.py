@@ -852,7 +852,8 @@ def test_textual_losses_refuse_a_vocab_that_does_not_give_the_outputs(tokenizer,
     assert main(["audit", cert_file, held_dir]) == 2 and "--tokenizer DIR" in capsys.readouterr().err
     report = calibrate.audit(direct, held, decode=decode)
     code = main(["audit", cert_file, held_dir, "--tokenizer", str(tmp_path / "tok")])
-    assert code == (0 if report.within_tolerance else 1) and f"held-out risk {level(report.risk, '.4f')}" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert code == (0 if report.within_tolerance else 1) and f"held-out risk {level(report.risk, '.4f')}" in printed
     assert main(["fit", str(tmp_path / "cache"), "--tokenizer", str(tmp_path / "tok")]) == 2  # token consistency
     assert "--tokenizer decodes text for the textual consistencies; 'token' compares token ids" in capsys.readouterr().err
 

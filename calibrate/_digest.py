@@ -110,24 +110,26 @@ PROCESSING_OPTIONS = {
 }
 
 
-def generation_settings(source, **ids: Any) -> dict[str, Any] | None:
+def token_id_set(value) -> list[int]:
+    """The ids of a config's token-id setting given as one id or a list of them, sorted, without None."""
+    return sorted({int(i) for i in (value if isinstance(value, (list, tuple)) else [value]) if i is not None})
+
+
+def generation_settings(source, *, eos_token_id=None) -> dict[str, Any] | None:
     """What of a Hugging Face generation config shapes greedy decoding: its EOS ids (one id or a list of it
     alike), pad and decoder-start ids, and the :data:`PROCESSING_OPTIONS` set to a value that processes the
     logits (``repetition_penalty=1.0`` is no setting). Decoded outputs, and so a certificate's losses, depend
     on them; sampling, beam and length settings do not.
 
-    ``source`` is a ``GenerationConfig`` or a model with one (None for a module without); ``ids`` given
-    (``eos_token_id=``, ``pad_token_id=``; None: the config's) replace the config's, as a decoding call's
-    arguments do.
+    ``source`` is a ``GenerationConfig`` or a model with one (None for a module without); ``eos_token_id``
+    given (None: the config's) replaces the config's, as a decoding call's argument does.
     """
     config = source if callable(getattr(source, "to_diff_dict", None)) else getattr(source, "generation_config", None)
     if config is None or not callable(getattr(config, "to_diff_dict", None)):
         return None
-    value = {key: getattr(config, key, None) for key in ("eos_token_id", "pad_token_id", "decoder_start_token_id")}
-    value |= {key: given for key, given in ids.items() if given is not None}
-    eos = value["eos_token_id"]
-    eos = sorted({int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None})
-    kept = {**value, "eos_token_id": eos}
+    eos = getattr(config, "eos_token_id", None) if eos_token_id is None else eos_token_id
+    kept = {key: getattr(config, key, None) for key in ("pad_token_id", "decoder_start_token_id")}
+    kept["eos_token_id"] = token_id_set(eos)
     for key, idle in PROCESSING_OPTIONS.items():
         if getattr(config, key, None) not in idle:
             kept[key] = getattr(config, key)

@@ -20,6 +20,7 @@ import json
 import shutil
 import time
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
@@ -469,8 +470,9 @@ def _replace_outputs(out: Path, since: float) -> None:
         previous = []
     ours = {p for pattern in _OUTPUTS for p in out.glob(pattern)}  # written since the start, by the names it writes
     written = sorted(p.name for p in ours if p.lstat().st_mtime >= since)
-    stale = {str(name) for name in previous if isinstance(name, str)} if isinstance(previous, list) else set()
-    for path in (out / name for name in stale - set(written) if "/" not in name and name not in ("", ".", "..")):
+    listed = previous if isinstance(previous, list) else []  # only names of the demo's outputs: never a path
+    stale = {name for name in listed if isinstance(name, str) and any(fnmatchcase(name, p) for p in _OUTPUTS)}
+    for path in (out / name for name in stale - set(written)):
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         elif path.exists() or path.is_symlink():

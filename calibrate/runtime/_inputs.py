@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from calibrate._digest import generation_settings
+from calibrate._digest import generation_settings, token_id_set
 from calibrate._validation import caller_stacklevel, int_at_least
 from calibrate.certificate import Certificate, _budget_warning
 from calibrate.concat import _heads_difference
@@ -136,7 +136,7 @@ def _as_emitted(settings: dict, width: int) -> dict:
     kept = {k: v for k, v in settings.items() if k not in ("pad_token_id", "min_length", "min_new_tokens")}
     for key in ("forced_eos_token_id", "suppress_tokens", "begin_suppress_tokens"):  # an id or a list of them alike
         if kept.get(key) is not None:
-            kept[key] = sorted({int(i) for i in (kept[key] if isinstance(kept[key], (list, tuple)) else [kept[key]])})
+            kept[key] = token_id_set(kept[key])
     return kept | ({"least_new_tokens": least} if least > 0 else {})
 
 

@@ -485,7 +485,7 @@ class ValidityReport(Rebuilt):
     Attributes
     ----------
     delta, epsilon : float
-        Tolerance and failure probability.
+        Tolerance and failure probability (alpha and delta in LTT/MAPIE).
     test_risks : ndarray, shape (trials,)
         Held-out risk at the certified threshold of each trial (0 when only the full model is certified).
     lambda_hats : ndarray, shape (trials,)

@@ -66,7 +66,7 @@ def certify_measures(
     out : pathlib.Path
         Existing output directory.
     delta, epsilon : float
-        Risk tolerance and failure probability, in (0, 1).
+        Risk tolerance and failure probability, in (0, 1) (alpha and delta in LTT/MAPIE).
     seed : int
         Seed of the learned measures' train split (when ``train`` is None).
     train : LayerCache, optional
@@ -117,7 +117,21 @@ def synthetic_demo(
     out: Path, *, sequences: int = 2000, trials: int = 50, delta: float = 0.1, epsilon: float = 0.05, seed: int = 0
 ) -> pd.DataFrame:
     """Certify and audit each confidence measure and the classifier on a synthetic cache (not the halting
-    measures), then a validity study; returns the table."""
+    measures), then a validity study; returns the table.
+
+    Parameters
+    ----------
+    out : pathlib.Path
+        Output directory (created; an earlier demo's outputs in it are replaced at the end of a successful run).
+    sequences : int, default=2000
+        Sequences of the synthetic cache (at least 20), split in halves for calibration and audit.
+    trials : int, default=50
+        Random splits of the validity study.
+    delta, epsilon : float
+        Risk tolerance and failure probability, in (0, 1) (alpha and delta in LTT/MAPIE).
+    seed : int, default=0
+        Seed of the cache, the splits and the learned measure.
+    """
     from measures.confidence import MEASURES
 
     _tolerances_iv(delta, epsilon)  # before any work
@@ -176,7 +190,7 @@ def smollm2_demo(
     batch_size : int
         Prompts per batch in extraction and decoding.
     delta, epsilon : float
-        Risk tolerance and failure probability, in (0, 1).
+        Risk tolerance and failure probability, in (0, 1) (alpha and delta in LTT/MAPIE).
     consistency : {"rouge_l", "bleu", "token_f1"}
         Textual consistency loss of the early-exit text against the full model's (default ROUGE-L); the demo
         scores its decoded outputs as text against the full model's, not against the task's references.

@@ -1,8 +1,10 @@
 """Every ``>>>`` example in the library's docstrings runs and prints what it shows."""
 
 import doctest
+import inspect
 import importlib
 import pkgutil
+import re
 
 import pytest
 
@@ -32,3 +34,29 @@ def test_examples_exist():
         for n in ("calibrate.exits", "calibrate.bounds")
     )
     assert attempted > 10
+
+
+def _public_callables(module):
+    for name, obj in vars(module).items():
+        if name.startswith("_") or getattr(obj, "__module__", None) != module.__name__:
+            continue
+        yield obj
+        if inspect.isclass(obj):
+            yield from (v for k, v in vars(obj).items() if not k.startswith("_") and callable(v))
+
+
+def test_tolerance_letters_named():
+    """DESIGN section 1: every function taking ``delta`` and ``epsilon`` says that LTT and MAPIE use other letters
+    (a MAPIE user would read ``delta`` as the failure probability)."""
+    silent, checked = [], 0
+    for name in _modules():
+        for obj in _public_callables(importlib.import_module(name)):
+            try:
+                params = inspect.signature(obj).parameters
+            except (TypeError, ValueError):
+                continue
+            if "delta" in params and "epsilon" in params:
+                checked += 1
+                if not {"LTT", "Learn-Then-Test"} & set(re.findall(r"LTT|Learn-Then-Test", inspect.getdoc(obj) or "")):
+                    silent.append(f"{name}.{obj.__qualname__}")
+    assert checked > 8 and not silent

@@ -268,9 +268,9 @@ def fit(
     model, inputs, depths, consistency, references, batch_size, tokenizer, max_new_tokens
         As in :func:`depth_losses`.
     delta : float, default=0.1
-        Tolerance on the loss, in (0, 1).
+        Tolerance on the loss, in (0, 1) (alpha in LTT/MAPIE).
     epsilon : float, default=0.05
-        Failure probability, in (0, 1).
+        Failure probability, in (0, 1) (delta in LTT/MAPIE).
     bound, method
         p-value (default ``"hoeffding_bentkus"``, none with ``method="crc"``) and family-wise procedure
         (see :func:`calibrate.certify`). Language models are tested by fixed-sequence testing only, decoding

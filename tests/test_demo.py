@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import calibrate
+from calibrate import demo
 from calibrate.demo import _print_table, _write_json, certify_measures, smollm2_demo, synthetic_demo
 
 
@@ -58,6 +59,29 @@ def test_the_demo_replaces_only_its_own_files(tmp_path, monkeypatch):
     assert not any((out / name).exists() for name in real) and (out / "cert_softmax_max.json").exists()
     assert (out / "cert_mine.json").read_text() == "x"  # not the demo's: kept
     assert "cert_softmax_max.json" in json.loads((out / ".calibrate-demo").read_text())["files"]
+
+
+def test_an_interrupted_demo_leaves_the_earlier_outputs_as_they_were(tmp_path, monkeypatch):
+    """Ctrl-C at the third fit left the second run's cache and first two certificates beside the first run's other
+    certificates, the marker listing all of them as the first run's."""
+    out = tmp_path / "out"
+    synthetic_demo(out, sequences=40, trials=1, delta=0.1)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    checksum = calibrate.open_cache(out / "cache").checksum
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return calibrate.fit(*args, **kwargs)
+
+    monkeypatch.setattr(demo, "fit", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        synthetic_demo(out, sequences=60, trials=1, delta=0.2, seed=3)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert sorted(p.name for p in out.iterdir()) == sorted([*before, "cache"])  # nothing of the interrupted run
+    assert calibrate.open_cache(out / "cache").checksum == checksum
 
 
 @pytest.mark.parametrize(

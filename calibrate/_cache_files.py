@@ -12,7 +12,7 @@ import uuid
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import pandas as pd
@@ -420,19 +420,24 @@ def _commit_remote(local: Path, target: Remote) -> None:
     staged.upload(local, last=_META_FILE)  # a failure here leaves the old cache untouched
     try:
         target.remove(first=_META_FILE)
-    except Exception as exc:  # its meta.json may be gone: what is left need not open
-        raise OSError(
-            f"deleting the old cache at {target} failed part way, so what is left of it may not open; the new "
-            f"cache is complete at {staged}: {type(exc).__name__}: {exc}"
-        ) from exc
+    except BaseException as exc:  # its meta.json may be gone: what is left need not open
+        what = f"deleting the old cache at {target} failed part way, so what is left of it may not open"
+        _name_staged(exc, what, staged)
     try:
         staged.copy_to(target, last=_META_FILE)
-    except Exception as exc:
-        raise OSError(
-            f"the old cache at {target} was deleted but copying the new one into place failed; the new cache "
-            f"is complete at {staged}: {type(exc).__name__}: {exc}"
-        ) from exc
+    except BaseException as exc:
+        _name_staged(exc, f"the old cache at {target} was deleted but copying the new one into place failed", staged)
     staged.remove(first=_META_FILE)
+
+
+def _name_staged(exc: BaseException, what: str, staged: Remote) -> NoReturn:
+    """Re-raise ``exc`` (caught in :func:`_commit_remote`) saying where the complete new cache lies: an error as an
+    OSError, an interrupt (Ctrl-C) as itself with a note (it named nothing, the old cache half deleted)."""
+    message = f"{what}; the new cache is complete at {staged}"
+    if isinstance(exc, Exception):
+        raise OSError(f"{message}: {type(exc).__name__}: {exc}") from exc
+    exc.add_note(message)
+    raise exc
 
 
 def _load_json(file: Path | Remote, encoding: str) -> Any:

@@ -1,8 +1,8 @@
 """Every ``>>>`` example in the library's docstrings runs and prints what it shows."""
 
 import doctest
-import inspect
 import importlib
+import inspect
 import pkgutil
 import re
 

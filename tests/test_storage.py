@@ -190,19 +190,24 @@ def test_a_failed_overwrite_keeps_the_old_cache(cache, url, monkeypatch):
     assert [p.rpartition("/")[2] for p in fs.ls(parent or "/", detail=False) if name in p] == [name]
 
 
-def test_a_failed_copy_into_place_names_the_new_cache(cache, url, monkeypatch):
+@pytest.mark.parametrize("failure", [OSError("copy refused"), KeyboardInterrupt()])
+def test_a_failed_copy_into_place_names_the_new_cache(cache, url, monkeypatch, failure):
+    """Ctrl-C part way (KeyboardInterrupt) stays an interrupt, with the note an error gets in its message (it named
+    nothing, the old cache deleted and the new one hidden)."""
     fs = fsspec.filesystem("memory")
     cache.save(url)
     other = calibrate.synthetic_cache(30, n_layers=3, seed=1)
 
     def broken(self, path1, path2, **kwargs):
-        raise OSError("copy refused")
+        raise failure
 
     monkeypatch.setattr(type(fs), "cp_file", broken)
-    with pytest.raises(OSError, match="copying the new one into place failed") as info:
+    with pytest.raises(type(failure)) as info:
         other.save(url, overwrite=True)
     monkeypatch.undo()
-    staged = re.search(r"the new cache is complete at (\S+):", str(info.value)).group(1)
+    said = "\n".join([str(info.value), *getattr(info.value, "__notes__", [])])
+    assert "copying the new one into place failed" in said
+    staged = re.search(r"the new cache is complete at (\S+?)(?=: |$)", said, re.M).group(1)
     assert calibrate.open_cache(staged).checksum == other.checksum
     with pytest.raises(ValueError):  # meta.json goes last: the half-copied target is not a valid cache
         calibrate.open_cache(url)

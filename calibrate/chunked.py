@@ -389,9 +389,16 @@ class ChunkedCache:
                 from distributed import as_completed
 
                 futures = client.compute(tasks, retries=retries)
-                for _ in as_completed(futures):
-                    bar.update()
-                parts = client.gather(futures)
+                try:
+                    for future in as_completed(futures):
+                        if future.status == "error":  # at once, not once every other partition is done
+                            future.result()
+                        bar.update()
+                    parts = client.gather(futures)
+                except BaseException:  # a failed partition, Ctrl-C: the cluster stops computing for nobody
+                    client.cancel(futures)
+                    del futures  # a traceback kept by a notebook must not hold the keys
+                    raise
         losses = np.concatenate([p[0] for p in parts], axis=0)
         layer_sums = np.sum([p[1] for p in parts], axis=0)  # integer-valued: exact in any order
         n_tokens = int(np.diff(self._offsets)[idx].sum())

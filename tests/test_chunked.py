@@ -4,6 +4,7 @@ import functools
 import json
 import shutil
 import threading
+import time
 
 import numpy as np
 import pandas as pd
@@ -196,6 +197,32 @@ def test_fit_on_a_local_cluster_retries_a_failing_task(saved, tmp_path, capsys):
     assert flag.exists() and cert == calibrate.fit(cache, delta=0.2, epsilon=0.1)
     err = capsys.readouterr().err  # a bar over the partitions as they finish (was none: progress ignored)
     assert "token losses: 100%" in err and "| 4/4 [" in err
+
+
+def test_a_failed_partition_cancels_the_rest_on_the_cluster(saved, tmp_path, monkeypatch):
+    """The error came once every other partition had been computed for nobody; Ctrl-C (the same path) left the
+    cluster computing them."""
+    distributed = pytest.importorskip("distributed")
+    import calibrate.chunked as chunked
+
+    lazy = calibrate.open_cache(saved[1], chunks=24)  # 10 partitions
+    log, original = tmp_path / "calls", chunked._partition_losses  # a file: the tasks reach the worker pickled
+
+    def slow(cache, first, *rest):
+        with open(log, "a") as f:
+            f.write(f"{first}\n")
+        if len(log.read_text().split()) == 1:
+            raise RuntimeError("deliberate failure")
+        time.sleep(0.3)
+        return original(cache, first, *rest)
+
+    monkeypatch.setattr(chunked, "_partition_losses", slow)
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as lc:
+        with distributed.Client(lc) as client:
+            with pytest.raises(RuntimeError, match="deliberate failure"):
+                lazy.loss_table(consistency="token", client=client, retries=0)
+            time.sleep(1.0)
+    assert 1 <= len(log.read_text().split()) <= 3
 
 
 def test_progress_bar_over_the_partitions(saved, capsys):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -230,6 +231,29 @@ class ChunkedCache:
             offsets=offsets,
         )
         return LayerCache._trusted(table, arrays, offsets, int(self._meta["vocab_size"]), self._meta, self._vocab())
+
+    def split(self, fractions: Sequence[float], *, seed: int) -> tuple[LayerCache, ...]:
+        """Split by sequence as :meth:`LayerCache.split <calibrate.LayerCache.split>` does (the same parts for the
+        same seed), each part read into memory with :meth:`take`.
+
+        For parts that fit in memory (a calibration and a held-out split for :func:`calibrate.audit`); a cache
+        too big for that is better extracted as separate calibration and test caches.
+
+        Parameters
+        ----------
+        fractions : sequence of float
+            Positive fractions summing to 1, one per part.
+        seed : int
+            Seed of the permutation.
+
+        Returns
+        -------
+        tuple of LayerCache
+            Equal to ``open_cache(path).split(fractions, seed=seed)``.
+        """
+        from calibrate.cache import _split_indices
+
+        return tuple(self.take(part) for part in _split_indices(self.n_sequences, fractions, seed=seed))
 
     def _load(self, first: int, stop: int, table: pd.DataFrame, fields: tuple[str, ...], keep=None):
         """:meth:`load` of some arrays only, with the sequences' rows of the table given (a task gets its rows).

@@ -122,6 +122,16 @@ def test_a_learned_measure_on_worker_processes(saved):
             assert calibrate.fit(lazy, client=client, **kwargs) == calibrate.fit(cache, **kwargs)
 
 
+def test_split_gives_the_in_memory_split(saved):
+    """A cache opened with chunks= had no split (AttributeError), though the README splits right after open_cache."""
+    cache, path = saved
+    lazy = calibrate.open_cache(path, chunks=37)
+    for got, expected in zip(lazy.split([0.3, 0.7], seed=4), cache.split([0.3, 0.7], seed=4), strict=True):
+        assert got.checksum == expected.checksum and list(got.sequences["id"]) == list(expected.sequences["id"])
+    with pytest.raises(ValueError, match="fractions"):
+        lazy.split([0.3, 0.3], seed=4)
+
+
 def test_take_reads_some_sequences_into_memory(saved):
     cache, path = saved
     lazy = calibrate.open_cache(path, chunks=37)

@@ -106,9 +106,9 @@ def certify(
         Failure probability, in (0, 1). (LTT and MAPIE call this delta.)
     bound : {"hoeffding_bentkus", "hoeffding", "hoeffding_kl", "bentkus", "binomial", "wsr"}, optional
         p-value for the null ``risk(lambda) > delta``; default ``"hoeffding_bentkus"``. ``"binomial"``
-        needs 0/1 losses; ``"wsr"`` depends on the order of the examples and reads them in a fixed
-        pseudo-random order (:func:`calibrate.bounds.p_values`). Not with ``method="crc"``, which uses no
-        p-value.
+        needs 0/1 losses; ``"wsr"`` depends on the order of the examples, which must not depend on their
+        losses (it reads them in a fixed pseudo-random order, which does not undo a sorted one; see
+        :func:`calibrate.bounds.p_values`). Not with ``method="crc"``, which uses no p-value.
     method : {"fixed_sequence", "bonferroni", "holm", "multistart", "crc"} or FWERProcedure
         Family-wise error control over the grid; ``"crc"`` is conformal risk control, a guarantee in
         expectation only.

@@ -132,8 +132,48 @@ def generation_settings(source, *, eos_token_id=None) -> dict[str, Any] | None:
     kept["eos_token_id"] = token_id_set(eos)
     for key, idle in PROCESSING_OPTIONS.items():
         if getattr(config, key, None) not in idle:
-            kept[key] = getattr(config, key)
+            kept[key] = plain_setting(getattr(config, key))
     return kept
+
+
+def plain_setting(value) -> Any:
+    """A generation setting as JSON holds it, all it says kept: an object by its ``to_dict()`` (a watermarking
+    config's ``str`` names no parameter), a dict with other keys than strings as its sorted ``[key, value]`` pairs
+    (``sequence_bias={(40,): 5.0}``, which ``json.dumps`` refused)."""
+    to_dict = getattr(value, "to_dict", None)
+    if callable(to_dict) and not isinstance(value, dict):
+        value = to_dict()
+    if isinstance(value, dict):
+        if all(isinstance(key, str) for key in value):
+            return {key: plain_setting(v) for key, v in value.items()}
+        return sorted(([plain_setting(key), plain_setting(v)] for key, v in value.items()), key=repr)
+    if isinstance(value, (list, tuple)):
+        return [plain_setting(v) for v in value]
+    return value
+
+
+def search_settings(config) -> list[str]:
+    """The settings of a generation config (None: none) under which ``model.generate(do_sample=False)`` searches
+    otherwise than greedily (beam search, DoLa, contrastive search), as ``name=value`` texts."""
+    found = [f"num_beams={config.num_beams}"] if (getattr(config, "num_beams", None) or 1) > 1 else []
+    if getattr(config, "dola_layers", None) is not None:
+        found.append(f"dola_layers={config.dola_layers!r}")
+    if (getattr(config, "penalty_alpha", None) or 0) > 0 and (getattr(config, "top_k", None) or 0) > 1:
+        found.append(f"penalty_alpha={config.penalty_alpha} with top_k={config.top_k}")
+    return found
+
+
+def stop_strings_iv(source) -> None:
+    """ValueError when the generation config of ``source`` (a model or a ``GenerationConfig``) sets ``stop_strings``:
+    the library decodes (and extracts) to EOS ids and ``max_new_tokens``, so it would emit past them."""
+    config = source if callable(getattr(source, "to_diff_dict", None)) else getattr(source, "generation_config", None)
+    stops = getattr(config, "stop_strings", None)
+    if stops:
+        raise ValueError(
+            f"the generation config sets stop_strings={stops!r}, and early-exit decoding and extraction stop at EOS "
+            "ids and max_new_tokens only (model.generate stops at the strings): unset it "
+            "(model.generation_config.stop_strings = None) and cut the decoded texts at the strings"
+        )
 
 
 def generation_digest(source) -> str | None:

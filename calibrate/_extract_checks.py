@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from calibrate._digest import PROCESSING_OPTIONS, weights_digest
+from calibrate._digest import PROCESSING_OPTIONS, plain_setting, stop_strings_iv, weights_digest
 from calibrate._validation import caller_stacklevel, int_at_least
 from calibrate.heads import _context_positions, _heads_iv, decoder_layers
 
@@ -21,6 +21,14 @@ def _extract_iv(
     model, tokenizer, prompts, max_new_tokens, batch_size, heads, store_hidden, top_k, progress, shard_dir, references, ids
 ):
     layers = decoder_layers(model)  # raises for unsupported architectures
+    stop_strings_iv(model)  # the runtime, which spends the certificate, would run past them
+    guidance = getattr(model.generation_config, "guidance_scale", None)
+    if guidance not in (None, 1.0):  # its processor runs the model again at each step, past the recording hooks
+        raise ValueError(
+            f"extract does not record generation with guidance_scale={guidance} (classifier-free guidance runs the "
+            "model twice per token): calibrate in decoded mode (calibrate.fit(..., mode='decoded')), which decodes "
+            "with it"
+        )
     if isinstance(prompts, str) or not isinstance(prompts, Sequence):
         raise TypeError(f"prompts must be a sequence of str (one per sequence), got {type(prompts).__name__}")
     prompts = list(prompts)
@@ -101,7 +109,7 @@ def _extract_iv(
         "eos_included": True,
         "top_k": top_k,
         "store_hidden": store_hidden,
-        "model_generation_config": json.loads(json.dumps(gen.to_diff_dict(), default=str)),
+        "model_generation_config": json.loads(json.dumps(plain_setting(gen.to_diff_dict()), default=str)),
     }
     import transformers
 

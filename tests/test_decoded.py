@@ -220,6 +220,72 @@ def test_settings_passed_to_a_call_are_held_to_the_certificates_generation_confi
     least.generate(**ids, **{**kw, "certificate": cert_forced}, forced_eos_token_id=[eos])  # an id or a list alike
 
 
+def test_processors_and_criteria_a_call_adds_are_held_to_the_certificate(model, tokenizer, prompts):
+    """logits_processor=, prefix_allowed_tokens_fn= and stopping_criteria= passed to model.generate decoded other
+    tokens under a certificate, while the same settings in the generation config were refused."""
+    from transformers import EosTokenCriteria, LogitsProcessorList, SuppressTokensLogitsProcessor
+
+    from calibrate.runtime import custom_generate
+
+    cert = _fit(model, tokenizer, prompts)
+    ids = tokenizer(prompts[:2], return_tensors="pt", padding=True, padding_side="left")
+    kw = dict(max_new_tokens=NEW, do_sample=False, custom_generate=custom_generate)
+    model.generate(**ids, **kw, certificate=cert, max_time=60.0)  # what the config builds, and a time limit
+    added = [
+        ({"logits_processor": LogitsProcessorList([SuppressTokensLogitsProcessor([5, 6])])}, "SuppressTokens"),
+        ({"prefix_allowed_tokens_fn": lambda batch, ids: [5, 6]}, "PrefixConstrained"),
+        ({"stopping_criteria": [EosTokenCriteria(5)]}, "EosTokenCriteria"),  # the config's EOS is another type
+    ]
+    for extra, name in added:
+        with pytest.raises(ValueError, match=f"this call adds .*{name}.* the certificate was calibrated under"):
+            model.generate(**ids, **kw, certificate=cert, **extra)
+        model.generate(**ids, **kw, **extra)  # without a certificate: any
+
+
+def test_stop_strings_are_refused_where_they_were_ignored(model, tokenizer, prompts):
+    """runtime.generate and lat.generate decoded past stop strings that model.generate stops at; extraction failed
+    with Hugging Face's "pass the model's tokenizer", which extract's caller cannot do (and with a bare count of
+    forward calls under classifier-free guidance)."""
+    from calibrate import lat
+    from calibrate.runtime import generate
+
+    stopped = copy.deepcopy(model)
+    stopped.generation_config.stop_strings = ["w36"]
+    ids = tokenizer(prompts[:2], return_tensors="pt", padding=True, padding_side="left")
+    refused = r"sets stop_strings=\['w36'\].*stop at EOS ids and max_new_tokens only"
+    with pytest.raises(ValueError, match=refused):
+        generate(stopped, ids["input_ids"], ids["attention_mask"], max_new_tokens=NEW)
+    with pytest.raises(ValueError, match=refused):
+        lat.generate(stopped, ids["input_ids"], ids["attention_mask"], speedup=1.0, max_new_tokens=NEW)
+    with pytest.raises(ValueError, match=refused):
+        calibrate.extract(stopped, tokenizer, prompts[:2], max_new_tokens=NEW, progress=False)
+    guided = copy.deepcopy(model)
+    guided.generation_config.guidance_scale = 1.5  # was "recorded [8, 8, 8] forward calls per layer for 4 tokens"
+    with pytest.raises(ValueError, match=r"guidance_scale=1.5 .*decoded mode"):
+        calibrate.extract(guided, tokenizer, prompts[:2], max_new_tokens=NEW, progress=False)
+
+
+def test_settings_whose_text_says_nothing_are_digested_by_value(model):
+    """A watermark was digested by its str ("WatermarkingConfig()"), so one certificate passed under any other; a
+    sequence_bias keyed by tuples (Hugging Face's documented form) crashed json.dumps."""
+    from transformers.generation import WatermarkingConfig
+
+    from calibrate._digest import generation_digest
+
+    digests = set()
+    for setting in (
+        {"watermarking_config": WatermarkingConfig(bias=0.5)},
+        {"watermarking_config": WatermarkingConfig(bias=8.0, greenlist_ratio=0.1)},
+        {"sequence_bias": {(40,): 5.0, (41, 42): 3.0}},
+        {"sequence_bias": {(40,): 2.0}},
+    ):
+        changed = copy.deepcopy(model)
+        changed.generation_config.update(**setting)
+        digests.add(generation_digest(changed))
+        assert ExitHeads.from_model(changed).describe()["generation"] == generation_digest(changed)
+    assert len(digests) == 4
+
+
 def test_a_decode_returning_no_text_is_named(model, tokenizer, prompts):
     """It failed as "`early` must contain only str", after the full model had decoded every prompt."""
     with pytest.raises(TypeError, match="decode must return str .*, got bytes"):

@@ -394,7 +394,7 @@ def test_settings_that_part_from_generate_are_warned_of():
     ids, mask = left_pad(PROMPTS)
     model = tiny_model("bart")
     model.generation_config.num_beams = 4  # as summarisation checkpoints ship
-    with pytest.warns(UserWarning, match=r"asks for beam search \(num_beams=4\); early-exit decoding is greedy"):
+    with pytest.warns(UserWarning, match=r"another search than greedy \(num_beams=4\); early-exit decoding is greedy"):
         generate(model, ids, mask, max_new_tokens=2)
     eager = tiny_model("llama", attn_implementation="eager")
     with warnings.catch_warnings():

@@ -30,7 +30,7 @@ require(__name__, "hf", ("torch",))  # before torch: an ImportError naming the e
 import torch
 from torch import nn
 
-from calibrate._digest import decoding_digest
+from calibrate._digest import decoding_digest, stop_strings_iv
 from calibrate._validation import int_at_least
 from calibrate.certificate import Certificate, _budget_warning, _spend_iv
 from calibrate.heads import ExitHeads, decoder_layers
@@ -244,6 +244,7 @@ def generate(
     max_new_tokens = int_at_least(max_new_tokens, "max_new_tokens")
     _budget_warning(certificate, max_new_tokens)
     _call_settings_iv(model, certificate, eos_token_id=eos_token_id)
+    stop_strings_iv(model)
     tokens = _special_tokens_iv(model, tokenizer, eos_token_id, pad_token_id)
     run = _generate_encoder_decoder if config.model_type in ENCODER_DECODER_ARCHITECTURES else _generate_decoder_only
     with _eval_mode(model):  # as calibrated: a model left in training mode would decode with dropout

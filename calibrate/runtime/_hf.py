@@ -6,15 +6,17 @@ Also the logits processors ``model.generate`` builds (:func:`_greedy_processors`
 from __future__ import annotations
 
 import copy
+from collections import Counter
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from calibrate._digest import search_settings, stop_strings_iv, token_id_set
 from calibrate.certificate import Certificate
 from calibrate.heads import ExitHeads
 from calibrate.models import _eval_mode, _in_training
-from calibrate.runtime._inputs import _call_settings_iv, _generate_iv, _hf_equality_warnings
+from calibrate.runtime._inputs import _call_settings_iv, _generate_iv, _hf_equality_warnings, _records_generation
 from calibrate.runtime._loop import _decode
 from calibrate.runtime._result import EarlyExitOutput
 
@@ -32,6 +34,7 @@ def _greedy_processors(
     special_tokens,
     *,
     attention_mask: torch.Tensor | None,
+    config=None,
 ) -> LogitsProcessorList | None:
     """The logits processors ``model.generate(do_sample=False)`` builds from the model's generation config, or None.
 
@@ -41,12 +44,14 @@ def _greedy_processors(
     encoder input ``encoder_ids`` (the prompt for decoder-only models), ``max_new_tokens``, the
     ``special_tokens`` (EOS ids, pad id) of the run and a decoder-only prompt's ``attention_mask`` ``(B, P)``
     (None for an encoder-decoder model, as generate has no decoder mask): the repetition penalty skips the
-    left padding it marks. Token elimination's decoding uses them too.
+    left padding it marks. Token elimination's decoding uses them too. ``config`` replaces the model's generation
+    config (one into which ``generate`` merged a call's arguments).
     """
-    if getattr(model, "generation_config", None) is None:
+    config = getattr(model, "generation_config", None) if config is None else config
+    if config is None:
         return None
     eos, pad = special_tokens
-    config = copy.deepcopy(model.generation_config)
+    config = copy.deepcopy(config)
     config.update(
         do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, eos_token_id=list(eos) or None, pad_token_id=pad
     )
@@ -65,6 +70,37 @@ def _greedy_processors(
     )
     return processors if len(processors) else None
 
+
+
+def _added_by_call_iv(model, run, config, logits_processor, stopping_criteria, pad_id) -> None:
+    """Refuse logits processors and stopping criteria that a call added to those ``generate`` builds from its
+    generation config (``logits_processor=``, ``prefix_allowed_tokens_fn=``, ``stopping_criteria=``): they change
+    what is emitted outside the generation config the certificate records. Processors are compared by type (one
+    of a type ``generate`` builds replaces it, with Hugging Face's warning), stopping criteria by type and EOS ids.
+    """
+    from transformers import EosTokenCriteria, MaxLengthCriteria, MaxTimeCriteria
+
+    prompt, mask = run.inputs[0], run.inputs[1] if run.encoder is None else None
+    eos = token_id_set(config.eos_token_id)
+    built = _greedy_processors(
+        model, prompt, prompt, run.config.max_new_tokens, (eos, pad_id), attention_mask=mask, config=config
+    )  # types only: an encoder-decoder's encoder ids stand in for nothing the types depend on
+
+    def criterion(c) -> str:
+        ids = token_id_set(c.eos_token_id.tolist()) if isinstance(c, EosTokenCriteria) else None
+        return type(c).__name__ + (f"({ids})" if ids else "")
+
+    criteria = [MaxLengthCriteria.__name__] + [MaxTimeCriteria.__name__] * (config.max_time is not None)
+    criteria += [f"{EosTokenCriteria.__name__}({eos})"] * bool(eos)
+    added = (Counter(type(p).__name__ for p in logits_processor or ()) - Counter(type(p).__name__ for p in built or ()))
+    added += Counter(map(criterion, stopping_criteria or ())) - Counter(criteria)
+    if added:
+        raise ValueError(
+            f"this call adds {sorted(added.elements())} to what generate builds from the generation config the "
+            "certificate was calibrated under (logits_processor=, prefix_allowed_tokens_fn= or stopping_criteria=): "
+            "what is decoded differs and the certificate says nothing of it; drop them, or decode without the "
+            "certificate"
+        )
 
 
 #: Generation outputs besides the sequences, which custom_generate does not produce.
@@ -132,11 +168,14 @@ def custom_generate(
         raise ValueError(
             f"custom_generate (early exit) returns sequences and exit layers only; {outputs} are not supported"
         )
-    if generation_config is not None and (generation_config.do_sample or (generation_config.num_beams or 1) > 1):
+    search = search_settings(generation_config)
+    if generation_config is not None and (generation_config.do_sample or search):
         raise ValueError(
-            "early-exit decoding is greedy: pass do_sample=False and num_beams=1 to generate, got "
-            f"do_sample={generation_config.do_sample}, num_beams={generation_config.num_beams}"
+            "early-exit decoding is greedy: pass do_sample=False and num_beams=1 to generate (no dola_layers or "
+            f"penalty_alpha), got do_sample={generation_config.do_sample}"
+            + "".join(f", {setting}" for setting in search)
         )
+    stop_strings_iv(generation_config)
     known = {
         "position_ids",
         "use_cache",
@@ -191,6 +230,8 @@ def custom_generate(
             "decoder start token alone (a longer decoder prompt skips forced BOS ids and shifts min_length); "
             "decode from the start token, or without the certificate"
         )
+    if _records_generation(certificate):
+        _added_by_call_iv(model, run, generation_config, logits_processor, stopping_criteria, pad_id)
     _hf_equality_warnings(model, run.adapter.dtype, beams=False)  # generate's own num_beams is checked above
     with _eval_mode(model):
         out = _decode(run, *run.inputs, logits_processor=logits_processor, stopping_criteria=stopping_criteria)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from calibrate._digest import generation_settings, token_id_set
+from calibrate._digest import generation_settings, search_settings, token_id_set
 from calibrate._validation import caller_stacklevel, int_at_least
 from calibrate.certificate import Certificate, _budget_warning
 from calibrate.concat import _heads_difference
@@ -112,10 +112,7 @@ def _call_settings_iv(model, certificate, source=None, *, eos_token_id=None, wid
     (which ``generate`` sets to the prompt width plus ``min_new_tokens``) as the least number of new tokens.
     """
     calibrated = generation_settings(model)
-    recorded = certificate is not None and (
-        certificate.knob == "token_keep" or "generation" in (certificate.heads or {})
-    )
-    if not recorded or calibrated is None:
+    if not _records_generation(certificate) or calibrated is None:
         return
     eos = None if eos_token_id is None else _token_ids(eos_token_id)
     here = generation_settings(model if source is None else source, eos_token_id=eos)
@@ -128,6 +125,12 @@ def _call_settings_iv(model, certificate, source=None, *, eos_token_id=None, wid
             f"was calibrated: {changes}; what is decoded differs and the certificate says nothing of it: drop them, "
             "or calibrate with them set in model.generation_config"
         )
+
+
+def _records_generation(certificate) -> bool:
+    """Whether ``certificate`` records the generation config it was calibrated under (in ``heads`` for exit
+    thresholds, in the model id for token elimination)."""
+    return certificate is not None and (certificate.knob == "token_keep" or "generation" in (certificate.heads or {}))
 
 
 def _as_emitted(settings: dict, width: int) -> dict:
@@ -305,11 +308,11 @@ def _hf_equality_warnings(model, dtype: torch.dtype, *, beams: bool) -> None:
     """Warn of model settings under which the tokens can differ from ``model.generate(do_sample=False)``'s:
     beam search in its generation config (``beams``; decoding is greedy), eager attention in half precision
     (the runtime attends with ``scaled_dot_product_attention``, which rounds otherwise)."""
-    num_beams = getattr(getattr(model, "generation_config", None), "num_beams", None) or 1
-    if beams and num_beams > 1:
+    search = search_settings(getattr(model, "generation_config", None))
+    if beams and search:
         warnings.warn(
-            f"the model's generation config asks for beam search (num_beams={num_beams}); early-exit decoding is "
-            "greedy, as model.generate(..., num_beams=1) is",
+            f"the model's generation config asks for another search than greedy ({', '.join(search)}); early-exit "
+            "decoding is greedy, as model.generate(..., num_beams=1, dola_layers=None, penalty_alpha=None) is",
             UserWarning,
             stacklevel=caller_stacklevel(),
         )

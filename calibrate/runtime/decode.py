@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from calibrate._digest import stop_strings_iv
 from calibrate.certificate import Certificate
 from calibrate.heads import ExitHeads
 from calibrate.models import _eval_mode
@@ -207,6 +208,7 @@ def generate(
     special_tokens = _special_tokens_iv(model, tokenizer, eos_token_id, pad_token_id)
     run = _generate_iv(model, input_ids, attention_mask, certificate, max_new_tokens, heads, exit_layer, special_tokens)
     _call_settings_iv(model, certificate, eos_token_id=eos_token_id)
+    stop_strings_iv(model)
     _hf_equality_warnings(model, run.adapter.dtype, beams=True)
     prompt = run.inputs[0]  # (B, P): the decoder prompt; the encoder's input is what generate calls encoder_input_ids
     decoder_only = run.encoder is None

@@ -390,12 +390,19 @@ def test_hf_custom_generate_ends_rows_by_stopping_criteria_as_generate_does(eos)
 
 
 def test_settings_that_part_from_generate_are_warned_of():
-    """Beam search in the generation config, eager attention in half precision: the tokens differed silently."""
+    """Beam search, DoLa or contrastive search in the generation config, eager attention in half precision: the tokens
+    differed silently."""
     ids, mask = left_pad(PROMPTS)
     model = tiny_model("bart")
     model.generation_config.num_beams = 4  # as summarisation checkpoints ship
     with pytest.warns(UserWarning, match=r"another search than greedy \(num_beams=4\); early-exit decoding is greedy"):
         generate(model, ids, mask, max_new_tokens=2)
+    searching = tiny_model("llama")  # DoLa and contrastive search were ignored without a word
+    searching.generation_config.update(dola_layers="high", penalty_alpha=0.6, top_k=4)
+    with pytest.warns(UserWarning, match=r"greedy \(dola_layers='high', penalty_alpha=0.6 with top_k=4\)"):
+        generate(searching, ids, mask, max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"greedy: .*got do_sample=False, dola_layers='high', penalty_alpha=0.6"):
+        searching.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=2, custom_generate=custom_generate)
     eager = tiny_model("llama", attn_implementation="eager")
     with warnings.catch_warnings():
         warnings.simplefilter("error")

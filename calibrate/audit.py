@@ -31,6 +31,15 @@ def _certificate_confidence(cert: Certificate, cache) -> np.ndarray:
         return measure_from_state(cert.measure, cert.measure_state).predict_confidence(cache)
     if cert.measure not in MEASURES and not _stored_score(cache.arrays, cert.measure):
         raise ValueError(f"the certificate's measure {cert.measure!r} is a stored score: the test cache stores none")
+    from calibrate.fit import _source_state
+
+    if cert.measure == "state_saturation" and (cert.measure_state or {}) != (_source_state(cache, cert.measure) or {}):
+        made = "computed from float16 hidden states" if cert.measure_state else "stored at extraction (full precision)"
+        raise ValueError(
+            f"the certificate's state_saturation confidence was {made}, the test cache's would not be: they differ "
+            "in the last digits on the same tokens; audit on a cache of the calibration cache's kind (with "
+            "state_saturation stored or not as there)"
+        )
     made, here = (cert.measure_state or {}).get("from_topk"), _topk_bound(cache, cert.measure)
     if made != here:
         raise ValueError(

@@ -178,7 +178,9 @@ class Certificate:
         Parameters of a learned measure (the exit classifier), needed to reproduce it at run time; for
         a softmax measure computed as a bound from the cache's top-k log-probabilities (the entropy
         confidence without a stored ``entropy`` array), ``{"from_topk": k}``: audits need a test cache of
-        that kind and the runtime refuses it. None otherwise.
+        that kind and the runtime refuses it; for a state saturation computed from the cache's float16 hidden
+        states (not stored), ``{"from_hidden": "float16"}``: the runtime rounds its states so, and audits need a
+        test cache of that kind. None otherwise.
     n_train : int
         Sequences used to train a learned measure (disjoint from the ``n`` calibration sequences).
     cache_checksum, model : str or None

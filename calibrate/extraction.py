@@ -256,7 +256,9 @@ def rehead(cache: LayerCache, heads: ExitHeads) -> LayerCache:
     Notes
     -----
     The cache stores hidden states in float16, so the recomputed log-probabilities differ from those of
-    an extraction through ``heads`` by that rounding (a top-1 token may differ where two are nearly tied).
+    an extraction through ``heads`` by that rounding (a top-1 token may differ where two are nearly tied), and
+    so from what the runtime computes at the model's precision (softmax scores by up to about 1e-4: a proxy
+    certificate's threshold at a recomputed score can exit a layer apart; decoded mode certifies exactly).
     """
     if not isinstance(cache, LayerCache):
         raise TypeError(f"cache must be a LayerCache, got {type(cache).__name__}")

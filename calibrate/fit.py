@@ -197,7 +197,7 @@ def _chunked_table(
         progress=progress,
     )
     if learned is None:
-        return cache.loss_table(**run), _topk_state(cache, measure), 0
+        return cache.loss_table(**run), _source_state(cache, measure), 0
     state = learned.to_dict()
     return cache.loss_table(measure_state=state, sequences=rows, **run), state, n_train
 
@@ -238,13 +238,17 @@ def _features_iv(measure: str, options, train_cache, cache) -> None:
     )
 
 
-def _topk_state(cache, measure: str) -> dict | None:
-    """The certificate's ``measure_state`` for a confidence ``cache`` gives as a bound from its top-k
-    log-probabilities (``{"from_topk": k}``: another cache, or the runtime, computes it otherwise), else None."""
+def _source_state(cache, measure: str) -> dict | None:
+    """The certificate's ``measure_state`` for a built-in confidence that ``cache`` gives otherwise than the runtime
+    and an extraction compute it: a bound from its top-k log-probabilities (``{"from_topk": k}``), or a saturation
+    from its float16 hidden states, not stored (``{"from_hidden": "float16"}``: the runtime rounds its states so);
+    else None."""
     from measures.confidence import _topk_bound
 
     k = _topk_bound(cache, measure)
-    return None if k is None else {"from_topk": k}
+    if k is not None:
+        return {"from_topk": k}
+    return {"from_hidden": "float16"} if measure == "state_saturation" and not cache.has(measure) else None
 
 
 def _measure_iv(measure, array_names) -> None:
@@ -583,6 +587,6 @@ def _proxy_table(
         conf = cache.arrays[measure]
     else:
         conf = confidence(cache, measure)
-        measure_state = _topk_state(cache, measure)
+        measure_state = _source_state(cache, measure)
     table = proxy_losses(cache, conf, lam, consistency=consistency, decay=decay, decode=decode, progress=progress)
     return table, decay, measure_state, n_train

@@ -1089,6 +1089,44 @@ def test_saturation_ties_exit_where_the_cache_says_at_the_model_precision(dtype)
         assert int(out.exit_layers[0, 0]) == expected, row
 
 
+def test_saturation_from_the_caches_float16_states_is_run_as_certified():
+    """A cache with hidden states and no stored saturation (as another framework hands it over): fit computed the
+    saturation from the float16 states, the runtime from the model's (up to 1e-4 apart), without a word."""
+    import calibrate
+    from calibrate.cache import LayerCache
+    from calibrate.exits import exit_layers
+    from measures.confidence import confidence
+
+    tokenizer = _tiny_hf.tiny_tokenizer()
+    rng = np.random.default_rng(1)
+    prompts = [" ".join(f"w{i}" for i in rng.integers(0, 60, size=rng.integers(1, 12))) for _ in range(40)]
+    model = _tiny_hf.tiny_model("llama", seed=5, n_layers=6)
+    full = calibrate.extract(model, tokenizer, prompts, max_new_tokens=1, store_hidden=True, progress=False)
+    a = full.arrays
+    cache = LayerCache.from_arrays(
+        full_tokens=a["full_tokens"], topk_ids=a["topk_ids"], topk_logprobs=a["topk_logprobs"], lengths=full.lengths,
+        hidden=a["hidden"], prompts=prompts, vocab=full.vocab, vocab_size=full.vocab_size, meta=full.meta,
+    )  # fmt: skip
+    made = calibrate.fit(cache, delta=0.5, epsilon=0.2, measure="state_saturation", lambdas=[1.0, 0.9])
+    assert made.measure_state == {"from_hidden": "float16"} and full.meta["heads"] == made.heads
+    assert calibrate.fit(full, delta=0.5, epsilon=0.2, measure="state_saturation").measure_state is None
+    with pytest.raises(ValueError, match="computed from float16 hidden states, the test cache's would not be"):
+        calibrate.audit(made, full)
+    with pytest.raises(ValueError, match="measure_state {'from_hidden': 'x'}, which the runtime does not know"):
+        generate(model, torch.tensor([[5]]), certificate=dataclasses.replace(made, measure_state={"from_hidden": "x"}))
+    from16, stored = confidence(cache, "state_saturation"), a["state_saturation"]  # (40, 6)
+    moved = [
+        float(lam) for lam in np.unique(from16[:, :-1])
+        if not np.array_equal(exit_layers(from16, [lam]), exit_layers(stored, [lam]))
+    ]  # fmt: skip
+    assert moved  # thresholds at which the two computations exit apart
+    ids, mask = left_pad([tokenizer(p)["input_ids"] for p in prompts])
+    for lam in moved[:3]:
+        marked = dataclasses.replace(cert(lam), n_layers=6, measure_state=made.measure_state)
+        out = generate(model, ids, mask, certificate=marked, max_new_tokens=1)
+        np.testing.assert_array_equal(out.exit_layers[:, 0].numpy(), exit_layers(from16, [lam])[:, 0])
+
+
 @pytest.mark.parametrize(
     "arch, measure, tau",
     [

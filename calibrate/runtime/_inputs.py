@@ -98,6 +98,12 @@ def _runtime_measure_iv(certificate: Certificate) -> None:
             "its value on the full softmax, which differs on the same tokens: calibrate on a cache that stores "
             f"{certificate.measure!r} (calibrate.extract does), or in decoded mode"
         )
+    state = dict(certificate.measure_state or {})
+    if certificate.measure == "state_saturation" and state not in ({}, {"from_hidden": "float16"}):
+        raise ValueError(
+            f"the certificate's state_saturation has measure_state {state!r}, which the runtime does not know (None: "
+            "the model's states, {'from_hidden': 'float16'}: states rounded as a cache stores them)"
+        )
     if certificate.measure == "classifier" and isinstance(certificate.measure_state, Mapping):
         _classifier_features_iv(certificate.measure_state.get("features", "hidden"))  # a bad state: refused later
 

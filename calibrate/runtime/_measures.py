@@ -164,10 +164,16 @@ class RuntimeMeasure(ABC):
 
 
 class _Saturation(RuntimeMeasure):
-    def __init__(self) -> None:
+    """``float16``: computed on the states rounded to float16, as a certificate calibrated on a cache's stored
+    states (``measure_state={"from_hidden": "float16"}``) computed it."""
+
+    def __init__(self, float16: bool = False) -> None:
         super().__init__("state_saturation", needs_logits=False)
+        self.float16 = float16
 
     def __call__(self, layer, h, prev, logits, rows):
+        if self.float16:
+            return _saturation(h.to(torch.float16), prev.to(torch.float16), layer)
         return _saturation(h, prev, layer)
 
 
@@ -315,7 +321,7 @@ def build_measure(
         When a learned measure's ``state`` has entries of the wrong type.
     """
     if name == "state_saturation":
-        return _Saturation()
+        return _Saturation(float16=(state or {}).get("from_hidden") == "float16")
     if name in _SOFTMAX_MEASURES:
         return _Softmax(name, vocab_size)
     if name in RUNTIME_MEASURES:

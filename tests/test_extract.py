@@ -904,3 +904,13 @@ def test_what_is_written_down_digests_the_weights_afresh(tokenizer):
     cache = extract(model, tokenizer, PROMPTS[:2], max_new_tokens=2, progress=False)
     assert cache.user_meta["heads"]["model_digest"] == model_digest(model, fresh=True) != before
     assert lat.model_id(model, fresh=True) != lat_id
+
+
+def test_a_model_that_goes_non_finite_is_named_with_its_layer_and_prompts():
+    """It failed as "hidden must be finite ... in tokens [0, 6)" with store_hidden=False: a field never asked for,
+    a block of tokens, no layer, no cause."""
+    model = tiny_model("llama", seed=5, n_layers=4)
+    with torch.no_grad():
+        model.model.layers[2].mlp.down_proj.weight[0, 0] = float("nan")  # layer 3's output is NaN
+    with pytest.raises(ValueError, match=r"NaN or inf from layer 3 on, for prompts \[0, 1, 2\]: the model itself"):
+        calibrate.extract(model, tiny_tokenizer(), ["w1 w2 w3", "w4 w5", "w6"], max_new_tokens=3, progress=False)

@@ -32,6 +32,12 @@ def njit(**options) -> Callable[[Callable], Callable]:
     return decorate
 
 
+def serial(kernel: Callable, **options) -> Callable:
+    """``kernel`` (made by :func:`njit` with ``parallel=True``) compiled without threads, not cached (the cache would
+    load the parallel one); the plain function under ``NUMBA_DISABLE_JIT=1``, where ``njit`` returns it as is."""
+    return numba.njit(parallel=False, **options)(getattr(kernel, "py_func", kernel))
+
+
 @contextlib.contextmanager
 def keep_torch_threads() -> Iterator[None]:
     """Restore torch's intra-op thread count after a parallel numba kernel.

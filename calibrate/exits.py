@@ -20,11 +20,20 @@ from dataclasses import dataclass
 
 import numba
 import numpy as np
-from numba.cpython.unsafe.numbers import trailing_zeros
 
-from calibrate._threads import njit, parallel_allowed
+from calibrate._threads import njit, parallel_allowed, serial
 from calibrate._validation import int_in
 from measures._arrays import as_numpy, working_float
+
+if numba.config.DISABLE_JIT:  # NUMBA_DISABLE_JIT=1 (debugging, coverage): the sweep runs as Python, slowly
+
+    def trailing_zeros(x) -> int:
+        """Index of the lowest set bit of ``x > 0``."""
+        x = int(x)
+        return (x & -x).bit_length() - 1
+
+else:
+    from numba.cpython.unsafe.numbers import trailing_zeros
 
 __all__ = [
     "Decay",
@@ -472,7 +481,7 @@ def _sweep(  # pragma: no cover
 #: The sweep without threads (:func:`calibrate._threads.parallel_allowed`): in a process forked after numba's threads
 #: started (its GNU OpenMP layer aborts a forked child that launches a parallel region), or while another thread
 #: runs the parallel one.
-_sweep_serial = numba.njit(parallel=False, nogil=True)(_sweep.py_func)  # not cached: the cache would load _sweep
+_sweep_serial = serial(_sweep, nogil=True)
 
 
 def _sweep_iv(conf, lambdas, offsets, decay):

@@ -1,5 +1,6 @@
 """Exit simulation against a plain per-token, per-threshold loop."""
 
+import json
 import os
 import subprocess
 import sys
@@ -584,3 +585,22 @@ def test_default_grids_hold_round_values_where_they_are_evenly_spaced():
     even = grid[(grid <= 0.99) & np.isclose(grid * 100, np.round(grid * 100))]
     assert even.size == 100 and all(repr(float(v)) == repr(round(float(v), 2)) for v in even)  # 0.94, not 0.94...01
     assert 0.94 in grid.tolist() and 0.3 in decoded_lambdas().tolist()
+
+
+_NO_JIT = """
+import json
+import calibrate
+cache = calibrate.synthetic_cache(40, n_layers=5, seed=0)
+cert = calibrate.fit(cache, delta=0.2, epsilon=0.1, decay=2.0)
+print(json.dumps([cert.lambda_hat, list(cert.risks), list(cert.avg_layers)]))
+"""
+
+
+def test_the_sweep_runs_as_python_under_numba_disable_jit():
+    """NUMBA_DISABLE_JIT=1 (numba's switch for debugging and coverage) made import calibrate fail ("'function' object
+    has no attribute 'py_func'"), and the sweep's bit scan had no Python version."""
+    env = {**os.environ, "NUMBA_DISABLE_JIT": "1"}
+    run = subprocess.run([sys.executable, "-c", _NO_JIT], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    cert = calibrate.fit(calibrate.synthetic_cache(40, n_layers=5, seed=0), delta=0.2, epsilon=0.1, decay=2.0)
+    assert json.loads(run.stdout) == [cert.lambda_hat, list(cert.risks), list(cert.avg_layers)]

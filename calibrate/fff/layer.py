@@ -42,7 +42,7 @@ from torch import nn
 
 from calibrate._atomic import atomic_safetensors, finite_tensors_iv
 from calibrate._digest import weights_digest
-from calibrate._threads import njit, parallel_allowed
+from calibrate._threads import njit, parallel_allowed, serial
 from calibrate._validation import int_at_least, int_in, parse_json
 
 __all__ = ["ACTIVATIONS", "BACKENDS", "FFF", "fff_forward", "fff_reference"]
@@ -394,7 +394,7 @@ def _descend_kernel(x, w_in, b_in, w_out, b_out, k, act, out):  # pragma: no cov
 
 #: The descent without threads: in a forked process, or while another thread runs the parallel one
 #: (:func:`calibrate._threads.parallel_allowed`).
-_descend_serial = numba.njit(parallel=False, fastmath=True)(_descend_kernel.py_func)  # not cached (it would load the other)
+_descend_serial = serial(_descend_kernel, fastmath=True)
 
 
 def _numba_ok(layer: FFF, x: torch.Tensor) -> bool:

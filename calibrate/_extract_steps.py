@@ -103,6 +103,8 @@ def _extract_batch(model, tokenizer, setup: dict, start: int, stop: int) -> Laye
             attention_mask=attention_mask,
             do_sample=False,
             num_beams=1,
+            dola_layers=None,  # greedy, as the runtime decodes (DoLa and contrastive search: warned of there)
+            penalty_alpha=None,
             max_new_tokens=setup["max_new_tokens"],
             pad_token_id=setup["pad_id"],
             return_dict_in_generate=False,  # the token ids, whatever the model's generation config asks for

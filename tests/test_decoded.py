@@ -223,7 +223,13 @@ def test_settings_passed_to_a_call_are_held_to_the_certificates_generation_confi
 def test_processors_and_criteria_a_call_adds_are_held_to_the_certificate(model, tokenizer, prompts):
     """logits_processor=, prefix_allowed_tokens_fn= and stopping_criteria= passed to model.generate decoded other
     tokens under a certificate, while the same settings in the generation config were refused."""
-    from transformers import EosTokenCriteria, LogitsProcessorList, SuppressTokensLogitsProcessor
+    from transformers import (
+        EosTokenCriteria,
+        LogitsProcessorList,
+        MaxTimeCriteria,
+        RepetitionPenaltyLogitsProcessor,
+        SuppressTokensLogitsProcessor,
+    )
 
     from calibrate.runtime import custom_generate
 
@@ -237,9 +243,16 @@ def test_processors_and_criteria_a_call_adds_are_held_to_the_certificate(model, 
         ({"stopping_criteria": [EosTokenCriteria(5)]}, "EosTokenCriteria"),  # the config's EOS is another type
     ]
     for extra, name in added:
-        with pytest.raises(ValueError, match=f"this call adds .*{name}.* the certificate was calibrated under"):
+        with pytest.raises(ValueError, match=f"this call decodes with .*{name}.* other than those generate builds"):
             model.generate(**ids, **kw, certificate=cert, **extra)
         model.generate(**ids, **kw, **extra)  # without a certificate: any
+    # one of a type generate builds takes its place: held to the config's (a penalty of 50 passed for 1.2)
+    penalised = copy.deepcopy(model)
+    penalised.generation_config.repetition_penalty = 1.2
+    kw["certificate"] = dataclasses.replace(cert, heads=ExitHeads.from_model(penalised).describe())
+    penalised.generate(**ids, **kw, stopping_criteria=[MaxTimeCriteria(60.0)])  # a time limit, as max_time is
+    with pytest.raises(ValueError, match=r"this call decodes with \['RepetitionPenaltyLogitsProcessor'\]"):
+        penalised.generate(**ids, **kw, logits_processor=[RepetitionPenaltyLogitsProcessor(50.0)])
 
 
 def test_stop_strings_are_refused_where_they_were_ignored(model, tokenizer, prompts):
@@ -247,7 +260,7 @@ def test_stop_strings_are_refused_where_they_were_ignored(model, tokenizer, prom
     with Hugging Face's "pass the model's tokenizer", which extract's caller cannot do (and with a bare count of
     forward calls under classifier-free guidance)."""
     from calibrate import lat
-    from calibrate.runtime import generate
+    from calibrate.runtime import custom_generate, generate
 
     stopped = copy.deepcopy(model)
     stopped.generation_config.stop_strings = ["w36"]
@@ -257,6 +270,8 @@ def test_stop_strings_are_refused_where_they_were_ignored(model, tokenizer, prom
         generate(stopped, ids["input_ids"], ids["attention_mask"], max_new_tokens=NEW)
     with pytest.raises(ValueError, match=refused):
         lat.generate(stopped, ids["input_ids"], ids["attention_mask"], speedup=1.0, max_new_tokens=NEW)
+    with pytest.raises(ValueError, match="stop_strings|stop strings"):  # Hugging Face refuses first: no tokenizer
+        stopped.generate(**ids, max_new_tokens=NEW, do_sample=False, custom_generate=custom_generate)
     with pytest.raises(ValueError, match=refused):
         calibrate.extract(stopped, tokenizer, prompts[:2], max_new_tokens=NEW, progress=False)
     guided = copy.deepcopy(model)

@@ -914,3 +914,15 @@ def test_a_model_that_goes_non_finite_is_named_with_its_layer_and_prompts():
         model.model.layers[2].mlp.down_proj.weight[0, 0] = float("nan")  # layer 3's output is NaN
     with pytest.raises(ValueError, match=r"NaN or inf from layer 3 on, for prompts \[0, 1, 2\]: the model itself"):
         calibrate.extract(model, tiny_tokenizer(), ["w1 w2 w3", "w4 w5", "w6"], max_new_tokens=3, progress=False)
+
+
+def test_a_generation_config_asking_for_dola_or_contrastive_search_is_extracted_greedily():
+    """extract failed inside Hugging Face ("requires trust_remote_code=True"), which its caller cannot pass; the cache
+    records greedy decoding, as the runtime decodes (and warns of those settings)."""
+    tokenizer, prompts = tiny_tokenizer(), ["w1 w2 w3", "w4 w5"]
+    plain = calibrate.extract(tiny_model("llama"), tokenizer, prompts, max_new_tokens=3, progress=False)
+    for setting in ({"dola_layers": "high"}, {"penalty_alpha": 0.6, "top_k": 4}):
+        model = tiny_model("llama")
+        model.generation_config.update(**setting)
+        cache = calibrate.extract(model, tokenizer, prompts, max_new_tokens=3, progress=False)
+        np.testing.assert_array_equal(cache.arrays["full_tokens"], plain.arrays["full_tokens"])

@@ -6,7 +6,6 @@ Also the logits processors ``model.generate`` builds (:func:`_greedy_processors`
 from __future__ import annotations
 
 import copy
-from collections import Counter
 from typing import TYPE_CHECKING
 
 import torch
@@ -73,34 +72,73 @@ def _greedy_processors(
 
 
 def _added_by_call_iv(model, run, config, logits_processor, stopping_criteria, pad_id) -> None:
-    """Refuse logits processors and stopping criteria that a call added to those ``generate`` builds from its
-    generation config (``logits_processor=``, ``prefix_allowed_tokens_fn=``, ``stopping_criteria=``): they change
-    what is emitted outside the generation config the certificate records. Processors are compared by type (one
-    of a type ``generate`` builds replaces it, with Hugging Face's warning), stopping criteria by type and EOS ids.
+    """Refuse logits processors and stopping criteria of a call other than those ``generate`` builds from its
+    generation config (``logits_processor=``, ``prefix_allowed_tokens_fn=``, ``stopping_criteria=``, whose objects
+    ``generate`` adds, or puts in place of its own of the same type): they change what is emitted outside the
+    generation config the certificate records. Each must equal one built here: of its type, with equal attributes
+    or (a processor) the same scores for this call's prompt; a time limit is taken in either form, as ``max_time``.
     """
-    from transformers import EosTokenCriteria, MaxLengthCriteria, MaxTimeCriteria
+    from transformers import MaxTimeCriteria, StoppingCriteriaList
 
     prompt, mask = run.inputs[0], run.inputs[1] if run.encoder is None else None
     eos = token_id_set(config.eos_token_id)
-    built = _greedy_processors(
-        model, prompt, prompt, run.config.max_new_tokens, (eos, pad_id), attention_mask=mask, config=config
-    )  # types only: an encoder-decoder's encoder ids stand in for nothing the types depend on
-
-    def criterion(c) -> str:
-        ids = token_id_set(c.eos_token_id.tolist()) if isinstance(c, EosTokenCriteria) else None
-        return type(c).__name__ + (f"({ids})" if ids else "")
-
-    criteria = [MaxLengthCriteria.__name__] + [MaxTimeCriteria.__name__] * (config.max_time is not None)
-    criteria += [f"{EosTokenCriteria.__name__}({eos})"] * bool(eos)
-    added = (Counter(type(p).__name__ for p in logits_processor or ()) - Counter(type(p).__name__ for p in built or ()))
-    added += Counter(map(criterion, stopping_criteria or ())) - Counter(criteria)
-    if added:
+    built = list(
+        _greedy_processors(
+            model, prompt, prompt, run.config.max_new_tokens, (eos, pad_id), attention_mask=mask, config=config
+        ) or ()
+    )  # fmt: skip
+    built += model._get_stopping_criteria(generation_config=config, stopping_criteria=StoppingCriteriaList())
+    scores = torch.randn(prompt.shape[0], run.heads.vocab_size, generator=torch.Generator().manual_seed(0))
+    extra = []
+    for item in [*(logits_processor or ()), *(stopping_criteria or ())]:
+        if isinstance(item, MaxTimeCriteria):
+            continue
+        match = next((i for i, b in enumerate(built) if _same_settings(item, b, prompt, scores)), None)
+        if match is None:
+            extra.append(type(item).__name__)
+        else:
+            del built[match]
+    if extra:
         raise ValueError(
-            f"this call adds {sorted(added.elements())} to what generate builds from the generation config the "
-            "certificate was calibrated under (logits_processor=, prefix_allowed_tokens_fn= or stopping_criteria=): "
-            "what is decoded differs and the certificate says nothing of it; drop them, or decode without the "
-            "certificate"
+            f"this call decodes with {sorted(extra)} other than those generate builds from the generation config "
+            "the certificate was calibrated under (logits_processor=, prefix_allowed_tokens_fn= or "
+            "stopping_criteria=): what is decoded differs and the certificate says nothing of it; drop them, or "
+            "decode without the certificate"
         )
+
+
+#: Processors that hold the encoder's input ids, which custom_generate does not see: compared by type.
+_ENCODER_READING = ("EncoderRepetitionPenaltyLogitsProcessor", "EncoderNoRepeatNGramLogitsProcessor")
+
+
+def _same_settings(a, b, prompt: torch.Tensor, scores: torch.Tensor) -> bool:
+    """Whether two logits processors or stopping criteria are of one type with equal attributes, or two processors
+    give the same ``scores`` ``(B, V)`` after ``prompt`` ``(B, P)`` (attributes that say the same thing otherwise:
+    no mask and a mask without padding, two generators seeded alike)."""
+    if type(a) is not type(b):
+        return False
+    if type(a).__name__ in _ENCODER_READING or _equal(vars(a), vars(b)):
+        return True
+    from transformers import LogitsProcessor
+
+    if not isinstance(a, LogitsProcessor):
+        return False
+    x = scores.to(prompt.device)
+    with torch.no_grad():
+        return torch.equal(a(prompt, x.clone()), b(prompt, x.clone()))
+
+
+def _equal(x, y) -> bool:
+    if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+        return isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and torch.equal(x.cpu(), y.cpu())
+    if isinstance(x, dict) and isinstance(y, dict):
+        return x.keys() == y.keys() and all(_equal(x[k], y[k]) for k in x)
+    if isinstance(x, (list, tuple)) and isinstance(y, (list, tuple)):
+        return len(x) == len(y) and all(_equal(u, v) for u, v in zip(x, y, strict=True))
+    try:
+        return bool(x == y)
+    except (TypeError, ValueError, RuntimeError):  # objects without a plain equality
+        return x is y
 
 
 #: Generation outputs besides the sequences, which custom_generate does not produce.
@@ -133,7 +171,7 @@ def custom_generate(
         ``(batch, 1)`` holding ``decoder_start_token_id`` (encoder-decoder).
     logits_processor, stopping_criteria, generation_config
         Prepared by ``generate``; the processors are applied to the emitted logits (of whatever layer
-        exits) and the stopping criteria (EOS, max length, stop strings) end rows, as in greedy ``_sample``: an
+        exits) and the stopping criteria (EOS, max length, a time limit) end rows, as in greedy ``_sample``: an
         ended row is padded when one criterion stops at EOS, else it decodes on until every row has ended.
     synced_gpus, streamer
         Not supported (``synced_gpus=True`` or a streamer raise).
@@ -157,9 +195,10 @@ def custom_generate(
     Raises
     ------
     ValueError
-        As :func:`generate`; also for sampling or beam search settings and unsupported model kwargs, and, with
-        a certificate, for settings passed to ``generate`` that change what greedy decoding emits (EOS ids,
-        logits processors such as ``repetition_penalty``) against the model's generation config.
+        As :func:`generate`; also for sampling, beam, DoLa or contrastive search settings, ``stop_strings`` and
+        unsupported model kwargs, and, with a certificate, for settings passed to ``generate`` that change what
+        greedy decoding emits (EOS ids, logits processors such as ``repetition_penalty``, processors or stopping
+        criteria passed as objects) against the model's generation config.
     """
     if synced_gpus or streamer is not None:
         raise ValueError("custom_generate (early exit) supports neither synced_gpus nor a streamer")

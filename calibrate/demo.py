@@ -495,9 +495,10 @@ def _output_dir(out: Path) -> None:
 
 
 def _replace_outputs(out: Path, stage: Path) -> None:
-    """Move a finished run's files from ``stage`` into ``out`` (each file and the cache replaced by a rename), remove
-    what the earlier run wrote (listed in the marker) and this one did not (a real-model run's summary.json stayed
-    beside a synthetic run's), then list this run's files. Files of the user's are never listed."""
+    """Move a finished run's files from ``stage`` into ``out`` (each earlier output renamed into the stage first,
+    and renamed back if the moves fail or are interrupted), remove what the earlier run wrote (listed in the
+    marker) and this one did not (a real-model run's summary.json stayed beside a synthetic run's), then list this
+    run's files. Files of the user's are never listed."""
     try:
         previous = json.loads((out / _MARKER).read_text(encoding="utf-8"))["files"]
     except (OSError, ValueError, KeyError, TypeError):  # a marker of an older version: it lists nothing
@@ -505,13 +506,23 @@ def _replace_outputs(out: Path, stage: Path) -> None:
     written = sorted(p.name for p in stage.iterdir())
     listed = previous if isinstance(previous, list) else []  # only names of the demo's outputs: never a path
     stale = {name for name in listed if isinstance(name, str) and any(fnmatchcase(name, p) for p in _OUTPUTS)}
-    for name in written:
-        target = out / name
-        if target.is_dir() and not target.is_symlink():  # the earlier cache: out of the way, deleted with the stage
-            target.rename(stage / f".old-{name}")
-        elif (stage / name).is_dir() and (target.exists() or target.is_symlink()):
-            target.unlink()
-        os.replace(stage / name, target)
+    moved: list[str] = []
+    try:
+        for name in written:
+            target = out / name
+            moved.append(name)
+            if target.exists() or target.is_symlink():
+                target.rename(stage / f".old-{name}")  # deleted with the stage
+            os.replace(stage / name, target)
+    except BaseException:  # the earlier outputs back in place, as they were
+        for name in reversed(moved):
+            target, old = out / name, stage / f".old-{name}"
+            if not (stage / name).exists():
+                target.rename(stage / name)
+            if old.exists() or old.is_symlink():
+                old.rename(target)
+        raise
+    _write_json({"written_by": "calibrate demo", "files": sorted(stale | set(written))}, out / _MARKER)
     for path in (out / name for name in stale - set(written)):
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)

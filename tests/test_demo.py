@@ -2,6 +2,8 @@
 
 import json
 import math
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -81,6 +83,23 @@ def test_an_interrupted_demo_leaves_the_earlier_outputs_as_they_were(tmp_path, m
         synthetic_demo(out, sequences=60, trials=1, delta=0.2, seed=3)
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     assert sorted(p.name for p in out.iterdir()) == sorted([*before, "cache"])  # nothing of the interrupted run
+    assert calibrate.open_cache(out / "cache").checksum == checksum
+    # interrupted while its outputs are moved into place (the cache was deleted, old and new certificates mixed)
+    monkeypatch.undo()
+    moves, replace = [], os.replace
+
+    def interrupted_move(src, dst):
+        moves.append(dst)
+        if Path(dst).name == "cache":
+            raise KeyboardInterrupt
+        replace(src, dst)
+
+    monkeypatch.setattr(demo.os, "replace", interrupted_move)
+    with pytest.raises(KeyboardInterrupt):
+        synthetic_demo(out, sequences=60, trials=1, delta=0.2, seed=3)
+    assert len(moves) > 3  # some outputs were in place already
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert sorted(p.name for p in out.iterdir()) == sorted([*before, "cache"])
     assert calibrate.open_cache(out / "cache").checksum == checksum
 
 

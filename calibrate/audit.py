@@ -34,10 +34,15 @@ def _certificate_confidence(cert: Certificate, cache) -> np.ndarray:
     from calibrate.fit import _source_state
 
     if cert.measure == "state_saturation" and (cert.measure_state or {}) != (_source_state(cache, cert.measure) or {}):
-        made = "computed from float16 hidden states" if cert.measure_state else "stored at extraction (full precision)"
+        made, here = (
+            ("computed from float16 hidden states", "stored at extraction (full precision)")
+            if cert.measure_state
+            else ("stored in the calibration cache (or computed by a calm-calibrate older than this marker: then "
+                  "fit it again)", "computed from its float16 hidden states")
+        )  # fmt: skip
         raise ValueError(
-            f"the certificate's state_saturation confidence was {made}, the test cache's would not be: they differ "
-            "in the last digits on the same tokens; audit on a cache of the calibration cache's kind (with "
+            f"the certificate's state_saturation confidence was {made}, the test cache's would be {here}: they "
+            "differ in the last digits on the same tokens; audit on a cache of the calibration cache's kind (with "
             "state_saturation stored or not as there)"
         )
     made, here = (cert.measure_state or {}).get("from_topk"), _topk_bound(cache, cert.measure)

@@ -144,8 +144,11 @@ class LossTable(Rebuilt):
 
     @property
     def risks(self) -> np.ndarray:
-        """Empirical risk per threshold, shape ``(n_lambdas,)``."""
-        return self.losses.mean(axis=0)
+        """Empirical risk per threshold, shape ``(n_lambdas,)``: the compensated column sums the p-values take,
+        over ``n`` (a plain mean's last bit followed the order of the examples)."""
+        from calibrate.bounds import _column_sums
+
+        return _column_sums(np.ascontiguousarray(self.losses, dtype=np.float64)) / self.n
 
     def subset(self, rows) -> "LossTable":
         """The table restricted to some examples (rows), without ``avg_layers``: those averaged the exit layers

@@ -445,19 +445,23 @@ def audit(cert: Certificate, test_cache, *, decode=None, progress: bool = False)
 
 
 def _calibration_data_digest(data) -> str | None:
-    """The ``cache_checksum`` of calibration data that is no cache: prompts (a list or tuple of str, in any order)
-    or inputs (a tensor of any dtype, or an array, by its values), so that an audit can refuse the calibration data
-    as held-out; None for anything else (the callers' own checks name what is wrong with it)."""
-    from calibrate._cache_files import _digest, _hash_array, _hash_strings
+    """The ``cache_checksum`` of calibration data that is no cache: prompts (a list or tuple of str) or inputs (a
+    tensor of any dtype, or an array, by its values and row shape), both in any order, so that an audit can refuse
+    the calibration data as held-out; None for anything else (the callers' own checks name what is wrong with it)."""
+    from calibrate._cache_files import _digest, _hash_strings
 
-    if hasattr(data, "detach"):  # a torch tensor: its bytes (numpy has no bfloat16), dtype and shape
-        import torch
+    if hasattr(data, "detach") or isinstance(data, np.ndarray):  # one digest per row, sorted: the rows in any order
+        if hasattr(data, "detach"):  # a torch tensor: its bytes (numpy has no bfloat16)
+            import torch
 
-        tensor = data.detach().cpu().contiguous()
-        raw = tensor.reshape(-1).view(torch.uint8).numpy().tobytes()
-        return "inputs-" + _digest(f"{tensor.dtype} {tuple(tensor.shape)} ".encode() + raw)
-    if isinstance(data, np.ndarray):
-        return "inputs-" + _hash_array(data)
+            tensor = data.detach().cpu().contiguous()
+            dtype, shape = str(tensor.dtype), tuple(tensor.shape)
+            raw = tensor.reshape(-1).view(torch.uint8).numpy()
+        else:
+            array = np.ascontiguousarray(data)
+            dtype, shape, raw = array.dtype.str, array.shape, array.reshape(-1).view(np.uint8)
+        rows = raw.reshape(shape[0], -1) if shape and shape[0] else raw.reshape(1, -1)
+        return "inputs-" + _hash_strings([f"{dtype} {shape[1:]}", *sorted(_digest(r.tobytes()) for r in rows)])
     if isinstance(data, (list, tuple)) and all(isinstance(p, str) for p in data):
         return "prompts-" + _hash_strings(sorted(data))
     return None

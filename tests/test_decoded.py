@@ -798,7 +798,14 @@ def test_audits_refuse_the_calibration_prompts_or_inputs_as_held_out(model, toke
     depth = fff.fit(layer, x, delta=0.5, epsilon=0.1)
     with pytest.raises(ValueError, match="the inputs are the certificate's calibration inputs"):
         fff.audit(depth, layer, x.clone())
+    with pytest.raises(ValueError, match="the inputs are the certificate's calibration inputs"):
+        fff.audit(depth, layer, x[torch.randperm(200)])  # inputs in another order (was taken as held-out)
+    assert fff.fit(layer, x.flip(0), delta=0.5, epsilon=0.1) == depth
     fff.audit(depth, layer, torch.randn(200, 8))
+    from calibrate.audit import _calibration_data_digest
+
+    assert _calibration_data_digest(x.numpy()[::-1]) == _calibration_data_digest(x.numpy())
+    assert _calibration_data_digest(x.reshape(100, 16)) != _calibration_data_digest(x)  # rows of another shape
     half = fff.fit(layer.to(torch.bfloat16), x.bfloat16(), delta=0.5, epsilon=0.1)  # no numpy dtype: its bytes
     assert half.cache_checksum.startswith("inputs-") and half.cache_checksum != depth.cache_checksum
     with pytest.raises(TypeError, match="prompts must hold str, got NoneType at index 1"):  # named, not a sort error

@@ -468,8 +468,17 @@ def _calibration_data_digest(data) -> str | None:
 
 
 def _held_out_iv(certificate: Certificate, data, what: str) -> None:
-    """Refuse the certificate's own calibration prompts or inputs (``what``) as held-out data."""
-    recorded = getattr(certificate, "cache_checksum", None)  # no certificate: refused by the caller's checks
+    """Refuse the certificate's own calibration prompts or inputs (``what``) as held-out data; warn where the
+    certificate records none (an older calm-calibrate's, or certify on losses of one's own)."""
+    recorded = getattr(certificate, "cache_checksum", None)
+    if recorded is None and isinstance(certificate, Certificate):  # else refused by the caller's checks
+        warnings.warn(
+            f"the certificate records no digest of its calibration {what} (made by an older calm-calibrate, or "
+            f"by calibrate.certify on losses of your own): the audit cannot tell whether these {what} are held "
+            "out; refit it to record one",
+            UserWarning,
+            stacklevel=caller_stacklevel(),
+        )
     if recorded is not None and _calibration_data_digest(data) == recorded:
         raise ValueError(
             f"the {what} are the certificate's calibration {what} (the same digest): an audit on them reports an "

@@ -68,6 +68,8 @@ def _spend_iv(certificate, knob: str, model: str, source: str) -> None:
         made, here = (identity.rsplit("/", 1) for identity in (certificate.model, model))
         if made[0] != here[0] or len(made) != 2:
             why = ""
+        elif made[1].split("+")[0] == here[1].split("+")[0] and "+" not in made[1]:
+            why = " (the same weights, recorded by a calm-calibrate older than model ids with the generation config)"
         elif made[1].split("+")[0] == here[1].split("+")[0]:
             why = " (the same weights under another generation config: EOS ids or logits processors)"
         else:
@@ -187,10 +189,12 @@ class Certificate:
         Identity of the calibration data and of the model. The data's is the calibration cache's checksum
         (proxy mode), or a digest of the calibration prompts or inputs (``"prompts-..."``, ``"inputs-..."``)
         for certificates whose losses were decoded (also ``fit(cache, mode="decoded")``, of the cache's
-        prompts it decoded); the audits refuse data with the same identity as held-out.
+        prompts it decoded), in any order; the audits refuse data with the same identity as held-out, and warn
+        where a certificate records none (an older calm-calibrate's).
     heads : mapping or None
         What each layer predicts with (``ExitHeads.describe()`` from the cache metadata: architecture,
-        layer count, width, vocabulary size, adapters); the runtime refuses heads that differ.
+        layer count, width, vocabulary size, adapters, the generation config's digest); the runtime refuses
+        heads that differ, and warns of a certificate that records no generation config (an older one's).
     version : str
         Library version that produced the certificate.
 

@@ -301,6 +301,27 @@ def test_settings_whose_text_says_nothing_are_digested_by_value(model):
     assert len(digests) == 4
 
 
+def test_certificates_of_older_versions_are_named_as_such(model, tokenizer, prompts):
+    """Files of an older calm-calibrate: a LAT id without the generation part was refused as "another generation
+    config"; an exit-threshold certificate without the generation record was spent under any config, and one
+    without a data digest audited on its own calibration prompts as held-out, without a word."""
+    from calibrate import lat
+    from calibrate.runtime import generate
+
+    cert = _fit(model, tokenizer, prompts)
+    ids = tokenizer(prompts[:2], return_tensors="pt", padding=True, padding_side="left")
+    old = dataclasses.replace(cert, heads={k: v for k, v in cert.heads.items() if k != "generation"})
+    with pytest.warns(UserWarning, match="records the exit heads but not the generation config .*refit it"):
+        generate(model, ids["input_ids"], ids["attention_mask"], certificate=old, max_new_tokens=NEW)
+    with pytest.warns(UserWarning, match="records no digest of its calibration prompts .*cannot tell"):
+        calibrate.audit_decoded(dataclasses.replace(cert, cache_checksum=None), model, tokenizer, prompts,
+                                progress=False)  # fmt: skip
+    keep = lat.fit(model, tokenizer, prompts, delta=0.5, speedups=[1.0, 1.25], max_new_tokens=3, progress=False)
+    older = dataclasses.replace(keep, model=keep.model.split("+")[0])
+    with pytest.raises(ValueError, match="the same weights, recorded by a calm-calibrate older than model ids"):
+        lat.generate(model, ids["input_ids"], ids["attention_mask"], certificate=older, max_new_tokens=NEW)
+
+
 def test_a_decode_returning_no_text_is_named(model, tokenizer, prompts):
     """It failed as "`early` must contain only str", after the full model had decoded every prompt."""
     with pytest.raises(TypeError, match="decode must return str .*, got bytes"):

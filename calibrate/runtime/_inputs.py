@@ -118,6 +118,14 @@ def _call_settings_iv(model, certificate, source=None, *, eos_token_id=None, wid
     (which ``generate`` sets to the prompt width plus ``min_new_tokens``) as the least number of new tokens.
     """
     calibrated = generation_settings(model)
+    if certificate is not None and certificate.heads is not None and not _records_generation(certificate):
+        warnings.warn(
+            "the certificate records the exit heads but not the generation config it was calibrated under (made by "
+            "an older calm-calibrate): EOS ids and logits processors such as repetition_penalty cannot be checked "
+            "against it, and decoding under others is not what it certifies; refit it to record them",
+            UserWarning,
+            stacklevel=caller_stacklevel(),
+        )
     if not _records_generation(certificate) or calibrated is None:
         return
     eos = None if eos_token_id is None else _token_ids(eos_token_id)

@@ -14,6 +14,7 @@ import numpy as np
 from calibrate import runtime
 from calibrate._certify import _risk_control_iv
 from calibrate._decoded_walk import _LAZY_METHOD, _Decoder, decoded_lambdas
+from calibrate._digest import tokenizer_eos_warning
 from calibrate._extract_checks import _context_iv, _warn_padding_read
 from calibrate._extract_steps import _pad
 from calibrate._validation import caller_stacklevel, int_at_least, seed_iv
@@ -68,6 +69,7 @@ def _decoder_iv(
     if consistency not in CONSISTENCIES:
         raise ValueError(f"consistency must be one of {CONSISTENCIES}, got {consistency!r}")
     prompts, references = _prompts_iv(prompts, references, consistency)
+    tokenizer_eos_warning(model, tokenizer)
     lam = decoded_lambdas() if lambdas is None else _lambdas_iv(lambdas)
     max_new_tokens = int_at_least(max_new_tokens, "max_new_tokens")
     batch_size = int_at_least(batch_size, "batch_size")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import warnings
 import weakref
 from typing import Any
 
@@ -161,6 +162,26 @@ def search_settings(config) -> list[str]:
     if (getattr(config, "penalty_alpha", None) or 0) > 0 and (getattr(config, "top_k", None) or 0) > 1:
         found.append(f"penalty_alpha={config.penalty_alpha} with top_k={config.top_k}")
     return found
+
+
+def tokenizer_eos_warning(model, tokenizer) -> None:
+    """Warn when the model's generation config has no EOS id and ``tokenizer`` has one: calibration (extraction,
+    decoded mode) stops the outputs there, as ``runtime.generate(..., tokenizer=tokenizer)`` does, but the
+    certificate records the config, so a deployment without the tokenizer (``model.generate``, ``custom_generate``,
+    ``runtime.generate`` without it) decodes past it unchecked."""
+    from calibrate._validation import caller_stacklevel
+
+    config = getattr(model, "generation_config", None)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if config is not None and getattr(config, "eos_token_id", None) is None and eos is not None:
+        warnings.warn(
+            f"the model's generation config has no eos_token_id, so the outputs stop at the tokenizer's ({eos}), as "
+            "runtime.generate(..., tokenizer=tokenizer) decodes; decoding without the tokenizer (model.generate, "
+            f"custom_generate) runs past it, which the certificate does not cover: set "
+            f"model.generation_config.eos_token_id = {eos} first",
+            UserWarning,
+            stacklevel=caller_stacklevel(),
+        )
 
 
 def stop_strings_iv(source) -> None:

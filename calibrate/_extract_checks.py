@@ -12,7 +12,13 @@ from pathlib import Path
 
 import torch
 
-from calibrate._digest import PROCESSING_OPTIONS, plain_setting, stop_strings_iv, weights_digest
+from calibrate._digest import (
+    PROCESSING_OPTIONS,
+    plain_setting,
+    stop_strings_iv,
+    tokenizer_eos_warning,
+    weights_digest,
+)
 from calibrate._validation import caller_stacklevel, int_at_least
 from calibrate.heads import _context_positions, _heads_iv, decoder_layers
 
@@ -22,6 +28,7 @@ def _extract_iv(
 ):
     layers = decoder_layers(model)  # raises for unsupported architectures
     stop_strings_iv(model)  # the runtime, which spends the certificate, would run past them
+    tokenizer_eos_warning(model, tokenizer)
     guidance = getattr(model.generation_config, "guidance_scale", None)
     if guidance not in (None, 1.0):  # its processor runs the model again at each step, past the recording hooks
         raise ValueError(

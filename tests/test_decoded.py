@@ -301,6 +301,15 @@ def test_settings_whose_text_says_nothing_are_digested_by_value(model):
     assert len(digests) == 4
 
 
+def test_calibrating_at_the_tokenizers_eos_alone_is_warned_of(model, tokenizer, prompts):
+    """A generation config without EOS: calibration stopped at the tokenizer's, which a deployment without the
+    tokenizer (model.generate, custom_generate) runs past, and the certificate cannot say so."""
+    bare = copy.deepcopy(model)
+    bare.generation_config.eos_token_id = None
+    with pytest.warns(UserWarning, match=r"no eos_token_id, so the outputs stop at the tokenizer's \(1\)"):
+        _fit(bare, tokenizer, prompts[:4])
+
+
 def test_certificates_of_older_versions_are_named_as_such(model, tokenizer, prompts):
     """Files of an older calm-calibrate: a LAT id without the generation part was refused as "another generation
     config"; an exit-threshold certificate without the generation record was spent under any config, and one

@@ -490,7 +490,8 @@ def test_stops_on_the_tokens_extraction_stops_on(arch):
     eos = next(t for seq in free for j, t in enumerate(seq) if 2 <= j < 7 and t > 3 and t not in seq[:j])
     tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos)
     model.generation_config.eos_token_id = None
-    cache = calibrate.extract(model, tokenizer, prompts, max_new_tokens=8, progress=False)
+    with pytest.warns(UserWarning, match=f"no eos_token_id, so the outputs stop at the tokenizer's \\({eos}\\)"):
+        cache = calibrate.extract(model, tokenizer, prompts, max_new_tokens=8, progress=False)  # (it said nothing)
     out = generate(model, ids, mask, max_new_tokens=8, tokenizer=tokenizer)
     assert list(out.config.eos_token_ids) == cache.meta["generation"]["eos_token_id"] == [eos]
     assert out.config.pad_token_id == cache.meta["generation"]["pad_token_id"]

@@ -96,7 +96,8 @@ def generate(
     pad_token_id : int, optional
         Filler after a row's EOS. Default: ``model.generation_config.pad_token_id``, else
         ``tokenizer.pad_token_id``, else the first EOS id. With a certificate, an ``eos_token_id`` other than
-        the generation config's is refused: the certificate was calibrated under the config's.
+        the generation config's is refused: the certificate was calibrated under the config's (where the config
+        has none, at the tokenizer's, of which extraction and decoded calibration warn: pass the tokenizer).
 
     Returns
     -------

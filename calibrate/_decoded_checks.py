@@ -69,7 +69,6 @@ def _decoder_iv(
     if consistency not in CONSISTENCIES:
         raise ValueError(f"consistency must be one of {CONSISTENCIES}, got {consistency!r}")
     prompts, references = _prompts_iv(prompts, references, consistency)
-    tokenizer_eos_warning(model, tokenizer)
     lam = decoded_lambdas() if lambdas is None else _lambdas_iv(lambdas)
     max_new_tokens = int_at_least(max_new_tokens, "max_new_tokens")
     batch_size = int_at_least(batch_size, "batch_size")
@@ -237,6 +236,7 @@ def _fit_decoded_iv(
     decoder, lam, heads = _decoder_iv(
         model, tokenizer, prompts, references, consistency, lambdas, max_new_tokens, batch_size, heads, decode
     )
+    tokenizer_eos_warning(model, tokenizer)  # where a certificate is made (its audits decode as it was made)
     if isinstance(decay, numbers.Real) and not isinstance(decay, (bool, np.bool_)):
         decay = Decay(max_len=decoder.max_new_tokens, tau=float(decay))  # N: the decoding budget, not the data
     else:

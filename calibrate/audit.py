@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -445,7 +446,7 @@ def audit(cert: Certificate, test_cache, *, decode=None, progress: bool = False)
 
 
 def _calibration_data_digest(data) -> str | None:
-    """The ``cache_checksum`` of calibration data that is no cache: prompts (a list or tuple of str) or inputs (a
+    """The ``cache_checksum`` of calibration data that is no cache: prompts (a sequence of str) or inputs (a
     tensor of any dtype, or an array, by its values and row shape), both in any order, so that an audit can refuse
     the calibration data as held-out; None for anything else (the callers' own checks name what is wrong with it)."""
     from calibrate._cache_files import _digest, _hash_strings
@@ -462,8 +463,8 @@ def _calibration_data_digest(data) -> str | None:
             dtype, shape, raw = array.dtype.str, array.shape, array.reshape(-1).view(np.uint8)
         rows = raw.reshape(shape[0], -1) if shape and shape[0] else raw.reshape(1, -1)
         return "inputs-" + _hash_strings([f"{dtype} {shape[1:]}", *sorted(_digest(r.tobytes()) for r in rows)])
-    if isinstance(data, (list, tuple)) and all(isinstance(p, str) for p in data):
-        return "prompts-" + _hash_strings(sorted(data))
+    if isinstance(data, Sequence) and not isinstance(data, str) and all(isinstance(p, str) for p in data):
+        return "prompts-" + _hash_strings(sorted(data))  # any sequence (a UserList was taken as held-out)
     return None
 
 

@@ -8,6 +8,7 @@ disagreement) or by ``measures.consistency``. Laziness is checked by counting ru
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import importlib.util
@@ -307,7 +308,10 @@ def test_calibrating_at_the_tokenizers_eos_alone_is_warned_of(model, tokenizer, 
     bare = copy.deepcopy(model)
     bare.generation_config.eos_token_id = None
     with pytest.warns(UserWarning, match=r"no eos_token_id, so the outputs stop at the tokenizer's \(1\)"):
-        _fit(bare, tokenizer, prompts[:4])
+        cert = _fit(bare, tokenizer, prompts[:4])
+    with warnings.catch_warnings():  # an audit decodes as the certificate was made: nothing to advise
+        warnings.simplefilter("error")
+        calibrate.audit_decoded(cert, bare, tokenizer, prompts[4:8], progress=False)
 
 
 def test_certificates_of_older_versions_are_named_as_such(model, tokenizer, prompts):
@@ -815,6 +819,8 @@ def test_audits_refuse_the_calibration_prompts_or_inputs_as_held_out(model, toke
     calls["n"] = 0
     with pytest.raises(ValueError, match="the prompts are the certificate's calibration prompts"):
         calibrate.audit_decoded(cert, model, tokenizer, prompts[::-1], progress=False)
+    with pytest.raises(ValueError, match="the prompts are the certificate's calibration prompts"):
+        calibrate.audit_decoded(cert, model, tokenizer, collections.UserList(prompts), progress=False)  # any sequence
     assert calls["n"] == 0
     calibrate.audit_decoded(cert, model, tokenizer, _word_prompts(12, seed=99), progress=False)  # held out
     keep = lat.fit(model, tokenizer, prompts, delta=0.5, speedups=[1.0, 1.25], max_new_tokens=3, progress=False)

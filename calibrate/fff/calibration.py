@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from calibrate._certify import _risk_control_iv, certify
-from calibrate._digest import decoding_digest
+from calibrate._digest import decoding_digest, tokenizer_eos_warning
 from calibrate._validation import caller_stacklevel, int_at_least, int_in, label_count_iv
 from calibrate.audit import AuditReport, _calibration_data_digest, _held_out_iv, _held_out_report
 from calibrate.certificate import Certificate, _audit_budget, _budget_warning, _spend_iv
@@ -303,6 +303,7 @@ def fit(
         decoder, depths = _lm_decoder(
             model, tokenizer, inputs, references, consistency, depths, max_new_tokens, batch_size
         )
+        tokenizer_eos_warning(model, tokenizer)
         template = _lm_template(model, decoder, depths, delta, epsilon, bound)
         template = dataclasses.replace(template, cache_checksum=_calibration_data_digest(list(inputs)))
         return _certify_lazily(decoder, template, progress)

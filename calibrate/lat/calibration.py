@@ -31,6 +31,7 @@ import torch
 
 from calibrate._decoded_checks import _decoder_iv, _prompts_iv, _risk_iv
 from calibrate._decoded_walk import _certify_lazily
+from calibrate._digest import tokenizer_eos_warning
 from calibrate._extract_checks import _context_iv
 from calibrate._extract_steps import _pad
 from calibrate._validation import caller_stacklevel, int_at_least, label_count_iv
@@ -172,6 +173,7 @@ def fit(
     speedups = _speedups_iv(speedups)
     lambdas = 1.0 / speedups
     scorer = _scorer(model, tokenizer, prompts, references, consistency, lambdas, max_new_tokens, batch_size, decode)
+    tokenizer_eos_warning(model, tokenizer)
     min_keep = 2  # vectors every layer keeps: the first token and, in decoders, the last prompt token
     _warn_unreachable(model.config, [len(tokenizer(p)["input_ids"]) for p in prompts], speedups, min_keep)
     special = getattr(tokenizer, "all_special_ids", None) or []

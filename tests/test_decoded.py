@@ -228,6 +228,7 @@ def test_processors_and_criteria_a_call_adds_are_held_to_the_certificate(model, 
         EosTokenCriteria,
         LogitsProcessorList,
         MaxTimeCriteria,
+        MinNewTokensLengthLogitsProcessor,
         RepetitionPenaltyLogitsProcessor,
         SuppressTokensLogitsProcessor,
     )
@@ -254,6 +255,14 @@ def test_processors_and_criteria_a_call_adds_are_held_to_the_certificate(model, 
     penalised.generate(**ids, **kw, stopping_criteria=[MaxTimeCriteria(60.0)])  # a time limit, as max_time is
     with pytest.raises(ValueError, match=r"this call decodes with \['RepetitionPenaltyLogitsProcessor'\]"):
         penalised.generate(**ids, **kw, logits_processor=[RepetitionPenaltyLogitsProcessor(50.0)])
+    # length-based processors act alike on the prompt and differ later: compared by their settings
+    width, eos = ids["input_ids"].shape[1], model.generation_config.eos_token_id
+    least = copy.deepcopy(model)
+    least.generation_config.min_new_tokens = 1
+    kw["certificate"] = dataclasses.replace(cert, heads=ExitHeads.from_model(least).describe())
+    least.generate(**ids, **kw)
+    with pytest.raises(ValueError, match=r"this call decodes with \['MinNewTokensLengthLogitsProcessor'\]"):
+        least.generate(**ids, **kw, logits_processor=[MinNewTokensLengthLogitsProcessor(width, 6, eos)])
 
 
 def test_stop_strings_are_refused_where_they_were_ignored(model, tokenizer, prompts):

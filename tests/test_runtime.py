@@ -1015,6 +1015,20 @@ def test_refuses_bad_models_and_prompts():
     assert set(RUNTIME_ARCHITECTURES) == set(SUPPORTED_ARCHITECTURES)
 
 
+def test_an_encoder_processor_passed_under_a_certificate_is_held_to_the_config():
+    """Compared by type alone (custom_generate sees no encoder ids), a penalty of 50 for the config's 1.3 passed."""
+    from transformers import EncoderRepetitionPenaltyLogitsProcessor
+
+    bart = tiny_model("bart")
+    bart.generation_config.encoder_repetition_penalty = 1.3
+    made = dataclasses.replace(cert(None), heads=ExitHeads.from_model(bart).describe())
+    ids, mask = right_pad(ENCODER_PROMPTS)
+    kw = dict(attention_mask=mask, max_new_tokens=3, do_sample=False, custom_generate=custom_generate, certificate=made)
+    bart.generate(ids, **kw)
+    with pytest.raises(ValueError, match=r"this call decodes with \['EncoderRepetitionPenaltyLogitsProcessor'\]"):
+        bart.generate(ids, **kw, logits_processor=[EncoderRepetitionPenaltyLogitsProcessor(50.0, ids)])
+
+
 def test_encoder_decoder_refusals():
     bart = tiny_model("bart")  # 64 learned positions
     with pytest.raises(ValueError, match=r"input_ids has 70 columns, more than the encoder's context"):

@@ -75,8 +75,8 @@ def _added_by_call_iv(model, run, config, logits_processor, stopping_criteria, p
     """Refuse logits processors and stopping criteria of a call other than those ``generate`` builds from its
     generation config (``logits_processor=``, ``prefix_allowed_tokens_fn=``, ``stopping_criteria=``, whose objects
     ``generate`` adds, or puts in place of its own of the same type): they change what is emitted outside the
-    generation config the certificate records. Each must equal one built here: of its type, with equal attributes
-    or (a processor) the same scores for this call's prompt; a time limit is taken in either form, as ``max_time``.
+    generation config the certificate records. Each must equal one built here, of its type set alike
+    (:func:`_settings`); a time limit is taken in either form, as ``max_time`` is.
     """
     from transformers import MaxTimeCriteria, StoppingCriteriaList
 
@@ -88,12 +88,11 @@ def _added_by_call_iv(model, run, config, logits_processor, stopping_criteria, p
         ) or ()
     )  # fmt: skip
     built += model._get_stopping_criteria(generation_config=config, stopping_criteria=StoppingCriteriaList())
-    scores = torch.randn(prompt.shape[0], run.heads.vocab_size, generator=torch.Generator().manual_seed(0))
     extra = []
     for item in [*(logits_processor or ()), *(stopping_criteria or ())]:
         if isinstance(item, MaxTimeCriteria):
             continue
-        match = next((i for i, b in enumerate(built) if _same_settings(item, b, prompt, scores)), None)
+        match = next((i for i, b in enumerate(built) if _same_settings(item, b)), None)
         if match is None:
             extra.append(type(item).__name__)
         else:
@@ -107,25 +106,30 @@ def _added_by_call_iv(model, run, config, logits_processor, stopping_criteria, p
         )
 
 
-#: Processors that hold the encoder's input ids, which custom_generate does not see: compared by type.
+#: Processors that hold the encoder's input ids, which custom_generate does not see: compared without them.
 _ENCODER_READING = ("EncoderRepetitionPenaltyLogitsProcessor", "EncoderNoRepeatNGramLogitsProcessor")
 
 
-def _same_settings(a, b, prompt: torch.Tensor, scores: torch.Tensor) -> bool:
-    """Whether two logits processors or stopping criteria are of one type with equal attributes, or two processors
-    give the same ``scores`` ``(B, V)`` after ``prompt`` ``(B, P)`` (attributes that say the same thing otherwise:
-    no mask and a mask without padding, two generators seeded alike)."""
-    if type(a) is not type(b):
-        return False
-    if type(a).__name__ in _ENCODER_READING or _equal(vars(a), vars(b)):
-        return True
-    from transformers import LogitsProcessor
+def _same_settings(a, b) -> bool:
+    """Whether two logits processors or stopping criteria are of one type set alike (:func:`_settings`)."""
+    return type(a) is type(b) and _equal(_settings(a), _settings(b))
 
-    if not isinstance(a, LogitsProcessor):
-        return False
-    x = scores.to(prompt.device)
-    with torch.no_grad():
-        return torch.equal(a(prompt, x.clone()), b(prompt, x.clone()))
+
+def _settings(item) -> dict:
+    """What a logits processor or stopping criterion is set to: its attributes, less what restates the call's
+    inputs (an encoder's ids; a generator seeded from the input at each step) and with forms that say the same
+    made one (no padding to skip as None; EOS ids as a sorted set)."""
+    skipped = ("encoder_input_ids", "generated_ngrams", "batch_size") if type(item).__name__ in _ENCODER_READING else ()
+    kept = {}
+    for key, value in vars(item).items():
+        if isinstance(value, torch.Generator) or key in skipped:
+            continue
+        if key == "prompt_ignore_length" and isinstance(value, torch.Tensor) and not value.any():
+            value = None
+        elif key == "eos_token_id" and isinstance(value, torch.Tensor):
+            value = sorted(set(value.reshape(-1).tolist()))
+        kept[key] = value
+    return kept
 
 
 def _equal(x, y) -> bool:

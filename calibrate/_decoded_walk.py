@@ -137,7 +137,7 @@ def _token_disagreement(early: np.ndarray, full: np.ndarray) -> float:
 
 def _certify_lazily(decoder: _Decoder, template: Certificate, progress: bool) -> Certificate:
     """Fixed-sequence testing that decodes each threshold only when the walk reaches it."""
-    from tqdm.auto import tqdm
+    from calibrate._progress import tqdm
 
     delta, epsilon, bound, n = template.delta, template.epsilon, template.bound, template.n
     too_few = _too_few_reason(n, delta, epsilon, bound)

@@ -82,7 +82,7 @@ def train_adapters(model: nn.Module, cache, *, ridge: float = 1e-2, progress: bo
         When the cache has no hidden states or its shape does not fit the model, the cache records another
         model than ``model`` (``model_digest``), or ``ridge <= 0``.
     """
-    from tqdm.auto import tqdm
+    from calibrate._progress import tqdm
 
     if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not ridge > 0 or not np.isfinite(ridge):
         raise ValueError(f"ridge must be a finite float > 0, got {ridge!r}")

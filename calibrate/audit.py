@@ -698,8 +698,7 @@ def validity(
     >>> calibrate.validity(cache, trials=20, delta=0.1, epsilon=0.05, progress=False)
     ValidityReport(trials=20, violation_rate=0.000, epsilon=0.05, naive_violation_rate=0.400)
     """
-    from tqdm.auto import tqdm
-
+    from calibrate._progress import tqdm
     from calibrate.cache import _in_memory_iv
     from calibrate.fit import _proxy_iv, _proxy_table
 

@@ -357,9 +357,9 @@ class ChunkedCache:
             Equal to the in-memory ``proxy_losses`` on the same sequences.
         """
         import dask
-        from tqdm.auto import tqdm
 
         from calibrate._cache_checks import _subset_iv
+        from calibrate._progress import tqdm
         from calibrate.exits import _lambdas_iv, default_lambdas
         from calibrate.fit import _measure_iv
         from calibrate.losses import _TOKEN_LEVEL, LossTable, _consistency_iv, _text_iv

@@ -257,7 +257,7 @@ def decoded_losses(
     certificate :func:`calibrate.certify` makes from a table records its decay but no measure, heads or
     token budget, so it is a study's result, not one the runtime decodes with.
     """
-    from tqdm.auto import tqdm
+    from calibrate._progress import tqdm
 
     max_new_tokens = _audit_budget(certificate, max_new_tokens)
     decoder, lam, heads = _decoded_losses_iv(

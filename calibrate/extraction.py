@@ -195,7 +195,7 @@ def extract(
         references,
         ids,
     )
-    from tqdm.auto import tqdm
+    from calibrate._progress import tqdm
 
     n = len(setup["prompts"])
     starts = list(range(0, n, setup["batch_size"]))

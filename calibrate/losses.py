@@ -413,8 +413,7 @@ def _text_iv(vocab: Sequence[str] | None, sequences, consistency: str, decode) -
 
 
 def _textual_losses(cache, conf, lam, top1, full, consistency, positions, decay, decode, progress):
-    from tqdm.auto import tqdm
-
+    from calibrate._progress import tqdm
     from measures.consistency import PairScorer, risk_consistency, textual_loss
 
     if "output" in cache.sequences:  # a Dask task's part has no texts (its cache checked them)

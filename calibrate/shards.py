@@ -204,8 +204,7 @@ def open_sharded(root: Path | Remote, *, verify: bool, chunks: int | None):
         _check_compatible(root, names, [p.meta for p in parts])
         return concat_caches(parts)
 
-    from tqdm.auto import tqdm
-
+    from calibrate._progress import tqdm
     from calibrate.chunked import ChunkedCache, _chunks_iv, _read_lazily
 
     _chunks_iv(chunks)

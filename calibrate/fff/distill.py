@@ -317,7 +317,7 @@ def distill(
         The copy with FFFs (run it, certify its depth with :func:`calibrate.fff.fit`), and per-layer errors
         next to a dense MLP of the same evaluated width.
     """
-    from tqdm.auto import tqdm
+    from calibrate._progress import tqdm
 
     layers = _layers_iv(layers, len(decoder_layers(model)))
     depth = int_at_least(depth, "depth", 0)

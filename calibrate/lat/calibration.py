@@ -296,7 +296,7 @@ def audit(
         ``risks`` per grid value, ``risk`` at the certified speed-up (0 for the full model); the layer
         fields are NaN. ``report.plot()`` draws risk against speed-up, ``report.summary()`` the verdict.
     """
-    from tqdm.auto import tqdm
+    from calibrate._progress import tqdm
 
     scorer = _heldout_scorer(certificate, model, tokenizer, prompts, references, max_new_tokens, batch_size, decode)
     lambdas = certificate.lambdas

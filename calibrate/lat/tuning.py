@@ -330,7 +330,7 @@ def finetune(
     >>> result.losses.shape, result.trainable
     ((5,), 13056)
     """
-    from tqdm.auto import tqdm
+    from calibrate._progress import tqdm
 
     low, high = _finetune_iv(
         model,

@@ -25,7 +25,8 @@ def test_no_progress_warning_in_a_kernel_without_ipywidgets():
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     cells = [
-        "import warnings\nwarnings.simplefilter('default')\nimport calibrate\ncache = calibrate.synthetic_cache(60, seed=0)",
+        "import warnings\nwarnings.simplefilter('default')",
+        "import calibrate\ncache = calibrate.synthetic_cache(60, seed=0)",
         "cert = calibrate.fit(cache, delta=0.2, epsilon=0.1, consistency='rouge_l', progress=False)",
         "study = calibrate.validity(cache, trials=2, progress=True)",
     ]

@@ -594,16 +594,14 @@ def test_fit_decodes_each_speedup_and_generate_spends_it(word_tokenizer, eos_fro
         with torch.no_grad():
             model.lm_head.weight[EOS] *= 4  # EOS comes often
     prompts = [" ".join(f"w{(5 * i + 3 * j) % 60}" for j in range(10 + i % 7)) for i in range(48)]
-    cert = lat.fit(
-        model,
-        word_tokenizer,
-        prompts,
-        delta=0.5,
-        epsilon=0.1,
-        speedups=[1.0, 1.5, 3.0],
-        max_new_tokens=6,
-        batch_size=16,
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cert = lat.fit(
+            model, word_tokenizer, prompts, delta=0.5, epsilon=0.1, speedups=[1.0, 1.5, 3.0], max_new_tokens=6,
+            batch_size=16,
+        )  # fmt: skip
+    said = [str(w.message) for w in caught if "outputs stop at the tokenizer's" in str(w.message)]
+    assert len(said) == (eos_from == "tokenizer")  # a deployment without the tokenizer would run past it
     assert cert.knob == "token_keep" and cert.model == lat.model_id(model) and cert.measure == "attention"
     assert cert.max_new_tokens == 6  # the decoding budget it certifies
     assert cert.lambdas == pytest.approx((1.0, 1 / 1.5, 1 / 3.0)) and cert.risks[0] == 0.0

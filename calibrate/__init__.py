@@ -17,6 +17,7 @@ try:
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+unknown"
 
+from calibrate import _progress as _progress  # first: loads tqdm.auto, without its notebook warning
 from calibrate import bounds, fwer
 from calibrate._extras import lazy_getattr
 from calibrate.audit import AuditReport, ValidityReport, audit, validity

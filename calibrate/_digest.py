@@ -165,8 +165,8 @@ def search_settings(config) -> list[str]:
 
 
 def tokenizer_eos_warning(model, tokenizer) -> None:
-    """Warn when the model's generation config has no EOS id and ``tokenizer`` has one: calibration (extraction,
-    decoded mode) stops the outputs there, as ``runtime.generate(..., tokenizer=tokenizer)`` does, but the
+    """Warn when the model's generation config has no EOS id and ``tokenizer`` has one: calibration (extraction of
+    a cache, decoded mode) stops the outputs there, as ``runtime.generate(..., tokenizer=tokenizer)`` does, but the
     certificate records the config, so a deployment without the tokenizer (``model.generate``, ``custom_generate``,
     ``runtime.generate`` without it) decodes past it unchecked."""
     from calibrate._validation import caller_stacklevel
@@ -178,7 +178,8 @@ def tokenizer_eos_warning(model, tokenizer) -> None:
             f"the model's generation config has no eos_token_id, so the outputs stop at the tokenizer's ({eos}), as "
             "runtime.generate(..., tokenizer=tokenizer) decodes; decoding without the tokenizer (model.generate, "
             f"custom_generate) runs past it, which the certificate does not cover: set "
-            f"model.generation_config.eos_token_id = {eos} first",
+            f"model.generation_config.eos_token_id = {eos} before calibrating (a held-out cache for a certificate "
+            "made so is extracted as its calibration cache was)",
             UserWarning,
             stacklevel=caller_stacklevel(),
         )

@@ -21,12 +21,14 @@ def test_outputs_are_stripped(path):
 
 def test_no_progress_warning_in_a_kernel_without_ipywidgets():
     """tqdm.auto warned "IProgress not found. Please update jupyter and ipywidgets" in a Jupyter kernel without
-    ipywidgets (in none of the extras), even for a call with progress=False."""
+    ipywidgets (in none of the extras), even for a call with progress=False, or on loading transformers."""
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("transformers")
     cells = [
         "import warnings\nwarnings.simplefilter('default')",
-        "import calibrate\ncache = calibrate.synthetic_cache(60, seed=0)",
+        "import calibrate\nimport transformers  # which loads tqdm.auto too",
+        "cache = calibrate.synthetic_cache(60, seed=0)",
         "cert = calibrate.fit(cache, delta=0.2, epsilon=0.1, consistency='rouge_l', progress=False)",
         "study = calibrate.validity(cache, trials=2, progress=True)",
     ]

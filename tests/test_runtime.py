@@ -1027,6 +1027,33 @@ def test_an_encoder_processor_passed_under_a_certificate_is_held_to_the_config()
     bart.generate(ids, **kw)
     with pytest.raises(ValueError, match=r"this call decodes with \['EncoderRepetitionPenaltyLogitsProcessor'\]"):
         bart.generate(ids, **kw, logits_processor=[EncoderRepetitionPenaltyLogitsProcessor(50.0, ids)])
+    # a decoder-only model's "encoder" ids are its prompt, which custom_generate sees: held to them
+    llama = tiny_model("llama")
+    llama.generation_config.encoder_repetition_penalty = 50.0
+    kw["certificate"] = dataclasses.replace(cert(None), heads=ExitHeads.from_model(llama).describe())
+    ids, kw["attention_mask"] = left_pad(PROMPTS)
+    llama.generate(ids, **kw, logits_processor=[EncoderRepetitionPenaltyLogitsProcessor(50.0, ids)])
+    with pytest.raises(ValueError, match=r"this call decodes with \['EncoderRepetitionPenaltyLogitsProcessor'\]"):
+        llama.generate(ids, **kw, logits_processor=[EncoderRepetitionPenaltyLogitsProcessor(50.0, ids.flip(0))])
+
+
+def test_a_processor_set_as_the_config_is_taken_on_every_call():
+    """Refused on its second call: sequence bias and bad words fill a cache on their first call."""
+    from transformers import NoBadWordsLogitsProcessor, SequenceBiasLogitsProcessor
+
+    ids, mask = left_pad(PROMPTS)
+    for name, setting, made in [
+        ("bad_words_ids", [[7], [8, 9]], NoBadWordsLogitsProcessor([[7], [8, 9]], eos_token_id=EOS)),
+        ("sequence_bias", {(7,): -2.0, (8, 9): 1.0}, SequenceBiasLogitsProcessor({(7,): -2.0, (8, 9): 1.0})),
+    ]:
+        model = tiny_model("llama")
+        setattr(model.generation_config, name, setting)
+        certificate = dataclasses.replace(cert(None), heads=ExitHeads.from_model(model).describe())
+        for _ in range(2):
+            model.generate(
+                ids, attention_mask=mask, max_new_tokens=3, do_sample=False, custom_generate=custom_generate,
+                certificate=certificate, logits_processor=[made],
+            )  # fmt: skip
 
 
 def test_encoder_decoder_refusals():

@@ -92,7 +92,7 @@ def _added_by_call_iv(model, run, config, logits_processor, stopping_criteria, p
     for item in [*(logits_processor or ()), *(stopping_criteria or ())]:
         if isinstance(item, MaxTimeCriteria):
             continue
-        match = next((i for i, b in enumerate(built) if _same_settings(item, b)), None)
+        match = next((i for i, b in enumerate(built) if _same_settings(item, b, run.encoder is not None)), None)
         if match is None:
             extra.append(type(item).__name__)
         else:
@@ -106,20 +106,25 @@ def _added_by_call_iv(model, run, config, logits_processor, stopping_criteria, p
         )
 
 
-#: Processors that hold the encoder's input ids, which custom_generate does not see: compared without them.
+#: Processors that hold the encoder's input ids, which custom_generate does not see for an encoder-decoder model
+#: (a decoder-only model's are its prompt): compared without them there.
 _ENCODER_READING = ("EncoderRepetitionPenaltyLogitsProcessor", "EncoderNoRepeatNGramLogitsProcessor")
 
+#: Attributes a processor fills on its first call (sequence bias, bad words): a cache, not a setting.
+_PREPARED = ("length_1_bias", "multi_token_biases", "prepared_bias_variables")
 
-def _same_settings(a, b) -> bool:
+
+def _same_settings(a, b, encoder_decoder: bool) -> bool:
     """Whether two logits processors or stopping criteria are of one type set alike (:func:`_settings`)."""
-    return type(a) is type(b) and _equal(_settings(a), _settings(b))
+    return type(a) is type(b) and _equal(_settings(a, encoder_decoder), _settings(b, encoder_decoder))
 
 
-def _settings(item) -> dict:
+def _settings(item, encoder_decoder: bool) -> dict:
     """What a logits processor or stopping criterion is set to: its attributes, less what restates the call's
-    inputs (an encoder's ids; a generator seeded from the input at each step) and with forms that say the same
-    made one (no padding to skip as None; EOS ids as a sorted set)."""
-    skipped = ("encoder_input_ids", "generated_ngrams", "batch_size") if type(item).__name__ in _ENCODER_READING else ()
+    inputs (an encoder-decoder's encoder ids; a generator seeded from the input at each step) or what its first
+    call prepared, and with forms that say the same made one (no padding to skip as None; EOS ids as a set)."""
+    encoder = encoder_decoder and type(item).__name__ in _ENCODER_READING
+    skipped = _PREPARED + (("encoder_input_ids", "generated_ngrams", "batch_size") if encoder else ())
     kept = {}
     for key, value in vars(item).items():
         if isinstance(value, torch.Generator) or key in skipped:

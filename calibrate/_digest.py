@@ -111,6 +111,11 @@ PROCESSING_OPTIONS = {
 }
 
 
+def _generation_config(source):
+    """``source`` if it is a ``GenerationConfig``, else the generation config of a model (None without one)."""
+    return source if callable(getattr(source, "to_diff_dict", None)) else getattr(source, "generation_config", None)
+
+
 def token_id_set(value) -> list[int]:
     """The ids of a config's token-id setting given as one id or a list of them, sorted, without None."""
     return sorted({int(i) for i in (value if isinstance(value, (list, tuple)) else [value]) if i is not None})
@@ -125,7 +130,7 @@ def generation_settings(source, *, eos_token_id=None) -> dict[str, Any] | None:
     ``source`` is a ``GenerationConfig`` or a model with one (None for a module without); ``eos_token_id``
     given (None: the config's) replaces the config's, as a decoding call's argument does.
     """
-    config = source if callable(getattr(source, "to_diff_dict", None)) else getattr(source, "generation_config", None)
+    config = _generation_config(source)
     if config is None or not callable(getattr(config, "to_diff_dict", None)):
         return None
     eos = getattr(config, "eos_token_id", None) if eos_token_id is None else eos_token_id
@@ -188,7 +193,7 @@ def tokenizer_eos_warning(model, tokenizer) -> None:
 def stop_strings_iv(source) -> None:
     """ValueError when the generation config of ``source`` (a model or a ``GenerationConfig``) sets ``stop_strings``:
     the library decodes (and extracts) to EOS ids and ``max_new_tokens``, so it would emit past them."""
-    config = source if callable(getattr(source, "to_diff_dict", None)) else getattr(source, "generation_config", None)
+    config = _generation_config(source)
     stops = getattr(config, "stop_strings", None)
     if stops:
         raise ValueError(

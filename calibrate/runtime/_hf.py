@@ -70,7 +70,6 @@ def _greedy_processors(
     return processors if len(processors) else None
 
 
-
 def _added_by_call_iv(model, run, config, logits_processor, stopping_criteria, pad_id) -> None:
     """Refuse logits processors and stopping criteria of a call other than those ``generate`` builds from its
     generation config (``logits_processor=``, ``prefix_allowed_tokens_fn=``, ``stopping_criteria=``, whose objects

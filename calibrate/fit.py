@@ -238,6 +238,10 @@ def _features_iv(measure: str, options, train_cache, cache) -> None:
     )
 
 
+#: The ``measure_state`` of a state saturation computed from a cache's float16 hidden states (not stored).
+FROM_FLOAT16_STATES = {"from_hidden": "float16"}
+
+
 def _source_state(cache, measure: str) -> dict | None:
     """The certificate's ``measure_state`` for a built-in confidence that ``cache`` gives otherwise than the runtime
     and an extraction compute it: a bound from its top-k log-probabilities (``{"from_topk": k}``), or a saturation
@@ -248,7 +252,7 @@ def _source_state(cache, measure: str) -> dict | None:
     k = _topk_bound(cache, measure)
     if k is not None:
         return {"from_topk": k}
-    return {"from_hidden": "float16"} if measure == "state_saturation" and not cache.has(measure) else None
+    return dict(FROM_FLOAT16_STATES) if measure == "state_saturation" and not cache.has(measure) else None
 
 
 def _measure_iv(measure, array_names) -> None:

@@ -23,9 +23,21 @@ from calibrate.losses import LossTable, proxy_losses
 __all__ = ["AuditReport", "ValidityReport", "audit", "validity"]
 
 
+def _source_words(state: dict) -> str:
+    """Where a built-in confidence with this ``measure_state`` (:func:`calibrate.fit._source_state`, ``{}`` for None)
+    came from, in words."""
+    from measures.confidence import _source
+
+    if "from_topk" in state:
+        return _source(state["from_topk"])
+    if "from_hidden" in state:
+        return f"computed from {state['from_hidden']} hidden states"
+    return "its exact value (stored at extraction, or computed from the full softmax)"
+
+
 def _certificate_confidence(cert: Certificate, cache) -> np.ndarray:
     """Recompute the certificate's confidence measure on another cache, shape (n_tokens, n_layers)."""
-    from measures.confidence import MEASURES, _source, _stored_score, _topk_bound, confidence
+    from measures.confidence import MEASURES, _stored_score, confidence
     from measures.learned import LEARNED_MEASURES, measure_from_state
 
     if cert.measure in LEARNED_MEASURES:
@@ -34,27 +46,15 @@ def _certificate_confidence(cert: Certificate, cache) -> np.ndarray:
         raise ValueError(f"the certificate's measure {cert.measure!r} is a stored score: the test cache stores none")
     from calibrate.fit import _source_state
 
-    if cert.measure == "state_saturation" and (cert.measure_state or {}) != (_source_state(cache, cert.measure) or {}):
-        made, here = (
-            ("computed from float16 hidden states", "stored at extraction (full precision)")
-            if cert.measure_state
-            else ("stored in the calibration cache (or computed by a calm-calibrate older than this marker: then "
-                  "fit it again)", "computed from its float16 hidden states")
-        )  # fmt: skip
-        raise ValueError(
-            f"the certificate's state_saturation confidence was {made}, the test cache's would be {here}: they "
-            "differ in the last digits on the same tokens; audit on a cache of the calibration cache's kind (with "
-            "state_saturation stored or not as there)"
-        )
-    made, here = (cert.measure_state or {}).get("from_topk"), _topk_bound(cache, cert.measure)
+    made, here = cert.measure_state or {}, _source_state(cache, cert.measure) or {}
     if made != here:
         raise ValueError(
-            f"the certificate's {cert.measure!r} confidence is {_source(made)}, the test cache's would be "
-            f"{_source(here)}: they differ on the same tokens; audit on a cache of the calibration cache's kind "
-            f"(its top_k, with {cert.measure!r} stored or not as there)"
-            + ("; a certificate made before calm-calibrate recorded top-k bounds does not say which: refit it"
-               if made is None else "")
-        )
+            f"the certificate's {cert.measure!r} confidence is {_source_words(made)}, the test cache's would be "
+            f"{_source_words(here)}: they differ on the same tokens; audit on a cache of the calibration cache's kind "
+            f"(its top_k and hidden states, with {cert.measure!r} stored or not as there)"
+            + ("; a certificate made before calm-calibrate recorded where its confidence came from does not say "
+               "which: refit it" if not made else "")
+        )  # fmt: skip
     return confidence(cache, cert.measure)
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,7 @@ import torch
 from torch import nn
 
 from calibrate._atomic import atomic_safetensors, finite_tensors_iv
-from calibrate._validation import int_at_least, parse_json
+from calibrate._validation import caller_stacklevel, int_at_least, parse_json
 from calibrate.heads import ExitHeads, _cache_model_iv, _hash_adapters
 
 __all__ = ["layer_agreement", "load_adapters", "save_adapters", "train_adapters"]
@@ -175,6 +176,11 @@ def load_adapters(model: nn.Module, path: str | os.PathLike) -> ExitHeads:
         count, width or vocabulary (naming the field), or for a model of the same dtype with other weights,
         or holds tensors of other shapes, or its weights do not match the stored digest. A model in another
         dtype than the saved weights gets them rounded (its weights cannot be compared with the saved model's).
+
+    Warns
+    -----
+    UserWarning
+        When the file records no model dtype (written before it did): its model cannot be checked.
     """
     from safetensors import SafetensorError, safe_open
 
@@ -214,6 +220,13 @@ def load_adapters(model: nn.Module, path: str | os.PathLike) -> ExitHeads:
         raise ValueError(f"{path}: no adapters_digest in its metadata: not an adapter file written by save_adapters")
     if _hash_adapters(weight, bias) != saved["adapters_digest"]:
         raise ValueError(f"{path}: adapter weights do not match their stored digest (corrupt or edited file?)")
+    if saved_dtype is None:
+        warnings.warn(
+            f"{path} records no model dtype (written by an older calm-calibrate): the model its adapters were trained "
+            "for cannot be checked against this one",
+            UserWarning,
+            stacklevel=caller_stacklevel(),
+        )
     with torch.no_grad():
         heads.adapter_weight.copy_(weight)
         heads.adapter_bias.copy_(bias)

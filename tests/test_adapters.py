@@ -125,6 +125,9 @@ def test_load_refuses_other_models_and_corrupt_files(model, real_cache, tmp_path
 
     with safe_open(str(path), framework="pt") as fh:
         meta, tensors = json.loads(fh.metadata()["heads"]), {k: fh.get_tensor(k) for k in fh.keys()}
+    save_file(tensors, str(tmp_path / "older.safetensors"), metadata={"heads": json.dumps(meta)})  # no model_dtype
+    with pytest.warns(UserWarning, match="older.safetensors records no model dtype .* cannot be checked"):
+        load_adapters(tiny_model("llama", seed=2, n_layers=4), tmp_path / "older.safetensors")  # loaded silently
     del meta["adapters_digest"]
     save_file(tensors, str(tmp_path / "nodigest.safetensors"), metadata={"heads": json.dumps(meta)})
     with pytest.raises(ValueError, match="no adapters_digest in its metadata: not an adapter file written by save_ada"):

@@ -27,7 +27,7 @@ _DTYPE_HELP = "torch dtype of the model's weights, e.g. bfloat16 (default: as sa
 
 _TOKENIZER_HELP = (
     "textual consistencies: decode the token ids with the tokenizer saved in DIR (save_pretrained), special tokens "
-    "skipped; needed when the cache's vocab pieces, joined, do not give its output texts"
+    "skipped; needed when the cache's vocab pieces, joined, do not give its output texts (or split characters)"
 )
 
 

@@ -239,8 +239,9 @@ def proxy_losses(
         Decaying threshold.
     decode : callable, optional
         Maps a 1-D integer array of token ids to text, for the textual losses. Defaults to ``cache.decode`` when the
-        cache has a vocabulary and its joined pieces give the cache's output texts (a ValueError names the
-        first sequence where they do not: pass :func:`tokenizer_decode` of the tokenizer), else to the space-joined ids
+        cache has a vocabulary and its joined pieces give the cache's output texts and no layer predicts a piece
+        that is part of a character (U+FFFD); a ValueError names the first sequence or the ids where they do not:
+        pass :func:`tokenizer_decode` of the tokenizer. Without a vocabulary it defaults to the space-joined ids
         (ROUGE-L then becomes the LCS F-measure on token ids). The full output is decoded with the same
         function, so equal ids cost 0.
     progress : bool, default=False
@@ -412,12 +413,32 @@ def _text_iv(vocab: Sequence[str] | None, sequences, consistency: str, decode) -
             )
 
 
+def _partial_pieces_iv(vocab: Sequence[str], top1: np.ndarray) -> None:
+    """Refuse the default decoding (the vocab pieces joined) when a layer of the cache predicts a token whose piece
+    is part of a character (U+FFFD: a byte of a character that byte-level tokens split): joined, such pieces give
+    other text than the tokenizer decodes, in early outputs the full outputs' check never sees."""
+    partial = np.fromiter(("\ufffd" in piece for piece in vocab), dtype=bool, count=len(vocab))
+    if not partial.any():
+        return
+    found = np.unique(np.asarray(top1)[partial[top1]])
+    if found.size:
+        raise ValueError(
+            f"the cache's layers predict tokens whose vocab pieces are parts of a character (ids {found[:5].tolist()}"
+            f"{', ...' if found.size > 5 else ''}, each alone U+FFFD): joined, early outputs holding "
+            "them are scored on other text than the tokenizer decodes. Pass decode=calibrate.tokenizer_decode("
+            "tokenizer) (command line: --tokenizer DIR), or, in memory, decode=cache.decode to score the joined "
+            "pieces anyway"
+        )
+
+
 def _textual_losses(cache, conf, lam, top1, full, consistency, positions, decay, decode, progress):
     from calibrate._progress import tqdm
     from measures.consistency import PairScorer, risk_consistency, textual_loss
 
     if "output" in cache.sequences:  # a Dask task's part has no texts (its cache checked them)
         _text_iv(cache.vocab, cache.sequences, consistency, decode)
+    if decode is None and cache.vocab is not None:
+        _partial_pieces_iv(cache.vocab, top1)
     decode = str_decode(decode or _default_decode(cache.vocab))
     risk = consistency.startswith("risk_")
     scorer = PairScorer(consistency.removeprefix("risk_"))

@@ -769,6 +769,34 @@ def test_a_proxy_fit_warns_when_the_generation_config_processes_logits(tokenizer
     assert caught[0].filename == __file__
 
 
+def test_textual_losses_refuse_joined_pieces_where_a_layer_predicts_part_of_a_character():
+    """Byte-level tokens split a character: alone each decodes to U+FFFD. The full outputs' check passes (the
+    full model emits the whole character), but an early output holding the bytes was scored on two U+FFFD where
+    the tokenizer (decoded mode, tokenizer_decode) reads the character."""
+    import calibrate
+
+    pieces = [b"c", b"af", b" bar", b"\xc3", b"\xa9", "é".encode()]
+
+    class Bytes:  # a byte-level tokenizer's decode
+        def decode(self, ids, skip_special_tokens=False):
+            return b"".join(pieces[i] for i in ids).decode("utf-8", errors="replace")
+
+    vocab = [Bytes().decode([i]) for i in range(len(pieces))]
+    full, early = np.array([0, 1, 5, 2]), np.array([0, 1, 3, 4])  # "café bar" and "caf" + the bytes of "é"
+    top1 = np.stack([early, full], axis=1)  # (4 tokens, 2 layers)
+    topk = np.stack([top1, (top1 + 1) % 6], axis=2)
+    cache = calibrate.LayerCache.from_arrays(
+        full_tokens=full, topk_ids=topk, lengths=[4], vocab=vocab, vocab_size=6, prompts=["p"],
+        outputs=[Bytes().decode(full)],
+    )  # fmt: skip
+    conf = np.array([[0.6, 1.0]] * 4)
+    with pytest.raises(ValueError, match=r"predict tokens whose vocab pieces are parts of a character \(ids \[3, 4\]"):
+        calibrate.proxy_losses(cache, conf, [1.0, 0.5], consistency="token_f1")  # was scored on 'caf\ufffd\ufffd'
+    exact = calibrate.proxy_losses(cache, conf, [1.0, 0.5], consistency="token_f1", decode=calibrate.tokenizer_decode(Bytes()))
+    joined = calibrate.proxy_losses(cache, conf, [1.0, 0.5], consistency="token_f1", decode=cache.decode)  # asked for
+    assert exact.losses[0, 1] < joined.losses[0, 1] == 1.0  # "café" shares a word with "café bar"
+
+
 def test_textual_losses_refuse_a_vocab_that_does_not_give_the_outputs(tokenizer, tmp_path, capsys, monkeypatch):
     """The word-level tokenizer joins words with spaces, its per-token pieces do not: joined, they would turn the
     output into one word and ROUGE-L into exact match (and risk_* losses near 0). Refused, naming the way out."""

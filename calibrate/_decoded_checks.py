@@ -15,7 +15,7 @@ from calibrate import runtime
 from calibrate._certify import _risk_control_iv
 from calibrate._decoded_walk import _LAZY_METHOD, _Decoder, decoded_lambdas
 from calibrate._digest import tokenizer_eos_warning
-from calibrate._extract_checks import _context_iv, _warn_padding_read
+from calibrate._extract_checks import _context_iv, _warn_padding_read, prompt_ids
 from calibrate._extract_steps import _pad
 from calibrate._validation import caller_stacklevel, int_at_least, seed_iv
 from calibrate.audit import _calibration_data_digest
@@ -81,7 +81,7 @@ def _decoder_iv(
     decode = str_decode(tokenizer_decode(tokenizer) if decode is None else decode)
     # Tokenise and pad as extract() does: one prompt at a time, then batches in prompt order.
     encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
-    ids = [list(tokenizer(p)["input_ids"]) for p in prompts]
+    ids = prompt_ids(tokenizer, prompts)
     _context_iv(model.config, encoder_decoder, ids, max_new_tokens)  # empty or too long prompts
     _warn_padding_read(model, ids, batch_size)
     pad_id = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0

@@ -93,7 +93,7 @@ def _extract_iv(
     if pad_id is None:
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
     pad_id = int(pad_id[0] if isinstance(pad_id, (list, tuple)) else pad_id)
-    token_ids = [list(tokenizer(p)["input_ids"]) for p in prompts]
+    token_ids = prompt_ids(tokenizer, prompts)
     rows = model.get_input_embeddings().num_embeddings
     for i, seq in enumerate(token_ids):
         if any(not 0 <= t < rows for t in seq):
@@ -174,6 +174,19 @@ def _warn_padding_read(model, token_ids: Sequence[Sequence[int]], batch_size: in
             UserWarning,
             stacklevel=caller_stacklevel(),
         )
+
+
+def prompt_ids(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
+    """Each prompt's token ids as the model reads them: with the tokenizer's special tokens, but one BOS where the
+    text already begins with it (a chat template writes it: ``apply_chat_template(tokenize=True)`` gives one)."""
+    bos, bos_id = getattr(tokenizer, "bos_token", None), getattr(tokenizer, "bos_token_id", None)
+    out = []
+    for prompt in prompts:
+        ids = list(tokenizer(prompt)["input_ids"])
+        if isinstance(bos, str) and bos and prompt.startswith(bos) and bos_id is not None and ids[:2] == [bos_id] * 2:
+            del ids[0]  # the tokenizer's own, in front of the template's
+        out.append(ids)
+    return out
 
 
 def _context_iv(

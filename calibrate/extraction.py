@@ -85,8 +85,9 @@ def extract(
         with its LM head; see :data:`calibrate.heads.SUPPORTED_ARCHITECTURES`. It is run in eval mode
         (its mode is restored afterwards) on its own device.
     tokenizer : transformers.PreTrainedTokenizerBase
-        Its tokenizer. Prompts are tokenised one by one (with the tokenizer's special tokens) and padded
-        here: on the left for decoder-only models, on the right for encoder-decoder models.
+        Its tokenizer. Prompts are tokenised one by one (with the tokenizer's special tokens, but one BOS
+        where the text begins with it, as a chat template writes it) and padded here: on the left for
+        decoder-only models, on the right for encoder-decoder models.
     prompts : sequence of str, shape (n_sequences,)
         The prompts, used as they are (apply a chat template before if the model needs one).
     max_new_tokens : int, default=32

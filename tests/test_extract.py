@@ -192,6 +192,27 @@ def test_tokens_equal_generate_of_each_prompt_alone(arch, batch_size, tokenizer)
     np.testing.assert_array_equal(cache.arrays["topk_ids"][:, -1, 0], cache.arrays["full_tokens"])
 
 
+def test_a_prompt_whose_chat_template_wrote_the_bos_gets_one():
+    """Llama-style tokenizers add a BOS and their chat templates write one: the prompt text then begins with it, and
+    the model read two (apply_chat_template(tokenize=True) gives one); extract and decoded mode share the rule."""
+    import torch
+    from tokenizers.processors import TemplateProcessing
+
+    from calibrate._extract_checks import prompt_ids
+
+    tok = tiny_tokenizer()
+    tok._tokenizer.post_processor = TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 3)])
+    tok.chat_template = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    templated = tok.apply_chat_template([{"role": "user", "content": "w4 w5 w6"}], tokenize=False)
+    assert templated == "<bos>w4 w5 w6" and tok(templated)["input_ids"] == [3, 3, 8, 9, 10]
+    assert prompt_ids(tok, [templated, "w4 w5 w6", "w4 <bos>"]) == [[3, 8, 9, 10], [3, 8, 9, 10], [3, 8, 3]]
+    assert prompt_ids(tiny_tokenizer(), [templated]) == [[3, 8, 9, 10]]  # a tokenizer that adds none: as it is
+    model = tiny_model("llama")
+    cache = extract(model, tok, [templated], max_new_tokens=4, progress=False)
+    expected = model.generate(torch.tensor([[3, 8, 9, 10]]), do_sample=False, max_new_tokens=4)[0, 4:].tolist()
+    assert cache.sequences["output_ids"][0].tolist() == expected  # was the continuation of [3, 3, 8, 9, 10]
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "t5"])
 def test_sequences_stop_at_eos_which_is_kept(arch, tokenizer):
     model = tiny_model(arch, seed=2)

@@ -146,7 +146,8 @@ def format_prompt(text: str, tokenizer=None, *, instruction: str = INSTRUCTION) 
         A tokenizer with a chat template. The prompt is then ``tokenizer.apply_chat_template([{"role":
         "user", "content": instruction + text}], tokenize=False, add_generation_prompt=True)``: the
         template's own special tokens and default system prompt, ending where the assistant's answer
-        starts. Tokenise it without adding special tokens again (SmolLM2's tokenizer adds none).
+        starts. :func:`calibrate.extract` and decoded mode tokenise it with the tokenizer's special tokens but
+        no second BOS where the template wrote one (SmolLM2's tokenizer adds none).
     instruction : str, default="Summarize in one sentence: "
         Put before the text.
 

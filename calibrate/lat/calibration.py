@@ -32,7 +32,7 @@ import torch
 from calibrate._decoded_checks import _decoder_iv, _prompts_iv, _risk_iv
 from calibrate._decoded_walk import _certify_lazily
 from calibrate._digest import tokenizer_eos_warning
-from calibrate._extract_checks import _context_iv
+from calibrate._extract_checks import _context_iv, prompt_ids
 from calibrate._extract_steps import _pad
 from calibrate._validation import caller_stacklevel, int_at_least, label_count_iv
 from calibrate.audit import AuditReport, _calibration_data_digest, _held_out_iv, _held_out_report
@@ -175,7 +175,7 @@ def fit(
     scorer = _scorer(model, tokenizer, prompts, references, consistency, lambdas, max_new_tokens, batch_size, decode)
     tokenizer_eos_warning(model, tokenizer)
     min_keep = 2  # vectors every layer keeps: the first token and, in decoders, the last prompt token
-    _warn_unreachable(model.config, [len(tokenizer(p)["input_ids"]) for p in prompts], speedups, min_keep)
+    _warn_unreachable(model.config, [len(ids) for ids in prompt_ids(tokenizer, prompts)], speedups, min_keep)
     special = getattr(tokenizer, "all_special_ids", None) or []
     untested = (math.nan,) * lambdas.size
     template = Certificate(
@@ -357,7 +357,7 @@ class _Classifier:
         batch_size = int_at_least(batch_size, "batch_size")
         self.model, self.consistency, self.n = model, consistency, len(prompts)
         pad_id = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0
-        ids = [list(tokenizer(p)["input_ids"]) for p in prompts]
+        ids = prompt_ids(tokenizer, prompts)
         _context_iv(model.config, False, ids, 0)  # empty or longer than the positions: refused, not truncated
         self.batches = [_pad(ids[s : s + batch_size], pad_id, left=False) for s in range(0, len(ids), batch_size)]
         self._full: np.ndarray | None = None

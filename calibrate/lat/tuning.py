@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from calibrate._extract_checks import _context_iv
+from calibrate._extract_checks import _context_iv, prompt_ids
 from calibrate._extract_steps import _pad
 from calibrate._frozen import Rebuilt, read_only_arrays
 from calibrate._validation import finite_positive, int_at_least, seed_iv, torch_seed
@@ -166,11 +166,11 @@ def _merge(layers: nn.ModuleList) -> None:
                     setattr(parent, name, child.merged())
 
 
-def _targets(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, batch_size: int) -> list[list[int]]:
+def _targets(model, tokenizer, tokens: list[list[int]], max_new_tokens: int, batch_size: int) -> list[list[int]]:
     """The unmodified model's greedy continuation of each prompt, up to and including its first EOS."""
     out = []
-    for s in range(0, len(prompt_ids), batch_size):
-        ids, mask = _pad(prompt_ids[s : s + batch_size], tokenizer.pad_token_id or 0, left=True)
+    for s in range(0, len(tokens), batch_size):
+        ids, mask = _pad(tokens[s : s + batch_size], tokenizer.pad_token_id or 0, left=True)
         result = generate(model, ids, mask, max_new_tokens=max_new_tokens, tokenizer=tokenizer)
         for row in result.new_tokens.cpu().numpy():
             out.append(row[: _length(row, result.eos_ids)].tolist())
@@ -349,10 +349,10 @@ def finetune(
         seed,
     )
     special = getattr(tokenizer, "all_special_ids", None) or []
-    prompt_ids = [list(tokenizer(p)["input_ids"]) for p in prompts]
-    _context_iv(model.config, False, prompt_ids, max_new_tokens, teacher_forced=True)  # prompt + continuation
+    tokens = prompt_ids(tokenizer, prompts)
+    _context_iv(model.config, False, tokens, max_new_tokens, teacher_forced=True)  # prompt + continuation
     with torch.no_grad():
-        wanted = _targets(model, tokenizer, prompt_ids, max_new_tokens, 8)
+        wanted = _targets(model, tokenizer, tokens, max_new_tokens, 8)
 
     tuned = copy.deepcopy(model).eval()
     tuned.requires_grad_(False)
@@ -370,7 +370,7 @@ def finetune(
     for _ in tqdm(range(steps), desc="token-elimination tuning", unit="step", disable=not progress):
         rows = rng.choice(len(prompts), size=min(batch_size, len(prompts)), replace=False)
         speedup = float(rng.uniform(low, high))
-        ids, mask = (t.to(adapter.device) for t in _pad([prompt_ids[r] for r in rows], pad_id, left=True))  # (b, P)
+        ids, mask = (t.to(adapter.device) for t in _pad([tokens[r] for r in rows], pad_id, left=True))  # (b, P)
         y, y_mask = (t.to(adapter.device) for t in _pad([wanted[r] for r in rows], pad_id, left=False))  # (b, T)
         loss = _target_loss(adapter, heads, ids, mask, y, y_mask, speedup, special, score)
         if anchor and speedup != 1.0:  # keep the unmodified behaviour: the same targets with nothing removed

@@ -350,7 +350,8 @@ def read_prompts(path: str | os.PathLike) -> tuple[list[str], list[str | None]]:
         A UTF-8 file. It is JSONL when its name ends in ``.jsonl``, or when it does not end in ``.txt`` (in
         either case) and its first non-blank line starts with ``{``; each line then holds an object with a str
         ``"prompt"`` and optionally a ``"reference"``: a str, null, or an int (a class label, for
-        ``risk_label``; kept as its decimal string). Otherwise every non-blank line is one prompt
+        ``risk_label``; kept as its decimal string); a ``.json`` file must be JSONL so (a JSON array is
+        refused). Otherwise every non-blank line is one prompt
         (without its line break). Lines end
         at LF or CR LF only: other separators (U+2028, form feed, ...) stay in the prompt. Blank lines
         are skipped in both formats.
@@ -364,7 +365,8 @@ def read_prompts(path: str | os.PathLike) -> tuple[list[str], list[str | None]]:
     Raises
     ------
     ValueError
-        When the file holds no prompt or a JSONL line is invalid (the message gives the line number).
+        When the file holds no prompt, a JSONL line is invalid (the message gives the line number), or a
+        ``.json`` file is not JSONL.
     FileNotFoundError
         When the file does not exist.
     """
@@ -382,6 +384,11 @@ def read_prompts(path: str | os.PathLike) -> tuple[list[str], list[str | None]]:
     is_jsonl = suffix == ".jsonl" or (
         suffix != ".txt" and numbered[0][1].lstrip().startswith("{")
     )
+    if suffix == ".json" and not is_jsonl:  # a JSON array: its lines would become prompts ("[", '{"prompt": ...},')
+        raise ValueError(
+            f"{file}: a .json file is read as JSONL (one object per line, the first starting with '{{'); write one "
+            '{"prompt": ..., "reference": ...} object per line (.jsonl), or one prompt per line (.txt)'
+        )
     prompts: list[str] = []
     references: list[str | None] = []
     for number, line in numbered:

@@ -607,6 +607,12 @@ def test_read_prompts_text_and_jsonl(tmp_path):
     assert read_prompts(upper) == (['{"a": 1}', "second"], [None, None])
     (tmp_path / "P.JSONL").write_text('{"prompt": "w1"}\n', encoding="utf-8")
     assert read_prompts(tmp_path / "P.JSONL") == (["w1"], [None])
+    (tmp_path / "lines.json").write_text('{"prompt": "w1", "reference": "w2"}\n', encoding="utf-8")
+    assert read_prompts(tmp_path / "lines.json") == (["w1"], ["w2"])
+    for array in ('[\n  {"prompt": "w1", "reference": "w2"},\n  {"prompt": "w3"}\n]\n', '["w1", "w3"]'):
+        (tmp_path / "array.json").write_text(array, encoding="utf-8")
+        with pytest.raises(ValueError, match=r"array.json: a .json file is read as JSONL .*\(.jsonl\), or one prompt"):
+            read_prompts(tmp_path / "array.json")  # were 4 prompts ("[", two lines of JSON, "]") and 1
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "w1"}\n{"text": "w3"}\n', encoding="utf-8")
     with pytest.raises(ValueError, match=r"bad.jsonl:2: .*\"prompt\""):

@@ -40,6 +40,8 @@ def _tensors_digest(module, kind: str, fresh: bool) -> str:
     memoised on :func:`_state` unless ``fresh``."""
     # Every registration of a buffer: dynamic rope re-registers inv_freq as original_inv_freq's object.
     tensors = list(module.named_parameters() if kind == "parameters" else module.named_buffers(remove_duplicate=False))
+    if kind == "buffers":
+        tensors = _initial_rope(tensors)
     state = _state(tensors)
     last = _LAST.setdefault(module, {}).get(kind)
     if not fresh and last is not None and last[0] == state:
@@ -47,6 +49,21 @@ def _tensors_digest(module, kind: str, fresh: bool) -> str:
     digest = hash_tensors(tensors)
     _LAST[module][kind] = (state, digest)
     return digest
+
+
+def _initial_rope(buffers: list) -> list:
+    """``buffers`` with each rotary ``inv_freq`` replaced by its module's ``original_inv_freq`` (the same values until a
+    call changes them): Hugging Face's longrope and dynamic rope rewrite ``inv_freq`` on each call from the
+    original and the call's longest position, so the last call's frequencies are no property of the model."""
+    named = dict(buffers)
+    out = []
+    for name, tensor in buffers:
+        head, dot, leaf = name.rpartition(".")
+        original = f"{head}{dot}{leaf.removesuffix('inv_freq')}original_inv_freq"
+        if leaf.endswith("inv_freq") and not leaf.endswith("original_inv_freq") and original in named:
+            tensor = named[original]
+        out.append((name, tensor))
+    return out
 
 
 def hash_tensors(tensors) -> str:
@@ -220,7 +237,7 @@ def decoding_digest(module, *, fresh: bool = False) -> str:
 
 def model_digest(module, *, fresh: bool = False) -> str:
     """16 hex digits identifying what ``module`` computes: its weights (:func:`weights_digest`), its buffers
-    (rotary frequencies, which rope scaling changes; BatchNorm statistics), each submodule's type and settings
+    (rotary frequencies as initialised, which rope scaling changes; BatchNorm statistics), each submodule's type and settings
     (``extra_repr``: an activation, an epsilon; not a dropout rate, which inference does not use) and, for a
     Hugging Face model, its configuration (without dropout rates, bookkeeping and output options).
 

@@ -160,17 +160,25 @@ _READ_PADDING = (
 
 
 def _warn_padding_read(model, token_ids: Sequence[Sequence[int]], batch_size: int) -> None:
-    """Warn when a batch of ``token_ids`` needs padding and the model's generation config has a logits processor
-    that reads it: then a prompt's greedy output (the full model's too) depends on the batch it is padded in."""
+    """Warn when a batch of ``token_ids`` needs padding and the model reads it: a logits processor of its generation
+    config, or longrope, whose frequencies follow the batch's longest row. Then a prompt's greedy output (the full
+    model's too) depends on the batch it is padded in."""
     gen = getattr(model, "generation_config", None)
     names = _READ_PADDING[4:] if getattr(model.config, "is_encoder_decoder", False) else _READ_PADDING
-    found = [f"{n}={getattr(gen, n)!r}" for n in names if getattr(gen, n, None) not in PROCESSING_OPTIONS[n]]
+    found = [
+        f"its generation config's {n}={getattr(gen, n)!r} (a logits processor)"
+        for n in names
+        if getattr(gen, n, None) not in PROCESSING_OPTIONS[n]
+    ]
+    rope = getattr(model.config, "rope_parameters", None) or {}
+    if "longrope" in (rope.get("rope_type"), *(v.get("rope_type") for v in rope.values() if isinstance(v, dict))):
+        found.append("rope_type='longrope' (frequencies by the batch's longest row)")
     batches = (token_ids[s : s + batch_size] for s in range(0, len(token_ids), batch_size))
     if found and any(len({len(t) for t in batch}) > 1 for batch in batches):
         warnings.warn(
-            f"the model's generation config has {', '.join(found)}, whose logits processors read the padding of a "
-            "batch's prompts (as in Hugging Face's generate): a prompt's output, the full model's too, can depend on "
-            "the batch it is padded in; batch_size=1 gives what each prompt decoded alone gives",
+            f"the model reads the padding of a batch's prompts through {', '.join(found)}, as in Hugging Face's "
+            "generate: a prompt's output, the full model's too, can depend on the batch it is padded in; "
+            "batch_size=1 gives what each prompt decoded alone gives",
             UserWarning,
             stacklevel=caller_stacklevel(),
         )

@@ -917,6 +917,28 @@ def test_weights_digest_covers_every_weight_and_follows_in_place_edits():
     assert weights_digest(model) == untouched and weights_digest(model, fresh=True) != untouched
 
 
+def test_longrope_decodes_as_generate_and_keeps_its_digest():
+    """Longrope picks its frequencies by the largest position of a call and writes them into inv_freq. The runtime
+    left finished rows out of that call (generate feeds them on), so the other rows kept the short frequencies
+    longer and decoded other tokens; the digest followed the last call's length (a certificate fitted right after a
+    long extraction was refused for its own model); extraction's tokens depend on the batch (as generate's)."""
+    import calibrate
+    from calibrate._digest import model_digest
+
+    rope = {"rope_type": "longrope", "short_factor": [1.0] * 4, "long_factor": [8.0, 16.0, 32.0, 64.0],
+            "original_max_position_embeddings": 10}  # fmt: skip
+    model = tiny_model("llama", rope_scaling=rope)
+    digest = model_digest(model, fresh=True)
+    ids, mask = left_pad([[4, 9, 17, 30, 5, 11, 8], [7, 12]])
+    alone = model.generate(input_ids=ids[:1], attention_mask=mask[:1], do_sample=False, max_new_tokens=14)
+    model.generation_config.eos_token_id = int(alone[0, 8])  # row 0 finishes at its second token
+    expected = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=14)
+    assert model_digest(model, fresh=True) == digest  # after calls past original_max_position_embeddings
+    assert generate(model, ids, mask, max_new_tokens=14).sequences.tolist() == expected.tolist()
+    with pytest.warns(UserWarning, match=r"through rope_type='longrope' \(frequencies by the batch's longest row\)"):
+        calibrate.extract(model, _tiny_hf.tiny_tokenizer(), ["w1 w2 w3", "w4"], max_new_tokens=2, progress=False)
+
+
 def test_model_digest_tells_apart_the_same_weights_computing_otherwise():
     from calibrate import fff, lat
     from calibrate._digest import model_digest, weights_digest

@@ -152,11 +152,15 @@ def _decode(
         n = rows.numel()
         global_rows = None if n == B else rows
         col = P + t - 1
-        pos = (first_new_position[rows] + t - 1)[:, None]  # (n, 1)
+        every = (first_new_position + t - 1)[:, None]  # (B, 1): finished rows' too, which generate feeds on
+        pos = every[rows]  # (n, 1)
         mask = additive_mask(keys_visible[rows, None, None, : col + 1], dtype) if padded else None  # (n, 1, 1, col+1)
         step = Step(global_rows, col, pos, mask)
         h = adapter.embed(sequences[rows, col : col + 1], pos)  # (n, 1, d)
-        pos_data = adapter.positional(h, step)
+        if n == B:
+            pos_data = adapter.positional(h, step)
+        else:  # from every row's position: longrope and dynamic rope pick their frequencies by the call's largest
+            pos_data = _take(adapter.positional(h.new_empty((B, *h.shape[1:])), Step(None, col, every, None)), rows)
         lam = cfg.threshold(t)
         exits = _Exits(n, run, device)
 

@@ -917,6 +917,26 @@ def test_weights_digest_covers_every_weight_and_follows_in_place_edits():
     assert weights_digest(model) == untouched and weights_digest(model, fresh=True) != untouched
 
 
+def test_decoding_does_not_depend_on_the_default_dtype_or_return_dict():
+    """The exit logits' buffer took torch's default dtype (float64 or bfloat16 failed on the float32 logits); BART's
+    encoder call read .last_hidden_state of the tuple that a config with return_dict=False gets."""
+    model = tiny_model("llama")
+    ids, mask = left_pad(PROMPTS)
+    expected = generate(model, ids, mask, certificate=cert(0.5, "softmax_gap"), max_new_tokens=6)
+    for default in (torch.float64, torch.bfloat16):
+        torch.set_default_dtype(default)
+        try:
+            out = generate(model, ids, mask, certificate=cert(0.5, "softmax_gap"), max_new_tokens=6)
+        finally:
+            torch.set_default_dtype(torch.float32)
+        assert out.sequences.tolist() == expected.sequences.tolist()
+    bart = tiny_model("bart")
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    expected = generate(bart, ids, max_new_tokens=4).sequences
+    bart.config.return_dict = False  # e.g. left from an export of the model
+    assert generate(bart, ids, max_new_tokens=4).sequences.tolist() == expected.tolist()
+
+
 def test_longrope_decodes_as_generate_and_keeps_its_digest():
     """Longrope picks its frequencies by the largest position of a call and writes them into inv_freq. The runtime
     left finished rows out of that call (generate feeds them on), so the other rows kept the short frequencies

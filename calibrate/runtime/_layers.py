@@ -512,7 +512,7 @@ class EncoderDecoderAdapter(LayerAdapter):
         """Run the encoder on ``ids`` ``(B, S_enc)`` (unless its output ``states`` ``(B, S_enc, d)`` is given)
         and store every decoder layer's cross-attention keys/values and the padding ``mask`` ``(B, S_enc)``."""
         if states is None:
-            states = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, S_enc, d)
+            states = self.encoder(input_ids=ids, attention_mask=mask, return_dict=True).last_hidden_state  # (B, S, d)
         keys = [self._split(block.cross_attn.k(states)) for block in self.blocks]  # (B, H, S_enc, hd) each
         values = [self._split(block.cross_attn.v(states)) for block in self.blocks]
         padded = None if bool(mask.all()) else additive_mask(mask.bool()[:, None, None, :], self.dtype)

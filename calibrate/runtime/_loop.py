@@ -24,7 +24,8 @@ class _Exits:
         self.layer = torch.full((n,), run.config.n_layers, dtype=torch.long, device=device)  # (n,) 1-based
         self.state = torch.empty((n, run.adapter.hidden_size), dtype=run.adapter.dtype, device=device)  # (n, d)
         needs_logits = run.measure is not None and run.measure.needs_logits
-        self.logits = torch.empty((n, run.heads.vocab_size), device=device) if needs_logits else None  # (n, V)
+        shape = (n, run.heads.vocab_size)
+        self.logits = torch.empty(shape, dtype=torch.float32, device=device) if needs_logits else None  # (n, V)
 
     def test(
         self, run: _Run, i: int, lam: float, h: torch.Tensor, prev: torch.Tensor, rows: torch.Tensor

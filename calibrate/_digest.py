@@ -66,6 +66,13 @@ def _initial_rope(buffers: list) -> list:
     return out
 
 
+def _unwrapped(module):
+    """The module that ``torch.compile`` wrapped in ``module`` (the same weights, named under ``_orig_mod.``), else
+    ``module``."""
+    inner = getattr(module, "_orig_mod", None) if type(module).__name__ == "OptimizedModule" else None
+    return module if inner is None else inner
+
+
 def hash_tensors(tensors) -> str:
     """16 hex digits of SHA-256 over the name, dtype, shape and bytes of each ``(name, tensor)`` (no memo)."""
     import torch
@@ -85,9 +92,9 @@ def weights_digest(module, *, fresh: bool = False) -> str:
     about 2 GB/s (0.3 s for SmolLM2-135M in float32); unless ``fresh``, it runs only when a parameter changed
     since the module's last digest: in place, replaced, moved, cast, or (through ``p.data``, which bumps no
     version counter) at one of 16 sampled positions per parameter. Pass ``fresh=True`` where the digest is
-    written down for good (files, resume identities).
+    written down for good (files, resume identities). What ``torch.compile`` returns has its original's digest.
     """
-    return _tensors_digest(module, "parameters", fresh)
+    return _tensors_digest(_unwrapped(module), "parameters", fresh)
 
 
 #: Configuration keys that do not change what a loaded model computes: training-only, bookkeeping, output options.
@@ -247,6 +254,7 @@ def model_digest(module, *, fresh: bool = False) -> str:
     """
     from torch.nn.modules.dropout import _DropoutNd
 
+    module = _unwrapped(module)  # torch.compile computes what its original does
     settings = "\n".join(
         f"{name}|{type(m).__name__}|{'' if isinstance(m, _DropoutNd) else m.extra_repr()}"
         for name, m in module.named_modules()

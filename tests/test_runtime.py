@@ -967,6 +967,11 @@ def test_model_digest_tells_apart_the_same_weights_computing_otherwise():
     scaled = tiny_model("llama", rope_scaling={"rope_type": "linear", "factor": 4.0})  # context extension
     assert weights_digest(scaled) == weights_digest(model) and model_digest(scaled) != model_digest(model)
     assert model_digest(copy.deepcopy(model)) == model_digest(model)
+    with warnings.catch_warnings():  # torch's own on importing its compiler
+        warnings.simplefilter("ignore", DeprecationWarning)
+        compiled = torch.compile(model)  # names every weight under _orig_mod.: its certificates were refused
+    assert model_digest(compiled) == model_digest(model) and weights_digest(compiled) == weights_digest(model)
+    assert lat.model_id(compiled) == lat.model_id(model)
     assert lat.model_id(scaled) != lat.model_id(model)  # a token_keep certificate was spent on the scaled model
     assert ExitHeads.from_model(scaled).describe()["model_digest"] != ExitHeads.from_model(model).describe()["model_digest"]
     torch.manual_seed(0)

@@ -47,6 +47,8 @@ class _Arch:
     layers: str
     norm: str | None
     head: str = "lm_head"
+    #: The config field that counts the decoder layers.
+    count: str = "num_hidden_layers"
     #: Name of an additive logits bias buffer on the model (BART's ``final_logits_bias``).
     bias: str | None = None
     #: Whether the norm may be missing (BART has none, mBART has one).
@@ -57,7 +59,11 @@ class _Arch:
 
 _LLAMA = _Arch(layers="model.layers", norm="model.norm")
 _BART = _Arch(
-    layers="model.decoder.layers", norm="model.decoder.layer_norm", bias="final_logits_bias", optional_norm=True
+    layers="model.decoder.layers",
+    norm="model.decoder.layer_norm",
+    count="decoder_layers",
+    bias="final_logits_bias",
+    optional_norm=True,
 )
 
 #: ``config.model_type`` -> layout. Extend with care: the head must reproduce the model's logits
@@ -68,7 +74,7 @@ _ARCHITECTURES: dict[str, _Arch] = {
     "mistral": _LLAMA,
     "qwen2": _LLAMA,
     "qwen3": _LLAMA,
-    "t5": _Arch(layers="decoder.block", norm="decoder.final_layer_norm", t5_scale=True),
+    "t5": _Arch(layers="decoder.block", norm="decoder.final_layer_norm", count="num_decoder_layers", t5_scale=True),
     "bart": _BART,
     "mbart": _BART,
 }
@@ -98,13 +104,19 @@ def _arch_iv(model) -> tuple[str, _Arch]:
         )
     arch = _ARCHITECTURES[model_type]
     try:
-        _get(model, arch.layers)
+        layers = _get(model, arch.layers)
         _get(model, arch.head)
     except AttributeError as exc:
         raise ValueError(
             f"{type(model).__name__} (model type {model_type!r}) has no {arch.layers!r} and {arch.head!r}: "
             "load the model with its language-modelling head (AutoModelForCausalLM or AutoModelForSeq2SeqLM)"
         ) from exc
+    counted = getattr(config, arch.count, None)
+    if counted is not None and counted != len(layers):  # a forward runs the config's count (Llama) or every layer
+        raise ValueError(
+            f"{type(model).__name__} holds {len(layers)} decoder layers ({arch.layers}) but its config says "
+            f"{arch.count}={counted}: set the one to the other (a model pruned or cut by hand)"
+        )
     return model_type, arch
 
 

@@ -172,6 +172,33 @@ def test_unsupported_architecture_is_named():
         decoder_layers(object())
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "t5", "bart"])
+def test_a_model_whose_layers_disagree_with_its_config_is_refused(arch):
+    """Llama's forward runs the config's count of layers: the runtime ran every layer (other tokens than generate),
+    LAT failed with an IndexError and extract blamed the generation config."""
+    from calibrate import lat
+    from calibrate.runtime import generate
+
+    cut = tiny_model(arch)
+    field = {"gpt2": "n_layer", "t5": "num_decoder_layers", "bart": "decoder_layers"}.get(arch, "num_hidden_layers")
+    setattr(cut.config, field, 2)
+    pruned = tiny_model(arch)
+    del decoder_layers(pruned)[2]  # the config still says 3
+    for model, held in ((cut, 3), (pruned, 2)):
+        named = "num_hidden_layers" if arch == "gpt2" else field  # GPT-2's config maps n_layer to it
+        match = rf"holds {held} decoder layers \(.*\) but its config says {named}={5 - held}: set the one"
+        for call in (
+            lambda: generate(model, torch.tensor([[4, 5]]), max_new_tokens=2),
+            lambda: extract(model, tiny_tokenizer(), ["w1"], max_new_tokens=2, progress=False),
+            lambda: ExitHeads.from_model(model),
+        ):
+            with pytest.raises(ValueError, match=match):
+                call()
+        if arch == "llama":
+            with pytest.raises(ValueError, match=match):
+                lat.generate(model, torch.tensor([[4, 5]]), speedup=1.0, max_new_tokens=2)
+
+
 # --------------------------------------------------------------------------------------------------
 # Extraction: tokens equal generate
 # --------------------------------------------------------------------------------------------------

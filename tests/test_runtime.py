@@ -999,6 +999,8 @@ def test_model_digest_tells_apart_the_same_weights_computing_otherwise():
 
 
 def test_certificate_for_other_heads_is_refused(fitted_llama):
+    import calibrate
+
     model, heads, plain, adapted = fitted_llama
     ids = torch.tensor([PROMPTS[0]])
     # Another vocabulary: the same architecture, depth and width, 80 tokens instead of 64.
@@ -1028,7 +1030,18 @@ def test_certificate_for_other_heads_is_refused(fitted_llama):
     with pytest.raises(ValueError, match=r"adapters are torch.float32 on cpu but the model runs in torch.bfloat16.*"
                        r"load_adapters\(model, path\)"):  # it said load_adapters(path, model)
         generate(cast.to(torch.bfloat16), ids, heads=cast_heads)
+    with pytest.raises(ValueError, match=r"adapters are torch.float32 on cpu but the model runs in torch.bfloat16"):
+        calibrate.extract(cast, _tiny_hf.tiny_tokenizer(), ["w1"], heads=cast_heads, progress=False)  # a dtype error
     generate(copy.deepcopy(model), ids, certificate=plain, heads=ExitHeads.from_model(model), max_new_tokens=2)
+    resized = copy.deepcopy(model)
+    early = ExitHeads.from_model(resized)
+    resized.resize_token_embeddings(V + 16)  # heads made before: read through the old head, silently
+    for call in (
+        lambda: generate(resized, ids, heads=early, max_new_tokens=2),
+        lambda: calibrate.extract(resized, _tiny_hf.tiny_tokenizer(), ["w1"], heads=early, progress=False),
+    ):
+        with pytest.raises(ValueError, match=r"before the model's LM head was replaced \(resize_token_embeddings\?\)"):
+            call()
 
 
 def test_refuses_bad_models_and_prompts():

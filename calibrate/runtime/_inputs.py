@@ -380,12 +380,6 @@ def _generate_iv(
     _context_iv(model, adapter, prompt_mask, encoder, max_new_tokens)
     # Heads and exit rule.
     heads = _heads_iv(heads, model)
-    if heads.has_adapters and (heads.adapter_weight.dtype, heads.adapter_weight.device) != (adapter.dtype, device):
-        raise ValueError(
-            f"the heads' adapters are {heads.adapter_weight.dtype} on {heads.adapter_weight.device} but the model runs "
-            f"in {adapter.dtype} on {device}: load the adapters after moving the model "
-            "(calibrate.adapters.load_adapters(model, path)); a certificate holds for the dtype it was calibrated in"
-        )
     if heads.n_layers != n_layers or heads.hidden_size != adapter.hidden_size:
         raise ValueError(
             f"heads has n_layers={heads.n_layers}, hidden_size={heads.hidden_size} but the model has "

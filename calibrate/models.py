@@ -91,11 +91,12 @@ def _eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
 
 
 def _in_training(model: torch.nn.Module) -> bool:
-    """Whether ``model`` is in training mode as its owner left it: while :func:`_eval_mode` calls run on it
-    (another thread decoding), the flag from before the first of them, not their temporary eval mode."""
+    """Whether a module of ``model`` is in training mode as its owner left it: while :func:`_eval_mode` calls run
+    on it (another thread decoding), the flags from before the first of them, not their temporary eval mode."""
     with _eval_lock:
         users = _eval_users.get(id(model))
-        return users[1][0][1] if users is not None else model.training  # modules() yields the model first
+        flags = users[1] if users is not None else ((m, m.training) for m in model.modules())
+        return any(training for _, training in flags)
 
 
 def load_local(model_dir, *, device: str | None = None, dtype: str | None = None):

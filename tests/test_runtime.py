@@ -1395,6 +1395,10 @@ def test_a_model_left_in_training_mode_decodes_as_calibrated_without_dropout(arc
         with _eval_mode(model):  # another thread decoding meanwhile: the flag is eval for a while, the owner's is not
             with pytest.raises(ValueError, match="training mode, so model.generate ran"):  # was refused by chance
                 model.generate(ids, **kw)
+        model.eval()
+        model.get_encoder().train()  # the model's own flag says eval: was accepted, with three different outputs
+        with pytest.raises(ValueError, match="training mode, so model.generate ran its encoder with dropout"):
+            model.generate(ids, **kw)
         return
     assert torch.equal(model.generate(ids, **kw), expected.sequences) and model.training
 

@@ -246,8 +246,9 @@ def custom_generate(
         )
     if encoder_decoder and _in_training(model):  # as its owner left it, whatever another thread's decoding set
         raise ValueError(
-            "the model is in training mode, so model.generate ran its encoder with dropout (it does not switch to "
-            "eval mode); call model.eval() first, or decode with calibrate.runtime.generate, which runs in eval mode"
+            "the model (or a module of it) is in training mode, so model.generate ran its encoder with dropout (it "
+            "does not switch to eval mode); call model.eval() first, or decode with calibrate.runtime.generate, which "
+            "runs in eval mode"
         )
     if generation_config is None or generation_config.max_length is None:
         raise ValueError("custom_generate needs the generation_config prepared by model.generate (with max_length)")

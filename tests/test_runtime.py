@@ -917,6 +917,34 @@ def test_weights_digest_covers_every_weight_and_follows_in_place_edits():
     assert weights_digest(model) == untouched and weights_digest(model, fresh=True) != untouched
 
 
+def test_forward_hooks_the_runtime_would_skip_are_refused():
+    """The runtime runs a layer's parts, never the layer's forward: a hook on a layer (activation steering) changed
+    generate's tokens and was skipped silently by the runtime, custom_generate and LAT. Hooks on the parts it calls
+    run, and transformers' own output-capturing hooks are no user's."""
+    from calibrate import lat
+
+    model = tiny_model("llama")
+    ids, mask = left_pad(PROMPTS[:2])
+    model(ids, attention_mask=mask, output_hidden_states=True)  # transformers hooks every layer to capture outputs
+    plain = generate(model, ids, mask, max_new_tokens=4).sequences
+    steer = torch.linspace(-3.0, 3.0, model.config.hidden_size)
+    handle = model.model.layers[1].register_forward_hook(lambda module, args, out: out + steer)
+    steered = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=4)
+    assert not torch.equal(steered, plain)
+    kw = dict(attention_mask=mask, do_sample=False, max_new_tokens=4, custom_generate=custom_generate)
+    for call in (
+        lambda: generate(model, ids, mask, max_new_tokens=4),
+        lambda: model.generate(ids, **kw),
+        lambda: lat.generate(model, ids, mask, max_new_tokens=4),
+    ):
+        with pytest.raises(ValueError, match=r"forward hooks on \['model.layers.1'\], modules whose forward the early"):
+            call()
+    handle.remove()
+    model.model.layers[1].mlp.register_forward_hook(lambda module, args, out: out + steer)  # a part the runtime calls
+    expected = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=4)
+    assert torch.equal(generate(model, ids, mask, max_new_tokens=4).sequences, expected)
+
+
 def test_decoding_does_not_depend_on_the_default_dtype_or_return_dict():
     """The exit logits' buffer took torch's default dtype (float64 or bfloat16 failed on the float32 logits); BART's
     encoder call read .last_hidden_state of the tuple that a config with return_dict=False gets."""

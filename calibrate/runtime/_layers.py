@@ -636,7 +636,36 @@ def adapter_for(model: nn.Module, layers: nn.ModuleList) -> LayerAdapter:
             f"the early-exit runtime decodes model type {model_type!r} as an encoder-decoder "
             f"(...ForConditionalGeneration); {type(model).__name__} is its decoder alone"
         )
+    _skipped_hooks_iv(model, layers)
     return adapter(model, layers)
+
+
+def _skipped_hooks_iv(model: nn.Module, layers: nn.ModuleList) -> None:
+    """Refuse forward hooks that the runtime would skip: on the modules whose ``forward`` it never calls (the model,
+    the stacks around its decoder layers, each layer, the attention and T5 sub-layer blocks: it runs their parts).
+    Hugging Face's output-capturing hooks and calm-calibrate's own (which run in the thread that set them) are
+    left aside; hooks on the parts it calls (an MLP, a norm, a projection, the LM head) run."""
+    path = next(name for name, module in model.named_modules() if module is layers)
+    parts = path.split(".")
+    skipped = [(".".join(parts[:k]), model.get_submodule(".".join(parts[:k]))) for k in range(len(parts))]
+    for i, layer in enumerate(layers):
+        skipped += [
+            (f"{path}.{i}{'.' if name else ''}{name}", module)
+            for name, module in layer.named_modules()
+            if not name or "Attention" in type(module).__name__ or type(module).__name__.startswith("T5Layer")
+        ]
+    hooked = [
+        name or "the model"
+        for name, module in skipped
+        for hook in (*module._forward_pre_hooks.values(), *module._forward_hooks.values())
+        if not str(getattr(hook, "__module__", "")).startswith(("transformers.", "calibrate."))
+    ]
+    if hooked:
+        raise ValueError(
+            f"the model has forward hooks on {sorted(set(hooked))[:5]}, modules whose forward the early-exit runtime "
+            "does not call (it runs their parts), so it would decode without them, unlike generate: remove them "
+            "(handle.remove()), or hook the parts (an MLP, a projection)"
+        )
 
 
 #: ``config.model_type`` -> adapter class (keys: :data:`RUNTIME_ARCHITECTURES`).

@@ -7,7 +7,6 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from collections.abc import Sequence
 
 import numpy as np
 
@@ -15,7 +14,7 @@ from calibrate import runtime
 from calibrate._certify import _risk_control_iv
 from calibrate._decoded_walk import _LAZY_METHOD, _Decoder, decoded_lambdas
 from calibrate._digest import tokenizer_eos_warning
-from calibrate._extract_checks import _context_iv, _warn_padding_read, prompt_ids
+from calibrate._extract_checks import _context_iv, _warn_padding_read, prompt_ids, prompts_iv
 from calibrate._extract_steps import _pad
 from calibrate._validation import caller_stacklevel, int_at_least, seed_iv
 from calibrate.audit import _calibration_data_digest
@@ -31,22 +30,8 @@ from calibrate.runtime._inputs import _runtime_measure_iv
 
 
 def _prompts_iv(prompts, references, consistency: str) -> tuple[list[str], list[str | None] | None]:
-    if isinstance(prompts, str) or not isinstance(prompts, Sequence):
-        raise TypeError(
-            f"prompts must be a sequence of str (one per calibration example), got {type(prompts).__name__}"
-        )
-    prompts = list(prompts)
-    if not prompts:
-        raise ValueError("prompts must hold at least one calibration prompt, got none")
-    bad = next((i for i, p in enumerate(prompts) if not isinstance(p, str)), None)
-    if bad is not None:
-        raise TypeError(f"prompts must hold str, got {type(prompts[bad]).__name__} at index {bad}")
-    if references is not None:
-        if isinstance(references, str) or not isinstance(references, Sequence) or len(references) != len(prompts):
-            raise ValueError(
-                f"references must be a sequence with one str or None per prompt ({len(prompts)}), got {references!r:.80}"
-            )
-        references = [r if isinstance(r, str) else None for r in references]
+    """:func:`prompts_iv`, and a reference for every prompt where ``consistency`` compares with references."""
+    prompts, references = prompts_iv(prompts, references)
     if consistency.startswith("risk_"):
         missing = len(prompts) if references is None else sum(r is None for r in references)
         if missing:

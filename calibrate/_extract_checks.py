@@ -36,23 +36,7 @@ def _extract_iv(
             "model twice per token): calibrate in decoded mode (calibrate.fit(..., mode='decoded')), which decodes "
             "with it"
         )
-    if isinstance(prompts, str) or not isinstance(prompts, Sequence):
-        raise TypeError(f"prompts must be a sequence of str (one per sequence), got {type(prompts).__name__}")
-    prompts = list(prompts)
-    if not prompts:
-        raise ValueError("prompts must hold at least one prompt, got none")
-    for i, p in enumerate(prompts):
-        if not isinstance(p, str):
-            raise TypeError(f"prompts must hold str, got {type(p).__name__} at index {i}")
-    if references is not None:
-        if isinstance(references, str) or not isinstance(references, Sequence) or len(references) != len(prompts):
-            raise ValueError(
-                f"references must be a sequence with one entry per prompt ({len(prompts)}), got {references!r:.80}"
-            )
-        references = list(references)
-        bad = next((r for r in references if r is not None and not isinstance(r, str)), None)
-        if bad is not None:
-            raise ValueError(f"references must hold str or None, got {type(bad).__name__} {bad!r:.40}")
+    prompts, references = prompts_iv(prompts, references)
     if ids is None:
         ids = [str(i) for i in range(len(prompts))]
     elif isinstance(ids, str) or not isinstance(ids, Sequence) or len(ids) != len(prompts):
@@ -182,6 +166,33 @@ def _warn_padding_read(model, token_ids: Sequence[Sequence[int]], batch_size: in
             UserWarning,
             stacklevel=caller_stacklevel(),
         )
+
+
+def prompts_iv(prompts, references=None) -> tuple[list[str], list[str | None] | None]:
+    """``(prompts, references)`` as lists, checked: a non-empty sequence of str, and None or one str or None per
+    prompt (every path that takes prompts: extraction, decoded mode, LAT)."""
+    if isinstance(prompts, str) or not isinstance(prompts, Sequence):
+        raise TypeError(f"prompts must be a sequence of str (one per example), got {type(prompts).__name__}")
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("prompts must hold at least one prompt, got none")
+    bad = next((i for i, p in enumerate(prompts) if not isinstance(p, str)), None)
+    if bad is not None:
+        raise TypeError(f"prompts must hold str, got {type(prompts[bad]).__name__} at index {bad}")
+    if references is None:
+        return prompts, None
+    if isinstance(references, str) or not isinstance(references, Sequence) or len(references) != len(prompts):
+        raise ValueError(
+            f"references must be a sequence with one str or None per prompt ({len(prompts)}), got {references!r:.80}"
+        )
+    references = list(references)
+    bad = next((i for i, r in enumerate(references) if r is not None and not isinstance(r, str)), None)
+    if bad is not None:
+        raise ValueError(
+            f"references must hold str or None, got {type(references[bad]).__name__} {references[bad]!r:.40} at index "
+            f"{bad}"
+        )
+    return prompts, references
 
 
 def prompt_ids(tokenizer, prompts: Sequence[str]) -> list[list[int]]:

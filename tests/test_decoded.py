@@ -652,6 +652,7 @@ def test_certificates_record_the_budget_and_the_runtime_warns_beyond_it(model, t
         ({"max_new_tokens": 100}, ValueError, "context"),
         ({"delta": 1.5}, ValueError, "delta"),
         ({"references": ["w1"]}, ValueError, "references must be"),
+        ({"references": [b"w1"] * 24}, ValueError, r"references must hold str or None, got bytes b'w1' at index 0"),
     ],
 )
 def test_bad_input_names_the_argument(model, tokenizer, prompts, calls, change, exc, match):

@@ -588,7 +588,7 @@ def test_prompts_longer_than_the_context_are_reported(tokenizer):
         ({"batch_size": 2.0}, TypeError, "batch_size must be an int >= 1"),
         ({"top_k": V + 1}, ValueError, "top_k must be <= vocab_size=64"),
         ({"store_hidden": 1}, TypeError, "store_hidden must be a bool"),
-        ({"references": ["a"]}, ValueError, "one entry per prompt"),
+        ({"references": ["a"]}, ValueError, "one str or None per prompt"),
         ({"references": [b"a", "x"]}, ValueError, "references must hold str or None, got bytes"),
         ({"heads": "lens"}, TypeError, "heads must be an ExitHeads"),
     ],

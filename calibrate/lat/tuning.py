@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from calibrate._extract_checks import _context_iv, prompt_ids
+from calibrate._extract_checks import _context_iv, prompt_ids, prompts_iv
 from calibrate._extract_steps import _pad
 from calibrate._frozen import Rebuilt, read_only_arrays
 from calibrate._validation import finite_positive, int_at_least, seed_iv, torch_seed
@@ -215,10 +215,7 @@ def _finetune_iv(
             f"finetune does not support model_type {getattr(config, 'model_type', None)!r}; supported: "
             f"{FINETUNE_ARCHITECTURES}"
         )
-    if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
-        raise ValueError("prompts must be a non-empty sequence of str (the training prompts)")
-    if not all(isinstance(p, str) for p in prompts):
-        raise TypeError("prompts must hold str")
+    prompts_iv(prompts)
     if not isinstance(speedup_range, Sequence) or len(speedup_range) != 2:
         raise ValueError(f"speedup_range must be (low, high), got {speedup_range!r}")
     low, high = (_speedup_iv(s) for s in speedup_range)

@@ -153,13 +153,21 @@ def torch_seed(seed: int) -> int:
     return seed if seed < 2**64 else int(np.random.SeedSequence(seed).generate_state(1, np.uint64)[0])
 
 
-def finite_positive(value, name: str) -> float:
-    """``value`` (any real number: numpy scalars, fractions) as a float, finite and ``> 0``; TypeError naming
-    ``name`` for a bool or a non-number, ValueError otherwise."""
+def finite_at_least(value, name: str, low: float = 0.0, *, strict: bool = False, why: str = "") -> float:
+    """``value`` (any real number: numpy scalars, fractions) as a float, finite and ``>= low`` (``> low`` if
+    ``strict``); TypeError naming ``name`` for a bool or a non-number, ValueError otherwise (``why`` follows the
+    rule in both messages)."""
+    rule = f"{name} must be a finite number {'>' if strict else '>='} {low:g}{why}"
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a finite number > 0, got {short_repr(value)} ({type(value).__name__})")
-    if not (math.isfinite(to_float(value)) and value > 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {short_repr(value)}")
-    return to_float(value)
+        raise TypeError(f"{rule}, got {short_repr(value)} ({type(value).__name__})")
+    x = to_float(value)
+    if not (math.isfinite(x) and (x > low if strict else x >= low)):
+        raise ValueError(f"{rule}, got {short_repr(value)}")
+    return x
+
+
+def finite_positive(value, name: str, why: str = "") -> float:
+    """``value`` as a finite float ``> 0`` (:func:`finite_at_least`)."""
+    return finite_at_least(value, name, strict=True, why=why)
 
 

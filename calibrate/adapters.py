@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from calibrate._atomic import atomic_safetensors, finite_tensors_iv
-from calibrate._validation import caller_stacklevel, int_at_least, parse_json
+from calibrate._validation import caller_stacklevel, finite_positive, int_at_least, parse_json
 from calibrate.heads import ExitHeads, _cache_model_iv, _hash_adapters
 
 __all__ = ["layer_agreement", "load_adapters", "save_adapters", "train_adapters"]
@@ -85,8 +85,7 @@ def train_adapters(model: nn.Module, cache, *, ridge: float = 1e-2, progress: bo
     """
     from calibrate._progress import tqdm
 
-    if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not ridge > 0 or not np.isfinite(ridge):
-        raise ValueError(f"ridge must be a finite float > 0, got {ridge!r}")
+    ridge = finite_positive(ridge, "ridge")
     heads = ExitHeads.from_model(model, adapters=True)
     hidden = _hidden_iv(cache, heads)
     n, n_layers, d = hidden.shape

@@ -15,7 +15,7 @@ from calibrate._atomic import atomic_file
 from calibrate._certify import _certify
 from calibrate._format import beside, level
 from calibrate._frozen import Rebuilt, read_only_arrays
-from calibrate._validation import caller_stacklevel, open_interval, seed_iv
+from calibrate._validation import caller_stacklevel, int_at_least, open_interval, seed_iv
 from calibrate.certificate import Certificate, _budget_warning
 from calibrate.exits import Decay
 from calibrate.losses import LossTable, proxy_losses
@@ -702,10 +702,7 @@ def validity(
     from calibrate.cache import _in_memory_iv
     from calibrate.fit import _proxy_iv, _proxy_table
 
-    if isinstance(trials, bool) or not isinstance(trials, (int, np.integer)):
-        raise TypeError(f"trials must be an int, got {type(trials).__name__}")
-    if trials < 1:
-        raise ValueError(f"trials must be >= 1, got {trials}")
+    trials = int_at_least(trials, "trials")
     cal_fraction = open_interval(cal_fraction, "cal_fraction")
     seed = seed_iv(seed)
     _in_memory_iv(cache, "cache")

@@ -10,13 +10,12 @@ threshold whose risk exceeds ``delta``.
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 
 import numpy as np
 from numpy.typing import ArrayLike
 
-from calibrate._validation import bounded_array, caller_stacklevel, open_interval
+from calibrate._validation import bounded_array, caller_stacklevel, finite_positive, open_interval
 
 __all__ = ["conformal_risk_control"]
 
@@ -25,11 +24,7 @@ _MONOTONE_ATOL = 1e-12
 
 
 def _conformal_risk_control_iv(losses, delta, max_loss) -> tuple[np.ndarray, float, float]:
-    if isinstance(max_loss, bool) or not isinstance(max_loss, numbers.Real):
-        raise TypeError(f"max_loss must be a positive real number, got {type(max_loss).__name__}")
-    max_loss = float(max_loss)
-    if not (np.isfinite(max_loss) and max_loss > 0.0):
-        raise ValueError(f"max_loss must be a finite number > 0 (the bound B on every loss), got {max_loss!r}")
+    max_loss = finite_positive(max_loss, "max_loss", " (the bound B on every loss)")
     delta = open_interval(delta, "delta", upper=max_loss, upper_name=f"max_loss={max_loss:g}")
     arr = bounded_array(
         losses, "losses", upper=max_loss, upper_name=f"max_loss={max_loss:g}", why="CRC needs losses bounded by max_loss"

@@ -22,7 +22,7 @@ import numba
 import numpy as np
 
 from calibrate._threads import njit, parallel_allowed, serial
-from calibrate._validation import int_in
+from calibrate._validation import finite_at_least, int_at_least, int_in
 from measures._arrays import as_numpy, working_float
 
 if numba.config.DISABLE_JIT:  # NUMBA_DISABLE_JIT=1 (debugging, coverage): the sweep runs as Python, slowly
@@ -89,11 +89,9 @@ class Decay:
 
     def __post_init__(self) -> None:
         int_in(self.max_len, "Decay.max_len", 1, 2**62, " (positions are int64)")
-        if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float, np.integer, np.floating)) or not np.isfinite(self.tau) or self.tau < 0:
-            raise ValueError(f"Decay.tau must be a finite float >= 0, got {self.tau!r}")
         # Python numbers: a numpy long double tau reached the compiled sweep as float128, which it cannot take
         object.__setattr__(self, "max_len", int(self.max_len))
-        object.__setattr__(self, "tau", float(self.tau))
+        object.__setattr__(self, "tau", finite_at_least(self.tau, "Decay.tau"))
 
     def thresholds(self, lambdas: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """Per-position thresholds, shape ``positions.shape + lambdas.shape`` (float64)."""
@@ -188,10 +186,7 @@ def with_decay_headroom(grid, n: int) -> np.ndarray:
     >>> np.round(with_decay_headroom([1.0, 0.5], 3), 4)   # 1 / 0.9 = 1.1111 first
     array([1.1111, 1.0741, 1.037 , 1.    , 0.5   ])
     """
-    if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)):
-        raise TypeError(f"n must be an int >= 0 (values added above the grid), got {type(n).__name__}")
-    if n < 0:
-        raise ValueError(f"n must be an int >= 0 (values added above the grid), got {n}")
+    n = int_at_least(n, "n", 0)  # values added above the grid
     grid = _lambdas_iv(grid, "grid")
     if n and grid[0] > 1.0:
         raise ValueError(f"grid must start at or below 1 to take values above it, got grid[0]={grid[0]:g}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import special
 
-from calibrate._validation import int_at_least, seed_iv
+from calibrate._validation import finite_positive, int_at_least, seed_iv
 from calibrate.cache import LayerCache, _from_arrays
 from measures.confidence import from_topk, state_saturation
 
@@ -253,11 +253,7 @@ def _synthetic_cache_iv(
         if not isinstance(value, (bool, np.bool_)):
             raise TypeError(f"{name} must be a bool, got {value!r}")
         p[name] = bool(value)
-    if isinstance(difficulty, bool) or not isinstance(difficulty, (int, float, np.integer, np.floating)):
-        raise TypeError(f"difficulty must be a positive float, got {difficulty!r}")
-    if not np.isfinite(difficulty) or difficulty <= 0:
-        raise ValueError(f"difficulty must be a finite float > 0, got {difficulty!r}")
-    p["difficulty"] = float(difficulty)
+    p["difficulty"] = finite_positive(difficulty, "difficulty")
     return p
 
 

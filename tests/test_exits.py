@@ -388,7 +388,7 @@ def test_with_decay_headroom_checks_its_inputs():
     with pytest.raises(ValueError, match="grid must start at or below 1"):
         with_decay_headroom([1.05, 0.5], 2)
     for n in (2.0, True):
-        with pytest.raises(TypeError, match=f"n must be an int >= 0 .*got {type(n).__name__}"):
+        with pytest.raises(TypeError, match=rf"n must be an int >= 0, got .*\({type(n).__name__}\)"):
             with_decay_headroom([1.0, 0.5], n)
 
 

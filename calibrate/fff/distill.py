@@ -31,7 +31,15 @@ from torch import nn
 
 from calibrate._atomic import sync_dir, sync_tree, temporary_dir
 from calibrate._digest import hash_tensors
-from calibrate._validation import caller_stacklevel, finite_positive, int_at_least, parse_json, seed_iv, torch_seed
+from calibrate._validation import (
+    caller_stacklevel,
+    finite_at_least,
+    finite_positive,
+    int_at_least,
+    parse_json,
+    seed_iv,
+    torch_seed,
+)
 from calibrate.audit import _tight
 from calibrate.fff.layer import FFF
 from calibrate.heads import decoder_layers, forward_hooks
@@ -324,8 +332,7 @@ def distill(
     for name, value in (("steps", steps), ("batch_size", batch_size), ("max_tokens", max_tokens)):
         int_at_least(value, name)
     finite_positive(lr, "lr")
-    if isinstance(hardening, bool) or not isinstance(hardening, (int, float)) or not 0 <= hardening < math.inf:
-        raise ValueError(f"hardening must be a finite number >= 0 (the weight of a loss), got {hardening!r}")
+    finite_at_least(hardening, "hardening", why=" (the weight of a loss)")
     seed = seed_iv(seed)
     if not 0 < heldout < 1 or not 0 <= soft_share <= 1:
         raise ValueError(f"heldout must lie in (0, 1) and soft_share in [0, 1], got {heldout} and {soft_share}")

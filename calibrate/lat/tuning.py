@@ -42,7 +42,7 @@ from torch import nn
 from calibrate._extract_checks import _context_iv, prompt_ids, prompts_iv
 from calibrate._extract_steps import _pad
 from calibrate._frozen import Rebuilt, read_only_arrays
-from calibrate._validation import finite_positive, int_at_least, seed_iv, torch_seed
+from calibrate._validation import finite_at_least, finite_positive, int_at_least, seed_iv, torch_seed
 from calibrate.heads import ExitHeads, decoder_layers
 from calibrate.lat.calibration import _length
 from calibrate.lat.decode import _prefill, _schedules, generate
@@ -226,8 +226,7 @@ def _finetune_iv(
         int_at_least(value, name)
     for name, value in (("lr", lr), ("alpha", alpha)):
         finite_positive(value, name)
-    if isinstance(anchor, bool) or not (isinstance(anchor, (int, float)) and math.isfinite(anchor) and anchor >= 0):
-        raise ValueError(f"anchor must be a finite number >= 0, got {anchor!r}")
+    finite_at_least(anchor, "anchor")
     seed_iv(seed)
     if isinstance(targets, str) or not targets:
         raise ValueError(f"targets must be a non-empty sequence of projection names, got {targets!r}")

@@ -223,8 +223,9 @@ def test_bad_input(model, real_cache):
         train_adapters(model, no_hidden)
     with pytest.raises(ValueError, match="ridge must be a finite number > 0, got 0.0"):
         train_adapters(model, real_cache, ridge=0.0)
-    ridge = train_adapters(model, real_cache, ridge=np.float32(0.5))  # a numpy scalar (was refused), or a Fraction
-    torch.testing.assert_close(ridge.adapter_weight, train_adapters(model, real_cache, ridge=Fraction(1, 2)).adapter_weight)
+    numpy_scalar = train_adapters(model, real_cache, ridge=np.float32(0.5))  # was refused, as a Fraction was
+    fraction = train_adapters(model, real_cache, ridge=Fraction(1, 2))
+    torch.testing.assert_close(numpy_scalar.adapter_weight, fraction.adapter_weight)
     with pytest.raises(ValueError, match="n_layers=3, hidden_size=32 but the cache"):
         train_adapters(tiny_model("llama", n_layers=3), real_cache)
     with pytest.raises(TypeError, match="LayerCache"):

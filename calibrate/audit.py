@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from calibrate._atomic import atomic_file
-from calibrate._certify import _certify
+from calibrate._certify import _certify, _risk_control_iv
 from calibrate._format import beside, level
 from calibrate._frozen import Rebuilt, read_only_arrays
 from calibrate._validation import caller_stacklevel, int_at_least, open_interval, seed_iv
@@ -736,4 +736,5 @@ def validity(
     if caveats:
         first = f"{len(caveats)} warnings over {trials} trials, the first: {caveats[0]}"
         warnings.warn(first, UserWarning, stacklevel=caller_stacklevel())
-    return ValidityReport(float(delta), float(epsilon), test_risks, lambda_hats, naive, n_cal, table.n - n_cal, method)
+    name = _risk_control_iv(delta, epsilon, bound, method)[3]  # the name a certificate records
+    return ValidityReport(float(delta), float(epsilon), test_risks, lambda_hats, naive, n_cal, table.n - n_cal, name)

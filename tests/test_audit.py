@@ -396,6 +396,8 @@ def test_validity_of_crc_holds_the_mean_held_out_risk_against_delta():
     assert "E[risk] <= delta" in study.plot().axes[0].get_title()
     ltt = calibrate.validity(calibrate.synthetic_cache(300, seed=0), trials=5, progress=False)
     assert ltt.method == "fixed_sequence" and not ltt.expectation_guarantee and "epsilon = 0.05" in ltt.summary()
+    holm = calibrate.validity(calibrate.synthetic_cache(300, seed=0), trials=2, method=calibrate.fwer.Holm(), progress=False)
+    assert holm.method == "holm"  # the name a certificate records (was the object)
 
 
 def test_validity_scores_held_out_rows_and_the_naive_rule_takes_the_fastest_passing_threshold():

@@ -90,22 +90,6 @@ def _mean_bound_iv(mean_loss, n, tolerance) -> tuple[np.ndarray, int, float]:
     return mean, _n_iv(n), _tolerance_iv(tolerance)
 
 
-def _hoeffding_iv(mean_loss, n, tolerance):
-    return _mean_bound_iv(mean_loss, n, tolerance)
-
-
-def _hoeffding_kl_iv(mean_loss, n, tolerance):
-    return _mean_bound_iv(mean_loss, n, tolerance)
-
-
-def _bentkus_iv(mean_loss, n, tolerance):
-    return _mean_bound_iv(mean_loss, n, tolerance)
-
-
-def _hoeffding_bentkus_iv(mean_loss, n, tolerance):
-    return _mean_bound_iv(mean_loss, n, tolerance)
-
-
 def _binomial_iv(mean_loss, n, tolerance):
     mean, n, tolerance = _mean_bound_iv(mean_loss, n, tolerance)
     total = mean * n
@@ -177,7 +161,7 @@ def _column_sums(losses):  # pragma: no cover (compiled)
 
 
 # ---------------------------------------------------------------------------------------------------
-# p-values from the empirical mean (private cores take the float SUM of losses)
+# p-values from the empirical mean (private cores: Hoeffding's take the mean, Bentkus's the float sum of losses)
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -193,6 +177,11 @@ def _kl_bernoulli(x: np.ndarray, a: float) -> np.ndarray:
 
 def _hoeffding_kl_core(mean: np.ndarray, n: int, a: float) -> np.ndarray:
     return np.exp(-n * _kl_bernoulli(np.minimum(mean, a), a))
+
+
+def _hoeffding_bentkus_core(mean: np.ndarray, total: np.ndarray, n: int, a: float, terms: int | None = None):
+    """The smaller of the two p-values: Hoeffding's (KL form) of ``mean``, Bentkus's of ``total``."""
+    return np.minimum(_hoeffding_kl_core(mean, n, a), _bentkus_core(total, n, a, terms))
 
 
 def _bentkus_core(total: np.ndarray, n: int, a: float, terms: int | None = None) -> np.ndarray:
@@ -241,7 +230,7 @@ def hoeffding(mean_loss: ArrayLike, n: int, tolerance: float) -> float | np.ndar
     >>> round(float(bounds.hoeffding(0.05, 100, 0.1)), 6)   # exp(-2 * 100 * 0.05**2)
     0.606531
     """
-    mean, n, a = _hoeffding_iv(mean_loss, n, tolerance)
+    mean, n, a = _mean_bound_iv(mean_loss, n, tolerance)
     return _out(_hoeffding_core(mean, n, a))
 
 
@@ -285,7 +274,7 @@ def hoeffding_kl(mean_loss: ArrayLike, n: int, tolerance: float) -> float | np.n
     >>> round(float(bounds.hoeffding_kl(0.0, 50, 0.1)), 12) == round(0.9**50, 12)
     True
     """
-    mean, n, a = _hoeffding_kl_iv(mean_loss, n, tolerance)
+    mean, n, a = _mean_bound_iv(mean_loss, n, tolerance)
     return _out(_hoeffding_kl_core(mean, n, a))
 
 
@@ -335,7 +324,7 @@ def bentkus(mean_loss: ArrayLike, n: int, tolerance: float) -> float | np.ndarra
     >>> bool(np.isclose(bounds.bentkus(0.07, 100, 0.15), np.e * binom.cdf(7, 100, 0.15)))
     True
     """
-    mean, n, a = _bentkus_iv(mean_loss, n, tolerance)
+    mean, n, a = _mean_bound_iv(mean_loss, n, tolerance)
     return _out(_bentkus_core(mean * n, n, a))
 
 
@@ -381,8 +370,8 @@ def hoeffding_bentkus(mean_loss: ArrayLike, n: int, tolerance: float) -> float |
     >>> p.shape, bool(p[0] < p[1] < p[2] == 1.0)
     ((3,), True)
     """
-    mean, n, a = _hoeffding_bentkus_iv(mean_loss, n, tolerance)
-    return _out(np.minimum(_hoeffding_kl_core(mean, n, a), _bentkus_core(mean * n, n, a)))
+    mean, n, a = _mean_bound_iv(mean_loss, n, tolerance)
+    return _out(_hoeffding_bentkus_core(mean, mean * n, n, a))
 
 
 def binomial(mean_loss: ArrayLike, n: int, tolerance: float) -> float | np.ndarray:
@@ -642,7 +631,7 @@ def p_values(
     elif bound == "bentkus":
         p = _bentkus_core(total, n, a, terms=_COMPENSATED)
     elif bound == "hoeffding_bentkus":
-        p = np.minimum(_hoeffding_kl_core(mean, n, a), _bentkus_core(total, n, a, terms=_COMPENSATED))
+        p = _hoeffding_bentkus_core(mean, total, n, a, terms=_COMPENSATED)
     else:  # binomial: losses checked to be 0/1, so the sum is an exact integer
         p = stats.binom.cdf(np.rint(total), n, a)
     return np.clip(np.asarray(p, dtype=np.float64).reshape(arr.shape[1]), 0.0, 1.0)

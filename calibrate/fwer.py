@@ -61,17 +61,6 @@ def _p_epsilon_iv(p_values, epsilon) -> tuple[np.ndarray, float]:
     return arr, open_interval(epsilon, "epsilon")
 
 
-def _fixed_sequence_iv(p_values, epsilon):
-    return _p_epsilon_iv(p_values, epsilon)
-
-
-def _bonferroni_iv(p_values, epsilon):
-    return _p_epsilon_iv(p_values, epsilon)
-
-
-def _holm_iv(p_values, epsilon):
-    return _p_epsilon_iv(p_values, epsilon)
-
 
 def _starts_spec_iv(starts) -> int | np.ndarray:
     """``starts`` as a number of starts (an int >= 1) or distinct int indices (a non-empty 1-D array), before the
@@ -169,7 +158,7 @@ def fixed_sequence(p_values: ArrayLike, epsilon: float) -> np.ndarray:
     >>> fwer.fixed_sequence([0.001, 0.02, 0.3, 0.001], 0.05)
     array([ True,  True, False, False])
     """
-    p, epsilon = _fixed_sequence_iv(p_values, epsilon)
+    p, epsilon = _p_epsilon_iv(p_values, epsilon)
     out = np.zeros(p.size, dtype=bool)
     _walk(p, epsilon, 0, out)
     return out
@@ -206,7 +195,7 @@ def bonferroni(p_values: ArrayLike, epsilon: float) -> np.ndarray:
     >>> fwer.bonferroni([0.001, 0.02, 0.3, 0.01], 0.05)
     array([ True, False, False,  True])
     """
-    p, epsilon = _bonferroni_iv(p_values, epsilon)
+    p, epsilon = _p_epsilon_iv(p_values, epsilon)
     return p <= epsilon / p.size
 
 
@@ -246,7 +235,7 @@ def holm(p_values: ArrayLike, epsilon: float) -> np.ndarray:
     >>> fwer.holm([0.03, 0.001, 0.02, 0.5], 0.1)   # thresholds 0.1/4, 0.1/3, 0.1/2, 0.1/1
     array([ True,  True,  True, False])
     """
-    p, epsilon = _holm_iv(p_values, epsilon)
+    p, epsilon = _p_epsilon_iv(p_values, epsilon)
     k = p.size
     order = np.argsort(p, kind="stable")
     passed = p[order] <= epsilon / (k - np.arange(k))

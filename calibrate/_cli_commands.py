@@ -78,9 +78,9 @@ def _tokenizer_decode(directory: str, consistency: str | None):
     from calibrate._extras import require
 
     require("--tokenizer", "hf", ("transformers",))
-    from calibrate.models import load_tokenizer
+    from calibrate.models import _load_tokenizer
 
-    return tokenizer_decode(load_tokenizer(directory, "--tokenizer"))
+    return tokenizer_decode(_load_tokenizer(directory, "--tokenizer"))
 
 
 #: What each way of auditing reads besides the certificate and --figure: how it is named, and its options.

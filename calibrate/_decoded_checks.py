@@ -25,7 +25,7 @@ from calibrate.exits import Decay, _lambdas_iv
 from calibrate.fit import _decay_iv
 from calibrate.fwer import FixedSequence
 from calibrate.heads import ExitHeads, decoder_layers
-from calibrate.losses import CONSISTENCIES, str_decode, tokenizer_decode
+from calibrate.losses import CONSISTENCIES, _str_decode, tokenizer_decode
 from calibrate.runtime._inputs import _runtime_measure_iv
 
 
@@ -63,7 +63,7 @@ def _decoder_iv(
         raise TypeError(f"heads must be an ExitHeads (or None for the model's own), got {type(heads).__name__}")
     if decode is not None and not callable(decode):
         raise TypeError(f"decode must be a callable (token ids -> str) or None, got {type(decode).__name__}")
-    decode = str_decode(tokenizer_decode(tokenizer) if decode is None else decode)
+    decode = _str_decode(tokenizer_decode(tokenizer) if decode is None else decode)
     # Tokenise and pad as extract() does: one prompt at a time, then batches in prompt order.
     encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
     ids = prompt_ids(tokenizer, prompts)

@@ -239,7 +239,7 @@ def _features_iv(measure: str, options, train_cache, cache) -> None:
 
 
 #: The ``measure_state`` of a state saturation computed from a cache's float16 hidden states (not stored).
-FROM_FLOAT16_STATES = {"from_hidden": "float16"}
+_FROM_FLOAT16_STATES = {"from_hidden": "float16"}
 
 
 def _source_state(cache, measure: str) -> dict | None:
@@ -252,7 +252,7 @@ def _source_state(cache, measure: str) -> dict | None:
     k = _topk_bound(cache, measure)
     if k is not None:
         return {"from_topk": k}
-    return dict(FROM_FLOAT16_STATES) if measure == "state_saturation" and not cache.has(measure) else None
+    return dict(_FROM_FLOAT16_STATES) if measure == "state_saturation" and not cache.has(measure) else None
 
 
 def _measure_iv(measure, array_names) -> None:

@@ -320,7 +320,7 @@ class _TokenizerDecode:
         return f"tokenizer_decode({type(self.tokenizer).__name__})"
 
 
-def str_decode(decode: Callable[[Sequence[int]], str]) -> Callable[[Sequence[int]], str]:
+def _str_decode(decode: Callable[[Sequence[int]], str]) -> Callable[[Sequence[int]], str]:
     """``decode``, checked to return ``str`` (a TypeError naming ``decode``, not the scorer's internal argument)."""
 
     def checked(ids: Sequence[int]) -> str:
@@ -439,7 +439,7 @@ def _textual_losses(cache, conf, lam, top1, full, consistency, positions, decay,
         _text_iv(cache.vocab, cache.sequences, consistency, decode)
     if decode is None and cache.vocab is not None:
         _partial_pieces_iv(cache.vocab, top1)
-    decode = str_decode(decode or _default_decode(cache.vocab))
+    decode = _str_decode(decode or _default_decode(cache.vocab))
     risk = consistency.startswith("risk_")
     scorer = PairScorer(consistency.removeprefix("risk_"))
     offsets = np.asarray(cache.offsets)

@@ -172,7 +172,7 @@ def load_local(model_dir, *, device: str | None = None, dtype: str | None = None
             "config.json should name the model's architecture"
         )
     model = model.eval()
-    tokenizer = load_tokenizer(model_dir, "model_dir")
+    tokenizer = _load_tokenizer(model_dir, "model_dir")
     if device is not None:
         model = model.to(device)
     return model, tokenizer
@@ -185,7 +185,7 @@ _TOKENIZER_FILES = (
 )  # fmt: skip
 
 
-def load_tokenizer(directory, name: str = "directory"):
+def _load_tokenizer(directory, name: str = "directory"):
     """The Hugging Face tokenizer saved in ``directory`` (nothing is downloaded).
 
     Errors are ValueErrors that start with ``name`` (the argument or command-line flag that gave the

@@ -17,7 +17,7 @@ from calibrate._validation import caller_stacklevel, int_at_least
 from calibrate.certificate import Certificate, _budget_warning
 from calibrate.concat import _heads_difference
 from calibrate.exits import Decay
-from calibrate.fit import FROM_FLOAT16_STATES
+from calibrate.fit import _FROM_FLOAT16_STATES
 from calibrate.heads import ExitHeads, _context_positions, _heads_iv, decoder_layers
 from calibrate.runtime._layers import LayerAdapter, adapter_for
 from calibrate.runtime._measures import RUNTIME_MEASURES, RuntimeMeasure, _classifier_features_iv, build_measure
@@ -100,10 +100,10 @@ def _runtime_measure_iv(certificate: Certificate) -> None:
             f"{certificate.measure!r} (calibrate.extract does), or in decoded mode"
         )
     state = dict(certificate.measure_state or {})
-    if certificate.measure == "state_saturation" and state not in ({}, FROM_FLOAT16_STATES):
+    if certificate.measure == "state_saturation" and state not in ({}, _FROM_FLOAT16_STATES):
         raise ValueError(
             f"the certificate's state_saturation has measure_state {state!r}, which the runtime does not know (None: "
-            f"the model's states, {FROM_FLOAT16_STATES}: states rounded as a cache stores them)"
+            f"the model's states, {_FROM_FLOAT16_STATES}: states rounded as a cache stores them)"
         )
     if certificate.measure == "classifier" and isinstance(certificate.measure_state, Mapping):
         _classifier_features_iv(certificate.measure_state.get("features", "hidden"))  # a bad state: refused later

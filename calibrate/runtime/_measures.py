@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from calibrate.fit import FROM_FLOAT16_STATES
+from calibrate.fit import _FROM_FLOAT16_STATES
 from measures.confidence import _SOFTMAX_MEASURES
 
 __all__ = ["RUNTIME_MEASURES", "RuntimeMeasure", "build_measure"]
@@ -322,7 +322,7 @@ def build_measure(
         When a learned measure's ``state`` has entries of the wrong type.
     """
     if name == "state_saturation":
-        return _Saturation(float16=dict(state or {}) == FROM_FLOAT16_STATES)
+        return _Saturation(float16=dict(state or {}) == _FROM_FLOAT16_STATES)
     if name in _SOFTMAX_MEASURES:
         return _Softmax(name, vocab_size)
     if name in RUNTIME_MEASURES:

@@ -42,6 +42,12 @@ def _count(text: str) -> int:
 _count.__name__ = "int"  # argparse names the type in "invalid int value: 'x'"
 
 
+def _add_risk_options(p: argparse.ArgumentParser) -> None:
+    """``--delta`` and ``--epsilon``, with the library's defaults."""
+    p.add_argument("--delta", type=float, default=0.1, help="tolerance on the loss, in (0, 1) (default %(default)s)")
+    p.add_argument("--epsilon", type=float, default=0.05, help="failure probability, in (0, 1) (default %(default)s)")
+
+
 def _add_fit_options(p: argparse.ArgumentParser) -> None:
     from calibrate.bounds import P_VALUES
     from calibrate.fit import METHODS
@@ -49,8 +55,7 @@ def _add_fit_options(p: argparse.ArgumentParser) -> None:
     from measures.confidence import MEASURES
     from measures.learned import LEARNED_MEASURES
 
-    p.add_argument("--delta", type=float, default=0.1, help="tolerance on the loss, in (0, 1) (default 0.1)")
-    p.add_argument("--epsilon", type=float, default=0.05, help="failure probability, in (0, 1) (default 0.05)")
+    _add_risk_options(p)
     p.add_argument(
         "--measure", default="softmax_gap", metavar="MEASURE",
         help=f"confidence measure: {', '.join((*MEASURES, *LEARNED_MEASURES))}, or the name of a score the cache "
@@ -185,8 +190,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--speedups", type=float, nargs="+", default=None, help="grid of predicted prefill speed-ups, increasing (default 1 1.1 1.25 1.5 1.75 2 2.5 3 4)"
     )
-    p.add_argument("--delta", type=float, default=0.1, help="tolerance on the loss, in (0, 1) (default 0.1)")
-    p.add_argument("--epsilon", type=float, default=0.05, help="failure probability, in (0, 1) (default 0.05)")
+    _add_risk_options(p)
     p.add_argument(
         "--consistency",
         default=None,
@@ -229,8 +233,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default=None, help=_DEVICE_HELP)
     p.add_argument("--dtype", default=None, help=_DTYPE_HELP)
-    p.add_argument("--delta", type=float, default=0.1, help="tolerance on the loss, in (0, 1) (default 0.1)")
-    p.add_argument("--epsilon", type=float, default=0.05, help="failure probability, in (0, 1) (default 0.05)")
+    _add_risk_options(p)
     p.add_argument("--bound", default=None, choices=tuple(P_VALUES), help=_BOUND_HELP)
     p.add_argument("-o", "--output", help="write the certificate as JSON")
     p.set_defaults(func=_cmd_fff_fit)
@@ -265,8 +268,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-new-tokens", type=_count, default=16, help="real model: tokens generated per prompt (default 16)"
     )
-    p.add_argument("--delta", type=float, default=0.1, help="tolerance on the loss, in (0, 1) (default 0.1)")
-    p.add_argument("--epsilon", type=float, default=0.05, help="failure probability, in (0, 1) (default 0.05)")
+    _add_risk_options(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the data splits (default 0)")
     p.set_defaults(func=_cmd_demo)
     return parser

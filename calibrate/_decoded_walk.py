@@ -93,9 +93,7 @@ class _Decoder:
             tokenizer=self.tokenizer,  # EOS and pad fall back to the tokenizer's, as in extract()
         )
         new = out.new_tokens.cpu().numpy()  # (b, n_steps)
-        exits = out.exit_layers.cpu().numpy()  # (b, n_steps), 0 after a row's EOS
-        lengths = (exits > 0).sum(axis=1)  # (b,)
-        return [new[row, :k] for row, k in enumerate(lengths)], int(exits.sum())
+        return [new[row, :k] for row, k in enumerate(out.n_generated.tolist())], int(out.exit_layers.sum())
 
     def outputs(self, certificate: Certificate) -> tuple[list[np.ndarray], float]:
         """Generated ids per prompt (EOS kept, as in a cache) and their token-averaged exit layer (NaN if none)."""

@@ -19,6 +19,7 @@ from calibrate._cache_files import _library_version
 from calibrate._validation import caller_stacklevel
 from calibrate.cache import LayerCache, open_cache
 from calibrate.heads import ExitHeads, record_layer_states
+from calibrate.runtime._result import generated_lengths
 from measures.confidence import state_saturation
 
 #: Name of shard ``i`` under ``shard_dir``.
@@ -117,10 +118,7 @@ def _extract_batch(model, tokenizer, setup: dict, start: int, stop: int) -> Laye
             "the model's generate does not run one forward per token (unsupported generation config?)"
         )
     # 3. Each row ends at its first EOS (kept) or after all steps.
-    is_eos = torch.zeros_like(new, dtype=torch.bool)
-    for e in setup["eos_ids"]:
-        is_eos |= new == e
-    first = torch.where(is_eos.any(dim=1), is_eos.int().argmax(dim=1) + 1, torch.full_like(new[:, 0], n_steps))  # (B,)
+    first = generated_lengths(new, setup["eos_ids"])  # (B,)
     valid = torch.arange(n_steps, device=new.device)[None, :] < first[:, None]  # (B, N)
     # 4. Token-major states of the valid positions, rows in sequence order.
     states = torch.stack([torch.stack(r, dim=1) for r in recorded], dim=2)  # (B, N, L, d)

@@ -411,6 +411,8 @@ def test_speedup_one_equals_hf_generate(arch, batch):
     out = lat.generate(model, ids, mask, speedup=1.0, max_new_tokens=10)
     torch.testing.assert_close(out.sequences, expected, rtol=0, atol=0)
     assert (out.processed == mask.sum(dim=1, keepdim=True)).all()
+    for row, n in zip(out.new_tokens.tolist(), out.n_generated.tolist()):  # up to and including the first EOS
+        assert n == (row.index(EOS) + 1 if EOS in row else len(row))
     full_only = Certificate(
         lambda_hat=None,
         delta=0.1,

@@ -323,7 +323,7 @@ def _scorer(model, tokenizer, prompts, references, consistency, lambdas, max_new
             model, input_ids, attention_mask, certificate=certificate, max_new_tokens=decoder.max_new_tokens,
             tokenizer=tokenizer,
         )  # fmt: skip
-        return [row[: _length(row, out.eos_ids)] for row in out.new_tokens.cpu().numpy()], None
+        return [row[:k] for row, k in zip(out.new_tokens.cpu().numpy(), out.n_generated.tolist())], None
 
     decoder.run_batch = run_batch
     decoder.full_at = 1.0  # speed-up 1 is the unmodified model: not decoded twice
@@ -378,7 +378,3 @@ class _Classifier:
         return ((early != self.references) & (self._full == self.references)).astype(np.float64), math.nan
 
 
-def _length(row: np.ndarray, eos_ids: tuple[int, ...]) -> int:
-    """Tokens up to and including the first EOS (all of them without one)."""
-    hits = np.flatnonzero(np.isin(row, eos_ids)) if eos_ids else np.array([], dtype=np.int64)
-    return int(hits[0]) + 1 if hits.size else row.size

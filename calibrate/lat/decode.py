@@ -49,6 +49,7 @@ from calibrate.runtime._inputs import (
 )
 from calibrate.runtime._layers import Step, adapter_for, additive_mask
 from calibrate.runtime._loop import _decode
+from calibrate.runtime._result import generated_lengths
 
 __all__ = ["LAT_ARCHITECTURES", "EliminationOutput", "generate", "model_id"]
 
@@ -96,6 +97,11 @@ class EliminationOutput:
     def new_tokens(self) -> torch.Tensor:
         """Generated tokens ``(B, T)``."""
         return self.sequences[:, self.prompt_length :]
+
+    @property
+    def n_generated(self) -> torch.Tensor:
+        """Tokens generated per row, EOS included, shape ``(B,)``."""
+        return generated_lengths(self.new_tokens, self.eos_ids)
 
     def __repr__(self) -> str:
         b, t = self.new_tokens.shape

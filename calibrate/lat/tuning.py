@@ -44,7 +44,6 @@ from calibrate._extract_steps import _pad
 from calibrate._frozen import Rebuilt, read_only_arrays
 from calibrate._validation import finite_at_least, finite_positive, int_at_least, seed_iv, torch_seed
 from calibrate.heads import ExitHeads, decoder_layers
-from calibrate.lat.calibration import _length
 from calibrate.lat.decode import _prefill, _schedules, generate
 from calibrate.lat.schedule import _speedup_iv
 from calibrate.lat.scores import SCORES, _always_kept
@@ -172,8 +171,7 @@ def _targets(model, tokenizer, tokens: list[list[int]], max_new_tokens: int, bat
     for s in range(0, len(tokens), batch_size):
         ids, mask = _pad(tokens[s : s + batch_size], tokenizer.pad_token_id or 0, left=True)
         result = generate(model, ids, mask, max_new_tokens=max_new_tokens, tokenizer=tokenizer)
-        for row in result.new_tokens.cpu().numpy():
-            out.append(row[: _length(row, result.eos_ids)].tolist())
+        out += [row[:k].tolist() for row, k in zip(result.new_tokens.cpu().numpy(), result.n_generated.tolist())]
     return out
 
 

@@ -16,6 +16,13 @@ from calibrate.exits import Decay
 __all__ = ["EarlyExitConfig", "EarlyExitOutput"]
 
 
+def generated_lengths(new_tokens: torch.Tensor, eos_ids) -> torch.Tensor:
+    """Tokens of each row ``(B, T)`` up to and including its first EOS (all ``T`` without one), shape ``(B,)``."""
+    ends = torch.isin(new_tokens, torch.as_tensor(tuple(eos_ids), dtype=new_tokens.dtype, device=new_tokens.device))
+    first = ends.int().argmax(dim=1) + 1
+    return torch.where(ends.any(dim=1), first, torch.full_like(first, new_tokens.shape[1]))
+
+
 @dataclass(frozen=True)
 class EarlyExitConfig:
     """Settings of one early-exit decoding run (built by :func:`generate` from its arguments).

@@ -74,7 +74,7 @@ def test_finetune_lowers_the_loss_and_returns_a_tuned_copy():
     assert disagreement(tuned, 2.5) < disagreement(model, 2.5)
     assert lat.model_id(tuned) != lat.model_id(model)
     assert "FinetuneResult(steps=40" in repr(result)
-    ax = result.plot()
+    ax = result.plot().axes[0]  # a figure, as every result's plot returns
     assert len(ax.collections) == 1 and ax.get_legend_handles_labels()[1] == ["running mean (2 steps)"]
 
 

@@ -152,7 +152,18 @@ class DistillResult:
         )
 
     def plot(self, ax=None):
-        """Per-layer held-out error of the FFFs and of the narrow dense baseline; returns the figure."""
+        """Per-layer held-out error of the FFFs and of the narrow dense baseline.
+
+        Parameters
+        ----------
+        ax : matplotlib.axes.Axes, optional
+            Where to draw; default: a new figure.
+
+        Returns
+        -------
+        matplotlib.figure.Figure
+            The figure of ``ax``.
+        """
         import matplotlib.pyplot as plt
 
         if ax is None:

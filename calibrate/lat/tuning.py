@@ -95,9 +95,15 @@ class FinetuneResult(Rebuilt):
     def plot(self, ax=None):
         """Training loss per step (and its running mean), coloured by the speed-up drawn.
 
+        Parameters
+        ----------
+        ax : matplotlib.axes.Axes, optional
+            Where to draw; default: a new figure.
+
         Returns
         -------
-        matplotlib.axes.Axes
+        matplotlib.figure.Figure
+            The figure of ``ax``.
         """
         import matplotlib.pyplot as plt
 
@@ -114,7 +120,7 @@ class FinetuneResult(Rebuilt):
         ax.set(xlabel="step", ylabel="training loss (nats / token)", title="Token-elimination tuning")
         ax.legend(fontsize=8)
         _tight(ax.figure)
-        return ax
+        return ax.figure
 
 
 class _LoRALinear(nn.Module):

@@ -33,3 +33,16 @@ def working_float(dtype: np.dtype) -> type:
     double, rounded)."""
     dtype = np.dtype(dtype)
     return np.float32 if dtype.kind == "f" and dtype.itemsize <= 4 else np.float64
+
+
+def cache_array(cache: Any, name: str, n_tokens: int, trailing: str = "") -> Any:
+    """The cache's array ``name``, checked to be of shape ``(n_tokens, n_layers)``, or ``(n_tokens, n_layers, m)`` when
+    ``trailing`` names the last axis (``"k"``, ``"d"``); not loaded (a chunked array stays one)."""
+    array, n_layers = cache.arrays[name], int(cache.n_layers)
+    shape = np.shape(array)
+    if len(shape) != 2 + bool(trailing) or shape[:2] != (n_tokens, n_layers):
+        axes = f"(n_tokens, n_layers{', ' + trailing if trailing else ''})"
+        raise ValueError(
+            f"cache array {name!r} must have shape {axes}, got {shape} (n_tokens={n_tokens}, n_layers={n_layers})"
+        )
+    return array

@@ -23,6 +23,7 @@ from scipy.special import expit
 if TYPE_CHECKING:
     from sklearn.linear_model import LogisticRegression
 
+from measures._arrays import cache_array
 from measures.confidence import _cache_iv, _topk_logprobs_iv, _topk_measures, _vocab_size_iv, state_saturation
 
 __all__ = ["ExitClassifier", "agreement"]
@@ -117,11 +118,8 @@ def _resolve_features(cache: Any, features: str) -> str:
 
 def _layer_features(cache: Any, layer: int, features: str, n_tokens: int) -> np.ndarray:
     """Feature matrix (n_tokens, n_features) of one layer (0-based index), float32 and finite."""
-    arrays = cache.arrays
     if features == "hidden":
-        hidden = arrays["hidden"]
-        if np.ndim(hidden) != 3 or np.shape(hidden)[:2] != (n_tokens, int(cache.n_layers)):
-            raise ValueError(f"cache array 'hidden' must have shape (n_tokens, n_layers, d), got {np.shape(hidden)}")
+        hidden = cache_array(cache, "hidden", n_tokens, "d")
         x = np.asarray(hidden[:, layer, :], dtype=np.float32)
         if not np.isfinite(x).all():
             raise ValueError(f"cache array 'hidden' must be finite (no NaN or inf); layer {layer + 1} is not")
@@ -136,9 +134,7 @@ def _layer_features(cache: Any, layer: int, features: str, n_tokens: int) -> np.
                     f"cache array 'hidden' must be finite (no NaN or inf); layer {layer} is not"
                 ) from None
         return np.concatenate([x, saturation[:, None]], axis=1)
-    raw = arrays["topk_logprobs"]
-    if np.ndim(raw) != 3 or np.shape(raw)[:2] != (n_tokens, int(cache.n_layers)):
-        raise ValueError(f"cache array 'topk_logprobs' must have shape (n_tokens, n_layers, k), got {np.shape(raw)}")
+    raw = cache_array(cache, "topk_logprobs", n_tokens, "k")
     lp = _topk_logprobs_iv(raw[:, layer, :], name="topk_logprobs")
     vocab_size = getattr(cache, "vocab_size", None)
     if vocab_size is None:

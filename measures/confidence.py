@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from measures._arrays import as_numpy, working_float
+from measures._arrays import as_numpy, cache_array, working_float
 
 __all__ = [
     "MEASURES",
@@ -573,12 +573,7 @@ def confidence(cache: Any, measure: str, *, classifier: Any = None) -> np.ndarra
     arrays = cache.arrays
     n_tokens = _n_tokens(cache)
     if measure in arrays and arrays[measure] is not None:
-        out = np.asarray(arrays[measure], dtype=np.float32)
-        if out.shape != (n_tokens, n_layers):
-            raise ValueError(
-                f"cache array {measure!r} must have shape (n_tokens, n_layers) = {(n_tokens, n_layers)}, "
-                f"got {out.shape}"
-            )
+        out = np.asarray(cache_array(cache, measure, n_tokens), dtype=np.float32)
         if not np.isfinite(out).all():
             raise ValueError(f"cache array {measure!r} must be finite (no NaN or inf)")
         return out
@@ -589,18 +584,14 @@ def confidence(cache: Any, measure: str, *, classifier: Any = None) -> np.ndarra
                 "measure 'state_saturation' is neither precomputed in the cache nor computable: "
                 "the cache has no 'hidden' array"
             )
-        if np.shape(hidden)[:2] != (n_tokens, n_layers):
-            raise ValueError(f"cache array 'hidden' must have shape (n_tokens, n_layers, d), got {np.shape(hidden)}")
-        return state_saturation(hidden)
+        return state_saturation(cache_array(cache, "hidden", n_tokens, "d"))
     lp_raw = arrays.get("topk_logprobs")
     if lp_raw is None:
         raise ValueError(
             f"measure {measure!r} is neither precomputed in the cache nor computable: "
             "the cache has no 'topk_logprobs' array"
         )
-    if np.ndim(lp_raw) != 3 or np.shape(lp_raw)[:2] != (n_tokens, n_layers):
-        raise ValueError(f"cache array 'topk_logprobs' must have shape (n_tokens, n_layers, k), got {np.shape(lp_raw)}")
-    k = int(np.shape(lp_raw)[2])
+    k = int(np.shape(cache_array(cache, "topk_logprobs", n_tokens, "k"))[2])
     vocab_size = None
     if measure == "entropy":
         vocab_size = getattr(cache, "vocab_size", None)

@@ -149,10 +149,20 @@ def save_adapters(heads: ExitHeads, path: str | os.PathLike) -> None:
     """Write the adapters of ``heads`` to a safetensors file (atomically), with ``heads.describe()`` and the
     dtype of the model's output layer as metadata.
 
+    Parameters
+    ----------
+    heads : ExitHeads
+        Heads with adapters (e.g. from :func:`train_adapters`); they are saved in their own dtype (the LM
+        head's): ``weight`` ``(L - 1, d, d)`` and ``bias`` ``(L - 1, d)``.
+    path : str or os.PathLike
+        The file to write; an existing file is replaced.
+
     Raises
     ------
     ValueError
-        When ``heads`` has no adapters.
+        When ``heads`` has no adapters, or they hold NaN or infinite values.
+    OSError
+        When the file cannot be written.
     """
     if not heads.has_adapters:
         raise ValueError("heads has no adapters to save")
@@ -167,6 +177,19 @@ def save_adapters(heads: ExitHeads, path: str | os.PathLike) -> None:
 
 def load_adapters(model: nn.Module, path: str | os.PathLike) -> ExitHeads:
     """Heads of ``model`` with the adapters saved by :func:`save_adapters`.
+
+    Parameters
+    ----------
+    model : transformers.PreTrainedModel
+        The model the adapters were trained for (:data:`calibrate.heads.SUPPORTED_ARCHITECTURES`); not modified.
+    path : str or os.PathLike
+        A file written by :func:`save_adapters`.
+
+    Returns
+    -------
+    ExitHeads
+        ``ExitHeads.from_model(model, adapters=True)`` with the saved adapters copied in (on the device and
+        in the dtype of the model's LM head).
 
     Raises
     ------

@@ -5,9 +5,10 @@ from __future__ import annotations
 import inspect
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -19,6 +20,9 @@ from calibrate._validation import caller_stacklevel, int_at_least, open_interval
 from calibrate.certificate import Certificate, _budget_warning
 from calibrate.exits import Decay
 from calibrate.losses import LossTable, proxy_losses
+
+if TYPE_CHECKING:
+    from calibrate.cache import LayerCache
 
 __all__ = ["AuditReport", "ValidityReport", "audit", "validity"]
 
@@ -403,7 +407,13 @@ def _title(cert: Certificate, what: str, sep: str = ", ", held_out: str | None =
     return f"{what} ({modes}){sep}{guarantee}{decay}{full}"
 
 
-def audit(cert: Certificate, test_cache, *, decode=None, progress: bool = False) -> AuditReport:
+def audit(
+    cert: Certificate,
+    test_cache: LayerCache,
+    *,
+    decode: Callable[[Sequence[int]], str] | None = None,
+    progress: bool = False,
+) -> AuditReport:
     """Check a certificate on held-out data.
 
     Parameters
@@ -648,7 +658,7 @@ _VALIDITY_OPTIONS = (
 
 
 def validity(
-    cache,
+    cache: LayerCache,
     *,
     trials: int = 50,
     cal_fraction: float = 0.8,

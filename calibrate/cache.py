@@ -33,10 +33,11 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+from numpy.typing import ArrayLike
 
 from calibrate._atomic import temporary_dir
 from calibrate._cache_checks import (
@@ -82,6 +83,9 @@ from calibrate._cache_files import (
     _write_table,
 )
 from calibrate._storage import Remote
+
+if TYPE_CHECKING:
+    from calibrate.chunked import ChunkedCache
 
 __all__ = ["FORMAT_VERSION", "LayerCache", "open_cache"]
 
@@ -214,13 +218,13 @@ class LayerCache:
     def from_arrays(
         cls,
         *,
-        full_tokens,
-        topk_ids,
-        topk_logprobs=None,
-        lengths=None,
-        offsets=None,
-        scores: Mapping[str, Any] | None = None,
-        hidden=None,
+        full_tokens: ArrayLike,
+        topk_ids: ArrayLike,
+        topk_logprobs: ArrayLike | None = None,
+        lengths: ArrayLike | None = None,
+        offsets: ArrayLike | None = None,
+        scores: Mapping[str, ArrayLike] | None = None,
+        hidden: ArrayLike | None = None,
         prompts: Sequence[str] | None = None,
         outputs: Sequence[str] | None = None,
         references: Sequence[str | None] | None = None,
@@ -506,7 +510,7 @@ class LayerCache:
 
     # ---- derived caches -------------------------------------------------------------------------
 
-    def subset(self, indices) -> LayerCache:
+    def subset(self, indices: ArrayLike) -> LayerCache:
         """The cache restricted to some sequences, in the order given.
 
         Parameters
@@ -578,7 +582,7 @@ class LayerCache:
         """
         return tuple(self.subset(part) for part in _split_indices(self.n_sequences, fractions, seed=seed))
 
-    def decode(self, ids) -> str:
+    def decode(self, ids: ArrayLike) -> str:
         """Join the vocab pieces of ``ids``: ``"".join(vocab[i] for i in ids)``.
 
         Raises
@@ -681,7 +685,7 @@ class LayerCache:
 # --------------------------------------------------------------------------------------------------
 
 
-def open_cache(path: str | os.PathLike, *, verify: bool = True, chunks: int | None = None):
+def open_cache(path: str | os.PathLike, *, verify: bool = True, chunks: int | None = None) -> LayerCache | ChunkedCache:
     """Read a cache written by :meth:`LayerCache.save` into memory and check it, or open it lazily.
 
     Parameters

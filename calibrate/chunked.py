@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
+from numpy.typing import ArrayLike
 
 from calibrate._extras import require
 from calibrate._storage import Remote, zarr_store
@@ -34,7 +35,11 @@ from calibrate._validation import int_at_least
 from measures.learned import LEARNED_MEASURES
 
 if TYPE_CHECKING:
+    from dask.distributed import Client
+
     from calibrate.cache import LayerCache
+    from calibrate.exits import Decay
+    from calibrate.losses import LossTable
 
 __all__ = ["ChunkedCache"]
 
@@ -181,11 +186,11 @@ class ChunkedCache:
                     parts[name].append(da.from_delayed(block, shape=shape, dtype=_field_dtype(name)))
         return {name: p[0] if len(p) == 1 else da.concatenate(p) for name, p in parts.items()}
 
-    def load(self, first: int, stop: int):
+    def load(self, first: int, stop: int) -> LayerCache:
         """Sequences ``[first, stop)`` as an in-memory :class:`~calibrate.LayerCache` (values checked)."""
         return self._load(first, stop, self._table.iloc[first:stop], tuple(self._array_specs()))
 
-    def take(self, indices) -> LayerCache:
+    def take(self, indices: ArrayLike) -> LayerCache:
         """Some sequences, in increasing order, as one in-memory :class:`~calibrate.LayerCache`.
 
         The partitions holding some of them are read one after another into arrays of the selection's
@@ -315,15 +320,15 @@ class ChunkedCache:
         *,
         measure: str = "softmax_gap",
         consistency: str = "token",
-        lambdas=None,
-        decay=None,
+        lambdas: ArrayLike | None = None,
+        decay: Decay | None = None,
         measure_state: dict | None = None,
-        sequences=None,
-        client=None,
+        sequences: ArrayLike | None = None,
+        client: Client | None = None,
         retries: int = 2,
-        decode=None,
+        decode: Callable[[Sequence[int]], str] | None = None,
         progress: bool = False,
-    ):
+    ) -> LossTable:
         """The proxy-mode :class:`~calibrate.LossTable` of the cache, one Dask task per partition.
 
         Parameters

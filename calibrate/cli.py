@@ -281,6 +281,24 @@ def main(argv: list[str] | None = None) -> int:
     file that cannot be read or written; 130: interrupted (Ctrl-C); 141: standard output was closed before
     the summary was printed (``calibrate fit ... | head -1``; fit, audit, synthetic and extract write their output
     files first, the demo stops where it was).
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        The command line after the program name, e.g. ``["fit", "cache/", "--delta", "0.1"]``; default
+        ``sys.argv[1:]``.
+
+    Returns
+    -------
+    int
+        The exit status: 0, 1, 2, 130 or 141 as above. Errors and warnings are printed to standard error, one
+        line each, prefixed with ``calibrate <command>:``.
+
+    Raises
+    ------
+    SystemExit
+        From :mod:`argparse`: status 2 for a command line it cannot parse (after printing the usage), 0 for
+        ``--help`` and ``--version``.
     """
     args = _parser().parse_args(argv)
     prefix = f"calibrate {args.command}"

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -33,12 +33,15 @@ from calibrate.fwer import FixedSequence
 from calibrate.heads import ExitHeads
 from calibrate.losses import LossTable
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
 __all__ = ["audit_decoded", "decoded_lambdas", "decoded_losses", "fit_decoded"]
 
 
 def fit_decoded(
-    model,
-    tokenizer,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str],
     delta: float = 0.1,
     epsilon: float = 0.05,
@@ -211,8 +214,8 @@ def fit_decoded(
 
 
 def decoded_losses(
-    model,
-    tokenizer,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str],
     certificate: Certificate,
     *,
@@ -274,8 +277,8 @@ def decoded_losses(
 
 def audit_decoded(
     certificate: Certificate,
-    model,
-    tokenizer,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str],
     *,
     references: Sequence[str | None] | None = None,

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numba
 import numpy as np
+from numpy.typing import ArrayLike
 
 from calibrate._threads import njit, parallel_allowed, serial
 from calibrate._validation import finite_at_least, int_at_least, int_in
@@ -152,7 +153,7 @@ def _grid(n_even: int, digits: int, gaps: np.ndarray, *, headroom: int = 0) -> n
     return with_decay_headroom(np.unique(grid)[::-1].copy(), headroom)
 
 
-def with_decay_headroom(grid, n: int) -> np.ndarray:
+def with_decay_headroom(grid: ArrayLike, n: int) -> np.ndarray:
     """``grid`` preceded by ``n`` values evenly spaced from ``1 / 0.9`` down towards 1 (exclusive).
 
     Under the decaying threshold, ``lambda = 1`` still exits early: position ``t`` gets
@@ -275,7 +276,9 @@ def _crossings(conf: np.ndarray, asc: np.ndarray, positions: np.ndarray | None, 
     return out
 
 
-def exit_layers(conf, lambdas, *, positions=None, decay: Decay | None = None) -> np.ndarray:
+def exit_layers(
+    conf: ArrayLike, lambdas: ArrayLike, *, positions: ArrayLike | None = None, decay: Decay | None = None
+) -> np.ndarray:
     """Exit layer of every token under every threshold.
 
     Parameters
@@ -533,7 +536,9 @@ def _run_sweep(conf, lam, offsets, decay, top1, full):
     return avg[::-1], wrong
 
 
-def average_layers(conf, lambdas, *, offsets=None, decay: Decay | None = None) -> np.ndarray:
+def average_layers(
+    conf: ArrayLike, lambdas: ArrayLike, *, offsets: ArrayLike | None = None, decay: Decay | None = None
+) -> np.ndarray:
     """Token-averaged exit layer for each threshold, shape ``(n_lambdas,)``, values in ``[1, n_layers]``.
 
     Parameters
@@ -581,7 +586,15 @@ def average_layers(conf, lambdas, *, offsets=None, decay: Decay | None = None) -
     return avg
 
 
-def disagreement_counts(conf, lambdas, top1, full_tokens, offsets, *, decay: Decay | None = None) -> tuple[np.ndarray, np.ndarray]:
+def disagreement_counts(
+    conf: ArrayLike,
+    lambdas: ArrayLike,
+    top1: ArrayLike,
+    full_tokens: ArrayLike,
+    offsets: ArrayLike,
+    *,
+    decay: Decay | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Per-sequence number of early tokens that differ from the full model's, for every threshold.
 
     Parameters

@@ -21,7 +21,7 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -51,6 +51,9 @@ from calibrate.concat import concat_caches
 from calibrate.heads import ExitHeads, _cache_model_iv, _heads_iv
 from calibrate.models import _eval_mode
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
 __all__ = ["extract", "extract_main", "read_prompts", "rehead"]
 
 #: Prompts per batch unless told otherwise (also how shards split a prompt file: into whole batches).
@@ -62,8 +65,8 @@ _SHARD_SETTINGS = ("max_new_tokens", "batch_size", "store_hidden", "top_k")
 
 
 def extract(
-    model,
-    tokenizer,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str],
     *,
     max_new_tokens: int = 32,

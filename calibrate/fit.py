@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import numbers
 import warnings
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -22,6 +22,14 @@ from calibrate._validation import caller_stacklevel, open_interval, seed_iv
 from calibrate.certificate import Certificate
 from calibrate.exits import Decay, _lambdas_iv, default_lambdas
 from calibrate.losses import _TOKEN_LEVEL, LossTable, _consistency_iv, _text_iv, proxy_losses
+
+if TYPE_CHECKING:
+    from dask.distributed import Client
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from calibrate.cache import LayerCache
+    from calibrate.chunked import ChunkedCache
+    from calibrate.heads import ExitHeads
 
 __all__ = ["METHODS", "TRAIN_FRACTION", "certify", "fit"]
 #: Default share of sequences that trains a learned measure (never used for calibration).
@@ -271,7 +279,7 @@ def _measure_iv(measure, array_names) -> None:
 
 
 def fit(
-    cache,
+    cache: LayerCache | ChunkedCache,
     delta: float = 0.1,
     epsilon: float = 0.05,
     *,
@@ -286,13 +294,13 @@ def fit(
     decode: Callable[[Sequence[int]], str] | None = None,
     progress: bool | None = None,
     mode: str = "proxy",
-    model=None,
-    tokenizer=None,
-    heads=None,
+    model: PreTrainedModel | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    heads: ExitHeads | None = None,
     batch_size: int = 8,
-    train_cache=None,
+    train_cache: LayerCache | None = None,
     measure_options: Mapping[str, Any] | None = None,
-    client=None,
+    client: Client | None = None,
 ) -> Certificate:
     """Certify an early-exit threshold from a development layer cache (proxy mode) or its prompts (decoded mode).
 

@@ -362,7 +362,7 @@ class FixedSequence(FWERProcedure):
 
     name = "fixed_sequence"
 
-    def reject(self, p_values, epsilon):
+    def reject(self, p_values: ArrayLike, epsilon: float) -> np.ndarray:
         return fixed_sequence(p_values, epsilon)
 
 
@@ -378,7 +378,7 @@ class Bonferroni(FWERProcedure):
 
     name = "bonferroni"
 
-    def reject(self, p_values, epsilon):
+    def reject(self, p_values: ArrayLike, epsilon: float) -> np.ndarray:
         return bonferroni(p_values, epsilon)
 
 
@@ -395,7 +395,7 @@ class Holm(FWERProcedure):
 
     name = "holm"
 
-    def reject(self, p_values, epsilon):
+    def reject(self, p_values: ArrayLike, epsilon: float) -> np.ndarray:
         return holm(p_values, epsilon)
 
 
@@ -426,7 +426,7 @@ class MultiStart(FWERProcedure):
         spec = _starts_spec_iv(starts)
         self.starts: int | tuple[int, ...] = spec if isinstance(spec, int) else tuple(int(v) for v in spec)
 
-    def reject(self, p_values, epsilon):
+    def reject(self, p_values: ArrayLike, epsilon: float) -> np.ndarray:
         return multistart(p_values, epsilon, starts=self.starts if isinstance(self.starts, int) else list(self.starts))
 
     def __repr__(self) -> str:

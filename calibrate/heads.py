@@ -148,6 +148,18 @@ def forward_hooks(hooks: Sequence[tuple[nn.Module, Callable]]) -> Iterator[None]
 
     Another thread running the same model meanwhile (serving it, or extracting too) calls the hooks as well;
     they ignore it, so each caller records its own forward passes. The hooks are removed on exit, also on errors.
+
+    Parameters
+    ----------
+    hooks : sequence of (torch.nn.Module, callable)
+        Each module and its hook, called as ``hook(module, args, output)`` after the module's forward call
+        (:meth:`torch.nn.Module.register_forward_hook`); its return value is ignored, so it cannot replace the
+        output.
+
+    Yields
+    ------
+    None
+        The hooks are registered for the block.
     """
     owner = threading.get_ident()
 

@@ -12,15 +12,19 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from calibrate._frozen import Rebuilt
 from calibrate._validation import bounded_array, exit_layers_iv, int_at_least
 from calibrate.certificate import MODES
 from calibrate.exits import Decay, _lambdas_iv, disagreement_counts, early_tokens, exit_layers
 from measures._arrays import as_numpy
+
+if TYPE_CHECKING:
+    from calibrate.cache import LayerCache
 
 __all__ = ["LossTable", "CONSISTENCIES", "proxy_losses", "tokenizer_decode", "user_losses"]
 
@@ -150,7 +154,7 @@ class LossTable(Rebuilt):
 
         return _column_sums(np.ascontiguousarray(self.losses, dtype=np.float64)) / self.n
 
-    def subset(self, rows) -> "LossTable":
+    def subset(self, rows: ArrayLike) -> LossTable:
         """The table restricted to some examples (rows), without ``avg_layers``: those averaged the exit layers
         of every row's tokens, which the table does not hold per row."""
         return LossTable(self.losses[rows], self.lambdas, self.mode, self.consistency, None, self.n_layers, self.decay)
@@ -160,7 +164,14 @@ def _losses_iv(losses) -> np.ndarray:
     return bounded_array(losses, "losses", why="the p-value bounds assume a bounded loss")
 
 
-def user_losses(losses, lambdas, *, consistency: str | None = None, avg_layers=None, n_layers=None) -> LossTable:
+def user_losses(
+    losses: ArrayLike,
+    lambdas: ArrayLike,
+    *,
+    consistency: str | None = None,
+    avg_layers: ArrayLike | None = None,
+    n_layers: int | None = None,
+) -> LossTable:
     """Wrap losses computed by the caller (any generator) as a ``mode="user"`` table.
 
     Parameters
@@ -209,9 +220,9 @@ def _consistency_iv(consistency: str, sequences) -> str:
 
 
 def proxy_losses(
-    cache,
-    conf,
-    lambdas,
+    cache: LayerCache,
+    conf: ArrayLike,
+    lambdas: ArrayLike,
     *,
     consistency: str = "token",
     decay: Decay | None = None,

@@ -16,6 +16,7 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -32,8 +33,11 @@ from calibrate._cache_files import (
 )
 from calibrate._storage import Remote
 from calibrate._validation import int_at_least
-from calibrate.cache import open_cache
+from calibrate.cache import LayerCache, open_cache
 from calibrate.concat import _MAY_DIFFER, _meta_difference, concat_caches
+
+if TYPE_CHECKING:
+    from calibrate.chunked import ChunkedCache
 
 __all__ = ["MANIFEST_FILE", "shard_name", "parse_shard", "shard_bounds", "write_manifest", "is_sharded", "open_sharded"]
 
@@ -49,6 +53,18 @@ _PER_SHARD_KEYS = (*_MAY_DIFFER, "library", "library_version", "n_sequences", "n
 def shard_name(index: int, count: int) -> str:
     """The directory name of shard ``index`` (0-based) of ``count``: ``shard-00002-of-00008``.
 
+    Parameters
+    ----------
+    index : int
+        The shard, 0-based (not checked against ``count``).
+    count : int
+        Number of shards.
+
+    Returns
+    -------
+    str
+        ``shard-<index>-of-<count>``, both zero-padded to five digits.
+
     Examples
     --------
     >>> from calibrate.shards import shard_name
@@ -60,6 +76,16 @@ def shard_name(index: int, count: int) -> str:
 
 def parse_shard(spec: str) -> tuple[int, int]:
     """``"i/N"`` (0-based ``i < N``) as ``(i, N)``.
+
+    Parameters
+    ----------
+    spec : str
+        ``"i/N"`` with non-negative integers ``i < N``; spaces around either number are allowed.
+
+    Returns
+    -------
+    index, count : int
+        ``i`` and ``N``.
 
     Raises
     ------
@@ -88,6 +114,22 @@ def shard_bounds(n: int, index: int, count: int, *, batch_size: int = 1) -> tupl
     Shards are contiguous runs of whole batches of ``batch_size`` prompts (their batch counts differ by
     <= 1), so each batch holds the prompts it holds in one unsharded extraction: the same padding and
     batch size give the same float results, and the joined cache the same checksum.
+
+    Parameters
+    ----------
+    n : int
+        Number of prompts of the whole run.
+    index : int
+        The shard, in ``[0, count)``.
+    count : int
+        Number of shards, at most the number of batches ``ceil(n / batch_size)``.
+    batch_size : int, default=1
+        Prompts per batch, >= 1.
+
+    Returns
+    -------
+    start, stop : int
+        The shard's prompts ``prompts[start:stop]``, with ``0 <= start < stop <= n``.
 
     Raises
     ------
@@ -151,10 +193,22 @@ def _check_manifest(root: str | os.PathLike, count: int) -> bool:
 def write_manifest(root: str | os.PathLike, count: int) -> Path:
     """Write ``root/manifest.json`` listing the ``count`` shards, atomically (the same file from every worker).
 
+    Parameters
+    ----------
+    root : str or os.PathLike
+        The sharded cache's directory (created if missing); shard ``i`` is ``root / shard_name(i, count)``.
+    count : int
+        Number of shards.
+
+    Returns
+    -------
+    Path
+        The manifest file. When ``root`` holds the same manifest already it is left as it is.
+
     Raises
     ------
     ValueError
-        When ``root`` already holds a manifest of another shard count.
+        When ``root`` already holds a manifest of another shard count, or a single cache (``meta.json``).
     """
     root = Path(root)
     manifest = {"format": _FORMAT, "format_version": _VERSION, "shards": [shard_name(i, count) for i in range(count)]}
@@ -168,7 +222,23 @@ def write_manifest(root: str | os.PathLike, count: int) -> Path:
 
 
 def is_sharded(root: Path | Remote) -> bool:
-    """Whether ``root`` holds a manifest; ValueError when it also holds a single cache (which one is meant?)."""
+    """Whether ``root`` holds a manifest; ValueError when it also holds a single cache (which one is meant?).
+
+    Parameters
+    ----------
+    root : Path or Remote
+        A cache directory, local or an fsspec location (``calibrate._storage.Remote``).
+
+    Returns
+    -------
+    bool
+        True when ``root / MANIFEST_FILE`` is a file.
+
+    Raises
+    ------
+    ValueError
+        When ``root`` holds both a manifest and a single cache's ``meta.json``.
+    """
     if not (root / MANIFEST_FILE).is_file():
         return False
     if (root / "meta.json").is_file():
@@ -179,7 +249,7 @@ def is_sharded(root: Path | Remote) -> bool:
     return True
 
 
-def open_sharded(root: Path | Remote, *, verify: bool, chunks: int | None):
+def open_sharded(root: Path | Remote, *, verify: bool, chunks: int | None) -> LayerCache | ChunkedCache:
     """Open the shards listed in ``root/manifest.json`` as one cache (see :func:`calibrate.open_cache`).
 
     Returns

@@ -24,6 +24,17 @@ LEARNED_MEASURES: tuple[str, ...] = ("classifier", *HALTING_MEASURES)
 def plain_state(value: Any) -> Any:
     """JSON-like data as plain dicts and lists (a certificate keeps its states read-only: mappings and tuples).
 
+    Parameters
+    ----------
+    value : object
+        Any value; mappings and lists or tuples are converted recursively, anything else is returned as it is.
+
+    Returns
+    -------
+    object
+        Every mapping as a new dict, every list or tuple as a new list; other values (numbers, strings, None,
+        arrays) are the objects given, not copies.
+
     Examples
     --------
     >>> from types import MappingProxyType
@@ -54,6 +65,18 @@ def check_options(name: str, options: Mapping[str, Any] | None) -> dict[str, Any
     ``"classifier"`` takes :class:`~measures.classifier.ExitClassifier`'s ``C``, ``features`` and ``max_iter``
     (its ``seed`` is the caller's); the halting measures take :class:`~measures.halting.HaltingHead`'s options
     but ``kind`` (the measure's name says it). Values are checked when the estimator is built.
+
+    Parameters
+    ----------
+    name : str
+        The measure; options are accepted only for one of :data:`LEARNED_MEASURES`.
+    options : mapping of str to object, optional
+        Keyword arguments of the estimator; None for none (accepted with any ``name``).
+
+    Returns
+    -------
+    dict of str to object
+        A copy of ``options`` (``{}`` for None).
 
     Raises
     ------
@@ -113,6 +136,20 @@ def train_measure(
 
 def measure_from_state(name: str, state: Mapping[str, Any] | None) -> ExitClassifier | HaltingHead:
     """Rebuild the learned measure ``name`` from its JSON state (``Certificate.measure_state``).
+
+    Parameters
+    ----------
+    name : str
+        One of :data:`LEARNED_MEASURES`.
+    state : mapping, optional
+        The trained measure's ``to_dict()``, as a certificate stores it (read-only mappings and tuples are
+        accepted).
+
+    Returns
+    -------
+    ExitClassifier or HaltingHead
+        The fitted measure: ``predict_confidence(cache)`` gives ``(n_tokens, n_layers)`` confidences in [0, 1],
+        the same as the measure that was trained.
 
     Raises
     ------

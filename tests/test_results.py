@@ -16,25 +16,39 @@ import measures
 
 #: Dataclasses public functions return that are inputs or data, not results of a computation.
 NOT_RESULTS = {
+    "ChunkedCache": "a saved cache opened lazily (open_cache(path, chunks=n)): data",
     "LayerCosts": "a cost model, input to the keep schedules",
     "SmolLM2Data": "the demo's data bundle",
     "Task": "a dataset description",
 }
 
 
+def _return_hint(obj, names: dict):
+    """The return annotation of ``obj``, resolved in its module's namespace and then in ``names``.
+
+    Only the return: parameter annotations may name classes their module imports under ``TYPE_CHECKING`` only
+    (transformers' ``PreTrainedModel``), which ``typing.get_type_hints`` cannot resolve; so may a return
+    annotation (``open_cache`` names ``ChunkedCache``), which ``names`` (the library's public names) resolves.
+    """
+    hint = inspect.get_annotations(obj).get("return")
+    if isinstance(hint, str):  # ``from __future__ import annotations``
+        hint = eval(hint, {**names, **vars(inspect.getmodule(obj))})
+    return hint
+
+
 def _returned_dataclasses() -> dict[str, type]:
     """Every dataclass named in the return annotation of a public function of a public module."""
-    found = {}
+    found, modules = {}, []
     for package in (calibrate, measures):
         for info in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
-            if any(part.startswith("_") for part in info.name.split(".")):
-                continue
-            module = importlib.import_module(info.name)
-            for name in getattr(module, "__all__", ()):
-                obj = getattr(module, name)
-                if not inspect.isfunction(obj):
-                    continue
-                hint = typing.get_type_hints(obj).get("return")
+            if not any(part.startswith("_") for part in info.name.split(".")):
+                modules.append(importlib.import_module(info.name))
+    names = {name: getattr(m, name) for m in modules for name in getattr(m, "__all__", ())}
+    for module in modules:
+        for name in getattr(module, "__all__", ()):
+            obj = getattr(module, name)
+            if inspect.isfunction(obj):
+                hint = _return_hint(obj, names)
                 for cls in typing.get_args(hint) or (hint,):
                     if dataclasses.is_dataclass(cls):
                         found[cls.__name__] = cls

@@ -45,7 +45,23 @@ CONSISTENCIES = ("label", "risk_label")
 
 
 def fff_layers(model: nn.Module) -> list[FFF]:
-    """The :class:`FFF` layers of ``model`` (itself included), in module order; ValueError when there are none."""
+    """The :class:`FFF` layers of ``model`` (itself included), in module order; ValueError when there are none.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A module holding :class:`FFF` layers, or an :class:`FFF` itself.
+
+    Returns
+    -------
+    list of FFF
+        Every :class:`FFF` among ``model.modules()``, in that order.
+
+    Raises
+    ------
+    ValueError
+        When ``model`` is not a torch module or holds no :class:`FFF` layer.
+    """
     layers = [m for m in model.modules() if isinstance(m, FFF)] if isinstance(model, nn.Module) else []
     if not layers:
         raise ValueError(f"model must be a torch module holding calibrate.fff.FFF layers, got {type(model).__name__}")
@@ -68,7 +84,25 @@ def model_id(model: nn.Module, *, fresh: bool = False) -> str:
     at full depth (weights, buffers, each submodule's settings such as an FFF's activation) and, for a language
     model, of the generation config that shapes its greedy decoding. The evaluation depth, the knob an
     ``fff_depth`` certificate sets, is left out (other identities, such as the early-exit runtime's, include it).
-    Certificates record it with ``fresh=True`` (every tensor hashed again)."""
+    Certificates record it with ``fresh=True`` (every tensor hashed again).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A module holding :class:`FFF` layers (see :func:`fff_layers`).
+    fresh : bool, default=False
+        Hash every tensor again instead of reusing the digest remembered since the last change seen.
+
+    Returns
+    -------
+    str
+        ``"fff/<n_layers>x/D<depths>/<digest>"``, the distinct tree depths joined by ``-``.
+
+    Raises
+    ------
+    ValueError
+        When ``model`` holds no :class:`FFF` layer.
+    """
     depths = sorted({layer.depth for layer in fff_layers(model)})
     with at_depth(model, None):
         return f"fff/{len(fff_layers(model))}x/D{'-'.join(map(str, depths))}/{decoding_digest(model, fresh=fresh)}"
@@ -86,10 +120,25 @@ def at_depth(model: nn.Module, depth: int | None) -> Iterator[nn.Module]:
     its whole tree, so in a model whose trees differ in depth, ``D`` (the deepest layer's depth) is the full
     model.
 
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A module holding :class:`FFF` layers (see :func:`fff_layers`); not modified.
+    depth : int or None
+        Evaluation depth in ``0..D``: each layer evaluates ``min(depth, layer.depth) + 1`` neurons along its
+        path. None: every layer's whole tree.
+
+    Yields
+    ------
+    torch.nn.Module
+        ``model`` itself.
+
     Raises
     ------
+    TypeError
+        When ``depth`` is neither None nor an int.
     ValueError
-        When ``depth`` is not an int in ``0..D``.
+        When ``depth`` lies outside ``0..D``, or ``model`` holds no :class:`FFF` layer.
     """
     layers = fff_layers(model)
     if depth is not None:
@@ -112,6 +161,20 @@ def at_depth(model: nn.Module, depth: int | None) -> Iterator[nn.Module]:
 
 def apply(model: nn.Module, certificate: Certificate) -> nn.Module:
     """Set every FFF layer of ``model`` to the certificate's depth (in place; returns ``model``).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model the certificate was fitted on (same :func:`model_id`); each layer's ``eval_depth`` is set
+        to the certified depth, capped at its own depth.
+    certificate : Certificate
+        An ``fff_depth`` certificate of :func:`calibrate.fff.fit`. Without a certified depth
+        (``lambda_hat`` None) every layer runs its whole tree.
+
+    Returns
+    -------
+    torch.nn.Module
+        ``model`` itself.
 
     Raises
     ------

@@ -478,6 +478,29 @@ def fff_forward(layer: FFF, x: torch.Tensor, depth: int | None = None, *, backen
 def fff_reference(layer: FFF, x: torch.Tensor, depth: int | None = None) -> torch.Tensor:
     """The plain per-input loop of the definition (slow; the reference the fast paths are tested against).
 
+    Parameters
+    ----------
+    layer : FFF
+        The layer whose weights are read (its ``eval_depth`` is ignored).
+    x : torch.Tensor
+        Floating-point, finite, shape ``(..., in_features)``.
+    depth : int, optional
+        Evaluation depth in ``0..layer.depth``: ``depth + 1`` neurons along each input's path. Default: the
+        whole path (``layer.depth``).
+
+    Returns
+    -------
+    torch.Tensor
+        Shape ``(..., out_features)``, the dtype and device of ``x``.
+
+    Raises
+    ------
+    TypeError
+        When ``x`` is not a floating-point tensor, or ``depth`` is neither None nor an int.
+    ValueError
+        When ``x`` does not have ``in_features`` features or holds NaN or infinite values, or ``depth`` lies
+        outside ``0..layer.depth``.
+
     Examples
     --------
     >>> import torch

@@ -20,6 +20,7 @@ import dataclasses
 import math
 import warnings
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -43,6 +44,9 @@ from calibrate.lat.encoders import CLASSIFIER_ARCHITECTURES
 from calibrate.lat.schedule import KeepSchedule, _speedup_iv
 from calibrate.lat.scores import SCORES
 from calibrate.models import _eval_mode
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 __all__ = ["CLASSIFIER_CONSISTENCIES", "DEFAULT_SPEEDUPS", "audit", "fit", "heldout_losses"]
 
@@ -68,8 +72,8 @@ def _speedups_iv(speedups) -> np.ndarray:
 
 
 def fit(
-    model,
-    tokenizer,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str],
     delta: float = 0.1,
     epsilon: float = 0.05,
@@ -218,8 +222,8 @@ def _warn_unreachable(config, lengths: Sequence[int], speedups: np.ndarray, min_
 
 def heldout_losses(
     certificate: Certificate,
-    model,
-    tokenizer,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str],
     *,
     references: Sequence[str | None] | None = None,
@@ -267,8 +271,8 @@ def _heldout_scorer(certificate, model, tokenizer, prompts, references, max_new_
 
 def audit(
     certificate: Certificate,
-    model,
-    tokenizer,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str],
     *,
     references: Sequence[str | int | None] | None = None,

@@ -119,6 +119,19 @@ def model_id(model: nn.Module, *, fresh: bool = False) -> str:
     A token-elimination certificate records it (computed with ``fresh=True``: every tensor hashed again, not
     the digest remembered since the last change the quick check saw) and :func:`generate` refuses a
     certificate of another model.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A Hugging Face model with a ``config`` (``model_type``, ``hidden_size``, ``vocab_size`` and its layer
+        sizes, as :func:`calibrate.lat.layer_costs` reads them).
+    fresh : bool, default=False
+        Hash every tensor again instead of reusing the digest remembered since the last change seen.
+
+    Returns
+    -------
+    str
+        ``"<model_type>/L<n_layers>/d<hidden_size>/V<vocab_size>/<digest>"``.
     """
     config = model.config
     costs = layer_costs(config)

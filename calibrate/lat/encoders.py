@@ -139,6 +139,17 @@ class _BertEncoder(_Encoder):
 def encoder_for(model: nn.Module) -> _Encoder:
     """The encoder of a T5 model or a BERT-family classifier.
 
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A T5 model (``config.model_type`` in :data:`ENCODER_DECODER_ARCHITECTURES`) or a sequence classifier
+        (in :data:`CLASSIFIER_ARCHITECTURES`); its modules are used as they are, not copied.
+
+    Returns
+    -------
+    _Encoder
+        Its embeddings and layers, each split at the elimination point, for :func:`encode`.
+
     Raises
     ------
     ValueError
@@ -166,9 +177,35 @@ def encode(
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor]:
     """Run ``ids`` ``(B, P)`` (0/1 ``mask``) through the encoder, thinning it out where ``keep`` ``(B, L)`` drops.
 
-    Returns the final states ``(B, W, d)`` and their validity ``(B, W)`` (kept vectors first in column
-    order, then filler), per layer the input columns that entered it (``-1`` filler), and the counts
-    ``(B, L)`` of vectors each row processed in each layer.
+    Parameters
+    ----------
+    encoder : _Encoder
+        From :func:`encoder_for`.
+    ids : torch.Tensor
+        Long ``(B, P)``: input token ids, right-padded.
+    mask : torch.Tensor
+        ``(B, P)``, 1 for a real token, 0 for padding.
+    keep : torch.Tensor
+        Long ``(B, L)``: each row's ``KeepSchedule.keep`` (:class:`calibrate.lat.KeepSchedule`), the vectors
+        entering each of the ``L`` layers' attention (after layer ``i``'s attention a row keeps
+        ``keep[:, i + 1]`` vectors, never fewer than its always-kept ones; ``keep[:, 0]`` is not read).
+    always : torch.Tensor
+        Boolean ``(B, P)``: vectors kept whatever their score (the first real token, special tokens).
+    score : {"attention", "value"}
+        Contribution score that ranks the vectors (:data:`calibrate.lat.scores.SCORES`).
+    token_type_ids : torch.Tensor, optional
+        Long ``(B, P)`` segment ids (BERT family).
+
+    Returns
+    -------
+    states : torch.Tensor
+        ``(B, W, d)``: the final states, kept vectors first in column order, then filler.
+    valid : torch.Tensor
+        Boolean ``(B, W)``: which of ``states`` are real vectors.
+    kept : tuple of torch.Tensor
+        Per layer, ``(B, W_i)`` long: the input columns of the vectors that entered it (``-1`` filler).
+    processed : torch.Tensor
+        Long ``(B, L)``: vectors each row processed in each layer.
     """
     B, P = ids.shape
     L = encoder.n_layers

@@ -460,10 +460,19 @@ class Certificate:
                 + f"), {chosen}"
             )
         if self.decay is not None:
-            lines.append(
-                f"  decaying threshold lambda_t = min(1, 0.9 lambda + 0.1 exp(-{self.decay['tau']:g} t / "
-                f"{self.decay['max_len']})) at output position t (so lambda > 1 still exits late in an output)"
+            line = (
+                f"  decaying threshold lambda_t = clip(0.9 lambda + 0.1 exp(-{self.decay['tau']:g} t / "
+                f"{self.decay['max_len']}), 0, 1) at output position t = 0, 1, ..."
             )
+            if self.lambda_hat is not None:
+                from calibrate.exits import Decay
+
+                first, last = Decay(**self.decay).thresholds(self.lambda_hat, [0, 2**62])
+                line += (
+                    f"; at lambda_hat every threshold is {first:.4g}" if first == last
+                    else f"; at lambda_hat from {first:.4g} at the first token down to {last:.4g}"
+                )  # fmt: skip
+            lines.append(line)
         same = " (the full model's: no speed-up)" if self._runs_whole() else ""
         if self.knob == "fff_depth" and self.lambda_hat is not None:
             k = self.lambda_hat

@@ -94,10 +94,14 @@ class Decay:
         object.__setattr__(self, "max_len", int(self.max_len))
         object.__setattr__(self, "tau", finite_at_least(self.tau, "Decay.tau"))
 
-    def thresholds(self, lambdas: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """Per-position thresholds, shape ``positions.shape + lambdas.shape`` (float64)."""
+    def thresholds(self, lambdas: ArrayLike, positions: ArrayLike) -> np.ndarray:
+        """Per-position thresholds, shape ``positions.shape + lambdas.shape`` (float64); ``positions`` are 0-based
+        (ValueError for a negative one)."""
+        positions = np.asarray(positions)
+        if positions.size and positions.min() < 0:
+            raise ValueError(f"positions must be >= 0 (0-based output positions), got a minimum of {positions.min()}")
         lam = np.asarray(lambdas, dtype=np.float64)
-        return np.clip(0.9 * lam + self._shift(positions)[..., None], 0.0, 1.0)
+        return np.clip(np.add.outer(self._shift(positions), 0.9 * lam), 0.0, 1.0)
 
     def _shift(self, positions) -> np.ndarray:
         """``0.1 exp(-tau t / N)`` at each position ``t`` (float64, whatever the types of ``t`` and ``tau``)."""

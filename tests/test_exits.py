@@ -196,6 +196,9 @@ def test_decay_defaults_to_calms_rate():
     assert decay.tau == 4.0
     expected = [[0.9 * 0.5 + 0.1 * np.exp(-4.0 * t / 10)] for t in (0, 3, 9)]
     np.testing.assert_allclose(decay.thresholds([0.5], [0, 3, 9]), expected)
+    assert decay.thresholds(0.5, [0, 3, 9]).shape == (3,)  # positions.shape + lambdas.shape (was (3, 1))
+    with pytest.raises(ValueError, match="positions must be >= 0 .*got a minimum of -20"):
+        decay.thresholds([0.5], [-20, 2])  # exit_layers refuses it too
 
 
 def test_decay_refuses_confidences_above_one():

@@ -79,13 +79,13 @@ def _extract_iv(
     pad_id = int(pad_id[0] if isinstance(pad_id, (list, tuple)) else pad_id)
     token_ids = prompt_ids(tokenizer, prompts)
     rows = model.get_input_embeddings().num_embeddings
-    for i, seq in enumerate(token_ids):
+    for name, seq in zip(ids, token_ids):
         if any(not 0 <= t < rows for t in seq):
             raise ValueError(
-                f"prompt {i} tokenises to ids outside the model's {rows} embedding rows ({max(seq)}): a tokenizer "
+                f"prompt {name} tokenises to ids outside the model's {rows} embedding rows ({max(seq)}): a tokenizer "
                 "with added tokens needs model.resize_token_embeddings(len(tokenizer))"
             )
-    _context_iv(config, encoder_decoder, token_ids, max_new_tokens)
+    _context_iv(config, encoder_decoder, token_ids, max_new_tokens, names=ids)
     _warn_padding_read(model, token_ids, batch_size)
     vocab = _vocab(tokenizer, heads.vocab_size)
     settings = {
@@ -209,15 +209,23 @@ def prompt_ids(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
 
 
 def _context_iv(
-    config, encoder_decoder: bool, ids: list[list[int]], max_new_tokens: int, *, teacher_forced: bool = False
+    config,
+    encoder_decoder: bool,
+    ids: list[list[int]],
+    max_new_tokens: int,
+    *,
+    teacher_forced: bool = False,
+    names: Sequence | None = None,
 ) -> None:
-    """Refuse empty prompts and prompts that do not fit the context (never truncate silently).
+    """Refuse empty prompts and prompts that do not fit the context (never truncate silently), naming them by
+    ``names`` (their sequence ids; default: their places in ``ids``).
 
     Generation feeds back every new token but the last; ``teacher_forced`` feeds all ``max_new_tokens``
     (a prompt and its continuation in one forward pass). ``max_new_tokens=0`` with
     ``encoder_decoder=False`` checks the inputs of an encoder (a classifier).
     """
-    empty = [i for i, seq in enumerate(ids) if not seq]
+    names = list(range(len(ids))) if names is None else names
+    empty = [names[i] for i, seq in enumerate(ids) if not seq]
     if empty:
         raise ValueError(f"prompts {empty[:10]} tokenise to no token; a prompt needs at least one")
     positions = _context_positions(config)
@@ -237,7 +245,7 @@ def _context_iv(
         too_long = [(i, len(seq)) for i, seq in enumerate(ids) if len(seq) + fed > context]
         need = f"tokens + {fed} of max_new_tokens={max_new_tokens} fed back" if max_new_tokens else "tokens"
     if too_long:
-        shown = ", ".join(f"prompt {i} ({n} tokens)" for i, n in too_long[:5])
+        shown = ", ".join(f"prompt {names[i]} ({n} tokens)" for i, n in too_long[:5])
         more = f" and {len(too_long) - 5} more" if len(too_long) > 5 else ""
         fix = "shorten them or lower max_new_tokens" if max_new_tokens else "shorten them"
         raise ValueError(

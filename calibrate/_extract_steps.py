@@ -124,7 +124,7 @@ def _extract_batch(model, tokenizer, setup: dict, start: int, stop: int) -> Laye
     states = torch.stack([torch.stack(r, dim=1) for r in recorded], dim=2)  # (B, N, L, d)
     states = states[valid]  # (T, L, d)
     tokens = new[valid]  # (T,)
-    _finite_states_iv(states, valid, start)
+    _finite_states_iv(states, valid, setup["ids"][start:stop])
     # 5. What each layer predicts, through the heads; saturation from the states at the precision the runtime
     #    computes it from (float64 states as they are, the others in float32).
     measures = _layer_measures(heads, states, setup["top_k"])
@@ -156,16 +156,16 @@ def _extract_batch(model, tokenizer, setup: dict, start: int, stop: int) -> Laye
     )
 
 
-def _finite_states_iv(states: torch.Tensor, valid: torch.Tensor, start: int) -> None:
-    """ValueError naming the first layer and the prompts whose states ``(T, L, d)`` (the valid positions of
-    ``valid`` ``(B, N)``, batch from prompt ``start``) hold NaN or inf: the model itself went non-finite (a
-    measure named a block of tokens of a "hidden" array that was never asked for)."""
+def _finite_states_iv(states: torch.Tensor, valid: torch.Tensor, ids: list[str]) -> None:
+    """ValueError naming the first layer and the prompts (by ``ids``, one per batch row) whose states ``(T, L, d)``
+    (the valid positions of ``valid`` ``(B, N)``) hold NaN or inf: the model itself went non-finite (a measure
+    named a block of tokens of a "hidden" array that was never asked for)."""
     bad = ~states.isfinite().all(dim=2)  # (T, L)
     if not bad.any():
         return
     layer = int(bad.any(dim=0).int().argmax()) + 1
     row_of = torch.nonzero(valid)[:, 0]  # (T,): the batch row of each valid position
-    prompts = sorted({start + int(r) for r in row_of[bad.any(dim=1)].tolist()})
+    prompts = [ids[r] for r in sorted(set(row_of[bad.any(dim=1)].tolist()))]
     raise ValueError(
         f"the model's hidden states hold NaN or inf from layer {layer} on, for prompts {prompts[:10]}"
         f"{' ...' if len(prompts) > 10 else ''}: the model itself is not finite there (weights, or a half "

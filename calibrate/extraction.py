@@ -522,9 +522,9 @@ def extract_main(
         prompts, ids = prompts[start:stop], ids[start:stop]
         references = None if references is None else references[start:stop]
     _save_iv(target, overwrite)  # an existing output that --overwrite may not replace: refused before any work
-    if shard_dir is None:
-        shard_dir = target.with_name(target.name + ".shards")
-    elif shard is not None:
+    if shard_dir is None:  # beside the output, never in it (a sharded output holds only shards and their manifest)
+        shard_dir = root.with_name(root.name + ".shards")
+    if shard is not None:
         shard_dir = Path(shard_dir) / target.name
     if isinstance(target, Path) and Path(shard_dir).resolve().is_relative_to(target.resolve()):
         raise ValueError(  # the batches would stand where the cache is saved: it could not be, after all the work

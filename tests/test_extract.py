@@ -583,7 +583,7 @@ def test_prompts_longer_than_the_context_are_reported(tokenizer):
         ({"prompts": "w1 w2"}, TypeError, "sequence of str"),
         ({"prompts": []}, ValueError, "at least one prompt"),
         ({"prompts": ["w1", 3]}, TypeError, "index 1"),
-        ({"prompts": ["w1", ""]}, ValueError, r"prompts \[1\] tokenise to no token"),
+        ({"prompts": ["w1", ""]}, ValueError, r"prompts \['1'\] tokenise to no token"),
         ({"max_new_tokens": 0}, ValueError, "max_new_tokens must be an int >= 1"),
         ({"batch_size": 2.0}, TypeError, "batch_size must be an int >= 1"),
         ({"top_k": V + 1}, ValueError, "top_k must be <= vocab_size=64"),
@@ -994,7 +994,7 @@ def test_a_model_that_goes_non_finite_is_named_with_its_layer_and_prompts():
     model = tiny_model("llama", seed=5, n_layers=4)
     with torch.no_grad():
         model.model.layers[2].mlp.down_proj.weight[0, 0] = float("nan")  # layer 3's output is NaN
-    with pytest.raises(ValueError, match=r"NaN or inf from layer 3 on, for prompts \[0, 1, 2\]: the model itself"):
+    with pytest.raises(ValueError, match=r"NaN or inf from layer 3 on, for prompts \['0', '1', '2'\]: the model itself"):
         calibrate.extract(model, tiny_tokenizer(), ["w1 w2 w3", "w4 w5", "w6"], max_new_tokens=3, progress=False)
 
 

@@ -453,6 +453,26 @@ def test_shards_sharing_a_shard_dir_use_their_own_subdirectories(saved_model, tm
     assert calibrate.open_cache(out).checksum == extract_main(model_dir, prompts, tmp_path / "whole", **kw).checksum
 
 
+def test_a_shards_batches_go_beside_the_output_and_its_prompts_are_named_by_their_line(saved_model, tmp_path):
+    """The batches of a shard went into the sharded output (shard-0000i-of-0000N.shards), which then could not be
+    replaced once one was left there; a shard named a prompt by its place in the shard, not in the file."""
+    from calibrate.extraction import extract_main
+
+    model_dir, prompts = saved_model
+    kw = dict(max_new_tokens=4, batch_size=1, progress=False)
+    out = tmp_path / "sharded"
+    extract_main(model_dir, prompts, out, shard=(0, 2), keep_shards=True, **kw)
+    batches = tmp_path / "sharded.shards" / shard_name(0, 2)  # beside the output, as documented
+    assert sorted(p.name for p in batches.iterdir()) == ["batch_00000", "batch_00001"]
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", shard_name(0, 2)]
+    extract_main(model_dir, prompts, out, shard=(1, 2), **kw)
+    extract_main(model_dir, prompts, out, overwrite=True, **kw)  # was "refusing to overwrite ...: not a layer cache"
+    long = tmp_path / "long.txt"
+    long.write_text("\n".join([*PROMPTS, " ".join(["w1"] * 200)]) + "\n", encoding="utf-8")  # the last line
+    with pytest.raises(ValueError, match=rf"prompt {len(PROMPTS)} \(200 tokens\)"):  # was its place in shard 1
+        extract_main(model_dir, long, tmp_path / "again", shard=(1, 2), **kw)
+
+
 @pytest.mark.slow
 def test_torchrun_writes_one_shard_per_rank(saved_model, tmp_path):
     """A real ``torchrun`` of two ranks on this machine: each writes its shard, the joined cache is whole."""

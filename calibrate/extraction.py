@@ -536,7 +536,13 @@ def extract_main(
         # extract digested these weights (fresh) a moment ago: the memoised digest is theirs
         sharding = {**sharding, "weights": weights_digest(model)}
         cache = cache.with_meta({**cache.user_meta, "sharding": sharding})
-    cache.save(target, overwrite=overwrite)
+    try:
+        cache.save(target, overwrite=overwrite)
+    except FileExistsError:  # another run of this shard (a requeued job) saved it meanwhile
+        found = open_cache(target, verify=False).user_meta.get("sharding") if sharding is not None else None
+        if found != sharding:
+            raise
+        cache = open_cache(target)  # the same shard of the same settings and weights: kept
     if sharding is not None:
         shards.write_manifest(root, sharding["count"])
     if not keep_shards:

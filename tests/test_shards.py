@@ -473,6 +473,34 @@ def test_a_shards_batches_go_beside_the_output_and_its_prompts_are_named_by_thei
         extract_main(model_dir, long, tmp_path / "again", shard=(1, 2), **kw)
 
 
+def test_a_shard_saved_meanwhile_by_another_run_of_it_is_kept(saved_model, tmp_path, monkeypatch):
+    """Two runs of one shard (a requeued job): the slower failed after all its work with "exists; pass
+    overwrite=True" for the very shard it computed. Another run's shard of other settings is still refused."""
+    import calibrate.extraction as extraction
+
+    model_dir, prompts = saved_model
+    kw = dict(max_new_tokens=4, batch_size=1, progress=False)
+    out, original = tmp_path / "sharded", extraction.extract
+
+    def other_run_finishes_meanwhile(shard, settings):
+        @functools.wraps(original)  # extract_main reads its signature
+        def extract(*args, **kwargs):
+            cache = original(*args, **kwargs)
+            monkeypatch.setattr(extraction, "extract", original)
+            extraction.extract_main(model_dir, prompts, out, shard=shard, **{**kw, **settings})
+            return cache
+
+        return extract
+
+    monkeypatch.setattr(extraction, "extract", other_run_finishes_meanwhile((0, 2), {}))
+    kept = extraction.extract_main(model_dir, prompts, out, shard=(0, 2), **kw)
+    assert kept.checksum == calibrate.open_cache(out / shard_name(0, 2)).checksum
+    other = {"max_new_tokens": 3, "shard_dir": tmp_path / "elsewhere"}
+    monkeypatch.setattr(extraction, "extract", other_run_finishes_meanwhile((1, 2), other))
+    with pytest.raises(FileExistsError, match="shard-00001-of-00002 exists"):
+        extraction.extract_main(model_dir, prompts, out, shard=(1, 2), **kw)
+
+
 @pytest.mark.slow
 def test_torchrun_writes_one_shard_per_rank(saved_model, tmp_path):
     """A real ``torchrun`` of two ranks on this machine: each writes its shard, the joined cache is whole."""

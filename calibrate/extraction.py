@@ -33,7 +33,7 @@ import torch
 
 from calibrate._cache_files import _save_iv
 from calibrate._digest import weights_digest
-from calibrate._extract_checks import _extract_iv
+from calibrate._extract_checks import _extract_iv, prompt_ids
 from calibrate._extract_steps import (
     _SHARD_NAME,
     _batch_identity,
@@ -482,7 +482,7 @@ def extract_main(
         As :func:`extract` and :func:`read_prompts`; or when ``model_dir`` holds no model.
     """
     from calibrate import shards
-    from calibrate.models import load_local
+    from calibrate.models import _load_tokenizer, load_local
 
     if not os.fspath(output):  # Path("") would be the working directory
         raise ValueError("output must name a directory, got ''")
@@ -507,9 +507,10 @@ def extract_main(
         defaults = inspect.signature(extract).parameters  # a setting left at its default is recorded as one given
         request = {name: kw.get(name, defaults[name].default) for name in _SHARD_SETTINGS}
         request = {k: v.item() if isinstance(v, np.generic) else v for k, v in request.items()}  # JSON: numpy ints
+        token_ids = prompt_ids(_load_tokenizer(model_dir, "model_dir"), prompts)  # every shard's, as extract's
         sharding = {
             "index": index, "count": count, "start": start, "stop": stop, "n_prompts": len(prompts),
-            "prompts": shards._prompts_digest(prompts, references),
+            "prompts": shards._prompts_digest(prompts, references), "prompt_ids": shards._token_ids_digest(token_ids),
             "request": {"model_dir": str(Path(model_dir).resolve()), "dtype": dtype, **request},
         }  # fmt: skip
         found = open_cache(target, verify=False).user_meta if target.exists() and not overwrite else {}

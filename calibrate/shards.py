@@ -165,6 +165,11 @@ def _prompts_digest(prompts, references) -> str:
     return hashlib.blake2b(payload.encode(), digest_size=16).hexdigest()
 
 
+def _token_ids_digest(token_ids: list[list[int]]) -> str:
+    """Identify how the whole prompt list tokenises (shards of one prompt list by another tokenizer differ here)."""
+    return hashlib.blake2b(json.dumps(token_ids).encode(), digest_size=16).hexdigest()
+
+
 def _check_manifest(root: str | os.PathLike, count: int) -> bool:
     """Whether ``root`` holds the manifest of ``count`` shards already (False: none yet).
 
@@ -387,3 +392,8 @@ def _check_compatible(root, names: list[str], metas: list[dict]) -> None:
                 )
             if sharding.get("prompts") != (first.get("sharding") or {}).get("prompts"):
                 raise ValueError(f"shard {name!r} of {root} was extracted from another prompt list than {names[0]!r}")
+            if sharding.get("prompt_ids") != (first.get("sharding") or {}).get("prompt_ids"):  # None: older shards
+                raise ValueError(
+                    f"shard {name!r} of {root} tokenised the prompt list otherwise than {names[0]!r} (another "
+                    "tokenizer, or other tokenizer settings)"
+                )

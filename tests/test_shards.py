@@ -473,6 +473,31 @@ def test_a_shards_batches_go_beside_the_output_and_its_prompts_are_named_by_thei
         extract_main(model_dir, long, tmp_path / "again", shard=(1, 2), **kw)
 
 
+def test_shards_tokenised_by_another_tokenizer_are_refused(saved_model, tmp_path):
+    """Same weights, same vocabulary pieces, a tokenizer that adds a BOS: the shards joined silently into a cache
+    that matched neither extraction (the docs say shards of other tokenizers are refused)."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer
+
+    from calibrate.extraction import extract_main
+
+    model_dir, prompts = saved_model
+    other = tmp_path / "model_bos"
+    shutil.copytree(model_dir, other)
+    tokenizer = AutoTokenizer.from_pretrained(other)
+    tokenizer._tokenizer.post_processor = TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 3)])
+    tokenizer.save_pretrained(other)
+    kw = dict(max_new_tokens=4, batch_size=1, progress=False)
+    out = tmp_path / "sharded"
+    extract_main(model_dir, prompts, out, shard=(0, 2), **kw)
+    extract_main(other, prompts, out, shard=(1, 2), **kw)
+    for chunks in (None, 2):
+        with pytest.raises(ValueError, match="shard-00001-of-00002' .* tokenised the prompt list otherwise"):
+            calibrate.open_cache(out, chunks=chunks)
+    with pytest.raises(FileExistsError, match="shard-00000-of-00002 exists"):  # its shard of the other tokenizer
+        extract_main(other, prompts, out, shard=(0, 2), **kw)  # was kept
+
+
 def test_a_shard_saved_meanwhile_by_another_run_of_it_is_kept(saved_model, tmp_path, monkeypatch):
     """Two runs of one shard (a requeued job): the slower failed after all its work with "exists; pass
     overwrite=True" for the very shard it computed. Another run's shard of other settings is still refused."""

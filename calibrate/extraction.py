@@ -166,7 +166,10 @@ def extract(
       :func:`measures.confidence.state_saturation` of the states at the precision the runtime computes it
       from: float64 states as they are, the others in float32 (0 at layer 1).
     - **Numerics.** Padding changes floating-point sums slightly, so a batched run can, on a near tie,
-      pick another token than the same prompt alone; the cache holds what the batched run generated.
+      pick another token than the same prompt alone; the cache holds what the batched run generated. Beyond
+      ties, a batch's tokens depend on its other prompts where the model reads the padding: logits processors
+      of its generation config that read the prompt, and longrope rotary scaling, whose frequencies follow the
+      batch's longest row (both warned of; ``batch_size=1`` gives each prompt alone).
 
     Examples
     --------

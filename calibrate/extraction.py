@@ -527,7 +527,8 @@ def extract_main(
         references = None if references is None else references[start:stop]
     _save_iv(target, overwrite)  # an existing output that --overwrite may not replace: refused before any work
     if shard_dir is None:  # beside the output, never in it (a sharded output holds only shards and their manifest)
-        shard_dir = root.with_name(root.name + ".shards")
+        base = Path(os.path.abspath(root))  # "." has no name
+        shard_dir = base.with_name(base.name + ".shards")
     if shard is not None:
         shard_dir = Path(shard_dir) / target.name
     if isinstance(target, Path) and Path(shard_dir).resolve().is_relative_to(target.resolve()):
@@ -542,11 +543,12 @@ def extract_main(
         cache = cache.with_meta({**cache.user_meta, "sharding": sharding})
     try:
         cache.save(target, overwrite=overwrite)
-    except FileExistsError:  # another run of this shard (a requeued job) saved it meanwhile
-        found = open_cache(target, verify=False).user_meta.get("sharding") if sharding is not None else None
-        if found != sharding:
+    except FileExistsError:  # another run of this shard (a requeued job) saved it meanwhile?
+        found = open_cache(target, verify=False).user_meta if sharding is not None else {}
+        if sharding is None or found.get("sharding") != sharding:
             raise
-        cache = open_cache(target)  # the same shard of the same settings and weights: kept
+        _kept_shard_iv(target, found, model, kw.get("heads"))  # as a rerun keeps it: the same heads too
+        cache = open_cache(target)
     if sharding is not None:
         shards.write_manifest(root, sharding["count"])
     if not keep_shards:

@@ -453,7 +453,9 @@ def test_shards_sharing_a_shard_dir_use_their_own_subdirectories(saved_model, tm
     assert calibrate.open_cache(out).checksum == extract_main(model_dir, prompts, tmp_path / "whole", **kw).checksum
 
 
-def test_a_shards_batches_go_beside_the_output_and_its_prompts_are_named_by_their_line(saved_model, tmp_path):
+def test_a_shards_batches_go_beside_the_output_and_its_prompts_are_named_by_their_line(
+    saved_model, tmp_path, monkeypatch
+):
     """The batches of a shard went into the sharded output (shard-0000i-of-0000N.shards), which then could not be
     replaced once one was left there; a shard named a prompt by its place in the shard, not in the file."""
     from calibrate.extraction import extract_main
@@ -467,6 +469,10 @@ def test_a_shards_batches_go_beside_the_output_and_its_prompts_are_named_by_thei
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", shard_name(0, 2)]
     extract_main(model_dir, prompts, out, shard=(1, 2), **kw)
     extract_main(model_dir, prompts, out, overwrite=True, **kw)  # was "refusing to overwrite ...: not a layer cache"
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")  # a worker run inside its output: "." has no name to put ".shards" after
+    extract_main(model_dir, prompts, ".", shard=(0, 2), keep_shards=True, **kw)
+    assert (tmp_path / "here.shards" / shard_name(0, 2) / "batch_00000").is_dir()
     long = tmp_path / "long.txt"
     long.write_text("\n".join([*PROMPTS, " ".join(["w1"] * 200)]) + "\n", encoding="utf-8")  # the last line
     with pytest.raises(ValueError, match=rf"prompt {len(PROMPTS)} \(200 tokens\)"):  # was its place in shard 1
@@ -500,19 +506,22 @@ def test_shards_tokenised_by_another_tokenizer_are_refused(saved_model, tmp_path
 
 def test_a_shard_saved_meanwhile_by_another_run_of_it_is_kept(saved_model, tmp_path, monkeypatch):
     """Two runs of one shard (a requeued job): the slower failed after all its work with "exists; pass
-    overwrite=True" for the very shard it computed. Another run's shard of other settings is still refused."""
+    overwrite=True" for the very shard it computed. Another run's shard of other settings or heads is still refused,
+    and so is any cache saved meanwhile at an unsharded output."""
     import calibrate.extraction as extraction
+    from calibrate.heads import ExitHeads
+    from calibrate.models import load_local
 
     model_dir, prompts = saved_model
     kw = dict(max_new_tokens=4, batch_size=1, progress=False)
-    out, original = tmp_path / "sharded", extraction.extract
+    out, single, original = tmp_path / "sharded", tmp_path / "single", extraction.extract
 
     def other_run_finishes_meanwhile(shard, settings):
         @functools.wraps(original)  # extract_main reads its signature
         def extract(*args, **kwargs):
             cache = original(*args, **kwargs)
             monkeypatch.setattr(extraction, "extract", original)
-            extraction.extract_main(model_dir, prompts, out, shard=shard, **{**kw, **settings})
+            extraction.extract_main(model_dir, prompts, out if shard else single, shard=shard, **{**kw, **settings})
             return cache
 
         return extract
@@ -524,6 +533,15 @@ def test_a_shard_saved_meanwhile_by_another_run_of_it_is_kept(saved_model, tmp_p
     monkeypatch.setattr(extraction, "extract", other_run_finishes_meanwhile((1, 2), other))
     with pytest.raises(FileExistsError, match="shard-00001-of-00002 exists"):
         extraction.extract_main(model_dir, prompts, out, shard=(1, 2), **kw)
+    heads = ExitHeads.from_model(load_local(model_dir)[0], adapters=True)  # this run's heads: other than the job's
+    shutil.rmtree(out / shard_name(1, 2))  # start over: the job saves it meanwhile without adapters
+    monkeypatch.setattr(extraction, "extract", other_run_finishes_meanwhile((1, 2), {"shard_dir": tmp_path / "e2"}))
+    with pytest.raises(FileExistsError, match="of other heads"):  # was kept, unchecked
+        extraction.extract_main(model_dir, prompts, out, shard=(1, 2), heads=heads, shard_dir=tmp_path / "e3", **kw)
+    # unsharded: another run's cache saved meanwhile was returned as this run's
+    monkeypatch.setattr(extraction, "extract", other_run_finishes_meanwhile(None, {"shard_dir": tmp_path / "e4"}))
+    with pytest.raises(FileExistsError, match="single exists"):
+        extraction.extract_main(model_dir, prompts, single, **kw)
 
 
 @pytest.mark.slow

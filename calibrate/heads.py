@@ -593,7 +593,7 @@ def _heads_iv(heads, model: nn.Module) -> ExitHeads:
     ValueError
         When ``heads`` were made by :meth:`ExitHeads.from_model` from another model than ``model`` (another
         ``model_digest``: other weights, even of the same architecture and sizes), or from ``model`` before its LM
-        head was replaced (``resize_token_embeddings``), or hold adapters in another dtype or on another device
+        head was resized or replaced (``resize_token_embeddings``), or hold adapters in another dtype or on another device
         than the model's output layer.
     """
     if heads is None:
@@ -605,12 +605,15 @@ def _heads_iv(heads, model: nn.Module) -> ExitHeads:
             "heads were made (ExitHeads.from_model) from another model than the one decoding (other weights): "
             "a layer would be read through another model's norm and LM head"
         )
-    if heads._model and heads._model[0] is model and _get(model, _arch_iv(model)[1].head) is not heads._shared[1]:
+    head = _get(model, _arch_iv(model)[1].head) if heads._model and heads._model[0] is model else None
+    rows = getattr(getattr(head, "weight", None), "shape", (heads.vocab_size,))[0]  # tied embeddings: the same module
+    if head is not None and (head is not heads._shared[1] or rows != heads.vocab_size):
         raise ValueError(
-            "heads were made (ExitHeads.from_model) before the model's LM head was replaced (resize_token_embeddings?)"
-            ": a layer would be read through the old head; make the heads again (or load the adapters again)"
+            "heads were made (ExitHeads.from_model) before the model's LM head was resized or replaced "
+            "(resize_token_embeddings?): a layer would be read through the old head; make the heads again (or load "
+            "the adapters again)"
         )
-    device, dtype = heads._placement()
+    device, dtype = heads._placement() if heads.has_adapters else (None, None)
     if heads.has_adapters and (heads.adapter_weight.dtype, heads.adapter_weight.device) != (dtype, device):
         raise ValueError(
             f"the heads' adapters are {heads.adapter_weight.dtype} on {heads.adapter_weight.device} but the model runs "

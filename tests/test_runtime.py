@@ -1061,15 +1061,17 @@ def test_certificate_for_other_heads_is_refused(fitted_llama):
     with pytest.raises(ValueError, match=r"adapters are torch.float32 on cpu but the model runs in torch.bfloat16"):
         calibrate.extract(cast, _tiny_hf.tiny_tokenizer(), ["w1"], heads=cast_heads, progress=False)  # a dtype error
     generate(copy.deepcopy(model), ids, certificate=plain, heads=ExitHeads.from_model(model), max_new_tokens=2)
-    resized = copy.deepcopy(model)
-    early = ExitHeads.from_model(resized)
-    resized.resize_token_embeddings(V + 16)  # heads made before: read through the old head, silently
-    for call in (
-        lambda: generate(resized, ids, heads=early, max_new_tokens=2),
-        lambda: calibrate.extract(resized, _tiny_hf.tiny_tokenizer(), ["w1"], heads=early, progress=False),
-    ):
-        with pytest.raises(ValueError, match=r"before the model's LM head was replaced \(resize_token_embeddings\?\)"):
-            call()
+    for resized in (copy.deepcopy(model), tiny_model("gpt2")):  # a new head module; GPT-2's tied head is resized
+        early = ExitHeads.from_model(resized)
+        resized.resize_token_embeddings(V + 16)  # heads made before: read through the old head, silently
+        for call in (
+            lambda: generate(resized, ids, heads=early, max_new_tokens=2),
+            lambda: calibrate.extract(resized, _tiny_hf.tiny_tokenizer(), ["w1"], heads=early, progress=False),
+        ):
+            with pytest.raises(ValueError, match=r"LM head was resized or replaced \(resize_token_embeddings\?\)"):
+                call()
+    lens = ExitHeads(lambda x: x, lambda x: x @ torch.ones(32, V), n_layers=N_LAYERS, hidden_size=32, vocab_size=V)
+    generate(model, ids, heads=lens, max_new_tokens=2)  # a plain callable head: no adapters to place (was an error)
 
 
 def test_refuses_bad_models_and_prompts():

@@ -41,7 +41,7 @@ def _tensors_digest(module, kind: str, fresh: bool) -> str:
     # Every registration of a buffer: dynamic rope re-registers inv_freq as original_inv_freq's object.
     tensors = list(module.named_parameters() if kind == "parameters" else module.named_buffers(remove_duplicate=False))
     if kind == "buffers":
-        tensors = _initial_rope(tensors)
+        tensors = _initial_rope(module, tensors)
     state = _state(tensors)
     last = _LAST.setdefault(module, {}).get(kind)
     if not fresh and last is not None and last[0] == state:
@@ -51,17 +51,22 @@ def _tensors_digest(module, kind: str, fresh: bool) -> str:
     return digest
 
 
-def _initial_rope(buffers: list) -> list:
-    """``buffers`` with each rotary ``inv_freq`` replaced by its module's ``original_inv_freq`` (the same values until a
-    call changes them): Hugging Face's longrope and dynamic rope rewrite ``inv_freq`` on each call from the
-    original and the call's longest position, so the last call's frequencies are no property of the model."""
+def _initial_rope(module, buffers: list) -> list:
+    """``module``'s ``buffers`` with each rotary ``inv_freq`` that calls rewrite replaced by its ``original_inv_freq``
+    (the same values until a call changes them): Hugging Face's longrope and dynamic rope rewrite ``inv_freq`` on
+    each call from the original and the call's longest position, so the last call's frequencies are no property
+    of the model. Other rope types' ``inv_freq`` is hashed as it is (an edit of it changes what the model computes)."""
     named = dict(buffers)
     out = []
     for name, tensor in buffers:
         head, dot, leaf = name.rpartition(".")
         original = f"{head}{dot}{leaf.removesuffix('inv_freq')}original_inv_freq"
         if leaf.endswith("inv_freq") and not leaf.endswith("original_inv_freq") and original in named:
-            tensor = named[original]
+            rope_type = getattr(module.get_submodule(head), "rope_type", None)
+            if isinstance(rope_type, dict):  # per layer type, whose buffers are named f"{layer_type}_inv_freq"
+                rope_type = rope_type.get(leaf.removesuffix("_inv_freq"))
+            if isinstance(rope_type, str) and ("dynamic" in rope_type or rope_type == "longrope"):
+                tensor = named[original]
         out.append((name, tensor))
     return out
 

@@ -309,13 +309,19 @@ def rehead(cache: LayerCache, heads: ExitHeads) -> LayerCache:
     )
 
 
-def _settings(sharding: dict) -> dict:
-    """What a kept shard must share with a rerun: its record less the weights digest and the model's path (the
-    weights are compared by :func:`_kept_shard_iv`, wherever they were loaded from)."""
-    request = sharding.get("request")
-    if isinstance(request, dict):
-        request = {k: v for k, v in request.items() if k != "model_dir"}
-    return {**{k: v for k, v in sharding.items() if k != "weights"}, "request": request}
+def _same_settings(recorded, sharding: dict) -> bool:
+    """Whether a finished shard's record ``recorded`` shares with this run's ``sharding`` what a kept shard must:
+    all of it less the weights digest and the model's path (the weights are compared by :func:`_kept_shard_iv`,
+    wherever they were loaded from), and less the tokenisation digest where an older version recorded none."""
+
+    def settings(record: dict) -> dict:
+        request = record.get("request")
+        if isinstance(request, dict):
+            request = {k: v for k, v in request.items() if k != "model_dir"}
+        skip = ("weights",) if "prompt_ids" in recorded else ("weights", "prompt_ids")
+        return {**{k: v for k, v in record.items() if k not in skip}, "request": request}
+
+    return isinstance(recorded, dict) and settings(recorded) == settings(sharding)
 
 
 def _kept_shard_iv(target: Path, meta: dict, model, heads) -> None:
@@ -518,7 +524,7 @@ def extract_main(
         }  # fmt: skip
         found = open_cache(target, verify=False).user_meta if target.exists() and not overwrite else {}
         recorded = found.get("sharding")
-        if isinstance(recorded, dict) and _settings(recorded) == _settings(sharding):
+        if _same_settings(recorded, sharding):
             model, _ = load_local(model_dir, device=device, dtype=dtype)  # the path may hold other weights now
             _kept_shard_iv(target, found, model, kw.get("heads"))
             shards.write_manifest(root, count)
@@ -545,7 +551,7 @@ def extract_main(
         cache.save(target, overwrite=overwrite)
     except FileExistsError:  # another run of this shard (a requeued job) saved it meanwhile?
         found = open_cache(target, verify=False).user_meta if sharding is not None else {}
-        if sharding is None or found.get("sharding") != sharding:
+        if sharding is None or not _same_settings(found.get("sharding"), sharding):
             raise
         _kept_shard_iv(target, found, model, kw.get("heads"))  # as a rerun keeps it: the same heads too
         cache = open_cache(target)

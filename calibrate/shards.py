@@ -392,7 +392,8 @@ def _check_compatible(root, names: list[str], metas: list[dict]) -> None:
                 )
             if sharding.get("prompts") != (first.get("sharding") or {}).get("prompts"):
                 raise ValueError(f"shard {name!r} of {root} was extracted from another prompt list than {names[0]!r}")
-            if sharding.get("prompt_ids") != (first.get("sharding") or {}).get("prompt_ids"):  # None: older shards
+            recorded = sharding.get("prompt_ids"), (first.get("sharding") or {}).get("prompt_ids")
+            if None not in recorded and recorded[0] != recorded[1]:  # None: a shard of an older version
                 raise ValueError(
                     f"shard {name!r} of {root} tokenised the prompt list otherwise than {names[0]!r} (another "
                     "tokenizer, or other tokenizer settings)"

@@ -937,12 +937,24 @@ def test_forward_hooks_the_runtime_would_skip_are_refused():
         lambda: model.generate(ids, **kw),
         lambda: lat.generate(model, ids, mask, max_new_tokens=4),
     ):
-        with pytest.raises(ValueError, match=r"forward hooks on \['model.layers.1'\], modules whose forward the early"):
+        with pytest.raises(ValueError, match=r"hooks on \['model.layers.1'\], modules whose forward early exit"):
             call()
     handle.remove()
     model.model.layers[1].mlp.register_forward_hook(lambda module, args, out: out + steer)  # a part the runtime calls
     expected = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=4)
     assert torch.equal(generate(model, ids, mask, max_new_tokens=4).sequences, expected)
+    t5 = tiny_model("t5")  # T5LayerNorm is a part the runtime calls (it was refused as a T5Layer* block)
+    t5.decoder.block[0].layer[2].layer_norm.register_forward_hook(lambda module, args, out: out * 2.0)
+    source = torch.tensor([[5, 6, 7, 8]])
+    expected = t5.generate(source, do_sample=False, max_new_tokens=4)
+    assert torch.equal(generate(t5, source, max_new_tokens=4).sequences, expected)
+    t5.encoder.block[0].register_forward_hook(lambda module, args, out: (out[0] + 1.0, *out[1:]))
+    with pytest.raises(ValueError, match=r"forward hooks on \['encoder.block.0'\]"):  # LAT runs the encoder by parts
+        lat.generate(t5, source, max_new_tokens=4)
+    bert = tiny_model("bert")
+    bert.bert.encoder.layer[0].register_forward_hook(lambda module, args, out: out + 1.0)
+    with pytest.raises(ValueError, match=r"forward hooks on \['bert.encoder.layer.0'\]"):  # was classified unhooked
+        lat.classify(bert, source)
 
 
 def test_decoding_does_not_depend_on_the_default_dtype_or_return_dict():
@@ -982,6 +994,11 @@ def test_longrope_decodes_as_generate_and_keeps_its_digest():
     model.generation_config.eos_token_id = int(alone[0, 8])  # row 0 finishes at its second token
     expected = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=14)
     assert model_digest(model, fresh=True) == digest  # after calls past original_max_position_embeddings
+    plain = tiny_model("llama")  # default rope: no call rewrites inv_freq, so an edit of it is the model's
+    before = model_digest(plain, fresh=True)
+    with torch.no_grad():
+        plain.model.rotary_emb.inv_freq.mul_(0.25)  # position interpolation by hand
+    assert model_digest(plain, fresh=True) != before
     assert generate(model, ids, mask, max_new_tokens=14).sequences.tolist() == expected.tolist()
     with pytest.warns(UserWarning, match=r"through rope_type='longrope' \(frequencies by the batch's longest row\)"):
         calibrate.extract(model, _tiny_hf.tiny_tokenizer(), ["w1 w2 w3", "w4"], max_new_tokens=2, progress=False)

@@ -22,7 +22,7 @@ from torch import nn
 from transformers.models.t5.modeling_t5 import T5Attention
 
 from calibrate.lat.scores import _gather, survivors, value_norms
-from calibrate.runtime._layers import additive_mask, attend_and_count
+from calibrate.runtime._layers import _skipped_hooks_iv, additive_mask, attend_and_count
 
 __all__ = ["CLASSIFIER_ARCHITECTURES", "ENCODER_DECODER_ARCHITECTURES", "encode", "encoder_for"]
 
@@ -153,13 +153,14 @@ def encoder_for(model: nn.Module) -> _Encoder:
     Raises
     ------
     ValueError
-        For any other architecture (the message names the supported ones).
+        For any other architecture (the message names the supported ones), or forward hooks on modules whose
+        forward token elimination does not call (a layer, an attention or output block).
     """
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type in ENCODER_DECODER_ARCHITECTURES:
-        return _T5Encoder(model)
-    if model_type in CLASSIFIER_ARCHITECTURES:
-        return _BertEncoder(model)
+    if model_type in ENCODER_DECODER_ARCHITECTURES + CLASSIFIER_ARCHITECTURES:
+        encoder = (_T5Encoder if model_type in ENCODER_DECODER_ARCHITECTURES else _BertEncoder)(model)
+        _skipped_hooks_iv(model, encoder.layers)  # its layers run by their parts, as the runtime's
+        return encoder
     raise ValueError(
         f"token elimination in encoders does not support model_type {model_type!r}; supported: "
         f"{ENCODER_DECODER_ARCHITECTURES + CLASSIFIER_ARCHITECTURES}"

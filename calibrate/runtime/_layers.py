@@ -640,9 +640,16 @@ def adapter_for(model: nn.Module, layers: nn.ModuleList) -> LayerAdapter:
     return adapter(model, layers)
 
 
+def _run_by_parts(module: nn.Module) -> bool:
+    """Whether the runtime and LAT run ``module`` (inside a layer) by its parts, never its ``forward``: attention
+    blocks, T5's sub-layer wrappers, BERT's output blocks."""
+    name = type(module).__name__
+    return "Attention" in name or name == "T5LayerFF" or name.endswith("Output")
+
+
 def _skipped_hooks_iv(model: nn.Module, layers: nn.ModuleList) -> None:
-    """Refuse forward hooks that the runtime would skip: on the modules whose ``forward`` it never calls (the model,
-    the stacks around its decoder layers, each layer, the attention and T5 sub-layer blocks: it runs their parts).
+    """Refuse forward hooks that the runtime (or LAT) would skip: on the modules whose ``forward`` it never calls (the
+    model, the stacks around ``layers``, each layer, its blocks run by parts: :func:`_run_by_parts`).
     Hugging Face's output-capturing hooks and calm-calibrate's own (which run in the thread that set them) are
     left aside; hooks on the parts it calls (an MLP, a norm, a projection, the LM head) run."""
     path = next(name for name, module in model.named_modules() if module is layers)
@@ -652,7 +659,7 @@ def _skipped_hooks_iv(model: nn.Module, layers: nn.ModuleList) -> None:
         skipped += [
             (f"{path}.{i}{'.' if name else ''}{name}", module)
             for name, module in layer.named_modules()
-            if not name or "Attention" in type(module).__name__ or type(module).__name__.startswith("T5Layer")
+            if not name or _run_by_parts(module)
         ]
     hooked = [
         name or "the model"
@@ -662,9 +669,9 @@ def _skipped_hooks_iv(model: nn.Module, layers: nn.ModuleList) -> None:
     ]
     if hooked:
         raise ValueError(
-            f"the model has forward hooks on {sorted(set(hooked))[:5]}, modules whose forward the early-exit runtime "
-            "does not call (it runs their parts), so it would decode without them, unlike generate: remove them "
-            "(handle.remove()), or hook the parts (an MLP, a projection)"
+            f"the model has forward hooks on {sorted(set(hooked))[:5]}, modules whose forward early exit and token "
+            "elimination do not call (they run their parts), so they would run without them, unlike the model's "
+            "forward: remove them (handle.remove()), or hook the parts (an MLP, a projection, a norm)"
         )
 
 

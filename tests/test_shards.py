@@ -516,17 +516,18 @@ def test_a_shard_saved_meanwhile_by_another_run_of_it_is_kept(saved_model, tmp_p
     kw = dict(max_new_tokens=4, batch_size=1, progress=False)
     out, single, original = tmp_path / "sharded", tmp_path / "single", extraction.extract
 
-    def other_run_finishes_meanwhile(shard, settings):
+    def other_run_finishes_meanwhile(shard, settings, where=model_dir):
         @functools.wraps(original)  # extract_main reads its signature
         def extract(*args, **kwargs):
             cache = original(*args, **kwargs)
             monkeypatch.setattr(extraction, "extract", original)
-            extraction.extract_main(model_dir, prompts, out if shard else single, shard=shard, **{**kw, **settings})
+            extraction.extract_main(where, prompts, out if shard else single, shard=shard, **{**kw, **settings})
             return cache
 
         return extract
 
-    monkeypatch.setattr(extraction, "extract", other_run_finishes_meanwhile((0, 2), {}))
+    local = shutil.copytree(model_dir, tmp_path / "node_local")  # the same weights, loaded from another path
+    monkeypatch.setattr(extraction, "extract", other_run_finishes_meanwhile((0, 2), {}, local))
     kept = extraction.extract_main(model_dir, prompts, out, shard=(0, 2), **kw)
     assert kept.checksum == calibrate.open_cache(out / shard_name(0, 2)).checksum
     other = {"max_new_tokens": 3, "shard_dir": tmp_path / "elsewhere"}

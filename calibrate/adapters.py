@@ -81,7 +81,9 @@ def train_adapters(model: nn.Module, cache, *, ridge: float = 1e-2, progress: bo
     ------
     ValueError
         When the cache has no hidden states or its shape does not fit the model, the cache records another
-        model than ``model`` (``model_digest``), or ``ridge <= 0``.
+        model than ``model`` (``model_digest``), or ``ridge`` is not finite and > 0.
+    TypeError
+        When ``ridge`` is not a real number (a bool or a str).
     """
     from calibrate._progress import tqdm
 

@@ -470,7 +470,7 @@ class Certificate:
                 first, last = Decay(**self.decay).thresholds(self.lambda_hat, [0, 2**62])
                 line += (
                     f"; at lambda_hat every threshold is {first:.4g}" if first == last
-                    else f"; at lambda_hat from {first:.4g} at the first token down to {last:.4g}"
+                    else f"; at lambda_hat from {first:.4g} at the first token towards {last:.4g} (its limit)"
                 )  # fmt: skip
             lines.append(line)
         same = " (the full model's: no speed-up)" if self._runs_whole() else ""

@@ -275,6 +275,8 @@ def test_bad_input():
         layer(x, backend="cuda")
     with pytest.raises(ValueError, match="float64 on cpu but the layer is torch.float32"):
         layer(x.double())
+    with pytest.raises(ValueError, match="float64 on cpu but the layer is torch.float32"):
+        fff_reference(layer, x.double())  # was torch's "expected both vectors to have same dtype"
     with pytest.raises(ValueError, match="numba"):
         fff_forward(layer.to(torch.float16), x.half(), backend="numba")
     with pytest.raises(ValueError, match="activation"):

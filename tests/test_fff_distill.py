@@ -2,6 +2,7 @@
 
 import importlib
 import json
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -210,6 +211,9 @@ def test_distill_rejects_bad_arguments(tokenizer):
     for name, value in bad:  # each used to return untrained FFFs (or crash inside the model)
         with pytest.raises(ValueError, match=f"{name} must be"):
             fff.distill(model, tokenizer, TEXTS, layers=[0], progress=False, **{name: value})
+    kw = dict(layers=[0], steps=2, progress=False)
+    exact = fff.distill(model, tokenizer, TEXTS, lr=Fraction(1, 100), hardening=Fraction(1, 2), **kw)  # a TypeError
+    assert exact.errors == fff.distill(model, tokenizer, TEXTS, lr=0.01, hardening=0.5, **kw).errors  # in training
     with pytest.raises(ValueError, match="layers must be distinct"):
         fff.mlp_activations(model, tokenizer, TEXTS, [-1])
     for layers in ([1, 1], [3], [0, 3]):  # a repeated layer; layer 3 of a 3-layer model

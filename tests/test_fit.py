@@ -448,8 +448,8 @@ def test_decay_grids_start_where_every_threshold_is_one():
     assert cert.lambdas == tuple(grid) and cert.lambda_hat is not None and cert.expected_layers < dev.n_layers
     rule = f"decaying threshold lambda_t = clip(0.9 lambda + 0.1 exp(-4 t / {cert.decay['max_len']}), 0, 1)"
     first, last = calibrate.Decay(**cert.decay).thresholds(cert.lambda_hat, [0, 10**6])
-    assert f"{rule} at output position t = 0, 1, ...; at lambda_hat from {first:.4g} at the first token down to " \
-        f"{last:.4g}" in cert.summary()  # fmt: skip
+    assert f"{rule} at output position t = 0, 1, ...; at lambda_hat from {first:.4g} at the first token towards " \
+        f"{last:.4g} (its limit)" in cert.summary()  # fmt: skip
     headroom = calibrate.fit(dev, decay=4.0, lambdas=grid[:1])  # 1 / 0.9: every threshold is 1
     assert headroom.lambda_hat == grid[0] and "at lambda_hat every threshold is 1" in headroom.summary()  # "exits late"
 

@@ -1,6 +1,7 @@
 """Offline tuning for token elimination (``calibrate.lat.finetune``)."""
 
 import copy
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -100,6 +101,10 @@ def test_finetune_bad_input():
         lat.finetune(model, tokenizer, ["w1 w2", long], steps=1, max_new_tokens=5)
     a, b = (lat.finetune(model, tokenizer, prompts, steps=1, max_new_tokens=2, seed=2**64) for _ in range(2))
     np.testing.assert_array_equal(a.losses, b.losses)  # torch takes seeds below 2**64; larger ones are drawn down, reproducibly
+    rates = dict(lr=Fraction(1, 100), alpha=np.float32(16), anchor=Fraction(1, 2))  # taken as the floats they are
+    exact = lat.finetune(model, tokenizer, prompts, steps=1, max_new_tokens=2, **rates)  # was a TypeError mid-training
+    np.testing.assert_array_equal(exact.losses, lat.finetune(model, tokenizer, prompts, steps=1, max_new_tokens=2,
+                                                             lr=0.01, alpha=16.0, anchor=0.5).losses)  # fmt: skip
     result = lat.finetune(model, tokenizer, prompts, steps=50, max_new_tokens=2, max_seconds=1e-9)
     assert len(result.losses) == 1  # stopped by the time limit
     np.testing.assert_array_equal(result.speedups >= 1.0, True)

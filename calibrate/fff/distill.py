@@ -342,8 +342,8 @@ def distill(
     depth = int_at_least(depth, "depth", 0)
     for name, value in (("steps", steps), ("batch_size", batch_size), ("max_tokens", max_tokens)):
         int_at_least(value, name)
-    finite_positive(lr, "lr")
-    finite_at_least(hardening, "hardening", why=" (the weight of a loss)")
+    lr = finite_positive(lr, "lr")
+    hardening = finite_at_least(hardening, "hardening", why=" (the weight of a loss)")
     seed = seed_iv(seed)
     if not 0 < heldout < 1 or not 0 <= soft_share <= 1:
         raise ValueError(f"heldout must lie in (0, 1) and soft_share in [0, 1], got {heldout} and {soft_share}")

@@ -66,9 +66,14 @@ def _depth_iv(depth, max_depth: int) -> int:
 
 def _forward_iv(layer: FFF, x, depth, backend: str) -> tuple[int, torch.Tensor]:
     """``(depth, x)`` of a hard-descent call (:func:`fff_forward`, :meth:`FFF.forward`), checked: a known
-    backend, a depth of the tree, inputs of the layer's width, dtype and device."""
+    backend, then :func:`_layer_input_iv`."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return _layer_input_iv(layer, x, depth)
+
+
+def _layer_input_iv(layer: FFF, x, depth) -> tuple[int, torch.Tensor]:
+    """``(depth, x)`` checked: a depth of the tree, inputs of the layer's width, dtype and device."""
     k = _depth_iv(depth, layer.depth)
     x = _input_iv(x, layer.in_features)
     if x.dtype != layer.w_in.dtype or x.device != layer.w_in.device:
@@ -491,15 +496,15 @@ def fff_reference(layer: FFF, x: torch.Tensor, depth: int | None = None) -> torc
     Returns
     -------
     torch.Tensor
-        Shape ``(..., out_features)``, the dtype and device of ``x``.
+        Shape ``(..., out_features)``, the dtype and device of ``x`` (the layer's).
 
     Raises
     ------
     TypeError
         When ``x`` is not a floating-point tensor, or ``depth`` is neither None nor an int.
     ValueError
-        When ``x`` does not have ``in_features`` features or holds NaN or infinite values, or ``depth`` lies
-        outside ``0..layer.depth``.
+        When ``x`` does not have ``in_features`` features, holds NaN or infinite values, or is not in the
+        layer's dtype and on its device, or ``depth`` lies outside ``0..layer.depth``.
 
     Examples
     --------
@@ -517,8 +522,7 @@ def fff_reference(layer: FFF, x: torch.Tensor, depth: int | None = None) -> torc
     tensor([[2.],
             [0.]])
     """
-    k = _depth_iv(depth, layer.depth)
-    x = _input_iv(x, layer.in_features)
+    k, x = _layer_input_iv(layer, x, depth)
     act = ACTIVATIONS[layer.activation]
     flat = x.reshape(-1, layer.in_features)
     out = []

@@ -228,9 +228,7 @@ def _finetune_iv(
     counts = (("steps", steps), ("batch_size", batch_size), ("rank", rank), ("max_new_tokens", max_new_tokens))
     for name, value in counts:
         int_at_least(value, name)
-    for name, value in (("lr", lr), ("alpha", alpha)):
-        finite_positive(value, name)
-    finite_at_least(anchor, "anchor")
+    rates = finite_positive(lr, "lr"), finite_positive(alpha, "alpha"), finite_at_least(anchor, "anchor")
     seed_iv(seed)
     if isinstance(targets, str) or not targets:
         raise ValueError(f"targets must be a non-empty sequence of projection names, got {targets!r}")
@@ -238,7 +236,7 @@ def _finetune_iv(
         raise ValueError(f"score must be one of {SCORES}, got {score!r}")
     if max_seconds is not None and not (isinstance(max_seconds, (int, float)) and max_seconds > 0):
         raise ValueError(f"max_seconds must be a number > 0 or None, got {max_seconds!r}")
-    return low, high
+    return low, high, *rates
 
 
 def finetune(
@@ -310,6 +308,8 @@ def finetune(
     ValueError
         For an unsupported architecture, a bad range, count, rate, score or prompt list; targets that
         match no ``nn.Linear``.
+    TypeError
+        When ``prompts`` is not a sequence of str, or a count or rate is not a number (a bool or a str).
 
     Examples
     --------
@@ -332,7 +332,7 @@ def finetune(
     """
     from calibrate._progress import tqdm
 
-    low, high = _finetune_iv(
+    low, high, lr, alpha, anchor = _finetune_iv(  # the rates as floats (a Fraction or numpy scalar given)
         model,
         prompts,
         speedup_range,

@@ -447,7 +447,8 @@ class ExitHeads(nn.Module):
     def _placement(self) -> tuple[torch.device, torch.dtype]:
         """Device and dtype of the model's output layer, in which states are fed to the heads (CPU float32 for a
         head without parameters)."""
-        param = next(iter(self._shared[1].parameters()), None)
+        head = self._shared[1]
+        param = next(iter(head.parameters()), None) if isinstance(head, nn.Module) else None
         return (torch.device("cpu"), torch.float32) if param is None else (param.device, param.dtype)
 
     def _project(self, normed: torch.Tensor) -> torch.Tensor:
@@ -613,7 +614,7 @@ def _heads_iv(heads, model: nn.Module) -> ExitHeads:
             "(resize_token_embeddings?): a layer would be read through the old head; make the heads again (or load "
             "the adapters again)"
         )
-    device, dtype = heads._placement() if heads.has_adapters else (None, None)
+    device, dtype = heads._placement()
     if heads.has_adapters and (heads.adapter_weight.dtype, heads.adapter_weight.device) != (dtype, device):
         raise ValueError(
             f"the heads' adapters are {heads.adapter_weight.dtype} on {heads.adapter_weight.device} but the model runs "

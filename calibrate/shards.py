@@ -354,6 +354,7 @@ def _read_manifest(root: Path | Remote) -> list[str]:
 def _check_compatible(root, names: list[str], metas: list[dict]) -> None:
     """Every shard comes from the same model, tokenizer, settings and prompt list, in its place."""
     first = metas[0]
+    tokenised = None  # (shard, digest of the prompt list's token ids) of the first shard that records one
     for i, (name, meta) in enumerate(zip(names, metas)):
         difference = _meta_difference(meta, first, (*_PER_SHARD_KEYS, "fields"))  # fields: compared below
         if difference is not None:
@@ -392,9 +393,10 @@ def _check_compatible(root, names: list[str], metas: list[dict]) -> None:
                 )
             if sharding.get("prompts") != (first.get("sharding") or {}).get("prompts"):
                 raise ValueError(f"shard {name!r} of {root} was extracted from another prompt list than {names[0]!r}")
-            recorded = sharding.get("prompt_ids"), (first.get("sharding") or {}).get("prompt_ids")
-            if None not in recorded and recorded[0] != recorded[1]:  # None: a shard of an older version
+            digest = sharding.get("prompt_ids")  # None: a shard of an older version
+            if digest is not None and tokenised is not None and digest != tokenised[1]:
                 raise ValueError(
-                    f"shard {name!r} of {root} tokenised the prompt list otherwise than {names[0]!r} (another "
+                    f"shard {name!r} of {root} tokenised the prompt list otherwise than {tokenised[0]!r} (another "
                     "tokenizer, or other tokenizer settings)"
                 )
+            tokenised = tokenised or (None if digest is None else (name, digest))

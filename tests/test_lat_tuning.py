@@ -140,9 +140,11 @@ def test_finetune_draws_each_batch_without_replacement_and_refuses_a_bad_anchor(
         lat.finetune(model, tokenizer, prompts, score="norm")
     with pytest.raises(ValueError, match="targets must be a non-empty sequence of projection names, got 'q_proj'"):
         lat.finetune(model, tokenizer, prompts, targets="q_proj")
-    for bad in (0, -1.0, "1"):
-        with pytest.raises(ValueError, match="max_seconds must be a number > 0 or None"):
+    for bad, error in ((0, ValueError), (-1.0, ValueError), ("1", TypeError), (True, TypeError)):  # True: 1 s
+        with pytest.raises(error, match="max_seconds must be a finite number > 0"):
             lat.finetune(model, tokenizer, prompts, max_seconds=bad)
+    result = lat.finetune(model, tokenizer, prompts, steps=1, max_new_tokens=2, max_seconds=np.float32(60))
+    assert len(result.losses) == 1  # a numpy scalar (was "must be a number > 0, got np.float32(60.0)")
     # the first step's loss is the drawn speed-up's plus anchor times speed-up 1's (same seed: same batch and draw)
     first = [
         lat.finetune(model, tokenizer, prompts, steps=1, anchor=a, max_new_tokens=2, progress=False).losses[0]

@@ -1087,8 +1087,10 @@ def test_certificate_for_other_heads_is_refused(fitted_llama):
         ):
             with pytest.raises(ValueError, match=r"LM head was resized or replaced \(resize_token_embeddings\?\)"):
                 call()
-    lens = ExitHeads(lambda x: x, lambda x: x @ torch.ones(32, V), n_layers=N_LAYERS, hidden_size=32, vocab_size=V)
-    generate(model, ids, heads=lens, max_new_tokens=2)  # a plain callable head: no adapters to place (was an error)
+    for adapters in (False, True):  # a plain callable head: CPU float32, as documented (an AttributeError)
+        lens = ExitHeads(lambda x: x, lambda x: x @ torch.ones(32, V), n_layers=N_LAYERS, hidden_size=32, vocab_size=V,
+                         adapters=adapters)  # fmt: skip
+        generate(model, ids, heads=lens, max_new_tokens=2)
 
 
 def test_refuses_bad_models_and_prompts():

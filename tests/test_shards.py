@@ -479,12 +479,13 @@ def test_a_shards_batches_go_beside_the_output_and_its_prompts_are_named_by_thei
         extract_main(model_dir, long, tmp_path / "again", shard=(1, 2), **kw)
 
 
-def test_shards_tokenised_by_another_tokenizer_are_refused(saved_model, tmp_path):
+def test_shards_tokenised_by_another_tokenizer_are_refused(saved_model, tmp_path, monkeypatch):
     """Same weights, same vocabulary pieces, a tokenizer that adds a BOS: the shards joined silently into a cache
     that matched neither extraction (the docs say shards of other tokenizers are refused)."""
     from tokenizers.processors import TemplateProcessing
     from transformers import AutoTokenizer
 
+    from calibrate import shards
     from calibrate.extraction import extract_main
 
     model_dir, prompts = saved_model
@@ -500,6 +501,14 @@ def test_shards_tokenised_by_another_tokenizer_are_refused(saved_model, tmp_path
     for chunks in (None, 2):
         with pytest.raises(ValueError, match="shard-00001-of-00002' .* tokenised the prompt list otherwise"):
             calibrate.open_cache(out, chunks=chunks)
+    mixed = tmp_path / "mixed"  # shard 0 of an older version, which recorded no tokenisation: the others still differ
+    with monkeypatch.context() as patch:
+        patch.setattr(shards, "_token_ids_digest", lambda token_ids: None)
+        extract_main(model_dir, prompts, mixed, shard=(0, 3), **kw)
+    extract_main(model_dir, prompts, mixed, shard=(1, 3), **kw)
+    extract_main(other, prompts, mixed, shard=(2, 3), **kw)
+    with pytest.raises(ValueError, match="shard-00002-of-00003' .* otherwise than 'shard-00001-of-00003'"):
+        calibrate.open_cache(mixed)  # was joined: only shard 0's record was compared with
     with pytest.raises(FileExistsError, match="shard-00000-of-00002 exists"):  # its shard of the other tokenizer
         extract_main(other, prompts, out, shard=(0, 2), **kw)  # was kept
 

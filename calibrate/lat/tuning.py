@@ -234,9 +234,8 @@ def _finetune_iv(
         raise ValueError(f"targets must be a non-empty sequence of projection names, got {targets!r}")
     if score not in SCORES:
         raise ValueError(f"score must be one of {SCORES}, got {score!r}")
-    if max_seconds is not None and not (isinstance(max_seconds, (int, float)) and max_seconds > 0):
-        raise ValueError(f"max_seconds must be a number > 0 or None, got {max_seconds!r}")
-    return low, high, *rates
+    max_seconds = None if max_seconds is None else finite_positive(max_seconds, "max_seconds")
+    return low, high, *rates, max_seconds
 
 
 def finetune(
@@ -332,7 +331,7 @@ def finetune(
     """
     from calibrate._progress import tqdm
 
-    low, high, lr, alpha, anchor = _finetune_iv(  # the rates as floats (a Fraction or numpy scalar given)
+    low, high, lr, alpha, anchor, max_seconds = _finetune_iv(  # the rates as floats (a Fraction or numpy scalar given)
         model,
         prompts,
         speedup_range,

@@ -249,9 +249,9 @@ def decoding_digest(module, *, fresh: bool = False) -> str:
 
 def model_digest(module, *, fresh: bool = False) -> str:
     """16 hex digits identifying what ``module`` computes: its weights (:func:`weights_digest`), its buffers
-    (rotary frequencies as initialised, which rope scaling changes; BatchNorm statistics), each submodule's type and settings
-    (``extra_repr``: an activation, an epsilon; not a dropout rate, which inference does not use) and, for a
-    Hugging Face model, its configuration (without dropout rates, bookkeeping and output options).
+    (rotary frequencies as initialised, which rope scaling changes; BatchNorm statistics), each submodule's type and
+    settings (``extra_repr``: an activation, an epsilon; not a dropout rate, which inference does not use) and, for
+    a Hugging Face model, its configuration (without dropout rates, bookkeeping and output options).
 
     Certificates and model ids record it: a runtime refuses other weights, and also the same weights computing
     something else (e.g. another activation, or another rope scaling). ``fresh`` hashes every tensor again

@@ -594,8 +594,8 @@ def _heads_iv(heads, model: nn.Module) -> ExitHeads:
     ValueError
         When ``heads`` were made by :meth:`ExitHeads.from_model` from another model than ``model`` (another
         ``model_digest``: other weights, even of the same architecture and sizes), or from ``model`` before its LM
-        head was resized or replaced (``resize_token_embeddings``), or hold adapters in another dtype or on another device
-        than the model's output layer.
+        head was resized or replaced (``resize_token_embeddings``), or hold adapters in another dtype or on another
+        device than the model's output layer.
     """
     if heads is None:
         return ExitHeads.from_model(model)

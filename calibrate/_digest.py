@@ -18,9 +18,9 @@ _SAMPLE = 16
 
 
 def _state(tensors: list) -> tuple:
-    """What changes whenever one of the named ``tensors`` does: its object, in-place version counter, storage,
-    dtype, device, shape, and a sample of its values (an in-place edit through ``p.data`` bumps no version
-    counter)."""
+    """What changes whenever one of the named ``tensors`` does: its object, in-place version counter (none for a
+    tensor made in inference mode), storage, dtype, device, shape, and a sample of its values (an in-place edit
+    through ``p.data`` bumps no version counter)."""
     import torch
 
     if not tensors:
@@ -30,7 +30,10 @@ def _state(tensors: list) -> tuple:
             [t.detach().reshape(-1)[:: max(1, t.numel() // _SAMPLE)][:_SAMPLE].float().cpu() for _, t in tensors]
         )
     return (
-        *((name, id(t), t._version, t.data_ptr(), t.dtype, t.device, tuple(t.shape)) for name, t in tensors),
+        *(
+            (name, id(t), -1 if t.is_inference() else t._version, t.data_ptr(), t.dtype, t.device, tuple(t.shape))
+            for name, t in tensors
+        ),
         sample.numpy().tobytes(),
     )
 

@@ -957,6 +957,30 @@ def test_forward_hooks_the_runtime_would_skip_are_refused():
         lat.classify(bert, source)
 
 
+def test_autocast_is_refused_and_inference_tensors_have_digests():
+    """Under torch.autocast early exit failed inside index_put (bfloat16 keys into a float32 cache), and extraction
+    recorded bfloat16 numbers as the float32 model's; weights made in inference mode have no version counter,
+    which every digest read (RuntimeError)."""
+    import calibrate
+    from calibrate import lat
+    from calibrate._digest import model_digest
+
+    model = tiny_model("llama")
+    ids, mask = left_pad(PROMPTS[:2])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for call in (
+            lambda: generate(model, ids, mask, exit_layer=1, max_new_tokens=2),
+            lambda: calibrate.extract(model, _tiny_hf.tiny_tokenizer(), ["w1 w2"], max_new_tokens=2, progress=False),
+            lambda: lat.generate(model, ids, mask, max_new_tokens=2),
+        ):
+            with pytest.raises(ValueError, match=r"torch.autocast is on \(cpu, torch.bfloat16\): .* cast the model"):
+                call()
+    with torch.inference_mode():
+        made = tiny_model("llama")  # as from_pretrained inside the block
+    assert model_digest(made) == model_digest(model)  # the same weights (seed 0)
+    assert generate(made, ids, mask, certificate=cert(0.5), max_new_tokens=2).sequences.shape[0] == 2
+
+
 def test_decoding_does_not_depend_on_the_default_dtype_or_return_dict():
     """The exit logits' buffer took torch's default dtype (float64 or bfloat16 failed on the float32 logits); BART's
     encoder call read .last_hidden_state of the tuple that a config with return_dict=False gets."""

@@ -636,8 +636,22 @@ def adapter_for(model: nn.Module, layers: nn.ModuleList) -> LayerAdapter:
             f"the early-exit runtime decodes model type {model_type!r} as an encoder-decoder "
             f"(...ForConditionalGeneration); {type(model).__name__} is its decoder alone"
         )
+    _autocast_iv(model)
     _skipped_hooks_iv(model, layers)
     return adapter(model, layers)
+
+
+def _autocast_iv(model: nn.Module) -> None:
+    """Refuse to run ``model`` under ``torch.autocast``: its numbers would be another dtype's than the one a cache
+    and a certificate record (the parameters'), and early exit writes keys of one dtype into a cache of the other."""
+    param = next(model.parameters(), None)
+    for device in {"cpu", "cpu" if param is None else param.device.type}:
+        if torch.is_autocast_enabled(device):
+            raise ValueError(
+                f"torch.autocast is on ({device}, {torch.get_autocast_dtype(device)}): calm-calibrate records the "
+                "model's own dtype, so a cache or certificate would describe numbers the runtime does not compute; "
+                "cast the model instead (model.to(dtype)) and call outside the autocast block"
+            )
 
 
 def _run_by_parts(module: nn.Module) -> bool:

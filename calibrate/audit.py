@@ -288,9 +288,16 @@ class AuditReport(Rebuilt):
         ``token_keep`` and ``fff_depth`` certificates get one panel: calibration and held-out risk against
         the speed-up or the evaluation depth.
 
+        Parameters
+        ----------
+        fig : matplotlib.figure.Figure, optional
+            An empty figure to draw into; default: a new one.
+
         Returns
         -------
         matplotlib.figure.Figure
+            ``fig``, or a new figure, which pyplot keeps open (shown by ``plt.show()`` and in notebooks) until
+            ``plt.close(fig)``: close it when drawing many, in a loop or a server.
         """
         cert = self.certificate
         if cert.knob != "exit_threshold":
@@ -621,7 +628,19 @@ class ValidityReport(Rebuilt):
         )
 
     def plot(self, fig=None):
-        """Histogram of held-out risk at the certified threshold and of the naive rule, with delta marked."""
+        """Histogram of held-out risk at the certified threshold and of the naive rule, with delta marked.
+
+        Parameters
+        ----------
+        fig : matplotlib.figure.Figure, optional
+            An empty figure to draw into; default: a new one.
+
+        Returns
+        -------
+        matplotlib.figure.Figure
+            ``fig``, or a new figure, which pyplot keeps open (shown by ``plt.show()`` and in notebooks) until
+            ``plt.close(fig)``: close it when drawing many, in a loop or a server.
+        """
         from matplotlib.ticker import MaxNLocator
 
         fig = _figure(fig, (6, 3.6))

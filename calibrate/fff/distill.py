@@ -162,7 +162,8 @@ class DistillResult:
         Returns
         -------
         matplotlib.figure.Figure
-            The figure of ``ax``.
+            The figure of ``ax``; without ``ax`` a new one, which pyplot keeps open (shown by ``plt.show()`` and in
+            notebooks) until ``plt.close(fig)``: close it when drawing many, in a loop or a server.
         """
         import matplotlib.pyplot as plt
 

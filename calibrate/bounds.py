@@ -50,6 +50,8 @@ __all__ = [
     "wsr",
 ]
 
+#: Float64's machine epsilon, ``2**-52``.
+_EPS = float(np.finfo(np.float64).eps)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -90,21 +92,48 @@ def _mean_bound_iv(mean_loss, n, tolerance) -> tuple[np.ndarray, int, float]:
     return mean, _n_iv(n), _tolerance_iv(tolerance)
 
 
-def _binomial_iv(mean_loss, n, tolerance):
+def _precision(mean_loss) -> float:
+    """Relative precision of ``mean_loss`` as passed: the eps of its float type (a bfloat16 tensor's ``2**-7``),
+    float64's for float64 and exact types (integers, bools)."""
+    if str(getattr(mean_loss, "dtype", "")) == "torch.bfloat16":
+        return 2.0**-7
+    dtype = as_numpy(mean_loss).dtype
+    return float(np.finfo(dtype).eps) if dtype.kind == "f" and dtype.itemsize < 8 else _EPS
+
+
+def _count_iv(mean_loss, n, tolerance, *, binary: bool) -> tuple[np.ndarray, np.ndarray, int, float, float]:
+    """Validation of the functions that count failures, ``n * mean_loss`` (:func:`bentkus`,
+    :func:`hoeffding_bentkus`, :func:`binomial`): ``(mean, total, n, tolerance, slack)``, ``slack`` the bound
+    on the float error of ``total`` (:func:`_sum_error`, in the precision of ``mean_loss`` as passed).
+
+    Raises
+    ------
+    ValueError
+        Where that error reaches half a failure (a float32 mean of 10**6 losses, a float64 mean of 2**45):
+        no count can be read from the mean. For ``binary``, where ``total`` is no integer up to ``slack``.
+    """
     mean, n, tolerance = _mean_bound_iv(mean_loss, n, tolerance)
-    total = mean * n
-    count = np.rint(total)
-    # 0/1 losses: n * mean_loss is the count up to rounding the mean and the product, a few eps of it (the
-    # slack of a compensated sum; 100 * 0.07 is 7.000000000000001), not n eps as for a naive sum of fractions
-    off = np.abs(total - count) > _sum_error(total, _COMPENSATED)
-    if off.any():
+    total, eps = mean * n, _precision(mean_loss)
+    # A float64 mean of 0/1 losses is the count up to rounding the mean and the product, a few eps (the slack of
+    # a compensated sum; 100 * 0.07 is 7.000000000000001); a mean in another precision, or of fractions, is
+    # within the error of a mean computed as NumPy does (_mean_terms) in its precision.
+    slack = _sum_error(total, _COMPENSATED if binary and eps == _EPS else _mean_terms(n), eps)
+    dtype = "bfloat16" if eps == 2.0**-7 else as_numpy(mean_loss).dtype
+    if slack.size and slack.max() >= 0.5:
+        raise ValueError(
+            f"a {dtype} mean_loss of n={n} losses cannot give the count of failures the bound takes (its rounding "
+            f"error reaches {slack.max():.3g} failures): pass the losses themselves to p_values (summed exactly)"
+            + (", a float64 mean" if eps != _EPS else "")
+            + ", or use 'hoeffding_kl'"
+        )
+    if binary and (off := np.abs(total - np.rint(total)) > slack).any():
         bad = float(mean[off].flat[0]) if mean.ndim else float(mean)
         raise ValueError(
             "binomial needs 0/1 losses, so n * mean_loss must be an integer count of failures; "
-            f"got mean_loss={bad!r} with n={n} (n * mean_loss = {bad * n!r}). For losses in [0, 1] use "
+            f"got mean_loss={bad!r} ({dtype}) with n={n} (n * mean_loss = {bad * n!r}). For losses in [0, 1] use "
             "'bentkus' or 'hoeffding_bentkus'."
         )
-    return count, n, tolerance
+    return mean, total, n, tolerance, slack
 
 
 def _out(p: np.ndarray):
@@ -113,23 +142,24 @@ def _out(p: np.ndarray):
     return p[()] if p.ndim == 0 else p
 
 
-def _sum_error(total: np.ndarray, terms: int) -> np.ndarray:
+def _sum_error(total: np.ndarray, terms: int, eps: float | None = None) -> np.ndarray:
     """Bound on the float error of a sum ``total`` whose terms each went through at most ``terms`` roundings (``n``
     terms added one by one: ``n``; a compensated sum: :data:`_COMPENSATED`; ``n`` times a NumPy mean:
-    :func:`_mean_terms`): ``(terms + 2)`` units of ``eps * max(1, total)``."""
-    return (terms + 2) * np.finfo(np.float64).eps * np.maximum(1.0, total)
+    :func:`_mean_terms`) of relative error ``eps`` (default float64's): ``(terms + 2)`` units of
+    ``eps * max(1, total)``."""
+    return (terms + 2) * (_EPS if eps is None else eps) * np.maximum(1.0, total)
 
 
-def _count_ceil(total: np.ndarray, terms: int) -> np.ndarray:
-    """``ceil`` of a float sum of losses that is within :func:`_sum_error` of the exact one (``terms`` as there):
-    a sum that is an integer up to that error counts as the integer, so float error never adds one.
+def _count_ceil(total: np.ndarray, slack: np.ndarray) -> np.ndarray:
+    """``ceil`` of a float sum of losses that is within ``slack`` (:func:`_sum_error`, below one half) of the exact
+    one: a sum that is an integer up to that error counts as the integer, so float error never adds one.
 
     Only a sum that exceeds an integer by less than that error is rounded down (which would make the
     p-value too small): :func:`p_values` passes compensated sums (``terms=_COMPENSATED``), where that takes
     an excess below ``4 eps`` of the sum.
     """
     total = np.asarray(total, dtype=np.float64)
-    return np.ceil(total - _sum_error(total, terms))
+    return np.ceil(total - slack)
 
 
 #: ``terms`` of :func:`_sum_error` that bound the error of :func:`_column_sums` (2 eps of the sum).
@@ -179,15 +209,14 @@ def _hoeffding_kl_core(mean: np.ndarray, n: int, a: float) -> np.ndarray:
     return np.exp(-n * _kl_bernoulli(np.minimum(mean, a), a))
 
 
-def _hoeffding_bentkus_core(mean: np.ndarray, total: np.ndarray, n: int, a: float, terms: int | None = None):
+def _hoeffding_bentkus_core(mean: np.ndarray, total: np.ndarray, n: int, a: float, slack: np.ndarray):
     """The smaller of the two p-values: Hoeffding's (KL form) of ``mean``, Bentkus's of ``total``."""
-    return np.minimum(_hoeffding_kl_core(mean, n, a), _bentkus_core(total, n, a, terms))
+    return np.minimum(_hoeffding_kl_core(mean, n, a), _bentkus_core(total, n, a, slack))
 
 
-def _bentkus_core(total: np.ndarray, n: int, a: float, terms: int | None = None) -> np.ndarray:
-    """``e * BinomCDF(ceil(total))``; ``total`` is within :func:`_sum_error` of ``terms`` (default: of a mean of
-    ``n``, :func:`_mean_terms`)."""
-    return np.e * stats.binom.cdf(_count_ceil(total, _mean_terms(n) if terms is None else terms), n, a)
+def _bentkus_core(total: np.ndarray, n: int, a: float, slack: np.ndarray) -> np.ndarray:
+    """``e * BinomCDF(ceil(total))``; ``total`` is within ``slack`` (:func:`_sum_error`) of the exact sum."""
+    return np.e * stats.binom.cdf(_count_ceil(total, slack), n, a)
 
 
 def hoeffding(mean_loss: ArrayLike, n: int, tolerance: float) -> float | np.ndarray:
@@ -298,18 +327,21 @@ def bentkus(mean_loss: ArrayLike, n: int, tolerance: float) -> float | np.ndarra
     Raises
     ------
     ValueError
-        If ``mean_loss`` is NaN or outside ``[0, 1]``, ``n < 1`` or ``tolerance`` outside (0, 1).
+        If ``mean_loss`` is NaN or outside ``[0, 1]``, ``n < 1``, ``tolerance`` outside (0, 1), or the mean's
+        precision cannot give the count of failures (see Notes of :func:`bentkus`).
 
     Notes
     -----
     Bentkus (2004) shows ``P(S_n <= s) <= e P(Binomial(n, mu) <= ceil(s))`` for a sum ``S_n`` of ``n``
     independent ``[0, 1]`` variables with mean ``mu``. The count is the ceiling of the *sum* of the
     losses ``n * mean_loss``; to keep float error from adding one (``100 * 0.07`` is
-    ``7.000000000000001``), the ceiling is taken of ``count - (18 + n.bit_length()) * eps * max(1, count)`` (``eps`` =
-    2**-52; a bound on the rounding error of a mean computed as :func:`numpy.mean` does). This lowers the
-    count only when the sum exceeds an integer by less than that float error; a mean summed less accurately
-    may count one failure more (a larger p-value). :func:`p_values` takes the sum of the losses directly,
-    compensated, so its slack is ``4 * eps * max(1, sum)`` whatever ``n``.
+    ``7.000000000000001``), the ceiling is taken of ``count - (18 + n.bit_length()) * eps * max(1, count)`` (a
+    bound on the rounding error of a mean computed as :func:`numpy.mean` does, ``eps`` that of the mean's type:
+    2**-52 for float64, 2**-23 for float32, 2**-7 for a bfloat16 tensor). This lowers the count only when the
+    sum exceeds an integer by less than that float error; a mean summed less accurately may count one failure
+    more (a larger p-value). A mean whose error bound reaches half a failure is refused (a float32 mean of
+    10**6 losses, a float64 mean of 2**45). :func:`p_values` takes the sum of the losses directly, compensated,
+    so its slack is ``4 * eps * max(1, sum)`` whatever ``n``.
 
     References
     ----------
@@ -324,8 +356,8 @@ def bentkus(mean_loss: ArrayLike, n: int, tolerance: float) -> float | np.ndarra
     >>> bool(np.isclose(bounds.bentkus(0.07, 100, 0.15), np.e * binom.cdf(7, 100, 0.15)))
     True
     """
-    mean, n, a = _mean_bound_iv(mean_loss, n, tolerance)
-    return _out(_bentkus_core(mean * n, n, a))
+    _, total, n, a, slack = _count_iv(mean_loss, n, tolerance, binary=False)
+    return _out(_bentkus_core(total, n, a, slack))
 
 
 def hoeffding_bentkus(mean_loss: ArrayLike, n: int, tolerance: float) -> float | np.ndarray:
@@ -348,7 +380,8 @@ def hoeffding_bentkus(mean_loss: ArrayLike, n: int, tolerance: float) -> float |
     Raises
     ------
     ValueError
-        If ``mean_loss`` is NaN or outside ``[0, 1]``, ``n < 1`` or ``tolerance`` outside (0, 1).
+        If ``mean_loss`` is NaN or outside ``[0, 1]``, ``n < 1``, ``tolerance`` outside (0, 1), or the mean's
+        precision cannot give the count of failures (see Notes of :func:`bentkus`).
 
     Notes
     -----
@@ -370,8 +403,8 @@ def hoeffding_bentkus(mean_loss: ArrayLike, n: int, tolerance: float) -> float |
     >>> p.shape, bool(p[0] < p[1] < p[2] == 1.0)
     ((3,), True)
     """
-    mean, n, a = _mean_bound_iv(mean_loss, n, tolerance)
-    return _out(_hoeffding_bentkus_core(mean, mean * n, n, a))
+    mean, total, n, a, slack = _count_iv(mean_loss, n, tolerance, binary=False)
+    return _out(_hoeffding_bentkus_core(mean, total, n, a, slack))
 
 
 def binomial(mean_loss: ArrayLike, n: int, tolerance: float) -> float | np.ndarray:
@@ -381,7 +414,8 @@ def binomial(mean_loss: ArrayLike, n: int, tolerance: float) -> float | np.ndarr
     ----------
     mean_loss : float or array_like
         Empirical risk of ``n`` losses in ``{0, 1}``: ``n * mean_loss`` must be an integer (up to a
-        float error: ``4 eps`` of the count).
+        float error: ``4 eps`` of the count for a float64 mean; for a mean of lower precision, the error
+        bound of :func:`bentkus` in its ``eps``).
     n : int
         Number of losses, ``>= 1``.
     tolerance : float
@@ -396,7 +430,8 @@ def binomial(mean_loss: ArrayLike, n: int, tolerance: float) -> float | np.ndarr
     ------
     ValueError
         If ``n * mean_loss`` is not an integer: the exact test is valid only for 0/1 losses (for losses
-        in ``[0, 1]`` use :func:`bentkus` or :func:`hoeffding_bentkus`); or as the other bounds.
+        in ``[0, 1]`` use :func:`bentkus` or :func:`hoeffding_bentkus`); if the mean's precision cannot give
+        the count (as :func:`bentkus`); or as the other bounds.
 
     Notes
     -----
@@ -412,8 +447,8 @@ def binomial(mean_loss: ArrayLike, n: int, tolerance: float) -> float | np.ndarr
     >>> bool(bounds.binomial(3 / 40, 40, 0.2) == binom.cdf(3, 40, 0.2))
     True
     """
-    count, n, a = _binomial_iv(mean_loss, n, tolerance)
-    return _out(stats.binom.cdf(count, n, a))
+    _, total, n, a, _ = _count_iv(mean_loss, n, tolerance, binary=True)
+    return _out(stats.binom.cdf(np.rint(total), n, a))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -629,9 +664,9 @@ def p_values(
     elif bound == "hoeffding_kl":
         p = _hoeffding_kl_core(mean, n, a)
     elif bound == "bentkus":
-        p = _bentkus_core(total, n, a, terms=_COMPENSATED)
+        p = _bentkus_core(total, n, a, _sum_error(total, _COMPENSATED))
     elif bound == "hoeffding_bentkus":
-        p = _hoeffding_bentkus_core(mean, total, n, a, terms=_COMPENSATED)
+        p = _hoeffding_bentkus_core(mean, total, n, a, _sum_error(total, _COMPENSATED))
     else:  # binomial: losses checked to be 0/1, so the sum is an exact integer
         p = stats.binom.cdf(np.rint(total), n, a)
     return np.clip(np.asarray(p, dtype=np.float64).reshape(arr.shape[1]), 0.0, 1.0)

@@ -129,6 +129,34 @@ def test_the_float_slack_never_drops_a_whole_failure_at_large_n(fn):
     )
 
 
+@pytest.mark.parametrize("fn", [bounds.bentkus, bounds.hoeffding_bentkus, bounds.binomial])
+def test_a_mean_that_cannot_give_the_count_is_refused(fn):
+    """n = 2**50 losses of 1: the float slack dropped 17 whole failures and certified a risk of 1 (p 3e-15)."""
+    with pytest.raises(ValueError, match="float64 mean_loss of n=1125899906842624 losses cannot give the count"):
+        fn(1.0, 2**50, 1 - 2**-50)
+    with pytest.raises(ValueError, match="float32 mean_loss of n=10000000"):
+        fn(np.float32(0.5), 10**7, 0.6)
+    assert fn(1.0, 2**40, 1 - 2**-40) == 1.0
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, "torch"])
+def test_a_mean_of_lower_precision_counts_in_its_precision(dtype):
+    """The float32 mean of 7 losses of 1 among 100 is 0.07000000029802322: binomial refused it ("needs 0/1
+    losses"), bentkus counted 8 failures (p 0.075 for 0.033)."""
+    losses = np.array([1.0] * 7 + [0.0] * 93)
+    mean = torch_float32_mean(losses) if dtype == "torch" else dtype(losses.mean())
+    assert float(mean) != 0.07
+    assert bounds.binomial(mean, 100, 0.15) == pytest.approx(stats.binom.cdf(7, 100, 0.15), rel=1e-12)
+    assert bounds.bentkus(mean, 100, 0.15) == pytest.approx(_reference_bentkus(7, 100, 0.15), rel=1e-12)
+    with pytest.raises(ValueError, match="integer count"):
+        bounds.binomial(dtype(0.075) if dtype != "torch" else torch_float32_mean([0.075]), 100, 0.15)
+
+
+def torch_float32_mean(values):
+    torch = pytest.importorskip("torch")
+    return torch.tensor(values, dtype=torch.float32).mean()
+
+
 def test_p_values_count_the_exact_sum_of_the_losses():
     """The table's column sums are compensated, so the slack for float error no longer grows with n: a sum a
     hair above an integer keeps its ceiling (a naive sum's n-ulp slack rounded both of these down)."""

@@ -306,6 +306,26 @@ def test_t5_has_no_position_limit_though_its_config_names_one():
     torch.testing.assert_close(out.sequences, _hf_generate(model, ids, torch.ones_like(ids), 20), rtol=0, atol=0)
 
 
+def test_t5_loaded_in_float16_keeps_its_float32_mlp_outputs_like_hf(tmp_path):
+    """from_pretrained(dtype=float16) keeps T5's MLP output projections in float32 (_keep_in_fp32_modules), so its
+    layers' outputs are float32: the runtime and LAT wrote them into a float16 buffer ("Index put requires the
+    source and destination dtypes match") where generate decodes."""
+    from transformers import T5ForConditionalGeneration
+
+    from calibrate import lat
+
+    tiny_model("t5").save_pretrained(tmp_path)
+    model = T5ForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.float16).eval()
+    assert {p.dtype for p in model.parameters()} == {torch.float16, torch.float32}
+    ids, mask = right_pad(ENCODER_PROMPTS)
+    expected = _hf_generate(model, ids, mask, 6)
+    torch.testing.assert_close(generate(model, ids, mask, max_new_tokens=6).sequences, expected, rtol=0, atol=0)
+    processed = lat.generate(model, ids, mask, speedup=1.0, max_new_tokens=6).sequences
+    torch.testing.assert_close(processed, expected, rtol=0, atol=0)
+    out = generate(model, ids, mask, max_new_tokens=6, exit_layer=2)
+    assert bool((out.exit_layers[out.new_tokens != PAD] == 2).all())
+
+
 def test_full_model_stops_rows_at_eos_like_hf():
     """Rows that emit EOS get padding afterwards, exit layer 0; the loop ends when all rows have."""
     ids, mask = left_pad(PROMPTS)

@@ -34,6 +34,8 @@ This module imports torch; ``import calibrate`` does not import it.
 
 from __future__ import annotations
 
+import functools
+
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -181,6 +183,10 @@ class LayerAdapter(ABC):
         self.n_layers = len(layers)
         param = next(model.parameters())
         self.dtype, self.device = param.dtype, param.device
+        # The residual stream's dtype: T5 loaded in float16 keeps its MLP output projections in float32
+        # (_keep_in_fp32_modules), so its layers' outputs are float32, in transformers as here.
+        floats = {p.dtype for p in layers.parameters() if p.is_floating_point()}
+        self.state_dtype = functools.reduce(torch.promote_types, floats, self.dtype)
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         return KVCache(

@@ -22,7 +22,7 @@ class _Exits:
 
     def __init__(self, n: int, run: _Run, device) -> None:
         self.layer = torch.full((n,), run.config.n_layers, dtype=torch.long, device=device)  # (n,) 1-based
-        self.state = torch.empty((n, run.adapter.hidden_size), dtype=run.adapter.dtype, device=device)  # (n, d)
+        self.state = torch.empty((n, run.adapter.hidden_size), dtype=run.adapter.state_dtype, device=device)  # (n, d)
         needs_logits = run.measure is not None and run.measure.needs_logits
         shape = (n, run.heads.vocab_size)
         self.logits = torch.empty(shape, dtype=torch.float32, device=device) if needs_logits else None  # (n, V)

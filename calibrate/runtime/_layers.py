@@ -35,7 +35,6 @@ This module imports torch; ``import calibrate`` does not import it.
 from __future__ import annotations
 
 import functools
-
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable

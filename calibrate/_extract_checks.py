@@ -21,7 +21,7 @@ from calibrate._digest import (
 )
 from calibrate._validation import caller_stacklevel, int_at_least
 from calibrate.heads import _context_positions, _heads_iv, decoder_layers
-from calibrate.runtime._layers import _autocast_iv
+from calibrate.runtime._layers import _placement_iv
 
 
 def _extract_iv(
@@ -51,7 +51,7 @@ def _extract_iv(
     for name, value in (("store_hidden", store_hidden), ("progress", progress)):
         if not isinstance(value, bool):
             raise TypeError(f"{name} must be a bool, got {value!r}")
-    _autocast_iv(model)
+    _placement_iv(model)
     heads = _heads_iv(heads, model)  # as the runtime's generate: None, or heads of this model
     if heads.n_layers != len(layers):
         raise ValueError(f"heads has n_layers={heads.n_layers} but the model has {len(layers)} decoder layers")

@@ -135,8 +135,9 @@ def extract(
         When an argument is invalid (``max_new_tokens``, ``batch_size``, ``top_k`` not positive
         included), the architecture unsupported, a prompt is empty or does not fit the model's context
         with ``max_new_tokens`` (the message names the prompts; nothing is truncated), ``heads`` were made
-        from another model, ``shard_dir`` holds shards of another run, or ``store_hidden`` states overflow
-        float16.
+        from another model, ``shard_dir`` holds shards of another run, ``store_hidden`` states overflow
+        float16, or the model is spread over several devices, has offloaded embeddings or runs under
+        ``torch.autocast``.
     TypeError
         When ``prompts`` is not a sequence of str, ``heads`` not an ExitHeads, ``store_hidden`` or
         ``progress`` not a bool, or ``shard_dir`` not a path.

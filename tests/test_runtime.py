@@ -977,6 +977,34 @@ def test_forward_hooks_the_runtime_would_skip_are_refused():
         lat.classify(bert, source)
 
 
+def test_a_model_over_several_devices_or_with_offloaded_embeddings_is_refused():
+    """A device_map over two GPUs failed inside the rotary embedding ("Tensor on device cuda:0 is not on the
+    expected device cuda:1"); offloaded embeddings failed in torch.is_autocast_enabled("meta")."""
+    import types
+
+    import calibrate
+    from calibrate import lat
+
+    model, t5 = tiny_model("llama"), tiny_model("t5")
+    ids, mask = left_pad(PROMPTS[:2])
+    for m in (model, t5):  # a parameter on a second GPU (stand-in: only its device is read)
+        params = list(m.parameters())
+        second = types.SimpleNamespace(device=torch.device("cuda", 1), is_meta=False, dtype=params[-1].dtype)
+        m.parameters = lambda recurse=True, params=params, second=second: iter([*params, second])
+    for call in (
+        lambda: generate(model, ids, mask, max_new_tokens=2),
+        lambda: calibrate.extract(model, _tiny_hf.tiny_tokenizer(), ["w1 w2"], max_new_tokens=2, progress=False),
+        lambda: lat.generate(model, ids, mask, max_new_tokens=2),
+        lambda: lat.generate(t5, ids, mask, max_new_tokens=2),  # its encoder
+    ):
+        with pytest.raises(ValueError, match=r"spread over \['cpu', 'cuda:1'\]: .* load the model on one device"):
+            call()
+    offloaded = tiny_model("llama")
+    offloaded.model.embed_tokens.to("meta")
+    with pytest.raises(ValueError, match=r"its embeddings are offloaded \(on the meta device\)"):
+        generate(offloaded, ids, mask, max_new_tokens=2)
+
+
 def test_autocast_is_refused_and_inference_tensors_have_digests():
     """Under torch.autocast early exit failed inside index_put (bfloat16 keys into a float32 cache), and extraction
     recorded bfloat16 numbers as the float32 model's; weights made in inference mode have no version counter,

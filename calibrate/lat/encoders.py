@@ -22,7 +22,7 @@ from torch import nn
 from transformers.models.t5.modeling_t5 import T5Attention
 
 from calibrate.lat.scores import _gather, survivors, value_norms
-from calibrate.runtime._layers import _autocast_iv, _skipped_hooks_iv, additive_mask, attend_and_count
+from calibrate.runtime._layers import _placement_iv, _skipped_hooks_iv, additive_mask, attend_and_count
 
 __all__ = ["CLASSIFIER_ARCHITECTURES", "ENCODER_DECODER_ARCHITECTURES", "encode", "encoder_for"]
 
@@ -159,7 +159,7 @@ def encoder_for(model: nn.Module) -> _Encoder:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type in ENCODER_DECODER_ARCHITECTURES + CLASSIFIER_ARCHITECTURES:
         encoder = (_T5Encoder if model_type in ENCODER_DECODER_ARCHITECTURES else _BertEncoder)(model)
-        _autocast_iv(model)
+        _placement_iv(model)
         _skipped_hooks_iv(model, encoder.layers)  # its layers run by their parts, as the runtime's
         return encoder
     raise ValueError(

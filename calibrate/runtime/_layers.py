@@ -641,15 +641,27 @@ def adapter_for(model: nn.Module, layers: nn.ModuleList) -> LayerAdapter:
             f"the early-exit runtime decodes model type {model_type!r} as an encoder-decoder "
             f"(...ForConditionalGeneration); {type(model).__name__} is its decoder alone"
         )
-    _autocast_iv(model)
+    _placement_iv(model)
     _skipped_hooks_iv(model, layers)
     return adapter(model, layers)
 
 
-def _autocast_iv(model: nn.Module) -> None:
-    """Refuse to run ``model`` under ``torch.autocast``: its numbers would be another dtype's than the one a cache
-    and a certificate record (the parameters'), and early exit writes keys of one dtype into a cache of the other."""
+def _placement_iv(model: nn.Module) -> None:
+    """Refuse ``model`` spread over several devices (``device_map``), with its embeddings offloaded (on the meta
+    device), or run under ``torch.autocast``.
+
+    The runtime, LAT and extraction keep one device for every layer's keys, values and states; under autocast
+    its numbers would be another dtype's than the one a cache and a certificate record (the parameters'), and
+    early exit writes keys of one dtype into a cache of the other.
+    """
     param = next(model.parameters(), None)
+    devices = sorted({str(p.device) for p in model.parameters()} - {"meta"})  # meta: offloaded, run where moved in
+    if len(devices) > 1 or (param is not None and param.is_meta):
+        where = "its embeddings are offloaded (on the meta device)" if len(devices) < 2 else f"it is spread over {devices}"
+        raise ValueError(
+            f"{where}: calm-calibrate keeps every layer's keys, values and states on the device of the model's "
+            "embeddings (no device_map over several devices); load the model on one device (model.to(device))"
+        )
     for device in {"cpu", "cpu" if param is None else param.device.type}:
         if torch.is_autocast_enabled(device):
             raise ValueError(

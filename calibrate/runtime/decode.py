@@ -110,9 +110,9 @@ def generate(
     ------
     ValueError
         When the architecture is unsupported (naming it and the supported ones); the model has forward hooks
-        on modules whose forward the runtime does not call (a layer, an attention block), or runs under
-        ``torch.autocast``; the certificate is for
-        another knob, another layer count, other exit heads (``certificate.heads`` differs from
+        on modules whose forward the runtime does not call (a layer, an attention block), is spread over
+        several devices (``device_map``) or has offloaded embeddings, or runs under ``torch.autocast``; the
+        certificate is for another knob, another layer count, other exit heads (``certificate.heads`` differs from
         ``heads.describe()``: the message names each differing key, e.g. ``vocab_size``,
         ``adapters_digest`` or ``model_digest`` (other weights), with both values), heads made from another
         model, a measure the runtime cannot evaluate, or a learned measure whose ``measure_state`` is

@@ -16,10 +16,12 @@ Key = TypeVar("Key")
 
 
 def _synchronize() -> None:
-    """Wait for queued GPU work, when torch is loaded and a GPU is in use (timings would stop early)."""
+    """Wait for queued work on every GPU, when torch is loaded and a GPU is in use (timings would stop early;
+    ``torch.cuda.synchronize()`` alone waits for the current device, not the ``--device cuda:1`` one)."""
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
+        for index in range(torch.cuda.device_count()):
+            torch.cuda.synchronize(index)
 
 
 def side_by_side(

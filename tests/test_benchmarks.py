@@ -50,6 +50,18 @@ def test_side_by_side_calls_every_run_in_turn(bench):
         timing.side_by_side(runs, repeat=0)
 
 
+def test_timings_wait_for_every_gpu(bench, monkeypatch):
+    """torch.cuda.synchronize() waits for the current device only: with --device cuda:1 a timing stopped while
+    its work was still queued."""
+    timing = bench("timing")
+    waited = []
+    for name, value in (("is_available", lambda: True), ("is_initialized", lambda: True), ("device_count", lambda: 2)):
+        monkeypatch.setattr(torch.cuda, name, value)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: waited.append(device))
+    timing.side_by_side({"a": lambda: None}, repeat=1, warmup=False)
+    assert waited == [0, 1, 0, 1]  # before and after the run
+
+
 def test_argument_types(bench):
     timing = bench("timing")
     assert timing.positive_int("3") == 3

@@ -1001,7 +1001,7 @@ def test_a_model_over_several_devices_or_with_offloaded_embeddings_is_refused():
             call()
     offloaded = tiny_model("llama")
     offloaded.model.embed_tokens.to("meta")
-    with pytest.raises(ValueError, match=r"its embeddings are offloaded \(on the meta device\)"):
+    with pytest.raises(ValueError, match=r"its embeddings are offloaded \(on meta\)"):
         generate(offloaded, ids, mask, max_new_tokens=2)
 
 

@@ -657,7 +657,7 @@ def _placement_iv(model: nn.Module) -> None:
     param = next(model.parameters(), None)
     devices = sorted({str(p.device) for p in model.parameters()} - {"meta"})  # meta: offloaded, run where moved in
     if len(devices) > 1 or (param is not None and param.is_meta):
-        where = "its embeddings are offloaded (on the meta device)" if len(devices) < 2 else f"it is spread over {devices}"
+        where = f"it is spread over {devices}" if len(devices) > 1 else "its embeddings are offloaded (on meta)"
         raise ValueError(
             f"{where}: calm-calibrate keeps every layer's keys, values and states on the device of the model's "
             "embeddings (no device_map over several devices); load the model on one device (model.to(device))"

@@ -79,6 +79,47 @@ def test_runtime_exits_equal_the_cpu(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "arch, measure, lam",
+    [  # every kind of measure the runtime evaluates, adapters, a fixed exit layer, encoder-decoder exits
+        ("llama", "softmax_gap", 0.1),
+        ("gpt2", "classifier", 0.6),
+        ("llama", "halting_geometric", 0.5),
+        ("llama", "adapters", 0.2),
+        ("gpt2", "exit_layer", 2),
+        ("t5", "state_saturation", 0.8),
+        ("bart", "entropy", 0.2),
+    ],
+)
+def test_runtime_measures_equal_the_cpu(device, arch, measure, lam):
+    """Exit layers of each measure (its tensors made on the model's device), in float64, equal the CPU's."""
+    from test_runtime import ENCODER_PROMPTS, _classifier_state, _halting_cert, _trained_adapters, cert
+
+    model = tiny_model(arch, n_layers=4).double()
+    if model.config.is_encoder_decoder:
+        ids, mask = (t.flip(1) for t in _left_pad([p[::-1] for p in ENCODER_PROMPTS], "cpu"))
+    else:
+        ids, mask = _left_pad(PROMPTS, "cpu")
+    kwargs, heads = {"max_new_tokens": 10}, None
+    if measure == "exit_layer":
+        kwargs["exit_layer"] = lam
+    elif measure == "adapters":
+        heads = _trained_adapters(model)
+        kwargs["certificate"] = cert(lam, "softmax_max")
+    elif measure.startswith("halting"):
+        kwargs["certificate"] = _halting_cert(measure)
+    else:
+        state = _classifier_state(32, 4) if measure == "classifier" else None
+        kwargs["certificate"] = cert(lam, measure, decay={"max_len": 12, "tau": 4.0}, state=state)
+    on_cpu = generate(model, ids, mask, heads=heads, **kwargs)
+    assert len(set(on_cpu.exit_layers[on_cpu.new_tokens != PAD].tolist())) >= 2 or measure == "exit_layer"
+    moved = None if heads is None else heads.to(device)
+    here = generate(model.to(device), ids.to(device), mask.to(device), heads=moved, **kwargs)
+    torch.testing.assert_close(here.sequences.cpu(), on_cpu.sequences, rtol=0, atol=0)
+    torch.testing.assert_close(here.exit_layers.cpu(), on_cpu.exit_layers, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_token_elimination(device):
     """Speed-up 1 equals HF generate on the device; at speed-up 2 the processed lengths follow the schedule."""
     model = tiny_model("llama", seed=3, n_layers=4).double()

@@ -102,19 +102,24 @@ def _confidence(epsilon: float) -> str:
 
 
 def _budget_warning(certificate, max_new_tokens: int, doing: str = "decoding") -> None:
-    """Warn when decoding (or auditing: ``doing``) more new tokens than a certificate's calibration outputs had
-    (beyond it: uncertified)."""
+    """Warn when decoding (or auditing: ``doing``) with another budget of new tokens than a certificate's
+    calibration outputs had: longer outputs are uncertified, and so are shorter ones, except for the
+    ``"sequence"`` loss (a mismatch in a cut output is one in the whole, so its risk can only fall)."""
     if certificate is None or certificate.lambda_hat is None:  # the full model: exact at any length
         return
     budget = certificate.max_new_tokens
-    if budget is not None and max_new_tokens > budget:
-        warnings.warn(
-            f"{doing} up to max_new_tokens={max_new_tokens} new tokens, but the certificate's calibration outputs had "
-            f"at most {budget}: what it certifies says nothing about longer outputs (certify with the budget you "
-            "deploy)",
-            UserWarning,
-            stacklevel=caller_stacklevel(),
-        )
+    if budget is None or max_new_tokens == budget or (max_new_tokens < budget and certificate.consistency == "sequence"):
+        return
+    if max_new_tokens > budget:
+        said = "says nothing about longer outputs"
+    else:
+        said = f"says nothing about outputs cut shorter (their {certificate.consistency} loss is another quantity)"
+    warnings.warn(
+        f"{doing} up to max_new_tokens={max_new_tokens} new tokens, but the certificate's calibration outputs had "
+        f"at most {budget}: what it certifies {said} (certify with the budget you deploy)",
+        UserWarning,
+        stacklevel=caller_stacklevel(),
+    )
 
 
 def _names_a_file(source: Any) -> bool:
@@ -172,8 +177,9 @@ class Certificate:
         Number of layers of the model.
     max_new_tokens : int or None
         Generation budget of the calibration outputs (new tokens per output; from the cache's generation
-        settings, or the decoding budget in decoded mode). The certificate covers outputs of at most this
-        many tokens: the runtime warns when asked to decode more. None when unknown.
+        settings, or the decoding budget in decoded mode). The certificate covers outputs decoded with this
+        budget (with the ``"sequence"`` loss, any budget up to it): the runtime, audit, LAT and FFF warn at
+        another budget. None when unknown.
     reason : str
         Why the result is what it is (e.g. why nothing was certified).
     measure_state : mapping or None
@@ -494,7 +500,8 @@ class Certificate:
         elif self.expected_layers is not None:
             lines.append(f"  expected layers {self.expected_layers:.2f}")
         if self.max_new_tokens is not None:
-            lines.append(f"  outputs of at most {self.max_new_tokens} new tokens (deploy with max_new_tokens <= that)")
+            deploy = "<= that" if self.consistency == "sequence" else "= that: shorter outputs are not certified"
+            lines.append(f"  outputs of at most {self.max_new_tokens} new tokens (deploy with max_new_tokens {deploy})")
         n_tested = sum(self.tested)
         if n_tested < len(self.lambdas):
             lines.append(

@@ -125,6 +125,19 @@ def test_audit_warns_of_outputs_longer_than_the_certificates_budget(split):
     with pytest.warns(UserWarning, match="auditing outputs of up to max_new_tokens=40 new tokens.* at most 20") as w:
         calibrate.audit(cert, longer)
     assert w[0].filename == __file__
+    # Shorter outputs: their token loss is another quantity (the summary said "deploy with max_new_tokens <= that")
+    assert "(deploy with max_new_tokens = that: shorter outputs are not certified)" in cert.summary()
+    short = np.flatnonzero(split[1].lengths <= 10)
+    shorter = split[1].subset(short).with_meta({"generation": {"max_new_tokens": 10}})
+    with pytest.warns(UserWarning, match=r"at most 20: .* says nothing about outputs cut shorter \(their token loss"):
+        calibrate.audit(cert, shorter)
+    sequence = calibrate.fit(dev, delta=0.5, epsilon=0.05, consistency="sequence", progress=False)
+    assert sequence.lambda_hat is not None and "(deploy with max_new_tokens <= that)" in sequence.summary()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        calibrate.audit(sequence, shorter)  # a mismatch in a cut output is one in the whole: its risk only falls
+    with pytest.warns(UserWarning, match="says nothing about longer outputs"):
+        calibrate.audit(sequence, longer)
 
 
 def test_reports_hold_read_only_arrays(split, cert):
@@ -396,6 +409,12 @@ def test_validity_of_crc_holds_the_mean_held_out_risk_against_delta():
     assert "E[risk] <= delta" in study.plot().axes[0].get_title()
     ltt = calibrate.validity(calibrate.synthetic_cache(300, seed=0), trials=5, progress=False)
     assert ltt.method == "fixed_sequence" and not ltt.expectation_guarantee and "epsilon = 0.05" in ltt.summary()
+    assert "noise" not in ltt.summary() and ltt.violation_rate <= 0.05
+    # Tight certificates (true risks just below delta) put up to half the held-out estimates above delta: a rate
+    # above epsilon is said to be of estimates (it was set against epsilon as if of true risks)
+    noisy = dataclasses.replace(ltt, test_risks=np.array([0.09, 0.11, 0.09, 0.11, 0.09]), delta=0.1)
+    assert noisy.violation_rate == 0.4
+    assert "violation rate 0.400 (epsilon = 0.05; held-out risks of 60 sequences, whose noise" in noisy.summary()
     small = calibrate.synthetic_cache(300, seed=0)
     holm = calibrate.validity(small, trials=2, method=calibrate.fwer.Holm(), progress=False)
     assert holm.method == "holm"  # the name a certificate records (was the object)

@@ -128,8 +128,9 @@ def generate(
     Warns
     -----
     UserWarning
-        When ``max_new_tokens`` exceeds the certificate's ``max_new_tokens`` (its calibration outputs'
-        budget): longer outputs are not what it certifies.
+        When ``max_new_tokens`` differs from the certificate's ``max_new_tokens`` (its calibration outputs'
+        budget): longer outputs are not what it certifies, nor are shorter ones (except for the ``"sequence"``
+        loss, whose risk can only fall when outputs are cut).
 
     Notes
     -----

@@ -31,7 +31,7 @@ from calibrate._cache_files import (
     _meta_checksum,
     _read_vocab,
 )
-from calibrate._storage import Remote
+from calibrate._storage import Remote, location
 from calibrate._validation import int_at_least
 from calibrate.cache import LayerCache, open_cache
 from calibrate.concat import _MAY_DIFFER, _meta_difference, concat_caches
@@ -201,7 +201,7 @@ def write_manifest(root: str | os.PathLike, count: int) -> Path:
     Parameters
     ----------
     root : str or os.PathLike
-        The sharded cache's directory (created if missing); shard ``i`` is ``root / shard_name(i, count)``.
+        The sharded cache's local directory (created if missing); shard ``i`` is ``root / shard_name(i, count)``.
     count : int
         Number of shards.
 
@@ -213,9 +213,16 @@ def write_manifest(root: str | os.PathLike, count: int) -> Path:
     Raises
     ------
     ValueError
-        When ``root`` already holds a manifest of another shard count, or a single cache (``meta.json``).
+        When ``root`` already holds a manifest of another shard count, or a single cache (``meta.json``), or is
+        a URL (other than ``file://``).
     """
-    root = Path(root)
+    where = location(root)
+    if isinstance(where, Remote):  # Path() made "s3://b/c" the local directory "s3:/b/c"
+        raise ValueError(
+            f"write_manifest writes a local directory, got the URL {os.fspath(root)!r}: write the shards and their "
+            "manifest locally, then upload the directory (open_cache reads it there)"
+        )
+    root = where
     manifest = {"format": _FORMAT, "format_version": _VERSION, "shards": [shard_name(i, count) for i in range(count)]}
     file = root / MANIFEST_FILE
     if _check_manifest(root, count):

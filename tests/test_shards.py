@@ -277,6 +277,11 @@ def test_the_manifest_goes_into_a_directory_made_for_it(tmp_path):
     path = write_manifest(tmp_path / "new" / "out", 2)
     assert path == tmp_path / "new" / "out" / "manifest.json"
     assert json.loads(path.read_text())["shards"] == [shard_name(0, 2), shard_name(1, 2)]
+    # A URL wrote the local directory "memory:/b/out" and left the URL without a manifest
+    pytest.importorskip("fsspec")
+    with pytest.raises(ValueError, match="write_manifest writes a local directory, got the URL 'memory://b/out'"):
+        write_manifest("memory://b/out", 2)
+    assert write_manifest(f"file://{tmp_path / 'url'}", 2) == tmp_path / "url" / "manifest.json"
 
 
 def test_shard_bounds_refuse_an_index_outside_the_shards():

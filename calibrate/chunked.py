@@ -376,6 +376,8 @@ class ChunkedCache:
                 f"measures.learned.train_measure) and refused for the others; got measure={measure!r} and "
                 f"measure_state={'None' if measure_state is None else 'a dict'}"
             )
+        if consistency in _TOKEN_LEVEL:  # never decodes: not refused, not shipped to every worker
+            decode = None
         _client_iv(client, decode)
         int_at_least(retries, "retries", 0)
         lam = _lambdas_iv(default_lambdas(decay=decay is not None) if lambdas is None else lambdas)

@@ -196,7 +196,7 @@ def _chunked_table(
 
     _measure_iv(measure, cache._array_specs())
     seed_iv(seed)
-    _client_iv(client, decode)  # before a learned measure's training
+    _client_iv(client, None if consistency in _TOKEN_LEVEL else decode)  # before a learned measure's training
     learned, rows, n_train = _learned_measure(
         cache, cache._vocab, measure, consistency, decode, train_fraction, seed, train_cache, measure_options
     )

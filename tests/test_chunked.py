@@ -120,6 +120,9 @@ def test_a_learned_measure_on_worker_processes(saved):
     with distributed.LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=None) as lc:
         with distributed.Client(lc) as client:
             assert calibrate.fit(lazy, client=client, **kwargs) == calibrate.fit(cache, **kwargs)
+            # A token loss never decodes: a decode the workers cannot receive was refused (in memory: ignored)
+            locked = functools.partial(lambda lock, ids: "x", threading.Lock())
+            assert calibrate.fit(lazy, client=client, decode=locked, **kwargs) == calibrate.fit(cache, **kwargs)
 
 
 def test_split_gives_the_in_memory_split(saved):

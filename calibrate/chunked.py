@@ -367,7 +367,7 @@ class ChunkedCache:
         from calibrate._progress import tqdm
         from calibrate.exits import _lambdas_iv, default_lambdas
         from calibrate.fit import _measure_iv
-        from calibrate.losses import _TOKEN_LEVEL, LossTable, _consistency_iv, _text_iv
+        from calibrate.losses import _TOKEN_LEVEL, LossTable, _consistency_iv, _partial_pieces_iv, _text_iv
 
         _measure_iv(measure, self._array_specs())
         if (measure in LEARNED_MEASURES) != (measure_state is not None):
@@ -430,6 +430,9 @@ class ChunkedCache:
                     client.cancel(futures)
                     del futures  # a traceback kept by a notebook must not hold the keys
                     raise
+        partial = [ids for losses, ids in parts if losses is None]  # as the whole cache's check in memory
+        if partial:
+            _partial_pieces_iv(np.unique(np.concatenate(partial)))
         losses = np.concatenate([p[0] for p in parts], axis=0)
         layer_sums = np.sum([p[1] for p in parts], axis=0)  # integer-valued: exact in any order
         n_tokens = int(np.diff(self._offsets)[idx].sum())
@@ -474,17 +477,22 @@ def _columns_for(consistency: str) -> list[str]:
 def _partition_losses(
     cache: ChunkedCache, first, stop, rows, fields, measure, consistency, lam, decay, keep, state, decode
 ):
-    """One partition's losses ``(n_p, K)`` and per-lambda sums of exit layers ``(K,)`` (integers).
+    """One partition's losses ``(n_p, K)`` and per-lambda sums of exit layers ``(K,)`` (integers); ``(None,
+    ids)`` where a textual loss without ``decode`` would join the vocab pieces of partial characters ``ids``.
 
     ``rows`` holds only the table columns of :func:`_columns_for` for the sequences ``keep`` (sorted indices
     from ``first``; None: all): the partition's cache is internal to the task. ``state``: a learned
     measure's JSON state, or None.
     """
-    from calibrate.losses import proxy_losses
+    from calibrate.losses import _TOKEN_LEVEL, _partial_piece_ids, proxy_losses
     from measures.confidence import confidence
     from measures.learned import measure_from_state
 
     part = cache._load(first, stop, rows, fields, keep)
+    if decode is None and consistency not in _TOKEN_LEVEL and part.vocab is not None:
+        found = _partial_piece_ids(part.vocab, np.asarray(part.arrays["topk_ids"])[:, :, 0])
+        if found.size:  # the client names every partition's ids at once (an error here would be retried)
+            return None, found
     conf = confidence(part, measure) if state is None else measure_from_state(measure, state).predict_confidence(part)
     table = proxy_losses(part, conf, lam, consistency=consistency, decay=decay, decode=decode)
     return table.losses, np.round(table.avg_layers * part.n_tokens)  # avg = exact integer sum / tokens

@@ -424,14 +424,19 @@ def _text_iv(vocab: Sequence[str] | None, sequences, consistency: str, decode) -
             )
 
 
-def _partial_pieces_iv(vocab: Sequence[str], top1: np.ndarray) -> None:
-    """Refuse the default decoding (the vocab pieces joined) when a layer of the cache predicts a token whose piece
-    is part of a character (U+FFFD: a byte of a character that byte-level tokens split): joined, such pieces give
-    other text than the tokenizer decodes, in early outputs the full outputs' check never sees."""
+def _partial_piece_ids(vocab: Sequence[str], top1: np.ndarray) -> np.ndarray:
+    """The ids in ``top1`` whose vocab pieces are parts of a character (U+FFFD: a byte of a character that
+    byte-level tokens split), sorted and distinct."""
     partial = np.fromiter(("\ufffd" in piece for piece in vocab), dtype=bool, count=len(vocab))
     if not partial.any():
-        return
-    found = np.unique(np.asarray(top1)[partial[top1]])
+        return np.empty(0, dtype=np.int64)
+    return np.unique(np.asarray(top1)[partial[top1]])
+
+
+def _partial_pieces_iv(found: np.ndarray) -> None:
+    """Refuse the default decoding (the vocab pieces joined) when a layer of the cache predicts the tokens
+    ``found`` (:func:`_partial_piece_ids`): joined, such pieces give other text than the tokenizer decodes, in
+    early outputs the full outputs' check never sees."""
     if found.size:
         raise ValueError(
             f"the cache's layers predict tokens whose vocab pieces are parts of a character (ids {found[:5].tolist()}"
@@ -449,7 +454,7 @@ def _textual_losses(cache, conf, lam, top1, full, consistency, positions, decay,
     if "output" in cache.sequences:  # a Dask task's part has no texts (its cache checked them)
         _text_iv(cache.vocab, cache.sequences, consistency, decode)
     if decode is None and cache.vocab is not None:
-        _partial_pieces_iv(cache.vocab, top1)
+        _partial_pieces_iv(_partial_piece_ids(cache.vocab, top1))
     decode = _str_decode(decode or _default_decode(cache.vocab))
     risk = consistency.startswith("risk_")
     scorer = PairScorer(consistency.removeprefix("risk_"))

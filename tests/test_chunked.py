@@ -612,3 +612,25 @@ def test_a_last_partition_of_one_sequence_is_kept(tmp_path):
     assert lazy.partitions == [(0, 50), (50, 51)]
     cert = calibrate.fit(lazy, delta=0.2, epsilon=0.1)
     assert cert.n == 51 and cert == calibrate.fit(cache, delta=0.2, epsilon=0.1)
+
+
+def test_partial_character_pieces_are_named_as_in_memory(tmp_path):
+    """A textual loss without decode is refused where layers predict pieces of a split character: per partition,
+    each chunked fit named only its first failing partition's ids (in memory [12, 14, 29], chunked [12, 29])."""
+    full = calibrate.synthetic_cache(40, n_layers=4, max_tokens=6, min_tokens=2, seed=3, vocab_size=50)
+    arrays = full.arrays
+    vocab = [f"t{i} " for i in range(50)]
+    early = set(arrays["topk_ids"][:, :-1, 0].ravel().tolist()) - set(arrays["full_tokens"].tolist())
+    for token in sorted(early)[:3]:
+        vocab[token] = "\ufffd"
+    tokens = [arrays["full_tokens"][a:b] for a, b in zip(full.offsets[:-1], full.offsets[1:])]
+    cache = calibrate.LayerCache.from_arrays(
+        full_tokens=arrays["full_tokens"], topk_ids=arrays["topk_ids"], topk_logprobs=arrays["topk_logprobs"],
+        offsets=full.offsets, vocab=vocab, vocab_size=50, outputs=["".join(vocab[t] for t in ids) for ids in tokens],
+    )
+    path = cache.save(tmp_path / "cache")
+    with pytest.raises(ValueError, match=r"parts of a character \(ids \[") as in_memory:
+        calibrate.fit(cache, consistency="rouge_l")
+    with pytest.raises(ValueError) as chunked:
+        calibrate.fit(calibrate.open_cache(path, chunks=5), consistency="rouge_l")
+    assert str(chunked.value) == str(in_memory.value) and str(sorted(early)[:3]) in str(in_memory.value)

@@ -5,7 +5,8 @@ a temporary folder, removed at the end). For each size, in one run:
 
 - **read pass**: every per-token zarr array read once, chunk by chunk (the physical limit of any fit);
 - **in memory**: ``open_cache`` (checksums off) then ``calibrate.fit`` (token consistency, softmax gap);
-- **Dask, threads**: ``open_cache(chunks=...)`` then ``fit`` on Dask's local threaded scheduler;
+- **chunked, in process**: ``open_cache(chunks=...)`` then ``fit`` without a client: the partitions one after
+  another in this process (Dask's synchronous scheduler);
 - **Dask, 1 and 2 workers**: a ``LocalCluster`` of worker processes (one thread each, ``--worker-memory``
   each; one untimed fit of a small cache first, so the workers' imports are not timed), with the peak
   resident memory of its workers (``VmHWM``: ``ru_maxrss`` would carry the peak of this process into the
@@ -62,7 +63,8 @@ def measure(root: Path, args: argparse.Namespace) -> list[tuple[int, dict]]:
         "throughput in token x layers / s"
     )
     print(
-        "| sequences | tokens | arrays MiB | read pass | in memory | Dask threads | 1 worker | 2 workers | peak worker MiB |"
+        "| sequences | tokens | arrays MiB | read pass | in memory | chunked in process | 1 worker | 2 workers "
+        "| peak worker MiB |"
     )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     # One untimed pass of every in-process path (imports, compiled kernels, first opens); names carry the settings,
@@ -89,8 +91,8 @@ def measure(root: Path, args: argparse.Namespace) -> list[tuple[int, dict]]:
         tokens, layers = cache.n_tokens, cache.n_layers
         del cache
         start = time.perf_counter()
-        certs["threads"] = calibrate.fit(calibrate.open_cache(path, chunks=args.chunks, verify=False), **options)
-        times["threads"] = time.perf_counter() - start
+        certs["chunked"] = calibrate.fit(calibrate.open_cache(path, chunks=args.chunks, verify=False), **options)
+        times["chunked"] = time.perf_counter() - start
         peak = 0.0
         for workers in (1, 2):
             with LocalCluster(
@@ -107,7 +109,7 @@ def measure(root: Path, args: argparse.Namespace) -> list[tuple[int, dict]]:
         assert all(c == certs["memory"] for c in certs.values()), "a path gave another certificate"
         work = tokens * layers
         cells = " | ".join(
-            f"{work / times[k] / 1e6:.1f}M ({times['read'] / times[k]:.2f})" for k in ("memory", "threads", 1, 2)
+            f"{work / times[k] / 1e6:.1f}M ({times['read'] / times[k]:.2f})" for k in ("memory", "chunked", 1, 2)
         )
         mib = (
             sum(
@@ -146,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
         for key, label in (
             ("read", "read pass"),
             ("memory", "in memory"),
-            ("threads", "Dask threads"),
+            ("chunked", "chunked in process"),
             (1, "1 worker"),
             (2, "2 workers"),
         ):

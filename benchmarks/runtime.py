@@ -87,6 +87,10 @@ def ideal_ratio(exit_layers: torch.Tensor, cost: dict[str, float], n_layers: int
     layer ``L`` adds the last head: ``e`` head calls either way. A row's first token comes from the prompt
     pass, which runs every layer on both sides: it costs ``L`` layers and its head calls (the prompt's
     other positions, the same work on both sides, are left out, as are attention scores).
+
+    At batch > 1 this counts work (what a layer costs grows with its active rows, as on a CPU), not steps: on
+    a GPU, where a layer call on one row costs about what it costs on eight, a step costs about its slowest
+    row, so the ratio reachable there is lower (for the saturation row at batch 8, 2.11 instead of 2.19).
     """
     e = exit_layers.double()  # 0: after the row's EOS, no token
     heads = e if softmax else (e > 0).double()

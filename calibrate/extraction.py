@@ -15,6 +15,7 @@ This module imports torch and transformers; ``import calibrate`` does not import
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import math
@@ -461,7 +462,8 @@ def extract_main(
         shard's output), so that the workers can share one ``shard_dir``.
     keep_shards : bool, default=False
         Keep the batch caches after the cache has been saved. By default this run's batch directories
-        are deleted, then their directory if that leaves it empty; other files in it are kept.
+        are deleted, then their directory if that leaves it empty (and, with ``shard`` and the default
+        ``shard_dir``, ``OUTPUT.shards`` once the last shard leaves it empty); other files in it are kept.
     overwrite : bool, default=False
         Replace an existing cache at ``output``.
     device : str, optional
@@ -533,9 +535,10 @@ def extract_main(
         prompts, ids = prompts[start:stop], ids[start:stop]
         references = None if references is None else references[start:stop]
     _save_iv(target, overwrite)  # an existing output that --overwrite may not replace: refused before any work
+    made_dir = None  # the batch directory this run names itself: removed when empty, as the batches are
     if shard_dir is None:  # beside the output, never in it (a sharded output holds only shards and their manifest)
         base = Path(os.path.abspath(root))  # "." has no name
-        shard_dir = base.with_name(base.name + ".shards")
+        shard_dir = made_dir = base.with_name(base.name + ".shards")
     if shard is not None:
         shard_dir = Path(shard_dir) / target.name
     if isinstance(target, Path) and Path(shard_dir).resolve().is_relative_to(target.resolve()):
@@ -560,4 +563,7 @@ def extract_main(
         shards.write_manifest(root, sharding["count"])
     if not keep_shards:
         _remove_batches(Path(shard_dir), math.ceil(cache.n_sequences / cache.user_meta["generation"]["batch_size"]))
+        if shard is not None and made_dir is not None:
+            with contextlib.suppress(OSError):  # other shards' batches are still there: the last one removes it
+                made_dir.rmdir()
     return cache

@@ -344,7 +344,9 @@ def test_sharded_extraction_equals_one_extraction(saved_model, tmp_path, monkeyp
     kw = dict(max_new_tokens=4, batch_size=1, progress=False)
     whole = extract_main(model_dir, prompts, tmp_path / "whole", **kw)
     out = tmp_path / "sharded"
+    (tmp_path / "sharded.shards" / "shard-00001-of-00002").mkdir(parents=True)  # the other shard's, running
     first = extract_main(model_dir, prompts, out, shard=(0, 2), **kw)
+    assert sorted(p.name for p in (tmp_path / "sharded.shards").iterdir()) == ["shard-00001-of-00002"]
     assert first.sequences["id"].tolist() == ["0", "1"] and first.user_meta["sharding"]["stop"] == 2
     with pytest.raises(ValueError, match="lists shard 'shard-00001-of-00002'"):
         calibrate.open_cache(out)  # the manifest is there, the second shard not yet
@@ -354,6 +356,7 @@ def test_sharded_extraction_equals_one_extraction(saved_model, tmp_path, monkeyp
     assert main([*argv, "--batch-size", "1"]) == 0
     joined = calibrate.open_cache(out)
     assert joined.checksum == whole.checksum
+    assert not (tmp_path / "sharded.shards").exists()  # the batch directory it named, empty after the last shard
     assert "sharding" not in joined.user_meta and joined.user_meta["generation"] == whole.user_meta["generation"]
     other = tmp_path / "other"
     extract_main(model_dir, prompts, other, shard=(0, 2), **kw)

@@ -134,12 +134,12 @@ def _audit_route(cert, args) -> str:
 def _cmd_audit(args) -> int:
     import calibrate
     from calibrate.audit import _save_figure
-    from calibrate.certificate import _audit_budget
+    from calibrate.certificate import _budget
 
     cert = calibrate.Certificate.from_json(Path(args.certificate))
     figure = _figure_iv(args.figure)
     route = _audit_route(cert, args)
-    args.max_new_tokens = _audit_budget(cert, args.max_new_tokens)  # default: as the certificate was calibrated
+    args.max_new_tokens = _budget(cert, args.max_new_tokens)  # default: as the certificate was calibrated
     if route == "decode" and args.adapters is None and (cert.heads or {}).get("kind") == "adapters":
         raise ValueError(
             "this certificate was calibrated with exit adapters: give the adapters file it was calibrated with "

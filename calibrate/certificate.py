@@ -84,15 +84,16 @@ def _spend_iv(certificate, knob: str, model: str, source: str) -> None:
         )
 
 
-def _audit_budget(certificate, max_new_tokens: int | None) -> int | None:
-    """New tokens per held-out prompt: ``max_new_tokens``, else the certificate's calibration budget, else 32.
+def _budget(certificate, max_new_tokens: int | None) -> Any:
+    """New tokens per prompt: ``max_new_tokens``, else the certificate's calibration budget, else 32.
 
-    An audit decodes what deployment emits, so by default it decodes as many tokens as the certificate was
-    calibrated with. A value that is not a certificate passes through (its own check names it).
+    Decoding and audits emit what deployment does, so by default as many tokens as the certificate was
+    calibrated with (its guarantee is for that budget). ``max_new_tokens`` passes through as given (its own
+    check names a bad one), whatever ``certificate`` is.
     """
-    if max_new_tokens is not None or not isinstance(certificate, Certificate):
+    if max_new_tokens is not None:
         return max_new_tokens
-    return certificate.max_new_tokens or 32
+    return (certificate.max_new_tokens if isinstance(certificate, Certificate) else None) or 32
 
 
 def _confidence(epsilon: float) -> str:

@@ -27,7 +27,7 @@ from calibrate._decoded_checks import _decoded_losses_iv, _fit_decoded_iv
 from calibrate._decoded_walk import _certify_lazily, decoded_lambdas
 from calibrate.audit import AuditReport, _held_out_iv, _held_out_report
 from calibrate.cache import LayerCache
-from calibrate.certificate import Certificate, _audit_budget
+from calibrate.certificate import Certificate, _budget
 from calibrate.exits import Decay
 from calibrate.fwer import FixedSequence
 from calibrate.heads import ExitHeads
@@ -262,7 +262,7 @@ def decoded_losses(
     """
     from calibrate._progress import tqdm
 
-    max_new_tokens = _audit_budget(certificate, max_new_tokens)
+    max_new_tokens = _budget(certificate, max_new_tokens)
     decoder, lam, heads = _decoded_losses_iv(
         model, tokenizer, prompts, certificate, references, max_new_tokens, batch_size, heads, decode
     )

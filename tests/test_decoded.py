@@ -613,6 +613,9 @@ def test_certificates_record_the_budget_and_the_runtime_warns_beyond_it(model, t
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         calibrate.runtime.generate(model, ids, mask, certificate=decoded, max_new_tokens=NEW)  # within: silent
+        # by default the certified budget (it was 32: more tokens than certified, with a warning)
+        assert calibrate.runtime.generate(model, ids, mask, certificate=decoded).exit_layers.shape == (2, NEW)
+        assert calibrate.runtime.generate(model, ids, mask).exit_layers.shape == (2, 32)
         full_only = dataclasses.replace(decoded, lambda_hat=None)  # the full model is exact at any length
         calibrate.runtime.generate(model, ids, mask, certificate=full_only, max_new_tokens=NEW + 5)
     with pytest.warns(UserWarning, match=f"max_new_tokens={NEW + 1} .* at most {NEW}") as caught:

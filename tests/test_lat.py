@@ -656,6 +656,10 @@ def test_fit_decodes_speedup_one_once(word_tokenizer, monkeypatch):
     )  # fmt: skip
     assert cert.risks[0] == 0.0 and not math.isnan(cert.risks[1]) and cert.bound == "hoeffding_bentkus"
     assert speedups == [None, pytest.approx(1.5)]  # the full model, then 1.5 only
+    monkeypatch.setattr(calibration, "generate", original)
+    ids = torch.tensor([word_tokenizer(prompts[0])["input_ids"]])
+    assert cert.lambda_hat is not None and cert.max_new_tokens == 3  # by default that budget (it was 32, warned)
+    assert lat.generate(model, ids, certificate=cert).sequences.shape[1] <= ids.shape[1] + 3
 
 
 def test_fit_bad_grid(word_tokenizer):

@@ -33,7 +33,7 @@ from calibrate._certify import _risk_control_iv, certify
 from calibrate._digest import decoding_digest, tokenizer_eos_warning
 from calibrate._validation import caller_stacklevel, int_at_least, int_in, label_count_iv
 from calibrate.audit import AuditReport, _calibration_data_digest, _held_out_iv, _held_out_report
-from calibrate.certificate import Certificate, _audit_budget, _budget_warning, _spend_iv
+from calibrate.certificate import Certificate, _budget, _budget_warning, _spend_iv
 from calibrate.fff.layer import _DEPTHS, FFF
 from calibrate.losses import LossTable
 from calibrate.models import _eval_mode
@@ -447,7 +447,7 @@ def audit(
     """
     _certified_depth(model, certificate)  # the right knob and model
     _held_out_iv(certificate, inputs, "inputs" if tokenizer is None else "prompts")
-    budget = _audit_budget(certificate, max_new_tokens)
+    budget = _budget(certificate, max_new_tokens)
     if tokenizer is not None:
         _budget_warning(certificate, budget, "auditing")
     table = depth_losses(

@@ -37,7 +37,7 @@ from calibrate._extract_checks import _context_iv, prompt_ids
 from calibrate._extract_steps import _pad
 from calibrate._validation import caller_stacklevel, int_at_least, label_count_iv
 from calibrate.audit import AuditReport, _calibration_data_digest, _held_out_iv, _held_out_report
-from calibrate.certificate import Certificate, _audit_budget, _spend_iv
+from calibrate.certificate import Certificate, _budget, _spend_iv
 from calibrate.lat.classification import classify
 from calibrate.lat.decode import _settings, generate, model_id
 from calibrate.lat.encoders import CLASSIFIER_ARCHITECTURES
@@ -264,7 +264,7 @@ def _heldout_scorer(certificate, model, tokenizer, prompts, references, max_new_
     if not isinstance(certificate, Certificate) or certificate.knob != "token_keep":
         raise ValueError("certificate must be a 'token_keep' Certificate from calibrate.lat.fit")
     _spend_iv(certificate, "token_keep", model_id(model), "calibrate.lat.fit")  # before decoding the reference
-    budget = _audit_budget(certificate, max_new_tokens)
+    budget = _budget(certificate, max_new_tokens)
     _held_out_iv(certificate, prompts, "prompts")
     return _scorer(model, tokenizer, prompts, references, certificate.consistency, [1.0], budget, batch_size, decode)
 

@@ -32,7 +32,7 @@ from torch import nn
 
 from calibrate._digest import decoding_digest, stop_strings_iv
 from calibrate._validation import int_at_least
-from calibrate.certificate import Certificate, _budget_warning, _spend_iv
+from calibrate.certificate import Certificate, _budget, _budget_warning, _spend_iv
 from calibrate.heads import ExitHeads, decoder_layers
 from calibrate.lat.encoders import ENCODER_DECODER_ARCHITECTURES, encode, encoder_for
 from calibrate.lat.schedule import KeepSchedule, _speedup_iv, layer_costs
@@ -194,7 +194,7 @@ def generate(
     *,
     speedup: float = 1.0,
     certificate: Certificate | None = None,
-    max_new_tokens: int = 32,
+    max_new_tokens: int | None = None,
     score: str = "attention",
     tokenizer=None,
     eos_token_id: int | list[int] | None = None,
@@ -221,8 +221,9 @@ def generate(
         A ``token_keep`` certificate of this model (from :func:`calibrate.lat.fit`): decode with its
         certified speed-up and with the settings it was certified with (score, ``min_keep``, always-kept
         token ids), whatever ``speedup``, ``tokenizer`` and the defaults say.
-    max_new_tokens : int, default=32
-        Most tokens generated per row.
+    max_new_tokens : int, optional
+        Most tokens generated per row; default the certificate's ``max_new_tokens`` (the budget it was
+        calibrated with), else 32.
     score : {"attention", "value"}, default="attention"
         Contribution score (:func:`calibrate.lat.scores.contribution_scores`): attention received, or
         value-weighted.
@@ -252,7 +253,8 @@ def generate(
     Warns
     -----
     UserWarning
-        When ``max_new_tokens`` exceeds the certificate's ``max_new_tokens`` (the budget it was calibrated with).
+        When ``max_new_tokens`` differs from the certificate's ``max_new_tokens`` (the budget it was calibrated
+        with), except shorter outputs for the ``"sequence"`` loss.
     """
     config = model.config
     if config.model_type not in LAT_ARCHITECTURES:
@@ -260,7 +262,7 @@ def generate(
             f"token elimination does not support model_type {config.model_type!r}; supported: {LAT_ARCHITECTURES}"
         )
     speedup, score, min_keep, special = _knob_iv(model, speedup, certificate, score, min_keep, tokenizer)
-    max_new_tokens = int_at_least(max_new_tokens, "max_new_tokens")
+    max_new_tokens = int_at_least(_budget(certificate, max_new_tokens), "max_new_tokens")
     _budget_warning(certificate, max_new_tokens)
     _call_settings_iv(model, certificate, eos_token_id=eos_token_id)
     stop_strings_iv(model)

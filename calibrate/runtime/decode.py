@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from calibrate._digest import stop_strings_iv
-from calibrate.certificate import Certificate
+from calibrate.certificate import Certificate, _budget
 from calibrate.heads import ExitHeads
 from calibrate.models import _eval_mode
 from calibrate.runtime._hf import _greedy_processors, custom_generate
@@ -45,7 +45,7 @@ def generate(
     attention_mask: torch.Tensor | None = None,
     *,
     certificate: Certificate | None = None,
-    max_new_tokens: int = 32,
+    max_new_tokens: int | None = None,
     heads: ExitHeads | None = None,
     exit_layer: int | None = None,
     tokenizer=None,
@@ -76,8 +76,9 @@ def generate(
     certificate : Certificate, optional
         A certificate for ``knob="exit_threshold"`` made for this model's layer count. None, or
         ``lambda_hat is None`` ("full model only"), runs every layer for every token.
-    max_new_tokens : int, default=32
-        Most tokens generated per row.
+    max_new_tokens : int, optional
+        Most tokens generated per row; default the certificate's ``max_new_tokens`` (the budget it was
+        calibrated with), else 32.
     heads : ExitHeads, optional
         What a layer predicts; must be the heads the certificate was calibrated with (checked against
         ``certificate.heads`` when the certificate records them). Default: ``ExitHeads.from_model(model)``
@@ -210,6 +211,7 @@ def generate(
     (1, torch.Size([1, 4]))
     """
     special_tokens = _special_tokens_iv(model, tokenizer, eos_token_id, pad_token_id)
+    max_new_tokens = _budget(certificate, max_new_tokens)
     run = _generate_iv(model, input_ids, attention_mask, certificate, max_new_tokens, heads, exit_layer, special_tokens)
     _call_settings_iv(model, certificate, eos_token_id=eos_token_id)
     stop_strings_iv(model)

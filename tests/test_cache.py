@@ -36,7 +36,7 @@ def _arrays(lengths=(5, 3, 7, 1), n_layers=3, k=3, seed=0):
         lengths=list(lengths),
         scores={
             "softmax_gap": rng.random((n_tokens, n_layers)),
-            "state_saturation": rng.uniform(-1, 1, (n_tokens, n_layers)),
+            "state_saturation": np.concatenate([np.zeros((n_tokens, 1)), rng.uniform(-1, 1, (n_tokens, n_layers - 1))], 1),
         },
         hidden=rng.normal(size=(n_tokens, n_layers, 4)),
         prompts=[f"prompt {i} é" for i in range(len(lengths))],
@@ -228,6 +228,9 @@ def _set(a, index, value):
         (_bad(lengths=None, offsets=[0, 5, 5, 15, 16]), ValueError, "strictly increasing"),
         (_bad(scores={"softmax_gap": np.full((16, 3), 1.5)}), ValueError, r"'softmax_gap' must lie in \[0.0, 1.0\]"),
         (_bad(scores={"entropy": np.full((16, 3), np.nan)}), ValueError, "'entropy' must be finite"),
+        # a cosine of layer 1 with the embedding output (hidden_states[0]): the runtime scores layer 1 as 0
+        (_bad(scores={"state_saturation": np.full((16, 3), 0.5)}), ValueError,
+         r"'state_saturation' must be 0 at layer 1 .* got 0.5 at token 0: .*hidden_states\[0\], the embedding"),
         (_bad(scores={"my_score": np.zeros((16, 2))}), ValueError, r"scores\['my_score'\] must have shape"),
         (_bad(scores={"vocab": np.zeros((16, 3))}), ValueError, "scores names"),
         (_bad(scores={"Bad Name": np.zeros((16, 3))}), ValueError, "scores names"),

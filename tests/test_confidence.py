@@ -379,6 +379,7 @@ def test_confidence_state_saturation_from_hidden():
 @pytest.mark.parametrize("measure", MEASURES)
 def test_confidence_prefers_cached_array(measure):
     sentinel = np.linspace(0, 1, 200, dtype=np.float32).reshape(40, 5)
+    sentinel[:, 0] = 0.0  # layer 1 of every measure may be 0 (saturation's must)
     cache = _topk_cache(scores={measure: sentinel})
     np.testing.assert_array_equal(confidence(cache, measure), sentinel)
     cache = _topk_cache(scores={measure: sentinel.astype(np.float64)})
@@ -493,6 +494,7 @@ def test_confidence_refuses_cache_fields_that_are_not_scores(field):
 
 def test_confidence_returns_a_stored_score_of_the_users_own():
     sentinel = np.linspace(0, 1, 200, dtype=np.float32).reshape(40, 5)
+    sentinel[:, 0] = 0.0  # layer 1 of every measure may be 0 (saturation's must)
     cache = _topk_cache(scores={"my_score": sentinel})
     np.testing.assert_array_equal(confidence(cache, "my_score"), sentinel)
     with pytest.raises(ValueError, match="measure must be one of"):

@@ -36,7 +36,7 @@ def _arrays(lengths=(5, 3, 7, 1), n_layers=3, k=3, seed=0):
         lengths=list(lengths),
         scores={
             "softmax_gap": rng.random((n_tokens, n_layers)),
-            "state_saturation": np.concatenate([np.zeros((n_tokens, 1)), rng.uniform(-1, 1, (n_tokens, n_layers - 1))], 1),
+            "state_saturation": np.pad(rng.uniform(-1, 1, (n_tokens, n_layers - 1)), ((0, 0), (1, 0))),  # layer 1: 0
         },
         hidden=rng.normal(size=(n_tokens, n_layers, 4)),
         prompts=[f"prompt {i} é" for i in range(len(lengths))],

@@ -8,6 +8,7 @@ import contextlib
 import hashlib
 import json
 import math
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -17,7 +18,7 @@ import torch
 
 from calibrate._cache_files import _library_version
 from calibrate._validation import caller_stacklevel
-from calibrate.cache import LayerCache, open_cache
+from calibrate.cache import LayerCache, _from_arrays, open_cache
 from calibrate.heads import ExitHeads, record_layer_states
 from calibrate.runtime._result import generated_lengths
 from measures.confidence import state_saturation
@@ -139,7 +140,8 @@ def _extract_batch(model, tokenizer, setup: dict, start: int, stop: int) -> Laye
         for b in range(len(lengths))
     ]
     references = None if setup["references"] is None else setup["references"][start:stop]
-    return LayerCache.from_arrays(
+    return _from_arrays(  # extraction names its own cause of disagreement (_warn_disagreement)
+        copy=True,
         full_tokens=token_ids,
         topk_ids=measures["topk_ids"].cpu().numpy(),
         topk_logprobs=measures["topk_logprobs"].cpu().numpy(),
@@ -238,10 +240,15 @@ def _open_shard(where: Path, fingerprint: str, identity: dict[str, str]) -> Laye
 def _remove_batches(shard_dir: Path, n_batches: int) -> None:
     """Delete the batch caches ``batch_00000`` ... of a run from ``shard_dir`` (and the temporary directories of
     their saves that a killed run left, ``.batch_00000.*.tmp``), then ``shard_dir`` if it is empty."""
-    for index in range(n_batches):
-        name = _SHARD_NAME.format(index)
-        for where in (shard_dir / name, *shard_dir.glob(f".{name}.*.tmp")):
-            shutil.rmtree(where, ignore_errors=True)
+    names = {_SHARD_NAME.format(index) for index in range(n_batches)}
+    try:
+        entries = [entry.name for entry in os.scandir(shard_dir)]  # one listing (a glob per batch was quadratic)
+    except OSError:  # gone already
+        entries = []
+    for entry in entries:
+        temporary = entry.startswith(".") and entry.endswith(".tmp") and entry[1:].split(".", 1)[0] in names
+        if entry in names or temporary:
+            shutil.rmtree(shard_dir / entry, ignore_errors=True)
     with contextlib.suppress(OSError):  # not empty (other files are not ours to delete), or gone already
         shard_dir.rmdir()
 

@@ -29,6 +29,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -83,6 +84,7 @@ from calibrate._cache_files import (
     _write_table,
 )
 from calibrate._storage import Remote
+from calibrate._validation import caller_stacklevel
 
 if TYPE_CHECKING:
     from calibrate.chunked import ChunkedCache
@@ -303,7 +305,7 @@ class LayerCache:
         >>> cache.lengths.tolist(), cache.positions.tolist()
         ([4, 2], [0, 1, 2, 3, 0, 1])
         """
-        return _from_arrays(
+        cache = _from_arrays(
             copy=True,
             full_tokens=full_tokens,
             topk_ids=topk_ids,
@@ -321,6 +323,8 @@ class LayerCache:
             model=model,
             meta=meta,
         )
+        _last_layer_warning(cache)
+        return cache
 
     # ---- read-only views ------------------------------------------------------------------------
 
@@ -874,6 +878,26 @@ def _in_memory_iv(cache, name: str) -> LayerCache:
             "of a chunked cache with cache.take(indices), or open it with open_cache(path))"
         )
     return cache
+
+
+#: Share of tokens whose last layer's top-1 may differ from ``full_tokens`` before :meth:`LayerCache.from_arrays`
+#: warns: a generation config that processes logits (repetition_penalty) changes a few greedy choices.
+_LAST_LAYER_DISAGREEMENT = 0.05
+
+
+def _last_layer_warning(cache: LayerCache) -> None:
+    """Warn when the last layer's top-1 differs from ``full_tokens`` at many tokens: the arrays' layer axis is
+    likely not the model's layers in order (every early-exit loss would be measured against the wrong layer)."""
+    share = float(np.mean(cache.arrays["topk_ids"][:, -1, 0] != cache.arrays["full_tokens"]))
+    if share > _LAST_LAYER_DISAGREEMENT:
+        warnings.warn(
+            f"the last layer's top-1 differs from full_tokens at {100 * share:.1f}% of tokens: full_tokens should be "
+            "the greedy output, the last layer's argmax. Is the layer axis reversed, or shifted by the embedding "
+            "entry (hidden_states[0])? Are the top-k of another head? (A generation config that processes logits, "
+            "e.g. repetition_penalty, explains a few.) Losses count the last layer as full_tokens",
+            UserWarning,
+            stacklevel=caller_stacklevel(),
+        )
 
 
 def _from_arrays(**kwargs) -> LayerCache:

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from calibrate._cache_files import _first_repeat
-from calibrate.cache import LayerCache
+from calibrate.cache import LayerCache, _from_arrays
 
 __all__ = ["concat_caches"]
 
@@ -143,7 +143,8 @@ def concat_caches(caches: Sequence[LayerCache], *, meta: dict | None = None) -> 
             f"sequence id {dup!r} occurs in caches{owners}; ids must be unique across the caches: give each part "
             "its own ids (LayerCache.from_arrays(..., ids=...))"
         )
-    return LayerCache.from_arrays(
+    return _from_arrays(  # each part was checked when it was made
+        copy=True,
         full_tokens=cat("full_tokens"),
         topk_ids=cat("topk_ids"),
         topk_logprobs=cat("topk_logprobs") if "topk_logprobs" in first.arrays else None,

@@ -47,7 +47,7 @@ from calibrate._extract_steps import (
     _with_meta,
 )
 from calibrate._storage import Remote, location
-from calibrate.cache import LayerCache, open_cache
+from calibrate.cache import LayerCache, _from_arrays, open_cache
 from calibrate.concat import concat_caches
 from calibrate.heads import ExitHeads, _cache_model_iv, _heads_iv
 from calibrate.models import _eval_mode
@@ -294,7 +294,8 @@ def rehead(cache: LayerCache, heads: ExitHeads) -> LayerCache:
     recorded = cache.user_meta.get("heads") or {}
     if "generation" in recorded:  # the outputs were decoded under the cache's generation config, not today's
         described["generation"] = recorded["generation"]
-    return LayerCache.from_arrays(
+    return _from_arrays(  # the last layer's head is the model's own: as the cache's
+        copy=True,
         full_tokens=cache.arrays["full_tokens"],
         topk_ids=measures["topk_ids"].cpu().numpy(),
         topk_logprobs=measures["topk_logprobs"].cpu().numpy(),

@@ -438,9 +438,10 @@ class ExitHeads(nn.Module):
         if layer is not None:
             if layer == self.n_layers - 1:
                 return hidden
-            return hidden @ self.adapter_weight[layer].T + self.adapter_bias[layer]
+            # in the adapters' dtype: T5 loaded in float16 has float32 states (its MLP outputs kept in float32)
+            return hidden.to(self.adapter_weight.dtype) @ self.adapter_weight[layer].T + self.adapter_bias[layer]
         # hidden: (..., L, d); the last layer passes through unchanged.
-        head = hidden[..., :-1, :]  # (..., L-1, d)
+        head = hidden[..., :-1, :].to(self.adapter_weight.dtype)  # (..., L-1, d)
         adapted = torch.einsum("...ld,led->...le", head, self.adapter_weight) + self.adapter_bias
         return torch.cat([adapted, hidden[..., -1:, :]], dim=-2)
 

@@ -324,6 +324,18 @@ def test_t5_loaded_in_float16_keeps_its_float32_mlp_outputs_like_hf(tmp_path):
     torch.testing.assert_close(processed, expected, rtol=0, atol=0)
     out = generate(model, ids, mask, max_new_tokens=6, exit_layer=2)
     assert bool((out.exit_layers[out.new_tokens != PAD] == 2).all())
+    # adapters in the model's float16 on those float32 states (both failed on the dtypes)
+    import calibrate
+    from calibrate.adapters import train_adapters
+
+    tokenizer = _tiny_hf.tiny_tokenizer()
+    train = calibrate.extract(model, tokenizer, ["w1 w2 w3", "w4 w5", "w6"], max_new_tokens=3, store_hidden=True,
+                              progress=False)  # fmt: skip
+    heads = train_adapters(model, train, progress=False)
+    assert heads.adapter_weight.dtype == torch.float16
+    adapted = generate(model, ids, mask, max_new_tokens=6, exit_layer=2, heads=heads)
+    assert not torch.equal(adapted.sequences, out.sequences)  # the adapters were used
+    assert calibrate.extract(model, tokenizer, ["w1 w2 w3"], max_new_tokens=3, heads=heads, progress=False).n_tokens
 
 
 def test_full_model_stops_rows_at_eos_like_hf():

@@ -48,7 +48,7 @@ class _Exits:
     def record(self, run: _Run, i: int, rows: torch.Tensor, h: torch.Tensor) -> None:
         """Rows ``rows`` (local indices) exit at layer ``i`` with states ``h`` ``(m, d)``."""
         self.layer[rows] = i + 1
-        self.state[rows] = run.heads._adapt(h, i)
+        self.state[rows] = run.heads._adapt(h, i).to(self.state.dtype)  # float16 adapters of float32 T5 states
         if self.logits is not None and run.config.exit_layer is None:
             self.logits[rows] = self._pending_logits
 

@@ -128,10 +128,18 @@ def _count_iv(mean_loss, n, tolerance, *, binary: bool) -> tuple[np.ndarray, np.
         )
     if binary and (off := np.abs(total - np.rint(total)) > slack).any():
         bad = float(mean[off].flat[0]) if mean.ndim else float(mean)
+        single = float(np.float32(bad)) == bad and abs(bad * n - round(bad * n)) <= _sum_error(
+            bad * n, _mean_terms(n), float(np.finfo(np.float32).eps)
+        )
         raise ValueError(
             "binomial needs 0/1 losses, so n * mean_loss must be an integer count of failures; "
-            f"got mean_loss={bad!r} ({dtype}) with n={n} (n * mean_loss = {bad * n!r}). For losses in [0, 1] use "
-            "'bentkus' or 'hoeffding_bentkus'."
+            f"got mean_loss={bad!r} ({dtype}) with n={n} (n * mean_loss = {bad * n!r}). "
+            + (
+                "It is a float32 value read as float64 (a tensor's .item()?): pass the float32 tensor or np.float32 "
+                "itself, or a float64 mean."
+                if single and eps == _EPS
+                else "For losses in [0, 1] use 'bentkus' or 'hoeffding_bentkus'."
+            )
         )
     return mean, total, n, tolerance, slack
 
@@ -339,7 +347,8 @@ def bentkus(mean_loss: ArrayLike, n: int, tolerance: float) -> float | np.ndarra
     bound on the rounding error of a mean computed as :func:`numpy.mean` does, ``eps`` that of the mean's type:
     2**-52 for float64, 2**-23 for float32, 2**-7 for a bfloat16 tensor). This lowers the count only when the
     sum exceeds an integer by less than that float error; a mean summed less accurately may count one failure
-    more (a larger p-value). A mean whose error bound reaches half a failure is refused (a float32 mean of
+    more (a larger p-value), as does a float32 mean passed as a Python float (``tensor.item()``: pass the tensor).
+    A mean whose error bound reaches half a failure is refused (a float32 mean of
     10**6 losses, a float64 mean of 2**45). :func:`p_values` takes the sum of the losses directly, compensated,
     so its slack is ``4 * eps * max(1, sum)`` whatever ``n``.
 

@@ -150,6 +150,8 @@ def test_a_mean_of_lower_precision_counts_in_its_precision(dtype):
     assert bounds.bentkus(mean, 100, 0.15) == pytest.approx(_reference_bentkus(7, 100, 0.15), rel=1e-12)
     with pytest.raises(ValueError, match="integer count"):
         bounds.binomial(dtype(0.075) if dtype != "torch" else torch_float32_mean([0.075]), 100, 0.15)
+    with pytest.raises(ValueError, match=r"a float32 value read as float64 \(a tensor's .item\(\)\?\)"):
+        bounds.binomial(float(np.float32(losses.mean())), 100, 0.15)
 
 
 def torch_float32_mean(values):

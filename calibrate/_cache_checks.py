@@ -460,11 +460,13 @@ def _check_table(table: pd.DataFrame, offsets: np.ndarray) -> None:
         raise ValueError("table 'sequences': column 'offset' disagrees with the offsets")
 
 
-def _subset_iv(indices, n: int) -> np.ndarray:
+def _subset_iv(indices, n: int, unit: str = "sequence") -> np.ndarray:
+    """``indices`` (ints or a boolean mask) as distinct int64 indices in ``[0, n)``, naming ``unit`` (a cache's
+    sequences, a loss table's examples) in the messages."""
     idx = np.asarray(indices)
     if idx.dtype == bool:
         if idx.shape != (n,):
-            raise ValueError(f"a boolean mask must have shape (n_sequences,) = ({n},), got {idx.shape}")
+            raise ValueError(f"a boolean mask must have shape (n_{unit}s,) = ({n},), got {idx.shape}")
         idx = np.flatnonzero(idx)
     elif idx.size == 0 and idx.dtype.kind == "f":
         idx = idx.astype(np.int64)
@@ -472,11 +474,12 @@ def _subset_iv(indices, n: int) -> np.ndarray:
         raise TypeError(f"indices must be integers or a boolean mask, got dtype {idx.dtype}")
     idx = idx.astype(np.int64).ravel()
     if idx.size == 0:
-        raise ValueError("indices select no sequence; a cache needs at least one")
+        raise ValueError(f"indices select no {unit}; at least one is needed")
     if idx.min() < 0 or idx.max() >= n:
-        raise ValueError(f"indices must lie in [0, n_sequences={n}), got {idx.min()}..{idx.max()}")
+        raise ValueError(f"indices must lie in [0, n_{unit}s={n}), got {idx.min()}..{idx.max()}")
     if np.unique(idx).size != idx.size:
-        raise ValueError("indices must not repeat a sequence (sequence ids must stay unique)")
+        why = "sequence ids must stay unique" if unit == "sequence" else "a copy would count as another draw"
+        raise ValueError(f"indices must not repeat {'an' if unit[0] in 'aeiou' else 'a'} {unit} ({why})")
     return idx
 
 

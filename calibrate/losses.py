@@ -155,9 +155,26 @@ class LossTable(Rebuilt):
         return _column_sums(np.ascontiguousarray(self.losses, dtype=np.float64)) / self.n
 
     def subset(self, rows: ArrayLike) -> LossTable:
-        """The table restricted to some examples (rows), without ``avg_layers``: those averaged the exit layers
-        of every row's tokens, which the table does not hold per row."""
-        return LossTable(self.losses[rows], self.lambdas, self.mode, self.consistency, None, self.n_layers, self.decay)
+        """The table restricted to some examples, without ``avg_layers``: those averaged the exit layers of every
+        row's tokens, which the table does not hold per row.
+
+        Parameters
+        ----------
+        rows : array_like of int or bool
+            Distinct row indices in ``[0, n)``, or a boolean mask of shape ``(n,)``.
+
+        Raises
+        ------
+        ValueError
+            When ``rows`` repeats a row (a copy would count as another independent draw, certifying what the
+            data do not support), selects none, or lies outside ``[0, n)``.
+        TypeError
+            When ``rows`` is neither integers nor a boolean mask.
+        """
+        from calibrate._cache_checks import _subset_iv
+
+        idx = _subset_iv(rows, self.n, unit="example")
+        return LossTable(self.losses[idx], self.lambdas, self.mode, self.consistency, None, self.n_layers, self.decay)
 
 
 def _losses_iv(losses) -> np.ndarray:

@@ -848,6 +848,12 @@ def test_a_loss_table_subset_drops_the_average_layers_of_rows_it_no_longer_holds
     assert table.avg_layers is not None and part.avg_layers is None  # they were the 200 sequences' averages
     assert calibrate.certify(part, delta=0.9, epsilon=0.1).expected_layers is None
     assert part.n_layers == table.n_layers and np.array_equal(part.losses, table.losses[:20])
+    # Repeated rows counted as independent draws: 60 examples x 20 copies certified what 60 do not support
+    with pytest.raises(ValueError, match=r"must not repeat an example \(a copy would count as another draw\)"):
+        table.subset(np.repeat(np.arange(60), 20))
+    with pytest.raises(ValueError, match=r"must lie in \[0, n_examples=200\), got -1..-1"):
+        table.subset([-1])
+    assert table.subset(np.arange(200) < 20) == part  # a boolean mask
 
 
 def test_a_train_cache_sharing_sequences_of_a_cache_without_text_is_warned_of():

@@ -120,7 +120,7 @@ def softmax_gap(logits: Any, *, axis: int = -1) -> np.ndarray:
     -------
     ndarray, shape (...)
         Gap in ``[0, 1]``; ``0`` when the two best tokens tie. float64 for float64 or integer input,
-        float32 otherwise.
+        float32 otherwise. A NumPy scalar for 1-d logits.
 
     Raises
     ------
@@ -168,7 +168,8 @@ def softmax_max(logits: Any, *, axis: int = -1) -> np.ndarray:
     Returns
     -------
     ndarray, shape (...)
-        ``p_top1`` in ``[1/V, 1]``. float64 for float64 or integer input, float32 otherwise.
+        ``p_top1`` in ``[1/V, 1]``. float64 for float64 or integer input, float32 otherwise. A NumPy scalar
+        for 1-d logits.
 
     Raises
     ------
@@ -209,7 +210,8 @@ def entropy(logits: Any, *, axis: int = -1) -> np.ndarray:
     -------
     ndarray, shape (...)
         ``1 - H(p) / log V`` in ``[0, 1]`` (natural logs): 1 for a one-hot distribution, 0 for the
-        uniform one. float64 for float64 or integer input, float32 otherwise.
+        uniform one. float64 for float64 or integer input, float32 otherwise. A NumPy scalar for 1-d
+        logits.
 
     Raises
     ------
@@ -306,7 +308,7 @@ def _topk_measures(lp: np.ndarray, vocab_size: int | None, names: tuple[str, ...
             pos = rest > 0
             h = h + np.where(pos, -rest * np.log(np.where(pos, rest, 1.0) / (vocab_size - k)), 0.0)
         out["entropy"] = np.clip(1.0 - h / np.log(vocab_size), 0.0, 1.0)
-    return out
+    return {name: np.asarray(value, dtype=np.float64) for name, value in out.items()}  # one distribution: 0-d arrays
 
 
 def from_topk(topk_logprobs: Any, vocab_size: int) -> dict[str, np.ndarray]:
@@ -324,7 +326,8 @@ def from_topk(topk_logprobs: Any, vocab_size: int) -> dict[str, np.ndarray]:
     Returns
     -------
     dict of str to ndarray
-        Keys ``"softmax_gap"``, ``"softmax_max"``, ``"entropy"``; each float64 of shape ``(...)``.
+        Keys ``"softmax_gap"``, ``"softmax_max"``, ``"entropy"``; each a float64 array of shape ``(...)`` (0-d for
+        one distribution).
 
     Raises
     ------

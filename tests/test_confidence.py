@@ -252,6 +252,13 @@ def test_from_topk_k1_gap_is_lower_bound():
     assert (out["softmax_gap"] > 0).any()
 
 
+def test_from_topk_of_one_distribution_gives_0d_float64_arrays():
+    """softmax_max was a 0-d array, softmax_gap and entropy NumPy scalars."""
+    out = from_topk(np.log([0.6, 0.3]), vocab_size=5)
+    assert all(isinstance(v, np.ndarray) and v.shape == () and v.dtype == np.float64 for v in out.values())
+    assert float(out["softmax_gap"]) == pytest.approx(0.3)
+
+
 def test_from_topk_accepts_float32_rounding():
     lp = np.log(np.array([[1.0, 1e-9], [0.5, 0.5]], dtype=np.float32))  # log(1) may round to +tiny
     lp[0, 0] = 3e-8

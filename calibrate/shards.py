@@ -32,7 +32,7 @@ from calibrate._cache_files import (
     _read_vocab,
 )
 from calibrate._storage import Remote, location
-from calibrate._validation import int_at_least
+from calibrate._validation import int_at_least, int_in
 from calibrate.cache import LayerCache, open_cache
 from calibrate.concat import _MAY_DIFFER, _meta_difference, concat_caches
 
@@ -71,7 +71,7 @@ def shard_name(index: int, count: int) -> str:
     >>> [shard_name(i, 3) for i in range(3)]
     ['shard-00000-of-00003', 'shard-00001-of-00003', 'shard-00002-of-00003']
     """
-    return f"shard-{index:05d}-of-{count:05d}"
+    return f"shard-{int_at_least(index, 'index', 0):05d}-of-{int_at_least(count, 'count'):05d}"
 
 
 def parse_shard(spec: str) -> tuple[int, int]:
@@ -134,10 +134,10 @@ def shard_bounds(n: int, index: int, count: int, *, batch_size: int = 1) -> tupl
     Raises
     ------
     TypeError
-        When ``batch_size`` is not an int (a bool or a float included).
+        When ``n``, ``index``, ``count`` or ``batch_size`` is not an int (a bool or a float included).
     ValueError
-        When ``index`` lies outside ``[0, count)``, ``batch_size`` is below 1, or there are fewer batches than
-        shards.
+        When ``index`` lies outside ``[0, count)``, ``n``, ``count`` or ``batch_size`` is below 1, or there are
+        fewer batches than shards.
 
     Examples
     --------
@@ -147,9 +147,8 @@ def shard_bounds(n: int, index: int, count: int, *, batch_size: int = 1) -> tupl
     >>> [shard_bounds(10, i, 2, batch_size=4) for i in range(2)]   # 3 batches: [0, 4), [4, 8), [8, 10)
     [(0, 4), (4, 10)]
     """
-    batch_size = int_at_least(batch_size, "batch_size")
-    if not 0 <= index < count:
-        raise ValueError(f"shard index must lie in [0, {count}), got {index}")
+    n, count, batch_size = int_at_least(n, "n"), int_at_least(count, "count"), int_at_least(batch_size, "batch_size")
+    index = int_in(index, "shard index", 0, count - 1, f" (0-based, of {count} shards)")
     n_batches = -(-n // batch_size)
     if count > n_batches:
         raise ValueError(

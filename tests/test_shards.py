@@ -286,7 +286,8 @@ def test_the_manifest_goes_into_a_directory_made_for_it(tmp_path):
 
 def test_shard_bounds_refuse_an_index_outside_the_shards():
     for index in (-1, 3, 4):  # every shard of 3 exists: shard 3 (or -1) would be an empty or a negative slice
-        with pytest.raises(ValueError, match=rf"shard index must lie in \[0, 3\), got {index}"):
+        rule = r"shard index must be an int in 0..2 \(0-based, of 3 shards\)"
+        with pytest.raises(ValueError, match=rf"{rule}, got {index}$"):
             shard_bounds(10, index, 3)
 
 
@@ -297,6 +298,17 @@ def test_shard_bounds_refuse_a_batch_size_that_is_not_an_int_of_at_least_one(bat
     # 0 divided by zero, -1 gave "-2 batches of -1", 2.5 and True were used as sizes
     with pytest.raises(error, match=rf"^batch_size must be an int >= 1, got {batch_size!r}"):
         shard_bounds(10, 0, 2, batch_size=batch_size)
+
+
+def test_shard_bounds_and_names_refuse_counts_that_are_not_ints():
+    """A float count gave float bounds (prompts[3.0:6.0] failed), a fractional index bounds overlapping the others."""
+    for args, name in (((10, 1, 3.0), "count"), ((10, 1.5, 3), "shard index"), ((10.0, 1, 3), "n")):
+        with pytest.raises(TypeError, match=rf"^{name} must be an int"):
+            shard_bounds(*args)
+    with pytest.raises(TypeError, match="^index must be an int >= 0, got 1.0"):
+        shard_name(1.0, 3)
+    with pytest.raises(ValueError, match="^count must be an int >= 1, got 0"):
+        shard_bounds(10, 0, 0)
 
 
 def test_as_many_shards_as_batches_give_each_shard_one_batch():

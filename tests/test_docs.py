@@ -93,6 +93,22 @@ def test_public_methods_and_properties_have_docstrings():
     assert not missing, f"no docstring: {missing}"
 
 
+@pytest.mark.parametrize("package", ["calibrate.lat", "calibrate.fff", "calibrate.runtime"])
+def test_constants_named_in_exported_docstrings_are_exported_beside_them(package):
+    """lat.fit's options named lat.CLASSIFIER_CONSISTENCIES, which calibrate.lat did not export."""
+    import importlib
+    import re
+
+    module = importlib.import_module(package)
+    missing = set()
+    for name in module.__all__:
+        doc = inspect.getdoc(getattr(module, name)) or ""
+        for target in re.findall(r":data:`~?([A-Za-z_][A-Za-z0-9_]*)`", doc):
+            if not hasattr(module, target):
+                missing.add(f"{name}: {target}")
+    assert not missing, f"{package} does not export: {sorted(missing)}"
+
+
 @pytest.mark.parametrize("page", ["getting_started.md", "concepts.md"])
 def test_page_examples_run(page, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the examples write files

@@ -16,13 +16,14 @@ from calibrate._extras import require
 
 require("calibrate.fff", "hf", ("torch",))  # transformers only for language models, imported there
 
-from calibrate.fff.calibration import apply, at_depth, audit, depth_losses, fff_layers, fit, model_id
+from calibrate.fff.calibration import CONSISTENCIES, apply, at_depth, audit, depth_losses, fff_layers, fit, model_id
 from calibrate.fff.distill import DistillResult, distill, load_blocks, mlp_activations, save_blocks
 from calibrate.fff.layer import ACTIVATIONS, BACKENDS, FFF, fff_forward, fff_reference
 
 __all__ = [
     "ACTIVATIONS",
     "BACKENDS",
+    "CONSISTENCIES",
     "DistillResult",
     "FFF",
     "apply",

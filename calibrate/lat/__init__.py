@@ -19,7 +19,10 @@ from calibrate.lat.schedule import KeepSchedule, LayerCosts, layer_costs
 
 __all__ = [
     "CLASSIFIER_ARCHITECTURES",
+    "CLASSIFIER_CONSISTENCIES",
     "DEFAULT_SPEEDUPS",
+    "DEFAULT_TARGETS",
+    "FINETUNE_ARCHITECTURES",
     "LAT_ARCHITECTURES",
     "SCORES",
     "ClassificationOutput",
@@ -58,9 +61,12 @@ _LAZY = {
     "fit": "calibrate.lat.calibration",
     "finetune": "calibrate.lat.tuning",
     "FinetuneResult": "calibrate.lat.tuning",
+    "DEFAULT_TARGETS": "calibrate.lat.tuning",
+    "FINETUNE_ARCHITECTURES": "calibrate.lat.tuning",
     "audit": "calibrate.lat.calibration",
     "heldout_losses": "calibrate.lat.calibration",
     "DEFAULT_SPEEDUPS": "calibrate.lat.calibration",
+    "CLASSIFIER_CONSISTENCIES": "calibrate.lat.calibration",
 }
 
 

@@ -16,6 +16,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from calibrate._validation import bounded_array, caller_stacklevel, finite_positive, open_interval
+from calibrate.bounds import _COMPENSATED, _column_sums, _sum_error
 
 __all__ = ["conformal_risk_control"]
 
@@ -127,12 +128,17 @@ def conformal_risk_control(losses: ArrayLike, delta: float, *, max_loss: float =
 def _crc_index(arr: np.ndarray, delta: float, max_loss: float = 1.0) -> int | None:
     """:func:`conformal_risk_control` of checked losses, without its warning (a caller that reports it itself).
 
-    The condition is tested as ``sum + B <= delta (n + 1)`` on correctly rounded column sums (``math.fsum``),
-    so that the order of the rows never decides it (a float mean's last bit did, where the adjusted risk
-    equals ``delta``)."""
+    The condition is tested as ``sum + B <= delta (n + 1)`` on correctly rounded column sums, so that the order of
+    the rows never decides it (a float mean's last bit did, where the adjusted risk equals ``delta``): compiled
+    compensated sums (within a few eps of the exact sum) decide every column but those that close to the
+    threshold, which ``math.fsum`` sums again (it alone took 100 times as long)."""
     n = arr.shape[0]
-    sums = np.array([math.fsum(column) for column in arr.T.tolist()])
-    ok = sums + max_loss <= delta * (n + 1)
+    sums = _column_sums(np.ascontiguousarray(arr, dtype=np.float64))
+    threshold = delta * (n + 1)
+    near = np.abs(sums + max_loss - threshold) <= 4 * _sum_error(sums + max_loss, _COMPENSATED)
+    for j in np.flatnonzero(near):
+        sums[j] = math.fsum(arr[:, j])
+    ok = sums + max_loss <= threshold
     if not ok[0]:
         return None
     return int(np.argmin(ok)) - 1 if not ok.all() else ok.size - 1

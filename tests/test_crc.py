@@ -8,6 +8,7 @@ lambda qualifies it returns the first lambda with a warning, where we return ``N
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
@@ -119,6 +120,22 @@ def test_the_order_of_the_rows_never_decides():
     rng = np.random.default_rng(0)
     found = {conformal_risk_control(losses[rng.permutation(99)], 0.05) for _ in range(300)}
     assert found == {1}
+
+
+def test_the_rule_on_exactly_rounded_sums_whatever_the_summation():
+    """Compiled sums decide the columns far from the threshold, math.fsum those near it: the rule of
+    math.fsum sums everywhere, on tables whose delta is exactly some column's adjusted risk."""
+    rng = np.random.default_rng(3)
+    for _ in range(300):
+        n, k = int(rng.integers(1, 80)), int(rng.integers(1, 7))
+        losses = np.sort(rng.choice([0.0, 0.1, 1 / 3, 0.7, 1.0], size=(n, k)), axis=1)
+        sums = np.array([math.fsum(column) for column in losses.T])
+        delta = float(np.clip(rng.choice((sums + 1) / (n + 1)), 1e-3, 1 - 1e-3))
+        ok = sums + 1 <= delta * (n + 1)
+        expected = None if not ok[0] else (k - 1 if ok.all() else int(np.argmin(ok)) - 1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # non-monotone columns are warned of; the rule is the same
+            assert conformal_risk_control(losses, delta) == expected
 
 
 def test_tie_is_accepted_as_in_the_paper():

@@ -188,7 +188,7 @@ class ChunkedCache:
 
     def load(self, first: int, stop: int) -> LayerCache:
         """Sequences ``[first, stop)`` as an in-memory :class:`~calibrate.LayerCache` (values checked)."""
-        return self._load(first, stop, self._table.iloc[first:stop], tuple(self._array_specs()))
+        return self._load(first, stop, self._table.iloc[first:stop], tuple(self._array_specs()), vocab=self._vocab())
 
     def take(self, indices: ArrayLike) -> LayerCache:
         """Some sequences, in increasing order, as one in-memory :class:`~calibrate.LayerCache`.
@@ -260,10 +260,12 @@ class ChunkedCache:
 
         return tuple(self.take(part) for part in _split_indices(self.n_sequences, fractions, seed=seed))
 
-    def _load(self, first: int, stop: int, table: pd.DataFrame, fields: tuple[str, ...], keep=None):
+    def _load(self, first: int, stop: int, table: pd.DataFrame, fields: tuple[str, ...], keep=None, *, vocab=None):
         """:meth:`load` of some arrays only, with the sequences' rows of the table given (a task gets its rows).
 
         ``keep``: the sequences to keep, as sorted indices from ``first`` (``table`` holds only their rows).
+        ``vocab``: the part's vocab (:meth:`_vocab`, read once by the caller: reading and hashing it per part cost
+        more than a token loss), or None where it is not used.
         """
         from calibrate.cache import LayerCache, _token_rows
 
@@ -285,7 +287,7 @@ class ChunkedCache:
         arrays = _read_part(root, specs, first, stop, lo - base, hi - base, checksum, vocab_size, rows)
         table = table.reset_index(drop=True)
         table["offset"] = offsets[:-1]  # the part's own token offsets, as its arrays are sliced
-        return LayerCache._trusted(table, arrays, offsets, int(self._meta["vocab_size"]), self._meta, self._vocab())
+        return LayerCache._trusted(table, arrays, offsets, int(self._meta["vocab_size"]), self._meta, vocab)
 
     def _array_specs(self) -> dict:
         return {name: spec for name, spec in self._meta["fields"].items() if spec.get("kind") == "array"}
@@ -389,8 +391,10 @@ class ChunkedCache:
             except (TypeError, ValueError) as exc:
                 raise type(exc)(f"sequences: {exc}") from exc
         _consistency_iv(consistency, self._table.iloc[idx])  # here, not once per task on the workers
+        vocab = None  # read and checked once, here; one copy per worker; token losses read none
         if consistency not in _TOKEN_LEVEL:  # here: the workers' parts carry no output texts
-            _text_iv(self._vocab(), self._table.iloc[idx], consistency, decode)
+            _text_iv(vocab := self._vocab(), self._table.iloc[idx], consistency, decode)
+            vocab = None if vocab is None else dask.delayed(vocab, pure=True, traverse=False)
         # One copy per worker of everything but the table; each task gets its own rows of the columns it reads.
         cache = dask.delayed(dataclasses.replace(self, _table=self._table.iloc[:0]), pure=True, traverse=False)
         state = None if measure_state is None else dask.delayed(measure_state, pure=True, traverse=False)
@@ -406,7 +410,8 @@ class ChunkedCache:
             rows = self._table.iloc[a:b].iloc[keep][columns]
             tasks.append(
                 dask.delayed(_partition_losses, pure=True)(
-                    cache, a, b, rows, fields, measure, consistency, lam, decay, None if whole else keep, state, decode
+                    cache, a, b, rows, fields, measure, consistency, lam, decay, None if whole else keep, state, decode,
+                    vocab,
                 )
             )
         bar = tqdm(total=len(tasks), desc=f"{consistency} losses", unit="partition", disable=not progress)
@@ -475,20 +480,21 @@ def _columns_for(consistency: str) -> list[str]:
 
 
 def _partition_losses(
-    cache: ChunkedCache, first, stop, rows, fields, measure, consistency, lam, decay, keep, state, decode
+    cache: ChunkedCache, first, stop, rows, fields, measure, consistency, lam, decay, keep, state, decode, vocab
 ):
     """One partition's losses ``(n_p, K)`` and per-lambda sums of exit layers ``(K,)`` (integers); ``(None,
     ids)`` where a textual loss without ``decode`` would join the vocab pieces of partial characters ``ids``.
 
     ``rows`` holds only the table columns of :func:`_columns_for` for the sequences ``keep`` (sorted indices
     from ``first``; None: all): the partition's cache is internal to the task. ``state``: a learned
-    measure's JSON state, or None.
+    measure's JSON state, or None. ``vocab``: the cache's vocab as the client read and checked it (None for a
+    token-level loss).
     """
     from calibrate.losses import _TOKEN_LEVEL, _partial_piece_ids, proxy_losses
     from measures.confidence import confidence
     from measures.learned import measure_from_state
 
-    part = cache._load(first, stop, rows, fields, keep)
+    part = cache._load(first, stop, rows, fields, keep, vocab=vocab)
     if decode is None and consistency not in _TOKEN_LEVEL and part.vocab is not None:
         found = _partial_piece_ids(part.vocab, np.asarray(part.arrays["topk_ids"])[:, :, 0])
         if found.size:  # the client names every partition's ids at once (an error here would be retried)

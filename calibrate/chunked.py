@@ -401,6 +401,12 @@ class ChunkedCache:
         if decode is not None:  # one copy per worker (a tokenizer's decode pickles to megabytes), not one per task
             decode = dask.delayed(decode, pure=True, traverse=False)
         columns, fields = _columns_for(consistency), self._fields_for(measure)
+        if measure_state is not None:  # its checks (layers, widths) on one sequence here, not in every retried task
+            from measures.learned import measure_from_state
+
+            first = int(idx[0])
+            probe = self._load(first, first + 1, self._table.iloc[first : first + 1], fields)
+            measure_from_state(measure, measure_state).predict_confidence(probe)
         tasks = []
         for a, b in self.partitions:
             keep = idx[(idx >= a) & (idx < b)] - a

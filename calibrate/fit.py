@@ -228,13 +228,23 @@ def _learned_measure(cache, vocab, measure, consistency, decode, train_fraction,
 
 def _features_iv(measure: str, options, train_cache, cache) -> None:
     """Before training on a separate ``train_cache``: refuse a measure whose features (as ``train_cache`` resolves
-    them) the calibration ``cache`` lacks; it failed after the training, naming a ``features`` never passed."""
+    them) the calibration ``cache`` lacks (it failed after the training, naming a ``features`` never passed) or
+    has in another shape (on Dask, each partition's task failed and was retried)."""
     from measures.classifier import _resolve_features
 
     classifier = measure == "classifier"
     features = _resolve_features(train_cache, (options or {}).get("features", "auto")) if classifier else "hidden"
     field = "hidden" if features == "hidden" else "topk_logprobs"
     if cache.has(field):
+        trained, scored = _token_shape(train_cache, field), _token_shape(cache, field)
+        if field == "topk_logprobs":  # the entropy feature's normaliser
+            trained, scored = (*trained, train_cache.vocab_size), (*scored, cache.vocab_size)
+        if trained != scored:
+            what = "(layers, hidden size)" if field == "hidden" else "(layers, top_k) and vocab_size"
+            raise ValueError(
+                f"train_cache's {field!r} features have {what} {trained}, the calibration cache's {scored}: a "
+                f"measure trained on them could not score the calibration cache (it failed after the training)"
+            )
         return
     if field == "topk_logprobs":
         advice = "extract it with calibrate.extract, which stores them"
@@ -244,6 +254,12 @@ def _features_iv(measure: str, options, train_cache, cache) -> None:
         f"measure={measure!r} scores {field!r} features (as train_cache has them), which the calibration cache "
         f"lacks: {advice}"
     )
+
+
+def _token_shape(cache, field: str) -> tuple[int, ...]:
+    """The shape of one token's ``field`` in a cache, in memory or chunked (read from its metadata)."""
+    specs = getattr(cache, "_array_specs", None)
+    return tuple(specs()[field]["shape"][1:]) if specs is not None else tuple(cache.arrays[field].shape[1:])
 
 
 #: The ``measure_state`` of a state saturation computed from a cache's float16 hidden states (not stored).

@@ -650,3 +650,23 @@ def test_the_vocab_is_read_once_per_fit_and_not_for_token_losses(saved, monkeypa
     kwargs = dict(delta=0.3, epsilon=0.1, consistency="rouge_l")
     assert calibrate.fit(lazy, **kwargs) == calibrate.fit(cache, **kwargs)
     assert len(reads) == 1 and len(lazy.partitions) == 12
+
+
+def test_a_learned_measure_of_other_widths_is_refused_before_any_training_or_task(monkeypatch, tmp_path):
+    """A classifier trained on hidden size 8 for a cache of 16: in memory the error came after the training, on
+    Dask from every partition's task, each retried."""
+    import calibrate.chunked as chunked
+    import measures.learned
+    from measures.learned import train_measure
+
+    cal = calibrate.synthetic_cache(60, n_layers=4, hidden_size=16, seed=1)
+    train = calibrate.synthetic_cache(60, n_layers=4, hidden_size=8, seed=2, first_id=1000)
+    with monkeypatch.context() as m:
+        m.setattr(measures.learned, "train_measure", lambda *a, **k: pytest.fail("trained before the check"))
+        with pytest.raises(ValueError, match=r"'hidden' features have \(layers, hidden size\) \(4, 8\), the calib"):
+            calibrate.fit(cal, measure="classifier", train_cache=train, progress=False)
+    state = train_measure("classifier", train, seed=0).to_dict()
+    path = cal.save(tmp_path / "cache")
+    monkeypatch.setattr(chunked, "_partition_losses", lambda *a: pytest.fail("a task ran before the check"))
+    with pytest.raises(ValueError, match="the cache's hidden size is 16 but the classifier was fitted on 8"):
+        calibrate.open_cache(path, chunks=10).loss_table(measure="classifier", measure_state=state)

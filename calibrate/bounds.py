@@ -115,9 +115,12 @@ def _count_iv(mean_loss, n, tolerance, *, binary: bool) -> tuple[np.ndarray, np.
     mean, n, tolerance = _mean_bound_iv(mean_loss, n, tolerance)
     total, eps = mean * n, _precision(mean_loss)
     # A float64 mean of 0/1 losses is the count up to rounding the mean and the product, a few eps (the slack of
-    # a compensated sum; 100 * 0.07 is 7.000000000000001); a mean in another precision, or of fractions, is
-    # within the error of a mean computed as NumPy does (_mean_terms) in its precision.
-    slack = _sum_error(total, _COMPENSATED if binary and eps == _EPS else _mean_terms(n), eps)
+    # a compensated sum; 100 * 0.07 is 7.000000000000001); a float64 mean of fractions or a float32 mean is within
+    # the error of a mean computed as NumPy does (_mean_terms) in its precision; a half-precision mean (float16,
+    # bfloat16) is one rounding of a mean accumulated in float32, as NumPy and torch compute it (2 eps).
+    half = eps >= float(np.finfo(np.float16).eps)
+    terms = 0 if half else _COMPENSATED if binary and eps == _EPS else _mean_terms(n)
+    slack = _sum_error(total, terms, eps)
     dtype = "bfloat16" if eps == 2.0**-7 else as_numpy(mean_loss).dtype
     if slack.size and slack.max() >= 0.5:
         raise ValueError(
@@ -345,7 +348,8 @@ def bentkus(mean_loss: ArrayLike, n: int, tolerance: float) -> float | np.ndarra
     losses ``n * mean_loss``; to keep float error from adding one (``100 * 0.07`` is
     ``7.000000000000001``), the ceiling is taken of ``count - (18 + n.bit_length()) * eps * max(1, count)`` (a
     bound on the rounding error of a mean computed as :func:`numpy.mean` does, ``eps`` that of the mean's type:
-    2**-52 for float64, 2**-23 for float32, 2**-7 for a bfloat16 tensor). This lowers the count only when the
+    2**-52 for float64, 2**-23 for float32; for a float16 mean or a bfloat16 tensor, accumulated in float32 and
+    rounded once, ``2 * eps * max(1, count)``, eps 2**-10 or 2**-7). This lowers the count only when the
     sum exceeds an integer by less than that float error; a mean summed less accurately may count one failure
     more (a larger p-value), as does a float32 mean passed as a Python float (``tensor.item()``: pass the tensor).
     A mean whose error bound reaches half a failure is refused (a float32 mean of

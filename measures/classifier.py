@@ -283,6 +283,7 @@ class ExitClassifier:
     >>> T, L, d = 400, 3, 4
     >>> hidden = rng.normal(size=(T, L, d))
     >>> top1 = np.where(hidden[:, :, 0] > 0, 0, 1)                 # agree iff feature 0 is positive
+    >>> top1[:, -1] = 0                                              # the last layer's is the full token
     >>> cache = LayerCache.from_arrays(full_tokens=np.zeros(T, dtype=int),
     ...                                topk_ids=np.stack([top1, top1 + 2], axis=-1),
     ...                                hidden=hidden, lengths=[10] * 40, vocab_size=10)

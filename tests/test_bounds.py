@@ -139,17 +139,21 @@ def test_a_mean_that_cannot_give_the_count_is_refused(fn):
     assert fn(1.0, 2**40, 1 - 2**-40) == 1.0
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float16, "torch"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, "torch", "torch_bfloat16"])
 def test_a_mean_of_lower_precision_counts_in_its_precision(dtype):
     """The float32 mean of 7 losses of 1 among 100 is 0.07000000029802322: binomial refused it ("needs 0/1
     losses"), bentkus counted 8 failures (p 0.075 for 0.033)."""
     losses = np.array([1.0] * 7 + [0.0] * 93)
-    mean = torch_float32_mean(losses) if dtype == "torch" else dtype(losses.mean())
+    if dtype == "torch_bfloat16":  # a bfloat16 tensor's mean: accumulated in float32, rounded once
+        torch = pytest.importorskip("torch")
+        mean = torch.tensor(losses, dtype=torch.bfloat16).mean()
+    else:
+        mean = torch_float32_mean(losses) if dtype == "torch" else dtype(losses.mean())
     assert float(mean) != 0.07
     assert bounds.binomial(mean, 100, 0.15) == pytest.approx(stats.binom.cdf(7, 100, 0.15), rel=1e-12)
     assert bounds.bentkus(mean, 100, 0.15) == pytest.approx(_reference_bentkus(7, 100, 0.15), rel=1e-12)
     with pytest.raises(ValueError, match="integer count"):
-        bounds.binomial(dtype(0.075) if dtype != "torch" else torch_float32_mean([0.075]), 100, 0.15)
+        bounds.binomial(dtype(0.075) if isinstance(dtype, type) else torch_float32_mean([0.075]), 100, 0.15)
     with pytest.raises(ValueError, match=r"a float32 value read as float64 \(a tensor's .item\(\)\?\)"):
         bounds.binomial(float(np.float32(losses.mean())), 100, 0.15)
 

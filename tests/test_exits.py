@@ -311,7 +311,9 @@ def test_tensors_from_a_model_serve_as_confidences_losses_and_thresholds():
     np.testing.assert_array_equal(bounds.p_values(losses, 0.3), bounds.p_values(losses.detach().float().numpy(), 0.3))
     means = torch.tensor([0.1, 0.2], dtype=torch.bfloat16, requires_grad=True)
     plain = means.detach().float().numpy()
-    np.testing.assert_array_equal(bounds.hoeffding_bentkus(means, 100, 0.3), bounds.hoeffding_bentkus(plain, 100, 0.3))
+    np.testing.assert_array_equal(bounds.hoeffding_kl(means, 100, 0.3), bounds.hoeffding_kl(plain, 100, 0.3))
+    # bfloat16 rounds 0.1 to 0.10009765625: read in its precision, 10 failures of 100 (its float32 value: 11)
+    np.testing.assert_array_equal(bounds.bentkus(means, 100, 0.3), bounds.bentkus([0.1, 0.2], 100, 0.3))
     assert certify(table, lam, delta=0.3) == certify(table, delta=0.3)  # the table's own grid, as a tensor
 
 

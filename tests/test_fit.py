@@ -315,6 +315,7 @@ def test_textual_losses_hold_one_sequence_of_texts_at_a_time(cache, metric, monk
     )
 
 
+@pytest.mark.filterwarnings("ignore:the last layer's top-1 differs from full_tokens")  # on purpose
 def test_last_layer_is_the_full_model_for_every_loss():
     # a cache whose last layer's stored top-1 disagrees with the full-model token
     vocab = [f" w{i}" for i in range(10)]

@@ -443,12 +443,6 @@ def _check_values(arrays, vocab_size: int) -> None:
             if a.min() < lo - _SCORE_TOL or a.max() > hi + _SCORE_TOL:
                 bad = _first(np.flatnonzero(((a < lo - _SCORE_TOL) | (a > hi + _SCORE_TOL)).ravel()), a.shape)
                 raise ValueError(f"array {name!r} must lie in [{lo}, {hi}], got {a[bad]} at index {bad}")
-        if name == "state_saturation" and a.size and (a[:, 0] != 0).any():
-            t = int(np.flatnonzero(a[:, 0] != 0)[0])
-            raise ValueError(  # the runtime scores layer 1 as 0: a certificate would count exits it never makes
-                f"array 'state_saturation' must be 0 at layer 1 (it has no predecessor layer), got {a[t, 0]} at token "
-                f"{t}: a cosine of layer 1 with hidden_states[0], the embedding output, is no layer's saturation"
-            )
 
 
 def _check_table(table: pd.DataFrame, offsets: np.ndarray) -> None:

@@ -92,13 +92,14 @@ def _mean_bound_iv(mean_loss, n, tolerance) -> tuple[np.ndarray, int, float]:
     return mean, _n_iv(n), _tolerance_iv(tolerance)
 
 
-def _precision(mean_loss) -> float:
-    """Relative precision of ``mean_loss`` as passed: the eps of its float type (a bfloat16 tensor's ``2**-7``),
-    float64's for float64 and exact types (integers, bools)."""
+def _precision(mean_loss) -> tuple[float, float]:
+    """Precision of ``mean_loss`` as passed: the eps of its float type and its smallest subnormal step (a bfloat16
+    tensor's ``2**-7`` and ``2**-133``), float64's for float64 and exact types (integers, bools)."""
     if str(getattr(mean_loss, "dtype", "")) == "torch.bfloat16":
-        return 2.0**-7
+        return 2.0**-7, 2.0**-133
     dtype = as_numpy(mean_loss).dtype
-    return float(np.finfo(dtype).eps) if dtype.kind == "f" and dtype.itemsize < 8 else _EPS
+    info = np.finfo(dtype if dtype.kind == "f" and dtype.itemsize < 8 else np.float64)
+    return float(info.eps), float(info.smallest_subnormal)
 
 
 def _count_iv(mean_loss, n, tolerance, *, binary: bool) -> tuple[np.ndarray, np.ndarray, int, float, float]:
@@ -113,14 +114,14 @@ def _count_iv(mean_loss, n, tolerance, *, binary: bool) -> tuple[np.ndarray, np.
         no count can be read from the mean. For ``binary``, where ``total`` is no integer up to ``slack``.
     """
     mean, n, tolerance = _mean_bound_iv(mean_loss, n, tolerance)
-    total, eps = mean * n, _precision(mean_loss)
+    total, (eps, tiny) = mean * n, _precision(mean_loss)
     # A float64 mean of 0/1 losses is the count up to rounding the mean and the product, a few eps (the slack of
     # a compensated sum; 100 * 0.07 is 7.000000000000001); a float64 mean of fractions or a float32 mean is within
     # the error of a mean computed as NumPy does (_mean_terms) in its precision; a half-precision mean (float16,
     # bfloat16) is one rounding of a mean accumulated in float32, as NumPy and torch compute it (2 eps).
     half = eps >= float(np.finfo(np.float16).eps)
     terms = 0 if half else _COMPENSATED if binary and eps == _EPS else _mean_terms(n)
-    slack = _sum_error(total, terms, eps)
+    slack = _sum_error(total, terms, eps) + n * tiny / 2  # a subnormal mean's rounding is absolute
     dtype = "bfloat16" if eps == 2.0**-7 else as_numpy(mean_loss).dtype
     if slack.size and slack.max() >= 0.5:
         raise ValueError(

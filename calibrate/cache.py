@@ -85,6 +85,7 @@ from calibrate._cache_files import (
 )
 from calibrate._storage import Remote
 from calibrate._validation import caller_stacklevel
+from measures.confidence import _saturation_layer1_iv
 
 if TYPE_CHECKING:
     from calibrate.chunked import ChunkedCache
@@ -241,7 +242,8 @@ class LayerCache:
         Parameters
         ----------
         full_tokens : array-like of int, shape (n_tokens,)
-            Full-model token at each generated position, sequences concatenated.
+            Full-model token at each generated position, sequences concatenated: the greedy token, the last
+            layer's top-1 except where the generation config processes logits.
         topk_ids : array-like of int, shape (n_tokens, n_layers, top_k)
             Each layer's top-k token ids, best first, distinct along the last axis.
         topk_logprobs : array-like of float, shape (n_tokens, n_layers, top_k), optional
@@ -291,7 +293,13 @@ class LayerCache:
             When an input has the wrong kind (floats for ids, non-str texts, non-JSON meta).
         ValueError
             When shapes disagree, values are out of range, NaN or infinite, or there is no sequence;
-            the message names the parameter.
+            the message names the parameter. When a stored ``state_saturation`` score is not 0 at layer 1.
+
+        Warns
+        -----
+        UserWarning
+            When the last layer's top-1 differs from ``full_tokens`` at more than 5% of tokens (the layer axis
+            reversed or shifted by ``hidden_states[0]``, another head's top-k).
 
         Examples
         --------
@@ -323,6 +331,8 @@ class LayerCache:
             model=model,
             meta=meta,
         )
+        if "state_saturation" in cache.arrays:  # refused for new caches; saved ones open, and refuse it when used
+            _saturation_layer1_iv(cache.arrays["state_saturation"])
         _last_layer_warning(cache)
         return cache
 

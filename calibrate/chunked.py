@@ -370,6 +370,7 @@ class ChunkedCache:
         from calibrate.exits import _lambdas_iv, default_lambdas
         from calibrate.fit import _measure_iv
         from calibrate.losses import _TOKEN_LEVEL, LossTable, _consistency_iv, _partial_pieces_iv, _text_iv
+        from measures.confidence import confidence
 
         _measure_iv(measure, self._array_specs())
         if (measure in LEARNED_MEASURES) != (measure_state is not None):
@@ -401,11 +402,15 @@ class ChunkedCache:
         if decode is not None:  # one copy per worker (a tokenizer's decode pickles to megabytes), not one per task
             decode = dask.delayed(decode, pure=True, traverse=False)
         columns, fields = _columns_for(consistency), self._fields_for(measure)
-        if measure_state is not None:  # its checks (layers, widths) on one sequence here, not in every retried task
+        # The measure's checks (a learned one's layers and widths, a stored score's values) on one sequence here,
+        # not in every task (each retried)
+        first = int(idx[0])
+        probe = self._load(first, first + 1, self._table.iloc[first : first + 1], fields)
+        if measure_state is None:
+            confidence(probe, measure)
+        else:
             from measures.learned import measure_from_state
 
-            first = int(idx[0])
-            probe = self._load(first, first + 1, self._table.iloc[first : first + 1], fields)
             measure_from_state(measure, measure_state).predict_confidence(probe)
         tasks = []
         for a, b in self.partitions:

@@ -597,7 +597,7 @@ def _proxy_table(
     A learned measure trains on ``train_cache`` or else on a seeded split, and the table holds only the
     other sequences.
     """
-    from measures.confidence import confidence
+    from measures.confidence import _saturation_layer1_iv, confidence
 
     _measure_iv(measure, cache.arrays)
     seed_iv(seed)
@@ -613,6 +613,8 @@ def _proxy_table(
         measure_state = learned.to_dict()
     elif cache.has(measure):  # stored: float32 (n_tokens, n_layers), checked finite when the cache was built
         conf = cache.arrays[measure]
+        if measure == "state_saturation":  # refused here, where it is used: the cache opens for other measures
+            _saturation_layer1_iv(conf)
     else:
         conf = confidence(cache, measure)
         measure_state = _source_state(cache, measure)

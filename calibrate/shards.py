@@ -65,6 +65,13 @@ def shard_name(index: int, count: int) -> str:
     str
         ``shard-<index>-of-<count>``, both zero-padded to five digits.
 
+    Raises
+    ------
+    TypeError
+        When ``index`` or ``count`` is not an int.
+    ValueError
+        When ``index`` is negative or ``count`` below 1.
+
     Examples
     --------
     >>> from calibrate.shards import shard_name

@@ -471,6 +471,23 @@ def _cache_iv(cache: Any, name: str = "cache") -> None:
         )
 
 
+def _saturation_layer1_iv(saturation: np.ndarray) -> None:
+    """Refuse a stored state saturation ``(n_tokens, L)`` that is not 0 at layer 1.
+
+    Layer 1 has no predecessor layer: its saturation is 0 (never exit there), as the runtime scores it. A cosine
+    of layer 1 with ``hidden_states[0]`` (the embedding output) would certify exits the runtime never makes.
+    """
+    column = np.asarray(saturation)[:, 0]
+    if column.size and (column != 0).any():
+        t = int(np.flatnonzero(column != 0)[0])
+        raise ValueError(
+            f"the stored 'state_saturation' must be 0 at layer 1 (it has no predecessor layer), got {column[t]} at "
+            f"token {t}: a cosine of layer 1 with hidden_states[0], the embedding output, is no layer's saturation. "
+            "Store measures.confidence.state_saturation(hidden) of the L layer outputs, or this score under another "
+            "name"
+        )
+
+
 def _confidence_iv(cache: Any, measure: Any, classifier: Any) -> tuple[str, Any]:
     allowed = MEASURES + ("classifier",)
     if isinstance(measure, str) and measure.startswith("halting_"):
@@ -579,6 +596,8 @@ def confidence(cache: Any, measure: str, *, classifier: Any = None) -> np.ndarra
         out = np.asarray(cache_array(cache, measure, n_tokens), dtype=np.float32)
         if not np.isfinite(out).all():
             raise ValueError(f"cache array {measure!r} must be finite (no NaN or inf)")
+        if measure == "state_saturation":
+            _saturation_layer1_iv(out)
         return out
     if measure == "state_saturation":
         hidden = arrays.get("hidden")

@@ -158,6 +158,17 @@ def test_a_mean_of_lower_precision_counts_in_its_precision(dtype):
         bounds.binomial(float(np.float32(losses.mean())), 100, 0.15)
 
 
+def test_a_subnormal_half_precision_mean_counts_with_its_absolute_rounding():
+    """One failure in 500,000 as a float16 mean is 2.03e-06, a subnormal (n * mean = 1.0133): binomial refused it
+    as 'no 0/1 losses'; a subnormal mean that cannot give the count (1 in 2**25 rounds to 0) is refused."""
+    losses = np.zeros(500_000, dtype=np.float16)
+    losses[0] = 1
+    assert bounds.binomial(losses.mean(), 500_000, 0.1) == stats.binom.cdf(1, 500_000, 0.1)
+    assert bounds.bentkus(losses.mean(), 500_000, 0.1) == pytest.approx(_reference_bentkus(1, 500_000, 0.1))
+    with pytest.raises(ValueError, match="a float16 mean_loss of n=33554432 losses cannot give the count"):
+        bounds.bentkus(np.float16(1 / 2**25), 2**25, 0.1)
+
+
 def torch_float32_mean(values):
     torch = pytest.importorskip("torch")
     return torch.tensor(values, dtype=torch.float32).mean()

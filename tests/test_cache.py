@@ -76,6 +76,22 @@ def test_a_last_layer_that_is_not_the_full_model_is_warned_of():
         LayerCache.from_arrays(**{**raw, "full_tokens": few})
 
 
+def test_a_saved_cache_with_a_wrong_layer1_saturation_opens_and_refuses_that_measure(tmp_path, monkeypatch):
+    """The layer-1 check refused the whole saved cache on opening (every other measure lost with it); it refuses
+    new caches and the measure where it is used."""
+    raw = _arrays(lengths=(8, 7, 8, 6))
+    raw["scores"] = {**raw["scores"], "state_saturation": np.full((29, 3), 0.5)}  # cos with hidden_states[0]
+    path = cache_module._from_arrays(copy=True, **raw).save(tmp_path / "cache")  # as an older version saved it
+    for opened in (open_cache(path), open_cache(path, chunks=2)):
+        calibrate.fit(opened, delta=0.5, epsilon=0.1, measure="softmax_gap", progress=False)
+    import calibrate.chunked as chunked
+
+    monkeypatch.setattr(chunked, "_partition_losses", lambda *a: pytest.fail("a task ran before the check"))
+    for opened in (open_cache(path), open_cache(path, chunks=2)):
+        with pytest.raises(ValueError, match=r"stored 'state_saturation' must be 0 at layer 1 .* under another name"):
+            calibrate.fit(opened, delta=0.5, epsilon=0.1, measure="state_saturation", progress=False)
+
+
 def test_pickled_and_copied_caches_stay_read_only_and_equal(cache):
     """Unpickled arrays were writable: an edit then saved a cache under the old checksum, which open_cache refused."""
     import copy

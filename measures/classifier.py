@@ -149,6 +149,25 @@ def _standardize(x: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.ndarr
     return (x - mean.astype(np.float32)) / scale.astype(np.float32)
 
 
+#: Largest magnitude of a loaded linear model's coefficients and intercepts: float64 products with standardised
+#: float32 features stay finite (trained values are of order 1 to 100).
+_COEF_MAX = 1e30
+
+
+def _linear_state_iv(arrays: dict[str, np.ndarray], where: str) -> None:
+    """Refuse a loaded linear model (``mean``, ``scale``, ``coef``, optional ``intercept``, finite float64) that
+    scores NaN or saturates: ``mean`` and ``scale`` are used in float32 (:func:`_standardize`), where 1e300
+    overflows and a scale of 1e-50 is 0."""
+    for key in ("mean", "scale"):
+        if not np.isfinite(arrays[key].astype(np.float32)).all():
+            raise ValueError(f"{where}[{key!r}] must be finite in float32 (magnitude below 3.4e38)")
+    if (arrays["scale"].astype(np.float32) <= 0).any():
+        raise ValueError(f"{where}['scale'] must be > 0 in float32 (at least 1.4e-45)")
+    for key in ("coef", "intercept"):
+        if key in arrays and np.abs(arrays[key]).max(initial=0.0) > _COEF_MAX:
+            raise ValueError(f"{where}[{key!r}] must have magnitudes up to {_COEF_MAX:g}")
+
+
 @dataclass(frozen=True)
 class _LayerModel:
     """One layer's head: a constant probability, or a logistic model on standardised features."""
@@ -591,11 +610,10 @@ def _from_dict_iv(state: Any) -> tuple[list[_LayerModel], dict[str, Any], dict[s
             if arr.shape != (n_features,) or not np.isfinite(arr).all():
                 raise ValueError(f"{where}[{key!r}] must be {n_features} finite numbers, got {value!r:.80}")
             arrays[key] = arr
-        if (arrays["scale"] <= 0).any():
-            raise ValueError(f"{where}['scale'] must be > 0")
         intercept = need(entry, "intercept", (int, float), where)
         if not (abs(intercept) <= _FLOAT_MAX):  # NaN, inf, or an int beyond the float range
             raise ValueError(f"{where}['intercept'] must be a finite float, got {intercept!r:.40}")
+        _linear_state_iv({**arrays, "intercept": np.array([float(intercept)])}, where)
         layers.append(_LayerModel(n_train, n_pos, intercept=float(intercept), **arrays))
     kwargs = dict(
         features=features,

@@ -30,7 +30,7 @@ import numpy as np
 from scipy.special import expit, log_softmax, softmax
 
 from measures._callers import caller_stacklevel
-from measures.classifier import _layer_features, _standardize
+from measures.classifier import _layer_features, _linear_state_iv, _standardize
 from measures.confidence import _cache_iv, state_saturation
 from measures.oracles import _OPTIONS, CONSISTENCY_RULES, ORACLES, _penalty_iv, oracle_depths, smooth_oracle
 
@@ -94,8 +94,7 @@ class _Linear:
             if arr.shape != shape or not np.isfinite(arr).all():
                 raise ValueError(f"{where}[{key!r}] must be finite numbers of shape {shape}, got shape {arr.shape}")
             arrays[key] = arr
-        if (arrays["scale"] <= 0).any():
-            raise ValueError(f"{where}['scale'] must be > 0")
+        _linear_state_iv(arrays, where)
         return cls(**arrays)
 
 

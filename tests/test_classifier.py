@@ -389,6 +389,10 @@ def test_from_dict_refuses_more_bad_states():
         (dict(state, layers=[None] + state["layers"][1:]), r"state\['layers'\]\[0\] must be a dict, got NoneType"),
         (with_layer(constant=1.5), r"state\['layers'\]\[0\]\['constant'\] must be a probability in \[0, 1\]"),
         (with_layer(scale=[1.0] * D + [0.0]), r"state\['layers'\]\[0\]\['scale'\] must be > 0"),
+        # finite in float64 but not in the float32 scoring: 0 or inf there, NaN confidences (a tampered state)
+        (with_layer(scale=[1.0] * D + [1e-50]), r"\['scale'\] must be > 0 in float32"),
+        (with_layer(mean=[1e300] * (D + 1)), r"\['mean'\] must be finite in float32"),
+        (with_layer(coef=[1e308] * (D + 1)), r"\['coef'\] must have magnitudes up to 1e\+30"),
         (with_layer(intercept=float("inf")), r"state\['layers'\]\[0\]\['intercept'\] must be a finite float"),
         # beyond the float range (JSON holds any integer): a numpy TypeError and an OverflowError
         (with_layer(intercept=10**400), r"state\['layers'\]\[0\]\['intercept'\] must be a finite float, got 10{39}$"),

@@ -239,6 +239,8 @@ def test_from_dict_rejects_more_bad_states():
         ({"models": [{**model, "intercept": [float("nan")] * 4}]}, r"\['intercept'\] must be finite numbers"),
         ({"models": [{**model, "intercept": [10**400] * 4}]}, r"\['intercept'\] must be a \(nested\) list of finite"),
         ({"models": [{**model, "scale": [1.0] * D + [0.0]}]}, r"state\['models'\]\[0\]\['scale'\] must be > 0"),
+        ({"models": [{**model, "scale": [1e-50] * (D + 1)}]}, r"\['scale'\] must be > 0 in float32"),
+        ({"models": [{**model, "intercept": [1e300] * 4}]}, r"\['intercept'\] must have magnitudes up to 1e\+30"),
     ):
         with pytest.raises(ValueError, match=match):
             HaltingHead.from_dict({**state, **change})

@@ -1462,6 +1462,28 @@ def test_learned_measure_matches_predict_confidence(extracted, arch, measure):
     np.testing.assert_array_equal(np.stack(got, axis=1), expected[:, :-1])
 
 
+@pytest.mark.parametrize(
+    "measure", ["classifier", "halting_geometric", "halting_token_multinomial", "halting_sequence_multinomial"]
+)
+def test_a_state_beyond_float16_passes_no_learned_threshold(measure):
+    """One activation of 7e4 is inf in float16 (no cache holds one): the layer-1 confidence was exactly 1 (an exit
+    at every threshold, lambda = 1 included); NaN now, which passes none."""
+    import calibrate
+    from calibrate.runtime._measures import build_measure
+    from measures.learned import train_measure
+
+    cache = calibrate.synthetic_cache(60, seed=0)
+    learned = train_measure(measure, cache)
+    runtime = build_measure(measure, state=learned.to_dict(), n_layers=cache.n_layers, hidden_size=cache.hidden_size,
+                            vocab_size=cache.vocab_size, device="cpu")  # fmt: skip
+    h = torch.from_numpy(np.array(cache.arrays["hidden"][:4], dtype=np.float32))  # (4, L, d)
+    h[1:, :, 3] = 7e4  # rows 1..3; row 0 ordinary
+    runtime.prefill(h)
+    conf = runtime(0, h[:, 0], h[:, 0], None, torch.arange(4))
+    assert bool(torch.isfinite(conf[0])) and bool(torch.isnan(conf[1:]).all())
+    assert not bool((conf.double() >= 0.0)[1:].any())  # no threshold passes
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 def test_runtime_saturation_is_the_cache_saturation_to_the_bit(dtype):
     from calibrate.runtime._measures import _saturation

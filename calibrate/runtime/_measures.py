@@ -81,7 +81,13 @@ def _token_features(h: torch.Tensor, prev: torch.Tensor, layer: int) -> torch.Te
     """
     h16 = h.to(torch.float16)  # (n, d)
     sat = _saturation(h16, prev.to(torch.float16), layer)  # (n,)
-    return torch.cat([h16.float(), sat[:, None]], dim=1)
+    return _unscorable_as_nan(torch.cat([h16.float(), sat[:, None]], dim=1))
+
+
+def _unscorable_as_nan(features: torch.Tensor) -> torch.Tensor:
+    """Rows ``(n, p)`` holding a state beyond float16's range (inf there; no cache holds one) as NaN features: their
+    confidence is NaN, which passes no threshold, so they run on (a logit of inf was a confidence of 1)."""
+    return torch.where(torch.isfinite(features).all(dim=1, keepdim=True), features, torch.nan)
 
 
 def _sequence_features(states: torch.Tensor) -> torch.Tensor:
@@ -93,7 +99,7 @@ def _sequence_features(states: torch.Tensor) -> torch.Tensor:
     """
     s16 = states.to(torch.float16)  # (B, L, d)
     saturation = [_saturation(s16[:, i], s16[:, i - 1], i) for i in range(1, s16.shape[1])]  # L - 1 of (B,)
-    return torch.cat([s16.double().mean(dim=1).float(), *(s[:, None] for s in saturation)], dim=1)
+    return _unscorable_as_nan(torch.cat([s16.double().mean(dim=1).float(), *(s[:, None] for s in saturation)], dim=1))
 
 
 class _Linear:

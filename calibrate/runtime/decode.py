@@ -163,6 +163,8 @@ def generate(
       row and layer, the multinomial halting heads ``O(d L)`` per token (token) or per row (sequence); the
       softmax measures need the vocabulary-sized head at every layer tried, which on small models with
       large vocabularies costs more than the layers saved (benchmarks/runtime.py measures it).
+    - **Learned measures** score states rounded to float16, as the cache stores them: a state beyond
+      float16's range (no cache holds one) scores NaN, which passes no threshold, so its token runs on.
     - **Special tokens.** ``model.generate`` stops rows only on the generation config's EOS; extraction
       cuts its sequences at the first EOS of the generation config or, when that has none, of the
       tokenizer. Both agree whenever the generation config has an EOS. When it has none, pass

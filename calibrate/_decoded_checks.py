@@ -104,6 +104,11 @@ def _measure_iv(measure, train_cache, prompts, heads: ExitHeads, seed, options) 
             f"train_cache has no 'hidden' array: the runtime evaluates measure={measure!r} on hidden states; extract "
             "the training cache with store_hidden=True"
         )
+    if (options or {}).get("features", "hidden") not in ("auto", "hidden"):  # trained, then refused by the runtime
+        raise ValueError(
+            f"measure_options={options!r}: the runtime evaluates the classifier on features='hidden' only (hidden "
+            "state + saturation at each layer); leave 'features' out"
+        )
     described = train_cache.user_meta.get("heads")
     if described is not None and _heads_difference(described, heads.describe(), states_only=True):
         raise ValueError(

@@ -111,7 +111,8 @@ def fit_decoded(
         What a layer predicts; default ``ExitHeads.from_model(model)``. Deploy with the same heads.
     train_cache : LayerCache, optional
         For the learned measures only: a cache with hidden states (``extract(..., store_hidden=True)``) of
-        **other** prompts, on which the measure is trained (the classifier on ``features="hidden"``).
+        **other** prompts, on which the measure is trained (the classifier on ``features="hidden"``, the only
+        features the runtime evaluates: ``measure_options={"features": "topk"}`` is refused).
     seed : int, default=0
         Seed of the classifier's training (the halting heads' fit is deterministic).
     decode : callable, optional

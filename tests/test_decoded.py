@@ -807,7 +807,7 @@ def test_logits_processors_that_read_the_padding_are_warned_of(tokenizer):
         calibrate.fit_decoded(model, tokenizer, prompts, 0.99, 0.5, batch_size=4, **kw)
 
 
-def test_a_classifier_on_topk_features_is_refused_before_any_decoding(model, tokenizer, prompts, calls):
+def test_a_classifier_on_topk_features_is_refused_before_any_decoding(model, tokenizer, prompts, calls, monkeypatch):
     """The runtime scores the classifier on hidden states only; a proxy certificate of a classifier fitted on top-k
     features (a cache without hidden states) was refused only after the full model had decoded every prompt."""
     cache = calibrate.extract(model, tokenizer, _word_prompts(40, seed=1), max_new_tokens=4, progress=False)
@@ -815,6 +815,18 @@ def test_a_classifier_on_topk_features_is_refused_before_any_decoding(model, tok
     assert cert.measure_state["features"] == "topk" and cert.lambda_hat is not None
     with pytest.raises(ValueError, match="classifier uses features='topk'; the runtime supports only"):
         calibrate.audit_decoded(cert, model, tokenizer, prompts, batch_size=BATCH, progress=False)
+    assert calls["n"] == 0
+    import measures.learned
+
+    # fit_decoded trained a top-k classifier on a cache with hidden states, then the runtime refused it, saying to
+    # extract with store_hidden=True (it had): refused before the training, naming the option
+    hidden = calibrate.extract(model, tokenizer, _word_prompts(20, seed=2), max_new_tokens=4, store_hidden=True,
+                               progress=False)  # fmt: skip
+    with monkeypatch.context() as m:
+        m.setattr(measures.learned, "train_measure", lambda *a, **k: pytest.fail("trained before the check"))
+        with pytest.raises(ValueError, match=r"measure_options=\{'features': 'topk'\}: the runtime evaluates"):
+            _fit(model, tokenizer, prompts, 0.5, 0.2, measure="classifier", train_cache=hidden,
+                 measure_options={"features": "topk"})  # fmt: skip
     assert calls["n"] == 0
     ids, mask = left_pad([[5, 6, 7]])
     with pytest.raises(ValueError, match="classifier uses features='topk'"):

@@ -269,8 +269,9 @@ def _classifier_features_iv(features: Any) -> None:
     if features != "hidden":
         raise ValueError(
             f"the certificate's classifier uses features={features!r}; the runtime supports only "
-            "features='hidden' (hidden state + saturation, O(d) per layer): fit it on a cache extracted with "
-            "store_hidden=True"
+            "features='hidden' (hidden state + saturation, O(d) per layer): fit it with features='hidden' on a "
+            "cache extracted with store_hidden=True (the default there, unless measure_options={'features': "
+            "'topk'} asked otherwise)"
         )
 
 

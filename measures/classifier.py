@@ -4,7 +4,7 @@ The label of token ``t`` at layer ``i`` is ``1[argmax at layer i == full-model t
 (:func:`agreement`). :class:`ExitClassifier` fits one class-balanced
 :class:`sklearn.linear_model.LogisticRegression` per layer ``1 .. L-1`` on frozen features (the hidden
 state, or the layer's top-k log-probabilities plus the softmax measures) and predicts a class-balanced
-agreement score in (0, 1) as the layer's confidence (a ranking score, not the agreement probability:
+agreement score in [0, 1] as the layer's confidence (a ranking score, not the agreement probability:
 the balanced weights move every layer's prior to one half; the certificate calibrates the threshold). Its state is a JSON-able dict (no pickle), so a certificate can
 carry it.
 
@@ -439,8 +439,9 @@ class ExitClassifier:
         return int(cache.n_tokens)
 
     def predict_confidence(self, cache: Any) -> np.ndarray:
-        """Class-balanced score that each layer agrees with the full model, in (0, 1) (see the class Notes: a
-        ranking score, not the agreement probability).
+        """Class-balanced score that each layer agrees with the full model, in [0, 1] (see the class Notes: a
+        ranking score, not the agreement probability). Stored in float32, a logit above about 17 scores exactly
+        1.0 (such tokens exit at every threshold, lambda = 1 included), one below about -104 exactly 0.
 
         Parameters
         ----------

@@ -528,8 +528,9 @@ class HaltingHead:
         Returns
         -------
         ndarray of float32, shape (n_tokens, n_layers)
-            In ``[0, 1]``; the last layer gets 1.0. Geometric head: ``chi_i``. Multinomial heads: the
-            predicted ``P(depth <= i)``, non-decreasing in ``i``.
+            In ``[0, 1]``; the last layer gets 1.0. Geometric head: ``chi_i`` (in float32, exactly 1.0 for a
+            logit above about 17: such tokens halt at every threshold). Multinomial heads: the predicted
+            ``P(depth <= i)``, non-decreasing in ``i``.
 
         Raises
         ------

@@ -5,8 +5,8 @@ The label of token ``t`` at layer ``i`` is ``1[argmax at layer i == full-model t
 :class:`sklearn.linear_model.LogisticRegression` per layer ``1 .. L-1`` on frozen features (the hidden
 state, or the layer's top-k log-probabilities plus the softmax measures) and predicts a class-balanced
 agreement score in [0, 1] as the layer's confidence (a ranking score, not the agreement probability:
-the balanced weights move every layer's prior to one half; the certificate calibrates the threshold). Its state is a JSON-able dict (no pickle), so a certificate can
-carry it.
+the balanced weights move every layer's prior to one half; the certificate calibrates the threshold).
+Its state is a JSON-able dict (no pickle), so a certificate can carry it.
 
 The classifier must be trained on sequences **disjoint** from the calibration split: a measure fitted
 on the calibration data makes the calibration losses optimistic and voids the risk guarantee.

@@ -14,9 +14,10 @@ import sys
 # Document the source tree next to this file, not whatever copy happens to be installed.
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
-import calibrate  # noqa: E402
 from sphinx.util import logging  # noqa: E402
 from sphinx.util.nodes import make_refnode  # noqa: E402
+
+import calibrate  # noqa: E402
 
 project = "calm-calibrate"
 author = "calm-calibrate developers"

@@ -563,7 +563,7 @@ def test_fixed_exit_layer_matches_reference(arch, exit_layer, monkeypatch):
     assert out.mean_exit_layer == exit_layer and out.layer_savings == pytest.approx(1 - exit_layer / N_LAYERS)
     again = dataclasses.replace(out)  # the same tensors in another object
     assert out == out and out != again and out in [out]  # by identity: == on the tensors raised RuntimeError
-    assert f"{out.layer_savings:.1%}"  # a property, as on certificates and audit reports
+    assert f"{out.layer_savings:.1%}" == f"{1 - exit_layer / N_LAYERS:.1%}"  # a property, as on certificates
     # Columns written: the (decoder) prompt and every generated token but the last.
     (cache,) = caches
     columns = out.prompt_length + len(tokens) - 1

@@ -840,7 +840,7 @@ def test_refuses_certificates_for_another_knob_or_model():
     topk = _classifier_state(4, N_LAYERS)  # 5 features: top-2 log-probs, gap, max, entropy
     topk["params"]["features"] = topk["features"] = "topk"
     topk["top_k"], topk["vocab_size"] = 2, 64
-    with pytest.raises(ValueError, match=r"features='topk'.*fit it on a cache extracted with store_hidden=True"):
+    with pytest.raises(ValueError, match=r"features='topk'.*fit it with features='hidden' on a cache extracted"):
         generate(model, ids, certificate=cert(0.5, "classifier", state=topk))
     with pytest.raises(ValueError, match="either certificate or exit_layer"):
         generate(model, ids, certificate=cert(0.5), exit_layer=1)

@@ -1482,6 +1482,10 @@ def test_a_state_beyond_float16_passes_no_learned_threshold(measure):
     conf = runtime(0, h[:, 0], h[:, 0], None, torch.arange(4))
     assert bool(torch.isfinite(conf[0])) and bool(torch.isnan(conf[1:]).all())
     assert not bool((conf.double() >= 0.0)[1:].any())  # no threshold passes
+    if measure in ("classifier", "halting_geometric"):  # a constant layer (all its training labels alike) too
+        runtime.layers[1] = 0.999
+        conf = runtime(1, h[:, 1], h[:, 0], None, torch.arange(4))
+        assert float(conf[0]) == pytest.approx(0.999) and bool(torch.isnan(conf[1:]).all())
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])

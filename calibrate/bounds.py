@@ -92,17 +92,17 @@ def _mean_bound_iv(mean_loss, n, tolerance) -> tuple[np.ndarray, int, float]:
     return mean, _n_iv(n), _tolerance_iv(tolerance)
 
 
-def _precision(mean_loss) -> tuple[float, float]:
-    """Precision of ``mean_loss`` as passed: the eps of its float type and its smallest subnormal step (a bfloat16
-    tensor's ``2**-7`` and ``2**-133``), float64's for float64 and exact types (integers, bools)."""
+def _precision(mean_loss) -> tuple[str, float, float]:
+    """Precision of ``mean_loss`` as passed: its type's name, eps and smallest subnormal step (a bfloat16 tensor's
+    ``2**-7`` and ``2**-133``); float64's eps and step for float64 and exact types (integers, bools)."""
     if str(getattr(mean_loss, "dtype", "")) == "torch.bfloat16":
-        return 2.0**-7, 2.0**-133
+        return "bfloat16", 2.0**-7, 2.0**-133
     dtype = as_numpy(mean_loss).dtype
     info = np.finfo(dtype if dtype.kind == "f" and dtype.itemsize < 8 else np.float64)
-    return float(info.eps), float(info.smallest_subnormal)
+    return str(dtype), float(info.eps), float(info.smallest_subnormal)
 
 
-def _count_iv(mean_loss, n, tolerance, *, binary: bool) -> tuple[np.ndarray, np.ndarray, int, float, float]:
+def _count_iv(mean_loss, n, tolerance, *, binary: bool) -> tuple[np.ndarray, np.ndarray, int, float, np.ndarray]:
     """Validation of the functions that count failures, ``n * mean_loss`` (:func:`bentkus`,
     :func:`hoeffding_bentkus`, :func:`binomial`): ``(mean, total, n, tolerance, slack)``, ``slack`` the bound
     on the float error of ``total`` (:func:`_sum_error`, in the precision of ``mean_loss`` as passed).
@@ -114,7 +114,7 @@ def _count_iv(mean_loss, n, tolerance, *, binary: bool) -> tuple[np.ndarray, np.
         no count can be read from the mean. For ``binary``, where ``total`` is no integer up to ``slack``.
     """
     mean, n, tolerance = _mean_bound_iv(mean_loss, n, tolerance)
-    total, (eps, tiny) = mean * n, _precision(mean_loss)
+    total, (dtype, eps, tiny) = mean * n, _precision(mean_loss)
     # A float64 mean of 0/1 losses is the count up to rounding the mean and the product, a few eps (the slack of
     # a compensated sum; 100 * 0.07 is 7.000000000000001); a float64 mean of fractions or a float32 mean is within
     # the error of a mean computed as NumPy does (_mean_terms) in its precision; a half-precision mean (float16,
@@ -122,7 +122,6 @@ def _count_iv(mean_loss, n, tolerance, *, binary: bool) -> tuple[np.ndarray, np.
     half = eps >= float(np.finfo(np.float16).eps)
     terms = 0 if half else _COMPENSATED if binary and eps == _EPS else _mean_terms(n)
     slack = _sum_error(total, terms, eps) + n * tiny / 2  # a subnormal mean's rounding is absolute
-    dtype = "bfloat16" if eps == 2.0**-7 else as_numpy(mean_loss).dtype
     if slack.size and slack.max() >= 0.5:
         raise ValueError(
             f"a {dtype} mean_loss of n={n} losses cannot give the count of failures the bound takes (its rounding "

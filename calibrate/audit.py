@@ -618,9 +618,10 @@ class ValidityReport(Rebuilt):
             if self.violation_rate > self.epsilon:  # a rate of held-out estimates: see violation_rate
                 verdict += f"; held-out risks of {self.n_test} sequences, whose noise alone can exceed it near delta"
             verdict += ")"
+        full_only = int(np.isnan(self.lambda_hats).sum())  # a count: a share rounds 1 of 400 to 0%
         return (
             f"Validity over {_plural(self.trials, 'random split')}: {verdict}; naive rule "
-            f"{self.naive_violation_rate:.3f}; full model only in {100 * self.full_model_rate:.0f}% of trials"
+            f"{level(self.naive_violation_rate, '.3f')}; full model only in {full_only} of {self.trials} trials"
         )
 
     def __repr__(self) -> str:
@@ -628,12 +629,12 @@ class ValidityReport(Rebuilt):
             risk, delta = beside(self.mean_test_risk, self.delta, ".3f")
             return (
                 f"ValidityReport(trials={self.trials}, method='crc', mean_test_risk={risk}, delta={delta}, "
-                f"naive_violation_rate={self.naive_violation_rate:.3f})"
+                f"naive_violation_rate={level(self.naive_violation_rate, '.3f')})"
             )
         rate, epsilon = beside(self.violation_rate, self.epsilon, ".3f")
         return (
             f"ValidityReport(trials={self.trials}, violation_rate={rate}, epsilon={epsilon}, "
-            f"naive_violation_rate={self.naive_violation_rate:.3f})"
+            f"naive_violation_rate={level(self.naive_violation_rate, '.3f')})"
         )
 
     def plot(self, fig=None):
@@ -655,13 +656,9 @@ class ValidityReport(Rebuilt):
         fig = _figure(fig, (6, 3.6))
         ax = fig.subplots()
         bins = np.linspace(0, max(self.naive_test_risks.max(), self.test_risks.max(), self.delta) * 1.1 + 1e-9, 30)
-        ax.hist(self.test_risks, bins=bins, alpha=0.7, label=f"certified ({100 * self.violation_rate:.1f}% > delta)")
-        ax.hist(
-            self.naive_test_risks,
-            bins=bins,
-            alpha=0.5,
-            label=f"naive: calibration risk <= delta ({100 * self.naive_violation_rate:.1f}% > delta)",
-        )
+        above = int((self.test_risks > self.delta).sum()), int((self.naive_test_risks > self.delta).sum())
+        ax.hist(self.test_risks, bins=bins, alpha=0.7, label=f"certified ({above[0]} > delta)")
+        ax.hist(self.naive_test_risks, bins=bins, alpha=0.5, label=f"naive: calibration risk <= delta ({above[1]} > delta)")
         ax.axvline(self.delta, color="k", linestyle="--", label=f"delta = {level(self.delta)}")
         if self.expectation_guarantee:
             mean = beside(self.mean_test_risk, self.delta, ".3f")[0]

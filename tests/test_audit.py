@@ -415,6 +415,12 @@ def test_validity_of_crc_holds_the_mean_held_out_risk_against_delta():
     noisy = dataclasses.replace(ltt, test_risks=np.array([0.09, 0.11, 0.09, 0.11, 0.09]), delta=0.1)
     assert noisy.violation_rate == 0.4
     assert "violation rate 0.400 (epsilon = 0.05; held-out risks of 60 sequences, whose noise" in noisy.summary()
+    # Shares of many trials: 1 of 400 full-model-only trials printed as "0%", a violation as "0.2% > delta"
+    many = dataclasses.replace(ltt, test_risks=np.r_[0.2, np.zeros(399)], naive_test_risks=np.zeros(400),
+                               lambda_hats=np.r_[np.nan, np.full(399, 0.5)], delta=0.1)  # fmt: skip
+    assert "full model only in 1 of 400 trials" in many.summary() and "violation rate 0.003 " in many.summary()
+    legend = [t.get_text() for t in many.plot().axes[0].get_legend().get_texts()]
+    assert legend[0] == "certified (1 > delta)" and legend[1] == "naive: calibration risk <= delta (0 > delta)"
     small = calibrate.synthetic_cache(300, seed=0)
     holm = calibrate.validity(small, trials=2, method=calibrate.fwer.Holm(), progress=False)
     assert holm.method == "holm"  # the name a certificate records (was the object)

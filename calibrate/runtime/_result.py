@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from calibrate._format import level
 from calibrate.exits import Decay
 
 __all__ = ["EarlyExitConfig", "EarlyExitOutput"]
@@ -132,5 +133,5 @@ class EarlyExitOutput:
         return (
             f"EarlyExitOutput(batch={self.sequences.shape[0]}, prompt_length={self.prompt_length}, "
             f"n_steps={self.exit_layers.shape[1]}, n_layers={self.n_layers}, measure={self.measure!r}, "
-            f"mean_exit_layer={self.mean_exit_layer:.3g})"
+            f"mean_exit_layer={level(self.mean_exit_layer, '.2f', side='down')})"  # 29.98 of 30 is no full model
         )

@@ -658,7 +658,8 @@ class ValidityReport(Rebuilt):
         bins = np.linspace(0, max(self.naive_test_risks.max(), self.test_risks.max(), self.delta) * 1.1 + 1e-9, 30)
         above = int((self.test_risks > self.delta).sum()), int((self.naive_test_risks > self.delta).sum())
         ax.hist(self.test_risks, bins=bins, alpha=0.7, label=f"certified ({above[0]} > delta)")
-        ax.hist(self.naive_test_risks, bins=bins, alpha=0.5, label=f"naive: calibration risk <= delta ({above[1]} > delta)")
+        naive = f"naive: calibration risk <= delta ({above[1]} > delta)"
+        ax.hist(self.naive_test_risks, bins=bins, alpha=0.5, label=naive)
         ax.axvline(self.delta, color="k", linestyle="--", label=f"delta = {level(self.delta)}")
         if self.expectation_guarantee:
             mean = beside(self.mean_test_risk, self.delta, ".3f")[0]

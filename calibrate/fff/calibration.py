@@ -9,9 +9,10 @@ depths (strictly decreasing), and :func:`calibrate.certify` picks the smallest d
 For classifiers (``model(x)`` returns logits ``(n, n_classes)``) the losses are ``"label"`` (the label
 differs from the full-depth model's) or ``"risk_label"`` (the full-depth model is right about the
 reference label and the shallower one is wrong). For language models (pass ``tokenizer=`` and prompts
-as the inputs) the prompts are decoded greedily at each depth and the losses are the textual
-consistencies of :data:`calibrate.losses.CONSISTENCIES` against the full-depth outputs (decoded mode,
-as :func:`calibrate.fit_decoded`); a model whose MLP blocks are FFFs comes from
+as the inputs) the prompts are decoded greedily, depth by depth from the full tree down, and the losses are
+a consistency of :data:`calibrate.losses.CONSISTENCIES` (default ``"token"``) against the full-depth outputs
+(decoded mode, as :func:`calibrate.fit_decoded`: :func:`fit` stops at the first depth that fails, deeper
+ones stay untested; :func:`depth_losses` decodes every depth); a model whose MLP blocks are FFFs comes from
 :func:`calibrate.fff.distill`.
 
 This module imports torch; ``import calibrate`` does not import it.

@@ -25,6 +25,13 @@ def _cell(value, fmt: str, suffix: str = "") -> str:
     ) + suffix
 
 
+def _risk_cell(value) -> str:
+    """A risk or loss as the demo prints it: three decimals, never below the value (calibrate._format.level)."""
+    from calibrate._format import level
+
+    return _cell(value, ".3f") if value is None or value != value else level(value, ".3f")
+
+
 def results_markdown(summary: dict) -> str:
     """The README block for a demo summary (``demo_out/summary.json``)."""
     settings = (
@@ -40,10 +47,10 @@ def results_markdown(summary: dict) -> str:
     lines = [settings, "", header, "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in summary["table"]:
         lines.append(
-            f"| {row['measure']} | {row['lambda_hat']} | {_cell(row['cal_risk'], '.3f')} | "
-            f"{_cell(row['test_risk'], '.3f')} | {'yes' if row['within_delta'] else 'no'} | "
+            f"| {row['measure']} | {row['lambda_hat']} | {_risk_cell(row['cal_risk'])} | "
+            f"{_risk_cell(row['test_risk'])} | {'yes' if row['within_delta'] else 'no'} | "
             f"{_cell(row['avg_layers'], '.1f')} | {_cell(row.get('decoded_exit_layer'), '.1f')} | "
-            f"{_cell(row.get('speedup'), '.2f', 'x')} | {_cell(row.get('decoded_loss'), '.3f')} |"
+            f"{_cell(row.get('speedup'), '.2f', 'x')} | {_risk_cell(row.get('decoded_loss'))} |"
         )
     plain, adapted = summary["agreement_plain"], summary["agreement_adapters"]
     layers = [i for i in (10, 20, 25, 28) if i < len(plain)]

@@ -214,9 +214,9 @@ class _LogisticLayers(RuntimeMeasure):
 
     def __call__(self, layer, h, prev, logits, rows):
         model = self.layers[layer]
-        if isinstance(model, float):  # a constant, but not for a state beyond float16's range (as fitted layers)
-            scorable = torch.isfinite(torch.cat([h, prev], dim=1).to(torch.float16)).all(dim=1)  # (m,)
-            return torch.where(scorable, model, torch.nan).float()
+        if isinstance(model, float):  # a constant, but NaN where the features are (_unscorable_as_nan), as fitted
+            unscorable = torch.isnan(_token_features(h, prev, layer)[:, 0])  # (m,)
+            return torch.where(unscorable, torch.nan, model).float()
         return torch.sigmoid(model(_token_features(h, prev, layer))[:, 0]).float()  # (m,)
 
 

@@ -23,6 +23,7 @@ from calibrate._cache_files import (
 )
 from calibrate._validation import int_at_least, seed_iv, short_repr
 from measures._arrays import as_numpy
+from measures.confidence import _MASS_TOL
 
 #: Largest vocabulary whose ids fit the int32 id arrays.
 _MAX_VOCAB_SIZE = np.iinfo(np.int32).max
@@ -36,9 +37,6 @@ _SCORE_RANGES = {
 }
 #: Slack on the score ranges for float32 rounding (e.g. ``1 - H / log V`` at ``-1e-7``).
 _SCORE_TOL = 1e-4
-#: Slack on the probability mass of the top-k log-probabilities: wide enough for a softmax of bfloat16 logits (up
-#: to about 1.005), narrow enough for log-probabilities of another axis (sums of 2 and more).
-_CACHE_MASS_TOL = 1e-2
 #: Tokens per block in the value checks, to bound temporaries.
 _CHECK_BLOCK = 1 << 16
 
@@ -428,8 +426,8 @@ def _check_values(arrays, vocab_size: int) -> None:
                     f"{lp[lo + t, i].tolist()} at token {lo + t}, layer index {i}"
                 )
             mass = np.exp(block.astype(np.float64)).sum(axis=-1)
-            if (mass > 1.0 + _CACHE_MASS_TOL).any():  # e.g. a log_softmax over another axis: sorted, <= 0, no softmax
-                t, i = _first(np.flatnonzero(mass > 1.0 + _CACHE_MASS_TOL), mass.shape)
+            if (mass > 1.0 + _MASS_TOL).any():  # e.g. a log_softmax over another axis: sorted, <= 0, no softmax
+                t, i = _first(np.flatnonzero(mass > 1.0 + _MASS_TOL), mass.shape)
                 raise ValueError(
                     f"array 'topk_logprobs' must be log-probabilities of one softmax per token and layer (their exp "
                     f"sums to at most 1), got a sum of {mass[t, i]:.6g} at token {lo + t}, layer index {i}"

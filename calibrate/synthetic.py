@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import special
 
+from calibrate._cache_checks import _vocab_size_iv
 from calibrate._validation import finite_positive, int_at_least, seed_iv
 from calibrate.cache import LayerCache, _from_arrays
 from measures.confidence import from_topk, state_saturation
@@ -64,7 +65,8 @@ def synthetic_cache(
         Each sequence has a uniform number of generated tokens in ``[min_tokens, max_tokens]``
         (``1 <= min_tokens <= max_tokens``).
     vocab_size : int, default=500
-        Vocabulary size ``V`` (>= max(top_k, 3)).
+        Vocabulary size ``V`` (>= max(top_k, 3), <= 2**31 - 1 as in any cache); the generator holds a word per
+        token id, so memory grows with ``V`` (about 90 bytes per id).
     top_k : int, default=4
         Predictions stored per layer (>= 1).
     hidden_size : int, default=16
@@ -248,7 +250,7 @@ def _synthetic_cache_iv(
     }
     if p["min_tokens"] > p["max_tokens"]:
         raise ValueError(f"min_tokens must be <= max_tokens={p['max_tokens']}, got {p['min_tokens']}")
-    p["vocab_size"] = int_at_least(vocab_size, "vocab_size", max(p["top_k"], 3))
+    p["vocab_size"] = _vocab_size_iv(int_at_least(vocab_size, "vocab_size", max(p["top_k"], 3)))
     for name, value in (("store_hidden", store_hidden), ("references", references)):
         if not isinstance(value, (bool, np.bool_)):
             raise TypeError(f"{name} must be a bool, got {value!r}")

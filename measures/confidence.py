@@ -48,8 +48,9 @@ def _stored_score(names, measure: Any) -> bool:
 
 #: Largest top-k log-probability accepted above 0 (float rounding of ``log p`` for ``p ~ 1``).
 _LOGPROB_TOL = 1e-4
-#: Largest excess of ``sum(exp(topk_logprobs))`` over 1 accepted (float16/float32 rounding).
-_MASS_TOL = 1e-3
+#: Largest excess of ``sum(exp(topk_logprobs))`` over 1 accepted, here and by a LayerCache: wide enough for a softmax
+#: of bfloat16 logits (up to about 1.005), narrow enough for log-probabilities of another axis (sums of 2 and more).
+_MASS_TOL = 1e-2
 #: Number of scalar elements processed per block by :func:`state_saturation`.
 _BLOCK_ELEMENTS = 1 << 22
 
@@ -75,7 +76,10 @@ def _logits_iv(logits: Any, axis: Any, name: str = "logits") -> np.ndarray:
         raise ValueError(
             f"{name} must have at least 2 entries (vocabulary size) along axis {axis}, got {arr.shape[-1]}"
         )
-    arr = arr.astype(working_float(arr.dtype), copy=False)
+    cast = arr.astype(working_float(arr.dtype), copy=False)
+    if arr.dtype.itemsize > 8 and (np.isinf(cast) & np.isfinite(arr)).any():  # a long double past float64's range
+        raise ValueError(f"{name} must lie within the float64 range (+-1.8e308); got a long double beyond it")
+    arr = cast
     if np.isnan(arr).any() or np.isposinf(arr).any():
         raise ValueError(f"{name} must not contain NaN or +inf (-inf marks a masked token)")
     if arr.size and not np.isfinite(arr.max(axis=-1)).all():
@@ -291,7 +295,7 @@ def _topk_measures(lp: np.ndarray, vocab_size: int | None, names: tuple[str, ...
     out: dict[str, np.ndarray] = {}
     if "softmax_gap" in names:
         if k >= 2:
-            out["softmax_gap"] = p[..., 0] - p[..., 1]
+            out["softmax_gap"] = np.maximum(p[..., 0] - p[..., 1], 0.0)  # a rise within the sorting tolerance: a tie
         else:
             # p_2 <= min(p_1, 1 - p_1): the gap is at least max(0, 2 p_1 - 1).
             out["softmax_gap"] = np.maximum(0.0, 2.0 * p[..., 0] - 1.0)
@@ -437,11 +441,12 @@ def state_saturation(hidden: Any) -> np.ndarray:
             raise ValueError(
                 f"hidden must be finite (no NaN or inf); found a non-finite value in tokens [{start}, {start + len(x)})"
             )
-        wide = x.dtype.itemsize > 4 or np.issubdtype(x.dtype, np.integer)  # squares may overflow float64
-        x = x.astype(np.float64)
-        if wide:
+        if np.issubdtype(x.dtype, np.integer):
+            x = x.astype(np.float64)
+        if x.dtype.itemsize > 4:  # squares may overflow float64: rescaled in the input's own type (a long double)
             scale = np.abs(x).max(axis=-1, keepdims=True)  # (b, L, 1)
-            x /= np.where(scale > 0, scale, 1.0)
+            x = x / np.where(scale > 0, scale, 1)
+        x = x.astype(np.float64, copy=False)
         norm = np.sqrt(np.einsum("bld,bld->bl", x, x))  # (b, L)
         dot = np.einsum("bld,bld->bl", x[:, 1:], x[:, :-1])  # (b, L-1)
         out[start : start + len(x), 1:] = _cosine(dot, norm[:, 1:] * norm[:, :-1])

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 import calibrate
 import calibrate.cache as cache_module
+import measures
 from calibrate.cache import FORMAT_VERSION, LayerCache, open_cache
 
 V = 40
@@ -501,8 +502,12 @@ def test_log_probabilities_of_half_precision_logits_are_taken():
     raw = _arrays()
     logits = torch.from_numpy(raw["topk_logprobs"] * 12.0).to(torch.bfloat16)
     logprobs = torch.log_softmax(logits, dim=-1).float().numpy()
-    assert np.exp(logprobs.astype(np.float64)).sum(-1).max() > 1.001  # what the measures' own check would refuse
-    LayerCache.from_arrays(**{**raw, "topk_logprobs": logprobs, "scores": None})
+    assert np.exp(logprobs.astype(np.float64)).sum(-1).max() > 1.001
+    taken = LayerCache.from_arrays(**{**raw, "topk_logprobs": logprobs, "scores": None})
+    # ... and scored: the measures refused a mass above 1.001 that the cache took.
+    for measure in ("softmax_gap", "softmax_max", "entropy"):
+        assert np.isfinite(measures.confidence(taken, measure)).all()
+    assert calibrate.fit(taken, delta=0.5, epsilon=0.1).measure == "softmax_gap"
 
 
 def test_an_overwrite_that_loses_a_race_names_the_other_save(cache, tmp_path, monkeypatch):

@@ -470,6 +470,20 @@ def test_big_endian_and_long_double_logits_are_computed_in_float64(func, referen
         np.testing.assert_array_equal(got, want)
 
 
+def test_long_doubles_past_the_float64_range():
+    """A finite long double state past float64's range saturated to 0 (inf / inf = NaN, read as a zero vector),
+    and such logits were refused as containing "NaN or +inf"."""
+    big = np.longdouble("1e400")
+    if not np.isfinite(big):
+        pytest.skip("long double is float64 on this platform")
+    hidden = np.full((1, 2, 4), big)
+    hidden[0, 1] *= 2
+    np.testing.assert_array_equal(state_saturation(hidden), [[0.0, 1.0]])
+    logits = np.array([big, 0, -big])
+    with pytest.raises(ValueError, match="logits must lie within the float64 range"):
+        softmax_gap(logits)
+
+
 def test_torch_tensors_straight_from_a_model_are_accepted():
     """A tensor that requires grad, or is bfloat16 (numpy has neither), scores as its float32 values."""
     torch = pytest.importorskip("torch")
@@ -537,14 +551,16 @@ def test_topk_bound_is_none_when_the_top_k_is_the_whole_vocabulary():
 
 
 def test_from_topk_tolerances_are_float_rounding_only():
-    # Past the float16/float32 rounding allowed for, the input is not sorted log-probabilities.
+    # Past the float16/bfloat16 rounding allowed for, the input is not sorted log-probabilities.
     with pytest.raises(ValueError, match="must sum to at most 1"):
-        from_topk(np.log([[0.605, 0.4]]), vocab_size=10)  # mass 1.005
+        from_topk(np.log([[0.62, 0.4]]), vocab_size=10)  # mass 1.02
+    from_topk(np.log([[0.605, 0.4]]), vocab_size=10)  # mass 1.005: a softmax of bfloat16 logits, as a cache takes it
     with pytest.raises(ValueError, match=r"log-probabilities \(<= 0\)"):
         from_topk(np.array([[1e-3, -5.0]]), vocab_size=10)
     with pytest.raises(ValueError, match="sorted in descending order"):
         from_topk(np.array([[-1.0, -1.0 + 1e-4]]), vocab_size=10)
-    from_topk(np.array([[-1.0, -1.0 + 1e-7]]), vocab_size=10)  # a float32-sized misorder passes
+    misordered = from_topk(np.array([[-1.0, -1.0 + 1e-7]]), vocab_size=10)  # a float32-sized misorder passes
+    assert misordered["softmax_gap"] == 0.0  # as a tie (it was -3.7e-8, outside the gap's [0, 1])
 
 
 def test_state_saturation_needs_a_layer_and_a_feature():

@@ -185,6 +185,8 @@ def test_small_vocab_and_various_k(top_k, vocab_size):
         ({"hidden_size": 0}, ValueError, "hidden_size must be an int >= 1"),
         ({"vocab_size": 2, "top_k": 1}, ValueError, "vocab_size must be an int >= 3"),
         ({"top_k": 8, "vocab_size": 5}, ValueError, "vocab_size must be an int >= 8"),
+        # before allocating a word per id (16 GiB: MemoryError or a silent kill)
+        ({"vocab_size": 2**31}, ValueError, r"vocab_size must be at most 2\*\*31 - 1"),
         ({"difficulty": 0.0}, ValueError, "difficulty must be a finite number > 0"),
         ({"difficulty": "hard"}, TypeError, "difficulty"),
         ({"difficulty": True}, TypeError, "difficulty must be a finite number > 0, got True"),

@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> None:
     with fff.at_depth(deepest, depth):
         certified = accuracy(deepest, x_test, y_test)
     print(
-        f"  test accuracy: {certified:.3f} at the certified depth, {accuracy(deepest, x_test, y_test):.3f} at full depth"
+        f"  test accuracy: {certified:.3f} at the certified depth, "
+        f"{accuracy(deepest, x_test, y_test):.3f} at full depth"
     )
 
 

@@ -312,7 +312,9 @@ def _check_meta(root: Path, meta: dict, arrays: dict, offsets: np.ndarray, vocab
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{root / _META_FILE}: {exc}") from None
     if vocab is not None and len(vocab) != vocab_size:
-        raise ValueError(f"{root / _VOCAB_FILE} holds {len(vocab)} entries but {_META_FILE} says vocab_size={vocab_size}")
+        raise ValueError(
+            f"{root / _VOCAB_FILE} holds {len(vocab)} entries but {_META_FILE} says vocab_size={vocab_size}"
+        )
     _check_structure(arrays, offsets, vocab_size, vocab)
     top = arrays["topk_ids"].shape
     for key, value in (

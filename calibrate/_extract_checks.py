@@ -25,7 +25,8 @@ from calibrate.runtime._layers import _placement_iv
 
 
 def _extract_iv(
-    model, tokenizer, prompts, max_new_tokens, batch_size, heads, store_hidden, top_k, progress, shard_dir, references, ids
+    model, tokenizer, prompts, max_new_tokens, batch_size, heads, store_hidden, top_k, progress, shard_dir,
+    references, ids
 ):
     layers = decoder_layers(model)  # raises for unsupported architectures
     stop_strings_iv(model)  # the runtime, which spends the certificate, would run past them
@@ -69,7 +70,9 @@ def _extract_iv(
             raise ValueError(f"shard_dir {shard_dir} exists and is not a directory")
 
     if not callable(tokenizer) or not hasattr(tokenizer, "pad_token_id"):
-        raise TypeError(f"tokenizer must be a Hugging Face tokenizer (callable, with pad_token_id), got {tokenizer!r:.80}")
+        raise TypeError(
+            f"tokenizer must be a Hugging Face tokenizer (callable, with pad_token_id), got {tokenizer!r:.80}"
+        )
     config = model.config
     encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
     gen = model.generation_config

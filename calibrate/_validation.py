@@ -50,7 +50,9 @@ def parse_json(text: str, what: str) -> Any:
 def open_interval(value, name: str, *, upper: float = 1.0, upper_name: str = "1") -> float:
     """``value`` as a float in ``(0, upper)``; TypeError for a non-number, ValueError outside."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number in the open interval (0, {upper_name}), got {type(value).__name__}")
+        raise TypeError(
+            f"{name} must be a real number in the open interval (0, {upper_name}), got {type(value).__name__}"
+        )
     number = to_float(value)
     if not 0.0 < number < upper:
         shown = repr(number) if math.isfinite(number) else short_repr(value)

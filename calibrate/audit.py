@@ -753,7 +753,11 @@ def validity(
     # fit's data step runs once (training the classifier, if any, on sequences kept out of every
     # trial); each trial then only permutes the rows of the loss table and certifies.
     bound, method = fit_kwargs.pop("bound", None), fit_kwargs.pop("method", "fixed_sequence")  # fit's defaults
-    checked = {name: fit_kwargs[name] for name in ("measure", "consistency", "measure_options", "lambdas") if name in fit_kwargs}
+    checked = {
+        name: fit_kwargs[name]
+        for name in ("measure", "consistency", "measure_options", "lambdas")
+        if name in fit_kwargs
+    }
     fit_kwargs["measure_options"], _ = _proxy_iv(cache, delta, epsilon, bound, method, **checked)  # as fit checks them
     table, *_ = _proxy_table(cache, seed=seed, **fit_kwargs)
     n_cal = int(round(cal_fraction * table.n))

@@ -56,7 +56,8 @@ def _spend_iv(certificate, knob: str, model: str, source: str) -> None:
         raise TypeError(f"certificate must be a calibrate.Certificate, got {type(certificate).__name__}")
     if certificate.knob != knob:
         raise ValueError(
-            f"this certificate certifies the knob {certificate.knob!r}; this needs a {knob!r} certificate (from {source})"
+            f"this certificate certifies the knob {certificate.knob!r}; "
+            f"this needs a {knob!r} certificate (from {source})"
         )
     if certificate.model is None:  # e.g. calibrate.certify on losses computed by hand
         package = source.rsplit(".", 1)[0]
@@ -263,7 +264,9 @@ class Certificate:
         k = len(self.lambdas)
         for name in ("risks", "p_values", "certified"):
             if len(getattr(self, name)) != k:
-                raise ValueError(f"Certificate.{name} must have {k} entries (one per lambda), got {len(getattr(self, name))}")
+                raise ValueError(
+                    f"Certificate.{name} must have {k} entries (one per lambda), got {len(getattr(self, name))}"
+                )
         if self.avg_layers is not None and len(self.avg_layers) != k:
             raise ValueError(f"Certificate.avg_layers must have {k} entries, got {len(self.avg_layers)}")
         if self.mode not in MODES:
@@ -455,7 +458,9 @@ class Certificate:
                 f"  delta (tolerance) = {level(self.delta)}, epsilon (failure probability) = {level(self.epsilon)}",
             ]
         if self.lambda_hat is None:
-            full = {"token_keep": "keep every token", "fff_depth": "evaluate the whole tree"}.get(self.knob, "run every layer")
+            full = {"token_keep": "keep every token", "fff_depth": "evaluate the whole tree"}.get(
+                self.knob, "run every layer"
+            )
             lines.append(f"  certified: full model only ({full})")
         else:
             chosen = (

@@ -7,10 +7,12 @@ sequences each (the exit simulation and the losses are per sequence, so a partit
 sequence). :meth:`ChunkedCache.loss_table` computes one task per partition, each reading its slices of
 the zarr arrays it needs (the tokens and the measure, not the hidden states; every array for a learned
 measure) into an in-memory
-:class:`~calibrate.LayerCache` and running the same code as the in-memory path; only the ``n x K`` losses (and per-partition exit-layer sums) come back. With a
+:class:`~calibrate.LayerCache` and running the same code as the in-memory path; only the ``n x K`` losses (and
+per-partition exit-layer sums) come back. With a
 ``dask.distributed.Client`` the tasks run on its workers (retried on failure); without one, one after
 another in this process (each task's exit simulation is itself parallel; run workers with one thread
-each, as the compiled kernels use every core they are given). :func:`calibrate.fit` accepts a ``ChunkedCache`` (and ``client=``) and returns
+each, as the compiled kernels use every core they are given). :func:`calibrate.fit` accepts a ``ChunkedCache``
+(and ``client=``) and returns
 the same certificate, field for field, as on the same cache in memory; a learned measure trains on the
 client (:meth:`ChunkedCache.take` reads its training split) and travels to the tasks as its JSON state.
 

@@ -188,7 +188,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="directory written by save_pretrained (model and tokenizer)")
     p.add_argument("--prompts", required=True, help="one prompt per line, or JSONL with 'prompt' and 'reference'")
     p.add_argument(
-        "--speedups", type=float, nargs="+", default=None, help="grid of predicted prefill speed-ups, increasing (default 1 1.1 1.25 1.5 1.75 2 2.5 3 4)"
+        "--speedups",
+        type=float,
+        nargs="+",
+        default=None,
+        help="grid of predicted prefill speed-ups, increasing (default 1 1.1 1.25 1.5 1.75 2 2.5 3 4)",
     )
     _add_risk_options(p)
     p.add_argument(

@@ -93,7 +93,8 @@ def concat_caches(caches: Sequence[LayerCache], *, meta: dict | None = None) -> 
     >>> concat_caches([a, other])
     Traceback (most recent call last):
     ...
-    ValueError: caches[1] differs from caches[0] in 'model': 'gpt2' != 'synthetic' (another model or settings?); pass meta= to join them anyway
+    ValueError: caches[1] differs from caches[0] in 'model': 'gpt2' != 'synthetic' (another model or settings?); pass
+    meta= to join them anyway
     """
     caches = list(caches)
     if not caches:

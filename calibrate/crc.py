@@ -28,7 +28,8 @@ def _conformal_risk_control_iv(losses, delta, max_loss) -> tuple[np.ndarray, flo
     max_loss = finite_positive(max_loss, "max_loss", " (the bound B on every loss)")
     delta = open_interval(delta, "delta", upper=max_loss, upper_name=f"max_loss={max_loss:g}")
     arr = bounded_array(
-        losses, "losses", upper=max_loss, upper_name=f"max_loss={max_loss:g}", why="CRC needs losses bounded by max_loss"
+        losses, "losses", upper=max_loss, upper_name=f"max_loss={max_loss:g}",
+        why="CRC needs losses bounded by max_loss"
     )
     return arr, delta, max_loss
 

@@ -53,7 +53,8 @@ __all__ = [
     "synthetic_demo",
 ]
 
-#: Measures the real-model demo certifies: cheap at run time (saturation, classifier), a halting head, a softmax measure.
+#: Measures the real-model demo certifies: cheap at run time (saturation, classifier), a halting head, a softmax
+#: measure.
 REAL_MEASURES = ("state_saturation", "classifier", "halting_geometric", "softmax_gap")
 
 
@@ -383,7 +384,8 @@ def smollm2_data(
             progress=progress,
         )
         say(
-            f"  {split}: {cache.n_sequences} prompts, {cache.n_tokens} tokens extracted in {time.perf_counter() - t0:.0f} s"
+            f"  {split}: {cache.n_sequences} prompts, {cache.n_tokens} tokens extracted in "
+            f"{time.perf_counter() - t0:.0f} s"
         )
         return cache
 

@@ -211,7 +211,8 @@ def _lambdas_iv(lambdas, name: str = "lambdas") -> np.ndarray:
     if lam.size > 1 and not np.all(lam[1:] < lam[:-1]):  # not np.diff: it overflows for [1e308, -1e308]
         i = int(np.argmax(lam[1:] >= lam[:-1]))
         raise ValueError(
-            f"{name} must be strictly decreasing (safest first), got {name}[{i}]={lam[i]:g} <= {name}[{i + 1}]={lam[i + 1]:g}"
+            f"{name} must be strictly decreasing (safest first), got "
+            f"{name}[{i}]={lam[i]:g} <= {name}[{i + 1}]={lam[i + 1]:g}"
         )
     return lam
 
@@ -649,7 +650,8 @@ def disagreement_counts(
     top1, full_tokens = _token_ids_iv(top1, full_tokens)
     if top1.shape != conf.shape or full_tokens.shape != (conf.shape[0],):
         raise ValueError(
-            f"top1 must have shape {conf.shape} and full_tokens ({conf.shape[0]},), got {top1.shape} and {full_tokens.shape}"
+            f"top1 must have shape {conf.shape} and full_tokens ({conf.shape[0]},), got "
+            f"{top1.shape} and {full_tokens.shape}"
         )
     avg, wrong = _run_sweep(conf, lam, offsets, decay, top1, full_tokens)
     counts = np.cumsum(wrong, axis=1)[:, : lam.size][:, ::-1]

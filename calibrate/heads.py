@@ -486,7 +486,8 @@ class ExitHeads(nn.Module):
             int_in(layer, "layer", 0, self.n_layers - 1, f" (0-based, n_layers={self.n_layers})")
         elif hidden.ndim < 2 or hidden.shape[-2] != self.n_layers:
             raise ValueError(
-                f"hidden must have shape (..., n_layers={self.n_layers}, d) when layer is None, got {tuple(hidden.shape)}"
+                f"hidden must have shape (..., n_layers={self.n_layers}, d) when layer is None, got "
+                f"{tuple(hidden.shape)}"
             )
         if hidden.shape[-1] != self.hidden_size:
             raise ValueError(

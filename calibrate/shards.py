@@ -288,7 +288,10 @@ def open_sharded(root: Path | Remote, *, verify: bool, chunks: int | None) -> La
                 f"shard {name!r} of {root} is itself a sharded cache ({where / MANIFEST_FILE}); shards nest one level"
             )
     if chunks is None:
-        parts = [_in_shard(name, lambda w=where: open_cache(str(w), verify=verify)) for name, where in zip(names, roots)]  # a Remote's str is its URL
+        parts = [
+            _in_shard(name, lambda w=where: open_cache(str(w), verify=verify))  # a Remote's str is its URL
+            for name, where in zip(names, roots)
+        ]
         _check_compatible(root, names, [p.meta for p in parts])
         return concat_caches(parts)
 

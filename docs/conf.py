@@ -90,7 +90,9 @@ def _lookup(dotted: str):
         candidates = []
         if obj is not None:
             try:
-                candidates.append(inspect.getattr_static(obj, parts[i]) if inspect.isclass(obj) else getattr(obj, parts[i]))
+                candidates.append(
+                    inspect.getattr_static(obj, parts[i]) if inspect.isclass(obj) else getattr(obj, parts[i])
+                )
             except (AttributeError, ImportError):  # ImportError: a lazy name whose extra is not installed
                 pass
         if obj is None or inspect.ismodule(obj):

@@ -401,7 +401,8 @@ def state_saturation(hidden: Any) -> np.ndarray:
     -------
     ndarray of float32, shape (n_tokens, n_layers)
         Cosine in ``[-1, 1]`` between layer ``i`` and layer ``i - 1``. Layer 1 (index 0) has no
-        predecessor and gets 0, so it never exits on this measure at a threshold above 0; a pair with a zero vector gets 0.
+        predecessor and gets 0, so it never exits on this measure at a threshold above 0; a pair with a zero
+        vector gets 0.
 
     Raises
     ------

@@ -38,7 +38,8 @@ def results_markdown(summary: dict) -> str:
         f"{summary['model']}, {summary['n_cal']} calibration / {summary['n_test']} held-out prompts "
         f"({summary['max_new_tokens']} new tokens), exit adapters fitted on {summary['n_train']} train prompts; "
         f"delta = {summary['delta']:g} on the {summary['consistency']} loss against the full model, "
-        f"epsilon = {summary['epsilon']:g}; decoding at batch {summary['batch_size']} on {summary['threads']} CPU threads."
+        f"epsilon = {summary['epsilon']:g}; decoding at batch {summary['batch_size']} on {summary['threads']} "
+        "CPU threads."
     )
     header = (
         "| measure | certified λ̂ | calibration risk | held-out risk | within δ | avg layers (held-out) "

@@ -264,7 +264,9 @@ def test_rehead_equals_an_extraction_through_the_new_heads(model, real_cache):
     # float16 states: the top-1 may flip on a near tie, the log-probabilities move by the rounding
     top1 = redone.arrays["topk_ids"][:, :, 0] == direct.arrays["topk_ids"][:, :, 0]
     assert top1.mean() > 0.99
-    np.testing.assert_allclose(redone.arrays["topk_logprobs"][:, :, 0], direct.arrays["topk_logprobs"][:, :, 0], atol=0.02)
+    np.testing.assert_allclose(
+        redone.arrays["topk_logprobs"][:, :, 0], direct.arrays["topk_logprobs"][:, :, 0], atol=0.02
+    )
     np.testing.assert_allclose(redone.arrays["softmax_gap"], direct.arrays["softmax_gap"], atol=0.02)
     # the adapters changed what the cache says (else the test above would prove nothing)
     assert (redone.arrays["topk_ids"][:, :-1, 0] != real_cache.arrays["topk_ids"][:, :-1, 0]).any()
@@ -305,7 +307,9 @@ def test_demo_cross_fitting_gives_out_of_sample_labels(model, real_cache):
     assert crossed.user_meta["heads"] == heads.describe()
     a, b = real_cache.split([0.5, 0.5], seed=0)
     expected = rehead(b, train_adapters(model, a))
-    np.testing.assert_array_equal(crossed.subset(np.arange(b.n_sequences)).arrays["topk_ids"], expected.arrays["topk_ids"])
+    np.testing.assert_array_equal(
+        crossed.subset(np.arange(b.n_sequences)).arrays["topk_ids"], expected.arrays["topk_ids"]
+    )
     in_sample = agreement(rehead(real_cache, heads))[:, :-1].mean()
     assert agreement(crossed)[:, :-1].mean() < in_sample
 

@@ -271,7 +271,8 @@ def test_validity_with_classifier_keeps_training_sequences_out(split):
 
 
 @pytest.mark.parametrize(
-    "kwargs, match", [({"trials": 0}, "trials"), ({"cal_fraction": 1.0}, "cal_fraction"), ({"cal_fraction": 0.001}, "empty")]
+    "kwargs, match",
+    [({"trials": 0}, "trials"), ({"cal_fraction": 1.0}, "cal_fraction"), ({"cal_fraction": 0.001}, "empty")],
 )
 def test_validity_bad_input(split, kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -360,7 +361,9 @@ def test_certify_fit_and_validity_leave_the_warnings_filters_alone(split, monkey
     monkeypatch.setattr(warnings, "catch_warnings", Spy)
     bumpy = np.eye(6)[::-1].repeat(100, axis=0)  # losses that fall along the grid: CRC's caveat
     with pytest.warns(UserWarning, match="needs monotone losses") as caught:
-        assert "carries no guarantee" in calibrate.certify(bumpy, np.linspace(1, 0.5, 6), delta=0.5, method="crc").reason
+        assert (
+            "carries no guarantee" in calibrate.certify(bumpy, np.linspace(1, 0.5, 6), delta=0.5, method="crc").reason
+        )
         calibrate.fit(split[0], delta=0.15, method="crc")
         calibrate.validity(split[0], trials=3, method="crc", progress=False)
     assert entered == []
@@ -430,7 +433,9 @@ def test_validity_scores_held_out_rows_and_the_naive_rule_takes_the_fastest_pass
     """The naive rule (empirical risk <= delta) picks the fastest threshold that passes, so on each split its
     held-out risk is at least the certified one's; scored on the calibration rows instead, or taking the safest
     passing threshold, its violation rate would be 0 here."""
-    study = calibrate.validity(calibrate.synthetic_cache(300, seed=0), trials=20, delta=0.1, epsilon=0.05, progress=False)
+    study = calibrate.validity(
+        calibrate.synthetic_cache(300, seed=0), trials=20, delta=0.1, epsilon=0.05, progress=False
+    )
     assert study.naive_violation_rate >= 0.2 and study.violation_rate <= 0.05
     ok = ~np.isnan(study.lambda_hats)
     assert np.all(study.naive_test_risks[ok] >= study.test_risks[ok] - 1e-12)

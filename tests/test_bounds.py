@@ -110,7 +110,9 @@ def test_bentkus_never_rounds_a_small_fractional_sum_down():
     assert bounds.bentkus((10_000 + 5e-5) / 20_000, 20_000, 0.6) == pytest.approx(
         _reference_bentkus(10_001, 20_000, 0.6), rel=1e-12
     )
-    assert bounds.bentkus(np.full(100, 0.07).mean(), 100, 0.1) == pytest.approx(_reference_bentkus(7, 100, 0.1), rel=1e-12)
+    assert bounds.bentkus(np.full(100, 0.07).mean(), 100, 0.1) == pytest.approx(
+        _reference_bentkus(7, 100, 0.1), rel=1e-12
+    )
 
 
 @pytest.mark.parametrize("fn", [bounds.bentkus, bounds.hoeffding_bentkus])

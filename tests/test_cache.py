@@ -272,7 +272,8 @@ def _set(a, index, value):
         (_bad(scores={"Bad Name": np.zeros((16, 3))}), ValueError, "scores names"),
         (_bad(hidden=np.full((16, 3, 4), 1e6)), ValueError, r"hidden holds finite values beyond the float16 range "
          r"\(\|x\| > 65504\), first at index \(0, 0, 0\)"),  # was "'hidden' must be finite"
-        (_bad(scores={"entropy": np.full((16, 3), 1e39)}), ValueError, r"scores\['entropy'\] holds finite values beyond"),
+        (_bad(scores={"entropy": np.full((16, 3), 1e39)}), ValueError,
+         r"scores\['entropy'\] holds finite values beyond"),
         (_bad(hidden=np.full((16, 3, 4), np.inf)), ValueError, "'hidden' must be finite"),
         (_bad(hidden=np.zeros((16, 2, 4))), ValueError, "hidden must have shape"),
         (_bad(vocab=["a"] * (V - 1), vocab_size=V), ValueError, "vocab must have vocab_size=40 entries"),
@@ -478,7 +479,9 @@ def test_a_cache_replaced_while_it_is_read_says_so(cache, tmp_path, monkeypatch,
         return read_vocab(root, spec)
 
     monkeypatch.setattr(cache_module, "_read_vocab", overwritten_meanwhile)
-    with pytest.raises(ValueError, match=r"cache was replaced \(saved again with overwrite=True\) while it was being read"):
+    with pytest.raises(
+        ValueError, match=r"cache was replaced \(saved again with overwrite=True\) while it was being read"
+    ):
         open_cache(path, verify=verify)
     monkeypatch.setattr(cache_module, "_read_vocab", read_vocab)
     assert open_cache(path).checksum == other.checksum  # opened again
@@ -488,7 +491,10 @@ def test_an_overwrite_interrupted_between_its_renames_names_the_old_cache(cache,
     path = cache.save(tmp_path / "cache")
     aside = tmp_path / f".cache.old-{'ab' * 16}"
     path.rename(aside)  # a crash right after the first rename
-    with pytest.raises(FileNotFoundError, match=r"no layer cache at .*cache; an overwrite interrupted .* left the old cache at .*\.cache\.old-abab"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"no layer cache at .*cache; an overwrite interrupted .* left the old cache at .*\.cache\.old-abab",
+    ):
         open_cache(path)
     aside.rename(path)  # the advice
     assert open_cache(path).checksum == cache.checksum
@@ -848,7 +854,8 @@ def _edit_meta(path, fn):
 @pytest.mark.parametrize(
     "edit, match",
     [
-        (lambda m: m.update(format_version=2), r"unsupported format_version 2; .*written by a newer calm-calibrate, upgrade"),
+        (lambda m: m.update(format_version=2),
+         r"unsupported format_version 2; .*written by a newer calm-calibrate, upgrade"),
         (lambda m: m.update(format_version=True), "unsupported format_version True"),
         (lambda m: m.update(format_version=1.0), "unsupported format_version 1.0"),
         (lambda m: m.pop("checksum"), "'checksum' must be the cache's checksum"),
@@ -1088,11 +1095,13 @@ def _negative_id(a):
     "arrays, match",
     [
         (_edited_array("topk_ids", lambda a: a.astype(np.int64)), "array 'topk_ids' must have dtype int32, got int64"),
-        (lambda c: _arrays_with(c.arrays, vocab=np.zeros((16, 3), np.float32)), "array names must be lowercase identifiers"),
+        (lambda c: _arrays_with(c.arrays, vocab=np.zeros((16, 3), np.float32)),
+         "array names must be lowercase identifiers"),
         (_edited_array("hidden", lambda a: a[:, :2]), r"array 'hidden' must have shape \(16, 3, hidden_size\)"),
         (_edited_array("softmax_gap", lambda a: a[:, :2]), r"array 'softmax_gap' must have shape \(16, 3\)"),
         (lambda c: _arrays_with(c.arrays, topk_ids=np.zeros((16, 0, 3), np.int32), topk_logprobs=None, hidden=None,
-                         softmax_gap=None, state_saturation=None), r"'topk_ids' must have shape \(16, n_layers, top_k\)"),
+                         softmax_gap=None, state_saturation=None),
+         r"'topk_ids' must have shape \(16, n_layers, top_k\)"),
         (_edited_array("topk_ids", _negative_id), r"array 'topk_ids' must lie in \[0, vocab_size=40\), got -1"),
         (None, "vocab must have vocab_size=40 entries, got 39"),
         ("n_tokens", "must increase strictly|inconsistent offsets"),

@@ -197,7 +197,10 @@ def test_levels_near_0_and_1_are_not_printed_as_0_or_1():
     # a p-value just below 1 is not shown as 1; 0.1 and 0.05 print as before
     few = calibrate.certify(np.zeros((10**5, 1)), [0.5], delta=1e-9, epsilon=0.05)
     assert few.lambda_hat is None and "p=0.9999" in few.reason and "epsilon=0.05 " in few.reason
-    assert "P(risk(lambda_hat) <= 0.1) >= 0.95 over" in calibrate.certify(np.zeros((500, 1)), [0.5], 0.1, 0.05).guarantee
+    assert (
+        "P(risk(lambda_hat) <= 0.1) >= 0.95 over"
+        in calibrate.certify(np.zeros((500, 1)), [0.5], 0.1, 0.05).guarantee
+    )
 
 
 def test_levels_are_rounded_towards_a_weaker_guarantee():
@@ -239,10 +242,14 @@ def test_levels_are_rounded_towards_a_weaker_guarantee():
         ({"decay": {"tau": 4.0}}, r"decay must be \{'max_len': int, 'tau': float\}"),
         ({"decay": 4.0}, "decay must be a mapping or None"),
         ({"decay": {"max_len": 64}}, r"decay must be \{'max_len': int, 'tau': float\}.*missing \['tau'\]"),
-        ({"knob": "fff_depth", "lambdas": (3.0, 1.4, 1.0), "lambda_hat": 1.4}, "lambdas: an fff_depth grid holds whole"),
-        ({"knob": "fff_depth", "lambdas": (1.0, 0.0, -1.0), "lambda_hat": 0.0}, "lambdas: an fff_depth grid holds whole"),
-        ({"knob": "token_keep", "lambdas": (1.0, 0.5, 0.0), "lambda_hat": 0.5}, r"lambdas: a token_keep grid .* \(0, 1\]"),
-        ({"knob": "token_keep", "lambdas": (2.0, 1.0, 0.5), "lambda_hat": 1.0}, r"lambdas: a token_keep grid .* \(0, 1\]"),
+        ({"knob": "fff_depth", "lambdas": (3.0, 1.4, 1.0), "lambda_hat": 1.4},
+         "lambdas: an fff_depth grid holds whole"),
+        ({"knob": "fff_depth", "lambdas": (1.0, 0.0, -1.0), "lambda_hat": 0.0},
+         "lambdas: an fff_depth grid holds whole"),
+        ({"knob": "token_keep", "lambdas": (1.0, 0.5, 0.0), "lambda_hat": 0.5},
+         r"lambdas: a token_keep grid .* \(0, 1\]"),
+        ({"knob": "token_keep", "lambdas": (2.0, 1.0, 0.5), "lambda_hat": 1.0},
+         r"lambdas: a token_keep grid .* \(0, 1\]"),
         ({"measure_state": "abc"}, "measure_state must be a mapping or None"),
     ],
 )
@@ -532,8 +539,8 @@ def test_an_edited_binomial_risk_that_is_no_count_of_failures_is_refused_as_edit
     cert = calibrate.certify(losses, [0.9, 0.5], delta=0.2, epsilon=0.05, bound="binomial")
     data = json.loads(cert.to_json())
     data["risks"][1] = 0.0512  # not k / 100
-    with pytest.raises(ValueError, match=r"risks\[1\] \(lambda=0.5\) is 0.0512, which is no count of failures over n=100 "
-                       r"as the binomial bound's p-values need: the certificate was edited"):
+    with pytest.raises(ValueError, match=r"risks\[1\] \(lambda=0.5\) is 0.0512, which is no count of failures "
+                       r"over n=100 as the binomial bound's p-values need: the certificate was edited"):
         Certificate.from_json(json.dumps(data))
     data["risks"][1] = 0.05
     assert Certificate.from_json(json.dumps(data)) == cert
@@ -571,7 +578,8 @@ def test_multistart_flags_need_epsilon_split_over_their_runs():
     p = [0.001, 0.5, 0.03, 0.001]  # two runs: each flag needs p <= 0.05 / 2
     cert = calibrate.certify(np.zeros((100, 4)), [1.0, 0.8, 0.6, 0.4], delta=0.2, method="multistart", bound="wsr")
     forged = {**cert.to_dict(), "p_values": p, "certified": [True, False, True, True], "lambda_hat": 0.4}
-    with pytest.raises(ValueError, match=r"certified\[2\] .* multistart certifies 2 separate runs only with p-values <= epsilon/2=0.025, got 0.03"):
+    with pytest.raises(ValueError, match=r"certified\[2\] .* multistart certifies 2 separate runs only with "
+                       r"p-values <= epsilon/2=0.025, got 0.03"):
         Certificate.from_dict(forged)
     assert Certificate.from_dict({**forged, "p_values": [0.001, 0.5, 0.02, 0.001]}).lambda_hat == 0.4
 
@@ -614,7 +622,9 @@ def test_a_written_certificate_is_flushed_then_renamed_then_its_directory_flushe
 
     events = []
     fsync, replace = os.fsync, os.replace
-    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", stat.S_ISDIR(os.fstat(fd).st_mode))), fsync(fd))[1])
+    monkeypatch.setattr(
+        os, "fsync", lambda fd: (events.append(("fsync", stat.S_ISDIR(os.fstat(fd).st_mode))), fsync(fd))[1]
+    )
     monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", None)), replace(a, b))[1])
     _cert().to_json(tmp_path / "cert.json")
     assert events == [("fsync", False), ("replace", None), ("fsync", True)]  # the file, its rename, the directory

@@ -91,7 +91,9 @@ def test_a_bound_from_the_top_k_is_recorded_on_dask_as_in_memory(tmp_path, monke
     )
     monkeypatch.setattr(type(lazy), "load", None)  # the record comes from the metadata: nothing read on the client
     cert = calibrate.fit(lazy, measure="entropy", delta=0.3)
-    assert cert == calibrate.fit(bare, measure="entropy", delta=0.3) and cert.measure_state == {"from_topk": cache.top_k}
+    assert (
+        cert == calibrate.fit(bare, measure="entropy", delta=0.3) and cert.measure_state == {"from_topk": cache.top_k}
+    )
 
 
 @pytest.mark.parametrize(("measure", "consistency"), [("classifier", "token"), ("halting_geometric", "rouge_l")])
@@ -530,7 +532,9 @@ def test_dask_arrays_check_their_chunks_as_load_does(saved, tmp_path, monkeypatc
         with pytest.raises(ValueError) as by_dask:
             part.compute()
         assert str(by_dask.value) == str(by_load.value)
-    np.testing.assert_array_equal(ids[: int(cache.offsets[50])].compute(), cache.arrays["topk_ids"][: cache.offsets[50]])
+    np.testing.assert_array_equal(
+        ids[: int(cache.offsets[50])].compute(), cache.arrays["topk_ids"][: cache.offsets[50]]
+    )
 
 
 def test_a_cache_saved_over_a_lazily_opened_one_is_refused(saved, tmp_path):

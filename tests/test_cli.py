@@ -41,7 +41,10 @@ def test_synthetic_fit_audit(tmp_path, capsys):
     for extra in (["--inputs", "x.npy"], ["--batch-size", "4"], ["--device", "cuda"], ["--max-new-tokens", "5"]):
         assert main(["audit", str(cert), str(test), *extra]) == 2  # were ignored: a normal audit, exit 0
         flag = extra[0]
-        assert f"{flag} does not apply to an exit_threshold certificate audited on a held-out cache" in capsys.readouterr().err
+        assert (
+            f"{flag} does not apply to an exit_threshold certificate audited on a held-out cache"
+            in capsys.readouterr().err
+        )
     dataclasses.replace(saved, mode="decoded").to_json(tmp_path / "decoded.json")
     assert main(["audit", str(tmp_path / "decoded.json"), str(test)]) == 2
     assert "a decoded certificate is audited by decoding: instead of a cache, give --model DIR --prompts FILE" in (
@@ -99,9 +102,15 @@ def test_measure_options_from_the_command_line(tmp_path, capsys):
     calibrate.synthetic_cache(150, n_layers=4, seed=0).save(dev)
     options = ["--measure", "classifier", "--measure-options", '{"C": 0.01, "max_iter": 50}']
     assert main(["fit", str(dev), *options, "-o", str(out)]) == 0
-    expected = calibrate.fit(calibrate.open_cache(dev), measure="classifier", measure_options={"C": 0.01, "max_iter": 50})
+    expected = calibrate.fit(
+        calibrate.open_cache(dev), measure="classifier", measure_options={"C": 0.01, "max_iter": 50}
+    )
     assert calibrate.Certificate.from_json(out) == expected
-    for bad, message in (("{C: 1}", "'{C: 1}' is not valid JSON"), ("[1]", "must be a JSON object"), ("[" * 999 + "]" * 999, "deeper than 100 levels")):
+    for bad, message in (
+        ("{C: 1}", "'{C: 1}' is not valid JSON"),
+        ("[1]", "must be a JSON object"),
+        ("[" * 999 + "]" * 999, "deeper than 100 levels"),
+    ):
         with pytest.raises(SystemExit) as exit_:
             main(["fit", str(dev), "--measure-options", bad])
         assert exit_.value.code == 2 and message in capsys.readouterr().err
@@ -244,7 +253,10 @@ def test_outputs_are_checked_before_the_work(tmp_path, capsys, monkeypatch):
     real_fit = calibrate.fit
     monkeypatch.setattr(calibrate, "fit", lambda *a, **k: pytest.fail("fitted before the output was checked"))
     capsys.readouterr()
-    for bad, message in [("", "-o must name a file, got ''"), (str(tmp_path / "file" / "c.json"), "is a file, not a directory")]:
+    for bad, message in [
+        ("", "-o must name a file, got ''"),
+        (str(tmp_path / "file" / "c.json"), "is a file, not a directory"),
+    ]:
         assert main(["fit", str(dev), "-o", bad]) == 2
         assert message in capsys.readouterr().err
     import calibrate._cli_commands as cli_commands
@@ -408,7 +420,9 @@ def test_real_model_demo_small(tmp_path):
         assert cert.n_layers == 30 and cert.heads["kind"] == "adapters" and cert.consistency == "rouge_l"
     assert (tmp_path / "agreement.png").exists() and (tmp_path / "adapters.safetensors").exists()
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert [row["measure"] for row in summary["table"]] == ["state_saturation", "classifier", "halting_geometric", "softmax_gap"]
+    assert [row["measure"] for row in summary["table"]] == [
+        "state_saturation", "classifier", "halting_geometric", "softmax_gap"
+    ]
     assert len(summary["agreement_adapters"]) == 30 and summary["agreement_adapters"][-1] == 1.0
 
 
@@ -489,12 +503,21 @@ def test_audit_refuses_options_its_certificate_does_not_read(tmp_path, capsys):
     assert "risk_label loss compares with reference labels: give --references FILE" in capsys.readouterr().err
     dataclasses.replace(cert, consistency="label").to_json(path)
     assert main([*common, "--prompts", "p.txt"]) == 2
-    assert "--prompts does not apply to an fff_depth certificate of a classifier, which reads --model" in capsys.readouterr().err
+    assert (
+        "--prompts does not apply to an fff_depth certificate of a classifier, which reads --model"
+        in capsys.readouterr().err
+    )
     assert main(["audit", str(path), "--model", "fff.safetensors"]) == 2
-    assert "of a classifier (label loss) is audited on inputs: give --model FILE --inputs FILE" in capsys.readouterr().err
+    assert (
+        "of a classifier (label loss) is audited on inputs: give --model FILE --inputs FILE"
+        in capsys.readouterr().err
+    )
     dataclasses.replace(cert, consistency="rouge_l").to_json(path)  # a language model's: decoded text
     assert main(["audit", str(path), "--model", "m", "--prompts", "p.txt"]) == 2
-    assert "language model (rouge_l loss) is audited by decoding: give --model DIR --blocks DIR" in capsys.readouterr().err
+    assert (
+        "language model (rouge_l loss) is audited by decoding: give --model DIR --blocks DIR"
+        in capsys.readouterr().err
+    )
     assert main(["audit", str(path), "--model", "m", "--prompts", "p.txt", "--figure", str(tmp_path / "f.pgf")]) == 2
     assert "not '.pgf'" in capsys.readouterr().err  # needs LaTeX: it failed after the audit, with exit 1
 

@@ -471,7 +471,9 @@ def test_audit_decoded_of_a_proxy_certificate_shows_what_the_runtime_emits(model
     plt.close(fig)
 
 
-def test_cli_audit_decodes_held_out_prompts_for_an_exit_threshold_certificate(model, tokenizer, prompts, tmp_path, capsys):
+def test_cli_audit_decodes_held_out_prompts_for_an_exit_threshold_certificate(
+    model, tokenizer, prompts, tmp_path, capsys
+):
     from calibrate.cli import main
 
     model.save_pretrained(tmp_path / "model")
@@ -507,12 +509,17 @@ def test_cli_audit_decodes_through_the_adapters_a_certificate_was_calibrated_wit
     expected = calibrate.audit_decoded(cert, model, tokenizer, held_out, heads=heads, progress=False)
     argv = ["audit", str(tmp_path / "cert.json"), "--model", str(tmp_path / "model"), "--prompts"]
     argv += [str(tmp_path / "held_out.txt")]
-    assert main([*argv, "--adapters", str(tmp_path / "adapters.safetensors")]) == (0 if expected.within_tolerance else 1)
+    assert main([*argv, "--adapters", str(tmp_path / "adapters.safetensors")]) == (
+        0 if expected.within_tolerance else 1
+    )
     assert expected.summary() in capsys.readouterr().out
     assert main(argv) == 2  # without them the runtime would decode through other heads than certified
     assert "calibrated with exit adapters: give the adapters file" in capsys.readouterr().err
     assert main(["audit", str(tmp_path / "cert.json"), str(tmp_path), "--adapters", "a.safetensors"]) == 2
-    assert "--adapters does not apply to an exit_threshold certificate audited on a held-out cache" in capsys.readouterr().err
+    assert (
+        "--adapters does not apply to an exit_threshold certificate audited on a held-out cache"
+        in capsys.readouterr().err
+    )
 
 
 # --------------------------------------------------------------------------------------------------

@@ -179,7 +179,8 @@ def test_a_huge_integer_tau_decays_in_floats_as_decay_thresholds_does():
 
 
 def test_a_tiny_tau_settles_nowhere_without_overflow():
-    """746 N / tau is inf for a subnormal tau (math.ceil raised), and a huge settled position overflowed int32 positions."""
+    """746 N / tau is inf for a subnormal tau (math.ceil raised), and a huge settled position overflowed int32
+    positions."""
     conf, lambdas = np.random.default_rng(1).random((30, 4)), np.linspace(1.0, 0.0, 11)
     positions = np.arange(30, dtype=np.int32)
     for tau in (5e-324, 3e-4):
@@ -412,7 +413,9 @@ def test_non_finite_confidence_is_refused(bad):
     np.testing.assert_array_equal(average_layers(last, [0.9, 0.4]), [2.5, 2.0])
     with pytest.raises(ValueError, match="offsets"):
         average_layers(np.zeros((3, 2)), [0.5], offsets=[0, 2])
-    with pytest.raises(TypeError, match=r"Decay.max_len must be an int in 1..4611686018427387904 .*, got 1.5 \(float\)"):
+    with pytest.raises(
+        TypeError, match=r"Decay.max_len must be an int in 1..4611686018427387904 .*, got 1.5 \(float\)"
+    ):
         Decay(max_len=1.5)
     decay = Decay(max_len=4)  # positions count from each sequence's start: without offsets, nothing to count from
     with pytest.raises(ValueError, match=r"offsets .* are needed with decay.*offsets=\[0, n_tokens\]"):

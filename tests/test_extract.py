@@ -555,7 +555,9 @@ def test_concat_caches_refuses_parts_of_other_models_or_settings_unless_told_wha
     there = there.with_meta({**there.user_meta, "heads": {**heads, "model_digest": "d2"}})
     with pytest.raises(ValueError, match="in 'heads' -> 'model_digest': 'd2' != 'd1'"):
         concat_caches([here, there])
-    with pytest.raises(ValueError, match=r"sequence id 'synthetic-0' occurs in caches\[0, 1\]; ids must be unique across"):
+    with pytest.raises(
+        ValueError, match=r"sequence id 'synthetic-0' occurs in caches\[0, 1\]; ids must be unique across"
+    ):
         concat_caches([a, a.subset([0])])  # it said "ids must be unique, got '0' twice", from inside from_arrays
 
 
@@ -908,7 +910,9 @@ def test_textual_losses_refuse_a_vocab_that_does_not_give_the_outputs(tokenizer,
             return tokenizer.decode(ids, skip_special_tokens=skip_special_tokens).upper()
 
     other = calibrate.tokenizer_decode(OtherTokenizer())
-    with pytest.raises(ValueError, match=r"decode=tokenizer_decode\(OtherTokenizer\) does not give .* Is it the tokenizer"):
+    with pytest.raises(
+        ValueError, match=r"decode=tokenizer_decode\(OtherTokenizer\) does not give .* Is it the tokenizer"
+    ):
         calibrate.fit(cache, consistency="rouge_l", decode=other)
     with pytest.raises(TypeError, match="tokenizer must have a decode"):
         calibrate.tokenizer_decode("tokenizer")
@@ -941,7 +945,9 @@ def test_textual_losses_refuse_a_vocab_that_does_not_give_the_outputs(tokenizer,
     assert calibrate.fit(lazy, consistency="rouge_l", measure="softmax_max", decode=decode) == direct
     with pytest.raises(TypeError, match="decode must be a callable"):
         lazy.loss_table(consistency="rouge_l", decode="tokenizer")
-    assert main(["fit", str(tmp_path / "cache"), "--consistency", "bleu", "--tokenizer", str(tmp_path / "nothing")]) == 2
+    assert (
+        main(["fit", str(tmp_path / "cache"), "--consistency", "bleu", "--tokenizer", str(tmp_path / "nothing")]) == 2
+    )
     assert "--tokenizer: no directory at" in capsys.readouterr().err  # was transformers' advice to go online
     assert main(["fit", str(tmp_path / "cache"), "--consistency", "bleu", "--tokenizer", str(tmp_path / "cache")]) == 2
     assert "--tokenizer: " + str(tmp_path / "cache") + " holds no tokenizer files" in capsys.readouterr().err
@@ -955,7 +961,10 @@ def test_textual_losses_refuse_a_vocab_that_does_not_give_the_outputs(tokenizer,
     printed = capsys.readouterr().out
     assert code == (0 if report.within_tolerance else 1) and f"held-out risk {level(report.risk, '.4f')}" in printed
     assert main(["fit", str(tmp_path / "cache"), "--tokenizer", str(tmp_path / "tok")]) == 2  # token consistency
-    assert "--tokenizer decodes text for the textual consistencies; 'token' compares token ids" in capsys.readouterr().err
+    assert (
+        "--tokenizer decodes text for the textual consistencies; 'token' compares token ids"
+        in capsys.readouterr().err
+    )
 
 
 def test_one_layer_heads_equal_all_layer_heads_with_asymmetric_adapters():

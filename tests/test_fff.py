@@ -212,7 +212,9 @@ def test_safetensors_round_trip(tmp_path, umask_022):
     assert (tmp_path / "again.safetensors").read_bytes() == (tmp_path / "f64.safetensors").read_bytes()
     state = {n: p.detach() for n, p in wide.named_parameters()}
     settings = {**meta, "depth": "2", "bias": "True", "weights_digest": "0" * 16}
-    save_file(state, str(tmp_path / "future.safetensors"), metadata={"fff": json.dumps({**settings, "leaf_norm": "rms"})})
+    save_file(
+        state, str(tmp_path / "future.safetensors"), metadata={"fff": json.dumps({**settings, "leaf_norm": "rms"})}
+    )
     with pytest.raises(ValueError, match=r"settings \['leaf_norm'\] unknown to this calm-calibrate .*upgrade"):
         FFF.load(tmp_path / "future.safetensors")  # was loaded, its new setting ignored
     del settings["weights_digest"]
@@ -239,9 +241,13 @@ def test_load_checks_shapes_before_building_the_tree_the_metadata_names(tmp_path
 
     small = _layer(1, 1, 0, dtype=torch.float32)
     state = {n: p.detach().contiguous() for n, p in small.named_parameters()}
-    settings = {"in_features": "1", "out_features": "1", "activation": "gelu", "bias": "True", "weights_digest": "0" * 16}
+    settings = {
+        "in_features": "1", "out_features": "1", "activation": "gelu", "bias": "True", "weights_digest": "0" * 16
+    }
     save_file(state, str(tmp_path / "deep.safetensors"), metadata={"fff": json.dumps({**settings, "depth": "40"})})
-    with pytest.raises(ValueError, match=r"deep.safetensors holds tensors .*'w_in': \(1, 1\).*expected .*2199023255551"):
+    with pytest.raises(
+        ValueError, match=r"deep.safetensors holds tensors .*'w_in': \(1, 1\).*expected .*2199023255551"
+    ):
         FFF.load(tmp_path / "deep.safetensors")  # was a MemoryError: the 2**41 - 1 neurons' 17.6 TB
     ints = {n: t.to(torch.int64) for n, t in state.items()}
     save_file(ints, str(tmp_path / "ints.safetensors"), metadata={"fff": json.dumps({**settings, "depth": "0"})})
@@ -284,9 +290,13 @@ def test_bad_input():
     with pytest.raises(ValueError, match="depth must be an int >= 0"):
         FFF(4, 2, -1)
     for depth in (70, 20_000):  # was torch's "Overflow when unpacking long long" TypeError
-        with pytest.raises(ValueError, match=rf"depth={depth} is too deep: the tree would have 2\*\*{depth + 1} - 1 neurons"):
+        with pytest.raises(
+            ValueError, match=rf"depth={depth} is too deep: the tree would have 2\*\*{depth + 1} - 1 neurons"
+        ):
             FFF(4, 2, depth)
-    with pytest.raises(MemoryError, match=r"FFF\(depth=45\) cannot be allocated: its tree has 70,368,744,177,663 neurons"):
+    with pytest.raises(
+        MemoryError, match=r"FFF\(depth=45\) cannot be allocated: its tree has 70,368,744,177,663 neurons"
+    ):
         FFF(4, 2, 45)  # ~1.8 PiB: torch's allocator refuses it at once
 
 

@@ -34,7 +34,11 @@ def test_certify_picks_the_hand_computable_depth():
     assert "certified evaluation depth 3: 4 neurons per path of each tree" in cert.summary()
     assert "trees shallower than 3 run whole" in cert.summary()
     root = calibrate.certify(np.zeros((n, 2)), [1.0, 0.0], delta=0.1, epsilon=0.05, knob="fff_depth")
-    assert "certified evaluation depth 0: 1 neuron per path of each tree (a tree of depth D evaluates D + 1 when whole)" in root.summary()  # was "1 neurons ... shallower than 0 run whole"
+    # was "1 neurons ... shallower than 0 run whole"
+    assert (
+        "certified evaluation depth 0: 1 neuron per path of each tree (a tree of depth D evaluates D + 1 when whole)"
+        in root.summary()
+    )
     with pytest.raises(ValueError, match=r"an fff_depth grid holds whole depths >= 0, got \[1.9, 1.8\]"):
         calibrate.certify(np.zeros((n, 2)), [1.9, 1.8], knob="fff_depth")
     with pytest.raises(ValueError, match=r"a token_keep grid holds 1 / speed-up, in \(0, 1\]"):
@@ -161,7 +165,8 @@ def test_risk_label_probes_the_model_in_eval_mode():
     x = torch.randn(300, 12)
     labels = model.eval()(x).argmax(dim=-1).numpy()
     model.train()
-    fff.fit(model, x, delta=0.3, consistency="risk_label", references=labels)  # was "Expected more than 1 value per channel"
+    # was "Expected more than 1 value per channel"
+    fff.fit(model, x, delta=0.3, consistency="risk_label", references=labels)
     assert model.training and int(model[1].num_batches_tracked) == 0  # no statistics updated
 
 
@@ -220,7 +225,9 @@ def test_trees_of_different_depths_start_from_the_full_model():
         capped = model(x)
         assert torch.equal(capped, model[2](model[1](model[0](x, depth=3)), depth=5))
     anonymous = calibrate.certify(table, delta=0.5, knob="fff_depth")  # losses certified by hand: no model recorded
-    with pytest.raises(ValueError, match=r"names no model, .*dataclasses.replace\(certificate, model=calibrate.fff.model_id"):
+    with pytest.raises(
+        ValueError, match=r"names no model, .*dataclasses.replace\(certificate, model=calibrate.fff.model_id"
+    ):
         fff.apply(model, anonymous)
     cert = dataclasses.replace(anonymous, model=fff.model_id(model))
     fff.apply(model, dataclasses.replace(cert, lambda_hat=5.0))

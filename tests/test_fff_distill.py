@@ -353,7 +353,8 @@ def test_cli_certifies_and_audits_a_language_model(distilled, tokenizer, tmp_pat
     assert "give --model DIR and --prompts FILE" in capsys.readouterr().err
     no_model = common[2:]  # --blocks and --max-new-tokens
     assert main(["audit", str(out), *no_model, "--prompts", str(tmp_path / "held.txt")]) == 2
-    assert "is audited by decoding: give --model DIR --blocks DIR --prompts FILE" in capsys.readouterr().err  # was a TypeError
+    # was a TypeError
+    assert "is audited by decoding: give --model DIR --blocks DIR --prompts FILE" in capsys.readouterr().err
     assert main(["fff-fit", "--model", str(tmp_path / "model"), "--consistency", "token"]) == 2
     assert "a language model with --blocks DIR --prompts FILE" in capsys.readouterr().err
 

@@ -145,7 +145,10 @@ def test_crc_is_labelled_as_expectation():
     assert "expectation" in cert.guarantee
     assert cert.lambda_hat is not None
     assert "p = nan" not in cert.summary() and f"lambda_hat = {cert.lambda_hat:.6g} (risk" in cert.summary()
-    assert "epsilon (failure" not in cert.summary() and "expected risk (conformal risk control: no epsilon)" in cert.summary()
+    assert (
+        "epsilon (failure" not in cert.summary()
+        and "expected risk (conformal risk control: no epsilon)" in cert.summary()
+    )
     assert "the fastest conformal risk control keeps" in cert.summary()
     with pytest.warns(UserWarning, match="monotone"):
         bumpy = calibrate.certify(np.eye(6)[::-1].repeat(100, axis=0), np.linspace(1, 0.5, 6), delta=0.5, method="crc")
@@ -441,7 +444,9 @@ def test_decay_grids_start_where_every_threshold_is_one():
     assert grid.size == 212 and np.all(np.diff(grid) < 0) and grid[11] == 1.0
     np.testing.assert_array_equal(grid[11:], default_lambdas())
     assert np.all(calibrate.Decay(max_len=32, tau=4.0).thresholds(grid[:1], np.arange(64)) == 1.0)
-    assert calibrate.decoded_lambdas(decay=True)[:4].tolist() == pytest.approx([1 / 0.9, 1 / 0.9 - 1 / 27, 1 / 0.9 - 2 / 27, 1.0])
+    assert calibrate.decoded_lambdas(decay=True)[:4].tolist() == pytest.approx(
+        [1 / 0.9, 1 / 0.9 - 1 / 27, 1 / 0.9 - 2 / 27, 1.0]
+    )
     dev, _ = calibrate.synthetic_cache(300, seed=0).split([0.5, 0.5], seed=0)
     old = calibrate.fit(dev, decay=4.0, lambdas=default_lambdas())  # a decayed lambda = 1 exits, and fails here
     assert old.lambda_hat is None and old.certified[0] is False
@@ -476,7 +481,9 @@ def test_fit_checks_its_risk_options_before_any_work(cache, monkeypatch):
 def test_fit_bad_inputs(cache):
     with pytest.raises(ValueError, match="measure must be one of"):
         calibrate.fit(cache, measure="vibes")
-    with pytest.raises(ValueError, match=r"decay as a dict needs the keys 'max_len' and optionally 'tau', got \['max_len', 'tua'\]"):
+    with pytest.raises(
+        ValueError, match=r"decay as a dict needs the keys 'max_len' and optionally 'tau', got \['max_len', 'tua'\]"
+    ):
         calibrate.fit(cache, decay={"max_len": 8, "tua": 4.0})  # a misspelt key (was a TypeError from Decay)
     with pytest.raises(ValueError, match="consistency must be one of"):
         calibrate.fit(cache, consistency="meteor")
@@ -616,7 +623,9 @@ def test_halting_measures_train_on_a_disjoint_split_and_audit_rebuilds_them(meas
     report = calibrate.audit(cert, test)
     assert 0.0 <= report.risk <= 1.0
     with pytest.raises(ValueError, match="not the certificate's"):
-        measure_from_state("halting_geometric" if measure != "halting_geometric" else "halting_token_multinomial", cert.measure_state)
+        measure_from_state(
+            "halting_geometric" if measure != "halting_geometric" else "halting_token_multinomial", cert.measure_state
+        )
 
 
 def test_measure_options_configure_the_learned_measure(cache):
@@ -638,9 +647,12 @@ def test_measure_options_configure_the_learned_measure(cache):
     "measure, options, exc, match",
     [
         ("softmax_gap", {"C": 1.0}, ValueError, r"configure the learned measures .* measure='softmax_gap'"),
-        ("classifier", {"max_iters": 5}, ValueError, r"\['max_iters'\] are not options of measure='classifier' \(ExitClassifier\); it takes \['C', 'features', 'max_iter'\]"),
+        ("classifier", {"max_iters": 5}, ValueError,
+         r"\['max_iters'\] are not options of measure='classifier' \(ExitClassifier\); "
+         r"it takes \['C', 'features', 'max_iter'\]"),
         ("classifier", {"seed": 1}, ValueError, r"the seed is fit's seed="),
-        ("halting_geometric", {"kind": "geometric"}, ValueError, r"\['kind'\] are not options of measure='halting_geometric'"),
+        ("halting_geometric", {"kind": "geometric"}, ValueError,
+         r"\['kind'\] are not options of measure='halting_geometric'"),
         ("classifier", [("C", 1.0)], TypeError, "measure_options must be a dict"),
         ("classifier", {"max_iter": 0}, ValueError, "max_iter must be an int >= 1"),
     ],
@@ -739,7 +751,9 @@ def test_train_cache_bad_input():
         calibrate.fit(cal, measure="classifier", train_cache=train.with_meta({**train.user_meta, "model": "m2"}))
     with pytest.raises(TypeError, match="LayerCache"):
         calibrate.fit(cal, measure="classifier", train_cache="train/")
-    with pytest.warns(UserWarning, match=f"{cal.n_sequences} calibration sequences also occur in train_cache") as caught:
+    with pytest.warns(
+        UserWarning, match=f"{cal.n_sequences} calibration sequences also occur in train_cache"
+    ) as caught:
         calibrate.fit(cal, measure="halting_geometric", train_cache=cache)  # the whole cache: it holds cal too
     assert caught[0].filename == __file__
     with warnings.catch_warnings():

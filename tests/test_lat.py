@@ -578,7 +578,10 @@ def test_certify_picks_the_hand_computable_speedup():
     cert = calibrate.certify(losses, 1 / speedups, delta=0.1, epsilon=0.05, knob="token_keep")
     # 0.09 of 2000 is too close to 0.1 for a 5% test; 0.04 is far below
     assert 1 / cert.lambda_hat == pytest.approx(2.0)
-    assert "certified target speed-up 2x of the prefill (the cost model's prediction, capped per prompt" in cert.summary()
+    assert (
+        "certified target speed-up 2x of the prefill (the cost model's prediction, capped per prompt"
+        in cert.summary()
+    )
 
 
 @pytest.fixture(scope="module")

@@ -97,10 +97,13 @@ def test_finetune_bad_input():
     with pytest.raises(ValueError, match="prompts"):
         lat.finetune(model, tokenizer, [])
     long = " ".join(["w1"] * 60)  # 60 tokens + 5 teacher-forced ones > the 64 positions
-    with pytest.raises(ValueError, match=r"tokens \+ 5 of max_new_tokens=5 fed back\): prompt 1 .*nothing is truncated"):
+    with pytest.raises(
+        ValueError, match=r"tokens \+ 5 of max_new_tokens=5 fed back\): prompt 1 .*nothing is truncated"
+    ):
         lat.finetune(model, tokenizer, ["w1 w2", long], steps=1, max_new_tokens=5)
     a, b = (lat.finetune(model, tokenizer, prompts, steps=1, max_new_tokens=2, seed=2**64) for _ in range(2))
-    np.testing.assert_array_equal(a.losses, b.losses)  # torch takes seeds below 2**64; larger ones are drawn down, reproducibly
+    # torch takes seeds below 2**64; larger ones are drawn down, reproducibly
+    np.testing.assert_array_equal(a.losses, b.losses)
     rates = dict(lr=Fraction(1, 100), alpha=np.float32(16), anchor=Fraction(1, 2))  # taken as the floats they are
     exact = lat.finetune(model, tokenizer, prompts, steps=1, max_new_tokens=2, **rates)  # was a TypeError mid-training
     np.testing.assert_array_equal(exact.losses, lat.finetune(model, tokenizer, prompts, steps=1, max_new_tokens=2,

@@ -9,7 +9,9 @@ NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.i
 
 
 def test_the_notebooks_exist():
-    assert {p.stem for p in NOTEBOOKS} == {"quickstart", "confidence_measures", "auditing", "token_elimination", "fast_feedforward"}
+    assert {p.stem for p in NOTEBOOKS} == {
+        "quickstart", "confidence_measures", "auditing", "token_elimination", "fast_feedforward"
+    }
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

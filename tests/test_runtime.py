@@ -1105,7 +1105,10 @@ def test_model_digest_tells_apart_the_same_weights_computing_otherwise():
     assert model_digest(compiled) == model_digest(model) and weights_digest(compiled) == weights_digest(model)
     assert lat.model_id(compiled) == lat.model_id(model)
     assert lat.model_id(scaled) != lat.model_id(model)  # a token_keep certificate was spent on the scaled model
-    assert ExitHeads.from_model(scaled).describe()["model_digest"] != ExitHeads.from_model(model).describe()["model_digest"]
+    assert (
+        ExitHeads.from_model(scaled).describe()["model_digest"]
+        != ExitHeads.from_model(model).describe()["model_digest"]
+    )
     torch.manual_seed(0)
     gelu, relu = fff.FFF(4, 3, 2), fff.FFF(4, 3, 2, activation="relu")
     relu.load_state_dict(gelu.state_dict())
@@ -1153,7 +1156,9 @@ def test_certificate_for_other_heads_is_refused(fitted_llama):
                        r"certificate was calibrated with other exit heads: pass those \(heads=calibrate.adapters."
                        r"load_adapters\(model, FILE\); command line: --adapters FILE\)"):
         generate(model, ids, certificate=adapted, heads=_trained_adapters(model, seed=1))
-    with pytest.raises(ValueError, match=r"kind: certificate 'logit_lens', heads 'adapters'.*own heads: pass heads=None"):
+    with pytest.raises(
+        ValueError, match=r"kind: certificate 'logit_lens', heads 'adapters'.*own heads: pass heads=None"
+    ):
         generate(model, ids, certificate=plain, heads=heads)
     with pytest.raises(ValueError, match="heads were made .* from another model"):
         generate(tiny_model("llama", seed=7), ids, heads=ExitHeads.from_model(model))
@@ -1568,7 +1573,9 @@ def test_a_model_left_in_training_mode_decodes_as_calibrated_without_dropout(arc
 def test_ids_outside_the_vocabulary_and_wrong_inputs_are_named():
     model = tiny_model("gpt2")
     ids = torch.tensor([[5, 6, V + 2]])
-    with pytest.raises(ValueError, match=rf"token ids in \[0, {V}\) .* got {V + 2} in row 0 at position 2; .*resize_token"):
+    with pytest.raises(
+        ValueError, match=rf"token ids in \[0, {V}\) .* got {V + 2} in row 0 at position 2; .*resize_token"
+    ):
         generate(model, ids, max_new_tokens=2)  # was torch's 'index out of range in self'
     with pytest.raises(ValueError, match=r"got -100 in row 0"):
         generate(model, torch.tensor([[-100, 5]]), max_new_tokens=2)

@@ -145,7 +145,9 @@ def test_manifest_and_shard_specs(tmp_path):
     with pytest.raises(ValueError, match=r"not a calm-calibrate shard manifest .*it says format 'something else', "):
         calibrate.open_cache(tmp_path)
     for shards in (["shard-00000-of-00002"], ["shard-00001-of-00002", "shard-00000-of-00002"]):  # were opened
-        (tmp_path / "manifest.json").write_text(json.dumps({"format": "calm-calibrate shards", "format_version": 1, "shards": shards}))
+        (tmp_path / "manifest.json").write_text(
+            json.dumps({"format": "calm-calibrate shards", "format_version": 1, "shards": shards})
+        )
         with pytest.raises(ValueError, match=r"'shards' must list 'shard-00000-of-0000\d' to .* in order"):
             calibrate.open_cache(tmp_path)
     (tmp_path / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)  # was a RecursionError

@@ -182,7 +182,10 @@ class FFF(nn.Module):
                 f"depth={self.depth} is too deep: the tree would have 2**{self.depth + 1} - 1 neurons, more weights "
                 "than torch can index"
             )
-        size = f"{nodes:,} neurons, {4 * nodes * (self.in_features + self.out_features + 1) / 2**30:.3g} GiB of float32 weights"
+        size = (
+            f"{nodes:,} neurons, "
+            f"{4 * nodes * (self.in_features + self.out_features + 1) / 2**30:.3g} GiB of float32 weights"
+        )
         bound_in, bound_out = 1 / math.sqrt(in_features), 1 / math.sqrt(self.depth + 1)
         try:
             w_in, w_out = torch.empty(nodes, in_features), torch.empty(nodes, out_features)

@@ -200,7 +200,8 @@ def fit(
         model=model_id(model, fresh=True),
         measure_state=_settings(score, min_keep, special),
         cache_checksum=_calibration_data_digest(list(prompts)),
-        max_new_tokens=None if isinstance(scorer, _Classifier) else scorer.max_new_tokens,  # classifiers generate nothing
+        # classifiers generate nothing
+        max_new_tokens=None if isinstance(scorer, _Classifier) else scorer.max_new_tokens,
     )
     return _certify_lazily(scorer, template, progress)
 

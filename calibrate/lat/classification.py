@@ -170,7 +170,8 @@ def classify(
     base = getattr(model, config.model_type, None)
     if base is None or not hasattr(model, "classifier") or (config.model_type == "bert" and base.pooler is None):
         raise ValueError(
-            f"lat.classify needs a ...ForSequenceClassification model (pooler and classifier), got {type(model).__name__}"
+            f"lat.classify needs a ...ForSequenceClassification model (pooler and classifier), got "
+            f"{type(model).__name__}"
         )
     speedup, score, min_keep, special = _knob_iv(model, speedup, certificate, score, min_keep, tokenizer)
     device = next(model.parameters()).device

@@ -65,7 +65,9 @@ class LayerCosts:
         """Multiply-adds of a prefill whose layer ``l`` gets ``keep[l]`` vectors (``len(keep) == n_layers``)."""
         n = np.asarray(keep, dtype=np.float64)
         if n.shape != (self.n_layers,) or not np.all(np.isfinite(n) & (n >= 0)):
-            raise ValueError(f"keep must hold n_layers={self.n_layers} counts >= 0, got {np.asarray(keep).tolist()!r:.80}")
+            raise ValueError(
+                f"keep must hold n_layers={self.n_layers} counts >= 0, got {np.asarray(keep).tolist()!r:.80}"
+            )
         m = np.append(n[1:], n[-1])  # survivors of each layer's attention
         return float(np.sum(n * self.qkv + n * n * self.attn + m * (self.out + self.mlp)))
 
@@ -240,7 +242,8 @@ class KeepSchedule:
             if not clip:
                 raise ValueError(
                     f"speedup {speedup:g} cannot be reached for a prompt of {prompt_len} tokens on this model: "
-                    f"the most is {best:.4g} (every layer after the first elimination point keeps {min(min_keep, prompt_len)} "
+                    f"the most is {best:.4g} (every layer after the first elimination point keeps "
+                    f"{min(min_keep, prompt_len)} "
                     "tokens)"
                 )
             alpha = top

@@ -231,8 +231,12 @@ def _ids_iv(
     else all ones.
     """
     if not isinstance(ids, torch.Tensor) or ids.ndim != 2 or ids.dtype not in (torch.long, torch.int):
-        what = f"{ids.dtype} tensor of shape {tuple(ids.shape)}" if isinstance(ids, torch.Tensor) else type(ids).__name__
-        raise TypeError(f"input_ids must be an integer (int64 or int32) torch.Tensor of shape (batch, length), got {what}")
+        what = (
+            f"{ids.dtype} tensor of shape {tuple(ids.shape)}" if isinstance(ids, torch.Tensor) else type(ids).__name__
+        )
+        raise TypeError(
+            f"input_ids must be an integer (int64 or int32) torch.Tensor of shape (batch, length), got {what}"
+        )
     if ids.shape[0] == 0 or ids.shape[1] == 0:
         raise ValueError(f"input_ids must hold at least one row and one token, got shape {tuple(ids.shape)}")
     ids = ids.to(device=device, dtype=torch.long)
@@ -242,7 +246,8 @@ def _ids_iv(
         row, col = (int(v) for v in outside.nonzero()[0])
         raise ValueError(
             f"input_ids must be token ids in [0, {rows}) (the model's embedding rows), got {int(ids[row, col])} in row "
-            f"{row} at position {col}; a tokenizer with added tokens needs model.resize_token_embeddings(len(tokenizer))"
+            f"{row} at position {col}; a tokenizer with added tokens needs "
+            "model.resize_token_embeddings(len(tokenizer))"
         )
     if mask is None and special_tokens is not None:
         eos, pad = special_tokens
@@ -265,7 +270,9 @@ def _mask_iv(mask, shape: tuple[int, ...], device, *, left_padded: bool) -> torc
         return torch.ones(shape, dtype=torch.long, device=device)
     if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(shape):
         what = f"shape {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
-        raise ValueError(f"attention_mask must be a torch.Tensor of shape {tuple(shape)} (that of input_ids), got {what}")
+        raise ValueError(
+            f"attention_mask must be a torch.Tensor of shape {tuple(shape)} (that of input_ids), got {what}"
+        )
     mask = mask.to(device=device, dtype=torch.long)
     if not bool(((mask == 0) | (mask == 1)).all()):
         raise ValueError("attention_mask must hold only 0 and 1")

@@ -92,7 +92,8 @@ class KVCache:
         self.cross_mask: torch.Tensor | None = None
 
     def set_cross(self, keys: list[torch.Tensor], values: list[torch.Tensor], mask: torch.Tensor | None) -> None:
-        """Store every layer's cross-attention ``keys``/``values`` and the mask ``(B, 1, 1, S_enc)`` (None: no padding)."""
+        """Store every layer's cross-attention ``keys``/``values`` and the mask ``(B, 1, 1, S_enc)``
+        (None: no padding)."""
         self.cross_keys, self.cross_values, self.cross_mask = keys, values, mask
 
     def read_cross(

@@ -204,7 +204,9 @@ def generate(
     An encoder-decoder model: ``sequences`` are the decoder's, from the start token on.
 
     >>> from transformers import T5Config, T5ForConditionalGeneration
-    >>> config = T5Config(num_layers=2, d_model=16, d_kv=8, d_ff=32, num_heads=2, vocab_size=50, decoder_start_token_id=0)
+    >>> config = T5Config(
+    ...     num_layers=2, d_model=16, d_kv=8, d_ff=32, num_heads=2, vocab_size=50, decoder_start_token_id=0
+    ... )
     >>> t5 = T5ForConditionalGeneration(config)
     >>> out = generate(t5.eval(), ids, max_new_tokens=4)
     >>> torch.equal(out.sequences, t5.generate(ids, do_sample=False, max_new_tokens=4))

@@ -78,12 +78,20 @@ def _extract_iv(
     gen = model.generation_config
     eos = gen.eos_token_id if gen.eos_token_id is not None else getattr(tokenizer, "eos_token_id", None)
     eos_ids = sorted({int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None})
-    pad_id = gen.pad_token_id
-    if pad_id is None:
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
+    pad_id, pad_source = gen.pad_token_id, "the model's generation_config.pad_token_id"
+    if pad_id is None and tokenizer.pad_token_id is not None:
+        pad_id, pad_source = tokenizer.pad_token_id, "the tokenizer's pad_token_id"
+    elif pad_id is None:
+        pad_id, pad_source = (eos_ids[0] if eos_ids else 0), "the EOS id (no pad id is set)"
     pad_id = int(pad_id[0] if isinstance(pad_id, (list, tuple)) else pad_id)
     token_ids = prompt_ids(tokenizer, prompts)
     rows = model.get_input_embeddings().num_embeddings
+    if not 0 <= pad_id < rows:  # padded batches, and generate's finished rows, would index past the embedding
+        raise ValueError(
+            f"the pad id {pad_id} ({pad_source}) is not among the model's {rows} embedding rows: set "
+            "model.generation_config.pad_token_id to a valid id (e.g. the EOS id), or after adding a pad token to "
+            "the tokenizer call model.resize_token_embeddings(len(tokenizer))"
+        )
     for name, seq in zip(ids, token_ids):
         if any(not 0 <= t < rows for t in seq):
             raise ValueError(
@@ -252,7 +260,7 @@ def _context_iv(
     if too_long:
         shown = ", ".join(f"prompt {names[i]} ({n} tokens)" for i, n in too_long[:5])
         more = f" and {len(too_long) - 5} more" if len(too_long) > 5 else ""
-        fix = "shorten them or lower max_new_tokens" if max_new_tokens else "shorten them"
+        fix = "shorten them or lower max_new_tokens" if max_new_tokens and not encoder_decoder else "shorten them"
         raise ValueError(
             f"{len(too_long)} prompt(s) do not fit the model's context config.{name}={context} ({need}): "
             f"{shown}{more}; {fix} (nothing is truncated)"

@@ -19,7 +19,7 @@ import torch
 from calibrate._cache_files import _library_version
 from calibrate._validation import caller_stacklevel
 from calibrate.cache import LayerCache, _from_arrays, open_cache
-from calibrate.heads import ExitHeads, record_layer_states
+from calibrate.heads import ExitHeads, decoder_layers, forward_hooks, record_layer_states
 from calibrate.runtime._result import generated_lengths
 from measures.confidence import state_saturation
 
@@ -99,7 +99,13 @@ def _extract_batch(model, tokenizer, setup: dict, start: int, stop: int) -> Laye
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)  # (B, S)
     # 2. Greedy generation by the model itself, recording every decoder layer's raw output at the last
     #    position of every forward call (call c predicts generated token c).
-    with record_layer_states(model) as recorded:  # recorded[i][c]: (B, d)
+    widths: list[int] = []  # positions each forward call feeds the decoder: one per call after the first
+
+    def width(module, args, out) -> None:
+        widths.append((out[0] if isinstance(out, (tuple, list)) else out).shape[1])
+
+    layer_1 = decoder_layers(model)[0]
+    with record_layer_states(model) as recorded, forward_hooks([(layer_1, width)]):  # recorded[i][c]: (B, d)
         sequences = model.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -107,12 +113,24 @@ def _extract_batch(model, tokenizer, setup: dict, start: int, stop: int) -> Laye
             num_beams=1,
             dola_layers=None,  # greedy, as the runtime decodes (DoLa and contrastive search: warned of there)
             penalty_alpha=None,
+            # one token per forward call: prompt lookup and early-exit self-speculation feed several candidates
+            # (lossless when greedy, but the hooks would keep the last candidate's state); constraints need beams
+            prompt_lookup_num_tokens=None,
+            assistant_early_exit=None,
+            force_words_ids=None,
+            constraints=None,
             max_new_tokens=setup["max_new_tokens"],
             pad_token_id=setup["pad_id"],
             return_dict_in_generate=False,  # the token ids, whatever the model's generation config asks for
         )
     new = sequences[:, 1:] if setup["encoder_decoder"] else sequences[:, input_ids.shape[1] :]  # (B, N)
     n_steps = new.shape[1]
+    if any(w != 1 for w in widths[1:]):
+        raise RuntimeError(
+            f"a forward call of the model's generate fed {max(widths[1:])} positions at once after the prompt; "
+            "extraction records one generated token per call (an assisted or speculative decoding setting in the "
+            "model's generation config?)"
+        )
     if any(len(r) != n_steps for r in recorded):
         raise RuntimeError(
             f"recorded {[len(r) for r in recorded]} forward calls per layer for {n_steps} generated tokens; "

@@ -579,6 +579,66 @@ def test_prompts_longer_than_the_context_are_reported(tokenizer):
         extract(tiny_model("bart"), tokenizer, ["w1"], max_new_tokens=65, progress=False)
 
 
+def test_an_encoder_prompt_too_long_is_not_told_to_lower_max_new_tokens(tokenizer):
+    model = tiny_model("bart")  # max_position_embeddings = 64: the encoder's input, whatever max_new_tokens is
+    long = " ".join(f"w{i % 50}" for i in range(65))
+    with pytest.raises(ValueError, match=r"prompt 0 \(65 tokens\); shorten them \(nothing is truncated\)"):
+        extract(model, tokenizer, [long], max_new_tokens=1, progress=False)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_speculative_settings_of_the_generation_config_decode_one_token_per_call(arch, tokenizer):
+    """Prompt lookup feeds several candidate tokens per forward call: the hooks kept the last candidate's state
+    (wrong top-k and scores, a warning blaming logits processors), or the run failed after generating."""
+    prompts = ["w5 w6 w7 w8 w5 w6 w7 w8 w5 w6 w7 w8", "w9 w10 w9 w10 w9 w10 w9 w10"]
+    plain = extract(tiny_model(arch), tokenizer, prompts, max_new_tokens=10, batch_size=1, progress=False)
+    model = tiny_model(arch)
+    model.generation_config.prompt_lookup_num_tokens = 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning of changed greedy choices
+        looked = extract(model, tokenizer, prompts, max_new_tokens=10, batch_size=1, progress=False)
+    assert looked.checksum == plain.checksum
+
+
+def test_a_forward_call_of_several_new_positions_is_refused(tokenizer, monkeypatch):
+    """A generate that feeds candidates in one call (a speculative setting extraction does not override) fails
+    naming it instead of recording the last candidate's state."""
+    from transformers.generation import utils
+
+    model = tiny_model("gpt2")
+    greedy = utils.GenerationMixin._sample
+
+    def speculative(self, input_ids, *args, **kwargs):
+        self(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))  # the whole prompt, then two at once
+        self(input_ids=input_ids[:, -2:], attention_mask=torch.ones_like(input_ids))
+        return greedy(self, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(utils.GenerationMixin, "_sample", speculative)
+    with pytest.raises(RuntimeError, match=r"fed \d+ positions at once after the prompt"):
+        extract(model, tokenizer, ["w1 w2 w3"], max_new_tokens=3, progress=False)
+
+
+@pytest.mark.parametrize("arch", ["llama", "bart"])
+def test_a_pad_id_outside_the_embedding_is_refused(arch, tokenizer):
+    """Padded batches indexed the embedding with it: a bare IndexError from torch.nn.functional."""
+    for pad in (-1, V):
+        model = tiny_model(arch)
+        model.generation_config.pad_token_id = pad
+        with pytest.raises(ValueError, match=rf"pad id {pad} \(the model's generation_config.pad_token_id\) is not"):
+            extract(model, tokenizer, ["w1", "w2 w3"], max_new_tokens=2, batch_size=2, progress=False)
+
+
+def test_constrained_beam_settings_of_the_generation_config_are_ignored(tokenizer):
+    """extract decodes greedily (num_beams=1 overrides beam search): force_words_ids made generate fail with
+    "Constrained Beam Search requires trust_remote_code=True"."""
+    plain = extract(tiny_model("gpt2"), tokenizer, ["w1 w2"], max_new_tokens=3, progress=False)
+    model = tiny_model("gpt2")
+    model.generation_config.num_beams = 4
+    model.generation_config.force_words_ids = [[7]]
+    forced = extract(model, tokenizer, ["w1 w2"], max_new_tokens=3, progress=False)
+    assert forced.checksum == plain.checksum
+
+
 @pytest.mark.parametrize(
     ("kw", "error", "match"),
     [

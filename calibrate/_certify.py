@@ -108,7 +108,9 @@ def certify(
         p-value for the null ``risk(lambda) > delta``; default ``"hoeffding_bentkus"``. ``"binomial"``
         needs 0/1 losses; ``"wsr"`` depends on the order of the examples, which must not depend on their
         losses (it reads them in a fixed pseudo-random order, which does not undo a sorted one; see
-        :func:`calibrate.bounds.p_values`). Not with ``method="crc"``, which uses no p-value.
+        :func:`calibrate.bounds.p_values`), and its bets are tuned to ``epsilon`` (so under Bonferroni, Holm or
+        multistart a larger epsilon can certify a slower threshold). Not with ``method="crc"``, which uses no
+        p-value.
     method : {"fixed_sequence", "bonferroni", "holm", "multistart", "crc"} or FWERProcedure
         Family-wise error control over the grid; ``"crc"`` is conformal risk control, a guarantee in
         expectation only.

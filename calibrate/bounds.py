@@ -506,7 +506,9 @@ def wsr(losses: ArrayLike, tolerance: float, *, epsilon: float = 0.05) -> float 
         Tolerance ``a`` on the risk, in (0, 1) (``delta`` in CALM, ``alpha`` in LTT/MAPIE).
     epsilon : float, default=0.05
         Failure probability the bets are tuned for (``delta`` in LTT/MAPIE). It only sets the betting
-        fractions, i.e. the power; the p-value is valid whatever its value.
+        fractions, i.e. the power; the p-value is valid whatever its value, but it depends on it: a certificate
+        with ``bound="wsr"`` under a method that tests each threshold at a fraction of epsilon (Bonferroni,
+        Holm, multistart) can certify a slower threshold at a larger epsilon.
 
     Returns
     -------

@@ -282,8 +282,10 @@ def proxy_losses(
 
     Notes
     -----
-    Proxy losses certify the simulated outputs, not free-running generation: after an early token that
-    differs, a real decoder would continue from a different prefix.
+    Proxy losses certify the simulated outputs, not free-running generation, which differs in two ways: after
+    an early token that differs, a real decoder continues from a different prefix; and the layers an early exit
+    skips get keys and values propagated from its exit state, which later tokens attend to, so a token can
+    differ even after a correct prefix and at a position that runs every layer.
 
     Examples
     --------

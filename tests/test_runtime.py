@@ -1583,6 +1583,13 @@ def test_ids_outside_the_vocabulary_and_wrong_inputs_are_named():
         generate(model, torch.tensor([[5.0, 6.0]]), max_new_tokens=2)
     with pytest.raises(ValueError, match=r"attention_mask must be a torch.Tensor of shape \(1, 2\) .*, got ndarray"):
         generate(model, torch.tensor([[5, 6]]), np.ones((1, 2)), max_new_tokens=2)
+    for value in (0.5, 1.7):  # were rounded by the cast to long: 0.5 masked the first prompt token
+        with pytest.raises(ValueError, match="attention_mask must hold only 0 and 1"):
+            generate(model, torch.tensor([[5, 6]]), torch.tensor([[value, 1.0]]), max_new_tokens=2)
+    assert torch.equal(
+        generate(model, torch.tensor([[5, 6]]), torch.tensor([[1.0, 1.0]]), max_new_tokens=2).sequences,
+        generate(model, torch.tensor([[5, 6]]), max_new_tokens=2).sequences,
+    )
 
 
 def test_token_strings_for_special_ids_and_right_padding_say_what_to_do():

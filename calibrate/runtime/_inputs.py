@@ -273,9 +273,10 @@ def _mask_iv(mask, shape: tuple[int, ...], device, *, left_padded: bool) -> torc
         raise ValueError(
             f"attention_mask must be a torch.Tensor of shape {tuple(shape)} (that of input_ids), got {what}"
         )
-    mask = mask.to(device=device, dtype=torch.long)
-    if not bool(((mask == 0) | (mask == 1)).all()):
+    mask = mask.to(device=device)
+    if not bool(((mask == 0) | (mask == 1)).all()):  # before the cast, which rounds a float 0.5 to 0
         raise ValueError("attention_mask must hold only 0 and 1")
+    mask = mask.to(dtype=torch.long)
     if left_padded and bool((mask[:, 1:] < mask[:, :-1]).any()):
         raise ValueError(
             "input_ids must be left-padded (attention_mask zeros before ones in every row), as for model.generate: "

@@ -96,9 +96,11 @@ def generate(
         ``max_new_tokens``.
     pad_token_id : int, optional
         Filler after a row's EOS. Default: ``model.generation_config.pad_token_id``, else
-        ``tokenizer.pad_token_id``, else the first EOS id. With a certificate, an ``eos_token_id`` other than
-        the generation config's is refused: the certificate was calibrated under the config's (where the config
-        has none, at the tokenizer's, of which extraction and decoded calibration warn: pass the tokenizer).
+        ``tokenizer.pad_token_id``, else the first EOS id. With a certificate that records the generation config
+        it was calibrated under (that of a cache :func:`calibrate.extract` made, or of decoded mode), an
+        ``eos_token_id`` other than the config's is refused (where the config has none, the tokenizer's was
+        used, of which extraction and decoded calibration warn: pass the tokenizer); a certificate of a cache
+        from other sources records none, and what it was calibrated under is not checked.
 
     Returns
     -------

@@ -8,14 +8,45 @@ import sys
 import tempfile
 from pathlib import Path
 
+#: The arguments of the subcommands that name files or directories they read, and how a message names them.
+_INPUTS = {
+    "cache": "the cache",
+    "certificate": "the certificate",
+    "model": "--model",
+    "prompts": "--prompts",
+    "inputs": "--inputs",
+    "references": "--references",
+    "blocks": "--blocks",
+    "adapters": "--adapters",
+    "tokenizer": "--tokenizer",
+}
 
-def _output_iv(path: str | None, option: str) -> Path | None:
-    """The file an option names, checked before any work (its missing parent directories are made at writing)."""
+
+def _output_iv(path: str | None, option: str, args=None) -> Path | None:
+    """The file an option names, checked before any work (its missing parent directories are made at writing):
+    a file, not one that the command's ``args`` read (or inside the cache they read)."""
     if path is None:
         return None
     out = Path(path)
-    if not path or out.is_dir():
+    if not path or out.is_dir() or path.endswith(tuple(filter(None, ("/", os.sep, os.altsep)))):
         raise ValueError(f"{option} must name a file, got {path!r}")
+    sources = {
+        name: source
+        for name in _INPUTS
+        if isinstance(source := getattr(args, name, None), str) and "://" not in source and os.path.exists(source)
+    }
+    target = os.path.realpath(out)
+    for name, source in sources.items():
+        if target == os.path.realpath(source) or (out.exists() and os.path.samefile(out, source)):
+            raise ValueError(
+                f"{option} {path} is {_INPUTS[name]} {source}, which this command reads; give another file"
+            )
+    for name, source in sources.items():  # a cache holds its own files only; an input's files are never replaced
+        read = os.path.realpath(source)
+        if os.path.isdir(read) and os.path.commonpath([target, read]) == read and (name == "cache" or out.exists()):
+            raise ValueError(
+                f"{option} {path} lies in {_INPUTS[name]} {source}, which this command reads; give another file"
+            )
     blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
     if blocking is not None:
         raise ValueError(f"{option} {path}: {blocking} is a file, not a directory")
@@ -42,7 +73,7 @@ def _report(cert, output: Path | None) -> int:
 def _cmd_fit(args) -> int:
     import calibrate
 
-    output = _output_iv(args.output, "-o")
+    output = _output_iv(args.output, "-o", args)
     decode = None if args.tokenizer is None else _tokenizer_decode(args.tokenizer, args.consistency)
     chunks = args.chunks if args.chunks is not None or args.scheduler is None else 1000
     cache = calibrate.open_cache(args.cache, chunks=chunks)
@@ -137,7 +168,7 @@ def _cmd_audit(args) -> int:
     from calibrate.certificate import _budget
 
     cert = calibrate.Certificate.from_json(Path(args.certificate))
-    figure = _figure_iv(args.figure)
+    figure = _figure_iv(args.figure, args)
     route = _audit_route(cert, args)
     args.max_new_tokens = _budget(cert, args.max_new_tokens)  # default: as the certificate was calibrated
     if route == "decode" and args.adapters is None and (cert.heads or {}).get("kind") == "adapters":
@@ -223,14 +254,15 @@ def _audit_on_prompts(audit, cert, args):
     )
 
 
-def _figure_iv(path: str | None) -> Path | None:
+def _figure_iv(path: str | None, args) -> Path | None:
     """``--figure``'s file (``.png`` added without a suffix, as matplotlib would), its format checked up front."""
     from matplotlib.figure import Figure
 
-    figure = _output_iv(path, "--figure")
+    figure = _output_iv(path, "--figure", args)
     if figure is None:
         return None
-    figure = figure if figure.suffix else figure.with_suffix(".png")
+    if not figure.suffix:
+        figure = _output_iv(str(figure.with_suffix(".png")), "--figure", args)
     formats = Figure().canvas.get_supported_filetypes()
     formats.pop("pgf", None)  # needs a LaTeX installation: it would fail after the audit's work
     if figure.suffix[1:].lower() not in formats:
@@ -365,7 +397,7 @@ def _load_array(path: str, option: str):
 
 
 def _cmd_fff_fit(args) -> int:
-    output = _output_iv(args.output, "-o")
+    output = _output_iv(args.output, "-o", args)
     if args.prompts is not None and args.blocks is None:
         raise ValueError("--prompts certifies a language model's FFF blocks: give --blocks DIR too")
     if args.blocks is not None:  # a language model whose MLP blocks are FFFs, decoded on prompts
@@ -412,7 +444,7 @@ def _cmd_fff_fit(args) -> int:
 
 
 def _cmd_lat_fit(args) -> int:
-    output = _output_iv(args.output, "-o")
+    output = _output_iv(args.output, "-o", args)
     lat, read_prompts, load_local = _lat_imports()
     if args.score not in lat.SCORES:  # before loading the model
         raise ValueError(f"--score must be one of {lat.SCORES}, got {args.score!r}")

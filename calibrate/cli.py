@@ -322,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
             return 141  # 128 + SIGPIPE, as a shell reports a writer killed by a closed pipe
         # OSError: missing, existing or unwritable files; ImportError: an extra that is not installed
         except (ValueError, TypeError, OSError, ImportError) as exc:
-            print(f"{prefix}: error: {exc}", file=sys.stderr)
+            print(f"{prefix}: error: {' '.join(str(exc).split())}", file=sys.stderr)  # one line
             return 2
         except KeyboardInterrupt:
             print(

@@ -127,6 +127,7 @@ def load_local(model_dir, *, device: str | None = None, dtype: str | None = None
         has no place for (they would be dropped), ``dtype`` is not a torch
         dtype or ``device`` is not an available torch device (checked before loading).
     """
+    import transformers
     from transformers import (
         AutoConfig,
         AutoModelForCausalLM,
@@ -144,7 +145,13 @@ def load_local(model_dir, *, device: str | None = None, dtype: str | None = None
         load_kw["dtype"] = _torch_dtype(dtype)
     if device is not None:
         device = _torch_device(device)
-    config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    try:
+        config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    except (ValueError, KeyError, OSError) as exc:  # e.g. a model_type newer than the installed transformers
+        raise ValueError(
+            f"cannot read {model_dir / 'config.json'} with transformers {transformers.__version__}: "
+            + " ".join(str(exc).split())
+        ) from None
     if any(a.endswith("ForSequenceClassification") for a in getattr(config, "architectures", None) or []):
         auto = AutoModelForSequenceClassification  # first: BART's classifier is an encoder-decoder too
     elif getattr(config, "is_encoder_decoder", False):

@@ -278,6 +278,52 @@ def test_outputs_are_checked_before_the_work(tmp_path, capsys, monkeypatch):
     assert f"--figure {tmp_path / 'risk.txt'}: matplotlib writes" in err and "not '.txt'" in err
 
 
+def test_an_output_that_is_an_input_is_refused_before_the_work(tmp_path, capsys, monkeypatch):
+    """-o named the command's own input (the FFF weights, the prompts, the cache's meta.json) and replaced it with
+    the certificate; a trailing slash wrote a file of the directory's name; --figure plot with a directory
+    plot.png failed after the audit, naming a temporary file."""
+    dev = tmp_path / "dev"
+    main(["synthetic", "-o", str(dev), "--sequences", "60", "--layers", "4"])
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("w1\n")
+    weights = tmp_path / "fff.safetensors"
+    weights.write_bytes(b"weights")
+    (tmp_path / "link.txt").hardlink_to(prompts)
+    monkeypatch.setattr(calibrate, "fit", lambda *a, **k: pytest.fail("fitted before the output was checked"))
+    capsys.readouterr()
+    cases = [
+        (["fit", str(dev), "-o", str(dev / "meta.json")], f"lies in the cache {dev}, which this command reads"),
+        (["fit", str(dev), "-o", str(dev / "cert.json")], f"lies in the cache {dev}, which this command reads"),
+        (["fit", str(dev), "-o", str(tmp_path / "results") + "/"], "-o must name a file, got"),
+        (["fff-fit", "--model", str(weights), "--inputs", str(prompts), "-o", str(weights)], "is --model"),
+        (["lat-fit", "--model", str(tmp_path), "--prompts", str(prompts), "-o", str(tmp_path / "link.txt")],
+         "is --prompts"),
+        (["lat-fit", "--model", str(tmp_path), "--prompts", str(prompts), "-o", str(weights)], "lies in --model"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        assert message in capsys.readouterr().err
+    assert weights.read_bytes() == b"weights" and prompts.read_text() == "w1\n" and not (tmp_path / "results").exists()
+    cert = tmp_path / "cert.json"
+    calibrate.certify(np.zeros((100, 2)), [1.0, 0.5]).to_json(cert)
+    (tmp_path / "plot.png").mkdir()
+    monkeypatch.setattr(calibrate, "audit", lambda *a, **k: pytest.fail("audited before the figure was checked"))
+    for figure, message in [("plot", "must name a file, got 'plot.png'"), ("figs/", "must name a file, got 'figs/'")]:
+        with monkeypatch.context() as patch:
+            patch.chdir(tmp_path)
+            assert main(["audit", str(cert), str(dev), "--figure", figure]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_an_unknown_model_type_is_one_line_naming_the_config(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    (tmp_path / "config.json").write_text('{"model_type": "llama5", "architectures": ["Llama5ForCausalLM"]}')
+    (tmp_path / "p.txt").write_text("w1\n")
+    assert main(["extract", "--model", str(tmp_path), "--prompts", str(tmp_path / "p.txt"), "-o", "c"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"cannot read {tmp_path / 'config.json'} with transformers" in err
+
+
 def test_audit_decodes_with_the_certificates_budget(tmp_path, capsys, monkeypatch):
     from types import SimpleNamespace
 

@@ -105,9 +105,15 @@ def _certificate_losses(cert: Certificate, cache, *, decode=None, progress=False
                 )
         if made != here:
             path, mine, theirs = _first_difference((what,), here, made)
+            hint = (
+                " (other weights, or the same weights in another dtype: extract the test cache in the dtype the "
+                "certificate was calibrated in, --dtype on the command line)"
+                if path.endswith("'model_digest'")
+                else ""
+            )
             raise ValueError(
                 f"the cache was extracted with other {what} than the certificate was calibrated with: {path} is "
-                f"{mine!r:.80} in the cache, {theirs!r:.80} in the certificate"
+                f"{mine!r:.80} in the cache, {theirs!r:.80} in the certificate{hint}"
             )
     budget = _generation_budget(cache)
     if budget is not None:

@@ -189,7 +189,8 @@ def _heads_identity_iv(recorded, heads: ExitHeads) -> None:
         else:
             advice = (
                 "the model differs from the one the certificate was calibrated with (other weights or config, another "
-                "dtype, resized embeddings, another model): calibrate a certificate for the model as it is deployed"
+                "dtype (load it in the dtype it was calibrated in: --dtype on the command line), resized embeddings, "
+                "another model): calibrate a certificate for the model as it is deployed"
             )
         raise ValueError(f"certificate.heads does not describe the exit heads used here ({details}): {advice}")
 

@@ -20,11 +20,22 @@ _INPUTS = {
     "adapters": "--adapters",
     "tokenizer": "--tokenizer",
 }
+#: Files of a model, tokenizer or blocks directory that the loaders read (save_pretrained, fff.save_blocks).
+_READ_NAMES = (
+    "config.json", "generation_config.json", "special_tokens_map.json", "added_tokens.json", "merges.txt",
+    "vocab.json", "vocab.txt", "chat_template.jinja", "source.json",
+)
+_READ_SUFFIXES = (".safetensors", ".bin", ".model", ".index.json")
+
+
+def _read_from(name: str, file: str) -> bool:
+    """Whether a command reads ``file`` (a base name) from its input directory ``name`` (a key of _INPUTS)."""
+    return name == "cache" or file in _READ_NAMES or file.startswith("tokenizer") or file.endswith(_READ_SUFFIXES)
 
 
 def _output_iv(path: str | None, option: str, args=None) -> Path | None:
     """The file an option names, checked before any work (its missing parent directories are made at writing):
-    a file, not one that the command's ``args`` read (or inside the cache they read)."""
+    a file, not one that the command's ``args`` read (or any inside the cache they read)."""
     if path is None:
         return None
     out = Path(path)
@@ -41,9 +52,9 @@ def _output_iv(path: str | None, option: str, args=None) -> Path | None:
             raise ValueError(
                 f"{option} {path} is {_INPUTS[name]} {source}, which this command reads; give another file"
             )
-    for name, source in sources.items():  # a cache holds its own files only; an input's files are never replaced
+    for name, source in sources.items():  # a cache holds its own files only; a model directory's are never replaced
         read = os.path.realpath(source)
-        if os.path.isdir(read) and os.path.commonpath([target, read]) == read and (name == "cache" or out.exists()):
+        if os.path.isdir(read) and os.path.commonpath([target, read]) == read and _read_from(name, out.name):
             raise ValueError(
                 f"{option} {path} lies in {_INPUTS[name]} {source}, which this command reads; give another file"
             )

@@ -99,7 +99,7 @@ def _extract_batch(model, tokenizer, setup: dict, start: int, stop: int) -> Laye
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)  # (B, S)
     # 2. Greedy generation by the model itself, recording every decoder layer's raw output at the last
     #    position of every forward call (call c predicts generated token c).
-    widths: list[int] = []  # positions each forward call feeds the decoder: one per call after the first
+    widths: list[int] = []  # positions each forward call feeds the decoder: one per call after the first, or all
 
     def width(module, args, out) -> None:
         widths.append((out[0] if isinstance(out, (tuple, list)) else out).shape[1])
@@ -117,6 +117,7 @@ def _extract_batch(model, tokenizer, setup: dict, start: int, stop: int) -> Laye
             # (lossless when greedy, but the hooks would keep the last candidate's state); constraints need beams
             prompt_lookup_num_tokens=None,
             assistant_early_exit=None,
+            prefill_chunk_size=None,  # the prompt in one call
             force_words_ids=None,
             constraints=None,
             max_new_tokens=setup["max_new_tokens"],
@@ -125,14 +126,15 @@ def _extract_batch(model, tokenizer, setup: dict, start: int, stop: int) -> Laye
         )
     new = sequences[:, 1:] if setup["encoder_decoder"] else sequences[:, input_ids.shape[1] :]  # (B, N)
     n_steps = new.shape[1]
-    if any(w != 1 for w in widths[1:]):
-        raise RuntimeError(
-            f"a forward call of the model's generate fed {max(widths[1:])} positions at once after the prompt; "
-            "extraction records one generated token per call (an assisted or speculative decoding setting in the "
-            "model's generation config?)"
+    fed = [w for c, w in enumerate(widths) if c and w not in (1, widths[0] + c)]  # one new, or all (use_cache=False)
+    if fed:
+        raise ValueError(
+            f"a forward call of the model's generate fed {fed[0]} positions at once after the prompt; extraction "
+            "records one generated token per call (an assisted or speculative decoding setting in the model's "
+            "generation config?)"
         )
     if any(len(r) != n_steps for r in recorded):
-        raise RuntimeError(
+        raise ValueError(
             f"recorded {[len(r) for r in recorded]} forward calls per layer for {n_steps} generated tokens; "
             "the model's generate does not run one forward per token (unsupported generation config?)"
         )

@@ -303,6 +303,11 @@ def test_an_output_that_is_an_input_is_refused_before_the_work(tmp_path, capsys,
     for argv, message in cases:
         assert main(argv) == 2, argv
         assert message in capsys.readouterr().err
+    (tmp_path / "tok").mkdir()
+    for name in ("cert.json", "cert.json"):  # an output beside a model's files, again: refused the second time
+        assert main(["fit", str(dev), "--tokenizer", str(tmp_path / "tok"), "-o", str(tmp_path / "tok" / name)]) == 2
+        assert "which this command reads" not in capsys.readouterr().err  # fails reading the (empty) tokenizer
+        (tmp_path / "tok" / name).write_text("{}")
     assert weights.read_bytes() == b"weights" and prompts.read_text() == "w1\n" and not (tmp_path / "results").exists()
     cert = tmp_path / "cert.json"
     calibrate.certify(np.zeros((100, 2)), [1.0, 0.5]).to_json(cert)

@@ -600,6 +600,21 @@ def test_speculative_settings_of_the_generation_config_decode_one_token_per_call
     assert looked.checksum == plain.checksum
 
 
+@pytest.mark.parametrize("arch", ["llama", "bart"])
+def test_a_generation_config_without_kv_cache_is_extracted(arch, tokenizer):
+    """use_cache=False feeds the whole sequence at every call: refused as "speculative" by the width check."""
+    prompts = ["w1 w2 w3", "w4"]
+    cached = extract(tiny_model(arch), tokenizer, prompts, max_new_tokens=4, batch_size=2, progress=False)
+    model = tiny_model(arch)
+    model.generation_config.use_cache = False
+    uncached = extract(model, tokenizer, prompts, max_new_tokens=4, batch_size=2, progress=False)
+    assert np.array_equal(uncached.arrays["full_tokens"], cached.arrays["full_tokens"])
+    assert np.array_equal(uncached.arrays["topk_ids"], cached.arrays["topk_ids"])
+    np.testing.assert_allclose(uncached.arrays["topk_logprobs"], cached.arrays["topk_logprobs"], atol=1e-4)
+    model.generation_config.use_cache, model.generation_config.prefill_chunk_size = True, 2  # one prompt call
+    assert extract(model, tokenizer, prompts, max_new_tokens=4, batch_size=2, progress=False).n_tokens
+
+
 def test_a_forward_call_of_several_new_positions_is_refused(tokenizer, monkeypatch):
     """A generate that feeds candidates in one call (a speculative setting extraction does not override) fails
     naming it instead of recording the last candidate's state."""
@@ -614,7 +629,7 @@ def test_a_forward_call_of_several_new_positions_is_refused(tokenizer, monkeypat
         return greedy(self, input_ids, *args, **kwargs)
 
     monkeypatch.setattr(utils.GenerationMixin, "_sample", speculative)
-    with pytest.raises(RuntimeError, match=r"fed \d+ positions at once after the prompt"):
+    with pytest.raises(ValueError, match=r"fed \d+ positions at once after the prompt"):
         extract(model, tokenizer, ["w1 w2 w3"], max_new_tokens=3, progress=False)
 
 

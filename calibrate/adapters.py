@@ -33,14 +33,14 @@ from torch import nn
 
 from calibrate._atomic import atomic_safetensors, finite_tensors_iv
 from calibrate._validation import caller_stacklevel, finite_positive, int_at_least, parse_json
+from calibrate.cache import _in_memory_iv
 from calibrate.heads import ExitHeads, _cache_model_iv, _hash_adapters
 
 __all__ = ["layer_agreement", "load_adapters", "save_adapters", "train_adapters"]
 
 
 def _hidden_iv(cache, heads: ExitHeads | None = None) -> np.ndarray:
-    if not hasattr(cache, "arrays") or not hasattr(cache, "n_layers"):
-        raise TypeError(f"cache must be a calibrate.LayerCache, got {type(cache).__name__}")
+    _in_memory_iv(cache, "cache")
     if not cache.has("hidden"):
         raise ValueError("cache stores no hidden states; extract it with store_hidden=True")
     if cache.n_tokens == 0:
@@ -83,7 +83,8 @@ def train_adapters(model: nn.Module, cache, *, ridge: float = 1e-2, progress: bo
         When the cache has no hidden states or its shape does not fit the model, the cache records another
         model than ``model`` (``model_digest``), or ``ridge`` is not finite and > 0.
     TypeError
-        When ``ridge`` is not a real number (a bool or a str).
+        When ``ridge`` is not a real number (a bool or a str), or ``cache`` is not a LayerCache in memory (a
+        chunked cache: read it with ``cache.take(indices)``).
     """
     from calibrate._progress import tqdm
 
@@ -134,6 +135,8 @@ def layer_agreement(heads: ExitHeads, cache, *, batch_size: int = 256) -> np.nda
     ValueError
         When the cache has no hidden states, their shape does not fit ``heads``, or the cache records another
         model than the one ``heads`` were made from (``model_digest``).
+    TypeError
+        When ``cache`` is not a LayerCache in memory (a chunked cache: read it with ``cache.take(indices)``).
     """
     batch_size = int_at_least(batch_size, "batch_size")
     hidden = _hidden_iv(cache, heads)

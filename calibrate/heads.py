@@ -604,8 +604,15 @@ def _heads_iv(heads, model: nn.Module) -> ExitHeads:
     if not isinstance(heads, ExitHeads):
         raise TypeError(f"heads must be an ExitHeads (or None for the model's own), got {type(heads).__name__}")
     if heads._model and heads._model[0] is not model and model_digest(heads._model[0]) != model_digest(model):
+        made, here = (str(next(m.parameters()).dtype).removeprefix("torch.") for m in (heads._model[0], model))
+        why = (
+            f"the model they were made from runs in {made}, this one in {here}: make them from this model "
+            "(heads=None; adapters: save_adapters, then calibrate.adapters.load_adapters(model, FILE))"
+            if made != here
+            else "other weights"
+        )
         raise ValueError(
-            "heads were made (ExitHeads.from_model) from another model than the one decoding (other weights): "
+            f"heads were made (ExitHeads.from_model) from another model than the one decoding ({why}): "
             "a layer would be read through another model's norm and LM head"
         )
     head = _get(model, _arch_iv(model)[1].head) if heads._model and heads._model[0] is model else None
@@ -632,7 +639,14 @@ def _cache_model_iv(heads: ExitHeads, cache) -> None:
     recorded = (cache.user_meta.get("heads") or {}).get("model_digest")
     current = heads.describe()["model_digest"]
     if recorded is not None and current is not None and recorded != current:
+        extracted, here = cache.user_meta.get("dtype"), str(heads._placement()[1]).removeprefix("torch.")
+        dtype = (
+            f" (the cache was extracted in {extracted}, the heads' model runs in {here}: load it in {extracted})"
+            if isinstance(extracted, str) and extracted != here
+            else ""
+        )
         raise ValueError(
-            f"the heads come from another model than the cache (model_digest {current!r}, the cache's {recorded!r}): "
-            "its hidden states and full-model tokens are that model's; extract the cache with the heads' model"
+            f"the heads come from another model than the cache (model_digest {current!r}, the cache's {recorded!r})"
+            f"{dtype}: its hidden states and full-model tokens are that model's; extract the cache with the heads' "
+            "model"
         )

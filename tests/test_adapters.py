@@ -11,7 +11,7 @@ from _tiny_hf import tiny_model, tiny_tokenizer
 
 from calibrate import extract, rehead
 from calibrate.adapters import _hash_adapters, layer_agreement, load_adapters, save_adapters, train_adapters
-from calibrate.cache import LayerCache
+from calibrate.cache import LayerCache, open_cache
 from calibrate.heads import ExitHeads
 
 
@@ -217,7 +217,7 @@ def test_load_refuses_tensors_of_other_shapes(model, real_cache, tmp_path):
         load_adapters(model, path)
 
 
-def test_bad_input(model, real_cache):
+def test_bad_input(model, real_cache, tmp_path):
     no_hidden = extract(model, tiny_tokenizer(), ["w1 w2"], max_new_tokens=2, progress=False)
     with pytest.raises(ValueError, match="store_hidden=True"):
         train_adapters(model, no_hidden)
@@ -230,6 +230,10 @@ def test_bad_input(model, real_cache):
         train_adapters(tiny_model("llama", n_layers=3), real_cache)
     with pytest.raises(TypeError, match="LayerCache"):
         train_adapters(model, "cache")
+    lazy = open_cache(real_cache.save(tmp_path / "cache"), chunks=2)  # was "'method' object is not subscriptable"
+    for call in (lambda: train_adapters(model, lazy), lambda: layer_agreement(ExitHeads.from_model(model), lazy)):
+        with pytest.raises(TypeError, match=r"cache must be a calibrate.LayerCache in memory, got ChunkedCache"):
+            call()
     with pytest.raises(ValueError, match="no adapters"):
         save_adapters(ExitHeads.from_model(model), "x.safetensors")
     for batch_size, exc in ((0, ValueError), (-1, ValueError), (2.0, TypeError)):  # -1 skipped every batch
@@ -247,6 +251,9 @@ def test_a_cache_of_another_model_of_the_same_shape_is_refused(model, real_cache
     with pytest.raises(ValueError, match=another):
         rehead(real_cache, ExitHeads.from_model(other))
     assert layer_agreement(ExitHeads.from_model(model), real_cache)[-1] == 1.0  # its own model: accepted
+    half = copy.deepcopy(model).to(torch.bfloat16)  # the same weights in another dtype: the dtype is named
+    with pytest.raises(ValueError, match=r"\(the cache was extracted in float32, the heads' model runs in bfloat16"):
+        train_adapters(half, real_cache, progress=False)
 
 
 def test_rehead_equals_an_extraction_through_the_new_heads(model, real_cache):

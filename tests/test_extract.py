@@ -689,6 +689,9 @@ def test_heads_of_another_model_are_refused(tokenizer):
             generate(model, torch.tensor([[4, 5, 6]]), heads=heads, max_new_tokens=2)
     same = ExitHeads.from_model(tiny_model("gpt2"))  # another object with the same weights
     extract(model, tokenizer, ["w1"], max_new_tokens=2, heads=same, progress=False)
+    half = tiny_model("gpt2").to(torch.bfloat16)  # the same weights loaded in another dtype: was "other weights"
+    with pytest.raises(ValueError, match=r"the model they were made from runs in float32, this one in bfloat16: "):
+        extract(half, tokenizer, ["w1"], heads=same, progress=False)
     built = ExitHeads(model.transformer.ln_f, model.lm_head, n_layers=2, hidden_size=32, vocab_size=V)  # no model's
     with pytest.raises(ValueError, match="heads has n_layers=2 but the model has 3"):
         extract(model, tokenizer, ["w1"], heads=built, progress=False)

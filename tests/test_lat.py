@@ -519,6 +519,34 @@ def test_elimination_changes_outputs_and_keeps_special_tokens():
     assert not torch.equal(fast.new_tokens, full.new_tokens)  # elimination is not a no-op on random weights
 
 
+def test_fit_refuses_an_unsupported_model_before_any_work():
+    """With too few prompts to decode, lat.fit returned a certificate for BART that lat.generate then refused."""
+    from _tiny_hf import tiny_tokenizer
+
+    prompts = [" ".join(f"w{(i * j + 3) % 60}" for j in range(8)) for i in range(20)]
+    with pytest.raises(ValueError, match=r"token elimination does not support model_type 'bart'.*gpt2.*bert"):
+        lat.fit(tiny_model("bart", seed=1), tiny_tokenizer(), prompts, delta=0.1, epsilon=0.05, progress=False)
+
+
+def test_a_special_token_outside_the_vocabulary_is_not_recorded():
+    """A special token added without resizing (id = vocab_size) was recorded among the always-kept ids; lat.fit's
+    own decoding then refused its certificate's settings."""
+    from _tiny_hf import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<extra>"]})
+    model = tiny_model("llama", seed=1, n_layers=2)
+    assert max(tokenizer.all_special_ids) == model.config.vocab_size
+    prompts = [" ".join(f"w{(i * j + 3) % 60}" for j in range(8)) for i in range(60)]
+    cert = lat.fit(model, tokenizer, prompts, 0.5, 0.1, speedups=[1.0, 1.5], max_new_tokens=3, progress=False)
+    assert max(cert.measure_state["keep_ids"]) < model.config.vocab_size
+    ids = torch.tensor([tokenizer(prompts[0])["input_ids"]])
+    assert torch.equal(  # the same ids kept as a call with the tokenizer
+        lat.generate(model, ids, certificate=cert, max_new_tokens=3).sequences,
+        lat.generate(model, ids, tokenizer=tokenizer, speedup=1 / cert.lambda_hat, max_new_tokens=3).sequences,
+    )
+
+
 def test_bad_input():
     model = tiny_model("llama", seed=1, n_layers=2)
     ids, mask = _batch(PROMPTS[:1])

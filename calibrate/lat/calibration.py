@@ -39,7 +39,7 @@ from calibrate._validation import caller_stacklevel, int_at_least, label_count_i
 from calibrate.audit import AuditReport, _calibration_data_digest, _held_out_iv, _held_out_report
 from calibrate.certificate import Certificate, _budget, _spend_iv
 from calibrate.lat.classification import classify
-from calibrate.lat.decode import _settings, generate, model_id
+from calibrate.lat.decode import LAT_ARCHITECTURES, _settings, _special_ids, generate, model_id
 from calibrate.lat.encoders import CLASSIFIER_ARCHITECTURES
 from calibrate.lat.schedule import KeepSchedule, _speedup_iv
 from calibrate.lat.scores import SCORES
@@ -167,6 +167,10 @@ def fit(
     >>> cert.knob, cert.lambdas[0], cert.risks[0]
     ('token_keep', 1.0, 0.0)
     """
+    supported = LAT_ARCHITECTURES + CLASSIFIER_ARCHITECTURES
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in supported:  # before any work (with few prompts nothing is decoded)
+        raise ValueError(f"token elimination does not support model_type {model_type!r}; supported: {supported}")
     classifier = _is_classifier(model)
     if consistency is None:
         consistency = "label" if classifier else "token"
@@ -180,7 +184,7 @@ def fit(
     tokenizer_eos_warning(model, tokenizer)
     min_keep = 2  # vectors every layer keeps: the first token and, in decoders, the last prompt token
     _warn_unreachable(model.config, [len(ids) for ids in prompt_ids(tokenizer, prompts)], speedups, min_keep)
-    special = getattr(tokenizer, "all_special_ids", None) or []
+    special = _special_ids(tokenizer, model.config.vocab_size)
     untested = (math.nan,) * lambdas.size
     template = Certificate(
         lambda_hat=None,

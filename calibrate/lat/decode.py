@@ -145,6 +145,13 @@ def _settings(score: str, min_keep: int, keep_ids) -> dict:
     return {"score": score, "min_keep": min_keep, "keep_ids": sorted(int(i) for i in keep_ids)}
 
 
+def _special_ids(tokenizer, vocab_size: int) -> list[int]:
+    """The tokenizer's special ids (None: none) that are token ids of the model (below ``vocab_size``): a special
+    token added without resizing the embeddings never reaches it (input ids are checked)."""
+    special = (getattr(tokenizer, "all_special_ids", None) or []) if tokenizer is not None else []
+    return [i for i in special if 0 <= i < vocab_size]
+
+
 def _recorded_settings(state, vocab_size: int) -> dict:
     """A ``token_keep`` certificate's ``measure_state``: exactly :func:`_settings`' keys, checked."""
     state = dict(state)
@@ -169,7 +176,7 @@ def _recorded_settings(state, vocab_size: int) -> dict:
 def _knob_iv(model, speedup, certificate, score: str, min_keep: int, tokenizer) -> tuple[float, str, int, list[int]]:
     """``(speedup, score, min_keep, always-kept ids)`` to run with: the arguments, or what a ``token_keep``
     certificate of ``model`` was made with (its settings win over the arguments')."""
-    special = (getattr(tokenizer, "all_special_ids", None) or []) if tokenizer is not None else []
+    special = _special_ids(tokenizer, model.config.vocab_size)
     speedup, chosen = _speedup_iv(speedup), _settings(score, min_keep, special)
     if certificate is not None:
         if speedup != 1.0:

@@ -367,6 +367,26 @@ def _read_manifest(root: Path | Remote) -> list[str]:
     return names
 
 
+def _check_slices(root, names: list[str], metas: list[dict]) -> None:
+    """Shards that record their slice of the prompt list (``start``, ``stop``, ``n_prompts``; older versions
+    record none) tile it in order, one sequence per prompt: no prompt missing (shards of versions that bounded the
+    shards otherwise), none twice."""
+    slices = [meta.get("sharding") or {} for meta in metas]
+    if not all(isinstance(s.get(k), int) for s in slices for k in ("start", "stop", "n_prompts")):
+        return
+    n_prompts, end = slices[0]["n_prompts"], 0
+    for name, meta, s in zip(names, metas, slices):
+        if s["n_prompts"] != n_prompts or s["start"] != end or meta.get("n_sequences") != s["stop"] - s["start"]:
+            raise ValueError(
+                f"shard {name!r} of {root} holds prompts [{s['start']}, {s['stop']}) of {s['n_prompts']} in "
+                f"{meta.get('n_sequences')} sequences, but the shards before it end at prompt {end} of {n_prompts}: "
+                "the shards do not tile the prompt list (written with other shard bounds?); extract it again"
+            )
+        end = s["stop"]
+    if end != n_prompts:
+        raise ValueError(f"the shards of {root} end at prompt {end} of {n_prompts}: the last prompts are missing")
+
+
 def _check_compatible(root, names: list[str], metas: list[dict]) -> None:
     """Every shard comes from the same model, tokenizer, settings and prompt list, in its place."""
     first = metas[0]
@@ -416,3 +436,4 @@ def _check_compatible(root, names: list[str], metas: list[dict]) -> None:
                     "tokenizer, or other tokenizer settings)"
                 )
             tokenised = tokenised or (None if digest is None else (name, digest))
+    _check_slices(root, names, metas)

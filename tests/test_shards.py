@@ -223,6 +223,31 @@ def test_shards_must_say_they_are_their_place_of_one_prompt_list(tmp_path, chunk
             calibrate.open_cache(tmp_path, chunks=chunks)
 
 
+@pytest.mark.parametrize("chunks", [None, 4])
+def test_shards_that_do_not_tile_the_prompt_list_are_refused(tmp_path, chunks):
+    """Shards of two versions' bounds ([0, 5) then [6, 11)) joined as the whole cache with prompt 5 missing."""
+    if chunks is not None:
+        pytest.importorskip("dask")
+
+    def sharding(index, start, stop, n_prompts=11):
+        return {"index": index, "count": 2, "prompts": "d", "start": start, "stop": stop, "n_prompts": n_prompts}
+
+    def join(first, second):
+        _join(tmp_path, _piece(first[1] - first[0], 0, 0, sharding=sharding(0, *first)),
+              _piece(second[1] - second[0], 1, 10, sharding=sharding(1, *second)))  # fmt: skip
+        return calibrate.open_cache(tmp_path, chunks=chunks)
+
+    assert join((0, 6), (6, 11)).n_sequences == 11
+    for first, second, match in [
+        ((0, 5), (6, 11), r"shard 'shard-00001-of-00002' of .* holds prompts \[6, 11\) .* end at prompt 5 of 11"),
+        ((0, 6), (5, 11), r"shard 'shard-00001-of-00002' .* holds prompts \[5, 11\)"),  # one prompt twice
+        ((1, 6), (6, 11), r"shard 'shard-00000-of-00002' .* holds prompts \[1, 6\)"),
+        ((0, 6), (6, 10), r"the shards of .* end at prompt 10 of 11: the last prompts are missing"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            join(first, second)
+
+
 @pytest.mark.parametrize("chunks", [None, 16])
 def test_a_shard_with_valid_but_edited_values_is_a_checksum_mismatch(cache, tmp_path, chunks):
     """Decodable chunks of other values: only the shard's checksum tells, when verified (lazily too)."""

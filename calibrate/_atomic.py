@@ -104,15 +104,33 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
         os.chmod(tmp, mode)  # also for writers that create the file anew (safetensors makes it 0o600)
         _fsync(tmp)
         os.replace(tmp, path)
-        sync_dir(path.parent)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        if exc.errno is None or str(path) in str(exc):
-            raise
-        raise type(exc)(exc.errno, f"cannot write {path} ({exc.strerror})") from exc
+        raise naming(exc, path) from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    published_sync(path)
+
+
+def naming(exc: OSError, path: str | os.PathLike) -> OSError:
+    """``exc`` itself when its message names ``path`` (or is the library's own), else the same error class and
+    errno saying ``cannot write <path> (<reason>)``: a disk-full error otherwise names no file."""
+    if exc.errno is None or str(path) in str(exc):
+        return exc
+    return type(exc)(exc.errno, f"cannot write {path} ({exc.strerror or exc})")
+
+
+def published_sync(path: Path) -> None:
+    """Flush the directory of ``path``, just renamed into place; an error says the new content is there."""
+    try:
+        sync_dir(path.parent)
+    except OSError as exc:
+        raise type(exc)(
+            exc.errno,
+            f"{path} was written, but flushing its directory failed ({exc.strerror or exc}): the new content is in "
+            "place and may not survive a power loss",
+        ) from exc
 
 
 def finite_tensors_iv(tensors: dict, path: str | os.PathLike) -> None:

@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 import numpy as np
 import pandas as pd
 
-from calibrate._atomic import sync_dir, sync_tree
+from calibrate._atomic import published_sync, sync_tree
 from calibrate._storage import Remote, location, zarr_store
 from calibrate._validation import caller_stacklevel, parse_json
 
@@ -394,10 +394,12 @@ def _commit(tmp: Path, target: Path, overwrite: bool) -> None:
             if old is not None:
                 os.rename(old, target)
             raise
-    sync_dir(target.parent)
-    if overwrite:  # once committed: this one's old cache, and any an interrupted overwrite of the same name left
-        for leftover in _old_copies(target):  # (not for every batch an extraction writes into its shard_dir)
-            shutil.rmtree(leftover, ignore_errors=True)
+    try:
+        published_sync(target)
+    finally:
+        if overwrite:  # once committed: this one's old cache, and any an interrupted overwrite of the same name left
+            for leftover in _old_copies(target):  # (not for every batch an extraction writes into its shard_dir)
+                shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _old_copies(target: Path) -> list[Path]:

@@ -40,7 +40,7 @@ import numpy as np
 import pandas as pd
 from numpy.typing import ArrayLike
 
-from calibrate._atomic import temporary_dir
+from calibrate._atomic import naming, temporary_dir
 from calibrate._cache_checks import (
     _check_meta,
     _check_structure,
@@ -628,7 +628,8 @@ class LayerCache:
 
         Everything is written into a temporary directory beside ``path`` and renamed into place at
         the end; on any failure the temporary directory is removed and an existing cache at ``path``
-        is left untouched (on object storage, up to the final server-side copy: see Notes).
+        is left untouched (on object storage, up to the final server-side copy: see Notes), except a failure
+        to flush the directory once the new cache is in place, whose OSError says so.
 
         Parameters
         ----------
@@ -652,7 +653,7 @@ class LayerCache:
         ValueError
             When ``overwrite`` is True but ``path`` is not a cache directory (refusing to delete it).
         OSError
-            When writing or uploading fails.
+            When writing or uploading fails (naming ``path``).
 
         Notes
         -----
@@ -672,14 +673,20 @@ class LayerCache:
         meta = self.meta  # hashes every field (cached on the object)
         if isinstance(target, Remote):
             with tempfile.TemporaryDirectory(prefix="calibrate-upload-") as tmp:
-                self._write_files(Path(tmp), meta)
-                _commit_remote(Path(tmp), target)
+                try:
+                    self._write_files(Path(tmp), meta)
+                    _commit_remote(Path(tmp), target)
+                except OSError as exc:  # disk full, a failed upload: named
+                    raise naming(exc, target) from exc
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = temporary_dir(target)
         try:
             self._write_files(tmp, meta)
             _commit(tmp, target, overwrite)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise naming(exc, target) from exc
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -558,6 +558,41 @@ def test_a_failed_flush_is_an_error_and_publishes_nothing(cache, tmp_path, monke
     assert (tmp_path / "cache").exists() == published and not list(tmp_path.glob(".*tmp"))
 
 
+def test_a_failed_write_names_the_cache(cache, tmp_path, monkeypatch):
+    """A disk-full error while writing a cache (or uploading it) named no path: '[Errno 28] No space left on
+    device', after minutes of extraction."""
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(pq, "write_table", full)
+    for target, named in ((tmp_path / "cache", str(tmp_path / "cache")), ("memory://calibrate-test/full", "memory:")):
+        with pytest.raises(OSError, match=rf"cannot write {named}.* \(No space left on device\)") as info:
+            cache.save(target)
+        assert info.value.errno == errno.ENOSPC
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_flush_after_publishing_says_the_new_cache_is_in_place(cache, tmp_path, monkeypatch):
+    """The directory's flush after the rename failed: the error said nothing of the new cache in place (save
+    promises the old one untouched on failure) and its old copy was left beside it."""
+    import calibrate._atomic as atomic
+    from calibrate.synthetic import synthetic_cache
+
+    path = synthetic_cache(5, n_layers=3, seed=9).save(tmp_path / "cache")
+
+    def failing(directory):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(atomic, "sync_dir", failing)
+    with pytest.raises(OSError, match=rf"{path} was written, but flushing its directory failed .*new content is in"):
+        cache.save(path, overwrite=True)
+    with pytest.raises(OSError, match=rf"{tmp_path / 'c.json'} was written, but flushing its directory failed"):
+        calibrate.certify(np.zeros((100, 2)), [1.0, 0.5]).to_json(tmp_path / "c.json")
+    monkeypatch.undo()
+    assert open_cache(path).checksum == cache.checksum
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.json", "cache"]  # no old copy left beside it
+
+
 def test_files_a_umask_left_read_only_are_flushed_read_only(cache, tmp_path, monkeypatch):
     """Files are opened for writing to flush them (Windows needs it); under a umask such as 0o222 that is refused
     (as root it is not, so the refusal is simulated here)."""

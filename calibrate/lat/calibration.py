@@ -38,7 +38,7 @@ from calibrate._extract_steps import _pad
 from calibrate._validation import caller_stacklevel, int_at_least, label_count_iv
 from calibrate.audit import AuditReport, _calibration_data_digest, _held_out_iv, _held_out_report
 from calibrate.certificate import Certificate, _budget, _spend_iv
-from calibrate.lat.classification import classify
+from calibrate.lat.classification import _classifier_iv, classify
 from calibrate.lat.decode import LAT_ARCHITECTURES, _settings, _special_ids, generate, model_id
 from calibrate.lat.encoders import CLASSIFIER_ARCHITECTURES
 from calibrate.lat.schedule import KeepSchedule, _speedup_iv
@@ -172,6 +172,8 @@ def fit(
     if model_type not in supported:  # before any work (with few prompts nothing is decoded)
         raise ValueError(f"token elimination does not support model_type {model_type!r}; supported: {supported}")
     classifier = _is_classifier(model)
+    if classifier:
+        _classifier_iv(model)  # a model without its classification head: refused before any work
     if consistency is None:
         consistency = "label" if classifier else "token"
     zero_one = consistency in CLASSIFIER_CONSISTENCIES  # 0/1 like "sequence": the exact binomial applies

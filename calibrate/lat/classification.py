@@ -90,6 +90,26 @@ def _token_types_iv(token_type_ids, shape: torch.Size, n_types: int) -> None:
         raise ValueError(f"token_type_ids must lie in [0, config.type_vocab_size={n_types})")
 
 
+def _classifier_iv(model) -> None:
+    """Refuse a model :func:`classify` cannot run: another architecture, or no sequence-classification head."""
+    config = model.config
+    if config.model_type not in CLASSIFIER_ARCHITECTURES:
+        raise ValueError(
+            f"lat.classify does not support model_type {config.model_type!r}; supported: {CLASSIFIER_ARCHITECTURES}"
+        )
+    base = getattr(model, config.model_type, None)
+    if base is None or not hasattr(model, "classifier") or (config.model_type == "bert" and base.pooler is None):
+        raise ValueError(
+            f"lat.classify needs a ...ForSequenceClassification model (pooler and classifier), got "
+            f"{type(model).__name__}"
+        )
+    if getattr(config, "num_labels", 2) < 2:  # a one-label (regression) head: every argmax would be 0
+        raise ValueError(
+            f"lat.classify needs a ...ForSequenceClassification model with num_labels >= 2 (a label is the argmax of "
+            f"its logits), got num_labels={config.num_labels} in {type(model).__name__}"
+        )
+
+
 @torch.no_grad()
 def classify(
     model: nn.Module,
@@ -163,16 +183,7 @@ def classify(
     ([60, 51, 41, 32, 22, 13], 2.0)
     """
     config = model.config
-    if config.model_type not in CLASSIFIER_ARCHITECTURES:
-        raise ValueError(
-            f"lat.classify does not support model_type {config.model_type!r}; supported: {CLASSIFIER_ARCHITECTURES}"
-        )
-    base = getattr(model, config.model_type, None)
-    if base is None or not hasattr(model, "classifier") or (config.model_type == "bert" and base.pooler is None):
-        raise ValueError(
-            f"lat.classify needs a ...ForSequenceClassification model (pooler and classifier), got "
-            f"{type(model).__name__}"
-        )
+    _classifier_iv(model)
     speedup, score, min_keep, special = _knob_iv(model, speedup, certificate, score, min_keep, tokenizer)
     device = next(model.parameters()).device
     ids, mask = _ids_iv(input_ids, attention_mask, model, device, left_padded=False)

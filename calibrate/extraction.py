@@ -138,7 +138,8 @@ def extract(
         with ``max_new_tokens`` (the message names the prompts; nothing is truncated), ``heads`` were made
         from another model, ``shard_dir`` holds shards of another run, ``store_hidden`` states overflow
         float16, or the model is spread over several devices, has offloaded embeddings or runs under
-        ``torch.autocast``.
+        ``torch.autocast``; when the model's ``generate`` does not run one forward call per generated token
+        (a generation setting extraction does not switch off), after generating the first batch.
     TypeError
         When ``prompts`` is not a sequence of str, ``heads`` not an ExitHeads, ``store_hidden`` or
         ``progress`` not a bool, or ``shard_dir`` not a path.
@@ -154,7 +155,10 @@ def extract(
     - **Tokens.** The generation is ``model.generate(input_ids, attention_mask, do_sample=False,
       num_beams=1, max_new_tokens=max_new_tokens, return_dict_in_generate=False)`` with the model's own
       generation config otherwise; ``full_tokens`` are exactly its new tokens. ``num_beams=1`` overrides a
-      beam-search default, ``return_dict_in_generate=False`` a config that asks for a dict (and its scores).
+      beam-search default (and its constraints), ``return_dict_in_generate=False`` a config that asks for a dict
+      (and its scores); DoLa and contrastive search are switched off (greedy, as the runtime decodes), and so
+      are prompt lookup, early-exit self-speculation and chunked prefill (the recording needs one forward call
+      per generated token; they do not change greedy tokens).
     - **EOS.** A sequence ends at its first EOS token (any of ``generation_config.eos_token_id``), which
       is **kept** as its last token, as ``generate`` returns it for a single prompt; the padding after
       it is dropped. A sequence without EOS has ``max_new_tokens`` tokens. Every sequence has >= 1 token.

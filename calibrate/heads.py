@@ -604,10 +604,11 @@ def _heads_iv(heads, model: nn.Module) -> ExitHeads:
     if not isinstance(heads, ExitHeads):
         raise TypeError(f"heads must be an ExitHeads (or None for the model's own), got {type(heads).__name__}")
     if heads._model and heads._model[0] is not model and model_digest(heads._model[0]) != model_digest(model):
-        made, here = (str(next(m.parameters()).dtype).removeprefix("torch.") for m in (heads._model[0], model))
+        made, here = (_dtypes(m) for m in (heads._model[0], model))
         why = (
-            f"the model they were made from runs in {made}, this one in {here}: make them from this model "
-            "(heads=None; adapters: save_adapters, then calibrate.adapters.load_adapters(model, FILE))"
+            f"the model they were made from runs in {made}, this one in {here}, whether or not the weights are "
+            "the same: make them from this model (heads=None; adapters: save_adapters, then "
+            "calibrate.adapters.load_adapters(model, FILE))"
             if made != here
             else "other weights"
         )
@@ -633,13 +634,21 @@ def _heads_iv(heads, model: nn.Module) -> ExitHeads:
     return heads
 
 
+def _dtypes(model: nn.Module) -> str:
+    """The dtypes of a model's parameters, e.g. ``"float16"``, or ``"float16 and float32"`` where some modules are
+    kept in float32 (T5 loaded in float16)."""
+    return " and ".join(sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()}))
+
+
 def _cache_model_iv(heads: ExitHeads, cache) -> None:
     """Refuse ``heads`` made from another model than the one ``cache`` was extracted from (their ``model_digest``
     differs; not checked when either records none), whose hidden states and tokens they would misread."""
     recorded = (cache.user_meta.get("heads") or {}).get("model_digest")
     current = heads.describe()["model_digest"]
     if recorded is not None and current is not None and recorded != current:
-        extracted, here = cache.user_meta.get("dtype"), str(heads._placement()[1]).removeprefix("torch.")
+        model = heads._model[0] if heads._model else None  # extraction records its first parameter's dtype
+        here = str(next(model.parameters()).dtype if model is not None else heads._placement()[1])
+        extracted, here = cache.user_meta.get("dtype"), here.removeprefix("torch.")
         dtype = (
             f" (the cache was extracted in {extracted}, the heads' model runs in {here}: load it in {extracted})"
             if isinstance(extracted, str) and extracted != here

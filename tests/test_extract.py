@@ -4,6 +4,7 @@ Every model is built with a fixed torch seed from a small config (3 decoder laye
 word-level tokenizer over the same 64 ids, so each test runs in well under a second on a CPU.
 """
 
+import copy
 import json
 import pickle
 import subprocess
@@ -690,8 +691,14 @@ def test_heads_of_another_model_are_refused(tokenizer):
     same = ExitHeads.from_model(tiny_model("gpt2"))  # another object with the same weights
     extract(model, tokenizer, ["w1"], max_new_tokens=2, heads=same, progress=False)
     half = tiny_model("gpt2").to(torch.bfloat16)  # the same weights loaded in another dtype: was "other weights"
-    with pytest.raises(ValueError, match=r"the model they were made from runs in float32, this one in bfloat16: "):
+    with pytest.raises(ValueError, match=r"the model they were made from runs in float32, this one in bfloat16, "):
         extract(half, tokenizer, ["w1"], heads=same, progress=False)
+    t5 = tiny_model("t5")
+    mixed = copy.deepcopy(t5).half()
+    for block in mixed.decoder.block:  # as from_pretrained(dtype=float16) keeps T5's 'wo' in float32
+        block.layer[-1].DenseReluDense.wo.float()
+    with pytest.raises(ValueError, match=r"runs in float16 and float32, this one in float16, "):
+        extract(copy.deepcopy(t5).half(), tokenizer, ["w1"], heads=ExitHeads.from_model(mixed), progress=False)
     built = ExitHeads(model.transformer.ln_f, model.lm_head, n_layers=2, hidden_size=32, vocab_size=V)  # no model's
     with pytest.raises(ValueError, match="heads has n_layers=2 but the model has 3"):
         extract(model, tokenizer, ["w1"], heads=built, progress=False)

@@ -113,12 +113,19 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     published_sync(path)
 
 
-def naming(exc: OSError, path: str | os.PathLike) -> OSError:
-    """``exc`` itself when its message names ``path`` (or is the library's own), else the same error class and
-    errno saying ``cannot write <path> (<reason>)``: a disk-full error otherwise names no file."""
-    if exc.errno is None or str(path) in str(exc):
+def naming(exc: OSError, path: str | os.PathLike, what: str = "") -> OSError:
+    """``exc`` itself when its message names ``path``, else the same error class (and errno) saying ``cannot write
+    <path><what> (<reason>: <file>)``: a disk-full error, or an upload's access denied, otherwise names no path."""
+    if str(path) in str(exc):
         return exc
-    return type(exc)(exc.errno, f"cannot write {path} ({exc.strerror or exc})")
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    if exc.filename is not None:
+        reason += f": {exc.filename}"
+    message = f"cannot write {path}{what} ({reason})"
+    try:
+        return type(exc)(message) if exc.errno is None else type(exc)(exc.errno, message)
+    except Exception:  # noqa: BLE001 - a subclass that takes other arguments
+        return OSError(exc.errno, message)
 
 
 def published_sync(path: Path) -> None:

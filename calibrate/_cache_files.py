@@ -429,7 +429,13 @@ def _commit_remote(local: Path, target: Remote) -> None:
         staged.copy_to(target, last=_META_FILE)
     except BaseException as exc:
         _name_staged(exc, f"the old cache at {target} was deleted but copying the new one into place failed", staged)
-    staged.remove(first=_META_FILE)
+    try:
+        staged.remove(first=_META_FILE)
+    except Exception as exc:  # noqa: BLE001 - the new cache is in place: say so
+        raise OSError(
+            f"the new cache is in place at {target}, but removing its staged copy {staged} failed "
+            f"({type(exc).__name__}: {exc}): delete it"
+        ) from exc
 
 
 def _name_staged(exc: BaseException, what: str, staged: Remote) -> NoReturn:

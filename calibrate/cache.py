@@ -675,8 +675,11 @@ class LayerCache:
             with tempfile.TemporaryDirectory(prefix="calibrate-upload-") as tmp:
                 try:
                     self._write_files(Path(tmp), meta)
+                except OSError as exc:  # the local disk (TMPDIR) is full: named as such
+                    raise naming(exc, tmp, f", the local copy of {target} to upload (TMPDIR)") from exc
+                try:
                     _commit_remote(Path(tmp), target)
-                except OSError as exc:  # disk full, a failed upload: named
+                except OSError as exc:  # a failed upload: named
                     raise naming(exc, target) from exc
             return target
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -564,12 +564,39 @@ def test_a_failed_write_names_the_cache(cache, tmp_path, monkeypatch):
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(pq, "write_table", full)
-    for target, named in ((tmp_path / "cache", str(tmp_path / "cache")), ("memory://calibrate-test/full", "memory:")):
-        with pytest.raises(OSError, match=rf"cannot write {named}.* \(No space left on device\)") as info:
-            cache.save(target)
-        assert info.value.errno == errno.ENOSPC
-    assert list(tmp_path.iterdir()) == []
+    with monkeypatch.context() as patch:
+        patch.setattr(pq, "write_table", full)
+        with pytest.raises(OSError, match=rf"cannot write {tmp_path / 'cache'} \(No space left on device\)") as info:
+            cache.save(tmp_path / "cache")
+        assert info.value.errno == errno.ENOSPC and list(tmp_path.iterdir()) == []
+        staging = r"cannot write .*calibrate-upload-\w+, the local copy of memory:/+calibrate-test/full to upload"
+        with pytest.raises(OSError, match=rf"{staging} \(TMPDIR\) \(No space left on device\)"):
+            cache.save("memory://calibrate-test/full")  # the local disk is full, not the remote storage
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    def denied(*args, **kwargs):  # as s3fs translates AccessDenied: no errno
+        raise PermissionError("Access Denied")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(MemoryFileSystem, "put_file", denied)
+        with pytest.raises(PermissionError, match=r"cannot write memory:/+calibrate-test/denied \(Access Denied\)"):
+            cache.save("memory://calibrate-test/denied")
+    from calibrate._storage import Remote
+
+    url = cache.save("memory://calibrate-test/staged")
+    remove = Remote.remove
+
+    def failing_staged(self, *args, **kwargs):
+        if self.path.endswith(".tmp"):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return remove(self, *args, **kwargs)
+
+    new = calibrate.synthetic_cache(5, n_layers=3, seed=9)
+    with monkeypatch.context() as patch:
+        patch.setattr(Remote, "remove", failing_staged)
+        with pytest.raises(OSError, match=r"the new cache is in place at memory:/+calibrate-test/staged, but removing"):
+            new.save(url, overwrite=True)  # it said "cannot write" after writing it
+    assert open_cache(url).checksum == new.checksum
 
 
 def test_a_failed_flush_after_publishing_says_the_new_cache_is_in_place(cache, tmp_path, monkeypatch):

@@ -103,10 +103,13 @@ def _classifier_iv(model) -> None:
             f"lat.classify needs a ...ForSequenceClassification model (pooler and classifier), got "
             f"{type(model).__name__}"
         )
-    if getattr(config, "num_labels", 2) < 2:  # a one-label (regression) head: every argmax would be 0
+    param = next(model.parameters())
+    with torch.no_grad(), _eval_mode(model):  # the head's own output: multiple-choice and token heads pass the above
+        logits = _head(model, torch.zeros(1, 1, config.hidden_size, dtype=param.dtype, device=param.device))
+    if logits.ndim != 2 or logits.shape[1] < 2:  # a multiple-choice or one-label head: every argmax would be 0
         raise ValueError(
             f"lat.classify needs a ...ForSequenceClassification model with num_labels >= 2 (a label is the argmax of "
-            f"its logits), got num_labels={config.num_labels} in {type(model).__name__}"
+            f"its logits), got logits of shape {tuple(logits.shape)} from {type(model).__name__}"
         )
 
 
@@ -203,11 +206,6 @@ def classify(
     with _eval_mode(model):
         states, _, kept, processed = encode(encoder_for(model), ids, mask, keep, always, score, types)
         logits = _head(model, states).float()
-    if logits.ndim != 2 or logits.shape[1] < 2:  # a multiple-choice or one-label head: every argmax would be 0
-        raise ValueError(
-            f"lat.classify needs a ...ForSequenceClassification model with num_labels >= 2 (a label is the argmax of "
-            f"its logits), got logits of shape {tuple(logits.shape)} from {type(model).__name__}"
-        )
     return ClassificationOutput(
         logits=logits,
         speedup=speedup,

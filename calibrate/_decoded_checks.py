@@ -25,7 +25,7 @@ from calibrate.exits import Decay, _lambdas_iv
 from calibrate.fit import _decay_iv
 from calibrate.fwer import FixedSequence
 from calibrate.heads import ExitHeads, decoder_layers
-from calibrate.losses import CONSISTENCIES, _str_decode, tokenizer_decode
+from calibrate.losses import _TOKEN_LEVEL, CONSISTENCIES, _str_decode, tokenizer_decode
 from calibrate.runtime._inputs import _runtime_measure_iv
 
 
@@ -64,6 +64,8 @@ def _decoder_iv(
     if decode is not None and not callable(decode):
         raise TypeError(f"decode must be a callable (token ids -> str) or None, got {type(decode).__name__}")
     decode = _str_decode(tokenizer_decode(tokenizer) if decode is None else decode)
+    if consistency not in _TOKEN_LEVEL:  # a decode that fails or returns no str: refused before any decoding
+        decode(np.zeros(1, dtype=np.int64))
     # Tokenise and pad as extract() does: one prompt at a time, then batches in prompt order.
     encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
     ids = prompt_ids(tokenizer, prompts)
@@ -114,6 +116,12 @@ def _measure_iv(measure, train_cache, prompts, heads: ExitHeads, seed, options) 
         raise ValueError(
             f"train_cache was extracted with other exit heads ({described}) than the ones decoding now "
             f"({heads.describe()}); measure={measure!r} would score other states"
+        )
+    if (train_cache.n_layers, train_cache.hidden_size) != (heads.n_layers, heads.hidden_size):
+        raise ValueError(  # trained, then refused by the runtime after the full model decoded every prompt
+            f"train_cache has n_layers={train_cache.n_layers}, hidden_size={train_cache.hidden_size} but the model "
+            f"decoding has n_layers={heads.n_layers}, hidden_size={heads.hidden_size}: measure={measure!r} would "
+            "be trained on another model's states"
         )
     shared = set(prompts) & set(train_cache.sequences["prompt"].tolist())
     if shared:

@@ -708,6 +708,38 @@ def test_fit_mode_errors(model, tokenizer, cache):
         calibrate.fit(bare, mode="decoded", model=model, tokenizer=tokenizer)
 
 
+def test_decoded_fit_on_a_cache_names_the_cache_not_fit_decoded_arguments(model, tokenizer, cache, calls):
+    """fit(cache, mode='decoded') said "pass references=" (fit takes none) and named a train_cache the user did
+    not pass: the cache's references and hidden states are named, as in proxy mode."""
+    kwargs = dict(mode="decoded", model=model, tokenizer=tokenizer, lambdas=GRID, batch_size=BATCH)
+    with pytest.raises(ValueError, match=r"sequences have no 'reference' in the cache"):
+        calibrate.fit(cache, 0.25, 0.1, consistency="risk_rouge_l", **kwargs)
+    plain = cache.subset(range(cache.n_sequences))
+    no_hidden = calibrate.extract(model, tokenizer, plain.sequences["prompt"].tolist(), max_new_tokens=NEW,
+                                  batch_size=BATCH, progress=False)  # fmt: skip
+    calls["n"] = 0
+    with pytest.raises(ValueError, match=r"this cache has none; extract it with store_hidden=True"):
+        calibrate.fit(no_hidden, 0.25, 0.1, measure="classifier", **kwargs)
+    assert calls["n"] == 0
+
+
+def test_a_train_cache_of_another_model_and_a_bad_decode_are_refused_before_decoding(
+    model, tokenizer, prompts, cache, calls
+):
+    """Trained on a 3-layer model's states, the measure was refused by the runtime after the full model decoded
+    every prompt; a decode returning a list, after two decodes of every prompt."""
+    shallow = calibrate.LayerCache.from_arrays(  # no heads metadata: only the shapes can tell
+        full_tokens=cache.arrays["full_tokens"], topk_ids=cache.arrays["topk_ids"][:, 1:], lengths=cache.lengths,
+        vocab_size=64, hidden=cache.arrays["hidden"][:, 1:],
+    )  # fmt: skip
+    others = [p for p in _word_prompts(40, seed=3) if p not in prompts][:24]
+    with pytest.raises(ValueError, match=rf"train_cache has n_layers={N_LAYERS - 1}, .* model decoding has n_l"):
+        _fit(model, tokenizer, others, measure="classifier", train_cache=shallow)
+    with pytest.raises(TypeError, match="decode must return str .*, got list"):
+        _fit(model, tokenizer, prompts, consistency="rouge_l", decode=tokenizer.convert_ids_to_tokens)
+    assert calls["n"] == 0
+
+
 def test_untested_thresholds_round_trip_through_json(tmp_path):
     nan = math.nan
     cert = Certificate(

@@ -57,7 +57,8 @@ def results_markdown(summary: dict) -> str:
     layers = [i for i in (10, 20, 25, 28) if i < len(plain)]
     lines += [
         "",
-        "Agreement of layer i's prediction with the full model, plain head → fitted adapters: "
+        "Agreement of layer i's prediction with the full model, plain head (train prompts) → fitted adapters "
+        "(calibration prompts): "
         + ", ".join(f"layer {i} {plain[i - 1]:.0%} → {adapted[i - 1]:.0%}" for i in layers)
         + ".",
     ]

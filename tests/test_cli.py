@@ -430,6 +430,7 @@ def test_demo_runs_as_a_module(tmp_path):
         check=False,
     )
     assert result.returncode == 0, result.stderr
+    assert "The softmax_gap certificate, refitted on random splits" in result.stdout  # the study's measure named
     assert "Validity over 10 random splits" in result.stdout
     for measure in ("softmax_gap", "state_saturation", "classifier"):
         assert measure in result.stdout

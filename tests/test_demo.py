@@ -216,3 +216,38 @@ def test_the_demo_table_prints_risks_never_below_their_value(capsys):
 
     _print_table(pd.DataFrame({"test_risk": [0.10006909941438805], "within_delta": [False], "avg_layers": [8.3791]}))
     assert capsys.readouterr().out.split("\n")[1].split() == ["0.101", "False", "8.379"]
+
+
+def test_a_real_model_demo_that_certifies_nothing_says_nothing_was_decoded(tmp_path, monkeypatch, capsys):
+    """With every certificate the full model's, it printed "decoding the held-out prompts" and "the decoded losses
+    are what the runtime really emitted, measured once on 1 prompts" over an empty table."""
+    pytest.importorskip("torch")
+    from types import SimpleNamespace
+
+    from _tiny_hf import tiny_model, tiny_tokenizer
+
+    import calibrate.demo as demo
+    from calibrate.heads import ExitHeads
+
+    model, tokenizer = tiny_model("gpt2"), tiny_tokenizer()
+    tokenizer.padding_side = "left"
+
+    def tiny_data(*, n_train, n_cal, n_test, max_new_tokens, batch_size, seed):
+        def cache(n, first):
+            prompts = [f"w{first + i} w{first + i + 1}" for i in range(n)]
+            return calibrate.extract(model, tokenizer, prompts, max_new_tokens=max_new_tokens, store_hidden=True,
+                                     references=["w1 w2"] * n, progress=False)  # fmt: skip
+
+        train, dev, test = cache(n_train, 0), cache(n_cal, 10), cache(n_test, 20)
+        tasks = {"test": SimpleNamespace(prompts=lambda tok: test.sequences["prompt"].tolist())}
+        return SimpleNamespace(model=model, tokenizer=tokenizer, heads=ExitHeads.from_model(model), train=train,
+                               dev=dev, test=test, train_adapted=train, tasks=tasks)  # fmt: skip
+
+    monkeypatch.setattr(demo, "smollm2_data", tiny_data)
+    import calibrate.adapters
+
+    monkeypatch.setattr(calibrate.adapters, "save_adapters", lambda heads, path: path.write_bytes(b""))  # plain heads
+    table = smollm2_demo(tmp_path / "out", n_train=8, n_cal=4, n_test=1, max_new_tokens=2)
+    out = capsys.readouterr().out
+    assert table["lambda_hat"].eq("full model").all() and "decoding the 1 held-out" not in out
+    assert "nothing to decode" in out and "nothing was decoded (every certificate is the full model's)" in out

@@ -646,16 +646,16 @@ def _cache_model_iv(heads: ExitHeads, cache) -> None:
     recorded = (cache.user_meta.get("heads") or {}).get("model_digest")
     current = heads.describe()["model_digest"]
     if recorded is not None and current is not None and recorded != current:
-        model = heads._model[0] if heads._model else None  # extraction records its first parameter's dtype
-        here = str(next(model.parameters()).dtype if model is not None else heads._placement()[1])
-        extracted, here = cache.user_meta.get("dtype"), here.removeprefix("torch.")
-        dtype = (
+        made_from = heads._model[0] if heads._model else None  # extraction records its model's first parameter's
+        dtype = next(made_from.parameters()).dtype if made_from is not None else heads._placement()[1]
+        extracted, here = cache.user_meta.get("dtype"), str(dtype).removeprefix("torch.")
+        hint = (
             f" (the cache was extracted in {extracted}, the heads' model runs in {here}: load it in {extracted})"
             if isinstance(extracted, str) and extracted != here
             else ""
         )
         raise ValueError(
             f"the heads come from another model than the cache (model_digest {current!r}, the cache's {recorded!r})"
-            f"{dtype}: its hidden states and full-model tokens are that model's; extract the cache with the heads' "
+            f"{hint}: its hidden states and full-model tokens are that model's; extract the cache with the heads' "
             "model"
         )

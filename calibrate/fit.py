@@ -543,7 +543,6 @@ def _fit_cache_decoded(
     from calibrate.decoded import fit_decoded
     from measures.learned import LEARNED_MEASURES
 
-    _consistency_iv(options["consistency"], cache.sequences)  # fit_decoded would ask for references=
     if options["measure"] in LEARNED_MEASURES and train_cache is None and not cache.has("hidden"):
         raise ValueError(  # fit_decoded would name its train_cache, which is this cache's train split here
             f"measure={options['measure']!r} in decoded mode is trained on the cache's train split and evaluated by "
@@ -552,6 +551,7 @@ def _fit_cache_decoded(
     decay = _decay_iv(decay, cache)
     train, rows = _calibration_split(cache, options["measure"], train_fraction, seed, train_cache)
     table = cache.sequences if rows is None else cache.sequences.iloc[rows]
+    _consistency_iv(options["consistency"], table)  # the rows decoded (fit_decoded would ask for references=)
     cert = fit_decoded(
         model,
         tokenizer,

@@ -721,6 +721,15 @@ def test_decoded_fit_on_a_cache_names_the_cache_not_fit_decoded_arguments(model,
     with pytest.raises(ValueError, match=r"this cache has none; extract it with store_hidden=True"):
         calibrate.fit(no_hidden, 0.25, 0.1, measure="classifier", **kwargs)
     assert calls["n"] == 0
+    from calibrate.cache import _split_indices
+
+    train_rows = set(_split_indices(cache.n_sequences, [0.3, 0.7], seed=0)[0].tolist())
+    references = [None if i in train_rows else "w1 w2" for i in range(cache.n_sequences)]  # the train split's only
+    prompts = cache.sequences["prompt"].tolist()
+    partly = calibrate.extract(model, tokenizer, prompts, max_new_tokens=NEW, batch_size=BATCH, store_hidden=True,
+                               references=references, progress=False)  # fmt: skip
+    cert = calibrate.fit(partly, 0.9, 0.1, measure="classifier", consistency="risk_rouge_l", **kwargs)
+    assert cert.n == cache.n_sequences - len(train_rows)  # its rows are scored, the train split only trains
 
 
 def test_a_train_cache_of_another_model_and_a_bad_decode_are_refused_before_decoding(

@@ -221,6 +221,7 @@ def _learned_measure(cache, vocab, measure, consistency, decode, train_fraction,
     train, rows = _calibration_split(cache, measure, train_fraction, seed, train_cache)
     if train is None:
         return None, None, 0
+    _consistency_iv(consistency, cache._table if rows is None else cache._table.iloc[rows])  # before it trains
     if train_cache is not None:
         _features_iv(measure, options, train_cache, cache)
     return train_measure(measure, train, seed=int(seed), options=options), rows, train.n_sequences
@@ -577,7 +578,8 @@ def _proxy_iv(
 
     _risk_control_iv(delta, epsilon, bound, method)
     meta_keys_iv(cache.user_meta, "the cache's meta")  # a cache saved with such meta opens
-    _consistency_iv(consistency, cache.sequences)  # before a learned measure trains
+    if measure not in learned.LEARNED_MEASURES:  # a learned one's calibration rows: checked after the split
+        _consistency_iv(consistency, cache.sequences)
     measure_options = learned.check_options(measure, measure_options)
     budget = _generation_budget(cache)  # one below the longest sequence: refused before the losses are computed
     if lambdas is not None:

@@ -551,6 +551,29 @@ def test_fit_checks_its_options_before_a_measure_trains(options, match, monkeypa
         calibrate.fit(no_refs, measure="classifier", **options)
 
 
+@pytest.mark.parametrize("chunks", [None, 10])
+def test_a_learned_measures_train_split_needs_no_references(chunks, tmp_path):
+    """A risk loss scores the calibration rows only: references missing in the train split were refused."""
+    from calibrate.cache import _split_indices
+
+    if chunks is not None:
+        pytest.importorskip("dask")
+    full = calibrate.synthetic_cache(40, n_layers=4, references=True, store_hidden=True, seed=0)
+    train_rows = set(_split_indices(40, [0.3, 0.7], seed=0)[0].tolist())
+    references = [None if i in train_rows else r for i, r in enumerate(full.sequences["reference"])]
+    cache = calibrate.LayerCache.from_arrays(
+        full_tokens=full.arrays["full_tokens"], topk_ids=full.arrays["topk_ids"],
+        topk_logprobs=full.arrays["topk_logprobs"], hidden=full.arrays["hidden"], lengths=full.lengths,
+        outputs=full.sequences["output"].tolist(), references=references, vocab=full.vocab,
+    )  # fmt: skip
+    if chunks is not None:
+        cache = calibrate.open_cache(cache.save(tmp_path / "cache"), chunks=chunks)
+    cert = calibrate.fit(cache, measure="classifier", consistency="risk_rouge_l", delta=0.5, epsilon=0.1)
+    assert cert.n == 40 - len(train_rows) and cert.n_train == len(train_rows)
+    with pytest.raises(ValueError, match="no 'reference'"):  # the calibration rows' are checked
+        calibrate.fit(cache, measure="classifier", consistency="risk_rouge_l", train_fraction=0.5, seed=3)
+
+
 def test_an_empty_training_or_calibration_part_names_train_fraction(cache):
     with pytest.raises(ValueError, match=r"train_fraction=0.999 of \d+ sequences leaves none to train the measure"):
         calibrate.fit(cache, measure="classifier", train_fraction=0.999)  # was 'split: part 1 of fractions=...'

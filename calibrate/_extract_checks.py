@@ -20,7 +20,7 @@ from calibrate._digest import (
     weights_digest,
 )
 from calibrate._validation import caller_stacklevel, int_at_least
-from calibrate.heads import _context_positions, _heads_iv, decoder_layers
+from calibrate.heads import _context_positions, _dtype_name, _heads_iv, decoder_layers
 from calibrate.runtime._layers import _placement_iv
 
 
@@ -123,7 +123,7 @@ def _extract_iv(
         "tokenizer": getattr(tokenizer, "name_or_path", None) or None,
         "architecture": config.model_type,
         "is_encoder_decoder": encoder_decoder,
-        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "dtype": _dtype_name(next(model.parameters()).dtype),
         "generation": settings,
         "heads": heads.describe(fresh=True),
         "software": {"torch": torch.__version__, "transformers": transformers.__version__},

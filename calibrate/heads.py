@@ -634,10 +634,15 @@ def _heads_iv(heads, model: nn.Module) -> ExitHeads:
     return heads
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    """A torch dtype as extraction records it in a cache's meta, e.g. ``"bfloat16"``."""
+    return str(dtype).removeprefix("torch.")
+
+
 def _dtypes(model: nn.Module) -> str:
     """The dtypes of a model's parameters, e.g. ``"float16"``, or ``"float16 and float32"`` where some modules are
     kept in float32 (T5 loaded in float16)."""
-    return " and ".join(sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()}))
+    return " and ".join(sorted({_dtype_name(p.dtype) for p in model.parameters()}))
 
 
 def _cache_model_iv(heads: ExitHeads, cache) -> None:
@@ -648,7 +653,7 @@ def _cache_model_iv(heads: ExitHeads, cache) -> None:
     if recorded is not None and current is not None and recorded != current:
         made_from = heads._model[0] if heads._model else None  # extraction records its model's first parameter's
         dtype = next(made_from.parameters()).dtype if made_from is not None else heads._placement()[1]
-        extracted, here = cache.user_meta.get("dtype"), str(dtype).removeprefix("torch.")
+        extracted, here = cache.user_meta.get("dtype"), _dtype_name(dtype)
         hint = (
             f" (the cache was extracted in {extracted}, the heads' model runs in {here}: load it in {extracted})"
             if isinstance(extracted, str) and extracted != here

@@ -44,7 +44,7 @@ from calibrate._extract_steps import _pad
 from calibrate._frozen import Rebuilt, read_only_arrays
 from calibrate._validation import finite_at_least, finite_positive, int_at_least, seed_iv, torch_seed
 from calibrate.heads import ExitHeads, decoder_layers
-from calibrate.lat.decode import _prefill, _schedules, generate
+from calibrate.lat.decode import _prefill, _schedules, _special_ids, generate
 from calibrate.lat.schedule import _speedup_iv
 from calibrate.lat.scores import SCORES, _always_kept
 from calibrate.runtime._layers import adapter_for
@@ -348,7 +348,7 @@ def finetune(
         max_new_tokens,
         seed,
     )
-    special = getattr(tokenizer, "all_special_ids", None) or []
+    special = _special_ids(tokenizer, model.config.vocab_size)  # as lat.fit and lat.generate keep them
     tokens = prompt_ids(tokenizer, prompts)
     _context_iv(model.config, False, tokens, max_new_tokens, teacher_forced=True)  # prompt + continuation
     with torch.no_grad():
